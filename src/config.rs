@@ -1,0 +1,269 @@
+//! Command line and environment configuration (clap derive; every flag can
+//! also be set from the environment variable named in its help).
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::state::Kind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Identity and Controller services.
+    Controller,
+    /// Identity and Node services.
+    Node,
+    /// Identity, Controller and Node services.
+    All,
+}
+
+impl Mode {
+    pub fn controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+    pub fn node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Berth CSI driver: local directory, block and NFS volumes"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Serve the CSI services (the default when no subcommand is given).
+    Serve,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// CSI endpoint, unix:// only. Default: unix://<data-dir>/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT", global = true)]
+    pub endpoint: Option<String>,
+
+    /// This node's id. Default: $NODE_ID, then $KUBE_NODE_NAME, then the host name.
+    #[arg(long, env = "NODE_ID", global = true)]
+    pub node_id: Option<String>,
+
+    /// CSI driver name (at most 63 characters, starts and ends with a letter).
+    #[arg(long, env = "BERTH_DRIVER_NAME", default_value = "berth.csi.io", value_parser = parse_driver_name, global = true)]
+    pub driver_name: String,
+
+    /// Which CSI services to serve.
+    #[arg(
+        long,
+        env = "BERTH_MODE",
+        value_enum,
+        default_value = "all",
+        global = true
+    )]
+    pub mode: Mode,
+
+    /// Volume kinds this instance serves (comma separated).
+    #[arg(long, env = "BERTH_KINDS", value_delimiter = ',', default_value = "local", value_parser = parse_kind, global = true)]
+    pub kinds: Vec<Kind>,
+
+    /// Base directory for the defaults of --state-dir, --local-root, --block-root and the endpoint.
+    #[arg(
+        long,
+        env = "BERTH_DATA_DIR",
+        default_value = "/var/lib/berth",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// Where volume records are kept. Default: <data-dir>/state.
+    #[arg(long, env = "BERTH_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+
+    /// Where local directory volumes live. Default: <data-dir>/local.
+    #[arg(long, env = "BERTH_LOCAL_ROOT", global = true)]
+    pub local_root: Option<PathBuf>,
+
+    /// Where loop-backed block volume files live. Default: <data-dir>/block.
+    #[arg(long, env = "BERTH_BLOCK_ROOT", global = true)]
+    pub block_root: Option<PathBuf>,
+
+    /// Whole disks offered as volumes (device paths or globs, comma separated).
+    #[arg(long, env = "BERTH_DISK_POOL", value_delimiter = ',', global = true)]
+    pub disk_pool: Vec<String>,
+
+    /// Maximum volumes published on this node (0 = no limit).
+    #[arg(
+        long,
+        env = "BERTH_MAX_VOLUMES_PER_NODE",
+        default_value_t = 0,
+        global = true
+    )]
+    pub max_volumes_per_node: i64,
+
+    /// Group that may use the socket (mode 0660); without it the socket is 0600.
+    #[arg(long, env = "BERTH_SOCKET_GROUP", global = true)]
+    pub socket_group: Option<String>,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "BERTH_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// Log level or tracing filter (e.g. info, debug, berth=trace).
+    #[arg(long, env = "BERTH_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+
+    /// Address for /metrics and /healthz (off when unset).
+    #[arg(long, env = "BERTH_METRICS_ADDRESS", global = true)]
+    pub metrics_address: Option<String>,
+
+    /// Seconds to wait for in-flight calls on SIGTERM/SIGINT before exiting.
+    #[arg(
+        long,
+        env = "BERTH_SHUTDOWN_TIMEOUT",
+        default_value_t = 10,
+        global = true
+    )]
+    pub shutdown_timeout: u64,
+}
+
+fn parse_driver_name(s: &str) -> Result<String, String> {
+    crate::validate::driver_name(s).map(|_| s.to_string())
+}
+
+fn parse_kind(s: &str) -> Result<Kind, String> {
+    match Kind::parse(s.trim()) {
+        Some(Kind::Local) => Ok(Kind::Local),
+        Some(k) => Err(format!(
+            "volume kind {k} is not available in this build yet"
+        )),
+        None => Err(format!(
+            "unknown volume kind {s:?} (expected local, block or nfs)"
+        )),
+    }
+}
+
+impl Config {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("state"))
+    }
+
+    pub fn local_root(&self) -> PathBuf {
+        self.local_root
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("local"))
+    }
+
+    pub fn block_root(&self) -> PathBuf {
+        self.block_root
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("block"))
+    }
+
+    /// The socket path from --endpoint (unix:// only).
+    pub fn socket_path(&self) -> Result<PathBuf, String> {
+        let ep = match &self.endpoint {
+            Some(e) => e.clone(),
+            None => format!("unix://{}", self.data_dir.join("csi.sock").display()),
+        };
+        let path = ep
+            .strip_prefix("unix://")
+            .ok_or_else(|| format!("endpoint {ep:?} must start with unix://"))?;
+        // unix:///abs and unix://rel are both seen in the wild.
+        let p = PathBuf::from(path);
+        if p.as_os_str().is_empty() {
+            return Err(format!("endpoint {ep:?} has no path"));
+        }
+        if p.as_os_str().len() >= 108 {
+            return Err(format!("socket path {path:?} is longer than 107 bytes"));
+        }
+        Ok(p)
+    }
+
+    /// The node id: --node-id/$NODE_ID, then $KUBE_NODE_NAME, then the host name.
+    pub fn resolved_node_id(&self) -> Result<String, String> {
+        let id = match &self.node_id {
+            Some(n) if !n.is_empty() => n.clone(),
+            _ => match std::env::var("KUBE_NODE_NAME") {
+                Ok(n) if !n.is_empty() => n,
+                _ => nix::unistd::gethostname()
+                    .map_err(|e| format!("no node id given and no host name: {e}"))?
+                    .to_string_lossy()
+                    .into_owned(),
+            },
+        };
+        crate::validate::node_id(&id).map_err(|e| e.to_string())?;
+        Ok(id)
+    }
+
+    /// The topology key this driver reports: topology.<driver-name>/node.
+    pub fn topology_key(&self) -> String {
+        format!("topology.{}/node", self.driver_name)
+    }
+
+    pub fn serves(&self, kind: Kind) -> bool {
+        self.kinds.contains(&kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("berth").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap().config;
+        assert_eq!(c.mode, Mode::All);
+        assert_eq!(c.driver_name, "berth.csi.io");
+        assert_eq!(c.state_dir(), PathBuf::from("/var/lib/berth/state"));
+        assert_eq!(c.kinds, vec![Kind::Local]);
+    }
+
+    #[test]
+    fn endpoint_rules() {
+        let c = parse(&["--endpoint", "unix:///tmp/x.sock"]).unwrap().config;
+        assert_eq!(c.socket_path().unwrap(), PathBuf::from("/tmp/x.sock"));
+        let c = parse(&["--endpoint", "tcp://1.2.3.4:5"]).unwrap().config;
+        assert!(c.socket_path().is_err());
+        let long = format!("unix:///{}", "a".repeat(120));
+        let c = parse(&["--endpoint", &long]).unwrap().config;
+        assert!(c.socket_path().is_err());
+    }
+
+    #[test]
+    fn driver_name_is_validated() {
+        assert!(parse(&["--driver-name", "9bad"]).is_err());
+        assert!(parse(&["--driver-name", "local.berth.csi.io"]).is_ok());
+    }
+
+    #[test]
+    fn kinds_and_modes() {
+        assert!(parse(&["--kinds", "local"]).is_ok());
+        assert!(parse(&["--kinds", "tape"]).is_err());
+        assert!(parse(&["--mode", "node"]).is_ok());
+        assert!(parse(&["--mode", "both"]).is_err());
+    }
+}

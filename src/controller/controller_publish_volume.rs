@@ -1,0 +1,68 @@
+//! ControllerPublishVolume (the attach phase): records that the volume may be
+//! used on a node. A node-local volume can be published only to its own node
+//! (another node id is unknown here: NOT_FOUND).
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::convert;
+use crate::csi::v1 as csi;
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::state::Attachment;
+use crate::validate;
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::ControllerPublishVolumeRequest,
+) -> Result<csi::ControllerPublishVolumeResponse> {
+    let id = validate::volume_id(&req.volume_id)?.to_string();
+    let node = validate::node_id(&req.node_id)?.to_string();
+    let cap = convert::required_capability(req.volume_capability.as_ref())?;
+    validate::map("volume_context", &req.volume_context)?;
+    let readonly = req.readonly;
+    let vid = id.clone();
+    d.with_volume(&vid, move |d, mut rec, kind| {
+        if !rec.node.is_empty() && rec.node != node {
+            return Err(Error::NotFound(format!(
+                "node {node} not found: volume {id} is local to node {}",
+                rec.node
+            )));
+        }
+        kind.check_capability(&cap)?;
+        let want = Attachment {
+            readonly,
+            capability: cap.clone(),
+        };
+        if let Some(have) = rec.published.get(&node) {
+            if *have == want {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "volume {id} is already published to node {node} with a different capability or read-only flag"
+            )));
+        }
+        if cap.access_mode.single_node() {
+            if let Some(other) = rec.published.keys().find(|n| **n != node) {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} has a single-node access mode and is published to node {other}"
+                )));
+            }
+        }
+        let max = d.cfg.max_volumes_per_node;
+        if max > 0 {
+            let n = d.store.filter(|r| r.published.contains_key(&node)).len() as i64;
+            if n >= max {
+                return Err(Error::ResourceExhausted(format!(
+                    "node {node} already has {n} volumes published (--max-volumes-per-node {max})"
+                )));
+            }
+        }
+        rec.published.insert(node, want);
+        d.store.put(&rec)?;
+        Ok(())
+    })
+    .await?;
+    Ok(csi::ControllerPublishVolumeResponse {
+        publish_context: HashMap::new(),
+    })
+}

@@ -1,0 +1,252 @@
+//! CreateVolume: idempotent by name. The record is written (phase Creating)
+//! before the storage is made and marked Ready after, so a crash in between
+//! is rolled back at start-up and the CO's retry creates the volume again.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{topology, volume};
+use crate::convert;
+use crate::csi::v1 as csi;
+use crate::driver::{name_key, now_unix, Driver};
+use crate::error::{Error, Result};
+use crate::state::{Capability, Kind, Phase, VolumeRecord};
+use crate::validate;
+
+/// Size used when the request gives no capacity range.
+pub const DEFAULT_SIZE: i64 = 1 << 30;
+
+/// Parameters the external-provisioner adds (`--extra-create-metadata`) and
+/// the generic `kind` key; every other key belongs to the kind.
+const KIND_KEY: &str = "kind";
+const CO_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The requested size range, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub required: i64,
+    pub limit: i64,
+}
+
+impl Range {
+    pub fn from_proto(r: Option<&csi::CapacityRange>) -> Result<Range> {
+        let (required, limit) = r
+            .map(|r| (r.required_bytes, r.limit_bytes))
+            .unwrap_or((0, 0));
+        if required < 0 || limit < 0 {
+            return Err(Error::InvalidArgument(
+                "capacity_range must not be negative".into(),
+            ));
+        }
+        if limit > 0 && required > limit {
+            return Err(Error::OutOfRange(format!(
+                "required_bytes {required} is more than limit_bytes {limit}"
+            )));
+        }
+        Ok(Range { required, limit })
+    }
+
+    /// The size to allocate.
+    pub fn size(&self) -> i64 {
+        if self.required > 0 {
+            self.required
+        } else if self.limit > 0 {
+            self.limit.min(DEFAULT_SIZE)
+        } else {
+            DEFAULT_SIZE
+        }
+    }
+
+    pub fn admits(&self, size: i64) -> bool {
+        size >= self.required && (self.limit == 0 || size <= self.limit)
+    }
+}
+
+/// Splits the parameters into the kind and what the kind must check.
+pub fn kind_of(d: &Driver, params: &BTreeMap<String, String>) -> Result<Kind> {
+    match params.get(KIND_KEY) {
+        Some(k) => Kind::parse(&k.to_ascii_lowercase())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("parameter kind: unknown volume kind {k:?}"))
+            })
+            .and_then(|k| d.kind(k).map(|_| k)),
+        None => d
+            .cfg
+            .kinds
+            .first()
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument("no volume kind is served".into())),
+    }
+}
+
+pub fn kind_parameters(params: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    params
+        .iter()
+        .filter(|(k, _)| k.as_str() != KIND_KEY && !k.starts_with(CO_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+struct Request {
+    name: String,
+    kind: Kind,
+    caps: Vec<Capability>,
+    params: BTreeMap<String, String>,
+    range: Range,
+    node: String,
+}
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::CreateVolumeRequest,
+) -> Result<csi::CreateVolumeResponse> {
+    let name = validate::name(&req.name)?.to_string();
+    let caps = convert::capabilities(&req.volume_capabilities)?;
+    let params = validate::map("parameters", &req.parameters)?;
+    if !req.mutable_parameters.is_empty() {
+        return Err(Error::InvalidArgument(
+            "mutable_parameters are not supported (no MODIFY_VOLUME capability)".into(),
+        ));
+    }
+    let kind = kind_of(&d, &params)?;
+    let imp = d.kind(kind)?;
+    imp.check_parameters(&kind_parameters(&params))?;
+    for c in &caps {
+        imp.check_capability(c)?;
+    }
+    if req.volume_content_source.is_some() {
+        return Err(Error::InvalidArgument(
+            "volume_content_source is not supported (no snapshot or clone capability)".into(),
+        ));
+    }
+    let range = Range::from_proto(req.capacity_range.as_ref())?;
+    let node = match kind {
+        Kind::Nfs => String::new(),
+        Kind::Local | Kind::Block => {
+            topology::placement(
+                &d.topology_key,
+                &d.node_id,
+                req.accessibility_requirements.as_ref(),
+            )?;
+            d.node_id.clone()
+        }
+    };
+    let guard = d.locks.try_lock(name_key(&name))?;
+    let r = Request {
+        name,
+        kind,
+        caps,
+        params,
+        range,
+        node,
+    };
+    let rec = d.run(guard, move |d| create(d, r)).await?;
+    Ok(csi::CreateVolumeResponse {
+        volume: Some(volume::to_proto(&d, &rec)),
+    })
+}
+
+fn compatible(rec: &VolumeRecord, r: &Request) -> Result<()> {
+    let what = if rec.kind != r.kind {
+        "kind"
+    } else if !r.range.admits(rec.capacity_bytes) {
+        "capacity"
+    } else if rec.capabilities != r.caps {
+        "volume capabilities"
+    } else if rec.parameters != r.params {
+        "parameters"
+    } else if rec.node != r.node {
+        "topology"
+    } else {
+        return Ok(());
+    };
+    Err(Error::AlreadyExists(format!(
+        "volume {} named {} exists with a different {what}",
+        rec.id, rec.name
+    )))
+}
+
+fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
+    let imp = d.kind(r.kind)?.clone();
+    if let Some(mut rec) = d.store.get_by_name(&r.name) {
+        compatible(&rec, &r)?;
+        match rec.phase {
+            Phase::Ready => return Ok(rec),
+            Phase::Deleting => {
+                return Err(Error::Aborted(format!(
+                    "volume {} named {} is being deleted",
+                    rec.id, rec.name
+                )))
+            }
+            Phase::Creating => {
+                imp.create(&mut rec)?;
+                d.store.set_phase(&mut rec, Phase::Ready)?;
+                return Ok(rec);
+            }
+        }
+    }
+    let size = r.range.size();
+    let pool = imp.pool_capacity()?;
+    if size > pool.max_volume_bytes {
+        return Err(Error::OutOfRange(format!(
+            "{size} bytes is more than the largest volume this pool can hold ({} bytes)",
+            pool.max_volume_bytes
+        )));
+    }
+    let rec = VolumeRecord {
+        id: imp.new_id(),
+        name: r.name,
+        kind: r.kind,
+        seq: 0,
+        phase: Phase::Creating,
+        capacity_bytes: size,
+        node: r.node,
+        parameters: r.params,
+        capabilities: r.caps,
+        context: BTreeMap::new(),
+        published: BTreeMap::new(),
+        created_unix: now_unix(),
+    };
+    let mut rec = d.store.insert_new(rec, |promised| {
+        let free = pool.free_bytes.saturating_sub(promised);
+        if size > free {
+            Err(Error::ResourceExhausted(format!(
+                "not enough space: {size} bytes asked, {} bytes free",
+                free.max(0)
+            )))
+        } else {
+            Ok(())
+        }
+    })?;
+    if let Err(e) = imp.create(&mut rec) {
+        // Roll back; if that fails too, start-up reconciliation finishes it.
+        if imp.delete(&rec).is_ok() {
+            let _ = d.store.remove(&rec.id);
+        }
+        return Err(e);
+    }
+    d.store.set_phase(&mut rec, Phase::Ready)?;
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(Range::from_proto(None).unwrap().size(), DEFAULT_SIZE);
+        let r = |req, lim| {
+            Range::from_proto(Some(&csi::CapacityRange {
+                required_bytes: req,
+                limit_bytes: lim,
+            }))
+        };
+        assert_eq!(r(10, 0).unwrap().size(), 10);
+        assert_eq!(r(0, 10).unwrap().size(), 10);
+        assert_eq!(r(0, 2 * DEFAULT_SIZE).unwrap().size(), DEFAULT_SIZE);
+        assert!(matches!(r(11, 10), Err(Error::OutOfRange(_))));
+        assert!(matches!(r(-1, 0), Err(Error::InvalidArgument(_))));
+        let x = r(10, 20).unwrap();
+        assert!(x.admits(10) && x.admits(20) && !x.admits(21) && !x.admits(9));
+    }
+}

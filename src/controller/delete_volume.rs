@@ -1,0 +1,59 @@
+//! DeleteVolume: idempotent (an unknown id is success). Refuses a volume that
+//! is still published (FAILED_PRECONDITION). The record goes to Deleting
+//! before the storage is removed, so a crash in between is finished at
+//! start-up.
+use std::sync::Arc;
+
+use crate::csi::v1 as csi;
+use crate::driver::{name_key, vol_key, Driver};
+use crate::error::{Error, Result};
+use crate::state::Phase;
+use crate::validate;
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::DeleteVolumeRequest,
+) -> Result<csi::DeleteVolumeResponse> {
+    let id = validate::volume_id(&req.volume_id)?.to_string();
+    if !d.id_is_plausible(&id) {
+        return Ok(csi::DeleteVolumeResponse {});
+    }
+    let mut guard = d.locks.try_lock(vol_key(&id))?;
+    let Some(rec) = d.store.get(&id) else {
+        return Ok(csi::DeleteVolumeResponse {});
+    };
+    guard.also(name_key(&rec.name))?;
+    d.run(guard, move |d| {
+        // Read again under the guard.
+        let Some(mut rec) = d.store.get(&id) else {
+            return Ok(());
+        };
+        let kind = d.kind(rec.kind)?.clone();
+        if !rec.published.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still published to node(s) {}",
+                rec.published.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if rec.node == d.node_id {
+            let used = kind.in_use(&rec)?;
+            if !used.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is still mounted at {}",
+                    used.iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        if rec.phase != Phase::Deleting {
+            d.store.set_phase(&mut rec, Phase::Deleting)?;
+        }
+        kind.delete(&rec)?;
+        d.store.remove(&id)?;
+        Ok(())
+    })
+    .await?;
+    Ok(csi::DeleteVolumeResponse {})
+}

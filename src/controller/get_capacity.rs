@@ -1,0 +1,53 @@
+//! GetCapacity: free space of the pool minus what existing volumes were
+//! promised; 0 for another node's topology segment or for capabilities the
+//! kind cannot serve.
+use std::sync::Arc;
+
+use super::create_volume::{kind_of, kind_parameters};
+use crate::convert;
+use crate::csi::v1 as csi;
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::state::Kind;
+use crate::validate;
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::GetCapacityRequest,
+) -> Result<csi::GetCapacityResponse> {
+    let params = validate::map("parameters", &req.parameters)?;
+    let kind = kind_of(&d, &params)?;
+    let imp = d.kind(kind)?.clone();
+    imp.check_parameters(&kind_parameters(&params))?;
+    let zero = csi::GetCapacityResponse {
+        available_capacity: 0,
+        maximum_volume_size: Some(0),
+        minimum_volume_size: None,
+    };
+    for c in &req.volume_capabilities {
+        let cap = convert::capability(c)?;
+        if imp.check_capability(&cap).is_err() {
+            return Ok(zero);
+        }
+    }
+    if matches!(kind, Kind::Local | Kind::Block) {
+        if let Some(t) = &req.accessible_topology {
+            if t.segments.get(&d.topology_key) != Some(&d.node_id) {
+                return Ok(zero);
+            }
+        }
+    }
+    let d2 = d.clone();
+    let pool = tokio::task::spawn_blocking(move || imp.pool_capacity())
+        .await
+        .map_err(|e| Error::Internal(format!("capacity task failed: {e}")))??;
+    let available = pool
+        .free_bytes
+        .saturating_sub(d2.store.promised(kind))
+        .max(0);
+    Ok(csi::GetCapacityResponse {
+        available_capacity: available,
+        maximum_volume_size: Some(available.min(pool.max_volume_bytes)),
+        minimum_volume_size: None,
+    })
+}

@@ -1,0 +1,78 @@
+//! Where a node-local volume may be created. This controller creates volumes
+//! only on its own node (external-provisioner's distributed mode runs one per
+//! node), so it answers with the node or RESOURCE_EXHAUSTED:
+//! 1. if `preferred[0]` names a node (the one the scheduler picked under
+//!    WaitForFirstConsumer), that node wins: it must be this node;
+//! 2. otherwise, if `requisite` is given, this node must be in it;
+//! 3. otherwise (no requirements, e.g. Immediate binding) this node.
+use crate::csi::v1 as csi;
+use crate::error::{Error, Result};
+
+pub fn placement(key: &str, node: &str, req: Option<&csi::TopologyRequirement>) -> Result<()> {
+    let Some(req) = req else { return Ok(()) };
+    if let Some(first) = req.preferred.first() {
+        if let Some(n) = first.segments.get(key) {
+            if n == node {
+                return Ok(());
+            }
+            return Err(Error::ResourceExhausted(format!(
+                "the preferred node is {n}; this controller creates volumes only on node {node}"
+            )));
+        }
+    }
+    if req.requisite.is_empty() {
+        return Ok(());
+    }
+    if req
+        .requisite
+        .iter()
+        .any(|t| t.segments.get(key).map(String::as_str) == Some(node))
+    {
+        return Ok(());
+    }
+    Err(Error::ResourceExhausted(format!(
+        "node {node} is not among the requisite topologies"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::node_topology;
+
+    const K: &str = "topology.berth.csi.io/node";
+
+    fn req(requisite: &[&str], preferred: &[&str]) -> csi::TopologyRequirement {
+        csi::TopologyRequirement {
+            requisite: requisite.iter().map(|n| node_topology(K, n)).collect(),
+            preferred: preferred.iter().map(|n| node_topology(K, n)).collect(),
+        }
+    }
+
+    #[test]
+    fn rules() {
+        assert!(placement(K, "a", None).is_ok());
+        // WaitForFirstConsumer: selected node first in preferred.
+        assert!(placement(K, "a", Some(&req(&["a", "b", "c"], &["a", "b", "c"]))).is_ok());
+        assert!(matches!(
+            placement(K, "b", Some(&req(&["a", "b", "c"], &["a", "b", "c"]))),
+            Err(Error::ResourceExhausted(_))
+        ));
+        // strict topology: only the selected node.
+        assert!(placement(K, "a", Some(&req(&["a"], &["a"]))).is_ok());
+        assert!(matches!(
+            placement(K, "c", Some(&req(&["a"], &["a"]))),
+            Err(Error::ResourceExhausted(_))
+        ));
+        // requisite only.
+        assert!(placement(K, "b", Some(&req(&["a", "b"], &[]))).is_ok());
+        assert!(placement(K, "c", Some(&req(&["a", "b"], &[]))).is_err());
+        // segments of other keys do not name this node.
+        let other = csi::TopologyRequirement {
+            requisite: vec![node_topology("zone", "z1")],
+            preferred: vec![],
+        };
+        assert!(placement(K, "a", Some(&other)).is_err());
+        assert!(placement(K, "a", Some(&req(&[], &[]))).is_ok());
+    }
+}

@@ -1,0 +1,169 @@
+//! The driver: configuration, state, guards, OS interfaces and the volume
+//! kinds, shared by the Identity, Controller and Node services.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kinds::{LocalKind, VolumeKind};
+use crate::locks::{OpGuard, OpLocks};
+use crate::os::Os;
+use crate::state::{Kind, Phase, Store, VolumeRecord};
+
+pub struct Driver {
+    pub cfg: Config,
+    pub node_id: String,
+    pub topology_key: String,
+    pub store: Store,
+    pub locks: Arc<OpLocks>,
+    pub os: Os,
+    kinds: BTreeMap<Kind, Arc<dyn VolumeKind>>,
+}
+
+impl Driver {
+    /// Opens the state, prepares each enabled kind and reconciles records left
+    /// half done by a crash.
+    pub fn new(cfg: Config, os: Os) -> Result<Arc<Driver>> {
+        let node_id = cfg.resolved_node_id().map_err(Error::InvalidArgument)?;
+        let state_dir = cfg.state_dir();
+        std::fs::create_dir_all(&state_dir)
+            .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
+        let store = Store::open(&state_dir)?;
+        let mut kinds: BTreeMap<Kind, Arc<dyn VolumeKind>> = BTreeMap::new();
+        for k in &cfg.kinds {
+            let imp: Arc<dyn VolumeKind> = match k {
+                Kind::Local => Arc::new(LocalKind::new(cfg.local_root(), os.clone())?),
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "volume kind {other} is not available in this build"
+                    )))
+                }
+            };
+            kinds.insert(*k, imp);
+        }
+        let d = Arc::new(Driver {
+            topology_key: cfg.topology_key(),
+            node_id,
+            cfg,
+            store,
+            locks: OpLocks::new(),
+            os,
+            kinds,
+        });
+        d.reconcile()?;
+        Ok(d)
+    }
+
+    /// The implementation of a kind this instance serves.
+    pub fn kind(&self, k: Kind) -> Result<&Arc<dyn VolumeKind>> {
+        self.kinds.get(&k).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "volume kind {k} is not served by this instance (--kinds)"
+            ))
+        })
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &Arc<dyn VolumeKind>> {
+        self.kinds.values()
+    }
+
+    /// True when the volume id has the structure of some served kind.
+    pub fn id_is_plausible(&self, id: &str) -> bool {
+        self.kinds.values().any(|k| k.owns_id(id))
+    }
+
+    /// The record of an existing volume (NOT_FOUND otherwise). Records still
+    /// being created do not exist yet for other RPCs.
+    pub fn volume(&self, id: &str) -> Result<VolumeRecord> {
+        if !self.id_is_plausible(id) {
+            return Err(Error::NotFound(format!("volume {id} does not exist")));
+        }
+        match self.store.get(id) {
+            Some(r) if r.phase != Phase::Creating => Ok(r),
+            _ => Err(Error::NotFound(format!("volume {id} does not exist"))),
+        }
+    }
+
+    /// Runs a blocking operation to completion on its own thread, holding the
+    /// per-volume guard. If the client goes away the operation still finishes
+    /// (and only then releases the guard).
+    pub async fn run<T, F>(self: &Arc<Self>, guard: OpGuard, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Driver) -> Result<T> + Send + 'static,
+    {
+        let d = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            f(&d)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("operation task failed: {e}")))?
+    }
+
+    /// Takes the volume's guard, then runs `f` with its record and kind on a
+    /// blocking thread (see `run`). NOT_FOUND for an unknown volume.
+    pub async fn with_volume<T, F>(self: &Arc<Self>, id: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Driver, VolumeRecord, &dyn VolumeKind) -> Result<T> + Send + 'static,
+    {
+        let guard = self.locks.try_lock(vol_key(id))?;
+        let id = id.to_string();
+        self.run(guard, move |d| {
+            let rec = d.volume(&id)?;
+            let kind = d.kind(rec.kind)?.clone();
+            f(d, rec, kind.as_ref())
+        })
+        .await
+    }
+
+    /// NOT_FOUND unless a node-local volume lives on this node.
+    pub fn require_local_here(&self, rec: &VolumeRecord) -> Result<()> {
+        if !rec.node.is_empty() && rec.node != self.node_id {
+            return Err(Error::NotFound(format!(
+                "volume {} lives on node {}, not on this node {}",
+                rec.id, rec.node, self.node_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Finishes what a crash interrupted: a volume half created is rolled back
+    /// (its CreateVolume call failed, and a retry creates it again); a volume
+    /// half deleted is deleted.
+    pub fn reconcile(&self) -> Result<()> {
+        let pending = self.store.filter(|r| r.phase != Phase::Ready);
+        for rec in pending {
+            let Ok(kind) = self.kind(rec.kind) else {
+                tracing::warn!(volume_id = %rec.id, kind = %rec.kind, "record of a kind not served here left as is");
+                continue;
+            };
+            tracing::info!(volume_id = %rec.id, phase = ?rec.phase, "reconciling interrupted operation");
+            if let Err(e) = kind.delete(&rec) {
+                tracing::error!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry at next start");
+                continue;
+            }
+            self.store.remove(&rec.id)?;
+        }
+        Ok(())
+    }
+}
+
+/// Guard key of a volume id.
+pub fn vol_key(id: &str) -> String {
+    format!("vol/{id}")
+}
+
+/// Guard key of a volume name.
+pub fn name_key(name: &str) -> String {
+    format!("name/{name}")
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,35 @@
+//! Probe: ready only when the state directory is writable and every served
+//! kind's pool is present; FAILED_PRECONDITION otherwise.
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::csi::v1 as csi;
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+
+pub async fn handle(d: Arc<Driver>) -> Result<csi::ProbeResponse> {
+    tokio::task::spawn_blocking(move || check(&d))
+        .await
+        .map_err(|e| Error::Internal(format!("probe task failed: {e}")))??;
+    Ok(csi::ProbeResponse { ready: Some(true) })
+}
+
+pub fn check(d: &Driver) -> Result<()> {
+    let dir = d.cfg.state_dir();
+    let probe = dir.join(".probe.tmp");
+    std::fs::File::create(&probe)
+        .and_then(|mut f| f.write_all(b"ok"))
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "state directory {} is not writable: {e}",
+                dir.display()
+            ))
+        })?;
+    for k in d.kinds() {
+        k.pool_capacity().map_err(|e| {
+            Error::FailedPrecondition(format!("{} pool is not ready: {}", k.kind(), e.render()))
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Local directory volumes: one directory per volume under `--local-root`.
+//!
+//! Stage bind-mounts the volume's directory at the staging path; publish
+//! bind-mounts the staging path into the target (read-only by remount when
+//! asked). There is no quota on this machine's kernels, so the capacity is a
+//! promise that GetCapacity accounts for, not a hard limit.
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::node::mounts;
+use crate::os::mountinfo;
+use crate::os::Os;
+use crate::state::{AccessType, Capability, Kind, VolumeRecord};
+
+use super::{Health, PoolCapacity, PublishArgs, VolumeKind, VolumeStats};
+
+const PREFIX: &str = "local-";
+
+pub struct LocalKind {
+    root: PathBuf,
+    os: Os,
+}
+
+impl LocalKind {
+    /// `root` is created (mode 0700) if missing.
+    pub fn new(root: PathBuf, os: Os) -> Result<Self> {
+        if !root.exists() {
+            std::fs::create_dir_all(&root)
+                .and_then(|_| {
+                    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|e| Error::io(format!("creating local root {}", root.display()), e))?;
+        }
+        Ok(LocalKind { root, os })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of a volume; only for ids this kind owns.
+    pub fn dir(&self, id: &str) -> Result<PathBuf> {
+        if !self.owns_id(id) {
+            return Err(Error::NotFound(format!(
+                "volume {id} is not a local volume"
+            )));
+        }
+        Ok(self.root.join(id))
+    }
+
+    fn object(&self, id: &str) -> Result<mounts::Object> {
+        let dir = self.dir(id)?;
+        let t = mounts::table(&self.os)?;
+        mountinfo::object_of(&t, &dir)
+            .ok_or_else(|| Error::Internal(format!("no mount holds {}", dir.display())))
+    }
+
+    fn require_dir(&self, id: &str) -> Result<PathBuf> {
+        let dir = self.dir(id)?;
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => Ok(dir),
+            _ => Err(Error::FailedPrecondition(format!(
+                "backing directory {} of volume {id} is missing",
+                dir.display()
+            ))),
+        }
+    }
+}
+
+impl VolumeKind for LocalKind {
+    fn kind(&self) -> Kind {
+        Kind::Local
+    }
+
+    fn new_id(&self) -> String {
+        format!("{PREFIX}{}", uuid::Uuid::new_v4().simple())
+    }
+
+    fn owns_id(&self, id: &str) -> bool {
+        id.strip_prefix(PREFIX).is_some_and(|h| {
+            h.len() == 32
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    }
+
+    fn check_parameters(&self, params: &BTreeMap<String, String>) -> Result<()> {
+        if let Some(k) = params.keys().next() {
+            return Err(Error::InvalidArgument(format!(
+                "unknown parameter {k:?} for local volumes"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_capability(&self, cap: &Capability) -> Result<()> {
+        match &cap.access_type {
+            AccessType::Block => Err(Error::InvalidArgument(
+                "local directory volumes support only the mount access type".into(),
+            )),
+            AccessType::Mount { fs_type, .. } => {
+                if !fs_type.is_empty() {
+                    // A directory has the filesystem of the local root; an
+                    // explicit type is accepted only as a hint and ignored.
+                    tracing::debug!(fs_type = %fs_type, "fs_type ignored for local volumes");
+                }
+                if !cap.access_mode.single_node() {
+                    return Err(Error::InvalidArgument(format!(
+                        "access mode {:?} needs a volume reachable from several nodes; local volumes live on one node",
+                        cap.access_mode
+                    )));
+                }
+                mounts::bind_flags(cap).map(|_| ())
+            }
+        }
+    }
+
+    fn pool_capacity(&self) -> Result<PoolCapacity> {
+        let u = self
+            .os
+            .fs
+            .statvfs(&self.root)
+            .map_err(|e| Error::os("reading free space of the local root", e))?;
+        Ok(PoolCapacity {
+            free_bytes: i64::try_from(u.available_bytes).unwrap_or(i64::MAX),
+            max_volume_bytes: i64::try_from(u.total_bytes).unwrap_or(i64::MAX),
+        })
+    }
+
+    fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
+        let dir = self.dir(&rec.id)?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let m = std::fs::symlink_metadata(&dir)
+                    .map_err(|e| Error::io(format!("inspecting {}", dir.display()), e))?;
+                if !m.is_dir() {
+                    return Err(Error::Internal(format!(
+                        "{} exists and is not a directory",
+                        dir.display()
+                    )));
+                }
+            }
+            Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
+        }
+        // World-writable like a fresh emptyDir, so pods running as any user
+        // can write; the local root itself is private.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| Error::io(format!("setting mode of {}", dir.display()), e))?;
+        Ok(())
+    }
+
+    fn delete(&self, rec: &VolumeRecord) -> Result<()> {
+        let dir = self.dir(&rec.id)?;
+        let m = match std::fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(format!("inspecting {}", dir.display()), e)),
+            Ok(m) => m,
+        };
+        if !m.is_dir() {
+            // Not something this driver made (a symlink or file in its
+            // place): remove the entry itself, never what it points to.
+            return std::fs::remove_file(&dir)
+                .map_err(|e| Error::io(format!("removing {}", dir.display()), e));
+        }
+        let t = mounts::table(&self.os)?;
+        if let Some(m) = t.iter().find(|m| m.mount_point.starts_with(&dir)) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is mounted inside the volume; refusing to delete",
+                m.mount_point.display()
+            )));
+        }
+        // remove_dir_all does not follow symlinks (it unlinks them).
+        std::fs::remove_dir_all(&dir).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(Error::io(format!("removing {}", dir.display()), e))
+            }
+        })
+    }
+
+    fn health(&self, rec: &VolumeRecord) -> Health {
+        match self.require_dir(&rec.id) {
+            Ok(_) => Health::ok(),
+            Err(e) => Health::abnormal(e.to_string()),
+        }
+    }
+
+    fn stage(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
+        self.check_capability(cap)?;
+        let dir = self.require_dir(&rec.id)?;
+        mounts::stage_bind(&self.os, &dir, staging)
+    }
+
+    fn unstage(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {
+        let dir = self.dir(&rec.id)?;
+        mounts::unstage(&self.os, staging, Some(&dir))
+    }
+
+    fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
+        self.check_capability(a.capability)?;
+        let obj = self.object(&rec.id)?;
+        mounts::publish_bind(
+            &self.os,
+            Some(&obj),
+            a.staging,
+            a.target,
+            a.capability,
+            a.readonly,
+        )
+    }
+
+    fn unpublish(&self, _rec: &VolumeRecord, target: &Path) -> Result<()> {
+        mounts::unpublish(&self.os, target)
+    }
+
+    fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
+        let obj = self.object(&rec.id)?;
+        let t = mounts::table(&self.os)?;
+        let mounted_here = mountinfo::at(&t, path)
+            .last()
+            .map(|m| mounts::object(m) == obj)
+            .unwrap_or(false);
+        if !mounted_here {
+            return Err(Error::NotFound(format!(
+                "volume {} is not mounted at {}",
+                rec.id,
+                path.display()
+            )));
+        }
+        let usage = self
+            .os
+            .fs
+            .statvfs(path)
+            .map_err(|e| Error::os(format!("statvfs of {}", path.display()), e))?;
+        Ok(VolumeStats {
+            usage,
+            block_size_only: None,
+        })
+    }
+
+    fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<PathBuf>> {
+        let obj = self.object(&rec.id)?;
+        let t = mounts::table(&self.os)?;
+        Ok(mountinfo::mounts_of(&t, &obj)
+            .into_iter()
+            .map(|m| m.mount_point.clone())
+            .collect())
+    }
+}

@@ -1,0 +1,48 @@
+//! NodePublishVolume: bind-mounts the staged volume into the pod's target
+//! path (created by the driver), read-only when asked.
+use std::sync::Arc;
+
+use crate::convert;
+use crate::csi::v1 as csi;
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::kinds::PublishArgs;
+use crate::validate;
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::NodePublishVolumeRequest,
+) -> Result<csi::NodePublishVolumeResponse> {
+    let id = validate::volume_id(&req.volume_id)?;
+    let target = validate::abs_path("target_path", &req.target_path)?;
+    let cap = convert::required_capability(req.volume_capability.as_ref())?;
+    if req.staging_target_path.is_empty() {
+        return Err(Error::FailedPrecondition(
+            "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)"
+                .into(),
+        ));
+    }
+    let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
+    if staging == target {
+        return Err(Error::InvalidArgument(
+            "target_path and staging_target_path must differ".into(),
+        ));
+    }
+    validate::map("publish_context", &req.publish_context)?;
+    validate::map("volume_context", &req.volume_context)?;
+    let readonly = req.readonly;
+    d.with_volume(id, move |d, rec, kind| {
+        d.require_local_here(&rec)?;
+        kind.publish(
+            &rec,
+            &PublishArgs {
+                staging: &staging,
+                target: &target,
+                capability: &cap,
+                readonly,
+            },
+        )
+    })
+    .await?;
+    Ok(csi::NodePublishVolumeResponse {})
+}

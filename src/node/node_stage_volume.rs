@@ -1,0 +1,26 @@
+//! NodeStageVolume: makes the volume available at the staging path. For
+//! local directories: a bind mount of the volume's directory.
+use std::sync::Arc;
+
+use crate::convert;
+use crate::csi::v1 as csi;
+use crate::driver::Driver;
+use crate::error::Result;
+use crate::validate;
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::NodeStageVolumeRequest,
+) -> Result<csi::NodeStageVolumeResponse> {
+    let id = validate::volume_id(&req.volume_id)?;
+    let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
+    let cap = convert::required_capability(req.volume_capability.as_ref())?;
+    validate::map("publish_context", &req.publish_context)?;
+    validate::map("volume_context", &req.volume_context)?;
+    d.with_volume(id, move |d, rec, kind| {
+        d.require_local_here(&rec)?;
+        kind.stage(&rec, &staging, &cap)
+    })
+    .await?;
+    Ok(csi::NodeStageVolumeResponse {})
+}

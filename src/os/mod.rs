@@ -1,0 +1,106 @@
+//! Everything Berth asks of the operating system, each behind a small trait
+//! with a real implementation and a recording fake (`fake.rs`), so handler
+//! logic is unit-tested without root and the real calls are tested by the root
+//! integration tests.
+//!
+//! | file          | what it wraps                                   |
+//! |---------------|-------------------------------------------------|
+//! | `mount.rs`    | mount(2) / umount2(2): bind, remount, unmount   |
+//! | `mountinfo.rs`| reading and parsing /proc/self/mountinfo        |
+//! | `statvfs.rs`  | statvfs(3): free space and inodes               |
+//! | `command.rs`  | external commands under a timeout (process group killed) |
+//! | `fake.rs`     | the recording fake of all of the above          |
+
+pub mod command;
+pub mod fake;
+pub mod mount;
+pub mod mountinfo;
+pub mod statvfs;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use command::{CmdOutput, RealRunner, Runner};
+pub use mount::{MountFlags, Mounter, RealMounter};
+pub use mountinfo::{MountEntry, MountTable, ProcMountTable};
+pub use statvfs::{FsStats, FsUsage, RealFsStats};
+
+/// An error from the operating system layer, with the operation and path that
+/// failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OsError {
+    #[error("{op} {path}")]
+    Sys {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("command {program} timed out after {secs} s and was killed")]
+    Timeout { program: String, secs: u64 },
+    #[error("command {program} failed ({status}): {stderr}")]
+    Failed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("mountinfo: {0}")]
+    MountInfo(String),
+}
+
+impl OsError {
+    pub fn sys(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: impl Into<std::io::Error>,
+    ) -> Self {
+        OsError::Sys {
+            op,
+            path: path.into(),
+            source: source.into(),
+        }
+    }
+
+    /// The raw errno of a failed system call, if that is what this is.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            OsError::Sys { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// The bundle of OS interfaces a driver uses.
+#[derive(Clone)]
+pub struct Os {
+    pub mounter: Arc<dyn Mounter>,
+    pub mounts: Arc<dyn MountTable>,
+    pub fs: Arc<dyn FsStats>,
+    pub cmd: Arc<dyn Runner>,
+}
+
+impl Os {
+    /// The real operating system.
+    pub fn real() -> Self {
+        Os {
+            mounter: Arc::new(RealMounter),
+            mounts: Arc::new(ProcMountTable::default()),
+            fs: Arc::new(RealFsStats),
+            cmd: Arc::new(RealRunner),
+        }
+    }
+
+    /// A recording fake; the returned handle inspects and steers it.
+    pub fn fake() -> (Self, Arc<fake::FakeOs>) {
+        let f = Arc::new(fake::FakeOs::new());
+        (
+            Os {
+                mounter: f.clone(),
+                mounts: f.clone(),
+                fs: f.clone(),
+                cmd: f.clone(),
+            },
+            f,
+        )
+    }
+}

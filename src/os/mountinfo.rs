@@ -1,0 +1,253 @@
+//! /proc/self/mountinfo: the only source of truth for "is this mounted".
+//!
+//! `stat` on a broken mount fails with EIO/ENOTCONN/ESTALE and comparing
+//! device numbers misses bind mounts from the same filesystem, so every mount
+//! decision in Berth is made from this table.
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::OsError;
+
+/// One line of mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub id: u32,
+    pub parent: u32,
+    pub major: u32,
+    pub minor: u32,
+    /// The directory of the filesystem that is mounted here (differs from "/"
+    /// for bind mounts).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    /// Per-mount options (`rw`, `ro`, `nosuid`, ...).
+    pub options: String,
+    pub fs_type: String,
+    pub source: String,
+    pub super_options: String,
+}
+
+impl MountEntry {
+    pub fn readonly(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
+
+    pub fn has_option(&self, opt: &str) -> bool {
+        self.options.split(',').any(|o| o == opt)
+    }
+
+    /// Same filesystem object (device and directory within it).
+    pub fn same_object(&self, other: &MountEntry) -> bool {
+        self.major == other.major && self.minor == other.minor && self.root == other.root
+    }
+}
+
+/// Reads the mount table. Real: `ProcMountTable`; fake: `fake::FakeOs`.
+pub trait MountTable: Send + Sync {
+    fn mounts(&self) -> Result<Vec<MountEntry>, OsError>;
+}
+
+/// Reads /proc/self/mountinfo (or another file, for tests) in one read.
+#[derive(Debug, Clone)]
+pub struct ProcMountTable {
+    pub path: PathBuf,
+}
+
+impl Default for ProcMountTable {
+    fn default() -> Self {
+        ProcMountTable {
+            path: PathBuf::from("/proc/self/mountinfo"),
+        }
+    }
+}
+
+impl MountTable for ProcMountTable {
+    fn mounts(&self) -> Result<Vec<MountEntry>, OsError> {
+        let mut f =
+            std::fs::File::open(&self.path).map_err(|e| OsError::sys("open", &self.path, e))?;
+        let mut buf = String::with_capacity(16 * 1024);
+        f.read_to_string(&mut buf)
+            .map_err(|e| OsError::sys("read", &self.path, e))?;
+        parse(&buf)
+    }
+}
+
+/// Parses the whole text of a mountinfo file.
+pub fn parse(text: &str) -> Result<Vec<MountEntry>, OsError> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Result<MountEntry, OsError> {
+    let bad = || OsError::MountInfo(format!("malformed line: {line:?}"));
+    let mut it = line.split(' ');
+    let id = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let parent = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let (major, minor) = it
+        .next()
+        .and_then(|s| s.split_once(':'))
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .ok_or_else(bad)?;
+    let root = PathBuf::from(unescape(it.next().ok_or_else(bad)?));
+    let mount_point = PathBuf::from(unescape(it.next().ok_or_else(bad)?));
+    let options = it.next().ok_or_else(bad)?.to_string();
+    // Optional fields end at a lone "-".
+    loop {
+        match it.next() {
+            Some("-") => break,
+            Some(_) => continue,
+            None => return Err(bad()),
+        }
+    }
+    let fs_type = unescape(it.next().ok_or_else(bad)?);
+    let source = unescape(it.next().ok_or_else(bad)?);
+    let super_options = it.next().unwrap_or("").to_string();
+    Ok(MountEntry {
+        id,
+        parent,
+        major,
+        minor,
+        root,
+        mount_point,
+        options,
+        fs_type,
+        source,
+        super_options,
+    })
+}
+
+/// Undoes the kernel's octal escapes (`\040` space, `\011` tab, `\012`
+/// newline, `\134` backslash).
+pub fn unescape(s: &str) -> String {
+    if !s.contains('\\') {
+        return s.to_string();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = (oct[0] - b'0') as u32 * 64
+                    + (oct[1] - b'0') as u32 * 8
+                    + (oct[2] - b'0') as u32;
+                if v <= 255 {
+                    out.push(v as u8);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// All entries mounted exactly at `path`, bottom first (mount order).
+pub fn at<'a>(table: &'a [MountEntry], path: &Path) -> Vec<&'a MountEntry> {
+    table.iter().filter(|m| m.mount_point == path).collect()
+}
+
+/// The entry whose mount point is the longest prefix of `path`: the mount
+/// that `path` lives on (the last one, if several are stacked).
+pub fn containing<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    // Later entries are mounted on top of earlier ones at the same point.
+    table
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| path.starts_with(&m.mount_point))
+        .max_by_key(|(i, m)| (m.mount_point.as_os_str().len(), *i))
+        .map(|(_, m)| m)
+}
+
+/// What a bind mount of `path` would show in mountinfo: the device and the
+/// directory within that device's filesystem.
+pub fn object_of(table: &[MountEntry], path: &Path) -> Option<(u32, u32, PathBuf)> {
+    let m = containing(table, path)?;
+    let rel = path.strip_prefix(&m.mount_point).ok()?;
+    let root = if rel.as_os_str().is_empty() {
+        m.root.clone()
+    } else {
+        m.root.join(rel)
+    };
+    Some((m.major, m.minor, root))
+}
+
+/// Mount entries showing the filesystem object `obj` (device and directory).
+pub fn mounts_of<'a>(table: &'a [MountEntry], obj: &(u32, u32, PathBuf)) -> Vec<&'a MountEntry> {
+    table
+        .iter()
+        .filter(|m| m.major == obj.0 && m.minor == obj.1 && m.root == obj.2)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro
+30 22 0:25 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw
+41 22 8:1 /var/lib/berth/local/v1 /mnt/stage\\040dir rw,relatime shared:1 - ext4 /dev/sda1 rw
+42 22 8:1 /var/lib/berth/local/v1 /mnt/target ro,relatime shared:1 - ext4 /dev/sda1 rw
+";
+
+    #[test]
+    fn parses_fields_and_escapes() {
+        let t = parse(SAMPLE).unwrap();
+        assert_eq!(t.len(), 4);
+        assert_eq!(t[2].mount_point, PathBuf::from("/mnt/stage dir"));
+        assert_eq!(t[2].root, PathBuf::from("/var/lib/berth/local/v1"));
+        assert_eq!((t[2].major, t[2].minor), (8, 1));
+        assert!(t[3].readonly());
+        assert!(!t[2].readonly());
+        assert_eq!(t[1].fs_type, "proc");
+        assert!(t[1].has_option("nosuid"));
+    }
+
+    #[test]
+    fn object_and_mounts_of() {
+        let t = parse(SAMPLE).unwrap();
+        let obj = object_of(&t, Path::new("/var/lib/berth/local/v1")).unwrap();
+        assert_eq!(obj, (8, 1, PathBuf::from("/var/lib/berth/local/v1")));
+        let m = mounts_of(&t, &obj);
+        assert_eq!(m.len(), 2);
+        // Inside a bind mount, the object is relative to the bind's root.
+        let inner = object_of(&t, Path::new("/mnt/target/sub")).unwrap();
+        assert_eq!(inner.2, PathBuf::from("/var/lib/berth/local/v1/sub"));
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert!(parse("1 2 3\n").is_err());
+        assert!(parse("1 2 8:1 / / rw shared:1 ext4 /dev/x rw\n").is_err());
+    }
+
+    #[test]
+    fn unescape_cases() {
+        assert_eq!(unescape("a\\040b\\011c\\012d\\134e"), "a b\tc\nd\\e");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+        assert_eq!(unescape("\\999"), "\\999");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn unescape_never_panics(s in ".*") {
+            let _ = unescape(&s);
+        }
+
+        #[test]
+        fn escaped_paths_roundtrip(s in "[a-z \\t\\\\]{1,20}") {
+            let esc: String = s.chars().map(|c| match c {
+                ' ' => "\\040".to_string(),
+                '\t' => "\\011".to_string(),
+                '\\' => "\\134".to_string(),
+                c => c.to_string(),
+            }).collect();
+            proptest::prop_assert_eq!(unescape(&esc), s);
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The server boundary shared by every handler: one tracing span per call
+//! (method, volume id), the duration and result logged on completion, domain
+//! errors turned into `tonic::Status` in one place. Requests are never
+//! logged whole, so secrets cannot reach a log line.
+use std::future::Future;
+use std::time::Instant;
+
+use tonic::{Response, Status};
+use tracing::Instrument;
+
+use crate::error::Error;
+
+/// Runs one RPC handler body inside its span and maps its result.
+pub async fn serve<T, F>(
+    method: &'static str,
+    volume_id: &str,
+    fut: F,
+) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    let span = tracing::info_span!("rpc", method, volume_id = %volume_id);
+    async move {
+        let start = Instant::now();
+        let r = fut.await;
+        let micros = start.elapsed().as_micros() as u64;
+        match r {
+            Ok(v) => {
+                tracing::debug!(micros, code = "OK", "rpc done");
+                Ok(Response::new(v))
+            }
+            Err(e) => {
+                let code = e.code();
+                let msg = e.render();
+                match code {
+                    tonic::Code::Internal | tonic::Code::DeadlineExceeded => {
+                        tracing::error!(micros, ?code, error = %msg, "rpc failed")
+                    }
+                    _ => tracing::info!(micros, ?code, error = %msg, "rpc failed"),
+                }
+                Err(Status::new(code, msg))
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,165 @@
+//! The gRPC server on a unix socket: private socket creation, the services
+//! for the chosen mode, reflection, and graceful shutdown on SIGTERM/SIGINT
+//! within a bound.
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error as ThisError;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::controller::ControllerService;
+use crate::csi::v1 as csi;
+use crate::driver::Driver;
+use crate::identity::IdentityService;
+use crate::node::NodeService;
+
+#[derive(Debug, ThisError)]
+pub enum ServeError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |source| ServeError::Io { context, source }
+}
+
+/// Binds the socket with mode 0600 (0660 and the group's ownership when
+/// `group` is given). An existing path is removed only if it is a socket.
+pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, ServeError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(io(format!("removing old socket {}", path.display())))?,
+        Ok(_) => {
+            return Err(ServeError::Config(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(format!("inspecting {}", path.display()))(e)),
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    // The socket file is created with the umask's mode; make it private from
+    // the first moment, so nobody can connect before the chmod below.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let std_listener = bound.map_err(io(format!("binding {}", path.display())))?;
+    if let Some(g) = group {
+        let gid = match g.parse::<u32>() {
+            Ok(n) => nix::unistd::Gid::from_raw(n),
+            Err(_) => {
+                nix::unistd::Group::from_name(g)
+                    .map_err(|e| ServeError::Config(format!("looking up group {g}: {e}")))?
+                    .ok_or_else(|| ServeError::Config(format!("group {g} does not exist")))?
+                    .gid
+            }
+        };
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(io(format!("chmod {}", path.display())))?;
+    }
+    std_listener
+        .set_nonblocking(true)
+        .map_err(io("socket non-blocking".into()))?;
+    UnixListener::from_std(std_listener).map_err(io("registering socket".into()))
+}
+
+/// Serves until `shutdown` completes, then waits at most `grace` for calls
+/// in flight, and removes the socket.
+pub async fn serve(
+    driver: Arc<Driver>,
+    socket: PathBuf,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<(), ServeError> {
+    let listener = bind_socket(&socket, driver.cfg.socket_group.as_deref())?;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let mode = driver.cfg.mode;
+    let mut router = tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(csi::identity_server::IdentityServer::new(IdentityService {
+            driver: driver.clone(),
+        }));
+    if mode.controller() {
+        router = router.add_service(csi::controller_server::ControllerServer::new(
+            ControllerService {
+                driver: driver.clone(),
+            },
+        ));
+    }
+    if mode.node() {
+        router = router.add_service(csi::node_server::NodeServer::new(NodeService {
+            driver: driver.clone(),
+        }));
+    }
+    tracing::info!(
+        socket = %socket.display(),
+        driver = %driver.cfg.driver_name,
+        node = %driver.node_id,
+        mode = ?mode,
+        volumes = driver.store.len(),
+        "serving CSI"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            shutdown.await;
+            let _ = stop_tx.send(());
+        });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r.map_err(ServeError::from),
+        _ = async {
+            let _ = stop_rx.await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "calls still in flight after the shutdown grace period; exiting");
+            Ok(())
+        }
+    };
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
+    result
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    let mut int = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

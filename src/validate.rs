@@ -1,0 +1,223 @@
+//! Input hygiene: every id, name, path and map from a request is checked here
+//! before any handler uses it.
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The CSI spec's size limit for strings.
+pub const MAX_STRING: usize = 128;
+/// The CSI spec's size limit for a map (all keys and values together).
+pub const MAX_MAP: usize = 4096;
+/// Paths are limited by the kernel, not by the CSI string limit.
+pub const MAX_PATH: usize = 4096;
+
+fn plain_string(field: &str, v: &str) -> Result<()> {
+    if v.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    if v.len() > MAX_STRING {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is {} bytes long, more than the {MAX_STRING} bytes allowed",
+            v.len()
+        )));
+    }
+    if v.chars().any(|c| c.is_control()) {
+        return Err(Error::InvalidArgument(format!(
+            "{field} contains a control character"
+        )));
+    }
+    Ok(())
+}
+
+/// A volume id as received; the kind's own parser checks its structure.
+pub fn volume_id(v: &str) -> Result<&str> {
+    plain_string("volume_id", v).map(|_| v)
+}
+
+/// A volume name (CreateVolume).
+pub fn name(v: &str) -> Result<&str> {
+    plain_string("name", v).map(|_| v)
+}
+
+/// A node id.
+pub fn node_id(v: &str) -> Result<&str> {
+    plain_string("node_id", v).map(|_| v)
+}
+
+/// An absolute, normalised path from the CO (target or staging path): no
+/// `..` or `.` components, no NUL, not `/` itself.
+pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
+    if v.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    if v.len() > MAX_PATH {
+        return Err(Error::InvalidArgument(format!("{field} is too long")));
+    }
+    if v.contains('\0') {
+        return Err(Error::InvalidArgument(format!("{field} contains NUL")));
+    }
+    let p = Path::new(v);
+    if !p.is_absolute() {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {v:?} is not an absolute path"
+        )));
+    }
+    let mut normal = 0;
+    for c in p.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(_) => normal += 1,
+            Component::CurDir | Component::ParentDir | Component::Prefix(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{field} {v:?} contains '.' or '..'"
+                )))
+            }
+        }
+    }
+    // `Path::components` drops "." silently; check the raw text as well.
+    if v.split('/').any(|s| s == "." || s == "..") {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {v:?} contains '.' or '..'"
+        )));
+    }
+    if normal == 0 {
+        return Err(Error::InvalidArgument(format!("{field} must not be /")));
+    }
+    Ok(p.components().collect())
+}
+
+/// One path component made from an id: no `/`, `..`, `.`, NUL, or empty.
+pub fn path_component(field: &str, v: &str) -> Result<()> {
+    if v.is_empty() || v == "." || v == ".." || v.contains('/') || v.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {v:?} is not a safe path component"
+        )));
+    }
+    Ok(())
+}
+
+/// A string map from a request (parameters, volume context): size limit and
+/// no empty or control-character keys. Secrets maps are never passed here,
+/// so their contents cannot reach an error message.
+pub fn map(
+    field: &str,
+    m: &std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
+    let total: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_MAP {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is {total} bytes, more than the {MAX_MAP} bytes allowed"
+        )));
+    }
+    for (k, v) in m {
+        if k.is_empty() || k.len() > MAX_STRING || k.chars().any(|c| c.is_control()) {
+            return Err(Error::InvalidArgument(format!(
+                "{field} has an invalid key {:?}",
+                k.chars().take(MAX_STRING).collect::<String>()
+            )));
+        }
+        if v.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "{field} key {k:?} has a value containing NUL"
+            )));
+        }
+    }
+    Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// The CSI rule for plugin names, plus what csi-sanity and Kubernetes expect:
+/// at most 63 characters, domain-name characters, starts and ends with a
+/// letter.
+pub fn driver_name(v: &str) -> std::result::Result<(), String> {
+    if v.is_empty() || v.len() > 63 {
+        return Err(format!("driver name {v:?} must be 1 to 63 characters"));
+    }
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+    {
+        return Err(format!(
+            "driver name {v:?} may contain only lower-case letters, digits, '.' and '-'"
+        ));
+    }
+    let first = v.chars().next().unwrap_or('0');
+    let last = v.chars().last().unwrap_or('0');
+    if !first.is_ascii_alphabetic() || !last.is_ascii_alphabetic() {
+        return Err(format!(
+            "driver name {v:?} must start and end with a letter"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_limits() {
+        assert!(volume_id(&"a".repeat(128)).is_ok());
+        assert!(volume_id(&"a".repeat(129)).is_err());
+        assert!(volume_id("").is_err());
+        assert!(name("a\nb").is_err());
+        assert!(node_id("node-1").is_ok());
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(abs_path("p", "/a/b/").unwrap(), PathBuf::from("/a/b"));
+        for bad in [
+            "", "a/b", "/a/../b", "/a/./b", "/", "/a\0b", "//..", "/a/..",
+        ] {
+            assert!(abs_path("p", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn components() {
+        assert!(path_component("id", "local-abc").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\0"] {
+            assert!(path_component("id", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn driver_names() {
+        assert!(driver_name("berth.csi.io").is_ok());
+        assert!(driver_name("local.berth.csi.io").is_ok());
+        for bad in [
+            "",
+            "1berth",
+            "berth.io1",
+            "Berth.io",
+            "a_b.io",
+            &"a".repeat(64),
+        ] {
+            assert!(driver_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn maps() {
+        let mut m = std::collections::HashMap::new();
+        m.insert("k".to_string(), "v".repeat(4000));
+        assert!(map("parameters", &m).is_ok());
+        m.insert("k2".to_string(), "v".repeat(200));
+        assert!(map("parameters", &m).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn accepted_paths_have_no_dot_components(s in "(/[a-z.]{0,3}){1,5}") {
+            if let Ok(p) = abs_path("p", &s) {
+                for c in p.components() {
+                    proptest::prop_assert!(matches!(c, Component::RootDir | Component::Normal(_)));
+                    if let Component::Normal(n) = c {
+                        proptest::prop_assert!(n != "." && n != "..");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,10 +1,12 @@
 //! ControllerUnpublishVolume: forgets a publish. Idempotent: a volume not
-//! published to the node is success; an empty node id means every node.
+//! published to the node, or not known at all, is success (the spec: a
+//! volume or node that cannot be found can safely be regarded as
+//! unpublished); an empty node id means every node.
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::validate;
 
 pub async fn handle(
@@ -17,7 +19,7 @@ pub async fn handle(
     } else {
         Some(validate::node_id(&req.node_id)?.to_string())
     };
-    d.with_volume(&id, move |d, mut rec, _kind| {
+    let r = d.with_volume(&id, move |d, mut rec, _kind| {
         let before = rec.published.len();
         match &node {
             Some(n) => {
@@ -30,6 +32,9 @@ pub async fn handle(
         }
         Ok(())
     })
-    .await?;
-    Ok(csi::ControllerUnpublishVolumeResponse {})
+    .await;
+    match r {
+        Ok(()) | Err(Error::NotFound(_)) => Ok(csi::ControllerUnpublishVolumeResponse {}),
+        Err(e) => Err(e),
+    }
 }

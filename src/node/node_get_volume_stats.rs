@@ -23,7 +23,12 @@ pub async fn handle(
     req: csi::NodeGetVolumeStatsRequest,
 ) -> Result<csi::NodeGetVolumeStatsResponse> {
     let id = validate::volume_id(&req.volume_id)?.to_string();
-    let path = validate::abs_path("volume_path", &req.volume_path)?;
+    if req.volume_path.is_empty() {
+        return Err(Error::InvalidArgument("volume_path is required".into()));
+    }
+    // A path that could never hold a volume (relative, "..") holds none.
+    let path = validate::abs_path("volume_path", &req.volume_path)
+        .map_err(|e| Error::NotFound(format!("volume {id} is not available there: {e}")))?;
     if !req.staging_target_path.is_empty() {
         validate::abs_path("staging_target_path", &req.staging_target_path)?;
     }

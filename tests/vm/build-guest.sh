@@ -32,10 +32,10 @@ GUEST_PACKAGES+=${GUEST_EXTRA_PACKAGES:+,$GUEST_EXTRA_PACKAGES}
 
 # Kernel modules copied into the guest, with their dependencies. A name the
 # kernel does not have (or has built in) is reported and skipped.
-MODULES="virtio_pci 9p 9pnet_virtio nfsd nfs nfsv3 nfsv4 loop ext4 xfs overlay
+MODULES="virtio_pci virtio_blk 9p 9pnet_virtio nfsd nfs nfsv3 nfsv4 loop ext4 xfs overlay
   dm_mod dm_thin_pool dm_snapshot quota_v1 quota_v2 sch_netem"
 
-HOST_PACKAGES="qemu-system-x86 debootstrap cpio zstd"
+HOST_PACKAGES="qemu-system-x86 debootstrap cpio zstd e2fsprogs"
 
 log() { printf '[build-guest %4ss] %s\n' "$SECONDS" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -160,7 +160,7 @@ echo guest > "$R/etc/hostname"
 printf '127.0.0.1\tlocalhost guest\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$R/etc/hosts"
 ln -sf ../proc/self/mounts "$R/etc/mtab"
 : > "$R/etc/exports"
-mkdir -p "$R/share" "$R/mnt" "$R/var/lib/nfs/v4recovery"
+mkdir -p "$R/share" "$R/scratch" "$R/mnt" "$R/var/lib/nfs/v4recovery"
 # No udev in the guest: LVM must create device nodes itself and not wait for udev
 # (init also exports DM_DISABLE_UDEV=1); no dmeventd monitoring.
 if [ -f "$R/etc/lvm/lvm.conf" ]; then
@@ -194,7 +194,12 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 mkdir -p /run/lock /run/rpcbind /run/berth
 hostname guest
 ip link set lo up
-modprobe -a virtio_pci 9pnet_virtio 9p loop
+modprobe -a virtio_pci virtio_blk 9pnet_virtio 9p loop ext4
+# Scratch disk from the host (an empty ext4 image, thrown away after the run):
+# /scratch and /var/tmp live there instead of in guest RAM.
+if [ -b /dev/vda ] && mount -o noinit_itable /dev/vda /scratch; then
+  mkdir -p /scratch/tmp && chmod 1777 /scratch/tmp && mount --bind /scratch/tmp /var/tmp
+fi
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 share /share; then
   say "ERROR: cannot mount the 9p share"
 elif [ ! -f /share/run.sh ]; then

@@ -14,7 +14,7 @@
 # Works under bash; the functions avoid bashisms where it was cheap.
 
 BERTH_NFS_DIR=${BERTH_NFS_DIR:-/run/berth-nfs}
-BERTH_DISK_DIR=${BERTH_DISK_DIR:-/var/tmp/berth-disks}
+BERTH_DISK_DIR=${BERTH_DISK_DIR:-/var/tmp/berth-disks}   # /var/tmp is on the scratch disk
 BERTH_PASSED=${BERTH_PASSED:-0}
 BERTH_FAILED=${BERTH_FAILED:-0}
 
@@ -127,7 +127,7 @@ nfs_server_logs() {
 # --- loop-device disks ----------------------------------------------------------
 # make_ext4_disk MOUNTPOINT SIZE [MKFS_ARGS...]
 # make_xfs_disk  MOUNTPOINT SIZE [MKFS_ARGS...]     (XFS needs SIZE >= 300M)
-# A sparse image in $BERTH_DISK_DIR (guest RAM: only written blocks cost memory)
+# A sparse image in $BERTH_DISK_DIR (on the scratch disk, not in guest RAM)
 # on a loop device, formatted and mounted at MOUNTPOINT (created if needed).
 # DISK_MOUNT_OPTS: mount options (e.g. usrquota, prjquota). Sets DISK_DEV to the
 # loop device. remove_disk MOUNTPOINT / remove_all_disks undo it.

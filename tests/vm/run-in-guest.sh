@@ -15,8 +15,13 @@
 # qemu runs under `timeout` (default 300 s) and is killed on timeout or when this
 # script is interrupted or killed.
 #
+# The guest also gets a scratch disk: a fresh, sparse ext4 image (default 8G,
+# BERTH_VM_SCRATCH_SIZE) in ${TMPDIR:-/tmp}, mounted on /scratch with /var/tmp
+# on it, deleted when the run ends. Loop-device images belong there.
+#
 # Environment: BERTH_VM_CACHE (default /var/cache/berth-vm), BERTH_VM_MEM (MB,
-# default 2048), BERTH_VM_CPUS (default 2), BERTH_VM_APPEND (extra kernel args).
+# default 2048), BERTH_VM_CPUS (default 2), BERTH_VM_APPEND (extra kernel args),
+# BERTH_VM_SCRATCH_SIZE (default 8G).
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,7 +41,7 @@ command -v qemu-system-x86_64 >/dev/null || { echo "run-in-guest: qemu-system-x8
 cp "$HERE/guest-lib.sh" "$SHARE/guest-lib.sh"
 rm -f "$SHARE/rc" "$SHARE/out.log" "$SHARE/console.log"
 
-QPID=
+QPID= SCRATCH=
 stop_qemu() {
   [ -n "$QPID" ] || return 0
   if kill -0 "$QPID" 2>/dev/null; then
@@ -47,9 +52,15 @@ stop_qemu() {
   wait "$QPID" 2>/dev/null
   QPID=
 }
-trap stop_qemu EXIT
-trap 'echo "run-in-guest: interrupted, stopping qemu" >&2; stop_qemu; exit 130' INT
-trap 'stop_qemu; exit 143' TERM HUP
+on_exit() { stop_qemu; [ -z "$SCRATCH" ] || rm -f "$SCRATCH"; }
+trap on_exit EXIT
+trap 'echo "run-in-guest: interrupted, stopping qemu" >&2; exit 130' INT
+trap 'exit 143' TERM HUP
+
+SCRATCH=$(mktemp "${TMPDIR:-/tmp}/berth-vm-scratch.XXXXXX") &&
+  mkfs.ext4 -q -F -O ^has_journal -T largefile -L scratch -E lazy_itable_init=1,nodiscard \
+    "$SCRATCH" "${BERTH_VM_SCRATCH_SIZE:-8G}" ||
+  { echo "run-in-guest: cannot make the scratch disk" >&2; exit 98; }
 
 # Console: strip the serial line's CRs, copy to stdout and console.log.
 exec {CON}> >(tr -d '\r' | tee "$SHARE/console.log")
@@ -68,6 +79,7 @@ setpriv --pdeathsig TERM \
     -chardev stdio,id=con,signal=off -serial chardev:con \
     -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initrd.img" \
     -append "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off 8250.nr_uarts=1 ${BERTH_VM_APPEND:-}" \
+    -drive "file=$SCRATCH,format=raw,if=virtio,cache=unsafe,discard=unmap" \
     -virtfs "local,path=$SHARE,mount_tag=share,security_model=none,id=share" \
     </dev/null >&"$CON" 2>&1 &
 QPID=$!

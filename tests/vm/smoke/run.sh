@@ -50,7 +50,9 @@ dead_mount() {
   [ $rc -ne 0 ] || { umount /mnt/v4; return 1; }
   [ $(( (t1 - t0) / 1000000 )) -le 12500 ] || return 1
   sleep 0.5
-  if pgrep -a -x 'mount|mount.nfs|mount.nfs4'; then echo "  mount process survived"; return 1; fi
+  if ps -eo pid=,stat=,comm=,args= | awk '$3 ~ /^mount(\.nfs4?)?$/ {print "  survivor:", $0; n++} END {exit !n}'; then
+    return 1
+  fi
   ! grep -q ' /mnt/v4 ' /proc/mounts
 }
 berth_check "v4.2 mount to dead server fails within timeout, no mount process left" dead_mount 4.2
@@ -75,7 +77,7 @@ berth_check "XFS project quota limits a directory (df shows the limit)" xfs_proj
 
 ext4_user_quota() {
   DISK_MOUNT_OPTS=usrquota make_ext4_disk /q 32M -O quota || return 1
-  quotaon /q || return 1
+  quotaon -p /q | grep -q 'user quota on /q .* is on' || { quotaon -p /q; return 1; }
   setquota -u 1000 0 1024 0 0 /q || return 1
   chmod 1777 /q
   if setpriv --reuid=1000 --regid=1000 --clear-groups dd if=/dev/zero of=/q/f bs=1M count=2 status=none 2>/dev/null; then

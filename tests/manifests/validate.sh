@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Offline validation of Berth's Kubernetes manifests.
+#
+#   bash tests/manifests/validate.sh            (from the repository root)
+#   BERTH_UPDATE_FIXTURES=1 bash tests/manifests/validate.sh
+#                                   also rewrites tests/manifests/berth-args.json
+#
+# Installs what it needs under target/tools/ (once; later runs reuse it):
+#   - a Python venv with tests/manifests/requirements.txt
+#     (kubernetes-validate bundles the Kubernetes OpenAPI schemas),
+#   - kustomize and helm, built with `go install` from the Go module proxy
+#     (needs Go >= 1.26 on PATH).
+# Renders deploy/kubernetes with kustomize (and with `kubectl kustomize` when
+# kubectl is installed, which must give the same output) and the Helm chart
+# with several value sets, validates every object and examples/*.yaml, and
+# prints "N passed, M failed" last. Exits non-zero on any failure.
+set -uo pipefail
+
+KUSTOMIZE_VERSION=v5.8.2
+HELM_VERSION=v3.22.0
+# Schemas: the oldest Kubernetes the manifests claim to support and the
+# newest that kubernetes-validate bundles.
+K8S_VERSIONS=(1.33.0 1.37.0)
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT" || exit 1
+TOOLS="$ROOT/target/tools"
+OUT="$ROOT/target/manifests"
+mkdir -p "$TOOLS/bin" "$OUT"
+RESULTS="$OUT/shell-results.txt"
+: > "$RESULTS"
+
+log() { printf '==> %s\n' "$*" >&2; }
+pass() { printf 'PASS %s\n' "$1" >> "$RESULTS"; }
+fail() { printf 'FAIL %s: %s\n' "$1" "$2" >> "$RESULTS"; printf 'FAIL %s: %s\n' "$1" "$2" >&2; }
+# When the Python side cannot run, still end with the summary line.
+bail() {
+  local p f
+  p=$(grep -c '^PASS ' "$RESULTS" || true)
+  f=$(grep -c '^FAIL ' "$RESULTS" || true)
+  echo "$*" >&2
+  echo "${p} passed, $((f + 1)) failed"
+  exit 1
+}
+
+# ---- Python venv -------------------------------------------------------------
+VENV="$TOOLS/venv"
+REQ="$ROOT/tests/manifests/requirements.txt"
+req_hash=$(sha256sum "$REQ" | cut -d' ' -f1)
+if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$req_hash" ]]; then
+  log "setting up $VENV"
+  PY=$(command -v python3) || bail "python3 not found"
+  if ! "$PY" -m venv --clear "$VENV" >/dev/null 2>&1; then
+    # Debian's python3 needs python3-venv for `-m venv`.
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      apt-get update -qq >/dev/null && apt-get install -y -qq python3-venv >/dev/null
+    fi
+    "$PY" -m venv --clear "$VENV" || bail "cannot create a Python venv (install python3-venv)"
+  fi
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQ" || bail "pip install -r $REQ failed"
+  echo "$req_hash" > "$VENV/.requirements.sha256"
+fi
+
+# ---- kustomize and helm (go install, pinned) --------------------------------
+go_ok() {
+  command -v go >/dev/null || return 1
+  local v
+  v=$(go env GOVERSION 2>/dev/null | sed 's/^go//')
+  [[ "$(printf '%s\n1.26.0\n' "$v" | sort -V | head -1)" == "1.26.0" ]]
+}
+go_tool() { # go_tool NAME STAMP PACKAGE@VERSION
+  local name=$1 stamp=$2 pkg=$3
+  if [[ -x "$TOOLS/bin/$name" && -f "$TOOLS/bin/.$name-$stamp" ]]; then
+    return 0
+  fi
+  go_ok || { fail "install $name $stamp" "needs Go >= 1.26 on PATH (found: $(go version 2>/dev/null || echo none))"; return 1; }
+  log "building $name $stamp (go install $pkg)"
+  if GOBIN="$TOOLS/bin" GOTOOLCHAIN=local GOFLAGS=-mod=mod go install "$pkg" >"$OUT/go-install-$name.log" 2>&1; then
+    rm -f "$TOOLS/bin/.$name-"*
+    touch "$TOOLS/bin/.$name-$stamp"
+  else
+    fail "install $name $stamp" "go install $pkg failed, see $OUT/go-install-$name.log"
+    return 1
+  fi
+}
+go_tool kustomize "$KUSTOMIZE_VERSION" "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
+have_kustomize=$?
+go_tool helm "$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+have_helm=$?
+KUSTOMIZE="$TOOLS/bin/kustomize"
+HELM="$TOOLS/bin/helm"
+
+# ---- render ------------------------------------------------------------------
+DEPLOY_ARGS=()
+rm -f "$OUT"/*.yaml
+
+if [[ $have_kustomize == 0 ]]; then
+  if "$KUSTOMIZE" build deploy/kubernetes > "$OUT/kustomize.yaml" 2> "$OUT/kustomize.err"; then
+    pass "kustomize $KUSTOMIZE_VERSION build deploy/kubernetes"
+    DEPLOY_ARGS+=(--deploy "kustomize=$OUT/kustomize.yaml")
+  else
+    fail "kustomize $KUSTOMIZE_VERSION build deploy/kubernetes" "$(tr '\n' ' ' < "$OUT/kustomize.err")"
+  fi
+fi
+if command -v kubectl >/dev/null; then
+  if kubectl kustomize deploy/kubernetes > "$OUT/kubectl-kustomize.yaml" 2> "$OUT/kubectl.err"; then
+    if [[ -f "$OUT/kustomize.yaml" ]] && ! cmp -s "$OUT/kustomize.yaml" "$OUT/kubectl-kustomize.yaml"; then
+      fail "kubectl kustomize deploy/kubernetes" "output differs from kustomize $KUSTOMIZE_VERSION (diff $OUT/kustomize.yaml $OUT/kubectl-kustomize.yaml)"
+    else
+      pass "kubectl kustomize deploy/kubernetes ($(kubectl version --client 2>/dev/null | head -1))"
+      [[ -f "$OUT/kustomize.yaml" ]] || DEPLOY_ARGS+=(--deploy "kustomize=$OUT/kubectl-kustomize.yaml")
+    fi
+  else
+    fail "kubectl kustomize deploy/kubernetes" "$(tr '\n' ' ' < "$OUT/kubectl.err")"
+  fi
+else
+  log "kubectl not installed: skipping the kubectl kustomize cross-check"
+fi
+
+NFS_SET=(--set kinds.nfs=true --set storageClasses.nfs.server=nfs.example.com --set storageClasses.nfs.share=/exports/berth)
+helm_render() { # helm_render LABEL [helm args...]
+  local lbl=$1; shift
+  if "$HELM" template berth deploy/helm/berth --namespace berth-system --kube-version "${K8S_VERSIONS[0]}" "$@" \
+      > "$OUT/$lbl.yaml" 2> "$OUT/$lbl.err"; then
+    pass "helm template ($lbl)"
+    DEPLOY_ARGS+=(--deploy "$lbl=$OUT/$lbl.yaml")
+  else
+    fail "helm template ($lbl)" "$(tr '\n' ' ' < "$OUT/$lbl.err")"
+  fi
+}
+if [[ $have_helm == 0 ]]; then
+  if "$HELM" lint deploy/helm/berth --strict "${NFS_SET[@]}" > "$OUT/helm-lint.log" 2>&1; then
+    pass "helm lint --strict deploy/helm/berth"
+  else
+    fail "helm lint --strict deploy/helm/berth" "see $OUT/helm-lint.log"
+  fi
+  helm_render helm-default
+  helm_render helm-nfs "${NFS_SET[@]}"
+  helm_render helm-nfs-only "${NFS_SET[@]}" --set kinds.local=false --set kinds.block=false
+  helm_render helm-options "${NFS_SET[@]}" --set kinds.local=false \
+    --set 'diskPool={/dev/disk/by-id/nvme-*,/dev/sdb}' --set maxVolumesPerNode=64 \
+    --set logFormat=json --set logLevel=debug --set metrics.enabled=false \
+    --set node.resizer.enabled=false --set controller.attacher.enabled=false \
+    --set kubeletDir=/var/lib/k0s/kubelet --set dataDir=/srv/berth \
+    --set driverNames.local=local.storage.example.org --set driverNames.nfs=nfs.storage.example.org \
+    --set storageClasses.nfs.mountPermissions=0775
+  # The chart must refuse an NFS StorageClass without a server.
+  if "$HELM" template berth deploy/helm/berth --kube-version "${K8S_VERSIONS[0]}" --set kinds.nfs=true \
+      > /dev/null 2> "$OUT/helm-nfs-missing.err"; then
+    fail "helm template refuses kinds.nfs without server/share" "it rendered"
+  elif grep -q "storageClasses.nfs.server" "$OUT/helm-nfs-missing.err"; then
+    pass "helm template refuses kinds.nfs without server/share"
+  else
+    fail "helm template refuses kinds.nfs without server/share" "$(tr '\n' ' ' < "$OUT/helm-nfs-missing.err")"
+  fi
+fi
+
+# ---- validate ------------------------------------------------------------------
+VALIDATE_ARGS=()
+for v in "${K8S_VERSIONS[@]}"; do VALIDATE_ARGS+=(--k8s-version "$v"); done
+VALIDATE_ARGS+=("${DEPLOY_ARGS[@]}")
+if [[ -f "$OUT/kustomize.yaml" || -f "$OUT/kubectl-kustomize.yaml" ]]; then
+  VALIDATE_ARGS+=(--fragment "storageclass-nfs=deploy/kubernetes/storageclass-nfs.yaml:kustomize")
+  [[ -f "$OUT/helm-nfs.yaml" ]] && VALIDATE_ARGS+=(--compare "kustomize=helm-nfs")
+fi
+for f in examples/*.yaml; do VALIDATE_ARGS+=(--example "$f"); done
+if [[ $have_kustomize == 0 && $have_helm == 0 ]]; then
+  VALIDATE_ARGS+=(--args-fixture tests/manifests/berth-args.json)
+  [[ "${BERTH_UPDATE_FIXTURES:-}" == 1 ]] && VALIDATE_ARGS+=(--update-fixture)
+fi
+
+"$VENV/bin/python" tests/manifests/validate.py --extra-results "$RESULTS" "${VALIDATE_ARGS[@]}"
+rc=$?
+# Rendered output for inspection and for the berth-args extraction.
+log "rendered manifests are in ${OUT#"$ROOT"/}/"
+exit $rc

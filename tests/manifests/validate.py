@@ -828,6 +828,7 @@ def main():
             report(not errs, "%s: %s" % (lbl, label(doc)), errs)
         print("%-22s %3d objects%s" % (lbl, len(r.docs), "" if failed == n0 else "  (%d failed)" % (failed - n0)))
 
+    combined = {}
     for spec in opts.fragment:
         lbl, rest = spec.split("=", 1)
         path, ctx = rest.rsplit(":", 1)
@@ -841,6 +842,7 @@ def main():
             report(False, "%s: context render %s missing" % (lbl, ctx))
             continue
         r = Render(lbl, path, base.docs + docs, "deploy")
+        combined["%s+%s" % (ctx, lbl)] = r
         for doc in docs:
             errs = check_document(r, doc, versions)
             report(not errs, "%s: %s" % (lbl, label(doc)), errs)
@@ -862,16 +864,17 @@ def main():
 
     for spec in opts.compare:
         a, b = spec.split("=", 1)
-        if a not in renders or b not in renders:
+        known = dict(renders, **combined)
+        if a not in known or b not in known:
             report(False, "compare %s with %s" % (a, b), ["render missing"])
             continue
         errs = []
-        ka, kb = object_keys(renders[a]), object_keys(renders[b])
+        ka, kb = object_keys(known[a]), object_keys(known[b])
         for k in sorted(ka - kb):
             errs.append("%s/%s only in %s" % (k[0], k[1], a))
         for k in sorted(kb - ka):
             errs.append("%s/%s only in %s" % (k[0], k[1], b))
-        errs += diff_dicts(workload_shape(renders[a]), workload_shape(renders[b]))
+        errs += diff_dicts(workload_shape(known[a]), workload_shape(known[b]))
         report(not errs, "compare %s with %s: same objects and pod templates" % (a, b), errs[:20])
 
     if opts.args_fixture:

@@ -161,7 +161,7 @@ for v in "${K8S_VERSIONS[@]}"; do VALIDATE_ARGS+=(--k8s-version "$v"); done
 VALIDATE_ARGS+=("${DEPLOY_ARGS[@]}")
 if [[ -f "$OUT/kustomize.yaml" || -f "$OUT/kubectl-kustomize.yaml" ]]; then
   VALIDATE_ARGS+=(--fragment "storageclass-nfs=deploy/kubernetes/storageclass-nfs.yaml:kustomize")
-  [[ -f "$OUT/helm-nfs.yaml" ]] && VALIDATE_ARGS+=(--compare "kustomize=helm-nfs")
+  [[ -f "$OUT/helm-nfs.yaml" ]] && VALIDATE_ARGS+=(--compare "kustomize+storageclass-nfs=helm-nfs")
 fi
 for f in examples/*.yaml; do VALIDATE_ARGS+=(--example "$f"); done
 if [[ $have_kustomize == 0 && $have_helm == 0 ]]; then

@@ -200,7 +200,7 @@ modprobe -a virtio_pci virtio_blk 9pnet_virtio 9p loop ext4
 if [ -b /dev/vda ] && mount -o noinit_itable /dev/vda /scratch; then
   mkdir -p /scratch/tmp && chmod 1777 /scratch/tmp && mount --bind /scratch/tmp /var/tmp
 fi
-if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 share /share; then
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 share /share; then
   say "ERROR: cannot mount the 9p share"
 elif [ ! -f /share/run.sh ]; then
   say "ERROR: /share/run.sh does not exist"

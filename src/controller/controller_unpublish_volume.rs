@@ -19,20 +19,21 @@ pub async fn handle(
     } else {
         Some(validate::node_id(&req.node_id)?.to_string())
     };
-    let r = d.with_volume(&id, move |d, mut rec, _kind| {
-        let before = rec.published.len();
-        match &node {
-            Some(n) => {
-                rec.published.remove(n);
+    let r = d
+        .with_volume(&id, move |d, mut rec, _kind| {
+            let before = rec.published.len();
+            match &node {
+                Some(n) => {
+                    rec.published.remove(n);
+                }
+                None => rec.published.clear(),
             }
-            None => rec.published.clear(),
-        }
-        if rec.published.len() != before {
-            d.store.put(&rec)?;
-        }
-        Ok(())
-    })
-    .await;
+            if rec.published.len() != before {
+                d.store.put(&rec)?;
+            }
+            Ok(())
+        })
+        .await;
     match r {
         Ok(()) | Err(Error::NotFound(_)) => Ok(csi::ControllerUnpublishVolumeResponse {}),
         Err(e) => Err(e),

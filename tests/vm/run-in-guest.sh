@@ -16,8 +16,8 @@
 # script is interrupted or killed.
 #
 # The guest also gets a scratch disk: a fresh, sparse ext4 image (default 8G,
-# BERTH_VM_SCRATCH_SIZE) in ${TMPDIR:-/tmp}, mounted on /scratch with /var/tmp
-# on it, deleted when the run ends. Loop-device images belong there.
+# BERTH_VM_SCRATCH_SIZE) in ${TMPDIR:-/tmp}, unlinked at once (it takes host
+# disk space only while the guest runs), mounted on /scratch with /var/tmp on it. Loop-device images belong there.
 #
 # Environment: BERTH_VM_CACHE (default /var/cache/berth-vm), BERTH_VM_MEM (MB,
 # default 2048), BERTH_VM_CPUS (default 2), BERTH_VM_APPEND (extra kernel args),
@@ -57,10 +57,14 @@ trap on_exit EXIT
 trap 'echo "run-in-guest: interrupted, stopping qemu" >&2; exit 130' INT
 trap 'exit 143' TERM HUP
 
+# Scratch disk: made, opened, and unlinked at once; qemu opens it through our
+# descriptor, so it disappears with the run even if this script is SIGKILLed.
 SCRATCH=$(mktemp "${TMPDIR:-/tmp}/berth-vm-scratch.XXXXXX") &&
   mkfs.ext4 -q -F -O ^has_journal -T largefile -L scratch -E lazy_itable_init=1,nodiscard \
-    "$SCRATCH" "${BERTH_VM_SCRATCH_SIZE:-8G}" ||
+    "$SCRATCH" "${BERTH_VM_SCRATCH_SIZE:-8G}" &&
+  exec {SCRFD}<>"$SCRATCH" ||
   { echo "run-in-guest: cannot make the scratch disk" >&2; exit 98; }
+rm -f "$SCRATCH"; SCRATCH=
 
 # Console: strip the serial line's CRs, copy to stdout and console.log.
 exec {CON}> >(tr -d '\r' | tee "$SHARE/console.log")
@@ -79,7 +83,7 @@ setpriv --pdeathsig TERM \
     -chardev stdio,id=con,signal=off -serial chardev:con \
     -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initrd.img" \
     -append "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off 8250.nr_uarts=1 ${BERTH_VM_APPEND:-}" \
-    -drive "file=$SCRATCH,format=raw,if=virtio,cache=unsafe,discard=unmap" \
+    -drive "file=/proc/self/fd/$SCRFD,format=raw,if=virtio,cache=unsafe,discard=unmap" \
     -virtfs "local,path=$SHARE,mount_tag=share,security_model=none,id=share" \
     </dev/null >&"$CON" 2>&1 &
 QPID=$!

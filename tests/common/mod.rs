@@ -1,0 +1,165 @@
+//! Helpers shared by the test binaries: a driver over the recording fake,
+//! and request builders.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use berth::config::Cli;
+use berth::controller::ControllerService;
+use berth::csi::v1 as csi;
+use berth::csi::v1::volume_capability::access_mode::Mode;
+use berth::driver::Driver;
+use berth::identity::IdentityService;
+use berth::node::NodeService;
+use berth::os::fake::FakeOs;
+use berth::os::Os;
+use clap::Parser;
+
+pub const NODE: &str = "node-a";
+pub const TOPO_KEY: &str = "topology.berth.csi.io/node";
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub driver: Arc<Driver>,
+    pub fake: Option<Arc<FakeOs>>,
+    pub ctl: ControllerService,
+    pub node: NodeService,
+    pub ident: IdentityService,
+}
+
+pub fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "berth".into(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--node-id".into(),
+        NODE.into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// A driver over the fake OS in a fresh temp dir.
+pub fn fake(extra: &[&str]) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (os, fake) = Os::fake();
+    build(dir, os, Some(fake), extra)
+}
+
+pub fn build(dir: tempfile::TempDir, os: Os, fake: Option<Arc<FakeOs>>, extra: &[&str]) -> Harness {
+    let cli = Cli::try_parse_from(args(dir.path(), extra)).expect("args");
+    let driver = Driver::new(cli.config, os).expect("driver");
+    Harness {
+        ctl: ControllerService {
+            driver: driver.clone(),
+        },
+        node: NodeService {
+            driver: driver.clone(),
+        },
+        ident: IdentityService {
+            driver: driver.clone(),
+        },
+        driver,
+        fake,
+        dir,
+    }
+}
+
+impl Harness {
+    /// The same state and roots, a new driver (a restart).
+    pub fn restart(self, os: Os, fake: Option<Arc<FakeOs>>) -> Harness {
+        let Harness { dir, driver, .. } = self;
+        drop(driver);
+        build(dir, os, fake, &[])
+    }
+
+    pub fn path(&self, p: &str) -> std::path::PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn fake(&self) -> &FakeOs {
+        self.fake.as_deref().expect("fake os")
+    }
+}
+
+pub fn mount_cap(mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume::default(),
+        )),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn mount_cap_flags(mode: Mode, flags: &[&str]) -> csi::VolumeCapability {
+    let mut c = mount_cap(mode);
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+        m.mount_flags = flags.iter().map(|s| s.to_string()).collect();
+    }
+    c
+}
+
+pub fn block_cap(mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Block(
+            csi::volume_capability::BlockVolume {},
+        )),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn rwo() -> csi::VolumeCapability {
+    mount_cap(Mode::SingleNodeWriter)
+}
+
+pub fn create_req(name: &str, size: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![rwo()],
+        ..Default::default()
+    }
+}
+
+pub fn topo(node: &str) -> csi::Topology {
+    csi::Topology {
+        segments: HashMap::from([(TOPO_KEY.to_string(), node.to_string())]),
+    }
+}
+
+pub fn stage_req(id: &str, staging: &Path) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    }
+}
+
+pub fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    readonly: bool,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(rwo()),
+        readonly,
+        ..Default::default()
+    }
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    }
+}

@@ -1,0 +1,1274 @@
+//! Handler logic of every RPC against the recording fake OS: idempotency,
+//! error codes, and what reaches the OS. No root needed.
+mod common;
+
+use std::collections::HashMap;
+
+use berth::csi::v1 as csi;
+use berth::csi::v1::controller_server::Controller;
+use berth::csi::v1::identity_server::Identity;
+use berth::csi::v1::node_server::Node;
+use berth::csi::v1::volume_capability::access_mode::Mode;
+use berth::driver::{name_key, vol_key};
+use berth::os::fake::Call;
+use berth::os::FsUsage;
+use common::*;
+use tonic::{Code, Request};
+
+async fn create(h: &Harness, name: &str, size: i64) -> csi::Volume {
+    h.ctl
+        .create_volume(Request::new(create_req(name, size)))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+}
+
+/// Creates, stages and returns (id, staging path).
+async fn staged(h: &Harness, name: &str) -> (String, std::path::PathBuf) {
+    let id = create(h, name, 1 << 20).await.volume_id;
+    let staging = h.path(&format!("stage-{name}"));
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .expect("stage");
+    (id, staging)
+}
+
+// ---------------------------------------------------------------- Identity
+
+#[tokio::test]
+async fn identity_info_capabilities_probe() {
+    let h = fake(&[]);
+    let info = h
+        .ident
+        .get_plugin_info(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "berth.csi.io");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let caps = h
+        .ident
+        .get_plugin_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let types: Vec<_> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(csi::plugin_capability::Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    use csi::plugin_capability::service::Type;
+    assert!(types.contains(&(Type::ControllerService as i32)));
+    assert!(types.contains(&(Type::VolumeAccessibilityConstraints as i32)));
+    let p = h
+        .ident
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.ready, Some(true));
+}
+
+#[tokio::test]
+async fn probe_fails_when_not_ready() {
+    let h = fake(&[]);
+    std::fs::remove_dir_all(h.path("local")).unwrap();
+    // statvfs of the missing root fails in the fake too.
+    h.fake().fail_next("statvfs", libc::ENOENT);
+    let r = h.ident.probe(Request::new(Default::default())).await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn node_mode_does_not_advertise_controller() {
+    let h = fake(&["--mode", "node"]);
+    let caps = h
+        .ident
+        .get_plugin_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::plugin_capability::service::Type;
+    assert!(!caps.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::plugin_capability::Type::Service(s)) if s.r#type == Type::ControllerService as i32)));
+}
+
+// ------------------------------------------------------------ CreateVolume
+
+#[tokio::test]
+async fn create_is_idempotent_by_name() {
+    let h = fake(&[]);
+    let a = create(&h, "pvc-1", 5 << 20).await;
+    let b = create(&h, "pvc-1", 5 << 20).await;
+    assert_eq!(a.volume_id, b.volume_id);
+    assert_eq!(a.capacity_bytes, 5 << 20);
+    assert_eq!(a.accessible_topology, vec![topo(NODE)]);
+    assert!(h.path("local").join(&a.volume_id).is_dir());
+    assert_eq!(h.driver.store.len(), 1);
+}
+
+#[tokio::test]
+async fn create_same_name_different_request_is_already_exists() {
+    let h = fake(&[]);
+    create(&h, "pvc-1", 5 << 20).await;
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("pvc-1", 6 << 20)))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    let mut req = create_req("pvc-1", 5 << 20);
+    req.volume_capabilities = vec![mount_cap(Mode::SingleNodeSingleWriter)];
+    assert_eq!(
+        code(h.ctl.create_volume(Request::new(req)).await),
+        Code::AlreadyExists
+    );
+    let mut req = create_req("pvc-1", 5 << 20);
+    req.parameters.insert("kind".into(), "local".into());
+    assert_eq!(
+        code(h.ctl.create_volume(Request::new(req)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(h.driver.store.len(), 1);
+}
+
+#[tokio::test]
+async fn create_validates_input_and_changes_nothing() {
+    let h = fake(&[]);
+    let cases: Vec<(csi::CreateVolumeRequest, Code)> = vec![
+        (create_req("", 1), Code::InvalidArgument),
+        (create_req(&"n".repeat(129), 1), Code::InvalidArgument),
+        (
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![],
+                ..create_req("x", 1)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![block_cap(Mode::SingleNodeWriter)],
+                ..create_req("x", 1)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+                ..create_req("x", 1)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![mount_cap_flags(Mode::SingleNodeWriter, &["sync,exec"])],
+                ..create_req("x", 1)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::CreateVolumeRequest {
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 10,
+                    limit_bytes: 5,
+                }),
+                ..create_req("x", 1)
+            },
+            Code::OutOfRange,
+        ),
+        (
+            csi::CreateVolumeRequest {
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: -1,
+                    limit_bytes: 0,
+                }),
+                ..create_req("x", 1)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::CreateVolumeRequest {
+                volume_content_source: Some(Default::default()),
+                ..create_req("x", 1)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::CreateVolumeRequest {
+                mutable_parameters: HashMap::from([("a".into(), "b".into())]),
+                ..create_req("x", 1)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::CreateVolumeRequest {
+                parameters: HashMap::from([("kind".into(), "tape".into())]),
+                ..create_req("x", 1)
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (req, want) in cases {
+        let name = req.name.chars().take(20).collect::<String>();
+        let got = code(h.ctl.create_volume(Request::new(req)).await);
+        assert_eq!(got, want, "request {name:?}");
+    }
+    assert!(h.driver.store.is_empty());
+    assert_eq!(std::fs::read_dir(h.path("local")).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn create_names_an_unknown_parameter() {
+    let h = fake(&[]);
+    let mut req = create_req("x", 1);
+    req.parameters
+        .insert("fsyncEverything".into(), "yes".into());
+    // Keys the external-provisioner adds are accepted.
+    req.parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
+    let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("fsyncEverything"), "{}", e.message());
+    let mut req = create_req("y", 1);
+    req.parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
+    assert_eq!(code(h.ctl.create_volume(Request::new(req)).await), Code::Ok);
+}
+
+#[tokio::test]
+async fn create_accepts_128_byte_name() {
+    let h = fake(&[]);
+    let v = create(&h, &"n".repeat(128), 1).await;
+    assert!(!v.volume_id.is_empty());
+}
+
+#[tokio::test]
+async fn create_checks_space() {
+    let h = fake(&[]);
+    h.fake().set_usage(
+        None,
+        FsUsage {
+            total_bytes: 100 << 20,
+            available_bytes: 10 << 20,
+            ..Default::default()
+        },
+    );
+    create(&h, "a", 6 << 20).await;
+    // 10 MiB free, 6 promised: 5 more do not fit.
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("b", 5 << 20)))
+        .await;
+    assert_eq!(code(r), Code::ResourceExhausted);
+    // Larger than the whole filesystem: out of range.
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("c", 200 << 20)))
+        .await;
+    assert_eq!(code(r), Code::OutOfRange);
+    create(&h, "d", 4 << 20).await;
+}
+
+#[tokio::test]
+async fn create_follows_topology() {
+    let h = fake(&[]);
+    let with = |name: &str, requisite: Vec<&str>, preferred: Vec<&str>| {
+        let mut req = create_req(name, 1);
+        req.accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: requisite.into_iter().map(topo).collect(),
+            preferred: preferred.into_iter().map(topo).collect(),
+        });
+        req
+    };
+    // WaitForFirstConsumer, this node selected.
+    let r = h
+        .ctl
+        .create_volume(Request::new(with(
+            "a",
+            vec!["node-b", NODE],
+            vec![NODE, "node-b"],
+        )))
+        .await;
+    assert_eq!(
+        r.unwrap().into_inner().volume.unwrap().accessible_topology,
+        vec![topo(NODE)]
+    );
+    // Another node selected.
+    let r = h
+        .ctl
+        .create_volume(Request::new(with(
+            "b",
+            vec![NODE, "node-b"],
+            vec!["node-b", NODE],
+        )))
+        .await;
+    assert_eq!(code(r), Code::ResourceExhausted);
+    // Not in requisite.
+    let r = h
+        .ctl
+        .create_volume(Request::new(with("c", vec!["node-b"], vec![])))
+        .await;
+    assert_eq!(code(r), Code::ResourceExhausted);
+    assert_eq!(h.driver.store.len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_operation_on_same_name_or_volume_is_aborted() {
+    let h = fake(&[]);
+    let g = h.driver.locks.try_lock(name_key("busy")).unwrap();
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("busy", 1)))
+        .await;
+    assert_eq!(code(r), Code::Aborted);
+    drop(g);
+    let id = create(&h, "busy", 1).await.volume_id;
+    let g = h.driver.locks.try_lock(vol_key(&id)).unwrap();
+    let r = h
+        .ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(code(r), Code::Aborted);
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &h.path("s"))))
+        .await;
+    assert_eq!(code(r), Code::Aborted);
+    drop(g);
+}
+
+// ------------------------------------------------------------ DeleteVolume
+
+#[tokio::test]
+async fn delete_is_idempotent_and_removes_the_directory() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1).await.volume_id;
+    std::fs::write(h.path("local").join(&id).join("data"), b"x").unwrap();
+    for _ in 0..2 {
+        let r = h
+            .ctl
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r), Code::Ok);
+    }
+    assert!(!h.path("local").join(&id).exists());
+    assert!(h.driver.store.is_empty());
+    // Name can be used again and gets a new id.
+    let id2 = create(&h, "a", 1).await.volume_id;
+    assert_ne!(id, id2);
+}
+
+#[tokio::test]
+async fn delete_of_hostile_or_unknown_ids_touches_nothing() {
+    let h = fake(&[]);
+    let canary = h.path("canary");
+    std::fs::write(&canary, b"keep").unwrap();
+    for id in [
+        "local-00000000000000000000000000000000",
+        "../canary",
+        "..",
+        "/etc",
+        "local-../../canary",
+    ] {
+        let r = h
+            .ctl
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: id.into(),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r), Code::Ok, "{id}");
+    }
+    let r = h
+        .ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest::default()))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    assert_eq!(std::fs::read(&canary).unwrap(), b"keep");
+}
+
+#[tokio::test]
+async fn delete_never_follows_a_symlink_out_of_the_root() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1).await.volume_id;
+    let outside = h.path("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("precious"), b"keep").unwrap();
+    let dir = h.path("local").join(&id);
+    std::fs::remove_dir(&dir).unwrap();
+    std::os::unix::fs::symlink(&outside, &dir).unwrap();
+    let r = h
+        .ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(code(r), Code::Ok);
+    assert!(!dir.exists() && std::fs::symlink_metadata(&dir).is_err());
+    assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep");
+    // A symlink inside the volume is removed, not followed.
+    let id = create(&h, "b", 1).await.volume_id;
+    std::os::unix::fs::symlink(&outside, h.path("local").join(&id).join("link")).unwrap();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep");
+}
+
+#[tokio::test]
+async fn delete_refuses_a_volume_in_use() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let del = || csi::DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(h.ctl.delete_volume(Request::new(del())).await),
+        Code::FailedPrecondition
+    );
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    let publish = csi::ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: NODE.into(),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    };
+    h.ctl
+        .controller_publish_volume(Request::new(publish))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(h.ctl.delete_volume(Request::new(del())).await),
+        Code::FailedPrecondition
+    );
+    assert!(h.path("local").join(&id).is_dir());
+}
+
+// ------------------------------------------- Controller publish / unpublish
+
+#[tokio::test]
+async fn controller_publish_rules() {
+    let h = fake(&["--max-volumes-per-node", "2"]);
+    let id = create(&h, "a", 1).await.volume_id;
+    let req = |vol: &str, node: &str, ro: bool| csi::ControllerPublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: node.into(),
+        volume_capability: Some(rwo()),
+        readonly: ro,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(&id, NODE, false)))
+                .await
+        ),
+        Code::Ok
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(&id, NODE, false)))
+                .await
+        ),
+        Code::Ok
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(&id, NODE, true)))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(&id, "node-b", false)))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(
+                    "local-0123456789abcdef0123456789abcdef",
+                    NODE,
+                    false
+                )))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(&id, "", false)))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let mut no_cap = req(&id, NODE, false);
+    no_cap.volume_capability = None;
+    assert_eq!(
+        code(h.ctl.controller_publish_volume(Request::new(no_cap)).await),
+        Code::InvalidArgument
+    );
+    // Volume limit.
+    let b = create(&h, "b", 1).await.volume_id;
+    let c = create(&h, "c", 1).await.volume_id;
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(&b, NODE, false)))
+                .await
+        ),
+        Code::Ok
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(&c, NODE, false)))
+                .await
+        ),
+        Code::ResourceExhausted
+    );
+    // Recorded, visible in ControllerGetVolume and ListVolumes.
+    let v = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.status.unwrap().published_node_ids, vec![NODE.to_string()]);
+    // Unpublish: idempotent, unknown volume OK.
+    let un = |vol: &str| csi::ControllerUnpublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: NODE.into(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            code(
+                h.ctl
+                    .controller_unpublish_volume(Request::new(un(&id)))
+                    .await
+            ),
+            Code::Ok
+        );
+    }
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_unpublish_volume(Request::new(un(
+                    "local-0123456789abcdef0123456789abcdef"
+                )))
+                .await
+        ),
+        Code::Ok
+    );
+    assert!(h.driver.store.get(&id).unwrap().published.is_empty());
+    // The freed slot can be used.
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(req(&c, NODE, false)))
+                .await
+        ),
+        Code::Ok
+    );
+}
+
+// ------------------------------------------------ Validate / List / Get
+
+#[tokio::test]
+async fn validate_volume_capabilities() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1).await.volume_id;
+    let req = |caps: Vec<csi::VolumeCapability>, id: &str| csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    let ok = h
+        .ctl
+        .validate_volume_capabilities(Request::new(req(vec![rwo()], &id)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some());
+    let no = h
+        .ctl
+        .validate_volume_capabilities(Request::new(req(
+            vec![block_cap(Mode::SingleNodeWriter)],
+            &id,
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none() && !no.message.is_empty());
+    assert_eq!(
+        code(
+            h.ctl
+                .validate_volume_capabilities(Request::new(req(vec![], &id)))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .validate_volume_capabilities(Request::new(req(
+                    vec![rwo()],
+                    "local-0123456789abcdef0123456789abcdef"
+                )))
+                .await
+        ),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn list_volumes_pages_and_rejects_bad_tokens() {
+    let h = fake(&[]);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(create(&h, &format!("v{i}"), 1).await.volume_id);
+    }
+    let list = |max: i32, token: &str| csi::ListVolumesRequest {
+        max_entries: max,
+        starting_token: token.into(),
+    };
+    let p1 = h
+        .ctl
+        .list_volumes(Request::new(list(2, "")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p1.entries.len(), 2);
+    // Delete the last volume of the page, add a new one: nothing is lost.
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: ids[1].clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    ids.push(create(&h, "v5", 1).await.volume_id);
+    let mut seen: Vec<String> = p1
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    let mut token = p1.next_token;
+    while !token.is_empty() {
+        let p = h
+            .ctl
+            .list_volumes(Request::new(list(2, &token)))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(
+            p.entries
+                .iter()
+                .map(|e| e.volume.as_ref().unwrap().volume_id.clone()),
+        );
+        token = p.next_token;
+    }
+    let expect: Vec<String> = ids.iter().enumerate().map(|(_, v)| v.clone()).collect();
+    assert_eq!(seen, expect);
+    assert_eq!(
+        code(h.ctl.list_volumes(Request::new(list(0, "bogus"))).await),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(h.ctl.list_volumes(Request::new(list(0, "999"))).await),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(h.ctl.list_volumes(Request::new(list(-1, ""))).await),
+        Code::InvalidArgument
+    );
+    let all = h
+        .ctl
+        .list_volumes(Request::new(list(0, "")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.entries.len(), 5);
+    assert!(all.next_token.is_empty());
+}
+
+#[tokio::test]
+async fn get_volume_reports_condition() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1).await.volume_id;
+    let get = || csi::ControllerGetVolumeRequest {
+        volume_id: id.clone(),
+    };
+    let v = h
+        .ctl
+        .controller_get_volume(Request::new(get()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.status.unwrap().volume_condition.unwrap().abnormal);
+    std::fs::remove_dir(h.path("local").join(&id)).unwrap();
+    let v = h
+        .ctl
+        .controller_get_volume(Request::new(get()))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = v.status.unwrap().volume_condition.unwrap();
+    assert!(c.abnormal && c.message.contains("missing"), "{c:?}");
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+                    volume_id: "nope".into()
+                }))
+                .await
+        ),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn get_capacity_subtracts_promises_and_honours_topology() {
+    let h = fake(&[]);
+    h.fake().set_usage(
+        None,
+        FsUsage {
+            total_bytes: 100 << 20,
+            available_bytes: 50 << 20,
+            ..Default::default()
+        },
+    );
+    let cap = |t: Option<csi::Topology>| csi::GetCapacityRequest {
+        accessible_topology: t,
+        ..Default::default()
+    };
+    let c = h
+        .ctl
+        .get_capacity(Request::new(cap(None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.available_capacity, 50 << 20);
+    create(&h, "a", 20 << 20).await;
+    let c = h
+        .ctl
+        .get_capacity(Request::new(cap(Some(topo(NODE)))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.available_capacity, 30 << 20);
+    assert_eq!(c.maximum_volume_size, Some(30 << 20));
+    let c = h
+        .ctl
+        .get_capacity(Request::new(cap(Some(topo("node-b")))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.available_capacity, 0);
+    let mut block = cap(None);
+    block.volume_capabilities = vec![block_cap(Mode::SingleNodeWriter)];
+    let c = h
+        .ctl
+        .get_capacity(Request::new(block))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.available_capacity, 0);
+}
+
+#[tokio::test]
+async fn unadvertised_rpcs_are_unimplemented() {
+    let h = fake(&[]);
+    assert_eq!(
+        code(
+            h.ctl
+                .create_snapshot(Request::new(Default::default()))
+                .await
+        ),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(Default::default()))
+                .await
+        ),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            h.node
+                .node_expand_volume(Request::new(Default::default()))
+                .await
+        ),
+        Code::Unimplemented
+    );
+    let caps = h
+        .ctl
+        .controller_get_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::controller_service_capability::rpc::Type;
+    let has = |t: Type| {
+        caps.capabilities.iter().any(|c| {
+            matches!(&c.r#type, Some(csi::controller_service_capability::Type::Rpc(r)) if r.r#type == t as i32)
+        })
+    };
+    assert!(
+        has(Type::CreateDeleteVolume)
+            && has(Type::PublishUnpublishVolume)
+            && has(Type::GetCapacity)
+    );
+    assert!(
+        !has(Type::CreateDeleteSnapshot) && !has(Type::GetSnapshot) && !has(Type::ExpandVolume)
+    );
+}
+
+// --------------------------------------------------------------- Node
+
+#[tokio::test]
+async fn node_info_and_capabilities() {
+    let h = fake(&["--max-volumes-per-node", "7"]);
+    let i = h
+        .node
+        .node_get_info(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(i.node_id, NODE);
+    assert_eq!(i.max_volumes_per_node, 7);
+    assert_eq!(i.accessible_topology, Some(topo(NODE)));
+    let c = h
+        .node
+        .node_get_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.capabilities.len(), 4);
+}
+
+#[tokio::test]
+async fn stage_is_idempotent_and_detects_conflicts() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let binds = |h: &Harness| {
+        h.fake()
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Bind { .. }))
+            .count()
+    };
+    assert_eq!(binds(&h), 1);
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    assert_eq!(binds(&h), 1, "a repeated stage must not mount again");
+    // Another volume at the same staging path.
+    let other = create(&h, "b", 1).await.volume_id;
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&other, &staging)))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(
+            "local-0123456789abcdef0123456789abcdef",
+            &h.path("x"),
+        )))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    let mut bad = stage_req(&id, &staging);
+    bad.staging_target_path = "relative/path".into();
+    assert_eq!(
+        code(h.node.node_stage_volume(Request::new(bad)).await),
+        Code::InvalidArgument
+    );
+    let mut bad = stage_req(&id, &staging);
+    bad.volume_capability = None;
+    assert_eq!(
+        code(h.node.node_stage_volume(Request::new(bad)).await),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn publish_binds_readonly_once_and_detects_conflicts() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.fake().clear_calls();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, true)))
+        .await
+        .unwrap();
+    let calls = h.fake().calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    match &calls[0] {
+        Call::Bind {
+            source,
+            target: t,
+            flags,
+        } => {
+            assert_eq!(source, &staging);
+            assert_eq!(t, &target);
+            assert!(flags.readonly);
+        }
+        c => panic!("unexpected {c:?}"),
+    }
+    assert!(target.is_dir(), "the driver creates the target");
+    // Same again: OK, no second mount.
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, true)))
+        .await
+        .unwrap();
+    assert_eq!(h.fake().calls().len(), 1);
+    // Same target, different read-only flag.
+    let r = h
+        .node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    // No staging path.
+    let mut r = publish_req(&id, &staging, &h.path("t2"), false);
+    r.staging_target_path.clear();
+    assert_eq!(
+        code(h.node.node_publish_volume(Request::new(r)).await),
+        Code::FailedPrecondition
+    );
+    // Not staged there.
+    let r = publish_req(&id, &h.path("elsewhere"), &h.path("t2"), false);
+    assert_eq!(
+        code(h.node.node_publish_volume(Request::new(r)).await),
+        Code::FailedPrecondition
+    );
+    // Mount flags outside the allowlist never reach mount.
+    let mut r = publish_req(&id, &staging, &h.path("t3"), false);
+    r.volume_capability = Some(mount_cap_flags(
+        Mode::SingleNodeWriter,
+        &["ro,x-mount.mkdir"],
+    ));
+    assert_eq!(
+        code(h.node.node_publish_volume(Request::new(r)).await),
+        Code::InvalidArgument
+    );
+    // Flags in the allowlist reach it.
+    let mut r = publish_req(&id, &staging, &h.path("t4"), false);
+    r.volume_capability = Some(mount_cap_flags(
+        Mode::SingleNodeWriter,
+        &["noexec", "nosuid"],
+    ));
+    h.node.node_publish_volume(Request::new(r)).await.unwrap();
+    assert!(h.fake().calls().iter().any(|c| matches!(c,
+        Call::Bind { flags, .. } if flags.noexec && flags.nosuid && !flags.readonly)));
+    assert_eq!(
+        h.fake()
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Bind { .. }))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn single_writer_volume_gets_one_target() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let req = |t: &str, mode: Mode| {
+        let mut r = publish_req(&id, &staging, &h.path(t), false);
+        r.volume_capability = Some(mount_cap(mode));
+        r
+    };
+    h.node
+        .node_publish_volume(Request::new(req("t1", Mode::SingleNodeSingleWriter)))
+        .await
+        .unwrap();
+    let r = h
+        .node
+        .node_publish_volume(Request::new(req("t2", Mode::SingleNodeSingleWriter)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    // SINGLE_NODE_WRITER allows several pods on this node.
+    let h2 = fake(&[]);
+    let (id2, staging2) = staged(&h2, "b").await;
+    for t in ["t1", "t2"] {
+        h2.node
+            .node_publish_volume(Request::new(publish_req(
+                &id2,
+                &staging2,
+                &h2.path(t),
+                false,
+            )))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn unpublish_unmounts_stacked_mounts_and_removes_target() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    // Simulate mounts stacked by an earlier, buggy publish.
+    use berth::os::Mounter;
+    h.fake()
+        .bind(&staging, &target, Default::default())
+        .unwrap();
+    let un = || csi::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.display().to_string(),
+    };
+    h.fake().clear_calls();
+    h.node
+        .node_unpublish_volume(Request::new(un()))
+        .await
+        .unwrap();
+    let unmounts = h
+        .fake()
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Unmount { .. }))
+        .count();
+    assert_eq!(unmounts, 2);
+    assert!(!target.exists());
+    assert!(!h.fake().table().iter().any(|m| m.mount_point == target));
+    // Again: OK, nothing to do.
+    h.node
+        .node_unpublish_volume(Request::new(un()))
+        .await
+        .unwrap();
+    // A target that was never there: OK.
+    let r = csi::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: h.path("never").display().to_string(),
+    };
+    h.node.node_unpublish_volume(Request::new(r)).await.unwrap();
+    // Unknown volume: NOT_FOUND.
+    let r = csi::NodeUnpublishVolumeRequest {
+        volume_id: "local-0123456789abcdef0123456789abcdef".into(),
+        target_path: target.display().to_string(),
+    };
+    assert_eq!(
+        code(h.node.node_unpublish_volume(Request::new(r)).await),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn unpublish_surfaces_busy_without_lazy_unmount() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    h.fake().fail_next("unmount", libc::EBUSY);
+    let un = csi::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.display().to_string(),
+    };
+    let e = h
+        .node
+        .node_unpublish_volume(Request::new(un.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert!(e.message().contains("busy"), "{}", e.message());
+    assert!(h.fake().table().iter().any(|m| m.mount_point == target));
+    // The retry succeeds.
+    h.node
+        .node_unpublish_volume(Request::new(un))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unstage_refuses_while_published() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    let un = || csi::NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+    };
+    assert_eq!(
+        code(h.node.node_unstage_volume(Request::new(un())).await),
+        Code::FailedPrecondition
+    );
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        h.node
+            .node_unstage_volume(Request::new(un()))
+            .await
+            .unwrap();
+    }
+    assert!(!h.fake().table().iter().any(|m| m.mount_point == staging));
+}
+
+#[tokio::test]
+async fn volume_stats() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    let stats = |path: &str, vid: &str| csi::NodeGetVolumeStatsRequest {
+        volume_id: vid.into(),
+        volume_path: path.into(),
+        staging_target_path: String::new(),
+    };
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&target.display().to_string(), &id)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.usage.len(), 2);
+    assert!(s.usage[0].total > 0 && s.usage[1].total > 0);
+    assert!(!s.volume_condition.unwrap().abnormal);
+    let other = h.path("other").display().to_string();
+    assert_eq!(
+        code(
+            h.node
+                .node_get_volume_stats(Request::new(stats(&other, &id)))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            h.node
+                .node_get_volume_stats(Request::new(stats("some/path", &id)))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            h.node
+                .node_get_volume_stats(Request::new(stats("", &id)))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            h.node
+                .node_get_volume_stats(Request::new(stats(
+                    &target.display().to_string(),
+                    "local-nope"
+                )))
+                .await
+        ),
+        Code::NotFound
+    );
+    // Backing directory gone: abnormal, with a message.
+    std::fs::remove_dir_all(h.path("local").join(&id)).unwrap();
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&target.display().to_string(), &id)))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = s.volume_condition.unwrap();
+    assert!(c.abnormal && !c.message.is_empty());
+}
+
+// ------------------------------------------------------- State and restart
+
+#[tokio::test]
+async fn state_survives_restart() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 3 << 20).await.volume_id;
+    h.ctl
+        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    let again = create(&h, "a", 3 << 20).await;
+    assert_eq!(again.volume_id, id);
+    let rec = h.driver.store.get(&id).unwrap();
+    assert!(rec.published.contains_key(NODE));
+}
+
+#[tokio::test]
+async fn interrupted_operations_are_reconciled_at_start() {
+    use berth::state::Phase;
+    let h = fake(&[]);
+    let creating = create(&h, "creating", 1).await.volume_id;
+    let deleting = create(&h, "deleting", 1).await.volume_id;
+    let ready = create(&h, "ready", 1).await.volume_id;
+    let mut r = h.driver.store.get(&creating).unwrap();
+    h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+    let mut r = h.driver.store.get(&deleting).unwrap();
+    h.driver.store.set_phase(&mut r, Phase::Deleting).unwrap();
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    assert!(h.driver.store.get(&creating).is_none());
+    assert!(h.driver.store.get(&deleting).is_none());
+    assert!(!h.path("local").join(&creating).exists());
+    assert!(!h.path("local").join(&deleting).exists());
+    assert!(h.path("local").join(&ready).is_dir());
+    // The CO's retry of the interrupted create makes it again.
+    let v = create(&h, "creating", 1).await;
+    assert!(h.path("local").join(&v.volume_id).is_dir());
+}

@@ -218,18 +218,26 @@ impl VolumeKind for LocalKind {
     }
 
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
-        let obj = self.object(&rec.id)?;
         let t = mounts::table(&self.os)?;
-        let mounted_here = mountinfo::at(&t, path)
-            .last()
-            .map(|m| mounts::object(m) == obj)
-            .unwrap_or(false);
-        if !mounted_here {
+        let Some(top) = mountinfo::at(&t, path).last().map(|m| mounts::object(m)) else {
             return Err(Error::NotFound(format!(
                 "volume {} is not mounted at {}",
                 rec.id,
                 path.display()
             )));
+        };
+        // With the backing directory gone (moved or deleted under a live
+        // mount) the mount cannot be matched to it; report what is there and
+        // let the condition say abnormal.
+        if self.require_dir(&rec.id).is_ok() {
+            let dir = self.dir(&rec.id)?;
+            if mountinfo::object_of(&t, &dir).as_ref() != Some(&top) {
+                return Err(Error::NotFound(format!(
+                    "volume {} is not mounted at {}",
+                    rec.id,
+                    path.display()
+                )));
+            }
         }
         let usage = self
             .os

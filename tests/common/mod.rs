@@ -163,3 +163,51 @@ pub fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) ->
         Err(s) => s.code(),
     }
 }
+
+/// True when running as root; root tests are `#[ignore]`d by default and run
+/// by tests/run-all.sh inside a private mount namespace.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Mount points at or under `dir`, deepest first, from /proc/self/mountinfo.
+pub fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<_> = berth::os::mountinfo::parse(&text)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    v
+}
+
+/// Unmounts everything under a directory when dropped, so a failing test
+/// leaks no mount (the temp dir itself is removed by its own guard after).
+pub struct UnmountOnDrop(pub std::path::PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        for _ in 0..8 {
+            let left = mounts_under(&self.0);
+            if left.is_empty() {
+                return;
+            }
+            for m in left {
+                if nix::mount::umount2(&m, nix::mount::MntFlags::empty()).is_err() {
+                    let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        }
+    }
+}
+
+/// A driver over the real OS; the returned guard unmounts everything under
+/// its temp dir when dropped (declare it after the harness so it drops
+/// first).
+pub fn real(extra: &[&str]) -> (Harness, UnmountOnDrop) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let guard = UnmountOnDrop(dir.path().to_path_buf());
+    (build(dir, berth::os::Os::real(), None, extra), guard)
+}

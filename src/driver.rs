@@ -94,7 +94,9 @@ impl Driver {
         F: FnOnce(&Driver) -> Result<T> + Send + 'static,
     {
         let d = self.clone();
+        let count = crate::rpc::InFlight::start();
         tokio::task::spawn_blocking(move || {
+            let _count = count;
             let _guard = guard;
             f(&d)
         })

@@ -3,12 +3,38 @@
 //! errors turned into `tonic::Status` in one place. Requests are never
 //! logged whole, so secrets cannot reach a log line.
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use tonic::{Response, Status};
 use tracing::Instrument;
 
 use crate::error::Error;
+
+/// RPCs and spawned operations currently running. Shutdown waits for this to
+/// reach zero (within its grace period) instead of waiting for clients, which
+/// keep idle connections open, to go away.
+static IN_FLIGHT: AtomicI64 = AtomicI64::new(0);
+
+/// Counts one unit of work in flight while alive.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub fn in_flight() -> i64 {
+    IN_FLIGHT.load(Ordering::SeqCst)
+}
 
 /// Runs one RPC handler body inside its span and maps its result.
 pub async fn serve<T, F>(
@@ -20,6 +46,7 @@ where
     F: Future<Output = Result<T, Error>>,
 {
     let span = tracing::info_span!("rpc", method, volume_id = %volume_id);
+    let _count = InFlight::start();
     async move {
         let start = Instant::now();
         let r = fut.await;

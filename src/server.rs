@@ -90,12 +90,18 @@ pub async fn serve(
     grace: Duration,
 ) -> Result<(), ServeError> {
     let listener = bind_socket(&socket, driver.cfg.socket_group.as_deref())?;
+    // Both reflection versions: grpcurl and other tools try v1, older ones
+    // only know v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let mode = driver.cfg.mode;
     let mut router = tonic::transport::Server::builder()
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(csi::identity_server::IdentityServer::new(IdentityService {
             driver: driver.clone(),
         }));
@@ -128,11 +134,20 @@ pub async fn serve(
     tokio::pin!(server);
     let result = tokio::select! {
         r = &mut server => r.map_err(ServeError::from),
-        _ = async {
+        drained = async {
             let _ = stop_rx.await;
-            tokio::time::sleep(grace).await;
+            // Clients (sidecars) keep idle connections open, so waiting for
+            // the server to finish would always take the whole grace period:
+            // wait for the work in flight instead.
+            let deadline = tokio::time::Instant::now() + grace;
+            while crate::rpc::in_flight() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            crate::rpc::in_flight() == 0
         } => {
-            tracing::warn!(grace_secs = grace.as_secs(), "calls still in flight after the shutdown grace period; exiting");
+            if !drained {
+                tracing::warn!(grace_secs = grace.as_secs(), in_flight = crate::rpc::in_flight(), "work still in flight after the shutdown grace period; exiting");
+            }
             Ok(())
         }
     };

@@ -51,12 +51,21 @@ async fn lifecycle_with_real_mounts() {
 
     let rw = h.path("pod-rw");
     let ro = h.path("pod-ro");
-    h.node.node_publish_volume(Request::new(publish_req(&id, &staging, &rw, false))).await.unwrap();
-    h.node.node_publish_volume(Request::new(publish_req(&id, &staging, &ro, true))).await.unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &rw, false)))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &ro, true)))
+        .await
+        .unwrap();
 
     // Data written through the pod's mount lands in the volume's directory.
     std::fs::write(rw.join("hello"), b"world").unwrap();
-    assert_eq!(std::fs::read(h.path("local").join(&id).join("hello")).unwrap(), b"world");
+    assert_eq!(
+        std::fs::read(h.path("local").join(&id).join("hello")).unwrap(),
+        b"world"
+    );
     assert_eq!(std::fs::read(ro.join("hello")).unwrap(), b"world");
 
     // Read-only is enforced by the kernel and shown in mountinfo.
@@ -68,11 +77,20 @@ async fn lifecycle_with_real_mounts() {
     assert!(!mount_entries(&rw)[0].readonly());
 
     // Repeats add no mount; a conflicting repeat is ALREADY_EXISTS.
-    h.node.node_publish_volume(Request::new(publish_req(&id, &staging, &ro, true))).await.unwrap();
-    h.node.node_stage_volume(Request::new(stage_req(&id, &staging))).await.unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &ro, true)))
+        .await
+        .unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
     assert_eq!(mount_entries(&ro).len(), 1);
     assert_eq!(mount_entries(&staging).len(), 1);
-    let r = h.node.node_publish_volume(Request::new(publish_req(&id, &staging, &ro, false))).await;
+    let r = h
+        .node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &ro, false)))
+        .await;
     assert_eq!(code(r), Code::AlreadyExists);
 
     // Unstage refuses while published; delete refuses while mounted.
@@ -80,12 +98,22 @@ async fn lifecycle_with_real_mounts() {
         volume_id: id.clone(),
         staging_target_path: staging.display().to_string(),
     };
-    assert_eq!(code(h.node.node_unstage_volume(Request::new(unstage.clone())).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(
+            h.node
+                .node_unstage_volume(Request::new(unstage.clone()))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
     let del = csi::DeleteVolumeRequest {
         volume_id: id.clone(),
         ..Default::default()
     };
-    assert_eq!(code(h.ctl.delete_volume(Request::new(del.clone())).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(h.ctl.delete_volume(Request::new(del.clone())).await),
+        Code::FailedPrecondition
+    );
 
     for t in [&rw, &ro] {
         for _ in 0..2 {
@@ -100,10 +128,19 @@ async fn lifecycle_with_real_mounts() {
         assert!(mount_entries(t).is_empty());
         assert!(!t.exists(), "target removed");
     }
-    h.node.node_unstage_volume(Request::new(unstage.clone())).await.unwrap();
-    h.node.node_unstage_volume(Request::new(unstage)).await.unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage.clone()))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage))
+        .await
+        .unwrap();
     assert!(mount_entries(&staging).is_empty());
-    assert!(staging.is_dir(), "the CO's staging directory is left to the CO");
+    assert!(
+        staging.is_dir(),
+        "the CO's staging directory is left to the CO"
+    );
     h.ctl.delete_volume(Request::new(del)).await.unwrap();
     assert!(!h.path("local").join(&id).exists());
     assert!(mounts_under(h.dir.path()).is_empty());
@@ -116,7 +153,10 @@ async fn readonly_remount_keeps_nosuid_nodev_and_noexec_flag_applies() {
     let (id, staging) = create_and_stage(&h, "flags").await;
     let t = h.path("t");
     let mut req = publish_req(&id, &staging, &t, true);
-    req.volume_capability = Some(mount_cap_flags(Mode::SingleNodeWriter, &["nosuid", "nodev", "noexec"]));
+    req.volume_capability = Some(mount_cap_flags(
+        Mode::SingleNodeWriter,
+        &["nosuid", "nodev", "noexec"],
+    ));
     h.node.node_publish_volume(Request::new(req)).await.unwrap();
     let e = &mount_entries(&t)[0];
     for opt in ["ro", "nosuid", "nodev", "noexec"] {
@@ -130,11 +170,21 @@ async fn unpublish_removes_stacked_mounts_and_broken_targets() {
     let (h, _g) = real(&[]);
     let (id, staging) = create_and_stage(&h, "stack").await;
     let t = h.path("t");
-    h.node.node_publish_volume(Request::new(publish_req(&id, &staging, &t, false))).await.unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
     // Two more mounts stacked on the target, as a buggy earlier publish
     // would leave.
     for _ in 0..2 {
-        nix::mount::mount(Some(&staging), &t, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>).unwrap();
+        nix::mount::mount(
+            Some(&staging),
+            &t,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
     }
     assert_eq!(mount_entries(&t).len(), 3);
     h.node
@@ -154,19 +204,32 @@ async fn stats_and_condition_with_real_mounts() {
     let (h, _g) = real(&[]);
     let (id, staging) = create_and_stage(&h, "stats").await;
     let t = h.path("t");
-    h.node.node_publish_volume(Request::new(publish_req(&id, &staging, &t, false))).await.unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
     let req = csi::NodeGetVolumeStatsRequest {
         volume_id: id.clone(),
         volume_path: t.display().to_string(),
         staging_target_path: String::new(),
     };
-    let s = h.node.node_get_volume_stats(Request::new(req.clone())).await.unwrap().into_inner();
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     let bytes = &s.usage[0];
     assert!(bytes.total > 0 && bytes.available > 0 && bytes.used >= 0);
     assert!(!s.volume_condition.unwrap().abnormal);
     // The backing directory vanishes under a live mount.
     std::fs::rename(h.path("local").join(&id), h.path("moved")).unwrap();
-    let s = h.node.node_get_volume_stats(Request::new(req)).await.unwrap().into_inner();
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(req))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(s.volume_condition.unwrap().abnormal);
 }
 
@@ -180,9 +243,15 @@ async fn concurrent_publishes_of_different_volumes_proceed() {
     }
     let mut tasks = Vec::new();
     for (i, (id, staging)) in vols.iter().enumerate() {
-        let node = berth::node::NodeService { driver: h.driver.clone() };
+        let node = berth::node::NodeService {
+            driver: h.driver.clone(),
+        };
         let req = publish_req(id, staging, &h.path(&format!("t{i}")), false);
-        tasks.push(tokio::spawn(async move { node.node_publish_volume(Request::new(req)).await.map(|_| ()) }));
+        tasks.push(tokio::spawn(async move {
+            node.node_publish_volume(Request::new(req))
+                .await
+                .map(|_| ())
+        }));
     }
     for t in tasks {
         t.await.unwrap().unwrap();

@@ -34,6 +34,7 @@ try:
 except ImportError:  # pragma: no cover
     kubernetes_validate = None
 
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import extract_berth_args  # noqa: E402
 
@@ -875,6 +876,14 @@ def main():
         for k in sorted(kb - ka):
             errs.append("%s/%s only in %s" % (k[0], k[1], b))
         errs += diff_dicts(workload_shape(known[a]), workload_shape(known[b]))
+        # Everything but metadata of the other objects (RBAC rules, CSIDriver
+        # and StorageClass specs) must match as well.
+        for key in sorted(ka & kb):
+            if key[0] in ("DaemonSet", "StatefulSet"):
+                continue
+            da, db = (next(d for d in known[x].docs if (d.get("kind"), name_of(d)) == key) for x in (a, b))
+            strip = lambda d: {k: v for k, v in d.items() if k != "metadata"}  # noqa: E731
+            errs += diff_dicts(strip(da), strip(db), "%s/%s" % key)
         report(not errs, "compare %s with %s: same objects and pod templates" % (a, b), errs[:20])
 
     if opts.args_fixture:

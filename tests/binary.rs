@@ -1,0 +1,425 @@
+//! The real `berth` binary over its unix socket: socket permissions and
+//! replacement rules, graceful shutdown, reflection, restart with state, and
+//! that secrets never reach a log line or an error message. Runs without
+//! root (mount calls fail, which is fine for what is checked here).
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth::client::connect;
+use berth::csi::v1 as csi;
+use common::*;
+use tonic::Request;
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+struct Berth {
+    child: Child,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, extra: &[&str]) -> Berth {
+    let sock = dir.join("csi.sock");
+    let log = dir.join(format!(
+        "berth-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--node-id", NODE])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn berth");
+    let b = Berth { child, sock, log };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        // A stale socket file from a killed run exists before the new
+        // process binds: wait until a connection is accepted.
+        if std::fs::symlink_metadata(&b.sock)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false)
+            && std::os::unix::net::UnixStream::connect(&b.sock).is_ok()
+        {
+            return b;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "berth did not start: {}",
+        std::fs::read_to_string(&b.log).unwrap_or_default()
+    );
+}
+
+fn sigterm(b: &mut Berth) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = b.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "berth did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn version_flag() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("berth {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    for args in [
+        vec!["--driver-name", "1bad"],
+        vec!["--endpoint", "tcp://127.0.0.1:1"],
+        vec!["--mode", "both"],
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let out = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(d.path())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+    }
+}
+
+#[tokio::test]
+async fn socket_is_private_and_shutdown_is_graceful() {
+    let d = tempfile::tempdir().unwrap();
+    let mut b = start(d.path(), &[]);
+    let mode = std::fs::metadata(&b.sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let info = c
+        .identity
+        .get_plugin_info(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "berth.csi.io");
+    let t0 = Instant::now();
+    let st = sigterm(&mut b);
+    assert!(st.success(), "{st:?}");
+    eprintln!(
+        "shutdown with an idle client connection took {:?}",
+        t0.elapsed()
+    );
+    assert!(!b.sock.exists(), "socket removed on shutdown");
+}
+
+#[tokio::test]
+async fn socket_group_mode() {
+    let d = tempfile::tempdir().unwrap();
+    let gid = nix::unistd::getegid().as_raw().to_string();
+    let b = start(d.path(), &["--socket-group", &gid]);
+    let m = std::fs::metadata(&b.sock).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(m.gid().to_string(), gid);
+}
+
+#[test]
+fn an_old_socket_is_replaced_but_a_regular_file_is_not() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("csi.sock");
+    // A stale socket from a crashed run.
+    let stale = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    drop(stale);
+    let b = start(d.path(), &[]);
+    drop(b);
+    std::fs::remove_file(&sock).ok();
+    std::fs::write(&sock, b"important").unwrap();
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(d.path())
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--node-id", NODE])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read(&sock).unwrap(), b"important");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_csi_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let c = connect(&b.sock.display().to_string()).await.unwrap();
+    let mut r = ServerReflectionClient::new(c.channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = r
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<_> = l.service.iter().map(|s| s.name.as_str()).collect();
+    for want in ["csi.v1.Identity", "csi.v1.Controller", "csi.v1.Node"] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+}
+
+#[tokio::test]
+async fn controller_mode_serves_no_node_service() {
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &["--mode", "controller"]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let e = c
+        .node
+        .node_get_info(Request::new(Default::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    c.controller
+        .controller_get_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn volumes_survive_a_kill() {
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let v = c
+            .controller
+            .create_volume(Request::new(create_req(&format!("pvc-{i}"), 1 << 20)))
+            .await
+            .unwrap();
+        ids.push(v.into_inner().volume.unwrap().volume_id);
+    }
+    drop(b); // SIGKILL
+    let b = start(d.path(), &[]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let v = c
+            .controller
+            .create_volume(Request::new(create_req(&format!("pvc-{i}"), 1 << 20)))
+            .await
+            .unwrap();
+        assert_eq!(&v.into_inner().volume.unwrap().volume_id, id);
+    }
+    let l = c
+        .controller
+        .list_volumes(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(l.entries.len(), 20);
+}
+
+const SENTINEL: &str = "s3cr3t-SENTINEL-9f1c";
+
+fn secrets() -> HashMap<String, String> {
+    HashMap::from([
+        ("password".to_string(), SENTINEL.to_string()),
+        (SENTINEL.to_string(), SENTINEL.to_string()),
+    ])
+}
+
+/// Every RPC that carries secrets, with a sentinel in its secrets map and in
+/// its volume context, at the most verbose log level: the sentinel must not
+/// appear in any log line or error message.
+#[tokio::test]
+async fn secrets_never_reach_logs_or_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &["--log-level", "trace", "--log-format", "json"]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let ctx = HashMap::from([("ctx".to_string(), SENTINEL.to_string())]);
+    let mut messages = Vec::new();
+    let mut note = |r: Result<(), tonic::Status>| {
+        if let Err(s) = r {
+            messages.push(s.message().to_string());
+        }
+    };
+    let mut create = create_req("sentinel", 1 << 20);
+    create.secrets = secrets();
+    let vol = c
+        .controller
+        .create_volume(Request::new(create))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = vol.volume_id.clone();
+    // The same name with a mismatch: an error path that names the volume.
+    let mut bad = create_req("sentinel", 2 << 20);
+    bad.secrets = secrets();
+    note(
+        c.controller
+            .create_volume(Request::new(bad))
+            .await
+            .map(|_| ()),
+    );
+    let mut bad = create_req("sentinel2", 1);
+    bad.secrets = secrets();
+    bad.parameters.insert("unknownKey".into(), SENTINEL.into());
+    let st = c
+        .controller
+        .create_volume(Request::new(bad))
+        .await
+        .unwrap_err();
+    assert!(st.message().contains("unknownKey"));
+    // Parameters are not secrets, but the error names only the key.
+    assert!(
+        !st.message().contains(SENTINEL),
+        "parameter value echoed: {}",
+        st.message()
+    );
+    note(
+        c.controller
+            .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: NODE.into(),
+                volume_capability: Some(rwo()),
+                secrets: secrets(),
+                volume_context: ctx.clone(),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+    );
+    note(
+        c.controller
+            .validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![rwo()],
+                secrets: secrets(),
+                volume_context: ctx.clone(),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+    );
+    let staging = d.path().join("staging");
+    let target = d.path().join("target");
+    note(
+        c.node
+            .node_stage_volume(Request::new(csi::NodeStageVolumeRequest {
+                secrets: secrets(),
+                volume_context: ctx.clone(),
+                ..stage_req(&id, &staging)
+            }))
+            .await
+            .map(|_| ()),
+    );
+    note(
+        c.node
+            .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+                secrets: secrets(),
+                volume_context: ctx.clone(),
+                ..publish_req(&id, &staging, &target, false)
+            }))
+            .await
+            .map(|_| ()),
+    );
+    note(
+        c.controller
+            .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: NODE.into(),
+                secrets: secrets(),
+            }))
+            .await
+            .map(|_| ()),
+    );
+    note(
+        c.controller
+            .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+                volume_id: id.clone(),
+                secrets: secrets(),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+    );
+    note(
+        c.controller
+            .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+                source_volume_id: id.clone(),
+                name: "snap".into(),
+                secrets: secrets(),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+    );
+    note(
+        c.controller
+            .get_capacity(Request::new(csi::GetCapacityRequest {
+                parameters: HashMap::from([("kind".into(), "local".into())]),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+    );
+    note(
+        c.controller
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                secrets: secrets(),
+            }))
+            .await
+            .map(|_| ()),
+    );
+    assert!(!messages.is_empty(), "some calls should have failed");
+    for m in &messages {
+        assert!(!m.contains(SENTINEL), "secret in error message: {m}");
+    }
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    assert!(
+        log.lines().count() > 10,
+        "trace logging produced too little to be a real check"
+    );
+    assert!(
+        log.contains("CreateVolume"),
+        "RPC spans missing from the log"
+    );
+    assert!(!log.contains(SENTINEL), "secret in the log");
+}

@@ -149,18 +149,24 @@ fn parse_driver_name(s: &str) -> Result<String, String> {
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
-    match Kind::parse(s.trim()) {
-        Some(Kind::Local) => Ok(Kind::Local),
-        Some(k) => Err(format!(
-            "volume kind {k} is not available in this build yet"
-        )),
-        None => Err(format!(
-            "unknown volume kind {s:?} (expected local, block or nfs)"
-        )),
-    }
+    Kind::parse(s.trim())
+        .ok_or_else(|| format!("unknown volume kind {s:?} (expected local, block or nfs)"))
 }
 
 impl Config {
+    /// Makes every directory absolute (mount decisions compare absolute
+    /// paths with mountinfo).
+    pub fn absolutize(&mut self) -> std::io::Result<()> {
+        self.data_dir = std::path::absolute(&self.data_dir)?;
+        for p in [&mut self.state_dir, &mut self.local_root, &mut self.block_root]
+            .into_iter()
+            .flatten()
+        {
+            *p = std::path::absolute(&*p)?;
+        }
+        Ok(())
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
@@ -263,6 +269,10 @@ mod tests {
     fn kinds_and_modes() {
         assert!(parse(&["--kinds", "local"]).is_ok());
         assert!(parse(&["--kinds", "tape"]).is_err());
+        assert_eq!(
+            parse(&["--kinds", "local,block,nfs"]).unwrap().config.kinds,
+            vec![Kind::Local, Kind::Block, Kind::Nfs]
+        );
         assert!(parse(&["--mode", "node"]).is_ok());
         assert!(parse(&["--mode", "both"]).is_err());
     }

@@ -24,7 +24,9 @@ pub struct Driver {
 impl Driver {
     /// Opens the state, prepares each enabled kind and reconciles records left
     /// half done by a crash.
-    pub fn new(cfg: Config, os: Os) -> Result<Arc<Driver>> {
+    pub fn new(mut cfg: Config, os: Os) -> Result<Arc<Driver>> {
+        cfg.absolutize()
+            .map_err(|e| Error::io("resolving the data directories", e))?;
         let node_id = cfg.resolved_node_id().map_err(Error::InvalidArgument)?;
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir)

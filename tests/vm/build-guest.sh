@@ -21,6 +21,7 @@
 #   MIRROR                  Debian mirror (default: read from /etc/apt/sources.list.d)
 #   FORCE=1                 rebuild even if the stamp matches
 set -euo pipefail
+PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 
 CACHE=${BERTH_VM_CACHE:-/var/cache/berth-vm}
 SUITE=bookworm

@@ -20,6 +20,15 @@ BERTH_FAILED=${BERTH_FAILED:-0}
 
 berth_log() { echo "[$(cut -d' ' -f1 /proc/uptime)s] $*"; }
 
+# use_local_bin: copies /share/bin/* into guest RAM (/usr/local/bin) and puts that
+# first on PATH. Executing a big binary straight from the uncached 9p share pays
+# page faults over 9p on every run (a 96 MB debug build: 0.4-3 s per start,
+# against 0.25 s from RAM; the copy costs about 1.4 s).
+use_local_bin() {
+  mkdir -p /usr/local/bin && cp -a /share/bin/. /usr/local/bin/ || return 1
+  PATH=/usr/local/bin:$PATH; export PATH; hash -r 2>/dev/null
+}
+
 # --- checks ---------------------------------------------------------------------
 
 # berth_check DESCRIPTION COMMAND [ARGS...]: runs the command, counts and prints

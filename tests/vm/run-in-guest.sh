@@ -23,6 +23,7 @@
 # default 2048), BERTH_VM_CPUS (default 2), BERTH_VM_APPEND (extra kernel args),
 # BERTH_VM_SCRATCH_SIZE (default 8G).
 set -uo pipefail
+PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${BERTH_VM_CACHE:-/var/cache/berth-vm}
@@ -41,7 +42,7 @@ command -v qemu-system-x86_64 >/dev/null || { echo "run-in-guest: qemu-system-x8
 cp "$HERE/guest-lib.sh" "$SHARE/guest-lib.sh"
 rm -f "$SHARE/rc" "$SHARE/out.log" "$SHARE/console.log"
 
-QPID= SCRATCH=
+QPID='' SCRATCH=''
 stop_qemu() {
   [ -n "$QPID" ] || return 0
   if kill -0 "$QPID" 2>/dev/null; then

@@ -5,6 +5,7 @@
 # results on the host too. Last line: "N passed, M failed"; exit 1 on any failure.
 # KEEP_SHARE=1 keeps the share directory (it is kept anyway when something fails).
 set -uo pipefail
+PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 T0=$(date +%s.%N)
 since() { awk -v s="$T0" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}'; }

@@ -24,7 +24,7 @@ mkdir -p /mnt/v3 /mnt/v4
 mount_and_rw() {
   local vers=$1 mnt=$2 opts=$3 data="written via NFS v$1 $RANDOM$RANDOM"
   mount -t nfs -o "$opts" 127.0.0.1:/export "$mnt" || return 1
-  grep -q " $mnt nfs4\? .*vers=$vers[,]" /proc/mounts || { echo "wrong version:"; grep " $mnt " /proc/mounts; return 1; }
+  grep -q " $mnt nfs4\? .*vers=${vers}," /proc/mounts || { echo "wrong version:"; grep " $mnt " /proc/mounts; return 1; }
   echo "$data" > "$mnt/file-v$vers" || return 1
   sync -f "$mnt/file-v$vers" || return 1
   [ "$(cat "$mnt/file-v$vers")" = "$data" ] || { echo "read back through the mount differs"; return 1; }

@@ -1,0 +1,55 @@
+#!/bin/bash
+# Runs every test of Berth on a fresh machine, as root. This is the README's
+# test command and what CI runs (.ci/run).
+#   1. installs what is missing (tests/install-deps.sh)
+#   2. cargo fmt --check, cargo clippy -D warnings
+#   3. unit and handler tests (recording fakes, no root), binary tests
+#   4. root integration tests with real mounts, in a private mount namespace
+#   5. the README walkthrough against a running berth
+#   6. csi-sanity (pinned) for every volume kind available
+#   7. Kubernetes manifest and Helm chart validation
+# and checks that no mount or loop device was leaked. Fails on the first
+# failing stage; prints "N passed, M failed" for the stages at the end.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+[ "$(id -u)" = 0 ] || { echo "run-all.sh must run as root (it mounts)"; exit 1; }
+
+PASSED=0; FAILED=0
+stage() {
+  local name=$1; shift
+  echo
+  echo "=== $name"
+  local t0=$SECONDS
+  if "$@"; then
+    PASSED=$((PASSED + 1)); echo "=== $name: ok ($((SECONDS - t0)) s)"
+  else
+    FAILED=$((FAILED + 1)); echo "=== $name: FAILED ($((SECONDS - t0)) s)"
+    echo "stages: $PASSED passed, $FAILED failed"
+    exit 1
+  fi
+}
+
+mounts_before=$(wc -l </proc/self/mountinfo)
+loops_before=$(losetup -a 2>/dev/null | wc -l)
+
+stage "install dependencies" tests/install-deps.sh
+stage "cargo fmt" cargo fmt --check
+stage "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
+stage "build (release)" cargo build --release --locked --bins --examples
+stage "unit, handler and binary tests" cargo test --locked
+stage "root integration tests" unshare --mount --propagation private -- \
+  cargo test --locked --test root_local -- --ignored --test-threads=4
+stage "README walkthrough" tests/walkthrough.sh
+stage "csi-sanity local" csi-sanity/run.sh local
+stage "manifest validation" bash tests/manifests/validate.sh
+
+mounts_after=$(wc -l </proc/self/mountinfo)
+loops_after=$(losetup -a 2>/dev/null | wc -l)
+leaks() {
+  echo "mounts: $mounts_before before, $mounts_after after; loop devices: $loops_before before, $loops_after after"
+  [ "$mounts_after" -le "$mounts_before" ] && [ "$loops_after" -le "$loops_before" ]
+}
+stage "no leaked mounts or loop devices" leaks
+echo
+echo "stages: $PASSED passed, $FAILED failed"

@@ -24,22 +24,42 @@ fn cap() -> csi::VolumeCapability {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let endpoint = args.next().unwrap_or_else(|| "unix://./berth-data/csi.sock".into());
-    let work = PathBuf::from(args.next().unwrap_or_else(|| "./berth-data/walkthrough".into()));
+    let endpoint = args
+        .next()
+        .unwrap_or_else(|| "unix://./berth-data/csi.sock".into());
+    let work = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "./berth-data/walkthrough".into()),
+    );
     std::fs::create_dir_all(&work)?;
     let work = work.canonicalize()?;
     let mut c = berth::client::connect(&endpoint).await?;
 
-    let info = c.identity.get_plugin_info(csi::GetPluginInfoRequest {}).await?.into_inner();
+    let info = c
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await?
+        .into_inner();
     println!("1. plugin {} {}", info.name, info.vendor_version);
-    let node = c.node.node_get_info(csi::NodeGetInfoRequest {}).await?.into_inner();
-    println!("2. node {} topology {:?}", node.node_id, node.accessible_topology.as_ref().map(|t| &t.segments));
+    let node = c
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await?
+        .into_inner();
+    println!(
+        "2. node {} topology {:?}",
+        node.node_id,
+        node.accessible_topology.as_ref().map(|t| &t.segments)
+    );
 
     let vol = c
         .controller
         .create_volume(csi::CreateVolumeRequest {
             name: "walkthrough-pvc".into(),
-            capacity_range: Some(csi::CapacityRange { required_bytes: 64 << 20, limit_bytes: 0 }),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
             volume_capabilities: vec![cap()],
             parameters: HashMap::from([("kind".into(), "local".into())]),
             accessibility_requirements: Some(csi::TopologyRequirement {
@@ -90,7 +110,10 @@ async fn main() -> anyhow::Result<()> {
 
     std::fs::write(target.join("hello.txt"), b"hello from berth\n")?;
     let back = std::fs::read_to_string(target.join("hello.txt"))?;
-    println!("7. wrote and read back through the pod path: {}", back.trim());
+    println!(
+        "7. wrote and read back through the pod path: {}",
+        back.trim()
+    );
     let stats = c
         .node
         .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
@@ -100,7 +123,10 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    println!("8. NodeGetVolumeStats: {:?}", stats.usage.first().map(|u| (u.used, u.total)));
+    println!(
+        "8. NodeGetVolumeStats: {:?}",
+        stats.usage.first().map(|u| (u.used, u.total))
+    );
 
     c.node
         .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
@@ -122,7 +148,10 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
     c.controller
-        .delete_volume(csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() })
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
         .await?;
     println!("9. unpublished, unstaged, detached and deleted {id}");
     std::fs::remove_dir(&staging).ok();

@@ -158,9 +158,13 @@ impl Config {
     /// paths with mountinfo).
     pub fn absolutize(&mut self) -> std::io::Result<()> {
         self.data_dir = std::path::absolute(&self.data_dir)?;
-        for p in [&mut self.state_dir, &mut self.local_root, &mut self.block_root]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.state_dir,
+            &mut self.local_root,
+            &mut self.block_root,
+        ]
+        .into_iter()
+        .flatten()
         {
             *p = std::path::absolute(&*p)?;
         }

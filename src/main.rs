@@ -20,6 +20,9 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(async move {
                 let socket = cfg.socket_path().map_err(anyhow::Error::msg)?;
+                if let Some(addr) = &cfg.metrics_address {
+                    tracing::warn!(%addr, "--metrics-address is not served yet in this version");
+                }
                 let grace = Duration::from_secs(cfg.shutdown_timeout);
                 let driver = Driver::new(cfg, Os::real())
                     .map_err(|e| anyhow::anyhow!(e.render()))

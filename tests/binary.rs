@@ -268,6 +268,8 @@ fn secrets() -> HashMap<String, String> {
 #[tokio::test]
 async fn secrets_never_reach_logs_or_errors() {
     let d = tempfile::tempdir().unwrap();
+    // As root the node calls below really mount; undo them whatever happens.
+    let _unmount = UnmountOnDrop(d.path().to_path_buf());
     let b = start(d.path(), &["--log-level", "trace", "--log-format", "json"]);
     let mut c = connect(&b.sock.display().to_string()).await.unwrap();
     let ctx = HashMap::from([("ctx".to_string(), SENTINEL.to_string())]);

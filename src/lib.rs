@@ -20,6 +20,7 @@ pub mod identity;
 pub mod kinds;
 pub mod locks;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod os;
 pub mod rpc;

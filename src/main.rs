@@ -20,13 +20,23 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(async move {
                 let socket = cfg.socket_path().map_err(anyhow::Error::msg)?;
-                if let Some(addr) = &cfg.metrics_address {
-                    tracing::warn!(%addr, "--metrics-address is not served yet in this version");
-                }
+                let metrics_addr = match &cfg.metrics_address {
+                    Some(a) => Some(
+                        a.parse::<std::net::SocketAddr>()
+                            .with_context(|| format!("--metrics-address {a:?} is not host:port"))?,
+                    ),
+                    None => None,
+                };
                 let grace = Duration::from_secs(cfg.shutdown_timeout);
                 let driver = Driver::new(cfg, Os::real())
                     .map_err(|e| anyhow::anyhow!(e.render()))
                     .context("starting the driver")?;
+                if let Some(addr) = metrics_addr {
+                    let listener = berth::metrics::bind(addr)
+                        .await
+                        .with_context(|| format!("binding --metrics-address {addr}"))?;
+                    tokio::spawn(berth::metrics::serve(driver.clone(), listener));
+                }
                 berth::server::serve(driver, socket, berth::server::shutdown_signal(), grace)
                     .await
                     .context("serving")

@@ -50,7 +50,16 @@ where
     async move {
         let start = Instant::now();
         let r = fut.await;
-        let micros = start.elapsed().as_micros() as u64;
+        let elapsed = start.elapsed();
+        let micros = elapsed.as_micros() as u64;
+        crate::metrics::observe_rpc(
+            method,
+            match &r {
+                Ok(_) => tonic::Code::Ok,
+                Err(e) => e.code(),
+            },
+            elapsed,
+        );
         match r {
             Ok(v) => {
                 tracing::debug!(micros, code = "OK", "rpc done");

@@ -425,3 +425,58 @@ async fn secrets_never_reach_logs_or_errors() {
     );
     assert!(!log.contains(SENTINEL), "secret in the log");
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_and_healthz() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &["--metrics-address", &addr]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .get_plugin_info(Request::new(Default::default()))
+        .await
+        .unwrap();
+    c.controller
+        .create_volume(Request::new(create_req("m1", 1 << 20)))
+        .await
+        .unwrap();
+    let _ = c
+        .controller
+        .create_volume(Request::new(create_req("", 1)))
+        .await;
+    let m = http_get(&addr, "/metrics");
+    assert!(
+        m.starts_with("HTTP/1.0 200") || m.starts_with("HTTP/1.1 200"),
+        "{m}"
+    );
+    for want in [
+        r#"berth_rpc_requests_total{method="GetPluginInfo",code="OK"} 1"#,
+        r#"berth_rpc_requests_total{method="CreateVolume",code="INVALID_ARGUMENT"} 1"#,
+        r#"berth_rpc_duration_seconds_count{method="CreateVolume",code="OK"} 1"#,
+        r#"berth_volumes{kind="local",phase="ready"} 1"#,
+        r#"berth_pool_allocated_bytes{kind="local"} 1048576"#,
+        "berth_operations_in_flight",
+        r#"berth_build_info{version=""#,
+    ] {
+        assert!(m.contains(want), "missing {want} in\n{m}");
+    }
+    let h = http_get(&addr, "/healthz");
+    assert!(h.contains(" 200 ") && h.ends_with("ok\n"), "{h}");
+    std::fs::remove_dir_all(d.path().join("local")).unwrap();
+    let h = http_get(&addr, "/healthz");
+    assert!(h.contains(" 503 "), "{h}");
+}

@@ -11,6 +11,8 @@ use crate::csi::v1 as csi;
 use crate::driver::Driver;
 use crate::rpc::serve;
 
+pub use probe::check as probe_check;
+
 pub struct IdentityService {
     pub driver: Arc<Driver>,
 }

@@ -48,6 +48,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI services (the default when no subcommand is given).
     Serve,
+    /// Benchmark any CSI endpoint (given by --endpoint).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -13,6 +13,18 @@ fn main() -> anyhow::Result<()> {
     let cfg = cli.config;
     berth::logging::init(cfg.log_format, &cfg.log_level).map_err(anyhow::Error::msg)?;
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Bench(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let endpoint = cfg
+                .endpoint
+                .clone()
+                .unwrap_or_else(|| format!("unix://{}", cfg.data_dir.join("csi.sock").display()));
+            let code = rt.block_on(berth::bench::run(&endpoint, args))?;
+            std::process::exit(code);
+        }
         Command::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -1,0 +1,380 @@
+//! The full lifecycle benchmark. Each cycle: CreateVolume,
+//! ControllerPublishVolume (if advertised), NodeStageVolume (if advertised),
+//! NodePublishVolume, NodeUnpublishVolume, NodeUnstageVolume,
+//! ControllerUnpublishVolume, DeleteVolume. A cycle that fails or is
+//! interrupted undoes the steps it completed, so the endpoint is left clean;
+//! Ctrl-C stops new cycles (a second Ctrl-C exits at once).
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::report::{print_table, OpSummary, Samples};
+use super::rss::Sampler;
+use super::VolumeArgs;
+use crate::client::{connect, CsiClient};
+use crate::csi::v1 as csi;
+
+#[derive(Debug, Clone, Args)]
+pub struct LifecycleArgs {
+    /// Number of full cycles.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    pub count: usize,
+    /// Cycles in flight at once.
+    #[arg(short = 'c', long, default_value_t = 16)]
+    pub concurrency: usize,
+    #[command(flatten)]
+    pub volume: VolumeArgs,
+    /// Directory for staging and target paths (absolute; created).
+    #[arg(long, default_value = "/tmp/berth-bench")]
+    pub work_dir: PathBuf,
+    /// Process whose RSS to report (peak and final), e.g. the driver's pid.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LifecycleReport {
+    pub cycles_ok: usize,
+    pub cycles_failed: usize,
+    pub concurrency: usize,
+    pub wall_seconds: f64,
+    pub cycles_per_second: f64,
+    pub operations: Vec<OpSummary>,
+    pub rss_peak_kib: Option<u64>,
+    pub rss_final_kib: Option<u64>,
+    pub first_error: Option<String>,
+}
+
+struct Plan {
+    args: LifecycleArgs,
+    run: String,
+    node_id: String,
+    topology: Option<csi::Topology>,
+    controller_publish: bool,
+    stage: bool,
+}
+
+#[derive(Default)]
+struct Done {
+    volume: Option<String>,
+    attached: bool,
+    staged: bool,
+    published: bool,
+}
+
+async fn timed<T, F>(samples: &mut Samples, op: &'static str, f: F) -> Result<T, String>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let t = Instant::now();
+    let r = f.await;
+    samples.add(op, t.elapsed());
+    r.map(|r| r.into_inner())
+        .map_err(|s| format!("{op}: {:?}: {}", s.code(), s.message()))
+}
+
+async fn cycle(c: &mut CsiClient, p: &Plan, i: usize, s: &mut Samples) -> Result<(), String> {
+    let dir = p.args.work_dir.join(format!("{}-{i}", p.run));
+    let staging = dir.join("staging");
+    let target = dir.join("target");
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| format!("creating {}: {e}", staging.display()))?;
+    let mut done = Done::default();
+    let r = forward(c, p, i, s, &staging, &target, &mut done).await;
+    let undo = backward(c, p, s, &staging, &target, &mut done).await;
+    let _ = std::fs::remove_dir(&staging);
+    let _ = std::fs::remove_dir(&dir);
+    r.and(undo)
+}
+
+async fn forward(
+    c: &mut CsiClient,
+    p: &Plan,
+    i: usize,
+    s: &mut Samples,
+    staging: &std::path::Path,
+    target: &std::path::Path,
+    done: &mut Done,
+) -> Result<(), String> {
+    let cap = p.args.volume.capability();
+    let req = p
+        .args
+        .volume
+        .create(format!("{}-{i}", p.run), p.topology.as_ref());
+    let vol = timed(s, "CreateVolume", c.controller.create_volume(req)).await?;
+    let id = vol
+        .volume
+        .map(|v| v.volume_id)
+        .ok_or("CreateVolume returned no volume")?;
+    done.volume = Some(id.clone());
+    let mut publish_context = Default::default();
+    if p.controller_publish {
+        let r = timed(
+            s,
+            "ControllerPublishVolume",
+            c.controller
+                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: p.node_id.clone(),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                }),
+        )
+        .await?;
+        publish_context = r.publish_context;
+        done.attached = true;
+    }
+    if p.stage {
+        timed(
+            s,
+            "NodeStageVolume",
+            c.node.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                publish_context: publish_context.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        done.staged = true;
+    }
+    timed(
+        s,
+        "NodePublishVolume",
+        c.node.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            publish_context,
+            staging_target_path: if p.stage {
+                staging.display().to_string()
+            } else {
+                String::new()
+            },
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    done.published = true;
+    Ok(())
+}
+
+async fn backward(
+    c: &mut CsiClient,
+    p: &Plan,
+    s: &mut Samples,
+    staging: &std::path::Path,
+    target: &std::path::Path,
+    done: &mut Done,
+) -> Result<(), String> {
+    let Some(id) = done.volume.clone() else {
+        return Ok(());
+    };
+    let mut first_err = Ok(());
+    let mut keep = |r: Result<(), String>| {
+        if first_err.is_ok() {
+            first_err = r;
+        }
+    };
+    if done.published {
+        let r = timed(
+            s,
+            "NodeUnpublishVolume",
+            c.node
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: target.display().to_string(),
+                }),
+        )
+        .await;
+        keep(r.map(|_| ()));
+    }
+    if done.staged {
+        let r = timed(
+            s,
+            "NodeUnstageVolume",
+            c.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+            }),
+        )
+        .await;
+        keep(r.map(|_| ()));
+    }
+    if done.attached {
+        let r = timed(
+            s,
+            "ControllerUnpublishVolume",
+            c.controller
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: p.node_id.clone(),
+                    ..Default::default()
+                }),
+        )
+        .await;
+        keep(r.map(|_| ()));
+    }
+    let r = timed(
+        s,
+        "DeleteVolume",
+        c.controller.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        }),
+    )
+    .await;
+    keep(r.map(|_| ()));
+    first_err
+}
+
+/// Asks the endpoint what it supports.
+async fn plan(c: &mut CsiClient, args: LifecycleArgs) -> anyhow::Result<Plan> {
+    use crate::csi::v1::controller_service_capability::rpc::Type as CType;
+    use crate::csi::v1::node_service_capability::rpc::Type as NType;
+    let ccaps = c
+        .controller
+        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+        .await?
+        .into_inner();
+    let ncaps = c
+        .node
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await?
+        .into_inner();
+    let info = c
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await?
+        .into_inner();
+    let controller_publish = ccaps.capabilities.iter().any(|x| {
+        matches!(&x.r#type, Some(csi::controller_service_capability::Type::Rpc(r)) if r.r#type == CType::PublishUnpublishVolume as i32)
+    });
+    let stage = ncaps.capabilities.iter().any(|x| {
+        matches!(&x.r#type, Some(csi::node_service_capability::Type::Rpc(r)) if r.r#type == NType::StageUnstageVolume as i32)
+    });
+    Ok(Plan {
+        args,
+        run: super::run_id(),
+        node_id: info.node_id,
+        topology: info.accessible_topology,
+        controller_publish,
+        stage,
+    })
+}
+
+pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(args.work_dir.is_absolute(), "--work-dir must be absolute");
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    std::fs::create_dir_all(&args.work_dir)?;
+    let mut client = connect(endpoint).await?;
+    let plan = Arc::new(plan(&mut client, args.clone()).await?);
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: finishing the cycles in flight and cleaning up (Ctrl-C again to abort)");
+                stop.store(true, Ordering::SeqCst);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
+    let sampler = args.pid.map(Sampler::start);
+    let next = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (mut c, plan, next, stop, ok) = (
+            client.clone(),
+            plan.clone(),
+            next.clone(),
+            stop.clone(),
+            ok.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut samples = Samples::default();
+            let mut errors = Vec::new();
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= plan.args.count {
+                    break;
+                }
+                let t = Instant::now();
+                match cycle(&mut c, &plan, i, &mut samples).await {
+                    Ok(()) => {
+                        samples.add("cycle", t.elapsed());
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            (samples, errors)
+        }));
+    }
+    let mut samples = Samples::default();
+    let mut errors: Vec<String> = Vec::new();
+    for w in workers {
+        let (s, e) = w.await?;
+        samples.merge(s);
+        errors.extend(e);
+    }
+    let wall = start.elapsed();
+    let rss = sampler.map(|s| s.finish());
+    let _ = std::fs::remove_dir(&args.work_dir);
+    let cycles_ok = ok.load(Ordering::SeqCst);
+    let report = LifecycleReport {
+        cycles_ok,
+        cycles_failed: errors.len(),
+        concurrency: args.concurrency,
+        wall_seconds: wall.as_secs_f64(),
+        cycles_per_second: cycles_ok as f64 / wall.as_secs_f64().max(f64::EPSILON),
+        operations: samples.summary(),
+        rss_peak_kib: rss.map(|r| r.0),
+        rss_final_kib: rss.map(|r| r.1),
+        first_error: errors.first().cloned(),
+    };
+    print(&report, args.json)?;
+    Ok(if errors.is_empty() && !stop.load(Ordering::SeqCst) {
+        0
+    } else {
+        1
+    })
+}
+
+fn print(r: &LifecycleReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    println!(
+        "{} cycles ok, {} failed, {} in flight, {:.2} s: {:.1} cycles/s",
+        r.cycles_ok, r.cycles_failed, r.concurrency, r.wall_seconds, r.cycles_per_second
+    );
+    print_table(&r.operations);
+    if let (Some(p), Some(f)) = (r.rss_peak_kib, r.rss_final_kib) {
+        println!(
+            "RSS of the driver: peak {:.1} MiB, final {:.1} MiB",
+            p as f64 / 1024.0,
+            f as f64 / 1024.0
+        );
+    }
+    if let Some(e) = &r.first_error {
+        println!("first error: {e}");
+    }
+    Ok(())
+}

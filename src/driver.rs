@@ -151,6 +151,12 @@ impl Driver {
             }
             self.store.remove(&rec.id)?;
         }
+        for kind in self.kinds.values() {
+            let known = |id: &str| self.store.get(id).is_some();
+            if let Err(e) = kind.reconcile_orphans(&known) {
+                tracing::error!(kind = %kind.kind(), error = %e.render(), "could not reconcile orphaned storage");
+            }
+        }
         Ok(())
     }
 }
@@ -163,6 +169,13 @@ pub fn vol_key(id: &str) -> String {
 /// Guard key of a volume name.
 pub fn name_key(name: &str) -> String {
     format!("name/{name}")
+}
+
+pub fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 pub fn now_unix() -> u64 {

@@ -1273,3 +1273,38 @@ async fn interrupted_operations_are_reconciled_at_start() {
     let v = create(&h, "creating", 1).await;
     assert!(h.path("local").join(&v.volume_id).is_dir());
 }
+
+#[tokio::test]
+async fn orphans_and_trash_are_reconciled_at_start() {
+    let h = fake(&[]);
+    let keep = create(&h, "keep", 1).await.volume_id;
+    let local = h.path("local");
+    // A crash after mkdir, before the record: empty orphan.
+    let empty = local.join("local-0123456789abcdef0123456789abcdef");
+    std::fs::create_dir(&empty).unwrap();
+    // A directory with data but no record (e.g. state restored from an old
+    // backup): kept aside, never deleted.
+    let full = local.join("local-fedcba9876543210fedcba9876543210");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("data"), b"precious").unwrap();
+    // A delete interrupted after the rename into the trash.
+    std::fs::create_dir_all(local.join(".trash/local-x-1/sub")).unwrap();
+    // Something else an admin put there is left alone.
+    std::fs::create_dir(local.join("not-ours")).unwrap();
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    let local = h.path("local");
+    assert!(local.join(&keep).is_dir());
+    assert!(!local
+        .join("local-0123456789abcdef0123456789abcdef")
+        .exists());
+    assert!(!local
+        .join("local-fedcba9876543210fedcba9876543210")
+        .exists());
+    assert_eq!(
+        std::fs::read(local.join(".orphaned/local-fedcba9876543210fedcba9876543210/data")).unwrap(),
+        b"precious"
+    );
+    assert_eq!(std::fs::read_dir(local.join(".trash")).unwrap().count(), 0);
+    assert!(local.join("not-ours").is_dir());
+}

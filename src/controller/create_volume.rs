@@ -206,7 +206,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         published: BTreeMap::new(),
         created_unix: now_unix(),
     };
-    let mut rec = d.store.insert_new(rec, |promised| {
+    let admit = |promised: i64| {
         let free = pool.free_bytes.saturating_sub(promised);
         if size > free {
             Err(Error::ResourceExhausted(format!(
@@ -216,11 +216,23 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         } else {
             Ok(())
         }
-    })?;
+    };
+    // With a durable intent, a crash before Ready is rolled back at start-up
+    // from the record; without one, the kind recognises the orphan.
+    let durable = imp.durable_intent();
+    let mut rec = if durable {
+        d.store.insert_new(rec, admit)?
+    } else {
+        d.store.reserve(rec, admit)?
+    };
     if let Err(e) = imp.create(&mut rec) {
         // Roll back; if that fails too, start-up reconciliation finishes it.
         if imp.delete(&rec).is_ok() {
-            let _ = d.store.remove(&rec.id);
+            if durable {
+                let _ = d.store.remove(&rec.id);
+            } else {
+                d.store.forget(&rec.id);
+            }
         }
         return Err(e);
     }

@@ -47,7 +47,7 @@ pub async fn handle(
                 )));
             }
         }
-        if rec.phase != Phase::Deleting {
+        if kind.durable_intent() && rec.phase != Phase::Deleting {
             d.store.set_phase(&mut rec, Phase::Deleting)?;
         }
         kind.delete(&rec)?;

@@ -17,6 +17,20 @@ use crate::state::{AccessType, Capability, Kind, VolumeRecord};
 use super::{Health, PoolCapacity, PublishArgs, VolumeKind, VolumeStats};
 
 const PREFIX: &str = "local-";
+/// Where deleted volumes are emptied (inside the local root).
+const TRASH: &str = ".trash";
+/// Where directories without a record are kept aside.
+const ORPHANED: &str = ".orphaned";
+
+/// Removes a directory tree without following symlinks (remove_dir_all
+/// unlinks symlinks instead of descending into them).
+fn remove_tree(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+    }
+}
 
 pub struct LocalKind {
     root: PathBuf,
@@ -172,14 +186,49 @@ impl VolumeKind for LocalKind {
                 m.mount_point.display()
             )));
         }
-        // remove_dir_all does not follow symlinks (it unlinks them).
-        std::fs::remove_dir_all(&dir).or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(Error::io(format!("removing {}", dir.display()), e))
+        // One atomic rename takes the volume away; the slow removal of its
+        // contents happens in the trash, which start-up empties if a crash
+        // interrupts it.
+        let trash = self.root.join(TRASH);
+        super::super::node::mounts::ensure_dir(&trash)?;
+        let dest = trash.join(format!("{}-{}", rec.id, crate::driver::now_nanos()));
+        std::fs::rename(&dir, &dest)
+            .map_err(|e| Error::io(format!("moving {} to the trash", dir.display()), e))?;
+        remove_tree(&dest)
+    }
+
+    fn durable_intent(&self) -> bool {
+        false
+    }
+
+    fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
+        let trash = self.root.join(TRASH);
+        if let Ok(entries) = std::fs::read_dir(&trash) {
+            for e in entries.flatten() {
+                remove_tree(&e.path())?;
             }
-        })
+        }
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !self.owns_id(&name) || known(&name) {
+                continue;
+            }
+            // Made by a CreateVolume that never answered: never handed out,
+            // so empty. Anything else is kept aside, never deleted.
+            let path = e.path();
+            if std::fs::remove_dir(&path).is_ok() {
+                tracing::info!(dir = %path.display(), "removed orphaned volume directory");
+                continue;
+            }
+            let aside = self.root.join(ORPHANED);
+            super::super::node::mounts::ensure_dir(&aside)?;
+            std::fs::rename(&path, aside.join(&name))
+                .map_err(|e| Error::io(format!("moving aside {}", path.display()), e))?;
+            tracing::warn!(dir = %path.display(), "volume directory without a record moved to {}", ORPHANED);
+        }
+        Ok(())
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {
@@ -202,10 +251,10 @@ impl VolumeKind for LocalKind {
 
     fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
         self.check_capability(a.capability)?;
-        let obj = self.object(&rec.id)?;
+        let dir = self.dir(&rec.id)?;
         mounts::publish_bind(
             &self.os,
-            Some(&obj),
+            |t| mountinfo::object_of(t, &dir),
             a.staging,
             a.target,
             a.capability,

@@ -107,4 +107,17 @@ pub trait VolumeKind: Send + Sync {
     /// True when the volume is staged or published anywhere on this node
     /// (DeleteVolume refuses such a volume).
     fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<std::path::PathBuf>>;
+
+    /// Whether CreateVolume/DeleteVolume must write a durable intent
+    /// (phase Creating/Deleting) before touching storage. A kind may skip it
+    /// when `reconcile_orphans` recognises what a crash leaves behind.
+    fn durable_intent(&self) -> bool {
+        true
+    }
+
+    /// At start-up: cleans up storage left by an interrupted create or
+    /// delete that has no record (`known` says which ids have one).
+    fn reconcile_orphans(&self, _known: &dyn Fn(&str) -> bool) -> Result<()> {
+        Ok(())
+    }
 }

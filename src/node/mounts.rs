@@ -126,7 +126,7 @@ pub fn staged_object(
 /// FAILED_PRECONDITION.
 pub fn publish_bind(
     os: &Os,
-    expected: Option<&Object>,
+    expected: impl FnOnce(&[MountEntry]) -> Option<Object>,
     staging: &Path,
     target: &Path,
     cap: &Capability,
@@ -135,7 +135,8 @@ pub fn publish_bind(
     let mut flags = bind_flags(cap)?;
     flags.readonly |= readonly || cap.access_mode.read_only();
     let t = table(os)?;
-    let obj = staged_object(&t, staging, expected)?;
+    let exp = expected(&t);
+    let obj = staged_object(&t, staging, exp.as_ref())?;
     if let Some(top) = mountinfo::at(&t, target).last() {
         if object(top) == obj && top.readonly() == flags.readonly {
             return Ok(());
@@ -168,16 +169,26 @@ pub fn publish_bind(
 /// from mountinfo. EBUSY is returned as an error to retry, never turned into
 /// a lazy unmount.
 pub fn unmount_all(os: &Os, path: &Path) -> Result<()> {
+    unmount_all_in(os, &table(os)?, path)
+}
+
+/// `unmount_all` with a mount table the caller already read: unmounts as
+/// many times as the table shows mounts at `path`, reading the table again
+/// only if the kernel disagrees.
+pub fn unmount_all_in(os: &Os, t: &[MountEntry], path: &Path) -> Result<()> {
+    let mut n = mountinfo::at(t, path).len();
     for _ in 0..64 {
-        let t = table(os)?;
-        if mountinfo::at(&t, path).is_empty() {
+        if n == 0 {
             return Ok(());
         }
-        if let Err(e) = os.mounter.unmount(path) {
-            // EINVAL: gone meanwhile; look again.
-            if e.errno() != Some(libc::EINVAL) {
-                return Err(Error::os(format!("unmounting {}", path.display()), e));
+        match os.mounter.unmount(path) {
+            Ok(()) => n -= 1,
+            // EINVAL: not mounted any more (someone else unmounted): look
+            // again.
+            Err(e) if e.errno() == Some(libc::EINVAL) => {
+                n = mountinfo::at(&table(os)?, path).len();
             }
+            Err(e) => return Err(Error::os(format!("unmounting {}", path.display()), e)),
         }
     }
     Err(Error::Internal(format!(
@@ -237,5 +248,5 @@ pub fn unstage(os: &Os, staging: &Path, source: Option<&Path>) -> Result<()> {
             others.join(", ")
         )));
     }
-    unmount_all(os, staging)
+    unmount_all_in(os, &t, staging)
 }

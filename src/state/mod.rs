@@ -8,6 +8,7 @@
 //! before the storage is touched; `Driver::reconcile` finishes or rolls back
 //! such records on start-up.
 
+pub mod dirsync;
 pub mod record;
 pub mod store;
 

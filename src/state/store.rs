@@ -6,6 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
+use super::dirsync::DirSync;
 use super::record::{Kind, Phase, VolumeRecord};
 use super::StateError;
 
@@ -47,7 +48,7 @@ impl Index {
 
 pub struct Store {
     dir: PathBuf,
-    dir_handle: File,
+    dir_sync: DirSync,
     index: RwLock<Index>,
 }
 
@@ -98,7 +99,7 @@ impl Store {
         }
         Ok(Store {
             dir,
-            dir_handle,
+            dir_sync: DirSync::new(dir_handle),
             index: RwLock::new(index),
         })
     }
@@ -199,6 +200,27 @@ impl Store {
         Ok(rec)
     }
 
+    /// Like `insert_new`, but only in memory: the record is written by the
+    /// `put` that follows once the storage exists. For kinds whose storage
+    /// left behind by a crash is recognisable as an orphan (see
+    /// `VolumeKind::reconcile_orphans`), this saves a durable write.
+    pub fn reserve<E>(
+        &self,
+        mut rec: VolumeRecord,
+        admit: impl FnOnce(i64) -> Result<(), E>,
+    ) -> Result<VolumeRecord, E> {
+        let mut idx = self.write();
+        admit(idx.promised.get(&rec.kind).copied().unwrap_or(0))?;
+        rec.seq = idx.last_seq + 1;
+        idx.insert(rec.clone());
+        Ok(rec)
+    }
+
+    /// Drops a record from memory only (a reservation that failed).
+    pub fn forget(&self, id: &str) {
+        self.write().remove(id);
+    }
+
     /// Writes a record (new or changed) durably, then updates the index.
     pub fn put(&self, rec: &VolumeRecord) -> Result<(), StateError> {
         self.persist(rec)?;
@@ -220,8 +242,8 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StateError::io("remove", &path, e)),
         }
-        self.dir_handle
-            .sync_all()
+        self.dir_sync
+            .sync()
             .map_err(|e| StateError::io("fsync", &self.dir, e))?;
         self.write().remove(id);
         Ok(())
@@ -247,8 +269,8 @@ impl Store {
             .map_err(|e| StateError::io("write", &tmp, e))?;
         drop(f);
         fs::rename(&tmp, &dst).map_err(|e| StateError::io("rename", &dst, e))?;
-        self.dir_handle
-            .sync_all()
+        self.dir_sync
+            .sync()
             .map_err(|e| StateError::io("fsync", &self.dir, e))
     }
 }

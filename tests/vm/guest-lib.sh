@@ -89,14 +89,14 @@ _berth_kill_daemon() {
 # its path (so tmpfs/overlay work and file handles stay valid across a
 # stop/start), then starts rpcbind, rpc.statd, rpc.mountd and the kernel nfsd
 # (NFS v3, v4.0, v4.1, v4.2) with a 10 s lease and grace time, and ends the v4
-# grace period at once. Callable again after stop_nfs_server (a "restart"); the
+# grace period at once (lockd's v3 lock grace: 3 s). Callable again after stop_nfs_server (a "restart"); the
 # export list is replaced by the new arguments.
 # NFS_EXPORT_OPTS adds export options; NFSD_THREADS (default 4).
 start_nfs_server() {
   [ $# -gt 0 ] || { echo "usage: start_nfs_server EXPORTDIR..." >&2; return 2; }
   local d fsid
   mkdir -p "$BERTH_NFS_DIR" /run/rpcbind /var/lib/nfs/v4recovery /var/lib/nfs/sm /var/lib/nfs/sm.bak
-  modprobe -a nfsd nfs nfsv3 nfsv4 || return 1
+  modprobe -a nfsd lockd nfs nfsv3 nfsv4 || return 1
   mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd || return 1
   : > /etc/exports
   for d in "$@"; do
@@ -111,8 +111,15 @@ start_nfs_server() {
   _berth_pid_alive statd || _berth_daemon statd rpc.statd -F --no-notify
   exportfs -ra || return 1
   _berth_pid_alive mountd || _berth_daemon mountd rpc.mountd -F
-  rpc.nfsd --lease-time 10 --grace-time 10 "${NFSD_THREADS:-4}" || return 1
-  echo Y > /proc/fs/nfsd/v4_end_grace 2>/dev/null || true
+  # What `rpc.nfsd --lease-time 10 --grace-time 10` does, except that lockd's
+  # grace (NFSv3 locks; it also refuses new v4 locks while it lasts) is 3 s, not
+  # 10: lockd's grace is nlm_grace_period rounded up to nlm_timeout.
+  echo 10 > /proc/fs/nfsd/nfsv4leasetime 2>/dev/null      # EBUSY while nfsd runs
+  echo 10 > /proc/fs/nfsd/nfsv4gracetime 2>/dev/null
+  echo 3 > /proc/sys/fs/nfs/nlm_timeout
+  echo 3 > /proc/sys/fs/nfs/nlm_grace_period
+  rpc.nfsd "${NFSD_THREADS:-4}" || return 1
+  echo Y > /proc/fs/nfsd/v4_end_grace 2>/dev/null || true   # no v4 grace wait
   wait_for 10 rpcinfo -u 127.0.0.1 mountd 3 || { echo "start_nfs_server: mountd not registered" >&2; return 1; }
   wait_for 10 rpcinfo -t 127.0.0.1 nfs 3 || { echo "start_nfs_server: nfsd not registered" >&2; return 1; }
   berth_log "nfs server up: $(cat /proc/fs/nfsd/versions), exports: $*"

@@ -1,29 +1,38 @@
-//! ControllerGetCapabilities: what the controller implements. Snapshots,
-//! cloning, expansion and modification are not advertised (their RPCs answer
-//! UNIMPLEMENTED).
+//! ControllerGetCapabilities: what the controller implements for the kinds
+//! it serves. Node-local kinds add the attach phase and per-node capacity;
+//! an NFS-only controller has neither. Snapshots, cloning and modification
+//! are not advertised (their RPCs answer UNIMPLEMENTED).
 use crate::csi::v1 as csi;
 use crate::csi::v1::controller_service_capability::rpc::Type;
 use crate::driver::Driver;
 
-pub const CAPABILITIES: &[Type] = &[
-    Type::CreateDeleteVolume,
-    Type::PublishUnpublishVolume,
-    Type::ListVolumes,
-    Type::GetCapacity,
-    Type::ListVolumesPublishedNodes,
-    Type::GetVolume,
-    Type::VolumeCondition,
-    Type::SingleNodeMultiWriter,
-    Type::PublishReadonly,
-];
+/// The capabilities of this controller.
+pub fn capabilities(d: &Driver) -> Vec<Type> {
+    let mut v = vec![
+        Type::CreateDeleteVolume,
+        Type::ListVolumes,
+        Type::GetVolume,
+        Type::VolumeCondition,
+        Type::SingleNodeMultiWriter,
+    ];
+    if d.kinds().any(|k| k.node_local()) {
+        v.extend([
+            Type::PublishUnpublishVolume,
+            Type::ListVolumesPublishedNodes,
+            Type::PublishReadonly,
+            Type::GetCapacity,
+        ]);
+    }
+    v
+}
 
-pub fn handle(_d: &Driver) -> csi::ControllerGetCapabilitiesResponse {
+pub fn handle(d: &Driver) -> csi::ControllerGetCapabilitiesResponse {
     csi::ControllerGetCapabilitiesResponse {
-        capabilities: CAPABILITIES
-            .iter()
+        capabilities: capabilities(d)
+            .into_iter()
             .map(|t| csi::ControllerServiceCapability {
                 r#type: Some(csi::controller_service_capability::Type::Rpc(
-                    csi::controller_service_capability::Rpc { r#type: *t as i32 },
+                    csi::controller_service_capability::Rpc { r#type: t as i32 },
                 )),
             })
             .collect(),

@@ -3,7 +3,6 @@
 use crate::csi::v1 as csi;
 use crate::csi::v1::plugin_capability::service::Type;
 use crate::driver::Driver;
-use crate::state::Kind;
 
 fn service(t: Type) -> csi::PluginCapability {
     csi::PluginCapability {
@@ -18,11 +17,7 @@ pub fn handle(d: &Driver) -> csi::GetPluginCapabilitiesResponse {
     if d.cfg.mode.controller() {
         capabilities.push(service(Type::ControllerService));
     }
-    if d.cfg
-        .kinds
-        .iter()
-        .any(|k| matches!(k, Kind::Local | Kind::Block))
-    {
+    if d.kinds().any(|k| k.node_local()) {
         capabilities.push(service(Type::VolumeAccessibilityConstraints));
     }
     csi::GetPluginCapabilitiesResponse { capabilities }

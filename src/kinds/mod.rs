@@ -108,6 +108,13 @@ pub trait VolumeKind: Send + Sync {
     /// (DeleteVolume refuses such a volume).
     fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<std::path::PathBuf>>;
 
+    /// Whether volumes live on one node: topology constraints, per-node
+    /// capacity, the attach phase (ControllerPublishVolume) and staging.
+    /// False for kinds reachable from every node (NFS).
+    fn node_local(&self) -> bool {
+        true
+    }
+
     /// Whether CreateVolume/DeleteVolume must write a durable intent
     /// (phase Creating/Deleting) before touching storage. A kind may skip it
     /// when `reconcile_orphans` recognises what a crash leaves behind.

@@ -109,7 +109,7 @@ impl csi::node_server::Node for NodeService {
         _req: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Res<csi::NodeGetCapabilitiesResponse> {
         serve("NodeGetCapabilities", "", async {
-            Ok(node_get_capabilities::handle())
+            Ok(node_get_capabilities::handle(&self.driver))
         })
         .await
     }

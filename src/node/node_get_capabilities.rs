@@ -1,21 +1,30 @@
-//! NodeGetCapabilities.
+//! NodeGetCapabilities: staging is advertised when a node-local kind is
+//! served (an NFS-only node mounts straight into the target).
 use crate::csi::v1 as csi;
 use crate::csi::v1::node_service_capability::rpc::Type;
+use crate::driver::Driver;
 
-pub const CAPABILITIES: &[Type] = &[
-    Type::StageUnstageVolume,
-    Type::GetVolumeStats,
-    Type::VolumeCondition,
-    Type::SingleNodeMultiWriter,
-];
+/// The capabilities of this node service.
+pub fn capabilities(d: &Driver) -> Vec<Type> {
+    let mut v = Vec::new();
+    if d.kinds().any(|k| k.node_local()) {
+        v.push(Type::StageUnstageVolume);
+    }
+    v.extend([
+        Type::GetVolumeStats,
+        Type::VolumeCondition,
+        Type::SingleNodeMultiWriter,
+    ]);
+    v
+}
 
-pub fn handle() -> csi::NodeGetCapabilitiesResponse {
+pub fn handle(d: &Driver) -> csi::NodeGetCapabilitiesResponse {
     csi::NodeGetCapabilitiesResponse {
-        capabilities: CAPABILITIES
-            .iter()
+        capabilities: capabilities(d)
+            .into_iter()
             .map(|t| csi::NodeServiceCapability {
                 r#type: Some(csi::node_service_capability::Type::Rpc(
-                    csi::node_service_capability::Rpc { r#type: *t as i32 },
+                    csi::node_service_capability::Rpc { r#type: t as i32 },
                 )),
             })
             .collect(),

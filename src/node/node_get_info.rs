@@ -3,14 +3,9 @@
 use crate::convert::node_topology;
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
-use crate::state::Kind;
 
 pub fn handle(d: &Driver) -> csi::NodeGetInfoResponse {
-    let local = d
-        .cfg
-        .kinds
-        .iter()
-        .any(|k| matches!(k, Kind::Local | Kind::Block));
+    let local = d.kinds().any(|k| k.node_local());
     csi::NodeGetInfoResponse {
         node_id: d.node_id.clone(),
         max_volumes_per_node: d.cfg.max_volumes_per_node,

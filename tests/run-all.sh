@@ -39,7 +39,7 @@ stage "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
 stage "build (release)" cargo build --release --locked --bins --examples
 stage "unit, handler and binary tests" cargo test --locked
 stage "root integration tests" unshare --mount --propagation private -- \
-  cargo test --locked --test root_local -- --ignored --test-threads=4
+  cargo test --locked --test root_local --test root_multinode -- --ignored --test-threads=4
 stage "README walkthrough" tests/walkthrough.sh
 stage "csi-sanity local" csi-sanity/run.sh local
 stage "manifest validation" bash tests/manifests/validate.sh

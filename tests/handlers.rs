@@ -1308,3 +1308,23 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     assert_eq!(std::fs::read_dir(local.join(".trash")).unwrap().count(), 0);
     assert!(local.join("not-ours").is_dir());
 }
+
+#[tokio::test]
+async fn an_abandoned_call_still_finishes_and_holds_its_guard_until_done() {
+    let h = fake(&[]);
+    let marker = h.path("done");
+    let m = marker.clone();
+    let guard = h.driver.locks.try_lock(vol_key("slow")).unwrap();
+    // The client gives up after 20 ms; the operation takes 300 ms.
+    let call = h.driver.run(guard, move |_| {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::fs::write(&m, b"finished").map_err(|e| berth::error::Error::io("marker", e))
+    });
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(20), call).await.is_err());
+    // Still running: a retry is told so instead of racing it.
+    assert!(h.driver.locks.try_lock(vol_key("slow")).is_err());
+    assert!(!marker.exists());
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(std::fs::read(&marker).unwrap(), b"finished");
+    assert!(h.driver.locks.try_lock(vol_key("slow")).is_ok());
+}

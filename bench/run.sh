@@ -1,0 +1,58 @@
+#!/bin/bash
+# Reproduces the README's performance table with `berth bench` (as root, in a
+# private mount namespace, everything under one temp dir that is removed).
+#   bench/run.sh [--quick]
+# Prints each measurement; never asserts timings (numbers depend on the
+# machine).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+B=${BERTH:-$ROOT/target/release/berth}
+if [ -z "${BERTH_IN_NS:-}" ]; then
+  exec env BERTH_IN_NS=1 unshare --mount --propagation private -- "$0" "$@"
+fi
+QUICK=${1:-}
+N=2000; SCALE=10000
+[ "$QUICK" = --quick ] && { N=200; SCALE=1000; }
+W=$(mktemp -d /tmp/berth-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  awk -v w="$W" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount 2>/dev/null
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+start() { # dir extra-args...
+  local d=$1; shift
+  "$B" --data-dir "$d" --endpoint "unix://$d/csi.sock" --node-id bench-node --log-level warn "$@" 2>"$d.log" &
+  PIDS+=($!)
+  for _ in $(seq 200); do [ -S "$d/csi.sock" ] && break; sleep 0.01; done
+  echo $!
+}
+
+echo "## directory-volume lifecycle, $N cycles, 16 in flight"
+P=$(start "$W/life")
+"$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$N" -c 16 --work-dir "$W/work" --pid "$P"
+echo
+echo "## NodePublishVolume latency alone (1 in flight)"
+"$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$((N / 4))" -c 1 --work-dir "$W/work1" --pid "$P"
+kill "$P"; wait "$P" 2>/dev/null || true
+
+echo
+echo "## scale: $SCALE volumes"
+P=$(start "$W/scale")
+"$B" bench --endpoint "unix://$W/scale/csi.sock" scale --volumes "$SCALE" --sample 100 --keep
+kill "$P"; wait "$P" 2>/dev/null || true
+echo
+echo "## start-up to first Probe with $SCALE volumes in state"
+"$B" bench --endpoint "unix://$W/scale/csi2.sock" startup -- --data-dir "$W/scale" --node-id bench-node --log-level warn
+
+echo
+echo "## idle RSS with 1000 volumes"
+P=$(start "$W/rss")
+"$B" bench --endpoint "unix://$W/rss/csi.sock" scale --volumes 1000 --sample 100 --keep >/dev/null
+sleep 12  # idle blocking threads exit after 10 s
+echo "RSS of the berth that created them, idle: $(awk '/VmRSS/{printf "%.2f MiB", $2/1024}' /proc/$P/status)"
+kill "$P"; wait "$P" 2>/dev/null || true
+"$B" bench --endpoint "unix://$W/rss/csi2.sock" startup --settle-ms 3000 -- --data-dir "$W/rss" --node-id bench-node --log-level warn

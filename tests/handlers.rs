@@ -1320,7 +1320,11 @@ async fn an_abandoned_call_still_finishes_and_holds_its_guard_until_done() {
         std::thread::sleep(std::time::Duration::from_millis(300));
         std::fs::write(&m, b"finished").map_err(|e| berth::error::Error::io("marker", e))
     });
-    assert!(tokio::time::timeout(std::time::Duration::from_millis(20), call).await.is_err());
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(20), call)
+            .await
+            .is_err()
+    );
     // Still running: a retry is told so instead of racing it.
     assert!(h.driver.locks.try_lock(vol_key("slow")).is_err());
     assert!(!marker.exists());

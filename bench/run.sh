@@ -23,16 +23,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start() { # dir extra-args...
+P=
+start() { # dir extra-args...; sets P
   local d=$1; shift
-  "$B" --data-dir "$d" --endpoint "unix://$d/csi.sock" --node-id bench-node --log-level warn "$@" 2>"$d.log" &
-  PIDS+=($!)
+  "$B" --data-dir "$d" --endpoint "unix://$d/csi.sock" --node-id bench-node --log-level warn "$@" >/dev/null 2>"$d.log" &
+  P=$!
+  PIDS+=("$P")
   for _ in $(seq 200); do [ -S "$d/csi.sock" ] && break; sleep 0.01; done
-  echo $!
 }
 
 echo "## directory-volume lifecycle, $N cycles, 16 in flight"
-P=$(start "$W/life")
+start "$W/life"
 "$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$N" -c 16 --work-dir "$W/work" --pid "$P"
 echo
 echo "## NodePublishVolume latency alone (1 in flight)"
@@ -41,7 +42,7 @@ kill "$P"; wait "$P" 2>/dev/null || true
 
 echo
 echo "## scale: $SCALE volumes"
-P=$(start "$W/scale")
+start "$W/scale"
 "$B" bench --endpoint "unix://$W/scale/csi.sock" scale --volumes "$SCALE" --sample 100 --keep
 kill "$P"; wait "$P" 2>/dev/null || true
 echo
@@ -50,7 +51,7 @@ echo "## start-up to first Probe with $SCALE volumes in state"
 
 echo
 echo "## idle RSS with 1000 volumes"
-P=$(start "$W/rss")
+start "$W/rss"
 "$B" bench --endpoint "unix://$W/rss/csi.sock" scale --volumes 1000 --sample 100 --keep >/dev/null
 sleep 12  # idle blocking threads exit after 10 s
 echo "RSS of the berth that created them, idle: $(awk '/VmRSS/{printf "%.2f MiB", $2/1024}' /proc/$P/status)"

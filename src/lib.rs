@@ -21,6 +21,7 @@ pub mod identity;
 pub mod kinds;
 pub mod locks;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod os;

@@ -9,6 +9,7 @@ use berth::driver::Driver;
 use berth::os::Os;
 
 fn main() -> anyhow::Result<()> {
+    berth::memory::limit_arenas();
     let cli = Cli::parse();
     let cfg = cli.config;
     berth::logging::init(cfg.log_format, &cfg.log_level).map_err(anyhow::Error::msg)?;
@@ -49,6 +50,7 @@ fn main() -> anyhow::Result<()> {
                         .with_context(|| format!("binding --metrics-address {addr}"))?;
                     tokio::spawn(berth::metrics::serve(driver.clone(), listener));
                 }
+                tokio::spawn(berth::memory::trim_when_idle(Duration::from_secs(5)));
                 berth::server::serve(driver, socket, berth::server::shutdown_signal(), grace)
                     .await
                     .context("serving")

@@ -28,6 +28,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        crate::memory::note_activity();
         IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -37,6 +37,10 @@ pub struct LifecycleArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Node service endpoint when it is not the --endpoint process (a split
+    /// controller/node deployment).
+    #[arg(long)]
+    pub node_endpoint: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -276,6 +280,9 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     std::fs::create_dir_all(&args.work_dir)?;
     let mut client = connect(endpoint).await?;
+    if let Some(ne) = &args.node_endpoint {
+        client.node = connect(ne).await?.node;
+    }
     let plan = Arc::new(plan(&mut client, args.clone()).await?);
     let stop = Arc::new(AtomicBool::new(false));
     {

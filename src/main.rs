@@ -41,6 +41,11 @@ fn main() -> anyhow::Result<()> {
                     None => None,
                 };
                 let grace = Duration::from_secs(cfg.shutdown_timeout);
+                if cfg.mode == berth::config::Mode::Node
+                    && cfg.kinds.iter().any(|k| matches!(k, berth::state::Kind::Local | berth::state::Kind::Block))
+                {
+                    tracing::warn!("node-local volume kinds keep their records in this process: run them with --mode all (the controller that creates them on this node), not --mode node");
+                }
                 let driver = Driver::new(cfg, Os::real())
                     .map_err(|e| anyhow::anyhow!(e.render()))
                     .context("starting the driver")?;

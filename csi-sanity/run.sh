@@ -1,8 +1,12 @@
 #!/bin/bash
 # Runs csi-sanity (pinned) against berth for one volume kind.
-#   csi-sanity/run.sh [local]
+#   csi-sanity/run.sh [local|block-raw|block-ext4|block-xfs|nfs]
+# nfs needs a reachable NFS export: NFS_SERVER and NFS_SHARE (tests/vm/nfs.sh
+# runs it inside the test guest); berth mounts with its default options
+# (nfsvers=4.1).
 # Env: BERTH (binary, default target/release/berth), CSI_SANITY (binary,
-# default: installed by tests/install-deps.sh into target/tools/bin).
+# default: installed by tests/install-deps.sh into target/tools/bin),
+# SANITY_ARGS (extra csi-sanity arguments, e.g. --ginkgo.focus=NodeExpand).
 # Runs in a private mount namespace so nothing it mounts can leak to the host;
 # everything it creates lives in one temp dir that is removed at the end.
 # Prints the csi-sanity summary and a final line "N passed, M failed".
@@ -25,12 +29,30 @@ cleanup() {
   awk -v w="$WORK" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m"
   done
+  # Loop devices are not namespaced: detach any left on files of this run.
+  for f in /sys/block/loop*/loop/backing_file; do
+    [ -e "$f" ] && grep -q "^$WORK/" "$f" 2>/dev/null || continue
+    d=${f#/sys/block/}; d=${d%%/*}
+    echo "csi-sanity: detaching leftover /dev/$d ($(cat "$f"))" >&2
+    losetup -d "/dev/$d"
+  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 case "$MODE" in
   local) PARAMS=$ROOT/csi-sanity/local.yaml; KINDS=local; SIZE=1048576; EXTRA=() ;;
+  # Block sizes are whole MiB (what the pool allocates exactly); xfs needs
+  # at least 300 MiB. Expansion doubles the size.
+  block-raw) PARAMS=$ROOT/csi-sanity/block-raw.yaml; KINDS=block; SIZE=$((16 << 20))
+    EXTRA=(--csi.testvolumeaccesstype=block --csi.testvolumeexpandsize=$((32 << 20))) ;;
+  block-ext4) PARAMS=$ROOT/csi-sanity/block-ext4.yaml; KINDS=block; SIZE=$((64 << 20))
+    EXTRA=(--csi.testvolumeexpandsize=$((128 << 20))) ;;
+  block-xfs) PARAMS=$ROOT/csi-sanity/block-xfs.yaml; KINDS=block; SIZE=$((320 << 20))
+    EXTRA=(--csi.testvolumeexpandsize=$((640 << 20))) ;;
+  nfs) : "${NFS_SERVER:?nfs mode needs NFS_SERVER}" "${NFS_SHARE:?nfs mode needs NFS_SHARE}"
+    PARAMS=$WORK/nfs.yaml; KINDS=nfs; SIZE=1048576; EXTRA=()
+    printf 'kind: nfs\nserver: "%s"\nshare: "%s"\n' "$NFS_SERVER" "$NFS_SHARE" >"$PARAMS" ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
 
@@ -45,7 +67,7 @@ set +e
 "$CSI_SANITY" --csi.endpoint="$WORK/csi.sock" \
   --csi.mountdir="$WORK/mnt" --csi.stagingdir="$WORK/stage" \
   --csi.testvolumesize="$SIZE" --csi.testvolumeparameters="$PARAMS" \
-  "${EXTRA[@]}" --csi.testnodevolumeattachlimit --ginkgo.no-color --ginkgo.v --ginkgo.timeout=10m >"$WORK/sanity.log" 2>&1
+  "${EXTRA[@]}" ${SANITY_ARGS:-} --csi.testnodevolumeattachlimit --ginkgo.no-color --ginkgo.v --ginkgo.timeout=10m >"$WORK/sanity.log" 2>&1
 RC=$?
 set -e
 grep -E '^\s*\[FAIL\]' "$WORK/sanity.log" || true

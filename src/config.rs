@@ -105,6 +105,18 @@ pub struct Config {
     #[arg(long, env = "BERTH_DISK_POOL", value_delimiter = ',', global = true)]
     pub disk_pool: Vec<String>,
 
+    /// Seconds every NFS mount and umount may take before its process
+    /// group is killed (a dead server); statvfs of NFS volumes waits at most
+    /// 5 s or this, if shorter.
+    #[arg(
+        long,
+        env = "BERTH_NFS_TIMEOUT",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        global = true
+    )]
+    pub nfs_timeout: u64,
+
     /// Maximum volumes published on this node (0 = no limit).
     #[arg(
         long,
@@ -281,5 +293,16 @@ mod tests {
         );
         assert!(parse(&["--mode", "node"]).is_ok());
         assert!(parse(&["--mode", "both"]).is_err());
+    }
+
+    #[test]
+    fn nfs_timeout() {
+        assert_eq!(parse(&[]).unwrap().config.nfs_timeout, 30);
+        assert_eq!(
+            parse(&["--nfs-timeout", "5"]).unwrap().config.nfs_timeout,
+            5
+        );
+        assert!(parse(&["--nfs-timeout", "0"]).is_err());
+        assert!(parse(&["--nfs-timeout", "x"]).is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kinds::{LocalKind, VolumeKind};
+use crate::kinds::{BlockKind, LocalKind, NfsKind, VolumeKind};
 use crate::locks::{OpGuard, OpLocks};
 use crate::os::Os;
 use crate::state::{Kind, Phase, Store, VolumeRecord};
@@ -15,7 +15,7 @@ pub struct Driver {
     pub cfg: Config,
     pub node_id: String,
     pub topology_key: String,
-    pub store: Store,
+    pub store: Arc<Store>,
     pub locks: Arc<OpLocks>,
     pub os: Os,
     kinds: BTreeMap<Kind, Arc<dyn VolumeKind>>,
@@ -31,16 +31,22 @@ impl Driver {
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
-        let store = Store::open(&state_dir)?;
+        let store = Arc::new(Store::open(&state_dir)?);
         let mut kinds: BTreeMap<Kind, Arc<dyn VolumeKind>> = BTreeMap::new();
         for k in &cfg.kinds {
             let imp: Arc<dyn VolumeKind> = match k {
                 Kind::Local => Arc::new(LocalKind::new(cfg.local_root(), os.clone())?),
-                other => {
-                    return Err(Error::InvalidArgument(format!(
-                        "volume kind {other} is not available in this build"
-                    )))
-                }
+                Kind::Block => Arc::new(BlockKind::new(
+                    cfg.block_root(),
+                    cfg.disk_pool.clone(),
+                    os.clone(),
+                    store.clone(),
+                )?),
+                Kind::Nfs => Arc::new(NfsKind::new(
+                    state_dir.join("nfs"),
+                    std::time::Duration::from_secs(cfg.nfs_timeout),
+                    os.clone(),
+                )),
             };
             kinds.insert(*k, imp);
         }
@@ -76,15 +82,25 @@ impl Driver {
     }
 
     /// The record of an existing volume (NOT_FOUND otherwise). Records still
-    /// being created do not exist yet for other RPCs.
+    /// being created do not exist yet for other RPCs. A volume with a
+    /// self-describing id (NFS) that has no record here (a node plugin, or a
+    /// controller that lost its state) gets the record its id describes.
     pub fn volume(&self, id: &str) -> Result<VolumeRecord> {
         if !self.id_is_plausible(id) {
             return Err(Error::NotFound(format!("volume {id} does not exist")));
         }
         match self.store.get(id) {
             Some(r) if r.phase != Phase::Creating => Ok(r),
-            _ => Err(Error::NotFound(format!("volume {id} does not exist"))),
+            Some(_) => Err(Error::NotFound(format!("volume {id} does not exist"))),
+            None => self
+                .record_from_id(id)
+                .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist"))),
         }
+    }
+
+    /// The record a served kind rebuilds from a self-describing id alone.
+    pub fn record_from_id(&self, id: &str) -> Option<VolumeRecord> {
+        self.kinds.values().find_map(|k| k.record_from_id(id))
     }
 
     /// Runs a blocking operation to completion on its own thread, holding the

@@ -5,8 +5,12 @@
 #   2. cargo fmt --check, cargo clippy -D warnings
 #   3. unit and handler tests (recording fakes, no root), binary tests
 #   4. root integration tests with real mounts, in a private mount namespace
+#      (block volumes also inside the full-kernel qemu guest of tests/vm/,
+#      where root may resize ext4 online: see tests/vm-block.sh)
 #   5. the README walkthrough against a running berth
-#   6. csi-sanity (pinned) for every volume kind available
+#   6. csi-sanity (pinned) for every volume kind available; NFS (csi-sanity
+#      and the root_nfs integration tests) inside the full-kernel guest
+#      against its kernel NFS server (tests/vm/nfs.sh)
 #   7. Kubernetes manifest and Helm chart validation
 # and checks that no mount or loop device was leaked. Fails on the first
 # failing stage; prints "N passed, M failed" for the stages at the end.
@@ -40,8 +44,15 @@ stage "build (release)" cargo build --release --locked --bins --examples
 stage "unit, handler and binary tests" cargo test --locked
 stage "root integration tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_local --test root_multinode -- --ignored --test-threads=4
+stage "root block tests" unshare --mount --propagation private -- \
+  cargo test --locked --test root_block -- --ignored --test-threads=4
+stage "root block tests in the full-kernel guest" tests/vm-block.sh
 stage "README walkthrough" tests/walkthrough.sh
 stage "csi-sanity local" csi-sanity/run.sh local
+stage "csi-sanity block-raw" csi-sanity/run.sh block-raw
+stage "csi-sanity block-ext4" csi-sanity/run.sh block-ext4
+stage "csi-sanity block-xfs" csi-sanity/run.sh block-xfs
+stage "NFS volumes in the full-kernel guest" tests/vm/nfs.sh
 stage "manifest validation" bash tests/manifests/validate.sh
 
 mounts_after=$(wc -l </proc/self/mountinfo)

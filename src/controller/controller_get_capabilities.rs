@@ -1,7 +1,8 @@
 //! ControllerGetCapabilities: what the controller implements for the kinds
 //! it serves. Node-local kinds add the attach phase and per-node capacity;
-//! an NFS-only controller has neither. Snapshots, cloning and modification
-//! are not advertised (their RPCs answer UNIMPLEMENTED).
+//! an NFS-only controller has neither; expansion comes with an expandable
+//! kind (block). Snapshots, cloning and modification are not advertised
+//! (their RPCs answer UNIMPLEMENTED).
 use crate::csi::v1 as csi;
 use crate::csi::v1::controller_service_capability::rpc::Type;
 use crate::driver::Driver;
@@ -22,6 +23,9 @@ pub fn capabilities(d: &Driver) -> Vec<Type> {
             Type::PublishReadonly,
             Type::GetCapacity,
         ]);
+    }
+    if d.kinds().any(|k| k.expandable()) {
+        v.push(Type::ExpandVolume);
     }
     v
 }

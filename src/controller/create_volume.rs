@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{topology, volume};
 use crate::convert;
 use crate::csi::v1 as csi;
-use crate::driver::{name_key, now_unix, Driver};
+use crate::driver::{name_key, now_unix, vol_key, Driver};
 use crate::error::{Error, Result};
 use crate::state::{Capability, Kind, Phase, VolumeRecord};
 use crate::validate;
@@ -87,6 +87,7 @@ pub fn kind_parameters(params: &BTreeMap<String, String>) -> BTreeMap<String, St
 }
 
 struct Request {
+    id: String,
     name: String,
     kind: Kind,
     caps: Vec<Capability>,
@@ -130,8 +131,14 @@ pub async fn handle(
             d.node_id.clone()
         }
     };
-    let guard = d.locks.try_lock(name_key(&name))?;
+    // The id a new volume would get. Kinds with self-describing ids (NFS)
+    // derive it from the name and parameters, so two names can ask for the
+    // same id: it is guarded too.
+    let id = imp.id_for(&name, &params)?;
+    let mut guard = d.locks.try_lock(name_key(&name))?;
+    guard.also(vol_key(&id))?;
     let r = Request {
+        id,
         name,
         kind,
         caps,
@@ -184,8 +191,25 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
             }
         }
     }
-    let size = r.range.size();
-    let pool = imp.pool_capacity()?;
+    if let Some(other) = d.store.get(&r.id) {
+        return Err(Error::AlreadyExists(format!(
+            "volume {} named {} already uses the storage this request names",
+            other.id, other.name
+        )));
+    }
+    if imp.record_from_id(&r.id).is_some() {
+        // Self-describing ids can name nested storage (an NFS subdirectory
+        // inside another volume's): deleting one would touch the other.
+        if let Some(other) = d.store.filter(|o| imp.overlaps(&o.id, &r.id)).first() {
+            return Err(Error::AlreadyExists(format!(
+                "volume {} named {} overlaps the storage this request names ({})",
+                other.id, other.name, r.id
+            )));
+        }
+    }
+    let kparams = kind_parameters(&r.params);
+    let size = imp.size_for(&kparams, &r.caps, r.range.size(), r.range.limit)?;
+    let pool = imp.capacity_for(&kparams)?;
     if size > pool.max_volume_bytes {
         return Err(Error::OutOfRange(format!(
             "{size} bytes is more than the largest volume this pool can hold ({} bytes)",
@@ -193,7 +217,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         )));
     }
     let rec = VolumeRecord {
-        id: imp.new_id(),
+        id: r.id,
         name: r.name,
         kind: r.kind,
         seq: 0,
@@ -205,8 +229,11 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         context: BTreeMap::new(),
         published: BTreeMap::new(),
         created_unix: now_unix(),
+        block: None,
     };
+    let promises = imp.capacity_is_promise();
     let admit = |promised: i64| {
+        let promised = if promises { promised } else { 0 };
         let free = pool.free_bytes.saturating_sub(promised);
         if size > free {
             Err(Error::ResourceExhausted(format!(

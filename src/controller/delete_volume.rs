@@ -1,7 +1,8 @@
 //! DeleteVolume: idempotent (an unknown id is success). Refuses a volume that
 //! is still published (FAILED_PRECONDITION). The record goes to Deleting
 //! before the storage is removed, so a crash in between is finished at
-//! start-up.
+//! start-up. A volume with a self-describing id (NFS) but no record here
+//! (the controller's state was lost) is deleted as its id describes.
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
@@ -20,6 +21,14 @@ pub async fn handle(
     }
     let mut guard = d.locks.try_lock(vol_key(&id))?;
     let Some(rec) = d.store.get(&id) else {
+        if d.record_from_id(&id).is_some() {
+            // CreateVolume guards the id too: no record can appear meanwhile.
+            d.run(guard, move |d| match d.record_from_id(&id) {
+                Some(rec) => d.kind(rec.kind)?.clone().delete(&rec),
+                None => Ok(()),
+            })
+            .await?;
+        }
         return Ok(csi::DeleteVolumeResponse {});
     };
     guard.also(name_key(&rec.name))?;

@@ -1,6 +1,7 @@
-//! GetCapacity: free space of the pool minus what existing volumes were
-//! promised; 0 for another node's topology segment or for capabilities the
-//! kind cannot serve.
+//! GetCapacity: free space of the pool the parameters select, minus what
+//! existing volumes were promised (for kinds whose capacity is a promise);
+//! 0 for another node's topology segment or for capabilities the kind cannot
+//! serve.
 use std::sync::Arc;
 
 use super::create_volume::{kind_of, kind_parameters};
@@ -37,14 +38,16 @@ pub async fn handle(
             }
         }
     }
-    let d2 = d.clone();
-    let pool = tokio::task::spawn_blocking(move || imp.pool_capacity())
+    let promised = if imp.capacity_is_promise() {
+        d.store.promised(kind)
+    } else {
+        0
+    };
+    let kparams = kind_parameters(&params);
+    let pool = tokio::task::spawn_blocking(move || imp.capacity_for(&kparams))
         .await
         .map_err(|e| Error::Internal(format!("capacity task failed: {e}")))??;
-    let available = pool
-        .free_bytes
-        .saturating_sub(d2.store.promised(kind))
-        .max(0);
+    let available = pool.free_bytes.saturating_sub(promised).max(0);
     Ok(csi::GetCapacityResponse {
         available_capacity: available,
         maximum_volume_size: Some(available.min(pool.max_volume_bytes)),

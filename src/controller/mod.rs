@@ -1,5 +1,6 @@
 //! The CSI Controller service: one file per RPC; each handler validates its
 //! request, takes the per-volume guard and calls into the volume kind.
+mod controller_expand_volume;
 mod controller_get_capabilities;
 mod controller_get_volume;
 mod controller_publish_volume;
@@ -21,6 +22,7 @@ use crate::csi::v1 as csi;
 use crate::driver::Driver;
 use crate::rpc::serve;
 
+pub use create_volume::Range;
 pub use topology::placement;
 
 pub struct ControllerService {
@@ -168,8 +170,14 @@ impl csi::controller_server::Controller for ControllerService {
         &self,
         req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Res<csi::ControllerExpandVolumeResponse> {
-        let id = req.get_ref().volume_id.clone();
-        serve("ControllerExpandVolume", &id, unimplemented::expand()).await
+        let req = req.into_inner();
+        let id = req.volume_id.clone();
+        serve(
+            "ControllerExpandVolume",
+            &id,
+            controller_expand_volume::handle(self.driver.clone(), req),
+        )
+        .await
     }
 
     async fn controller_get_volume(

@@ -6,12 +6,6 @@ pub async fn snapshots<T>() -> Result<T> {
     Err(Error::Unimplemented("snapshots are not supported".into()))
 }
 
-pub async fn expand<T>() -> Result<T> {
-    Err(Error::Unimplemented(
-        "volume expansion is not supported".into(),
-    ))
-}
-
 pub async fn modify<T>() -> Result<T> {
     Err(Error::Unimplemented(
         "volume modification is not supported".into(),

@@ -1,5 +1,6 @@
-//! GetPluginCapabilities: the Controller service (when served) and volume
-//! accessibility constraints (when a node-local kind is served).
+//! GetPluginCapabilities: the Controller service (when served), volume
+//! accessibility constraints (when a node-local kind is served) and online
+//! volume expansion (when an expandable kind is served).
 use crate::csi::v1 as csi;
 use crate::csi::v1::plugin_capability::service::Type;
 use crate::driver::Driver;
@@ -19,6 +20,17 @@ pub fn handle(d: &Driver) -> csi::GetPluginCapabilitiesResponse {
     }
     if d.kinds().any(|k| k.node_local()) {
         capabilities.push(service(Type::VolumeAccessibilityConstraints));
+    }
+    if d.kinds().any(|k| k.expandable()) {
+        // Block volumes grow while published (resize2fs / xfs_growfs on
+        // the mounted filesystem).
+        capabilities.push(csi::PluginCapability {
+            r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                csi::plugin_capability::VolumeExpansion {
+                    r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+                },
+            )),
+        });
     }
     csi::GetPluginCapabilitiesResponse { capabilities }
 }

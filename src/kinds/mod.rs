@@ -5,17 +5,23 @@
 //! | file       | kind                                         |
 //! |------------|----------------------------------------------|
 //! | `local.rs` | local directories under `--local-root`       |
+//! | `block/`   | loop-backed files under `--block-root`, and whole disks of `--disk-pool` |
+//! | `nfs/`     | subdirectories of an export on an existing NFS server |
 
+pub mod block;
 pub mod local;
+pub mod nfs;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::os::FsUsage;
 use crate::state::{Capability, Kind, VolumeRecord};
 
+pub use block::BlockKind;
 pub use local::LocalKind;
+pub use nfs::NfsKind;
 
 /// Free space a kind can still hand out, before subtracting promises.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,6 +57,8 @@ impl Health {
 /// Arguments of a NodePublishVolume, validated.
 #[derive(Debug, Clone)]
 pub struct PublishArgs<'a> {
+    /// Empty for a kind that does not stage (`node_local` false) when the
+    /// CO gave no staging path.
     pub staging: &'a Path,
     pub target: &'a Path,
     pub capability: &'a Capability,
@@ -65,6 +73,30 @@ pub struct VolumeStats {
     pub block_size_only: Option<i64>,
 }
 
+/// A request to grow a volume: at least `required` bytes (0: no minimum),
+/// at most `limit` (0: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Growth {
+    pub required: i64,
+    pub limit: i64,
+}
+
+/// What ControllerExpandVolume answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expansion {
+    pub capacity_bytes: i64,
+    pub node_expansion_required: bool,
+}
+
+/// Arguments of a NodeExpandVolume, validated.
+#[derive(Debug, Clone)]
+pub struct NodeExpandArgs<'a> {
+    pub volume_path: &'a Path,
+    pub staging: Option<&'a Path>,
+    pub capability: Option<&'a Capability>,
+    pub growth: Growth,
+}
+
 pub trait VolumeKind: Send + Sync {
     fn kind(&self) -> Kind;
 
@@ -75,6 +107,30 @@ pub trait VolumeKind: Send + Sync {
     /// the id as a path).
     fn owns_id(&self, id: &str) -> bool;
 
+    /// The id of a new volume named `name` created with all of `params`
+    /// (the CO's `csi.storage.k8s.io/` keys included). Default: `new_id`.
+    /// Kinds whose ids describe the volume (NFS) derive it from both.
+    fn id_for(&self, name: &str, params: &BTreeMap<String, String>) -> Result<String> {
+        let _ = (name, params);
+        Ok(self.new_id())
+    }
+
+    /// For self-describing ids (NFS): the record a volume with this id has,
+    /// rebuilt from the id alone, for instances that hold no record of it (a
+    /// node plugin; a controller whose state was lost). None otherwise.
+    fn record_from_id(&self, id: &str) -> Option<VolumeRecord> {
+        let _ = id;
+        None
+    }
+
+    /// True when the storage of volumes `a` and `b` (ids of this kind)
+    /// overlaps, so deleting one would touch the other: CreateVolume refuses
+    /// the second. Default: never (ids are unique).
+    fn overlaps(&self, a: &str, b: &str) -> bool {
+        let _ = (a, b);
+        false
+    }
+
     /// StorageClass parameters this kind understands beyond the generic ones;
     /// any other key is rejected naming the key.
     fn check_parameters(&self, params: &BTreeMap<String, String>) -> Result<()>;
@@ -84,6 +140,61 @@ pub trait VolumeKind: Send + Sync {
 
     /// Free space of the pool (GetCapacity subtracts promises).
     fn pool_capacity(&self) -> Result<PoolCapacity>;
+
+    /// Free space of the pool that the StorageClass parameters `params`
+    /// select (a kind may have several). Default: `pool_capacity`.
+    fn capacity_for(&self, params: &BTreeMap<String, String>) -> Result<PoolCapacity> {
+        let _ = params;
+        self.pool_capacity()
+    }
+
+    /// The size a new volume gets when `wanted` bytes are asked for with at
+    /// most `limit` (0: no limit): rounded to what the pool allocates, and
+    /// OUT_OF_RANGE when no size fits. Default: `wanted` as is.
+    fn size_for(
+        &self,
+        params: &BTreeMap<String, String>,
+        caps: &[Capability],
+        wanted: i64,
+        limit: i64,
+    ) -> Result<i64> {
+        let _ = (params, caps, limit);
+        Ok(wanted)
+    }
+
+    /// True when a volume's capacity is a promise that the pool's free space
+    /// does not show (directories without quotas): GetCapacity and
+    /// CreateVolume subtract every promise. A kind that takes the space when
+    /// it creates or grows a volume answers false.
+    fn capacity_is_promise(&self) -> bool {
+        true
+    }
+
+    /// Whether volumes of this kind can be expanded (EXPAND_VOLUME and
+    /// online VolumeExpansion are advertised when a served kind can).
+    fn expandable(&self) -> bool {
+        false
+    }
+
+    /// ControllerExpandVolume of a volume in this instance's store (`Some`),
+    /// or of one with this kind's id that lives on another node (`None`).
+    fn controller_expand(&self, rec: Option<&VolumeRecord>, growth: Growth) -> Result<Expansion> {
+        let _ = (rec, growth);
+        Err(Error::InvalidArgument(format!(
+            "{} volumes cannot be expanded",
+            self.kind()
+        )))
+    }
+
+    /// NodeExpandVolume: grows the volume on this node and returns its
+    /// capacity now. Idempotent; never shrinks.
+    fn node_expand(&self, rec: &VolumeRecord, args: &NodeExpandArgs<'_>) -> Result<i64> {
+        let _ = (rec, args);
+        Err(Error::InvalidArgument(format!(
+            "{} volumes cannot be expanded",
+            self.kind()
+        )))
+    }
 
     /// Creates the storage for a recorded volume. Idempotent: a retry after a
     /// crash finds what an earlier attempt made.
@@ -103,6 +214,15 @@ pub trait VolumeKind: Send + Sync {
 
     /// NOT_FOUND when the volume is not available at `path`.
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats>;
+
+    /// NodeGetVolumeStats: usage and condition. Default: `stats`, then
+    /// `health`. A kind whose stats can hang (NFS) answers both from one
+    /// bounded call, and an abnormal condition with default stats when it
+    /// has no numbers.
+    fn stats_and_health(&self, rec: &VolumeRecord, path: &Path) -> Result<(VolumeStats, Health)> {
+        let s = self.stats(rec, path)?;
+        Ok((s, self.health(rec)))
+    }
 
     /// True when the volume is staged or published anywhere on this node
     /// (DeleteVolume refuses such a volume).

@@ -100,8 +100,14 @@ impl csi::node_server::Node for NodeService {
         &self,
         req: Request<csi::NodeExpandVolumeRequest>,
     ) -> Res<csi::NodeExpandVolumeResponse> {
-        let id = req.get_ref().volume_id.clone();
-        serve("NodeExpandVolume", &id, node_expand_volume::handle()).await
+        let req = req.into_inner();
+        let id = req.volume_id.clone();
+        serve(
+            "NodeExpandVolume",
+            &id,
+            node_expand_volume::handle(self.driver.clone(), req),
+        )
+        .await
     }
 
     async fn node_get_capabilities(

@@ -1,5 +1,6 @@
 //! NodeGetCapabilities: staging is advertised when a node-local kind is
-//! served (an NFS-only node mounts straight into the target).
+//! served (an NFS-only node mounts straight into the target), expansion
+//! when an expandable kind (block) is.
 use crate::csi::v1 as csi;
 use crate::csi::v1::node_service_capability::rpc::Type;
 use crate::driver::Driver;
@@ -15,6 +16,9 @@ pub fn capabilities(d: &Driver) -> Vec<Type> {
         Type::VolumeCondition,
         Type::SingleNodeMultiWriter,
     ]);
+    if d.kinds().any(|k| k.expandable()) {
+        v.push(Type::ExpandVolume);
+    }
     v
 }
 

@@ -6,6 +6,7 @@ use crate::csi::v1 as csi;
 use crate::csi::v1::volume_usage::Unit;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::kinds::VolumeStats;
 use crate::validate;
 
 fn usage(unit: Unit, total: u64, available: u64, used: u64) -> csi::VolumeUsage {
@@ -37,9 +38,11 @@ pub async fn handle(
     tokio::task::spawn_blocking(move || {
         let rec = d.volume(&id)?;
         let kind = d.kind(rec.kind)?;
-        let stats = kind.stats(&rec, &path)?;
-        let health = kind.health(&rec);
+        let (stats, health) = kind.stats_and_health(&rec, &path)?;
         let usage = match stats.block_size_only {
+            // No numbers (an NFS server that does not answer): the
+            // condition says why.
+            None if health.abnormal && stats == VolumeStats::default() => vec![],
             Some(size) => vec![csi::VolumeUsage {
                 available: 0,
                 total: size,

@@ -1,5 +1,7 @@
 //! NodePublishVolume: bind-mounts the staged volume into the pod's target
-//! path (created by the driver), read-only when asked.
+//! path (created by the driver), read-only when asked. Kinds that do not
+//! stage (NFS) mount straight at the target and need no staging path.
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::convert;
@@ -16,14 +18,15 @@ pub async fn handle(
     let id = validate::volume_id(&req.volume_id)?;
     let target = validate::abs_path("target_path", &req.target_path)?;
     let cap = convert::required_capability(req.volume_capability.as_ref())?;
-    if req.staging_target_path.is_empty() {
-        return Err(Error::FailedPrecondition(
-            "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)"
-                .into(),
-        ));
-    }
-    let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
-    if staging == target {
+    let staging = if req.staging_target_path.is_empty() {
+        None
+    } else {
+        Some(validate::abs_path(
+            "staging_target_path",
+            &req.staging_target_path,
+        )?)
+    };
+    if staging.as_ref() == Some(&target) {
         return Err(Error::InvalidArgument(
             "target_path and staging_target_path must differ".into(),
         ));
@@ -33,10 +36,20 @@ pub async fn handle(
     let readonly = req.readonly;
     d.with_volume(id, move |d, rec, kind| {
         d.require_local_here(&rec)?;
+        let staging = match &staging {
+            Some(s) => s.as_path(),
+            None if !kind.node_local() => Path::new(""),
+            None => {
+                return Err(Error::FailedPrecondition(
+                    "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)"
+                        .into(),
+                ))
+            }
+        };
         kind.publish(
             &rec,
             &PublishArgs {
-                staging: &staging,
+                staging,
                 target: &target,
                 capability: &cap,
                 readonly,

@@ -2,12 +2,15 @@
 //! follows the calls made on it (a bind mount shows the source's device and
 //! directory, an unmount removes the topmost entry), so logic built on
 //! mountinfo can be unit-tested without root.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::blockdev::{BlockDevices, DeviceInfo};
 use super::command::{CmdOutput, Runner};
+use super::loopdev::{AttachOptions, LoopDevices, LoopInfo};
 use super::mountinfo::{self, MountEntry, MountTable};
 use super::{FsStats, FsUsage, MountFlags, Mounter, OsError};
 
@@ -33,9 +36,35 @@ pub enum Call {
         program: String,
         args: Vec<String>,
     },
+    LoopAttach {
+        file: PathBuf,
+        read_only: bool,
+        direct_io: bool,
+    },
+    LoopDetach {
+        device: PathBuf,
+    },
+    LoopClearAutoclear {
+        device: PathBuf,
+    },
+    LoopSetCapacity {
+        device: PathBuf,
+    },
+}
+
+/// A loop device of the fake.
+#[derive(Debug, Clone)]
+struct FakeLoop {
+    backing: PathBuf,
+    id: (u64, u64),
+    read_only: bool,
+    direct_io: bool,
+    autoclear: bool,
+    size: u64,
 }
 
 type CmdReply = Result<CmdOutput, OsError>;
+type Responder = Box<dyn Fn(&[String]) -> CmdReply + Send>;
 
 pub struct FakeOs {
     calls: Mutex<Vec<Call>>,
@@ -45,6 +74,16 @@ pub struct FakeOs {
     default_usage: Mutex<FsUsage>,
     failures: Mutex<HashMap<&'static str, VecDeque<i32>>>,
     replies: Mutex<HashMap<String, VecDeque<CmdReply>>>,
+    responders: Mutex<HashMap<String, Responder>>,
+    loops: Mutex<BTreeMap<u32, FakeLoop>>,
+    devices: Mutex<BTreeMap<PathBuf, DeviceInfo>>,
+    busy_detaches: Mutex<u32>,
+    unreadable: Mutex<HashSet<PathBuf>>,
+    /// `mount -t nfs` and `umount` runs change the table (see
+    /// `emulate_nfs_mounts`).
+    nfs_mounts: Mutex<bool>,
+    /// statvfs of these paths sleeps this long first (a hung NFS server).
+    stat_delays: Mutex<HashMap<PathBuf, Duration>>,
 }
 
 impl Default for FakeOs {
@@ -84,7 +123,189 @@ impl FakeOs {
             }),
             failures: Mutex::new(HashMap::new()),
             replies: Mutex::new(HashMap::new()),
+            responders: Mutex::new(HashMap::new()),
+            loops: Mutex::new(BTreeMap::new()),
+            devices: Mutex::new(BTreeMap::new()),
+            busy_detaches: Mutex::new(0),
+            unreadable: Mutex::new(HashSet::new()),
+            nfs_mounts: Mutex::new(false),
+            stat_delays: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// From now on, runs of `mount -t nfs ... -- SOURCE TARGET` and `umount
+    /// ... TARGET` that have no scripted reply succeed and change the mount
+    /// table like the real commands (an NFS entry with the source and the
+    /// ro/rw option; umount removes the top entry or exits 32 "not
+    /// mounted").
+    pub fn emulate_nfs_mounts(&self) {
+        *lock(&self.nfs_mounts) = true;
+    }
+
+    /// statvfs of `path` sleeps `delay` before answering (None: no delay).
+    pub fn set_statvfs_delay(&self, path: &Path, delay: Option<Duration>) {
+        match delay {
+            Some(d) => {
+                lock(&self.stat_delays).insert(path.to_path_buf(), d);
+            }
+            None => {
+                lock(&self.stat_delays).remove(path);
+            }
+        }
+    }
+
+    fn emulate_nfs_command(&self, program: &str, args: &[String]) -> Option<CmdOutput> {
+        if !*lock(&self.nfs_mounts) {
+            return None;
+        }
+        let ok = CmdOutput {
+            code: Some(0),
+            ..Default::default()
+        };
+        match program {
+            "mount" => {
+                let pos = args.iter().position(|a| a == "--")?;
+                let (source, target) = (args.get(pos + 1)?, args.get(pos + 2)?);
+                if !args
+                    .windows(2)
+                    .any(|w| w[0] == "-t" && w[1].starts_with("nfs"))
+                {
+                    return None;
+                }
+                let opts = args
+                    .windows(2)
+                    .find(|w| w[0] == "-o")
+                    .map(|w| w[1].clone())
+                    .unwrap_or_default();
+                let v4 = !opts.split(',').any(|o| o == "vers=3" || o == "nfsvers=3");
+                let ro = opts.split(',').any(|o| o == "ro");
+                let id = self.alloc_id();
+                lock(&self.table).push(MountEntry {
+                    id,
+                    parent: 1,
+                    major: 0,
+                    minor: id,
+                    root: PathBuf::from("/"),
+                    mount_point: PathBuf::from(target),
+                    options: if ro { "ro,relatime" } else { "rw,relatime" }.into(),
+                    fs_type: if v4 { "nfs4" } else { "nfs" }.into(),
+                    source: source.clone(),
+                    super_options: opts,
+                });
+                Some(ok)
+            }
+            "umount" => {
+                let target = PathBuf::from(args.last()?);
+                let mut t = lock(&self.table);
+                match t.iter().rposition(|m| m.mount_point == target) {
+                    Some(i) => {
+                        t.remove(i);
+                        Some(ok)
+                    }
+                    None => Some(CmdOutput {
+                        code: Some(32),
+                        stdout: String::new(),
+                        stderr: format!("umount: {}: not mounted.", target.display()),
+                    }),
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Answers every run of `program` that has no queued reply with `f`
+    /// of its arguments.
+    pub fn respond(&self, program: &str, f: impl Fn(&[String]) -> CmdReply + Send + 'static) {
+        lock(&self.responders).insert(program.to_string(), Box::new(f));
+    }
+
+    /// Registers a block device (a disk) at `path`.
+    pub fn add_device(&self, path: &Path, major: u32, minor: u32, size_bytes: u64) {
+        lock(&self.devices).insert(
+            path.to_path_buf(),
+            DeviceInfo {
+                path: path.to_path_buf(),
+                major,
+                minor,
+                size_bytes,
+            },
+        );
+    }
+
+    /// Removes a registered device (a disk pulled out).
+    pub fn remove_device(&self, path: &Path) {
+        lock(&self.devices).remove(path);
+    }
+
+    /// Makes reads of a device fail (`check_readable`).
+    pub fn set_unreadable(&self, path: &Path) {
+        lock(&self.unreadable).insert(path.to_path_buf());
+    }
+
+    /// Binds `file` to a loop device as if another process (or an earlier
+    /// run of Berth) had attached it; records no call.
+    pub fn add_loop(&self, file: &Path) -> LoopInfo {
+        self.bind_loop(file, AttachOptions::default())
+    }
+
+    /// The bound fake loop devices.
+    pub fn loops(&self) -> Vec<LoopInfo> {
+        lock(&self.loops)
+            .iter()
+            .map(|(n, l)| Self::loop_info(*n, l))
+            .collect()
+    }
+
+    /// The next `n` detaches behave like LOOP_CLR_FD on a busy device: they
+    /// succeed but only set autoclear, leaving the device bound.
+    pub fn detach_leaves_bound(&self, n: u32) {
+        *lock(&self.busy_detaches) += n;
+    }
+
+    fn loop_info(n: u32, l: &FakeLoop) -> LoopInfo {
+        LoopInfo {
+            device: PathBuf::from(format!("/dev/loop{n}")),
+            major: 7,
+            minor: n,
+            backing_file: l.backing.clone(),
+            backing_deleted: false,
+            read_only: l.read_only,
+            autoclear: l.autoclear,
+            direct_io: l.direct_io,
+        }
+    }
+
+    fn loop_index(device: &Path) -> Option<u32> {
+        device.to_str()?.strip_prefix("/dev/loop")?.parse().ok()
+    }
+
+    fn bind_loop(&self, file: &Path, opts: AttachOptions) -> LoopInfo {
+        let (id, size) = std::fs::metadata(file)
+            .map(|m| ((m.dev(), m.ino()), m.len()))
+            .unwrap_or(((0, 0), 0));
+        let mut loops = lock(&self.loops);
+        let n = (0..).find(|i| !loops.contains_key(i)).unwrap_or(0);
+        let l = FakeLoop {
+            backing: file.to_path_buf(),
+            id,
+            read_only: opts.read_only,
+            direct_io: opts.direct_io,
+            autoclear: false,
+            size,
+        };
+        let info = Self::loop_info(n, &l);
+        loops.insert(n, l);
+        info
+    }
+
+    /// Major and minor of a fake device node, if it is one.
+    fn device_numbers(&self, path: &Path) -> Option<(u32, u32)> {
+        if let Some(n) = Self::loop_index(path) {
+            if lock(&self.loops).contains_key(&n) {
+                return Some((7, n));
+            }
+        }
+        lock(&self.devices).get(path).map(|d| (d.major, d.minor))
     }
 
     /// Every call made so far.
@@ -232,11 +453,12 @@ impl Mounter for FakeOs {
         });
         self.injected("mount_fs", target)?;
         let id = self.alloc_id();
+        let (major, minor) = self.device_numbers(source).unwrap_or((7, id));
         lock(&self.table).push(MountEntry {
             id,
             parent: 1,
-            major: 7,
-            minor: id,
+            major,
+            minor,
             root: PathBuf::from("/"),
             mount_point: target.into(),
             options: Self::options(flags),
@@ -276,6 +498,10 @@ impl MountTable for FakeOs {
 
 impl FsStats for FakeOs {
     fn statvfs(&self, path: &Path) -> Result<FsUsage, OsError> {
+        let delay = lock(&self.stat_delays).get(path).copied();
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         self.injected("statvfs", path)?;
         if let Some(u) = lock(&self.usage).get(path) {
             return Ok(*u);
@@ -295,15 +521,158 @@ impl Runner for FakeOs {
             program: program.into(),
             args: args.to_vec(),
         });
-        lock(&self.replies)
+        let mut scripted = lock(&self.replies)
             .get_mut(program)
-            .and_then(|q| q.pop_front())
-            .unwrap_or_else(|| {
-                Err(OsError::Failed {
-                    program: program.into(),
-                    status: "no reply scripted in the fake".into(),
-                    stderr: String::new(),
-                })
+            .and_then(|q| q.pop_front());
+        if scripted.is_none() {
+            scripted = lock(&self.responders).get(program).map(|f| f(args));
+        }
+        if scripted.is_none() {
+            if let Some(out) = self.emulate_nfs_command(program, args) {
+                return Ok(out);
+            }
+        }
+        scripted.unwrap_or_else(|| {
+            Err(OsError::Failed {
+                program: program.into(),
+                status: "no reply scripted in the fake".into(),
+                stderr: String::new(),
             })
+        })
+    }
+}
+
+impl LoopDevices for FakeOs {
+    fn list(&self) -> Result<Vec<LoopInfo>, OsError> {
+        self.injected("loop_list", Path::new("/sys/block"))?;
+        Ok(self.loops())
+    }
+
+    fn backing_id(&self, device: &Path) -> Result<(u64, u64), OsError> {
+        Self::loop_index(device)
+            .and_then(|n| lock(&self.loops).get(&n).map(|l| l.id))
+            .ok_or_else(|| {
+                OsError::sys(
+                    "LOOP_GET_STATUS64",
+                    device,
+                    std::io::Error::from_raw_os_error(libc::ENXIO),
+                )
+            })
+    }
+
+    fn attach(&self, file: &Path, opts: AttachOptions) -> Result<LoopInfo, OsError> {
+        lock(&self.calls).push(Call::LoopAttach {
+            file: file.into(),
+            read_only: opts.read_only,
+            direct_io: opts.direct_io,
+        });
+        self.injected("loop_attach", file)?;
+        if !file.is_file() {
+            return Err(OsError::sys(
+                "open",
+                file,
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        }
+        Ok(self.bind_loop(file, opts))
+    }
+
+    fn detach(&self, device: &Path) -> Result<(), OsError> {
+        lock(&self.calls).push(Call::LoopDetach {
+            device: device.into(),
+        });
+        self.injected("loop_detach", device)?;
+        let Some(n) = Self::loop_index(device) else {
+            return Ok(());
+        };
+        {
+            let mut busy = lock(&self.busy_detaches);
+            if *busy > 0 {
+                *busy -= 1;
+                if let Some(l) = lock(&self.loops).get_mut(&n) {
+                    l.autoclear = true;
+                }
+                return Ok(());
+            }
+        }
+        lock(&self.loops).remove(&n);
+        Ok(())
+    }
+
+    fn clear_autoclear(&self, device: &Path) -> Result<(), OsError> {
+        lock(&self.calls).push(Call::LoopClearAutoclear {
+            device: device.into(),
+        });
+        if let Some(n) = Self::loop_index(device) {
+            if let Some(l) = lock(&self.loops).get_mut(&n) {
+                l.autoclear = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_capacity(&self, device: &Path) -> Result<(), OsError> {
+        lock(&self.calls).push(Call::LoopSetCapacity {
+            device: device.into(),
+        });
+        self.injected("set_capacity", device)?;
+        let n = Self::loop_index(device).ok_or_else(|| {
+            OsError::sys(
+                "LOOP_SET_CAPACITY",
+                device,
+                std::io::Error::from_raw_os_error(libc::ENXIO),
+            )
+        })?;
+        let mut loops = lock(&self.loops);
+        let l = loops.get_mut(&n).ok_or_else(|| {
+            OsError::sys(
+                "LOOP_SET_CAPACITY",
+                device,
+                std::io::Error::from_raw_os_error(libc::ENXIO),
+            )
+        })?;
+        l.size = std::fs::metadata(&l.backing)
+            .map(|m| m.len())
+            .unwrap_or(l.size);
+        Ok(())
+    }
+}
+
+impl BlockDevices for FakeOs {
+    fn inspect(&self, path: &Path) -> Result<DeviceInfo, OsError> {
+        self.injected("inspect", path)?;
+        if let Some(n) = Self::loop_index(path) {
+            if let Some(l) = lock(&self.loops).get(&n) {
+                return Ok(DeviceInfo {
+                    path: path.to_path_buf(),
+                    major: 7,
+                    minor: n,
+                    size_bytes: l.size,
+                });
+            }
+        }
+        lock(&self.devices).get(path).cloned().ok_or_else(|| {
+            OsError::sys(
+                "resolve",
+                path,
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            )
+        })
+    }
+
+    fn stable_link(&self, _dev: &DeviceInfo) -> Option<PathBuf> {
+        None
+    }
+
+    fn check_readable(&self, path: &Path) -> Result<(), OsError> {
+        self.injected("check_readable", path)?;
+        if lock(&self.unreadable).contains(path) || self.device_numbers(path).is_none() {
+            return Err(OsError::sys(
+                "read",
+                path,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
     }
 }

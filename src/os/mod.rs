@@ -9,18 +9,34 @@
 //! | `mountinfo.rs`| reading and parsing /proc/self/mountinfo        |
 //! | `statvfs.rs`  | statvfs(3): free space and inodes               |
 //! | `command.rs`  | external commands under a timeout (process group killed) |
+//! | `loopdev.rs`  | loop devices: attach, detach, capacity, sysfs list |
+//! | `blockdev.rs` | block devices: size, identity, by-id links       |
+//! | `blkid.rs`    | `blkid -p`: what is on a device                  |
+//! | `mkfs.rs`     | mkfs.ext4/xfs, resize2fs, xfs_growfs, wipefs     |
+//! | `fallocate.rs`| preallocation of thick volume files             |
+//! | `nfsmount.rs` | `mount -t nfs` / `umount` with checked options   |
+//! | `bounded.rs`  | calls that may hang (statvfs of NFS) with a deadline |
 //! | `fake.rs`     | the recording fake of all of the above          |
 
+pub mod blkid;
+pub mod blockdev;
+pub mod bounded;
 pub mod command;
 pub mod fake;
+pub mod fallocate;
+pub mod loopdev;
+pub mod mkfs;
 pub mod mount;
 pub mod mountinfo;
+pub mod nfsmount;
 pub mod statvfs;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use blockdev::{BlockDevices, DeviceInfo, RealBlockDevices};
 pub use command::{CmdOutput, RealRunner, Runner};
+pub use loopdev::{AttachOptions, LoopDevices, LoopInfo, RealLoopDevices};
 pub use mount::{MountFlags, Mounter, RealMounter};
 pub use mountinfo::{MountEntry, MountTable, ProcMountTable};
 pub use statvfs::{FsStats, FsUsage, RealFsStats};
@@ -77,6 +93,8 @@ pub struct Os {
     pub mounts: Arc<dyn MountTable>,
     pub fs: Arc<dyn FsStats>,
     pub cmd: Arc<dyn Runner>,
+    pub loops: Arc<dyn LoopDevices>,
+    pub devices: Arc<dyn BlockDevices>,
 }
 
 impl Os {
@@ -87,6 +105,8 @@ impl Os {
             mounts: Arc::new(ProcMountTable::default()),
             fs: Arc::new(RealFsStats),
             cmd: Arc::new(RealRunner),
+            loops: Arc::new(RealLoopDevices::default()),
+            devices: Arc::new(RealBlockDevices::default()),
         }
     }
 
@@ -99,8 +119,23 @@ impl Os {
                 mounts: f.clone(),
                 fs: f.clone(),
                 cmd: f.clone(),
+                loops: f.clone(),
+                devices: f.clone(),
             },
             f,
         )
+    }
+
+    /// Another handle on an existing fake (a restart that keeps the fake's
+    /// mount table, as a real restart keeps the kernel's).
+    pub fn on_fake(f: &Arc<fake::FakeOs>) -> Self {
+        Os {
+            mounter: f.clone(),
+            mounts: f.clone(),
+            fs: f.clone(),
+            cmd: f.clone(),
+            loops: f.clone(),
+            devices: f.clone(),
+        }
     }
 }

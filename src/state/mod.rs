@@ -12,7 +12,10 @@ pub mod dirsync;
 pub mod record;
 pub mod store;
 
-pub use record::{AccessMode, AccessType, Attachment, Capability, Kind, Phase, VolumeRecord};
+pub use record::{
+    AccessMode, AccessType, Allocation, Attachment, BlockInfo, Capability, DiskRef, Kind, Phase,
+    VolumeRecord,
+};
 pub use store::Store;
 
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! What Berth remembers about a volume.
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -131,4 +132,60 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub published: BTreeMap<String, Attachment>,
     pub created_unix: u64,
+    /// Block volumes: allocation, disk and format state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockInfo>,
+}
+
+/// How the file of a loop-backed block volume is allocated.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    /// Sparse: blocks are allocated as they are written.
+    #[default]
+    Thin,
+    /// Preallocated with fallocate when created (and when grown).
+    Thick,
+}
+
+/// A whole disk handed out as a volume, and what identifies it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DiskRef {
+    /// The path the disk pool listed it under.
+    pub path: PathBuf,
+    /// The device node that path resolved to when the volume was created.
+    pub device: PathBuf,
+    /// A /dev/disk/by-id link to it, used in preference to `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_id: Option<PathBuf>,
+    pub major: u32,
+    pub minor: u32,
+    pub size_bytes: u64,
+}
+
+/// What Berth remembers about a block volume beyond the generic record.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockInfo {
+    #[serde(default)]
+    pub allocation: Allocation,
+    /// Set for volumes of the whole-disk pool (no backing file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskRef>,
+    /// Filesystem used when a mount capability names none (StorageClass
+    /// parameter fsType, default ext4).
+    #[serde(default)]
+    pub default_fs: String,
+    /// Checked extra mkfs arguments for `default_fs` (parameter mkfsOptions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mkfs_options: Vec<String>,
+    /// True once Berth's mkfs of `fs_type` finished: never formatted again.
+    #[serde(default)]
+    pub formatted: bool,
+    /// The filesystem Berth made (set with `formatted`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fs_type: String,
+    /// Intent written before mkfs starts: a mkfs of this type may have run
+    /// (partly) on the device. Cleared when `formatted` is set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub formatting: String,
 }

@@ -294,6 +294,7 @@ mod tests {
             context: Default::default(),
             published: Default::default(),
             created_unix: 0,
+            block: None,
         }
     }
 

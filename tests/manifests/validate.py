@@ -44,7 +44,7 @@ BERTH_FLAGS = {
     "endpoint", "node-id", "driver-name", "mode", "kinds", "data-dir",
     "state-dir", "local-root", "block-root", "disk-pool",
     "max-volumes-per-node", "socket-group", "log-format", "log-level",
-    "metrics-address", "shutdown-timeout",
+    "metrics-address", "shutdown-timeout", "nfs-timeout",
 }
 BERTH_MODES = {"controller", "node", "all"}
 BERTH_KINDS = {"local", "block", "nfs"}
@@ -53,12 +53,12 @@ LOG_FORMATS = {"text", "json"}
 # StorageClass parameters per volume kind (besides csi.storage.k8s.io/*).
 SC_PARAMS = {
     "local": {"kind"},
-    "block": {"kind", "allocation", "pool"},
+    "block": {"kind", "allocation", "pool", "fsType", "mkfsOptions"},
     "nfs": {"kind", "server", "share", "subDir", "mountPermissions", "onDelete"},
 }
 SC_ALLOCATIONS = {"thin", "thick"}
 SC_POOLS = {"disk"}
-SC_ON_DELETE = {"delete", "retain"}
+SC_ON_DELETE = {"delete", "retain", "archive"}
 SC_FSTYPES = {"ext4", "xfs"}
 SUBDIR_VARS = {"pvc.metadata.namespace", "pvc.metadata.name", "pv.metadata.name"}
 # CSI keys the external-provisioner understands and Berth may meet.
@@ -662,6 +662,8 @@ def check_storageclass(render, sc, errs):
             errs.append("pool must be one of %s" % sorted(SC_POOLS))
         if params.get("pool") == "disk" and "allocation" in params:
             errs.append("allocation does not apply to whole disks (pool: disk)")
+        if "fsType" in params and params["fsType"] not in SC_FSTYPES:
+            errs.append("fsType must be one of %s" % sorted(SC_FSTYPES))
     if kind == "nfs":
         for req in ("server", "share"):
             if not params.get(req):

@@ -1,0 +1,67 @@
+//! ControllerExpandVolume: validates the request and records the new
+//! capacity of a volume this instance knows; the volume's node grows it
+//! (NodeExpandVolume, `node_expansion_required`). Node-local volumes live
+//! in the store of their own node, and one leader-elected external-resizer
+//! serves the whole cluster: for a volume id of a served node-local kind
+//! that this instance does not know, the answer is the requested size with
+//! `node_expansion_required`, and the node does the checks and the work.
+use std::sync::Arc;
+
+use super::create_volume::Range;
+use crate::convert;
+use crate::csi::v1 as csi;
+use crate::driver::{vol_key, Driver};
+use crate::error::{Error, Result};
+use crate::kinds::Growth;
+use crate::state::Phase;
+use crate::validate;
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::ControllerExpandVolumeRequest,
+) -> Result<csi::ControllerExpandVolumeResponse> {
+    if !d.kinds().any(|k| k.expandable()) {
+        return Err(Error::Unimplemented(
+            "volume expansion is not supported by the volume kinds served here".into(),
+        ));
+    }
+    let id = validate::volume_id(&req.volume_id)?.to_string();
+    let range =
+        Range::from_proto(Some(req.capacity_range.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("capacity_range is required".into())
+        })?))?;
+    if let Some(c) = req.volume_capability.as_ref() {
+        convert::capability(c)?;
+    }
+    let growth = Growth {
+        required: range.required,
+        limit: range.limit,
+    };
+    let kind = d
+        .kinds()
+        .find(|k| k.owns_id(&id))
+        .cloned()
+        .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+    let guard = d.locks.try_lock(vol_key(&id))?;
+    let e = d
+        .run(guard, move |d| match d.store.get(&id) {
+            Some(mut rec) if rec.phase == Phase::Ready => {
+                let e = d.kind(rec.kind)?.controller_expand(Some(&rec), growth)?;
+                if e.capacity_bytes != rec.capacity_bytes {
+                    rec.capacity_bytes = e.capacity_bytes;
+                    d.store.put(&rec)?;
+                }
+                Ok(e)
+            }
+            Some(_) => Err(Error::Aborted(format!(
+                "volume {id} is being created or deleted"
+            ))),
+            None if kind.node_local() => kind.controller_expand(None, growth),
+            None => Err(Error::NotFound(format!("volume {id} does not exist"))),
+        })
+        .await?;
+    Ok(csi::ControllerExpandVolumeResponse {
+        capacity_bytes: e.capacity_bytes,
+        node_expansion_required: e.node_expansion_required,
+    })
+}

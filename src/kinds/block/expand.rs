@@ -1,0 +1,218 @@
+//! Expansion. ControllerExpandVolume checks the request against the pool
+//! and answers the new size (the handler records it); NodeExpandVolume does
+//! the work on the volume's node, each step idempotent so a retry repairs
+//! whatever a crash interrupted:
+//! 1. grow the backing file (thick: allocate the new part), never shrink;
+//! 2. `LOOP_SET_CAPACITY` if the attached loop device is smaller than it;
+//! 3. grow the mounted filesystem online (resize2fs on the device,
+//!    xfs_growfs on a mount point); a filesystem that already fills its
+//!    device is left as it is.
+//!
+//! A whole disk cannot grow: a request within its size succeeds (the
+//! filesystem is grown to the disk if it is smaller), beyond it is
+//! OUT_OF_RANGE.
+use std::path::{Path, PathBuf};
+
+use super::{params, BlockKind, Dev};
+use crate::error::{Error, Result};
+use crate::kinds::{Expansion, Growth, NodeExpandArgs};
+use crate::node::mounts;
+use crate::os::fallocate;
+use crate::os::mkfs::{self, Filesystem};
+use crate::state::{Allocation, BlockInfo, VolumeRecord};
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl BlockKind {
+    pub(super) fn expand_controller(
+        &self,
+        rec: Option<&VolumeRecord>,
+        g: Growth,
+    ) -> Result<Expansion> {
+        let Some(rec) = rec else {
+            // A volume of another node: its node checks and does the work.
+            if g.required <= 0 {
+                return Err(Error::InvalidArgument(
+                    "capacity_range.required_bytes is needed to expand a volume of another node"
+                        .into(),
+                ));
+            }
+            return Ok(Expansion {
+                capacity_bytes: params::grown_size(0, g.required, g.limit)?,
+                node_expansion_required: true,
+            });
+        };
+        let info = Self::info(rec)?;
+        if let Some(d) = &info.disk {
+            let size = to_i64(d.size_bytes);
+            Self::check_disk_growth(size, g)?;
+            return Ok(Expansion {
+                capacity_bytes: size,
+                node_expansion_required: false,
+            });
+        }
+        let size = params::grown_size(rec.capacity_bytes, g.required, g.limit)?;
+        self.check_file_growth(rec, info.allocation, size)?;
+        Ok(Expansion {
+            capacity_bytes: size,
+            node_expansion_required: true,
+        })
+    }
+
+    fn check_disk_growth(size: i64, g: Growth) -> Result<()> {
+        if g.required > size {
+            return Err(Error::OutOfRange(format!(
+                "a whole-disk volume cannot grow beyond its disk ({size} bytes)"
+            )));
+        }
+        if g.limit > 0 && size > g.limit {
+            return Err(Error::OutOfRange(format!(
+                "the volume is a whole disk of {size} bytes, more than limit_bytes {}",
+                g.limit
+            )));
+        }
+        Ok(())
+    }
+
+    /// OUT_OF_RANGE when the file pool cannot hold the volume at `size`.
+    fn check_file_growth(
+        &self,
+        rec: &VolumeRecord,
+        allocation: Allocation,
+        size: i64,
+    ) -> Result<()> {
+        let u = self
+            .os
+            .fs
+            .statvfs(&self.root)
+            .map_err(|e| Error::os("reading free space of the block root", e))?;
+        if size > to_i64(u.total_bytes) {
+            return Err(Error::OutOfRange(format!(
+                "{size} bytes is more than the block pool's filesystem holds ({} bytes)",
+                u.total_bytes
+            )));
+        }
+        if allocation == Allocation::Thick {
+            let allocated = std::fs::metadata(self.file(&rec.id)?)
+                .map(|m| fallocate::allocated_bytes(&m))
+                .unwrap_or(0);
+            let need = u64::try_from(size).unwrap_or(0).saturating_sub(allocated);
+            if need > u.available_bytes {
+                return Err(Error::OutOfRange(format!(
+                    "growing the thick volume to {size} bytes needs {need} more bytes; the block pool has {} free",
+                    u.available_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn expand_node(&self, rec: &VolumeRecord, a: &NodeExpandArgs<'_>) -> Result<i64> {
+        let info = Self::info(rec)?;
+        if let Some(d) = &info.disk {
+            let disk = self.resolve_disk(d)?;
+            let size = to_i64(disk.size_bytes);
+            Self::check_disk_growth(size, a.growth)?;
+            let dev = Dev {
+                path: disk.path,
+                major: disk.major,
+                minor: disk.minor,
+            };
+            self.grow_fs(rec, &info, &dev, a)?;
+            return Ok(size);
+        }
+        let size = params::grown_size(rec.capacity_bytes, a.growth.required, a.growth.limit)?;
+        self.check_file_growth(rec, info.allocation, size)?;
+        let f = self.require_file(&rec.id)?;
+        self.grow_file(&f, info.allocation, size)
+            .map_err(|e| match e {
+                Error::ResourceExhausted(m) => Error::OutOfRange(m),
+                e => e,
+            })?;
+        match self.current_device(rec)? {
+            Some(dev) => {
+                self.refresh_capacity(&dev.path, &f)?;
+                self.grow_fs(rec, &info, &dev, a)?;
+            }
+            // Not attached: the device takes the file's size when it is.
+            // A filesystem must still be grown, once staged.
+            None if info.formatted && !Self::used_raw(a) => {
+                return Err(Self::not_mounted(rec, &info));
+            }
+            None => {}
+        }
+        Ok(size)
+    }
+
+    fn used_raw(a: &NodeExpandArgs<'_>) -> bool {
+        a.capability
+            .is_some_and(|c| matches!(c.access_type, crate::state::AccessType::Block))
+    }
+
+    fn not_mounted(rec: &VolumeRecord, info: &BlockInfo) -> Error {
+        Error::FailedPrecondition(format!(
+            "the {} filesystem of volume {} is not mounted read-write; it is grown online once the volume is staged",
+            info.fs_type, rec.id
+        ))
+    }
+
+    /// Grows the filesystem of a formatted volume to its device, online.
+    fn grow_fs(
+        &self,
+        rec: &VolumeRecord,
+        info: &BlockInfo,
+        dev: &Dev,
+        a: &NodeExpandArgs<'_>,
+    ) -> Result<()> {
+        if !info.formatted {
+            // Raw, or not formatted yet: mkfs will use the whole device.
+            return Ok(());
+        }
+        let fs = Filesystem::parse(&info.fs_type).ok_or_else(|| {
+            Error::Internal(format!(
+                "volume {} records an unknown filesystem {:?}",
+                rec.id, info.fs_type
+            ))
+        })?;
+        let t = mounts::table(&self.os)?;
+        let mounted: Vec<PathBuf> = t
+            .iter()
+            .filter(|m| {
+                (m.major, m.minor) == (dev.major, dev.minor)
+                    && m.root == Path::new("/")
+                    && !m.readonly()
+            })
+            .map(|m| m.mount_point.clone())
+            .collect();
+        if mounted.is_empty() {
+            if Self::used_raw(a) {
+                // Used raw right now: the device is grown, nothing else to do.
+                return Ok(());
+            }
+            return Err(Self::not_mounted(rec, info));
+        }
+        let mount_point = [a.staging, Some(a.volume_path)]
+            .into_iter()
+            .flatten()
+            .find(|p| mounted.iter().any(|m| m == p))
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| mounted[0].clone());
+        mkfs::grow(self.os.cmd.as_ref(), fs, &dev.path, &mount_point).map_err(|e| {
+            let hint = match &e {
+                // EXT4_IOC_RESIZE_FS needs CAP_SYS_RESOURCE.
+                crate::os::OsError::Failed { stderr, .. }
+                    if stderr.contains("Permission denied") =>
+                {
+                    " (online ext4 resize needs CAP_SYS_RESOURCE: run the node plugin privileged)"
+                }
+                _ => "",
+            };
+            Error::os(
+                format!("growing the {fs} filesystem of volume {}{hint}", rec.id),
+                e,
+            )
+        })
+    }
+}

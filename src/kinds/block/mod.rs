@@ -1,0 +1,558 @@
+//! Block volumes: a file under `--block-root` attached to a loop device, or
+//! a whole disk of `--disk-pool`; used raw (`volumeMode: Block`) or with an
+//! ext4/xfs filesystem Berth makes on first stage.
+//!
+//! | file         | what                                                   |
+//! |--------------|--------------------------------------------------------|
+//! | `params.rs`  | StorageClass parameters, sizes                         |
+//! | `attach.rs`  | loop attachments: find, attach, verified detach        |
+//! | `format.rs`  | the decision whether a device may be formatted         |
+//! | `disks.rs`   | the whole-disk pool                                    |
+//! | `node.rs`    | stage, unstage, publish, unpublish, stats              |
+//! | `expand.rs`  | controller and node expansion                          |
+//!
+//! Safety rules: Berth formats, wipes or deletes only what its own records
+//! name (files `<block-root>/<id>.img` for ids of the exact form
+//! `block-<32 hex>`, disks recorded at creation and still identical);
+//! device paths come only from those records or from the kernel's list of
+//! Berth's own loop attachments.
+mod attach;
+mod disks;
+mod expand;
+mod format;
+mod node;
+pub mod params;
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::node::mounts;
+use crate::os::{fallocate, Os};
+use crate::state::{AccessType, Allocation, BlockInfo, Capability, Kind, Store, VolumeRecord};
+
+use super::{
+    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, VolumeKind, VolumeStats,
+};
+use params::Pool;
+
+const PREFIX: &str = "block-";
+
+pub struct BlockKind {
+    root: PathBuf,
+    disk_pool: Vec<String>,
+    os: Os,
+    store: Arc<Store>,
+    /// Serialises allocations from the file pool (thick creates, growth),
+    /// so a free-space check and the allocation it admits are one step.
+    alloc: Mutex<()>,
+    /// Serialises choosing and recording a disk of the disk pool.
+    claim: Mutex<()>,
+}
+
+/// A volume's device: a loop device or a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Dev {
+    path: PathBuf,
+    major: u32,
+    minor: u32,
+}
+
+fn lock(m: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BlockKind {
+    /// `root` is created (mode 0700) if missing.
+    pub fn new(root: PathBuf, disk_pool: Vec<String>, os: Os, store: Arc<Store>) -> Result<Self> {
+        if !root.exists() {
+            std::fs::create_dir_all(&root)
+                .and_then(|_| {
+                    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|e| Error::io(format!("creating block root {}", root.display()), e))?;
+        }
+        Ok(BlockKind {
+            root,
+            disk_pool,
+            os,
+            store,
+            alloc: Mutex::new(()),
+            claim: Mutex::new(()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The backing file of a volume; only for ids this kind owns.
+    pub fn file(&self, id: &str) -> Result<PathBuf> {
+        if !self.owns_id(id) {
+            return Err(Error::NotFound(format!(
+                "volume {id} is not a block volume"
+            )));
+        }
+        Ok(self.root.join(format!("{id}.img")))
+    }
+
+    fn info(rec: &VolumeRecord) -> Result<BlockInfo> {
+        rec.block.clone().ok_or_else(|| {
+            Error::Internal(format!(
+                "record of block volume {} has no block section",
+                rec.id
+            ))
+        })
+    }
+
+    /// Writes the block section of a record (under the volume's guard).
+    fn save_info(&self, rec: &VolumeRecord, info: &BlockInfo) -> Result<()> {
+        let mut r = self.store.get(&rec.id).unwrap_or_else(|| rec.clone());
+        r.block = Some(info.clone());
+        self.store.put(&r)?;
+        Ok(())
+    }
+
+    /// The backing file, which must be a regular file.
+    fn require_file(&self, id: &str) -> Result<PathBuf> {
+        let f = self.file(id)?;
+        match std::fs::symlink_metadata(&f) {
+            Ok(m) if m.file_type().is_file() => Ok(f),
+            _ => Err(Error::FailedPrecondition(format!(
+                "backing file {} of volume {id} is missing",
+                f.display()
+            ))),
+        }
+    }
+
+    /// The volume's device as it is now, without attaching anything.
+    fn current_device(&self, rec: &VolumeRecord) -> Result<Option<Dev>> {
+        let info = Self::info(rec)?;
+        if let Some(d) = &info.disk {
+            return match self.resolve_disk(d) {
+                Ok(dev) => Ok(Some(Dev {
+                    path: dev.path,
+                    major: dev.major,
+                    minor: dev.minor,
+                })),
+                Err(Error::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        let f = self.file(&rec.id)?;
+        Ok(attach::attachments(&self.os, &f)?
+            .into_iter()
+            .next()
+            .map(|l| Dev {
+                path: l.device,
+                major: l.major,
+                minor: l.minor,
+            }))
+    }
+
+    /// The volume's device, attaching the backing file if needed (and
+    /// growing it first to the recorded capacity, which repairs an
+    /// expansion a crash interrupted).
+    fn ensure_device(&self, rec: &VolumeRecord, read_only: bool) -> Result<Dev> {
+        let info = Self::info(rec)?;
+        if let Some(d) = &info.disk {
+            let dev = self.resolve_disk(d)?;
+            return Ok(Dev {
+                path: dev.path,
+                major: dev.major,
+                minor: dev.minor,
+            });
+        }
+        let f = self.require_file(&rec.id)?;
+        self.grow_file(&f, info.allocation, rec.capacity_bytes)?;
+        let l = attach::ensure_attached(&self.os, &f, read_only)?;
+        self.refresh_capacity(&l.device, &f)?;
+        Ok(Dev {
+            path: l.device,
+            major: l.major,
+            minor: l.minor,
+        })
+    }
+
+    /// Mount points that show the volume's device: filesystem mounts of it
+    /// and bind mounts of its device node.
+    fn users(&self, dev: &Dev) -> Result<Vec<PathBuf>> {
+        let t = mounts::table(&self.os)?;
+        let node = crate::os::mountinfo::object_of(&t, &dev.path);
+        Ok(t.iter()
+            .filter(|m| {
+                (m.major, m.minor) == (dev.major, dev.minor)
+                    || node.as_ref() == Some(&mounts::object(m))
+            })
+            .map(|m| m.mount_point.clone())
+            .collect())
+    }
+
+    /// Creates (or, on a retry, completes) the backing file of a volume.
+    fn create_file(&self, rec: &VolumeRecord, allocation: Allocation) -> Result<()> {
+        let f = self.file(&rec.id)?;
+        if let Ok(m) = std::fs::symlink_metadata(&f) {
+            if !m.file_type().is_file() {
+                return Err(Error::Internal(format!(
+                    "{} exists and is not a regular file",
+                    f.display()
+                )));
+            }
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&f)
+            .map_err(|e| Error::io(format!("creating {}", f.display()), e))?;
+        drop(file);
+        self.grow_file(&f, allocation, rec.capacity_bytes)?;
+        // The file and its directory entry are durable before the volume is
+        // reported created.
+        std::fs::File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("syncing {}", self.root.display()), e))
+    }
+
+    /// Makes the file at least `size` bytes (thick: allocated), never
+    /// smaller. The free-space check and the allocation are one step;
+    /// RESOURCE_EXHAUSTED when the pool has no room.
+    fn grow_file(&self, f: &Path, allocation: Allocation, size: i64) -> Result<()> {
+        let size = u64::try_from(size).unwrap_or(0);
+        let _g = lock(&self.alloc);
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(f)
+            .map_err(|e| Error::io(format!("opening {}", f.display()), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("inspecting {}", f.display()), e))?;
+        let need = match allocation {
+            Allocation::Thin => 0,
+            Allocation::Thick => size.saturating_sub(fallocate::allocated_bytes(&meta)),
+        };
+        if meta.len() >= size && need == 0 {
+            return Ok(());
+        }
+        if need > 0 {
+            let free = self
+                .os
+                .fs
+                .statvfs(&self.root)
+                .map_err(|e| Error::os("reading free space of the block root", e))?
+                .available_bytes;
+            if need > free {
+                return Err(Error::ResourceExhausted(format!(
+                    "the block pool has {free} bytes free; allocating {size} bytes needs {need} more"
+                )));
+            }
+            fallocate::allocate(&file, f, size).map_err(|e| {
+                if e.errno() == Some(libc::ENOSPC) {
+                    Error::ResourceExhausted(format!("the block pool has no room for {size} bytes"))
+                } else {
+                    Error::os("preallocating the volume", e)
+                }
+            })?;
+        }
+        if meta.len() < size {
+            file.set_len(size).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EFBIG) {
+                    Error::OutOfRange(format!(
+                        "{size} bytes is larger than a file on the block root's filesystem can be"
+                    ))
+                } else {
+                    Error::io(format!("sizing {}", f.display()), e)
+                }
+            })?;
+        }
+        file.sync_all()
+            .map_err(|e| Error::io(format!("syncing {}", f.display()), e))
+    }
+
+    /// Makes a loop device take its backing file's size if it is smaller.
+    fn refresh_capacity(&self, device: &Path, f: &Path) -> Result<()> {
+        let want = std::fs::metadata(f)
+            .map_err(|e| Error::io(format!("inspecting {}", f.display()), e))?
+            .len();
+        let have = self
+            .os
+            .devices
+            .inspect(device)
+            .map_err(|e| Error::os("reading the loop device size", e))?
+            .size_bytes;
+        if have < want {
+            self.os
+                .loops
+                .set_capacity(device)
+                .map_err(|e| Error::os("updating the loop device size", e))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches every loop device of the file (refusing while one is in
+    /// use), verified through sysfs.
+    fn release_file(&self, id: &str) -> Result<()> {
+        let f = self.file(id)?;
+        for l in attach::attachments(&self.os, &f)? {
+            let dev = Dev {
+                path: l.device.clone(),
+                major: l.major,
+                minor: l.minor,
+            };
+            let users = self.users(&dev)?;
+            if !users.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} of volume {id} is still mounted at {}",
+                    l.device.display(),
+                    users
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            attach::detach_verified(&self.os, &l)?;
+        }
+        Ok(())
+    }
+
+    fn file_pool_capacity(&self) -> Result<PoolCapacity> {
+        let u = self
+            .os
+            .fs
+            .statvfs(&self.root)
+            .map_err(|e| Error::os("reading free space of the block root", e))?;
+        Ok(PoolCapacity {
+            free_bytes: i64::try_from(u.available_bytes).unwrap_or(i64::MAX),
+            max_volume_bytes: i64::try_from(u.total_bytes).unwrap_or(i64::MAX),
+        })
+    }
+
+    fn disk_pool_capacity(&self) -> Result<PoolCapacity> {
+        let free = self.free_disks()?;
+        let size = |d: &disks::Disk| i64::try_from(d.dev.size_bytes).unwrap_or(i64::MAX);
+        Ok(PoolCapacity {
+            free_bytes: free.iter().map(size).fold(0i64, i64::saturating_add),
+            max_volume_bytes: free.iter().map(size).max().unwrap_or(0),
+        })
+    }
+}
+
+impl VolumeKind for BlockKind {
+    fn kind(&self) -> Kind {
+        Kind::Block
+    }
+
+    fn new_id(&self) -> String {
+        format!("{PREFIX}{}", uuid::Uuid::new_v4().simple())
+    }
+
+    fn owns_id(&self, id: &str) -> bool {
+        id.strip_prefix(PREFIX).is_some_and(|h| {
+            h.len() == 32
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    }
+
+    fn check_parameters(&self, p: &BTreeMap<String, String>) -> Result<()> {
+        // A node without --disk-pool is a valid place to ask; it just has no
+        // capacity for `pool: disk`.
+        params::parse(p).map(|_| ())
+    }
+
+    fn check_capability(&self, cap: &Capability) -> Result<()> {
+        if !cap.access_mode.single_node() {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {:?} needs a volume reachable from several nodes; block volumes live on one node",
+                cap.access_mode
+            )));
+        }
+        if let AccessType::Mount { .. } = cap.access_type {
+            params::capability_fs(cap, crate::os::mkfs::Filesystem::Ext4)?;
+            mounts::bind_flags(cap)?;
+        }
+        Ok(())
+    }
+
+    fn pool_capacity(&self) -> Result<PoolCapacity> {
+        self.file_pool_capacity()
+    }
+
+    fn capacity_for(&self, p: &BTreeMap<String, String>) -> Result<PoolCapacity> {
+        match params::parse(p)?.pool {
+            Pool::File(_) => self.file_pool_capacity(),
+            Pool::Disk => self.disk_pool_capacity(),
+        }
+    }
+
+    fn size_for(
+        &self,
+        p: &BTreeMap<String, String>,
+        caps: &[Capability],
+        wanted: i64,
+        limit: i64,
+    ) -> Result<i64> {
+        let p = params::parse(p)?;
+        match p.pool {
+            Pool::File(_) => params::file_size(&p, caps, wanted, limit),
+            Pool::Disk => self.disk_size_for(wanted, limit),
+        }
+    }
+
+    /// File volumes take their space when created (thick) or as they are
+    /// written (thin: overcommitted, like any thin provisioning); disks are
+    /// claimed. Nothing is a promise on top of the pool's free space.
+    fn capacity_is_promise(&self) -> bool {
+        false
+    }
+
+    fn expandable(&self) -> bool {
+        true
+    }
+
+    fn controller_expand(&self, rec: Option<&VolumeRecord>, g: Growth) -> Result<Expansion> {
+        self.expand_controller(rec, g)
+    }
+
+    fn node_expand(&self, rec: &VolumeRecord, args: &NodeExpandArgs<'_>) -> Result<i64> {
+        self.expand_node(rec, args)
+    }
+
+    fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
+        let p = params::parse(&params::own(&rec.parameters))?;
+        let mut info = rec.block.clone().unwrap_or(BlockInfo {
+            allocation: match p.pool {
+                Pool::File(a) => a,
+                Pool::Disk => Allocation::Thin,
+            },
+            default_fs: p.default_fs.as_str().into(),
+            mkfs_options: p.mkfs_options.clone(),
+            ..Default::default()
+        });
+        match p.pool {
+            Pool::File(allocation) => {
+                rec.block = Some(info);
+                self.create_file(rec, allocation)
+            }
+            Pool::Disk => {
+                if info.disk.is_some() {
+                    return Ok(());
+                }
+                // Choose and record the disk under one lock, so two creates
+                // never get the same disk.
+                let _g = lock(&self.claim);
+                let disk = self.claim_disk(rec.capacity_bytes)?;
+                tracing::info!(volume_id = %rec.id, disk = %disk.path.display(), "disk claimed");
+                info.disk = Some(disk);
+                rec.block = Some(info);
+                self.store.put(rec)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn delete(&self, rec: &VolumeRecord) -> Result<()> {
+        if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
+            let dev = match self.resolve_disk(&d) {
+                Ok(dev) => dev,
+                Err(Error::NotFound(m)) => {
+                    tracing::warn!(volume_id = %rec.id, "{m}; nothing to wipe");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            let users = self.users(&Dev {
+                path: dev.path.clone(),
+                major: dev.major,
+                minor: dev.minor,
+            })?;
+            if !users.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "disk {} of volume {} is still mounted at {}",
+                    dev.path.display(),
+                    rec.id,
+                    users
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            crate::os::mkfs::wipe(self.os.cmd.as_ref(), &dev.path)
+                .map_err(|e| Error::os(format!("wiping disk {}", dev.path.display()), e))?;
+            tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk wiped and returned to the pool");
+            return Ok(());
+        }
+        let f = self.file(&rec.id)?;
+        self.release_file(&rec.id)?;
+        match std::fs::symlink_metadata(&f) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("inspecting {}", f.display()), e)),
+            // A symlink or anything else in its place is removed itself,
+            // never what it points to.
+            Ok(_) => std::fs::remove_file(&f).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(Error::io(format!("removing {}", f.display()), e))
+                }
+            }),
+        }
+    }
+
+    fn health(&self, rec: &VolumeRecord) -> Health {
+        let info = match Self::info(rec) {
+            Ok(i) => i,
+            Err(e) => return Health::abnormal(e.to_string()),
+        };
+        if let Some(d) = &info.disk {
+            return match self.resolve_disk(d) {
+                Ok(_) => Health::ok(),
+                Err(e) => Health::abnormal(e.to_string()),
+            };
+        }
+        if let Err(e) = self.require_file(&rec.id) {
+            return Health::abnormal(e.to_string());
+        }
+        Health::ok()
+    }
+
+    fn stage(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
+        self.check_capability(cap)?;
+        self.stage_volume(rec, staging, cap)
+    }
+
+    fn unstage(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {
+        self.unstage_volume(rec, staging)
+    }
+
+    fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
+        self.check_capability(a.capability)?;
+        self.publish_volume(rec, a)
+    }
+
+    fn unpublish(&self, _rec: &VolumeRecord, target: &Path) -> Result<()> {
+        mounts::unpublish(&self.os, target)
+    }
+
+    fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
+        self.volume_stats(rec, path)
+    }
+
+    fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<PathBuf>> {
+        match self.current_device(rec) {
+            Ok(Some(dev)) => self.users(&dev),
+            Ok(None) => Ok(Vec::new()),
+            // A disk that is not the recorded one any more is not ours to
+            // judge; delete will refuse it.
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+}

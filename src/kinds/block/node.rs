@@ -1,0 +1,333 @@
+//! Node side of block volumes.
+//!
+//! Filesystem volumes: NodeStage attaches, formats when (and only when)
+//! `format::decide` allows it, and mounts the filesystem at the staging
+//! path; NodePublish bind-mounts the staging path into the target.
+//!
+//! Raw block volumes: NodeStage attaches and bind-mounts the device node
+//! onto a file `<staging>/<volume id>`, so that "staged here" is visible in
+//! mountinfo like any other stage; NodePublish bind-mounts that file onto a
+//! file it creates at the target. A read-only publish is a read-only bind
+//! mount (what Kubernetes drivers do); a read-only access mode attaches the
+//! loop device read-only, which the kernel enforces for every user.
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::{format, params, BlockKind, Dev};
+use crate::error::{Error, Result};
+use crate::kinds::{PublishArgs, VolumeStats};
+use crate::node::mounts;
+use crate::os::blkid;
+use crate::os::mkfs::{self, Filesystem};
+use crate::os::mountinfo;
+use crate::os::MountFlags;
+use crate::state::{Capability, VolumeRecord};
+
+/// Creates an empty regular file at `path` if nothing is there; true when
+/// it created one.
+fn ensure_file(path: &Path) -> Result<bool> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_file() => Ok(false),
+                Ok(_) => Err(Error::FailedPrecondition(format!(
+                    "{} exists and is not a regular file",
+                    path.display()
+                ))),
+                // A broken bind mount answers stat with an error; mountinfo
+                // decides what is mounted there.
+                Err(_) => Ok(false),
+            }
+        }
+        Err(e) => Err(Error::io(format!("creating {}", path.display()), e)),
+    }
+}
+
+impl BlockKind {
+    /// The file a raw block volume is staged on.
+    fn marker(rec: &VolumeRecord, staging: &Path) -> PathBuf {
+        staging.join(&rec.id)
+    }
+
+    fn default_fs(rec: &VolumeRecord) -> Result<Filesystem> {
+        let info = Self::info(rec)?;
+        Ok(Filesystem::parse(&info.default_fs).unwrap_or(Filesystem::Ext4))
+    }
+
+    pub(super) fn stage_volume(
+        &self,
+        rec: &VolumeRecord,
+        staging: &Path,
+        cap: &Capability,
+    ) -> Result<()> {
+        match params::capability_fs(cap, Self::default_fs(rec)?)? {
+            None => self.stage_raw(rec, staging, cap),
+            Some(fs) => self.stage_fs(rec, staging, cap, fs),
+        }
+    }
+
+    fn stage_raw(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
+        let dev = self.ensure_device(rec, cap.access_mode.read_only())?;
+        let marker = Self::marker(rec, staging);
+        let t = mounts::table(&self.os)?;
+        let node = mountinfo::object_of(&t, &dev.path)
+            .ok_or_else(|| Error::Internal(format!("no mount holds {}", dev.path.display())))?;
+        if let Some(top) = mountinfo::at(&t, &marker).last() {
+            if mounts::object(top) == node {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "{} already holds another device",
+                marker.display()
+            )));
+        }
+        if !mountinfo::at(&t, staging).is_empty() {
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} already has a mount (staged as a filesystem?)",
+                staging.display()
+            )));
+        }
+        mounts::ensure_dir(staging)?;
+        let created = ensure_file(&marker)?;
+        if let Err(e) = self
+            .os
+            .mounter
+            .bind(&dev.path, &marker, MountFlags::default())
+        {
+            if created {
+                let _ = std::fs::remove_file(&marker);
+            }
+            return Err(Error::os(format!("staging at {}", marker.display()), e));
+        }
+        Ok(())
+    }
+
+    fn stage_fs(
+        &self,
+        rec: &VolumeRecord,
+        staging: &Path,
+        cap: &Capability,
+        fs: Filesystem,
+    ) -> Result<()> {
+        let mut flags = mounts::bind_flags(cap)?;
+        flags.readonly |= cap.access_mode.read_only();
+        let dev = self.ensure_device(rec, false)?;
+        let t = mounts::table(&self.os)?;
+        if let Some(top) = mountinfo::at(&t, staging).last() {
+            if (top.major, top.minor) == (dev.major, dev.minor) && top.root == Path::new("/") {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} already has another mount",
+                staging.display()
+            )));
+        }
+        let mut info = Self::info(rec)?;
+        let in_use = !self.users(&dev)?.is_empty();
+        let decision = format::decide(&info, fs, in_use, || {
+            self.os
+                .devices
+                .check_readable(&dev.path)
+                .map_err(|e| e.to_string())?;
+            blkid::probe(self.os.cmd.as_ref(), &dev.path).map_err(|e| e.to_string())
+        });
+        match decision {
+            format::Decision::Mount => {}
+            format::Decision::Refuse(why) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} on {}: {why}",
+                    rec.id,
+                    dev.path.display()
+                )))
+            }
+            format::Decision::Format { force } => {
+                // The intent is durable before mkfs touches the device, so a
+                // crash mid-mkfs is recognised as Berth's own work.
+                info.formatting = fs.as_str().into();
+                self.save_info(rec, &info)?;
+                let options = if info.default_fs == fs.as_str() {
+                    info.mkfs_options.clone()
+                } else {
+                    Vec::new()
+                };
+                tracing::info!(volume_id = %rec.id, device = %dev.path.display(), fs = %fs, "formatting new volume");
+                mkfs::mkfs(self.os.cmd.as_ref(), fs, &dev.path, &options, force).map_err(|e| {
+                    Error::os(format!("formatting {} as {fs}", dev.path.display()), e)
+                })?;
+                info.formatted = true;
+                info.fs_type = fs.as_str().into();
+                info.formatting.clear();
+                self.save_info(rec, &info)?;
+            }
+        }
+        mounts::ensure_dir(staging)?;
+        self.os
+            .mounter
+            .mount_fs(&dev.path, staging, fs.as_str(), flags, "")
+            .map_err(|e| {
+                Error::os(
+                    format!(
+                        "mounting {} ({fs}) at {}",
+                        dev.path.display(),
+                        staging.display()
+                    ),
+                    e,
+                )
+            })
+    }
+
+    pub(super) fn unstage_volume(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {
+        let info = Self::info(rec)?;
+        let dev = self.current_device(rec)?;
+        let t = mounts::table(&self.os)?;
+        let marker = Self::marker(rec, staging);
+        if !mountinfo::at(&t, &marker).is_empty() {
+            mounts::unstage(&self.os, &marker, None)?;
+        }
+        if std::fs::symlink_metadata(&marker).is_ok() {
+            mounts::remove_target(&marker)?;
+        }
+        if let Some(top) = mountinfo::at(&t, staging).last() {
+            let ours = dev
+                .as_ref()
+                .is_some_and(|d| (top.major, top.minor) == (d.major, d.minor));
+            if !ours {
+                return Err(Error::FailedPrecondition(format!(
+                    "staging path {} holds a mount that is not volume {}",
+                    staging.display(),
+                    rec.id
+                )));
+            }
+            mounts::unstage(&self.os, staging, None)?;
+        }
+        if info.disk.is_none() {
+            self.release_file(&rec.id)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn publish_volume(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
+        let fs = params::capability_fs(a.capability, Self::default_fs(rec)?)?;
+        let not_staged = || {
+            Error::FailedPrecondition(format!(
+                "volume {} is not staged at {} (call NodeStageVolume first)",
+                rec.id,
+                a.staging.display()
+            ))
+        };
+        let dev = self.current_device(rec)?.ok_or_else(not_staged)?;
+        if fs.is_some() {
+            let obj = (dev.major, dev.minor, PathBuf::from("/"));
+            return mounts::publish_bind(
+                &self.os,
+                |_| Some(obj),
+                a.staging,
+                a.target,
+                a.capability,
+                a.readonly,
+            );
+        }
+        self.publish_raw(rec, &dev, a, not_staged)
+    }
+
+    fn publish_raw(
+        &self,
+        rec: &VolumeRecord,
+        dev: &Dev,
+        a: &PublishArgs<'_>,
+        not_staged: impl Fn() -> Error,
+    ) -> Result<()> {
+        let marker = Self::marker(rec, a.staging);
+        let t = mounts::table(&self.os)?;
+        let node = mountinfo::object_of(&t, &dev.path).ok_or_else(&not_staged)?;
+        if mountinfo::at(&t, &marker).last().map(|m| mounts::object(m)) != Some(node.clone()) {
+            return Err(not_staged());
+        }
+        let readonly = a.readonly || a.capability.access_mode.read_only();
+        if let Some(top) = mountinfo::at(&t, a.target).last() {
+            if mounts::object(top) == node && top.readonly() == readonly {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "target {} is already mounted with a different volume or read-only setting",
+                a.target.display()
+            )));
+        }
+        if a.capability.access_mode.single_target() {
+            let others: Vec<_> = mountinfo::mounts_of(&t, &node)
+                .into_iter()
+                .filter(|m| m.mount_point != marker && m.mount_point != a.target)
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if !others.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
+                    others.join(", ")
+                )));
+            }
+        }
+        let created = ensure_file(a.target)?;
+        let flags = MountFlags {
+            readonly,
+            ..Default::default()
+        };
+        if let Err(e) = self.os.mounter.bind(&marker, a.target, flags) {
+            if created {
+                let _ = std::fs::remove_file(a.target);
+            }
+            return Err(Error::os(
+                format!("publishing at {}", a.target.display()),
+                e,
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn volume_stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
+        let not_here = || {
+            Error::NotFound(format!(
+                "volume {} is not available at {}",
+                rec.id,
+                path.display()
+            ))
+        };
+        let t = mounts::table(&self.os)?;
+        let top = mountinfo::at(&t, path)
+            .last()
+            .copied()
+            .ok_or_else(not_here)?;
+        let dev = self.current_device(rec)?.ok_or_else(not_here)?;
+        if (top.major, top.minor) == (dev.major, dev.minor) {
+            let usage = self
+                .os
+                .fs
+                .statvfs(path)
+                .map_err(|e| Error::os(format!("statvfs of {}", path.display()), e))?;
+            return Ok(VolumeStats {
+                usage,
+                block_size_only: None,
+            });
+        }
+        if mountinfo::object_of(&t, &dev.path).as_ref() == Some(&mounts::object(top)) {
+            let size = self
+                .os
+                .devices
+                .inspect(&dev.path)
+                .map_err(|e| Error::os("reading the device size", e))?
+                .size_bytes;
+            return Ok(VolumeStats {
+                usage: Default::default(),
+                block_size_only: Some(i64::try_from(size).unwrap_or(i64::MAX)),
+            });
+        }
+        Err(not_here())
+    }
+}

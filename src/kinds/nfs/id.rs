@@ -1,0 +1,400 @@
+//! NFS volume ids: `nfs#<onDelete>#<server>#<share>#<subdir>`, at most 128
+//! bytes, for example `nfs#d#nfs.example.com#/exports/berth#team-a/pvc-1`.
+//!
+//! The id says everything a node or a controller without the record needs:
+//! where the volume is and what DeleteVolume does with it (`d` delete, `r`
+//! retain, `a` archive). It is parsed and checked on every use: the server
+//! is a host name, an IPv4 address or a bracketed IPv6 address; the share an
+//! absolute path; the subdirectory a relative path of one or more plain
+//! components. No part may be empty, `.`, `..`, hold `#`, `/` where it does
+//! not belong, or anything outside `[A-Za-z0-9._+@=~-]`, so no id can name
+//! the share root or anything outside the share.
+use std::fmt;
+
+/// The CSI limit for a volume id.
+pub const MAX_ID: usize = 128;
+pub const PREFIX: &str = "nfs#";
+
+/// What DeleteVolume does with the volume's subdirectory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDelete {
+    /// Remove it with everything in it.
+    Delete,
+    /// Leave it as it is.
+    Retain,
+    /// Rename it to `archived-<subdir>-<unix time>` in the same parent.
+    Archive,
+}
+
+impl OnDelete {
+    pub fn parse(s: &str) -> Option<OnDelete> {
+        match s.to_ascii_lowercase().as_str() {
+            "delete" => Some(OnDelete::Delete),
+            "retain" => Some(OnDelete::Retain),
+            "archive" => Some(OnDelete::Archive),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDelete::Delete => "delete",
+            OnDelete::Retain => "retain",
+            OnDelete::Archive => "archive",
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            OnDelete::Delete => "d",
+            OnDelete::Retain => "r",
+            OnDelete::Archive => "a",
+        }
+    }
+
+    fn from_code(c: &str) -> Option<OnDelete> {
+        match c {
+            "d" => Some(OnDelete::Delete),
+            "r" => Some(OnDelete::Retain),
+            "a" => Some(OnDelete::Archive),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed, valid NFS volume id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeId {
+    pub on_delete: OnDelete,
+    pub server: String,
+    /// Absolute export path, no trailing slash (`/` itself is allowed).
+    pub share: String,
+    /// Relative path below the share, one or more components.
+    pub subdir: String,
+}
+
+/// A character allowed in a share or subdirectory component.
+fn path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+' | '@' | '=' | '~')
+}
+
+/// One plain path component: not empty, not `.` or `..`, safe characters
+/// only, at most 255 bytes.
+pub fn check_component(c: &str) -> Result<(), String> {
+    if c.is_empty() {
+        return Err("an empty path component".into());
+    }
+    if c == "." || c == ".." {
+        return Err(format!("the path component {c:?}"));
+    }
+    if c.len() > 255 {
+        return Err("a path component longer than 255 bytes".into());
+    }
+    if let Some(bad) = c.chars().find(|ch| !path_char(*ch)) {
+        return Err(format!(
+            "the character {bad:?} (allowed: letters, digits and . _ - + @ = ~)"
+        ));
+    }
+    Ok(())
+}
+
+/// A host name (RFC 1123 labels), an IPv4 address, or `[IPv6]`.
+pub fn check_server(s: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "server {:?}: {why}",
+            s.chars().take(64).collect::<String>()
+        ))
+    };
+    if s.is_empty() {
+        return bad("empty");
+    }
+    if let Some(inner) = s.strip_prefix('[') {
+        let Some(addr) = inner.strip_suffix(']') else {
+            return bad("an IPv6 address must be written in brackets, like [fd00::1]");
+        };
+        return match addr.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => bad("not an IPv6 address"),
+        };
+    }
+    if s.contains(':') {
+        return bad("an IPv6 address must be written in brackets, like [fd00::1]");
+    }
+    if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return match s.parse::<std::net::Ipv4Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => bad("not an IPv4 address"),
+        };
+    }
+    if s.len() > 253 {
+        return bad("host name longer than 253 bytes");
+    }
+    for label in s.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return bad("not a host name (letters, digits and '-' in dot-separated labels)");
+        }
+    }
+    Ok(())
+}
+
+/// An absolute export path: `/` or `/a/b` with plain components.
+pub fn check_share(s: &str) -> Result<(), String> {
+    let bad = |why: String| {
+        Err(format!(
+            "share {:?}: {why}",
+            s.chars().take(64).collect::<String>()
+        ))
+    };
+    let Some(rest) = s.strip_prefix('/') else {
+        return bad("must be an absolute path".into());
+    };
+    if rest.is_empty() {
+        return Ok(());
+    }
+    for c in rest.split('/') {
+        if let Err(e) = check_component(c) {
+            return bad(format!("contains {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// A relative subdirectory: one or more plain components.
+pub fn check_subdir(s: &str) -> Result<(), String> {
+    let bad = |why: String| {
+        Err(format!(
+            "subdirectory {:?}: {why}",
+            s.chars().take(64).collect::<String>()
+        ))
+    };
+    if s.is_empty() {
+        return bad("empty (the share root is never a volume)".into());
+    }
+    if s.starts_with('/') {
+        return bad("must be relative to the share".into());
+    }
+    for c in s.split('/') {
+        if let Err(e) = check_component(c) {
+            return bad(format!("contains {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// Normalises a share path: trailing slashes go (`/exports/` is
+/// `/exports`), anything else must already be clean.
+pub fn normalize_share(s: &str) -> String {
+    let t = s.trim_end_matches('/');
+    if t.is_empty() && s.starts_with('/') {
+        "/".to_string()
+    } else {
+        t.to_string()
+    }
+}
+
+impl VolumeId {
+    /// Checks every part and the length; the encoded id on success.
+    pub fn encode(&self) -> Result<String, String> {
+        check_server(&self.server)?;
+        check_share(&self.share)?;
+        check_subdir(&self.subdir)?;
+        let id = self.to_string();
+        if id.len() > MAX_ID {
+            return Err(format!(
+                "the volume id would be {} bytes, more than the {MAX_ID} a CSI volume id may have: use a shorter server, share or subDir",
+                id.len()
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Parses and checks an id; the error says why it is not an NFS id.
+    pub fn parse(id: &str) -> Result<VolumeId, String> {
+        if id.len() > MAX_ID {
+            return Err(format!("volume id is longer than {MAX_ID} bytes"));
+        }
+        let rest = id
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| format!("volume id does not start with {PREFIX:?}"))?;
+        let parts: Vec<&str> = rest.split('#').collect();
+        let [code, server, share, subdir] = parts[..] else {
+            return Err("volume id must be nfs#<mode>#<server>#<share>#<subdir>".into());
+        };
+        let on_delete =
+            OnDelete::from_code(code).ok_or_else(|| format!("unknown delete mode {code:?}"))?;
+        check_server(server)?;
+        check_share(share)?;
+        if share != "/" && share.ends_with('/') {
+            return Err("share has a trailing slash".into());
+        }
+        check_subdir(subdir)?;
+        Ok(VolumeId {
+            on_delete,
+            server: server.to_string(),
+            share: share.to_string(),
+            subdir: subdir.to_string(),
+        })
+    }
+
+    /// The volume's directory as an NFS source: `server:/share/subdir`.
+    pub fn source(&self) -> String {
+        format!("{}:{}", self.server, self.path())
+    }
+
+    /// The export as an NFS source: `server:/share`.
+    pub fn share_source(&self) -> String {
+        format!("{}:{}", self.server, self.share)
+    }
+
+    /// `/share/subdir` on the server.
+    pub fn path(&self) -> String {
+        if self.share == "/" {
+            format!("/{}", self.subdir)
+        } else {
+            format!("{}/{}", self.share, self.subdir)
+        }
+    }
+
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.subdir.split('/')
+    }
+}
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{PREFIX}{}#{}#{}#{}",
+            self.on_delete.code(),
+            self.server,
+            self.share,
+            self.subdir
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vid(server: &str, share: &str, subdir: &str) -> VolumeId {
+        VolumeId {
+            on_delete: OnDelete::Delete,
+            server: server.into(),
+            share: share.into(),
+            subdir: subdir.into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        for (server, share, subdir) in [
+            ("127.0.0.1", "/export", "pvc-1"),
+            ("nfs.example.com", "/exports/berth", "team-a/pvc-1"),
+            ("[fd00::1]", "/", "v"),
+            ("NAS-1", "/srv/nfs_data", "a.b/c_d/e+f@g=h~i"),
+        ] {
+            for m in [OnDelete::Delete, OnDelete::Retain, OnDelete::Archive] {
+                let v = VolumeId {
+                    on_delete: m,
+                    ..vid(server, share, subdir)
+                };
+                let id = v.encode().unwrap();
+                assert_eq!(VolumeId::parse(&id).unwrap(), v, "{id}");
+            }
+        }
+        let v = vid("[fd00::1]", "/", "v");
+        assert_eq!(v.to_string(), "nfs#d#[fd00::1]#/#v");
+        assert_eq!(v.source(), "[fd00::1]:/v");
+        assert_eq!(v.share_source(), "[fd00::1]:/");
+        let v = vid("h", "/e/x", "a/b");
+        assert_eq!(v.source(), "h:/e/x/a/b");
+        assert_eq!(v.share_source(), "h:/e/x");
+    }
+
+    #[test]
+    fn hostile_ids_are_rejected() {
+        let long = format!("nfs#d#h#/e#{}", "a".repeat(130));
+        for bad in [
+            "",
+            "nfs",
+            "nfs#",
+            "nfs#d#h#/e#",          // empty subdir: the share root
+            "nfs#d#h#/e#.",         // the share root again
+            "nfs#d#h#/e#..",        // outside the share
+            "nfs#d#h#/e#a/..",      // back up to the root
+            "nfs#d#h#/e#../x",      // outside
+            "nfs#d#h#/e#a/../../x", // outside
+            "nfs#d#h#/e#/abs",      // absolute
+            "nfs#d#h#/e#a//b",      // empty component
+            "nfs#d#h#/e#a/",        // trailing slash
+            "nfs#d#h#/e#a/./b",     // dot component
+            "nfs#d#h#/e#a#b",       // extra #
+            "nfs#d#h#/e#a\0b",      // NUL
+            "nfs#d#h#/e#a b",       // space
+            "nfs#d#h#/e#a\nb",      // newline
+            "nfs#d#h#/e#a,b",       // comma
+            "nfs#d#h#/e#a:b",       // colon
+            "nfs#x#h#/e#a",         // unknown mode
+            "nfs#dd#h#/e#a",        // unknown mode
+            "nfs#d#h#e#a",          // relative share
+            "nfs#d#h#/e/#a",        // trailing slash in share
+            "nfs#d#h#/e/../x#a",    // .. in share
+            "nfs#d#h#/e//x#a",      // empty share component
+            "nfs#d#-o#/e#a",        // option-like server
+            "nfs#d#h:x#/e#a",       // colon in server
+            "nfs#d#::1#/e#a",       // unbracketed IPv6
+            "nfs#d#[::1#/e#a",      // unclosed bracket
+            "nfs#d#[zz::1]#/e#a",   // not IPv6
+            "nfs#d#1.2.3#/e#a",     // not IPv4
+            "nfs#d#1.2.3.256#/e#a", // not IPv4
+            "nfs#d#a..b#/e#a",      // empty label
+            "nfs#d#a_b#/e#a",       // underscore
+            "nfs#d##/e#a",          // empty server
+            "NFS#d#h#/e#a",         // exact prefix only
+            " nfs#d#h#/e#a",        // exact prefix only
+            "local-0123456789abcdef0123456789abcdef",
+            &long,
+        ] {
+            assert!(VolumeId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn length_limit() {
+        let ok = vid("h", "/e", &"a".repeat(MAX_ID - "nfs#d#h#/e#".len()));
+        assert_eq!(ok.encode().unwrap().len(), MAX_ID);
+        let over = vid("h", "/e", &"a".repeat(MAX_ID + 1 - "nfs#d#h#/e#".len()));
+        let e = over.encode().unwrap_err();
+        assert!(e.contains("129 bytes"), "{e}");
+    }
+
+    #[test]
+    fn shares_normalise() {
+        assert_eq!(normalize_share("/exports/"), "/exports");
+        assert_eq!(normalize_share("/"), "/");
+        assert_eq!(normalize_share("//"), "/");
+        assert_eq!(normalize_share("/a/b"), "/a/b");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsed_ids_stay_inside_the_share(s in "nfs#[dra]#[a-z0-9.\\[\\]:-]{1,12}#/[a-z./]{0,12}#[a-z./#]{0,16}") {
+            if let Ok(v) = VolumeId::parse(&s) {
+                proptest::prop_assert!(!v.subdir.is_empty());
+                for c in v.components() {
+                    proptest::prop_assert!(c != "." && c != ".." && !c.is_empty());
+                }
+                proptest::prop_assert_eq!(v.to_string(), s);
+            }
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! NFS volumes: each volume is a subdirectory of an export on an NFS server
+//! the cluster already runs.
+//!
+//! - The volume id (`id.rs`) encodes server, share, subdirectory and the
+//!   onDelete mode, so a node (which has no records) and a controller that
+//!   lost its records both know the volume from its id.
+//! - Controller (`share.rs`): the share is mounted at a private working
+//!   directory under the state dir (one mount per server, share and option
+//!   set, reused); CreateVolume makes the subdirectory, DeleteVolume deletes,
+//!   archives or keeps it.
+//! - Node (`node.rs`): NodePublishVolume runs `mount -t nfs` of
+//!   `server:/share/subdir` straight at the target (no staging); unpublish
+//!   works with the server gone.
+//!
+//! Every mount and unmount is an external command under `--nfs-timeout`
+//! that kills its process group; every statvfs of an NFS mount runs on a
+//! helper thread with a short deadline.
+pub mod id;
+mod node;
+pub mod params;
+pub mod share;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use self::id::VolumeId;
+use self::params::Params;
+use self::share::Removal;
+use super::{
+    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, VolumeKind, VolumeStats,
+};
+use crate::error::{Error, Result};
+use crate::node::mounts;
+use crate::os::bounded::Bounded;
+use crate::os::mountinfo::{self, MountEntry};
+use crate::os::{nfsmount, FsUsage, Os, OsError};
+use crate::state::{AccessMode, AccessType, Capability, Kind, Phase, VolumeRecord};
+
+/// statvfs of an NFS mount waits at most this long (or `--nfs-timeout` if
+/// shorter) before the volume is reported as not responding.
+pub const STAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct NfsKind {
+    os: Os,
+    /// Working mounts of shares (controller), `<state-dir>/nfs`.
+    work: PathBuf,
+    /// Limit of every mount and umount command.
+    timeout: Duration,
+    /// Limit of a statvfs of an NFS mount.
+    stat_timeout: Duration,
+    bounded: Bounded,
+    share_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+}
+
+/// What a bounded statvfs of an NFS mount found.
+#[derive(Debug)]
+pub(crate) enum Probe {
+    Usage(FsUsage),
+    /// ESTALE: the directory was removed or re-exported on the server.
+    Stale,
+    /// No answer in time: the server is not responding.
+    Hung,
+    Failed(OsError),
+}
+
+pub(crate) fn is_nfs(m: &MountEntry) -> bool {
+    m.fs_type == "nfs" || m.fs_type == "nfs4"
+}
+
+/// NFS sources as mountinfo shows them and as Berth builds them compare
+/// equal up to trailing slashes.
+pub(crate) fn same_source(have: &str, want: &str) -> bool {
+    let norm = |s: &str| {
+        let t = s.trim_end_matches('/');
+        if t.ends_with(':') {
+            format!("{t}/")
+        } else {
+            t.to_string()
+        }
+    };
+    norm(have) == norm(want)
+}
+
+/// The `Bounded` key of a statvfs of `path`.
+pub(crate) fn probe_key(path: &Path) -> String {
+    format!("statvfs {}", path.display())
+}
+
+fn flags_of(cap: &Capability) -> &[String] {
+    match &cap.access_type {
+        AccessType::Mount { mount_flags, .. } => mount_flags,
+        AccessType::Block => &[],
+    }
+}
+
+fn check_flags(flags: &[String]) -> Result<Vec<String>> {
+    nfsmount::check_options(flags).map_err(Error::InvalidArgument)
+}
+
+/// Options of a node's mount: the StorageClass mountOptions, the default
+/// version, `ro` when read-only is asked for or the access mode is.
+pub fn node_options(cap: &Capability, readonly: bool) -> Result<Vec<String>> {
+    let opts = check_flags(flags_of(cap))?;
+    Ok(nfsmount::with_defaults(
+        opts,
+        readonly || cap.access_mode.read_only(),
+    ))
+}
+
+/// Options of the controller's working mount: the volume's mount options
+/// (from its record) without ro/rw, plus the default version.
+pub fn controller_options(rec: &VolumeRecord) -> Result<Vec<String>> {
+    let flags = rec
+        .capabilities
+        .iter()
+        .find(|c| matches!(c.access_type, AccessType::Mount { .. }))
+        .map(flags_of)
+        .unwrap_or(&[]);
+    let mut opts = check_flags(flags)?;
+    opts.retain(|o| o != "ro" && o != "rw");
+    Ok(nfsmount::with_defaults(opts, false))
+}
+
+fn parse_id(id: &str) -> Result<VolumeId> {
+    VolumeId::parse(id)
+        .map_err(|e| Error::NotFound(format!("volume {id} is not an NFS volume: {e}")))
+}
+
+impl NfsKind {
+    /// `work` is where the controller mounts shares (made when first
+    /// needed); `timeout` bounds every mount and umount.
+    pub fn new(work: PathBuf, timeout: Duration, os: Os) -> Self {
+        NfsKind {
+            os,
+            work,
+            timeout,
+            stat_timeout: STAT_TIMEOUT.min(timeout),
+            bounded: Bounded::new(),
+            share_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn share_lock(&self, mp: &Path) -> Arc<Mutex<()>> {
+        self.share_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(mp.to_path_buf())
+            .or_default()
+            .clone()
+    }
+
+    /// statvfs of `path` on a helper thread, at most `stat_timeout`.
+    pub(crate) fn probe(&self, path: &Path) -> Probe {
+        let fs = self.os.fs.clone();
+        let p = path.to_path_buf();
+        let key = probe_key(path);
+        match self
+            .bounded
+            .run(&key, self.stat_timeout, move || fs.statvfs(&p))
+        {
+            None => Probe::Hung,
+            Some(Ok(u)) => Probe::Usage(u),
+            Some(Err(e)) if e.errno() == Some(libc::ESTALE) => Probe::Stale,
+            Some(Err(e)) => Probe::Failed(e),
+        }
+    }
+}
+
+impl Drop for NfsKind {
+    /// Unmounts the controller's working mounts of shares when the driver
+    /// goes away (shutdown), so that removing the state directory later can
+    /// never reach into a share. After a crash they stay, and are found
+    /// and reused at the next start.
+    fn drop(&mut self) {
+        let Ok(t) = mounts::table(&self.os) else {
+            return;
+        };
+        let mut points: Vec<PathBuf> = t
+            .iter()
+            .filter(|m| is_nfs(m) && m.mount_point.parent() == Some(self.work.as_path()))
+            .map(|m| m.mount_point.clone())
+            .collect();
+        points.dedup();
+        for mp in points {
+            match self.unmount_target(&mp) {
+                Ok(()) => {
+                    let _ = std::fs::remove_dir(&mp);
+                    tracing::info!(at = %mp.display(), "unmounted NFS share");
+                }
+                Err(e) => {
+                    tracing::warn!(at = %mp.display(), error = %e.render(), "could not unmount NFS share")
+                }
+            }
+        }
+    }
+}
+
+impl VolumeKind for NfsKind {
+    fn kind(&self) -> Kind {
+        Kind::Nfs
+    }
+
+    /// NFS ids are derived from the parameters and name (`id_for`); this
+    /// placeholder is never owned by any kind.
+    fn new_id(&self) -> String {
+        String::new()
+    }
+
+    fn id_for(&self, name: &str, params: &BTreeMap<String, String>) -> Result<String> {
+        Params::parse(params)?.volume_id(name, params)
+    }
+
+    fn owns_id(&self, id: &str) -> bool {
+        VolumeId::parse(id).is_ok()
+    }
+
+    fn record_from_id(&self, id: &str) -> Option<VolumeRecord> {
+        let v = VolumeId::parse(id).ok()?;
+        let info = BTreeMap::from([
+            ("server".to_string(), v.server.clone()),
+            ("share".to_string(), v.share.clone()),
+            ("subDir".to_string(), v.subdir.clone()),
+        ]);
+        let mut parameters = info.clone();
+        parameters.insert("kind".into(), "nfs".into());
+        parameters.insert("onDelete".into(), v.on_delete.as_str().into());
+        Some(VolumeRecord {
+            id: id.to_string(),
+            name: id.to_string(),
+            kind: Kind::Nfs,
+            seq: 0,
+            phase: Phase::Ready,
+            capacity_bytes: 0,
+            node: String::new(),
+            parameters,
+            capabilities: vec![Capability {
+                access_type: AccessType::Mount {
+                    fs_type: String::new(),
+                    mount_flags: vec![],
+                    volume_mount_group: String::new(),
+                },
+                access_mode: AccessMode::MultiNodeMultiWriter,
+            }],
+            context: info,
+            published: BTreeMap::new(),
+            created_unix: 0,
+            block: None,
+        })
+    }
+
+    fn overlaps(&self, a: &str, b: &str) -> bool {
+        let (Ok(a), Ok(b)) = (VolumeId::parse(a), VolumeId::parse(b)) else {
+            return false;
+        };
+        if a.server != b.server || a.share != b.share {
+            return false;
+        }
+        let inside = |x: &str, y: &str| x == y || x.starts_with(&format!("{y}/"));
+        inside(&a.subdir, &b.subdir) || inside(&b.subdir, &a.subdir)
+    }
+
+    fn check_parameters(&self, params: &BTreeMap<String, String>) -> Result<()> {
+        Params::parse(params).map(|_| ())
+    }
+
+    fn check_capability(&self, cap: &Capability) -> Result<()> {
+        match &cap.access_type {
+            AccessType::Block => Err(Error::InvalidArgument(
+                "NFS volumes support only the mount access type".into(),
+            )),
+            AccessType::Mount {
+                fs_type,
+                mount_flags,
+                ..
+            } => {
+                if !matches!(fs_type.as_str(), "" | "nfs" | "nfs4") {
+                    return Err(Error::InvalidArgument(format!(
+                        "fs_type {fs_type:?} is not possible for NFS volumes (use nfs or leave it empty)"
+                    )));
+                }
+                check_flags(mount_flags).map(|_| ())
+            }
+        }
+    }
+
+    /// NFS has no per-directory quota and the server's free space is not
+    /// Berth's to hand out: no limit.
+    fn pool_capacity(&self) -> Result<PoolCapacity> {
+        Ok(PoolCapacity {
+            free_bytes: i64::MAX,
+            max_volume_bytes: i64::MAX,
+        })
+    }
+
+    fn capacity_is_promise(&self) -> bool {
+        false
+    }
+
+    /// The size is a record (no quota): expansion records the new size and
+    /// needs nothing on the node.
+    fn expandable(&self) -> bool {
+        true
+    }
+
+    fn controller_expand(&self, rec: Option<&VolumeRecord>, growth: Growth) -> Result<Expansion> {
+        let have = rec.map(|r| r.capacity_bytes).unwrap_or(0);
+        let size = have.max(growth.required);
+        if growth.limit > 0 && size > growth.limit {
+            return Err(Error::OutOfRange(format!(
+                "the volume has {have} bytes, more than limit_bytes {}",
+                growth.limit
+            )));
+        }
+        Ok(Expansion {
+            capacity_bytes: size,
+            node_expansion_required: false,
+        })
+    }
+
+    /// Nothing to grow on the node; NOT_FOUND unless the volume is mounted
+    /// at the path.
+    fn node_expand(&self, rec: &VolumeRecord, args: &NodeExpandArgs<'_>) -> Result<i64> {
+        let vid = parse_id(&rec.id)?;
+        let t = mounts::table(&self.os)?;
+        let here = mountinfo::at(&t, args.volume_path)
+            .last()
+            .is_some_and(|m| is_nfs(m) && same_source(&m.source, &vid.source()));
+        if !here {
+            return Err(Error::NotFound(format!(
+                "volume {} is not mounted at {}",
+                rec.id,
+                args.volume_path.display()
+            )));
+        }
+        Ok(rec.capacity_bytes.max(args.growth.required))
+    }
+
+    fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
+        let vid = VolumeId::parse(&rec.id)
+            .map_err(|e| Error::Internal(format!("volume id {}: {e}", rec.id)))?;
+        let params = Params::parse(&rec.parameters)?;
+        let opts = controller_options(rec)?;
+        let root = self.share_mount(&vid, &opts)?;
+        share::create_subdir(&root, &vid.subdir, params.mount_permissions)?;
+        rec.context = BTreeMap::from([
+            ("server".to_string(), vid.server.clone()),
+            ("share".to_string(), vid.share.clone()),
+            ("subDir".to_string(), vid.subdir.clone()),
+        ]);
+        Ok(())
+    }
+
+    /// A record still being created is rolled back (its directory removed
+    /// only if empty); otherwise the id's onDelete applies.
+    fn delete(&self, rec: &VolumeRecord) -> Result<()> {
+        let Ok(vid) = VolumeId::parse(&rec.id) else {
+            return Ok(());
+        };
+        let how = if rec.phase == Phase::Creating {
+            Removal::Rollback
+        } else {
+            Removal::Apply(vid.on_delete)
+        };
+        if how == Removal::Apply(id::OnDelete::Retain) {
+            tracing::info!(volume_id = %rec.id, "onDelete retain: subdirectory kept");
+            return Ok(());
+        }
+        let opts = controller_options(rec)?;
+        let root = self.share_mount(&vid, &opts)?;
+        share::remove_subdir(&root, &vid.subdir, how, crate::driver::now_unix())
+    }
+
+    fn health(&self, rec: &VolumeRecord) -> Health {
+        let Ok(vid) = VolumeId::parse(&rec.id) else {
+            return Health::abnormal("not an NFS volume id");
+        };
+        let Some(root) = self.existing_share_mount(&vid) else {
+            return Health::ok();
+        };
+        let p = root.join(&vid.subdir);
+        let key = format!("stat {}", p.display());
+        match self.bounded.run(&key, self.stat_timeout, move || {
+            std::fs::symlink_metadata(&p)
+        }) {
+            None => Health::abnormal(format!("NFS server {} is not responding", vid.server)),
+            Some(Ok(m)) if m.is_dir() => Health::ok(),
+            Some(Ok(_)) => {
+                Health::abnormal(format!("{} on the share is not a directory", vid.subdir))
+            }
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Health::abnormal(format!(
+                "subdirectory {} is missing on the share",
+                vid.subdir
+            )),
+            Some(Err(e)) => Health::abnormal(format!("{} on the share: {e}", vid.subdir)),
+        }
+    }
+
+    /// No staging for NFS: NodeStageVolume of an NFS volume (on a node that
+    /// also serves node-local kinds) only checks the capability.
+    fn stage(&self, _rec: &VolumeRecord, _staging: &Path, cap: &Capability) -> Result<()> {
+        self.check_capability(cap)
+    }
+
+    fn unstage(&self, _rec: &VolumeRecord, _staging: &Path) -> Result<()> {
+        Ok(())
+    }
+
+    fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
+        self.check_capability(a.capability)?;
+        let vid = parse_id(&rec.id)?;
+        self.publish_nfs(&vid, a.target, a.capability, a.readonly)
+    }
+
+    fn unpublish(&self, _rec: &VolumeRecord, target: &Path) -> Result<()> {
+        self.unmount_target(target)?;
+        mounts::remove_target(target)
+    }
+
+    fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
+        self.stats_and_health(rec, path).map(|(s, _)| s)
+    }
+
+    fn stats_and_health(&self, rec: &VolumeRecord, path: &Path) -> Result<(VolumeStats, Health)> {
+        let vid = parse_id(&rec.id)?;
+        self.node_stats(&vid, path)
+    }
+
+    fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<PathBuf>> {
+        let vid = parse_id(&rec.id)?;
+        let source = vid.source();
+        Ok(mounts::table(&self.os)?
+            .into_iter()
+            .filter(|m| is_nfs(m) && same_source(&m.source, &source))
+            .map(|m| m.mount_point)
+            .collect())
+    }
+
+    fn node_local(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap(flags: &[&str], mode: AccessMode) -> Capability {
+        Capability {
+            access_type: AccessType::Mount {
+                fs_type: String::new(),
+                mount_flags: flags.iter().map(|s| s.to_string()).collect(),
+                volume_mount_group: String::new(),
+            },
+            access_mode: mode,
+        }
+    }
+
+    #[test]
+    fn sources_compare_up_to_trailing_slashes() {
+        assert!(same_source("h:/e/a/", "h:/e/a"));
+        assert!(same_source("h:/", "h:/"));
+        assert!(same_source("h:", "h:/"));
+        assert!(!same_source("h:/e/a", "h:/e/ab"));
+        assert!(!same_source("g:/e/a", "h:/e/a"));
+    }
+
+    #[test]
+    fn options_for_node_and_controller() {
+        let c = cap(
+            &["nfsvers=3,nolock", "hard"],
+            AccessMode::MultiNodeMultiWriter,
+        );
+        assert_eq!(
+            node_options(&c, false).unwrap(),
+            ["nfsvers=3", "nolock", "hard"]
+        );
+        assert_eq!(
+            node_options(&c, true).unwrap(),
+            ["nfsvers=3", "nolock", "hard", "ro"]
+        );
+        let ro = cap(&["rw"], AccessMode::MultiNodeReaderOnly);
+        assert_eq!(node_options(&ro, false).unwrap(), ["nfsvers=4.1", "ro"]);
+        assert!(node_options(
+            &cap(&["ro,helper=/bin/sh"], AccessMode::SingleNodeWriter),
+            false
+        )
+        .is_err());
+        let os = Os::fake().0;
+        let k = NfsKind::new(PathBuf::from("/w"), Duration::from_secs(30), os);
+        let mut rec = k.record_from_id("nfs#d#h#/e#v").unwrap();
+        assert_eq!(controller_options(&rec).unwrap(), ["nfsvers=4.1"]);
+        rec.capabilities = vec![cap(&["ro", "vers=4.2"], AccessMode::MultiNodeReaderOnly)];
+        assert_eq!(controller_options(&rec).unwrap(), ["vers=4.2"]);
+    }
+
+    #[test]
+    fn ids_overlap_when_nested_on_one_share() {
+        let k = NfsKind::new(PathBuf::from("/w"), Duration::from_secs(30), Os::fake().0);
+        assert!(k.overlaps("nfs#d#h#/e#a", "nfs#r#h#/e#a"));
+        assert!(k.overlaps("nfs#d#h#/e#a", "nfs#d#h#/e#a/b"));
+        assert!(k.overlaps("nfs#d#h#/e#a/b/c", "nfs#d#h#/e#a"));
+        assert!(!k.overlaps("nfs#d#h#/e#a", "nfs#d#h#/e#ab"));
+        assert!(!k.overlaps("nfs#d#h#/e#a", "nfs#d#g#/e#a"));
+        assert!(!k.overlaps("nfs#d#h#/e#a", "nfs#d#h#/f#a"));
+        assert!(!k.overlaps("nfs#d#h#/e#a", "local-x"));
+    }
+
+    #[test]
+    fn records_from_ids() {
+        let k = NfsKind::new(PathBuf::from("/w"), Duration::from_secs(30), Os::fake().0);
+        let r = k.record_from_id("nfs#a#10.0.0.1#/exports#ns/p").unwrap();
+        assert_eq!(r.kind, Kind::Nfs);
+        assert!(r.node.is_empty());
+        assert_eq!(r.context["subDir"], "ns/p");
+        assert_eq!(r.parameters["onDelete"], "archive");
+        assert!(k.record_from_id("nfs#a#10.0.0.1#/exports#..").is_none());
+        assert!(k.record_from_id("local-0123").is_none());
+    }
+}

@@ -1,0 +1,120 @@
+//! Block devices: what a path is (`stat` following links, `BLKGETSIZE64`),
+//! whether it can be read, and its stable `/dev/disk/by-id` name.
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::OsError;
+
+/// A block device as found at a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The device node the path resolves to (symlinks followed).
+    pub path: PathBuf,
+    pub major: u32,
+    pub minor: u32,
+    pub size_bytes: u64,
+}
+
+/// Block device queries. Real: `RealBlockDevices`; fake: `fake::FakeOs`.
+pub trait BlockDevices: Send + Sync {
+    /// Follows symlinks; ENOTBLK when `path` is not a block device.
+    fn inspect(&self, path: &Path) -> Result<DeviceInfo, OsError>;
+    /// A `/dev/disk/by-id` link to the device, if udev made one.
+    fn stable_link(&self, dev: &DeviceInfo) -> Option<PathBuf>;
+    /// Reads the first 4 KiB: proves the device answers before anything is
+    /// decided from a probe of it (blkid reports "nothing found" for a device
+    /// it cannot read).
+    fn check_readable(&self, path: &Path) -> Result<(), OsError>;
+}
+
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+
+/// The real devices.
+#[derive(Debug, Clone)]
+pub struct RealBlockDevices {
+    pub by_id: PathBuf,
+}
+
+impl Default for RealBlockDevices {
+    fn default() -> Self {
+        RealBlockDevices {
+            by_id: PathBuf::from("/dev/disk/by-id"),
+        }
+    }
+}
+
+impl BlockDevices for RealBlockDevices {
+    fn inspect(&self, path: &Path) -> Result<DeviceInfo, OsError> {
+        let canonical =
+            std::fs::canonicalize(path).map_err(|e| OsError::sys("resolve", path, e))?;
+        let m = std::fs::metadata(&canonical).map_err(|e| OsError::sys("stat", path, e))?;
+        if !m.file_type().is_block_device() {
+            return Err(OsError::sys(
+                "not a block device",
+                path,
+                std::io::Error::from_raw_os_error(libc::ENOTBLK),
+            ));
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&canonical)
+            .map_err(|e| OsError::sys("open", &canonical, e))?;
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+        unsafe { blkgetsize64(std::os::fd::AsRawFd::as_raw_fd(&f), &mut size) }
+            .map_err(|e| OsError::sys("BLKGETSIZE64", &canonical, e))?;
+        let rdev = m.rdev();
+        Ok(DeviceInfo {
+            path: canonical,
+            major: nix::sys::stat::major(rdev) as u32,
+            minor: nix::sys::stat::minor(rdev) as u32,
+            size_bytes: size,
+        })
+    }
+
+    fn stable_link(&self, dev: &DeviceInfo) -> Option<PathBuf> {
+        let mut links: Vec<PathBuf> = std::fs::read_dir(&self.by_id)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| std::fs::canonicalize(p).ok().as_deref() == Some(dev.path.as_path()))
+            .collect();
+        // Prefer names that do not depend on the bus path; stable order.
+        links.sort_by_key(|p| {
+            let n = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            (n.as_deref().is_some_and(|n| n.starts_with("wwn-")), n)
+        });
+        links.into_iter().next()
+    }
+
+    fn check_readable(&self, path: &Path) -> Result<(), OsError> {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| OsError::sys("open", path, e))?;
+        let mut buf = vec![0u8; 4096];
+        f.read_exact(&mut buf)
+            .map_err(|e| OsError::sys("read", path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regular_files_are_not_block_devices() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("disk");
+        std::fs::write(&f, b"x").unwrap();
+        let e = RealBlockDevices::default().inspect(&f).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOTBLK));
+        assert!(RealBlockDevices::default()
+            .inspect(&t.path().join("missing"))
+            .is_err());
+    }
+}

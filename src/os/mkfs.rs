@@ -1,0 +1,299 @@
+//! Filesystem tools run on block volumes: mkfs.ext4 / mkfs.xfs, resize2fs /
+//! xfs_growfs, wipefs. Arguments are built here, every user-supplied option
+//! checked against an allowlist first (`check_options`).
+use std::path::Path;
+use std::time::Duration;
+
+use super::command::Runner;
+use super::OsError;
+
+const MKFS_TIMEOUT: Duration = Duration::from_secs(600);
+const GROW_TIMEOUT: Duration = Duration::from_secs(1800);
+const WIPE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Filesystems Berth formats block volumes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Filesystem {
+    Ext4,
+    Xfs,
+}
+
+impl Filesystem {
+    pub const ALL: [Filesystem; 2] = [Filesystem::Ext4, Filesystem::Xfs];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Filesystem::Ext4 => "ext4",
+            Filesystem::Xfs => "xfs",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Filesystem> {
+        Filesystem::ALL.into_iter().find(|f| f.as_str() == s)
+    }
+
+    /// Smallest device mkfs accepts (mkfs.xfs refuses below 300 MiB).
+    pub fn min_bytes(self) -> i64 {
+        match self {
+            Filesystem::Ext4 => 1 << 20,
+            Filesystem::Xfs => 300 << 20,
+        }
+    }
+
+    pub fn mkfs_program(self) -> &'static str {
+        match self {
+            Filesystem::Ext4 => "mkfs.ext4",
+            Filesystem::Xfs => "mkfs.xfs",
+        }
+    }
+}
+
+impl std::fmt::Display for Filesystem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The command line of a fast mkfs: no discard pass and no full inode table
+/// or journal initialisation (the kernel does it lazily); ext4 without
+/// reserved blocks, so the usable size is the requested size. `force` only
+/// for redoing Berth's own interrupted mkfs (mkfs.xfs refuses to overwrite a
+/// filesystem without it).
+pub fn mkfs_args(fs: Filesystem, device: &Path, options: &[String], force: bool) -> Vec<String> {
+    let mut a: Vec<String> = match fs {
+        Filesystem::Ext4 => vec![
+            "-q".into(),
+            "-m".into(),
+            "0".into(),
+            "-E".into(),
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard".into(),
+        ],
+        Filesystem::Xfs => vec!["-q".into(), "-K".into()],
+    };
+    a.extend(options.iter().cloned());
+    if force {
+        a.push(match fs {
+            Filesystem::Ext4 => "-F".into(),
+            Filesystem::Xfs => "-f".into(),
+        });
+    }
+    a.push("--".into());
+    a.push(device.display().to_string());
+    a
+}
+
+pub fn mkfs(
+    cmd: &dyn Runner,
+    fs: Filesystem,
+    device: &Path,
+    options: &[String],
+    force: bool,
+) -> Result<(), OsError> {
+    let p = fs.mkfs_program();
+    cmd.run(p, &mkfs_args(fs, device, options, force), MKFS_TIMEOUT)?
+        .check(p)
+        .map(|_| ())
+}
+
+/// Grows a mounted filesystem to the size of its device: resize2fs takes
+/// the device, xfs_growfs a mount point. A filesystem that already fills
+/// its device is success.
+pub fn grow(
+    cmd: &dyn Runner,
+    fs: Filesystem,
+    device: &Path,
+    mount_point: &Path,
+) -> Result<(), OsError> {
+    let (p, target) = match fs {
+        Filesystem::Ext4 => ("resize2fs", device),
+        Filesystem::Xfs => ("xfs_growfs", mount_point),
+    };
+    let args = vec!["--".to_string(), target.display().to_string()];
+    cmd.run(p, &args, GROW_TIMEOUT)?.check(p).map(|_| ())
+}
+
+/// Erases every signature blkid can find (`wipefs -a`); refuses a device
+/// that is in use.
+pub fn wipe(cmd: &dyn Runner, device: &Path) -> Result<(), OsError> {
+    let args = vec!["-a".to_string(), "--".into(), device.display().to_string()];
+    cmd.run("wipefs", &args, WIPE_TIMEOUT)?
+        .check("wipefs")
+        .map(|_| ())
+}
+
+/// Checks the `mkfsOptions` StorageClass parameter for `fs` against an
+/// allowlist and returns the arguments. Only options that shape the new
+/// filesystem (block and inode sizes, feature flags, for compatibility with
+/// older node kernels) are accepted; anything that names a device or file,
+/// sets a label or UUID, or changes how mkfs runs is refused.
+pub fn check_options(fs: Filesystem, text: &str) -> Result<Vec<String>, String> {
+    let tokens: Vec<&str> = text.split_whitespace().collect();
+    if tokens.len() > 16 {
+        return Err("mkfsOptions has more than 16 words".into());
+    }
+    let mut out = Vec::new();
+    let mut it = tokens.into_iter();
+    while let Some(flag) = it.next() {
+        let Some(value) = it.next() else {
+            return Err(format!("mkfsOptions: {flag:?} needs a value"));
+        };
+        let ok = match fs {
+            Filesystem::Ext4 => ext4_option(flag, value),
+            Filesystem::Xfs => xfs_option(flag, value),
+        };
+        ok.map_err(|why| format!("mkfsOptions for {fs}: {flag} {value}: {why}"))?;
+        out.push(flag.to_string());
+        out.push(value.to_string());
+    }
+    Ok(out)
+}
+
+fn number(v: &str) -> Result<(), String> {
+    if !v.is_empty() && v.len() <= 12 && v.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err("expected a number".into())
+    }
+}
+
+const EXT4_FEATURES: &[&str] = &[
+    "64bit",
+    "dir_index",
+    "dir_nlink",
+    "ext_attr",
+    "extent",
+    "extents",
+    "extra_isize",
+    "filetype",
+    "flex_bg",
+    "has_journal",
+    "huge_file",
+    "inline_data",
+    "large_dir",
+    "large_file",
+    "metadata_csum",
+    "metadata_csum_seed",
+    "orphan_file",
+    "resize_inode",
+    "sparse_super",
+    "sparse_super2",
+    "uninit_bg",
+];
+
+fn ext4_option(flag: &str, v: &str) -> Result<(), String> {
+    match flag {
+        "-b" => match v {
+            "1024" | "2048" | "4096" => Ok(()),
+            _ => Err("block size must be 1024, 2048 or 4096".into()),
+        },
+        "-I" => match v {
+            "128" | "256" | "512" | "1024" => Ok(()),
+            _ => Err("inode size must be 128, 256, 512 or 1024".into()),
+        },
+        "-i" | "-N" => number(v),
+        "-O" => {
+            for f in v.split(',') {
+                let name = f.strip_prefix('^').unwrap_or(f);
+                if !EXT4_FEATURES.contains(&name) {
+                    return Err(format!(
+                        "feature {name:?} is not allowed (allowed: {})",
+                        EXT4_FEATURES.join(", ")
+                    ));
+                }
+            }
+            Ok(())
+        }
+        _ => Err("option not allowed (allowed: -b, -i, -I, -N, -O)".into()),
+    }
+}
+
+fn xfs_option(flag: &str, v: &str) -> Result<(), String> {
+    let keys: &[&str] = match flag {
+        "-b" | "-s" => &["size"],
+        "-i" => &["size", "maxpct", "sparse", "nrext64", "attr", "projid32bit"],
+        "-m" => &[
+            "crc",
+            "finobt",
+            "rmapbt",
+            "reflink",
+            "inobtcount",
+            "bigtime",
+        ],
+        "-n" => &["size", "ftype"],
+        "-l" => &["size", "version", "lazy-count"],
+        _ => return Err("option not allowed (allowed: -b, -s, -i, -m, -n, -l)".into()),
+    };
+    for kv in v.split(',') {
+        let (k, val) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("expected key=value, got {kv:?}"))?;
+        if !keys.contains(&k) {
+            return Err(format!(
+                "key {k:?} is not allowed (allowed: {})",
+                keys.join(", ")
+            ));
+        }
+        if val.is_empty() || val.len() > 12 || !val.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!("value {val:?} must be a number or a size like 4k"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_mkfs_arguments() {
+        let a = mkfs_args(Filesystem::Ext4, Path::new("/dev/loop3"), &[], false);
+        assert_eq!(
+            a.join(" "),
+            "-q -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard -- /dev/loop3"
+        );
+        let a = mkfs_args(
+            Filesystem::Xfs,
+            Path::new("/dev/loop3"),
+            &["-m".into(), "bigtime=0".into()],
+            true,
+        );
+        assert_eq!(a.join(" "), "-q -K -m bigtime=0 -f -- /dev/loop3");
+    }
+
+    #[test]
+    fn options_allowlist() {
+        assert_eq!(
+            check_options(Filesystem::Xfs, " -m bigtime=0,inobtcount=0  -i sparse=0 ").unwrap(),
+            ["-m", "bigtime=0,inobtcount=0", "-i", "sparse=0"]
+        );
+        assert!(check_options(
+            Filesystem::Ext4,
+            "-O ^metadata_csum_seed,^orphan_file -b 4096"
+        )
+        .is_ok());
+        assert!(check_options(Filesystem::Ext4, "").unwrap().is_empty());
+        for bad in [
+            "-d file=1",
+            "-m uuid=abc",
+            "-L label",
+            "-m",
+            "-b size=4k;rm",
+            "-p /etc/passwd",
+            "-i size=../x",
+        ] {
+            assert!(check_options(Filesystem::Xfs, bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "-E offset=1",
+            "-O ^has_journal,evil",
+            "-b 8192",
+            "-F x",
+            "-U clear",
+            "-N -1",
+        ] {
+            assert!(check_options(Filesystem::Ext4, bad).is_err(), "{bad}");
+        }
+        let many = "-b 4096 ".repeat(9);
+        assert!(check_options(Filesystem::Ext4, &many).is_err());
+    }
+}

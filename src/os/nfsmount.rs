@@ -1,0 +1,400 @@
+//! `mount -t nfs` and `umount` of NFS mounts, as external commands under a
+//! timeout (the `mount.nfs` helper resolves host names and negotiates the
+//! version; the raw mount(2) call would need `addr=` and does neither).
+//!
+//! Mount options come from StorageClass `mountOptions` and are checked
+//! against an allowlist of NFS and VFS option names with a strict grammar
+//! for each value (`check_options`): nothing starts with `-`, no value holds
+//! a comma, and `--` ends the options before the positional arguments.
+use std::path::Path;
+use std::time::Duration;
+
+use super::command::Runner;
+use super::OsError;
+
+pub const MOUNT: &str = "mount";
+pub const UMOUNT: &str = "umount";
+
+/// The NFS version used when the mount options name none. NFSv4.1 needs no
+/// rpcbind/statd on the client and works through one TCP port.
+pub const DEFAULT_VERSION: &str = "nfsvers=4.1";
+
+#[derive(Clone, Copy)]
+enum Value {
+    /// No value (`hard`, `nolock`).
+    Flag,
+    /// Decimal number, at most 9 digits.
+    Number,
+    /// One of the listed words.
+    Word(&'static [&'static str]),
+}
+
+const VERSIONS: &[&str] = &["3", "4", "4.0", "4.1", "4.2"];
+const PROTOS: &[&str] = &["tcp", "udp", "rdma", "tcp6", "udp6", "rdma6"];
+
+/// Every option Berth passes to `mount -t nfs`. Options that name other
+/// hosts or files (`clientaddr`, `mounthost`, `fsc=`, `context=`), run
+/// helpers (`helper=`, `x-*`) or fork the mount into the background (`bg`)
+/// are deliberately missing.
+const ALLOWED: &[(&str, Value)] = &[
+    // VFS flags.
+    ("ro", Value::Flag),
+    ("rw", Value::Flag),
+    ("nosuid", Value::Flag),
+    ("nodev", Value::Flag),
+    ("noexec", Value::Flag),
+    ("noatime", Value::Flag),
+    ("nodiratime", Value::Flag),
+    ("relatime", Value::Flag),
+    ("strictatime", Value::Flag),
+    ("sync", Value::Flag),
+    ("async", Value::Flag),
+    // NFS flags.
+    ("hard", Value::Flag),
+    ("soft", Value::Flag),
+    ("softerr", Value::Flag),
+    ("softreval", Value::Flag),
+    ("nosoftreval", Value::Flag),
+    ("intr", Value::Flag),
+    ("nointr", Value::Flag),
+    ("cto", Value::Flag),
+    ("nocto", Value::Flag),
+    ("ac", Value::Flag),
+    ("noac", Value::Flag),
+    ("lock", Value::Flag),
+    ("nolock", Value::Flag),
+    ("acl", Value::Flag),
+    ("noacl", Value::Flag),
+    ("rdirplus", Value::Flag),
+    ("nordirplus", Value::Flag),
+    ("sharecache", Value::Flag),
+    ("nosharecache", Value::Flag),
+    ("resvport", Value::Flag),
+    ("noresvport", Value::Flag),
+    ("tcp", Value::Flag),
+    ("udp", Value::Flag),
+    ("rdma", Value::Flag),
+    ("posix", Value::Flag),
+    ("noposix", Value::Flag),
+    ("migration", Value::Flag),
+    ("nomigration", Value::Flag),
+    // NFS numbers.
+    ("timeo", Value::Number),
+    ("retrans", Value::Number),
+    ("retry", Value::Number),
+    ("rsize", Value::Number),
+    ("wsize", Value::Number),
+    ("acregmin", Value::Number),
+    ("acregmax", Value::Number),
+    ("acdirmin", Value::Number),
+    ("acdirmax", Value::Number),
+    ("actimeo", Value::Number),
+    ("port", Value::Number),
+    ("mountport", Value::Number),
+    ("mountvers", Value::Number),
+    ("nconnect", Value::Number),
+    ("max_connect", Value::Number),
+    ("minorversion", Value::Number),
+    // NFS words.
+    ("vers", Value::Word(VERSIONS)),
+    ("nfsvers", Value::Word(VERSIONS)),
+    ("proto", Value::Word(PROTOS)),
+    ("mountproto", Value::Word(PROTOS)),
+    (
+        "sec",
+        Value::Word(&["sys", "krb5", "krb5i", "krb5p", "none"]),
+    ),
+    (
+        "lookupcache",
+        Value::Word(&["all", "none", "pos", "positive"]),
+    ),
+    (
+        "local_lock",
+        Value::Word(&["all", "flock", "posix", "none"]),
+    ),
+    ("write", Value::Word(&["eager", "lazy", "wait"])),
+    ("xprtsec", Value::Word(&["none", "tls", "mtls"])),
+];
+
+fn shorten(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Checks one option (no commas inside).
+fn check_option(opt: &str) -> Result<(), String> {
+    let (name, value) = match opt.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (opt, None),
+    };
+    let Some((_, kind)) = ALLOWED.iter().find(|(n, _)| *n == name) else {
+        return Err(format!(
+            "NFS mount option {:?} is not supported",
+            shorten(opt)
+        ));
+    };
+    let ok = match (kind, value) {
+        (Value::Flag, None) => true,
+        (Value::Number, Some(v)) => {
+            !v.is_empty() && v.len() <= 9 && v.bytes().all(|b| b.is_ascii_digit())
+        }
+        (Value::Word(words), Some(v)) => words.contains(&v),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "NFS mount option {:?} has an invalid value",
+            shorten(opt)
+        ))
+    }
+}
+
+/// Splits mount flags (each may hold several comma-separated options) into
+/// single options and checks each: known name, value of the right form, no
+/// option twice, the version given once. Empty items are skipped.
+pub fn check_options(flags: &[String]) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for flag in flags {
+        for opt in flag.split(',') {
+            let opt = opt.trim();
+            if opt.is_empty() {
+                continue;
+            }
+            check_option(opt)?;
+            let name = opt.split('=').next().unwrap_or(opt);
+            let is_version = |o: &str| o.starts_with("vers=") || o.starts_with("nfsvers=");
+            if out.iter().any(|o| o.split('=').next() == Some(name))
+                || (is_version(opt) && out.iter().any(|o| is_version(o)))
+            {
+                if out.iter().any(|o| o == opt) {
+                    continue;
+                }
+                return Err(format!("NFS mount option {name} is given twice"));
+            }
+            out.push(opt.to_string());
+        }
+    }
+    if out.iter().any(|o| o == "ro") && out.iter().any(|o| o == "rw") {
+        return Err("NFS mount options ro and rw conflict".into());
+    }
+    Ok(out)
+}
+
+/// True when the options choose the NFS version.
+pub fn has_version(opts: &[String]) -> bool {
+    opts.iter()
+        .any(|o| o.starts_with("vers=") || o.starts_with("nfsvers="))
+}
+
+/// Mount options for a publish: the checked options, the default version
+/// when none is given, and `ro` instead of `rw` when read-only.
+pub fn with_defaults(mut opts: Vec<String>, readonly: bool) -> Vec<String> {
+    if !has_version(&opts) {
+        opts.push(DEFAULT_VERSION.to_string());
+    }
+    if readonly {
+        opts.retain(|o| o != "rw");
+        if !opts.iter().any(|o| o == "ro") {
+            opts.push("ro".to_string());
+        }
+    }
+    opts
+}
+
+/// `mount -t nfs -o <opts> -- <source> <target>`. `source` must have the
+/// form `host:/path` and never start with `-`; every option is checked again.
+pub fn mount_args(source: &str, target: &Path, opts: &[String]) -> Result<Vec<String>, String> {
+    if source.starts_with('-') || !source.contains(":/") {
+        return Err(format!(
+            "NFS source {:?} is not host:/path",
+            shorten(source)
+        ));
+    }
+    if !target.is_absolute() {
+        return Err(format!("mount point {} is not absolute", target.display()));
+    }
+    for o in opts {
+        if o.contains(',') {
+            return Err(format!("NFS mount option {:?} holds a comma", shorten(o)));
+        }
+        check_option(o)?;
+    }
+    let mut a = vec!["-t".to_string(), "nfs".to_string()];
+    if !opts.is_empty() {
+        a.push("-o".into());
+        a.push(opts.join(","));
+    }
+    a.push("--".into());
+    a.push(source.to_string());
+    a.push(target.display().to_string());
+    Ok(a)
+}
+
+/// Runs `mount -t nfs`; on timeout the whole process group is killed.
+pub fn mount(
+    runner: &dyn Runner,
+    source: &str,
+    target: &Path,
+    opts: &[String],
+    timeout: Duration,
+) -> Result<(), OsError> {
+    let args = mount_args(source, target, opts).map_err(|e| OsError::Failed {
+        program: MOUNT.into(),
+        status: "not run".into(),
+        stderr: e,
+    })?;
+    runner.run(MOUNT, &args, timeout)?.check(MOUNT).map(|_| ())
+}
+
+/// How to unmount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmount {
+    /// A plain unmount (the `umount.nfs` helper tells a v3 server).
+    Normal,
+    /// `umount -f`: aborts the RPCs in flight to a dead server.
+    Force,
+    /// `umount -l`: detaches the mount now, the kernel finishes later.
+    Lazy,
+}
+
+/// `umount [-f|-l] -c -- <target>`. `-c` (no canonicalization) keeps
+/// umount from stat-ing a path on a dead mount; force and lazy unmounts also
+/// skip the helper (`-i`), which would talk to the dead server.
+pub fn umount_args(target: &Path, how: Unmount) -> Vec<String> {
+    let mut a: Vec<String> = match how {
+        Unmount::Normal => vec![],
+        Unmount::Force => vec!["-f".into(), "-i".into()],
+        Unmount::Lazy => vec!["-l".into(), "-i".into()],
+    };
+    a.push("-c".into());
+    a.push("--".into());
+    a.push(target.display().to_string());
+    a
+}
+
+/// Runs `umount`; on timeout the whole process group is killed.
+pub fn umount(
+    runner: &dyn Runner,
+    target: &Path,
+    how: Unmount,
+    timeout: Duration,
+) -> Result<(), OsError> {
+    runner
+        .run(UMOUNT, &umount_args(target, how), timeout)?
+        .check(UMOUNT)
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn allowed_options_pass_and_split() {
+        assert_eq!(
+            check_options(&v(&["nfsvers=4.1,hard", "timeo=600", " noatime "])).unwrap(),
+            v(&["nfsvers=4.1", "hard", "timeo=600", "noatime"])
+        );
+        assert_eq!(
+            check_options(&v(&["vers=3", "nolock", ""])).unwrap(),
+            v(&["vers=3", "nolock"])
+        );
+        // The same option twice with the same value is kept once.
+        assert_eq!(check_options(&v(&["hard", "hard"])).unwrap(), v(&["hard"]));
+    }
+
+    #[test]
+    fn hostile_options_are_rejected() {
+        for bad in [
+            "-o",
+            "--bind",
+            "-t",
+            "helper=evil",
+            "x-mount.mkdir",
+            "addr=1.2.3.4",
+            "clientaddr=1.2.3.4",
+            "mounthost=evil",
+            "context=system_u:object_r:x",
+            "bg",
+            "vers=2",
+            "vers=4.1 x",
+            "timeo=1a",
+            "timeo=",
+            "timeo=1234567890",
+            "hard=1",
+            "sec=krb5,helper=x",
+            "nfsvers=4.1\nro",
+            "nfsvers=4.1;ro",
+            "rsize=-1",
+            "ro\0",
+            "UPPER",
+        ] {
+            assert!(check_options(&v(&[bad])).is_err(), "{bad:?}");
+        }
+        // Conflicts.
+        assert!(check_options(&v(&["vers=3", "nfsvers=4.1"])).is_err());
+        assert!(check_options(&v(&["timeo=1", "timeo=2"])).is_err());
+        assert!(check_options(&v(&["ro", "rw"])).is_err());
+    }
+
+    #[test]
+    fn defaults_and_readonly() {
+        assert_eq!(with_defaults(vec![], false), v(&["nfsvers=4.1"]));
+        assert_eq!(
+            with_defaults(v(&["vers=3", "rw"]), true),
+            v(&["vers=3", "ro"])
+        );
+        assert_eq!(with_defaults(v(&["ro"]), true), v(&["ro", "nfsvers=4.1"]));
+    }
+
+    #[test]
+    fn mount_arguments() {
+        let a = mount_args(
+            "10.0.0.1:/exports/a",
+            Path::new("/t"),
+            &v(&["nfsvers=4.1", "ro"]),
+        )
+        .unwrap();
+        assert_eq!(
+            a,
+            v(&[
+                "-t",
+                "nfs",
+                "-o",
+                "nfsvers=4.1,ro",
+                "--",
+                "10.0.0.1:/exports/a",
+                "/t"
+            ])
+        );
+        let a = mount_args("[fd00::1]:/e", Path::new("/t"), &[]).unwrap();
+        assert_eq!(a, v(&["-t", "nfs", "--", "[fd00::1]:/e", "/t"]));
+        assert!(mount_args("-oremount:/x", Path::new("/t"), &[]).is_err());
+        assert!(mount_args("host", Path::new("/t"), &[]).is_err());
+        assert!(mount_args("h:/x", Path::new("t"), &[]).is_err());
+        // An option smuggling a second one behind a comma never gets through.
+        assert!(mount_args("h:/x", Path::new("/t"), &v(&["ro,helper=x"])).is_err());
+        assert!(mount_args("h:/x", Path::new("/t"), &v(&["helper=x"])).is_err());
+    }
+
+    #[test]
+    fn umount_arguments() {
+        assert_eq!(
+            umount_args(Path::new("/t"), Unmount::Normal),
+            v(&["-c", "--", "/t"])
+        );
+        assert_eq!(
+            umount_args(Path::new("/t"), Unmount::Force),
+            v(&["-f", "-i", "-c", "--", "/t"])
+        );
+        assert_eq!(
+            umount_args(Path::new("/t"), Unmount::Lazy),
+            v(&["-l", "-i", "-c", "--", "/t"])
+        );
+    }
+}

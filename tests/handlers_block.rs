@@ -1,0 +1,1532 @@
+//! Block volumes against the recording fake OS: the format decision as the
+//! handlers apply it, loop attach/detach logic, raw block publishing,
+//! expansion steps and their idempotency, and the whole-disk pool. No root
+//! needed: backing files are real files in a temp dir, loop devices, disks,
+//! mounts and commands are the fake's.
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use berth::csi::v1 as csi;
+use berth::csi::v1::controller_server::Controller;
+use berth::csi::v1::identity_server::Identity;
+use berth::csi::v1::node_server::Node;
+use berth::csi::v1::volume_capability::access_mode::Mode;
+use berth::os::fake::{Call, FakeOs};
+use berth::os::{CmdOutput, FsUsage, OsError};
+use berth::state::Allocation;
+use common::*;
+use tonic::{Code, Request};
+
+const MIB: i64 = 1 << 20;
+
+fn block(extra: &[&str]) -> Harness {
+    let mut args = vec!["--kinds", "block"];
+    args.extend_from_slice(extra);
+    fake(&args)
+}
+
+fn restart(h: Harness, extra: &[&str]) -> (Harness, Arc<FakeOs>) {
+    let Harness { dir, driver, .. } = h;
+    drop(driver);
+    let (os, f) = berth::os::Os::fake();
+    let mut args = vec!["--kinds", "block"];
+    args.extend_from_slice(extra);
+    (build(dir, os, Some(f.clone()), &args), f)
+}
+
+fn out(code: i32, stdout: &str) -> Result<CmdOutput, OsError> {
+    Ok(CmdOutput {
+        code: Some(code),
+        stdout: stdout.into(),
+        stderr: String::new(),
+    })
+}
+
+/// blkid finds nothing, mkfs and growers succeed.
+fn script_blank(f: &FakeOs) {
+    f.respond("blkid", |_| out(2, ""));
+    for p in ["mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "wipefs"] {
+        f.respond(p, |_| out(0, ""));
+    }
+}
+
+fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = kv
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    m.insert("kind".into(), "block".into());
+    m
+}
+
+fn create_req_p(name: &str, size: i64, kv: &[(&str, &str)]) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        parameters: params(kv),
+        ..create_req(name, size)
+    }
+}
+
+async fn create(h: &Harness, name: &str, size: i64, kv: &[(&str, &str)]) -> csi::Volume {
+    h.ctl
+        .create_volume(Request::new(create_req_p(name, size, kv)))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+}
+
+fn raw_cap() -> csi::VolumeCapability {
+    block_cap(Mode::SingleNodeWriter)
+}
+
+fn stage_with(id: &str, staging: &Path, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_capability: Some(cap),
+        ..stage_req(id, staging)
+    }
+}
+
+fn unstage(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
+fn img(h: &Harness, id: &str) -> PathBuf {
+    h.path("block").join(format!("{id}.img"))
+}
+
+fn runs(f: &FakeOs, program: &str) -> Vec<Vec<String>> {
+    f.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Run { program: p, args } if p == program => Some(args),
+            _ => None,
+        })
+        .collect()
+}
+
+fn count(f: &FakeOs, pred: impl Fn(&Call) -> bool) -> usize {
+    f.calls().iter().filter(|c| pred(c)).count()
+}
+
+fn is_attach(c: &Call) -> bool {
+    matches!(c, Call::LoopAttach { .. })
+}
+
+fn is_detach(c: &Call) -> bool {
+    matches!(c, Call::LoopDetach { .. })
+}
+
+// ------------------------------------------------------------ CreateVolume
+
+#[tokio::test]
+async fn create_makes_a_sparse_or_preallocated_file_of_whole_mib() {
+    let h = block(&[]);
+    let v = create(&h, "thin", 5 * MIB + 1, &[]).await;
+    assert!(v.volume_id.starts_with("block-") && v.volume_id.len() == 38);
+    assert_eq!(v.capacity_bytes, 6 * MIB);
+    assert_eq!(v.accessible_topology, vec![topo(NODE)]);
+    let m = std::fs::metadata(img(&h, &v.volume_id)).unwrap();
+    assert_eq!(m.len(), 6 * MIB as u64);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert!(m.blocks() * 512 < MIB as u64, "thin files are sparse");
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    let rec = h.driver.store.get(&v.volume_id).unwrap();
+    let b = rec.block.unwrap();
+    assert_eq!(
+        (b.allocation, b.default_fs.as_str(), b.formatted),
+        (Allocation::Thin, "ext4", false)
+    );
+
+    let t = create(&h, "thick", 3 * MIB, &[("allocation", "thick")]).await;
+    let m = std::fs::metadata(img(&h, &t.volume_id)).unwrap();
+    assert!(
+        m.blocks() * 512 >= 3 * MIB as u64,
+        "thick files are allocated"
+    );
+    // Idempotent by name.
+    assert_eq!(
+        create(&h, "thick", 3 * MIB, &[("allocation", "thick")])
+            .await
+            .volume_id,
+        t.volume_id
+    );
+    // The block root is private.
+    let mode = std::fs::metadata(h.path("block"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
+
+#[tokio::test]
+async fn create_rejects_what_it_cannot_make() {
+    let h = block(&[]);
+    let cases: Vec<(csi::CreateVolumeRequest, Code, &str)> = vec![
+        (
+            create_req_p("a", MIB, &[("colour", "red")]),
+            Code::InvalidArgument,
+            "colour",
+        ),
+        (
+            create_req_p("a", MIB, &[("fsType", "btrfs")]),
+            Code::InvalidArgument,
+            "fsType",
+        ),
+        (
+            create_req_p("a", MIB, &[("allocation", "fat")]),
+            Code::InvalidArgument,
+            "allocation",
+        ),
+        (
+            create_req_p("a", MIB, &[("mkfsOptions", "-E offset=1")]),
+            Code::InvalidArgument,
+            "mkfsOptions",
+        ),
+        (
+            create_req_p("a", MIB, &[("pool", "disk")]),
+            Code::ResourceExhausted,
+            "disk-pool",
+        ),
+        (
+            csi::CreateVolumeRequest {
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: MIB + 1,
+                    limit_bytes: MIB + 1,
+                }),
+                ..create_req_p("a", 0, &[])
+            },
+            Code::OutOfRange,
+            "limit",
+        ),
+        (
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+                ..create_req_p("a", MIB, &[])
+            },
+            Code::InvalidArgument,
+            "one node",
+        ),
+        (
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![{
+                    let mut c = rwo();
+                    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+                        m.fs_type = "zfs".into();
+                    }
+                    c
+                }],
+                ..create_req_p("a", MIB, &[])
+            },
+            Code::InvalidArgument,
+            "zfs",
+        ),
+        (create_req_p("a", 1 << 50, &[]), Code::OutOfRange, "largest"),
+    ];
+    for (req, want, needle) in cases {
+        let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
+        assert_eq!(e.code(), want, "{e:?}");
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} not in {:?}",
+            e.message()
+        );
+    }
+    assert!(h.driver.store.is_empty());
+    assert_eq!(std::fs::read_dir(h.path("block")).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn xfs_volumes_get_at_least_what_mkfs_xfs_needs() {
+    let h = block(&[]);
+    let v = create(&h, "x", MIB, &[("fsType", "xfs")]).await;
+    assert_eq!(v.capacity_bytes, 300 * MIB);
+    // Raw block volumes are not formatted: no minimum.
+    let r = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![raw_cap()],
+            ..create_req_p("r", MIB, &[("fsType", "xfs")])
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.volume.unwrap().capacity_bytes, MIB);
+}
+
+#[tokio::test]
+async fn capacity_is_free_space_without_promises() {
+    let h = block(&[]);
+    h.fake().set_usage(
+        None,
+        FsUsage {
+            total_bytes: 100 * MIB as u64,
+            available_bytes: 40 * MIB as u64,
+            ..Default::default()
+        },
+    );
+    create(&h, "a", 30 * MIB, &[]).await;
+    let c = h
+        .ctl
+        .get_capacity(Request::new(csi::GetCapacityRequest {
+            parameters: params(&[]),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    // Thin volumes take space as they are written (statvfs shows it); they
+    // promise nothing.
+    assert_eq!(c.available_capacity, 40 * MIB);
+    assert_eq!(c.maximum_volume_size, Some(40 * MIB));
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p("big", 50 * MIB, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p("huge", 200 * MIB, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange);
+}
+
+// ------------------------------------------------------- Stage and format
+
+#[tokio::test]
+async fn stage_formats_a_new_volume_once_and_mounts_it() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let staging = h.path("stage");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &staging)))
+        .await
+        .unwrap();
+    let calls = f.calls();
+    assert!(calls.contains(&Call::LoopAttach {
+        file: img(&h, &v.volume_id),
+        read_only: false,
+        direct_io: true,
+    }));
+    assert_eq!(
+        runs(f, "blkid"),
+        [["-p", "-o", "export", "--", "/dev/loop0"]]
+    );
+    assert_eq!(
+        runs(f, "mkfs.ext4"),
+        [[
+            "-q",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            "--",
+            "/dev/loop0"
+        ]]
+    );
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, Call::MountFs { source, target, fstype, .. }
+        if source == Path::new("/dev/loop0") && target == &staging && fstype == "ext4")));
+    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    assert!(b.formatted && b.fs_type == "ext4" && b.formatting.is_empty());
+
+    // A repeat is a no-op.
+    f.clear_calls();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &staging)))
+        .await
+        .unwrap();
+    assert!(
+        f.calls().iter().all(|c| !matches!(
+            c,
+            Call::Run { .. } | Call::MountFs { .. } | Call::LoopAttach { .. }
+        )),
+        "{:?}",
+        f.calls()
+    );
+
+    // Unstage unmounts and detaches; restaging mounts without probing or
+    // formatting again.
+    h.node
+        .node_unstage_volume(Request::new(unstage(&v.volume_id, &staging)))
+        .await
+        .unwrap();
+    assert!(f.loops().is_empty());
+    f.clear_calls();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &staging)))
+        .await
+        .unwrap();
+    assert!(runs(f, "blkid").is_empty() && runs(f, "mkfs.ext4").is_empty());
+    assert_eq!(count(f, is_attach), 1);
+}
+
+#[tokio::test]
+async fn stage_refuses_to_format_what_it_did_not_make() {
+    let cases: Vec<(&str, Result<CmdOutput, OsError>)> = vec![
+        (
+            "existing filesystem",
+            out(0, "TYPE=ext4\nUSAGE=filesystem\n"),
+        ),
+        ("LUKS", out(0, "TYPE=crypto_LUKS\nUSAGE=crypto\n")),
+        ("partition table", out(0, "PTTYPE=gpt\n")),
+        ("ambivalent", out(8, "")),
+        ("exit 2 with output", out(2, "TYPE=xfs\n")),
+        (
+            "killed",
+            Err(OsError::Timeout {
+                program: "blkid".into(),
+                secs: 60,
+            }),
+        ),
+    ];
+    for (what, reply) in cases {
+        let h = block(&[]);
+        let f = h.fake();
+        f.reply("blkid", reply);
+        let v = create(&h, "a", 8 * MIB, &[]).await;
+        let e = h
+            .node
+            .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e:?}");
+        assert!(
+            e.message().contains("refusing to format"),
+            "{what}: {}",
+            e.message()
+        );
+        assert!(runs(f, "mkfs.ext4").is_empty(), "{what}");
+        assert!(
+            !f.calls().iter().any(|c| matches!(c, Call::MountFs { .. })),
+            "{what}"
+        );
+        let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+        assert!(!b.formatted && b.formatting.is_empty(), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreadable_device_is_not_probed_or_formatted() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    f.fail_next("check_readable", libc::EIO);
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(runs(f, "blkid").is_empty() && runs(f, "mkfs.ext4").is_empty());
+}
+
+#[tokio::test]
+async fn an_interrupted_mkfs_is_redone_only_over_its_own_filesystem() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    // mkfs fails half way: the intent stays recorded.
+    f.reply("mkfs.ext4", out(1, ""));
+    let s = h.path("s");
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    assert_eq!((b.formatted, b.formatting.as_str()), (false, "ext4"));
+    // The retry finds the ext4 superblock it was writing: formats again,
+    // forcing over it.
+    f.reply("blkid", out(0, "TYPE=ext4\nUSAGE=filesystem\n"));
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    let mkfs = runs(f, "mkfs.ext4");
+    assert_eq!(mkfs.len(), 2);
+    assert!(mkfs[1].contains(&"-F".to_string()) && !mkfs[0].contains(&"-F".to_string()));
+    // Asked as xfs after an interrupted ext4 mkfs: refused.
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 300 * MIB, &[]).await;
+    f.reply("mkfs.ext4", out(1, ""));
+    let _ = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
+        .await;
+    f.reply("blkid", out(0, "TYPE=ext4\nUSAGE=filesystem\n"));
+    let mut xfs = rwo();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut xfs.access_type {
+        m.fs_type = "xfs".into();
+    }
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&v.volume_id, &h.path("s"), xfs)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(runs(f, "mkfs.xfs").is_empty());
+}
+
+#[tokio::test]
+async fn fs_type_mount_flags_and_mkfs_options_reach_the_os_checked() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(
+        &h,
+        "x",
+        300 * MIB,
+        &[("fsType", "xfs"), ("mkfsOptions", "-m bigtime=0")],
+    )
+    .await;
+    let s = h.path("s");
+    let mut req = stage_req(&v.volume_id, &s);
+    req.volume_capability = Some(mount_cap_flags(
+        Mode::SingleNodeReaderOnly,
+        &["noatime,nodev"],
+    ));
+    h.node.node_stage_volume(Request::new(req)).await.unwrap();
+    assert_eq!(
+        runs(f, "mkfs.xfs"),
+        [["-q", "-K", "-m", "bigtime=0", "--", "/dev/loop0"]]
+    );
+    let mounted = f.calls().into_iter().find_map(|c| match c {
+        Call::MountFs { fstype, flags, .. } => Some((fstype, flags)),
+        _ => None,
+    });
+    let (fstype, flags) = mounted.unwrap();
+    assert_eq!(fstype, "xfs");
+    assert!(flags.readonly && flags.noatime && flags.nodev && !flags.nosuid);
+    // A formatted volume is not mounted as another type.
+    h.node
+        .node_unstage_volume(Request::new(unstage(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    let mut ext4 = rwo();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut ext4.access_type {
+        m.fs_type = "ext4".into();
+    }
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&v.volume_id, &s, ext4)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    // Bad flags never reach mount.
+    let mut req = stage_req(&v.volume_id, &s);
+    req.volume_capability = Some(mount_cap_flags(Mode::SingleNodeWriter, &["exec,suid"]));
+    let e = h
+        .node
+        .node_stage_volume(Request::new(req))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+// ------------------------------------------------------ Loop attachments
+
+#[tokio::test]
+async fn an_existing_attachment_is_reused_after_a_restart() {
+    let h = block(&[]);
+    script_blank(h.fake());
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let (h, f) = restart(h, &[]);
+    script_blank(&f);
+    // The kernel still has the file attached from before the restart (with
+    // autoclear set by an earlier busy detach).
+    let pre = f.add_loop(&img(&h, &v.volume_id));
+    f.detach_leaves_bound(1);
+    use berth::os::LoopDevices;
+    f.detach(&pre.device).unwrap();
+    assert!(f.loops()[0].autoclear);
+    f.clear_calls();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
+        .await
+        .unwrap();
+    assert_eq!(count(&f, is_attach), 0, "{:?}", f.calls());
+    assert!(f.calls().contains(&Call::LoopClearAutoclear {
+        device: pre.device.clone()
+    }));
+    assert_eq!(f.loops().len(), 1);
+    assert!(!f.loops()[0].autoclear);
+}
+
+#[tokio::test]
+async fn a_file_attached_twice_is_not_used() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    f.add_loop(&img(&h, &v.volume_id));
+    f.add_loop(&img(&h, &v.volume_id));
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("several loop devices"));
+    // Another file with the same name elsewhere is not ours.
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let other = h.path(&format!("{}.img", v.volume_id));
+    std::fs::write(&other, b"x").unwrap();
+    f.add_loop(&other);
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
+        .await
+        .unwrap();
+    assert_eq!(count(f, is_attach), 1);
+}
+
+#[tokio::test]
+async fn a_detach_that_leaves_the_device_bound_is_an_error_to_retry() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    f.detach_leaves_bound(1);
+    let e = h
+        .node
+        .node_unstage_volume(Request::new(unstage(&v.volume_id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("still in use"), "{}", e.message());
+    // Berth never leaves autoclear set.
+    assert_eq!(f.loops().len(), 1);
+    assert!(!f.loops()[0].autoclear);
+    // The retry detaches (the staging mount is already gone).
+    h.node
+        .node_unstage_volume(Request::new(unstage(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    assert!(f.loops().is_empty());
+    assert_eq!(count(f, is_detach), 2);
+}
+
+#[tokio::test]
+async fn unstage_refuses_while_published_and_delete_while_staged() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let (s, t) = (h.path("s"), h.path("t"));
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&v.volume_id, &s, &t, false)))
+        .await
+        .unwrap();
+    let e = h
+        .node
+        .node_unstage_volume(Request::new(unstage(&v.volume_id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let del = csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        ..Default::default()
+    };
+    let e = h
+        .ctl
+        .delete_volume(Request::new(del.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(count(f, is_detach), 0);
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: t.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    h.ctl
+        .delete_volume(Request::new(del.clone()))
+        .await
+        .unwrap();
+    assert!(!img(&h, &v.volume_id).exists());
+    h.ctl.delete_volume(Request::new(del)).await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_detaches_a_leftover_attachment_and_removes_only_its_file() {
+    let h = block(&[]);
+    let f = h.fake();
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    f.add_loop(&img(&h, &v.volume_id));
+    let keep = h.path("block").join("not-ours.img");
+    std::fs::write(&keep, b"x").unwrap();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(f.loops().is_empty());
+    assert!(!img(&h, &v.volume_id).exists());
+    assert!(keep.exists());
+    // Hostile ids touch nothing.
+    for id in [
+        "block-../../etc",
+        "../block-x",
+        "block-0123456789abcdef0123456789abcde",
+    ] {
+        h.ctl
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: id.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+    assert!(keep.exists());
+}
+
+// ------------------------------------------------------------ Raw block
+
+#[tokio::test]
+async fn raw_block_stages_and_publishes_the_device_node() {
+    let h = block(&[]);
+    let f = h.fake();
+    let v = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![raw_cap()],
+            ..create_req_p("r", 4 * MIB, &[])
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = v.volume_id;
+    let (s, t, ro) = (h.path("s"), h.path("t"), h.path("ro"));
+    std::fs::create_dir(&s).unwrap();
+    for _ in 0..2 {
+        h.node
+            .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+            .await
+            .unwrap();
+    }
+    let marker = s.join(&id);
+    assert!(marker.is_file());
+    assert_eq!(
+        f.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Bind { source, target, .. } if source == Path::new("/dev/loop0") && target == &marker))
+            .count(),
+        1
+    );
+    // Nothing is probed or formatted for raw block.
+    assert!(runs(f, "blkid").is_empty());
+    let publish = |target: &Path, readonly: bool| csi::NodePublishVolumeRequest {
+        volume_capability: Some(raw_cap()),
+        ..publish_req(&id, &s, target, readonly)
+    };
+    for _ in 0..2 {
+        h.node
+            .node_publish_volume(Request::new(publish(&t, false)))
+            .await
+            .unwrap();
+    }
+    h.node
+        .node_publish_volume(Request::new(publish(&ro, true)))
+        .await
+        .unwrap();
+    assert!(t.is_file() && ro.is_file());
+    let ro_flags = f.calls().into_iter().find_map(|c| match c {
+        Call::Bind { target, flags, .. } if target == ro => Some(flags),
+        _ => None,
+    });
+    assert!(ro_flags.unwrap().readonly);
+    let e = h
+        .node
+        .node_publish_volume(Request::new(publish(&t, true)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    // Stats: the device size.
+    let st = h
+        .node
+        .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: t.display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.usage.len(), 1);
+    assert_eq!(st.usage[0].total, 4 * MIB);
+    assert!(!st.volume_condition.unwrap().abnormal);
+    // Unstage refuses while published.
+    assert_eq!(
+        code(
+            h.node
+                .node_unstage_volume(Request::new(unstage(&id, &s)))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    for target in [&t, &ro] {
+        h.node
+            .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.display().to_string(),
+            }))
+            .await
+            .unwrap();
+        assert!(!target.exists());
+    }
+    h.node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap();
+    assert!(!marker.exists() && s.is_dir());
+    assert!(f.loops().is_empty());
+    // Publishing an unstaged volume fails cleanly.
+    let e = h
+        .node
+        .node_publish_volume(Request::new(publish(&t, false)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(!t.exists());
+}
+
+#[tokio::test]
+async fn raw_block_with_a_read_only_access_mode_attaches_read_only() {
+    let h = block(&[]);
+    let f = h.fake();
+    let v = create(&h, "r", 4 * MIB, &[]).await;
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(
+            &v.volume_id,
+            &s,
+            block_cap(Mode::SingleNodeReaderOnly),
+        )))
+        .await
+        .unwrap();
+    assert!(f.calls().contains(&Call::LoopAttach {
+        file: img(&h, &v.volume_id),
+        read_only: true,
+        direct_io: true,
+    }));
+}
+
+#[tokio::test]
+async fn condition_is_abnormal_when_the_backing_file_is_gone() {
+    let h = block(&[]);
+    let v = create(&h, "a", 4 * MIB, &[]).await;
+    let get = || csi::ControllerGetVolumeRequest {
+        volume_id: v.volume_id.clone(),
+    };
+    let c = h
+        .ctl
+        .controller_get_volume(Request::new(get()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!c.status.unwrap().volume_condition.unwrap().abnormal);
+    std::fs::remove_file(img(&h, &v.volume_id)).unwrap();
+    let c = h
+        .ctl
+        .controller_get_volume(Request::new(get()))
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = c.status.unwrap().volume_condition.unwrap();
+    assert!(
+        cond.abnormal && cond.message.contains("missing"),
+        "{cond:?}"
+    );
+}
+
+// ------------------------------------------------------------- Expansion
+
+fn expand_req(id: &str, required: i64, limit: i64) -> csi::ControllerExpandVolumeRequest {
+    csi::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..Default::default()
+    }
+}
+
+fn node_expand_req(
+    id: &str,
+    path: &Path,
+    staging: &Path,
+    required: i64,
+) -> csi::NodeExpandVolumeRequest {
+    csi::NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        staging_target_path: staging.display().to_string(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn expansion_is_advertised_with_block_volumes() {
+    let h = block(&[]);
+    let caps = h
+        .ctl
+        .controller_get_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::controller_service_capability::rpc::Type;
+    assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::controller_service_capability::Type::Rpc(r)) if r.r#type == Type::ExpandVolume as i32)));
+    let n = h
+        .node
+        .node_get_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::node_service_capability::rpc::Type as NType;
+    assert!(n.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::node_service_capability::Type::Rpc(r)) if r.r#type == NType::ExpandVolume as i32)));
+    let p = h
+        .ident
+        .get_plugin_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::plugin_capability::Type::VolumeExpansion(e))
+            if e.r#type == csi::plugin_capability::volume_expansion::Type::Online as i32)));
+}
+
+#[tokio::test]
+async fn controller_expansion_checks_and_records() {
+    let h = block(&[]);
+    h.fake().set_usage(
+        None,
+        FsUsage {
+            total_bytes: 1000 * MIB as u64,
+            available_bytes: 100 * MIB as u64,
+            ..Default::default()
+        },
+    );
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let id = v.volume_id.clone();
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&id, 20 * MIB - 5, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.capacity_bytes, r.node_expansion_required),
+        (20 * MIB, true)
+    );
+    assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 20 * MIB);
+    // Smaller than it is: success, never a shrink.
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&id, 4 * MIB, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 20 * MIB);
+    // Thin volumes may grow up to the filesystem's size; not beyond.
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req(&id, 900 * MIB, 0)))
+                .await
+        ),
+        Code::Ok
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req(&id, 2000 * MIB, 0)))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req(&id, 0, 10 * MIB)))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    // Thick volumes need the free space now.
+    let t = create(&h, "t", 8 * MIB, &[("allocation", "thick")]).await;
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req(&t.volume_id, 200 * MIB, 0)))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    // Validation.
+    let mut no_range = expand_req(&id, 1, 0);
+    no_range.capacity_range = None;
+    assert_eq!(
+        code(h.ctl.controller_expand_volume(Request::new(no_range)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req("", MIB, 0)))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req("nfs-x", MIB, 0)))
+                .await
+        ),
+        Code::NotFound
+    );
+    // A block volume of another node: the node does the work and checks.
+    let other = "block-0123456789abcdef0123456789abcdef";
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(other, 3 * MIB + 1, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.capacity_bytes, r.node_expansion_required),
+        (4 * MIB, true)
+    );
+    assert!(h.driver.store.get(other).is_none());
+}
+
+#[tokio::test]
+async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let id = v.volume_id.clone();
+    let (s, t) = (h.path("s"), h.path("t"));
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &s)))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &s, &t, false)))
+        .await
+        .unwrap();
+    f.clear_calls();
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 16 * MIB)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 16 * MIB);
+    assert_eq!(
+        std::fs::metadata(img(&h, &id)).unwrap().len(),
+        16 * MIB as u64
+    );
+    assert!(f.calls().contains(&Call::LoopSetCapacity {
+        device: "/dev/loop0".into()
+    }));
+    assert_eq!(runs(f, "resize2fs"), [["--", "/dev/loop0"]]);
+    assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 16 * MIB);
+    // Again: nothing to grow; the device is not touched, the filesystem
+    // grow is a no-op for resize2fs.
+    f.clear_calls();
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 16 * MIB)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 16 * MIB);
+    assert!(!f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::LoopSetCapacity { .. })));
+    // A crash after the file grew but before the device did: the retry
+    // repairs it.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img(&h, &id))
+        .unwrap()
+        .set_len(24 * MIB as u64)
+        .unwrap();
+    f.clear_calls();
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 24 * MIB)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 24 * MIB);
+    assert!(f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::LoopSetCapacity { .. })));
+    assert_eq!(runs(f, "resize2fs").len(), 1);
+    // Never shrinks.
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 2 * MIB)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 24 * MIB);
+    // Beyond the pool: OUT_OF_RANGE, nothing changes.
+    let e = h
+        .node
+        .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 1 << 50)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange);
+    assert_eq!(
+        std::fs::metadata(img(&h, &id)).unwrap().len(),
+        24 * MIB as u64
+    );
+    // A failing resize2fs is an error (the CO retries).
+    f.reply("resize2fs", out(1, ""));
+    assert_eq!(
+        code(
+            h.node
+                .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 32 * MIB)))
+                .await
+        ),
+        Code::Internal
+    );
+    assert_eq!(
+        code(
+            h.node
+                .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 32 * MIB)))
+                .await
+        ),
+        Code::Ok
+    );
+}
+
+#[tokio::test]
+async fn xfs_grows_on_the_mount_point_and_unmounted_filesystems_wait() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "x", 300 * MIB, &[("fsType", "xfs")]).await;
+    let id = v.volume_id.clone();
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &s)))
+        .await
+        .unwrap();
+    h.node
+        .node_expand_volume(Request::new(node_expand_req(&id, &s, &s, 400 * MIB)))
+        .await
+        .unwrap();
+    assert_eq!(
+        runs(f, "xfs_growfs"),
+        [["--".to_string(), s.display().to_string()]]
+    );
+    h.node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap();
+    // Formatted but not staged: the file grows, the filesystem cannot (the
+    // CO retries once the volume is staged).
+    let e = h
+        .node
+        .node_expand_volume(Request::new(node_expand_req(&id, &s, &s, 500 * MIB)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    // Unknown volumes and missing paths.
+    assert_eq!(
+        code(
+            h.node
+                .node_expand_volume(Request::new(node_expand_req(
+                    "block-0123456789abcdef0123456789abcdef",
+                    &s,
+                    &s,
+                    MIB
+                )))
+                .await
+        ),
+        Code::NotFound
+    );
+    let mut no_path = node_expand_req(&id, &s, &s, MIB);
+    no_path.volume_path.clear();
+    assert_eq!(
+        code(h.node.node_expand_volume(Request::new(no_path)).await),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn raw_volumes_grow_the_device_only() {
+    let h = block(&[]);
+    let f = h.fake();
+    let v = create(&h, "r", 4 * MIB, &[]).await;
+    let id = v.volume_id.clone();
+    let s = h.path("s");
+    std::fs::create_dir(&s).unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+        .await
+        .unwrap();
+    let mut req = node_expand_req(&id, &s.join(&id), &s, 8 * MIB);
+    req.volume_capability = Some(raw_cap());
+    let r = h
+        .node
+        .node_expand_volume(Request::new(req))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 8 * MIB);
+    assert!(f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::LoopSetCapacity { .. })));
+    assert!(runs(f, "resize2fs").is_empty() && runs(f, "xfs_growfs").is_empty());
+}
+
+// ------------------------------------------------------------ Disk pool
+
+/// Three stand-in disks (regular files the pool lists; the fake answers
+/// for them as block devices): 10, 20 and 30 MiB. blkid finds a signature
+/// on `busy` only.
+fn disks(h: &Harness, busy: Option<&str>) -> PathBuf {
+    let dir = h.path("disks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = h.fake();
+    for (i, (name, size)) in [("d10", 10), ("d20", 20), ("d30", 30)]
+        .into_iter()
+        .enumerate()
+    {
+        let p = dir.join(name);
+        std::fs::write(&p, b"").unwrap();
+        f.add_device(&p, 8, 16 * (i as u32 + 1), (size * MIB) as u64);
+    }
+    let busy = busy.map(|b| dir.join(b).display().to_string());
+    f.respond("blkid", move |args| {
+        if args.last() == busy.as_ref() {
+            out(0, "TYPE=xfs\nUSAGE=filesystem\n")
+        } else {
+            out(2, "")
+        }
+    });
+    for p in ["mkfs.ext4", "wipefs", "resize2fs"] {
+        f.respond(p, |_| out(0, ""));
+    }
+    dir
+}
+
+fn disk_harness() -> Harness {
+    // --disk-pool is parsed before the disks exist; it is expanded on use.
+    let dir = tempfile::tempdir().unwrap();
+    let pool = format!("{}/disks/d*", dir.path().display());
+    let (os, f) = berth::os::Os::fake();
+    build(
+        dir,
+        os,
+        Some(f),
+        &["--kinds", "block", "--disk-pool", &pool],
+    )
+}
+
+async fn disk_capacity(h: &Harness) -> (i64, Option<i64>) {
+    let c = h
+        .ctl
+        .get_capacity(Request::new(csi::GetCapacityRequest {
+            parameters: params(&[("pool", "disk")]),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    (c.available_capacity, c.maximum_volume_size)
+}
+
+#[tokio::test]
+async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
+    let h = disk_harness();
+    let dir = disks(&h, Some("d20"));
+    // d20 has a signature: not offered.
+    assert_eq!(disk_capacity(&h).await, (40 * MIB, Some(30 * MIB)));
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(a.capacity_bytes, 10 * MIB);
+    let rec = h.driver.store.get(&a.volume_id).unwrap();
+    let disk = rec.block.unwrap().disk.unwrap();
+    assert_eq!(
+        (disk.path.clone(), disk.major, disk.minor),
+        (dir.join("d10"), 8, 16)
+    );
+    assert!(
+        !img(&h, &a.volume_id).exists(),
+        "no backing file for a disk"
+    );
+    assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
+    // The next one gets d30 (d10 is claimed, d20 is not blank).
+    let b = create(&h, "b", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(b.capacity_bytes, 30 * MIB);
+    assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p(
+            "c",
+            5 * MIB,
+            &[("pool", "disk")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p(
+            "d",
+            40 * MIB,
+            &[("pool", "disk")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("has no disk"), "{}", e.message());
+    // Idempotent by name.
+    assert_eq!(
+        create(&h, "a", 5 * MIB, &[("pool", "disk")])
+            .await
+            .volume_id,
+        a.volume_id
+    );
+
+    // Stage uses the disk itself: no loop device.
+    let f = h.fake();
+    f.clear_calls();
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&a.volume_id, &s)))
+        .await
+        .unwrap();
+    assert_eq!(count(f, is_attach), 0);
+    assert_eq!(
+        runs(f, "mkfs.ext4").last().unwrap().last().unwrap(),
+        &dir.join("d10").display().to_string()
+    );
+    // A disk cannot grow beyond itself.
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req(&a.volume_id, 20 * MIB, 0)))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&a.volume_id, 10 * MIB, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.capacity_bytes, r.node_expansion_required),
+        (10 * MIB, false)
+    );
+    h.node
+        .node_unstage_volume(Request::new(unstage(&a.volume_id, &s)))
+        .await
+        .unwrap();
+
+    // Delete wipes the disk and gives it back.
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        runs(f, "wipefs"),
+        [[
+            "-a".to_string(),
+            "--".into(),
+            dir.join("d10").display().to_string()
+        ]]
+    );
+    assert_eq!(disk_capacity(&h).await, (10 * MIB, Some(10 * MIB)));
+}
+
+#[tokio::test]
+async fn a_limit_below_every_fitting_disk_is_resource_exhausted() {
+    let h = disk_harness();
+    disks(&h, None);
+    let e = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 11 * MIB,
+                limit_bytes: 19 * MIB,
+            }),
+            ..create_req_p("a", 0, &[("pool", "disk")])
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    let v = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 11 * MIB,
+                limit_bytes: 25 * MIB,
+            }),
+            ..create_req_p("a", 0, &[("pool", "disk")])
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.volume.unwrap().capacity_bytes, 20 * MIB);
+}
+
+#[tokio::test]
+async fn a_replaced_disk_is_neither_used_nor_wiped() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let f = h.fake();
+    // Another disk of another size now answers at the same path.
+    f.add_device(&dir.join("d10"), 8, 16, (12 * MIB) as u64);
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&a.volume_id, &h.path("s"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = h
+        .ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(runs(f, "wipefs").is_empty() && runs(f, "mkfs.ext4").is_empty());
+    // A disk that is gone: abnormal, and deleting the volume wipes nothing.
+    f.remove_device(&dir.join("d10"));
+    let c = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: a.volume_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(c.status.unwrap().volume_condition.unwrap().abnormal);
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(runs(f, "wipefs").is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_disk_creates_never_share_a_disk() {
+    let h = disk_harness();
+    disks(&h, None);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let ctl = berth::controller::ControllerService {
+            driver: h.driver.clone(),
+        };
+        tasks.push(tokio::spawn(async move {
+            ctl.create_volume(Request::new(create_req_p(
+                &format!("v{i}"),
+                MIB,
+                &[("pool", "disk")],
+            )))
+            .await
+        }));
+    }
+    // Losers of a race for the same disk get ABORTED and retry, as the CO
+    // does; once the pool is empty the answer is RESOURCE_EXHAUSTED.
+    let mut ok = 0;
+    let mut retry = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Code::Aborted => retry.push(i),
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+        }
+    }
+    for i in retry {
+        let r = h
+            .ctl
+            .create_volume(Request::new(create_req_p(
+                &format!("v{i}"),
+                MIB,
+                &[("pool", "disk")],
+            )))
+            .await;
+        match r {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+        }
+    }
+    assert_eq!(ok, 3);
+    let mut seen: Vec<(u32, u32)> = h
+        .driver
+        .store
+        .filter(|r| r.block.is_some())
+        .into_iter()
+        .filter_map(|r| r.block.and_then(|b| b.disk).map(|d| (d.major, d.minor)))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 3);
+}

@@ -1,0 +1,1166 @@
+//! NFS volumes against the recording fake OS: parameters, ids, the mount
+//! and umount commands that reach the OS, onDelete, timeouts. The fake
+//! emulates `mount -t nfs` and `umount` (an NFS entry appears in its mount
+//! table); the share's "working mount" is a plain directory, so the
+//! controller's directory work is real. No root or NFS needed.
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth::csi::v1 as csi;
+use berth::csi::v1::controller_server::Controller;
+use berth::csi::v1::identity_server::Identity;
+use berth::csi::v1::node_server::Node;
+use berth::csi::v1::volume_capability::access_mode::Mode;
+use berth::os::fake::{Call, FakeOs};
+use berth::os::{CmdOutput, Os, OsError};
+use common::*;
+use tonic::{Code, Request};
+
+const SERVER: &str = "127.0.0.1";
+const SHARE: &str = "/export";
+
+fn nfs(extra: &[&str]) -> Harness {
+    let mut args = vec!["--kinds", "nfs"];
+    if !extra.contains(&"--nfs-timeout") {
+        args.extend(["--nfs-timeout", "2"]);
+    }
+    args.extend_from_slice(extra);
+    let h = fake(&args);
+    h.fake().emulate_nfs_mounts();
+    h
+}
+
+/// The same data dir and fake OS, a new driver (a restart), with `extra`.
+fn restart(h: Harness, extra: &[&str]) -> Harness {
+    let Harness {
+        dir,
+        driver,
+        fake,
+        ctl,
+        node,
+        ident,
+    } = h;
+    drop((ctl, node, ident, driver));
+    let f: Arc<FakeOs> = fake.expect("fake");
+    build(dir, Os::on_fake(&f), Some(f), extra)
+}
+
+/// A restart after a crash: the old driver cleans nothing up.
+fn restart_after_crash(h: Harness, extra: &[&str]) -> Harness {
+    let Harness {
+        dir,
+        driver,
+        fake,
+        ctl,
+        node,
+        ident,
+    } = h;
+    std::mem::forget((driver, ctl, node, ident));
+    let f: Arc<FakeOs> = fake.expect("fake");
+    build(dir, Os::on_fake(&f), Some(f), extra)
+}
+
+fn params(extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut p: HashMap<String, String> = HashMap::from([
+        ("kind".into(), "nfs".into()),
+        ("server".into(), SERVER.into()),
+        ("share".into(), SHARE.into()),
+    ]);
+    for (k, v) in extra {
+        p.insert(k.to_string(), v.to_string());
+    }
+    p
+}
+
+fn req(name: &str, extra: &[(&str, &str)]) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        parameters: params(extra),
+        ..create_req(name, 5 << 20)
+    }
+}
+
+async fn create(h: &Harness, name: &str, extra: &[(&str, &str)]) -> csi::Volume {
+    h.ctl
+        .create_volume(Request::new(req(name, extra)))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+}
+
+async fn delete(h: &Harness, id: &str) -> Result<(), tonic::Status> {
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
+fn runs(f: &FakeOs) -> Vec<(String, Vec<String>)> {
+    f.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Run { program, args } => Some((program, args)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn v(s: &[&str]) -> Vec<String> {
+    s.iter().map(|x| x.to_string()).collect()
+}
+
+/// The controller's working mount of the share (from the fake's table).
+fn share_root(h: &Harness) -> PathBuf {
+    h.fake()
+        .table()
+        .into_iter()
+        .find(|m| m.source == format!("{SERVER}:{SHARE}"))
+        .expect("share mounted")
+        .mount_point
+}
+
+fn nfs_publish(
+    id: &str,
+    target: &Path,
+    readonly: bool,
+    flags: &[&str],
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_cap_flags(Mode::MultiNodeMultiWriter, flags)),
+        readonly,
+        ..Default::default()
+    }
+}
+
+fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+fn timeout(program: &str) -> Result<CmdOutput, OsError> {
+    Err(OsError::Timeout {
+        program: program.into(),
+        secs: 2,
+    })
+}
+
+fn exit(code: i32, stderr: &str) -> Result<CmdOutput, OsError> {
+    Ok(CmdOutput {
+        code: Some(code),
+        stdout: String::new(),
+        stderr: stderr.into(),
+    })
+}
+
+// ------------------------------------------------------------ capabilities
+
+#[tokio::test]
+async fn nfs_only_instance_advertises_no_attach_staging_capacity_or_topology() {
+    let h = nfs(&[]);
+    let caps = h
+        .ctl
+        .controller_get_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::controller_service_capability::rpc::Type as C;
+    let types: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(types.contains(&(C::CreateDeleteVolume as i32)));
+    for t in [C::PublishUnpublishVolume, C::GetCapacity] {
+        assert!(!types.contains(&(t as i32)), "{t:?}");
+    }
+    let node = h
+        .node
+        .node_get_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::node_service_capability::rpc::Type as N;
+    assert!(!node.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::node_service_capability::Type::Rpc(r)) if r.r#type == N::StageUnstageVolume as i32)));
+    let info = h
+        .node
+        .node_get_info(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.accessible_topology.is_none());
+    let plugin = h
+        .ident
+        .get_plugin_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::plugin_capability::service::Type as P;
+    assert!(!plugin.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::plugin_capability::Type::Service(s)) if s.r#type == P::VolumeAccessibilityConstraints as i32)));
+    let p = h.ident.probe(Request::new(Default::default())).await;
+    assert_eq!(code(p), Code::Ok);
+}
+
+// ------------------------------------------------------------ CreateVolume
+
+#[tokio::test]
+async fn create_mounts_the_share_once_and_makes_the_subdirectory() {
+    let h = nfs(&[]);
+    let a = create(&h, "pvc-1", &[("mountPermissions", "0770")]).await;
+    assert_eq!(a.volume_id, "nfs#d#127.0.0.1#/export#pvc-1");
+    assert_eq!(a.capacity_bytes, 5 << 20, "the requested size is recorded");
+    assert!(a.accessible_topology.is_empty());
+    assert_eq!(a.volume_context["server"], SERVER);
+    assert_eq!(a.volume_context["share"], SHARE);
+    assert_eq!(a.volume_context["subDir"], "pvc-1");
+    let r = runs(h.fake());
+    assert_eq!(r.len(), 1, "{r:?}");
+    let root = share_root(&h);
+    assert!(root.starts_with(h.path("state/nfs")), "{}", root.display());
+    assert_eq!(
+        r[0],
+        (
+            "mount".to_string(),
+            v(&[
+                "-t",
+                "nfs",
+                "-o",
+                "nfsvers=4.1",
+                "--",
+                "127.0.0.1:/export",
+                &root.display().to_string()
+            ])
+        )
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(root.join("pvc-1")).unwrap();
+    assert!(m.is_dir());
+    assert_eq!(m.permissions().mode() & 0o7777, 0o770);
+    // Idempotent: the same answer, no second mount; a second volume reuses
+    // the working mount.
+    let again = create(&h, "pvc-1", &[("mountPermissions", "0770")]).await;
+    assert_eq!(again, a);
+    create(&h, "pvc-2", &[]).await;
+    assert_eq!(runs(h.fake()).len(), 1);
+    assert!(root.join("pvc-2").is_dir());
+    // After a crash and restart the working mount is found in mountinfo.
+    let h = restart_after_crash(h, &["--kinds", "nfs"]);
+    h.fake().clear_calls();
+    create(&h, "pvc-3", &[]).await;
+    assert!(runs(h.fake()).is_empty());
+    assert!(root.join("pvc-3").is_dir());
+}
+
+#[tokio::test]
+async fn create_uses_subdir_templates_and_the_mount_options() {
+    let h = nfs(&[]);
+    let mut r = req(
+        "pv-1",
+        &[
+            ("subDir", "${pvc.metadata.namespace}/${pvc.metadata.name}"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+            ("csi.storage.k8s.io/pvc/namespace", "team-a"),
+            ("csi.storage.k8s.io/pv/name", "pv-1"),
+            ("onDelete", "archive"),
+        ],
+    );
+    r.volume_capabilities = vec![mount_cap_flags(
+        Mode::MultiNodeMultiWriter,
+        &["nfsvers=3,nolock", "hard"],
+    )];
+    let vol = h
+        .ctl
+        .create_volume(Request::new(r))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, "nfs#a#127.0.0.1#/export#team-a/data");
+    let r = runs(h.fake());
+    assert_eq!(
+        r[0].1[..4],
+        v(&["-t", "nfs", "-o", "nfsvers=3,nolock,hard"])
+    );
+    assert!(share_root(&h).join("team-a/data").is_dir());
+}
+
+#[tokio::test]
+async fn create_rejects_bad_parameters_before_touching_the_os() {
+    let h = nfs(&[]);
+    let cases: Vec<(csi::CreateVolumeRequest, &str)> = vec![
+        (req("a", &[("color", "blue")]), "color"),
+        (req("a", &[("Server", "10.0.0.2")]), "twice"),
+        (req("a", &[("onDelete", "shred")]), "onDelete"),
+        (
+            req("a", &[("mountPermissions", "0999")]),
+            "mountPermissions",
+        ),
+        (req("a", &[("subDir", "../escape")]), "subDir"),
+        (req("a", &[("subDir", "/abs")]), "subDir"),
+        (
+            req("a", &[("subDir", "${pvc.metadata.name}")]),
+            "extra-create-metadata",
+        ),
+        (req("a", &[("subDir", "${pvc.metadata.labels}")]), "subDir"),
+        (req("a", &[("subDir", &"d".repeat(120))]), "128"),
+        (req("a", &[("server", "-oro")]), "server"),
+        (req("a", &[("server", "fd00::1")]), "brackets"),
+        (req("a", &[("share", "exports")]), "share"),
+        (req("a", &[("share", "/e/../etc")]), "share"),
+        (
+            req(
+                "a",
+                &[
+                    ("subDir", "${pvc.metadata.name}"),
+                    ("csi.storage.k8s.io/pvc/name", ".."),
+                ],
+            ),
+            "..",
+        ),
+    ];
+    for (r, want) in cases {
+        let p = format!("{:?}", r.parameters);
+        let e = h.ctl.create_volume(Request::new(r)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{p}: {}", e.message());
+        assert!(e.message().contains(want), "{p}: {}", e.message());
+    }
+    let mut missing = req("a", &[]);
+    missing.parameters.remove("server");
+    assert_eq!(
+        code(h.ctl.create_volume(Request::new(missing)).await),
+        Code::InvalidArgument
+    );
+    // Mount options outside the allowlist, or smuggled behind a comma.
+    for flags in [
+        &["nfsvers=4.1,helper=/bin/sh"][..],
+        &["-o", "remount"],
+        &["x-mount.mkdir"],
+        &["vers=4.1\nro"],
+    ] {
+        let mut r = req("a", &[]);
+        r.volume_capabilities = vec![mount_cap_flags(Mode::MultiNodeMultiWriter, flags)];
+        assert_eq!(
+            code(h.ctl.create_volume(Request::new(r)).await),
+            Code::InvalidArgument,
+            "{flags:?}"
+        );
+    }
+    let mut r = req("a", &[]);
+    r.volume_capabilities = vec![block_cap(Mode::MultiNodeMultiWriter)];
+    assert_eq!(
+        code(h.ctl.create_volume(Request::new(r)).await),
+        Code::InvalidArgument
+    );
+    assert!(h.fake().calls().is_empty());
+    assert!(h.driver.store.is_empty());
+}
+
+#[tokio::test]
+async fn create_refuses_a_subdirectory_another_volume_uses() {
+    let h = nfs(&[]);
+    create(&h, "one", &[("subDir", "shared")]).await;
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("two", &[("subDir", "shared")])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    // Nested inside it, or holding it: deleting one would touch the other.
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("three", &[("subDir", "shared/inner")])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    create(&h, "four", &[("subDir", "top/leaf")]).await;
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("five", &[("subDir", "top")])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    create(&h, "six", &[("subDir", "top/leaf2")]).await;
+    assert_eq!(h.driver.store.len(), 3);
+}
+
+#[tokio::test]
+async fn create_with_a_128_byte_name_fits_the_id() {
+    let h = nfs(&[]);
+    let name = "n".repeat(128);
+    let a = create(&h, &name, &[]).await;
+    assert!(a.volume_id.len() <= 128, "{}", a.volume_id);
+    assert_eq!(create(&h, &name, &[]).await.volume_id, a.volume_id);
+}
+
+#[tokio::test]
+async fn create_that_times_out_mounting_is_deadline_exceeded_and_leaves_no_record() {
+    let h = nfs(&[]);
+    h.fake().reply("mount", timeout("mount"));
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("a", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert!(h.driver.store.is_empty());
+    // The retry works.
+    create(&h, "a", &[]).await;
+}
+
+#[tokio::test]
+async fn controller_remounts_a_stale_share_and_reports_a_hung_one() {
+    let h = nfs(&[]);
+    create(&h, "a", &[]).await;
+    let root = share_root(&h);
+    h.fake().clear_calls();
+    h.fake().fail_next("statvfs", libc::ESTALE);
+    create(&h, "b", &[]).await;
+    let r = runs(h.fake());
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[0].0, "umount");
+    assert_eq!(r[1].0, "mount");
+    // A server that does not answer: UNAVAILABLE within the stat timeout
+    // (--nfs-timeout 2 here), not a hang.
+    h.fake()
+        .set_statvfs_delay(&root, Some(Duration::from_secs(4)));
+    let t0 = Instant::now();
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("c", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    h.fake().set_statvfs_delay(&root, None);
+}
+
+// ------------------------------------------------------------ DeleteVolume
+
+#[tokio::test]
+async fn delete_applies_on_delete_and_never_touches_the_share_root() {
+    let h = nfs(&[]);
+    let del = create(&h, "del", &[]).await.volume_id;
+    let arc = create(&h, "arc", &[("onDelete", "archive"), ("subDir", "ns/arc")])
+        .await
+        .volume_id;
+    let ret = create(&h, "ret", &[("onDelete", "retain")]).await.volume_id;
+    let root = share_root(&h);
+    std::fs::write(root.join("canary"), b"keep").unwrap();
+    for d in ["del", "ns/arc", "ret"] {
+        std::fs::create_dir_all(root.join(d).join("deep")).unwrap();
+        std::fs::write(root.join(d).join("deep/file"), b"data").unwrap();
+    }
+    for id in [&del, &arc, &ret] {
+        delete(&h, id).await.unwrap();
+        delete(&h, id).await.unwrap();
+    }
+    assert!(!root.join("del").exists());
+    assert!(!root.join("ns/arc").exists());
+    let archived: Vec<_> = std::fs::read_dir(root.join("ns"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(archived.len(), 1, "{archived:?}");
+    assert!(archived[0].starts_with("archived-ns-arc-"), "{archived:?}");
+    assert!(root
+        .join("ns")
+        .join(&archived[0])
+        .join("deep/file")
+        .exists());
+    assert!(root.join("ret/deep/file").exists());
+    assert_eq!(std::fs::read(root.join("canary")).unwrap(), b"keep");
+    assert!(h.driver.store.is_empty());
+}
+
+#[tokio::test]
+async fn delete_without_a_record_works_from_the_id() {
+    let h = nfs(&[]);
+    let del = create(&h, "del", &[]).await.volume_id;
+    let ret = create(&h, "ret", &[("onDelete", "retain")]).await.volume_id;
+    let root = share_root(&h);
+    std::fs::write(root.join("del/f"), b"x").unwrap();
+    std::fs::write(root.join("ret/f"), b"x").unwrap();
+    // The controller's state is lost (an emptyDir). A shutdown unmounts
+    // the share.
+    std::fs::remove_dir_all(h.path("state/volumes")).unwrap();
+    h.fake().clear_calls();
+    let h = restart(h, &["--kinds", "nfs"]);
+    assert!(h.driver.store.is_empty());
+    assert_eq!(
+        runs(h.fake()),
+        vec![(
+            "umount".to_string(),
+            v(&["-c", "--", &root.display().to_string()])
+        )]
+    );
+    assert!(!h.fake().table().iter().any(|m| m.mount_point == root));
+    delete(&h, &del).await.unwrap();
+    delete(&h, &ret).await.unwrap();
+    assert!(!root.join("del").exists());
+    assert!(root.join("ret/f").exists(), "retain survives a lost record");
+}
+
+#[tokio::test]
+async fn delete_of_hostile_ids_is_ok_and_touches_nothing() {
+    let h = nfs(&[]);
+    create(&h, "v", &[]).await;
+    let root = share_root(&h);
+    std::fs::write(root.join("canary"), b"keep").unwrap();
+    h.fake().clear_calls();
+    for id in [
+        "nfs#d#127.0.0.1#/export#",
+        "nfs#d#127.0.0.1#/export#.",
+        "nfs#d#127.0.0.1#/export#..",
+        "nfs#d#127.0.0.1#/export#../etc",
+        "nfs#d#127.0.0.1#/export#v/..",
+        "nfs#d#127.0.0.1#/export#/v",
+        "nfs#d#127.0.0.1#/export#v#x",
+        "nfs#d#127.0.0.1#/#",
+        "nfs#d#127.0.0.1#/export/..#v",
+        "nfs#d#-o#/export#v",
+        "nfs#x#127.0.0.1#/export#v",
+    ] {
+        delete(&h, id).await.unwrap();
+    }
+    // NUL and over-long ids are invalid input.
+    for id in [
+        "nfs#d#127.0.0.1#/export#a\0b".to_string(),
+        format!("nfs#d#h#/e#{}", "a".repeat(130)),
+    ] {
+        assert_eq!(
+            code(
+                h.ctl
+                    .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                        volume_id: id,
+                        ..Default::default()
+                    }))
+                    .await
+            ),
+            Code::InvalidArgument
+        );
+    }
+    assert!(h.fake().calls().is_empty(), "{:?}", h.fake().calls());
+    assert!(root.join("v").is_dir());
+    assert!(root.join("canary").exists());
+}
+
+// ------------------------------------------------------------ Node
+
+#[tokio::test]
+async fn publish_mounts_straight_at_the_target_and_unpublish_unmounts() {
+    let h = nfs(&[]);
+    let id = create(&h, "v", &[]).await.volume_id;
+    h.fake().clear_calls();
+    let t = h.path("pods/a/target");
+    std::fs::create_dir_all(t.parent().unwrap()).unwrap();
+    let ro = h.path("pods/a/ro");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(&id, &t, false, &["hard"])))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(&id, &ro, true, &[])))
+        .await
+        .unwrap();
+    assert!(t.is_dir());
+    let r = runs(h.fake());
+    assert_eq!(
+        r,
+        vec![
+            (
+                "mount".to_string(),
+                v(&[
+                    "-t",
+                    "nfs",
+                    "-o",
+                    "hard,nfsvers=4.1",
+                    "--",
+                    "127.0.0.1:/export/v",
+                    &t.display().to_string()
+                ])
+            ),
+            (
+                "mount".to_string(),
+                v(&[
+                    "-t",
+                    "nfs",
+                    "-o",
+                    "nfsvers=4.1,ro",
+                    "--",
+                    "127.0.0.1:/export/v",
+                    &ro.display().to_string()
+                ])
+            ),
+        ]
+    );
+    // Same again: OK, nothing run. Other read-only flag: ALREADY_EXISTS.
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(&id, &t, false, &["hard"])))
+        .await
+        .unwrap();
+    assert_eq!(runs(h.fake()).len(), 2);
+    let r = h
+        .node
+        .node_publish_volume(Request::new(nfs_publish(&id, &t, true, &[])))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    // Another volume at the same target: ALREADY_EXISTS.
+    let other = create(&h, "w", &[]).await.volume_id;
+    let r = h
+        .node
+        .node_publish_volume(Request::new(nfs_publish(&other, &t, false, &[])))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    // A bad option never reaches mount.
+    let r = h
+        .node
+        .node_publish_volume(Request::new(nfs_publish(
+            &id,
+            &h.path("x"),
+            false,
+            &["nolock,helper=x"],
+        )))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    h.fake().clear_calls();
+    for target in [&t, &ro] {
+        for _ in 0..2 {
+            h.node
+                .node_unpublish_volume(Request::new(unpublish_req(&id, target)))
+                .await
+                .unwrap();
+        }
+        assert!(!target.exists());
+    }
+    assert_eq!(
+        runs(h.fake()),
+        vec![
+            (
+                "umount".to_string(),
+                v(&["-c", "--", &t.display().to_string()])
+            ),
+            (
+                "umount".to_string(),
+                v(&["-c", "--", &ro.display().to_string()])
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn node_plugin_without_records_works_from_the_id() {
+    let h = nfs(&["--mode", "node"]);
+    let id = "nfs#d#nfs.example.com#/exports/berth#team-a/pvc-1";
+    let t = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    assert_eq!(
+        runs(h.fake())[0].1[4..],
+        v(&[
+            "--",
+            "nfs.example.com:/exports/berth/team-a/pvc-1",
+            &t.display().to_string()
+        ])
+    );
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: t.display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.usage.len(), 2);
+    assert!(s.usage[0].total > 0);
+    assert!(!s.volume_condition.unwrap().abnormal);
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .unwrap();
+    // Ids no kind owns, or hostile ones: NOT_FOUND, nothing run.
+    h.fake().clear_calls();
+    for bad in [
+        "nfs#d#h#/e#..",
+        "nfs#d#h#/e#",
+        "nfs#d#h#/e#a/../..",
+        "nfs#d#h;rm#/e#a",
+        "local-0123456789abcdef0123456789abcdef",
+    ] {
+        let r = h
+            .node
+            .node_publish_volume(Request::new(nfs_publish(bad, &h.path("t2"), false, &[])))
+            .await;
+        assert_eq!(code(r), Code::NotFound, "{bad}");
+    }
+    assert!(h.fake().calls().is_empty());
+}
+
+#[tokio::test]
+async fn single_writer_volume_gets_one_target() {
+    let h = nfs(&["--mode", "node"]);
+    let id = "nfs#d#h#/e#v";
+    let mut r = nfs_publish(id, &h.path("t1"), false, &[]);
+    r.volume_capability = Some(mount_cap(Mode::SingleNodeSingleWriter));
+    h.node
+        .node_publish_volume(Request::new(r.clone()))
+        .await
+        .unwrap();
+    r.target_path = h.path("t2").display().to_string();
+    assert_eq!(
+        code(h.node.node_publish_volume(Request::new(r)).await),
+        Code::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn publish_that_times_out_is_deadline_exceeded_and_leaves_nothing() {
+    let h = nfs(&["--mode", "node"]);
+    let t = h.path("target");
+    h.fake().reply("mount", timeout("mount"));
+    let e = h
+        .node
+        .node_publish_volume(Request::new(nfs_publish("nfs#d#h#/e#v", &t, false, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert!(!t.exists(), "the target berth made is removed again");
+    assert!(!h.fake().table().iter().any(|m| m.mount_point == t));
+}
+
+#[tokio::test]
+async fn unpublish_with_a_dead_server_forces_then_lazily_unmounts() {
+    let h = nfs(&["--mode", "node"]);
+    let id = "nfs#d#h#/e#v";
+    let t = h.path("target");
+    let ts = t.display().to_string();
+    // The normal unmount times out; the forced one works.
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    h.fake().clear_calls();
+    h.fake().reply("umount", timeout("umount"));
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .unwrap();
+    assert_eq!(
+        runs(h.fake()),
+        vec![
+            ("umount".to_string(), v(&["-c", "--", &ts])),
+            ("umount".to_string(), v(&["-f", "-i", "-c", "--", &ts])),
+        ]
+    );
+    assert!(!t.exists());
+    // The forced unmount leaves it mounted: lazily.
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    h.fake().clear_calls();
+    h.fake().reply("umount", timeout("umount"));
+    h.fake().reply("umount", exit(0, ""));
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .unwrap();
+    assert_eq!(
+        runs(h.fake()),
+        vec![
+            ("umount".to_string(), v(&["-c", "--", &ts])),
+            ("umount".to_string(), v(&["-f", "-i", "-c", "--", &ts])),
+            ("umount".to_string(), v(&["-l", "-i", "-c", "--", &ts])),
+        ]
+    );
+    assert!(!t.exists());
+    assert!(!h.fake().table().iter().any(|m| m.mount_point == t));
+}
+
+#[tokio::test]
+async fn busy_unmount_is_an_error_never_forced() {
+    let h = nfs(&["--mode", "node"]);
+    let id = "nfs#d#h#/e#v";
+    let t = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    h.fake().clear_calls();
+    h.fake()
+        .reply("umount", exit(32, "umount: target is busy."));
+    let e = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert!(e.message().contains("busy"), "{}", e.message());
+    assert_eq!(runs(h.fake()).len(), 1, "no force, no lazy");
+    assert!(h.fake().table().iter().any(|m| m.mount_point == t));
+    // A retry that works.
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn force_and_lazy_unmounts_are_only_for_nfs() {
+    // A local volume in an instance that serves both kinds: unpublish uses
+    // plain umount(2) calls and never runs umount -f/-l.
+    let h = fake(&["--kinds", "local,nfs", "--nfs-timeout", "2"]);
+    h.fake().emulate_nfs_mounts();
+    let id = h
+        .ctl
+        .create_volume(Request::new(create_req("loc", 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = h.path("staging");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
+    h.fake().reply("umount", timeout("umount"));
+    h.fake().fail_next("unmount", libc::EBUSY);
+    let e = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
+    // A bind mount found at an NFS volume's target is unmounted plainly too.
+    let nfs_id = "nfs#d#h#/e#v";
+    let t2 = h.path("t2");
+    std::fs::create_dir(&t2).unwrap();
+    use berth::os::Mounter;
+    h.fake().bind(&staging, &t2, Default::default()).unwrap();
+    h.fake().clear_calls();
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(nfs_id, &t2)))
+        .await
+        .unwrap();
+    assert!(runs(h.fake()).is_empty());
+    assert!(h
+        .fake()
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::Unmount { target } if *target == t2)));
+}
+
+#[tokio::test]
+async fn republish_of_a_stale_mount_mounts_again() {
+    let h = nfs(&["--mode", "node"]);
+    let id = "nfs#d#h#/e#v";
+    let t = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    h.fake().clear_calls();
+    h.fake().fail_next("statvfs", libc::ESTALE);
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    let r = runs(h.fake());
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!((r[0].0.as_str(), r[1].0.as_str()), ("umount", "mount"));
+    assert_eq!(
+        h.fake()
+            .table()
+            .iter()
+            .filter(|m| m.mount_point == t)
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn stats_report_stale_and_hung_servers_as_abnormal_without_hanging() {
+    let h = nfs(&["--mode", "node", "--nfs-timeout", "1"]);
+    let id = "nfs#d#h#/e#v";
+    let t = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    let stats = |path: &Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    h.fake().fail_next("statvfs", libc::ESTALE);
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&t)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.usage.is_empty());
+    let c = s.volume_condition.unwrap();
+    assert!(c.abnormal && c.message.contains("stale"), "{c:?}");
+    h.fake().set_statvfs_delay(&t, Some(Duration::from_secs(3)));
+    let t0 = Instant::now();
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&t)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let c = s.volume_condition.unwrap();
+    assert!(c.abnormal && c.message.contains("not responding"), "{c:?}");
+    assert!(s.usage.is_empty());
+    h.fake().set_statvfs_delay(&t, None);
+    // Not mounted there: NOT_FOUND.
+    let r = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&h.path("elsewhere"))))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+}
+
+#[tokio::test]
+async fn mixed_instance_stages_nfs_as_a_no_op_and_publishes_at_the_target() {
+    let h = fake(&["--kinds", "local,nfs", "--nfs-timeout", "2"]);
+    h.fake().emulate_nfs_mounts();
+    let id = create(&h, "v", &[]).await.volume_id;
+    assert!(id.starts_with("nfs#"));
+    h.fake().clear_calls();
+    let staging = h.path("staging");
+    let mut st = stage_req(&id, &staging);
+    st.volume_capability = Some(mount_cap(Mode::MultiNodeMultiWriter));
+    h.node.node_stage_volume(Request::new(st)).await.unwrap();
+    assert!(h.fake().calls().is_empty());
+    let t = h.path("t");
+    let mut p = nfs_publish(&id, &t, false, &[]);
+    p.staging_target_path = staging.display().to_string();
+    h.node.node_publish_volume(Request::new(p)).await.unwrap();
+    assert_eq!(
+        runs(h.fake())[0].1[4..],
+        v(&["--", "127.0.0.1:/export/v", &t.display().to_string()])
+    );
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    // A local volume still needs its staging path.
+    let loc = h
+        .ctl
+        .create_volume(Request::new(create_req("loc", 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut p = publish_req(&loc, &staging, &h.path("t3"), false);
+    p.staging_target_path.clear();
+    assert_eq!(
+        code(h.node.node_publish_volume(Request::new(p)).await),
+        Code::FailedPrecondition
+    );
+    delete(&h, &id).await.unwrap();
+}
+
+#[tokio::test]
+async fn list_get_and_validate_nfs_volumes() {
+    let h = nfs(&[]);
+    let id = create(&h, "v", &[]).await.volume_id;
+    let l = h
+        .ctl
+        .list_volumes(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(l.entries.len(), 1);
+    let st = l.entries[0].status.as_ref().unwrap();
+    assert!(!st.volume_condition.as_ref().unwrap().abnormal);
+    std::fs::remove_dir(share_root(&h).join("v")).unwrap();
+    let g = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = g.status.unwrap().volume_condition.unwrap();
+    assert!(c.abnormal && c.message.contains("missing"), "{c:?}");
+    let r = h
+        .ctl
+        .validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.clone(),
+            volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_some(), "{}", r.message);
+    let r = h
+        .ctl
+        .validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id,
+            volume_capabilities: vec![block_cap(Mode::MultiNodeMultiWriter)],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_none());
+}
+
+#[tokio::test]
+async fn unpublish_forces_when_its_own_stuck_statvfs_keeps_the_mount_busy() {
+    // kubelet asked for stats of a volume whose server is gone: that
+    // statvfs is stuck and keeps the mount busy, so a normal umount fails
+    // with "busy" at once. That also means "server not responding".
+    let h = nfs(&["--mode", "node", "--nfs-timeout", "1"]);
+    let id = "nfs#d#h#/e#v";
+    let t = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    h.fake().set_statvfs_delay(&t, Some(Duration::from_secs(3)));
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: t.display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.volume_condition.unwrap().abnormal);
+    h.fake().clear_calls();
+    h.fake()
+        .reply("umount", exit(32, "umount: target is busy."));
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .unwrap();
+    let r = runs(h.fake());
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[1].1[..2], v(&["-f", "-i"]));
+    assert!(!t.exists());
+    h.fake().set_statvfs_delay(&t, None);
+}
+
+#[tokio::test]
+async fn expansion_records_the_size_and_needs_nothing_on_the_node() {
+    let h = nfs(&[]);
+    let caps = h
+        .ctl
+        .controller_get_capabilities(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::controller_service_capability::rpc::Type as C;
+    assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::controller_service_capability::Type::Rpc(r)) if r.r#type == C::ExpandVolume as i32)));
+    let id = create(&h, "v", &[]).await.volume_id;
+    let expand = |required: i64, limit: i64| csi::ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..Default::default()
+    };
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand(10 << 20, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 10 << 20);
+    assert!(!r.node_expansion_required);
+    assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 10 << 20);
+    // Never shrinks.
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand(1 << 20, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 10 << 20);
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand(1 << 20, 2 << 20)))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(&id, &t, false, &[])))
+        .await
+        .unwrap();
+    let node_expand = |path: &Path| csi::NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: path.display().to_string(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 10 << 20,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand(&t)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 10 << 20);
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand(&h.path("nowhere"))))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+}

@@ -1,0 +1,471 @@
+//! Root integration tests of NFS volumes against a real kernel NFS server.
+//! They run inside the test guest (tests/vm/nfs.sh boots it; its run.sh
+//! starts the server and runs this binary with `--ignored
+//! --test-threads=1`), configured by the environment:
+//!
+//! - `BERTH_NFS_SERVER`, `BERTH_NFS_SHARE`: the export to use;
+//! - `BERTH_NFS_EXPORT`: the exported directory on the server side;
+//! - `BERTH_NFS_CTL`: a command taking `stop` or `start` that stops or
+//!   restarts the server.
+//!
+//! Each test mounts and unmounts through berth's own code (the driver runs
+//! in this process over the real OS) and checks the result on the server
+//! side; `UnmountOnDrop` removes what a failing test leaves.
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use berth::csi::v1 as csi;
+use berth::csi::v1::controller_server::Controller;
+use berth::csi::v1::node_server::Node;
+use berth::csi::v1::volume_capability::access_mode::Mode;
+use common::*;
+use tonic::{Code, Request};
+
+/// --nfs-timeout of these tests.
+const TIMEOUT_S: u64 = 5;
+
+struct Env {
+    server: String,
+    share: String,
+    export: PathBuf,
+    ctl: String,
+}
+
+fn env() -> Env {
+    let get = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is not set: these tests run inside the test guest (tests/vm/nfs.sh)")
+        })
+    };
+    assert!(is_root(), "root tests need root");
+    // Berth's own log lines (forced and lazy unmounts, stale mounts) on
+    // stderr; run.sh passes --nocapture.
+    let _ = berth::logging::init(berth::config::LogFormat::Text, "berth=info");
+    Env {
+        server: get("BERTH_NFS_SERVER"),
+        share: get("BERTH_NFS_SHARE"),
+        export: PathBuf::from(get("BERTH_NFS_EXPORT")),
+        ctl: get("BERTH_NFS_CTL"),
+    }
+}
+
+impl Env {
+    /// The canary file at the share root, as it is now.
+    fn canary(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.export.join("canary")).ok()
+    }
+
+    fn server_ctl(&self, what: &str) {
+        let st = std::process::Command::new(&self.ctl)
+            .arg(what)
+            .status()
+            .expect("run the server control command");
+        assert!(st.success(), "{} {what}: {st}", self.ctl);
+    }
+
+    fn params(&self, extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut p: HashMap<String, String> = HashMap::from([
+            ("kind".into(), "nfs".into()),
+            ("server".into(), self.server.clone()),
+            ("share".into(), self.share.clone()),
+        ]);
+        for (k, v) in extra {
+            p.insert(k.to_string(), v.to_string());
+        }
+        p
+    }
+}
+
+fn harness() -> (Harness, UnmountOnDrop) {
+    real(&["--kinds", "nfs", "--nfs-timeout", &TIMEOUT_S.to_string()])
+}
+
+fn cap(flags: &[&str]) -> csi::VolumeCapability {
+    mount_cap_flags(Mode::MultiNodeMultiWriter, flags)
+}
+
+async fn create(
+    h: &Harness,
+    e: &Env,
+    name: &str,
+    extra: &[(&str, &str)],
+    flags: &[&str],
+) -> String {
+    h.ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            name: name.into(),
+            parameters: e.params(extra),
+            volume_capabilities: vec![cap(flags)],
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id
+}
+
+async fn delete(h: &Harness, id: &str) -> Result<(), tonic::Status> {
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
+async fn publish(
+    h: &Harness,
+    id: &str,
+    target: &Path,
+    readonly: bool,
+    flags: &[&str],
+) -> Result<(), tonic::Status> {
+    h.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap(flags)),
+            readonly,
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
+async fn unpublish(h: &Harness, id: &str, target: &Path) -> Result<(), tonic::Status> {
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .map(|_| ())
+}
+
+async fn stats(h: &Harness, id: &str, path: &Path) -> csi::NodeGetVolumeStatsResponse {
+    h.node
+        .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+fn entries(path: &Path) -> Vec<berth::os::MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    berth::os::mountinfo::parse(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point == path)
+        .collect()
+}
+
+/// Processes named mount, mount.nfs*, umount or umount.nfs* (/proc/*/comm).
+fn mount_processes() -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm == "mount"
+            || comm == "umount"
+            || comm.starts_with("mount.nfs")
+            || comm.starts_with("umount.nfs")
+        {
+            v.push(format!("{} {comm}", e.file_name().to_string_lossy()));
+        }
+    }
+    v
+}
+
+fn subdir_of(id: &str) -> String {
+    id.rsplit('#').next().unwrap().to_string()
+}
+
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn publish_unpublish_readonly_over_v3_and_v4() {
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    for (flags, fs_type, vers) in [
+        (&["nfsvers=3", "nolock"][..], "nfs", "vers=3"),
+        (&["nfsvers=4.2"][..], "nfs4", "vers=4.2"),
+    ] {
+        let name = format!("life-{}", fs_type);
+        let id = create(&h, &e, &name, &[("mountPermissions", "0777")], flags).await;
+        let dir = e.export.join(subdir_of(&id));
+        assert!(dir.is_dir(), "{} made on the server", dir.display());
+        let rw = h.path(&format!("{name}-rw"));
+        let ro = h.path(&format!("{name}-ro"));
+        publish(&h, &id, &rw, false, flags).await.unwrap();
+        publish(&h, &id, &ro, true, flags).await.unwrap();
+        let m = &entries(&rw)[0];
+        assert_eq!(m.fs_type, fs_type, "{m:?}");
+        assert!(m.super_options.contains(vers), "{m:?}");
+        assert!(entries(&ro)[0].readonly());
+        // Written through the pod's mount, seen on the server and read-only
+        // mount.
+        std::fs::write(rw.join("hello"), b"from berth").unwrap();
+        assert_eq!(std::fs::read(dir.join("hello")).unwrap(), b"from berth");
+        assert_eq!(std::fs::read(ro.join("hello")).unwrap(), b"from berth");
+        let err = std::fs::write(ro.join("nope"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+        // Repeats add no mount; a conflicting one is ALREADY_EXISTS.
+        publish(&h, &id, &rw, false, flags).await.unwrap();
+        assert_eq!(entries(&rw).len(), 1);
+        let r = publish(&h, &id, &rw, true, flags).await;
+        assert_eq!(r.unwrap_err().code(), Code::AlreadyExists);
+        // Stats: the export's numbers.
+        let s = stats(&h, &id, &rw).await;
+        assert!(s.usage[0].total > 0 && s.usage[0].available > 0, "{s:?}");
+        assert!(!s.volume_condition.unwrap().abnormal);
+        for t in [&rw, &ro] {
+            unpublish(&h, &id, t).await.unwrap();
+            unpublish(&h, &id, t).await.unwrap();
+            assert!(entries(t).is_empty());
+            assert!(!t.exists(), "target removed");
+        }
+        delete(&h, &id).await.unwrap();
+        assert!(!dir.exists(), "deleted on the server");
+    }
+    assert!(mount_processes().is_empty());
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}
+
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn on_delete_modes_and_a_lost_record() {
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    let del = create(&h, &e, "od-delete", &[], &[]).await;
+    let ret = create(&h, &e, "od-retain", &[("onDelete", "retain")], &[]).await;
+    let arc = create(
+        &h,
+        &e,
+        "od-archive",
+        &[
+            ("onDelete", "archive"),
+            ("subDir", "${pvc.metadata.namespace}/${pvc.metadata.name}"),
+            ("csi.storage.k8s.io/pvc/namespace", "od-ns"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+        ],
+        &[],
+    )
+    .await;
+    assert!(arc.ends_with("#od-ns/data"), "{arc}");
+    for id in [&del, &ret, &arc] {
+        let dir = e.export.join(subdir_of(id));
+        std::fs::create_dir_all(dir.join("deep")).unwrap();
+        std::fs::write(dir.join("deep/file"), b"data").unwrap();
+    }
+    for id in [&del, &ret, &arc] {
+        delete(&h, id).await.unwrap();
+        delete(&h, id).await.unwrap();
+    }
+    assert!(!e.export.join("od-delete").exists());
+    assert!(e.export.join("od-retain/deep/file").exists());
+    assert!(!e.export.join("od-ns/data").exists());
+    let archived: Vec<String> = std::fs::read_dir(e.export.join("od-ns"))
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(archived.len(), 1, "{archived:?}");
+    assert!(
+        archived[0].starts_with("archived-od-ns-data-"),
+        "{archived:?}"
+    );
+    assert!(e
+        .export
+        .join("od-ns")
+        .join(&archived[0])
+        .join("deep/file")
+        .exists());
+
+    // The controller loses its state (an emptyDir) and restarts: the
+    // working mount is found again and DeleteVolume works from the id.
+    let lost = create(&h, &e, "od-lost", &[], &[]).await;
+    std::fs::write(e.export.join("od-lost/f"), b"x").unwrap();
+    let Harness {
+        dir,
+        driver,
+        ctl,
+        node,
+        ident,
+        ..
+    } = h;
+    drop((ctl, node, ident, driver));
+    std::fs::remove_dir_all(dir.path().join("state/volumes")).unwrap();
+    // The shutdown unmounted the working mount of the share.
+    assert!(
+        mounts_under(dir.path()).is_empty(),
+        "{:?}",
+        mounts_under(dir.path())
+    );
+    let h = build(
+        dir,
+        berth::os::Os::real(),
+        None,
+        &["--kinds", "nfs", "--nfs-timeout", &TIMEOUT_S.to_string()],
+    );
+    // Dropped before `h` (declared after it): unmounts before the temp dir
+    // is removed.
+    let _g2 = UnmountOnDrop(h.dir.path().to_path_buf());
+    assert!(h.driver.store.is_empty());
+    delete(&h, &lost).await.unwrap();
+    assert!(!e.export.join("od-lost").exists());
+    std::fs::remove_dir_all(e.export.join("od-retain")).unwrap();
+    std::fs::remove_dir_all(e.export.join("od-ns")).unwrap();
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}
+
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn republish_after_a_server_restart_and_after_a_stale_handle() {
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    let id = create(&h, &e, "restart", &[], &[]).await;
+    let dir = e.export.join(subdir_of(&id));
+    let t = h.path("restart-t");
+    publish(&h, &id, &t, false, &[]).await.unwrap();
+    std::fs::write(t.join("f1"), b"one").unwrap();
+    e.server_ctl("stop");
+    e.server_ctl("start");
+    // Same mount, same data; nothing stacked.
+    publish(&h, &id, &t, false, &[]).await.unwrap();
+    assert_eq!(entries(&t).len(), 1);
+    assert_eq!(std::fs::read(t.join("f1")).unwrap(), b"one");
+    std::fs::write(t.join("f2"), b"two").unwrap();
+    assert_eq!(std::fs::read(dir.join("f2")).unwrap(), b"two");
+    // The directory is replaced on the server: the mount is stale (ESTALE)
+    // and a republish mounts it again.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let s = stats(&h, &id, &t).await;
+    let c = s.volume_condition.unwrap();
+    assert!(c.abnormal && c.message.contains("stale"), "{c:?}");
+    publish(&h, &id, &t, false, &[]).await.unwrap();
+    assert_eq!(entries(&t).len(), 1);
+    std::fs::write(t.join("f3"), b"three").unwrap();
+    assert_eq!(std::fs::read(dir.join("f3")).unwrap(), b"three");
+    assert!(!stats(&h, &id, &t).await.volume_condition.unwrap().abnormal);
+    unpublish(&h, &id, &t).await.unwrap();
+    delete(&h, &id).await.unwrap();
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}
+
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    let id = create(&h, &e, "dead", &[], &[]).await;
+    let id3 = create(&h, &e, "dead-v3", &[], &["nfsvers=3", "nolock"]).await;
+    let a = h.path("dead-a");
+    let a3 = h.path("dead-a3");
+    // No statvfs will be stuck on this one: its plain umount meets the
+    // dead server on its own.
+    let quiet = h.path("dead-quiet");
+    publish(&h, &id, &quiet, false, &[]).await.unwrap();
+    publish(&h, &id, &a, false, &[]).await.unwrap();
+    publish(&h, &id3, &a3, false, &["nfsvers=3", "nolock"])
+        .await
+        .unwrap();
+    std::fs::write(a.join("f"), b"x").unwrap();
+    e.server_ctl("stop");
+    let limit = Duration::from_secs(TIMEOUT_S + 5);
+
+    // A new publish (v4.1 never gives up by itself) fails within the
+    // timeout, leaves no mount process and no target.
+    let b = h.path("dead-b");
+    let t0 = Instant::now();
+    let r = publish(&h, &id, &b, false, &[]).await;
+    let took = t0.elapsed();
+    eprintln!(
+        "publish to a dead server: {:?} after {took:?}",
+        r.as_ref().map_err(|s| s.code())
+    );
+    assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
+    assert!(took < limit, "{took:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mount_processes(), Vec::<String>::new());
+    assert!(entries(&b).is_empty());
+    assert!(!b.exists());
+
+    // Stats answer in time, abnormal.
+    let t0 = Instant::now();
+    let s = stats(&h, &id, &a).await;
+    let c = s.volume_condition.unwrap();
+    eprintln!("stats of a dead server: {c:?} after {:?}", t0.elapsed());
+    assert!(c.abnormal, "{c:?}");
+    assert!(t0.elapsed() < limit);
+
+    // The controller does not hang either.
+    let t0 = Instant::now();
+    let r = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            name: "dead-new".into(),
+            parameters: e.params(&[]),
+            volume_capabilities: vec![cap(&[])],
+            ..Default::default()
+        }))
+        .await;
+    let took = t0.elapsed();
+    let code = r.unwrap_err().code();
+    eprintln!("create with a dead server: {code:?} after {took:?}");
+    assert!(
+        matches!(code, Code::Unavailable | Code::DeadlineExceeded),
+        "{code:?}"
+    );
+    assert!(took < limit * 3, "{took:?}");
+
+    // Unpublish still succeeds, for v4.1 and v3.
+    for (vid, t) in [(&id, &quiet), (&id, &a), (&id3, &a3)] {
+        let t0 = Instant::now();
+        unpublish(&h, vid, t).await.unwrap();
+        eprintln!(
+            "unpublish of {} from a dead server: ok after {:?}",
+            t.display(),
+            t0.elapsed()
+        );
+        assert!(t0.elapsed() < limit * 3);
+        assert!(entries(t).is_empty(), "{:?}", entries(t));
+        assert!(!t.exists());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mount_processes(), Vec::<String>::new());
+
+    // Back up: everything works again and cleans up.
+    e.server_ctl("start");
+    let ok = Instant::now();
+    loop {
+        match delete(&h, &id).await {
+            Ok(()) => break,
+            Err(s) if ok.elapsed() < Duration::from_secs(60) => {
+                eprintln!("delete after restart: {s:?}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(s) => panic!("delete after restart: {s:?}"),
+        }
+    }
+    delete(&h, &id3).await.unwrap();
+    assert!(!e.export.join(subdir_of(&id)).exists());
+    assert!(!e.export.join(subdir_of(&id3)).exists());
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}

@@ -1,0 +1,55 @@
+#!/bin/bash
+# NFS volumes against a real kernel NFS server; runs INSIDE the test guest
+# (tests/vm/nfs.sh boots it). On an ext4 loop disk exported as /export over
+# 127.0.0.1, with a canary file at the share root:
+#   1. csi-sanity against berth in NFS mode (berth's default options: NFSv4.1)
+#   2. the integration tests (tests/root_nfs.rs): publish/unpublish/readonly
+#      over NFSv3 (nolock) and v4.2, onDelete delete/retain/archive, delete
+#      without a record, republish after a server restart and after a stale
+#      handle, and the dead-server test
+#   3. the canary survived, nothing is left on the share, no NFS mount and no
+#      mount process is left.
+# Last line: "N passed, M failed".
+. /share/guest-lib.sh
+set -u
+export BERTH_NFS_EXPORT=/export
+
+use_local_bin
+berth_check "binaries copied to RAM" command -v berth csi-sanity root_nfs berth-nfs-ctl >/dev/null
+
+nfs_mounts() { awk '$3 == "nfs" || $3 == "nfs4" {print $2}' /proc/mounts; }
+mount_procs() { ps -eo pid=,stat=,comm=,args= | awk '$3 ~ /^u?mount(\.nfs4?)?$/'; }
+
+berth_check "ext4 loop disk on /export" make_ext4_disk /export 256M
+echo "canary $(date +%s%N)" > /export/canary
+CANARY=$(sha256sum < /export/canary)
+berth_check "NFS server started" start_nfs_server /export || nfs_server_logs
+
+sanity() {
+  local t0=$SECONDS rc
+  BERTH=$(command -v berth) CSI_SANITY=$(command -v csi-sanity) \
+    NFS_SERVER=127.0.0.1 NFS_SHARE=/export bash /share/csi-sanity/run.sh nfs; rc=$?
+  berth_log "csi-sanity took $((SECONDS - t0)) s"
+  return $rc
+}
+berth_check "csi-sanity in NFS mode (NFSv4.1), 0 failed" sanity
+berth_check "no NFS mount left after csi-sanity" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
+
+integration() {
+  local t0=$SECONDS rc
+  BERTH_NFS_SERVER=127.0.0.1 BERTH_NFS_SHARE=/export BERTH_NFS_CTL=berth-nfs-ctl \
+    RUST_BACKTRACE=1 root_nfs --ignored --test-threads=1 --nocapture 2>&1; rc=$?
+  berth_log "integration tests took $((SECONDS - t0)) s"
+  return $rc
+}
+berth_check "integration tests (tests/root_nfs.rs)" integration
+
+berth_check "canary at the share root intact" eval '[ "$(sha256sum < /export/canary)" = "$CANARY" ]'
+leftovers() { ls -A /export | grep -vxE 'canary|lost\+found'; }
+berth_check "nothing left on the share" eval '[ -z "$(leftovers)" ]' || leftovers
+berth_check "no NFS mount left" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
+berth_check "no mount process left" eval '[ -z "$(mount_procs)" ]' || mount_procs
+
+stop_nfs_server
+remove_all_disks
+berth_summary

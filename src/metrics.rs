@@ -146,8 +146,11 @@ pub fn render(d: &Driver) -> Result<String, std::fmt::Error> {
         let labels = PoolLabels {
             kind: k.kind().as_str(),
         };
+        // Kinds without a pool of their own (NFS) report no free space.
         if let Ok(p) = k.pool_capacity() {
-            free.get_or_create(&labels).set(p.free_bytes);
+            if k.node_local() && p.free_bytes < i64::MAX {
+                free.get_or_create(&labels).set(p.free_bytes);
+            }
         }
         allocated
             .get_or_create(&labels)

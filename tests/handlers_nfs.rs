@@ -1164,3 +1164,75 @@ async fn expansion_records_the_size_and_needs_nothing_on_the_node() {
         .await;
     assert_eq!(code(r), Code::NotFound);
 }
+
+#[tokio::test]
+async fn list_volumes_with_a_hung_server_answers_within_one_timeout() {
+    let h = nfs(&["--nfs-timeout", "1"]);
+    for i in 0..5 {
+        create(&h, &format!("v{i}"), &[]).await;
+    }
+    let root = share_root(&h);
+    h.fake()
+        .set_statvfs_delay(&root, Some(Duration::from_secs(3)));
+    let t0 = Instant::now();
+    let l = h
+        .ctl
+        .list_volumes(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(l.entries.len(), 5);
+    for e in &l.entries {
+        let c = e
+            .status
+            .as_ref()
+            .unwrap()
+            .volume_condition
+            .as_ref()
+            .unwrap();
+        assert!(c.abnormal && c.message.contains("not responding"), "{c:?}");
+    }
+    h.fake().set_statvfs_delay(&root, None);
+}
+
+#[tokio::test]
+async fn busy_unmount_with_a_hung_server_is_forced_after_the_stat_timeout() {
+    // A process stuck on the dead server keeps the mount busy; a statvfs
+    // of it does not answer either: the server is not responding.
+    let h = nfs(&["--mode", "node", "--nfs-timeout", "1"]);
+    let id = "nfs#d#h#/e#v";
+    let t = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    h.fake().set_statvfs_delay(&t, Some(Duration::from_secs(3)));
+    h.fake().clear_calls();
+    h.fake()
+        .reply("umount", exit(32, "umount: target is busy."));
+    let t0 = Instant::now();
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let r = runs(h.fake());
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[1].1[..2], v(&["-f", "-i"]));
+    assert!(!t.exists());
+    h.fake().set_statvfs_delay(&t, None);
+}

@@ -5,8 +5,9 @@
 //!
 //! - `BERTH_NFS_SERVER`, `BERTH_NFS_SHARE`: the export to use;
 //! - `BERTH_NFS_EXPORT`: the exported directory on the server side;
-//! - `BERTH_NFS_CTL`: a command taking `stop` or `start` that stops or
-//!   restarts the server.
+//! - `BERTH_NFS_CTL`: a command taking `stop` or `start` (stops or restarts
+//!   the server), `hang` or `unhang` (drops every packet to it, or stops
+//!   doing so).
 //!
 //! Each test mounts and unmounts through berth's own code (the driver runs
 //! in this process over the real OS) and checks the result on the server
@@ -355,9 +356,19 @@ async fn republish_after_a_server_restart_and_after_a_stale_handle() {
     // and a republish mounts it again.
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::create_dir(&dir).unwrap();
-    let s = stats(&h, &id, &t).await;
-    let c = s.volume_condition.unwrap();
-    assert!(c.abnormal && c.message.contains("stale"), "{c:?}");
+    // The server answers ESTALE once it lets go of the removed directory
+    // (nfsd's file cache keeps files that were written open for a few
+    // seconds, and with them their directory).
+    let t0 = Instant::now();
+    loop {
+        let c = stats(&h, &id, &t).await.volume_condition.unwrap();
+        if c.abnormal && c.message.contains("stale") {
+            eprintln!("stale handle reported after {:?}", t0.elapsed());
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "never stale: {c:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     publish(&h, &id, &t, false, &[]).await.unwrap();
     assert_eq!(entries(&t).len(), 1);
     std::fs::write(t.join("f3"), b"three").unwrap();
@@ -467,5 +478,91 @@ async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
     delete(&h, &id3).await.unwrap();
     assert!(!e.export.join(subdir_of(&id)).exists());
     assert!(!e.export.join(subdir_of(&id3)).exists());
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}
+
+/// Stops dropping packets when dropped, so a failing test leaves no hung
+/// network behind.
+struct Unhang<'a>(&'a Env);
+
+impl Drop for Unhang<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.0.ctl)
+            .arg("unhang")
+            .status();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn hung_server_unmount_times_out_then_forces() {
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    let id = create(&h, &e, "hung", &[], &[]).await;
+    let t = h.path("hung-t");
+    publish(&h, &id, &t, false, &[]).await.unwrap();
+    let limit = Duration::from_secs(TIMEOUT_S + 5);
+    // A writer with the file open before the server hangs writes after it
+    // hung and is killed (as kubelet kills a pod's processes before
+    // unpublishing). It cannot die while its data waits for the server and
+    // keeps the mount busy: the plain umount fails, a statvfs does not
+    // answer, so berth forces and lazily detaches the mount.
+    let mut writer = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 3>\"$1\"; sleep 2; echo dirty >&3; exec sleep 1000")
+        .arg("sh")
+        .arg(t.join("dirty"))
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let took = {
+        e.server_ctl("hang");
+        let _unhang = Unhang(&e);
+        // A publish to a server that does not answer at all is killed at
+        // the timeout.
+        let b = h.path("hung-b");
+        let t0 = Instant::now();
+        let r = publish(&h, &id, &b, false, &[]).await;
+        eprintln!(
+            "publish to a hung server: {:?} after {:?}",
+            r.as_ref().map_err(|s| s.code()),
+            t0.elapsed()
+        );
+        assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
+        assert!(t0.elapsed() < limit);
+        assert!(!b.exists());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = writer.kill();
+        let t0 = Instant::now();
+        let r = unpublish(&h, &id, &t).await;
+        let took = t0.elapsed();
+        eprintln!("unpublish from a hung server: {r:?} after {took:?}");
+        r.unwrap();
+        took
+    };
+    assert!(took < limit * 3, "{took:?}");
+    assert!(entries(&t).is_empty(), "{:?}", entries(&t));
+    assert!(!t.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mount_processes(), Vec::<String>::new());
+    // With the network back the writer finishes dying.
+    let t0 = Instant::now();
+    while writer.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("killed writer gone: {:?}", writer.try_wait());
+    let ok = Instant::now();
+    loop {
+        match delete(&h, &id).await {
+            Ok(()) => break,
+            Err(s) if ok.elapsed() < Duration::from_secs(60) => {
+                eprintln!("delete after the network is back: {s:?}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(s) => panic!("delete after the network is back: {s:?}"),
+        }
+    }
+    assert!(!e.export.join(subdir_of(&id)).exists());
     assert_eq!(e.canary(), canary, "canary at the share root");
 }

@@ -52,6 +52,7 @@ stage "csi-sanity local" csi-sanity/run.sh local
 stage "csi-sanity block-raw" csi-sanity/run.sh block-raw
 stage "csi-sanity block-ext4" csi-sanity/run.sh block-ext4
 stage "csi-sanity block-xfs" csi-sanity/run.sh block-xfs
+stage "NFS volumes in the full-kernel guest" tests/vm/nfs.sh
 stage "manifest validation" bash tests/manifests/validate.sh
 
 mounts_after=$(wc -l </proc/self/mountinfo)

@@ -379,6 +379,18 @@ impl VolumeKind for NfsKind {
         let Some(root) = self.existing_share_mount(&vid) else {
             return Health::ok();
         };
+        // The share first: while a probe of it is stuck, every volume on it
+        // answers at once instead of waiting out its own timeout.
+        match self.probe(&root) {
+            Probe::Usage(_) => {}
+            Probe::Hung => {
+                return Health::abnormal(format!("NFS server {} is not responding", vid.server))
+            }
+            Probe::Stale => {
+                return Health::abnormal(format!("the mount of share {} is stale", vid.share))
+            }
+            Probe::Failed(e) => return Health::abnormal(format!("share {}: {e}", vid.share)),
+        }
         let p = root.join(&vid.subdir);
         let key = format!("stat {}", p.display());
         match self.bounded.run(&key, self.stat_timeout, move || {

@@ -101,10 +101,11 @@ impl NfsKind {
 
     /// Unmounts the top NFS mount at `path` (`before` mounts there now): a
     /// normal `umount` first; only if the server is not responding (that
-    /// umount timed out, or failed while Berth's own statvfs of the mount is
-    /// still stuck, which keeps it busy) `umount -f`, and if the mount is
-    /// still there, `umount -l`. Any other failure (busy) is returned for
-    /// the CO to retry.
+    /// umount timed out; or it failed, typically busy because a process is
+    /// stuck on the dead server, and a statvfs of the mount does not answer
+    /// within the stat timeout either) `umount -f`, and if the mount is
+    /// still there, `umount -l`. Any other failure (busy with a live
+    /// server) is returned for the CO to retry.
     fn nfs_unmount(&self, path: &Path, before: usize) -> Result<()> {
         let run = |how| nfsmount::umount(self.os.cmd.as_ref(), path, how, self.timeout);
         match run(Unmount::Normal) {
@@ -114,10 +115,10 @@ impl NfsKind {
                 if self.mounts_at(path)? < before {
                     return Ok(());
                 }
-                if !self.bounded.busy(&super::probe_key(path)) {
+                if !matches!(self.probe(path), Probe::Hung) {
                     return Err(Error::os(format!("unmounting {}", path.display()), e));
                 }
-                tracing::warn!(path = %path.display(), error = %e, "NFS unmount failed while a statvfs of it has not returned (server not responding)");
+                tracing::warn!(path = %path.display(), error = %e, "NFS unmount failed and a statvfs of the mount does not answer (server not responding)");
             }
         }
         if self.mounts_at(path)? < before {

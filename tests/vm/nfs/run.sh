@@ -6,7 +6,8 @@
 #   2. the integration tests (tests/root_nfs.rs): publish/unpublish/readonly
 #      over NFSv3 (nolock) and v4.2, onDelete delete/retain/archive, delete
 #      without a record, republish after a server restart and after a stale
-#      handle, and the dead-server test
+#      handle, a dead server (connections refused) and a hung one (every
+#      packet dropped)
 #   3. the canary survived, nothing is left on the share, no NFS mount and no
 #      mount process is left.
 # Last line: "N passed, M failed".

@@ -1236,3 +1236,40 @@ async fn busy_unmount_with_a_hung_server_is_forced_after_the_stat_timeout() {
     assert!(!t.exists());
     h.fake().set_statvfs_delay(&t, None);
 }
+
+#[tokio::test]
+async fn expansion_works_from_the_id_when_the_record_is_lost() {
+    let h = nfs(&[]);
+    let id = create(&h, "lost", &[]).await.volume_id;
+    // The controller's state is gone (an emptyDir in deploy/).
+    h.driver.store.remove(&id).unwrap();
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 20 << 20,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 20 << 20);
+    assert!(!r.node_expansion_required);
+    // An id no kind owns is still NOT_FOUND.
+    let e = h
+        .ctl
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: "nfs#x#../..#etc".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 1,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}

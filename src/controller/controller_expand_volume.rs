@@ -57,7 +57,12 @@ pub async fn handle(
                 "volume {id} is being created or deleted"
             ))),
             None if kind.node_local() => kind.controller_expand(None, growth),
-            None => Err(Error::NotFound(format!("volume {id} does not exist"))),
+            // A self-describing id (NFS) whose record this controller lost
+            // (its state is not persistent in deploy/): expand from the id.
+            None => match kind.record_from_id(&id) {
+                Some(rec) => kind.controller_expand(Some(&rec), growth),
+                None => Err(Error::NotFound(format!("volume {id} does not exist"))),
+            },
         })
         .await?;
     Ok(csi::ControllerExpandVolumeResponse {

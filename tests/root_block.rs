@@ -135,14 +135,26 @@ async fn publish(h: &Harness, id: &str, s: &Path, t: &Path, cap: csi::VolumeCapa
         .expect("publish");
 }
 
+/// Unpublishes the way kubelet does: EBUSY (a reference the kernel or a
+/// helper process still holds for a moment, e.g. right after an online
+/// resize) is retried, anything else fails the test.
 async fn unpublish(h: &Harness, id: &str, t: &Path) {
-    h.node
-        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: t.display().to_string(),
-        }))
-        .await
-        .expect("unpublish");
+    for attempt in 0.. {
+        let r = h
+            .node
+            .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: t.display().to_string(),
+            }))
+            .await;
+        match r {
+            Ok(_) => return,
+            Err(e) if attempt < 20 && e.message().contains("busy") => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("unpublish: {e:?}"),
+        }
+    }
 }
 
 async fn unstage(h: &Harness, id: &str, s: &Path) -> Result<(), tonic::Status> {

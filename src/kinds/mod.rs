@@ -23,6 +23,21 @@ pub use block::BlockKind;
 pub use local::LocalKind;
 pub use nfs::NfsKind;
 
+/// A new id `<prefix><32 lower-case hex>` (a random UUID).
+pub fn new_hex_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Whether `id` is exactly `<prefix><32 lower-case hex>`: such an id is a
+/// safe path component.
+pub fn is_hex_id(prefix: &str, id: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|h| {
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// Free space a kind can still hand out, before subtracting promises.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolCapacity {

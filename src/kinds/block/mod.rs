@@ -350,15 +350,11 @@ impl VolumeKind for BlockKind {
     }
 
     fn new_id(&self) -> String {
-        format!("{PREFIX}{}", uuid::Uuid::new_v4().simple())
+        super::new_hex_id(PREFIX)
     }
 
     fn owns_id(&self, id: &str) -> bool {
-        id.strip_prefix(PREFIX).is_some_and(|h| {
-            h.len() == 32
-                && h.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
+        super::is_hex_id(PREFIX, id)
     }
 
     fn check_parameters(&self, p: &BTreeMap<String, String>) -> Result<()> {

@@ -1332,3 +1332,26 @@ async fn an_abandoned_call_still_finishes_and_holds_its_guard_until_done() {
     assert_eq!(std::fs::read(&marker).unwrap(), b"finished");
     assert!(h.driver.locks.try_lock(vol_key("slow")).is_ok());
 }
+
+#[tokio::test]
+async fn a_failed_publish_leaves_no_target_behind() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.fake().fail_next("bind", libc::EPERM);
+    let r = h
+        .node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await;
+    assert_eq!(code(r), Code::Internal);
+    assert!(!target.exists(), "the target the driver created is removed");
+    // A target the CO made itself is left in place.
+    std::fs::create_dir(&target).unwrap();
+    h.fake().fail_next("bind", libc::EPERM);
+    let r = h
+        .node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await;
+    assert_eq!(code(r), Code::Internal);
+    assert!(target.is_dir());
+}

@@ -50,10 +50,6 @@ impl LocalKind {
         Ok(LocalKind { root, os })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The directory of a volume; only for ids this kind owns.
     pub fn dir(&self, id: &str) -> Result<PathBuf> {
         if !self.owns_id(id) {
@@ -186,7 +182,7 @@ impl VolumeKind for LocalKind {
         // contents happens in the trash, which start-up empties if a crash
         // interrupts it.
         let trash = self.root.join(TRASH);
-        super::super::node::mounts::ensure_dir(&trash)?;
+        mounts::ensure_dir(&trash)?;
         let dest = trash.join(format!("{}-{}", rec.id, crate::driver::now_nanos()));
         std::fs::rename(&dir, &dest)
             .map_err(|e| Error::io(format!("moving {} to the trash", dir.display()), e))?;
@@ -219,7 +215,7 @@ impl VolumeKind for LocalKind {
                 continue;
             }
             let aside = self.root.join(ORPHANED);
-            super::super::node::mounts::ensure_dir(&aside)?;
+            mounts::ensure_dir(&aside)?;
             std::fs::rename(&path, aside.join(&name))
                 .map_err(|e| Error::io(format!("moving aside {}", path.display()), e))?;
             tracing::warn!(dir = %path.display(), "volume directory without a record moved to {}", ORPHANED);

@@ -50,24 +50,37 @@ pub fn bind_flags(cap: &Capability) -> Result<MountFlags> {
     Ok(f)
 }
 
-/// Creates a directory if it is missing (not its parents).
-pub fn ensure_dir(path: &Path) -> Result<()> {
+/// Creates a directory if it is missing (not its parents); true when it
+/// created it.
+pub fn ensure_dir(path: &Path) -> Result<bool> {
     match std::fs::create_dir(path) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             match std::fs::symlink_metadata(path) {
-                Ok(m) if m.is_dir() => Ok(()),
+                Ok(m) if m.is_dir() => Ok(false),
                 Ok(_) => Err(Error::FailedPrecondition(format!(
                     "{} exists and is not a directory",
                     path.display()
                 ))),
                 // A broken mount point answers stat with an error; it is a
                 // directory as far as mounting is concerned.
-                Err(_) => Ok(()),
+                Err(_) => Ok(false),
             }
         }
         Err(e) => Err(Error::io(format!("creating {}", path.display()), e)),
     }
+}
+
+/// Runs `mount` onto the directory `target`, creating the directory first
+/// if it is missing; when the mount fails, a directory created here is
+/// removed again, so a failed publish leaves nothing behind.
+pub fn mount_on_dir(target: &Path, mount: impl FnOnce() -> Result<()>) -> Result<()> {
+    let created = ensure_dir(target)?;
+    let r = mount();
+    if r.is_err() && created {
+        let _ = std::fs::remove_dir(target);
+    }
+    r
 }
 
 /// Stages by bind-mounting `source` (a directory) at `staging`. Idempotent:
@@ -159,10 +172,11 @@ pub fn publish_bind(
             )));
         }
     }
-    ensure_dir(target)?;
-    os.mounter
-        .bind(staging, target, flags)
-        .map_err(|e| Error::os(format!("publishing at {}", target.display()), e))
+    mount_on_dir(target, || {
+        os.mounter
+            .bind(staging, target, flags)
+            .map_err(|e| Error::os(format!("publishing at {}", target.display()), e))
+    })
 }
 
 /// Unmounts everything mounted at `path` (stacked mounts included), deciding

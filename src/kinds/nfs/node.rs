@@ -55,19 +55,10 @@ impl NfsKind {
                 )));
             }
         }
-        let existed = std::fs::symlink_metadata(target).is_ok();
-        mounts::ensure_dir(target)?;
-        if let Err(e) = nfsmount::mount(self.os.cmd.as_ref(), &source, target, &opts, self.timeout)
-        {
-            if !existed {
-                let _ = std::fs::remove_dir(target);
-            }
-            return Err(Error::os(
-                format!("mounting {source} at {}", target.display()),
-                e,
-            ));
-        }
-        Ok(())
+        mounts::mount_on_dir(target, || {
+            nfsmount::mount(self.os.cmd.as_ref(), &source, target, &opts, self.timeout)
+                .map_err(|e| Error::os(format!("mounting {source} at {}", target.display()), e))
+        })
     }
 
     /// Unmounts everything mountinfo shows at `path`: NFS mounts with

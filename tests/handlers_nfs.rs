@@ -499,7 +499,7 @@ async fn delete_without_a_record_works_from_the_id() {
     std::fs::write(root.join("ret/f"), b"x").unwrap();
     // The controller's state is lost (an emptyDir). A shutdown unmounts
     // the share.
-    std::fs::remove_dir_all(h.path("state/volumes")).unwrap();
+    std::fs::remove_dir_all(h.path("state/journal")).unwrap();
     h.fake().clear_calls();
     let h = restart(h, &["--kinds", "nfs"]);
     assert!(h.driver.store.is_empty());

@@ -309,7 +309,7 @@ async fn on_delete_modes_and_a_lost_record() {
         ..
     } = h;
     drop((ctl, node, ident, driver));
-    std::fs::remove_dir_all(dir.path().join("state/volumes")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("state/journal")).unwrap();
     // The shutdown unmounted the working mount of the share.
     assert!(
         mounts_under(dir.path()).is_empty(),

@@ -1,5 +1,7 @@
-//! Probe: ready only when the state directory is writable and every served
-//! kind's pool is present; FAILED_PRECONDITION otherwise.
+//! Probe: ready only when the state directory is writable, the state journal
+//! accepts changes and every served kind's pool is present;
+//! FAILED_PRECONDITION otherwise (the livenessprobe sidecar then has the
+//! container restarted, which replays the journal).
 use std::io::Write;
 use std::sync::Arc;
 
@@ -26,6 +28,11 @@ pub fn check(d: &Driver) -> Result<()> {
                 dir.display()
             ))
         })?;
+    if let Some(why) = d.store.poisoned() {
+        return Err(Error::FailedPrecondition(format!(
+            "the state journal stopped accepting changes ({why}); restart berth"
+        )));
+    }
     for k in d.kinds() {
         k.pool_capacity().map_err(|e| {
             Error::FailedPrecondition(format!("{} pool is not ready: {}", k.kind(), e.render()))

@@ -1,14 +1,17 @@
-//! Durable driver state: one small JSON file per volume, written atomically
-//! (temp file, fsync, rename, fsync of the directory), so every operation
-//! costs O(1) writes and a crash at any point leaves either the old or the new
-//! record. An in-memory index (by id, by name, by creation order) is built at
-//! start-up and answers every read.
+//! Durable driver state: an append-only journal of record changes with group
+//! commit (concurrent changes share one fdatasync), compacted into a snapshot
+//! when it grows (see `journal`), so every change costs one appended line and
+//! a crash at any point leaves either the old or the new record. An in-memory
+//! index (by id, by name, by creation order) is built at start-up and answers
+//! every read. Records kept by older versions, one JSON file per volume under
+//! `volumes/`, are imported into the journal at start-up (see `legacy`).
 //!
 //! Records carry an intent (`Phase::Creating` / `Phase::Deleting`) written
 //! before the storage is touched; `Driver::reconcile` finishes or rolls back
 //! such records on start-up.
 
-pub mod dirsync;
+pub mod journal;
+pub mod legacy;
 pub mod record;
 pub mod store;
 
@@ -35,6 +38,12 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{path}: {why}; refusing to guess (move it away to start)")]
+    Unexpected { path: PathBuf, why: String },
+    #[error("the state journal stopped accepting changes after a failed flush ({0}); restart berth to replay it")]
+    Poisoned(String),
+    #[error("writing the state journal: {0}")]
+    Journal(String),
     #[error("encoding record {id}")]
     Encode {
         id: String,

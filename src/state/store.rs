@@ -1,14 +1,16 @@
-//! The record store: files under `<state-dir>/volumes/`, index in memory.
-use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+//! The record store: an in-memory index over the journal (see `journal`).
+//!
+//! Every change is applied to the index first and then committed to the
+//! journal; if the commit fails the index change is undone and the error
+//! returned. So everything the journal holds is in the index, which is what
+//! lets a compaction snapshot the index at any moment.
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use super::dirsync::DirSync;
+use super::journal::{encode, EntryRef, Journal, Replay};
 use super::record::{Kind, Phase, VolumeRecord};
-use super::StateError;
+use super::{legacy, StateError};
 
 #[derive(Default)]
 struct Index {
@@ -17,18 +19,24 @@ struct Index {
     by_seq: BTreeMap<u64, String>,
     last_seq: u64,
     promised: HashMap<Kind, i64>,
+    /// Records held in memory only until their first `put` (see `reserve`);
+    /// snapshots leave them out.
+    reserved: HashSet<String>,
 }
 
 impl Index {
-    fn insert(&mut self, rec: VolumeRecord) {
-        if let Some(old) = self.by_id.remove(&rec.id) {
-            self.unlink(&old);
+    /// Inserts or replaces a record; returns the one it replaced.
+    fn insert(&mut self, rec: VolumeRecord) -> Option<VolumeRecord> {
+        let old = self.by_id.remove(&rec.id);
+        if let Some(old) = &old {
+            self.unlink(old);
         }
         self.last_seq = self.last_seq.max(rec.seq);
         self.by_name.insert(rec.name.clone(), rec.id.clone());
         self.by_seq.insert(rec.seq, rec.id.clone());
         *self.promised.entry(rec.kind).or_default() += rec.capacity_bytes;
         self.by_id.insert(rec.id.clone(), rec);
+        old
     }
 
     fn unlink(&mut self, old: &VolumeRecord) {
@@ -44,64 +52,54 @@ impl Index {
         self.unlink(&old);
         Some(old)
     }
+
+    /// Puts `old` back in place of whatever `id` has now (undoing a change
+    /// whose commit failed).
+    fn restore(&mut self, id: &str, old: Option<VolumeRecord>) {
+        self.remove(id);
+        if let Some(o) = old {
+            self.insert(o);
+        }
+    }
 }
 
 pub struct Store {
-    dir: PathBuf,
-    dir_sync: DirSync,
+    journal: Journal,
     index: RwLock<Index>,
 }
 
-/// File name for an id: safe characters kept, everything else %XX, so no id
-/// can name a file outside the directory or a temp file.
-fn file_name(id: &str) -> String {
-    let mut s = String::with_capacity(id.len() + 5);
-    for (i, b) in id.bytes().enumerate() {
-        let keep = b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0);
-        if keep {
-            s.push(b as char);
-        } else {
-            s.push_str(&format!("%{b:02X}"));
-        }
-    }
-    s.push_str(".json");
-    s
-}
-
 impl Store {
-    /// Opens (creating if needed) the store in `state_dir` and loads every
-    /// record. Leftover temp files from an interrupted write are removed; a
-    /// record that cannot be parsed stops start-up (never guess).
+    /// Opens (creating if needed) the store in `state_dir` and replays the
+    /// journal. Records of the older one-file-per-volume layout are imported
+    /// first (see `legacy`).
     pub fn open(state_dir: &Path) -> Result<Store, StateError> {
-        let dir = state_dir.join("volumes");
-        fs::create_dir_all(&dir).map_err(|e| StateError::io("create", &dir, e))?;
-        let dir_handle = File::open(&dir).map_err(|e| StateError::io("open", &dir, e))?;
+        let Replay { journal, records } = Journal::open(&journal_dir(state_dir))?;
         let mut index = Index::default();
-        for entry in fs::read_dir(&dir).map_err(|e| StateError::io("read", &dir, e))? {
-            let entry = entry.map_err(|e| StateError::io("read", &dir, e))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let path = entry.path();
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                fs::remove_file(&path).map_err(|e| StateError::io("remove", &path, e))?;
-                continue;
-            }
-            if !name.ends_with(".json") {
-                continue;
-            }
-            let bytes = fs::read(&path).map_err(|e| StateError::io("read", &path, e))?;
-            let rec: VolumeRecord =
-                serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                    path: path.clone(),
-                    source,
-                })?;
-            index.insert(rec);
+        for r in records {
+            index.insert(r);
         }
-        Ok(Store {
-            dir,
-            dir_sync: DirSync::new(dir_handle),
+        let old = legacy::load(state_dir)?;
+        let import = !old.is_empty();
+        for r in old {
+            // After an import interrupted before the old files were
+            // removed, both hold the same records; the journal is newer.
+            if !index.by_id.contains_key(&r.id) {
+                index.insert(r);
+            }
+        }
+        let store = Store {
+            journal,
             index: RwLock::new(index),
-        })
+        };
+        if import {
+            store.journal.rebase(&|| store.snapshot())?;
+            legacy::remove(state_dir)?;
+            tracing::info!(
+                volumes = store.len(),
+                "imported the records of the one-file-per-volume layout into the state journal"
+            );
+        }
+        Ok(store)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
@@ -110,6 +108,38 @@ impl Store {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
         self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every durable record as journal lines, in creation order.
+    fn snapshot(&self) -> Result<Vec<u8>, StateError> {
+        let idx = self.read();
+        let mut out = Vec::with_capacity(idx.by_id.len() * 512);
+        for id in idx.by_seq.values() {
+            if idx.reserved.contains(id) {
+                continue;
+            }
+            if let Some(rec) = idx.by_id.get(id) {
+                encode(&EntryRef::Put(rec), &mut out).map_err(|source| StateError::Encode {
+                    id: id.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, entry: EntryRef<'_>, id: &str) -> Result<(), StateError> {
+        let mut line = Vec::with_capacity(1024);
+        encode(&entry, &mut line).map_err(|source| StateError::Encode {
+            id: id.to_string(),
+            source,
+        })?;
+        self.journal.commit(&line, &|| self.snapshot())
+    }
+
+    /// Set when the journal stopped accepting changes (see `journal`).
+    pub fn poisoned(&self) -> Option<String> {
+        self.journal.poisoned()
     }
 
     pub fn get(&self, id: &str) -> Option<VolumeRecord> {
@@ -193,7 +223,7 @@ impl Store {
             rec.seq = idx.last_seq + 1;
             idx.insert(rec.clone());
         }
-        if let Err(e) = self.persist(&rec) {
+        if let Err(e) = self.commit(EntryRef::Put(&rec), &rec.id) {
             self.write().remove(&rec.id);
             return Err(e.into());
         }
@@ -213,18 +243,32 @@ impl Store {
         admit(idx.promised.get(&rec.kind).copied().unwrap_or(0))?;
         rec.seq = idx.last_seq + 1;
         idx.insert(rec.clone());
+        idx.reserved.insert(rec.id.clone());
         Ok(rec)
     }
 
     /// Drops a record from memory only (a reservation that failed).
     pub fn forget(&self, id: &str) {
-        self.write().remove(id);
+        let mut idx = self.write();
+        idx.remove(id);
+        idx.reserved.remove(id);
     }
 
-    /// Writes a record (new or changed) durably, then updates the index.
+    /// Writes a record (new or changed) durably; returns once it is on disk.
     pub fn put(&self, rec: &VolumeRecord) -> Result<(), StateError> {
-        self.persist(rec)?;
-        self.write().insert(rec.clone());
+        let (old, was_reserved) = {
+            let mut idx = self.write();
+            let was_reserved = idx.reserved.remove(&rec.id);
+            (idx.insert(rec.clone()), was_reserved)
+        };
+        if let Err(e) = self.commit(EntryRef::Put(rec), &rec.id) {
+            let mut idx = self.write();
+            idx.restore(&rec.id, old);
+            if was_reserved {
+                idx.reserved.insert(rec.id.clone());
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -234,51 +278,37 @@ impl Store {
         self.put(rec)
     }
 
-    /// Removes a record durably.
+    /// Removes a record durably (an unknown id is already removed).
     pub fn remove(&self, id: &str) -> Result<(), StateError> {
-        let path = self.dir.join(file_name(id));
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StateError::io("remove", &path, e)),
+        let (old, was_reserved) = {
+            let mut idx = self.write();
+            (idx.remove(id), idx.reserved.remove(id))
+        };
+        let Some(old) = old else {
+            return Ok(());
+        };
+        if was_reserved {
+            // Never written, so nothing to undo on disk.
+            return Ok(());
         }
-        self.dir_sync
-            .sync()
-            .map_err(|e| StateError::io("fsync", &self.dir, e))?;
-        self.write().remove(id);
+        if let Err(e) = self.commit(EntryRef::Del(id), id) {
+            self.write().restore(id, Some(old));
+            return Err(e);
+        }
         Ok(())
     }
+}
 
-    fn persist(&self, rec: &VolumeRecord) -> Result<(), StateError> {
-        let bytes = serde_json::to_vec(rec).map_err(|source| StateError::Encode {
-            id: rec.id.clone(),
-            source,
-        })?;
-        let name = file_name(&rec.id);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let dst = self.dir.join(&name);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| StateError::io("create", &tmp, e))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| StateError::io("write", &tmp, e))?;
-        drop(f);
-        fs::rename(&tmp, &dst).map_err(|e| StateError::io("rename", &dst, e))?;
-        self.dir_sync
-            .sync()
-            .map_err(|e| StateError::io("fsync", &self.dir, e))
-    }
+fn journal_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("journal")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::record::*;
+    use std::fs::{self, OpenOptions};
+    use std::io::Write;
 
     fn rec(id: &str, name: &str, cap: i64) -> VolumeRecord {
         VolumeRecord {
@@ -343,20 +373,137 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(s.is_empty());
-        assert_eq!(fs::read_dir(d.path().join("volumes")).unwrap().count(), 0);
+        assert_eq!(s.journal.position(), (0, 0));
+    }
+
+    fn log_path(d: &Path, gen: u64) -> PathBuf {
+        journal_dir(d).join(format!("log-{gen}.jsonl"))
+    }
+
+    fn ids(s: &Store) -> Vec<String> {
+        let mut v: Vec<_> = s.filter(|_| true).into_iter().map(|r| r.id).collect();
+        v.sort();
+        v
     }
 
     #[test]
-    fn temp_files_are_cleaned_and_corrupt_records_refused() {
+    fn a_torn_tail_is_cut_kept_aside_and_writing_goes_on() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.insert_new(rec("a", "a", 1), ok).unwrap();
+        s.insert_new(rec("b", "b", 1), ok).unwrap();
+        let (_, len) = s.journal.position();
+        drop(s);
+        // A crash in the middle of the next write: half a line, and a line
+        // whose checksum does not match.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(log_path(d.path(), 0))
+            .unwrap();
+        f.write_all(b"0badc0de {\"del\":\"a\"}\n{\"put\":").unwrap();
+        drop(f);
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(ids(&s), ["a", "b"]);
+        assert_eq!(s.journal.position(), (0, len));
+        let kept: Vec<_> = fs::read_dir(journal_dir(d.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".torn-"))
+            .collect();
+        assert_eq!(kept.len(), 1);
+        s.remove("a").unwrap();
+        drop(s);
+        assert_eq!(ids(&Store::open(d.path()).unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn damage_that_is_not_a_torn_tail_stops_start_up() {
+        let d = tempfile::tempdir().unwrap();
+        drop(Store::open(d.path()).unwrap());
+        // A checksum that holds over something that is not an entry.
+        let json = b"{\"put\":{\"id\":1}}";
+        let mut line = format!("{:08x} ", crc32fast::hash(json)).into_bytes();
+        line.extend_from_slice(json);
+        line.push(b'\n');
+        fs::write(log_path(d.path(), 0), &line).unwrap();
+        assert!(matches!(
+            Store::open(d.path()),
+            Err(StateError::Corrupt { .. })
+        ));
+        // A damaged snapshot.
+        fs::write(log_path(d.path(), 0), b"").unwrap();
+        fs::write(journal_dir(d.path()).join("snapshot-3.jsonl"), b"garbage\n").unwrap();
+        assert!(matches!(
+            Store::open(d.path()),
+            Err(StateError::Unexpected { .. })
+        ));
+        // A log newer than every snapshot.
+        fs::remove_file(journal_dir(d.path()).join("snapshot-3.jsonl")).unwrap();
+        fs::write(log_path(d.path(), 7), b"").unwrap();
+        assert!(matches!(
+            Store::open(d.path()),
+            Err(StateError::Unexpected { .. })
+        ));
+    }
+
+    #[test]
+    fn compaction_keeps_every_record_and_drops_old_files() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.journal.set_compact_at(2000);
+        let mut want = Vec::new();
+        for i in 0..60 {
+            let id = format!("v{i:02}");
+            s.insert_new(rec(&id, &id, 1), ok).unwrap();
+            let mut r = s.get(&id).unwrap();
+            s.set_phase(&mut r, Phase::Deleting).unwrap();
+            if i % 3 == 0 {
+                s.remove(&id).unwrap();
+            } else {
+                want.push(id);
+            }
+        }
+        // A reservation is not durable: a snapshot taken now leaves it out.
+        s.reserve(rec("r", "r", 1), ok).unwrap();
+        let (gen, _) = s.journal.position();
+        assert!(gen >= 2, "compacted {gen} times");
+        s.journal.rebase(&|| s.snapshot()).unwrap();
+        s.insert_new(rec("last", "last", 1), ok).unwrap();
+        want.push("last".into());
+        want.sort();
+        assert_eq!(s.last_seq(), 62);
+        let files: Vec<_> = fs::read_dir(journal_dir(d.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files.len(), 2, "{files:?}");
+        drop(s);
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(ids(&s), want);
+        assert_eq!(s.get("v01").unwrap().phase, Phase::Deleting);
+        assert_eq!(s.promised(Kind::Local), want.len() as i64);
+    }
+
+    #[test]
+    fn records_of_the_old_layout_are_imported() {
         let d = tempfile::tempdir().unwrap();
         let vols = d.path().join("volumes");
         fs::create_dir_all(&vols).unwrap();
+        let mut r = rec("local-ab", "pvc-1", 7);
+        r.seq = 4;
+        fs::write(vols.join("local-ab.json"), serde_json::to_vec(&r).unwrap()).unwrap();
         fs::write(vols.join(".x.json.tmp"), b"partial").unwrap();
         let s = Store::open(d.path()).unwrap();
-        assert!(s.is_empty());
-        assert!(!vols.join(".x.json.tmp").exists());
+        assert_eq!(s.get_by_name("pvc-1").unwrap().id, "local-ab");
+        assert!(!vols.exists());
         drop(s);
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.get("local-ab").unwrap().capacity_bytes, 7);
+        assert_eq!(s.last_seq(), 4);
+        // A corrupt old record stops start-up instead of being dropped.
+        fs::create_dir_all(&vols).unwrap();
         fs::write(vols.join("bad.json"), b"{not json").unwrap();
+        drop(s);
         assert!(matches!(
             Store::open(d.path()),
             Err(StateError::Corrupt { .. })
@@ -364,9 +511,58 @@ mod tests {
     }
 
     #[test]
-    fn hostile_ids_stay_in_the_directory() {
-        assert_eq!(file_name("../etc/passwd"), "%2E.%2Fetc%2Fpasswd.json");
-        assert_eq!(file_name(".hidden"), "%2Ehidden.json");
-        assert_eq!(file_name("local-ab.c"), "local-ab.c.json");
+    fn a_failed_write_undoes_the_change_and_poisons_the_journal() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        s.insert_new(rec("a", "a", 1), ok).unwrap();
+        // Every write to /dev/full fails with ENOSPC, and it cannot be
+        // truncated back either.
+        s.journal
+            .replace_file(OpenOptions::new().write(true).open("/dev/full").unwrap());
+        let mut r = s.get("a").unwrap();
+        r.capacity_bytes = 9;
+        assert!(s.put(&r).is_err());
+        assert_eq!(s.get("a").unwrap().capacity_bytes, 1);
+        assert!(s.remove("a").is_err());
+        assert!(s.get("a").is_some());
+        assert!(s.poisoned().is_some());
+        assert!(matches!(
+            s.insert_new(rec("b", "b", 1), ok),
+            Err(StateError::Poisoned(_))
+        ));
+        assert!(s.get("b").is_none());
+        drop(s);
+        assert_eq!(ids(&Store::open(d.path()).unwrap()), ["a"]);
+    }
+
+    #[test]
+    fn concurrent_changes_all_survive() {
+        let d = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Store::open(d.path()).unwrap());
+        s.journal.set_compact_at(50_000);
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        let id = format!("t{t}-{i}");
+                        s.insert_new(rec(&id, &id, 1), ok).unwrap();
+                        let mut r = s.get(&id).unwrap();
+                        s.set_phase(&mut r, Phase::Deleting).unwrap();
+                        if i % 2 == 0 {
+                            s.remove(&id).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let before = ids(&s);
+        assert_eq!(before.len(), 16 * 20);
+        assert!(s.journal.position().0 >= 1);
+        drop(s);
+        assert_eq!(ids(&Store::open(d.path()).unwrap()), before);
     }
 }

@@ -1157,6 +1157,159 @@ async fn unstage_refuses_while_published() {
     assert!(!h.fake().table().iter().any(|m| m.mount_point == staging));
 }
 
+/// How often each RPC of a local-volume lifecycle reads the whole mount
+/// table: stage and unpublish decide from the mount-root probe alone;
+/// publish, unstage and DeleteVolume read it once each.
+#[tokio::test]
+async fn local_lifecycle_reads_the_mount_table_three_times() {
+    let h = fake(&[]);
+    let f = h.fake();
+    let mut reads = Vec::new();
+    f.clear_calls();
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    reads.push(("create", f.table_reads()));
+    f.clear_calls();
+    let staging = h.path("stage-a");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    reads.push(("stage", f.table_reads()));
+    f.clear_calls();
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    reads.push(("publish", f.table_reads()));
+    f.clear_calls();
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    reads.push(("unpublish", f.table_reads()));
+    f.clear_calls();
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    reads.push(("unstage", f.table_reads()));
+    f.clear_calls();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    reads.push(("delete", f.table_reads()));
+    assert_eq!(
+        reads,
+        vec![
+            ("create", 0),
+            ("stage", 0),
+            ("publish", 1),
+            ("unpublish", 0),
+            ("unstage", 1),
+            ("delete", 1),
+        ]
+    );
+    assert!(!h.path("local").join(&id).exists());
+    assert!(!target.exists());
+    assert!(f
+        .table()
+        .iter()
+        .all(|m| m.mount_point == std::path::Path::new("/")));
+}
+
+/// DeleteVolume's "in use?" check and the kind's own check share one read,
+/// also when they refuse.
+#[tokio::test]
+async fn delete_of_a_volume_in_use_reads_the_table_once() {
+    let h = fake(&[]);
+    let (id, _staging) = staged(&h, "a").await;
+    h.fake().clear_calls();
+    let r = h
+        .ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert_eq!(h.fake().table_reads(), 1);
+    assert!(h.path("local").join(&id).is_dir());
+}
+
+/// With a probe that cannot tell (statx failing, an old kernel), every
+/// decision falls back to mountinfo and the lifecycle still works.
+#[tokio::test]
+async fn lifecycle_works_when_the_probe_cannot_tell() {
+    let h = fake(&[]);
+    let staging = h.path("stage-a");
+    let target = h.path("target");
+    for p in [&staging, &target] {
+        h.fake().set_probe_unknown(p, true);
+    }
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    for _ in 0..2 {
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &staging)))
+            .await
+            .unwrap();
+    }
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    // A buggy earlier publish left a second mount stacked on the target.
+    use berth::os::Mounter;
+    h.fake()
+        .bind(&staging, &target, Default::default())
+        .unwrap();
+    h.fake().clear_calls();
+    let un = csi::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.display().to_string(),
+    };
+    h.node
+        .node_unpublish_volume(Request::new(un.clone()))
+        .await
+        .unwrap();
+    assert_eq!(h.fake().table_reads(), 1);
+    assert!(!h.fake().table().iter().any(|m| m.mount_point == target));
+    assert!(!target.exists());
+    h.node
+        .node_unpublish_volume(Request::new(un))
+        .await
+        .unwrap();
+    let unstage = csi::NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+    };
+    for _ in 0..2 {
+        h.node
+            .node_unstage_volume(Request::new(unstage.clone()))
+            .await
+            .unwrap();
+    }
+    assert!(!h.fake().table().iter().any(|m| m.mount_point == staging));
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(!h.path("local").join(&id).exists());
+}
+
 #[tokio::test]
 async fn volume_stats() {
     let h = fake(&[]);

@@ -681,6 +681,92 @@ async fn unstage_refuses_while_published_and_delete_while_staged() {
     h.ctl.delete_volume(Request::new(del)).await.unwrap();
 }
 
+/// Whole mount-table reads per RPC of a file-backed ext4 lifecycle:
+/// stage decides "in use?" from the same read as "already staged?",
+/// unpublish only probes, unstage reads once for its decisions and once
+/// more (after unmounting) before detaching the loop device, and
+/// DeleteVolume of a detached volume reads nothing.
+#[tokio::test]
+async fn block_lifecycle_mount_table_reads() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let mut reads = Vec::new();
+    f.clear_calls();
+    let id = create(&h, "a", 8 * MIB, &[]).await.volume_id;
+    reads.push(("create", f.table_reads()));
+    let (s, t) = (h.path("s"), h.path("t"));
+    f.clear_calls();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &s)))
+        .await
+        .unwrap();
+    reads.push(("stage", f.table_reads()));
+    f.clear_calls();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &s, &t, false)))
+        .await
+        .unwrap();
+    reads.push(("publish", f.table_reads()));
+    f.clear_calls();
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: t.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    reads.push(("unpublish", f.table_reads()));
+    f.clear_calls();
+    h.node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap();
+    reads.push(("unstage", f.table_reads()));
+    f.clear_calls();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    reads.push(("delete", f.table_reads()));
+    assert_eq!(
+        reads,
+        vec![
+            ("create", 0),
+            ("stage", 1),
+            ("publish", 1),
+            ("unpublish", 0),
+            ("unstage", 2),
+            ("delete", 0),
+        ]
+    );
+    assert!(f.loops().is_empty());
+    assert!(!img(&h, &id).exists());
+}
+
+/// DeleteVolume of a volume whose file is still attached (a leftover)
+/// reads the table once for the "in use?" check and the detach check.
+#[tokio::test]
+async fn delete_of_an_attached_volume_reads_the_table_once() {
+    let h = block(&[]);
+    let f = h.fake();
+    let id = create(&h, "a", 8 * MIB, &[]).await.volume_id;
+    f.add_loop(&img(&h, &id));
+    f.clear_calls();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(f.table_reads(), 1);
+    assert!(f.loops().is_empty());
+}
+
 #[tokio::test]
 async fn delete_detaches_a_leftover_attachment_and_removes_only_its_file() {
     let h = block(&[]);
@@ -1380,7 +1466,9 @@ async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
         .await
         .unwrap();
 
-    // Delete wipes the disk and gives it back.
+    // Delete wipes the disk and gives it back, reading the mount table
+    // once for the "in use?" check and its own check before wiping.
+    let reads = f.table_reads();
     h.ctl
         .delete_volume(Request::new(csi::DeleteVolumeRequest {
             volume_id: a.volume_id.clone(),
@@ -1388,6 +1476,7 @@ async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
         }))
         .await
         .unwrap();
+    assert_eq!(f.table_reads() - reads, 1);
     assert_eq!(
         runs(f, "wipefs"),
         [[

@@ -260,3 +260,60 @@ async fn concurrent_publishes_of_different_volumes_proceed() {
         assert_eq!(mount_entries(&h.path(&format!("t{i}"))).len(), 1);
     }
 }
+
+#[test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+fn statx_probe_and_unpublish_of_stacked_binds_with_the_real_kernel() {
+    use berth::os::{MountProbe, StatxMountProbe};
+    use std::os::unix::fs::MetadataExt;
+    assert!(is_root(), "root tests need root");
+    let dir = tempfile::tempdir().unwrap();
+    // Declared after the temp dir, so it unmounts before the dir is removed,
+    // also when an assertion fails.
+    let _guard = UnmountOnDrop(dir.path().to_path_buf());
+    let (src, plain, target) = (
+        dir.path().join("src"),
+        dir.path().join("plain"),
+        dir.path().join("target"),
+    );
+    for d in [&src, &plain, &target] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let bind = |from: &Path, to: &Path| {
+        nix::mount::mount(
+            Some(from),
+            to,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap()
+    };
+    let probe = StatxMountProbe;
+    assert_eq!(probe.mount_root(&plain), Some(false));
+    assert_eq!(probe.mount_root(&dir.path().join("missing")), Some(false));
+    assert_eq!(probe.mount_root(&dir.path().join("missing/x")), Some(false));
+    assert_eq!(probe.mount_root(Path::new("/")), Some(true));
+
+    // Two binds stacked on the target, from the same filesystem: the same
+    // st_dev as the plain directory, yet the kernel knows it is a mount.
+    bind(&src, &target);
+    bind(&src, &target);
+    assert_eq!(mount_entries(&target).len(), 2);
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().dev(),
+        std::fs::metadata(&plain).unwrap().dev(),
+        "bind mounts of one filesystem share st_dev"
+    );
+    assert_eq!(probe.mount_root(&target), Some(true));
+    assert_eq!(probe.mount_root(&src), Some(false));
+
+    let os = berth::os::Os::real();
+    berth::node::mounts::unpublish(&os, &target).unwrap();
+    assert!(mount_entries(&target).is_empty(), "nothing left mounted");
+    assert!(!target.exists(), "the target directory is removed");
+    assert_eq!(probe.mount_root(&target), Some(false));
+    assert!(mounts_under(dir.path()).is_empty());
+    // Again: nothing to do.
+    berth::node::mounts::unpublish(&os, &target).unwrap();
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::csi::v1 as csi;
 use crate::driver::{name_key, vol_key, Driver};
 use crate::error::{Error, Result};
+use crate::node::mounts::LazyTable;
 use crate::state::Phase;
 use crate::validate;
 
@@ -44,8 +45,11 @@ pub async fn handle(
                 rec.published.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         }
+        // One read of the mount table serves both the check here and the
+        // kind's own checks in delete (all under the volume's guard).
+        let mount_table = LazyTable::new();
         if rec.node == d.node_id {
-            let used = kind.in_use(&rec)?;
+            let used = kind.in_use(&rec, &mount_table)?;
             if !used.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} is still mounted at {}",
@@ -59,7 +63,7 @@ pub async fn handle(
         if kind.durable_intent() && rec.phase != Phase::Deleting {
             d.store.set_phase(&mut rec, Phase::Deleting)?;
         }
-        kind.delete(&rec)?;
+        kind.delete_with(&rec, &mount_table)?;
         d.store.remove(&id)?;
         Ok(())
     })

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::node::mounts;
+use crate::node::mounts::{self, LazyTable};
 use crate::os::mountinfo;
 use crate::os::Os;
 use crate::state::{AccessType, Capability, Kind, VolumeRecord};
@@ -60,10 +60,10 @@ impl LocalKind {
         Ok(self.root.join(id))
     }
 
-    fn object(&self, id: &str) -> Result<mounts::Object> {
+    /// What a mount of the volume's directory shows, from the table `t`.
+    fn object(&self, id: &str, t: &[mountinfo::MountEntry]) -> Result<mounts::Object> {
         let dir = self.dir(id)?;
-        let t = mounts::table(&self.os)?;
-        mountinfo::object_of(&t, &dir)
+        mountinfo::object_of(t, &dir)
             .ok_or_else(|| Error::Internal(format!("no mount holds {}", dir.display())))
     }
 
@@ -158,7 +158,7 @@ impl VolumeKind for LocalKind {
         Ok(())
     }
 
-    fn delete(&self, rec: &VolumeRecord) -> Result<()> {
+    fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
         let dir = self.dir(&rec.id)?;
         let m = match std::fs::symlink_metadata(&dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -171,7 +171,7 @@ impl VolumeKind for LocalKind {
             return std::fs::remove_file(&dir)
                 .map_err(|e| Error::io(format!("removing {}", dir.display()), e));
         }
-        let t = mounts::table(&self.os)?;
+        let t = mount_table.get(&self.os)?;
         if let Some(m) = t.iter().find(|m| m.mount_point.starts_with(&dir)) {
             return Err(Error::FailedPrecondition(format!(
                 "{} is mounted inside the volume; refusing to delete",
@@ -291,10 +291,10 @@ impl VolumeKind for LocalKind {
         })
     }
 
-    fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<PathBuf>> {
-        let obj = self.object(&rec.id)?;
-        let t = mounts::table(&self.os)?;
-        Ok(mountinfo::mounts_of(&t, &obj)
+    fn in_use(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<Vec<PathBuf>> {
+        let t = mount_table.get(&self.os)?;
+        let obj = self.object(&rec.id, t)?;
+        Ok(mountinfo::mounts_of(t, &obj)
             .into_iter()
             .map(|m| m.mount_point.clone())
             .collect())

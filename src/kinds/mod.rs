@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::node::mounts::LazyTable;
 use crate::os::FsUsage;
 use crate::state::{Capability, Kind, VolumeRecord};
 
@@ -216,8 +217,14 @@ pub trait VolumeKind: Send + Sync {
     fn create(&self, rec: &mut VolumeRecord) -> Result<()>;
 
     /// Removes the storage. Idempotent; touches nothing outside the kind's
-    /// own root.
-    fn delete(&self, rec: &VolumeRecord) -> Result<()>;
+    /// own root. Mount checks use `mounts`, which DeleteVolume shares with
+    /// `in_use` so that one RPC reads the mount table at most once.
+    fn delete_with(&self, rec: &VolumeRecord, mounts: &LazyTable) -> Result<()>;
+
+    /// `delete_with` reading the mount table itself (when it needs it).
+    fn delete(&self, rec: &VolumeRecord) -> Result<()> {
+        self.delete_with(rec, &LazyTable::new())
+    }
 
     /// Whether the backing storage is there and usable.
     fn health(&self, rec: &VolumeRecord) -> Health;
@@ -239,9 +246,10 @@ pub trait VolumeKind: Send + Sync {
         Ok((s, self.health(rec)))
     }
 
-    /// True when the volume is staged or published anywhere on this node
-    /// (DeleteVolume refuses such a volume).
-    fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<std::path::PathBuf>>;
+    /// The mount points where the volume is staged or published on this
+    /// node (DeleteVolume refuses such a volume), from `mounts` (read when
+    /// first needed, and kept for the `delete_with` of the same RPC).
+    fn in_use(&self, rec: &VolumeRecord, mounts: &LazyTable) -> Result<Vec<std::path::PathBuf>>;
 
     /// Whether volumes live on one node: topology constraints, per-node
     /// capacity, the attach phase (ControllerPublishVolume) and staging.

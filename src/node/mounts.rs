@@ -1,6 +1,28 @@
 //! Mount logic shared by the kinds that stage a volume at the staging path
-//! and bind-mount it into targets. Every decision reads /proc/self/mountinfo
-//! (through `os.mounts`); nothing trusts `stat`.
+//! and bind-mount it into targets.
+//!
+//! Every decision comes from the kernel, never from comparing `stat` device
+//! numbers (bind mounts of one filesystem share them) and never from a
+//! `stat` error (a broken NFS/FUSE mount answers EIO/ENOTCONN/ESTALE). Two
+//! kernel sources are used:
+//!
+//! - the mount-root probe (`os.probe`, statx STATX_ATTR_MOUNT_ROOT) for
+//!   "is anything mounted exactly at this path": `stage_bind` binds without
+//!   reading mountinfo when it answers "no"; `unmount_all` (unpublish)
+//!   unmounts the top mount while it answers "yes" and stops at "no";
+//!   `unstage` returns at once when it answers "no". When the probe cannot
+//!   tell (`None`: an error other than ENOENT, or a kernel before 5.8), they
+//!   decide from mountinfo instead, as below.
+//! - /proc/self/mountinfo (`os.mounts`, one read of the whole table) for
+//!   everything that needs to know *what* is mounted: whether the staging
+//!   path already holds this volume (idempotent stage) or another one
+//!   (ALREADY_EXISTS), what publish binds and whether the target already
+//!   has it, whether the volume is mounted elsewhere (single-target publish,
+//!   unstage), and how many mounts to remove when the probe cannot tell.
+//!
+//! A local-volume lifecycle reads mountinfo three times: NodePublish,
+//! NodeUnstage and DeleteVolume once each (stage and unpublish only probe).
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -20,6 +42,31 @@ pub fn table(os: &Os) -> Result<Vec<MountEntry>> {
         .mounts()
         .map_err(|e| Error::os("reading the mount table", e))
 }
+
+/// The mount table, read at most once and only when first needed, so that
+/// the decisions of one RPC (DeleteVolume's "in use?" and the kind's own
+/// checks in delete) share one read. Use it within one RPC under the
+/// volume's guard, never across RPCs.
+#[derive(Debug, Default)]
+pub struct LazyTable(OnceCell<Vec<MountEntry>>);
+
+impl LazyTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The table, reading it on the first call.
+    pub fn get(&self, os: &Os) -> Result<&[MountEntry]> {
+        if let Some(t) = self.0.get() {
+            return Ok(t);
+        }
+        let t = table(os)?;
+        Ok(self.0.get_or_init(|| t))
+    }
+}
+
+/// At most this many unmounts at one path (stacked mounts) per call.
+const MAX_UNMOUNTS: usize = 64;
 
 /// Mount flags a bind mount accepts from `mount_flags` (an allowlist); any
 /// other flag is INVALID_ARGUMENT, so nothing reaches the kernel unchecked.
@@ -85,19 +132,22 @@ pub fn mount_on_dir(target: &Path, mount: impl FnOnce() -> Result<()>) -> Result
 
 /// Stages by bind-mounting `source` (a directory) at `staging`. Idempotent:
 /// an existing bind of the same directory is success; any other mount there
-/// is ALREADY_EXISTS.
+/// is ALREADY_EXISTS. When the probe says nothing is mounted at `staging`,
+/// it binds without reading mountinfo.
 pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
-    let t = table(os)?;
-    let obj = mountinfo::object_of(&t, source)
-        .ok_or_else(|| Error::Internal(format!("no mount holds {}", source.display())))?;
-    if let Some(top) = mountinfo::at(&t, staging).last() {
-        if object(top) == obj {
-            return Ok(());
+    if os.probe.mount_root(staging) != Some(false) {
+        let t = table(os)?;
+        if let Some(top) = mountinfo::at(&t, staging).last() {
+            let obj = mountinfo::object_of(&t, source)
+                .ok_or_else(|| Error::Internal(format!("no mount holds {}", source.display())))?;
+            if object(top) == obj {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} already has another mount",
+                staging.display()
+            )));
         }
-        return Err(Error::AlreadyExists(format!(
-            "staging path {} already has another mount",
-            staging.display()
-        )));
     }
     ensure_dir(staging)?;
     os.mounter
@@ -179,19 +229,47 @@ pub fn publish_bind(
     })
 }
 
-/// Unmounts everything mounted at `path` (stacked mounts included), deciding
-/// from mountinfo. EBUSY is returned as an error to retry, never turned into
-/// a lazy unmount.
+/// Unmounts everything mounted at `path` (stacked mounts included). The
+/// mount-root probe decides: while it says something is mounted there, the
+/// top mount is unmounted; once it says nothing is, done, without reading
+/// mountinfo. When the probe cannot tell, or when umount answers EINVAL
+/// (not mounted: someone else unmounted meanwhile, or the probe and umount
+/// disagree), mountinfo decides (as in `unmount_all_in`). EBUSY is returned
+/// as an error to retry, never turned into a lazy unmount.
 pub fn unmount_all(os: &Os, path: &Path) -> Result<()> {
-    unmount_all_in(os, &table(os)?, path)
+    for done in 0..MAX_UNMOUNTS {
+        match os.probe.mount_root(path) {
+            Some(false) => return Ok(()),
+            Some(true) => {}
+            None => return unmount_listed(os, &table(os)?, path, MAX_UNMOUNTS - done),
+        }
+        match os.mounter.unmount(path) {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::EINVAL) => {
+                return unmount_listed(os, &table(os)?, path, MAX_UNMOUNTS - done - 1);
+            }
+            Err(e) => return Err(Error::os(format!("unmounting {}", path.display()), e)),
+        }
+    }
+    // The budget is spent; one last look decides between done and stuck.
+    match os.probe.mount_root(path) {
+        Some(false) => Ok(()),
+        Some(true) => Err(still_mounted(path)),
+        None => unmount_listed(os, &table(os)?, path, 0),
+    }
 }
 
 /// `unmount_all` with a mount table the caller already read: unmounts as
 /// many times as the table shows mounts at `path`, reading the table again
 /// only if the kernel disagrees.
 pub fn unmount_all_in(os: &Os, t: &[MountEntry], path: &Path) -> Result<()> {
+    unmount_listed(os, t, path, MAX_UNMOUNTS)
+}
+
+/// `unmount_all_in` with at most `budget` unmount calls.
+fn unmount_listed(os: &Os, t: &[MountEntry], path: &Path, budget: usize) -> Result<()> {
     let mut n = mountinfo::at(t, path).len();
-    for _ in 0..64 {
+    for _ in 0..budget {
         if n == 0 {
             return Ok(());
         }
@@ -205,10 +283,17 @@ pub fn unmount_all_in(os: &Os, t: &[MountEntry], path: &Path) -> Result<()> {
             Err(e) => return Err(Error::os(format!("unmounting {}", path.display()), e)),
         }
     }
-    Err(Error::Internal(format!(
-        "{} still mounted after 64 unmounts",
+    if n == 0 {
+        return Ok(());
+    }
+    Err(still_mounted(path))
+}
+
+fn still_mounted(path: &Path) -> Error {
+    Error::Internal(format!(
+        "{} still mounted after {MAX_UNMOUNTS} unmounts",
         path.display()
-    )))
+    ))
 }
 
 /// Removes a target path the driver created: an empty directory with rmdir
@@ -245,13 +330,22 @@ pub fn unpublish(os: &Os, target: &Path) -> Result<()> {
 }
 
 /// Unstages: refuses while the staged volume is still mounted elsewhere
-/// (other than its own source), then unmounts the staging path.
+/// (other than its own source), then unmounts the staging path. One read of
+/// mountinfo; none when the probe says nothing is mounted at `staging`.
 pub fn unstage(os: &Os, staging: &Path, source: Option<&Path>) -> Result<()> {
-    let t = table(os)?;
-    let Some(top) = mountinfo::at(&t, staging).last().map(|e| object(e)) else {
+    if os.probe.mount_root(staging) == Some(false) {
+        return Ok(());
+    }
+    unstage_in(os, &table(os)?, staging, source)
+}
+
+/// `unstage` with a mount table the caller already read (and that still
+/// shows what is mounted at `staging` and where its volume is mounted).
+pub fn unstage_in(os: &Os, t: &[MountEntry], staging: &Path, source: Option<&Path>) -> Result<()> {
+    let Some(top) = mountinfo::at(t, staging).last().map(|e| object(e)) else {
         return Ok(());
     };
-    let others: Vec<_> = mountinfo::mounts_of(&t, &top)
+    let others: Vec<_> = mountinfo::mounts_of(t, &top)
         .into_iter()
         .filter(|m| m.mount_point != staging && Some(m.mount_point.as_path()) != source)
         .map(|m| m.mount_point.display().to_string())
@@ -262,5 +356,224 @@ pub fn unstage(os: &Os, staging: &Path, source: Option<&Path>) -> Result<()> {
             others.join(", ")
         )));
     }
-    unmount_all_in(os, &t, staging)
+    unmount_all_in(os, t, staging)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os::fake::{Call, FakeOs};
+    use std::sync::Arc;
+
+    struct Env {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        os: Os,
+        fake: Arc<FakeOs>,
+    }
+
+    fn env() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let (os, fake) = Os::fake();
+        for d in ["vol-a", "vol-b"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        Env {
+            _dir: dir,
+            root,
+            os,
+            fake,
+        }
+    }
+
+    fn at(f: &FakeOs, p: &Path) -> usize {
+        f.table().iter().filter(|m| m.mount_point == p).count()
+    }
+
+    fn binds(f: &FakeOs) -> usize {
+        f.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Bind { .. }))
+            .count()
+    }
+
+    fn unmounts(f: &FakeOs) -> usize {
+        f.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Unmount { .. }))
+            .count()
+    }
+
+    #[test]
+    fn stage_on_a_free_path_binds_without_reading_the_table() {
+        let e = env();
+        let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
+        stage_bind(&e.os, &src, &staging).unwrap();
+        assert_eq!(e.fake.table_reads(), 0);
+        assert_eq!(e.fake.probes(), 1);
+        assert_eq!(
+            e.fake.calls(),
+            vec![Call::Bind {
+                source: src.clone(),
+                target: staging.clone(),
+                flags: MountFlags::default(),
+            }]
+        );
+        assert!(staging.is_dir(), "the staging directory is created");
+        // A repeat finds the mount (one read) and adds none.
+        e.fake.clear_calls();
+        stage_bind(&e.os, &src, &staging).unwrap();
+        assert_eq!(e.fake.table_reads(), 1);
+        assert_eq!(binds(&e.fake), 0);
+        assert_eq!(at(&e.fake, &staging), 1);
+    }
+
+    #[test]
+    fn stage_where_another_volume_is_mounted_is_already_exists() {
+        let e = env();
+        let staging = e.root.join("stage");
+        stage_bind(&e.os, &e.root.join("vol-b"), &staging).unwrap();
+        for unknown in [false, true] {
+            e.fake.set_probe_unknown(&staging, unknown);
+            e.fake.clear_calls();
+            let r = stage_bind(&e.os, &e.root.join("vol-a"), &staging);
+            assert!(matches!(r, Err(Error::AlreadyExists(_))), "{r:?}");
+            assert_eq!(e.fake.table_reads(), 1);
+            assert_eq!(binds(&e.fake), 0);
+            assert_eq!(at(&e.fake, &staging), 1);
+        }
+    }
+
+    #[test]
+    fn stage_with_an_unknown_probe_decides_from_the_table() {
+        let e = env();
+        let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
+        e.fake.set_probe_unknown(&staging, true);
+        stage_bind(&e.os, &src, &staging).unwrap();
+        assert_eq!(e.fake.table_reads(), 1);
+        assert_eq!(binds(&e.fake), 1);
+        stage_bind(&e.os, &src, &staging).unwrap();
+        assert_eq!(e.fake.table_reads(), 2);
+        assert_eq!(binds(&e.fake), 1, "idempotent");
+        // A one-off failure of the probe is "don't know" too.
+        let other = e.root.join("stage2");
+        e.fake.fail_next("mount_root", libc::EIO);
+        stage_bind(&e.os, &src, &other).unwrap();
+        assert_eq!(e.fake.table_reads(), 3);
+        assert_eq!(at(&e.fake, &other), 1);
+    }
+
+    /// A target with the publish bind and one more stacked on it.
+    fn stacked(e: &Env) -> PathBuf {
+        let (staging, target) = (e.root.join("stage"), e.root.join("target"));
+        stage_bind(&e.os, &e.root.join("vol-a"), &staging).unwrap();
+        std::fs::create_dir(&target).unwrap();
+        for _ in 0..2 {
+            e.os.mounter
+                .bind(&staging, &target, MountFlags::default())
+                .unwrap();
+        }
+        assert_eq!(at(&e.fake, &target), 2);
+        e.fake.clear_calls();
+        target
+    }
+
+    #[test]
+    fn unpublish_of_stacked_mounts_removes_both_without_reading_the_table() {
+        let e = env();
+        let target = stacked(&e);
+        unpublish(&e.os, &target).unwrap();
+        assert_eq!(at(&e.fake, &target), 0);
+        assert_eq!(unmounts(&e.fake), 2);
+        assert_eq!(e.fake.table_reads(), 0);
+        assert_eq!(e.fake.probes(), 3, "mounted, mounted, free");
+        assert!(!target.exists());
+        // Again: nothing there, one probe.
+        e.fake.clear_calls();
+        unpublish(&e.os, &target).unwrap();
+        assert_eq!((unmounts(&e.fake), e.fake.table_reads()), (0, 0));
+    }
+
+    #[test]
+    fn unpublish_with_an_unknown_probe_decides_from_the_table() {
+        let e = env();
+        let target = stacked(&e);
+        e.fake.set_probe_unknown(&target, true);
+        unpublish(&e.os, &target).unwrap();
+        assert_eq!(at(&e.fake, &target), 0);
+        assert_eq!(unmounts(&e.fake), 2);
+        assert_eq!(e.fake.table_reads(), 1);
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn unmount_einval_lets_the_table_decide_and_ebusy_is_an_error() {
+        let e = env();
+        let target = stacked(&e);
+        // EINVAL (the fake fails before unmounting) after the probe said
+        // "mounted": the table decides, still shows both mounts, and both
+        // are removed.
+        e.fake.fail_next("unmount", libc::EINVAL);
+        unmount_all(&e.os, &target).unwrap();
+        assert_eq!(at(&e.fake, &target), 0);
+        assert_eq!(e.fake.table_reads(), 1);
+        assert_eq!(unmounts(&e.fake), 3);
+
+        let target = e.root.join("target2");
+        std::fs::create_dir(&target).unwrap();
+        e.os.mounter
+            .bind(&e.root.join("stage"), &target, MountFlags::default())
+            .unwrap();
+        e.fake.fail_next("unmount", libc::EBUSY);
+        let r = unmount_all(&e.os, &target);
+        assert!(matches!(&r, Err(Error::Os { .. })), "{r:?}");
+        assert_eq!(at(&e.fake, &target), 1, "no lazy unmount");
+        unmount_all(&e.os, &target).unwrap();
+        assert_eq!(at(&e.fake, &target), 0);
+    }
+
+    #[test]
+    fn unstage_reads_once_and_not_at_all_when_nothing_is_staged() {
+        let e = env();
+        let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
+        stage_bind(&e.os, &src, &staging).unwrap();
+        let target = e.root.join("target");
+        std::fs::create_dir(&target).unwrap();
+        e.os.mounter
+            .bind(&staging, &target, MountFlags::default())
+            .unwrap();
+        e.fake.clear_calls();
+        let r = unstage(&e.os, &staging, Some(&src));
+        assert!(matches!(r, Err(Error::FailedPrecondition(_))), "{r:?}");
+        assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (1, 0));
+        unpublish(&e.os, &target).unwrap();
+        e.fake.clear_calls();
+        unstage(&e.os, &staging, Some(&src)).unwrap();
+        assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (1, 1));
+        assert_eq!(at(&e.fake, &staging), 0);
+        e.fake.clear_calls();
+        unstage(&e.os, &staging, Some(&src)).unwrap();
+        assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (0, 0));
+        // Probe unknown: the table decides (nothing there).
+        e.fake.set_probe_unknown(&staging, true);
+        unstage(&e.os, &staging, Some(&src)).unwrap();
+        assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (1, 0));
+    }
+
+    #[test]
+    fn lazy_table_reads_once_and_only_when_asked() {
+        let e = env();
+        let t = LazyTable::new();
+        assert_eq!(e.fake.table_reads(), 0);
+        let n = t.get(&e.os).unwrap().len();
+        assert_eq!(t.get(&e.os).unwrap().len(), n);
+        assert_eq!(e.fake.table_reads(), 1);
+        // A failed read is not kept: the next call reads again.
+        let t = LazyTable::new();
+        e.fake.fail_next("mounts", libc::EIO);
+        assert!(t.get(&e.os).is_err());
+        assert!(t.get(&e.os).is_ok());
+        assert_eq!(e.fake.table_reads(), 3);
+    }
 }

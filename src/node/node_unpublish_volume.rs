@@ -1,6 +1,8 @@
-//! NodeUnpublishVolume: unmounts whatever mountinfo shows at the target
-//! (never deciding from stat, which fails on broken mounts) and removes the
-//! target with rmdir. A target already gone or never mounted is success.
+//! NodeUnpublishVolume: unmounts whatever the kernel shows mounted at the
+//! target (the statx mount-root probe, or mountinfo when it cannot tell;
+//! never a stat error or device numbers, see `node::mounts`) and removes
+//! the target with rmdir. A target already gone or never mounted is
+//! success.
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;

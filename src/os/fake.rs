@@ -12,6 +12,7 @@ use super::blockdev::{BlockDevices, DeviceInfo};
 use super::command::{CmdOutput, Runner};
 use super::loopdev::{AttachOptions, LoopDevices, LoopInfo};
 use super::mountinfo::{self, MountEntry, MountTable};
+use super::mountpoint::MountProbe;
 use super::{FsStats, FsUsage, MountFlags, Mounter, OsError};
 
 /// One recorded call.
@@ -84,6 +85,12 @@ pub struct FakeOs {
     nfs_mounts: Mutex<bool>,
     /// statvfs of these paths sleeps this long first (a hung NFS server).
     stat_delays: Mutex<HashMap<PathBuf, Duration>>,
+    /// Reads of the whole mount table (`mounts`) and mount-root probes
+    /// (`mount_root`) so far; counted apart from `calls`.
+    table_reads: Mutex<usize>,
+    probes: Mutex<usize>,
+    /// The mount-root probe answers "don't know" for these paths.
+    probe_unknown: Mutex<HashSet<PathBuf>>,
 }
 
 impl Default for FakeOs {
@@ -130,6 +137,9 @@ impl FakeOs {
             unreadable: Mutex::new(HashSet::new()),
             nfs_mounts: Mutex::new(false),
             stat_delays: Mutex::new(HashMap::new()),
+            table_reads: Mutex::new(0),
+            probes: Mutex::new(0),
+            probe_unknown: Mutex::new(HashSet::new()),
         }
     }
 
@@ -313,9 +323,37 @@ impl FakeOs {
         lock(&self.calls).clone()
     }
 
-    /// Forgets the recorded calls (the mount table stays).
+    /// Forgets the recorded calls and zeroes the read and probe counts (the
+    /// mount table stays).
     pub fn clear_calls(&self) {
         lock(&self.calls).clear();
+        *lock(&self.table_reads) = 0;
+        *lock(&self.probes) = 0;
+    }
+
+    /// How many times the whole mount table was read (`mounts`, successful
+    /// or failed) since the start or the last `clear_calls`.
+    pub fn table_reads(&self) -> usize {
+        *lock(&self.table_reads)
+    }
+
+    /// How many mount-root probes (`mount_root`) were made since the start
+    /// or the last `clear_calls`.
+    pub fn probes(&self) -> usize {
+        *lock(&self.probes)
+    }
+
+    /// From now on the mount-root probe of `path` answers None ("don't
+    /// know", as statx on a broken mount or an old kernel does) when
+    /// `unknown`, or from the table again when not. `fail_next("mount_root",
+    /// errno)` makes only the next probe of any path answer None.
+    pub fn set_probe_unknown(&self, path: &Path, unknown: bool) {
+        let mut u = lock(&self.probe_unknown);
+        if unknown {
+            u.insert(path.to_path_buf());
+        } else {
+            u.remove(path);
+        }
     }
 
     /// The current fake mount table.
@@ -351,7 +389,8 @@ impl FakeOs {
     }
 
     /// Makes the next call of `op` ("bind", "mount_fs", "unmount",
-    /// "statvfs", "mounts") fail with `errno`.
+    /// "statvfs", "mounts", "mount_root") fail with `errno` (a failed
+    /// "mount_root" answers None).
     pub fn fail_next(&self, op: &'static str, errno: i32) {
         lock(&self.failures).entry(op).or_default().push_back(errno);
     }
@@ -491,8 +530,21 @@ impl Mounter for FakeOs {
 
 impl MountTable for FakeOs {
     fn mounts(&self) -> Result<Vec<MountEntry>, OsError> {
+        *lock(&self.table_reads) += 1;
         self.injected("mounts", Path::new("/proc/self/mountinfo"))?;
         Ok(self.table())
+    }
+}
+
+impl MountProbe for FakeOs {
+    /// Whether the table has an entry at exactly `path`; None for paths set
+    /// with `set_probe_unknown` and after `fail_next("mount_root", _)`.
+    fn mount_root(&self, path: &Path) -> Option<bool> {
+        *lock(&self.probes) += 1;
+        if self.injected("mount_root", path).is_err() || lock(&self.probe_unknown).contains(path) {
+            return None;
+        }
+        Some(lock(&self.table).iter().any(|m| m.mount_point == path))
     }
 }
 

@@ -7,6 +7,7 @@
 //! |---------------|-------------------------------------------------|
 //! | `mount.rs`    | mount(2) / umount2(2): bind, remount, unmount   |
 //! | `mountinfo.rs`| reading and parsing /proc/self/mountinfo        |
+//! | `mountpoint.rs`| statx(2) STATX_ATTR_MOUNT_ROOT: is something mounted at one path |
 //! | `statvfs.rs`  | statvfs(3): free space and inodes               |
 //! | `command.rs`  | external commands under a timeout (process group killed) |
 //! | `loopdev.rs`  | loop devices: attach, detach, capacity, sysfs list |
@@ -28,6 +29,7 @@ pub mod loopdev;
 pub mod mkfs;
 pub mod mount;
 pub mod mountinfo;
+pub mod mountpoint;
 pub mod nfsmount;
 pub mod statvfs;
 
@@ -39,6 +41,7 @@ pub use command::{CmdOutput, RealRunner, Runner};
 pub use loopdev::{AttachOptions, LoopDevices, LoopInfo, RealLoopDevices};
 pub use mount::{MountFlags, Mounter, RealMounter};
 pub use mountinfo::{MountEntry, MountTable, ProcMountTable};
+pub use mountpoint::{MountProbe, StatxMountProbe};
 pub use statvfs::{FsStats, FsUsage, RealFsStats};
 
 /// An error from the operating system layer, with the operation and path that
@@ -91,6 +94,8 @@ impl OsError {
 pub struct Os {
     pub mounter: Arc<dyn Mounter>,
     pub mounts: Arc<dyn MountTable>,
+    /// The one-path probe; `None` answers fall back to `mounts`.
+    pub probe: Arc<dyn MountProbe>,
     pub fs: Arc<dyn FsStats>,
     pub cmd: Arc<dyn Runner>,
     pub loops: Arc<dyn LoopDevices>,
@@ -103,6 +108,7 @@ impl Os {
         Os {
             mounter: Arc::new(RealMounter),
             mounts: Arc::new(ProcMountTable::default()),
+            probe: Arc::new(StatxMountProbe),
             fs: Arc::new(RealFsStats),
             cmd: Arc::new(RealRunner),
             loops: Arc::new(RealLoopDevices::default()),
@@ -117,6 +123,7 @@ impl Os {
             Os {
                 mounter: f.clone(),
                 mounts: f.clone(),
+                probe: f.clone(),
                 fs: f.clone(),
                 cmd: f.clone(),
                 loops: f.clone(),
@@ -132,6 +139,7 @@ impl Os {
         Os {
             mounter: f.clone(),
             mounts: f.clone(),
+            probe: f.clone(),
             fs: f.clone(),
             cmd: f.clone(),
             loops: f.clone(),

@@ -1,8 +1,16 @@
-//! /proc/self/mountinfo: the only source of truth for "is this mounted".
+//! /proc/self/mountinfo: the kernel's table of what is mounted where.
 //!
 //! `stat` on a broken mount fails with EIO/ENOTCONN/ESTALE and comparing
-//! device numbers misses bind mounts from the same filesystem, so every mount
-//! decision in Berth is made from this table.
+//! device numbers misses bind mounts from the same filesystem, so Berth
+//! decides mounts only from the kernel: from this table whenever it must
+//! know *what* is mounted (which device and directory a mount shows, where
+//! else a volume is mounted, how many mounts are stacked at a path), and
+//! from the one-path mount-root probe (`mountpoint.rs`, statx
+//! STATX_ATTR_MOUNT_ROOT) where "is anything mounted exactly here?" is the
+//! whole question (stage on a free path, unpublish, unstage of nothing);
+//! when the probe cannot tell, this table decides. Reading and parsing the
+//! table costs time proportional to every mount on the node, so callers
+//! read it once per decision and pass it along (`node::mounts::LazyTable`).
 use std::io::Read;
 use std::path::{Path, PathBuf};
 

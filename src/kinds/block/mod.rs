@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::node::mounts;
-use crate::os::{fallocate, Os};
+use crate::node::mounts::{self, LazyTable};
+use crate::os::{fallocate, MountEntry, Os};
 use crate::state::{AccessType, Allocation, BlockInfo, Capability, Kind, Store, VolumeRecord};
 
 use super::{
@@ -177,18 +177,17 @@ impl BlockKind {
         })
     }
 
-    /// Mount points that show the volume's device: filesystem mounts of it
-    /// and bind mounts of its device node.
-    fn users(&self, dev: &Dev) -> Result<Vec<PathBuf>> {
-        let t = mounts::table(&self.os)?;
-        let node = crate::os::mountinfo::object_of(&t, &dev.path);
-        Ok(t.iter()
+    /// Mount points of the table `t` that show the volume's device:
+    /// filesystem mounts of it and bind mounts of its device node.
+    fn users(t: &[MountEntry], dev: &Dev) -> Vec<PathBuf> {
+        let node = crate::os::mountinfo::object_of(t, &dev.path);
+        t.iter()
             .filter(|m| {
                 (m.major, m.minor) == (dev.major, dev.minor)
                     || node.as_ref() == Some(&mounts::object(m))
             })
             .map(|m| m.mount_point.clone())
-            .collect())
+            .collect()
     }
 
     /// Creates (or, on a retry, completes) the backing file of a volume.
@@ -296,8 +295,9 @@ impl BlockKind {
     }
 
     /// Detaches every loop device of the file (refusing while one is in
-    /// use), verified through sysfs.
-    fn release_file(&self, id: &str) -> Result<()> {
+    /// use, as `mount_table` shows), verified through sysfs. The table is
+    /// read only if the file is attached.
+    fn release_file(&self, id: &str, mount_table: &LazyTable) -> Result<()> {
         let f = self.file(id)?;
         for l in attach::attachments(&self.os, &f)? {
             let dev = Dev {
@@ -305,7 +305,7 @@ impl BlockKind {
                 major: l.major,
                 minor: l.minor,
             };
-            let users = self.users(&dev)?;
+            let users = Self::users(mount_table.get(&self.os)?, &dev);
             if !users.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "{} of volume {id} is still mounted at {}",
@@ -454,7 +454,7 @@ impl VolumeKind for BlockKind {
         }
     }
 
-    fn delete(&self, rec: &VolumeRecord) -> Result<()> {
+    fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
         if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
             let dev = match self.resolve_disk(&d) {
                 Ok(dev) => dev,
@@ -464,11 +464,14 @@ impl VolumeKind for BlockKind {
                 }
                 Err(e) => return Err(e),
             };
-            let users = self.users(&Dev {
-                path: dev.path.clone(),
-                major: dev.major,
-                minor: dev.minor,
-            })?;
+            let users = Self::users(
+                mount_table.get(&self.os)?,
+                &Dev {
+                    path: dev.path.clone(),
+                    major: dev.major,
+                    minor: dev.minor,
+                },
+            );
             if !users.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "disk {} of volume {} is still mounted at {}",
@@ -487,7 +490,7 @@ impl VolumeKind for BlockKind {
             return Ok(());
         }
         let f = self.file(&rec.id)?;
-        self.release_file(&rec.id)?;
+        self.release_file(&rec.id, mount_table)?;
         match std::fs::symlink_metadata(&f) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("inspecting {}", f.display()), e)),
@@ -542,9 +545,9 @@ impl VolumeKind for BlockKind {
         self.volume_stats(rec, path)
     }
 
-    fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<PathBuf>> {
+    fn in_use(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<Vec<PathBuf>> {
         match self.current_device(rec) {
-            Ok(Some(dev)) => self.users(&dev),
+            Ok(Some(dev)) => Ok(Self::users(mount_table.get(&self.os)?, &dev)),
             Ok(None) => Ok(Vec::new()),
             // A disk that is not the recorded one any more is not ours to
             // judge; delete will refuse it.

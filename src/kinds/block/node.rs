@@ -131,7 +131,7 @@ impl BlockKind {
             )));
         }
         let mut info = Self::info(rec)?;
-        let in_use = !self.users(&dev)?.is_empty();
+        let in_use = !Self::users(&t, &dev).is_empty();
         let decision = format::decide(&info, fs, in_use, || {
             self.os
                 .devices
@@ -189,8 +189,9 @@ impl BlockKind {
         let dev = self.current_device(rec)?;
         let t = mounts::table(&self.os)?;
         let marker = Self::marker(rec, staging);
-        if !mountinfo::at(&t, &marker).is_empty() {
-            mounts::unstage(&self.os, &marker, None)?;
+        let marker_mounted = !mountinfo::at(&t, &marker).is_empty();
+        if marker_mounted {
+            mounts::unstage_in(&self.os, &t, &marker, None)?;
         }
         if std::fs::symlink_metadata(&marker).is_ok() {
             mounts::remove_target(&marker)?;
@@ -206,10 +207,18 @@ impl BlockKind {
                     rec.id
                 )));
             }
-            mounts::unstage(&self.os, staging, None)?;
+            if marker_mounted {
+                // Both were mounted (not a state Berth makes): the table no
+                // longer shows where the volume is mounted; read it again.
+                mounts::unstage(&self.os, staging, None)?;
+            } else {
+                mounts::unstage_in(&self.os, &t, staging, None)?;
+            }
         }
         if info.disk.is_none() {
-            self.release_file(&rec.id)?;
+            // The mounts just changed: whether the loop device is still used
+            // elsewhere needs a fresh read (made only if it is attached).
+            self.release_file(&rec.id, &mounts::LazyTable::new())?;
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ use super::{
     Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, VolumeKind, VolumeStats,
 };
 use crate::error::{Error, Result};
-use crate::node::mounts;
+use crate::node::mounts::{self, LazyTable};
 use crate::os::bounded::Bounded;
 use crate::os::mountinfo::{self, MountEntry};
 use crate::os::{nfsmount, FsUsage, Os, OsError};
@@ -353,8 +353,10 @@ impl VolumeKind for NfsKind {
     }
 
     /// A record still being created is rolled back (its directory removed
-    /// only if empty); otherwise the id's onDelete applies.
-    fn delete(&self, rec: &VolumeRecord) -> Result<()> {
+    /// only if empty); otherwise the id's onDelete applies. The share's
+    /// working mount is looked up under its own lock (`share_mount`, which
+    /// may mount it), so the RPC's table is not used.
+    fn delete_with(&self, rec: &VolumeRecord, _mount_table: &LazyTable) -> Result<()> {
         let Ok(vid) = VolumeId::parse(&rec.id) else {
             return Ok(());
         };
@@ -439,13 +441,14 @@ impl VolumeKind for NfsKind {
         self.node_stats(&vid, path)
     }
 
-    fn in_use(&self, rec: &VolumeRecord) -> Result<Vec<PathBuf>> {
+    fn in_use(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<Vec<PathBuf>> {
         let vid = parse_id(&rec.id)?;
         let source = vid.source();
-        Ok(mounts::table(&self.os)?
-            .into_iter()
+        Ok(mount_table
+            .get(&self.os)?
+            .iter()
             .filter(|m| is_nfs(m) && same_source(&m.source, &source))
-            .map(|m| m.mount_point)
+            .map(|m| m.mount_point.clone())
             .collect())
     }
 

@@ -1,0 +1,90 @@
+//! statx(2) with STATX_ATTR_MOUNT_ROOT: the cheap "is something mounted
+//! exactly here?" probe, answered by the kernel for one path without reading
+//! the whole mount table.
+//!
+//! The answer is the kernel's own (the VFS sets the attribute when the path
+//! resolves to the root of a mount), not a comparison of device numbers, so
+//! bind mounts of the same filesystem are seen. Only a definite answer counts:
+//! an error other than ENOENT (a broken NFS/FUSE mount answers EIO, ENOTCONN
+//! or ESTALE) or a kernel older than 5.8, which does not report the
+//! attribute, is "don't know", and callers then decide from mountinfo.
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// The mount-root probe. Real: `StatxMountProbe`; fake: `fake::FakeOs`.
+pub trait MountProbe: Send + Sync {
+    /// Whether something is mounted exactly at `path`: `Some(true)` when
+    /// `path` is the root of a mount (the top one, if several are stacked;
+    /// "/" is one), `Some(false)` when it is not or when nothing exists at
+    /// `path`, and `None` when the kernel cannot tell (an error, or no
+    /// support for the attribute): read mountinfo then.
+    fn mount_root(&self, path: &Path) -> Option<bool>;
+}
+
+/// The real probe: statx(2).
+pub struct StatxMountProbe;
+
+impl MountProbe for StatxMountProbe {
+    fn mount_root(&self, path: &Path) -> Option<bool> {
+        let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+        let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+        // AT_SYMLINK_NOFOLLOW: a symlink at `path` is looked at itself, like
+        // umount2(UMOUNT_NOFOLLOW) does. AT_STATX_DONT_SYNC: the filesystem
+        // may answer from cached attributes (no round trip to an NFS server
+        // or FUSE daemon); the mount-root attribute comes from the VFS, not
+        // from the filesystem, so it is exact either way.
+        // SAFETY: `c` is a NUL-terminated string and `stx` a buffer of the
+        // size the kernel writes; both live for the duration of the call.
+        let r = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+                libc::STATX_BASIC_STATS,
+                stx.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                // Nothing exists there, so nothing is mounted there.
+                Some(libc::ENOENT) => Some(false),
+                _ => None,
+            };
+        }
+        // SAFETY: statx succeeded and filled the buffer (which was zeroed
+        // before, so every field is initialised either way).
+        let stx = unsafe { stx.assume_init() };
+        let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+        if stx.stx_attributes_mask & bit == 0 {
+            return None;
+        }
+        Some(stx.stx_attributes & bit != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_a_mount_root_and_missing_paths_are_not() {
+        // Kernels before 5.8 answer None everywhere; nothing else to check.
+        if let Some(root) = StatxMountProbe.mount_root(Path::new("/")) {
+            assert!(root);
+            let dir = tempfile::tempdir().unwrap();
+            assert_eq!(
+                StatxMountProbe.mount_root(&dir.path().join("missing")),
+                Some(false)
+            );
+            assert_eq!(
+                StatxMountProbe.mount_root(&dir.path().join("missing/deeper")),
+                Some(false)
+            );
+            // A fresh subdirectory is never a mount point.
+            let sub = dir.path().join("sub");
+            std::fs::create_dir(&sub).unwrap();
+            assert_eq!(StatxMountProbe.mount_root(&sub), Some(false));
+        }
+    }
+}

@@ -8,7 +8,10 @@
 #      without a record, republish after a server restart and after a stale
 #      handle, a dead server (connections refused) and a hung one (every
 #      packet dropped)
-#   3. the canary survived, nothing is left on the share, no NFS mount and no
+#   3. `berth bench lifecycle` against berth in NFS mode (an endpoint that
+#      advertises neither attach nor staging): every cycle must succeed; the
+#      numbers are printed, never asserted (software-emulated guest)
+#   4. the canary survived, nothing is left on the share, no NFS mount and no
 #      mount process is left.
 # Last line: "N passed, M failed".
 . /share/guest-lib.sh
@@ -44,6 +47,24 @@ integration() {
   return $rc
 }
 berth_check "integration tests (tests/root_nfs.rs)" integration
+
+bench() {
+  local d=/tmp/berth-bench-nfs rc pid
+  mkdir -p "$d"
+  berth --data-dir "$d" --endpoint "unix://$d/csi.sock" --node-id guest --kinds nfs \
+    --log-level warn 2>"$d/berth.log" &
+  pid=$!
+  for _ in $(seq 500); do [ -S "$d/csi.sock" ] && break; sleep 0.02; done
+  berth bench --endpoint "unix://$d/csi.sock" lifecycle -n 200 -c 4 --size 1048576 \
+    --param kind=nfs --param server=127.0.0.1 --param share=/export \
+    --work-dir "$d/work" --pid "$pid" 2>&1; rc=$?
+  kill "$pid"; wait "$pid"
+  [ "$rc" = 0 ] || cat "$d/berth.log"
+  rm -rf "$d"
+  return $rc
+}
+berth_check "berth bench lifecycle in NFS mode (200 cycles, 4 in flight), 0 failed" bench
+berth_check "no NFS mount left after the bench" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
 
 berth_check "canary at the share root intact" eval '[ "$(sha256sum < /export/canary)" = "$CANARY" ]'
 leftovers() { ls -A /export | grep -vxE 'canary|lost\+found'; }

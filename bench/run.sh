@@ -57,3 +57,14 @@ sleep 12  # idle blocking threads exit after 10 s
 echo "RSS of the berth that created them, idle: $(awk '/VmRSS/{printf "%.2f MiB", $2/1024}' /proc/$P/status)"
 kill "$P"; wait "$P" 2>/dev/null || true
 "$B" bench --endpoint "unix://$W/rss/csi2.sock" startup --settle-ms 3000 -- --data-dir "$W/rss" --node-id bench-node --log-level warn
+
+echo
+echo "## block volumes, 4 in flight (loop devices; the filesystem modes format in NodeStage)"
+start "$W/block" --kinds local,block
+for mode in "raw 16777216 --block" "ext4 67108864 --param fsType=ext4" "xfs 314572800 --param fsType=xfs"; do
+  set -- $mode
+  echo "### $1"
+  "$B" bench --endpoint "unix://$W/block/csi.sock" lifecycle -n "$((N / 10))" -c 4 \
+    --param kind=block --size "$2" "${@:3}" --work-dir "$W/work-$1" --pid "$P"
+done
+kill "$P"; wait "$P" 2>/dev/null || true

@@ -55,7 +55,7 @@ bench() {
     --log-level warn 2>"$d/berth.log" &
   pid=$!
   for _ in $(seq 500); do [ -S "$d/csi.sock" ] && break; sleep 0.02; done
-  berth bench --endpoint "unix://$d/csi.sock" lifecycle -n 200 -c 4 --size 1048576 \
+  berth bench --endpoint "unix://$d/csi.sock" lifecycle -n 100 -c 4 --size 1048576 \
     --param kind=nfs --param server=127.0.0.1 --param share=/export \
     --work-dir "$d/work" --pid "$pid" 2>&1; rc=$?
   kill "$pid"; wait "$pid"
@@ -63,7 +63,7 @@ bench() {
   rm -rf "$d"
   return $rc
 }
-berth_check "berth bench lifecycle in NFS mode (200 cycles, 4 in flight), 0 failed" bench
+berth_check "berth bench lifecycle in NFS mode (100 cycles, 4 in flight), 0 failed" bench
 berth_check "no NFS mount left after the bench" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
 
 berth_check "canary at the share root intact" eval '[ "$(sha256sum < /export/canary)" = "$CANARY" ]'

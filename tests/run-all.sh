@@ -11,7 +11,9 @@
 #   6. csi-sanity (pinned) for every volume kind available; NFS (csi-sanity
 #      and the root_nfs integration tests) inside the full-kernel guest
 #      against its kernel NFS server (tests/vm/nfs.sh)
-#   7. Kubernetes manifest and Helm chart validation
+#   7. `berth bench` against a CSI driver that is not Berth (a Python grpcio
+#      driver, tests/foreign/) and against berth (bench/run.sh --quick)
+#   8. Kubernetes manifest and Helm chart validation
 # and checks that no mount or loop device was leaked. Fails on the first
 # failing stage; prints "N passed, M failed" for the stages at the end.
 set -euo pipefail
@@ -53,6 +55,8 @@ stage "csi-sanity block-raw" csi-sanity/run.sh block-raw
 stage "csi-sanity block-ext4" csi-sanity/run.sh block-ext4
 stage "csi-sanity block-xfs" csi-sanity/run.sh block-xfs
 stage "NFS volumes in the full-kernel guest" tests/vm/nfs.sh
+stage "berth bench against a CSI driver that is not Berth" tests/foreign/run.sh
+stage "berth bench against berth (bench/run.sh --quick; numbers printed, not asserted)" bench/run.sh --quick
 stage "manifest validation" bash tests/manifests/validate.sh
 
 mounts_after=$(wc -l </proc/self/mountinfo)

@@ -25,6 +25,18 @@ impl Mode {
     }
 }
 
+/// What DeleteVolume does to a disk of the disk pool before it is free again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskWipe {
+    /// Zero the whole disk (BLKZEROOUT: the device's write-zeroes offload
+    /// where it has one, else the kernel writes zeros), so the next volume
+    /// on it cannot read the last one's data.
+    Zero,
+    /// Erase only the signatures (`wipefs -a`): instant, but a raw block
+    /// user of the disk can read the previous volume's blocks.
+    Signatures,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -104,6 +116,17 @@ pub struct Config {
     /// Whole disks offered as volumes (device paths or globs, comma separated).
     #[arg(long, env = "BERTH_DISK_POOL", value_delimiter = ',', global = true)]
     pub disk_pool: Vec<String>,
+
+    /// How DeleteVolume erases a disk of the disk pool before it is free
+    /// again.
+    #[arg(
+        long,
+        env = "BERTH_DISK_WIPE",
+        value_enum,
+        default_value_t = DiskWipe::Zero,
+        global = true
+    )]
+    pub disk_wipe: DiskWipe,
 
     /// Seconds every NFS mount and umount may take before its process
     /// group is killed (a dead server); statvfs of NFS volumes waits at most

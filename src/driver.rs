@@ -39,6 +39,7 @@ impl Driver {
                 Kind::Block => Arc::new(BlockKind::new(
                     cfg.block_root(),
                     cfg.disk_pool.clone(),
+                    cfg.disk_wipe,
                     os.clone(),
                     store.clone(),
                 )?),
@@ -153,19 +154,33 @@ impl Driver {
     /// Finishes what a crash interrupted: a volume half created is rolled back
     /// (its CreateVolume call failed, and a retry creates it again); a volume
     /// half deleted is deleted.
-    pub fn reconcile(&self) -> Result<()> {
+    /// A delete that may take long (`VolumeKind::slow_delete`) runs on its
+    /// own thread holding the volume's and the name's guard, so start-up
+    /// does not wait for it (other RPCs on that volume answer ABORTED until
+    /// it is done; shutdown waits for it like for any operation in flight).
+    pub fn reconcile(self: &Arc<Self>) -> Result<()> {
         let pending = self.store.filter(|r| r.phase != Phase::Ready);
         for rec in pending {
-            let Ok(kind) = self.kind(rec.kind) else {
+            let Ok(kind) = self.kind(rec.kind).cloned() else {
                 tracing::warn!(volume_id = %rec.id, kind = %rec.kind, "record of a kind not served here left as is");
                 continue;
             };
             tracing::info!(volume_id = %rec.id, phase = ?rec.phase, "reconciling interrupted operation");
-            if let Err(e) = kind.delete(&rec) {
-                tracing::error!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry at next start");
+            if kind.slow_delete(&rec) {
+                let mut guard = self.locks.try_lock(vol_key(&rec.id))?;
+                guard.also(name_key(&rec.name))?;
+                let (d, count) = (self.clone(), crate::rpc::InFlight::start());
+                std::thread::spawn(move || {
+                    let (_guard, _count) = (guard, count);
+                    if let Err(e) = d.finish_delete(kind.as_ref(), &rec) {
+                        tracing::error!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry at next start");
+                    }
+                });
                 continue;
             }
-            self.store.remove(&rec.id)?;
+            if let Err(e) = self.finish_delete(kind.as_ref(), &rec) {
+                tracing::error!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry at next start");
+            }
         }
         for kind in self.kinds.values() {
             let known = |id: &str| self.store.get(id).is_some();
@@ -173,6 +188,16 @@ impl Driver {
                 tracing::error!(kind = %kind.kind(), error = %e.render(), "could not reconcile orphaned storage");
             }
         }
+        Ok(())
+    }
+}
+
+impl Driver {
+    /// Deletes the storage of an interrupted create or delete, then its
+    /// record.
+    fn finish_delete(&self, kind: &dyn VolumeKind, rec: &VolumeRecord) -> Result<()> {
+        kind.delete(rec)?;
+        self.store.remove(&rec.id)?;
         Ok(())
     }
 }

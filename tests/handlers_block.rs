@@ -17,6 +17,7 @@ use berth::csi::v1::volume_capability::access_mode::Mode;
 use berth::os::fake::{Call, FakeOs};
 use berth::os::{CmdOutput, FsUsage, OsError};
 use berth::state::Allocation;
+use berth::state::Phase;
 use common::*;
 use tonic::{Code, Request};
 
@@ -1327,14 +1328,21 @@ async fn raw_volumes_grow_the_device_only() {
 /// on `busy` only.
 fn disks(h: &Harness, busy: Option<&str>) -> PathBuf {
     let dir = h.path("disks");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = h.fake();
+    register_disks(h.fake(), &dir, busy);
+    dir
+}
+
+/// `disks` on a fake of its own (one made before a restart).
+fn register_disks(f: &FakeOs, dir: &Path, busy: Option<&str>) {
+    std::fs::create_dir_all(dir).unwrap();
     for (i, (name, size)) in [("d10", 10), ("d20", 20), ("d30", 30)]
         .into_iter()
         .enumerate()
     {
         let p = dir.join(name);
-        std::fs::write(&p, b"").unwrap();
+        if !p.exists() {
+            std::fs::write(&p, b"").unwrap();
+        }
         f.add_device(&p, 8, 16 * (i as u32 + 1), (size * MIB) as u64);
     }
     let busy = busy.map(|b| dir.join(b).display().to_string());
@@ -1348,7 +1356,6 @@ fn disks(h: &Harness, busy: Option<&str>) -> PathBuf {
     for p in ["mkfs.ext4", "wipefs", "resize2fs"] {
         f.respond(p, |_| out(0, ""));
     }
-    dir
 }
 
 fn disk_harness() -> Harness {
@@ -1466,6 +1473,8 @@ async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
         .await
         .unwrap();
 
+    // What the tenant wrote (the stand-in disk is a plain file).
+    std::fs::write(dir.join("d10"), b"tenant data").unwrap();
     // Delete wipes the disk and gives it back, reading the mount table
     // once for the "in use?" check and its own check before wiping.
     let reads = f.table_reads();
@@ -1477,6 +1486,103 @@ async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
         .await
         .unwrap();
     assert_eq!(f.table_reads() - reads, 1);
+    // The default --disk-wipe zero: the whole disk, not only signatures.
+    assert!(runs(f, "wipefs").is_empty());
+    assert!(f.calls().contains(&Call::ZeroOut {
+        device: dir.join("d10"),
+        size_bytes: (10 * MIB) as u64,
+    }));
+    let left = std::fs::read(dir.join("d10")).unwrap();
+    assert_eq!(left.len() as i64, 10 * MIB);
+    assert!(
+        left.iter().all(|&b| b == 0),
+        "the last tenant's data is readable"
+    );
+    assert_eq!(disk_capacity(&h).await, (10 * MIB, Some(10 * MIB)));
+}
+
+/// A crash left one disk volume half deleted and another half created: at
+/// start-up the first is zeroed in the background (start-up does not wait
+/// for a whole-disk wipe) and the second released without a wipe (never
+/// handed out, nothing written).
+#[tokio::test]
+async fn interrupted_disk_deletes_finish_in_the_background_and_creates_release() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let b = create(&h, "b", 15 * MIB, &[("pool", "disk")]).await;
+    let store = &h.driver.store;
+    let mut ra = store.get(&a.volume_id).unwrap();
+    store.set_phase(&mut ra, Phase::Deleting).unwrap();
+    let mut rb = store.get(&b.volume_id).unwrap();
+    store.set_phase(&mut rb, Phase::Creating).unwrap();
+    std::fs::write(dir.join("d10"), b"tenant a").unwrap();
+    let pool = format!("{}/d*", dir.display());
+    let Harness {
+        dir: tmp, driver, ..
+    } = h;
+    drop(driver);
+    let (os, f) = berth::os::Os::fake();
+    register_disks(&f, &dir, None);
+    let h = build(
+        tmp,
+        os,
+        Some(f.clone()),
+        &["--kinds", "block", "--disk-pool", &pool],
+    );
+    assert!(h.driver.store.get(&b.volume_id).is_none());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.driver.store.get(&a.volume_id).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the interrupted delete never finished"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let zeroed: Vec<_> = f
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::ZeroOut { device, .. } => Some(device),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(zeroed, [dir.join("d10")]);
+    assert!(std::fs::read(dir.join("d10"))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+}
+
+#[tokio::test]
+async fn disk_wipe_signatures_runs_wipefs_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = format!("{}/disks/d*", dir.path().display());
+    let (os, f) = berth::os::Os::fake();
+    let h = build(
+        dir,
+        os,
+        Some(f),
+        &[
+            "--kinds",
+            "block",
+            "--disk-pool",
+            &pool,
+            "--disk-wipe",
+            "signatures",
+        ],
+    );
+    let dir = disks(&h, None);
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let f = h.fake();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
     assert_eq!(
         runs(f, "wipefs"),
         [[
@@ -1485,7 +1591,8 @@ async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
             dir.join("d10").display().to_string()
         ]]
     );
-    assert_eq!(disk_capacity(&h).await, (10 * MIB, Some(10 * MIB)));
+    assert!(!f.calls().iter().any(|c| matches!(c, Call::ZeroOut { .. })));
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
 }
 
 #[tokio::test]

@@ -811,6 +811,14 @@ async fn disk_pool_with_loop_devices_as_disks() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "signatures left after delete");
+    // --disk-wipe zero (the default): no block of the last tenant is left,
+    // not only the signatures.
+    let left = std::fs::read(&small).unwrap();
+    assert_eq!(left.len() as i64, 40 * MIB);
+    assert!(
+        left.iter().all(|&b| b == 0),
+        "the last tenant's data is readable from the disk"
+    );
     assert_eq!(disk_capacity(&h).await, (120 * MIB, Some(80 * MIB)));
     // The used disk was never touched.
     assert!(!fs_uuid(&used).is_empty());

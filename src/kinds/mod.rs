@@ -265,6 +265,13 @@ pub trait VolumeKind: Send + Sync {
         true
     }
 
+    /// Whether deleting this volume can take long (zeroing a whole disk):
+    /// start-up then finishes an interrupted delete of it in the
+    /// background, holding its guard, instead of before serving.
+    fn slow_delete(&self, _rec: &VolumeRecord) -> bool {
+        false
+    }
+
     /// At start-up: cleans up storage left by an interrupted create or
     /// delete that has no record (`known` says which ids have one).
     fn reconcile_orphans(&self, _known: &dyn Fn(&str) -> bool) -> Result<()> {

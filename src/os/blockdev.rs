@@ -1,5 +1,6 @@
 //! Block devices: what a path is (`stat` following links, `BLKGETSIZE64`),
-//! whether it can be read, and its stable `/dev/disk/by-id` name.
+//! whether it can be read, its stable `/dev/disk/by-id` name, and zeroing a
+//! whole device (`BLKZEROOUT`).
 use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -27,9 +28,19 @@ pub trait BlockDevices: Send + Sync {
     /// decided from a probe of it (blkid reports "nothing found" for a device
     /// it cannot read).
     fn check_readable(&self, path: &Path) -> Result<(), OsError>;
+    /// Zeroes the whole device at `path`, which must be `size_bytes` long.
+    /// Opened exclusively (O_EXCL on a block device: EBUSY while anything
+    /// mounts or holds it), then flushed.
+    fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError>;
 }
 
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+// BLKZEROOUT is _IO(0x12, 127) but takes a pointer to {start, length}.
+nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+
+/// Bytes zeroed per BLKZEROOUT call: small enough that progress is logged
+/// and a kill is noticed between calls on a slow disk.
+const ZERO_CHUNK: u64 = 1 << 30;
 
 /// The real devices.
 #[derive(Debug, Clone)]
@@ -99,6 +110,40 @@ impl BlockDevices for RealBlockDevices {
         let mut buf = vec![0u8; 4096];
         f.read_exact(&mut buf)
             .map_err(|e| OsError::sys("read", path, e))
+    }
+
+    fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+            .open(path)
+            .map_err(|e| OsError::sys("open exclusively", path, e))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+        unsafe { blkgetsize64(fd, &mut size) }
+            .map_err(|e| OsError::sys("BLKGETSIZE64", path, e))?;
+        if size != size_bytes {
+            return Err(OsError::sys(
+                "size changed",
+                path,
+                std::io::Error::other(format!("{size} bytes, expected {size_bytes}")),
+            ));
+        }
+        let started = std::time::Instant::now();
+        let mut done = 0;
+        while done < size {
+            let len = ZERO_CHUNK.min(size - done);
+            let range = [done, len];
+            // SAFETY: BLKZEROOUT reads two u64 (start, length) through the
+            // pointer, which lives for the call.
+            unsafe { blkzeroout(fd, &range) }.map_err(|e| OsError::sys("BLKZEROOUT", path, e))?;
+            done += len;
+            if started.elapsed().as_secs() >= 10 && (done / ZERO_CHUNK) % 16 == 0 {
+                tracing::info!(device = %path.display(), done, size, "zeroing");
+            }
+        }
+        f.sync_all().map_err(|e| OsError::sys("fsync", path, e))
     }
 }
 

@@ -51,6 +51,10 @@ pub enum Call {
     LoopSetCapacity {
         device: PathBuf,
     },
+    ZeroOut {
+        device: PathBuf,
+        size_bytes: u64,
+    },
 }
 
 /// A loop device of the fake.
@@ -724,6 +728,26 @@ impl BlockDevices for FakeOs {
                 path,
                 std::io::Error::from_raw_os_error(libc::EIO),
             ));
+        }
+        Ok(())
+    }
+
+    /// Records the call; a stand-in disk that is a regular file is
+    /// overwritten with zeros, so tests can read what is left.
+    fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
+        lock(&self.calls).push(Call::ZeroOut {
+            device: path.to_path_buf(),
+            size_bytes,
+        });
+        self.injected("zero_out", path)?;
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| OsError::sys("open", path, e))?;
+            f.set_len(0)
+                .and_then(|_| f.set_len(size_bytes))
+                .map_err(|e| OsError::sys("zero", path, e))?;
         }
         Ok(())
     }

@@ -42,7 +42,7 @@ import extract_berth_args  # noqa: E402
 # What berth accepts (src/config.rs). Keep in sync with the CLI.
 BERTH_FLAGS = {
     "endpoint", "node-id", "driver-name", "mode", "kinds", "data-dir",
-    "state-dir", "local-root", "block-root", "disk-pool",
+    "state-dir", "local-root", "block-root", "disk-pool", "disk-wipe",
     "max-volumes-per-node", "socket-group", "log-format", "log-level",
     "metrics-address", "shutdown-timeout", "nfs-timeout",
 }

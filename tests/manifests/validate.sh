@@ -138,7 +138,7 @@ if [[ $have_helm == 0 ]]; then
   helm_render helm-nfs "${NFS_SET[@]}"
   helm_render helm-nfs-only "${NFS_SET[@]}" --set kinds.local=false --set kinds.block=false
   helm_render helm-options "${NFS_SET[@]}" --set kinds.local=false \
-    --set 'diskPool={/dev/disk/by-id/nvme-*,/dev/sdb}' --set maxVolumesPerNode=64 \
+    --set 'diskPool={/dev/disk/by-id/nvme-*,/dev/sdb}' --set diskWipe=signatures --set maxVolumesPerNode=64 \
     --set logFormat=json --set logLevel=debug --set metrics.enabled=false \
     --set node.resizer.enabled=false --set controller.attacher.enabled=false \
     --set kubeletDir=/var/lib/k0s/kubelet --set dataDir=/srv/berth \

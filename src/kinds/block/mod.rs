@@ -29,10 +29,13 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::config::DiskWipe;
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
 use crate::os::{fallocate, MountEntry, Os};
-use crate::state::{AccessType, Allocation, BlockInfo, Capability, Kind, Store, VolumeRecord};
+use crate::state::{
+    AccessType, Allocation, BlockInfo, Capability, Kind, Phase, Store, VolumeRecord,
+};
 
 use super::{
     Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, VolumeKind, VolumeStats,
@@ -44,6 +47,7 @@ const PREFIX: &str = "block-";
 pub struct BlockKind {
     root: PathBuf,
     disk_pool: Vec<String>,
+    disk_wipe: DiskWipe,
     os: Os,
     store: Arc<Store>,
     /// Serialises allocations from the file pool (thick creates, growth),
@@ -67,7 +71,13 @@ fn lock(m: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
 
 impl BlockKind {
     /// `root` is created (mode 0700) if missing.
-    pub fn new(root: PathBuf, disk_pool: Vec<String>, os: Os, store: Arc<Store>) -> Result<Self> {
+    pub fn new(
+        root: PathBuf,
+        disk_pool: Vec<String>,
+        disk_wipe: DiskWipe,
+        os: Os,
+        store: Arc<Store>,
+    ) -> Result<Self> {
         if !root.exists() {
             std::fs::create_dir_all(&root)
                 .and_then(|_| {
@@ -78,6 +88,7 @@ impl BlockKind {
         Ok(BlockKind {
             root,
             disk_pool,
+            disk_wipe,
             os,
             store,
             alloc: Mutex::new(()),
@@ -454,8 +465,21 @@ impl VolumeKind for BlockKind {
         }
     }
 
+    fn slow_delete(&self, rec: &VolumeRecord) -> bool {
+        self.disk_wipe == DiskWipe::Zero
+            && rec.phase != Phase::Creating
+            && rec.block.as_ref().is_some_and(|b| b.disk.is_some())
+    }
+
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
         if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
+            if rec.phase == Phase::Creating {
+                // Claimed by a create that never answered: the volume was
+                // never handed out and Berth wrote nothing to the disk (it
+                // was blank when claimed), so there is nothing to erase.
+                tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
+                return Ok(());
+            }
             let dev = match self.resolve_disk(&d) {
                 Ok(dev) => dev,
                 Err(Error::NotFound(m)) => {
@@ -484,9 +508,27 @@ impl VolumeKind for BlockKind {
                         .join(", ")
                 )));
             }
-            crate::os::mkfs::wipe(self.os.cmd.as_ref(), &dev.path)
-                .map_err(|e| Error::os(format!("wiping disk {}", dev.path.display()), e))?;
-            tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk wiped and returned to the pool");
+            match self.disk_wipe {
+                DiskWipe::Zero => {
+                    // Can take long on a big disk without a write-zeroes
+                    // offload; the operation owns the volume's guard, so a
+                    // retried DeleteVolume answers ABORTED until it is done,
+                    // and a restart in the middle zeroes again (the record
+                    // stays until the disk is clean).
+                    tracing::info!(volume_id = %rec.id, disk = %dev.path.display(), bytes = dev.size_bytes, "zeroing disk");
+                    self.os
+                        .devices
+                        .zero_out(&dev.path, dev.size_bytes)
+                        .map_err(|e| {
+                            Error::os(format!("zeroing disk {}", dev.path.display()), e)
+                        })?;
+                }
+                DiskWipe::Signatures => {
+                    crate::os::mkfs::wipe(self.os.cmd.as_ref(), &dev.path)
+                        .map_err(|e| Error::os(format!("wiping disk {}", dev.path.display()), e))?;
+                }
+            }
+            tracing::info!(volume_id = %rec.id, disk = %d.path.display(), wipe = ?self.disk_wipe, "disk erased and returned to the pool");
             return Ok(());
         }
         let f = self.file(&rec.id)?;

@@ -1168,47 +1168,8 @@ async fn local_lifecycle_reads_the_mount_table_three_times() {
     f.clear_calls();
     let id = create(&h, "a", 1 << 20).await.volume_id;
     reads.push(("create", f.table_reads()));
-    f.clear_calls();
-    let staging = h.path("stage-a");
-    h.node
-        .node_stage_volume(Request::new(stage_req(&id, &staging)))
-        .await
-        .unwrap();
-    reads.push(("stage", f.table_reads()));
-    f.clear_calls();
-    let target = h.path("target");
-    h.node
-        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
-        .await
-        .unwrap();
-    reads.push(("publish", f.table_reads()));
-    f.clear_calls();
-    h.node
-        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        }))
-        .await
-        .unwrap();
-    reads.push(("unpublish", f.table_reads()));
-    f.clear_calls();
-    h.node
-        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        }))
-        .await
-        .unwrap();
-    reads.push(("unstage", f.table_reads()));
-    f.clear_calls();
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    reads.push(("delete", f.table_reads()));
+    let (staging, target) = (h.path("stage-a"), h.path("target"));
+    reads.extend(mount_table_reads(&h, &id, &staging, &target).await);
     assert_eq!(
         reads,
         vec![

@@ -697,42 +697,7 @@ async fn block_lifecycle_mount_table_reads() {
     let id = create(&h, "a", 8 * MIB, &[]).await.volume_id;
     reads.push(("create", f.table_reads()));
     let (s, t) = (h.path("s"), h.path("t"));
-    f.clear_calls();
-    h.node
-        .node_stage_volume(Request::new(stage_req(&id, &s)))
-        .await
-        .unwrap();
-    reads.push(("stage", f.table_reads()));
-    f.clear_calls();
-    h.node
-        .node_publish_volume(Request::new(publish_req(&id, &s, &t, false)))
-        .await
-        .unwrap();
-    reads.push(("publish", f.table_reads()));
-    f.clear_calls();
-    h.node
-        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: t.display().to_string(),
-        }))
-        .await
-        .unwrap();
-    reads.push(("unpublish", f.table_reads()));
-    f.clear_calls();
-    h.node
-        .node_unstage_volume(Request::new(unstage(&id, &s)))
-        .await
-        .unwrap();
-    reads.push(("unstage", f.table_reads()));
-    f.clear_calls();
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    reads.push(("delete", f.table_reads()));
+    reads.extend(mount_table_reads(&h, &id, &s, &t).await);
     assert_eq!(
         reads,
         vec![

@@ -211,3 +211,60 @@ pub fn real(extra: &[&str]) -> (Harness, UnmountOnDrop) {
     let guard = UnmountOnDrop(dir.path().to_path_buf());
     (build(dir, berth::os::Os::real(), None, extra), guard)
 }
+
+/// Runs NodeStage, NodePublish, NodeUnpublish, NodeUnstage and DeleteVolume
+/// of the already created volume `id` (mount access), and says how many
+/// times each RPC read the whole mount table (the fake counts reads).
+#[allow(dead_code)]
+pub async fn mount_table_reads(
+    h: &Harness,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+) -> Vec<(&'static str, usize)> {
+    use berth::csi::v1::controller_server::Controller;
+    use berth::csi::v1::node_server::Node;
+    use tonic::Request;
+    let f = h.fake();
+    let mut reads = Vec::new();
+    f.clear_calls();
+    h.node
+        .node_stage_volume(Request::new(stage_req(id, staging)))
+        .await
+        .unwrap();
+    reads.push(("stage", f.table_reads()));
+    f.clear_calls();
+    h.node
+        .node_publish_volume(Request::new(publish_req(id, staging, target, false)))
+        .await
+        .unwrap();
+    reads.push(("publish", f.table_reads()));
+    f.clear_calls();
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.to_string(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    reads.push(("unpublish", f.table_reads()));
+    f.clear_calls();
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: id.to_string(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    reads.push(("unstage", f.table_reads()));
+    f.clear_calls();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.to_string(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    reads.push(("delete", f.table_reads()));
+    reads
+}

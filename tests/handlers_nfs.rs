@@ -517,6 +517,73 @@ async fn delete_without_a_record_works_from_the_id() {
     assert!(root.join("ret/f").exists(), "retain survives a lost record");
 }
 
+/// The record is lost (so are the StorageClass mount options) and the
+/// server speaks only NFSv3: the controller's working mount falls back from
+/// the default version to NFSv4.0, then to NFSv3 without locks, and the
+/// delete works. A failed attempt leaves no directory it made behind.
+#[tokio::test]
+async fn delete_without_a_record_reaches_a_server_that_speaks_only_nfsv3() {
+    let h = nfs(&[]);
+    let del = create(&h, "del", &[]).await.volume_id;
+    std::fs::remove_dir_all(h.path("state/journal")).unwrap();
+    let h = restart(h, &["--kinds", "nfs"]);
+    let refuse = || {
+        Ok(CmdOutput {
+            code: Some(32),
+            stdout: String::new(),
+            stderr: "mount.nfs: requested NFS version or transport protocol is not supported"
+                .into(),
+        })
+    };
+    h.fake().reply("mount", refuse());
+    h.fake().reply("mount", refuse());
+    h.fake().clear_calls();
+    delete(&h, &del).await.unwrap();
+    let tried: Vec<(String, String)> = runs(h.fake())
+        .into_iter()
+        .filter(|(p, _)| p == "mount")
+        .map(|(_, a)| {
+            let o = a[a.iter().position(|x| x == "-o").unwrap() + 1].clone();
+            (o, a.last().unwrap().clone())
+        })
+        .collect();
+    assert_eq!(
+        tried.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(),
+        ["nfsvers=4.1", "nfsvers=4.0", "nfsvers=3,nolock"]
+    );
+    // The directory of the first set is the one the share had before the
+    // restart (an unmount keeps it); the second was made for the attempt.
+    assert!(
+        !Path::new(&tried[1].1).exists(),
+        "{} left behind",
+        tried[1].1
+    );
+    assert!(h
+        .fake()
+        .table()
+        .iter()
+        .any(|m| m.mount_point == Path::new(&tried[2].1)));
+    // With a version in the mount options, only that version is tried.
+    let h = nfs(&[]);
+    let mut r = req("v4only", &[]);
+    r.volume_capabilities = vec![mount_cap_flags(
+        Mode::MultiNodeMultiWriter,
+        &["nfsvers=4.2"],
+    )];
+    h.fake().reply("mount", refuse());
+    h.fake().clear_calls();
+    assert!(h.ctl.create_volume(Request::new(r)).await.is_err());
+    let opts: Vec<String> = runs(h.fake())
+        .into_iter()
+        .filter(|(p, _)| p == "mount")
+        .map(|(_, a)| a[a.iter().position(|x| x == "-o").unwrap() + 1].clone())
+        .collect();
+    assert!(
+        !opts.is_empty() && opts.iter().all(|o| o == "nfsvers=4.2"),
+        "{opts:?}"
+    );
+}
+
 #[tokio::test]
 async fn delete_of_hostile_ids_is_ok_and_touches_nothing() {
     let h = nfs(&[]);

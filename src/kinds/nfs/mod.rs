@@ -112,6 +112,17 @@ pub fn node_options(cap: &Capability, readonly: bool) -> Result<Vec<String>> {
 /// Options of the controller's working mount: the volume's mount options
 /// (from its record) without ro/rw, plus the default version.
 pub fn controller_options(rec: &VolumeRecord) -> Result<Vec<String>> {
+    Ok(controller_option_sets(rec)?.swap_remove(0))
+}
+
+/// The option sets the controller's working mount tries, in order. With a
+/// version in the volume's mount options, only those. Without one (the
+/// StorageClass named none, or the record is lost and the options with it):
+/// the default version, then NFSv4.0, then NFSv3 without the lock protocol
+/// (the controller only makes and removes directories, so it needs no
+/// locks, and nolock spares it rpc.statd), so a server that speaks only an
+/// older version is still reached.
+pub fn controller_option_sets(rec: &VolumeRecord) -> Result<Vec<Vec<String>>> {
     let flags = rec
         .capabilities
         .iter()
@@ -120,7 +131,23 @@ pub fn controller_options(rec: &VolumeRecord) -> Result<Vec<String>> {
         .unwrap_or(&[]);
     let mut opts = check_flags(flags)?;
     opts.retain(|o| o != "ro" && o != "rw");
-    Ok(nfsmount::with_defaults(opts, false))
+    if nfsmount::has_version(&opts) {
+        return Ok(vec![opts]);
+    }
+    let with = |extra: &[&str]| {
+        let mut o = opts.clone();
+        for e in extra {
+            if !o.iter().any(|x| x == e || (*e == "nolock" && x == "lock")) {
+                o.push(e.to_string());
+            }
+        }
+        o
+    };
+    Ok(vec![
+        nfsmount::with_defaults(opts.clone(), false),
+        with(&["nfsvers=4.0"]),
+        with(&["nfsvers=3", "nolock"]),
+    ])
 }
 
 fn parse_id(id: &str) -> Result<VolumeId> {
@@ -341,8 +368,7 @@ impl VolumeKind for NfsKind {
         let vid = VolumeId::parse(&rec.id)
             .map_err(|e| Error::Internal(format!("volume id {}: {e}", rec.id)))?;
         let params = Params::parse(&rec.parameters)?;
-        let opts = controller_options(rec)?;
-        let root = self.share_mount(&vid, &opts)?;
+        let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
         share::create_subdir(&root, &vid.subdir, params.mount_permissions)?;
         rec.context = BTreeMap::from([
             ("server".to_string(), vid.server.clone()),
@@ -369,8 +395,7 @@ impl VolumeKind for NfsKind {
             tracing::info!(volume_id = %rec.id, "onDelete retain: subdirectory kept");
             return Ok(());
         }
-        let opts = controller_options(rec)?;
-        let root = self.share_mount(&vid, &opts)?;
+        let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
         share::remove_subdir(&root, &vid.subdir, how, crate::driver::now_unix())
     }
 

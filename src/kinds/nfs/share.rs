@@ -17,7 +17,7 @@ use super::{is_nfs, same_source, NfsKind, Probe};
 use crate::error::{Error, Result};
 use crate::node::mounts;
 use crate::os::mountinfo;
-use crate::os::nfsmount;
+use crate::os::{nfsmount, OsError};
 
 /// What DeleteVolume (or a rollback) does with a subdirectory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,35 +191,45 @@ impl NfsKind {
 
     /// Mounts the volume's share (once per server, share and options; an
     /// existing healthy mount is reused, also after a restart) and returns
-    /// where.
-    pub(super) fn share_mount(&self, vid: &VolumeId, opts: &[String]) -> Result<PathBuf> {
-        let mp = self.work_dir(vid, opts);
-        let lock = self.share_lock(&mp);
+    /// where. `sets` are the option sets to try in order (see
+    /// `controller_option_sets`): a healthy mount made with any of them is
+    /// reused first; then each is mounted in turn until one works. A server
+    /// that does not answer stops the search (every later set would wait
+    /// out the same timeout).
+    pub(super) fn share_mount(&self, vid: &VolumeId, sets: &[Vec<String>]) -> Result<PathBuf> {
+        let Some(first) = sets.first() else {
+            return Err(Error::Internal("no NFS mount options to try".into()));
+        };
+        // One lock for the whole search: its first set names it.
+        let lock = self.share_lock(&self.work_dir(vid, first));
         let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
         let source = vid.share_source();
         let t = mounts::table(&self.os)?;
-        if let Some(top) = mountinfo::at(&t, &mp).last() {
-            if !is_nfs(top) || !same_source(&top.source, &source) {
-                return Err(Error::Internal(format!(
-                    "{} holds {} instead of {source}",
-                    mp.display(),
-                    top.source
-                )));
-            }
-            match self.probe(&mp) {
-                Probe::Usage(_) => return Ok(mp),
-                Probe::Stale => {
-                    tracing::warn!(share = %source, "working mount of the share is stale; mounting again");
-                    self.unmount_target(&mp)?;
+        for opts in sets {
+            let mp = self.work_dir(vid, opts);
+            if let Some(top) = mountinfo::at(&t, &mp).last() {
+                if !is_nfs(top) || !same_source(&top.source, &source) {
+                    return Err(Error::Internal(format!(
+                        "{} holds {} instead of {source}",
+                        mp.display(),
+                        top.source
+                    )));
                 }
-                Probe::Hung => {
-                    return Err(Error::Unavailable(format!(
-                        "NFS server {} is not responding (share {})",
-                        vid.server, vid.share
-                    )))
-                }
-                Probe::Failed(e) => {
-                    return Err(Error::os(format!("checking the mount of {source}"), e))
+                match self.probe(&mp) {
+                    Probe::Usage(_) => return Ok(mp),
+                    Probe::Stale => {
+                        tracing::warn!(share = %source, "working mount of the share is stale; mounting again");
+                        self.unmount_target(&mp)?;
+                    }
+                    Probe::Hung => {
+                        return Err(Error::Unavailable(format!(
+                            "NFS server {} is not responding (share {})",
+                            vid.server, vid.share
+                        )))
+                    }
+                    Probe::Failed(e) => {
+                        return Err(Error::os(format!("checking the mount of {source}"), e))
+                    }
                 }
             }
         }
@@ -230,11 +240,39 @@ impl NfsKind {
                 })
                 .map_err(|e| Error::io(format!("creating {}", self.work.display()), e))?;
         }
-        mounts::ensure_dir(&mp)?;
-        nfsmount::mount(self.os.cmd.as_ref(), &source, &mp, opts, self.timeout)
-            .map_err(|e| Error::os(format!("mounting {source}"), e))?;
-        tracing::info!(share = %source, at = %mp.display(), "mounted NFS share");
-        Ok(mp)
+        let mut first_error = None;
+        for opts in sets {
+            let mp = self.work_dir(vid, opts);
+            match mounts::mount_on_dir(&mp, || {
+                nfsmount::mount(self.os.cmd.as_ref(), &source, &mp, opts, self.timeout)
+                    .map_err(|e| Error::os(format!("mounting {source}"), e))
+            }) {
+                Ok(()) => {
+                    tracing::info!(share = %source, at = %mp.display(), options = %opts.join(","), "mounted NFS share");
+                    return Ok(mp);
+                }
+                Err(e)
+                    if matches!(
+                        &e,
+                        Error::Os {
+                            source: OsError::Timeout { .. },
+                            ..
+                        }
+                    ) =>
+                {
+                    return Err(e)
+                }
+                Err(e) => {
+                    if sets.len() > 1 {
+                        tracing::info!(share = %source, options = %opts.join(","), error = %e.render(), "NFS mount failed; trying the next options");
+                    }
+                    // The first failure (the preferred options) is the one
+                    // worth reporting.
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| Error::Internal("no NFS mount options to try".into())))
     }
 }
 

@@ -118,7 +118,8 @@ start_nfs_server() {
   echo 10 > /proc/fs/nfsd/nfsv4gracetime 2>/dev/null
   echo 3 > /proc/sys/fs/nfs/nlm_timeout
   echo 3 > /proc/sys/fs/nfs/nlm_grace_period
-  rpc.nfsd "${NFSD_THREADS:-4}" || return 1
+  # shellcheck disable=SC2086 # NFSD_ARGS: several options, e.g. "-N 4"
+  rpc.nfsd ${NFSD_ARGS:-} "${NFSD_THREADS:-4}" || return 1
   echo Y > /proc/fs/nfsd/v4_end_grace 2>/dev/null || true   # no v4 grace wait
   wait_for 10 rpcinfo -u 127.0.0.1 mountd 3 || { echo "start_nfs_server: mountd not registered" >&2; return 1; }
   wait_for 10 rpcinfo -t 127.0.0.1 nfs 3 || { echo "start_nfs_server: nfsd not registered" >&2; return 1; }

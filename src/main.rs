@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
                 let driver = Driver::new(cfg, Os::real())
                     .map_err(|e| anyhow::anyhow!(e.render()))
                     .context("starting the driver")?;
+                berth::memory::trim();
                 if let Some(addr) = metrics_addr {
                     let listener = berth::metrics::bind(addr)
                         .await

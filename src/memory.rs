@@ -21,6 +21,15 @@ pub fn limit_arenas() {
     }
 }
 
+/// Returns the heap's free memory to the system now (after start-up, which
+/// reads the whole state journal and builds the index from it).
+pub fn trim() {
+    // SAFETY: malloc_trim is thread-safe and only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Trims the heap after every quiet period that followed some work.
 pub async fn trim_when_idle(period: Duration) {
     let mut seen = 0;
@@ -29,9 +38,7 @@ pub async fn trim_when_idle(period: Duration) {
         let now = ACTIVITY.load(Ordering::Relaxed);
         if now != seen && crate::rpc::in_flight() == 0 {
             seen = now;
-            // SAFETY: malloc_trim is thread-safe and only releases free
-            // memory.
-            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+            let _ = tokio::task::spawn_blocking(trim).await;
         }
     }
 }

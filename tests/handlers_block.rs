@@ -1691,3 +1691,23 @@ async fn concurrent_disk_creates_never_share_a_disk() {
     seen.dedup();
     assert_eq!(seen.len(), 3);
 }
+
+/// A backing file without a record (a lost state directory, or a file put
+/// there by hand) is moved aside at start-up, data intact, never deleted;
+/// files of recorded volumes and files that are not volume files stay.
+#[tokio::test]
+async fn files_without_a_record_are_moved_aside_at_start() {
+    let h = block(&[]);
+    let kept = create(&h, "kept", 8 * MIB, &[]).await.volume_id;
+    let stray = format!("block-{}", "ab".repeat(16));
+    std::fs::write(img(&h, &stray), b"someone's data").unwrap();
+    std::fs::write(h.path("block").join("notes.txt"), b"not a volume").unwrap();
+    let (h, _f) = restart(h, &[]);
+    assert!(img(&h, &kept).exists());
+    assert!(!img(&h, &stray).exists());
+    assert_eq!(
+        std::fs::read(h.path("block/.orphaned").join(format!("{stray}.img"))).unwrap(),
+        b"someone's data"
+    );
+    assert!(h.path("block/notes.txt").exists());
+}

@@ -44,6 +44,9 @@ use params::Pool;
 
 const PREFIX: &str = "block-";
 
+/// Where backing files without a record are kept aside (in the block root).
+const ORPHANED: &str = ".orphaned";
+
 pub struct BlockKind {
     root: PathBuf,
     disk_pool: Vec<String>,
@@ -463,6 +466,31 @@ impl VolumeKind for BlockKind {
                 Ok(())
             }
         }
+    }
+
+    /// A backing file without a record can only come from outside Berth
+    /// (block volumes record their intent before the file is made), or from
+    /// a lost state directory: it may hold a tenant's data, so it is moved
+    /// into `.orphaned/` under the block root, never deleted.
+    fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".img") else {
+                continue;
+            };
+            if !self.owns_id(id) || known(id) {
+                continue;
+            }
+            let aside = self.root.join(ORPHANED);
+            mounts::ensure_dir(&aside)?;
+            let path = e.path();
+            std::fs::rename(&path, aside.join(&name))
+                .map_err(|e| Error::io(format!("moving aside {}", path.display()), e))?;
+            tracing::warn!(file = %path.display(), "block volume file without a record moved to {ORPHANED}");
+        }
+        Ok(())
     }
 
     fn slow_delete(&self, rec: &VolumeRecord) -> bool {

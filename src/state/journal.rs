@@ -5,7 +5,10 @@
 //! - `snapshot-<G>.jsonl`: every live record when generation G began,
 //!   written to a temp file, fsynced and renamed, so it exists whole or not
 //!   at all;
-//! - `log-<G>.jsonl`: the changes made since, appended.
+//! - `log-<G>.jsonl`: the changes made since, appended. A compaction makes
+//!   the next, empty log just before it renames the next snapshot into
+//!   place, so an empty log newer than every snapshot is an interrupted
+//!   compaction (removed at start-up); a non-empty one stops start-up.
 //!
 //! Each line is `<crc32 of the JSON, 8 hex digits> <JSON>\n`, the JSON being
 //! `{"put":<record>}` or `{"del":"<id>"}`. Start-up reads the snapshot of the
@@ -236,14 +239,24 @@ impl Journal {
             }
         }
         let gen = snapshots.iter().copied().max().unwrap_or(0);
-        if let Some(g) = logs.iter().find(|&&g| g > gen) {
-            // Never made by this code (a log is created after its snapshot):
-            // refuse rather than guess which is current.
-            return Err(StateError::Unexpected {
-                path: dir.join(log_name(*g)),
-                why: format!("newer than the newest snapshot (generation {gen})"),
-            });
+        for g in logs.iter().filter(|&&g| g > gen) {
+            // A compaction makes the next log, empty, just before it renames
+            // the snapshot into place: an empty log newer than every
+            // snapshot is that, interrupted. Anything else was not made by
+            // this code: refuse rather than guess which is current.
+            let p = dir.join(log_name(*g));
+            let len = fs::metadata(&p)
+                .map_err(|e| StateError::io("stat", &p, e))?
+                .len();
+            if len > 0 {
+                return Err(StateError::Unexpected {
+                    path: p,
+                    why: format!("newer than the newest snapshot (generation {gen}) and not empty"),
+                });
+            }
+            fs::remove_file(&p).map_err(|e| StateError::io("remove", &p, e))?;
         }
+        logs.retain(|&g| g <= gen);
         let mut map = std::collections::HashMap::new();
         let snapshot_len = if snapshots.contains(&gen) {
             let path = dir.join(snapshot_name(gen));
@@ -371,6 +384,17 @@ impl Journal {
                 q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
+            if let Some(why) = q.poisoned.clone() {
+                // Queued before the journal was poisoned: never written (a
+                // later flush could succeed over the lost one and leave a
+                // hole that start-up would take for a torn tail).
+                q.pending.clear();
+                let (start, end) = (q.done_below, q.next_ticket);
+                q.done_below = end;
+                q.failed.push_back((start, end, why));
+                self.cv.notify_all();
+                continue;
+            }
             q.writing = true;
             let batch = std::mem::take(&mut q.pending);
             let (start, end) = (q.done_below, q.next_ticket);
@@ -397,14 +421,25 @@ impl Journal {
                 // the log is switched.
                 self.cv.notify_all();
                 drop(q);
-                if let Err(e) = self.compact(&mut w, snapshot) {
-                    // The old log is still whole and current; try again
-                    // after it has grown by half as much again.
-                    w.compact_at = w.len + w.compact_at / 2;
-                    tracing::warn!(error = %e, "state journal compaction failed; continuing with the old log");
-                }
+                let poison = match self.compact(&mut w, snapshot) {
+                    Ok(()) => None,
+                    Err((e, true)) => {
+                        tracing::error!(error = %e, "state journal compaction failed after its snapshot was in place; no further changes until a restart");
+                        Some(e.to_string())
+                    }
+                    Err((e, false)) => {
+                        // The old log is still whole and current; try again
+                        // after it has grown by half as much again.
+                        w.compact_at = w.len + w.compact_at / 2;
+                        tracing::warn!(error = %e, "state journal compaction failed; continuing with the old log");
+                        None
+                    }
+                };
                 drop(w);
                 q = self.queue();
+                if poison.is_some() {
+                    q.poisoned = poison;
+                }
             } else {
                 drop(w);
             }
@@ -413,30 +448,43 @@ impl Journal {
         }
     }
 
-    /// Starts the next generation: a snapshot of every live record, then an
-    /// empty log; the old files are removed after.
+    /// Starts the next generation: a snapshot of every live record and an
+    /// empty log; the old files are removed after. Until the snapshot is
+    /// renamed into place nothing has changed (a failure cleans up and the
+    /// old log stays current); once it is, only the new log may be written,
+    /// so a failure to make that durable poisons the journal (no write can
+    /// then land in a log that start-up would not read).
     fn compact(
         &self,
         w: &mut Writer,
         snapshot: &dyn Fn() -> Result<Vec<u8>, StateError>,
-    ) -> Result<(), StateError> {
+    ) -> Result<(), (StateError, bool)> {
         let gen = w.gen + 1;
-        let bytes = snapshot()?;
+        let bytes = snapshot().map_err(|e| (e, false))?;
         let path = self.dir.join(snapshot_name(gen));
         let tmp = self.dir.join(format!("{}.tmp", snapshot_name(gen)));
-        let written = create_file(&tmp).and_then(|mut f| {
-            f.write_all(&bytes)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| StateError::io("write", &tmp, e))
-        });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        fs::rename(&tmp, &path).map_err(|e| StateError::io("rename", &path, e))?;
         let log_path = self.dir.join(log_name(gen));
-        let file = create_file(&log_path)?;
-        sync_dir(&self.dir)?;
+        let prepared = create_file(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&bytes)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| StateError::io("write", &tmp, e))
+            })
+            .and_then(|_| create_file(&log_path))
+            .and_then(|file| {
+                fs::rename(&tmp, &path)
+                    .map(|_| file)
+                    .map_err(|e| StateError::io("rename", &path, e))
+            });
+        let file = match prepared {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(&log_path);
+                return Err((e, false));
+            }
+        };
+        sync_dir(&self.dir).map_err(|e| (e, true))?;
         let old = w.gen;
         *w = Writer {
             file,
@@ -465,7 +513,12 @@ impl Journal {
         snapshot: &dyn Fn() -> Result<Vec<u8>, StateError>,
     ) -> Result<(), StateError> {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.compact(&mut w, snapshot)
+        self.compact(&mut w, snapshot).map_err(|(e, poison)| {
+            if poison {
+                self.queue().poisoned = Some(e.to_string());
+            }
+            e
+        })
     }
 
     /// Current generation and log length (for tests and metrics).

@@ -437,9 +437,14 @@ mod tests {
             Store::open(d.path()),
             Err(StateError::Unexpected { .. })
         ));
-        // A log newer than every snapshot.
+        // An empty log newer than every snapshot is a compaction
+        // interrupted before its snapshot was renamed into place: removed.
         fs::remove_file(journal_dir(d.path()).join("snapshot-3.jsonl")).unwrap();
         fs::write(log_path(d.path(), 7), b"").unwrap();
+        assert!(Store::open(d.path()).unwrap().is_empty());
+        assert!(!log_path(d.path(), 7).exists());
+        // One with something in it was not made by berth.
+        fs::write(log_path(d.path(), 7), b"x").unwrap();
         assert!(matches!(
             Store::open(d.path()),
             Err(StateError::Unexpected { .. })

@@ -138,6 +138,19 @@ async fn socket_is_private_and_shutdown_is_graceful() {
     assert!(!b.sock.exists(), "socket removed on shutdown");
 }
 
+/// SIGTERM as soon as the socket accepts (before any RPC) is a graceful
+/// shutdown too: the handler is in place before the socket is bound.
+#[test]
+fn sigterm_right_after_start_is_graceful() {
+    for _ in 0..10 {
+        let d = tempfile::tempdir().unwrap();
+        let mut b = start(d.path(), &[]);
+        let st = sigterm(&mut b);
+        assert!(st.success(), "{st:?}");
+        assert!(!b.sock.exists(), "socket removed on shutdown");
+    }
+}
+
 #[tokio::test]
 async fn socket_group_mode() {
     let d = tempfile::tempdir().unwrap();

@@ -286,12 +286,15 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
     let plan = Arc::new(plan(&mut client, args.clone()).await?);
     let stop = Arc::new(AtomicBool::new(false));
     {
+        // Registered here, before any cycle starts (not when the task is
+        // first polled), so no SIGINT meets the default disposition.
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let stop = stop.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if sigint.recv().await.is_some() {
                 eprintln!("interrupted: finishing the cycles in flight and cleaning up (Ctrl-C again to abort)");
                 stop.store(true, Ordering::SeqCst);
-                if tokio::signal::ctrl_c().await.is_ok() {
+                if sigint.recv().await.is_some() {
                     std::process::exit(130);
                 }
             }

@@ -1158,10 +1158,10 @@ async fn unstage_refuses_while_published() {
 }
 
 /// How often each RPC of a local-volume lifecycle reads the whole mount
-/// table: stage and unpublish decide from the mount-root probe alone;
-/// publish, unstage and DeleteVolume read it once each.
+/// table: stage, publish and unpublish decide from the mount-root and
+/// identity probes alone; unstage and DeleteVolume read it once each.
 #[tokio::test]
-async fn local_lifecycle_reads_the_mount_table_three_times() {
+async fn local_lifecycle_reads_the_mount_table_twice() {
     let h = fake(&[]);
     let f = h.fake();
     let mut reads = Vec::new();
@@ -1175,7 +1175,7 @@ async fn local_lifecycle_reads_the_mount_table_three_times() {
         vec![
             ("create", 0),
             ("stage", 0),
-            ("publish", 1),
+            ("publish", 0),
             ("unpublish", 0),
             ("unstage", 1),
             ("delete", 1),

@@ -307,6 +307,18 @@ fn statx_probe_and_unpublish_of_stacked_binds_with_the_real_kernel() {
     );
     assert_eq!(probe.mount_root(&target), Some(true));
     assert_eq!(probe.mount_root(&src), Some(false));
+    // The target shows the directory it binds (what publish checks of the
+    // staging path), not the one beneath it or any other.
+    let id = |p: &Path| probe.identity(p).expect("statx identity");
+    assert_eq!(id(&target), id(&src));
+    assert_ne!(id(&target), id(&plain));
+    assert_eq!(
+        id(&plain),
+        (
+            std::fs::metadata(&plain).unwrap().dev(),
+            std::fs::metadata(&plain).unwrap().ino()
+        )
+    );
 
     let os = berth::os::Os::real();
     berth::node::mounts::unpublish(&os, &target).unwrap();

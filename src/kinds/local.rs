@@ -247,6 +247,7 @@ impl VolumeKind for LocalKind {
         mounts::publish_bind(
             &self.os,
             |t| mountinfo::object_of(t, &dir),
+            Some(&dir),
             a.staging,
             a.target,
             a.capability,

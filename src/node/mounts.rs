@@ -20,8 +20,13 @@
 //!   has it, whether the volume is mounted elsewhere (single-target publish,
 //!   unstage), and how many mounts to remove when the probe cannot tell.
 //!
-//! A local-volume lifecycle reads mountinfo three times: NodePublish,
-//! NodeUnstage and DeleteVolume once each (stage and unpublish only probe).
+//! - the identity probe (`os.probe.identity`, statx device and inode) for
+//!   "does the staging path show this volume's directory": with the
+//!   mount-root probe it decides a local volume's NodePublish without
+//!   mountinfo in the common case (see `publish_bind`).
+//!
+//! A local-volume lifecycle reads mountinfo twice: NodeUnstage and
+//! DeleteVolume once each (stage, publish and unpublish only probe).
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
@@ -187,9 +192,17 @@ pub fn staged_object(
 /// mount; the same target with another volume or another read-only setting
 /// is ALREADY_EXISTS; a second target of a single-target volume is
 /// FAILED_PRECONDITION.
+///
+/// `source`, for kinds that stage a directory (local volumes), is that
+/// directory. Then the common case is decided without mountinfo: nothing is
+/// mounted at the target (probe), the staging path is a mount root (probe)
+/// showing the source directory itself (same device and inode: a bind of
+/// that directory), and the access mode allows several targets. Anything
+/// else, or any probe that cannot tell, is decided from mountinfo.
 pub fn publish_bind(
     os: &Os,
     expected: impl FnOnce(&[MountEntry]) -> Option<Object>,
+    source: Option<&Path>,
     staging: &Path,
     target: &Path,
     cap: &Capability,
@@ -197,6 +210,23 @@ pub fn publish_bind(
 ) -> Result<()> {
     let mut flags = bind_flags(cap)?;
     flags.readonly |= readonly || cap.access_mode.read_only();
+    let bind = || {
+        os.mounter
+            .bind(staging, target, flags)
+            .map_err(|e| Error::os(format!("publishing at {}", target.display()), e))
+    };
+    if let Some(src) = source {
+        if !cap.access_mode.single_target()
+            && os.probe.mount_root(target) == Some(false)
+            && os.probe.mount_root(staging) == Some(true)
+            && os
+                .probe
+                .identity(staging)
+                .is_some_and(|id| os.probe.identity(src) == Some(id))
+        {
+            return mount_on_dir(target, bind);
+        }
+    }
     let t = table(os)?;
     let exp = expected(&t);
     let obj = staged_object(&t, staging, exp.as_ref())?;
@@ -222,11 +252,7 @@ pub fn publish_bind(
             )));
         }
     }
-    mount_on_dir(target, || {
-        os.mounter
-            .bind(staging, target, flags)
-            .map_err(|e| Error::os(format!("publishing at {}", target.display()), e))
-    })
+    mount_on_dir(target, bind)
 }
 
 /// Unmounts everything mounted at `path` (stacked mounts included). The
@@ -403,6 +429,59 @@ mod tests {
             .iter()
             .filter(|c| matches!(c, Call::Unmount { .. }))
             .count()
+    }
+
+    fn cap(mode: crate::state::AccessMode) -> Capability {
+        Capability {
+            access_type: AccessType::Mount {
+                fs_type: String::new(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            },
+            access_mode: mode,
+        }
+    }
+
+    /// The common publish of a staged directory is decided by the probes;
+    /// anything else (another directory staged, a single-target volume, a
+    /// probe that cannot tell) by mountinfo, with the same answers.
+    #[test]
+    fn publish_of_a_staged_directory_reads_the_table_only_when_needed() {
+        use crate::state::AccessMode::{SingleNodeSingleWriter, SingleNodeWriter};
+        let e = env();
+        let (a, b) = (e.root.join("vol-a"), e.root.join("vol-b"));
+        let (staging, t1, t2) = (e.root.join("stage"), e.root.join("t1"), e.root.join("t2"));
+        stage_bind(&e.os, &a, &staging).unwrap();
+        let exp = |dir: &Path| {
+            let dir = dir.to_path_buf();
+            move |t: &[MountEntry]| mountinfo::object_of(t, &dir)
+        };
+        e.fake.clear_calls();
+        let w = cap(SingleNodeWriter);
+        publish_bind(&e.os, exp(&a), Some(&a), &staging, &t1, &w, false).unwrap();
+        assert_eq!(e.fake.table_reads(), 0);
+        assert_eq!(at(&e.fake, &t1), 1);
+        // A repeat: the target is mounted, so mountinfo decides (OK, no
+        // second mount).
+        publish_bind(&e.os, exp(&a), Some(&a), &staging, &t1, &w, false).unwrap();
+        assert_eq!(e.fake.table_reads(), 1);
+        assert_eq!(at(&e.fake, &t1), 1);
+        // The staging path shows another volume's directory.
+        e.fake.clear_calls();
+        let r = publish_bind(&e.os, exp(&b), Some(&b), &staging, &t2, &w, false);
+        assert!(matches!(r, Err(Error::FailedPrecondition(_))), "{r:?}");
+        assert_eq!((e.fake.table_reads(), at(&e.fake, &t2)), (1, 0));
+        // A single-target volume already published at t1.
+        e.fake.clear_calls();
+        let s = cap(SingleNodeSingleWriter);
+        let r = publish_bind(&e.os, exp(&a), Some(&a), &staging, &t2, &s, false);
+        assert!(matches!(r, Err(Error::FailedPrecondition(_))), "{r:?}");
+        assert_eq!((e.fake.table_reads(), at(&e.fake, &t2)), (1, 0));
+        // The probe cannot tell about the staging path: mountinfo decides.
+        e.fake.clear_calls();
+        e.fake.set_probe_unknown(&staging, true);
+        publish_bind(&e.os, exp(&a), Some(&a), &staging, &t2, &w, false).unwrap();
+        assert_eq!((e.fake.table_reads(), at(&e.fake, &t2)), (1, 1));
     }
 
     #[test]

@@ -550,6 +550,24 @@ impl MountProbe for FakeOs {
         }
         Some(lock(&self.table).iter().any(|m| m.mount_point == path))
     }
+
+    /// The real file's device and inode of what the top mount at `path`
+    /// shows (a bind's root is a real path in the fake), else of `path`
+    /// itself; None for paths set with `set_probe_unknown`.
+    fn identity(&self, path: &Path) -> Option<(u64, u64)> {
+        if self.injected("identity", path).is_err() || lock(&self.probe_unknown).contains(path) {
+            return None;
+        }
+        let shown = lock(&self.table)
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == path)
+            .map(|m| m.root.clone())
+            .unwrap_or_else(|| path.to_path_buf());
+        std::fs::symlink_metadata(shown)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    }
 }
 
 impl FsStats for FakeOs {

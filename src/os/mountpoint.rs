@@ -20,46 +20,67 @@ pub trait MountProbe: Send + Sync {
     /// `path`, and `None` when the kernel cannot tell (an error, or no
     /// support for the attribute): read mountinfo then.
     fn mount_root(&self, path: &Path) -> Option<bool>;
+    /// What `path` shows, following the mounts on it (not a symlink at it):
+    /// its device and inode numbers; None when the kernel cannot tell. A
+    /// bind mount shows the directory it binds, so a staging path bound
+    /// from a volume's directory has that directory's identity.
+    fn identity(&self, path: &Path) -> Option<(u64, u64)>;
 }
 
 /// The real probe: statx(2).
 pub struct StatxMountProbe;
 
+/// statx(2) of `path`. AT_SYMLINK_NOFOLLOW: a symlink at `path` is looked
+/// at itself, like umount2(UMOUNT_NOFOLLOW) does (mounts on `path` are
+/// still followed). AT_STATX_DONT_SYNC: the filesystem may answer from
+/// cached attributes (no round trip to an NFS server or FUSE daemon); the
+/// mount-root attribute comes from the VFS, not from the filesystem, and
+/// device and inode numbers never change, so the answer is exact either way.
+fn statx(path: &Path) -> std::io::Result<libc::statx> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `c` is a NUL-terminated string and `stx` a buffer of the size
+    // the kernel writes; both live for the duration of the call.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_BASIC_STATS,
+            stx.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statx succeeded and filled the buffer (which was zeroed
+    // before, so every field is initialised either way).
+    Ok(unsafe { stx.assume_init() })
+}
+
 impl MountProbe for StatxMountProbe {
     fn mount_root(&self, path: &Path) -> Option<bool> {
-        let c = CString::new(path.as_os_str().as_bytes()).ok()?;
-        let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
-        // AT_SYMLINK_NOFOLLOW: a symlink at `path` is looked at itself, like
-        // umount2(UMOUNT_NOFOLLOW) does. AT_STATX_DONT_SYNC: the filesystem
-        // may answer from cached attributes (no round trip to an NFS server
-        // or FUSE daemon); the mount-root attribute comes from the VFS, not
-        // from the filesystem, so it is exact either way.
-        // SAFETY: `c` is a NUL-terminated string and `stx` a buffer of the
-        // size the kernel writes; both live for the duration of the call.
-        let r = unsafe {
-            libc::statx(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
-                libc::STATX_BASIC_STATS,
-                stx.as_mut_ptr(),
-            )
+        let stx = match statx(path) {
+            Ok(s) => s,
+            // Nothing exists there, so nothing is mounted there.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Some(false),
+            Err(_) => return None,
         };
-        if r != 0 {
-            return match std::io::Error::last_os_error().raw_os_error() {
-                // Nothing exists there, so nothing is mounted there.
-                Some(libc::ENOENT) => Some(false),
-                _ => None,
-            };
-        }
-        // SAFETY: statx succeeded and filled the buffer (which was zeroed
-        // before, so every field is initialised either way).
-        let stx = unsafe { stx.assume_init() };
         let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
         if stx.stx_attributes_mask & bit == 0 {
             return None;
         }
         Some(stx.stx_attributes & bit != 0)
+    }
+
+    fn identity(&self, path: &Path) -> Option<(u64, u64)> {
+        let stx = statx(path).ok()?;
+        if stx.stx_mask & libc::STATX_INO == 0 {
+            return None;
+        }
+        let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+        Some((dev, stx.stx_ino))
     }
 }
 

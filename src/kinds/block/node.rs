@@ -238,6 +238,7 @@ impl BlockKind {
             return mounts::publish_bind(
                 &self.os,
                 |_| Some(obj),
+                None,
                 a.staging,
                 a.target,
                 a.capability,

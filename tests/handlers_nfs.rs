@@ -584,6 +584,46 @@ async fn delete_without_a_record_reaches_a_server_that_speaks_only_nfsv3() {
     );
 }
 
+/// Creates under different names whose subdirectories nest (or coincide)
+/// race each other: exactly one wins, the others are ALREADY_EXISTS, so no
+/// volume's delete can ever take another volume's data with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_of_nested_subdirectories_let_one_win() {
+    for round in 0..10 {
+        let h = Arc::new(nfs(&[]));
+        let base = format!("r{round}");
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let h = h.clone();
+                let sub = if i % 2 == 0 {
+                    base.clone()
+                } else {
+                    format!("{base}/inner")
+                };
+                tokio::spawn(async move {
+                    h.ctl
+                        .create_volume(Request::new(req(&format!("n{i}"), &[("subDir", &sub)])))
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| s.code())
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(()) => won += 1,
+                Err(c) => assert!(
+                    c == Code::AlreadyExists || c == Code::Aborted,
+                    "round {round}: {c:?}"
+                ),
+            }
+        }
+        assert_eq!(won, 1, "round {round}: {won} overlapping volumes created");
+        assert_eq!(h.driver.store.len(), 1);
+    }
+}
+
 #[tokio::test]
 async fn delete_of_hostile_ids_is_ok_and_touches_nothing() {
     let h = nfs(&[]);

@@ -9,6 +9,7 @@ use crate::convert;
 use crate::csi::v1 as csi;
 use crate::driver::{name_key, now_unix, vol_key, Driver};
 use crate::error::{Error, Result};
+use crate::state::store::Admission;
 use crate::state::{Capability, Kind, Phase, VolumeRecord};
 use crate::validate;
 
@@ -191,22 +192,6 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
             }
         }
     }
-    if let Some(other) = d.store.get(&r.id) {
-        return Err(Error::AlreadyExists(format!(
-            "volume {} named {} already uses the storage this request names",
-            other.id, other.name
-        )));
-    }
-    if imp.record_from_id(&r.id).is_some() {
-        // Self-describing ids can name nested storage (an NFS subdirectory
-        // inside another volume's): deleting one would touch the other.
-        if let Some(other) = d.store.filter(|o| imp.overlaps(&o.id, &r.id)).first() {
-            return Err(Error::AlreadyExists(format!(
-                "volume {} named {} overlaps the storage this request names ({})",
-                other.id, other.name, r.id
-            )));
-        }
-    }
     let kparams = kind_parameters(&r.params);
     let size = imp.size_for(&kparams, &r.caps, r.range.size(), r.range.limit)?;
     let pool = imp.capacity_for(&kparams)?;
@@ -232,8 +217,28 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         block: None,
     };
     let promises = imp.capacity_is_promise();
-    let admit = |promised: i64| {
-        let promised = if promises { promised } else { 0 };
+    // Self-describing ids can name nested storage (an NFS subdirectory
+    // inside another volume's): deleting one would touch the other. Checked
+    // under the store's lock together with the insert, so two creates of
+    // nested storage cannot both pass.
+    let self_describing = imp.record_from_id(&rec.id).is_some();
+    let id = rec.id.clone();
+    let admit = |a: &Admission<'_>| {
+        if let Some(other) = a.get(&id) {
+            return Err(Error::AlreadyExists(format!(
+                "volume {} named {} already uses the storage this request names",
+                other.id, other.name
+            )));
+        }
+        if self_describing {
+            if let Some(other) = a.find(|o| imp.overlaps(&o.id, &id)) {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} named {} overlaps the storage this request names ({id})",
+                    other.id, other.name
+                )));
+            }
+        }
+        let promised = if promises { a.promised } else { 0 };
         let free = pool.free_bytes.saturating_sub(promised);
         if size > free {
             Err(Error::ResourceExhausted(format!(

@@ -63,6 +63,27 @@ impl Index {
     }
 }
 
+/// What `insert_new` and `reserve` show their `admit` check, under the
+/// store's write lock: the bytes already promised to the record's kind and
+/// every record (so a check for overlapping storage and the insert are one
+/// step).
+pub struct Admission<'a> {
+    pub promised: i64,
+    records: &'a HashMap<String, VolumeRecord>,
+}
+
+impl Admission<'_> {
+    /// The record with this id, if any.
+    pub fn get(&self, id: &str) -> Option<&VolumeRecord> {
+        self.records.get(id)
+    }
+
+    /// A record matching `f`, if any (a scan of every record).
+    pub fn find(&self, f: impl Fn(&VolumeRecord) -> bool) -> Option<&VolumeRecord> {
+        self.records.values().find(|r| f(r))
+    }
+}
+
 pub struct Store {
     journal: Journal,
     index: RwLock<Index>,
@@ -212,14 +233,17 @@ impl Store {
     pub fn insert_new<E>(
         &self,
         mut rec: VolumeRecord,
-        admit: impl FnOnce(i64) -> Result<(), E>,
+        admit: impl FnOnce(&Admission<'_>) -> Result<(), E>,
     ) -> Result<VolumeRecord, E>
     where
         E: From<StateError>,
     {
         {
             let mut idx = self.write();
-            admit(idx.promised.get(&rec.kind).copied().unwrap_or(0))?;
+            admit(&Admission {
+                promised: idx.promised.get(&rec.kind).copied().unwrap_or(0),
+                records: &idx.by_id,
+            })?;
             rec.seq = idx.last_seq + 1;
             idx.insert(rec.clone());
         }
@@ -237,10 +261,13 @@ impl Store {
     pub fn reserve<E>(
         &self,
         mut rec: VolumeRecord,
-        admit: impl FnOnce(i64) -> Result<(), E>,
+        admit: impl FnOnce(&Admission<'_>) -> Result<(), E>,
     ) -> Result<VolumeRecord, E> {
         let mut idx = self.write();
-        admit(idx.promised.get(&rec.kind).copied().unwrap_or(0))?;
+        admit(&Admission {
+            promised: idx.promised.get(&rec.kind).copied().unwrap_or(0),
+            records: &idx.by_id,
+        })?;
         rec.seq = idx.last_seq + 1;
         idx.insert(rec.clone());
         idx.reserved.insert(rec.id.clone());
@@ -328,7 +355,7 @@ mod tests {
         }
     }
 
-    fn ok(_: i64) -> Result<(), StateError> {
+    fn ok(_: &Admission<'_>) -> Result<(), StateError> {
         Ok(())
     }
 
@@ -367,8 +394,8 @@ mod tests {
     fn admit_can_refuse_and_nothing_is_written() {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
-        let r: Result<_, StateError> = s.insert_new(rec("a", "a", 5), |promised| {
-            assert_eq!(promised, 0);
+        let r: Result<_, StateError> = s.insert_new(rec("a", "a", 5), |a| {
+            assert_eq!(a.promised, 0);
             Err(StateError::io("admit", "/", std::io::Error::other("full")))
         });
         assert!(r.is_err());
@@ -538,6 +565,41 @@ mod tests {
         assert!(s.get("b").is_none());
         drop(s);
         assert_eq!(ids(&Store::open(d.path()).unwrap()), ["a"]);
+    }
+
+    /// The admit check and the insert are one step: a second insert whose
+    /// check runs while the first is still admitting sees the first record.
+    #[test]
+    fn admit_and_insert_are_one_step() {
+        let d = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Store::open(d.path()).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let first = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                s.insert_new(rec("a", "a", 1), |_| {
+                    tx.send(()).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    Ok::<(), StateError>(())
+                })
+                .unwrap();
+            })
+        };
+        rx.recv().unwrap();
+        let second = s.insert_new(rec("b", "b", 1), |a| match a.get("a") {
+            Some(_) => Err(StateError::io(
+                "admit",
+                "/",
+                std::io::Error::other("overlaps a"),
+            )),
+            None => Ok(()),
+        });
+        first.join().unwrap();
+        assert!(
+            second.is_err(),
+            "the second check ran before the first insert"
+        );
+        assert_eq!(ids(&s), ["a"]);
     }
 
     #[test]

@@ -185,6 +185,18 @@ impl Writer {
     }
 }
 
+impl Queue {
+    /// Marks tickets [start, end) finished with `why` as their error.
+    fn fail(&mut self, start: u64, end: u64, why: String) {
+        self.failed.push_back((start, end, why));
+        // A waiter looks its round up right after the wake-up; far older
+        // rounds have no waiter left.
+        while self.failed.len() > 1024 {
+            self.failed.pop_front();
+        }
+    }
+}
+
 #[derive(Default)]
 struct Queue {
     pending: Vec<u8>,
@@ -391,7 +403,7 @@ impl Journal {
                 q.pending.clear();
                 let (start, end) = (q.done_below, q.next_ticket);
                 q.done_below = end;
-                q.failed.push_back((start, end, why));
+                q.fail(start, end, why);
                 self.cv.notify_all();
                 continue;
             }
@@ -411,10 +423,7 @@ impl Journal {
                 if poison {
                     q.poisoned = Some(msg.clone());
                 }
-                q.failed.push_back((start, end, msg));
-                while q.failed.len() > 1024 {
-                    q.failed.pop_front();
-                }
+                q.fail(start, end, msg);
             }
             if compact {
                 // The waiters of this round may go; later ones queue until
@@ -572,6 +581,46 @@ mod tests {
         odd.extend_from_slice(json);
         odd.push(b'\n');
         assert!(matches!(decode(&odd, p), Err(StateError::Corrupt { .. })));
+    }
+
+    /// Changes queued behind a write whose flush poisons the journal are
+    /// never written: they fail, and the log holds only what came before.
+    #[test]
+    fn nothing_queued_is_written_once_poisoned() {
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::open(d.path()).unwrap().journal);
+        let line = |id: &str| {
+            let mut v = Vec::new();
+            encode(&EntryRef::Del(id), &mut v).unwrap();
+            v
+        };
+        let none = || -> Result<Vec<u8>, StateError> { Ok(Vec::new()) };
+        // Hold the writer: the first commit takes its batch and blocks.
+        let held = j.writer.lock().unwrap();
+        let (a, b) = (line("a"), line("b"));
+        let ta = {
+            let (j, a) = (j.clone(), a.clone());
+            std::thread::spawn(move || j.commit(&a, &none))
+        };
+        while !j.queue().writing {
+            std::thread::yield_now();
+        }
+        let tb = {
+            let (j, b) = (j.clone(), b.clone());
+            std::thread::spawn(move || j.commit(&b, &none))
+        };
+        while j.queue().next_ticket < 2 {
+            std::thread::yield_now();
+        }
+        // The flush of the first batch "fails": the journal is poisoned
+        // while the second change waits in the queue.
+        j.queue().poisoned = Some("fdatasync: EIO".into());
+        drop(held);
+        assert!(ta.join().unwrap().is_ok(), "taken before the poison");
+        assert!(matches!(tb.join().unwrap(), Err(StateError::Journal(_))));
+        assert_eq!(j.position().1, a.len() as u64);
+        assert!(matches!(j.commit(&b, &none), Err(StateError::Poisoned(_))));
     }
 
     #[test]

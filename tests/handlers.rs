@@ -1447,6 +1447,33 @@ async fn an_abandoned_call_still_finishes_and_holds_its_guard_until_done() {
     assert!(h.driver.locks.try_lock(vol_key("slow")).is_ok());
 }
 
+/// A stage whose mount fails removes the staging directory it created; one
+/// the CO made stays.
+#[tokio::test]
+async fn a_failed_stage_leaves_no_staging_directory_behind() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let staging = h.path("stage");
+    h.fake().fail_next("bind", libc::EPERM);
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await;
+    assert_eq!(code(r), Code::Internal);
+    assert!(
+        !staging.exists(),
+        "the staging directory the driver made is removed"
+    );
+    std::fs::create_dir(&staging).unwrap();
+    h.fake().fail_next("bind", libc::EPERM);
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await;
+    assert_eq!(code(r), Code::Internal);
+    assert!(staging.is_dir());
+}
+
 #[tokio::test]
 async fn a_failed_publish_leaves_no_target_behind() {
     let h = fake(&[]);

@@ -1711,3 +1711,40 @@ async fn files_without_a_record_are_moved_aside_at_start() {
     );
     assert!(h.path("block/notes.txt").exists());
 }
+
+/// A stage whose mount fails (a filesystem volume's mount, a raw volume's
+/// device bind) leaves neither the staging directory it created nor the
+/// raw volume's device file behind.
+#[tokio::test]
+async fn a_failed_stage_leaves_nothing_behind() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let staging = h.path("stage");
+    f.fail_next("mount_fs", libc::EIO);
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &staging)))
+        .await;
+    assert!(r.is_err());
+    assert!(
+        !staging.exists(),
+        "filesystem: staging directory left behind"
+    );
+    f.fail_next("bind", libc::EIO);
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&v.volume_id, &staging, raw_cap())))
+        .await;
+    assert!(r.is_err());
+    assert!(
+        !staging.exists(),
+        "raw: staging directory or device file left behind"
+    );
+    // The next attempt works.
+    h.node
+        .node_stage_volume(Request::new(stage_with(&v.volume_id, &staging, raw_cap())))
+        .await
+        .unwrap();
+}

@@ -154,10 +154,11 @@ pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
             )));
         }
     }
-    ensure_dir(staging)?;
-    os.mounter
-        .bind(source, staging, MountFlags::default())
-        .map_err(|e| Error::os(format!("staging at {}", staging.display()), e))
+    mount_on_dir(staging, || {
+        os.mounter
+            .bind(source, staging, MountFlags::default())
+            .map_err(|e| Error::os(format!("staging at {}", staging.display()), e))
+    })
 }
 
 /// The object staged at `staging`, if the top mount there is `expected` (or
@@ -240,19 +241,31 @@ pub fn publish_bind(
         )));
     }
     if cap.access_mode.single_target() {
-        let others: Vec<_> = mountinfo::mounts_of(&t, &obj)
-            .into_iter()
-            .filter(|m| m.mount_point != staging && m.mount_point != target)
-            .map(|m| m.mount_point.display().to_string())
-            .collect();
-        if !others.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
-                others.join(", ")
-            )));
-        }
+        refuse_second_target(&t, &obj, staging, target)?;
     }
     mount_on_dir(target, bind)
+}
+
+/// FAILED_PRECONDITION when `obj` (a single-target volume) is mounted
+/// anywhere but at its staging point and at `target`.
+pub fn refuse_second_target(
+    t: &[MountEntry],
+    obj: &Object,
+    staging: &Path,
+    target: &Path,
+) -> Result<()> {
+    let others: Vec<_> = mountinfo::mounts_of(t, obj)
+        .into_iter()
+        .filter(|m| m.mount_point != staging && m.mount_point != target)
+        .map(|m| m.mount_point.display().to_string())
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition(format!(
+        "volume has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
+        others.join(", ")
+    )))
 }
 
 /// Unmounts everything mounted at `path` (stacked mounts included). The

@@ -95,19 +95,9 @@ impl BlockKind {
                 staging.display()
             )));
         }
-        mounts::ensure_dir(staging)?;
-        let created = ensure_file(&marker)?;
-        if let Err(e) = self
-            .os
-            .mounter
-            .bind(&dev.path, &marker, MountFlags::default())
-        {
-            if created {
-                let _ = std::fs::remove_file(&marker);
-            }
-            return Err(Error::os(format!("staging at {}", marker.display()), e));
-        }
-        Ok(())
+        mounts::mount_on_dir(staging, || {
+            self.bind_on_file(&dev.path, &marker, MountFlags::default(), "staging")
+        })
     }
 
     fn stage_fs(
@@ -168,20 +158,21 @@ impl BlockKind {
                 self.save_info(rec, &info)?;
             }
         }
-        mounts::ensure_dir(staging)?;
-        self.os
-            .mounter
-            .mount_fs(&dev.path, staging, fs.as_str(), flags, "")
-            .map_err(|e| {
-                Error::os(
-                    format!(
-                        "mounting {} ({fs}) at {}",
-                        dev.path.display(),
-                        staging.display()
-                    ),
-                    e,
-                )
-            })
+        mounts::mount_on_dir(staging, || {
+            self.os
+                .mounter
+                .mount_fs(&dev.path, staging, fs.as_str(), flags, "")
+                .map_err(|e| {
+                    Error::os(
+                        format!(
+                            "mounting {} ({fs}) at {}",
+                            dev.path.display(),
+                            staging.display()
+                        ),
+                        e,
+                    )
+                })
+        })
     }
 
     pub(super) fn unstage_volume(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {
@@ -272,33 +263,33 @@ impl BlockKind {
             )));
         }
         if a.capability.access_mode.single_target() {
-            let others: Vec<_> = mountinfo::mounts_of(&t, &node)
-                .into_iter()
-                .filter(|m| m.mount_point != marker && m.mount_point != a.target)
-                .map(|m| m.mount_point.display().to_string())
-                .collect();
-            if !others.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
-                    others.join(", ")
-                )));
-            }
+            mounts::refuse_second_target(&t, &node, &marker, a.target)?;
         }
-        let created = ensure_file(a.target)?;
         let flags = MountFlags {
             readonly,
             ..Default::default()
         };
-        if let Err(e) = self.os.mounter.bind(&marker, a.target, flags) {
+        self.bind_on_file(&marker, a.target, flags, "publishing")
+    }
+
+    /// Bind-mounts the device node `source` onto the file `file`, creating
+    /// the file first if it is missing; when the mount fails, a file created
+    /// here is removed again (the file counterpart of
+    /// `mounts::mount_on_dir`). `what` names the step in the error.
+    fn bind_on_file(
+        &self,
+        source: &Path,
+        file: &Path,
+        flags: MountFlags,
+        what: &str,
+    ) -> Result<()> {
+        let created = ensure_file(file)?;
+        self.os.mounter.bind(source, file, flags).map_err(|e| {
             if created {
-                let _ = std::fs::remove_file(a.target);
+                let _ = std::fs::remove_file(file);
             }
-            return Err(Error::os(
-                format!("publishing at {}", a.target.display()),
-                e,
-            ));
-        }
-        Ok(())
+            Error::os(format!("{what} at {}", file.display()), e)
+        })
     }
 
     pub(super) fn volume_stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {

@@ -169,34 +169,16 @@ fn exit(code: i32, stderr: &str) -> Result<CmdOutput, OsError> {
 #[tokio::test]
 async fn nfs_only_instance_advertises_no_attach_staging_capacity_or_topology() {
     let h = nfs(&[]);
-    let caps = h
-        .ctl
-        .controller_get_capabilities(Request::new(Default::default()))
-        .await
-        .unwrap()
-        .into_inner();
     use csi::controller_service_capability::rpc::Type as C;
-    let types: Vec<i32> = caps
-        .capabilities
-        .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            _ => None,
-        })
-        .collect();
+    let types = controller_rpcs(&h).await;
     assert!(types.contains(&(C::CreateDeleteVolume as i32)));
     for t in [C::PublishUnpublishVolume, C::GetCapacity] {
         assert!(!types.contains(&(t as i32)), "{t:?}");
     }
-    let node = h
-        .node
-        .node_get_capabilities(Request::new(Default::default()))
-        .await
-        .unwrap()
-        .into_inner();
     use csi::node_service_capability::rpc::Type as N;
-    assert!(!node.capabilities.iter().any(|c| matches!(&c.r#type,
-        Some(csi::node_service_capability::Type::Rpc(r)) if r.r#type == N::StageUnstageVolume as i32)));
+    assert!(!node_rpcs(&h)
+        .await
+        .contains(&(N::StageUnstageVolume as i32)));
     let info = h
         .node
         .node_get_info(Request::new(Default::default()))
@@ -1201,15 +1183,10 @@ async fn unpublish_forces_when_its_own_stuck_statvfs_keeps_the_mount_busy() {
 #[tokio::test]
 async fn expansion_records_the_size_and_needs_nothing_on_the_node() {
     let h = nfs(&[]);
-    let caps = h
-        .ctl
-        .controller_get_capabilities(Request::new(Default::default()))
-        .await
-        .unwrap()
-        .into_inner();
     use csi::controller_service_capability::rpc::Type as C;
-    assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type,
-        Some(csi::controller_service_capability::Type::Rpc(r)) if r.r#type == C::ExpandVolume as i32)));
+    assert!(controller_rpcs(&h)
+        .await
+        .contains(&(C::ExpandVolume as i32)));
     let id = create(&h, "v", &[]).await.volume_id;
     let expand = |required: i64, limit: i64| csi::ControllerExpandVolumeRequest {
         volume_id: id.clone(),

@@ -268,3 +268,39 @@ pub async fn mount_table_reads(
     reads.push(("delete", f.table_reads()));
     reads
 }
+
+/// The controller RPC capabilities the harness advertises (as i32 types).
+#[allow(dead_code)]
+pub async fn controller_rpcs(h: &Harness) -> Vec<i32> {
+    use berth::csi::v1::controller_server::Controller;
+    h.ctl
+        .controller_get_capabilities(tonic::Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The node RPC capabilities the harness advertises (as i32 types).
+#[allow(dead_code)]
+pub async fn node_rpcs(h: &Harness) -> Vec<i32> {
+    use berth::csi::v1::node_server::Node;
+    h.node
+        .node_get_capabilities(tonic::Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect()
+}

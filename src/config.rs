@@ -62,6 +62,8 @@ pub enum Command {
     Serve,
     /// Benchmark any CSI endpoint (given by --endpoint).
     Bench(crate::bench::BenchArgs),
+    /// Operator tools for the state directory: check, export, repair.
+    State(crate::state::tools::StateArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]

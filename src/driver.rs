@@ -9,9 +9,14 @@ use crate::error::{Error, Result};
 use crate::kinds::{BlockKind, LocalKind, NfsKind, VolumeKind};
 use crate::locks::{OpGuard, OpLocks};
 use crate::os::Os;
+use crate::state::lock::DirLock;
 use crate::state::{Kind, Phase, Store, VolumeRecord};
 
 pub struct Driver {
+    /// The locks of the state directory and of the kinds' roots, held for
+    /// the driver's life: one berth per directory (a second one would lose
+    /// this one's records or take its volumes for orphans).
+    dir_locks: std::sync::Mutex<Vec<DirLock>>,
     pub cfg: Config,
     pub node_id: String,
     pub topology_key: String,
@@ -29,9 +34,15 @@ impl Driver {
             .map_err(|e| Error::io("resolving the data directories", e))?;
         let node_id = cfg.resolved_node_id().map_err(Error::InvalidArgument)?;
         let state_dir = cfg.state_dir();
-        std::fs::create_dir_all(&state_dir)
-            .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
-        let store = Arc::new(Store::open(&state_dir)?);
+        let mut dir_locks = vec![prepare_dir(&os, &state_dir, "state directory")?];
+        for k in &cfg.kinds {
+            match k {
+                Kind::Local => dir_locks.push(prepare_dir(&os, &cfg.local_root(), "local root")?),
+                Kind::Block => dir_locks.push(prepare_dir(&os, &cfg.block_root(), "block root")?),
+                Kind::Nfs => {}
+            }
+        }
+        let store = Arc::new(Store::open(&state_dir, os.files.clone())?);
         let mut kinds: BTreeMap<Kind, Arc<dyn VolumeKind>> = BTreeMap::new();
         for k in &cfg.kinds {
             let imp: Arc<dyn VolumeKind> = match k {
@@ -52,6 +63,7 @@ impl Driver {
             kinds.insert(*k, imp);
         }
         let d = Arc::new(Driver {
+            dir_locks: std::sync::Mutex::new(dir_locks),
             topology_key: cfg.topology_key(),
             node_id,
             cfg,
@@ -62,6 +74,16 @@ impl Driver {
         });
         d.reconcile()?;
         Ok(d)
+    }
+
+    /// Lets go of the directory locks, as process exit does. For tests that
+    /// simulate a crash by leaking a driver in the same process.
+    #[doc(hidden)]
+    pub fn release_dir_locks(&self) {
+        self.dir_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// The implementation of a kind this instance serves.
@@ -200,6 +222,26 @@ impl Driver {
         self.store.remove(&rec.id)?;
         Ok(())
     }
+}
+
+/// Creates `dir` (mode 0700, parents as needed) if it is missing and takes
+/// its lock.
+fn prepare_dir(os: &Os, dir: &std::path::Path, what: &str) -> Result<DirLock> {
+    if !dir.exists() {
+        let mut missing: Vec<&std::path::Path> =
+            dir.ancestors().take_while(|p| !p.exists()).collect();
+        missing.reverse();
+        for p in missing {
+            crate::os::files::ensure_dir(os.files.as_ref(), p, 0o700)
+                .map_err(|e| Error::os(format!("creating {what} {}", dir.display()), e))?;
+        }
+        if let Some(parent) = dir.parent() {
+            os.files
+                .sync_dir(parent)
+                .map_err(|e| Error::os(format!("creating {what} {}", dir.display()), e))?;
+        }
+    }
+    Ok(DirLock::acquire(&os.files, dir, what)?)
 }
 
 /// Guard key of a volume id.

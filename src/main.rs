@@ -7,6 +7,22 @@ use clap::Parser;
 use berth::config::{Cli, Command};
 use berth::driver::Driver;
 use berth::os::Os;
+use berth::state::tools::{self, StateTool};
+
+/// `berth state ...`: true when the tool found nothing wrong.
+fn run_state_tool(cfg: &berth::config::Config, tool: StateTool) -> anyhow::Result<bool> {
+    let os = Os::real();
+    let mut out = std::io::stdout().lock();
+    let r = match tool {
+        StateTool::Check => tools::check(cfg, &os, &mut out),
+        StateTool::Export => tools::export(cfg, &mut out),
+        StateTool::Repair => tools::repair(&cfg.state_dir(), os.files.clone()).map(|report| {
+            print!("{report}");
+            true
+        }),
+    };
+    r.map_err(|e| anyhow::anyhow!(berth::error::Error::from(e).render()))
+}
 
 fn main() -> anyhow::Result<()> {
     berth::memory::limit_arenas();
@@ -25,6 +41,12 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("unix://{}", cfg.data_dir.join("csi.sock").display()));
             let code = rt.block_on(berth::bench::run(&endpoint, args))?;
             std::process::exit(code);
+        }
+        Command::State(args) => {
+            let mut cfg = cfg;
+            cfg.absolutize().context("resolving the data directories")?;
+            let ok = run_state_tool(&cfg, args.tool)?;
+            std::process::exit(if ok { 0 } else { 1 });
         }
         Command::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread()

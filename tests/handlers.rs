@@ -219,7 +219,7 @@ async fn create_validates_input_and_changes_nothing() {
         assert_eq!(got, want, "request {name:?}");
     }
     assert!(h.driver.store.is_empty());
-    assert_eq!(std::fs::read_dir(h.path("local")).unwrap().count(), 0);
+    assert_eq!(made_in(&h.path("local")), Vec::<std::ffi::OsString>::new());
 }
 
 #[tokio::test]

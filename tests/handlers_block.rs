@@ -30,8 +30,7 @@ fn block(extra: &[&str]) -> Harness {
 }
 
 fn restart(h: Harness, extra: &[&str]) -> (Harness, Arc<FakeOs>) {
-    let Harness { dir, driver, .. } = h;
-    drop(driver);
+    let dir = h.stop();
     let (os, f) = berth::os::Os::fake();
     let mut args = vec!["--kinds", "block"];
     args.extend_from_slice(extra);
@@ -240,7 +239,7 @@ async fn create_rejects_what_it_cannot_make() {
         );
     }
     assert!(h.driver.store.is_empty());
-    assert_eq!(std::fs::read_dir(h.path("block")).unwrap().count(), 0);
+    assert_eq!(made_in(&h.path("block")), Vec::<std::ffi::OsString>::new());
 }
 
 #[tokio::test]
@@ -1471,10 +1470,7 @@ async fn interrupted_disk_deletes_finish_in_the_background_and_creates_release()
     store.set_phase(&mut rb, Phase::Creating).unwrap();
     std::fs::write(dir.join("d10"), b"tenant a").unwrap();
     let pool = format!("{}/d*", dir.display());
-    let Harness {
-        dir: tmp, driver, ..
-    } = h;
-    drop(driver);
+    let tmp = h.stop();
     let (os, f) = berth::os::Os::fake();
     register_disks(&f, &dir, None);
     let h = build(

@@ -59,6 +59,8 @@ fn restart_after_crash(h: Harness, extra: &[&str]) -> Harness {
         node,
         ident,
     } = h;
+    // The kernel releases a dead process's directory locks.
+    driver.release_dir_locks();
     std::mem::forget((driver, ctl, node, ident));
     let f: Arc<FakeOs> = fake.expect("fake");
     build(dir, Os::on_fake(&f), Some(f), extra)

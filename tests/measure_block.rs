@@ -228,8 +228,7 @@ async fn measure() {
 
     // Throughput, with the block root on the host filesystem: a 4 GiB ext4
     // volume, a 2 GiB raw volume, and the host filesystem itself.
-    let Harness { dir, driver, .. } = h;
-    drop(driver);
+    let dir = h.stop();
     nix::mount::umount(&pool_root).unwrap();
     berth::os::RealLoopDevices::default()
         .detach(&pool_dev)

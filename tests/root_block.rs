@@ -75,8 +75,7 @@ fn real_block(extra: &[&str]) -> (Harness, BlockGuard) {
 
 /// The same state and roots, a new driver (a restart of Berth).
 fn restart(h: Harness, extra: &[&str]) -> Harness {
-    let Harness { dir, driver, .. } = h;
-    drop(driver);
+    let dir = h.stop();
     let args = block_args(extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     build(dir, berth::os::Os::real(), None, &args)

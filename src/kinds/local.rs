@@ -5,11 +5,11 @@
 //! asked). There is no quota on this machine's kernels, so the capacity is a
 //! promise that GetCapacity accounts for, not a hard limit.
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
+use crate::os::files::{self, ensure_dir};
 use crate::os::mountinfo;
 use crate::os::Os;
 use crate::state::{AccessType, Capability, Kind, VolumeRecord};
@@ -22,14 +22,10 @@ const TRASH: &str = ".trash";
 /// Where directories without a record are kept aside.
 const ORPHANED: &str = ".orphaned";
 
-/// Removes a directory tree without following symlinks (remove_dir_all
-/// unlinks symlinks instead of descending into them).
-fn remove_tree(path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
-    }
+/// The directory of local volume `id` under `root` (ids are checked by
+/// the caller: `LocalKind::dir`).
+pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
+    root.join(id)
 }
 
 pub struct LocalKind {
@@ -38,16 +34,16 @@ pub struct LocalKind {
 }
 
 impl LocalKind {
-    /// `root` is created (mode 0700) if missing.
+    /// `root` must exist (`Driver::new` makes it and holds its lock).
     pub fn new(root: PathBuf, os: Os) -> Result<Self> {
-        if !root.exists() {
-            std::fs::create_dir_all(&root)
-                .and_then(|_| {
-                    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
-                })
-                .map_err(|e| Error::io(format!("creating local root {}", root.display()), e))?;
-        }
         Ok(LocalKind { root, os })
+    }
+
+    fn remove_tree(&self, path: &Path) -> Result<()> {
+        self.os
+            .files
+            .remove_tree(path)
+            .map_err(|e| Error::os(format!("removing {}", path.display()), e))
     }
 
     /// The directory of a volume; only for ids this kind owns.
@@ -57,7 +53,7 @@ impl LocalKind {
                 "volume {id} is not a local volume"
             )));
         }
-        Ok(self.root.join(id))
+        Ok(volume_dir(&self.root, id))
     }
 
     /// What a mount of the volume's directory shows, from the table `t`.
@@ -137,24 +133,22 @@ impl VolumeKind for LocalKind {
 
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
         let dir = self.dir(&rec.id)?;
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let m = std::fs::symlink_metadata(&dir)
-                    .map_err(|e| Error::io(format!("inspecting {}", dir.display()), e))?;
-                if !m.is_dir() {
-                    return Err(Error::Internal(format!(
-                        "{} exists and is not a directory",
-                        dir.display()
-                    )));
-                }
-            }
-            Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
-        }
+        let f = self.os.files.as_ref();
+        let fail = |what: &str| {
+            let dir = dir.clone();
+            let what = what.to_string();
+            move |e| Error::os(format!("{what} {}", dir.display()), e)
+        };
+        ensure_dir(f, &dir, 0o700).map_err(fail("creating"))?;
         // World-writable like a fresh emptyDir, so pods running as any user
         // can write; the local root itself is private.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
-            .map_err(|e| Error::io(format!("setting mode of {}", dir.display()), e))?;
+        f.set_mode(&dir, 0o777)
+            .map_err(fail("setting the mode of"))?;
+        // The directory and its entry in the root are durable before the
+        // record says Ready.
+        f.sync_dir(&dir)
+            .and_then(|_| f.sync_dir(&self.root))
+            .map_err(fail("syncing"))?;
         Ok(())
     }
 
@@ -168,8 +162,11 @@ impl VolumeKind for LocalKind {
         if !m.is_dir() {
             // Not something this driver made (a symlink or file in its
             // place): remove the entry itself, never what it points to.
-            return std::fs::remove_file(&dir)
-                .map_err(|e| Error::io(format!("removing {}", dir.display()), e));
+            return self
+                .os
+                .files
+                .remove_file(&dir)
+                .map_err(|e| Error::os(format!("removing {}", dir.display()), e));
         }
         let t = mount_table.get(&self.os)?;
         if let Some(m) = t.iter().find(|m| m.mount_point.starts_with(&dir)) {
@@ -182,11 +179,14 @@ impl VolumeKind for LocalKind {
         // contents happens in the trash, which start-up empties if a crash
         // interrupts it.
         let trash = self.root.join(TRASH);
-        mounts::ensure_dir(&trash)?;
+        ensure_dir(self.os.files.as_ref(), &trash, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", trash.display()), e))?;
         let dest = trash.join(format!("{}-{}", rec.id, crate::driver::now_nanos()));
-        std::fs::rename(&dir, &dest)
-            .map_err(|e| Error::io(format!("moving {} to the trash", dir.display()), e))?;
-        remove_tree(&dest)
+        self.os
+            .files
+            .rename_noreplace(&dir, &dest)
+            .map_err(|e| Error::os(format!("moving {} to the trash", dir.display()), e))?;
+        self.remove_tree(&dest)
     }
 
     fn durable_intent(&self) -> bool {
@@ -197,7 +197,7 @@ impl VolumeKind for LocalKind {
         let trash = self.root.join(TRASH);
         if let Ok(entries) = std::fs::read_dir(&trash) {
             for e in entries.flatten() {
-                remove_tree(&e.path())?;
+                self.remove_tree(&e.path())?;
             }
         }
         let entries = std::fs::read_dir(&self.root)
@@ -210,15 +210,16 @@ impl VolumeKind for LocalKind {
             // Made by a CreateVolume that never answered: never handed out,
             // so empty. Anything else is kept aside, never deleted.
             let path = e.path();
-            if std::fs::remove_dir(&path).is_ok() {
+            if self.os.files.remove_dir(&path).is_ok() {
                 tracing::info!(dir = %path.display(), "removed orphaned volume directory");
                 continue;
             }
             let aside = self.root.join(ORPHANED);
-            mounts::ensure_dir(&aside)?;
-            std::fs::rename(&path, aside.join(&name))
-                .map_err(|e| Error::io(format!("moving aside {}", path.display()), e))?;
-            tracing::warn!(dir = %path.display(), "volume directory without a record moved to {}", ORPHANED);
+            ensure_dir(self.os.files.as_ref(), &aside, 0o700)
+                .map_err(|e| Error::os(format!("creating {}", aside.display()), e))?;
+            let to = files::move_aside(self.os.files.as_ref(), &path, &aside, &name)
+                .map_err(|e| Error::os(format!("moving aside {}", path.display()), e))?;
+            tracing::warn!(dir = %path.display(), to = %to.display(), "volume directory without a record moved aside");
         }
         Ok(())
     }

@@ -104,33 +104,24 @@ pub fn bind_flags(cap: &Capability) -> Result<MountFlags> {
 
 /// Creates a directory if it is missing (not its parents); true when it
 /// created it.
-pub fn ensure_dir(path: &Path) -> Result<bool> {
-    match std::fs::create_dir(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            match std::fs::symlink_metadata(path) {
-                Ok(m) if m.is_dir() => Ok(false),
-                Ok(_) => Err(Error::FailedPrecondition(format!(
-                    "{} exists and is not a directory",
-                    path.display()
-                ))),
-                // A broken mount point answers stat with an error; it is a
-                // directory as far as mounting is concerned.
-                Err(_) => Ok(false),
-            }
+pub fn ensure_dir(os: &Os, path: &Path) -> Result<bool> {
+    crate::os::files::ensure_dir(os.files.as_ref(), path, 0o777).map_err(|e| {
+        if e.errno() == Some(libc::ENOTDIR) {
+            Error::FailedPrecondition(format!("{} exists and is not a directory", path.display()))
+        } else {
+            Error::os(format!("creating {}", path.display()), e)
         }
-        Err(e) => Err(Error::io(format!("creating {}", path.display()), e)),
-    }
+    })
 }
 
 /// Runs `mount` onto the directory `target`, creating the directory first
 /// if it is missing; when the mount fails, a directory created here is
 /// removed again, so a failed publish leaves nothing behind.
-pub fn mount_on_dir(target: &Path, mount: impl FnOnce() -> Result<()>) -> Result<()> {
-    let created = ensure_dir(target)?;
+pub fn mount_on_dir(os: &Os, target: &Path, mount: impl FnOnce() -> Result<()>) -> Result<()> {
+    let created = ensure_dir(os, target)?;
     let r = mount();
     if r.is_err() && created {
-        let _ = std::fs::remove_dir(target);
+        let _ = os.files.remove_dir(target);
     }
     r
 }
@@ -154,7 +145,7 @@ pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
             )));
         }
     }
-    mount_on_dir(staging, || {
+    mount_on_dir(os, staging, || {
         os.mounter
             .bind(source, staging, MountFlags::default())
             .map_err(|e| Error::os(format!("staging at {}", staging.display()), e))
@@ -225,7 +216,7 @@ pub fn publish_bind(
                 .identity(staging)
                 .is_some_and(|id| os.probe.identity(src) == Some(id))
         {
-            return mount_on_dir(target, bind);
+            return mount_on_dir(os, target, bind);
         }
     }
     let t = table(os)?;
@@ -243,7 +234,7 @@ pub fn publish_bind(
     if cap.access_mode.single_target() {
         refuse_second_target(&t, &obj, staging, target)?;
     }
-    mount_on_dir(target, bind)
+    mount_on_dir(os, target, bind)
 }
 
 /// FAILED_PRECONDITION when `obj` (a single-target volume) is mounted
@@ -337,35 +328,31 @@ fn still_mounted(path: &Path) -> Error {
 
 /// Removes a target path the driver created: an empty directory with rmdir
 /// or a device file, never recursively. Missing is fine.
-pub fn remove_target(path: &Path) -> Result<()> {
+pub fn remove_target(os: &Os, path: &Path) -> Result<()> {
+    let gone = |e: &crate::os::OsError| e.errno() == Some(libc::ENOENT);
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
-        Ok(m) if m.is_dir() => match std::fs::remove_dir(path) {
+        Ok(m) if m.is_dir() => match os.files.remove_dir(path) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            Err(e) if gone(&e) => Ok(()),
+            Err(e) if e.errno() == Some(libc::ENOTEMPTY) => {
                 tracing::warn!(path = %path.display(), "target directory is not empty after unmount; leaving it");
                 Ok(())
             }
-            Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+            Err(e) => Err(Error::os(format!("removing {}", path.display()), e)),
         },
-        Ok(_) => std::fs::remove_file(path)
-            .or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(|e| Error::io(format!("removing {}", path.display()), e)),
+        Ok(_) => match os.files.remove_file(path) {
+            Err(e) if !gone(&e) => Err(Error::os(format!("removing {}", path.display()), e)),
+            _ => Ok(()),
+        },
     }
 }
 
 /// Unpublishes: unmount everything at `target`, then remove it.
 pub fn unpublish(os: &Os, target: &Path) -> Result<()> {
     unmount_all(os, target)?;
-    remove_target(target)
+    remove_target(os, target)
 }
 
 /// Unstages: refuses while the staged volume is still mounted elsewhere

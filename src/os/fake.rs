@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::blockdev::{BlockDevices, DeviceInfo};
 use super::command::{CmdOutput, Runner};
+use super::files::{Files, Open, RealFiles};
 use super::loopdev::{AttachOptions, LoopDevices, LoopInfo};
 use super::mountinfo::{self, MountEntry, MountTable};
 use super::mountpoint::MountProbe;
@@ -57,6 +58,13 @@ pub enum Call {
     },
 }
 
+/// One filesystem change made through `Files` (kept apart from `calls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOp {
+    pub op: &'static str,
+    pub path: PathBuf,
+}
+
 /// A loop device of the fake.
 #[derive(Debug, Clone)]
 struct FakeLoop {
@@ -95,6 +103,14 @@ pub struct FakeOs {
     probes: Mutex<usize>,
     /// The mount-root probe answers "don't know" for these paths.
     probe_unknown: Mutex<HashSet<PathBuf>>,
+    /// Filesystem changes so far (`Files`), and the faults to inject into
+    /// them: the n-th change from now, and every change under a path.
+    file_ops: Mutex<Vec<FileOp>>,
+    file_fault_at: Mutex<Option<(usize, i32)>>,
+    file_faults_under: Mutex<Vec<(PathBuf, i32)>>,
+    /// What `read_durable` answers for a path instead of the file's content
+    /// (a disk that lost what the page cache still shows).
+    durable: Mutex<HashMap<PathBuf, Option<Vec<u8>>>>,
 }
 
 impl Default for FakeOs {
@@ -144,7 +160,87 @@ impl FakeOs {
             table_reads: Mutex::new(0),
             probes: Mutex::new(0),
             probe_unknown: Mutex::new(HashSet::new()),
+            file_ops: Mutex::new(Vec::new()),
+            file_fault_at: Mutex::new(None),
+            file_faults_under: Mutex::new(Vec::new()),
+            durable: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `read_durable(path)` answers `disk` from now on (None: "cannot
+    /// tell") instead of the file's content, until `forget_durable`.
+    pub fn set_durable(&self, path: &Path, disk: Option<Vec<u8>>) {
+        lock(&self.durable).insert(path.to_path_buf(), disk);
+    }
+
+    pub fn forget_durable(&self) {
+        lock(&self.durable).clear();
+    }
+
+    /// Every filesystem change made through `Files` so far.
+    pub fn file_ops(&self) -> Vec<FileOp> {
+        lock(&self.file_ops).clone()
+    }
+
+    /// Forgets the recorded filesystem changes.
+    pub fn clear_file_ops(&self) {
+        lock(&self.file_ops).clear();
+    }
+
+    /// The `n`-th filesystem change from now (0: the next one) fails with
+    /// `errno` and changes nothing; None clears it.
+    pub fn fail_file_op_at(&self, fault: Option<(usize, i32)>) {
+        *lock(&self.file_fault_at) = fault;
+    }
+
+    /// Whether the fault set with `fail_file_op_at` is still waiting.
+    pub fn file_fault_pending(&self) -> bool {
+        lock(&self.file_fault_at).is_some()
+    }
+
+    /// Every filesystem change under `path` fails with `errno` (EROFS: a
+    /// filesystem gone read-only) until `clear_file_faults`.
+    pub fn fail_files_under(&self, path: &Path, errno: i32) {
+        lock(&self.file_faults_under).push((path.to_path_buf(), errno));
+    }
+
+    pub fn clear_file_faults(&self) {
+        lock(&self.file_faults_under).clear();
+        *lock(&self.file_fault_at) = None;
+    }
+
+    /// Records a filesystem change and fails it if a fault says so
+    /// (`fail_next(op, ..)`, `fail_file_op_at`, `fail_files_under`).
+    fn file_op(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
+        lock(&self.file_ops).push(FileOp {
+            op,
+            path: path.to_path_buf(),
+        });
+        self.injected(op, path)?;
+        let fail = |errno| {
+            Err(OsError::sys(
+                op,
+                path,
+                std::io::Error::from_raw_os_error(errno),
+            ))
+        };
+        {
+            let mut at = lock(&self.file_fault_at);
+            if let Some((n, errno)) = *at {
+                if n == 0 {
+                    *at = None;
+                    return fail(errno);
+                }
+                *at = Some((n - 1, errno));
+            }
+        }
+        if let Some((_, errno)) = lock(&self.file_faults_under)
+            .iter()
+            .find(|(p, _)| path.starts_with(p))
+        {
+            return fail(*errno);
+        }
+        Ok(())
     }
 
     /// From now on, runs of `mount -t nfs ... -- SOURCE TARGET` and `umount
@@ -768,5 +864,94 @@ impl BlockDevices for FakeOs {
                 .map_err(|e| OsError::sys("zero", path, e))?;
         }
         Ok(())
+    }
+}
+
+/// The real filesystem, with every change recorded and open to injected
+/// faults (see `FakeOs::file_op`).
+impl Files for FakeOs {
+    fn create_dir(&self, path: &Path, mode: u32) -> Result<(), OsError> {
+        self.file_op("mkdir", path)?;
+        RealFiles.create_dir(path, mode)
+    }
+
+    fn set_mode(&self, path: &Path, mode: u32) -> Result<(), OsError> {
+        self.file_op("chmod", path)?;
+        RealFiles.set_mode(path, mode)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), OsError> {
+        self.file_op("rename", from)?;
+        RealFiles.rename(from, to)
+    }
+
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<(), OsError> {
+        self.file_op("rename", from)?;
+        RealFiles.rename_noreplace(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> Result<(), OsError> {
+        self.file_op("unlink", path)?;
+        RealFiles.remove_file(path)
+    }
+
+    fn remove_dir(&self, path: &Path) -> Result<(), OsError> {
+        self.file_op("rmdir", path)?;
+        RealFiles.remove_dir(path)
+    }
+
+    fn remove_tree(&self, path: &Path) -> Result<(), OsError> {
+        self.file_op("remove tree", path)?;
+        RealFiles.remove_tree(path)
+    }
+
+    fn open(&self, path: &Path, how: Open) -> Result<std::fs::File, OsError> {
+        if how != Open::Existing {
+            self.file_op("open", path)?;
+        }
+        RealFiles.open(path, how)
+    }
+
+    fn write_at(
+        &self,
+        file: &std::fs::File,
+        path: &Path,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<(), OsError> {
+        self.file_op("write", path)?;
+        RealFiles.write_at(file, path, buf, offset)
+    }
+
+    fn set_len(&self, file: &std::fs::File, path: &Path, len: u64) -> Result<(), OsError> {
+        self.file_op("truncate", path)?;
+        RealFiles.set_len(file, path, len)
+    }
+
+    fn allocate(&self, file: &std::fs::File, path: &Path, len: u64) -> Result<(), OsError> {
+        self.file_op("fallocate", path)?;
+        RealFiles.allocate(file, path, len)
+    }
+
+    fn sync(&self, file: &std::fs::File, path: &Path) -> Result<(), OsError> {
+        self.file_op("fsync", path)?;
+        RealFiles.sync(file, path)
+    }
+
+    fn sync_data(&self, file: &std::fs::File, path: &Path) -> Result<(), OsError> {
+        self.file_op("fdatasync", path)?;
+        RealFiles.sync_data(file, path)
+    }
+
+    fn sync_dir(&self, path: &Path) -> Result<(), OsError> {
+        self.file_op("fsync", path)?;
+        RealFiles.sync_dir(path)
+    }
+
+    fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {
+        if let Some(d) = lock(&self.durable).get(path) {
+            return Ok(d.clone());
+        }
+        RealFiles.read_durable(path)
     }
 }

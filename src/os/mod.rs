@@ -14,7 +14,7 @@
 //! | `blockdev.rs` | block devices: size, identity, by-id links       |
 //! | `blkid.rs`    | `blkid -p`: what is on a device                  |
 //! | `mkfs.rs`     | mkfs.ext4/xfs, resize2fs, xfs_growfs, wipefs     |
-//! | `fallocate.rs`| preallocation of thick volume files             |
+//! | `files.rs`    | every filesystem change: mkdir, rename, remove, open, write, truncate, fallocate, fsync |
 //! | `nfsmount.rs` | `mount -t nfs` / `umount` with checked options   |
 //! | `bounded.rs`  | calls that may hang (statvfs of NFS) with a deadline |
 //! | `fake.rs`     | the recording fake of all of the above          |
@@ -24,7 +24,7 @@ pub mod blockdev;
 pub mod bounded;
 pub mod command;
 pub mod fake;
-pub mod fallocate;
+pub mod files;
 pub mod loopdev;
 pub mod mkfs;
 pub mod mount;
@@ -38,6 +38,7 @@ use std::sync::Arc;
 
 pub use blockdev::{BlockDevices, DeviceInfo, RealBlockDevices};
 pub use command::{CmdOutput, RealRunner, Runner};
+pub use files::{Files, Open, RealFiles};
 pub use loopdev::{AttachOptions, LoopDevices, LoopInfo, RealLoopDevices};
 pub use mount::{MountFlags, Mounter, RealMounter};
 pub use mountinfo::{MountEntry, MountTable, ProcMountTable};
@@ -100,6 +101,7 @@ pub struct Os {
     pub cmd: Arc<dyn Runner>,
     pub loops: Arc<dyn LoopDevices>,
     pub devices: Arc<dyn BlockDevices>,
+    pub files: Arc<dyn Files>,
 }
 
 impl Os {
@@ -113,6 +115,7 @@ impl Os {
             cmd: Arc::new(RealRunner),
             loops: Arc::new(RealLoopDevices::default()),
             devices: Arc::new(RealBlockDevices::default()),
+            files: Arc::new(RealFiles),
         }
     }
 
@@ -128,6 +131,7 @@ impl Os {
                 cmd: f.clone(),
                 loops: f.clone(),
                 devices: f.clone(),
+                files: f.clone(),
             },
             f,
         )
@@ -144,6 +148,7 @@ impl Os {
             cmd: f.clone(),
             loops: f.clone(),
             devices: f.clone(),
+            files: f.clone(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! commit, compacted into snapshots.
 //!
 //! Files, all under `<state-dir>/journal/`:
-//! - `snapshot-<G>.jsonl`: every live record when generation G began,
+//! - `snapshot-<G>.jsonl`: every committed record when generation G began,
 //!   written to a temp file, fsynced and renamed, so it exists whole or not
 //!   at all;
 //! - `log-<G>.jsonl`: the changes made since, appended. A compaction makes
@@ -12,30 +12,56 @@
 //!
 //! Each line is `<crc32 of the JSON, 8 hex digits> <JSON>\n`, the JSON being
 //! `{"put":<record>}` or `{"del":"<id>"}`. Start-up reads the snapshot of the
-//! highest generation and replays its log. A line that fails its checksum or
-//! lacks its newline can only be the unacknowledged tail of the last write
-//! (one writer, and no write is acknowledged before its fdatasync): the log
-//! is cut there and the cut bytes are kept beside it. A line whose checksum
-//! holds but which does not parse, or any flaw in a snapshot, stops start-up.
+//! highest generation and replays its log.
 //!
-//! Group commit: a change is encoded by its caller, queued, and the caller
-//! waits; one of the waiting callers writes everything queued with one
-//! write and one fdatasync, so concurrent changes share one disk flush. A
-//! write that fails is cut off again (the log stays a sequence of whole
-//! lines); a failed fdatasync poisons the journal — the page cache may have
-//! dropped the data — and every later change fails until a restart replays
-//! the log.
-use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+//! **Damage.** The only damage start-up tolerates is the unacknowledged
+//! tail of the last write before a crash: a write is acknowledged only after
+//! its fdatasync, and a crash leaves a write cut short (a last line without
+//! its newline) or with blocks that never reached the disk (NUL bytes).
+//! So a damaged region is taken for a torn tail only when it runs to the
+//! end of the log, holds no valid line, and each of its complete lines has
+//! a NUL byte in it. A complete line without one that fails its checksum
+//! (a flipped bit), a valid line after a damaged one, a line whose checksum
+//! holds but which is not an entry, and any flaw in a snapshot stop
+//! start-up with an error naming the file, the offset and the way to
+//! recover (`berth state check`, `berth state repair`): no acknowledged
+//! record is dropped without an operator's decision. A torn tail is cut
+//! off and kept beside the log.
+//!
+//! **Group commit.** A change is encoded by its caller and queued
+//! (`enqueue`, which hands out a ticket); the caller then waits (`wait`).
+//! One of the waiting callers writes everything queued with one write and
+//! one fdatasync, so concurrent changes share one disk flush. A write that
+//! fails is cut off again (the log stays a sequence of whole lines); a
+//! failed fdatasync poisons the journal (the page cache may have dropped
+//! the data) and every later change fails until a restart. Every waiter of
+//! a failed write gets the failure: failed rounds are kept until each of
+//! their waiters has seen its own, and a waiter's undo of its change runs
+//! before its round is forgotten (see `wait`).
+//!
+//! **Snapshots hold only committed changes.** The store applies a change to
+//! its index before the change is durable; compaction asks it for a
+//! snapshot as of the log written so far, telling it which tickets are
+//! committed (`Committed`), so a change still queued, or one whose write
+//! failed and is being undone, is never in a snapshot.
+//!
+//! **Start-up makes what it replays durable.** After a failed fdatasync the
+//! kernel may keep the data in its page cache, marked clean, while the disk
+//! lacks it: a restart would replay it and serve it without it ever being
+//! durable. Start-up reads the log and the snapshot back from the disk
+//! itself (O_DIRECT, bypassing the page cache); where the disk differs from
+//! what was replayed, it writes the log again (temp file, fsync, rename)
+//! before serving.
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
 use super::record::VolumeRecord;
 use super::StateError;
+use crate::os::files::{Files, Open};
 
 /// One change, as read back.
 #[derive(Deserialize, Debug)]
@@ -65,37 +91,39 @@ pub fn encode(entry: &EntryRef<'_>, out: &mut Vec<u8>) -> Result<(), serde_json:
     Ok(())
 }
 
-/// What a line of a journal file holds.
-enum Line {
+/// What one line of a journal file is.
+#[derive(Debug)]
+pub enum Line {
     Entry(Entry),
-    /// Fails its checksum or has no newline.
-    Torn,
+    /// Its checksum holds but it is not an entry.
+    NotAnEntry(String),
+    /// It fails its checksum or has no newline.
+    Damaged,
 }
 
-fn decode(line: &[u8], path: &Path) -> Result<Line, StateError> {
+pub fn decode(line: &[u8]) -> Line {
     let Some(body) = line.strip_suffix(b"\n") else {
-        return Ok(Line::Torn);
+        return Line::Damaged;
     };
     if body.len() < 10 || body[8] != b' ' {
-        return Ok(Line::Torn);
+        return Line::Damaged;
     }
     let want = std::str::from_utf8(&body[..8])
         .ok()
         .and_then(|h| u32::from_str_radix(h, 16).ok());
     let json = &body[9..];
     if want != Some(crc32fast::hash(json)) {
-        return Ok(Line::Torn);
+        return Line::Damaged;
     }
-    serde_json::from_slice(json)
-        .map(Line::Entry)
-        .map_err(|source| StateError::Corrupt {
-            path: path.to_path_buf(),
-            source,
-        })
+    match serde_json::from_slice(json) {
+        Ok(e) => Line::Entry(e),
+        Err(e) => Line::NotAnEntry(e.to_string()),
+    }
 }
 
-/// Splits `bytes` into lines, each with its newline (the last may lack it).
-fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+/// Splits `bytes` into lines, each with its newline (the last may lack it),
+/// with their offsets.
+pub fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
     let mut pos = 0;
     std::iter::from_fn(move || {
         if pos >= bytes.len() {
@@ -111,11 +139,11 @@ fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
     })
 }
 
-fn snapshot_name(gen: u64) -> String {
+pub fn snapshot_name(gen: u64) -> String {
     format!("snapshot-{gen}.jsonl")
 }
 
-fn log_name(gen: u64) -> String {
+pub fn log_name(gen: u64) -> String {
     format!("log-{gen}.jsonl")
 }
 
@@ -127,20 +155,297 @@ fn generation(name: &str, prefix: &str) -> Option<u64> {
         .ok()
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StateError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StateError::io("fsync", dir, e))
+/// A flaw start-up will not repair on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub path: PathBuf,
+    /// Byte offset of the flawed line (0 for a whole-file flaw).
+    pub offset: u64,
+    /// 1-based line number (0 for a whole-file flaw).
+    pub line: u64,
+    pub why: String,
 }
 
-fn create_file(path: &Path) -> Result<File, StateError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| StateError::io("create", path, e))
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line > 0 {
+            write!(
+                f,
+                "{} line {} (byte {}): {}",
+                self.path.display(),
+                self.line,
+                self.offset,
+                self.why
+            )
+        } else {
+            write!(f, "{}: {}", self.path.display(), self.why)
+        }
+    }
+}
+
+/// The torn tail of the log: bytes from `offset` to the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Torn {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A damaged line of the log, for `repair`: what was lost.
+#[derive(Debug, Clone)]
+pub struct Dropped {
+    pub offset: u64,
+    pub line: u64,
+    /// The volume id the line seems to be about, when it can be read.
+    pub id_hint: Option<String>,
+}
+
+/// What a read-only look at a journal directory found (`scan`).
+pub struct Scan {
+    pub dir: PathBuf,
+    /// The current generation.
+    pub gen: u64,
+    /// Bytes of the current snapshot (0 for none).
+    pub snapshot_len: u64,
+    /// The current snapshot's bytes as read (None when there is none).
+    pub snapshot: Option<Vec<u8>>,
+    /// The current log's bytes as read.
+    pub log: Vec<u8>,
+    /// The length of the log that replays (everything but a torn tail).
+    pub log_good: u64,
+    pub torn: Option<Torn>,
+    /// Every record the readable lines give (damaged lines skipped).
+    pub records: HashMap<String, VolumeRecord>,
+    /// Flaws that stop start-up.
+    pub damage: Vec<Damage>,
+    /// Damaged lines skipped in `records` (for `repair`).
+    pub dropped: Vec<Dropped>,
+    /// Files start-up removes: temp files, older generations, an empty log
+    /// of an interrupted compaction.
+    pub stale: Vec<PathBuf>,
+}
+
+/// A volume id in a damaged line, if one can be made out.
+fn id_hint(line: &[u8]) -> Option<String> {
+    let s = String::from_utf8_lossy(line);
+    for key in ["\"id\":\"", "\"del\":\""] {
+        if let Some(i) = s.find(key) {
+            let rest = &s[i + key.len()..];
+            let id: String = rest.chars().take_while(|&c| c != '"').take(200).collect();
+            if !id.is_empty() {
+                return Some(id);
+            }
+        }
+    }
+    None
+}
+
+const RECOVER: &str = "berth does not start on a damaged journal, so no acknowledged record is dropped without an operator's decision: run `berth state check` to see every flaw, then restore the state directory from a backup (`berth state export`), or run `berth state repair` to keep every readable record and drop the damaged lines (their bytes are kept beside the journal)";
+
+impl Scan {
+    /// The error start-up reports for the damage found (None when none).
+    pub fn error(&self) -> Option<StateError> {
+        let first = self.damage.first()?;
+        Some(StateError::Damaged {
+            path: first.path.clone(),
+            offset: first.offset,
+            why: if self.damage.len() > 1 {
+                format!(
+                    "line {}: {} (and {} more flaws)",
+                    first.line,
+                    first.why,
+                    self.damage.len() - 1
+                )
+            } else {
+                format!("line {}: {}", first.line, first.why)
+            },
+            recover: RECOVER,
+        })
+    }
+}
+
+/// Reads the journal in `dir` without changing anything. A missing
+/// directory is an empty journal.
+pub fn scan(dir: &Path) -> Result<Scan, StateError> {
+    let mut out = Scan {
+        dir: dir.to_path_buf(),
+        gen: 0,
+        snapshot_len: 0,
+        snapshot: None,
+        log: Vec::new(),
+        log_good: 0,
+        torn: None,
+        records: HashMap::new(),
+        damage: Vec::new(),
+        dropped: Vec::new(),
+        stale: Vec::new(),
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(StateError::io("read", dir, e)),
+    };
+    let mut snapshots = Vec::new();
+    let mut logs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StateError::io("read", dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            out.stale.push(entry.path());
+        } else if let Some(g) = generation(&name, "snapshot-") {
+            snapshots.push(g);
+        } else if let Some(g) = generation(&name, "log-") {
+            logs.push(g);
+        }
+    }
+    let gen = snapshots.iter().copied().max().unwrap_or(0);
+    out.gen = gen;
+    for g in logs.iter().copied().filter(|&g| g > gen) {
+        let p = dir.join(log_name(g));
+        let len = fs::metadata(&p)
+            .map_err(|e| StateError::io("stat", &p, e))?
+            .len();
+        if len > 0 {
+            out.damage.push(Damage {
+                path: p,
+                offset: 0,
+                line: 0,
+                why: format!(
+                    "a log newer than the newest snapshot (generation {gen}) that is not empty: not made by berth, or its snapshot is missing"
+                ),
+            });
+        } else {
+            out.stale.push(p);
+        }
+    }
+    for g in snapshots.iter().chain(&logs).copied().filter(|&g| g < gen) {
+        for name in [snapshot_name(g), log_name(g)] {
+            let p = dir.join(name);
+            if p.exists() {
+                out.stale.push(p);
+            }
+        }
+    }
+    if snapshots.contains(&gen) {
+        let path = dir.join(snapshot_name(gen));
+        let bytes = fs::read(&path).map_err(|e| StateError::io("read", &path, e))?;
+        out.snapshot_len = bytes.len() as u64;
+        for (n, (at, line)) in lines(&bytes).enumerate() {
+            let why = match decode(line) {
+                Line::Entry(Entry::Put(r)) => {
+                    out.records.insert(r.id.clone(), *r);
+                    continue;
+                }
+                Line::Entry(Entry::Del(_)) => "a deletion in a snapshot".to_string(),
+                Line::NotAnEntry(e) => format!("not a record ({e})"),
+                Line::Damaged => "checksum mismatch or cut short".to_string(),
+            };
+            out.damage.push(Damage {
+                path: path.clone(),
+                offset: at as u64,
+                line: n as u64 + 1,
+                why: format!("snapshot line damaged: {why}"),
+            });
+            out.dropped.push(Dropped {
+                offset: at as u64,
+                line: n as u64 + 1,
+                id_hint: id_hint(line),
+            });
+        }
+        out.snapshot = Some(bytes);
+    }
+    let log_path = dir.join(log_name(gen));
+    out.log = match fs::read(&log_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(StateError::io("read", &log_path, e)),
+    };
+    replay_log(&mut out, &log_path);
+    Ok(out)
+}
+
+/// Applies the log's readable lines to `s.records` and sorts its flaws
+/// into a torn tail or damage (see the module comment).
+fn replay_log(s: &mut Scan, path: &Path) {
+    let bytes = std::mem::take(&mut s.log);
+    let mut first_bad: Option<(usize, u64)> = None;
+    let mut late_valid: Option<(usize, u64)> = None;
+    let mut clean_bad: Option<(usize, u64)> = None;
+    for (n, (at, line)) in lines(&bytes).enumerate() {
+        let n = n as u64 + 1;
+        match decode(line) {
+            Line::Entry(e) => {
+                if first_bad.is_some() {
+                    late_valid.get_or_insert((at, n));
+                }
+                match e {
+                    Entry::Put(r) => {
+                        s.records.insert(r.id.clone(), *r);
+                    }
+                    Entry::Del(id) => {
+                        s.records.remove(&id);
+                    }
+                }
+            }
+            Line::NotAnEntry(e) => {
+                s.damage.push(Damage {
+                    path: path.to_path_buf(),
+                    offset: at as u64,
+                    line: n,
+                    why: format!("the checksum holds but the line is not a change ({e})"),
+                });
+                s.dropped.push(Dropped {
+                    offset: at as u64,
+                    line: n,
+                    id_hint: id_hint(line),
+                });
+                if first_bad.is_some() {
+                    late_valid.get_or_insert((at, n));
+                }
+            }
+            Line::Damaged => {
+                first_bad.get_or_insert((at, n));
+                let complete = line.ends_with(b"\n");
+                if complete && !line.contains(&0) {
+                    clean_bad.get_or_insert((at, n));
+                }
+                s.dropped.push(Dropped {
+                    offset: at as u64,
+                    line: n,
+                    id_hint: id_hint(line),
+                });
+            }
+        }
+    }
+    s.log_good = bytes.len() as u64;
+    if let Some((at, n)) = first_bad {
+        if let Some((vat, vn)) = late_valid {
+            s.damage.push(Damage {
+                path: path.to_path_buf(),
+                offset: at as u64,
+                line: n,
+                why: format!(
+                    "checksum mismatch, and valid changes follow it (the first at line {vn}, byte {vat}): not the torn tail of an interrupted write"
+                ),
+            });
+        } else if let Some((cat, cn)) = clean_bad {
+            s.damage.push(Damage {
+                path: path.to_path_buf(),
+                offset: cat as u64,
+                line: cn,
+                why: "a whole line whose checksum does not match (changed bytes, not an interrupted write)".into(),
+            });
+        } else {
+            s.torn = Some(Torn {
+                offset: at as u64,
+                len: (bytes.len() - at) as u64,
+            });
+            s.log_good = at as u64;
+            // Torn tails are not dropped records: nothing in them was ever
+            // acknowledged.
+            s.dropped.retain(|d| d.offset < at as u64);
+        }
+    }
+    s.log = bytes;
 }
 
 /// The file being appended to; only the caller that holds `writing` touches
@@ -166,51 +471,89 @@ impl Writer {
     fn set_threshold(&mut self) {
         self.compact_at = self.min_compact.max(2 * self.snapshot_len);
     }
+}
 
-    /// Writes one batch and flushes it. A failed write is cut off again; an
-    /// error says whether the journal must be poisoned.
-    fn write(&mut self, batch: &[u8], path: &Path) -> Result<(), (StateError, bool)> {
-        if let Err(e) = self.file.write_all_at(batch, self.len) {
-            let undo = self
-                .file
-                .set_len(self.len)
-                .and_then(|_| self.file.sync_data());
-            return Err((StateError::io("write", path, e), undo.is_err()));
+/// A place in the queue of changes.
+pub type Ticket = u64;
+
+/// Tells a snapshot which changes are committed (durable in the log the
+/// snapshot replaces).
+pub struct Committed {
+    done_below: Ticket,
+    failed: Vec<(Ticket, Ticket)>,
+}
+
+impl Committed {
+    pub fn contains(&self, t: Ticket) -> bool {
+        t < self.done_below && !self.failed.iter().any(|&(s, e)| s <= t && t < e)
+    }
+
+    /// Everything is committed (a snapshot of a journal being opened).
+    pub fn all() -> Committed {
+        Committed {
+            done_below: Ticket::MAX,
+            failed: Vec::new(),
         }
-        if let Err(e) = self.file.sync_data() {
-            return Err((StateError::io("fdatasync", path, e), true));
-        }
-        self.len += batch.len() as u64;
-        Ok(())
     }
 }
 
-impl Queue {
-    /// Marks tickets [start, end) finished with `why` as their error.
-    fn fail(&mut self, start: u64, end: u64, why: String) {
-        self.failed.push_back((start, end, why));
-        // A waiter looks its round up right after the wake-up; far older
-        // rounds have no waiter left.
-        while self.failed.len() > 1024 {
-            self.failed.pop_front();
-        }
-    }
+/// A snapshot of every committed record as journal lines.
+pub type SnapshotFn<'a> = &'a dyn Fn(&Committed) -> Result<Vec<u8>, StateError>;
+
+/// A round whose write failed: its tickets [start, end), why, and how many
+/// of its waiters have not yet seen it.
+struct Failed {
+    end: Ticket,
+    why: String,
+    unseen: u64,
 }
 
 #[derive(Default)]
 struct Queue {
     pending: Vec<u8>,
-    next_ticket: u64,
+    next_ticket: Ticket,
     /// Every ticket below this is finished (written or failed).
-    done_below: u64,
-    /// Ticket ranges [start, end) whose write failed, newest last.
-    failed: VecDeque<(u64, u64, String)>,
+    done_below: Ticket,
+    /// Failed rounds by first ticket, kept until every waiter has seen its
+    /// failure.
+    failed: BTreeMap<Ticket, Failed>,
     writing: bool,
     poisoned: Option<String>,
 }
 
+impl Queue {
+    fn fail(&mut self, start: Ticket, end: Ticket, why: String) {
+        if end > start {
+            self.failed.insert(
+                start,
+                Failed {
+                    end,
+                    why,
+                    unseen: end - start,
+                },
+            );
+        }
+    }
+
+    fn failure_of(&self, t: Ticket) -> Option<(Ticket, &Failed)> {
+        self.failed
+            .range(..=t)
+            .next_back()
+            .filter(|(_, f)| t < f.end)
+            .map(|(s, f)| (*s, f))
+    }
+
+    fn committed(&self) -> Committed {
+        Committed {
+            done_below: self.done_below,
+            failed: self.failed.iter().map(|(s, f)| (*s, f.end)).collect(),
+        }
+    }
+}
+
 pub struct Journal {
     dir: PathBuf,
+    files: Arc<dyn Files>,
     queue: Mutex<Queue>,
     cv: Condvar,
     writer: Mutex<Writer>,
@@ -223,133 +566,56 @@ pub struct Replay {
     pub records: Vec<VolumeRecord>,
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, StateError> {
-    fs::read(path).map_err(|e| StateError::io("read", path, e))
-}
-
 impl Journal {
-    /// Opens the journal in `dir` (created if missing) and replays it.
-    pub fn open(dir: &Path) -> Result<Replay, StateError> {
+    /// Opens the journal in `dir` (created if missing) and replays it: cuts
+    /// a torn tail (kept beside the log), removes stale files, and makes
+    /// what it replayed durable; any other damage is an error.
+    pub fn open(dir: &Path, files: Arc<dyn Files>) -> Result<Replay, StateError> {
         if !dir.exists() {
             fs::create_dir_all(dir).map_err(|e| StateError::io("create", dir, e))?;
             if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
+                files.sync_dir(parent).map_err(StateError::Os)?;
             }
         }
-        let mut snapshots = Vec::new();
-        let mut logs = Vec::new();
-        for entry in fs::read_dir(dir).map_err(|e| StateError::io("read", dir, e))? {
-            let entry = entry.map_err(|e| StateError::io("read", dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") {
-                let p = entry.path();
-                fs::remove_file(&p).map_err(|e| StateError::io("remove", &p, e))?;
-            } else if let Some(g) = generation(&name, "snapshot-") {
-                snapshots.push(g);
-            } else if let Some(g) = generation(&name, "log-") {
-                logs.push(g);
-            }
+        let s = scan(dir)?;
+        if let Some(e) = s.error() {
+            return Err(e);
         }
-        let gen = snapshots.iter().copied().max().unwrap_or(0);
-        for g in logs.iter().filter(|&&g| g > gen) {
-            // A compaction makes the next log, empty, just before it renames
-            // the snapshot into place: an empty log newer than every
-            // snapshot is that, interrupted. Anything else was not made by
-            // this code: refuse rather than guess which is current.
-            let p = dir.join(log_name(*g));
-            let len = fs::metadata(&p)
-                .map_err(|e| StateError::io("stat", &p, e))?
-                .len();
-            if len > 0 {
-                return Err(StateError::Unexpected {
-                    path: p,
-                    why: format!("newer than the newest snapshot (generation {gen}) and not empty"),
-                });
-            }
-            fs::remove_file(&p).map_err(|e| StateError::io("remove", &p, e))?;
+        for p in &s.stale {
+            files.remove_file(p).map_err(StateError::Os)?;
         }
-        logs.retain(|&g| g <= gen);
-        let mut map = std::collections::HashMap::new();
-        let snapshot_len = if snapshots.contains(&gen) {
-            let path = dir.join(snapshot_name(gen));
-            let bytes = read_file(&path)?;
-            for (_, line) in lines(&bytes) {
-                match decode(line, &path)? {
-                    Line::Entry(Entry::Put(r)) => {
-                        map.insert(r.id.clone(), *r);
-                    }
-                    Line::Entry(Entry::Del(_)) | Line::Torn => {
-                        return Err(StateError::Unexpected {
-                            path,
-                            why: "a snapshot line is damaged or not a record".into(),
-                        })
-                    }
-                }
-            }
-            bytes.len() as u64
-        } else {
-            0
-        };
-        let log_path = dir.join(log_name(gen));
-        let bytes = match fs::read(&log_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(StateError::io("read", &log_path, e)),
-        };
-        let mut good = bytes.len();
-        for (at, line) in lines(&bytes) {
-            match decode(line, &log_path)? {
-                Line::Entry(Entry::Put(r)) => {
-                    map.insert(r.id.clone(), *r);
-                }
-                Line::Entry(Entry::Del(id)) => {
-                    map.remove(&id);
-                }
-                Line::Torn => {
-                    good = at;
-                    break;
-                }
-            }
-        }
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&log_path)
-            .map_err(|e| StateError::io("open", &log_path, e))?;
-        if good < bytes.len() {
-            // The unacknowledged tail of the last write before a crash. Kept
-            // beside the log for inspection, then cut off.
+        let log_path = dir.join(log_name(s.gen));
+        let file = files
+            .open(&log_path, Open::CreateOrKeep)
+            .map_err(StateError::Os)?;
+        if let Some(t) = &s.torn {
+            // The unacknowledged tail of the last write before a crash.
+            // Kept beside the log for inspection, then cut off.
             let keep = dir.join(format!(
                 "{}.torn-{}",
-                log_name(gen),
+                log_name(s.gen),
                 crate::driver::now_nanos()
             ));
-            fs::write(&keep, &bytes[good..]).map_err(|e| StateError::io("write", &keep, e))?;
-            file.set_len(good as u64)
-                .and_then(|_| file.sync_all())
-                .map_err(|e| StateError::io("truncate", &log_path, e))?;
+            let k = files.open(&keep, Open::CreateNew).map_err(StateError::Os)?;
+            files
+                .write_at(&k, &keep, &s.log[t.offset as usize..], 0)
+                .and_then(|_| files.sync(&k, &keep))
+                .and_then(|_| files.set_len(&file, &log_path, t.offset))
+                .map_err(StateError::Os)?;
             tracing::warn!(
                 log = %log_path.display(),
-                bytes = bytes.len() - good,
+                offset = t.offset,
+                bytes = t.len,
                 kept = %keep.display(),
-                "cut an incomplete tail off the state journal (a write interrupted by a crash, never acknowledged)"
+                "cut an interrupted write off the end of the state journal (never acknowledged)"
             );
         }
-        if bytes.is_empty() {
-            sync_dir(dir)?;
-        }
-        for g in snapshots.iter().chain(&logs).filter(|&&g| g < gen) {
-            for name in [snapshot_name(*g), log_name(*g)] {
-                let _ = fs::remove_file(dir.join(name));
-            }
-        }
+        let file = make_durable(files.as_ref(), dir, &s, file)?;
         let mut writer = Writer {
             file,
-            gen,
-            len: good as u64,
-            snapshot_len,
+            gen: s.gen,
+            len: s.log_good,
+            snapshot_len: s.snapshot_len,
             compact_at: 0,
             min_compact: MIN_COMPACT,
         };
@@ -357,11 +623,12 @@ impl Journal {
         Ok(Replay {
             journal: Journal {
                 dir: dir.to_path_buf(),
+                files,
                 queue: Mutex::new(Queue::default()),
                 cv: Condvar::new(),
                 writer: Mutex::new(writer),
             },
-            records: map.into_values().collect(),
+            records: s.records.into_values().collect(),
         })
     }
 
@@ -369,28 +636,49 @@ impl Journal {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes `lines` (whole encoded lines) durable; returns once they are on
-    /// disk. `snapshot` encodes every live record, for compaction; it is
-    /// called without any journal lock held, at a moment when everything
-    /// already written to the log is reflected in what it returns.
-    pub fn commit(
-        &self,
-        lines: &[u8],
-        snapshot: &dyn Fn() -> Result<Vec<u8>, StateError>,
-    ) -> Result<(), StateError> {
+    /// Queues `lines` (whole encoded lines) to be written; the ticket is
+    /// for `wait`. Tickets are handed out in call order.
+    pub fn enqueue(&self, lines: &[u8]) -> Result<Ticket, StateError> {
         let mut q = self.queue();
         if let Some(why) = &q.poisoned {
             return Err(StateError::Poisoned(why.clone()));
         }
         q.pending.extend_from_slice(lines);
-        let ticket = q.next_ticket;
+        let t = q.next_ticket;
         q.next_ticket += 1;
+        Ok(t)
+    }
+
+    /// Returns once the change of ticket `t` is durable. If its write
+    /// failed, `undo` runs first (with no journal lock held), and only then
+    /// is the failure forgotten, so a snapshot taken meanwhile still knows
+    /// the change is not committed. `snapshot` is for compaction (see
+    /// `SnapshotFn`); it is called with no journal lock held, when
+    /// everything already written to the log is reflected in what it
+    /// returns.
+    pub fn wait(
+        &self,
+        t: Ticket,
+        snapshot: SnapshotFn<'_>,
+        undo: impl FnOnce(),
+    ) -> Result<(), StateError> {
+        let mut q = self.queue();
         loop {
-            if q.done_below > ticket {
-                return match q.failed.iter().find(|f| f.0 <= ticket && ticket < f.1) {
-                    Some(f) => Err(StateError::Journal(f.2.clone())),
-                    None => Ok(()),
+            if q.done_below > t {
+                let Some((start, f)) = q.failure_of(t) else {
+                    return Ok(());
                 };
+                let why = f.why.clone();
+                drop(q);
+                undo();
+                let mut q = self.queue();
+                if let Some(f) = q.failed.get_mut(&start) {
+                    f.unseen -= 1;
+                    if f.unseen == 0 {
+                        q.failed.remove(&start);
+                    }
+                }
+                return Err(StateError::Journal(why));
             }
             if q.writing {
                 q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -399,7 +687,7 @@ impl Journal {
             if let Some(why) = q.poisoned.clone() {
                 // Queued before the journal was poisoned: never written (a
                 // later flush could succeed over the lost one and leave a
-                // hole that start-up would take for a torn tail).
+                // hole that start-up would take for damage).
                 q.pending.clear();
                 let (start, end) = (q.done_below, q.next_ticket);
                 q.done_below = end;
@@ -407,58 +695,99 @@ impl Journal {
                 self.cv.notify_all();
                 continue;
             }
-            q.writing = true;
-            let batch = std::mem::take(&mut q.pending);
-            let (start, end) = (q.done_below, q.next_ticket);
-            drop(q);
-            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let path = self.dir.join(log_name(w.gen));
-            let r = w.write(&batch, &path);
-            let compact = r.is_ok() && w.len >= w.compact_at;
-            q = self.queue();
-            q.done_below = end;
-            if let Err((e, poison)) = r {
-                let msg = e.to_string();
-                tracing::error!(error = %msg, poisoned = poison, "state journal write failed");
-                if poison {
-                    q.poisoned = Some(msg.clone());
-                }
-                q.fail(start, end, msg);
-            }
-            if compact {
-                // The waiters of this round may go; later ones queue until
-                // the log is switched.
-                self.cv.notify_all();
-                drop(q);
-                let poison = match self.compact(&mut w, snapshot) {
-                    Ok(()) => None,
-                    Err((e, true)) => {
-                        tracing::error!(error = %e, "state journal compaction failed after its snapshot was in place; no further changes until a restart");
-                        Some(e.to_string())
-                    }
-                    Err((e, false)) => {
-                        // The old log is still whole and current; try again
-                        // after it has grown by half as much again.
-                        w.compact_at = w.len + w.compact_at / 2;
-                        tracing::warn!(error = %e, "state journal compaction failed; continuing with the old log");
-                        None
-                    }
-                };
-                drop(w);
-                q = self.queue();
-                if poison.is_some() {
-                    q.poisoned = poison;
-                }
-            } else {
-                drop(w);
-            }
-            q.writing = false;
-            self.cv.notify_all();
+            q = self.write_round(q, snapshot);
         }
     }
 
-    /// Starts the next generation: a snapshot of every live record and an
-    /// empty log; the old files are removed after. Until the snapshot is
+    /// Writes everything queued as one round (the caller holds no other
+    /// journal lock; `q` is the queue, not writing). Returns the queue.
+    fn write_round<'a>(
+        &'a self,
+        mut q: MutexGuard<'a, Queue>,
+        snapshot: SnapshotFn<'_>,
+    ) -> MutexGuard<'a, Queue> {
+        q.writing = true;
+        let batch = std::mem::take(&mut q.pending);
+        let (start, end) = (q.done_below, q.next_ticket);
+        drop(q);
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.write(&mut w, &batch);
+        let compact = r.is_ok() && w.len >= w.compact_at;
+        q = self.queue();
+        q.done_below = end;
+        if let Err((e, poison)) = r {
+            let msg = e.to_string();
+            tracing::error!(error = %msg, poisoned = poison, "state journal write failed");
+            if poison {
+                q.poisoned = Some(msg.clone());
+                self.mark_sync_failed();
+            }
+            q.fail(start, end, msg);
+        }
+        if compact {
+            // The waiters of this round may go; later ones queue until the
+            // log is switched.
+            let committed = q.committed();
+            self.cv.notify_all();
+            drop(q);
+            let poison = match self.compact(&mut w, &|| snapshot(&committed)) {
+                Ok(()) => None,
+                Err((e, true)) => {
+                    tracing::error!(error = %e, "state journal compaction failed after its snapshot was in place; no further changes until a restart");
+                    Some(e.to_string())
+                }
+                Err((e, false)) => {
+                    // The old log is still whole and current; try again
+                    // after it has grown by half as much again.
+                    w.compact_at = w.len + w.compact_at / 2;
+                    tracing::warn!(error = %e, "state journal compaction failed; continuing with the old log");
+                    None
+                }
+            };
+            drop(w);
+            q = self.queue();
+            if poison.is_some() {
+                q.poisoned = poison;
+            }
+        } else {
+            drop(w);
+        }
+        q.writing = false;
+        self.cv.notify_all();
+        q
+    }
+
+    /// Writes one batch and flushes it. A failed write is cut off again; an
+    /// error says whether the journal must be poisoned.
+    fn write(&self, w: &mut Writer, batch: &[u8]) -> Result<(), (StateError, bool)> {
+        let path = self.dir.join(log_name(w.gen));
+        let f = self.files.as_ref();
+        if let Err(e) = f.write_at(&w.file, &path, batch, w.len) {
+            let undo = f
+                .set_len(&w.file, &path, w.len)
+                .and_then(|_| f.sync_data(&w.file, &path));
+            return Err((StateError::Os(e), undo.is_err()));
+        }
+        if let Err(e) = f.sync_data(&w.file, &path) {
+            return Err((StateError::Os(e), true));
+        }
+        w.len += batch.len() as u64;
+        Ok(())
+    }
+
+    /// After a failed flush: leaves a mark for the next start (best
+    /// effort; `make_durable` does not depend on it).
+    fn mark_sync_failed(&self) {
+        let p = self.dir.join(SYNC_FAILED);
+        if let Ok(f) = self.files.open(&p, Open::CreateOrTruncate) {
+            let _ = self
+                .files
+                .write_at(&f, &p, b"a flush of the state journal failed\n", 0);
+        }
+    }
+
+    /// Starts the next generation: a snapshot of every committed record and
+    /// an empty log; the old files are removed after. Until the snapshot is
     /// renamed into place nothing has changed (a failure cleans up and the
     /// old log stays current); once it is, only the new log may be written,
     /// so a failure to make that durable poisons the journal (no write can
@@ -473,27 +802,25 @@ impl Journal {
         let path = self.dir.join(snapshot_name(gen));
         let tmp = self.dir.join(format!("{}.tmp", snapshot_name(gen)));
         let log_path = self.dir.join(log_name(gen));
-        let prepared = create_file(&tmp)
-            .and_then(|mut f| {
-                f.write_all(&bytes)
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| StateError::io("write", &tmp, e))
+        let f = self.files.as_ref();
+        let prepared = f
+            .open(&tmp, Open::CreateOrTruncate)
+            .and_then(|t| {
+                f.write_at(&t, &tmp, &bytes, 0)
+                    .and_then(|_| f.sync(&t, &tmp))
             })
-            .and_then(|_| create_file(&log_path))
-            .and_then(|file| {
-                fs::rename(&tmp, &path)
-                    .map(|_| file)
-                    .map_err(|e| StateError::io("rename", &path, e))
-            });
+            .and_then(|_| f.open(&log_path, Open::CreateOrTruncate))
+            .and_then(|file| f.rename(&tmp, &path).map(|_| file));
         let file = match prepared {
-            Ok(f) => f,
+            Ok(file) => file,
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                let _ = fs::remove_file(&log_path);
-                return Err((e, false));
+                let _ = f.remove_file(&tmp);
+                let _ = f.remove_file(&log_path);
+                return Err((StateError::Os(e), false));
             }
         };
-        sync_dir(&self.dir).map_err(|e| (e, true))?;
+        f.sync_dir(&self.dir)
+            .map_err(|e| (StateError::Os(e), true))?;
         let old = w.gen;
         *w = Writer {
             file,
@@ -505,7 +832,10 @@ impl Journal {
         };
         w.set_threshold();
         for name in [snapshot_name(old), log_name(old)] {
-            let _ = fs::remove_file(self.dir.join(name));
+            let p = self.dir.join(name);
+            if p.exists() {
+                let _ = f.remove_file(&p);
+            }
         }
         tracing::debug!(
             generation = gen,
@@ -515,8 +845,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Writes a snapshot of `records` as generation G+1 at once (used when
-    /// importing records kept in the older one-file-per-volume layout).
+    /// Writes a snapshot of `records` as generation G+1 at once (importing
+    /// records of the older one-file-per-volume layout; `repair`).
     pub fn rebase(
         &self,
         snapshot: &dyn Fn() -> Result<Vec<u8>, StateError>,
@@ -541,6 +871,12 @@ impl Journal {
         self.queue().poisoned.clone()
     }
 
+    /// Failed rounds still waiting for a waiter to see them (tests).
+    #[cfg(test)]
+    pub fn unseen_failures(&self) -> usize {
+        self.queue().failed.len()
+    }
+
     #[cfg(test)]
     pub fn replace_file(&self, file: File) {
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).file = file;
@@ -555,60 +891,177 @@ impl Journal {
     }
 }
 
+/// The mark a failed flush leaves in the journal directory.
+const SYNC_FAILED: &str = "sync-failed";
+
+/// Makes sure the disk holds what start-up replayed: the current snapshot
+/// and the first `good` bytes of the log. Each is read back from the disk
+/// itself (bypassing the page cache); a log the disk does not hold as
+/// replayed is written again (temp file, fsync, rename, directory fsync). A
+/// snapshot the disk does not hold is an error (it was renamed into place
+/// only after its fsync succeeded, so the disk itself is failing). Where the
+/// filesystem cannot read around its cache (tmpfs), fsync is all there is.
+/// Returns the log file to append to.
+fn make_durable(files: &dyn Files, dir: &Path, s: &Scan, file: File) -> Result<File, StateError> {
+    let gen = s.gen;
+    let good = &s.log[..s.log_good as usize];
+    let log_path = dir.join(log_name(gen));
+    if let Some(cached) = &s.snapshot {
+        let snap = dir.join(snapshot_name(gen));
+        if durable_differs(files, &snap, cached)? {
+            return Err(StateError::Unexpected {
+                path: snap,
+                why: "the disk does not hold what the page cache shows (a failed write); restore the state directory from a backup".into(),
+            });
+        }
+    }
+    let mark = dir.join(SYNC_FAILED);
+    if durable_differs(files, &log_path, good)? || mark.exists() {
+        tracing::warn!(log = %log_path.display(), "the state journal on disk differs from what was replayed (a flush failed before the restart); writing it again");
+        let tmp = dir.join(format!("{}.tmp", log_name(gen)));
+        let t = files
+            .open(&tmp, Open::CreateOrTruncate)
+            .map_err(StateError::Os)?;
+        files
+            .write_at(&t, &tmp, good, 0)
+            .and_then(|_| files.sync(&t, &tmp))
+            .and_then(|_| files.rename(&tmp, &log_path))
+            .and_then(|_| files.sync_dir(dir))
+            .map_err(StateError::Os)?;
+        drop(file);
+        if mark.exists() {
+            files.remove_file(&mark).map_err(StateError::Os)?;
+        }
+        return files
+            .open(&log_path, Open::Existing)
+            .map_err(StateError::Os);
+    }
+    files.sync(&file, &log_path).map_err(StateError::Os)?;
+    files.sync_dir(dir).map_err(StateError::Os)?;
+    Ok(file)
+}
+
+/// Whether the disk's copy of `path` (read around the page cache) differs
+/// from `expected`. False when the filesystem cannot tell.
+fn durable_differs(files: &dyn Files, path: &Path, expected: &[u8]) -> Result<bool, StateError> {
+    match files.read_durable(path).map_err(StateError::Os)? {
+        None => Ok(false),
+        Some(disk) => Ok(disk != expected),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::os::files::RealFiles;
+
+    fn line(e: &EntryRef<'_>) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode(e, &mut v).unwrap();
+        v
+    }
 
     #[test]
-    fn lines_round_trip_and_damage_is_torn() {
-        let mut out = Vec::new();
-        encode(&EntryRef::Del("a b\nc"), &mut out).unwrap();
-        let p = Path::new("x");
-        assert!(matches!(decode(&out, p).unwrap(), Line::Entry(Entry::Del(id)) if id == "a b\nc"));
+    fn lines_round_trip_and_damage_is_detected() {
+        let out = line(&EntryRef::Del("a b\nc"));
+        assert!(matches!(decode(&out), Line::Entry(Entry::Del(id)) if id == "a b\nc"));
         // Exactly one newline, at the end: ids with newlines are escaped.
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
         let mut flipped = out.clone();
         flipped[12] ^= 1;
-        assert!(matches!(decode(&flipped, p).unwrap(), Line::Torn));
-        assert!(matches!(
-            decode(&out[..out.len() - 1], p).unwrap(),
-            Line::Torn
-        ));
-        // A valid checksum over something that is not an entry is corrupt,
-        // not torn.
+        assert!(matches!(decode(&flipped), Line::Damaged));
+        assert!(matches!(decode(&out[..out.len() - 1]), Line::Damaged));
+        // A valid checksum over something that is not an entry.
         let json = b"{\"nope\":1}";
         let mut odd = format!("{:08x} ", crc32fast::hash(json)).into_bytes();
         odd.extend_from_slice(json);
         odd.push(b'\n');
-        assert!(matches!(decode(&odd, p), Err(StateError::Corrupt { .. })));
+        assert!(matches!(decode(&odd), Line::NotAnEntry(_)));
+    }
+
+    fn scan_log(bytes: &[u8]) -> Scan {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(log_name(0)), bytes).unwrap();
+        scan(d.path()).unwrap()
+    }
+
+    /// Which damaged regions count as the torn tail of a crash and which
+    /// stop start-up.
+    #[test]
+    fn only_an_interrupted_write_at_the_end_is_a_torn_tail() {
+        let a = line(&EntryRef::Del("a"));
+        let b = line(&EntryRef::Del("b"));
+        let ok = [a.clone(), b.clone()].concat();
+        // Cut short.
+        let s = scan_log(&[&ok[..], &b[..5]].concat());
+        assert!(s.damage.is_empty());
+        assert_eq!(
+            s.torn,
+            Some(Torn {
+                offset: ok.len() as u64,
+                len: 5
+            })
+        );
+        // Blocks that never reached the disk: NULs, newline included.
+        let mut holey = b.clone();
+        holey[3..9].fill(0);
+        let s = scan_log(&[&ok[..], &holey[..]].concat());
+        assert!(s.damage.is_empty());
+        assert_eq!(s.log_good, ok.len() as u64);
+        // A whole line with a flipped bit at the end: changed bytes.
+        let mut flipped = b.clone();
+        flipped[12] ^= 1;
+        let s = scan_log(&[&a[..], &flipped[..]].concat());
+        assert_eq!(s.damage.len(), 1, "{:?}", s.damage);
+        assert_eq!(s.damage[0].offset, a.len() as u64);
+        assert_eq!(s.damage[0].line, 2);
+        // Damage in the middle, valid lines after: never a tail.
+        let s = scan_log(&[&a[..], &holey[..], &b[..]].concat());
+        assert_eq!(s.damage.len(), 1);
+        assert_eq!(s.damage[0].offset, a.len() as u64);
+        assert!(s.damage[0].why.contains("valid changes follow"));
+        assert!(s.torn.is_none());
+        let e = s.error().unwrap().to_string();
+        assert!(
+            e.contains(&d_log_name()) && e.contains("byte") && e.contains("berth state repair"),
+            "{e}"
+        );
+    }
+
+    fn d_log_name() -> String {
+        log_name(0)
     }
 
     /// Changes queued behind a write whose flush poisons the journal are
     /// never written: they fail, and the log holds only what came before.
     #[test]
     fn nothing_queued_is_written_once_poisoned() {
-        use std::sync::Arc;
         let d = tempfile::tempdir().unwrap();
-        let j = Arc::new(Journal::open(d.path()).unwrap().journal);
-        let line = |id: &str| {
-            let mut v = Vec::new();
-            encode(&EntryRef::Del(id), &mut v).unwrap();
-            v
-        };
-        let none = || -> Result<Vec<u8>, StateError> { Ok(Vec::new()) };
+        let j = Arc::new(
+            Journal::open(d.path(), Arc::new(RealFiles))
+                .unwrap()
+                .journal,
+        );
+        let none = |_: &Committed| -> Result<Vec<u8>, StateError> { Ok(Vec::new()) };
         // Hold the writer: the first commit takes its batch and blocks.
         let held = j.writer.lock().unwrap();
-        let (a, b) = (line("a"), line("b"));
+        let (a, b) = (line(&EntryRef::Del("a")), line(&EntryRef::Del("b")));
         let ta = {
             let (j, a) = (j.clone(), a.clone());
-            std::thread::spawn(move || j.commit(&a, &none))
+            std::thread::spawn(move || {
+                let t = j.enqueue(&a).unwrap();
+                j.wait(t, &none, || {})
+            })
         };
         while !j.queue().writing {
             std::thread::yield_now();
         }
         let tb = {
             let (j, b) = (j.clone(), b.clone());
-            std::thread::spawn(move || j.commit(&b, &none))
+            std::thread::spawn(move || {
+                let t = j.enqueue(&b).unwrap();
+                j.wait(t, &none, || {})
+            })
         };
         while j.queue().next_ticket < 2 {
             std::thread::yield_now();
@@ -620,7 +1073,44 @@ mod tests {
         assert!(ta.join().unwrap().is_ok(), "taken before the poison");
         assert!(matches!(tb.join().unwrap(), Err(StateError::Journal(_))));
         assert_eq!(j.position().1, a.len() as u64);
-        assert!(matches!(j.commit(&b, &none), Err(StateError::Poisoned(_))));
+        assert!(matches!(j.enqueue(&b), Err(StateError::Poisoned(_))));
+        assert_eq!(j.unseen_failures(), 0);
+    }
+
+    /// However many rounds fail before a waiter looks, it sees its own
+    /// failure (a bounded ring of failures once evicted old ones, and their
+    /// waiters returned OK).
+    #[test]
+    fn every_failure_reaches_its_waiter() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path(), Arc::new(RealFiles))
+            .unwrap()
+            .journal;
+        let none = |_: &Committed| -> Result<Vec<u8>, StateError> { Ok(Vec::new()) };
+        let first = j.enqueue(&line(&EntryRef::Del("first"))).unwrap();
+        // 2,000 failed rounds, each of one change, before the first waiter
+        // looks.
+        {
+            let mut q = j.queue();
+            q.pending.clear();
+            q.done_below = 1;
+            q.fail(0, 1, "write: ENOSPC".into());
+            for _ in 0..2000 {
+                let t = q.next_ticket;
+                q.next_ticket += 1;
+                q.done_below = t + 1;
+                q.fail(t, t + 1, "write: ENOSPC".into());
+            }
+        }
+        let mut undone = false;
+        let r = j.wait(first, &none, || undone = true);
+        assert!(
+            matches!(r, Err(StateError::Journal(ref m)) if m.contains("ENOSPC")),
+            "{r:?}"
+        );
+        assert!(undone, "the undo ran before the failure was reported");
+        assert_eq!(j.unseen_failures(), 2000);
+        assert_eq!(j.position().1, 0, "nothing was written");
     }
 
     #[test]

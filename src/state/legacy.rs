@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::record::VolumeRecord;
 use super::StateError;
+use crate::os::files::Files;
 
 /// The directory of the old layout.
 pub fn dir(state_dir: &Path) -> PathBuf {
@@ -44,7 +45,7 @@ pub fn load(state_dir: &Path) -> Result<Vec<VolumeRecord>, StateError> {
 
 /// Removes the old layout's record and temp files once their records are
 /// durable in the journal, then the directory if nothing else is in it.
-pub fn remove(state_dir: &Path) -> Result<(), StateError> {
+pub fn remove(state_dir: &Path, files: &dyn Files) -> Result<(), StateError> {
     let dir = dir(state_dir);
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
@@ -55,11 +56,10 @@ pub fn remove(state_dir: &Path) -> Result<(), StateError> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.ends_with(".json") || (name.starts_with('.') && name.ends_with(".tmp")) {
-            let p = entry.path();
-            fs::remove_file(&p).map_err(|e| StateError::io("remove", &p, e))?;
+            files.remove_file(&entry.path()).map_err(StateError::Os)?;
         }
     }
-    if let Err(e) = fs::remove_dir(&dir) {
+    if let Err(e) = files.remove_dir(&dir) {
         tracing::warn!(dir = %dir.display(), error = %e, "left the old state directory in place");
     }
     Ok(())

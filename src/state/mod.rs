@@ -12,8 +12,10 @@
 
 pub mod journal;
 pub mod legacy;
+pub mod lock;
 pub mod record;
 pub mod store;
+pub mod tools;
 
 pub use record::{
     AccessMode, AccessType, Allocation, Attachment, BlockInfo, Capability, DiskRef, Kind, Phase,
@@ -40,6 +42,21 @@ pub enum StateError {
     },
     #[error("{path}: {why}; refusing to guess (move it away to start)")]
     Unexpected { path: PathBuf, why: String },
+    #[error("{0}")]
+    Os(#[from] crate::os::OsError),
+    #[error("the state journal {path} is damaged at byte {offset}, {why}; {recover}")]
+    Damaged {
+        path: PathBuf,
+        offset: u64,
+        why: String,
+        recover: &'static str,
+    },
+    #[error("the {what} {dir} is in use by another process ({holder}); refusing to start: two writers would lose each other's volumes")]
+    Locked {
+        dir: PathBuf,
+        what: String,
+        holder: String,
+    },
     #[error("the state journal stopped accepting changes after a failed flush ({0}); restart berth to replay it")]
     Poisoned(String),
     #[error("writing the state journal: {0}")]

@@ -1,16 +1,34 @@
 //! The record store: an in-memory index over the journal (see `journal`).
 //!
-//! Every change is applied to the index first and then committed to the
-//! journal; if the commit fails the index change is undone and the error
-//! returned. So everything the journal holds is in the index, which is what
-//! lets a compaction snapshot the index at any moment.
+//! A change is applied to the index and queued in the journal in one step
+//! under the index's write lock, then the caller waits for it to be
+//! durable. Until then the index remembers, per record, what it held
+//! before each change not yet committed (`Pending`), so that
+//! - a change whose write fails is undone (also when a later change of the
+//!   same record is already queued: the later one then replaces a value
+//!   that never became durable);
+//! - a compaction's snapshot holds only committed changes: for a record
+//!   with a change still in flight it writes the value before that change.
+//!
+//! Whoever opens a store holds the state directory's lock (see `lock`):
+//! one writer per state directory.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
-use super::journal::{encode, EntryRef, Journal, Replay};
+use super::journal::{encode, Committed, EntryRef, Journal, Replay, Ticket};
 use super::record::{Kind, Phase, VolumeRecord};
 use super::{legacy, StateError};
+use crate::os::files::Files;
+
+/// A change not yet committed: its ticket and the record before it.
+#[derive(Debug)]
+struct Pending {
+    ticket: Ticket,
+    old: Option<VolumeRecord>,
+    /// The record was a memory-only reservation before this change.
+    was_reserved: bool,
+}
 
 #[derive(Default)]
 struct Index {
@@ -22,10 +40,14 @@ struct Index {
     /// Records held in memory only until their first `put` (see `reserve`);
     /// snapshots leave them out.
     reserved: HashSet<String>,
+    /// Changes queued in the journal and not yet settled, per id, oldest
+    /// first.
+    inflight: HashMap<String, Vec<Pending>>,
 }
 
 impl Index {
-    /// Inserts or replaces a record; returns the one it replaced.
+    /// Inserts or replaces a record; returns the one it replaced. The seq
+    /// must be unique (callers assign it).
     fn insert(&mut self, rec: VolumeRecord) -> Option<VolumeRecord> {
         let old = self.by_id.remove(&rec.id);
         if let Some(old) = &old {
@@ -43,7 +65,9 @@ impl Index {
         if self.by_name.get(&old.name) == Some(&old.id) {
             self.by_name.remove(&old.name);
         }
-        self.by_seq.remove(&old.seq);
+        if self.by_seq.get(&old.seq) == Some(&old.id) {
+            self.by_seq.remove(&old.seq);
+        }
         *self.promised.entry(old.kind).or_default() -= old.capacity_bytes;
     }
 
@@ -53,13 +77,75 @@ impl Index {
         Some(old)
     }
 
-    /// Puts `old` back in place of whatever `id` has now (undoing a change
-    /// whose commit failed).
+    /// Puts `old` back in place of whatever `id` has now.
     fn restore(&mut self, id: &str, old: Option<VolumeRecord>) {
         self.remove(id);
         if let Some(o) = old {
             self.insert(o);
         }
+    }
+
+    /// The seq a record with this id keeps: its current one, or the next.
+    fn seq_for(&mut self, id: &str) -> u64 {
+        match self.by_id.get(id) {
+            Some(r) => r.seq,
+            None => {
+                self.last_seq += 1;
+                self.last_seq
+            }
+        }
+    }
+
+    /// Forgets the pending change `t` of `id`. When it failed (`undo`),
+    /// its effect is taken back: the index gets the old value if nothing
+    /// newer is queued for `id`, else the next change inherits it as its
+    /// old value (it then replaces a value that never became durable).
+    fn settle(&mut self, id: &str, t: Ticket, undo: bool) {
+        let Some(v) = self.inflight.get_mut(id) else {
+            return;
+        };
+        let Some(pos) = v.iter().position(|p| p.ticket == t) else {
+            return;
+        };
+        let p = v.remove(pos);
+        let last = pos == v.len();
+        if !undo {
+            if v.is_empty() {
+                self.inflight.remove(id);
+            }
+            return;
+        }
+        if !last {
+            v[pos].old = p.old;
+            v[pos].was_reserved = p.was_reserved;
+            return;
+        }
+        if v.is_empty() {
+            self.inflight.remove(id);
+        }
+        self.restore(id, p.old);
+        if p.was_reserved {
+            self.reserved.insert(id.to_string());
+        } else {
+            self.reserved.remove(id);
+        }
+    }
+
+    /// The committed value of `id` for a snapshot: the value before its
+    /// oldest change not in `c`, else what the index holds; None for
+    /// nothing durable (absent, or a reservation).
+    fn committed<'a>(&'a self, id: &str, c: &Committed) -> Option<&'a VolumeRecord> {
+        if let Some(p) = self
+            .inflight
+            .get(id)
+            .and_then(|v| v.iter().find(|p| !c.contains(p.ticket)))
+        {
+            return if p.was_reserved { None } else { p.old.as_ref() };
+        }
+        if self.reserved.contains(id) {
+            return None;
+        }
+        self.by_id.get(id)
     }
 }
 
@@ -89,32 +175,39 @@ pub struct Store {
     index: RwLock<Index>,
 }
 
+/// What a change does to a record.
+enum Change<'a> {
+    Put(&'a VolumeRecord),
+    Del(&'a str),
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `state_dir` and replays the
-    /// journal. Records of the older one-file-per-volume layout are imported
-    /// first (see `legacy`).
-    pub fn open(state_dir: &Path) -> Result<Store, StateError> {
-        let Replay { journal, records } = Journal::open(&journal_dir(state_dir))?;
+    /// journal; the caller holds the directory's lock (`DirLock`). Records
+    /// of the older one-file-per-volume layout are imported first (see
+    /// `legacy`).
+    pub fn open(state_dir: &Path, files: Arc<dyn Files>) -> Result<Store, StateError> {
+        let Replay { journal, records } = Journal::open(&journal_dir(state_dir), files.clone())?;
         let mut index = Index::default();
-        for r in records {
-            index.insert(r);
-        }
+        load(&mut index, records);
         let old = legacy::load(state_dir)?;
         let import = !old.is_empty();
-        for r in old {
-            // After an import interrupted before the old files were
-            // removed, both hold the same records; the journal is newer.
-            if !index.by_id.contains_key(&r.id) {
-                index.insert(r);
-            }
-        }
+        // After an import interrupted before the old files were removed,
+        // both hold the same records; the journal is newer.
+        let old: Vec<_> = old
+            .into_iter()
+            .filter(|r| !index.by_id.contains_key(&r.id))
+            .collect();
+        load(&mut index, old);
         let store = Store {
             journal,
             index: RwLock::new(index),
         };
         if import {
-            store.journal.rebase(&|| store.snapshot())?;
-            legacy::remove(state_dir)?;
+            store
+                .journal
+                .rebase(&|| store.snapshot(&Committed::all()))?;
+            legacy::remove(state_dir, files.as_ref())?;
             tracing::info!(
                 volumes = store.len(),
                 "imported the records of the one-file-per-volume layout into the state journal"
@@ -131,15 +224,16 @@ impl Store {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every durable record as journal lines, in creation order.
-    fn snapshot(&self) -> Result<Vec<u8>, StateError> {
+    /// Every committed record as journal lines (see `Index::committed`).
+    fn snapshot(&self, c: &Committed) -> Result<Vec<u8>, StateError> {
         let idx = self.read();
         let mut out = Vec::with_capacity(idx.by_id.len() * 512);
-        for id in idx.by_seq.values() {
-            if idx.reserved.contains(id) {
-                continue;
-            }
-            if let Some(rec) = idx.by_id.get(id) {
+        let deleted_in_flight = idx
+            .inflight
+            .keys()
+            .filter(|id| !idx.by_id.contains_key(*id));
+        for id in idx.by_id.keys().chain(deleted_in_flight) {
+            if let Some(rec) = idx.committed(id, c) {
                 encode(&EntryRef::Put(rec), &mut out).map_err(|source| StateError::Encode {
                     id: id.clone(),
                     source,
@@ -149,13 +243,78 @@ impl Store {
         Ok(out)
     }
 
-    fn commit(&self, entry: EntryRef<'_>, id: &str) -> Result<(), StateError> {
-        let mut line = Vec::with_capacity(1024);
-        encode(&entry, &mut line).map_err(|source| StateError::Encode {
-            id: id.to_string(),
-            source,
-        })?;
-        self.journal.commit(&line, &|| self.snapshot())
+    /// Applies `change` to the index and queues it in the journal as one
+    /// step (under the index's write lock, after `prepare`, which may
+    /// refuse or adjust the record), then waits until it is durable; a
+    /// failed write undoes it. Returns the record as stored.
+    fn apply<E: From<StateError>>(
+        &self,
+        change: Change<'_>,
+        prepare: impl FnOnce(&mut Index, Option<&mut VolumeRecord>) -> Result<(), E>,
+    ) -> Result<Option<VolumeRecord>, E> {
+        let (id, ticket, stored) = {
+            let mut idx = self.write();
+            match change {
+                Change::Put(r) => {
+                    let mut rec = r.clone();
+                    prepare(&mut idx, Some(&mut rec))?;
+                    let mut line = Vec::with_capacity(1024);
+                    encode(&EntryRef::Put(&rec), &mut line).map_err(|source| {
+                        StateError::Encode {
+                            id: rec.id.clone(),
+                            source,
+                        }
+                    })?;
+                    let ticket = self.journal.enqueue(&line)?;
+                    let was_reserved = idx.reserved.remove(&rec.id);
+                    let old = idx.insert(rec.clone());
+                    idx.inflight
+                        .entry(rec.id.clone())
+                        .or_default()
+                        .push(Pending {
+                            ticket,
+                            old,
+                            was_reserved,
+                        });
+                    (rec.id.clone(), ticket, Some(rec))
+                }
+                Change::Del(id) => {
+                    prepare(&mut idx, None)?;
+                    if !idx.by_id.contains_key(id) {
+                        return Ok(None);
+                    }
+                    if idx.reserved.remove(id) {
+                        // Never written, so nothing to remove on disk.
+                        idx.remove(id);
+                        return Ok(None);
+                    }
+                    let mut line = Vec::with_capacity(64);
+                    encode(&EntryRef::Del(id), &mut line).map_err(|source| StateError::Encode {
+                        id: id.to_string(),
+                        source,
+                    })?;
+                    let ticket = self.journal.enqueue(&line)?;
+                    let old = idx.remove(id);
+                    idx.inflight
+                        .entry(id.to_string())
+                        .or_default()
+                        .push(Pending {
+                            ticket,
+                            old,
+                            was_reserved: false,
+                        });
+                    (id.to_string(), ticket, None)
+                }
+            }
+        };
+        let r = self.journal.wait(ticket, &|c| self.snapshot(c), || {
+            self.write().settle(&id, ticket, true)
+        });
+        if r.is_ok() {
+            self.write().settle(&id, ticket, false);
+        }
+        r?;
+        Ok(stored)
     }
 
     /// Set when the journal stopped accepting changes (see `journal`).
@@ -232,26 +391,24 @@ impl Store {
     /// reserved under one lock, so concurrent creates cannot overcommit).
     pub fn insert_new<E>(
         &self,
-        mut rec: VolumeRecord,
+        rec: VolumeRecord,
         admit: impl FnOnce(&Admission<'_>) -> Result<(), E>,
     ) -> Result<VolumeRecord, E>
     where
         E: From<StateError>,
     {
-        {
-            let mut idx = self.write();
+        let stored = self.apply::<E>(Change::Put(&rec), |idx, r| {
             admit(&Admission {
                 promised: idx.promised.get(&rec.kind).copied().unwrap_or(0),
                 records: &idx.by_id,
             })?;
-            rec.seq = idx.last_seq + 1;
-            idx.insert(rec.clone());
-        }
-        if let Err(e) = self.commit(EntryRef::Put(&rec), &rec.id) {
-            self.write().remove(&rec.id);
-            return Err(e.into());
-        }
-        Ok(rec)
+            if let Some(r) = r {
+                idx.last_seq += 1;
+                r.seq = idx.last_seq;
+            }
+            Ok(())
+        })?;
+        Ok(stored.unwrap_or(rec))
     }
 
     /// Like `insert_new`, but only in memory: the record is written by the
@@ -268,7 +425,8 @@ impl Store {
             promised: idx.promised.get(&rec.kind).copied().unwrap_or(0),
             records: &idx.by_id,
         })?;
-        rec.seq = idx.last_seq + 1;
+        idx.last_seq += 1;
+        rec.seq = idx.last_seq;
         idx.insert(rec.clone());
         idx.reserved.insert(rec.id.clone());
         Ok(rec)
@@ -277,25 +435,21 @@ impl Store {
     /// Drops a record from memory only (a reservation that failed).
     pub fn forget(&self, id: &str) {
         let mut idx = self.write();
-        idx.remove(id);
-        idx.reserved.remove(id);
+        if idx.reserved.remove(id) {
+            idx.remove(id);
+        }
     }
 
-    /// Writes a record (new or changed) durably; returns once it is on disk.
+    /// Writes a record (new or changed) durably; returns once it is on
+    /// disk. A record keeps the seq it has in the store; a new one gets the
+    /// next (whatever `rec.seq` says: records rebuilt from an id carry 0).
     pub fn put(&self, rec: &VolumeRecord) -> Result<(), StateError> {
-        let (old, was_reserved) = {
-            let mut idx = self.write();
-            let was_reserved = idx.reserved.remove(&rec.id);
-            (idx.insert(rec.clone()), was_reserved)
-        };
-        if let Err(e) = self.commit(EntryRef::Put(rec), &rec.id) {
-            let mut idx = self.write();
-            idx.restore(&rec.id, old);
-            if was_reserved {
-                idx.reserved.insert(rec.id.clone());
+        self.apply(Change::Put(rec), |idx, r| {
+            if let Some(r) = r {
+                r.seq = idx.seq_for(&r.id);
             }
-            return Err(e);
-        }
+            Ok::<(), StateError>(())
+        })?;
         Ok(())
     }
 
@@ -307,26 +461,34 @@ impl Store {
 
     /// Removes a record durably (an unknown id is already removed).
     pub fn remove(&self, id: &str) -> Result<(), StateError> {
-        let (old, was_reserved) = {
-            let mut idx = self.write();
-            (idx.remove(id), idx.reserved.remove(id))
-        };
-        let Some(old) = old else {
-            return Ok(());
-        };
-        if was_reserved {
-            // Never written, so nothing to undo on disk.
-            return Ok(());
-        }
-        if let Err(e) = self.commit(EntryRef::Del(id), id) {
-            self.write().restore(id, Some(old));
-            return Err(e);
-        }
+        self.apply(Change::Del(id), |_, _| Ok::<(), StateError>(()))?;
         Ok(())
     }
 }
 
-fn journal_dir(state_dir: &Path) -> PathBuf {
+/// Loads replayed records into an empty index, giving each a unique seq:
+/// in seq order, a record whose seq is 0 or already taken (records of old
+/// versions rebuilt from an NFS id carried 0) gets the next free one.
+fn load(index: &mut Index, mut records: Vec<VolumeRecord>) {
+    records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    let max = records
+        .iter()
+        .map(|r| r.seq)
+        .max()
+        .unwrap_or(0)
+        .max(index.last_seq);
+    let mut next = max;
+    for mut r in records {
+        if r.seq == 0 || index.by_seq.contains_key(&r.seq) {
+            next += 1;
+            tracing::info!(volume_id = %r.id, old_seq = r.seq, new_seq = next, "record given a unique sequence number");
+            r.seq = next;
+        }
+        index.insert(r);
+    }
+}
+
+pub fn journal_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("journal")
 }
 
@@ -359,10 +521,14 @@ mod tests {
         Ok(())
     }
 
+    fn open(p: &Path) -> Result<Store, StateError> {
+        Store::open(p, Arc::new(crate::os::files::RealFiles))
+    }
+
     #[test]
     fn survives_reopen_and_pages_in_order() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         for i in 0..5 {
             s.insert_new(rec(&format!("id{i}"), &format!("n{i}"), 10), ok)
                 .unwrap();
@@ -370,7 +536,7 @@ mod tests {
         s.remove("id2").unwrap();
         assert_eq!(s.promised(Kind::Local), 40);
         drop(s);
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         assert_eq!(s.len(), 4);
         assert_eq!(s.promised(Kind::Local), 40);
         assert_eq!(s.get_by_name("n3").unwrap().id, "id3");
@@ -393,7 +559,7 @@ mod tests {
     #[test]
     fn admit_can_refuse_and_nothing_is_written() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         let r: Result<_, StateError> = s.insert_new(rec("a", "a", 5), |a| {
             assert_eq!(a.promised, 0);
             Err(StateError::io("admit", "/", std::io::Error::other("full")))
@@ -416,20 +582,21 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_kept_aside_and_writing_goes_on() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         s.insert_new(rec("a", "a", 1), ok).unwrap();
         s.insert_new(rec("b", "b", 1), ok).unwrap();
         let (_, len) = s.journal.position();
         drop(s);
-        // A crash in the middle of the next write: half a line, and a line
-        // whose checksum does not match.
+        // A crash in the middle of the next write: a line with a block
+        // that never reached the disk, and half a line.
         let mut f = OpenOptions::new()
             .append(true)
             .open(log_path(d.path(), 0))
             .unwrap();
-        f.write_all(b"0badc0de {\"del\":\"a\"}\n{\"put\":").unwrap();
+        f.write_all(b"0badc0de {\"del\":\0\0\0\0}\n{\"put\":")
+            .unwrap();
         drop(f);
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         assert_eq!(ids(&s), ["a", "b"]);
         assert_eq!(s.journal.position(), (0, len));
         let kept: Vec<_> = fs::read_dir(journal_dir(d.path()))
@@ -440,48 +607,39 @@ mod tests {
         assert_eq!(kept.len(), 1);
         s.remove("a").unwrap();
         drop(s);
-        assert_eq!(ids(&Store::open(d.path()).unwrap()), ["b"]);
+        assert_eq!(ids(&open(d.path()).unwrap()), ["b"]);
     }
 
     #[test]
     fn damage_that_is_not_a_torn_tail_stops_start_up() {
         let d = tempfile::tempdir().unwrap();
-        drop(Store::open(d.path()).unwrap());
+        drop(open(d.path()).unwrap());
         // A checksum that holds over something that is not an entry.
         let json = b"{\"put\":{\"id\":1}}";
         let mut line = format!("{:08x} ", crc32fast::hash(json)).into_bytes();
         line.extend_from_slice(json);
         line.push(b'\n');
         fs::write(log_path(d.path(), 0), &line).unwrap();
-        assert!(matches!(
-            Store::open(d.path()),
-            Err(StateError::Corrupt { .. })
-        ));
+        assert!(matches!(open(d.path()), Err(StateError::Damaged { .. })));
         // A damaged snapshot.
         fs::write(log_path(d.path(), 0), b"").unwrap();
         fs::write(journal_dir(d.path()).join("snapshot-3.jsonl"), b"garbage\n").unwrap();
-        assert!(matches!(
-            Store::open(d.path()),
-            Err(StateError::Unexpected { .. })
-        ));
+        assert!(matches!(open(d.path()), Err(StateError::Damaged { .. })));
         // An empty log newer than every snapshot is a compaction
         // interrupted before its snapshot was renamed into place: removed.
         fs::remove_file(journal_dir(d.path()).join("snapshot-3.jsonl")).unwrap();
         fs::write(log_path(d.path(), 7), b"").unwrap();
-        assert!(Store::open(d.path()).unwrap().is_empty());
+        assert!(open(d.path()).unwrap().is_empty());
         assert!(!log_path(d.path(), 7).exists());
         // One with something in it was not made by berth.
         fs::write(log_path(d.path(), 7), b"x").unwrap();
-        assert!(matches!(
-            Store::open(d.path()),
-            Err(StateError::Unexpected { .. })
-        ));
+        assert!(matches!(open(d.path()), Err(StateError::Damaged { .. })));
     }
 
     #[test]
     fn compaction_keeps_every_record_and_drops_old_files() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         s.journal.set_compact_at(2000);
         let mut want = Vec::new();
         for i in 0..60 {
@@ -499,7 +657,7 @@ mod tests {
         s.reserve(rec("r", "r", 1), ok).unwrap();
         let (gen, _) = s.journal.position();
         assert!(gen >= 2, "compacted {gen} times");
-        s.journal.rebase(&|| s.snapshot()).unwrap();
+        s.journal.rebase(&|| s.snapshot(&Committed::all())).unwrap();
         s.insert_new(rec("last", "last", 1), ok).unwrap();
         want.push("last".into());
         want.sort();
@@ -510,7 +668,7 @@ mod tests {
             .collect();
         assert_eq!(files.len(), 2, "{files:?}");
         drop(s);
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         assert_eq!(ids(&s), want);
         assert_eq!(s.get("v01").unwrap().phase, Phase::Deleting);
         assert_eq!(s.promised(Kind::Local), want.len() as i64);
@@ -525,27 +683,24 @@ mod tests {
         r.seq = 4;
         fs::write(vols.join("local-ab.json"), serde_json::to_vec(&r).unwrap()).unwrap();
         fs::write(vols.join(".x.json.tmp"), b"partial").unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         assert_eq!(s.get_by_name("pvc-1").unwrap().id, "local-ab");
         assert!(!vols.exists());
         drop(s);
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         assert_eq!(s.get("local-ab").unwrap().capacity_bytes, 7);
         assert_eq!(s.last_seq(), 4);
         // A corrupt old record stops start-up instead of being dropped.
         fs::create_dir_all(&vols).unwrap();
         fs::write(vols.join("bad.json"), b"{not json").unwrap();
         drop(s);
-        assert!(matches!(
-            Store::open(d.path()),
-            Err(StateError::Corrupt { .. })
-        ));
+        assert!(matches!(open(d.path()), Err(StateError::Corrupt { .. })));
     }
 
     #[test]
     fn a_failed_write_undoes_the_change_and_poisons_the_journal() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = open(d.path()).unwrap();
         s.insert_new(rec("a", "a", 1), ok).unwrap();
         // Every write to /dev/full fails with ENOSPC, and it cannot be
         // truncated back either.
@@ -564,7 +719,7 @@ mod tests {
         ));
         assert!(s.get("b").is_none());
         drop(s);
-        assert_eq!(ids(&Store::open(d.path()).unwrap()), ["a"]);
+        assert_eq!(ids(&open(d.path()).unwrap()), ["a"]);
     }
 
     /// The admit check and the insert are one step: a second insert whose
@@ -572,7 +727,7 @@ mod tests {
     #[test]
     fn admit_and_insert_are_one_step() {
         let d = tempfile::tempdir().unwrap();
-        let s = std::sync::Arc::new(Store::open(d.path()).unwrap());
+        let s = std::sync::Arc::new(open(d.path()).unwrap());
         let (tx, rx) = std::sync::mpsc::channel();
         let first = {
             let s = s.clone();
@@ -605,7 +760,7 @@ mod tests {
     #[test]
     fn concurrent_changes_all_survive() {
         let d = tempfile::tempdir().unwrap();
-        let s = std::sync::Arc::new(Store::open(d.path()).unwrap());
+        let s = std::sync::Arc::new(open(d.path()).unwrap());
         s.journal.set_compact_at(50_000);
         let threads: Vec<_> = (0..16)
             .map(|t| {
@@ -630,6 +785,6 @@ mod tests {
         assert_eq!(before.len(), 16 * 20);
         assert!(s.journal.position().0 >= 1);
         drop(s);
-        assert_eq!(ids(&Store::open(d.path()).unwrap()), before);
+        assert_eq!(ids(&open(d.path()).unwrap()), before);
     }
 }

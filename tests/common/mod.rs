@@ -70,9 +70,22 @@ pub fn build(dir: tempfile::TempDir, os: Os, fake: Option<Arc<FakeOs>>, extra: &
 impl Harness {
     /// The same state and roots, a new driver (a restart).
     pub fn restart(self, os: Os, fake: Option<Arc<FakeOs>>) -> Harness {
-        let Harness { dir, driver, .. } = self;
-        drop(driver);
-        build(dir, os, fake, &[])
+        build(self.stop(), os, fake, &[])
+    }
+
+    /// Drops every handle on the driver (which releases its directory
+    /// locks, as an exit does) and returns the data directory.
+    pub fn stop(self) -> tempfile::TempDir {
+        let Harness {
+            dir,
+            driver,
+            ctl,
+            node,
+            ident,
+            ..
+        } = self;
+        drop((ctl, node, ident, driver));
+        dir
     }
 
     pub fn path(&self, p: &str) -> std::path::PathBuf {
@@ -303,4 +316,16 @@ pub async fn node_rpcs(h: &Harness) -> Vec<i32> {
             _ => None,
         })
         .collect()
+}
+
+/// The names in `dir` that a volume operation made: everything but the
+/// directory lock berth keeps there.
+pub fn made_in(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != ".berth.lock")
+        .collect();
+    v.sort();
+    v
 }

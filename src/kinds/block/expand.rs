@@ -17,7 +17,7 @@ use super::{params, BlockKind, Dev};
 use crate::error::{Error, Result};
 use crate::kinds::{Expansion, Growth, NodeExpandArgs};
 use crate::node::mounts;
-use crate::os::fallocate;
+
 use crate::os::mkfs::{self, Filesystem};
 use crate::state::{Allocation, BlockInfo, VolumeRecord};
 
@@ -96,7 +96,7 @@ impl BlockKind {
         }
         if allocation == Allocation::Thick {
             let allocated = std::fs::metadata(self.file(&rec.id)?)
-                .map(|m| fallocate::allocated_bytes(&m))
+                .map(|m| crate::os::files::allocated_bytes(&m))
                 .unwrap_or(0);
             let need = u64::try_from(size).unwrap_or(0).saturating_sub(allocated);
             if need > u.available_bytes {

@@ -24,15 +24,14 @@ mod node;
 pub mod params;
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::config::DiskWipe;
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
-use crate::os::{fallocate, MountEntry, Os};
+use crate::os::files::{self, allocated_bytes, ensure_dir, Open};
+use crate::os::{MountEntry, Os};
 use crate::state::{
     AccessType, Allocation, BlockInfo, Capability, Kind, Phase, Store, VolumeRecord,
 };
@@ -43,6 +42,12 @@ use super::{
 use params::Pool;
 
 const PREFIX: &str = "block-";
+
+/// The backing file of block volume `id` under `root` (ids are checked by
+/// the caller: `BlockKind::file`).
+pub fn volume_file(root: &Path, id: &str) -> PathBuf {
+    root.join(format!("{id}.img"))
+}
 
 /// Where backing files without a record are kept aside (in the block root).
 const ORPHANED: &str = ".orphaned";
@@ -73,7 +78,7 @@ fn lock(m: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
 }
 
 impl BlockKind {
-    /// `root` is created (mode 0700) if missing.
+    /// `root` must exist (`Driver::new` makes it and holds its lock).
     pub fn new(
         root: PathBuf,
         disk_pool: Vec<String>,
@@ -81,13 +86,6 @@ impl BlockKind {
         os: Os,
         store: Arc<Store>,
     ) -> Result<Self> {
-        if !root.exists() {
-            std::fs::create_dir_all(&root)
-                .and_then(|_| {
-                    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
-                })
-                .map_err(|e| Error::io(format!("creating block root {}", root.display()), e))?;
-        }
         Ok(BlockKind {
             root,
             disk_pool,
@@ -110,7 +108,7 @@ impl BlockKind {
                 "volume {id} is not a block volume"
             )));
         }
-        Ok(self.root.join(format!("{id}.img")))
+        Ok(volume_file(&self.root, id))
     }
 
     fn info(rec: &VolumeRecord) -> Result<BlockInfo> {
@@ -215,21 +213,17 @@ impl BlockKind {
                 )));
             }
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&f)
-            .map_err(|e| Error::io(format!("creating {}", f.display()), e))?;
-        drop(file);
+        self.os
+            .files
+            .open(&f, Open::CreateOrKeep)
+            .map_err(|e| Error::os(format!("creating {}", f.display()), e))?;
         self.grow_file(&f, allocation, rec.capacity_bytes)?;
         // The file and its directory entry are durable before the volume is
         // reported created.
-        std::fs::File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(format!("syncing {}", self.root.display()), e))
+        self.os
+            .files
+            .sync_dir(&self.root)
+            .map_err(|e| Error::os(format!("syncing {}", self.root.display()), e))
     }
 
     /// Makes the file at least `size` bytes (thick: allocated), never
@@ -238,21 +232,22 @@ impl BlockKind {
     fn grow_file(&self, f: &Path, allocation: Allocation, size: i64) -> Result<()> {
         let size = u64::try_from(size).unwrap_or(0);
         let _g = lock(&self.alloc);
-        let file = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(f)
-            .map_err(|e| Error::io(format!("opening {}", f.display()), e))?;
+        let fs = self.os.files.as_ref();
+        let file = fs
+            .open(f, Open::Existing)
+            .map_err(|e| Error::os(format!("opening {}", f.display()), e))?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io(format!("inspecting {}", f.display()), e))?;
         let need = match allocation {
             Allocation::Thin => 0,
-            Allocation::Thick => size.saturating_sub(fallocate::allocated_bytes(&meta)),
+            Allocation::Thick => size.saturating_sub(allocated_bytes(&meta)),
         };
         if meta.len() >= size && need == 0 {
             return Ok(());
         }
+        let no_room =
+            || Error::ResourceExhausted(format!("the block pool has no room for {size} bytes"));
         if need > 0 {
             let free = self
                 .os
@@ -265,27 +260,25 @@ impl BlockKind {
                     "the block pool has {free} bytes free; allocating {size} bytes needs {need} more"
                 )));
             }
-            fallocate::allocate(&file, f, size).map_err(|e| {
+            fs.allocate(&file, f, size).map_err(|e| {
                 if e.errno() == Some(libc::ENOSPC) {
-                    Error::ResourceExhausted(format!("the block pool has no room for {size} bytes"))
+                    no_room()
                 } else {
                     Error::os("preallocating the volume", e)
                 }
             })?;
         }
         if meta.len() < size {
-            file.set_len(size).map_err(|e| {
-                if e.raw_os_error() == Some(libc::EFBIG) {
-                    Error::OutOfRange(format!(
-                        "{size} bytes is larger than a file on the block root's filesystem can be"
-                    ))
-                } else {
-                    Error::io(format!("sizing {}", f.display()), e)
-                }
+            fs.set_len(&file, f, size).map_err(|e| match e.errno() {
+                Some(libc::EFBIG) => Error::OutOfRange(format!(
+                    "{size} bytes is larger than a file on the block root's filesystem can be"
+                )),
+                Some(libc::ENOSPC) => no_room(),
+                _ => Error::os(format!("sizing {}", f.display()), e),
             })?;
         }
-        file.sync_all()
-            .map_err(|e| Error::io(format!("syncing {}", f.display()), e))
+        fs.sync(&file, f)
+            .map_err(|e| Error::os(format!("syncing {}", f.display()), e))
     }
 
     /// Makes a loop device take its backing file's size if it is smaller.
@@ -484,11 +477,13 @@ impl VolumeKind for BlockKind {
                 continue;
             }
             let aside = self.root.join(ORPHANED);
-            mounts::ensure_dir(&aside)?;
+            let f = self.os.files.as_ref();
+            ensure_dir(f, &aside, 0o700)
+                .map_err(|e| Error::os(format!("creating {}", aside.display()), e))?;
             let path = e.path();
-            std::fs::rename(&path, aside.join(&name))
-                .map_err(|e| Error::io(format!("moving aside {}", path.display()), e))?;
-            tracing::warn!(file = %path.display(), "block volume file without a record moved to {ORPHANED}");
+            let to = files::move_aside(f, &path, &aside, &name)
+                .map_err(|e| Error::os(format!("moving aside {}", path.display()), e))?;
+            tracing::warn!(file = %path.display(), to = %to.display(), "block volume file without a record moved aside");
         }
         Ok(())
     }
@@ -566,13 +561,12 @@ impl VolumeKind for BlockKind {
             Err(e) => Err(Error::io(format!("inspecting {}", f.display()), e)),
             // A symlink or anything else in its place is removed itself,
             // never what it points to.
-            Ok(_) => std::fs::remove_file(&f).or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(Error::io(format!("removing {}", f.display()), e))
+            Ok(_) => match self.os.files.remove_file(&f) {
+                Err(e) if e.errno() != Some(libc::ENOENT) => {
+                    Err(Error::os(format!("removing {}", f.display()), e))
                 }
-            }),
+                _ => Ok(()),
+            },
         }
     }
 

@@ -10,8 +10,6 @@
 //! file it creates at the target. A read-only publish is a read-only bind
 //! mount (what Kubernetes drivers do); a read-only access mode attaches the
 //! loop device read-only, which the kernel enforces for every user.
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{format, params, BlockKind, Dev};
@@ -19,35 +17,28 @@ use crate::error::{Error, Result};
 use crate::kinds::{PublishArgs, VolumeStats};
 use crate::node::mounts;
 use crate::os::blkid;
+use crate::os::files::{Files, Open};
 use crate::os::mkfs::{self, Filesystem};
 use crate::os::mountinfo;
 use crate::os::MountFlags;
 use crate::state::{Capability, VolumeRecord};
 
-/// Creates an empty regular file at `path` if nothing is there; true when
-/// it created one.
-fn ensure_file(path: &Path) -> Result<bool> {
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)
-    {
+/// Creates an empty regular file at `path` if nothing is there; true when it
+/// created one.
+fn ensure_file(files: &dyn Files, path: &Path) -> Result<bool> {
+    match files.open(path, Open::CreateNew) {
         Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            match std::fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_file() => Ok(false),
-                Ok(_) => Err(Error::FailedPrecondition(format!(
-                    "{} exists and is not a regular file",
-                    path.display()
-                ))),
-                // A broken bind mount answers stat with an error; mountinfo
-                // decides what is mounted there.
-                Err(_) => Ok(false),
-            }
-        }
-        Err(e) => Err(Error::io(format!("creating {}", path.display()), e)),
+        Err(e) if e.errno() == Some(libc::EEXIST) => match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_file() => Ok(false),
+            Ok(_) => Err(Error::FailedPrecondition(format!(
+                "{} exists and is not a regular file",
+                path.display()
+            ))),
+            // A broken bind mount answers stat with an error; mountinfo
+            // decides what is mounted there.
+            Err(_) => Ok(false),
+        },
+        Err(e) => Err(Error::os(format!("creating {}", path.display()), e)),
     }
 }
 
@@ -95,7 +86,7 @@ impl BlockKind {
                 staging.display()
             )));
         }
-        mounts::mount_on_dir(staging, || {
+        mounts::mount_on_dir(&self.os, staging, || {
             self.bind_on_file(&dev.path, &marker, MountFlags::default(), "staging")
         })
     }
@@ -158,7 +149,7 @@ impl BlockKind {
                 self.save_info(rec, &info)?;
             }
         }
-        mounts::mount_on_dir(staging, || {
+        mounts::mount_on_dir(&self.os, staging, || {
             self.os
                 .mounter
                 .mount_fs(&dev.path, staging, fs.as_str(), flags, "")
@@ -185,7 +176,7 @@ impl BlockKind {
             mounts::unstage_in(&self.os, &t, &marker, None)?;
         }
         if std::fs::symlink_metadata(&marker).is_ok() {
-            mounts::remove_target(&marker)?;
+            mounts::remove_target(&self.os, &marker)?;
         }
         if let Some(top) = mountinfo::at(&t, staging).last() {
             let ours = dev
@@ -283,10 +274,10 @@ impl BlockKind {
         flags: MountFlags,
         what: &str,
     ) -> Result<()> {
-        let created = ensure_file(file)?;
+        let created = ensure_file(self.os.files.as_ref(), file)?;
         self.os.mounter.bind(source, file, flags).map_err(|e| {
             if created {
-                let _ = std::fs::remove_file(file);
+                let _ = self.os.files.remove_file(file);
             }
             Error::os(format!("{what} at {}", file.display()), e)
         })

@@ -454,7 +454,7 @@ impl VolumeKind for NfsKind {
 
     fn unpublish(&self, _rec: &VolumeRecord, target: &Path) -> Result<()> {
         self.unmount_target(target)?;
-        mounts::remove_target(target)
+        mounts::remove_target(&self.os, target)
     }
 
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {

@@ -55,7 +55,7 @@ impl NfsKind {
                 )));
             }
         }
-        mounts::mount_on_dir(target, || {
+        mounts::mount_on_dir(&self.os, target, || {
             nfsmount::mount(self.os.cmd.as_ref(), &source, target, &opts, self.timeout)
                 .map_err(|e| Error::os(format!("mounting {source} at {}", target.display()), e))
         })

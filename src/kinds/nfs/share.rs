@@ -243,7 +243,7 @@ impl NfsKind {
         let mut first_error = None;
         for opts in sets {
             let mp = self.work_dir(vid, opts);
-            match mounts::mount_on_dir(&mp, || {
+            match mounts::mount_on_dir(&self.os, &mp, || {
                 nfsmount::mount(self.os.cmd.as_ref(), &source, &mp, opts, self.timeout)
                     .map_err(|e| Error::os(format!("mounting {source}"), e))
             }) {

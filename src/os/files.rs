@@ -1,0 +1,367 @@
+//! Every change Berth makes to a filesystem: its state journal and the data
+//! of its volumes (directories, backing files, trash and orphan moves).
+//! Behind one trait so tests can make any step fail with the errno a real
+//! disk gives (ENOSPC, EIO, EROFS) and check that nothing acknowledged is
+//! lost and nothing that failed is acknowledged (`fake::FakeOs` injects).
+//!
+//! Reads (stat, read_dir, reading a file) are not behind it: they change
+//! nothing, and tests make the state they read for real.
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use super::OsError;
+
+/// How `Files::open` opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// Create it; fail if anything exists at the path (O_EXCL).
+    CreateNew,
+    /// Create it if missing, keep its content if present.
+    CreateOrKeep,
+    /// Create it if missing, truncate it if present.
+    CreateOrTruncate,
+    /// It must exist; opened for writing.
+    Existing,
+}
+
+/// Filesystem changes. Every method names its path in the error. Files
+/// are opened with O_NOFOLLOW and O_CLOEXEC: a symlink planted in Berth's
+/// directories is never followed.
+pub trait Files: Send + Sync {
+    /// mkdir(2) with `mode` (before the umask, as mkdir does; callers that
+    /// need an exact mode call `set_mode` after).
+    fn create_dir(&self, path: &Path, mode: u32) -> Result<(), OsError>;
+    /// chmod(2).
+    fn set_mode(&self, path: &Path, mode: u32) -> Result<(), OsError>;
+    /// rename(2): replaces what is at `to` (a file, or an empty directory).
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), OsError>;
+    /// renameat2(2) with RENAME_NOREPLACE: EEXIST when `to` exists.
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<(), OsError>;
+    /// unlink(2) of a file, symlink or device node (never what a symlink
+    /// points to).
+    fn remove_file(&self, path: &Path) -> Result<(), OsError>;
+    /// rmdir(2) of an empty directory.
+    fn remove_dir(&self, path: &Path) -> Result<(), OsError>;
+    /// Removes a directory tree without following symlinks. Missing is
+    /// success.
+    fn remove_tree(&self, path: &Path) -> Result<(), OsError>;
+    /// Opens `path` for writing (`how`), mode 0600 when created.
+    fn open(&self, path: &Path, how: Open) -> Result<File, OsError>;
+    /// pwrite(2) of the whole buffer at `offset`.
+    fn write_at(&self, file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<(), OsError>;
+    /// ftruncate(2).
+    fn set_len(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
+    /// fallocate(2) of the first `len` bytes (mode 0: allocate, extend).
+    fn allocate(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
+    /// fsync(2) of an open file.
+    fn sync(&self, file: &File, path: &Path) -> Result<(), OsError>;
+    /// fdatasync(2) of an open file.
+    fn sync_data(&self, file: &File, path: &Path) -> Result<(), OsError>;
+    /// fsync(2) of a directory (makes the entries in it durable).
+    fn sync_dir(&self, path: &Path) -> Result<(), OsError>;
+    /// What the disk itself holds of the file at `path`, read with O_DIRECT
+    /// around the page cache (which after a failed writeback may show data
+    /// the disk never got). None when the filesystem cannot read that way
+    /// (tmpfs); a missing file reads as empty.
+    fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError>;
+}
+
+/// The real filesystem.
+pub struct RealFiles;
+
+fn sys<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> OsError + 'a {
+    move |e| OsError::sys(op, path, e)
+}
+
+impl Files for RealFiles {
+    fn create_dir(&self, path: &Path, mode: u32) -> Result<(), OsError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(path)
+            .map_err(sys("mkdir", path))
+    }
+
+    fn set_mode(&self, path: &Path, mode: u32) -> Result<(), OsError> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(sys("chmod", path))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), OsError> {
+        std::fs::rename(from, to).map_err(sys("rename", from))
+    }
+
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<(), OsError> {
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            from,
+            nix::fcntl::AT_FDCWD,
+            to,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| OsError::sys("rename", from, e))
+    }
+
+    fn remove_file(&self, path: &Path) -> Result<(), OsError> {
+        std::fs::remove_file(path).map_err(sys("unlink", path))
+    }
+
+    fn remove_dir(&self, path: &Path) -> Result<(), OsError> {
+        std::fs::remove_dir(path).map_err(sys("rmdir", path))
+    }
+
+    fn remove_tree(&self, path: &Path) -> Result<(), OsError> {
+        // remove_dir_all unlinks symlinks instead of descending into them.
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(OsError::sys("remove tree", path, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn open(&self, path: &Path, how: Open) -> Result<File, OsError> {
+        let mut o = OpenOptions::new();
+        o.write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+        match how {
+            Open::CreateNew => o.create_new(true),
+            Open::CreateOrKeep => o.create(true).truncate(false),
+            Open::CreateOrTruncate => o.create(true).truncate(true),
+            Open::Existing => &mut o,
+        };
+        o.open(path).map_err(sys("open", path))
+    }
+
+    fn write_at(&self, file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<(), OsError> {
+        file.write_all_at(buf, offset).map_err(sys("write", path))
+    }
+
+    fn set_len(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError> {
+        file.set_len(len).map_err(sys("truncate", path))
+    }
+
+    fn allocate(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError> {
+        let len = i64::try_from(len).map_err(|_| {
+            OsError::sys(
+                "fallocate",
+                path,
+                std::io::Error::from_raw_os_error(libc::EFBIG),
+            )
+        })?;
+        if len == 0 {
+            return Ok(());
+        }
+        nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len)
+            .map_err(|e| OsError::sys("fallocate", path, e))
+    }
+
+    fn sync(&self, file: &File, path: &Path) -> Result<(), OsError> {
+        file.sync_all().map_err(sys("fsync", path))
+    }
+
+    fn sync_data(&self, file: &File, path: &Path) -> Result<(), OsError> {
+        file.sync_data().map_err(sys("fdatasync", path))
+    }
+
+    fn sync_dir(&self, path: &Path) -> Result<(), OsError> {
+        File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(sys("fsync", path))
+    }
+
+    fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {
+        use std::os::unix::fs::FileExt as _;
+        const ALIGN: usize = 4096;
+        const CHUNK: usize = 1 << 20;
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+            Err(e) => return Err(OsError::sys("open O_DIRECT", path, e)),
+        };
+        let len = file.metadata().map_err(sys("stat", path))?.len() as usize;
+        let mut raw = vec![0u8; CHUNK + ALIGN];
+        let at = raw.as_ptr().align_offset(ALIGN);
+        let buf = &mut raw[at..at + CHUNK];
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            match file.read_at(buf, out.len() as u64) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && out.is_empty() => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(OsError::sys("read O_DIRECT", path, e)),
+            }
+        }
+        out.truncate(len);
+        Ok(Some(out))
+    }
+}
+
+/// Bytes of a file actually allocated on disk.
+pub fn allocated_bytes(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.blocks().saturating_mul(512)
+}
+
+/// Whether any byte of `file` is stored (SEEK_DATA finds data): a file
+/// that was only created, sized or preallocated has none (preallocated
+/// extents are unwritten and read as zeros), one that anything wrote to
+/// has some. `None` when the filesystem cannot tell (an error).
+pub fn has_data(file: &File) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor this function borrows; no memory is
+    // passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+    if r >= 0 {
+        return Some(true);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        // ENXIO: no data at or after offset 0.
+        Some(libc::ENXIO) => Some(false),
+        _ => None,
+    }
+}
+
+/// Creates a directory if it is missing (not its parents); true when it
+/// created it. Something else than a directory there is an error.
+pub fn ensure_dir(files: &dyn Files, path: &Path, mode: u32) -> Result<bool, OsError> {
+    match files.create_dir(path, mode) {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == Some(libc::EEXIST) => match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => Ok(false),
+            Ok(_) => Err(OsError::sys(
+                "mkdir",
+                path,
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            )),
+            // A broken mount point answers stat with an error; it is a
+            // directory as far as mounting is concerned.
+            Err(_) => Ok(false),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves `from` into the directory `dir` under `name`, never replacing
+/// anything there: when `name` is taken, `name.<n>` for the first free n.
+/// Returns where it went.
+pub fn move_aside(
+    files: &dyn Files,
+    from: &Path,
+    dir: &Path,
+    name: &str,
+) -> Result<std::path::PathBuf, OsError> {
+    let mut to = dir.join(name);
+    for n in 1..=1000u32 {
+        match files.rename_noreplace(from, &to) {
+            Ok(()) => return Ok(to),
+            Err(e) if e.errno() == Some(libc::EEXIST) || e.errno() == Some(libc::ENOTEMPTY) => {
+                to = dir.join(format!("{name}.{n}"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(OsError::sys(
+        "rename",
+        from,
+        std::io::Error::from_raw_os_error(libc::EEXIST),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn move_aside_never_replaces() {
+        let t = tempfile::tempdir().unwrap();
+        let aside = t.path().join("aside");
+        std::fs::create_dir(&aside).unwrap();
+        let mut moved = Vec::new();
+        for i in 0..3 {
+            let d = t.path().join("vol");
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("data"), format!("{i}")).unwrap();
+            moved.push(move_aside(&RealFiles, &d, &aside, "vol").unwrap());
+        }
+        assert_eq!(
+            moved,
+            [aside.join("vol"), aside.join("vol.1"), aside.join("vol.2")]
+        );
+        for (i, p) in moved.iter().enumerate() {
+            assert_eq!(
+                std::fs::read_to_string(p.join("data")).unwrap(),
+                format!("{i}")
+            );
+        }
+        // Files too (rename(2) would silently replace a file).
+        std::fs::write(t.path().join("f"), b"new").unwrap();
+        std::fs::write(aside.join("f"), b"old").unwrap();
+        let to = move_aside(&RealFiles, &t.path().join("f"), &aside, "f").unwrap();
+        assert_eq!(to, aside.join("f.1"));
+        assert_eq!(std::fs::read(aside.join("f")).unwrap(), b"old");
+    }
+
+    #[test]
+    fn has_data_sees_writes_not_sizes_or_preallocation() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("img");
+        let f = RealFiles.open(&p, Open::CreateNew).unwrap();
+        RealFiles.set_len(&f, &p, 64 << 20).unwrap();
+        // tmpfs and ext4/xfs all answer SEEK_DATA; a filesystem that cannot
+        // tell is None, which callers treat as "not new".
+        if let Some(d) = has_data(&f) {
+            assert!(!d, "a sized file holds no data");
+            RealFiles.write_at(&f, &p, b"x", 40 << 20).unwrap();
+            assert_eq!(has_data(&f), Some(true));
+        }
+        let q = t.path().join("thick");
+        let g = RealFiles.open(&q, Open::CreateNew).unwrap();
+        if RealFiles.allocate(&g, &q, 8 << 20).is_ok() {
+            assert_ne!(
+                has_data(&g),
+                Some(true),
+                "preallocated extents are not data"
+            );
+        }
+    }
+
+    #[test]
+    fn read_durable_reads_what_was_written() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("log");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        std::fs::File::open(&p).unwrap().sync_all().unwrap();
+        match RealFiles.read_durable(&p).unwrap() {
+            Some(d) => assert!(d == data, "{} bytes read back", d.len()),
+            None => eprintln!("skipped: this filesystem has no O_DIRECT"),
+        }
+        assert_eq!(
+            RealFiles.read_durable(&t.path().join("none")).unwrap(),
+            Some(Vec::new())
+        );
+    }
+
+    #[test]
+    fn open_never_follows_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for how in [Open::CreateOrKeep, Open::CreateOrTruncate, Open::Existing] {
+            assert!(RealFiles.open(&link, how).is_err());
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
+}

@@ -1,0 +1,428 @@
+//! Operator tools: `berth state check`, `berth state export` and
+//! `berth state repair`.
+//!
+//! - `check` changes nothing: it reads the journal (every flaw, with file,
+//!   line and byte), and compares the records with what is on disk: a
+//!   volume's directory, backing file or pool disk that is missing or not
+//!   what the record says, loop devices of Berth's files without a record,
+//!   storage without a record (orphans) and what was moved aside. It
+//!   takes no lock, so it can run next to a serving berth.
+//! - `export` prints every readable record as one JSON document, for backup
+//!   and support; damage is listed in it and makes the exit code 1.
+//! - `repair` is the operator's decision to drop damaged journal lines: it
+//!   takes the state directory's lock (berth must be stopped), copies every
+//!   journal file into `journal/damaged-<time>/`, writes the readable
+//!   records as a new snapshot, and prints what was dropped.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::journal::{self, encode, EntryRef, Scan};
+use super::lock::DirLock;
+use super::store::journal_dir;
+use super::{legacy, Kind, Phase, StateError, VolumeRecord};
+use crate::config::Config;
+use crate::os::files::{Files, Open};
+use crate::os::Os;
+
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    #[command(subcommand)]
+    pub tool: StateTool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum StateTool {
+    /// Check the journal and the records against what is on disk; changes
+    /// nothing. Exit code 1 when something is wrong.
+    Check,
+    /// Print every record as JSON (for backup and support).
+    Export,
+    /// Drop the damaged lines of a damaged journal, keeping every readable
+    /// record (berth must be stopped; the damaged files are kept).
+    Repair,
+}
+
+/// One finding of `check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// "error" (acknowledged data at risk or state damaged) or "warning".
+    pub severity: &'static str,
+    pub what: String,
+}
+
+fn error(what: String) -> Finding {
+    Finding {
+        severity: "error",
+        what,
+    }
+}
+
+fn warning(what: String) -> Finding {
+    Finding {
+        severity: "warning",
+        what,
+    }
+}
+
+/// Reads the journal and the old layout without changing anything: the
+/// records start-up would load, and what is wrong.
+fn read_records(state_dir: &Path) -> Result<(Scan, Vec<VolumeRecord>), StateError> {
+    let scan = journal::scan(&journal_dir(state_dir))?;
+    let mut legacy = legacy::load(state_dir)?;
+    legacy.retain(|r| !scan.records.contains_key(&r.id));
+    Ok((scan, legacy))
+}
+
+fn journal_findings(scan: &Scan, legacy: usize, out: &mut Vec<Finding>) {
+    for d in &scan.damage {
+        out.push(error(format!("journal damaged: {d}")));
+    }
+    if let Some(t) = &scan.torn {
+        out.push(warning(format!(
+            "journal {}: the last {} bytes (from byte {}) are an interrupted write, never acknowledged; start-up cuts them off and keeps them beside the log",
+            scan.dir.join(journal::log_name(scan.gen)).display(),
+            t.len,
+            t.offset
+        )));
+    }
+    if legacy > 0 {
+        out.push(warning(format!(
+            "{legacy} records of the one-file-per-volume layout will be imported at start-up"
+        )));
+    }
+}
+
+/// Compares the records with the storage they name, and looks for storage
+/// without a record.
+pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let by_id: BTreeMap<&str, &VolumeRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
+    let local_root = cfg.local_root();
+    let block_root = cfg.block_root();
+    for r in records {
+        if r.phase != Phase::Ready {
+            out.push(warning(format!(
+                "volume {} ({}) is {:?}: an operation was interrupted; start-up finishes it",
+                r.id, r.name, r.phase
+            )));
+            continue;
+        }
+        match r.kind {
+            Kind::Local => {
+                let dir = crate::kinds::local::volume_dir(&local_root, &r.id);
+                match std::fs::symlink_metadata(&dir) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => out.push(error(format!(
+                        "volume {} ({}): {} is not a directory",
+                        r.id,
+                        r.name,
+                        dir.display()
+                    ))),
+                    Err(e) => out.push(error(format!(
+                        "volume {} ({}): its directory {} is missing ({e})",
+                        r.id,
+                        r.name,
+                        dir.display()
+                    ))),
+                }
+            }
+            Kind::Block => match r.block.as_ref().and_then(|b| b.disk.as_ref()) {
+                Some(d) => {
+                    let path = d.by_id.as_deref().unwrap_or(&d.path);
+                    match os.devices.inspect(path) {
+                        Err(e) => out.push(error(format!(
+                            "volume {} ({}): its disk {} is missing ({e})",
+                            r.id,
+                            r.name,
+                            path.display()
+                        ))),
+                        Ok(dev) if dev.size_bytes != d.size_bytes
+                            || (d.by_id.is_none() && (dev.major, dev.minor) != (d.major, d.minor)) =>
+                        {
+                            out.push(error(format!(
+                                "volume {} ({}): {} is now {}:{} with {} bytes, not the recorded disk {}:{} with {} bytes",
+                                r.id, r.name, path.display(), dev.major, dev.minor, dev.size_bytes, d.major, d.minor, d.size_bytes
+                            )))
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                None => {
+                    let f = crate::kinds::block::volume_file(&block_root, &r.id);
+                    match std::fs::symlink_metadata(&f) {
+                        Ok(m) if m.file_type().is_file() => {
+                            if (m.len() as i64) < r.capacity_bytes {
+                                out.push(warning(format!(
+                                    "volume {} ({}): {} has {} bytes, less than the recorded {} (an interrupted expansion; the next stage grows it)",
+                                    r.id, r.name, f.display(), m.len(), r.capacity_bytes
+                                )));
+                            }
+                        }
+                        Ok(_) => out.push(error(format!(
+                            "volume {} ({}): {} is not a regular file",
+                            r.id,
+                            r.name,
+                            f.display()
+                        ))),
+                        Err(e) => out.push(error(format!(
+                            "volume {} ({}): its backing file {} is missing ({e})",
+                            r.id,
+                            r.name,
+                            f.display()
+                        ))),
+                    }
+                }
+            },
+            Kind::Nfs => {}
+        }
+    }
+    // Storage without a record.
+    if cfg.serves(Kind::Local) {
+        for name in dir_names(&local_root) {
+            if is_volume_id("local-", &name) && !by_id.contains_key(name.as_str()) {
+                out.push(warning(format!(
+                    "{} has no record (an orphan: start-up removes it if empty, else moves it to .orphaned)",
+                    local_root.join(&name).display()
+                )));
+            }
+        }
+    }
+    if cfg.serves(Kind::Block) {
+        for name in dir_names(&block_root) {
+            if let Some(id) = name.strip_suffix(".img") {
+                if is_volume_id("block-", id) && !by_id.contains_key(id) {
+                    out.push(warning(format!(
+                        "{} has no record (an orphan: start-up moves it to .orphaned)",
+                        block_root.join(&name).display()
+                    )));
+                }
+            }
+        }
+        if let Ok(loops) = os.loops.list() {
+            for l in loops
+                .iter()
+                .filter(|l| l.backing_file.starts_with(&block_root))
+            {
+                let id = l
+                    .backing_file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".img"));
+                if !id.is_some_and(|id| by_id.contains_key(id)) || l.backing_deleted {
+                    out.push(warning(format!(
+                        "loop device {} is attached to {}{} without a record",
+                        l.device.display(),
+                        l.backing_file.display(),
+                        if l.backing_deleted { " (deleted)" } else { "" }
+                    )));
+                }
+            }
+        }
+    }
+    for root in [&local_root, &block_root] {
+        let aside = root.join(".orphaned");
+        let n = dir_names(&aside).len();
+        if n > 0 {
+            out.push(warning(format!(
+                "{} holds {n} entries moved aside (storage found without a record; never deleted by berth)",
+                aside.display()
+            )));
+        }
+    }
+    out
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn is_volume_id(prefix: &str, s: &str) -> bool {
+    crate::kinds::is_hex_id(prefix, s)
+}
+
+/// `berth state check`: prints findings; Ok(true) when nothing is wrong
+/// (warnings allowed).
+pub fn check(cfg: &Config, os: &Os, out: &mut dyn Write) -> Result<bool, StateError> {
+    let state_dir = cfg.state_dir();
+    let io = |e| StateError::io("write", "stdout", e);
+    writeln!(out, "state directory {}", state_dir.display()).map_err(io)?;
+    if let Some(h) = DirLock::holder_of(&state_dir) {
+        writeln!(out, "note: in use by {h}; reading a live journal").map_err(io)?;
+    }
+    let (scan, legacy) = read_records(&state_dir)?;
+    let mut findings = Vec::new();
+    journal_findings(&scan, legacy.len(), &mut findings);
+    let mut records: Vec<VolumeRecord> = scan.records.values().cloned().chain(legacy).collect();
+    records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    findings.extend(storage_findings(cfg, os, &records));
+    let mut counts = BTreeMap::new();
+    for r in &records {
+        *counts.entry(r.kind.as_str()).or_insert(0) += 1;
+    }
+    writeln!(
+        out,
+        "journal generation {}: {} records ({})",
+        scan.gen,
+        records.len(),
+        counts
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+    .map_err(io)?;
+    for f in &findings {
+        writeln!(out, "{}: {}", f.severity, f.what).map_err(io)?;
+    }
+    let errors = findings.iter().filter(|f| f.severity == "error").count();
+    writeln!(
+        out,
+        "{} errors, {} warnings",
+        errors,
+        findings.len() - errors
+    )
+    .map_err(io)?;
+    Ok(errors == 0)
+}
+
+#[derive(Serialize)]
+struct Export<'a> {
+    state_dir: PathBuf,
+    generation: u64,
+    records: Vec<&'a VolumeRecord>,
+    damage: Vec<String>,
+    torn_tail_bytes: u64,
+}
+
+/// `berth state export`: every readable record as one JSON document.
+/// Ok(false) when the journal is damaged (what could be read is printed).
+pub fn export(cfg: &Config, out: &mut dyn Write) -> Result<bool, StateError> {
+    let state_dir = cfg.state_dir();
+    let (scan, legacy) = read_records(&state_dir)?;
+    let mut records: Vec<&VolumeRecord> = scan.records.values().chain(legacy.iter()).collect();
+    records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    let doc = Export {
+        state_dir,
+        generation: scan.gen,
+        records,
+        damage: scan.damage.iter().map(|d| d.to_string()).collect(),
+        torn_tail_bytes: scan.torn.as_ref().map_or(0, |t| t.len),
+    };
+    serde_json::to_writer_pretty(&mut *out, &doc).map_err(|source| StateError::Encode {
+        id: "export".into(),
+        source,
+    })?;
+    writeln!(out).map_err(|e| StateError::io("write", "stdout", e))?;
+    Ok(scan.damage.is_empty())
+}
+
+/// `berth state repair`: see the module comment. Returns what it did, for
+/// printing.
+pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateError> {
+    let _lock = DirLock::acquire(&files, state_dir, "state directory")?;
+    let dir = journal_dir(state_dir);
+    let scan = journal::scan(&dir)?;
+    if scan.damage.is_empty() {
+        return Ok(format!(
+            "the journal in {} has no damage; nothing to repair",
+            dir.display()
+        ));
+    }
+    let f = files.as_ref();
+    let keep = dir.join(format!("damaged-{}", crate::driver::now_nanos()));
+    f.create_dir(&keep, 0o700).map_err(StateError::Os)?;
+    let mut report = String::new();
+    report.push_str(&format!(
+        "repaired the state journal in {}\n",
+        dir.display()
+    ));
+    for d in &scan.damage {
+        report.push_str(&format!("damage: {d}\n"));
+    }
+    for d in &scan.dropped {
+        report.push_str(&format!(
+            "dropped line {} (byte {}){}\n",
+            d.line,
+            d.offset,
+            d.id_hint
+                .as_ref()
+                .map(|id| format!(", about volume {id}"))
+                .unwrap_or_default()
+        ));
+    }
+    // 1. Copies of every journal file (the damaged bytes stay available).
+    for name in std::fs::read_dir(&dir)
+        .map_err(|e| StateError::io("read", &dir, e))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name())
+    {
+        let from = dir.join(&name);
+        let bytes = std::fs::read(&from).map_err(|e| StateError::io("read", &from, e))?;
+        write_durable(f, &keep.join(&name), &bytes)?;
+    }
+    write_durable(f, &keep.join("README.txt"), report.as_bytes())?;
+    f.sync_dir(&keep).map_err(StateError::Os)?;
+    // 2. The readable records as the next generation's snapshot: from the
+    //    moment it is renamed into place start-up reads it, and the old
+    //    generation's files are stale.
+    let gen = scan.gen + 1;
+    let mut records: Vec<&VolumeRecord> = scan.records.values().collect();
+    records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    let mut bytes = Vec::new();
+    for r in &records {
+        encode(&EntryRef::Put(r), &mut bytes).map_err(|source| StateError::Encode {
+            id: r.id.clone(),
+            source,
+        })?;
+    }
+    let tmp = dir.join(format!("{}.tmp", journal::snapshot_name(gen)));
+    write_durable(f, &tmp, &bytes)?;
+    f.rename(&tmp, &dir.join(journal::snapshot_name(gen)))
+        .and_then(|_| f.sync_dir(&dir))
+        .map_err(StateError::Os)?;
+    // 3. The old generation, now stale (its copies are kept).
+    for name in [
+        journal::snapshot_name(scan.gen),
+        journal::log_name(scan.gen),
+    ] {
+        let p = dir.join(name);
+        if p.exists() {
+            f.remove_file(&p).map_err(StateError::Os)?;
+        }
+    }
+    for p in &scan.stale {
+        if p.exists() {
+            f.remove_file(p).map_err(StateError::Os)?;
+        }
+    }
+    f.sync_dir(&dir).map_err(StateError::Os)?;
+    report.push_str(&format!(
+        "kept {} records in generation {gen}; the damaged files are in {}\nrun `berth state check` next\n",
+        records.len(),
+        keep.display()
+    ));
+    Ok(report)
+}
+
+fn write_durable(f: &dyn Files, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let file = f
+        .open(path, Open::CreateOrTruncate)
+        .map_err(StateError::Os)?;
+    f.write_at(&file, path, bytes, 0)
+        .and_then(|_| f.sync(&file, path))
+        .map_err(StateError::Os)
+}

@@ -68,6 +68,9 @@ fn main() -> anyhow::Result<()> {
                 {
                     tracing::warn!("node-local volume kinds keep their records in this process: run them with --mode all (the controller that creates them on this node), not --mode node");
                 }
+                // Before the driver touches anything: a second berth on a
+                // live socket stops here.
+                berth::server::refuse_live_socket(&socket)?;
                 let driver = Driver::new(cfg, Os::real())
                     .map_err(|e| anyhow::anyhow!(e.render()))
                     .context("starting the driver")?;

@@ -1,7 +1,7 @@
 //! The gRPC server on a unix socket: private socket creation, the services
 //! for the chosen mode, reflection, and graceful shutdown on SIGTERM/SIGINT
 //! within a bound.
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,9 +36,27 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { context, source }
 }
 
+/// Refuses a socket path where a server answers: another process serves
+/// there (a second berth), and its socket is never taken away from it.
+/// A socket nobody answers on is a leftover of a process that died.
+pub fn refuse_live_socket(path: &Path) -> Result<(), ServeError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => Err(ServeError::Config(format!(
+                "another process is serving on {}; refusing to start (two drivers on one socket)",
+                path.display()
+            ))),
+            Err(_) => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
 /// Binds the socket with mode 0600 (0660 and the group's ownership when
-/// `group` is given). An existing path is removed only if it is a socket.
+/// `group` is given). An existing path is removed only if it is a socket
+/// that nobody answers on.
 pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, ServeError> {
+    refuse_live_socket(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
             .map_err(io(format!("removing old socket {}", path.display())))?,
@@ -90,6 +108,9 @@ pub async fn serve(
     grace: Duration,
 ) -> Result<(), ServeError> {
     let listener = bind_socket(&socket, driver.cfg.socket_group.as_deref())?;
+    let bound = std::fs::symlink_metadata(&socket)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(io(format!("inspecting {}", socket.display())))?;
     // Both reflection versions: grpcurl and other tools try v1, older ones
     // only know v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
@@ -151,7 +172,10 @@ pub async fn serve(
             Ok(())
         }
     };
-    let _ = std::fs::remove_file(&socket);
+    // Only our own socket: a path replaced meanwhile belongs to someone else.
+    if std::fs::symlink_metadata(&socket).is_ok_and(|m| (m.dev(), m.ino()) == bound) {
+        let _ = std::fs::remove_file(&socket);
+    }
     tracing::info!("stopped");
     result
 }

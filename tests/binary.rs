@@ -609,3 +609,201 @@ async fn metrics_and_healthz() {
     let h = http_get(&addr, "/healthz");
     assert!(h.contains(" 503 "), "{h}");
 }
+
+/// Runs berth with `args` until it exits (killed after 15 s: a berth that
+/// should have refused to start but serves instead).
+fn run_to_exit(args: &[String]) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn berth");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "berth {args:?} did not exit: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn berth_args(dir: &Path, sock: &Path, rest: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "--data-dir".to_string(),
+        dir.display().to_string(),
+        "--endpoint".into(),
+        format!("unix://{}", sock.display()),
+        "--node-id".into(),
+        NODE.into(),
+    ];
+    v.extend(rest.iter().map(|s| s.to_string()));
+    v
+}
+
+async fn create_n(sock: &Path, n: usize) -> Vec<String> {
+    let mut c = connect(&sock.display().to_string()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let v = c
+            .controller
+            .create_volume(Request::new(create_req(&format!("pvc-{i}"), 1 << 20)))
+            .await
+            .unwrap();
+        ids.push(v.into_inner().volume.unwrap().volume_id);
+    }
+    ids
+}
+
+async fn listed(sock: &Path) -> Vec<String> {
+    let mut c = connect(&sock.display().to_string()).await.unwrap();
+    let mut v: Vec<String> = c
+        .controller
+        .list_volumes(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Two berth processes on one state directory (a debugging run next to
+/// the DaemonSet pod): the second refuses to start, naming the directory
+/// and the holder, and touches nothing; a second berth on a socket that
+/// answers refuses too, and never takes the socket away. Every volume of
+/// the first survives its restart.
+#[tokio::test]
+async fn a_second_berth_on_the_same_state_or_socket_refuses_to_start() {
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let mut ids = create_n(&b.sock, 60).await;
+    ids.sort();
+    for id in &ids {
+        std::fs::write(d.path().join("local").join(id).join("data"), id).unwrap();
+    }
+    let other = d.path().join("other.sock");
+    let out = run_to_exit(&berth_args(d.path(), &other, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second berth started: {err}");
+    assert!(
+        err.contains(&d.path().join("state").display().to_string())
+            && err.contains(&format!("pid {}", b.child.id())),
+        "{err}"
+    );
+    assert!(!other.exists(), "the refused berth bound a socket");
+    // Another state directory on the first one's socket.
+    let d2 = tempfile::tempdir().unwrap();
+    let out = run_to_exit(&berth_args(d2.path(), &b.sock, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("another process is serving"), "{err}");
+    assert_eq!(listed(&b.sock).await, ids, "the first berth still serves");
+    drop(b);
+    let b = start(d.path(), &[]);
+    assert_eq!(listed(&b.sock).await, ids);
+    for id in &ids {
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("local").join(id).join("data")).unwrap(),
+            *id
+        );
+    }
+    assert!(!d.path().join("local/.orphaned").exists());
+}
+
+/// One byte changed in the middle of the journal: berth does not start
+/// (nothing is cut, nothing is moved aside), says where and how to
+/// recover; `state check` and `state export` report it; `state repair`
+/// drops only the damaged line, and the volume it named is kept aside with
+/// its data, never deleted.
+#[tokio::test]
+async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
+    let d = tempfile::tempdir().unwrap();
+    let mut b = start(d.path(), &[]);
+    let ids = create_n(&b.sock, 50).await;
+    for id in &ids {
+        std::fs::write(d.path().join("local").join(id).join("data"), id).unwrap();
+    }
+    assert!(sigterm(&mut b).success());
+    drop(b);
+    let log = d.path().join("state/journal/log-0.jsonl");
+    let mut bytes = std::fs::read(&log).unwrap();
+    // A byte near the end of the 20th line's JSON (past the id).
+    let lines: Vec<&[u8]> = bytes.split_inclusive(|&c| c == b'\n').collect();
+    let start20: usize = lines[..19].iter().map(|l| l.len()).sum();
+    let at = start20 + lines[19].len() - 5;
+    assert!(bytes[at] != b'\n');
+    bytes[at] ^= 0x01;
+    std::fs::write(&log, &bytes).unwrap();
+
+    let sock = d.path().join("csi.sock");
+    let out = run_to_exit(&berth_args(d.path(), &sock, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "berth started on a damaged journal");
+    assert!(
+        err.contains("log-0.jsonl")
+            && err.contains(&format!("byte {start20}"))
+            && err.contains("berth state repair"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        bytes,
+        "the journal was changed"
+    );
+    for id in &ids {
+        assert!(d.path().join("local").join(id).join("data").exists());
+    }
+    assert!(!d.path().join("local/.orphaned").exists());
+
+    let tool = |t: &str| run_to_exit(&berth_args(d.path(), &sock, &["state", t]));
+    let check = tool("check");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("journal damaged") && text.contains("line 20"),
+        "{text}"
+    );
+    let export = tool("export");
+    assert_eq!(export.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&export.stdout).unwrap();
+    assert_eq!(doc["records"].as_array().unwrap().len(), 49);
+    assert_eq!(doc["damage"].as_array().unwrap().len(), 1);
+
+    let repair = tool("repair");
+    let text = String::from_utf8_lossy(&repair.stdout);
+    assert!(
+        repair.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&repair.stderr)
+    );
+    let lost = &ids[19];
+    assert!(
+        text.contains("dropped line 20") && text.contains(lost.as_str()),
+        "{text}"
+    );
+    let b = start(d.path(), &[]);
+    let mut want: Vec<String> = ids.iter().filter(|i| *i != lost).cloned().collect();
+    want.sort();
+    assert_eq!(listed(&b.sock).await, want);
+    // The volume whose record was dropped: its data kept aside.
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("local/.orphaned").join(lost).join("data")).unwrap(),
+        *lost
+    );
+    let check = tool("check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}

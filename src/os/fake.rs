@@ -107,7 +107,7 @@ pub struct FakeOs {
     /// them: the n-th change from now, and every change under a path.
     file_ops: Mutex<Vec<FileOp>>,
     file_fault_at: Mutex<Option<(usize, i32)>>,
-    file_faults_under: Mutex<Vec<(PathBuf, i32)>>,
+    file_faults_under: Mutex<Vec<(Option<&'static str>, PathBuf, i32)>>,
     /// What `read_durable` answers for a path instead of the file's content
     /// (a disk that lost what the page cache still shows).
     durable: Mutex<HashMap<PathBuf, Option<Vec<u8>>>>,
@@ -201,7 +201,13 @@ impl FakeOs {
     /// Every filesystem change under `path` fails with `errno` (EROFS: a
     /// filesystem gone read-only) until `clear_file_faults`.
     pub fn fail_files_under(&self, path: &Path, errno: i32) {
-        lock(&self.file_faults_under).push((path.to_path_buf(), errno));
+        lock(&self.file_faults_under).push((None, path.to_path_buf(), errno));
+    }
+
+    /// Every `op` ("write", "fsync", ...) under `path` fails with `errno`
+    /// until `clear_file_faults`.
+    pub fn fail_op_under(&self, op: &'static str, path: &Path, errno: i32) {
+        lock(&self.file_faults_under).push((Some(op), path.to_path_buf(), errno));
     }
 
     pub fn clear_file_faults(&self) {
@@ -234,9 +240,9 @@ impl FakeOs {
                 *at = Some((n - 1, errno));
             }
         }
-        if let Some((_, errno)) = lock(&self.file_faults_under)
+        if let Some((_, _, errno)) = lock(&self.file_faults_under)
             .iter()
-            .find(|(p, _)| path.starts_with(p))
+            .find(|(o, p, _)| o.is_none_or(|o| o == op) && path.starts_with(p))
         {
             return fail(*errno);
         }

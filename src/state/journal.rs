@@ -32,9 +32,10 @@
 //! (`enqueue`, which hands out a ticket); the caller then waits (`wait`).
 //! One of the waiting callers writes everything queued with one write and
 //! one fdatasync, so concurrent changes share one disk flush. A write that
-//! fails is cut off again (the log stays a sequence of whole lines); a
-//! failed fdatasync poisons the journal (the page cache may have dropped
-//! the data) and every later change fails until a restart. Every waiter of
+//! fails is cut off again (the log stays a sequence of whole lines); so is
+//! one whose fdatasync fails, which also poisons the journal (the disk may
+//! lack it, whatever the page cache shows) and every later change fails
+//! until a restart. Every waiter of
 //! a failed write gets the failure: failed rounds are kept until each of
 //! their waiters has seen its own, and a waiter's undo of its change runs
 //! before its round is forgotten (see `wait`).
@@ -450,7 +451,7 @@ fn replay_log(s: &mut Scan, path: &Path) {
 
 /// The file being appended to; only the caller that holds `writing` touches
 /// it.
-struct Writer {
+pub struct Writer {
     file: File,
     gen: u64,
     /// Bytes of whole, written lines.
@@ -486,6 +487,11 @@ pub struct Committed {
 impl Committed {
     pub fn contains(&self, t: Ticket) -> bool {
         t < self.done_below && !self.failed.iter().any(|&(s, e)| s <= t && t < e)
+    }
+
+    #[cfg(test)]
+    pub fn for_test(done_below: Ticket, failed: Vec<(Ticket, Ticket)>) -> Committed {
+        Committed { done_below, failed }
     }
 
     /// Everything is committed (a snapshot of a journal being opened).
@@ -769,6 +775,11 @@ impl Journal {
             return Err((StateError::Os(e), undo.is_err()));
         }
         if let Err(e) = f.sync_data(&w.file, &path) {
+            // The batch is not acknowledged: cut it off, so a restart (which
+            // replays the page cache) does not bring it back either. The
+            // journal is poisoned all the same: what the disk holds of the
+            // file is uncertain until start-up has checked it.
+            let _ = f.set_len(&w.file, &path, w.len);
             return Err((StateError::Os(e), true));
         }
         w.len += batch.len() as u64;
@@ -869,6 +880,18 @@ impl Journal {
     /// Set when a failed fdatasync stopped all changes.
     pub fn poisoned(&self) -> Option<String> {
         self.queue().poisoned.clone()
+    }
+
+    /// Holds the writer (tests: a round then blocks before its write).
+    #[cfg(test)]
+    pub fn writer_for_test(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes handed a ticket so far (tests).
+    #[cfg(test)]
+    pub fn queued(&self) -> u64 {
+        self.queue().next_ticket
     }
 
     /// Failed rounds still waiting for a waiter to see them (tests).

@@ -86,6 +86,49 @@ fn sigterm(b: &mut Berth) -> std::process::ExitStatus {
     }
 }
 
+/// Text logs to a pipe (what a container runtime gives berth, and what
+/// `kubectl logs` shows) carry no terminal colour codes.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("csi.sock");
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(d.path())
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .args([
+            "--node-id",
+            NODE,
+            "--log-format",
+            "text",
+            "--log-level",
+            "debug",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn berth");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "berth did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    child.wait().unwrap();
+    assert!(
+        log.contains("INFO"),
+        "no log lines read from the pipe: {log:?}"
+    );
+    assert!(!log.contains('\x1b'), "colour codes in piped logs: {log:?}");
+}
+
 #[test]
 fn version_flag() {
     let out = Command::new(BIN).arg("--version").output().unwrap();

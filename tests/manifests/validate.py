@@ -312,10 +312,17 @@ def check_berth_container(render, pod, c, errs):
         if port not in ports:
             errs.append("%s: metrics port %s is not a containerPort of the container" % (where, port))
     if mode in ("node", "all"):
-        # Bidirectional propagation of kubelet's directory.
+        # Bidirectional propagation of kubelet's directory, and of nothing
+        # else: kubelet refuses Bidirectional and HostToContainer on a host
+        # path whose mount is private (as / is on many hosts), and berth
+        # mounts nothing under its data directory.
         kubelet = [m for m in c.get("volumeMounts") or [] if m.get("mountPropagation") == "Bidirectional"]
         if not kubelet:
             errs.append("%s: node plugin without a Bidirectional mount of the kubelet directory" % where)
+        for m in c.get("volumeMounts") or []:
+            if m.get("mountPropagation") not in (None, "None") and m not in kubelet[:1]:
+                errs.append("%s: %s propagation on %s (only kubelet's directory needs it)"
+                            % (where, m.get("mountPropagation"), m.get("mountPath")))
 
 
 def berth_sockets(pod):
@@ -332,9 +339,17 @@ def berth_sockets(pod):
     return out
 
 
+def expand_env(container, arg):
+    """$(NAME) in an argument replaced by the container's env value, as
+    kubelet does (only literal values; others stay as written)."""
+    values = {e.get("name"): e.get("value") for e in container.get("env") or [] if "value" in e}
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: values.get(m.group(1), m.group(0)), str(arg))
+
+
 def check_sidecar(render, obj, pod, c, errs, needs):
     st = sidecar_type(c)
-    f = flag_map(c.get("args") or [])
+    f = flag_map([expand_env(c, a) for a in c.get("args") or []])
     where = "container %s" % c.get("name")
     addr = f.get("csi-address")
     socks = berth_sockets(pod)

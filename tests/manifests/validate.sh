@@ -102,6 +102,43 @@ if [[ $have_kustomize == 0 ]]; then
     fail "kustomize $KUSTOMIZE_VERSION build deploy/kubernetes" "$(tr '\n' ' ' < "$OUT/kustomize.err")"
   fi
 fi
+# The kubelet-dir component, as deploy/README-install.md tells users to use
+# it: an overlay with the component and its ConfigMap. Nothing may still
+# name /var/lib/kubelet (validate.py checks that the registration paths and
+# the socket volumes agree).
+if [[ $have_kustomize == 0 ]]; then
+  OV="$OUT/kubelet-dir-overlay"
+  rm -rf "$OV"; mkdir -p "$OV"
+  cat > "$OV/kustomization.yaml" <<YAML
+resources:
+  - ../../../deploy/kubernetes
+  - kubelet-dir.yaml
+components:
+  - ../../../deploy/kubernetes/components/kubelet-dir
+YAML
+  cat > "$OV/kubelet-dir.yaml" <<YAML
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: berth-kubelet-dir
+  annotations:
+    config.kubernetes.io/local-config: "true"
+data:
+  kubeletDir: /var/lib/k0s/kubelet
+YAML
+  if "$KUSTOMIZE" build "$OV" > "$OUT/kustomize-kubelet-dir.yaml" 2> "$OUT/kustomize-kubelet-dir.err"; then
+    left=$(grep -c '/var/lib/kubelet' "$OUT/kustomize-kubelet-dir.yaml")
+    moved=$(grep -c '/var/lib/k0s/kubelet' "$OUT/kustomize-kubelet-dir.yaml")
+    if [[ $left == 0 && $moved -ge 8 ]] && ! grep -q berth-kubelet-dir "$OUT/kustomize-kubelet-dir.yaml"; then
+      pass "kustomize build with components/kubelet-dir (/var/lib/k0s/kubelet in $moved places, none left at /var/lib/kubelet)"
+      DEPLOY_ARGS+=(--deploy "kustomize-kubelet-dir=$OUT/kustomize-kubelet-dir.yaml")
+    else
+      fail "kustomize build with components/kubelet-dir" "/var/lib/kubelet left $left times, /var/lib/k0s/kubelet $moved times, or the ConfigMap is in the output"
+    fi
+  else
+    fail "kustomize build with components/kubelet-dir" "$(tr '\n' ' ' < "$OUT/kustomize-kubelet-dir.err")"
+  fi
+fi
 if command -v kubectl >/dev/null; then
   if kubectl kustomize deploy/kubernetes > "$OUT/kubectl-kustomize.yaml" 2> "$OUT/kubectl.err"; then
     if [[ -f "$OUT/kustomize.yaml" ]] && ! cmp -s "$OUT/kustomize.yaml" "$OUT/kubectl-kustomize.yaml"; then

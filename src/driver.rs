@@ -175,35 +175,10 @@ impl Driver {
 
     /// Finishes what a crash interrupted: a volume half created is rolled back
     /// (its CreateVolume call failed, and a retry creates it again); a volume
-    /// half deleted is deleted.
-    /// A delete that may take long (`VolumeKind::slow_delete`) runs on its
-    /// own thread holding the volume's and the name's guard, so start-up
-    /// does not wait for it (other RPCs on that volume answer ABORTED until
-    /// it is done; shutdown waits for it like for any operation in flight).
+    /// half deleted is deleted. Then each kind cleans up storage without a
+    /// record (`reconcile_orphans`).
     pub fn reconcile(self: &Arc<Self>) -> Result<()> {
-        let pending = self.store.filter(|r| r.phase != Phase::Ready);
-        for rec in pending {
-            let Ok(kind) = self.kind(rec.kind).cloned() else {
-                tracing::warn!(volume_id = %rec.id, kind = %rec.kind, "record of a kind not served here left as is");
-                continue;
-            };
-            tracing::info!(volume_id = %rec.id, phase = ?rec.phase, "reconciling interrupted operation");
-            if kind.slow_delete(&rec) {
-                let mut guard = self.locks.try_lock(vol_key(&rec.id))?;
-                guard.also(name_key(&rec.name))?;
-                let (d, count) = (self.clone(), crate::rpc::InFlight::start());
-                std::thread::spawn(move || {
-                    let (_guard, _count) = (guard, count);
-                    if let Err(e) = d.finish_delete(kind.as_ref(), &rec) {
-                        tracing::error!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry at next start");
-                    }
-                });
-                continue;
-            }
-            if let Err(e) = self.finish_delete(kind.as_ref(), &rec) {
-                tracing::error!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry at next start");
-            }
-        }
+        self.retry_pending(true);
         for kind in self.kinds.values() {
             let known = |id: &str| self.store.get(id).is_some();
             if let Err(e) = kind.reconcile_orphans(&known) {
@@ -212,7 +187,57 @@ impl Driver {
         }
         Ok(())
     }
+
+    /// Finishes every record left half created or half deleted that no
+    /// operation holds now: at start-up (`startup`: quick ones before
+    /// serving), and every `RETRY_INTERVAL` while serving, so a delete that
+    /// failed (a disk that was missing, a busy mount) is retried without a
+    /// restart. A delete that may take long (`VolumeKind::slow_delete`), and
+    /// every retry while serving, runs on its own thread holding the
+    /// volume's and the name's guard (other RPCs on that volume answer
+    /// ABORTED meanwhile; shutdown waits for it like for any operation).
+    pub fn retry_pending(self: &Arc<Self>, startup: bool) {
+        let pending = self.store.filter(|r| r.phase != Phase::Ready);
+        for rec in pending {
+            let Ok(kind) = self.kind(rec.kind).cloned() else {
+                if startup {
+                    tracing::warn!(volume_id = %rec.id, kind = %rec.kind, "record of a kind not served here left as is");
+                }
+                continue;
+            };
+            let guard = self.locks.try_lock(vol_key(&rec.id)).and_then(|mut g| {
+                g.also(name_key(&rec.name))?;
+                Ok(g)
+            });
+            let Ok(guard) = guard else {
+                // An operation on it is in flight; it finishes it or fails.
+                continue;
+            };
+            tracing::info!(volume_id = %rec.id, phase = ?rec.phase, "finishing interrupted operation");
+            if startup && !kind.slow_delete(&rec) {
+                if let Err(e) = self.finish_delete(kind.as_ref(), &rec) {
+                    tracing::error!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry");
+                }
+                drop(guard);
+                continue;
+            }
+            let (d, count) = (self.clone(), crate::rpc::InFlight::start());
+            std::thread::spawn(move || {
+                let (_guard, _count) = (guard, count);
+                // Read again under the guard: it may be done meanwhile.
+                let Some(rec) = d.store.get(&rec.id).filter(|r| r.phase != Phase::Ready) else {
+                    return;
+                };
+                if let Err(e) = d.finish_delete(kind.as_ref(), &rec) {
+                    tracing::warn!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry");
+                }
+            });
+        }
+    }
 }
+
+/// How often a serving berth retries what is left half done.
+pub const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Driver {
     /// Deletes the storage of an interrupted create or delete, then its
@@ -220,6 +245,7 @@ impl Driver {
     fn finish_delete(&self, kind: &dyn VolumeKind, rec: &VolumeRecord) -> Result<()> {
         kind.delete(rec)?;
         self.store.remove(&rec.id)?;
+        kind.purge(rec);
         Ok(())
     }
 }

@@ -146,6 +146,17 @@ pub async fn serve(
         volumes = driver.store.len(),
         "serving CSI"
     );
+    // What is left half done (a delete whose disk was missing, a busy
+    // mount) is retried without waiting for a restart.
+    let retry = {
+        let d = driver.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::driver::RETRY_INTERVAL).await;
+                d.retry_pending(false);
+            }
+        })
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server =
         router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
@@ -172,6 +183,7 @@ pub async fn serve(
             Ok(())
         }
     };
+    retry.abort();
     // Only our own socket: a path replaced meanwhile belongs to someone else.
     if std::fs::symlink_metadata(&socket).is_ok_and(|m| (m.dev(), m.ino()) == bound) {
         let _ = std::fs::remove_file(&socket);

@@ -1412,6 +1412,50 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     );
     assert_eq!(std::fs::read_dir(local.join(".trash")).unwrap().count(), 0);
     assert!(local.join("not-ours").is_dir());
+    // The same name again: the earlier orphan is kept as it is (the rename
+    // failed, and start-up with it).
+    let full = local.join("local-fedcba9876543210fedcba9876543210");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("data"), b"second").unwrap();
+    // And a volume whose delete set it aside in the trash but could not
+    // remove its record: it comes back.
+    std::fs::rename(local.join(&keep), local.join(format!(".trash/{keep}-5"))).unwrap();
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    let local = h.path("local");
+    assert_eq!(
+        std::fs::read(local.join(".orphaned/local-fedcba9876543210fedcba9876543210/data")).unwrap(),
+        b"precious"
+    );
+    assert_eq!(
+        std::fs::read(local.join(".orphaned/local-fedcba9876543210fedcba9876543210.1/data"))
+            .unwrap(),
+        b"second"
+    );
+    assert!(local.join(&keep).is_dir(), "the volume was not put back");
+}
+
+/// A local volume's directory and its entry in the root are durable before
+/// the record that says Ready is written.
+#[tokio::test]
+async fn a_local_directory_is_synced_before_its_record_says_ready() {
+    let h = fake(&[]);
+    let f = h.fake();
+    f.clear_file_ops();
+    let id = create(&h, "a", 1).await.volume_id;
+    let dir = h.path("local").join(&id);
+    let ops: Vec<(&str, std::path::PathBuf)> =
+        f.file_ops().into_iter().map(|o| (o.op, o.path)).collect();
+    let at = |op: &str, p: &std::path::Path| {
+        ops.iter()
+            .position(|(o, q)| *o == op && q == p)
+            .unwrap_or_else(|| panic!("no {op} of {} in {ops:?}", p.display()))
+    };
+    let log = h.path("state/journal/log-0.jsonl");
+    let ready = at("write", &log);
+    assert!(at("mkdir", &dir) < at("fsync", &dir));
+    assert!(at("fsync", &dir) < ready);
+    assert!(at("fsync", &h.path("local")) < ready);
 }
 
 #[tokio::test]

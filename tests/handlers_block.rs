@@ -101,6 +101,10 @@ fn img(h: &Harness, id: &str) -> PathBuf {
     h.path("block").join(format!("{id}.img"))
 }
 
+fn uuid_like(s: &str) -> bool {
+    s.len() == 36 && s.chars().filter(|&c| c == '-').count() == 4
+}
+
 fn runs(f: &FakeOs, program: &str) -> Vec<Vec<String>> {
     f.calls()
         .into_iter()
@@ -322,18 +326,22 @@ async fn stage_formats_a_new_volume_once_and_mounts_it() {
         runs(f, "blkid"),
         [["-p", "-o", "export", "--", "/dev/loop0"]]
     );
+    let mkfs = runs(f, "mkfs.ext4");
+    assert_eq!(mkfs.len(), 1);
     assert_eq!(
-        runs(f, "mkfs.ext4"),
-        [[
+        mkfs[0][..6],
+        [
             "-q",
             "-m",
             "0",
             "-E",
             "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-            "--",
-            "/dev/loop0"
-        ]]
+            "-U",
+        ]
     );
+    // The UUID pinned before mkfs ran.
+    assert!(uuid_like(&mkfs[0][6]), "{:?}", mkfs[0]);
+    assert_eq!(mkfs[0][7..], ["--", "/dev/loop0"]);
     assert!(calls
         .iter()
         .any(|c| matches!(c, Call::MountFs { source, target, fstype, .. }
@@ -423,7 +431,7 @@ async fn an_unreadable_device_is_not_probed_or_formatted() {
     let f = h.fake();
     script_blank(f);
     let v = create(&h, "a", 8 * MIB, &[]).await;
-    f.fail_next("check_readable", libc::EIO);
+    f.fail_next("read_head", libc::EIO);
     let e = h
         .node
         .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
@@ -434,12 +442,13 @@ async fn an_unreadable_device_is_not_probed_or_formatted() {
 }
 
 #[tokio::test]
-async fn an_interrupted_mkfs_is_redone_only_over_its_own_filesystem() {
+async fn an_interrupted_mkfs_is_never_redone_over_a_filesystem() {
     let h = block(&[]);
     let f = h.fake();
     script_blank(f);
     let v = create(&h, "a", 8 * MIB, &[]).await;
-    // mkfs fails half way: the intent stays recorded.
+    // mkfs fails half way: the intent stays recorded, with the UUID mkfs
+    // was given.
     f.reply("mkfs.ext4", out(1, ""));
     let s = h.path("s");
     let e = h
@@ -450,16 +459,43 @@ async fn an_interrupted_mkfs_is_redone_only_over_its_own_filesystem() {
     assert_eq!(e.code(), Code::Internal);
     let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
     assert_eq!((b.formatted, b.formatting.as_str()), (false, "ext4"));
-    // The retry finds the ext4 superblock it was writing: formats again,
-    // forcing over it.
-    f.reply("blkid", out(0, "TYPE=ext4\nUSAGE=filesystem\n"));
+    let uuid = b.formatting_uuid.clone();
+    assert_eq!(runs(f, "mkfs.ext4")[0][6], uuid);
+    // The retry finds an ext4 with another UUID (a stale intent): refused,
+    // never formatted (the old rule forced mkfs over any ext4 here).
+    f.reply(
+        "blkid",
+        out(
+            0,
+            "UUID=11111111-2222-3333-4444-555555555555\nTYPE=ext4\nUSAGE=filesystem\n",
+        ),
+    );
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains(&uuid), "{}", e.message());
+    assert_eq!(runs(f, "mkfs.ext4").len(), 1);
+    // It finds the filesystem with the pinned UUID: Berth's mkfs had
+    // finished. Mounted as it is (it may hold data), never formatted again.
+    f.reply(
+        "blkid",
+        out(0, &format!("UUID={uuid}\nTYPE=ext4\nUSAGE=filesystem\n")),
+    );
     h.node
         .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
         .await
         .unwrap();
-    let mkfs = runs(f, "mkfs.ext4");
-    assert_eq!(mkfs.len(), 2);
-    assert!(mkfs[1].contains(&"-F".to_string()) && !mkfs[0].contains(&"-F".to_string()));
+    assert_eq!(runs(f, "mkfs.ext4").len(), 1);
+    assert!(f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::MountFs { target, .. } if target == &s)));
+    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    assert!(b.formatted && b.fs_type == "ext4" && b.formatting.is_empty());
+
     // Asked as xfs after an interrupted ext4 mkfs: refused.
     let h = block(&[]);
     let f = h.fake();
@@ -470,7 +506,18 @@ async fn an_interrupted_mkfs_is_redone_only_over_its_own_filesystem() {
         .node
         .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
         .await;
-    f.reply("blkid", out(0, "TYPE=ext4\nUSAGE=filesystem\n"));
+    let uuid = h
+        .driver
+        .store
+        .get(&v.volume_id)
+        .unwrap()
+        .block
+        .unwrap()
+        .formatting_uuid;
+    f.reply(
+        "blkid",
+        out(0, &format!("UUID={uuid}\nTYPE=ext4\nUSAGE=filesystem\n")),
+    );
     let mut xfs = rwo();
     if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut xfs.access_type {
         m.fs_type = "xfs".into();
@@ -482,6 +529,183 @@ async fn an_interrupted_mkfs_is_redone_only_over_its_own_filesystem() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(runs(f, "mkfs.xfs").is_empty());
+}
+
+/// An interrupted mkfs.xfs leaves a superblock marked "in progress" that
+/// the kernel never mounts (so it never held data): with the pinned UUID,
+/// and only then, mkfs runs again with force and the same UUID.
+#[tokio::test]
+async fn an_unfinished_xfs_of_berths_own_mkfs_is_made_again() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "x", 300 * MIB, &[("fsType", "xfs")]).await;
+    f.reply("mkfs.xfs", out(1, ""));
+    let s = h.path("s");
+    assert!(h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .is_err());
+    let uuid = h
+        .driver
+        .store
+        .get(&v.volume_id)
+        .unwrap()
+        .block
+        .unwrap()
+        .formatting_uuid;
+    // What mkfs.xfs left: a superblock with sb_inprogress set.
+    let mut sb = vec![0u8; 512];
+    sb[..4].copy_from_slice(b"XFSB");
+    sb[126] = 1;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(img(&h, &v.volume_id))
+            .unwrap();
+        file.write_all_at(&sb, 0).unwrap();
+    }
+    f.respond("blkid", move |_| {
+        out(0, &format!("UUID={uuid}\nTYPE=xfs\nUSAGE=filesystem\n"))
+    });
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    let mkfs = runs(f, "mkfs.xfs");
+    assert_eq!(mkfs.len(), 2);
+    assert!(mkfs[1].contains(&"-f".to_string()) && !mkfs[0].contains(&"-f".to_string()));
+    assert_eq!(mkfs[0][3], mkfs[1][3], "the same UUID");
+    // Finished (the flag cleared): never forced.
+    let v = create(&h, "y", 300 * MIB, &[("fsType", "xfs")]).await;
+    f.respond("blkid", |_| out(2, ""));
+    f.reply("mkfs.xfs", out(1, ""));
+    let s2 = h.path("s2");
+    assert!(h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s2)))
+        .await
+        .is_err());
+    let uuid = h
+        .driver
+        .store
+        .get(&v.volume_id)
+        .unwrap()
+        .block
+        .unwrap()
+        .formatting_uuid;
+    sb[126] = 0;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(img(&h, &v.volume_id))
+            .unwrap();
+        file.write_all_at(&sb, 0).unwrap();
+    }
+    f.respond("blkid", move |_| {
+        out(0, &format!("UUID={uuid}\nTYPE=xfs\nUSAGE=filesystem\n"))
+    });
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s2)))
+        .await
+        .unwrap();
+    assert_eq!(runs(f, "mkfs.xfs").len(), 3, "adopted, not made again");
+}
+
+/// NodeStage takes raw or filesystem from the volume, not only from the
+/// request: a volume first staged raw (and written: no signature) is never
+/// formatted when it is later staged as a filesystem, and a filesystem is
+/// never handed out raw. A file that holds data Berth did not write is not
+/// formatted either, even when its record was lost or rolled back.
+#[tokio::test]
+async fn a_volume_used_raw_is_never_formatted() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&v.volume_id, &s, raw_cap())))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: s.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("raw"), "{}", e.message());
+    assert!(runs(f, "mkfs.ext4").is_empty() && runs(f, "blkid").is_empty());
+
+    // And the other way round.
+    let w = create(&h, "b", 8 * MIB, &[]).await;
+    let s2 = h.path("s2");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&w.volume_id, &s2)))
+        .await
+        .unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(
+            &w.volume_id,
+            &h.path("s3"),
+            raw_cap(),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    // A record that does not know (lost, or of an older version) and a file
+    // that holds data: not new, not formatted.
+    let x = create(&h, "c", 8 * MIB, &[]).await;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(img(&h, &x.volume_id))
+            .unwrap();
+        file.write_all_at(b"tenant data", 5 * MIB as u64).unwrap();
+    }
+    let before = runs(f, "mkfs.ext4").len();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&x.volume_id, &h.path("s4"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("holds data"), "{}", e.message());
+    assert_eq!(runs(f, "mkfs.ext4").len(), before);
+}
+
+/// A record naming a filesystem Berth does not know is damaged: an error,
+/// never a silent ext4.
+#[tokio::test]
+async fn an_unknown_filesystem_in_a_record_is_an_error() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let mut r = h.driver.store.get(&v.volume_id).unwrap();
+    r.block.as_mut().unwrap().default_fs = "btrfs".into();
+    h.driver.store.put(&r).unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("btrfs"), "{}", e.message());
+    assert!(runs(f, "mkfs.ext4").is_empty());
 }
 
 #[tokio::test]
@@ -503,10 +727,12 @@ async fn fs_type_mount_flags_and_mkfs_options_reach_the_os_checked() {
         &["noatime,nodev"],
     ));
     h.node.node_stage_volume(Request::new(req)).await.unwrap();
-    assert_eq!(
-        runs(f, "mkfs.xfs"),
-        [["-q", "-K", "-m", "bigtime=0", "--", "/dev/loop0"]]
-    );
+    let mkfs = runs(f, "mkfs.xfs");
+    assert_eq!(mkfs.len(), 1);
+    assert_eq!(mkfs[0][..3], ["-q", "-K", "-m"]);
+    let uuid = mkfs[0][3].strip_prefix("bigtime=0,uuid=").unwrap();
+    assert!(uuid_like(uuid), "{:?}", mkfs[0]);
+    assert_eq!(mkfs[0][4..], ["--", "/dev/loop0"]);
     let mounted = f.calls().into_iter().find_map(|c| match c {
         Call::MountFs { fstype, flags, .. } => Some((fstype, flags)),
         _ => None,
@@ -1599,7 +1825,8 @@ async fn a_replaced_disk_is_neither_used_nor_wiped() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(runs(f, "wipefs").is_empty() && runs(f, "mkfs.ext4").is_empty());
-    // A disk that is gone: abnormal, and deleting the volume wipes nothing.
+    // A disk that is gone: abnormal, and deleting the volume wipes nothing
+    // (there is nothing to wipe)...
     f.remove_device(&dir.join("d10"));
     let c = h
         .ctl
@@ -1618,6 +1845,46 @@ async fn a_replaced_disk_is_neither_used_nor_wiped() {
         .await
         .unwrap();
     assert!(runs(f, "wipefs").is_empty());
+    // ... but the disk is remembered: when it comes back (the tenant's
+    // data still on it) it is not offered until it has been wiped. (It was
+    // released unwiped, and the next volume got the old data.)
+    let listed = h
+        .ctl
+        .list_volumes(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
+    std::fs::write(dir.join("d10"), b"tenant a's data").unwrap();
+    f.add_device(&dir.join("d10"), 8, 16, (10 * MIB) as u64);
+    let (total, _) = disk_capacity(&h).await;
+    assert_eq!(total, 50 * MIB, "d10 offered before it was wiped");
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p(
+            "b",
+            10 * MIB,
+            &[("pool", "disk")],
+        )))
+        .await
+        .unwrap();
+    assert_ne!(e.into_inner().volume.unwrap().capacity_bytes, 10 * MIB);
+    h.driver.retry_pending(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.driver.store.len() > 1 {
+        assert!(std::time::Instant::now() < deadline, "the wipe never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &dir.join("d10"))));
+    assert!(std::fs::read(dir.join("d10"))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    let c = create(&h, "c", 10 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(c.capacity_bytes, 10 * MIB, "offered again once wiped");
 }
 
 #[tokio::test]
@@ -1694,6 +1961,18 @@ async fn files_without_a_record_are_moved_aside_at_start() {
         b"someone's data"
     );
     assert!(h.path("block/notes.txt").exists());
+    // The same name again (a state directory restored twice): the earlier
+    // orphan is never overwritten (rename(2) replaced it).
+    std::fs::write(img(&h, &stray), b"more data").unwrap();
+    let (h, _f) = restart(h, &[]);
+    assert_eq!(
+        std::fs::read(h.path("block/.orphaned").join(format!("{stray}.img"))).unwrap(),
+        b"someone's data"
+    );
+    assert_eq!(
+        std::fs::read(h.path("block/.orphaned").join(format!("{stray}.img.1"))).unwrap(),
+        b"more data"
+    );
 }
 
 /// A stage whose mount fails (a filesystem volume's mount, a raw volume's
@@ -1716,6 +1995,8 @@ async fn a_failed_stage_leaves_nothing_behind() {
         !staging.exists(),
         "filesystem: staging directory left behind"
     );
+    // A raw volume (a volume keeps the access type of its first stage).
+    let v = create(&h, "b", 8 * MIB, &[]).await;
     f.fail_next("bind", libc::EIO);
     let r = h
         .node

@@ -260,10 +260,14 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     if let Err(e) = imp.create(&mut rec) {
         // Roll back; if that fails too, start-up reconciliation finishes it.
         if imp.delete(&rec).is_ok() {
-            if durable {
-                let _ = d.store.remove(&rec.id);
+            let gone = if durable {
+                d.store.remove(&rec.id).is_ok()
             } else {
                 d.store.forget(&rec.id);
+                true
+            };
+            if gone {
+                imp.purge(&rec);
             }
         }
         return Err(e);

@@ -65,6 +65,7 @@ pub async fn handle(
         }
         kind.delete_with(&rec, &mount_table)?;
         d.store.remove(&id)?;
+        kind.purge(&rec);
         Ok(())
     })
     .await?;

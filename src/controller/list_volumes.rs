@@ -36,7 +36,8 @@ pub async fn handle(
     let (recs, next) = d.store.page(after, req.max_entries as usize);
     let entries = recs
         .iter()
-        .filter(|r| r.phase != Phase::Creating)
+        // Internal records (a disk waiting to be wiped) are not volumes.
+        .filter(|r| r.phase != Phase::Creating && d.id_is_plausible(&r.id))
         .map(|r| csi::list_volumes_response::Entry {
             volume: Some(volume::to_proto(&d, r)),
             status: Some(csi::list_volumes_response::VolumeStatus {

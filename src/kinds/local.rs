@@ -39,6 +39,24 @@ impl LocalKind {
         Ok(LocalKind { root, os })
     }
 
+    /// The trash's entries (`<id>-<time>`) with the volume id of each.
+    fn trash(&self) -> Vec<(String, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(self.root.join(TRASH)) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let id = name
+                    .rsplit_once('-')
+                    .map_or(name.as_str(), |(id, _)| id)
+                    .to_string();
+                (id, e.path())
+            })
+            .collect()
+    }
+
     fn remove_tree(&self, path: &Path) -> Result<()> {
         self.os
             .files
@@ -175,9 +193,9 @@ impl VolumeKind for LocalKind {
                 m.mount_point.display()
             )));
         }
-        // One atomic rename takes the volume away; the slow removal of its
-        // contents happens in the trash, which start-up empties if a crash
-        // interrupts it.
+        // One atomic rename takes the volume away into the trash; its
+        // contents are removed only once its record is gone (`purge`). If
+        // removing the record fails, start-up puts the directory back.
         let trash = self.root.join(TRASH);
         ensure_dir(self.os.files.as_ref(), &trash, 0o700)
             .map_err(|e| Error::os(format!("creating {}", trash.display()), e))?;
@@ -185,8 +203,17 @@ impl VolumeKind for LocalKind {
         self.os
             .files
             .rename_noreplace(&dir, &dest)
-            .map_err(|e| Error::os(format!("moving {} to the trash", dir.display()), e))?;
-        self.remove_tree(&dest)
+            .map_err(|e| Error::os(format!("moving {} to the trash", dir.display()), e))
+    }
+
+    fn purge(&self, rec: &VolumeRecord) {
+        for (id, path) in self.trash() {
+            if id == rec.id {
+                if let Err(e) = self.remove_tree(&path) {
+                    tracing::warn!(volume_id = %rec.id, error = %e.render(), "could not empty the trash; start-up does");
+                }
+            }
+        }
     }
 
     fn durable_intent(&self) -> bool {
@@ -194,11 +221,20 @@ impl VolumeKind for LocalKind {
     }
 
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
-        let trash = self.root.join(TRASH);
-        if let Ok(entries) = std::fs::read_dir(&trash) {
-            for e in entries.flatten() {
-                self.remove_tree(&e.path())?;
+        // The trash: a volume whose record is still there was being
+        // deleted when removing its record failed: it goes back. The rest
+        // is emptied.
+        for (id, path) in self.trash() {
+            let home = volume_dir(&self.root, &id);
+            if self.owns_id(&id) && known(&id) && std::fs::symlink_metadata(&home).is_err() {
+                self.os
+                    .files
+                    .rename_noreplace(&path, &home)
+                    .map_err(|e| Error::os(format!("moving {} back", path.display()), e))?;
+                tracing::warn!(volume_id = %id, "a delete whose record could not be removed was undone: the volume is back");
+                continue;
             }
+            self.remove_tree(&path)?;
         }
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;

@@ -221,6 +221,15 @@ pub trait VolumeKind: Send + Sync {
     /// `in_use` so that one RPC reads the mount table at most once.
     fn delete_with(&self, rec: &VolumeRecord, mounts: &LazyTable) -> Result<()>;
 
+    /// After the record of a deleted volume is gone: finishes removing what
+    /// `delete_with` only set aside (best effort; a failure is logged, and
+    /// start-up finishes it). Set aside first, removed after the record: a
+    /// delete whose record could not be removed loses nothing (start-up
+    /// puts what was set aside back). Default: nothing to do.
+    fn purge(&self, rec: &VolumeRecord) {
+        let _ = rec;
+    }
+
     /// `delete_with` reading the mount table itself (when it needs it).
     fn delete(&self, rec: &VolumeRecord) -> Result<()> {
         self.delete_with(rec, &LazyTable::new())

@@ -3,7 +3,7 @@
 //! blkid exits 2 both for "nothing found" and for some failures (a device it
 //! cannot open or read yields exit 2 and no output), so only exit 2 with no
 //! output at all counts as blank, and callers prove the device readable
-//! first (`BlockDevices::check_readable`). Every other outcome is either a
+//! first (`BlockDevices::read_head`). Every other outcome is either a
 //! signature or an error; neither may lead to a format.
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,6 +44,14 @@ impl Probe {
                 }
                 parts.join(" and ")
             }
+        }
+    }
+
+    /// The filesystem UUID blkid reported, if any.
+    pub fn uuid(&self) -> Option<&str> {
+        match self {
+            Probe::Blank => None,
+            Probe::Signature(m) => m.get("UUID").map(String::as_str),
         }
     }
 

@@ -26,8 +26,8 @@ pub trait BlockDevices: Send + Sync {
     fn stable_link(&self, dev: &DeviceInfo) -> Option<PathBuf>;
     /// Reads the first 4 KiB: proves the device answers before anything is
     /// decided from a probe of it (blkid reports "nothing found" for a device
-    /// it cannot read).
-    fn check_readable(&self, path: &Path) -> Result<(), OsError>;
+    /// it cannot read), and returns them (a superblock lives there).
+    fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError>;
     /// Zeroes the whole device at `path`, which must be `size_bytes` long.
     /// Opened exclusively (O_EXCL on a block device: EBUSY while anything
     /// mounts or holds it), then flushed.
@@ -101,7 +101,7 @@ impl BlockDevices for RealBlockDevices {
         links.into_iter().next()
     }
 
-    fn check_readable(&self, path: &Path) -> Result<(), OsError> {
+    fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError> {
         let mut f = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_CLOEXEC)
@@ -109,7 +109,8 @@ impl BlockDevices for RealBlockDevices {
             .map_err(|e| OsError::sys("open", path, e))?;
         let mut buf = vec![0u8; 4096];
         f.read_exact(&mut buf)
-            .map_err(|e| OsError::sys("read", path, e))
+            .map_err(|e| OsError::sys("read", path, e))?;
+        Ok(buf)
     }
 
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {

@@ -353,7 +353,7 @@ impl FakeOs {
         lock(&self.devices).remove(path);
     }
 
-    /// Makes reads of a device fail (`check_readable`).
+    /// Makes reads of a device fail (`read_head`).
     pub fn set_unreadable(&self, path: &Path) {
         lock(&self.unreadable).insert(path.to_path_buf());
     }
@@ -840,8 +840,10 @@ impl BlockDevices for FakeOs {
         None
     }
 
-    fn check_readable(&self, path: &Path) -> Result<(), OsError> {
-        self.injected("check_readable", path)?;
+    /// The first 4 KiB of the device: of a loop device's backing file or a
+    /// stand-in disk that is a regular file; zeros for other fake devices.
+    fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError> {
+        self.injected("read_head", path)?;
         if lock(&self.unreadable).contains(path) || self.device_numbers(path).is_none() {
             return Err(OsError::sys(
                 "read",
@@ -849,7 +851,17 @@ impl BlockDevices for FakeOs {
                 std::io::Error::from_raw_os_error(libc::EIO),
             ));
         }
-        Ok(())
+        let backing = Self::loop_index(path)
+            .and_then(|n| lock(&self.loops).get(&n).map(|l| l.backing.clone()))
+            .unwrap_or_else(|| path.to_path_buf());
+        let mut head = vec![0u8; 4096];
+        if backing.is_file() {
+            use std::io::Read;
+            if let Ok(f) = std::fs::File::open(&backing) {
+                let _ = f.take(4096).read(&mut head);
+            }
+        }
+        Ok(head)
     }
 
     /// Records the call; a stand-in disk that is a regular file is

@@ -59,7 +59,15 @@ impl std::fmt::Display for Filesystem {
 /// reserved blocks, so the usable size is the requested size. `force` only
 /// for redoing Berth's own interrupted mkfs (mkfs.xfs refuses to overwrite a
 /// filesystem without it).
-pub fn mkfs_args(fs: Filesystem, device: &Path, options: &[String], force: bool) -> Vec<String> {
+/// `uuid` is the filesystem UUID (pinned in the volume's record before
+/// mkfs runs, so a retry can tell Berth's own filesystem).
+pub fn mkfs_args(
+    fs: Filesystem,
+    device: &Path,
+    options: &[String],
+    force: bool,
+    uuid: &str,
+) -> Vec<String> {
     let mut a: Vec<String> = match fs {
         Filesystem::Ext4 => vec![
             "-q".into(),
@@ -67,10 +75,20 @@ pub fn mkfs_args(fs: Filesystem, device: &Path, options: &[String], force: bool)
             "0".into(),
             "-E".into(),
             "lazy_itable_init=1,lazy_journal_init=1,nodiscard".into(),
+            "-U".into(),
+            uuid.into(),
         ],
         Filesystem::Xfs => vec!["-q".into(), "-K".into()],
     };
     a.extend(options.iter().cloned());
+    if fs == Filesystem::Xfs {
+        // The UUID is a metadata (-m) suboption: added to an -m the
+        // options already have (mkfs.xfs takes each option once).
+        match a.iter().position(|x| x == "-m") {
+            Some(i) if i + 1 < a.len() => a[i + 1] = format!("{},uuid={uuid}", a[i + 1]),
+            _ => a.extend(["-m".to_string(), format!("uuid={uuid}")]),
+        }
+    }
     if force {
         a.push(match fs {
             Filesystem::Ext4 => "-F".into(),
@@ -88,11 +106,16 @@ pub fn mkfs(
     device: &Path,
     options: &[String],
     force: bool,
+    uuid: &str,
 ) -> Result<(), OsError> {
     let p = fs.mkfs_program();
-    cmd.run(p, &mkfs_args(fs, device, options, force), MKFS_TIMEOUT)?
-        .check(p)
-        .map(|_| ())
+    cmd.run(
+        p,
+        &mkfs_args(fs, device, options, force, uuid),
+        MKFS_TIMEOUT,
+    )?
+    .check(p)
+    .map(|_| ())
 }
 
 /// Grows a mounted filesystem to the size of its device: resize2fs takes
@@ -246,18 +269,27 @@ mod tests {
 
     #[test]
     fn fast_mkfs_arguments() {
-        let a = mkfs_args(Filesystem::Ext4, Path::new("/dev/loop3"), &[], false);
+        let u = "0b3c1f53-4a44-4d2c-9d3e-8f7c2b4a1e01";
+        let a = mkfs_args(Filesystem::Ext4, Path::new("/dev/loop3"), &[], false, u);
         assert_eq!(
             a.join(" "),
-            "-q -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard -- /dev/loop3"
+            format!(
+                "-q -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard -U {u} -- /dev/loop3"
+            )
         );
         let a = mkfs_args(
             Filesystem::Xfs,
             Path::new("/dev/loop3"),
             &["-m".into(), "bigtime=0".into()],
             true,
+            u,
         );
-        assert_eq!(a.join(" "), "-q -K -m bigtime=0 -f -- /dev/loop3");
+        assert_eq!(
+            a.join(" "),
+            format!("-q -K -m bigtime=0,uuid={u} -f -- /dev/loop3")
+        );
+        let a = mkfs_args(Filesystem::Xfs, Path::new("/dev/loop3"), &[], false, u);
+        assert_eq!(a.join(" "), format!("-q -K -m uuid={u} -- /dev/loop3"));
     }
 
     #[test]

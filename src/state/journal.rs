@@ -888,6 +888,12 @@ impl Journal {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a round is being written (tests).
+    #[cfg(test)]
+    pub fn writing(&self) -> bool {
+        self.queue().writing
+    }
+
     /// Changes handed a ticket so far (tests).
     #[cfg(test)]
     pub fn queued(&self) -> u64 {

@@ -18,8 +18,8 @@ pub mod store;
 pub mod tools;
 
 pub use record::{
-    AccessMode, AccessType, Allocation, Attachment, BlockInfo, Capability, DiskRef, Kind, Phase,
-    VolumeRecord,
+    AccessMode, AccessType, Allocation, Attachment, BlockAccess, BlockInfo, Capability, DiskRef,
+    Kind, Phase, VolumeRecord,
 };
 pub use store::Store;
 

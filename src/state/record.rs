@@ -188,4 +188,21 @@ pub struct BlockInfo {
     /// (partly) on the device. Cleared when `formatted` is set.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub formatting: String,
+    /// The UUID that mkfs (`formatting`) gives the filesystem, pinned with
+    /// the intent: a retry adopts a filesystem only if it has this UUID.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub formatting_uuid: String,
+    /// How the volume was first staged (raw device or filesystem), recorded
+    /// before anything is written: the other way is refused later (a volume
+    /// written raw is never formatted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<BlockAccess>,
+}
+
+/// How a block volume is used.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockAccess {
+    Raw,
+    Filesystem,
 }

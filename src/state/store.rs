@@ -857,7 +857,9 @@ mod tests {
             let s = s.clone();
             std::thread::spawn(move || s.insert_new(rec("x", "x", 1), ok).map(|_| ()))
         };
-        while s.journal.queued() < 1 {
+        // `keep` took ticket 0; x has ticket 1 once queued, and its round
+        // is the one blocked on the writer.
+        while s.journal.queued() < 2 || !s.journal.writing() {
             std::thread::yield_now();
         }
         let t2 = {

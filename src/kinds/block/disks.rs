@@ -221,7 +221,7 @@ impl BlockKind {
             {
                 continue;
             }
-            if self.os.devices.check_readable(&d.dev.path).is_err() {
+            if self.os.devices.read_head(&d.dev.path).is_err() {
                 tracing::warn!(disk = %d.listed.display(), "pool disk cannot be read; not offered");
                 continue;
             }

@@ -33,7 +33,7 @@ use crate::node::mounts::{self, LazyTable};
 use crate::os::files::{self, allocated_bytes, ensure_dir, Open};
 use crate::os::{MountEntry, Os};
 use crate::state::{
-    AccessType, Allocation, BlockInfo, Capability, Kind, Phase, Store, VolumeRecord,
+    AccessType, Allocation, BlockInfo, Capability, DiskRef, Kind, Phase, Store, VolumeRecord,
 };
 
 use super::{
@@ -42,6 +42,15 @@ use super::{
 use params::Pool;
 
 const PREFIX: &str = "block-";
+
+/// Prefix of the internal records of pool disks that must be wiped before
+/// they are offered again (their volume was deleted while the disk was
+/// missing). Not a volume id of any kind: no RPC reaches them.
+const WIPE_PREFIX: &str = "wipe-";
+
+fn is_wipe_record(id: &str) -> bool {
+    id.starts_with(WIPE_PREFIX)
+}
 
 /// The backing file of block volume `id` under `root` (ids are checked by
 /// the caller: `BlockKind::file`).
@@ -138,6 +147,36 @@ impl BlockKind {
                 f.display()
             ))),
         }
+    }
+
+    /// Remembers that the disk of `rec` (deleted while the disk was missing)
+    /// must be wiped before it is offered again: a record of its own, in
+    /// phase Deleting, claims the disk (so it is never free) until a retry
+    /// finds it back and wipes it (`Driver::retry_pending`). Idempotent.
+    fn remember_wipe(&self, rec: &VolumeRecord, d: &DiskRef) -> Result<String> {
+        let id = format!(
+            "{WIPE_PREFIX}{}",
+            rec.id.strip_prefix(PREFIX).unwrap_or(&rec.id)
+        );
+        let mut info = rec.block.clone().unwrap_or_default();
+        info.disk = Some(d.clone());
+        let pending = VolumeRecord {
+            id: id.clone(),
+            name: id.clone(),
+            kind: Kind::Block,
+            seq: 0,
+            phase: Phase::Deleting,
+            capacity_bytes: 0,
+            node: rec.node.clone(),
+            parameters: Default::default(),
+            capabilities: Vec::new(),
+            context: Default::default(),
+            published: Default::default(),
+            created_unix: crate::driver::now_unix(),
+            block: Some(info),
+        };
+        self.store.put(&pending)?;
+        Ok(id)
     }
 
     /// The volume's device as it is now, without attaching anything.
@@ -505,8 +544,16 @@ impl VolumeKind for BlockKind {
             }
             let dev = match self.resolve_disk(&d) {
                 Ok(dev) => dev,
+                Err(Error::NotFound(m)) if is_wipe_record(&rec.id) => {
+                    return Err(Error::Unavailable(format!(
+                        "{m}; it is wiped once it is back"
+                    )));
+                }
                 Err(Error::NotFound(m)) => {
-                    tracing::warn!(volume_id = %rec.id, "{m}; nothing to wipe");
+                    // It may come back with the tenant's data: it stays
+                    // claimed, by a record of its own, until it is wiped.
+                    let pending = self.remember_wipe(rec, &d)?;
+                    tracing::warn!(volume_id = %rec.id, pending = %pending, "{m}; it stays out of the pool until it is back and wiped");
                     return Ok(());
                 }
                 Err(e) => return Err(e),

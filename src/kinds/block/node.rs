@@ -17,11 +17,11 @@ use crate::error::{Error, Result};
 use crate::kinds::{PublishArgs, VolumeStats};
 use crate::node::mounts;
 use crate::os::blkid;
-use crate::os::files::{Files, Open};
+use crate::os::files::{self, Files, Open};
 use crate::os::mkfs::{self, Filesystem};
 use crate::os::mountinfo;
 use crate::os::MountFlags;
-use crate::state::{Capability, VolumeRecord};
+use crate::state::{BlockAccess, BlockInfo, Capability, VolumeRecord};
 
 /// Creates an empty regular file at `path` if nothing is there; true when it
 /// created one.
@@ -42,15 +42,72 @@ fn ensure_file(files: &dyn Files, path: &Path) -> Result<bool> {
     }
 }
 
+fn access_name(a: BlockAccess) -> &'static str {
+    match a {
+        BlockAccess::Raw => "as a raw block device",
+        BlockAccess::Filesystem => "with a filesystem",
+    }
+}
+
 impl BlockKind {
     /// The file a raw block volume is staged on.
     fn marker(rec: &VolumeRecord, staging: &Path) -> PathBuf {
         staging.join(&rec.id)
     }
 
+    /// The filesystem a mount capability without fs_type gets: the
+    /// record's (StorageClass `fsType`; records of old versions without one
+    /// mean the default, ext4). Any other name is a damaged record: an
+    /// error, never a guess.
     fn default_fs(rec: &VolumeRecord) -> Result<Filesystem> {
         let info = Self::info(rec)?;
-        Ok(Filesystem::parse(&info.default_fs).unwrap_or(Filesystem::Ext4))
+        if info.default_fs.is_empty() {
+            return Ok(Filesystem::Ext4);
+        }
+        Filesystem::parse(&info.default_fs).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "the record of volume {} names an unknown filesystem {:?}; refusing to guess",
+                rec.id,
+                info.default_fs.chars().take(32).collect::<String>()
+            ))
+        })
+    }
+
+    /// Records how the volume is used at its first stage, before anything
+    /// is written to it, and refuses the other way later: a volume written
+    /// raw is never formatted, a filesystem never handed out raw. Volumes
+    /// of older versions that Berth formatted are filesystems.
+    fn claim_access(&self, rec: &VolumeRecord, want: BlockAccess) -> Result<BlockInfo> {
+        let mut info = Self::info(rec)?;
+        let known = info
+            .access
+            .or(info.formatted.then_some(BlockAccess::Filesystem));
+        match known {
+            Some(a) if a != want => Err(Error::FailedPrecondition(format!(
+                "volume {} was first staged {}; refusing to stage it {} ({})",
+                rec.id,
+                access_name(a),
+                access_name(want),
+                match a {
+                    BlockAccess::Raw =>
+                        "a filesystem would be made over what was written to the device",
+                    BlockAccess::Filesystem => "its filesystem would be exposed as a raw device",
+                }
+            ))),
+            Some(_) if info.access.is_some() => Ok(info),
+            _ => {
+                info.access = Some(want);
+                self.save_info(rec, &info)?;
+                Ok(info)
+            }
+        }
+    }
+
+    /// Whether a file volume's backing file holds data (None: cannot tell).
+    fn file_has_data(&self, rec: &VolumeRecord) -> Option<bool> {
+        let f = self.file(&rec.id).ok()?;
+        let file = std::fs::File::open(f).ok()?;
+        files::has_data(&file)
     }
 
     pub(super) fn stage_volume(
@@ -66,6 +123,7 @@ impl BlockKind {
     }
 
     fn stage_raw(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
+        self.claim_access(rec, BlockAccess::Raw)?;
         let dev = self.ensure_device(rec, cap.access_mode.read_only())?;
         let marker = Self::marker(rec, staging);
         let t = mounts::table(&self.os)?;
@@ -100,6 +158,7 @@ impl BlockKind {
     ) -> Result<()> {
         let mut flags = mounts::bind_flags(cap)?;
         flags.readonly |= cap.access_mode.read_only();
+        let mut info = self.claim_access(rec, BlockAccess::Filesystem)?;
         let dev = self.ensure_device(rec, false)?;
         let t = mounts::table(&self.os)?;
         if let Some(top) = mountinfo::at(&t, staging).last() {
@@ -111,27 +170,78 @@ impl BlockKind {
                 staging.display()
             )));
         }
-        let mut info = Self::info(rec)?;
-        let in_use = !Self::users(&t, &dev).is_empty();
-        let decision = format::decide(&info, fs, in_use, || {
-            self.os
-                .devices
-                .check_readable(&dev.path)
-                .map_err(|e| e.to_string())?;
-            blkid::probe(self.os.cmd.as_ref(), &dev.path).map_err(|e| e.to_string())
-        });
+        let facts = format::Facts {
+            in_use: !Self::users(&t, &dev).is_empty(),
+            file_has_data: if info.disk.is_some() {
+                Some(false)
+            } else {
+                self.file_has_data(rec)
+            },
+        };
+        let head = || self.os.devices.read_head(&dev.path);
+        let decision = format::decide(
+            &info,
+            fs,
+            facts,
+            || {
+                head().map_err(|e| e.to_string())?;
+                blkid::probe(self.os.cmd.as_ref(), &dev.path).map_err(|e| e.to_string())
+            },
+            || head().is_ok_and(|sb| format::xfs_in_progress(&sb)),
+        );
+        let mount = || {
+            mounts::mount_on_dir(&self.os, staging, || {
+                self.os
+                    .mounter
+                    .mount_fs(&dev.path, staging, fs.as_str(), flags, "")
+                    .map_err(|e| {
+                        Error::os(
+                            format!(
+                                "mounting {} ({fs}) at {}",
+                                dev.path.display(),
+                                staging.display()
+                            ),
+                            e,
+                        )
+                    })
+            })
+        };
+        let formatted = |mut info: BlockInfo| {
+            info.formatted = true;
+            info.fs_type = fs.as_str().into();
+            info.formatting.clear();
+            info.formatting_uuid.clear();
+            self.save_info(rec, &info)
+        };
         match decision {
-            format::Decision::Mount => {}
-            format::Decision::Refuse(why) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {} on {}: {why}",
-                    rec.id,
-                    dev.path.display()
-                )))
+            format::Decision::Mount => mount(),
+            format::Decision::Refuse(why) => Err(Error::FailedPrecondition(format!(
+                "volume {} on {}: {why}",
+                rec.id,
+                dev.path.display()
+            ))),
+            format::Decision::Adopt => {
+                // Berth's own mkfs finished before a crash: the filesystem
+                // is taken as it is (it may hold data), never made again.
+                tracing::warn!(volume_id = %rec.id, device = %dev.path.display(), fs = %fs, uuid = %info.formatting_uuid, "found the filesystem of an interrupted format; mounting it as it is");
+                mount().map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "volume {}: the {fs} filesystem that Berth's interrupted mkfs made on {} (UUID {}) does not mount ({}); refusing to format over it: delete the volume",
+                        rec.id,
+                        dev.path.display(),
+                        info.formatting_uuid,
+                        e.render()
+                    ))
+                })?;
+                formatted(info)
             }
             format::Decision::Format { force } => {
-                // The intent is durable before mkfs touches the device, so a
-                // crash mid-mkfs is recognised as Berth's own work.
+                // The intent, with the UUID mkfs will write, is durable
+                // before mkfs touches the device, so a crash mid-mkfs is
+                // recognised as Berth's own work, and only that.
+                if !force || info.formatting_uuid.is_empty() {
+                    info.formatting_uuid = uuid::Uuid::new_v4().to_string();
+                }
                 info.formatting = fs.as_str().into();
                 self.save_info(rec, &info)?;
                 let options = if info.default_fs == fs.as_str() {
@@ -139,31 +249,20 @@ impl BlockKind {
                 } else {
                     Vec::new()
                 };
-                tracing::info!(volume_id = %rec.id, device = %dev.path.display(), fs = %fs, "formatting new volume");
-                mkfs::mkfs(self.os.cmd.as_ref(), fs, &dev.path, &options, force).map_err(|e| {
-                    Error::os(format!("formatting {} as {fs}", dev.path.display()), e)
-                })?;
-                info.formatted = true;
-                info.fs_type = fs.as_str().into();
-                info.formatting.clear();
-                self.save_info(rec, &info)?;
+                tracing::info!(volume_id = %rec.id, device = %dev.path.display(), fs = %fs, uuid = %info.formatting_uuid, force, "formatting new volume");
+                mkfs::mkfs(
+                    self.os.cmd.as_ref(),
+                    fs,
+                    &dev.path,
+                    &options,
+                    force,
+                    &info.formatting_uuid,
+                )
+                .map_err(|e| Error::os(format!("formatting {} as {fs}", dev.path.display()), e))?;
+                formatted(info)?;
+                mount()
             }
         }
-        mounts::mount_on_dir(&self.os, staging, || {
-            self.os
-                .mounter
-                .mount_fs(&dev.path, staging, fs.as_str(), flags, "")
-                .map_err(|e| {
-                    Error::os(
-                        format!(
-                            "mounting {} ({fs}) at {}",
-                            dev.path.display(),
-                            staging.display()
-                        ),
-                        e,
-                    )
-                })
-        })
     }
 
     pub(super) fn unstage_volume(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {

@@ -105,6 +105,15 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     let local_root = cfg.local_root();
     let block_root = cfg.block_root();
     for r in records {
+        if r.id.starts_with("wipe-") {
+            let disk = r.block.as_ref().and_then(|b| b.disk.as_ref());
+            out.push(warning(format!(
+                "disk {} was missing when its volume was deleted: it stays out of the pool until it is back and erased",
+                disk.map(|d| d.by_id.as_deref().unwrap_or(&d.path).display().to_string())
+                    .unwrap_or_default()
+            )));
+            continue;
+        }
         if r.phase != Phase::Ready {
             out.push(warning(format!(
                 "volume {} ({}) is {:?}: an operation was interrupted; start-up finishes it",

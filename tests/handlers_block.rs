@@ -101,6 +101,14 @@ fn img(h: &Harness, id: &str) -> PathBuf {
     h.path("block").join(format!("{id}.img"))
 }
 
+/// Writes `data` into the file `path` at `offset` (what a tenant or an
+/// interrupted mkfs left on a volume).
+fn write_at(path: &Path, data: &[u8], offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(data, offset).unwrap();
+}
+
 fn uuid_like(s: &str) -> bool {
     s.len() == 36 && s.chars().filter(|&c| c == '-').count() == 4
 }
@@ -559,14 +567,7 @@ async fn an_unfinished_xfs_of_berths_own_mkfs_is_made_again() {
     let mut sb = vec![0u8; 512];
     sb[..4].copy_from_slice(b"XFSB");
     sb[126] = 1;
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(img(&h, &v.volume_id))
-            .unwrap();
-        file.write_all_at(&sb, 0).unwrap();
-    }
+    write_at(&img(&h, &v.volume_id), &sb, 0);
     f.respond("blkid", move |_| {
         out(0, &format!("UUID={uuid}\nTYPE=xfs\nUSAGE=filesystem\n"))
     });
@@ -597,14 +598,7 @@ async fn an_unfinished_xfs_of_berths_own_mkfs_is_made_again() {
         .unwrap()
         .formatting_uuid;
     sb[126] = 0;
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(img(&h, &v.volume_id))
-            .unwrap();
-        file.write_all_at(&sb, 0).unwrap();
-    }
+    write_at(&img(&h, &v.volume_id), &sb, 0);
     f.respond("blkid", move |_| {
         out(0, &format!("UUID={uuid}\nTYPE=xfs\nUSAGE=filesystem\n"))
     });
@@ -668,14 +662,7 @@ async fn a_volume_used_raw_is_never_formatted() {
     // A record that does not know (lost, or of an older version) and a file
     // that holds data: not new, not formatted.
     let x = create(&h, "c", 8 * MIB, &[]).await;
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(img(&h, &x.volume_id))
-            .unwrap();
-        file.write_all_at(b"tenant data", 5 * MIB as u64).unwrap();
-    }
+    write_at(&img(&h, &x.volume_id), b"tenant data", 5 * MIB as u64);
     let before = runs(f, "mkfs.ext4").len();
     let e = h
         .node

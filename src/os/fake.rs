@@ -966,6 +966,16 @@ impl Files for FakeOs {
         RealFiles.sync_dir(path)
     }
 
+    fn copy_file(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
+        self.file_op("copy", dst)?;
+        RealFiles.copy_file(src, dst)
+    }
+
+    fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
+        self.file_op("copy", dst)?;
+        RealFiles.copy_tree(src, dst)
+    }
+
     fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {
         if let Some(d) = lock(&self.durable).get(path) {
             return Ok(d.clone());

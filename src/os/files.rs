@@ -60,6 +60,11 @@ pub trait Files: Send + Sync {
     fn sync_data(&self, file: &File, path: &Path) -> Result<(), OsError>;
     /// fsync(2) of a directory (makes the entries in it durable).
     fn sync_dir(&self, path: &Path) -> Result<(), OsError>;
+    /// Copies the regular file `src` to the new file `dst` (see `copy`).
+    fn copy_file(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
+    /// Copies the directory tree `src` to `dst`, which must not exist (see
+    /// `copy`).
+    fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
     /// What the disk itself holds of the file at `path`, read with O_DIRECT
     /// around the page cache (which after a failed writeback may show data
     /// the disk never got). None when the filesystem cannot read that way
@@ -170,6 +175,14 @@ impl Files for RealFiles {
         File::open(path)
             .and_then(|d| d.sync_all())
             .map_err(sys("fsync", path))
+    }
+
+    fn copy_file(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
+        super::copy::copy_file(src, dst)
+    }
+
+    fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
+        super::copy::copy_tree(src, dst)
     }
 
     fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {

@@ -14,6 +14,7 @@
 //! | `blockdev.rs` | block devices: size, identity, by-id links       |
 //! | `blkid.rs`    | `blkid -p`: what is on a device                  |
 //! | `mkfs.rs`     | mkfs.ext4/xfs, resize2fs, xfs_growfs, wipefs     |
+//! | `copy.rs`     | snapshot copies: FICLONE or data ranges, whole trees with their metadata |
 //! | `files.rs`    | every filesystem change: mkdir, rename, remove, open, write, truncate, fallocate, fsync |
 //! | `nfsmount.rs` | `mount -t nfs` / `umount` with checked options   |
 //! | `bounded.rs`  | calls that may hang (statvfs of NFS) with a deadline |
@@ -23,6 +24,7 @@ pub mod blkid;
 pub mod blockdev;
 pub mod bounded;
 pub mod command;
+pub mod copy;
 pub mod fake;
 pub mod files;
 pub mod loopdev;

@@ -60,16 +60,19 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::VolumeRecord;
+use super::record::{SnapshotRecord, VolumeRecord};
 use super::StateError;
 use crate::os::files::{Files, Open};
 
-/// One change, as read back.
+/// One change, as read back: a volume record written or removed, a
+/// snapshot record written or removed.
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "lowercase")]
 pub enum Entry {
     Put(Box<VolumeRecord>),
     Del(String),
+    Snap(Box<SnapshotRecord>),
+    DelSnap(String),
 }
 
 /// One change, as written (the same JSON as `Entry`, without copying the
@@ -79,6 +82,8 @@ pub enum Entry {
 pub enum EntryRef<'a> {
     Put(&'a VolumeRecord),
     Del(&'a str),
+    Snap(&'a SnapshotRecord),
+    DelSnap(&'a str),
 }
 
 /// Appends the journal line of `entry` to `out`.
@@ -216,6 +221,8 @@ pub struct Scan {
     pub torn: Option<Torn>,
     /// Every record the readable lines give (damaged lines skipped).
     pub records: HashMap<String, VolumeRecord>,
+    /// Every snapshot record, likewise.
+    pub snapshots: HashMap<String, SnapshotRecord>,
     /// Flaws that stop start-up.
     pub damage: Vec<Damage>,
     /// Damaged lines skipped in `records` (for `repair`).
@@ -276,6 +283,7 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         log_good: 0,
         torn: None,
         records: HashMap::new(),
+        snapshots: HashMap::new(),
         damage: Vec::new(),
         dropped: Vec::new(),
         stale: Vec::new(),
@@ -336,7 +344,13 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
                     out.records.insert(r.id.clone(), *r);
                     continue;
                 }
-                Line::Entry(Entry::Del(_)) => "a deletion in a snapshot".to_string(),
+                Line::Entry(Entry::Snap(r)) => {
+                    out.snapshots.insert(r.id.clone(), *r);
+                    continue;
+                }
+                Line::Entry(Entry::Del(_) | Entry::DelSnap(_)) => {
+                    "a deletion in a snapshot".to_string()
+                }
                 Line::NotAnEntry(e) => format!("not a record ({e})"),
                 Line::Damaged => "checksum mismatch or cut short".to_string(),
             };
@@ -384,6 +398,12 @@ fn replay_log(s: &mut Scan, path: &Path) {
                     }
                     Entry::Del(id) => {
                         s.records.remove(&id);
+                    }
+                    Entry::Snap(r) => {
+                        s.snapshots.insert(r.id.clone(), *r);
+                    }
+                    Entry::DelSnap(id) => {
+                        s.snapshots.remove(&id);
                     }
                 }
             }
@@ -570,6 +590,7 @@ pub struct Replay {
     pub journal: Journal,
     /// Every live record, in no particular order.
     pub records: Vec<VolumeRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
 }
 
 impl Journal {
@@ -635,6 +656,7 @@ impl Journal {
                 writer: Mutex::new(writer),
             },
             records: s.records.into_values().collect(),
+            snapshots: s.snapshots.into_values().collect(),
         })
     }
 

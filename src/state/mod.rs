@@ -19,7 +19,7 @@ pub mod tools;
 
 pub use record::{
     AccessMode, AccessType, Allocation, Attachment, BlockAccess, BlockInfo, Capability, DiskRef,
-    Kind, Phase, VolumeRecord,
+    Kind, Phase, SnapshotRecord, VolumeRecord,
 };
 pub use store::Store;
 

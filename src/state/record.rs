@@ -206,3 +206,36 @@ pub enum BlockAccess {
     Raw,
     Filesystem,
 }
+
+/// A point-in-time copy of a volume (CreateSnapshot).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub name: String,
+    pub kind: Kind,
+    /// Creation order; ListSnapshots pages by it.
+    pub seq: u64,
+    /// Creating until the copy is complete and durable (`ready_to_use`);
+    /// Deleting while its storage is removed.
+    pub phase: Phase,
+    pub source_volume_id: String,
+    /// What a volume restored from it needs: the source's capacity when
+    /// the snapshot was taken.
+    pub size_bytes: i64,
+    /// The node it lives on (the source's); empty for NFS.
+    pub node: String,
+    /// VolumeSnapshotClass parameters as given.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// Creation time (seconds and nanoseconds since the epoch).
+    pub created_secs: i64,
+    pub created_nanos: i32,
+    /// Block sources: what a restored volume inherits (allocation,
+    /// filesystem made, access type, defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockInfo>,
+    /// NFS sources: the id of the source, whose server and share the copy
+    /// lives on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub location: String,
+}

@@ -1,4 +1,6 @@
-//! The record store: an in-memory index over the journal (see `journal`).
+//! The record store: an in-memory index over the journal (see `journal`)
+//! of two kinds of records, volumes and snapshots (`Record`), each with its
+//! own ids, names and creation order.
 //!
 //! A change is applied to the index and queued in the journal in one step
 //! under the index's write lock, then the caller waits for it to be
@@ -17,22 +19,97 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::journal::{encode, Committed, EntryRef, Journal, Replay, Ticket};
-use super::record::{Kind, Phase, VolumeRecord};
+use super::record::{Kind, Phase, SnapshotRecord, VolumeRecord};
 use super::{legacy, StateError};
 use crate::os::files::Files;
 
+/// What the store keeps: volume and snapshot records.
+pub trait Record: Clone + Send + Sync + 'static {
+    fn id(&self) -> &str;
+    fn name(&self) -> &str;
+    fn seq(&self) -> u64;
+    fn set_seq(&mut self, seq: u64);
+    /// Bytes this record promises to its kind (see `Store::promised`).
+    fn promise(&self) -> Option<(Kind, i64)> {
+        None
+    }
+    /// The journal line that writes it.
+    fn put(&self) -> EntryRef<'_>;
+    /// The journal line that removes the record with this id.
+    fn del(id: &str) -> EntryRef<'_>;
+    fn index(ix: &Indexes) -> &Index<Self>;
+    fn index_mut(ix: &mut Indexes) -> &mut Index<Self>;
+}
+
+impl Record for VolumeRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn set_seq(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+    fn promise(&self) -> Option<(Kind, i64)> {
+        Some((self.kind, self.capacity_bytes))
+    }
+    fn put(&self) -> EntryRef<'_> {
+        EntryRef::Put(self)
+    }
+    fn del(id: &str) -> EntryRef<'_> {
+        EntryRef::Del(id)
+    }
+    fn index(ix: &Indexes) -> &Index<Self> {
+        &ix.volumes
+    }
+    fn index_mut(ix: &mut Indexes) -> &mut Index<Self> {
+        &mut ix.volumes
+    }
+}
+
+impl Record for SnapshotRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn set_seq(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+    fn put(&self) -> EntryRef<'_> {
+        EntryRef::Snap(self)
+    }
+    fn del(id: &str) -> EntryRef<'_> {
+        EntryRef::DelSnap(id)
+    }
+    fn index(ix: &Indexes) -> &Index<Self> {
+        &ix.snapshots
+    }
+    fn index_mut(ix: &mut Indexes) -> &mut Index<Self> {
+        &mut ix.snapshots
+    }
+}
+
 /// A change not yet committed: its ticket and the record before it.
 #[derive(Debug)]
-struct Pending {
+struct Pending<R> {
     ticket: Ticket,
-    old: Option<VolumeRecord>,
+    old: Option<R>,
     /// The record was a memory-only reservation before this change.
     was_reserved: bool,
 }
 
-#[derive(Default)]
-struct Index {
-    by_id: HashMap<String, VolumeRecord>,
+/// The index of one kind of record.
+pub struct Index<R> {
+    by_id: HashMap<String, R>,
     by_name: HashMap<String, String>,
     by_seq: BTreeMap<u64, String>,
     last_seq: u64,
@@ -42,43 +119,69 @@ struct Index {
     reserved: HashSet<String>,
     /// Changes queued in the journal and not yet settled, per id, oldest
     /// first.
-    inflight: HashMap<String, Vec<Pending>>,
+    inflight: HashMap<String, Vec<Pending<R>>>,
 }
 
-impl Index {
+impl<R> Default for Index<R> {
+    fn default() -> Self {
+        Index {
+            by_id: HashMap::new(),
+            by_name: HashMap::new(),
+            by_seq: BTreeMap::new(),
+            last_seq: 0,
+            promised: HashMap::new(),
+            reserved: HashSet::new(),
+            inflight: HashMap::new(),
+        }
+    }
+}
+
+/// Both indexes, behind the store's one lock.
+#[derive(Default)]
+pub struct Indexes {
+    volumes: Index<VolumeRecord>,
+    snapshots: Index<SnapshotRecord>,
+}
+
+impl<R: Record> Index<R> {
     /// Inserts or replaces a record; returns the one it replaced. The seq
     /// must be unique (callers assign it).
-    fn insert(&mut self, rec: VolumeRecord) -> Option<VolumeRecord> {
-        let old = self.by_id.remove(&rec.id);
+    fn insert(&mut self, rec: R) -> Option<R> {
+        let old = self.by_id.remove(rec.id());
         if let Some(old) = &old {
             self.unlink(old);
         }
-        self.last_seq = self.last_seq.max(rec.seq);
-        self.by_name.insert(rec.name.clone(), rec.id.clone());
-        self.by_seq.insert(rec.seq, rec.id.clone());
-        *self.promised.entry(rec.kind).or_default() += rec.capacity_bytes;
-        self.by_id.insert(rec.id.clone(), rec);
+        self.last_seq = self.last_seq.max(rec.seq());
+        self.by_name
+            .insert(rec.name().to_string(), rec.id().to_string());
+        self.by_seq.insert(rec.seq(), rec.id().to_string());
+        if let Some((k, b)) = rec.promise() {
+            *self.promised.entry(k).or_default() += b;
+        }
+        self.by_id.insert(rec.id().to_string(), rec);
         old
     }
 
-    fn unlink(&mut self, old: &VolumeRecord) {
-        if self.by_name.get(&old.name) == Some(&old.id) {
-            self.by_name.remove(&old.name);
+    fn unlink(&mut self, old: &R) {
+        if self.by_name.get(old.name()).map(String::as_str) == Some(old.id()) {
+            self.by_name.remove(old.name());
         }
-        if self.by_seq.get(&old.seq) == Some(&old.id) {
-            self.by_seq.remove(&old.seq);
+        if self.by_seq.get(&old.seq()).map(String::as_str) == Some(old.id()) {
+            self.by_seq.remove(&old.seq());
         }
-        *self.promised.entry(old.kind).or_default() -= old.capacity_bytes;
+        if let Some((k, b)) = old.promise() {
+            *self.promised.entry(k).or_default() -= b;
+        }
     }
 
-    fn remove(&mut self, id: &str) -> Option<VolumeRecord> {
+    fn remove(&mut self, id: &str) -> Option<R> {
         let old = self.by_id.remove(id)?;
         self.unlink(&old);
         Some(old)
     }
 
     /// Puts `old` back in place of whatever `id` has now.
-    fn restore(&mut self, id: &str, old: Option<VolumeRecord>) {
+    fn restore(&mut self, id: &str, old: Option<R>) {
         self.remove(id);
         if let Some(o) = old {
             self.insert(o);
@@ -88,7 +191,7 @@ impl Index {
     /// The seq a record with this id keeps: its current one, or the next.
     fn seq_for(&mut self, id: &str) -> u64 {
         match self.by_id.get(id) {
-            Some(r) => r.seq,
+            Some(r) => r.seq(),
             None => {
                 self.last_seq += 1;
                 self.last_seq
@@ -134,7 +237,7 @@ impl Index {
     /// The committed value of `id` for a snapshot: the value before its
     /// oldest change not in `c`, else what the index holds; None for
     /// nothing durable (absent, or a reservation).
-    fn committed<'a>(&'a self, id: &str, c: &Committed) -> Option<&'a VolumeRecord> {
+    fn committed<'a>(&'a self, id: &str, c: &Committed) -> Option<&'a R> {
         if let Some(p) = self
             .inflight
             .get(id)
@@ -147,37 +250,98 @@ impl Index {
         }
         self.by_id.get(id)
     }
+
+    /// Appends every committed record's journal line to `out`.
+    fn snapshot(&self, c: &Committed, out: &mut Vec<u8>) -> Result<(), StateError> {
+        let deleted_in_flight = self
+            .inflight
+            .keys()
+            .filter(|id| !self.by_id.contains_key(*id));
+        for id in self.by_id.keys().chain(deleted_in_flight) {
+            if let Some(rec) = self.committed(id, c) {
+                encode(&rec.put(), out).map_err(|source| StateError::Encode {
+                    id: id.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn page(&self, after_seq: u64, max: usize) -> (Vec<R>, Option<u64>) {
+        let mut out = Vec::new();
+        let mut it = self
+            .by_seq
+            .range(after_seq.saturating_add(1)..)
+            .filter_map(|(_, id)| self.by_id.get(id));
+        for rec in it.by_ref() {
+            out.push(rec.clone());
+            if max > 0 && out.len() == max {
+                break;
+            }
+        }
+        let more = it.next().is_some();
+        let next = if more {
+            out.last().map(|r| r.seq())
+        } else {
+            None
+        };
+        (out, next)
+    }
+
+    /// Loads replayed records into an empty index, giving each a unique
+    /// seq: in seq order, a record whose seq is 0 or already taken (records
+    /// of old versions rebuilt from an NFS id carried 0) gets the next free
+    /// one.
+    fn load(&mut self, mut records: Vec<R>) {
+        records.sort_by(|a, b| (a.seq(), a.id()).cmp(&(b.seq(), b.id())));
+        let max = records
+            .iter()
+            .map(|r| r.seq())
+            .max()
+            .unwrap_or(0)
+            .max(self.last_seq);
+        let mut next = max;
+        for mut r in records {
+            if r.seq() == 0 || self.by_seq.contains_key(&r.seq()) {
+                next += 1;
+                tracing::info!(id = %r.id(), old_seq = r.seq(), new_seq = next, "record given a unique sequence number");
+                r.set_seq(next);
+            }
+            self.insert(r);
+        }
+    }
 }
 
 /// What `insert_new` and `reserve` show their `admit` check, under the
 /// store's write lock: the bytes already promised to the record's kind and
 /// every record (so a check for overlapping storage and the insert are one
 /// step).
-pub struct Admission<'a> {
+pub struct Admission<'a, R = VolumeRecord> {
     pub promised: i64,
-    records: &'a HashMap<String, VolumeRecord>,
+    records: &'a HashMap<String, R>,
 }
 
-impl Admission<'_> {
+impl<R> Admission<'_, R> {
     /// The record with this id, if any.
-    pub fn get(&self, id: &str) -> Option<&VolumeRecord> {
+    pub fn get(&self, id: &str) -> Option<&R> {
         self.records.get(id)
     }
 
     /// A record matching `f`, if any (a scan of every record).
-    pub fn find(&self, f: impl Fn(&VolumeRecord) -> bool) -> Option<&VolumeRecord> {
+    pub fn find(&self, f: impl Fn(&R) -> bool) -> Option<&R> {
         self.records.values().find(|r| f(r))
     }
 }
 
 pub struct Store {
     journal: Journal,
-    index: RwLock<Index>,
+    index: RwLock<Indexes>,
 }
 
 /// What a change does to a record.
-enum Change<'a> {
-    Put(&'a VolumeRecord),
+enum Change<'a, R> {
+    Put(&'a R),
     Del(&'a str),
 }
 
@@ -187,18 +351,23 @@ impl Store {
     /// of the older one-file-per-volume layout are imported first (see
     /// `legacy`).
     pub fn open(state_dir: &Path, files: Arc<dyn Files>) -> Result<Store, StateError> {
-        let Replay { journal, records } = Journal::open(&journal_dir(state_dir), files.clone())?;
-        let mut index = Index::default();
-        load(&mut index, records);
+        let Replay {
+            journal,
+            records,
+            snapshots,
+        } = Journal::open(&journal_dir(state_dir), files.clone())?;
+        let mut index = Indexes::default();
+        index.volumes.load(records);
+        index.snapshots.load(snapshots);
         let old = legacy::load(state_dir)?;
         let import = !old.is_empty();
         // After an import interrupted before the old files were removed,
         // both hold the same records; the journal is newer.
         let old: Vec<_> = old
             .into_iter()
-            .filter(|r| !index.by_id.contains_key(&r.id))
+            .filter(|r| !index.volumes.by_id.contains_key(&r.id))
             .collect();
-        load(&mut index, old);
+        index.volumes.load(old);
         let store = Store {
             journal,
             index: RwLock::new(index),
@@ -216,30 +385,20 @@ impl Store {
         Ok(store)
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Indexes> {
         self.index.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Indexes> {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every committed record as journal lines (see `Index::committed`).
     fn snapshot(&self, c: &Committed) -> Result<Vec<u8>, StateError> {
-        let idx = self.read();
-        let mut out = Vec::with_capacity(idx.by_id.len() * 512);
-        let deleted_in_flight = idx
-            .inflight
-            .keys()
-            .filter(|id| !idx.by_id.contains_key(*id));
-        for id in idx.by_id.keys().chain(deleted_in_flight) {
-            if let Some(rec) = idx.committed(id, c) {
-                encode(&EntryRef::Put(rec), &mut out).map_err(|source| StateError::Encode {
-                    id: id.clone(),
-                    source,
-                })?;
-            }
-        }
+        let ix = self.read();
+        let mut out = Vec::with_capacity((ix.volumes.by_id.len() + ix.snapshots.by_id.len()) * 512);
+        ix.volumes.snapshot(c, &mut out)?;
+        ix.snapshots.snapshot(c, &mut out)?;
         Ok(out)
     }
 
@@ -247,39 +406,36 @@ impl Store {
     /// step (under the index's write lock, after `prepare`, which may
     /// refuse or adjust the record), then waits until it is durable; a
     /// failed write undoes it. Returns the record as stored.
-    fn apply<E: From<StateError>>(
+    fn apply<R: Record, E: From<StateError>>(
         &self,
-        change: Change<'_>,
-        prepare: impl FnOnce(&mut Index, Option<&mut VolumeRecord>) -> Result<(), E>,
-    ) -> Result<Option<VolumeRecord>, E> {
+        change: Change<'_, R>,
+        prepare: impl FnOnce(&mut Index<R>, Option<&mut R>) -> Result<(), E>,
+    ) -> Result<Option<R>, E> {
         let (id, ticket, stored) = {
-            let mut idx = self.write();
+            let mut ix = self.write();
+            let idx = R::index_mut(&mut ix);
             match change {
                 Change::Put(r) => {
                     let mut rec = r.clone();
-                    prepare(&mut idx, Some(&mut rec))?;
+                    prepare(idx, Some(&mut rec))?;
                     let mut line = Vec::with_capacity(1024);
-                    encode(&EntryRef::Put(&rec), &mut line).map_err(|source| {
-                        StateError::Encode {
-                            id: rec.id.clone(),
-                            source,
-                        }
+                    encode(&rec.put(), &mut line).map_err(|source| StateError::Encode {
+                        id: rec.id().to_string(),
+                        source,
                     })?;
                     let ticket = self.journal.enqueue(&line)?;
-                    let was_reserved = idx.reserved.remove(&rec.id);
+                    let id = rec.id().to_string();
+                    let was_reserved = idx.reserved.remove(&id);
                     let old = idx.insert(rec.clone());
-                    idx.inflight
-                        .entry(rec.id.clone())
-                        .or_default()
-                        .push(Pending {
-                            ticket,
-                            old,
-                            was_reserved,
-                        });
-                    (rec.id.clone(), ticket, Some(rec))
+                    idx.inflight.entry(id.clone()).or_default().push(Pending {
+                        ticket,
+                        old,
+                        was_reserved,
+                    });
+                    (id, ticket, Some(rec))
                 }
                 Change::Del(id) => {
-                    prepare(&mut idx, None)?;
+                    prepare(idx, None)?;
                     if !idx.by_id.contains_key(id) {
                         return Ok(None);
                     }
@@ -289,7 +445,7 @@ impl Store {
                         return Ok(None);
                     }
                     let mut line = Vec::with_capacity(64);
-                    encode(&EntryRef::Del(id), &mut line).map_err(|source| StateError::Encode {
+                    encode(&R::del(id), &mut line).map_err(|source| StateError::Encode {
                         id: id.to_string(),
                         source,
                     })?;
@@ -308,13 +464,73 @@ impl Store {
             }
         };
         let r = self.journal.wait(ticket, &|c| self.snapshot(c), || {
-            self.write().settle(&id, ticket, true)
+            R::index_mut(&mut self.write()).settle(&id, ticket, true)
         });
         if r.is_ok() {
-            self.write().settle(&id, ticket, false);
+            R::index_mut(&mut self.write()).settle(&id, ticket, false);
         }
         r?;
         Ok(stored)
+    }
+
+    fn get_of<R: Record>(&self, id: &str) -> Option<R> {
+        R::index(&self.read()).by_id.get(id).cloned()
+    }
+
+    fn get_by_name_of<R: Record>(&self, name: &str) -> Option<R> {
+        let ix = self.read();
+        let idx = R::index(&ix);
+        idx.by_name
+            .get(name)
+            .and_then(|id| idx.by_id.get(id))
+            .cloned()
+    }
+
+    fn filter_of<R: Record>(&self, f: impl Fn(&R) -> bool) -> Vec<R> {
+        R::index(&self.read())
+            .by_id
+            .values()
+            .filter(|r| f(r))
+            .cloned()
+            .collect()
+    }
+
+    fn insert_new_of<R: Record, E: From<StateError>>(
+        &self,
+        rec: R,
+        kind: Option<Kind>,
+        admit: impl FnOnce(&Admission<'_, R>) -> Result<(), E>,
+    ) -> Result<R, E> {
+        let stored = self.apply::<R, E>(Change::Put(&rec), |idx, r| {
+            admit(&Admission {
+                promised: kind
+                    .and_then(|k| idx.promised.get(&k).copied())
+                    .unwrap_or(0),
+                records: &idx.by_id,
+            })?;
+            if let Some(r) = r {
+                idx.last_seq += 1;
+                r.set_seq(idx.last_seq);
+            }
+            Ok(())
+        })?;
+        Ok(stored.unwrap_or(rec))
+    }
+
+    fn put_of<R: Record>(&self, rec: &R) -> Result<(), StateError> {
+        self.apply(Change::Put(rec), |idx, r: Option<&mut R>| {
+            if let Some(r) = r {
+                let seq = idx.seq_for(r.id());
+                r.set_seq(seq);
+            }
+            Ok::<(), StateError>(())
+        })?;
+        Ok(())
+    }
+
+    fn remove_of<R: Record>(&self, id: &str) -> Result<(), StateError> {
+        self.apply::<R, StateError>(Change::Del(id), |_, _| Ok(()))?;
+        Ok(())
     }
 
     /// Set when the journal stopped accepting changes (see `journal`).
@@ -322,20 +538,19 @@ impl Store {
         self.journal.poisoned()
     }
 
+    // ------------------------------------------------------------ volumes
+
     pub fn get(&self, id: &str) -> Option<VolumeRecord> {
-        self.read().by_id.get(id).cloned()
+        self.get_of(id)
     }
 
     pub fn get_by_name(&self, name: &str) -> Option<VolumeRecord> {
-        let idx = self.read();
-        idx.by_name
-            .get(name)
-            .and_then(|id| idx.by_id.get(id))
-            .cloned()
+        self.get_by_name_of(name)
     }
 
+    /// Volume records.
     pub fn len(&self) -> usize {
-        self.read().by_id.len()
+        self.read().volumes.by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -344,51 +559,34 @@ impl Store {
 
     /// Bytes promised to volumes of `kind` (every phase counts).
     pub fn promised(&self, kind: Kind) -> i64 {
-        self.read().promised.get(&kind).copied().unwrap_or(0)
-    }
-
-    /// Highest sequence number handed out so far.
-    pub fn last_seq(&self) -> u64 {
-        self.read().last_seq
-    }
-
-    /// Records in creation order after `after_seq`, at most `max` (0 = all),
-    /// and the sequence number to continue after if more remain.
-    pub fn page(&self, after_seq: u64, max: usize) -> (Vec<VolumeRecord>, Option<u64>) {
-        let idx = self.read();
-        let mut out = Vec::new();
-        let mut it = idx
-            .by_seq
-            .range(after_seq.saturating_add(1)..)
-            .filter_map(|(_, id)| idx.by_id.get(id));
-        for rec in it.by_ref() {
-            out.push(rec.clone());
-            if max > 0 && out.len() == max {
-                break;
-            }
-        }
-        let more = it.next().is_some();
-        let next = if more {
-            out.last().map(|r| r.seq)
-        } else {
-            None
-        };
-        (out, next)
-    }
-
-    /// All records matching `f`.
-    pub fn filter(&self, f: impl Fn(&VolumeRecord) -> bool) -> Vec<VolumeRecord> {
         self.read()
-            .by_id
-            .values()
-            .filter(|r| f(r))
-            .cloned()
-            .collect()
+            .volumes
+            .promised
+            .get(&kind)
+            .copied()
+            .unwrap_or(0)
     }
 
-    /// Inserts a new record with the next sequence number, after `admit`
-    /// accepted it given the bytes already promised to its kind (checked and
-    /// reserved under one lock, so concurrent creates cannot overcommit).
+    /// Highest volume sequence number handed out so far.
+    pub fn last_seq(&self) -> u64 {
+        self.read().volumes.last_seq
+    }
+
+    /// Volumes in creation order after `after_seq`, at most `max` (0 =
+    /// all), and the sequence number to continue after if more remain.
+    pub fn page(&self, after_seq: u64, max: usize) -> (Vec<VolumeRecord>, Option<u64>) {
+        self.read().volumes.page(after_seq, max)
+    }
+
+    /// All volume records matching `f`.
+    pub fn filter(&self, f: impl Fn(&VolumeRecord) -> bool) -> Vec<VolumeRecord> {
+        self.filter_of(f)
+    }
+
+    /// Inserts a new volume record with the next sequence number, after
+    /// `admit` accepted it given the bytes already promised to its kind
+    /// (checked and reserved under one lock, so concurrent creates cannot
+    /// overcommit).
     pub fn insert_new<E>(
         &self,
         rec: VolumeRecord,
@@ -397,18 +595,8 @@ impl Store {
     where
         E: From<StateError>,
     {
-        let stored = self.apply::<E>(Change::Put(&rec), |idx, r| {
-            admit(&Admission {
-                promised: idx.promised.get(&rec.kind).copied().unwrap_or(0),
-                records: &idx.by_id,
-            })?;
-            if let Some(r) = r {
-                idx.last_seq += 1;
-                r.seq = idx.last_seq;
-            }
-            Ok(())
-        })?;
-        Ok(stored.unwrap_or(rec))
+        let kind = rec.kind;
+        self.insert_new_of(rec, Some(kind), admit)
     }
 
     /// Like `insert_new`, but only in memory: the record is written by the
@@ -420,7 +608,8 @@ impl Store {
         mut rec: VolumeRecord,
         admit: impl FnOnce(&Admission<'_>) -> Result<(), E>,
     ) -> Result<VolumeRecord, E> {
-        let mut idx = self.write();
+        let mut ix = self.write();
+        let idx = &mut ix.volumes;
         admit(&Admission {
             promised: idx.promised.get(&rec.kind).copied().unwrap_or(0),
             records: &idx.by_id,
@@ -434,9 +623,9 @@ impl Store {
 
     /// Drops a record from memory only (a reservation that failed).
     pub fn forget(&self, id: &str) {
-        let mut idx = self.write();
-        if idx.reserved.remove(id) {
-            idx.remove(id);
+        let mut ix = self.write();
+        if ix.volumes.reserved.remove(id) {
+            ix.volumes.remove(id);
         }
     }
 
@@ -444,13 +633,7 @@ impl Store {
     /// disk. A record keeps the seq it has in the store; a new one gets the
     /// next (whatever `rec.seq` says: records rebuilt from an id carry 0).
     pub fn put(&self, rec: &VolumeRecord) -> Result<(), StateError> {
-        self.apply(Change::Put(rec), |idx, r| {
-            if let Some(r) = r {
-                r.seq = idx.seq_for(&r.id);
-            }
-            Ok::<(), StateError>(())
-        })?;
-        Ok(())
+        self.put_of(rec)
     }
 
     /// Sets a record's phase and writes it.
@@ -459,32 +642,52 @@ impl Store {
         self.put(rec)
     }
 
-    /// Removes a record durably (an unknown id is already removed).
+    /// Removes a volume record durably (an unknown id is already removed).
     pub fn remove(&self, id: &str) -> Result<(), StateError> {
-        self.apply(Change::Del(id), |_, _| Ok::<(), StateError>(()))?;
-        Ok(())
+        self.remove_of::<VolumeRecord>(id)
     }
-}
 
-/// Loads replayed records into an empty index, giving each a unique seq:
-/// in seq order, a record whose seq is 0 or already taken (records of old
-/// versions rebuilt from an NFS id carried 0) gets the next free one.
-fn load(index: &mut Index, mut records: Vec<VolumeRecord>) {
-    records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
-    let max = records
-        .iter()
-        .map(|r| r.seq)
-        .max()
-        .unwrap_or(0)
-        .max(index.last_seq);
-    let mut next = max;
-    for mut r in records {
-        if r.seq == 0 || index.by_seq.contains_key(&r.seq) {
-            next += 1;
-            tracing::info!(volume_id = %r.id, old_seq = r.seq, new_seq = next, "record given a unique sequence number");
-            r.seq = next;
-        }
-        index.insert(r);
+    // ---------------------------------------------------------- snapshots
+
+    pub fn snapshot_get(&self, id: &str) -> Option<SnapshotRecord> {
+        self.get_of(id)
+    }
+
+    pub fn snapshot_by_name(&self, name: &str) -> Option<SnapshotRecord> {
+        self.get_by_name_of(name)
+    }
+
+    /// Snapshots in creation order after `after_seq`, at most `max` (0 =
+    /// all), and the sequence number to continue after if more remain.
+    pub fn snapshot_page(&self, after_seq: u64, max: usize) -> (Vec<SnapshotRecord>, Option<u64>) {
+        self.read().snapshots.page(after_seq, max)
+    }
+
+    /// Highest snapshot sequence number handed out so far.
+    pub fn snapshot_last_seq(&self) -> u64 {
+        self.read().snapshots.last_seq
+    }
+
+    pub fn snapshot_filter(&self, f: impl Fn(&SnapshotRecord) -> bool) -> Vec<SnapshotRecord> {
+        self.filter_of(f)
+    }
+
+    /// Inserts a new snapshot record with the next sequence number after
+    /// `admit` accepted it (under the store's lock).
+    pub fn snapshot_insert_new<E: From<StateError>>(
+        &self,
+        rec: SnapshotRecord,
+        admit: impl FnOnce(&Admission<'_, SnapshotRecord>) -> Result<(), E>,
+    ) -> Result<SnapshotRecord, E> {
+        self.insert_new_of(rec, None, admit)
+    }
+
+    pub fn snapshot_put(&self, rec: &SnapshotRecord) -> Result<(), StateError> {
+        self.put_of(rec)
+    }
+
+    pub fn snapshot_remove(&self, id: &str) -> Result<(), StateError> {
+        self.remove_of::<SnapshotRecord>(id)
     }
 }
 
@@ -891,7 +1094,7 @@ mod tests {
     /// flight is the one before its oldest uncommitted change.
     #[test]
     fn the_committed_value_is_the_one_before_the_oldest_uncommitted_change() {
-        let mut idx = Index::default();
+        let mut idx: Index<VolumeRecord> = Index::default();
         let v = |cap| rec("a", "a", cap);
         idx.insert(v(1));
         let old = idx.insert(v(2));
@@ -906,7 +1109,7 @@ mod tests {
             old,
             was_reserved: false,
         });
-        fn cap(idx: &Index, c: Committed) -> Option<i64> {
+        fn cap(idx: &Index<VolumeRecord>, c: Committed) -> Option<i64> {
             idx.committed("a", &c).map(|r| r.capacity_bytes)
         }
         let c = Committed::for_test;
@@ -1001,5 +1204,58 @@ mod tests {
                 assert_eq!(ids(&s), want);
             }
         }
+    }
+
+    fn snap(id: &str, name: &str, source: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.into(),
+            name: name.into(),
+            kind: Kind::Local,
+            seq: 0,
+            phase: Phase::Ready,
+            source_volume_id: source.into(),
+            size_bytes: 1,
+            node: "n1".into(),
+            parameters: Default::default(),
+            created_secs: 1,
+            created_nanos: 2,
+            block: None,
+            location: String::new(),
+        }
+    }
+
+    /// Snapshot records live beside volume records: their own names and
+    /// order, in the same journal, through compaction and reopen.
+    #[test]
+    fn snapshots_are_kept_beside_volumes() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path()).unwrap();
+        s.journal.set_compact_at(1);
+        s.insert_new(rec("v", "same-name", 1), ok).unwrap();
+        let a = s
+            .snapshot_insert_new(snap("s1", "same-name", "v"), |_| Ok::<(), StateError>(()))
+            .unwrap();
+        let b = s
+            .snapshot_insert_new(snap("s2", "other", "v"), |a| match a.get("s1") {
+                Some(_) => Ok::<(), StateError>(()),
+                None => panic!("admit does not see snapshot s1"),
+            })
+            .unwrap();
+        assert_eq!((a.seq, b.seq), (1, 2));
+        assert_eq!(s.get_by_name("same-name").unwrap().id, "v");
+        assert_eq!(s.snapshot_by_name("same-name").unwrap().id, "s1");
+        s.snapshot_remove("s2").unwrap();
+        assert!(s.journal.position().0 >= 1, "compacted");
+        drop(s);
+        let s = open(d.path()).unwrap();
+        assert_eq!(s.len(), 1);
+        let (page, next) = s.snapshot_page(0, 0);
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["s1"]
+        );
+        assert_eq!(next, None);
+        assert_eq!(s.snapshot_get("s1").unwrap().created_nanos, 2);
+        assert!(s.snapshot_get("v").is_none() && s.get("s1").is_none());
     }
 }

@@ -312,6 +312,7 @@ struct Export<'a> {
     state_dir: PathBuf,
     generation: u64,
     records: Vec<&'a VolumeRecord>,
+    snapshots: Vec<&'a super::SnapshotRecord>,
     damage: Vec<String>,
     torn_tail_bytes: u64,
 }
@@ -323,10 +324,13 @@ pub fn export(cfg: &Config, out: &mut dyn Write) -> Result<bool, StateError> {
     let (scan, legacy) = read_records(&state_dir)?;
     let mut records: Vec<&VolumeRecord> = scan.records.values().chain(legacy.iter()).collect();
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    let mut snapshots: Vec<_> = scan.snapshots.values().collect();
+    snapshots.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
     let doc = Export {
         state_dir,
         generation: scan.gen,
         records,
+        snapshots,
         damage: scan.damage.iter().map(|d| d.to_string()).collect(),
         torn_tail_bytes: scan.torn.as_ref().map_or(0, |t| t.len),
     };
@@ -394,6 +398,12 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     let mut bytes = Vec::new();
     for r in &records {
         encode(&EntryRef::Put(r), &mut bytes).map_err(|source| StateError::Encode {
+            id: r.id.clone(),
+            source,
+        })?;
+    }
+    for r in scan.snapshots.values() {
+        encode(&EntryRef::Snap(r), &mut bytes).map_err(|source| StateError::Encode {
             id: r.id.clone(),
             source,
         })?;

@@ -46,9 +46,10 @@ impl Driver {
         let mut kinds: BTreeMap<Kind, Arc<dyn VolumeKind>> = BTreeMap::new();
         for k in &cfg.kinds {
             let imp: Arc<dyn VolumeKind> = match k {
-                Kind::Local => Arc::new(LocalKind::new(cfg.local_root(), os.clone())?),
+                Kind::Local => Arc::new(LocalKind::new(cfg.local_root(), &node_id, os.clone())?),
                 Kind::Block => Arc::new(BlockKind::new(
                     cfg.block_root(),
+                    &node_id,
                     cfg.disk_pool.clone(),
                     cfg.disk_wipe,
                     os.clone(),
@@ -180,7 +181,8 @@ impl Driver {
     pub fn reconcile(self: &Arc<Self>) -> Result<()> {
         self.retry_pending(true);
         for kind in self.kinds.values() {
-            let known = |id: &str| self.store.get(id).is_some();
+            let known =
+                |id: &str| self.store.get(id).is_some() || self.store.snapshot_get(id).is_some();
             if let Err(e) = kind.reconcile_orphans(&known) {
                 tracing::error!(kind = %kind.kind(), error = %e.render(), "could not reconcile orphaned storage");
             }
@@ -197,6 +199,7 @@ impl Driver {
     /// volume's and the name's guard (other RPCs on that volume answer
     /// ABORTED meanwhile; shutdown waits for it like for any operation).
     pub fn retry_pending(self: &Arc<Self>, startup: bool) {
+        self.retry_pending_snapshots();
         let pending = self.store.filter(|r| r.phase != Phase::Ready);
         for rec in pending {
             let Ok(kind) = self.kind(rec.kind).cloned() else {
@@ -232,6 +235,43 @@ impl Driver {
                     tracing::warn!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry");
                 }
             });
+        }
+    }
+}
+
+impl Driver {
+    /// Snapshots left half made (an interrupted CreateSnapshot: never
+    /// reported ready) or half deleted: their copy is removed, then their
+    /// record. Copies are removed quickly, so this runs in place.
+    fn retry_pending_snapshots(&self) {
+        for snap in self.store.snapshot_filter(|s| s.phase != Phase::Ready) {
+            let Ok(kind) = self.kind(snap.kind).cloned() else {
+                continue;
+            };
+            let guard = self
+                .locks
+                .try_lock(crate::controller::snapshot::snap_key(&snap.id))
+                .and_then(|mut g| {
+                    g.also(crate::controller::snapshot::snap_name_key(&snap.name))?;
+                    Ok(g)
+                });
+            let Ok(_guard) = guard else {
+                continue;
+            };
+            let Some(snap) = self
+                .store
+                .snapshot_get(&snap.id)
+                .filter(|s| s.phase != Phase::Ready)
+            else {
+                continue;
+            };
+            tracing::info!(snapshot_id = %snap.id, phase = ?snap.phase, "removing an interrupted snapshot");
+            let r = kind
+                .delete_snapshot(&snap)
+                .and_then(|_| Ok(self.store.snapshot_remove(&snap.id)?));
+            if let Err(e) = r {
+                tracing::warn!(snapshot_id = %snap.id, error = %e.render(), "could not remove an interrupted snapshot; will retry");
+            }
         }
     }
 }

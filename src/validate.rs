@@ -35,6 +35,11 @@ pub fn volume_id(v: &str) -> Result<&str> {
     plain_string("volume_id", v).map(|_| v)
 }
 
+/// A snapshot id.
+pub fn snapshot_id(v: &str) -> Result<&str> {
+    plain_string("snapshot_id", v).map(|_| v)
+}
+
 /// A volume name (CreateVolume).
 pub fn name(v: &str) -> Result<&str> {
     plain_string("name", v).map(|_| v)

@@ -812,15 +812,34 @@ async fn get_capacity_subtracts_promises_and_honours_topology() {
 
 #[tokio::test]
 async fn unadvertised_rpcs_are_unimplemented() {
-    let h = fake(&[]);
-    assert_eq!(
+    // Snapshots come with a kind that makes them (local and block do, NFS
+    // not yet).
+    let nfs = fake(&["--kinds", "nfs"]);
+    for c in [
         code(
-            h.ctl
+            nfs.ctl
                 .create_snapshot(Request::new(Default::default()))
-                .await
+                .await,
         ),
-        Code::Unimplemented
-    );
+        code(
+            nfs.ctl
+                .delete_snapshot(Request::new(Default::default()))
+                .await,
+        ),
+        code(
+            nfs.ctl
+                .list_snapshots(Request::new(Default::default()))
+                .await,
+        ),
+        code(nfs.ctl.get_snapshot(Request::new(Default::default())).await),
+    ] {
+        assert_eq!(c, Code::Unimplemented);
+    }
+    let has_nfs = controller_rpcs(&nfs).await;
+    use csi::controller_service_capability::rpc::Type;
+    assert!(!has_nfs.contains(&(Type::CreateDeleteSnapshot as i32)));
+    assert!(!has_nfs.contains(&(Type::CloneVolume as i32)));
+    let h = fake(&[]);
     assert_eq!(
         code(
             h.ctl
@@ -838,7 +857,6 @@ async fn unadvertised_rpcs_are_unimplemented() {
         Code::Unimplemented
     );
     let caps = controller_rpcs(&h).await;
-    use csi::controller_service_capability::rpc::Type;
     let has = |t: Type| caps.contains(&(t as i32));
     assert!(
         has(Type::CreateDeleteVolume)
@@ -846,8 +864,12 @@ async fn unadvertised_rpcs_are_unimplemented() {
             && has(Type::GetCapacity)
     );
     assert!(
-        !has(Type::CreateDeleteSnapshot) && !has(Type::GetSnapshot) && !has(Type::ExpandVolume)
+        has(Type::CreateDeleteSnapshot)
+            && has(Type::ListSnapshots)
+            && has(Type::GetSnapshot)
+            && has(Type::CloneVolume)
     );
+    assert!(!has(Type::ExpandVolume) && !has(Type::ModifyVolume));
 }
 
 // --------------------------------------------------------------- Node

@@ -5,7 +5,7 @@
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CSI_SANITY_VERSION=v5.4.0
+CSI_SANITY_VERSION=v5.6.0
 TOOLS=$ROOT/target/tools
 mkdir -p "$TOOLS/bin"
 

@@ -1,8 +1,9 @@
 //! ControllerGetCapabilities: what the controller implements for the kinds
 //! it serves. Node-local kinds add the attach phase and per-node capacity;
 //! an NFS-only controller has neither; expansion comes with an expandable
-//! kind (block). Snapshots, cloning and modification are not advertised
-//! (their RPCs answer UNIMPLEMENTED).
+//! kind (block); snapshots (with GetSnapshot) and cloning with a kind that
+//! makes them. Modification is not advertised (its RPC answers
+//! UNIMPLEMENTED).
 use crate::csi::v1 as csi;
 use crate::csi::v1::controller_service_capability::rpc::Type;
 use crate::driver::Driver;
@@ -26,6 +27,14 @@ pub fn capabilities(d: &Driver) -> Vec<Type> {
     }
     if d.kinds().any(|k| k.expandable()) {
         v.push(Type::ExpandVolume);
+    }
+    if d.kinds().any(|k| k.snapshots()) {
+        v.extend([
+            Type::CreateDeleteSnapshot,
+            Type::ListSnapshots,
+            Type::GetSnapshot,
+            Type::CloneVolume,
+        ]);
     }
     v
 }

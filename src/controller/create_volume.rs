@@ -4,13 +4,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::snapshot::snap_key;
 use super::{topology, volume};
 use crate::convert;
 use crate::csi::v1 as csi;
 use crate::driver::{name_key, now_unix, vol_key, Driver};
 use crate::error::{Error, Result};
+use crate::kinds::{node_tag, Source, VolumeKind};
 use crate::state::store::Admission;
-use crate::state::{Capability, Kind, Phase, VolumeRecord};
+use crate::state::{Capability, ContentSource, Kind, Phase, SnapshotRecord, VolumeRecord};
 use crate::validate;
 
 /// Size used when the request gives no capacity range.
@@ -95,6 +97,86 @@ struct Request {
     params: BTreeMap<String, String>,
     range: Range,
     node: String,
+    source: Option<ContentSource>,
+}
+
+/// The content source of a request, checked.
+fn content_source(s: Option<&csi::VolumeContentSource>) -> Result<Option<ContentSource>> {
+    use csi::volume_content_source::Type;
+    let Some(s) = s else {
+        return Ok(None);
+    };
+    match &s.r#type {
+        Some(Type::Snapshot(x)) => Ok(Some(ContentSource::Snapshot(
+            validate::snapshot_id(&x.snapshot_id)?.to_string(),
+        ))),
+        Some(Type::Volume(x)) => Ok(Some(ContentSource::Volume(
+            validate::volume_id(&x.volume_id)?.to_string(),
+        ))),
+        None => Err(Error::InvalidArgument(
+            "volume_content_source names neither a snapshot nor a volume".into(),
+        )),
+    }
+}
+
+/// A source resolved to its record: what a restore or clone copies.
+enum Resolved {
+    Snapshot(SnapshotRecord),
+    Volume(VolumeRecord),
+}
+
+impl Resolved {
+    fn size(&self) -> i64 {
+        match self {
+            Resolved::Snapshot(s) => s.size_bytes,
+            Resolved::Volume(v) => v.capacity_bytes,
+        }
+    }
+
+    fn as_source(&self) -> Source<'_> {
+        match self {
+            Resolved::Snapshot(s) => Source::Snapshot(s),
+            Resolved::Volume(v) => Source::Volume(v),
+        }
+    }
+}
+
+/// Finds the source of a restore or clone in this instance's store. One
+/// that is not here but whose id says it lives on another node is
+/// RESOURCE_EXHAUSTED (the CO then places the volume elsewhere, as it does
+/// for a node without room); one that is nowhere is NOT_FOUND. A source of
+/// another kind is INVALID_ARGUMENT.
+fn resolve(d: &Driver, imp: &dyn VolumeKind, kind: Kind, s: &ContentSource) -> Result<Resolved> {
+    let (what, id) = match s {
+        ContentSource::Snapshot(id) => ("snapshot", id),
+        ContentSource::Volume(id) => ("volume", id),
+    };
+    let found = match s {
+        ContentSource::Snapshot(id) => d
+            .store
+            .snapshot_get(id)
+            .filter(|r| r.phase == Phase::Ready)
+            .map(|r| (r.kind, Resolved::Snapshot(r))),
+        ContentSource::Volume(id) => d
+            .store
+            .get(id)
+            .filter(|r| r.phase == Phase::Ready)
+            .map(|r| (r.kind, Resolved::Volume(r))),
+    };
+    match found {
+        Some((k, r)) if k == kind => Ok(r),
+        Some((k, _)) => Err(Error::InvalidArgument(format!(
+            "source {what} {id} is a {k} {what}; a {kind} volume cannot be made from it"
+        ))),
+        None => match imp.node_tag_of(id) {
+            Some(tag) if tag != node_tag(&d.node_id) => Err(Error::ResourceExhausted(format!(
+                "source {what} {id} lives on another node; a volume made from it is created there"
+            ))),
+            _ => Err(Error::NotFound(format!(
+                "source {what} {id} does not exist"
+            ))),
+        },
+    }
 }
 
 pub async fn handle(
@@ -115,10 +197,11 @@ pub async fn handle(
     for c in &caps {
         imp.check_capability(c)?;
     }
-    if req.volume_content_source.is_some() {
-        return Err(Error::InvalidArgument(
-            "volume_content_source is not supported (no snapshot or clone capability)".into(),
-        ));
+    let source = content_source(req.volume_content_source.as_ref())?;
+    if source.is_some() && !imp.snapshots() {
+        return Err(Error::InvalidArgument(format!(
+            "{kind} volumes cannot be created from a snapshot or a volume"
+        )));
     }
     let range = Range::from_proto(req.capacity_range.as_ref())?;
     let node = match kind {
@@ -138,6 +221,12 @@ pub async fn handle(
     let id = imp.id_for(&name, &params)?;
     let mut guard = d.locks.try_lock(name_key(&name))?;
     guard.also(vol_key(&id))?;
+    // The source may not go away (or change) while it is copied.
+    match &source {
+        Some(ContentSource::Snapshot(s)) => guard.also(snap_key(s))?,
+        Some(ContentSource::Volume(v)) => guard.also(vol_key(v))?,
+        None => {}
+    }
     let r = Request {
         id,
         name,
@@ -146,6 +235,7 @@ pub async fn handle(
         params,
         range,
         node,
+        source,
     };
     let rec = d.run(guard, move |d| create(d, r)).await?;
     Ok(csi::CreateVolumeResponse {
@@ -164,6 +254,8 @@ fn compatible(rec: &VolumeRecord, r: &Request) -> Result<()> {
         "parameters"
     } else if rec.node != r.node {
         "topology"
+    } else if rec.source != r.source {
+        "content source"
     } else {
         return Ok(());
     };
@@ -186,14 +278,29 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
                 )))
             }
             Phase::Creating => {
-                imp.create(&mut rec)?;
+                make_storage(d, imp.as_ref(), &mut rec)?;
                 d.store.set_phase(&mut rec, Phase::Ready)?;
                 return Ok(rec);
             }
         }
     }
     let kparams = kind_parameters(&r.params);
-    let size = imp.size_for(&kparams, &r.caps, r.range.size(), r.range.limit)?;
+    // A restore or clone is at least as large as its source.
+    let wanted = match &r.source {
+        Some(s) => {
+            let src = resolve(d, imp.as_ref(), r.kind, s)?;
+            if r.range.limit > 0 && r.range.limit < src.size() {
+                return Err(Error::OutOfRange(format!(
+                    "limit_bytes {} is less than the source's {} bytes",
+                    r.range.limit,
+                    src.size()
+                )));
+            }
+            r.range.size().max(src.size())
+        }
+        None => r.range.size(),
+    };
+    let size = imp.size_for(&kparams, &r.caps, wanted, r.range.limit)?;
     let pool = imp.capacity_for(&kparams)?;
     if size > pool.max_volume_bytes {
         return Err(Error::OutOfRange(format!(
@@ -215,6 +322,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         published: BTreeMap::new(),
         created_unix: now_unix(),
         block: None,
+        source: r.source.clone(),
     };
     let promises = imp.capacity_is_promise();
     // Self-describing ids can name nested storage (an NFS subdirectory
@@ -257,7 +365,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     } else {
         d.store.reserve(rec, admit)?
     };
-    if let Err(e) = imp.create(&mut rec) {
+    if let Err(e) = make_storage(d, imp.as_ref(), &mut rec) {
         // Roll back; if that fails too, start-up reconciliation finishes it.
         if imp.delete(&rec).is_ok() {
             let gone = if durable {
@@ -274,6 +382,17 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     }
     d.store.set_phase(&mut rec, Phase::Ready)?;
     Ok(rec)
+}
+
+/// Makes a recorded volume's storage: empty, or from its content source.
+fn make_storage(d: &Driver, imp: &dyn VolumeKind, rec: &mut VolumeRecord) -> Result<()> {
+    match rec.source.clone() {
+        None => imp.create(rec),
+        Some(s) => {
+            let src = resolve(d, imp, rec.kind, &s)?;
+            imp.create_from(rec, src.as_source())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,10 +5,15 @@ mod controller_get_capabilities;
 mod controller_get_volume;
 mod controller_publish_volume;
 mod controller_unpublish_volume;
+mod create_snapshot;
 mod create_volume;
+mod delete_snapshot;
 mod delete_volume;
 mod get_capacity;
+mod get_snapshot;
+mod list_snapshots;
 mod list_volumes;
+pub mod snapshot;
 mod topology;
 mod unimplemented;
 mod validate_volume_capabilities;
@@ -140,30 +145,57 @@ impl csi::controller_server::Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _req: Request<csi::CreateSnapshotRequest>,
+        req: Request<csi::CreateSnapshotRequest>,
     ) -> Res<csi::CreateSnapshotResponse> {
-        serve("CreateSnapshot", "", unimplemented::snapshots()).await
+        let req = req.into_inner();
+        let id = req.source_volume_id.clone();
+        serve(
+            "CreateSnapshot",
+            &id,
+            create_snapshot::handle(self.driver.clone(), req),
+        )
+        .await
     }
 
     async fn delete_snapshot(
         &self,
-        _req: Request<csi::DeleteSnapshotRequest>,
+        req: Request<csi::DeleteSnapshotRequest>,
     ) -> Res<csi::DeleteSnapshotResponse> {
-        serve("DeleteSnapshot", "", unimplemented::snapshots()).await
+        let req = req.into_inner();
+        let id = req.snapshot_id.clone();
+        serve(
+            "DeleteSnapshot",
+            &id,
+            delete_snapshot::handle(self.driver.clone(), req),
+        )
+        .await
     }
 
     async fn list_snapshots(
         &self,
-        _req: Request<csi::ListSnapshotsRequest>,
+        req: Request<csi::ListSnapshotsRequest>,
     ) -> Res<csi::ListSnapshotsResponse> {
-        serve("ListSnapshots", "", unimplemented::snapshots()).await
+        let req = req.into_inner();
+        serve(
+            "ListSnapshots",
+            "",
+            list_snapshots::handle(self.driver.clone(), req),
+        )
+        .await
     }
 
     async fn get_snapshot(
         &self,
-        _req: Request<csi::GetSnapshotRequest>,
+        req: Request<csi::GetSnapshotRequest>,
     ) -> Res<csi::GetSnapshotResponse> {
-        serve("GetSnapshot", "", unimplemented::snapshots()).await
+        let req = req.into_inner();
+        let id = req.snapshot_id.clone();
+        serve(
+            "GetSnapshot",
+            &id,
+            get_snapshot::handle(self.driver.clone(), req),
+        )
+        .await
     }
 
     async fn controller_expand_volume(

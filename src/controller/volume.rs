@@ -2,19 +2,33 @@
 use crate::convert::node_topology;
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
-use crate::state::VolumeRecord;
+use crate::state::{ContentSource, VolumeRecord};
 
 pub fn to_proto(d: &Driver, rec: &VolumeRecord) -> csi::Volume {
     csi::Volume {
         capacity_bytes: rec.capacity_bytes,
         volume_id: rec.id.clone(),
         volume_context: rec.context.clone().into_iter().collect(),
-        content_source: None,
+        content_source: rec.source.as_ref().map(content_source),
         accessible_topology: if rec.node.is_empty() {
             vec![]
         } else {
             vec![node_topology(&d.topology_key, &rec.node)]
         },
+    }
+}
+
+fn content_source(s: &ContentSource) -> csi::VolumeContentSource {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    csi::VolumeContentSource {
+        r#type: Some(match s {
+            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.clone(),
+            }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource {
+                volume_id: id.clone(),
+            }),
+        }),
     }
 }
 

@@ -12,15 +12,30 @@ use crate::node::mounts::{self, LazyTable};
 use crate::os::files::{self, ensure_dir};
 use crate::os::mountinfo;
 use crate::os::Os;
-use crate::state::{AccessType, Capability, Kind, VolumeRecord};
+use crate::state::{AccessType, Capability, Kind, SnapshotRecord, VolumeRecord};
 
-use super::{Health, PoolCapacity, PublishArgs, VolumeKind, VolumeStats};
+use super::{Health, PoolCapacity, PublishArgs, Source, VolumeKind, VolumeStats};
 
 const PREFIX: &str = "local-";
+/// Snapshot ids.
+const SNAP_PREFIX: &str = "local-snap-";
+/// Where snapshots are kept (inside the local root).
+const SNAPSHOTS: &str = ".snapshots";
+/// Where restores and clones are copied before they are moved into place.
+const CREATING: &str = ".creating";
 /// Where deleted volumes are emptied (inside the local root).
 const TRASH: &str = ".trash";
 /// Where directories without a record are kept aside.
 const ORPHANED: &str = ".orphaned";
+
+/// A failed copy: no room is RESOURCE_EXHAUSTED, anything else internal.
+pub fn copy_error(what: String, e: crate::os::OsError) -> Error {
+    if matches!(e.errno(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+        Error::ResourceExhausted(format!("{what}: no space left"))
+    } else {
+        Error::os(what, e)
+    }
+}
 
 /// The directory of local volume `id` under `root` (ids are checked by
 /// the caller: `LocalKind::dir`).
@@ -30,13 +45,65 @@ pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
 
 pub struct LocalKind {
     root: PathBuf,
+    /// This node's id (new ids carry its tag).
+    node: String,
     os: Os,
 }
 
 impl LocalKind {
     /// `root` must exist (`Driver::new` makes it and holds its lock).
-    pub fn new(root: PathBuf, os: Os) -> Result<Self> {
-        Ok(LocalKind { root, os })
+    pub fn new(root: PathBuf, node: &str, os: Os) -> Result<Self> {
+        Ok(LocalKind {
+            root,
+            node: node.to_string(),
+            os,
+        })
+    }
+
+    /// The directory of a snapshot; only for ids this kind owns.
+    fn snapshot_dir(&self, id: &str) -> Result<PathBuf> {
+        if !self.owns_snapshot_id(id) {
+            return Err(Error::NotFound(format!(
+                "snapshot {id} is not a local snapshot"
+            )));
+        }
+        Ok(self.root.join(SNAPSHOTS).join(id))
+    }
+
+    /// Copies the tree `src` to `dest` through a temp directory in `tmp_in`
+    /// (a leftover of an interrupted copy is removed first): `dest`
+    /// appears whole or not at all, synced with its entry.
+    fn copy_into_place(&self, src: &Path, tmp_in: &str, dest: &Path) -> Result<()> {
+        let f = self.os.files.as_ref();
+        let area = self.root.join(tmp_in);
+        ensure_dir(f, &area, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = area.join(format!(".partial-{name}"));
+        self.remove_tree(&tmp)?;
+        let stats = f.copy_tree(src, &tmp).map_err(|e| {
+            copy_error(format!("copying {} to {}", src.display(), tmp.display()), e)
+        })?;
+        f.rename_noreplace(&tmp, dest)
+            .and_then(|_| f.sync_dir(dest.parent().unwrap_or(&self.root)))
+            .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))?;
+        tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, "copied");
+        Ok(())
+    }
+
+    /// Moves storage without a record into `.orphaned/` (never over an
+    /// earlier orphan).
+    fn set_aside(&self, path: &Path, name: &str) -> Result<()> {
+        let aside = self.root.join(ORPHANED);
+        ensure_dir(self.os.files.as_ref(), &aside, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", aside.display()), e))?;
+        let to = files::move_aside(self.os.files.as_ref(), path, &aside, name)
+            .map_err(|e| Error::os(format!("moving aside {}", path.display()), e))?;
+        tracing::warn!(path = %path.display(), to = %to.display(), "storage without a record moved aside");
+        Ok(())
     }
 
     /// The trash's entries (`<id>-<time>`) with the volume id of each.
@@ -99,7 +166,7 @@ impl VolumeKind for LocalKind {
     }
 
     fn new_id(&self) -> String {
-        super::new_hex_id(PREFIX)
+        super::new_node_id(PREFIX, &self.node)
     }
 
     fn owns_id(&self, id: &str) -> bool {
@@ -236,6 +303,25 @@ impl VolumeKind for LocalKind {
             }
             self.remove_tree(&path)?;
         }
+        // Copies of restores and clones that never finished: never handed
+        // out, only Berth's own copies.
+        if let Ok(entries) = std::fs::read_dir(self.root.join(CREATING)) {
+            for e in entries.flatten() {
+                self.remove_tree(&e.path())?;
+            }
+        }
+        // Snapshots: an unfinished copy is removed; a copy without a record
+        // (a lost state directory) is kept aside like any orphan.
+        if let Ok(entries) = std::fs::read_dir(self.root.join(SNAPSHOTS)) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".partial-") {
+                    self.remove_tree(&e.path())?;
+                } else if self.owns_snapshot_id(&name) && !known(&name) {
+                    self.set_aside(&e.path(), &name)?;
+                }
+            }
+        }
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
         for e in entries.flatten() {
@@ -250,14 +336,72 @@ impl VolumeKind for LocalKind {
                 tracing::info!(dir = %path.display(), "removed orphaned volume directory");
                 continue;
             }
-            let aside = self.root.join(ORPHANED);
-            ensure_dir(self.os.files.as_ref(), &aside, 0o700)
-                .map_err(|e| Error::os(format!("creating {}", aside.display()), e))?;
-            let to = files::move_aside(self.os.files.as_ref(), &path, &aside, &name)
-                .map_err(|e| Error::os(format!("moving aside {}", path.display()), e))?;
-            tracing::warn!(dir = %path.display(), to = %to.display(), "volume directory without a record moved aside");
+            self.set_aside(&path, &name)?;
         }
         Ok(())
+    }
+
+    fn snapshots(&self) -> bool {
+        true
+    }
+
+    fn new_snapshot_id(&self) -> String {
+        super::new_node_id(SNAP_PREFIX, &self.node)
+    }
+
+    fn owns_snapshot_id(&self, id: &str) -> bool {
+        super::is_hex_id(SNAP_PREFIX, id)
+    }
+
+    fn node_tag_of(&self, id: &str) -> Option<String> {
+        super::id_node_tag(PREFIX, id)
+            .or_else(|| super::id_node_tag(SNAP_PREFIX, id))
+            .map(str::to_string)
+    }
+
+    /// A copy of the volume's directory under `.snapshots/`, sharing extents
+    /// where the filesystem can (FICLONE), never hard links. The directory
+    /// is not frozen: files written while the copy runs are copied as they
+    /// are when reached (each file is consistent with itself).
+    fn create_snapshot(&self, vol: &VolumeRecord, snap: &mut SnapshotRecord) -> Result<()> {
+        let src = self.require_dir(&vol.id)?;
+        let dest = self.snapshot_dir(&snap.id)?;
+        self.copy_into_place(&src, SNAPSHOTS, &dest)
+    }
+
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        let dest = self.snapshot_dir(&snap.id)?;
+        let partial = self
+            .root
+            .join(SNAPSHOTS)
+            .join(format!(".partial-{}", snap.id));
+        self.remove_tree(&partial)?;
+        self.remove_tree(&dest)
+    }
+
+    /// The new volume's directory is a copy of the snapshot's or the source
+    /// volume's, made under `.creating/` and moved into place whole.
+    fn create_from(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
+        let src = match from {
+            Source::Snapshot(s) => {
+                let d = self.snapshot_dir(&s.id)?;
+                if !d.is_dir() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the copy of snapshot {} is missing ({})",
+                        s.id,
+                        d.display()
+                    )));
+                }
+                d
+            }
+            Source::Volume(v) => self.require_dir(&v.id)?,
+        };
+        let dest = self.dir(&rec.id)?;
+        if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
+            // A retry after the copy was moved into place.
+            return Ok(());
+        }
+        self.copy_into_place(&src, CREATING, &dest)
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {

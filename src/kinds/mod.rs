@@ -18,7 +18,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::node::mounts::LazyTable;
 use crate::os::FsUsage;
-use crate::state::{Capability, Kind, VolumeRecord};
+use crate::state::{Capability, Kind, SnapshotRecord, VolumeRecord};
 
 pub use block::BlockKind;
 pub use local::LocalKind;
@@ -27,6 +27,26 @@ pub use nfs::NfsKind;
 /// A new id `<prefix><32 lower-case hex>` (a random UUID).
 pub fn new_hex_id(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The 8 hex digits that tag the ids a node makes (a hash of its id).
+pub fn node_tag(node: &str) -> String {
+    format!("{:08x}", crc32fast::hash(node.as_bytes()))
+}
+
+/// A new id `<prefix><32 lower-case hex>` whose first 8 digits are
+/// `node_tag(node)` and the rest random: the id says which node made it,
+/// so another node's controller can tell "lives elsewhere" (the CO then
+/// places the request there) from "does not exist".
+pub fn new_node_id(prefix: &str, node: &str) -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}{}{}", node_tag(node), &random[8..])
+}
+
+/// The node tag of an id made by `new_node_id` (ids of older versions carry
+/// a random one: only a mismatch with a known node means anything).
+pub fn id_node_tag<'a>(prefix: &str, id: &'a str) -> Option<&'a str> {
+    is_hex_id(prefix, id).then(|| &id[prefix.len()..prefix.len() + 8])
 }
 
 /// Whether `id` is exactly `<prefix><32 lower-case hex>`: such an id is a
@@ -111,6 +131,13 @@ pub struct NodeExpandArgs<'a> {
     pub staging: Option<&'a Path>,
     pub capability: Option<&'a Capability>,
     pub growth: Growth,
+}
+
+/// What a new volume is made from, besides nothing.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    Snapshot(&'a SnapshotRecord),
+    Volume(&'a VolumeRecord),
 }
 
 pub trait VolumeKind: Send + Sync {
@@ -282,8 +309,65 @@ pub trait VolumeKind: Send + Sync {
     }
 
     /// At start-up: cleans up storage left by an interrupted create or
-    /// delete that has no record (`known` says which ids have one).
+    /// delete that has no record (`known` says which ids have one: volume
+    /// and snapshot ids alike).
     fn reconcile_orphans(&self, _known: &dyn Fn(&str) -> bool) -> Result<()> {
         Ok(())
+    }
+
+    // ---------------------------------------------- snapshots and clones
+
+    /// Whether this kind makes snapshots, restores them and clones volumes
+    /// (CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS, CLONE_VOLUME are advertised
+    /// when a served kind does).
+    fn snapshots(&self) -> bool {
+        false
+    }
+
+    /// A fresh snapshot id.
+    fn new_snapshot_id(&self) -> String {
+        String::new()
+    }
+
+    /// True when `id` has this kind's snapshot id structure.
+    fn owns_snapshot_id(&self, id: &str) -> bool {
+        let _ = id;
+        false
+    }
+
+    /// The node tag an id of this kind carries (`new_node_id`), for a
+    /// volume or snapshot id this instance does not hold; None when the id
+    /// says nothing about where it lives.
+    fn node_tag_of(&self, id: &str) -> Option<String> {
+        let _ = id;
+        None
+    }
+
+    /// Makes the snapshot's own copy of `vol`'s data (a point in time:
+    /// filesystems in use are frozen around the copy); returns once the
+    /// copy is complete and durable. May fill in `snap.block`.
+    fn create_snapshot(&self, vol: &VolumeRecord, snap: &mut SnapshotRecord) -> Result<()> {
+        let _ = (vol, snap);
+        Err(Error::InvalidArgument(format!(
+            "{} volumes have no snapshots",
+            self.kind()
+        )))
+    }
+
+    /// Removes a snapshot's storage. Idempotent.
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        let _ = snap;
+        Ok(())
+    }
+
+    /// Creates the storage of a recorded volume from `from` instead of
+    /// empty (a restore or a clone); `rec.capacity_bytes` may be larger
+    /// than the source (the volume grows). Idempotent like `create`.
+    fn create_from(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
+        let _ = (rec, from);
+        Err(Error::InvalidArgument(format!(
+            "{} volumes cannot be created from a snapshot or a volume",
+            self.kind()
+        )))
     }
 }

@@ -976,6 +976,16 @@ impl Files for FakeOs {
         RealFiles.copy_tree(src, dst)
     }
 
+    /// Recorded (as a filesystem change "freeze"/"thaw"); nothing is
+    /// frozen.
+    fn freeze(&self, mount_point: &Path) -> Result<(), OsError> {
+        self.file_op("freeze", mount_point)
+    }
+
+    fn thaw(&self, mount_point: &Path) -> Result<(), OsError> {
+        self.file_op("thaw", mount_point)
+    }
+
     fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {
         if let Some(d) = lock(&self.durable).get(path) {
             return Ok(d.clone());

@@ -65,6 +65,11 @@ pub trait Files: Send + Sync {
     /// Copies the directory tree `src` to `dst`, which must not exist (see
     /// `copy`).
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
+    /// FIFREEZE: blocks writes to the filesystem mounted at `mount_point`
+    /// and makes it consistent on its device, until `thaw`.
+    fn freeze(&self, mount_point: &Path) -> Result<(), OsError>;
+    /// FITHAW.
+    fn thaw(&self, mount_point: &Path) -> Result<(), OsError>;
     /// What the disk itself holds of the file at `path`, read with O_DIRECT
     /// around the page cache (which after a failed writeback may show data
     /// the disk never got). None when the filesystem cannot read that way
@@ -181,6 +186,21 @@ impl Files for RealFiles {
         super::copy::copy_file(src, dst)
     }
 
+    fn freeze(&self, mount_point: &Path) -> Result<(), OsError> {
+        fs_ioctl(mount_point, "FIFREEZE", |fd| {
+            // SAFETY: FIFREEZE on a descriptor of the mount point; the
+            // argument is unused by the kernel.
+            unsafe { fifreeze(fd, &mut 0) }.map(|_| ())
+        })
+    }
+
+    fn thaw(&self, mount_point: &Path) -> Result<(), OsError> {
+        fs_ioctl(mount_point, "FITHAW", |fd| {
+            // SAFETY: as for FIFREEZE.
+            unsafe { fithaw(fd, &mut 0) }.map(|_| ())
+        })
+    }
+
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
         super::copy::copy_tree(src, dst)
     }
@@ -217,6 +237,19 @@ impl Files for RealFiles {
         out.truncate(len);
         Ok(Some(out))
     }
+}
+
+nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
+nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+
+fn fs_ioctl(
+    path: &Path,
+    op: &'static str,
+    f: impl FnOnce(libc::c_int) -> nix::Result<()>,
+) -> Result<(), OsError> {
+    use std::os::fd::AsRawFd;
+    let dir = File::open(path).map_err(sys("open", path))?;
+    f(dir.as_raw_fd()).map_err(|e| OsError::sys(op, path, e))
 }
 
 /// Bytes of a file actually allocated on disk.

@@ -18,8 +18,8 @@ pub mod store;
 pub mod tools;
 
 pub use record::{
-    AccessMode, AccessType, Allocation, Attachment, BlockAccess, BlockInfo, Capability, DiskRef,
-    Kind, Phase, SnapshotRecord, VolumeRecord,
+    AccessMode, AccessType, Allocation, Attachment, BlockAccess, BlockInfo, Capability,
+    ContentSource, DiskRef, Kind, Phase, SnapshotRecord, VolumeRecord,
 };
 pub use store::Store;
 

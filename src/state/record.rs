@@ -135,6 +135,17 @@ pub struct VolumeRecord {
     /// Block volumes: allocation, disk and format state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockInfo>,
+    /// What the volume was created from (a snapshot or another volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ContentSource>,
+}
+
+/// The content source of a volume: a snapshot restored, a volume cloned.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentSource {
+    Snapshot(String),
+    Volume(String),
 }
 
 /// How the file of a loop-backed block volume is allocated.
@@ -197,6 +208,10 @@ pub struct BlockInfo {
     /// written raw is never formatted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<BlockAccess>,
+    /// The filesystem is smaller than the volume (restored or cloned into a
+    /// larger one): the next stage grows it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grow_fs: bool,
 }
 
 /// How a block volume is used.

@@ -718,6 +718,7 @@ mod tests {
             published: Default::default(),
             created_unix: 0,
             block: None,
+            source: None,
         }
     }
 

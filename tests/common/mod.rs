@@ -34,11 +34,19 @@ pub fn args(dir: &Path, extra: &[&str]) -> Vec<String> {
         "berth".into(),
         "--data-dir".into(),
         dir.display().to_string(),
-        "--node-id".into(),
-        NODE.into(),
     ];
+    if !extra.contains(&"--node-id") {
+        v.extend(["--node-id".into(), NODE.into()]);
+    }
     v.extend(extra.iter().map(|s| s.to_string()));
     v
+}
+
+/// A driver over the fake OS in a fresh temp dir, as node `node`.
+pub fn fake_node(node: &str, extra: &[&str]) -> Harness {
+    let mut v = vec!["--node-id", node];
+    v.extend_from_slice(extra);
+    fake(&v)
 }
 
 /// A driver over the fake OS in a fresh temp dir.

@@ -10,6 +10,7 @@
 //! | `disks.rs`   | the whole-disk pool                                    |
 //! | `node.rs`    | stage, unstage, publish, unpublish, stats              |
 //! | `expand.rs`  | controller and node expansion                          |
+//! | `snapshot.rs`| snapshots, restores and clones of file volumes         |
 //!
 //! Safety rules: Berth formats, wipes or deletes only what its own records
 //! name (files `<block-root>/<id>.img` for ids of the exact form
@@ -22,6 +23,7 @@ mod expand;
 mod format;
 mod node;
 pub mod params;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,11 +35,13 @@ use crate::node::mounts::{self, LazyTable};
 use crate::os::files::{self, allocated_bytes, ensure_dir, Open};
 use crate::os::{MountEntry, Os};
 use crate::state::{
-    AccessType, Allocation, BlockInfo, Capability, DiskRef, Kind, Phase, Store, VolumeRecord,
+    AccessType, Allocation, BlockInfo, Capability, DiskRef, Kind, Phase, SnapshotRecord, Store,
+    VolumeRecord,
 };
 
 use super::{
-    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, VolumeKind, VolumeStats,
+    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, Source, VolumeKind,
+    VolumeStats,
 };
 use params::Pool;
 
@@ -63,6 +67,8 @@ const ORPHANED: &str = ".orphaned";
 
 pub struct BlockKind {
     root: PathBuf,
+    /// This node's id (new ids carry its tag).
+    node: String,
     disk_pool: Vec<String>,
     disk_wipe: DiskWipe,
     os: Os,
@@ -90,6 +96,7 @@ impl BlockKind {
     /// `root` must exist (`Driver::new` makes it and holds its lock).
     pub fn new(
         root: PathBuf,
+        node: &str,
         disk_pool: Vec<String>,
         disk_wipe: DiskWipe,
         os: Os,
@@ -97,6 +104,7 @@ impl BlockKind {
     ) -> Result<Self> {
         Ok(BlockKind {
             root,
+            node: node.to_string(),
             disk_pool,
             disk_wipe,
             os,
@@ -174,6 +182,7 @@ impl BlockKind {
             published: Default::default(),
             created_unix: crate::driver::now_unix(),
             block: Some(info),
+            source: None,
         };
         self.store.put(&pending)?;
         Ok(id)
@@ -396,7 +405,7 @@ impl VolumeKind for BlockKind {
     }
 
     fn new_id(&self) -> String {
-        super::new_hex_id(PREFIX)
+        super::new_node_id(PREFIX, &self.node)
     }
 
     fn owns_id(&self, id: &str) -> bool {
@@ -505,6 +514,7 @@ impl VolumeKind for BlockKind {
     /// a lost state directory: it may hold a tenant's data, so it is moved
     /// into `.orphaned/` under the block root, never deleted.
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
+        self.reconcile_snapshots(known)?;
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
         for e in entries.flatten() {
@@ -525,6 +535,36 @@ impl VolumeKind for BlockKind {
             tracing::warn!(file = %path.display(), to = %to.display(), "block volume file without a record moved aside");
         }
         Ok(())
+    }
+
+    fn snapshots(&self) -> bool {
+        true
+    }
+
+    fn new_snapshot_id(&self) -> String {
+        super::new_node_id(snapshot::SNAP_PREFIX, &self.node)
+    }
+
+    fn owns_snapshot_id(&self, id: &str) -> bool {
+        super::is_hex_id(snapshot::SNAP_PREFIX, id)
+    }
+
+    fn node_tag_of(&self, id: &str) -> Option<String> {
+        super::id_node_tag(PREFIX, id)
+            .or_else(|| super::id_node_tag(snapshot::SNAP_PREFIX, id))
+            .map(str::to_string)
+    }
+
+    fn create_snapshot(&self, vol: &VolumeRecord, snap: &mut SnapshotRecord) -> Result<()> {
+        self.snapshot_volume(vol, snap)
+    }
+
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.remove_snapshot(snap)
+    }
+
+    fn create_from(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
+        self.restore_volume(rec, from)
     }
 
     fn slow_delete(&self, rec: &VolumeRecord) -> bool {

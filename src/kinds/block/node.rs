@@ -214,7 +214,10 @@ impl BlockKind {
             self.save_info(rec, &info)
         };
         match decision {
-            format::Decision::Mount => mount(),
+            format::Decision::Mount => {
+                mount()?;
+                self.grow_restored(rec, &info, &dev, staging, fs)
+            }
             format::Decision::Refuse(why) => Err(Error::FailedPrecondition(format!(
                 "volume {} on {}: {why}",
                 rec.id,

@@ -274,6 +274,7 @@ impl VolumeKind for NfsKind {
             published: BTreeMap::new(),
             created_unix: 0,
             block: None,
+            source: None,
         })
     }
 

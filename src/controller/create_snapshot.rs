@@ -1,0 +1,127 @@
+//! CreateSnapshot: idempotent by name (the same name with another source is
+//! ALREADY_EXISTS). The record is written (phase Creating) before the copy
+//! is made and marked Ready once the copy is complete and durable, so a
+//! snapshot is never reported ready before it is, and one interrupted by a
+//! crash is removed at start-up. The source volume's guard is held for the
+//! whole copy (it cannot be deleted or expanded meanwhile).
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::snapshot::{self, snap_name_key};
+use crate::csi::v1 as csi;
+use crate::driver::{vol_key, Driver};
+use crate::error::{Error, Result};
+use crate::state::{Phase, SnapshotRecord};
+use crate::validate;
+
+/// Parameter keys the external-snapshotter adds (`--extra-create-metadata`);
+/// VolumeSnapshotClasses of Berth take no other parameter.
+const CO_PREFIX: &str = "csi.storage.k8s.io/";
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::CreateSnapshotRequest,
+) -> Result<csi::CreateSnapshotResponse> {
+    snapshot::require(&d)?;
+    let name = validate::name(&req.name)?.to_string();
+    if req.source_volume_id.is_empty() {
+        return Err(Error::InvalidArgument(
+            "source_volume_id is required".into(),
+        ));
+    }
+    let source = validate::volume_id(&req.source_volume_id)?.to_string();
+    let params = validate::map("parameters", &req.parameters)?;
+    if let Some(k) = params.keys().find(|k| !k.starts_with(CO_PREFIX)) {
+        return Err(Error::InvalidArgument(format!(
+            "unknown snapshot parameter {:?} (VolumeSnapshotClass parameters of Berth: none)",
+            k.chars().take(64).collect::<String>()
+        )));
+    }
+    let mut guard = d.locks.try_lock(snap_name_key(&name))?;
+    guard.also(vol_key(&source))?;
+    let snap = d
+        .run(guard, move |d| create(d, name, source, params))
+        .await?;
+    Ok(csi::CreateSnapshotResponse {
+        snapshot: Some(snapshot::to_proto(&snap)),
+    })
+}
+
+fn create(
+    d: &Driver,
+    name: String,
+    source: String,
+    params: BTreeMap<String, String>,
+) -> Result<SnapshotRecord> {
+    if let Some(s) = d.store.snapshot_by_name(&name) {
+        if s.source_volume_id != source {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {} named {name} exists of another volume ({})",
+                s.id, s.source_volume_id
+            )));
+        }
+        match s.phase {
+            Phase::Ready => return Ok(s),
+            Phase::Deleting => {
+                return Err(Error::Aborted(format!(
+                    "snapshot {} named {name} is being deleted",
+                    s.id
+                )))
+            }
+            // An earlier attempt failed half way: its copy is removed and
+            // made again below, under the same id.
+            Phase::Creating => {}
+        }
+    }
+    let vol = d
+        .store
+        .get(&source)
+        .filter(|v| v.phase == Phase::Ready)
+        .ok_or_else(|| Error::NotFound(format!("source volume {source} does not exist")))?;
+    d.require_local_here(&vol)?;
+    let kind = d.kind(vol.kind)?.clone();
+    if !kind.snapshots() {
+        return Err(Error::InvalidArgument(format!(
+            "{} volumes have no snapshots",
+            vol.kind
+        )));
+    }
+    let mut rec = match d.store.snapshot_by_name(&name) {
+        Some(s) => {
+            kind.delete_snapshot(&s)?;
+            s
+        }
+        None => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let rec = SnapshotRecord {
+                id: kind.new_snapshot_id(),
+                name,
+                kind: vol.kind,
+                seq: 0,
+                phase: Phase::Creating,
+                source_volume_id: source,
+                size_bytes: vol.capacity_bytes,
+                node: vol.node.clone(),
+                parameters: params,
+                created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+                created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+                block: None,
+                location: String::new(),
+            };
+            d.store.snapshot_insert_new(rec, |_| Ok::<(), Error>(()))?
+        }
+    };
+    if let Err(e) = kind.create_snapshot(&vol, &mut rec) {
+        // Roll back; if that fails too, start-up finishes it.
+        if kind.delete_snapshot(&rec).is_ok() {
+            let _ = d.store.snapshot_remove(&rec.id);
+        }
+        return Err(e);
+    }
+    rec.phase = Phase::Ready;
+    d.store.snapshot_put(&rec)?;
+    Ok(rec)
+}

@@ -1,0 +1,40 @@
+//! DeleteSnapshot: idempotent (an unknown id is success). The record goes to
+//! Deleting before the copy is removed, so a crash in between is finished
+//! at start-up. Volumes restored from a snapshot are copies of their own:
+//! deleting it touches none of them.
+use std::sync::Arc;
+
+use super::snapshot::{self, snap_key, snap_name_key};
+use crate::csi::v1 as csi;
+use crate::driver::Driver;
+use crate::error::Result;
+use crate::state::Phase;
+use crate::validate;
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::DeleteSnapshotRequest,
+) -> Result<csi::DeleteSnapshotResponse> {
+    snapshot::require(&d)?;
+    let id = validate::snapshot_id(&req.snapshot_id)?.to_string();
+    let Some(rec) = d.store.snapshot_get(&id) else {
+        return Ok(csi::DeleteSnapshotResponse {});
+    };
+    let mut guard = d.locks.try_lock(snap_key(&id))?;
+    guard.also(snap_name_key(&rec.name))?;
+    d.run(guard, move |d| {
+        let Some(mut rec) = d.store.snapshot_get(&id) else {
+            return Ok(());
+        };
+        let kind = d.kind(rec.kind)?.clone();
+        if rec.phase != Phase::Deleting {
+            rec.phase = Phase::Deleting;
+            d.store.snapshot_put(&rec)?;
+        }
+        kind.delete_snapshot(&rec)?;
+        d.store.snapshot_remove(&id)?;
+        Ok(())
+    })
+    .await?;
+    Ok(csi::DeleteSnapshotResponse {})
+}

@@ -1,0 +1,70 @@
+//! ListSnapshots: pages in creation order, filtered by snapshot id and by
+//! source volume. The token is the creation sequence number of the last
+//! snapshot returned; a token that was never handed out is ABORTED. Only
+//! snapshots whose copy is complete are listed; an id that does not exist
+//! gives an empty list, as the spec asks.
+use std::sync::Arc;
+
+use super::snapshot;
+use crate::csi::v1 as csi;
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::state::Phase;
+use crate::validate;
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::ListSnapshotsRequest,
+) -> Result<csi::ListSnapshotsResponse> {
+    snapshot::require(&d)?;
+    if req.max_entries < 0 {
+        return Err(Error::InvalidArgument(
+            "max_entries must not be negative".into(),
+        ));
+    }
+    if !req.snapshot_id.is_empty() {
+        validate::snapshot_id(&req.snapshot_id)?;
+    }
+    if !req.source_volume_id.is_empty() {
+        validate::volume_id(&req.source_volume_id)?;
+    }
+    let after = if req.starting_token.is_empty() {
+        0
+    } else {
+        req.starting_token
+            .parse::<u64>()
+            .ok()
+            .filter(|t| *t > 0 && *t <= d.store.snapshot_last_seq())
+            .ok_or_else(|| {
+                Error::Aborted(format!(
+                    "starting_token {:?} is not valid",
+                    req.starting_token.chars().take(128).collect::<String>()
+                ))
+            })?
+    };
+    let mut all = d.store.snapshot_filter(|s| {
+        s.phase == Phase::Ready
+            && s.seq > after
+            && (req.snapshot_id.is_empty() || s.id == req.snapshot_id)
+            && (req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id)
+    });
+    all.sort_by_key(|s| s.seq);
+    let max = usize::try_from(req.max_entries).unwrap_or(0);
+    let more = max > 0 && all.len() > max;
+    if more {
+        all.truncate(max);
+    }
+    Ok(csi::ListSnapshotsResponse {
+        next_token: if more {
+            all.last().map(|s| s.seq.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        },
+        entries: all
+            .iter()
+            .map(|s| csi::list_snapshots_response::Entry {
+                snapshot: Some(snapshot::to_proto(s)),
+            })
+            .collect(),
+    })
+}

@@ -1,0 +1,323 @@
+//! Snapshots, restores and clones of block volumes backed by files.
+//!
+//! A snapshot is a file `<block-root>/.snapshots/<snapshot id>.img`: a
+//! clone of the volume's file where the filesystem shares extents (xfs with
+//! reflink, btrfs: instant), else a copy of its data ranges (holes stay
+//! holes). It is made under a temp name and renamed whole, synced. It is a
+//! point in time:
+//! - a volume staged with a filesystem is frozen (FIFREEZE) for the copy
+//!   and thawed after, whatever happens: its filesystem is consistent on
+//!   the device, and writes wait meanwhile;
+//! - a raw volume in use cannot be frozen: it is cloned (one atomic step,
+//!   crash-consistent), and where the block root's filesystem cannot clone,
+//!   the snapshot is refused rather than made of blocks from different
+//!   moments;
+//! - a volume nobody uses is copied as it is.
+//!
+//! A restore or clone copies the snapshot's (or the source volume's) file
+//! to the new volume's file the same way and grows it to the new size; the
+//! new volume inherits what Berth knows of its content (formatted, which
+//! filesystem, raw or filesystem), and a filesystem smaller than its volume
+//! is grown at the next stage. Whole-disk volumes have no snapshots yet.
+use std::path::{Path, PathBuf};
+
+use super::{BlockKind, Dev};
+use crate::error::{Error, Result};
+use crate::kinds::local::copy_error;
+use crate::kinds::Source;
+use crate::node::mounts;
+use crate::os::files::ensure_dir;
+use crate::os::MountEntry;
+use crate::state::{BlockInfo, SnapshotRecord, VolumeRecord};
+
+/// Snapshot ids.
+pub const SNAP_PREFIX: &str = "block-snap-";
+/// Where snapshots are kept (in the block root).
+pub const SNAPSHOTS: &str = ".snapshots";
+
+/// Mount points of `dev` that are filesystem mounts of its root (a staged
+/// filesystem), as opposed to bind mounts of the device node (raw use).
+fn filesystem_mounts<'a>(t: &'a [MountEntry], dev: &Dev) -> Vec<&'a MountEntry> {
+    t.iter()
+        .filter(|m| (m.major, m.minor) == (dev.major, dev.minor) && m.root == Path::new("/"))
+        .collect()
+}
+
+impl BlockKind {
+    /// The file of a snapshot; only for ids this kind owns.
+    fn snapshot_file(&self, id: &str) -> Result<PathBuf> {
+        if !super::super::is_hex_id(SNAP_PREFIX, id) {
+            return Err(Error::NotFound(format!(
+                "snapshot {id} is not a block snapshot"
+            )));
+        }
+        Ok(self.root.join(SNAPSHOTS).join(format!("{id}.img")))
+    }
+
+    fn partial_file(&self, id: &str) -> PathBuf {
+        self.root.join(SNAPSHOTS).join(format!(".partial-{id}.img"))
+    }
+
+    /// What a volume made from `info` inherits of it.
+    fn inherited(info: &BlockInfo) -> BlockInfo {
+        BlockInfo {
+            allocation: info.allocation,
+            disk: None,
+            default_fs: info.default_fs.clone(),
+            mkfs_options: info.mkfs_options.clone(),
+            formatted: info.formatted,
+            fs_type: info.fs_type.clone(),
+            formatting: String::new(),
+            formatting_uuid: String::new(),
+            access: info.access,
+            grow_fs: info.grow_fs,
+        }
+    }
+
+    pub(super) fn snapshot_volume(
+        &self,
+        vol: &VolumeRecord,
+        snap: &mut SnapshotRecord,
+    ) -> Result<()> {
+        let info = Self::info(vol)?;
+        if info.disk.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "volume {} is a whole disk; snapshots of whole-disk volumes are not supported",
+                vol.id
+            )));
+        }
+        let src = self.require_file(&vol.id)?;
+        let dest = self.snapshot_file(&snap.id)?;
+        let partial = self.partial_file(&snap.id);
+        let f = self.os.files.as_ref();
+        let area = self.root.join(SNAPSHOTS);
+        ensure_dir(f, &area, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
+        if partial.exists() {
+            f.remove_file(&partial)
+                .map_err(|e| Error::os(format!("removing {}", partial.display()), e))?;
+        }
+        let dev = self.current_device(vol)?;
+        let t = match &dev {
+            Some(_) => mounts::table(&self.os)?,
+            None => Vec::new(),
+        };
+        let frozen: Vec<PathBuf> = dev
+            .as_ref()
+            .map(|d| {
+                filesystem_mounts(&t, d)
+                    .iter()
+                    .map(|m| m.mount_point.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let raw_in_use =
+            dev.as_ref().is_some_and(|d| !Self::users(&t, d).is_empty()) && frozen.is_empty();
+        let copied = if let Some(mp) = frozen.first() {
+            f.freeze(mp).map_err(|e| {
+                Error::os(format!("freezing the filesystem at {}", mp.display()), e)
+            })?;
+            let r = f.copy_file(&src, &partial);
+            if let Err(e) = f.thaw(mp) {
+                tracing::error!(volume_id = %vol.id, mount_point = %mp.display(), error = %e, "could not thaw the filesystem after a snapshot");
+                let _ = f.remove_file(&partial);
+                return Err(Error::os(
+                    format!("thawing the filesystem at {}", mp.display()),
+                    e,
+                ));
+            }
+            r
+        } else {
+            f.copy_file(&src, &partial)
+        };
+        let stats = match copied {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = f.remove_file(&partial);
+                return Err(copy_error(format!("copying {}", src.display()), e));
+            }
+        };
+        if raw_in_use && stats.cloned == 0 {
+            // The device was written while its blocks were copied one range
+            // after the other: not a point in time.
+            let _ = f.remove_file(&partial);
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is in use as a raw device, and the block root's filesystem cannot clone files (xfs with reflink or btrfs can): a copy would not be a point in time; snapshot it while it is not in use",
+                vol.id
+            )));
+        }
+        f.rename_noreplace(&partial, &dest)
+            .and_then(|_| f.sync_dir(&area))
+            .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))?;
+        tracing::info!(volume_id = %vol.id, snapshot_id = %snap.id, cloned = stats.cloned > 0, bytes = stats.bytes, frozen = !frozen.is_empty(), "snapshot made");
+        snap.block = Some(Self::inherited(&info));
+        Ok(())
+    }
+
+    pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        let f = self.os.files.as_ref();
+        for p in [self.partial_file(&snap.id), self.snapshot_file(&snap.id)?] {
+            match f.remove_file(&p) {
+                Err(e) if e.errno() != Some(libc::ENOENT) => {
+                    return Err(Error::os(format!("removing {}", p.display()), e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The new volume's file is a copy of the snapshot's file or of the
+    /// source volume's (frozen like a snapshot when it is staged), grown to
+    /// the new size. The record is durable (phase Creating) before, so an
+    /// interrupted copy is rolled back with the volume.
+    pub(super) fn restore_volume(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
+        let p = super::params::parse(&super::params::own(&rec.parameters))?;
+        let super::params::Pool::File(allocation) = p.pool else {
+            return Err(Error::InvalidArgument(
+                "a volume made from a snapshot or a volume is a file volume (no pool: disk)".into(),
+            ));
+        };
+        let dest = self.file(&rec.id)?;
+        let f = self.os.files.as_ref();
+        if dest.exists() {
+            // A retry: the earlier copy may be incomplete.
+            f.remove_file(&dest)
+                .map_err(|e| Error::os(format!("removing {}", dest.display()), e))?;
+        }
+        let (src, info, source_size) = match from {
+            Source::Snapshot(s) => {
+                let file = self.snapshot_file(&s.id)?;
+                if !file.is_file() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the copy of snapshot {} is missing ({})",
+                        s.id,
+                        file.display()
+                    )));
+                }
+                let info = s.block.clone().unwrap_or_default();
+                (file, info, s.size_bytes)
+            }
+            Source::Volume(v) => {
+                // A clone is a snapshot that is never listed: the same
+                // point-in-time rules.
+                let mut tmp = SnapshotRecord {
+                    id: super::super::new_hex_id(SNAP_PREFIX),
+                    name: String::new(),
+                    kind: v.kind,
+                    seq: 0,
+                    phase: crate::state::Phase::Creating,
+                    source_volume_id: v.id.clone(),
+                    size_bytes: v.capacity_bytes,
+                    node: v.node.clone(),
+                    parameters: Default::default(),
+                    created_secs: 0,
+                    created_nanos: 0,
+                    block: None,
+                    location: String::new(),
+                };
+                self.snapshot_volume(v, &mut tmp)?;
+                let file = self.snapshot_file(&tmp.id)?;
+                let r = f
+                    .rename_noreplace(&file, &dest)
+                    .map_err(|e| Error::os(format!("moving {} into place", file.display()), e));
+                if r.is_err() {
+                    let _ = self.remove_snapshot(&tmp);
+                }
+                r?;
+                return self.finish_restore(
+                    rec,
+                    &dest,
+                    allocation,
+                    tmp.block.unwrap_or_default(),
+                    v.capacity_bytes,
+                );
+            }
+        };
+        let stats = f.copy_file(&src, &dest).map_err(|e| {
+            let _ = f.remove_file(&dest);
+            copy_error(format!("copying {}", src.display()), e)
+        })?;
+        tracing::info!(volume_id = %rec.id, cloned = stats.cloned > 0, bytes = stats.bytes, "volume restored");
+        self.finish_restore(rec, &dest, allocation, info, source_size)
+    }
+
+    fn finish_restore(
+        &self,
+        rec: &mut VolumeRecord,
+        file: &Path,
+        allocation: crate::state::Allocation,
+        source: BlockInfo,
+        source_size: i64,
+    ) -> Result<()> {
+        let mut info = Self::inherited(&source);
+        info.allocation = allocation;
+        info.grow_fs = info.formatted && rec.capacity_bytes > source_size;
+        self.grow_file(file, allocation, rec.capacity_bytes)?;
+        self.os
+            .files
+            .sync_dir(&self.root)
+            .map_err(|e| Error::os(format!("syncing {}", self.root.display()), e))?;
+        rec.block = Some(info);
+        Ok(())
+    }
+
+    /// A filesystem restored or cloned into a larger volume is grown to its
+    /// device once it is mounted (at the first stage).
+    pub(super) fn grow_restored(
+        &self,
+        rec: &VolumeRecord,
+        info: &BlockInfo,
+        dev: &Dev,
+        mount_point: &Path,
+        fs: crate::os::mkfs::Filesystem,
+    ) -> Result<()> {
+        if !info.grow_fs {
+            return Ok(());
+        }
+        crate::os::mkfs::grow(self.os.cmd.as_ref(), fs, &dev.path, mount_point).map_err(|e| {
+            Error::os(
+                format!(
+                    "growing the restored {fs} filesystem at {}",
+                    mount_point.display()
+                ),
+                e,
+            )
+        })?;
+        let mut grown = info.clone();
+        grown.grow_fs = false;
+        self.save_info(rec, &grown)
+    }
+
+    /// At start-up: an unfinished snapshot copy is removed; a snapshot file
+    /// without a record (a lost state directory) is moved aside, never
+    /// deleted.
+    pub(super) fn reconcile_snapshots(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
+        let area = self.root.join(SNAPSHOTS);
+        let Ok(entries) = std::fs::read_dir(&area) else {
+            return Ok(());
+        };
+        let f = self.os.files.as_ref();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            if name.starts_with(".partial-") {
+                f.remove_file(&path)
+                    .map_err(|e| Error::os(format!("removing {}", path.display()), e))?;
+                continue;
+            }
+            let Some(id) = name.strip_suffix(".img") else {
+                continue;
+            };
+            if super::super::is_hex_id(SNAP_PREFIX, id) && !known(id) {
+                let aside = self.root.join(super::ORPHANED);
+                ensure_dir(f, &aside, 0o700)
+                    .map_err(|e| Error::os(format!("creating {}", aside.display()), e))?;
+                let to = crate::os::files::move_aside(f, &path, &aside, &name)
+                    .map_err(|e| Error::os(format!("moving aside {}", path.display()), e))?;
+                tracing::warn!(file = %path.display(), to = %to.display(), "snapshot without a record moved aside");
+            }
+        }
+        Ok(())
+    }
+}

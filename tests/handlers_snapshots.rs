@@ -1,0 +1,634 @@
+//! Snapshots, restores and clones over the recording fake (no root): the
+//! spec's rules for CreateSnapshot, DeleteSnapshot, ListSnapshots,
+//! GetSnapshot and CreateVolume with a content source, the copies on disk,
+//! crash recovery, and block volumes frozen while they are copied.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use berth::csi::v1 as csi;
+use berth::csi::v1::controller_server::Controller;
+use berth::csi::v1::node_server::Node;
+use berth::os::fake::Call;
+use berth::state::{Phase, SnapshotRecord};
+use common::*;
+use tonic::{Code, Request};
+
+const MIB: i64 = 1 << 20;
+
+async fn create_p(h: &Harness, name: &str, size: i64, kv: &[(&str, &str)]) -> csi::Volume {
+    let mut req = create_req(name, size);
+    for (k, v) in kv {
+        req.parameters.insert(k.to_string(), v.to_string());
+    }
+    h.ctl
+        .create_volume(Request::new(req))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+}
+
+fn snap_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+async fn snapshot(h: &Harness, name: &str, source: &str) -> csi::Snapshot {
+    h.ctl
+        .create_snapshot(Request::new(snap_req(name, source)))
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot")
+}
+
+fn from_snapshot(name: &str, size: i64, snap: &str) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.into(),
+                },
+            )),
+        }),
+        ..create_req(name, size)
+    }
+}
+
+fn from_volume(name: &str, size: i64, vol: &str) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Volume(
+                csi::volume_content_source::VolumeSource {
+                    volume_id: vol.into(),
+                },
+            )),
+        }),
+        ..create_req(name, size)
+    }
+}
+
+fn vol_dir(h: &Harness, id: &str) -> PathBuf {
+    h.path("local").join(id)
+}
+
+async fn list(h: &Harness, req: csi::ListSnapshotsRequest) -> csi::ListSnapshotsResponse {
+    h.ctl
+        .list_snapshots(Request::new(req))
+        .await
+        .expect("list")
+        .into_inner()
+}
+
+fn ids(r: &csi::ListSnapshotsResponse) -> Vec<String> {
+    r.entries
+        .iter()
+        .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_local_snapshot_is_a_point_in_time_copy_and_restores() {
+    let h = fake(&[]);
+    let v = create_p(&h, "src", 3 * MIB, &[]).await;
+    std::fs::create_dir(vol_dir(&h, &v.volume_id).join("sub")).unwrap();
+    std::fs::write(vol_dir(&h, &v.volume_id).join("sub/f"), b"before").unwrap();
+    let s = snapshot(&h, "snap-1", &v.volume_id).await;
+    assert!(s.ready_to_use);
+    assert_eq!(s.size_bytes, 3 * MIB);
+    assert_eq!(s.source_volume_id, v.volume_id);
+    assert!(s.creation_time.is_some_and(|t| t.seconds > 0));
+    assert!(s.snapshot_id.starts_with("local-snap-"));
+    // Idempotent by name.
+    assert_eq!(
+        snapshot(&h, "snap-1", &v.volume_id).await.snapshot_id,
+        s.snapshot_id
+    );
+    // A write after the snapshot does not reach it.
+    std::fs::write(vol_dir(&h, &v.volume_id).join("sub/f"), b"after").unwrap();
+    let r = h
+        .ctl
+        .create_volume(Request::new(from_snapshot(
+            "restored",
+            3 * MIB,
+            &s.snapshot_id,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        std::fs::read(vol_dir(&h, &r.volume_id).join("sub/f")).unwrap(),
+        b"before"
+    );
+    assert!(matches!(
+        r.content_source.and_then(|c| c.r#type),
+        Some(csi::volume_content_source::Type::Snapshot(x)) if x.snapshot_id == s.snapshot_id
+    ));
+    // Bigger is fine, smaller is OUT_OF_RANGE.
+    let big = h
+        .ctl
+        .create_volume(Request::new(from_snapshot(
+            "bigger",
+            8 * MIB,
+            &s.snapshot_id,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(big.capacity_bytes, 8 * MIB);
+    let mut small = from_snapshot("smaller", MIB, &s.snapshot_id);
+    small.capacity_range = Some(csi::CapacityRange {
+        required_bytes: MIB,
+        limit_bytes: MIB,
+    });
+    assert_eq!(
+        code(h.ctl.create_volume(Request::new(small)).await),
+        Code::OutOfRange
+    );
+    // The same name from another source: ALREADY_EXISTS.
+    assert_eq!(
+        code(
+            h.ctl
+                .create_volume(Request::new(from_volume("restored", 3 * MIB, &v.volume_id)))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    // A clone copies the volume as it is now.
+    let c = h
+        .ctl
+        .create_volume(Request::new(from_volume("clone", 3 * MIB, &v.volume_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        std::fs::read(vol_dir(&h, &c.volume_id).join("sub/f")).unwrap(),
+        b"after"
+    );
+    // Deleting the source keeps its snapshots usable.
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let again = h
+        .ctl
+        .create_volume(Request::new(from_snapshot(
+            "after-delete",
+            3 * MIB,
+            &s.snapshot_id,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        std::fs::read(vol_dir(&h, &again.volume_id).join("sub/f")).unwrap(),
+        b"before"
+    );
+    // Nothing is left in the copy areas.
+    assert_eq!(made_in(&h.path("local/.creating")).len(), 0);
+    // DeleteSnapshot removes the copy; a repeat and an unknown id are OK.
+    for _ in 0..2 {
+        h.ctl
+            .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                snapshot_id: s.snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+    assert!(!h.path("local/.snapshots").join(&s.snapshot_id).exists());
+    assert_eq!(
+        code(
+            h.ctl
+                .create_volume(Request::new(from_snapshot("gone", MIB, &s.snapshot_id)))
+                .await
+        ),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn snapshot_requests_are_checked() {
+    let h = fake(&[]);
+    let v = create_p(&h, "src", MIB, &[]).await;
+    let w = create_p(&h, "other", MIB, &[]).await;
+    snapshot(&h, "s", &v.volume_id).await;
+    let cases = [
+        (snap_req("", &v.volume_id), Code::InvalidArgument),
+        (snap_req("x", ""), Code::InvalidArgument),
+        (
+            snap_req(&"n".repeat(129), &v.volume_id),
+            Code::InvalidArgument,
+        ),
+        (
+            snap_req("x", "local-0123456789abcdef0123456789abcdef"),
+            Code::NotFound,
+        ),
+        (snap_req("s", &w.volume_id), Code::AlreadyExists),
+        (
+            csi::CreateSnapshotRequest {
+                parameters: [("fsFreeze".to_string(), "no".to_string())].into(),
+                ..snap_req("p", &v.volume_id)
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (req, want) in cases {
+        let name = req.name.chars().take(10).collect::<String>();
+        assert_eq!(
+            code(h.ctl.create_snapshot(Request::new(req)).await),
+            want,
+            "{name:?}"
+        );
+    }
+    // Keys the external-snapshotter adds are accepted.
+    let ok = csi::CreateSnapshotRequest {
+        parameters: [(
+            "csi.storage.k8s.io/volumesnapshot/name".to_string(),
+            "vs".to_string(),
+        )]
+        .into(),
+        ..snap_req("with-meta", &v.volume_id)
+    };
+    h.ctl.create_snapshot(Request::new(ok)).await.unwrap();
+    assert_eq!(
+        code(
+            h.ctl
+                .get_snapshot(Request::new(csi::GetSnapshotRequest {
+                    snapshot_id: "local-snap-0123456789abcdef0123456789abcdef".into(),
+                    ..Default::default()
+                }))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .delete_snapshot(Request::new(csi::DeleteSnapshotRequest::default()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn list_snapshots_pages_and_filters() {
+    let h = fake(&[]);
+    let a = create_p(&h, "a", MIB, &[]).await.volume_id;
+    let b = create_p(&h, "b", MIB, &[]).await.volume_id;
+    let mut made = Vec::new();
+    for (i, src) in [&a, &a, &b].into_iter().enumerate() {
+        made.push(snapshot(&h, &format!("s{i}"), src).await.snapshot_id);
+    }
+    let all = list(&h, Default::default()).await;
+    assert_eq!(ids(&all), made);
+    assert!(all.next_token.is_empty());
+    let p1 = list(
+        &h,
+        csi::ListSnapshotsRequest {
+            max_entries: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(ids(&p1), made[..2]);
+    let p2 = list(
+        &h,
+        csi::ListSnapshotsRequest {
+            max_entries: 2,
+            starting_token: p1.next_token.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(ids(&p2), made[2..]);
+    assert!(p2.next_token.is_empty());
+    let by_source = list(
+        &h,
+        csi::ListSnapshotsRequest {
+            source_volume_id: a.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(ids(&by_source), made[..2]);
+    let by_id = list(
+        &h,
+        csi::ListSnapshotsRequest {
+            snapshot_id: made[2].clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(ids(&by_id), made[2..]);
+    let none = list(
+        &h,
+        csi::ListSnapshotsRequest {
+            snapshot_id: "local-snap-0123456789abcdef0123456789abcdef".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(none.entries.is_empty());
+    assert_eq!(
+        code(
+            h.ctl
+                .list_snapshots(Request::new(csi::ListSnapshotsRequest {
+                    starting_token: "99".into(),
+                    ..Default::default()
+                }))
+                .await
+        ),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .list_snapshots(Request::new(csi::ListSnapshotsRequest {
+                    max_entries: -1,
+                    ..Default::default()
+                }))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let g = h
+        .ctl
+        .get_snapshot(Request::new(csi::GetSnapshotRequest {
+            snapshot_id: made[1].clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.snapshot.unwrap().source_volume_id, a);
+}
+
+/// A snapshot interrupted by a crash is never reported ready: start-up
+/// removes its record and its unfinished copy; an unfinished restore copy
+/// is removed too.
+#[tokio::test]
+async fn an_interrupted_snapshot_is_removed_at_start() {
+    let h = fake(&[]);
+    let v = create_p(&h, "src", MIB, &[]).await;
+    let id = "local-snap-0123456789abcdef0123456789abcdef".to_string();
+    h.driver
+        .store
+        .snapshot_insert_new(
+            SnapshotRecord {
+                id: id.clone(),
+                name: "crashed".into(),
+                kind: berth::state::Kind::Local,
+                seq: 0,
+                phase: Phase::Creating,
+                source_volume_id: v.volume_id.clone(),
+                size_bytes: MIB,
+                node: NODE.into(),
+                parameters: Default::default(),
+                created_secs: 1,
+                created_nanos: 0,
+                block: None,
+                location: String::new(),
+            },
+            |_| Ok::<(), berth::state::StateError>(()),
+        )
+        .unwrap();
+    assert!(
+        list(&h, Default::default()).await.entries.is_empty(),
+        "listed before ready"
+    );
+    let partial = h.path("local/.snapshots").join(format!(".partial-{id}"));
+    std::fs::create_dir_all(partial.join("half")).unwrap();
+    let creating = h.path("local/.creating/.partial-local-fedcba9876543210fedcba9876543210");
+    std::fs::create_dir_all(&creating).unwrap();
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    assert!(h.driver.store.snapshot_get(&id).is_none());
+    assert!(!partial.exists() && !creating.exists());
+    assert!(vol_dir(&h, &v.volume_id).is_dir());
+}
+
+/// Node-local snapshots live on their source's node: an id made on another
+/// node is RESOURCE_EXHAUSTED (the CO places the volume there), an unknown
+/// id of this node NOT_FOUND.
+#[tokio::test]
+async fn a_source_of_another_node_is_resource_exhausted() {
+    let h = fake(&[]);
+    let v = create_p(&h, "src", MIB, &[]).await;
+    let s = snapshot(&h, "s", &v.volume_id).await.snapshot_id;
+    let other = fake_node("node-b", &[]);
+    assert_eq!(
+        code(
+            other
+                .ctl
+                .create_volume(Request::new(from_snapshot("r", MIB, &s)))
+                .await
+        ),
+        Code::ResourceExhausted
+    );
+    assert_eq!(
+        code(
+            other
+                .ctl
+                .create_volume(Request::new(from_volume("c", MIB, &v.volume_id)))
+                .await
+        ),
+        Code::ResourceExhausted
+    );
+    let unknown = format!("{}{}", &s[..s.len() - 4], "0000");
+    assert_eq!(
+        code(
+            h.ctl
+                .create_volume(Request::new(from_snapshot("r", MIB, &unknown)))
+                .await
+        ),
+        Code::NotFound
+    );
+}
+
+fn out(code: i32, stdout: &str) -> Result<berth::os::CmdOutput, berth::os::OsError> {
+    Ok(berth::os::CmdOutput {
+        code: Some(code),
+        stdout: stdout.into(),
+        stderr: String::new(),
+    })
+}
+
+fn script_blank(f: &berth::os::fake::FakeOs) {
+    f.respond("blkid", |_| out(2, ""));
+    for p in ["mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs"] {
+        f.respond(p, |_| out(0, ""));
+    }
+}
+
+fn img(h: &Harness, id: &str) -> PathBuf {
+    h.path("block").join(format!("{id}.img"))
+}
+
+fn runs(f: &berth::os::fake::FakeOs, program: &str) -> usize {
+    f.calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Run { program: p, .. } if p == program))
+        .count()
+}
+
+/// A staged filesystem is frozen for the copy and thawed after, also when
+/// the copy fails; the restored volume is formatted already (mounted, never
+/// made again) and grown when it is larger.
+#[tokio::test]
+async fn a_staged_block_filesystem_is_frozen_for_its_snapshot() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create_p(&h, "src", 8 * MIB, &[]).await;
+    let staging = h.path("staging");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &staging)))
+        .await
+        .unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(img(&h, &v.volume_id))
+            .unwrap();
+        file.write_all_at(b"filesystem data", 4096).unwrap();
+    }
+    f.clear_file_ops();
+    let s = snapshot(&h, "s", &v.volume_id).await;
+    let ops: Vec<(&str, PathBuf)> = f.file_ops().into_iter().map(|o| (o.op, o.path)).collect();
+    let at = |op: &str| {
+        ops.iter()
+            .position(|(o, _)| *o == op)
+            .unwrap_or_else(|| panic!("no {op} in {ops:?}"))
+    };
+    assert!(
+        at("freeze") < at("copy") && at("copy") < at("thaw"),
+        "{ops:?}"
+    );
+    assert_eq!(ops[at("freeze")].1, staging);
+    // A failed copy still thaws.
+    f.clear_file_ops();
+    f.fail_next("copy", libc::EIO);
+    assert!(h
+        .ctl
+        .create_snapshot(Request::new(snap_req("s2", &v.volume_id)))
+        .await
+        .is_err());
+    let ops: Vec<&str> = f.file_ops().iter().map(|o| o.op).collect();
+    assert!(ops.contains(&"freeze") && ops.contains(&"thaw"), "{ops:?}");
+    assert!(h.driver.store.snapshot_by_name("s2").is_none());
+    // Restore, larger: formatted already, grown at the first stage.
+    let r = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: [("kind".to_string(), "block".to_string())].into(),
+            ..from_snapshot("r", 16 * MIB, &s.snapshot_id)
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut data = vec![0u8; 15];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(img(&h, &r.volume_id))
+            .unwrap()
+            .read_exact_at(&mut data, 4096)
+            .unwrap();
+    }
+    assert_eq!(&data, b"filesystem data");
+    assert_eq!(
+        std::fs::metadata(img(&h, &r.volume_id)).unwrap().len(),
+        (16 * MIB) as u64
+    );
+    let rec = h.driver.store.get(&r.volume_id).unwrap().block.unwrap();
+    assert!(rec.formatted && rec.grow_fs);
+    let mkfs = runs(f, "mkfs.ext4");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&r.volume_id, &h.path("staging-r"))))
+        .await
+        .unwrap();
+    assert_eq!(
+        runs(f, "mkfs.ext4"),
+        mkfs,
+        "a restored filesystem is never formatted"
+    );
+    assert_eq!(runs(f, "resize2fs"), 1);
+    assert!(
+        !h.driver
+            .store
+            .get(&r.volume_id)
+            .unwrap()
+            .block
+            .unwrap()
+            .grow_fs
+    );
+}
+
+/// A raw volume in use cannot be frozen: without a filesystem that clones
+/// files (this host's ext4), its snapshot is refused rather than made of
+/// blocks from different moments. Unused, it is copied.
+#[tokio::test]
+async fn a_raw_volume_in_use_is_not_copied_block_by_block() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create_p(&h, "raw", 8 * MIB, &[]).await;
+    let staging = h.path("staging");
+    let mut req = stage_req(&v.volume_id, &staging);
+    req.volume_capability = Some(block_cap(
+        csi::volume_capability::access_mode::Mode::SingleNodeWriter,
+    ));
+    h.node.node_stage_volume(Request::new(req)).await.unwrap();
+    let clones = {
+        let t = tempfile::tempdir_in(h.path("block")).unwrap();
+        std::fs::write(t.path().join("a"), b"x").unwrap();
+        berth::os::copy::copy_file(&t.path().join("a"), &t.path().join("b"))
+            .unwrap()
+            .cloned
+            > 0
+    };
+    let r = h
+        .ctl
+        .create_snapshot(Request::new(snap_req("s", &v.volume_id)))
+        .await;
+    if clones {
+        assert!(r.is_ok(), "{r:?}");
+    } else {
+        assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
+        assert_eq!(made_in(&h.path("block/.snapshots")).len(), 0);
+    }
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    let s = snapshot(&h, "s-unused", &v.volume_id).await;
+    assert!(Path::new(
+        &h.path("block/.snapshots")
+            .join(format!("{}.img", s.snapshot_id))
+    )
+    .is_file());
+}

@@ -11,8 +11,10 @@ mkdir -p "$TOOLS/bin"
 
 # Debian packages: util-linux (mount, unshare, losetup), e2fsprogs and
 # xfsprogs (block volumes), procps (pgrep in tests), python3-venv (manifest
-# validation).
-PKGS=(util-linux mount e2fsprogs xfsprogs procps python3-venv ca-certificates)
+# validation); for the cluster suite (tests/cluster/): buildah and
+# mmdebstrap (images), openssl (certificates), curl, iproute2.
+PKGS=(util-linux mount e2fsprogs xfsprogs procps python3-venv ca-certificates
+  buildah mmdebstrap openssl curl iproute2)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,6 +14,11 @@
 #   7. `berth bench` against a CSI driver that is not Berth (a Python grpcio
 #      driver, tests/foreign/) and against berth (bench/run.sh --quick)
 #   8. Kubernetes manifest and Helm chart validation
+#   9. Berth in a real single-node Kubernetes built here (tests/cluster/):
+#      its image from the Dockerfile, the real CSI sidecars, installed with
+#      kustomize (two kubelet directories) and Helm, the scenarios and the
+#      focused Kubernetes e2e storage suite; everything is cached under
+#      /var/cache/berth-k8s and torn down afterwards
 # and checks that no mount or loop device was leaked. Fails on the first
 # failing stage; prints "N passed, M failed" for the stages at the end.
 set -euo pipefail
@@ -58,6 +63,7 @@ stage "NFS volumes in the full-kernel guest" tests/vm/nfs.sh
 stage "berth bench against a CSI driver that is not Berth" tests/foreign/run.sh
 stage "berth bench against berth (bench/run.sh --quick; numbers printed, not asserted)" bench/run.sh --quick
 stage "manifest validation" bash tests/manifests/validate.sh
+stage "Berth in a real Kubernetes cluster (tests/cluster/run.sh)" tests/cluster/run.sh
 
 mounts_after=$(wc -l </proc/self/mountinfo)
 loops_after=$(losetup -a 2>/dev/null | wc -l)

@@ -33,7 +33,14 @@ case $INSTALL in kustomize | helm | none) ;; *) die "--install kustomize|helm|no
 
 [ $BUILD = 0 ] || "$CLUSTER_DIR/build.sh" debs tools kubernetes sidecars images
 
-[ -e "$RUN/host-before" ] && die "$RUN exists: a cluster is running or was not torn down; run tests/cluster/down.sh"
+if [ -e "$RUN/host-before" ]; then
+  for n in containerd etcd kube-apiserver kubelet; do
+    [ -f "$RUN/$n.pid" ] && kill -0 "$(cat "$RUN/$n.pid")" 2> /dev/null \
+      && die "a cluster is running ($n, pid $(cat "$RUN/$n.pid")); tests/cluster/down.sh stops it"
+  done
+  say "a cluster that was not torn down left $RUN: down.sh first"
+  "$CLUSTER_DIR/down.sh" || die "down.sh could not clean up what the last cluster left"
+fi
 NODE=$(hostname | tr 'A-Z' 'a-z')
 NODE_IP=$(ip -4 -o route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')
 [ -n "$NODE_IP" ] || NODE_IP=$(ip -4 -o addr show scope global | awk 'NR==1 {split($4, a, "/"); print a[1]}')

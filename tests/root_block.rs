@@ -17,43 +17,10 @@ use berth::csi::v1 as csi;
 use berth::csi::v1::controller_server::Controller;
 use berth::csi::v1::node_server::Node;
 use berth::csi::v1::volume_capability::access_mode::Mode;
-use berth::os::LoopDevices;
 use common::*;
 use tonic::{Code, Request};
 
 const MIB: i64 = 1 << 20;
-
-/// Loop devices bound to files under `dir` (device, backing file).
-fn loops_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
-    berth::os::RealLoopDevices::default()
-        .list()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|l| l.backing_file.starts_with(dir))
-        .map(|l| (l.device, l.backing_file))
-        .collect()
-}
-
-/// Unmounts everything under the directory, then detaches every loop
-/// device bound to a file under it, when dropped.
-struct BlockGuard(PathBuf);
-
-impl Drop for BlockGuard {
-    fn drop(&mut self) {
-        drop(UnmountOnDrop(self.0.clone()));
-        let loops = berth::os::RealLoopDevices::default();
-        for _ in 0..20 {
-            let left = loops_under(&self.0);
-            if left.is_empty() {
-                return;
-            }
-            for (dev, _) in left {
-                let _ = loops.detach(&dev);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 fn block_args(extra: &[&str]) -> Vec<String> {
     let mut v = vec!["--kinds".to_string(), "block".into()];
@@ -743,10 +710,13 @@ fn stand_in_disk(dir: &Path, name: &str, size: i64, mkfs: Option<&str>) -> PathB
             .unwrap();
         assert!(st.success());
     }
-    berth::os::RealLoopDevices::default()
-        .attach(&f, Default::default())
-        .unwrap()
-        .device
+    berth::os::LoopDevices::attach(
+        &berth::os::RealLoopDevices::default(),
+        &f,
+        Default::default(),
+    )
+    .unwrap()
+    .device
 }
 
 async fn disk_capacity(h: &Harness) -> (i64, Option<i64>) {

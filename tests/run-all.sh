@@ -53,6 +53,8 @@ stage "root integration tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_local --test root_multinode -- --ignored --test-threads=4
 stage "root block tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_block -- --ignored --test-threads=4
+stage "root snapshot tests" unshare --mount --propagation private -- \
+  cargo test --locked --test root_snapshots -- --ignored --test-threads=2
 stage "root block tests in the full-kernel guest" tests/vm-block.sh
 stage "README walkthrough" tests/walkthrough.sh
 stage "csi-sanity local" csi-sanity/run.sh local

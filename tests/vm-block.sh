@@ -1,24 +1,28 @@
 #!/bin/bash
-# Runs the root block tests (tests/root_block.rs) inside the full-kernel
-# test guest (tests/vm/), as root with every capability. The host sandbox
+# Runs the root block and snapshot tests (tests/root_block.rs,
+# tests/root_snapshots.rs) inside the full-kernel test guest (tests/vm/),
+# as root with every capability. The host sandbox
 # this project is developed in drops CAP_SYS_RESOURCE even for root, and the
 # kernel needs it for online ext4 resize (EXT4_IOC_RESIZE_FS): there
 # root_block checks only the error path; here the ext4 volume really grows
-# while a file is written. It also runs the suite on another kernel (6.1).
+# while a file is written, and an ext4 restored into a larger volume is
+# grown at its first stage. It also runs the suites on another kernel (6.1).
 #   tests/vm-block.sh            (as root; builds the guest if needed, cached)
 # Env: CARGO (default cargo), VM_TIMEOUT (default 900 s).
-# Last line: "root_block in guest: N passed, M failed".
+# Last line: "root_block and root_snapshots in guest: N passed, M failed".
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 "$ROOT/tests/vm/build-guest.sh" >/dev/null
-BIN=$(${CARGO:-cargo} test --locked --test root_block --no-run --message-format=json 2>/dev/null |
-  sed -n 's/.*"executable":"\([^"]*root_block[^"]*\)".*/\1/p' | tail -1)
-[ -x "$BIN" ] || { echo "vm-block: could not build the root_block test binary" >&2; exit 1; }
 SHARE=$(mktemp -d /tmp/berth-vm-block.XXXXXX)
 trap 'rm -rf "$SHARE"' EXIT
 mkdir "$SHARE/bin"
-cp "$BIN" "$SHARE/bin/root_block"
+for t in root_block root_snapshots; do
+  BIN=$(${CARGO:-cargo} test --locked --test "$t" --no-run --message-format=json 2>/dev/null |
+    sed -n "s/.*\"executable\":\"\([^\"]*$t[^\"]*\)\".*/\1/p" | tail -1)
+  [ -x "$BIN" ] || { echo "vm-block: could not build the $t test binary" >&2; exit 1; }
+  cp "$BIN" "$SHARE/bin/$t"
+done
 cat >"$SHARE/run.sh" <<'GUEST'
 #!/bin/bash
 # Inside the guest: the suite on the ext4 scratch disk (/var/tmp), where
@@ -29,6 +33,8 @@ grep CapEff /proc/self/status
 mkdir -p /var/tmp/rb
 TMPDIR=/var/tmp/rb RUST_BACKTRACE=1 root_block --ignored --test-threads=2 --nocapture 2>&1 | tee /share/tests.log
 rc=${PIPESTATUS[0]}
+TMPDIR=/var/tmp/rb RUST_BACKTRACE=1 root_snapshots --ignored --test-threads=2 --nocapture 2>&1 | tee /share/snapshots.log
+[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 echo "leftover loop devices: $(losetup -a | wc -l)"
 exit "$rc"
 GUEST
@@ -37,11 +43,19 @@ set +e
 "$ROOT/tests/vm/run-in-guest.sh" "$SHARE" "${VM_TIMEOUT:-900}" >"$SHARE/host.log" 2>&1
 RC=$?
 set -e
-grep -E '^test |^test result|not verified|ENOSPC|panicked' "$SHARE/tests.log" 2>/dev/null || tail -40 "$SHARE/host.log"
-SUMMARY=$(grep -E '^test result' "$SHARE/tests.log" 2>/dev/null | tail -1)
-P=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$SUMMARY"); F=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$SUMMARY")
+grep -hE '^test |^test result|not verified|restored at the same size|ENOSPC|panicked' "$SHARE/tests.log" "$SHARE/snapshots.log" 2>/dev/null || tail -40 "$SHARE/host.log"
+P=0; F=0
+for log in tests.log snapshots.log; do
+  SUMMARY=$(grep -E '^test result' "$SHARE/$log" 2>/dev/null | tail -1)
+  [ -n "$SUMMARY" ] || { echo "vm-block: no result in $log" >&2; RC=1; continue; }
+  P=$((P + $(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$SUMMARY")))
+  F=$((F + $(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$SUMMARY")))
+done
 if grep -q "not verified" "$SHARE/tests.log" 2>/dev/null; then
   echo "vm-block: ext4 online growth was not verified in the guest" >&2; RC=1
 fi
-echo "root_block in guest: ${P:-0} passed, ${F:-?} failed"
+if grep -q "restored at the same size" "$SHARE/snapshots.log" 2>/dev/null; then
+  echo "vm-block: the growth of a restored ext4 was not verified in the guest" >&2; RC=1
+fi
+echo "root_block and root_snapshots in guest: $P passed, $F failed"
 exit "$RC"

@@ -56,18 +56,18 @@ pub struct LifecycleReport {
     pub first_error: Option<String>,
 }
 
-struct Plan {
+pub(super) struct Plan {
     args: LifecycleArgs,
-    run: String,
+    pub(super) run: String,
     node_id: String,
-    topology: Option<csi::Topology>,
+    pub(super) topology: Option<csi::Topology>,
     controller_publish: bool,
     stage: bool,
 }
 
 #[derive(Default)]
-struct Done {
-    volume: Option<String>,
+pub(super) struct Done {
+    pub(super) volume: Option<String>,
     attached: bool,
     staged: bool,
     published: bool,
@@ -98,7 +98,7 @@ async fn cycle(c: &mut CsiClient, p: &Plan, i: usize, s: &mut Samples) -> Result
     r.and(undo)
 }
 
-async fn forward(
+pub(super) async fn forward(
     c: &mut CsiClient,
     p: &Plan,
     i: usize,
@@ -171,7 +171,34 @@ async fn forward(
     Ok(())
 }
 
-async fn backward(
+pub(super) async fn backward(
+    c: &mut CsiClient,
+    p: &Plan,
+    s: &mut Samples,
+    staging: &std::path::Path,
+    target: &std::path::Path,
+    done: &mut Done,
+) -> Result<(), String> {
+    let Some(id) = done.volume.clone() else {
+        return Ok(());
+    };
+    let released = release(c, p, s, staging, target, done).await;
+    let r = timed(
+        s,
+        "DeleteVolume",
+        c.controller.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        }),
+    )
+    .await;
+    done.volume = None;
+    released.and(r.map(|_| ()))
+}
+
+/// Unpublishes, unstages and detaches the volume (what `forward` did but
+/// its creation).
+pub(super) async fn release(
     c: &mut CsiClient,
     p: &Plan,
     s: &mut Samples,
@@ -227,21 +254,14 @@ async fn backward(
         .await;
         keep(r.map(|_| ()));
     }
-    let r = timed(
-        s,
-        "DeleteVolume",
-        c.controller.delete_volume(csi::DeleteVolumeRequest {
-            volume_id: id,
-            ..Default::default()
-        }),
-    )
-    .await;
-    keep(r.map(|_| ()));
+    done.published = false;
+    done.staged = false;
+    done.attached = false;
     first_err
 }
 
 /// Asks the endpoint what it supports.
-async fn plan(c: &mut CsiClient, args: LifecycleArgs) -> anyhow::Result<Plan> {
+pub(super) async fn plan(c: &mut CsiClient, args: LifecycleArgs) -> anyhow::Result<Plan> {
     use crate::csi::v1::controller_service_capability::rpc::Type as CType;
     use crate::csi::v1::node_service_capability::rpc::Type as NType;
     let ccaps = c

@@ -5,11 +5,14 @@
 //! - `scale`: many volumes, CreateVolume latency empty vs full, ListVolumes
 //!   paging;
 //! - `startup`: spawns berth and measures the time to its first Probe answer
-//!   and its idle RSS.
+//!   and its idle RSS;
+//! - `snapshot`: snapshot and restore of one volume holding data, against
+//!   tar.
 pub mod lifecycle;
 pub mod report;
 pub mod rss;
 pub mod scale;
+pub mod snapshot;
 pub mod startup;
 
 use std::collections::HashMap;
@@ -33,6 +36,8 @@ pub enum BenchMode {
     Scale(scale::ScaleArgs),
     /// Spawn berth and time its start-up to the first Probe answer.
     Startup(startup::StartupArgs),
+    /// Snapshot and restore one volume holding data, against tar.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// What every mode needs to build requests.
@@ -104,6 +109,7 @@ pub async fn run(endpoint: &str, args: BenchArgs) -> anyhow::Result<i32> {
         BenchMode::Lifecycle(a) => lifecycle::run(endpoint, a).await,
         BenchMode::Scale(a) => scale::run(endpoint, a).await,
         BenchMode::Startup(a) => startup::run(endpoint, a).await,
+        BenchMode::Snapshot(a) => snapshot::run(endpoint, a).await,
     }
 }
 

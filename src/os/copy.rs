@@ -175,25 +175,16 @@ fn copy_meta(m: &std::fs::Metadata, dst: &Path, symlink: bool) -> Result<(), OsE
 }
 
 /// Copies the tree at `src` (a directory) to `dst`, which must not exist.
-/// See the module comment for what is kept. The copy is synced before
-/// this returns.
+/// See the module comment for what is kept. The copy is durable before
+/// this returns: one syncfs(2) of the destination's filesystem flushes
+/// every file and directory it wrote (one flush instead of one fsync per
+/// file, which made copying many small files many times slower than tar).
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
     let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
     let mut st = CopyStats::default();
-    let mut synced = Vec::new();
-    copy_dir(src, dst, &mut links, &mut st, &mut synced)?;
-    // Files were synced as they were written; the directories now, deepest
-    // first, then the parent of the copy.
-    for d in synced.iter().rev() {
-        File::open(d)
-            .and_then(|f| f.sync_all())
-            .map_err(sys("fsync", d))?;
-    }
-    if let Some(parent) = dst.parent() {
-        File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(sys("fsync", parent))?;
-    }
+    copy_dir(src, dst, &mut links, &mut st)?;
+    let d = File::open(dst).map_err(sys("open", dst))?;
+    nix::unistd::syncfs(&d).map_err(errno("syncfs", dst))?;
     Ok(st)
 }
 
@@ -202,11 +193,9 @@ fn copy_dir(
     dst: &Path,
     links: &mut HashMap<(u64, u64), std::path::PathBuf>,
     st: &mut CopyStats,
-    dirs: &mut Vec<std::path::PathBuf>,
 ) -> Result<(), OsError> {
     let m = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
     std::fs::create_dir(dst).map_err(sys("mkdir", dst))?;
-    dirs.push(dst.to_path_buf());
     let mut entries: Vec<_> = std::fs::read_dir(src)
         .map_err(sys("readdir", src))?
         .collect::<Result<_, _>>()
@@ -218,7 +207,7 @@ fn copy_dir(
         let em = std::fs::symlink_metadata(&from).map_err(sys("stat", &from))?;
         let ft = em.file_type();
         if ft.is_dir() {
-            copy_dir(&from, &to, links, st, dirs)?;
+            copy_dir(&from, &to, links, st)?;
             continue;
         }
         if ft.is_socket() {
@@ -245,7 +234,6 @@ fn copy_dir(
             st.add(copy_file_data(&s, &from, &d, &to)?);
             copy_xattrs(&from, &to)?;
             copy_meta(&em, &to, false)?;
-            d.sync_all().map_err(sys("fsync", &to))?;
         } else if ft.is_symlink() {
             let target = std::fs::read_link(&from).map_err(sys("readlink", &from))?;
             std::os::unix::fs::symlink(&target, &to).map_err(sys("symlink", &to))?;

@@ -212,6 +212,11 @@ pub struct BlockInfo {
     /// larger one): the next stage grows it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grow_fs: bool,
+    /// The filesystem is a copy of another volume's (a restore or clone)
+    /// and has its UUID: xfs refuses to mount a second filesystem with a
+    /// UUID already mounted, so it is mounted with `nouuid`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_uuid: bool,
 }
 
 /// How a block volume is used.

@@ -337,3 +337,37 @@ pub fn made_in(dir: &Path) -> Vec<std::ffi::OsString> {
     v.sort();
     v
 }
+
+/// Loop devices bound to files under `dir` (device, backing file).
+pub fn loops_under(dir: &Path) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+    use berth::os::LoopDevices;
+    berth::os::RealLoopDevices::default()
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| l.backing_file.starts_with(dir))
+        .map(|l| (l.device, l.backing_file))
+        .collect()
+}
+
+/// Unmounts everything under the directory, then detaches every loop
+/// device bound to a file under it, when dropped.
+pub struct BlockGuard(pub std::path::PathBuf);
+
+impl Drop for BlockGuard {
+    fn drop(&mut self) {
+        use berth::os::LoopDevices;
+        drop(UnmountOnDrop(self.0.clone()));
+        let loops = berth::os::RealLoopDevices::default();
+        for _ in 0..20 {
+            let left = loops_under(&self.0);
+            if left.is_empty() {
+                return;
+            }
+            for (dev, _) in left {
+                let _ = loops.detach(&dev);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}

@@ -42,6 +42,16 @@ fn ensure_file(files: &dyn Files, path: &Path) -> Result<bool> {
     }
 }
 
+/// Filesystem mount options Berth adds itself: `nouuid` for an xfs that
+/// is a copy of another volume's (same UUID, maybe mounted too).
+fn mount_data(info: &BlockInfo, fs: Filesystem) -> &'static str {
+    if fs == Filesystem::Xfs && info.shared_uuid {
+        "nouuid"
+    } else {
+        ""
+    }
+}
+
 fn access_name(a: BlockAccess) -> &'static str {
     match a {
         BlockAccess::Raw => "as a raw block device",
@@ -189,11 +199,12 @@ impl BlockKind {
             },
             || head().is_ok_and(|sb| format::xfs_in_progress(&sb)),
         );
+        let data = mount_data(&info, fs);
         let mount = || {
             mounts::mount_on_dir(&self.os, staging, || {
                 self.os
                     .mounter
-                    .mount_fs(&dev.path, staging, fs.as_str(), flags, "")
+                    .mount_fs(&dev.path, staging, fs.as_str(), flags, data)
                     .map_err(|e| {
                         Error::os(
                             format!(

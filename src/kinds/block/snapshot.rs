@@ -71,6 +71,7 @@ impl BlockKind {
             formatting_uuid: String::new(),
             access: info.access,
             grow_fs: info.grow_fs,
+            shared_uuid: info.formatted,
         }
     }
 

@@ -2000,3 +2000,120 @@ async fn a_failed_stage_leaves_nothing_behind() {
         .await
         .unwrap();
 }
+
+/// A whole-disk volume is snapshotted into a sparse file and restored onto
+/// another disk (erased first) or onto a file; a restore onto a disk that
+/// a crash interrupted erases that disk when it is rolled back.
+#[tokio::test]
+async fn whole_disk_snapshots_restore_onto_disks_and_files() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let a = create(&h, "a", 10 * MIB, &[("pool", "disk")]).await;
+    write_at(&dir.join("d10"), b"tenant a", MIB as u64);
+    let snap = h
+        .ctl
+        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: "s".into(),
+            source_volume_id: a.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap.size_bytes, 10 * MIB);
+    let file = h
+        .path("block/.snapshots")
+        .join(format!("{}.img", snap.snapshot_id));
+    let m = std::fs::metadata(&file).unwrap();
+    assert_eq!(m.len(), (10 * MIB) as u64);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&m) * 512 < (2 * MIB) as u64,
+        "not sparse"
+    );
+    let restore = |name: &str, kv: &[(&str, &str)]| {
+        let mut p = params(kv);
+        p.insert("kind".into(), "block".into());
+        csi::CreateVolumeRequest {
+            parameters: p,
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(csi::volume_content_source::Type::Snapshot(
+                    csi::volume_content_source::SnapshotSource {
+                        snapshot_id: snap.snapshot_id.clone(),
+                    },
+                )),
+            }),
+            ..create_req(name, 10 * MIB)
+        }
+    };
+    // Onto a disk: the next free one (d20) is erased, then written.
+    std::fs::write(dir.join("d20"), vec![0x77u8; (20 * MIB) as usize]).unwrap();
+    let b = h
+        .ctl
+        .create_volume(Request::new(restore("b", &[("pool", "disk")])))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(b.capacity_bytes, 20 * MIB);
+    let d20 = std::fs::read(dir.join("d20")).unwrap();
+    assert_eq!(&d20[MIB as usize..MIB as usize + 8], b"tenant a");
+    assert!(
+        d20[..MIB as usize].iter().all(|&x| x == 0),
+        "old data shows through"
+    );
+    assert!(f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &dir.join("d20"))));
+    // Onto a file.
+    let c = h
+        .ctl
+        .create_volume(Request::new(restore("c", &[])))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut buf = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(img(&h, &c.volume_id)).unwrap(),
+        &mut buf,
+        MIB as u64,
+    )
+    .unwrap();
+    assert_eq!(&buf, b"tenant a");
+    // A restore onto a disk interrupted by a crash: its rollback erases the
+    // disk (a plain create's rollback releases a disk it never wrote).
+    let mut rb = h.driver.store.get(&b.volume_id).unwrap();
+    h.driver.store.set_phase(&mut rb, Phase::Creating).unwrap();
+    let pool = format!("{}/d*", dir.display());
+    let tmp = h.stop();
+    let (os, f) = berth::os::Os::fake();
+    register_disks(&f, &dir, None);
+    let h = build(
+        tmp,
+        os,
+        Some(f.clone()),
+        &["--kinds", "block", "--disk-pool", &pool],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.driver.store.get(&b.volume_id).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rollback never finished"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &dir.join("d20"))));
+    assert!(std::fs::read(dir.join("d20"))
+        .unwrap()
+        .iter()
+        .all(|&x| x == 0));
+}

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use nix::sys::stat::{utimensat, Mode, SFlag, UtimensatFlags};
@@ -109,6 +109,94 @@ pub fn copy_file_data(
         pos = hole;
     }
     dst.set_len(len).map_err(sys("truncate", dst_path))?;
+    Ok(CopyStats {
+        copied: 1,
+        bytes,
+        ..Default::default()
+    })
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Copies `len` bytes of the device `src` into the new file `dst` (mode
+/// 0600), leaving holes where the device reads as zeros, and syncs it.
+pub fn copy_device_to_file(src: &Path, dst: &Path, len: u64) -> Result<CopyStats, OsError> {
+    let s = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(src)
+        .map_err(sys("open", src))?;
+    let d = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dst)
+        .map_err(sys("create", dst))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    let mut bytes = 0u64;
+    while off < len {
+        let want = usize::try_from(len - off).unwrap_or(CHUNK).min(CHUNK);
+        let n = s.read_at(&mut buf[..want], off).map_err(sys("read", src))?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            d.write_all_at(&buf[..n], off).map_err(sys("write", dst))?;
+            bytes += n as u64;
+        }
+        off += n as u64;
+    }
+    d.set_len(len).map_err(sys("truncate", dst))?;
+    d.sync_all().map_err(sys("fsync", dst))?;
+    Ok(CopyStats {
+        copied: 1,
+        bytes,
+        ..Default::default()
+    })
+}
+
+/// Writes the data ranges of the file `src` onto the device `dst` at the
+/// same offsets (the holes are not written: the caller zeroed the device
+/// first), and flushes the device.
+pub fn copy_file_to_device(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
+    let s = File::open(src).map_err(sys("open", src))?;
+    let d = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dst)
+        .map_err(sys("open", dst))?;
+    let len = s.metadata().map_err(sys("stat", src))?.len() as i64;
+    let mut buf = vec![0u8; CHUNK];
+    let mut bytes = 0u64;
+    let mut pos = 0i64;
+    while pos < len {
+        let data = match nix::unistd::lseek(&s, pos, nix::unistd::Whence::SeekData) {
+            Ok(x) => x,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(nix::errno::Errno::EINVAL) => pos,
+            Err(e) => return Err(OsError::sys("lseek", src, e)),
+        };
+        let hole = nix::unistd::lseek(&s, data, nix::unistd::Whence::SeekHole)
+            .map(|h| h.min(len))
+            .unwrap_or(len);
+        let mut off = data as u64;
+        while off < hole as u64 {
+            let want = usize::try_from(hole as u64 - off)
+                .unwrap_or(CHUNK)
+                .min(CHUNK);
+            let n = s.read_at(&mut buf[..want], off).map_err(sys("read", src))?;
+            if n == 0 {
+                break;
+            }
+            d.write_all_at(&buf[..n], off).map_err(sys("write", dst))?;
+            bytes += n as u64;
+            off += n as u64;
+        }
+        pos = hole;
+    }
+    d.sync_all().map_err(sys("fsync", dst))?;
     Ok(CopyStats {
         copied: 1,
         bytes,

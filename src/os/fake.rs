@@ -976,6 +976,21 @@ impl Files for FakeOs {
         RealFiles.copy_tree(src, dst)
     }
 
+    fn copy_from_device(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+    ) -> Result<super::copy::CopyStats, OsError> {
+        self.file_op("copy", dst)?;
+        RealFiles.copy_from_device(src, dst, len)
+    }
+
+    fn copy_to_device(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
+        self.file_op("copy", dst)?;
+        RealFiles.copy_to_device(src, dst)
+    }
+
     /// Recorded (as a filesystem change "freeze"/"thaw"); nothing is
     /// frozen.
     fn freeze(&self, mount_point: &Path) -> Result<(), OsError> {

@@ -65,6 +65,17 @@ pub trait Files: Send + Sync {
     /// Copies the directory tree `src` to `dst`, which must not exist (see
     /// `copy`).
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
+    /// Copies `len` bytes of the device `src` into the new sparse file
+    /// `dst` (see `copy`).
+    fn copy_from_device(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+    ) -> Result<super::copy::CopyStats, OsError>;
+    /// Writes the data of the file `src` onto the device `dst`, which the
+    /// caller zeroed (see `copy`).
+    fn copy_to_device(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
     /// FIFREEZE: blocks writes to the filesystem mounted at `mount_point`
     /// and makes it consistent on its device, until `thaw`.
     fn freeze(&self, mount_point: &Path) -> Result<(), OsError>;
@@ -184,6 +195,19 @@ impl Files for RealFiles {
 
     fn copy_file(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
         super::copy::copy_file(src, dst)
+    }
+
+    fn copy_from_device(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+    ) -> Result<super::copy::CopyStats, OsError> {
+        super::copy::copy_device_to_file(src, dst, len)
+    }
+
+    fn copy_to_device(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
+        super::copy::copy_file_to_device(src, dst)
     }
 
     fn freeze(&self, mount_point: &Path) -> Result<(), OsError> {

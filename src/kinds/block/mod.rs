@@ -569,16 +569,17 @@ impl VolumeKind for BlockKind {
 
     fn slow_delete(&self, rec: &VolumeRecord) -> bool {
         self.disk_wipe == DiskWipe::Zero
-            && rec.phase != Phase::Creating
+            && (rec.phase != Phase::Creating || rec.source.is_some())
             && rec.block.as_ref().is_some_and(|b| b.disk.is_some())
     }
 
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
         if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
-            if rec.phase == Phase::Creating {
+            if rec.phase == Phase::Creating && rec.source.is_none() {
                 // Claimed by a create that never answered: the volume was
                 // never handed out and Berth wrote nothing to the disk (it
-                // was blank when claimed), so there is nothing to erase.
+                // was blank when claimed), so there is nothing to erase. (A
+                // restore wrote a snapshot onto it: that one is erased.)
                 tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
                 return Ok(());
             }

@@ -18,7 +18,12 @@
 //! to the new volume's file the same way and grows it to the new size; the
 //! new volume inherits what Berth knows of its content (formatted, which
 //! filesystem, raw or filesystem), and a filesystem smaller than its volume
-//! is grown at the next stage. Whole-disk volumes have no snapshots yet.
+//! is grown at the next stage.
+//!
+//! Whole-disk volumes (`pool: disk`) are copied into a snapshot file the
+//! same way (the zero parts of the disk become holes); a raw disk in use
+//! cannot be copied as a point in time and is refused. A restore onto a
+//! whole disk erases the disk, then writes the file's data.
 use std::path::{Path, PathBuf};
 
 use super::{BlockKind, Dev};
@@ -81,13 +86,14 @@ impl BlockKind {
         snap: &mut SnapshotRecord,
     ) -> Result<()> {
         let info = Self::info(vol)?;
-        if info.disk.is_some() {
-            return Err(Error::InvalidArgument(format!(
-                "volume {} is a whole disk; snapshots of whole-disk volumes are not supported",
-                vol.id
-            )));
-        }
-        let src = self.require_file(&vol.id)?;
+        // What is copied: the volume's file, or its whole disk.
+        let (src, disk_len) = match &info.disk {
+            Some(d) => {
+                let dev = self.resolve_disk(d)?;
+                (dev.path, Some(dev.size_bytes))
+            }
+            None => (self.require_file(&vol.id)?, None),
+        };
         let dest = self.snapshot_file(&snap.id)?;
         let partial = self.partial_file(&snap.id);
         let f = self.os.files.as_ref();
@@ -114,11 +120,21 @@ impl BlockKind {
             .unwrap_or_default();
         let raw_in_use =
             dev.as_ref().is_some_and(|d| !Self::users(&t, d).is_empty()) && frozen.is_empty();
+        if raw_in_use && disk_len.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is a whole disk in use as a raw device: a copy of it would not be a point in time; snapshot it while it is not in use",
+                vol.id
+            )));
+        }
+        let copy = || match disk_len {
+            Some(len) => f.copy_from_device(&src, &partial, len),
+            None => f.copy_file(&src, &partial),
+        };
         let copied = if let Some(mp) = frozen.first() {
             f.freeze(mp).map_err(|e| {
                 Error::os(format!("freezing the filesystem at {}", mp.display()), e)
             })?;
-            let r = f.copy_file(&src, &partial);
+            let r = copy();
             if let Err(e) = f.thaw(mp) {
                 tracing::error!(volume_id = %vol.id, mount_point = %mp.display(), error = %e, "could not thaw the filesystem after a snapshot");
                 let _ = f.remove_file(&partial);
@@ -129,7 +145,7 @@ impl BlockKind {
             }
             r
         } else {
-            f.copy_file(&src, &partial)
+            copy()
         };
         let stats = match copied {
             Ok(s) => s,
@@ -150,7 +166,7 @@ impl BlockKind {
         f.rename_noreplace(&partial, &dest)
             .and_then(|_| f.sync_dir(&area))
             .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))?;
-        tracing::info!(volume_id = %vol.id, snapshot_id = %snap.id, cloned = stats.cloned > 0, bytes = stats.bytes, frozen = !frozen.is_empty(), "snapshot made");
+        tracing::info!(volume_id = %vol.id, snapshot_id = %snap.id, cloned = stats.cloned > 0, bytes = stats.bytes, frozen = !frozen.is_empty(), disk = disk_len.is_some(), "snapshot made");
         snap.block = Some(Self::inherited(&info));
         Ok(())
     }
@@ -168,25 +184,17 @@ impl BlockKind {
         Ok(())
     }
 
-    /// The new volume's file is a copy of the snapshot's file or of the
-    /// source volume's (frozen like a snapshot when it is staged), grown to
-    /// the new size. The record is durable (phase Creating) before, so an
-    /// interrupted copy is rolled back with the volume.
+    /// The new volume is a copy of the snapshot's file or of the source
+    /// volume (taken like a snapshot, frozen when it is staged): onto a
+    /// file, or onto a whole disk of the pool (`pool: disk`), which is
+    /// zeroed first so nothing of an earlier tenant shows through the
+    /// holes. The record is durable (phase Creating) before, so an
+    /// interrupted copy is rolled back with the volume (a disk it was
+    /// written to is erased).
     pub(super) fn restore_volume(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
         let p = super::params::parse(&super::params::own(&rec.parameters))?;
-        let super::params::Pool::File(allocation) = p.pool else {
-            return Err(Error::InvalidArgument(
-                "a volume made from a snapshot or a volume is a file volume (no pool: disk)".into(),
-            ));
-        };
-        let dest = self.file(&rec.id)?;
-        let f = self.os.files.as_ref();
-        if dest.exists() {
-            // A retry: the earlier copy may be incomplete.
-            f.remove_file(&dest)
-                .map_err(|e| Error::os(format!("removing {}", dest.display()), e))?;
-        }
-        let (src, info, source_size) = match from {
+        // The file to copy from; a clone first takes an unlisted snapshot.
+        let (src, info, source_size, tmp) = match from {
             Source::Snapshot(s) => {
                 let file = self.snapshot_file(&s.id)?;
                 if !file.is_file() {
@@ -196,12 +204,14 @@ impl BlockKind {
                         file.display()
                     )));
                 }
-                let info = s.block.clone().unwrap_or_default();
-                (file, info, s.size_bytes)
+                (
+                    file,
+                    s.block.clone().unwrap_or_default(),
+                    s.size_bytes,
+                    None,
+                )
             }
             Source::Volume(v) => {
-                // A clone is a snapshot that is never listed: the same
-                // point-in-time rules.
                 let mut tmp = SnapshotRecord {
                     id: super::super::new_hex_id(SNAP_PREFIX),
                     name: String::new(),
@@ -219,28 +229,90 @@ impl BlockKind {
                 };
                 self.snapshot_volume(v, &mut tmp)?;
                 let file = self.snapshot_file(&tmp.id)?;
-                let r = f
-                    .rename_noreplace(&file, &dest)
-                    .map_err(|e| Error::os(format!("moving {} into place", file.display()), e));
-                if r.is_err() {
-                    let _ = self.remove_snapshot(&tmp);
-                }
-                r?;
-                return self.finish_restore(
-                    rec,
-                    &dest,
-                    allocation,
-                    tmp.block.unwrap_or_default(),
-                    v.capacity_bytes,
-                );
+                let info = tmp.block.clone().unwrap_or_default();
+                (file, info, v.capacity_bytes, Some(tmp))
             }
         };
-        let stats = f.copy_file(&src, &dest).map_err(|e| {
-            let _ = f.remove_file(&dest);
-            copy_error(format!("copying {}", src.display()), e)
-        })?;
-        tracing::info!(volume_id = %rec.id, cloned = stats.cloned > 0, bytes = stats.bytes, "volume restored");
+        let r = match p.pool {
+            super::params::Pool::File(allocation) => {
+                self.restore_onto_file(rec, &src, tmp.is_some(), allocation, info, source_size)
+            }
+            super::params::Pool::Disk => self.restore_onto_disk(rec, &src, info, source_size),
+        };
+        if let Some(t) = &tmp {
+            let _ = self.remove_snapshot(t);
+        }
+        r
+    }
+
+    /// The volume's file: `src` moved into place (`take`: an unlisted
+    /// snapshot of a clone) or copied, then grown.
+    fn restore_onto_file(
+        &self,
+        rec: &mut VolumeRecord,
+        src: &Path,
+        take: bool,
+        allocation: crate::state::Allocation,
+        info: BlockInfo,
+        source_size: i64,
+    ) -> Result<()> {
+        let f = self.os.files.as_ref();
+        let dest = self.file(&rec.id)?;
+        if dest.exists() {
+            // A retry: the earlier copy may be incomplete.
+            f.remove_file(&dest)
+                .map_err(|e| Error::os(format!("removing {}", dest.display()), e))?;
+        }
+        if take {
+            f.rename_noreplace(src, &dest)
+                .map_err(|e| Error::os(format!("moving {} into place", src.display()), e))?;
+        } else {
+            let stats = f.copy_file(src, &dest).map_err(|e| {
+                let _ = f.remove_file(&dest);
+                copy_error(format!("copying {}", src.display()), e)
+            })?;
+            tracing::info!(volume_id = %rec.id, cloned = stats.cloned > 0, bytes = stats.bytes, "volume restored");
+        }
         self.finish_restore(rec, &dest, allocation, info, source_size)
+    }
+
+    /// Claims a free disk for `rec` (as a create does), erases it and
+    /// writes the snapshot's data onto it.
+    fn restore_onto_disk(
+        &self,
+        rec: &mut VolumeRecord,
+        src: &Path,
+        source: BlockInfo,
+        source_size: i64,
+    ) -> Result<()> {
+        use crate::kinds::VolumeKind;
+        self.create(rec)?;
+        let mut info = Self::info(rec)?;
+        let d = info
+            .disk
+            .clone()
+            .ok_or_else(|| Error::Internal(format!("volume {} claimed no disk", rec.id)))?;
+        let dev = self.resolve_disk(&d)?;
+        self.os
+            .devices
+            .zero_out(&dev.path, dev.size_bytes)
+            .map_err(|e| Error::os(format!("zeroing disk {}", dev.path.display()), e))?;
+        let stats = self.os.files.copy_to_device(src, &dev.path).map_err(|e| {
+            Error::os(
+                format!("writing {} onto disk {}", src.display(), dev.path.display()),
+                e,
+            )
+        })?;
+        tracing::info!(volume_id = %rec.id, disk = %dev.path.display(), bytes = stats.bytes, "volume restored onto a disk");
+        let inherited = Self::inherited(&source);
+        info.formatted = inherited.formatted;
+        info.fs_type = inherited.fs_type;
+        info.access = inherited.access;
+        info.default_fs = inherited.default_fs;
+        info.shared_uuid = inherited.shared_uuid;
+        info.grow_fs = info.formatted && rec.capacity_bytes > source_size;
+        rec.block = Some(info);
+        Ok(())
     }
 
     fn finish_restore(

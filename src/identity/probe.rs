@@ -2,7 +2,6 @@
 //! accepts changes and every served kind's pool is present;
 //! FAILED_PRECONDITION otherwise (the livenessprobe sidecar then has the
 //! container restarted, which replays the journal).
-use std::io::Write;
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
@@ -19,9 +18,10 @@ pub async fn handle(d: Arc<Driver>) -> Result<csi::ProbeResponse> {
 pub fn check(d: &Driver) -> Result<()> {
     let dir = d.cfg.state_dir();
     let probe = dir.join(".probe.tmp");
-    std::fs::File::create(&probe)
-        .and_then(|mut f| f.write_all(b"ok"))
-        .and_then(|_| std::fs::remove_file(&probe))
+    let f = d.os.files.as_ref();
+    f.open(&probe, crate::os::files::Open::CreateOrTruncate)
+        .and_then(|file| f.write_at(&file, &probe, b"ok", 0))
+        .and_then(|_| f.remove_file(&probe))
         .map_err(|e| {
             Error::FailedPrecondition(format!(
                 "state directory {} is not writable: {e}",

@@ -599,7 +599,7 @@ impl Journal {
     /// what it replayed durable; any other damage is an error.
     pub fn open(dir: &Path, files: Arc<dyn Files>) -> Result<Replay, StateError> {
         if !dir.exists() {
-            fs::create_dir_all(dir).map_err(|e| StateError::io("create", dir, e))?;
+            files.create_dir(dir, 0o700).map_err(StateError::Os)?;
             if let Some(parent) = dir.parent() {
                 files.sync_dir(parent).map_err(StateError::Os)?;
             }

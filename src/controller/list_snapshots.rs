@@ -5,10 +5,11 @@
 //! gives an empty list, as the spec asks.
 use std::sync::Arc;
 
+use super::list_volumes::page_start;
 use super::snapshot;
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::state::Phase;
 use crate::validate;
 
@@ -17,31 +18,17 @@ pub async fn handle(
     req: csi::ListSnapshotsRequest,
 ) -> Result<csi::ListSnapshotsResponse> {
     snapshot::require(&d)?;
-    if req.max_entries < 0 {
-        return Err(Error::InvalidArgument(
-            "max_entries must not be negative".into(),
-        ));
-    }
     if !req.snapshot_id.is_empty() {
         validate::snapshot_id(&req.snapshot_id)?;
     }
     if !req.source_volume_id.is_empty() {
         validate::volume_id(&req.source_volume_id)?;
     }
-    let after = if req.starting_token.is_empty() {
-        0
-    } else {
-        req.starting_token
-            .parse::<u64>()
-            .ok()
-            .filter(|t| *t > 0 && *t <= d.store.snapshot_last_seq())
-            .ok_or_else(|| {
-                Error::Aborted(format!(
-                    "starting_token {:?} is not valid",
-                    req.starting_token.chars().take(128).collect::<String>()
-                ))
-            })?
-    };
+    let after = page_start(
+        req.max_entries,
+        &req.starting_token,
+        d.store.snapshot_last_seq(),
+    )?;
     let mut all = d.store.snapshot_filter(|s| {
         s.phase == Phase::Ready
             && s.seq > after

@@ -10,29 +10,35 @@ use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::state::Phase;
 
-pub async fn handle(
-    d: Arc<Driver>,
-    req: csi::ListVolumesRequest,
-) -> Result<csi::ListVolumesResponse> {
-    if req.max_entries < 0 {
+/// The checks every paged List RPC makes: `max_entries` is not negative,
+/// and the token is a sequence number that was handed out (ABORTED
+/// otherwise, as the spec asks). Returns where the page starts after.
+pub fn page_start(max_entries: i32, token: &str, last_seq: u64) -> Result<u64> {
+    if max_entries < 0 {
         return Err(Error::InvalidArgument(
             "max_entries must not be negative".into(),
         ));
     }
-    let after = if req.starting_token.is_empty() {
-        0
-    } else {
-        req.starting_token
-            .parse::<u64>()
-            .ok()
-            .filter(|t| *t > 0 && *t <= d.store.last_seq())
-            .ok_or_else(|| {
-                Error::Aborted(format!(
-                    "starting_token {:?} is not valid",
-                    req.starting_token.chars().take(128).collect::<String>()
-                ))
-            })?
-    };
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .parse::<u64>()
+        .ok()
+        .filter(|t| *t > 0 && *t <= last_seq)
+        .ok_or_else(|| {
+            Error::Aborted(format!(
+                "starting_token {:?} is not valid",
+                token.chars().take(128).collect::<String>()
+            ))
+        })
+}
+
+pub async fn handle(
+    d: Arc<Driver>,
+    req: csi::ListVolumesRequest,
+) -> Result<csi::ListVolumesResponse> {
+    let after = page_start(req.max_entries, &req.starting_token, d.store.last_seq())?;
     let (recs, next) = d.store.page(after, req.max_entries as usize);
     let entries = recs
         .iter()

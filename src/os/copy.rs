@@ -58,6 +58,30 @@ fn errno<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(nix::errno::Errno)
 
 nix::ioctl_write_int!(ficlone, 0x94, 9);
 
+/// The ranges [start, end) of `file` (of `len` bytes) that hold data, by
+/// SEEK_DATA / SEEK_HOLE; all of it where the filesystem cannot tell.
+fn data_ranges(file: &File, path: &Path, len: u64) -> Result<Vec<(u64, u64)>, OsError> {
+    use nix::unistd::{lseek, Whence};
+    let end = i64::try_from(len).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while pos < end {
+        let data = match lseek(file, pos, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            // No SEEK_DATA: everything is data.
+            Err(nix::errno::Errno::EINVAL) => pos,
+            Err(e) => return Err(OsError::sys("lseek", path, e)),
+        };
+        let hole = lseek(file, data, Whence::SeekHole).map_or(end, |h| h.min(end));
+        if hole > data {
+            out.push((data as u64, hole as u64));
+        }
+        pos = hole.max(data + 1);
+    }
+    Ok(out)
+}
+
 /// Copies the content of `src` (at `src_path`) into the empty file `dst`:
 /// a clone where the filesystem can, else its data ranges only. `dst` ends
 /// up exactly as long as `src`.
@@ -78,24 +102,11 @@ pub fn copy_file_data(
     }
     let len = src.metadata().map_err(sys("stat", src_path))?.len();
     let mut bytes = 0u64;
-    let mut pos = 0i64;
-    let end = len as i64;
-    while pos < end {
-        let data = match nix::unistd::lseek(src, pos, nix::unistd::Whence::SeekData) {
-            Ok(d) => d,
-            Err(nix::errno::Errno::ENXIO) => break,
-            // No SEEK_DATA: everything is data.
-            Err(nix::errno::Errno::EINVAL) => pos,
-            Err(e) => return Err(OsError::sys("lseek", src_path, e)),
-        };
-        let hole = match nix::unistd::lseek(src, data, nix::unistd::Whence::SeekHole) {
-            Ok(h) => h.min(end),
-            Err(_) => end,
-        };
-        let mut off_in = data;
-        let mut off_out = data;
-        while off_in < hole {
-            let want = usize::try_from(hole - off_in)
+    for (start, end) in data_ranges(src, src_path, len)? {
+        let mut off_in = start as i64;
+        let mut off_out = start as i64;
+        while (off_in as u64) < end {
+            let want = usize::try_from(end - off_in as u64)
                 .unwrap_or(usize::MAX)
                 .min(1 << 30);
             let n =
@@ -106,7 +117,6 @@ pub fn copy_file_data(
             }
             bytes += n as u64;
         }
-        pos = hole;
     }
     dst.set_len(len).map_err(sys("truncate", dst_path))?;
     Ok(CopyStats {
@@ -167,25 +177,13 @@ pub fn copy_file_to_device(src: &Path, dst: &Path) -> Result<CopyStats, OsError>
         .custom_flags(libc::O_CLOEXEC)
         .open(dst)
         .map_err(sys("open", dst))?;
-    let len = s.metadata().map_err(sys("stat", src))?.len() as i64;
+    let len = s.metadata().map_err(sys("stat", src))?.len();
     let mut buf = vec![0u8; CHUNK];
     let mut bytes = 0u64;
-    let mut pos = 0i64;
-    while pos < len {
-        let data = match nix::unistd::lseek(&s, pos, nix::unistd::Whence::SeekData) {
-            Ok(x) => x,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(nix::errno::Errno::EINVAL) => pos,
-            Err(e) => return Err(OsError::sys("lseek", src, e)),
-        };
-        let hole = nix::unistd::lseek(&s, data, nix::unistd::Whence::SeekHole)
-            .map(|h| h.min(len))
-            .unwrap_or(len);
-        let mut off = data as u64;
-        while off < hole as u64 {
-            let want = usize::try_from(hole as u64 - off)
-                .unwrap_or(CHUNK)
-                .min(CHUNK);
+    for (start, end) in data_ranges(&s, src, len)? {
+        let mut off = start;
+        while off < end {
+            let want = usize::try_from(end - off).unwrap_or(CHUNK).min(CHUNK);
             let n = s.read_at(&mut buf[..want], off).map_err(sys("read", src))?;
             if n == 0 {
                 break;
@@ -194,7 +192,6 @@ pub fn copy_file_to_device(src: &Path, dst: &Path) -> Result<CopyStats, OsError>
             bytes += n as u64;
             off += n as u64;
         }
-        pos = hole;
     }
     d.sync_all().map_err(sys("fsync", dst))?;
     Ok(CopyStats {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::kinds::nfs::allow::AllowedShare;
 use crate::state::Kind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -142,6 +143,12 @@ pub struct Config {
     )]
     pub nfs_timeout: u64,
 
+    /// NFS exports Berth may use, comma separated: `server:/path` or
+    /// `/path` (any server); a share at or below a listed path is allowed.
+    /// Empty: any share except `/`, which must be listed explicitly.
+    #[arg(long, env = "BERTH_NFS_ALLOWED_SHARES", value_delimiter = ',', value_parser = parse_allowed_share, global = true)]
+    pub nfs_allowed_shares: Vec<AllowedShare>,
+
     /// Maximum volumes published on this node (0 = no limit).
     #[arg(
         long,
@@ -185,6 +192,10 @@ pub struct Config {
 
 fn parse_driver_name(s: &str) -> Result<String, String> {
     crate::validate::driver_name(s).map(|_| s.to_string())
+}
+
+fn parse_allowed_share(s: &str) -> Result<AllowedShare, String> {
+    AllowedShare::parse(s)
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
@@ -329,5 +340,15 @@ mod tests {
         );
         assert!(parse(&["--nfs-timeout", "0"]).is_err());
         assert!(parse(&["--nfs-timeout", "x"]).is_err());
+    }
+
+    #[test]
+    fn nfs_allowed_shares() {
+        assert!(parse(&[]).unwrap().config.nfs_allowed_shares.is_empty());
+        let c = parse(&["--nfs-allowed-shares", "h:/e,/data"])
+            .unwrap()
+            .config;
+        assert_eq!(c.nfs_allowed_shares.len(), 2);
+        assert!(parse(&["--nfs-allowed-shares", "h:e"]).is_err());
     }
 }

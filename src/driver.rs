@@ -1,11 +1,13 @@
 //! The driver: configuration, state, guards, OS interfaces and the volume
 //! kinds, shared by the Identity, Controller and Node services.
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kinds::nfs::allow::AllowedShares;
 use crate::kinds::{BlockKind, LocalKind, NfsKind, VolumeKind};
 use crate::locks::{OpGuard, OpLocks};
 use crate::os::Os;
@@ -24,6 +26,9 @@ pub struct Driver {
     pub locks: Arc<OpLocks>,
     pub os: Os,
     kinds: BTreeMap<Kind, Arc<dyn VolumeKind>>,
+    /// True while start-up work that runs after the socket is up (remote
+    /// kinds' interrupted operations) is not done: Probe is not ready.
+    reconciling: AtomicBool,
 }
 
 impl Driver {
@@ -58,6 +63,7 @@ impl Driver {
                 Kind::Nfs => Arc::new(NfsKind::new(
                     state_dir.join("nfs"),
                     std::time::Duration::from_secs(cfg.nfs_timeout),
+                    AllowedShares(cfg.nfs_allowed_shares.clone()),
                     os.clone(),
                 )),
             };
@@ -72,6 +78,7 @@ impl Driver {
             locks: OpLocks::new(),
             os,
             kinds,
+            reconciling: AtomicBool::new(false),
         });
         d.reconcile()?;
         Ok(d)
@@ -85,6 +92,54 @@ impl Driver {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+
+    /// Starts what runs once the socket is up: the interrupted creates and
+    /// deletes of remote kinds (NFS), on their own thread holding their
+    /// volumes' guards, so a server that does not answer delays only them;
+    /// Probe answers not ready until they are done. Call once, after
+    /// binding the socket.
+    pub fn start(self: &Arc<Self>) {
+        let pending = self.store.filter(|r| {
+            r.phase != Phase::Ready && self.kinds.get(&r.kind).is_some_and(|k| k.remote())
+        });
+        if pending.is_empty() {
+            return;
+        }
+        let mut work = Vec::new();
+        for rec in pending {
+            let mut guard = match self.locks.try_lock(vol_key(&rec.id)) {
+                Ok(g) => g,
+                Err(_) => continue,
+            };
+            if guard.also(name_key(&rec.name)).is_err() {
+                continue;
+            }
+            work.push((guard, rec));
+        }
+        self.reconciling.store(true, Ordering::SeqCst);
+        let (d, count) = (self.clone(), crate::rpc::InFlight::start());
+        std::thread::spawn(move || {
+            let _count = count;
+            for (guard, rec) in work {
+                let _guard = guard;
+                tracing::info!(volume_id = %rec.id, phase = ?rec.phase, "reconciling interrupted operation");
+                let done = d
+                    .kind(rec.kind)
+                    .cloned()
+                    .and_then(|k| d.finish_delete(k.as_ref(), &rec));
+                if let Err(e) = done {
+                    tracing::error!(volume_id = %rec.id, error = %e.render(), "could not finish interrupted operation; will retry");
+                }
+            }
+            d.reconciling.store(false, Ordering::SeqCst);
+            tracing::info!("interrupted operations of remote volumes reconciled");
+        });
+    }
+
+    /// True until the work `start` began is done.
+    pub fn reconciling(&self) -> bool {
+        self.reconciling.load(Ordering::SeqCst)
     }
 
     /// The implementation of a kind this instance serves.
@@ -119,6 +174,28 @@ impl Driver {
             None => self
                 .record_from_id(id)
                 .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist"))),
+        }
+    }
+
+    /// `volume` for controller calls: a volume with a self-describing id and
+    /// no record here exists only when its storage says so (NFS: the
+    /// directory's marker names the id), else NOT_FOUND.
+    pub fn controller_volume(&self, id: &str) -> Result<VolumeRecord> {
+        let missing = || Error::NotFound(format!("volume {id} does not exist"));
+        if !self.id_is_plausible(id) {
+            return Err(missing());
+        }
+        match self.store.get(id) {
+            Some(r) if r.phase != Phase::Creating => Ok(r),
+            Some(_) => Err(missing()),
+            None => {
+                for k in self.kinds.values() {
+                    if let Some(rec) = k.confirm_from_id(id)? {
+                        return Ok(rec);
+                    }
+                }
+                Err(missing())
+            }
         }
     }
 
@@ -174,7 +251,8 @@ impl Driver {
         Ok(())
     }
 
-    /// Finishes what a crash interrupted: a volume half created is rolled back
+    /// Finishes what a crash interrupted (remote kinds later, in `start`): a
+    /// volume half created is rolled back
     /// (its CreateVolume call failed, and a retry creates it again); a volume
     /// half deleted is deleted. Then each kind cleans up storage without a
     /// record (`reconcile_orphans`).
@@ -208,6 +286,10 @@ impl Driver {
                 }
                 continue;
             };
+            if startup && kind.remote() {
+                // Once the socket is up: see `start`.
+                continue;
+            }
             let guard = self.locks.try_lock(vol_key(&rec.id)).and_then(|mut g| {
                 g.also(name_key(&rec.name))?;
                 Ok(g)

@@ -111,6 +111,9 @@ pub async fn serve(
     let bound = std::fs::symlink_metadata(&socket)
         .map(|m| (m.dev(), m.ino()))
         .map_err(io(format!("inspecting {}", socket.display())))?;
+
+    // Work that may wait for an NFS server runs once the socket is up.
+    driver.start();
     // Both reflection versions: grpcurl and other tools try v1, older ones
     // only know v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()

@@ -17,6 +17,7 @@ use berth::csi::v1::node_server::Node;
 use berth::csi::v1::volume_capability::access_mode::Mode;
 use berth::os::fake::{Call, FakeOs};
 use berth::os::{CmdOutput, Os, OsError};
+use clap::Parser;
 use common::*;
 use tonic::{Code, Request};
 
@@ -457,14 +458,14 @@ async fn delete_applies_on_delete_and_never_touches_the_share_root() {
     }
     assert!(!root.join("del").exists());
     assert!(!root.join("ns/arc").exists());
-    let archived: Vec<_> = std::fs::read_dir(root.join("ns"))
+    let archived: Vec<_> = std::fs::read_dir(root.join(".berth-archive"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(archived.len(), 1, "{archived:?}");
-    assert!(archived[0].starts_with("archived-ns-arc-"), "{archived:?}");
+    assert!(archived[0].starts_with("ns-arc-"), "{archived:?}");
     assert!(root
-        .join("ns")
+        .join(".berth-archive")
         .join(&archived[0])
         .join("deep/file")
         .exists());
@@ -1109,7 +1110,7 @@ async fn list_get_and_validate_nfs_volumes() {
     assert_eq!(l.entries.len(), 1);
     let st = l.entries[0].status.as_ref().unwrap();
     assert!(!st.volume_condition.as_ref().unwrap().abnormal);
-    std::fs::remove_dir(share_root(&h).join("v")).unwrap();
+    std::fs::remove_dir_all(share_root(&h).join("v")).unwrap();
     let g = h
         .ctl
         .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
@@ -1358,4 +1359,488 @@ async fn expansion_works_from_the_id_when_the_record_is_lost() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+}
+
+// ------------------------------------------------------------ ownership
+
+/// What a directory's Berth marker says (None: no marker).
+fn marker_of(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read(dir.join(".berth-volume")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+fn templated(name: &str, namespace: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("subDir", "${pvc.metadata.name}".to_string()),
+        ("csi.storage.k8s.io/pvc/name", name.to_string()),
+        ("csi.storage.k8s.io/pvc/namespace", namespace.to_string()),
+    ]
+}
+
+fn pairs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, x)| (*k, x.as_str())).collect()
+}
+
+/// CreateVolume marks the directory it makes; a directory on the share that
+/// Berth did not make for this volume is never adopted (ALREADY_EXISTS),
+/// also after the controller lost its records: a same-named PVC of another
+/// namespace does not get the first one's data, while a retry of the first
+/// one's own CreateVolume does.
+#[tokio::test]
+async fn create_never_adopts_a_directory_berth_did_not_make() {
+    let h = nfs(&[]);
+    let first = create(&h, "pvc-first", &[]).await.volume_id;
+    let root = share_root(&h);
+    let m = marker_of(&root.join("pvc-first")).expect("marker");
+    assert_eq!(m["id"], first.as_str());
+    assert_eq!(m["name"], "pvc-first");
+    // Someone's directory on the share, with data and its own mode.
+    std::fs::create_dir(root.join("existing")).unwrap();
+    std::fs::write(root.join("existing/data"), b"theirs").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        root.join("existing"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let e = h
+        .ctl
+        .create_volume(Request::new(req(
+            "pvc-x",
+            &[("subDir", "existing"), ("mountPermissions", "0777")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(e.message().contains("existing"), "{}", e.message());
+    assert!(e.message().contains("marker"), "{}", e.message());
+    let mode = std::fs::metadata(root.join("existing"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o700, "never chmodded");
+    assert!(marker_of(&root.join("existing")).is_none());
+
+    // team-a's PVC "data"; the controller then loses its records.
+    let ta = templated("data", "team-a");
+    let a = pairs(&ta);
+    let ida = create(&h, "pvc-aaaa", &a).await.volume_id;
+    std::fs::write(root.join("data/secret"), b"team-a").unwrap();
+    std::fs::remove_dir_all(h.path("state/journal")).unwrap();
+    let h = restart(h, &["--kinds", "nfs"]);
+    // team-b's PVC of the same name asks for the same directory.
+    let b = templated("data", "team-b");
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("pvc-bbbb", &pairs(&b))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(e.message().contains("pvc-aaaa"), "{}", e.message());
+    assert!(h.driver.store.is_empty());
+    // team-a's own retry finds its directory again.
+    assert_eq!(create(&h, "pvc-aaaa", &a).await.volume_id, ida);
+    assert_eq!(std::fs::read(root.join("data/secret")).unwrap(), b"team-a");
+}
+
+/// DeleteVolume without a record touches only a directory whose marker
+/// names the id: a handle naming a directory Berth did not make (someone's
+/// home directories) deletes and archives nothing.
+#[tokio::test]
+async fn delete_touches_only_a_directory_whose_marker_names_the_id() {
+    let h = nfs(&[]);
+    let mine = create(&h, "mine", &[]).await.volume_id;
+    let root = share_root(&h);
+    std::fs::create_dir_all(root.join("home/user1")).unwrap();
+    std::fs::write(root.join("home/user1/file"), b"keep").unwrap();
+    for id in [
+        "nfs#d#127.0.0.1#/export#home",
+        "nfs#a#127.0.0.1#/export#home",
+        "nfs#d#127.0.0.1#/export#home/user1",
+    ] {
+        delete(&h, id).await.unwrap();
+    }
+    assert_eq!(
+        std::fs::read(root.join("home/user1/file")).unwrap(),
+        b"keep"
+    );
+    assert!(!root.join(".berth-archive").exists());
+    // A marker naming another volume does not count either.
+    std::fs::create_dir(root.join("other")).unwrap();
+    std::fs::write(
+        root.join("other/.berth-volume"),
+        br#"{"id":"nfs#d#127.0.0.1#/export#elsewhere","name":"x","created_unix":1}"#,
+    )
+    .unwrap();
+    delete(&h, "nfs#d#127.0.0.1#/export#other").await.unwrap();
+    assert!(root.join("other/.berth-volume").exists());
+    // The share root is never a volume, and "/" is not an allowed share
+    // unless listed: nothing is mounted for it.
+    h.fake().clear_calls();
+    delete(&h, "nfs#d#127.0.0.1#/#home").await.unwrap();
+    assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
+    // The volume Berth made is deleted, marker and all.
+    delete(&h, &mine).await.unwrap();
+    assert!(!root.join("mine").exists());
+}
+
+/// Overlap is decided on the resolved export path: a volume in share
+/// /export at a, and one in share /export/a at b, are the same tree.
+#[tokio::test]
+async fn aliased_shares_overlap_on_the_resolved_path() {
+    for first_outer in [true, false] {
+        let h = nfs(&[]);
+        let outer = [("share", "/export"), ("subDir", "a")];
+        let inner = [("share", "/export/a"), ("subDir", "b")];
+        let (one, two) = if first_outer {
+            (outer, inner)
+        } else {
+            (inner, outer)
+        };
+        create(&h, "one", &one).await;
+        let e = h
+            .ctl
+            .create_volume(Request::new(req("two", &two)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+        // The same directory through another share is the same volume's.
+        let same = [("share", "/export/a"), ("subDir", "x")];
+        let other = [("share", "/export"), ("subDir", "a/x")];
+        let h = nfs(&[]);
+        create(&h, "s1", &same).await;
+        let e = h
+            .ctl
+            .create_volume(Request::new(req("s2", &other)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    }
+}
+
+/// A volume with another volume's marked directory inside it is neither
+/// deleted nor archived (that would take the other's data with it).
+#[tokio::test]
+async fn delete_refuses_a_volume_with_another_volume_inside() {
+    let h = nfs(&[]);
+    let outer = create(&h, "outer", &[]).await.volume_id;
+    let arch = create(&h, "arch", &[("onDelete", "archive")])
+        .await
+        .volume_id;
+    let root = share_root(&h);
+    for (dir, id) in [
+        (
+            "outer/deep/inner",
+            "nfs#d#127.0.0.1#/export/outer/deep#inner",
+        ),
+        ("arch/inner", "nfs#d#127.0.0.1#/export/arch#inner"),
+    ] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+        std::fs::write(root.join(dir).join("data"), b"inner").unwrap();
+        std::fs::write(
+            root.join(dir).join(".berth-volume"),
+            format!(r#"{{"id":"{id}","name":"inner","created_unix":1}}"#),
+        )
+        .unwrap();
+    }
+    for id in [&outer, &arch] {
+        let e = delete(&h, id).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains("inner"), "{}", e.message());
+    }
+    assert!(root.join("outer/deep/inner/data").exists());
+    assert!(root.join("arch/inner/data").exists());
+    assert_eq!(h.driver.store.len(), 2);
+    // Once the inner one is gone, the delete goes through.
+    std::fs::remove_dir_all(root.join("outer/deep/inner")).unwrap();
+    delete(&h, &outer).await.unwrap();
+    assert!(!root.join("outer").exists());
+}
+
+/// Archives go to .berth-archive at the share root, named by the id's
+/// subdirectory, the time and a hash of the id; no volume name reaches
+/// them (subdirectories starting with .berth are refused).
+#[tokio::test]
+async fn archives_are_out_of_reach_of_volume_names() {
+    let h = nfs(&[]);
+    let id = create(&h, "arc", &[("onDelete", "archive"), ("subDir", "ns/arc")])
+        .await
+        .volume_id;
+    let root = share_root(&h);
+    std::fs::write(root.join("ns/arc/f"), b"data").unwrap();
+    delete(&h, &id).await.unwrap();
+    assert!(!root.join("ns/arc").exists());
+    assert_eq!(std::fs::read_dir(root.join("ns")).unwrap().count(), 0);
+    let archived: Vec<PathBuf> = std::fs::read_dir(root.join(".berth-archive"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(archived.len(), 1, "{archived:?}");
+    assert_eq!(std::fs::read(archived[0].join("f")).unwrap(), b"data");
+    assert_eq!(marker_of(&archived[0]).unwrap()["id"], id.as_str());
+    for sub in [
+        ".berth-archive",
+        "x/.berth-archive",
+        ".berth-volume",
+        ".berthx",
+    ] {
+        let e = h
+            .ctl
+            .create_volume(Request::new(req("sneaky", &[("subDir", sub)])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{sub}: {}", e.message());
+    }
+    let e = h
+        .ctl
+        .create_volume(Request::new(req(
+            "sneaky",
+            &[
+                ("subDir", "${pvc.metadata.name}"),
+                ("csi.storage.k8s.io/pvc/name", ".berth-archive"),
+            ],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+}
+
+/// --nfs-allowed-shares confines Berth to the listed exports (and what is
+/// below them); without it any share but "/" is allowed, and "/" only when
+/// listed. Ids on other shares are not Berth's: nothing is touched.
+#[tokio::test]
+async fn allowed_shares_confine_create_delete_and_publish() {
+    let h = nfs(&[]);
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("root", &[("share", "/")])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().contains("--nfs-allowed-shares"),
+        "{}",
+        e.message()
+    );
+
+    let h = nfs(&["--nfs-allowed-shares", "127.0.0.1:/export,[fd00::1]:/"]);
+    create(&h, "ok", &[]).await;
+    create(&h, "below", &[("share", "/export/sub")]).await;
+    create(&h, "v6", &[("server", "[fd00::1]"), ("share", "/")]).await;
+    for (server, share) in [
+        ("127.0.0.1", "/other"),
+        ("127.0.0.2", "/export"),
+        ("127.0.0.1", "/"),
+    ] {
+        let e = h
+            .ctl
+            .create_volume(Request::new(req(
+                "no",
+                &[("server", server), ("share", share)],
+            )))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::InvalidArgument,
+            "{server}:{share}: {}",
+            e.message()
+        );
+    }
+    h.fake().clear_calls();
+    delete(&h, "nfs#d#127.0.0.1#/other#v").await.unwrap();
+    assert!(runs(h.fake()).is_empty());
+    let r = h
+        .node
+        .node_publish_volume(Request::new(nfs_publish(
+            "nfs#d#127.0.0.1#/other#v",
+            &h.path("t"),
+            false,
+            &[],
+        )))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    assert!(runs(h.fake()).is_empty());
+    // Bad entries are refused at start.
+    for bad in ["export", "127.0.0.1:export", "-o:/x", "h:/a/../b"] {
+        let cli = berth::config::Cli::try_parse_from(["berth", "--nfs-allowed-shares", bad]);
+        assert!(cli.is_err(), "{bad}");
+    }
+}
+
+/// ControllerGetVolume and ValidateVolumeCapabilities of an NFS id without
+/// a record answer from the share: NOT_FOUND unless the directory's marker
+/// names the id. ValidateVolumeCapabilities checks the parameters too.
+#[tokio::test]
+async fn get_and_validate_need_the_volume_to_exist() {
+    let h = nfs(&[]);
+    let id = create(&h, "v", &[("onDelete", "retain")]).await.volume_id;
+    let get = |id: &str| csi::ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    };
+    let validate = |id: &str, params: &[(&str, &str)]| csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let nobody = "nfs#d#127.0.0.1#/export#nobody";
+    assert_eq!(
+        code(h.ctl.controller_get_volume(Request::new(get(nobody))).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            h.ctl
+                .validate_volume_capabilities(Request::new(validate(nobody, &[])))
+                .await
+        ),
+        Code::NotFound
+    );
+    // Parameters: the volume's own are confirmed; others are not.
+    let own = [
+        ("kind", "nfs"),
+        ("server", SERVER),
+        ("share", SHARE),
+        ("onDelete", "retain"),
+    ];
+    let r = h
+        .ctl
+        .validate_volume_capabilities(Request::new(validate(&id, &own)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_some(), "{}", r.message);
+    for bad in [
+        &[
+            ("kind", "nfs"),
+            ("server", SERVER),
+            ("share", "/elsewhere"),
+            ("onDelete", "retain"),
+        ][..],
+        &[("kind", "nfs"), ("server", SERVER), ("share", SHARE)],
+        &[("color", "blue")],
+    ] {
+        let r = h
+            .ctl
+            .validate_volume_capabilities(Request::new(validate(&id, bad)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.confirmed.is_none(), "{bad:?} confirmed");
+        assert!(!r.message.is_empty());
+    }
+    // The record is lost: the marker on the share still proves the volume.
+    h.driver.store.remove(&id).unwrap();
+    h.ctl
+        .controller_get_volume(Request::new(get(&id)))
+        .await
+        .unwrap();
+    let r = h
+        .ctl
+        .validate_volume_capabilities(Request::new(validate(&id, &own)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_some(), "{}", r.message);
+    let r = h
+        .ctl
+        .validate_volume_capabilities(Request::new(validate(&id, &own[..3])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_none(), "onDelete differs from the id's");
+}
+
+async fn ready(ident: &berth::identity::IdentityService) -> Option<bool> {
+    use berth::csi::v1::identity_server::Identity;
+    ident
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .ready
+}
+
+/// Start-up does not wait for the NFS server: interrupted NFS deletes are
+/// finished after the driver is up, and Probe answers not ready until then.
+#[tokio::test]
+async fn interrupted_nfs_deletes_finish_after_start_up_while_probe_says_not_ready() {
+    let h = nfs(&[]);
+    let id = create(&h, "v", &[]).await.volume_id;
+    let root = share_root(&h);
+    let mut rec = h.driver.store.get(&id).unwrap();
+    h.driver
+        .store
+        .set_phase(&mut rec, berth::state::Phase::Deleting)
+        .unwrap();
+    // The working mount is gone (a reboot) and the server is slow.
+    berth::os::nfsmount::umount(
+        h.fake(),
+        &root,
+        berth::os::nfsmount::Unmount::Normal,
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    h.fake().clear_calls();
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let s = slow.clone();
+    h.fake().respond("mount", move |_| {
+        let t0 = Instant::now();
+        while s.load(std::sync::atomic::Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(CmdOutput {
+            code: Some(0),
+            ..Default::default()
+        })
+    });
+    let t0 = Instant::now();
+    let h = restart_after_crash(h, &["--kinds", "nfs"]);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(ready(&h.ident).await, Some(false));
+    slow.store(false, std::sync::atomic::Ordering::SeqCst);
+    let t0 = Instant::now();
+    while ready(&h.ident).await != Some(true) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(h.driver.store.get(&id).is_none());
+}
+
+/// A filesystem step of CreateVolume that fails on the share (EIO, a full
+/// or read-only export) leaves neither the volume's directory nor the one
+/// being made, nor a record; the retry works.
+#[tokio::test]
+async fn a_create_that_fails_on_the_share_leaves_nothing() {
+    let h = nfs(&[]);
+    create(&h, "first", &[]).await;
+    let root = share_root(&h);
+    for (op, errno) in [
+        ("mkdir", libc::ENOSPC),
+        ("open", libc::EROFS),
+        ("write", libc::EIO),
+        ("fsync", libc::EIO),
+        ("rename", libc::EIO),
+    ] {
+        h.fake().fail_op_under(op, &root, errno);
+        let e = h
+            .ctl
+            .create_volume(Request::new(req("v", &[])))
+            .await
+            .unwrap_err();
+        h.fake().clear_file_faults();
+        assert_eq!(e.code(), Code::Internal, "{op}: {}", e.message());
+        let names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["first"], "{op}");
+        assert!(h.driver.store.get("nfs#d#127.0.0.1#/export#v").is_none());
+    }
+    create(&h, "v", &[]).await;
+    assert!(marker_of(&root.join("v")).is_some());
 }

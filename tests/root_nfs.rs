@@ -84,6 +84,47 @@ fn harness() -> (Harness, UnmountOnDrop) {
     real(&["--kinds", "nfs", "--nfs-timeout", &TIMEOUT_S.to_string()])
 }
 
+/// The controller loses its state (the shipped controller keeps it in an
+/// emptyDir) and starts again on the same data dir.
+fn lose_state(h: Harness) -> (Harness, UnmountOnDrop) {
+    let Harness {
+        dir,
+        driver,
+        ctl,
+        node,
+        ident,
+        ..
+    } = h;
+    drop((ctl, node, ident, driver));
+    std::fs::remove_dir_all(dir.path().join("state/journal")).unwrap();
+    let h = build(
+        dir,
+        berth::os::Os::real(),
+        None,
+        &["--kinds", "nfs", "--nfs-timeout", &TIMEOUT_S.to_string()],
+    );
+    assert!(h.driver.store.is_empty());
+    let g = UnmountOnDrop(h.dir.path().to_path_buf());
+    (h, g)
+}
+
+async fn try_create(
+    h: &Harness,
+    e: &Env,
+    name: &str,
+    extra: &[(&str, &str)],
+) -> Result<String, tonic::Status> {
+    h.ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            name: name.into(),
+            parameters: e.params(extra),
+            volume_capabilities: vec![cap(&[])],
+            ..Default::default()
+        }))
+        .await
+        .map(|r| r.into_inner().volume.expect("volume").volume_id)
+}
+
 fn cap(flags: &[&str]) -> csi::VolumeCapability {
     mount_cap_flags(Mode::MultiNodeMultiWriter, flags)
 }
@@ -280,21 +321,17 @@ async fn on_delete_modes_and_a_lost_record() {
     assert!(!e.export.join("od-delete").exists());
     assert!(e.export.join("od-retain/deep/file").exists());
     assert!(!e.export.join("od-ns/data").exists());
-    let archived: Vec<String> = std::fs::read_dir(e.export.join("od-ns"))
+    // Archives go where no volume name reaches: .berth-archive at the
+    // share root, the marker still inside.
+    let archives = e.export.join(".berth-archive");
+    let archived: Vec<String> = std::fs::read_dir(&archives)
         .unwrap()
         .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(archived.len(), 1, "{archived:?}");
-    assert!(
-        archived[0].starts_with("archived-od-ns-data-"),
-        "{archived:?}"
-    );
-    assert!(e
-        .export
-        .join("od-ns")
-        .join(&archived[0])
-        .join("deep/file")
-        .exists());
+    assert!(archived[0].starts_with("od-ns-data-"), "{archived:?}");
+    assert!(archives.join(&archived[0]).join("deep/file").exists());
+    assert!(archives.join(&archived[0]).join(".berth-volume").exists());
 
     // The controller loses its state (an emptyDir) and restarts: the
     // working mount is found again and DeleteVolume works from the id.
@@ -335,6 +372,7 @@ async fn on_delete_modes_and_a_lost_record() {
     assert!(!e.export.join("od-lost").exists());
     std::fs::remove_dir_all(e.export.join("od-retain")).unwrap();
     std::fs::remove_dir_all(e.export.join("od-ns")).unwrap();
+    std::fs::remove_dir_all(&archives).unwrap();
     assert_eq!(e.canary(), canary, "canary at the share root");
 }
 
@@ -380,7 +418,11 @@ async fn republish_after_a_server_restart_and_after_a_stale_handle() {
     assert_eq!(std::fs::read(dir.join("f3")).unwrap(), b"three");
     assert!(!stats(&h, &id, &t).await.volume_condition.unwrap().abnormal);
     unpublish(&h, &id, &t).await.unwrap();
+    // The directory made by hand on the server carries no Berth marker:
+    // DeleteVolume leaves it.
     delete(&h, &id).await.unwrap();
+    assert_eq!(std::fs::read(dir.join("f3")).unwrap(), b"three");
+    std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(e.canary(), canary, "canary at the share root");
 }
 
@@ -569,5 +611,120 @@ async fn hung_server_unmount_times_out_then_forces() {
         }
     }
     assert!(!e.export.join(subdir_of(&id)).exists());
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}
+
+/// Two StorageClasses whose shares alias each other (share /export with
+/// subDir al-a, and share /export/al-a), same-named PVCs of two namespaces,
+/// and a directory Berth did not make, with the controller's records and
+/// after it lost them: no tenant ever gets another's directory, and no
+/// delete touches what is not the volume's.
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn aliased_shares_and_a_controller_that_lost_its_state() {
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    let inner_share = format!("{}/al-a", e.share);
+    let outer = try_create(&h, &e, "outer", &[("subDir", "al-a")])
+        .await
+        .unwrap();
+    // With the records: the resolved paths overlap.
+    let r = try_create(&h, &e, "inner", &[("share", &inner_share), ("subDir", "b")]).await;
+    assert_eq!(r.unwrap_err().code(), Code::AlreadyExists);
+    // team-a's PVC "data" with subDir ${pvc.metadata.name}.
+    let team = |ns: &'static str| {
+        [
+            ("subDir", "${pvc.metadata.name}"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+            ("csi.storage.k8s.io/pvc/namespace", ns),
+        ]
+    };
+    let data = try_create(&h, &e, "pvc-team-a", &team("team-a"))
+        .await
+        .unwrap();
+    std::fs::write(e.export.join("data/secret"), b"team-a").unwrap();
+    // Someone's directories on the export.
+    std::fs::create_dir_all(e.export.join("home/u1")).unwrap();
+    std::fs::write(e.export.join("home/u1/file"), b"theirs").unwrap();
+
+    let (h, _g2) = lose_state(h);
+    // Without records the markers decide: the aliased share's root is a
+    // volume, so nothing is made inside it.
+    let r = try_create(&h, &e, "inner", &[("share", &inner_share), ("subDir", "b")]).await;
+    let s = r.unwrap_err();
+    assert_eq!(s.code(), Code::AlreadyExists, "{}", s.message());
+    assert!(!e.export.join("al-a/b").exists());
+    // team-b's PVC of the same name gets team-a's id, and is refused;
+    // team-a's own retry gets its volume back.
+    let r = try_create(&h, &e, "pvc-team-b", &team("team-b")).await;
+    let s = r.unwrap_err();
+    assert_eq!(s.code(), Code::AlreadyExists, "{}", s.message());
+    assert!(s.message().contains("pvc-team-a"), "{}", s.message());
+    assert_eq!(
+        try_create(&h, &e, "pvc-team-a", &team("team-a"))
+            .await
+            .unwrap(),
+        data
+    );
+    assert_eq!(
+        std::fs::read(e.export.join("data/secret")).unwrap(),
+        b"team-a"
+    );
+    // A handle naming a directory Berth did not make deletes nothing, nor
+    // does one naming the share root's parent "/" (not an allowed share).
+    let home = format!("nfs#d#{}#{}#home", e.server, e.share);
+    delete(&h, &home).await.unwrap();
+    delete(&h, &format!("nfs#d#{}#/#export", e.server))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(e.export.join("home/u1/file")).unwrap(),
+        b"theirs"
+    );
+    let r = try_create(&h, &e, "root", &[("share", "/")]).await;
+    assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
+    // ControllerGetVolume answers from the marker: the volume exists, the
+    // home directory does not.
+    let get = |id: &str| csi::ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    };
+    h.ctl
+        .controller_get_volume(Request::new(get(&outer)))
+        .await
+        .unwrap();
+    let r = h.ctl.controller_get_volume(Request::new(get(&home))).await;
+    assert_eq!(r.unwrap_err().code(), Code::NotFound);
+    // The deletes from the ids work.
+    for id in [&outer, &data] {
+        delete(&h, id).await.unwrap();
+    }
+    assert!(!e.export.join("al-a").exists());
+    assert!(!e.export.join("data").exists());
+
+    // The other order: the inner share's volume first.
+    std::fs::create_dir(e.export.join("al-b")).unwrap();
+    let inner_b = format!("{}/al-b", e.share);
+    let inner = try_create(&h, &e, "inner-b", &[("share", &inner_b), ("subDir", "b")])
+        .await
+        .unwrap();
+    std::fs::write(e.export.join("al-b/b/f"), b"inner").unwrap();
+    let r = try_create(&h, &e, "outer-b", &[("subDir", "al-b")]).await;
+    assert_eq!(r.unwrap_err().code(), Code::AlreadyExists);
+    let (h, _g3) = lose_state(h);
+    // The outer directory exists and is not a volume: never adopted.
+    let r = try_create(&h, &e, "outer-b", &[("subDir", "al-b")]).await;
+    let s = r.unwrap_err();
+    assert_eq!(s.code(), Code::AlreadyExists, "{}", s.message());
+    // Had it been one (an old handle), its delete would find the inner
+    // volume's marker inside and refuse; as it is not, nothing is touched.
+    delete(&h, &format!("nfs#d#{}#{}#al-b", e.server, e.share))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(e.export.join("al-b/b/f")).unwrap(), b"inner");
+    delete(&h, &inner).await.unwrap();
+    assert!(!e.export.join("al-b/b").exists());
+    std::fs::remove_dir(e.export.join("al-b")).unwrap();
+    std::fs::remove_dir_all(e.export.join("home")).unwrap();
     assert_eq!(e.canary(), canary, "canary at the share root");
 }

@@ -1,24 +1,31 @@
 //! ControllerGetVolume: the volume, the nodes it is published to, and its
-//! condition.
+//! condition. A volume with a self-describing id (NFS) and no record here
+//! exists only when its storage says so (the directory's marker): NOT_FOUND
+//! otherwise.
 use std::sync::Arc;
 
 use super::volume;
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::validate;
 
 pub async fn handle(
     d: Arc<Driver>,
     req: csi::ControllerGetVolumeRequest,
 ) -> Result<csi::ControllerGetVolumeResponse> {
-    let id = validate::volume_id(&req.volume_id)?;
-    let rec = d.volume(id)?;
-    Ok(csi::ControllerGetVolumeResponse {
-        volume: Some(volume::to_proto(&d, &rec)),
-        status: Some(csi::controller_get_volume_response::VolumeStatus {
-            published_node_ids: volume::published_nodes(&rec),
-            volume_condition: Some(volume::condition(&d, &rec)),
-        }),
+    let id = validate::volume_id(&req.volume_id)?.to_string();
+    // Blocking: it may mount an NFS share and stat the volume (bounded).
+    tokio::task::spawn_blocking(move || {
+        let rec = d.controller_volume(&id)?;
+        Ok(csi::ControllerGetVolumeResponse {
+            volume: Some(volume::to_proto(&d, &rec)),
+            status: Some(csi::controller_get_volume_response::VolumeStatus {
+                published_node_ids: volume::published_nodes(&rec),
+                volume_condition: Some(volume::condition(&d, &rec)),
+            }),
+        })
     })
+    .await
+    .map_err(|e| Error::Internal(format!("ControllerGetVolume task failed: {e}")))?
 }

@@ -1,11 +1,15 @@
 //! ValidateVolumeCapabilities: confirms the capabilities when the volume's
-//! kind supports all of them (and they fit how the volume was created).
+//! kind supports all of them (and they fit how the volume was created), and
+//! the parameters, when given, when they describe the volume. NOT_FOUND for
+//! a volume that does not exist (an NFS id without a record is looked up on
+//! the share, like ControllerGetVolume).
 use std::sync::Arc;
 
+use super::kind_parameters;
 use crate::convert;
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::state::AccessType;
 use crate::validate;
 
@@ -13,29 +17,40 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::ValidateVolumeCapabilitiesRequest,
 ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
-    let id = validate::volume_id(&req.volume_id)?;
+    let id = validate::volume_id(&req.volume_id)?.to_string();
     let caps = convert::capabilities(&req.volume_capabilities)?;
     validate::map("volume_context", &req.volume_context)?;
-    validate::map("parameters", &req.parameters)?;
-    let rec = d.volume(id)?;
-    let kind = d.kind(rec.kind)?;
-    let created_block = rec
-        .capabilities
-        .iter()
-        .all(|c| matches!(c.access_type, AccessType::Block));
-    let mut message = String::new();
-    for c in &caps {
-        if let Err(e) = kind.check_capability(c) {
-            message = e.to_string();
-            break;
+    let params = validate::map("parameters", &req.parameters)?;
+    validate::map("mutable_parameters", &req.mutable_parameters)?;
+    let has_mutable = !req.mutable_parameters.is_empty();
+    let d2 = d.clone();
+    let message = tokio::task::spawn_blocking(move || -> Result<String> {
+        let rec = d2.controller_volume(&id)?;
+        let kind = d2.kind(rec.kind)?;
+        let created_block = rec
+            .capabilities
+            .iter()
+            .all(|c| matches!(c.access_type, AccessType::Block));
+        for c in &caps {
+            if let Err(e) = kind.check_capability(c) {
+                return Ok(e.to_string());
+            }
+            if created_block != matches!(c.access_type, AccessType::Block) {
+                return Ok("the access type (block or mount) differs from the one the volume was created with".into());
+            }
         }
-        if created_block != matches!(c.access_type, AccessType::Block) {
-            message =
-                "the access type (block or mount) differs from the one the volume was created with"
-                    .into();
-            break;
+        if !params.is_empty() {
+            if let Err(why) = kind.parameters_match(&rec, &kind_parameters(&params)) {
+                return Ok(why);
+            }
         }
-    }
+        if has_mutable {
+            return Ok("mutable_parameters are not supported (no MODIFY_VOLUME capability)".into());
+        }
+        Ok(String::new())
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("ValidateVolumeCapabilities task failed: {e}")))??;
     if !message.is_empty() {
         return Ok(csi::ValidateVolumeCapabilitiesResponse {
             confirmed: None,

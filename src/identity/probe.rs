@@ -1,7 +1,9 @@
 //! Probe: ready only when the state directory is writable, the state journal
 //! accepts changes and every served kind's pool is present;
 //! FAILED_PRECONDITION otherwise (the livenessprobe sidecar then has the
-//! container restarted, which replays the journal).
+//! container restarted, which replays the journal). While start-up work
+//! that runs after the socket is up is not done (interrupted NFS creates
+//! and deletes, `Driver::start`), the answer is `ready: false`.
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
@@ -9,10 +11,13 @@ use crate::driver::Driver;
 use crate::error::{Error, Result};
 
 pub async fn handle(d: Arc<Driver>) -> Result<csi::ProbeResponse> {
-    tokio::task::spawn_blocking(move || check(&d))
+    let c = d.clone();
+    tokio::task::spawn_blocking(move || check(&c))
         .await
         .map_err(|e| Error::Internal(format!("probe task failed: {e}")))??;
-    Ok(csi::ProbeResponse { ready: Some(true) })
+    Ok(csi::ProbeResponse {
+        ready: Some(!d.reconciling()),
+    })
 }
 
 pub fn check(d: &Driver) -> Result<()> {

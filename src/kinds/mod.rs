@@ -166,6 +166,41 @@ pub trait VolumeKind: Send + Sync {
         None
     }
 
+    /// For self-describing ids, without a record: the record of the volume
+    /// once its storage proves that it exists (NFS: the directory the id
+    /// names carries the id's marker); None when it does not. Controller
+    /// calls use it (ControllerGetVolume, ValidateVolumeCapabilities,
+    /// ControllerExpandVolume); node calls trust the id. Default: None.
+    fn confirm_from_id(&self, id: &str) -> Result<Option<VolumeRecord>> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// ValidateVolumeCapabilities: whether `params` (the kind's own keys,
+    /// as a StorageClass gives them) describe the volume `rec`; the reason
+    /// when not. Default: the kind accepts them and they are the ones the
+    /// volume was created with.
+    fn parameters_match(
+        &self,
+        rec: &VolumeRecord,
+        params: &BTreeMap<String, String>,
+    ) -> std::result::Result<(), String> {
+        self.check_parameters(params).map_err(|e| e.to_string())?;
+        let own = crate::controller::kind_parameters(&rec.parameters);
+        if &own != params {
+            return Err("the parameters differ from the ones the volume was created with".into());
+        }
+        Ok(())
+    }
+
+    /// Whether reaching the storage needs a server that may not answer
+    /// (NFS): start-up then finishes interrupted creates and deletes of the
+    /// kind after the socket is up, with Probe answering not ready until
+    /// they are done, instead of before serving.
+    fn remote(&self) -> bool {
+        false
+    }
+
     /// True when the storage of volumes `a` and `b` (ids of this kind)
     /// overlaps, so deleting one would touch the other: CreateVolume refuses
     /// the second. Default: never (ids are unique).

@@ -218,6 +218,7 @@ impl FakeOs {
     /// Records a filesystem change and fails it if a fault says so
     /// (`fail_next(op, ..)`, `fail_file_op_at`, `fail_files_under`).
     fn file_op(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
+        let path = &through_fd(path);
         lock(&self.file_ops).push(FileOp {
             op,
             path: path.to_path_buf(),
@@ -539,6 +540,27 @@ impl FakeOs {
             }
         }
         o.join(",")
+    }
+}
+
+/// A path through a directory descriptor (`/proc/self/fd/N/rest`, as the
+/// NFS controller builds them) as the real path it names, so recorded
+/// operations and `fail_files_under` see real paths.
+fn through_fd(path: &Path) -> PathBuf {
+    let mut c = path.components();
+    let fd_dir = Path::new("/proc/self/fd");
+    if !path.starts_with(fd_dir) {
+        return path.to_path_buf();
+    }
+    for _ in fd_dir.components() {
+        c.next();
+    }
+    let Some(n) = c.next() else {
+        return path.to_path_buf();
+    };
+    match std::fs::read_link(fd_dir.join(n)) {
+        Ok(dir) => dir.join(c.as_path()),
+        Err(_) => path.to_path_buf(),
     }
 }
 

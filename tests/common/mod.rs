@@ -59,6 +59,8 @@ pub fn fake(extra: &[&str]) -> Harness {
 pub fn build(dir: tempfile::TempDir, os: Os, fake: Option<Arc<FakeOs>>, extra: &[&str]) -> Harness {
     let cli = Cli::try_parse_from(args(dir.path(), extra)).expect("args");
     let driver = Driver::new(cli.config, os).expect("driver");
+    // What serve does once the socket is bound.
+    driver.start();
     Harness {
         ctl: ControllerService {
             driver: driver.clone(),

@@ -167,7 +167,13 @@ pub fn check_share(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A relative subdirectory: one or more plain components.
+/// Names Berth keeps for itself on a share (markers, archives, directories
+/// being made): no subdirectory component may start with this, so no
+/// volume name can reach them.
+pub const RESERVED: &str = ".berth";
+
+/// A relative subdirectory: one or more plain components, none starting
+/// with `.berth` (Berth's own names on the share).
 pub fn check_subdir(s: &str) -> Result<(), String> {
     let bad = |why: String| {
         Err(format!(
@@ -185,8 +191,22 @@ pub fn check_subdir(s: &str) -> Result<(), String> {
         if let Err(e) = check_component(c) {
             return bad(format!("contains {e}"));
         }
+        if c.starts_with(RESERVED) {
+            return bad(format!(
+                "the component {c:?} starts with {RESERVED:?}, which Berth keeps for its own names on the share"
+            ));
+        }
     }
     Ok(())
+}
+
+/// True when the absolute path `inner` is `outer` or lies below it.
+pub fn path_within(inner: &str, outer: &str) -> bool {
+    outer == "/"
+        || inner == outer
+        || inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Normalises a share path: trailing slashes go (`/exports/` is
@@ -265,6 +285,18 @@ impl VolumeId {
 
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.subdir.split('/')
+    }
+
+    /// True when the two volumes' directories are the same or one holds the
+    /// other on the server: decided on the resolved export path (share and
+    /// subdirectory together), so `share=/e, subDir=a/b` and `share=/e/a,
+    /// subDir=b` are the same directory. Host names compare without case.
+    pub fn overlaps(&self, other: &VolumeId) -> bool {
+        if !self.server.eq_ignore_ascii_case(&other.server) {
+            return false;
+        }
+        let (a, b) = (self.path(), other.path());
+        path_within(&a, &b) || path_within(&b, &a)
     }
 }
 
@@ -375,6 +407,29 @@ mod tests {
         let over = vid("h", "/e", &"a".repeat(MAX_ID + 1 - "nfs#d#h#/e#".len()));
         let e = over.encode().unwrap_err();
         assert!(e.contains("129 bytes"), "{e}");
+    }
+
+    #[test]
+    fn reserved_names_and_resolved_paths() {
+        for bad in [
+            "nfs#d#h#/e#.berth-archive",
+            "nfs#d#h#/e#a/.berth-volume",
+            "nfs#d#h#/e#.berthx",
+        ] {
+            assert!(VolumeId::parse(bad).is_err(), "{bad}");
+        }
+        VolumeId::parse("nfs#d#h#/.berth#a").unwrap();
+        VolumeId::parse("nfs#d#h#/e#a.berth").unwrap();
+        let p = |s: &str| VolumeId::parse(s).unwrap();
+        assert!(p("nfs#d#h#/e#a/b").overlaps(&p("nfs#r#H#/e/a#b")));
+        assert!(p("nfs#d#h#/e#a").overlaps(&p("nfs#d#h#/e/a#b")));
+        assert!(p("nfs#d#h#/e/a/b#c").overlaps(&p("nfs#d#h#/e#a")));
+        assert!(p("nfs#d#h#/#e").overlaps(&p("nfs#d#h#/e#x")));
+        assert!(!p("nfs#d#h#/e#a").overlaps(&p("nfs#d#h#/e#ab")));
+        assert!(!p("nfs#d#h#/e#a").overlaps(&p("nfs#d#h#/ea#b")));
+        assert!(!p("nfs#d#h#/e#a").overlaps(&p("nfs#d#g#/e#a")));
+        assert!(path_within("/a/b", "/"));
+        assert!(!path_within("/ab", "/a"));
     }
 
     #[test]

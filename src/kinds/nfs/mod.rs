@@ -15,6 +15,7 @@
 //! Every mount and unmount is an external command under `--nfs-timeout`
 //! that kills its process group; every statvfs of an NFS mount runs on a
 //! helper thread with a short deadline.
+pub mod allow;
 pub mod id;
 mod node;
 pub mod params;
@@ -25,9 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use self::allow::AllowedShares;
 use self::id::VolumeId;
 use self::params::Params;
-use self::share::Removal;
+use self::share::{Marker, Removal};
 use super::{
     Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, VolumeKind, VolumeStats,
 };
@@ -52,6 +54,8 @@ pub struct NfsKind {
     stat_timeout: Duration,
     bounded: Bounded,
     share_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// `--nfs-allowed-shares`.
+    allowed: AllowedShares,
 }
 
 /// What a bounded statvfs of an NFS mount found.
@@ -150,15 +154,11 @@ pub fn controller_option_sets(rec: &VolumeRecord) -> Result<Vec<Vec<String>>> {
     ])
 }
 
-fn parse_id(id: &str) -> Result<VolumeId> {
-    VolumeId::parse(id)
-        .map_err(|e| Error::NotFound(format!("volume {id} is not an NFS volume: {e}")))
-}
-
 impl NfsKind {
     /// `work` is where the controller mounts shares (made when first
-    /// needed); `timeout` bounds every mount and umount.
-    pub fn new(work: PathBuf, timeout: Duration, os: Os) -> Self {
+    /// needed); `timeout` bounds every mount and umount; `allowed` are the
+    /// shares Berth may use (`--nfs-allowed-shares`).
+    pub fn new(work: PathBuf, timeout: Duration, allowed: AllowedShares, os: Os) -> Self {
         NfsKind {
             os,
             work,
@@ -166,7 +166,35 @@ impl NfsKind {
             stat_timeout: STAT_TIMEOUT.min(timeout),
             bounded: Bounded::new(),
             share_locks: Mutex::new(HashMap::new()),
+            allowed,
         }
+    }
+
+    /// Parses an id and checks that its share is allowed: an id on a share
+    /// Berth may not use is not Berth's.
+    fn vid(&self, id: &str) -> std::result::Result<VolumeId, String> {
+        let v = VolumeId::parse(id)?;
+        if !self.allowed.permits(&v.server, &v.share) {
+            return Err(self.allowed.refusal(&v.server, &v.share));
+        }
+        Ok(v)
+    }
+
+    /// `vid` for node calls: NOT_FOUND when the id is not Berth's.
+    fn parse_id(&self, id: &str) -> Result<VolumeId> {
+        self.vid(id)
+            .map_err(|e| Error::NotFound(format!("volume {id} is not an NFS volume: {e}")))
+    }
+
+    /// The StorageClass parameters, checked, on an allowed share.
+    fn allowed_params(&self, params: &BTreeMap<String, String>) -> Result<Params> {
+        let p = Params::parse(params)?;
+        if !self.allowed.permits(&p.server, &p.share) {
+            return Err(Error::InvalidArgument(
+                self.allowed.refusal(&p.server, &p.share),
+            ));
+        }
+        Ok(p)
     }
 
     fn share_lock(&self, mp: &Path) -> Arc<Mutex<()>> {
@@ -213,7 +241,7 @@ impl Drop for NfsKind {
         for mp in points {
             match self.unmount_target(&mp) {
                 Ok(()) => {
-                    let _ = std::fs::remove_dir(&mp);
+                    let _ = self.os.files.remove_dir(&mp);
                     tracing::info!(at = %mp.display(), "unmounted NFS share");
                 }
                 Err(e) => {
@@ -236,15 +264,15 @@ impl VolumeKind for NfsKind {
     }
 
     fn id_for(&self, name: &str, params: &BTreeMap<String, String>) -> Result<String> {
-        Params::parse(params)?.volume_id(name, params)
+        self.allowed_params(params)?.volume_id(name, params)
     }
 
     fn owns_id(&self, id: &str) -> bool {
-        VolumeId::parse(id).is_ok()
+        self.vid(id).is_ok()
     }
 
     fn record_from_id(&self, id: &str) -> Option<VolumeRecord> {
-        let v = VolumeId::parse(id).ok()?;
+        let v = self.vid(id).ok()?;
         let info = BTreeMap::from([
             ("server".to_string(), v.server.clone()),
             ("share".to_string(), v.share.clone()),
@@ -278,19 +306,58 @@ impl VolumeKind for NfsKind {
         })
     }
 
+    /// On the resolved export path: see `VolumeId::overlaps`.
     fn overlaps(&self, a: &str, b: &str) -> bool {
-        let (Ok(a), Ok(b)) = (VolumeId::parse(a), VolumeId::parse(b)) else {
-            return false;
-        };
-        if a.server != b.server || a.share != b.share {
-            return false;
+        match (VolumeId::parse(a), VolumeId::parse(b)) {
+            (Ok(a), Ok(b)) => a.overlaps(&b),
+            _ => false,
         }
-        let inside = |x: &str, y: &str| x == y || x.starts_with(&format!("{y}/"));
-        inside(&a.subdir, &b.subdir) || inside(&b.subdir, &a.subdir)
+    }
+
+    /// Without a record: the volume exists when the directory the id names
+    /// carries the id's marker (the share is mounted to look).
+    fn confirm_from_id(&self, id: &str) -> Result<Option<VolumeRecord>> {
+        let Some(rec) = self.record_from_id(id) else {
+            return Ok(None);
+        };
+        let vid = self.parse_id(id)?;
+        let root = self.share_mount(&vid, &controller_option_sets(&rec)?)?;
+        Ok(share::marked_as(self.os.files.as_ref(), &root, &vid.subdir, id)?.then_some(rec))
     }
 
     fn check_parameters(&self, params: &BTreeMap<String, String>) -> Result<()> {
-        Params::parse(params).map(|_| ())
+        self.allowed_params(params).map(|_| ())
+    }
+
+    /// The parameters name the volume's server, share and onDelete (what
+    /// its id records; a subDir template cannot be compared without the
+    /// CO's metadata, and mountPermissions applied once at creation).
+    fn parameters_match(
+        &self,
+        rec: &VolumeRecord,
+        params: &BTreeMap<String, String>,
+    ) -> std::result::Result<(), String> {
+        let p = Params::parse(params).map_err(|e| e.to_string())?;
+        let v = VolumeId::parse(&rec.id)?;
+        if !p.server.eq_ignore_ascii_case(&v.server) || p.share != v.share {
+            return Err(format!(
+                "the parameters name share {}:{}, the volume is on {}:{}",
+                p.server, p.share, v.server, v.share
+            ));
+        }
+        if p.on_delete != v.on_delete {
+            return Err(format!(
+                "the parameters say onDelete {}, the volume was made with {}",
+                p.on_delete.as_str(),
+                v.on_delete.as_str()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reaching the storage needs the NFS server, which may be down.
+    fn remote(&self) -> bool {
+        true
     }
 
     fn check_capability(&self, cap: &Capability) -> Result<()> {
@@ -350,7 +417,7 @@ impl VolumeKind for NfsKind {
     /// Nothing to grow on the node; NOT_FOUND unless the volume is mounted
     /// at the path.
     fn node_expand(&self, rec: &VolumeRecord, args: &NodeExpandArgs<'_>) -> Result<i64> {
-        let vid = parse_id(&rec.id)?;
+        let vid = self.parse_id(&rec.id)?;
         let t = mounts::table(&self.os)?;
         let here = mountinfo::at(&t, args.volume_path)
             .last()
@@ -368,9 +435,20 @@ impl VolumeKind for NfsKind {
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
         let vid = VolumeId::parse(&rec.id)
             .map_err(|e| Error::Internal(format!("volume id {}: {e}", rec.id)))?;
-        let params = Params::parse(&rec.parameters)?;
+        let params = self.allowed_params(&rec.parameters)?;
         let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
-        share::create_subdir(&root, &vid.subdir, params.mount_permissions)?;
+        let marker = Marker {
+            id: rec.id.clone(),
+            name: rec.name.clone(),
+            created_unix: rec.created_unix,
+        };
+        share::create_subdir(
+            self.os.files.as_ref(),
+            &root,
+            &vid.subdir,
+            params.mount_permissions,
+            &marker,
+        )?;
         rec.context = BTreeMap::from([
             ("server".to_string(), vid.server.clone()),
             ("share".to_string(), vid.share.clone()),
@@ -384,7 +462,7 @@ impl VolumeKind for NfsKind {
     /// working mount is looked up under its own lock (`share_mount`, which
     /// may mount it), so the RPC's table is not used.
     fn delete_with(&self, rec: &VolumeRecord, _mount_table: &LazyTable) -> Result<()> {
-        let Ok(vid) = VolumeId::parse(&rec.id) else {
+        let Ok(vid) = self.vid(&rec.id) else {
             return Ok(());
         };
         let how = if rec.phase == Phase::Creating {
@@ -397,11 +475,18 @@ impl VolumeKind for NfsKind {
             return Ok(());
         }
         let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
-        share::remove_subdir(&root, &vid.subdir, how, crate::driver::now_unix())
+        share::remove_subdir(
+            self.os.files.as_ref(),
+            &root,
+            &rec.id,
+            &vid.subdir,
+            how,
+            crate::driver::now_unix(),
+        )
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {
-        let Ok(vid) = VolumeId::parse(&rec.id) else {
+        let Ok(vid) = self.vid(&rec.id) else {
             return Health::abnormal("not an NFS volume id");
         };
         let Some(root) = self.existing_share_mount(&vid) else {
@@ -449,7 +534,7 @@ impl VolumeKind for NfsKind {
 
     fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
         self.check_capability(a.capability)?;
-        let vid = parse_id(&rec.id)?;
+        let vid = self.parse_id(&rec.id)?;
         self.publish_nfs(&vid, a.target, a.capability, a.readonly)
     }
 
@@ -463,12 +548,12 @@ impl VolumeKind for NfsKind {
     }
 
     fn stats_and_health(&self, rec: &VolumeRecord, path: &Path) -> Result<(VolumeStats, Health)> {
-        let vid = parse_id(&rec.id)?;
+        let vid = self.parse_id(&rec.id)?;
         self.node_stats(&vid, path)
     }
 
     fn in_use(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<Vec<PathBuf>> {
-        let vid = parse_id(&rec.id)?;
+        let vid = self.parse_id(&rec.id)?;
         let source = vid.source();
         Ok(mount_table
             .get(&self.os)?
@@ -529,7 +614,12 @@ mod tests {
         )
         .is_err());
         let os = Os::fake().0;
-        let k = NfsKind::new(PathBuf::from("/w"), Duration::from_secs(30), os);
+        let k = NfsKind::new(
+            PathBuf::from("/w"),
+            Duration::from_secs(30),
+            AllowedShares::default(),
+            os,
+        );
         let mut rec = k.record_from_id("nfs#d#h#/e#v").unwrap();
         assert_eq!(controller_options(&rec).unwrap(), ["nfsvers=4.1"]);
         rec.capabilities = vec![cap(&["ro", "vers=4.2"], AccessMode::MultiNodeReaderOnly)];
@@ -538,7 +628,12 @@ mod tests {
 
     #[test]
     fn ids_overlap_when_nested_on_one_share() {
-        let k = NfsKind::new(PathBuf::from("/w"), Duration::from_secs(30), Os::fake().0);
+        let k = NfsKind::new(
+            PathBuf::from("/w"),
+            Duration::from_secs(30),
+            AllowedShares::default(),
+            Os::fake().0,
+        );
         assert!(k.overlaps("nfs#d#h#/e#a", "nfs#r#h#/e#a"));
         assert!(k.overlaps("nfs#d#h#/e#a", "nfs#d#h#/e#a/b"));
         assert!(k.overlaps("nfs#d#h#/e#a/b/c", "nfs#d#h#/e#a"));
@@ -550,7 +645,12 @@ mod tests {
 
     #[test]
     fn records_from_ids() {
-        let k = NfsKind::new(PathBuf::from("/w"), Duration::from_secs(30), Os::fake().0);
+        let k = NfsKind::new(
+            PathBuf::from("/w"),
+            Duration::from_secs(30),
+            AllowedShares::default(),
+            Os::fake().0,
+        );
         let r = k.record_from_id("nfs#a#10.0.0.1#/exports#ns/p").unwrap();
         assert_eq!(r.kind, Kind::Nfs);
         assert!(r.node.is_empty());

@@ -2,28 +2,60 @@
 //! directory, and the volume's subdirectory made, archived or removed in it
 //! without ever following a symlink (every step is an `*at` call on a
 //! directory opened with O_NOFOLLOW).
+//!
+//! Ownership lives on the share, so it holds when the controller lost its
+//! records: every volume directory holds a marker file, `.berth-volume`
+//! (JSON: volume id, volume name, creation time), written before the
+//! directory gets its name (it is made as `.berth-new-<hash>`, marked, then
+//! renamed into place). CreateVolume adopts an existing directory only if
+//! its marker names the same id and name (a retry), refuses any other
+//! (ALREADY_EXISTS), and refuses to make a volume inside a marked directory.
+//! DeleteVolume deletes or archives only a directory whose marker names the
+//! id, and refuses while another volume's marker lies inside it. Archives
+//! go to `.berth-archive/` at the share root; no subdirectory of a volume
+//! may start with `.berth`, so no volume name reaches them.
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{open, openat, renameat, AtFlags, OFlag};
-use nix::sys::stat::{fchmod, fstatat, mkdirat, Mode};
-use nix::unistd::{unlinkat, UnlinkatFlags};
+use nix::fcntl::{open, openat, AtFlags, OFlag};
+use nix::sys::stat::{fstat, fstatat, Mode};
+use serde::{Deserialize, Serialize};
 
 use super::id::{OnDelete, VolumeId};
 use super::params::fnv64;
 use super::{is_nfs, same_source, NfsKind, Probe};
 use crate::error::{Error, Result};
 use crate::node::mounts;
+use crate::os::files::{Files, Open};
 use crate::os::mountinfo;
 use crate::os::{nfsmount, OsError};
+
+/// The marker file in every volume directory Berth makes.
+pub const MARKER: &str = ".berth-volume";
+/// Where archived volumes go, at the share root.
+pub const ARCHIVE: &str = ".berth-archive";
+/// Prefix of a volume directory being made (marked, not yet renamed).
+const NEW: &str = ".berth-new-";
+/// A marker larger than this is not Berth's.
+const MAX_MARKER: u64 = 4096;
+
+/// What a marker says: the volume that owns the directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    pub id: String,
+    pub name: String,
+    pub created_unix: u64,
+}
 
 /// What DeleteVolume (or a rollback) does with a subdirectory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removal {
     /// Undo a CreateVolume that did not finish: remove the directory only if
-    /// it is empty (it may have existed, with data, before).
+    /// it holds nothing but its marker.
     Rollback,
     /// Apply the volume's onDelete.
     Apply(OnDelete),
@@ -47,123 +79,432 @@ fn open_dir(dir: impl AsFd, name: &str) -> nix::Result<OwnedFd> {
     openat(dir, name, dir_flags(), Mode::empty())
 }
 
+/// `name` inside the directory open as `dir`, as a path: the directory is
+/// pinned by its descriptor (`/proc/self/fd/N`), so a changed or symlinked
+/// parent cannot redirect the call, and the calls made with it (`Files`:
+/// mkdir, rename, unlink, rmdir, remove_tree, open with O_NOFOLLOW) never
+/// follow a symlink at `name`. An empty `name` is the directory itself.
+fn fd_path(dir: &impl AsRawFd, name: &str) -> PathBuf {
+    let d = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    if name.is_empty() {
+        d
+    } else {
+        d.join(name)
+    }
+}
+
+fn os_err(what: String) -> impl FnOnce(OsError) -> Error {
+    move |e| Error::os(what, e)
+}
+
+fn gone(e: &OsError) -> bool {
+    e.errno() == Some(libc::ENOENT)
+}
+
 fn not_a_dir(rel: &str) -> Error {
     Error::FailedPrecondition(format!(
         "{rel} on the share is not a directory (or is a symlink); refusing to use it"
     ))
 }
 
-/// Creates `subdir` below `root` one component at a time (existing
-/// directories are fine, symlinks and files are not) and applies `mode` to
-/// the last one.
-pub fn create_subdir(root: &Path, subdir: &str, mode: Option<u32>) -> Result<()> {
-    let mut fd = open_root(root)?;
-    let mut rel = String::new();
-    for c in subdir.split('/') {
-        if !rel.is_empty() {
-            rel.push('/');
-        }
-        rel.push_str(c);
-        match mkdirat(&fd, c, Mode::from_bits_truncate(0o777)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
-            Err(e) => return Err(sys_err(format!("creating {rel} on the share"), e)),
-        }
-        fd = match open_dir(&fd, c) {
-            Ok(f) => f,
-            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => return Err(not_a_dir(&rel)),
-            Err(e) => return Err(sys_err(format!("opening {rel} on the share"), e)),
-        };
+/// The marker in the directory `dir`: None when there is none, or what is
+/// there is not a regular file of Berth's format.
+fn read_marker(dir: impl AsFd) -> nix::Result<Option<Marker>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = match openat(dir, MARKER, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENXIO) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let st = fstat(&fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
     }
-    if let Some(m) = mode {
-        fchmod(&fd, Mode::from_bits_truncate(m))
-            .map_err(|e| sys_err(format!("setting mode {m:o} of {rel} on the share"), e))?;
+    let mut text = Vec::new();
+    File::from(fd)
+        .take(MAX_MARKER + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    if text.len() as u64 > MAX_MARKER {
+        return Ok(None);
     }
-    Ok(())
+    Ok(serde_json::from_slice(&text).ok())
 }
 
-/// The name an archived subdirectory gets in its parent.
-pub fn archive_name(subdir: &str, unix: u64) -> String {
-    format!("archived-{}-{unix}", subdir.replace('/', "-"))
+/// Writes the marker into the (new, empty) directory `dir`, durably.
+fn write_marker(files: &dyn Files, dir: &OwnedFd, m: &Marker) -> std::result::Result<(), OsError> {
+    let path = fd_path(dir, MARKER);
+    let mut text = serde_json::to_vec(m).map_err(|e| OsError::sys("encode", &path, e))?;
+    text.push(b'\n');
+    let f = files.open(&path, Open::CreateNew)?;
+    files.write_at(&f, &path, &text, 0)?;
+    files.sync(&f, &path)
 }
 
-/// Removes, archives or keeps `subdir` below `root`. Missing is success;
-/// nothing outside the subdirectory is touched and no symlink is followed.
-pub fn remove_subdir(root: &Path, subdir: &str, how: Removal, unix: u64) -> Result<()> {
-    if how == Removal::Apply(OnDelete::Retain) {
-        return Ok(());
+/// The name a volume directory has while it is being made.
+fn new_name(id: &str) -> String {
+    format!("{NEW}{:016x}", fnv64(id.as_bytes()))
+}
+
+/// Removes the entry `name` of the directory `dir` (a tree without
+/// following symlinks, or a file or link). Missing is fine.
+fn remove_entry(files: &dyn Files, dir: &OwnedFd, name: &OsStr) -> Result<()> {
+    let shown = name.to_string_lossy();
+    let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(s) => s,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(sys_err(format!("inspecting {shown} on the share"), e)),
+    };
+    let path = fd_path(dir, "").join(name);
+    let r = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        files.remove_tree(&path)
+    } else {
+        files.remove_file(&path)
+    };
+    match r {
+        Err(e) if !gone(&e) => Err(Error::os(format!("removing {shown} on the share"), e)),
+        _ => Ok(()),
     }
+}
+
+/// Opens the parents of `subdir` below the open share root, one component
+/// at a time. None when one is missing or not a plain directory (nothing of
+/// the volume's can be there). Every parent is checked for a marker when
+/// `refuse_inside` is set: a volume cannot be made inside another.
+fn open_parent<'a>(
+    files: &dyn Files,
+    root: &OwnedFd,
+    subdir: &'a str,
+    create: bool,
+) -> Result<Option<(OwnedFd, &'a str)>> {
     let comps: Vec<&str> = subdir.split('/').collect();
     let Some((leaf, parents)) = comps.split_last() else {
-        return Ok(());
+        return Ok(None);
     };
-    let mut fd = open_root(root)?;
+    let mut fd = open_dir(root, ".").map_err(|e| sys_err("opening the share".into(), e))?;
     let mut rel = String::new();
     for c in parents {
         if !rel.is_empty() {
             rel.push('/');
         }
         rel.push_str(c);
-        fd = match open_dir(&fd, c) {
-            Ok(f) => f,
-            Err(Errno::ENOENT) => return Ok(()),
-            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => return Err(not_a_dir(&rel)),
-            Err(e) => return Err(sys_err(format!("opening {rel} on the share"), e)),
-        };
-    }
-    let st = match fstatat(&fd, *leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(s) => s,
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(sys_err(format!("inspecting {subdir} on the share"), e)),
-    };
-    let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-    match how {
-        Removal::Apply(OnDelete::Retain) => Ok(()),
-        Removal::Rollback => {
-            if !is_dir {
-                return Ok(());
-            }
-            match unlinkat(&fd, *leaf, UnlinkatFlags::RemoveDir) {
-                Ok(()) | Err(Errno::ENOENT) => Ok(()),
-                Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => {
-                    tracing::warn!(
-                        subdir,
-                        "not removing a subdirectory that holds data while rolling back"
-                    );
-                    Ok(())
+        if create {
+            match files.create_dir(&fd_path(&fd, c), 0o777) {
+                Err(e) if e.errno() != Some(libc::EEXIST) => {
+                    return Err(Error::os(format!("creating {rel} on the share"), e))
                 }
-                Err(e) => Err(sys_err(format!("removing {subdir} on the share"), e)),
+                _ => {}
             }
         }
+        fd = match open_dir(&fd, c) {
+            Ok(f) => f,
+            Err(Errno::ENOENT) if !create => return Ok(None),
+            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) if create => return Err(not_a_dir(&rel)),
+            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
+                tracing::warn!(subdir, parent = %rel, "a parent of the volume directory is not a plain directory; nothing of the volume's is there");
+                return Ok(None);
+            }
+            Err(e) => return Err(sys_err(format!("opening {rel} on the share"), e)),
+        };
+        if create {
+            if let Some(m) = read_marker(&fd)
+                .map_err(|e| sys_err(format!("reading the marker of {rel} on the share"), e))?
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "{rel} on the share is volume {} (named {}): a volume cannot be made inside another",
+                    m.id, m.name
+                )));
+            }
+        }
+    }
+    Ok(Some((fd, leaf)))
+}
+
+/// Creates `subdir` below `root` (parents one component at a time: existing
+/// directories are fine, symlinks and files are not; none may be a volume),
+/// marked as `marker`'s volume, and applies `mode` to it. A directory that
+/// is there already is this volume's only if its marker names the same id
+/// and name (a retry); anything else is ALREADY_EXISTS and is left as it is.
+pub fn create_subdir(
+    files: &dyn Files,
+    root: &Path,
+    subdir: &str,
+    mode: Option<u32>,
+    marker: &Marker,
+) -> Result<()> {
+    let rootfd = open_root(root)?;
+    if let Some(m) = read_marker(&rootfd)
+        .map_err(|e| sys_err("reading the marker of the share root".into(), e))?
+    {
+        return Err(Error::AlreadyExists(format!(
+            "the share is itself volume {} (named {}): a volume cannot be made inside another",
+            m.id, m.name
+        )));
+    }
+    let Some((fd, leaf)) = open_parent(files, &rootfd, subdir, true)? else {
+        return Err(Error::Internal(format!("no path for {subdir}")));
+    };
+    let chmod = |dir: &OwnedFd| match mode {
+        Some(m) => files.set_mode(&fd_path(dir, ""), m).map_err(os_err(format!(
+            "setting mode {m:o} of {subdir} on the share"
+        ))),
+        None => Ok(()),
+    };
+    let tmp = new_name(&marker.id);
+    // A few rounds: someone may make or remove the name meanwhile.
+    for _ in 0..4 {
+        match open_dir(&fd, leaf) {
+            Ok(dir) => {
+                return match read_marker(&dir).map_err(|e| {
+                    sys_err(format!("reading the marker of {subdir} on the share"), e)
+                })? {
+                    Some(m) if m.id == marker.id && m.name == marker.name => chmod(&dir),
+                    Some(m) => Err(Error::AlreadyExists(format!(
+                        "{subdir} on the share belongs to volume {} (named {}), not to {}",
+                        m.id, m.name, marker.name
+                    ))),
+                    None => Err(Error::AlreadyExists(format!(
+                        "{subdir} already exists on the share without Berth's marker ({MARKER}) for this volume: Berth does not adopt a directory it did not make"
+                    ))),
+                };
+            }
+            Err(Errno::ENOENT) => {}
+            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
+                return Err(Error::AlreadyExists(format!(
+                    "{subdir} already exists on the share and is not a directory Berth made"
+                )))
+            }
+            Err(e) => return Err(sys_err(format!("opening {subdir} on the share"), e)),
+        }
+        // Made under a name no volume can have, marked, then given its
+        // name: the volume's directory never exists without its marker.
+        remove_entry(files, &fd, tmp.as_ref())?;
+        files
+            .create_dir(&fd_path(&fd, &tmp), 0o777)
+            .map_err(os_err(format!("creating {subdir} on the share")))?;
+        let dir = open_dir(&fd, &tmp).map_err(|e| sys_err(format!("opening {tmp}"), e))?;
+        write_marker(files, &dir, marker).map_err(os_err(format!(
+            "writing the marker of {subdir} on the share"
+        )))?;
+        chmod(&dir)?;
+        match rename_new(files, &fd_path(&fd, &tmp), &fd_path(&fd, leaf)) {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.errno(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) => continue,
+            Err(e) => return Err(Error::os(format!("naming {subdir} on the share"), e)),
+        }
+    }
+    remove_entry(files, &fd, tmp.as_ref())?;
+    Err(Error::Aborted(format!(
+        "{subdir} on the share keeps changing while it is being made; retry"
+    )))
+}
+
+/// The name an archived volume directory gets in `.berth-archive`: the
+/// subdirectory (with `/` as `-`), the time and a hash of the id.
+pub fn archive_name(id: &str, subdir: &str, unix: u64) -> String {
+    let flat: String = subdir.replace('/', "-").chars().take(200).collect();
+    format!("{flat}-{unix}-{:08x}", fnv64(id.as_bytes()) as u32)
+}
+
+/// Another volume's marker inside the directory `dir` (any depth, no
+/// symlink followed): its path relative to `dir` and its id.
+fn nested_volume(dir: &OwnedFd, own_id: &str) -> Result<Option<(PathBuf, String)>> {
+    let base = fd_path(dir, "");
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let entries = match std::fs::read_dir(base.join(&rel)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading {} on the share", rel.display()),
+                    e,
+                ))
+            }
+        };
+        for e in entries {
+            let e =
+                e.map_err(|e| Error::io(format!("reading {} on the share", rel.display()), e))?;
+            let ft = e
+                .file_type()
+                .map_err(|e| Error::io(format!("inspecting {} on the share", rel.display()), e))?;
+            if ft.is_dir() {
+                stack.push(rel.join(e.file_name()));
+            } else if !rel.as_os_str().is_empty() && e.file_name() == MARKER && ft.is_file() {
+                let sub = open(&base.join(&rel), dir_flags(), Mode::empty())
+                    .map_err(|e| sys_err(format!("opening {}", rel.display()), e))?;
+                if let Some(m) = read_marker(&sub)
+                    .map_err(|e| sys_err(format!("reading {}", rel.display()), e))?
+                {
+                    if m.id != own_id {
+                        return Ok(Some((rel, m.id)));
+                    }
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether the directory of `id` (`subdir` below `root`) carries the
+/// marker of `id`.
+pub fn marked_as(files: &dyn Files, root: &Path, subdir: &str, id: &str) -> Result<bool> {
+    let rootfd = open_root(root)?;
+    let Some((fd, leaf)) = open_parent(files, &rootfd, subdir, false)? else {
+        return Ok(false);
+    };
+    let dir = match open_dir(&fd, leaf) {
+        Ok(d) => d,
+        Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => return Ok(false),
+        Err(e) => return Err(sys_err(format!("opening {subdir} on the share"), e)),
+    };
+    Ok(read_marker(&dir)
+        .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?
+        .is_some_and(|m| m.id == id))
+}
+
+/// Removes, archives or keeps the directory of `id` (`subdir` below
+/// `root`), only if its marker names `id`; anything else there is not
+/// Berth's and is left alone (success). Missing is success; nothing outside
+/// the directory is touched and no symlink is followed. Another volume's
+/// marker inside it is FAILED_PRECONDITION.
+pub fn remove_subdir(
+    files: &dyn Files,
+    root: &Path,
+    id: &str,
+    subdir: &str,
+    how: Removal,
+    unix: u64,
+) -> Result<()> {
+    if how == Removal::Apply(OnDelete::Retain) {
+        return Ok(());
+    }
+    let rootfd = open_root(root)?;
+    let Some((fd, leaf)) = open_parent(files, &rootfd, subdir, false)? else {
+        return Ok(());
+    };
+    if how == Removal::Rollback {
+        // A create interrupted before its directory got its name.
+        remove_entry(files, &fd, new_name(id).as_ref())?;
+    }
+    let dir = match open_dir(&fd, leaf) {
+        Ok(d) => d,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
+            tracing::warn!(volume_id = %id, subdir, "not a directory Berth made; left as it is");
+            return Ok(());
+        }
+        Err(e) => return Err(sys_err(format!("opening {subdir} on the share"), e)),
+    };
+    let marker = read_marker(&dir)
+        .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
+    match &marker {
+        Some(m) if m.id == id => {}
+        Some(m) => {
+            tracing::warn!(volume_id = %id, subdir, owner = %m.id, "the directory belongs to another volume; left as it is");
+            return Ok(());
+        }
+        None => {
+            tracing::warn!(volume_id = %id, subdir, "the directory has no Berth marker (Berth did not make it); left as it is");
+            return Ok(());
+        }
+    }
+    if how == Removal::Rollback {
+        // Never handed out: it holds data only if someone wrote there.
+        let empty = std::fs::read_dir(fd_path(&dir, ""))
+            .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?
+            .all(|e| e.is_ok_and(|e| e.file_name() == MARKER));
+        if !empty {
+            tracing::warn!(
+                subdir,
+                "not removing a subdirectory that holds data while rolling back"
+            );
+            return Ok(());
+        }
+        return remove_marked(files, &fd, leaf, &dir, subdir);
+    }
+    if let Some((rel, other)) = nested_volume(&dir, id)? {
+        return Err(Error::FailedPrecondition(format!(
+            "{subdir}/{} on the share is volume {other}: delete that volume first",
+            rel.display()
+        )));
+    }
+    match how {
         Removal::Apply(OnDelete::Archive) => {
-            let base = archive_name(subdir, unix);
+            match files.create_dir(&fd_path(&rootfd, ARCHIVE), 0o700) {
+                Err(e) if e.errno() != Some(libc::EEXIST) => {
+                    return Err(Error::os(format!("creating {ARCHIVE} on the share"), e))
+                }
+                _ => {}
+            }
+            let archive = open_dir(&rootfd, ARCHIVE).map_err(|e| match e {
+                Errno::ELOOP | Errno::ENOTDIR => not_a_dir(ARCHIVE),
+                e => sys_err(format!("opening {ARCHIVE} on the share"), e),
+            })?;
+            let base = archive_name(id, subdir, unix);
             let mut name = base.clone();
             let mut n = 0;
-            while fstatat(&fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+            while fstatat(&archive, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
                 n += 1;
                 name = format!("{base}-{n}");
             }
-            renameat(&fd, *leaf, &fd, name.as_str())
-                .map_err(|e| sys_err(format!("archiving {subdir} as {name} on the share"), e))?;
-            tracing::info!(subdir, archived = %name, "volume archived");
+            rename_new(files, &fd_path(&fd, leaf), &fd_path(&archive, &name)).map_err(os_err(
+                format!("archiving {subdir} as {ARCHIVE}/{name} on the share"),
+            ))?;
+            tracing::info!(volume_id = %id, subdir, archived = %format!("{ARCHIVE}/{name}"), "volume archived");
             Ok(())
         }
-        Removal::Apply(OnDelete::Delete) => {
-            if !is_dir {
-                // Not what Berth made: remove the entry, never its target.
-                return match unlinkat(&fd, *leaf, UnlinkatFlags::NoRemoveDir) {
-                    Ok(()) | Err(Errno::ENOENT) => Ok(()),
-                    Err(e) => Err(sys_err(format!("removing {subdir} on the share"), e)),
-                };
-            }
-            // The parent is pinned by its descriptor; remove_dir_all opens
-            // the leaf with O_NOFOLLOW and descends by descriptors.
-            let path = PathBuf::from(format!("/proc/self/fd/{}/{leaf}", fd.as_raw_fd()));
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::io(format!("removing {subdir} on the share"), e)),
-            }
+        _ => remove_marked(files, &fd, leaf, &dir, subdir),
+    }
+}
+
+/// Removes the marked directory `leaf` (open as `dir`) in `parent`: its
+/// contents first, the marker last, so an interrupted delete leaves a
+/// directory that is still recognisably the volume's.
+fn remove_marked(
+    files: &dyn Files,
+    parent: &OwnedFd,
+    leaf: &str,
+    dir: &OwnedFd,
+    subdir: &str,
+) -> Result<()> {
+    let entries = std::fs::read_dir(fd_path(dir, ""))
+        .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?;
+    for e in entries {
+        let e = e.map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?;
+        if e.file_name() != MARKER {
+            remove_entry(files, dir, &e.file_name())?;
         }
+    }
+    match files.remove_file(&fd_path(dir, MARKER)) {
+        Err(e) if !gone(&e) => {
+            return Err(Error::os(format!("removing the marker of {subdir}"), e))
+        }
+        _ => {}
+    }
+    match files.remove_dir(&fd_path(parent, leaf)) {
+        Err(e) if !gone(&e) => Err(Error::os(format!("removing {subdir} on the share"), e)),
+        _ => Ok(()),
+    }
+}
+
+/// Renames `from` to `to`, never replacing anything at `to` (EEXIST then).
+/// NFS has no RENAME_NOREPLACE (EINVAL): there, `to` is looked at first and
+/// a plain rename follows, which could only replace an empty directory
+/// made in between.
+fn rename_new(files: &dyn Files, from: &Path, to: &Path) -> std::result::Result<(), OsError> {
+    match files.rename_noreplace(from, to) {
+        Err(e) if e.errno() == Some(libc::EINVAL) => {}
+        r => return r,
+    }
+    match std::fs::symlink_metadata(to) {
+        Ok(_) => Err(OsError::sys(
+            "rename",
+            to,
+            std::io::Error::from_raw_os_error(libc::EEXIST),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => files.rename(from, to),
+        Err(e) => Err(OsError::sys("inspecting", to, e)),
     }
 }
 
@@ -234,11 +575,13 @@ impl NfsKind {
             }
         }
         if !self.work.is_dir() {
-            std::fs::create_dir_all(&self.work)
+            let parent = self.work.parent().unwrap_or(Path::new("/"));
+            crate::os::files::ensure_dir(self.os.files.as_ref(), parent, 0o700)
                 .and_then(|_| {
-                    std::fs::set_permissions(&self.work, std::fs::Permissions::from_mode(0o700))
+                    crate::os::files::ensure_dir(self.os.files.as_ref(), &self.work, 0o700)
                 })
-                .map_err(|e| Error::io(format!("creating {}", self.work.display()), e))?;
+                .and_then(|_| self.os.files.set_mode(&self.work, 0o700))
+                .map_err(os_err(format!("creating {}", self.work.display())))?;
         }
         let mut first_error = None;
         for opts in sets {
@@ -279,23 +622,106 @@ impl NfsKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use crate::os::RealFiles;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
     }
 
+    fn id(sub: &str) -> String {
+        format!("nfs#d#h#/e#{sub}")
+    }
+
+    fn mk(sub: &str) -> Marker {
+        Marker {
+            id: id(sub),
+            name: format!("pv-{sub}"),
+            created_unix: 1,
+        }
+    }
+
+    fn create(root: &Path, sub: &str, mode: Option<u32>) -> Result<()> {
+        create_subdir(&RealFiles, root, sub, mode, &mk(sub))
+    }
+
+    fn remove(root: &Path, sub: &str, how: Removal) -> Result<()> {
+        remove_subdir(&RealFiles, root, &id(sub), sub, how, 7)
+    }
+
+    fn mark(dir: &Path, m: &Marker) {
+        write_marker(
+            &RealFiles,
+            &open(dir, dir_flags(), Mode::empty()).unwrap(),
+            m,
+        )
+        .unwrap();
+    }
+
+    fn marker(p: &Path) -> Option<Marker> {
+        read_marker(open(p, dir_flags(), Mode::empty()).unwrap()).unwrap()
+    }
+
     #[test]
-    fn creates_components_and_applies_the_mode() {
+    fn creates_marked_components_and_applies_the_mode() {
         let d = tempfile::tempdir().unwrap();
-        create_subdir(d.path(), "ns/pvc", Some(0o2775)).unwrap();
-        assert!(d.path().join("ns/pvc").is_dir());
-        assert_eq!(mode(&d.path().join("ns/pvc")), 0o2775);
-        // Idempotent, and an existing directory keeps its data.
-        std::fs::write(d.path().join("ns/pvc/f"), b"x").unwrap();
-        create_subdir(d.path(), "ns/pvc", Some(0o777)).unwrap();
-        assert_eq!(mode(&d.path().join("ns/pvc")), 0o777);
-        assert!(d.path().join("ns/pvc/f").exists());
+        create(d.path(), "ns/pvc", Some(0o2775)).unwrap();
+        let dir = d.path().join("ns/pvc");
+        assert_eq!(mode(&dir), 0o2775);
+        assert_eq!(marker(&dir), Some(mk("ns/pvc")));
+        assert_eq!(
+            marker(&d.path().join("ns")),
+            None,
+            "parents are not volumes"
+        );
+        // Idempotent for the same volume, and its data stays.
+        std::fs::write(dir.join("f"), b"x").unwrap();
+        create(d.path(), "ns/pvc", Some(0o777)).unwrap();
+        assert_eq!(mode(&dir), 0o777);
+        assert!(dir.join("f").exists());
+        // The same id under another name is someone else's.
+        let mut other = mk("ns/pvc");
+        other.name = "pv-other".into();
+        let e = create_subdir(&RealFiles, d.path(), "ns/pvc", None, &other).unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
+        // Nothing of the making is left beside it.
+        let names: Vec<_> = std::fs::read_dir(d.path().join("ns"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["pvc"]);
+        assert!(marked_as(&RealFiles, d.path(), "ns/pvc", &id("ns/pvc")).unwrap());
+        assert!(!marked_as(&RealFiles, d.path(), "ns/pvc", &id("x")).unwrap());
+        assert!(!marked_as(&RealFiles, d.path(), "ns/none", &id("ns/none")).unwrap());
+    }
+
+    #[test]
+    fn never_adopts_and_never_nests() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("theirs")).unwrap();
+        std::fs::write(d.path().join("theirs/f"), b"x").unwrap();
+        let e = create(d.path(), "theirs", Some(0o777)).unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
+        assert_eq!(marker(&d.path().join("theirs")), None);
+        // An empty directory is not adopted either.
+        std::fs::create_dir(d.path().join("empty")).unwrap();
+        assert!(create(d.path(), "empty", None).is_err());
+        // Inside a volume, or a volume's directory as the share root.
+        create(d.path(), "vol", None).unwrap();
+        for sub in ["vol/inner", "vol/a/b"] {
+            let e = create(d.path(), sub, None).unwrap_err();
+            assert!(matches!(e, Error::AlreadyExists(_)), "{sub}: {e:?}");
+        }
+        let e = create(&d.path().join("vol"), "x", None).unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
+        assert!(!d.path().join("vol/x").exists());
+        // A leftover of an interrupted create is replaced.
+        let tmp = d.path().join(new_name(&id("again")));
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("junk"), b"x").unwrap();
+        create(d.path(), "again", None).unwrap();
+        assert!(!tmp.exists());
+        assert!(!d.path().join("again/junk").exists());
     }
 
     #[test]
@@ -304,18 +730,18 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("keep"), b"x").unwrap();
         symlink(outside.path(), d.path().join("link")).unwrap();
-        // Creating through or at a symlink is refused.
-        for sub in ["link/pvc", "link"] {
-            let e = create_subdir(d.path(), sub, None).unwrap_err();
-            assert!(matches!(e, Error::FailedPrecondition(_)), "{sub}: {e:?}");
-        }
+        // Creating through a symlink is refused; at one it is not ours.
+        let e = create(d.path(), "link/pvc", None).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        let e = create(d.path(), "link", None).unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
         assert!(!outside.path().join("pvc").exists());
-        // Deleting through a symlinked parent is refused; deleting a
-        // symlink removes the link only.
-        let e = remove_subdir(d.path(), "link/keep", Removal::Apply(OnDelete::Delete), 1);
-        assert!(matches!(e, Err(Error::FailedPrecondition(_))), "{e:?}");
-        remove_subdir(d.path(), "link", Removal::Apply(OnDelete::Delete), 1).unwrap();
-        assert!(!d.path().join("link").exists());
+        // Deleting through a symlinked parent, or a symlink itself, touches
+        // nothing: Berth did not make them.
+        for sub in ["link/keep", "link"] {
+            remove(d.path(), sub, Removal::Apply(OnDelete::Delete)).unwrap();
+        }
+        assert!(d.path().join("link").exists());
         assert!(outside.path().join("keep").exists());
     }
 
@@ -324,46 +750,99 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("canary"), b"x").unwrap();
         for sub in ["a/v", "b/v", "c/v", "r"] {
-            create_subdir(d.path(), sub, None).unwrap();
+            create(d.path(), sub, None).unwrap();
             std::fs::create_dir(d.path().join(sub).join("deep")).unwrap();
             std::fs::write(d.path().join(sub).join("deep/f"), b"data").unwrap();
         }
-        remove_subdir(d.path(), "a/v", Removal::Apply(OnDelete::Delete), 7).unwrap();
+        remove(d.path(), "a/v", Removal::Apply(OnDelete::Delete)).unwrap();
         assert!(!d.path().join("a/v").exists());
         assert!(d.path().join("a").is_dir(), "the parent stays");
-        remove_subdir(d.path(), "b/v", Removal::Apply(OnDelete::Archive), 7).unwrap();
+        remove(d.path(), "b/v", Removal::Apply(OnDelete::Archive)).unwrap();
         assert!(!d.path().join("b/v").exists());
-        assert!(d.path().join("b/archived-b-v-7/deep/f").exists());
+        let name = archive_name(&id("b/v"), "b/v", 7);
+        let archived = d.path().join(ARCHIVE).join(&name);
+        assert!(archived.join("deep/f").exists());
+        assert_eq!(marker(&archived).unwrap().id, id("b/v"));
         // A second archive at the same second gets its own name.
-        create_subdir(d.path(), "b/v", None).unwrap();
-        remove_subdir(d.path(), "b/v", Removal::Apply(OnDelete::Archive), 7).unwrap();
-        assert!(d.path().join("b/archived-b-v-7-1").is_dir());
-        remove_subdir(d.path(), "c/v", Removal::Apply(OnDelete::Retain), 7).unwrap();
+        create(d.path(), "b/v", None).unwrap();
+        remove(d.path(), "b/v", Removal::Apply(OnDelete::Archive)).unwrap();
+        assert!(d.path().join(ARCHIVE).join(format!("{name}-1")).is_dir());
+        remove(d.path(), "c/v", Removal::Apply(OnDelete::Retain)).unwrap();
         assert!(d.path().join("c/v/deep/f").exists());
-        // A rollback never removes data; an empty directory goes.
-        remove_subdir(d.path(), "r", Removal::Rollback, 7).unwrap();
+        // A rollback never removes data; a directory with only its marker
+        // goes, and so does one still being made.
+        remove(d.path(), "r", Removal::Rollback).unwrap();
         assert!(d.path().join("r/deep/f").exists());
-        create_subdir(d.path(), "e", None).unwrap();
-        remove_subdir(d.path(), "e", Removal::Rollback, 7).unwrap();
+        create(d.path(), "e", None).unwrap();
+        remove(d.path(), "e", Removal::Rollback).unwrap();
         assert!(!d.path().join("e").exists());
+        let tmp = d.path().join(new_name(&id("t")));
+        std::fs::create_dir(&tmp).unwrap();
+        remove(d.path(), "t", Removal::Rollback).unwrap();
+        assert!(!tmp.exists());
         // Missing is success, for every mode.
         for how in [
             Removal::Rollback,
             Removal::Apply(OnDelete::Delete),
             Removal::Apply(OnDelete::Archive),
         ] {
-            remove_subdir(d.path(), "x/y", how, 7).unwrap();
-            remove_subdir(d.path(), "a/v", how, 7).unwrap();
+            remove(d.path(), "x/y", how).unwrap();
+            remove(d.path(), "a/v", how).unwrap();
         }
         assert!(d.path().join("canary").exists());
     }
 
     #[test]
+    fn an_unmarked_or_foreign_directory_and_a_nested_volume_stop_a_delete() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("plain/x")).unwrap();
+        remove(d.path(), "plain", Removal::Apply(OnDelete::Delete)).unwrap();
+        remove(d.path(), "plain", Removal::Apply(OnDelete::Archive)).unwrap();
+        assert!(d.path().join("plain/x").is_dir());
+        create(d.path(), "outer", None).unwrap();
+        std::fs::create_dir_all(d.path().join("outer/a/b")).unwrap();
+        let inner = d.path().join("outer/a/b");
+        mark(&inner, &mk("z"));
+        for how in [
+            Removal::Apply(OnDelete::Delete),
+            Removal::Apply(OnDelete::Archive),
+        ] {
+            let e = remove(d.path(), "outer", how).unwrap_err();
+            assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        }
+        assert!(inner.join(MARKER).exists());
+        // A copy of its own marker deeper inside does not count.
+        std::fs::remove_file(inner.join(MARKER)).unwrap();
+        mark(&inner, &mk("outer"));
+        remove(d.path(), "outer", Removal::Apply(OnDelete::Delete)).unwrap();
+        assert!(!d.path().join("outer").exists());
+    }
+
+    #[test]
+    fn markers_that_are_not_berths_do_not_count() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("v");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(MARKER), b"not json").unwrap();
+        assert_eq!(marker(&dir), None);
+        std::fs::write(dir.join(MARKER), vec![b' '; 5000]).unwrap();
+        assert_eq!(marker(&dir), None);
+        std::fs::remove_file(dir.join(MARKER)).unwrap();
+        symlink("/etc/hostname", dir.join(MARKER)).unwrap();
+        assert_eq!(marker(&dir), None);
+        std::fs::remove_file(dir.join(MARKER)).unwrap();
+        nix::unistd::mkfifo(&dir.join(MARKER), Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(marker(&dir), None, "a FIFO is not read (no hang)");
+    }
+
+    #[test]
     fn archive_names() {
-        assert_eq!(
-            archive_name("ns/pvc-1", 1700000000),
-            "archived-ns-pvc-1-1700000000"
+        let a = archive_name("nfs#a#h#/e#ns/pvc-1", "ns/pvc-1", 1700000000);
+        assert!(a.starts_with("ns-pvc-1-1700000000-"), "{a}");
+        assert_ne!(
+            a,
+            archive_name("nfs#a#h#/f#ns/pvc-1", "ns/pvc-1", 1700000000)
         );
-        assert_eq!(archive_name("v", 5), "archived-v-5");
+        assert!(archive_name("x", &"a/".repeat(120), 1).len() < 255);
     }
 }

@@ -199,6 +199,22 @@ impl Driver {
         }
     }
 
+    /// The served kind whose id structure `id` has, record or not.
+    pub fn kind_of_id(&self, id: &str) -> Option<&Arc<dyn VolumeKind>> {
+        self.kinds.values().find(|k| k.owns_id(id))
+    }
+
+    /// NodeUnpublishVolume of `id` at `target`, by the kind whose id it
+    /// has; for an id no served kind has (an NFS share no longer allowed),
+    /// by NFS when it is served (it unmounts NFS and any other mounts),
+    /// else plainly.
+    pub fn unpublish(&self, id: &str, target: &std::path::Path) -> Result<()> {
+        match self.kind_of_id(id).or_else(|| self.kinds.get(&Kind::Nfs)) {
+            Some(k) => k.unpublish(target),
+            None => crate::node::mounts::unpublish(&self.os, target),
+        }
+    }
+
     /// The record a served kind rebuilds from a self-describing id alone.
     pub fn record_from_id(&self, id: &str) -> Option<VolumeRecord> {
         self.kinds.values().find_map(|k| k.record_from_id(id))

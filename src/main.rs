@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(async move {
+            let served = rt.block_on(async move {
                 let socket = cfg.socket_path().map_err(anyhow::Error::msg)?;
                 let metrics_addr = match &cfg.metrics_address {
                     Some(a) => Some(
@@ -85,7 +85,23 @@ fn main() -> anyhow::Result<()> {
                 berth::server::serve(driver, socket, berth::server::shutdown_signal(), grace)
                     .await
                     .context("serving")
-            })
+            });
+            // serve waited --shutdown-timeout for the calls in flight. Any
+            // still running (a hung NFS server, a long disk zeroing) are
+            // abandoned: their commands are killed and the process exits
+            // without waiting for their threads; what they left half done
+            // is recorded as intent and reconciled at the next start.
+            let left = berth::rpc::in_flight();
+            if left > 0 {
+                let killed = berth::os::command::kill_running();
+                tracing::warn!(
+                    in_flight = left,
+                    commands_killed = killed,
+                    "exiting with work in flight after --shutdown-timeout; the next start reconciles it"
+                );
+                rt.shutdown_background();
+            }
+            served
         }
     }
 }

@@ -850,3 +850,127 @@ async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+/// `--shutdown-timeout` is a real bound: a call stuck in a command (here a
+/// `mount` that never returns, as against a hung NFS server) does not keep
+/// berth alive after SIGTERM, and the stuck command's process group goes
+/// with it; the next start serves again.
+#[tokio::test]
+async fn shutdown_timeout_bounds_a_call_stuck_in_a_command() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let pidfile = dir.path().join("mount.pid");
+    std::fs::write(
+        bin.join("mount"),
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 300\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(bin.join("mount"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("csi.sock");
+    let log = dir.path().join("berth.log");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let spawn = || {
+        Command::new(BIN)
+            .args(berth_args(
+                dir.path(),
+                &sock,
+                &[
+                    "--kinds",
+                    "nfs",
+                    "--nfs-timeout",
+                    "120",
+                    "--shutdown-timeout",
+                    "1",
+                ],
+            ))
+            .env("PATH", &path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut b = Berth {
+        child: spawn(),
+        sock: sock.clone(),
+        log: log.clone(),
+    };
+    wait_accepting(&mut b);
+    let ep = format!("unix://{}", sock.display());
+    let call = tokio::spawn(async move {
+        let mut c = connect(&ep).await.unwrap();
+        c.controller
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                name: "stuck".into(),
+                parameters: HashMap::from([
+                    ("kind".to_string(), "nfs".to_string()),
+                    ("server".to_string(), "127.0.0.1".to_string()),
+                    ("share".to_string(), "/export".to_string()),
+                ]),
+                volume_capabilities: vec![mount_cap(
+                    berth::csi::v1::volume_capability::access_mode::Mode::MultiNodeMultiWriter,
+                )],
+                ..Default::default()
+            }))
+            .await
+    });
+    let t0 = Instant::now();
+    while !pidfile.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "mount never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mount_pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let t0 = Instant::now();
+    let st = sigterm(&mut b);
+    let took = t0.elapsed();
+    let _ = call.await;
+    assert!(took < Duration::from_secs(5), "exit took {took:?}: {st:?}");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log_text.contains("shutdown-timeout"), "{log_text}");
+    // The stuck mount went with it (gone, or a zombie waiting for init).
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{mount_pid}/stat"))
+            .ok()
+            .and_then(|st| st.rsplit(") ").next().map(|r| !r.starts_with('Z')))
+            .unwrap_or(false)
+    };
+    let t0 = Instant::now();
+    while alive() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "mount {mount_pid} still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!sock.exists());
+    // The next start serves.
+    b.child = spawn();
+    wait_accepting(&mut b);
+    sigterm(&mut b);
+}
+
+/// Waits until the berth just spawned accepts on its socket.
+fn wait_accepting(b: &mut Berth) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&b.sock).is_err() {
+        assert!(Instant::now() < deadline, "berth did not start");
+        assert!(
+            b.child.try_wait().unwrap().is_none(),
+            "berth exited: {}",
+            std::fs::read_to_string(&b.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1097,15 +1097,13 @@ async fn unpublish_unmounts_stacked_mounts_and_removes_target() {
         target_path: h.path("never").display().to_string(),
     };
     h.node.node_unpublish_volume(Request::new(r)).await.unwrap();
-    // Unknown volume: NOT_FOUND.
+    // A volume without a record: OK, from the path (kubelet retries a
+    // NOT_FOUND forever and the pod stays Terminating).
     let r = csi::NodeUnpublishVolumeRequest {
         volume_id: "local-0123456789abcdef0123456789abcdef".into(),
         target_path: target.display().to_string(),
     };
-    assert_eq!(
-        code(h.node.node_unpublish_volume(Request::new(r)).await),
-        Code::NotFound
-    );
+    h.node.node_unpublish_volume(Request::new(r)).await.unwrap();
 }
 
 #[tokio::test]
@@ -1552,4 +1550,115 @@ async fn a_failed_publish_leaves_no_target_behind() {
         .await;
     assert_eq!(code(r), Code::Internal);
     assert!(target.is_dir());
+}
+
+// ------------------------------------------------------------ node by path
+
+fn unstage_req(id: &str, staging: &std::path::Path) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
+fn unpublish_req(id: &str, target: &std::path::Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+fn mounted_at(h: &Harness, p: &std::path::Path) -> usize {
+    h.fake()
+        .table()
+        .iter()
+        .filter(|m| m.mount_point == p)
+        .count()
+}
+
+/// Without a record (the volume deleted from under the node, the state
+/// lost) NodeUnpublishVolume and NodeUnstageVolume work from the paths:
+/// they unmount, remove what Berth made and answer OK (unstage still
+/// refuses while the volume is published); so does unpublish of an id no
+/// served kind has.
+#[tokio::test]
+async fn unpublish_and_unstage_without_a_record_work_from_the_paths() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "gone").await;
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
+    h.driver.store.remove(&id).unwrap();
+    let r = h
+        .node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition, "still published");
+    for _ in 0..2 {
+        h.node
+            .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+            .await
+            .unwrap();
+        h.node
+            .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+            .await
+            .unwrap();
+    }
+    assert_eq!((mounted_at(&h, &t), mounted_at(&h, &staging)), (0, 0));
+    assert!(!t.exists());
+    // An id of no served kind: what is mounted at the target goes too.
+    let t2 = h.path("t2");
+    std::fs::create_dir(&t2).unwrap();
+    let src = h.path("src");
+    std::fs::create_dir(&src).unwrap();
+    use berth::os::Mounter;
+    h.fake().bind(&src, &t2, Default::default()).unwrap();
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req("not-a-berth-id", &t2)))
+        .await
+        .unwrap();
+    assert_eq!(mounted_at(&h, &t2), 0);
+    assert!(!t2.exists());
+}
+
+/// Staging and target paths under a symlinked parent: the mount table
+/// shows resolved paths, so mounts are matched by mount id: a repeated
+/// stage or publish adds no mount, and unpublish and unstage unmount.
+#[tokio::test]
+async fn paths_under_a_symlinked_parent_are_matched_by_mount_id() {
+    let h = fake(&[]);
+    let real = h.path("real");
+    std::fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, h.path("link")).unwrap();
+    let id = create(&h, "sym", 1 << 20).await.volume_id;
+    let (staging, t) = (h.path("link/s"), h.path("link/t"));
+    for _ in 0..2 {
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &staging)))
+            .await
+            .unwrap();
+        h.node
+            .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(mounted_at(&h, &real.join("s")), 1);
+    assert_eq!(mounted_at(&h, &real.join("t")), 1);
+    let r = h
+        .node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition, "still published");
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
+    assert_eq!(mounted_at(&h, &real.join("s")), 0);
+    assert_eq!(mounted_at(&h, &real.join("t")), 0);
 }

@@ -2117,3 +2117,78 @@ async fn whole_disk_snapshots_restore_onto_disks_and_files() {
         .iter()
         .all(|&x| x == 0));
 }
+
+/// The pool disks of a staged and published filesystem volume and raw
+/// volume are pulled out: unpublish and unstage still work from the paths
+/// (unmount, remove the raw volume's file) instead of FAILED_PRECONDITION
+/// forever; so does unstage when the record is gone.
+#[tokio::test]
+async fn unstage_of_a_volume_whose_disk_is_gone_unmounts_by_path() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let fs_vol = create(&h, "a", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let raw_vol = create(&h, "b", 15 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let (s1, t1, s2, t2) = (h.path("s1"), h.path("t1"), h.path("s2"), h.path("t2"));
+    h.node
+        .node_stage_volume(Request::new(stage_req(&fs_vol, &s1)))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&fs_vol, &s1, &t1, false)))
+        .await
+        .unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_with(&raw_vol, &s2, raw_cap())))
+        .await
+        .unwrap();
+    let mut p = publish_req(&raw_vol, &s2, &t2, false);
+    p.volume_capability = Some(raw_cap());
+    h.node.node_publish_volume(Request::new(p)).await.unwrap();
+    f.remove_device(&dir.join("d10"));
+    f.remove_device(&dir.join("d20"));
+    for (id, s, t) in [(&fs_vol, &s1, &t1), (&raw_vol, &s2, &t2)] {
+        for _ in 0..2 {
+            h.node
+                .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: t.display().to_string(),
+                }))
+                .await
+                .unwrap();
+            h.node
+                .node_unstage_volume(Request::new(unstage(id, s)))
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        !s2.join(&raw_vol).exists(),
+        "the raw volume's file is removed"
+    );
+    for p in [&s1, &t1, &s2, &t2] {
+        assert!(
+            !f.table().iter().any(|m| m.mount_point.starts_with(p)),
+            "{p:?}"
+        );
+    }
+    // Without the record: the same, from the id and the path.
+    let c = create(&h, "c", 25 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let s3 = h.path("s3");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&c, &s3)))
+        .await
+        .unwrap();
+    h.driver.store.remove(&c).unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage(&c, &s3)))
+        .await
+        .unwrap();
+    assert!(!f.table().iter().any(|m| m.mount_point == s3));
+}

@@ -481,12 +481,11 @@ async fn raw_block_publish_gives_a_usable_device_file() {
     publish(&h, &id, &s, &ro, raw(), true).await;
     let m = std::fs::metadata(&t).unwrap();
     assert!(m.file_type().is_block_device(), "{m:?}");
-    let ro_entry =
-        berth::os::mountinfo::parse(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
-            .unwrap()
-            .into_iter()
-            .find(|e| e.mount_point == ro)
-            .unwrap();
+    let ro_entry = berth::os::mountinfo::parse(&std::fs::read("/proc/self/mountinfo").unwrap())
+        .unwrap()
+        .into_iter()
+        .find(|e| e.mount_point == ro)
+        .unwrap();
     assert!(ro_entry.readonly());
     // Direct I/O through the pod's device file lands on the loop device.
     let (mut buf, off) = aligned(1 << 20, 0xC3);

@@ -14,7 +14,7 @@ use common::*;
 use tonic::{Code, Request};
 
 fn mount_entries(path: &Path) -> Vec<berth::os::MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let text = std::fs::read("/proc/self/mountinfo").unwrap();
     berth::os::mountinfo::parse(&text)
         .unwrap()
         .into_iter()
@@ -328,4 +328,198 @@ fn statx_probe_and_unpublish_of_stacked_binds_with_the_real_kernel() {
     assert!(mounts_under(dir.path()).is_empty());
     // Again: nothing to do.
     berth::node::mounts::unpublish(&os, &target).unwrap();
+}
+
+/// Unmounts one mount point when dropped (a test's own mount, also when an
+/// assertion fails).
+struct UnmountOne(std::path::PathBuf);
+
+impl Drop for UnmountOne {
+    fn drop(&mut self) {
+        while nix::mount::umount2(&self.0, nix::mount::MntFlags::empty()).is_ok() {}
+    }
+}
+
+fn bind(from: &Path, to: &Path) {
+    nix::mount::mount(
+        Some(from),
+        to,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap()
+}
+
+fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
+fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+/// A mount point whose name is not UTF-8, anywhere on the node, leaves
+/// every node RPC working (mountinfo is read as bytes).
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_mount_point_named_in_no_utf8_breaks_nothing() {
+    use std::os::unix::ffi::OsStrExt;
+    let (h, _g) = real(&[]);
+    let odd = h
+        .dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"odd-\xff\xfe-name"));
+    std::fs::create_dir(&odd).unwrap();
+    let src = h.path("odd-src");
+    std::fs::create_dir(&src).unwrap();
+    bind(&src, &odd);
+    let _odd = UnmountOne(odd.clone());
+    let (id, staging) = create_and_stage(&h, "utf").await;
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
+    h.node
+        .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: t.display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .await
+        .unwrap();
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(mount_entries(&staging).is_empty());
+    let text = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    let odd_entries: Vec<_> = berth::os::mountinfo::parse(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point == odd)
+        .collect();
+    assert_eq!(odd_entries.len(), 1, "the odd mount is read back exactly");
+}
+
+/// Staging and target paths under a symlinked parent: mountinfo shows the
+/// resolved path, so mounts are matched by mount id (statx STATX_MNT_ID),
+/// not by path text: a repeated stage adds no mount, unpublish and unstage
+/// really unmount.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn paths_under_a_symlinked_parent_are_matched_by_mount_id() {
+    let (h, _g) = real(&[]);
+    let real_dir = h.path("real");
+    std::fs::create_dir(&real_dir).unwrap();
+    std::os::unix::fs::symlink(&real_dir, h.path("link")).unwrap();
+    let id = h
+        .ctl
+        .create_volume(Request::new(create_req("sym", 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = h.path("link/staging");
+    let t = h.path("link/target");
+    for _ in 0..2 {
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &staging)))
+            .await
+            .unwrap();
+        h.node
+            .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(mount_entries(&real_dir.join("staging")).len(), 1);
+    assert_eq!(mount_entries(&real_dir.join("target")).len(), 1);
+    // Another volume on the same staging path is refused.
+    let other = h
+        .ctl
+        .create_volume(Request::new(create_req("sym2", 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&other, &staging)))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    let r = h
+        .node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition, "still published");
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+        .await
+        .unwrap();
+    assert!(mount_entries(&real_dir.join("target")).is_empty());
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
+    assert!(mount_entries(&real_dir.join("staging")).is_empty());
+    assert!(mounts_under(h.dir.path()).is_empty());
+}
+
+/// The record is gone (the volume was deleted from under the node, or the
+/// state was lost): NodeUnpublishVolume and NodeUnstageVolume work from the
+/// paths and answer OK, so kubelet can finish tearing the pod down.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn unpublish_and_unstage_without_a_record_unmount_by_path() {
+    let (h, _g) = real(&[]);
+    let (id, staging) = create_and_stage(&h, "gone").await;
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
+    h.driver.store.remove(&id).unwrap();
+    let r = h
+        .node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition, "still published");
+    for _ in 0..2 {
+        h.node
+            .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+            .await
+            .unwrap();
+    }
+    assert!(mount_entries(&t).is_empty());
+    assert!(!t.exists());
+    for _ in 0..2 {
+        h.node
+            .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+            .await
+            .unwrap();
+    }
+    assert!(mount_entries(&staging).is_empty());
+    assert!(mounts_under(h.dir.path()).is_empty());
 }

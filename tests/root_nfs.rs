@@ -207,7 +207,7 @@ async fn stats(h: &Harness, id: &str, path: &Path) -> csi::NodeGetVolumeStatsRes
 }
 
 fn entries(path: &Path) -> Vec<berth::os::MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let text = std::fs::read("/proc/self/mountinfo").unwrap();
     berth::os::mountinfo::parse(&text)
         .unwrap()
         .into_iter()

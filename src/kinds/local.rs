@@ -436,13 +436,20 @@ impl VolumeKind for LocalKind {
         )
     }
 
-    fn unpublish(&self, _rec: &VolumeRecord, target: &Path) -> Result<()> {
+    fn unstage_path(&self, _id: &str, staging: &Path) -> Result<()> {
+        mounts::unstage(&self.os, staging, None)
+    }
+
+    fn unpublish(&self, target: &Path) -> Result<()> {
         mounts::unpublish(&self.os, target)
     }
 
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
         let t = mounts::table(&self.os)?;
-        let Some(top) = mountinfo::at(&t, path).last().map(|m| mounts::object(m)) else {
+        let Some(top) = mounts::at(&self.os, &t, path)
+            .last()
+            .map(|m| mounts::object(m))
+        else {
             return Err(Error::NotFound(format!(
                 "volume {} is not mounted at {}",
                 rec.id,

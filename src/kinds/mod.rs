@@ -302,8 +302,18 @@ pub trait VolumeKind: Send + Sync {
 
     fn stage(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()>;
     fn unstage(&self, rec: &VolumeRecord, staging: &Path) -> Result<()>;
+    /// NodeUnstageVolume of a volume with this kind's id and no record here
+    /// (deleted from under the node, or the state lost): works from the
+    /// path, as every CSI driver's unstage does: unmounts what is mounted
+    /// at `staging` (and what the kind mounts inside it for `id`), refusing
+    /// while it is still published elsewhere, releases what the kind
+    /// attached for `id` and removes what it created. Never NOT_FOUND, so
+    /// the CO can finish tearing the pod down.
+    fn unstage_path(&self, id: &str, staging: &Path) -> Result<()>;
     fn publish(&self, rec: &VolumeRecord, args: &PublishArgs<'_>) -> Result<()>;
-    fn unpublish(&self, rec: &VolumeRecord, target: &Path) -> Result<()>;
+    /// NodeUnpublishVolume: unmounts everything at `target` and removes
+    /// it. Works from the path alone: no record is needed.
+    fn unpublish(&self, target: &Path) -> Result<()>;
 
     /// NOT_FOUND when the volume is not available at `path`.
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats>;

@@ -70,6 +70,48 @@ impl LazyTable {
     }
 }
 
+/// Everything mounted exactly at `path`, bottom first, as entries of the
+/// table `t`. Matched by mount id, not by path text: the mount-id probe
+/// (statx STATX_MNT_ID) names the top mount at `path` (following symlinks
+/// in its parents, as mount and umount do, while mountinfo shows resolved
+/// paths), and the mounts stacked beneath it are its parents at the same
+/// mount point. When the kernel cannot tell, or the table does not know
+/// the id (it was read before the mount), the path text decides.
+pub fn at<'a>(os: &Os, t: &'a [MountEntry], path: &Path) -> Vec<&'a MountEntry> {
+    match os.probe.root_mount_id(path) {
+        Some(None) => Vec::new(),
+        Some(Some(id)) => stack(t, id).unwrap_or_else(|| mountinfo::at(t, path)),
+        None => mountinfo::at(t, path),
+    }
+}
+
+/// The mount `id` and those stacked beneath it, bottom first.
+fn stack(t: &[MountEntry], id: u64) -> Option<Vec<&MountEntry>> {
+    let mut top = t.iter().find(|m| u64::from(m.id) == id)?;
+    let mut v = vec![top];
+    while let Some(below) = t
+        .iter()
+        .find(|m| m.id == top.parent && m.id != top.id && m.mount_point == top.mount_point)
+    {
+        if v.len() > t.len() {
+            break;
+        }
+        v.push(below);
+        top = below;
+    }
+    v.reverse();
+    Some(v)
+}
+
+/// Ids of the mounts at each of `paths` (see `at`).
+fn ids_at(os: &Os, t: &[MountEntry], paths: &[&Path]) -> Vec<u32> {
+    paths
+        .iter()
+        .flat_map(|p| at(os, t, p))
+        .map(|m| m.id)
+        .collect()
+}
+
 /// At most this many unmounts at one path (stacked mounts) per call.
 const MAX_UNMOUNTS: usize = 64;
 
@@ -133,7 +175,7 @@ pub fn mount_on_dir(os: &Os, target: &Path, mount: impl FnOnce() -> Result<()>) 
 pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
     if os.probe.mount_root(staging) != Some(false) {
         let t = table(os)?;
-        if let Some(top) = mountinfo::at(&t, staging).last() {
+        if let Some(top) = at(os, &t, staging).last() {
             let obj = mountinfo::object_of(&t, source)
                 .ok_or_else(|| Error::Internal(format!("no mount holds {}", source.display())))?;
             if object(top) == obj {
@@ -155,11 +197,12 @@ pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
 /// The object staged at `staging`, if the top mount there is `expected` (or
 /// any object when `expected` is None).
 pub fn staged_object(
+    os: &Os,
     t: &[MountEntry],
     staging: &Path,
     expected: Option<&Object>,
 ) -> Result<Object> {
-    let top = mountinfo::at(t, staging)
+    let top = at(os, t, staging)
         .last()
         .map(|e| object(e))
         .ok_or_else(|| {
@@ -221,8 +264,8 @@ pub fn publish_bind(
     }
     let t = table(os)?;
     let exp = expected(&t);
-    let obj = staged_object(&t, staging, exp.as_ref())?;
-    if let Some(top) = mountinfo::at(&t, target).last() {
+    let obj = staged_object(os, &t, staging, exp.as_ref())?;
+    if let Some(top) = at(os, &t, target).last() {
         if object(top) == obj && top.readonly() == flags.readonly {
             return Ok(());
         }
@@ -232,7 +275,7 @@ pub fn publish_bind(
         )));
     }
     if cap.access_mode.single_target() {
-        refuse_second_target(&t, &obj, staging, target)?;
+        refuse_second_target(os, &t, &obj, staging, target)?;
     }
     mount_on_dir(os, target, bind)
 }
@@ -240,14 +283,16 @@ pub fn publish_bind(
 /// FAILED_PRECONDITION when `obj` (a single-target volume) is mounted
 /// anywhere but at its staging point and at `target`.
 pub fn refuse_second_target(
+    os: &Os,
     t: &[MountEntry],
     obj: &Object,
     staging: &Path,
     target: &Path,
 ) -> Result<()> {
+    let here = ids_at(os, t, &[staging, target]);
     let others: Vec<_> = mountinfo::mounts_of(t, obj)
         .into_iter()
-        .filter(|m| m.mount_point != staging && m.mount_point != target)
+        .filter(|m| !here.contains(&m.id))
         .map(|m| m.mount_point.display().to_string())
         .collect();
     if others.is_empty() {
@@ -298,7 +343,7 @@ pub fn unmount_all_in(os: &Os, t: &[MountEntry], path: &Path) -> Result<()> {
 
 /// `unmount_all_in` with at most `budget` unmount calls.
 fn unmount_listed(os: &Os, t: &[MountEntry], path: &Path, budget: usize) -> Result<()> {
-    let mut n = mountinfo::at(t, path).len();
+    let mut n = at(os, t, path).len();
     for _ in 0..budget {
         if n == 0 {
             return Ok(());
@@ -308,7 +353,7 @@ fn unmount_listed(os: &Os, t: &[MountEntry], path: &Path, budget: usize) -> Resu
             // EINVAL: not mounted any more (someone else unmounted): look
             // again.
             Err(e) if e.errno() == Some(libc::EINVAL) => {
-                n = mountinfo::at(&table(os)?, path).len();
+                n = at(os, &table(os)?, path).len();
             }
             Err(e) => return Err(Error::os(format!("unmounting {}", path.display()), e)),
         }
@@ -368,12 +413,13 @@ pub fn unstage(os: &Os, staging: &Path, source: Option<&Path>) -> Result<()> {
 /// `unstage` with a mount table the caller already read (and that still
 /// shows what is mounted at `staging` and where its volume is mounted).
 pub fn unstage_in(os: &Os, t: &[MountEntry], staging: &Path, source: Option<&Path>) -> Result<()> {
-    let Some(top) = mountinfo::at(t, staging).last().map(|e| object(e)) else {
+    let Some(top) = at(os, t, staging).last().map(|e| object(e)) else {
         return Ok(());
     };
+    let here = ids_at(os, t, &[staging]);
     let others: Vec<_> = mountinfo::mounts_of(t, &top)
         .into_iter()
-        .filter(|m| m.mount_point != staging && Some(m.mount_point.as_path()) != source)
+        .filter(|m| !here.contains(&m.id) && Some(m.mount_point.as_path()) != source)
         .map(|m| m.mount_point.display().to_string())
         .collect();
     if !others.is_empty() {

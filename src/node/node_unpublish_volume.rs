@@ -1,12 +1,14 @@
 //! NodeUnpublishVolume: unmounts whatever the kernel shows mounted at the
 //! target (the statx mount-root probe, or mountinfo when it cannot tell;
 //! never a stat error or device numbers, see `node::mounts`) and removes
-//! the target with rmdir. A target already gone or never mounted is
-//! success.
+//! the target with rmdir. It works from the path alone, as every CSI
+//! driver's unpublish does: a target already gone or never mounted, or a
+//! volume whose record is gone, is success (kubelet can finish tearing the
+//! pod down).
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
-use crate::driver::Driver;
+use crate::driver::{vol_key, Driver};
 use crate::error::Result;
 use crate::validate;
 
@@ -14,9 +16,9 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::NodeUnpublishVolumeRequest,
 ) -> Result<csi::NodeUnpublishVolumeResponse> {
-    let id = validate::volume_id(&req.volume_id)?;
+    let id = validate::volume_id(&req.volume_id)?.to_string();
     let target = validate::abs_path("target_path", &req.target_path)?;
-    d.with_volume(id, move |_d, rec, kind| kind.unpublish(&rec, &target))
-        .await?;
+    let guard = d.locks.try_lock(vol_key(&id))?;
+    d.run(guard, move |d| d.unpublish(&id, &target)).await?;
     Ok(csi::NodeUnpublishVolumeResponse {})
 }

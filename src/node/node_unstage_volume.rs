@@ -1,19 +1,31 @@
 //! NodeUnstageVolume: undoes NodeStageVolume; refuses while the volume is
-//! still published from the staging path.
+//! still published from the staging path. Without a record (the volume was
+//! deleted from under the node, or the state lost) or with its device gone,
+//! it works from the path: what is mounted there is unmounted and what
+//! Berth made is removed, and the answer is OK, never NOT_FOUND forever.
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
-use crate::driver::Driver;
-use crate::error::Result;
+use crate::driver::{vol_key, Driver};
+use crate::error::{Error, Result};
+use crate::node::mounts;
 use crate::validate;
 
 pub async fn handle(
     d: Arc<Driver>,
     req: csi::NodeUnstageVolumeRequest,
 ) -> Result<csi::NodeUnstageVolumeResponse> {
-    let id = validate::volume_id(&req.volume_id)?;
+    let id = validate::volume_id(&req.volume_id)?.to_string();
     let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
-    d.with_volume(id, move |_d, rec, kind| kind.unstage(&rec, &staging))
-        .await?;
+    let guard = d.locks.try_lock(vol_key(&id))?;
+    d.run(guard, move |d| match d.volume(&id) {
+        Ok(rec) => d.kind(rec.kind)?.unstage(&rec, &staging),
+        Err(Error::NotFound(_)) => match d.kind_of_id(&id) {
+            Some(k) => k.unstage_path(&id, &staging),
+            None => mounts::unstage(&d.os, &staging, None),
+        },
+        Err(e) => Err(e),
+    })
+    .await?;
     Ok(csi::NodeUnstageVolumeResponse {})
 }

@@ -2,13 +2,34 @@
 //!
 //! Each command runs in its own process group; on timeout the whole group is
 //! killed with SIGKILL, so a hung `mount` helper cannot outlive its call and
-//! block later ones.
+//! block later ones. Its output is read on the calling thread with poll(2)
+//! under the same deadline: a process that left the group (setsid) and
+//! keeps the pipes open cannot hold the call past it, and after the command
+//! itself has exited its pipes get a short grace at most. At most
+//! `MAX_OUTPUT` bytes of each stream are kept.
+//!
+//! The process groups of commands still running are known
+//! (`kill_running`), so a process that must exit before they end (the
+//! shutdown bound) kills them first.
+use std::collections::HashSet;
+use std::fs::File;
 use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
 use super::OsError;
+
+/// Bytes of each output stream kept; the rest is read and dropped.
+pub const MAX_OUTPUT: usize = 1 << 20;
+
+/// How long the pipes are still read once the command has exited (what a
+/// process it left behind writes after that is not waited for).
+const PIPE_GRACE: Duration = Duration::from_millis(200);
 
 /// What a finished command printed and how it exited.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,10 +67,115 @@ pub trait Runner: Send + Sync {
     fn run(&self, program: &str, args: &[String], timeout: Duration) -> Result<CmdOutput, OsError>;
 }
 
+/// Process groups of the commands running now.
+static RUNNING: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
+fn running() -> std::sync::MutexGuard<'static, Option<HashSet<i32>>> {
+    RUNNING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps a process group in `RUNNING` while alive.
+struct Tracked(i32);
+
+impl Tracked {
+    fn new(pgid: i32) -> Tracked {
+        running().get_or_insert_with(HashSet::new).insert(pgid);
+        Tracked(pgid)
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(set) = running().as_mut() {
+            set.remove(&self.0);
+        }
+    }
+}
+
+/// Kills the process group of every command still running (SIGKILL);
+/// returns how many there were. For a process about to exit without
+/// waiting for its calls in flight.
+pub fn kill_running() -> usize {
+    let groups: Vec<i32> = running().iter().flatten().copied().collect();
+    for g in &groups {
+        kill_group(*g);
+    }
+    groups.len()
+}
+
+/// One output pipe of a child, read without blocking.
+struct Pipe {
+    fd: Option<File>,
+    buf: Vec<u8>,
+}
+
+impl Pipe {
+    fn new(fd: Option<OwnedFd>) -> Pipe {
+        let fd = fd.and_then(|fd| {
+            let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).ok()?;
+            let flags =
+                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags)).ok()?;
+            Some(File::from(fd))
+        });
+        Pipe {
+            fd,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads what is there now; closes the pipe at end of file or error.
+    fn drain(&mut self) {
+        let Some(f) = self.fd.as_mut() else {
+            return;
+        };
+        let mut chunk = [0u8; 8192];
+        loop {
+            match f.read(&mut chunk) {
+                Ok(0) => {
+                    self.fd = None;
+                    return;
+                }
+                Ok(n) => {
+                    let room = MAX_OUTPUT.saturating_sub(self.buf.len());
+                    self.buf.extend_from_slice(&chunk[..n.min(room)]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.fd = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+}
+
+/// Waits until one of the open pipes has something (or is closed), at
+/// most `wait`.
+fn wait_readable(pipes: &[&Pipe], wait: Duration) {
+    let mut fds: Vec<PollFd> = pipes
+        .iter()
+        .filter_map(|p| p.fd.as_ref())
+        .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN))
+        .collect();
+    if fds.is_empty() {
+        std::thread::sleep(wait);
+        return;
+    }
+    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+    let _ = poll(&mut fds, PollTimeout::from(ms));
+}
+
 pub struct RealRunner;
 
 impl Runner for RealRunner {
     fn run(&self, program: &str, args: &[String], timeout: Duration) -> Result<CmdOutput, OsError> {
+        let deadline = Instant::now() + timeout;
         let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
@@ -60,56 +186,59 @@ impl Runner for RealRunner {
             .spawn()
             .map_err(|e| OsError::sys("spawn", program, e))?;
         let pgid = child.id() as i32;
-        let mut out_pipe = child.stdout.take();
-        let mut err_pipe = child.stderr.take();
-        let out_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(p) = out_pipe.as_mut() {
-                let _ = p.read_to_string(&mut s);
-            }
-            s
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(p) = err_pipe.as_mut() {
-                let _ = p.read_to_string(&mut s);
-            }
-            s
-        });
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(1);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break Some(st),
-                Ok(None) => {}
-                Err(e) => {
-                    kill_group(pgid);
-                    let _ = child.wait();
-                    return Err(OsError::sys("wait", program, e));
+        let _tracked = Tracked::new(pgid);
+        let mut out = Pipe::new(child.stdout.take().map(OwnedFd::from));
+        let mut err = Pipe::new(child.stderr.take().map(OwnedFd::from));
+        let mut status = None;
+        let mut exited = None;
+        loop {
+            if status.is_none() {
+                match child.try_wait() {
+                    Ok(Some(st)) => {
+                        // The leader is gone; anything it left in its group
+                        // goes too.
+                        kill_group(pgid);
+                        status = Some(st);
+                        exited = Some(Instant::now());
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        kill_group(pgid);
+                        let _ = child.wait();
+                        return Err(OsError::sys("wait", program, e));
+                    }
                 }
             }
-            if Instant::now() >= deadline {
-                break None;
+            let open = out.fd.is_some() || err.fd.is_some();
+            let now = Instant::now();
+            if (status.is_some() && !open)
+                || now >= deadline
+                || exited.is_some_and(|t| now >= t + PIPE_GRACE)
+            {
+                break;
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
-        };
+            // Short waits: the exit of the command is noticed by try_wait.
+            wait_readable(
+                &[&out, &err],
+                (deadline - now).min(Duration::from_millis(20)),
+            );
+            out.drain();
+            err.drain();
+        }
         let Some(status) = status else {
             kill_group(pgid);
             let _ = child.wait();
-            let _ = out_t.join();
-            let _ = err_t.join();
             return Err(OsError::Timeout {
                 program: program.to_string(),
                 secs: timeout.as_secs(),
             });
         };
-        // The leader is gone; anything it left in its group goes too.
-        kill_group(pgid);
+        out.drain();
+        err.drain();
         Ok(CmdOutput {
             code: status.code(),
-            stdout: out_t.join().unwrap_or_default(),
-            stderr: err_t.join().unwrap_or_default(),
+            stdout: out.text(),
+            stderr: err.text(),
         })
     }
 }
@@ -159,6 +288,69 @@ mod tests {
             .output()
             .unwrap();
         assert!(ps.stdout.is_empty(), "process survived: {:?}", ps);
+    }
+
+    /// A grandchild that leaves the group (setsid) keeps the pipes open
+    /// long after the command exited: the call returns at once with what
+    /// the command printed, and one that does not exit is bounded by its
+    /// deadline although its pipes stay open.
+    #[test]
+    fn pipes_held_open_by_an_escaped_grandchild_hang_nothing() {
+        let marker = format!("sleep 986.{}", std::process::id());
+        let start = Instant::now();
+        let o = RealRunner
+            .run(
+                "sh",
+                &["-c".into(), format!("setsid {marker} & echo done")],
+                Duration::from_secs(20),
+            )
+            .unwrap();
+        let took = start.elapsed();
+        assert_eq!(o.stdout, "done\n");
+        assert_eq!(o.code, Some(0));
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let start = Instant::now();
+        let r = RealRunner.run(
+            "sh",
+            &["-c".into(), format!("setsid {marker} & exec sleep 30")],
+            Duration::from_millis(500),
+        );
+        assert!(matches!(r, Err(OsError::Timeout { .. })), "{r:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        // The escaped sleeps are this test's own: end them.
+        let ps = Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&ps.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn output_is_capped() {
+        let o = RealRunner
+            .run(
+                "sh",
+                &[
+                    "-c".into(),
+                    "head -c 3000000 /dev/zero; echo err >&2".into(),
+                ],
+                Duration::from_secs(20),
+            )
+            .unwrap();
+        assert_eq!(o.stdout.len(), MAX_OUTPUT);
+        assert_eq!(o.stderr, "err\n");
+        assert!(o.success());
     }
 
     #[test]

@@ -297,7 +297,7 @@ impl FakeOs {
                 let v4 = !opts.split(',').any(|o| o == "vers=3" || o == "nfsvers=3");
                 let ro = opts.split(',').any(|o| o == "ro");
                 let id = self.alloc_id();
-                lock(&self.table).push(MountEntry {
+                self.push_mount(MountEntry {
                     id,
                     parent: 1,
                     major: 0,
@@ -312,7 +312,7 @@ impl FakeOs {
                 Some(ok)
             }
             "umount" => {
-                let target = PathBuf::from(args.last()?);
+                let target = resolved(Path::new(args.last()?));
                 let mut t = lock(&self.table);
                 match t.iter().rposition(|m| m.mount_point == target) {
                     Some(i) => {
@@ -471,7 +471,7 @@ impl FakeOs {
     /// Adds a mount of a new filesystem (its own device) at `mount_point`.
     pub fn add_filesystem(&self, mount_point: &Path, major: u32, minor: u32) {
         let id = self.alloc_id();
-        lock(&self.table).push(MountEntry {
+        self.push_mount(MountEntry {
             id,
             parent: 1,
             major,
@@ -510,6 +510,22 @@ impl FakeOs {
             .push_back(reply);
     }
 
+    /// Adds a mount as the kernel would: at the resolved mount point (a
+    /// symlinked parent followed), its parent the mount it is mounted on
+    /// (the top one at the same point when stacked).
+    fn push_mount(&self, mut e: MountEntry) {
+        e.mount_point = resolved(&e.mount_point);
+        let mut t = lock(&self.table);
+        e.parent = t
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == e.mount_point)
+            .or_else(|| mountinfo::containing(&t, &e.mount_point))
+            .map(|m| m.id)
+            .unwrap_or(1);
+        t.push(e);
+    }
+
     fn alloc_id(&self) -> u32 {
         let mut n = lock(&self.next_id);
         *n += 1;
@@ -540,6 +556,18 @@ impl FakeOs {
             }
         }
         o.join(",")
+    }
+}
+
+/// `path` with its parent resolved (symlinks followed), as mount(2),
+/// umount(2) and statx(2) see it; as it is when the parent does not exist.
+fn resolved(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => match std::fs::canonicalize(parent) {
+            Ok(p) => p.join(name),
+            Err(_) => path.to_path_buf(),
+        },
+        _ => path.to_path_buf(),
     }
 }
 
@@ -577,7 +605,8 @@ impl Mounter for FakeOs {
         });
         self.injected("bind", target)?;
         let id = self.alloc_id();
-        let mut t = lock(&self.table);
+        let source = &resolved(source);
+        let t = lock(&self.table);
         let (major, minor, root) = mountinfo::object_of(&t, source).ok_or_else(|| {
             OsError::sys(
                 "bind mount",
@@ -588,7 +617,8 @@ impl Mounter for FakeOs {
         let (fs_type, src) = mountinfo::containing(&t, source)
             .map(|m| (m.fs_type.clone(), m.source.clone()))
             .unwrap_or_default();
-        t.push(MountEntry {
+        drop(t);
+        self.push_mount(MountEntry {
             id,
             parent: 1,
             major,
@@ -621,7 +651,7 @@ impl Mounter for FakeOs {
         self.injected("mount_fs", target)?;
         let id = self.alloc_id();
         let (major, minor) = self.device_numbers(source).unwrap_or((7, id));
-        lock(&self.table).push(MountEntry {
+        self.push_mount(MountEntry {
             id,
             parent: 1,
             major,
@@ -641,8 +671,9 @@ impl Mounter for FakeOs {
             target: target.into(),
         });
         self.injected("unmount", target)?;
+        let real = resolved(target);
         let mut t = lock(&self.table);
-        match t.iter().rposition(|m| m.mount_point == target) {
+        match t.iter().rposition(|m| m.mount_point == real) {
             Some(i) => {
                 t.remove(i);
                 Ok(())
@@ -665,13 +696,15 @@ impl MountTable for FakeOs {
 }
 
 impl MountProbe for FakeOs {
-    /// Whether the table has an entry at exactly `path`; None for paths set
-    /// with `set_probe_unknown` and after `fail_next("mount_root", _)`.
+    /// Whether the table has an entry at exactly `path` (its parent
+    /// resolved, as the kernel resolves it); None for paths set with
+    /// `set_probe_unknown` and after `fail_next("mount_root", _)`.
     fn mount_root(&self, path: &Path) -> Option<bool> {
         *lock(&self.probes) += 1;
         if self.injected("mount_root", path).is_err() || lock(&self.probe_unknown).contains(path) {
             return None;
         }
+        let path = resolved(path);
         Some(lock(&self.table).iter().any(|m| m.mount_point == path))
     }
 
@@ -682,6 +715,7 @@ impl MountProbe for FakeOs {
         if self.injected("identity", path).is_err() || lock(&self.probe_unknown).contains(path) {
             return None;
         }
+        let path = resolved(path);
         let shown = lock(&self.table)
             .iter()
             .rev()
@@ -691,6 +725,22 @@ impl MountProbe for FakeOs {
         std::fs::symlink_metadata(shown)
             .ok()
             .map(|m| (m.dev(), m.ino()))
+    }
+
+    /// The id of the top entry at `path` (its parent resolved); None for
+    /// paths set with `set_probe_unknown`.
+    fn root_mount_id(&self, path: &Path) -> Option<Option<u64>> {
+        if lock(&self.probe_unknown).contains(path) {
+            return None;
+        }
+        let path = resolved(path);
+        Some(
+            lock(&self.table)
+                .iter()
+                .rev()
+                .find(|m| m.mount_point == path)
+                .map(|m| u64::from(m.id)),
+        )
     }
 }
 

@@ -11,7 +11,9 @@
 //! when the probe cannot tell, this table decides. Reading and parsing the
 //! table costs time proportional to every mount on the node, so callers
 //! read it once per decision and pass it along (`node::mounts::LazyTable`).
+use std::ffi::OsString;
 use std::io::Read;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use super::OsError;
@@ -72,45 +74,66 @@ impl MountTable for ProcMountTable {
     fn mounts(&self) -> Result<Vec<MountEntry>, OsError> {
         let mut f =
             std::fs::File::open(&self.path).map_err(|e| OsError::sys("open", &self.path, e))?;
-        let mut buf = String::with_capacity(16 * 1024);
-        f.read_to_string(&mut buf)
+        let mut buf = Vec::with_capacity(16 * 1024);
+        f.read_to_end(&mut buf)
             .map_err(|e| OsError::sys("read", &self.path, e))?;
         parse(&buf)
     }
 }
 
-/// Parses the whole text of a mountinfo file.
-pub fn parse(text: &str) -> Result<Vec<MountEntry>, OsError> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
+/// Parses the whole text of a mountinfo file. It is bytes, not text: a
+/// mount point may have any name the kernel allows (not UTF-8 ones too);
+/// paths keep their bytes, the other fields are shown lossily.
+pub fn parse(text: &[u8]) -> Result<Vec<MountEntry>, OsError> {
+    text.split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
         .map(parse_line)
         .collect()
 }
 
-fn parse_line(line: &str) -> Result<MountEntry, OsError> {
-    let bad = || OsError::MountInfo(format!("malformed line: {line:?}"));
-    let mut it = line.split(' ');
-    let id = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let parent = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+fn number<T: std::str::FromStr>(b: &[u8]) -> Option<T> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+fn path(b: &[u8]) -> PathBuf {
+    PathBuf::from(OsString::from_vec(unescape(b)))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(&unescape(b)).into_owned()
+}
+
+fn parse_line(line: &[u8]) -> Result<MountEntry, OsError> {
+    let bad = || {
+        OsError::MountInfo(format!(
+            "malformed line: {:?}",
+            String::from_utf8_lossy(line)
+        ))
+    };
+    let mut it = line.split(|b| *b == b' ');
+    let id = it.next().and_then(number).ok_or_else(bad)?;
+    let parent = it.next().and_then(number).ok_or_else(bad)?;
     let (major, minor) = it
         .next()
-        .and_then(|s| s.split_once(':'))
-        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .and_then(|s| {
+            let i = s.iter().position(|b| *b == b':')?;
+            Some((number(&s[..i])?, number(&s[i + 1..])?))
+        })
         .ok_or_else(bad)?;
-    let root = PathBuf::from(unescape(it.next().ok_or_else(bad)?));
-    let mount_point = PathBuf::from(unescape(it.next().ok_or_else(bad)?));
-    let options = it.next().ok_or_else(bad)?.to_string();
+    let root = path(it.next().ok_or_else(bad)?);
+    let mount_point = path(it.next().ok_or_else(bad)?);
+    let options = text(it.next().ok_or_else(bad)?);
     // Optional fields end at a lone "-".
     loop {
         match it.next() {
-            Some("-") => break,
+            Some(b"-") => break,
             Some(_) => continue,
             None => return Err(bad()),
         }
     }
-    let fs_type = unescape(it.next().ok_or_else(bad)?);
-    let source = unescape(it.next().ok_or_else(bad)?);
-    let super_options = it.next().unwrap_or("").to_string();
+    let fs_type = text(it.next().ok_or_else(bad)?);
+    let source = text(it.next().ok_or_else(bad)?);
+    let super_options = it.next().map(text).unwrap_or_default();
     Ok(MountEntry {
         id,
         parent,
@@ -127,11 +150,7 @@ fn parse_line(line: &str) -> Result<MountEntry, OsError> {
 
 /// Undoes the kernel's octal escapes (`\040` space, `\011` tab, `\012`
 /// newline, `\134` backslash).
-pub fn unescape(s: &str) -> String {
-    if !s.contains('\\') {
-        return s.to_string();
-    }
-    let b = s.as_bytes();
+pub fn unescape(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -141,8 +160,8 @@ pub fn unescape(s: &str) -> String {
                 let v = (oct[0] - b'0') as u32 * 64
                     + (oct[1] - b'0') as u32 * 8
                     + (oct[2] - b'0') as u32;
-                if v <= 255 {
-                    out.push(v as u8);
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
                     i += 4;
                     continue;
                 }
@@ -151,7 +170,7 @@ pub fn unescape(s: &str) -> String {
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// All entries mounted exactly at `path`, bottom first (mount order).
@@ -205,7 +224,7 @@ mod tests {
 
     #[test]
     fn parses_fields_and_escapes() {
-        let t = parse(SAMPLE).unwrap();
+        let t = parse(SAMPLE.as_bytes()).unwrap();
         assert_eq!(t.len(), 4);
         assert_eq!(t[2].mount_point, PathBuf::from("/mnt/stage dir"));
         assert_eq!(t[2].root, PathBuf::from("/var/lib/berth/local/v1"));
@@ -218,7 +237,7 @@ mod tests {
 
     #[test]
     fn object_and_mounts_of() {
-        let t = parse(SAMPLE).unwrap();
+        let t = parse(SAMPLE.as_bytes()).unwrap();
         let obj = object_of(&t, Path::new("/var/lib/berth/local/v1")).unwrap();
         assert_eq!(obj, (8, 1, PathBuf::from("/var/lib/berth/local/v1")));
         let m = mounts_of(&t, &obj);
@@ -229,22 +248,43 @@ mod tests {
     }
 
     #[test]
+    fn mount_points_that_are_not_utf8_are_read_as_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mountinfo");
+        let mut text = SAMPLE.as_bytes().to_vec();
+        text.extend_from_slice(
+            b"43 22 8:1 /x /mnt/odd-\xff\\040\xfe rw shared:1 - ext4 /dev/sda1 rw\n",
+        );
+        std::fs::write(&file, &text).unwrap();
+        let t = ProcMountTable { path: file }.mounts().unwrap();
+        assert_eq!(t.len(), 5);
+        assert_eq!(
+            t[4].mount_point.as_os_str().as_bytes(),
+            b"/mnt/odd-\xff \xfe"
+        );
+        assert_eq!(t[2].mount_point, PathBuf::from("/mnt/stage dir"));
+    }
+
+    #[test]
     fn rejects_malformed() {
-        assert!(parse("1 2 3\n").is_err());
-        assert!(parse("1 2 8:1 / / rw shared:1 ext4 /dev/x rw\n").is_err());
+        assert!(parse(b"1 2 3\n").is_err());
+        assert!(parse(b"1 2 8:1 / / rw shared:1 ext4 /dev/x rw\n").is_err());
     }
 
     #[test]
     fn unescape_cases() {
-        assert_eq!(unescape("a\\040b\\011c\\012d\\134e"), "a b\tc\nd\\e");
-        assert_eq!(unescape("trailing\\04"), "trailing\\04");
-        assert_eq!(unescape("\\999"), "\\999");
+        assert_eq!(unescape(b"a\\040b\\011c\\012d\\134e"), b"a b\tc\nd\\e");
+        assert_eq!(unescape(b"trailing\\04"), b"trailing\\04");
+        assert_eq!(unescape(b"\\999"), b"\\999");
+        assert_eq!(unescape(b"\\777"), b"\\777", "above 255: kept as it is");
     }
 
     proptest::proptest! {
         #[test]
-        fn unescape_never_panics(s in ".*") {
+        fn unescape_never_panics(s in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
             let _ = unescape(&s);
+            let _ = parse(&s);
         }
 
         #[test]
@@ -255,7 +295,7 @@ mod tests {
                 '\\' => "\\134".to_string(),
                 c => c.to_string(),
             }).collect();
-            proptest::prop_assert_eq!(unescape(&esc), s);
+            proptest::prop_assert_eq!(unescape(esc.as_bytes()), s.as_bytes());
         }
     }
 }

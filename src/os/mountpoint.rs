@@ -25,6 +25,13 @@ pub trait MountProbe: Send + Sync {
     /// bind mount shows the directory it binds, so a staging path bound
     /// from a volume's directory has that directory's identity.
     fn identity(&self, path: &Path) -> Option<(u64, u64)>;
+    /// The mount whose root `path` is, by its mount id (mountinfo's first
+    /// field; the top one if several are stacked): `Some(Some(id))`;
+    /// `Some(None)` when `path` is not a mount root or does not exist;
+    /// `None` when the kernel cannot tell. Symlinks in the parent
+    /// components are followed (as mount and umount follow them), so a
+    /// path whose text differs from mountinfo's is still matched.
+    fn root_mount_id(&self, path: &Path) -> Option<Option<u64>>;
 }
 
 /// The real probe: statx(2).
@@ -36,7 +43,7 @@ pub struct StatxMountProbe;
 /// cached attributes (no round trip to an NFS server or FUSE daemon); the
 /// mount-root attribute comes from the VFS, not from the filesystem, and
 /// device and inode numbers never change, so the answer is exact either way.
-fn statx(path: &Path) -> std::io::Result<libc::statx> {
+fn statx(path: &Path, mask: u32) -> std::io::Result<libc::statx> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
@@ -47,7 +54,7 @@ fn statx(path: &Path) -> std::io::Result<libc::statx> {
             libc::AT_FDCWD,
             c.as_ptr(),
             libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_BASIC_STATS,
+            mask,
             stx.as_mut_ptr(),
         )
     };
@@ -59,23 +66,43 @@ fn statx(path: &Path) -> std::io::Result<libc::statx> {
     Ok(unsafe { stx.assume_init() })
 }
 
+/// Whether `stx` says `path` is a mount root (None: cannot tell).
+fn is_mount_root(stx: &libc::statx) -> Option<bool> {
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    if stx.stx_attributes_mask & bit == 0 {
+        return None;
+    }
+    Some(stx.stx_attributes & bit != 0)
+}
+
 impl MountProbe for StatxMountProbe {
     fn mount_root(&self, path: &Path) -> Option<bool> {
-        let stx = match statx(path) {
-            Ok(s) => s,
+        match statx(path, libc::STATX_BASIC_STATS) {
+            Ok(stx) => is_mount_root(&stx),
             // Nothing exists there, so nothing is mounted there.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Some(false),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Some(false),
+            Err(_) => None,
+        }
+    }
+
+    fn root_mount_id(&self, path: &Path) -> Option<Option<u64>> {
+        let stx = match statx(path, libc::STATX_BASIC_STATS | libc::STATX_MNT_ID) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Some(None),
             Err(_) => return None,
         };
-        let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
-        if stx.stx_attributes_mask & bit == 0 {
+        if !is_mount_root(&stx)? {
+            return Some(None);
+        }
+        // Kernels before 5.8 do not fill it in.
+        if stx.stx_mask & libc::STATX_MNT_ID == 0 {
             return None;
         }
-        Some(stx.stx_attributes & bit != 0)
+        Some(Some(stx.stx_mnt_id))
     }
 
     fn identity(&self, path: &Path) -> Option<(u64, u64)> {
-        let stx = statx(path).ok()?;
+        let stx = statx(path, libc::STATX_BASIC_STATS).ok()?;
         if stx.stx_mask & libc::STATX_INO == 0 {
             return None;
         }
@@ -106,6 +133,18 @@ mod tests {
             let sub = dir.path().join("sub");
             std::fs::create_dir(&sub).unwrap();
             assert_eq!(StatxMountProbe.mount_root(&sub), Some(false));
+            assert_eq!(StatxMountProbe.root_mount_id(&sub), Some(None));
+            assert_eq!(StatxMountProbe.root_mount_id(&sub.join("x")), Some(None));
+            // "/" is a mount root, and its id is the one mountinfo gives.
+            let id = StatxMountProbe
+                .root_mount_id(Path::new("/"))
+                .unwrap()
+                .unwrap();
+            let table = crate::os::ProcMountTable::default();
+            use crate::os::MountTable;
+            let t = table.mounts().unwrap();
+            let e = t.iter().find(|m| u64::from(m.id) == id).unwrap();
+            assert_eq!(e.mount_point, Path::new("/"));
         }
     }
 }

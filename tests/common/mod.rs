@@ -195,7 +195,7 @@ pub fn is_root() -> bool {
 
 /// Mount points at or under `dir`, deepest first, from /proc/self/mountinfo.
 pub fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let text = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
     let mut v: Vec<_> = berth::os::mountinfo::parse(&text)
         .unwrap_or_default()
         .into_iter()

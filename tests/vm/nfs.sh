@@ -8,7 +8,7 @@
 # with nfs/run.sh: csi-sanity in NFS mode, the integration tests, the
 # canary. Prints the guest's summary; exits non-zero on any failure.
 # Env: CARGO_TARGET_DIR, CSI_SANITY (default target/tools/bin/csi-sanity),
-# NFS_VM_TIMEOUT (default 480 s), KEEP_SHARE=1 keeps the share directory
+# NFS_VM_TIMEOUT (default 900 s), KEEP_SHARE=1 keeps the share directory
 # (kept anyway on failure).
 set -uo pipefail
 PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
@@ -54,7 +54,7 @@ install -m 0755 "$ROOT/csi-sanity/run.sh" "$SHARE/csi-sanity/run.sh"
 install -m 0755 "$HERE/nfs/run.sh" "$SHARE/run.sh"
 
 T2=$(date +%s.%N)
-"$HERE/run-in-guest.sh" "$SHARE" "${NFS_VM_TIMEOUT:-480}"
+"$HERE/run-in-guest.sh" "$SHARE" "${NFS_VM_TIMEOUT:-900}"
 grc=$?
 echo
 echo "=== NFS guest summary (guest run $(since "$T2") s, total $(since "$T0") s)"

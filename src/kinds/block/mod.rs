@@ -689,7 +689,11 @@ impl VolumeKind for BlockKind {
         self.publish_volume(rec, a)
     }
 
-    fn unpublish(&self, _rec: &VolumeRecord, target: &Path) -> Result<()> {
+    fn unstage_path(&self, id: &str, staging: &Path) -> Result<()> {
+        self.unstage_at(id, staging, None)
+    }
+
+    fn unpublish(&self, target: &Path) -> Result<()> {
         mounts::unpublish(&self.os, target)
     }
 

@@ -139,7 +139,7 @@ impl BlockKind {
         let t = mounts::table(&self.os)?;
         let node = mountinfo::object_of(&t, &dev.path)
             .ok_or_else(|| Error::Internal(format!("no mount holds {}", dev.path.display())))?;
-        if let Some(top) = mountinfo::at(&t, &marker).last() {
+        if let Some(top) = mounts::at(&self.os, &t, &marker).last() {
             if mounts::object(top) == node {
                 return Ok(());
             }
@@ -148,7 +148,7 @@ impl BlockKind {
                 marker.display()
             )));
         }
-        if !mountinfo::at(&t, staging).is_empty() {
+        if !mounts::at(&self.os, &t, staging).is_empty() {
             return Err(Error::AlreadyExists(format!(
                 "staging path {} already has a mount (staged as a filesystem?)",
                 staging.display()
@@ -171,7 +171,7 @@ impl BlockKind {
         let mut info = self.claim_access(rec, BlockAccess::Filesystem)?;
         let dev = self.ensure_device(rec, false)?;
         let t = mounts::table(&self.os)?;
-        if let Some(top) = mountinfo::at(&t, staging).last() {
+        if let Some(top) = mounts::at(&self.os, &t, staging).last() {
             if (top.major, top.minor) == (dev.major, dev.minor) && top.root == Path::new("/") {
                 return Ok(());
             }
@@ -279,27 +279,44 @@ impl BlockKind {
         }
     }
 
+    /// NodeUnstageVolume with the record. A device that has gone (a pool
+    /// disk pulled, or another one in its place; a file not attached) is
+    /// no reason to fail forever: the staging path is then all there is to
+    /// go by (`unstage_at` without a device).
     pub(super) fn unstage_volume(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {
-        let info = Self::info(rec)?;
-        let dev = self.current_device(rec)?;
+        let dev = match self.current_device(rec) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(volume_id = %rec.id, error = %e.render(), "the volume's device is not what the record says; unstaging by path");
+                None
+            }
+        };
+        self.unstage_at(&rec.id, staging, dev.as_ref())
+    }
+
+    /// Unstages volume `id` (an id of this kind) at `staging`: the raw
+    /// volume's bind at `<staging>/<id>` and its file, then the mount at
+    /// the staging path (when `dev` is known, only if it is that device's),
+    /// refusing while the volume is published elsewhere; then detaches the
+    /// backing file's loop devices, if any.
+    pub(super) fn unstage_at(&self, id: &str, staging: &Path, dev: Option<&Dev>) -> Result<()> {
+        // Only an id of this kind (a safe path component) gets here.
+        self.file(id)?;
         let t = mounts::table(&self.os)?;
-        let marker = Self::marker(rec, staging);
-        let marker_mounted = !mountinfo::at(&t, &marker).is_empty();
+        let marker = staging.join(id);
+        let marker_mounted = !mounts::at(&self.os, &t, &marker).is_empty();
         if marker_mounted {
             mounts::unstage_in(&self.os, &t, &marker, None)?;
         }
         if std::fs::symlink_metadata(&marker).is_ok() {
             mounts::remove_target(&self.os, &marker)?;
         }
-        if let Some(top) = mountinfo::at(&t, staging).last() {
-            let ours = dev
-                .as_ref()
-                .is_some_and(|d| (top.major, top.minor) == (d.major, d.minor));
+        if let Some(top) = mounts::at(&self.os, &t, staging).last() {
+            let ours = dev.is_none_or(|d| (top.major, top.minor) == (d.major, d.minor));
             if !ours {
                 return Err(Error::FailedPrecondition(format!(
-                    "staging path {} holds a mount that is not volume {}",
+                    "staging path {} holds a mount that is not volume {id}",
                     staging.display(),
-                    rec.id
                 )));
             }
             if marker_mounted {
@@ -310,12 +327,10 @@ impl BlockKind {
                 mounts::unstage_in(&self.os, &t, staging, None)?;
             }
         }
-        if info.disk.is_none() {
-            // The mounts just changed: whether the loop device is still used
-            // elsewhere needs a fresh read (made only if it is attached).
-            self.release_file(&rec.id, &mounts::LazyTable::new())?;
-        }
-        Ok(())
+        // The mounts just changed: whether the loop device is still used
+        // elsewhere needs a fresh read (made only if it is attached). A disk
+        // volume has no file, so nothing is attached.
+        self.release_file(id, &mounts::LazyTable::new())
     }
 
     pub(super) fn publish_volume(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
@@ -353,11 +368,15 @@ impl BlockKind {
         let marker = Self::marker(rec, a.staging);
         let t = mounts::table(&self.os)?;
         let node = mountinfo::object_of(&t, &dev.path).ok_or_else(&not_staged)?;
-        if mountinfo::at(&t, &marker).last().map(|m| mounts::object(m)) != Some(node.clone()) {
+        if mounts::at(&self.os, &t, &marker)
+            .last()
+            .map(|m| mounts::object(m))
+            != Some(node.clone())
+        {
             return Err(not_staged());
         }
         let readonly = a.readonly || a.capability.access_mode.read_only();
-        if let Some(top) = mountinfo::at(&t, a.target).last() {
+        if let Some(top) = mounts::at(&self.os, &t, a.target).last() {
             if mounts::object(top) == node && top.readonly() == readonly {
                 return Ok(());
             }
@@ -367,7 +386,7 @@ impl BlockKind {
             )));
         }
         if a.capability.access_mode.single_target() {
-            mounts::refuse_second_target(&t, &node, &marker, a.target)?;
+            mounts::refuse_second_target(&self.os, &t, &node, &marker, a.target)?;
         }
         let flags = MountFlags {
             readonly,
@@ -405,7 +424,7 @@ impl BlockKind {
             ))
         };
         let t = mounts::table(&self.os)?;
-        let top = mountinfo::at(&t, path)
+        let top = mounts::at(&self.os, &t, path)
             .last()
             .copied()
             .ok_or_else(not_here)?;

@@ -36,7 +36,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
 use crate::os::bounded::Bounded;
-use crate::os::mountinfo::{self, MountEntry};
+use crate::os::mountinfo::MountEntry;
 use crate::os::{nfsmount, FsUsage, Os, OsError};
 use crate::state::{AccessMode, AccessType, Capability, Kind, Phase, VolumeRecord};
 
@@ -419,7 +419,7 @@ impl VolumeKind for NfsKind {
     fn node_expand(&self, rec: &VolumeRecord, args: &NodeExpandArgs<'_>) -> Result<i64> {
         let vid = self.parse_id(&rec.id)?;
         let t = mounts::table(&self.os)?;
-        let here = mountinfo::at(&t, args.volume_path)
+        let here = mounts::at(&self.os, &t, args.volume_path)
             .last()
             .is_some_and(|m| is_nfs(m) && same_source(&m.source, &vid.source()));
         if !here {
@@ -532,13 +532,18 @@ impl VolumeKind for NfsKind {
         Ok(())
     }
 
+    /// NFS volumes are never staged: nothing to undo.
+    fn unstage_path(&self, _id: &str, _staging: &Path) -> Result<()> {
+        Ok(())
+    }
+
     fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
         self.check_capability(a.capability)?;
         let vid = self.parse_id(&rec.id)?;
         self.publish_nfs(&vid, a.target, a.capability, a.readonly)
     }
 
-    fn unpublish(&self, _rec: &VolumeRecord, target: &Path) -> Result<()> {
+    fn unpublish(&self, target: &Path) -> Result<()> {
         self.unmount_target(target)?;
         mounts::remove_target(&self.os, target)
     }

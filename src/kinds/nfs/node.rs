@@ -7,7 +7,6 @@ use super::id::VolumeId;
 use super::{is_nfs, node_options, same_source, Health, NfsKind, Probe, VolumeStats};
 use crate::error::{Error, Result};
 use crate::node::mounts;
-use crate::os::mountinfo;
 use crate::os::nfsmount::{self, Unmount};
 use crate::os::OsError;
 use crate::state::Capability;
@@ -27,7 +26,7 @@ impl NfsKind {
         let ro = opts.iter().any(|o| o == "ro");
         let source = vid.source();
         let t = mounts::table(&self.os)?;
-        if let Some(top) = mountinfo::at(&t, target).last() {
+        if let Some(top) = mounts::at(&self.os, &t, target).last() {
             if !(is_nfs(top) && same_source(&top.source, &source) && top.readonly() == ro) {
                 return Err(Error::AlreadyExists(format!(
                     "target {} is already mounted with a different volume or read-only setting",
@@ -43,9 +42,13 @@ impl NfsKind {
             }
         }
         if cap.access_mode.single_target() {
+            let here: Vec<u32> = mounts::at(&self.os, &t, target)
+                .iter()
+                .map(|m| m.id)
+                .collect();
             let others: Vec<_> = t
                 .iter()
-                .filter(|m| is_nfs(m) && same_source(&m.source, &source) && m.mount_point != target)
+                .filter(|m| is_nfs(m) && same_source(&m.source, &source) && !here.contains(&m.id))
                 .map(|m| m.mount_point.display().to_string())
                 .collect();
             if !others.is_empty() {
@@ -66,7 +69,7 @@ impl NfsKind {
     pub(super) fn unmount_target(&self, path: &Path) -> Result<()> {
         for _ in 0..32 {
             let t = mounts::table(&self.os)?;
-            let at = mountinfo::at(&t, path);
+            let at = mounts::at(&self.os, &t, path);
             let Some(top) = at.last() else {
                 return Ok(());
             };
@@ -87,7 +90,7 @@ impl NfsKind {
     }
 
     fn mounts_at(&self, path: &Path) -> Result<usize> {
-        Ok(mountinfo::at(&mounts::table(&self.os)?, path).len())
+        Ok(mounts::at(&self.os, &mounts::table(&self.os)?, path).len())
     }
 
     /// Unmounts the top NFS mount at `path` (`before` mounts there now): a
@@ -141,7 +144,7 @@ impl NfsKind {
     pub(super) fn node_stats(&self, vid: &VolumeId, path: &Path) -> Result<(VolumeStats, Health)> {
         let t = mounts::table(&self.os)?;
         let source = vid.source();
-        let here = mountinfo::at(&t, path)
+        let here = mounts::at(&self.os, &t, path)
             .last()
             .is_some_and(|m| is_nfs(m) && same_source(&m.source, &source));
         if !here {

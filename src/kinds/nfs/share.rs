@@ -31,7 +31,6 @@ use super::{is_nfs, same_source, NfsKind, Probe};
 use crate::error::{Error, Result};
 use crate::node::mounts;
 use crate::os::files::{Files, Open};
-use crate::os::mountinfo;
 use crate::os::{nfsmount, OsError};
 
 /// The marker file in every volume directory Berth makes.
@@ -548,7 +547,7 @@ impl NfsKind {
         let t = mounts::table(&self.os)?;
         for opts in sets {
             let mp = self.work_dir(vid, opts);
-            if let Some(top) = mountinfo::at(&t, &mp).last() {
+            if let Some(top) = mounts::at(&self.os, &t, &mp).last() {
                 if !is_nfs(top) || !same_source(&top.source, &source) {
                     return Err(Error::Internal(format!(
                         "{} holds {} instead of {source}",

@@ -43,10 +43,10 @@ for def in local block; do
   log=$out/$what-$def.log
   rm -rf "$out/report-$what-$def"
   # three parallel processes: the specs mostly wait for pods and volumes
-  "$K8S_BIN/ginkgo" --procs="${E2E_PROCS:-3}" --focus="$FOCUS" --skip="$SKIP" --no-color --timeout=3h \
+  "$K8S_BIN/ginkgo" --procs="${E2E_PROCS:-3}" --focus="$FOCUS" --skip="$SKIP" --no-color --timeout="${E2E_TIMEOUT:-2h}" \
     --output-dir="$out/report-$what-$def" --junit-report=junit.xml \
     "$K8S_BIN/e2e.test" -- -kubeconfig="$KUBECONFIG_FILE" -storage.testdriver="$CLUSTER_DIR/e2e/$def.yaml" \
-    -disable-log-dump > "$log" 2>&1
+    -disable-log-dump -node-schedulable-timeout=2m > "$log" 2>&1
   rc=$?
   # passed, failed and skipped specs of the focus (specs the focus never
   # selected are not counted), with the reason of each skip and failure

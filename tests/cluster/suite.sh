@@ -51,8 +51,11 @@ diag() { # what the cluster shows about the test namespace, for a failure
     $K -n "$NS" get events --sort-by=.lastTimestamp 2>&1 | tail -15 | sed 's/^/  /'
     echo "  --- berth pods"
     $K -n berth-system get pods -o wide 2>&1 | sed 's/^/  /'
+    echo "  --- node $NODE: taints and conditions"
+    $K describe node "$NODE" 2>&1 | sed -n '/^Taints:/,/^Addresses:/p' | sed 's/^/  /'
   } >&2
 }
+node_taints() { $K get node "$NODE" -o jsonpath='{range .spec.taints[*]}{.key}:{.effect} {end}'; }
 
 # A PVC; access mode, volume mode and storage class as given.
 pvc() { # name storageclass size [accessMode] [volumeMode]
@@ -467,7 +470,13 @@ run_one() { # test: writes $RESULTS/<test>.{rc,out}
   local t=$1 t0=$SECONDS rc
   NS=berth-t-${t//_/-}
   $K create namespace "$NS" > /dev/null
-  "t_$t" > "$RESULTS/$t.stdout" 2> "$RESULTS/$t.err"; rc=$?
+  local taints; taints=$(node_taints)
+  if [ -n "$taints" ]; then
+    # no pod of this test could be scheduled: fail now, not after a timeout
+    echo "  node $NODE is tainted ($taints): test not run" > "$RESULTS/$t.err"; rc=1
+  else
+    "t_$t" > "$RESULTS/$t.stdout" 2> "$RESULTS/$t.err"; rc=$?
+  fi
   [ $rc = 0 ] || [ $rc = 2 ] || diag 2>> "$RESULTS/$t.err"
   $K delete namespace "$NS" --wait=true --timeout=120s > /dev/null 2>&1 \
     || echo "  (namespace $NS not deleted in 120 s)" >> "$RESULTS/$t.err"

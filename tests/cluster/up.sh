@@ -122,7 +122,11 @@ clusterDomain: cluster.local
 resolvConf: /etc/resolv.conf
 protectKernelDefaults: false
 serializeImagePulls: false
-evictionHard: {memory.available: "100Mi", nodefs.available: "2%", imagefs.available: "2%", nodefs.inodesFree: "2%"}
+# Absolute floors, not percentages: on a large disk that CI's builds have
+# nearly filled, "2%" is gigabytes, the node is tainted with DiskPressure and
+# no test pod is ever scheduled. Every signal is listed: one left out gets
+# kubelet's default (10-15%).
+evictionHard: {memory.available: "100Mi", nodefs.available: "256Mi", imagefs.available: "256Mi", containerfs.available: "256Mi", nodefs.inodesFree: "1%", imagefs.inodesFree: "1%", containerfs.inodesFree: "1%"}
 imageGCHighThresholdPercent: 99
 imageGCLowThresholdPercent: 98
 CONF
@@ -206,6 +210,18 @@ start kube-proxy env XTABLES_LIBDIR="$XTABLES_LIBDIR" LD_LIBRARY_PATH="$DEBROOT/
 
 waitfor 180 "node $NODE" sh -c "'$K8S_BIN/kubectl' --kubeconfig '$KUBECONFIG_FILE' get node '$NODE' -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -q True"
 waitfor 60 "default service account" kubectl_ -n default get serviceaccount default
+# A taint (DiskPressure, MemoryPressure, ...) keeps every test pod Pending:
+# fail here, saying why, instead of in every test after minutes of waiting.
+untainted() { [ -z "$(kubectl_ get node "$NODE" -o jsonpath='{.spec.taints}')" ]; }
+t=$SECONDS
+until untainted; do
+  if [ $((SECONDS - t)) -ge 60 ]; then
+    kubectl_ describe node "$NODE" | sed -n '/^Taints:/,/^Addresses:/p' >&2
+    df -h / "$KUBELET_ROOT" 2>/dev/null >&2
+    die "node $NODE is still tainted after 60 s: no test pod could be scheduled"
+  fi
+  sleep 1
+done
 say "cluster up in $((SECONDS - t_up)) s (Kubernetes $K8S_VERSION, kubelet root $KUBELET_ROOT)"
 
 if [ "$INSTALL" != none ]; then

@@ -21,6 +21,14 @@
 #      /var/cache/berth-k8s and torn down afterwards
 # and checks that no mount or loop device was leaked. Fails on the first
 # failing stage; prints "N passed, M failed" for the stages at the end.
+#
+# Two tracks run at once once the unit tests pass, on this 2-core machine's
+# otherwise idle time: the cluster stage mostly waits for pods, and the
+# guests mostly use one core. Track "host" (the release build, the README
+# walkthrough, csi-sanity, benches, both full-kernel guests) runs in the
+# background, its output kept in a log that is printed when it ends; the
+# cluster track runs in the foreground. A failure in either fails the run.
+#   run-all.sh --track host   that track alone (what the background runs)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -41,13 +49,31 @@ stage() {
   fi
 }
 
+host_track() {
+  stage "build (release)" cargo build --release --locked --bins --examples
+  stage "README walkthrough" tests/walkthrough.sh
+  stage "csi-sanity local" csi-sanity/run.sh local
+  stage "csi-sanity block-raw" csi-sanity/run.sh block-raw
+  stage "csi-sanity block-ext4" csi-sanity/run.sh block-ext4
+  stage "csi-sanity block-xfs" csi-sanity/run.sh block-xfs
+  stage "berth bench against a CSI driver that is not Berth" tests/foreign/run.sh
+  stage "berth bench against berth (bench/run.sh --quick; numbers printed, not asserted)" bench/run.sh --quick
+  stage "root block tests in the full-kernel guest" tests/vm-block.sh
+  stage "NFS volumes in the full-kernel guest" tests/vm/nfs.sh
+  echo "$PASSED $FAILED" > "${TRACK_RESULT:-/dev/null}"
+}
+if [ "${1:-}" = --track ]; then
+  [ "${2:-}" = host ] || { echo "usage: run-all.sh [--track host]"; exit 2; }
+  host_track
+  exit 0
+fi
+
 mounts_before=$(wc -l </proc/self/mountinfo)
 loops_before=$(losetup -a 2>/dev/null | wc -l)
 
 stage "install dependencies" tests/install-deps.sh
 stage "cargo fmt" cargo fmt --check
 stage "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
-stage "build (release)" cargo build --release --locked --bins --examples
 stage "unit, handler and binary tests" cargo test --locked
 stage "root integration tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_local --test root_multinode -- --ignored --test-threads=4
@@ -55,17 +81,43 @@ stage "root block tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_block -- --ignored --test-threads=4
 stage "root snapshot tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_snapshots -- --ignored --test-threads=2
-stage "root block tests in the full-kernel guest" tests/vm-block.sh
-stage "README walkthrough" tests/walkthrough.sh
-stage "csi-sanity local" csi-sanity/run.sh local
-stage "csi-sanity block-raw" csi-sanity/run.sh block-raw
-stage "csi-sanity block-ext4" csi-sanity/run.sh block-ext4
-stage "csi-sanity block-xfs" csi-sanity/run.sh block-xfs
-stage "NFS volumes in the full-kernel guest" tests/vm/nfs.sh
-stage "berth bench against a CSI driver that is not Berth" tests/foreign/run.sh
-stage "berth bench against berth (bench/run.sh --quick; numbers printed, not asserted)" bench/run.sh --quick
+
+# the host track in the background, in a process group of its own so that
+# it is stopped (its traps clean up) if this script ends first
+TRACK_DIR=$(mktemp -d /tmp/berth-run-all.XXXXXX)
+TRACK_PID=
+stop_track() {
+  if [ -n "$TRACK_PID" ] && kill -0 "$TRACK_PID" 2>/dev/null; then
+    echo "run-all: stopping the host track"
+    kill -TERM -- "-$TRACK_PID" 2>/dev/null
+    wait "$TRACK_PID" 2>/dev/null
+    echo "--- host track output (stopped)"; cat "$TRACK_DIR/log"
+  fi
+  rm -rf "$TRACK_DIR"
+}
+trap stop_track EXIT
+TRACK_RESULT=$TRACK_DIR/result setsid "$0" --track host > "$TRACK_DIR/log" 2>&1 < /dev/null &
+TRACK_PID=$!
+echo
+echo "=== host track started in the background (release build, walkthrough, csi-sanity, benches, guests); its output follows the cluster's"
+
 stage "manifest validation" bash tests/manifests/validate.sh
 stage "Berth in a real Kubernetes cluster (tests/cluster/run.sh)" tests/cluster/run.sh
+
+track_done() {
+  local t0=$SECONDS rc=0
+  wait "$TRACK_PID" || rc=$?
+  TRACK_PID=
+  echo "(waited $((SECONDS - t0)) s for the host track)"
+  echo "--- host track output"
+  cat "$TRACK_DIR/log"
+  echo "--- end of host track output"
+  local p f
+  read -r p f < "$TRACK_DIR/result" 2>/dev/null || { p=0; f=1; }
+  PASSED=$((PASSED + p)); FAILED=$((FAILED + f))
+  [ "$rc" = 0 ] && [ "$f" = 0 ] && [ -s "$TRACK_DIR/result" ]
+}
+stage "host track (its stages above)" track_done
 
 mounts_after=$(wc -l </proc/self/mountinfo)
 loops_after=$(losetup -a 2>/dev/null | wc -l)

@@ -282,22 +282,36 @@ t_wffc_local_volume() {
 }
 
 # 3. Block: ext4 and xfs on block, raw block, online xfs expansion.
+# block_write_read ext4|xfs|raw: a pod writes, a new pod reads the same bytes
+block_write_read() {
+  local v=$1 sum1 sum2
+  if [ "$v" = raw ]; then
+    sum1=$(run_pod w-raw raw 'head -c 8388608 /dev/urandom > /tmp/p && dd if=/tmp/p of=/dev/xvda bs=1M conv=fsync 2> /dev/null && md5sum /tmp/p | cut -d" " -f1; [ -b /dev/xvda ] && echo blockdev' block) || return 1
+    [ "$(echo "$sum1" | sed -n 2p)" = blockdev ] || fail "/dev/xvda is not a block device in the pod" || return 1
+    sum2=$(run_pod r-raw raw 'dd if=/dev/xvda bs=1M count=8 2> /dev/null | md5sum | cut -d" " -f1' block) || return 1
+  else
+    sum1=$(run_pod "w-$v" "$v" 'head -c 4194304 /dev/urandom > /data/blob && sync && md5sum /data/blob | cut -d" " -f1; grep " /data " /proc/mounts | cut -d" " -f3') || return 1
+    [ "$(echo "$sum1" | sed -n 2p)" = "$v" ] || fail "/data in the pod is '$(echo "$sum1" | sed -n 2p)', not $v" || return 1
+    sum2=$(run_pod "r-$v" "$v" 'md5sum /data/blob | cut -d" " -f1') || return 1
+  fi
+  [ "$(echo "$sum1" | head -1)" = "$sum2" ] || fail "$v: read $sum2, wrote $(echo "$sum1" | head -1)" || return 1
+}
 t_block_volumes() {
-  local sum1 sum2 pv h size
+  local pv h size
   storageclass "berth-t-xfs-$SUFFIX" block Delete '  csi.storage.k8s.io/fstype: xfs'
   pvc ext4 berth-block 64Mi
   pvc xfs "berth-t-xfs-$SUFFIX" 320Mi
   pvc raw berth-block 32Mi ReadWriteOnce Block
-  for v in ext4 xfs; do
-    sum1=$(run_pod "w-$v" "$v" 'head -c 4194304 /dev/urandom > /data/blob && sync && md5sum /data/blob | cut -d" " -f1; grep " /data " /proc/mounts | cut -d" " -f3') || return 1
-    [ "$(echo "$sum1" | sed -n 2p)" = "$v" ] || fail "/data in the pod is '$(echo "$sum1" | sed -n 2p)', not $v" || return 1
-    sum2=$(run_pod "r-$v" "$v" 'md5sum /data/blob | cut -d" " -f1') || return 1
-    [ "$(echo "$sum1" | head -1)" = "$sum2" ] || fail "$v: read $sum2, wrote $(echo "$sum1" | head -1)" || return 1
+  # the three volumes are written and read at the same time, each by its
+  # own pair of pods
+  local pids=() v rc=0
+  for v in ext4 xfs raw; do
+    block_write_read "$v" 2> "$RESULTS/block-$v-$NS.err" &
+    pids+=($!)
   done
-  sum1=$(run_pod w-raw raw 'head -c 8388608 /dev/urandom > /tmp/p && dd if=/tmp/p of=/dev/xvda bs=1M conv=fsync 2> /dev/null && md5sum /tmp/p | cut -d" " -f1; [ -b /dev/xvda ] && echo blockdev' block) || return 1
-  [ "$(echo "$sum1" | sed -n 2p)" = blockdev ] || fail "/dev/xvda is not a block device in the pod" || return 1
-  sum2=$(run_pod r-raw raw 'dd if=/dev/xvda bs=1M count=8 2> /dev/null | md5sum | cut -d" " -f1' block) || return 1
-  [ "$(echo "$sum1" | head -1)" = "$sum2" ] || fail "raw: read $sum2, wrote $(echo "$sum1" | head -1)" || return 1
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  cat "$RESULTS"/block-*-"$NS".err >&2
+  [ $rc = 0 ] || return 1
   # online expansion of xfs in a running pod
   pod grow xfs 'while :; do df -k /data | awk "NR == 2 {print \$2}" > /tmp/size; sleep 1; done'
   wait_for "$TIMEOUT" "pod grow Running" pod_ready grow || return 1

@@ -22,9 +22,9 @@
 # and checks that no mount or loop device was leaked. Fails on the first
 # failing stage; prints "N passed, M failed" for the stages at the end.
 #
-# Two tracks run at once once the unit tests pass, on this 2-core machine's
-# otherwise idle time: the cluster stage mostly waits for pods, and the
-# guests mostly use one core. Track "host" (the release build, the README
+# Two tracks run at once once clippy passes, on this 2-core machine's
+# otherwise idle time: the release build's link is one thread, the cluster
+# stage mostly waits for pods, and each guest uses one core. Track "host" (the release build, the README
 # walkthrough, csi-sanity, benches, both full-kernel guests) runs in the
 # background, its output kept in a log that is printed when it ends; the
 # cluster track runs in the foreground. A failure in either fails the run.
@@ -74,14 +74,6 @@ loops_before=$(losetup -a 2>/dev/null | wc -l)
 stage "install dependencies" tests/install-deps.sh
 stage "cargo fmt" cargo fmt --check
 stage "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
-stage "unit, handler and binary tests" cargo test --locked
-stage "root integration tests" unshare --mount --propagation private -- \
-  cargo test --locked --test root_local --test root_multinode -- --ignored --test-threads=4
-stage "root block tests" unshare --mount --propagation private -- \
-  cargo test --locked --test root_block -- --ignored --test-threads=4
-stage "root snapshot tests" unshare --mount --propagation private -- \
-  cargo test --locked --test root_snapshots -- --ignored --test-threads=2
-
 # the host track in the background, in a process group of its own so that
 # it is stopped (its traps clean up) if this script ends first
 TRACK_DIR=$(mktemp -d /tmp/berth-run-all.XXXXXX)
@@ -100,6 +92,14 @@ TRACK_RESULT=$TRACK_DIR/result setsid "$0" --track host > "$TRACK_DIR/log" 2>&1 
 TRACK_PID=$!
 echo
 echo "=== host track started in the background (release build, walkthrough, csi-sanity, benches, guests); its output follows the cluster's"
+
+stage "unit, handler and binary tests" cargo test --locked
+stage "root integration tests" unshare --mount --propagation private -- \
+  cargo test --locked --test root_local --test root_multinode -- --ignored --test-threads=4
+stage "root block tests" unshare --mount --propagation private -- \
+  cargo test --locked --test root_block -- --ignored --test-threads=4
+stage "root snapshot tests" unshare --mount --propagation private -- \
+  cargo test --locked --test root_snapshots -- --ignored --test-threads=2
 
 stage "manifest validation" bash tests/manifests/validate.sh
 stage "Berth in a real Kubernetes cluster (tests/cluster/run.sh)" tests/cluster/run.sh

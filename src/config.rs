@@ -61,63 +61,55 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI services (the default when no subcommand is given).
     Serve,
-    /// Benchmark any CSI endpoint (given by --endpoint).
+    /// Benchmark any CSI endpoint (given by --endpoint); the driver's
+    /// flags do not apply.
     Bench(crate::bench::BenchArgs),
-    /// Operator tools for the state directory: check, export, repair.
+    /// Operator tools for the state directory: check, export, repair. The
+    /// driver's flags (or their environment) come before `state`:
+    /// `berth --data-dir /var/lib/berth state check`.
     State(crate::state::tools::StateArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// CSI endpoint, unix:// only. Default: unix://<data-dir>/csi.sock.
-    #[arg(long, env = "CSI_ENDPOINT", global = true)]
+    #[arg(long, env = "CSI_ENDPOINT")]
     pub endpoint: Option<String>,
 
     /// This node's id. Default: $NODE_ID, then $KUBE_NODE_NAME, then the host name.
-    #[arg(long, env = "NODE_ID", global = true)]
+    #[arg(long, env = "NODE_ID")]
     pub node_id: Option<String>,
 
     /// CSI driver name (at most 63 characters, starts and ends with a letter).
-    #[arg(long, env = "BERTH_DRIVER_NAME", default_value = "berth.csi.io", value_parser = parse_driver_name, global = true)]
+    #[arg(long, env = "BERTH_DRIVER_NAME", default_value = "berth.csi.io", value_parser = parse_driver_name)]
     pub driver_name: String,
 
     /// Which CSI services to serve.
-    #[arg(
-        long,
-        env = "BERTH_MODE",
-        value_enum,
-        default_value = "all",
-        global = true
-    )]
+    #[arg(long, env = "BERTH_MODE", value_enum, default_value = "all")]
     pub mode: Mode,
 
     /// Volume kinds this instance serves (comma separated).
-    #[arg(long, env = "BERTH_KINDS", value_delimiter = ',', default_value = "local", value_parser = parse_kind, global = true)]
+    #[arg(long, env = "BERTH_KINDS", value_delimiter = ',', default_value = "local", value_parser = parse_kind)]
     pub kinds: Vec<Kind>,
 
     /// Base directory for the defaults of --state-dir, --local-root, --block-root and the endpoint.
-    #[arg(
-        long,
-        env = "BERTH_DATA_DIR",
-        default_value = "/var/lib/berth",
-        global = true
-    )]
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth")]
     pub data_dir: PathBuf,
 
     /// Where volume records are kept. Default: <data-dir>/state.
-    #[arg(long, env = "BERTH_STATE_DIR", global = true)]
+    #[arg(long, env = "BERTH_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
     /// Where local directory volumes live. Default: <data-dir>/local.
-    #[arg(long, env = "BERTH_LOCAL_ROOT", global = true)]
+    #[arg(long, env = "BERTH_LOCAL_ROOT")]
     pub local_root: Option<PathBuf>,
 
     /// Where loop-backed block volume files live. Default: <data-dir>/block.
-    #[arg(long, env = "BERTH_BLOCK_ROOT", global = true)]
+    #[arg(long, env = "BERTH_BLOCK_ROOT")]
     pub block_root: Option<PathBuf>,
 
     /// Whole disks offered as volumes (device paths or globs, comma separated).
-    #[arg(long, env = "BERTH_DISK_POOL", value_delimiter = ',', global = true)]
+    #[arg(long, env = "BERTH_DISK_POOL", value_delimiter = ',')]
     pub disk_pool: Vec<String>,
 
     /// How DeleteVolume erases a disk of the disk pool before it is free
@@ -127,7 +119,6 @@ pub struct Config {
         env = "BERTH_DISK_WIPE",
         value_enum,
         default_value_t = DiskWipe::Zero,
-        global = true
     )]
     pub disk_wipe: DiskWipe,
 
@@ -139,54 +130,37 @@ pub struct Config {
         env = "BERTH_NFS_TIMEOUT",
         default_value_t = 30,
         value_parser = clap::value_parser!(u64).range(1..=3600),
-        global = true
     )]
     pub nfs_timeout: u64,
 
     /// NFS exports Berth may use, comma separated: `server:/path` or
     /// `/path` (any server); a share at or below a listed path is allowed.
     /// Empty: any share except `/`, which must be listed explicitly.
-    #[arg(long, env = "BERTH_NFS_ALLOWED_SHARES", value_delimiter = ',', value_parser = parse_allowed_share, global = true)]
+    #[arg(long, env = "BERTH_NFS_ALLOWED_SHARES", value_delimiter = ',', value_parser = parse_allowed_share)]
     pub nfs_allowed_shares: Vec<AllowedShare>,
 
     /// Maximum volumes published on this node (0 = no limit).
-    #[arg(
-        long,
-        env = "BERTH_MAX_VOLUMES_PER_NODE",
-        default_value_t = 0,
-        global = true
-    )]
+    #[arg(long, env = "BERTH_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
     pub max_volumes_per_node: i64,
 
     /// Group that may use the socket (mode 0660); without it the socket is 0600.
-    #[arg(long, env = "BERTH_SOCKET_GROUP", global = true)]
+    #[arg(long, env = "BERTH_SOCKET_GROUP")]
     pub socket_group: Option<String>,
 
     /// Log format.
-    #[arg(
-        long,
-        env = "BERTH_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
     /// Log level or tracing filter (e.g. info, debug, berth=trace).
-    #[arg(long, env = "BERTH_LOG_LEVEL", default_value = "info", global = true)]
+    #[arg(long, env = "BERTH_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
     /// Address for /metrics and /healthz (off when unset).
-    #[arg(long, env = "BERTH_METRICS_ADDRESS", global = true)]
+    #[arg(long, env = "BERTH_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
 
     /// Seconds to wait for in-flight calls on SIGTERM/SIGINT before exiting.
-    #[arg(
-        long,
-        env = "BERTH_SHUTDOWN_TIMEOUT",
-        default_value_t = 10,
-        global = true
-    )]
+    #[arg(long, env = "BERTH_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
 }
 

@@ -35,11 +35,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let endpoint = cfg
-                .endpoint
-                .clone()
-                .unwrap_or_else(|| format!("unix://{}", cfg.data_dir.join("csi.sock").display()));
-            let code = rt.block_on(berth::bench::run(&endpoint, args))?;
+            let code = rt.block_on(berth::bench::run(args))?;
             std::process::exit(code);
         }
         Command::State(args) => {

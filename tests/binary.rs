@@ -139,6 +139,36 @@ fn version_flag() {
     );
 }
 
+/// `berth bench --help` lists the bench's own flags, not the driver's, and
+/// the driver's flags after `bench` are refused instead of ignored.
+#[test]
+fn bench_help_lists_only_the_bench_flags() {
+    let out = Command::new(BIN)
+        .args(["bench", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--endpoint"), "{help}");
+    for driver_flag in [
+        "--data-dir",
+        "--kinds",
+        "--disk-pool",
+        "--nfs-allowed-shares",
+        "--mode",
+    ] {
+        assert!(!help.contains(driver_flag), "{driver_flag} in {help}");
+    }
+    let out = Command::new(BIN)
+        .args(["bench", "--data-dir", "/tmp", "floor"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // The driver's help still lists them.
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--data-dir"));
+}
+
 #[test]
 fn bad_flags_are_refused() {
     for args in [

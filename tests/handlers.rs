@@ -978,12 +978,12 @@ async fn publish_binds_readonly_once_and_detects_conflicts() {
         .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
         .await;
     assert_eq!(code(r), Code::AlreadyExists);
-    // No staging path.
+    // No staging path: a required field missing.
     let mut r = publish_req(&id, &staging, &h.path("t2"), false);
     r.staging_target_path.clear();
     assert_eq!(
         code(h.node.node_publish_volume(Request::new(r)).await),
-        Code::FailedPrecondition
+        Code::InvalidArgument
     );
     // Not staged there.
     let r = publish_req(&id, &h.path("elsewhere"), &h.path("t2"), false);

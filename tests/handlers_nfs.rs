@@ -1092,7 +1092,7 @@ async fn mixed_instance_stages_nfs_as_a_no_op_and_publishes_at_the_target() {
     p.staging_target_path.clear();
     assert_eq!(
         code(h.node.node_publish_volume(Request::new(p)).await),
-        Code::FailedPrecondition
+        Code::InvalidArgument
     );
     delete(&h, &id).await.unwrap();
 }

@@ -7,7 +7,10 @@
 //! - `startup`: spawns berth and measures the time to its first Probe answer
 //!   and its idle RSS;
 //! - `snapshot`: snapshot and restore of one volume holding data, against
-//!   tar.
+//!   tar;
+//! - `floor`: what the machine allows for the operations a lifecycle is
+//!   made of, so other measures can be given as a ratio to it.
+pub mod floor;
 pub mod lifecycle;
 pub mod report;
 pub mod rss;
@@ -24,6 +27,13 @@ use crate::csi::v1::volume_capability::access_mode::Mode;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// The CSI endpoint to drive, unix:// only.
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///var/lib/berth/csi.sock"
+    )]
+    pub endpoint: String,
     #[command(subcommand)]
     pub mode: BenchMode,
 }
@@ -38,6 +48,9 @@ pub enum BenchMode {
     Startup(startup::StartupArgs),
     /// Snapshot and restore one volume holding data, against tar.
     Snapshot(snapshot::SnapshotArgs),
+    /// This machine's floor: bind/unmount, durable append, mkdir/rmdir,
+    /// directory flush (no driver needed; needs root).
+    Floor(floor::FloorArgs),
 }
 
 /// What every mode needs to build requests.
@@ -104,12 +117,14 @@ impl VolumeArgs {
 }
 
 /// Runs a bench mode; returns the process exit code.
-pub async fn run(endpoint: &str, args: BenchArgs) -> anyhow::Result<i32> {
+pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    let endpoint = args.endpoint.as_str();
     match args.mode {
         BenchMode::Lifecycle(a) => lifecycle::run(endpoint, a).await,
         BenchMode::Scale(a) => scale::run(endpoint, a).await,
         BenchMode::Startup(a) => startup::run(endpoint, a).await,
         BenchMode::Snapshot(a) => snapshot::run(endpoint, a).await,
+        BenchMode::Floor(a) => floor::run(a),
     }
 }
 

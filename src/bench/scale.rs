@@ -47,6 +47,11 @@ pub struct ScaleReport {
     pub list_total_ms: f64,
     pub list_page: OpSummary,
     pub delete_per_second: Option<f64>,
+    /// Whether ListVolumes paged correctly: every volume created was
+    /// listed, and no page was larger than asked.
+    pub paging_ok: bool,
+    pub list_missing: usize,
+    pub list_overfull_pages: usize,
 }
 
 async fn create_one(
@@ -125,6 +130,8 @@ pub async fn run(endpoint: &str, a: ScaleArgs) -> anyhow::Result<i32> {
     let mut token = String::new();
     let mut entries = 0;
     let mut n_pages = 0;
+    let mut listed = std::collections::HashSet::new();
+    let mut overfull = 0;
     let t_list = Instant::now();
     loop {
         let t = Instant::now();
@@ -139,12 +146,24 @@ pub async fn run(endpoint: &str, a: ScaleArgs) -> anyhow::Result<i32> {
         pages.add("ListVolumes page", t.elapsed());
         n_pages += 1;
         entries += r.entries.len();
+        if a.page_size > 0 && r.entries.len() > a.page_size as usize {
+            overfull += 1;
+        }
+        listed.extend(
+            r.entries
+                .iter()
+                .filter_map(|e| e.volume.as_ref().map(|v| v.volume_id.clone())),
+        );
         if r.next_token.is_empty() {
             break;
         }
         token = r.next_token;
     }
     let list_total = t_list.elapsed();
+    // Every volume created must be listed, no page may exceed max_entries
+    // (a driver that never returns a next token hides all but a page).
+    let missing = ids.iter().filter(|id| !listed.contains(*id)).count();
+    let paging_ok = missing == 0 && overfull == 0;
     let mut delete_per_second = None;
     if !a.keep {
         let t = Instant::now();
@@ -189,6 +208,9 @@ pub async fn run(endpoint: &str, a: ScaleArgs) -> anyhow::Result<i32> {
         list_total_ms: (list_total.as_secs_f64() * 1e6).round() / 1e3,
         list_page: pages.summary().remove(0),
         delete_per_second,
+        paging_ok,
+        list_missing: missing,
+        list_overfull_pages: overfull,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -206,6 +228,12 @@ pub async fn run(endpoint: &str, a: ScaleArgs) -> anyhow::Result<i32> {
             report.create_full.clone(),
             report.list_page.clone(),
         ]);
+        if !report.paging_ok {
+            println!(
+                "ListVolumes pages wrongly: {} of the volumes created were never listed, {} pages held more than the {} entries asked for",
+                report.list_missing, report.list_overfull_pages, a.page_size
+            );
+        }
         if let Some(d) = report.delete_per_second {
             println!("deleted everything at {d:.0} deletes/s");
         }

@@ -40,7 +40,9 @@ pub async fn handle(
             Some(s) => s.as_path(),
             None if !kind.node_local() => Path::new(""),
             None => {
-                return Err(Error::FailedPrecondition(
+                // A required field that is missing: INVALID_ARGUMENT, as for
+                // every other missing field.
+                return Err(Error::InvalidArgument(
                     "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)"
                         .into(),
                 ))

@@ -1,0 +1,132 @@
+#!/bin/bash
+# bench/compare.sh: Berth and the reference driver, csi-driver-host-path
+# v1.18.0, side by side with `berth bench`, on this machine, interleaved
+# (berth, host-path, berth, host-path, ...), same client, plus this
+# machine's floor (`berth bench floor`). Prints every measure of the
+# README's comparison table for both drivers, with their ratio, and Berth's
+# one-at-a-time lifecycle and NodePublish latency against the floor.
+# As root, in a private mount namespace, everything under one temp dir that
+# is removed. Never asserts timings: numbers depend on the machine, and
+# ratios are what count.
+#   bench/compare.sh [--quick]
+# Env: BERTH (default target/release/berth), HOSTPATH (a hostpathplugin
+# binary; default: built by bench/build-hostpath.sh), ROUNDS (default 3).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+B=${BERTH:-$ROOT/target/release/berth}
+if [ -z "${BERTH_IN_NS:-}" ]; then
+  exec env BERTH_IN_NS=1 unshare --mount --propagation private -- "$0" "$@"
+fi
+[ -x "$B" ] || { echo "compare.sh: no berth at $B (cargo build --release)"; exit 1; }
+HP=${HOSTPATH:-}
+[ -n "$HP" ] || HP=$("$ROOT/bench/build-hostpath.sh")
+[ -x "$HP" ] || { echo "compare.sh: no hostpathplugin at $HP"; exit 1; }
+QUICK=${1:-}
+N=1000; SCALE=10000; ROUNDS=${ROUNDS:-3}
+[ "$QUICK" = --quick ] && { N=100; SCALE=1000; ROUNDS=1; }
+W=$(mktemp -d /tmp/berth-compare.XXXXXX)
+PIDS=()
+cleanup() {
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  awk -v w="$W" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount 2>/dev/null
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+P=
+# start berth|hostpath DIR: the driver serving unix://DIR/csi.sock; sets P
+args_of() { # driver dir: the driver's own arguments, without the endpoint
+  case $1 in
+    berth) echo "--data-dir $2 --node-id bench-node --log-level warn" ;;
+    hostpath) echo "--nodeid bench-node --drivername hostpath.csi.k8s.io --statedir $2 --v=0" ;;
+  esac
+}
+bin_of() { case $1 in berth) echo "$B" ;; hostpath) echo "$HP" ;; esac; }
+start() {
+  local drv=$1 d=$2
+  mkdir -p "$d"
+  # shellcheck disable=SC2046
+  "$(bin_of "$drv")" $(args_of "$drv" "$d") --endpoint "unix://$d/csi.sock" > /dev/null 2> "$d.log" &
+  P=$!; PIDS+=("$P")
+  for _ in $(seq 500); do [ -S "$d/csi.sock" ] && return 0; sleep 0.01; done
+  echo "compare.sh: $drv did not open its socket; its log:"; tail -20 "$d.log"; exit 1
+}
+stop() { kill "$P" 2>/dev/null; wait "$P" 2>/dev/null || true; }
+bench() { # dir mode args...: berth bench against the driver at dir
+  local d=$1; shift
+  "$B" bench --endpoint "unix://$d/csi.sock" "$@"
+}
+rss_mib() { awk '/VmRSS/{printf "%.2f", $2/1024}' "/proc/$1/status"; }
+J=$W/results; mkdir -p "$J"
+# record name driver value
+record() { echo "$3" >> "$J/$1.$2"; }
+jget() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {"d": d}))' "$@"; }
+
+echo "## this machine's floor (no driver)"
+"$B" bench floor -n $((N * 2)) --work-dir "$W/floor" --json > "$J/floor.json"
+FLOOR_CPS=$(jget "$J/floor.json" 'round(d["lifecycle_floor_per_second"])')
+BIND_P99=$(jget "$J/floor.json" 'round([o for o in d["operations"] if o["op"].startswith("bind")][0]["p99_ms"] * 1000, 1)')
+echo "lifecycle floor: $FLOOR_CPS cycles/s one at a time; bind + unmount pair p99 $BIND_P99 us"
+
+for r in $(seq "$ROUNDS"); do
+  for drv in berth hostpath; do
+    echo "## round $r: $drv"
+    d=$W/$drv-$r
+    start "$drv" "$d/life"
+    bench "$d/life" lifecycle -n "$N" -c 16 --work-dir "$d/work16" --pid "$P" --json > "$J/l16.json"
+    record l16 "$drv" "$(jget "$J/l16.json" 'round(d["cycles_per_second"])')"
+    bench "$d/life" lifecycle -n "$((N / 2))" -c 1 --work-dir "$d/work1" --pid "$P" --json > "$J/l1-$drv-$r.json"
+    record l1 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round(d["cycles_per_second"])')"
+    record pub99 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round([o for o in d["operations"] if o["op"] == "NodePublishVolume"][0]["p99_ms"] * 1000, 1)')"
+    stop
+    # idle RSS of the process that made 1,000 volumes
+    start "$drv" "$d/k1"
+    bench "$d/k1" scale --volumes 1000 --sample 100 --keep --json > "$J/s1.json"
+    sleep 12  # berth's idle blocking threads exit after 10 s
+    record rss1k "$drv" "$(rss_mib "$P")"
+    stop
+    # 10,000 volumes: a fresh start's time to its first Probe and idle RSS
+    start "$drv" "$d/k10"
+    bench "$d/k10" scale --volumes "$SCALE" --sample 100 --keep --json > "$J/s10-$drv.json"
+    stop
+    # shellcheck disable=SC2046
+    bench "$d/k10" startup --berth "$(bin_of "$drv")" --settle-ms 3000 --json -- $(args_of "$drv" "$d/k10") > "$J/st.json"
+    record probe10k "$drv" "$(jget "$J/st.json" 'd["first_probe_ms"]')"
+    record rss10k "$drv" "$(jget "$J/st.json" 'round(d["idle_rss_kib"] / 1024, 2)')"
+    rm -rf "$d"
+  done
+done
+
+echo
+echo "## per-RPC breakdown, Berth, 1 in flight (last round)"
+jget "$J/l1-berth-$ROUNDS.json" '"\n".join("%-28s p50 %8.1f us  p99 %8.1f us" % (o["op"], o["p50_ms"] * 1000, o["p99_ms"] * 1000) for o in d["operations"])'
+echo
+for drv in berth hostpath; do
+  echo "ListVolumes paging of $drv: $(jget "$J/s10-$drv.json" '"correct" if d["paging_ok"] else "WRONG: %d of the volumes never listed, %d pages over the size asked" % (d["list_missing"], d["list_overfull_pages"])')"
+done
+echo
+echo "## Berth and host-path side by side (median of $ROUNDS rounds; host-path v1.18.0)"
+SCALE=$SCALE python3 - "$J" "$FLOOR_CPS" "$BIND_P99" <<'PY'
+import statistics, sys, os
+j, floor, bind99 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+def med(name, drv):
+    with open(os.path.join(j, "%s.%s" % (name, drv))) as f:
+        return statistics.median(float(x) for x in f.read().split())
+rows = [("lifecycle cycles/s, 16 in flight", "l16", True),
+        ("lifecycle cycles/s, 1 in flight", "l1", True),
+        ("NodePublish p99 us, 1 in flight", "pub99", False),
+        ("idle RSS MiB after 1,000 volumes", "rss1k", False),
+        ("idle RSS MiB, %s volumes, fresh start" % format(int(os.environ["SCALE"]), ","), "rss10k", False),
+        ("start-up to first Probe ms, %s volumes" % format(int(os.environ["SCALE"]), ","), "probe10k", False)]
+print("| measure | berth | host-path | berth / host-path |")
+print("|---|---|---|---|")
+for label, name, _ in rows:
+    b, h = med(name, "berth"), med(name, "hostpath")
+    print("| %s | %g | %g | %.2f |" % (label, b, h, b / h if h else float("nan")))
+l1 = med("l1", "berth")
+p99 = med("pub99", "berth")
+print()
+print("Berth, 1 in flight: %.0f cycles/s = %.2f of the floor (%.0f cycles/s)" % (l1, l1 / floor, floor))
+print("Berth NodePublish p99 %.0f us = %.2f x a bare bind + unmount pair's p99 (%.0f us)" % (p99, p99 / bind99, bind99))
+PY

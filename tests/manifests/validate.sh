@@ -25,6 +25,7 @@ K8S_VERSIONS=(1.33.0 1.37.0)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT" || exit 1
 TOOLS="$ROOT/target/tools"
+SHARED_TOOLS="${BERTH_K8S_CACHE:-/var/cache/berth-k8s}/tools"
 OUT="$ROOT/target/manifests"
 mkdir -p "$TOOLS/bin" "$OUT"
 RESULTS="$OUT/shell-results.txt"
@@ -73,11 +74,22 @@ go_tool() { # go_tool NAME STAMP PACKAGE@VERSION
   if [[ -x "$TOOLS/bin/$name" && -f "$TOOLS/bin/.$name-$stamp" ]]; then
     return 0
   fi
+  # The test cluster's tool cache (tests/cluster/build.sh tools) holds the
+  # same versions: one build serves both, and survives a fresh clone.
+  local shared=$SHARED_TOOLS/$name-$stamp
+  if [[ -x "$shared" ]]; then
+    cp "$shared" "$TOOLS/bin/$name.tmp" && mv "$TOOLS/bin/$name.tmp" "$TOOLS/bin/$name"
+    rm -f "$TOOLS/bin/.$name-"*; touch "$TOOLS/bin/.$name-$stamp"
+    return 0
+  fi
   go_ok || { fail "install $name $stamp" "needs Go >= 1.26 on PATH (found: $(go version 2>/dev/null || echo none))"; return 1; }
   log "building $name $stamp (go install $pkg)"
   if GOBIN="$TOOLS/bin" GOTOOLCHAIN=local GOFLAGS=-mod=mod go install "$pkg" >"$OUT/go-install-$name.log" 2>&1; then
     rm -f "$TOOLS/bin/.$name-"*
     touch "$TOOLS/bin/.$name-$stamp"
+    if mkdir -p "$SHARED_TOOLS" 2>/dev/null; then
+      cp "$TOOLS/bin/$name" "$shared.tmp.$$" && mv "$shared.tmp.$$" "$shared"
+    fi
   else
     fail "install $name $stamp" "go install $pkg failed, see $OUT/go-install-$name.log"
     return 1

@@ -46,6 +46,15 @@ pub async fn serve<T, F>(
 where
     F: Future<Output = Result<T, Error>>,
 {
+    // Only an id that passed validation goes into the span (and so into
+    // every log line of the call); anything else is named by its length.
+    let shown;
+    let volume_id = if volume_id.is_empty() || crate::validate::volume_id(volume_id).is_ok() {
+        volume_id
+    } else {
+        shown = format!("<invalid id, {} bytes>", volume_id.len());
+        shown.as_str()
+    };
     let span = tracing::info_span!("rpc", method, volume_id = %volume_id);
     let _count = InFlight::start();
     async move {

@@ -628,6 +628,53 @@ async fn secrets_never_reach_logs_or_errors() {
     assert!(!log.contains(SENTINEL), "secret in the log");
 }
 
+/// A volume id far over the spec's 128 bytes is refused, and never reaches
+/// a log line: the call's span names only its length.
+#[tokio::test]
+async fn an_oversized_volume_id_is_refused_and_not_logged() {
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &["--log-level", "trace", "--log-format", "json"]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let huge = format!("local-{}", "Q".repeat(1 << 20));
+    let e = c
+        .controller
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: huge.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().len() < 1000, "the error echoes the id");
+    let e = c
+        .node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: huge.clone(),
+            target_path: d.path().join("t").display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    // a valid id still shows in the span
+    let _ = c
+        .controller
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: "local-visible-id".into(),
+            secrets: HashMap::new(),
+        })
+        .await;
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    assert!(
+        log.contains("<invalid id, 1048582 bytes>"),
+        "no span for the call"
+    );
+    assert!(log.contains("local-visible-id"), "valid ids are logged");
+    assert!(
+        !log.contains(&"Q".repeat(129)),
+        "the oversized id reached the log"
+    );
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();

@@ -35,13 +35,33 @@ fn mode_to_proto(m: AccessMode) -> Mode {
     }
 }
 
+/// The most capabilities one request may list (there are 2 access types
+/// and 7 access modes).
+pub const MAX_CAPABILITIES: usize = 32;
+/// The most mount flags one capability may carry.
+pub const MAX_MOUNT_FLAGS: usize = 64;
+
 /// One capability from a request; INVALID_ARGUMENT when incomplete.
 pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
     let access_type = match &c.access_type {
         Some(csi::volume_capability::AccessType::Mount(m)) => {
+            if m.mount_flags.len() > MAX_MOUNT_FLAGS {
+                return Err(Error::InvalidArgument(format!(
+                    "{} mount flags, more than the {MAX_MOUNT_FLAGS} allowed",
+                    m.mount_flags.len()
+                )));
+            }
             for f in &m.mount_flags {
-                if f.len() > crate::validate::MAX_STRING || f.contains('\0') {
+                if f.is_empty() || f.len() > crate::validate::MAX_STRING || f.contains('\0') {
                     return Err(Error::InvalidArgument("invalid mount flag".into()));
+                }
+            }
+            // Kept once each, in the order given: a repeated flag changes
+            // nothing on the mount, and the record stays bounded.
+            let mut mount_flags: Vec<String> = Vec::with_capacity(m.mount_flags.len());
+            for f in &m.mount_flags {
+                if !mount_flags.contains(f) {
+                    mount_flags.push(f.clone());
                 }
             }
             if m.fs_type.len() > 32 || m.volume_mount_group.len() > crate::validate::MAX_STRING {
@@ -51,7 +71,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
             }
             AccessType::Mount {
                 fs_type: m.fs_type.clone(),
-                mount_flags: m.mount_flags.clone(),
+                mount_flags,
                 volume_mount_group: m.volume_mount_group.clone(),
             }
         }
@@ -78,6 +98,12 @@ pub fn capabilities(cs: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
         return Err(Error::InvalidArgument(
             "volume_capabilities are required".into(),
         ));
+    }
+    if cs.len() > MAX_CAPABILITIES {
+        return Err(Error::InvalidArgument(format!(
+            "{} volume_capabilities, more than the {MAX_CAPABILITIES} allowed",
+            cs.len()
+        )));
     }
     let mut v = cs.iter().map(capability).collect::<Result<Vec<_>>>()?;
     v.sort();
@@ -117,5 +143,55 @@ pub fn capability_to_proto(c: &Capability) -> csi::VolumeCapability {
 pub fn node_topology(key: &str, node: &str) -> csi::Topology {
     csi::Topology {
         segments: HashMap::from([(key.to_string(), node.to_string())]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+
+    fn mount(flags: &[&str]) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume {
+                fs_type: String::new(),
+                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+                volume_mount_group: String::new(),
+            })),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        }
+    }
+
+    #[test]
+    fn mount_flags_are_bounded_and_kept_once() {
+        let c = capability(&mount(&["noatime", "ro", "noatime", "ro", "nodev"])).unwrap();
+        match c.access_type {
+            crate::state::AccessType::Mount { mount_flags, .. } => {
+                assert_eq!(mount_flags, ["noatime", "ro", "nodev"])
+            }
+            other => panic!("{other:?}"),
+        }
+        let many: Vec<String> = (0..=MAX_MOUNT_FLAGS).map(|i| format!("f{i}")).collect();
+        let many: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+        assert!(matches!(
+            capability(&mount(&many)),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(capability(&mount(&many[..MAX_MOUNT_FLAGS])).is_ok());
+        assert!(matches!(
+            capability(&mount(&[""])),
+            Err(Error::InvalidArgument(_))
+        ));
+        let too_many = vec![mount(&[]); MAX_CAPABILITIES + 1];
+        assert!(matches!(
+            capabilities(&too_many),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(
+            capabilities(&too_many[..MAX_CAPABILITIES]).unwrap().len(),
+            1
+        );
     }
 }

@@ -37,6 +37,9 @@ start() { # dir extra-args...; sets P
   for _ in $(seq 200); do [ -S "$d/csi.sock" ] && break; sleep 0.01; done
 }
 
+echo "## this machine's floor (no driver; the ratios below are against it)"
+"$B" bench floor -n "$N" --work-dir "$W/floor"
+echo
 echo "## directory-volume lifecycle, $N cycles, 16 in flight"
 start "$W/life"
 "$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$N" -c 16 --work-dir "$W/work" --pid "$P"

@@ -12,11 +12,7 @@
 # Env: BERTH (default target/release/berth), HOSTPATH (a hostpathplugin
 # binary; default: built by bench/build-hostpath.sh), ROUNDS (default 3).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-B=${BERTH:-$ROOT/target/release/berth}
-if [ -z "${BERTH_IN_NS:-}" ]; then
-  exec env BERTH_IN_NS=1 unshare --mount --propagation private -- "$0" "$@"
-fi
+. "$(dirname "$0")/lib.sh" compare "$@"
 [ -x "$B" ] || { echo "compare.sh: no berth at $B (cargo build --release)"; exit 1; }
 HP=${HOSTPATH:-}
 [ -n "$HP" ] || HP=$("$ROOT/bench/build-hostpath.sh")
@@ -24,15 +20,6 @@ HP=${HOSTPATH:-}
 QUICK=${1:-}
 N=1000; SCALE=10000; ROUNDS=${ROUNDS:-3}
 [ "$QUICK" = --quick ] && { N=100; SCALE=1000; ROUNDS=1; }
-W=$(mktemp -d /tmp/berth-compare.XXXXXX)
-PIDS=()
-cleanup() {
-  set +e
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  awk -v w="$W" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount 2>/dev/null
-  rm -rf "$W"
-}
-trap cleanup EXIT
 
 P=
 # start berth|hostpath DIR: the driver serving unix://DIR/csi.sock; sets P

@@ -5,28 +5,10 @@
 # Prints each measurement; never asserts timings (numbers depend on the
 # machine).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-B=${BERTH:-$ROOT/target/release/berth}
-if [ -z "${BERTH_IN_NS:-}" ]; then
-  exec env BERTH_IN_NS=1 unshare --mount --propagation private -- "$0" "$@"
-fi
+. "$(dirname "$0")/lib.sh" bench "$@"
 QUICK=${1:-}
 N=2000; SCALE=10000
 [ "$QUICK" = --quick ] && { N=200; SCALE=1000; }
-W=$(mktemp -d /tmp/berth-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  set +e
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  awk -v w="$W" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount 2>/dev/null
-  # Loop devices are not namespaced: detach those on files of this run.
-  for f in /sys/block/loop*/loop/backing_file; do
-    [ -e "$f" ] && grep -q "^$W/" "$f" 2>/dev/null || continue
-    d=${f#/sys/block/}; losetup -d "/dev/${d%%/*}"
-  done
-  rm -rf "$W"
-}
-trap cleanup EXIT
 
 P=
 start() { # dir extra-args...; sets P

@@ -51,15 +51,13 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
                     m.mount_flags.len()
                 )));
             }
-            for f in &m.mount_flags {
-                if f.is_empty() || f.len() > crate::validate::MAX_STRING || f.contains('\0') {
-                    return Err(Error::InvalidArgument("invalid mount flag".into()));
-                }
-            }
             // Kept once each, in the order given: a repeated flag changes
             // nothing on the mount, and the record stays bounded.
             let mut mount_flags: Vec<String> = Vec::with_capacity(m.mount_flags.len());
             for f in &m.mount_flags {
+                if f.is_empty() || f.len() > crate::validate::MAX_STRING || f.contains('\0') {
+                    return Err(Error::InvalidArgument("invalid mount flag".into()));
+                }
                 if !mount_flags.contains(f) {
                     mount_flags.push(f.clone());
                 }

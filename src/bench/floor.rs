@@ -14,7 +14,6 @@
 //! nothing a driver does can make a cycle cheaper than that. Needs root (it
 //! mounts) and a private mount namespace is best (bench/run.sh gives it
 //! one); everything is made under --work-dir and removed.
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -126,7 +125,6 @@ fn measure(a: &FloorArgs) -> anyhow::Result<FloorReport> {
         std::fs::File::open(&dirs)?.sync_all()?;
         s.add("fsync new dir + parent", t.elapsed());
     }
-    std::io::stdout().flush()?;
     let m = |op: &str| mean(s.by_op.get(op).map(Vec::as_slice).unwrap_or(&[]));
     let floor = 2.0 * m("bind + unmount")
         + 2.0 * m("append + fdatasync")

@@ -14,6 +14,7 @@ use super::files::{Files, Open, RealFiles};
 use super::loopdev::{AttachOptions, LoopDevices, LoopInfo};
 use super::mountinfo::{self, MountEntry, MountTable};
 use super::mountpoint::MountProbe;
+use super::quota::{Project, ProjectQuota, QuotaState, Quotas};
 use super::{FsStats, FsUsage, MountFlags, Mounter, OsError};
 
 /// One recorded call.
@@ -55,6 +56,15 @@ pub enum Call {
     ZeroOut {
         device: PathBuf,
         size_bytes: u64,
+    },
+    SetProject {
+        dir: PathBuf,
+        project: Project,
+    },
+    SetLimits {
+        id: u32,
+        bytes: u64,
+        inodes: u64,
     },
 }
 
@@ -111,6 +121,18 @@ pub struct FakeOs {
     /// What `read_durable` answers for a path instead of the file's content
     /// (a disk that lost what the page cache still shows).
     durable: Mutex<HashMap<PathBuf, Option<Vec<u8>>>>,
+    /// Project quotas (see `enable_project_quotas`): what `state` answers
+    /// (an errno: ENOSYS by default, like a kernel without quotas), the
+    /// project of each directory (following renames and removals made
+    /// through `Files`), the limits of each project, and usage a test says
+    /// was written.
+    quota_state: Mutex<Result<QuotaState, i32>>,
+    projects: Mutex<BTreeMap<PathBuf, Project>>,
+    limits: Mutex<BTreeMap<u32, (u64, u64)>>,
+    written: Mutex<BTreeMap<u32, u64>>,
+    /// Quota calls so far (`Quotas`), and the n-th from now that fails.
+    quota_ops: Mutex<Vec<&'static str>>,
+    quota_fault_at: Mutex<Option<(usize, i32)>>,
 }
 
 impl Default for FakeOs {
@@ -164,6 +186,116 @@ impl FakeOs {
             file_fault_at: Mutex::new(None),
             file_faults_under: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
+            quota_state: Mutex::new(Err(libc::ENOSYS)),
+            projects: Mutex::new(BTreeMap::new()),
+            limits: Mutex::new(BTreeMap::new()),
+            written: Mutex::new(BTreeMap::new()),
+            quota_ops: Mutex::new(Vec::new()),
+            quota_fault_at: Mutex::new(None),
+        }
+    }
+
+    /// Every quota call made so far (`Quotas`: "quota_state",
+    /// "project_get", "project_set", "quota_get", "quota_set").
+    pub fn quota_ops(&self) -> Vec<&'static str> {
+        lock(&self.quota_ops).clone()
+    }
+
+    /// Forgets the recorded quota calls.
+    pub fn clear_quota_ops(&self) {
+        lock(&self.quota_ops).clear();
+    }
+
+    /// The `n`-th quota call from now (0: the next one) fails with `errno`
+    /// and changes nothing; None clears it.
+    pub fn fail_quota_op_at(&self, fault: Option<(usize, i32)>) {
+        *lock(&self.quota_fault_at) = fault;
+    }
+
+    /// Whether the fault set with `fail_quota_op_at` is still waiting.
+    pub fn quota_fault_pending(&self) -> bool {
+        lock(&self.quota_fault_at).is_some()
+    }
+
+    /// Records a quota call and fails it if a fault says so (`fail_next`,
+    /// `fail_quota_op_at`).
+    fn quota_op(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
+        lock(&self.quota_ops).push(op);
+        self.injected(op, path)?;
+        let mut at = lock(&self.quota_fault_at);
+        if let Some((n, errno)) = *at {
+            if n == 0 {
+                *at = None;
+                return Err(OsError::sys(
+                    op,
+                    path,
+                    std::io::Error::from_raw_os_error(errno),
+                ));
+            }
+            *at = Some((n - 1, errno));
+        }
+        Ok(())
+    }
+
+    /// Project quotas are accounted and enforced from now on (what a
+    /// driver started afterwards finds).
+    pub fn enable_project_quotas(&self) {
+        self.set_quota_state(Ok(QuotaState {
+            accounting: true,
+            enforced: true,
+        }));
+    }
+
+    /// What `Quotas::state` answers: a state, or an errno.
+    pub fn set_quota_state(&self, state: Result<QuotaState, i32>) {
+        *lock(&self.quota_state) = state;
+    }
+
+    /// The project of every directory that has one.
+    pub fn projects(&self) -> BTreeMap<PathBuf, Project> {
+        lock(&self.projects).clone()
+    }
+
+    /// The limits (bytes, inodes) of every project that has any.
+    pub fn project_limits(&self) -> BTreeMap<u32, (u64, u64)> {
+        lock(&self.limits).clone()
+    }
+
+    /// Bytes written into project `id` (its usage in bytes from now on).
+    pub fn set_project_written(&self, id: u32, bytes: u64) {
+        lock(&self.written).insert(id, bytes);
+    }
+
+    /// After a rename through `Files`: directories under `from` keep their
+    /// project under `to`, as inodes do.
+    fn projects_moved(&self, from: &Path, to: &Path) {
+        let mut p = lock(&self.projects);
+        let moved: Vec<PathBuf> = p.keys().filter(|k| k.starts_with(from)).cloned().collect();
+        for k in moved {
+            if let (Some(v), Ok(rest)) = (p.remove(&k), k.strip_prefix(from)) {
+                let moved = if rest.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rest)
+                };
+                p.insert(moved, v);
+            }
+        }
+    }
+
+    /// After a removal through `Files`: directories under `path` are gone.
+    fn projects_removed(&self, path: &Path) {
+        lock(&self.projects).retain(|k, _| !k.starts_with(path));
+    }
+
+    /// A directory made through `Files` inherits its parent's project when
+    /// the parent has the inherit flag, as the kernel does.
+    fn project_inherited(&self, dir: &Path) {
+        let mut p = lock(&self.projects);
+        if let Some(parent) = dir.parent().and_then(|d| p.get(d).copied()) {
+            if parent.inherit {
+                p.insert(dir.to_path_buf(), parent);
+            }
         }
     }
 
@@ -962,7 +1094,9 @@ impl BlockDevices for FakeOs {
 impl Files for FakeOs {
     fn create_dir(&self, path: &Path, mode: u32) -> Result<(), OsError> {
         self.file_op("mkdir", path)?;
-        RealFiles.create_dir(path, mode)
+        RealFiles.create_dir(path, mode)?;
+        self.project_inherited(path);
+        Ok(())
     }
 
     fn set_mode(&self, path: &Path, mode: u32) -> Result<(), OsError> {
@@ -972,12 +1106,16 @@ impl Files for FakeOs {
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), OsError> {
         self.file_op("rename", from)?;
-        RealFiles.rename(from, to)
+        RealFiles.rename(from, to)?;
+        self.projects_moved(from, to);
+        Ok(())
     }
 
     fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<(), OsError> {
         self.file_op("rename", from)?;
-        RealFiles.rename_noreplace(from, to)
+        RealFiles.rename_noreplace(from, to)?;
+        self.projects_moved(from, to);
+        Ok(())
     }
 
     fn remove_file(&self, path: &Path) -> Result<(), OsError> {
@@ -987,12 +1125,16 @@ impl Files for FakeOs {
 
     fn remove_dir(&self, path: &Path) -> Result<(), OsError> {
         self.file_op("rmdir", path)?;
-        RealFiles.remove_dir(path)
+        RealFiles.remove_dir(path)?;
+        self.projects_removed(path);
+        Ok(())
     }
 
     fn remove_tree(&self, path: &Path) -> Result<(), OsError> {
         self.file_op("remove tree", path)?;
-        RealFiles.remove_tree(path)
+        RealFiles.remove_tree(path)?;
+        self.projects_removed(path);
+        Ok(())
     }
 
     fn open(&self, path: &Path, how: Open) -> Result<std::fs::File, OsError> {
@@ -1045,7 +1187,9 @@ impl Files for FakeOs {
 
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
         self.file_op("copy", dst)?;
-        RealFiles.copy_tree(src, dst)
+        let stats = RealFiles.copy_tree(src, dst)?;
+        self.project_inherited(dst);
+        Ok(stats)
     }
 
     fn copy_from_device(
@@ -1078,5 +1222,85 @@ impl Files for FakeOs {
             return Ok(d.clone());
         }
         RealFiles.read_durable(path)
+    }
+}
+
+/// Project quotas kept in memory: a project's inodes are the directories
+/// that have it (the fake does not see files written into them), its bytes
+/// what `set_project_written` said. Each call is recorded (`quota_ops`)
+/// and can be failed with `fail_next` ("quota_state", "project_get",
+/// "project_set", "quota_get", "quota_set") or `fail_quota_op_at`.
+impl Quotas for FakeOs {
+    fn state(&self, fs: &Path) -> Result<QuotaState, OsError> {
+        self.quota_op("quota_state", fs)?;
+        (*lock(&self.quota_state)).map_err(|errno| {
+            OsError::sys(
+                "quotactl Q_XGETQSTATV",
+                fs,
+                std::io::Error::from_raw_os_error(errno),
+            )
+        })
+    }
+
+    fn project(&self, path: &Path) -> Result<Project, OsError> {
+        self.quota_op("project_get", path)?;
+        if std::fs::symlink_metadata(path).is_err() {
+            return Err(OsError::sys(
+                "open",
+                path,
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        }
+        Ok(lock(&self.projects).get(path).copied().unwrap_or_default())
+    }
+
+    fn set_project(&self, dir: &Path, project: Project) -> Result<(), OsError> {
+        lock(&self.calls).push(Call::SetProject {
+            dir: dir.to_path_buf(),
+            project,
+        });
+        self.quota_op("project_set", dir)?;
+        if !dir.is_dir() {
+            return Err(OsError::sys(
+                "open",
+                dir,
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        }
+        let mut p = lock(&self.projects);
+        if project == Project::default() {
+            p.remove(dir);
+        } else {
+            p.insert(dir.to_path_buf(), project);
+        }
+        Ok(())
+    }
+
+    fn get(&self, fs: &Path, id: u32) -> Result<ProjectQuota, OsError> {
+        self.quota_op("quota_get", fs)?;
+        let inodes = lock(&self.projects).values().filter(|p| p.id == id).count() as u64;
+        let (limit_bytes, limit_inodes) = lock(&self.limits).get(&id).copied().unwrap_or((0, 0));
+        Ok(ProjectQuota {
+            used_bytes: if inodes > 0 {
+                lock(&self.written).get(&id).copied().unwrap_or(0)
+            } else {
+                0
+            },
+            used_inodes: inodes,
+            limit_bytes,
+            limit_inodes,
+        })
+    }
+
+    fn set_limits(&self, fs: &Path, id: u32, bytes: u64, inodes: u64) -> Result<(), OsError> {
+        lock(&self.calls).push(Call::SetLimits { id, bytes, inodes });
+        self.quota_op("quota_set", fs)?;
+        let mut l = lock(&self.limits);
+        if bytes == 0 && inodes == 0 {
+            l.remove(&id);
+        } else {
+            l.insert(id, (bytes.div_ceil(1024) * 1024, inodes));
+        }
+        Ok(())
     }
 }

@@ -17,6 +17,7 @@
 //! | `copy.rs`     | snapshot copies: FICLONE or data ranges, whole trees with their metadata |
 //! | `files.rs`    | every filesystem change: mkdir, rename, remove, open, write, truncate, fallocate, fsync |
 //! | `nfsmount.rs` | `mount -t nfs` / `umount` with checked options   |
+//! | `quota.rs`    | project quotas: quotactl_fd(2) and FS_IOC_FSGETXATTR/FSSETXATTR |
 //! | `bounded.rs`  | calls that may hang (statvfs of NFS) with a deadline |
 //! | `fake.rs`     | the recording fake of all of the above          |
 
@@ -33,6 +34,7 @@ pub mod mount;
 pub mod mountinfo;
 pub mod mountpoint;
 pub mod nfsmount;
+pub mod quota;
 pub mod statvfs;
 
 use std::path::PathBuf;
@@ -45,6 +47,7 @@ pub use loopdev::{AttachOptions, LoopDevices, LoopInfo, RealLoopDevices};
 pub use mount::{MountFlags, Mounter, RealMounter};
 pub use mountinfo::{MountEntry, MountTable, ProcMountTable};
 pub use mountpoint::{MountProbe, StatxMountProbe};
+pub use quota::{Quotas, RealQuotas};
 pub use statvfs::{FsStats, FsUsage, RealFsStats};
 
 /// An error from the operating system layer, with the operation and path that
@@ -104,6 +107,7 @@ pub struct Os {
     pub loops: Arc<dyn LoopDevices>,
     pub devices: Arc<dyn BlockDevices>,
     pub files: Arc<dyn Files>,
+    pub quotas: Arc<dyn Quotas>,
 }
 
 impl Os {
@@ -118,6 +122,7 @@ impl Os {
             loops: Arc::new(RealLoopDevices::default()),
             devices: Arc::new(RealBlockDevices::default()),
             files: Arc::new(RealFiles),
+            quotas: Arc::new(RealQuotas),
         }
     }
 
@@ -134,6 +139,7 @@ impl Os {
                 loops: f.clone(),
                 devices: f.clone(),
                 files: f.clone(),
+                quotas: f.clone(),
             },
             f,
         )
@@ -151,6 +157,7 @@ impl Os {
             loops: f.clone(),
             devices: f.clone(),
             files: f.clone(),
+            quotas: f.clone(),
         }
     }
 }

@@ -6,7 +6,10 @@
 # (nfsvers=4.1).
 # Env: BERTH (binary, default target/release/berth), CSI_SANITY (binary,
 # default: installed by tests/install-deps.sh into target/tools/bin),
-# SANITY_ARGS (extra csi-sanity arguments, e.g. --ginkgo.focus=NodeExpand).
+# SANITY_ARGS (extra csi-sanity arguments, e.g. --ginkgo.focus=NodeExpand),
+# LOCAL_ROOT (berth's --local-root, default inside the temp dir; tests/vm/quota.sh
+# points it at a filesystem with project quotas; berth makes it, the caller
+# removes it).
 # Runs in a private mount namespace so nothing it mounts can leak to the host;
 # everything it creates lives in one temp dir that is removed at the end.
 # Prints the csi-sanity summary and a final line "N passed, M failed".
@@ -41,7 +44,10 @@ cleanup() {
 trap cleanup EXIT
 
 case "$MODE" in
-  local) PARAMS=$ROOT/csi-sanity/local.yaml; KINDS=local; SIZE=1048576; EXTRA=() ;;
+  # Expansion raises a local volume's promise, and its project's limits
+  # where the local root enforces project quotas.
+  local) PARAMS=$ROOT/csi-sanity/local.yaml; KINDS=local; SIZE=1048576
+    EXTRA=(--csi.testvolumeexpandsize=2097152) ;;
   # Block sizes are whole MiB (what the pool allocates exactly); xfs needs
   # at least 300 MiB. Expansion doubles the size.
   block-raw) PARAMS=$ROOT/csi-sanity/block-raw.yaml; KINDS=block; SIZE=$((16 << 20))
@@ -57,7 +63,8 @@ case "$MODE" in
 esac
 
 "$BERTH" --data-dir "$WORK/data" --endpoint "unix://$WORK/csi.sock" \
-  --node-id sanity-node --kinds "$KINDS" --max-volumes-per-node 8 --log-level "${BERTH_LOG_LEVEL:-warn}" \
+  --node-id sanity-node --kinds "$KINDS" ${LOCAL_ROOT:+--local-root "$LOCAL_ROOT"} \
+  --max-volumes-per-node 8 --log-level "${BERTH_LOG_LEVEL:-warn}" \
   >"$WORK/berth.log" 2>&1 &
 BPID=$!
 for _ in $(seq 100); do [ -S "$WORK/csi.sock" ] && break; sleep 0.05; done

@@ -51,7 +51,12 @@ impl Driver {
         let mut kinds: BTreeMap<Kind, Arc<dyn VolumeKind>> = BTreeMap::new();
         for k in &cfg.kinds {
             let imp: Arc<dyn VolumeKind> = match k {
-                Kind::Local => Arc::new(LocalKind::new(cfg.local_root(), &node_id, os.clone())?),
+                Kind::Local => Arc::new(LocalKind::new(
+                    cfg.local_root(),
+                    &node_id,
+                    os.clone(),
+                    store.clone(),
+                )?),
                 Kind::Block => Arc::new(BlockKind::new(
                     cfg.block_root(),
                     &node_id,

@@ -1,7 +1,7 @@
 //! Prometheus metrics and /healthz on `--metrics-address` (off by default):
 //! per-RPC request counts and latency histograms by method and gRPC code,
-//! volumes by kind and phase, capacity and allocation per pool, operations
-//! in flight and build info.
+//! volumes by kind and phase, capacity and allocation per pool, whether
+//! volume sizes are enforced, operations in flight and build info.
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -139,6 +139,22 @@ pub fn render(d: &Driver) -> Result<String, std::fmt::Error> {
             .inc();
     }
     reg.register("volumes", "Volumes by kind and phase", volumes);
+
+    let enforced: Family<PoolLabels, Gauge> = Family::default();
+    for k in d.kinds() {
+        if let Some(e) = k.sizes_enforced() {
+            enforced
+                .get_or_create(&PoolLabels {
+                    kind: k.kind().as_str(),
+                })
+                .set(i64::from(e));
+        }
+    }
+    reg.register(
+        "volume_sizes_enforced",
+        "1 when volumes of the kind are held to their size (local: project quotas on the local root), 0 when a size is only a promise",
+        enforced,
+    );
 
     let free: Family<PoolLabels, Gauge> = Family::default();
     let allocated: Family<PoolLabels, Gauge> = Family::default();

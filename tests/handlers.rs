@@ -840,22 +840,6 @@ async fn unadvertised_rpcs_are_unimplemented() {
     assert!(!has_nfs.contains(&(Type::CreateDeleteSnapshot as i32)));
     assert!(!has_nfs.contains(&(Type::CloneVolume as i32)));
     let h = fake(&[]);
-    assert_eq!(
-        code(
-            h.ctl
-                .controller_expand_volume(Request::new(Default::default()))
-                .await
-        ),
-        Code::Unimplemented
-    );
-    assert_eq!(
-        code(
-            h.node
-                .node_expand_volume(Request::new(Default::default()))
-                .await
-        ),
-        Code::Unimplemented
-    );
     let caps = controller_rpcs(&h).await;
     let has = |t: Type| caps.contains(&(t as i32));
     assert!(
@@ -869,7 +853,9 @@ async fn unadvertised_rpcs_are_unimplemented() {
             && has(Type::GetSnapshot)
             && has(Type::CloneVolume)
     );
-    assert!(!has(Type::ExpandVolume) && !has(Type::ModifyVolume));
+    // Local volumes grow (their promise, and their project's limits where
+    // the local root enforces them); nothing modifies volumes.
+    assert!(has(Type::ExpandVolume) && !has(Type::ModifyVolume));
 }
 
 // --------------------------------------------------------------- Node
@@ -892,7 +878,8 @@ async fn node_info_and_capabilities() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(c.capabilities.len(), 4);
+    // Stage, stats, condition, multi-writer and expansion.
+    assert_eq!(c.capabilities.len(), 5);
 }
 
 #[tokio::test]

@@ -45,11 +45,15 @@ pub async fn handle(
     let guard = d.locks.try_lock(vol_key(&id))?;
     let e = d
         .run(guard, move |d| match d.store.get(&id) {
-            Some(mut rec) if rec.phase == Phase::Ready => {
+            Some(rec) if rec.phase == Phase::Ready => {
                 let e = d.kind(rec.kind)?.controller_expand(Some(&rec), growth)?;
-                if e.capacity_bytes != rec.capacity_bytes {
-                    rec.capacity_bytes = e.capacity_bytes;
-                    d.store.put(&rec)?;
+                // Kinds that check the room when they grow (local) have
+                // recorded the new size already.
+                if let Some(mut now) = d.store.get(&rec.id) {
+                    if now.capacity_bytes != e.capacity_bytes {
+                        now.capacity_bytes = e.capacity_bytes;
+                        d.store.put(&now)?;
+                    }
                 }
                 Ok(e)
             }

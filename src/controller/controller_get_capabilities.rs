@@ -1,7 +1,7 @@
 //! ControllerGetCapabilities: what the controller implements for the kinds
 //! it serves. Node-local kinds add the attach phase and per-node capacity;
 //! an NFS-only controller has neither; expansion comes with an expandable
-//! kind (block); snapshots (with GetSnapshot) and cloning with a kind that
+//! kind (every kind now); snapshots (with GetSnapshot) and cloning with a kind that
 //! makes them. Modification is not advertised (its RPC answers
 //! UNIMPLEMENTED).
 use crate::csi::v1 as csi;

@@ -285,6 +285,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         }
     }
     let kparams = kind_parameters(&r.params);
+    imp.can_create(&kparams)?;
     // A restore or clone is at least as large as its source.
     let wanted = match &r.source {
         Some(s) => {
@@ -301,7 +302,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         None => r.range.size(),
     };
     let size = imp.size_for(&kparams, &r.caps, wanted, r.range.limit)?;
-    let pool = imp.capacity_for(&kparams)?;
+    let mut pool = imp.capacity_for(&kparams)?;
     if size > pool.max_volume_bytes {
         return Err(Error::OutOfRange(format!(
             "{size} bytes is more than the largest volume this pool can hold ({} bytes)",
@@ -323,6 +324,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         created_unix: now_unix(),
         block: None,
         source: r.source.clone(),
+        project: None,
     };
     let promises = imp.capacity_is_promise();
     // Self-describing ids can name nested storage (an NFS subdirectory
@@ -331,7 +333,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     // nested storage cannot both pass.
     let self_describing = imp.record_from_id(&rec.id).is_some();
     let id = rec.id.clone();
-    let admit = |a: &Admission<'_>| {
+    let admit = |a: &Admission<'_>, free: i64| {
         if let Some(other) = a.get(&id) {
             return Err(Error::AlreadyExists(format!(
                 "volume {} named {} already uses the storage this request names",
@@ -347,7 +349,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
             }
         }
         let promised = if promises { a.promised } else { 0 };
-        let free = pool.free_bytes.saturating_sub(promised);
+        let free = free.saturating_sub(promised);
         if size > free {
             Err(Error::ResourceExhausted(format!(
                 "not enough space: {size} bytes asked, {} bytes free",
@@ -360,10 +362,26 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     // With a durable intent, a crash before Ready is rolled back at start-up
     // from the record; without one, the kind recognises the orphan.
     let durable = imp.durable_intent();
-    let mut rec = if durable {
-        d.store.insert_new(rec, admit)?
-    } else {
-        d.store.reserve(rec, admit)?
+    let admit_with = |rec: VolumeRecord, free: i64| {
+        if durable {
+            d.store.insert_new(rec, |a| admit(a, free))
+        } else {
+            d.store.reserve(rec, |a| admit(a, free))
+        }
+    };
+    let mut rec = match admit_with(rec.clone(), pool.free_bytes) {
+        // The promises alone leave no room: a kind that holds its volumes
+        // to their sizes adds back what they wrote (read before the free
+        // space again), so what is left is the free space minus what the
+        // volumes may still write. Never more than there is.
+        Err(Error::ResourceExhausted(m)) => match imp.written_within_promises()? {
+            0 => return Err(Error::ResourceExhausted(m)),
+            written => {
+                pool = imp.capacity_for(&kparams)?;
+                admit_with(rec, pool.free_bytes.saturating_add(written))?
+            }
+        },
+        r => r?,
     };
     if let Err(e) = make_storage(d, imp.as_ref(), &mut rec) {
         // Roll back; if that fails too, start-up reconciliation finishes it.

@@ -1,5 +1,7 @@
 //! GetCapacity: free space of the pool the parameters select, minus what
-//! existing volumes were promised (for kinds whose capacity is a promise);
+//! existing volumes were promised (for kinds whose capacity is a promise)
+//! and may still write (local volumes with project quotas: the promises
+//! minus what they wrote);
 //! 0 for another node's topology segment or for capabilities the kind cannot
 //! serve.
 use std::sync::Arc;
@@ -38,16 +40,23 @@ pub async fn handle(
             }
         }
     }
-    let promised = if imp.capacity_is_promise() {
-        d.store.promised(kind)
-    } else {
-        0
-    };
     let kparams = kind_parameters(&params);
-    let pool = tokio::task::spawn_blocking(move || imp.capacity_for(&kparams))
-        .await
-        .map_err(|e| Error::Internal(format!("capacity task failed: {e}")))??;
-    let available = pool.free_bytes.saturating_sub(promised).max(0);
+    let promises = imp.capacity_is_promise();
+    // What volumes wrote within their promises is read before the free
+    // space (see `VolumeKind::written_within_promises`).
+    let (written, pool) = tokio::task::spawn_blocking(move || {
+        let written = imp.written_within_promises()?;
+        Ok::<_, Error>((written, imp.capacity_for(&kparams)?))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("capacity task failed: {e}")))??;
+    // Promises read last: a volume created meanwhile is counted whole.
+    let promised = if promises { d.store.promised(kind) } else { 0 };
+    let available = pool
+        .free_bytes
+        .saturating_add(written)
+        .saturating_sub(promised)
+        .max(0);
     Ok(csi::GetCapacityResponse {
         available_capacity: available,
         maximum_volume_size: Some(available.min(pool.max_volume_bytes)),

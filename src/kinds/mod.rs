@@ -4,7 +4,7 @@
 //!
 //! | file       | kind                                         |
 //! |------------|----------------------------------------------|
-//! | `local.rs` | local directories under `--local-root`       |
+//! | `local/`   | local directories under `--local-root`, held to their size by project quotas where the filesystem enforces them (`local/quota.rs`) |
 //! | `block/`   | loop-backed files under `--block-root`, and whole disks of `--disk-pool` |
 //! | `nfs/`     | subdirectories of an export on an existing NFS server |
 
@@ -241,11 +241,41 @@ pub trait VolumeKind: Send + Sync {
     }
 
     /// True when a volume's capacity is a promise that the pool's free space
-    /// does not show (directories without quotas): GetCapacity and
-    /// CreateVolume subtract every promise. A kind that takes the space when
-    /// it creates or grows a volume answers false.
+    /// does not show (directories): GetCapacity and CreateVolume subtract
+    /// every promise. A kind that takes the space when it creates or grows
+    /// a volume answers false.
     fn capacity_is_promise(&self) -> bool {
         true
+    }
+
+    /// Bytes already written into volumes within their promises, when the
+    /// kind holds its volumes to their sizes (local directories with
+    /// project quotas): the free space no longer has them and the promises
+    /// still count them, so GetCapacity (and CreateVolume, when the
+    /// promises alone leave no room) add them back: what is left is the
+    /// free space minus what the volumes may still write. Read before the
+    /// free space, so that writes in between only make the answer smaller.
+    /// Default: 0.
+    fn written_within_promises(&self) -> Result<i64> {
+        Ok(0)
+    }
+
+    /// Whether this node can create a volume with the StorageClass
+    /// parameters `params` (the kind's own keys) at all: a requirement the
+    /// node cannot meet (local `capacityEnforcement: required` without
+    /// project quotas) is RESOURCE_EXHAUSTED, which makes the distributed
+    /// external-provisioner give the volume back to the scheduler for
+    /// another node. Default: yes.
+    fn can_create(&self, params: &BTreeMap<String, String>) -> Result<()> {
+        let _ = params;
+        Ok(())
+    }
+
+    /// Whether the kind holds its volumes to their sizes here (local: project
+    /// quotas on the local root), for the metric; None for kinds where the
+    /// question does not arise (their storage has a size of its own).
+    fn sizes_enforced(&self) -> Option<bool> {
+        None
     }
 
     /// Whether volumes of this kind can be expanded (EXPAND_VOLUME and

@@ -1,6 +1,6 @@
 //! NodeGetCapabilities: staging is advertised when a node-local kind is
 //! served (an NFS-only node mounts straight into the target), expansion
-//! when an expandable kind (block) is.
+//! when an expandable kind (local, block, NFS) is.
 use crate::csi::v1 as csi;
 use crate::csi::v1::node_service_capability::rpc::Type;
 use crate::driver::Driver;

@@ -1,5 +1,7 @@
 //! NodeGetVolumeStats: bytes and inodes of the volume at `volume_path`
-//! (statvfs), and its condition. NOT_FOUND when the volume is not there.
+//! (statvfs; a local volume with a project quota: its own usage and limits
+//! from the quota), and its condition. NOT_FOUND when the volume is not
+//! there.
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;

@@ -138,6 +138,11 @@ pub struct VolumeRecord {
     /// What the volume was created from (a snapshot or another volume).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ContentSource>,
+    /// Local volumes on a root with project quotas: the project id of the
+    /// volume's directory, whose limits hold it to its size (see
+    /// `kinds::local::quota`). Never held by two records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<u32>,
 }
 
 /// The content source of a volume: a snapshot restored, a volume cloned.

@@ -636,6 +636,34 @@ impl Store {
         self.put_of(rec)
     }
 
+    /// Writes a changed volume record (a volume that grew) after `admit`
+    /// accepted it given the bytes promised to its kind now (its old
+    /// promise included), under the store's lock like `insert_new`: two
+    /// volumes growing at once, or one growing while another is created,
+    /// cannot overcommit.
+    pub fn put_admitted<E>(
+        &self,
+        rec: &VolumeRecord,
+        admit: impl FnOnce(&Admission<'_>) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        E: From<StateError>,
+    {
+        let kind = rec.kind;
+        self.apply::<VolumeRecord, E>(Change::Put(rec), |idx, r| {
+            admit(&Admission {
+                promised: idx.promised.get(&kind).copied().unwrap_or(0),
+                records: &idx.by_id,
+            })?;
+            if let Some(r) = r {
+                let seq = idx.seq_for(r.id());
+                r.set_seq(seq);
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// Sets a record's phase and writes it.
     pub fn set_phase(&self, rec: &mut VolumeRecord, phase: Phase) -> Result<(), StateError> {
         rec.phase = phase;
@@ -719,6 +747,7 @@ mod tests {
             created_unix: 0,
             block: None,
             source: None,
+            project: None,
         }
     }
 

@@ -183,6 +183,7 @@ impl BlockKind {
             created_unix: crate::driver::now_unix(),
             block: Some(info),
             source: None,
+            project: None,
         };
         self.store.put(&pending)?;
         Ok(id)

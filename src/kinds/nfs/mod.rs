@@ -303,6 +303,7 @@ impl VolumeKind for NfsKind {
             created_unix: 0,
             block: None,
             source: None,
+            project: None,
         })
     }
 

@@ -2,19 +2,33 @@
 //!
 //! Stage bind-mounts the volume's directory at the staging path; publish
 //! bind-mounts the staging path into the target (read-only by remount when
-//! asked). There is no quota on this machine's kernels, so the capacity is a
-//! promise that GetCapacity accounts for, not a hard limit.
+//! asked).
+//!
+//! Sizes: when the local root's filesystem enforces project quotas, each
+//! volume's directory has a project of its own whose hard limits are the
+//! volume's size (`quota.rs`); stats come from the quota, and expansion
+//! raises the limits, online. Elsewhere (no quota support, a filesystem
+//! mounted without `prjquota`) the capacity is a promise that GetCapacity
+//! accounts for, not a limit; the StorageClass parameter
+//! `capacityEnforcement: required` refuses to create volumes there.
+pub mod quota;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
 use crate::os::files::{self, ensure_dir};
 use crate::os::mountinfo;
 use crate::os::Os;
-use crate::state::{AccessType, Capability, Kind, SnapshotRecord, VolumeRecord};
+use crate::state::{AccessType, Capability, Kind, SnapshotRecord, Store, VolumeRecord};
 
-use super::{Health, PoolCapacity, PublishArgs, Source, VolumeKind, VolumeStats};
+use self::quota::{Enforcement, Projects};
+use super::{
+    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, Source, VolumeKind,
+    VolumeStats,
+};
 
 const PREFIX: &str = "local-";
 /// Snapshot ids.
@@ -27,6 +41,36 @@ const CREATING: &str = ".creating";
 const TRASH: &str = ".trash";
 /// Where directories without a record are kept aside.
 const ORPHANED: &str = ".orphaned";
+/// The StorageClass parameter that says whether sizes must be enforced.
+pub const ENFORCEMENT_KEY: &str = "capacityEnforcement";
+const REQUIRED: &str = "required";
+const BEST_EFFORT: &str = "bestEffort";
+
+/// Whether the parameters require enforced sizes (`capacityEnforcement`:
+/// `required`, or `bestEffort`, the default); INVALID_ARGUMENT for any
+/// other value.
+pub fn enforcement_required(params: &BTreeMap<String, String>) -> Result<bool> {
+    match params.get(ENFORCEMENT_KEY).map(String::as_str) {
+        None | Some(BEST_EFFORT) => Ok(false),
+        Some(REQUIRED) => Ok(true),
+        Some(v) => Err(Error::InvalidArgument(format!(
+            "parameter {ENFORCEMENT_KEY}: {v:?} is neither {REQUIRED:?} nor {BEST_EFFORT:?}"
+        ))),
+    }
+}
+
+/// The size of a volume of `current` bytes grown to at least `required`
+/// (0: no minimum) and at most `limit` (0: none). Never smaller than now:
+/// a `limit` below the current size is OUT_OF_RANGE (a shrink).
+pub fn grown_size(current: i64, required: i64, limit: i64) -> Result<i64> {
+    let size = required.max(current);
+    if limit > 0 && size > limit {
+        return Err(Error::OutOfRange(format!(
+            "the volume would be {size} bytes (it has {current}; volumes never shrink), more than limit_bytes {limit}"
+        )));
+    }
+    Ok(size)
+}
 
 /// A failed copy: no room is RESOURCE_EXHAUSTED, anything else internal.
 pub fn copy_error(what: String, e: crate::os::OsError) -> Error {
@@ -48,16 +92,201 @@ pub struct LocalKind {
     /// This node's id (new ids carry its tag).
     node: String,
     os: Os,
+    store: Arc<Store>,
+    /// Project quotas on the local root: the ids, when sizes are enforced.
+    projects: Option<Projects>,
+    /// Why sizes are not enforced (when `projects` is None).
+    unenforced: String,
 }
 
 impl LocalKind {
     /// `root` must exist (`Driver::new` makes it and holds its lock).
-    pub fn new(root: PathBuf, node: &str, os: Os) -> Result<Self> {
+    /// Finds out once whether the root's filesystem enforces project quotas
+    /// and says so in the log.
+    pub fn new(root: PathBuf, node: &str, os: Os, store: Arc<Store>) -> Result<Self> {
+        let (projects, unenforced) = match quota::detect(os.quotas.as_ref(), &root) {
+            Enforcement::Enforced => {
+                let held = store
+                    .filter(|r| r.kind == Kind::Local && r.project.is_some())
+                    .into_iter()
+                    .filter_map(|r| r.project);
+                let p = Projects::new(root.clone(), os.quotas.clone(), held);
+                tracing::info!(root = %root.display(), volumes = p.held_count(),
+                    "project quotas are enforced on the local root: every local volume is held to its size");
+                (Some(p), String::new())
+            }
+            Enforcement::Unavailable(why) => {
+                tracing::warn!(root = %root.display(), reason = %why,
+                    "local volume sizes are not enforced: a size is a promise, not a limit; mount the local root's filesystem with prjquota (xfs; ext4 also needs the project and quota features) to enforce them");
+                (None, why)
+            }
+        };
         Ok(LocalKind {
             root,
             node: node.to_string(),
             os,
+            store,
+            projects,
+            unenforced,
         })
+    }
+
+    /// Gives the volume's directory `dir` its project and limits (when
+    /// sizes are enforced): the one it has (a retry), else a new one.
+    /// `rec.project` is set as soon as the id is held, so that a rollback
+    /// releases it.
+    fn give_project(&self, rec: &mut VolumeRecord, dir: &Path) -> Result<()> {
+        let Some(p) = &self.projects else {
+            return Ok(());
+        };
+        let id = match rec.project {
+            Some(id) => id,
+            None => match p.project_of(dir)? {
+                0 => p.allocate()?,
+                id => {
+                    p.hold(id);
+                    id
+                }
+            },
+        };
+        rec.project = Some(id);
+        p.apply(dir, id, u64::try_from(rec.capacity_bytes).unwrap_or(0))
+    }
+
+    /// Raises the promise of volume `id` to `size` bytes (a no-op when it
+    /// is that large already), written durably, after checking under the
+    /// store's lock that the local root can hold it: OUT_OF_RANGE when not
+    /// (ControllerExpandVolume's and NodeExpandVolume's code for a size the
+    /// plugin cannot provide).
+    fn grow_promise(&self, id: &str, size: i64) -> Result<()> {
+        let Some(mut now) = self.store.get(id) else {
+            return Err(Error::NotFound(format!("volume {id} does not exist")));
+        };
+        if now.capacity_bytes >= size {
+            return Ok(());
+        }
+        let extra = size - now.capacity_bytes;
+        now.capacity_bytes = size;
+        let pool = self.pool_capacity()?;
+        if size > pool.max_volume_bytes {
+            return Err(Error::OutOfRange(format!(
+                "{size} bytes is more than the local root's filesystem holds ({} bytes)",
+                pool.max_volume_bytes
+            )));
+        }
+        let attempt = |free: i64| {
+            self.store.put_admitted(&now, |a| {
+                let room = free.saturating_sub(a.promised);
+                if extra > room {
+                    Err(Error::OutOfRange(format!(
+                        "growing volume {id} to {size} bytes needs {extra} more; the local root has {} bytes left",
+                        room.max(0)
+                    )))
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        match attempt(pool.free_bytes) {
+            // The promises alone leave no room: count what the volumes
+            // wrote (see `written_within_promises`).
+            Err(Error::OutOfRange(_)) if self.projects.is_some() => {
+                let written = self.written_within_promises()?;
+                let free = self.pool_capacity()?.free_bytes;
+                attempt(free.saturating_add(written))
+            }
+            r => r,
+        }
+    }
+
+    /// Grows a volume as `g` asks (never shrinks): the promise, then the
+    /// project's limits. Idempotent: a retry after a crash between the two
+    /// sets the limits.
+    fn grow(&self, rec: &VolumeRecord, g: Growth) -> Result<i64> {
+        let dir = self.require_dir(&rec.id)?;
+        let now = self.store.get(&rec.id).unwrap_or_else(|| rec.clone());
+        let size = grown_size(now.capacity_bytes, g.required, g.limit)?;
+        self.grow_promise(&rec.id, size)?;
+        if let (Some(p), Some(id)) = (&self.projects, now.project) {
+            p.set_limits(id, u64::try_from(size).unwrap_or(0))?;
+            tracing::info!(volume_id = %rec.id, project = id, bytes = size, dir = %dir.display(), "volume limits raised");
+        }
+        Ok(size)
+    }
+
+    /// NOT_FOUND unless `path` shows the volume's directory (a mount of
+    /// it); with the directory gone (moved or deleted under a live mount)
+    /// any mount at `path` passes, and the condition says abnormal.
+    fn check_mounted_at(&self, rec: &VolumeRecord, path: &Path) -> Result<()> {
+        let t = mounts::table(&self.os)?;
+        let not_there = || {
+            Error::NotFound(format!(
+                "volume {} is not mounted at {}",
+                rec.id,
+                path.display()
+            ))
+        };
+        let top = mounts::at(&self.os, &t, path)
+            .last()
+            .map(|m| mounts::object(m))
+            .ok_or_else(not_there)?;
+        if self.require_dir(&rec.id).is_ok() {
+            let dir = self.dir(&rec.id)?;
+            if mountinfo::object_of(&t, &dir).as_ref() != Some(&top) {
+                return Err(not_there());
+            }
+        }
+        Ok(())
+    }
+
+    /// Start-up: every recorded project has the limits of its volume's
+    /// size (they live in the filesystem's quota file and survive restarts;
+    /// this repairs an expansion interrupted between its record and its
+    /// limits).
+    fn repair_limits(&self) {
+        let recs = self
+            .store
+            .filter(|r| r.kind == Kind::Local && r.project.is_some());
+        let Some(p) = &self.projects else {
+            if !recs.is_empty() {
+                tracing::warn!(volumes = recs.len(), reason = %self.unenforced,
+                    "local volumes have project quotas but the local root does not enforce them now");
+            }
+            return;
+        };
+        for r in recs {
+            let (Some(id), Ok(bytes)) = (r.project, u64::try_from(r.capacity_bytes)) else {
+                continue;
+            };
+            let ok = p.usage(id).is_ok_and(|q| {
+                q.limit_bytes >= bytes && q.limit_inodes == quota::inode_limit(bytes)
+            });
+            if !ok {
+                match p.set_limits(id, bytes) {
+                    Ok(()) => {
+                        tracing::info!(volume_id = %r.id, project = id, bytes, "project limits set to the volume's size")
+                    }
+                    Err(e) => {
+                        tracing::error!(volume_id = %r.id, project = id, error = %e.render(), "could not set the project limits of a volume")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lets the project of a removed directory go (read before removing it)
+    /// unless a record holds it.
+    fn release_unheld(&self, project: Option<u32>) {
+        if let (Some(p), Some(id)) = (&self.projects, project.filter(|id| *id != 0)) {
+            if !p.is_held(id) {
+                p.release(id);
+            }
+        }
+    }
+
+    /// The project of `path` when sizes are enforced (best effort).
+    fn project_on(&self, path: &Path) -> Option<u32> {
+        self.projects.as_ref().and_then(|p| p.project_of(path).ok())
     }
 
     /// The directory of a snapshot; only for ids this kind owns.
@@ -174,12 +403,91 @@ impl VolumeKind for LocalKind {
     }
 
     fn check_parameters(&self, params: &BTreeMap<String, String>) -> Result<()> {
-        if let Some(k) = params.keys().next() {
+        if let Some(k) = params.keys().find(|k| k.as_str() != ENFORCEMENT_KEY) {
             return Err(Error::InvalidArgument(format!(
                 "unknown parameter {k:?} for local volumes"
             )));
         }
+        enforcement_required(params).map(|_| ())
+    }
+
+    fn can_create(&self, params: &BTreeMap<String, String>) -> Result<()> {
+        if enforcement_required(params)? && self.projects.is_none() {
+            return Err(Error::ResourceExhausted(format!(
+                "{ENFORCEMENT_KEY}: {REQUIRED}, but this node cannot hold local volumes to their size: on its local root {}, {}; mount that filesystem with prjquota (xfs, or ext4 with the project and quota features: tune2fs -O project,quota) and restart berth, or use {ENFORCEMENT_KEY}: {BEST_EFFORT}",
+                self.root.display(),
+                self.unenforced
+            )));
+        }
         Ok(())
+    }
+
+    /// No room at all on a node that cannot meet `capacityEnforcement:
+    /// required`, so that the scheduler's capacity check skips it.
+    fn capacity_for(&self, params: &BTreeMap<String, String>) -> Result<PoolCapacity> {
+        if self.can_create(params).is_err() {
+            return Ok(PoolCapacity::default());
+        }
+        self.pool_capacity()
+    }
+
+    fn written_within_promises(&self) -> Result<i64> {
+        let Some(p) = &self.projects else {
+            return Ok(0);
+        };
+        let mut written: i64 = 0;
+        for r in self
+            .store
+            .filter(|r| r.kind == Kind::Local && r.project.is_some())
+        {
+            let Some(id) = r.project else { continue };
+            let used = i64::try_from(p.usage(id)?.used_bytes).unwrap_or(i64::MAX);
+            written = written.saturating_add(used.min(r.capacity_bytes).max(0));
+        }
+        Ok(written)
+    }
+
+    fn sizes_enforced(&self) -> Option<bool> {
+        Some(self.projects.is_some())
+    }
+
+    fn expandable(&self) -> bool {
+        true
+    }
+
+    /// The leader-elected external-resizer (one for the cluster, in the
+    /// node DaemonSet: external-resizer has no per-node mode) sends every
+    /// ControllerExpandVolume to the berth next to it, which holds only its
+    /// own node's records. A volume of another node (`None`) is answered
+    /// with the requested size and `node_expansion_required`: kubelet then
+    /// calls NodeExpandVolume on the volume's own node (online, while it is
+    /// published; otherwise when it is next staged), which checks the room
+    /// and raises the promise and the project's limits there. A volume of
+    /// this node is grown here and now (promise and limits), and needs no
+    /// node step.
+    fn controller_expand(&self, rec: Option<&VolumeRecord>, g: Growth) -> Result<Expansion> {
+        let Some(rec) = rec else {
+            if g.required <= 0 {
+                return Err(Error::InvalidArgument(
+                    "capacity_range.required_bytes is needed to expand a volume of another node"
+                        .into(),
+                ));
+            }
+            return Ok(Expansion {
+                capacity_bytes: grown_size(0, g.required, g.limit)?,
+                node_expansion_required: true,
+            });
+        };
+        let size = self.grow(rec, g)?;
+        Ok(Expansion {
+            capacity_bytes: size,
+            node_expansion_required: false,
+        })
+    }
+
+    fn node_expand(&self, rec: &VolumeRecord, a: &NodeExpandArgs<'_>) -> Result<i64> {
+        self.check_mounted_at(rec, a.volume_path)?;
+        self.grow(rec, a.growth)
     }
 
     fn check_capability(&self, cap: &Capability) -> Result<()> {
@@ -229,6 +537,9 @@ impl VolumeKind for LocalKind {
         // can write; the local root itself is private.
         f.set_mode(&dir, 0o777)
             .map_err(fail("setting the mode of"))?;
+        // Project and limits before the record says Ready (and before the
+        // directory is synced, which makes the project durable with it).
+        self.give_project(rec, &dir)?;
         // The directory and its entry in the root are durable before the
         // record says Ready.
         f.sync_dir(&dir)
@@ -274,12 +585,18 @@ impl VolumeKind for LocalKind {
     }
 
     fn purge(&self, rec: &VolumeRecord) {
+        let mut emptied = true;
         for (id, path) in self.trash() {
             if id == rec.id {
                 if let Err(e) = self.remove_tree(&path) {
+                    emptied = false;
                     tracing::warn!(volume_id = %rec.id, error = %e.render(), "could not empty the trash; start-up does");
                 }
             }
+        }
+        // Nothing is charged to the project any more: it can go.
+        if let (true, Some(p), Some(id)) = (emptied, &self.projects, rec.project) {
+            p.release(id);
         }
     }
 
@@ -301,13 +618,17 @@ impl VolumeKind for LocalKind {
                 tracing::warn!(volume_id = %id, "a delete whose record could not be removed was undone: the volume is back");
                 continue;
             }
+            let project = self.project_on(&path);
             self.remove_tree(&path)?;
+            self.release_unheld(project);
         }
         // Copies of restores and clones that never finished: never handed
         // out, only Berth's own copies.
         if let Ok(entries) = std::fs::read_dir(self.root.join(CREATING)) {
             for e in entries.flatten() {
+                let project = self.project_on(&e.path());
                 self.remove_tree(&e.path())?;
+                self.release_unheld(project);
             }
         }
         // Snapshots: an unfinished copy is removed; a copy without a record
@@ -331,13 +652,18 @@ impl VolumeKind for LocalKind {
             }
             // Made by a CreateVolume that never answered: never handed out,
             // so empty. Anything else is kept aside, never deleted.
+            // Its project (if a crash came after it was set) stays charged
+            // while the directory is kept aside, so it is not handed out.
             let path = e.path();
+            let project = self.project_on(&path);
             if self.os.files.remove_dir(&path).is_ok() {
                 tracing::info!(dir = %path.display(), "removed orphaned volume directory");
+                self.release_unheld(project);
                 continue;
             }
             self.set_aside(&path, &name)?;
         }
+        self.repair_limits();
         Ok(())
     }
 
@@ -399,9 +725,34 @@ impl VolumeKind for LocalKind {
         let dest = self.dir(&rec.id)?;
         if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
             // A retry after the copy was moved into place.
-            return Ok(());
+            return self.give_project(rec, &dest);
         }
-        self.copy_into_place(&src, CREATING, &dest)
+        if self.projects.is_none() {
+            return self.copy_into_place(&src, CREATING, &dest);
+        }
+        // The copy is made inside a holder directory that has the new
+        // volume's project, the inherit flag and its limits, so that every
+        // file copied is charged to the volume (and a copy larger than the
+        // volume fails), then moved into place.
+        let f = self.os.files.as_ref();
+        let area = self.root.join(CREATING);
+        ensure_dir(f, &area, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
+        let holder = area.join(format!(".partial-{}", rec.id));
+        self.remove_tree(&holder)?;
+        ensure_dir(f, &holder, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", holder.display()), e))?;
+        self.give_project(rec, &holder)?;
+        let tmp = holder.join("volume");
+        let stats = f.copy_tree(&src, &tmp).map_err(|e| {
+            copy_error(format!("copying {} to {}", src.display(), tmp.display()), e)
+        })?;
+        f.rename_noreplace(&tmp, &dest)
+            .and_then(|_| f.sync_dir(&self.root))
+            .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))?;
+        self.remove_tree(&holder)?;
+        tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, project = ?rec.project, "copied");
+        Ok(())
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {
@@ -444,30 +795,16 @@ impl VolumeKind for LocalKind {
         mounts::unpublish(&self.os, target)
     }
 
+    /// With a project: the volume's own usage and limits from its quota.
+    /// Otherwise the filesystem's (statvfs of the path).
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
-        let t = mounts::table(&self.os)?;
-        let Some(top) = mounts::at(&self.os, &t, path)
-            .last()
-            .map(|m| mounts::object(m))
-        else {
-            return Err(Error::NotFound(format!(
-                "volume {} is not mounted at {}",
-                rec.id,
-                path.display()
-            )));
-        };
-        // With the backing directory gone (moved or deleted under a live
-        // mount) the mount cannot be matched to it; report what is there and
-        // let the condition say abnormal.
-        if self.require_dir(&rec.id).is_ok() {
-            let dir = self.dir(&rec.id)?;
-            if mountinfo::object_of(&t, &dir).as_ref() != Some(&top) {
-                return Err(Error::NotFound(format!(
-                    "volume {} is not mounted at {}",
-                    rec.id,
-                    path.display()
-                )));
-            }
+        self.check_mounted_at(rec, path)?;
+        if let (Some(p), Some(id)) = (&self.projects, rec.project) {
+            let q = p.usage(id)?;
+            return Ok(VolumeStats {
+                usage: quota::usage_of(&q, u64::try_from(rec.capacity_bytes).unwrap_or(0)),
+                block_size_only: None,
+            });
         }
         let usage = self
             .os

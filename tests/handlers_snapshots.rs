@@ -477,6 +477,8 @@ fn script_blank(f: &berth::os::fake::FakeOs) {
     for p in ["mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs"] {
         f.respond(p, |_| out(0, ""));
     }
+    // exit 1: errors corrected, the filesystem is fine now
+    f.respond("e2fsck", |_| out(1, ""));
 }
 
 fn img(h: &Harness, id: &str) -> PathBuf {
@@ -573,7 +575,26 @@ async fn a_staged_block_filesystem_is_frozen_for_its_snapshot() {
         mkfs,
         "a restored filesystem is never formatted"
     );
+    // grown before its first mount, offline (online ext4 resize needs
+    // CAP_SYS_RESOURCE): a forced check, then resize2fs of the device
+    assert_eq!(runs(f, "e2fsck"), 1);
     assert_eq!(runs(f, "resize2fs"), 1);
+    let order: Vec<&str> = f
+        .calls()
+        .iter()
+        .filter_map(|c| match c {
+            Call::Run { program, .. } if program == "e2fsck" => Some("e2fsck"),
+            Call::Run { program, .. } if program == "resize2fs" => Some("resize2fs"),
+            Call::MountFs { .. } => Some("mount"),
+            _ => None,
+        })
+        .collect();
+    let tail = &order[order.len().saturating_sub(3)..];
+    assert_eq!(
+        tail,
+        ["e2fsck", "resize2fs", "mount"],
+        "checked and grown, then mounted: {order:?}"
+    );
     assert!(
         !h.driver
             .store

@@ -201,17 +201,6 @@ fn same_tree(at_snapshot: &BTreeMap<PathBuf, Entry>, restored: &BTreeMap<PathBuf
     }
 }
 
-fn has_cap_sys_resource() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << 24) != 0)
-}
-
 async fn snapshot(h: &Harness, name: &str, source: &str) -> String {
     h.ctl
         .create_snapshot(Request::new(csi::CreateSnapshotRequest {
@@ -343,27 +332,19 @@ async fn block_filesystem_restore_is_the_tree_at_snapshot_time() {
         let before = manifest(&s);
         let snap = snapshot(&h, "s", &id).await;
         change(&s);
-        // Into a larger volume, whose filesystem the first stage grows
-        // online; ext4 needs CAP_SYS_RESOURCE for that, which this host's
-        // root lacks (the guest run has it): there, the same size.
-        let grow = fs == "xfs" || has_cap_sys_resource();
-        let size = if grow { 400 * MIB } else { 320 * MIB };
-        let r = restore(&h, "r", size, &snap, &params, rwo()).await;
+        // Into a larger volume, whose filesystem the first stage grows:
+        // ext4 before it mounts it (offline: no CAP_SYS_RESOURCE needed,
+        // which this host's root lacks), xfs once mounted.
+        let r = restore(&h, "r", 400 * MIB, &snap, &params, rwo()).await;
         let rs = h.path("stage-r");
         stage(&h, &r, &rs, rwo()).await;
         same_tree(&before, &manifest(&rs));
-        if grow {
-            let st = nix::sys::statvfs::statvfs(&rs).unwrap();
-            let size = st.blocks() as u64 * st.fragment_size() as u64;
-            assert!(
-                size > 330 * MIB as u64,
-                "{fs}: {size} bytes after restore into 400 MiB"
-            );
-        } else {
-            eprintln!(
-                "{fs}: restored at the same size (no CAP_SYS_RESOURCE here for online growth)"
-            );
-        }
+        let st = nix::sys::statvfs::statvfs(&rs).unwrap();
+        let size = st.blocks() as u64 * st.fragment_size() as u64;
+        assert!(
+            size > 330 * MIB as u64,
+            "{fs}: {size} bytes after restore into 400 MiB"
+        );
         unstage(&h, &r, &rs).await;
         unstage(&h, &id, &s).await;
         drop(h);

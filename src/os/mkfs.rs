@@ -135,6 +135,25 @@ pub fn grow(
     cmd.run(p, &args, GROW_TIMEOUT)?.check(p).map(|_| ())
 }
 
+/// Grows an unmounted ext4 filesystem to its device: `e2fsck -f -p` (which
+/// resize2fs demands of a filesystem last mounted after its last check;
+/// exit 1, errors corrected, is success), then `resize2fs`. Unlike the
+/// online resize (EXT4_IOC_RESIZE_FS) it needs no CAP_SYS_RESOURCE.
+pub fn grow_ext4_unmounted(cmd: &dyn Runner, device: &Path) -> Result<(), OsError> {
+    let dev = device.display().to_string();
+    let out = cmd.run(
+        "e2fsck",
+        &["-f".into(), "-p".into(), "--".into(), dev.clone()],
+        GROW_TIMEOUT,
+    )?;
+    if out.code != Some(1) {
+        out.check("e2fsck")?;
+    }
+    cmd.run("resize2fs", &["--".into(), dev], GROW_TIMEOUT)?
+        .check("resize2fs")
+        .map(|_| ())
+}
+
 /// Erases every signature blkid can find (`wipefs -a`); refuses a device
 /// that is in use.
 pub fn wipe(cmd: &dyn Runner, device: &Path) -> Result<(), OsError> {

@@ -173,15 +173,19 @@ impl BlockKind {
         let t = mounts::table(&self.os)?;
         if let Some(top) = mounts::at(&self.os, &t, staging).last() {
             if (top.major, top.minor) == (dev.major, dev.minor) && top.root == Path::new("/") {
-                return Ok(());
+                // Staged already; a restore whose growth failed after the
+                // mount is grown now (a retry must not answer OK with the
+                // filesystem still at the source's size).
+                return self.grow_restored(rec, &info, &dev, staging, fs);
             }
             return Err(Error::AlreadyExists(format!(
                 "staging path {} already has another mount",
                 staging.display()
             )));
         }
+        let facts_in_use = !Self::users(&t, &dev).is_empty();
         let facts = format::Facts {
-            in_use: !Self::users(&t, &dev).is_empty(),
+            in_use: facts_in_use,
             file_has_data: if info.disk.is_some() {
                 Some(false)
             } else {
@@ -226,6 +230,11 @@ impl BlockKind {
         };
         match decision {
             format::Decision::Mount => {
+                if info.grow_fs && fs == Filesystem::Ext4 && !facts_in_use {
+                    // before the first mount: offline, with no need of
+                    // CAP_SYS_RESOURCE (online ext4 resize needs it)
+                    info = self.grow_restored_unmounted(rec, &info, &dev)?;
+                }
                 mount()?;
                 self.grow_restored(rec, &info, &dev, staging, fs)
             }

@@ -335,8 +335,33 @@ impl BlockKind {
         Ok(())
     }
 
+    /// An ext4 filesystem restored or cloned into a larger volume is grown
+    /// to its device at its first stage, before it is mounted; returns the
+    /// info with the growth done and recorded.
+    pub(super) fn grow_restored_unmounted(
+        &self,
+        rec: &VolumeRecord,
+        info: &BlockInfo,
+        dev: &Dev,
+    ) -> Result<BlockInfo> {
+        crate::os::mkfs::grow_ext4_unmounted(self.os.cmd.as_ref(), &dev.path).map_err(|e| {
+            Error::os(
+                format!(
+                    "growing the restored ext4 filesystem on {}",
+                    dev.path.display()
+                ),
+                e,
+            )
+        })?;
+        let mut grown = info.clone();
+        grown.grow_fs = false;
+        self.save_info(rec, &grown)?;
+        Ok(grown)
+    }
+
     /// A filesystem restored or cloned into a larger volume is grown to its
-    /// device once it is mounted (at the first stage).
+    /// device once it is mounted (at the first stage; xfs grows only
+    /// mounted).
     pub(super) fn grow_restored(
         &self,
         rec: &VolumeRecord,

@@ -105,10 +105,14 @@ impl Driver {
     /// Probe answers not ready until they are done. Call once, after
     /// binding the socket.
     pub fn start(self: &Arc<Self>) {
-        let pending = self.store.filter(|r| {
-            r.phase != Phase::Ready && self.kinds.get(&r.kind).is_some_and(|k| k.remote())
-        });
-        if pending.is_empty() {
+        let remote = |k: &Kind| self.kinds.get(k).is_some_and(|k| k.remote());
+        let pending = self
+            .store
+            .filter(|r| r.phase != Phase::Ready && remote(&r.kind));
+        let snaps = self
+            .store
+            .snapshot_filter(|s| s.phase != Phase::Ready && remote(&s.kind));
+        if pending.is_empty() && snaps.is_empty() {
             return;
         }
         let mut work = Vec::new();
@@ -122,10 +126,30 @@ impl Driver {
             }
             work.push((guard, rec));
         }
+        let mut snap_work = Vec::new();
+        for snap in snaps {
+            let guard = self
+                .locks
+                .try_lock(crate::controller::snapshot::snap_key(&snap.id))
+                .and_then(|mut g| {
+                    g.also(crate::controller::snapshot::snap_name_key(&snap.name))?;
+                    Ok(g)
+                });
+            if let Ok(g) = guard {
+                snap_work.push((g, snap));
+            }
+        }
         self.reconciling.store(true, Ordering::SeqCst);
         let (d, count) = (self.clone(), crate::rpc::InFlight::start());
         std::thread::spawn(move || {
             let _count = count;
+            // Interrupted snapshots first: never reported ready, removed.
+            for (guard, snap) in snap_work {
+                let _guard = guard;
+                if let Ok(k) = d.kind(snap.kind).cloned() {
+                    d.remove_pending_snapshot(k.as_ref(), &snap.id);
+                }
+            }
             for (guard, rec) in work {
                 let _guard = guard;
                 tracing::info!(volume_id = %rec.id, phase = ?rec.phase, "reconciling interrupted operation");
@@ -298,7 +322,7 @@ impl Driver {
     /// volume's and the name's guard (other RPCs on that volume answer
     /// ABORTED meanwhile; shutdown waits for it like for any operation).
     pub fn retry_pending(self: &Arc<Self>, startup: bool) {
-        self.retry_pending_snapshots();
+        self.retry_pending_snapshots(startup);
         let pending = self.store.filter(|r| r.phase != Phase::Ready);
         for rec in pending {
             let Ok(kind) = self.kind(rec.kind).cloned() else {
@@ -345,12 +369,18 @@ impl Driver {
 impl Driver {
     /// Snapshots left half made (an interrupted CreateSnapshot: never
     /// reported ready) or half deleted: their copy is removed, then their
-    /// record. Copies are removed quickly, so this runs in place.
-    fn retry_pending_snapshots(&self) {
+    /// record. Local copies are removed quickly, so this runs in place;
+    /// those of remote kinds (NFS), whose server may not answer, not before
+    /// serving (`startup`: `start` does them) and on their own thread
+    /// holding their guard while serving.
+    fn retry_pending_snapshots(self: &Arc<Self>, startup: bool) {
         for snap in self.store.snapshot_filter(|s| s.phase != Phase::Ready) {
             let Ok(kind) = self.kind(snap.kind).cloned() else {
                 continue;
             };
+            if startup && kind.remote() {
+                continue;
+            }
             let guard = self
                 .locks
                 .try_lock(crate::controller::snapshot::snap_key(&snap.id))
@@ -358,23 +388,38 @@ impl Driver {
                     g.also(crate::controller::snapshot::snap_name_key(&snap.name))?;
                     Ok(g)
                 });
-            let Ok(_guard) = guard else {
+            let Ok(guard) = guard else {
                 continue;
             };
-            let Some(snap) = self
-                .store
-                .snapshot_get(&snap.id)
-                .filter(|s| s.phase != Phase::Ready)
-            else {
-                continue;
-            };
-            tracing::info!(snapshot_id = %snap.id, phase = ?snap.phase, "removing an interrupted snapshot");
-            let r = kind
-                .delete_snapshot(&snap)
-                .and_then(|_| Ok(self.store.snapshot_remove(&snap.id)?));
-            if let Err(e) = r {
-                tracing::warn!(snapshot_id = %snap.id, error = %e.render(), "could not remove an interrupted snapshot; will retry");
+            if kind.remote() {
+                let (d, count) = (self.clone(), crate::rpc::InFlight::start());
+                std::thread::spawn(move || {
+                    let (_guard, _count) = (guard, count);
+                    d.remove_pending_snapshot(kind.as_ref(), &snap.id);
+                });
+            } else {
+                self.remove_pending_snapshot(kind.as_ref(), &snap.id);
+                drop(guard);
             }
+        }
+    }
+
+    /// Removes the copy, then the record, of the snapshot `id` if it is
+    /// still unfinished or half deleted (read again under its guard).
+    fn remove_pending_snapshot(&self, kind: &dyn VolumeKind, id: &str) {
+        let Some(snap) = self
+            .store
+            .snapshot_get(id)
+            .filter(|s| s.phase != Phase::Ready)
+        else {
+            return;
+        };
+        tracing::info!(snapshot_id = %snap.id, phase = ?snap.phase, "removing an interrupted snapshot");
+        let r = kind
+            .delete_snapshot(&snap)
+            .and_then(|_| Ok(self.store.snapshot_remove(&snap.id)?));
+        if let Err(e) = r {
+            tracing::warn!(snapshot_id = %snap.id, error = %e.render(), "could not remove an interrupted snapshot; will retry");
         }
     }
 }

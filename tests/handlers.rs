@@ -812,33 +812,10 @@ async fn get_capacity_subtracts_promises_and_honours_topology() {
 
 #[tokio::test]
 async fn unadvertised_rpcs_are_unimplemented() {
-    // Snapshots come with a kind that makes them (local and block do, NFS
-    // not yet).
-    let nfs = fake(&["--kinds", "nfs"]);
-    for c in [
-        code(
-            nfs.ctl
-                .create_snapshot(Request::new(Default::default()))
-                .await,
-        ),
-        code(
-            nfs.ctl
-                .delete_snapshot(Request::new(Default::default()))
-                .await,
-        ),
-        code(
-            nfs.ctl
-                .list_snapshots(Request::new(Default::default()))
-                .await,
-        ),
-        code(nfs.ctl.get_snapshot(Request::new(Default::default())).await),
-    ] {
-        assert_eq!(c, Code::Unimplemented);
-    }
-    let has_nfs = controller_rpcs(&nfs).await;
+    // Every kind makes snapshots (their capabilities are advertised in
+    // every mode: handlers_nfs, handlers_snapshots); modification and
+    // expansion without an expandable kind are not.
     use csi::controller_service_capability::rpc::Type;
-    assert!(!has_nfs.contains(&(Type::CreateDeleteSnapshot as i32)));
-    assert!(!has_nfs.contains(&(Type::CloneVolume as i32)));
     let h = fake(&[]);
     let caps = controller_rpcs(&h).await;
     let has = |t: Type| caps.contains(&(t as i32));

@@ -1844,3 +1844,562 @@ async fn a_create_that_fails_on_the_share_leaves_nothing() {
     create(&h, "v", &[]).await;
     assert!(marker_of(&root.join("v")).is_some());
 }
+
+// ------------------------------------------- snapshots, restores and clones
+
+fn snap_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+async fn snapshot(h: &Harness, name: &str, source: &str) -> csi::Snapshot {
+    h.ctl
+        .create_snapshot(Request::new(snap_req(name, source)))
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot")
+}
+
+async fn delete_snapshot(h: &Harness, id: &str) -> Result<(), tonic::Status> {
+    h.ctl
+        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
+fn source_snapshot(id: &str) -> Option<csi::VolumeContentSource> {
+    Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: id.into(),
+            },
+        )),
+    })
+}
+
+fn source_volume(id: &str) -> Option<csi::VolumeContentSource> {
+    Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: id.into(),
+            },
+        )),
+    })
+}
+
+/// CreateVolume of `name` (`size` bytes at least, `limit` at most) from
+/// `source`, with `extra` parameters.
+async fn create_from(
+    h: &Harness,
+    name: &str,
+    size: i64,
+    limit: i64,
+    source: Option<csi::VolumeContentSource>,
+    extra: &[(&str, &str)],
+) -> Result<csi::Volume, tonic::Status> {
+    let mut r = req(name, extra);
+    r.capacity_range = Some(csi::CapacityRange {
+        required_bytes: size,
+        limit_bytes: limit,
+    });
+    r.volume_content_source = source;
+    h.ctl
+        .create_volume(Request::new(r))
+        .await
+        .map(|r| r.into_inner().volume.expect("volume"))
+}
+
+/// The directory of an NFS snapshot on the share.
+fn snap_dir(h: &Harness, id: &str) -> PathBuf {
+    let key = id.rsplit('#').next().unwrap();
+    share_root(h).join(".berth-snapshots").join(key)
+}
+
+fn snap_marker(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read(dir.join(".berth-snapshot")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A tree with what a snapshot must keep: a subdirectory with its own
+/// mode, a file with a mode, a symlink, a hard-link pair, an xattr when
+/// the filesystem takes one.
+fn fill_tree(dir: &Path, content: &[u8]) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/f"), content).unwrap();
+    std::fs::set_permissions(dir.join("sub/f"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(dir.join("sub"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::symlink("sub/f", dir.join("link")).unwrap();
+    std::fs::hard_link(dir.join("sub/f"), dir.join("hard")).unwrap();
+    xattr::set(dir.join("sub/f"), "user.berth", b"v").is_ok()
+}
+
+fn check_tree(dir: &Path, content: &[u8], xattrs: bool) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(std::fs::read(dir.join("sub/f")).unwrap(), content);
+    let m = |p: &str| std::fs::symlink_metadata(dir.join(p)).unwrap();
+    assert_eq!(m("sub/f").permissions().mode() & 0o7777, 0o640);
+    assert_eq!(m("sub").permissions().mode() & 0o7777, 0o750);
+    assert_eq!(
+        std::fs::read_link(dir.join("link")).unwrap(),
+        Path::new("sub/f")
+    );
+    assert_eq!(m("hard").ino(), m("sub/f").ino(), "one inode stays one");
+    if xattrs {
+        assert_eq!(
+            xattr::get(dir.join("sub/f"), "user.berth")
+                .unwrap()
+                .as_deref(),
+            Some(&b"v"[..])
+        );
+    }
+}
+
+#[tokio::test]
+async fn nfs_snapshots_are_copies_on_the_share_that_restore_and_clone() {
+    let h = nfs(&[]);
+    use csi::controller_service_capability::rpc::Type as C;
+    let types = controller_rpcs(&h).await;
+    for t in [
+        C::CreateDeleteSnapshot,
+        C::ListSnapshots,
+        C::GetSnapshot,
+        C::CloneVolume,
+    ] {
+        assert!(types.contains(&(t as i32)), "{t:?} not advertised");
+    }
+    let src = create(&h, "src", &[]).await;
+    let root = share_root(&h);
+    let xattrs = fill_tree(&root.join("src"), b"before");
+    let s = snapshot(&h, "snap-1", &src.volume_id).await;
+    assert!(s.ready_to_use);
+    assert_eq!(s.size_bytes, src.capacity_bytes);
+    assert_eq!(s.source_volume_id, src.volume_id);
+    assert!(s.creation_time.is_some_and(|t| t.seconds > 0));
+    assert!(
+        s.snapshot_id.starts_with("nfssnap#127.0.0.1#/export#"),
+        "{}",
+        s.snapshot_id
+    );
+    // On the share: the marker names the snapshot; the copy leaves the
+    // volume's own marker out.
+    let dir = snap_dir(&h, &s.snapshot_id);
+    assert_eq!(names_in(&dir), [".berth-snapshot", "data"]);
+    let m = snap_marker(&dir).unwrap();
+    assert_eq!(m["id"], s.snapshot_id.as_str());
+    assert_eq!(m["name"], "snap-1");
+    assert_eq!(m["source_volume_id"], src.volume_id.as_str());
+    assert!(!dir.join("data/.berth-volume").exists());
+    check_tree(&dir.join("data"), b"before", xattrs);
+    assert_eq!(
+        names_in(&root.join(".berth-snapshots")),
+        [s.snapshot_id.rsplit('#').next().unwrap()],
+        "nothing of the making is left"
+    );
+    // Idempotent by name; the same name of another volume is not.
+    assert_eq!(
+        snapshot(&h, "snap-1", &src.volume_id).await.snapshot_id,
+        s.snapshot_id
+    );
+    let other = create(&h, "other", &[]).await;
+    let e = h
+        .ctl
+        .create_snapshot(Request::new(snap_req("snap-1", &other.volume_id)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    // Written after the snapshot: not in it.
+    std::fs::write(root.join("src/sub/f"), b"after").unwrap();
+    let r = create_from(&h, "restored", 1, 0, source_snapshot(&s.snapshot_id), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.capacity_bytes, src.capacity_bytes, "at least the source");
+    check_tree(&root.join("restored"), b"before", xattrs);
+    assert_eq!(
+        marker_of(&root.join("restored")).unwrap()["id"],
+        r.volume_id.as_str(),
+        "the restored volume has its own marker"
+    );
+    assert!(matches!(
+        r.content_source.and_then(|c| c.r#type),
+        Some(csi::volume_content_source::Type::Snapshot(x)) if x.snapshot_id == s.snapshot_id
+    ));
+    // A clone copies the volume as it is now.
+    let c = create_from(&h, "clone", 0, 0, source_volume(&src.volume_id), &[])
+        .await
+        .unwrap();
+    check_tree(&root.join("clone"), b"after", xattrs);
+    assert_eq!(
+        marker_of(&root.join("clone")).unwrap()["id"],
+        c.volume_id.as_str()
+    );
+    // Larger is fine; a limit below the source is OUT_OF_RANGE.
+    let big = create_from(
+        &h,
+        "big",
+        3 * src.capacity_bytes,
+        0,
+        source_snapshot(&s.snapshot_id),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(big.capacity_bytes, 3 * src.capacity_bytes);
+    let e = create_from(
+        &h,
+        "small",
+        1,
+        src.capacity_bytes - 1,
+        source_snapshot(&s.snapshot_id),
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    let e = create_from(
+        &h,
+        "small",
+        1,
+        src.capacity_bytes - 1,
+        source_volume(&src.volume_id),
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    assert!(!root.join("small").exists());
+    // mountPermissions applies to a restored volume too.
+    create_from(
+        &h,
+        "perm",
+        0,
+        0,
+        source_snapshot(&s.snapshot_id),
+        &[("mountPermissions", "0770")],
+    )
+    .await
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(root.join("perm"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o770
+    );
+    // Get and List from the records.
+    let got = h
+        .ctl
+        .get_snapshot(Request::new(csi::GetSnapshotRequest {
+            snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(got.snapshot_id, s.snapshot_id);
+    let l = h
+        .ctl
+        .list_snapshots(Request::new(csi::ListSnapshotsRequest {
+            source_volume_id: src.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(l.entries.len(), 1);
+    // Unknown sources are NOT_FOUND.
+    for source in [
+        source_snapshot("nfssnap#127.0.0.1#/export#0123456789abcdef"),
+        source_volume("nfs#d#127.0.0.1#/export#none"),
+    ] {
+        let e = create_from(&h, "nothing", 0, 0, source, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    }
+    // Deleting the snapshot leaves the volumes made from it.
+    delete_snapshot(&h, &s.snapshot_id).await.unwrap();
+    assert!(!dir.exists());
+    assert!(names_in(&root.join(".berth-snapshots")).is_empty());
+    check_tree(&root.join("restored"), b"before", xattrs);
+    delete_snapshot(&h, &s.snapshot_id).await.unwrap();
+}
+
+/// Restores and clones copy inside one working mount of one share: a
+/// source on another share is INVALID_ARGUMENT (the spec's "source
+/// incompatible") and nothing is made.
+#[tokio::test]
+async fn restore_and_clone_stay_on_the_source_share() {
+    let h = nfs(&[]);
+    let src = create(&h, "src", &[]).await;
+    let s = snapshot(&h, "s", &src.volume_id).await;
+    for source in [
+        source_snapshot(&s.snapshot_id),
+        source_volume(&src.volume_id),
+    ] {
+        let e = create_from(&h, "elsewhere", 0, 0, source, &[("share", "/export2")])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("share"), "{}", e.message());
+    }
+    assert!(h
+        .driver
+        .store
+        .get("nfs#d#127.0.0.1#/export2#elsewhere")
+        .is_none());
+    // Another subdirectory template on the same share is fine.
+    create_from(
+        &h,
+        "x",
+        0,
+        0,
+        source_snapshot(&s.snapshot_id),
+        &[
+            ("subDir", "team/${pvc.metadata.name}"),
+            ("csi.storage.k8s.io/pvc/name", "x"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(share_root(&h).join("team/x/.berth-volume").exists());
+}
+
+/// A volume with snapshots can be deleted (or archived); its snapshots
+/// stay and restore.
+#[tokio::test]
+async fn a_deleted_volume_s_snapshots_stay_usable() {
+    let h = nfs(&[]);
+    for mode in ["delete", "archive"] {
+        let name = format!("src-{mode}");
+        let src = create(&h, &name, &[("onDelete", mode)]).await;
+        let root = share_root(&h);
+        let xattrs = fill_tree(&root.join(&name), b"kept");
+        let s = snapshot(&h, &format!("s-{mode}"), &src.volume_id).await;
+        delete(&h, &src.volume_id).await.unwrap();
+        assert!(!root.join(&name).exists());
+        let r = create_from(
+            &h,
+            &format!("r-{mode}"),
+            0,
+            0,
+            source_snapshot(&s.snapshot_id),
+            &[],
+        )
+        .await
+        .unwrap();
+        check_tree(&root.join(format!("r-{mode}")), b"kept", xattrs);
+        assert!(r.volume_id.ends_with(&format!("r-{mode}")));
+    }
+}
+
+/// The controller's records live in an emptyDir: after losing them, the
+/// snapshot id alone finds the snapshot on the share. A retry of the same
+/// CreateSnapshot gets the same id and copy (no second copy), a restore
+/// works from the id, DeleteSnapshot removes it from the id.
+#[tokio::test]
+async fn nfs_snapshots_survive_a_lost_controller_state() {
+    let h = nfs(&[]);
+    let src = create(&h, "src", &[]).await;
+    let root = share_root(&h);
+    let xattrs = fill_tree(&root.join("src"), b"old");
+    let s = snapshot(&h, "snap", &src.volume_id).await;
+    let created = s.creation_time.unwrap();
+    std::fs::remove_dir_all(h.path("state/journal")).unwrap();
+    let h = restart(h, &["--kinds", "nfs"]);
+    assert!(h.driver.store.is_empty());
+    // The CO retries the CreateSnapshot it never got an answer for: the
+    // source volume has no record either and is found from its marker.
+    let again = snapshot(&h, "snap", &src.volume_id).await;
+    assert_eq!(again.snapshot_id, s.snapshot_id);
+    assert!(again.ready_to_use);
+    assert_eq!(again.creation_time.unwrap(), created, "the copy's own time");
+    assert_eq!(names_in(&root.join(".berth-snapshots")).len(), 1);
+    h.driver.store.snapshot_remove(&s.snapshot_id).unwrap();
+    let r = create_from(&h, "restored", 0, 0, source_snapshot(&s.snapshot_id), &[])
+        .await
+        .unwrap();
+    check_tree(&root.join("restored"), b"old", xattrs);
+    assert!(matches!(
+        r.content_source.and_then(|c| c.r#type),
+        Some(csi::volume_content_source::Type::Snapshot(x)) if x.snapshot_id == s.snapshot_id
+    ));
+    // A clone of a volume without a record, too.
+    std::fs::remove_dir_all(h.path("state/journal")).unwrap();
+    let h = restart(h, &["--kinds", "nfs"]);
+    create_from(&h, "clone", 0, 0, source_volume(&src.volume_id), &[])
+        .await
+        .unwrap();
+    check_tree(&root.join("clone"), b"old", xattrs);
+    delete_snapshot(&h, &s.snapshot_id).await.unwrap();
+    assert!(!snap_dir(&h, &s.snapshot_id).exists());
+    let e = create_from(&h, "late", 0, 0, source_snapshot(&s.snapshot_id), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+}
+
+/// DeleteSnapshot removes only a directory whose marker names the
+/// snapshot: another snapshot's marker, none, or a symlink at its place is
+/// left as it is; ids that reach outside the snapshot area are not NFS
+/// snapshot ids and touch nothing.
+#[tokio::test]
+async fn delete_snapshot_touches_only_what_its_marker_names() {
+    let h = nfs(&[]);
+    let src = create(&h, "src", &[]).await;
+    let root = share_root(&h);
+    std::fs::write(root.join("src/f"), b"x").unwrap();
+    let a = snapshot(&h, "a", &src.volume_id).await;
+    let b = snapshot(&h, "b", &src.volume_id).await;
+    let (da, db) = (snap_dir(&h, &a.snapshot_id), snap_dir(&h, &b.snapshot_id));
+    // a's directory now carries b's marker; b's none at all.
+    std::fs::copy(db.join(".berth-snapshot"), da.join(".berth-snapshot")).unwrap();
+    std::fs::remove_file(db.join(".berth-snapshot")).unwrap();
+    delete_snapshot(&h, &a.snapshot_id).await.unwrap();
+    delete_snapshot(&h, &b.snapshot_id).await.unwrap();
+    assert!(da.join("data/f").exists(), "a foreign marker: left");
+    assert!(db.join("data/f").exists(), "no marker: left");
+    assert!(h.driver.store.snapshot_get(&a.snapshot_id).is_none());
+    // A restore from a snapshot whose copy is not Berth's is refused.
+    let c = snapshot(&h, "c", &src.volume_id).await;
+    let dc = snap_dir(&h, &c.snapshot_id);
+    std::fs::remove_file(dc.join(".berth-snapshot")).unwrap();
+    let e = create_from(&h, "r", 0, 0, source_snapshot(&c.snapshot_id), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(!root.join("r").exists());
+    // A symlink at a snapshot's place is not followed.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("keep"), b"x").unwrap();
+    std::fs::remove_dir_all(&dc).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &dc).unwrap();
+    delete_snapshot(&h, &c.snapshot_id).await.unwrap();
+    assert!(outside.path().join("keep").exists());
+    // Hostile ids: OK, nothing touched.
+    let canary = root.join("canary");
+    std::fs::write(&canary, b"x").unwrap();
+    for bad in [
+        "nfssnap#127.0.0.1#/export#..",
+        "nfssnap#127.0.0.1#/export#../src",
+        "nfssnap#127.0.0.1#/export/.berth-snapshots#0123456789abcdef",
+        "nfssnap#127.0.0.1#/#0123456789abcdef",
+        "nfssnap#127.0.0.1#/export#0123456789ABCDEF",
+    ] {
+        delete_snapshot(&h, bad).await.unwrap();
+        let e = create_from(&h, "hostile", 0, 0, source_snapshot(bad), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{bad}: {}", e.message());
+    }
+    assert!(canary.exists() && root.join("src/f").exists());
+}
+
+/// A copy that fails (no space, an I/O error) leaves neither a snapshot
+/// nor a half-made copy, nor a record; a restore that fails leaves no
+/// volume directory; the retries work.
+#[tokio::test]
+async fn failed_nfs_copies_leave_nothing() {
+    let h = nfs(&[]);
+    let src = create(&h, "src", &[]).await;
+    let root = share_root(&h);
+    std::fs::write(root.join("src/f"), b"x").unwrap();
+    for (errno, code) in [
+        (libc::ENOSPC, Code::ResourceExhausted),
+        (libc::EIO, Code::Internal),
+    ] {
+        h.fake().fail_op_under("copy", &root, errno);
+        let e = h
+            .ctl
+            .create_snapshot(Request::new(snap_req("s", &src.volume_id)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+        let e = create_from(&h, "c", 0, 0, source_volume(&src.volume_id), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+        h.fake().clear_file_faults();
+        assert!(names_in(&root.join(".berth-snapshots")).is_empty());
+        assert_eq!(names_in(&root), [".berth-snapshots", "src"]);
+        assert!(h.driver.store.snapshot_by_name("s").is_none());
+        assert!(h.driver.store.get_by_name("c").is_none());
+    }
+    let s = snapshot(&h, "s", &src.volume_id).await;
+    assert!(snap_dir(&h, &s.snapshot_id).join("data/f").exists());
+    create_from(&h, "c", 0, 0, source_volume(&src.volume_id), &[])
+        .await
+        .unwrap();
+    assert!(root.join("c/f").exists());
+}
+
+/// A snapshot interrupted by a crash (its record says Creating, a
+/// half-made copy on the share) is never reported ready; after start-up
+/// (which does not wait for the NFS server) its copy and record are gone.
+#[tokio::test]
+async fn an_interrupted_nfs_snapshot_is_removed_after_start_up() {
+    let h = nfs(&[]);
+    let src = create(&h, "src", &[]).await;
+    let root = share_root(&h);
+    std::fs::write(root.join("src/f"), b"x").unwrap();
+    let s = snapshot(&h, "s", &src.volume_id).await;
+    // Made into a half-made copy with a Creating record.
+    let dir = snap_dir(&h, &s.snapshot_id);
+    let key = s.snapshot_id.rsplit('#').next().unwrap().to_string();
+    let tmp = root
+        .join(".berth-snapshots")
+        .join(format!(".berth-new-{key}"));
+    std::fs::rename(&dir, &tmp).unwrap();
+    let mut rec = h.driver.store.snapshot_get(&s.snapshot_id).unwrap();
+    rec.phase = berth::state::Phase::Creating;
+    h.driver.store.snapshot_put(&rec).unwrap();
+    let e = h
+        .ctl
+        .get_snapshot(Request::new(csi::GetSnapshotRequest {
+            snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = create_from(&h, "r", 0, 0, source_snapshot(&s.snapshot_id), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    let h = restart_after_crash(h, &["--kinds", "nfs"]);
+    let t0 = Instant::now();
+    while ready(&h.ident).await != Some(true) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(h.driver.store.snapshot_get(&s.snapshot_id).is_none());
+    assert!(!tmp.exists() && !dir.exists());
+    assert!(root.join("src/f").exists());
+    // The CO's retry makes it again.
+    let again = snapshot(&h, "s", &src.volume_id).await;
+    assert_eq!(again.snapshot_id, s.snapshot_id);
+    assert!(dir.join("data/f").exists());
+}

@@ -3,12 +3,15 @@
 //! is made and marked Ready once the copy is complete and durable, so a
 //! snapshot is never reported ready before it is, and one interrupted by a
 //! crash is removed at start-up. The source volume's guard is held for the
-//! whole copy (it cannot be deleted or expanded meanwhile).
+//! whole copy (it cannot be deleted or expanded meanwhile). Kinds whose
+//! snapshot ids say where the snapshot lives (NFS) derive the id from the
+//! name and the source (its guard is held too), and a source volume with
+//! such an id and no record here is found from its storage.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::snapshot::{self, snap_name_key};
+use super::snapshot::{self, snap_key, snap_name_key};
 use crate::csi::v1 as csi;
 use crate::driver::{vol_key, Driver};
 use crate::error::{Error, Result};
@@ -38,10 +41,17 @@ pub async fn handle(
             k.chars().take(64).collect::<String>()
         )));
     }
+    let derived = match d.kind_of_id(&source) {
+        Some(k) => k.snapshot_id_for(&name, &source)?,
+        None => None,
+    };
     let mut guard = d.locks.try_lock(snap_name_key(&name))?;
     guard.also(vol_key(&source))?;
+    if let Some(id) = &derived {
+        guard.also(snap_key(id))?;
+    }
     let snap = d
-        .run(guard, move |d| create(d, name, source, params))
+        .run(guard, move |d| create(d, name, source, derived, params))
         .await?;
     Ok(csi::CreateSnapshotResponse {
         snapshot: Some(snapshot::to_proto(&snap)),
@@ -52,6 +62,7 @@ fn create(
     d: &Driver,
     name: String,
     source: String,
+    derived: Option<String>,
     params: BTreeMap<String, String>,
 ) -> Result<SnapshotRecord> {
     if let Some(s) = d.store.snapshot_by_name(&name) {
@@ -74,11 +85,13 @@ fn create(
             Phase::Creating => {}
         }
     }
-    let vol = d
-        .store
-        .get(&source)
-        .filter(|v| v.phase == Phase::Ready)
-        .ok_or_else(|| Error::NotFound(format!("source volume {source} does not exist")))?;
+    let missing = || Error::NotFound(format!("source volume {source} does not exist"));
+    let vol = match d.store.get(&source) {
+        Some(v) if v.phase == Phase::Ready => v,
+        Some(_) => return Err(missing()),
+        // A self-describing id without a record: its storage says.
+        None => d.controller_volume(&source)?,
+    };
     d.require_local_here(&vol)?;
     let kind = d.kind(vol.kind)?.clone();
     if !kind.snapshots() {
@@ -97,7 +110,7 @@ fn create(
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
             let rec = SnapshotRecord {
-                id: kind.new_snapshot_id(),
+                id: derived.unwrap_or_else(|| kind.new_snapshot_id()),
                 name,
                 kind: vol.kind,
                 seq: 0,

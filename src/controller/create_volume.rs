@@ -141,27 +141,30 @@ impl Resolved {
     }
 }
 
-/// Finds the source of a restore or clone in this instance's store. One
-/// that is not here but whose id says it lives on another node is
-/// RESOURCE_EXHAUSTED (the CO then places the volume elsewhere, as it does
-/// for a node without room); one that is nowhere is NOT_FOUND. A source of
-/// another kind is INVALID_ARGUMENT.
+/// Finds the source of a restore or clone in this instance's store; one
+/// with a self-describing id (NFS) and no record here is found from its
+/// storage (its marker). One that is not here but whose id says it lives on
+/// another node is RESOURCE_EXHAUSTED (the CO then places the volume
+/// elsewhere, as it does for a node without room); one that is nowhere is
+/// NOT_FOUND. A source of another kind is INVALID_ARGUMENT.
 fn resolve(d: &Driver, imp: &dyn VolumeKind, kind: Kind, s: &ContentSource) -> Result<Resolved> {
     let (what, id) = match s {
         ContentSource::Snapshot(id) => ("snapshot", id),
         ContentSource::Volume(id) => ("volume", id),
     };
     let found = match s {
-        ContentSource::Snapshot(id) => d
-            .store
-            .snapshot_get(id)
-            .filter(|r| r.phase == Phase::Ready)
-            .map(|r| (r.kind, Resolved::Snapshot(r))),
-        ContentSource::Volume(id) => d
-            .store
-            .get(id)
-            .filter(|r| r.phase == Phase::Ready)
-            .map(|r| (r.kind, Resolved::Volume(r))),
+        ContentSource::Snapshot(id) => match d.store.snapshot_get(id) {
+            Some(r) => (r.phase == Phase::Ready).then_some((r.kind, Resolved::Snapshot(r))),
+            None => imp
+                .confirm_snapshot(id)?
+                .map(|r| (r.kind, Resolved::Snapshot(r))),
+        },
+        ContentSource::Volume(id) => match d.store.get(id) {
+            Some(r) => (r.phase == Phase::Ready).then_some((r.kind, Resolved::Volume(r))),
+            None => imp
+                .confirm_from_id(id)?
+                .map(|r| (r.kind, Resolved::Volume(r))),
+        },
     };
     match found {
         Some((k, r)) if k == kind => Ok(r),
@@ -290,6 +293,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     let wanted = match &r.source {
         Some(s) => {
             let src = resolve(d, imp.as_ref(), r.kind, s)?;
+            imp.check_source(&r.id, src.as_source())?;
             if r.range.limit > 0 && r.range.limit < src.size() {
                 return Err(Error::OutOfRange(format!(
                     "limit_bytes {} is less than the source's {} bytes",

@@ -1,7 +1,9 @@
 //! DeleteSnapshot: idempotent (an unknown id is success). The record goes to
 //! Deleting before the copy is removed, so a crash in between is finished
 //! at start-up. Volumes restored from a snapshot are copies of their own:
-//! deleting it touches none of them.
+//! deleting it touches none of them. A self-describing id (NFS) without a
+//! record here (the controller lost its records) is deleted from the id:
+//! the kind removes only storage whose marker names it.
 use std::sync::Arc;
 
 use super::snapshot::{self, snap_key, snap_name_key};
@@ -18,6 +20,22 @@ pub async fn handle(
     snapshot::require(&d)?;
     let id = validate::snapshot_id(&req.snapshot_id)?.to_string();
     let Some(rec) = d.store.snapshot_get(&id) else {
+        let Some((kind, rec)) = d
+            .kinds()
+            .find_map(|k| k.snapshot_from_id(&id).map(|r| (k.clone(), r)))
+        else {
+            return Ok(csi::DeleteSnapshotResponse {});
+        };
+        let guard = d.locks.try_lock(snap_key(&id))?;
+        d.run(guard, move |d| match d.store.snapshot_get(&rec.id) {
+            // Made meanwhile: a DeleteSnapshot of it deletes it.
+            Some(_) => Err(crate::error::Error::Aborted(format!(
+                "snapshot {} was just created; retry",
+                rec.id
+            ))),
+            None => kind.delete_snapshot(&rec),
+        })
+        .await?;
         return Ok(csi::DeleteSnapshotResponse {});
     };
     let mut guard = d.locks.try_lock(snap_key(&id))?;

@@ -404,6 +404,40 @@ pub trait VolumeKind: Send + Sync {
         String::new()
     }
 
+    /// The id of a new snapshot named `name` of the volume `source` (an id
+    /// of this kind), for kinds whose snapshot ids say where the snapshot
+    /// lives (NFS: derived from the share, the name and the source, so a
+    /// retry after the records were lost finds the same copy). None: a
+    /// fresh `new_snapshot_id`.
+    fn snapshot_id_for(&self, name: &str, source: &str) -> Result<Option<String>> {
+        let _ = (name, source);
+        Ok(None)
+    }
+
+    /// For self-describing snapshot ids (NFS), without a record: a record
+    /// rebuilt from the id alone, for DeleteSnapshot (whose
+    /// `delete_snapshot` removes only storage that proves it is that
+    /// snapshot's). None otherwise.
+    fn snapshot_from_id(&self, id: &str) -> Option<SnapshotRecord> {
+        let _ = id;
+        None
+    }
+
+    /// For self-describing snapshot ids, without a record: the record of
+    /// the snapshot once its storage proves that it is complete (NFS: its
+    /// marker on the share), for restores. Default: None.
+    fn confirm_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// INVALID_ARGUMENT when the volume `id` (of this kind) cannot be made
+    /// from `from` (NFS: a source on another share). Default: it can.
+    fn check_source(&self, id: &str, from: Source<'_>) -> Result<()> {
+        let _ = (id, from);
+        Ok(())
+    }
+
     /// True when `id` has this kind's snapshot id structure.
     fn owns_snapshot_id(&self, id: &str) -> bool {
         let _ = id;

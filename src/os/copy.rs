@@ -267,24 +267,72 @@ fn copy_meta(m: &std::fs::Metadata, dst: &Path, symlink: bool) -> Result<(), OsE
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
     let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
     let mut st = CopyStats::default();
-    copy_dir(src, dst, &mut links, &mut st)?;
-    let d = File::open(dst).map_err(sys("open", dst))?;
-    nix::unistd::syncfs(&d).map_err(errno("syncfs", dst))?;
+    copy_dir(src, dst, &[], &mut links, &mut st)?;
+    sync_fs_of(dst)?;
     Ok(st)
+}
+
+/// Copies what the directory `src` holds into the existing directory
+/// `dst`, except the entries of `src` itself named in `skip` (deeper
+/// entries of those names are copied), then gives `dst` the mode, owner,
+/// times and extended attributes of `src`. Nothing in `dst` may have the
+/// name of an entry copied (EEXIST). Durable before it returns, like
+/// `copy_tree`.
+pub fn copy_into(src: &Path, dst: &Path, skip: &[&str]) -> Result<CopyStats, OsError> {
+    let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
+    let mut st = CopyStats::default();
+    let m = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
+    if !m.is_dir() {
+        return Err(OsError::sys(
+            "copy",
+            src,
+            std::io::Error::from_raw_os_error(libc::ENOTDIR),
+        ));
+    }
+    copy_entries(src, dst, skip, &mut links, &mut st)?;
+    copy_xattrs(src, dst)?;
+    copy_meta(&m, dst, false)?;
+    st.other += 1;
+    sync_fs_of(dst)?;
+    Ok(st)
+}
+
+/// One syncfs(2) of the filesystem that holds `path`.
+fn sync_fs_of(path: &Path) -> Result<(), OsError> {
+    let d = File::open(path).map_err(sys("open", path))?;
+    nix::unistd::syncfs(&d).map_err(errno("syncfs", path))
 }
 
 fn copy_dir(
     src: &Path,
     dst: &Path,
+    skip: &[&str],
     links: &mut HashMap<(u64, u64), std::path::PathBuf>,
     st: &mut CopyStats,
 ) -> Result<(), OsError> {
     let m = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
     std::fs::create_dir(dst).map_err(sys("mkdir", dst))?;
+    copy_entries(src, dst, skip, links, st)?;
+    copy_xattrs(src, dst)?;
+    copy_meta(&m, dst, false)?;
+    st.other += 1;
+    Ok(())
+}
+
+/// Copies the entries of the directory `src` (except the names in `skip`)
+/// into the directory `dst`.
+fn copy_entries(
+    src: &Path,
+    dst: &Path,
+    skip: &[&str],
+    links: &mut HashMap<(u64, u64), std::path::PathBuf>,
+    st: &mut CopyStats,
+) -> Result<(), OsError> {
     let mut entries: Vec<_> = std::fs::read_dir(src)
         .map_err(sys("readdir", src))?
         .collect::<Result<_, _>>()
         .map_err(sys("readdir", src))?;
+    entries.retain(|e| !skip.iter().any(|s| e.file_name() == *s));
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let from = e.path();
@@ -292,7 +340,7 @@ fn copy_dir(
         let em = std::fs::symlink_metadata(&from).map_err(sys("stat", &from))?;
         let ft = em.file_type();
         if ft.is_dir() {
-            copy_dir(&from, &to, links, st)?;
+            copy_dir(&from, &to, &[], links, st)?;
             continue;
         }
         if ft.is_socket() {
@@ -308,7 +356,14 @@ fn copy_dir(
             links.insert((em.dev(), em.ino()), to.clone());
         }
         if ft.is_file() {
-            let s = File::open(&from).map_err(sys("open", &from))?;
+            // Never through a symlink that replaced the file meanwhile (a
+            // volume in use changes while it is copied); never blocking on
+            // a FIFO that did.
+            let s = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&from)
+                .map_err(sys("open", &from))?;
             let d = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -352,9 +407,6 @@ fn copy_dir(
             st.other += 1;
         }
     }
-    copy_xattrs(src, dst)?;
-    copy_meta(&m, dst, false)?;
-    st.other += 1;
     Ok(())
 }
 
@@ -440,5 +492,48 @@ mod tests {
         assert_eq!(std::fs::read(d.join("d/f")).unwrap(), b"data");
         // Never into something that exists.
         assert!(copy_tree(&s, &d).is_err());
+    }
+
+    #[test]
+    fn copy_into_skips_top_level_names_and_takes_the_root_metadata() {
+        let t = tempfile::tempdir().unwrap();
+        let s = t.path().join("src");
+        std::fs::create_dir_all(s.join("d")).unwrap();
+        std::fs::write(s.join(".marker"), b"source's own").unwrap();
+        std::fs::write(s.join("d/.marker"), b"deeper: copied").unwrap();
+        std::fs::write(s.join("f"), b"data").unwrap();
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o2750)).unwrap();
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            &s,
+            &TimeSpec::new(3_000_000, 0),
+            &TimeSpec::new(4_000_000, 9),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        let d = t.path().join("dst");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join(".marker"), b"destination's own").unwrap();
+        copy_into(&s, &d, &[".marker"]).unwrap();
+        assert_eq!(
+            std::fs::read(d.join(".marker")).unwrap(),
+            b"destination's own"
+        );
+        assert_eq!(
+            std::fs::read(d.join("d/.marker")).unwrap(),
+            b"deeper: copied"
+        );
+        assert_eq!(std::fs::read(d.join("f")).unwrap(), b"data");
+        let m = std::fs::metadata(&d).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o2750);
+        assert_eq!((m.mtime(), m.mtime_nsec()), (4_000_000, 9));
+        // An entry already there is never overwritten.
+        assert!(copy_into(&s, &d, &[]).is_err());
+        assert_eq!(
+            std::fs::read(d.join(".marker")).unwrap(),
+            b"destination's own"
+        );
+        // Only a directory is copied into one.
+        assert!(copy_into(&s.join("f"), &d, &[]).is_err());
     }
 }

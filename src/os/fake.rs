@@ -1192,6 +1192,16 @@ impl Files for FakeOs {
         Ok(stats)
     }
 
+    fn copy_into(
+        &self,
+        src: &Path,
+        dst: &Path,
+        skip: &[&str],
+    ) -> Result<super::copy::CopyStats, OsError> {
+        self.file_op("copy", dst)?;
+        RealFiles.copy_into(src, dst, skip)
+    }
+
     fn copy_from_device(
         &self,
         src: &Path,

@@ -65,6 +65,15 @@ pub trait Files: Send + Sync {
     /// Copies the directory tree `src` to `dst`, which must not exist (see
     /// `copy`).
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
+    /// Copies what the directory `src` holds (except its entries named in
+    /// `skip`) into the existing directory `dst`, and `src`'s own metadata
+    /// onto `dst` (see `copy::copy_into`).
+    fn copy_into(
+        &self,
+        src: &Path,
+        dst: &Path,
+        skip: &[&str],
+    ) -> Result<super::copy::CopyStats, OsError>;
     /// Copies `len` bytes of the device `src` into the new sparse file
     /// `dst` (see `copy`).
     fn copy_from_device(
@@ -227,6 +236,15 @@ impl Files for RealFiles {
 
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
         super::copy::copy_tree(src, dst)
+    }
+
+    fn copy_into(
+        &self,
+        src: &Path,
+        dst: &Path,
+        skip: &[&str],
+    ) -> Result<super::copy::CopyStats, OsError> {
+        super::copy::copy_into(src, dst, skip)
     }
 
     fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {

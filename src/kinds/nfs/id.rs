@@ -145,7 +145,12 @@ pub fn check_server(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An absolute export path: `/` or `/a/b` with plain components.
+/// Berth's areas at a share root (archives, snapshots): no share may lie
+/// in one, so no volume id reaches what is kept there.
+pub const AREAS: [&str; 2] = [".berth-archive", ".berth-snapshots"];
+
+/// An absolute export path: `/` or `/a/b` with plain components, none of
+/// them one of Berth's areas (`AREAS`).
 pub fn check_share(s: &str) -> Result<(), String> {
     let bad = |why: String| {
         Err(format!(
@@ -162,6 +167,11 @@ pub fn check_share(s: &str) -> Result<(), String> {
     for c in rest.split('/') {
         if let Err(e) = check_component(c) {
             return bad(format!("contains {e}"));
+        }
+        if AREAS.contains(&c) {
+            return bad(format!(
+                "{c} is where Berth keeps archives and snapshots on a share"
+            ));
         }
     }
     Ok(())
@@ -313,6 +323,108 @@ impl fmt::Display for VolumeId {
     }
 }
 
+/// Snapshot ids start with this.
+pub const SNAP_PREFIX: &str = "nfssnap#";
+/// Hex digits of a snapshot's key.
+const KEY_LEN: usize = 16;
+
+/// A parsed, valid NFS snapshot id: `nfssnap#<server>#<share>#<key>`, at
+/// most 128 bytes, for example `nfssnap#10.0.0.1#/exports#0123456789abcdef`.
+/// The snapshot lives on that share in `.berth-snapshots/<key>`; the key is
+/// 16 lower-case hex digits (a hash of the share, the snapshot's name and
+/// its source volume, so a retry after the controller lost its records
+/// finds the same copy), never anything else, so no snapshot id reaches
+/// outside `.berth-snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotId {
+    pub server: String,
+    pub share: String,
+    pub key: String,
+}
+
+impl SnapshotId {
+    /// The id of the snapshot named `name` of the volume `source`.
+    pub fn derive(source: &VolumeId, name: &str) -> SnapshotId {
+        let text = format!(
+            "{}\0{}\0{name}\0{source}",
+            source.server.to_ascii_lowercase(),
+            source.share
+        );
+        SnapshotId {
+            server: source.server.clone(),
+            share: source.share.clone(),
+            key: format!("{:016x}", super::params::fnv64(text.as_bytes())),
+        }
+    }
+
+    /// Checks the length; the encoded id on success.
+    pub fn encode(&self) -> Result<String, String> {
+        let id = self.to_string();
+        if id.len() > MAX_ID {
+            return Err(format!(
+                "the snapshot id would be {} bytes, more than the {MAX_ID} a CSI snapshot id may have: use a shorter server or share",
+                id.len()
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Parses and checks an id; the error says why it is not an NFS
+    /// snapshot id.
+    pub fn parse(id: &str) -> Result<SnapshotId, String> {
+        if id.len() > MAX_ID {
+            return Err(format!("snapshot id is longer than {MAX_ID} bytes"));
+        }
+        let rest = id
+            .strip_prefix(SNAP_PREFIX)
+            .ok_or_else(|| format!("snapshot id does not start with {SNAP_PREFIX:?}"))?;
+        let parts: Vec<&str> = rest.split('#').collect();
+        let [server, share, key] = parts[..] else {
+            return Err("snapshot id must be nfssnap#<server>#<share>#<key>".into());
+        };
+        check_server(server)?;
+        check_share(share)?;
+        if share != "/" && share.ends_with('/') {
+            return Err("share has a trailing slash".into());
+        }
+        let hex = key.len() == KEY_LEN
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex {
+            return Err(format!(
+                "the snapshot key must be {KEY_LEN} lower-case hex digits"
+            ));
+        }
+        Ok(SnapshotId {
+            server: server.to_string(),
+            share: share.to_string(),
+            key: key.to_string(),
+        })
+    }
+
+    /// Whether the volume `v` is on this snapshot's share (host names
+    /// compare without case).
+    pub fn same_share(&self, v: &VolumeId) -> bool {
+        self.server.eq_ignore_ascii_case(&v.server) && self.share == v.share
+    }
+
+    /// The share as an NFS source: `server:/share`.
+    pub fn share_source(&self) -> String {
+        format!("{}:{}", self.server, self.share)
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{SNAP_PREFIX}{}#{}#{}",
+            self.server, self.share, self.key
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +542,61 @@ mod tests {
         assert!(!p("nfs#d#h#/e#a").overlaps(&p("nfs#d#g#/e#a")));
         assert!(path_within("/a/b", "/"));
         assert!(!path_within("/ab", "/a"));
+    }
+
+    #[test]
+    fn snapshot_ids_round_trip_and_stay_in_their_area() {
+        let v = VolumeId::parse("nfs#d#NAS-1#/exports/b#ns/pvc-1").unwrap();
+        let s = SnapshotId::derive(&v, "snapshot-1");
+        let id = s.encode().unwrap();
+        assert!(id.starts_with("nfssnap#NAS-1#/exports/b#"), "{id}");
+        assert_eq!(SnapshotId::parse(&id).unwrap(), s);
+        assert!(s.same_share(&VolumeId::parse("nfs#r#nas-1#/exports/b#x").unwrap()));
+        assert!(!s.same_share(&VolumeId::parse("nfs#r#nas-1#/exports#b").unwrap()));
+        assert!(!s.same_share(&VolumeId::parse("nfs#r#nas-2#/exports/b#x").unwrap()));
+        // The same name and source give the same id; any difference another.
+        assert_eq!(SnapshotId::derive(&v, "snapshot-1"), s);
+        assert_ne!(SnapshotId::derive(&v, "snapshot-2").key, s.key);
+        let w = VolumeId::parse("nfs#d#NAS-1#/exports/b#ns/pvc-2").unwrap();
+        assert_ne!(SnapshotId::derive(&w, "snapshot-1").key, s.key);
+        let long = VolumeId {
+            on_delete: OnDelete::Delete,
+            server: "h".repeat(60),
+            share: format!("/{}", "s".repeat(60)),
+            subdir: "v".into(),
+        };
+        assert!(SnapshotId::derive(&long, "n").encode().is_err());
+        for bad in [
+            "",
+            "nfssnap#",
+            "nfssnap#h#/e",
+            "nfssnap#h#/e#",
+            "nfssnap#h#/e#0123456789abcde",   // short
+            "nfssnap#h#/e#0123456789abcdef0", // long
+            "nfssnap#h#/e#0123456789ABCDEF",  // upper case
+            "nfssnap#h#/e#../../../etc/xxxx",
+            "nfssnap#h#/e#0123456789abcde/",
+            "nfssnap#h#/e#0123456789abcdef#x",
+            "nfssnap#h#e#0123456789abcdef",
+            "nfssnap#h#/e/#0123456789abcdef",
+            "nfssnap#h#/e/..#0123456789abcdef",
+            "nfssnap#h#/e/.berth-snapshots#0123456789abcdef",
+            "nfssnap#-o#/e#0123456789abcdef",
+            "nfssnap#h:x#/e#0123456789abcdef",
+            "NFSSNAP#h#/e#0123456789abcdef",
+            "nfs#d#h#/e#a",
+            "local-snap-0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(SnapshotId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        // No share lies in Berth's areas, so no volume id reaches them.
+        for bad in [
+            "nfs#d#h#/e/.berth-snapshots#0123456789abcdef",
+            "nfs#d#h#/e/.berth-archive#x",
+            "nfs#d#h#/.berth-snapshots/a#b",
+        ] {
+            assert!(VolumeId::parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

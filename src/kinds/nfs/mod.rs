@@ -20,6 +20,7 @@ pub mod id;
 mod node;
 pub mod params;
 pub mod share;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -27,18 +28,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use self::allow::AllowedShares;
-use self::id::VolumeId;
+use self::id::{SnapshotId, VolumeId};
 use self::params::Params;
 use self::share::{Marker, Removal};
 use super::{
-    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, VolumeKind, VolumeStats,
+    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, Source, VolumeKind,
+    VolumeStats,
 };
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
 use crate::os::bounded::Bounded;
 use crate::os::mountinfo::MountEntry;
 use crate::os::{nfsmount, FsUsage, Os, OsError};
-use crate::state::{AccessMode, AccessType, Capability, Kind, Phase, VolumeRecord};
+use crate::state::{AccessMode, AccessType, Capability, Kind, Phase, SnapshotRecord, VolumeRecord};
 
 /// statvfs of an NFS mount waits at most this long (or `--nfs-timeout` if
 /// shorter) before the volume is reported as not responding.
@@ -220,6 +222,101 @@ impl NfsKind {
             Some(Err(e)) if e.errno() == Some(libc::ESTALE) => Probe::Stale,
             Some(Err(e)) => Probe::Failed(e),
         }
+    }
+}
+
+impl NfsKind {
+    /// Makes the directory of the recorded volume `rec`: empty, or filled
+    /// from `from` (a restore or a clone, copied inside the share's working
+    /// mount before the directory gets its name).
+    fn make_dir(&self, rec: &mut VolumeRecord, from: Option<Source<'_>>) -> Result<()> {
+        let vid = VolumeId::parse(&rec.id)
+            .map_err(|e| Error::Internal(format!("volume id {}: {e}", rec.id)))?;
+        let params = self.allowed_params(&rec.parameters)?;
+        if let Some(from) = from {
+            self.check_source(&rec.id, from)?;
+        }
+        let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
+        let marker = Marker {
+            id: rec.id.clone(),
+            name: rec.name.clone(),
+            created_unix: rec.created_unix,
+        };
+        let files = self.os.files.as_ref();
+        // What the new directory is filled from, opened (and checked) first.
+        let src = match from {
+            None => None,
+            Some(Source::Snapshot(s)) => {
+                let sid = SnapshotId::parse(&s.id)
+                    .map_err(|e| Error::Internal(format!("snapshot id {}: {e}", s.id)))?;
+                Some(snapshot::open_data(
+                    &share::open_root(&root)?,
+                    &sid.key,
+                    &s.id,
+                )?)
+            }
+            Some(Source::Volume(v)) => {
+                let svid = VolumeId::parse(&v.id)
+                    .map_err(|e| Error::Internal(format!("volume id {}: {e}", v.id)))?;
+                Some(snapshot::open_volume(
+                    files,
+                    &share::open_root(&root)?,
+                    &svid.subdir,
+                    &v.id,
+                )?)
+            }
+        };
+        let fill = |dst: &Path| -> Result<()> {
+            let Some(src) = &src else {
+                return Ok(());
+            };
+            // Through the directory ("N/."), not the descriptor's link.
+            let from = share::fd_path(src, ".");
+            let st = files
+                .copy_into(&from, dst, &[share::MARKER])
+                .map_err(|e| super::local::copy_error(format!("copying into {}", vid.subdir), e))?;
+            tracing::info!(volume_id = %rec.id, cloned = st.cloned, copied = st.copied, bytes = st.bytes, links = st.links, "volume filled from its source");
+            Ok(())
+        };
+        share::create_subdir(
+            files,
+            &root,
+            &vid.subdir,
+            params.mount_permissions,
+            &marker,
+            src.is_some()
+                .then_some(&fill as &dyn Fn(&Path) -> Result<()>),
+        )?;
+        rec.context = BTreeMap::from([
+            ("server".to_string(), vid.server.clone()),
+            ("share".to_string(), vid.share.clone()),
+            ("subDir".to_string(), vid.subdir.clone()),
+        ]);
+        Ok(())
+    }
+
+    /// A parsed snapshot id on an allowed share.
+    fn snap_id(&self, id: &str) -> std::result::Result<SnapshotId, String> {
+        let s = SnapshotId::parse(id)?;
+        if !self.allowed.permits(&s.server, &s.share) {
+            return Err(self.allowed.refusal(&s.server, &s.share));
+        }
+        Ok(s)
+    }
+
+    /// Mounts the share of a snapshot with the options of a volume record
+    /// that has none (the default version first, then older ones).
+    fn snapshot_share(&self, sid: &SnapshotId) -> Result<PathBuf> {
+        let vid = VolumeId {
+            on_delete: id::OnDelete::Retain,
+            server: sid.server.clone(),
+            share: sid.share.clone(),
+            subdir: "x".into(),
+        };
+        let rec = self.record_from_id(&vid.to_string()).ok_or_else(|| {
+            Error::Internal(format!("no record for share {}", sid.share_source()))
+        })?;
+        self.share_mount(&vid, &controller_option_sets(&rec)?)
     }
 }
 
@@ -434,28 +531,7 @@ impl VolumeKind for NfsKind {
     }
 
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
-        let vid = VolumeId::parse(&rec.id)
-            .map_err(|e| Error::Internal(format!("volume id {}: {e}", rec.id)))?;
-        let params = self.allowed_params(&rec.parameters)?;
-        let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
-        let marker = Marker {
-            id: rec.id.clone(),
-            name: rec.name.clone(),
-            created_unix: rec.created_unix,
-        };
-        share::create_subdir(
-            self.os.files.as_ref(),
-            &root,
-            &vid.subdir,
-            params.mount_permissions,
-            &marker,
-        )?;
-        rec.context = BTreeMap::from([
-            ("server".to_string(), vid.server.clone()),
-            ("share".to_string(), vid.share.clone()),
-            ("subDir".to_string(), vid.subdir.clone()),
-        ]);
-        Ok(())
+        self.make_dir(rec, None)
     }
 
     /// A record still being created is rolled back (its directory removed
@@ -571,6 +647,145 @@ impl VolumeKind for NfsKind {
 
     fn node_local(&self) -> bool {
         false
+    }
+
+    // ---------------------------------------------- snapshots and clones
+
+    fn snapshots(&self) -> bool {
+        true
+    }
+
+    /// NFS snapshot ids are derived (`snapshot_id_for`); this placeholder
+    /// is never owned by any kind.
+    fn new_snapshot_id(&self) -> String {
+        String::new()
+    }
+
+    fn snapshot_id_for(&self, name: &str, source: &str) -> Result<Option<String>> {
+        let Ok(vid) = self.vid(source) else {
+            return Ok(None);
+        };
+        SnapshotId::derive(&vid, name)
+            .encode()
+            .map(Some)
+            .map_err(Error::InvalidArgument)
+    }
+
+    fn owns_snapshot_id(&self, id: &str) -> bool {
+        self.snap_id(id).is_ok()
+    }
+
+    fn snapshot_from_id(&self, id: &str) -> Option<SnapshotRecord> {
+        self.snap_id(id).ok()?;
+        Some(SnapshotRecord {
+            id: id.to_string(),
+            name: id.to_string(),
+            kind: Kind::Nfs,
+            seq: 0,
+            phase: Phase::Ready,
+            source_volume_id: String::new(),
+            size_bytes: 0,
+            node: String::new(),
+            parameters: BTreeMap::new(),
+            created_secs: 0,
+            created_nanos: 0,
+            block: None,
+            location: String::new(),
+        })
+    }
+
+    /// Without a record: the snapshot exists when its directory on the
+    /// share carries its marker (the share is mounted to look); the record
+    /// comes from the marker.
+    fn confirm_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
+        let Ok(sid) = self.snap_id(id) else {
+            return Ok(None);
+        };
+        let root = self.snapshot_share(&sid)?;
+        let Some(m) = snapshot::find(&root, &sid.key, id)? else {
+            return Ok(None);
+        };
+        Ok(self.snapshot_from_id(id).map(|r| SnapshotRecord {
+            name: m.name,
+            source_volume_id: m.source_volume_id,
+            size_bytes: m.size_bytes,
+            created_secs: m.created_secs,
+            created_nanos: m.created_nanos,
+            ..r
+        }))
+    }
+
+    /// A restore or clone copies inside one working mount of one share:
+    /// a source on another share is INVALID_ARGUMENT (the spec's "source
+    /// incompatible": the CO must ask for a volume on the source's share).
+    fn check_source(&self, id: &str, from: Source<'_>) -> Result<()> {
+        let vid = self
+            .vid(id)
+            .map_err(|e| Error::InvalidArgument(format!("volume id {id}: {e}")))?;
+        let (what, src_id, server, share) = match from {
+            Source::Snapshot(s) => {
+                let sid = SnapshotId::parse(&s.id).map_err(|e| {
+                    Error::InvalidArgument(format!("snapshot {} is not an NFS snapshot: {e}", s.id))
+                })?;
+                ("snapshot", &s.id, sid.server, sid.share)
+            }
+            Source::Volume(v) => {
+                let svid = VolumeId::parse(&v.id).map_err(|e| {
+                    Error::InvalidArgument(format!("volume {} is not an NFS volume: {e}", v.id))
+                })?;
+                ("volume", &v.id, svid.server, svid.share)
+            }
+        };
+        if !server.eq_ignore_ascii_case(&vid.server) || share != vid.share {
+            return Err(Error::InvalidArgument(format!(
+                "source {what} {src_id} is on share {server}:{share}, the new volume on {}: NFS volumes are restored and cloned only on the source's share (use a StorageClass with the same server and share)",
+                vid.share_source()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A copy of the volume's directory in `.berth-snapshots/<key>` on its
+    /// share (see `snapshot`). The volume is not frozen: files written
+    /// while the copy runs are copied as they are when reached.
+    fn create_snapshot(&self, vol: &VolumeRecord, snap: &mut SnapshotRecord) -> Result<()> {
+        let vid = VolumeId::parse(&vol.id)
+            .map_err(|e| Error::Internal(format!("volume id {}: {e}", vol.id)))?;
+        let sid = SnapshotId::parse(&snap.id)
+            .map_err(|e| Error::Internal(format!("snapshot id {}: {e}", snap.id)))?;
+        if !sid.same_share(&vid) {
+            return Err(Error::Internal(format!(
+                "snapshot {} is not on the share of volume {}",
+                snap.id, vol.id
+            )));
+        }
+        let root = self.share_mount(&vid, &controller_option_sets(vol)?)?;
+        let marker = snapshot::SnapMarker {
+            id: snap.id.clone(),
+            name: snap.name.clone(),
+            source_volume_id: vol.id.clone(),
+            size_bytes: snap.size_bytes,
+            created_secs: snap.created_secs,
+            created_nanos: snap.created_nanos,
+        };
+        let m = snapshot::make(self.os.files.as_ref(), &root, &sid, &vid, &marker)?;
+        snap.size_bytes = m.size_bytes;
+        snap.created_secs = m.created_secs;
+        snap.created_nanos = m.created_nanos;
+        Ok(())
+    }
+
+    /// Removes only a snapshot directory whose marker names the id.
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        let Ok(sid) = self.snap_id(&snap.id) else {
+            return Ok(());
+        };
+        let root = self.snapshot_share(&sid)?;
+        snapshot::remove(self.os.files.as_ref(), &root, &sid.key, &snap.id)
+    }
+
+    fn create_from(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
+        self.make_dir(rec, Some(from))
     }
 }
 

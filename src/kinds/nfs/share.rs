@@ -38,7 +38,7 @@ pub const MARKER: &str = ".berth-volume";
 /// Where archived volumes go, at the share root.
 pub const ARCHIVE: &str = ".berth-archive";
 /// Prefix of a volume directory being made (marked, not yet renamed).
-const NEW: &str = ".berth-new-";
+pub(super) const NEW: &str = ".berth-new-";
 /// A marker larger than this is not Berth's.
 const MAX_MARKER: u64 = 4096;
 
@@ -60,21 +60,21 @@ pub enum Removal {
     Apply(OnDelete),
 }
 
-fn dir_flags() -> OFlag {
+pub(super) fn dir_flags() -> OFlag {
     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
 
-fn sys_err(what: String, e: Errno) -> Error {
+pub(super) fn sys_err(what: String, e: Errno) -> Error {
     Error::io(what, std::io::Error::from_raw_os_error(e as i32))
 }
 
-fn open_root(root: &Path) -> Result<OwnedFd> {
+pub(super) fn open_root(root: &Path) -> Result<OwnedFd> {
     open(root, dir_flags(), Mode::empty())
         .map_err(|e| sys_err(format!("opening the share at {}", root.display()), e))
 }
 
 /// Opens `name` in `dir` as a directory, never through a symlink.
-fn open_dir(dir: impl AsFd, name: &str) -> nix::Result<OwnedFd> {
+pub(super) fn open_dir(dir: impl AsFd, name: &str) -> nix::Result<OwnedFd> {
     openat(dir, name, dir_flags(), Mode::empty())
 }
 
@@ -83,7 +83,7 @@ fn open_dir(dir: impl AsFd, name: &str) -> nix::Result<OwnedFd> {
 /// parent cannot redirect the call, and the calls made with it (`Files`:
 /// mkdir, rename, unlink, rmdir, remove_tree, open with O_NOFOLLOW) never
 /// follow a symlink at `name`. An empty `name` is the directory itself.
-fn fd_path(dir: &impl AsRawFd, name: &str) -> PathBuf {
+pub(super) fn fd_path(dir: &impl AsRawFd, name: &str) -> PathBuf {
     let d = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     if name.is_empty() {
         d
@@ -92,15 +92,15 @@ fn fd_path(dir: &impl AsRawFd, name: &str) -> PathBuf {
     }
 }
 
-fn os_err(what: String) -> impl FnOnce(OsError) -> Error {
+pub(super) fn os_err(what: String) -> impl FnOnce(OsError) -> Error {
     move |e| Error::os(what, e)
 }
 
-fn gone(e: &OsError) -> bool {
+pub(super) fn gone(e: &OsError) -> bool {
     e.errno() == Some(libc::ENOENT)
 }
 
-fn not_a_dir(rel: &str) -> Error {
+pub(super) fn not_a_dir(rel: &str) -> Error {
     Error::FailedPrecondition(format!(
         "{rel} on the share is not a directory (or is a symlink); refusing to use it"
     ))
@@ -109,8 +109,18 @@ fn not_a_dir(rel: &str) -> Error {
 /// The marker in the directory `dir`: None when there is none, or what is
 /// there is not a regular file of Berth's format.
 fn read_marker(dir: impl AsFd) -> nix::Result<Option<Marker>> {
+    read_json(dir, MARKER)
+}
+
+/// The JSON file `name` in the directory `dir` (Berth's markers): None when
+/// there is none, or what is there is not a regular file of at most 4 KiB
+/// holding a `T`. Never follows a symlink, never blocks on a FIFO.
+pub(super) fn read_json<T: serde::de::DeserializeOwned>(
+    dir: impl AsFd,
+    name: &str,
+) -> nix::Result<Option<T>> {
     let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let fd = match openat(dir, MARKER, flags, Mode::empty()) {
+    let fd = match openat(dir, name, flags, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENXIO) => return Ok(None),
         Err(e) => return Err(e),
@@ -132,8 +142,19 @@ fn read_marker(dir: impl AsFd) -> nix::Result<Option<Marker>> {
 
 /// Writes the marker into the (new, empty) directory `dir`, durably.
 fn write_marker(files: &dyn Files, dir: &OwnedFd, m: &Marker) -> std::result::Result<(), OsError> {
-    let path = fd_path(dir, MARKER);
-    let mut text = serde_json::to_vec(m).map_err(|e| OsError::sys("encode", &path, e))?;
+    write_json(files, dir, MARKER, m)
+}
+
+/// Writes `value` as the new JSON file `name` in the directory `dir`,
+/// durably.
+pub(super) fn write_json<T: Serialize>(
+    files: &dyn Files,
+    dir: &OwnedFd,
+    name: &str,
+    value: &T,
+) -> std::result::Result<(), OsError> {
+    let path = fd_path(dir, name);
+    let mut text = serde_json::to_vec(value).map_err(|e| OsError::sys("encode", &path, e))?;
     text.push(b'\n');
     let f = files.open(&path, Open::CreateNew)?;
     files.write_at(&f, &path, &text, 0)?;
@@ -147,7 +168,7 @@ fn new_name(id: &str) -> String {
 
 /// Removes the entry `name` of the directory `dir` (a tree without
 /// following symlinks, or a file or link). Missing is fine.
-fn remove_entry(files: &dyn Files, dir: &OwnedFd, name: &OsStr) -> Result<()> {
+pub(super) fn remove_entry(files: &dyn Files, dir: &OwnedFd, name: &OsStr) -> Result<()> {
     let shown = name.to_string_lossy();
     let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
         Ok(s) => s,
@@ -170,7 +191,7 @@ fn remove_entry(files: &dyn Files, dir: &OwnedFd, name: &OsStr) -> Result<()> {
 /// at a time. None when one is missing or not a plain directory (nothing of
 /// the volume's can be there). Every parent is checked for a marker when
 /// `refuse_inside` is set: a volume cannot be made inside another.
-fn open_parent<'a>(
+pub(super) fn open_parent<'a>(
     files: &dyn Files,
     root: &OwnedFd,
     subdir: &'a str,
@@ -219,17 +240,24 @@ fn open_parent<'a>(
     Ok(Some((fd, leaf)))
 }
 
+/// What fills a new volume directory (given as a path) before it is named.
+pub type Fill<'a> = &'a dyn Fn(&Path) -> Result<()>;
+
 /// Creates `subdir` below `root` (parents one component at a time: existing
 /// directories are fine, symlinks and files are not; none may be a volume),
 /// marked as `marker`'s volume, and applies `mode` to it. A directory that
 /// is there already is this volume's only if its marker names the same id
 /// and name (a retry); anything else is ALREADY_EXISTS and is left as it is.
+/// `fill` (a restore or a clone) fills the directory before it gets its
+/// name (after the marker, before the mode), so the volume's directory
+/// never exists half filled.
 pub fn create_subdir(
     files: &dyn Files,
     root: &Path,
     subdir: &str,
     mode: Option<u32>,
     marker: &Marker,
+    fill: Option<Fill<'_>>,
 ) -> Result<()> {
     let rootfd = open_root(root)?;
     if let Some(m) = read_marker(&rootfd)
@@ -285,6 +313,15 @@ pub fn create_subdir(
         write_marker(files, &dir, marker).map_err(os_err(format!(
             "writing the marker of {subdir} on the share"
         )))?;
+        if let Some(fill) = fill {
+            if let Err(e) = fill(&fd_path(&dir, ".")) {
+                drop(dir);
+                if let Err(r) = remove_entry(files, &fd, tmp.as_ref()) {
+                    tracing::warn!(subdir, error = %r.render(), "could not remove a half-filled volume directory; a retry or the rollback does");
+                }
+                return Err(e);
+            }
+        }
         chmod(&dir)?;
         match rename_new(files, &fd_path(&fd, &tmp), &fd_path(&fd, leaf)) {
             Ok(()) => return Ok(()),
@@ -420,7 +457,7 @@ pub fn remove_subdir(
             );
             return Ok(());
         }
-        return remove_marked(files, &fd, leaf, &dir, subdir);
+        return remove_marked(files, &fd, leaf, &dir, subdir, MARKER);
     }
     if let Some((rel, other)) = nested_volume(&dir, id)? {
         return Err(Error::FailedPrecondition(format!(
@@ -453,29 +490,30 @@ pub fn remove_subdir(
             tracing::info!(volume_id = %id, subdir, archived = %format!("{ARCHIVE}/{name}"), "volume archived");
             Ok(())
         }
-        _ => remove_marked(files, &fd, leaf, &dir, subdir),
+        _ => remove_marked(files, &fd, leaf, &dir, subdir, MARKER),
     }
 }
 
 /// Removes the marked directory `leaf` (open as `dir`) in `parent`: its
 /// contents first, the marker last, so an interrupted delete leaves a
 /// directory that is still recognisably the volume's.
-fn remove_marked(
+pub(super) fn remove_marked(
     files: &dyn Files,
     parent: &OwnedFd,
     leaf: &str,
     dir: &OwnedFd,
     subdir: &str,
+    marker: &str,
 ) -> Result<()> {
     let entries = std::fs::read_dir(fd_path(dir, ""))
         .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?;
     for e in entries {
         let e = e.map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?;
-        if e.file_name() != MARKER {
+        if e.file_name() != marker {
             remove_entry(files, dir, &e.file_name())?;
         }
     }
-    match files.remove_file(&fd_path(dir, MARKER)) {
+    match files.remove_file(&fd_path(dir, marker)) {
         Err(e) if !gone(&e) => {
             return Err(Error::os(format!("removing the marker of {subdir}"), e))
         }
@@ -491,7 +529,11 @@ fn remove_marked(
 /// NFS has no RENAME_NOREPLACE (EINVAL): there, `to` is looked at first and
 /// a plain rename follows, which could only replace an empty directory
 /// made in between.
-fn rename_new(files: &dyn Files, from: &Path, to: &Path) -> std::result::Result<(), OsError> {
+pub(super) fn rename_new(
+    files: &dyn Files,
+    from: &Path,
+    to: &Path,
+) -> std::result::Result<(), OsError> {
     match files.rename_noreplace(from, to) {
         Err(e) if e.errno() == Some(libc::EINVAL) => {}
         r => return r,
@@ -641,7 +683,7 @@ mod tests {
     }
 
     fn create(root: &Path, sub: &str, mode: Option<u32>) -> Result<()> {
-        create_subdir(&RealFiles, root, sub, mode, &mk(sub))
+        create_subdir(&RealFiles, root, sub, mode, &mk(sub), None)
     }
 
     fn remove(root: &Path, sub: &str, how: Removal) -> Result<()> {
@@ -681,7 +723,7 @@ mod tests {
         // The same id under another name is someone else's.
         let mut other = mk("ns/pvc");
         other.name = "pv-other".into();
-        let e = create_subdir(&RealFiles, d.path(), "ns/pvc", None, &other).unwrap_err();
+        let e = create_subdir(&RealFiles, d.path(), "ns/pvc", None, &other, None).unwrap_err();
         assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
         // Nothing of the making is left beside it.
         let names: Vec<_> = std::fs::read_dir(d.path().join("ns"))

@@ -16,7 +16,7 @@ pub fn access_mode(m: i32) -> Result<AccessMode> {
         Ok(Mode::SingleNodeSingleWriter) => AccessMode::SingleNodeSingleWriter,
         Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
         Ok(Mode::Unknown) | Err(_) => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Invalid(format!(
                 "volume_capability access_mode {m} is not a known mode"
             )))
         }
@@ -46,7 +46,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
     let access_type = match &c.access_type {
         Some(csi::volume_capability::AccessType::Mount(m)) => {
             if m.mount_flags.len() > MAX_MOUNT_FLAGS {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Invalid(format!(
                     "{} mount flags, more than the {MAX_MOUNT_FLAGS} allowed",
                     m.mount_flags.len()
                 )));
@@ -56,14 +56,14 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
             let mut mount_flags: Vec<String> = Vec::with_capacity(m.mount_flags.len());
             for f in &m.mount_flags {
                 if f.is_empty() || f.len() > crate::validate::MAX_STRING || f.contains('\0') {
-                    return Err(Error::InvalidArgument("invalid mount flag".into()));
+                    return Err(Error::Invalid("invalid mount flag".into()));
                 }
                 if !mount_flags.contains(f) {
                     mount_flags.push(f.clone());
                 }
             }
             if m.fs_type.len() > 32 || m.volume_mount_group.len() > crate::validate::MAX_STRING {
-                return Err(Error::InvalidArgument(
+                return Err(Error::Invalid(
                     "fs_type or volume_mount_group too long".into(),
                 ));
             }
@@ -75,7 +75,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
         }
         Some(csi::volume_capability::AccessType::Block(_)) => AccessType::Block,
         None => {
-            return Err(Error::InvalidArgument(
+            return Err(Error::Invalid(
                 "volume_capability has no access_type (mount or block)".into(),
             ))
         }
@@ -83,7 +83,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
     let mode = c
         .access_mode
         .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("volume_capability has no access_mode".into()))?;
+        .ok_or_else(|| Error::Invalid("volume_capability has no access_mode".into()))?;
     Ok(Capability {
         access_type,
         access_mode: access_mode(mode.mode)?,
@@ -93,12 +93,10 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
 /// A required list of capabilities, sorted so that retries compare equal.
 pub fn capabilities(cs: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
     if cs.is_empty() {
-        return Err(Error::InvalidArgument(
-            "volume_capabilities are required".into(),
-        ));
+        return Err(Error::Invalid("volume_capabilities are required".into()));
     }
     if cs.len() > MAX_CAPABILITIES {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{} volume_capabilities, more than the {MAX_CAPABILITIES} allowed",
             cs.len()
         )));
@@ -111,7 +109,7 @@ pub fn capabilities(cs: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
 
 /// A required single capability.
 pub fn required_capability(c: Option<&csi::VolumeCapability>) -> Result<Capability> {
-    capability(c.ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?)
+    capability(c.ok_or_else(|| Error::Invalid("volume_capability is required".into()))?)
 }
 
 pub fn capability_to_proto(c: &Capability) -> csi::VolumeCapability {
@@ -173,20 +171,11 @@ mod tests {
         }
         let many: Vec<String> = (0..=MAX_MOUNT_FLAGS).map(|i| format!("f{i}")).collect();
         let many: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
-        assert!(matches!(
-            capability(&mount(&many)),
-            Err(Error::InvalidArgument(_))
-        ));
+        assert!(matches!(capability(&mount(&many)), Err(Error::Invalid(_))));
         assert!(capability(&mount(&many[..MAX_MOUNT_FLAGS])).is_ok());
-        assert!(matches!(
-            capability(&mount(&[""])),
-            Err(Error::InvalidArgument(_))
-        ));
+        assert!(matches!(capability(&mount(&[""])), Err(Error::Invalid(_))));
         let too_many = vec![mount(&[]); MAX_CAPABILITIES + 1];
-        assert!(matches!(
-            capabilities(&too_many),
-            Err(Error::InvalidArgument(_))
-        ));
+        assert!(matches!(capabilities(&too_many), Err(Error::Invalid(_))));
         assert_eq!(
             capabilities(&too_many[..MAX_CAPABILITIES]).unwrap().len(),
             1

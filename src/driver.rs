@@ -37,7 +37,7 @@ impl Driver {
     pub fn new(mut cfg: Config, os: Os) -> Result<Arc<Driver>> {
         cfg.absolutize()
             .map_err(|e| Error::io("resolving the data directories", e))?;
-        let node_id = cfg.resolved_node_id().map_err(Error::InvalidArgument)?;
+        let node_id = cfg.resolved_node_id().map_err(Error::Invalid)?;
         let state_dir = cfg.state_dir();
         let mut dir_locks = vec![prepare_dir(&os, &state_dir, "state directory")?];
         for k in &cfg.kinds {
@@ -174,7 +174,7 @@ impl Driver {
     /// The implementation of a kind this instance serves.
     pub fn kind(&self, k: Kind) -> Result<&Arc<dyn VolumeKind>> {
         self.kinds.get(&k).ok_or_else(|| {
-            Error::InvalidArgument(format!(
+            Error::Invalid(format!(
                 "volume kind {k} is not served by this instance (--kinds)"
             ))
         })

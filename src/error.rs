@@ -6,27 +6,50 @@ use tonic::{Code, Status};
 use crate::os::OsError;
 use crate::state::StateError;
 
-/// Every error a handler or backend can return. The variant picks the gRPC
-/// code; the message (and the messages of its sources) becomes the status
-/// message. Messages never carry secrets: no handler puts a secret into one.
+/// Every error a handler or backend can return, named by what happened.
+/// Which gRPC code a client sees is decided here, in one place
+/// (`Error::code_in`), from the CSI spec's table of the RPC being answered:
+/// the same "no space" is RESOURCE_EXHAUSTED for CreateVolume and
+/// OUT_OF_RANGE for ControllerExpandVolume. The message (and the messages
+/// of its sources) becomes the status message. Messages never carry
+/// secrets: no handler puts a secret into one.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The request is malformed, names something that cannot be valid, or
+    /// asks for something the volume or kind does not offer.
     #[error("{0}")]
-    InvalidArgument(String),
+    Invalid(String),
+    /// The volume, snapshot, node or path the request names does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The name or place is taken by something with other properties.
     #[error("{0}")]
-    AlreadyExists(String),
+    Conflict(String),
+    /// The volume (or node) is not in a state that allows this now: in use,
+    /// not staged, published elsewhere, formatted otherwise.
     #[error("{0}")]
-    FailedPrecondition(String),
+    WrongState(String),
+    /// The size asked for cannot be given: below what the data needs, above
+    /// a limit, a shrink.
     #[error("{0}")]
-    OutOfRange(String),
+    BadSize(String),
+    /// Not enough room here: free bytes, free disks, project ids, volumes
+    /// per node.
     #[error("{0}")]
-    ResourceExhausted(String),
+    NoSpace(String),
+    /// This node (or controller) cannot serve it and another one can: the
+    /// topology names another node, the source lives on another node, the
+    /// node cannot enforce what the class requires.
     #[error("{0}")]
-    Aborted(String),
+    WrongNode(String),
+    /// Another operation on the same volume or name is in progress.
     #[error("{0}")]
-    Unimplemented(String),
+    Busy(String),
+    /// The RPC or feature is not offered by the kinds served here.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A dependency (the NFS server, the state store after a failed flush)
+    /// cannot be reached now; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
     #[error("{context}")]
@@ -64,16 +87,32 @@ impl Error {
         }
     }
 
+    /// The code of this error outside any particular RPC (logs, tests).
     pub fn code(&self) -> Code {
+        self.code_in("")
+    }
+
+    /// The gRPC code that `rpc` (its CSI method name, as `rpc::serve`
+    /// names it) answers this error with: the CSI spec's per-RPC table.
+    /// The only rows that differ between RPCs:
+    /// - ControllerExpandVolume and NodeExpandVolume list no
+    ///   RESOURCE_EXHAUSTED: a size there is no room for is an
+    ///   "unsupported capacity", OUT_OF_RANGE;
+    /// - everywhere else no room, and "another node can", are
+    ///   RESOURCE_EXHAUSTED (for CreateVolume that makes
+    ///   external-provisioner let the scheduler pick again).
+    pub fn code_in(&self, rpc: &str) -> Code {
+        let expand = matches!(rpc, "ControllerExpandVolume" | "NodeExpandVolume");
         match self {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Invalid(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::OutOfRange(_) => Code::OutOfRange,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::Aborted(_) => Code::Aborted,
-            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Conflict(_) => Code::AlreadyExists,
+            Error::WrongState(_) => Code::FailedPrecondition,
+            Error::BadSize(_) => Code::OutOfRange,
+            Error::NoSpace(_) if expand => Code::OutOfRange,
+            Error::NoSpace(_) | Error::WrongNode(_) => Code::ResourceExhausted,
+            Error::Busy(_) => Code::Aborted,
+            Error::Unsupported(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Os { source, .. } => match source {
                 OsError::Timeout { .. } => Code::DeadlineExceeded,
@@ -81,6 +120,11 @@ impl Error {
             },
             Error::Io { .. } | Error::State(_) | Error::Internal(_) => Code::Internal,
         }
+    }
+
+    /// The status `rpc` answers with.
+    pub fn status_in(&self, rpc: &str) -> Status {
+        Status::new(self.code_in(rpc), self.render())
     }
 
     /// The message with every source in the chain: "a: b: c".
@@ -99,12 +143,6 @@ impl Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        Status::new(e.code(), e.render())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,15 +157,24 @@ mod tests {
                 std::io::Error::from_raw_os_error(libc::EBUSY),
             ),
         );
-        let st: Status = e.into();
+        let st = e.status_in("NodeUnpublishVolume");
         assert_eq!(st.code(), Code::Internal);
         assert!(st
             .message()
             .starts_with("unmount of volume v1 failed: unmount /x: "));
         assert!(st.message().contains("busy"), "{}", st.message());
-        let st: Status = Error::NotFound("volume x not found".into()).into();
+        let st = Error::NotFound("volume x not found".into()).status_in("DeleteSnapshot");
         assert_eq!(st.code(), Code::NotFound);
         assert_eq!(st.message(), "volume x not found");
+        let full = Error::NoSpace("no room".into());
+        assert_eq!(full.code_in("CreateVolume"), Code::ResourceExhausted);
+        assert_eq!(full.code_in("CreateSnapshot"), Code::ResourceExhausted);
+        assert_eq!(full.code_in("ControllerExpandVolume"), Code::OutOfRange);
+        assert_eq!(full.code_in("NodeExpandVolume"), Code::OutOfRange);
+        assert_eq!(
+            Error::WrongNode("elsewhere".into()).code_in("CreateVolume"),
+            Code::ResourceExhausted
+        );
         let t = Error::os(
             "mkfs",
             OsError::Timeout {

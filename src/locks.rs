@@ -50,7 +50,7 @@ impl OpGuard {
             .lock()
             .map_err(|_| Error::Internal("operation lock poisoned".into()))?;
         if !held.insert(key.clone()) {
-            return Err(Error::Aborted(format!(
+            return Err(Error::Busy(format!(
                 "an operation on {key} is already in progress"
             )));
         }
@@ -76,7 +76,7 @@ mod tests {
     fn second_lock_aborts_until_released() {
         let l = OpLocks::new();
         let g = l.try_lock("vol/a".into()).unwrap();
-        assert!(matches!(l.try_lock("vol/a".into()), Err(Error::Aborted(_))));
+        assert!(matches!(l.try_lock("vol/a".into()), Err(Error::Busy(_))));
         let _other = l.try_lock("vol/b".into()).unwrap();
         drop(g);
         assert!(l.try_lock("vol/a".into()).is_ok());

@@ -66,7 +66,7 @@ where
             method,
             match &r {
                 Ok(_) => tonic::Code::Ok,
-                Err(e) => e.code(),
+                Err(e) => e.code_in(method),
             },
             elapsed,
         );
@@ -76,7 +76,7 @@ where
                 Ok(Response::new(v))
             }
             Err(e) => {
-                let code = e.code();
+                let code = e.code_in(method);
                 let msg = e.render();
                 match code {
                     tonic::Code::Internal | tonic::Code::DeadlineExceeded => {

@@ -14,16 +14,16 @@ pub const MAX_PATH: usize = 4096;
 
 fn plain_string(field: &str, v: &str) -> Result<()> {
     if v.is_empty() {
-        return Err(Error::InvalidArgument(format!("{field} is required")));
+        return Err(Error::Invalid(format!("{field} is required")));
     }
     if v.len() > MAX_STRING {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{field} is {} bytes long, more than the {MAX_STRING} bytes allowed",
             v.len()
         )));
     }
     if v.chars().any(|c| c.is_control()) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{field} contains a control character"
         )));
     }
@@ -54,17 +54,17 @@ pub fn node_id(v: &str) -> Result<&str> {
 /// `..` or `.` components, no NUL, not `/` itself.
 pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
     if v.is_empty() {
-        return Err(Error::InvalidArgument(format!("{field} is required")));
+        return Err(Error::Invalid(format!("{field} is required")));
     }
     if v.len() > MAX_PATH {
-        return Err(Error::InvalidArgument(format!("{field} is too long")));
+        return Err(Error::Invalid(format!("{field} is too long")));
     }
     if v.contains('\0') {
-        return Err(Error::InvalidArgument(format!("{field} contains NUL")));
+        return Err(Error::Invalid(format!("{field} contains NUL")));
     }
     let p = Path::new(v);
     if !p.is_absolute() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{field} {v:?} is not an absolute path"
         )));
     }
@@ -74,7 +74,7 @@ pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
             Component::RootDir => {}
             Component::Normal(_) => normal += 1,
             Component::CurDir | Component::ParentDir | Component::Prefix(_) => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Invalid(format!(
                     "{field} {v:?} contains '.' or '..'"
                 )))
             }
@@ -82,12 +82,12 @@ pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
     }
     // `Path::components` drops "." silently; check the raw text as well.
     if v.split('/').any(|s| s == "." || s == "..") {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{field} {v:?} contains '.' or '..'"
         )));
     }
     if normal == 0 {
-        return Err(Error::InvalidArgument(format!("{field} must not be /")));
+        return Err(Error::Invalid(format!("{field} must not be /")));
     }
     Ok(p.components().collect())
 }
@@ -95,7 +95,7 @@ pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
 /// One path component made from an id: no `/`, `..`, `.`, NUL, or empty.
 pub fn path_component(field: &str, v: &str) -> Result<()> {
     if v.is_empty() || v == "." || v == ".." || v.contains('/') || v.contains('\0') {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{field} {v:?} is not a safe path component"
         )));
     }
@@ -111,19 +111,19 @@ pub fn map(
 ) -> Result<BTreeMap<String, String>> {
     let total: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
     if total > MAX_MAP {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{field} is {total} bytes, more than the {MAX_MAP} bytes allowed"
         )));
     }
     for (k, v) in m {
         if k.is_empty() || k.len() > MAX_STRING || k.chars().any(|c| c.is_control()) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Invalid(format!(
                 "{field} has an invalid key {:?}",
                 k.chars().take(MAX_STRING).collect::<String>()
             )));
         }
         if v.contains('\0') {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Invalid(format!(
                 "{field} key {k:?} has a value containing NUL"
             )));
         }

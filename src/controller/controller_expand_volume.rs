@@ -21,15 +21,16 @@ pub async fn handle(
     req: csi::ControllerExpandVolumeRequest,
 ) -> Result<csi::ControllerExpandVolumeResponse> {
     if !d.kinds().any(|k| k.expandable()) {
-        return Err(Error::Unimplemented(
+        return Err(Error::Unsupported(
             "volume expansion is not supported by the volume kinds served here".into(),
         ));
     }
     let id = validate::volume_id(&req.volume_id)?.to_string();
-    let range =
-        Range::from_proto(Some(req.capacity_range.as_ref().ok_or_else(|| {
-            Error::InvalidArgument("capacity_range is required".into())
-        })?))?;
+    let range = Range::from_proto(Some(
+        req.capacity_range
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("capacity_range is required".into()))?,
+    ))?;
     if let Some(c) = req.volume_capability.as_ref() {
         convert::capability(c)?;
     }
@@ -57,7 +58,7 @@ pub async fn handle(
                 }
                 Ok(e)
             }
-            Some(_) => Err(Error::Aborted(format!(
+            Some(_) => Err(Error::Busy(format!(
                 "volume {id} is being created or deleted"
             ))),
             None if kind.node_local() => kind.controller_expand(None, growth),

@@ -37,13 +37,13 @@ pub async fn handle(
             if *have == want {
                 return Ok(());
             }
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "volume {id} is already published to node {node} with a different capability or read-only flag"
             )));
         }
         if cap.access_mode.single_node() {
             if let Some(other) = rec.published.keys().find(|n| **n != node) {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::WrongState(format!(
                     "volume {id} has a single-node access mode and is published to node {other}"
                 )));
             }
@@ -52,7 +52,7 @@ pub async fn handle(
         if max > 0 {
             let n = d.store.filter(|r| r.published.contains_key(&node)).len() as i64;
             if n >= max {
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::NoSpace(format!(
                     "node {node} already has {n} volumes published (--max-volumes-per-node {max})"
                 )));
             }

@@ -29,14 +29,12 @@ pub async fn handle(
     snapshot::require(&d)?;
     let name = validate::name(&req.name)?.to_string();
     if req.source_volume_id.is_empty() {
-        return Err(Error::InvalidArgument(
-            "source_volume_id is required".into(),
-        ));
+        return Err(Error::Invalid("source_volume_id is required".into()));
     }
     let source = validate::volume_id(&req.source_volume_id)?.to_string();
     let params = validate::map("parameters", &req.parameters)?;
     if let Some(k) = params.keys().find(|k| !k.starts_with(CO_PREFIX)) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "unknown snapshot parameter {:?} (VolumeSnapshotClass parameters of Berth: none)",
             k.chars().take(64).collect::<String>()
         )));
@@ -67,7 +65,7 @@ fn create(
 ) -> Result<SnapshotRecord> {
     if let Some(s) = d.store.snapshot_by_name(&name) {
         if s.source_volume_id != source {
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "snapshot {} named {name} exists of another volume ({})",
                 s.id, s.source_volume_id
             )));
@@ -75,7 +73,7 @@ fn create(
         match s.phase {
             Phase::Ready => return Ok(s),
             Phase::Deleting => {
-                return Err(Error::Aborted(format!(
+                return Err(Error::Busy(format!(
                     "snapshot {} named {name} is being deleted",
                     s.id
                 )))
@@ -95,7 +93,7 @@ fn create(
     d.require_local_here(&vol)?;
     let kind = d.kind(vol.kind)?.clone();
     if !kind.snapshots() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{} volumes have no snapshots",
             vol.kind
         )));

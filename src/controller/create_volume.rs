@@ -36,12 +36,10 @@ impl Range {
             .map(|r| (r.required_bytes, r.limit_bytes))
             .unwrap_or((0, 0));
         if required < 0 || limit < 0 {
-            return Err(Error::InvalidArgument(
-                "capacity_range must not be negative".into(),
-            ));
+            return Err(Error::Invalid("capacity_range must not be negative".into()));
         }
         if limit > 0 && required > limit {
-            return Err(Error::OutOfRange(format!(
+            return Err(Error::BadSize(format!(
                 "required_bytes {required} is more than limit_bytes {limit}"
             )));
         }
@@ -68,16 +66,14 @@ impl Range {
 pub fn kind_of(d: &Driver, params: &BTreeMap<String, String>) -> Result<Kind> {
     match params.get(KIND_KEY) {
         Some(k) => Kind::parse(&k.to_ascii_lowercase())
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!("parameter kind: unknown volume kind {k:?}"))
-            })
+            .ok_or_else(|| Error::Invalid(format!("parameter kind: unknown volume kind {k:?}")))
             .and_then(|k| d.kind(k).map(|_| k)),
         None => d
             .cfg
             .kinds
             .first()
             .copied()
-            .ok_or_else(|| Error::InvalidArgument("no volume kind is served".into())),
+            .ok_or_else(|| Error::Invalid("no volume kind is served".into())),
     }
 }
 
@@ -113,7 +109,7 @@ fn content_source(s: Option<&csi::VolumeContentSource>) -> Result<Option<Content
         Some(Type::Volume(x)) => Ok(Some(ContentSource::Volume(
             validate::volume_id(&x.volume_id)?.to_string(),
         ))),
-        None => Err(Error::InvalidArgument(
+        None => Err(Error::Invalid(
             "volume_content_source names neither a snapshot nor a volume".into(),
         )),
     }
@@ -168,11 +164,11 @@ fn resolve(d: &Driver, imp: &dyn VolumeKind, kind: Kind, s: &ContentSource) -> R
     };
     match found {
         Some((k, r)) if k == kind => Ok(r),
-        Some((k, _)) => Err(Error::InvalidArgument(format!(
+        Some((k, _)) => Err(Error::Invalid(format!(
             "source {what} {id} is a {k} {what}; a {kind} volume cannot be made from it"
         ))),
         None => match imp.node_tag_of(id) {
-            Some(tag) if tag != node_tag(&d.node_id) => Err(Error::ResourceExhausted(format!(
+            Some(tag) if tag != node_tag(&d.node_id) => Err(Error::WrongNode(format!(
                 "source {what} {id} lives on another node; a volume made from it is created there"
             ))),
             _ => Err(Error::NotFound(format!(
@@ -190,7 +186,7 @@ pub async fn handle(
     let caps = convert::capabilities(&req.volume_capabilities)?;
     let params = validate::map("parameters", &req.parameters)?;
     if !req.mutable_parameters.is_empty() {
-        return Err(Error::InvalidArgument(
+        return Err(Error::Invalid(
             "mutable_parameters are not supported (no MODIFY_VOLUME capability)".into(),
         ));
     }
@@ -202,7 +198,7 @@ pub async fn handle(
     }
     let source = content_source(req.volume_content_source.as_ref())?;
     if source.is_some() && !imp.snapshots() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "{kind} volumes cannot be created from a snapshot or a volume"
         )));
     }
@@ -262,7 +258,7 @@ fn compatible(rec: &VolumeRecord, r: &Request) -> Result<()> {
     } else {
         return Ok(());
     };
-    Err(Error::AlreadyExists(format!(
+    Err(Error::Conflict(format!(
         "volume {} named {} exists with a different {what}",
         rec.id, rec.name
     )))
@@ -275,7 +271,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         match rec.phase {
             Phase::Ready => return Ok(rec),
             Phase::Deleting => {
-                return Err(Error::Aborted(format!(
+                return Err(Error::Busy(format!(
                     "volume {} named {} is being deleted",
                     rec.id, rec.name
                 )))
@@ -295,7 +291,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
             let src = resolve(d, imp.as_ref(), r.kind, s)?;
             imp.check_source(&r.id, src.as_source())?;
             if r.range.limit > 0 && r.range.limit < src.size() {
-                return Err(Error::OutOfRange(format!(
+                return Err(Error::BadSize(format!(
                     "limit_bytes {} is less than the source's {} bytes",
                     r.range.limit,
                     src.size()
@@ -308,7 +304,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     let size = imp.size_for(&kparams, &r.caps, wanted, r.range.limit)?;
     let mut pool = imp.capacity_for(&kparams)?;
     if size > pool.max_volume_bytes {
-        return Err(Error::OutOfRange(format!(
+        return Err(Error::BadSize(format!(
             "{size} bytes is more than the largest volume this pool can hold ({} bytes)",
             pool.max_volume_bytes
         )));
@@ -339,14 +335,14 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     let id = rec.id.clone();
     let admit = |a: &Admission<'_>, free: i64| {
         if let Some(other) = a.get(&id) {
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "volume {} named {} already uses the storage this request names",
                 other.id, other.name
             )));
         }
         if self_describing {
             if let Some(other) = a.find(|o| imp.overlaps(&o.id, &id)) {
-                return Err(Error::AlreadyExists(format!(
+                return Err(Error::Conflict(format!(
                     "volume {} named {} overlaps the storage this request names ({id})",
                     other.id, other.name
                 )));
@@ -355,7 +351,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         let promised = if promises { a.promised } else { 0 };
         let free = free.saturating_sub(promised);
         if size > free {
-            Err(Error::ResourceExhausted(format!(
+            Err(Error::NoSpace(format!(
                 "not enough space: {size} bytes asked, {} bytes free",
                 free.max(0)
             )))
@@ -378,8 +374,8 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         // to their sizes adds back what they wrote (read before the free
         // space again), so what is left is the free space minus what the
         // volumes may still write. Never more than there is.
-        Err(Error::ResourceExhausted(m)) => match imp.written_within_promises()? {
-            0 => return Err(Error::ResourceExhausted(m)),
+        Err(Error::NoSpace(m)) => match imp.written_within_promises()? {
+            0 => return Err(Error::NoSpace(m)),
             written => {
                 pool = imp.capacity_for(&kparams)?;
                 admit_with(rec, pool.free_bytes.saturating_add(written))?
@@ -433,8 +429,8 @@ mod tests {
         assert_eq!(r(10, 0).unwrap().size(), 10);
         assert_eq!(r(0, 10).unwrap().size(), 10);
         assert_eq!(r(0, 2 * DEFAULT_SIZE).unwrap().size(), DEFAULT_SIZE);
-        assert!(matches!(r(11, 10), Err(Error::OutOfRange(_))));
-        assert!(matches!(r(-1, 0), Err(Error::InvalidArgument(_))));
+        assert!(matches!(r(11, 10), Err(Error::BadSize(_))));
+        assert!(matches!(r(-1, 0), Err(Error::Invalid(_))));
         let x = r(10, 20).unwrap();
         assert!(x.admits(10) && x.admits(20) && !x.admits(21) && !x.admits(9));
     }

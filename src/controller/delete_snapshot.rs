@@ -29,7 +29,7 @@ pub async fn handle(
         let guard = d.locks.try_lock(snap_key(&id))?;
         d.run(guard, move |d| match d.store.snapshot_get(&rec.id) {
             // Made meanwhile: a DeleteSnapshot of it deletes it.
-            Some(_) => Err(crate::error::Error::Aborted(format!(
+            Some(_) => Err(crate::error::Error::Busy(format!(
                 "snapshot {} was just created; retry",
                 rec.id
             ))),

@@ -40,7 +40,7 @@ pub async fn handle(
         };
         let kind = d.kind(rec.kind)?.clone();
         if !rec.published.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "volume {id} is still published to node(s) {}",
                 rec.published.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
@@ -51,7 +51,7 @@ pub async fn handle(
         if rec.node == d.node_id {
             let used = kind.in_use(&rec, &mount_table)?;
             if !used.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::WrongState(format!(
                     "volume {id} is still mounted at {}",
                     used.iter()
                         .map(|p| p.display().to_string())

@@ -15,9 +15,7 @@ use crate::state::Phase;
 /// otherwise, as the spec asks). Returns where the page starts after.
 pub fn page_start(max_entries: i32, token: &str, last_seq: u64) -> Result<u64> {
     if max_entries < 0 {
-        return Err(Error::InvalidArgument(
-            "max_entries must not be negative".into(),
-        ));
+        return Err(Error::Invalid("max_entries must not be negative".into()));
     }
     if token.is_empty() {
         return Ok(0);
@@ -27,7 +25,7 @@ pub fn page_start(max_entries: i32, token: &str, last_seq: u64) -> Result<u64> {
         .ok()
         .filter(|t| *t > 0 && *t <= last_seq)
         .ok_or_else(|| {
-            Error::Aborted(format!(
+            Error::Busy(format!(
                 "starting_token {:?} is not valid",
                 token.chars().take(128).collect::<String>()
             ))

@@ -11,7 +11,7 @@ pub fn require(d: &Driver) -> Result<()> {
     if d.kinds().any(|k| k.snapshots()) {
         Ok(())
     } else {
-        Err(Error::Unimplemented(
+        Err(Error::Unsupported(
             "snapshots are not supported by the volume kinds served here".into(),
         ))
     }

@@ -15,7 +15,7 @@ pub fn placement(key: &str, node: &str, req: Option<&csi::TopologyRequirement>) 
             if n == node {
                 return Ok(());
             }
-            return Err(Error::ResourceExhausted(format!(
+            return Err(Error::WrongNode(format!(
                 "the preferred node is {n}; this controller creates volumes only on node {node}"
             )));
         }
@@ -30,7 +30,7 @@ pub fn placement(key: &str, node: &str, req: Option<&csi::TopologyRequirement>) 
     {
         return Ok(());
     }
-    Err(Error::ResourceExhausted(format!(
+    Err(Error::WrongNode(format!(
         "node {node} is not among the requisite topologies"
     )))
 }
@@ -56,13 +56,13 @@ mod tests {
         assert!(placement(K, "a", Some(&req(&["a", "b", "c"], &["a", "b", "c"]))).is_ok());
         assert!(matches!(
             placement(K, "b", Some(&req(&["a", "b", "c"], &["a", "b", "c"]))),
-            Err(Error::ResourceExhausted(_))
+            Err(Error::WrongNode(_))
         ));
         // strict topology: only the selected node.
         assert!(placement(K, "a", Some(&req(&["a"], &["a"]))).is_ok());
         assert!(matches!(
             placement(K, "c", Some(&req(&["a"], &["a"]))),
-            Err(Error::ResourceExhausted(_))
+            Err(Error::WrongNode(_))
         ));
         // requisite only.
         assert!(placement(K, "b", Some(&req(&["a", "b"], &[]))).is_ok());

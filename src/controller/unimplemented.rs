@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 
 pub async fn modify<T>() -> Result<T> {
-    Err(Error::Unimplemented(
+    Err(Error::Unsupported(
         "volume modification is not supported".into(),
     ))
 }

@@ -28,19 +28,19 @@ pub fn check(d: &Driver) -> Result<()> {
         .and_then(|file| f.write_at(&file, &probe, b"ok", 0))
         .and_then(|_| f.remove_file(&probe))
         .map_err(|e| {
-            Error::FailedPrecondition(format!(
+            Error::WrongState(format!(
                 "state directory {} is not writable: {e}",
                 dir.display()
             ))
         })?;
     if let Some(why) = d.store.poisoned() {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(Error::WrongState(format!(
             "the state journal stopped accepting changes ({why}); restart berth"
         )));
     }
     for k in d.kinds() {
         k.pool_capacity().map_err(|e| {
-            Error::FailedPrecondition(format!("{} pool is not ready: {}", k.kind(), e.render()))
+            Error::WrongState(format!("{} pool is not ready: {}", k.kind(), e.render()))
         })?;
     }
     Ok(())

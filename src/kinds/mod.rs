@@ -288,7 +288,7 @@ pub trait VolumeKind: Send + Sync {
     /// or of one with this kind's id that lives on another node (`None`).
     fn controller_expand(&self, rec: Option<&VolumeRecord>, growth: Growth) -> Result<Expansion> {
         let _ = (rec, growth);
-        Err(Error::InvalidArgument(format!(
+        Err(Error::Invalid(format!(
             "{} volumes cannot be expanded",
             self.kind()
         )))
@@ -298,7 +298,7 @@ pub trait VolumeKind: Send + Sync {
     /// capacity now. Idempotent; never shrinks.
     fn node_expand(&self, rec: &VolumeRecord, args: &NodeExpandArgs<'_>) -> Result<i64> {
         let _ = (rec, args);
-        Err(Error::InvalidArgument(format!(
+        Err(Error::Invalid(format!(
             "{} volumes cannot be expanded",
             self.kind()
         )))
@@ -457,7 +457,7 @@ pub trait VolumeKind: Send + Sync {
     /// copy is complete and durable. May fill in `snap.block`.
     fn create_snapshot(&self, vol: &VolumeRecord, snap: &mut SnapshotRecord) -> Result<()> {
         let _ = (vol, snap);
-        Err(Error::InvalidArgument(format!(
+        Err(Error::Invalid(format!(
             "{} volumes have no snapshots",
             self.kind()
         )))
@@ -474,7 +474,7 @@ pub trait VolumeKind: Send + Sync {
     /// than the source (the volume grows). Idempotent like `create`.
     fn create_from(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
         let _ = (rec, from);
-        Err(Error::InvalidArgument(format!(
+        Err(Error::Invalid(format!(
             "{} volumes cannot be created from a snapshot or a volume",
             self.kind()
         )))

@@ -132,7 +132,7 @@ pub fn bind_flags(cap: &Capability) -> Result<MountFlags> {
                     "nodiratime" => f.nodiratime = true,
                     "relatime" => f.relatime = true,
                     other => {
-                        return Err(Error::InvalidArgument(format!(
+                        return Err(Error::Invalid(format!(
                             "mount flag {:?} is not supported (allowed: ro, rw, nosuid, nodev, noexec, noatime, nodiratime, relatime)",
                             other.chars().take(64).collect::<String>()
                         )))
@@ -149,7 +149,7 @@ pub fn bind_flags(cap: &Capability) -> Result<MountFlags> {
 pub fn ensure_dir(os: &Os, path: &Path) -> Result<bool> {
     crate::os::files::ensure_dir(os.files.as_ref(), path, 0o777).map_err(|e| {
         if e.errno() == Some(libc::ENOTDIR) {
-            Error::FailedPrecondition(format!("{} exists and is not a directory", path.display()))
+            Error::WrongState(format!("{} exists and is not a directory", path.display()))
         } else {
             Error::os(format!("creating {}", path.display()), e)
         }
@@ -181,7 +181,7 @@ pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
             if object(top) == obj {
                 return Ok(());
             }
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "staging path {} already has another mount",
                 staging.display()
             )));
@@ -206,14 +206,14 @@ pub fn staged_object(
         .last()
         .map(|e| object(e))
         .ok_or_else(|| {
-            Error::FailedPrecondition(format!(
+            Error::WrongState(format!(
                 "volume is not staged at {} (call NodeStageVolume first)",
                 staging.display()
             ))
         })?;
     if let Some(exp) = expected {
         if &top != exp {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "{} holds a different volume",
                 staging.display()
             )));
@@ -269,7 +269,7 @@ pub fn publish_bind(
         if object(top) == obj && top.readonly() == flags.readonly {
             return Ok(());
         }
-        return Err(Error::AlreadyExists(format!(
+        return Err(Error::Conflict(format!(
             "target {} is already mounted with a different volume or read-only setting",
             target.display()
         )));
@@ -298,7 +298,7 @@ pub fn refuse_second_target(
     if others.is_empty() {
         return Ok(());
     }
-    Err(Error::FailedPrecondition(format!(
+    Err(Error::WrongState(format!(
         "volume has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
         others.join(", ")
     )))
@@ -423,7 +423,7 @@ pub fn unstage_in(os: &Os, t: &[MountEntry], staging: &Path, source: Option<&Pat
         .map(|m| m.mount_point.display().to_string())
         .collect();
     if !others.is_empty() {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(Error::WrongState(format!(
             "volume is still published at {}; unpublish it first",
             others.join(", ")
         )));
@@ -515,13 +515,13 @@ mod tests {
         // The staging path shows another volume's directory.
         e.fake.clear_calls();
         let r = publish_bind(&e.os, exp(&b), Some(&b), &staging, &t2, &w, false);
-        assert!(matches!(r, Err(Error::FailedPrecondition(_))), "{r:?}");
+        assert!(matches!(r, Err(Error::WrongState(_))), "{r:?}");
         assert_eq!((e.fake.table_reads(), at(&e.fake, &t2)), (1, 0));
         // A single-target volume already published at t1.
         e.fake.clear_calls();
         let s = cap(SingleNodeSingleWriter);
         let r = publish_bind(&e.os, exp(&a), Some(&a), &staging, &t2, &s, false);
-        assert!(matches!(r, Err(Error::FailedPrecondition(_))), "{r:?}");
+        assert!(matches!(r, Err(Error::WrongState(_))), "{r:?}");
         assert_eq!((e.fake.table_reads(), at(&e.fake, &t2)), (1, 0));
         // The probe cannot tell about the staging path: mountinfo decides.
         e.fake.clear_calls();
@@ -563,7 +563,7 @@ mod tests {
             e.fake.set_probe_unknown(&staging, unknown);
             e.fake.clear_calls();
             let r = stage_bind(&e.os, &e.root.join("vol-a"), &staging);
-            assert!(matches!(r, Err(Error::AlreadyExists(_))), "{r:?}");
+            assert!(matches!(r, Err(Error::Conflict(_))), "{r:?}");
             assert_eq!(e.fake.table_reads(), 1);
             assert_eq!(binds(&e.fake), 0);
             assert_eq!(at(&e.fake, &staging), 1);
@@ -670,7 +670,7 @@ mod tests {
             .unwrap();
         e.fake.clear_calls();
         let r = unstage(&e.os, &staging, Some(&src));
-        assert!(matches!(r, Err(Error::FailedPrecondition(_))), "{r:?}");
+        assert!(matches!(r, Err(Error::WrongState(_))), "{r:?}");
         assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (1, 0));
         unpublish(&e.os, &target).unwrap();
         e.fake.clear_calls();

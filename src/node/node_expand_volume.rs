@@ -17,13 +17,13 @@ pub async fn handle(
     req: csi::NodeExpandVolumeRequest,
 ) -> Result<csi::NodeExpandVolumeResponse> {
     if !d.kinds().any(|k| k.expandable()) {
-        return Err(Error::Unimplemented(
+        return Err(Error::Unsupported(
             "volume expansion is not supported by the volume kinds served here".into(),
         ));
     }
     let id = validate::volume_id(&req.volume_id)?.to_string();
     if req.volume_path.is_empty() {
-        return Err(Error::InvalidArgument("volume_path is required".into()));
+        return Err(Error::Invalid("volume_path is required".into()));
     }
     let staging = if req.staging_target_path.is_empty() {
         None

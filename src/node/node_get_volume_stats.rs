@@ -27,7 +27,7 @@ pub async fn handle(
 ) -> Result<csi::NodeGetVolumeStatsResponse> {
     let id = validate::volume_id(&req.volume_id)?.to_string();
     if req.volume_path.is_empty() {
-        return Err(Error::InvalidArgument("volume_path is required".into()));
+        return Err(Error::Invalid("volume_path is required".into()));
     }
     // A path that could never hold a volume (relative, "..") holds none.
     let path = validate::abs_path("volume_path", &req.volume_path)

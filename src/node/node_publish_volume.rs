@@ -27,7 +27,7 @@ pub async fn handle(
         )?)
     };
     if staging.as_ref() == Some(&target) {
-        return Err(Error::InvalidArgument(
+        return Err(Error::Invalid(
             "target_path and staging_target_path must differ".into(),
         ));
     }
@@ -42,7 +42,7 @@ pub async fn handle(
             None => {
                 // A required field that is missing: INVALID_ARGUMENT, as for
                 // every other missing field.
-                return Err(Error::InvalidArgument(
+                return Err(Error::Invalid(
                     "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)"
                         .into(),
                 ))

@@ -63,7 +63,7 @@ pub fn ensure_attached(os: &Os, file: &Path, read_only: bool) -> Result<LoopInfo
             .map_err(|e| Error::os(format!("attaching {} to a loop device", file.display()), e)),
         [one] => {
             if one.read_only != read_only {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::WrongState(format!(
                     "{} is attached to {} {}; unstage the volume first",
                     file.display(),
                     one.device.display(),
@@ -81,7 +81,7 @@ pub fn ensure_attached(os: &Os, file: &Path, read_only: bool) -> Result<LoopInfo
             }
             Ok(one.clone())
         }
-        many => Err(Error::FailedPrecondition(format!(
+        many => Err(Error::WrongState(format!(
             "{} is attached to several loop devices ({}); detach all but one",
             file.display(),
             many.iter()
@@ -116,7 +116,7 @@ pub fn detach_verified(os: &Os, l: &LoopInfo) -> Result<()> {
         };
         if waited >= SETTLE {
             let _ = os.loops.clear_autoclear(&left.device);
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "loop device {} of {} is still in use by another process and stays attached; retry once it is closed",
                 l.device.display(),
                 l.backing_file.display()

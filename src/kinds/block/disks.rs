@@ -260,7 +260,7 @@ impl BlockKind {
         } else {
             format!("of {wanted} bytes or more")
         };
-        Err(Error::ResourceExhausted(if self.disk_pool.is_empty() {
+        Err(Error::NoSpace(if self.disk_pool.is_empty() {
             "this node offers no disks (no --disk-pool)".to_string()
         } else if self.pool_disks().iter().any(|d| fits(d.dev.size_bytes)) {
             format!("no free disk {range} on this node: every fitting disk is in use or not blank")
@@ -277,7 +277,7 @@ impl BlockKind {
             .find(|d| i64::try_from(d.dev.size_bytes).ok() == Some(size))
             .ok_or_else(|| {
                 // A concurrent create took it; a retry chooses again.
-                Error::Aborted(format!(
+                Error::Busy(format!(
                     "the free disk of {size} bytes chosen for this volume was taken by a concurrent create; retry"
                 ))
             })?;
@@ -312,7 +312,7 @@ impl BlockKind {
         })?;
         let same_number = (dev.major, dev.minor) == (d.major, d.minor);
         if dev.size_bytes != d.size_bytes || (d.by_id.is_none() && !same_number) {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "{} is now {} ({}:{}, {} bytes), not the disk the volume was created on ({}:{}, {} bytes); refusing to use it",
                 path.display(),
                 dev.path.display(),

@@ -34,7 +34,7 @@ impl BlockKind {
         let Some(rec) = rec else {
             // A volume of another node: its node checks and does the work.
             if g.required <= 0 {
-                return Err(Error::InvalidArgument(
+                return Err(Error::Invalid(
                     "capacity_range.required_bytes is needed to expand a volume of another node"
                         .into(),
                 ));
@@ -63,12 +63,12 @@ impl BlockKind {
 
     fn check_disk_growth(size: i64, g: Growth) -> Result<()> {
         if g.required > size {
-            return Err(Error::OutOfRange(format!(
+            return Err(Error::BadSize(format!(
                 "a whole-disk volume cannot grow beyond its disk ({size} bytes)"
             )));
         }
         if g.limit > 0 && size > g.limit {
-            return Err(Error::OutOfRange(format!(
+            return Err(Error::BadSize(format!(
                 "the volume is a whole disk of {size} bytes, more than limit_bytes {}",
                 g.limit
             )));
@@ -89,7 +89,7 @@ impl BlockKind {
             .statvfs(&self.root)
             .map_err(|e| Error::os("reading free space of the block root", e))?;
         if size > to_i64(u.total_bytes) {
-            return Err(Error::OutOfRange(format!(
+            return Err(Error::BadSize(format!(
                 "{size} bytes is more than the block pool's filesystem holds ({} bytes)",
                 u.total_bytes
             )));
@@ -100,7 +100,7 @@ impl BlockKind {
                 .unwrap_or(0);
             let need = u64::try_from(size).unwrap_or(0).saturating_sub(allocated);
             if need > u.available_bytes {
-                return Err(Error::OutOfRange(format!(
+                return Err(Error::BadSize(format!(
                     "growing the thick volume to {size} bytes needs {need} more bytes; the block pool has {} free",
                     u.available_bytes
                 )));
@@ -126,11 +126,9 @@ impl BlockKind {
         let size = params::grown_size(rec.capacity_bytes, a.growth.required, a.growth.limit)?;
         self.check_file_growth(rec, info.allocation, size)?;
         let f = self.require_file(&rec.id)?;
-        self.grow_file(&f, info.allocation, size)
-            .map_err(|e| match e {
-                Error::ResourceExhausted(m) => Error::OutOfRange(m),
-                e => e,
-            })?;
+        // no room: OUT_OF_RANGE, as ControllerExpandVolume and
+        // NodeExpandVolume answer NoSpace (error.rs)
+        self.grow_file(&f, info.allocation, size)?;
         match self.current_device(rec)? {
             Some(dev) => {
                 self.refresh_capacity(&dev.path, &f)?;
@@ -152,7 +150,7 @@ impl BlockKind {
     }
 
     fn not_mounted(rec: &VolumeRecord, info: &BlockInfo) -> Error {
-        Error::FailedPrecondition(format!(
+        Error::WrongState(format!(
             "the {} filesystem of volume {} is not mounted read-write; it is grown online once the volume is staged",
             info.fs_type, rec.id
         ))

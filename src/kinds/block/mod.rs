@@ -150,7 +150,7 @@ impl BlockKind {
         let f = self.file(id)?;
         match std::fs::symlink_metadata(&f) {
             Ok(m) if m.file_type().is_file() => Ok(f),
-            _ => Err(Error::FailedPrecondition(format!(
+            _ => Err(Error::WrongState(format!(
                 "backing file {} of volume {id} is missing",
                 f.display()
             ))),
@@ -295,8 +295,7 @@ impl BlockKind {
         if meta.len() >= size && need == 0 {
             return Ok(());
         }
-        let no_room =
-            || Error::ResourceExhausted(format!("the block pool has no room for {size} bytes"));
+        let no_room = || Error::NoSpace(format!("the block pool has no room for {size} bytes"));
         if need > 0 {
             let free = self
                 .os
@@ -305,7 +304,7 @@ impl BlockKind {
                 .map_err(|e| Error::os("reading free space of the block root", e))?
                 .available_bytes;
             if need > free {
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::NoSpace(format!(
                     "the block pool has {free} bytes free; allocating {size} bytes needs {need} more"
                 )));
             }
@@ -319,7 +318,7 @@ impl BlockKind {
         }
         if meta.len() < size {
             fs.set_len(&file, f, size).map_err(|e| match e.errno() {
-                Some(libc::EFBIG) => Error::OutOfRange(format!(
+                Some(libc::EFBIG) => Error::BadSize(format!(
                     "{size} bytes is larger than a file on the block root's filesystem can be"
                 )),
                 Some(libc::ENOSPC) => no_room(),
@@ -363,7 +362,7 @@ impl BlockKind {
             };
             let users = Self::users(mount_table.get(&self.os)?, &dev);
             if !users.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::WrongState(format!(
                     "{} of volume {id} is still mounted at {}",
                     l.device.display(),
                     users
@@ -421,7 +420,7 @@ impl VolumeKind for BlockKind {
 
     fn check_capability(&self, cap: &Capability) -> Result<()> {
         if !cap.access_mode.single_node() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Invalid(format!(
                 "access mode {:?} needs a volume reachable from several nodes; block volumes live on one node",
                 cap.access_mode
             )));
@@ -609,7 +608,7 @@ impl VolumeKind for BlockKind {
                 },
             );
             if !users.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::WrongState(format!(
                     "disk {} of volume {} is still mounted at {}",
                     dev.path.display(),
                     rec.id,

@@ -30,7 +30,7 @@ fn ensure_file(files: &dyn Files, path: &Path) -> Result<bool> {
         Ok(_) => Ok(true),
         Err(e) if e.errno() == Some(libc::EEXIST) => match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_file() => Ok(false),
-            Ok(_) => Err(Error::FailedPrecondition(format!(
+            Ok(_) => Err(Error::WrongState(format!(
                 "{} exists and is not a regular file",
                 path.display()
             ))),
@@ -75,7 +75,7 @@ impl BlockKind {
             return Ok(Filesystem::Ext4);
         }
         Filesystem::parse(&info.default_fs).ok_or_else(|| {
-            Error::FailedPrecondition(format!(
+            Error::WrongState(format!(
                 "the record of volume {} names an unknown filesystem {:?}; refusing to guess",
                 rec.id,
                 info.default_fs.chars().take(32).collect::<String>()
@@ -93,7 +93,7 @@ impl BlockKind {
             .access
             .or(info.formatted.then_some(BlockAccess::Filesystem));
         match known {
-            Some(a) if a != want => Err(Error::FailedPrecondition(format!(
+            Some(a) if a != want => Err(Error::WrongState(format!(
                 "volume {} was first staged {}; refusing to stage it {} ({})",
                 rec.id,
                 access_name(a),
@@ -143,13 +143,13 @@ impl BlockKind {
             if mounts::object(top) == node {
                 return Ok(());
             }
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "{} already holds another device",
                 marker.display()
             )));
         }
         if !mounts::at(&self.os, &t, staging).is_empty() {
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "staging path {} already has a mount (staged as a filesystem?)",
                 staging.display()
             )));
@@ -178,7 +178,7 @@ impl BlockKind {
                 // filesystem still at the source's size).
                 return self.grow_restored(rec, &info, &dev, staging, fs);
             }
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "staging path {} already has another mount",
                 staging.display()
             )));
@@ -238,7 +238,7 @@ impl BlockKind {
                 mount()?;
                 self.grow_restored(rec, &info, &dev, staging, fs)
             }
-            format::Decision::Refuse(why) => Err(Error::FailedPrecondition(format!(
+            format::Decision::Refuse(why) => Err(Error::WrongState(format!(
                 "volume {} on {}: {why}",
                 rec.id,
                 dev.path.display()
@@ -248,7 +248,7 @@ impl BlockKind {
                 // is taken as it is (it may hold data), never made again.
                 tracing::warn!(volume_id = %rec.id, device = %dev.path.display(), fs = %fs, uuid = %info.formatting_uuid, "found the filesystem of an interrupted format; mounting it as it is");
                 mount().map_err(|e| {
-                    Error::FailedPrecondition(format!(
+                    Error::WrongState(format!(
                         "volume {}: the {fs} filesystem that Berth's interrupted mkfs made on {} (UUID {}) does not mount ({}); refusing to format over it: delete the volume",
                         rec.id,
                         dev.path.display(),
@@ -323,7 +323,7 @@ impl BlockKind {
         if let Some(top) = mounts::at(&self.os, &t, staging).last() {
             let ours = dev.is_none_or(|d| (top.major, top.minor) == (d.major, d.minor));
             if !ours {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::WrongState(format!(
                     "staging path {} holds a mount that is not volume {id}",
                     staging.display(),
                 )));
@@ -345,7 +345,7 @@ impl BlockKind {
     pub(super) fn publish_volume(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
         let fs = params::capability_fs(a.capability, Self::default_fs(rec)?)?;
         let not_staged = || {
-            Error::FailedPrecondition(format!(
+            Error::WrongState(format!(
                 "volume {} is not staged at {} (call NodeStageVolume first)",
                 rec.id,
                 a.staging.display()
@@ -389,7 +389,7 @@ impl BlockKind {
             if mounts::object(top) == node && top.readonly() == readonly {
                 return Ok(());
             }
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "target {} is already mounted with a different volume or read-only setting",
                 a.target.display()
             )));

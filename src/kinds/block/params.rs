@@ -51,7 +51,7 @@ pub fn own(params: &BTreeMap<String, String>) -> BTreeMap<String, String> {
 /// for anything unknown or malformed.
 pub fn parse(params: &BTreeMap<String, String>) -> Result<Params> {
     if let Some(k) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Invalid(format!(
             "unknown parameter {k:?} for block volumes (known: {})",
             KNOWN.join(", ")
         )));
@@ -60,7 +60,7 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<Params> {
         None | Some("thin") => Allocation::Thin,
         Some("thick") => Allocation::Thick,
         Some(v) => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Invalid(format!(
                 "parameter {ALLOCATION}: {v:?} is not thin or thick"
             )))
         }
@@ -69,14 +69,14 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<Params> {
         None => Pool::File(allocation),
         Some("disk") => {
             if params.contains_key(ALLOCATION) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Invalid(format!(
                     "parameter {ALLOCATION} does not apply to whole disks ({POOL}: disk)"
                 )));
             }
             Pool::Disk
         }
         Some(v) => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Invalid(format!(
                 "parameter {POOL}: {v:?} is not a pool (the only one is \"disk\"; leave it out for files under the block root)"
             )))
         }
@@ -84,13 +84,13 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<Params> {
     let default_fs = match params.get(FS_TYPE) {
         None => Filesystem::Ext4,
         Some(v) => Filesystem::parse(v).ok_or_else(|| {
-            Error::InvalidArgument(format!("parameter {FS_TYPE}: {v:?} is not ext4 or xfs"))
+            Error::Invalid(format!("parameter {FS_TYPE}: {v:?} is not ext4 or xfs"))
         })?,
     };
     let mkfs_options = match params.get(MKFS_OPTIONS) {
         None => Vec::new(),
         Some(v) => mkfs::check_options(default_fs, v)
-            .map_err(|e| Error::InvalidArgument(format!("parameter {e}")))?,
+            .map_err(|e| Error::Invalid(format!("parameter {e}")))?,
     };
     Ok(Params {
         pool,
@@ -107,7 +107,7 @@ pub fn capability_fs(cap: &Capability, default_fs: Filesystem) -> Result<Option<
         AccessType::Mount { fs_type, .. } if fs_type.is_empty() => Ok(Some(default_fs)),
         AccessType::Mount { fs_type, .. } => {
             Filesystem::parse(fs_type).map(Some).ok_or_else(|| {
-                Error::InvalidArgument(format!(
+                Error::Invalid(format!(
                     "fs_type {:?} is not supported for block volumes (ext4, xfs)",
                     fs_type.chars().take(32).collect::<String>()
                 ))
@@ -122,7 +122,7 @@ pub fn round_up(size: i64) -> Result<i64> {
     size.max(1)
         .checked_add(g - 1)
         .map(|s| s / g * g)
-        .ok_or_else(|| Error::OutOfRange(format!("{size} bytes is too large")))
+        .ok_or_else(|| Error::BadSize(format!("{size} bytes is too large")))
 }
 
 /// The size of a new file-backed volume: `wanted` rounded up, at least what
@@ -135,7 +135,7 @@ pub fn file_size(p: &Params, caps: &[Capability], wanted: i64, limit: i64) -> Re
         }
     }
     if limit > 0 && size > limit {
-        return Err(Error::OutOfRange(format!(
+        return Err(Error::BadSize(format!(
             "a block volume of {wanted} bytes takes {size} bytes (whole MiB{}), more than limit_bytes {limit}",
             if size > round_up(wanted)? {
                 ", and at least what mkfs needs"
@@ -153,7 +153,7 @@ pub fn grown_size(current: i64, required: i64, limit: i64) -> Result<i64> {
     let want = if required > 0 { round_up(required)? } else { 0 };
     let size = want.max(current);
     if limit > 0 && size > limit {
-        return Err(Error::OutOfRange(format!(
+        return Err(Error::BadSize(format!(
             "the volume would be {size} bytes (it has {current}, whole MiB), more than limit_bytes {limit}"
         )));
     }
@@ -202,7 +202,7 @@ mod tests {
             m(&[("size", "1")]),
         ] {
             let e = parse(&bad).unwrap_err();
-            assert!(matches!(e, Error::InvalidArgument(_)), "{bad:?}");
+            assert!(matches!(e, Error::Invalid(_)), "{bad:?}");
         }
         let e = parse(&m(&[("colour", "red")])).unwrap_err();
         assert!(e.to_string().contains("\"colour\""), "{e}");
@@ -223,14 +223,14 @@ mod tests {
         assert_eq!(file_size(&p, &[], mib + 1, 0).unwrap(), 2 * mib);
         assert!(matches!(
             file_size(&p, &[], mib + 1, mib + 1),
-            Err(Error::OutOfRange(_))
+            Err(Error::BadSize(_))
         ));
         // xfs needs 300 MiB; rounded up when the limit allows.
         assert_eq!(file_size(&p, &[mount("xfs")], mib, 0).unwrap(), 300 * mib);
         assert!(file_size(&p, &[mount("xfs")], mib, 10 * mib).is_err());
         assert!(matches!(
             file_size(&p, &[mount("zfs")], mib, 0),
-            Err(Error::InvalidArgument(_))
+            Err(Error::Invalid(_))
         ));
         assert!(round_up(i64::MAX).is_err());
         assert_eq!(grown_size(4 * mib, 3 * mib, 0).unwrap(), 4 * mib);
@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(grown_size(4 * mib, 0, 0).unwrap(), 4 * mib);
         assert!(matches!(
             grown_size(4 * mib, 6 * mib, 5 * mib),
-            Err(Error::OutOfRange(_))
+            Err(Error::BadSize(_))
         ));
     }
 }

@@ -121,7 +121,7 @@ impl BlockKind {
         let raw_in_use =
             dev.as_ref().is_some_and(|d| !Self::users(&t, d).is_empty()) && frozen.is_empty();
         if raw_in_use && disk_len.is_some() {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "volume {} is a whole disk in use as a raw device: a copy of it would not be a point in time; snapshot it while it is not in use",
                 vol.id
             )));
@@ -158,7 +158,7 @@ impl BlockKind {
             // The device was written while its blocks were copied one range
             // after the other: not a point in time.
             let _ = f.remove_file(&partial);
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "volume {} is in use as a raw device, and the block root's filesystem cannot clone files (xfs with reflink or btrfs can): a copy would not be a point in time; snapshot it while it is not in use",
                 vol.id
             )));
@@ -198,7 +198,7 @@ impl BlockKind {
             Source::Snapshot(s) => {
                 let file = self.snapshot_file(&s.id)?;
                 if !file.is_file() {
-                    return Err(Error::FailedPrecondition(format!(
+                    return Err(Error::WrongState(format!(
                         "the copy of snapshot {} is missing ({})",
                         s.id,
                         file.display()

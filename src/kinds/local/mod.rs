@@ -53,7 +53,7 @@ pub fn enforcement_required(params: &BTreeMap<String, String>) -> Result<bool> {
     match params.get(ENFORCEMENT_KEY).map(String::as_str) {
         None | Some(BEST_EFFORT) => Ok(false),
         Some(REQUIRED) => Ok(true),
-        Some(v) => Err(Error::InvalidArgument(format!(
+        Some(v) => Err(Error::Invalid(format!(
             "parameter {ENFORCEMENT_KEY}: {v:?} is neither {REQUIRED:?} nor {BEST_EFFORT:?}"
         ))),
     }
@@ -65,7 +65,7 @@ pub fn enforcement_required(params: &BTreeMap<String, String>) -> Result<bool> {
 pub fn grown_size(current: i64, required: i64, limit: i64) -> Result<i64> {
     let size = required.max(current);
     if limit > 0 && size > limit {
-        return Err(Error::OutOfRange(format!(
+        return Err(Error::BadSize(format!(
             "the volume would be {size} bytes (it has {current}; volumes never shrink), more than limit_bytes {limit}"
         )));
     }
@@ -75,7 +75,7 @@ pub fn grown_size(current: i64, required: i64, limit: i64) -> Result<i64> {
 /// A failed copy: no room is RESOURCE_EXHAUSTED, anything else internal.
 pub fn copy_error(what: String, e: crate::os::OsError) -> Error {
     if matches!(e.errno(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
-        Error::ResourceExhausted(format!("{what}: no space left"))
+        Error::NoSpace(format!("{what}: no space left"))
     } else {
         Error::os(what, e)
     }
@@ -169,7 +169,7 @@ impl LocalKind {
         now.capacity_bytes = size;
         let pool = self.pool_capacity()?;
         if size > pool.max_volume_bytes {
-            return Err(Error::OutOfRange(format!(
+            return Err(Error::BadSize(format!(
                 "{size} bytes is more than the local root's filesystem holds ({} bytes)",
                 pool.max_volume_bytes
             )));
@@ -178,7 +178,7 @@ impl LocalKind {
             self.store.put_admitted(&now, |a| {
                 let room = free.saturating_sub(a.promised);
                 if extra > room {
-                    Err(Error::OutOfRange(format!(
+                    Err(Error::BadSize(format!(
                         "growing volume {id} to {size} bytes needs {extra} more; the local root has {} bytes left",
                         room.max(0)
                     )))
@@ -190,7 +190,7 @@ impl LocalKind {
         match attempt(pool.free_bytes) {
             // The promises alone leave no room: count what the volumes
             // wrote (see `written_within_promises`).
-            Err(Error::OutOfRange(_)) if self.projects.is_some() => {
+            Err(Error::BadSize(_)) if self.projects.is_some() => {
                 let written = self.written_within_promises()?;
                 let free = self.pool_capacity()?.free_bytes;
                 attempt(free.saturating_add(written))
@@ -381,7 +381,7 @@ impl LocalKind {
         let dir = self.dir(id)?;
         match std::fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() => Ok(dir),
-            _ => Err(Error::FailedPrecondition(format!(
+            _ => Err(Error::WrongState(format!(
                 "backing directory {} of volume {id} is missing",
                 dir.display()
             ))),
@@ -404,7 +404,7 @@ impl VolumeKind for LocalKind {
 
     fn check_parameters(&self, params: &BTreeMap<String, String>) -> Result<()> {
         if let Some(k) = params.keys().find(|k| k.as_str() != ENFORCEMENT_KEY) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Invalid(format!(
                 "unknown parameter {k:?} for local volumes"
             )));
         }
@@ -413,7 +413,7 @@ impl VolumeKind for LocalKind {
 
     fn can_create(&self, params: &BTreeMap<String, String>) -> Result<()> {
         if enforcement_required(params)? && self.projects.is_none() {
-            return Err(Error::ResourceExhausted(format!(
+            return Err(Error::WrongNode(format!(
                 "{ENFORCEMENT_KEY}: {REQUIRED}, but this node cannot hold local volumes to their size: on its local root {}, {}; mount that filesystem with prjquota (xfs, or ext4 with the project and quota features: tune2fs -O project,quota) and restart berth, or use {ENFORCEMENT_KEY}: {BEST_EFFORT}",
                 self.root.display(),
                 self.unenforced
@@ -468,7 +468,7 @@ impl VolumeKind for LocalKind {
     fn controller_expand(&self, rec: Option<&VolumeRecord>, g: Growth) -> Result<Expansion> {
         let Some(rec) = rec else {
             if g.required <= 0 {
-                return Err(Error::InvalidArgument(
+                return Err(Error::Invalid(
                     "capacity_range.required_bytes is needed to expand a volume of another node"
                         .into(),
                 ));
@@ -492,7 +492,7 @@ impl VolumeKind for LocalKind {
 
     fn check_capability(&self, cap: &Capability) -> Result<()> {
         match &cap.access_type {
-            AccessType::Block => Err(Error::InvalidArgument(
+            AccessType::Block => Err(Error::Invalid(
                 "local directory volumes support only the mount access type".into(),
             )),
             AccessType::Mount { fs_type, .. } => {
@@ -502,7 +502,7 @@ impl VolumeKind for LocalKind {
                     tracing::debug!(fs_type = %fs_type, "fs_type ignored for local volumes");
                 }
                 if !cap.access_mode.single_node() {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::Invalid(format!(
                         "access mode {:?} needs a volume reachable from several nodes; local volumes live on one node",
                         cap.access_mode
                     )));
@@ -566,7 +566,7 @@ impl VolumeKind for LocalKind {
         }
         let t = mount_table.get(&self.os)?;
         if let Some(m) = t.iter().find(|m| m.mount_point.starts_with(&dir)) {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::WrongState(format!(
                 "{} is mounted inside the volume; refusing to delete",
                 m.mount_point.display()
             )));
@@ -712,7 +712,7 @@ impl VolumeKind for LocalKind {
             Source::Snapshot(s) => {
                 let d = self.snapshot_dir(&s.id)?;
                 if !d.is_dir() {
-                    return Err(Error::FailedPrecondition(format!(
+                    return Err(Error::WrongState(format!(
                         "the copy of snapshot {} is missing ({})",
                         s.id,
                         d.display()

@@ -135,9 +135,10 @@ impl Projects {
                     "project id skipped: something on the local root's filesystem is charged to it"
                 );
             }
-            id = id.checked_add(1).filter(|i| *i < u32::MAX).ok_or_else(|| {
-                Error::ResourceExhausted("no project id is free on the local root".into())
-            })?;
+            id = id
+                .checked_add(1)
+                .filter(|i| *i < u32::MAX)
+                .ok_or_else(|| Error::NoSpace("no project id is free on the local root".into()))?;
         }
     }
 

@@ -102,7 +102,7 @@ fn flags_of(cap: &Capability) -> &[String] {
 }
 
 fn check_flags(flags: &[String]) -> Result<Vec<String>> {
-    nfsmount::check_options(flags).map_err(Error::InvalidArgument)
+    nfsmount::check_options(flags).map_err(Error::Invalid)
 }
 
 /// Options of a node's mount: the StorageClass mountOptions, the default
@@ -192,9 +192,7 @@ impl NfsKind {
     fn allowed_params(&self, params: &BTreeMap<String, String>) -> Result<Params> {
         let p = Params::parse(params)?;
         if !self.allowed.permits(&p.server, &p.share) {
-            return Err(Error::InvalidArgument(
-                self.allowed.refusal(&p.server, &p.share),
-            ));
+            return Err(Error::Invalid(self.allowed.refusal(&p.server, &p.share)));
         }
         Ok(p)
     }
@@ -460,7 +458,7 @@ impl VolumeKind for NfsKind {
 
     fn check_capability(&self, cap: &Capability) -> Result<()> {
         match &cap.access_type {
-            AccessType::Block => Err(Error::InvalidArgument(
+            AccessType::Block => Err(Error::Invalid(
                 "NFS volumes support only the mount access type".into(),
             )),
             AccessType::Mount {
@@ -469,7 +467,7 @@ impl VolumeKind for NfsKind {
                 ..
             } => {
                 if !matches!(fs_type.as_str(), "" | "nfs" | "nfs4") {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::Invalid(format!(
                         "fs_type {fs_type:?} is not possible for NFS volumes (use nfs or leave it empty)"
                     )));
                 }
@@ -501,7 +499,7 @@ impl VolumeKind for NfsKind {
         let have = rec.map(|r| r.capacity_bytes).unwrap_or(0);
         let size = have.max(growth.required);
         if growth.limit > 0 && size > growth.limit {
-            return Err(Error::OutOfRange(format!(
+            return Err(Error::BadSize(format!(
                 "the volume has {have} bytes, more than limit_bytes {}",
                 growth.limit
             )));
@@ -668,7 +666,7 @@ impl VolumeKind for NfsKind {
         SnapshotId::derive(&vid, name)
             .encode()
             .map(Some)
-            .map_err(Error::InvalidArgument)
+            .map_err(Error::Invalid)
     }
 
     fn owns_snapshot_id(&self, id: &str) -> bool {
@@ -721,23 +719,23 @@ impl VolumeKind for NfsKind {
     fn check_source(&self, id: &str, from: Source<'_>) -> Result<()> {
         let vid = self
             .vid(id)
-            .map_err(|e| Error::InvalidArgument(format!("volume id {id}: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("volume id {id}: {e}")))?;
         let (what, src_id, server, share) = match from {
             Source::Snapshot(s) => {
                 let sid = SnapshotId::parse(&s.id).map_err(|e| {
-                    Error::InvalidArgument(format!("snapshot {} is not an NFS snapshot: {e}", s.id))
+                    Error::Invalid(format!("snapshot {} is not an NFS snapshot: {e}", s.id))
                 })?;
                 ("snapshot", &s.id, sid.server, sid.share)
             }
             Source::Volume(v) => {
                 let svid = VolumeId::parse(&v.id).map_err(|e| {
-                    Error::InvalidArgument(format!("volume {} is not an NFS volume: {e}", v.id))
+                    Error::Invalid(format!("volume {} is not an NFS volume: {e}", v.id))
                 })?;
                 ("volume", &v.id, svid.server, svid.share)
             }
         };
         if !server.eq_ignore_ascii_case(&vid.server) || share != vid.share {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Invalid(format!(
                 "source {what} {src_id} is on share {server}:{share}, the new volume on {}: NFS volumes are restored and cloned only on the source's share (use a StorageClass with the same server and share)",
                 vid.share_source()
             )));

@@ -28,7 +28,7 @@ impl NfsKind {
         let t = mounts::table(&self.os)?;
         if let Some(top) = mounts::at(&self.os, &t, target).last() {
             if !(is_nfs(top) && same_source(&top.source, &source) && top.readonly() == ro) {
-                return Err(Error::AlreadyExists(format!(
+                return Err(Error::Conflict(format!(
                     "target {} is already mounted with a different volume or read-only setting",
                     target.display()
                 )));
@@ -52,7 +52,7 @@ impl NfsKind {
                 .map(|m| m.mount_point.display().to_string())
                 .collect();
             if !others.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::WrongState(format!(
                     "volume has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
                     others.join(", ")
                 )));

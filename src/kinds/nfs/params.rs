@@ -37,7 +37,7 @@ pub struct Params {
 }
 
 fn invalid(msg: String) -> Error {
-    Error::InvalidArgument(msg)
+    Error::Invalid(msg)
 }
 
 impl Params {

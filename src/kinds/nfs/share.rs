@@ -101,7 +101,7 @@ pub(super) fn gone(e: &OsError) -> bool {
 }
 
 pub(super) fn not_a_dir(rel: &str) -> Error {
-    Error::FailedPrecondition(format!(
+    Error::WrongState(format!(
         "{rel} on the share is not a directory (or is a symlink); refusing to use it"
     ))
 }
@@ -230,7 +230,7 @@ pub(super) fn open_parent<'a>(
             if let Some(m) = read_marker(&fd)
                 .map_err(|e| sys_err(format!("reading the marker of {rel} on the share"), e))?
             {
-                return Err(Error::AlreadyExists(format!(
+                return Err(Error::Conflict(format!(
                     "{rel} on the share is volume {} (named {}): a volume cannot be made inside another",
                     m.id, m.name
                 )));
@@ -263,7 +263,7 @@ pub fn create_subdir(
     if let Some(m) = read_marker(&rootfd)
         .map_err(|e| sys_err("reading the marker of the share root".into(), e))?
     {
-        return Err(Error::AlreadyExists(format!(
+        return Err(Error::Conflict(format!(
             "the share is itself volume {} (named {}): a volume cannot be made inside another",
             m.id, m.name
         )));
@@ -286,18 +286,18 @@ pub fn create_subdir(
                     sys_err(format!("reading the marker of {subdir} on the share"), e)
                 })? {
                     Some(m) if m.id == marker.id && m.name == marker.name => chmod(&dir),
-                    Some(m) => Err(Error::AlreadyExists(format!(
+                    Some(m) => Err(Error::Conflict(format!(
                         "{subdir} on the share belongs to volume {} (named {}), not to {}",
                         m.id, m.name, marker.name
                     ))),
-                    None => Err(Error::AlreadyExists(format!(
+                    None => Err(Error::Conflict(format!(
                         "{subdir} already exists on the share without Berth's marker ({MARKER}) for this volume: Berth does not adopt a directory it did not make"
                     ))),
                 };
             }
             Err(Errno::ENOENT) => {}
             Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
-                return Err(Error::AlreadyExists(format!(
+                return Err(Error::Conflict(format!(
                     "{subdir} already exists on the share and is not a directory Berth made"
                 )))
             }
@@ -330,7 +330,7 @@ pub fn create_subdir(
         }
     }
     remove_entry(files, &fd, tmp.as_ref())?;
-    Err(Error::Aborted(format!(
+    Err(Error::Busy(format!(
         "{subdir} on the share keeps changing while it is being made; retry"
     )))
 }
@@ -460,7 +460,7 @@ pub fn remove_subdir(
         return remove_marked(files, &fd, leaf, &dir, subdir, MARKER);
     }
     if let Some((rel, other)) = nested_volume(&dir, id)? {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(Error::WrongState(format!(
             "{subdir}/{} on the share is volume {other}: delete that volume first",
             rel.display()
         )));
@@ -724,7 +724,7 @@ mod tests {
         let mut other = mk("ns/pvc");
         other.name = "pv-other".into();
         let e = create_subdir(&RealFiles, d.path(), "ns/pvc", None, &other, None).unwrap_err();
-        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
+        assert!(matches!(e, Error::Conflict(_)), "{e:?}");
         // Nothing of the making is left beside it.
         let names: Vec<_> = std::fs::read_dir(d.path().join("ns"))
             .unwrap()
@@ -742,7 +742,7 @@ mod tests {
         std::fs::create_dir(d.path().join("theirs")).unwrap();
         std::fs::write(d.path().join("theirs/f"), b"x").unwrap();
         let e = create(d.path(), "theirs", Some(0o777)).unwrap_err();
-        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
+        assert!(matches!(e, Error::Conflict(_)), "{e:?}");
         assert_eq!(marker(&d.path().join("theirs")), None);
         // An empty directory is not adopted either.
         std::fs::create_dir(d.path().join("empty")).unwrap();
@@ -751,10 +751,10 @@ mod tests {
         create(d.path(), "vol", None).unwrap();
         for sub in ["vol/inner", "vol/a/b"] {
             let e = create(d.path(), sub, None).unwrap_err();
-            assert!(matches!(e, Error::AlreadyExists(_)), "{sub}: {e:?}");
+            assert!(matches!(e, Error::Conflict(_)), "{sub}: {e:?}");
         }
         let e = create(&d.path().join("vol"), "x", None).unwrap_err();
-        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
+        assert!(matches!(e, Error::Conflict(_)), "{e:?}");
         assert!(!d.path().join("vol/x").exists());
         // A leftover of an interrupted create is replaced.
         let tmp = d.path().join(new_name(&id("again")));
@@ -773,9 +773,9 @@ mod tests {
         symlink(outside.path(), d.path().join("link")).unwrap();
         // Creating through a symlink is refused; at one it is not ours.
         let e = create(d.path(), "link/pvc", None).unwrap_err();
-        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        assert!(matches!(e, Error::WrongState(_)), "{e:?}");
         let e = create(d.path(), "link", None).unwrap_err();
-        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
+        assert!(matches!(e, Error::Conflict(_)), "{e:?}");
         assert!(!outside.path().join("pvc").exists());
         // Deleting through a symlinked parent, or a symlink itself, touches
         // nothing: Berth did not make them.
@@ -849,7 +849,7 @@ mod tests {
             Removal::Apply(OnDelete::Archive),
         ] {
             let e = remove(d.path(), "outer", how).unwrap_err();
-            assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+            assert!(matches!(e, Error::WrongState(_)), "{e:?}");
         }
         assert!(inner.join(MARKER).exists());
         // A copy of its own marker deeper inside does not count.

@@ -80,7 +80,7 @@ pub fn open_volume(files: &dyn Files, root: &OwnedFd, subdir: &str, id: &str) ->
         .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
     match marker {
         Some(m) if m.id == id => Ok(dir),
-        _ => Err(Error::FailedPrecondition(format!(
+        _ => Err(Error::WrongState(format!(
             "{subdir} on the share does not carry the marker of volume {id}; refusing to copy it"
         ))),
     }
@@ -186,13 +186,13 @@ pub fn make(
             return Ok(m);
         }
         Found::Ours(m, _) => {
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "snapshot {} on the share is named {} of volume {}, not {} of {}",
                 m.id, m.name, m.source_volume_id, marker.name, marker.source_volume_id
             )))
         }
         Found::Foreign(why) => {
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::Conflict(format!(
                 "{why}: the snapshot cannot be made there"
             )))
         }
@@ -273,7 +273,7 @@ pub fn find(root: &Path, key: &str, id: &str) -> Result<Option<SnapMarker>> {
 /// share root: FAILED_PRECONDITION when it is missing or not Berth's.
 pub fn open_data(root: &OwnedFd, key: &str, id: &str) -> Result<OwnedFd> {
     let gone = |why: String| {
-        Error::FailedPrecondition(format!(
+        Error::WrongState(format!(
             "the copy of snapshot {id} is not usable on the share: {why}"
         ))
     };

@@ -86,6 +86,7 @@ if [ -z "$SUMMARY" ]; then tail -50 "$WORK/sanity.log"; tail -20 "$WORK/berth.lo
 P=$(sed -E 's/.* ([0-9]+) Passed.*/\1/' <<<"$SUMMARY")
 F=$(sed -E 's/.* ([0-9]+) Failed.*/\1/' <<<"$SUMMARY")
 if [ "$RC" -ne 0 ] || [ "$F" -ne 0 ]; then
+  grep -E '\[FAILED\]' -A4 "$WORK/sanity.log" | head -40
   tail -30 "$WORK/berth.log"
 fi
 echo "csi-sanity-$MODE: $P passed, $F failed"

@@ -10,7 +10,10 @@
 #   5. the README walkthrough against a running berth
 #   6. csi-sanity (pinned) for every volume kind available; NFS (csi-sanity
 #      and the root_nfs integration tests) inside the full-kernel guest
-#      against its kernel NFS server (tests/vm/nfs.sh)
+#      against its kernel NFS server (tests/vm/nfs.sh); local volumes with
+#      project quotas on xfs and ext4 (integration tests, csi-sanity, the
+#      lifecycle bench with and without quotas) in the guest too
+#      (tests/vm/quota.sh)
 #   7. `berth bench` against a CSI driver that is not Berth (a Python grpcio
 #      driver, tests/foreign/) and against berth (bench/run.sh --quick)
 #   8. Kubernetes manifest and Helm chart validation
@@ -60,6 +63,7 @@ host_track() {
   stage "berth bench against berth (bench/run.sh --quick; numbers printed, not asserted)" bench/run.sh --quick
   stage "root block tests in the full-kernel guest" tests/vm-block.sh
   stage "NFS volumes in the full-kernel guest" tests/vm/nfs.sh
+  stage "local volumes held to their size by project quotas in the full-kernel guest" tests/vm/quota.sh
   echo "$PASSED $FAILED" > "${TRACK_RESULT:-/dev/null}"
 }
 if [ "${1:-}" = --track ]; then

@@ -52,7 +52,7 @@ LOG_FORMATS = {"text", "json"}
 
 # StorageClass parameters per volume kind (besides csi.storage.k8s.io/*).
 SC_PARAMS = {
-    "local": {"kind"},
+    "local": {"kind", "capacityEnforcement"},
     "block": {"kind", "allocation", "pool", "fsType", "mkfsOptions"},
     "nfs": {"kind", "server", "share", "subDir", "mountPermissions", "onDelete"},
 }
@@ -60,6 +60,7 @@ SC_ALLOCATIONS = {"thin", "thick"}
 SC_POOLS = {"disk"}
 SC_ON_DELETE = {"delete", "retain", "archive"}
 SC_FSTYPES = {"ext4", "xfs"}
+SC_ENFORCEMENT = {"required", "bestEffort"}
 SUBDIR_VARS = {"pvc.metadata.namespace", "pvc.metadata.name", "pv.metadata.name"}
 # CSI keys the external-provisioner understands and Berth may meet.
 CSI_PARAM_KEYS = {"csi.storage.k8s.io/fstype"}
@@ -668,8 +669,8 @@ def check_storageclass(render, sc, errs):
             errs.append("node-local kind %s needs volumeBindingMode WaitForFirstConsumer" % kind)
         if sc.get("mountOptions"):
             errs.append("mountOptions are not used by kind %s" % kind)
-    if kind == "local" and sc.get("allowVolumeExpansion"):
-        errs.append("kind local cannot be expanded (a directory has no size to grow)")
+    if kind == "local" and params.get("capacityEnforcement", "bestEffort") not in SC_ENFORCEMENT:
+        errs.append("capacityEnforcement must be one of %s" % sorted(SC_ENFORCEMENT))
     if kind == "block":
         if params.get("allocation", "thin") not in SC_ALLOCATIONS:
             errs.append("allocation must be one of %s" % sorted(SC_ALLOCATIONS))

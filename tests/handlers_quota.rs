@@ -242,6 +242,27 @@ async fn an_id_set_before_a_crash_is_never_handed_out_twice() {
 }
 
 #[tokio::test]
+async fn a_trash_left_by_a_failed_purge_frees_its_id_at_start_up() {
+    let h = with_quotas(&[]);
+    let a = create(&h, "a", MIB).await;
+    let pa = project(&h, &a);
+    // The record goes, emptying the trash fails: the directory is still
+    // charged to its id, which stays held.
+    h.fake().fail_next("remove tree", libc::EIO);
+    delete(&h, &a).await;
+    assert!(h.driver.store.get(&a).is_none());
+    assert!(h.fake().project_limits().contains_key(&pa));
+    let b = create(&h, "b", MIB).await;
+    assert_eq!(project(&h, &b), pa + 1);
+    // Start-up empties the trash and lets the id go.
+    let h = restart(h);
+    assert!(!h.fake().project_limits().contains_key(&pa));
+    assert!(h.fake().projects().values().all(|p| p.id != pa));
+    let c = create(&h, "c", MIB).await;
+    assert_eq!(project(&h, &c), pa);
+}
+
+#[tokio::test]
 async fn a_failed_quota_call_rolls_the_create_back_and_frees_the_id() {
     let h = with_quotas(&[]);
     h.fake().fail_next("quota_set", libc::EIO);

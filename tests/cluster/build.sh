@@ -8,9 +8,10 @@
 #              module (Go module proxy), through a wrapper module that pins
 #              its staging modules
 #   e2e        e2e.test, agnhost and the ginkgo CLI from the same module
-#   sidecars   external-provisioner, -attacher, -resizer (Go module proxy),
-#              node-driver-registrar and livenessprobe (vendored upstream
-#              sources in ../shared/third_party)
+#   sidecars   external-provisioner, -attacher, -resizer, csi-snapshotter
+#              and snapshot-controller (Go module proxy), node-driver-registrar
+#              and livenessprobe (vendored upstream sources in
+#              ../shared/third_party)
 #   images     the container images (tests/cluster/images.sh)
 #   tools      kustomize and helm at the versions tests/manifests pins
 # usage: build.sh [all|debs|kubernetes|e2e|sidecars|images|tools]...
@@ -116,34 +117,68 @@ build_e2e() {
   say "e2e.test and agnhost built in $(elapsed $t)"
 }
 
-# sidecar binary name, module or tarball, version
+# binary name, module or tarball, version; the binaries of one module and
+# version are built by one `go build` (csi-snapshotter and the
+# snapshot-controller)
 SIDECARS="csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 $PROVISIONER_VERSION
 csi-attacher github.com/kubernetes-csi/external-attacher/v4 $ATTACHER_VERSION
 csi-resizer github.com/kubernetes-csi/external-resizer/v2 $RESIZER_VERSION
+csi-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 $SNAPSHOTTER_VERSION
+snapshot-controller github.com/kubernetes-csi/external-snapshotter/v8 $SNAPSHOTTER_VERSION
 csi-node-driver-registrar node-driver-registrar $REGISTRAR_VERSION
 livenessprobe livenessprobe $LIVENESSPROBE_VERSION"
 
+# module_dir MODULE@VERSION: its directory in the (read-only) module cache
+module_dir() { go mod download -json "$1" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p'; }
+
 build_sidecars() {
-  local name src version out dir t mod
-  while read -r name src version; do
-    out=$CSI_BIN/$name-$version
-    [ -x "$out" ] && continue
+  local src version names name dir t mod pkgs
+  while read -r src version; do
+    names=$(awk -v s="$src" -v v="$version" '$2 == s && $3 == v {print $1}' <<< "$SIDECARS")
+    pkgs=""
+    for name in $names; do
+      [ -x "$CSI_BIN/$name-$version" ] || pkgs="$pkgs ./cmd/$name"
+    done
+    [ -n "$pkgs" ] || continue
     t=$SECONDS
-    dir=$CACHE/sidecars/src/$name-$version
-    rm -rf "$dir"; mkdir -p "$dir" "$CSI_BIN"
+    dir=$CACHE/sidecars/src/${src##*/}-$version
+    rm -rf "$dir" "$CSI_BIN/tmp"; mkdir -p "$dir" "$CSI_BIN/tmp"
     case $src in
       */*) # a module the proxy serves: copy it out of the read-only module cache
-        cp -r "$(go mod download -json "$src@$version" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')/." "$dir"
-        chmod -R u+w "$dir"; mod=-mod=mod ;;
+        cp -r "$(module_dir "$src@$version")/." "$dir"
+        chmod -R u+w "$dir"; mod=-mod=mod
+        # external-snapshotter's go.mod replaces its client module with
+        # ./client, which its module zip leaves out: the published client
+        # module of the same version instead
+        if grep -q '^replace github.com/kubernetes-csi/external-snapshotter/client/v8 => ./client' "$dir/go.mod"; then
+          (cd "$dir" && go mod edit -replace "github.com/kubernetes-csi/external-snapshotter/client/v8=github.com/kubernetes-csi/external-snapshotter/client/v8@$version")
+        fi ;;
       *) # vendored upstream source
         tar -xzf "$THIRD_PARTY/$src-$version.tar.gz" -C "$dir" --strip-components=1; mod=-mod=vendor ;;
     esac
+    # shellcheck disable=SC2086
     (cd "$dir" && go build -p 2 $mod -trimpath -ldflags "-s -w -X main.version=$version" \
-      -o "$out.tmp" "./cmd/$name")
-    mv "$out.tmp" "$out"
-    rm -rf "$dir"
-    say "$name $version built in $(elapsed $t)"
-  done <<< "$SIDECARS"
+      -o "$CSI_BIN/tmp/" $pkgs)
+    for name in $names; do
+      [ -x "$CSI_BIN/tmp/$name" ] && mv "$CSI_BIN/tmp/$name" "$CSI_BIN/$name-$version"
+    done
+    rm -rf "$dir" "$CSI_BIN/tmp"
+    say "$(echo $names) $version built in $(elapsed $t)"
+  done <<< "$(awk '{print $2, $3}' <<< "$SIDECARS" | uniq)"
+}
+
+# The snapshot add-on as external-snapshotter's release ships it: the
+# VolumeSnapshot CRDs (its client module's config/crd) and the
+# snapshot-controller's manifests (deploy/kubernetes/snapshot-controller),
+# each a kustomization; tests/cluster/snapshot-addon.sh installs them.
+snapshot_addon() {
+  local out=$CACHE/snapshot-addon-$SNAPSHOTTER_VERSION
+  [ -f "$out/crd/kustomization.yaml" ] && [ -f "$out/snapshot-controller/kustomization.yaml" ] && return 0
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp/crd" "$out.tmp/snapshot-controller"
+  cp "$(module_dir "github.com/kubernetes-csi/external-snapshotter/client/v8@$SNAPSHOTTER_VERSION")"/config/crd/*.yaml "$out.tmp/crd/"
+  cp "$(module_dir "github.com/kubernetes-csi/external-snapshotter/v8@$SNAPSHOTTER_VERSION")"/deploy/kubernetes/snapshot-controller/*.yaml "$out.tmp/snapshot-controller/"
+  chmod -R u+w "$out.tmp"
+  rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
 # kustomize and helm, pinned as tests/manifests/validate.sh pins them.
@@ -165,11 +200,11 @@ build_tools() {
 [ $# -gt 0 ] || set -- all
 for what in "$@"; do
   case $what in
-    all) build_debs; build_tools; build_kubernetes; build_sidecars; "$CLUSTER_DIR/images.sh"; build_e2e; "$CLUSTER_DIR/images.sh" e2e ;;
+    all) build_debs; build_tools; build_kubernetes; build_sidecars; snapshot_addon; "$CLUSTER_DIR/images.sh"; build_e2e; "$CLUSTER_DIR/images.sh" e2e ;;
     debs) build_debs ;;
     kubernetes) build_kubernetes ;;
     e2e) build_e2e; "$CLUSTER_DIR/images.sh" e2e ;;
-    sidecars) build_sidecars ;;
+    sidecars) build_sidecars; snapshot_addon ;;
     images) "$CLUSTER_DIR/images.sh" ;;
     tools) build_tools ;;
     *) die "unknown build step $what" ;;

@@ -31,6 +31,12 @@ if alive kube-apiserver && alive kubelet; then
   done
   kubectl_ delete pods -A --field-selector metadata.namespace!=berth-system --timeout=90s > "$LOGS/down-pods.log" 2>&1 \
     || { say "pods outside berth-system still terminating:"; cat "$LOGS/down-pods.log"; }
+  # snapshots first, while Berth and the snapshot sidecars still run: their
+  # copies are deleted through Berth (DeleteSnapshot)
+  if kubectl_ get crd volumesnapshots.snapshot.storage.k8s.io > /dev/null 2>&1; then
+    kubectl_ delete volumesnapshots -A --all --timeout=90s > /dev/null 2>&1 || say "VolumeSnapshots still there"
+    kubectl_ delete volumesnapshotcontents --all --timeout=60s > /dev/null 2>&1 || say "VolumeSnapshotContents still there"
+  fi
   kubectl_ delete pvc -A --all --timeout=90s > /dev/null 2>&1 || say "PVCs still there"
   # Retained PVs: delete them too (a Retain volume's data stays on disk and
   # is removed with Berth's data directory below, if up.sh created it).
@@ -45,11 +51,13 @@ if alive kube-apiserver && alive kubelet; then
   fi
   kubectl_ delete pods --all -A --grace-period=1 --timeout=60s > /dev/null 2>&1
 fi
-# Volumes Berth still holds after every PVC and PV is gone (the teardown test
+# Volumes and snapshots Berth still holds after every PVC, PV and snapshot is gone (the teardown test
 # reads this list; down.sh removes Berth's data directory only if up.sh
 # created it).
-find /var/lib/berth/local /var/lib/berth/block -mindepth 1 -maxdepth 1 ! -name '.*' 2> /dev/null \
-  > "$LOGS/volumes-left"
+{
+  find /var/lib/berth/local /var/lib/berth/block -mindepth 1 -maxdepth 1 ! -name '.*' 2> /dev/null
+  find /var/lib/berth/local/.snapshots /var/lib/berth/block/.snapshots -mindepth 1 -maxdepth 1 2> /dev/null
+} > "$LOGS/volumes-left"
 [ -s "$LOGS/volumes-left" ] && { say "Berth volumes left:"; cat "$LOGS/volumes-left"; }
 
 # 2. processes, in reverse start order

@@ -5,7 +5,8 @@
 # (local directory volumes, block volumes), the way CSI drivers validate
 # themselves upstream.
 #   focused  what CI runs: the provisioning, volumes, volumeMode, volumeIO,
-#            multiVolume, capacity and volume-expand suites, [Slow] left out
+#            multiVolume, capacity, volume-expand and snapshottable suites,
+#            [Slow] left out
 #   full     every External.Storage spec, [Slow] included
 # Specs this host cannot run are skipped by name, each with its reason
 # (HOST_LIMITS below); every other skip is the suite's own, for a capability
@@ -14,7 +15,7 @@ set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 what=${1:-focused}
 case $what in
-  focused) FOCUS='External.Storage.*\] (provisioning|volumes|volumeMode|volumeIO|multiVolume|capacity|volume-expand) '
+  focused) FOCUS='External.Storage.*\] (provisioning|volumes|volumeMode|volumeIO|multiVolume|capacity|volume-expand|snapshottable) '
     SLOW='|\[Slow\]' ;;
   full) FOCUS='External.Storage'; SLOW='' ;;
   *) die "usage: e2e.sh focused|full" ;;
@@ -34,7 +35,21 @@ HOST_LIMITS=(
   # built here
   'provisioning should provision storage with any volume data source'
 )
-SKIP=$(IFS='|'; echo "${HOST_LIMITS[*]}")$SLOW
+# Specs that ask for what Berth's design does not give, and why (the README
+# says so too).
+BERTH_LIMITS=(
+  # distributed snapshotting: the csi-snapshotter of each node acts only on
+  # VolumeSnapshotContents labelled snapshot.storage.kubernetes.io/
+  # managed-by=<node>; the snapshot-controller sets it for dynamic
+  # snapshots, but a pre-provisioned content needs it from whoever makes
+  # it, and the suite does not set it (the snapshot then never gets ready)
+  'Pre-provisioned Snapshot'
+  # a local directory volume shows its filesystem's size unless the local
+  # root enforces project quotas (this host's kernel has none): a restore
+  # into a larger PVC cannot show a larger filesystem
+  'Driver: local\.berth\.csi\.io\].*restoring snapshot to larger size pvc'
+)
+SKIP=$(IFS='|'; echo "${HOST_LIMITS[*]}|${BERTH_LIMITS[*]}")$SLOW
 out=$CACHE/logs/e2e
 mkdir -p "$out"
 P=0 F=0 S=0
@@ -88,5 +103,6 @@ PY
   [ "$rc" = 0 ] || [ "$f" -gt 0 ] || { echo "FAIL e2e $def: exit $rc with no failed spec, see $log"; F=$((F + 1)); }
 done
 echo "skipped by name for this host's limits: ${HOST_LIMITS[*]}"
+echo "skipped by name for Berth's design: ${BERTH_LIMITS[*]}"
 echo "$P passed, $F failed, $S skipped"
 [ "$F" = 0 ]

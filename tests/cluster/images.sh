@@ -129,6 +129,8 @@ echo "$BERTH_IMAGE" > "$IMAGES/berth-image"
 SIDECAR_IMAGES="csi-provisioner $PROVISIONER_VERSION
 csi-attacher $ATTACHER_VERSION
 csi-resizer $RESIZER_VERSION
+csi-snapshotter $SNAPSHOTTER_VERSION
+snapshot-controller $SNAPSHOTTER_VERSION
 csi-node-driver-registrar $REGISTRAR_VERSION
 livenessprobe $LIVENESSPROBE_VERSION"
 sidecar_images() {

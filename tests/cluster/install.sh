@@ -9,6 +9,9 @@
 #              and its ConfigMap; `kubectl apply -k`
 #   helm       `helm install` of deploy/helm/berth with image.repository,
 #              image.tag and kubeletDir
+# The snapshot classes: `kubectl apply -k deploy/kubernetes/snapshot-classes`
+# after the kustomize install; the chart renders them itself when the
+# cluster has the VolumeSnapshot CRDs (snapshot-addon.sh, run before).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 how=${1:?usage: install.sh kustomize|helm}
@@ -40,6 +43,8 @@ YAML
       fi
     )
     kubectl_ apply -k "$ov" > "$LOGS/install.log"
+    # the snapshot classes, once the CRDs are there (snapshot-addon.sh)
+    kubectl_ apply -k "$ROOT/deploy/kubernetes/snapshot-classes" >> "$LOGS/install.log"
     ;;
   helm)
     kubectl_ create namespace berth-system > "$LOGS/install.log"

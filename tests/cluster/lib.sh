@@ -6,13 +6,17 @@
 # Kubernetes: v1.36.1, whose client libraries (v0.36.1) external-provisioner
 # and node-driver-registrar also build with.
 K8S_VERSION=${K8S_VERSION:-v1.36.1}
-# The sidecars at the versions deploy/ names (tests/cluster/build.sh checks
-# that deploy/ names exactly these).
+# The sidecars at the versions deploy/ names (tests/manifests/validate.sh
+# checks that deploy/ names exactly these).
 PROVISIONER_VERSION=v6.4.0
 ATTACHER_VERSION=v4.13.0
 RESIZER_VERSION=v2.3.0
 REGISTRAR_VERSION=v2.17.0
 LIVENESSPROBE_VERSION=v2.19.0
+# external-snapshotter: the csi-snapshotter sidecar, and the cluster add-ons
+# it needs (the snapshot-controller and the VolumeSnapshot CRDs), all from
+# the same release.
+SNAPSHOTTER_VERSION=v8.7.0
 # Debian bookworm packages, unpacked (dpkg -x) into the cache, never installed.
 DEBS="containerd runc etcd-server etcd-client containernetworking-plugins busybox-static
   iptables conntrack libip4tc2 libip6tc2 libnetfilter-conntrack3 libnfnetlink0 libxtables12

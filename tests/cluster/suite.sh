@@ -199,7 +199,7 @@ t_logs_without_colour_codes() {
 t_image_has_every_tool() {
   local script out
   script='set -eu
-for p in mount umount losetup blkid wipefs mkfs.ext4 mkfs.xfs resize2fs xfs_growfs mount.nfs mount.nfs4; do
+for p in mount umount losetup blkid wipefs mkfs.ext4 mkfs.xfs e2fsck resize2fs xfs_growfs mount.nfs mount.nfs4; do
   command -v $p > /dev/null || { echo "missing: $p"; exit 1; }
 done
 berth --version
@@ -463,16 +463,109 @@ t_examples_unchanged() {
 
 # Independent tests run three at a time, each in its own namespace; the
 # node pod restart disturbs every volume of the node, so it runs alone, last.
+# 9. Snapshots (the snapshot add-on of up.sh, the csi-snapshotter of each
+#    node, Berth's VolumeSnapshotClasses): a VolumeSnapshot of a PVC in use
+#    by a running pod; a PVC restored from it reads the data as it was when
+#    the snapshot was taken (not as the pod changed it after); a PVC cloned
+#    from a PVC reads the data as it is; the snapshot outlives its source
+#    PVC; deleting the VolumeSnapshot removes Berth's copy from the node.
+# volumesnapshot NAME PVC CLASS
+volumesnapshot() {
+  $K -n "$NS" apply -f - > /dev/null <<YAML
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: $1}
+spec:
+  volumeSnapshotClassName: $3
+  source: {persistentVolumeClaimName: $2}
+YAML
+}
+snapshot_ready() { [ "$(jp "volumesnapshot/$1" '{.status.readyToUse}')" = true ]; }
+# pvc_from NAME STORAGECLASS SIZE VolumeSnapshot|PersistentVolumeClaim SOURCE [volumeMode]
+pvc_from() {
+  local group=""
+  [ "$4" = VolumeSnapshot ] && group="apiGroup: snapshot.storage.k8s.io, "
+  $K -n "$NS" apply -f - > /dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $1}
+spec:
+  storageClassName: $2
+  accessModes: [ReadWriteOnce]
+  volumeMode: ${6:-Filesystem}
+  resources: {requests: {storage: $3}}
+  dataSource: {${group}kind: $4, name: $5}
+YAML
+}
+# snapshot_path HANDLE: where Berth keeps the snapshot on this node
+snapshot_path() {
+  case $1 in
+    local-snap-*) echo "$DATA/local/.snapshots/$1" ;;
+    block-snap-*) echo "$DATA/block/.snapshots/$1.img" ;;
+    *) echo "unknown-snapshot-kind-$1" ;;
+  esac
+}
+# snapshot_round KIND STORAGECLASS SNAPSHOTCLASS SIZE BIGGER: the scenario
+# above for one kind; the restore is made BIGGER than the source (it grows)
+snapshot_round() {
+  local kind=$1 sc=$2 vsc=$3 size=$4 bigger=$5 content h out node
+  pvc src "$sc" "$size"
+  pod app src 'echo v1 > /data/f && chmod 640 /data/f && ln -s f /data/l && mkdir /data/d && head -c 2097152 /dev/urandom > /data/d/blob && md5sum /data/d/blob | cut -d" " -f1 > /data/sum && sync && sleep 3600'
+  wait_for "$TIMEOUT" "pod app Running" pod_ready app || return 1
+  wait_for 30 "the pod wrote its data" $K -n "$NS" exec app -- test -s /data/sum || return 1
+  volumesnapshot snap1 src "$vsc"
+  wait_for "$TIMEOUT" "VolumeSnapshot snap1 readyToUse" snapshot_ready snap1 \
+    || { $K -n "$NS" describe volumesnapshot snap1 >&2; return 1; }
+  content=$(jp volumesnapshot/snap1 '{.status.boundVolumeSnapshotContentName}')
+  h=$($K get volumesnapshotcontent "$content" -o jsonpath='{.status.snapshotHandle}')
+  [[ $h == $kind-snap-* ]] || fail "snapshot handle '$h' is not a $kind snapshot" || return 1
+  [ -e "$(snapshot_path "$h")" ] || fail "$(snapshot_path "$h") not on the node" || return 1
+  node=$($K get volumesnapshotcontent "$content" -o jsonpath='{.metadata.labels.snapshot\.storage\.kubernetes\.io/managed-by}')
+  [ "$node" = "$NODE" ] || fail "VolumeSnapshotContent managed-by '$node', not $NODE (distributed snapshotting)" || return 1
+  [ -n "$(jp volumesnapshot/snap1 '{.status.restoreSize}')" ] || fail "snapshot has no restoreSize" || return 1
+  # the pod changes its data after the snapshot
+  $K -n "$NS" exec app -- sh -c 'echo v2 > /data/f && rm /data/d/blob && sync' || fail "pod app could not write" || return 1
+
+  pvc_from restored "$sc" "$bigger" VolumeSnapshot snap1
+  out=$(run_pod r1 restored 'cat /data/f; stat -c %a /data/f; readlink /data/l; md5sum /data/d/blob | cut -d" " -f1; cat /data/sum; df -k /data | awk "NR == 2 {print \$2}"') || return 1
+  [ "$(echo "$out" | sed -n 1p)" = v1 ] || fail "restored f is '$(echo "$out" | sed -n 1p)', not v1 (as at snapshot time)" || return 1
+  [ "$(echo "$out" | sed -n 2p)" = 640 ] || fail "restored f has mode $(echo "$out" | sed -n 2p), not 640" || return 1
+  [ "$(echo "$out" | sed -n 3p)" = f ] || fail "restored symlink l points to '$(echo "$out" | sed -n 3p)'" || return 1
+  [ "$(echo "$out" | sed -n 4p)" = "$(echo "$out" | sed -n 5p)" ] || fail "restored blob's md5 $(echo "$out" | sed -n 4p) differs from the one written $(echo "$out" | sed -n 5p)" || return 1
+  if [ "$kind" = block ]; then # the restored filesystem grew to the bigger size
+    [ "$(echo "$out" | sed -n 6p)" -gt $(( $(numfmt --from=iec "${size%i}") / 1024 )) ] \
+      || fail "restored filesystem is $(echo "$out" | sed -n 6p) KiB, not grown past $size" || return 1
+  fi
+
+  pvc_from cloned "$sc" "$size" PersistentVolumeClaim src
+  out=$(run_pod r2 cloned 'cat /data/f; [ -e /data/d/blob ] && echo blob-present || echo blob-absent') || return 1
+  [ "$out" = "v2
+blob-absent" ] || fail "clone reads '$(echo "$out" | tr '\n' ' ')', not the source as it is now (v2, blob removed)" || return 1
+
+  # the snapshot outlives its source
+  $K -n "$NS" delete pod app --wait=true > /dev/null
+  $K -n "$NS" delete pvc src --wait=true > /dev/null
+  pvc_from again "$sc" "$size" VolumeSnapshot snap1
+  out=$(run_pod r3 again 'cat /data/f') || return 1
+  [ "$out" = v1 ] || fail "restore after the source PVC was deleted reads '$out', not v1" || return 1
+
+  $K -n "$NS" delete volumesnapshot snap1 --wait=true > /dev/null
+  wait_for 60 "VolumeSnapshotContent $content deleted" gone "volumesnapshotcontent/$content" || return 1
+  wait_for 30 "snapshot copy removed from the node" sh -c "[ ! -e '$(snapshot_path "$h")' ]" || return 1
+}
+t_snapshots_local() { snapshot_round local berth-local berth-local 64Mi 128Mi; }
+t_snapshots_block() { snapshot_round block berth-block berth-block 64Mi 128Mi; }
+
 PARALLEL=(ready_csinode_capacity private_host_mounts logs_without_colour_codes image_has_every_tool
   wffc_local_volume block_volumes read_write_once_pod capacity_exceeded generic_ephemeral
-  examples_unchanged)
+  examples_unchanged snapshots_local snapshots_block)
 SERIAL=(node_pod_restart)
 # --install-checks: the tests whose outcome depends on how Berth was
 # installed (kubelet directory, kustomize or Helm), for the second and third
 # rounds of run.sh
 if [ "${1:-}" = --install-checks ]; then
   PARALLEL=(ready_csinode_capacity private_host_mounts wffc_local_volume block_volumes
-    capacity_exceeded generic_ephemeral)
+    capacity_exceeded generic_ephemeral snapshots_local)
   SERIAL=()
 elif [ $# -gt 0 ]; then
   PARALLEL=(); SERIAL=("$@")

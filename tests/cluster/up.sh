@@ -224,6 +224,9 @@ until untainted; do
 done
 say "cluster up in $((SECONDS - t_up)) s (Kubernetes $K8S_VERSION, kubelet root $KUBELET_ROOT)"
 
+# The VolumeSnapshot CRDs and the snapshot-controller: cluster add-ons that
+# Berth's snapshots need, installed before Berth as a cluster admin would.
+"$CLUSTER_DIR/snapshot-addon.sh"
 if [ "$INSTALL" != none ]; then
   "$CLUSTER_DIR/install.sh" "$INSTALL"
 fi

@@ -7,11 +7,18 @@ passes the rendered files here.
 
 Every YAML document is checked
   1. against the Kubernetes OpenAPI schemas bundled with kubernetes-validate
-     (strict: unknown fields are errors), for each --k8s-version;
+     (strict: unknown fields are errors), for each --k8s-version; objects of
+     a custom resource (VolumeSnapshotClass) against the openAPIV3Schema of
+     its CRD (--crd, the CRDs of the external-snapshotter release deploy/
+     uses), also strictly;
   2. by Berth-specific rules: berth flags, CSI sockets shared between berth
      and its sidecars, kubelet registration paths, mount propagation, ports,
      probes, RBAC that grants what each sidecar needs, CSIDriver fields,
-     StorageClass parameters, and, in examples, PVC/Pod wiring.
+     StorageClass and VolumeSnapshotClass parameters, a csi-snapshotter for
+     every driver that has snapshot classes (and none for a driver whose
+     kinds have no snapshots: it would exit), sidecar image tags pinned to
+     the versions the test cluster builds (--pin), and, in examples,
+     PVC/Pod wiring.
 A document passes when all of that holds. Cross-document checks (Helm and
 kustomize produce the same workloads, the berth-args fixture is current)
 count as one item each.
@@ -65,6 +72,13 @@ SUBDIR_VARS = {"pvc.metadata.namespace", "pvc.metadata.name", "pv.metadata.name"
 # CSI keys the external-provisioner understands and Berth may meet.
 CSI_PARAM_KEYS = {"csi.storage.k8s.io/fstype"}
 
+# Kinds whose volumes have snapshots, restores and clones (VolumeKind::
+# snapshots() in src/kinds/): a driver serving one advertises
+# CREATE_DELETE_SNAPSHOT; csi-snapshotter exits at start against a driver
+# that does not.
+SNAPSHOT_KINDS = {"local", "block", "nfs"}
+SNAPSHOT_DELETION_POLICIES = {"Delete", "Retain"}
+
 # Driver names -> kinds when no berth container is in the same render
 # (examples/).
 DEFAULT_DRIVER_KINDS = {
@@ -76,6 +90,7 @@ SIDECARS = {
     "csi-provisioner": "provisioner",
     "csi-attacher": "attacher",
     "csi-resizer": "resizer",
+    "csi-snapshotter": "snapshotter",
     "csi-node-driver-registrar": "registrar",
     "livenessprobe": "livenessprobe",
 }
@@ -100,12 +115,37 @@ NEEDS = {
         ("", "persistentvolumeclaims", "watch"), ("", "persistentvolumeclaims/status", "patch"),
         ("", "pods", "watch"), ("", "events", "create"),
     ],
+    # a provisioner of a driver with snapshots: restores read the
+    # VolumeSnapshot and its content; a finalizer protects the snapshot
+    # while a PVC is restored from it
+    "provisioner-snapshots": [
+        ("snapshot.storage.k8s.io", "volumesnapshots", "get"),
+        ("snapshot.storage.k8s.io", "volumesnapshots", "update"),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
+    ],
+    "snapshotter": [
+        ("", "events", "create"),
+        ("snapshot.storage.k8s.io", "volumesnapshotclasses", "watch"),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents", "watch"),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents", "update"),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents", "patch"),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", "patch"),
+    ],
+    # csi-snapshotter with volume group snapshots on (its default)
+    "group-snapshotter": [
+        ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", "watch"),
+        ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "watch"),
+        ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "patch"),
+    ],
 }
 NEEDS_NAMESPACED = {
     "leader-election": [("coordination.k8s.io", "leases", "create"), ("coordination.k8s.io", "leases", "update")],
     "capacity": [("storage.k8s.io", "csistoragecapacities", "create"),
                  ("storage.k8s.io", "csistoragecapacities", "delete"), ("", "pods", "get")],
 }
+
+# --pin NAME=TAG: sidecar images the test cluster builds (tests/cluster/lib.sh)
+PINS = {}
 
 WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job", "CronJob", "Pod")
 VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -236,8 +276,72 @@ class Render:
 
 
 # ---------------------------------------------------------------------------
+class CRDs:
+    """openAPIV3Schemas of custom resources: (group, version, kind) -> schema."""
+
+    def __init__(self):
+        self.schemas = {}
+
+    def load(self, path):
+        for crd in load(path):
+            if crd.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = crd.get("spec") or {}
+            kind = (spec.get("names") or {}).get("kind")
+            for v in spec.get("versions") or []:
+                if v.get("served"):
+                    schema = ((v.get("schema") or {}).get("openAPIV3Schema"))
+                    self.schemas[(spec.get("group"), v.get("name"), kind)] = schema
+
+    def schema_of(self, doc):
+        group, _, version = str(doc.get("apiVersion", "")).rpartition("/")
+        return self.schemas.get((group, version, doc.get("kind")))
+
+    def known_group(self, doc):
+        group = str(doc.get("apiVersion", "")).rpartition("/")[0]
+        return any(g == group for g, _, _ in self.schemas)
+
+
+CRD_SCHEMAS = CRDs()
+
+
+def unknown_fields(value, schema, path=""):
+    """Fields of value that schema does not declare (the API server would
+    prune them: a typo that silently does nothing)."""
+    out = []
+    if not isinstance(schema, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return out
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for k, v in value.items():
+            if props is not None and k in props:
+                out += unknown_fields(v, props[k], "%s.%s" % (path, k))
+            elif isinstance(extra, dict):
+                out += unknown_fields(v, extra, "%s.%s" % (path, k))
+            elif props is not None and path != ".metadata":
+                out.append("%s.%s" % (path, k))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            out += unknown_fields(v, schema["items"], "%s[%d]" % (path, i))
+    return out
+
+
+def check_crd_schema(doc):
+    schema = CRD_SCHEMAS.schema_of(doc)
+    if schema is None:
+        return ["no CRD serves %s %s (pass its CRD with --crd)" % (doc.get("apiVersion"), doc.get("kind"))]
+    import jsonschema  # a dependency of kubernetes-validate
+    errs = ["CRD schema: %s (at %s)" % (e.message, "/".join(str(p) for p in e.path) or "/")
+            for e in jsonschema.Draft4Validator(schema).iter_errors(doc)]
+    errs += ["CRD schema: unknown field %s" % f for f in unknown_fields(doc, schema)]
+    return errs
+
+
 def check_schema(doc, versions):
     errs = []
+    if CRD_SCHEMAS.known_group(doc):
+        return check_crd_schema(doc)
     if kubernetes_validate is None:
         return ["kubernetes-validate is not installed"]
     for v in versions:
@@ -376,8 +480,11 @@ def check_sidecar(render, obj, pod, c, errs, needs):
         for var in VAR_REF.findall(lns):
             if var not in env_names(c):
                 errs.append("%s: $(%s) used but not in env" % (where, var))
+    driver_kinds = render.driver_kinds.get(drv, set())
     if st == "provisioner":
         needs.append(("provisioner", c.get("name")))
+        if driver_kinds & SNAPSHOT_KINDS:
+            needs.append(("provisioner-snapshots", c.get("name")))
         if mode not in ("controller", "all"):
             errs.append("%s: provisioner talks to berth --mode=%s (no controller service)" % (where, mode))
         node_dep = "node-deployment" in f and f.get("node-deployment") not in ("false",)
@@ -410,6 +517,37 @@ def check_sidecar(render, obj, pod, c, errs, needs):
             drv_obj = render.csidrivers().get(drv)
             if drv_obj is not None and (drv_obj.get("spec") or {}).get("storageCapacity"):
                 errs.append("%s: CSIDriver %s has storageCapacity true but no provisioner publishes capacity" % (where, drv))
+    elif st == "snapshotter":
+        needs.append(("snapshotter", c.get("name")))
+        gates = f.get("feature-gates") or ""
+        if "CSIVolumeGroupSnapshot=false" not in gates.split(","):
+            needs.append(("group-snapshotter", c.get("name")))
+        if mode not in ("controller", "all"):
+            errs.append("%s: csi-snapshotter talks to berth --mode=%s (no controller service)" % (where, mode))
+        if not driver_kinds & SNAPSHOT_KINDS:
+            errs.append("%s: driver %s serves %s, which have no snapshots: csi-snapshotter exits at start "
+                        "against a driver without CREATE_DELETE_SNAPSHOT" % (where, drv, sorted(driver_kinds)))
+        node_dep = "node-deployment" in f and f.get("node-deployment") not in ("false",)
+        if node_dep:
+            if obj.get("kind") != "DaemonSet":
+                errs.append("%s: --node-deployment outside a DaemonSet" % where)
+            if env_field(c, "NODE_NAME") != "spec.nodeName":
+                errs.append("%s: --node-deployment needs env NODE_NAME from spec.nodeName" % where)
+            if leader:
+                errs.append("%s: --node-deployment must not use leader election (csi-snapshotter exits)" % where)
+        elif obj.get("kind") == "DaemonSet":
+            errs.append("%s: central csi-snapshotter in a DaemonSet without --node-deployment" % where)
+        elif not leader and obj.get("kind") != "Pod":
+            errs.append("%s: central csi-snapshotter without --leader-election" % where)
+        # distributed snapshots of node-local volumes go with distributed
+        # provisioning: both in the same pod, both per node (or neither)
+        provs = [o for o in pod.get("containers") or [] if sidecar_type(o) == "provisioner"
+                 and (socket_key(pod, o, flag_map(o.get("args") or []).get("csi-address") or "") ==
+                      socket_key(pod, c, addr))]
+        if not provs:
+            errs.append("%s: no external-provisioner of driver %s in the same pod" % (where, drv))
+        elif any(("node-deployment" in flag_map(o.get("args") or [])) != node_dep for o in provs):
+            errs.append("%s: --node-deployment differs from the provisioner's of driver %s" % (where, drv))
     elif st == "attacher":
         needs.append(("attacher", c.get("name")))
         if obj.get("kind") == "DaemonSet":
@@ -506,6 +644,12 @@ def check_pod(render, obj, pod, errs, needs):
             check_berth_container(render, pod, c, errs)
         elif sidecar_type(c):
             check_sidecar(render, obj, pod, c, errs, needs)
+            img = str(c.get("image", ""))
+            short = extract_berth_args.image_name(img)
+            tag = img.split("@", 1)[0].rsplit("/", 1)[-1].partition(":")[2]
+            if short in PINS and img.startswith("registry.k8s.io/sig-storage/") and tag != PINS[short]:
+                errs.append("%s: %s, but the test cluster builds %s %s (tests/cluster/lib.sh)"
+                            % (where, img, short, PINS[short]))
     for name, v in volumes.items():
         claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
         if claim and render.kind != "deploy":
@@ -697,6 +841,46 @@ def check_storageclass(render, sc, errs):
             errs.append("mountPermissions must be an octal mode such as 0777")
 
 
+def check_snapshotclass(render, vsc, errs):
+    drv = vsc.get("driver")
+    if render.kind == "deploy" and drv not in render.csidrivers():
+        errs.append("driver %s has no CSIDriver in this render" % drv)
+    kinds = render.driver_kinds.get(drv)
+    if kinds is None:
+        errs.append("driver %s is not a Berth driver %s" % (drv, sorted(render.driver_kinds)))
+        return
+    if not kinds & SNAPSHOT_KINDS:
+        errs.append("driver %s serves %s, which have no snapshots" % (drv, sorted(kinds)))
+    for k in (vsc.get("parameters") or {}):
+        if not str(k).startswith("csi.storage.k8s.io/"):
+            errs.append("parameter %s: Berth's snapshot classes take no parameters" % k)
+    if vsc.get("deletionPolicy") not in SNAPSHOT_DELETION_POLICIES:
+        errs.append("deletionPolicy must be one of %s" % sorted(SNAPSHOT_DELETION_POLICIES))
+    if render.kind != "deploy":
+        return
+    # someone must make the snapshots: a csi-snapshotter on this driver's socket
+    served = False
+    for obj in render.docs:
+        pod = extract_berth_args.pod_spec(obj)
+        if not pod:
+            continue
+        socks = berth_sockets(pod)
+        for c in pod.get("containers") or []:
+            if sidecar_type(c) != "snapshotter":
+                continue
+            key = socket_key(pod, c, flag_map(c.get("args") or []).get("csi-address") or "")
+            if key in socks and socks[key][1].get("driver-name", "berth.csi.io") == drv:
+                served = True
+    if not served:
+        errs.append("no csi-snapshotter serves driver %s: its snapshots would never be made" % drv)
+    defaults = [d for d in render.by_kind.get("VolumeSnapshotClass", []) if d.get("driver") == drv and
+                ((d.get("metadata") or {}).get("annotations") or {}).get(
+                    "snapshot.storage.kubernetes.io/is-default-class") == "true"]
+    if len(defaults) > 1:
+        errs.append("%d default VolumeSnapshotClasses for driver %s (the snapshot-controller refuses to pick)"
+                    % (len(defaults), drv))
+
+
 def check_pvc(render, pvc, errs):
     spec = pvc.get("spec") or {}
     scn = spec.get("storageClassName")
@@ -728,10 +912,12 @@ def check_document(render, doc, versions):
             check_csidriver(render, doc, errs)
         elif kind == "StorageClass":
             check_storageclass(render, doc, errs)
+        elif kind == "VolumeSnapshotClass":
+            check_snapshotclass(render, doc, errs)
         elif kind == "PersistentVolumeClaim" and render.kind == "example":
             check_pvc(render, doc, errs)
         if render.kind == "deploy" and kind not in ("Namespace", "CSIDriver", "StorageClass", "ClusterRole",
-                                                   "ClusterRoleBinding") and not ns_of(doc):
+                                                   "ClusterRoleBinding", "VolumeSnapshotClass") and not ns_of(doc):
             errs.append("namespaced object without metadata.namespace")
     except Exception as e:  # noqa: BLE001 - a crashing check is a failed check
         errs.append("checker error: %s: %s" % (type(e).__name__, e))
@@ -796,6 +982,9 @@ def load(path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k8s-version", action="append", default=[], help="schema version (repeatable)")
+    ap.add_argument("--crd", action="append", default=[], help="a file of CustomResourceDefinitions (repeatable)")
+    ap.add_argument("--pin", action="append", default=[], metavar="IMAGE=TAG",
+                    help="the tag every registry.k8s.io/sig-storage/IMAGE must have (repeatable)")
     ap.add_argument("--deploy", action="append", default=[], metavar="LABEL=FILE",
                     help="a complete rendered installation")
     ap.add_argument("--fragment", action="append", default=[], metavar="LABEL=FILE:CONTEXT_LABEL",
@@ -810,6 +999,11 @@ def main():
     opts = ap.parse_args()
     versions = opts.k8s_version or ["1.33.0"]
     passed = failed = 0
+    for path in opts.crd:
+        CRD_SCHEMAS.load(path)
+    for pin in opts.pin:
+        name, _, tag = pin.partition("=")
+        PINS[name] = tag
 
     def report(ok, what, errs=()):
         nonlocal passed, failed

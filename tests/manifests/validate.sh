@@ -151,6 +151,21 @@ YAML
     fail "kustomize build with components/kubelet-dir" "$(tr '\n' ' ' < "$OUT/kustomize-kubelet-dir.err")"
   fi
 fi
+# The VolumeSnapshotClasses are a kustomization of their own: the base must
+# apply on a cluster without the VolumeSnapshot CRDs.
+if [[ -f "$OUT/kustomize.yaml" ]]; then
+  if grep -q '^kind: VolumeSnapshotClass' "$OUT/kustomize.yaml"; then
+    fail "kustomize build deploy/kubernetes has no VolumeSnapshotClass" "it has one: apply -k fails on a cluster without the snapshot CRDs"
+  else
+    pass "kustomize build deploy/kubernetes has no VolumeSnapshotClass"
+  fi
+  if "$KUSTOMIZE" build deploy/kubernetes/snapshot-classes > "$OUT/snapshot-classes.yaml" 2> "$OUT/snapshot-classes.err"; then
+    pass "kustomize build deploy/kubernetes/snapshot-classes"
+    DEPLOY_ARGS+=(--fragment "snapshot-classes=$OUT/snapshot-classes.yaml:kustomize")
+  else
+    fail "kustomize build deploy/kubernetes/snapshot-classes" "$(tr '\n' ' ' < "$OUT/snapshot-classes.err")"
+  fi
+fi
 if command -v kubectl >/dev/null; then
   if kubectl kustomize deploy/kubernetes > "$OUT/kubectl-kustomize.yaml" 2> "$OUT/kubectl.err"; then
     if [[ -f "$OUT/kustomize.yaml" ]] && ! cmp -s "$OUT/kustomize.yaml" "$OUT/kubectl-kustomize.yaml"; then
@@ -184,6 +199,17 @@ if [[ $have_helm == 0 ]]; then
     fail "helm lint --strict deploy/helm/berth" "see $OUT/helm-lint.log"
   fi
   helm_render helm-default
+  if grep -q '^kind: VolumeSnapshotClass' "$OUT/helm-default.yaml" 2>/dev/null; then
+    fail "helm template without the snapshot CRDs renders no VolumeSnapshotClass" "it renders one"
+  else
+    pass "helm template without the snapshot CRDs renders no VolumeSnapshotClass"
+  fi
+  helm_render helm-snapshots "${NFS_SET[@]}" --api-versions snapshot.storage.k8s.io/v1/VolumeSnapshotClass
+  if [[ $(grep -c '^kind: VolumeSnapshotClass' "$OUT/helm-snapshots.yaml" 2>/dev/null) == 3 ]]; then
+    pass "helm template with the snapshot CRDs renders the local, block and nfs VolumeSnapshotClasses"
+  else
+    fail "helm template with the snapshot CRDs renders the local, block and nfs VolumeSnapshotClasses" "see $OUT/helm-snapshots.yaml"
+  fi
   helm_render helm-nfs "${NFS_SET[@]}"
   helm_render helm-nfs-only "${NFS_SET[@]}" --set kinds.local=false --set kinds.block=false
   helm_render helm-options "${NFS_SET[@]}" --set kinds.local=false \
@@ -206,6 +232,23 @@ fi
 
 # ---- validate ------------------------------------------------------------------
 VALIDATE_ARGS=()
+# Sidecar images must name the versions the test cluster builds.
+for pv in csi-provisioner:PROVISIONER csi-attacher:ATTACHER csi-resizer:RESIZER \
+    csi-node-driver-registrar:REGISTRAR livenessprobe:LIVENESSPROBE csi-snapshotter:SNAPSHOTTER; do
+  v=$(sed -n "s/^${pv#*:}_VERSION=//p" tests/cluster/lib.sh)
+  [[ -n "$v" ]] && VALIDATE_ARGS+=(--pin "${pv%%:*}=$v")
+done
+# The VolumeSnapshot CRDs of that external-snapshotter release (its client
+# module, from the Go module proxy), to validate the snapshot classes.
+SNAP_VERSION=$(sed -n 's/^SNAPSHOTTER_VERSION=//p' tests/cluster/lib.sh)
+if crd_dir=$(cd "$OUT" && GOFLAGS=-mod=mod GOTOOLCHAIN=local go mod download -json \
+    "github.com/kubernetes-csi/external-snapshotter/client/v8@$SNAP_VERSION" 2> "$OUT/crd-download.err" \
+    | sed -n 's/.*"Dir": "\(.*\)".*/\1/p') && [[ -n "$crd_dir" && -d "$crd_dir/config/crd" ]]; then
+  for f in "$crd_dir"/config/crd/snapshot.storage.k8s.io_*.yaml; do VALIDATE_ARGS+=(--crd "$f"); done
+  pass "VolumeSnapshot CRDs of external-snapshotter $SNAP_VERSION"
+else
+  fail "VolumeSnapshot CRDs of external-snapshotter $SNAP_VERSION" "go mod download failed: $(tr '\n' ' ' < "$OUT/crd-download.err")"
+fi
 for v in "${K8S_VERSIONS[@]}"; do VALIDATE_ARGS+=(--k8s-version "$v"); done
 VALIDATE_ARGS+=("${DEPLOY_ARGS[@]}")
 if [[ -f "$OUT/kustomize.yaml" || -f "$OUT/kubectl-kustomize.yaml" ]]; then

@@ -1,4 +1,4 @@
-# bench/lib.sh, sourced by bench/run.sh and bench/compare.sh: re-runs the
+# bench/lib.sh, sourced by bench/run.sh, snapshots.sh and compare.sh: re-runs the
 # script in a private mount namespace, sets B (the berth binary), W (a temp
 # dir for the run) and PIDS (drivers to stop), and on exit stops the
 # drivers, unmounts everything under W, detaches loop devices on files under
@@ -22,3 +22,14 @@ cleanup() {
   rm -rf "$W"
 }
 trap cleanup EXIT
+
+# start DIR [berth flags...]: a berth serving unix://DIR/csi.sock, its pid
+# in P (stopped on exit)
+P=
+start() {
+  local d=$1; shift
+  "$B" --data-dir "$d" --endpoint "unix://$d/csi.sock" --node-id bench-node --log-level warn "$@" >/dev/null 2>"$d.log" &
+  P=$!
+  PIDS+=("$P")
+  for _ in $(seq 200); do [ -S "$d/csi.sock" ] && break; sleep 0.01; done
+}

@@ -10,14 +10,6 @@ QUICK=${1:-}
 N=2000; SCALE=10000
 [ "$QUICK" = --quick ] && { N=200; SCALE=1000; }
 
-P=
-start() { # dir extra-args...; sets P
-  local d=$1; shift
-  "$B" --data-dir "$d" --endpoint "unix://$d/csi.sock" --node-id bench-node --log-level warn "$@" >/dev/null 2>"$d.log" &
-  P=$!
-  PIDS+=("$P")
-  for _ in $(seq 200); do [ -S "$d/csi.sock" ] && break; sleep 0.01; done
-}
 
 echo "## this machine's floor (no driver; the ratios below are against it)"
 "$B" bench floor -n "$N" --work-dir "$W/floor"
@@ -60,33 +52,4 @@ done
 kill "$P"; wait "$P" 2>/dev/null || true
 
 echo
-echo "## snapshots and restores, against tar (numbers include the flush to disk)"
-# --quick: small volumes, so CI only shows the mode works.
-if [ "$QUICK" = --quick ]; then
-  FILES=1000; DATA=$((16 << 20)); BSIZE=$((256 << 20)); BDATA=$((32 << 20)); XFS=$((2 << 30))
-else
-  FILES=10000; DATA=$((40 << 20)); BSIZE=$((10 << 30)); BDATA=$((1 << 30)); XFS=$((24 << 30))
-fi
-start "$W/snap" --kinds local,block
-echo "### local directory, $FILES files"
-"$B" bench --endpoint "unix://$W/snap/csi.sock" snapshot --size $((DATA * 2)) --data "$DATA" --files "$FILES" --work-dir "$W/work-snap-local"
-echo "### block volume of $BSIZE bytes with $BDATA bytes of data, block root on $(findmnt -no FSTYPE -T "$W")"
-"$B" bench --endpoint "unix://$W/snap/csi.sock" snapshot --param kind=block --block --size "$BSIZE" --data "$BDATA" --work-dir "$W/work-snap-block"
-kill "$P"; wait "$P" 2>/dev/null || true
-# The same on a block root that clones files: xfs with reflink on a loop
-# device (detached at the end).
-truncate -s "$XFS" "$W/xfs.img"
-mkfs.xfs -q -m reflink=1 "$W/xfs.img"
-mkdir "$W/xfs"
-XDEV=$(losetup --find --show "$W/xfs.img")
-if mount -t xfs "$XDEV" "$W/xfs"; then
-  start "$W/snapx" --kinds block --block-root "$W/xfs/block"
-  echo "### block volume of $BSIZE bytes with $BDATA bytes of data, block root on xfs with reflink"
-  "$B" bench --endpoint "unix://$W/snapx/csi.sock" snapshot --param kind=block --block --size "$BSIZE" --data "$BDATA" --work-dir "$W/work-snap-xfs"
-  echo "### the same, snapshotted while in use (one clone)"
-  "$B" bench --endpoint "unix://$W/snapx/csi.sock" snapshot --param kind=block --block --in-use --size "$BSIZE" --data "$BDATA" --work-dir "$W/work-snap-xfs2"
-  kill "$P"; wait "$P" 2>/dev/null || true
-  umount "$W/xfs"
-fi
-losetup -d "$XDEV"
-
+"$ROOT/bench/snapshots.sh" $QUICK

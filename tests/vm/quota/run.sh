@@ -34,17 +34,24 @@ berth_check "plain xfs disk on /plain-xfs" make_xfs_disk /plain-xfs 320M
 berth_check "plain ext4 disk on /plain-ext4" make_ext4_disk /plain-ext4 128M
 grep -E ' /(q|plain)-' /proc/mounts
 
+# The two filesystems at once (two processes, each alone on its filesystem:
+# project ids are per filesystem), each test of a run after the other.
 integration() {
   local fs=$1 t0=$SECONDS rc
   mkdir -p "/q-$fs/it"
   BERTH_QUOTA_ROOT=/q-$fs/it BERTH_QUOTA_FS=$fs RUST_BACKTRACE=1 \
-    root_quota --ignored --test-threads=1 --nocapture 2>&1; rc=$?
-  berth_log "integration tests on $fs took $((SECONDS - t0)) s"
+    root_quota --ignored --test-threads=1 --nocapture >"/tmp/it-$fs.log" 2>&1; rc=$?
+  echo "integration tests on $fs took $((SECONDS - t0)) s" >>"/tmp/it-$fs.log"
   rm -rf "/q-$fs/it"
-  return $rc
+  echo "$rc" >"/tmp/it-$fs.rc"
 }
-berth_check "xfs: integration tests (tests/root_quota.rs)" integration xfs
-berth_check "ext4: integration tests (tests/root_quota.rs)" integration ext4
+t0=$SECONDS
+integration xfs & integration ext4 & wait
+berth_log "integration tests on xfs and ext4 took $((SECONDS - t0)) s together"
+for fs in xfs ext4; do
+  cat "/tmp/it-$fs.log"
+  berth_check "$fs: integration tests (tests/root_quota.rs)" [ "$(cat "/tmp/it-$fs.rc")" = 0 ]
+done
 
 sanity() {
   local t0=$SECONDS rc

@@ -728,3 +728,349 @@ async fn aliased_shares_and_a_controller_that_lost_its_state() {
     std::fs::remove_dir_all(e.export.join("home")).unwrap();
     assert_eq!(e.canary(), canary, "canary at the share root");
 }
+
+// ------------------------------------------- snapshots, restores and clones
+
+async fn snapshot(h: &Harness, name: &str, source: &str) -> Result<csi::Snapshot, tonic::Status> {
+    h.ctl
+        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: name.into(),
+            source_volume_id: source.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|r| r.into_inner().snapshot.expect("snapshot"))
+}
+
+async fn delete_snapshot(h: &Harness, id: &str) -> Result<(), tonic::Status> {
+    h.ctl
+        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
+/// CreateVolume of `name` from a snapshot (`snap`) or a volume, with the
+/// mount flags `flags`.
+async fn create_from(
+    h: &Harness,
+    e: &Env,
+    name: &str,
+    source: csi::volume_content_source::Type,
+    flags: &[&str],
+) -> Result<String, tonic::Status> {
+    h.ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            name: name.into(),
+            parameters: e.params(&[]),
+            volume_capabilities: vec![cap(flags)],
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(source),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .map(|r| r.into_inner().volume.expect("volume").volume_id)
+}
+
+fn from_snap(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+        snapshot_id: id.into(),
+    })
+}
+
+fn from_vol(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+        volume_id: id.into(),
+    })
+}
+
+/// Everything a copy must keep of a tree, read on the server side: per
+/// path (the top directory's own marker left out) its type, mode, owner,
+/// mtime, content (files), target (symlinks), user xattrs, and which
+/// earlier path shares its inode.
+fn describe(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = Vec::new();
+    let mut inodes: HashMap<u64, String> = HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let p = root.join(&rel);
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let ft = m.file_type();
+        let shown = if rel.as_os_str().is_empty() {
+            ".".to_string()
+        } else {
+            rel.display().to_string()
+        };
+        let what = if ft.is_dir() {
+            let mut names: Vec<_> = std::fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| !(rel.as_os_str().is_empty() && n == ".berth-volume"))
+                .collect();
+            names.sort();
+            for n in names.into_iter().rev() {
+                stack.push(rel.join(n));
+            }
+            "dir".to_string()
+        } else if ft.is_symlink() {
+            format!("link -> {}", std::fs::read_link(&p).unwrap().display())
+        } else if ft.is_fifo() {
+            "fifo".to_string()
+        } else {
+            let data = std::fs::read(&p).unwrap();
+            format!(
+                "file {} bytes, crc {:08x}",
+                data.len(),
+                crc32fast::hash(&data)
+            )
+        };
+        let link = if !ft.is_dir() && m.nlink() > 1 {
+            match inodes.get(&m.ino()) {
+                Some(first) => format!(" same inode as {first}"),
+                None => {
+                    inodes.insert(m.ino(), shown.clone());
+                    String::new()
+                }
+            }
+        } else {
+            String::new()
+        };
+        let mut xattrs: Vec<String> = if ft.is_symlink() {
+            Vec::new()
+        } else {
+            xattr::list(&p)
+                .unwrap()
+                .filter(|n| n.to_string_lossy().starts_with("user."))
+                .map(|n| {
+                    let v = xattr::get(&p, &n).unwrap().unwrap_or_default();
+                    format!("{}={}", n.to_string_lossy(), String::from_utf8_lossy(&v))
+                })
+                .collect()
+        };
+        xattrs.sort();
+        // A directory's mtime changes with its entries (the top one with
+        // its marker): only files', links' and FIFOs' are compared.
+        let mtime = if ft.is_dir() {
+            String::new()
+        } else {
+            format!(" mtime {}.{:09}", m.mtime(), m.mtime_nsec())
+        };
+        out.push(format!(
+            "{shown}: {what} mode {:o} owner {}:{}{mtime}{link} xattrs [{}]",
+            m.mode() & 0o7777,
+            m.uid(),
+            m.gid(),
+            xattrs.join(",")
+        ));
+    }
+    out
+}
+
+/// Makes the tree a snapshot must keep faithfully, on the server side
+/// (what pods wrote): nested directories with their modes and owners,
+/// files with modes, owners, times and user xattrs, a hard-link pair, a
+/// symlink, a dangling symlink, a FIFO, a sparse file.
+fn make_tree(dir: &Path) {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    let mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    std::fs::create_dir_all(dir.join("a/b")).unwrap();
+    std::fs::write(dir.join("a/b/f"), b"first version").unwrap();
+    mode(&dir.join("a/b/f"), 0o640);
+    mode(&dir.join("a/b"), 0o2750);
+    std::os::unix::fs::chown(dir.join("a/b/f"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::chown(dir.join("a"), Some(1000), Some(1000)).unwrap();
+    std::fs::hard_link(dir.join("a/b/f"), dir.join("hard")).unwrap();
+    std::os::unix::fs::symlink("a/b/f", dir.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent", dir.join("dangling")).unwrap();
+    nix::unistd::mkfifo(
+        &dir.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    xattr::set(dir.join("a/b/f"), "user.berth", b"kept").unwrap();
+    xattr::set(dir.join("a"), "user.dir", b"too").unwrap();
+    let f = std::fs::File::create(dir.join("sparse")).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"middle", 8 << 20).unwrap();
+    drop(f);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &dir.join("a/b/f"),
+        &nix::sys::time::TimeSpec::new(1_000_000, 5),
+        &nix::sys::time::TimeSpec::new(2_000_000, 7),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+}
+
+/// NFSv4.2 COPY operations (server-side copies) of the NFS mounts under
+/// `dir` so far, from /proc/self/mountstats.
+fn server_copies(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/mountstats").unwrap_or_default();
+    let mut ours = false;
+    let mut n = 0;
+    for line in text.lines() {
+        if line.starts_with("device ") {
+            ours = line
+                .split(" mounted on ")
+                .nth(1)
+                .is_some_and(|r| r.starts_with(&dir.display().to_string()));
+        } else if ours {
+            if let Some(rest) = line.trim_start().strip_prefix("COPY:") {
+                n += rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    n
+}
+
+/// A snapshot of a volume in use (published, written through the pod's
+/// mount) restores exactly what the volume held at that moment (content,
+/// modes, owners, times, links, hard links, a FIFO, user xattrs through
+/// NFSv4.2, a sparse file staying sparse), with the data copied by the
+/// server (NFSv4.2 COPY); a clone copies the volume as it is now; the
+/// source can be deleted and its snapshot still restores; after the
+/// controller lost its records, the snapshot id alone restores and
+/// deletes it; a snapshot directory that is damaged or not Berth's is
+/// never deleted.
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn snapshots_restores_and_clones_on_a_real_server() {
+    use std::os::unix::fs::MetadataExt;
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    let v42 = ["nfsvers=4.2"];
+    let src = create(&h, &e, "sn-src", &[], &v42).await;
+    let src_dir = e.export.join(subdir_of(&src));
+    make_tree(&src_dir);
+    // In use: published and written through the pod's mount.
+    let target = h.path("sn-pod");
+    publish(&h, &src, &target, false, &v42).await.unwrap();
+    std::fs::write(target.join("from-pod"), b"written by the pod").unwrap();
+    let before = describe(&src_dir);
+    let copies = server_copies(h.dir.path());
+    let s = snapshot(&h, "sn-1", &src).await.unwrap();
+    assert!(s.ready_to_use);
+    let snaps = e.export.join(".berth-snapshots");
+    let key = s.snapshot_id.rsplit('#').next().unwrap().to_string();
+    assert_eq!(describe(&snaps.join(&key).join("data")), before);
+    assert!(
+        server_copies(h.dir.path()) > copies,
+        "the data was copied by the server (NFSv4.2 COPY)"
+    );
+    // The pod goes on writing: not in the snapshot.
+    std::fs::write(target.join("a/b/f"), b"second version").unwrap();
+    std::fs::remove_file(target.join("link")).unwrap();
+    std::fs::write(target.join("new"), b"after the snapshot").unwrap();
+    let now = describe(&src_dir);
+    assert_ne!(now, before);
+
+    let restored = create_from(&h, &e, "sn-restored", from_snap(&s.snapshot_id), &v42)
+        .await
+        .unwrap();
+    let restored_dir = e.export.join(subdir_of(&restored));
+    assert_eq!(
+        describe(&restored_dir),
+        before,
+        "restore = source at snapshot time"
+    );
+    let sparse = std::fs::metadata(restored_dir.join("sparse")).unwrap();
+    assert!(
+        sparse.blocks() * 512 < 4 << 20,
+        "the sparse file stays sparse: {} bytes allocated",
+        sparse.blocks() * 512
+    );
+    let clone = create_from(&h, &e, "sn-clone", from_vol(&src), &v42)
+        .await
+        .unwrap();
+    assert_eq!(
+        describe(&e.export.join(subdir_of(&clone))),
+        now,
+        "clone = source now"
+    );
+    // The restored volume is a volume of its own: publish, write, and the
+    // snapshot does not change.
+    let t2 = h.path("sn-pod-2");
+    publish(&h, &restored, &t2, false, &v42).await.unwrap();
+    assert_eq!(std::fs::read(t2.join("a/b/f")).unwrap(), b"first version");
+    std::fs::write(t2.join("a/b/f"), b"restored and changed").unwrap();
+    assert_eq!(describe(&snaps.join(&key).join("data")), before);
+    unpublish(&h, &restored, &t2).await.unwrap();
+
+    // The source goes; its snapshot stays and restores.
+    unpublish(&h, &src, &target).await.unwrap();
+    delete(&h, &src).await.unwrap();
+    assert!(!src_dir.exists());
+    let again = create_from(&h, &e, "sn-after", from_snap(&s.snapshot_id), &v42)
+        .await
+        .unwrap();
+    assert_eq!(describe(&e.export.join(subdir_of(&again))), before);
+
+    // A snapshot whose directory is damaged (marker gone) or carries
+    // another snapshot's marker is never deleted.
+    let other = create(&h, &e, "sn-other", &[], &[]).await;
+    std::fs::write(e.export.join(subdir_of(&other)).join("f"), b"x").unwrap();
+    let d1 = snapshot(&h, "sn-damaged", &other).await.unwrap();
+    let d2 = snapshot(&h, "sn-foreign", &other).await.unwrap();
+    let k1 = d1.snapshot_id.rsplit('#').next().unwrap().to_string();
+    let k2 = d2.snapshot_id.rsplit('#').next().unwrap().to_string();
+    std::fs::remove_file(snaps.join(&k1).join(".berth-snapshot")).unwrap();
+    std::fs::copy(
+        snaps.join(&key).join(".berth-snapshot"),
+        snaps.join(&k2).join(".berth-snapshot"),
+    )
+    .unwrap();
+    for id in [&d1.snapshot_id, &d2.snapshot_id] {
+        delete_snapshot(&h, id).await.unwrap();
+    }
+    assert!(snaps.join(&k1).join("data/f").exists(), "damaged: kept");
+    assert!(snaps.join(&k2).join("data/f").exists(), "foreign: kept");
+    std::fs::remove_dir_all(snaps.join(&k1)).unwrap();
+    std::fs::remove_dir_all(snaps.join(&k2)).unwrap();
+
+    // Over NFSv4.1 (Berth's default) user xattrs do not cross: the
+    // restore keeps everything else.
+    let v41 = create_from(&h, &e, "sn-v41", from_snap(&s.snapshot_id), &[])
+        .await
+        .unwrap();
+    let no_xattrs: Vec<String> = before
+        .iter()
+        .map(|l| match l.find(" xattrs [") {
+            Some(i) => format!("{} xattrs []", &l[..i]),
+            None => l.clone(),
+        })
+        .collect();
+    assert_eq!(describe(&e.export.join(subdir_of(&v41))), no_xattrs);
+
+    // The controller loses its records: the id alone restores the
+    // snapshot and deletes it.
+    let (h, _g2) = lose_state(h);
+    let lost = create_from(&h, &e, "sn-lost", from_snap(&s.snapshot_id), &v42)
+        .await
+        .unwrap();
+    assert_eq!(describe(&e.export.join(subdir_of(&lost))), before);
+    delete_snapshot(&h, &s.snapshot_id).await.unwrap();
+    assert!(!snaps.join(&key).exists());
+    let r = create_from(&h, &e, "sn-gone", from_snap(&s.snapshot_id), &[]).await;
+    assert_eq!(r.unwrap_err().code(), Code::NotFound);
+
+    for id in [&restored, &clone, &again, &other, &lost, &v41] {
+        delete(&h, id).await.unwrap();
+    }
+    let left: Vec<_> = std::fs::read_dir(&snaps).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    std::fs::remove_dir(&snaps).unwrap();
+    assert!(mount_processes().is_empty());
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}

@@ -2,15 +2,20 @@
 # NFS volumes against a real kernel NFS server; runs INSIDE the test guest
 # (tests/vm/nfs.sh boots it). On an ext4 loop disk exported as /export over
 # 127.0.0.1, with a canary file at the share root:
-#   1. csi-sanity against berth in NFS mode (berth's default options: NFSv4.1)
+#   1. csi-sanity against berth in NFS mode (berth's default options: NFSv4.1),
+#      snapshot and cloning specs included
 #   2. the integration tests (tests/root_nfs.rs): publish/unpublish/readonly
 #      over NFSv3 (nolock) and v4.2, onDelete delete/retain/archive, delete
 #      without a record, republish after a server restart and after a stale
 #      handle, a dead server (connections refused) and a hung one (every
-#      packet dropped)
+#      packet dropped), snapshots of a volume in use restored and cloned
+#      (modes, owners, links, xattrs, sparse files; NFSv4.2 server-side
+#      copy), after the source is deleted and after a lost state
 #   3. `berth bench lifecycle` against berth in NFS mode (an endpoint that
 #      advertises neither attach nor staging): every cycle must succeed; the
-#      numbers are printed, never asserted (software-emulated guest)
+#      numbers are printed, never asserted (software-emulated guest); then
+#      `berth bench snapshot` (snapshot and restore of 4 MiB in 32 files
+#      beside tar), which must succeed, its numbers printed only
 #   4. the canary survived, nothing is left on the share, no NFS mount and no
 #      mount process is left.
 # Last line: "N passed, M failed".
@@ -66,8 +71,31 @@ bench() {
 berth_check "berth bench lifecycle in NFS mode (100 cycles, 4 in flight), 0 failed" bench
 berth_check "no NFS mount left after the bench" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
 
+bench_snapshot() {
+  local d=/tmp/berth-bench-snap rc pid
+  mkdir -p "$d"
+  berth --data-dir "$d" --endpoint "unix://$d/csi.sock" --node-id guest --kinds nfs \
+    --log-level warn 2>"$d/berth.log" &
+  pid=$!
+  for _ in $(seq 500); do [ -S "$d/csi.sock" ] && break; sleep 0.02; done
+  berth bench --endpoint "unix://$d/csi.sock" snapshot --size 1048576 \
+    --data $((4 << 20)) --files 32 \
+    --param kind=nfs --param server=127.0.0.1 --param share=/export \
+    --work-dir "$d/work" 2>&1; rc=$?
+  kill "$pid"; wait "$pid"
+  [ "$rc" = 0 ] || cat "$d/berth.log"
+  rm -rf "$d"
+  return $rc
+}
+berth_check "berth bench snapshot in NFS mode (4 MiB in 32 files; numbers not asserted)" bench_snapshot
+berth_check "no NFS mount left after the snapshot bench" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
+
 berth_check "canary at the share root intact" eval '[ "$(sha256sum < /export/canary)" = "$CANARY" ]'
-leftovers() { ls -A /export | grep -vxE 'canary|lost\+found'; }
+# An empty snapshot area may stay (Berth keeps it); nothing in it may.
+leftovers() {
+  ls -A /export | grep -vxE 'canary|lost\+found|\.berth-snapshots'
+  ls -A /export/.berth-snapshots 2>/dev/null | sed 's|^|.berth-snapshots/|'
+}
 berth_check "nothing left on the share" eval '[ -z "$(leftovers)" ]' || leftovers
 berth_check "no NFS mount left" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
 berth_check "no mount process left" eval '[ -z "$(mount_procs)" ]' || mount_procs

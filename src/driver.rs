@@ -228,6 +228,20 @@ impl Driver {
         }
     }
 
+    /// A snapshot with a self-describing id (NFS) and no record here, once
+    /// its storage proves that it is complete (blocking: it may mount a
+    /// share). None for any other id.
+    pub fn snapshot_from_storage(&self, id: &str) -> Result<Option<crate::state::SnapshotRecord>> {
+        for k in self.kinds.values() {
+            if k.owns_snapshot_id(id) {
+                if let Some(s) = k.confirm_snapshot(id)? {
+                    return Ok(Some(s));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The served kind whose id structure `id` has, record or not.
     pub fn kind_of_id(&self, id: &str) -> Option<&Arc<dyn VolumeKind>> {
         self.kinds.values().find(|k| k.owns_id(id))

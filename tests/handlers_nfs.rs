@@ -2231,6 +2231,52 @@ async fn nfs_snapshots_survive_a_lost_controller_state() {
     std::fs::remove_dir_all(h.path("state/journal")).unwrap();
     let h = restart(h, &["--kinds", "nfs"]);
     assert!(h.driver.store.is_empty());
+    // GetSnapshot and ListSnapshots by id answer from the marker (the
+    // external-snapshotter checks a pre-provisioned snapshot that way); a
+    // list without an id shows only records.
+    let get = |id: &str| csi::GetSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    let got = h
+        .ctl
+        .get_snapshot(Request::new(get(&s.snapshot_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(got.ready_to_use);
+    assert_eq!(got.source_volume_id, src.volume_id);
+    assert_eq!(got.size_bytes, s.size_bytes);
+    assert_eq!(got.creation_time.unwrap(), created);
+    let unknown = "nfssnap#127.0.0.1#/export#0123456789abcdef";
+    let e = h
+        .ctl
+        .get_snapshot(Request::new(get(unknown)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    let list = |id: &str, source: &str| csi::ListSnapshotsRequest {
+        snapshot_id: id.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    };
+    for (id, source, n) in [
+        (s.snapshot_id.as_str(), "", 1),
+        (s.snapshot_id.as_str(), src.volume_id.as_str(), 1),
+        (s.snapshot_id.as_str(), "nfs#d#127.0.0.1#/export#other", 0),
+        (unknown, "", 0),
+        ("", "", 0),
+    ] {
+        let l = h
+            .ctl
+            .list_snapshots(Request::new(list(id, source)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(l.entries.len(), n, "{id:?} {source:?}");
+    }
     // The CO retries the CreateSnapshot it never got an answer for: the
     // source volume has no record either and is found from its marker.
     let again = snapshot(&h, "snap", &src.volume_id).await;

@@ -1,5 +1,7 @@
 //! GetSnapshot (alpha in the spec): one snapshot by id; NOT_FOUND for an
-//! id that does not exist (or whose copy is not complete).
+//! id that does not exist (or whose copy is not complete). A self-describing
+//! id (NFS) without a record here is answered from its storage (the
+//! marker of the complete copy).
 use std::sync::Arc;
 
 use super::snapshot;
@@ -14,12 +16,20 @@ pub async fn handle(
     req: csi::GetSnapshotRequest,
 ) -> Result<csi::GetSnapshotResponse> {
     snapshot::require(&d)?;
-    let id = validate::snapshot_id(&req.snapshot_id)?;
-    let s = d
-        .store
-        .snapshot_get(id)
-        .filter(|s| s.phase == Phase::Ready)
-        .ok_or_else(|| Error::NotFound(format!("snapshot {id} does not exist")))?;
+    let id = validate::snapshot_id(&req.snapshot_id)?.to_string();
+    let missing = || Error::NotFound(format!("snapshot {id} does not exist"));
+    let s = match d.store.snapshot_get(&id) {
+        Some(s) if s.phase == Phase::Ready => s,
+        Some(_) => return Err(missing()),
+        None => {
+            // Blocking: it may mount an NFS share (bounded).
+            let (d, i) = (d.clone(), id.clone());
+            tokio::task::spawn_blocking(move || d.snapshot_from_storage(&i))
+                .await
+                .map_err(|e| Error::Internal(format!("GetSnapshot task failed: {e}")))??
+                .ok_or_else(missing)?
+        }
+    };
     Ok(csi::GetSnapshotResponse {
         snapshot: Some(snapshot::to_proto(&s)),
     })

@@ -2,7 +2,10 @@
 //! source volume. The token is the creation sequence number of the last
 //! snapshot returned; a token that was never handed out is ABORTED. Only
 //! snapshots whose copy is complete are listed; an id that does not exist
-//! gives an empty list, as the spec asks.
+//! gives an empty list, as the spec asks. A self-describing snapshot id
+//! (NFS) asked for by id, without a record here, is listed from its storage
+//! (the marker of the complete copy): the external-snapshotter checks a
+//! pre-provisioned snapshot that way.
 use std::sync::Arc;
 
 use super::list_volumes::page_start;
@@ -35,6 +38,22 @@ pub async fn handle(
             && (req.snapshot_id.is_empty() || s.id == req.snapshot_id)
             && (req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id)
     });
+    if all.is_empty()
+        && !req.snapshot_id.is_empty()
+        && req.starting_token.is_empty()
+        && d.store.snapshot_get(&req.snapshot_id).is_none()
+    {
+        // Blocking: it may mount an NFS share (bounded).
+        let (d2, id) = (d.clone(), req.snapshot_id.clone());
+        let found = tokio::task::spawn_blocking(move || d2.snapshot_from_storage(&id))
+            .await
+            .map_err(|e| {
+                crate::error::Error::Internal(format!("ListSnapshots task failed: {e}"))
+            })??;
+        all.extend(found.filter(|s| {
+            req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
+        }));
+    }
     all.sort_by_key(|s| s.seq);
     let max = usize::try_from(req.max_entries).unwrap_or(0);
     let more = max > 0 && all.len() > max;

@@ -320,7 +320,11 @@ fn copy_dir(
 }
 
 /// Copies the entries of the directory `src` (except the names in `skip`)
-/// into the directory `dst`.
+/// into the directory `dst`. `src` is opened once, never through a
+/// symlink, and its entries are reached through that descriptor: a volume
+/// in use whose directory is swapped for a symlink while it is copied
+/// makes the copy fail (ENOTDIR) instead of copying what the link points
+/// to.
 fn copy_entries(
     src: &Path,
     dst: &Path,
@@ -328,14 +332,22 @@ fn copy_entries(
     links: &mut HashMap<(u64, u64), std::path::PathBuf>,
     st: &mut CopyStats,
 ) -> Result<(), OsError> {
-    let mut entries: Vec<_> = std::fs::read_dir(src)
+    use nix::fcntl::OFlag;
+    let dir = nix::fcntl::open(
+        src,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("open", src))?;
+    let base = std::path::PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
+    let mut entries: Vec<_> = std::fs::read_dir(&base)
         .map_err(sys("readdir", src))?
         .collect::<Result<_, _>>()
         .map_err(sys("readdir", src))?;
     entries.retain(|e| !skip.iter().any(|s| e.file_name() == *s));
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
-        let from = e.path();
+        let from = base.join(e.file_name());
         let to = dst.join(e.file_name());
         let em = std::fs::symlink_metadata(&from).map_err(sys("stat", &from))?;
         let ft = em.file_type();
@@ -492,6 +504,34 @@ mod tests {
         assert_eq!(std::fs::read(d.join("d/f")).unwrap(), b"data");
         // Never into something that exists.
         assert!(copy_tree(&s, &d).is_err());
+    }
+
+    #[test]
+    fn a_directory_is_never_copied_through_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"x").unwrap();
+        let s = t.path().join("src");
+        std::fs::create_dir(&s).unwrap();
+        std::os::unix::fs::symlink(&outside, s.join("d")).unwrap();
+        // Below the top: the symlink is copied as a symlink.
+        copy_tree(&s, &t.path().join("dst")).unwrap();
+        assert!(std::fs::symlink_metadata(t.path().join("dst/d"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // A source that is itself a symlink (a directory swapped for one
+        // while the copy runs) is refused.
+        let e = copy_tree(&s.join("d"), &t.path().join("dst2")).unwrap_err();
+        assert!(
+            matches!(e.errno(), Some(libc::ELOOP) | Some(libc::ENOTDIR)),
+            "{e}"
+        );
+        assert!(!t.path().join("dst2/secret").exists());
+        std::fs::create_dir(t.path().join("dst3")).unwrap();
+        let e = copy_into(&s.join("d"), &t.path().join("dst3"), &[]).unwrap_err();
+        assert!(!t.path().join("dst3/secret").exists(), "{e}");
     }
 
     #[test]

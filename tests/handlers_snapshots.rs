@@ -406,7 +406,6 @@ async fn an_interrupted_snapshot_is_removed_at_start() {
                 created_secs: 1,
                 created_nanos: 0,
                 block: None,
-                location: String::new(),
             },
             |_| Ok::<(), berth::state::StateError>(()),
         )

@@ -120,7 +120,6 @@ fn create(
                 created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
                 created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
                 block: None,
-                location: String::new(),
             };
             d.store.snapshot_insert_new(rec, |_| Ok::<(), Error>(()))?
         }

@@ -259,8 +259,4 @@ pub struct SnapshotRecord {
     /// filesystem made, access type, defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockInfo>,
-    /// NFS sources: the id of the source, whose server and share the copy
-    /// lives on.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub location: String,
 }

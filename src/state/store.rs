@@ -1250,7 +1250,6 @@ mod tests {
             created_secs: 1,
             created_nanos: 2,
             block: None,
-            location: String::new(),
         }
     }
 

@@ -225,7 +225,6 @@ impl BlockKind {
                     created_secs: 0,
                     created_nanos: 0,
                     block: None,
-                    location: String::new(),
                 };
                 self.snapshot_volume(v, &mut tmp)?;
                 let file = self.snapshot_file(&tmp.id)?;

@@ -688,7 +688,6 @@ impl VolumeKind for NfsKind {
             created_secs: 0,
             created_nanos: 0,
             block: None,
-            location: String::new(),
         })
     }
 

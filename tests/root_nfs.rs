@@ -25,8 +25,10 @@ use berth::csi::v1::volume_capability::access_mode::Mode;
 use common::*;
 use tonic::{Code, Request};
 
-/// --nfs-timeout of these tests.
-const TIMEOUT_S: u64 = 5;
+/// --nfs-timeout of these tests: every mount and unmount is bounded by it,
+/// so it must leave room for a slow mount in the software-emulated guest on
+/// a loaded host (5 s did not, twice).
+const TIMEOUT_S: u64 = 10;
 
 struct Env {
     server: String,

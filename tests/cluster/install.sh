@@ -65,4 +65,17 @@ if kubectl_ -n berth-system get statefulset berth-controller > /dev/null 2>&1; t
   kubectl_ -n berth-system rollout status statefulset/berth-controller --timeout=300s > /dev/null \
     || { kubectl_ -n berth-system get pods -o wide; die "berth-controller not ready"; }
 fi
+# A Ready pod is not yet a registered driver: kubelet adds it to the node's
+# CSINode once node-driver-registrar has answered its plugin watcher, which
+# can come seconds later. Nothing can be mounted until then.
+want=local.berth.csi.io
+kubectl_ -n berth-system get daemonset berth-node -o jsonpath='{.spec.template.spec.containers[*].name}' \
+  | grep -qw berth-nfs-node && want="$want nfs.berth.csi.io"
+for d in $want; do
+  tr=$SECONDS
+  until kubectl_ get csinode -o jsonpath='{range .items[*].spec.drivers[*]}{.name}{"\n"}{end}' 2> /dev/null | grep -qx "$d"; do
+    [ $((SECONDS - tr)) -lt 120 ] || { kubectl_ get csinode -o yaml; die "$d not registered in CSINode after 120 s"; }
+    sleep 1
+  done
+done
 say "Berth installed with $how ($IMAGE, kubelet root $KUBELET_ROOT) in $((SECONDS - t)) s"

@@ -130,13 +130,17 @@ t_ready_csinode_capacity() {
   n=$(jp pods '{range .items[*]}{.metadata.name}{"\n"}{end}' berth-system | grep -c .)
   ready=$(jp pods '{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' berth-system | grep -c True)
   [ "$n" -ge 1 ] && [ "$n" = "$ready" ] || fail "$ready of $n Berth pods Ready" || return 1
-  drivers=$($K get csinode "$NODE" -o jsonpath='{range .spec.drivers[*]}{.name}{" "}{end}')
   # NFS is installed by deploy/kubernetes, and by the Helm chart only with
   # kinds.nfs=true: expect its driver where its node container runs.
   local want=local.berth.csi.io
   $K -n berth-system get daemonset berth-node -o jsonpath='{.spec.template.spec.containers[*].name}' | grep -qw berth-nfs-node \
     && want="$want nfs.berth.csi.io"
   for d in $want; do
+    # install.sh waits for the registration; a node pod restarted by another
+    # test registers again within seconds
+    wait_for 60 "$d in CSINode $NODE" sh -c \
+      "'$K' get csinode '$NODE' -o jsonpath='{.spec.drivers[*].name}' | grep -qw $d"
+    drivers=$($K get csinode "$NODE" -o jsonpath='{range .spec.drivers[*]}{.name}{" "}{end}')
     [[ " $drivers " == *" $d "* ]] || fail "CSINode $NODE lists [$drivers], not $d" || return 1
   done
   key=$($K get csinode "$NODE" -o jsonpath='{.spec.drivers[?(@.name=="local.berth.csi.io")].topologyKeys[*]}')

@@ -318,8 +318,7 @@ impl Driver {
     pub fn reconcile(self: &Arc<Self>) -> Result<()> {
         self.retry_pending(true);
         for kind in self.kinds.values() {
-            let known =
-                |id: &str| self.store.get(id).is_some() || self.store.snapshot_get(id).is_some();
+            let known = |id: &str| self.store.contains(id) || self.store.snapshot_contains(id);
             if let Err(e) = kind.reconcile_orphans(&known) {
                 tracing::error!(kind = %kind.kind(), error = %e.render(), "could not reconcile orphaned storage");
             }

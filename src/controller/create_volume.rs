@@ -247,9 +247,9 @@ fn compatible(rec: &VolumeRecord, r: &Request) -> Result<()> {
         "kind"
     } else if !r.range.admits(rec.capacity_bytes) {
         "capacity"
-    } else if rec.capabilities != r.caps {
+    } else if rec.capabilities[..] != r.caps[..] {
         "volume capabilities"
-    } else if rec.parameters != r.params {
+    } else if *rec.parameters != r.params {
         "parameters"
     } else if rec.node != r.node {
         "topology"
@@ -317,10 +317,10 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         phase: Phase::Creating,
         capacity_bytes: size,
         node: r.node,
-        parameters: r.params,
-        capabilities: r.caps,
+        parameters: r.params.into(),
+        capabilities: r.caps.into(),
         context: BTreeMap::new(),
-        published: BTreeMap::new(),
+        published: Default::default(),
         created_unix: now_unix(),
         block: None,
         source: r.source.clone(),

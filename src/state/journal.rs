@@ -53,7 +53,7 @@
 //! itself (O_DIRECT, bypassing the page cache); where the disk differs from
 //! what was replayed, it writes the log again (temp file, fsync, rename)
 //! before serving.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -95,6 +95,70 @@ pub fn encode(entry: &EntryRef<'_>, out: &mut Vec<u8>) -> Result<(), serde_json:
     out[start..start + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
     out.push(b'\n');
     Ok(())
+}
+
+/// Records by id as a replay finds them, each boxed once where it was
+/// parsed and found through its own id (no copy of the id as a key: start-up
+/// moves pointers, not records, and leaves no holes between them).
+pub struct Records<R> {
+    table: hashbrown::HashTable<Box<R>>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl<R> Default for Records<R> {
+    fn default() -> Self {
+        Records {
+            table: hashbrown::HashTable::new(),
+            hasher: Default::default(),
+        }
+    }
+}
+
+impl<R: super::store::Record> Records<R> {
+    pub fn insert(&mut self, r: Box<R>) {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(r.id());
+        let hasher = &self.hasher;
+        match self
+            .table
+            .entry(h, |o| o.id() == r.id(), |o| hasher.hash_one(o.id()))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = r,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(r);
+            }
+        }
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(id);
+        if let Ok(e) = self.table.find_entry(h, |o| o.id() == id) {
+            e.remove();
+        }
+    }
+
+    pub fn contains_key(&self, id: &str) -> bool {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(id);
+        self.table.find(h, |o| o.id() == id).is_some()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &R> {
+        self.table.iter().map(|b| &**b)
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    pub fn into_values(self) -> impl Iterator<Item = Box<R>> {
+        self.table.into_iter()
+    }
 }
 
 /// What one line of a journal file is.
@@ -220,9 +284,9 @@ pub struct Scan {
     pub log_good: u64,
     pub torn: Option<Torn>,
     /// Every record the readable lines give (damaged lines skipped).
-    pub records: HashMap<String, VolumeRecord>,
+    pub records: Records<VolumeRecord>,
     /// Every snapshot record, likewise.
-    pub snapshots: HashMap<String, SnapshotRecord>,
+    pub snapshots: Records<SnapshotRecord>,
     /// Flaws that stop start-up.
     pub damage: Vec<Damage>,
     /// Damaged lines skipped in `records` (for `repair`).
@@ -282,8 +346,8 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         log: Vec::new(),
         log_good: 0,
         torn: None,
-        records: HashMap::new(),
-        snapshots: HashMap::new(),
+        records: Records::default(),
+        snapshots: Records::default(),
         damage: Vec::new(),
         dropped: Vec::new(),
         stale: Vec::new(),
@@ -341,11 +405,11 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         for (n, (at, line)) in lines(&bytes).enumerate() {
             let why = match decode(line) {
                 Line::Entry(Entry::Put(r)) => {
-                    out.records.insert(r.id.clone(), *r);
+                    out.records.insert(r);
                     continue;
                 }
                 Line::Entry(Entry::Snap(r)) => {
-                    out.snapshots.insert(r.id.clone(), *r);
+                    out.snapshots.insert(r);
                     continue;
                 }
                 Line::Entry(Entry::Del(_) | Entry::DelSnap(_)) => {
@@ -394,13 +458,13 @@ fn replay_log(s: &mut Scan, path: &Path) {
                 }
                 match e {
                     Entry::Put(r) => {
-                        s.records.insert(r.id.clone(), *r);
+                        s.records.insert(r);
                     }
                     Entry::Del(id) => {
                         s.records.remove(&id);
                     }
                     Entry::Snap(r) => {
-                        s.snapshots.insert(r.id.clone(), *r);
+                        s.snapshots.insert(r);
                     }
                     Entry::DelSnap(id) => {
                         s.snapshots.remove(&id);
@@ -589,8 +653,8 @@ pub struct Journal {
 pub struct Replay {
     pub journal: Journal,
     /// Every live record, in no particular order.
-    pub records: Vec<VolumeRecord>,
-    pub snapshots: Vec<SnapshotRecord>,
+    pub records: Vec<Box<VolumeRecord>>,
+    pub snapshots: Vec<Box<SnapshotRecord>>,
 }
 
 impl Journal {

@@ -15,6 +15,7 @@ pub mod legacy;
 pub mod lock;
 pub mod record;
 pub mod store;
+pub mod table;
 pub mod tools;
 
 pub use record::{

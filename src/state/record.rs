@@ -1,6 +1,8 @@
 //! What Berth remembers about a volume.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::hash::Hash;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -121,20 +123,25 @@ pub struct VolumeRecord {
     /// The node the volume lives on; empty for volumes reachable from every
     /// node (NFS).
     pub node: String,
-    /// StorageClass parameters as given (compared on a CreateVolume retry).
-    pub parameters: BTreeMap<String, String>,
-    /// Capabilities as given (sorted, compared on a CreateVolume retry).
-    pub capabilities: Vec<Capability>,
+    /// StorageClass parameters as given (compared on a CreateVolume retry);
+    /// one copy in memory for all the volumes of a class (`Shared`).
+    #[serde(deserialize_with = "like_the_last")]
+    pub parameters: Arc<BTreeMap<String, String>>,
+    /// Capabilities as given (sorted, compared on a CreateVolume retry);
+    /// shared like `parameters`.
+    #[serde(deserialize_with = "like_the_last")]
+    pub capabilities: Arc<[Capability]>,
     /// volume_context returned to the CO.
     #[serde(default)]
     pub context: BTreeMap<String, String>,
     /// ControllerPublishVolume grants, by node id.
     #[serde(default)]
-    pub published: BTreeMap<String, Attachment>,
+    pub published: NodeMap<Attachment>,
     pub created_unix: u64,
-    /// Block volumes: allocation, disk and format state.
+    /// Block volumes: allocation, disk and format state (boxed: the other
+    /// kinds' records do not carry its size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub block: Option<BlockInfo>,
+    pub block: Option<Box<BlockInfo>>,
     /// What the volume was created from (a snapshot or another volume).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ContentSource>,
@@ -143,6 +150,151 @@ pub struct VolumeRecord {
     /// `kinds::local::quota`). Never held by two records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<u32>,
+}
+
+/// Deserializes a value that the records of a journal mostly hold equal
+/// copies of as the copy the previous record of this thread got, when
+/// equal: a replay of thousands of records makes one, not thousands that
+/// `Shared` then frees (leaving holes in the heap between the records).
+fn like_the_last<'de, D, T>(d: D) -> Result<Arc<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: ?Sized + PartialEq + Send + Sync + 'static,
+    Arc<T>: Deserialize<'de>,
+{
+    use std::any::Any;
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+    }
+    let v = Arc::<T>::deserialize(d)?;
+    Ok(LAST.with(|l| {
+        let mut l = l.borrow_mut();
+        if let Some(last) = l.iter().find_map(|b| b.downcast_ref::<Arc<T>>()) {
+            if **last == *v {
+                return last.clone();
+            }
+        }
+        l.retain(|b| !b.is::<Arc<T>>());
+        l.push(Box::new(v.clone()));
+        v
+    }))
+}
+
+/// Values that many records hold equal copies of (a StorageClass's
+/// parameters, the capabilities its volumes are asked with), kept once in
+/// memory: the store's index hands each record it holds the one copy.
+#[derive(Default)]
+pub struct Shared {
+    parameters: HashSet<Arc<BTreeMap<String, String>>>,
+    capabilities: HashSet<Arc<[Capability]>>,
+    /// Sizes at the last sweep of values no record holds any more.
+    swept_at: (usize, usize),
+}
+
+impl Shared {
+    fn one<T: ?Sized + Hash + Eq>(set: &mut HashSet<Arc<T>>, v: &mut Arc<T>) {
+        match set.get(v) {
+            Some(s) => {
+                if !Arc::ptr_eq(s, v) {
+                    *v = s.clone();
+                }
+            }
+            None => {
+                set.insert(v.clone());
+            }
+        }
+    }
+
+    /// Points `rec` at the shared copies of its values.
+    pub fn share(&mut self, rec: &mut VolumeRecord) {
+        Self::one(&mut self.parameters, &mut rec.parameters);
+        Self::one(&mut self.capabilities, &mut rec.capabilities);
+        // values only this table holds are dropped once the tables have
+        // doubled since the last sweep (amortised: a sweep is a scan)
+        let (p, c) = (self.parameters.len(), self.capabilities.len());
+        if p > 2 * self.swept_at.0 + 16 || c > 2 * self.swept_at.1 + 16 {
+            self.parameters.retain(|a| Arc::strong_count(a) > 1);
+            self.capabilities.retain(|a| Arc::strong_count(a) > 1);
+            self.swept_at = (self.parameters.len(), self.capabilities.len());
+        }
+    }
+}
+
+/// A small map by node id (a volume is published to one node, or a few):
+/// a sorted vector, where a `BTreeMap` would allocate a node of eleven
+/// entries for the first one. Written and read as a JSON object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeMap<V>(Vec<(String, V)>);
+
+impl<V> Default for NodeMap<V> {
+    fn default() -> Self {
+        NodeMap(Vec::new())
+    }
+}
+
+impl<V> NodeMap<V> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn find(&self, k: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| n.as_str().cmp(k))
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn get(&self, k: &str) -> Option<&V> {
+        self.find(k).ok().map(|i| &self.0[i].1)
+    }
+    pub fn contains_key(&self, k: &str) -> bool {
+        self.find(k).is_ok()
+    }
+    pub fn insert(&mut self, k: String, v: V) -> Option<V> {
+        match self.find(&k) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
+            Err(i) => {
+                self.0.insert(i, (k, v));
+                None
+            }
+        }
+    }
+    pub fn remove(&mut self, k: &str) -> Option<V> {
+        let i = self.find(k).ok()?;
+        let v = self.0.remove(i).1;
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(v)
+    }
+    pub fn clear(&mut self) {
+        self.0 = Vec::new();
+    }
+    /// Node ids in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(k, _)| k)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl<V: Serialize> Serialize for NodeMap<V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for NodeMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // sorted and unique, whatever the object's order
+        let m = BTreeMap::<String, V>::deserialize(d)?;
+        let mut v: Vec<_> = m.into_iter().collect();
+        v.shrink_to_fit();
+        Ok(NodeMap(v))
+    }
 }
 
 /// The content source of a volume: a snapshot restored, a volume cloned.
@@ -259,4 +411,63 @@ pub struct SnapshotRecord {
     /// filesystem made, access type, defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(id: &str, fs: &str, params: &str) -> String {
+        format!(
+            r#"{{"id":"{id}","name":"n-{id}","kind":"local","seq":1,"phase":"ready","capacity_bytes":1,"node":"x","parameters":{params},"capabilities":[{{"access_type":{{"mount":{{"fs_type":"{fs}","mount_flags":[]}}}},"access_mode":"SINGLE_NODE_WRITER"}}],"created_unix":0}}"#
+        )
+    }
+
+    #[test]
+    fn equal_values_read_in_a_row_are_one_copy_and_others_their_own() {
+        let p = r#"{"a":"1"}"#;
+        let r: Vec<VolumeRecord> = [
+            json("a", "ext4", p),
+            json("b", "ext4", p),
+            json("c", "xfs", "{}"),
+        ]
+        .iter()
+        .map(|j| serde_json::from_str(j).expect("a record"))
+        .collect();
+        assert!(Arc::ptr_eq(&r[0].capabilities, &r[1].capabilities));
+        assert!(Arc::ptr_eq(&r[0].parameters, &r[1].parameters));
+        assert_eq!(r[1].parameters.get("a").map(String::as_str), Some("1"));
+        assert!(r[2].parameters.is_empty());
+        assert!(
+            matches!(&r[2].capabilities[0].access_type, AccessType::Mount { fs_type, .. } if fs_type == "xfs")
+        );
+        assert!(
+            matches!(&r[1].capabilities[0].access_type, AccessType::Mount { fs_type, .. } if fs_type == "ext4")
+        );
+        // and the store's index shares what is equal whatever the order
+        let mut shared = Shared::default();
+        let (mut x, mut y) = (r[0].clone(), r[2].clone());
+        y.parameters = Arc::new(BTreeMap::from([("a".to_string(), "1".to_string())]));
+        shared.share(&mut x);
+        shared.share(&mut y);
+        assert!(Arc::ptr_eq(&x.parameters, &y.parameters));
+        assert!(!Arc::ptr_eq(&x.capabilities, &y.capabilities));
+    }
+
+    #[test]
+    fn a_node_map_is_sorted_and_reads_and_writes_as_an_object() {
+        let mut m = NodeMap::new();
+        assert_eq!(m.insert("b".into(), 2), None);
+        assert_eq!(m.insert("a".into(), 1), None);
+        assert_eq!(m.insert("b".into(), 3), Some(2));
+        assert_eq!(m.keys().cloned().collect::<Vec<_>>(), ["a", "b"]);
+        let j = serde_json::to_string(&m).expect("json");
+        assert_eq!(j, r#"{"a":1,"b":3}"#);
+        let back: NodeMap<i32> = serde_json::from_str(r#"{"b":3,"a":1}"#).expect("map");
+        assert_eq!(back, m);
+        assert_eq!(m.remove("a"), Some(1));
+        assert!(m.contains_key("b") && !m.contains_key("a") && m.len() == 1);
+        m.clear();
+        assert!(m.is_empty() && m.get("b").is_none());
+    }
 }

@@ -14,12 +14,13 @@
 //!
 //! Whoever opens a store holds the state directory's lock (see `lock`):
 //! one writer per state directory.
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::journal::{encode, Committed, EntryRef, Journal, Replay, Ticket};
-use super::record::{Kind, Phase, SnapshotRecord, VolumeRecord};
+use super::record::{Kind, Phase, Shared, SnapshotRecord, VolumeRecord};
+use super::table::Table;
 use super::{legacy, StateError};
 use crate::os::files::Files;
 
@@ -39,6 +40,8 @@ pub trait Record: Clone + Send + Sync + 'static {
     fn del(id: &str) -> EntryRef<'_>;
     fn index(ix: &Indexes) -> &Index<Self>;
     fn index_mut(ix: &mut Indexes) -> &mut Index<Self>;
+    /// Points the record at values other records hold too (see `Shared`).
+    fn share(&mut self, _shared: &mut Shared) {}
 }
 
 impl Record for VolumeRecord {
@@ -68,6 +71,9 @@ impl Record for VolumeRecord {
     }
     fn index_mut(ix: &mut Indexes) -> &mut Index<Self> {
         &mut ix.volumes
+    }
+    fn share(&mut self, shared: &mut Shared) {
+        shared.share(self);
     }
 }
 
@@ -109,9 +115,8 @@ struct Pending<R> {
 
 /// The index of one kind of record.
 pub struct Index<R> {
-    by_id: HashMap<String, R>,
-    by_name: HashMap<String, String>,
-    by_seq: BTreeMap<u64, String>,
+    records: Table<R>,
+    shared: Shared,
     last_seq: u64,
     promised: HashMap<Kind, i64>,
     /// Records held in memory only until their first `put` (see `reserve`);
@@ -122,12 +127,11 @@ pub struct Index<R> {
     inflight: HashMap<String, Vec<Pending<R>>>,
 }
 
-impl<R> Default for Index<R> {
+impl<R: Record> Default for Index<R> {
     fn default() -> Self {
         Index {
-            by_id: HashMap::new(),
-            by_name: HashMap::new(),
-            by_seq: BTreeMap::new(),
+            records: Table::default(),
+            shared: Shared::default(),
             last_seq: 0,
             promised: HashMap::new(),
             reserved: HashSet::new(),
@@ -147,36 +151,31 @@ impl<R: Record> Index<R> {
     /// Inserts or replaces a record; returns the one it replaced. The seq
     /// must be unique (callers assign it).
     fn insert(&mut self, rec: R) -> Option<R> {
-        let old = self.by_id.remove(rec.id());
-        if let Some(old) = &old {
-            self.unlink(old);
-        }
+        self.insert_box(Box::new(rec))
+    }
+
+    fn insert_box(&mut self, mut rec: Box<R>) -> Option<R> {
+        rec.share(&mut self.shared);
         self.last_seq = self.last_seq.max(rec.seq());
-        self.by_name
-            .insert(rec.name().to_string(), rec.id().to_string());
-        self.by_seq.insert(rec.seq(), rec.id().to_string());
         if let Some((k, b)) = rec.promise() {
             *self.promised.entry(k).or_default() += b;
         }
-        self.by_id.insert(rec.id().to_string(), rec);
+        let old = self.records.insert_box(rec);
+        if let Some(old) = &old {
+            self.unpromise(old);
+        }
         old
     }
 
-    fn unlink(&mut self, old: &R) {
-        if self.by_name.get(old.name()).map(String::as_str) == Some(old.id()) {
-            self.by_name.remove(old.name());
-        }
-        if self.by_seq.get(&old.seq()).map(String::as_str) == Some(old.id()) {
-            self.by_seq.remove(&old.seq());
-        }
+    fn unpromise(&mut self, old: &R) {
         if let Some((k, b)) = old.promise() {
             *self.promised.entry(k).or_default() -= b;
         }
     }
 
     fn remove(&mut self, id: &str) -> Option<R> {
-        let old = self.by_id.remove(id)?;
-        self.unlink(&old);
+        let old = self.records.remove(id)?;
+        self.unpromise(&old);
         Some(old)
     }
 
@@ -190,7 +189,7 @@ impl<R: Record> Index<R> {
 
     /// The seq a record with this id keeps: its current one, or the next.
     fn seq_for(&mut self, id: &str) -> u64 {
-        match self.by_id.get(id) {
+        match self.records.get(id) {
             Some(r) => r.seq(),
             None => {
                 self.last_seq += 1;
@@ -248,7 +247,7 @@ impl<R: Record> Index<R> {
         if self.reserved.contains(id) {
             return None;
         }
-        self.by_id.get(id)
+        self.records.get(id)
     }
 
     /// Appends every committed record's journal line to `out`.
@@ -256,11 +255,12 @@ impl<R: Record> Index<R> {
         let deleted_in_flight = self
             .inflight
             .keys()
-            .filter(|id| !self.by_id.contains_key(*id));
-        for id in self.by_id.keys().chain(deleted_in_flight) {
+            .filter(|id| !self.records.contains(id))
+            .map(String::as_str);
+        for id in self.records.values().map(R::id).chain(deleted_in_flight) {
             if let Some(rec) = self.committed(id, c) {
                 encode(&rec.put(), out).map_err(|source| StateError::Encode {
-                    id: id.clone(),
+                    id: id.to_string(),
                     source,
                 })?;
             }
@@ -270,10 +270,7 @@ impl<R: Record> Index<R> {
 
     fn page(&self, after_seq: u64, max: usize) -> (Vec<R>, Option<u64>) {
         let mut out = Vec::new();
-        let mut it = self
-            .by_seq
-            .range(after_seq.saturating_add(1)..)
-            .filter_map(|(_, id)| self.by_id.get(id));
+        let mut it = self.records.after_seq(after_seq);
         for rec in it.by_ref() {
             out.push(rec.clone());
             if max > 0 && out.len() == max {
@@ -293,7 +290,7 @@ impl<R: Record> Index<R> {
     /// seq: in seq order, a record whose seq is 0 or already taken (records
     /// of old versions rebuilt from an NFS id carried 0) gets the next free
     /// one.
-    fn load(&mut self, mut records: Vec<R>) {
+    fn load(&mut self, mut records: Vec<Box<R>>) {
         records.sort_by(|a, b| (a.seq(), a.id()).cmp(&(b.seq(), b.id())));
         let max = records
             .iter()
@@ -303,12 +300,12 @@ impl<R: Record> Index<R> {
             .max(self.last_seq);
         let mut next = max;
         for mut r in records {
-            if r.seq() == 0 || self.by_seq.contains_key(&r.seq()) {
+            if r.seq() == 0 || self.records.seq_taken(r.seq()) {
                 next += 1;
                 tracing::info!(id = %r.id(), old_seq = r.seq(), new_seq = next, "record given a unique sequence number");
                 r.set_seq(next);
             }
-            self.insert(r);
+            self.insert_box(r);
         }
     }
 }
@@ -319,10 +316,10 @@ impl<R: Record> Index<R> {
 /// step).
 pub struct Admission<'a, R = VolumeRecord> {
     pub promised: i64,
-    records: &'a HashMap<String, R>,
+    records: &'a Table<R>,
 }
 
-impl<R> Admission<'_, R> {
+impl<R: Record> Admission<'_, R> {
     /// The record with this id, if any.
     pub fn get(&self, id: &str) -> Option<&R> {
         self.records.get(id)
@@ -365,9 +362,9 @@ impl Store {
         // both hold the same records; the journal is newer.
         let old: Vec<_> = old
             .into_iter()
-            .filter(|r| !index.volumes.by_id.contains_key(&r.id))
+            .filter(|r| !index.volumes.records.contains(&r.id))
             .collect();
-        index.volumes.load(old);
+        index.volumes.load(old.into_iter().map(Box::new).collect());
         let store = Store {
             journal,
             index: RwLock::new(index),
@@ -396,7 +393,8 @@ impl Store {
     /// Every committed record as journal lines (see `Index::committed`).
     fn snapshot(&self, c: &Committed) -> Result<Vec<u8>, StateError> {
         let ix = self.read();
-        let mut out = Vec::with_capacity((ix.volumes.by_id.len() + ix.snapshots.by_id.len()) * 512);
+        let mut out =
+            Vec::with_capacity((ix.volumes.records.len() + ix.snapshots.records.len()) * 512);
         ix.volumes.snapshot(c, &mut out)?;
         ix.snapshots.snapshot(c, &mut out)?;
         Ok(out)
@@ -436,7 +434,7 @@ impl Store {
                 }
                 Change::Del(id) => {
                     prepare(idx, None)?;
-                    if !idx.by_id.contains_key(id) {
+                    if !idx.records.contains(id) {
                         return Ok(None);
                     }
                     if idx.reserved.remove(id) {
@@ -474,21 +472,18 @@ impl Store {
     }
 
     fn get_of<R: Record>(&self, id: &str) -> Option<R> {
-        R::index(&self.read()).by_id.get(id).cloned()
+        R::index(&self.read()).records.get(id).cloned()
     }
 
     fn get_by_name_of<R: Record>(&self, name: &str) -> Option<R> {
         let ix = self.read();
         let idx = R::index(&ix);
-        idx.by_name
-            .get(name)
-            .and_then(|id| idx.by_id.get(id))
-            .cloned()
+        idx.records.by_name(name).cloned()
     }
 
     fn filter_of<R: Record>(&self, f: impl Fn(&R) -> bool) -> Vec<R> {
         R::index(&self.read())
-            .by_id
+            .records
             .values()
             .filter(|r| f(r))
             .cloned()
@@ -506,7 +501,7 @@ impl Store {
                 promised: kind
                     .and_then(|k| idx.promised.get(&k).copied())
                     .unwrap_or(0),
-                records: &idx.by_id,
+                records: &idx.records,
             })?;
             if let Some(r) = r {
                 idx.last_seq += 1;
@@ -544,13 +539,18 @@ impl Store {
         self.get_of(id)
     }
 
+    /// A volume record with this id exists (no copy made).
+    pub fn contains(&self, id: &str) -> bool {
+        self.read().volumes.records.contains(id)
+    }
+
     pub fn get_by_name(&self, name: &str) -> Option<VolumeRecord> {
         self.get_by_name_of(name)
     }
 
     /// Volume records.
     pub fn len(&self) -> usize {
-        self.read().volumes.by_id.len()
+        self.read().volumes.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -612,7 +612,7 @@ impl Store {
         let idx = &mut ix.volumes;
         admit(&Admission {
             promised: idx.promised.get(&rec.kind).copied().unwrap_or(0),
-            records: &idx.by_id,
+            records: &idx.records,
         })?;
         idx.last_seq += 1;
         rec.seq = idx.last_seq;
@@ -653,7 +653,7 @@ impl Store {
         self.apply::<VolumeRecord, E>(Change::Put(rec), |idx, r| {
             admit(&Admission {
                 promised: idx.promised.get(&kind).copied().unwrap_or(0),
-                records: &idx.by_id,
+                records: &idx.records,
             })?;
             if let Some(r) = r {
                 let seq = idx.seq_for(r.id());
@@ -679,6 +679,11 @@ impl Store {
 
     pub fn snapshot_get(&self, id: &str) -> Option<SnapshotRecord> {
         self.get_of(id)
+    }
+
+    /// A snapshot record with this id exists (no copy made).
+    pub fn snapshot_contains(&self, id: &str) -> bool {
+        self.read().snapshots.records.contains(id)
     }
 
     pub fn snapshot_by_name(&self, name: &str) -> Option<SnapshotRecord> {
@@ -741,7 +746,7 @@ mod tests {
             capacity_bytes: cap,
             node: "n1".into(),
             parameters: Default::default(),
-            capabilities: vec![],
+            capabilities: vec![].into(),
             context: Default::default(),
             published: Default::default(),
             created_unix: 0,
@@ -1150,10 +1155,16 @@ mod tests {
         // Undo of the failed first change: the second inherits its old
         // value, and the index keeps the second's value.
         idx.settle("a", 7, true);
-        assert_eq!(idx.by_id["a"].capacity_bytes, 3);
+        assert_eq!(
+            idx.records.get("a").map(|r| r.capacity_bytes).unwrap_or(-1),
+            3
+        );
         assert_eq!(cap(&idx, c(8, vec![])), Some(1));
         idx.settle("a", 8, true);
-        assert_eq!(idx.by_id["a"].capacity_bytes, 1);
+        assert_eq!(
+            idx.records.get("a").map(|r| r.capacity_bytes).unwrap_or(-1),
+            1
+        );
         assert!(idx.inflight.is_empty());
     }
 

@@ -129,7 +129,7 @@ impl BlockKind {
     }
 
     fn info(rec: &VolumeRecord) -> Result<BlockInfo> {
-        rec.block.clone().ok_or_else(|| {
+        rec.block.as_deref().cloned().ok_or_else(|| {
             Error::Internal(format!(
                 "record of block volume {} has no block section",
                 rec.id
@@ -140,7 +140,7 @@ impl BlockKind {
     /// Writes the block section of a record (under the volume's guard).
     fn save_info(&self, rec: &VolumeRecord, info: &BlockInfo) -> Result<()> {
         let mut r = self.store.get(&rec.id).unwrap_or_else(|| rec.clone());
-        r.block = Some(info.clone());
+        r.block = Some(Box::new(info.clone()));
         self.store.put(&r)?;
         Ok(())
     }
@@ -177,7 +177,7 @@ impl BlockKind {
             capacity_bytes: 0,
             node: rec.node.clone(),
             parameters: Default::default(),
-            capabilities: Vec::new(),
+            capabilities: Vec::new().into(),
             context: Default::default(),
             published: Default::default(),
             created_unix: crate::driver::now_unix(),
@@ -478,14 +478,16 @@ impl VolumeKind for BlockKind {
 
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
         let p = params::parse(&params::own(&rec.parameters))?;
-        let mut info = rec.block.clone().unwrap_or(BlockInfo {
-            allocation: match p.pool {
-                Pool::File(a) => a,
-                Pool::Disk => Allocation::Thin,
-            },
-            default_fs: p.default_fs.as_str().into(),
-            mkfs_options: p.mkfs_options.clone(),
-            ..Default::default()
+        let mut info = rec.block.clone().unwrap_or_else(|| {
+            Box::new(BlockInfo {
+                allocation: match p.pool {
+                    Pool::File(a) => a,
+                    Pool::Disk => Allocation::Thin,
+                },
+                default_fs: p.default_fs.as_str().into(),
+                mkfs_options: p.mkfs_options.clone(),
+                ..Default::default()
+            })
         });
         match p.pool {
             Pool::File(allocation) => {

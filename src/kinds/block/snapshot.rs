@@ -310,7 +310,7 @@ impl BlockKind {
         info.default_fs = inherited.default_fs;
         info.shared_uuid = inherited.shared_uuid;
         info.grow_fs = info.formatted && rec.capacity_bytes > source_size;
-        rec.block = Some(info);
+        rec.block = Some(Box::new(info));
         Ok(())
     }
 
@@ -330,7 +330,7 @@ impl BlockKind {
             .files
             .sync_dir(&self.root)
             .map_err(|e| Error::os(format!("syncing {}", self.root.display()), e))?;
-        rec.block = Some(info);
+        rec.block = Some(Box::new(info));
         Ok(())
     }
 

@@ -384,17 +384,17 @@ impl VolumeKind for NfsKind {
             phase: Phase::Ready,
             capacity_bytes: 0,
             node: String::new(),
-            parameters,
-            capabilities: vec![Capability {
+            parameters: parameters.into(),
+            capabilities: Arc::from([Capability {
                 access_type: AccessType::Mount {
                     fs_type: String::new(),
                     mount_flags: vec![],
                     volume_mount_group: String::new(),
                 },
                 access_mode: AccessMode::MultiNodeMultiWriter,
-            }],
+            }]),
             context: info,
-            published: BTreeMap::new(),
+            published: Default::default(),
             created_unix: 0,
             block: None,
             source: None,
@@ -840,7 +840,7 @@ mod tests {
         );
         let mut rec = k.record_from_id("nfs#d#h#/e#v").unwrap();
         assert_eq!(controller_options(&rec).unwrap(), ["nfsvers=4.1"]);
-        rec.capabilities = vec![cap(&["ro", "vers=4.2"], AccessMode::MultiNodeReaderOnly)];
+        rec.capabilities = vec![cap(&["ro", "vers=4.2"], AccessMode::MultiNodeReaderOnly)].into();
         assert_eq!(controller_options(&rec).unwrap(), ["vers=4.2"]);
     }
 

@@ -13,10 +13,14 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
+# glibc linked statically: about 1.5 MiB less resident memory and a faster
+# start than with the shared libraries (README, "Performance"); --target
+# keeps the flag off build scripts and proc-macros.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
- && install -D -m 0755 target/release/berth /out/berth
+    triple="$(uname -m)-unknown-linux-gnu" \
+ && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$triple" \
+ && install -D -m 0755 "target/$triple/release/berth" /out/berth
 
 # ---- runtime ---------------------------------------------------------------
 FROM debian:bookworm-slim

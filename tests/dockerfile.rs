@@ -72,9 +72,14 @@ fn builds_and_installs_the_berth_binary_as_entrypoint() {
         run_build.contains("--release") && run_build.contains("--locked"),
         "{run_build}"
     );
-    // The binary goes from target/release/berth to the runtime's
+    // Statically linked glibc (see the Dockerfile), so built with --target;
+    // the binary goes from target/<triple>/release/berth to the runtime's
     // /usr/local/bin/berth, which is the entrypoint.
-    assert!(run_build.contains("target/release/berth"), "{run_build}");
+    assert!(
+        run_build.contains("target-feature=+crt-static") && run_build.contains("--target"),
+        "{run_build}"
+    );
+    assert!(run_build.contains("/release/berth"), "{run_build}");
     let staged = run_build
         .split_whitespace()
         .last()

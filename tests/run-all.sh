@@ -53,7 +53,7 @@ stage() {
 }
 
 host_track() {
-  stage "build (release)" cargo build --release --locked --bins --examples
+  stage "build (release, glibc static as the image ships it)" tests/build-release.sh --bins --examples
   stage "README walkthrough" tests/walkthrough.sh
   stage "csi-sanity local" csi-sanity/run.sh local
   stage "csi-sanity block-raw" csi-sanity/run.sh block-raw

@@ -301,7 +301,7 @@ impl Driver {
 
     /// NOT_FOUND unless a node-local volume lives on this node.
     pub fn require_local_here(&self, rec: &VolumeRecord) -> Result<()> {
-        if !rec.node.is_empty() && rec.node != self.node_id {
+        if !rec.node.is_empty() && *rec.node != *self.node_id {
             return Err(Error::NotFound(format!(
                 "volume {} lives on node {}, not on this node {}",
                 rec.id, rec.node, self.node_id

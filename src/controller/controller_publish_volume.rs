@@ -22,7 +22,7 @@ pub async fn handle(
     let readonly = req.readonly;
     let vid = id.clone();
     d.with_volume(&vid, move |d, mut rec, kind| {
-        if !rec.node.is_empty() && rec.node != node {
+        if !rec.node.is_empty() && *rec.node != *node {
             return Err(Error::NotFound(format!(
                 "node {node} not found: volume {id} is local to node {}",
                 rec.node

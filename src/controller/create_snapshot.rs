@@ -115,7 +115,7 @@ fn create(
                 phase: Phase::Creating,
                 source_volume_id: source,
                 size_bytes: vol.capacity_bytes,
-                node: vol.node.clone(),
+                node: vol.node.to_string(),
                 parameters: params,
                 created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
                 created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),

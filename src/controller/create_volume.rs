@@ -251,9 +251,9 @@ fn compatible(rec: &VolumeRecord, r: &Request) -> Result<()> {
         "volume capabilities"
     } else if *rec.parameters != r.params {
         "parameters"
-    } else if rec.node != r.node {
+    } else if *rec.node != *r.node {
         "topology"
-    } else if rec.source != r.source {
+    } else if rec.source.as_deref() != r.source.as_ref() {
         "content source"
     } else {
         return Ok(());
@@ -316,14 +316,14 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         seq: 0,
         phase: Phase::Creating,
         capacity_bytes: size,
-        node: r.node,
+        node: r.node.into(),
         parameters: r.params.into(),
         capabilities: r.caps.into(),
-        context: BTreeMap::new(),
+        context: Default::default(),
         published: Default::default(),
         created_unix: now_unix(),
         block: None,
-        source: r.source.clone(),
+        source: r.source.clone().map(Box::new),
         project: None,
     };
     let promises = imp.capacity_is_promise();

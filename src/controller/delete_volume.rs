@@ -48,7 +48,7 @@ pub async fn handle(
         // One read of the mount table serves both the check here and the
         // kind's own checks in delete (all under the volume's guard).
         let mount_table = LazyTable::new();
-        if rec.node == d.node_id {
+        if *rec.node == *d.node_id {
             let used = kind.in_use(&rec, &mount_table)?;
             if !used.is_empty() {
                 return Err(Error::WrongState(format!(

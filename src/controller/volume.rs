@@ -8,8 +8,12 @@ pub fn to_proto(d: &Driver, rec: &VolumeRecord) -> csi::Volume {
     csi::Volume {
         capacity_bytes: rec.capacity_bytes,
         volume_id: rec.id.clone(),
-        volume_context: rec.context.clone().into_iter().collect(),
-        content_source: rec.source.as_ref().map(content_source),
+        volume_context: rec
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        content_source: rec.source.as_deref().map(content_source),
         accessible_topology: if rec.node.is_empty() {
             vec![]
         } else {

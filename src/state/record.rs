@@ -121,8 +121,9 @@ pub struct VolumeRecord {
     pub phase: Phase,
     pub capacity_bytes: i64,
     /// The node the volume lives on; empty for volumes reachable from every
-    /// node (NFS).
-    pub node: String,
+    /// node (NFS). Shared like `parameters`.
+    #[serde(deserialize_with = "like_the_last")]
+    pub node: Arc<str>,
     /// StorageClass parameters as given (compared on a CreateVolume retry);
     /// one copy in memory for all the volumes of a class (`Shared`).
     #[serde(deserialize_with = "like_the_last")]
@@ -131,9 +132,10 @@ pub struct VolumeRecord {
     /// shared like `parameters`.
     #[serde(deserialize_with = "like_the_last")]
     pub capabilities: Arc<[Capability]>,
-    /// volume_context returned to the CO.
-    #[serde(default)]
-    pub context: BTreeMap<String, String>,
+    /// volume_context returned to the CO (empty for most kinds: shared like
+    /// `parameters`).
+    #[serde(default, deserialize_with = "like_the_last")]
+    pub context: Arc<BTreeMap<String, String>>,
     /// ControllerPublishVolume grants, by node id.
     #[serde(default)]
     pub published: NodeMap<Attachment>,
@@ -142,9 +144,10 @@ pub struct VolumeRecord {
     /// kinds' records do not carry its size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<Box<BlockInfo>>,
-    /// What the volume was created from (a snapshot or another volume).
+    /// What the volume was created from (a snapshot or another volume;
+    /// boxed, as few volumes have one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<ContentSource>,
+    pub source: Option<Box<ContentSource>>,
     /// Local volumes on a root with project quotas: the project id of the
     /// volume's directory, whose limits hold it to its size (see
     /// `kinds::local::quota`). Never held by two records.
@@ -188,6 +191,7 @@ where
 pub struct Shared {
     parameters: HashSet<Arc<BTreeMap<String, String>>>,
     capabilities: HashSet<Arc<[Capability]>>,
+    nodes: HashSet<Arc<str>>,
     /// Sizes at the last sweep of values no record holds any more.
     swept_at: (usize, usize),
 }
@@ -209,13 +213,16 @@ impl Shared {
     /// Points `rec` at the shared copies of its values.
     pub fn share(&mut self, rec: &mut VolumeRecord) {
         Self::one(&mut self.parameters, &mut rec.parameters);
+        Self::one(&mut self.parameters, &mut rec.context);
         Self::one(&mut self.capabilities, &mut rec.capabilities);
+        Self::one(&mut self.nodes, &mut rec.node);
         // values only this table holds are dropped once the tables have
         // doubled since the last sweep (amortised: a sweep is a scan)
         let (p, c) = (self.parameters.len(), self.capabilities.len());
         if p > 2 * self.swept_at.0 + 16 || c > 2 * self.swept_at.1 + 16 {
             self.parameters.retain(|a| Arc::strong_count(a) > 1);
             self.capabilities.retain(|a| Arc::strong_count(a) > 1);
+            self.nodes.retain(|a| Arc::strong_count(a) > 1);
             self.swept_at = (self.parameters.len(), self.capabilities.len());
         }
     }

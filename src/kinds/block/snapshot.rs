@@ -220,7 +220,7 @@ impl BlockKind {
                     phase: crate::state::Phase::Creating,
                     source_volume_id: v.id.clone(),
                     size_bytes: v.capacity_bytes,
-                    node: v.node.clone(),
+                    node: v.node.to_string(),
                     parameters: Default::default(),
                     created_secs: 0,
                     created_nanos: 0,

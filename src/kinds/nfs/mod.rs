@@ -285,11 +285,11 @@ impl NfsKind {
             src.is_some()
                 .then_some(&fill as &dyn Fn(&Path) -> Result<()>),
         )?;
-        rec.context = BTreeMap::from([
+        rec.context = Arc::new(BTreeMap::from([
             ("server".to_string(), vid.server.clone()),
             ("share".to_string(), vid.share.clone()),
             ("subDir".to_string(), vid.subdir.clone()),
-        ]);
+        ]));
         Ok(())
     }
 
@@ -383,7 +383,7 @@ impl VolumeKind for NfsKind {
             seq: 0,
             phase: Phase::Ready,
             capacity_bytes: 0,
-            node: String::new(),
+            node: "".into(),
             parameters: parameters.into(),
             capabilities: Arc::from([Capability {
                 access_type: AccessType::Mount {
@@ -393,7 +393,7 @@ impl VolumeKind for NfsKind {
                 },
                 access_mode: AccessMode::MultiNodeMultiWriter,
             }]),
-            context: info,
+            context: info.into(),
             published: Default::default(),
             created_unix: 0,
             block: None,
@@ -683,7 +683,7 @@ impl VolumeKind for NfsKind {
             phase: Phase::Ready,
             source_volume_id: String::new(),
             size_bytes: 0,
-            node: String::new(),
+            node: "".into(),
             parameters: BTreeMap::new(),
             created_secs: 0,
             created_nanos: 0,

@@ -30,8 +30,12 @@ pub fn trim() {
     }
 }
 
-/// Trims the heap after every quiet period that followed some work.
+/// Trims the heap once a second after start (what setting up the server
+/// left behind: about 0.4 MiB measured), then after every quiet period that
+/// followed some work.
 pub async fn trim_when_idle(period: Duration) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = tokio::task::spawn_blocking(trim).await;
     let mut seen = 0;
     loop {
         tokio::time::sleep(period).await;

@@ -4,7 +4,7 @@
 # which keeps about 1.5 MiB of shared-library pages out of the resident set
 # and the dynamic loader's work out of start-up (README, "Performance").
 # Installs them where the tests and benches look: target/release/berth and
-# target/release/examples/. Extra arguments go to cargo build.
+# target/release/examples/ (under CARGO_TARGET_DIR when set). Extra arguments go to cargo build.
 #   tests/build-release.sh [--bins --examples ...]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,12 +14,13 @@ cd "$ROOT"
 triple=$(uname -m)-unknown-linux-gnu
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   cargo build --release --locked --target "$triple" "$@"
-out=target/$triple/release
-mkdir -p target/release/examples
-install -m 0755 "$out/berth" target/release/berth
+T=${CARGO_TARGET_DIR:-target}
+out=$T/$triple/release
+mkdir -p "$T/release/examples"
+install -m 0755 "$out/berth" "$T/release/berth"
 for e in "$out"/examples/*; do
   # example binaries only (no .d files, no hashed duplicates)
-  [ -f "$e" ] && [ -x "$e" ] && [[ $(basename "$e") != *-* ]] && install -m 0755 "$e" target/release/examples/
+  [ -f "$e" ] && [ -x "$e" ] && [[ $(basename "$e") != *-* ]] && install -m 0755 "$e" "$T/release/examples/"
 done
-file target/release/berth | grep -q "static" \
-  || { echo "build-release.sh: target/release/berth is not statically linked"; exit 1; }
+file "$T/release/berth" | grep -q "static" \
+  || { echo "build-release.sh: $T/release/berth is not statically linked"; exit 1; }

@@ -10,63 +10,7 @@
 # Env: CARGO_TARGET_DIR, CSI_SANITY (default target/tools/bin/csi-sanity),
 # NFS_VM_TIMEOUT (default 900 s), KEEP_SHARE=1 keeps the share directory
 # (kept anyway on failure).
-set -uo pipefail
-PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-cd "$ROOT"
-T0=$(date +%s.%N)
-since() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}'; }
-die() { echo "nfs.sh: $*" >&2; echo "0 passed, 1 failed"; exit 1; }
-
-[ "$(id -u)" = 0 ] || die "must run as root"
-CSI_SANITY=${CSI_SANITY:-$ROOT/target/tools/bin/csi-sanity}
-[ -x "$CSI_SANITY" ] || die "no csi-sanity at $CSI_SANITY (run tests/install-deps.sh)"
-
-"$HERE/build-guest.sh" || die "building the guest failed"
-echo "nfs.sh: guest ready ($(since "$T0") s)"
-
-T1=$(date +%s.%N)
-cargo build --release --locked --bin berth || die "cargo build failed"
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-BERTH=$TARGET/release/berth
-TEST_EXE=$(cargo test --locked --no-run --test root_nfs 2>&1 |
-  sed -n 's/.*Executable tests\/root_nfs\.rs (\(.*\))$/\1/p' | tail -n1)
-[ -n "$TEST_EXE" ] && [ -x "$TEST_EXE" ] || die "building the root_nfs test binary failed"
-echo "nfs.sh: binaries built ($(since "$T1") s)"
-
-SHARE=$(mktemp -d /tmp/berth-vm-nfs.XXXXXX)
-rc=1
-cleanup() {
-  if [ "${KEEP_SHARE:-0}" = 1 ] || [ "$rc" != 0 ]; then
-    echo "nfs.sh: share directory kept: $SHARE" >&2
-  else
-    rm -rf "$SHARE"
-  fi
-}
-trap cleanup EXIT
-mkdir -p "$SHARE/bin" "$SHARE/csi-sanity"
-cp "$BERTH" "$SHARE/bin/berth"
-cp "$CSI_SANITY" "$SHARE/bin/csi-sanity"
-cp "$TEST_EXE" "$SHARE/bin/root_nfs"
+. "$(dirname "$0")/host-lib.sh" nfs root_nfs
 install -m 0755 "$HERE/nfs/nfs-ctl.sh" "$SHARE/bin/berth-nfs-ctl"
-install -m 0755 "$ROOT/csi-sanity/run.sh" "$SHARE/csi-sanity/run.sh"
 install -m 0755 "$HERE/nfs/run.sh" "$SHARE/run.sh"
-
-T2=$(date +%s.%N)
-"$HERE/run-in-guest.sh" "$SHARE" "${NFS_VM_TIMEOUT:-900}"
-grc=$?
-echo
-echo "=== NFS guest summary (guest run $(since "$T2") s, total $(since "$T0") s)"
-grep -E '^(ok|FAIL) - |^csi-sanity|^test result|^Skipped specs|^  ' "$SHARE/out.log" 2>/dev/null |
-  grep -vE '^  (at |[0-9]+:)' || true
-summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$SHARE/out.log" 2>/dev/null | tail -n1)
-if [ -z "$summary" ]; then
-  echo "nfs.sh: the guest printed no summary (run-in-guest exit $grc)"
-  echo "0 passed, 1 failed"
-  exit 1
-fi
-echo "$summary"
-failed=${summary#*, }; failed=${failed%% failed}
-[ "$grc" = 0 ] && [ "$failed" = 0 ] && rc=0
-exit "$rc"
+guest_run "${NFS_VM_TIMEOUT:-900}" NFS

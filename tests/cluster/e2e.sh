@@ -54,13 +54,18 @@ BERTH_LIMITS=(
 SKIP=$(IFS='|'; echo "${HOST_LIMITS[*]}|${BERTH_LIMITS[*]}")$SLOW
 out=$CACHE/logs/e2e
 mkdir -p "$out"
+# The e2e framework writes a test-kuberc<N> directory into TMPDIR for each
+# kubectl it sets up and leaves them: give it a directory of its own,
+# removed at the end.
+E2E_TMP=$(mktemp -d /tmp/berth-e2e.XXXXXX)
+trap 'rm -rf "$E2E_TMP"' EXIT
 P=0 F=0 S=0
 for def in local block; do
   t=$SECONDS
   log=$out/$what-$def.log
   rm -rf "$out/report-$what-$def"
   # three parallel processes: the specs mostly wait for pods and volumes
-  "$K8S_BIN/ginkgo" --procs="${E2E_PROCS:-3}" --focus="$FOCUS" --skip="$SKIP" --no-color --timeout="${E2E_TIMEOUT:-2h}" \
+  TMPDIR=$E2E_TMP "$K8S_BIN/ginkgo" --procs="${E2E_PROCS:-3}" --focus="$FOCUS" --skip="$SKIP" --no-color --timeout="${E2E_TIMEOUT:-2h}" \
     --output-dir="$out/report-$what-$def" --junit-report=junit.xml \
     "$K8S_BIN/e2e.test" -- -kubeconfig="$KUBECONFIG_FILE" -storage.testdriver="$CLUSTER_DIR/e2e/$def.yaml" \
     -disable-log-dump -node-schedulable-timeout=2m > "$log" 2>&1

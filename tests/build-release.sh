@@ -22,5 +22,8 @@ for e in "$out"/examples/*; do
   # example binaries only (no .d files, no hashed duplicates)
   [ -f "$e" ] && [ -x "$e" ] && [[ $(basename "$e") != *-* ]] && install -m 0755 "$e" "$T/release/examples/"
 done
-file "$T/release/berth" | grep -q "static" \
-  || { echo "build-release.sh: $T/release/berth is not statically linked"; exit 1; }
+# statically linked: no shared library needed (readelf comes with the
+# linker cargo uses)
+if readelf -d "$T/release/berth" | grep -q '(NEEDED)'; then
+  echo "build-release.sh: $T/release/berth needs shared libraries: not statically linked"; exit 1
+fi

@@ -88,6 +88,11 @@ stop_track() {
     kill -TERM -- "-$TRACK_PID" 2>/dev/null
     wait "$TRACK_PID" 2>/dev/null
     echo "--- host track output (stopped)"; cat "$TRACK_DIR/log"
+  elif [ -n "$TRACK_PID" ]; then
+    # a main-track stage failed after the host track had ended: its
+    # output still belongs in the log
+    wait "$TRACK_PID" 2>/dev/null
+    echo "--- host track output (it had ended)"; cat "$TRACK_DIR/log"
   fi
   rm -rf "$TRACK_DIR"
 }

@@ -13,7 +13,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
-# glibc linked statically: about 1.5 MiB less resident memory and a faster
+# glibc linked statically: about 1 MiB less resident memory and a faster
 # start than with the shared libraries (README, "Performance"); --target
 # keeps the flag off build scripts and proc-macros.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds Berth's release binaries the way the image ships them (see the
 # Dockerfile): glibc linked statically (`-C target-feature=+crt-static`),
-# which keeps about 1.5 MiB of shared-library pages out of the resident set
+# which keeps about 1 MiB of shared-library pages out of the resident set
 # and the dynamic loader's work out of start-up (README, "Performance").
 # Installs them where the tests and benches look: target/release/berth and
 # target/release/examples/ (under CARGO_TARGET_DIR when set). Extra arguments go to cargo build.

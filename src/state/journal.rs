@@ -55,6 +55,7 @@
 //! before serving.
 use std::collections::BTreeMap;
 use std::fs::{self, File};
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -116,7 +117,6 @@ impl<R> Default for Records<R> {
 
 impl<R: super::store::Record> Records<R> {
     pub fn insert(&mut self, r: Box<R>) {
-        use std::hash::BuildHasher;
         let h = self.hasher.hash_one(r.id());
         let hasher = &self.hasher;
         match self
@@ -131,7 +131,6 @@ impl<R: super::store::Record> Records<R> {
     }
 
     pub fn remove(&mut self, id: &str) {
-        use std::hash::BuildHasher;
         let h = self.hasher.hash_one(id);
         if let Ok(e) = self.table.find_entry(h, |o| o.id() == id) {
             e.remove();
@@ -139,21 +138,12 @@ impl<R: super::store::Record> Records<R> {
     }
 
     pub fn contains_key(&self, id: &str) -> bool {
-        use std::hash::BuildHasher;
         let h = self.hasher.hash_one(id);
         self.table.find(h, |o| o.id() == id).is_some()
     }
 
     pub fn values(&self) -> impl Iterator<Item = &R> {
         self.table.iter().map(|b| &**b)
-    }
-
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
     }
 
     pub fn into_values(self) -> impl Iterator<Item = Box<R>> {

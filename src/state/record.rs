@@ -192,8 +192,8 @@ pub struct Shared {
     parameters: HashSet<Arc<BTreeMap<String, String>>>,
     capabilities: HashSet<Arc<[Capability]>>,
     nodes: HashSet<Arc<str>>,
-    /// Sizes at the last sweep of values no record holds any more.
-    swept_at: (usize, usize),
+    /// Values held at the last sweep of values no record holds any more.
+    swept_at: usize,
 }
 
 impl Shared {
@@ -216,15 +216,18 @@ impl Shared {
         Self::one(&mut self.parameters, &mut rec.context);
         Self::one(&mut self.capabilities, &mut rec.capabilities);
         Self::one(&mut self.nodes, &mut rec.node);
-        // values only this table holds are dropped once the tables have
+        // values only these sets hold are dropped once the sets have
         // doubled since the last sweep (amortised: a sweep is a scan)
-        let (p, c) = (self.parameters.len(), self.capabilities.len());
-        if p > 2 * self.swept_at.0 + 16 || c > 2 * self.swept_at.1 + 16 {
+        if self.held() > 2 * self.swept_at + 16 {
             self.parameters.retain(|a| Arc::strong_count(a) > 1);
             self.capabilities.retain(|a| Arc::strong_count(a) > 1);
             self.nodes.retain(|a| Arc::strong_count(a) > 1);
-            self.swept_at = (self.parameters.len(), self.capabilities.len());
+            self.swept_at = self.held();
         }
+    }
+
+    fn held(&self) -> usize {
+        self.parameters.len() + self.capabilities.len() + self.nodes.len()
     }
 }
 

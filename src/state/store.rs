@@ -160,7 +160,7 @@ impl<R: Record> Index<R> {
         if let Some((k, b)) = rec.promise() {
             *self.promised.entry(k).or_default() += b;
         }
-        let old = self.records.insert_box(rec);
+        let old = self.records.insert(rec);
         if let Some(old) = &old {
             self.unpromise(old);
         }

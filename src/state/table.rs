@@ -91,13 +91,8 @@ impl<R: Record> Table<R> {
     }
 
     /// Inserts or replaces the record with `rec`'s id; returns the one it
-    /// replaced.
-    pub fn insert(&mut self, rec: R) -> Option<R> {
-        self.insert_box(Box::new(rec))
-    }
-
-    /// `insert` of a record already boxed (as replay parses them).
-    pub fn insert_box(&mut self, rec: Box<R>) -> Option<R> {
+    /// replaced. Boxed by the caller (replay parses records into boxes).
+    pub fn insert(&mut self, rec: Box<R>) -> Option<R> {
         let (seq, h_id, h_name) = (
             rec.seq(),
             self.hasher.hash_one(rec.id()),
@@ -186,8 +181,8 @@ mod tests {
     use crate::state::record::SnapshotRecord;
     use crate::state::record::{Kind, Phase};
 
-    fn rec(id: &str, name: &str, seq: u64) -> SnapshotRecord {
-        SnapshotRecord {
+    fn rec(id: &str, name: &str, seq: u64) -> Box<SnapshotRecord> {
+        Box::new(SnapshotRecord {
             id: id.into(),
             name: name.into(),
             kind: Kind::Local,
@@ -200,7 +195,7 @@ mod tests {
             created_secs: 0,
             created_nanos: 0,
             block: None,
-        }
+        })
     }
 
     #[test]

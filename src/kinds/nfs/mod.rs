@@ -683,7 +683,7 @@ impl VolumeKind for NfsKind {
             phase: Phase::Ready,
             source_volume_id: String::new(),
             size_bytes: 0,
-            node: "".into(),
+            node: String::new(),
             parameters: BTreeMap::new(),
             created_secs: 0,
             created_nanos: 0,

@@ -47,7 +47,17 @@ impl Driver {
                 Kind::Nfs => {}
             }
         }
-        let store = Arc::new(Store::open(&state_dir, os.files.clone())?);
+        // A local root of thousands of volumes is listed (for
+        // `reconcile_orphans`) while the state is read.
+        let local_root = cfg.kinds.contains(&Kind::Local).then(|| cfg.local_root());
+        let (store, mut listed) = std::thread::scope(|sc| {
+            let listed = local_root
+                .as_deref()
+                .map(|root| sc.spawn(move || crate::kinds::local::list_root(root)));
+            let store = Store::open(&state_dir, os.files.clone());
+            (store, listed.and_then(|h| h.join().ok()))
+        });
+        let store = Arc::new(store?);
         let mut kinds: BTreeMap<Kind, Arc<dyn VolumeKind>> = BTreeMap::new();
         for k in &cfg.kinds {
             let imp: Arc<dyn VolumeKind> = match k {
@@ -56,6 +66,7 @@ impl Driver {
                     &node_id,
                     os.clone(),
                     store.clone(),
+                    listed.take(),
                 )?),
                 Kind::Block => Arc::new(BlockKind::new(
                     cfg.block_root(),

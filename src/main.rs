@@ -67,10 +67,17 @@ fn main() -> anyhow::Result<()> {
                 // Before the driver touches anything: a second berth on a
                 // live socket stops here.
                 berth::server::refuse_live_socket(&socket)?;
-                let driver = Driver::new(cfg, Os::real())
+                // The state is read on a blocking thread while this one
+                // builds the reflection services; the heap is trimmed of
+                // what reading it left a second after start
+                // (`trim_when_idle`).
+                let opening = tokio::task::spawn_blocking(move || Driver::new(cfg, Os::real()));
+                let reflection = berth::server::reflection().context("building the reflection service")?;
+                let driver = opening
+                    .await
+                    .context("starting the driver")?
                     .map_err(|e| anyhow::anyhow!(e.render()))
                     .context("starting the driver")?;
-                berth::memory::trim();
                 if let Some(addr) = metrics_addr {
                     let listener = berth::metrics::bind(addr)
                         .await
@@ -78,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                     tokio::spawn(berth::metrics::serve(driver.clone(), listener));
                 }
                 tokio::spawn(berth::memory::trim_when_idle(Duration::from_secs(5)));
-                berth::server::serve(driver, socket, berth::server::shutdown_signal(), grace)
+                berth::server::serve(driver, socket, berth::server::shutdown_signal(), grace, reflection)
                     .await
                     .context("serving")
             });

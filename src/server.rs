@@ -36,6 +36,19 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { context, source }
 }
 
+/// The reflection services, both versions: grpcurl and other tools try v1,
+/// older ones only know v1alpha. Built while the driver reads its state
+/// (decoding the descriptors takes milliseconds).
+pub fn reflection() -> Result<tonic::service::Routes, ServeError> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok(tonic::service::Routes::new(v1).add_service(v1alpha))
+}
+
 /// Refuses a socket path where a server answers: another process serves
 /// there (a second berth), and its socket is never taken away from it.
 /// A socket nobody answers on is a leftover of a process that died.
@@ -106,6 +119,7 @@ pub async fn serve(
     socket: PathBuf,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    reflection: tonic::service::Routes,
 ) -> Result<(), ServeError> {
     let listener = bind_socket(&socket, driver.cfg.socket_group.as_deref())?;
     let bound = std::fs::symlink_metadata(&socket)
@@ -114,18 +128,9 @@ pub async fn serve(
 
     // Work that may wait for an NFS server runs once the socket is up.
     driver.start();
-    // Both reflection versions: grpcurl and other tools try v1, older ones
-    // only know v1alpha.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
     let mode = driver.cfg.mode;
     let mut router = tonic::transport::Server::builder()
-        .add_service(reflection)
-        .add_service(reflection_alpha)
+        .add_routes(reflection)
         .add_service(csi::identity_server::IdentityServer::new(IdentityService {
             driver: driver.clone(),
         }));

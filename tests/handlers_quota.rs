@@ -67,7 +67,7 @@ fn project(h: &Harness, id: &str) -> u32 {
     h.driver
         .store
         .get(id)
-        .and_then(|r| r.project)
+        .and_then(|r| r.project())
         .expect("a project in the record")
 }
 

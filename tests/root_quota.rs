@@ -83,7 +83,7 @@ fn project(h: &Harness, id: &str) -> u32 {
     h.driver
         .store
         .get(id)
-        .and_then(|r| r.project)
+        .and_then(|r| r.project())
         .expect("the volume has a project (is the local root's filesystem mounted with prjquota?)")
 }
 

@@ -117,7 +117,7 @@ fn content_source(s: Option<&csi::VolumeContentSource>) -> Result<Option<Content
 
 /// A source resolved to its record: what a restore or clone copies.
 enum Resolved {
-    Snapshot(SnapshotRecord),
+    Snapshot(Box<SnapshotRecord>),
     Volume(VolumeRecord),
 }
 
@@ -150,10 +150,12 @@ fn resolve(d: &Driver, imp: &dyn VolumeKind, kind: Kind, s: &ContentSource) -> R
     };
     let found = match s {
         ContentSource::Snapshot(id) => match d.store.snapshot_get(id) {
-            Some(r) => (r.phase == Phase::Ready).then_some((r.kind, Resolved::Snapshot(r))),
+            Some(r) => {
+                (r.phase == Phase::Ready).then_some((r.kind, Resolved::Snapshot(Box::new(r))))
+            }
             None => imp
                 .confirm_snapshot(id)?
-                .map(|r| (r.kind, Resolved::Snapshot(r))),
+                .map(|r| (r.kind, Resolved::Snapshot(Box::new(r)))),
         },
         ContentSource::Volume(id) => match d.store.get(id) {
             Some(r) => (r.phase == Phase::Ready).then_some((r.kind, Resolved::Volume(r))),

@@ -190,10 +190,7 @@ pub fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
             return None;
         }
         let start = pos;
-        let end = bytes[start..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(bytes.len(), |i| start + i + 1);
+        let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i + 1);
         pos = end;
         Some((start, &bytes[start..end]))
     })
@@ -658,7 +655,16 @@ impl Journal {
                 files.sync_dir(parent).map_err(StateError::Os)?;
             }
         }
-        let s = scan(dir)?;
+        // The disk's own copies of the newest snapshot and log are read
+        // (around the page cache, see `make_durable`) while the page
+        // cache's are parsed: the one waits for the disk, the other for
+        // the CPU.
+        let (s, early) = std::thread::scope(|sc| {
+            let early = sc.spawn(|| DurableCopies::read(files.as_ref(), dir));
+            let s = scan(dir);
+            (s, early.join().ok().flatten())
+        });
+        let s = s?;
         if let Some(e) = s.error() {
             return Err(e);
         }
@@ -691,7 +697,8 @@ impl Journal {
                 "cut an interrupted write off the end of the state journal (never acknowledged)"
             );
         }
-        let file = make_durable(files.as_ref(), dir, &s, file)?;
+        let early = early.filter(|e| e.gen == s.gen && s.torn.is_none());
+        let file = make_durable(files.as_ref(), dir, &s, file, early)?;
         let mut writer = Writer {
             file,
             gen: s.gen,
@@ -1007,13 +1014,23 @@ const SYNC_FAILED: &str = "sync-failed";
 /// only after its fsync succeeded, so the disk itself is failing). Where the
 /// filesystem cannot read around its cache (tmpfs), fsync is all there is.
 /// Returns the log file to append to.
-fn make_durable(files: &dyn Files, dir: &Path, s: &Scan, file: File) -> Result<File, StateError> {
+fn make_durable(
+    files: &dyn Files,
+    dir: &Path,
+    s: &Scan,
+    file: File,
+    early: Option<DurableCopies>,
+) -> Result<File, StateError> {
     let gen = s.gen;
+    let (early_snapshot, early_log) = match early {
+        Some(e) => (Some(e.snapshot), Some(e.log)),
+        None => (None, None),
+    };
     let good = &s.log[..s.log_good as usize];
     let log_path = dir.join(log_name(gen));
     if let Some(cached) = &s.snapshot {
         let snap = dir.join(snapshot_name(gen));
-        if durable_differs(files, &snap, cached)? {
+        if durable_differs(files, &snap, cached, early_snapshot)? {
             return Err(StateError::Unexpected {
                 path: snap,
                 why: "the disk does not hold what the page cache shows (a failed write); restore the state directory from a backup".into(),
@@ -1021,7 +1038,7 @@ fn make_durable(files: &dyn Files, dir: &Path, s: &Scan, file: File) -> Result<F
         }
     }
     let mark = dir.join(SYNC_FAILED);
-    if durable_differs(files, &log_path, good)? || mark.exists() {
+    if durable_differs(files, &log_path, good, early_log)? || mark.exists() {
         tracing::warn!(log = %log_path.display(), "the state journal on disk differs from what was replayed (a flush failed before the restart); writing it again");
         let tmp = dir.join(format!("{}.tmp", log_name(gen)));
         let t = files
@@ -1046,12 +1063,47 @@ fn make_durable(files: &dyn Files, dir: &Path, s: &Scan, file: File) -> Result<F
     Ok(file)
 }
 
-/// Whether the disk's copy of `path` (read around the page cache) differs
-/// from `expected`. False when the filesystem cannot tell.
-fn durable_differs(files: &dyn Files, path: &Path, expected: &[u8]) -> Result<bool, StateError> {
-    match files.read_durable(path).map_err(StateError::Os)? {
+/// Whether the disk's copy of `path` (read around the page cache, or as
+/// read `early`) differs from `expected`. False when the filesystem cannot
+/// tell.
+fn durable_differs(
+    files: &dyn Files,
+    path: &Path,
+    expected: &[u8],
+    early: Option<Result<Option<Vec<u8>>, crate::os::OsError>>,
+) -> Result<bool, StateError> {
+    let disk = match early {
+        Some(r) => r,
+        None => files.read_durable(path),
+    };
+    match disk.map_err(StateError::Os)? {
         None => Ok(false),
         Some(disk) => Ok(disk != expected),
+    }
+}
+
+/// The disk's copies of the newest generation's snapshot and log, read
+/// while start-up parses them.
+struct DurableCopies {
+    gen: u64,
+    snapshot: Result<Option<Vec<u8>>, crate::os::OsError>,
+    log: Result<Option<Vec<u8>>, crate::os::OsError>,
+}
+
+impl DurableCopies {
+    /// None when the directory cannot be listed (`scan` says why).
+    fn read(files: &dyn Files, dir: &Path) -> Option<DurableCopies> {
+        let mut gen = None;
+        for e in fs::read_dir(dir).ok()? {
+            let name = e.ok()?.file_name();
+            if let Some(g) = name.to_str().and_then(|n| generation(n, "snapshot-")) {
+                gen = gen.max(Some(g));
+            }
+        }
+        let gen = gen.unwrap_or(0);
+        let snapshot = files.read_durable(&dir.join(snapshot_name(gen)));
+        let log = files.read_durable(&dir.join(log_name(gen)));
+        Some(DurableCopies { gen, snapshot, log })
     }
 }
 

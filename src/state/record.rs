@@ -152,36 +152,70 @@ pub struct VolumeRecord {
     /// volume's directory, whose limits hold it to its size (see
     /// `kinds::local::quota`). Never held by two records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub project: Option<u32>,
+    pub project: Option<std::num::NonZeroU32>,
+}
+
+impl VolumeRecord {
+    /// The project id of a local volume's directory (see `project`).
+    pub fn project(&self) -> Option<u32> {
+        self.project.map(std::num::NonZeroU32::get)
+    }
 }
 
 /// Deserializes a value that the records of a journal mostly hold equal
 /// copies of as the copy the previous record of this thread got, when
 /// equal: a replay of thousands of records makes one, not thousands that
 /// `Shared` then frees (leaving holes in the heap between the records).
+/// The value's JSON text is compared with the last one's first, so a value
+/// written as the last one was is not parsed at all (most of a replay's
+/// records: one StorageClass, one node). Journal lines are parsed from
+/// memory (`serde_json::from_slice`), which lends the text.
 fn like_the_last<'de, D, T>(d: D) -> Result<Arc<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: ?Sized + PartialEq + Send + Sync + 'static,
-    Arc<T>: Deserialize<'de>,
+    Arc<T>: serde::de::DeserializeOwned,
 {
+    use serde::de::Error as _;
     use std::any::Any;
     use std::cell::RefCell;
+    /// The last value of one type and the JSON text it was read from.
+    struct Last<T: ?Sized> {
+        text: String,
+        value: Arc<T>,
+    }
     thread_local! {
         static LAST: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
     }
-    let v = Arc::<T>::deserialize(d)?;
-    Ok(LAST.with(|l| {
+    let raw = <&'de serde_json::value::RawValue>::deserialize(d)?;
+    let text = raw.get();
+    LAST.with(|l| {
         let mut l = l.borrow_mut();
-        if let Some(last) = l.iter().find_map(|b| b.downcast_ref::<Arc<T>>()) {
-            if **last == *v {
-                return last.clone();
+        let last = l.iter_mut().find_map(|b| b.downcast_mut::<Last<T>>());
+        if let Some(last) = &last {
+            if last.text == text {
+                return Ok(last.value.clone());
             }
         }
-        l.retain(|b| !b.is::<Arc<T>>());
-        l.push(Box::new(v.clone()));
-        v
-    }))
+        let v: Arc<T> = serde_json::from_str(text).map_err(D::Error::custom)?;
+        match last {
+            Some(last) => {
+                if *last.value != *v {
+                    last.value = v;
+                }
+                last.text.clear();
+                last.text.push_str(text);
+                Ok(last.value.clone())
+            }
+            None => {
+                l.push(Box::new(Last {
+                    text: text.to_string(),
+                    value: v.clone(),
+                }));
+                Ok(v)
+            }
+        }
+    })
 }
 
 /// Values that many records hold equal copies of (a StorageClass's
@@ -192,8 +226,19 @@ pub struct Shared {
     parameters: HashSet<Arc<BTreeMap<String, String>>>,
     capabilities: HashSet<Arc<[Capability]>>,
     nodes: HashSet<Arc<str>>,
+    /// The shared copies the last records were pointed at, found again by
+    /// address (a replay's records mostly hold the copy the previous one
+    /// got: `like_the_last`).
+    recent: Recent,
     /// Values held at the last sweep of values no record holds any more.
     swept_at: usize,
+}
+
+#[derive(Default)]
+struct Recent {
+    parameters: [Option<Arc<BTreeMap<String, String>>>; 2],
+    capabilities: Option<Arc<[Capability]>>,
+    node: Option<Arc<str>>,
 }
 
 impl Shared {
@@ -210,15 +255,39 @@ impl Shared {
         }
     }
 
+    /// `one`, unless `v` is a shared copy handed out just before.
+    fn one_of<T: ?Sized + Hash + Eq>(
+        set: &mut HashSet<Arc<T>>,
+        recent: &mut [Option<Arc<T>>],
+        v: &mut Arc<T>,
+    ) {
+        if recent.iter().flatten().any(|r| Arc::ptr_eq(r, v)) {
+            return;
+        }
+        Self::one(set, v);
+        recent.rotate_right(1);
+        recent[0] = Some(v.clone());
+    }
+
     /// Points `rec` at the shared copies of its values.
     pub fn share(&mut self, rec: &mut VolumeRecord) {
-        Self::one(&mut self.parameters, &mut rec.parameters);
-        Self::one(&mut self.parameters, &mut rec.context);
-        Self::one(&mut self.capabilities, &mut rec.capabilities);
-        Self::one(&mut self.nodes, &mut rec.node);
+        let r = &mut self.recent;
+        Self::one_of(&mut self.parameters, &mut r.parameters, &mut rec.parameters);
+        Self::one_of(&mut self.parameters, &mut r.parameters, &mut rec.context);
+        Self::one_of(
+            &mut self.capabilities,
+            std::slice::from_mut(&mut r.capabilities),
+            &mut rec.capabilities,
+        );
+        Self::one_of(
+            &mut self.nodes,
+            std::slice::from_mut(&mut r.node),
+            &mut rec.node,
+        );
         // values only these sets hold are dropped once the sets have
         // doubled since the last sweep (amortised: a sweep is a scan)
         if self.held() > 2 * self.swept_at + 16 {
+            self.recent = Recent::default();
             self.parameters.retain(|a| Arc::strong_count(a) > 1);
             self.capabilities.retain(|a| Arc::strong_count(a) > 1);
             self.nodes.retain(|a| Arc::strong_count(a) > 1);
@@ -233,13 +302,17 @@ impl Shared {
 
 /// A small map by node id (a volume is published to one node, or a few):
 /// a sorted vector, where a `BTreeMap` would allocate a node of eleven
-/// entries for the first one. Written and read as a JSON object.
+/// entries for the first one, boxed so that the empty map most records hold
+/// is one null pointer (a boxed `Vec`, not a boxed slice: a thin pointer,
+/// 8 bytes in every record, where a slice's is 16). Written and read as a
+/// JSON object.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeMap<V>(Vec<(String, V)>);
+#[allow(clippy::box_collection)]
+pub struct NodeMap<V>(Option<Box<Vec<(String, V)>>>);
 
 impl<V> Default for NodeMap<V> {
     fn default() -> Self {
-        NodeMap(Vec::new())
+        NodeMap(None)
     }
 }
 
@@ -247,47 +320,54 @@ impl<V> NodeMap<V> {
     pub fn new() -> Self {
         Self::default()
     }
+    fn items(&self) -> &[(String, V)] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
     fn find(&self, k: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(n, _)| n.as_str().cmp(k))
+        self.items().binary_search_by(|(n, _)| n.as_str().cmp(k))
     }
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.items().len()
     }
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.items().is_empty()
     }
     pub fn get(&self, k: &str) -> Option<&V> {
-        self.find(k).ok().map(|i| &self.0[i].1)
+        self.find(k).ok().map(|i| &self.items()[i].1)
     }
     pub fn contains_key(&self, k: &str) -> bool {
         self.find(k).is_ok()
     }
     pub fn insert(&mut self, k: String, v: V) -> Option<V> {
         match self.find(&k) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
+            Ok(i) => {
+                let items = self.0.as_mut()?;
+                Some(std::mem::replace(&mut items[i].1, v))
+            }
             Err(i) => {
-                self.0.insert(i, (k, v));
+                self.0.get_or_insert_with(Box::default).insert(i, (k, v));
                 None
             }
         }
     }
     pub fn remove(&mut self, k: &str) -> Option<V> {
         let i = self.find(k).ok()?;
-        let v = self.0.remove(i).1;
-        if self.0.is_empty() {
-            self.0 = Vec::new();
+        let items = self.0.as_mut()?;
+        let v = items.remove(i).1;
+        if items.is_empty() {
+            self.0 = None;
         }
         Some(v)
     }
     pub fn clear(&mut self) {
-        self.0 = Vec::new();
+        self.0 = None;
     }
     /// Node ids in order.
     pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(k, _)| k)
+        self.items().iter().map(|(k, _)| k)
     }
     pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
-        self.0.iter().map(|(k, v)| (k, v))
+        self.items().iter().map(|(k, v)| (k, v))
     }
 }
 
@@ -301,9 +381,12 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for NodeMap<V> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // sorted and unique, whatever the object's order
         let m = BTreeMap::<String, V>::deserialize(d)?;
+        if m.is_empty() {
+            return Ok(NodeMap(None));
+        }
         let mut v: Vec<_> = m.into_iter().collect();
         v.shrink_to_fit();
-        Ok(NodeMap(v))
+        Ok(NodeMap(Some(Box::new(v))))
     }
 }
 
@@ -462,6 +545,51 @@ mod tests {
         shared.share(&mut y);
         assert!(Arc::ptr_eq(&x.parameters, &y.parameters));
         assert!(!Arc::ptr_eq(&x.capabilities, &y.capabilities));
+    }
+
+    #[test]
+    fn values_are_read_right_whether_their_text_repeats_or_not() {
+        // Text equal to the last: not parsed, the last copy. Text that
+        // differs but means the same (spacing): parsed, still one copy.
+        // A different value between two equal ones: each its own.
+        let r: Vec<VolumeRecord> = [
+            json("a", "ext4", r#"{"a":"1"}"#),
+            json("b", "ext4", r#"{ "a" : "1" }"#),
+            json("c", "ext4", r#"{"a":"2"}"#),
+            json("d", "ext4", r#"{"a":"1"}"#),
+            json("e", "ext4", r#"{"a":"1"}"#),
+        ]
+        .iter()
+        .map(|j| serde_json::from_str(j).expect("a record"))
+        .collect();
+        let a = |i: usize| r[i].parameters.get("a").cloned().unwrap_or_default();
+        assert_eq!([a(0), a(1), a(2), a(3), a(4)], ["1", "1", "2", "1", "1"]);
+        assert!(Arc::ptr_eq(&r[0].parameters, &r[1].parameters));
+        assert!(Arc::ptr_eq(&r[3].parameters, &r[4].parameters));
+        assert!(!Arc::ptr_eq(&r[2].parameters, &r[3].parameters));
+        // a value that is not what its field holds is an error, not a copy
+        assert!(serde_json::from_str::<VolumeRecord>(&json("f", "ext4", r#"["a"]"#)).is_err());
+        // and the index's shared copies are found again by address
+        let mut shared = Shared::default();
+        let mut recs = r.clone();
+        for x in &mut recs {
+            shared.share(x);
+        }
+        assert!(Arc::ptr_eq(&recs[0].parameters, &recs[3].parameters));
+        assert_eq!(recs[2].parameters.get("a").map(String::as_str), Some("2"));
+        assert_eq!(shared.parameters.len(), 3, "{{}}, a=1 and a=2");
+    }
+
+    #[test]
+    fn a_record_without_publications_holds_no_allocation_for_them() {
+        let mut m: NodeMap<i32> = NodeMap::new();
+        assert!(m.0.is_none());
+        m.insert("a".into(), 1);
+        assert!(m.0.is_some());
+        assert_eq!(m.remove("a"), Some(1));
+        assert!(m.0.is_none(), "emptied: back to no allocation");
+        let back: NodeMap<i32> = serde_json::from_str("{}").expect("map");
+        assert!(back.0.is_none());
     }
 
     #[test]

@@ -97,19 +97,37 @@ pub struct LocalKind {
     projects: Option<Projects>,
     /// Why sizes are not enforced (when `projects` is None).
     unenforced: String,
+    /// The root's entries as listed while start-up read the state
+    /// (`list_root`), for the first `reconcile_orphans`.
+    listed: std::sync::Mutex<Option<std::io::Result<Vec<std::ffi::OsString>>>>,
+}
+
+/// The names in a local root (a directory of thousands of volumes takes
+/// milliseconds to list: start-up does it while it reads its state).
+pub fn list_root(root: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+    std::fs::read_dir(root)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect()
 }
 
 impl LocalKind {
     /// `root` must exist (`Driver::new` makes it and holds its lock).
     /// Finds out once whether the root's filesystem enforces project quotas
     /// and says so in the log.
-    pub fn new(root: PathBuf, node: &str, os: Os, store: Arc<Store>) -> Result<Self> {
+    /// `listed`: the root's entries, when start-up listed them already.
+    pub fn new(
+        root: PathBuf,
+        node: &str,
+        os: Os,
+        store: Arc<Store>,
+        listed: Option<std::io::Result<Vec<std::ffi::OsString>>>,
+    ) -> Result<Self> {
         let (projects, unenforced) = match quota::detect(os.quotas.as_ref(), &root) {
             Enforcement::Enforced => {
                 let held = store
                     .filter(|r| r.kind == Kind::Local && r.project.is_some())
                     .into_iter()
-                    .filter_map(|r| r.project);
+                    .filter_map(|r| r.project());
                 let p = Projects::new(root.clone(), os.quotas.clone(), held);
                 tracing::info!(root = %root.display(), volumes = p.held_count(),
                     "project quotas are enforced on the local root: every local volume is held to its size");
@@ -128,6 +146,7 @@ impl LocalKind {
             store,
             projects,
             unenforced,
+            listed: std::sync::Mutex::new(listed),
         })
     }
 
@@ -139,7 +158,7 @@ impl LocalKind {
         let Some(p) = &self.projects else {
             return Ok(());
         };
-        let id = match rec.project {
+        let id = match rec.project() {
             Some(id) => id,
             None => match p.project_of(dir)? {
                 0 => p.allocate()?,
@@ -149,7 +168,7 @@ impl LocalKind {
                 }
             },
         };
-        rec.project = Some(id);
+        rec.project = std::num::NonZeroU32::new(id);
         p.apply(dir, id, u64::try_from(rec.capacity_bytes).unwrap_or(0))
     }
 
@@ -207,7 +226,7 @@ impl LocalKind {
         let now = self.store.get(&rec.id).unwrap_or_else(|| rec.clone());
         let size = grown_size(now.capacity_bytes, g.required, g.limit)?;
         self.grow_promise(&rec.id, size)?;
-        if let (Some(p), Some(id)) = (&self.projects, now.project) {
+        if let (Some(p), Some(id)) = (&self.projects, now.project()) {
             p.set_limits(id, u64::try_from(size).unwrap_or(0))?;
             tracing::info!(volume_id = %rec.id, project = id, bytes = size, dir = %dir.display(), "volume limits raised");
         }
@@ -255,7 +274,7 @@ impl LocalKind {
             return;
         };
         for r in recs {
-            let (Some(id), Ok(bytes)) = (r.project, u64::try_from(r.capacity_bytes)) else {
+            let (Some(id), Ok(bytes)) = (r.project(), u64::try_from(r.capacity_bytes)) else {
                 continue;
             };
             let ok = p.usage(id).is_ok_and(|q| {
@@ -440,7 +459,7 @@ impl VolumeKind for LocalKind {
             .store
             .filter(|r| r.kind == Kind::Local && r.project.is_some())
         {
-            let Some(id) = r.project else { continue };
+            let Some(id) = r.project() else { continue };
             let used = i64::try_from(p.usage(id)?.used_bytes).unwrap_or(i64::MAX);
             written = written.saturating_add(used.min(r.capacity_bytes).max(0));
         }
@@ -595,7 +614,7 @@ impl VolumeKind for LocalKind {
             }
         }
         // Nothing is charged to the project any more: it can go.
-        if let (true, Some(p), Some(id)) = (emptied, &self.projects, rec.project) {
+        if let (true, Some(p), Some(id)) = (emptied, &self.projects, rec.project()) {
             p.release(id);
         }
     }
@@ -643,25 +662,29 @@ impl VolumeKind for LocalKind {
                 }
             }
         }
-        let entries = std::fs::read_dir(&self.root)
+        let listed = self.listed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let names = listed
+            .unwrap_or_else(|| list_root(&self.root))
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !self.owns_id(&name) || known(&name) {
+        for name in names {
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            if !self.owns_id(name) || known(name) {
                 continue;
             }
             // Made by a CreateVolume that never answered: never handed out,
             // so empty. Anything else is kept aside, never deleted.
             // Its project (if a crash came after it was set) stays charged
             // while the directory is kept aside, so it is not handed out.
-            let path = e.path();
+            let path = self.root.join(name);
             let project = self.project_on(&path);
             if self.os.files.remove_dir(&path).is_ok() {
                 tracing::info!(dir = %path.display(), "removed orphaned volume directory");
                 self.release_unheld(project);
                 continue;
             }
-            self.set_aside(&path, &name)?;
+            self.set_aside(&path, name)?;
         }
         self.repair_limits();
         Ok(())
@@ -751,7 +774,7 @@ impl VolumeKind for LocalKind {
             .and_then(|_| f.sync_dir(&self.root))
             .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))?;
         self.remove_tree(&holder)?;
-        tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, project = ?rec.project, "copied");
+        tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, project = ?rec.project(), "copied");
         Ok(())
     }
 
@@ -799,7 +822,7 @@ impl VolumeKind for LocalKind {
     /// Otherwise the filesystem's (statvfs of the path).
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
         self.check_mounted_at(rec, path)?;
-        if let (Some(p), Some(id)) = (&self.projects, rec.project) {
+        if let (Some(p), Some(id)) = (&self.projects, rec.project()) {
             let q = p.usage(id)?;
             return Ok(VolumeStats {
                 usage: quota::usage_of(&q, u64::try_from(rec.capacity_bytes).unwrap_or(0)),

@@ -698,6 +698,11 @@ impl VolumeKind for LocalKind {
             // Its project (if a crash came after it was set) stays charged
             // while the directory is kept aside, so it is not handed out.
             let path = self.root.join(name);
+            // Listed at start-up before the interrupted operations were
+            // finished: one of them may have removed it since.
+            if std::fs::symlink_metadata(&path).is_err() {
+                continue;
+            }
             let project = self.project_on(&path);
             if self.os.files.remove_dir(&path).is_ok() {
                 tracing::info!(dir = %path.display(), "removed orphaned volume directory");

@@ -21,9 +21,10 @@ pub fn limit_arenas() {
     }
 }
 
-/// Returns the heap's free memory to the system now (after start-up, which
-/// reads the whole state journal and builds the index from it).
-pub fn trim() {
+/// Returns the heap's free memory to the system now (`trim_when_idle`:
+/// a second after start, which read the whole state journal, then after
+/// bursts of work).
+fn trim() {
     // SAFETY: malloc_trim is thread-safe and only releases free memory.
     unsafe {
         libc::malloc_trim(0);

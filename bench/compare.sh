@@ -66,6 +66,8 @@ for r in $(seq "$ROUNDS"); do
     bench "$d/life" lifecycle -n "$((N / 2))" -c 1 --work-dir "$d/work1" --pid "$P" --json > "$J/l1-$drv-$r.json"
     record l1 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round(d["cycles_per_second"])')"
     record pub99 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round([o for o in d["operations"] if o["op"] == "NodePublishVolume"][0]["p99_ms"] * 1000, 1)')"
+    record probe50 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round([o for o in d["operations"] if o["op"].startswith("Probe")][0]["p50_ms"] * 1000, 1)')"
+    record probe99 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round([o for o in d["operations"] if o["op"].startswith("Probe")][0]["p99_ms"] * 1000, 1)')"
     stop
     # idle RSS of the process that made 1,000 volumes
     start "$drv" "$d/k1"
@@ -103,6 +105,8 @@ def med(name, drv):
 rows = [("lifecycle cycles/s, 16 in flight", "l16", True),
         ("lifecycle cycles/s, 1 in flight", "l1", True),
         ("NodePublish p99 us, 1 in flight", "pub99", False),
+        ("Probe round trip p50 us, 1 in flight", "probe50", False),
+        ("Probe round trip p99 us, 1 in flight", "probe99", False),
         ("idle RSS MiB after 1,000 volumes", "rss1k", False),
         ("idle RSS MiB, %s volumes, fresh start" % format(int(os.environ["SCALE"]), ","), "rss10k", False),
         ("start-up to first Probe ms, %s volumes" % format(int(os.environ["SCALE"]), ","), "probe10k", False)]
@@ -116,4 +120,6 @@ p99 = med("pub99", "berth")
 print()
 print("Berth, 1 in flight: %.0f cycles/s = %.2f of the floor (%.0f cycles/s)" % (l1, l1 / floor, floor))
 print("Berth NodePublish p99 %.0f us = %.2f x a bare bind + unmount pair's p99 (%.0f us)" % (p99, p99 / bind99, bind99))
+pr50, pr99 = med("probe50", "berth"), med("probe99", "berth")
+print("The bare gRPC round trip of this client (Probe, nothing done): p50 %.0f us, p99 %.0f us; 8 of them at p50 = %.0f cycles/s at most, %.2f of the floor" % (pr50, pr99, 1e6 / (8 * pr50), 1e6 / (8 * pr50) / floor))
 PY

@@ -104,7 +104,7 @@ echo "=== host track started in the background (release build, walkthrough, csi-
 
 stage "unit, handler and binary tests" cargo test --locked
 stage "root integration tests" unshare --mount --propagation private -- \
-  cargo test --locked --test root_local --test root_multinode -- --ignored --test-threads=4
+  cargo test --locked --test root_local --test root_multinode --test root_kill -- --ignored --test-threads=4
 stage "root block tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_block -- --ignored --test-threads=4
 stage "root snapshot tests" unshare --mount --propagation private -- \

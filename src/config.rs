@@ -159,6 +159,13 @@ pub struct Config {
     #[arg(long, env = "BERTH_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
 
+    /// Start even when the local or block root holds none of the volumes
+    /// recorded for it (berth refuses by default: the root is the wrong
+    /// directory or its filesystem is not mounted yet). Only when their
+    /// storage is gone for good, to delete their PVs.
+    #[arg(long, env = "BERTH_ALLOW_MISSING_STORAGE")]
+    pub allow_missing_storage: bool,
+
     /// Seconds to wait for in-flight calls on SIGTERM/SIGINT before exiting.
     #[arg(long, env = "BERTH_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,

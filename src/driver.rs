@@ -85,6 +85,7 @@ impl Driver {
             };
             kinds.insert(*k, imp);
         }
+        check_presence(&kinds, &store, &node_id, cfg.allow_missing_storage)?;
         let d = Arc::new(Driver {
             dir_locks: std::sync::Mutex::new(dir_locks),
             topology_key: cfg.topology_key(),
@@ -504,4 +505,57 @@ pub fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Before anything is changed at start-up: a local or block root that holds
+/// none of the volumes recorded for it is the wrong directory (a changed
+/// --local-root) or a filesystem not mounted yet (a data disk mounted late
+/// at boot). Serving would create new volumes on the wrong filesystem
+/// (hidden once the right one is mounted over it) and answer for the
+/// recorded ones as if lost, so berth refuses to start, unless told that
+/// the storage is gone for good. A root that lacks only some of its
+/// volumes is reported. Volumes recorded on another node id (a changed
+/// --node-id) are reported too: they cannot be staged here.
+fn check_presence(
+    kinds: &BTreeMap<Kind, Arc<dyn VolumeKind>>,
+    store: &Store,
+    node_id: &str,
+    allow_missing: bool,
+) -> Result<()> {
+    for kind in kinds.values() {
+        let Some(p) = kind.presence() else { continue };
+        if p.present == p.expected {
+            continue;
+        }
+        let examples = p.missing.join(", ");
+        if p.present == 0 && !allow_missing {
+            return Err(Error::WrongState(format!(
+                "the {what} {root} holds none of the {n} volumes recorded for it (missing: {examples}): it is not the directory they were made in (was --{flag} changed?) or its filesystem is not mounted yet. Berth does not start, so that no volume is created on the wrong filesystem: mount the filesystem or give the {what} the volumes were made in; if their storage is gone for good, start with --allow-missing-storage (BERTH_ALLOW_MISSING_STORAGE=true) and delete their PVs (`berth state check` lists them)",
+                what = p.what,
+                root = p.root.display(),
+                n = p.expected,
+                flag = p.what.replace(' ', "-"),
+            )));
+        }
+        tracing::error!(
+            root = %p.root.display(),
+            missing = p.expected - p.present,
+            recorded = p.expected,
+            examples = %examples,
+            "{} volumes recorded for the {} have no storage there: they report an abnormal condition; `berth state check` lists them",
+            p.expected - p.present,
+            p.what
+        );
+    }
+    let elsewhere = store.count(|r| {
+        matches!(r.kind, Kind::Local | Kind::Block) && !r.node.is_empty() && *r.node != *node_id
+    });
+    if elsewhere > 0 {
+        tracing::warn!(
+            node = %node_id,
+            volumes = elsewhere,
+            "{elsewhere} node-local volumes in this state were made by a berth with another node id (was --node-id changed?): they cannot be staged on this node until berth runs with the node id they were made on"
+        );
+    }
+    Ok(())
 }

@@ -1626,3 +1626,86 @@ async fn paths_under_a_symlinked_parent_are_matched_by_mount_id() {
     assert_eq!(mounted_at(&h, &real.join("s")), 0);
     assert_eq!(mounted_at(&h, &real.join("t")), 0);
 }
+
+/// A local root that holds none of the volumes recorded for it (a changed
+/// --local-root, a data disk not mounted yet at boot) stops start-up before
+/// anything is changed, with a message that names the root, the volumes and
+/// the way out; --allow-missing-storage starts anyway (the volumes report
+/// their storage missing); a root that lacks only some of its volumes
+/// starts.
+#[tokio::test]
+async fn a_local_root_holding_none_of_its_volumes_stops_start_up() {
+    use berth::config::Cli;
+    use berth::driver::Driver;
+    use berth::os::Os;
+    use clap::Parser;
+    let h = fake(&[]);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(create(&h, &format!("v{i}"), 1 << 20).await.volume_id);
+    }
+    let dir = h.stop();
+    let journal = |d: &std::path::Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d.join("state/journal"))
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                (p.clone(), std::fs::read(&p).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = journal(dir.path());
+    let other = dir.path().join("elsewhere");
+    std::fs::create_dir(&other).unwrap();
+    let open = |extra: &[&str]| {
+        let mut a = vec!["--local-root", other.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(args(dir.path(), &a)).unwrap();
+        Driver::new(cli.config, Os::fake().0)
+    };
+    let msg = match open(&[]) {
+        Ok(_) => panic!("berth started on a local root that holds none of its volumes"),
+        Err(e) => e.to_string(),
+    };
+    for want in [
+        "holds none of the 3 volumes",
+        other.to_str().unwrap(),
+        "--local-root",
+        "--allow-missing-storage",
+    ] {
+        assert!(msg.contains(want), "{want:?} not in: {msg}");
+    }
+    assert!(ids.iter().any(|id| msg.contains(id.as_str())), "{msg}");
+    // Nothing changed: the records, the volumes' directories, the other root.
+    assert_eq!(journal(dir.path()), before);
+    for id in &ids {
+        assert!(dir.path().join("local").join(id).is_dir(), "{id}");
+    }
+    let made: Vec<_> = std::fs::read_dir(&other)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != ".berth.lock")
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
+
+    // Told that the storage is gone for good: starts, and says so per volume.
+    let d = open(&["--allow-missing-storage"]).expect("allowed");
+    assert_eq!(d.store.len(), 3);
+    drop(d);
+
+    // The right root again; then one directory removed by hand: starts.
+    let h = build(dir, Os::fake().0, None, &[]);
+    std::fs::remove_dir(h.path("local").join(&ids[0])).unwrap();
+    let h = h.restart(Os::fake().0, None);
+    let v = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: ids[0].clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.status.unwrap().volume_condition.unwrap().abnormal);
+}

@@ -2192,3 +2192,47 @@ async fn unstage_of_a_volume_whose_disk_is_gone_unmounts_by_path() {
         .unwrap();
     assert!(!f.table().iter().any(|m| m.mount_point == s3));
 }
+
+/// A block root that holds none of the backing files recorded for it (a
+/// changed --block-root, a filesystem not mounted yet) stops start-up
+/// before anything is changed; --allow-missing-storage starts anyway.
+/// Volumes of the disk pool have no backing file and do not count.
+#[tokio::test]
+async fn a_block_root_holding_none_of_its_files_stops_start_up() {
+    use berth::config::Cli;
+    use berth::driver::Driver;
+    use berth::os::Os;
+    use clap::Parser;
+    let h = block(&[]);
+    let a = create(&h, "a", 1 << 20, &[]).await.volume_id;
+    let b = create(&h, "b", 1 << 20, &[]).await.volume_id;
+    let dir = h.stop();
+    let other = dir.path().join("elsewhere");
+    std::fs::create_dir(&other).unwrap();
+    let open = |extra: &[&str]| {
+        let mut v = vec!["--kinds", "block", "--block-root", other.to_str().unwrap()];
+        v.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(args(dir.path(), &v)).unwrap();
+        Driver::new(cli.config, Os::fake().0)
+    };
+    let msg = match open(&[]) {
+        Ok(_) => panic!("berth started on a block root that holds none of its volumes"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        msg.contains("block root") && msg.contains("holds none of the 2 volumes"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("--block-root") && msg.contains("--allow-missing-storage"),
+        "{msg}"
+    );
+    assert!(msg.contains(&a) || msg.contains(&b), "{msg}");
+    for id in [&a, &b] {
+        assert!(dir.path().join(format!("block/{id}.img")).is_file());
+    }
+    assert!(open(&["--allow-missing-storage"]).is_ok());
+    // The right root: starts.
+    let cli = Cli::try_parse_from(args(dir.path(), &["--kinds", "block"])).unwrap();
+    assert!(Driver::new(cli.config, Os::fake().0).is_ok());
+}

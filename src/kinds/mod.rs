@@ -59,6 +59,32 @@ pub fn is_hex_id(prefix: &str, id: &str) -> bool {
     })
 }
 
+/// Which of a root's recorded volumes have their storage in it
+/// (`VolumeKind::presence`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The root, and what it is called (`local root`, `block root`).
+    pub root: std::path::PathBuf,
+    pub what: &'static str,
+    /// Ready volumes whose storage should be in the root.
+    pub expected: usize,
+    /// Those whose storage is there.
+    pub present: usize,
+    /// A few of the missing ones (at most 3), for the message.
+    pub missing: Vec<String>,
+}
+
+/// Up to 3 ids of `ids` that `here` does not hold (for `Presence::missing`).
+pub fn some_missing<'a>(
+    ids: impl Iterator<Item = &'a str>,
+    here: &dyn Fn(&str) -> bool,
+) -> Vec<String> {
+    ids.filter(|id| !here(id))
+        .take(3)
+        .map(str::to_string)
+        .collect()
+}
+
 /// Free space a kind can still hand out, before subtracting promises.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolCapacity {
@@ -381,6 +407,14 @@ pub trait VolumeKind: Send + Sync {
     /// background, holding its guard, instead of before serving.
     fn slow_delete(&self, _rec: &VolumeRecord) -> bool {
         false
+    }
+
+    /// At start-up, before anything is changed: of the ready volumes whose
+    /// storage lives in this kind's root, how many have it there (None: the
+    /// kind keeps no volume in a root of its own). `Driver::new` refuses to
+    /// start when a root holds none of its volumes (see `Presence`).
+    fn presence(&self) -> Option<Presence> {
+        None
     }
 
     /// At start-up: cleans up storage left by an interrupted create or

@@ -583,6 +583,22 @@ impl Store {
         self.filter_of(f)
     }
 
+    /// How many volume records match `f` (no copy made).
+    pub fn count(&self, f: impl Fn(&VolumeRecord) -> bool) -> usize {
+        self.read()
+            .volumes
+            .records
+            .values()
+            .filter(|r| f(r))
+            .count()
+    }
+
+    /// Whether the volume record with this id exists and matches `f` (no
+    /// copy made).
+    pub fn holds(&self, id: &str, f: impl Fn(&VolumeRecord) -> bool) -> bool {
+        self.read().volumes.records.get(id).is_some_and(f)
+    }
+
     /// Inserts a new volume record with the next sequence number, after
     /// `admit` accepted it given the bytes already promised to its kind
     /// (checked and reserved under one lock, so concurrent creates cannot

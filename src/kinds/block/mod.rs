@@ -515,6 +515,43 @@ impl VolumeKind for BlockKind {
     /// (block volumes record their intent before the file is made), or from
     /// a lost state directory: it may hold a tenant's data, so it is moved
     /// into `.orphaned/` under the block root, never deleted.
+    fn presence(&self) -> Option<super::Presence> {
+        let ready = |r: &VolumeRecord| {
+            r.kind == Kind::Block
+                && r.phase == crate::state::Phase::Ready
+                && r.block.as_ref().is_some_and(|b| b.disk.is_none())
+        };
+        let expected = self.store.count(ready);
+        let mut ids = Vec::new();
+        if expected > 0 {
+            // An unreadable root is reported by `reconcile_orphans`.
+            let entries = std::fs::read_dir(&self.root).ok()?;
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) {
+                    if self.owns_id(id) && self.store.holds(id, ready) {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+        }
+        let present = ids.len();
+        let missing = if present < expected {
+            let here: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+            let all = self.store.filter(ready);
+            super::some_missing(all.iter().map(|r| r.id.as_str()), &|id| here.contains(id))
+        } else {
+            Vec::new()
+        };
+        Some(super::Presence {
+            root: self.root.clone(),
+            what: "block root",
+            expected,
+            present,
+            missing,
+        })
+    }
+
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
         self.reconcile_snapshots(known)?;
         let entries = std::fs::read_dir(&self.root)

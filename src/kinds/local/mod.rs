@@ -643,6 +643,52 @@ impl VolumeKind for LocalKind {
         false
     }
 
+    fn presence(&self) -> Option<super::Presence> {
+        let ready =
+            |r: &VolumeRecord| r.kind == Kind::Local && r.phase == crate::state::Phase::Ready;
+        let expected = self.store.count(ready);
+        let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        if expected > 0 && listed.is_none() {
+            *listed = Some(list_root(&self.root));
+        }
+        // An unreadable root is reported by `reconcile_orphans`.
+        let mut names: Vec<&str> = match listed.as_ref() {
+            Some(Ok(l)) => l.names().filter_map(|n| n.to_str()).collect(),
+            Some(Err(_)) => return None,
+            None => Vec::new(),
+        };
+        // A delete whose record could not be removed left the directory in
+        // the trash: `reconcile_orphans` puts it back.
+        let trash = if expected > 0 {
+            self.trash()
+        } else {
+            Vec::new()
+        };
+        if !trash.is_empty() {
+            names.extend(trash.iter().map(|(id, _)| id.as_str()));
+            names.sort_unstable();
+            names.dedup();
+        }
+        let present = names
+            .iter()
+            .filter(|n| self.owns_id(n) && self.store.holds(n, ready))
+            .count();
+        let missing = if present < expected {
+            let here: std::collections::HashSet<&str> = names.iter().copied().collect();
+            let all = self.store.filter(ready);
+            super::some_missing(all.iter().map(|r| r.id.as_str()), &|id| here.contains(id))
+        } else {
+            Vec::new()
+        };
+        Some(super::Presence {
+            root: self.root.clone(),
+            what: "local root",
+            expected,
+            present,
+            missing,
+        })
+    }
+
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
         // The trash: a volume whose record is still there was being
         // deleted when removing its record failed: it goes back. The rest

@@ -12,7 +12,7 @@ use crate::kinds::{BlockKind, LocalKind, NfsKind, VolumeKind};
 use crate::locks::{OpGuard, OpLocks};
 use crate::os::Os;
 use crate::state::lock::DirLock;
-use crate::state::{Kind, Phase, Store, VolumeRecord};
+use crate::state::{ContentSource, Kind, Phase, Store, VolumeRecord};
 
 pub struct Driver {
     /// The locks of the state directory and of the kinds' roots, held for
@@ -328,6 +328,7 @@ impl Driver {
     /// half deleted is deleted. Then each kind cleans up storage without a
     /// record (`reconcile_orphans`).
     pub fn reconcile(self: &Arc<Self>) -> Result<()> {
+        self.recover_copy_sources();
         self.retry_pending(true);
         for kind in self.kinds.values() {
             let known = |id: &str| self.store.contains(id) || self.store.snapshot_contains(id);
@@ -336,6 +337,41 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// The sources of copies a crash interrupted (snapshots still Creating,
+    /// clones of a volume still Creating) get back what the copy took from
+    /// them (`VolumeKind::recover_copy_source`: a frozen filesystem is
+    /// thawed). At start-up, before the interrupted operations are removed.
+    fn recover_copy_sources(&self) {
+        let mut sources: Vec<String> = self
+            .store
+            .snapshot_filter(|s| s.phase == Phase::Creating)
+            .into_iter()
+            .map(|s| s.source_volume_id)
+            .collect();
+        sources.extend(
+            self.store
+                .filter(|r| {
+                    r.phase == Phase::Creating
+                        && matches!(r.source.as_deref(), Some(ContentSource::Volume(_)))
+                })
+                .into_iter()
+                .filter_map(|r| match r.source.as_deref() {
+                    Some(ContentSource::Volume(v)) => Some(v.clone()),
+                    _ => None,
+                }),
+        );
+        sources.sort();
+        sources.dedup();
+        for id in sources {
+            let Some(vol) = self.store.get(&id) else {
+                continue;
+            };
+            if let Ok(kind) = self.kind(vol.kind) {
+                kind.recover_copy_source(&vol);
+            }
+        }
     }
 
     /// Finishes every record left half created or half deleted that no

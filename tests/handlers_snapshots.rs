@@ -652,3 +652,57 @@ async fn a_raw_volume_in_use_is_not_copied_block_by_block() {
     )
     .is_file());
 }
+
+/// A crash while a staged filesystem was frozen for a snapshot (or a clone
+/// of a volume in use) leaves it frozen, and every write in the pod waits:
+/// start-up thaws the sources of the copies it finds interrupted, before it
+/// removes them. Sources of nothing interrupted are left alone.
+#[tokio::test]
+async fn a_filesystem_frozen_by_an_interrupted_copy_is_thawed_at_start() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake.clone().expect("fake");
+    script_blank(&f);
+    let v = create_p(&h, "src", 8 * MIB, &[]).await;
+    let other = create_p(&h, "other", 8 * MIB, &[]).await;
+    let staging = h.path("staging");
+    let staging_other = h.path("staging-other");
+    for (id, s) in [(&v.volume_id, &staging), (&other.volume_id, &staging_other)] {
+        h.node
+            .node_stage_volume(Request::new(stage_req(id, s)))
+            .await
+            .unwrap();
+    }
+    let id = "block-snap-0123456789abcdef0123456789abcdef".to_string();
+    h.driver
+        .store
+        .snapshot_insert_new(
+            SnapshotRecord {
+                id: id.clone(),
+                name: "crashed".into(),
+                kind: berth::state::Kind::Block,
+                seq: 0,
+                phase: Phase::Creating,
+                source_volume_id: v.volume_id.clone(),
+                size_bytes: 8 * MIB,
+                node: NODE.into(),
+                parameters: Default::default(),
+                created_secs: 1,
+                created_nanos: 0,
+                block: None,
+            },
+            |_| Ok::<(), berth::state::StateError>(()),
+        )
+        .unwrap();
+    f.clear_file_ops();
+    // The same fake OS (its mounts stay, as the kernel's do after a crash).
+    let os = h.driver.os.clone();
+    let h = build(h.stop(), os, Some(f.clone()), &["--kinds", "block"]);
+    let ops: Vec<(&str, PathBuf)> = f.file_ops().into_iter().map(|o| (o.op, o.path)).collect();
+    let thawed: Vec<&PathBuf> = ops
+        .iter()
+        .filter(|(o, _)| *o == "thaw")
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(thawed, vec![&staging], "{ops:?}");
+    assert!(h.driver.store.snapshot_get(&id).is_none());
+}

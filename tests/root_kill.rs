@@ -1,13 +1,16 @@
 //! Root tests of the real `berth` binary killed with SIGKILL at any moment
-//! while volumes go through their whole lifecycle with real mounts
-//! (CreateVolume, ControllerPublish, NodeStage, NodePublish, a write through
-//! the pod's path, NodeUnpublish, NodeUnstage, ControllerUnpublish,
-//! DeleteVolume), as a node restart or an OOM kill would. After each restart,
-//! every volume's lifecycle is finished the way kubelet and the sidecars
-//! would: the RPC that was in flight is retried, then the rest follow; every
-//! one must succeed (every RPC is idempotent), data written through a
-//! publication that was answered is there, and at the end nothing is left:
-//! no mount, no record, no volume directory, and a clean `berth state check`.
+//! while volumes go through their whole lifecycle with real mounts, as a
+//! node restart or an OOM kill would: eight clients, each running one
+//! volume's steps after another (CreateVolume, ControllerPublish,
+//! NodeStage, NodePublish, a write through the pod's path, ..., DeleteVolume;
+//! with snapshots: CreateSnapshot, a restore staged and read, DeleteSnapshot).
+//! After each restart, every lifecycle is finished the way kubelet and the
+//! sidecars would: the RPC that was in flight is retried, then the rest
+//! follow; every one must succeed (every RPC is idempotent), data written
+//! through a publication that was answered is there, a restore holds what
+//! its snapshot was taken of, and at the end nothing is left: no mount, no
+//! loop device, no record, no volume or snapshot on disk, and a clean
+//! `berth state check`.
 //! Ignored unless asked for (`cargo test --test root_kill -- --ignored`, as
 //! tests/run-all.sh does inside a private mount namespace).
 mod common;
@@ -26,25 +29,91 @@ use tonic::Request;
 
 const BIN: &str = env!("CARGO_BIN_EXE_berth");
 
-/// The steps of one volume's life, in order; a volume's progress is the
-/// number of steps answered OK.
-const STEPS: [&str; 12] = [
-    "CreateVolume",
-    "ControllerPublishVolume",
-    "NodeStageVolume",
-    "NodePublishVolume",
-    "write",
-    "NodeUnpublishVolume",
-    "NodeUnstageVolume",
-    // Staged again (a pod on the same node later): the filesystem that now
-    // holds data must never be formatted, also when the kill lands here.
-    "NodeStageVolume again",
-    "read",
-    "NodeUnstageVolume again",
-    "ControllerUnpublishVolume",
-    "DeleteVolume",
+/// Which of a lifecycle's two volumes a step is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vol {
+    /// The volume the lifecycle creates first.
+    Source,
+    /// The volume restored from the snapshot of the source.
+    Restore,
+    /// A clone of the source, made while it is in use.
+    Clone,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Create(Vol),
+    ControllerPublish(Vol),
+    /// Staged at the volume's own staging path.
+    Stage(Vol),
+    /// The source published at its pod's path.
+    Publish,
+    /// What a pod does: writes the tag (with the lifecycle's name) through
+    /// its path, and syncs it.
+    Write(&'static str),
+    /// Reads the volume at its staging path: the tag written last.
+    Read(Vol, &'static str),
+    Unpublish,
+    Unstage(Vol),
+    ControllerUnpublish(Vol),
+    Delete(Vol),
+    Snapshot,
+    DeleteSnapshot,
+}
+
+use Step::*;
+use Vol::*;
+
+/// Published, written, unpublished, unstaged, staged again and read (a
+/// filesystem that holds data is never formatted, also when the kill lands
+/// in the second stage), then released and deleted.
+const PLAIN: &[Step] = &[
+    Create(Source),
+    ControllerPublish(Source),
+    Stage(Source),
+    Publish,
+    Write("v1"),
+    Unpublish,
+    Unstage(Source),
+    Stage(Source),
+    Read(Source, "v1"),
+    Unstage(Source),
+    ControllerUnpublish(Source),
+    Delete(Source),
 ];
-const WRITTEN: usize = 5;
+
+/// A snapshot of a volume in use, a write after it, a restore of it staged
+/// and read (what the snapshot was taken of), a clone of the volume in use
+/// staged and read, then all of it deleted.
+const SNAPSHOT: &[Step] = &[
+    Create(Source),
+    ControllerPublish(Source),
+    Stage(Source),
+    Publish,
+    Write("v1"),
+    Snapshot,
+    Write("v2"),
+    Create(Restore),
+    ControllerPublish(Restore),
+    Stage(Restore),
+    Read(Restore, "v1"),
+    Unstage(Restore),
+    ControllerUnpublish(Restore),
+    Delete(Restore),
+    DeleteSnapshot,
+    Read(Source, "v2"),
+    Create(Clone),
+    ControllerPublish(Clone),
+    Stage(Clone),
+    Read(Clone, "v2"),
+    Unstage(Clone),
+    ControllerUnpublish(Clone),
+    Delete(Clone),
+    Unpublish,
+    Unstage(Source),
+    ControllerUnpublish(Source),
+    Delete(Source),
+];
 
 /// What kind of volume the lifecycles use.
 #[derive(Clone)]
@@ -52,17 +121,19 @@ struct Flavor {
     kinds: &'static str,
     parameters: HashMap<String, String>,
     cap: csi::VolumeCapability,
+    steps: &'static [Step],
 }
 
-fn local() -> Flavor {
+fn local(steps: &'static [Step]) -> Flavor {
     Flavor {
         kinds: "local",
         parameters: HashMap::new(),
         cap: rwo(),
+        steps,
     }
 }
 
-fn block_ext4() -> Flavor {
+fn block_ext4(steps: &'static [Step]) -> Flavor {
     let mut cap = rwo();
     if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
         m.fs_type = "ext4".into();
@@ -71,6 +142,7 @@ fn block_ext4() -> Flavor {
         kinds: "local,block",
         parameters: HashMap::from([("kind".to_string(), "block".to_string())]),
         cap,
+        steps,
     }
 }
 
@@ -122,34 +194,58 @@ fn start(dir: &Path, f: &Flavor) -> Berth {
 
 #[derive(Clone, Default, Debug)]
 struct Progress {
-    id: Option<String>,
+    source: Option<String>,
+    restore: Option<String>,
+    clone: Option<String>,
+    snapshot: Option<String>,
     /// Steps answered OK.
     done: usize,
 }
 
-struct Paths {
-    staging: PathBuf,
-    target: PathBuf,
-}
-
-fn paths(pods: &Path, name: &str) -> Paths {
-    Paths {
-        staging: pods.join(name).join("staging"),
-        target: pods.join(name).join("target"),
+impl Progress {
+    fn id(&self, v: Vol) -> String {
+        match v {
+            Source => self.source.clone(),
+            Restore => self.restore.clone(),
+            Clone => self.clone.clone(),
+        }
+        .unwrap_or_default()
     }
 }
 
-/// Runs step `step` of volume `name`; returns the volume id after
-/// CreateVolume.
+/// The staging path of a lifecycle's volume, and the source's pod path.
+fn staging(pods: &Path, name: &str, v: Vol) -> PathBuf {
+    pods.join(name).join(match v {
+        Source => "staging",
+        Restore => "staging-restore",
+        Clone => "staging-clone",
+    })
+}
+
+fn target(pods: &Path, name: &str) -> PathBuf {
+    pods.join(name).join("target")
+}
+
+fn content(name: &str, tag: &str) -> Vec<u8> {
+    format!("{name} {tag}").into_bytes()
+}
+
+/// What a step answered that the lifecycle needs later.
+enum Got {
+    Nothing,
+    Volume(Vol, String),
+    Snapshot(String),
+}
+
+/// Runs `step` of lifecycle `name`.
 async fn run_step(
     c: &mut CsiClient,
     f: &Flavor,
     pods: &Path,
     name: &str,
-    id: &str,
-    step: usize,
-) -> Result<Option<String>, String> {
-    let p = paths(pods, name);
+    p: &Progress,
+    step: Step,
+) -> Result<Got, String> {
     // Only a dead berth may fail an RPC (the connection breaks): any other
     // error, or a failed write or read through the volume, fails the test.
     let err = |s: tonic::Status| {
@@ -158,31 +254,52 @@ async fn run_step(
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
         );
         format!(
-            "{}{name} {}: {:?}: {}",
+            "{}{name} {step:?}: {:?}: {}",
             if dead { "" } else { "fatal: " },
-            STEPS[step],
             s.code(),
             s.message()
         )
     };
+    let vol_name = |v: Vol| match v {
+        Source => name.to_string(),
+        Restore => format!("{name}-restore"),
+        Clone => format!("{name}-clone"),
+    };
     match step {
-        0 => {
-            std::fs::create_dir_all(&p.staging).map_err(|e| e.to_string())?;
-            let v = c
+        Create(v) => {
+            std::fs::create_dir_all(staging(pods, name, v)).map_err(|e| e.to_string())?;
+            use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+            let content_source = match v {
+                Source => None,
+                Restore => Some(Type::Snapshot(SnapshotSource {
+                    snapshot_id: p.snapshot.clone().unwrap_or_default(),
+                })),
+                Clone => Some(Type::Volume(VolumeSource {
+                    volume_id: p.id(Source),
+                })),
+            }
+            .map(|t| csi::VolumeContentSource { r#type: Some(t) });
+            let r = c
                 .controller
                 .create_volume(Request::new(csi::CreateVolumeRequest {
                     parameters: f.parameters.clone(),
                     volume_capabilities: vec![f.cap.clone()],
-                    ..create_req(name, 16 << 20)
+                    volume_content_source: content_source,
+                    ..create_req(&vol_name(v), 16 << 20)
                 }))
                 .await
                 .map_err(err)?;
-            return Ok(v.into_inner().volume.map(|v| v.volume_id));
+            let id = r
+                .into_inner()
+                .volume
+                .map(|v| v.volume_id)
+                .unwrap_or_default();
+            return Ok(Got::Volume(v, id));
         }
-        1 => {
+        ControllerPublish(v) => {
             c.controller
                 .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
-                    volume_id: id.into(),
+                    volume_id: p.id(v),
                     node_id: NODE.into(),
                     volume_capability: Some(f.cap.clone()),
                     ..Default::default()
@@ -190,80 +307,116 @@ async fn run_step(
                 .await
                 .map_err(err)?;
         }
-        2 | 7 => {
+        Stage(v) => {
             c.node
                 .node_stage_volume(Request::new(csi::NodeStageVolumeRequest {
                     volume_capability: Some(f.cap.clone()),
-                    ..stage_req(id, &p.staging)
+                    ..stage_req(&p.id(v), &staging(pods, name, v))
                 }))
                 .await
                 .map_err(err)?;
         }
-        3 => {
+        Publish => {
             c.node
                 .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
                     volume_capability: Some(f.cap.clone()),
-                    ..publish_req(id, &p.staging, &p.target, false)
+                    ..publish_req(
+                        &p.id(Source),
+                        &staging(pods, name, Source),
+                        &target(pods, name),
+                        false,
+                    )
                 }))
                 .await
                 .map_err(err)?;
         }
-        4 => {
-            // What a pod does: write and sync through its own path.
-            let f = p.target.join("data");
-            std::fs::write(&f, name.as_bytes()).map_err(|e| format!("fatal: {name} write: {e}"))?;
-            std::fs::File::open(&f)
+        Write(tag) => {
+            let file = target(pods, name).join("data");
+            std::fs::write(&file, content(name, tag))
+                .map_err(|e| format!("fatal: {name} write: {e}"))?;
+            std::fs::File::open(&file)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| format!("fatal: {name} sync: {e}"))?;
         }
-        8 => {
-            let got = std::fs::read(p.staging.join("data"))
-                .map_err(|e| format!("fatal: {name} read after staging again: {e}"))?;
-            if got != name.as_bytes() {
-                return Err(format!("fatal: {name}: the data changed: {got:?}"));
+        Read(v, tag) => {
+            let got = std::fs::read(staging(pods, name, v).join("data"))
+                .map_err(|e| format!("fatal: {name} read {v:?}: {e}"))?;
+            if got != content(name, tag) {
+                return Err(format!(
+                    "fatal: {name} {v:?} holds {:?}, not {tag}",
+                    String::from_utf8_lossy(&got)
+                ));
             }
         }
-        5 => {
+        Unpublish => {
             c.node
                 .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-                    volume_id: id.into(),
-                    target_path: p.target.display().to_string(),
+                    volume_id: p.id(Source),
+                    target_path: target(pods, name).display().to_string(),
                 }))
                 .await
                 .map_err(err)?;
         }
-        6 | 9 => {
+        Unstage(v) => {
             c.node
                 .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-                    volume_id: id.into(),
-                    staging_target_path: p.staging.display().to_string(),
+                    volume_id: p.id(v),
+                    staging_target_path: staging(pods, name, v).display().to_string(),
                 }))
                 .await
                 .map_err(err)?;
         }
-        10 => {
+        ControllerUnpublish(v) => {
             c.controller
                 .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
-                    volume_id: id.into(),
+                    volume_id: p.id(v),
                     node_id: NODE.into(),
                     ..Default::default()
                 }))
                 .await
                 .map_err(err)?;
         }
-        11 => {
+        Delete(v) => {
             c.controller
                 .delete_volume(Request::new(csi::DeleteVolumeRequest {
-                    volume_id: id.into(),
+                    volume_id: p.id(v),
                     ..Default::default()
                 }))
                 .await
                 .map_err(err)?;
-            let _ = std::fs::remove_dir_all(pods.join(name));
+            if v == Source {
+                let _ = std::fs::remove_dir_all(pods.join(name));
+            }
         }
-        _ => unreachable!(),
+        Snapshot => {
+            let s = c
+                .controller
+                .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+                    source_volume_id: p.id(Source),
+                    name: format!("{name}-snap"),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(err)?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            if !s.ready_to_use {
+                return Err(format!("fatal: {name}: the snapshot answered is not ready"));
+            }
+            return Ok(Got::Snapshot(s.snapshot_id));
+        }
+        DeleteSnapshot => {
+            c.controller
+                .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                    snapshot_id: p.snapshot.clone().unwrap_or_default(),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(err)?;
+        }
     }
-    Ok(None)
+    Ok(Got::Nothing)
 }
 
 /// Runs the steps of `name` from its progress on, recording each answer.
@@ -280,15 +433,18 @@ async fn drive(
     book.lock().unwrap().entry(name.to_string()).or_default();
     loop {
         let p = book.lock().unwrap().get(name).cloned().unwrap_or_default();
-        if p.done == STEPS.len() {
+        let Some(&step) = f.steps.get(p.done) else {
             return Ok(());
-        }
-        let id = p.id.clone().unwrap_or_default();
-        let got = run_step(c, f, pods, name, &id, p.done).await?;
+        };
+        let got = run_step(c, f, pods, name, &p, step).await?;
         let mut b = book.lock().unwrap();
         let e = b.entry(name.to_string()).or_default();
-        if let Some(got) = got {
-            e.id = Some(got);
+        match got {
+            Got::Nothing => {}
+            Got::Volume(Source, id) => e.source = Some(id),
+            Got::Volume(Restore, id) => e.restore = Some(id),
+            Got::Volume(Clone, id) => e.clone = Some(id),
+            Got::Snapshot(id) => e.snapshot = Some(id),
         }
         e.done += 1;
         acked.fetch_add(1, Ordering::SeqCst);
@@ -298,7 +454,7 @@ async fn drive(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn every_local_lifecycle_finishes_after_a_kill_at_any_moment() {
-    kill_rounds(local(), &[3, 17, 41, 8, 97, 29, 60, 1]).await;
+    kill_rounds(local(PLAIN), &[3, 17, 41, 8, 97, 29, 60, 1]).await;
 }
 
 /// Filesystem volumes on loop-backed files: a kill can land in the middle
@@ -306,7 +462,24 @@ async fn every_local_lifecycle_finishes_after_a_kill_at_any_moment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn every_block_lifecycle_finishes_after_a_kill_at_any_moment() {
-    kill_rounds(block_ext4(), &[2, 11, 23, 5, 37, 16]).await;
+    kill_rounds(block_ext4(PLAIN), &[2, 11, 23, 5, 37, 16]).await;
+}
+
+/// Snapshots of local volumes in use and their restores: a kill can land
+/// in the middle of a tree copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn every_local_snapshot_lifecycle_finishes_after_a_kill_at_any_moment() {
+    kill_rounds(local(SNAPSHOT), &[5, 23, 44, 11, 71, 2, 130, 160, 185]).await;
+}
+
+/// Snapshots and clones of staged ext4 volumes (frozen around the copy)
+/// and their restores: a kill can land while the filesystem is frozen, and
+/// the restart thaws it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn every_block_snapshot_lifecycle_finishes_after_a_kill_at_any_moment() {
+    kill_rounds(block_ext4(SNAPSHOT), &[6, 19, 33, 52, 120, 150, 175, 195]).await;
 }
 
 /// Lifecycles on 8 clients at once, berth killed after `rounds[r]` more
@@ -318,7 +491,7 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
     let _unmount = BlockGuard(d.path().to_path_buf());
     let pods = d.path().join("pods");
     let book: Arc<Mutex<HashMap<String, Progress>>> = Default::default();
-    let mut cut = vec![0usize; STEPS.len()];
+    let mut cut = vec![0usize; f.steps.len()];
     let mut b = start(d.path(), &f);
     for (round, &after) in rounds.iter().enumerate() {
         let acked = Arc::new(AtomicUsize::new(0));
@@ -362,7 +535,7 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
             acked.load(Ordering::SeqCst)
         );
 
-        // Restart and finish every volume as kubelet and the sidecars
+        // Restart and finish every lifecycle as kubelet and the sidecars
         // would: retry what was in flight, then the rest.
         b = start(d.path(), &f);
         let mut c = connect(&b.sock.display().to_string()).await.unwrap();
@@ -374,17 +547,17 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
             .collect();
         let mut finished = 0;
         for (name, p) in names {
-            if p.done == STEPS.len() {
+            if p.done == f.steps.len() {
                 continue;
             }
             cut[p.done] += 1;
-            if p.done == WRITTEN {
+            if let Some(Write(tag)) = p.done.checked_sub(1).map(|i| f.steps[i]) {
                 // Written through the pod's path and answered: still there
-                // (read at the staging path: the NodeUnpublish in flight may
+                // (read at the staging path: a NodeUnpublish in flight may
                 // have unmounted the pod's).
-                let got = std::fs::read(paths(&pods, &name).staging.join("data"))
-                    .unwrap_or_else(|e| panic!("{name} ({:?}): the data written before the kill: {e}\nmounts: {:?}\nberth's log:\n{}", p.id, mounts_under(&pods.join(&name)), std::fs::read_to_string(&b.log).unwrap_or_default()));
-                assert_eq!(got, name.as_bytes(), "{name}: data changed by the kill");
+                let got = std::fs::read(staging(&pods, &name, Source).join("data"))
+                    .unwrap_or_else(|e| panic!("{name}: the data written before the kill: {e}"));
+                assert_eq!(got, content(&name, tag), "{name}: data changed by the kill");
             }
             let mut retries = 0;
             loop {
@@ -396,9 +569,9 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     Err(e) => panic!(
-                        "round {round}: after the kill at step {} ({}): {e}\nberth's log:\n{}",
+                        "round {round}: after the kill at step {} ({:?}): {e}\nberth's log:\n{}",
                         p.done,
-                        STEPS.get(p.done).copied().unwrap_or("done"),
+                        f.steps.get(p.done),
                         std::fs::read_to_string(&b.log).unwrap_or_default()
                     ),
                 }
@@ -415,11 +588,11 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
     // it was in).
     eprintln!(
         "kills cut lifecycles in: {}",
-        STEPS
+        f.steps
             .iter()
             .zip(&cut)
             .filter(|(_, n)| **n > 0)
-            .map(|(s, n)| format!("{s} {n}"))
+            .map(|(s, n)| format!("{s:?} {n}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -433,6 +606,16 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
         .into_inner()
         .entries;
     assert!(listed.is_empty(), "volumes left: {listed:?}");
+    if f.steps.contains(&Snapshot) {
+        let snaps = c
+            .controller
+            .list_snapshots(Request::new(Default::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        assert!(snaps.is_empty(), "snapshots left: {snaps:?}");
+    }
     assert!(
         book.lock().unwrap().len() >= rounds.len() * 8,
         "too few lifecycles: {}",
@@ -450,15 +633,22 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
     assert!(st.success(), "berth's exit on SIGTERM: {st}");
     assert_eq!(mounts_under(d.path()), Vec::<PathBuf>::new(), "mounts left");
     assert_eq!(loops_under(d.path()), vec![], "loop devices left");
-    for dir in ["local", "block"] {
-        let Ok(entries) = std::fs::read_dir(d.path().join(dir)) else {
-            continue;
-        };
-        let left: Vec<_> = entries
-            .map(|e| e.unwrap().file_name())
+    let names_in = |dir: PathBuf| -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(dir)
+            .map(|e| e.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default()
+    };
+    for root in ["local", "block"] {
+        let left: Vec<_> = names_in(d.path().join(root))
+            .into_iter()
             .filter(|n| !n.to_string_lossy().starts_with('.'))
             .collect();
-        assert!(left.is_empty(), "{dir} volumes left: {left:?}");
+        assert!(left.is_empty(), "{root} volumes left: {left:?}");
+        // Snapshots, unfinished copies, the trash and anything set aside.
+        for aside in [".snapshots", ".creating", ".trash", ".orphaned"] {
+            let left = names_in(d.path().join(root).join(aside));
+            assert!(left.is_empty(), "{root}/{aside} left: {left:?}");
+        }
     }
     let check = Command::new(BIN)
         .arg("--data-dir")

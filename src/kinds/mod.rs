@@ -409,6 +409,13 @@ pub trait VolumeKind: Send + Sync {
         false
     }
 
+    /// At start-up, before interrupted operations are finished: the volume
+    /// `vol` was the source of a copy (a snapshot, a clone) that a crash
+    /// interrupted; undo what the copy did to it that outlives the process
+    /// (a filesystem frozen for the copy stays frozen, and every write in
+    /// the pod waits, until it is thawed).
+    fn recover_copy_source(&self, _vol: &VolumeRecord) {}
+
     /// At start-up, before anything is changed: of the ready volumes whose
     /// storage lives in this kind's root, how many have it there (None: the
     /// kind keeps no volume in a root of its own). `Driver::new` refuses to

@@ -515,6 +515,10 @@ impl VolumeKind for BlockKind {
     /// (block volumes record their intent before the file is made), or from
     /// a lost state directory: it may hold a tenant's data, so it is moved
     /// into `.orphaned/` under the block root, never deleted.
+    fn recover_copy_source(&self, vol: &VolumeRecord) {
+        self.thaw_after_crash(vol);
+    }
+
     fn presence(&self) -> Option<super::Presence> {
         let ready = |r: &VolumeRecord| {
             r.kind == Kind::Block

@@ -171,6 +171,43 @@ impl BlockKind {
         Ok(())
     }
 
+    /// Thaws the filesystem of `vol` if a copy that a crash interrupted
+    /// left it frozen (FITHAW of a filesystem that is not frozen fails with
+    /// EINVAL, which is the usual answer). Called at start-up, before
+    /// serving, so no copy of this berth has it frozen now.
+    pub(super) fn thaw_after_crash(&self, vol: &VolumeRecord) {
+        let dev = match self.current_device(vol) {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(volume_id = %vol.id, error = %e.render(), "could not find the device of a volume whose copy a crash interrupted; if its filesystem stays frozen, run `fsfreeze -u` on its staging path");
+                return;
+            }
+        };
+        let t = match mounts::table(&self.os) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(volume_id = %vol.id, error = %e.render(), "could not read the mount table to thaw a volume whose copy a crash interrupted");
+                return;
+            }
+        };
+        let Some(m) = filesystem_mounts(&t, &dev)
+            .first()
+            .map(|m| m.mount_point.clone())
+        else {
+            return;
+        };
+        match self.os.files.thaw(&m) {
+            Ok(()) => {
+                tracing::warn!(volume_id = %vol.id, mount_point = %m.display(), "thawed a filesystem that a copy interrupted by a crash had left frozen")
+            }
+            Err(e) if e.errno() == Some(libc::EINVAL) => {}
+            Err(e) => {
+                tracing::error!(volume_id = %vol.id, mount_point = %m.display(), error = %e, "could not thaw a filesystem that a copy interrupted by a crash may have left frozen; run `fsfreeze -u` on it")
+            }
+        }
+    }
+
     pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
         let f = self.os.files.as_ref();
         for p in [self.partial_file(&snap.id), self.snapshot_file(&snap.id)?] {

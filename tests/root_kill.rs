@@ -59,6 +59,11 @@ enum Step {
     Delete(Vol),
     Snapshot,
     DeleteSnapshot,
+    /// The source grown by 64 MiB while in use: ControllerExpandVolume,
+    /// then NodeExpandVolume when the answer asks for it.
+    Expand,
+    /// Checks what the pod sees: a filesystem of about the new size.
+    Grown,
 }
 
 use Step::*;
@@ -77,6 +82,27 @@ const PLAIN: &[Step] = &[
     Unstage(Source),
     Stage(Source),
     Read(Source, "v1"),
+    Unstage(Source),
+    ControllerUnpublish(Source),
+    Delete(Source),
+];
+
+/// Grown while in use (a kill can land in the middle of growing the file,
+/// the loop device or the filesystem), written again, staged again and
+/// read.
+const EXPAND: &[Step] = &[
+    Create(Source),
+    ControllerPublish(Source),
+    Stage(Source),
+    Publish,
+    Write("v1"),
+    Expand,
+    Grown,
+    Write("v2"),
+    Unpublish,
+    Unstage(Source),
+    Stage(Source),
+    Read(Source, "v2"),
     Unstage(Source),
     ControllerUnpublish(Source),
     Delete(Source),
@@ -122,6 +148,8 @@ struct Flavor {
     parameters: HashMap<String, String>,
     cap: csi::VolumeCapability,
     steps: &'static [Step],
+    /// Size of a new volume (xfs needs 300 MiB); `Expand` adds 64 MiB.
+    size: i64,
 }
 
 fn local(steps: &'static [Step]) -> Flavor {
@@ -130,19 +158,31 @@ fn local(steps: &'static [Step]) -> Flavor {
         parameters: HashMap::new(),
         cap: rwo(),
         steps,
+        size: 16 << 20,
     }
 }
 
 fn block_ext4(steps: &'static [Step]) -> Flavor {
+    block_fs("ext4", steps)
+}
+
+/// xfs grows online here (ext4's online resize needs CAP_SYS_RESOURCE,
+/// which root lacks on the development machine; the guest tests it).
+fn block_xfs(steps: &'static [Step]) -> Flavor {
+    block_fs("xfs", steps)
+}
+
+fn block_fs(fs: &str, steps: &'static [Step]) -> Flavor {
     let mut cap = rwo();
     if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
-        m.fs_type = "ext4".into();
+        m.fs_type = fs.into();
     }
     Flavor {
         kinds: "local,block",
         parameters: HashMap::from([("kind".to_string(), "block".to_string())]),
         cap,
         steps,
+        size: if fs == "xfs" { 300 << 20 } else { 16 << 20 },
     }
 }
 
@@ -285,7 +325,7 @@ async fn run_step(
                     parameters: f.parameters.clone(),
                     volume_capabilities: vec![f.cap.clone()],
                     volume_content_source: content_source,
-                    ..create_req(&vol_name(v), 16 << 20)
+                    ..create_req(&vol_name(v), f.size)
                 }))
                 .await
                 .map_err(err)?;
@@ -406,6 +446,54 @@ async fn run_step(
             }
             return Ok(Got::Snapshot(s.snapshot_id));
         }
+        Expand => {
+            let range = Some(csi::CapacityRange {
+                required_bytes: f.size + (64 << 20),
+                limit_bytes: 0,
+            });
+            let r = c
+                .controller
+                .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+                    volume_id: p.id(Source),
+                    capacity_range: range,
+                    volume_capability: Some(f.cap.clone()),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(err)?
+                .into_inner();
+            if r.node_expansion_required {
+                c.node
+                    .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+                        volume_id: p.id(Source),
+                        volume_path: target(pods, name).display().to_string(),
+                        staging_target_path: staging(pods, name, Source).display().to_string(),
+                        capacity_range: range,
+                        volume_capability: Some(f.cap.clone()),
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(err)?;
+            }
+        }
+        Grown => {
+            // Local directories without quotas report the whole filesystem:
+            // only block volumes say what they hold.
+            if f.kinds.contains("block") {
+                let st = nix::sys::statvfs::statvfs(&target(pods, name))
+                    .map_err(|e| format!("fatal: {name} statvfs: {e}"))?;
+                let size = st.blocks() as i64 * st.fragment_size() as i64;
+                let want = f.size + (64 << 20);
+                // A filesystem shows less than its device (xfs keeps its
+                // log out of the count: 64 MiB of a 300 MiB one), but one
+                // that was not grown shows less than 15/16 of the old size.
+                if size <= f.size * 15 / 16 || size > want {
+                    return Err(format!(
+                        "fatal: {name}: the pod sees {size} bytes after growing to {want}"
+                    ));
+                }
+            }
+        }
         DeleteSnapshot => {
             c.controller
                 .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
@@ -455,6 +543,21 @@ async fn drive(
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn every_local_lifecycle_finishes_after_a_kill_at_any_moment() {
     kill_rounds(local(PLAIN), &[3, 17, 41, 8, 97, 29, 60, 1]).await;
+}
+
+/// Local volumes grown while in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn every_local_expansion_finishes_after_a_kill_at_any_moment() {
+    kill_rounds(local(EXPAND), &[4, 19, 37, 61, 90, 120]).await;
+}
+
+/// xfs volumes on loop-backed files grown while in use: the file, the
+/// loop device's size and the filesystem, each a step a kill can cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn every_block_expansion_finishes_after_a_kill_at_any_moment() {
+    kill_rounds(block_xfs(EXPAND), &[5, 21, 35, 47, 66, 90, 115]).await;
 }
 
 /// Filesystem volumes on loop-backed files: a kill can land in the middle

@@ -4,8 +4,9 @@
 //! volume's steps after another (CreateVolume, ControllerPublish,
 //! NodeStage, NodePublish, a write through the pod's path, ..., DeleteVolume;
 //! with snapshots: CreateSnapshot, a restore staged and read, DeleteSnapshot).
-//! After each restart, every lifecycle is finished the way kubelet and the
-//! sidecars would: the RPC that was in flight is retried, then the rest
+//! After each kill, berth is started and killed once more while it starts
+//! (finishing what the kill interrupted), then restarted, and every
+//! lifecycle is finished the way kubelet and the sidecars would: the RPC that was in flight is retried, then the rest
 //! follow; every one must succeed (every RPC is idempotent), data written
 //! through a publication that was answered is there, a restore holds what
 //! its snapshot was taken of, and at the end nothing is left: no mount, no
@@ -230,6 +231,24 @@ fn start(dir: &Path, f: &Flavor) -> Berth {
         "berth did not start after a kill: {}",
         std::fs::read_to_string(&b.log).unwrap_or_default()
     );
+}
+
+/// Starts berth and kills it after `after`, whether it is serving by then
+/// or still starting.
+fn kill_while_starting(dir: &Path, f: &Flavor, after: Duration) {
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.join("csi.sock").display()))
+        .args(["--node-id", NODE, "--kinds", f.kinds])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn berth");
+    std::thread::sleep(after);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[derive(Clone, Default, Debug)]
@@ -638,8 +657,10 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
             acked.load(Ordering::SeqCst)
         );
 
-        // Restart and finish every lifecycle as kubelet and the sidecars
-        // would: retry what was in flight, then the rest.
+        // A kill during start-up too (while it finishes what the first kill
+        // interrupted), then restart and finish every lifecycle as kubelet
+        // and the sidecars would: retry what was in flight, then the rest.
+        kill_while_starting(d.path(), &f, Duration::from_millis((round as u64 * 7) % 25));
         b = start(d.path(), &f);
         let mut c = connect(&b.sock.display().to_string()).await.unwrap();
         let names: Vec<(String, Progress)> = book

@@ -85,6 +85,20 @@ impl BlockKind {
         vol: &VolumeRecord,
         snap: &mut SnapshotRecord,
     ) -> Result<()> {
+        self.copy_volume(vol, snap, true).map(|_| ())
+    }
+
+    /// Copies the volume as a snapshot does (see the module comment) and
+    /// returns the copy's file: the snapshot's own (`publish`), or, for the
+    /// unlisted snapshot a clone is made from, the unfinished copy's, which
+    /// start-up removes if a crash leaves it behind (a finished snapshot
+    /// without a record would be kept aside as an orphan).
+    fn copy_volume(
+        &self,
+        vol: &VolumeRecord,
+        snap: &mut SnapshotRecord,
+        publish: bool,
+    ) -> Result<PathBuf> {
         let info = Self::info(vol)?;
         // What is copied: the volume's file, or its whole disk.
         let (src, disk_len) = match &info.disk {
@@ -163,12 +177,15 @@ impl BlockKind {
                 vol.id
             )));
         }
+        snap.block = Some(Self::inherited(&info));
+        if !publish {
+            return Ok(partial);
+        }
         f.rename_noreplace(&partial, &dest)
             .and_then(|_| f.sync_dir(&area))
             .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))?;
         tracing::info!(volume_id = %vol.id, snapshot_id = %snap.id, cloned = stats.cloned > 0, bytes = stats.bytes, frozen = !frozen.is_empty(), disk = disk_len.is_some(), "snapshot made");
-        snap.block = Some(Self::inherited(&info));
-        Ok(())
+        Ok(dest)
     }
 
     /// Thaws the filesystem of `vol` if a copy that a crash interrupted
@@ -263,10 +280,9 @@ impl BlockKind {
                     created_nanos: 0,
                     block: None,
                 };
-                self.snapshot_volume(v, &mut tmp)?;
-                let file = self.snapshot_file(&tmp.id)?;
+                let file = self.copy_volume(v, &mut tmp, false)?;
                 let info = tmp.block.clone().unwrap_or_default();
-                (file, info, v.capacity_bytes, Some(tmp))
+                (file.clone(), info, v.capacity_bytes, Some(file))
             }
         };
         let r = match p.pool {
@@ -276,7 +292,10 @@ impl BlockKind {
             super::params::Pool::Disk => self.restore_onto_disk(rec, &src, info, source_size),
         };
         if let Some(t) = &tmp {
-            let _ = self.remove_snapshot(t);
+            // Moved into place already, unless the restore failed.
+            if t.exists() {
+                let _ = self.os.files.remove_file(t);
+            }
         }
         r
     }

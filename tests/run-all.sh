@@ -122,7 +122,7 @@ track_done() {
   cat "$TRACK_DIR/log"
   echo "--- end of host track output"
   local p f
-  read -r p f < "$TRACK_DIR/result" 2>/dev/null || { p=0; f=1; }
+  read -r p f 2>/dev/null < "$TRACK_DIR/result" || { p=0; f=1; }
   PASSED=$((PASSED + p)); FAILED=$((FAILED + f))
   [ "$rc" = 0 ] && [ "$f" = 0 ] && [ -s "$TRACK_DIR/result" ]
 }

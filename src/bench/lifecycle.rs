@@ -306,18 +306,6 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
         client.node = connect(ne).await?.node;
     }
     let plan = Arc::new(plan(&mut client, args.clone()).await?);
-    // The round trip of the cheapest RPC, one at a time, before the cycles
-    // (not in their wall time): the gRPC part of every operation below.
-    let mut samples = Samples::default();
-    for _ in 0..args.count.min(1000) {
-        timed(
-            &mut samples,
-            "Probe (round trip)",
-            client.identity.probe(csi::ProbeRequest {}),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
-    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         // Registered here, before any cycle starts (not when the task is
@@ -333,6 +321,18 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
                 }
             }
         });
+    }
+    // The round trip of the cheapest RPC, one at a time, before the cycles
+    // (not in their wall time): the gRPC part of every operation below.
+    let mut samples = Samples::default();
+    for _ in 0..args.count.min(1000) {
+        timed(
+            &mut samples,
+            "Probe (round trip)",
+            client.identity.probe(csi::ProbeRequest {}),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     }
     let sampler = args.pid.map(Sampler::start);
     let next = Arc::new(AtomicUsize::new(0));

@@ -1,4 +1,5 @@
-//! Fault injection at every step: each filesystem change that CreateVolume,
+//! Fault injection at every step: each filesystem change that CreateVolume
+//! (empty, restored from a snapshot, cloned from a volume),
 //! NodeStageVolume, expansion and DeleteVolume make (to volume data and to
 //! the state journal) fails in turn with ENOSPC, EIO and EROFS, through the
 //! recording fake of `os::Files`. After each fault: the volumes acknowledged
@@ -63,8 +64,19 @@ fn storage(h: &Harness, id: &str) -> bool {
 }
 
 /// Records and storage agree: every record that is Ready has its storage,
-/// and every piece of storage has a record.
+/// every piece of storage has a record, and nothing was kept aside as an
+/// orphan (no storage of an acknowledged volume lost its record, and what
+/// an unacknowledged operation made was recognised as such).
 fn consistent(h: &Harness) {
+    for dir in ["local/.orphaned", "block/.orphaned"] {
+        let left: Vec<_> = std::fs::read_dir(h.path(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{dir} holds {left:?}");
+    }
     for r in h.driver.store.filter(|_| true) {
         if r.phase == Phase::Ready {
             assert!(storage(h, &r.id), "record {} without storage", r.id);
@@ -114,6 +126,26 @@ async fn create_op(h: &Harness, s: &Subject) -> Result<(), Status> {
     h.ctl.create_volume(Request::new(req)).await.map(|_| ())
 }
 
+/// CreateVolume of "subject" from the snapshot or volume `s.id`.
+async fn create_from_op(h: &Harness, s: &Subject) -> Result<(), Status> {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let source = if s.id.contains("-snap-") {
+        Type::Snapshot(SnapshotSource {
+            snapshot_id: s.id.clone(),
+        })
+    } else {
+        Type::Volume(VolumeSource {
+            volume_id: s.id.clone(),
+        })
+    };
+    let mut req = create_req("subject", 8 * MIB);
+    req.parameters.insert("kind".into(), s.kind.into());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(source),
+    });
+    h.ctl.create_volume(Request::new(req)).await.map(|_| ())
+}
+
 async fn delete_op(h: &Harness, s: &Subject) -> Result<(), Status> {
     h.ctl
         .delete_volume(Request::new(csi::DeleteVolumeRequest {
@@ -158,7 +190,7 @@ async fn expand_op(h: &Harness, s: &Subject) -> Result<(), Status> {
 /// Whether the operation's work is done.
 fn done(h: &Harness, s: &Subject, op: &str) -> bool {
     match op {
-        "create" => h
+        "create" | "restore" | "clone" => h
             .driver
             .store
             .get_by_name("subject")
@@ -187,9 +219,15 @@ async fn subject(h: &Harness, kind: &'static str, op: &str) -> Subject {
             staging,
         };
     }
-    let mut req = create_req("subject", 8 * MIB);
+    // A restore or clone makes "subject" from a source volume (and its
+    // snapshot); the other operations work on "subject" itself.
+    let name = match op {
+        "restore" | "clone" => "source",
+        _ => "subject",
+    };
+    let mut req = create_req(name, 8 * MIB);
     req.parameters.insert("kind".into(), kind.into());
-    let id = h
+    let mut id = h
         .ctl
         .create_volume(Request::new(req))
         .await
@@ -198,6 +236,35 @@ async fn subject(h: &Harness, kind: &'static str, op: &str) -> Subject {
         .volume
         .unwrap()
         .volume_id;
+    // Data in the source, so a copy of it is never an empty directory
+    // (which start-up could remove as an unused orphan).
+    if matches!(op, "restore" | "clone") {
+        let data = match kind {
+            "local" => h.path("local").join(&id).join("data"),
+            _ => h.path("block").join(format!("{id}.img")),
+        };
+        std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .open(&data)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"source data"))
+            .unwrap();
+    }
+    if op == "restore" {
+        id = h
+            .ctl
+            .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+                name: "snap".into(),
+                source_volume_id: id,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap()
+            .snapshot_id;
+    }
     let s = Subject { kind, id, staging };
     if op == "expand" {
         stage_op(h, &s).await.unwrap();
@@ -250,7 +317,7 @@ async fn run_with_fault(
     // The CO retries a failed call; the retry finishes the work.
     if r.is_err() {
         let s = match name {
-            "create" => s,
+            "create" | "restore" | "clone" => s,
             _ => Subject {
                 id: s.id.clone(),
                 ..s
@@ -293,6 +360,16 @@ async fn local_create() {
 }
 
 #[tokio::test]
+async fn local_restore() {
+    sweep("local", "restore", |h, s| Box::pin(create_from_op(h, s))).await;
+}
+
+#[tokio::test]
+async fn local_clone() {
+    sweep("local", "clone", |h, s| Box::pin(create_from_op(h, s))).await;
+}
+
+#[tokio::test]
 async fn local_delete() {
     sweep("local", "delete", |h, s| Box::pin(delete_op(h, s))).await;
 }
@@ -305,6 +382,16 @@ async fn local_stage() {
 #[tokio::test]
 async fn block_create() {
     sweep("block", "create", |h, s| Box::pin(create_op(h, s))).await;
+}
+
+#[tokio::test]
+async fn block_restore() {
+    sweep("block", "restore", |h, s| Box::pin(create_from_op(h, s))).await;
+}
+
+#[tokio::test]
+async fn block_clone() {
+    sweep("block", "clone", |h, s| Box::pin(create_from_op(h, s))).await;
 }
 
 #[tokio::test]

@@ -362,8 +362,12 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         }
     };
     // With a durable intent, a crash before Ready is rolled back at start-up
-    // from the record; without one, the kind recognises the orphan.
-    let durable = imp.durable_intent();
+    // from the record; without one, the kind recognises the orphan. A
+    // restore or clone always writes one: its storage holds data from the
+    // moment the copy is in place, and storage with data but no record is
+    // kept aside at start-up (it could be a volume whose record was lost),
+    // never removed; a Creating record says it was never handed out.
+    let durable = imp.durable_intent() || rec.source.is_some();
     let admit_with = |rec: VolumeRecord, free: i64| {
         if durable {
             d.store.insert_new(rec, |a| admit(a, free))

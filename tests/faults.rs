@@ -245,6 +245,7 @@ async fn subject(h: &Harness, kind: &'static str, op: &str) -> Subject {
         };
         std::fs::OpenOptions::new()
             .create(true)
+            .truncate(false)
             .write(true)
             .open(&data)
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"source data"))

@@ -1295,6 +1295,33 @@ async fn controller_expansion_checks_and_records() {
         (4 * MIB, true)
     );
     assert!(h.driver.store.get(other).is_none());
+    // One this node made (its id carries this node's tag) that it does not
+    // hold does not exist anywhere.
+    let gone = format!("block-{}{}", berth::kinds::node_tag(NODE), "0".repeat(24));
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req(&gone, 3 * MIB, 0)))
+                .await
+        ),
+        Code::NotFound
+    );
+    let deleted = create(&h, "deleted", 8 * MIB, &[]).await.volume_id;
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: deleted.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req(&deleted, 16 * MIB, 0)))
+                .await
+        ),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]

@@ -3,8 +3,10 @@
 //! (NodeExpandVolume, `node_expansion_required`). Node-local volumes live
 //! in the store of their own node, and one leader-elected external-resizer
 //! serves the whole cluster: for a volume id of a served node-local kind
-//! that this instance does not know, the answer is the requested size with
-//! `node_expansion_required`, and the node does the checks and the work.
+//! that this instance does not know and that another node made (its id's
+//! node tag is not ours; ids made before the tags count as another's), the
+//! answer is the requested size with `node_expansion_required`, and the
+//! node does the checks and the work. One this node made is NOT_FOUND.
 use std::sync::Arc;
 
 use super::create_volume::Range;
@@ -12,7 +14,7 @@ use crate::convert;
 use crate::csi::v1 as csi;
 use crate::driver::{vol_key, Driver};
 use crate::error::{Error, Result};
-use crate::kinds::Growth;
+use crate::kinds::{node_tag, Growth};
 use crate::state::Phase;
 use crate::validate;
 
@@ -61,6 +63,10 @@ pub async fn handle(
             Some(_) => Err(Error::Busy(format!(
                 "volume {id} is being created or deleted"
             ))),
+            // An id this node made (its tag is ours) lives here or nowhere.
+            None if kind.node_local() && kind.node_tag_of(&id) == Some(node_tag(&d.node_id)) => {
+                Err(Error::NotFound(format!("volume {id} does not exist")))
+            }
             None if kind.node_local() => kind.controller_expand(None, growth),
             // A self-describing id (NFS) whose record this controller lost
             // (its state is not persistent in deploy/): expand from the id.

@@ -9,8 +9,8 @@
 #      after, online expansion and writing more, a restart keeps the
 #      limits, the inode limit, 1,000 volumes created and deleted without
 #      leaking a project id
-#   2. csi-sanity in local mode (expansion specs included) on the xfs
-#      prjquota root
+#   2. csi-sanity in local mode (expansion specs included) on the xfs and ext4
+#      prjquota roots
 #   3. the berth binary: start-up says whether sizes are enforced and the
 #      metric berth_volume_sizes_enforced agrees, on each of the four roots;
 #      then `berth bench lifecycle` there (CreateVolume/DeleteVolume latency
@@ -53,15 +53,18 @@ for fs in xfs ext4; do
   berth_check "$fs: integration tests (tests/root_quota.rs)" [ "$(cat "/tmp/it-$fs.rc")" = 0 ]
 done
 
+# sanity FS: csi-sanity in local mode on the FS prjquota root.
 sanity() {
   local t0=$SECONDS rc
-  BERTH=$(command -v berth) CSI_SANITY=$(command -v csi-sanity) LOCAL_ROOT=/q-xfs/sanity \
+  BERTH=$(command -v berth) CSI_SANITY=$(command -v csi-sanity) LOCAL_ROOT=/q-$1/sanity \
     bash /share/csi-sanity/run.sh local; rc=$?
-  berth_log "csi-sanity took $((SECONDS - t0)) s"
-  rm -rf /q-xfs/sanity
+  berth_log "csi-sanity on $1 took $((SECONDS - t0)) s"
+  rm -rf "/q-$1/sanity"
   return $rc
 }
-berth_check "csi-sanity in local mode on the xfs prjquota root (expansion specs on), 0 failed" sanity
+for fs in xfs ext4; do
+  berth_check "csi-sanity in local mode on the $fs prjquota root (expansion specs on), 0 failed" sanity "$fs"
+done
 
 # metric PORT NAME: the value of a metric line (bash's /dev/tcp: no curl here).
 metric() {

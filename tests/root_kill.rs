@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use berth::client::{connect, CsiClient};
 use berth::csi::v1 as csi;
+use berth::csi::v1::volume_capability::access_mode::Mode;
 use common::*;
 use tonic::Request;
 
@@ -151,6 +152,8 @@ struct Flavor {
     steps: &'static [Step],
     /// Size of a new volume (xfs needs 300 MiB); `Expand` adds 64 MiB.
     size: i64,
+    /// Raw block volumes: the pod's data is the device's first bytes.
+    raw: bool,
 }
 
 fn local(steps: &'static [Step]) -> Flavor {
@@ -160,6 +163,20 @@ fn local(steps: &'static [Step]) -> Flavor {
         cap: rwo(),
         steps,
         size: 16 << 20,
+        raw: false,
+    }
+}
+
+/// Raw block volumes (volumeMode: Block) on loop-backed files: a kill can
+/// land in the middle of attaching the loop device or binding its node.
+fn block_raw(steps: &'static [Step]) -> Flavor {
+    Flavor {
+        kinds: "local,block",
+        parameters: HashMap::from([("kind".to_string(), "block".to_string())]),
+        cap: block_cap(Mode::SingleNodeWriter),
+        steps,
+        size: 16 << 20,
+        raw: true,
     }
 }
 
@@ -184,6 +201,7 @@ fn block_fs(fs: &str, steps: &'static [Step]) -> Flavor {
         cap,
         steps,
         size: if fs == "xfs" { 300 << 20 } else { 16 << 20 },
+        raw: false,
     }
 }
 
@@ -283,6 +301,36 @@ fn staging(pods: &Path, name: &str, v: Vol) -> PathBuf {
 
 fn target(pods: &Path, name: &str) -> PathBuf {
     pods.join(name).join("target")
+}
+
+/// Where the pod writes: a file in its filesystem, or its raw device.
+fn pod_data(f: &Flavor, pods: &Path, name: &str) -> PathBuf {
+    if f.raw {
+        target(pods, name)
+    } else {
+        target(pods, name).join("data")
+    }
+}
+
+/// Where a staged volume's data is read: a file in the staged filesystem,
+/// or the device node bound at `<staging>/<volume id>`.
+fn staged_data(f: &Flavor, pods: &Path, name: &str, v: Vol, p: &Progress) -> PathBuf {
+    if f.raw {
+        staging(pods, name, v).join(p.id(v))
+    } else {
+        staging(pods, name, v).join("data")
+    }
+}
+
+/// Reads what `write_data` wrote for `name`: the whole file, or as many of
+/// the device's first bytes.
+fn read_data(f: &Flavor, path: &Path, name: &str, tag: &str) -> std::io::Result<Vec<u8>> {
+    if !f.raw {
+        return std::fs::read(path);
+    }
+    let mut buf = vec![0u8; content(name, tag).len()];
+    std::io::Read::read_exact(&mut std::fs::File::open(path)?, &mut buf)?;
+    Ok(buf)
 }
 
 fn content(name: &str, tag: &str) -> Vec<u8> {
@@ -390,15 +438,24 @@ async fn run_step(
                 .map_err(err)?;
         }
         Write(tag) => {
-            let file = target(pods, name).join("data");
-            std::fs::write(&file, content(name, tag))
+            let file = pod_data(f, pods, name);
+            // A device is written in place (never truncated or created).
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(!f.raw)
+                .truncate(!f.raw)
+                .open(&file)
+                .and_then(|mut w| std::io::Write::write_all(&mut w, &content(name, tag)))
                 .map_err(|e| format!("fatal: {name} write: {e}"))?;
-            std::fs::File::open(&file)
+            std::fs::OpenOptions::new()
+                .write(f.raw)
+                .read(true)
+                .open(&file)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| format!("fatal: {name} sync: {e}"))?;
         }
         Read(v, tag) => {
-            let got = std::fs::read(staging(pods, name, v).join("data"))
+            let got = read_data(f, &staged_data(f, pods, name, v, p), name, tag)
                 .map_err(|e| format!("fatal: {name} read {v:?}: {e}"))?;
             if got != content(name, tag) {
                 return Err(format!(
@@ -587,6 +644,14 @@ async fn every_block_lifecycle_finishes_after_a_kill_at_any_moment() {
     kill_rounds(block_ext4(PLAIN), &[2, 11, 23, 5, 37, 16]).await;
 }
 
+/// Raw block volumes: published, written, staged again and read as a
+/// device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn every_raw_block_lifecycle_finishes_after_a_kill_at_any_moment() {
+    kill_rounds(block_raw(PLAIN), &[3, 13, 29, 7, 41, 19, 55, 2, 70, 33]).await;
+}
+
 /// Snapshots of local volumes in use and their restores: a kill can land
 /// in the middle of a tree copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -679,7 +744,7 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
                 // Written through the pod's path and answered: still there
                 // (read at the staging path: a NodeUnpublish in flight may
                 // have unmounted the pod's).
-                let got = std::fs::read(staging(&pods, &name, Source).join("data"))
+                let got = read_data(&f, &staged_data(&f, &pods, &name, Source, &p), &name, tag)
                     .unwrap_or_else(|e| panic!("{name}: the data written before the kill: {e}"));
                 assert_eq!(got, content(&name, tag), "{name}: data changed by the kill");
             }

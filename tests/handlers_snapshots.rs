@@ -609,7 +609,7 @@ async fn a_staged_block_filesystem_is_frozen_for_its_snapshot() {
 /// files (this host's ext4), its snapshot is refused rather than made of
 /// blocks from different moments. Unused, it is copied.
 #[tokio::test]
-async fn a_raw_volume_in_use_is_not_copied_block_by_block() {
+async fn a_raw_volume_in_use_is_copied_only_while_no_write_begins() {
     let h = fake(&["--kinds", "block"]);
     let f = h.fake();
     script_blank(f);
@@ -628,16 +628,48 @@ async fn a_raw_volume_in_use_is_not_copied_block_by_block() {
             .cloned
             > 0
     };
+    let copies =
+        |f: &berth::os::fake::FakeOs| f.file_ops().iter().filter(|o| o.op == "copy").count();
+    // Not written meanwhile: one copy.
+    f.clear_file_ops();
+    snapshot(&h, "quiet", &v.volume_id).await;
+    assert_eq!(copies(f), 1);
+    // Written during the first two copies: kept from the third.
+    f.clear_file_ops();
+    f.write_during_copies(2);
+    snapshot(&h, "busy-then-quiet", &v.volume_id).await;
+    assert_eq!(copies(f), if clones { 1 } else { 3 });
+    f.write_during_copies(0);
+    // Written throughout: no snapshot, no clone, nothing left behind.
+    f.write_during_copies(100);
+    f.clear_file_ops();
     let r = h
         .ctl
-        .create_snapshot(Request::new(snap_req("s", &v.volume_id)))
+        .create_snapshot(Request::new(snap_req("always-busy", &v.volume_id)))
         .await;
     if clones {
         assert!(r.is_ok(), "{r:?}");
     } else {
-        assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
-        assert_eq!(made_in(&h.path("block/.snapshots")).len(), 0);
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("written during each of 5 copies"),
+            "{e:?}"
+        );
+        assert_eq!(copies(f), 5);
+        let clone = h
+            .ctl
+            .create_volume(Request::new(from_volume("clone", 8 * MIB, &v.volume_id)))
+            .await;
+        assert_eq!(clone.unwrap_err().code(), Code::FailedPrecondition);
+        assert!(h.driver.store.get_by_name("clone").is_none());
+        let left: Vec<_> = made_in(&h.path("block/.snapshots"))
+            .into_iter()
+            .filter(|n| n.to_string_lossy().starts_with(".partial-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
+    f.write_during_copies(0);
     h.node
         .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
             volume_id: v.volume_id.clone(),

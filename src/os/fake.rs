@@ -121,6 +121,11 @@ pub struct FakeOs {
     /// What `read_durable` answers for a path instead of the file's content
     /// (a disk that lost what the page cache still shows).
     durable: Mutex<HashMap<PathBuf, Option<Vec<u8>>>>,
+    /// File copies (`copy_file`) still to run while their source is being
+    /// written: each moves the source's change stamp.
+    busy_copies: Mutex<u32>,
+    /// Writes pretended per file, added to its change stamp.
+    pretended_writes: Mutex<HashMap<PathBuf, u32>>,
     /// Project quotas (see `enable_project_quotas`): what `state` answers
     /// (an errno: ENOSYS by default, like a kernel without quotas), the
     /// project of each directory (following renames and removals made
@@ -186,6 +191,8 @@ impl FakeOs {
             file_fault_at: Mutex::new(None),
             file_faults_under: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
+            busy_copies: Mutex::new(0),
+            pretended_writes: Mutex::new(HashMap::new()),
             quota_state: Mutex::new(Err(libc::ENOSYS)),
             projects: Mutex::new(BTreeMap::new()),
             limits: Mutex::new(BTreeMap::new()),
@@ -315,6 +322,12 @@ impl FakeOs {
     }
 
     /// Forgets the recorded filesystem changes.
+    /// The next `n` file copies run while their source is being written
+    /// (its change stamp moves during each).
+    pub fn write_during_copies(&self, n: u32) {
+        *lock(&self.busy_copies) = n;
+    }
+
     pub fn clear_file_ops(&self) {
         lock(&self.file_ops).clear();
     }
@@ -1182,7 +1195,16 @@ impl Files for FakeOs {
 
     fn copy_file(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
         self.file_op("copy", dst)?;
-        RealFiles.copy_file(src, dst)
+        let stats = RealFiles.copy_file(src, dst)?;
+        // A writer busy while the copy ran: the source's stamp moves.
+        let mut busy = lock(&self.busy_copies);
+        if *busy > 0 {
+            *busy -= 1;
+            *lock(&self.pretended_writes)
+                .entry(src.to_path_buf())
+                .or_default() += 1;
+        }
+        Ok(stats)
     }
 
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
@@ -1225,6 +1247,18 @@ impl Files for FakeOs {
 
     fn thaw(&self, mount_point: &Path) -> Result<(), OsError> {
         self.file_op("thaw", mount_point)
+    }
+
+    fn change_stamp(&self, path: &Path) -> Result<Option<super::files::ChangeStamp>, OsError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).map_err(|e| OsError::sys("stat", path, e))?;
+        // The real times, moved on by every write the fake pretended.
+        let writes = lock(&self.pretended_writes).get(path).copied().unwrap_or(0);
+        Ok(Some(super::files::ChangeStamp {
+            ctime: (m.ctime() + writes as i64, m.ctime_nsec()),
+            mtime: (m.mtime() + writes as i64, m.mtime_nsec()),
+            size: m.len(),
+        }))
     }
 
     fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {

@@ -90,6 +90,16 @@ pub trait Files: Send + Sync {
     fn freeze(&self, mount_point: &Path) -> Result<(), OsError>;
     /// FITHAW.
     fn thaw(&self, mount_point: &Path) -> Result<(), OsError>;
+    /// The change stamp of the file at `path` (its change and modification
+    /// times and size): every write to the file changes it, a loop
+    /// device's writes included (the kernel stamps the file as each write
+    /// begins). Returned once the coarse clock has passed the file's change
+    /// time, so that a write from then on cannot leave the stamp as it was
+    /// on a kernel whose timestamps move once per tick (at most a tick's
+    /// wait). None when that cannot be had (a change time ahead of the
+    /// clock, after the clock was set back): nothing can then be told by
+    /// comparing stamps.
+    fn change_stamp(&self, path: &Path) -> Result<Option<ChangeStamp>, OsError>;
     /// What the disk itself holds of the file at `path`, read with O_DIRECT
     /// around the page cache (which after a failed writeback may show data
     /// the disk never got). None when the filesystem cannot read that way
@@ -247,6 +257,28 @@ impl Files for RealFiles {
         super::copy::copy_into(src, dst, skip)
     }
 
+    fn change_stamp(&self, path: &Path) -> Result<Option<ChangeStamp>, OsError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).map_err(sys("stat", path))?;
+        let stamp = ChangeStamp {
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            size: m.len(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+        loop {
+            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME_COARSE)
+                .map_err(|e| OsError::sys("clock_gettime", path, e))?;
+            if (now.tv_sec(), now.tv_nsec()) > stamp.ctime {
+                return Ok(Some(stamp));
+            }
+            if std::time::Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {
         use std::os::unix::fs::FileExt as _;
         const ALIGN: usize = 4096;
@@ -292,6 +324,15 @@ fn fs_ioctl(
     use std::os::fd::AsRawFd;
     let dir = File::open(path).map_err(sys("open", path))?;
     f(dir.as_raw_fd()).map_err(|e| OsError::sys(op, path, e))
+}
+
+/// What `Files::change_stamp` compares: a file's change and modification
+/// times (seconds, nanoseconds) and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeStamp {
+    pub ctime: (i64, i64),
+    pub mtime: (i64, i64),
+    pub size: u64,
 }
 
 /// Bytes of a file actually allocated on disk.

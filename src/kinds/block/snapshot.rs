@@ -9,9 +9,10 @@
 //!   and thawed after, whatever happens: its filesystem is consistent on
 //!   the device, and writes wait meanwhile;
 //! - a raw volume in use cannot be frozen: it is cloned (one atomic step,
-//!   crash-consistent), and where the block root's filesystem cannot clone,
-//!   the snapshot is refused rather than made of blocks from different
-//!   moments;
+//!   crash-consistent); where the block root's filesystem cannot clone, it
+//!   is copied and the copy kept only if no write began while it was made
+//!   (`copy_unchanged`), else made again, and refused when writes overlap
+//!   every attempt, never made of blocks from different moments;
 //! - a volume nobody uses is copied as it is.
 //!
 //! A restore or clone copies the snapshot's (or the source volume's) file
@@ -37,6 +38,12 @@ use crate::state::{BlockInfo, SnapshotRecord, VolumeRecord};
 
 /// Snapshot ids.
 pub const SNAP_PREFIX: &str = "block-snap-";
+
+/// Copies of a raw device in use made before giving up when each one
+/// overlapped a write (`copy_unchanged`), and the pause after the first
+/// (growing with each).
+const RAW_COPY_ATTEMPTS: u32 = 5;
+const RAW_COPY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 /// Where snapshots are kept (in the block root).
 pub const SNAPSHOTS: &str = ".snapshots";
 
@@ -140,9 +147,13 @@ impl BlockKind {
                 vol.id
             )));
         }
-        let copy = || match disk_len {
-            Some(len) => f.copy_from_device(&src, &partial, len),
-            None => f.copy_file(&src, &partial),
+        let copy = || {
+            let copied = match disk_len {
+                Some(len) => f.copy_from_device(&src, &partial, len),
+                None if raw_in_use => return self.copy_unchanged(&vol.id, &src, &partial),
+                None => f.copy_file(&src, &partial),
+            };
+            copied.map_err(|e| copy_error(format!("copying {}", src.display()), e))
         };
         let copied = if let Some(mp) = frozen.first() {
             f.freeze(mp).map_err(|e| {
@@ -165,18 +176,9 @@ impl BlockKind {
             Ok(s) => s,
             Err(e) => {
                 let _ = f.remove_file(&partial);
-                return Err(copy_error(format!("copying {}", src.display()), e));
+                return Err(e);
             }
         };
-        if raw_in_use && stats.cloned == 0 {
-            // The device was written while its blocks were copied one range
-            // after the other: not a point in time.
-            let _ = f.remove_file(&partial);
-            return Err(Error::WrongState(format!(
-                "volume {} is in use as a raw device, and the block root's filesystem cannot clone files (xfs with reflink or btrfs can): a copy would not be a point in time; snapshot it while it is not in use",
-                vol.id
-            )));
-        }
         snap.block = Some(Self::inherited(&info));
         if !publish {
             return Ok(partial);
@@ -186,6 +188,49 @@ impl BlockKind {
             .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))?;
         tracing::info!(volume_id = %vol.id, snapshot_id = %snap.id, cloned = stats.cloned > 0, bytes = stats.bytes, frozen = !frozen.is_empty(), disk = disk_len.is_some(), "snapshot made");
         Ok(dest)
+    }
+
+    /// Copies the file of a volume in use as a raw device to `partial` as
+    /// it was at one point in time. A clone (xfs with reflink, btrfs) is
+    /// one. Elsewhere the file is copied range by range and kept only if
+    /// its change stamp did not move while it was copied: no write began
+    /// meanwhile, so the copy is the device as of the copy's start (a
+    /// write already under way then may be in it in part, as after a
+    /// power cut). A copy the device's writes overlapped is thrown away
+    /// and made again, at most `RAW_COPY_ATTEMPTS` times; a device written
+    /// throughout is `WrongState` (FAILED_PRECONDITION), nothing made.
+    fn copy_unchanged(
+        &self,
+        id: &str,
+        src: &Path,
+        partial: &Path,
+    ) -> Result<crate::os::copy::CopyStats> {
+        let f = self.os.files.as_ref();
+        let failed = |what: &str| {
+            let what = format!("{what} {}", src.display());
+            move |e| copy_error(what, e)
+        };
+        for attempt in 1..=RAW_COPY_ATTEMPTS {
+            let before = f.change_stamp(src).map_err(failed("inspecting"))?;
+            let stats = f.copy_file(src, partial).map_err(failed("copying"))?;
+            if stats.cloned > 0 {
+                return Ok(stats);
+            }
+            let after = f.change_stamp(src).map_err(failed("inspecting"))?;
+            if before.is_some() && before == after {
+                tracing::info!(volume_id = %id, attempt, "raw device in use copied while no write began");
+                return Ok(stats);
+            }
+            f.remove_file(partial)
+                .map_err(|e| Error::os(format!("removing {}", partial.display()), e))?;
+            tracing::info!(volume_id = %id, attempt, "raw device in use was written while it was copied");
+            if attempt < RAW_COPY_ATTEMPTS {
+                std::thread::sleep(RAW_COPY_PAUSE * attempt);
+            }
+        }
+        Err(Error::WrongState(format!(
+            "volume {id} is in use as a raw device and was written during each of {RAW_COPY_ATTEMPTS} copies of it (the block root's filesystem cannot clone files, as xfs with reflink or btrfs can, and a copy that writes overlap is not a point in time); snapshot it while it is not being written"
+        )))
     }
 
     /// Thaws the filesystem of `vol` if a copy that a crash interrupted

@@ -31,7 +31,11 @@ fn main() -> anyhow::Result<()> {
     berth::logging::init(cfg.log_format, &cfg.log_level).map_err(anyhow::Error::msg)?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Bench(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // One thread: the client's own share of a round trip stays
+            // small (a multi-threaded runtime hands each call between its
+            // workers and tonic's buffer task, which cost 60-80 us of every
+            // round trip on 2 cores), so what is measured is the driver.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

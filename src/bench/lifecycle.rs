@@ -5,7 +5,9 @@
 //! interrupted undoes the steps it completed, so the endpoint is left clean;
 //! Ctrl-C stops new cycles (a second Ctrl-C exits at once). Before the
 //! cycles, one Probe at a time (as many as cycles, at most 1,000) measures
-//! the bare gRPC round trip, reported as `Probe (round trip)`.
+//! a gRPC round trip with what the driver's Probe does (nothing for
+//! host-path; berth writes and removes a file in its state directory),
+//! reported as `Probe (round trip)`.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -252,19 +252,7 @@ async fn subject(h: &Harness, kind: &'static str, op: &str) -> Subject {
             .unwrap();
     }
     if op == "restore" {
-        id = h
-            .ctl
-            .create_snapshot(Request::new(csi::CreateSnapshotRequest {
-                name: "snap".into(),
-                source_volume_id: id,
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap()
-            .snapshot_id;
+        id = snapshot_id(h, "snap", &id).await;
     }
     let s = Subject { kind, id, staging };
     if op == "expand" {

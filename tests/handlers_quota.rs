@@ -450,19 +450,7 @@ async fn restores_and_clones_get_a_project_of_their_own() {
     let a = create(&h, "a", 10 * MIB).await;
     std::fs::create_dir(dir(&h, &a).join("sub")).unwrap();
     std::fs::write(dir(&h, &a).join("sub/f"), b"hello").unwrap();
-    let snap = h
-        .ctl
-        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
-            source_volume_id: a.clone(),
-            name: "s".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
-        .snapshot_id;
+    let snap = snapshot_id(&h, "s", &a).await;
     let from = |name: &str, src: csi::volume_content_source::Type| {
         let mut r = req(name, 20 * MIB, &[]);
         r.volume_content_source = Some(csi::VolumeContentSource { r#type: Some(src) });

@@ -201,19 +201,26 @@ fn same_tree(at_snapshot: &BTreeMap<PathBuf, Entry>, restored: &BTreeMap<PathBuf
     }
 }
 
-async fn snapshot(h: &Harness, name: &str, source: &str) -> String {
-    h.ctl
-        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
-            name: name.into(),
-            source_volume_id: source.into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("snapshot")
-        .into_inner()
-        .snapshot
-        .unwrap()
-        .snapshot_id
+/// A driver serving block volumes on the real machine in a temp dir, and
+/// the guard that detaches its loop devices.
+fn block_driver() -> (Harness, BlockGuard) {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    (
+        build(dir, berth::os::Os::real(), None, &["--kinds", "block"]),
+        guard,
+    )
+}
+
+/// A 16 MiB raw block volume "src" staged at `stage`: its id, staging
+/// path and device node.
+async fn staged_raw(h: &Harness) -> (String, PathBuf, PathBuf) {
+    let raw = block_cap(Mode::SingleNodeWriter);
+    let id = create(h, "src", 16 * MIB, &[("kind", "block")], raw.clone()).await;
+    let s = h.path("stage");
+    stage(h, &id, &s, raw).await;
+    let dev = s.join(&id);
+    (id, s, dev)
 }
 
 async fn restore(
@@ -300,7 +307,7 @@ async fn local_restore_is_the_tree_at_snapshot_time() {
     let dir = h.path("local").join(&id);
     populate(&dir);
     let before = manifest(&dir);
-    let snap = snapshot(&h, "s", &id).await;
+    let snap = snapshot_id(&h, "s", &id).await;
     change(&dir);
     let r = restore(&h, "r", 64 * MIB, &snap, &[], rwo()).await;
     same_tree(&before, &manifest(&h.path("local").join(&r)));
@@ -330,7 +337,7 @@ async fn block_filesystem_restore_is_the_tree_at_snapshot_time() {
         stage(&h, &id, &s, rwo()).await;
         populate(&s);
         let before = manifest(&s);
-        let snap = snapshot(&h, "s", &id).await;
+        let snap = snapshot_id(&h, "s", &id).await;
         change(&s);
         // Into a larger volume, whose filesystem the first stage grows:
         // ext4 before it mounts it (offline: no CAP_SYS_RESOURCE needed,
@@ -356,20 +363,15 @@ async fn block_filesystem_restore_is_the_tree_at_snapshot_time() {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn raw_restore_is_the_device_at_snapshot_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let _guard = BlockGuard(dir.path().to_path_buf());
-    let h = build(dir, berth::os::Os::real(), None, &["--kinds", "block"]);
+    let (h, _guard) = block_driver();
     let raw = block_cap(Mode::SingleNodeWriter);
-    let id = create(&h, "src", 16 * MIB, &[("kind", "block")], raw.clone()).await;
-    let s = h.path("stage");
-    stage(&h, &id, &s, raw.clone()).await;
-    let dev = s.join(&id);
+    let (id, s, dev) = staged_raw(&h).await;
     let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
     f.write_all_at(b"at snapshot time", 3 * MIB as u64).unwrap();
     f.sync_all().unwrap();
     drop(f);
     unstage(&h, &id, &s).await;
-    let snap = snapshot(&h, "s", &id).await;
+    let snap = snapshot_id(&h, "s", &id).await;
     stage(&h, &id, &s, raw.clone()).await;
     let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
     f.write_all_at(b"written later!!!", 3 * MIB as u64).unwrap();
@@ -402,14 +404,9 @@ async fn raw_restore_is_the_device_at_snapshot_time() {
 async fn a_raw_volume_in_use_is_snapshotted_at_a_point_in_time() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let dir = tempfile::tempdir().unwrap();
-    let _guard = BlockGuard(dir.path().to_path_buf());
-    let h = build(dir, berth::os::Os::real(), None, &["--kinds", "block"]);
+    let (h, _guard) = block_driver();
     let raw = block_cap(Mode::SingleNodeWriter);
-    let id = create(&h, "src", 16 * MIB, &[("kind", "block")], raw.clone()).await;
-    let s = h.path("stage");
-    stage(&h, &id, &s, raw.clone()).await;
-    let dev = s.join(&id);
+    let (id, s, dev) = staged_raw(&h).await;
     let write = |what: &[u8], at: i64| {
         let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
         f.write_all_at(what, at as u64).unwrap();
@@ -425,7 +422,7 @@ async fn a_raw_volume_in_use_is_snapshotted_at_a_point_in_time() {
     };
     // Quiet while in use: the snapshot is the device as it was.
     write(b"at snapshot time", 3 * MIB);
-    let snap = snapshot(&h, "quiet", &id).await;
+    let snap = snapshot_id(&h, "quiet", &id).await;
     write(b"written later!!!", 3 * MIB);
     let r = restore(&h, "r", 16 * MIB, &snap, &[("kind", "block")], raw.clone()).await;
     let rs = h.path("stage-r");
@@ -557,7 +554,7 @@ async fn a_reflink_block_root_clones_a_raw_volume_in_use() {
     f.write_all_at(&vec![7u8; 8 * MIB as usize], 0).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    let snap = snapshot(&h, "s", &id).await;
+    let snap = snapshot_id(&h, "s", &id).await;
     let copy = block_root.join(".snapshots").join(format!("{snap}.img"));
     let frag = std::process::Command::new("filefrag")
         .arg("-v")

@@ -292,6 +292,23 @@ pub async fn mount_table_reads(
     reads
 }
 
+/// CreateSnapshot of `source` named `name`: the snapshot's id.
+pub async fn snapshot_id(h: &Harness, name: &str, source: &str) -> String {
+    use berth::csi::v1::controller_server::Controller;
+    h.ctl
+        .create_snapshot(tonic::Request::new(csi::CreateSnapshotRequest {
+            name: name.into(),
+            source_volume_id: source.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot")
+        .snapshot_id
+}
+
 /// The controller RPC capabilities the harness advertises (as i32 types).
 #[allow(dead_code)]
 pub async fn controller_rpcs(h: &Harness) -> Vec<i32> {

@@ -344,6 +344,29 @@ enum Got {
     Snapshot(String),
 }
 
+/// Unmounting RPCs retried the way kubelet retries them: EBUSY is a
+/// reference held for a moment (here most often by a child this test
+/// process is spawning, whose copy of the test's open files lives until it
+/// execs), so it is retried for a while; anything else is returned.
+async fn retry_busy<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(e) if attempt < 40 && e.message().contains("busy") => {
+                attempt += 1;
+                eprintln!("retrying after EBUSY ({attempt}): {}", e.message());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Runs `step` of lifecycle `name`.
 async fn run_step(
     c: &mut CsiClient,
@@ -465,22 +488,28 @@ async fn run_step(
             }
         }
         Unpublish => {
-            c.node
-                .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            retry_busy(|| {
+                let mut c = c.clone();
+                let req = csi::NodeUnpublishVolumeRequest {
                     volume_id: p.id(Source),
                     target_path: target(pods, name).display().to_string(),
-                }))
-                .await
-                .map_err(err)?;
+                };
+                async move { c.node.node_unpublish_volume(Request::new(req)).await }
+            })
+            .await
+            .map_err(err)?;
         }
         Unstage(v) => {
-            c.node
-                .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            retry_busy(|| {
+                let mut c = c.clone();
+                let req = csi::NodeUnstageVolumeRequest {
                     volume_id: p.id(v),
                     staging_target_path: staging(pods, name, v).display().to_string(),
-                }))
-                .await
-                .map_err(err)?;
+                };
+                async move { c.node.node_unstage_volume(Request::new(req)).await }
+            })
+            .await
+            .map_err(err)?;
         }
         ControllerUnpublish(v) => {
             c.controller

@@ -85,13 +85,15 @@ TRACK_PID=
 stop_track() {
   if [ -n "$TRACK_PID" ] && kill -0 "$TRACK_PID" 2>/dev/null; then
     echo "run-all: stopping the host track"
-    kill -TERM -- "-$TRACK_PID" 2>/dev/null
-    wait "$TRACK_PID" 2>/dev/null
+    kill -TERM -- "-$TRACK_PID" 2>/dev/null || true
+    # `|| true`: under `set -e` a track killed by the signal (wait's status
+    # 143) ended this trap here, before the log and the removal below
+    wait "$TRACK_PID" 2>/dev/null || true
     echo "--- host track output (stopped)"; cat "$TRACK_DIR/log"
   elif [ -n "$TRACK_PID" ]; then
     # a main-track stage failed after the host track had ended: its
     # output still belongs in the log
-    wait "$TRACK_PID" 2>/dev/null
+    wait "$TRACK_PID" 2>/dev/null || true
     echo "--- host track output (it had ended)"; cat "$TRACK_DIR/log"
   fi
   rm -rf "$TRACK_DIR"

@@ -206,21 +206,42 @@ pub fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
-/// Unmounts everything under a directory when dropped, so a failing test
-/// leaks no mount (the temp dir itself is removed by its own guard after).
+/// Unmounts everything under a directory when dropped, then removes the
+/// directory, so a test leaks no mount and no temp dir, also when it fails
+/// (a temp dir removed while something was still mounted in it keeps the
+/// mount points: the removal stops at them).
 pub struct UnmountOnDrop(pub std::path::PathBuf);
 
 impl Drop for UnmountOnDrop {
     fn drop(&mut self) {
-        for _ in 0..8 {
-            let left = mounts_under(&self.0);
-            if left.is_empty() {
-                return;
-            }
-            for m in left {
-                if nix::mount::umount2(&m, nix::mount::MntFlags::empty()).is_err() {
-                    let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
-                }
+        unmount_under(&self.0);
+        remove_unmounted(&self.0);
+    }
+}
+
+/// Removes `dir` only when nothing is mounted under it any more: the
+/// removal must never reach into a mounted filesystem (an NFS share).
+fn remove_unmounted(dir: &Path) {
+    let Ok(text) = std::fs::read("/proc/self/mountinfo") else {
+        return;
+    };
+    let Ok(table) = berth::os::mountinfo::parse(&text) else {
+        return;
+    };
+    if !table.iter().any(|m| m.mount_point.starts_with(dir)) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn unmount_under(dir: &Path) {
+    for _ in 0..8 {
+        let left = mounts_under(dir);
+        if left.is_empty() {
+            return;
+        }
+        for m in left {
+            if nix::mount::umount2(&m, nix::mount::MntFlags::empty()).is_err() {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
             }
         }
     }
@@ -369,24 +390,25 @@ pub fn loops_under(dir: &Path) -> Vec<(std::path::PathBuf, std::path::PathBuf)> 
         .collect()
 }
 
-/// Unmounts everything under the directory, then detaches every loop
-/// device bound to a file under it, when dropped.
+/// Unmounts everything under the directory, detaches every loop device
+/// bound to a file under it, then removes the directory, when dropped.
 pub struct BlockGuard(pub std::path::PathBuf);
 
 impl Drop for BlockGuard {
     fn drop(&mut self) {
         use berth::os::LoopDevices;
-        drop(UnmountOnDrop(self.0.clone()));
+        unmount_under(&self.0);
         let loops = berth::os::RealLoopDevices::default();
         for _ in 0..20 {
             let left = loops_under(&self.0);
             if left.is_empty() {
-                return;
+                break;
             }
             for (dev, _) in left {
                 let _ = loops.detach(&dev);
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        remove_unmounted(&self.0);
     }
 }

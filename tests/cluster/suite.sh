@@ -53,6 +53,15 @@ diag() { # what the cluster shows about the test namespace, for a failure
     $K -n berth-system get pods -o wide 2>&1 | sed 's/^/  /'
     echo "  --- node $NODE: taints and conditions"
     $K describe node "$NODE" 2>&1 | sed -n '/^Taints:/,/^Addresses:/p' | sed 's/^/  /'
+    echo "  --- PV events"
+    $K get events -A --field-selector involvedObject.kind=PersistentVolume --sort-by=.lastTimestamp 2>&1 | tail -10 | sed 's/^/  /'
+    # what Berth and its sidecars said last (a deletion or mount that
+    # keeps failing says why only there)
+    local p
+    for p in $($K -n berth-system get pods -o name 2>/dev/null); do
+      echo "  --- $p: last log lines of each container"
+      $K -n berth-system logs "$p" --all-containers --prefix --tail=12 2>&1 | sed 's/^/  /'
+    done
   } >&2
 }
 node_taints() { $K get node "$NODE" -o jsonpath='{range .spec.taints[*]}{.key}:{.effect} {end}'; }

@@ -425,7 +425,10 @@ t_node_pod_restart() {
   [ -e "$(volume_path "$h")" ] || fail "the PV's volume $h is not on the node" || return 1
   $K -n "$NS" delete pod racer --wait=true > /dev/null
   $K -n "$NS" delete pvc racing --wait=true > /dev/null
-  wait_for "$TIMEOUT" "PV $pv deleted" gone "pv/$pv" || return 1
+  # twice the usual wait: after the node pod's restart kubelet may unstage
+  # late, and the provisioner retries the DeleteVolume that Berth refuses
+  # while the volume is staged with growing pauses (CI once waited 180 s)
+  wait_for $((TIMEOUT * 2)) "PV $pv deleted" gone "pv/$pv" || return 1
   wait_for "$TIMEOUT" "berth-node Ready" node_pod_ready
 }
 

@@ -322,8 +322,8 @@ fn staged_data(f: &Flavor, pods: &Path, name: &str, v: Vol, p: &Progress) -> Pat
     }
 }
 
-/// Reads what `write_data` wrote for `name`: the whole file, or as many of
-/// the device's first bytes.
+/// Reads what a `Write` step wrote for `name`: the whole file, or as many
+/// of the device's first bytes.
 fn read_data(f: &Flavor, path: &Path, name: &str, tag: &str) -> std::io::Result<Vec<u8>> {
     if !f.raw {
         return std::fs::read(path);

@@ -321,13 +321,13 @@ impl FakeOs {
         lock(&self.file_ops).clone()
     }
 
-    /// Forgets the recorded filesystem changes.
     /// The next `n` file copies run while their source is being written
     /// (its change stamp moves during each).
     pub fn write_during_copies(&self, n: u32) {
         *lock(&self.busy_copies) = n;
     }
 
+    /// Forgets the recorded filesystem changes.
     pub fn clear_file_ops(&self) {
         lock(&self.file_ops).clear();
     }

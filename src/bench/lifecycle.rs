@@ -7,7 +7,10 @@
 //! cycles, one Probe at a time (as many as cycles, at most 1,000) measures
 //! a gRPC round trip with what the driver's Probe does (nothing for
 //! host-path; berth writes and removes a file in its state directory),
-//! reported as `Probe (round trip)`.
+//! reported as `Probe (round trip)`; then as many GetPluginInfo calls,
+//! which every driver answers from memory: the bare round trip of this
+//! client and the driver's gRPC server, `GetPluginInfo (round trip)`, the
+//! part of every operation's latency that is not the driver's work.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -324,14 +327,26 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
             }
         });
     }
-    // The round trip of the cheapest RPC, one at a time, before the cycles
-    // (not in their wall time): the gRPC part of every operation below.
+    // Round trips one at a time, before the cycles (not in their wall
+    // time): Probe (what each driver's Probe does), then GetPluginInfo (no
+    // work anywhere: the gRPC part of every operation below).
     let mut samples = Samples::default();
     for _ in 0..args.count.min(1000) {
         timed(
             &mut samples,
             "Probe (round trip)",
             client.identity.probe(csi::ProbeRequest {}),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    }
+    for _ in 0..args.count.min(1000) {
+        timed(
+            &mut samples,
+            "GetPluginInfo (round trip)",
+            client
+                .identity
+                .get_plugin_info(csi::GetPluginInfoRequest {}),
         )
         .await
         .map_err(|e| anyhow::anyhow!(e))?;

@@ -102,7 +102,10 @@ pub fn encode(entry: &EntryRef<'_>, out: &mut Vec<u8>) -> Result<(), serde_json:
 /// parsed and found through its own id (no copy of the id as a key: start-up
 /// moves pointers, not records, and leaves no holes between them).
 pub struct Records<R> {
-    table: hashbrown::HashTable<Box<R>>,
+    /// Each record with its id's hash, so that growing the table never
+    /// reads the records again (a replay of thousands of them would, once
+    /// per doubling, each a cache miss).
+    table: hashbrown::HashTable<(u64, Box<R>)>,
     hasher: hashbrown::DefaultHashBuilder,
 }
 
@@ -118,36 +121,37 @@ impl<R> Default for Records<R> {
 impl<R: super::store::Record> Records<R> {
     pub fn insert(&mut self, r: Box<R>) {
         let h = self.hasher.hash_one(r.id());
-        let hasher = &self.hasher;
         match self
             .table
-            .entry(h, |o| o.id() == r.id(), |o| hasher.hash_one(o.id()))
+            .entry(h, |(oh, o)| *oh == h && o.id() == r.id(), |(oh, _)| *oh)
         {
-            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = r,
+            hashbrown::hash_table::Entry::Occupied(mut e) => e.get_mut().1 = r,
             hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert(r);
+                e.insert((h, r));
             }
         }
     }
 
     pub fn remove(&mut self, id: &str) {
         let h = self.hasher.hash_one(id);
-        if let Ok(e) = self.table.find_entry(h, |o| o.id() == id) {
+        if let Ok(e) = self.table.find_entry(h, |(oh, o)| *oh == h && o.id() == id) {
             e.remove();
         }
     }
 
     pub fn contains_key(&self, id: &str) -> bool {
         let h = self.hasher.hash_one(id);
-        self.table.find(h, |o| o.id() == id).is_some()
+        self.table
+            .find(h, |(oh, o)| *oh == h && o.id() == id)
+            .is_some()
     }
 
     pub fn values(&self) -> impl Iterator<Item = &R> {
-        self.table.iter().map(|b| &**b)
+        self.table.iter().map(|(_, b)| &**b)
     }
 
     pub fn into_values(self) -> impl Iterator<Item = Box<R>> {
-        self.table.into_iter()
+        self.table.into_iter().map(|(_, b)| b)
     }
 }
 

@@ -299,6 +299,7 @@ impl<R: Record> Index<R> {
             .unwrap_or(0)
             .max(self.last_seq);
         let mut next = max;
+        self.records.reserve(records.len());
         for mut r in records {
             if r.seq() == 0 || self.records.seq_taken(r.seq()) {
                 next += 1;

@@ -51,6 +51,23 @@ impl<R: Record> Table<R> {
         self.by_id.len() == 0
     }
 
+    /// Makes room for `n` more records, so that inserting them never
+    /// grows a table (growing reads every record's id or name again).
+    pub fn reserve(&mut self, n: usize) {
+        let Table {
+            slots,
+            by_id,
+            by_name,
+            hasher,
+            ..
+        } = self;
+        slots.reserve(n);
+        by_id.reserve(n, |&o| at(slots, o).map_or(0, |r| hasher.hash_one(r.id())));
+        by_name.reserve(n, |&o| {
+            at(slots, o).map_or(0, |r| hasher.hash_one(r.name()))
+        });
+    }
+
     fn slot_of(&self, id: &str) -> Option<u32> {
         let h = self.hasher.hash_one(id);
         self.by_id

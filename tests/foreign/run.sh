@@ -75,9 +75,9 @@ bench() { # out-json extra-args...
 start_mock || { bad "mock driver started"; finish; }
 bench "$W/r1.json" -n 300 -c 8; rc=$?
 stop_mock
-check "full run: 300 cycles OK, only advertised RPCs (and Probe), nothing left behind" "$rc" "$W/r1.json" \
+check "full run: 300 cycles OK, only advertised RPCs (and Probe, GetPluginInfo), nothing left behind" "$rc" "$W/r1.json" \
   'rc == 0 and r["cycles_ok"] == 300 and r["cycles_failed"] == 0 and left
-   and sorted(ops) == ["CreateVolume", "DeleteVolume", "NodePublishVolume", "NodeStageVolume", "NodeUnpublishVolume", "NodeUnstageVolume", "Probe (round trip)", "cycle"]
+   and sorted(ops) == ["CreateVolume", "DeleteVolume", "GetPluginInfo (round trip)", "NodePublishVolume", "NodeStageVolume", "NodeUnpublishVolume", "NodeUnstageVolume", "Probe (round trip)", "cycle"]
    and all(ops[k] == 300 for k in ops)
    and s["calls"].get("CreateVolume") == 300 and s["calls"].get("DeleteVolume") == 300'
 

@@ -90,7 +90,7 @@ done
 
 echo
 echo "## per-RPC breakdown, Berth, 1 in flight (last round; 'driver' = p50 minus the p50 of GetPluginInfo, the bare round trip)"
-jget "$J/l1-berth-$ROUNDS.json" '(lambda bare: "\n".join("%-28s p50 %8.1f us  p99 %8.1f us  driver %8.1f us" % (o["op"], o["p50_ms"] * 1000, o["p99_ms"] * 1000, (o["p50_ms"] - bare) * 1000) for o in d["operations"]))([o for o in d["operations"] if o["op"].startswith("GetPluginInfo")][0]["p50_ms"])'
+jget "$J/l1-berth-$ROUNDS.json" '(lambda ops, bare: "\n".join("%-28s p50 %8.1f us  p99 %8.1f us  driver %8.1f us" % (o["op"], o["p50_ms"] * 1000, o["p99_ms"] * 1000, (o["p50_ms"] - bare) * 1000) for o in ops))(d["operations"], [o for o in d["operations"] if o["op"].startswith("GetPluginInfo")][0]["p50_ms"])'
 echo
 for drv in berth hostpath; do
   echo "ListVolumes paging of $drv: $(jget "$J/s10-$drv.json" '"correct" if d["paging_ok"] else "WRONG: %d of the volumes never listed, %d pages over the size asked" % (d["list_missing"], d["list_overfull_pages"])')"

@@ -407,8 +407,12 @@ t_node_pod_restart() {
   n2=$($K -n "$NS" exec worker -- wc -l /data/count | awk '{print $1}')
   [ "$n2" -gt "$n1" ] || fail "the workload stopped writing after berth-node came back" || return 1
   run_pod second-reader busy 'cat /data/during' | grep -qx during || fail "a new pod on the PVC did not read the data" || return 1
+  pv=$(pv_of busy)
   $K -n "$NS" delete pod worker --wait=true > /dev/null
   $K -n "$NS" delete pvc busy --wait=true > /dev/null
+  # busy's volume must be gone before Berth's volumes are counted below
+  # (its DeleteVolume, retried until the detach, once landed in between)
+  wait_for "$TIMEOUT" "PV $pv deleted" gone "pv/$pv" || return 1
 
   # berth-node deleted while a PVC is being provisioned
   before=$(berth_volumes)

@@ -97,7 +97,10 @@ start_mock || { bad "mock driver started"; finish; }
 "$B" bench --endpoint "unix://$W/mock.sock" lifecycle --work-dir "$W/work" --json \
   -n 1000000 -c 8 >"$W/r3.json" 2>"$W/bench.err" &
 BP=$!
-sleep 2
+# Interrupted once cycles run: the round trips timed before them take
+# seconds on a slow machine (a fixed 2 s once interrupted them instead).
+for _ in $(seq 600); do [ -n "$(ls -A "$W/work" 2>/dev/null)" ] && break; sleep 0.1; done
+sleep 0.5
 kill -INT "$BP"
 wait "$BP"; rc=$?
 stop_mock

@@ -195,15 +195,20 @@ pub fn is_root() -> bool {
 
 /// Mount points at or under `dir`, deepest first, from /proc/self/mountinfo.
 pub fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let text = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    read_mounts_under(dir).unwrap_or_default()
+}
+
+/// `mounts_under`, or None when the mount table cannot be read.
+fn read_mounts_under(dir: &Path) -> Option<Vec<std::path::PathBuf>> {
+    let text = std::fs::read("/proc/self/mountinfo").ok()?;
     let mut v: Vec<_> = berth::os::mountinfo::parse(&text)
-        .unwrap_or_default()
+        .ok()?
         .into_iter()
         .map(|m| m.mount_point)
         .filter(|p| p.starts_with(dir))
         .collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    v
+    Some(v)
 }
 
 /// Unmounts everything under a directory when dropped, then removes the
@@ -222,13 +227,7 @@ impl Drop for UnmountOnDrop {
 /// Removes `dir` only when nothing is mounted under it any more: the
 /// removal must never reach into a mounted filesystem (an NFS share).
 fn remove_unmounted(dir: &Path) {
-    let Ok(text) = std::fs::read("/proc/self/mountinfo") else {
-        return;
-    };
-    let Ok(table) = berth::os::mountinfo::parse(&text) else {
-        return;
-    };
-    if !table.iter().any(|m| m.mount_point.starts_with(dir)) {
+    if read_mounts_under(dir).is_some_and(|left| left.is_empty()) {
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -105,32 +105,28 @@ async fn publish(h: &Harness, id: &str, s: &Path, t: &Path, cap: csi::VolumeCapa
 /// helper process still holds for a moment, e.g. right after an online
 /// resize) is retried, anything else fails the test.
 async fn unpublish(h: &Harness, id: &str, t: &Path) {
-    for attempt in 0.. {
-        let r = h
-            .node
+    retry_busy(|| {
+        h.node
             .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
                 volume_id: id.into(),
                 target_path: t.display().to_string(),
             }))
-            .await;
-        match r {
-            Ok(_) => return,
-            Err(e) if attempt < 20 && e.message().contains("busy") => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("unpublish: {e:?}"),
-        }
-    }
+    })
+    .await
+    .expect("unpublish");
 }
 
+/// Unstages, EBUSY retried as in `unpublish`.
 async fn unstage(h: &Harness, id: &str, s: &Path) -> Result<(), tonic::Status> {
-    h.node
-        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: s.display().to_string(),
-        }))
-        .await
-        .map(|_| ())
+    retry_busy(|| {
+        h.node
+            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: s.display().to_string(),
+            }))
+    })
+    .await
+    .map(|_| ())
 }
 
 async fn delete(h: &Harness, id: &str) {

@@ -411,3 +411,26 @@ impl Drop for BlockGuard {
         remove_unmounted(&self.0);
     }
 }
+
+/// Unmounting RPCs retried the way kubelet retries them: EBUSY is a
+/// reference held for a moment (here most often by a child this test
+/// process is spawning, whose copy of the test's open files lives until it
+/// execs), so it is retried for a while; anything else is returned.
+pub async fn retry_busy<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(e) if attempt < 40 && e.message().contains("busy") => {
+                attempt += 1;
+                eprintln!("retrying after EBUSY ({attempt}): {}", e.message());
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

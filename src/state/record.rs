@@ -169,7 +169,7 @@ impl VolumeRecord {
 /// The value's JSON text is compared with the last one's first, so a value
 /// written as the last one was is not parsed at all (most of a replay's
 /// records: one StorageClass, one node). Journal lines are parsed from
-/// memory (`serde_json::from_slice`), which lends the text.
+/// memory (`serde_json::from_str`), which lends the text.
 fn like_the_last<'de, D, T>(d: D) -> Result<Arc<T>, D::Error>
 where
     D: serde::Deserializer<'de>,

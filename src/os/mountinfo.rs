@@ -11,6 +11,7 @@
 //! when the probe cannot tell, this table decides. Reading and parsing the
 //! table costs time proportional to every mount on the node, so callers
 //! read it once per decision and pass it along (`node::mounts::LazyTable`).
+use std::borrow::Cow;
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::unix::ffi::OsStringExt;
@@ -96,11 +97,13 @@ fn number<T: std::str::FromStr>(b: &[u8]) -> Option<T> {
 }
 
 fn path(b: &[u8]) -> PathBuf {
-    PathBuf::from(OsString::from_vec(unescape(b)))
+    PathBuf::from(OsString::from_vec(unescape(b).into_owned()))
 }
 
 fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(&unescape(b)).into_owned()
+    // One copy, checked once (a lossy copy only when it is not UTF-8).
+    String::from_utf8(unescape(b).into_owned())
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn parse_line(line: &[u8]) -> Result<MountEntry, OsError> {
@@ -149,8 +152,12 @@ fn parse_line(line: &[u8]) -> Result<MountEntry, OsError> {
 }
 
 /// Undoes the kernel's octal escapes (`\040` space, `\011` tab, `\012`
-/// newline, `\134` backslash).
-pub fn unescape(b: &[u8]) -> Vec<u8> {
+/// newline, `\134` backslash). Borrows a field without escapes (nearly
+/// all of them): the table is read on every unstage and delete.
+pub fn unescape(b: &[u8]) -> Cow<'_, [u8]> {
+    if !b.contains(&b'\\') {
+        return Cow::Borrowed(b);
+    }
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -170,7 +177,7 @@ pub fn unescape(b: &[u8]) -> Vec<u8> {
         out.push(b[i]);
         i += 1;
     }
-    out
+    Cow::Owned(out)
 }
 
 /// All entries mounted exactly at `path`, bottom first (mount order).
@@ -274,10 +281,10 @@ mod tests {
 
     #[test]
     fn unescape_cases() {
-        assert_eq!(unescape(b"a\\040b\\011c\\012d\\134e"), b"a b\tc\nd\\e");
-        assert_eq!(unescape(b"trailing\\04"), b"trailing\\04");
-        assert_eq!(unescape(b"\\999"), b"\\999");
-        assert_eq!(unescape(b"\\777"), b"\\777", "above 255: kept as it is");
+        assert_eq!(&*unescape(b"a\\040b\\011c\\012d\\134e"), b"a b\tc\nd\\e");
+        assert_eq!(&*unescape(b"trailing\\04"), b"trailing\\04");
+        assert_eq!(&*unescape(b"\\999"), b"\\999");
+        assert_eq!(&*unescape(b"\\777"), b"\\777", "above 255: kept as it is");
     }
 
     proptest::proptest! {
@@ -295,7 +302,7 @@ mod tests {
                 '\\' => "\\134".to_string(),
                 c => c.to_string(),
             }).collect();
-            proptest::prop_assert_eq!(unescape(esc.as_bytes()), s.as_bytes());
+            proptest::prop_assert_eq!(&*unescape(esc.as_bytes()), s.as_bytes());
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod os;
+pub mod reflection;
 pub mod rpc;
 pub mod server;
 pub mod state;

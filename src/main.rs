@@ -71,12 +71,11 @@ fn main() -> anyhow::Result<()> {
                 // Before the driver touches anything: a second berth on a
                 // live socket stops here.
                 berth::server::refuse_live_socket(&socket)?;
-                // The state is read on a blocking thread while this one
-                // builds the reflection services; the heap is trimmed of
-                // what reading it left a second after start
-                // (`trim_when_idle`).
+                // The state is read on a blocking thread; the heap is
+                // trimmed of what reading it left a second after start
+                // (`trim_when_idle`). Reflection is built on its first call.
                 let opening = tokio::task::spawn_blocking(move || Driver::new(cfg, Os::real()));
-                let reflection = berth::server::reflection().context("building the reflection service")?;
+                let reflection = berth::reflection::routes();
                 let driver = opening
                     .await
                     .context("starting the driver")?

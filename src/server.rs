@@ -28,25 +28,10 @@ pub enum ServeError {
     },
     #[error("gRPC server")]
     Transport(#[from] tonic::transport::Error),
-    #[error("reflection service")]
-    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { context, source }
-}
-
-/// The reflection services, both versions: grpcurl and other tools try v1,
-/// older ones only know v1alpha. Built while the driver reads its state
-/// (decoding the descriptors takes milliseconds).
-pub fn reflection() -> Result<tonic::service::Routes, ServeError> {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::csi::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    Ok(tonic::service::Routes::new(v1).add_service(v1alpha))
 }
 
 /// Refuses a socket path where a server answers: another process serves

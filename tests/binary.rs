@@ -259,67 +259,46 @@ fn an_old_socket_is_replaced_but_a_regular_file_is_not() {
     assert_eq!(std::fs::read(&sock).unwrap(), b"important");
 }
 
-#[tokio::test]
-async fn reflection_lists_the_csi_services() {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let d = tempfile::tempdir().unwrap();
-    let b = start(d.path(), &[]);
-    let c = connect(&b.sock.display().to_string()).await.unwrap();
-    let mut r = ServerReflectionClient::new(c.channel.clone());
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+/// A test that lists the services over reflection version `$v` twice (v1,
+/// and v1alpha, which older grpcurl knows only): each version is built on
+/// its first call, and the second call gets the same answer.
+macro_rules! reflection_test {
+    ($name:ident, $v:ident) => {
+        #[tokio::test]
+        async fn $name() {
+            use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$v::ServerReflectionRequest;
+            let d = tempfile::tempdir().unwrap();
+            let b = start(d.path(), &[]);
+            let c = connect(&b.sock.display().to_string()).await.unwrap();
+            let mut r = ServerReflectionClient::new(c.channel.clone());
+            for _ in 0..2 {
+                let req = ServerReflectionRequest {
+                    host: String::new(),
+                    message_request: Some(MessageRequest::ListServices(String::new())),
+                };
+                let mut stream = r
+                    .server_reflection_info(tokio_stream::iter(vec![req]))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let resp = stream.message().await.unwrap().unwrap();
+                let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response else {
+                    panic!("unexpected reflection answer");
+                };
+                let names: Vec<_> = l.service.iter().map(|s| s.name.as_str()).collect();
+                for want in ["csi.v1.Identity", "csi.v1.Controller", "csi.v1.Node"] {
+                    assert!(names.contains(&want), "{names:?}");
+                }
+            }
+        }
     };
-    let mut stream = r
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response else {
-        panic!("unexpected reflection answer");
-    };
-    let names: Vec<_> = l.service.iter().map(|s| s.name.as_str()).collect();
-    for want in ["csi.v1.Identity", "csi.v1.Controller", "csi.v1.Node"] {
-        assert!(names.contains(&want), "{names:?}");
-    }
 }
 
-/// v1alpha too (older grpcurl knows only it); each version is built on
-/// its first call, and a second call gets the same answer.
-#[tokio::test]
-async fn reflection_v1alpha_lists_the_csi_services_on_every_call() {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    let d = tempfile::tempdir().unwrap();
-    let b = start(d.path(), &[]);
-    let c = connect(&b.sock.display().to_string()).await.unwrap();
-    let mut r = ServerReflectionClient::new(c.channel.clone());
-    for _ in 0..2 {
-        let req = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut stream = r
-            .server_reflection_info(tokio_stream::iter(vec![req]))
-            .await
-            .unwrap()
-            .into_inner();
-        let resp = stream.message().await.unwrap().unwrap();
-        let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response else {
-            panic!("unexpected reflection answer");
-        };
-        let names: Vec<_> = l.service.iter().map(|s| s.name.as_str()).collect();
-        for want in ["csi.v1.Identity", "csi.v1.Controller", "csi.v1.Node"] {
-            assert!(names.contains(&want), "{names:?}");
-        }
-    }
-}
+reflection_test!(reflection_lists_the_csi_services, v1);
+reflection_test!(reflection_v1alpha_lists_the_csi_services, v1alpha);
 
 #[tokio::test]
 async fn controller_mode_serves_no_node_service() {

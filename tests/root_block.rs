@@ -105,28 +105,7 @@ async fn publish(h: &Harness, id: &str, s: &Path, t: &Path, cap: csi::VolumeCapa
 /// helper process still holds for a moment, e.g. right after an online
 /// resize) is retried, anything else fails the test.
 async fn unpublish(h: &Harness, id: &str, t: &Path) {
-    retry_busy(|| {
-        h.node
-            .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: t.display().to_string(),
-            }))
-    })
-    .await
-    .expect("unpublish");
-}
-
-/// Unstages, EBUSY retried as in `unpublish`.
-async fn unstage(h: &Harness, id: &str, s: &Path) -> Result<(), tonic::Status> {
-    retry_busy(|| {
-        h.node
-            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: s.display().to_string(),
-            }))
-    })
-    .await
-    .map(|_| ())
+    unpublish_as_kubelet(h, id, t).await.expect("unpublish");
 }
 
 async fn delete(h: &Harness, id: &str) {
@@ -215,7 +194,7 @@ async fn data_survives(fs: &str, size: i64) {
     assert_eq!(autoclear.trim(), "0", "never autoclear");
 
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     assert!(loops_under(h.dir.path()).is_empty(), "detached on unstage");
 
     let h = restart(h, &[]);
@@ -224,7 +203,7 @@ async fn data_survives(fs: &str, size: i64) {
     assert_eq!(std::fs::read(t.join("data")).unwrap(), data);
     assert!(t.join("dir").is_dir());
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     delete(&h, &id).await;
     assert!(!h.path("block").join(format!("{id}.img")).exists());
     assert_clean(&h);
@@ -271,7 +250,7 @@ async fn enospc(fs: &str, size: i64) {
     drop(f);
     println!("{fs}: {size}-byte volume took {written} bytes of file data before ENOSPC");
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     delete(&h, &id).await;
     assert_clean(&h);
 }
@@ -352,7 +331,7 @@ async fn expand_while_writing(fs: &str, size: i64, grown: i64) {
         writer.join().unwrap().unwrap();
         println!("ext4 online growth not verified here: this process lacks CAP_SYS_RESOURCE");
         unpublish(&h, &id, &t).await;
-        unstage(&h, &id, &s).await.unwrap();
+        unstage_as_kubelet(&h, &id, &s).await.unwrap();
         delete(&h, &id).await;
         assert_clean(&h);
         return;
@@ -399,7 +378,7 @@ async fn expand_while_writing(fs: &str, size: i64, grown: i64) {
     assert_eq!(again.capacity_bytes, grown);
     assert_eq!(statvfs_total(&t), total);
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     delete(&h, &id).await;
     assert_clean(&h);
 }
@@ -439,7 +418,7 @@ async fn a_new_volume_reads_as_zeros() {
     }
     assert!(read_all(&t).iter().all(|&b| b == 0xAB));
     unpublish(&h, &old, &t).await;
-    unstage(&h, &old, &s).await.unwrap();
+    unstage_as_kubelet(&h, &old, &s).await.unwrap();
     delete(&h, &old).await;
     // New volumes, thin and thick, on whatever loop device is free now.
     for (name, alloc) in [("thin", "thin"), ("thick", "thick")] {
@@ -452,7 +431,7 @@ async fn a_new_volume_reads_as_zeros() {
         assert_eq!(data.len(), 16 << 20);
         assert!(data.iter().all(|&b| b == 0), "{name} volume is not blank");
         unpublish(&h, &id, &t).await;
-        unstage(&h, &id, &s).await.unwrap();
+        unstage_as_kubelet(&h, &id, &s).await.unwrap();
         delete(&h, &id).await;
     }
     assert_clean(&h);
@@ -541,7 +520,7 @@ async fn raw_block_publish_gives_a_usable_device_file() {
         unpublish(&h, &id, p).await;
         assert!(!p.exists());
     }
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     assert!(s.is_dir() && std::fs::read_dir(&s).unwrap().next().is_none());
 
     // A read-only access mode attaches the loop device read-only: the
@@ -556,7 +535,7 @@ async fn raw_block_publish_gives_a_usable_device_file() {
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
     drop(w);
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     delete(&h, &id).await;
     assert_clean(&h);
 }
@@ -577,7 +556,7 @@ async fn a_restarted_driver_reuses_the_attachment() {
     publish(&h, &id, &s, &t, rwo(), false).await;
     assert_eq!(loops_under(h.dir.path()), before);
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     delete(&h, &id).await;
     assert_clean(&h);
 }
@@ -620,11 +599,11 @@ async fn concurrent_stages_format_once() {
     let uuid = fs_uuid(&dev);
     assert!(!uuid.is_empty());
     stage(&h, &id, &s, rwo()).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     stage(&h, &id, &s, rwo()).await;
     let (dev, _) = loops_under(h.dir.path())[0].clone();
     assert_eq!(fs_uuid(&dev), uuid);
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     delete(&h, &id).await;
     assert_clean(&h);
 }
@@ -640,7 +619,7 @@ async fn a_busy_loop_device_is_not_left_to_autoclear() {
     let (dev, _) = loops_under(h.dir.path())[0].clone();
     // Another process holds the device open.
     let holder = File::open(&dev).unwrap();
-    let e = unstage(&h, &id, &s).await.unwrap_err();
+    let e = unstage_as_kubelet(&h, &id, &s).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("still in use"), "{}", e.message());
     let name = dev.file_name().unwrap().to_string_lossy().into_owned();
@@ -654,7 +633,7 @@ async fn a_busy_loop_device_is_not_left_to_autoclear() {
         1,
         "detached behind Berth's back"
     );
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     delete(&h, &id).await;
     assert_clean(&h);
 }
@@ -687,7 +666,7 @@ async fn a_backing_file_removed_under_a_staged_volume() {
     // Still cleaned up: unpublish, unstage detaches the deleted file's
     // device, delete is fine with the file gone.
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     delete(&h, &id).await;
     assert_clean(&h);
 }
@@ -758,14 +737,14 @@ async fn disk_pool_with_loop_devices_as_disks() {
     std::fs::write(t.join("hello"), b"disk").unwrap();
     assert!(statvfs_total(&t) > 30 << 20);
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     // Restage after a restart finds the data.
     let h = restart(h, &["--disk-pool", &pool]);
     stage(&h, &id, &s, rwo()).await;
     publish(&h, &id, &s, &t, rwo(), false).await;
     assert_eq!(std::fs::read(t.join("hello")).unwrap(), b"disk");
     unpublish(&h, &id, &t).await;
-    unstage(&h, &id, &s).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
     // Delete wipes the disk and returns it to the pool.
     assert!(!fs_uuid(&small).is_empty());
     delete(&h, &id).await;

@@ -289,19 +289,12 @@ async fn stage(h: &Harness, id: &str, s: &Path, cap: csi::VolumeCapability) {
         .expect("stage");
 }
 
-/// Unstages as kubelet does: EBUSY (the test's own read of the device,
-/// inherited for a moment by a child the driver in this process is
-/// spawning for another test) is retried, anything else fails the test.
+/// Unstages as kubelet does (`unstage_as_kubelet`): EBUSY (the test's own
+/// read of the device, inherited for a moment by a child the driver in this
+/// process is spawning for another test) is retried, anything else fails
+/// the test.
 async fn unstage(h: &Harness, id: &str, s: &Path) {
-    retry_busy(|| {
-        h.node
-            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: s.display().to_string(),
-            }))
-    })
-    .await
-    .expect("unstage");
+    unstage_as_kubelet(h, id, s).await.expect("unstage");
 }
 
 #[tokio::test]

@@ -434,3 +434,31 @@ where
         }
     }
 }
+
+/// NodeUnstageVolume as kubelet sends it: EBUSY retried (`retry_busy`).
+pub async fn unstage_as_kubelet(h: &Harness, id: &str, s: &Path) -> Result<(), tonic::Status> {
+    use berth::csi::v1::node_server::Node;
+    retry_busy(|| {
+        h.node
+            .node_unstage_volume(tonic::Request::new(csi::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: s.display().to_string(),
+            }))
+    })
+    .await
+    .map(|_| ())
+}
+
+/// NodeUnpublishVolume as kubelet sends it: EBUSY retried (`retry_busy`).
+pub async fn unpublish_as_kubelet(h: &Harness, id: &str, t: &Path) -> Result<(), tonic::Status> {
+    use berth::csi::v1::node_server::Node;
+    retry_busy(|| {
+        h.node
+            .node_unpublish_volume(tonic::Request::new(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: t.display().to_string(),
+            }))
+    })
+    .await
+    .map(|_| ())
+}

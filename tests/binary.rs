@@ -946,6 +946,77 @@ async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
     );
 }
 
+/// A clean exit folds a log of 64 KiB or more into a binary snapshot
+/// (the next start reads it and replays nothing). A byte changed inside a
+/// record of it: berth does not start and names the file and the frame;
+/// `state repair` drops that record only, and its volume's data is kept
+/// aside.
+#[tokio::test]
+async fn a_snapshot_written_at_exit_is_read_back_and_its_damage_stops_start_up() {
+    let d = tempfile::tempdir().unwrap();
+    let mut b = start(d.path(), &[]);
+    let ids = create_n(&b.sock, 200).await;
+    for id in &ids {
+        std::fs::write(d.path().join("local").join(id).join("data"), id).unwrap();
+    }
+    assert!(sigterm(&mut b).success());
+    drop(b);
+    let j = d.path().join("state/journal");
+    let mut files: Vec<String> = std::fs::read_dir(&j)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["log-1.jsonl", "snapshot-1.bin"]);
+    assert_eq!(std::fs::metadata(j.join("log-1.jsonl")).unwrap().len(), 0);
+    let b = start(d.path(), &[]);
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(listed(&b.sock).await, want);
+    drop(b);
+
+    // one byte of the 100th volume's id, in its record's frame
+    let snap = j.join("snapshot-1.bin");
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let lost = &ids[99];
+    let at = bytes
+        .windows(lost.len())
+        .position(|w| w == lost.as_bytes())
+        .expect("the id in the snapshot")
+        + 3;
+    bytes[at] ^= 0x01;
+    std::fs::write(&snap, &bytes).unwrap();
+    let sock = d.path().join("csi.sock");
+    let out = run_to_exit(&berth_args(d.path(), &sock, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "berth started on a damaged snapshot");
+    assert!(
+        err.contains("snapshot-1.bin") && err.contains("frame") && err.contains("checksum"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&snap).unwrap(),
+        bytes,
+        "the snapshot was changed"
+    );
+    let tool = |t: &str| run_to_exit(&berth_args(d.path(), &sock, &["state", t]));
+    assert_eq!(tool("check").status.code(), Some(1));
+    let repair = tool("repair");
+    assert!(
+        repair.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&repair.stdout),
+        String::from_utf8_lossy(&repair.stderr)
+    );
+    let b = start(d.path(), &[]);
+    want.retain(|i| i != lost);
+    assert_eq!(listed(&b.sock).await, want);
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("local/.orphaned").join(lost).join("data")).unwrap(),
+        *lost
+    );
+}
+
 /// `--shutdown-timeout` is a real bound: a call stuck in a command (here a
 /// `mount` that never returns, as against a hung NFS server) does not keep
 /// berth alive after SIGTERM, and the stuck command's process group goes

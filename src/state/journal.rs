@@ -62,7 +62,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use super::record::{SnapshotRecord, VolumeRecord};
-use super::StateError;
+use super::{snapshot_file, StateError};
 use crate::os::files::{Files, Open};
 
 /// One change, as read back: a volume record written or removed, a
@@ -100,18 +100,23 @@ pub fn encode(entry: &EntryRef<'_>, out: &mut Vec<u8>) -> Result<(), serde_json:
 
 /// Records by id as a replay finds them, each boxed once where it was
 /// parsed and found through its own id (no copy of the id as a key: start-up
-/// moves pointers, not records, and leaves no holes between them).
+/// moves pointers, not records, and leaves no holes between them). They are
+/// handed on in the order they were first put (a snapshot's is by seq, so
+/// the index's sort by seq finds them sorted).
 pub struct Records<R> {
-    /// Each record with its id's hash, so that growing the table never
-    /// reads the records again (a replay of thousands of them would, once
-    /// per doubling, each a cache miss).
-    table: hashbrown::HashTable<(u64, Box<R>)>,
+    /// Each record in order of its first put; None once deleted.
+    items: Vec<Option<Box<R>>>,
+    /// Each live record's id hash and place in `items` (the hash kept so
+    /// that growing the table never reads the records again: a replay of
+    /// thousands of them would, once per doubling, each a cache miss).
+    table: hashbrown::HashTable<(u64, u32)>,
     hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl<R> Default for Records<R> {
     fn default() -> Self {
         Records {
+            items: Vec::new(),
             table: hashbrown::HashTable::new(),
             hasher: Default::default(),
         }
@@ -119,39 +124,48 @@ impl<R> Default for Records<R> {
 }
 
 impl<R: super::store::Record> Records<R> {
+    fn find(&self, h: u64, id: &str) -> Option<u32> {
+        let items = &self.items;
+        self.table
+            .find(h, |&(oh, i)| {
+                oh == h && items[i as usize].as_ref().is_some_and(|o| o.id() == id)
+            })
+            .map(|&(_, i)| i)
+    }
+
     pub fn insert(&mut self, r: Box<R>) {
         let h = self.hasher.hash_one(r.id());
-        match self
-            .table
-            .entry(h, |(oh, o)| *oh == h && o.id() == r.id(), |(oh, _)| *oh)
-        {
-            hashbrown::hash_table::Entry::Occupied(mut e) => e.get_mut().1 = r,
-            hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert((h, r));
+        match self.find(h, r.id()) {
+            Some(i) => self.items[i as usize] = Some(r),
+            None => {
+                // more than 2^32 records is beyond any state berth writes
+                let i = self.items.len() as u32;
+                self.items.push(Some(r));
+                self.table.insert_unique(h, (h, i), |&(oh, _)| oh);
             }
         }
     }
 
     pub fn remove(&mut self, id: &str) {
         let h = self.hasher.hash_one(id);
-        if let Ok(e) = self.table.find_entry(h, |(oh, o)| *oh == h && o.id() == id) {
-            e.remove();
+        if let Some(i) = self.find(h, id) {
+            self.items[i as usize] = None;
+            if let Ok(e) = self.table.find_entry(h, |&(_, o)| o == i) {
+                e.remove();
+            }
         }
     }
 
     pub fn contains_key(&self, id: &str) -> bool {
-        let h = self.hasher.hash_one(id);
-        self.table
-            .find(h, |(oh, o)| *oh == h && o.id() == id)
-            .is_some()
+        self.find(self.hasher.hash_one(id), id).is_some()
     }
 
     pub fn values(&self) -> impl Iterator<Item = &R> {
-        self.table.iter().map(|(_, b)| &**b)
+        self.items.iter().filter_map(|b| b.as_deref())
     }
 
     pub fn into_values(self) -> impl Iterator<Item = Box<R>> {
-        self.table.into_iter().map(|(_, b)| b)
+        self.items.into_iter().flatten()
     }
 }
 
@@ -207,7 +221,15 @@ pub fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
     })
 }
 
+/// The snapshot file of generation `gen` as written now (binary, see
+/// `snapshot_file`).
 pub fn snapshot_name(gen: u64) -> String {
+    format!("snapshot-{gen}.bin")
+}
+
+/// The snapshot file of generation `gen` as versions before the binary
+/// format wrote it (JSON lines, like the log); still read.
+pub fn json_snapshot_name(gen: u64) -> String {
     format!("snapshot-{gen}.jsonl")
 }
 
@@ -215,12 +237,21 @@ pub fn log_name(gen: u64) -> String {
     format!("log-{gen}.jsonl")
 }
 
-/// `prefix-<n>.jsonl` → n.
-fn generation(name: &str, prefix: &str) -> Option<u64> {
-    name.strip_prefix(prefix)?
-        .strip_suffix(".jsonl")?
-        .parse()
-        .ok()
+/// `prefix-<n><suffix>` → n.
+fn generation(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    let n = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    // digits only: `parse` would take a sign
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// The generation of a snapshot file's name, and whether it is binary.
+fn snapshot_generation(name: &str) -> Option<(u64, bool)> {
+    generation(name, "snapshot-", ".bin")
+        .map(|g| (g, true))
+        .or_else(|| generation(name, "snapshot-", ".jsonl").map(|g| (g, false)))
 }
 
 /// A flaw start-up will not repair on its own.
@@ -239,14 +270,27 @@ impl std::fmt::Display for Damage {
         if self.line > 0 {
             write!(
                 f,
-                "{} line {} (byte {}): {}",
+                "{} {} {} (byte {}): {}",
                 self.path.display(),
+                self.unit(),
                 self.line,
                 self.offset,
                 self.why
             )
         } else {
             write!(f, "{}: {}", self.path.display(), self.why)
+        }
+    }
+}
+
+impl Damage {
+    /// What `line` counts: lines of a journal file, frames of a binary
+    /// snapshot.
+    pub fn unit(&self) -> &'static str {
+        if self.path.extension().is_some_and(|e| e == "bin") {
+            "frame"
+        } else {
+            "line"
         }
     }
 }
@@ -274,6 +318,8 @@ pub struct Scan {
     pub gen: u64,
     /// Bytes of the current snapshot (0 for none).
     pub snapshot_len: u64,
+    /// The current snapshot's file (None when there is none).
+    pub snapshot_path: Option<PathBuf>,
     /// The current snapshot's bytes as read (None when there is none).
     pub snapshot: Option<Vec<u8>>,
     /// The current log's bytes as read.
@@ -320,13 +366,14 @@ impl Scan {
             offset: first.offset,
             why: if self.damage.len() > 1 {
                 format!(
-                    "line {}: {} (and {} more flaws)",
+                    "{} {}: {} (and {} more flaws)",
+                    first.unit(),
                     first.line,
                     first.why,
                     self.damage.len() - 1
                 )
             } else {
-                format!("line {}: {}", first.line, first.why)
+                format!("{} {}: {}", first.unit(), first.line, first.why)
             },
             recover: RECOVER,
         })
@@ -340,6 +387,7 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         dir: dir.to_path_buf(),
         gen: 0,
         snapshot_len: 0,
+        snapshot_path: None,
         snapshot: None,
         log: Vec::new(),
         log_good: 0,
@@ -362,13 +410,13 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.ends_with(".tmp") {
             out.stale.push(entry.path());
-        } else if let Some(g) = generation(&name, "snapshot-") {
+        } else if let Some(g) = snapshot_generation(&name) {
             snapshots.push(g);
-        } else if let Some(g) = generation(&name, "log-") {
+        } else if let Some(g) = generation(&name, "log-", ".jsonl") {
             logs.push(g);
         }
     }
-    let gen = snapshots.iter().copied().max().unwrap_or(0);
+    let gen = snapshots.iter().map(|&(g, _)| g).max().unwrap_or(0);
     out.gen = gen;
     for g in logs.iter().copied().filter(|&g| g > gen) {
         let p = dir.join(log_name(g));
@@ -388,47 +436,46 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
             out.stale.push(p);
         }
     }
-    for g in snapshots.iter().chain(&logs).copied().filter(|&g| g < gen) {
-        for name in [snapshot_name(g), log_name(g)] {
+    let snapshot_gens = snapshots.iter().map(|&(g, _)| g);
+    for g in snapshot_gens
+        .chain(logs.iter().copied())
+        .filter(|&g| g < gen)
+    {
+        for name in [snapshot_name(g), json_snapshot_name(g), log_name(g)] {
             let p = dir.join(name);
             if p.exists() {
                 out.stale.push(p);
             }
         }
     }
-    if snapshots.contains(&gen) {
-        let path = dir.join(snapshot_name(gen));
+    let binary = snapshots.contains(&(gen, true));
+    if binary && snapshots.contains(&(gen, false)) {
+        out.damage.push(Damage {
+            path: dir.join(snapshot_name(gen)),
+            offset: 0,
+            line: 0,
+            why: format!(
+                "two snapshots of generation {gen}, {} and {}: not made by berth",
+                snapshot_name(gen),
+                json_snapshot_name(gen)
+            ),
+        });
+    }
+    if snapshots.iter().any(|&(g, _)| g == gen) {
+        let path = dir.join(if binary {
+            snapshot_name(gen)
+        } else {
+            json_snapshot_name(gen)
+        });
         let bytes = fs::read(&path).map_err(|e| StateError::io("read", &path, e))?;
         out.snapshot_len = bytes.len() as u64;
-        for (n, (at, line)) in lines(&bytes).enumerate() {
-            let why = match decode(line) {
-                Line::Entry(Entry::Put(r)) => {
-                    out.records.insert(r);
-                    continue;
-                }
-                Line::Entry(Entry::Snap(r)) => {
-                    out.snapshots.insert(r);
-                    continue;
-                }
-                Line::Entry(Entry::Del(_) | Entry::DelSnap(_)) => {
-                    "a deletion in a snapshot".to_string()
-                }
-                Line::NotAnEntry(e) => format!("not a record ({e})"),
-                Line::Damaged => "checksum mismatch or cut short".to_string(),
-            };
-            out.damage.push(Damage {
-                path: path.clone(),
-                offset: at as u64,
-                line: n as u64 + 1,
-                why: format!("snapshot line damaged: {why}"),
-            });
-            out.dropped.push(Dropped {
-                offset: at as u64,
-                line: n as u64 + 1,
-                id_hint: id_hint(line),
-            });
+        if binary {
+            read_binary_snapshot(&mut out, &path, &bytes);
+        } else {
+            read_json_snapshot(&mut out, &path, &bytes);
         }
         out.snapshot = Some(bytes);
+        out.snapshot_path = Some(path);
     }
     let log_path = dir.join(log_name(gen));
     out.log = match fs::read(&log_path) {
@@ -438,6 +485,66 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
     };
     replay_log(&mut out, &log_path);
     Ok(out)
+}
+
+/// Adds the records of a binary snapshot file (see `snapshot_file`) to
+/// `s`, and its flaws.
+fn read_binary_snapshot(s: &mut Scan, path: &Path, bytes: &[u8]) {
+    snapshot_file::read(bytes, |item| match item {
+        snapshot_file::Item::Volume(r) => s.records.insert(r),
+        snapshot_file::Item::Snapshot(r) => s.snapshots.insert(r),
+        snapshot_file::Item::Damage {
+            offset,
+            frame,
+            why,
+            id,
+        } => {
+            s.damage.push(Damage {
+                path: path.to_path_buf(),
+                offset,
+                line: frame,
+                why: format!("snapshot record damaged: {why}"),
+            });
+            s.dropped.push(Dropped {
+                offset,
+                line: frame,
+                id_hint: id,
+            });
+        }
+    });
+}
+
+/// Adds the records of a snapshot of JSON lines (written by versions
+/// before the binary format) to `s`, and its flaws.
+fn read_json_snapshot(s: &mut Scan, path: &Path, bytes: &[u8]) {
+    for (n, (at, line)) in lines(bytes).enumerate() {
+        let why = match decode(line) {
+            Line::Entry(Entry::Put(r)) => {
+                s.records.insert(r);
+                continue;
+            }
+            Line::Entry(Entry::Snap(r)) => {
+                s.snapshots.insert(r);
+                continue;
+            }
+            Line::Entry(Entry::Del(_) | Entry::DelSnap(_)) => {
+                "a deletion in a snapshot".to_string()
+            }
+            Line::NotAnEntry(e) => format!("not a record ({e})"),
+            Line::Damaged => "checksum mismatch or cut short".to_string(),
+        };
+        s.damage.push(Damage {
+            path: path.to_path_buf(),
+            offset: at as u64,
+            line: n as u64 + 1,
+            why: format!("snapshot line damaged: {why}"),
+        });
+        s.dropped.push(Dropped {
+            offset: at as u64,
+            line: n as u64 + 1,
+            id_hint: id_hint(line),
+        });
+    }
 }
 
 /// Applies the log's readable lines to `s.records` and sorts its flaws
@@ -936,7 +1043,7 @@ impl Journal {
             min_compact: w.min_compact,
         };
         w.set_threshold();
-        for name in [snapshot_name(old), log_name(old)] {
+        for name in [snapshot_name(old), json_snapshot_name(old), log_name(old)] {
             let p = self.dir.join(name);
             if p.exists() {
                 let _ = f.remove_file(&p);
@@ -948,6 +1055,30 @@ impl Journal {
             "state journal compacted"
         );
         Ok(())
+    }
+
+    /// Compacts now if the log holds at least `min_log` bytes and no round
+    /// is being written (at exit, so that the next start reads a snapshot
+    /// instead of replaying the log). Changes queued meanwhile wait and go
+    /// to the new log, as during any compaction. Returns whether it did.
+    pub fn checkpoint(&self, min_log: u64, snapshot: SnapshotFn<'_>) -> Result<bool, StateError> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.queue();
+        if q.poisoned.is_some() || q.writing || w.len < min_log.max(1) {
+            return Ok(false);
+        }
+        q.writing = true;
+        let committed = q.committed();
+        drop(q);
+        let r = self.compact(&mut w, &|| snapshot(&committed));
+        drop(w);
+        let mut q = self.queue();
+        if let Err((e, true)) = &r {
+            q.poisoned = Some(e.to_string());
+        }
+        q.writing = false;
+        self.cv.notify_all();
+        r.map(|()| true).map_err(|(e, _)| e)
     }
 
     /// Writes a snapshot of `records` as generation G+1 at once (importing
@@ -1039,11 +1170,10 @@ fn make_durable(
     };
     let good = &s.log[..s.log_good as usize];
     let log_path = dir.join(log_name(gen));
-    if let Some(cached) = &s.snapshot {
-        let snap = dir.join(snapshot_name(gen));
-        if durable_differs(files, &snap, cached, early_snapshot)? {
+    if let (Some(cached), Some(snap)) = (&s.snapshot, &s.snapshot_path) {
+        if durable_differs(files, snap, cached, early_snapshot)? {
             return Err(StateError::Unexpected {
-                path: snap,
+                path: snap.clone(),
                 why: "the disk does not hold what the page cache shows (a failed write); restore the state directory from a backup".into(),
             });
         }
@@ -1104,15 +1234,22 @@ struct DurableCopies {
 impl DurableCopies {
     /// None when the directory cannot be listed (`scan` says why).
     fn read(files: &dyn Files, dir: &Path) -> Option<DurableCopies> {
-        let mut gen = None;
+        // the newest generation, its binary snapshot before a JSON one
+        // (as `scan` chooses)
+        let mut newest = None;
         for e in fs::read_dir(dir).ok()? {
             let name = e.ok()?.file_name();
-            if let Some(g) = name.to_str().and_then(|n| generation(n, "snapshot-")) {
-                gen = gen.max(Some(g));
+            if let Some(g) = name.to_str().and_then(snapshot_generation) {
+                newest = newest.max(Some(g));
             }
         }
-        let gen = gen.unwrap_or(0);
-        let snapshot = files.read_durable(&dir.join(snapshot_name(gen)));
+        let (gen, binary) = newest.unwrap_or((0, true));
+        let name = if binary {
+            snapshot_name(gen)
+        } else {
+            json_snapshot_name(gen)
+        };
+        let snapshot = files.read_durable(&dir.join(name));
         let log = files.read_durable(&dir.join(log_name(gen)));
         Some(DurableCopies { gen, snapshot, log })
     }

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod legacy;
 pub mod lock;
 pub mod record;
+pub mod snapshot_file;
 pub mod store;
 pub mod table;
 pub mod tools;

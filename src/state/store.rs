@@ -20,6 +20,7 @@ use std::sync::{Arc, RwLock};
 
 use super::journal::{encode, Committed, EntryRef, Journal, Replay, Ticket};
 use super::record::{Kind, Phase, Shared, SnapshotRecord, VolumeRecord};
+use super::snapshot_file::Writer as SnapshotWriter;
 use super::table::Table;
 use super::{legacy, StateError};
 use crate::os::files::Files;
@@ -38,6 +39,8 @@ pub trait Record: Clone + Send + Sync + 'static {
     fn put(&self) -> EntryRef<'_>;
     /// The journal line that removes the record with this id.
     fn del(id: &str) -> EntryRef<'_>;
+    /// Adds the record to a snapshot file.
+    fn write_to<'r>(&'r self, w: &mut SnapshotWriter<'r>) -> Result<(), StateError>;
     fn index(ix: &Indexes) -> &Index<Self>;
     fn index_mut(ix: &mut Indexes) -> &mut Index<Self>;
     /// Points the record at values other records hold too (see `Shared`).
@@ -65,6 +68,9 @@ impl Record for VolumeRecord {
     }
     fn del(id: &str) -> EntryRef<'_> {
         EntryRef::Del(id)
+    }
+    fn write_to<'r>(&'r self, w: &mut SnapshotWriter<'r>) -> Result<(), StateError> {
+        w.volume(self)
     }
     fn index(ix: &Indexes) -> &Index<Self> {
         &ix.volumes
@@ -95,6 +101,9 @@ impl Record for SnapshotRecord {
     }
     fn del(id: &str) -> EntryRef<'_> {
         EntryRef::DelSnap(id)
+    }
+    fn write_to<'r>(&'r self, w: &mut SnapshotWriter<'r>) -> Result<(), StateError> {
+        w.snapshot(self)
     }
     fn index(ix: &Indexes) -> &Index<Self> {
         &ix.snapshots
@@ -250,20 +259,29 @@ impl<R: Record> Index<R> {
         self.records.get(id)
     }
 
-    /// Appends every committed record's journal line to `out`.
-    fn snapshot(&self, c: &Committed, out: &mut Vec<u8>) -> Result<(), StateError> {
+    /// Adds every committed record to a snapshot file.
+    fn snapshot<'r>(
+        &'r self,
+        c: &Committed,
+        out: &mut SnapshotWriter<'r>,
+    ) -> Result<(), StateError> {
         let deleted_in_flight = self
             .inflight
             .keys()
             .filter(|id| !self.records.contains(id))
             .map(String::as_str);
-        for id in self.records.values().map(R::id).chain(deleted_in_flight) {
-            if let Some(rec) = self.committed(id, c) {
-                encode(&rec.put(), out).map_err(|source| StateError::Encode {
-                    id: id.to_string(),
-                    source,
-                })?;
-            }
+        let mut recs: Vec<&R> = self
+            .records
+            .values()
+            .map(R::id)
+            .chain(deleted_in_flight)
+            .filter_map(|id| self.committed(id, c))
+            .collect();
+        // in seq order, as start-up's `load` sorts them (the slab mostly
+        // holds them so: a sort of runs)
+        recs.sort_by(|a, b| (a.seq(), a.id()).cmp(&(b.seq(), b.id())));
+        for rec in recs {
+            rec.write_to(out)?;
         }
         Ok(())
     }
@@ -391,14 +409,20 @@ impl Store {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every committed record as journal lines (see `Index::committed`).
+    /// At exit: writes a snapshot of every committed record if the log
+    /// holds at least `min_log` bytes, so the next start reads the
+    /// snapshot rather than replaying the log (see `Journal::checkpoint`).
+    pub fn checkpoint(&self, min_log: u64) -> Result<bool, StateError> {
+        self.journal.checkpoint(min_log, &|c| self.snapshot(c))
+    }
+
+    /// A snapshot file of every committed record (see `Index::committed`).
     fn snapshot(&self, c: &Committed) -> Result<Vec<u8>, StateError> {
         let ix = self.read();
-        let mut out =
-            Vec::with_capacity((ix.volumes.records.len() + ix.snapshots.records.len()) * 512);
+        let mut out = SnapshotWriter::new(ix.volumes.records.len() + ix.snapshots.records.len());
         ix.volumes.snapshot(c, &mut out)?;
         ix.snapshots.snapshot(c, &mut out)?;
-        Ok(out)
+        out.finish()
     }
 
     /// Applies `change` to the index and queues it in the journal as one
@@ -890,6 +914,96 @@ mod tests {
         // One with something in it was not made by berth.
         fs::write(log_path(d.path(), 7), b"x").unwrap();
         assert!(matches!(open(d.path()), Err(StateError::Damaged { .. })));
+    }
+
+    /// At exit a log worth it is folded into a snapshot: the next start
+    /// replays nothing, and reads the same records.
+    #[test]
+    fn a_checkpoint_folds_the_log_into_a_snapshot() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path()).unwrap();
+        for id in ["a", "b", "c"] {
+            s.insert_new(rec(id, id, 1), ok).unwrap();
+        }
+        s.remove("b").unwrap();
+        let (_, len) = s.journal.position();
+        assert!(
+            !s.checkpoint(len + 1).unwrap(),
+            "a log shorter than asked stays"
+        );
+        assert_eq!(s.journal.position(), (0, len));
+        assert!(s.checkpoint(len).unwrap());
+        assert_eq!(s.journal.position(), (1, 0));
+        assert!(
+            !s.checkpoint(0).unwrap(),
+            "an empty log is not folded again"
+        );
+        s.insert_new(rec("d", "d", 1), ok).unwrap();
+        drop(s);
+        let mut files: Vec<_> = fs::read_dir(journal_dir(d.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["log-1.jsonl", "snapshot-1.bin"]);
+        let s = open(d.path()).unwrap();
+        assert_eq!(ids(&s), ["a", "c", "d"]);
+        assert_eq!(s.last_seq(), 4);
+    }
+
+    /// Versions before the binary snapshot wrote snapshots as JSON lines:
+    /// such a generation is read as it is, and the next compaction writes
+    /// a binary one and removes it. Two snapshots of one generation are
+    /// damage.
+    #[test]
+    fn a_snapshot_of_json_lines_is_read_and_replaced_by_a_binary_one() {
+        let d = tempfile::tempdir().unwrap();
+        drop(open(d.path()).unwrap());
+        let j = journal_dir(d.path());
+        let mut snapshot = Vec::new();
+        for id in ["a", "b"] {
+            encode(&EntryRef::Put(&rec(id, id, 1)), &mut snapshot).unwrap();
+        }
+        let mut log = Vec::new();
+        encode(&EntryRef::Put(&rec("c", "c", 1)), &mut log).unwrap();
+        encode(&EntryRef::Del("a"), &mut log).unwrap();
+        fs::write(j.join("snapshot-1.jsonl"), &snapshot).unwrap();
+        fs::write(log_path(d.path(), 1), &log).unwrap();
+        let s = open(d.path()).unwrap();
+        assert_eq!(ids(&s), ["b", "c"]);
+        assert!(
+            !log_path(d.path(), 0).exists(),
+            "an older generation is stale"
+        );
+        s.journal.rebase(&|| s.snapshot(&Committed::all())).unwrap();
+        drop(s);
+        let mut files: Vec<_> = fs::read_dir(&j)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["log-2.jsonl", "snapshot-2.bin"]);
+        let bin = fs::read(j.join("snapshot-2.bin")).unwrap();
+        assert!(bin.starts_with(crate::state::snapshot_file::MAGIC));
+        assert_eq!(ids(&open(d.path()).unwrap()), ["b", "c"]);
+        fs::write(j.join("snapshot-2.jsonl"), &snapshot).unwrap();
+        match open(d.path()) {
+            Err(StateError::Damaged { why, .. }) => assert!(why.contains("two snapshots"), "{why}"),
+            other => panic!("two snapshots of one generation opened: {:?}", other.err()),
+        }
+        // a damaged binary snapshot names the frame
+        fs::remove_file(j.join("snapshot-2.jsonl")).unwrap();
+        let mut b = bin.clone();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        fs::write(j.join("snapshot-2.bin"), &b).unwrap();
+        match open(d.path()) {
+            Err(e @ StateError::Damaged { .. }) => {
+                let e = e.to_string();
+                assert!(e.contains("snapshot-2.bin") && e.contains("frame"), "{e}");
+            }
+            other => panic!("a damaged snapshot opened: {:?}", other.err()),
+        }
     }
 
     #[test]

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use super::journal::{self, encode, EntryRef, Scan};
+use super::journal::{self, Scan};
 use super::lock::DirLock;
+use super::snapshot_file::Writer as SnapshotWriter;
 use super::store::journal_dir;
 use super::{legacy, Kind, Phase, StateError, VolumeRecord};
 use crate::config::Config;
@@ -395,19 +396,14 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     let gen = scan.gen + 1;
     let mut records: Vec<&VolumeRecord> = scan.records.values().collect();
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
-    let mut bytes = Vec::new();
+    let mut w = SnapshotWriter::new(records.len() + scan.snapshots.values().count());
     for r in &records {
-        encode(&EntryRef::Put(r), &mut bytes).map_err(|source| StateError::Encode {
-            id: r.id.clone(),
-            source,
-        })?;
+        w.volume(r)?;
     }
     for r in scan.snapshots.values() {
-        encode(&EntryRef::Snap(r), &mut bytes).map_err(|source| StateError::Encode {
-            id: r.id.clone(),
-            source,
-        })?;
+        w.snapshot(r)?;
     }
+    let bytes = w.finish()?;
     let tmp = dir.join(format!("{}.tmp", journal::snapshot_name(gen)));
     write_durable(f, &tmp, &bytes)?;
     f.rename(&tmp, &dir.join(journal::snapshot_name(gen)))
@@ -416,6 +412,7 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     // 3. The old generation, now stale (its copies are kept).
     for name in [
         journal::snapshot_name(scan.gen),
+        journal::json_snapshot_name(scan.gen),
         journal::log_name(scan.gen),
     ] {
         let p = dir.join(name);

@@ -2,17 +2,19 @@
 //! commit, compacted into snapshots.
 //!
 //! Files, all under `<state-dir>/journal/`:
-//! - `snapshot-<G>.jsonl`: every committed record when generation G began,
+//! - `snapshot-<G>.bin`: every committed record when generation G began,
 //!   written to a temp file, fsynced and renamed, so it exists whole or not
-//!   at all;
+//!   at all (binary, see `snapshot_file`; a `snapshot-<G>.jsonl` of JSON
+//!   lines, as versions before it wrote, is read too);
 //! - `log-<G>.jsonl`: the changes made since, appended. A compaction makes
 //!   the next, empty log just before it renames the next snapshot into
 //!   place, so an empty log newer than every snapshot is an interrupted
 //!   compaction (removed at start-up); a non-empty one stops start-up.
 //!
-//! Each line is `<crc32 of the JSON, 8 hex digits> <JSON>\n`, the JSON being
-//! `{"put":<record>}` or `{"del":"<id>"}`. Start-up reads the snapshot of the
-//! highest generation and replays its log.
+//! Each line of a log is `<crc32 of the JSON, 8 hex digits> <JSON>\n`, the
+//! JSON being `{"put":<record>}` or `{"del":"<id>"}`. Start-up reads the
+//! snapshot of the highest generation and replays its log. A clean exit
+//! folds a log worth it into a new snapshot (`checkpoint`).
 //!
 //! **Damage.** The only damage start-up tolerates is the unacknowledged
 //! tail of the last write before a crash: a write is acknowledged only after

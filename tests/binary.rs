@@ -967,7 +967,7 @@ async fn a_snapshot_written_at_exit_is_read_back_and_its_damage_stops_start_up()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    assert_eq!(files, ["log-1.jsonl", "snapshot-1.bin"]);
+    assert_eq!(files, ["log-1.jsonl", "snapshot-1.bin", "snapshot-1.jsonl"]);
     assert_eq!(std::fs::metadata(j.join("log-1.jsonl")).unwrap().len(), 0);
     let b = start(d.path(), &[]);
     let mut want = ids.clone();

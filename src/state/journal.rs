@@ -239,6 +239,47 @@ pub fn log_name(gen: u64) -> String {
     format!("log-{gen}.jsonl")
 }
 
+/// What `snapshot-<G>.jsonl` holds beside a binary snapshot: one line whose
+/// checksum holds but which is not a change. A berth from before binary
+/// snapshots does not know `snapshot-<G>.bin`; without this file it would
+/// take the (often empty) `log-<G>.jsonl` for an interrupted compaction,
+/// remove it and start with no records. With it, it reads this line as
+/// generation G's snapshot and stops ("not a record"), naming the file,
+/// whose text says why.
+pub fn downgrade_guard(gen: u64) -> Vec<u8> {
+    let json = format!(
+        r#"{{"binary":"{}","why":"this state directory has a binary snapshot, which berth versions before 2026-12-03 cannot read: run a newer berth"}}"#,
+        snapshot_name(gen)
+    );
+    let mut line = format!("{:08x} ", crc32fast::hash(json.as_bytes())).into_bytes();
+    line.extend_from_slice(json.as_bytes());
+    line.push(b'\n');
+    line
+}
+
+/// Writes `downgrade_guard(gen)` into place (temp file, fsync, rename; the
+/// caller syncs the directory). Best effort: a failure leaves the state as
+/// good for this berth, only unguarded against an older one.
+pub fn write_downgrade_guard(
+    f: &dyn Files,
+    dir: &Path,
+    gen: u64,
+) -> Result<(), crate::os::OsError> {
+    let path = dir.join(json_snapshot_name(gen));
+    let tmp = dir.join(format!("{}.tmp", json_snapshot_name(gen)));
+    let r = f
+        .open(&tmp, Open::CreateOrTruncate)
+        .and_then(|t| {
+            f.write_at(&t, &tmp, &downgrade_guard(gen), 0)
+                .and_then(|_| f.sync(&t, &tmp))
+        })
+        .and_then(|_| f.rename(&tmp, &path));
+    if r.is_err() {
+        let _ = f.remove_file(&tmp);
+    }
+    r
+}
+
 /// `prefix-<n><suffix>` → n.
 fn generation(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
     let n = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
@@ -451,7 +492,9 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         }
     }
     let binary = snapshots.contains(&(gen, true));
-    if binary && snapshots.contains(&(gen, false)) {
+    let guarded =
+        || fs::read(dir.join(json_snapshot_name(gen))).is_ok_and(|b| b == downgrade_guard(gen));
+    if binary && snapshots.contains(&(gen, false)) && !guarded() {
         out.damage.push(Damage {
             path: dir.join(snapshot_name(gen)),
             offset: 0,
@@ -1033,6 +1076,9 @@ impl Journal {
                 return Err((StateError::Os(e), false));
             }
         };
+        if let Err(e) = write_downgrade_guard(f, &self.dir, gen) {
+            tracing::warn!(error = %e, "could not write the guard that stops a berth from before binary snapshots on this state");
+        }
         f.sync_dir(&self.dir)
             .map_err(|e| (StateError::Os(e), true))?;
         let old = w.gen;

@@ -945,7 +945,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         files.sort();
-        assert_eq!(files, ["log-1.jsonl", "snapshot-1.bin"]);
+        assert_eq!(files, ["log-1.jsonl", "snapshot-1.bin", "snapshot-1.jsonl"]);
         let s = open(d.path()).unwrap();
         assert_eq!(ids(&s), ["a", "c", "d"]);
         assert_eq!(s.last_seq(), 4);
@@ -982,9 +982,18 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         files.sort();
-        assert_eq!(files, ["log-2.jsonl", "snapshot-2.bin"]);
+        assert_eq!(files, ["log-2.jsonl", "snapshot-2.bin", "snapshot-2.jsonl"]);
         let bin = fs::read(j.join("snapshot-2.bin")).unwrap();
         assert!(bin.starts_with(crate::state::snapshot_file::MAGIC));
+        // beside it, the guard against a berth from before binary
+        // snapshots: the one line of what such a berth reads as this
+        // generation's snapshot, not a change, so it stops there
+        let guard = fs::read(j.join("snapshot-2.jsonl")).unwrap();
+        assert_eq!(guard, crate::state::journal::downgrade_guard(2));
+        assert!(matches!(
+            crate::state::journal::decode(&guard),
+            crate::state::journal::Line::NotAnEntry(e) if e.contains("binary")
+        ));
         assert_eq!(ids(&open(d.path()).unwrap()), ["b", "c"]);
         fs::write(j.join("snapshot-2.jsonl"), &snapshot).unwrap();
         match open(d.path()) {
@@ -1036,7 +1045,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(files.len(), 2, "{files:?}");
+        assert_eq!(files.len(), 3, "{files:?}");
         drop(s);
         let s = open(d.path()).unwrap();
         assert_eq!(ids(&s), want);

@@ -258,7 +258,8 @@ pub fn downgrade_guard(gen: u64) -> Vec<u8> {
 }
 
 /// Writes `downgrade_guard(gen)` into place (temp file, fsync, rename; the
-/// caller syncs the directory). Best effort: a failure leaves the state as
+/// caller syncs the directory, before it so that the snapshot's name is
+/// durable first, and after). Best effort: a failure leaves the state as
 /// good for this berth, only unguarded against an older one.
 pub fn write_downgrade_guard(
     f: &dyn Files,
@@ -1076,11 +1077,14 @@ impl Journal {
                 return Err((StateError::Os(e), false));
             }
         };
-        if let Err(e) = write_downgrade_guard(f, &self.dir, gen) {
-            tracing::warn!(error = %e, "could not write the guard that stops a berth from before binary snapshots on this state");
-        }
         f.sync_dir(&self.dir)
             .map_err(|e| (StateError::Os(e), true))?;
+        // only once the snapshot's name is durable: a guard never stands
+        // where its snapshot is not
+        if let Err(e) = write_downgrade_guard(f, &self.dir, gen).and_then(|_| f.sync_dir(&self.dir))
+        {
+            tracing::warn!(error = %e, "could not write the guard that stops a berth from before binary snapshots on this state");
+        }
         let old = w.gen;
         *w = Writer {
             file,

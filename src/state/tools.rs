@@ -407,6 +407,7 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     let tmp = dir.join(format!("{}.tmp", journal::snapshot_name(gen)));
     write_durable(f, &tmp, &bytes)?;
     f.rename(&tmp, &dir.join(journal::snapshot_name(gen)))
+        .and_then(|_| f.sync_dir(&dir))
         .and_then(|_| journal::write_downgrade_guard(f, &dir, gen))
         .and_then(|_| f.sync_dir(&dir))
         .map_err(StateError::Os)?;

@@ -618,6 +618,18 @@ impl Store {
             .count()
     }
 
+    /// How many of `ids` name a volume record that matches `f`, under one
+    /// lock (a start-up's check of thousands of directories).
+    pub fn count_held<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str>,
+        f: impl Fn(&VolumeRecord) -> bool,
+    ) -> usize {
+        let ix = self.read();
+        ids.filter(|id| ix.volumes.records.get(id).is_some_and(&f))
+            .count()
+    }
+
     /// Whether the volume record with this id exists and matches `f` (no
     /// copy made).
     pub fn holds(&self, id: &str, f: impl Fn(&VolumeRecord) -> bool) -> bool {

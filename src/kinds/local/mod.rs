@@ -118,14 +118,26 @@ impl RootListing {
     }
 }
 
+/// Lists `root` without an allocation per entry (`std::fs::read_dir`
+/// makes two: its entry's name and the caller's copy), as it runs beside
+/// the state's reading, whose allocations share the one malloc arena.
 pub fn list_root(root: &Path) -> std::io::Result<RootListing> {
-    use std::os::unix::ffi::OsStrExt;
+    use nix::fcntl::OFlag;
     // A directory's size is about what its names take (ext4: its blocks).
     let hint = std::fs::metadata(root).map_or(0, |m| m.len()).min(64 << 20);
     let mut buf = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
-    for e in std::fs::read_dir(root)? {
-        buf.extend_from_slice(e?.file_name().as_bytes());
-        buf.push(0);
+    let mut dir = nix::dir::Dir::open(
+        root,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    for e in dir.iter() {
+        let e = e?;
+        let name = e.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            buf.extend_from_slice(name);
+            buf.push(0);
+        }
     }
     Ok(RootListing(buf))
 }
@@ -669,10 +681,9 @@ impl VolumeKind for LocalKind {
             names.sort_unstable();
             names.dedup();
         }
-        let present = names
-            .iter()
-            .filter(|n| self.owns_id(n) && self.store.holds(n, ready))
-            .count();
+        let present = self
+            .store
+            .count_held(names.iter().copied().filter(|n| self.owns_id(n)), ready);
         let missing = if present < expected {
             let here: std::collections::HashSet<&str> = names.iter().copied().collect();
             let all = self.store.filter(ready);

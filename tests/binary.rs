@@ -858,6 +858,18 @@ async fn a_second_berth_on_the_same_state_or_socket_refuses_to_start() {
     assert!(!d.path().join("local/.orphaned").exists());
 }
 
+/// Starts berth in `dir`, creates `n` local volumes, writes each one's id
+/// into a file in it, and stops berth with SIGTERM (a clean exit).
+async fn volumes_with_data_then_exit(dir: &Path, n: usize) -> Vec<String> {
+    let mut b = start(dir, &[]);
+    let ids = create_n(&b.sock, n).await;
+    for id in &ids {
+        std::fs::write(dir.join("local").join(id).join("data"), id).unwrap();
+    }
+    assert!(sigterm(&mut b).success());
+    ids
+}
+
 /// One byte changed in the middle of the journal: berth does not start
 /// (nothing is cut, nothing is moved aside), says where and how to
 /// recover; `state check` and `state export` report it; `state repair`
@@ -866,13 +878,7 @@ async fn a_second_berth_on_the_same_state_or_socket_refuses_to_start() {
 #[tokio::test]
 async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
     let d = tempfile::tempdir().unwrap();
-    let mut b = start(d.path(), &[]);
-    let ids = create_n(&b.sock, 50).await;
-    for id in &ids {
-        std::fs::write(d.path().join("local").join(id).join("data"), id).unwrap();
-    }
-    assert!(sigterm(&mut b).success());
-    drop(b);
+    let ids = volumes_with_data_then_exit(d.path(), 50).await;
     let log = d.path().join("state/journal/log-0.jsonl");
     let mut bytes = std::fs::read(&log).unwrap();
     // A byte near the end of the 20th line's JSON (past the id).
@@ -954,13 +960,7 @@ async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
 #[tokio::test]
 async fn a_snapshot_written_at_exit_is_read_back_and_its_damage_stops_start_up() {
     let d = tempfile::tempdir().unwrap();
-    let mut b = start(d.path(), &[]);
-    let ids = create_n(&b.sock, 200).await;
-    for id in &ids {
-        std::fs::write(d.path().join("local").join(id).join("data"), id).unwrap();
-    }
-    assert!(sigterm(&mut b).success());
-    drop(b);
+    let ids = volumes_with_data_then_exit(d.path(), 200).await;
     let j = d.path().join("state/journal");
     let mut files: Vec<String> = std::fs::read_dir(&j)
         .unwrap()

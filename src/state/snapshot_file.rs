@@ -262,12 +262,11 @@ struct Values<'a>(Vec<(u32, Slot<'a>)>);
 
 impl<'a> Values<'a> {
     /// Value `n` read as a `T` (parsed once, then cloned).
-    fn get<T: Clone>(
+    fn get<T: Clone + serde::de::DeserializeOwned>(
         &mut self,
         n: u32,
         what: &str,
         cached: for<'s> fn(&'s mut Slot<'a>) -> &'s mut Option<T>,
-        parse: impl Fn(&str) -> Result<T, serde_json::Error>,
     ) -> Result<T, String> {
         let i = self.0.binary_search_by_key(&n, |(f, _)| *f).map_err(|_| {
             format!("its {what} is the value in frame {n}, which the file does not hold before it (damaged, or not a value)")
@@ -277,7 +276,8 @@ impl<'a> Values<'a> {
         if let Some(v) = cached(slot) {
             return Ok(v.clone());
         }
-        let v = parse(text).map_err(|e| format!("its {what} (frame {n}) does not read: {e}"))?;
+        let v: T = serde_json::from_str(text)
+            .map_err(|e| format!("its {what} (frame {n}) does not read: {e}"))?;
         *cached(slot) = Some(v.clone());
         Ok(v)
     }
@@ -285,38 +285,13 @@ impl<'a> Values<'a> {
 
 /// A volume record from its frame.
 fn to_record(v: Volume<'_>, values: &mut Values<'_>) -> Result<VolumeRecord, String> {
-    let node = values.get(
-        v.node,
-        "node",
-        |s| &mut s.node,
-        |t| serde_json::from_str::<String>(t).map(Arc::from),
-    )?;
-    let parameters = values.get(
-        v.parameters,
-        "parameters",
-        |s| &mut s.map,
-        |t| serde_json::from_str(t),
-    )?;
-    let capabilities = values.get(
-        v.capabilities,
-        "capabilities",
-        |s| &mut s.caps,
-        |t| serde_json::from_str(t),
-    )?;
-    let context = values.get(
-        v.context,
-        "context",
-        |s| &mut s.map,
-        |t| serde_json::from_str(t),
-    )?;
+    let node = values.get(v.node, "node", |s| &mut s.node)?;
+    let parameters = values.get(v.parameters, "parameters", |s| &mut s.map)?;
+    let capabilities = values.get(v.capabilities, "capabilities", |s| &mut s.caps)?;
+    let context = values.get(v.context, "context", |s| &mut s.map)?;
     let mut published = NodeMap::new();
     for p in v.published {
-        let capability = values.get(
-            p.capability,
-            "publication's capability",
-            |s| &mut s.cap,
-            |t| serde_json::from_str(t),
-        )?;
+        let capability = values.get(p.capability, "publication's capability", |s| &mut s.cap)?;
         let a = Attachment {
             readonly: p.readonly,
             capability,

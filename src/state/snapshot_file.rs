@@ -91,6 +91,13 @@ fn encode_error(id: &str, e: impl std::fmt::Display) -> StateError {
     StateError::Journal(format!("encoding record {id} for a snapshot: {e}"))
 }
 
+/// A section the binary form keeps as JSON (see `Volume`), when present.
+fn json_of<T: Serialize>(id: &str, v: Option<&T>) -> Result<Option<String>, StateError> {
+    v.map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| encode_error(id, e))
+}
+
 /// Builds a snapshot file: `volume` or `snapshot` for each record, then
 /// `finish`.
 pub struct Writer<'r> {
@@ -185,18 +192,8 @@ impl<'r> Writer<'r> {
                 capability,
             });
         }
-        let block = r
-            .block
-            .as_deref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| encode_error(id, e))?;
-        let source = r
-            .source
-            .as_deref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| encode_error(id, e))?;
+        let block = json_of(id, r.block.as_deref())?;
+        let source = json_of(id, r.source.as_deref())?;
         let v = Volume {
             id,
             name: &r.name,

@@ -408,9 +408,13 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     write_durable(f, &tmp, &bytes)?;
     f.rename(&tmp, &dir.join(journal::snapshot_name(gen)))
         .and_then(|_| f.sync_dir(&dir))
-        .and_then(|_| journal::write_downgrade_guard(f, &dir, gen))
-        .and_then(|_| f.sync_dir(&dir))
         .map_err(StateError::Os)?;
+    // best effort, as in a compaction: the repaired state is in place
+    if let Err(e) = journal::write_downgrade_guard(f, &dir, gen).and_then(|_| f.sync_dir(&dir)) {
+        report.push_str(&format!(
+            "warning: could not write the guard against a berth from before binary snapshots: {e}\n"
+        ));
+    }
     // 3. The old generation, now stale (its copies are kept).
     for name in [
         journal::snapshot_name(scan.gen),

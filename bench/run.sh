@@ -16,10 +16,14 @@ echo "## this machine's floor (no driver; the ratios below are against it)"
 echo
 echo "## directory-volume lifecycle, $N cycles, 16 in flight"
 start "$W/life"
-"$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$N" -c 16 --work-dir "$W/work" --pid "$P"
+"$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$N" -c 16 --work-dir "$W/work" --pid "$P" | tee "$W/l16.txt"
 echo
-echo "## NodePublishVolume latency alone (1 in flight)"
-"$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$((N / 4))" -c 1 --work-dir "$W/work1" --pid "$P"
+echo "## one at a time, as Kubernetes drives it with attachRequired: false (no ControllerPublish)"
+"$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$((N / 4))" -c 1 --attach never --work-dir "$W/work1" --pid "$P" | tee "$W/l1.txt"
+# Which RPCs ran is not a timing: berth advertises attach, so the default
+# cycle publishes on the controller side and --attach never does not.
+grep -q '^ControllerPublishVolume ' "$W/l16.txt" || { echo "run.sh: the default cycle did not call ControllerPublishVolume"; exit 1; }
+if grep -q '^Controller' "$W/l1.txt"; then echo "run.sh: --attach never still called ControllerPublish/Unpublish"; exit 1; fi
 kill "$P"; wait "$P" 2>/dev/null || true
 
 echo

@@ -1,5 +1,6 @@
 //! The full lifecycle benchmark. Each cycle: CreateVolume,
-//! ControllerPublishVolume (if advertised), NodeStageVolume (if advertised),
+//! ControllerPublishVolume (if advertised and not `--attach never`),
+//! NodeStageVolume (if advertised),
 //! NodePublishVolume, NodeUnpublishVolume, NodeUnstageVolume,
 //! ControllerUnpublishVolume, DeleteVolume. A cycle that fails or is
 //! interrupted undoes the steps it completed, so the endpoint is left clean;
@@ -48,6 +49,20 @@ pub struct LifecycleArgs {
     /// controller/node deployment).
     #[arg(long)]
     pub node_endpoint: Option<String>,
+    /// Whether each cycle calls ControllerPublishVolume and
+    /// ControllerUnpublishVolume: `auto` when the driver advertises
+    /// PUBLISH_UNPUBLISH_VOLUME; `never` as Kubernetes does when the
+    /// CSIDriver object says `attachRequired: false` (as Berth's manifests
+    /// ship it, and as the floor's lifecycle counts it).
+    #[arg(long, value_enum, default_value_t = Attach::Auto)]
+    pub attach: Attach,
+}
+
+/// See `LifecycleArgs::attach`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attach {
+    Auto,
+    Never,
 }
 
 #[derive(Debug, Serialize)]
@@ -286,9 +301,10 @@ pub(super) async fn plan(c: &mut CsiClient, args: LifecycleArgs) -> anyhow::Resu
         .node_get_info(csi::NodeGetInfoRequest {})
         .await?
         .into_inner();
-    let controller_publish = ccaps.capabilities.iter().any(|x| {
-        matches!(&x.r#type, Some(csi::controller_service_capability::Type::Rpc(r)) if r.r#type == CType::PublishUnpublishVolume as i32)
-    });
+    let controller_publish = args.attach == Attach::Auto
+        && ccaps.capabilities.iter().any(|x| {
+            matches!(&x.r#type, Some(csi::controller_service_capability::Type::Rpc(r)) if r.r#type == CType::PublishUnpublishVolume as i32)
+        });
     let stage = ncaps.capabilities.iter().any(|x| {
         matches!(&x.r#type, Some(csi::node_service_capability::Type::Rpc(r)) if r.r#type == NType::StageUnstageVolume as i32)
     });

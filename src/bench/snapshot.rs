@@ -125,6 +125,7 @@ pub async fn run(endpoint: &str, args: SnapshotArgs) -> anyhow::Result<i32> {
             pid: None,
             json: false,
             node_endpoint: None,
+            attach: lifecycle::Attach::Auto,
         },
     )
     .await?;

@@ -25,6 +25,8 @@ pub struct Driver {
     pub store: Arc<Store>,
     pub locks: Arc<OpLocks>,
     pub os: Os,
+    /// Berth's own directories, which no node RPC may mount on or remove.
+    pub protected: crate::node::paths::Protected,
     kinds: BTreeMap<Kind, Arc<dyn VolumeKind>>,
     /// True while start-up work that runs after the socket is up (remote
     /// kinds' interrupted operations) is not done: Probe is not ready.
@@ -86,7 +88,16 @@ impl Driver {
             kinds.insert(*k, imp);
         }
         check_presence(&kinds, &store, &node_id, cfg.allow_missing_storage)?;
+        let protected = crate::node::paths::Protected::new(
+            &[state_dir.clone(), cfg.local_root(), cfg.block_root()],
+            &cfg.socket_path()
+                .ok()
+                .and_then(|p| std::path::absolute(p).ok())
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
         let d = Arc::new(Driver {
+            protected,
             dir_locks: std::sync::Mutex::new(dir_locks),
             topology_key: cfg.topology_key(),
             node_id,
@@ -265,7 +276,7 @@ impl Driver {
     /// else plainly.
     pub fn unpublish(&self, id: &str, target: &std::path::Path) -> Result<()> {
         match self.kind_of_id(id).or_else(|| self.kinds.get(&Kind::Nfs)) {
-            Some(k) => k.unpublish(target),
+            Some(k) => k.unpublish(id, target),
             None => crate::node::mounts::unpublish(&self.os, target),
         }
     }

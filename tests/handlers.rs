@@ -942,12 +942,13 @@ async fn publish_binds_readonly_once_and_detects_conflicts() {
         .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
         .await;
     assert_eq!(code(r), Code::AlreadyExists);
-    // No staging path: a required field missing.
+    // No staging path although STAGE_UNSTAGE_VOLUME is advertised: the
+    // spec's NodePublishVolume table says FAILED_PRECONDITION.
     let mut r = publish_req(&id, &staging, &h.path("t2"), false);
     r.staging_target_path.clear();
     assert_eq!(
         code(h.node.node_publish_volume(Request::new(r)).await),
-        Code::InvalidArgument
+        Code::FailedPrecondition
     );
     // Not staged there.
     let r = publish_req(&id, &h.path("elsewhere"), &h.path("t2"), false);
@@ -1133,10 +1134,11 @@ async fn unstage_refuses_while_published() {
 }
 
 /// How often each RPC of a local-volume lifecycle reads the whole mount
-/// table: stage, publish and unpublish decide from the mount-root and
-/// identity probes alone; unstage and DeleteVolume read it once each.
+/// table: publish and unpublish decide from the mount-root and identity
+/// probes alone; stage (is the volume mounted anywhere else?), unstage and
+/// DeleteVolume read it once each.
 #[tokio::test]
-async fn local_lifecycle_reads_the_mount_table_twice() {
+async fn local_lifecycle_reads_the_mount_table_three_times() {
     let h = fake(&[]);
     let f = h.fake();
     let mut reads = Vec::new();
@@ -1149,7 +1151,7 @@ async fn local_lifecycle_reads_the_mount_table_twice() {
         reads,
         vec![
             ("create", 0),
-            ("stage", 0),
+            ("stage", 1),
             ("publish", 0),
             ("unpublish", 0),
             ("unstage", 1),
@@ -1218,7 +1220,8 @@ async fn lifecycle_works_when_the_probe_cannot_tell() {
         .node_unpublish_volume(Request::new(un.clone()))
         .await
         .unwrap();
-    assert_eq!(h.fake().table_reads(), 1);
+    // One read to tell whose mount it is, one to unmount by.
+    assert_eq!(h.fake().table_reads(), 2);
     assert!(!h.fake().table().iter().any(|m| m.mount_point == target));
     assert!(!target.exists());
     h.node
@@ -1708,4 +1711,192 @@ async fn a_local_root_holding_none_of_its_volumes_stops_start_up() {
         .unwrap()
         .into_inner();
     assert!(v.status.unwrap().volume_condition.unwrap().abnormal);
+}
+
+// ------------------------------------------- Node paths and whose mount it is
+
+/// Berth's own directories are never a node RPC's path: a target or staging
+/// path in (or above) the state directory or a root is INVALID_ARGUMENT
+/// for publish, stage, unpublish and unstage alike, and nothing there is
+/// mounted or removed (the journal, the lock and a volume's directory stay).
+#[tokio::test]
+async fn node_paths_in_berths_own_directories_are_invalid_and_touch_nothing() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let other = create(&h, "b", 1 << 20).await.volume_id;
+    let before = std::fs::read_dir(h.path("state")).unwrap().count();
+    let vol_dir = h.path("local").join(&other);
+    let targets = [
+        h.path("state"),
+        h.path("state").join(".berth.lock"),
+        vol_dir.clone(),
+        h.path("local"),
+        h.dir.path().to_path_buf(),
+    ];
+    h.fake().clear_calls();
+    for t in &targets {
+        let r = h
+            .node
+            .node_unpublish_volume(Request::new(unpublish_req(&id, t)))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "unpublish {}", t.display());
+        let r = h
+            .node
+            .node_publish_volume(Request::new(publish_req(&id, &staging, t, false)))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "publish {}", t.display());
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_req(&other, t)))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "stage {}", t.display());
+        let r = h
+            .node
+            .node_unstage_volume(Request::new(unstage_req(&other, t)))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "unstage {}", t.display());
+    }
+    assert!(h.fake().calls().is_empty(), "{:?}", h.fake().calls());
+    assert!(vol_dir.is_dir());
+    assert_eq!(std::fs::read_dir(h.path("state")).unwrap().count(), before);
+    // A symlink to the state directory does not get around it.
+    let link = h.path("link");
+    std::os::unix::fs::symlink(h.path("state"), &link).unwrap();
+    let r = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &link.join("x"))))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+}
+
+/// NodeUnpublishVolume removes only what it unmounted or an empty
+/// directory: a file that nothing was mounted on stays.
+#[tokio::test]
+async fn unpublish_never_removes_a_file_nothing_was_mounted_on() {
+    let h = fake(&[]);
+    let (id, _staging) = staged(&h, "a").await;
+    let f = h.path("precious");
+    std::fs::write(&f, b"data").unwrap();
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &f)))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), b"data");
+    // Also with an id no kind knows.
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req("x", &f)))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), b"data");
+}
+
+/// Another volume's mounts are not this volume's to unmount: NodeUnpublish
+/// and NodeUnstage with volume A's id at volume B's target or staging path
+/// are FAILED_PRECONDITION, and B stays mounted (B's own guard was never
+/// taken, so nothing of B may change).
+#[tokio::test]
+async fn unpublish_and_unstage_refuse_another_volumes_mounts() {
+    let h = fake(&[]);
+    let (a, _sa) = staged(&h, "a").await;
+    let (b, sb) = staged(&h, "b").await;
+    let tb = h.path("tb");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&b, &sb, &tb, false)))
+        .await
+        .unwrap();
+    let r = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req(&a, &tb)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    let r = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req(&a, &sb)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    let r = h
+        .node
+        .node_unstage_volume(Request::new(unstage_req(&a, &sb)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert_eq!((mounted_at(&h, &tb), mounted_at(&h, &sb)), (1, 1));
+    assert!(tb.is_dir());
+    // B's own id unpublishes and unstages as ever.
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&b, &tb)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&b, &sb)))
+        .await
+        .unwrap();
+    assert_eq!((mounted_at(&h, &tb), mounted_at(&h, &sb)), (0, 0));
+}
+
+/// A repeat of NodePublishVolume at the same target asking for other mount
+/// flags is ALREADY_EXISTS (the mount keeps the flags it has), in both
+/// directions; the same flags again are OK.
+#[tokio::test]
+async fn republish_with_other_mount_flags_is_already_exists() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let with = |flags: &[&str]| {
+        let mut r = publish_req(&id, &staging, &h.path("t"), false);
+        r.volume_capability = Some(mount_cap_flags(Mode::SingleNodeWriter, flags));
+        r
+    };
+    h.node
+        .node_publish_volume(Request::new(with(&[])))
+        .await
+        .unwrap();
+    let r = h
+        .node
+        .node_publish_volume(Request::new(with(&["noexec", "nosuid"])))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    h.node
+        .node_publish_volume(Request::new(with(&[])))
+        .await
+        .unwrap();
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &h.path("t"))))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(with(&["noexec", "nosuid"])))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(with(&["noexec", "nosuid"])))
+        .await
+        .unwrap();
+    let r = h.node.node_publish_volume(Request::new(with(&[]))).await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    assert_eq!(mounted_at(&h, &h.path("t")), 1);
+}
+
+/// A volume is staged at one path at a time: NodeStageVolume at a second
+/// path is FAILED_PRECONDITION and mounts nothing, so the volume can always
+/// be unstaged (two staging paths would each count the other as a
+/// publication).
+#[tokio::test]
+async fn a_second_staging_path_is_failed_precondition() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let s2 = h.path("stage-2");
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &s2)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert_eq!(mounted_at(&h, &s2), 0);
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &s2)))
+        .await
+        .unwrap();
+    assert_eq!(mounted_at(&h, &s2), 1);
 }

@@ -896,7 +896,8 @@ async fn unstage_refuses_while_published_and_delete_while_staged() {
 
 /// Whole mount-table reads per RPC of a file-backed ext4 lifecycle:
 /// stage decides "in use?" from the same read as "already staged?",
-/// unpublish only probes, unstage reads once for its decisions and once
+/// unpublish reads once to tell that the target holds this volume's device
+/// (not another's), unstage reads once for its decisions and once
 /// more (after unmounting) before detaching the loop device, and
 /// DeleteVolume of a detached volume reads nothing.
 #[tokio::test]
@@ -916,7 +917,7 @@ async fn block_lifecycle_mount_table_reads() {
             ("create", 0),
             ("stage", 1),
             ("publish", 1),
-            ("unpublish", 0),
+            ("unpublish", 1),
             ("unstage", 2),
             ("delete", 0),
         ]
@@ -2262,4 +2263,57 @@ async fn a_block_root_holding_none_of_its_files_stops_start_up() {
     // The right root: starts.
     let cli = Cli::try_parse_from(args(dir.path(), &["--kinds", "block"])).unwrap();
     assert!(Driver::new(cli.config, Os::fake().0).is_ok());
+}
+
+/// A repeat of NodeStageVolume at the same staging path that asks for
+/// another filesystem, read-only, or other mount flags is ALREADY_EXISTS
+/// (the mount stays as it is); the same request again is OK. A second
+/// staging path of a staged volume is FAILED_PRECONDITION.
+#[tokio::test]
+async fn restage_with_another_capability_is_already_exists() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    let mut xfs = mount_cap(Mode::SingleNodeWriter);
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut xfs.access_type {
+        m.fs_type = "xfs".into();
+    }
+    for cap in [
+        xfs,
+        mount_cap_flags(Mode::SingleNodeWriter, &["ro"]),
+        mount_cap_flags(Mode::SingleNodeWriter, &["noexec"]),
+        mount_cap(Mode::SingleNodeReaderOnly),
+    ] {
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_with(&v.volume_id, &s, cap.clone())))
+            .await;
+        assert_eq!(code(r), Code::AlreadyExists, "{cap:?}");
+    }
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    let s2 = h.path("s2");
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s2)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    let mounts: Vec<_> = f
+        .table()
+        .into_iter()
+        .filter(|m| m.mount_point == s || m.mount_point == s2)
+        .collect();
+    assert_eq!(mounts.len(), 1);
+    assert!(
+        mounts[0].fs_type == "ext4" && !mounts[0].readonly(),
+        "{mounts:?}"
+    );
 }

@@ -951,23 +951,27 @@ async fn force_and_lazy_unmounts_are_only_for_nfs() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Internal);
     assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
-    // A bind mount found at an NFS volume's target is unmounted plainly too.
+    // A bind mount (not this NFS volume's share) found at an NFS volume's
+    // target is not this volume's: refused, nothing unmounted, no umount
+    // command run.
     let nfs_id = "nfs#d#h#/e#v";
     let t2 = h.path("t2");
     std::fs::create_dir(&t2).unwrap();
     use berth::os::Mounter;
     h.fake().bind(&staging, &t2, Default::default()).unwrap();
     h.fake().clear_calls();
-    h.node
+    let r = h
+        .node
         .node_unpublish_volume(Request::new(unpublish_req(nfs_id, &t2)))
-        .await
-        .unwrap();
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
     assert!(runs(h.fake()).is_empty());
-    assert!(h
+    assert!(!h
         .fake()
         .calls()
         .iter()
-        .any(|c| matches!(c, Call::Unmount { target } if *target == t2)));
+        .any(|c| matches!(c, Call::Unmount { .. })));
+    assert!(h.fake().table().iter().any(|m| m.mount_point == t2));
 }
 
 #[tokio::test]
@@ -1092,7 +1096,7 @@ async fn mixed_instance_stages_nfs_as_a_no_op_and_publishes_at_the_target() {
     p.staging_target_path.clear();
     assert_eq!(
         code(h.node.node_publish_volume(Request::new(p)).await),
-        Code::InvalidArgument
+        Code::FailedPrecondition
     );
     delete(&h, &id).await.unwrap();
 }

@@ -523,3 +523,78 @@ async fn unpublish_and_unstage_without_a_record_unmount_by_path() {
     assert!(mount_entries(&staging).is_empty());
     assert!(mounts_under(h.dir.path()).is_empty());
 }
+
+/// With the real kernel: volume A's id never unmounts volume B's target or
+/// staging path (FAILED_PRECONDITION, B stays mounted and readable); a
+/// plain repeat of B's publish is OK, one with other flags ALREADY_EXISTS;
+/// a second staging path of B is FAILED_PRECONDITION; and NodeUnpublish of
+/// a plain file leaves it.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn another_volumes_mounts_are_not_touched() {
+    let (h, _g) = real(&[]);
+    let (a, _sa) = create_and_stage(&h, "a").await;
+    let (b, sb) = create_and_stage(&h, "b").await;
+    let tb = h.path("tb");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&b, &sb, &tb, false)))
+        .await
+        .unwrap();
+    std::fs::write(tb.join("f"), b"b's").unwrap();
+    let unpub = |id: &str, p: &Path| csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: p.display().to_string(),
+    };
+    for p in [&tb, &sb] {
+        let r = h
+            .node
+            .node_unpublish_volume(Request::new(unpub(&a, p)))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{}", p.display());
+    }
+    let r = h
+        .node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: a.clone(),
+            staging_target_path: sb.display().to_string(),
+        }))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert_eq!((mount_entries(&tb).len(), mount_entries(&sb).len()), (1, 1));
+    assert_eq!(std::fs::read(tb.join("f")).unwrap(), b"b's");
+
+    h.node
+        .node_publish_volume(Request::new(publish_req(&b, &sb, &tb, false)))
+        .await
+        .unwrap();
+    let mut noexec = publish_req(&b, &sb, &tb, false);
+    noexec.volume_capability = Some(mount_cap_flags(Mode::SingleNodeWriter, &["noexec"]));
+    assert_eq!(
+        code(h.node.node_publish_volume(Request::new(noexec)).await),
+        Code::AlreadyExists
+    );
+    assert!(!mount_entries(&tb)[0].has_option("noexec"));
+
+    let s2 = h.path("staging-b2");
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&b, &s2)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert!(mount_entries(&s2).is_empty());
+
+    let file = h.path("plain-file");
+    std::fs::write(&file, b"keep").unwrap();
+    h.node
+        .node_unpublish_volume(Request::new(unpub(&b, &file)))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+
+    h.node
+        .node_unpublish_volume(Request::new(unpub(&b, &tb)))
+        .await
+        .unwrap();
+    assert!(mount_entries(&tb).is_empty());
+    assert!(!tb.exists());
+}

@@ -377,9 +377,13 @@ pub trait VolumeKind: Send + Sync {
     /// the CO can finish tearing the pod down.
     fn unstage_path(&self, id: &str, staging: &Path) -> Result<()>;
     fn publish(&self, rec: &VolumeRecord, args: &PublishArgs<'_>) -> Result<()>;
-    /// NodeUnpublishVolume: unmounts everything at `target` and removes
-    /// it. Works from the path alone: no record is needed.
-    fn unpublish(&self, target: &Path) -> Result<()>;
+    /// NodeUnpublishVolume of volume `id` (an id of this kind): unmounts
+    /// everything at `target` and removes it. Works from the path alone: no
+    /// record is needed. When the kind can tell that the mount at `target`
+    /// is not volume `id`'s (another volume's, or not Berth's), it refuses
+    /// (FAILED_PRECONDITION) and unmounts nothing; when it cannot tell (no
+    /// record, the volume's storage gone), it unmounts.
+    fn unpublish(&self, id: &str, target: &Path) -> Result<()>;
 
     /// NOT_FOUND when the volume is not available at `path`.
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats>;

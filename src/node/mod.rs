@@ -9,6 +9,7 @@ mod node_publish_volume;
 mod node_stage_volume;
 mod node_unpublish_volume;
 mod node_unstage_volume;
+pub mod paths;
 
 use std::sync::Arc;
 

@@ -144,12 +144,36 @@ pub fn bind_flags(cap: &Capability) -> Result<MountFlags> {
     Ok(f)
 }
 
+/// Whether the mount `m` has the per-mount flags that mounting with `want`
+/// gives: ro, nosuid, nodev and noexec each exactly as asked or as
+/// `inherited` has them (a bind mount keeps its source mount's flags), and
+/// noatime when asked. An idempotent repeat of a publish or stage compares
+/// with this, so a repeat asking for other flags is ALREADY_EXISTS rather
+/// than an OK that leaves the old flags in place.
+pub fn has_flags(m: &MountEntry, want: MountFlags, inherited: Option<&MountEntry>) -> bool {
+    let inh = |o: &str| inherited.is_some_and(|s| s.has_option(o));
+    [
+        (want.readonly, "ro"),
+        (want.nosuid, "nosuid"),
+        (want.nodev, "nodev"),
+        (want.noexec, "noexec"),
+    ]
+    .iter()
+    .all(|(w, o)| m.has_option(o) == (*w || inh(o)))
+        && (!want.noatime || m.has_option("noatime"))
+}
+
 /// Creates a directory if it is missing (not its parents); true when it
 /// created it.
 pub fn ensure_dir(os: &Os, path: &Path) -> Result<bool> {
     crate::os::files::ensure_dir(os.files.as_ref(), path, 0o777).map_err(|e| {
         if e.errno() == Some(libc::ENOTDIR) {
             Error::WrongState(format!("{} exists and is not a directory", path.display()))
+        } else if e.errno() == Some(libc::ENOENT) {
+            Error::WrongState(format!(
+                "the parent directory of {} does not exist (the CO creates it)",
+                path.display()
+            ))
         } else {
             Error::os(format!("creating {}", path.display()), e)
         }
@@ -168,25 +192,46 @@ pub fn mount_on_dir(os: &Os, target: &Path, mount: impl FnOnce() -> Result<()>) 
     r
 }
 
+/// FAILED_PRECONDITION when a volume about to be staged at a new path is
+/// mounted already (`mounted_at`: staged at another path, or published
+/// from there). One staging path per volume: a second one could never be
+/// unstaged (each would count the other as a publication), and Kubernetes
+/// stages a volume at one path per node.
+pub fn refuse_staged_elsewhere(staging: &Path, mounted_at: &[PathBuf]) -> Result<()> {
+    if mounted_at.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = mounted_at.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::WrongState(format!(
+        "volume is already mounted at {}; it is staged at one path at a time: unstage it there before staging it at {}",
+        list.join(", "),
+        staging.display()
+    )))
+}
+
 /// Stages by bind-mounting `source` (a directory) at `staging`. Idempotent:
 /// an existing bind of the same directory is success; any other mount there
-/// is ALREADY_EXISTS. When the probe says nothing is mounted at `staging`,
-/// it binds without reading mountinfo.
+/// is ALREADY_EXISTS; the directory mounted anywhere else is
+/// FAILED_PRECONDITION (`refuse_staged_elsewhere`).
 pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
-    if os.probe.mount_root(staging) != Some(false) {
-        let t = table(os)?;
-        if let Some(top) = at(os, &t, staging).last() {
-            let obj = mountinfo::object_of(&t, source)
-                .ok_or_else(|| Error::Internal(format!("no mount holds {}", source.display())))?;
-            if object(top) == obj {
-                return Ok(());
-            }
-            return Err(Error::Conflict(format!(
-                "staging path {} already has another mount",
-                staging.display()
-            )));
+    let t = table(os)?;
+    let obj = mountinfo::object_of(&t, source)
+        .ok_or_else(|| Error::Internal(format!("no mount holds {}", source.display())))?;
+    if let Some(top) = at(os, &t, staging).last() {
+        if object(top) == obj {
+            return Ok(());
         }
+        return Err(Error::Conflict(format!(
+            "staging path {} already has another mount",
+            staging.display()
+        )));
     }
+    let elsewhere: Vec<PathBuf> = mountinfo::mounts_of(&t, &obj)
+        .into_iter()
+        .filter(|m| m.mount_point != source)
+        .map(|m| m.mount_point.clone())
+        .collect();
+    refuse_staged_elsewhere(staging, &elsewhere)?;
     mount_on_dir(os, staging, || {
         os.mounter
             .bind(source, staging, MountFlags::default())
@@ -266,11 +311,12 @@ pub fn publish_bind(
     let exp = expected(&t);
     let obj = staged_object(os, &t, staging, exp.as_ref())?;
     if let Some(top) = at(os, &t, target).last() {
-        if object(top) == obj && top.readonly() == flags.readonly {
+        let staged = at(os, &t, staging).last().copied();
+        if object(top) == obj && has_flags(top, flags, staged) {
             return Ok(());
         }
         return Err(Error::Conflict(format!(
-            "target {} is already mounted with a different volume or read-only setting",
+            "target {} is already mounted with a different volume, read-only setting or mount flags",
             target.display()
         )));
     }
@@ -310,27 +356,31 @@ pub fn refuse_second_target(
 /// mountinfo. When the probe cannot tell, or when umount answers EINVAL
 /// (not mounted: someone else unmounted meanwhile, or the probe and umount
 /// disagree), mountinfo decides (as in `unmount_all_in`). EBUSY is returned
-/// as an error to retry, never turned into a lazy unmount.
-pub fn unmount_all(os: &Os, path: &Path) -> Result<()> {
+/// as an error to retry, never turned into a lazy unmount. Returns how many
+/// mounts it removed.
+pub fn unmount_all(os: &Os, path: &Path) -> Result<usize> {
     for done in 0..MAX_UNMOUNTS {
         match os.probe.mount_root(path) {
-            Some(false) => return Ok(()),
+            Some(false) => return Ok(done),
             Some(true) => {}
-            None => return unmount_listed(os, &table(os)?, path, MAX_UNMOUNTS - done),
+            None => {
+                return unmount_listed(os, &table(os)?, path, MAX_UNMOUNTS - done).map(|n| n + done)
+            }
         }
         match os.mounter.unmount(path) {
             Ok(()) => {}
             Err(e) if e.errno() == Some(libc::EINVAL) => {
-                return unmount_listed(os, &table(os)?, path, MAX_UNMOUNTS - done - 1);
+                return unmount_listed(os, &table(os)?, path, MAX_UNMOUNTS - done - 1)
+                    .map(|n| n + done);
             }
             Err(e) => return Err(Error::os(format!("unmounting {}", path.display()), e)),
         }
     }
     // The budget is spent; one last look decides between done and stuck.
     match os.probe.mount_root(path) {
-        Some(false) => Ok(()),
+        Some(false) => Ok(MAX_UNMOUNTS),
         Some(true) => Err(still_mounted(path)),
-        None => unmount_listed(os, &table(os)?, path, 0),
+        None => unmount_listed(os, &table(os)?, path, 0).map(|n| n + MAX_UNMOUNTS),
     }
 }
 
@@ -338,18 +388,23 @@ pub fn unmount_all(os: &Os, path: &Path) -> Result<()> {
 /// many times as the table shows mounts at `path`, reading the table again
 /// only if the kernel disagrees.
 pub fn unmount_all_in(os: &Os, t: &[MountEntry], path: &Path) -> Result<()> {
-    unmount_listed(os, t, path, MAX_UNMOUNTS)
+    unmount_listed(os, t, path, MAX_UNMOUNTS).map(|_| ())
 }
 
-/// `unmount_all_in` with at most `budget` unmount calls.
-fn unmount_listed(os: &Os, t: &[MountEntry], path: &Path, budget: usize) -> Result<()> {
+/// `unmount_all_in` with at most `budget` unmount calls; how many it made
+/// that succeeded.
+fn unmount_listed(os: &Os, t: &[MountEntry], path: &Path, budget: usize) -> Result<usize> {
     let mut n = at(os, t, path).len();
+    let mut removed = 0;
     for _ in 0..budget {
         if n == 0 {
-            return Ok(());
+            return Ok(removed);
         }
         match os.mounter.unmount(path) {
-            Ok(()) => n -= 1,
+            Ok(()) => {
+                n -= 1;
+                removed += 1;
+            }
             // EINVAL: not mounted any more (someone else unmounted): look
             // again.
             Err(e) if e.errno() == Some(libc::EINVAL) => {
@@ -359,7 +414,7 @@ fn unmount_listed(os: &Os, t: &[MountEntry], path: &Path, budget: usize) -> Resu
         }
     }
     if n == 0 {
-        return Ok(());
+        return Ok(removed);
     }
     Err(still_mounted(path))
 }
@@ -371,9 +426,11 @@ fn still_mounted(path: &Path) -> Error {
     ))
 }
 
-/// Removes a target path the driver created: an empty directory with rmdir
-/// or a device file, never recursively. Missing is fine.
-pub fn remove_target(os: &Os, path: &Path) -> Result<()> {
+/// Removes a target path the driver created: an empty directory with rmdir,
+/// never recursively; anything else (the file a raw block volume is bound
+/// on) only when `file_is_ours` (it was just unmounted, or Berth named it),
+/// else it is left as it is. Missing is fine.
+pub fn remove_target(os: &Os, path: &Path, file_is_ours: bool) -> Result<()> {
     let gone = |e: &crate::os::OsError| e.errno() == Some(libc::ENOENT);
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -387,6 +444,10 @@ pub fn remove_target(os: &Os, path: &Path) -> Result<()> {
             }
             Err(e) => Err(Error::os(format!("removing {}", path.display()), e)),
         },
+        Ok(_) if !file_is_ours => {
+            tracing::warn!(path = %path.display(), "target is not a directory and nothing was mounted on it; leaving it");
+            Ok(())
+        }
         Ok(_) => match os.files.remove_file(path) {
             Err(e) if !gone(&e) => Err(Error::os(format!("removing {}", path.display()), e)),
             _ => Ok(()),
@@ -394,10 +455,54 @@ pub fn remove_target(os: &Os, path: &Path) -> Result<()> {
     }
 }
 
-/// Unpublishes: unmount everything at `target`, then remove it.
+/// Whether the mount shows a directory that was removed after it was
+/// mounted (mountinfo marks its root `//deleted`): it cannot be told apart
+/// from the volume's own, and is never a reason to refuse an unmount.
+pub fn deleted(m: &MountEntry) -> bool {
+    m.root
+        .as_os_str()
+        .as_encoded_bytes()
+        .ends_with(b"//deleted")
+}
+
+/// The refusal to unmount another volume's (or anything not Berth's) mount.
+pub fn foreign(path: &Path, id: &str, top: &MountEntry) -> Error {
+    Error::WrongState(format!(
+        "{} holds a mount that is not volume {id} ({} from {}); refusing to unmount it",
+        path.display(),
+        top.fs_type,
+        top.source
+    ))
+}
+
+/// FAILED_PRECONDITION when the top mount at `path` shows something other
+/// than `dir` (volume `id`'s directory). Nothing mounted, or the same
+/// directory (the identity probe, without mountinfo): Ok. When `dir` is
+/// gone, or the mount's directory was removed, nothing can be told: Ok.
+pub fn refuse_foreign_dir(os: &Os, dir: &Path, id: &str, path: &Path) -> Result<()> {
+    if os.probe.mount_root(path) == Some(false) {
+        return Ok(());
+    }
+    if let (Some(a), Some(b)) = (os.probe.identity(path), os.probe.identity(dir)) {
+        if a == b {
+            return Ok(());
+        }
+    }
+    let t = table(os)?;
+    let Some(top) = at(os, &t, path).last().copied() else {
+        return Ok(());
+    };
+    match mountinfo::object_of(&t, dir) {
+        Some(obj) if obj != object(top) && !deleted(top) => Err(foreign(path, id, top)),
+        _ => Ok(()),
+    }
+}
+
+/// Unpublishes: unmount everything at `target`, then remove it (a file
+/// only if a mount was just taken off it).
 pub fn unpublish(os: &Os, target: &Path) -> Result<()> {
-    unmount_all(os, target)?;
-    remove_target(os, target)
+    let unmounted = unmount_all(os, target)?;
+    remove_target(os, target, unmounted > 0)
 }
 
 /// Unstages: refuses while the staged volume is still mounted elsewhere
@@ -413,9 +518,20 @@ pub fn unstage(os: &Os, staging: &Path, source: Option<&Path>) -> Result<()> {
 /// `unstage` with a mount table the caller already read (and that still
 /// shows what is mounted at `staging` and where its volume is mounted).
 pub fn unstage_in(os: &Os, t: &[MountEntry], staging: &Path, source: Option<&Path>) -> Result<()> {
-    let Some(top) = at(os, t, staging).last().map(|e| object(e)) else {
+    let Some(top_entry) = at(os, t, staging).last().copied() else {
         return Ok(());
     };
+    let top = object(top_entry);
+    if let Some(src) = source.and_then(|s| mountinfo::object_of(t, s)) {
+        if src != top && !deleted(top_entry) {
+            return Err(Error::WrongState(format!(
+                "staging path {} holds a mount that is not this volume ({} from {}); refusing to unmount it",
+                staging.display(),
+                top_entry.fs_type,
+                top_entry.source
+            )));
+        }
+    }
     let here = ids_at(os, t, &[staging]);
     let others: Vec<_> = mountinfo::mounts_of(t, &top)
         .into_iter()
@@ -531,12 +647,11 @@ mod tests {
     }
 
     #[test]
-    fn stage_on_a_free_path_binds_without_reading_the_table() {
+    fn stage_reads_the_table_once_and_binds() {
         let e = env();
         let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
         stage_bind(&e.os, &src, &staging).unwrap();
-        assert_eq!(e.fake.table_reads(), 0);
-        assert_eq!(e.fake.probes(), 1);
+        assert_eq!(e.fake.table_reads(), 1);
         assert_eq!(
             e.fake.calls(),
             vec![Call::Bind {
@@ -581,12 +696,32 @@ mod tests {
         stage_bind(&e.os, &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 2);
         assert_eq!(binds(&e.fake), 1, "idempotent");
-        // A one-off failure of the probe is "don't know" too.
-        let other = e.root.join("stage2");
-        e.fake.fail_next("mount_root", libc::EIO);
+    }
+
+    /// A volume is staged at one path at a time: a second staging path is
+    /// FAILED_PRECONDITION and mounts nothing (two staging paths could never
+    /// be unstaged, each counting the other as a publication); once
+    /// unstaged, the other path works.
+    #[test]
+    fn a_second_staging_path_is_refused_until_the_first_is_unstaged() {
+        let e = env();
+        let (src, staging, other) = (
+            e.root.join("vol-a"),
+            e.root.join("stage"),
+            e.root.join("stage2"),
+        );
+        stage_bind(&e.os, &src, &staging).unwrap();
+        let r = stage_bind(&e.os, &src, &other);
+        assert!(
+            matches!(&r, Err(Error::WrongState(m)) if m.contains("stage")),
+            "{r:?}"
+        );
+        assert_eq!(at(&e.fake, &other), 0);
+        unstage(&e.os, &staging, Some(&src)).unwrap();
         stage_bind(&e.os, &src, &other).unwrap();
-        assert_eq!(e.fake.table_reads(), 3);
         assert_eq!(at(&e.fake, &other), 1);
+        unstage(&e.os, &other, Some(&src)).unwrap();
+        assert_eq!(at(&e.fake, &other), 0);
     }
 
     /// A target with the publish bind and one more stacked on it.

@@ -16,15 +16,15 @@ pub async fn handle(
     req: csi::NodePublishVolumeRequest,
 ) -> Result<csi::NodePublishVolumeResponse> {
     let id = validate::volume_id(&req.volume_id)?;
-    let target = validate::abs_path("target_path", &req.target_path)?;
+    let target = d.protected.check("target_path", &req.target_path)?;
     let cap = convert::required_capability(req.volume_capability.as_ref())?;
     let staging = if req.staging_target_path.is_empty() {
         None
     } else {
-        Some(validate::abs_path(
-            "staging_target_path",
-            &req.staging_target_path,
-        )?)
+        Some(
+            d.protected
+                .check("staging_target_path", &req.staging_target_path)?,
+        )
     };
     if staging.as_ref() == Some(&target) {
         return Err(Error::Invalid(
@@ -40,9 +40,10 @@ pub async fn handle(
             Some(s) => s.as_path(),
             None if !kind.node_local() => Path::new(""),
             None => {
-                // A required field that is missing: INVALID_ARGUMENT, as for
-                // every other missing field.
-                return Err(Error::Invalid(
+                // The CSI spec's NodePublishVolume table: STAGE_UNSTAGE_VOLUME
+                // is advertised and no staging path was given:
+                // FAILED_PRECONDITION.
+                return Err(Error::WrongState(
                     "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)"
                         .into(),
                 ))

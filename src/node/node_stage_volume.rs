@@ -13,7 +13,9 @@ pub async fn handle(
     req: csi::NodeStageVolumeRequest,
 ) -> Result<csi::NodeStageVolumeResponse> {
     let id = validate::volume_id(&req.volume_id)?;
-    let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
+    let staging = d
+        .protected
+        .check("staging_target_path", &req.staging_target_path)?;
     let cap = convert::required_capability(req.volume_capability.as_ref())?;
     validate::map("publish_context", &req.publish_context)?;
     validate::map("volume_context", &req.volume_context)?;

@@ -17,7 +17,7 @@ pub async fn handle(
     req: csi::NodeUnpublishVolumeRequest,
 ) -> Result<csi::NodeUnpublishVolumeResponse> {
     let id = validate::volume_id(&req.volume_id)?.to_string();
-    let target = validate::abs_path("target_path", &req.target_path)?;
+    let target = d.protected.check("target_path", &req.target_path)?;
     let guard = d.locks.try_lock(vol_key(&id))?;
     d.run(guard, move |d| d.unpublish(&id, &target)).await?;
     Ok(csi::NodeUnpublishVolumeResponse {})

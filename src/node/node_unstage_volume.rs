@@ -16,7 +16,9 @@ pub async fn handle(
     req: csi::NodeUnstageVolumeRequest,
 ) -> Result<csi::NodeUnstageVolumeResponse> {
     let id = validate::volume_id(&req.volume_id)?.to_string();
-    let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
+    let staging = d
+        .protected
+        .check("staging_target_path", &req.staging_target_path)?;
     let guard = d.locks.try_lock(vol_key(&id))?;
     d.run(guard, move |d| match d.volume(&id) {
         Ok(rec) => d.kind(rec.kind)?.unstage(&rec, &staging),

@@ -736,7 +736,8 @@ impl VolumeKind for BlockKind {
         self.unstage_at(id, staging, None)
     }
 
-    fn unpublish(&self, target: &Path) -> Result<()> {
+    fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
+        self.refuse_foreign(id, target)?;
         mounts::unpublish(&self.os, target)
     }
 

@@ -154,6 +154,7 @@ impl BlockKind {
                 staging.display()
             )));
         }
+        mounts::refuse_staged_elsewhere(staging, &Self::users(&t, &dev))?;
         mounts::mount_on_dir(&self.os, staging, || {
             self.bind_on_file(&dev.path, &marker, MountFlags::default(), "staging")
         })
@@ -173,6 +174,20 @@ impl BlockKind {
         let t = mounts::table(&self.os)?;
         if let Some(top) = mounts::at(&self.os, &t, staging).last() {
             if (top.major, top.minor) == (dev.major, dev.minor) && top.root == Path::new("/") {
+                if top.fs_type != fs.as_str() || !mounts::has_flags(top, flags, None) {
+                    return Err(Error::Conflict(format!(
+                        "volume {} is staged at {} as {} ({}), not as asked ({fs}, {})",
+                        rec.id,
+                        staging.display(),
+                        top.fs_type,
+                        top.options,
+                        if flags.readonly {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                    )));
+                }
                 // Staged already; a restore whose growth failed after the
                 // mount is grown now (a retry must not answer OK with the
                 // filesystem still at the source's size).
@@ -183,7 +198,9 @@ impl BlockKind {
                 staging.display()
             )));
         }
-        let facts_in_use = !Self::users(&t, &dev).is_empty();
+        let users = Self::users(&t, &dev);
+        mounts::refuse_staged_elsewhere(staging, &users)?;
+        let facts_in_use = !users.is_empty();
         let facts = format::Facts {
             in_use: facts_in_use,
             file_has_data: if info.disk.is_some() {
@@ -318,7 +335,7 @@ impl BlockKind {
             mounts::unstage_in(&self.os, &t, &marker, None)?;
         }
         if std::fs::symlink_metadata(&marker).is_ok() {
-            mounts::remove_target(&self.os, &marker)?;
+            mounts::remove_target(&self.os, &marker, true)?;
         }
         if let Some(top) = mounts::at(&self.os, &t, staging).last() {
             let ours = dev.is_none_or(|d| (top.major, top.minor) == (d.major, d.minor));
@@ -422,6 +439,32 @@ impl BlockKind {
             }
             Error::os(format!("{what} at {}", file.display()), e)
         })
+    }
+
+    /// FAILED_PRECONDITION when the top mount at `path` is known not to be
+    /// volume `id`'s: its record names a device that is there, and the
+    /// mount shows neither that device's filesystem nor its device node.
+    /// Without a record or a device nothing can be told: Ok.
+    pub(super) fn refuse_foreign(&self, id: &str, path: &Path) -> Result<()> {
+        if self.os.probe.mount_root(path) == Some(false) {
+            return Ok(());
+        }
+        let Some(rec) = self.store.get(id) else {
+            return Ok(());
+        };
+        let Ok(Some(dev)) = self.current_device(&rec) else {
+            return Ok(());
+        };
+        let t = mounts::table(&self.os)?;
+        let Some(top) = mounts::at(&self.os, &t, path).last().copied() else {
+            return Ok(());
+        };
+        let fs = (top.major, top.minor) == (dev.major, dev.minor);
+        let node = mountinfo::object_of(&t, &dev.path).as_ref() == Some(&mounts::object(top));
+        if fs || node || mounts::deleted(top) {
+            return Ok(());
+        }
+        Err(mounts::foreign(path, id, top))
     }
 
     pub(super) fn volume_stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {

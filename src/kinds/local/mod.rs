@@ -896,7 +896,10 @@ impl VolumeKind for LocalKind {
         mounts::unstage(&self.os, staging, None)
     }
 
-    fn unpublish(&self, target: &Path) -> Result<()> {
+    fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
+        if let Ok(dir) = self.dir(id) {
+            mounts::refuse_foreign_dir(&self.os, &dir, id, target)?;
+        }
         mounts::unpublish(&self.os, target)
     }
 

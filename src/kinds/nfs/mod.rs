@@ -618,9 +618,21 @@ impl VolumeKind for NfsKind {
         self.publish_nfs(&vid, a.target, a.capability, a.readonly)
     }
 
-    fn unpublish(&self, target: &Path) -> Result<()> {
+    fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
+        // The top mount at the target must be this volume's share (or a
+        // mount whose directory is gone); an id that is not an NFS id (a
+        // kind no longer served) cannot tell.
+        if let Ok(vid) = self.parse_id(id) {
+            let t = mounts::table(&self.os)?;
+            if let Some(top) = mounts::at(&self.os, &t, target).last() {
+                let ours = is_nfs(top) && same_source(&top.source, &vid.source());
+                if !ours && !mounts::deleted(top) {
+                    return Err(mounts::foreign(target, id, top));
+                }
+            }
+        }
         self.unmount_target(target)?;
-        mounts::remove_target(&self.os, target)
+        mounts::remove_target(&self.os, target, false)
     }
 
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {

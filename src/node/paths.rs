@@ -1,0 +1,169 @@
+//! The paths a node RPC may mount on, unmount or remove: an absolute,
+//! normal path (see `validate::abs_path`) with no component longer than a
+//! file name may be, and never one of Berth's own directories. A target or
+//! staging path at or below the state directory or a kind's root (a volume's
+//! directory, the journal, a backing file), or at or above one of them or
+//! the socket (a mount there would hide them), is INVALID_ARGUMENT for
+//! every node RPC, before anything is touched. The path is compared as
+//! given and with its parent resolved (symlinks in the directories above
+//! it), so a link to Berth's directories does not get around it; the last
+//! component is never followed (the kinds refuse a symlink there).
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::validate;
+
+/// The longest file name (one path component) Linux filesystems take.
+const NAME_MAX: usize = 255;
+
+/// Berth's own directories, as configured and resolved.
+#[derive(Debug, Default, Clone)]
+pub struct Protected {
+    /// Nothing may be mounted at, below or above these (state directory,
+    /// kinds' roots).
+    roots: Vec<PathBuf>,
+    /// Nothing may be mounted at or above these (the socket).
+    above: Vec<PathBuf>,
+}
+
+impl Protected {
+    /// `roots`: the state directory and the kinds' roots; `above`: paths
+    /// only their ancestors of which are off limits (the socket). Each is
+    /// kept as given and, if it exists, resolved.
+    pub fn new(roots: &[PathBuf], above: &[PathBuf]) -> Self {
+        let both = |ps: &[PathBuf]| {
+            let mut v = Vec::new();
+            for p in ps {
+                v.push(p.clone());
+                if let Ok(c) = resolved(p) {
+                    if &c != p {
+                        v.push(c);
+                    }
+                }
+            }
+            v
+        };
+        Self {
+            roots: both(roots),
+            above: both(above),
+        }
+    }
+
+    /// Validates a node RPC's path field and refuses Berth's own
+    /// directories (INVALID_ARGUMENT).
+    pub fn check(&self, field: &str, v: &str) -> Result<PathBuf> {
+        let p = validate::abs_path(field, v)?;
+        if p.components().any(|c| c.as_os_str().len() > NAME_MAX) {
+            return Err(Error::Invalid(format!(
+                "{field} has a component longer than {NAME_MAX} bytes"
+            )));
+        }
+        let mut forms = vec![p.clone()];
+        if let Ok(r) = resolved(&p) {
+            if r != p {
+                forms.push(r);
+            }
+        }
+        for f in &forms {
+            if let Some(r) = self
+                .roots
+                .iter()
+                .find(|r| f.starts_with(r) || r.starts_with(f))
+            {
+                return Err(Error::Invalid(format!(
+                    "{field} {} is {} Berth's own directory {}",
+                    p.display(),
+                    if f.starts_with(r) { "in" } else { "above" },
+                    r.display()
+                )));
+            }
+            if let Some(a) = self.above.iter().find(|a| a.starts_with(f)) {
+                return Err(Error::Invalid(format!(
+                    "{field} {} is at or above Berth's socket {}",
+                    p.display(),
+                    a.display()
+                )));
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// `p` with the symlinks in its parent directories resolved (the last
+/// component as it is); an error when the parent does not resolve.
+fn resolved(p: &Path) -> std::io::Result<PathBuf> {
+    match (p.parent(), p.file_name()) {
+        (Some(parent), Some(name)) => Ok(std::fs::canonicalize(parent)?.join(name)),
+        _ => std::fs::canonicalize(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Protected) {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        for s in ["state", "local", "block"] {
+            std::fs::create_dir_all(data.join(s)).unwrap();
+        }
+        let p = Protected::new(
+            &[data.join("state"), data.join("local"), data.join("block")],
+            &[data.join("csi.sock")],
+        );
+        (d, p)
+    }
+
+    #[test]
+    fn berths_own_directories_are_refused_and_their_neighbours_are_not() {
+        let (d, p) = setup();
+        let data = d.path().join("data");
+        let s = |p: PathBuf| p.display().to_string();
+        for bad in [
+            data.join("state"),
+            data.join("state/journal/log-0.jsonl"),
+            data.join("local/local-0123"),
+            data.join("block"),
+            data.clone(),
+            d.path().to_path_buf(),
+        ] {
+            let r = p.check("target_path", &s(bad.clone()));
+            assert!(
+                matches!(r, Err(Error::Invalid(_))),
+                "{}: {r:?}",
+                bad.display()
+            );
+        }
+        for good in [
+            data.join("stage"),
+            data.join("targets/t1"),
+            data.join("csi.sock.d"),
+            data.join("localx"),
+            d.path().join("elsewhere/t"),
+        ] {
+            assert_eq!(p.check("target_path", &s(good.clone())).unwrap(), good);
+        }
+    }
+
+    #[test]
+    fn a_symlink_above_the_path_does_not_get_around_it() {
+        let (d, p) = setup();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path().join("data/state"), &link).unwrap();
+        let r = p.check("target_path", &link.join("journal").display().to_string());
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_component_longer_than_a_file_name_is_invalid() {
+        let (_d, p) = setup();
+        let long = format!("/tmp/{}", "a".repeat(256));
+        assert!(matches!(
+            p.check("target_path", &long),
+            Err(Error::Invalid(_))
+        ));
+        let ok = format!("/tmp/{}", "a".repeat(255));
+        assert!(p.check("target_path", &ok).is_ok());
+    }
+}

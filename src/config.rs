@@ -161,8 +161,9 @@ pub struct Config {
 
     /// Start even when the local or block root holds none of the volumes
     /// recorded for it (berth refuses by default: the root is the wrong
-    /// directory or its filesystem is not mounted yet). Only when their
-    /// storage is gone for good, to delete their PVs.
+    /// directory or its filesystem is not mounted yet), or when the state
+    /// holds no record of the volumes in the local root (they are then kept
+    /// aside). Only when their storage, or records, are gone for good.
     #[arg(long, env = "BERTH_ALLOW_MISSING_STORAGE")]
     pub allow_missing_storage: bool,
 
@@ -186,8 +187,15 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 
 impl Config {
     /// Makes every directory absolute (mount decisions compare absolute
-    /// paths with mountinfo).
+    /// paths with mountinfo), and names each kind once (`--kinds
+    /// local,local` is `local`).
     pub fn absolutize(&mut self) -> std::io::Result<()> {
+        let mut seen = Vec::new();
+        self.kinds.retain(|k| {
+            let new = !seen.contains(k);
+            seen.push(*k);
+            new
+        });
         self.data_dir = std::path::absolute(&self.data_dir)?;
         for p in [
             &mut self.state_dir,
@@ -310,6 +318,9 @@ mod tests {
         );
         assert!(parse(&["--mode", "node"]).is_ok());
         assert!(parse(&["--mode", "both"]).is_err());
+        let mut c = parse(&["--kinds", "local,block,local"]).unwrap().config;
+        c.absolutize().unwrap();
+        assert_eq!(c.kinds, vec![Kind::Local, Kind::Block]);
     }
 
     #[test]

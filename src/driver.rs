@@ -40,6 +40,7 @@ impl Driver {
         cfg.absolutize()
             .map_err(|e| Error::io("resolving the data directories", e))?;
         let node_id = cfg.resolved_node_id().map_err(Error::Invalid)?;
+        check_dirs_apart(&cfg)?;
         let state_dir = cfg.state_dir();
         let mut dir_locks = vec![prepare_dir(&os, &state_dir, "state directory")?];
         for k in &cfg.kinds {
@@ -563,6 +564,37 @@ pub fn now_unix() -> u64 {
 /// the storage is gone for good. A root that lacks only some of its
 /// volumes is reported. Volumes recorded on another node id (a changed
 /// --node-id) are reported too: they cannot be staged here.
+/// The state directory and the roots of the kinds served are distinct and
+/// none is inside another (a root inside the state directory, or the other
+/// way round, would take the other's files for volumes or orphans), and no
+/// root is `/`: INVALID_ARGUMENT before anything is touched.
+fn check_dirs_apart(cfg: &Config) -> Result<()> {
+    let mut dirs = vec![("--state-dir", cfg.state_dir())];
+    if cfg.kinds.contains(&Kind::Local) {
+        dirs.push(("--local-root", cfg.local_root()));
+    }
+    if cfg.kinds.contains(&Kind::Block) {
+        dirs.push(("--block-root", cfg.block_root()));
+    }
+    for (flag, d) in &dirs {
+        if d.parent().is_none() {
+            return Err(Error::Invalid(format!("{flag} must not be /")));
+        }
+    }
+    for (i, (fa, a)) in dirs.iter().enumerate() {
+        for (fb, b) in &dirs[i + 1..] {
+            if a.starts_with(b) || b.starts_with(a) {
+                return Err(Error::Invalid(format!(
+                    "{fa} {} and {fb} {} overlap: each needs a directory of its own, neither inside the other",
+                    a.display(),
+                    b.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_presence(
     kinds: &BTreeMap<Kind, Arc<dyn VolumeKind>>,
     store: &Store,
@@ -571,6 +603,15 @@ fn check_presence(
 ) -> Result<()> {
     for kind in kinds.values() {
         let Some(p) = kind.presence() else { continue };
+        if p.unrecorded.0 > 0 && !allow_missing {
+            return Err(Error::WrongState(format!(
+                "the state directory holds no record of a volume in the {what} {root}, but it holds {n} volumes (e.g. {examples}): the state directory is not the one they were made with (was --state-dir or --data-dir changed?) or its journal was removed. Berth does not start, so that nothing there is moved: start it with the state directory they were made with; if their records are gone for good, start with --allow-missing-storage (BERTH_ALLOW_MISSING_STORAGE=true): they are then kept aside in {root}/.orphaned, never deleted",
+                what = p.what,
+                root = p.root.display(),
+                n = p.unrecorded.0,
+                examples = p.unrecorded.1.join(", "),
+            )));
+        }
         if p.present == p.expected {
             continue;
         }

@@ -1,6 +1,4 @@
 //! Domain errors and the one place that turns them into gRPC statuses.
-use std::error::Error as StdError;
-
 use tonic::{Code, Status};
 
 use crate::os::OsError;
@@ -129,18 +127,24 @@ impl Error {
 
     /// The message with every source in the chain: "a: b: c".
     pub fn render(&self) -> String {
-        let mut s = self.to_string();
-        let mut src = self.source();
-        while let Some(e) = src {
-            let m = e.to_string();
-            if !m.is_empty() && !s.ends_with(&m) {
-                s.push_str(": ");
-                s.push_str(&m);
-            }
-            src = e.source();
-        }
-        s
+        chain(self)
     }
+}
+
+/// Any error's message with every source in its chain: "a: b: c" (the
+/// errno of an OS error included: "write /x: No space left on device").
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(e) = src {
+        let m = e.to_string();
+        if !m.is_empty() && !s.ends_with(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = e.source();
+    }
+    s
 }
 
 #[cfg(test)]

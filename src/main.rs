@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
                     Ok(true) => tracing::info!("wrote a snapshot of the state for the next start"),
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not write a snapshot of the state at exit; the next start replays the log")
+                        tracing::warn!(error = %berth::error::chain(&e), "could not write a snapshot of the state at exit; the next start replays the log")
                     }
                 }
             }

@@ -1371,9 +1371,14 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     let h = fake(&[]);
     let keep = create(&h, "keep", 1).await.volume_id;
     let local = h.path("local");
-    // A crash after mkdir, before the record: empty orphan.
-    let empty = local.join("local-0123456789abcdef0123456789abcdef");
-    std::fs::create_dir(&empty).unwrap();
+    // A crash after mkdir, before the record: creates make their
+    // directories under .creating/, where start-up removes them.
+    let empty = local.join(".creating/local-0123456789abcdef0123456789abcdef");
+    std::fs::create_dir_all(&empty).unwrap();
+    // An empty directory in the root without a record: a volume whose
+    // record was lost (never made so by a create): kept aside too.
+    let lost = local.join("local-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+    std::fs::create_dir(&lost).unwrap();
     // A directory with data but no record (e.g. state restored from an old
     // backup): kept aside, never deleted.
     let full = local.join("local-fedcba9876543210fedcba9876543210");
@@ -1387,9 +1392,11 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     let h = h.restart(os, Some(f));
     let local = h.path("local");
     assert!(local.join(&keep).is_dir());
-    assert!(!local
-        .join("local-0123456789abcdef0123456789abcdef")
-        .exists());
+    assert!(!empty.exists());
+    assert!(!lost.exists());
+    assert!(local
+        .join(".orphaned/local-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")
+        .is_dir());
     assert!(!local
         .join("local-fedcba9876543210fedcba9876543210")
         .exists());
@@ -1422,15 +1429,16 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     assert!(local.join(&keep).is_dir(), "the volume was not put back");
 }
 
-/// A local volume's directory and its entry in the root are durable before
-/// the record that says Ready is written.
+/// A local volume's directory is made under .creating/ and durable there,
+/// with its entry, before the record that says Ready is written; only then
+/// is it moved into the root.
 #[tokio::test]
 async fn a_local_directory_is_synced_before_its_record_says_ready() {
     let h = fake(&[]);
     let f = h.fake();
     f.clear_file_ops();
     let id = create(&h, "a", 1).await.volume_id;
-    let dir = h.path("local").join(&id);
+    let dir = h.path("local/.creating").join(&id);
     let ops: Vec<(&str, std::path::PathBuf)> =
         f.file_ops().into_iter().map(|o| (o.op, o.path)).collect();
     let at = |op: &str, p: &std::path::Path| {
@@ -1442,7 +1450,9 @@ async fn a_local_directory_is_synced_before_its_record_says_ready() {
     let ready = at("write", &log);
     assert!(at("mkdir", &dir) < at("fsync", &dir));
     assert!(at("fsync", &dir) < ready);
-    assert!(at("fsync", &h.path("local")) < ready);
+    assert!(at("fsync", &h.path("local/.creating")) < ready);
+    assert!(ready < at("rename", &dir));
+    assert!(h.path("local").join(&id).is_dir());
 }
 
 #[tokio::test]
@@ -1711,6 +1721,132 @@ async fn a_local_root_holding_none_of_its_volumes_stops_start_up() {
         .unwrap()
         .into_inner();
     assert!(v.status.unwrap().volume_condition.unwrap().abnormal);
+}
+
+/// The mirror of the guard above: a state directory with no record of a
+/// local volume beside a local root that holds volumes (another
+/// --state-dir, the journal removed by hand) stops start-up before anything
+/// is moved, naming the way out; --allow-missing-storage starts and keeps
+/// every directory aside in .orphaned, empty or not, never deleted. A
+/// directory left under .creating/ by a create that never said Ready
+/// stops nothing.
+#[tokio::test]
+async fn a_state_without_records_beside_a_full_root_stops_start_up() {
+    use berth::os::Os;
+    use clap::Parser;
+    let h = fake(&[]);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(create(&h, &format!("v{i}"), 1 << 20).await.volume_id);
+    }
+    std::fs::write(h.path("local").join(&ids[0]).join("data"), b"kept").unwrap();
+    let dir = h.stop();
+    std::fs::remove_dir_all(dir.path().join("state/journal")).unwrap();
+    let open = |extra: &[&str]| {
+        let cli = berth::config::Cli::try_parse_from(args(dir.path(), extra)).unwrap();
+        berth::driver::Driver::new(cli.config, Os::fake().0)
+    };
+    let msg = match open(&[]) {
+        Ok(_) => panic!("berth started with no records beside a root of volumes"),
+        Err(e) => e.to_string(),
+    };
+    for want in [
+        "no record",
+        "3 volumes",
+        "--state-dir",
+        "--allow-missing-storage",
+    ] {
+        assert!(msg.contains(want), "{want:?} not in: {msg}");
+    }
+    for id in &ids {
+        assert!(dir.path().join("local").join(id).is_dir(), "{id} moved");
+    }
+    let d = open(&["--allow-missing-storage"]).expect("allowed");
+    assert_eq!(d.store.len(), 0);
+    drop(d);
+    for id in &ids {
+        assert!(
+            dir.path().join("local/.orphaned").join(id).is_dir(),
+            "{id} not kept aside"
+        );
+    }
+    assert_eq!(
+        std::fs::read(
+            dir.path()
+                .join("local/.orphaned")
+                .join(&ids[0])
+                .join("data")
+        )
+        .unwrap(),
+        b"kept"
+    );
+    // An unfinished create's directory is no reason to stop.
+    let unfinished = dir
+        .path()
+        .join("local/.creating/local-0123456789abcdef0123456789abcdef");
+    std::fs::create_dir_all(&unfinished).unwrap();
+    let d = open(&[]).expect("an unfinished create stops nothing");
+    drop(d);
+    assert!(!unfinished.exists());
+}
+
+/// The state directory and the roots must be apart: a root inside the
+/// state directory (or the other way round), two kinds on one root, or a
+/// root at / is refused before anything is made.
+#[test]
+fn overlapping_directories_are_refused() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    for extra in [
+        vec![
+            "--local-root".to_string(),
+            state.join("v").display().to_string(),
+        ],
+        vec![
+            "--state-dir".to_string(),
+            d.join("local/s").display().to_string(),
+        ],
+        vec![
+            "--kinds".into(),
+            "local,block".into(),
+            "--block-root".into(),
+            d.join("local").display().to_string(),
+        ],
+        vec!["--local-root".into(), "/".into()],
+    ] {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let cli = berth::config::Cli::try_parse_from(args(d, &extra)).unwrap();
+        let r = berth::driver::Driver::new(cli.config, berth::os::Os::fake().0);
+        let e = r
+            .err()
+            .expect("overlapping directories accepted")
+            .to_string();
+        assert!(
+            e.contains("overlap") || e.contains("must not be /"),
+            "{extra:?}: {e}"
+        );
+    }
+    assert!(!state.exists(), "nothing made");
+}
+
+/// A create interrupted after its record said Ready but before its
+/// directory was moved out of .creating/ is finished at start-up: the
+/// volume is where it belongs, with what it holds.
+#[tokio::test]
+async fn a_ready_volume_left_under_creating_is_moved_into_place() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let local = h.path("local");
+    assert!(local.join(&id).is_dir());
+    assert!(!local.join(".creating").join(&id).exists());
+    std::fs::rename(local.join(&id), local.join(".creating").join(&id)).unwrap();
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    assert!(h.path("local").join(&id).is_dir());
+    assert!(!h.path("local/.creating").join(&id).exists());
+    assert!(!h.path("local/.orphaned").exists());
 }
 
 // ------------------------------------------- Node paths and whose mount it is

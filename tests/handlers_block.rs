@@ -1341,6 +1341,23 @@ async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
         .node_publish_volume(Request::new(publish_req(&id, &s, &t, false)))
         .await
         .unwrap();
+    // A volume_path (and staging path) that does not hold the volume:
+    // NOT_FOUND, and nothing grows.
+    f.clear_calls();
+    let mut elsewhere = node_expand_req(&id, Path::new("/etc"), &s, 16 * MIB);
+    elsewhere.staging_target_path.clear();
+    assert_eq!(
+        code(h.node.node_expand_volume(Request::new(elsewhere)).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        std::fs::metadata(img(&h, &id)).unwrap().len(),
+        8 * MIB as u64
+    );
+    assert!(f
+        .calls()
+        .iter()
+        .all(|c| !matches!(c, Call::LoopSetCapacity { .. })));
     f.clear_calls();
     let r = h
         .node

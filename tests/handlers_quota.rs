@@ -210,13 +210,17 @@ async fn delete_releases_the_id_and_a_thousand_volumes_leak_none() {
 async fn an_id_set_before_a_crash_is_never_handed_out_twice() {
     let h = with_quotas(&[]);
     let root = h.path("local");
+    let k = create(&h, "k", MIB).await;
+    assert_eq!(project(&h, &k), FIRST_PROJECT);
     // What a crash after the id was set and before the record was written
-    // leaves: directories without records holding ids. One is empty
-    // (never handed out: removed at start-up, its id freed), one has data
-    // (kept aside: its id stays charged, so it is never handed out).
-    let empty = root.join(format!("local-{:032x}", 1));
+    // leaves: a directory under .creating/ holding an id (never handed
+    // out: removed at start-up, its id freed). And a directory in the root
+    // without a record (a volume whose record was lost: kept aside, its id
+    // stays charged, so it is never handed out).
+    std::fs::create_dir_all(root.join(".creating")).unwrap();
+    let empty = root.join(format!(".creating/local-{:032x}", 1));
     let full = root.join(format!("local-{:032x}", 2));
-    for (d, id) in [(&empty, FIRST_PROJECT), (&full, FIRST_PROJECT + 1)] {
+    for (d, id) in [(&empty, FIRST_PROJECT + 1), (&full, FIRST_PROJECT + 2)] {
         std::fs::create_dir(d).unwrap();
         h.fake()
             .set_project(d, Project { id, inherit: true })
@@ -225,18 +229,18 @@ async fn an_id_set_before_a_crash_is_never_handed_out_twice() {
     }
     std::fs::write(full.join("data"), b"x").unwrap();
     let h = restart(h);
-    assert!(!empty.exists(), "the empty orphan is removed");
+    assert!(!empty.exists(), "the unfinished create is removed");
     assert!(root.join(".orphaned").read_dir().unwrap().count() == 1);
     assert!(
-        !h.fake().project_limits().contains_key(&FIRST_PROJECT),
+        !h.fake().project_limits().contains_key(&(FIRST_PROJECT + 1)),
         "the freed id's limits are cleared"
     );
     let a = create(&h, "a", MIB).await;
     let b = create(&h, "b", MIB).await;
-    assert_eq!(project(&h, &a), FIRST_PROJECT);
+    assert_eq!(project(&h, &a), FIRST_PROJECT + 1);
     assert_eq!(
         project(&h, &b),
-        FIRST_PROJECT + 2,
+        FIRST_PROJECT + 3,
         "the id of the directory kept aside is skipped"
     );
 }

@@ -405,6 +405,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
         return Err(e);
     }
     d.store.set_phase(&mut rec, Phase::Ready)?;
+    imp.ready(&rec)?;
     Ok(rec)
 }
 

@@ -29,8 +29,9 @@ pub fn check(d: &Driver) -> Result<()> {
         .and_then(|_| f.remove_file(&probe))
         .map_err(|e| {
             Error::WrongState(format!(
-                "state directory {} is not writable: {e}",
-                dir.display()
+                "state directory {} is not writable: {}",
+                dir.display(),
+                crate::error::chain(&e)
             ))
         })?;
     if let Some(why) = d.store.poisoned() {

@@ -82,6 +82,10 @@ pub struct Presence {
     pub present: usize,
     /// A few of the missing ones (at most 3), for the message.
     pub missing: Vec<String>,
+    /// When the state holds no record of this kind at all: a few of the
+    /// volumes in the root (at most 3) and how many there are. Such a root
+    /// was filled with another state directory, or the journal lost.
+    pub unrecorded: (usize, Vec<String>),
 }
 
 /// Up to 3 ids of `ids` that `here` does not hold (for `Presence::missing`).
@@ -348,6 +352,16 @@ pub trait VolumeKind: Send + Sync {
     /// own root. Mount checks use `mounts`, which DeleteVolume shares with
     /// `in_use` so that one RPC reads the mount table at most once.
     fn delete_with(&self, rec: &VolumeRecord, mounts: &LazyTable) -> Result<()>;
+
+    /// After a new volume's record says Ready (durably): moves its storage
+    /// to where the volume lives, if the kind made it elsewhere first (local
+    /// directories are made under `.creating/`, so that a directory in the
+    /// root without a record is never one of Berth's unfinished creates).
+    /// Start-up finishes a move a crash interrupted. Default: nothing.
+    fn ready(&self, rec: &VolumeRecord) -> Result<()> {
+        let _ = rec;
+        Ok(())
+    }
 
     /// After the record of a deleted volume is gone: finishes removing what
     /// `delete_with` only set aside (best effort; a failure is logged, and

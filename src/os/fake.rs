@@ -1261,6 +1261,11 @@ impl Files for FakeOs {
         }))
     }
 
+    fn still_named(&self, file: &std::fs::File, path: &Path) -> Result<bool, OsError> {
+        self.injected("still_named", path)?;
+        RealFiles.still_named(file, path)
+    }
+
     fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError> {
         if let Some(d) = lock(&self.durable).get(path) {
             return Ok(d.clone());

@@ -105,6 +105,10 @@ pub trait Files: Send + Sync {
     /// the disk never got). None when the filesystem cannot read that way
     /// (tmpfs); a missing file reads as empty.
     fn read_durable(&self, path: &Path) -> Result<Option<Vec<u8>>, OsError>;
+    /// Whether the open `file` is still the file named `path`: linked (a
+    /// link count above zero) and `path` names the same inode. False once
+    /// it was removed or replaced under its name.
+    fn still_named(&self, file: &File, path: &Path) -> Result<bool, OsError>;
 }
 
 /// The real filesystem.
@@ -276,6 +280,19 @@ impl Files for RealFiles {
                 return Ok(None);
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn still_named(&self, file: &File, path: &Path) -> Result<bool, OsError> {
+        use std::os::unix::fs::MetadataExt;
+        let open = file.metadata().map_err(sys("fstat", path))?;
+        if open.nlink() == 0 {
+            return Ok(false);
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(named) => Ok(named.dev() == open.dev() && named.ino() == open.ino()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(sys("stat", path)(e)),
         }
     }
 

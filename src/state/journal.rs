@@ -526,7 +526,23 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
     let log_path = dir.join(log_name(gen));
     out.log = match fs::read(&log_path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Berth makes a generation's log before it puts its snapshot in
+            // place (compaction, repair): a snapshot without its log lost
+            // every change made since it (the log removed by hand).
+            if let Some(snap) = &out.snapshot_path {
+                out.damage.push(Damage {
+                    path: log_path.clone(),
+                    offset: 0,
+                    line: 0,
+                    why: format!(
+                        "the log of generation {gen} is missing, though its snapshot {} is there: the changes made since that snapshot are lost (removed by hand?)",
+                        snap.display()
+                    ),
+                });
+            }
+            Vec::new()
+        }
         Err(e) => return Err(StateError::io("read", &log_path, e)),
     };
     replay_log(&mut out, &log_path);
@@ -795,6 +811,10 @@ impl Queue {
 pub struct Journal {
     dir: PathBuf,
     files: Arc<dyn Files>,
+    /// Set when the log was found removed or replaced under its name after
+    /// a write (`write`): every change fails until a compaction has
+    /// written every committed record again (`write_round`).
+    log_gone: std::sync::atomic::AtomicBool,
     queue: Mutex<Queue>,
     cv: Condvar,
     writer: Mutex<Writer>,
@@ -876,6 +896,7 @@ impl Journal {
             journal: Journal {
                 dir: dir.to_path_buf(),
                 files,
+                log_gone: std::sync::atomic::AtomicBool::new(false),
                 queue: Mutex::new(Queue::default()),
                 cv: Condvar::new(),
                 writer: Mutex::new(writer),
@@ -965,11 +986,12 @@ impl Journal {
         drop(q);
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let r = self.write(&mut w, &batch);
-        let compact = r.is_ok() && w.len >= w.compact_at;
+        let gone = self.log_gone.load(std::sync::atomic::Ordering::Relaxed);
+        let compact = gone || (r.is_ok() && w.len >= w.compact_at);
         q = self.queue();
         q.done_below = end;
         if let Err((e, poison)) = r {
-            let msg = e.to_string();
+            let msg = crate::error::chain(&e);
             tracing::error!(error = %msg, poisoned = poison, "state journal write failed");
             if poison {
                 q.poisoned = Some(msg.clone());
@@ -984,16 +1006,25 @@ impl Journal {
             self.cv.notify_all();
             drop(q);
             let poison = match self.compact(&mut w, &|| snapshot(&committed)) {
-                Ok(()) => None,
+                Ok(()) => {
+                    if gone {
+                        self.log_gone
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
+                        tracing::error!(generation = w.gen, "the state journal's log had been removed or replaced while berth was running; every committed record was written again from memory as a new generation (the change in flight was not acknowledged)");
+                    }
+                    None
+                }
                 Err((e, true)) => {
+                    let e = crate::error::chain(&e);
                     tracing::error!(error = %e, "state journal compaction failed after its snapshot was in place; no further changes until a restart");
-                    Some(e.to_string())
+                    Some(e)
                 }
                 Err((e, false)) => {
                     // The old log is still whole and current; try again
-                    // after it has grown by half as much again.
+                    // after it has grown by half as much again. (A log
+                    // found gone is tried again at the next change.)
                     w.compact_at = w.len + w.compact_at / 2;
-                    tracing::warn!(error = %e, "state journal compaction failed; continuing with the old log");
+                    tracing::warn!(error = %crate::error::chain(&e), "state journal compaction failed; continuing with the old log");
                     None
                 }
             };
@@ -1029,6 +1060,27 @@ impl Journal {
             let _ = f.set_len(&w.file, &path, w.len);
             return Err((StateError::Os(e), true));
         }
+        // Durable, but in the file this berth has open: if that is no longer
+        // the log (removed, or replaced, by hand), start-up would never read
+        // it. Not acknowledged then; `write_round` writes every committed
+        // record again as a new generation.
+        match f.still_named(&w.file, &path) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.log_gone
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err((
+                    StateError::Journal(format!(
+                        "the state journal's log {} was removed or replaced while berth was running; this change is not acknowledged",
+                        path.display()
+                    )),
+                    false,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "could not tell whether the state journal's log is still in place");
+            }
+        }
         w.len += batch.len() as u64;
         Ok(())
     }
@@ -1057,6 +1109,16 @@ impl Journal {
     ) -> Result<(), (StateError, bool)> {
         let gen = w.gen + 1;
         let bytes = snapshot().map_err(|e| (e, false))?;
+        if self.log_gone.load(std::sync::atomic::Ordering::Relaxed) {
+            // The journal directory may have gone with the log.
+            let made = crate::os::files::ensure_dir(self.files.as_ref(), &self.dir, 0o700)
+                .map_err(|e| (StateError::Os(e), false))?;
+            if let (true, Some(parent)) = (made, self.dir.parent()) {
+                self.files
+                    .sync_dir(parent)
+                    .map_err(|e| (StateError::Os(e), false))?;
+            }
+        }
         let path = self.dir.join(snapshot_name(gen));
         let tmp = self.dir.join(format!("{}.tmp", snapshot_name(gen)));
         let log_path = self.dir.join(log_name(gen));
@@ -1126,7 +1188,7 @@ impl Journal {
         drop(w);
         let mut q = self.queue();
         if let Err((e, true)) = &r {
-            q.poisoned = Some(e.to_string());
+            q.poisoned = Some(crate::error::chain(e));
         }
         q.writing = false;
         self.cv.notify_all();
@@ -1142,7 +1204,7 @@ impl Journal {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.compact(&mut w, snapshot).map_err(|(e, poison)| {
             if poison {
-                self.queue().poisoned = Some(e.to_string());
+                self.queue().poisoned = Some(crate::error::chain(&e));
             }
             e
         })
@@ -1154,8 +1216,15 @@ impl Journal {
         (w.gen, w.len)
     }
 
-    /// Set when a failed fdatasync stopped all changes.
+    /// Set when a failed fdatasync stopped all changes, or while the log
+    /// found removed has not been written again (`log_gone`).
     pub fn poisoned(&self) -> Option<String> {
+        if self.log_gone.load(std::sync::atomic::Ordering::Relaxed) {
+            return Some(format!(
+                "the log in {} was removed or replaced while berth was running and could not be written again yet",
+                self.dir.display()
+            ));
+        }
         self.queue().poisoned.clone()
     }
 

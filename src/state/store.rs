@@ -1399,6 +1399,79 @@ mod tests {
         }
     }
 
+    /// The log removed by hand (alone, or with its whole directory) while
+    /// the store is open: the next change fails (it went to a file no start
+    /// would read, so it is not acknowledged), every committed record is
+    /// written again as a new generation at once, later changes succeed,
+    /// and a restart finds every acknowledged record.
+    #[test]
+    fn a_log_removed_while_open_is_written_again_and_nothing_is_lost() {
+        for whole_dir in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let s = open(d.path()).unwrap();
+            s.insert_new(rec("a", "a", 1), ok).unwrap();
+            let j = journal_dir(d.path());
+            if whole_dir {
+                fs::remove_dir_all(&j).unwrap();
+            } else {
+                for e in fs::read_dir(&j).unwrap().flatten() {
+                    if e.file_name().to_string_lossy().starts_with("log-") {
+                        fs::remove_file(e.path()).unwrap();
+                    }
+                }
+            }
+            let e = s.insert_new(rec("b", "b", 1), ok).unwrap_err();
+            assert!(e.to_string().contains("removed or replaced"), "{e}");
+            assert!(s.get("b").is_none());
+            assert!(s.poisoned().is_none(), "written again at once");
+            s.insert_new(rec("c", "c", 1), ok).unwrap();
+            drop(s);
+            let s = open(d.path()).unwrap();
+            assert_eq!(ids(&s), ["a", "c"], "whole dir {whole_dir}");
+        }
+    }
+
+    /// A snapshot without its log (removed by hand after a compaction) is
+    /// damage: the changes made since the snapshot would be lost without a
+    /// word. `state repair` makes a state that opens again.
+    #[test]
+    fn a_missing_log_beside_its_snapshot_is_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path()).unwrap();
+        s.insert_new(rec("a", "a", 1), ok).unwrap();
+        assert!(s.checkpoint(1).unwrap());
+        s.insert_new(rec("b", "b", 1), ok).unwrap();
+        drop(s);
+        let j = journal_dir(d.path());
+        let log = fs::read_dir(&j)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("log-"))
+            .unwrap();
+        fs::remove_file(&log).unwrap();
+        match open(d.path()) {
+            Err(e @ StateError::Damaged { .. }) => {
+                let e = e.to_string();
+                assert!(e.contains("missing") && e.contains("log-"), "{e}");
+            }
+            other => panic!("a snapshot without its log opened: {:?}", other.err()),
+        }
+        crate::state::tools::repair(d.path(), Arc::new(crate::os::files::RealFiles)).unwrap();
+        assert_eq!(ids(&open(d.path()).unwrap()), ["a"]);
+    }
+
+    /// A full disk says so: the errno reaches the change's error.
+    #[test]
+    fn a_full_disk_is_named_in_the_error() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, f) = crate::os::Os::fake();
+        let s = open_on(d.path(), &f).unwrap();
+        f.fail_next("write", libc::ENOSPC);
+        let e = s.insert_new(rec("a", "a", 1), ok).unwrap_err();
+        assert!(e.to_string().contains("No space left on device"), "{e}");
+    }
+
     fn snap(id: &str, name: &str, source: &str) -> SnapshotRecord {
         SnapshotRecord {
             id: id.into(),

@@ -133,12 +133,36 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                         r.name,
                         dir.display()
                     ))),
-                    Err(e) => out.push(error(format!(
-                        "volume {} ({}): its directory {} is missing ({e})",
-                        r.id,
-                        r.name,
-                        dir.display()
-                    ))),
+                    Err(e) => {
+                        // Where an interrupted create or delete left it.
+                        let creating = local_root.join(".creating").join(&*r.id);
+                        let trash_prefix = format!("{}-", r.id);
+                        let trashed = dir_names(&local_root.join(".trash"))
+                            .into_iter()
+                            .find(|n| n.starts_with(&trash_prefix));
+                        if creating.is_dir() {
+                            out.push(warning(format!(
+                                "volume {} ({}): its directory is still in {} (a create interrupted after its record said Ready); start-up moves it into place",
+                                r.id,
+                                r.name,
+                                creating.display()
+                            )));
+                        } else if let Some(t) = trashed {
+                            out.push(warning(format!(
+                                "volume {} ({}): its directory is in {} (a delete interrupted before its record was removed); start-up puts it back",
+                                r.id,
+                                r.name,
+                                local_root.join(".trash").join(t).display()
+                            )));
+                        } else {
+                            out.push(error(format!(
+                                "volume {} ({}): its directory {} is missing ({e})",
+                                r.id,
+                                r.name,
+                                dir.display()
+                            )));
+                        }
+                    }
                 }
             }
             Kind::Block => match r.block.as_ref().and_then(|b| b.disk.as_ref()) {
@@ -195,8 +219,10 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     if cfg.serves(Kind::Local) {
         for name in dir_names(&local_root) {
             if is_volume_id("local-", &name) && !by_id.contains_key(name.as_str()) {
-                out.push(warning(format!(
-                    "{} has no record (an orphan: start-up removes it if empty, else moves it to .orphaned)",
+                // Creates make their directories under .creating/: one in
+                // the root without a record lost its record.
+                out.push(error(format!(
+                    "{} has no record: its record was lost (start-up keeps it aside in .orphaned, never deletes it; with no local record at all, berth does not start)",
                     local_root.join(&name).display()
                 )));
             }
@@ -406,6 +432,9 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     let bytes = w.finish()?;
     let tmp = dir.join(format!("{}.tmp", journal::snapshot_name(gen)));
     write_durable(f, &tmp, &bytes)?;
+    // The generation's (empty) log first, as a compaction makes it: a
+    // snapshot without its log is damage.
+    write_durable(f, &dir.join(journal::log_name(gen)), b"")?;
     f.rename(&tmp, &dir.join(journal::snapshot_name(gen)))
         .and_then(|_| f.sync_dir(&dir))
         .map_err(StateError::Os)?;

@@ -19,7 +19,7 @@ use crate::kinds::{Expansion, Growth, NodeExpandArgs};
 use crate::node::mounts;
 
 use crate::os::mkfs::{self, Filesystem};
-use crate::state::{Allocation, BlockInfo, VolumeRecord};
+use crate::state::{Allocation, BlockAccess, BlockInfo, VolumeRecord};
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -111,6 +111,7 @@ impl BlockKind {
 
     pub(super) fn expand_node(&self, rec: &VolumeRecord, a: &NodeExpandArgs<'_>) -> Result<i64> {
         let info = Self::info(rec)?;
+        self.require_at_volume_path(rec, &info, a)?;
         if let Some(d) = &info.disk {
             let disk = self.resolve_disk(d)?;
             let size = to_i64(disk.size_bytes);
@@ -142,6 +143,43 @@ impl BlockKind {
             None => {}
         }
         Ok(size)
+    }
+
+    /// NOT_FOUND, before anything grows, when a formatted volume whose
+    /// device is attached is mounted at neither `volume_path` nor the
+    /// staging path: the request names a path that does not hold this
+    /// volume. A volume used raw (Kubernetes passes a directory of its own
+    /// as the path then), not formatted yet, or not attached is left to the
+    /// checks that follow.
+    fn require_at_volume_path(
+        &self,
+        rec: &VolumeRecord,
+        info: &BlockInfo,
+        a: &NodeExpandArgs<'_>,
+    ) -> Result<()> {
+        if Self::used_raw(a) || info.access == Some(BlockAccess::Raw) || !info.formatted {
+            return Ok(());
+        }
+        let Some(dev) = self.current_device(rec)? else {
+            return Ok(());
+        };
+        let t = mounts::table(&self.os)?;
+        let shows_dev = |p: &Path| {
+            mounts::at(&self.os, &t, p)
+                .last()
+                .is_some_and(|m| (m.major, m.minor) == (dev.major, dev.minor))
+        };
+        if shows_dev(a.volume_path) || a.staging.is_some_and(shows_dev) {
+            return Ok(());
+        }
+        Err(Error::NotFound(format!(
+            "volume {} is not mounted at {}{}",
+            rec.id,
+            a.volume_path.display(),
+            a.staging
+                .map(|s| format!(" or at {}", s.display()))
+                .unwrap_or_default()
+        )))
     }
 
     fn used_raw(a: &NodeExpandArgs<'_>) -> bool {

@@ -548,6 +548,7 @@ impl VolumeKind for BlockKind {
             Vec::new()
         };
         Some(super::Presence {
+            unrecorded: (0, Vec::new()),
             root: self.root.clone(),
             what: "block root",
             expected,

@@ -404,6 +404,19 @@ impl LocalKind {
             .collect()
     }
 
+    /// The names under `.creating/` (new volumes' directories, by id, and
+    /// restores' and clones' unfinished copies).
+    fn creating(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.join(CREATING))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn remove_tree(&self, path: &Path) -> Result<()> {
         self.os
             .files
@@ -575,9 +588,17 @@ impl VolumeKind for LocalKind {
         })
     }
 
+    /// Makes the directory under `.creating/` (moved into the root by
+    /// `ready` once the record says Ready): a crash before that leaves it
+    /// there, where start-up removes it, never in the root, where a
+    /// directory without a record is a volume whose record was lost.
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
-        let dir = self.dir(&rec.id)?;
+        let area = self.root.join(CREATING);
         let f = self.os.files.as_ref();
+        ensure_dir(f, &area, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
+        self.dir(&rec.id)?;
+        let dir = area.join(&rec.id);
         let fail = |what: &str| {
             let dir = dir.clone();
             let what = what.to_string();
@@ -591,18 +612,40 @@ impl VolumeKind for LocalKind {
         // Project and limits before the record says Ready (and before the
         // directory is synced, which makes the project durable with it).
         self.give_project(rec, &dir)?;
-        // The directory and its entry in the root are durable before the
-        // record says Ready.
+        // The directory and its entry are durable before the record says
+        // Ready (the move into the root after it need not be: start-up
+        // finishes it from `.creating/` for a Ready record).
         f.sync_dir(&dir)
-            .and_then(|_| f.sync_dir(&self.root))
+            .and_then(|_| f.sync_dir(&area))
             .map_err(fail("syncing"))?;
         Ok(())
+    }
+
+    fn ready(&self, rec: &VolumeRecord) -> Result<()> {
+        let from = self.root.join(CREATING).join(&rec.id);
+        if std::fs::symlink_metadata(&from).is_err() {
+            // A restore or clone: copied into place before Ready.
+            return Ok(());
+        }
+        let to = self.dir(&rec.id)?;
+        self.os
+            .files
+            .rename_noreplace(&from, &to)
+            .map_err(|e| Error::os(format!("moving {} into place", from.display()), e))
     }
 
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
         let dir = self.dir(&rec.id)?;
         let m = match std::fs::symlink_metadata(&dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A create that failed before `ready`: its directory under
+                // `.creating/` is Berth's own and was never handed out.
+                let unfinished = self.root.join(CREATING).join(&rec.id);
+                if std::fs::symlink_metadata(&unfinished).is_ok() {
+                    self.remove_tree(&unfinished)?;
+                }
+                return Ok(());
+            }
             Err(e) => return Err(Error::io(format!("inspecting {}", dir.display()), e)),
             Ok(m) => m,
         };
@@ -659,8 +702,9 @@ impl VolumeKind for LocalKind {
         let ready =
             |r: &VolumeRecord| r.kind == Kind::Local && r.phase == crate::state::Phase::Ready;
         let expected = self.store.count(ready);
+        let none_recorded = self.store.count(|r| r.kind == Kind::Local) == 0;
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
-        if expected > 0 && listed.is_none() {
+        if (expected > 0 || none_recorded) && listed.is_none() {
             *listed = Some(list_root(&self.root));
         }
         // An unreadable root is reported by `reconcile_orphans`.
@@ -670,14 +714,16 @@ impl VolumeKind for LocalKind {
             None => Vec::new(),
         };
         // A delete whose record could not be removed left the directory in
-        // the trash: `reconcile_orphans` puts it back.
-        let trash = if expected > 0 {
-            self.trash()
+        // the trash, a crash after a create's Ready left it under
+        // `.creating/`: `reconcile_orphans` puts both in place.
+        let (trash, creating) = if expected > 0 {
+            (self.trash(), self.creating())
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
-        if !trash.is_empty() {
+        if !trash.is_empty() || !creating.is_empty() {
             names.extend(trash.iter().map(|(id, _)| id.as_str()));
+            names.extend(creating.iter().map(String::as_str));
             names.sort_unstable();
             names.dedup();
         }
@@ -691,12 +737,22 @@ impl VolumeKind for LocalKind {
         } else {
             Vec::new()
         };
+        let unrecorded = if none_recorded {
+            let ids: Vec<&str> = names.iter().copied().filter(|n| self.owns_id(n)).collect();
+            (
+                ids.len(),
+                ids.iter().take(3).map(|s| s.to_string()).collect(),
+            )
+        } else {
+            (0, Vec::new())
+        };
         Some(super::Presence {
             root: self.root.clone(),
             what: "local root",
             expected,
             present,
             missing,
+            unrecorded,
         })
     }
 
@@ -718,10 +774,26 @@ impl VolumeKind for LocalKind {
             self.remove_tree(&path)?;
             self.release_unheld(project);
         }
-        // Copies of restores and clones that never finished: never handed
-        // out, only Berth's own copies.
+        // Creates whose record says Ready but whose directory was not moved
+        // into the root yet (a crash in between): moved now. Everything
+        // else under `.creating/` (creates that never became Ready, copies
+        // of restores and clones that never finished) was never handed out
+        // and is only Berth's own.
         if let Ok(entries) = std::fs::read_dir(self.root.join(CREATING)) {
             for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let home = self.root.join(&name);
+                if self.owns_id(&name) && known(&name) && std::fs::symlink_metadata(&home).is_err()
+                {
+                    self.os
+                        .files
+                        .rename_noreplace(&e.path(), &home)
+                        .map_err(|err| {
+                            Error::os(format!("moving {} into place", e.path().display()), err)
+                        })?;
+                    tracing::info!(volume_id = %name, "finished moving a new volume's directory into place");
+                    continue;
+                }
                 let project = self.project_on(&e.path());
                 self.remove_tree(&e.path())?;
                 self.release_unheld(project);
@@ -750,22 +822,18 @@ impl VolumeKind for LocalKind {
             if !self.owns_id(name) || known(name) {
                 continue;
             }
-            // Made by a CreateVolume that never answered: never handed out,
-            // so empty. Anything else is kept aside, never deleted.
-            // Its project (if a crash came after it was set) stays charged
-            // while the directory is kept aside, so it is not handed out.
+            // A volume directory in the root without a record: creates make
+            // theirs under `.creating/`, so this is a volume whose record
+            // was lost (a log removed or cut short, another state
+            // directory). Kept aside, never deleted, empty or not; its
+            // project stays charged so it is not handed out.
             let path = self.root.join(name);
             // Listed at start-up before the interrupted operations were
             // finished: one of them may have removed it since.
             if std::fs::symlink_metadata(&path).is_err() {
                 continue;
             }
-            let project = self.project_on(&path);
-            if self.os.files.remove_dir(&path).is_ok() {
-                tracing::info!(dir = %path.display(), "removed orphaned volume directory");
-                self.release_unheld(project);
-                continue;
-            }
+            tracing::error!(dir = %path.display(), "a volume directory without a record (its record was lost): kept aside in .orphaned, never deleted");
             self.set_aside(&path, name)?;
         }
         self.repair_limits();

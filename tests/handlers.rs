@@ -1790,6 +1790,22 @@ async fn a_state_without_records_beside_a_full_root_stops_start_up() {
     assert!(!unfinished.exists());
 }
 
+/// A move into place that fails after the record said Ready fails the
+/// call; the CO's retry finishes it and answers OK with the same volume.
+#[tokio::test]
+async fn a_failed_move_into_place_is_finished_by_the_retry() {
+    let h = fake(&[]);
+    h.fake().fail_next("rename", libc::EIO);
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("a", 1 << 20)))
+        .await;
+    assert_eq!(code(r), Code::Internal);
+    let v = create(&h, "a", 1 << 20).await;
+    assert!(h.path("local").join(&v.volume_id).is_dir());
+    assert!(!h.path("local/.creating").join(&v.volume_id).exists());
+}
+
 /// The state directory and the roots must be apart: a root inside the
 /// state directory (or the other way round), two kinds on one root, or a
 /// root at / is refused before anything is made.

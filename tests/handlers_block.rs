@@ -2334,3 +2334,29 @@ async fn restage_with_another_capability_is_already_exists() {
         "{mounts:?}"
     );
 }
+
+/// NodeUnstageVolume of a volume whose record is gone, whose backing file
+/// start-up moved aside into .orphaned/ while it was attached: the loop
+/// device of that file is detached too, not left behind.
+#[tokio::test]
+async fn unstage_by_path_detaches_a_loop_of_a_file_moved_aside() {
+    let h = block(&[]);
+    let f = h.fake();
+    let stray = "block-0123456789abcdef0123456789abcdef";
+    let aside = h.path("block/.orphaned");
+    std::fs::create_dir_all(&aside).unwrap();
+    let file = aside.join(format!("{stray}.img"));
+    std::fs::write(&file, b"").unwrap();
+    f.add_loop(&file);
+    // Another volume's file aside stays attached.
+    let other = aside.join("block-fedcba9876543210fedcba9876543210.img");
+    std::fs::write(&other, b"").unwrap();
+    f.add_loop(&other);
+    assert_eq!(f.loops().len(), 2);
+    h.node
+        .node_unstage_volume(Request::new(unstage(stray, &h.path("s"))))
+        .await
+        .unwrap();
+    let left: Vec<_> = f.loops().into_iter().map(|l| l.backing_file).collect();
+    assert_eq!(left, vec![other]);
+}

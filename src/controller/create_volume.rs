@@ -271,7 +271,12 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
     if let Some(mut rec) = d.store.get_by_name(&r.name) {
         compatible(&rec, &r)?;
         match rec.phase {
-            Phase::Ready => return Ok(rec),
+            // A repeat: also finishes a move into place that failed after
+            // the record said Ready (`VolumeKind::ready`).
+            Phase::Ready => {
+                imp.ready(&rec)?;
+                return Ok(rec);
+            }
             Phase::Deleting => {
                 return Err(Error::Busy(format!(
                     "volume {} named {} is being deleted",
@@ -281,6 +286,7 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
             Phase::Creating => {
                 make_storage(d, imp.as_ref(), &mut rec)?;
                 d.store.set_phase(&mut rec, Phase::Ready)?;
+                imp.ready(&rec)?;
                 return Ok(rec);
             }
         }

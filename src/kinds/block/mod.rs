@@ -377,6 +377,47 @@ impl BlockKind {
         Ok(())
     }
 
+    /// Detaches the loop devices of volume `id`'s backing file that
+    /// start-up moved aside into `.orphaned/` (its record was lost while it
+    /// was attached), once nothing mounts them: an unstage by path must not
+    /// leave them attached. Refuses while one is still mounted.
+    fn release_orphaned(&self, id: &str) -> Result<()> {
+        let aside = self.root.join(ORPHANED);
+        let name = format!("{id}.img");
+        let loops = self
+            .os
+            .loops
+            .list()
+            .map_err(|e| Error::os("listing loop devices", e))?;
+        let table = LazyTable::new();
+        for l in loops.iter().filter(|l| {
+            l.backing_file.parent() == Some(aside.as_path())
+                && l.backing_file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| {
+                        n == name
+                            || n.strip_prefix(name.as_str())
+                                .is_some_and(|r| r.starts_with('.'))
+                    })
+        }) {
+            let dev = Dev {
+                path: l.device.clone(),
+                major: l.major,
+                minor: l.minor,
+            };
+            if !Self::users(table.get(&self.os)?, &dev).is_empty() {
+                return Err(Error::WrongState(format!(
+                    "{} of volume {id} (backing file {}) is still mounted",
+                    l.device.display(),
+                    l.backing_file.display()
+                )));
+            }
+            attach::detach_verified(&self.os, l)?;
+        }
+        Ok(())
+    }
+
     fn file_pool_capacity(&self) -> Result<PoolCapacity> {
         let u = self
             .os

@@ -356,7 +356,13 @@ impl BlockKind {
         // The mounts just changed: whether the loop device is still used
         // elsewhere needs a fresh read (made only if it is attached). A disk
         // volume has no file, so nothing is attached.
-        self.release_file(id, &mounts::LazyTable::new())
+        self.release_file(id, &mounts::LazyTable::new())?;
+        if dev.is_none() {
+            // No device known: the record may be gone and the backing file
+            // moved aside at start-up while attached.
+            self.release_orphaned(id)?;
+        }
+        Ok(())
     }
 
     pub(super) fn publish_volume(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {

@@ -79,6 +79,19 @@ async fn create(h: &Harness, name: &str, size: i64, kv: &[(&str, &str)]) -> csi:
         .expect("volume")
 }
 
+/// A new file-backed volume named "a" (8 MiB), staged as the default
+/// filesystem at `staging` over a blank device (the fake's blkid finds
+/// nothing, so NodeStage formats it).
+async fn staged_blank(h: &Harness, staging: &Path) -> csi::Volume {
+    script_blank(h.fake());
+    let v = create(h, "a", 8 * MIB, &[]).await;
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, staging)))
+        .await
+        .unwrap();
+    v
+}
+
 fn raw_cap() -> csi::VolumeCapability {
     block_cap(Mode::SingleNodeWriter)
 }
@@ -317,13 +330,8 @@ async fn capacity_is_free_space_without_promises() {
 async fn stage_formats_a_new_volume_once_and_mounts_it() {
     let h = block(&[]);
     let f = h.fake();
-    script_blank(f);
-    let v = create(&h, "a", 8 * MIB, &[]).await;
     let staging = h.path("stage");
-    h.node
-        .node_stage_volume(Request::new(stage_req(&v.volume_id, &staging)))
-        .await
-        .unwrap();
+    let v = staged_blank(&h, &staging).await;
     let calls = f.calls();
     assert!(calls.contains(&Call::LoopAttach {
         file: img(&h, &v.volume_id),
@@ -816,13 +824,8 @@ async fn a_file_attached_twice_is_not_used() {
 async fn a_detach_that_leaves_the_device_bound_is_an_error_to_retry() {
     let h = block(&[]);
     let f = h.fake();
-    script_blank(f);
-    let v = create(&h, "a", 8 * MIB, &[]).await;
     let s = h.path("s");
-    h.node
-        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
-        .await
-        .unwrap();
+    let v = staged_blank(&h, &s).await;
     f.detach_leaves_bound(1);
     let e = h
         .node
@@ -2290,13 +2293,8 @@ async fn a_block_root_holding_none_of_its_files_stops_start_up() {
 async fn restage_with_another_capability_is_already_exists() {
     let h = block(&[]);
     let f = h.fake();
-    script_blank(f);
-    let v = create(&h, "a", 8 * MIB, &[]).await;
     let s = h.path("s");
-    h.node
-        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
-        .await
-        .unwrap();
+    let v = staged_blank(&h, &s).await;
     let mut xfs = mount_cap(Mode::SingleNodeWriter);
     if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut xfs.access_type {
         m.fs_type = "xfs".into();

@@ -355,26 +355,37 @@ impl BlockKind {
     fn release_file(&self, id: &str, mount_table: &LazyTable) -> Result<()> {
         let f = self.file(id)?;
         for l in attach::attachments(&self.os, &f)? {
-            let dev = Dev {
-                path: l.device.clone(),
-                major: l.major,
-                minor: l.minor,
-            };
-            let users = Self::users(mount_table.get(&self.os)?, &dev);
-            if !users.is_empty() {
-                return Err(Error::WrongState(format!(
-                    "{} of volume {id} is still mounted at {}",
-                    l.device.display(),
-                    users
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            attach::detach_verified(&self.os, &l)?;
+            self.release_loop(id, &l, mount_table)?;
         }
         Ok(())
+    }
+
+    /// Detaches one loop device of volume `id`, verified through sysfs;
+    /// refuses while `mount_table` shows it mounted.
+    fn release_loop(
+        &self,
+        id: &str,
+        l: &crate::os::LoopInfo,
+        mount_table: &LazyTable,
+    ) -> Result<()> {
+        let dev = Dev {
+            path: l.device.clone(),
+            major: l.major,
+            minor: l.minor,
+        };
+        let users = Self::users(mount_table.get(&self.os)?, &dev);
+        if !users.is_empty() {
+            return Err(Error::WrongState(format!(
+                "{} of volume {id} is still mounted at {}",
+                l.device.display(),
+                users
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        attach::detach_verified(&self.os, l)
     }
 
     /// Detaches the loop devices of volume `id`'s backing file that
@@ -401,19 +412,7 @@ impl BlockKind {
                                 .is_some_and(|r| r.starts_with('.'))
                     })
         }) {
-            let dev = Dev {
-                path: l.device.clone(),
-                major: l.major,
-                minor: l.minor,
-            };
-            if !Self::users(table.get(&self.os)?, &dev).is_empty() {
-                return Err(Error::WrongState(format!(
-                    "{} of volume {id} (backing file {}) is still mounted",
-                    l.device.display(),
-                    l.backing_file.display()
-                )));
-            }
-            attach::detach_verified(&self.os, l)?;
+            self.release_loop(id, l, &table)?;
         }
         Ok(())
     }

@@ -119,25 +119,7 @@ pub(super) fn read_json<T: serde::de::DeserializeOwned>(
     dir: impl AsFd,
     name: &str,
 ) -> nix::Result<Option<T>> {
-    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let fd = match openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENXIO) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let st = fstat(&fd)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Ok(None);
-    }
-    let mut text = Vec::new();
-    File::from(fd)
-        .take(MAX_MARKER + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    if text.len() as u64 > MAX_MARKER {
-        return Ok(None);
-    }
-    Ok(serde_json::from_slice(&text).ok())
+    Ok(read_raw(dir, name)?.and_then(|text| serde_json::from_slice(&text).ok()))
 }
 
 /// Writes the marker into the (new, empty) directory `dir`, durably.
@@ -153,12 +135,10 @@ pub(super) fn write_json<T: Serialize>(
     name: &str,
     value: &T,
 ) -> std::result::Result<(), OsError> {
-    let path = fd_path(dir, name);
-    let mut text = serde_json::to_vec(value).map_err(|e| OsError::sys("encode", &path, e))?;
+    let mut text =
+        serde_json::to_vec(value).map_err(|e| OsError::sys("encode", fd_path(dir, name), e))?;
     text.push(b'\n');
-    let f = files.open(&path, Open::CreateNew)?;
-    files.write_at(&f, &path, &text, 0)?;
-    files.sync(&f, &path)
+    write_raw(files, dir, name, &text)
 }
 
 /// The name a volume directory has while it is being made.
@@ -496,7 +476,8 @@ pub fn remove_subdir(
 
 /// Removes the marked directory `leaf` (open as `dir`) in `parent`: its
 /// contents first, the marker last, so an interrupted delete leaves a
-/// directory that is still recognisably the volume's.
+/// directory that is still recognisably the volume's; a directory that
+/// then cannot be removed gets its marker back (FAILED_PRECONDITION).
 pub(super) fn remove_marked(
     files: &dyn Files,
     parent: &OwnedFd,
@@ -513,16 +494,126 @@ pub(super) fn remove_marked(
             remove_entry(files, dir, &e.file_name())?;
         }
     }
+    // What the marker says, to put it back if the directory cannot go.
+    let kept = read_raw(dir, marker)
+        .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
     match files.remove_file(&fd_path(dir, marker)) {
         Err(e) if !gone(&e) => {
             return Err(Error::os(format!("removing the marker of {subdir}"), e))
         }
         _ => {}
     }
-    match files.remove_dir(&fd_path(parent, leaf)) {
-        Err(e) if !gone(&e) => Err(Error::os(format!("removing {subdir} on the share"), e)),
-        _ => Ok(()),
+    let err = match remove_emptied(files, parent, leaf, dir, RMDIR_WAIT) {
+        Ok(()) => return Ok(()),
+        Err(Left::Entries(names)) => Error::WrongState(format!(
+            "{subdir} on the share is not empty after its contents were removed: {} ({}); \
+             files still open on an NFS client (.nfs*) or written during the delete; \
+             its marker is back and DeleteVolume can be retried",
+            names.len(),
+            shown_names(&names)
+        )),
+        Err(Left::Os(e)) => Error::os(format!("removing {subdir} on the share"), e),
+    };
+    // Without its marker the directory would no longer be recognisably the
+    // volume's, and a retried delete would leave it on the share for good.
+    if let Some(text) = kept {
+        if let Err(e) = write_raw(files, dir, marker, &text) {
+            tracing::warn!(subdir, error = %e, "could not put the marker back; the directory is left without it");
+        }
     }
+    Err(err)
+}
+
+/// How long DeleteVolume waits for a directory kept non-empty only by
+/// silly-renamed files (`.nfsXXXX`: files unlinked on an NFS client that
+/// still had them open; the client removes them when the last user closes).
+const RMDIR_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why an emptied directory could not be removed.
+enum Left {
+    /// It is still not empty: the names found in it.
+    Entries(Vec<String>),
+    Os(OsError),
+}
+
+/// Removes the directory `leaf` of `parent` (open as `dir`), whose
+/// contents were just removed. While what keeps it non-empty is only
+/// silly-renamed files (`.nfs*`), it is retried for up to `wait`; anything
+/// else there (data written meanwhile) is left and reported.
+fn remove_emptied(
+    files: &dyn Files,
+    parent: &OwnedFd,
+    leaf: &str,
+    dir: &OwnedFd,
+    wait: std::time::Duration,
+) -> std::result::Result<(), Left> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut pause = std::time::Duration::from_millis(20);
+    loop {
+        let e = match files.remove_dir(&fd_path(parent, leaf)) {
+            Ok(()) => return Ok(()),
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) if matches!(e.errno(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => e,
+            Err(e) => return Err(Left::Os(e)),
+        };
+        let names: Vec<String> = match std::fs::read_dir(fd_path(dir, "")) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => return Err(Left::Os(e)),
+        };
+        let silly = names.iter().all(|n| n.starts_with(".nfs"));
+        let now = std::time::Instant::now();
+        if !silly || now >= deadline {
+            return Err(Left::Entries(names));
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(std::time::Duration::from_millis(400));
+    }
+}
+
+/// At most a few of `names`, for a message.
+fn shown_names(names: &[String]) -> String {
+    let mut shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+    if names.len() > 3 {
+        shown.push("...");
+    }
+    shown.join(", ")
+}
+
+/// The bytes of the regular file `name` in `dir` (at most 4 KiB; a
+/// marker), None when there is none or it is something else.
+fn read_raw(dir: impl AsFd, name: &str) -> nix::Result<Option<Vec<u8>>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = match openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENXIO) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let st = fstat(&fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
+    let mut text = Vec::new();
+    File::from(fd)
+        .take(MAX_MARKER + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok((text.len() as u64 <= MAX_MARKER).then_some(text))
+}
+
+/// Writes `text` as the new file `name` in the directory `dir`, durably.
+fn write_raw(
+    files: &dyn Files,
+    dir: &OwnedFd,
+    name: &str,
+    text: &[u8],
+) -> std::result::Result<(), OsError> {
+    let path = fd_path(dir, name);
+    let f = files.open(&path, Open::CreateNew)?;
+    files.write_at(&f, &path, text, 0)?;
+    files.sync(&f, &path)
 }
 
 /// Renames `from` to `to`, never replacing anything at `to` (EEXIST then).
@@ -784,6 +875,64 @@ mod tests {
         }
         assert!(d.path().join("link").exists());
         assert!(outside.path().join("keep").exists());
+    }
+
+    /// A directory that will not go once emptied (a silly-renamed `.nfs*`
+    /// file of a client that still has it open): retried while only that
+    /// keeps it, and when it stays, its marker is put back so a retried
+    /// DeleteVolume still knows it as the volume's.
+    #[test]
+    fn delete_waits_for_silly_renamed_files_then_restores_the_marker() {
+        use crate::os::fake::FakeOs;
+        let d = tempfile::tempdir().unwrap();
+        let os = FakeOs::new();
+        let del = |os: &FakeOs| {
+            remove_subdir(
+                os,
+                d.path(),
+                &id("v"),
+                "v",
+                Removal::Apply(OnDelete::Delete),
+                7,
+            )
+        };
+        // Kept non-empty for one try: the retry removes it.
+        create(d.path(), "v", None).unwrap();
+        os.fail_next("rmdir", libc::ENOTEMPTY);
+        del(&os).unwrap();
+        assert!(!d.path().join("v").exists());
+        let rmdirs = || os.file_ops().iter().filter(|o| o.op == "rmdir").count();
+        assert_eq!(rmdirs(), 2);
+        // Kept for good by a `.nfs*` file: retried until the wait is over,
+        // then FAILED_PRECONDITION with the marker back.
+        create(d.path(), "v", None).unwrap();
+        os.clear_file_ops();
+        os.fail_op_under("rmdir", d.path(), libc::ENOTEMPTY);
+        let t0 = std::time::Instant::now();
+        let e = del(&os).unwrap_err();
+        assert!(t0.elapsed() >= RMDIR_WAIT, "{:?}", t0.elapsed());
+        assert!(matches!(e, Error::WrongState(_)), "{e:?}");
+        assert!(e.to_string().contains("can be retried"), "{e}");
+        assert!(rmdirs() > 2, "retried: {}", rmdirs());
+        assert_eq!(marker(&d.path().join("v")).unwrap().id, id("v"));
+        // The retry, once nothing keeps it, removes it.
+        os.clear_file_faults();
+        del(&os).unwrap();
+        assert!(!d.path().join("v").exists());
+        // Anything but `.nfs*` files (data written during the delete) is
+        // not waited for: reported at once by name.
+        std::fs::create_dir(d.path().join("w")).unwrap();
+        std::fs::write(d.path().join("w/late"), b"x").unwrap();
+        let root = open_root(d.path()).unwrap();
+        let w = open_dir(&root, "w").unwrap();
+        let t0 = std::time::Instant::now();
+        match remove_emptied(&RealFiles, &root, "w", &w, RMDIR_WAIT) {
+            Err(Left::Entries(names)) => assert_eq!(names, ["late"]),
+            Err(Left::Os(e)) => panic!("{e}"),
+            Ok(()) => panic!("removed a directory holding data"),
+        }
+        assert!(t0.elapsed() < RMDIR_WAIT);
+        assert!(d.path().join("w/late").exists());
     }
 
     #[test]

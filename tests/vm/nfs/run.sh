@@ -96,7 +96,14 @@ leftovers() {
   ls -A /export | grep -vxE 'canary|lost\+found|\.berth-snapshots'
   ls -A /export/.berth-snapshots 2>/dev/null | sed 's|^|.berth-snapshots/|'
 }
-berth_check "nothing left on the share" eval '[ -z "$(leftovers)" ]' || leftovers
+# What a leftover holds (a silly-renamed .nfs* file, data), to tell why.
+leftover_contents() {
+  local n
+  leftovers | while read -r n; do
+    find "/export/$n" -maxdepth 2 -printf '%p %y %s bytes\n' 2>&1 | head -20
+  done
+}
+berth_check "nothing left on the share" eval '[ -z "$(leftovers)" ]' || leftover_contents
 berth_check "no NFS mount left" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
 berth_check "no mount process left" eval '[ -z "$(mount_procs)" ]' || mount_procs
 

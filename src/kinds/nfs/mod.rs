@@ -556,6 +556,7 @@ impl VolumeKind for NfsKind {
             &rec.id,
             &vid.subdir,
             how,
+            rec.phase == Phase::Deleting,
             crate::driver::now_unix(),
         )
     }

@@ -381,15 +381,19 @@ pub fn marked_as(files: &dyn Files, root: &Path, subdir: &str, id: &str) -> Resu
 
 /// Removes, archives or keeps the directory of `id` (`subdir` below
 /// `root`), only if its marker names `id`; anything else there is not
-/// Berth's and is left alone (success). Missing is success; nothing outside
-/// the directory is touched and no symlink is followed. Another volume's
-/// marker inside it is FAILED_PRECONDITION.
+/// Berth's and is left alone (success), except, when `resumed` (the
+/// volume's own record says Deleting: Berth made this directory), an empty
+/// directory without a marker: a delete cut short between the marker and
+/// the directory leaves exactly that. Missing is success; nothing outside the directory is touched
+/// and no symlink is followed. Another volume's marker inside it is
+/// FAILED_PRECONDITION.
 pub fn remove_subdir(
     files: &dyn Files,
     root: &Path,
     id: &str,
     subdir: &str,
     how: Removal,
+    resumed: bool,
     unix: u64,
 ) -> Result<()> {
     if how == Removal::Apply(OnDelete::Retain) {
@@ -419,6 +423,9 @@ pub fn remove_subdir(
         Some(m) => {
             tracing::warn!(volume_id = %id, subdir, owner = %m.id, "the directory belongs to another volume; left as it is");
             return Ok(());
+        }
+        None if resumed && how == Removal::Apply(OnDelete::Delete) => {
+            return finish_unmarked(files, &fd, leaf, &dir, id, subdir)
         }
         None => {
             tracing::warn!(volume_id = %id, subdir, "the directory has no Berth marker (Berth did not make it); left as it is");
@@ -522,6 +529,42 @@ pub(super) fn remove_marked(
         }
     }
     Err(err)
+}
+
+/// The directory of `id` (`leaf` in `parent`, open as `dir`) has no marker
+/// while a delete of the volume is being resumed: removed if nothing is
+/// in it (but silly-renamed `.nfs*` files, waited for), since a delete cut
+/// short after removing the marker leaves exactly that; anything else
+/// there is left alone.
+fn finish_unmarked(
+    files: &dyn Files,
+    parent: &OwnedFd,
+    leaf: &str,
+    dir: &OwnedFd,
+    id: &str,
+    subdir: &str,
+) -> Result<()> {
+    let names: Vec<String> = std::fs::read_dir(fd_path(dir, ""))
+        .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if !names.iter().all(|n| n.starts_with(".nfs")) {
+        tracing::warn!(volume_id = %id, subdir, "the directory has no Berth marker and holds data; left as it is");
+        return Ok(());
+    }
+    match remove_emptied(files, parent, leaf, dir, RMDIR_WAIT) {
+        Ok(()) => {
+            tracing::info!(volume_id = %id, subdir, "finished a delete cut short after the marker was removed");
+            Ok(())
+        }
+        Err(Left::Entries(names)) => Err(Error::WrongState(format!(
+            "{subdir} on the share is not empty: {} ({}); DeleteVolume can be retried",
+            names.len(),
+            shown_names(&names)
+        ))),
+        Err(Left::Os(e)) => Err(Error::os(format!("removing {subdir} on the share"), e)),
+    }
 }
 
 /// How long DeleteVolume waits for a directory kept non-empty only by
@@ -778,7 +821,7 @@ mod tests {
     }
 
     fn remove(root: &Path, sub: &str, how: Removal) -> Result<()> {
-        remove_subdir(&RealFiles, root, &id(sub), sub, how, 7)
+        remove_subdir(&RealFiles, root, &id(sub), sub, how, false, 7)
     }
 
     fn mark(dir: &Path, m: &Marker) {
@@ -893,6 +936,7 @@ mod tests {
                 &id("v"),
                 "v",
                 Removal::Apply(OnDelete::Delete),
+                false,
                 7,
             )
         };
@@ -933,6 +977,40 @@ mod tests {
         }
         assert!(t0.elapsed() < RMDIR_WAIT);
         assert!(d.path().join("w/late").exists());
+    }
+
+    /// A delete cut short between removing the marker and the directory
+    /// (kill -9) leaves an empty unmarked directory: the resumed delete of
+    /// the recorded volume removes it; without a record saying Deleting,
+    /// or with anything in it, it is left alone.
+    #[test]
+    fn a_resumed_delete_finishes_an_emptied_unmarked_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let del = |resumed| {
+            let how = Removal::Apply(OnDelete::Delete);
+            remove_subdir(&RealFiles, d.path(), &id("v"), "v", how, resumed, 7)
+        };
+        create(d.path(), "v", None).unwrap();
+        std::fs::remove_file(d.path().join("v").join(MARKER)).unwrap();
+        del(false).unwrap();
+        assert!(
+            d.path().join("v").is_dir(),
+            "unrecorded: not Berth's to remove"
+        );
+        std::fs::write(d.path().join("v/data"), b"x").unwrap();
+        del(true).unwrap();
+        assert!(
+            d.path().join("v/data").exists(),
+            "data without a marker stays"
+        );
+        std::fs::remove_file(d.path().join("v/data")).unwrap();
+        // Archive never gets here (one rename), retain removes nothing.
+        let archive = Removal::Apply(OnDelete::Archive);
+        remove_subdir(&RealFiles, d.path(), &id("v"), "v", archive, true, 7).unwrap();
+        assert!(d.path().join("v").is_dir());
+        del(true).unwrap();
+        assert!(!d.path().join("v").exists());
+        assert!(d.path().exists());
     }
 
     #[test]

@@ -378,6 +378,60 @@ async fn on_delete_modes_and_a_lost_record() {
     assert_eq!(e.canary(), canary, "canary at the share root");
 }
 
+/// A file of the volume still open on the controller's NFS client when it
+/// is deleted: the client silly-renames it (`.nfs*`) instead of removing
+/// it, so the emptied directory will not go. DeleteVolume waits a little,
+/// then fails FAILED_PRECONDITION with the marker back (the directory is
+/// still the volume's); once the file is closed the retry removes it all.
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn a_file_open_on_the_client_delays_the_delete_and_keeps_the_marker() {
+    let e = env();
+    let (h, _g) = harness();
+    let id = create(&h, &e, "held-open", &[], &[]).await;
+    let sub = subdir_of(&id);
+    // Opened through Berth's own working mount of the share: the same
+    // client (superblock) the delete goes through.
+    let work = mounts_under(h.dir.path());
+    assert_eq!(work.len(), 1, "one working mount of the share: {work:?}");
+    let held = work[0].join(&sub).join("f");
+    let mut f = std::fs::File::create(&held).unwrap();
+    std::io::Write::write_all(&mut f, b"still open").unwrap();
+    let dir = e.export.join(&sub);
+    let t0 = Instant::now();
+    let err = delete(&h, &id).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(".nfs"), "{}", err.message());
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "waited: {:?}",
+        t0.elapsed()
+    );
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter().any(|n| n == ".berth-volume"),
+        "marker back: {left:?}"
+    );
+    assert!(
+        left.iter().any(|n| n.starts_with(".nfs")),
+        "silly-renamed: {left:?}"
+    );
+    assert!(!left.iter().any(|n| n == "f"), "{left:?}");
+    // The volume is still there for the CO (a retry finds it).
+    assert_eq!(h.driver.store.get(&id).map(|r| r.id), Some(id.clone()));
+    drop(f);
+    delete(&h, &id).await.unwrap();
+    assert!(
+        !dir.exists(),
+        "{:?}",
+        std::fs::read_dir(&dir).map(|d| d.count())
+    );
+    assert!(h.driver.store.get(&id).is_none());
+}
+
 #[tokio::test]
 #[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
 async fn republish_after_a_server_restart_and_after_a_stale_handle() {

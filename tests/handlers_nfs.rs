@@ -2313,8 +2313,8 @@ async fn nfs_snapshots_survive_a_lost_controller_state() {
 }
 
 /// DeleteSnapshot removes only a directory whose marker names the
-/// snapshot: another snapshot's marker, none, or a symlink at its place is
-/// left as it is; ids that reach outside the snapshot area are not NFS
+/// snapshot (or an empty one at its name): another snapshot's marker, none
+/// on a directory with data, or a symlink at its place is left as it is; ids that reach outside the snapshot area are not NFS
 /// snapshot ids and touch nothing.
 #[tokio::test]
 async fn delete_snapshot_touches_only_what_its_marker_names() {
@@ -2333,6 +2333,17 @@ async fn delete_snapshot_touches_only_what_its_marker_names() {
     assert!(da.join("data/f").exists(), "a foreign marker: left");
     assert!(db.join("data/f").exists(), "no marker: left");
     assert!(h.driver.store.snapshot_get(&a.snapshot_id).is_none());
+    // What a delete cut short between the marker and the directory leaves
+    // (empty, unmarked) goes with the retry: nothing is in it.
+    let d = snapshot(&h, "d", &src.volume_id).await;
+    let dd = snap_dir(&h, &d.snapshot_id);
+    std::fs::remove_dir_all(&dd).unwrap();
+    std::fs::create_dir(&dd).unwrap();
+    delete_snapshot(&h, &d.snapshot_id).await.unwrap();
+    assert!(
+        !dd.exists(),
+        "an empty unmarked directory at its name: removed"
+    );
     // A restore from a snapshot whose copy is not Berth's is refused.
     let c = snapshot(&h, "c", &src.volume_id).await;
     let dc = snap_dir(&h, &c.snapshot_id);

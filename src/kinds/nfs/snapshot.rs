@@ -149,14 +149,24 @@ fn remove_unfinished(files: &dyn Files, area: &OwnedFd, key: &str, id: &str) -> 
     match look(area, &tmp, id)? {
         Found::Missing => Ok(()),
         Found::Ours(_, dir) => remove_marked(files, area, &tmp, &dir, &tmp, SNAP_MARKER),
-        Found::Foreign(why) => match files.remove_dir(&fd_path(area, &tmp)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
-            Err(_) => {
-                tracing::warn!(snapshot_id = %id, "{why}; left as it is");
-                Ok(())
-            }
-        },
+        Found::Foreign(why) => {
+            remove_if_empty(files, area, &tmp, id, &why);
+            Ok(())
+        }
+    }
+}
+
+/// Removes the directory `name` of the snapshot area if it is empty (a
+/// crash before its marker was written, or after it was removed: the area
+/// and its names are Berth's own, and an empty directory holds nothing);
+/// anything else is left as it is, warned with `why`.
+fn remove_if_empty(files: &dyn Files, area: &OwnedFd, name: &str, id: &str, why: &str) {
+    match files.remove_dir(&fd_path(area, name)) {
+        Ok(()) => {
+            tracing::info!(snapshot_id = %id, "removed the empty, unmarked {SNAPSHOTS}/{name} a cut-short make or delete left")
+        }
+        Err(e) if e.errno() == Some(libc::ENOENT) => {}
+        Err(_) => tracing::warn!(snapshot_id = %id, "{why}; left as it is"),
     }
 }
 
@@ -225,8 +235,9 @@ pub fn make(
 
 /// Removes snapshot `id` (`key` in the area below `root`) and what an
 /// interrupted making of it left: only directories whose marker names
-/// `id`. Anything else is left as it is (success, warned). Missing is
-/// success.
+/// `id`, and an empty unmarked directory at its name (a delete cut short
+/// between marker and directory). Anything else is left as it is
+/// (success, warned). Missing is success.
 pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<()> {
     let rootfd = open_root(root)?;
     let Some(area) = open_area(files, &rootfd, false)? else {
@@ -248,7 +259,13 @@ pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<()>
             Ok(())
         }
         Found::Foreign(why) => {
-            tracing::warn!(snapshot_id = %id, "{why}; not Berth's copy of this snapshot, left as it is");
+            remove_if_empty(
+                files,
+                &area,
+                key,
+                id,
+                &format!("{why}; not Berth's copy of this snapshot"),
+            );
             Ok(())
         }
     }

@@ -457,6 +457,68 @@ async fn an_unreadable_device_is_not_probed_or_formatted() {
     assert!(runs(f, "blkid").is_empty() && runs(f, "mkfs.ext4").is_empty());
 }
 
+/// A killed berth's mkfs may still be running when the restarted one is
+/// asked to stage (it holds the device exclusively): nothing is probed,
+/// decided or formatted, and the answer is ABORTED (retry), not an error
+/// that says to delete the volume. A mount that finds the device busy is
+/// ABORTED too.
+#[tokio::test]
+async fn a_device_held_by_another_process_is_aborted_and_nothing_is_decided() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    f.reply("mkfs.ext4", out(1, ""));
+    let s = h.path("s");
+    let stage = || {
+        h.node
+            .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+    };
+    stage().await.unwrap_err();
+    let uuid = h
+        .driver
+        .store
+        .get(&v.volume_id)
+        .unwrap()
+        .block
+        .unwrap()
+        .formatting_uuid;
+    let dev = f.loops()[0].device.clone();
+    f.set_held(&dev, true);
+    let before = (runs(f, "blkid").len(), runs(f, "mkfs.ext4").len());
+    let e = stage().await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+    assert!(
+        e.message().contains("held by another process"),
+        "{}",
+        e.message()
+    );
+    assert_eq!((runs(f, "blkid").len(), runs(f, "mkfs.ext4").len()), before);
+    assert!(!s.exists(), "no staging directory left");
+    // The mkfs finished meanwhile (its filesystem, with the pinned UUID)
+    // but the mount still finds the device busy: ABORTED, not "delete the
+    // volume"; nothing recorded.
+    f.set_held(&dev, false);
+    f.reply(
+        "blkid",
+        out(0, &format!("UUID={uuid}\nTYPE=ext4\nUSAGE=filesystem\n")),
+    );
+    f.fail_next("mount_fs", libc::EBUSY);
+    let e = stage().await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    assert!(!b.formatted && b.formatting == "ext4");
+    // Once free, the finished filesystem is adopted, never made again.
+    f.reply(
+        "blkid",
+        out(0, &format!("UUID={uuid}\nTYPE=ext4\nUSAGE=filesystem\n")),
+    );
+    stage().await.unwrap();
+    assert_eq!(runs(f, "mkfs.ext4").len(), 1);
+    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    assert!(b.formatted && b.formatting.is_empty());
+}
+
 #[tokio::test]
 async fn an_interrupted_mkfs_is_never_redone_over_a_filesystem() {
     let h = block(&[]);

@@ -28,6 +28,10 @@ pub trait BlockDevices: Send + Sync {
     /// decided from a probe of it (blkid reports "nothing found" for a device
     /// it cannot read), and returns them (a superblock lives there).
     fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError>;
+    /// Whether another process holds the device exclusively (an O_EXCL
+    /// open fails with EBUSY: a mounted filesystem, a running mkfs or
+    /// fsck, a device-mapper or md user), in any mount namespace.
+    fn held(&self, path: &Path) -> Result<bool, OsError>;
     /// Zeroes the whole device at `path`, which must be `size_bytes` long.
     /// Opened exclusively (O_EXCL on a block device: EBUSY while anything
     /// mounts or holds it), then flushed.
@@ -111,6 +115,18 @@ impl BlockDevices for RealBlockDevices {
         f.read_exact(&mut buf)
             .map_err(|e| OsError::sys("read", path, e))?;
         Ok(buf)
+    }
+
+    fn held(&self, path: &Path) -> Result<bool, OsError> {
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+            .open(path)
+        {
+            Ok(_) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(true),
+            Err(e) => Err(OsError::sys("open exclusively", path, e)),
+        }
     }
 
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {

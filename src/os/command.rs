@@ -171,20 +171,50 @@ fn wait_readable(pipes: &[&Pipe], wait: Duration) {
     let _ = poll(&mut fds, PollTimeout::from(ms));
 }
 
+/// The command is killed (SIGKILL) when berth dies, even by kill -9: an
+/// mkfs must not go on writing to a device after the process that decided
+/// to format it is gone (a restarted berth would find it busy, or half
+/// made). The signal follows the spawning thread, which waits for the
+/// command in `run` until it ends.
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: runs in the child between fork and exec, and makes only
+    // async-signal-safe system calls (prctl, getppid); nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Berth died before the prctl: the signal would never come.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 pub struct RealRunner;
 
 impl Runner for RealRunner {
     fn run(&self, program: &str, args: &[String], timeout: Duration) -> Result<CmdOutput, OsError> {
         let deadline = Instant::now() + timeout;
-        let mut child = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("LC_ALL", "C")
-            .process_group(0)
-            .spawn()
-            .map_err(|e| OsError::sys("spawn", program, e))?;
+            .process_group(0);
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(|e| OsError::sys("spawn", program, e))?;
         let pgid = child.id() as i32;
         let _tracked = Tracked::new(pgid);
         let mut out = Pipe::new(child.stdout.take().map(OwnedFd::from));
@@ -288,6 +318,45 @@ mod tests {
             .output()
             .unwrap();
         assert!(ps.stdout.is_empty(), "process survived: {:?}", ps);
+    }
+
+    fn running(pattern: &str) -> bool {
+        let ps = Command::new("pgrep")
+            .args(["-f", pattern])
+            .output()
+            .unwrap();
+        !ps.stdout.is_empty()
+    }
+
+    /// Berth killed with SIGKILL while a command runs: the command goes
+    /// with it. The test binary runs itself as the berth that is killed.
+    #[test]
+    fn a_command_dies_with_berth() {
+        const ROLE: &str = "BERTH_TEST_DIES_WITH";
+        if let Ok(len) = std::env::var(ROLE) {
+            let _ = RealRunner.run("sleep", &[len], Duration::from_secs(60));
+            return;
+        }
+        let len = format!("984.{}", std::process::id());
+        let pattern = format!("^sleep {len}$");
+        let mut berth = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "os::command::tests::a_command_dies_with_berth"])
+            .env(ROLE, &len)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let until = |want: bool| {
+            let end = Instant::now() + Duration::from_secs(20);
+            while running(&pattern) != want && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            running(&pattern) == want
+        };
+        assert!(until(true), "the command never started");
+        berth.kill().unwrap();
+        berth.wait().unwrap();
+        assert!(until(false), "the command outlived the berth that ran it");
     }
 
     /// A grandchild that leaves the group (setsid) keeps the pipes open

@@ -102,6 +102,8 @@ pub struct FakeOs {
     devices: Mutex<BTreeMap<PathBuf, DeviceInfo>>,
     busy_detaches: Mutex<u32>,
     unreadable: Mutex<HashSet<PathBuf>>,
+    /// Devices another process holds exclusively (`BlockDevices::held`).
+    held: Mutex<HashSet<PathBuf>>,
     /// `mount -t nfs` and `umount` runs change the table (see
     /// `emulate_nfs_mounts`).
     nfs_mounts: Mutex<bool>,
@@ -182,6 +184,7 @@ impl FakeOs {
             devices: Mutex::new(BTreeMap::new()),
             busy_detaches: Mutex::new(0),
             unreadable: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashSet::new()),
             nfs_mounts: Mutex::new(false),
             stat_delays: Mutex::new(HashMap::new()),
             table_reads: Mutex::new(0),
@@ -500,6 +503,17 @@ impl FakeOs {
     }
 
     /// Makes reads of a device fail (`read_head`).
+    /// Another process holds (or, with `false`, no longer holds) the
+    /// device at `path` exclusively.
+    pub fn set_held(&self, path: &Path, held: bool) {
+        let mut h = lock(&self.held);
+        if held {
+            h.insert(path.to_path_buf());
+        } else {
+            h.remove(path);
+        }
+    }
+
     pub fn set_unreadable(&self, path: &Path) {
         lock(&self.unreadable).insert(path.to_path_buf());
     }
@@ -1079,6 +1093,11 @@ impl BlockDevices for FakeOs {
             }
         }
         Ok(head)
+    }
+
+    fn held(&self, path: &Path) -> Result<bool, OsError> {
+        self.injected("held", path)?;
+        Ok(lock(&self.held).contains(path))
     }
 
     /// Records the call; a stand-in disk that is a regular file is

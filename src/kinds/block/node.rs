@@ -200,6 +200,20 @@ impl BlockKind {
         }
         let users = Self::users(&t, &dev);
         mounts::refuse_staged_elsewhere(staging, &users)?;
+        // Nothing is read, decided or formatted while another process holds
+        // the device: an mkfs a killed berth started may still be writing.
+        let held = self
+            .os
+            .devices
+            .held(&dev.path)
+            .map_err(|e| Error::os(format!("opening {} exclusively", dev.path.display()), e))?;
+        if held {
+            return Err(Error::Busy(format!(
+                "volume {}: {} is held by another process (a filesystem mounted in another mount namespace, or an mkfs a killed berth started that is still running); nothing is decided while it is: retry",
+                rec.id,
+                dev.path.display()
+            )));
+        }
         let facts_in_use = !users.is_empty();
         let facts = format::Facts {
             in_use: facts_in_use,
@@ -227,14 +241,21 @@ impl BlockKind {
                     .mounter
                     .mount_fs(&dev.path, staging, fs.as_str(), flags, data)
                     .map_err(|e| {
-                        Error::os(
-                            format!(
-                                "mounting {} ({fs}) at {}",
-                                dev.path.display(),
-                                staging.display()
-                            ),
-                            e,
-                        )
+                        let what = format!(
+                            "mounting {} ({fs}) at {}",
+                            dev.path.display(),
+                            staging.display()
+                        );
+                        if e.errno() == Some(libc::EBUSY) {
+                            // Held open exclusively: an mkfs (or fsck) still
+                            // running, such as one a killed berth left.
+                            // Transient: nothing is decided on it.
+                            Error::Busy(format!(
+                                "{what}: the device is held by another process (an mkfs a killed berth started may still be running); retry"
+                            ))
+                        } else {
+                            Error::os(what, e)
+                        }
                     })
             })
         };
@@ -264,8 +285,9 @@ impl BlockKind {
                 // Berth's own mkfs finished before a crash: the filesystem
                 // is taken as it is (it may hold data), never made again.
                 tracing::warn!(volume_id = %rec.id, device = %dev.path.display(), fs = %fs, uuid = %info.formatting_uuid, "found the filesystem of an interrupted format; mounting it as it is");
-                mount().map_err(|e| {
-                    Error::WrongState(format!(
+                mount().map_err(|e| match e {
+                    Error::Busy(_) => e,
+                    e => Error::WrongState(format!(
                         "volume {}: the {fs} filesystem that Berth's interrupted mkfs made on {} (UUID {}) does not mount ({}); refusing to format over it: delete the volume",
                         rec.id,
                         dev.path.display(),

@@ -46,6 +46,11 @@ fn out(code: i32, stdout: &str) -> Result<CmdOutput, OsError> {
 }
 
 /// blkid finds nothing, mkfs and growers succeed.
+/// The block part of a volume's record.
+fn block_info(h: &Harness, id: &str) -> berth::state::BlockInfo {
+    *h.driver.store.get(id).unwrap().block.unwrap()
+}
+
 fn script_blank(f: &FakeOs) {
     f.respond("blkid", |_| out(2, ""));
     for p in ["mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "wipefs"] {
@@ -362,7 +367,7 @@ async fn stage_formats_a_new_volume_once_and_mounts_it() {
         .iter()
         .any(|c| matches!(c, Call::MountFs { source, target, fstype, .. }
         if source == Path::new("/dev/loop0") && target == &staging && fstype == "ext4")));
-    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    let b = block_info(&h, &v.volume_id);
     assert!(b.formatted && b.fs_type == "ext4" && b.formatting.is_empty());
 
     // A repeat is a no-op.
@@ -436,7 +441,7 @@ async fn stage_refuses_to_format_what_it_did_not_make() {
             !f.calls().iter().any(|c| matches!(c, Call::MountFs { .. })),
             "{what}"
         );
-        let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+        let b = block_info(&h, &v.volume_id);
         assert!(!b.formatted && b.formatting.is_empty(), "{what}");
     }
 }
@@ -475,14 +480,7 @@ async fn a_device_held_by_another_process_is_aborted_and_nothing_is_decided() {
             .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
     };
     stage().await.unwrap_err();
-    let uuid = h
-        .driver
-        .store
-        .get(&v.volume_id)
-        .unwrap()
-        .block
-        .unwrap()
-        .formatting_uuid;
+    let uuid = block_info(&h, &v.volume_id).formatting_uuid;
     let dev = f.loops()[0].device.clone();
     f.set_held(&dev, true);
     let before = (runs(f, "blkid").len(), runs(f, "mkfs.ext4").len());
@@ -506,7 +504,7 @@ async fn a_device_held_by_another_process_is_aborted_and_nothing_is_decided() {
     f.fail_next("mount_fs", libc::EBUSY);
     let e = stage().await.unwrap_err();
     assert_eq!(e.code(), Code::Aborted, "{}", e.message());
-    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    let b = block_info(&h, &v.volume_id);
     assert!(!b.formatted && b.formatting == "ext4");
     // Once free, the finished filesystem is adopted, never made again.
     f.reply(
@@ -515,7 +513,7 @@ async fn a_device_held_by_another_process_is_aborted_and_nothing_is_decided() {
     );
     stage().await.unwrap();
     assert_eq!(runs(f, "mkfs.ext4").len(), 1);
-    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    let b = block_info(&h, &v.volume_id);
     assert!(b.formatted && b.formatting.is_empty());
 }
 
@@ -535,7 +533,7 @@ async fn an_interrupted_mkfs_is_never_redone_over_a_filesystem() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Internal);
-    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    let b = block_info(&h, &v.volume_id);
     assert_eq!((b.formatted, b.formatting.as_str()), (false, "ext4"));
     let uuid = b.formatting_uuid.clone();
     assert_eq!(runs(f, "mkfs.ext4")[0][6], uuid);
@@ -571,7 +569,7 @@ async fn an_interrupted_mkfs_is_never_redone_over_a_filesystem() {
         .calls()
         .iter()
         .any(|c| matches!(c, Call::MountFs { target, .. } if target == &s)));
-    let b = h.driver.store.get(&v.volume_id).unwrap().block.unwrap();
+    let b = block_info(&h, &v.volume_id);
     assert!(b.formatted && b.fs_type == "ext4" && b.formatting.is_empty());
 
     // Asked as xfs after an interrupted ext4 mkfs: refused.
@@ -584,14 +582,7 @@ async fn an_interrupted_mkfs_is_never_redone_over_a_filesystem() {
         .node
         .node_stage_volume(Request::new(stage_req(&v.volume_id, &h.path("s"))))
         .await;
-    let uuid = h
-        .driver
-        .store
-        .get(&v.volume_id)
-        .unwrap()
-        .block
-        .unwrap()
-        .formatting_uuid;
+    let uuid = block_info(&h, &v.volume_id).formatting_uuid;
     f.reply(
         "blkid",
         out(0, &format!("UUID={uuid}\nTYPE=ext4\nUSAGE=filesystem\n")),
@@ -625,14 +616,7 @@ async fn an_unfinished_xfs_of_berths_own_mkfs_is_made_again() {
         .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
         .await
         .is_err());
-    let uuid = h
-        .driver
-        .store
-        .get(&v.volume_id)
-        .unwrap()
-        .block
-        .unwrap()
-        .formatting_uuid;
+    let uuid = block_info(&h, &v.volume_id).formatting_uuid;
     // What mkfs.xfs left: a superblock with sb_inprogress set.
     let mut sb = vec![0u8; 512];
     sb[..4].copy_from_slice(b"XFSB");
@@ -659,14 +643,7 @@ async fn an_unfinished_xfs_of_berths_own_mkfs_is_made_again() {
         .node_stage_volume(Request::new(stage_req(&v.volume_id, &s2)))
         .await
         .is_err());
-    let uuid = h
-        .driver
-        .store
-        .get(&v.volume_id)
-        .unwrap()
-        .block
-        .unwrap()
-        .formatting_uuid;
+    let uuid = block_info(&h, &v.volume_id).formatting_uuid;
     sb[126] = 0;
     write_at(&img(&h, &v.volume_id), &sb, 0);
     f.respond("blkid", move |_| {

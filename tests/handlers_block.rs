@@ -1075,6 +1075,25 @@ async fn raw_block_stages_and_publishes_the_device_node() {
         .await
         .unwrap();
     assert!(t.is_file() && ro.is_file());
+    // Published with a mount capability, a raw-staged volume is refused
+    // for what it is (not "not staged"), and nothing is mounted.
+    let calls = f.calls().len();
+    let e = h
+        .node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_capability: Some(rwo()),
+            ..publish_req(&id, &s, &h.path("fs"), false)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("staged as a raw block device"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(f.calls().len(), calls);
+    assert!(!h.path("fs").exists());
     let ro_flags = f.calls().into_iter().find_map(|c| match c {
         Call::Bind { target, flags, .. } if target == ro => Some(flags),
         _ => None,

@@ -396,6 +396,24 @@ impl BlockKind {
                 a.staging.display()
             ))
         };
+        let want = if fs.is_some() {
+            BlockAccess::Filesystem
+        } else {
+            BlockAccess::Raw
+        };
+        let info = Self::info(rec)?;
+        if let Some(a) = info
+            .access
+            .or(info.formatted.then_some(BlockAccess::Filesystem))
+            .filter(|a| *a != want)
+        {
+            return Err(Error::WrongState(format!(
+                "volume {} is staged {}; it cannot be published {} (publish it with the capability it was staged with)",
+                rec.id,
+                access_name(a),
+                access_name(want)
+            )));
+        }
         let dev = self.current_device(rec)?.ok_or_else(not_staged)?;
         if fs.is_some() {
             let obj = (dev.major, dev.minor, PathBuf::from("/"));

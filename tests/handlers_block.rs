@@ -462,6 +462,27 @@ async fn an_unreadable_device_is_not_probed_or_formatted() {
     assert!(runs(f, "blkid").is_empty() && runs(f, "mkfs.ext4").is_empty());
 }
 
+/// A blank 8 MiB volume whose first NodeStage (at `s`) failed in
+/// mkfs.ext4, half way: the intent stays recorded, with the UUID mkfs was
+/// given. Returns the volume, the staging path and that UUID.
+async fn interrupted_mkfs(h: &Harness) -> (csi::Volume, PathBuf, String) {
+    let f = h.fake();
+    script_blank(f);
+    let v = create(h, "a", 8 * MIB, &[]).await;
+    f.reply("mkfs.ext4", out(1, ""));
+    let s = h.path("s");
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    let b = block_info(h, &v.volume_id);
+    assert_eq!((b.formatted, b.formatting.as_str()), (false, "ext4"));
+    assert_eq!(runs(f, "mkfs.ext4")[0][6], b.formatting_uuid);
+    (v, s, b.formatting_uuid)
+}
+
 /// A killed berth's mkfs may still be running when the restarted one is
 /// asked to stage (it holds the device exclusively): nothing is probed,
 /// decided or formatted, and the answer is ABORTED (retry), not an error
@@ -471,16 +492,11 @@ async fn an_unreadable_device_is_not_probed_or_formatted() {
 async fn a_device_held_by_another_process_is_aborted_and_nothing_is_decided() {
     let h = block(&[]);
     let f = h.fake();
-    script_blank(f);
-    let v = create(&h, "a", 8 * MIB, &[]).await;
-    f.reply("mkfs.ext4", out(1, ""));
-    let s = h.path("s");
+    let (v, s, uuid) = interrupted_mkfs(&h).await;
     let stage = || {
         h.node
             .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
     };
-    stage().await.unwrap_err();
-    let uuid = block_info(&h, &v.volume_id).formatting_uuid;
     let dev = f.loops()[0].device.clone();
     f.set_held(&dev, true);
     let before = (runs(f, "blkid").len(), runs(f, "mkfs.ext4").len());
@@ -521,22 +537,7 @@ async fn a_device_held_by_another_process_is_aborted_and_nothing_is_decided() {
 async fn an_interrupted_mkfs_is_never_redone_over_a_filesystem() {
     let h = block(&[]);
     let f = h.fake();
-    script_blank(f);
-    let v = create(&h, "a", 8 * MIB, &[]).await;
-    // mkfs fails half way: the intent stays recorded, with the UUID mkfs
-    // was given.
-    f.reply("mkfs.ext4", out(1, ""));
-    let s = h.path("s");
-    let e = h
-        .node
-        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Internal);
-    let b = block_info(&h, &v.volume_id);
-    assert_eq!((b.formatted, b.formatting.as_str()), (false, "ext4"));
-    let uuid = b.formatting_uuid.clone();
-    assert_eq!(runs(f, "mkfs.ext4")[0][6], uuid);
+    let (v, s, uuid) = interrupted_mkfs(&h).await;
     // The retry finds an ext4 with another UUID (a stale intent): refused,
     // never formatted (the old rule forced mkfs over any ext4 here).
     f.reply(

@@ -502,7 +502,6 @@ impl FakeOs {
         lock(&self.devices).remove(path);
     }
 
-    /// Makes reads of a device fail (`read_head`).
     /// Another process holds (or, with `false`, no longer holds) the
     /// device at `path` exclusively.
     pub fn set_held(&self, path: &Path, held: bool) {
@@ -514,6 +513,7 @@ impl FakeOs {
         }
     }
 
+    /// Makes reads of a device fail (`read_head`).
     pub fn set_unreadable(&self, path: &Path) {
         lock(&self.unreadable).insert(path.to_path_buf());
     }

@@ -59,6 +59,13 @@ fn access_name(a: BlockAccess) -> &'static str {
     }
 }
 
+/// How the volume was first staged: recorded, or implied by a filesystem
+/// Berth made on it.
+fn known_access(info: &BlockInfo) -> Option<BlockAccess> {
+    info.access
+        .or(info.formatted.then_some(BlockAccess::Filesystem))
+}
+
 impl BlockKind {
     /// The file a raw block volume is staged on.
     fn marker(rec: &VolumeRecord, staging: &Path) -> PathBuf {
@@ -89,10 +96,7 @@ impl BlockKind {
     /// of older versions that Berth formatted are filesystems.
     fn claim_access(&self, rec: &VolumeRecord, want: BlockAccess) -> Result<BlockInfo> {
         let mut info = Self::info(rec)?;
-        let known = info
-            .access
-            .or(info.formatted.then_some(BlockAccess::Filesystem));
-        match known {
+        match known_access(&info) {
             Some(a) if a != want => Err(Error::WrongState(format!(
                 "volume {} was first staged {}; refusing to stage it {} ({})",
                 rec.id,
@@ -200,13 +204,15 @@ impl BlockKind {
         }
         let users = Self::users(&t, &dev);
         mounts::refuse_staged_elsewhere(staging, &users)?;
-        // Nothing is read, decided or formatted while another process holds
-        // the device: an mkfs a killed berth started may still be writing.
-        let held = self
-            .os
-            .devices
-            .held(&dev.path)
-            .map_err(|e| Error::os(format!("opening {} exclusively", dev.path.display()), e))?;
+        // Nothing is probed, decided or formatted while another process
+        // holds the device: an mkfs a killed berth started may still be
+        // writing. (A volume already formatted is only mounted, and a busy
+        // mount says the same.)
+        let held =
+            !info.formatted
+                && self.os.devices.held(&dev.path).map_err(|e| {
+                    Error::os(format!("opening {} exclusively", dev.path.display()), e)
+                })?;
         if held {
             return Err(Error::Busy(format!(
                 "volume {}: {} is held by another process (a filesystem mounted in another mount namespace, or an mkfs a killed berth started that is still running); nothing is decided while it is: retry",
@@ -401,10 +407,10 @@ impl BlockKind {
         } else {
             BlockAccess::Raw
         };
-        let info = Self::info(rec)?;
-        if let Some(a) = info
-            .access
-            .or(info.formatted.then_some(BlockAccess::Filesystem))
+        if let Some(a) = rec
+            .block
+            .as_deref()
+            .and_then(known_access)
             .filter(|a| *a != want)
         {
             return Err(Error::WrongState(format!(

@@ -119,7 +119,25 @@ pub(super) fn read_json<T: serde::de::DeserializeOwned>(
     dir: impl AsFd,
     name: &str,
 ) -> nix::Result<Option<T>> {
-    Ok(read_raw(dir, name)?.and_then(|text| serde_json::from_slice(&text).ok()))
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = match openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENXIO) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let st = fstat(&fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
+    let mut text = Vec::new();
+    File::from(fd)
+        .take(MAX_MARKER + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    if text.len() as u64 > MAX_MARKER {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice(&text).ok())
 }
 
 /// Writes the marker into the (new, empty) directory `dir`, durably.
@@ -135,10 +153,12 @@ pub(super) fn write_json<T: Serialize>(
     name: &str,
     value: &T,
 ) -> std::result::Result<(), OsError> {
-    let mut text =
-        serde_json::to_vec(value).map_err(|e| OsError::sys("encode", fd_path(dir, name), e))?;
+    let path = fd_path(dir, name);
+    let mut text = serde_json::to_vec(value).map_err(|e| OsError::sys("encode", &path, e))?;
     text.push(b'\n');
-    write_raw(files, dir, name, &text)
+    let f = files.open(&path, Open::CreateNew)?;
+    files.write_at(&f, &path, &text, 0)?;
+    files.sync(&f, &path)
 }
 
 /// The name a volume directory has while it is being made.
@@ -418,8 +438,8 @@ pub fn remove_subdir(
     };
     let marker = read_marker(&dir)
         .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
-    match &marker {
-        Some(m) if m.id == id => {}
+    let ours = match &marker {
+        Some(m) if m.id == id => m,
         Some(m) => {
             tracing::warn!(volume_id = %id, subdir, owner = %m.id, "the directory belongs to another volume; left as it is");
             return Ok(());
@@ -431,7 +451,7 @@ pub fn remove_subdir(
             tracing::warn!(volume_id = %id, subdir, "the directory has no Berth marker (Berth did not make it); left as it is");
             return Ok(());
         }
-    }
+    };
     if how == Removal::Rollback {
         // Never handed out: it holds data only if someone wrote there.
         let empty = std::fs::read_dir(fd_path(&dir, ""))
@@ -444,7 +464,7 @@ pub fn remove_subdir(
             );
             return Ok(());
         }
-        return remove_marked(files, &fd, leaf, &dir, subdir, MARKER);
+        return remove_marked(files, &fd, leaf, &dir, subdir, MARKER, ours);
     }
     if let Some((rel, other)) = nested_volume(&dir, id)? {
         return Err(Error::WrongState(format!(
@@ -477,21 +497,23 @@ pub fn remove_subdir(
             tracing::info!(volume_id = %id, subdir, archived = %format!("{ARCHIVE}/{name}"), "volume archived");
             Ok(())
         }
-        _ => remove_marked(files, &fd, leaf, &dir, subdir, MARKER),
+        _ => remove_marked(files, &fd, leaf, &dir, subdir, MARKER, ours),
     }
 }
 
 /// Removes the marked directory `leaf` (open as `dir`) in `parent`: its
 /// contents first, the marker last, so an interrupted delete leaves a
 /// directory that is still recognisably the volume's; a directory that
-/// then cannot be removed gets its marker back (FAILED_PRECONDITION).
-pub(super) fn remove_marked(
+/// then cannot be removed gets its marker (`content`, as read) back
+/// (FAILED_PRECONDITION).
+pub(super) fn remove_marked<T: Serialize>(
     files: &dyn Files,
     parent: &OwnedFd,
     leaf: &str,
     dir: &OwnedFd,
     subdir: &str,
     marker: &str,
+    content: &T,
 ) -> Result<()> {
     let entries = std::fs::read_dir(fd_path(dir, ""))
         .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?;
@@ -501,41 +523,28 @@ pub(super) fn remove_marked(
             remove_entry(files, dir, &e.file_name())?;
         }
     }
-    // What the marker says, to put it back if the directory cannot go.
-    let kept = read_raw(dir, marker)
-        .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
     match files.remove_file(&fd_path(dir, marker)) {
         Err(e) if !gone(&e) => {
             return Err(Error::os(format!("removing the marker of {subdir}"), e))
         }
         _ => {}
     }
-    let err = match remove_emptied(files, parent, leaf, dir, RMDIR_WAIT) {
-        Ok(()) => return Ok(()),
-        Err(Left::Entries(names)) => Error::WrongState(format!(
-            "{subdir} on the share is not empty after its contents were removed: {} ({}); \
-             files still open on an NFS client (.nfs*) or written during the delete; \
-             its marker is back and DeleteVolume can be retried",
-            names.len(),
-            shown_names(&names)
-        )),
-        Err(Left::Os(e)) => Error::os(format!("removing {subdir} on the share"), e),
+    let Err(left) = remove_emptied(files, parent, leaf, dir, RMDIR_WAIT) else {
+        return Ok(());
     };
     // Without its marker the directory would no longer be recognisably the
     // volume's, and a retried delete would leave it on the share for good.
-    if let Some(text) = kept {
-        if let Err(e) = write_raw(files, dir, marker, &text) {
-            tracing::warn!(subdir, error = %e, "could not put the marker back; the directory is left without it");
-        }
+    if let Err(e) = write_json(files, dir, marker, content) {
+        tracing::warn!(subdir, error = %e, "could not put the marker back; the directory is left without it");
     }
-    Err(err)
+    Err(left.error(subdir, "its marker is back and "))
 }
 
 /// The directory of `id` (`leaf` in `parent`, open as `dir`) has no marker
 /// while a delete of the volume is being resumed: removed if nothing is
 /// in it (but silly-renamed `.nfs*` files, waited for), since a delete cut
 /// short after removing the marker leaves exactly that; anything else
-/// there is left alone.
+/// there is left alone (the rmdir fails on it and touches nothing).
 fn finish_unmarked(
     files: &dyn Files,
     parent: &OwnedFd,
@@ -544,26 +553,16 @@ fn finish_unmarked(
     id: &str,
     subdir: &str,
 ) -> Result<()> {
-    let names: Vec<String> = std::fs::read_dir(fd_path(dir, ""))
-        .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    if !names.iter().all(|n| n.starts_with(".nfs")) {
-        tracing::warn!(volume_id = %id, subdir, "the directory has no Berth marker and holds data; left as it is");
-        return Ok(());
-    }
     match remove_emptied(files, parent, leaf, dir, RMDIR_WAIT) {
         Ok(()) => {
             tracing::info!(volume_id = %id, subdir, "finished a delete cut short after the marker was removed");
             Ok(())
         }
-        Err(Left::Entries(names)) => Err(Error::WrongState(format!(
-            "{subdir} on the share is not empty: {} ({}); DeleteVolume can be retried",
-            names.len(),
-            shown_names(&names)
-        ))),
-        Err(Left::Os(e)) => Err(Error::os(format!("removing {subdir} on the share"), e)),
+        Err(Left::Entries(names)) if !names.iter().all(|n| silly(n)) => {
+            tracing::warn!(volume_id = %id, subdir, "the directory has no Berth marker and holds data; left as it is");
+            Ok(())
+        }
+        Err(left) => Err(left.error(subdir, "")),
     }
 }
 
@@ -577,6 +576,36 @@ enum Left {
     /// It is still not empty: the names found in it.
     Entries(Vec<String>),
     Os(OsError),
+}
+
+impl Left {
+    /// The error of a delete of `subdir` that stopped here; `then` says
+    /// what was done about it before the retry.
+    fn error(self, subdir: &str, then: &str) -> Error {
+        match self {
+            Left::Entries(names) => {
+                let mut shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+                if names.len() > 3 {
+                    shown.push("...");
+                }
+                Error::WrongState(format!(
+                    "{subdir} on the share is not empty after its contents were removed: {} ({}); \
+                     files still open on an NFS client (.nfs*) or written during the delete; \
+                     {then}DeleteVolume can be retried",
+                    names.len(),
+                    shown.join(", ")
+                ))
+            }
+            Left::Os(e) => Error::os(format!("removing {subdir} on the share"), e),
+        }
+    }
+}
+
+/// A file an NFS client renamed instead of removing it because it was
+/// still open there ("silly rename"); the client removes it on the last
+/// close.
+fn silly(name: &str) -> bool {
+    name.starts_with(".nfs")
 }
 
 /// Removes the directory `leaf` of `parent` (open as `dir`), whose
@@ -606,57 +635,13 @@ fn remove_emptied(
                 .collect(),
             Err(_) => return Err(Left::Os(e)),
         };
-        let silly = names.iter().all(|n| n.starts_with(".nfs"));
         let now = std::time::Instant::now();
-        if !silly || now >= deadline {
+        if !names.iter().all(|n| silly(n)) || now >= deadline {
             return Err(Left::Entries(names));
         }
         std::thread::sleep(pause.min(deadline - now));
         pause = (pause * 2).min(std::time::Duration::from_millis(400));
     }
-}
-
-/// At most a few of `names`, for a message.
-fn shown_names(names: &[String]) -> String {
-    let mut shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
-    if names.len() > 3 {
-        shown.push("...");
-    }
-    shown.join(", ")
-}
-
-/// The bytes of the regular file `name` in `dir` (at most 4 KiB; a
-/// marker), None when there is none or it is something else.
-fn read_raw(dir: impl AsFd, name: &str) -> nix::Result<Option<Vec<u8>>> {
-    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let fd = match openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENXIO) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let st = fstat(&fd)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Ok(None);
-    }
-    let mut text = Vec::new();
-    File::from(fd)
-        .take(MAX_MARKER + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    Ok((text.len() as u64 <= MAX_MARKER).then_some(text))
-}
-
-/// Writes `text` as the new file `name` in the directory `dir`, durably.
-fn write_raw(
-    files: &dyn Files,
-    dir: &OwnedFd,
-    name: &str,
-    text: &[u8],
-) -> std::result::Result<(), OsError> {
-    let path = fd_path(dir, name);
-    let f = files.open(&path, Open::CreateNew)?;
-    files.write_at(&f, &path, text, 0)?;
-    files.sync(&f, &path)
 }
 
 /// Renames `from` to `to`, never replacing anything at `to` (EEXIST then).

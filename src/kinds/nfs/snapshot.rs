@@ -148,7 +148,7 @@ fn remove_unfinished(files: &dyn Files, area: &OwnedFd, key: &str, id: &str) -> 
     let tmp = new_name(key);
     match look(area, &tmp, id)? {
         Found::Missing => Ok(()),
-        Found::Ours(_, dir) => remove_marked(files, area, &tmp, &dir, &tmp, SNAP_MARKER),
+        Found::Ours(m, dir) => remove_marked(files, area, &tmp, &dir, &tmp, SNAP_MARKER, &m),
         Found::Foreign(why) => {
             remove_if_empty(files, area, &tmp, id, &why);
             Ok(())
@@ -246,7 +246,7 @@ pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<()>
     remove_unfinished(files, &area, key, id)?;
     match look(&area, key, id)? {
         Found::Missing => Ok(()),
-        Found::Ours(_, dir) => {
+        Found::Ours(m, dir) => {
             remove_marked(
                 files,
                 &area,
@@ -254,6 +254,7 @@ pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<()>
                 &dir,
                 &format!("{SNAPSHOTS}/{key}"),
                 SNAP_MARKER,
+                &m,
             )?;
             tracing::info!(snapshot_id = %id, "snapshot removed from the share");
             Ok(())

@@ -1,6 +1,7 @@
 //! The driver: configuration, state, guards, OS interfaces and the volume
 //! kinds, shared by the Identity, Controller and Node services.
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -564,10 +565,91 @@ pub fn now_unix() -> u64 {
 /// the storage is gone for good. A root that lacks only some of its
 /// volumes is reported. Volumes recorded on another node id (a changed
 /// --node-id) are reported too: they cannot be staged here.
+/// Directories whose every subdirectory belongs to the system (the kernel's
+/// pseudo-filesystems, its boot files, installed software, configuration):
+/// no state directory or root is taken in them.
+const SYSTEM_TREES: &[&str] = &[
+    "/proc", "/sys", "/dev", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+    "/libx32",
+];
+
+/// Directories shared by everything on a host: a directory of Berth's own
+/// may be made inside them, but none of them is one (Berth would make its
+/// `.creating`, `.trash` and volumes among everyone else's files).
+const SHARED_DIRS: &[&str] = &[
+    "/var",
+    "/var/lib",
+    "/var/log",
+    "/var/run",
+    "/var/tmp",
+    "/var/cache",
+    "/var/spool",
+    "/run",
+    "/tmp",
+    "/home",
+    "/root",
+    "/srv",
+    "/opt",
+    "/mnt",
+    "/media",
+    "/var/lib/kubelet",
+    "/var/lib/kubelet/pods",
+    "/var/lib/kubelet/plugins",
+    "/var/lib/containerd",
+    "/var/lib/docker",
+];
+
+/// `p` as the kernel would resolve it: its longest existing ancestor with
+/// symlinks and `..` resolved (a symlink to what does not exist yet
+/// followed too, at most 40 deep, as the kernel does), then the rest (which
+/// does not exist yet, so holds no symlink) with `.` and `..` applied.
+fn resolved(p: &Path) -> PathBuf {
+    resolved_within(p, 40)
+}
+
+fn resolved_within(p: &Path, links: u32) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut at = p;
+    let base = loop {
+        if let Ok(c) = std::fs::canonicalize(at) {
+            break c;
+        }
+        if let (Ok(target), Some(parent), true) = (std::fs::read_link(at), at.parent(), links > 0) {
+            break resolved_within(&parent.join(target), links - 1);
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            // `..` as the last component, or `/`: leave it lexical.
+            _ => break at.to_path_buf(),
+        }
+    };
+    let mut out = base;
+    for c in rest.iter().rev() {
+        out.push(c);
+    }
+    let mut norm = PathBuf::new();
+    for c in out.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                norm.pop();
+            }
+            c => norm.push(c),
+        }
+    }
+    norm
+}
+
 /// The state directory and the roots of the kinds served are distinct and
 /// none is inside another (a root inside the state directory, or the other
-/// way round, would take the other's files for volumes or orphans), and no
-/// root is `/`: INVALID_ARGUMENT before anything is touched.
+/// way round, would take the other's files for volumes or orphans); none is
+/// `/`, a system directory or inside one (`/etc`, `/usr`, `/proc`, ...), or
+/// a directory every program shares (`/var`, `/tmp`, `/home`, ...).
+/// Compared as the kernel resolves them (symlinks, `..`).
+/// INVALID_ARGUMENT before anything is touched.
 fn check_dirs_apart(cfg: &Config) -> Result<()> {
     let mut dirs = vec![("--state-dir", cfg.state_dir())];
     if cfg.kinds.contains(&Kind::Local) {
@@ -576,9 +658,23 @@ fn check_dirs_apart(cfg: &Config) -> Result<()> {
     if cfg.kinds.contains(&Kind::Block) {
         dirs.push(("--block-root", cfg.block_root()));
     }
+    let dirs: Vec<(&str, PathBuf)> = dirs.into_iter().map(|(f, d)| (f, resolved(&d))).collect();
     for (flag, d) in &dirs {
         if d.parent().is_none() {
             return Err(Error::Invalid(format!("{flag} must not be /")));
+        }
+        if let Some(sys) = SYSTEM_TREES.iter().find(|s| d.starts_with(s)) {
+            return Err(Error::Invalid(format!(
+                "{flag} {} is in the system directory {sys}: give Berth a directory of its own, e.g. under /var/lib",
+                d.display()
+            )));
+        }
+        if SHARED_DIRS.iter().any(|s| d == Path::new(s)) {
+            return Err(Error::Invalid(format!(
+                "{flag} {} is a directory the whole host shares: give Berth a directory of its own inside it, e.g. {}/berth",
+                d.display(),
+                d.display()
+            )));
         }
     }
     for (i, (fa, a)) in dirs.iter().enumerate() {

@@ -74,8 +74,8 @@ fn main() -> anyhow::Result<()> {
                     tracing::warn!("node-local volume kinds keep their records in this process: run them with --mode all (the controller that creates them on this node), not --mode node");
                 }
                 // Before the driver touches anything: a second berth on a
-                // live socket stops here.
-                berth::server::refuse_live_socket(&socket)?;
+                // live socket, or an endpoint that is a file, stops here.
+                berth::server::refuse_taken_socket(&socket)?;
                 // The state is read on a blocking thread; the heap is
                 // trimmed of what reading it left a second after start
                 // (`trim_when_idle`). Reflection is built on its first call.

@@ -34,10 +34,14 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { context, source }
 }
 
-/// Refuses a socket path where a server answers: another process serves
-/// there (a second berth), and its socket is never taken away from it.
-/// A socket nobody answers on is a leftover of a process that died.
-pub fn refuse_live_socket(path: &Path) -> Result<(), ServeError> {
+/// Refuses a socket path berth must not take, before anything else is
+/// touched at start-up (and again when binding): one where a server answers
+/// (another process serves there, a second berth: its socket is never taken
+/// away from it), and one that exists and is not a socket (a file or a
+/// symlink the endpoint was pointed at by mistake: never replaced). A
+/// socket nobody answers on is a leftover of a process that died; it is
+/// replaced when binding.
+pub fn refuse_taken_socket(path: &Path) -> Result<(), ServeError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => Err(ServeError::Config(format!(
@@ -46,7 +50,12 @@ pub fn refuse_live_socket(path: &Path) -> Result<(), ServeError> {
             ))),
             Err(_) => Ok(()),
         },
-        _ => Ok(()),
+        Ok(_) => Err(ServeError::Config(format!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("inspecting {}", path.display()))(e)),
     }
 }
 
@@ -54,18 +63,11 @@ pub fn refuse_live_socket(path: &Path) -> Result<(), ServeError> {
 /// `group` is given). An existing path is removed only if it is a socket
 /// that nobody answers on.
 pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, ServeError> {
-    refuse_live_socket(path)?;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .map_err(io(format!("removing old socket {}", path.display())))?,
-        Ok(_) => {
-            return Err(ServeError::Config(format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            )))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(format!("inspecting {}", path.display()))(e)),
+    refuse_taken_socket(path)?;
+    if std::fs::symlink_metadata(path).is_ok() {
+        // A socket nobody answers on (anything else was refused above).
+        std::fs::remove_file(path)
+            .map_err(io(format!("removing old socket {}", path.display())))?;
     }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;

@@ -257,6 +257,23 @@ fn an_old_socket_is_replaced_but_a_regular_file_is_not() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
     assert_eq!(std::fs::read(&sock).unwrap(), b"important");
+
+    // Refused before anything is made: a fresh data directory whose
+    // endpoint is a regular file stays as it was (no state, no root).
+    let fresh = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(fresh.path())
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--node-id", NODE])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    let made: Vec<_> = std::fs::read_dir(fresh.path()).unwrap().collect();
+    assert!(made.is_empty(), "{made:?}");
+    assert_eq!(std::fs::read(&sock).unwrap(), b"important");
 }
 
 /// A test that lists the services over reflection version `$v` twice (v1,

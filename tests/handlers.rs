@@ -1807,14 +1807,17 @@ async fn a_failed_move_into_place_is_finished_by_the_retry() {
 }
 
 /// The state directory and the roots must be apart: a root inside the
-/// state directory (or the other way round), two kinds on one root, or a
-/// root at / is refused before anything is made.
+/// state directory (or the other way round, also through `..` or a
+/// symlink), two kinds on one root, a root at /, in a system directory or
+/// at a directory the host shares is refused before anything is made.
 #[test]
 fn overlapping_directories_are_refused() {
     use clap::Parser;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let state = d.join("state");
+    std::os::unix::fs::symlink("/etc", d.join("to-etc")).unwrap();
+    std::os::unix::fs::symlink(&state, d.join("to-state")).unwrap();
     for extra in [
         vec![
             "--local-root".to_string(),
@@ -1831,20 +1834,44 @@ fn overlapping_directories_are_refused() {
             d.join("local").display().to_string(),
         ],
         vec!["--local-root".into(), "/".into()],
+        vec!["--local-root".into(), "/etc/berth".into()],
+        vec!["--state-dir".into(), "/proc/self/berth".into()],
+        vec!["--local-root".into(), "/tmp".into()],
+        vec!["--local-root".into(), "/var/lib/kubelet/".into()],
+        vec![
+            "--local-root".to_string(),
+            d.join("to-etc/berth").display().to_string(),
+        ],
+        vec![
+            "--local-root".to_string(),
+            d.join("to-state/v").display().to_string(),
+        ],
+        vec![
+            "--local-root".to_string(),
+            d.join("local/../state/v").display().to_string(),
+        ],
+        vec![
+            "--local-root".to_string(),
+            d.join("nothing/../../..").display().to_string(),
+        ],
     ] {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let cli = berth::config::Cli::try_parse_from(args(d, &extra)).unwrap();
         let r = berth::driver::Driver::new(cli.config, berth::os::Os::fake().0);
-        let e = r
-            .err()
-            .expect("overlapping directories accepted")
-            .to_string();
+        let e = match r {
+            Ok(_) => panic!("{extra:?} accepted"),
+            Err(e) => e.to_string(),
+        };
         assert!(
-            e.contains("overlap") || e.contains("must not be /"),
+            e.contains("overlap")
+                || e.contains("must not be /")
+                || e.contains("system directory")
+                || e.contains("the whole host shares"),
             "{extra:?}: {e}"
         );
     }
     assert!(!state.exists(), "nothing made");
+    assert!(!d.join("local").exists(), "nothing made");
 }
 
 /// A create interrupted after its record said Ready but before its

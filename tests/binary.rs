@@ -1035,25 +1035,42 @@ async fn a_snapshot_written_at_exit_is_read_back_and_its_damage_stops_start_up()
 }
 
 /// `--shutdown-timeout` is a real bound: a call stuck in a command (here a
-/// `mount` that never returns, as against a hung NFS server) does not keep
-/// berth alive after SIGTERM, and the stuck command's process group goes
-/// with it; the next start serves again.
+/// `mount.nfs` that never returns, as against a hung NFS server) does not
+/// keep berth alive after SIGTERM, and the stuck command's process group
+/// goes with it; the next start serves again.
 #[tokio::test]
 async fn shutdown_timeout_bounds_a_call_stuck_in_a_command() {
+    stuck_in_mount(false).await;
+}
+
+/// A berth killed with SIGKILL while a `mount.nfs` hangs takes the
+/// `mount.nfs` with it (it is berth's own child, which dies with its
+/// parent: `mount` would have forked it out of reach); the next start
+/// serves again.
+#[tokio::test]
+async fn a_killed_berth_takes_its_stuck_mount_helper_with_it() {
+    stuck_in_mount(true).await;
+}
+
+async fn stuck_in_mount(kill9: bool) {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let pidfile = dir.path().join("mount.pid");
     std::fs::write(
-        bin.join("mount"),
+        bin.join("mount.nfs"),
         format!(
             "#!/bin/sh\necho $$ > {}\nexec sleep 300\n",
             pidfile.display()
         ),
     )
     .unwrap();
-    std::fs::set_permissions(bin.join("mount"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        bin.join("mount.nfs"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let sock = dir.path().join("csi.sock");
     let log = dir.path().join("berth.log");
     let path = format!(
@@ -1115,13 +1132,19 @@ async fn shutdown_timeout_bounds_a_call_stuck_in_a_command() {
         .trim()
         .parse()
         .unwrap();
-    let t0 = Instant::now();
-    let st = sigterm(&mut b);
-    let took = t0.elapsed();
-    let _ = call.await;
-    assert!(took < Duration::from_secs(5), "exit took {took:?}: {st:?}");
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(log_text.contains("shutdown-timeout"), "{log_text}");
+    if kill9 {
+        b.child.kill().unwrap();
+        b.child.wait().unwrap();
+        let _ = call.await;
+    } else {
+        let t0 = Instant::now();
+        let st = sigterm(&mut b);
+        let took = t0.elapsed();
+        let _ = call.await;
+        assert!(took < Duration::from_secs(5), "exit took {took:?}: {st:?}");
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(log_text.contains("shutdown-timeout"), "{log_text}");
+    }
     // The stuck mount went with it (gone, or a zombie waiting for init).
     let alive = || {
         std::fs::read_to_string(format!("/proc/{mount_pid}/stat"))
@@ -1137,7 +1160,8 @@ async fn shutdown_timeout_bounds_a_call_stuck_in_a_command() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!sock.exists());
+    // A clean exit removes the socket; a killed berth's is replaced.
+    assert_eq!(sock.exists(), kill9);
     // The next start serves.
     b.child = spawn();
     wait_accepting(&mut b);

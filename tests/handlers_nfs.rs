@@ -221,15 +221,13 @@ async fn create_mounts_the_share_once_and_makes_the_subdirectory() {
     assert_eq!(
         r[0],
         (
-            "mount".to_string(),
+            "mount.nfs".to_string(),
             v(&[
-                "-t",
-                "nfs",
-                "-o",
-                "nfsvers=4.1",
-                "--",
                 "127.0.0.1:/export",
-                &root.display().to_string()
+                &root.display().to_string(),
+                "-n",
+                "-o",
+                "nfsvers=4.1"
             ])
         )
     );
@@ -279,10 +277,8 @@ async fn create_uses_subdir_templates_and_the_mount_options() {
         .unwrap();
     assert_eq!(vol.volume_id, "nfs#a#127.0.0.1#/export#team-a/data");
     let r = runs(h.fake());
-    assert_eq!(
-        r[0].1[..4],
-        v(&["-t", "nfs", "-o", "nfsvers=3,nolock,hard"])
-    );
+    assert_eq!(r[0].0, "mount.nfs");
+    assert_eq!(r[0].1[2..], v(&["-n", "-o", "nfsvers=3,nolock,hard"]));
     assert!(share_root(&h).join("team-a/data").is_dir());
 }
 
@@ -397,7 +393,7 @@ async fn create_with_a_128_byte_name_fits_the_id() {
 #[tokio::test]
 async fn create_that_times_out_mounting_is_deadline_exceeded_and_leaves_no_record() {
     let h = nfs(&[]);
-    h.fake().reply("mount", timeout("mount"));
+    h.fake().reply("mount.nfs", timeout("mount.nfs"));
     let e = h
         .ctl
         .create_volume(Request::new(req("a", &[])))
@@ -420,7 +416,7 @@ async fn controller_remounts_a_stale_share_and_reports_a_hung_one() {
     let r = runs(h.fake());
     assert_eq!(r.len(), 2, "{r:?}");
     assert_eq!(r[0].0, "umount");
-    assert_eq!(r[1].0, "mount");
+    assert_eq!(r[1].0, "mount.nfs");
     // A server that does not answer: UNAVAILABLE within the stat timeout
     // (--nfs-timeout 2 here), not a hang.
     h.fake()
@@ -520,16 +516,16 @@ async fn delete_without_a_record_reaches_a_server_that_speaks_only_nfsv3() {
                 .into(),
         })
     };
-    h.fake().reply("mount", refuse());
-    h.fake().reply("mount", refuse());
+    h.fake().reply("mount.nfs", refuse());
+    h.fake().reply("mount.nfs", refuse());
     h.fake().clear_calls();
     delete(&h, &del).await.unwrap();
     let tried: Vec<(String, String)> = runs(h.fake())
         .into_iter()
-        .filter(|(p, _)| p == "mount")
+        .filter(|(p, _)| p == "mount.nfs")
         .map(|(_, a)| {
             let o = a[a.iter().position(|x| x == "-o").unwrap() + 1].clone();
-            (o, a.last().unwrap().clone())
+            (o, a[1].clone())
         })
         .collect();
     assert_eq!(
@@ -555,12 +551,12 @@ async fn delete_without_a_record_reaches_a_server_that_speaks_only_nfsv3() {
         Mode::MultiNodeMultiWriter,
         &["nfsvers=4.2"],
     )];
-    h.fake().reply("mount", refuse());
+    h.fake().reply("mount.nfs", refuse());
     h.fake().clear_calls();
     assert!(h.ctl.create_volume(Request::new(r)).await.is_err());
     let opts: Vec<String> = runs(h.fake())
         .into_iter()
-        .filter(|(p, _)| p == "mount")
+        .filter(|(p, _)| p == "mount.nfs")
         .map(|(_, a)| a[a.iter().position(|x| x == "-o").unwrap() + 1].clone())
         .collect();
     assert!(
@@ -677,27 +673,23 @@ async fn publish_mounts_straight_at_the_target_and_unpublish_unmounts() {
         r,
         vec![
             (
-                "mount".to_string(),
+                "mount.nfs".to_string(),
                 v(&[
-                    "-t",
-                    "nfs",
-                    "-o",
-                    "hard,nfsvers=4.1",
-                    "--",
                     "127.0.0.1:/export/v",
-                    &t.display().to_string()
+                    &t.display().to_string(),
+                    "-n",
+                    "-o",
+                    "hard,nfsvers=4.1"
                 ])
             ),
             (
-                "mount".to_string(),
+                "mount.nfs".to_string(),
                 v(&[
-                    "-t",
-                    "nfs",
-                    "-o",
-                    "nfsvers=4.1,ro",
-                    "--",
                     "127.0.0.1:/export/v",
-                    &ro.display().to_string()
+                    &ro.display().to_string(),
+                    "-n",
+                    "-o",
+                    "nfsvers=4.1,ro"
                 ])
             ),
         ]
@@ -766,9 +758,8 @@ async fn node_plugin_without_records_works_from_the_id() {
         .await
         .unwrap();
     assert_eq!(
-        runs(h.fake())[0].1[4..],
+        runs(h.fake())[0].1[..2],
         v(&[
-            "--",
             "nfs.example.com:/exports/berth/team-a/pvc-1",
             &t.display().to_string()
         ])
@@ -829,7 +820,7 @@ async fn single_writer_volume_gets_one_target() {
 async fn publish_that_times_out_is_deadline_exceeded_and_leaves_nothing() {
     let h = nfs(&["--mode", "node"]);
     let t = h.path("target");
-    h.fake().reply("mount", timeout("mount"));
+    h.fake().reply("mount.nfs", timeout("mount.nfs"));
     let e = h
         .node
         .node_publish_volume(Request::new(nfs_publish("nfs#d#h#/e#v", &t, false, &[])))
@@ -991,7 +982,7 @@ async fn republish_of_a_stale_mount_mounts_again() {
         .unwrap();
     let r = runs(h.fake());
     assert_eq!(r.len(), 2, "{r:?}");
-    assert_eq!((r[0].0.as_str(), r[1].0.as_str()), ("umount", "mount"));
+    assert_eq!((r[0].0.as_str(), r[1].0.as_str()), ("umount", "mount.nfs"));
     assert_eq!(
         h.fake()
             .table()
@@ -1068,8 +1059,8 @@ async fn mixed_instance_stages_nfs_as_a_no_op_and_publishes_at_the_target() {
     p.staging_target_path = staging.display().to_string();
     h.node.node_publish_volume(Request::new(p)).await.unwrap();
     assert_eq!(
-        runs(h.fake())[0].1[4..],
-        v(&["--", "127.0.0.1:/export/v", &t.display().to_string()])
+        runs(h.fake())[0].1[..2],
+        v(&["127.0.0.1:/export/v", &t.display().to_string()])
     );
     h.node
         .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
@@ -1792,7 +1783,7 @@ async fn interrupted_nfs_deletes_finish_after_start_up_while_probe_says_not_read
     h.fake().clear_calls();
     let slow = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let s = slow.clone();
-    h.fake().respond("mount", move |_| {
+    h.fake().respond("mount.nfs", move |_| {
         let t0 = Instant::now();
         while s.load(std::sync::atomic::Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(3) {
             std::thread::sleep(Duration::from_millis(20));

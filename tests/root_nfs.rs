@@ -217,12 +217,17 @@ fn entries(path: &Path) -> Vec<berth::os::MountEntry> {
         .collect()
 }
 
-/// Processes named mount, mount.nfs*, umount or umount.nfs* (/proc/*/comm).
+/// Live processes (not zombies waiting to be reaped) named mount,
+/// mount.nfs*, umount or umount.nfs* (/proc/*/comm).
 fn mount_processes() -> Vec<String> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
         let comm = comm.trim();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')) {
+            continue;
+        }
         if comm == "mount"
             || comm == "umount"
             || comm.starts_with("mount.nfs")
@@ -1129,4 +1134,163 @@ async fn snapshots_restores_and_clones_on_a_real_server() {
     std::fs::remove_dir(&snaps).unwrap();
     assert!(mount_processes().is_empty());
     assert_eq!(e.canary(), canary, "canary at the share root");
+}
+
+/// Starts the NFS server again when dropped, so a failing test leaves it
+/// running.
+struct ServerUp<'a>(&'a Env);
+
+impl Drop for ServerUp<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.0.ctl)
+            .arg("start")
+            .status();
+    }
+}
+
+/// The berth binary: $BERTH, else `berth` on PATH (the guest has it there).
+fn berth_binary() -> PathBuf {
+    if let Some(b) = std::env::var_os("BERTH") {
+        return PathBuf::from(b);
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("berth"))
+                .find(|b| b.is_file())
+        })
+        .expect("no berth binary: set BERTH or put it on PATH")
+}
+
+/// A berth killed with SIGKILL while `mount.nfs` waits for a dead server
+/// takes the helper with it: berth runs `mount.nfs` itself, as its child,
+/// which dies with its parent. (`mount -t nfs` forks the helper, which then
+/// survived berth and kept retrying against the server, free to mount over
+/// the target after the next berth had moved on.) The next berth unpublishes
+/// and deletes as usual once the server is back.
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn a_killed_berth_leaves_no_mount_helper_behind() {
+    let e = env();
+    let bin = berth_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let _g = UnmountOnDrop(dir.path().to_path_buf());
+    let sock = dir.path().join("csi.sock");
+    let ep = format!("unix://{}", sock.display());
+    let spawn = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("berth.log"))
+            .unwrap();
+        let child = std::process::Command::new(&bin)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--endpoint", &ep, "--node-id", "guest", "--kinds", "nfs"])
+            .args(["--nfs-timeout", "120", "--log-level", "info"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "berth did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    };
+    let mut b = spawn();
+    let mut c = berth::client::connect(&ep).await.unwrap();
+    let id = c
+        .controller
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            name: "killed".into(),
+            parameters: e.params(&[]),
+            volume_capabilities: vec![cap(&[])],
+            ..Default::default()
+        }))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id;
+    let target = dir.path().join("target");
+    e.server_ctl("stop");
+    let up = ServerUp(&e);
+    let publish = {
+        let (mut n, id, t) = (c.node.clone(), id.clone(), target.display().to_string());
+        tokio::spawn(async move {
+            n.node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+                volume_id: id,
+                target_path: t,
+                volume_capability: Some(cap(&[])),
+                ..Default::default()
+            }))
+            .await
+        })
+    };
+    let t0 = Instant::now();
+    while !mount_processes().iter().any(|p| p.ends_with("mount.nfs")) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "mount.nfs never ran: {:?}",
+            mount_processes()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("while berth waits: {:?}", mount_processes());
+    b.kill().unwrap();
+    b.wait().unwrap();
+    assert!(publish.await.unwrap().is_err(), "publish answered OK");
+    let t0 = Instant::now();
+    while !mount_processes().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "left running after berth was killed: {:?}",
+            mount_processes()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(entries(&target).is_empty(), "{:?}", entries(&target));
+
+    drop(up);
+    let mut b = spawn();
+    let mut c = berth::client::connect(&ep).await.unwrap();
+    c.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .expect("unpublish after the restart");
+    assert!(!target.exists());
+    let t0 = Instant::now();
+    loop {
+        match c
+            .controller
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if t0.elapsed() < Duration::from_secs(60) => {
+                eprintln!("delete after the server's restart: {s:?}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(s) => panic!("delete after the server's restart: {s:?}"),
+        }
+    }
+    assert!(!e.export.join(subdir_of(&id)).exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    b.wait().unwrap();
 }

@@ -1,4 +1,4 @@
-//! External commands (blkid, mkfs, mount -t nfs, ...) under a timeout.
+//! External commands (blkid, mkfs, mount.nfs, ...) under a timeout.
 //!
 //! Each command runs in its own process group; on timeout the whole group is
 //! killed with SIGKILL, so a hung `mount` helper cannot outlive its call and

@@ -104,7 +104,7 @@ pub struct FakeOs {
     unreadable: Mutex<HashSet<PathBuf>>,
     /// Devices another process holds exclusively (`BlockDevices::held`).
     held: Mutex<HashSet<PathBuf>>,
-    /// `mount -t nfs` and `umount` runs change the table (see
+    /// `mount.nfs` and `umount` runs change the table (see
     /// `emulate_nfs_mounts`).
     nfs_mounts: Mutex<bool>,
     /// statvfs of these paths sleeps this long first (a hung NFS server).
@@ -398,7 +398,7 @@ impl FakeOs {
         Ok(())
     }
 
-    /// From now on, runs of `mount -t nfs ... -- SOURCE TARGET` and `umount
+    /// From now on, runs of `mount.nfs SOURCE TARGET ...` and `umount
     /// ... TARGET` that have no scripted reply succeed and change the mount
     /// table like the real commands (an NFS entry with the source and the
     /// ro/rw option; umount removes the top entry or exits 32 "not
@@ -428,15 +428,8 @@ impl FakeOs {
             ..Default::default()
         };
         match program {
-            "mount" => {
-                let pos = args.iter().position(|a| a == "--")?;
-                let (source, target) = (args.get(pos + 1)?, args.get(pos + 2)?);
-                if !args
-                    .windows(2)
-                    .any(|w| w[0] == "-t" && w[1].starts_with("nfs"))
-                {
-                    return None;
-                }
+            "mount.nfs" => {
+                let (source, target) = (args.first()?, args.get(1)?);
                 let opts = args
                     .windows(2)
                     .find(|w| w[0] == "-o")

@@ -16,7 +16,7 @@
 //! | `mkfs.rs`     | mkfs.ext4/xfs, resize2fs, xfs_growfs, wipefs     |
 //! | `copy.rs`     | snapshot copies: FICLONE or data ranges, whole trees with their metadata |
 //! | `files.rs`    | every filesystem change: mkdir, rename, remove, open, write, truncate, fallocate, fsync |
-//! | `nfsmount.rs` | `mount -t nfs` / `umount` with checked options   |
+//! | `nfsmount.rs` | `mount.nfs` / `umount` with checked options      |
 //! | `quota.rs`    | project quotas: quotactl_fd(2) and FS_IOC_FSGETXATTR/FSSETXATTR |
 //! | `bounded.rs`  | calls that may hang (statvfs of NFS) with a deadline |
 //! | `fake.rs`     | the recording fake of all of the above          |

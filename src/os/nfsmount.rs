@@ -1,18 +1,28 @@
-//! `mount -t nfs` and `umount` of NFS mounts, as external commands under a
-//! timeout (the `mount.nfs` helper resolves host names and negotiates the
-//! version; the raw mount(2) call would need `addr=` and does neither).
+//! `mount.nfs` and `umount` of NFS mounts, as external commands under a
+//! timeout (`mount.nfs` resolves host names and negotiates the version; the
+//! raw mount(2) call would need `addr=` and does neither).
+//!
+//! Berth runs the `mount.nfs` helper itself, with the arguments `mount -t
+//! nfs` would give it, rather than `mount`: `mount` forks the helper, and a
+//! forked process does not inherit the signal that kills every command when
+//! berth dies (`command::die_with_parent`), so a killed berth left a
+//! `mount.nfs` retrying against its server for minutes, free to mount over
+//! a path the next berth had moved on from. Run directly, it dies with
+//! berth.
 //!
 //! Mount options come from StorageClass `mountOptions` and are checked
 //! against an allowlist of NFS and VFS option names with a strict grammar
-//! for each value (`check_options`): nothing starts with `-`, no value holds
-//! a comma, and `--` ends the options before the positional arguments.
+//! for each value (`check_options`): nothing starts with `-`, and no value
+//! holds a comma. The source (`host:/path`, never starting with `-`) and the
+//! absolute target come first, where `mount.nfs` takes them as the source
+//! and the target whatever they hold.
 use std::path::Path;
 use std::time::Duration;
 
 use super::command::Runner;
 use super::OsError;
 
-pub const MOUNT: &str = "mount";
+pub const MOUNT: &str = "mount.nfs";
 pub const UMOUNT: &str = "umount";
 
 /// The NFS version used when the mount options name none. NFSv4.1 needs no
@@ -32,7 +42,7 @@ enum Value {
 const VERSIONS: &[&str] = &["3", "4", "4.0", "4.1", "4.2"];
 const PROTOS: &[&str] = &["tcp", "udp", "rdma", "tcp6", "udp6", "rdma6"];
 
-/// Every option Berth passes to `mount -t nfs`. Options that name other
+/// Every option Berth passes to `mount.nfs`. Options that name other
 /// hosts or files (`clientaddr`, `mounthost`, `fsc=`, `context=`), run
 /// helpers (`helper=`, `x-*`) or fork the mount into the background (`bg`)
 /// are deliberately missing.
@@ -202,7 +212,8 @@ pub fn with_defaults(mut opts: Vec<String>, readonly: bool) -> Vec<String> {
     opts
 }
 
-/// `mount -t nfs -o <opts> -- <source> <target>`. `source` must have the
+/// `mount.nfs <source> <target> -n -o <opts>` (`-n`: no /etc/mtab entry,
+/// as `mount` asks of its helpers where mtab is the kernel's). `source` must have the
 /// form `host:/path` and never start with `-`; every option is checked again.
 pub fn mount_args(source: &str, target: &Path, opts: &[String]) -> Result<Vec<String>, String> {
     if source.starts_with('-') || !source.contains(":/") {
@@ -220,18 +231,19 @@ pub fn mount_args(source: &str, target: &Path, opts: &[String]) -> Result<Vec<St
         }
         check_option(o)?;
     }
-    let mut a = vec!["-t".to_string(), "nfs".to_string()];
+    let mut a = vec![
+        source.to_string(),
+        target.display().to_string(),
+        "-n".to_string(),
+    ];
     if !opts.is_empty() {
         a.push("-o".into());
         a.push(opts.join(","));
     }
-    a.push("--".into());
-    a.push(source.to_string());
-    a.push(target.display().to_string());
     Ok(a)
 }
 
-/// Runs `mount -t nfs`; on timeout the whole process group is killed.
+/// Runs `mount.nfs`; on timeout the whole process group is killed.
 pub fn mount(
     runner: &dyn Runner,
     source: &str,
@@ -362,18 +374,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             a,
-            v(&[
-                "-t",
-                "nfs",
-                "-o",
-                "nfsvers=4.1,ro",
-                "--",
-                "10.0.0.1:/exports/a",
-                "/t"
-            ])
+            v(&["10.0.0.1:/exports/a", "/t", "-n", "-o", "nfsvers=4.1,ro"])
         );
         let a = mount_args("[fd00::1]:/e", Path::new("/t"), &[]).unwrap();
-        assert_eq!(a, v(&["-t", "nfs", "--", "[fd00::1]:/e", "/t"]));
+        assert_eq!(a, v(&["[fd00::1]:/e", "/t", "-n"]));
         assert!(mount_args("-oremount:/x", Path::new("/t"), &[]).is_err());
         assert!(mount_args("host", Path::new("/t"), &[]).is_err());
         assert!(mount_args("h:/x", Path::new("t"), &[]).is_err());

@@ -8,7 +8,7 @@
 //!   directory under the state dir (one mount per server, share and option
 //!   set, reused); CreateVolume makes the subdirectory, DeleteVolume deletes,
 //!   archives or keeps it.
-//! - Node (`node.rs`): NodePublishVolume runs `mount -t nfs` of
+//! - Node (`node.rs`): NodePublishVolume runs `mount.nfs` of
 //!   `server:/share/subdir` straight at the target (no staging); unpublish
 //!   works with the server gone.
 //!

@@ -1,4 +1,4 @@
-//! Node side of NFS volumes: `mount -t nfs` straight at the target,
+//! Node side of NFS volumes: `mount.nfs` straight at the target,
 //! unmounts that work with the server gone, and stats that never hang.
 //! Every decision is made from mountinfo.
 use std::path::Path;

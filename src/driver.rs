@@ -556,15 +556,6 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Before anything is changed at start-up: a local or block root that holds
-/// none of the volumes recorded for it is the wrong directory (a changed
-/// --local-root) or a filesystem not mounted yet (a data disk mounted late
-/// at boot). Serving would create new volumes on the wrong filesystem
-/// (hidden once the right one is mounted over it) and answer for the
-/// recorded ones as if lost, so berth refuses to start, unless told that
-/// the storage is gone for good. A root that lacks only some of its
-/// volumes is reported. Volumes recorded on another node id (a changed
-/// --node-id) are reported too: they cannot be staged here.
 /// Directories whose every subdirectory belongs to the system (the kernel's
 /// pseudo-filesystems, its boot files, installed software, configuration):
 /// no state directory or root is taken in them.
@@ -691,6 +682,15 @@ fn check_dirs_apart(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Before anything is changed at start-up: a local or block root that holds
+/// none of the volumes recorded for it is the wrong directory (a changed
+/// --local-root) or a filesystem not mounted yet (a data disk mounted late
+/// at boot). Serving would create new volumes on the wrong filesystem
+/// (hidden once the right one is mounted over it) and answer for the
+/// recorded ones as if lost, so berth refuses to start, unless told that
+/// the storage is gone for good. A root that lacks only some of its
+/// volumes is reported. Volumes recorded on another node id (a changed
+/// --node-id) are reported too: they cannot be staged here.
 fn check_presence(
     kinds: &BTreeMap<Kind, Arc<dyn VolumeKind>>,
     store: &Store,

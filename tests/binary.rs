@@ -246,34 +246,26 @@ fn an_old_socket_is_replaced_but_a_regular_file_is_not() {
     drop(b);
     std::fs::remove_file(&sock).ok();
     std::fs::write(&sock, b"important").unwrap();
-    let out = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(d.path())
-        .arg("--endpoint")
-        .arg(format!("unix://{}", sock.display()))
-        .args(["--node-id", NODE])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
-    assert_eq!(std::fs::read(&sock).unwrap(), b"important");
-
+    let refused = |data_dir: &Path| {
+        let out = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--node-id", NODE])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+        assert_eq!(std::fs::read(&sock).unwrap(), b"important");
+    };
+    refused(d.path());
     // Refused before anything is made: a fresh data directory whose
     // endpoint is a regular file stays as it was (no state, no root).
     let fresh = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(fresh.path())
-        .arg("--endpoint")
-        .arg(format!("unix://{}", sock.display()))
-        .args(["--node-id", NODE])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    refused(fresh.path());
     let made: Vec<_> = std::fs::read_dir(fresh.path()).unwrap().collect();
     assert!(made.is_empty(), "{made:?}");
-    assert_eq!(std::fs::read(&sock).unwrap(), b"important");
 }
 
 /// A test that lists the services over reflection version `$v` twice (v1,

@@ -117,14 +117,19 @@ async fn try_create(
     extra: &[(&str, &str)],
 ) -> Result<String, tonic::Status> {
     h.ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            name: name.into(),
-            parameters: e.params(extra),
-            volume_capabilities: vec![cap(&[])],
-            ..Default::default()
-        }))
+        .create_volume(Request::new(create_request(e, name, extra)))
         .await
         .map(|r| r.into_inner().volume.expect("volume").volume_id)
+}
+
+/// CreateVolume of an NFS volume on the test share, plain capability.
+fn create_request(e: &Env, name: &str, extra: &[(&str, &str)]) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        parameters: e.params(extra),
+        volume_capabilities: vec![cap(&[])],
+        ..Default::default()
+    }
 }
 
 fn cap(flags: &[&str]) -> csi::VolumeCapability {
@@ -538,12 +543,7 @@ async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
     let t0 = Instant::now();
     let r = h
         .ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            name: "dead-new".into(),
-            parameters: e.params(&[]),
-            volume_capabilities: vec![cap(&[])],
-            ..Default::default()
-        }))
+        .create_volume(Request::new(create_request(&e, "dead-new", &[])))
         .await;
     let took = t0.elapsed();
     let code = r.unwrap_err().code();
@@ -589,15 +589,14 @@ async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
     assert_eq!(e.canary(), canary, "canary at the share root");
 }
 
-/// Stops dropping packets when dropped, so a failing test leaves no hung
-/// network behind.
-struct Unhang<'a>(&'a Env);
+/// Runs the server control command with its argument when dropped (`unhang`:
+/// stop dropping packets; `start`: the server up again), so a failing test
+/// leaves no hung network or stopped server behind.
+struct CtlOnDrop<'a>(&'a Env, &'static str);
 
-impl Drop for Unhang<'_> {
+impl Drop for CtlOnDrop<'_> {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.0.ctl)
-            .arg("unhang")
-            .status();
+        let _ = std::process::Command::new(&self.0.ctl).arg(self.1).status();
     }
 }
 
@@ -626,7 +625,7 @@ async fn hung_server_unmount_times_out_then_forces() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let took = {
         e.server_ctl("hang");
-        let _unhang = Unhang(&e);
+        let _unhang = CtlOnDrop(&e, "unhang");
         // A publish to a server that does not answer at all is killed at
         // the timeout.
         let b = h.path("hung-b");
@@ -1136,18 +1135,6 @@ async fn snapshots_restores_and_clones_on_a_real_server() {
     assert_eq!(e.canary(), canary, "canary at the share root");
 }
 
-/// Starts the NFS server again when dropped, so a failing test leaves it
-/// running.
-struct ServerUp<'a>(&'a Env);
-
-impl Drop for ServerUp<'_> {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.0.ctl)
-            .arg("start")
-            .status();
-    }
-}
-
 /// The berth binary: $BERTH, else `berth` on PATH (the guest has it there).
 fn berth_binary() -> PathBuf {
     if let Some(b) = std::env::var_os("BERTH") {
@@ -1206,12 +1193,7 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
     let mut c = berth::client::connect(&ep).await.unwrap();
     let id = c
         .controller
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            name: "killed".into(),
-            parameters: e.params(&[]),
-            volume_capabilities: vec![cap(&[])],
-            ..Default::default()
-        }))
+        .create_volume(Request::new(create_request(&e, "killed", &[])))
         .await
         .expect("create")
         .into_inner()
@@ -1220,7 +1202,7 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
         .volume_id;
     let target = dir.path().join("target");
     e.server_ctl("stop");
-    let up = ServerUp(&e);
+    let up = CtlOnDrop(&e, "start");
     let publish = {
         let (mut n, id, t) = (c.node.clone(), id.clone(), target.display().to_string());
         tokio::spawn(async move {

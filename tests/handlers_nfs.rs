@@ -488,7 +488,7 @@ async fn delete_without_a_record_works_from_the_id() {
         runs(h.fake()),
         vec![(
             "umount".to_string(),
-            v(&["-c", "--", &root.display().to_string()])
+            v(&["-i", "-c", "--", &root.display().to_string()])
         )]
     );
     assert!(!h.fake().table().iter().any(|m| m.mount_point == root));
@@ -738,11 +738,11 @@ async fn publish_mounts_straight_at_the_target_and_unpublish_unmounts() {
         vec![
             (
                 "umount".to_string(),
-                v(&["-c", "--", &t.display().to_string()])
+                v(&["-i", "-c", "--", &t.display().to_string()])
             ),
             (
                 "umount".to_string(),
-                v(&["-c", "--", &ro.display().to_string()])
+                v(&["-i", "-c", "--", &ro.display().to_string()])
             ),
         ]
     );
@@ -851,7 +851,7 @@ async fn unpublish_with_a_dead_server_forces_then_lazily_unmounts() {
     assert_eq!(
         runs(h.fake()),
         vec![
-            ("umount".to_string(), v(&["-c", "--", &ts])),
+            ("umount".to_string(), v(&["-i", "-c", "--", &ts])),
             ("umount".to_string(), v(&["-f", "-i", "-c", "--", &ts])),
         ]
     );
@@ -871,7 +871,7 @@ async fn unpublish_with_a_dead_server_forces_then_lazily_unmounts() {
     assert_eq!(
         runs(h.fake()),
         vec![
-            ("umount".to_string(), v(&["-c", "--", &ts])),
+            ("umount".to_string(), v(&["-i", "-c", "--", &ts])),
             ("umount".to_string(), v(&["-f", "-i", "-c", "--", &ts])),
             ("umount".to_string(), v(&["-l", "-i", "-c", "--", &ts])),
         ]

@@ -262,7 +262,7 @@ pub fn mount(
 /// How to unmount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmount {
-    /// A plain unmount (the `umount.nfs` helper tells a v3 server).
+    /// A plain unmount.
     Normal,
     /// `umount -f`: aborts the RPCs in flight to a dead server.
     Force,
@@ -270,15 +270,23 @@ pub enum Unmount {
     Lazy,
 }
 
-/// `umount [-f|-l] -c -- <target>`. `-c` (no canonicalization) keeps
-/// umount from stat-ing a path on a dead mount; force and lazy unmounts also
-/// skip the helper (`-i`), which would talk to the dead server.
+/// `umount [-f|-l] -i -c -- <target>`. `-c` (no canonicalization) keeps
+/// umount from stat-ing a path on a dead mount. `-i` skips the
+/// `umount.nfs` helper: `umount` makes the umount2(2) call itself. The
+/// helper first sends a v3 server an UMNT (bookkeeping for the server's
+/// rmtab, which is all a v3 server is told) and waits for its answer, so a
+/// dead server held a plain unmount until the timeout; and `umount` forks
+/// the helper, out of reach of the signal that kills every command when
+/// berth dies (`command::die_with_parent`): a killed berth left it to
+/// unmount the target whenever the server answered, maybe after the next
+/// berth had mounted there again.
 pub fn umount_args(target: &Path, how: Unmount) -> Vec<String> {
     let mut a: Vec<String> = match how {
         Unmount::Normal => vec![],
-        Unmount::Force => vec!["-f".into(), "-i".into()],
-        Unmount::Lazy => vec!["-l".into(), "-i".into()],
+        Unmount::Force => vec!["-f".into()],
+        Unmount::Lazy => vec!["-l".into()],
     };
+    a.push("-i".into());
     a.push("-c".into());
     a.push("--".into());
     a.push(target.display().to_string());
@@ -390,7 +398,7 @@ mod tests {
     fn umount_arguments() {
         assert_eq!(
             umount_args(Path::new("/t"), Unmount::Normal),
-            v(&["-c", "--", "/t"])
+            v(&["-i", "-c", "--", "/t"])
         );
         assert_eq!(
             umount_args(Path::new("/t"), Unmount::Force),

@@ -590,50 +590,6 @@ const SHARED_DIRS: &[&str] = &[
     "/var/lib/docker",
 ];
 
-/// `p` as the kernel would resolve it: its longest existing ancestor with
-/// symlinks and `..` resolved (a symlink to what does not exist yet
-/// followed too, at most 40 deep, as the kernel does), then the rest (which
-/// does not exist yet, so holds no symlink) with `.` and `..` applied.
-fn resolved(p: &Path) -> PathBuf {
-    resolved_within(p, 40)
-}
-
-fn resolved_within(p: &Path, links: u32) -> PathBuf {
-    let mut rest = Vec::new();
-    let mut at = p;
-    let base = loop {
-        if let Ok(c) = std::fs::canonicalize(at) {
-            break c;
-        }
-        if let (Ok(target), Some(parent), true) = (std::fs::read_link(at), at.parent(), links > 0) {
-            break resolved_within(&parent.join(target), links - 1);
-        }
-        match (at.parent(), at.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                at = parent;
-            }
-            // `..` as the last component, or `/`: leave it lexical.
-            _ => break at.to_path_buf(),
-        }
-    };
-    let mut out = base;
-    for c in rest.iter().rev() {
-        out.push(c);
-    }
-    let mut norm = PathBuf::new();
-    for c in out.components() {
-        match c {
-            std::path::Component::CurDir => {}
-            std::path::Component::ParentDir => {
-                norm.pop();
-            }
-            c => norm.push(c),
-        }
-    }
-    norm
-}
-
 /// The state directory and the roots of the kinds served are distinct and
 /// none is inside another (a root inside the state directory, or the other
 /// way round, would take the other's files for volumes or orphans); none is
@@ -649,7 +605,10 @@ fn check_dirs_apart(cfg: &Config) -> Result<()> {
     if cfg.kinds.contains(&Kind::Block) {
         dirs.push(("--block-root", cfg.block_root()));
     }
-    let dirs: Vec<(&str, PathBuf)> = dirs.into_iter().map(|(f, d)| (f, resolved(&d))).collect();
+    let dirs: Vec<(&str, PathBuf)> = dirs
+        .into_iter()
+        .map(|(f, d)| (f, crate::node::paths::resolved_fully(&d)))
+        .collect();
     for (flag, d) in &dirs {
         if d.parent().is_none() {
             return Err(Error::Invalid(format!("{flag} must not be /")));

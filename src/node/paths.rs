@@ -29,16 +29,16 @@ pub struct Protected {
 impl Protected {
     /// `roots`: the state directory and the kinds' roots; `above`: paths
     /// only their ancestors of which are off limits (the socket). Each is
-    /// kept as given and, if it exists, resolved.
+    /// kept as given and as the kernel resolves it (a root that is itself a
+    /// symlink protects where it points).
     pub fn new(roots: &[PathBuf], above: &[PathBuf]) -> Self {
         let both = |ps: &[PathBuf]| {
             let mut v = Vec::new();
             for p in ps {
                 v.push(p.clone());
-                if let Ok(c) = resolved(p) {
-                    if &c != p {
-                        v.push(c);
-                    }
+                let c = resolved_fully(p);
+                if &c != p {
+                    v.push(c);
                 }
             }
             v
@@ -98,6 +98,50 @@ fn resolved(p: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
+/// `p` as the kernel would resolve it: its longest existing ancestor with
+/// symlinks and `..` resolved (a symlink to what does not exist yet
+/// followed too, at most 40 deep, as the kernel does), then the rest (which
+/// does not exist yet, so holds no symlink) with `.` and `..` applied.
+pub fn resolved_fully(p: &Path) -> PathBuf {
+    resolved_within(p, 40)
+}
+
+fn resolved_within(p: &Path, links: u32) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut at = p;
+    let base = loop {
+        if let Ok(c) = std::fs::canonicalize(at) {
+            break c;
+        }
+        if let (Ok(target), Some(parent), true) = (std::fs::read_link(at), at.parent(), links > 0) {
+            break resolved_within(&parent.join(target), links - 1);
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            // `..` as the last component, or `/`: leave it lexical.
+            _ => break at.to_path_buf(),
+        }
+    };
+    let mut out = base;
+    for c in rest.iter().rev() {
+        out.push(c);
+    }
+    let mut norm = PathBuf::new();
+    for c in out.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                norm.pop();
+            }
+            c => norm.push(c),
+        }
+    }
+    norm
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +197,21 @@ mod tests {
         std::os::unix::fs::symlink(d.path().join("data/state"), &link).unwrap();
         let r = p.check("target_path", &link.join("journal").display().to_string());
         assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+    }
+
+    /// A root configured as a symlink protects the directory it points to.
+    #[test]
+    fn a_root_that_is_a_symlink_protects_where_it_points() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("disk/local");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = d.path().join("local");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let p = Protected::new(std::slice::from_ref(&link), &[]);
+        let r = p.check("target_path", &real.join("vol").display().to_string());
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+        let ok = d.path().join("disk/pods/t");
+        assert!(p.check("target_path", &ok.display().to_string()).is_ok());
     }
 
     #[test]

@@ -54,7 +54,15 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(if ok { 0 } else { 1 });
         }
         Command::Serve => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // One async thread, as for the bench client: the gRPC framing
+            // of a call is microseconds, and every blocking step (syscalls,
+            // commands, fsyncs) runs on a blocking thread anyway, so more
+            // async workers only added hand-offs between them to each call
+            // (interleaved on 2 cores, 3 rounds: 8 to 20 % more cycles one
+            // at a time, the same at 16 in flight; README, Performance).
+            // Nothing may block this thread: handlers do their work through
+            // `Driver::run` or `spawn_blocking`.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

@@ -148,7 +148,10 @@ pub async fn serve(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(crate::driver::RETRY_INTERVAL).await;
-                d.retry_pending(false);
+                // Off the async thread: it walks every record, and removes
+                // what is left of a local snapshot in place.
+                let d = d.clone();
+                let _ = tokio::task::spawn_blocking(move || d.retry_pending(false)).await;
             }
         })
     };

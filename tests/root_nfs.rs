@@ -1149,6 +1149,61 @@ fn berth_binary() -> PathBuf {
         .expect("no berth binary: set BERTH or put it on PATH")
 }
 
+/// The endpoint of a berth binary serving from `dir`.
+fn endpoint(dir: &Path) -> String {
+    format!("unix://{}", dir.join("csi.sock").display())
+}
+
+/// Starts the berth binary `bin` serving NFS volumes from `dir` (its log in
+/// `dir/berth.log`) and waits until its socket answers.
+fn spawn_berth(bin: &Path, dir: &Path, nfs_timeout: u64) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("berth.log"))
+        .unwrap();
+    let child = std::process::Command::new(bin)
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--endpoint",
+            &endpoint(dir),
+            "--node-id",
+            "guest",
+            "--kinds",
+            "nfs",
+        ])
+        .args([
+            "--nfs-timeout",
+            &nfs_timeout.to_string(),
+            "--log-level",
+            "info",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::os::unix::net::UnixStream::connect(dir.join("csi.sock")).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "berth did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Stops a berth binary as kubelet does (SIGTERM) and waits for it.
+fn stop_berth(mut b: std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    b.wait().unwrap();
+}
+
 /// A berth killed with SIGKILL while `mount.nfs` waits for a dead server
 /// takes the helper with it: berth runs `mount.nfs` itself, as its child,
 /// which dies with its parent. (`mount -t nfs` forks the helper, which then
@@ -1162,33 +1217,8 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
     let bin = berth_binary();
     let dir = tempfile::tempdir().unwrap();
     let _g = UnmountOnDrop(dir.path().to_path_buf());
-    let sock = dir.path().join("csi.sock");
-    let ep = format!("unix://{}", sock.display());
-    let spawn = || {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.path().join("berth.log"))
-            .unwrap();
-        let child = std::process::Command::new(&bin)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--endpoint", &ep, "--node-id", "guest", "--kinds", "nfs"])
-            .args(["--nfs-timeout", "120", "--log-level", "info"])
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "berth did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child
-    };
+    let ep = endpoint(dir.path());
+    let spawn = || spawn_berth(&bin, dir.path(), 120);
     let mut b = spawn();
     let mut c = berth::client::connect(&ep).await.unwrap();
     let id = c
@@ -1240,7 +1270,7 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
     assert!(entries(&target).is_empty(), "{:?}", entries(&target));
 
     drop(up);
-    let mut b = spawn();
+    let b = spawn();
     let mut c = berth::client::connect(&ep).await.unwrap();
     c.node
         .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
@@ -1269,10 +1299,101 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
         }
     }
     assert!(!e.export.join(subdir_of(&id)).exists());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(b.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    b.wait().unwrap();
+    stop_berth(b);
+}
+
+/// A node RPC whose path leads into a mount whose server stopped answering
+/// (a mistaken or hostile target_path) hangs in the kernel while its
+/// directories are resolved, and holds no one else up: berth serves every
+/// call on one async thread, and that resolution runs on the RPC's
+/// blocking thread, never on the async one. Probe and other RPCs answer
+/// while it hangs; once the server answers again, it finishes too.
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn a_path_inside_a_hung_mount_holds_up_no_other_rpc() {
+    let e = env();
+    let bin = berth_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let _g = UnmountOnDrop(dir.path().to_path_buf());
+    let b = spawn_berth(&bin, dir.path(), TIMEOUT_S);
+    let mut c = berth::client::connect(&endpoint(dir.path())).await.unwrap();
+    let id = c
+        .controller
+        .create_volume(Request::new(create_request(&e, "behind-hung", &[])))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id;
+    let target = dir.path().join("target");
+    c.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap(&[])),
+            ..Default::default()
+        }))
+        .await
+        .expect("publish");
+    let stuck = {
+        e.server_ctl("hang");
+        let _unhang = CtlOnDrop(&e, "unhang");
+        // Another volume's unpublish at a path below the mount: resolving
+        // its parent looks `sub` up on the server, which does not answer.
+        let inside = target.join("sub/t");
+        let mut n = c.node.clone();
+        let req = csi::NodeUnpublishVolumeRequest {
+            volume_id: "behind-hung-other".into(),
+            target_path: inside.display().to_string(),
+        };
+        let stuck = tokio::spawn(async move { n.node_unpublish_volume(Request::new(req)).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !stuck.is_finished(),
+            "the unpublish inside the hung mount did not hang: the test shows nothing"
+        );
+        let t0 = Instant::now();
+        let probe = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.identity.probe(Request::new(csi::ProbeRequest {})),
+        )
+        .await;
+        eprintln!(
+            "probe while an RPC hangs: {probe:?} after {:?}",
+            t0.elapsed()
+        );
+        assert!(matches!(probe, Ok(Ok(_))), "{probe:?}");
+        let info = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.node
+                .node_get_info(Request::new(csi::NodeGetInfoRequest {})),
+        )
+        .await;
+        assert!(matches!(info, Ok(Ok(_))), "{info:?}");
+        assert!(!stuck.is_finished());
+        stuck
+    };
+    // The server answers again: the hung call finishes (nothing was
+    // mounted there: OK), and the volume unpublishes and deletes.
+    let r = tokio::time::timeout(Duration::from_secs(120), stuck).await;
+    eprintln!("the hung unpublish, once the server answers: {r:?}");
+    assert!(matches!(r, Ok(Ok(Ok(_)))), "{r:?}");
+    c.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .expect("unpublish");
+    assert!(!target.exists());
+    c.controller
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("delete");
+    assert!(!e.export.join(subdir_of(&id)).exists());
+    stop_berth(b);
 }

@@ -35,6 +35,8 @@ pub async fn handle(
     validate::map("volume_context", &req.volume_context)?;
     let readonly = req.readonly;
     d.with_volume(id, move |d, rec, kind| {
+        let target = d.protected.resolve(target)?;
+        let staging = staging.map(|s| d.protected.resolve(s)).transpose()?;
         d.require_local_here(&rec)?;
         let staging = match &staging {
             Some(s) => s.as_path(),

@@ -20,6 +20,7 @@ pub async fn handle(
     validate::map("publish_context", &req.publish_context)?;
     validate::map("volume_context", &req.volume_context)?;
     d.with_volume(id, move |d, rec, kind| {
+        let staging = d.protected.resolve(staging)?;
         d.require_local_here(&rec)?;
         kind.stage(&rec, &staging, &cap)
     })

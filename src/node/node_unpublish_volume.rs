@@ -19,6 +19,10 @@ pub async fn handle(
     let id = validate::volume_id(&req.volume_id)?.to_string();
     let target = d.protected.check("target_path", &req.target_path)?;
     let guard = d.locks.try_lock(vol_key(&id))?;
-    d.run(guard, move |d| d.unpublish(&id, &target)).await?;
+    d.run(guard, move |d| {
+        let target = d.protected.resolve(target)?;
+        d.unpublish(&id, &target)
+    })
+    .await?;
     Ok(csi::NodeUnpublishVolumeResponse {})
 }

@@ -20,13 +20,16 @@ pub async fn handle(
         .protected
         .check("staging_target_path", &req.staging_target_path)?;
     let guard = d.locks.try_lock(vol_key(&id))?;
-    d.run(guard, move |d| match d.volume(&id) {
-        Ok(rec) => d.kind(rec.kind)?.unstage(&rec, &staging),
-        Err(Error::NotFound(_)) => match d.kind_of_id(&id) {
-            Some(k) => k.unstage_path(&id, &staging),
-            None => mounts::unstage(&d.os, &staging, None),
-        },
-        Err(e) => Err(e),
+    d.run(guard, move |d| {
+        let staging = d.protected.resolve(staging)?;
+        match d.volume(&id) {
+            Ok(rec) => d.kind(rec.kind)?.unstage(&rec, &staging),
+            Err(Error::NotFound(_)) => match d.kind_of_id(&id) {
+                Some(k) => k.unstage_path(&id, &staging),
+                None => mounts::unstage(&d.os, &staging, None),
+            },
+            Err(e) => Err(e),
+        }
     })
     .await?;
     Ok(csi::NodeUnstageVolumeResponse {})

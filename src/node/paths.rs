@@ -5,9 +5,12 @@
 //! directory, the journal, a backing file), or at or above one of them or
 //! the socket (a mount there would hide them), is INVALID_ARGUMENT for
 //! every node RPC, before anything is touched. The path is compared as
-//! given and with its parent resolved (symlinks in the directories above
-//! it), so a link to Berth's directories does not get around it; the last
-//! component is never followed (the kinds refuse a symlink there).
+//! given (`Protected::check`, on the async thread: it reads nothing) and
+//! with its parent resolved (`Protected::resolve`, symlinks in the
+//! directories above it, on the RPC's blocking thread: resolving reads
+//! the filesystem, which a dead NFS server can hang), so a link to Berth's
+//! directories does not get around it; the last component is never
+//! followed (the kinds refuse a symlink there).
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -49,44 +52,68 @@ impl Protected {
         }
     }
 
-    /// Validates a node RPC's path field and refuses Berth's own
-    /// directories (INVALID_ARGUMENT).
-    pub fn check(&self, field: &str, v: &str) -> Result<PathBuf> {
+    /// Validates a node RPC's path field by its text and refuses Berth's
+    /// own directories as written (INVALID_ARGUMENT). Touches nothing, so
+    /// it runs on the async thread before anything else; where the path
+    /// resolves to is checked by `resolve`, on a blocking thread.
+    pub fn check(&self, field: &'static str, v: &str) -> Result<NodePath> {
         let p = validate::abs_path(field, v)?;
         if p.components().any(|c| c.as_os_str().len() > NAME_MAX) {
             return Err(Error::Invalid(format!(
                 "{field} has a component longer than {NAME_MAX} bytes"
             )));
         }
-        let mut forms = vec![p.clone()];
-        if let Ok(r) = resolved(&p) {
-            if r != p {
-                forms.push(r);
-            }
-        }
-        for f in &forms {
-            if let Some(r) = self
-                .roots
-                .iter()
-                .find(|r| f.starts_with(r) || r.starts_with(f))
-            {
-                return Err(Error::Invalid(format!(
-                    "{field} {} is {} Berth's own directory {}",
-                    p.display(),
-                    if f.starts_with(r) { "in" } else { "above" },
-                    r.display()
-                )));
-            }
-            if let Some(a) = self.above.iter().find(|a| a.starts_with(f)) {
-                return Err(Error::Invalid(format!(
-                    "{field} {} is at or above Berth's socket {}",
-                    p.display(),
-                    a.display()
-                )));
-            }
-        }
-        Ok(p)
+        self.refuse(field, &p, &p)?;
+        Ok(NodePath { field, path: p })
     }
+
+    /// The path of `p` once it is also refused with the symlinks in its
+    /// parent directories resolved (a link to Berth's directories does not
+    /// get around `check`). This reads the filesystem (the parent's
+    /// components, which a dead NFS mount may hang): call it where the
+    /// RPC's blocking work runs (`Driver::run`), never on the async thread.
+    pub fn resolve(&self, p: NodePath) -> Result<PathBuf> {
+        if let Ok(r) = resolved(&p.path) {
+            if r != p.path {
+                self.refuse(p.field, &p.path, &r)?;
+            }
+        }
+        Ok(p.path)
+    }
+
+    /// INVALID_ARGUMENT when `form` (the path `given`, as written or
+    /// resolved) is at, in or above one of Berth's directories, or at or
+    /// above its socket.
+    fn refuse(&self, field: &str, given: &Path, form: &Path) -> Result<()> {
+        if let Some(r) = self
+            .roots
+            .iter()
+            .find(|r| form.starts_with(r) || r.starts_with(form))
+        {
+            return Err(Error::Invalid(format!(
+                "{field} {} is {} Berth's own directory {}",
+                given.display(),
+                if form.starts_with(r) { "in" } else { "above" },
+                r.display()
+            )));
+        }
+        if let Some(a) = self.above.iter().find(|a| a.starts_with(form)) {
+            return Err(Error::Invalid(format!(
+                "{field} {} is at or above Berth's socket {}",
+                given.display(),
+                a.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A node RPC's path that passed `Protected::check` (its text), waiting
+/// for `Protected::resolve` (where it leads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePath {
+    field: &'static str,
+    path: PathBuf,
 }
 
 /// `p` with the symlinks in its parent directories resolved (the last
@@ -159,6 +186,11 @@ mod tests {
         (d, p)
     }
 
+    /// Both checks, as a node RPC makes them.
+    fn full(p: &Protected, v: &str) -> Result<PathBuf> {
+        p.check("target_path", v).and_then(|n| p.resolve(n))
+    }
+
     #[test]
     fn berths_own_directories_are_refused_and_their_neighbours_are_not() {
         let (d, p) = setup();
@@ -172,7 +204,7 @@ mod tests {
             data.clone(),
             d.path().to_path_buf(),
         ] {
-            let r = p.check("target_path", &s(bad.clone()));
+            let r = full(&p, &s(bad.clone()));
             assert!(
                 matches!(r, Err(Error::Invalid(_))),
                 "{}: {r:?}",
@@ -186,7 +218,7 @@ mod tests {
             data.join("localx"),
             d.path().join("elsewhere/t"),
         ] {
-            assert_eq!(p.check("target_path", &s(good.clone())).unwrap(), good);
+            assert_eq!(full(&p, &s(good.clone())).unwrap(), good);
         }
     }
 
@@ -195,7 +227,13 @@ mod tests {
         let (d, p) = setup();
         let link = d.path().join("link");
         std::os::unix::fs::symlink(d.path().join("data/state"), &link).unwrap();
-        let r = p.check("target_path", &link.join("journal").display().to_string());
+        let v = link.join("journal").display().to_string();
+        let r = full(&p, &v);
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+        // The text alone is fine: only `resolve`, which reads the
+        // filesystem (on a blocking thread), sees where it leads.
+        let n = p.check("target_path", &v).unwrap();
+        let r = p.resolve(n);
         assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
     }
 
@@ -208,10 +246,10 @@ mod tests {
         let link = d.path().join("local");
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let p = Protected::new(std::slice::from_ref(&link), &[]);
-        let r = p.check("target_path", &real.join("vol").display().to_string());
+        let r = full(&p, &real.join("vol").display().to_string());
         assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
         let ok = d.path().join("disk/pods/t");
-        assert!(p.check("target_path", &ok.display().to_string()).is_ok());
+        assert!(full(&p, &ok.display().to_string()).is_ok());
     }
 
     #[test]

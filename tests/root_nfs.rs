@@ -1194,6 +1194,57 @@ fn spawn_berth(bin: &Path, dir: &Path, nfs_timeout: u64) -> std::process::Child 
     child
 }
 
+/// Creates a volume named `name` through a berth binary; its id.
+async fn create_over(c: &mut berth::client::CsiClient, e: &Env, name: &str) -> String {
+    c.controller
+        .create_volume(Request::new(create_request(e, name, &[])))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id
+}
+
+/// Unpublishes `id` at `target` and deletes it through a berth binary
+/// (the delete retried for up to a minute while the server comes back);
+/// the target and the volume's directory on the server are gone.
+async fn unpublish_and_delete_over(
+    c: &mut berth::client::CsiClient,
+    e: &Env,
+    id: &str,
+    target: &Path,
+    when: &str,
+) {
+    c.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.to_string(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .unwrap_or_else(|s| panic!("unpublish {when}: {s:?}"));
+    assert!(!target.exists());
+    let t0 = Instant::now();
+    loop {
+        match c
+            .controller
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: id.to_string(),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if t0.elapsed() < Duration::from_secs(60) => {
+                eprintln!("delete {when}: {s:?}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(s) => panic!("delete {when}: {s:?}"),
+        }
+    }
+    assert!(!e.export.join(subdir_of(id)).exists());
+}
+
 /// Stops a berth binary as kubelet does (SIGTERM) and waits for it.
 fn stop_berth(mut b: std::process::Child) {
     nix::sys::signal::kill(
@@ -1221,15 +1272,7 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
     let spawn = || spawn_berth(&bin, dir.path(), 120);
     let mut b = spawn();
     let mut c = berth::client::connect(&ep).await.unwrap();
-    let id = c
-        .controller
-        .create_volume(Request::new(create_request(&e, "killed", &[])))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .volume_id;
+    let id = create_over(&mut c, &e, "killed").await;
     let target = dir.path().join("target");
     e.server_ctl("stop");
     let up = CtlOnDrop(&e, "start");
@@ -1272,33 +1315,7 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
     drop(up);
     let b = spawn();
     let mut c = berth::client::connect(&ep).await.unwrap();
-    c.node
-        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        }))
-        .await
-        .expect("unpublish after the restart");
-    assert!(!target.exists());
-    let t0 = Instant::now();
-    loop {
-        match c
-            .controller
-            .delete_volume(Request::new(csi::DeleteVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            }))
-            .await
-        {
-            Ok(_) => break,
-            Err(s) if t0.elapsed() < Duration::from_secs(60) => {
-                eprintln!("delete after the server's restart: {s:?}; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Err(s) => panic!("delete after the server's restart: {s:?}"),
-        }
-    }
-    assert!(!e.export.join(subdir_of(&id)).exists());
+    unpublish_and_delete_over(&mut c, &e, &id, &target, "after the server's restart").await;
     stop_berth(b);
 }
 
@@ -1317,15 +1334,7 @@ async fn a_path_inside_a_hung_mount_holds_up_no_other_rpc() {
     let _g = UnmountOnDrop(dir.path().to_path_buf());
     let b = spawn_berth(&bin, dir.path(), TIMEOUT_S);
     let mut c = berth::client::connect(&endpoint(dir.path())).await.unwrap();
-    let id = c
-        .controller
-        .create_volume(Request::new(create_request(&e, "behind-hung", &[])))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .volume_id;
+    let id = create_over(&mut c, &e, "behind-hung").await;
     let target = dir.path().join("target");
     c.node
         .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
@@ -1379,21 +1388,6 @@ async fn a_path_inside_a_hung_mount_holds_up_no_other_rpc() {
     let r = tokio::time::timeout(Duration::from_secs(120), stuck).await;
     eprintln!("the hung unpublish, once the server answers: {r:?}");
     assert!(matches!(r, Ok(Ok(Ok(_)))), "{r:?}");
-    c.node
-        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        }))
-        .await
-        .expect("unpublish");
-    assert!(!target.exists());
-    c.controller
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.clone(),
-            ..Default::default()
-        }))
-        .await
-        .expect("delete");
-    assert!(!e.export.join(subdir_of(&id)).exists());
+    unpublish_and_delete_over(&mut c, &e, &id, &target, "once the server answers").await;
     stop_berth(b);
 }

@@ -210,6 +210,27 @@ impl Config {
         Ok(())
     }
 
+    /// `--mode node` serves NFS volumes only: a local or block volume's
+    /// record lives in the process that created it (`--mode all` on its
+    /// node, in the node DaemonSet), so a node-only process would answer
+    /// NOT_FOUND to every node call for one. Refused at start-up instead,
+    /// naming what to run (the default `--kinds local` included).
+    pub fn check_mode_and_kinds(&self) -> Result<(), String> {
+        let local: Vec<&str> = self
+            .kinds
+            .iter()
+            .filter(|k| matches!(k, Kind::Local | Kind::Block))
+            .map(|k| k.as_str())
+            .collect();
+        if self.mode == Mode::Node && !local.is_empty() {
+            return Err(format!(
+                "--mode node serves NFS volumes only (--kinds nfs), not {}: local and block volumes keep their records in the process that creates them, so each node serves them with --mode all (the shipped node DaemonSet does)",
+                local.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
@@ -317,6 +338,19 @@ mod tests {
             vec![Kind::Local, Kind::Block, Kind::Nfs]
         );
         assert!(parse(&["--mode", "node"]).is_ok());
+        let check = |args: &[&str]| parse(args).unwrap().config.check_mode_and_kinds();
+        // The default kind (local) and any node-local kind: refused.
+        for args in [
+            &["--mode", "node"][..],
+            &["--mode", "node", "--kinds", "nfs,block"],
+            &["--mode", "node", "--kinds", "local"],
+        ] {
+            let e = check(args).unwrap_err();
+            assert!(e.contains("--mode all"), "{args:?}: {e}");
+        }
+        assert!(check(&["--mode", "node", "--kinds", "nfs"]).is_ok());
+        assert!(check(&["--mode", "all"]).is_ok());
+        assert!(check(&["--mode", "controller", "--kinds", "local,nfs"]).is_ok());
         assert!(parse(&["--mode", "both"]).is_err());
         let mut c = parse(&["--kinds", "local,block,local"]).unwrap().config;
         c.absolutize().unwrap();

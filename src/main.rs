@@ -76,11 +76,7 @@ fn main() -> anyhow::Result<()> {
                     None => None,
                 };
                 let grace = Duration::from_secs(cfg.shutdown_timeout);
-                if cfg.mode == berth::config::Mode::Node
-                    && cfg.kinds.iter().any(|k| matches!(k, berth::state::Kind::Local | berth::state::Kind::Block))
-                {
-                    tracing::warn!("node-local volume kinds keep their records in this process: run them with --mode all (the controller that creates them on this node), not --mode node");
-                }
+                cfg.check_mode_and_kinds().map_err(anyhow::Error::msg)?;
                 // Before the driver touches anything: a second berth on a
                 // live socket, or an endpoint that is a file, stops here.
                 berth::server::refuse_taken_socket(&socket)?;
@@ -102,9 +98,15 @@ fn main() -> anyhow::Result<()> {
                 }
                 tokio::spawn(berth::memory::trim_when_idle(Duration::from_secs(5)));
                 let store = driver.store.clone();
-                berth::server::serve(driver, socket, berth::server::shutdown_signal(), grace, reflection)
-                    .await
-                    .context("serving")?;
+                berth::server::serve(
+                    driver,
+                    socket,
+                    berth::server::shutdown_signal(),
+                    grace,
+                    reflection,
+                )
+                .await
+                .context("serving")?;
                 Ok::<_, anyhow::Error>(store)
             });
             // serve waited --shutdown-timeout for the calls in flight. Any

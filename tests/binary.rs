@@ -187,6 +187,39 @@ fn bad_flags_are_refused() {
     }
 }
 
+/// `--mode node` with a node-local kind (the default one included) is
+/// refused before anything is made, naming what to run instead; with
+/// `--kinds nfs` it serves.
+#[tokio::test]
+async fn node_mode_serves_nfs_only() {
+    for args in [
+        &["--mode", "node"][..],
+        &["--mode", "node", "--kinds", "nfs,local"],
+        &["--mode", "node", "--kinds", "block"],
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        let mut all = vec!["--data-dir".to_string(), data.display().to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let out = run_to_exit(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(
+            err.contains("--mode node serves NFS volumes only"),
+            "{args:?}: {err}"
+        );
+        assert!(!data.exists(), "{args:?} made the data directory");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut b = start(d.path(), &["--mode", "node", "--kinds", "nfs"]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .expect("probe of a node-only NFS berth");
+    assert!(sigterm(&mut b).success());
+}
+
 #[tokio::test]
 async fn socket_is_private_and_shutdown_is_graceful() {
     let d = tempfile::tempdir().unwrap();

@@ -1154,9 +1154,22 @@ fn endpoint(dir: &Path) -> String {
     format!("unix://{}", dir.join("csi.sock").display())
 }
 
+/// A berth binary started by a test; killed (SIGKILL) when dropped still
+/// running, so a failing test leaves no berth behind.
+struct BerthProc(std::process::Child);
+
+impl Drop for BerthProc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts the berth binary `bin` serving NFS volumes from `dir` (its log in
 /// `dir/berth.log`) and waits until its socket answers.
-fn spawn_berth(bin: &Path, dir: &Path, nfs_timeout: u64) -> std::process::Child {
+fn spawn_berth(bin: &Path, dir: &Path, nfs_timeout: u64) -> BerthProc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1183,6 +1196,7 @@ fn spawn_berth(bin: &Path, dir: &Path, nfs_timeout: u64) -> std::process::Child 
         .stderr(log)
         .spawn()
         .unwrap();
+    let b = BerthProc(child);
     let t0 = Instant::now();
     while std::os::unix::net::UnixStream::connect(dir.join("csi.sock")).is_err() {
         assert!(
@@ -1191,7 +1205,7 @@ fn spawn_berth(bin: &Path, dir: &Path, nfs_timeout: u64) -> std::process::Child 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    b
 }
 
 /// Creates a volume named `name` through a berth binary; its id.
@@ -1246,13 +1260,13 @@ async fn unpublish_and_delete_over(
 }
 
 /// Stops a berth binary as kubelet does (SIGTERM) and waits for it.
-fn stop_berth(mut b: std::process::Child) {
+fn stop_berth(mut b: BerthProc) {
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::unistd::Pid::from_raw(b.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    b.wait().unwrap();
+    b.0.wait().unwrap();
 }
 
 /// A berth killed with SIGKILL while `mount.nfs` waits for a dead server
@@ -1298,8 +1312,8 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("while berth waits: {:?}", mount_processes());
-    b.kill().unwrap();
-    b.wait().unwrap();
+    b.0.kill().unwrap();
+    b.0.wait().unwrap();
     assert!(publish.await.unwrap().is_err(), "publish answered OK");
     let t0 = Instant::now();
     while !mount_processes().is_empty() {

@@ -956,6 +956,12 @@ async fn publish_binds_readonly_once_and_detects_conflicts() {
         code(h.node.node_publish_volume(Request::new(r)).await),
         Code::FailedPrecondition
     );
+    // The staging path as the target: INVALID_ARGUMENT, nothing mounted.
+    let r = publish_req(&id, &staging, &staging, false);
+    assert_eq!(
+        code(h.node.node_publish_volume(Request::new(r)).await),
+        Code::InvalidArgument
+    );
     // Mount flags outside the allowlist never reach mount.
     let mut r = publish_req(&id, &staging, &h.path("t3"), false);
     r.volume_capability = Some(mount_cap_flags(

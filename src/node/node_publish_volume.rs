@@ -26,7 +26,7 @@ pub async fn handle(
                 .check("staging_target_path", &req.staging_target_path)?,
         )
     };
-    if staging.as_ref() == Some(&target) {
+    if staging.as_ref().map(|s| s.path()) == Some(target.path()) {
         return Err(Error::Invalid(
             "target_path and staging_target_path must differ".into(),
         ));

@@ -109,11 +109,19 @@ impl Protected {
 }
 
 /// A node RPC's path that passed `Protected::check` (its text), waiting
-/// for `Protected::resolve` (where it leads).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// for `Protected::resolve` (where it leads). Not comparable as a whole
+/// (it carries the field's name): compare `path()`.
+#[derive(Debug, Clone)]
 pub struct NodePath {
     field: &'static str,
     path: PathBuf,
+}
+
+impl NodePath {
+    /// The path as given (checked by its text only).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// `p` with the symlinks in its parent directories resolved (the last

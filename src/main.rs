@@ -58,8 +58,9 @@ fn main() -> anyhow::Result<()> {
             // of a call is microseconds, and every blocking step (syscalls,
             // commands, fsyncs) runs on a blocking thread anyway, so more
             // async workers only added hand-offs between them to each call
-            // (interleaved on 2 cores, 3 rounds: 8 to 20 % more cycles one
-            // at a time, the same at 16 in flight; README, Performance).
+            // (interleaved on 2 cores, 8 rounds: 393 against 361 cycles/s
+            // one at a time on average, the same at 16 in flight; README,
+            // Performance).
             // Nothing may block this thread: handlers do their work through
             // `Driver::run` or `spawn_blocking`.
             let rt = tokio::runtime::Builder::new_current_thread()

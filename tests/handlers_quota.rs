@@ -43,14 +43,11 @@ fn req(name: &str, size: i64, params: &[(&str, &str)]) -> csi::CreateVolumeReque
 }
 
 async fn create(h: &Harness, name: &str, size: i64) -> String {
-    h.ctl
-        .create_volume(Request::new(req(name, size, &[])))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .volume_id
+    created_id(
+        h.ctl
+            .create_volume(Request::new(req(name, size, &[])))
+            .await,
+    )
 }
 
 async fn delete(h: &Harness, id: &str) {

@@ -143,23 +143,20 @@ async fn create(
     extra: &[(&str, &str)],
     flags: &[&str],
 ) -> String {
-    h.ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            name: name.into(),
-            parameters: e.params(extra),
-            volume_capabilities: vec![cap(flags)],
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 1 << 30,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        }))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .volume_id
+    created_id(
+        h.ctl
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                name: name.into(),
+                parameters: e.params(extra),
+                volume_capabilities: vec![cap(flags)],
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 1 << 30,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }))
+            .await,
+    )
 }
 
 async fn delete(h: &Harness, id: &str) -> Result<(), tonic::Status> {
@@ -1154,6 +1151,17 @@ fn endpoint(dir: &Path) -> String {
     format!("unix://{}", dir.join("csi.sock").display())
 }
 
+/// What a test of the berth binary starts from: the guest's environment,
+/// the binary, and a data directory whose mounts are removed when the test
+/// ends (the guard is dropped before the directory).
+fn binary_env() -> (Env, PathBuf, tempfile::TempDir, UnmountOnDrop) {
+    let e = env();
+    let bin = berth_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let g = UnmountOnDrop(dir.path().to_path_buf());
+    (e, bin, dir, g)
+}
+
 /// A berth binary started by a test; killed (SIGKILL) when dropped still
 /// running, so a failing test leaves no berth behind.
 struct BerthProc(std::process::Child);
@@ -1210,14 +1218,11 @@ fn spawn_berth(bin: &Path, dir: &Path, nfs_timeout: u64) -> BerthProc {
 
 /// Creates a volume named `name` through a berth binary; its id.
 async fn create_over(c: &mut berth::client::CsiClient, e: &Env, name: &str) -> String {
-    c.controller
-        .create_volume(Request::new(create_request(e, name, &[])))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .volume_id
+    created_id(
+        c.controller
+            .create_volume(Request::new(create_request(e, name, &[])))
+            .await,
+    )
 }
 
 /// Unpublishes `id` at `target` and deletes it through a berth binary
@@ -1278,10 +1283,7 @@ fn stop_berth(mut b: BerthProc) {
 #[tokio::test]
 #[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
 async fn a_killed_berth_leaves_no_mount_helper_behind() {
-    let e = env();
-    let bin = berth_binary();
-    let dir = tempfile::tempdir().unwrap();
-    let _g = UnmountOnDrop(dir.path().to_path_buf());
+    let (e, bin, dir, _g) = binary_env();
     let ep = endpoint(dir.path());
     let spawn = || spawn_berth(&bin, dir.path(), 120);
     let mut b = spawn();
@@ -1342,10 +1344,7 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
 #[tokio::test]
 #[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
 async fn a_path_inside_a_hung_mount_holds_up_no_other_rpc() {
-    let e = env();
-    let bin = berth_binary();
-    let dir = tempfile::tempdir().unwrap();
-    let _g = UnmountOnDrop(dir.path().to_path_buf());
+    let (e, bin, dir, _g) = binary_env();
     let b = spawn_berth(&bin, dir.path(), TIMEOUT_S);
     let mut c = berth::client::connect(&endpoint(dir.path())).await.unwrap();
     let id = create_over(&mut c, &e, "behind-hung").await;

@@ -59,14 +59,11 @@ fn restart(h: Harness, local: &Path) -> Harness {
 }
 
 async fn create(h: &Harness, name: &str, size: i64) -> String {
-    h.ctl
-        .create_volume(Request::new(create_req(name, size)))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .volume_id
+    created_id(
+        h.ctl
+            .create_volume(Request::new(create_req(name, size)))
+            .await,
+    )
 }
 
 async fn delete(h: &Harness, id: &str) {
@@ -344,13 +341,10 @@ async fn a_thousand_volumes_created_and_deleted_leak_no_project_id() {
         let (c, permit) = (ctl(), sem.clone().acquire_owned().await.unwrap());
         set.spawn(async move {
             let _permit = permit;
-            c.create_volume(Request::new(create_req(&format!("v{i}"), SIZE)))
-                .await
-                .expect("create")
-                .into_inner()
-                .volume
-                .expect("volume")
-                .volume_id
+            created_id(
+                c.create_volume(Request::new(create_req(&format!("v{i}"), SIZE)))
+                    .await,
+            )
         });
     }
     let ids: Vec<String> = set.join_all().await;

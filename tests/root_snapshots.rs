@@ -262,21 +262,18 @@ async fn create(
     params: &[(&str, &str)],
     cap: csi::VolumeCapability,
 ) -> String {
-    h.ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            volume_capabilities: vec![cap],
-            ..create_req(name, size)
-        }))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+    created_id(
+        h.ctl
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                parameters: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                volume_capabilities: vec![cap],
+                ..create_req(name, size)
+            }))
+            .await,
+    )
 }
 
 async fn stage(h: &Harness, id: &str, s: &Path, cap: csi::VolumeCapability) {

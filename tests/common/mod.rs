@@ -180,6 +180,16 @@ pub fn publish_req(
     }
 }
 
+/// The id of the volume a CreateVolume answered with (panics on an error
+/// or an answer without a volume).
+pub fn created_id(r: Result<tonic::Response<csi::CreateVolumeResponse>, tonic::Status>) -> String {
+    r.expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id
+}
+
 pub fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
     match r {
         Ok(_) => tonic::Code::Ok,

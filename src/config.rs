@@ -170,6 +170,14 @@ pub struct Config {
     /// Seconds to wait for in-flight calls on SIGTERM/SIGINT before exiting.
     #[arg(long, env = "BERTH_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
+
+    /// Microseconds a thread may poll instead of sleeping while one request
+    /// is served at a time: the operation thread for the next operation,
+    /// the RPC for its operation's result (0: never; see README,
+    /// "Performance").
+    #[arg(long, env = "BERTH_BUSY_POLL_US", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub busy_poll_us: u64,
 }
 
 fn parse_driver_name(s: &str) -> Result<String, String> {

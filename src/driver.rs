@@ -288,8 +288,8 @@ impl Driver {
         self.kinds.values().find_map(|k| k.record_from_id(id))
     }
 
-    /// Runs a blocking operation to completion on its own thread, holding the
-    /// per-volume guard. If the client goes away the operation still finishes
+    /// Runs a blocking operation to completion on another thread (see
+    /// `handoff`), holding the per-volume guard. If the client goes away the operation still finishes
     /// (and only then releases the guard).
     pub async fn run<T, F>(self: &Arc<Self>, guard: OpGuard, f: F) -> Result<T>
     where
@@ -298,7 +298,7 @@ impl Driver {
     {
         let d = self.clone();
         let count = crate::rpc::InFlight::start();
-        tokio::task::spawn_blocking(move || {
+        crate::handoff::run(move || {
             let _count = count;
             let _guard = guard;
             f(&d)

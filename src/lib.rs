@@ -17,6 +17,7 @@ pub mod convert;
 pub mod csi;
 pub mod driver;
 pub mod error;
+pub mod handoff;
 pub mod identity;
 pub mod kinds;
 pub mod locks;

@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
             // one at a time on average, the same at 16 in flight; README,
             // Performance).
             // Nothing may block this thread: handlers do their work through
-            // `Driver::run` or `spawn_blocking`.
+            // `Driver::run` (`handoff`) or `spawn_blocking`.
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -77,6 +77,7 @@ fn main() -> anyhow::Result<()> {
                     None => None,
                 };
                 let grace = Duration::from_secs(cfg.shutdown_timeout);
+                berth::handoff::configure(Duration::from_micros(cfg.busy_poll_us));
                 cfg.check_mode_and_kinds().map_err(anyhow::Error::msg)?;
                 // Before the driver touches anything: a second berth on a
                 // live socket, or an endpoint that is a file, stops here.

@@ -3,7 +3,8 @@
 //! errors turned into `tonic::Status` in one place. Requests are never
 //! logged whole, so secrets cannot reach a log line.
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use tonic::{Response, Status};
@@ -24,6 +25,32 @@ impl InFlight {
         IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
         InFlight(())
     }
+
+    /// Counts an RPC; one that starts while anything else is in flight
+    /// marks the server as serving several at once (`recently_alone`).
+    fn start_rpc() -> InFlight {
+        if IN_FLIGHT.fetch_add(1, Ordering::SeqCst) > 0 {
+            LAST_OVERLAP_MS.store(since_start_ms(), Ordering::Relaxed);
+        }
+        InFlight(())
+    }
+}
+
+/// When an RPC last started while other work was in flight, in
+/// milliseconds since `since_start_ms`'s epoch (0: never).
+static LAST_OVERLAP_MS: AtomicU64 = AtomicU64::new(0);
+
+fn since_start_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // +1: 0 means "never".
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// True when no RPC has started beside other work for the last 100 ms: the
+/// server is being asked one thing at a time (`handoff` polls only then).
+pub fn recently_alone() -> bool {
+    let last = LAST_OVERLAP_MS.load(Ordering::Relaxed);
+    last == 0 || since_start_ms().saturating_sub(last) > 100
 }
 
 impl Drop for InFlight {
@@ -56,7 +83,7 @@ where
         shown.as_str()
     };
     let span = tracing::info_span!("rpc", method, volume_id = %volume_id);
-    let _count = InFlight::start();
+    let _count = InFlight::start_rpc();
     async move {
         let start = Instant::now();
         let r = fut.await;
@@ -90,4 +117,19 @@ where
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_rpc_started_beside_other_work_ends_the_quiet() {
+        let _op = InFlight::start();
+        let _rpc = InFlight::start_rpc();
+        // Within the 100 ms window (a slow machine would have to stall
+        // that long between the two lines above and this one).
+        assert!(!recently_alone());
+        assert!(in_flight() >= 2);
+    }
 }

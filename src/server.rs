@@ -156,11 +156,19 @@ pub async fn serve(
         })
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            shutdown.await;
-            let _ = stop_tx.send(());
-        });
+    // A waiting RPC polls for its result only while no client has sent
+    // anything on these sockets (`handoff`).
+    crate::handoff::watch(&listener);
+    let incoming = tokio_stream::StreamExt::map(UnixListenerStream::new(listener), |c| {
+        if let Ok(c) = &c {
+            crate::handoff::watch(c);
+        }
+        c
+    });
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    });
     tokio::pin!(server);
     let result = tokio::select! {
         r = &mut server => r.map_err(ServeError::from),

@@ -7,8 +7,7 @@
 //! kernel sources are used:
 //!
 //! - the mount-root probe (`os.probe`, statx STATX_ATTR_MOUNT_ROOT) for
-//!   "is anything mounted exactly at this path": `stage_bind` binds without
-//!   reading mountinfo when it answers "no"; `unmount_all` (unpublish)
+//!   "is anything mounted exactly at this path": `unmount_all` (unpublish)
 //!   unmounts the top mount while it answers "yes" and stops at "no";
 //!   `unstage` returns at once when it answers "no". When the probe cannot
 //!   tell (`None`: an error other than ENOENT, or a kernel before 5.8), they
@@ -25,8 +24,10 @@
 //!   mount-root probe it decides a local volume's NodePublish without
 //!   mountinfo in the common case (see `publish_bind`).
 //!
-//! A local-volume lifecycle reads mountinfo twice: NodeUnstage and
-//! DeleteVolume once each (stage, publish and unpublish only probe).
+//! A local-volume lifecycle reads mountinfo three times: NodeStage (is the
+//! volume mounted anywhere already: a second staging path is refused),
+//! NodeUnstage and DeleteVolume once each (publish and unpublish only
+//! probe).
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 

@@ -127,7 +127,8 @@ pub fn watch(fd: impl AsFd) {
         )
         .is_ok()
     });
-    if !ok {
+    if !ok && !busy_poll().is_zero() {
+        tracing::warn!("cannot watch a client socket; busy polling is off from now on");
         configure(Duration::ZERO);
     }
 }

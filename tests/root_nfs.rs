@@ -1340,7 +1340,9 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
 /// directories are resolved, and holds no one else up: berth serves every
 /// call on one async thread, and that resolution runs on the RPC's
 /// blocking thread, never on the async one. Probe and other RPCs answer
-/// while it hangs; once the server answers again, it finishes too.
+/// while it hangs, another volume's operation included (the hung one holds
+/// berth's operation thread; the next goes to the blocking pool); once the
+/// server answers again, it finishes too.
 #[tokio::test]
 #[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
 async fn a_path_inside_a_hung_mount_holds_up_no_other_rpc() {
@@ -1393,6 +1395,24 @@ async fn a_path_inside_a_hung_mount_holds_up_no_other_rpc() {
         )
         .await;
         assert!(matches!(info, Ok(Ok(_))), "{info:?}");
+        // A volume operation too: the hung one holds the thread it runs on
+        // (berth's operation thread, which it found free), so this one must
+        // run on another (`handoff`: the blocking pool).
+        let t0 = Instant::now();
+        let other = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.node
+                .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+                    volume_id: "beside-hung".into(),
+                    target_path: dir.path().join("never-published").display().to_string(),
+                })),
+        )
+        .await;
+        eprintln!(
+            "another volume's unpublish while an RPC hangs: {other:?} after {:?}",
+            t0.elapsed()
+        );
+        assert!(matches!(other, Ok(Ok(_))), "{other:?}");
         assert!(!stuck.is_finished());
         stuck
     };

@@ -377,6 +377,20 @@ mod tests {
     }
 
     #[test]
+    fn busy_poll() {
+        assert_eq!(parse(&[]).unwrap().config.busy_poll_us, 1000);
+        for ok in ["0", "10000"] {
+            assert_eq!(
+                parse(&["--busy-poll-us", ok]).unwrap().config.busy_poll_us,
+                ok.parse::<u64>().unwrap()
+            );
+        }
+        for bad in ["10001", "-1", "x"] {
+            assert!(parse(&["--busy-poll-us", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn nfs_allowed_shares() {
         assert!(parse(&[]).unwrap().config.nfs_allowed_shares.is_empty());
         let c = parse(&["--nfs-allowed-shares", "h:/e,/data"])

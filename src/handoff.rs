@@ -10,20 +10,23 @@
 //! "Performance"). So, bounded by `--busy-poll-us`:
 //! - one dedicated worker thread takes the operations while it is free
 //!   (any other goes to tokio's blocking pool, as before), and after one
-//!   it polls for the next instead of sleeping at once, while no other RPC
-//!   is in flight;
+//!   it polls for the next instead of sleeping at once;
 //! - the RPC waiting for its operation polls for the result instead of
-//!   parking its thread, while it is the only RPC in flight and no client
-//!   has sent anything on any of the server's sockets (which the async
-//!   thread must then read: the poll stops at once).
+//!   parking its thread, and stops at once when a client has sent
+//!   anything on any of the server's sockets (the async thread must then
+//!   read it).
 //!
-//! Each turn of a poll yields the CPU (`sched_yield`) to any other thread
-//! that can run on it: a poll that kept its CPU from the client or from the
+//! Both polls run only while requests come one at a time: nothing else in
+//! flight, and no RPC started beside other work in the last 100 ms
+//! (`rpc::recently_alone`); under concurrent load they never start. Each
+//! turn of a poll yields the CPU (`sched_yield`) to any other thread that
+//! can run on it: a poll that kept its CPU from the client or from the
 //! thread it waits for added a scheduler tick to the latency it was to
 //! save (NodePublish p99 1.1 ms instead of 0.16 ms, measured). Both polls
-//! end early and the threads then sleep as they would have without it; with `--busy-poll-us 0` everything goes to the blocking
-//! pool. A hung operation holds the worker, and every later one then goes
-//! to the pool. A panic in an operation is caught; its RPC gets an error.
+//! end early and the threads then sleep as they would have without them;
+//! with `--busy-poll-us 0` everything goes to the blocking pool. A hung
+//! operation holds the worker, and every later one then goes to the pool.
+//! A panic in an operation is caught; its RPC gets an error.
 use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

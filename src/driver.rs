@@ -289,8 +289,8 @@ impl Driver {
     }
 
     /// Runs a blocking operation to completion on another thread (see
-    /// `handoff`), holding the per-volume guard. If the client goes away the operation still finishes
-    /// (and only then releases the guard).
+    /// `handoff`), holding the per-volume guard. If the client goes away
+    /// the operation still finishes (and only then releases the guard).
     pub async fn run<T, F>(self: &Arc<Self>, guard: OpGuard, f: F) -> Result<T>
     where
         T: Send + 'static,

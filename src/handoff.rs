@@ -30,7 +30,7 @@
 use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
@@ -57,26 +57,29 @@ fn busy_poll() -> Duration {
     Duration::from_micros(BUSY_POLL_US.load(Ordering::Relaxed))
 }
 
-struct Worker {
-    jobs: mpsc::Sender<Job>,
-    /// True while the worker waits for an operation; an RPC claims it by
-    /// setting it false, the worker sets it back when the operation is done.
-    free: Arc<AtomicBool>,
+/// True while the worker waits for an operation; an RPC claims it by
+/// setting it false, the worker sets it back when the operation is done.
+static FREE: AtomicBool = AtomicBool::new(true);
+
+/// True while this is the only work in flight besides `others` (the RPC
+/// just served, or the waiting RPC and its operation) and no RPC started
+/// beside other work lately: requests come one at a time.
+fn alone(others: i64) -> bool {
+    crate::rpc::in_flight() <= others && crate::rpc::recently_alone()
 }
 
-/// The worker thread, started on first use; None when it could not start.
-fn worker() -> Option<&'static Worker> {
-    static WORKER: OnceLock<Option<Worker>> = OnceLock::new();
+/// The worker thread's queue, started on first use; None when it could not
+/// start.
+fn worker() -> Option<&'static mpsc::Sender<Job>> {
+    static WORKER: OnceLock<Option<mpsc::Sender<Job>>> = OnceLock::new();
     WORKER
         .get_or_init(|| {
             let (jobs, rx) = mpsc::channel::<Job>();
-            let free = Arc::new(AtomicBool::new(true));
-            let f = free.clone();
             match std::thread::Builder::new()
                 .name("berth-op".into())
-                .spawn(move || work(rx, &f))
+                .spawn(move || work(rx))
             {
-                Ok(_) => Some(Worker { jobs, free }),
+                Ok(_) => Some(jobs),
                 Err(e) => {
                     tracing::warn!(error = %e, "no operation worker thread; using the blocking pool only");
                     None
@@ -86,11 +89,11 @@ fn worker() -> Option<&'static Worker> {
         .as_ref()
 }
 
-fn work(rx: mpsc::Receiver<Job>, free: &AtomicBool) {
+fn work(rx: mpsc::Receiver<Job>) {
     while let Some(job) = next_job(&rx) {
         // A panic drops the job's result sender: its RPC gets `Lost`.
         let _ = catch_unwind(AssertUnwindSafe(job));
-        free.store(true, Ordering::Release);
+        FREE.store(true, Ordering::Release);
     }
 }
 
@@ -99,7 +102,7 @@ fn work(rx: mpsc::Receiver<Job>, free: &AtomicBool) {
 /// waited for asleep. None once no sender is left.
 fn next_job(rx: &mpsc::Receiver<Job>) -> Option<Job> {
     let until = Instant::now() + busy_poll();
-    while crate::rpc::in_flight() <= 1 && crate::rpc::recently_alone() && Instant::now() < until {
+    while alone(1) && Instant::now() < until {
         match rx.try_recv() {
             Ok(job) => return Some(job),
             Err(mpsc::TryRecvError::Disconnected) => return None,
@@ -158,9 +161,8 @@ where
     let claimed = if poll.is_zero() {
         None
     } else {
-        worker().filter(|w| {
-            w.free
-                .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
+        worker().filter(|_| {
+            FREE.compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         })
     };
@@ -173,17 +175,13 @@ where
     let job: Job = Box::new(move || {
         let _ = tx.send(f());
     });
-    if let Err(mpsc::SendError(job)) = w.jobs.send(job) {
+    if let Err(mpsc::SendError(job)) = w.send(job) {
         // The worker is gone (it cannot be, short of a bug): the pool.
         tokio::task::spawn_blocking(job);
         return rx.await.map_err(|_| HandoffError::Lost);
     }
     let until = Instant::now() + poll;
-    while crate::rpc::in_flight() <= 2
-        && crate::rpc::recently_alone()
-        && Instant::now() < until
-        && !incoming()
-    {
+    while alone(2) && Instant::now() < until && !incoming() {
         match rx.try_recv() {
             Ok(v) => return Ok(v),
             Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
@@ -198,7 +196,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Barrier;
+    use std::sync::{Arc, Barrier};
 
     fn on() {
         configure(Duration::from_micros(500));

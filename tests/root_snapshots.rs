@@ -223,6 +223,23 @@ async fn staged_raw(h: &Harness) -> (String, PathBuf, PathBuf) {
     (id, s, dev)
 }
 
+/// A CreateVolumeRequest with these parameters and capability.
+fn volume_req(
+    name: &str,
+    size: i64,
+    params: &[(&str, &str)],
+    cap: csi::VolumeCapability,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        volume_capabilities: vec![cap],
+        ..create_req(name, size)
+    }
+}
+
 async fn restore(
     h: &Harness,
     name: &str,
@@ -231,28 +248,20 @@ async fn restore(
     params: &[(&str, &str)],
     cap: csi::VolumeCapability,
 ) -> String {
-    h.ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            volume_capabilities: vec![cap],
-            volume_content_source: Some(csi::VolumeContentSource {
-                r#type: Some(csi::volume_content_source::Type::Snapshot(
-                    csi::volume_content_source::SnapshotSource {
-                        snapshot_id: snap.into(),
-                    },
-                )),
-            }),
-            ..create_req(name, size)
-        }))
-        .await
-        .expect("restore")
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+    created_id(
+        h.ctl
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                volume_content_source: Some(csi::VolumeContentSource {
+                    r#type: Some(csi::volume_content_source::Type::Snapshot(
+                        csi::volume_content_source::SnapshotSource {
+                            snapshot_id: snap.into(),
+                        },
+                    )),
+                }),
+                ..volume_req(name, size, params, cap)
+            }))
+            .await,
+    )
 }
 
 async fn create(
@@ -264,14 +273,7 @@ async fn create(
 ) -> String {
     created_id(
         h.ctl
-            .create_volume(Request::new(csi::CreateVolumeRequest {
-                parameters: params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                volume_capabilities: vec![cap],
-                ..create_req(name, size)
-            }))
+            .create_volume(Request::new(volume_req(name, size, params, cap)))
             .await,
     )
 }

@@ -598,3 +598,39 @@ async fn another_volumes_mounts_are_not_touched() {
     assert!(mount_entries(&tb).is_empty());
     assert!(!tb.exists());
 }
+
+#[test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+fn bench_floor_measures_the_unmount_beside_a_busy_cpu_apart_from_the_floor() {
+    let d = tempfile::tempdir().unwrap();
+    let work = d.path().join("floor");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["bench", "floor", "-n", "20", "--json", "--work-dir"])
+        .arg(&work)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let count = |op: &str| {
+        r["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["op"] == op)
+            .map(|o| o["count"].as_u64().unwrap())
+    };
+    assert_eq!(count("bind + unmount"), Some(20));
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(
+        count("bind + unmount, CPU busy"),
+        (cpus > 1).then_some(20),
+        "{cpus} CPUs"
+    );
+    assert!(!work.exists(), "the work dir is removed");
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(work.to_str().unwrap()),
+        "no mount left"
+    );
+}

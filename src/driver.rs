@@ -279,8 +279,23 @@ impl Driver {
     pub fn unpublish(&self, id: &str, target: &std::path::Path) -> Result<()> {
         match self.kind_of_id(id).or_else(|| self.kinds.get(&Kind::Nfs)) {
             Some(k) => k.unpublish(id, target),
-            None => crate::node::mounts::unpublish(&self.os, target),
+            None => {
+                self.refuse_volume_storage(id, target)?;
+                crate::node::mounts::unpublish(&self.os, target)
+            }
         }
+    }
+
+    /// For an id no served kind owns: FAILED_PRECONDITION when `path`
+    /// shows the storage of one of Berth's volumes (a directory in the state
+    /// directory or a kind's root), which that id cannot name.
+    pub fn refuse_volume_storage(&self, id: &str, path: &std::path::Path) -> Result<()> {
+        let roots = [
+            self.cfg.state_dir(),
+            self.cfg.local_root(),
+            self.cfg.block_root(),
+        ];
+        crate::node::mounts::refuse_root_storage(&self.os, &roots, id, path)
     }
 
     /// The record a served kind rebuilds from a self-describing id alone.

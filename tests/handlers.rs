@@ -712,6 +712,15 @@ async fn list_volumes_pages_and_rejects_bad_tokens() {
         code(h.ctl.list_volumes(Request::new(list(0, "999"))).await),
         Code::Aborted
     );
+    // Tokens that parse to a valid sequence number but were never handed
+    // out in that form.
+    for t in ["+1", "01", " 1"] {
+        assert_eq!(
+            code(h.ctl.list_volumes(Request::new(list(0, t))).await),
+            Code::Aborted,
+            "{t:?}"
+        );
+    }
     assert_eq!(
         code(h.ctl.list_volumes(Request::new(list(-1, ""))).await),
         Code::InvalidArgument
@@ -1137,6 +1146,95 @@ async fn unstage_refuses_while_published() {
             .unwrap();
     }
     assert!(!h.fake().table().iter().any(|m| m.mount_point == staging));
+}
+
+/// An id without a record (a `local-` id never created) or one no served
+/// kind owns never unmounts another volume's staging path or target:
+/// FAILED_PRECONDITION and the mount stays (found by the hostile-input
+/// probe: NodeUnstageVolume of such an id took down a live staging mount,
+/// NodeUnpublishVolume of a made-up id a live target).
+#[tokio::test]
+async fn ids_without_a_record_never_unmount_another_volumes_mounts() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    let unknown = format!("{}{}", &id[..14], "0".repeat(24));
+    let mounted = |p: &std::path::Path| h.fake().table().iter().any(|m| m.mount_point == p);
+    for other in [
+        unknown.as_str(),
+        "local-00000000000000000000000000000000",
+        "foo-bar",
+    ] {
+        let r = h
+            .node
+            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+                volume_id: other.into(),
+                staging_target_path: staging.display().to_string(),
+            }))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "unstage as {other}");
+        assert!(mounted(&staging), "unstage as {other}");
+    }
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    for other in [unknown.as_str(), "foo-bar"] {
+        let r = h
+            .node
+            .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+                volume_id: other.into(),
+                target_path: target.display().to_string(),
+            }))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "unpublish as {other}");
+        assert!(mounted(&target), "unpublish as {other}");
+    }
+    // The volume's own id still tears down, and an unknown id at a path
+    // where nothing is mounted is OK.
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    for other in [unknown.as_str(), "foo-bar"] {
+        h.node
+            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+                volume_id: other.into(),
+                staging_target_path: staging.display().to_string(),
+            }))
+            .await
+            .unwrap();
+    }
+    assert!(!mounted(&staging) && !mounted(&target));
+}
+
+/// A target at or below the staging path is inside the volume itself, and
+/// a staging path below the target would be hidden: INVALID_ARGUMENT,
+/// nothing made or mounted.
+#[tokio::test]
+async fn publish_target_inside_the_staging_path_is_invalid() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let before = h.fake().table().len();
+    for target in [staging.join("inner"), staging.join("a/b")] {
+        let r = h
+            .node
+            .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{}", target.display());
+    }
+    assert!(!staging.join("inner").exists());
+    assert_eq!(h.fake().table().len(), before);
 }
 
 /// How often each RPC of a local-volume lifecycle reads the whole mount

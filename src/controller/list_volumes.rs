@@ -23,7 +23,8 @@ pub fn page_start(max_entries: i32, token: &str, last_seq: u64) -> Result<u64> {
     token
         .parse::<u64>()
         .ok()
-        .filter(|t| *t > 0 && *t <= last_seq)
+        // Only the form handed out: "+1" or "01" were never a token.
+        .filter(|t| *t > 0 && *t <= last_seq && t.to_string() == token)
         .ok_or_else(|| {
             Error::Busy(format!(
                 "starting_token {:?} is not valid",

@@ -499,6 +499,30 @@ pub fn refuse_foreign_dir(os: &Os, dir: &Path, id: &str, path: &Path) -> Result<
     }
 }
 
+/// FAILED_PRECONDITION when the top mount at `path` shows a directory at or
+/// below one of `roots` (Berth's state directory and kinds' roots: a
+/// volume's storage) while the request names `id`, an id no served kind
+/// owns: such an id never takes down a volume's mount. Nothing mounted
+/// there: Ok, without reading mountinfo.
+pub fn refuse_root_storage(os: &Os, roots: &[PathBuf], id: &str, path: &Path) -> Result<()> {
+    if os.probe.mount_root(path) == Some(false) {
+        return Ok(());
+    }
+    let t = table(os)?;
+    let Some(top) = at(os, &t, path).last().copied() else {
+        return Ok(());
+    };
+    let shows_root = roots.iter().any(|r| {
+        mountinfo::object_of(&t, r).is_some_and(|(major, minor, root)| {
+            top.major == major && top.minor == minor && top.root.starts_with(&root)
+        })
+    });
+    if shows_root {
+        return Err(foreign(path, id, top));
+    }
+    Ok(())
+}
+
 /// Unpublishes: unmount everything at `target`, then remove it (a file
 /// only if a mount was just taken off it).
 pub fn unpublish(os: &Os, target: &Path) -> Result<()> {

@@ -26,10 +26,17 @@ pub async fn handle(
                 .check("staging_target_path", &req.staging_target_path)?,
         )
     };
-    if staging.as_ref().map(|s| s.path()) == Some(target.path()) {
-        return Err(Error::Invalid(
-            "target_path and staging_target_path must differ".into(),
-        ));
+    // A target at or below the staging path is inside the volume itself
+    // (publishing would make a directory in its data and mount the volume
+    // inside itself); a staging path below the target would be hidden by
+    // the publish.
+    if let Some(s) = &staging {
+        if target.path().starts_with(s.path()) || s.path().starts_with(target.path()) {
+            return Err(Error::Invalid(
+                "target_path and staging_target_path must differ and neither may be inside the other"
+                    .into(),
+            ));
+        }
     }
     validate::map("publish_context", &req.publish_context)?;
     validate::map("volume_context", &req.volume_context)?;

@@ -26,7 +26,10 @@ pub async fn handle(
             Ok(rec) => d.kind(rec.kind)?.unstage(&rec, &staging),
             Err(Error::NotFound(_)) => match d.kind_of_id(&id) {
                 Some(k) => k.unstage_path(&id, &staging),
-                None => mounts::unstage(&d.os, &staging, None),
+                None => {
+                    d.refuse_volume_storage(&id, &staging)?;
+                    mounts::unstage(&d.os, &staging, None)
+                }
             },
             Err(e) => Err(e),
         }

@@ -960,7 +960,14 @@ impl VolumeKind for LocalKind {
         )
     }
 
-    fn unstage_path(&self, _id: &str, staging: &Path) -> Result<()> {
+    /// No record: unmount what the staging path shows, unless it shows
+    /// another directory than this volume's (another volume's, or anything
+    /// that is not Berth's), as `unpublish` refuses it: an unknown id never
+    /// takes down another volume's staging mount.
+    fn unstage_path(&self, id: &str, staging: &Path) -> Result<()> {
+        if let Ok(dir) = self.dir(id) {
+            mounts::refuse_foreign_dir(&self.os, &dir, id, staging)?;
+        }
         mounts::unstage(&self.os, staging, None)
     }
 

@@ -273,22 +273,25 @@ impl Driver {
     }
 
     /// NodeUnpublishVolume of `id` at `target`, by the kind whose id it
-    /// has; for an id no served kind has (an NFS share no longer allowed),
-    /// by NFS when it is served (it unmounts NFS and any other mounts),
-    /// else plainly.
+    /// has; for an id no served kind has (an NFS share no longer allowed,
+    /// a kind no longer served), by NFS when it is served (it unmounts NFS
+    /// and any other mounts), else plainly; never a mount of another
+    /// volume's storage (`refuse_volume_storage`).
     pub fn unpublish(&self, id: &str, target: &std::path::Path) -> Result<()> {
-        match self.kind_of_id(id).or_else(|| self.kinds.get(&Kind::Nfs)) {
+        if let Some(k) = self.kind_of_id(id) {
+            return k.unpublish(id, target);
+        }
+        self.refuse_volume_storage(id, target)?;
+        match self.kinds.get(&Kind::Nfs) {
             Some(k) => k.unpublish(id, target),
-            None => {
-                self.refuse_volume_storage(id, target)?;
-                crate::node::mounts::unpublish(&self.os, target)
-            }
+            None => crate::node::mounts::unpublish(&self.os, target),
         }
     }
 
     /// For an id no served kind owns: FAILED_PRECONDITION when `path`
-    /// shows the storage of one of Berth's volumes (a directory in the state
-    /// directory or a kind's root), which that id cannot name.
+    /// shows a directory in the state directory or a kind's root (a
+    /// volume's storage), other than `<root>/<id>` itself (the volume of a
+    /// kind no longer served, which its own id still tears down).
     pub fn refuse_volume_storage(&self, id: &str, path: &std::path::Path) -> Result<()> {
         let roots = [
             self.cfg.state_dir(),

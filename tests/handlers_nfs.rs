@@ -2455,3 +2455,65 @@ async fn an_interrupted_nfs_snapshot_is_removed_after_start_up() {
     assert_eq!(again.snapshot_id, s.snapshot_id);
     assert!(dir.join("data/f").exists());
 }
+
+/// An id no served kind owns goes to NFS's unpublish where NFS is served,
+/// and never takes down another volume's mount there either; a local
+/// volume of an instance that no longer serves `local` is still torn down
+/// by its own id (its pod must not stay Terminating).
+#[tokio::test]
+async fn ids_no_served_kind_owns_never_unmount_a_volumes_storage() {
+    let h = fake(&["--kinds", "local,nfs", "--nfs-timeout", "2"]);
+    h.fake().emulate_nfs_mounts();
+    let id = h
+        .ctl
+        .create_volume(Request::new(create_req("loc", 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = h.path("staging");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
+    refused(&h, &t, &staging).await;
+    // The same instance without `local`: the volume's own id unpublishes,
+    // another still cannot.
+    let h = restart(h, &["--kinds", "nfs", "--nfs-timeout", "2"]);
+    refused(&h, &t, &staging).await;
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+        .await
+        .unwrap();
+    assert!(!mounted(&h, &t) && !t.exists());
+}
+
+fn mounted(h: &Harness, p: &Path) -> bool {
+    h.fake().table().iter().any(|m| m.mount_point == p)
+}
+
+/// NodeUnpublish and NodeUnstage of "foo-bar" (no served kind's id) at a
+/// volume's target and staging path: FAILED_PRECONDITION, both mounts stay.
+async fn refused(h: &Harness, t: &Path, staging: &Path) {
+    let r = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req("foo-bar", t)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    let r = h
+        .node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: "foo-bar".into(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert!(mounted(h, t) && mounted(h, staging));
+}

@@ -502,8 +502,9 @@ pub fn refuse_foreign_dir(os: &Os, dir: &Path, id: &str, path: &Path) -> Result<
 /// FAILED_PRECONDITION when the top mount at `path` shows a directory at or
 /// below one of `roots` (Berth's state directory and kinds' roots: a
 /// volume's storage) while the request names `id`, an id no served kind
-/// owns: such an id never takes down a volume's mount. Nothing mounted
-/// there: Ok, without reading mountinfo.
+/// owns: such an id never takes down another volume's mount. A mount of
+/// `<root>/<id>` itself is that id's own volume (of a kind no longer
+/// served): Ok. Nothing mounted there: Ok, without reading mountinfo.
 pub fn refuse_root_storage(os: &Os, roots: &[PathBuf], id: &str, path: &Path) -> Result<()> {
     if os.probe.mount_root(path) == Some(false) {
         return Ok(());
@@ -512,12 +513,15 @@ pub fn refuse_root_storage(os: &Os, roots: &[PathBuf], id: &str, path: &Path) ->
     let Some(top) = at(os, &t, path).last().copied() else {
         return Ok(());
     };
-    let shows_root = roots.iter().any(|r| {
+    let shows_another = roots.iter().any(|r| {
         mountinfo::object_of(&t, r).is_some_and(|(major, minor, root)| {
-            top.major == major && top.minor == minor && top.root.starts_with(&root)
+            top.major == major
+                && top.minor == minor
+                && top.root.starts_with(&root)
+                && top.root != root.join(id)
         })
     });
-    if shows_root {
+    if shows_another {
         return Err(foreign(path, id, top));
     }
     Ok(())

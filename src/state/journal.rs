@@ -480,11 +480,18 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
             out.stale.push(p);
         }
     }
-    let snapshot_gens = snapshots.iter().map(|&(g, _)| g);
-    for g in snapshot_gens
+    // Each older generation once: a compaction interrupted after its
+    // snapshot was renamed into place leaves the previous generation's
+    // snapshot, guard and log, and each of those names would list the
+    // generation again (and its files with it, whose second removal would
+    // fail and stop start-up).
+    let older: std::collections::BTreeSet<u64> = snapshots
+        .iter()
+        .map(|&(g, _)| g)
         .chain(logs.iter().copied())
         .filter(|&g| g < gen)
-    {
+        .collect();
+    for g in older {
         for name in [snapshot_name(g), json_snapshot_name(g), log_name(g)] {
             let p = dir.join(name);
             if p.exists() {

@@ -1066,6 +1066,42 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_interrupted_before_removing_the_old_files_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let j = journal_dir(d.path());
+        let listing = || {
+            let mut files: Vec<_> = fs::read_dir(&j)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            files.sort();
+            files
+        };
+        let s = open(d.path()).unwrap();
+        s.insert_new(rec("a", "a", 1), ok).unwrap();
+        s.journal.rebase(&|| s.snapshot(&Committed::all())).unwrap();
+        s.insert_new(rec("b", "b", 1), ok).unwrap();
+        // the previous generation's snapshot, guard and log, as a kill -9
+        // after the next snapshot's rename (before their removal) leaves them
+        let old: Vec<_> = listing()
+            .into_iter()
+            .map(|n| (fs::read(j.join(&n)).unwrap(), n))
+            .collect();
+        assert_eq!(old.len(), 3, "{:?}", listing());
+        s.journal.rebase(&|| s.snapshot(&Committed::all())).unwrap();
+        s.insert_new(rec("c", "c", 1), ok).unwrap();
+        let now = listing();
+        drop(s);
+        for (bytes, name) in &old {
+            fs::write(j.join(name), bytes).unwrap();
+        }
+        assert_eq!(listing().len(), 6);
+        let s = open(d.path()).unwrap();
+        assert_eq!(ids(&s), ["a", "b", "c"]);
+        assert_eq!(listing(), now);
+    }
+
+    #[test]
     fn records_of_the_old_layout_are_imported() {
         let d = tempfile::tempdir().unwrap();
         let vols = d.path().join("volumes");

@@ -1533,6 +1533,47 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     assert!(local.join(&keep).is_dir(), "the volume was not put back");
 }
 
+/// `.trash`, `.creating` and `.snapshots`, whose contents start-up removes,
+/// replaced by symlinks to a directory outside the root: start-up removes
+/// nothing there (it removed every subdirectory of the target).
+#[tokio::test]
+async fn start_up_never_empties_what_a_symlinked_trash_leads_to() {
+    let h = fake(&[]);
+    let keep = create(&h, "keep", 1).await.volume_id;
+    let local = h.path("local");
+    let outside = tempfile::tempdir().unwrap();
+    let o = outside.path();
+    for sub in [
+        "precious",
+        "local-0123456789abcdef0123456789abcdef",
+        ".partial-x",
+    ] {
+        std::fs::create_dir_all(o.join(sub)).unwrap();
+        std::fs::write(o.join(sub).join("data"), b"keep me").unwrap();
+    }
+    for name in [".trash", ".creating", ".snapshots"] {
+        let p = local.join(name);
+        if p.exists() {
+            std::fs::remove_dir(&p).unwrap();
+        }
+        std::os::unix::fs::symlink(o, &p).unwrap();
+    }
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    for sub in [
+        "precious",
+        "local-0123456789abcdef0123456789abcdef",
+        ".partial-x",
+    ] {
+        assert_eq!(
+            std::fs::read(o.join(sub).join("data")).unwrap(),
+            b"keep me",
+            "{sub} outside the root was touched"
+        );
+    }
+    assert!(h.path("local").join(&keep).is_dir());
+}
+
 /// A local volume's directory is made under .creating/ and durable there,
 /// with its entry, before the record that says Ready is written; only then
 /// is it moved into the root.

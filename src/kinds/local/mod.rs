@@ -388,7 +388,7 @@ impl LocalKind {
 
     /// The trash's entries (`<id>-<time>`) with the volume id of each.
     fn trash(&self) -> Vec<(String, PathBuf)> {
-        let Ok(entries) = std::fs::read_dir(self.root.join(TRASH)) else {
+        let Some(entries) = self.own_dir(TRASH) else {
             return Vec::new();
         };
         entries
@@ -407,7 +407,7 @@ impl LocalKind {
     /// The names under `.creating/` (new volumes' directories, by id, and
     /// restores' and clones' unfinished copies).
     fn creating(&self) -> Vec<String> {
-        std::fs::read_dir(self.root.join(CREATING))
+        self.own_dir(CREATING)
             .map(|entries| {
                 entries
                     .flatten()
@@ -415,6 +415,28 @@ impl LocalKind {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The entries of one of Berth's own directories in the root
+    /// (`.trash`, `.creating`, `.snapshots`), whose contents start-up
+    /// removes: never through a symlink (or anything else that is not a
+    /// directory) put in its place, which would have start-up remove what
+    /// it points to, outside the root. Such an entry is reported and left
+    /// alone; the RPCs that need the directory fail on it (`ensure_dir`).
+    fn own_dir(&self, name: &str) -> Option<std::fs::ReadDir> {
+        let path = self.root.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(&path).ok(),
+            Ok(m) => {
+                tracing::error!(
+                    path = %path.display(),
+                    symlink = m.file_type().is_symlink(),
+                    "not a directory of Berth's own (put there by hand?): nothing it leads to is moved or removed; remove it"
+                );
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     fn remove_tree(&self, path: &Path) -> Result<()> {
@@ -779,7 +801,7 @@ impl VolumeKind for LocalKind {
         // else under `.creating/` (creates that never became Ready, copies
         // of restores and clones that never finished) was never handed out
         // and is only Berth's own.
-        if let Ok(entries) = std::fs::read_dir(self.root.join(CREATING)) {
+        if let Some(entries) = self.own_dir(CREATING) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let home = self.root.join(&name);
@@ -801,7 +823,7 @@ impl VolumeKind for LocalKind {
         }
         // Snapshots: an unfinished copy is removed; a copy without a record
         // (a lost state directory) is kept aside like any orphan.
-        if let Ok(entries) = std::fs::read_dir(self.root.join(SNAPSHOTS)) {
+        if let Some(entries) = self.own_dir(SNAPSHOTS) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(".partial-") {

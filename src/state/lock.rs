@@ -3,6 +3,13 @@
 //! directory (or data root) refuses to start and names the holder, which
 //! the holder writes into the lock file once it has the lock.
 //!
+//! The directory itself is locked too (flock on a descriptor of the
+//! directory): a lock file removed by hand while berth runs (`rm -f
+//! state/.berth.lock`) would otherwise let a second berth lock a new file of
+//! the same name and write the same journal. A berth of an older version
+//! locks only the file, which is still taken, so the two exclude each
+//! other as well.
+//!
 //! flock locks belong to the open file: a child process started with the
 //! descriptor would keep the lock after berth exits, so it is opened
 //! close-on-exec (as every file Berth opens). The kernel drops the lock
@@ -20,6 +27,9 @@ pub const LOCK_FILE: &str = ".berth.lock";
 
 /// A held lock; dropped (closed) at exit.
 pub struct DirLock {
+    /// None on a filesystem that does not lock directories (the file's
+    /// lock then stands alone).
+    _dir: Option<Flock<File>>,
     _file: Flock<File>,
     pub path: PathBuf,
 }
@@ -57,18 +67,27 @@ impl DirLock {
     /// directory and the holder. `what` says what the directory is.
     pub fn acquire(files: &Arc<dyn Files>, dir: &Path, what: &str) -> Result<DirLock, StateError> {
         let path = dir.join(LOCK_FILE);
+        let locked = |holder| StateError::Locked {
+            dir: dir.to_path_buf(),
+            what: what.to_string(),
+            holder,
+        };
+        // std opens close-on-exec.
+        let d = File::open(dir).map_err(|e| StateError::io("open", dir, e))?;
+        let dir_lock = match Flock::lock(d, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Some(l),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(locked(holder(&path))),
+            Err((_, e)) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot lock the directory itself; its lock file alone keeps a second berth out (do not remove it while berth runs)");
+                None
+            }
+        };
         let file = files
             .open(&path, Open::CreateOrKeep)
             .map_err(StateError::Os)?;
         let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(StateError::Locked {
-                    dir: dir.to_path_buf(),
-                    what: what.to_string(),
-                    holder: holder(&path),
-                })
-            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(locked(holder(&path))),
             Err((_, e)) => return Err(StateError::io("flock", &path, e.into())),
         };
         let me = about_me();
@@ -77,6 +96,7 @@ impl DirLock {
             .and_then(|_| files.write_at(&locked, &path, format!("{me}\n").as_bytes(), 0))
             .map_err(StateError::Os)?;
         Ok(DirLock {
+            _dir: dir_lock,
             _file: locked,
             path,
         })
@@ -86,11 +106,15 @@ impl DirLock {
     /// which take no lock). Never creates the lock file.
     pub fn holder_of(dir: &Path) -> Option<String> {
         let path = dir.join(LOCK_FILE);
-        let file = File::open(&path).ok()?;
-        match Flock::lock(file, FlockArg::LockSharedNonblock) {
-            Ok(_) => None,
-            Err(_) => Some(holder(&path)),
-        }
+        let dir_held = File::open(dir).is_ok_and(|d| {
+            matches!(
+                Flock::lock(d, FlockArg::LockSharedNonblock),
+                Err((_, nix::errno::Errno::EWOULDBLOCK))
+            )
+        });
+        let file_held =
+            File::open(&path).is_ok_and(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err());
+        (dir_held || file_held).then(|| holder(&path))
     }
 }
 
@@ -121,5 +145,19 @@ mod tests {
         assert_eq!(DirLock::holder_of(d.path()), None);
         let again = DirLock::acquire(&files, d.path(), "state directory");
         assert!(again.is_ok());
+    }
+
+    #[test]
+    fn a_lock_file_removed_by_hand_lets_no_second_holder_in() {
+        let d = tempfile::tempdir().unwrap();
+        let files: Arc<dyn Files> = Arc::new(RealFiles);
+        let first = DirLock::acquire(&files, d.path(), "state directory").unwrap();
+        std::fs::remove_file(d.path().join(LOCK_FILE)).unwrap();
+        assert!(DirLock::holder_of(d.path()).is_some());
+        let e = DirLock::acquire(&files, d.path(), "state directory").unwrap_err();
+        assert!(matches!(e, StateError::Locked { .. }), "{e}");
+        drop(first);
+        assert_eq!(DirLock::holder_of(d.path()), None);
+        assert!(DirLock::acquire(&files, d.path(), "state directory").is_ok());
     }
 }

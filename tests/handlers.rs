@@ -1521,6 +1521,18 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     let (os, f) = berth::os::Os::fake();
     let h = h.restart(os, Some(f));
     let local = h.path("local");
+    assert!(local.join(&keep).is_dir(), "the volume was not put back");
+    // Moved into the trash by hand under its own name (no `-<time>`): its
+    // record is there, so it comes back with its data, never emptied.
+    std::fs::write(local.join(&keep).join("data"), b"mine").unwrap();
+    std::fs::rename(local.join(&keep), local.join(".trash").join(&keep)).unwrap();
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    let local = h.path("local");
+    assert_eq!(
+        std::fs::read(local.join(&keep).join("data")).unwrap(),
+        b"mine"
+    );
     assert_eq!(
         std::fs::read(local.join(".orphaned/local-fedcba9876543210fedcba9876543210/data")).unwrap(),
         b"precious"

@@ -386,7 +386,10 @@ impl LocalKind {
         Ok(())
     }
 
-    /// The trash's entries (`<id>-<time>`) with the volume id of each.
+    /// The trash's entries (`<id>-<time>`) with the volume id of each. An
+    /// entry named by a volume id alone (a volume's directory moved there
+    /// by hand) is that volume's, so that start-up puts it back while its
+    /// record lasts instead of taking `local` for its id and emptying it.
     fn trash(&self) -> Vec<(String, PathBuf)> {
         let Some(entries) = self.own_dir(TRASH) else {
             return Vec::new();
@@ -395,10 +398,13 @@ impl LocalKind {
             .flatten()
             .map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let id = name
-                    .rsplit_once('-')
-                    .map_or(name.as_str(), |(id, _)| id)
-                    .to_string();
+                let id = if self.owns_id(&name) {
+                    name
+                } else {
+                    name.rsplit_once('-')
+                        .map_or(name.as_str(), |(id, _)| id)
+                        .to_string()
+                };
                 (id, e.path())
             })
             .collect()

@@ -1160,19 +1160,17 @@ async fn ids_without_a_record_never_unmount_another_volumes_mounts() {
     let target = h.path("target");
     let unknown = format!("{}{}", &id[..14], "0".repeat(24));
     let mounted = |p: &std::path::Path| h.fake().table().iter().any(|m| m.mount_point == p);
+    let refused =
+        |r: Result<(), tonic::Status>| r.map_err(|e| e.code()) == Err(Code::FailedPrecondition);
     for other in [
         unknown.as_str(),
         "local-00000000000000000000000000000000",
         "foo-bar",
     ] {
-        let r = h
-            .node
-            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-                volume_id: other.into(),
-                staging_target_path: staging.display().to_string(),
-            }))
-            .await;
-        assert_eq!(code(r), Code::FailedPrecondition, "unstage as {other}");
+        assert!(
+            refused(unstage_as_kubelet(&h, other, &staging).await),
+            "unstage as {other}"
+        );
         assert!(mounted(&staging), "unstage as {other}");
     }
     h.node
@@ -1180,40 +1178,18 @@ async fn ids_without_a_record_never_unmount_another_volumes_mounts() {
         .await
         .unwrap();
     for other in [unknown.as_str(), "foo-bar"] {
-        let r = h
-            .node
-            .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-                volume_id: other.into(),
-                target_path: target.display().to_string(),
-            }))
-            .await;
-        assert_eq!(code(r), Code::FailedPrecondition, "unpublish as {other}");
+        assert!(
+            refused(unpublish_as_kubelet(&h, other, &target).await),
+            "unpublish as {other}"
+        );
         assert!(mounted(&target), "unpublish as {other}");
     }
     // The volume's own id still tears down, and an unknown id at a path
     // where nothing is mounted is OK.
-    h.node
-        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        }))
-        .await
-        .unwrap();
-    h.node
-        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        }))
-        .await
-        .unwrap();
+    unpublish_as_kubelet(&h, &id, &target).await.unwrap();
+    unstage_as_kubelet(&h, &id, &staging).await.unwrap();
     for other in [unknown.as_str(), "foo-bar"] {
-        h.node
-            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-                volume_id: other.into(),
-                staging_target_path: staging.display().to_string(),
-            }))
-            .await
-            .unwrap();
+        unstage_as_kubelet(&h, other, &staging).await.unwrap();
     }
     assert!(!mounted(&staging) && !mounted(&target));
 }

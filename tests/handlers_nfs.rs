@@ -912,27 +912,7 @@ async fn busy_unmount_is_an_error_never_forced() {
 async fn force_and_lazy_unmounts_are_only_for_nfs() {
     // A local volume in an instance that serves both kinds: unpublish uses
     // plain umount(2) calls and never runs umount -f/-l.
-    let h = fake(&["--kinds", "local,nfs", "--nfs-timeout", "2"]);
-    h.fake().emulate_nfs_mounts();
-    let id = h
-        .ctl
-        .create_volume(Request::new(create_req("loc", 1 << 20)))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let staging = h.path("staging");
-    h.node
-        .node_stage_volume(Request::new(stage_req(&id, &staging)))
-        .await
-        .unwrap();
-    let t = h.path("t");
-    h.node
-        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
-        .await
-        .unwrap();
+    let (h, id, staging, t) = local_published().await;
     h.fake().reply("umount", timeout("umount"));
     h.fake().fail_next("unmount", libc::EBUSY);
     let e = h
@@ -2462,27 +2442,7 @@ async fn an_interrupted_nfs_snapshot_is_removed_after_start_up() {
 /// by its own id (its pod must not stay Terminating).
 #[tokio::test]
 async fn ids_no_served_kind_owns_never_unmount_a_volumes_storage() {
-    let h = fake(&["--kinds", "local,nfs", "--nfs-timeout", "2"]);
-    h.fake().emulate_nfs_mounts();
-    let id = h
-        .ctl
-        .create_volume(Request::new(create_req("loc", 1 << 20)))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let staging = h.path("staging");
-    h.node
-        .node_stage_volume(Request::new(stage_req(&id, &staging)))
-        .await
-        .unwrap();
-    let t = h.path("t");
-    h.node
-        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
-        .await
-        .unwrap();
+    let (h, id, staging, t) = local_published().await;
     refused(&h, &t, &staging).await;
     // The same instance without `local`: the volume's own id unpublishes,
     // another still cannot.
@@ -2495,6 +2455,29 @@ async fn ids_no_served_kind_owns_never_unmount_a_volumes_storage() {
     assert!(!mounted(&h, &t) && !t.exists());
 }
 
+/// An instance serving local and NFS volumes with one local volume staged
+/// at `staging` and published at `t`: (harness, id, staging, t).
+async fn local_published() -> (Harness, String, PathBuf, PathBuf) {
+    let h = fake(&["--kinds", "local,nfs", "--nfs-timeout", "2"]);
+    h.fake().emulate_nfs_mounts();
+    let id = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("loc", 1 << 20)))
+            .await,
+    );
+    let staging = h.path("staging");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
+    (h, id, staging, t)
+}
+
 fn mounted(h: &Harness, p: &Path) -> bool {
     h.fake().table().iter().any(|m| m.mount_point == p)
 }
@@ -2502,18 +2485,9 @@ fn mounted(h: &Harness, p: &Path) -> bool {
 /// NodeUnpublish and NodeUnstage of "foo-bar" (no served kind's id) at a
 /// volume's target and staging path: FAILED_PRECONDITION, both mounts stay.
 async fn refused(h: &Harness, t: &Path, staging: &Path) {
-    let r = h
-        .node
-        .node_unpublish_volume(Request::new(unpublish_req("foo-bar", t)))
-        .await;
-    assert_eq!(code(r), Code::FailedPrecondition);
-    let r = h
-        .node
-        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
-            volume_id: "foo-bar".into(),
-            staging_target_path: staging.display().to_string(),
-        }))
-        .await;
-    assert_eq!(code(r), Code::FailedPrecondition);
+    let e = unpublish_as_kubelet(h, "foo-bar", t).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = unstage_as_kubelet(h, "foo-bar", staging).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(mounted(h, t) && mounted(h, staging));
 }

@@ -2417,3 +2417,25 @@ async fn unstage_by_path_detaches_a_loop_of_a_file_moved_aside() {
     let left: Vec<_> = f.loops().into_iter().map(|l| l.backing_file).collect();
     assert_eq!(left, vec![other]);
 }
+
+/// The block root's `.snapshots` replaced by a symlink to a directory
+/// outside the root: start-up removes no unfinished-copy file
+/// (`.partial-*`) there (it did, through the link).
+#[tokio::test]
+async fn start_up_never_removes_what_a_symlinked_snapshot_area_leads_to() {
+    let h = block(&[]);
+    let area = h.path("block").join(".snapshots");
+    let outside = tempfile::tempdir().unwrap();
+    let partial = outside.path().join(".partial-x");
+    std::fs::write(&partial, b"keep me").unwrap();
+    if area.exists() {
+        std::fs::remove_dir(&area).unwrap();
+    }
+    std::os::unix::fs::symlink(outside.path(), &area).unwrap();
+    let (_h, _f) = restart(h, &[]);
+    assert_eq!(std::fs::read(&partial).unwrap(), b"keep me");
+    assert!(std::fs::symlink_metadata(&area)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}

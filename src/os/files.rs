@@ -397,6 +397,28 @@ pub fn ensure_dir(files: &dyn Files, path: &Path, mode: u32) -> Result<bool, OsE
     }
 }
 
+/// The entries of one of Berth's own directories (a root's `.trash`,
+/// `.creating`, `.snapshots`), whose contents start-up removes: never
+/// through a symlink (or anything else that is not a directory) put in its
+/// place, which would have start-up remove what it points to, outside
+/// Berth's directories. Such an entry is reported and left alone (the RPCs
+/// that need the directory fail on it: `ensure_dir`); a missing or
+/// unreadable directory has no entries.
+pub fn read_own_dir(path: &Path) -> Option<std::fs::ReadDir> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path).ok(),
+        Ok(m) => {
+            tracing::error!(
+                path = %path.display(),
+                symlink = m.file_type().is_symlink(),
+                "not a directory of Berth's own (put there by hand?): nothing it leads to is moved or removed; remove it"
+            );
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// Moves `from` into the directory `dir` under `name`, never replacing
 /// anything there: when `name` is taken, `name.<n>` for the first free n.
 /// Returns where it went.

@@ -491,8 +491,7 @@ impl BlockKind {
     /// without a record (a lost state directory) is moved aside, never
     /// deleted.
     pub(super) fn reconcile_snapshots(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
-        let area = self.root.join(SNAPSHOTS);
-        let Ok(entries) = std::fs::read_dir(&area) else {
+        let Some(entries) = crate::os::files::read_own_dir(&self.root.join(SNAPSHOTS)) else {
             return Ok(());
         };
         let f = self.os.files.as_ref();

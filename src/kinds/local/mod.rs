@@ -425,24 +425,9 @@ impl LocalKind {
 
     /// The entries of one of Berth's own directories in the root
     /// (`.trash`, `.creating`, `.snapshots`), whose contents start-up
-    /// removes: never through a symlink (or anything else that is not a
-    /// directory) put in its place, which would have start-up remove what
-    /// it points to, outside the root. Such an entry is reported and left
-    /// alone; the RPCs that need the directory fail on it (`ensure_dir`).
+    /// removes (`files::read_own_dir`).
     fn own_dir(&self, name: &str) -> Option<std::fs::ReadDir> {
-        let path = self.root.join(name);
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => std::fs::read_dir(&path).ok(),
-            Ok(m) => {
-                tracing::error!(
-                    path = %path.display(),
-                    symlink = m.file_type().is_symlink(),
-                    "not a directory of Berth's own (put there by hand?): nothing it leads to is moved or removed; remove it"
-                );
-                None
-            }
-            Err(_) => None,
-        }
+        files::read_own_dir(&self.root.join(name))
     }
 
     fn remove_tree(&self, path: &Path) -> Result<()> {

@@ -278,17 +278,21 @@ impl Driver {
     /// and any other mounts), else plainly; never a mount of another
     /// volume's storage (`refuse_volume_storage`).
     pub fn unpublish(&self, id: &str, target: &std::path::Path) -> Result<()> {
-        if let Some(k) = self.kind_of_id(id) {
+        let owner = self.kind_of_id(id);
+        if owner.is_none() || !self.store.contains(id) {
+            self.refuse_volume_storage(id, target)?;
+        }
+        if let Some(k) = owner {
             return k.unpublish(id, target);
         }
-        self.refuse_volume_storage(id, target)?;
         match self.kinds.get(&Kind::Nfs) {
             Some(k) => k.unpublish(id, target),
             None => crate::node::mounts::unpublish(&self.os, target),
         }
     }
 
-    /// For an id no served kind owns: FAILED_PRECONDITION when `path`
+    /// For an id without a record here (or one no served kind owns):
+    /// FAILED_PRECONDITION when `path`
     /// shows a directory in the state directory or a kind's root (a
     /// volume's storage), other than `<root>/<id>` itself (the volume of a
     /// kind no longer served, which its own id still tears down).

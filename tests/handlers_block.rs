@@ -2439,3 +2439,53 @@ async fn start_up_never_removes_what_a_symlinked_snapshot_area_leads_to() {
         .file_type()
         .is_symlink());
 }
+
+/// An id without a record (a block id never created here) never takes down
+/// a recorded block volume's staging or target mount: its device tells
+/// whose the mount is. Nor does it take down a local volume's (a directory
+/// in the local root) in an instance serving both kinds.
+#[tokio::test]
+async fn ids_without_a_record_never_unmount_a_block_volumes_mounts() {
+    let h = block(&["--kinds", "local,block"]);
+    let s = h.path("s");
+    let v = staged_blank(&h, &s).await;
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&v.volume_id, &s, &t, false)))
+        .await
+        .unwrap();
+    let unknown = format!("{}{}", &v.volume_id[..14], "0".repeat(24));
+    assert_ne!(unknown, v.volume_id);
+    let mounted = |p: &Path| h.fake().table().iter().any(|m| m.mount_point == p);
+    let e = unpublish_as_kubelet(&h, &unknown, &t).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = unstage_as_kubelet(&h, &unknown, &s).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(mounted(&t) && mounted(&s));
+    // A local volume's staging path and target.
+    let local = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("loc", MIB)))
+            .await,
+    );
+    let (ls, lt) = (h.path("ls"), h.path("lt"));
+    h.node
+        .node_stage_volume(Request::new(stage_req(&local, &ls)))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&local, &ls, &lt, false)))
+        .await
+        .unwrap();
+    let e = unpublish_as_kubelet(&h, &unknown, &lt).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = unstage_as_kubelet(&h, &unknown, &ls).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(mounted(&lt) && mounted(&ls));
+    // Each volume's own id still tears it down.
+    unpublish_as_kubelet(&h, &v.volume_id, &t).await.unwrap();
+    unstage_as_kubelet(&h, &v.volume_id, &s).await.unwrap();
+    unpublish_as_kubelet(&h, &local, &lt).await.unwrap();
+    unstage_as_kubelet(&h, &local, &ls).await.unwrap();
+    assert!(!mounted(&t) && !mounted(&s) && !mounted(&lt) && !mounted(&ls));
+}

@@ -767,3 +767,83 @@ async fn disk_pool_with_loop_devices_as_disks() {
     assert!(!fs_uuid(&used).is_empty());
     assert!(mounts_under(h.dir.path()).is_empty());
 }
+
+/// An id without a record (a block id never created here) never takes down
+/// a recorded block volume's mounts, filesystem or raw: the mount shows
+/// that volume's loop device (its filesystem, or its device node bound
+/// there), which the unknown id cannot name. The volume's own id then
+/// tears everything down.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn ids_without_a_record_never_unmount_a_block_volumes_mounts() {
+    let (h, _g) = real_block(&["--kinds", "local,block"]);
+    let fs = create(&h, "f", 16 * MIB, &[], rwo()).await.volume_id;
+    let rawv = create(&h, "r", 16 * MIB, &[], raw()).await.volume_id;
+    let unknown = format!("{}{}", &fs[..14], "0".repeat(24));
+    assert!(unknown != fs && unknown != rawv);
+    let mut paths = Vec::new();
+    for (id, cap, name) in [(&fs, rwo(), "f"), (&rawv, raw(), "r")] {
+        let (s, t) = (
+            h.path(&format!("{name}-stage")),
+            h.path(&format!("{name}-t")),
+        );
+        std::fs::create_dir(&s).unwrap();
+        stage(&h, id, &s, cap.clone()).await;
+        publish(&h, id, &s, &t, cap, false).await;
+        paths.push((id.clone(), s, t));
+    }
+    // A filesystem volume is mounted at its staging path (refused there,
+    // published or not); a raw one's device node is bound at
+    // `<staging>/<id>`, which the unknown id's unstage does not look at
+    // (nothing of its own there: OK).
+    for ((id, s, t), staged_at_path) in paths.iter().zip([true, false]) {
+        let want = if staged_at_path {
+            Err(Code::FailedPrecondition)
+        } else {
+            Ok(())
+        };
+        let before = mounts_under(h.dir.path());
+        let e = unpublish_as_kubelet(&h, &unknown, t).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::FailedPrecondition,
+            "unpublish {}: {e:?}",
+            t.display()
+        );
+        let r = unstage_as_kubelet(&h, &unknown, s)
+            .await
+            .map_err(|e| e.code());
+        assert_eq!(r, want, "unstage {} while published", s.display());
+        assert_eq!(mounts_under(h.dir.path()), before, "a mount was taken down");
+        unpublish(&h, id, t).await;
+        let before = mounts_under(h.dir.path());
+        let r = unstage_as_kubelet(&h, &unknown, s)
+            .await
+            .map_err(|e| e.code());
+        assert_eq!(r, want, "unstage {}", s.display());
+        assert_eq!(mounts_under(h.dir.path()), before, "a mount was taken down");
+        unstage_as_kubelet(&h, id, s).await.expect("unstage");
+        delete(&h, id).await;
+    }
+    // Nor a local volume's (a directory in the local root, which no block
+    // id names) in an instance serving both kinds.
+    let local = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("loc", MIB)))
+            .await,
+    );
+    let (s, t) = (h.path("l-stage"), h.path("l-t"));
+    std::fs::create_dir(&s).unwrap();
+    stage(&h, &local, &s, rwo()).await;
+    publish(&h, &local, &s, &t, rwo(), false).await;
+    let before = mounts_under(h.dir.path());
+    let e = unpublish_as_kubelet(&h, &unknown, &t).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    unpublish(&h, &local, &t).await;
+    let e = unstage_as_kubelet(&h, &unknown, &s).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(mounts_under(h.dir.path()).len(), before.len() - 1);
+    unstage_as_kubelet(&h, &local, &s).await.expect("unstage");
+    delete(&h, &local).await;
+    assert_clean(&h);
+}

@@ -24,13 +24,16 @@ pub async fn handle(
         let staging = d.protected.resolve(staging)?;
         match d.volume(&id) {
             Ok(rec) => d.kind(rec.kind)?.unstage(&rec, &staging),
-            Err(Error::NotFound(_)) => match d.kind_of_id(&id) {
-                Some(k) => k.unstage_path(&id, &staging),
-                None => {
-                    d.refuse_volume_storage(&id, &staging)?;
-                    mounts::unstage(&d.os, &staging, None)
+            // No record: never another volume's storage (a directory in
+            // the state directory or a root other than the id's own), then
+            // what the id's kind tells (a block volume's device).
+            Err(Error::NotFound(_)) => {
+                d.refuse_volume_storage(&id, &staging)?;
+                match d.kind_of_id(&id) {
+                    Some(k) => k.unstage_path(&id, &staging),
+                    None => mounts::unstage(&d.os, &staging, None),
                 }
-            },
+            }
             Err(e) => Err(e),
         }
     })

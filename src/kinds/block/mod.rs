@@ -774,6 +774,7 @@ impl VolumeKind for BlockKind {
     }
 
     fn unstage_path(&self, id: &str, staging: &Path) -> Result<()> {
+        self.refuse_recorded_device(id, staging)?;
         self.unstage_at(id, staging, None)
     }
 

@@ -497,12 +497,40 @@ impl BlockKind {
     /// volume `id`'s: its record names a device that is there, and the
     /// mount shows neither that device's filesystem nor its device node.
     /// Without a record or a device nothing can be told: Ok.
+    /// For an id without a record: FAILED_PRECONDITION when the top mount
+    /// at `path` shows the device of a block volume recorded under another
+    /// id (its filesystem, or its device node bound there), which the id
+    /// cannot name. Anything else cannot be told and is left to the caller.
+    pub(super) fn refuse_recorded_device(&self, id: &str, path: &Path) -> Result<()> {
+        if self.os.probe.mount_root(path) == Some(false) {
+            return Ok(());
+        }
+        let t = mounts::table(&self.os)?;
+        let Some(top) = mounts::at(&self.os, &t, path).last().copied() else {
+            return Ok(());
+        };
+        let others = self
+            .store
+            .filter(|r| r.kind == crate::state::Kind::Block && r.id != id);
+        for rec in others {
+            let Ok(Some(dev)) = self.current_device(&rec) else {
+                continue;
+            };
+            let fs = (top.major, top.minor) == (dev.major, dev.minor);
+            let node = mountinfo::object_of(&t, &dev.path).as_ref() == Some(&mounts::object(top));
+            if fs || node {
+                return Err(mounts::foreign(path, id, top));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn refuse_foreign(&self, id: &str, path: &Path) -> Result<()> {
         if self.os.probe.mount_root(path) == Some(false) {
             return Ok(());
         }
         let Some(rec) = self.store.get(id) else {
-            return Ok(());
+            return self.refuse_recorded_device(id, path);
         };
         let Ok(Some(dev)) = self.current_device(&rec) else {
             return Ok(());

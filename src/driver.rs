@@ -292,10 +292,10 @@ impl Driver {
     }
 
     /// For an id without a record here (or one no served kind owns):
-    /// FAILED_PRECONDITION when `path`
-    /// shows a directory in the state directory or a kind's root (a
-    /// volume's storage), other than `<root>/<id>` itself (the volume of a
-    /// kind no longer served, which its own id still tears down).
+    /// FAILED_PRECONDITION when `path` shows a directory in the state
+    /// directory or a kind's root (a volume's storage), other than
+    /// `<root>/<id>` itself (the volume of a kind no longer served, which
+    /// its own id still tears down).
     pub fn refuse_volume_storage(&self, id: &str, path: &std::path::Path) -> Result<()> {
         let roots = [
             self.cfg.state_dir(),

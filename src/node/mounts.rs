@@ -501,8 +501,9 @@ pub fn refuse_foreign_dir(os: &Os, dir: &Path, id: &str, path: &Path) -> Result<
 
 /// FAILED_PRECONDITION when the top mount at `path` shows a directory at or
 /// below one of `roots` (Berth's state directory and kinds' roots: a
-/// volume's storage) while the request names `id`, an id no served kind
-/// owns: such an id never takes down another volume's mount. A mount of
+/// volume's storage) while the request names `id`, an id without a record
+/// (or one no served kind owns): such an id never takes down another
+/// volume's mount. A mount of
 /// `<root>/<id>` itself is that id's own volume (of a kind no longer
 /// served): Ok. Nothing mounted there: Ok, without reading mountinfo.
 pub fn refuse_root_storage(os: &Os, roots: &[PathBuf], id: &str, path: &Path) -> Result<()> {

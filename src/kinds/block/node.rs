@@ -19,7 +19,7 @@ use crate::node::mounts;
 use crate::os::blkid;
 use crate::os::files::{self, Files, Open};
 use crate::os::mkfs::{self, Filesystem};
-use crate::os::mountinfo;
+use crate::os::mountinfo::{self, MountEntry};
 use crate::os::MountFlags;
 use crate::state::{BlockAccess, BlockInfo, Capability, VolumeRecord};
 
@@ -493,14 +493,17 @@ impl BlockKind {
         })
     }
 
-    /// FAILED_PRECONDITION when the top mount at `path` is known not to be
-    /// volume `id`'s: its record names a device that is there, and the
-    /// mount shows neither that device's filesystem nor its device node.
-    /// Without a record or a device nothing can be told: Ok.
+    /// Whether the mount `top` shows device `dev`: its filesystem, or its
+    /// device node bound there.
+    fn shows(t: &[MountEntry], top: &MountEntry, dev: &Dev) -> bool {
+        (top.major, top.minor) == (dev.major, dev.minor)
+            || mountinfo::object_of(t, &dev.path).as_ref() == Some(&mounts::object(top))
+    }
+
     /// For an id without a record: FAILED_PRECONDITION when the top mount
     /// at `path` shows the device of a block volume recorded under another
-    /// id (its filesystem, or its device node bound there), which the id
-    /// cannot name. Anything else cannot be told and is left to the caller.
+    /// id, which the id cannot name. Anything else cannot be told here and
+    /// is left to the caller.
     pub(super) fn refuse_recorded_device(&self, id: &str, path: &Path) -> Result<()> {
         if self.os.probe.mount_root(path) == Some(false) {
             return Ok(());
@@ -513,18 +516,20 @@ impl BlockKind {
             .store
             .filter(|r| r.kind == crate::state::Kind::Block && r.id != id);
         for rec in others {
-            let Ok(Some(dev)) = self.current_device(&rec) else {
-                continue;
-            };
-            let fs = (top.major, top.minor) == (dev.major, dev.minor);
-            let node = mountinfo::object_of(&t, &dev.path).as_ref() == Some(&mounts::object(top));
-            if fs || node {
-                return Err(mounts::foreign(path, id, top));
+            if let Ok(Some(dev)) = self.current_device(&rec) {
+                if Self::shows(&t, top, &dev) {
+                    return Err(mounts::foreign(path, id, top));
+                }
             }
         }
         Ok(())
     }
 
+    /// FAILED_PRECONDITION when the top mount at `path` is known not to be
+    /// volume `id`'s: its record names a device that is there, and the
+    /// mount shows neither that device's filesystem nor its device node.
+    /// Without a record, `refuse_recorded_device`; without a device nothing
+    /// can be told: Ok.
     pub(super) fn refuse_foreign(&self, id: &str, path: &Path) -> Result<()> {
         if self.os.probe.mount_root(path) == Some(false) {
             return Ok(());
@@ -539,9 +544,7 @@ impl BlockKind {
         let Some(top) = mounts::at(&self.os, &t, path).last().copied() else {
             return Ok(());
         };
-        let fs = (top.major, top.minor) == (dev.major, dev.minor);
-        let node = mountinfo::object_of(&t, &dev.path).as_ref() == Some(&mounts::object(top));
-        if fs || node || mounts::deleted(top) {
+        if Self::shows(&t, top, &dev) || mounts::deleted(top) {
             return Ok(());
         }
         Err(mounts::foreign(path, id, top))

@@ -2,7 +2,10 @@
 //! ControllerPublishVolume (if advertised and not `--attach never`),
 //! NodeStageVolume (if advertised),
 //! NodePublishVolume, NodeUnpublishVolume, NodeUnstageVolume,
-//! ControllerUnpublishVolume, DeleteVolume. A cycle that fails or is
+//! ControllerUnpublishVolume, DeleteVolume. Each worker (one per cycle in
+//! flight) makes its staging directory once, before the timed cycles, as
+//! kubelet makes a volume's before NodeStageVolume: a cycle's time is the
+//! driver's work and the round trips only. A cycle that fails or is
 //! interrupted undoes the steps it completed, so the endpoint is left clean;
 //! Ctrl-C stops new cycles (a second Ctrl-C exits at once). Before the
 //! cycles, one Probe at a time (as many as cycles, at most 1,000) measures
@@ -106,18 +109,43 @@ where
         .map_err(|s| format!("{op}: {:?}: {}", s.code(), s.message()))
 }
 
-async fn cycle(c: &mut CsiClient, p: &Plan, i: usize, s: &mut Samples) -> Result<(), String> {
-    let dir = p.args.work_dir.join(format!("{}-{i}", p.run));
+/// One cycle with the staging directory `dir/staging` (made by the
+/// caller, kept) and the target `dir/target` (the driver makes it and
+/// removes it, as with kubelet).
+async fn cycle(
+    c: &mut CsiClient,
+    p: &Plan,
+    i: usize,
+    dir: &std::path::Path,
+    s: &mut Samples,
+) -> Result<(), String> {
     let staging = dir.join("staging");
     let target = dir.join("target");
-    std::fs::create_dir_all(&staging)
-        .map_err(|e| format!("creating {}: {e}", staging.display()))?;
     let mut done = Done::default();
     let r = forward(c, p, i, s, &staging, &target, &mut done).await;
     let undo = backward(c, p, s, &staging, &target, &mut done).await;
-    let _ = std::fs::remove_dir(&staging);
-    let _ = std::fs::remove_dir(&dir);
     r.and(undo)
+}
+
+/// A worker's directory for its cycles, with its staging directory made:
+/// `<work-dir>/<run>-w<worker>-<slot>`. Kubelet makes a volume's staging
+/// directory itself before NodeStageVolume; the bench makes it once per
+/// worker, before the timed cycles, so their time is the driver's work
+/// only (a new one after a failed cycle, which may have left the old one
+/// in use).
+fn worker_dir(p: &Plan, worker: usize, slot: usize) -> Result<PathBuf, String> {
+    let dir = p.args.work_dir.join(format!("{}-w{worker}-{slot}", p.run));
+    let staging = dir.join("staging");
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| format!("creating {}: {e}", staging.display()))?;
+    Ok(dir)
+}
+
+/// Removes what `worker_dir` made (empty directories only: never anything
+/// a failed cycle left mounted or inside).
+fn remove_worker_dir(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir(dir.join("staging"));
+    let _ = std::fs::remove_dir(dir);
 }
 
 pub(super) async fn forward(
@@ -367,12 +395,16 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     }
+    let mut dirs = Vec::with_capacity(args.concurrency);
+    for w in 0..args.concurrency {
+        dirs.push(worker_dir(&plan, w, 0).map_err(|e| anyhow::anyhow!(e))?);
+    }
     let sampler = args.pid.map(Sampler::start);
     let next = Arc::new(AtomicUsize::new(0));
     let ok = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..args.concurrency {
+    for (w, mut dir) in dirs.into_iter().enumerate() {
         let (mut c, plan, next, stop, ok) = (
             client.clone(),
             plan.clone(),
@@ -383,6 +415,7 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
         workers.push(tokio::spawn(async move {
             let mut samples = Samples::default();
             let mut errors = Vec::new();
+            let mut slot = 0;
             loop {
                 if stop.load(Ordering::SeqCst) {
                     break;
@@ -392,14 +425,26 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
                     break;
                 }
                 let t = Instant::now();
-                match cycle(&mut c, &plan, i, &mut samples).await {
+                match cycle(&mut c, &plan, i, &dir, &mut samples).await {
                     Ok(()) => {
                         samples.add("cycle", t.elapsed());
                         ok.fetch_add(1, Ordering::SeqCst);
                     }
-                    Err(e) => errors.push(e),
+                    Err(e) => {
+                        errors.push(e);
+                        remove_worker_dir(&dir);
+                        slot += 1;
+                        match worker_dir(&plan, w, slot) {
+                            Ok(d) => dir = d,
+                            Err(e) => {
+                                errors.push(e);
+                                return (samples, errors);
+                            }
+                        }
+                    }
                 }
             }
+            remove_worker_dir(&dir);
             (samples, errors)
         }));
     }

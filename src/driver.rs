@@ -680,6 +680,18 @@ fn check_presence(
 ) -> Result<()> {
     for kind in kinds.values() {
         let Some(p) = kind.presence() else { continue };
+        if p.unrecorded.0 > 0 && p.recorded > 0 && !allow_missing {
+            return Err(Error::WrongState(format!(
+                "the state directory holds no record of {n} volume{s} in the {what} {root} (e.g. {examples}), though it records {m} other{ms} of that kind: records were lost (a damaged or cut journal, a state directory restored from an older backup, records dropped by `berth state repair`) or another berth's state directory uses this root. Berth does not start, so that nothing there is moved and no volume is lost from view: give berth the state directory they were recorded in (`berth state check` lists the volumes without a record); if their records are gone for good, start with --allow-missing-storage (BERTH_ALLOW_MISSING_STORAGE=true): they are then kept aside in {root}/.orphaned, never deleted",
+                what = p.what,
+                root = p.root.display(),
+                n = p.unrecorded.0,
+                s = if p.unrecorded.0 == 1 { "" } else { "s" },
+                m = p.recorded,
+                ms = if p.recorded == 1 { "" } else { "s" },
+                examples = p.unrecorded.1.join(", "),
+            )));
+        }
         if p.unrecorded.0 > 0 && !allow_missing {
             return Err(Error::WrongState(format!(
                 "the state directory holds no record of a volume in the {what} {root}, but it holds {n} volume{s} (e.g. {examples}): the state directory is not the one they were made with (was --state-dir or --data-dir changed?) or its journal was removed. Berth does not start, so that nothing there is moved: start it with the state directory they were made with; if their records are gone for good, start with --allow-missing-storage (BERTH_ALLOW_MISSING_STORAGE=true): they are then kept aside in {root}/.orphaned, never deleted",

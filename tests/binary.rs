@@ -900,6 +900,29 @@ async fn a_second_berth_on_the_same_state_or_socket_refuses_to_start() {
     assert!(!d.path().join("local/.orphaned").exists());
 }
 
+/// After `state repair` dropped `lost`'s record: berth does not start
+/// while its directory is in the local root without a record, names it and
+/// the flag, and moves nothing.
+fn refused_for_storage_without_record(dir: &Path, sock: &Path, lost: &str) {
+    let out = run_to_exit(&berth_args(dir, sock, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "berth started beside storage without a record"
+    );
+    assert!(
+        err.contains("no record of 1 volume")
+            && err.contains(lost)
+            && err.contains("--allow-missing-storage"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("local").join(lost).join("data")).unwrap(),
+        lost
+    );
+    assert!(!dir.join("local/.orphaned").exists());
+}
+
 /// Starts berth in `dir`, creates `n` local volumes, writes each one's id
 /// into a file in it, and stops berth with SIGTERM (a clean exit).
 async fn volumes_with_data_then_exit(dir: &Path, n: usize) -> Vec<String> {
@@ -974,10 +997,13 @@ async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
     );
     let lost = &ids[19];
     assert!(
-        text.contains("dropped line 20") && text.contains(lost.as_str()),
+        text.contains("dropped line 20")
+            && text.contains(lost.as_str())
+            && text.contains("--allow-missing-storage"),
         "{text}"
     );
-    let b = start(d.path(), &[]);
+    refused_for_storage_without_record(d.path(), &sock, lost);
+    let b = start(d.path(), &["--allow-missing-storage"]);
     let mut want: Vec<String> = ids.iter().filter(|i| *i != lost).cloned().collect();
     want.sort();
     assert_eq!(listed(&b.sock).await, want);
@@ -992,6 +1018,73 @@ async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+}
+
+/// A journal cut short, at a line boundary (a valid shorter journal: no
+/// checksum can tell) or inside a line (taken for an interrupted last
+/// write): the volumes whose records were cut off still have their
+/// directories in the local root. Berth does not start, names how many
+/// and some of them, and moves nothing; with `--allow-missing-storage` it
+/// keeps them aside with their data and serves the rest.
+#[tokio::test]
+async fn a_journal_cut_short_stops_start_up_while_its_volumes_are_there() {
+    for mid_line in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let ids = volumes_with_data_then_exit(d.path(), 50).await;
+        let log = d.path().join("state/journal/log-0.jsonl");
+        let bytes = std::fs::read(&log).unwrap();
+        let lines: Vec<&[u8]> = bytes.split_inclusive(|&c| c == b'\n').collect();
+        assert_eq!(lines.len(), 50, "one line per volume");
+        // Keep the first 40 records (and, mid-line, half of the 41st).
+        let mut cut: usize = lines[..40].iter().map(|l| l.len()).sum();
+        if mid_line {
+            cut += lines[40].len() / 2;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(cut as u64)
+            .unwrap();
+        let lost = &ids[40..];
+        let sock = d.path().join("csi.sock");
+        let out = run_to_exit(&berth_args(d.path(), &sock, &[]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "berth started with 10 records cut off"
+        );
+        assert!(
+            err.contains("no record of 10 volumes")
+                && err.contains("records 40 others")
+                && lost.iter().any(|id| err.contains(id.as_str()))
+                && err.contains("--allow-missing-storage"),
+            "{err}"
+        );
+        for id in &ids {
+            assert_eq!(
+                std::fs::read_to_string(d.path().join("local").join(id).join("data")).unwrap(),
+                *id
+            );
+        }
+        assert!(!d.path().join("local/.orphaned").exists());
+        let check = run_to_exit(&berth_args(d.path(), &sock, &["state", "check"]));
+        let text = String::from_utf8_lossy(&check.stdout);
+        assert_eq!(check.status.code(), Some(1), "{text}");
+        assert!(lost.iter().all(|id| text.contains(id.as_str())), "{text}");
+
+        let b = start(d.path(), &["--allow-missing-storage"]);
+        let mut want = ids[..40].to_vec();
+        want.sort();
+        assert_eq!(listed(&b.sock).await, want);
+        for id in lost {
+            assert_eq!(
+                std::fs::read_to_string(d.path().join("local/.orphaned").join(id).join("data"))
+                    .unwrap(),
+                *id
+            );
+        }
+    }
 }
 
 /// A clean exit folds a log of 64 KiB or more into a binary snapshot
@@ -1050,7 +1143,8 @@ async fn a_snapshot_written_at_exit_is_read_back_and_its_damage_stops_start_up()
         String::from_utf8_lossy(&repair.stdout),
         String::from_utf8_lossy(&repair.stderr)
     );
-    let b = start(d.path(), &[]);
+    refused_for_storage_without_record(d.path(), &sock, lost);
+    let b = start(d.path(), &["--allow-missing-storage"]);
     want.retain(|i| i != lost);
     assert_eq!(listed(&b.sock).await, want);
     assert_eq!(

@@ -1468,8 +1468,13 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     std::fs::create_dir_all(local.join(".trash/local-x-1/sub")).unwrap();
     // Something else an admin put there is left alone.
     std::fs::create_dir(local.join("not-ours")).unwrap();
-    let (os, f) = berth::os::Os::fake();
-    let h = h.restart(os, Some(f));
+    // Storage without a record stops start-up (nothing moved) until the
+    // operator says the records are gone for good.
+    let fresh = || {
+        let (os, f) = berth::os::Os::fake();
+        (os, Some(f))
+    };
+    let h = h.restart_past_lost_records("local-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", &fresh, &[]);
     let local = h.path("local");
     assert!(local.join(&keep).is_dir());
     assert!(!empty.exists());
@@ -1494,8 +1499,7 @@ async fn orphans_and_trash_are_reconciled_at_start() {
     // And a volume whose delete set it aside in the trash but could not
     // remove its record: it comes back.
     std::fs::rename(local.join(&keep), local.join(format!(".trash/{keep}-5"))).unwrap();
-    let (os, f) = berth::os::Os::fake();
-    let h = h.restart(os, Some(f));
+    let h = h.restart_past_lost_records("local-fedcba9876543210fedcba9876543210", &fresh, &[]);
     let local = h.path("local");
     assert!(local.join(&keep).is_dir(), "the volume was not put back");
     // Moved into the trash by hand under its own name (no `-<time>`): its

@@ -2037,9 +2037,12 @@ async fn concurrent_disk_creates_never_share_a_disk() {
     assert_eq!(seen.len(), 3);
 }
 
-/// A backing file without a record (a lost state directory, or a file put
-/// there by hand) is moved aside at start-up, data intact, never deleted;
-/// files of recorded volumes and files that are not volume files stay.
+/// A backing file without a record (a lost record, or a file put there by
+/// hand) stops start-up, naming it, with nothing moved; once the operator
+/// says its record is gone for good (`--allow-missing-storage`) it is
+/// moved aside, data intact, never deleted; files of recorded volumes and
+/// files that are not volume files stay. With no block record at all, the
+/// same.
 #[tokio::test]
 async fn files_without_a_record_are_moved_aside_at_start() {
     let h = block(&[]);
@@ -2047,7 +2050,7 @@ async fn files_without_a_record_are_moved_aside_at_start() {
     let stray = format!("block-{}", "ab".repeat(16));
     std::fs::write(img(&h, &stray), b"someone's data").unwrap();
     std::fs::write(h.path("block").join("notes.txt"), b"not a volume").unwrap();
-    let (h, _f) = restart(h, &[]);
+    let h = h.restart_past_lost_records(&stray, &fresh_fake, &["--kinds", "block"]);
     assert!(img(&h, &kept).exists());
     assert!(!img(&h, &stray).exists());
     assert_eq!(
@@ -2058,7 +2061,7 @@ async fn files_without_a_record_are_moved_aside_at_start() {
     // The same name again (a state directory restored twice): the earlier
     // orphan is never overwritten (rename(2) replaced it).
     std::fs::write(img(&h, &stray), b"more data").unwrap();
-    let (h, _f) = restart(h, &[]);
+    let h = h.restart_past_lost_records(&stray, &fresh_fake, &["--kinds", "block"]);
     assert_eq!(
         std::fs::read(h.path("block/.orphaned").join(format!("{stray}.img"))).unwrap(),
         b"someone's data"
@@ -2067,6 +2070,26 @@ async fn files_without_a_record_are_moved_aside_at_start() {
         std::fs::read(h.path("block/.orphaned").join(format!("{stray}.img.1"))).unwrap(),
         b"more data"
     );
+    // No block record at all: the same.
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: kept.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(!img(&h, &kept).exists());
+    std::fs::write(img(&h, &stray), b"third").unwrap();
+    let h = h.restart_past_lost_records(&stray, &fresh_fake, &["--kinds", "block"]);
+    assert_eq!(
+        std::fs::read(h.path("block/.orphaned").join(format!("{stray}.img.2"))).unwrap(),
+        b"third"
+    );
+}
+
+fn fresh_fake() -> (berth::os::Os, Option<Arc<FakeOs>>) {
+    let (os, f) = berth::os::Os::fake();
+    (os, Some(f))
 }
 
 /// A stage whose mount fails (a filesystem volume's mount, a raw volume's

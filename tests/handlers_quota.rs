@@ -225,7 +225,12 @@ async fn an_id_set_before_a_crash_is_never_handed_out_twice() {
         h.fake().set_limits(&root, id, MIB as u64, 1024).unwrap();
     }
     std::fs::write(full.join("data"), b"x").unwrap();
-    let h = restart(h);
+    let f: Arc<FakeOs> = h.fake.clone().expect("fake");
+    let h = h.restart_past_lost_records(
+        &format!("local-{:032x}", 2),
+        &|| (Os::on_fake(&f), Some(f.clone())),
+        &[],
+    );
     assert!(!empty.exists(), "the unfinished create is removed");
     assert!(root.join(".orphaned").read_dir().unwrap().count() == 1);
     assert!(

@@ -82,10 +82,23 @@ pub struct Presence {
     pub present: usize,
     /// A few of the missing ones (at most 3), for the message.
     pub missing: Vec<String>,
-    /// When the state holds no record of this kind at all: a few of the
-    /// volumes in the root (at most 3) and how many there are. Such a root
-    /// was filled with another state directory, or the journal lost.
+    /// Records of this kind in the state, in any phase.
+    pub recorded: usize,
+    /// Volumes in the root that no record names: how many, and a few of
+    /// them (at most 3). Creates record a volume before its storage is in
+    /// the root and deletes take it out before removing the record, so
+    /// only records that were lost (a damaged or cut journal, a state
+    /// directory from an older backup or from another berth, `berth state
+    /// repair`) leave one.
     pub unrecorded: (usize, Vec<String>),
+}
+
+/// `Presence::unrecorded` of these ids.
+pub fn some_unrecorded(ids: &[&str]) -> (usize, Vec<String>) {
+    (
+        ids.len(),
+        ids.iter().take(3).map(|s| s.to_string()).collect(),
+    )
 }
 
 /// Up to 3 ids of `ids` that `here` does not hold (for `Presence::missing`).

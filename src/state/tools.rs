@@ -222,7 +222,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 // Creates make their directories under .creating/: one in
                 // the root without a record lost its record.
                 out.push(error(format!(
-                    "{} has no record: its record was lost (start-up keeps it aside in .orphaned, never deletes it; with no local record at all, berth does not start)",
+                    "{} has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)",
                     local_root.join(&name).display()
                 )));
             }
@@ -232,8 +232,8 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
         for name in dir_names(&block_root) {
             if let Some(id) = name.strip_suffix(".img") {
                 if is_volume_id("block-", id) && !by_id.contains_key(id) {
-                    out.push(warning(format!(
-                        "{} has no record (an orphan: start-up moves it to .orphaned)",
+                    out.push(error(format!(
+                        "{} has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)",
                         block_root.join(&name).display()
                     )));
                 }
@@ -466,6 +466,11 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
         records.len(),
         keep.display()
     ));
+    if !scan.dropped.is_empty() {
+        report.push_str(
+            "a volume whose record was dropped keeps its storage, but berth does not start while storage without a record is there: once you know its record is gone for good, start berth once with --allow-missing-storage, which keeps such storage aside in .orphaned (never deleted)\n",
+        );
+    }
     Ok(report)
 }
 

@@ -57,11 +57,28 @@ pub fn fake(extra: &[&str]) -> Harness {
 }
 
 pub fn build(dir: tempfile::TempDir, os: Os, fake: Option<Arc<FakeOs>>, extra: &[&str]) -> Harness {
+    match try_build(dir, os, fake, extra) {
+        Ok(h) => h,
+        Err((_, e)) => panic!("driver: {e}"),
+    }
+}
+
+/// `build`, or the data directory back with the reason the driver did not
+/// start.
+pub fn try_build(
+    dir: tempfile::TempDir,
+    os: Os,
+    fake: Option<Arc<FakeOs>>,
+    extra: &[&str],
+) -> Result<Harness, (tempfile::TempDir, String)> {
     let cli = Cli::try_parse_from(args(dir.path(), extra)).expect("args");
-    let driver = Driver::new(cli.config, os).expect("driver");
+    let driver = match Driver::new(cli.config, os) {
+        Ok(d) => d,
+        Err(e) => return Err((dir, e.to_string())),
+    };
     // What serve does once the socket is bound.
     driver.start();
-    Harness {
+    Ok(Harness {
         ctl: ControllerService {
             driver: driver.clone(),
         },
@@ -74,13 +91,40 @@ pub fn build(dir: tempfile::TempDir, os: Os, fake: Option<Arc<FakeOs>>, extra: &
         driver,
         fake,
         dir,
-    }
+    })
 }
 
 impl Harness {
     /// The same state and roots, a new driver (a restart).
     pub fn restart(self, os: Os, fake: Option<Arc<FakeOs>>) -> Harness {
         build(self.stop(), os, fake, &[])
+    }
+
+    /// A restart that must be refused because the roots hold storage
+    /// without a record (a lost record), naming `lost`; then the restart
+    /// with `--allow-missing-storage` (and `extra`), which keeps such
+    /// storage aside.
+    pub fn restart_past_lost_records(
+        self,
+        lost: &str,
+        fake: &dyn Fn() -> (Os, Option<Arc<FakeOs>>),
+        extra: &[&str],
+    ) -> Harness {
+        let (os, f) = fake();
+        let (dir, err) = match try_build(self.stop(), os, f, extra) {
+            Ok(_) => panic!("berth started beside storage without a record ({lost})"),
+            Err(e) => e,
+        };
+        assert!(
+            err.contains("holds no record of")
+                && err.contains(lost)
+                && err.contains("--allow-missing-storage"),
+            "{err}"
+        );
+        let (os, f) = fake();
+        let mut args = vec!["--allow-missing-storage"];
+        args.extend_from_slice(extra);
+        build(dir, os, f, &args)
     }
 
     /// Drops every handle on the driver (which releases its directory

@@ -566,16 +566,24 @@ impl VolumeKind for BlockKind {
                 && r.block.as_ref().is_some_and(|b| b.disk.is_none())
         };
         let expected = self.store.count(ready);
+        let recorded = self.store.count(|r| r.kind == Kind::Block);
         let mut ids = Vec::new();
-        if expected > 0 {
-            // An unreadable root is reported by `reconcile_orphans`.
-            let entries = std::fs::read_dir(&self.root).ok()?;
-            for e in entries.flatten() {
-                let name = e.file_name();
-                if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) {
-                    if self.owns_id(id) && self.store.holds(id, ready) {
-                        ids.push(id.to_string());
-                    }
+        // Backing files no record names (any phase): a block volume is
+        // recorded before its file is made and its file removed before its
+        // record, so only lost records leave one.
+        let mut unrecorded = Vec::new();
+        // An unreadable root is reported by `reconcile_orphans`.
+        let entries = std::fs::read_dir(&self.root).ok()?;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) {
+                if !self.owns_id(id) {
+                    continue;
+                }
+                if self.store.holds(id, ready) {
+                    ids.push(id.to_string());
+                } else if !self.store.contains(id) {
+                    unrecorded.push(id.to_string());
                 }
             }
         }
@@ -587,8 +595,10 @@ impl VolumeKind for BlockKind {
         } else {
             Vec::new()
         };
+        let unrecorded: Vec<&str> = unrecorded.iter().map(String::as_str).collect();
         Some(super::Presence {
-            unrecorded: (0, Vec::new()),
+            recorded,
+            unrecorded: super::some_unrecorded(&unrecorded),
             root: self.root.clone(),
             what: "block root",
             expected,

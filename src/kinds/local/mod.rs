@@ -715,9 +715,9 @@ impl VolumeKind for LocalKind {
         let ready =
             |r: &VolumeRecord| r.kind == Kind::Local && r.phase == crate::state::Phase::Ready;
         let expected = self.store.count(ready);
-        let none_recorded = self.store.count(|r| r.kind == Kind::Local) == 0;
+        let recorded = self.store.count(|r| r.kind == Kind::Local);
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
-        if (expected > 0 || none_recorded) && listed.is_none() {
+        if listed.is_none() {
             *listed = Some(list_root(&self.root));
         }
         // An unreadable root is reported by `reconcile_orphans`.
@@ -726,6 +726,15 @@ impl VolumeKind for LocalKind {
             Some(Err(_)) => return None,
             None => Vec::new(),
         };
+        // Volume directories in the root that no record names (any phase):
+        // creates make theirs under `.creating/` and record them before
+        // moving them here, deletes move them out before removing the
+        // record, so only lost records leave one.
+        let unrecorded: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| self.owns_id(n) && !self.store.contains(n))
+            .collect();
         // A delete whose record could not be removed left the directory in
         // the trash, a crash after a create's Ready left it under
         // `.creating/`: `reconcile_orphans` puts both in place.
@@ -750,22 +759,14 @@ impl VolumeKind for LocalKind {
         } else {
             Vec::new()
         };
-        let unrecorded = if none_recorded {
-            let ids: Vec<&str> = names.iter().copied().filter(|n| self.owns_id(n)).collect();
-            (
-                ids.len(),
-                ids.iter().take(3).map(|s| s.to_string()).collect(),
-            )
-        } else {
-            (0, Vec::new())
-        };
         Some(super::Presence {
             root: self.root.clone(),
             what: "local root",
             expected,
             present,
             missing,
-            unrecorded,
+            recorded,
+            unrecorded: super::some_unrecorded(&unrecorded),
         })
     }
 

@@ -578,39 +578,7 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Directories whose every subdirectory belongs to the system (the kernel's
-/// pseudo-filesystems, its boot files, installed software, configuration):
-/// no state directory or root is taken in them.
-const SYSTEM_TREES: &[&str] = &[
-    "/proc", "/sys", "/dev", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
-    "/libx32",
-];
-
-/// Directories shared by everything on a host: a directory of Berth's own
-/// may be made inside them, but none of them is one (Berth would make its
-/// `.creating`, `.trash` and volumes among everyone else's files).
-const SHARED_DIRS: &[&str] = &[
-    "/var",
-    "/var/lib",
-    "/var/log",
-    "/var/run",
-    "/var/tmp",
-    "/var/cache",
-    "/var/spool",
-    "/run",
-    "/tmp",
-    "/home",
-    "/root",
-    "/srv",
-    "/opt",
-    "/mnt",
-    "/media",
-    "/var/lib/kubelet",
-    "/var/lib/kubelet/pods",
-    "/var/lib/kubelet/plugins",
-    "/var/lib/containerd",
-    "/var/lib/docker",
-];
+use crate::node::paths::{SHARED_DIRS, SYSTEM_TREES};
 
 /// The state directory and the roots of the kinds served are distinct and
 /// none is inside another (a root inside the state directory, or the other

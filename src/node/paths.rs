@@ -19,6 +19,43 @@ use crate::validate;
 /// The longest file name (one path component) Linux filesystems take.
 const NAME_MAX: usize = 255;
 
+/// Directories whose every subdirectory belongs to the system (the kernel's
+/// pseudo-filesystems, its boot files, installed software, configuration):
+/// no state directory or root is taken in them, and no node RPC mounts,
+/// unmounts or removes anything in them.
+pub const SYSTEM_TREES: &[&str] = &[
+    "/proc", "/sys", "/dev", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+    "/libx32",
+];
+
+/// Directories shared by everything on a host: a directory of Berth's own
+/// may be made inside them, but none of them is one (Berth would make its
+/// `.creating`, `.trash` and volumes among everyone else's files), and
+/// none is a staging or target path (a volume mounted there would hide
+/// what the host keeps in it).
+pub const SHARED_DIRS: &[&str] = &[
+    "/var",
+    "/var/lib",
+    "/var/log",
+    "/var/run",
+    "/var/tmp",
+    "/var/cache",
+    "/var/spool",
+    "/run",
+    "/tmp",
+    "/home",
+    "/root",
+    "/srv",
+    "/opt",
+    "/mnt",
+    "/media",
+    "/var/lib/kubelet",
+    "/var/lib/kubelet/pods",
+    "/var/lib/kubelet/plugins",
+    "/var/lib/containerd",
+    "/var/lib/docker",
+];
+
 /// Berth's own directories, as configured and resolved.
 #[derive(Debug, Default, Clone)]
 pub struct Protected {
@@ -85,6 +122,7 @@ impl Protected {
     /// resolved) is at, in or above one of Berth's directories, or at or
     /// above its socket.
     fn refuse(&self, field: &str, given: &Path, form: &Path) -> Result<()> {
+        refuse_host_dir(field, given, form)?;
         if let Some(r) = self
             .roots
             .iter()
@@ -106,6 +144,34 @@ impl Protected {
         }
         Ok(())
     }
+}
+
+/// INVALID_ARGUMENT when `form` (the path `given`, as written or
+/// resolved) is `/`, in a system tree (`/etc`, `/usr`, `/proc`, ...) or one
+/// of the directories the whole host shares (`/tmp`, `/var/lib`, ...):
+/// kubelet never gives such a path (its own are under its root directory,
+/// `/var/lib/kubelet` by default), and a volume mounted there would hide
+/// the host's files, or its unpublish remove them.
+fn refuse_host_dir(field: &str, given: &Path, form: &Path) -> Result<()> {
+    if form.parent().is_none() {
+        return Err(Error::Invalid(format!(
+            "{field} {} is the root directory",
+            given.display()
+        )));
+    }
+    if let Some(sys) = SYSTEM_TREES.iter().find(|s| form.starts_with(s)) {
+        return Err(Error::Invalid(format!(
+            "{field} {} is in the system directory {sys}: not a path for a volume",
+            given.display()
+        )));
+    }
+    if SHARED_DIRS.iter().any(|s| form == Path::new(s)) {
+        return Err(Error::Invalid(format!(
+            "{field} {} is a directory the whole host shares: not a path for a volume",
+            given.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A node RPC's path that passed `Protected::check` (its text), waiting
@@ -228,6 +294,49 @@ mod tests {
         ] {
             assert_eq!(full(&p, &s(good.clone())).unwrap(), good);
         }
+    }
+
+    /// `/`, the system trees and the directories the whole host shares are
+    /// never a staging or target path (by their text, and where a symlink
+    /// above the path leads); kubelet's own paths below them are.
+    #[test]
+    fn the_hosts_own_directories_are_refused() {
+        let (d, p) = setup();
+        for bad in [
+            "/",
+            "/etc",
+            "/etc/kubernetes/manifests",
+            "/usr/lib/x",
+            "/proc/1",
+            "/sys/fs/cgroup",
+            "/dev/shm",
+            "/boot",
+            "/tmp",
+            "/var",
+            "/var/lib",
+            "/var/lib/kubelet",
+            "/var/lib/kubelet/pods",
+            "/home",
+            "/root",
+            "/run",
+        ] {
+            let r = p.check("target_path", bad);
+            assert!(matches!(r, Err(Error::Invalid(_))), "{bad}: {r:?}");
+        }
+        for good in [
+            "/var/lib/kubelet/pods/0e6e5ae4/volumes/kubernetes.io~csi/pv-1/mount",
+            "/var/lib/kubelet/plugins/kubernetes.io/csi/berth.csi.io/0abc/globalmount",
+            "/tmp/csi-mount",
+            "/var/snap/microk8s/common/var/lib/kubelet/pods/u/volumes/v",
+        ] {
+            assert!(p.check("target_path", good).is_ok(), "{good}");
+        }
+        let link = d.path().join("etc-link");
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        let v = link.join("x").display().to_string();
+        assert!(p.check("target_path", &v).is_ok(), "the text alone is fine");
+        let r = full(&p, &v);
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
     }
 
     #[test]

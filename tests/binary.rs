@@ -1087,6 +1087,40 @@ async fn a_journal_cut_short_stops_start_up_while_its_volumes_are_there() {
     }
 }
 
+/// A log padded by hand (here 65 MiB of NUL bytes after its last line):
+/// longer than any write berth makes, so not the torn tail of a crash.
+/// Berth does not start, says why, and neither cuts the log nor copies the
+/// padding aside.
+#[tokio::test]
+async fn a_log_padded_past_any_write_stops_start_up() {
+    let d = tempfile::tempdir().unwrap();
+    let ids = volumes_with_data_then_exit(d.path(), 3).await;
+    let log = d.path().join("state/journal/log-0.jsonl");
+    let len = std::fs::metadata(&log).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    f.set_len(len + (65 << 20)).unwrap();
+    drop(f);
+    let sock = d.path().join("csi.sock");
+    let out = run_to_exit(&berth_args(d.path(), &sock, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "berth started on a padded log");
+    assert!(
+        err.contains("log-0.jsonl")
+            && err.contains(&format!("byte {len}"))
+            && err.contains("not the torn tail"),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), len + (65 << 20));
+    let names: Vec<String> = std::fs::read_dir(d.path().join("state/journal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("torn")), "{names:?}");
+    for id in &ids {
+        assert!(d.path().join("local").join(id).join("data").exists());
+    }
+}
+
 /// A clean exit folds a log of 64 KiB or more into a binary snapshot
 /// (the next start reads it and replays nothing). A byte changed inside a
 /// record of it: berth does not start and names the file and the frame;

@@ -386,7 +386,8 @@ pub struct Scan {
 
 /// A volume id in a damaged line, if one can be made out.
 fn id_hint(line: &[u8]) -> Option<String> {
-    let s = String::from_utf8_lossy(line);
+    // A record's id comes early in its line: never scan a whole huge one.
+    let s = String::from_utf8_lossy(&line[..line.len().min(4096)]);
     for key in ["\"id\":\"", "\"del\":\""] {
         if let Some(i) = s.find(key) {
             let rest = &s[i + key.len()..];
@@ -693,6 +694,17 @@ fn replay_log(s: &mut Scan, path: &Path) {
                 line: cn,
                 why: "a whole line whose checksum does not match (changed bytes, not an interrupted write)".into(),
             });
+        } else if bytes.len() - at > MAX_TORN {
+            s.damage.push(Damage {
+                path: path.to_path_buf(),
+                offset: at as u64,
+                line: n,
+                why: format!(
+                    "{} bytes without a whole line at the end: longer than any write berth makes (at most {} MiB at a time), so not the torn tail of an interrupted write (grown or padded by hand?)",
+                    bytes.len() - at,
+                    MAX_ROUND >> 20
+                ),
+            });
         } else {
             s.torn = Some(Torn {
                 offset: at as u64,
@@ -721,6 +733,19 @@ pub struct Writer {
     /// The smallest log worth compacting.
     min_compact: u64,
 }
+
+/// Most bytes one write round appends (unless a single change is bigger:
+/// then that change alone). Changes queued beyond it wait for the next
+/// round.
+const MAX_ROUND: usize = 16 << 20;
+
+/// A damaged tail longer than this is not the torn tail of an interrupted
+/// write: a crash tears at most the round being written (`MAX_ROUND`; a
+/// change bigger than that alone would take a record of megabytes, which
+/// no request makes), so such a tail is damage for the operator (`state
+/// repair`), never cut off at start-up without a word. Four times the
+/// round, for margin.
+const MAX_TORN: usize = 4 * MAX_ROUND;
 
 /// Smallest log worth compacting: replaying this much takes a few tens of
 /// milliseconds.
@@ -775,6 +800,9 @@ struct Failed {
 #[derive(Default)]
 struct Queue {
     pending: Vec<u8>,
+    /// Where each pending change's lines end in `pending`, in ticket order
+    /// (the first is ticket `done_below`).
+    pending_ends: std::collections::VecDeque<usize>,
     next_ticket: Ticket,
     /// Every ticket below this is finished (written or failed).
     done_below: Ticket,
@@ -786,6 +814,32 @@ struct Queue {
 }
 
 impl Queue {
+    /// Takes the next round off the queue: the changes queued first, up to
+    /// `max` bytes (at least one change, however big), with the tickets
+    /// they cover (`start..end`). A crash tears at most one round, which
+    /// bounds a torn tail (`MAX_TORN`).
+    fn take_round(&mut self, max: usize) -> (Vec<u8>, Ticket, Ticket) {
+        let n = self
+            .pending_ends
+            .iter()
+            .take_while(|&&e| e <= max)
+            .count()
+            .max(1)
+            .min(self.pending_ends.len());
+        let bytes = n.checked_sub(1).map_or(0, |i| self.pending_ends[i]);
+        let batch: Vec<u8> = if bytes == self.pending.len() {
+            std::mem::take(&mut self.pending)
+        } else {
+            self.pending.drain(..bytes).collect()
+        };
+        self.pending_ends.drain(..n);
+        for e in self.pending_ends.iter_mut() {
+            *e -= bytes;
+        }
+        let start = self.done_below;
+        (batch, start, start + n as Ticket)
+    }
+
     fn fail(&mut self, start: Ticket, end: Ticket, why: String) {
         if end > start {
             self.failed.insert(
@@ -925,6 +979,8 @@ impl Journal {
             return Err(StateError::Poisoned(why.clone()));
         }
         q.pending.extend_from_slice(lines);
+        let end = q.pending.len();
+        q.pending_ends.push_back(end);
         let t = q.next_ticket;
         q.next_ticket += 1;
         Ok(t)
@@ -970,6 +1026,7 @@ impl Journal {
                 // later flush could succeed over the lost one and leave a
                 // hole that start-up would take for damage).
                 q.pending.clear();
+                q.pending_ends.clear();
                 let (start, end) = (q.done_below, q.next_ticket);
                 q.done_below = end;
                 q.fail(start, end, why);
@@ -988,8 +1045,7 @@ impl Journal {
         snapshot: SnapshotFn<'_>,
     ) -> MutexGuard<'a, Queue> {
         q.writing = true;
-        let batch = std::mem::take(&mut q.pending);
-        let (start, end) = (q.done_below, q.next_ticket);
+        let (batch, start, end) = q.take_round(MAX_ROUND);
         drop(q);
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let r = self.write(&mut w, &batch);
@@ -1293,7 +1349,7 @@ fn make_durable(
 ) -> Result<File, StateError> {
     let gen = s.gen;
     let (early_snapshot, early_log) = match early {
-        Some(e) => (Some(e.snapshot), Some(e.log)),
+        Some(e) => (Some(e.snapshot), e.log),
         None => (None, None),
     };
     let good = &s.log[..s.log_good as usize];
@@ -1356,8 +1412,16 @@ fn durable_differs(
 struct DurableCopies {
     gen: u64,
     snapshot: Result<Option<Vec<u8>>, crate::os::OsError>,
-    log: Result<Option<Vec<u8>>, crate::os::OsError>,
+    /// None when the log was too big to read beside `scan`'s copy
+    /// (`EARLY_LOG_MAX`): `make_durable` reads it then, if it gets there.
+    log: Option<Result<Option<Vec<u8>>, crate::os::OsError>>,
 }
+
+/// The biggest log read early, beside `scan`'s own copy: a log larger than
+/// that (far beyond any compaction threshold: grown by hand, or while
+/// compaction kept failing) is read once at a time, so start-up never
+/// holds two copies of it.
+const EARLY_LOG_MAX: u64 = 256 << 20;
 
 impl DurableCopies {
     /// None when the directory cannot be listed (`scan` says why).
@@ -1378,7 +1442,10 @@ impl DurableCopies {
             json_snapshot_name(gen)
         };
         let snapshot = files.read_durable(&dir.join(name));
-        let log = files.read_durable(&dir.join(log_name(gen)));
+        let log_path = dir.join(log_name(gen));
+        let log = fs::metadata(&log_path)
+            .map_or(true, |m| m.len() <= EARLY_LOG_MAX)
+            .then(|| files.read_durable(&log_path));
         Some(DurableCopies { gen, snapshot, log })
     }
 }
@@ -1472,6 +1539,56 @@ mod tests {
         );
     }
 
+    /// A round takes the changes queued first up to the bound, at least
+    /// one however big, and leaves the rest, with their tickets, queued.
+    #[test]
+    fn a_round_takes_at_most_its_bound_and_at_least_one_change() {
+        let mut q = Queue::default();
+        for (t, size) in [(0u8, 6usize), (1, 6), (2, 30), (3, 2)] {
+            q.pending.extend(std::iter::repeat_n(b'a' + t, size));
+            let end = q.pending.len();
+            q.pending_ends.push_back(end);
+            q.next_ticket += 1;
+        }
+        let (b, s, e) = q.take_round(16);
+        assert_eq!((b, s, e), (b"aaaaaabbbbbb".to_vec(), 0, 2));
+        q.done_below = e;
+        let (b, s, e) = q.take_round(16);
+        assert_eq!(
+            (b.len(), s, e),
+            (30, 2, 3),
+            "a change over the bound goes alone"
+        );
+        assert!(b.iter().all(|&c| c == b'c'));
+        q.done_below = e;
+        let (b, s, e) = q.take_round(16);
+        assert_eq!((b, s, e), (b"dd".to_vec(), 3, 4));
+        assert!(q.pending.is_empty() && q.pending_ends.is_empty());
+        q.done_below = e;
+        let (b, s, e) = q.take_round(16);
+        assert_eq!((b.len(), s, e), (0, 4, 4), "nothing queued: an empty round");
+    }
+
+    /// A tail without a whole line that is longer than any round is damage,
+    /// not a torn tail to cut off (a log padded by hand).
+    #[test]
+    fn a_tail_longer_than_any_write_is_damage() {
+        let ok = line(&EntryRef::Del("a"));
+        let s = scan_log(&[&ok[..], &vec![0u8; MAX_ROUND][..]].concat());
+        assert!(s.damage.is_empty(), "{:?}", s.damage);
+        assert_eq!(s.torn.as_ref().map(|t| t.len), Some(MAX_ROUND as u64));
+        let s = scan_log(&[&ok[..], &vec![0u8; MAX_TORN + 1][..]].concat());
+        assert!(s.torn.is_none());
+        assert_eq!(s.damage.len(), 1, "{:?}", s.damage);
+        assert_eq!(s.damage[0].offset, ok.len() as u64);
+        assert!(
+            s.damage[0].why.contains("not the torn tail"),
+            "{:?}",
+            s.damage
+        );
+        assert!(s.dropped.iter().all(|d| d.id_hint.is_none()));
+    }
+
     fn d_log_name() -> String {
         log_name(0)
     }
@@ -1537,6 +1654,7 @@ mod tests {
         {
             let mut q = j.queue();
             q.pending.clear();
+            q.pending_ends.clear();
             q.done_below = 1;
             q.fail(0, 1, "write: ENOSPC".into());
             for _ in 0..2000 {

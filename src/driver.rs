@@ -1,7 +1,7 @@
 //! The driver: configuration, state, guards, OS interfaces and the volume
 //! kinds, shared by the Identity, Controller and Node services.
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -578,7 +578,7 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-use crate::node::paths::{SHARED_DIRS, SYSTEM_TREES};
+use crate::node::paths::{host_dir, HostDir};
 
 /// The state directory and the roots of the kinds served are distinct and
 /// none is inside another (a root inside the state directory, or the other
@@ -600,22 +600,20 @@ fn check_dirs_apart(cfg: &Config) -> Result<()> {
         .map(|(f, d)| (f, crate::node::paths::resolved_fully(&d)))
         .collect();
     for (flag, d) in &dirs {
-        if d.parent().is_none() {
-            return Err(Error::Invalid(format!("{flag} must not be /")));
-        }
-        if let Some(sys) = SYSTEM_TREES.iter().find(|s| d.starts_with(s)) {
-            return Err(Error::Invalid(format!(
+        let why = match host_dir(d) {
+            None => continue,
+            Some(HostDir::Root) => format!("{flag} must not be /"),
+            Some(HostDir::System(sys)) => format!(
                 "{flag} {} is in the system directory {sys}: give Berth a directory of its own, e.g. under /var/lib",
                 d.display()
-            )));
-        }
-        if SHARED_DIRS.iter().any(|s| d == Path::new(s)) {
-            return Err(Error::Invalid(format!(
+            ),
+            Some(HostDir::Shared) => format!(
                 "{flag} {} is a directory the whole host shares: give Berth a directory of its own inside it, e.g. {}/berth",
                 d.display(),
                 d.display()
-            )));
-        }
+            ),
+        };
+        return Err(Error::Invalid(why));
     }
     for (i, (fa, a)) in dirs.iter().enumerate() {
         for (fb, b) in &dirs[i + 1..] {
@@ -648,26 +646,23 @@ fn check_presence(
 ) -> Result<()> {
     for kind in kinds.values() {
         let Some(p) = kind.presence() else { continue };
-        if p.unrecorded.0 > 0 && p.recorded > 0 && !allow_missing {
-            return Err(Error::WrongState(format!(
-                "the state directory holds no record of {n} volume{s} in the {what} {root} (e.g. {examples}), though it records {m} other{ms} of that kind: records were lost (a damaged or cut journal, a state directory restored from an older backup, records dropped by `berth state repair`) or another berth's state directory uses this root. Berth does not start, so that nothing there is moved and no volume is lost from view: give berth the state directory they were recorded in (`berth state check` lists the volumes without a record); if their records are gone for good, start with --allow-missing-storage (BERTH_ALLOW_MISSING_STORAGE=true): they are then kept aside in {root}/.orphaned, never deleted",
-                what = p.what,
-                root = p.root.display(),
-                n = p.unrecorded.0,
-                s = if p.unrecorded.0 == 1 { "" } else { "s" },
-                m = p.recorded,
-                ms = if p.recorded == 1 { "" } else { "s" },
-                examples = p.unrecorded.1.join(", "),
-            )));
-        }
         if p.unrecorded.0 > 0 && !allow_missing {
+            let (n, s) = (p.unrecorded.0, if p.unrecorded.0 == 1 { "" } else { "s" });
+            let (what, root) = (p.what, p.root.display());
+            let examples = p.unrecorded.1.join(", ");
+            let (which, cause) = if p.recorded > 0 {
+                (
+                    format!("no record of {n} volume{s} in the {what} {root} (e.g. {examples}), though it records {m} other{ms} of that kind", m = p.recorded, ms = if p.recorded == 1 { "" } else { "s" }),
+                    "records were lost (a damaged or cut journal, a state directory restored from an older backup, records dropped by `berth state repair`) or another berth's state directory uses this root",
+                )
+            } else {
+                (
+                    format!("no record of a volume in the {what} {root}, but it holds {n} volume{s} (e.g. {examples})"),
+                    "the state directory is not the one they were made with (was --state-dir or --data-dir changed?) or its journal was removed",
+                )
+            };
             return Err(Error::WrongState(format!(
-                "the state directory holds no record of a volume in the {what} {root}, but it holds {n} volume{s} (e.g. {examples}): the state directory is not the one they were made with (was --state-dir or --data-dir changed?) or its journal was removed. Berth does not start, so that nothing there is moved: start it with the state directory they were made with; if their records are gone for good, start with --allow-missing-storage (BERTH_ALLOW_MISSING_STORAGE=true): they are then kept aside in {root}/.orphaned, never deleted",
-                what = p.what,
-                root = p.root.display(),
-                n = p.unrecorded.0,
-                s = if p.unrecorded.0 == 1 { "" } else { "s" },
-                examples = p.unrecorded.1.join(", "),
+                "the state directory holds {which}: {cause}. Berth does not start, so that nothing there is moved and no volume is lost from view: give berth the state directory they were recorded in (`berth state check` lists the volumes without a record); if their records are gone for good, start with --allow-missing-storage (BERTH_ALLOW_MISSING_STORAGE=true): they are then kept aside in {root}/.orphaned, never deleted"
             )));
         }
         if p.present == p.expected {

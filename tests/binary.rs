@@ -903,13 +903,16 @@ async fn a_second_berth_on_the_same_state_or_socket_refuses_to_start() {
 /// After `state repair` dropped `lost`'s record: berth does not start
 /// while its directory is in the local root without a record, names it and
 /// the flag, and moves nothing.
-fn refused_for_storage_without_record(dir: &Path, sock: &Path, lost: &str) {
+/// Runs berth in `dir`, which must exit with an error (`what` otherwise);
+/// its stderr.
+fn refused_start(dir: &Path, sock: &Path, what: &str) -> String {
     let out = run_to_exit(&berth_args(dir, sock, &[]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "berth started beside storage without a record"
-    );
+    assert!(!out.status.success(), "{what}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn refused_for_storage_without_record(dir: &Path, sock: &Path, lost: &str) {
+    let err = refused_start(dir, sock, "berth started beside storage without a record");
     assert!(
         err.contains("no record of 1 volume")
             && err.contains(lost)
@@ -955,9 +958,7 @@ async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
     std::fs::write(&log, &bytes).unwrap();
 
     let sock = d.path().join("csi.sock");
-    let out = run_to_exit(&berth_args(d.path(), &sock, &[]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "berth started on a damaged journal");
+    let err = refused_start(d.path(), &sock, "berth started on a damaged journal");
     assert!(
         err.contains("log-0.jsonl")
             && err.contains(&format!("byte {start20}"))
@@ -1048,12 +1049,7 @@ async fn a_journal_cut_short_stops_start_up_while_its_volumes_are_there() {
             .unwrap();
         let lost = &ids[40..];
         let sock = d.path().join("csi.sock");
-        let out = run_to_exit(&berth_args(d.path(), &sock, &[]));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "berth started with 10 records cut off"
-        );
+        let err = refused_start(d.path(), &sock, "berth started with 10 records cut off");
         assert!(
             err.contains("no record of 10 volumes")
                 && err.contains("records 40 others")
@@ -1101,9 +1097,7 @@ async fn a_log_padded_past_any_write_stops_start_up() {
     f.set_len(len + (65 << 20)).unwrap();
     drop(f);
     let sock = d.path().join("csi.sock");
-    let out = run_to_exit(&berth_args(d.path(), &sock, &[]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "berth started on a padded log");
+    let err = refused_start(d.path(), &sock, "berth started on a padded log");
     assert!(
         err.contains("log-0.jsonl")
             && err.contains(&format!("byte {len}"))
@@ -1156,9 +1150,7 @@ async fn a_snapshot_written_at_exit_is_read_back_and_its_damage_stops_start_up()
     bytes[at] ^= 0x01;
     std::fs::write(&snap, &bytes).unwrap();
     let sock = d.path().join("csi.sock");
-    let out = run_to_exit(&berth_args(d.path(), &sock, &[]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "berth started on a damaged snapshot");
+    let err = refused_start(d.path(), &sock, "berth started on a damaged snapshot");
     assert!(
         err.contains("snapshot-1.bin") && err.contains("frame") && err.contains("checksum"),
         "{err}"

@@ -1319,13 +1319,7 @@ async fn lifecycle_works_when_the_probe_cannot_tell() {
             .unwrap();
     }
     assert!(!h.fake().table().iter().any(|m| m.mount_point == staging));
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    delete(&h, &id).await;
     assert!(!h.path("local").join(&id).exists());
 }
 

@@ -2071,13 +2071,7 @@ async fn files_without_a_record_are_moved_aside_at_start() {
         b"more data"
     );
     // No block record at all: the same.
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: kept.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    delete(&h, &kept).await;
     assert!(!img(&h, &kept).exists());
     std::fs::write(img(&h, &stray), b"third").unwrap();
     let h = h.restart_past_lost_records(&stray, &fresh_fake, &["--kinds", "block"]);

@@ -50,16 +50,6 @@ async fn create(h: &Harness, name: &str, size: i64) -> String {
     )
 }
 
-async fn delete(h: &Harness, id: &str) {
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("delete");
-}
-
 fn project(h: &Harness, id: &str) -> u32 {
     h.driver
         .store

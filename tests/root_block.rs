@@ -108,16 +108,6 @@ async fn unpublish(h: &Harness, id: &str, t: &Path) {
     unpublish_as_kubelet(h, id, t).await.expect("unpublish");
 }
 
-async fn delete(h: &Harness, id: &str) {
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("delete");
-}
-
 /// Deterministic bytes, different per seed.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -146,32 +146,49 @@ impl Protected {
     }
 }
 
+/// What of the host's a path is, when it is one of its own directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostDir {
+    /// `/`.
+    Root,
+    /// In this system tree (`SYSTEM_TREES`).
+    System(&'static str),
+    /// One of `SHARED_DIRS` itself.
+    Shared,
+}
+
+/// Whether `p` (absolute, resolved as the caller needs) is `/`, in a system
+/// tree or a directory the whole host shares: never a root of Berth's, nor
+/// a staging or target path.
+pub fn host_dir(p: &Path) -> Option<HostDir> {
+    if p.parent().is_none() {
+        return Some(HostDir::Root);
+    }
+    if let Some(sys) = SYSTEM_TREES.iter().find(|s| p.starts_with(s)) {
+        return Some(HostDir::System(sys));
+    }
+    SHARED_DIRS
+        .iter()
+        .any(|s| p == Path::new(s))
+        .then_some(HostDir::Shared)
+}
+
 /// INVALID_ARGUMENT when `form` (the path `given`, as written or
-/// resolved) is `/`, in a system tree (`/etc`, `/usr`, `/proc`, ...) or one
-/// of the directories the whole host shares (`/tmp`, `/var/lib`, ...):
-/// kubelet never gives such a path (its own are under its root directory,
+/// resolved) is one of the host's own directories (`host_dir`): kubelet
+/// never gives such a path (its own are under its root directory,
 /// `/var/lib/kubelet` by default), and a volume mounted there would hide
 /// the host's files, or its unpublish remove them.
 fn refuse_host_dir(field: &str, given: &Path, form: &Path) -> Result<()> {
-    if form.parent().is_none() {
-        return Err(Error::Invalid(format!(
-            "{field} {} is the root directory",
-            given.display()
-        )));
-    }
-    if let Some(sys) = SYSTEM_TREES.iter().find(|s| form.starts_with(s)) {
-        return Err(Error::Invalid(format!(
-            "{field} {} is in the system directory {sys}: not a path for a volume",
-            given.display()
-        )));
-    }
-    if SHARED_DIRS.iter().any(|s| form == Path::new(s)) {
-        return Err(Error::Invalid(format!(
-            "{field} {} is a directory the whole host shares: not a path for a volume",
-            given.display()
-        )));
-    }
-    Ok(())
+    let what = match host_dir(form) {
+        None => return Ok(()),
+        Some(HostDir::Root) => "the root directory".to_string(),
+        Some(HostDir::System(sys)) => format!("in the system directory {sys}"),
+        Some(HostDir::Shared) => "a directory the whole host shares".to_string(),
+    };
+    Err(Error::Invalid(format!(
+        "{field} {} is {what}: not a path for a volume",
+        given.display()
+    )))
 }
 
 /// A node RPC's path that passed `Protected::check` (its text), waiting

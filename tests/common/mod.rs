@@ -181,6 +181,18 @@ pub fn rwo() -> csi::VolumeCapability {
     mount_cap(Mode::SingleNodeWriter)
 }
 
+/// DeleteVolume of `id`, which must succeed.
+pub async fn delete(h: &Harness, id: &str) {
+    use berth::csi::v1::controller_server::Controller;
+    h.ctl
+        .delete_volume(tonic::Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("delete");
+}
+
 pub fn create_req(name: &str, size: i64) -> csi::CreateVolumeRequest {
     csi::CreateVolumeRequest {
         name: name.into(),

@@ -630,6 +630,13 @@ impl Store {
             .count()
     }
 
+    /// Those of `ids` that name no volume record, under one lock (a
+    /// start-up's check of thousands of directories).
+    pub fn unrecorded<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        let ix = self.read();
+        ids.filter(|id| !ix.volumes.records.contains(id)).collect()
+    }
+
     /// Whether the volume record with this id exists and matches `f` (no
     /// copy made).
     pub fn holds(&self, id: &str, f: impl Fn(&VolumeRecord) -> bool) -> bool {

@@ -730,11 +730,9 @@ impl VolumeKind for LocalKind {
         // creates make theirs under `.creating/` and record them before
         // moving them here, deletes move them out before removing the
         // record, so only lost records leave one.
-        let unrecorded: Vec<&str> = names
-            .iter()
-            .copied()
-            .filter(|n| self.owns_id(n) && !self.store.contains(n))
-            .collect();
+        let unrecorded = self
+            .store
+            .unrecorded(names.iter().copied().filter(|n| self.owns_id(n)));
         // A delete whose record could not be removed left the directory in
         // the trash, a crash after a create's Ready left it under
         // `.creating/`: `reconcile_orphans` puts both in place.

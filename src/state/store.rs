@@ -630,11 +630,25 @@ impl Store {
             .count()
     }
 
-    /// Those of `ids` that name no volume record, under one lock (a
-    /// start-up's check of thousands of directories).
-    pub fn unrecorded<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    /// In one look per id, under one lock (a start-up's check of thousands
+    /// of directories): how many of `ids` name a volume record that matches
+    /// `f`, and those that name no record at all.
+    pub fn held_and_unrecorded<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str>,
+        f: impl Fn(&VolumeRecord) -> bool,
+    ) -> (usize, Vec<&'a str>) {
         let ix = self.read();
-        ids.filter(|id| !ix.volumes.records.contains(id)).collect()
+        let mut held = 0;
+        let mut unrecorded = Vec::new();
+        for id in ids {
+            match ix.volumes.records.get(id) {
+                Some(r) if f(r) => held += 1,
+                Some(_) => {}
+                None => unrecorded.push(id),
+            }
+        }
+        (held, unrecorded)
     }
 
     /// Whether the volume record with this id exists and matches `f` (no

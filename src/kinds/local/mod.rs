@@ -730,9 +730,9 @@ impl VolumeKind for LocalKind {
         // creates make theirs under `.creating/` and record them before
         // moving them here, deletes move them out before removing the
         // record, so only lost records leave one.
-        let unrecorded = self
+        let (mut present, unrecorded) = self
             .store
-            .unrecorded(names.iter().copied().filter(|n| self.owns_id(n)));
+            .held_and_unrecorded(names.iter().copied().filter(|n| self.owns_id(n)), ready);
         // A delete whose record could not be removed left the directory in
         // the trash, a crash after a create's Ready left it under
         // `.creating/`: `reconcile_orphans` puts both in place.
@@ -746,10 +746,10 @@ impl VolumeKind for LocalKind {
             names.extend(creating.iter().map(String::as_str));
             names.sort_unstable();
             names.dedup();
+            present = self
+                .store
+                .count_held(names.iter().copied().filter(|n| self.owns_id(n)), ready);
         }
-        let present = self
-            .store
-            .count_held(names.iter().copied().filter(|n| self.owns_id(n)), ready);
         let missing = if present < expected {
             let here: std::collections::HashSet<&str> = names.iter().copied().collect();
             let all = self.store.filter(ready);

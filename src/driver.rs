@@ -636,8 +636,12 @@ fn check_dirs_apart(cfg: &Config) -> Result<()> {
 /// (hidden once the right one is mounted over it) and answer for the
 /// recorded ones as if lost, so berth refuses to start, unless told that
 /// the storage is gone for good. A root that lacks only some of its
-/// volumes is reported. Volumes recorded on another node id (a changed
-/// --node-id) are reported too: they cannot be staged here.
+/// volumes is reported. The mirror case stops start-up too: volumes in a
+/// root that the state has no record of, some or all of them (records
+/// lost: a cut journal, an older state directory, `state repair`), which
+/// would otherwise vanish from view; `--allow-missing-storage` keeps them
+/// aside. Volumes recorded on another node id (a changed --node-id) are
+/// reported too: they cannot be staged here.
 fn check_presence(
     kinds: &BTreeMap<Kind, Arc<dyn VolumeKind>>,
     store: &Store,

@@ -1743,14 +1743,7 @@ async fn paths_under_a_symlinked_parent_are_matched_by_mount_id() {
     let id = create(&h, "sym", 1 << 20).await.volume_id;
     let (staging, t) = (h.path("link/s"), h.path("link/t"));
     for _ in 0..2 {
-        h.node
-            .node_stage_volume(Request::new(stage_req(&id, &staging)))
-            .await
-            .unwrap();
-        h.node
-            .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
-            .await
-            .unwrap();
+        stage_and_publish(&h, &id, &staging, &t).await;
     }
     assert_eq!(mounted_at(&h, &real.join("s")), 1);
     assert_eq!(mounted_at(&h, &real.join("t")), 1);

@@ -893,14 +893,7 @@ async fn unstage_refuses_while_published_and_delete_while_staged() {
     script_blank(f);
     let v = create(&h, "a", 8 * MIB, &[]).await;
     let (s, t) = (h.path("s"), h.path("t"));
-    h.node
-        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
-        .await
-        .unwrap();
-    h.node
-        .node_publish_volume(Request::new(publish_req(&v.volume_id, &s, &t, false)))
-        .await
-        .unwrap();
+    stage_and_publish(&h, &v.volume_id, &s, &t).await;
     let e = h
         .node
         .node_unstage_volume(Request::new(unstage(&v.volume_id, &s)))
@@ -1395,14 +1388,7 @@ async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
     let v = create(&h, "a", 8 * MIB, &[]).await;
     let id = v.volume_id.clone();
     let (s, t) = (h.path("s"), h.path("t"));
-    h.node
-        .node_stage_volume(Request::new(stage_req(&id, &s)))
-        .await
-        .unwrap();
-    h.node
-        .node_publish_volume(Request::new(publish_req(&id, &s, &t, false)))
-        .await
-        .unwrap();
+    stage_and_publish(&h, &id, &s, &t).await;
     // A volume_path (and staging path) that does not hold the volume:
     // NOT_FOUND, and nothing grows.
     f.clear_calls();
@@ -2258,14 +2244,7 @@ async fn unstage_of_a_volume_whose_disk_is_gone_unmounts_by_path() {
         .await
         .volume_id;
     let (s1, t1, s2, t2) = (h.path("s1"), h.path("t1"), h.path("s2"), h.path("t2"));
-    h.node
-        .node_stage_volume(Request::new(stage_req(&fs_vol, &s1)))
-        .await
-        .unwrap();
-    h.node
-        .node_publish_volume(Request::new(publish_req(&fs_vol, &s1, &t1, false)))
-        .await
-        .unwrap();
+    stage_and_publish(&h, &fs_vol, &s1, &t1).await;
     h.node
         .node_stage_volume(Request::new(stage_with(&raw_vol, &s2, raw_cap())))
         .await
@@ -2486,14 +2465,7 @@ async fn ids_without_a_record_never_unmount_a_block_volumes_mounts() {
             .await,
     );
     let (ls, lt) = (h.path("ls"), h.path("lt"));
-    h.node
-        .node_stage_volume(Request::new(stage_req(&local, &ls)))
-        .await
-        .unwrap();
-    h.node
-        .node_publish_volume(Request::new(publish_req(&local, &ls, &lt, false)))
-        .await
-        .unwrap();
+    stage_and_publish(&h, &local, &ls, &lt).await;
     let e = unpublish_as_kubelet(&h, &unknown, &lt).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let e = unstage_as_kubelet(&h, &unknown, &ls).await.unwrap_err();

@@ -247,14 +247,7 @@ async fn measure() {
     );
     let id = create(&h, "dd", 4 * GIB, &[], rwo()).await;
     let (s, t) = (h.path("dd-stage"), h.path("dd-pod"));
-    h.node
-        .node_stage_volume(Request::new(stage_req(&id, &s)))
-        .await
-        .unwrap();
-    h.node
-        .node_publish_volume(Request::new(publish_req(&id, &s, &t, false)))
-        .await
-        .unwrap();
+    stage_and_publish(&h, &id, &s, &t).await;
     let dev = berth::os::RealLoopDevices::default()
         .list()
         .unwrap()

@@ -443,14 +443,7 @@ async fn paths_under_a_symlinked_parent_are_matched_by_mount_id() {
     let staging = h.path("link/staging");
     let t = h.path("link/target");
     for _ in 0..2 {
-        h.node
-            .node_stage_volume(Request::new(stage_req(&id, &staging)))
-            .await
-            .unwrap();
-        h.node
-            .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
-            .await
-            .unwrap();
+        stage_and_publish(&h, &id, &staging, &t).await;
     }
     assert_eq!(mount_entries(&real_dir.join("staging")).len(), 1);
     assert_eq!(mount_entries(&real_dir.join("target")).len(), 1);

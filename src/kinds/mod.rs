@@ -94,10 +94,10 @@ pub struct Presence {
 }
 
 /// `Presence::unrecorded` of these ids.
-pub fn some_unrecorded(ids: &[&str]) -> (usize, Vec<String>) {
+pub fn some_unrecorded<S: AsRef<str>>(ids: &[S]) -> (usize, Vec<String>) {
     (
         ids.len(),
-        ids.iter().take(3).map(|s| s.to_string()).collect(),
+        ids.iter().take(3).map(|s| s.as_ref().to_string()).collect(),
     )
 }
 

@@ -222,7 +222,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 // Creates make their directories under .creating/: one in
                 // the root without a record lost its record.
                 out.push(error(format!(
-                    "{} has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)",
+                    "{} {LOST_RECORD}",
                     local_root.join(&name).display()
                 )));
             }
@@ -233,7 +233,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             if let Some(id) = name.strip_suffix(".img") {
                 if is_volume_id("block-", id) && !by_id.contains_key(id) {
                     out.push(error(format!(
-                        "{} has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)",
+                        "{} {LOST_RECORD}",
                         block_root.join(&name).display()
                     )));
                 }
@@ -272,6 +272,9 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     }
     out
 }
+
+/// What `check` says of a volume's storage found without a record.
+const LOST_RECORD: &str = "has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)";
 
 fn dir_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

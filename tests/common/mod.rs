@@ -502,6 +502,20 @@ where
 }
 
 /// NodeUnstageVolume as kubelet sends it: EBUSY retried (`retry_busy`).
+/// NodeStageVolume then NodePublishVolume (read-write) of `id`, both of
+/// which must succeed.
+pub async fn stage_and_publish(h: &Harness, id: &str, staging: &Path, target: &Path) {
+    use berth::csi::v1::node_server::Node;
+    h.node
+        .node_stage_volume(tonic::Request::new(stage_req(id, staging)))
+        .await
+        .expect("stage");
+    h.node
+        .node_publish_volume(tonic::Request::new(publish_req(id, staging, target, false)))
+        .await
+        .expect("publish");
+}
+
 pub async fn unstage_as_kubelet(h: &Harness, id: &str, s: &Path) -> Result<(), tonic::Status> {
     use berth::csi::v1::node_server::Node;
     retry_busy(|| {

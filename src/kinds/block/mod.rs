@@ -595,7 +595,6 @@ impl VolumeKind for BlockKind {
         } else {
             Vec::new()
         };
-        let unrecorded: Vec<&str> = unrecorded.iter().map(String::as_str).collect();
         Some(super::Presence {
             recorded,
             unrecorded: super::some_unrecorded(&unrecorded),

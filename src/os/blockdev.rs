@@ -1,12 +1,77 @@
 //! Block devices: what a path is (`stat` following links, `BLKGETSIZE64`),
-//! whether it can be read, its stable `/dev/disk/by-id` name, and zeroing a
-//! whole device (`BLKZEROOUT`).
-use std::fs::OpenOptions;
+//! whether it can be read, its stable `/dev/disk/by-id` name, whether a
+//! sample of it reads as zeros, and zeroing a whole device or its sample
+//! (`BLKZEROOUT`).
+use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use super::bounded::Bounded;
 use super::OsError;
+
+/// Bytes of each end of a device in its sample: the first and the last MiB
+/// (partition tables, their backups, superblocks and labels of every kind
+/// live there, and so does what a raw user writes first).
+pub const SAMPLE_EDGE: u64 = 1 << 20;
+/// Bytes of each spaced block of the sample.
+pub const SAMPLE_BLOCK: u64 = 4096;
+/// Number of spaced blocks of the sample, evenly between the two ends.
+pub const SAMPLE_BLOCKS: u64 = 64;
+/// How long reading or zeroing the sample of one device may take.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The byte ranges `(start, length)` of a device of `size` bytes that tell
+/// whether it holds data: its first and last `SAMPLE_EDGE` bytes and
+/// `SAMPLE_BLOCKS` blocks of `SAMPLE_BLOCK` bytes at `size * i / 65`
+/// (rounded down to 4 KiB) for i = 1..=64, sorted, overlapping ranges
+/// merged. At most 2 MiB + 256 KiB, whatever the size. Every start is a
+/// multiple of 4 KiB except the last MiB's, which is `size - 1 MiB` (a
+/// multiple of the device's logical block size, as `size` is).
+pub fn sample_ranges(size: u64) -> Vec<(u64, u64)> {
+    let mut v = vec![(0, SAMPLE_EDGE.min(size))];
+    for i in 1..=SAMPLE_BLOCKS {
+        let at = (u128::from(size) * u128::from(i) / u128::from(SAMPLE_BLOCKS + 1)) as u64;
+        let at = at - at % SAMPLE_BLOCK;
+        v.push((at, SAMPLE_BLOCK.min(size - at)));
+    }
+    let tail = size.saturating_sub(SAMPLE_EDGE);
+    v.push((tail, size - tail));
+    v.retain(|&(_, len)| len > 0);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (start, len) in v {
+        match out.last_mut() {
+            Some((s, l)) if start <= *s + *l => *l = (*l).max(start + len - *s),
+            _ => out.push((start, len)),
+        }
+    }
+    out
+}
+
+/// Whether `ranges` of `file` read as zeros only. A short read (the file
+/// ends inside a range) is an error, never zeros. `file` may be opened
+/// with O_DIRECT: the buffer is aligned to 4 KiB.
+pub fn ranges_read_zero(file: &File, ranges: &[(u64, u64)]) -> std::io::Result<bool> {
+    const CHUNK: usize = 1 << 20;
+    const ALIGN: usize = 4096;
+    let mut buf = vec![0u8; CHUNK + ALIGN];
+    let skip = buf.as_ptr().align_offset(ALIGN);
+    let buf = &mut buf[skip..skip + CHUNK];
+    for &(start, len) in ranges {
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from(len - done).map_or(CHUNK, |n| n.min(CHUNK));
+            file.read_exact_at(&mut buf[..n], start + done)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            done += n as u64;
+        }
+    }
+    Ok(true)
+}
 
 /// A block device as found at a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +93,11 @@ pub trait BlockDevices: Send + Sync {
     /// decided from a probe of it (blkid reports "nothing found" for a device
     /// it cannot read), and returns them (a superblock lives there).
     fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError>;
+    /// Whether the sample of the device (`sample_ranges` of `size_bytes`,
+    /// which must be its size) reads as zeros only. Read past the page
+    /// cache (O_DIRECT) where the device allows it, under a deadline: a
+    /// device that does not answer in time, or a short read, is an error.
+    fn reads_zero(&self, path: &Path, size_bytes: u64) -> Result<bool, OsError>;
     /// Whether another process holds the device exclusively (an O_EXCL
     /// open fails with EBUSY: a mounted filesystem, a running mkfs or
     /// fsck, a device-mapper or md user), in any mount namespace.
@@ -36,6 +106,11 @@ pub trait BlockDevices: Send + Sync {
     /// Opened exclusively (O_EXCL on a block device: EBUSY while anything
     /// mounts or holds it), then flushed.
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError>;
+    /// Zeroes the sample of the device (`sample_ranges` of `size_bytes`,
+    /// which must be its size), so that a disk Berth erased only in part
+    /// (`--disk-wipe signatures`) reads as zeros where the pool looks.
+    /// Opened exclusively like `zero_out`, flushed, under a deadline.
+    fn zero_sample(&self, path: &Path, size_bytes: u64) -> Result<(), OsError>;
 }
 
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
@@ -50,13 +125,110 @@ const ZERO_CHUNK: u64 = 1 << 30;
 #[derive(Debug, Clone)]
 pub struct RealBlockDevices {
     pub by_id: PathBuf,
+    /// Sample reads and writes, each under a deadline (one at a time per
+    /// device: a device stuck in the kernel is not asked again meanwhile).
+    bounded: Bounded,
 }
 
 impl Default for RealBlockDevices {
     fn default() -> Self {
         RealBlockDevices {
             by_id: PathBuf::from("/dev/disk/by-id"),
+            bounded: Bounded::new(),
         }
+    }
+}
+
+/// Opens the block device at `path` for writing, exclusively (O_EXCL: EBUSY
+/// while anything mounts or holds it), and checks that it is `size_bytes`
+/// long.
+fn open_exclusive_sized(path: &Path, size_bytes: u64) -> Result<File, OsError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+        .open(path)
+        .map_err(|e| OsError::sys("open exclusively", path, e))?;
+    check_size(&f, path, size_bytes)?;
+    Ok(f)
+}
+
+/// Fails unless the block device open as `f` is `size_bytes` long.
+fn check_size(f: &File, path: &Path, size_bytes: u64) -> Result<(), OsError> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    unsafe { blkgetsize64(std::os::fd::AsRawFd::as_raw_fd(f), &mut size) }
+        .map_err(|e| OsError::sys("BLKGETSIZE64", path, e))?;
+    if size != size_bytes {
+        return Err(OsError::sys(
+            "size changed",
+            path,
+            std::io::Error::other(format!("{size} bytes, expected {size_bytes}")),
+        ));
+    }
+    Ok(())
+}
+
+/// BLKZEROOUT of `len` bytes from `start` of the device open as `f`.
+fn zero_range(f: &File, path: &Path, start: u64, len: u64) -> Result<(), OsError> {
+    let range = [start, len];
+    // SAFETY: BLKZEROOUT reads two u64 (start, length) through the
+    // pointer, which lives for the call.
+    unsafe { blkzeroout(std::os::fd::AsRawFd::as_raw_fd(f), &range) }
+        .map_err(|e| OsError::sys("BLKZEROOUT", path, e))?;
+    Ok(())
+}
+
+/// Whether the sample of the block device at `path` reads as zeros: read
+/// with O_DIRECT, or through the page cache where the device refuses
+/// O_DIRECT (EINVAL).
+fn sample_reads_zero(path: &Path, size_bytes: u64) -> Result<bool, OsError> {
+    let ranges = sample_ranges(size_bytes);
+    let open = |flags| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | flags)
+            .open(path)
+    };
+    if let Ok(f) = open(libc::O_DIRECT) {
+        check_size(&f, path, size_bytes)?;
+        match ranges_read_zero(&f, &ranges) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            r => return r.map_err(|e| OsError::sys("read sample", path, e)),
+        }
+    }
+    let f = open(0).map_err(|e| OsError::sys("open", path, e))?;
+    check_size(&f, path, size_bytes)?;
+    ranges_read_zero(&f, &ranges).map_err(|e| OsError::sys("read sample", path, e))
+}
+
+impl RealBlockDevices {
+    /// Runs `f` on the device at `path` under the sample deadline.
+    fn bounded<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        path: &Path,
+        f: impl FnOnce(&Path) -> Result<T, OsError> + Send + 'static,
+    ) -> Result<T, OsError> {
+        let owned = path.to_path_buf();
+        self.bounded
+            .run(
+                &format!("{op}:{}", path.display()),
+                SAMPLE_TIMEOUT,
+                move || f(&owned),
+            )
+            .unwrap_or_else(|| {
+                Err(OsError::sys(
+                    op,
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no answer within {} s (or an earlier one still pending)",
+                            SAMPLE_TIMEOUT.as_secs()
+                        ),
+                    ),
+                ))
+            })
     }
 }
 
@@ -130,43 +302,118 @@ impl BlockDevices for RealBlockDevices {
     }
 
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
-        let f = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
-            .open(path)
-            .map_err(|e| OsError::sys("open exclusively", path, e))?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
-        let mut size: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
-        unsafe { blkgetsize64(fd, &mut size) }
-            .map_err(|e| OsError::sys("BLKGETSIZE64", path, e))?;
-        if size != size_bytes {
-            return Err(OsError::sys(
-                "size changed",
-                path,
-                std::io::Error::other(format!("{size} bytes, expected {size_bytes}")),
-            ));
-        }
+        let f = open_exclusive_sized(path, size_bytes)?;
         let started = std::time::Instant::now();
         let mut done = 0;
-        while done < size {
-            let len = ZERO_CHUNK.min(size - done);
-            let range = [done, len];
-            // SAFETY: BLKZEROOUT reads two u64 (start, length) through the
-            // pointer, which lives for the call.
-            unsafe { blkzeroout(fd, &range) }.map_err(|e| OsError::sys("BLKZEROOUT", path, e))?;
+        while done < size_bytes {
+            let len = ZERO_CHUNK.min(size_bytes - done);
+            zero_range(&f, path, done, len)?;
             done += len;
             if started.elapsed().as_secs() >= 10 && (done / ZERO_CHUNK) % 16 == 0 {
-                tracing::info!(device = %path.display(), done, size, "zeroing");
+                tracing::info!(device = %path.display(), done, size = size_bytes, "zeroing");
             }
         }
         f.sync_all().map_err(|e| OsError::sys("fsync", path, e))
+    }
+
+    fn reads_zero(&self, path: &Path, size_bytes: u64) -> Result<bool, OsError> {
+        self.bounded("read sample", path, move |p| {
+            sample_reads_zero(p, size_bytes)
+        })
+    }
+
+    fn zero_sample(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
+        self.bounded("zero sample", path, move |p| {
+            let f = open_exclusive_sized(p, size_bytes)?;
+            for (start, len) in sample_ranges(size_bytes) {
+                zero_range(&f, p, start, len)?;
+            }
+            f.sync_all().map_err(|e| OsError::sys("fsync", p, e))
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sample_covers_both_ends_and_spaced_blocks_within_bounds() {
+        const MIB: u64 = 1 << 20;
+        for size in [
+            512,
+            4096,
+            MIB,
+            2 * MIB,
+            10 * MIB + 512,
+            64 * MIB,
+            1 << 40,
+            (1 << 44) + 4096 * 7,
+        ] {
+            let r = sample_ranges(size);
+            assert_eq!(r[0].0, 0, "{size}: starts at 0");
+            let last = r[r.len() - 1];
+            assert_eq!(last.0 + last.1, size, "{size}: ends at the end");
+            assert!(r.iter().all(|&(_, len)| len > 0), "{size}: no empty range");
+            assert!(
+                r.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0),
+                "{size}: sorted, merged: {r:?}"
+            );
+            let total: u64 = r.iter().map(|&(_, len)| len).sum();
+            assert!(
+                total <= (2 * MIB + SAMPLE_BLOCKS * SAMPLE_BLOCK).min(size),
+                "{size}: {total} bytes"
+            );
+            if size >= 4 * MIB && size % 4096 == 0 {
+                assert_eq!(r[0], (0, MIB));
+                assert_eq!(last, (size - MIB, MIB));
+            }
+            if size >= 1 << 30 {
+                // Far apart: none merges with another or with an end.
+                assert_eq!(r.len() as u64, SAMPLE_BLOCKS + 2, "{size}: {r:?}");
+                assert!(r[1..r.len() - 1]
+                    .iter()
+                    .all(|&(at, len)| at % 4096 == 0 && len == SAMPLE_BLOCK));
+            }
+        }
+        // The spaced blocks of a 64 MiB disk are less than a MiB apart:
+        // data 1 MiB long anywhere on it meets the sample.
+        let r = sample_ranges(64 * MIB);
+        assert!(r.windows(2).all(|w| w[1].0 - (w[0].0 + w[0].1) < MIB));
+    }
+
+    #[test]
+    fn a_sample_reads_zero_unless_a_sampled_byte_is_not() {
+        const MIB: u64 = 1 << 20;
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("disk");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        let size = 64 * MIB;
+        f.set_len(size).unwrap();
+        let r = sample_ranges(size);
+        assert!(ranges_read_zero(&f, &r).unwrap());
+        // A byte between the sampled blocks is not seen (the sample is a
+        // sample) ...
+        let gap = r[1].0 + r[1].1 + 10;
+        f.write_all_at(b"x", gap).unwrap();
+        assert!(ranges_read_zero(&f, &r).unwrap());
+        // ... one in a spaced block, the first or the last MiB is.
+        for at in [r[5].0 + 4095, 0, MIB - 1, size - MIB, size - 1] {
+            f.write_all_at(b"x", at).unwrap();
+            assert!(!ranges_read_zero(&f, &r).unwrap(), "byte {at}");
+            f.write_all_at(&[0], at).unwrap();
+        }
+        assert!(ranges_read_zero(&f, &r).unwrap());
+        // A device shorter than its sample is an error, never zeros.
+        f.set_len(size - 4096).unwrap();
+        assert!(ranges_read_zero(&f, &r).is_err());
+    }
 
     #[test]
     fn regular_files_are_not_block_devices() {

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[derive(Default, Clone)]
+#[derive(Debug, Default, Clone)]
 pub struct Bounded {
     inflight: Arc<Mutex<HashSet<String>>>,
 }

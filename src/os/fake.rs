@@ -57,6 +57,10 @@ pub enum Call {
         device: PathBuf,
         size_bytes: u64,
     },
+    ZeroSample {
+        device: PathBuf,
+        size_bytes: u64,
+    },
     SetProject {
         dir: PathBuf,
         project: Project,
@@ -506,7 +510,7 @@ impl FakeOs {
         }
     }
 
-    /// Makes reads of a device fail (`read_head`).
+    /// Makes reads of a device fail (`read_head`, `reads_zero`).
     pub fn set_unreadable(&self, path: &Path) {
         lock(&self.unreadable).insert(path.to_path_buf());
     }
@@ -565,6 +569,20 @@ impl FakeOs {
         let info = Self::loop_info(n, &l);
         loops.insert(n, l);
         info
+    }
+
+    /// What reads of the device at `path` read: a loop device's backing
+    /// file, or the path itself; None when reads of it fail (not a fake
+    /// device, or made unreadable).
+    fn readable_backing(&self, path: &Path) -> Option<PathBuf> {
+        if lock(&self.unreadable).contains(path) || self.device_numbers(path).is_none() {
+            return None;
+        }
+        Some(
+            Self::loop_index(path)
+                .and_then(|n| lock(&self.loops).get(&n).map(|l| l.backing.clone()))
+                .unwrap_or_else(|| path.to_path_buf()),
+        )
     }
 
     /// Major and minor of a fake device node, if it is one.
@@ -1068,16 +1086,13 @@ impl BlockDevices for FakeOs {
     /// stand-in disk that is a regular file; zeros for other fake devices.
     fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError> {
         self.injected("read_head", path)?;
-        if lock(&self.unreadable).contains(path) || self.device_numbers(path).is_none() {
+        let Some(backing) = self.readable_backing(path) else {
             return Err(OsError::sys(
                 "read",
                 path,
                 std::io::Error::from_raw_os_error(libc::EIO),
             ));
-        }
-        let backing = Self::loop_index(path)
-            .and_then(|n| lock(&self.loops).get(&n).map(|l| l.backing.clone()))
-            .unwrap_or_else(|| path.to_path_buf());
+        };
         let mut head = vec![0u8; 4096];
         if backing.is_file() {
             use std::io::Read;
@@ -1086,6 +1101,32 @@ impl BlockDevices for FakeOs {
             }
         }
         Ok(head)
+    }
+
+    /// The sample of the device as `read_head` reads it: bytes past the end
+    /// of a backing or stand-in file, and every byte of other fake
+    /// devices, are zeros.
+    fn reads_zero(&self, path: &Path, size_bytes: u64) -> Result<bool, OsError> {
+        self.injected("reads_zero", path)?;
+        let Some(backing) = self.readable_backing(path) else {
+            return Err(OsError::sys(
+                "read sample",
+                path,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        };
+        if !backing.is_file() {
+            return Ok(true);
+        }
+        let data = std::fs::read(&backing).map_err(|e| OsError::sys("read sample", path, e))?;
+        Ok(super::blockdev::sample_ranges(size_bytes)
+            .into_iter()
+            .all(|(start, len)| {
+                let end = usize::try_from(start + len).unwrap_or(usize::MAX);
+                let start = usize::try_from(start).unwrap_or(usize::MAX);
+                data.get(start.min(data.len())..end.min(data.len()))
+                    .is_none_or(|r| r.iter().all(|&b| b == 0))
+            }))
     }
 
     fn held(&self, path: &Path) -> Result<bool, OsError> {
@@ -1109,6 +1150,34 @@ impl BlockDevices for FakeOs {
             f.set_len(0)
                 .and_then(|_| f.set_len(size_bytes))
                 .map_err(|e| OsError::sys("zero", path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Records the call; the sample ranges of a stand-in disk that is a
+    /// regular file are overwritten with zeros (within its length).
+    fn zero_sample(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
+        lock(&self.calls).push(Call::ZeroSample {
+            device: path.to_path_buf(),
+            size_bytes,
+        });
+        self.injected("zero_sample", path)?;
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| OsError::sys("open", path, e))?;
+            let have = f
+                .metadata()
+                .map_err(|e| OsError::sys("stat", path, e))?
+                .len();
+            for (start, len) in super::blockdev::sample_ranges(size_bytes) {
+                let len = len.min(have.saturating_sub(start));
+                let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                f.write_all_at(&zeros, start)
+                    .map_err(|e| OsError::sys("zero", path, e))?;
+            }
         }
         Ok(())
     }

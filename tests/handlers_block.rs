@@ -1967,6 +1967,29 @@ async fn a_replaced_disk_is_neither_used_nor_wiped() {
     assert_eq!(c.capacity_bytes, 10 * MIB, "offered again once wiped");
 }
 
+/// A pool disk that another process holds exclusively (a device-mapper,
+/// md or bcache device stacked on it, or a raw user that claimed it), with
+/// no signature, is not free: it was offered and handed to a tenant, who
+/// read the holder's blocks. Once it is let go, it is offered.
+#[tokio::test]
+async fn a_pool_disk_another_process_holds_is_not_offered() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    f.set_held(&dir.join("d10"), true);
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(a.capacity_bytes, 20 * MIB, "the held disk was handed out");
+    // The holder lets go: offered again.
+    f.set_held(&dir.join("d10"), false);
+    assert_eq!(disk_capacity(&h).await, (40 * MIB, Some(30 * MIB)));
+    let b = create(&h, "b", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(b.capacity_bytes, 10 * MIB);
+    // Any other failure to open it exclusively: not offered either.
+    f.fail_next("held", libc::EACCES);
+    assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+}
+
 #[tokio::test]
 async fn concurrent_disk_creates_never_share_a_disk() {
     let h = disk_harness();

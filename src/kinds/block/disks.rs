@@ -1,7 +1,9 @@
 //! The whole-disk pool ("one PV, one disk"): `--disk-pool` names devices
 //! by path, glob or directory of device links. A disk is free when no
 //! record claims it, nothing mounts it, it is not one of Berth's own loop
-//! devices, it can be read, and `blkid -p` finds no signature at all on it.
+//! devices, no other process holds it (it opens exclusively, O_EXCL, at
+//! the time it is chosen), it can be read, and `blkid -p` finds no
+//! signature at all on it.
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -221,6 +223,17 @@ impl BlockKind {
             {
                 continue;
             }
+            match self.os.devices.held(&d.dev.path) {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::debug!(disk = %d.listed.display(), "pool disk is held open exclusively by another process; not offered");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %d.listed.display(), error = %crate::error::chain(&e), "pool disk cannot be opened exclusively; not offered");
+                    continue;
+                }
+            }
             if self.os.devices.read_head(&d.dev.path).is_err() {
                 tracing::warn!(disk = %d.listed.display(), "pool disk cannot be read; not offered");
                 continue;
@@ -263,7 +276,7 @@ impl BlockKind {
         Err(Error::NoSpace(if self.disk_pool.is_empty() {
             "this node offers no disks (no --disk-pool)".to_string()
         } else if self.pool_disks().iter().any(|d| fits(d.dev.size_bytes)) {
-            format!("no free disk {range} on this node: every fitting disk is in use or not blank")
+            format!("no free disk {range} on this node: every fitting disk is in use, held by another process, or not blank")
         } else {
             format!("this node's disk pool has no disk {range}")
         }))

@@ -1810,8 +1810,36 @@ async fn interrupted_disk_deletes_finish_in_the_background_and_creates_release()
     assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
 }
 
+/// `size` bytes of `byte` everywhere but in the sample of a disk of that
+/// size (which stays zeros): a disk that counts as free though it holds
+/// data.
+fn outside_sample(size: i64, byte: u8) -> Vec<u8> {
+    let mut v = vec![byte; size as usize];
+    for (start, len) in berth::os::blockdev::sample_ranges(size as u64) {
+        v[start as usize..(start + len) as usize].fill(0);
+    }
+    v
+}
+
+/// What a raw tenant leaves on a stand-in disk of `size` bytes: data in
+/// its first and last MiB, in one of its spaced sampled blocks and
+/// between two of them. Returns where the last one is.
+fn tenant_writes_raw(disk: &Path, size: i64) -> u64 {
+    let r = berth::os::blockdev::sample_ranges(size as u64);
+    let gap = r[2].0 + r[2].1 + 100;
+    for at in [0, r[3].0 + 10, (size - 10) as u64, gap] {
+        write_at(disk, b"tenant data", at);
+    }
+    gap
+}
+
+/// --disk-wipe signatures: wipefs, then the disk's sample is zeroed (the
+/// pool offers only disks whose sample reads as zeros, so a disk Berth
+/// erased itself stays in the pool), nothing else: a byte of the last
+/// tenant's between the sampled blocks is still there. The same when a
+/// disk missing at delete is back and its wipe is retried.
 #[tokio::test]
-async fn disk_wipe_signatures_runs_wipefs_only() {
+async fn disk_wipe_signatures_runs_wipefs_and_zeroes_the_sample_only() {
     let dir = tempfile::tempdir().unwrap();
     let pool = format!("{}/disks/d*", dir.path().display());
     let (os, f) = berth::os::Os::fake();
@@ -1831,6 +1859,8 @@ async fn disk_wipe_signatures_runs_wipefs_only() {
     let dir = disks(&h, None);
     let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
     let f = h.fake();
+    let d10 = dir.join("d10");
+    let gap = tenant_writes_raw(&d10, 10 * MIB);
     h.ctl
         .delete_volume(Request::new(csi::DeleteVolumeRequest {
             volume_id: a.volume_id.clone(),
@@ -1840,13 +1870,52 @@ async fn disk_wipe_signatures_runs_wipefs_only() {
         .unwrap();
     assert_eq!(
         runs(f, "wipefs"),
-        [[
-            "-a".to_string(),
-            "--".into(),
-            dir.join("d10").display().to_string()
-        ]]
+        [["-a".to_string(), "--".into(), d10.display().to_string()]]
     );
     assert!(!f.calls().iter().any(|c| matches!(c, Call::ZeroOut { .. })));
+    assert!(f.calls().contains(&Call::ZeroSample {
+        device: d10.clone(),
+        size_bytes: (10 * MIB) as u64,
+    }));
+    let left = std::fs::read(&d10).unwrap();
+    for (start, len) in berth::os::blockdev::sample_ranges((10 * MIB) as u64) {
+        let end = ((start + len) as usize).min(left.len());
+        assert!(
+            left[start as usize..end].iter().all(|&b| b == 0),
+            "sample at {start} not zeroed"
+        );
+    }
+    assert_eq!(&left[gap as usize..gap as usize + 11], b"tenant data");
+    // Offered again.
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+
+    // A disk missing at delete, back at its path: the retried wipe is the
+    // same, and the disk is offered again.
+    let b = create(&h, "b", 15 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(b.capacity_bytes, 20 * MIB);
+    let d20 = dir.join("d20");
+    tenant_writes_raw(&d20, 20 * MIB);
+    f.remove_device(&d20);
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: b.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(h.driver.store.len(), 1, "the wipe is remembered");
+    f.add_device(&d20, 8, 32, (20 * MIB) as u64);
+    assert_eq!(disk_capacity(&h).await, (40 * MIB, Some(30 * MIB)));
+    h.driver.retry_pending(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !h.driver.store.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the wipe never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(f.calls().contains(&Call::ZeroSample {
+        device: d20.clone(),
+        size_bytes: (20 * MIB) as u64,
+    }));
     assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
 }
 
@@ -1988,6 +2057,101 @@ async fn a_pool_disk_another_process_holds_is_not_offered() {
     // Any other failure to open it exclusively: not offered either.
     f.fail_next("held", libc::EACCES);
     assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+}
+
+/// A pool disk with no signature that does not read as zeros where the
+/// pool looks (its first and last MiB, spaced 4 KiB blocks) holds someone's
+/// data: it is not offered (it was claimed and formatted at its first
+/// stage). Erased, it is offered again; one that cannot be read is not.
+#[tokio::test]
+async fn a_pool_disk_holding_data_without_a_signature_is_not_offered() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    // Data in the middle of d20 (in a sampled block), in the last bytes of
+    // d10; d30 holds data only between its sampled blocks.
+    std::fs::write(dir.join("d20"), vec![0u8; (20 * MIB) as usize]).unwrap();
+    write_at(&dir.join("d20"), &vec![0x5au8; 512 << 10], (8 * MIB) as u64);
+    write_at(&dir.join("d10"), b"raw", (10 * MIB - 3) as u64);
+    std::fs::write(dir.join("d30"), outside_sample(30 * MIB, 0x5a)).unwrap();
+    assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
+    // Asked again (GetCapacity is polled): the same answer.
+    assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
+    let e = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 5 * MIB,
+                limit_bytes: 20 * MIB,
+            }),
+            ..create_req_p("a", 0, &[("pool", "disk")])
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("no free disk"), "{}", e.message());
+    assert!(runs(f, "mkfs.ext4").is_empty());
+    // Erased (as `blkdiscard -z` does): offered again.
+    std::fs::write(dir.join("d20"), vec![0u8; (20 * MIB) as usize]).unwrap();
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    std::fs::write(dir.join("d10"), b"").unwrap();
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+    // A sample that cannot be read (d10's, read first): not offered.
+    f.fail_next("reads_zero", libc::EIO);
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    let a = create(&h, "a", 15 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(a.capacity_bytes, 20 * MIB);
+}
+
+/// A disk missing when its volume was deleted, back under another pool
+/// path and device number and without a by-id link, is not recognised by
+/// its `wipe-` record; blkid calls it blank, but it does not read as
+/// zeros: it is not offered (it was, and the next tenant read the last
+/// one's data).
+#[tokio::test]
+async fn a_missing_disk_back_under_another_name_is_not_offered_unwiped() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&a.volume_id, &s, raw_cap())))
+        .await
+        .unwrap();
+    write_at(&dir.join("d10"), b"TENANT-A-SECRET", 0);
+    h.node
+        .node_unstage_volume(Request::new(unstage(&a.volume_id, &s)))
+        .await
+        .unwrap();
+    f.remove_device(&dir.join("d10"));
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    // Back as d15, another device number.
+    std::fs::rename(dir.join("d10"), dir.join("d15")).unwrap();
+    f.add_device(&dir.join("d15"), 8, 99, (10 * MIB) as u64);
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    let e = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 5 * MIB,
+                limit_bytes: 10 * MIB,
+            }),
+            ..create_req_p("b", 0, &[("pool", "disk")])
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(!f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })));
 }
 
 #[tokio::test]
@@ -2181,8 +2345,10 @@ async fn whole_disk_snapshots_restore_onto_disks_and_files() {
             ..create_req(name, 10 * MIB)
         }
     };
-    // Onto a disk: the next free one (d20) is erased, then written.
-    std::fs::write(dir.join("d20"), vec![0x77u8; (20 * MIB) as usize]).unwrap();
+    // Onto a disk: the next free one (d20) is erased, then written. (An
+    // earlier tenant's data between its sampled blocks, which the pool
+    // does not see, is gone too.)
+    std::fs::write(dir.join("d20"), outside_sample(20 * MIB, 0x77)).unwrap();
     let b = h
         .ctl
         .create_volume(Request::new(restore("b", &[("pool", "disk")])))

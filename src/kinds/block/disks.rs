@@ -2,12 +2,15 @@
 //! by path, glob or directory of device links. A disk is free when no
 //! record claims it, nothing mounts it, it is not one of Berth's own loop
 //! devices, no other process holds it (it opens exclusively, O_EXCL, at
-//! the time it is chosen), it can be read, and `blkid -p` finds no
-//! signature at all on it.
+//! the time it is chosen), it can be read, `blkid -p` finds no signature
+//! at all on it, and its sample (first and last MiB, 64 spaced 4 KiB
+//! blocks: `os::blockdev::sample_ranges`) reads as zeros. A disk that
+//! reads as anything else holds someone's data, signature or not: it is
+//! never handed to a tenant (nor formatted) until it is erased.
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::BlockKind;
+use super::{lock, BlockKind};
 use crate::error::{Error, Result};
 use crate::node::mounts;
 use crate::os::blkid::{self, Probe};
@@ -162,6 +165,16 @@ fn class(p: &[u8], c: u8) -> Option<(bool, usize)> {
     None
 }
 
+/// The warning for a pool disk whose sample does not read as zeros.
+fn holds_data(listed: &Path) -> String {
+    format!(
+        "pool disk {} has no signature but does not read as zeros (its first and last MiB and {} spaced 4 KiB blocks are read): it may hold someone's data, so it is not offered; to offer it, erase it, e.g. `blkdiscard -z {}` or zeroing it whole with dd",
+        listed.display(),
+        crate::os::blockdev::SAMPLE_BLOCKS,
+        listed.display()
+    )
+}
+
 impl BlockKind {
     /// Every block device the pool names (duplicates by device number
     /// dropped); entries that are not block devices are skipped.
@@ -239,12 +252,30 @@ impl BlockKind {
                 continue;
             }
             match blkid::probe(self.os.cmd.as_ref(), &d.dev.path) {
-                Ok(Probe::Blank) => free.push(d),
+                Ok(Probe::Blank) => {}
                 Ok(p) => {
-                    tracing::debug!(disk = %d.listed.display(), found = %p.describe(), "pool disk has a signature; not offered")
+                    tracing::debug!(disk = %d.listed.display(), found = %p.describe(), "pool disk has a signature; not offered");
+                    continue;
                 }
                 Err(e) => {
-                    tracing::warn!(disk = %d.listed.display(), error = %e, "pool disk could not be probed; not offered")
+                    tracing::warn!(disk = %d.listed.display(), error = %e, "pool disk could not be probed; not offered");
+                    continue;
+                }
+            }
+            match self.os.devices.reads_zero(&d.dev.path, d.dev.size_bytes) {
+                Ok(true) => {
+                    lock(&self.data_warned).remove(&d.listed);
+                    free.push(d);
+                }
+                Ok(false) => {
+                    if lock(&self.data_warned).insert(d.listed.clone()) {
+                        tracing::warn!(disk = %d.listed.display(), device = %d.dev.path.display(), "{}", holds_data(&d.listed));
+                    } else {
+                        tracing::debug!(disk = %d.listed.display(), "pool disk holds data; not offered");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %d.listed.display(), error = %crate::error::chain(&e), "pool disk's sample could not be read; not offered");
                 }
             }
         }
@@ -276,7 +307,7 @@ impl BlockKind {
         Err(Error::NoSpace(if self.disk_pool.is_empty() {
             "this node offers no disks (no --disk-pool)".to_string()
         } else if self.pool_disks().iter().any(|d| fits(d.dev.size_bytes)) {
-            format!("no free disk {range} on this node: every fitting disk is in use, held by another process, or not blank")
+            format!("no free disk {range} on this node: every fitting disk is in use, held by another process, or not blank (a signature, or data where a blank disk reads as zeros)")
         } else {
             format!("this node's disk pool has no disk {range}")
         }))

@@ -78,6 +78,9 @@ pub struct BlockKind {
     alloc: Mutex<()>,
     /// Serialises choosing and recording a disk of the disk pool.
     claim: Mutex<()>,
+    /// Pool disks found holding data, warned about once (forgotten when
+    /// one reads as zeros again).
+    data_warned: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// A volume's device: a loop device or a disk.
@@ -88,7 +91,7 @@ struct Dev {
     minor: u32,
 }
 
-fn lock(m: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -111,6 +114,7 @@ impl BlockKind {
             store,
             alloc: Mutex::new(()),
             claim: Mutex::new(()),
+            data_warned: Mutex::new(Default::default()),
         })
     }
 
@@ -671,7 +675,8 @@ impl VolumeKind for BlockKind {
             if rec.phase == Phase::Creating && rec.source.is_none() {
                 // Claimed by a create that never answered: the volume was
                 // never handed out and Berth wrote nothing to the disk (it
-                // was blank when claimed), so there is nothing to erase. (A
+                // was blank and read as zeros when claimed), so there is
+                // nothing to erase. (A
                 // restore wrote a snapshot onto it: that one is erased.)
                 tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
                 return Ok(());
@@ -730,6 +735,21 @@ impl VolumeKind for BlockKind {
                 DiskWipe::Signatures => {
                     crate::os::mkfs::wipe(self.os.cmd.as_ref(), &dev.path)
                         .map_err(|e| Error::os(format!("wiping disk {}", dev.path.display()), e))?;
+                    // The pool offers only disks whose sample reads as
+                    // zeros: zeroing it keeps a disk Berth erased itself
+                    // in the pool (the rest is left as it was).
+                    self.os
+                        .devices
+                        .zero_sample(&dev.path, dev.size_bytes)
+                        .map_err(|e| {
+                            Error::os(
+                                format!(
+                                    "zeroing the sampled blocks of disk {}",
+                                    dev.path.display()
+                                ),
+                                e,
+                            )
+                        })?;
                 }
             }
             tracing::info!(volume_id = %rec.id, disk = %d.path.display(), wipe = ?self.disk_wipe, "disk erased and returned to the pool");

@@ -2103,6 +2103,73 @@ async fn a_pool_disk_holding_data_without_a_signature_is_not_offered() {
     assert_eq!(a.capacity_bytes, 20 * MIB);
 }
 
+/// A disk volume written raw by its tenant, whose record is then restored
+/// from a backup taken before its first stage (it says: never staged, never
+/// formatted), is never formatted: blkid finds nothing on it, but it does
+/// not read as zeros. (Disks were taken as blank whatever they held; a
+/// file volume is refused the same way by SEEK_DATA.) A sample that cannot
+/// be read refuses too.
+#[tokio::test]
+async fn a_disk_written_raw_is_never_formatted_after_a_record_restore() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let backup = h.driver.store.get(&a.volume_id).unwrap();
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&a.volume_id, &s, raw_cap())))
+        .await
+        .unwrap();
+    write_at(&dir.join("d10"), b"TENANT-DATABASE-PAGE", 0);
+    h.node
+        .node_unstage_volume(Request::new(unstage(&a.volume_id, &s)))
+        .await
+        .unwrap();
+    // The operator restores the older state.
+    h.driver.store.put(&backup).unwrap();
+    assert_eq!(block_info(&h, &a.volume_id).access, None);
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&a.volume_id, &h.path("s2"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("does not read as zeros"),
+        "{}",
+        e.message()
+    );
+    assert!(runs(f, "mkfs.ext4").is_empty(), "formatted over raw data");
+    assert!(!block_info(&h, &a.volume_id).formatted);
+    assert_eq!(
+        &std::fs::read(dir.join("d10")).unwrap()[..20],
+        b"TENANT-DATABASE-PAGE"
+    );
+    // A new disk volume whose sample cannot be read: refused as well.
+    let b = create(&h, "b", 15 * MIB, &[("pool", "disk")]).await;
+    f.fail_next("reads_zero", libc::EIO);
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&b.volume_id, &h.path("s3"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .contains("cannot tell whether the disk holds data"),
+        "{}",
+        e.message()
+    );
+    assert!(runs(f, "mkfs.ext4").is_empty());
+    // Its retry reads it: zeros, no signature, never staged: formatted.
+    h.node
+        .node_stage_volume(Request::new(stage_req(&b.volume_id, &h.path("s3"))))
+        .await
+        .unwrap();
+    assert_eq!(runs(f, "mkfs.ext4").len(), 1);
+}
+
 /// A disk missing when its volume was deleted, back under another pool
 /// path and device number and without a by-id link, is not recognised by
 /// its `wipe-` record; blkid calls it blank, but it does not read as

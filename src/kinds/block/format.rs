@@ -6,7 +6,10 @@
 //!   volume used raw is never formatted later);
 //! - nothing uses the device, it can be read, and `blkid -p` finds nothing;
 //! - for a file volume, the file holds no data at all (SEEK_DATA finds
-//!   none: created, sized and preallocated, never written).
+//!   none: created, sized and preallocated, never written); for a disk,
+//!   its sample (first and last MiB, spaced 4 KiB blocks) reads as zeros
+//!   (the claim checked the same, but a tenant may have written it raw
+//!   since, and a record restored from a backup may not know).
 //!
 //! Before mkfs runs, the record pins the filesystem and the UUID it is
 //! about to make. A stage after a crash in the middle finds either nothing
@@ -39,15 +42,26 @@ pub enum Decision {
     Refuse(String),
 }
 
+/// What the volume's storage holds that blkid does not recognise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// A file volume: whether its backing file holds data (SEEK_DATA;
+    /// None: the filesystem cannot tell, which counts as "it may").
+    File(Option<bool>),
+    /// A disk: whether its sample (first and last MiB, spaced 4 KiB
+    /// blocks) reads as anything but zeros; an error (it could not be
+    /// read) counts as "it may".
+    Disk(Result<bool, String>),
+}
+
 /// What the stage knows about the device and its backing storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Facts {
     /// Mounted or held somewhere.
     pub in_use: bool,
-    /// For a file volume, whether the file holds data (None: the
-    /// filesystem cannot tell, which counts as "it may"). Always
-    /// `Some(false)` for disks, which are checked when claimed.
-    pub file_has_data: Option<bool>,
+    /// Whether the storage holds data; consulted only when blkid finds
+    /// nothing and no mkfs of Berth's was interrupted.
+    pub data: Data,
 }
 
 /// Decides from the record, the requested filesystem, the facts, the probe
@@ -91,14 +105,20 @@ pub fn decide(
             // signature: what the device holds, mkfs wrote.
             Decision::Format { force: false }
         }
-        Probe::Blank => match facts.file_has_data {
-            Some(false) => Decision::Format { force: false },
-            Some(true) => Decision::Refuse(
+        Probe::Blank => match facts.data {
+            Data::File(Some(false)) | Data::Disk(Ok(false)) => Decision::Format { force: false },
+            Data::File(Some(true)) => Decision::Refuse(
                 "blkid finds nothing on the device, but its backing file holds data that Berth did not write (was the volume used as a raw block device?); refusing to format it".into(),
             ),
-            None => Decision::Refuse(
+            Data::File(None) => Decision::Refuse(
                 "the block root's filesystem cannot tell whether the backing file holds data; refusing to format it".into(),
             ),
+            Data::Disk(Ok(true)) => Decision::Refuse(
+                "blkid finds nothing on the disk, but it does not read as zeros (its first and last MiB and spaced blocks): it holds data that Berth did not write (was the volume used as a raw block device?); refusing to format it".into(),
+            ),
+            Data::Disk(Err(e)) => Decision::Refuse(format!(
+                "cannot tell whether the disk holds data ({e}); refusing to format it"
+            )),
         },
         p if ours
             && p.is_only_filesystem(fs.as_str())
@@ -159,7 +179,7 @@ mod tests {
     const U: &str = "0b3c1f53-4a44-4d2c-9d3e-8f7c2b4a1e01";
     const NEW: Facts = Facts {
         in_use: false,
-        file_has_data: Some(false),
+        data: Data::File(Some(false)),
     };
 
     #[test]
@@ -181,19 +201,19 @@ mod tests {
         );
         // Blank per blkid, but the file holds data (used raw): refuse;
         // a filesystem that cannot tell: refuse.
-        let written = Facts {
-            file_has_data: Some(true),
+        const WRITTEN: Facts = Facts {
+            data: Data::File(Some(true)),
             ..NEW
         };
         assert!(refused(decide(
             &info("", "", ""),
             ext4,
-            written,
+            WRITTEN,
             || Ok(Probe::Blank),
             finished
         )));
         let unknown = Facts {
-            file_has_data: None,
+            data: Data::File(None),
             ..NEW
         };
         assert!(refused(decide(
@@ -203,6 +223,48 @@ mod tests {
             || Ok(Probe::Blank),
             finished
         )));
+        // A disk: formatted only when its sample reads as zeros; data
+        // (written raw, say, with the record restored from before) or a
+        // sample that cannot be read refuses.
+        let disk = |data| Facts {
+            data: Data::Disk(data),
+            ..NEW
+        };
+        assert_eq!(
+            decide(
+                &info("", "", ""),
+                ext4,
+                disk(Ok(false)),
+                || Ok(Probe::Blank),
+                finished
+            ),
+            Format { force: false }
+        );
+        for data in [Ok(true), Err("read sample /dev/sdx: EIO".to_string())] {
+            let d = decide(
+                &info("", "", ""),
+                ext4,
+                disk(data),
+                || Ok(Probe::Blank),
+                finished,
+            );
+            assert!(
+                matches!(&d, Refuse(m) if m.contains("disk") && m.contains("refusing to format")),
+                "{d:?}"
+            );
+        }
+        // ... except the retry of an mkfs of Berth's own that was
+        // interrupted before its signature (mkfs wrote what is there).
+        assert_eq!(
+            decide(
+                &info("", "ext4", U),
+                ext4,
+                disk(Ok(true)),
+                || Ok(Probe::Blank),
+                finished
+            ),
+            Format { force: false }
+        );
         // Formatted by Berth: mount, without probing.
         assert_eq!(
             decide(&info("ext4", "", ""), ext4, NEW, never, finished),
@@ -266,7 +328,7 @@ mod tests {
             decide(
                 &info("", "ext4", U),
                 ext4,
-                written,
+                WRITTEN,
                 || Ok(Probe::Blank),
                 finished
             ),
@@ -278,7 +340,7 @@ mod tests {
             decide(
                 &info("", "ext4", U),
                 ext4,
-                written,
+                WRITTEN,
                 || ext4_sig(U),
                 finished
             ),
@@ -288,7 +350,7 @@ mod tests {
             decide(
                 &info("", "ext4", U),
                 ext4,
-                written,
+                WRITTEN,
                 || ext4_sig(&U.to_uppercase()),
                 finished
             ),
@@ -299,7 +361,7 @@ mod tests {
         assert!(refused(decide(
             &info("", "ext4", U),
             ext4,
-            written,
+            WRITTEN,
             || ext4_sig("11111111-2222-3333-4444-555555555555"),
             finished
         )));
@@ -307,7 +369,7 @@ mod tests {
         assert!(refused(decide(
             &info("", "ext4", ""),
             ext4,
-            written,
+            WRITTEN,
             || ext4_sig(U),
             finished
         )));
@@ -316,24 +378,24 @@ mod tests {
         assert!(refused(decide(
             &info("", "ext4", U),
             xfs,
-            written,
+            WRITTEN,
             xfs_sig,
             finished
         )));
         assert!(refused(decide(
             &info("", "xfs", U),
             ext4,
-            written,
+            WRITTEN,
             || ext4_sig(U),
             finished
         )));
         // xfs: ours and unfinished (never mountable): force; finished: adopt.
         assert_eq!(
-            decide(&info("", "xfs", U), xfs, written, xfs_sig, unfinished),
+            decide(&info("", "xfs", U), xfs, WRITTEN, xfs_sig, unfinished),
             Format { force: true }
         );
         assert_eq!(
-            decide(&info("", "xfs", U), xfs, written, xfs_sig, finished),
+            decide(&info("", "xfs", U), xfs, WRITTEN, xfs_sig, finished),
             Adopt
         );
         // A device in use is never formatted.

@@ -124,6 +124,19 @@ impl BlockKind {
         files::has_data(&file)
     }
 
+    /// Whether a disk volume's disk holds data: its sample (first and
+    /// last MiB, spaced 4 KiB blocks) does not read as zeros. The pool
+    /// offered it only while it did, but its tenant may have written it
+    /// since (raw) with a record that does not know (restored from a
+    /// backup taken before).
+    fn disk_has_data(&self, device: &Path, size_bytes: u64) -> Result<bool, String> {
+        self.os
+            .devices
+            .reads_zero(device, size_bytes)
+            .map(|zeros| !zeros)
+            .map_err(|e| crate::error::chain(&e))
+    }
+
     pub(super) fn stage_volume(
         &self,
         rec: &VolumeRecord,
@@ -223,10 +236,14 @@ impl BlockKind {
         let facts_in_use = !users.is_empty();
         let facts = format::Facts {
             in_use: facts_in_use,
-            file_has_data: if info.disk.is_some() {
-                Some(false)
-            } else {
-                self.file_has_data(rec)
+            data: match &info.disk {
+                Some(d) => format::Data::Disk(if info.formatted {
+                    // Not consulted: a volume Berth formatted is mounted.
+                    Ok(false)
+                } else {
+                    self.disk_has_data(&dev.path, d.size_bytes)
+                }),
+                None => format::Data::File(self.file_has_data(rec)),
             },
         };
         let head = || self.os.devices.read_head(&dev.path);

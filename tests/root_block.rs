@@ -758,6 +758,242 @@ async fn disk_pool_with_loop_devices_as_disks() {
     assert!(mounts_under(h.dir.path()).is_empty());
 }
 
+/// Writes `data` at `offset` of the device `dev` and flushes it.
+fn write_dev(dev: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new().write(true).open(dev).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Whether `len` bytes at `offset` of the file `f` are all zeros.
+fn zeros_at(f: &Path, offset: u64, len: usize) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    File::open(f)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf.iter().all(|&b| b == 0)
+}
+
+fn blkid_code(dev: &Path) -> Option<i32> {
+    std::process::Command::new("blkid")
+        .arg("-p")
+        .arg(dev)
+        .output()
+        .unwrap()
+        .status
+        .code()
+}
+
+/// Pool disks another process holds exclusively (O_EXCL, as a dm, md or
+/// bcache device stacked on one does) or that hold data without a
+/// signature (here: in the middle, where blkid finds nothing) are not
+/// offered: the first was handed to a tenant who read the holder's
+/// blocks, the second claimed and formatted. Let go of, or erased with
+/// `blkdiscard -z`, they are offered. Fresh disks still are.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn pool_disks_held_or_holding_data_are_not_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let held = stand_in_disk(&disks, "held", 40 * MIB, None);
+    let data = stand_in_disk(&disks, "data", 64 * MIB, None);
+    let blank = stand_in_disk(&disks, "blank", 48 * MIB, None);
+    write_dev(&data, (8 * MIB) as u64, &b"SOMEONES-DATA ".repeat(100_000));
+    assert_eq!(blkid_code(&data), Some(2), "blkid finds something");
+    let pool = [&held, &data, &blank]
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool]);
+    std::mem::forget(guard); // `_g` covers the same directory
+    let holder = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&held)
+        .unwrap();
+    assert_eq!(disk_capacity(&h).await, (48 * MIB, Some(48 * MIB)));
+    let v = create(&h, "v", 30 * MIB, &[("pool", "disk")], rwo()).await;
+    assert_eq!(v.capacity_bytes, 48 * MIB, "not the blank disk");
+    let e = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: params(&[("pool", "disk")]),
+            volume_capabilities: vec![rwo()],
+            ..create_req("w", 30 * MIB)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // Let go of: offered.
+    drop(holder);
+    assert_eq!(disk_capacity(&h).await, (40 * MIB, Some(40 * MIB)));
+    // Erased: offered.
+    let st = std::process::Command::new("blkdiscard")
+        .arg("-z")
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(disk_capacity(&h).await, (104 * MIB, Some(64 * MIB)));
+    delete(&h, &v.volume_id).await;
+    assert!(mounts_under(h.dir.path()).is_empty());
+}
+
+/// A disk volume its tenant wrote raw, whose record is then restored from
+/// a backup taken before its first stage (never staged, never formatted),
+/// is refused at a filesystem NodeStageVolume, not formatted over: blkid
+/// finds nothing on it, but its first MiB is not zeros.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_disk_written_raw_is_not_formatted_after_a_record_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let disk = stand_in_disk(&disks, "a", 64 * MIB, None);
+    let file = disks.join("a");
+    let pool = disk.display().to_string();
+    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool]);
+    std::mem::forget(guard);
+    let id = create(&h, "v", 64 * MIB, &[("pool", "disk")], raw())
+        .await
+        .volume_id;
+    let backup = h.driver.store.get(&id).unwrap();
+    let s = h.path("s1");
+    stage(&h, &id, &s, raw()).await;
+    write_dev(&s.join(&id), 0, &b"TENANT-DATABASE-PAGE ".repeat(10_000));
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    // The operator restores the state backup.
+    h.driver.store.put(&backup).unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(csi::NodeStageVolumeRequest {
+            volume_capability: Some(rwo()),
+            ..stage_req(&id, &h.path("s2"))
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("does not read as zeros"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(blkid_code(&disk), Some(2), "formatted over raw data");
+    assert!(!zeros_at(&file, 0, 21));
+    assert!(mounts_under(h.dir.path()).is_empty());
+    delete(&h, &id).await;
+}
+
+/// A disk missing when its volume is deleted that comes back under another
+/// pool path and device number, without a by-id link (loop devices have
+/// none), is not recognised by its `wipe-` record, and blkid calls it
+/// blank; its data is seen: it is not offered to the next tenant.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_missing_disk_back_under_another_name_is_not_offered() {
+    use berth::os::LoopDevices;
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    let pool = dir.path().join("pool");
+    std::fs::create_dir(&disks).unwrap();
+    std::fs::create_dir(&pool).unwrap();
+    let first = stand_in_disk(&disks, "a", 64 * MIB, None);
+    std::os::unix::fs::symlink(&first, pool.join("disk1")).unwrap();
+    let pool_arg = pool.display().to_string();
+    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool_arg]);
+    std::mem::forget(guard);
+    let id = create(&h, "a", 64 * MIB, &[("pool", "disk")], raw())
+        .await
+        .volume_id;
+    let s = h.path("s1");
+    stage(&h, &id, &s, raw()).await;
+    write_dev(&s.join(&id), 0, &b"TENANT-A-SECRET ".repeat(1000));
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    // The disk disappears; its volume is deleted meanwhile.
+    std::fs::remove_file(pool.join("disk1")).unwrap();
+    berth::os::RealLoopDevices::default()
+        .detach(&first)
+        .unwrap();
+    delete(&h, &id).await;
+    // Back under another name and another device number (a spacer takes
+    // the number it had, as another device would: the wipe record claims
+    // that number).
+    let loops = berth::os::RealLoopDevices::default();
+    let mut spacers = 0;
+    let again = loop {
+        stand_in_disk(&disks, &format!("spacer{spacers}"), MIB, None);
+        let dev = loops
+            .attach(&disks.join("a"), Default::default())
+            .unwrap()
+            .device;
+        if dev != first || spacers == 8 {
+            break dev;
+        }
+        loops.detach(&dev).unwrap();
+        spacers += 1;
+    };
+    assert_ne!(again, first, "no other device number to be had");
+    std::os::unix::fs::symlink(&again, pool.join("disk2")).unwrap();
+    assert_eq!(blkid_code(&again), Some(2));
+    assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+    let e = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: params(&[("pool", "disk")]),
+            volume_capabilities: vec![raw()],
+            ..create_req("b", 64 * MIB)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(!zeros_at(&disks.join("a"), 0, 16), "wiped after all?");
+}
+
+/// --disk-wipe signatures erases signatures and the disk's sample (first
+/// and last MiB, spaced 4 KiB blocks) with BLKZEROOUT, nothing else: the
+/// disk is offered again, and a raw reader of it could still read the last
+/// tenant's bytes between the sampled blocks.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn disk_wipe_signatures_zeroes_the_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let size = 64 * MIB;
+    let disk = stand_in_disk(&disks, "a", size, None);
+    let file = disks.join("a");
+    let pool = disk.display().to_string();
+    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool, "--disk-wipe", "signatures"]);
+    std::mem::forget(guard);
+    assert_eq!(disk_capacity(&h).await, (size, Some(size)));
+    let id = create(&h, "a", size, &[("pool", "disk")], raw())
+        .await
+        .volume_id;
+    let s = h.path("s1");
+    stage(&h, &id, &s, raw()).await;
+    write_dev(&s.join(&id), 0, &vec![0xab; size as usize]);
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    delete(&h, &id).await;
+    let ranges = berth::os::blockdev::sample_ranges(size as u64);
+    for &(start, len) in &ranges {
+        assert!(zeros_at(&file, start, len as usize), "sample at {start}");
+    }
+    let gap = ranges[1].0 + ranges[1].1;
+    assert!(!zeros_at(&file, gap, 4096), "more than the sample zeroed");
+    assert_eq!(blkid_code(&disk), Some(2));
+    assert_eq!(disk_capacity(&h).await, (size, Some(size)));
+}
+
 /// An id without a record (a block id never created here) never takes down
 /// a recorded block volume's mounts, filesystem or raw: the mount shows
 /// that volume's loop device (its filesystem, or its device node bound

@@ -33,8 +33,10 @@ pub enum DiskWipe {
     /// where it has one, else the kernel writes zeros), so the next volume
     /// on it cannot read the last one's data.
     Zero,
-    /// Erase only the signatures (`wipefs -a`): instant, but a raw block
-    /// user of the disk can read the previous volume's blocks.
+    /// Erase the signatures (`wipefs -a`) and zero the sample the pool
+    /// looks at (first and last MiB, spaced 4 KiB blocks), so the disk is
+    /// offered again: instant, but a raw block user of the disk can read
+    /// the previous volume's blocks between the sampled ones.
     Signatures,
 }
 

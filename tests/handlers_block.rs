@@ -533,6 +533,82 @@ async fn a_device_held_by_another_process_is_aborted_and_nothing_is_decided() {
     assert!(b.formatted && b.formatting.is_empty());
 }
 
+/// A snapshot or clone of a volume whose first mkfs a crash interrupted
+/// holds what that mkfs wrote, with the UUID Berth gave it: the copy's
+/// first stage adopts that filesystem as the source's would (before,
+/// the copy forgot the interrupted format and refused "a filesystem that
+/// Berth did not make", so it could never be staged).
+#[tokio::test]
+async fn a_copy_of_a_volume_whose_mkfs_was_interrupted_adopts_its_filesystem() {
+    let h = block(&[]);
+    let f = h.fake();
+    let (v, _, uuid) = interrupted_mkfs(&h).await;
+    let snap = snapshot_id(&h, "s", &v.volume_id).await;
+    let from = |name: &str, source: csi::volume_content_source::Type| {
+        let mut req = create_req_p(name, 8 * MIB, &[]);
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(source),
+        });
+        req
+    };
+    let restored = h
+        .ctl
+        .create_volume(Request::new(from(
+            "r",
+            csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.clone(),
+                },
+            ),
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let clone = h
+        .ctl
+        .create_volume(Request::new(from(
+            "c",
+            csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+                volume_id: v.volume_id.clone(),
+            }),
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    f.reply(
+        "blkid",
+        out(0, &format!("UUID={uuid}\nTYPE=ext4\nUSAGE=filesystem\n")),
+    );
+    f.reply(
+        "blkid",
+        out(0, &format!("UUID={uuid}\nTYPE=ext4\nUSAGE=filesystem\n")),
+    );
+    for (copy, at) in [(&restored, "rs"), (&clone, "cs")] {
+        let b = block_info(&h, &copy.volume_id);
+        assert_eq!(
+            (
+                b.formatted,
+                b.formatting.as_str(),
+                b.formatting_uuid.as_str()
+            ),
+            (false, "ext4", uuid.as_str()),
+            "{}",
+            copy.volume_id
+        );
+        h.node
+            .node_stage_volume(Request::new(stage_req(&copy.volume_id, &h.path(at))))
+            .await
+            .unwrap_or_else(|e| panic!("staging {}: {e:?}", copy.volume_id));
+        let b = block_info(&h, &copy.volume_id);
+        assert!(b.formatted && b.fs_type == "ext4" && b.formatting.is_empty());
+    }
+    assert_eq!(runs(f, "mkfs.ext4").len(), 1, "a copy was formatted");
+}
+
 #[tokio::test]
 async fn an_interrupted_mkfs_is_never_redone_over_a_filesystem() {
     let h = block(&[]);

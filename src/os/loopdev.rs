@@ -74,6 +74,19 @@ const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
 
+/// Every loop device Berth attaches has 512-byte logical sectors, always.
+/// Asked for 0, the kernel (6.x) takes the backing file's direct-I/O
+/// alignment instead, which changes over a volume's life: a file on xfs
+/// with reflink shares extents after its first snapshot or when it is a
+/// restore or a clone, and its alignment becomes the filesystem's block
+/// (4096). The device then came up with 4096-byte sectors, and an ext4
+/// with 1 KiB blocks or an xfs made on 512-byte sectors no longer mounted
+/// (EINVAL, ENOSYS), and a raw volume changed its sector size under the
+/// pod. With 512 asked, the kernel does direct I/O only where the file
+/// allows it and buffered I/O otherwise. Kernels before LOOP_CONFIGURE
+/// (5.8) always gave 512.
+const SECTOR: u32 = 512;
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct LoopInfo64 {
@@ -248,7 +261,7 @@ impl RealLoopDevices {
     fn bind(dev: &File, file: &File, path: &Path, flags: u32) -> Result<(), std::io::Error> {
         let cfg = LoopConfig {
             fd: file.as_raw_fd() as u32,
-            block_size: 0,
+            block_size: SECTOR,
             info: LoopInfo64::for_file(path, flags),
             reserved: [0; 8],
         };

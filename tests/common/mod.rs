@@ -457,13 +457,20 @@ pub fn loops_under(dir: &Path) -> Vec<(std::path::PathBuf, std::path::PathBuf)> 
 
 /// Unmounts everything under the directory, detaches every loop device
 /// bound to a file under it, then removes the directory, when dropped.
+/// Loop devices are detached once before the unmounts too (a busy one is
+/// then cleared when its last user goes): a file on a filesystem mounted
+/// under the directory (a test's own block root) is named by its full
+/// path only while that filesystem is still mounted there.
 pub struct BlockGuard(pub std::path::PathBuf);
 
 impl Drop for BlockGuard {
     fn drop(&mut self) {
         use berth::os::LoopDevices;
-        unmount_under(&self.0);
         let loops = berth::os::RealLoopDevices::default();
+        for (dev, _) in loops_under(&self.0) {
+            let _ = loops.detach(&dev);
+        }
+        unmount_under(&self.0);
         for _ in 0..20 {
             let left = loops_under(&self.0);
             if left.is_empty() {

@@ -70,7 +70,12 @@ impl BlockKind {
         self.root.join(SNAPSHOTS).join(format!(".partial-{id}.img"))
     }
 
-    /// What a volume made from `info` inherits of it.
+    /// What a volume made from `info` inherits of it. A format that a crash
+    /// interrupted is inherited too (the copy holds what that mkfs wrote,
+    /// and the UUID it gave): the copy's first stage then adopts or redoes
+    /// it as the source's would, instead of refusing a filesystem Berth
+    /// made as one it did not. Its filesystem's UUID is the source's once
+    /// there is one.
     fn inherited(info: &BlockInfo) -> BlockInfo {
         BlockInfo {
             allocation: info.allocation,
@@ -79,11 +84,11 @@ impl BlockKind {
             mkfs_options: info.mkfs_options.clone(),
             formatted: info.formatted,
             fs_type: info.fs_type.clone(),
-            formatting: String::new(),
-            formatting_uuid: String::new(),
+            formatting: info.formatting.clone(),
+            formatting_uuid: info.formatting_uuid.clone(),
             access: info.access,
             grow_fs: info.grow_fs,
-            shared_uuid: info.formatted,
+            shared_uuid: info.formatted || !info.formatting.is_empty(),
         }
     }
 
@@ -407,6 +412,8 @@ impl BlockKind {
         let inherited = Self::inherited(&source);
         info.formatted = inherited.formatted;
         info.fs_type = inherited.fs_type;
+        info.formatting = inherited.formatting;
+        info.formatting_uuid = inherited.formatting_uuid;
         info.access = inherited.access;
         info.default_fs = inherited.default_fs;
         info.shared_uuid = inherited.shared_uuid;

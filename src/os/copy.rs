@@ -4,7 +4,9 @@
 //!   (xfs with reflink, btrfs: instant, no space used until written);
 //!   elsewhere only its data ranges are copied (SEEK_DATA / SEEK_HOLE, each
 //!   range with copy_file_range, which NFS 4.2 turns into a server-side
-//!   copy), so holes stay holes;
+//!   copy), so holes stay holes; its source is opened with O_NOFOLLOW and
+//!   must be a regular file (a snapshot's file replaced by a symlink is
+//!   never read through it);
 //! - a tree is copied entry by entry without following a symlink: modes,
 //!   owners, timestamps (nanoseconds), symlinks, hard-link groups (one
 //!   inode stays one inode), extended attributes, FIFOs and device nodes.
@@ -167,11 +169,12 @@ pub fn copy_device_to_file(src: &Path, dst: &Path, len: u64) -> Result<CopyStats
     })
 }
 
-/// Writes the data ranges of the file `src` onto the device `dst` at the
-/// same offsets (the holes are not written: the caller zeroed the device
-/// first), and flushes the device.
+/// Writes the data ranges of the regular file `src` (never read through a
+/// symlink: `open_regular`) onto the device `dst` at the same offsets (the
+/// holes are not written: the caller zeroed the device first), and flushes
+/// the device.
 pub fn copy_file_to_device(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
-    let s = File::open(src).map_err(sys("open", src))?;
+    let s = open_regular(src)?;
     let d = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
@@ -201,10 +204,33 @@ pub fn copy_file_to_device(src: &Path, dst: &Path) -> Result<CopyStats, OsError>
     })
 }
 
+/// Opens the regular file `path` for reading, never through a symlink
+/// (ELOOP) and never blocking on a FIFO: what is copied is the file Berth
+/// made at that name, not what a symlink put in its place names (another
+/// volume's backing file, a host file). Anything else than a regular file
+/// (a FIFO, a device, a directory) is refused.
+fn open_regular(path: &Path) -> Result<File, OsError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(sys("open", path))?;
+    let m = f.metadata().map_err(sys("stat", path))?;
+    if !m.file_type().is_file() {
+        return Err(OsError::sys(
+            "open",
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
+    Ok(f)
+}
+
 /// Copies the regular file `src` to the new file `dst` (created mode 0600,
-/// never over an existing file), content only, and syncs it.
+/// never over an existing file), content only, and syncs it. `src` is
+/// never read through a symlink (`open_regular`).
 pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
-    let s = File::open(src).map_err(sys("open", src))?;
+    let s = open_regular(src)?;
     let d = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -449,6 +475,32 @@ mod tests {
         assert!(st.cloned == 1 || st.bytes < 1 << 20, "{st:?}");
         // Never over an existing file.
         assert!(copy_file(&a, &b).is_err());
+    }
+
+    #[test]
+    fn a_file_is_never_copied_through_a_symlink_or_from_a_non_file() {
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("secret");
+        std::fs::write(&secret, b"another tenant's data").unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let fifo = t.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o600)).unwrap();
+        let dir = t.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        let dev = t.path().join("dev");
+        std::fs::write(&dev, b"").unwrap();
+        for (n, src) in [&link, &dir, &fifo].into_iter().enumerate() {
+            let dst = t.path().join(format!("copy-{n}"));
+            let e = copy_file(src, &dst).unwrap_err();
+            assert!(e.to_string().contains(&src.display().to_string()), "{e}");
+            assert!(!dst.exists(), "{src:?}: {dst:?} was made");
+            // Onto a device: nothing written.
+            assert!(copy_file_to_device(src, &dev).is_err(), "{src:?}");
+            assert_eq!(std::fs::read(&dev).unwrap(), b"", "{src:?}");
+        }
+        let e = copy_file(&link, &t.path().join("x")).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ELOOP), "{e}");
     }
 
     #[test]

@@ -60,7 +60,9 @@ pub trait Files: Send + Sync {
     fn sync_data(&self, file: &File, path: &Path) -> Result<(), OsError>;
     /// fsync(2) of a directory (makes the entries in it durable).
     fn sync_dir(&self, path: &Path) -> Result<(), OsError>;
-    /// Copies the regular file `src` to the new file `dst` (see `copy`).
+    /// Copies the regular file `src` to the new file `dst` (see `copy`);
+    /// `src` is opened with O_NOFOLLOW, and anything else than a regular
+    /// file there is refused.
     fn copy_file(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
     /// Copies the directory tree `src` to `dst`, which must not exist (see
     /// `copy`).
@@ -82,8 +84,9 @@ pub trait Files: Send + Sync {
         dst: &Path,
         len: u64,
     ) -> Result<super::copy::CopyStats, OsError>;
-    /// Writes the data of the file `src` onto the device `dst`, which the
-    /// caller zeroed (see `copy`).
+    /// Writes the data of the regular file `src` (opened as `copy_file`
+    /// opens it) onto the device `dst`, which the caller zeroed (see
+    /// `copy`).
     fn copy_to_device(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
     /// FIFREEZE: blocks writes to the filesystem mounted at `mount_point`
     /// and makes it consistent on its device, until `thaw`.

@@ -406,6 +406,7 @@ async fn an_interrupted_snapshot_is_removed_at_start() {
                 created_secs: 1,
                 created_nanos: 0,
                 block: None,
+                file_bytes: None,
             },
             |_| Ok::<(), berth::state::StateError>(()),
         )
@@ -721,6 +722,7 @@ async fn a_filesystem_frozen_by_an_interrupted_copy_is_thawed_at_start() {
                 created_secs: 1,
                 created_nanos: 0,
                 block: None,
+                file_bytes: None,
             },
             |_| Ok::<(), berth::state::StateError>(()),
         )

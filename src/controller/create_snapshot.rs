@@ -120,6 +120,7 @@ fn create(
                 created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
                 created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
                 block: None,
+                file_bytes: None,
             };
             d.store.snapshot_insert_new(rec, |_| Ok::<(), Error>(()))?
         }

@@ -504,6 +504,14 @@ pub struct SnapshotRecord {
     /// filesystem made, access type, defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockInfo>,
+    /// Block snapshots: the length of the snapshot's file as it was made
+    /// (the source's file or disk then), which a restore and `berth state
+    /// check` require the file to have. It can be less than `size_bytes`: a
+    /// volume whose new size ControllerExpandVolume recorded has its file
+    /// grown on its node later. None in records made before it was
+    /// recorded (2026-12-05): their files were made `size_bytes` long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_bytes: Option<u64>,
 }
 
 #[cfg(test)]

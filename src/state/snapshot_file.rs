@@ -559,6 +559,7 @@ mod tests {
             created_secs: 3,
             created_nanos: 4,
             block: None,
+            file_bytes: None,
         }
     }
 

@@ -1543,6 +1543,7 @@ mod tests {
             created_secs: 1,
             created_nanos: 2,
             block: None,
+            file_bytes: None,
         }
     }
 

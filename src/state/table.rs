@@ -212,6 +212,7 @@ mod tests {
             created_secs: 0,
             created_nanos: 0,
             block: None,
+            file_bytes: None,
         })
     }
 

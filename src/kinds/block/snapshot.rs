@@ -184,6 +184,16 @@ impl BlockKind {
                 return Err(e);
             }
         };
+        // The length a restore and `state check` require of the file (less
+        // than `size_bytes` when the volume's expansion has not reached its
+        // file yet).
+        snap.file_bytes = match std::fs::symlink_metadata(&partial) {
+            Ok(m) => Some(m.len()),
+            Err(e) => {
+                let _ = f.remove_file(&partial);
+                return Err(Error::io(format!("inspecting {}", partial.display()), e));
+            }
+        };
         snap.block = Some(Self::inherited(&info));
         if !publish {
             return Ok(partial);
@@ -329,6 +339,7 @@ impl BlockKind {
                     created_secs: 0,
                     created_nanos: 0,
                     block: None,
+                    file_bytes: None,
                 };
                 let file = self.copy_volume(v, &mut tmp, false)?;
                 let info = tmp.block.clone().unwrap_or_default();

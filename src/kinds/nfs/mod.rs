@@ -701,6 +701,7 @@ impl VolumeKind for NfsKind {
             created_secs: 0,
             created_nanos: 0,
             block: None,
+            file_bytes: None,
         })
     }
 

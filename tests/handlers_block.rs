@@ -2746,6 +2746,80 @@ async fn unstage_by_path_detaches_a_loop_of_a_file_moved_aside() {
     assert_eq!(left, vec![other]);
 }
 
+/// A restore onto a whole disk from a snapshot whose file is damaged (a
+/// symlink to another volume's file, a file cut short) is refused before a
+/// disk is claimed or erased: FAILED_PRECONDITION, no record, every disk
+/// still free and unwritten. Before, the link was followed (and the short
+/// file written onto the disk as if whole).
+#[tokio::test]
+async fn a_damaged_snapshot_is_never_restored_onto_a_disk() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    script_blank(f);
+    let a = create(&h, "a", 8 * MIB, &[]).await;
+    let b = create(&h, "b", 8 * MIB, &[]).await;
+    write_at(&img(&h, &b.volume_id), b"tenant b", MIB as u64);
+    let snap = h
+        .ctl
+        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: "s".into(),
+            source_volume_id: a.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let file = h
+        .path("block/.snapshots")
+        .join(format!("{}.img", snap.snapshot_id));
+    let restore = || {
+        let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        });
+        req
+    };
+    let damage: [&dyn Fn(); 2] = [
+        &|| {
+            std::fs::remove_file(&file).unwrap();
+            std::os::unix::fs::symlink(img(&h, &b.volume_id), &file).unwrap();
+        },
+        &|| {
+            std::fs::remove_file(&file).unwrap();
+            std::fs::write(&file, vec![0u8; MIB as usize]).unwrap();
+        },
+    ];
+    for d in damage {
+        d();
+        f.clear_calls();
+        let e = h
+            .ctl
+            .create_volume(Request::new(restore()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("damaged"), "{e:?}");
+        assert!(h.driver.store.get_by_name("r").is_none());
+        assert!(
+            !f.calls().iter().any(|c| matches!(c, Call::ZeroOut { .. })),
+            "a disk was erased"
+        );
+        for d in ["d10", "d20", "d30"] {
+            assert!(
+                std::fs::read(dir.join(d)).unwrap().is_empty(),
+                "{d} was written"
+            );
+        }
+    }
+}
+
 /// The block root's `.snapshots` replaced by a symlink to a directory
 /// outside the root: start-up removes no unfinished-copy file
 /// (`.partial-*`) there (it did, through the link).

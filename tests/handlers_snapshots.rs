@@ -740,3 +740,302 @@ async fn a_filesystem_frozen_by_an_interrupted_copy_is_thawed_at_start() {
     assert_eq!(thawed, vec![&staging], "{ops:?}");
     assert!(h.driver.store.snapshot_get(&id).is_none());
 }
+
+/// `berth state check` beside the running driver (it takes no lock): whether
+/// it found no error, and what it printed.
+fn state_check(h: &Harness) -> (bool, String) {
+    let mut out = Vec::new();
+    let ok = berth::state::tools::check(&h.driver.cfg, &h.driver.os, &mut out).unwrap();
+    (ok, String::from_utf8(out).unwrap())
+}
+
+fn snap_img(h: &Harness, id: &str) -> PathBuf {
+    h.path("block/.snapshots").join(format!("{id}.img"))
+}
+
+fn write_at(path: &Path, data: &[u8], offset: u64) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(data, offset)
+        .unwrap();
+}
+
+fn block_restore(name: &str, size: i64, snap: &str, raw: bool) -> csi::CreateVolumeRequest {
+    let mut req = from_snapshot(name, size, snap);
+    req.parameters.insert("kind".into(), "block".into());
+    if raw {
+        req.volume_capabilities = vec![block_cap(
+            csi::volume_capability::access_mode::Mode::SingleNodeWriter,
+        )];
+    }
+    req
+}
+
+/// A block snapshot's file replaced by a symlink (to another tenant's
+/// backing file, to a host file) is never followed: a restore from it is
+/// FAILED_PRECONDITION, says the snapshot's copy is damaged and creates
+/// nothing, and `state check` reports it as an error. Before, the restore
+/// answered OK with the link target's bytes in the new volume, and `check`
+/// found nothing.
+#[tokio::test]
+async fn a_block_snapshot_file_replaced_by_a_symlink_is_never_followed() {
+    let h = fake(&["--kinds", "block"]);
+    script_blank(h.fake());
+    let a = create_p(&h, "a", 8 * MIB, &[]).await;
+    let b = create_p(&h, "b", 8 * MIB, &[]).await;
+    write_at(&img(&h, &a.volume_id), b"tenant-a", 4096);
+    write_at(&img(&h, &b.volume_id), b"tenant-b-secret", 4096);
+    let s = snapshot(&h, "s", &a.volume_id).await;
+    let (ok, text) = state_check(&h);
+    assert!(ok, "{text}");
+    let outside = tempfile::tempdir().unwrap();
+    let host = outside.path().join("host-file");
+    std::fs::write(&host, b"HOST-ONLY-SECRET".repeat(1 << 16)).unwrap();
+    let file = snap_img(&h, &s.snapshot_id);
+    for (n, target) in [img(&h, &b.volume_id), host.clone()].iter().enumerate() {
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(target, &file).unwrap();
+        let before = made_in(&h.path("block"));
+        for raw in [false, true] {
+            let name = format!("r{n}-{raw}");
+            let e = h
+                .ctl
+                .create_volume(Request::new(block_restore(
+                    &name,
+                    8 * MIB,
+                    &s.snapshot_id,
+                    raw,
+                )))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{target:?}: {e:?}");
+            assert!(
+                e.message().contains(&s.snapshot_id)
+                    && e.message().contains("damaged")
+                    && e.message().contains("not a regular file"),
+                "{e:?}"
+            );
+            assert!(h.driver.store.get_by_name(&name).is_none());
+        }
+        assert_eq!(made_in(&h.path("block")), before, "something was created");
+        let (ok, text) = state_check(&h);
+        assert!(
+            !ok && text.contains(&s.snapshot_id) && text.contains("symbolic link"),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&host).unwrap(),
+        b"HOST-ONLY-SECRET".repeat(1 << 16)
+    );
+}
+
+/// A block snapshot's file cut short, grown, or removed: a restore from it
+/// is FAILED_PRECONDITION naming the damage and creates nothing (before, a
+/// short file was padded with zeros to the recorded size and handed out as
+/// a volume whose filesystem does not mount), and `state check` reports
+/// each as an error. A snapshot taken after ControllerExpandVolume recorded
+/// a larger size, before the node grew the file, is shorter than its
+/// size_bytes and whole: it restores and checks clean. So does a record
+/// from before the file's length was recorded, against its size_bytes.
+#[tokio::test]
+async fn a_block_snapshot_file_of_the_wrong_length_or_missing_is_refused_and_reported() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    f.set_usage(
+        None,
+        berth::os::FsUsage {
+            total_bytes: 1000 * MIB as u64,
+            available_bytes: 500 * MIB as u64,
+            ..Default::default()
+        },
+    );
+    let v = create_p(&h, "v", 8 * MIB, &[]).await;
+    write_at(&img(&h, &v.volume_id), b"filesystem data", 4096);
+    let short = snapshot(&h, "short", &v.volume_id).await;
+    let long = snapshot(&h, "long", &v.volume_id).await;
+    let gone = snapshot(&h, "gone", &v.volume_id).await;
+    let whole = snapshot(&h, "whole", &v.volume_id).await;
+    // Expanded by the controller; the node has not grown the file yet.
+    h.ctl
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 16 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(img(&h, &v.volume_id)).unwrap().len(),
+        (8 * MIB) as u64
+    );
+    let window = snapshot(&h, "window", &v.volume_id).await;
+    assert_eq!(window.size_bytes, 16 * MIB);
+    // A record of a snapshot made before the file's length was recorded.
+    let mut old = serde_json::to_value(h.driver.store.snapshot_get(&whole.snapshot_id)).unwrap();
+    old.as_object_mut().unwrap().remove("file_bytes");
+    let old: SnapshotRecord = serde_json::from_value(old).unwrap();
+    h.driver.store.snapshot_put(&old).unwrap();
+    let (ok, text) = state_check(&h);
+    assert!(ok, "{text}");
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap_img(&h, &short.snapshot_id))
+        .unwrap()
+        .set_len(MIB as u64)
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap_img(&h, &long.snapshot_id))
+        .unwrap()
+        .set_len((8 * MIB + 4096) as u64)
+        .unwrap();
+    std::fs::remove_file(snap_img(&h, &gone.snapshot_id)).unwrap();
+    let (ok, text) = state_check(&h);
+    assert!(!ok, "{text}");
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 3, "{text}");
+    for (s, says) in [
+        (&short, "1048576 bytes"),
+        (&long, "8392704 bytes"),
+        (&gone, "missing"),
+    ] {
+        assert!(
+            errors
+                .iter()
+                .any(|l| l.contains(&s.snapshot_id) && l.contains(says)),
+            "{text}"
+        );
+    }
+
+    let before = made_in(&h.path("block"));
+    for (s, says) in [(&short, "damaged"), (&long, "damaged"), (&gone, "missing")] {
+        let e = h
+            .ctl
+            .create_volume(Request::new(block_restore(
+                "r",
+                16 * MIB,
+                &s.snapshot_id,
+                false,
+            )))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains(&s.snapshot_id) && e.message().contains(says),
+            "{e:?}"
+        );
+        assert!(h.driver.store.get_by_name("r").is_none());
+    }
+    assert!(
+        h.ctl
+            .create_volume(Request::new(block_restore(
+                "r",
+                16 * MIB,
+                &short.snapshot_id,
+                false
+            )))
+            .await
+            .unwrap_err()
+            .message()
+            .contains("1048576 bytes"),
+        "the message names the length found"
+    );
+    assert_eq!(made_in(&h.path("block")), before, "something was created");
+
+    for s in [&window, &whole] {
+        let r = h
+            .ctl
+            .create_volume(Request::new(block_restore(
+                &format!("from-{}", s.snapshot_id),
+                16 * MIB,
+                &s.snapshot_id,
+                false,
+            )))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let mut data = vec![0u8; 15];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(img(&h, &r.volume_id)).unwrap(),
+            &mut data,
+            4096,
+        )
+        .unwrap();
+        assert_eq!(&data, b"filesystem data");
+        assert_eq!(
+            std::fs::metadata(img(&h, &r.volume_id)).unwrap().len(),
+            (16 * MIB) as u64
+        );
+    }
+}
+
+/// A local snapshot's directory replaced by a symlink (to another volume's
+/// directory) is never followed: a restore from it is FAILED_PRECONDITION
+/// and creates nothing (before, the copy failed half way, INTERNAL), and
+/// `state check` reports it, as it reports a missing one.
+#[tokio::test]
+async fn a_local_snapshot_directory_replaced_by_a_symlink_is_never_followed() {
+    let h = fake(&[]);
+    let a = create_p(&h, "a", MIB, &[]).await;
+    let b = create_p(&h, "b", MIB, &[]).await;
+    std::fs::write(vol_dir(&h, &b.volume_id).join("secret"), b"tenant b").unwrap();
+    let s = snapshot(&h, "s", &a.volume_id).await;
+    let gone = snapshot(&h, "gone", &a.volume_id).await;
+    let (ok, text) = state_check(&h);
+    assert!(ok, "{text}");
+    let dir = h.path("local/.snapshots").join(&s.snapshot_id);
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(vol_dir(&h, &b.volume_id), &dir).unwrap();
+    std::fs::remove_dir_all(h.path("local/.snapshots").join(&gone.snapshot_id)).unwrap();
+    let before = made_in(&h.path("local"));
+    let e = h
+        .ctl
+        .create_volume(Request::new(from_snapshot("r", MIB, &s.snapshot_id)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(&s.snapshot_id)
+            && e.message().contains("damaged")
+            && e.message().contains("not a directory"),
+        "{e:?}"
+    );
+    let e = h
+        .ctl
+        .create_volume(Request::new(from_snapshot("r", MIB, &gone.snapshot_id)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("missing"), "{e:?}");
+    assert!(h.driver.store.get_by_name("r").is_none());
+    assert_eq!(made_in(&h.path("local")), before, "something was created");
+    if h.path("local/.creating").exists() {
+        assert_eq!(made_in(&h.path("local/.creating")).len(), 0);
+    }
+    let (ok, text) = state_check(&h);
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("error")).collect();
+    assert!(!ok && errors.len() == 2, "{text}");
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains(&s.snapshot_id) && l.contains("symbolic link")),
+        "{text}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains(&gone.snapshot_id) && l.contains("missing")),
+        "{text}"
+    );
+}

@@ -13,7 +13,7 @@ pub mod local;
 pub mod nfs;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::node::mounts::LazyTable;
@@ -191,6 +191,111 @@ pub struct NodeExpandArgs<'a> {
 pub enum Source<'a> {
     Snapshot(&'a SnapshotRecord),
     Volume(&'a VolumeRecord),
+}
+
+/// What is wrong with the stored copy of a local or block snapshot (its
+/// directory or file under the root's `.snapshots/`), as found without
+/// following a symlink: a restore from it is refused and `berth state
+/// check` reports it. Never repaired: a copy that is not what Berth made is
+/// not restored from.
+#[derive(Debug)]
+pub enum CopyFlaw {
+    /// Nothing at its path (or the path cannot be looked at).
+    Missing {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// Something else than what Berth made there: a symlink (never
+    /// followed: it could name another volume's storage or a host file), a
+    /// FIFO, a file where a directory belongs, ...
+    NotOurs {
+        path: PathBuf,
+        found: &'static str,
+        want: &'static str,
+    },
+    /// A block snapshot's file of another length than it was made with
+    /// (cut short, or grown, by hand or by a damaged filesystem).
+    WrongLength { path: PathBuf, have: u64, want: u64 },
+}
+
+impl CopyFlaw {
+    /// How the copy is: "missing" or "damaged".
+    pub fn state(&self) -> &'static str {
+        match self {
+            CopyFlaw::Missing { .. } => "missing",
+            _ => "damaged",
+        }
+    }
+
+    /// The error a restore from snapshot `id` answers (FAILED_PRECONDITION).
+    pub fn error(&self, id: &str) -> Error {
+        Error::WrongState(format!(
+            "the copy of snapshot {id} is {}: {self}; nothing is restored from it",
+            self.state()
+        ))
+    }
+}
+
+impl std::fmt::Display for CopyFlaw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CopyFlaw::Missing { path, error } => write!(f, "{}: {error}", path.display()),
+            CopyFlaw::NotOurs { path, found, want } => {
+                write!(f, "{} is {found}, not {want}", path.display())
+            }
+            CopyFlaw::WrongLength { path, have, want } => write!(
+                f,
+                "{} has {have} bytes, not the {want} it was made with (cut short or changed since)",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// The metadata of a snapshot's stored copy at `path` (a symlink there is
+/// not followed), or what is wrong with it: missing, or not a directory
+/// (`want_dir`) or regular file (otherwise).
+pub(crate) fn stored_copy(path: &Path, want_dir: bool) -> Result<std::fs::Metadata, CopyFlaw> {
+    let m = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(error) => {
+            return Err(CopyFlaw::Missing {
+                path: path.to_path_buf(),
+                error,
+            })
+        }
+    };
+    let t = m.file_type();
+    if (want_dir && t.is_dir()) || (!want_dir && t.is_file()) {
+        return Ok(m);
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let found = if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "of an unknown type"
+    };
+    Err(CopyFlaw::NotOurs {
+        path: path.to_path_buf(),
+        found,
+        want: if want_dir {
+            "a directory"
+        } else {
+            "a regular file"
+        },
+    })
 }
 
 pub trait VolumeKind: Send + Sync {
@@ -514,7 +619,10 @@ pub trait VolumeKind: Send + Sync {
     }
 
     /// INVALID_ARGUMENT when the volume `id` (of this kind) cannot be made
-    /// from `from` (NFS: a source on another share). Default: it can.
+    /// from `from` (NFS: a source on another share); FAILED_PRECONDITION
+    /// when the stored copy of a source snapshot is missing or damaged
+    /// (local, block: `CopyFlaw`). Called before the new volume is
+    /// recorded. Default: it can.
     fn check_source(&self, id: &str, from: Source<'_>) -> Result<()> {
         let _ = (id, from);
         Ok(())

@@ -4,9 +4,10 @@
 //! - `check` changes nothing: it reads the journal (every flaw, with file,
 //!   line and byte), and compares the records with what is on disk: a
 //!   volume's directory, backing file or pool disk that is missing or not
-//!   what the record says, loop devices of Berth's files without a record,
-//!   storage without a record (orphans) and what was moved aside. It
-//!   takes no lock, so it can run next to a serving berth.
+//!   what the record says, a snapshot's copy that is missing or damaged,
+//!   loop devices of Berth's files without a record, storage without a
+//!   record (orphans) and what was moved aside. It takes no lock, so it
+//!   can run next to a serving berth.
 //! - `export` prints every readable record as one JSON document, for backup
 //!   and support; damage is listed in it and makes the exit code 1.
 //! - `repair` is the operator's decision to drop damaged journal lines: it
@@ -25,7 +26,7 @@ use super::journal::{self, Scan};
 use super::lock::DirLock;
 use super::snapshot_file::Writer as SnapshotWriter;
 use super::store::journal_dir;
-use super::{legacy, Kind, Phase, StateError, VolumeRecord};
+use super::{legacy, Kind, Phase, SnapshotRecord, StateError, VolumeRecord};
 use crate::config::Config;
 use crate::os::files::{Files, Open};
 use crate::os::Os;
@@ -273,6 +274,41 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     out
 }
 
+/// Compares the snapshot records with their stored copies (local and block
+/// snapshots; NFS snapshots live on their share): a copy that is missing,
+/// not what Berth made there (a symlink: a restore never follows it), or
+/// a block snapshot's file not as long as it was made is an error, as a
+/// restore from it is refused.
+pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let local_root = cfg.local_root();
+    let block_root = cfg.block_root();
+    for s in snapshots {
+        if s.phase != Phase::Ready {
+            out.push(warning(format!(
+                "snapshot {} ({}) is {:?}: an operation was interrupted; start-up removes it",
+                s.id, s.name, s.phase
+            )));
+            continue;
+        }
+        let flaw = match s.kind {
+            Kind::Local => crate::kinds::local::snapshot_copy_flaw(&local_root, s),
+            Kind::Block => crate::kinds::block::snapshot_copy_flaw(&block_root, s),
+            Kind::Nfs => None,
+        };
+        if let Some(flaw) = flaw {
+            out.push(error(format!(
+                "snapshot {} ({}) of volume {}: its copy is {}: {flaw}; a restore from it is refused",
+                s.id,
+                s.name,
+                s.source_volume_id,
+                flaw.state()
+            )));
+        }
+    }
+    out
+}
+
 /// What `check` says of a volume's storage found without a record.
 const LOST_RECORD: &str = "has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)";
 
@@ -307,6 +343,9 @@ pub fn check(cfg: &Config, os: &Os, out: &mut dyn Write) -> Result<bool, StateEr
     let mut records: Vec<VolumeRecord> = scan.records.values().cloned().chain(legacy).collect();
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
     findings.extend(storage_findings(cfg, os, &records));
+    let mut snapshots: Vec<&SnapshotRecord> = scan.snapshots.values().collect();
+    snapshots.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    findings.extend(snapshot_findings(cfg, &snapshots));
     let mut counts = BTreeMap::new();
     for r in &records {
         *counts.entry(r.kind.as_str()).or_insert(0) += 1;
@@ -342,7 +381,7 @@ struct Export<'a> {
     state_dir: PathBuf,
     generation: u64,
     records: Vec<&'a VolumeRecord>,
-    snapshots: Vec<&'a super::SnapshotRecord>,
+    snapshots: Vec<&'a SnapshotRecord>,
     damage: Vec<String>,
     torn_tail_bytes: u64,
 }

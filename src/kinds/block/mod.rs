@@ -25,6 +25,8 @@ mod node;
 pub mod params;
 mod snapshot;
 
+pub use snapshot::snapshot_copy_flaw;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -658,6 +660,15 @@ impl VolumeKind for BlockKind {
 
     fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
         self.remove_snapshot(snap)
+    }
+
+    /// A snapshot whose file is missing or damaged is refused before the
+    /// new volume is recorded.
+    fn check_source(&self, _id: &str, from: Source<'_>) -> Result<()> {
+        match from {
+            Source::Snapshot(s) => self.usable_snapshot_file(s).map(|_| ()),
+            Source::Volume(_) => Ok(()),
+        }
     }
 
     fn create_from(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {

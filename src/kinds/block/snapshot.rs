@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use super::{BlockKind, Dev};
 use crate::error::{Error, Result};
 use crate::kinds::local::copy_error;
-use crate::kinds::Source;
+use crate::kinds::{stored_copy, CopyFlaw, Source};
 use crate::node::mounts;
 use crate::os::files::ensure_dir;
 use crate::os::MountEntry;
@@ -55,6 +55,29 @@ fn filesystem_mounts<'a>(t: &'a [MountEntry], dev: &Dev) -> Vec<&'a MountEntry> 
         .collect()
 }
 
+/// The file of block snapshot `id` in the block root `root`.
+fn snapshot_path(root: &Path, id: &str) -> PathBuf {
+    root.join(SNAPSHOTS).join(format!("{id}.img"))
+}
+
+/// What is wrong with the file of the block snapshot `s` in the block root
+/// `root`, if anything: missing, not a regular file (a symlink there is
+/// never followed), or not as long as it was made (`file_bytes`; a record
+/// from before that was recorded: `size_bytes`, which its file was made
+/// with). A restore refuses such a snapshot; `berth state check` reports
+/// it.
+pub fn snapshot_copy_flaw(root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
+    let path = snapshot_path(root, &s.id);
+    let have = match stored_copy(&path, false) {
+        Ok(m) => m.len(),
+        Err(flaw) => return Some(flaw),
+    };
+    let want = s
+        .file_bytes
+        .unwrap_or_else(|| u64::try_from(s.size_bytes).unwrap_or(0));
+    (have != want).then_some(CopyFlaw::WrongLength { path, have, want })
+}
+
 impl BlockKind {
     /// The file of a snapshot; only for ids this kind owns.
     fn snapshot_file(&self, id: &str) -> Result<PathBuf> {
@@ -63,7 +86,17 @@ impl BlockKind {
                 "snapshot {id} is not a block snapshot"
             )));
         }
-        Ok(self.root.join(SNAPSHOTS).join(format!("{id}.img")))
+        Ok(snapshot_path(&self.root, id))
+    }
+
+    /// The file of snapshot `s` to restore from: FAILED_PRECONDITION when
+    /// it is missing or damaged (`snapshot_copy_flaw`).
+    pub(super) fn usable_snapshot_file(&self, s: &SnapshotRecord) -> Result<PathBuf> {
+        let file = self.snapshot_file(&s.id)?;
+        match snapshot_copy_flaw(&self.root, s) {
+            Some(flaw) => Err(flaw.error(&s.id)),
+            None => Ok(file),
+        }
     }
 
     fn partial_file(&self, id: &str) -> PathBuf {
@@ -310,14 +343,9 @@ impl BlockKind {
         // The file to copy from; a clone first takes an unlisted snapshot.
         let (src, info, source_size, tmp) = match from {
             Source::Snapshot(s) => {
-                let file = self.snapshot_file(&s.id)?;
-                if !file.is_file() {
-                    return Err(Error::WrongState(format!(
-                        "the copy of snapshot {} is missing ({})",
-                        s.id,
-                        file.display()
-                    )));
-                }
+                // Checked before anything is made (also when the CO
+                // retries a restore that `check_source` let through).
+                let file = self.usable_snapshot_file(s)?;
                 (
                     file,
                     s.block.clone().unwrap_or_default(),

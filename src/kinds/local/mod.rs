@@ -26,8 +26,8 @@ use crate::state::{AccessType, Capability, Kind, SnapshotRecord, Store, VolumeRe
 
 use self::quota::{Enforcement, Projects};
 use super::{
-    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, Source, VolumeKind,
-    VolumeStats,
+    stored_copy, CopyFlaw, Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs,
+    Source, VolumeKind, VolumeStats,
 };
 
 const PREFIX: &str = "local-";
@@ -85,6 +85,14 @@ pub fn copy_error(what: String, e: crate::os::OsError) -> Error {
 /// the caller: `LocalKind::dir`).
 pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
     root.join(id)
+}
+
+/// What is wrong with the directory of the local snapshot `s` in the local
+/// root `root`, if anything: missing, or not a directory (a symlink there
+/// is never followed). A restore refuses such a snapshot; `berth state
+/// check` reports it.
+pub fn snapshot_copy_flaw(root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
+    stored_copy(&root.join(SNAPSHOTS).join(&s.id), true).err()
 }
 
 pub struct LocalKind {
@@ -348,6 +356,16 @@ impl LocalKind {
             )));
         }
         Ok(self.root.join(SNAPSHOTS).join(id))
+    }
+
+    /// The directory of snapshot `s` to restore from: FAILED_PRECONDITION
+    /// when it is missing or damaged (`snapshot_copy_flaw`).
+    fn usable_snapshot_dir(&self, s: &SnapshotRecord) -> Result<PathBuf> {
+        let dir = self.snapshot_dir(&s.id)?;
+        match snapshot_copy_flaw(&self.root, s) {
+            Some(flaw) => Err(flaw.error(&s.id)),
+            None => Ok(dir),
+        }
     }
 
     /// Copies the tree `src` to `dest` through a temp directory in `tmp_in`
@@ -890,21 +908,20 @@ impl VolumeKind for LocalKind {
         self.remove_tree(&dest)
     }
 
+    /// A snapshot whose directory is missing or damaged is refused before
+    /// the new volume is recorded.
+    fn check_source(&self, _id: &str, from: Source<'_>) -> Result<()> {
+        match from {
+            Source::Snapshot(s) => self.usable_snapshot_dir(s).map(|_| ()),
+            Source::Volume(_) => Ok(()),
+        }
+    }
+
     /// The new volume's directory is a copy of the snapshot's or the source
     /// volume's, made under `.creating/` and moved into place whole.
     fn create_from(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
         let src = match from {
-            Source::Snapshot(s) => {
-                let d = self.snapshot_dir(&s.id)?;
-                if !d.is_dir() {
-                    return Err(Error::WrongState(format!(
-                        "the copy of snapshot {} is missing ({})",
-                        s.id,
-                        d.display()
-                    )));
-                }
-                d
-            }
+            Source::Snapshot(s) => self.usable_snapshot_dir(s)?,
             Source::Volume(v) => self.require_dir(&v.id)?,
         };
         let dest = self.dir(&rec.id)?;

@@ -15,11 +15,15 @@
 //!   every attempt, never made of blocks from different moments;
 //! - a volume nobody uses is copied as it is.
 //!
-//! A restore or clone copies the snapshot's (or the source volume's) file
-//! to the new volume's file the same way and grows it to the new size; the
-//! new volume inherits what Berth knows of its content (formatted, which
-//! filesystem, raw or filesystem), and a filesystem smaller than its volume
-//! is grown at the next stage.
+//! A restore takes the snapshot's file only as it was made: a regular file
+//! (never read through a symlink put in its place) of the length its record
+//! keeps (`snapshot_copy_flaw`); anything else is damage, refused before
+//! the new volume is recorded and reported by `berth state check`, never
+//! repaired. A restore or clone copies the snapshot's (or the source
+//! volume's) file to the new volume's file the same way and grows it to the
+//! new size; the new volume inherits what Berth knows of its content
+//! (formatted, which filesystem, raw or filesystem), and a filesystem
+//! smaller than its volume is grown at the next stage.
 //!
 //! Whole-disk volumes (`pool: disk`) are copied into a snapshot file the
 //! same way (the zero parts of the disk become holes); a raw disk in use

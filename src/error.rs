@@ -109,6 +109,14 @@ impl Error {
             Error::BadSize(_) => Code::OutOfRange,
             Error::NoSpace(_) if expand => Code::OutOfRange,
             Error::NoSpace(_) | Error::WrongNode(_) => Code::ResourceExhausted,
+            // A filesystem out of blocks or inodes where a create or a
+            // snapshot writes: no room, as the spec's tables say for them.
+            Error::Os { source, .. }
+                if matches!(rpc, "CreateVolume" | "CreateSnapshot")
+                    && matches!(source.errno(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                Code::ResourceExhausted
+            }
             Error::Busy(_) => Code::Aborted,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
@@ -120,15 +128,38 @@ impl Error {
         }
     }
 
-    /// The status `rpc` answers with.
+    /// The status `rpc` answers with. Its message is cut to `MAX_MESSAGE`
+    /// bytes: it travels in a header (`grpc-message`), and clients refuse
+    /// header lists over 8 or 16 KiB, answering their own
+    /// RESOURCE_EXHAUSTED or INTERNAL in place of the driver's error (an
+    /// error naming many long paths came to 8.3 KB).
     pub fn status_in(&self, rpc: &str) -> Status {
-        Status::new(self.code_in(rpc), self.render())
+        Status::new(self.code_in(rpc), bounded(self.render()))
     }
 
     /// The message with every source in the chain: "a: b: c".
     pub fn render(&self) -> String {
         chain(self)
     }
+}
+
+/// The most bytes of an error message an RPC answers with.
+pub const MAX_MESSAGE: usize = 2048;
+
+/// `m` cut to at most `MAX_MESSAGE` bytes, on a character boundary, saying
+/// how much was cut.
+fn bounded(mut m: String) -> String {
+    if m.len() <= MAX_MESSAGE {
+        return m;
+    }
+    let total = m.len();
+    let mut end = MAX_MESSAGE - 64;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    m.truncate(end);
+    m.push_str(&format!(" ... ({} more bytes cut)", total - end));
+    m
 }
 
 /// Any error's message with every source in its chain: "a: b: c" (the
@@ -187,5 +218,35 @@ mod tests {
             },
         );
         assert_eq!(t.code(), Code::DeadlineExceeded);
+    }
+
+    /// A filesystem out of blocks or inodes (ENOSPC, EDQUOT from the OS)
+    /// is no room for CreateVolume and CreateSnapshot (it was INTERNAL),
+    /// and stays INTERNAL where the spec lists no such row.
+    #[test]
+    fn an_os_error_for_no_room_is_resource_exhausted_where_a_create_writes() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = Error::os(
+                "creating /x",
+                OsError::sys("mkdir", "/x", std::io::Error::from_raw_os_error(errno)),
+            );
+            assert_eq!(e.code_in("CreateVolume"), Code::ResourceExhausted);
+            assert_eq!(e.code_in("CreateSnapshot"), Code::ResourceExhausted);
+            assert_eq!(e.code_in("NodePublishVolume"), Code::Internal);
+            assert_eq!(e.code_in("DeleteVolume"), Code::Internal);
+        }
+    }
+
+    /// A message over `MAX_MESSAGE` bytes is cut on a character boundary
+    /// and says how much was cut; a short one is kept whole.
+    #[test]
+    fn long_messages_are_cut() {
+        let long = Error::Invalid(format!("paths: {}", "é/".repeat(3000)));
+        let m = long.status_in("NodePublishVolume").message().to_string();
+        assert!(m.len() <= MAX_MESSAGE, "{}", m.len());
+        assert!(m.starts_with("paths: é/"));
+        assert!(m.ends_with("more bytes cut)"), "{m}");
+        let short = Error::Invalid("short".into());
+        assert_eq!(short.status_in("CreateVolume").message(), "short");
     }
 }

@@ -56,8 +56,12 @@ pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
     if v.is_empty() {
         return Err(Error::Invalid(format!("{field} is required")));
     }
-    if v.len() > MAX_PATH {
-        return Err(Error::Invalid(format!("{field} is too long")));
+    if v.len() >= MAX_PATH {
+        return Err(Error::Invalid(format!(
+            "{field} is too long: {} bytes (a path the kernel takes has at most {} bytes)",
+            v.len(),
+            MAX_PATH - 1
+        )));
     }
     if v.contains('\0') {
         return Err(Error::Invalid(format!("{field} contains NUL")));
@@ -177,6 +181,13 @@ mod tests {
         ] {
             assert!(abs_path("p", bad).is_err(), "{bad:?}");
         }
+        // PATH_MAX (4096) counts the terminating NUL: 4095 bytes at most.
+        let at_most = format!("/{}", "a/".repeat(2047));
+        assert_eq!(at_most.len(), 4095);
+        assert!(abs_path("p", &at_most).is_ok());
+        let over = format!("{at_most}b");
+        let e = abs_path("p", &over).unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e:?}");
     }
 
     #[test]

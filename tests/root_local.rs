@@ -627,3 +627,50 @@ fn bench_floor_measures_the_unmount_beside_a_busy_cpu_apart_from_the_floor() {
         "no mount left"
     );
 }
+
+/// An operator renames a published volume's directory by hand (`mv
+/// <root>/<id> <root>/<id>.old`). Its mounts still show that directory
+/// (mountinfo follows a rename), so NodeUnpublish and NodeUnstage take them
+/// down and the pod can go; before, both refused them as "not volume
+/// <id>" on every retry. The renamed directory keeps its data. A request
+/// naming another volume whose directory is in place is still refused.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_volume_directory_renamed_by_hand_strands_no_pod() {
+    let (h, _g) = real(&[]);
+    let (a, sa) = create_and_stage(&h, "a").await;
+    let (b, sb) = create_and_stage(&h, "b").await;
+    let ta = h.path("ta");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&a, &sa, &ta, false)))
+        .await
+        .unwrap();
+    std::fs::write(ta.join("f"), b"a's").unwrap();
+    let root = h.path("local");
+    let old = root.join(format!("{a}.old"));
+    std::fs::rename(root.join(&a), &old).unwrap();
+    assert_eq!(
+        code(
+            h.node
+                .node_unpublish_volume(Request::new(unpublish_req(&b, &ta)))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(mount_entries(&ta).len(), 1);
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&a, &ta)))
+        .await
+        .expect("unpublish after the rename");
+    assert!(mount_entries(&ta).is_empty());
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&a, &sa)))
+        .await
+        .expect("unstage after the rename");
+    assert!(mount_entries(&sa).is_empty());
+    assert_eq!(std::fs::read(old.join("f")).unwrap(), b"a's");
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&b, &sb)))
+        .await
+        .unwrap();
+}

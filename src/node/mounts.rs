@@ -480,7 +480,8 @@ pub fn foreign(path: &Path, id: &str, top: &MountEntry) -> Error {
 /// than `dir` (volume `id`'s directory). Nothing mounted, or the same
 /// directory (the identity probe, without mountinfo): Ok. When `dir` is
 /// gone, or the mount's directory was removed, nothing can be told: Ok.
-pub fn refuse_foreign_dir(os: &Os, dir: &Path, id: &str, path: &Path) -> Result<()> {
+pub fn refuse_foreign_dir(os: &Os, dir: &VolumeDir<'_>, id: &str, path: &Path) -> Result<()> {
+    let (vol, dir) = (dir, dir.path);
     if os.probe.mount_root(path) == Some(false) {
         return Ok(());
     }
@@ -494,8 +495,40 @@ pub fn refuse_foreign_dir(os: &Os, dir: &Path, id: &str, path: &Path) -> Result<
         return Ok(());
     };
     match mountinfo::object_of(&t, dir) {
-        Some(obj) if obj != object(top) && !deleted(top) => Err(foreign(path, id, top)),
+        Some(obj) if obj != object(top) && !deleted(top) && !vol.renamed(os, &obj, top) => {
+            Err(foreign(path, id, top))
+        }
         _ => Ok(()),
+    }
+}
+
+/// A volume's directory (`path`, `<root>/<id>`) and how to tell a volume's
+/// directory name (`is_volume_name`) from any other name in its root.
+pub struct VolumeDir<'a> {
+    pub path: &'a Path,
+    pub is_volume_name: &'a dyn Fn(&str) -> bool,
+}
+
+impl VolumeDir<'_> {
+    /// Whether `top` shows this volume's directory under a name an
+    /// operator gave it by hand (`mv <root>/<id> <root>/<id>.old`): the
+    /// directory is gone from its path, and `top` shows a directory beside
+    /// that path (same filesystem, same parent) whose name is no volume's
+    /// and not one of the root's own dot-entries. mountinfo follows a
+    /// rename, so the mount still shows the same directory; refusing it as
+    /// "another volume's" failed every unpublish and unstage of the volume
+    /// forever, and its pod never went. Another volume's directory is
+    /// never taken for it.
+    pub fn renamed(&self, os: &Os, obj: &Object, top: &MountEntry) -> bool {
+        let shown = object(top);
+        (shown.0, shown.1) == (obj.0, obj.1)
+            && shown.2.parent() == obj.2.parent()
+            && shown
+                .2
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !n.starts_with('.') && !(self.is_volume_name)(n))
+            && os.probe.identity(self.path).is_none()
     }
 }
 
@@ -538,7 +571,7 @@ pub fn unpublish(os: &Os, target: &Path) -> Result<()> {
 /// Unstages: refuses while the staged volume is still mounted elsewhere
 /// (other than its own source), then unmounts the staging path. One read of
 /// mountinfo; none when the probe says nothing is mounted at `staging`.
-pub fn unstage(os: &Os, staging: &Path, source: Option<&Path>) -> Result<()> {
+pub fn unstage(os: &Os, staging: &Path, source: Option<&VolumeDir<'_>>) -> Result<()> {
     if os.probe.mount_root(staging) == Some(false) {
         return Ok(());
     }
@@ -547,13 +580,19 @@ pub fn unstage(os: &Os, staging: &Path, source: Option<&Path>) -> Result<()> {
 
 /// `unstage` with a mount table the caller already read (and that still
 /// shows what is mounted at `staging` and where its volume is mounted).
-pub fn unstage_in(os: &Os, t: &[MountEntry], staging: &Path, source: Option<&Path>) -> Result<()> {
+pub fn unstage_in(
+    os: &Os,
+    t: &[MountEntry],
+    staging: &Path,
+    volume: Option<&VolumeDir<'_>>,
+) -> Result<()> {
     let Some(top_entry) = at(os, t, staging).last().copied() else {
         return Ok(());
     };
     let top = object(top_entry);
-    if let Some(src) = source.and_then(|s| mountinfo::object_of(t, s)) {
-        if src != top && !deleted(top_entry) {
+    let source = volume.map(|v| v.path);
+    if let Some((v, src)) = volume.and_then(|v| Some((v, mountinfo::object_of(t, v.path)?))) {
+        if src != top && !deleted(top_entry) && !v.renamed(os, &src, top_entry) {
             return Err(Error::WrongState(format!(
                 "staging path {} holds a mount that is not this volume ({} from {}); refusing to unmount it",
                 staging.display(),
@@ -602,6 +641,14 @@ mod tests {
             root,
             os,
             fake,
+        }
+    }
+
+    /// `p` as a volume directory of a root where `vol-*` names volumes.
+    fn vol(p: &Path) -> VolumeDir<'_> {
+        VolumeDir {
+            path: p,
+            is_volume_name: &|n: &str| n.starts_with("vol-"),
         }
     }
 
@@ -747,10 +794,10 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(at(&e.fake, &other), 0);
-        unstage(&e.os, &staging, Some(&src)).unwrap();
+        unstage(&e.os, &staging, Some(&vol(&src))).unwrap();
         stage_bind(&e.os, &src, &other).unwrap();
         assert_eq!(at(&e.fake, &other), 1);
-        unstage(&e.os, &other, Some(&src)).unwrap();
+        unstage(&e.os, &other, Some(&vol(&src))).unwrap();
         assert_eq!(at(&e.fake, &other), 0);
     }
 
@@ -834,20 +881,20 @@ mod tests {
             .bind(&staging, &target, MountFlags::default())
             .unwrap();
         e.fake.clear_calls();
-        let r = unstage(&e.os, &staging, Some(&src));
+        let r = unstage(&e.os, &staging, Some(&vol(&src)));
         assert!(matches!(r, Err(Error::WrongState(_))), "{r:?}");
         assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (1, 0));
         unpublish(&e.os, &target).unwrap();
         e.fake.clear_calls();
-        unstage(&e.os, &staging, Some(&src)).unwrap();
+        unstage(&e.os, &staging, Some(&vol(&src))).unwrap();
         assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (1, 1));
         assert_eq!(at(&e.fake, &staging), 0);
         e.fake.clear_calls();
-        unstage(&e.os, &staging, Some(&src)).unwrap();
+        unstage(&e.os, &staging, Some(&vol(&src))).unwrap();
         assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (0, 0));
         // Probe unknown: the table decides (nothing there).
         e.fake.set_probe_unknown(&staging, true);
-        unstage(&e.os, &staging, Some(&src)).unwrap();
+        unstage(&e.os, &staging, Some(&vol(&src))).unwrap();
         assert_eq!((e.fake.table_reads(), unmounts(&e.fake)), (1, 0));
     }
 

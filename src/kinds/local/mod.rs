@@ -87,6 +87,15 @@ pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
     root.join(id)
 }
 
+/// A volume's directory as the node's unmount checks take it: a name in
+/// the root of the form of a volume id is a volume's.
+fn mount_check_dir(dir: &Path) -> mounts::VolumeDir<'_> {
+    mounts::VolumeDir {
+        path: dir,
+        is_volume_name: &|n: &str| super::is_hex_id(PREFIX, n),
+    }
+}
+
 /// What is wrong with the directory of the local snapshot `s` in the local
 /// root `root`, if anything: missing, or not a directory (a symlink there
 /// is never followed). A restore refuses such a snapshot; `berth state
@@ -972,7 +981,7 @@ impl VolumeKind for LocalKind {
 
     fn unstage(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {
         let dir = self.dir(&rec.id)?;
-        mounts::unstage(&self.os, staging, Some(&dir))
+        mounts::unstage(&self.os, staging, Some(&mount_check_dir(&dir)))
     }
 
     fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
@@ -995,14 +1004,14 @@ impl VolumeKind for LocalKind {
     /// takes down another volume's staging mount.
     fn unstage_path(&self, id: &str, staging: &Path) -> Result<()> {
         if let Ok(dir) = self.dir(id) {
-            mounts::refuse_foreign_dir(&self.os, &dir, id, staging)?;
+            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir), id, staging)?;
         }
         mounts::unstage(&self.os, staging, None)
     }
 
     fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         if let Ok(dir) = self.dir(id) {
-            mounts::refuse_foreign_dir(&self.os, &dir, id, target)?;
+            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir), id, target)?;
         }
         mounts::unpublish(&self.os, target)
     }

@@ -44,6 +44,9 @@ impl Driver {
         check_dirs_apart(&cfg)?;
         let state_dir = cfg.state_dir();
         let mut dir_locks = vec![prepare_dir(&os, &state_dir, "state directory")?];
+        // Files of Probe checks a kill interrupted (the lock is ours: no
+        // check of another berth is running).
+        crate::identity::remove_probe_leftovers(os.files.as_ref(), &state_dir);
         for k in &cfg.kinds {
             match k {
                 Kind::Local => dir_locks.push(prepare_dir(&os, &cfg.local_root(), "local root")?),

@@ -790,6 +790,95 @@ async fn metrics_and_healthz() {
     assert!(h.contains(" 503 "), "{h}");
 }
 
+/// Probes and /healthz checks at the same moment (the livenessprobe
+/// sidecar's Probe and kubelet's /healthz overlap in a cluster) all pass:
+/// each check writes a file of its own (they shared one, and one check
+/// removed the other's: FAILED_PRECONDITION and 503). Files that checks
+/// killed half way left in the state directory (under this version's
+/// names and the one name earlier versions shared) are no damage: `state
+/// check` passes beside them, and start-up removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_probes_and_healthz_checks_all_pass() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    let probe_files = || -> Vec<_> {
+        std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with(".probe"))
+            .collect()
+    };
+    let mut b = start(d.path(), &["--metrics-address", &addr]);
+    let healthz: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                (0..100)
+                    .map(|_| http_get(&addr, "/healthz"))
+                    .filter(|h| !h.contains(" 200 "))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let c = connect(&b.sock.display().to_string()).await.unwrap();
+    let mut failed = Vec::new();
+    for _ in 0..20 {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let mut c = c.clone();
+            calls.spawn(async move { c.identity.probe(Request::new(Default::default())).await });
+        }
+        while let Some(r) = calls.join_next().await {
+            if let Err(e) = r.unwrap() {
+                failed.push(format!("{:?}: {}", e.code(), e.message()));
+            }
+        }
+    }
+    let bad: Vec<String> = healthz
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 1000 Probes failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of 400 /healthz failed: {:?}",
+        bad.len(),
+        bad.first()
+    );
+    assert!(probe_files().is_empty(), "{:?}", probe_files());
+    assert!(sigterm(&mut b).success());
+    drop(b);
+    // What checks killed half way leave.
+    let leftovers = [".probe.tmp", ".probe-0.tmp", ".probe-41.tmp"];
+    for n in leftovers {
+        std::fs::write(state.join(n), b"ok").unwrap();
+    }
+    let sock = d.path().join("csi.sock");
+    let check = run_to_exit(&berth_args(d.path(), &sock, &["state", "check"]));
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && text.contains("0 errors, 0 warnings"),
+        "{text}"
+    );
+    let _b = start(d.path(), &[]);
+    assert!(
+        probe_files().is_empty(),
+        "left at start-up: {:?}",
+        probe_files()
+    );
+}
+
 /// Runs berth with `args` until it exits (killed after 15 s: a berth that
 /// should have refused to start but serves instead).
 fn run_to_exit(args: &[String]) -> std::process::Output {

@@ -85,6 +85,37 @@ async fn probe_fails_when_not_ready() {
     assert_eq!(code(r), Code::FailedPrecondition);
 }
 
+/// Probes at the same moment (the livenessprobe sidecar's and kubelet's
+/// /healthz, or many at once) never fail each other: each check writes and
+/// removes a file of its own. With one shared file, one check removed the
+/// other's and answered FAILED_PRECONDITION ("... is not writable: unlink
+/// ...: No such file or directory"). No check leaves a file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_probes_never_fail_each_other() {
+    let h = fake(&[]);
+    for round in 0..20 {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..64 {
+            let ident = berth::identity::IdentityService {
+                driver: h.driver.clone(),
+            };
+            calls.spawn(async move { ident.probe(Request::new(Default::default())).await });
+        }
+        while let Some(r) = calls.join_next().await {
+            match r.unwrap() {
+                Ok(p) => assert_eq!(p.into_inner().ready, Some(true)),
+                Err(e) => panic!("round {round}: a concurrent Probe failed: {e:?}"),
+            }
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(h.path("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".probe"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[tokio::test]
 async fn node_mode_does_not_advertise_controller() {
     let h = fake(&["--mode", "node"]);

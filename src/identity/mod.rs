@@ -12,6 +12,7 @@ use crate::driver::Driver;
 use crate::rpc::serve;
 
 pub use probe::check as probe_check;
+pub use probe::remove_leftovers as remove_probe_leftovers;
 
 pub struct IdentityService {
     pub driver: Arc<Driver>,

@@ -4,6 +4,15 @@
 //! container restarted, which replays the journal). While start-up work
 //! that runs after the socket is up is not done (interrupted NFS creates
 //! and deletes, `Driver::start`), the answer is `ready: false`.
+//!
+//! The writability check writes and removes a file of its own
+//! (`.probe-<n>.tmp`, n counting the checks of this process): checks that
+//! overlap (the livenessprobe sidecar's Probe and kubelet's /healthz, or
+//! many Probes at once) never remove each other's file. A check killed
+//! half way leaves its file behind; start-up removes such leftovers
+//! (`remove_leftovers`).
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
@@ -20,9 +29,25 @@ pub async fn handle(d: Arc<Driver>) -> Result<csi::ProbeResponse> {
     })
 }
 
+/// Counts the writability checks of this process: each writes its own file.
+static CHECKS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether `name` is a file a writability check writes: `.probe-<n>.tmp`,
+/// or `.probe.tmp` (the one name every check shared in earlier versions).
+pub fn is_probe_file(name: &str) -> bool {
+    name == ".probe.tmp"
+        || name
+            .strip_prefix(".probe-")
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 pub fn check(d: &Driver) -> Result<()> {
     let dir = d.cfg.state_dir();
-    let probe = dir.join(".probe.tmp");
+    let probe = dir.join(format!(
+        ".probe-{}.tmp",
+        CHECKS.fetch_add(1, Ordering::Relaxed)
+    ));
     let f = d.os.files.as_ref();
     f.open(&probe, crate::os::files::Open::CreateOrTruncate)
         .and_then(|file| f.write_at(&file, &probe, b"ok", 0))
@@ -45,4 +70,58 @@ pub fn check(d: &Driver) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Removes what writability checks of an earlier run left in the state
+/// directory `dir` (killed between writing and removing their file): not
+/// state, never damage. Only regular files are removed; anything else of
+/// such a name was not made by berth and is left alone, with a warning. A
+/// failure is logged: the next check reports a state directory that
+/// cannot be written to.
+pub fn remove_leftovers(files: &dyn crate::os::Files, dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_str().is_some_and(is_probe_file) {
+            continue;
+        }
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_file() => {
+                if let Err(err) = files.remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %crate::error::chain(&err), "could not remove a writability check's leftover file");
+                }
+            }
+            _ => {
+                tracing::warn!(path = %path.display(), "not a regular file, so not a writability check's leftover (put there by hand?); left alone")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_file_names() {
+        for yes in [
+            ".probe.tmp",
+            ".probe-0.tmp",
+            ".probe-18446744073709551615.tmp",
+        ] {
+            assert!(is_probe_file(yes), "{yes}");
+        }
+        for no in [
+            ".probe-.tmp",
+            ".probe-1x.tmp",
+            "probe-1.tmp",
+            ".probe-1.tmp.x",
+            ".berth.lock",
+        ] {
+            assert!(!is_probe_file(no), "{no}");
+        }
+    }
 }

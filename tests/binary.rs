@@ -1268,6 +1268,111 @@ async fn a_snapshot_written_at_exit_is_read_back_and_its_damage_stops_start_up()
     );
 }
 
+/// Runs berth with `args` and returns its output, failing unless it
+/// exits within 5 s.
+fn exits_at_once(args: &[String]) -> std::process::Output {
+    let started = Instant::now();
+    let out = run_to_exit(args);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "berth {args:?} took {:?}",
+        started.elapsed()
+    );
+    out
+}
+
+/// A FIFO where the journal's log should be (or the state directory's
+/// lock file): start-up and every `berth state` tool stop at once, naming
+/// it (they used to wait for ever in open(2) for a writer). `state repair`
+/// moves it aside; then `state check` is clean and berth starts with
+/// every volume.
+#[tokio::test]
+async fn a_fifo_in_the_state_directory_stops_nothing_for_ever() {
+    let d = tempfile::tempdir().unwrap();
+    let ids = volumes_with_data_then_exit(d.path(), 3).await;
+    let sock = d.path().join("csi.sock");
+    let j = d.path().join("state/journal");
+    let log = j.join("log-0.jsonl");
+    let kept = std::fs::read(&log).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    nix::unistd::mkfifo(&log, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let out = exits_at_once(&berth_args(d.path(), &sock, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "berth started with a FIFO for its log"
+    );
+    assert!(
+        err.contains("log-0.jsonl") && err.contains("FIFO") && err.contains("berth state repair"),
+        "{err}"
+    );
+    let tool = |t: &str| exits_at_once(&berth_args(d.path(), &sock, &["state", t]));
+    for t in ["check", "export"] {
+        let out = tool(t);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{t}: {text}");
+        assert!(text.contains("FIFO"), "{t}: {text}");
+    }
+    // The log's lines back, the FIFO as the lock file instead.
+    std::fs::remove_file(&log).unwrap();
+    std::fs::write(&log, &kept).unwrap();
+    let lock = d.path().join("state/.berth.lock");
+    std::fs::remove_file(&lock).unwrap();
+    nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let out = exits_at_once(&berth_args(d.path(), &sock, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "berth started with a FIFO for its lock file"
+    );
+    assert!(err.contains(".berth.lock") && err.contains("FIFO"), "{err}");
+    let check = tool("check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    std::fs::remove_file(&lock).unwrap();
+    // The FIFO as the log again: repair moves it aside.
+    std::fs::remove_file(&log).unwrap();
+    nix::unistd::mkfifo(&log, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let repair = tool("repair");
+    let text = String::from_utf8_lossy(&repair.stdout);
+    assert!(
+        repair.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&repair.stderr)
+    );
+    assert!(
+        text.contains("moved") && text.contains("FIFO") && text.contains("--allow-missing-storage"),
+        "{text}"
+    );
+    assert!(!log.exists() || std::fs::metadata(&log).unwrap().is_file());
+    // The journal is whole again; the log was lost, and its volumes'
+    // records with it: their storage is without a record until berth
+    // keeps it aside.
+    let check = tool("check");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(!text.contains("journal damaged"), "{text}");
+    assert!(text.contains("3 errors"), "{text}");
+    let b = start(d.path(), &["--allow-missing-storage"]);
+    assert!(listed(&b.sock).await.is_empty());
+    for id in &ids {
+        assert!(d
+            .path()
+            .join("local/.orphaned")
+            .join(id)
+            .join("data")
+            .exists());
+    }
+    let check = tool("check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
 /// `--shutdown-timeout` is a real bound: a call stuck in a command (here a
 /// `mount.nfs` that never returns, as against a hung NFS server) does not
 /// keep berth alive after SIGTERM, and the stuck command's process group

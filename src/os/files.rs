@@ -5,9 +5,12 @@
 //! lost and nothing that failed is acknowledged (`fake::FakeOs` injects).
 //!
 //! Reads (stat, read_dir, reading a file) are not behind it: they change
-//! nothing, and tests make the state they read for real.
+//! nothing, and tests make the state they read for real. Berth's own files
+//! are read with `read_regular` / `open_regular`, which never block on a
+//! FIFO, never open a device and never follow a symlink.
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::OsError;
@@ -26,8 +29,10 @@ pub enum Open {
 }
 
 /// Filesystem changes. Every method names its path in the error. Files
-/// are opened with O_NOFOLLOW and O_CLOEXEC: a symlink planted in Berth's
-/// directories is never followed.
+/// are opened with O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC, and only regular
+/// files are (`open`; `NotRegular` otherwise): a symlink planted in Berth's
+/// directories is never followed, and a FIFO, socket or device put where
+/// Berth keeps a file never blocks it.
 pub trait Files: Send + Sync {
     /// mkdir(2) with `mode` (before the umask, as mkdir does; callers that
     /// need an exact mode call `set_mode` after).
@@ -46,7 +51,10 @@ pub trait Files: Send + Sync {
     /// Removes a directory tree without following symlinks. Missing is
     /// success.
     fn remove_tree(&self, path: &Path) -> Result<(), OsError>;
-    /// Opens `path` for writing (`how`), mode 0600 when created.
+    /// Opens the regular file `path` for writing (`how`), mode 0600 when
+    /// created. Anything else at `path` (a FIFO, a socket, a device, a
+    /// directory, a symlink) is an error (`NotRegular`), never opened in a
+    /// way that could block.
     fn open(&self, path: &Path, how: Open) -> Result<File, OsError>;
     /// pwrite(2) of the whole buffer at `offset`.
     fn write_at(&self, file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<(), OsError>;
@@ -169,17 +177,32 @@ impl Files for RealFiles {
     }
 
     fn open(&self, path: &Path, how: Open) -> Result<File, OsError> {
+        // O_EXCL opens nothing that exists; otherwise what is there must be
+        // a regular file before it is opened at all (opening a device can
+        // act on it), and is checked again once open (it may have been
+        // replaced in between). O_NONBLOCK: a FIFO put there in between
+        // fails (ENXIO) instead of waiting for a reader; on a regular file
+        // it changes nothing.
+        if how != Open::CreateNew {
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if !m.file_type().is_file() {
+                    return Err(OsError::sys("open", path, NotRegular::of(m.file_type())));
+                }
+            }
+        }
         let mut o = OpenOptions::new();
         o.write(true)
             .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC);
         match how {
             Open::CreateNew => o.create_new(true),
             Open::CreateOrKeep => o.create(true).truncate(false),
             Open::CreateOrTruncate => o.create(true).truncate(true),
             Open::Existing => &mut o,
         };
-        o.open(path).map_err(sys("open", path))
+        let f = o.open(path).map_err(sys("open", path))?;
+        check_regular(&f).map_err(sys("open", path))?;
+        Ok(f)
     }
 
     fn write_at(&self, file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<(), OsError> {
@@ -303,11 +326,7 @@ impl Files for RealFiles {
         use std::os::unix::fs::FileExt as _;
         const ALIGN: usize = 4096;
         const CHUNK: usize = 1 << 20;
-        let file = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-        {
+        let file = match open_regular(path, libc::O_DIRECT) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
@@ -331,6 +350,108 @@ impl Files for RealFiles {
         out.truncate(len);
         Ok(Some(out))
     }
+}
+
+/// What stands where Berth keeps a regular file, when it is not one (the
+/// error of `Files::open`, `open_regular` and `read_regular`, inside an
+/// `io::Error` of kind `InvalidInput`; `not_regular` finds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotRegular(pub &'static str);
+
+impl NotRegular {
+    pub fn of(t: std::fs::FileType) -> std::io::Error {
+        let what = if t.is_dir() {
+            "a directory"
+        } else if t.is_symlink() {
+            "a symlink"
+        } else if t.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_char_device() {
+            "a character device"
+        } else {
+            "not a file"
+        };
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, NotRegular(what))
+    }
+
+    /// What it is ("a FIFO (named pipe)", "a directory", ...).
+    pub fn what(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for NotRegular {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, not a regular file", self.0)
+    }
+}
+
+impl std::error::Error for NotRegular {}
+
+/// The `NotRegular` inside `e`, if that is what it is.
+pub fn not_regular(e: &std::io::Error) -> Option<NotRegular> {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<NotRegular>())
+        .copied()
+}
+
+/// `NotRegular` unless the open `file` is a regular file.
+fn check_regular(file: &File) -> std::io::Result<()> {
+    let t = file.metadata()?.file_type();
+    if t.is_file() {
+        Ok(())
+    } else {
+        Err(NotRegular::of(t))
+    }
+}
+
+/// Opens the regular file `path` for reading (with `flags` added, e.g.
+/// O_DIRECT). Anything else there is an error (`NotRegular`), found without
+/// blocking: what is at the path is looked at first (a device is never
+/// opened), and opened with O_NOFOLLOW and O_NONBLOCK (a symlink is never
+/// followed; a FIFO put there in between opens at once) and looked at again
+/// once open. A missing file is NotFound, as for `File::open`.
+pub fn open_regular(path: &Path, flags: i32) -> std::io::Result<File> {
+    let t = std::fs::symlink_metadata(path)?.file_type();
+    if !t.is_file() {
+        return Err(NotRegular::of(t));
+    }
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(
+            flags | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+        .open(path)
+    {
+        Ok(f) => f,
+        // replaced by a symlink in between
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(match std::fs::symlink_metadata(path) {
+                Ok(m) => NotRegular::of(m.file_type()),
+                Err(_) => e,
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    check_regular(&f)?;
+    Ok(f)
+}
+
+/// The whole of the regular file `path` (see `open_regular`); at most
+/// `max` bytes when given.
+pub fn read_regular(path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
+    let f = open_regular(path, 0)?;
+    let len = f.metadata()?.len();
+    let mut out = Vec::with_capacity(max.map_or(len, |m| m.min(len)) as usize);
+    match max {
+        Some(m) => f.take(m).read_to_end(&mut out)?,
+        None => (&f).read_to_end(&mut out)?,
+    };
+    Ok(out)
 }
 
 nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
@@ -520,6 +641,75 @@ mod tests {
         assert_eq!(
             RealFiles.read_durable(&t.path().join("none")).unwrap(),
             Some(Vec::new())
+        );
+    }
+
+    /// A FIFO, a socket, a directory or a symlink where a regular file is
+    /// expected: every open and read fails at once, saying what is there
+    /// (a FIFO used to block the opener until a writer came).
+    #[test]
+    fn only_regular_files_are_opened_and_never_with_a_wait() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = t.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let sock = t.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let dir = t.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        let file = t.path().join("file");
+        std::fs::write(&file, b"data").unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let paths = [fifo, sock, dir, link];
+        let checked = paths.clone();
+        std::thread::spawn(move || {
+            for p in &checked {
+                let what = |e: &std::io::Error| not_regular(e).map(|n| n.what());
+                let r = read_regular(p, None).map_err(|e| what(&e));
+                let o = open_regular(p, 0).map(|_| ()).map_err(|e| what(&e));
+                let d = RealFiles
+                    .read_durable(p)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let w: Vec<_> = [Open::CreateOrKeep, Open::CreateOrTruncate, Open::Existing]
+                    .into_iter()
+                    .map(|how| {
+                        RealFiles
+                            .open(p, how)
+                            .map(|_| ())
+                            .map_err(|e| crate::error::chain(&e))
+                    })
+                    .collect();
+                let _ = done.send((p.clone(), r.map(|_| ()), o, d, w));
+            }
+        });
+        let kinds = [
+            "a FIFO (named pipe)",
+            "a socket",
+            "a directory",
+            "a symlink",
+        ];
+        for (p, kind) in paths.iter().zip(kinds) {
+            let (at, r, o, d, w) = finished
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("blocked on a file that is not a regular file");
+            assert_eq!(&at, p);
+            assert_eq!(r, Err(Some(kind)), "{}", p.display());
+            assert_eq!(o, Err(Some(kind)), "{}", p.display());
+            assert!(d.is_err(), "{}", p.display());
+            for e in w {
+                assert!(e.unwrap_err().contains(kind), "{}", p.display());
+            }
+        }
+        assert_eq!(read_regular(&file, None).unwrap(), b"data");
+        assert_eq!(read_regular(&file, Some(2)).unwrap(), b"da");
+        assert!(RealFiles.open(&file, Open::Existing).is_ok());
+        assert_eq!(
+            read_regular(&t.path().join("none"), None)
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::NotFound
         );
     }
 

@@ -28,7 +28,11 @@
 //! start-up with an error naming the file, the offset and the way to
 //! recover (`berth state check`, `berth state repair`): no acknowledged
 //! record is dropped without an operator's decision. A torn tail is cut
-//! off and kept beside the log.
+//! off and kept beside the log. Anything named like a journal file that is
+//! not a regular file (a FIFO, socket, device, directory or symlink) is
+//! damage as well, found from its directory entry: it is never opened (a
+//! FIFO would block the reader until a writer came), and every read of a
+//! journal file checks the type again (`files::read_regular`).
 //!
 //! **Group commit.** A change is encoded by its caller and queued
 //! (`enqueue`, which hands out a ticket); the caller then waits (`wait`).
@@ -382,6 +386,14 @@ pub struct Scan {
     /// Files start-up removes: temp files, older generations, an empty log
     /// of an interrupted compaction.
     pub stale: Vec<PathBuf>,
+    /// Logs newer than the newest snapshot that are not empty (damage; not
+    /// read): `repair` takes them out of the journal.
+    pub newer: Vec<PathBuf>,
+    /// Entries named as journal files (snapshots, logs, temp files) that
+    /// are not regular files: a FIFO, socket, device, directory or symlink
+    /// (damage; never opened, so never waited on): `repair` moves them
+    /// aside.
+    pub foreign: Vec<PathBuf>,
 }
 
 /// A volume id in a damaged line, if one can be made out.
@@ -403,6 +415,20 @@ fn id_hint(line: &[u8]) -> Option<String> {
 const RECOVER: &str = "berth does not start on a damaged journal, so no acknowledged record is dropped without an operator's decision: run `berth state check` to see every flaw, then restore the state directory from a backup (`berth state export`), or run `berth state repair` to keep every readable record and drop the damaged lines (their bytes are kept beside the journal)";
 
 impl Scan {
+    /// Records that `path`, named as a journal file, is not a regular file
+    /// (`why` says what it is).
+    fn not_regular(&mut self, path: PathBuf, why: String) {
+        self.damage.push(Damage {
+            path: path.clone(),
+            offset: 0,
+            line: 0,
+            why: format!(
+                "{why}: berth keeps only regular files here, so it was not made by berth; it is never opened"
+            ),
+        });
+        self.foreign.push(path);
+    }
+
     /// The error start-up reports for the damage found (None when none).
     pub fn error(&self) -> Option<StateError> {
         let first = self.damage.first()?;
@@ -442,6 +468,8 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         damage: Vec::new(),
         dropped: Vec::new(),
         stale: Vec::new(),
+        newer: Vec::new(),
+        foreign: Vec::new(),
     };
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -450,14 +478,36 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
     };
     let mut snapshots = Vec::new();
     let mut logs = Vec::new();
+    // The names of the journal's regular files: only those are read or
+    // removed.
+    let mut regular = std::collections::BTreeSet::new();
     for entry in entries {
         let entry = entry.map_err(|e| StateError::io("read", dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".tmp") {
+        let snapshot = snapshot_generation(&name);
+        let log = generation(&name, "log-", ".jsonl");
+        let tmp = name.ends_with(".tmp");
+        if snapshot.is_none() && log.is_none() && !tmp {
+            continue;
+        }
+        // (the type from the directory entry, which never follows a
+        // symlink; each read checks it again)
+        let t = entry
+            .file_type()
+            .map_err(|e| StateError::io("stat", entry.path(), e))?;
+        if !t.is_file() {
+            // Never opened, never removed, and no generation of its own:
+            // a FIFO here blocked every reader.
+            let why = crate::os::files::NotRegular::of(t).to_string();
+            out.not_regular(entry.path(), why);
+            continue;
+        }
+        regular.insert(name);
+        if tmp {
             out.stale.push(entry.path());
-        } else if let Some(g) = snapshot_generation(&name) {
+        } else if let Some(g) = snapshot {
             snapshots.push(g);
-        } else if let Some(g) = generation(&name, "log-", ".jsonl") {
+        } else if let Some(g) = log {
             logs.push(g);
         }
     }
@@ -465,18 +515,19 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
     out.gen = gen;
     for g in logs.iter().copied().filter(|&g| g > gen) {
         let p = dir.join(log_name(g));
-        let len = fs::metadata(&p)
+        let len = fs::symlink_metadata(&p)
             .map_err(|e| StateError::io("stat", &p, e))?
             .len();
         if len > 0 {
             out.damage.push(Damage {
-                path: p,
+                path: p.clone(),
                 offset: 0,
                 line: 0,
                 why: format!(
                     "a log newer than the newest snapshot (generation {gen}) that is not empty: not made by berth, or its snapshot is missing"
                 ),
             });
+            out.newer.push(p);
         } else {
             out.stale.push(p);
         }
@@ -494,15 +545,20 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         .collect();
     for g in older {
         for name in [snapshot_name(g), json_snapshot_name(g), log_name(g)] {
-            let p = dir.join(name);
-            if p.exists() {
-                out.stale.push(p);
+            if regular.contains(&name) {
+                out.stale.push(dir.join(name));
             }
         }
     }
     let binary = snapshots.contains(&(gen, true));
-    let guarded =
-        || fs::read(dir.join(json_snapshot_name(gen))).is_ok_and(|b| b == downgrade_guard(gen));
+    let guarded = || {
+        let guard = downgrade_guard(gen);
+        crate::os::files::read_regular(
+            &dir.join(json_snapshot_name(gen)),
+            Some(guard.len() as u64 + 1),
+        )
+        .is_ok_and(|b| b == guard)
+    };
     if binary && snapshots.contains(&(gen, false)) && !guarded() {
         out.damage.push(Damage {
             path: dir.join(snapshot_name(gen)),
@@ -521,20 +577,34 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         } else {
             json_snapshot_name(gen)
         });
-        let bytes = fs::read(&path).map_err(|e| StateError::io("read", &path, e))?;
-        out.snapshot_len = bytes.len() as u64;
-        if binary {
-            read_binary_snapshot(&mut out, &path, &bytes);
-        } else {
-            read_json_snapshot(&mut out, &path, &bytes);
+        match read_journal_file(&path)? {
+            Ok(bytes) => {
+                out.snapshot_len = bytes.len() as u64;
+                if binary {
+                    read_binary_snapshot(&mut out, &path, &bytes);
+                } else {
+                    read_json_snapshot(&mut out, &path, &bytes);
+                }
+                out.snapshot = Some(bytes);
+                out.snapshot_path = Some(path);
+            }
+            Err(why) => out.not_regular(path, why),
         }
-        out.snapshot = Some(bytes);
-        out.snapshot_path = Some(path);
     }
     let log_path = dir.join(log_name(gen));
-    out.log = match fs::read(&log_path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let read = if out.foreign.contains(&log_path) {
+        // reported above
+        Ok(Ok(Vec::new()))
+    } else {
+        read_journal_file(&log_path)
+    };
+    out.log = match read {
+        Ok(Ok(b)) => b,
+        Ok(Err(why)) => {
+            out.not_regular(log_path.clone(), why);
+            Vec::new()
+        }
+        Err(StateError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
             // Berth makes a generation's log before it puts its snapshot in
             // place (compaction, repair): a snapshot without its log lost
             // every change made since it (the log removed by hand).
@@ -551,10 +621,22 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
             }
             Vec::new()
         }
-        Err(e) => return Err(StateError::io("read", &log_path, e)),
+        Err(e) => return Err(e),
     };
     replay_log(&mut out, &log_path);
     Ok(out)
+}
+
+/// The bytes of the journal file `path`, or (the inner error) why it is
+/// not a regular file (it was replaced after the directory was listed).
+fn read_journal_file(path: &Path) -> Result<Result<Vec<u8>, String>, StateError> {
+    match crate::os::files::read_regular(path, None) {
+        Ok(b) => Ok(Ok(b)),
+        Err(e) => match crate::os::files::not_regular(&e) {
+            Some(n) => Ok(Err(n.to_string())),
+            None => Err(StateError::io("read", path, e)),
+        },
+    }
 }
 
 /// Adds the records of a binary snapshot file (see `snapshot_file`) to
@@ -1430,8 +1512,12 @@ impl DurableCopies {
         // (as `scan` chooses)
         let mut newest = None;
         for e in fs::read_dir(dir).ok()? {
-            let name = e.ok()?.file_name();
-            if let Some(g) = name.to_str().and_then(snapshot_generation) {
+            let e = e.ok()?;
+            // (what is not a regular file is damage: `scan` reports it)
+            if !e.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            if let Some(g) = e.file_name().to_str().and_then(snapshot_generation) {
                 newest = newest.max(Some(g));
             }
         }
@@ -1443,7 +1529,7 @@ impl DurableCopies {
         };
         let snapshot = files.read_durable(&dir.join(name));
         let log_path = dir.join(log_name(gen));
-        let log = fs::metadata(&log_path)
+        let log = fs::symlink_metadata(&log_path)
             .map_or(true, |m| m.len() <= EARLY_LOG_MAX)
             .then(|| files.read_durable(&log_path));
         Some(DurableCopies { gen, snapshot, log })
@@ -1451,7 +1537,7 @@ impl DurableCopies {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::os::files::RealFiles;
 
@@ -1673,6 +1759,100 @@ mod tests {
         assert!(undone, "the undo ran before the failure was reported");
         assert_eq!(j.unseen_failures(), 2000);
         assert_eq!(j.position().1, 0, "nothing was written");
+    }
+
+    /// Runs `f` on a thread of its own; its result, or a panic if it has
+    /// not returned within 5 s (blocked on a FIFO).
+    pub(crate) fn at_once<T: Send + 'static>(
+        what: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{what} did not return within 5 s"))
+    }
+
+    /// Makes something that is not a regular file at `p`: "fifo", "dir",
+    /// "symlink" (to a valid file), "socket".
+    pub(crate) fn make_not_regular(kind: &str, p: &Path) {
+        match kind {
+            "fifo" => nix::unistd::mkfifo(p, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+            "dir" => fs::create_dir(p).unwrap(),
+            "symlink" => {
+                let target = p.with_extension("target");
+                fs::write(&target, b"").unwrap();
+                std::os::unix::fs::symlink(&target, p).unwrap();
+            }
+            "socket" => {
+                std::mem::forget(std::os::unix::net::UnixListener::bind(p).unwrap());
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// A FIFO, directory, symlink or socket named as a journal file (a
+    /// snapshot, a log, a temp file) is damage, found without opening it: a
+    /// FIFO used to block `scan`, and with it start-up and every `berth
+    /// state` tool, for ever. It takes no generation (the records of the
+    /// regular files are read), and start-up refuses, naming it.
+    #[test]
+    fn what_is_not_a_regular_file_is_damage_found_at_once() {
+        for kind in ["fifo", "dir", "symlink", "socket"] {
+            for name in [
+                log_name(0),
+                log_name(1),
+                snapshot_name(1),
+                json_snapshot_name(0),
+                snapshot_name(3),
+                "snapshot-1.bin.tmp".to_string(),
+            ] {
+                let d = tempfile::tempdir().unwrap();
+                let dir = d.path().to_path_buf();
+                // generation 1 with one record, unless `name` takes its place
+                if name != snapshot_name(1) {
+                    let empty = snapshot_file::Writer::new(0).finish().unwrap();
+                    fs::write(dir.join(snapshot_name(1)), empty).unwrap();
+                    fs::write(dir.join(json_snapshot_name(1)), downgrade_guard(1)).unwrap();
+                }
+                if name != log_name(1) {
+                    fs::write(dir.join(log_name(1)), b"").unwrap();
+                }
+                let p = dir.join(&name);
+                make_not_regular(kind, &p);
+                let what = format!("scan with a {kind} as {name}");
+                let at = dir.clone();
+                let s = at_once(&what, move || scan(&at).unwrap());
+                assert_eq!(s.damage.len(), 1, "{what}: {:?}", s.damage);
+                assert_eq!(s.damage[0].path, p, "{what}");
+                assert!(
+                    s.damage[0].why.contains("not a regular file"),
+                    "{what}: {}",
+                    s.damage[0]
+                );
+                assert_eq!(s.foreign, vec![p.clone()], "{what}");
+                assert!(!s.stale.contains(&p), "{what}");
+                let want_gen = if name == snapshot_name(1) { 0 } else { 1 };
+                assert_eq!(s.gen, want_gen, "{what}");
+                let at = dir.clone();
+                let r = at_once(&what, move || {
+                    Journal::open(&at, Arc::new(RealFiles))
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+                let e = r.unwrap_err();
+                assert!(
+                    e.contains(&name) && e.contains("not a regular file"),
+                    "{what}: {e}"
+                );
+                assert!(
+                    fs::symlink_metadata(&p).is_ok(),
+                    "{what}: start-up removed it"
+                );
+            }
+        }
     }
 
     #[test]

@@ -33,7 +33,16 @@ pub fn load(state_dir: &Path) -> Result<Vec<VolumeRecord>, StateError> {
         if name.starts_with('.') || !name.ends_with(".json") {
             continue;
         }
-        let bytes = fs::read(&path).map_err(|e| StateError::io("read", &path, e))?;
+        let bytes = crate::os::files::read_regular(&path, None).map_err(|e| {
+            match crate::os::files::not_regular(&e) {
+                // (never opened: a FIFO blocked start-up here)
+                Some(n) => StateError::Unexpected {
+                    path: path.clone(),
+                    why: n.to_string(),
+                },
+                None => StateError::io("read", &path, e),
+            }
+        })?;
         let rec = serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
             path: path.clone(),
             source,

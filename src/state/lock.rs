@@ -40,12 +40,26 @@ impl std::fmt::Debug for DirLock {
     }
 }
 
-/// Who holds a lock, as its holder wrote it.
+/// Who holds a lock, as its holder wrote it (never blocking on what is
+/// there: a FIFO in the lock file's place is no holder's note).
 fn holder(path: &Path) -> String {
-    match std::fs::read_to_string(path) {
+    let text = crate::os::files::read_regular(path, Some(4096))
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    match text {
         Ok(s) if !s.trim().is_empty() => s.trim().chars().take(300).collect(),
         _ => "a process that has not said who it is".into(),
     }
+}
+
+/// A descriptor of the directory `dir` to lock: O_DIRECTORY (anything else
+/// there fails at once: a FIFO in its place would block a plain open),
+/// close-on-exec.
+fn open_dir(dir: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(dir)
 }
 
 /// What a holder writes about itself.
@@ -72,8 +86,7 @@ impl DirLock {
             what: what.to_string(),
             holder,
         };
-        // std opens close-on-exec.
-        let d = File::open(dir).map_err(|e| StateError::io("open", dir, e))?;
+        let d = open_dir(dir).map_err(|e| StateError::io("open", dir, e))?;
         let dir_lock = match Flock::lock(d, FlockArg::LockExclusiveNonblock) {
             Ok(l) => Some(l),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(locked(holder(&path))),
@@ -106,14 +119,14 @@ impl DirLock {
     /// which take no lock). Never creates the lock file.
     pub fn holder_of(dir: &Path) -> Option<String> {
         let path = dir.join(LOCK_FILE);
-        let dir_held = File::open(dir).is_ok_and(|d| {
+        let dir_held = open_dir(dir).is_ok_and(|d| {
             matches!(
                 Flock::lock(d, FlockArg::LockSharedNonblock),
                 Err((_, nix::errno::Errno::EWOULDBLOCK))
             )
         });
-        let file_held =
-            File::open(&path).is_ok_and(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err());
+        let file_held = crate::os::files::open_regular(&path, 0)
+            .is_ok_and(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err());
         (dir_held || file_held).then(|| holder(&path))
     }
 }
@@ -145,6 +158,29 @@ mod tests {
         assert_eq!(DirLock::holder_of(d.path()), None);
         let again = DirLock::acquire(&files, d.path(), "state directory");
         assert!(again.is_ok());
+    }
+
+    /// A FIFO in the lock file's place: taking the lock fails at once,
+    /// saying what is there, and asking who holds it never waits either
+    /// (opening a FIFO waits for its other end).
+    #[test]
+    fn a_fifo_for_a_lock_file_fails_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        nix::unistd::mkfifo(&d.path().join(LOCK_FILE), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let dir = d.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let files: Arc<dyn Files> = Arc::new(RealFiles);
+            let held = DirLock::holder_of(&dir);
+            let taken = DirLock::acquire(&files, &dir, "state directory").map(|_| ());
+            let _ = tx.send((held, taken.map_err(|e| crate::error::chain(&e))));
+        });
+        let (held, taken) = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("blocked on a FIFO lock file");
+        assert_eq!(held, None);
+        let e = taken.unwrap_err();
+        assert!(e.contains("FIFO") && e.contains(LOCK_FILE), "{e}");
     }
 
     #[test]

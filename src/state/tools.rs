@@ -445,7 +445,9 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
                 .unwrap_or_default()
         ));
     }
-    // 1. Copies of every journal file (the damaged bytes stay available).
+    // 1. Copies of every journal file (the damaged bytes stay available);
+    //    what is named as a journal file but is not a regular file (a FIFO,
+    //    a directory, a symlink: never opened) is moved there itself.
     for name in std::fs::read_dir(&dir)
         .map_err(|e| StateError::io("read", &dir, e))?
         .flatten()
@@ -453,8 +455,21 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
         .map(|e| e.file_name())
     {
         let from = dir.join(&name);
-        let bytes = std::fs::read(&from).map_err(|e| StateError::io("read", &from, e))?;
+        let bytes = crate::os::files::read_regular(&from, None)
+            .map_err(|e| StateError::io("read", &from, e))?;
         write_durable(f, &keep.join(&name), &bytes)?;
+    }
+    for p in &scan.foreign {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let to = crate::os::files::move_aside(f, p, &keep, &name).map_err(StateError::Os)?;
+        report.push_str(&format!(
+            "moved {} (not a regular file) to {}\n",
+            p.display(),
+            to.display()
+        ));
     }
     write_durable(f, &keep.join("README.txt"), report.as_bytes())?;
     f.sync_dir(&keep).map_err(StateError::Os)?;
@@ -508,7 +523,7 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
         records.len(),
         keep.display()
     ));
-    if !scan.dropped.is_empty() {
+    if !scan.dropped.is_empty() || !scan.foreign.is_empty() {
         report.push_str(
             "a volume whose record was dropped keeps its storage, but berth does not start while storage without a record is there: once you know its record is gone for good, start berth once with --allow-missing-storage, which keeps such storage aside in .orphaned (never deleted)\n",
         );

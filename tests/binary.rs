@@ -1268,6 +1268,63 @@ async fn a_snapshot_written_at_exit_is_read_back_and_its_damage_stops_start_up()
     );
 }
 
+/// A non-empty log newer than the newest snapshot (a copy left by hand):
+/// `state check` and start-up refuse, pointing to `state repair`, which
+/// takes it out of the journal (its bytes kept aside); then `state check`
+/// is clean and berth starts with every volume. Repair used to say
+/// "repaired" and leave it there, so check and start-up kept refusing and
+/// pointing back to repair.
+#[tokio::test]
+async fn repair_takes_a_stray_newer_log_out_and_berth_starts() {
+    for stray in [7u64, u64::MAX] {
+        let d = tempfile::tempdir().unwrap();
+        let mut b = start(d.path(), &[]);
+        let mut ids = create_n(&b.sock, 3).await;
+        ids.sort();
+        b.child.kill().unwrap();
+        b.child.wait().unwrap();
+        drop(b);
+        let j = d.path().join("state/journal");
+        let name = format!("log-{stray}.jsonl");
+        let bytes = std::fs::read(j.join("log-0.jsonl")).unwrap();
+        std::fs::write(j.join(&name), &bytes).unwrap();
+        let sock = d.path().join("csi.sock");
+        let tool = |t: &str| run_to_exit(&berth_args(d.path(), &sock, &["state", t]));
+        let check = tool("check");
+        assert_eq!(check.status.code(), Some(1));
+        let err = refused_start(d.path(), &sock, "berth started beside a stray log");
+        assert!(
+            err.contains(&name) && err.contains("berth state repair"),
+            "{err}"
+        );
+        let repair = tool("repair");
+        let text = String::from_utf8_lossy(&repair.stdout);
+        assert!(repair.status.success(), "{text}");
+        assert!(text.contains(&name), "{text}");
+        assert!(!j.join(&name).exists(), "{name} left in the journal");
+        let kept: Vec<_> = std::fs::read_dir(&j)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("damaged-"))
+            .map(|e| e.path().join(&name))
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            std::fs::read(&kept[0]).unwrap(),
+            bytes,
+            "its bytes are kept"
+        );
+        let check = tool("check");
+        let text = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            check.status.success() && text.contains("0 errors"),
+            "{text}"
+        );
+        let b = start(d.path(), &[]);
+        assert_eq!(listed(&b.sock).await, ids);
+    }
+}
+
 /// Runs berth with `args` and returns its output, failing unless it
 /// exits within 5 s.
 fn exits_at_once(args: &[String]) -> std::process::Output {

@@ -10,10 +10,13 @@
 //!   can run next to a serving berth.
 //! - `export` prints every readable record as one JSON document, for backup
 //!   and support; damage is listed in it and makes the exit code 1.
-//! - `repair` is the operator's decision to drop damaged journal lines: it
-//!   takes the state directory's lock (berth must be stopped), copies every
-//!   journal file into `journal/damaged-<time>/`, writes the readable
-//!   records as a new snapshot, and prints what was dropped.
+//! - `repair` is the operator's decision to drop what is damaged in the
+//!   journal: it takes the state directory's lock (berth must be stopped),
+//!   copies every journal file into `journal/damaged-<time>/` (and moves
+//!   there what is named as one but is not a regular file), writes the
+//!   readable records as a new snapshot, takes every other journal file
+//!   out (the old generation, logs newer than it), and prints what was
+//!   dropped. Afterwards the journal has no flaw `check` reports.
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -471,12 +474,28 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
             to.display()
         ));
     }
+    // A log newer than the newest snapshot, not empty: its changes follow a
+    // snapshot that is not there (or it was not made by berth), so none is
+    // replayed; it is taken out of the journal (step 3), its copy kept.
+    for p in &scan.newer {
+        report.push_str(&format!(
+            "took {} out of the journal (a log newer than the newest snapshot: none of its changes is kept; its bytes are in {})\n",
+            p.display(),
+            keep.display()
+        ));
+    }
     write_durable(f, &keep.join("README.txt"), report.as_bytes())?;
     f.sync_dir(&keep).map_err(StateError::Os)?;
     // 2. The readable records as the next generation's snapshot: from the
     //    moment it is renamed into place start-up reads it, and the old
     //    generation's files are stale.
-    let gen = scan.gen + 1;
+    let gen = scan
+        .gen
+        .checked_add(1)
+        .ok_or_else(|| StateError::Unexpected {
+            path: dir.join(journal::snapshot_name(scan.gen)),
+            why: "no generation can follow this one".into(),
+        })?;
     let mut records: Vec<&VolumeRecord> = scan.records.values().collect();
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
     let mut w = SnapshotWriter::new(records.len() + scan.snapshots.values().count());
@@ -501,19 +520,24 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
             "warning: could not write the guard against a berth from before binary snapshots: {e}\n"
         ));
     }
-    // 3. The old generation, now stale (its copies are kept).
-    for name in [
+    // 3. The old generation, temp files and the logs newer than it, now
+    //    stale (their copies are kept), but never a file of the new
+    //    generation (an empty log of generation G+1 was stale before it
+    //    was the new log: removing it would leave a snapshot without its
+    //    log, which is damage).
+    let new_files = [
+        dir.join(journal::snapshot_name(gen)),
+        dir.join(journal::json_snapshot_name(gen)),
+        dir.join(journal::log_name(gen)),
+    ];
+    let old = [
         journal::snapshot_name(scan.gen),
         journal::json_snapshot_name(scan.gen),
         journal::log_name(scan.gen),
-    ] {
-        let p = dir.join(name);
-        if p.exists() {
-            f.remove_file(&p).map_err(StateError::Os)?;
-        }
-    }
-    for p in &scan.stale {
-        if p.exists() {
+    ]
+    .map(|n| dir.join(n));
+    for p in old.iter().chain(&scan.stale).chain(&scan.newer) {
+        if !new_files.contains(p) && std::fs::symlink_metadata(p).is_ok() {
             f.remove_file(p).map_err(StateError::Os)?;
         }
     }
@@ -523,7 +547,7 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
         records.len(),
         keep.display()
     ));
-    if !scan.dropped.is_empty() || !scan.foreign.is_empty() {
+    if !scan.dropped.is_empty() || !scan.foreign.is_empty() || !scan.newer.is_empty() {
         report.push_str(
             "a volume whose record was dropped keeps its storage, but berth does not start while storage without a record is there: once you know its record is gone for good, start berth once with --allow-missing-storage, which keeps such storage aside in .orphaned (never deleted)\n",
         );
@@ -538,4 +562,149 @@ fn write_durable(f: &dyn Files, path: &Path, bytes: &[u8]) -> Result<(), StateEr
     f.write_at(&file, path, bytes, 0)
         .and_then(|_| f.sync(&file, path))
         .map_err(StateError::Os)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os::files::RealFiles;
+    use crate::state::journal::tests::{at_once, make_not_regular};
+    use crate::state::journal::EntryRef;
+    use std::fs;
+
+    fn line(id: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        journal::encode(&EntryRef::Del(id), &mut v).unwrap();
+        v
+    }
+
+    /// A state directory whose journal is damaged by `damage` (called
+    /// with the journal directory, which holds a valid log of generation
+    /// 0 of three lines).
+    fn damaged(damage: impl FnOnce(&Path)) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let j = journal_dir(d.path());
+        fs::create_dir_all(&j).unwrap();
+        fs::write(
+            j.join(journal::log_name(0)),
+            [line("a"), line("b"), line("c")].concat(),
+        )
+        .unwrap();
+        damage(&j);
+        d
+    }
+
+    /// Whatever `scan` reports as damage, `repair` resolves: afterwards
+    /// the journal has no flaw, start-up opens it, and a second repair
+    /// finds nothing to do. (A log newer than the newest snapshot used to
+    /// stay where it was: repair said "repaired", and check and start-up
+    /// kept refusing, pointing back to repair.) What it takes out of the
+    /// journal is kept in the `damaged-<time>` directory.
+    #[test]
+    fn repair_leaves_no_flaw_that_check_reports() {
+        let flip = |j: &Path| {
+            let p = j.join(journal::log_name(0));
+            let mut b = fs::read(&p).unwrap();
+            b[12] ^= 1;
+            fs::write(&p, b).unwrap();
+        };
+        type Damage = Box<dyn FnOnce(&Path)>;
+        let cases: Vec<(&str, Damage)> = vec![
+            ("a flipped byte", Box::new(flip)),
+            (
+                "a non-empty log newer than the newest snapshot",
+                Box::new(|j: &Path| fs::write(j.join(journal::log_name(7)), line("x")).unwrap()),
+            ),
+            (
+                "a non-empty log of the generation repair writes next",
+                Box::new(|j: &Path| fs::write(j.join(journal::log_name(1)), line("x")).unwrap()),
+            ),
+            (
+                "the largest generation",
+                Box::new(|j: &Path| {
+                    fs::write(j.join(journal::log_name(u64::MAX)), line("x")).unwrap()
+                }),
+            ),
+            (
+                "an empty log of the generation repair writes next, and a flipped byte",
+                Box::new(move |j: &Path| {
+                    fs::write(j.join(journal::log_name(1)), b"").unwrap();
+                    flip(j);
+                }),
+            ),
+            (
+                "a snapshot without its log",
+                Box::new(|j: &Path| {
+                    fs::remove_file(j.join(journal::log_name(0))).unwrap();
+                    fs::write(j.join(journal::json_snapshot_name(2)), line("x")).unwrap();
+                }),
+            ),
+            (
+                "two snapshots of one generation",
+                Box::new(|j: &Path| {
+                    fs::write(j.join(journal::json_snapshot_name(0)), b"").unwrap();
+                    let empty = super::SnapshotWriter::new(0).finish().unwrap();
+                    fs::write(j.join(journal::snapshot_name(0)), empty).unwrap();
+                }),
+            ),
+            (
+                "a FIFO for the log",
+                Box::new(|j: &Path| {
+                    fs::remove_file(j.join(journal::log_name(0))).unwrap();
+                    make_not_regular("fifo", &j.join(journal::log_name(0)));
+                }),
+            ),
+            (
+                "a directory for the next snapshot",
+                Box::new(|j: &Path| make_not_regular("dir", &j.join(journal::snapshot_name(1)))),
+            ),
+            (
+                "a symlink for an old snapshot, a socket for a temp file",
+                Box::new(|j: &Path| {
+                    let empty = super::SnapshotWriter::new(0).finish().unwrap();
+                    fs::write(j.join(journal::snapshot_name(1)), empty).unwrap();
+                    fs::write(j.join(journal::log_name(1)), b"").unwrap();
+                    make_not_regular("symlink", &j.join(journal::snapshot_name(0)));
+                    make_not_regular("socket", &j.join("x.tmp"));
+                }),
+            ),
+        ];
+        for (what, damage) in cases {
+            let d = damaged(damage);
+            let j = journal_dir(d.path());
+            let before = journal::scan(&j).unwrap();
+            assert!(!before.damage.is_empty(), "{what}: no damage made");
+            let damaged_files: Vec<String> = before
+                .damage
+                .iter()
+                .filter(|d| fs::symlink_metadata(&d.path).is_ok())
+                .map(|d| d.path.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            let state = d.path().to_path_buf();
+            let report = at_once(what, move || repair(&state, Arc::new(RealFiles)))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let after = journal::scan(&j).unwrap();
+            assert!(
+                after.damage.is_empty(),
+                "{what}: still damaged after repair: {:?}\n{report}",
+                after.damage
+            );
+            assert!(report.contains("damaged-"), "{what}: {report}");
+            crate::state::Store::open(d.path(), Arc::new(RealFiles))
+                .unwrap_or_else(|e| panic!("{what}: start-up after repair: {e}"));
+            let again = repair(d.path(), Arc::new(RealFiles)).unwrap();
+            assert!(again.contains("nothing to repair"), "{what}: {again}");
+            // What was taken out is kept: every damaged file, by name.
+            let kept: Vec<String> = fs::read_dir(&j)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("damaged-"))
+                .flat_map(|e| fs::read_dir(e.path()).unwrap().flatten())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            for name in &damaged_files {
+                assert!(kept.contains(name), "{what}: {name} not kept: {kept:?}");
+            }
+        }
+    }
 }

@@ -279,19 +279,55 @@ impl Config {
         Ok(p)
     }
 
-    /// The node id: --node-id/$NODE_ID, then $KUBE_NODE_NAME, then the host name.
+    /// The node id: --node-id/$NODE_ID, then $KUBE_NODE_NAME, then the host
+    /// name. An empty value given is refused (it never stands for "the
+    /// next source"). Where a node-local kind is served the id is this
+    /// node's topology value (`topology.<driver-name>/node`, which kubelet
+    /// puts on the node as a label), so it must be one
+    /// (`validate::topology_value`), wherever it came from.
     pub fn resolved_node_id(&self) -> Result<String, String> {
-        let id = match &self.node_id {
-            Some(n) if !n.is_empty() => n.clone(),
-            _ => match std::env::var("KUBE_NODE_NAME") {
-                Ok(n) if !n.is_empty() => n,
-                _ => nix::unistd::gethostname()
-                    .map_err(|e| format!("no node id given and no host name: {e}"))?
-                    .to_string_lossy()
-                    .into_owned(),
+        let (id, from) = match &self.node_id {
+            Some(n) if n.is_empty() => {
+                return Err("the node id given by --node-id (or $NODE_ID) is empty: give this node's id, or leave both unset to use $KUBE_NODE_NAME or else the host name".into())
+            }
+            Some(n) => (n.clone(), "--node-id (or $NODE_ID)"),
+            None => match std::env::var_os("KUBE_NODE_NAME") {
+                Some(n) if n.is_empty() => {
+                    return Err("$KUBE_NODE_NAME is set but empty, and no --node-id (or $NODE_ID) is given: give this node's id with --node-id or $NODE_ID".into())
+                }
+                Some(n) => (
+                    n.into_string()
+                        .map_err(|n| format!("$KUBE_NODE_NAME {n:?} is not UTF-8: give this node's id with --node-id or $NODE_ID"))?,
+                    "$KUBE_NODE_NAME",
+                ),
+                None => (
+                    nix::unistd::gethostname()
+                        .map_err(|e| format!("no node id given and no host name: {e}"))?
+                        .to_string_lossy()
+                        .into_owned(),
+                    "the host name (no --node-id, $NODE_ID or $KUBE_NODE_NAME given)",
+                ),
             },
         };
-        crate::validate::node_id(&id).map_err(|e| e.to_string())?;
+        crate::validate::node_id(&id)
+            .map_err(|e| format!("the node id {id:?} from {from}: {}", e.render()))?;
+        if self
+            .kinds
+            .iter()
+            .any(|k| matches!(k, Kind::Local | Kind::Block))
+        {
+            crate::validate::topology_value(&id).map_err(|why| {
+                format!(
+                    "the node id {id:?} from {from} cannot be this node's topology value ({}=<node id>, served for local and block volumes; kubelet puts it on the node as a label): {why}. Pass a valid one explicitly with --node-id or $NODE_ID, unique to this node{}",
+                    self.topology_key(),
+                    if id.len() > crate::validate::MAX_TOPOLOGY_VALUE {
+                        " (a Kubernetes node name may be up to 253 characters, a topology value only 63: where the node name is longer, give the node a shorter id of its own; it need not be the node name)"
+                    } else {
+                        ""
+                    }
+                )
+            })?;
+        }
         Ok(id)
     }
 
@@ -365,6 +401,41 @@ mod tests {
         let mut c = parse(&["--kinds", "local,block,local"]).unwrap().config;
         c.absolutize().unwrap();
         assert_eq!(c.kinds, vec![Kind::Local, Kind::Block]);
+    }
+
+    /// Where local or block volumes are served the node id is the
+    /// topology value; from the flag, the environment or the host name
+    /// alike, one that is not a valid value is refused, as is an empty
+    /// one. NFS-only instances report no topology: the id's own limit
+    /// applies there.
+    #[test]
+    fn node_ids() {
+        let id = |args: &[&str]| parse(args).unwrap().config.resolved_node_id();
+        assert_eq!(id(&["--node-id", "node-1"]).unwrap(), "node-1");
+        let max = "a".repeat(63);
+        assert_eq!(id(&["--node-id", &max]).unwrap(), max);
+        for bad in ["bad/node", "node 1", "-node", "node.", "nöde"] {
+            let e = id(&[&format!("--node-id={bad}")]).unwrap_err();
+            assert!(
+                e.contains("topology value") && e.contains("--node-id"),
+                "{bad}: {e}"
+            );
+        }
+        let long = "x".repeat(100);
+        let e = id(&["--node-id", &long]).unwrap_err();
+        assert!(e.contains("63") && e.contains("253"), "{e}");
+        let e = id(&["--node-id", ""]).unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+        for k in ["block", "local,nfs"] {
+            assert!(id(&["--kinds", k, "--node-id", "bad/node"]).is_err(), "{k}");
+        }
+        assert_eq!(
+            id(&["--kinds", "nfs", "--node-id", &long]).unwrap(),
+            long,
+            "no topology: the node id's own limit"
+        );
+        assert!(id(&["--kinds", "nfs", "--node-id", &"x".repeat(129)]).is_err());
+        assert!(id(&["--kinds", "nfs", "--node-id", ""]).is_err());
     }
 
     #[test]

@@ -50,6 +50,40 @@ pub fn node_id(v: &str) -> Result<&str> {
     plain_string("node_id", v).map(|_| v)
 }
 
+/// The CSI spec's limit for a topology value (Kubernetes' for a label
+/// value).
+pub const MAX_TOPOLOGY_VALUE: usize = 63;
+
+/// A topology segment's value, as the CSI spec has it: at most 63
+/// characters, beginning and ending with an alphanumeric character, with
+/// only `-`, `_`, `.` and alphanumerics between (ASCII; Kubernetes' label
+/// value rules: kubelet puts it on the node as a label). Err says what is
+/// wrong.
+pub fn topology_value(v: &str) -> std::result::Result<(), String> {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    if v.is_empty() {
+        return Err("a topology value must not be empty".into());
+    }
+    if v.chars().count() > MAX_TOPOLOGY_VALUE {
+        return Err(format!(
+            "it is {} characters long, and a topology value is at most {MAX_TOPOLOGY_VALUE}",
+            v.chars().count()
+        ));
+    }
+    if let Some(c) = v
+        .chars()
+        .find(|&c| !alnum(c) && !matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "it contains {c:?}; a topology value has only letters and digits (ASCII), '-', '_' and '.'"
+        ));
+    }
+    if !v.starts_with(alnum) || !v.ends_with(alnum) {
+        return Err("a topology value begins and ends with a letter or digit".into());
+    }
+    Ok(())
+}
+
 /// An absolute, normalised path from the CO (target or staging path): no
 /// `..` or `.` components, no NUL, not `/` itself.
 pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
@@ -171,6 +205,27 @@ mod tests {
         assert!(volume_id("").is_err());
         assert!(name("a\nb").is_err());
         assert!(node_id("node-1").is_ok());
+    }
+
+    #[test]
+    fn topology_values() {
+        for ok in ["n", "node-1", "a.b_c-d", "0", &"a".repeat(63), "Node1"] {
+            assert_eq!(topology_value(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "bad/node",
+            "node 1",
+            "-a",
+            "a-",
+            ".a",
+            "a_",
+            "nöde",
+            "a:b",
+            &"a".repeat(64),
+        ] {
+            assert!(topology_value(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,11 @@ impl Drop for Berth {
 }
 
 fn start(dir: &Path, extra: &[&str]) -> Berth {
+    start_as(dir, NODE, extra)
+}
+
+/// `start` with `--node-id node`.
+fn start_as(dir: &Path, node: &str, extra: &[&str]) -> Berth {
     let sock = dir.join("csi.sock");
     let log = dir.join(format!(
         "berth-{}.log",
@@ -44,7 +49,7 @@ fn start(dir: &Path, extra: &[&str]) -> Berth {
         .arg(dir)
         .arg("--endpoint")
         .arg(format!("unix://{}", sock.display()))
-        .args(["--node-id", NODE])
+        .args(["--node-id", node])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -1323,6 +1328,93 @@ async fn repair_takes_a_stray_newer_log_out_and_berth_starts() {
         let b = start(d.path(), &[]);
         assert_eq!(listed(&b.sock).await, ids);
     }
+}
+
+/// A node id that cannot be this node's topology value (the CSI spec: at
+/// most 63 characters, alphanumeric at both ends, only '-', '_', '.' and
+/// alphanumerics between; kubelet puts it on the node as a label) is
+/// refused at start-up, whether it comes from --node-id, $NODE_ID or
+/// $KUBE_NODE_NAME, naming what is wrong and the flag to pass; so is an
+/// empty one (it used to mean "the host name"). Nothing is served. It used
+/// to be served as the topology value. An NFS-only berth reports no
+/// topology: a long id serves there.
+#[tokio::test]
+async fn a_node_id_that_is_no_topology_value_stops_start_up() {
+    let long = "x".repeat(100);
+    // (arguments, environment, what the error says)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 7] = [
+        (&["--node-id", "bad/node"], &[], &["'/'"]),
+        (&["--node-id", "node 1"], &[], &["' '"]),
+        (&["--node-id", &long], &[], &["100 characters", "63", "253"]),
+        (&["--node-id", ""], &[], &["empty"]),
+        (&[], &[("NODE_ID", "bad/node")], &["'/'"]),
+        (&[], &[("NODE_ID", "")], &["empty"]),
+        (
+            &[],
+            &[("KUBE_NODE_NAME", &long)],
+            &["$KUBE_NODE_NAME", "253"],
+        ),
+    ];
+    for (args, env, says) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("csi.sock");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--data-dir")
+            .arg(d.path())
+            .arg("--endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .args(args)
+            .env_remove("NODE_ID")
+            .env_remove("KUBE_NODE_NAME")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?} {env:?}: berth started");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} {env:?}: {err}");
+        assert!(err.contains("--node-id"), "{args:?} {env:?}: {err}");
+        for s in says {
+            assert!(err.contains(s), "{args:?} {env:?}: no {s:?} in {err}");
+        }
+        assert!(!sock.exists(), "{args:?} {env:?}: bound the socket");
+    }
+    // The longest valid id is this node's topology value.
+    let max = "n".repeat(63);
+    let d = tempfile::tempdir().unwrap();
+    let b = start_as(d.path(), &max, &[]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let info = c
+        .node
+        .node_get_info(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, max);
+    assert_eq!(info.accessible_topology.unwrap().segments[TOPO_KEY], max);
+    drop(b);
+    // No topology without node-local kinds: the id's own limit only.
+    let d = tempfile::tempdir().unwrap();
+    let b = start_as(d.path(), &long, &["--mode", "node", "--kinds", "nfs"]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let info = c
+        .node
+        .node_get_info(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, long);
+    assert!(info.accessible_topology.is_none());
 }
 
 /// Runs berth with `args` and returns its output, failing unless it

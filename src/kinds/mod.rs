@@ -269,24 +269,7 @@ pub(crate) fn stored_copy(path: &Path, want_dir: bool) -> Result<std::fs::Metada
     if (want_dir && t.is_dir()) || (!want_dir && t.is_file()) {
         return Ok(m);
     }
-    use std::os::unix::fs::FileTypeExt;
-    let found = if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_file() {
-        "a regular file"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_char_device() {
-        "a character device"
-    } else {
-        "of an unknown type"
-    };
+    let found = crate::os::files::type_name(t);
     Err(CopyFlaw::NotOurs {
         path: path.to_path_buf(),
         found,

@@ -352,6 +352,28 @@ impl Files for RealFiles {
     }
 }
 
+/// What kind of file `t` is, as a message names it: "a directory", "a
+/// symbolic link", "a FIFO (named pipe)", ...
+pub fn type_name(t: std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "a file of an unknown type"
+    }
+}
+
 /// What stands where Berth keeps a regular file, when it is not one (the
 /// error of `Files::open`, `open_regular` and `read_regular`, inside an
 /// `io::Error` of kind `InvalidInput`; `not_regular` finds it).
@@ -360,21 +382,7 @@ pub struct NotRegular(pub &'static str);
 
 impl NotRegular {
     pub fn of(t: std::fs::FileType) -> std::io::Error {
-        let what = if t.is_dir() {
-            "a directory"
-        } else if t.is_symlink() {
-            "a symlink"
-        } else if t.is_fifo() {
-            "a FIFO (named pipe)"
-        } else if t.is_socket() {
-            "a socket"
-        } else if t.is_block_device() {
-            "a block device"
-        } else if t.is_char_device() {
-            "a character device"
-        } else {
-            "not a file"
-        };
+        let what = type_name(t);
         std::io::Error::new(std::io::ErrorKind::InvalidInput, NotRegular(what))
     }
 
@@ -688,7 +696,7 @@ mod tests {
             "a FIFO (named pipe)",
             "a socket",
             "a directory",
-            "a symlink",
+            "a symbolic link",
         ];
         for (p, kind) in paths.iter().zip(kinds) {
             let (at, r, o, d, w) = finished

@@ -1073,3 +1073,83 @@ async fn ids_without_a_record_never_unmount_a_block_volumes_mounts() {
     delete(&h, &local).await;
     assert_clean(&h);
 }
+
+/// The mounts at exactly `p`.
+fn mounts_at(p: &Path) -> Vec<berth::os::MountEntry> {
+    berth::os::mountinfo::parse(&std::fs::read("/proc/self/mountinfo").unwrap())
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.mount_point == p)
+        .collect()
+}
+
+/// Read-only publishes of block volumes, with a filesystem (a bind of the
+/// staging mount) and raw (a bind of the device node's bind at
+/// `<staging>/<id>` onto a file: open_tree and move_mount take files too),
+/// give the mount the per-mount options the two-step way (bind, then
+/// remount) gives the same source; a repeat is OK and adds no mount; writes
+/// to the filesystem fail with EROFS.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn read_only_publishes_match_the_two_step_way() {
+    use berth::os::{BindWay, MountFlags, RealMounter};
+    let (h, _g) = real_block(&[]);
+    let fs_id = create(&h, "fs", 16 * MIB, &[("fsType", "ext4")], rwo())
+        .await
+        .volume_id;
+    let raw_id = create(&h, "raw", 16 * MIB, &[], raw()).await.volume_id;
+    let (fs_s, raw_s) = (h.path("stage-fs"), h.path("stage-raw"));
+    std::fs::create_dir(&fs_s).unwrap();
+    std::fs::create_dir(&raw_s).unwrap();
+    stage(&h, &fs_id, &fs_s, rwo()).await;
+    stage(&h, &raw_id, &raw_s, raw()).await;
+    let (fs_t, raw_t) = (h.path("pod-fs"), h.path("pod-raw"));
+    for _ in 0..2 {
+        publish(&h, &fs_id, &fs_s, &fs_t, rwo(), true).await;
+        publish(&h, &raw_id, &raw_s, &raw_t, raw(), true).await;
+    }
+    let e = std::fs::write(fs_t.join("nope"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+
+    let ro = MountFlags {
+        readonly: true,
+        ..Default::default()
+    };
+    let marker = raw_s.join(&raw_id);
+    let (fs_2, raw_2, raw_3) = (h.path("two-fs"), h.path("two-raw"), h.path("atomic-raw"));
+    std::fs::create_dir(&fs_2).unwrap();
+    File::create(&raw_2).unwrap();
+    File::create(&raw_3).unwrap();
+    let two = RealMounter::two_step();
+    assert_eq!(two.bind_way(&fs_s, &fs_2, ro).unwrap(), BindWay::TwoStep);
+    assert_eq!(two.bind_way(&marker, &raw_2, ro).unwrap(), BindWay::TwoStep);
+    let atomic = RealMounter::new();
+    assert_eq!(
+        atomic.bind_way(&marker, &raw_3, ro).unwrap(),
+        BindWay::Atomic
+    );
+    for (published, other) in [(&fs_t, &fs_2), (&raw_t, &raw_2), (&raw_t, &raw_3)] {
+        let (a, b) = (mounts_at(published), mounts_at(other));
+        assert_eq!((a.len(), b.len()), (1, 1), "{a:?} {b:?}");
+        assert!(a[0].readonly(), "{}", a[0].options);
+        assert_eq!(a[0].options, b[0].options, "{}", published.display());
+        assert_eq!(
+            berth::node::mounts::object(&a[0]),
+            berth::node::mounts::object(&b[0])
+        );
+    }
+    for p in [&fs_2, &raw_2, &raw_3] {
+        nix::mount::umount2(p.as_path(), nix::mount::MntFlags::empty()).unwrap();
+    }
+    std::fs::remove_dir(&fs_2).unwrap();
+    std::fs::remove_file(&raw_2).unwrap();
+    std::fs::remove_file(&raw_3).unwrap();
+
+    unpublish(&h, &fs_id, &fs_t).await;
+    unpublish(&h, &raw_id, &raw_t).await;
+    unstage_as_kubelet(&h, &fs_id, &fs_s).await.unwrap();
+    unstage_as_kubelet(&h, &raw_id, &raw_s).await.unwrap();
+    delete(&h, &fs_id).await;
+    delete(&h, &raw_id).await;
+    assert_clean(&h);
+}

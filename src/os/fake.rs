@@ -2,6 +2,7 @@
 //! follows the calls made on it (a bind mount shows the source's device and
 //! directory, an unmount removes the topmost entry), so logic built on
 //! mountinfo can be unit-tested without root.
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use super::blockdev::{BlockDevices, DeviceInfo};
 use super::command::{CmdOutput, Runner};
 use super::files::{Files, Open, RealFiles};
 use super::loopdev::{AttachOptions, LoopDevices, LoopInfo};
+use super::mount::{BindCalls, MountAttr};
 use super::mountinfo::{self, MountEntry, MountTable};
 use super::mountpoint::MountProbe;
 use super::quota::{Project, ProjectQuota, QuotaState, Quotas};
@@ -1432,5 +1434,222 @@ impl Quotas for FakeOs {
             l.insert(id, (bytes.div_ceil(1024) * 1024, inodes));
         }
         Ok(())
+    }
+}
+
+/// One call made through `FakeBindCalls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindCall {
+    OpenTree(PathBuf),
+    TreeFlags,
+    SetAttr(MountAttr),
+    Attach(PathBuf),
+    Bind(PathBuf),
+    Flags(PathBuf),
+    Remount(PathBuf, MountFlags),
+    Unmount(PathBuf),
+}
+
+impl BindCall {
+    /// The call's name, as `FakeBindCalls::fail_next` takes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BindCall::OpenTree(_) => "open_tree",
+            BindCall::TreeFlags => "tree_flags",
+            BindCall::SetAttr(_) => "set_attr",
+            BindCall::Attach(_) => "attach",
+            BindCall::Bind(_) => "bind",
+            BindCall::Flags(_) => "flags",
+            BindCall::Remount(..) => "remount",
+            BindCall::Unmount(_) => "unmount",
+        }
+    }
+}
+
+/// A recording fake of the system calls one bind mount is made of
+/// (`mount::BindCalls`), for the choice between the atomic and the
+/// two-step way (`mount::bind_with`). Every source mount has the flags
+/// given to `new`; the fake keeps what is mounted at each target with its
+/// per-mount flags, changed as the kernel changes them: mount_setattr sets
+/// and clears the bits it names (the atime setting as a whole, only with
+/// all of `MOUNT_ATTR__ATIME` cleared, else EINVAL); a bind remount sets
+/// every flag to what it is given, relatime unless noatime, and keeps the
+/// atime setting when given none of noatime, nodiratime, relatime. Any call
+/// can be failed (`fail_next`), before it changes anything.
+pub struct FakeBindCalls {
+    source: MountFlags,
+    calls: Mutex<Vec<BindCall>>,
+    failures: Mutex<HashMap<&'static str, VecDeque<i32>>>,
+    mounted: Mutex<Vec<(PathBuf, MountFlags)>>,
+}
+
+/// A detached copy of a mount in `FakeBindCalls`: its flags.
+pub struct FakeTree(Cell<MountFlags>);
+
+impl FakeBindCalls {
+    pub fn new(source: MountFlags) -> Self {
+        FakeBindCalls {
+            source,
+            calls: Mutex::new(Vec::new()),
+            failures: Mutex::new(HashMap::new()),
+            mounted: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The next call named `op` (`BindCall::name`) fails with `errno`.
+    pub fn fail_next(&self, op: &'static str, errno: i32) {
+        lock(&self.failures).entry(op).or_default().push_back(errno);
+    }
+
+    /// The names of the calls made so far, in order.
+    pub fn calls(&self) -> Vec<&'static str> {
+        lock(&self.calls).iter().map(BindCall::name).collect()
+    }
+
+    /// The calls made so far, with their arguments.
+    pub fn full_calls(&self) -> Vec<BindCall> {
+        lock(&self.calls).clone()
+    }
+
+    pub fn clear_calls(&self) {
+        lock(&self.calls).clear();
+    }
+
+    /// What is mounted, bottom first: target and per-mount flags.
+    pub fn mounted(&self) -> Vec<(PathBuf, MountFlags)> {
+        lock(&self.mounted).clone()
+    }
+
+    fn call(&self, c: BindCall, path: &Path) -> Result<(), OsError> {
+        let op = c.name();
+        lock(&self.calls).push(c);
+        match lock(&self.failures).get_mut(op).and_then(|q| q.pop_front()) {
+            Some(errno) => Err(OsError::sys(
+                op,
+                path,
+                std::io::Error::from_raw_os_error(errno),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn top(&self, target: &Path) -> Result<MountFlags, OsError> {
+        lock(&self.mounted)
+            .iter()
+            .rev()
+            .find(|(p, _)| p == target)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| {
+                OsError::sys(
+                    "fake",
+                    target,
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                )
+            })
+    }
+}
+
+impl BindCalls for FakeBindCalls {
+    type Tree = FakeTree;
+
+    fn open_tree(&self, source: &Path) -> Result<FakeTree, OsError> {
+        self.call(BindCall::OpenTree(source.into()), source)?;
+        Ok(FakeTree(Cell::new(self.source)))
+    }
+
+    fn tree_flags(&self, tree: &FakeTree) -> Result<MountFlags, OsError> {
+        self.call(BindCall::TreeFlags, Path::new("tree"))?;
+        Ok(tree.0.get())
+    }
+
+    fn set_attr(&self, tree: &FakeTree, attr: MountAttr) -> Result<(), OsError> {
+        self.call(BindCall::SetAttr(attr), Path::new("tree"))?;
+        let einval = || {
+            OsError::sys(
+                "mount_setattr",
+                "tree",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            )
+        };
+        let mut f = tree.0.get();
+        for (flag, bit) in [
+            (&mut f.readonly, libc::MOUNT_ATTR_RDONLY),
+            (&mut f.nosuid, libc::MOUNT_ATTR_NOSUID),
+            (&mut f.nodev, libc::MOUNT_ATTR_NODEV),
+            (&mut f.noexec, libc::MOUNT_ATTR_NOEXEC),
+            (&mut f.nodiratime, libc::MOUNT_ATTR_NODIRATIME),
+        ] {
+            if attr.clr & bit != 0 {
+                *flag = false;
+            }
+            if attr.set & bit != 0 {
+                *flag = true;
+            }
+        }
+        let atime = libc::MOUNT_ATTR__ATIME;
+        match attr.clr & atime {
+            0 if attr.set & atime != 0 => return Err(einval()),
+            0 => {}
+            c if c != atime => return Err(einval()),
+            _ => match attr.set & atime {
+                libc::MOUNT_ATTR_RELATIME => (f.relatime, f.noatime) = (true, false),
+                libc::MOUNT_ATTR_NOATIME => (f.relatime, f.noatime) = (false, true),
+                libc::MOUNT_ATTR_STRICTATIME => (f.relatime, f.noatime) = (false, false),
+                _ => return Err(einval()),
+            },
+        }
+        tree.0.set(f);
+        Ok(())
+    }
+
+    fn attach(&self, tree: FakeTree, target: &Path) -> Result<(), OsError> {
+        self.call(BindCall::Attach(target.into()), target)?;
+        lock(&self.mounted).push((target.into(), tree.0.get()));
+        Ok(())
+    }
+
+    fn bind(&self, _source: &Path, target: &Path) -> Result<(), OsError> {
+        self.call(BindCall::Bind(target.into()), target)?;
+        lock(&self.mounted).push((target.into(), self.source));
+        Ok(())
+    }
+
+    fn flags(&self, target: &Path) -> Result<MountFlags, OsError> {
+        self.call(BindCall::Flags(target.into()), target)?;
+        self.top(target)
+    }
+
+    fn remount(&self, target: &Path, flags: MountFlags) -> Result<(), OsError> {
+        self.call(BindCall::Remount(target.into(), flags), target)?;
+        let old = self.top(target)?;
+        let mut new = MountFlags {
+            relatime: !flags.noatime,
+            ..flags
+        };
+        if !(flags.noatime || flags.nodiratime || flags.relatime) {
+            (new.noatime, new.nodiratime, new.relatime) =
+                (old.noatime, old.nodiratime, old.relatime);
+        }
+        let mut m = lock(&self.mounted);
+        if let Some(e) = m.iter_mut().rev().find(|(p, _)| p == target) {
+            e.1 = new;
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), OsError> {
+        self.call(BindCall::Unmount(target.into()), target)?;
+        let mut m = lock(&self.mounted);
+        match m.iter().rposition(|(p, _)| p == target) {
+            Some(i) => {
+                m.remove(i);
+                Ok(())
+            }
+            None => Err(OsError::sys(
+                "unmount",
+                target,
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            )),
+        }
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! | file          | what it wraps                                   |
 //! |---------------|-------------------------------------------------|
-//! | `mount.rs`    | mount(2) / umount2(2): bind, remount, unmount   |
+//! | `mount.rs`    | mount(2) / umount2(2), open_tree(2), mount_setattr(2), move_mount(2): bind, remount, unmount |
 //! | `mountinfo.rs`| reading and parsing /proc/self/mountinfo        |
 //! | `mountpoint.rs`| statx(2) STATX_ATTR_MOUNT_ROOT: is something mounted at one path |
 //! | `statvfs.rs`  | statvfs(3): free space and inodes               |
@@ -44,7 +44,7 @@ pub use blockdev::{BlockDevices, DeviceInfo, RealBlockDevices};
 pub use command::{CmdOutput, RealRunner, Runner};
 pub use files::{Files, Open, RealFiles};
 pub use loopdev::{AttachOptions, LoopDevices, LoopInfo, RealLoopDevices};
-pub use mount::{MountFlags, Mounter, RealMounter};
+pub use mount::{BindWay, MountFlags, Mounter, RealMounter};
 pub use mountinfo::{MountEntry, MountTable, ProcMountTable};
 pub use mountpoint::{MountProbe, StatxMountProbe};
 pub use quota::{Quotas, RealQuotas};
@@ -114,7 +114,7 @@ impl Os {
     /// The real operating system.
     pub fn real() -> Self {
         Os {
-            mounter: Arc::new(RealMounter),
+            mounter: Arc::new(RealMounter::new()),
             mounts: Arc::new(ProcMountTable::default()),
             probe: Arc::new(StatxMountProbe),
             fs: Arc::new(RealFsStats),

@@ -675,21 +675,6 @@ async fn a_volume_directory_renamed_by_hand_strands_no_pod() {
         .unwrap();
 }
 
-/// The flag set numbered `n` (bit i: the i-th of the seven flags Berth
-/// accepts), as `mounts::bind_flags` makes them.
-fn flag_set(n: u32) -> berth::os::MountFlags {
-    let b = |i: u32| n & (1 << i) != 0;
-    berth::os::MountFlags {
-        readonly: b(0),
-        nosuid: b(1),
-        nodev: b(2),
-        noexec: b(3),
-        noatime: b(4),
-        nodiratime: b(5),
-        relatime: b(6),
-    }
-}
-
 /// The single mount at `p` (panics unless there is exactly one).
 fn the_mount(p: &Path) -> berth::os::MountEntry {
     let mut v = mount_entries(p);
@@ -802,7 +787,7 @@ fn atomic_and_two_step_binds_give_the_same_flags() {
             *name == "ro" || name.starts_with("ro,")
         );
         for n in 0..128 {
-            let f = flag_set(n);
+            let f = berth::os::MountFlags::numbered(n);
             let (t1, t2) = (d.path().join("two-step"), d.path().join("atomic"));
             std::fs::create_dir(&t1).unwrap();
             std::fs::create_dir(&t2).unwrap();

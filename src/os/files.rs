@@ -177,32 +177,16 @@ impl Files for RealFiles {
     }
 
     fn open(&self, path: &Path, how: Open) -> Result<File, OsError> {
-        // O_EXCL opens nothing that exists; otherwise what is there must be
-        // a regular file before it is opened at all (opening a device can
-        // act on it), and is checked again once open (it may have been
-        // replaced in between). O_NONBLOCK: a FIFO put there in between
-        // fails (ENXIO) instead of waiting for a reader; on a regular file
-        // it changes nothing.
-        if how != Open::CreateNew {
-            if let Ok(m) = std::fs::symlink_metadata(path) {
-                if !m.file_type().is_file() {
-                    return Err(OsError::sys("open", path, NotRegular::of(m.file_type())));
-                }
-            }
-        }
         let mut o = OpenOptions::new();
-        o.write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC);
+        o.write(true).mode(0o600);
         match how {
             Open::CreateNew => o.create_new(true),
             Open::CreateOrKeep => o.create(true).truncate(false),
             Open::CreateOrTruncate => o.create(true).truncate(true),
             Open::Existing => &mut o,
         };
-        let f = o.open(path).map_err(sys("open", path))?;
-        check_regular(&f).map_err(sys("open", path))?;
-        Ok(f)
+        // O_EXCL opens nothing that exists: no look first.
+        open_checked(&mut o, path, 0, how != Open::CreateNew).map_err(sys("open", path))
     }
 
     fn write_at(&self, file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<(), OsError> {
@@ -424,12 +408,29 @@ fn check_regular(file: &File) -> std::io::Result<()> {
 /// followed; a FIFO put there in between opens at once) and looked at again
 /// once open. A missing file is NotFound, as for `File::open`.
 pub fn open_regular(path: &Path, flags: i32) -> std::io::Result<File> {
-    let t = std::fs::symlink_metadata(path)?.file_type();
-    if !t.is_file() {
-        return Err(NotRegular::of(t));
+    open_checked(OpenOptions::new().read(true), path, flags, true)
+}
+
+/// Opens `path` with `o` (and `flags`) as only a regular file is opened:
+/// when `look_first`, what is there is looked at before (a device is never
+/// opened: opening one can act on it; nothing there is fine, for a create);
+/// O_NOFOLLOW (a symlink is never followed), O_NONBLOCK (a FIFO put there
+/// in between opens at once instead of waiting for a peer; on a regular
+/// file it changes nothing); and what was opened is looked at again.
+fn open_checked(
+    o: &mut OpenOptions,
+    path: &Path,
+    flags: i32,
+    look_first: bool,
+) -> std::io::Result<File> {
+    if look_first {
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_file() {
+                return Err(NotRegular::of(m.file_type()));
+            }
+        }
     }
-    let f = match OpenOptions::new()
-        .read(true)
+    let f = match o
         .custom_flags(
             flags | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
         )

@@ -42,6 +42,22 @@ impl MountFlags {
         f
     }
 
+    /// The flag set numbered `n` (bit i: the i-th of the seven flags, in
+    /// field order; 0 to 127 name every set), for tests that go through
+    /// them all.
+    pub fn numbered(n: u32) -> Self {
+        let b = |i: u32| n & (1 << i) != 0;
+        MountFlags {
+            readonly: b(0),
+            nosuid: b(1),
+            nodev: b(2),
+            noexec: b(3),
+            noatime: b(4),
+            nodiratime: b(5),
+            relatime: b(6),
+        }
+    }
+
     /// True when nothing beyond a plain bind mount is asked for.
     pub fn is_plain(self) -> bool {
         self == MountFlags::default()
@@ -455,7 +471,7 @@ impl Mounter for RealMounter {
     }
 
     fn unmount(&self, target: &Path) -> Result<(), OsError> {
-        umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(|e| OsError::sys("unmount", target, e))
+        BindCalls::unmount(&Syscalls, target)
     }
 }
 
@@ -464,18 +480,8 @@ mod tests {
     use super::*;
     use crate::os::fake::{BindCall, FakeBindCalls};
 
-    /// The flag set numbered `n` (bit i: the i-th of Berth's seven flags).
     fn flags(n: u32) -> MountFlags {
-        let b = |i: u32| n & (1 << i) != 0;
-        MountFlags {
-            readonly: b(0),
-            nosuid: b(1),
-            nodev: b(2),
-            noexec: b(3),
-            noatime: b(4),
-            nodiratime: b(5),
-            relatime: b(6),
-        }
+        MountFlags::numbered(n)
     }
 
     /// Source mounts as the kernel can have them: every combination of ro,

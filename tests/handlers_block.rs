@@ -1273,6 +1273,17 @@ async fn condition_is_abnormal_when_the_backing_file_is_gone() {
     );
 }
 
+/// A CreateVolume of a whole-disk volume of `required` to `limit` bytes.
+fn disk_req(name: &str, required: i64, limit: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..create_req_p(name, 0, &[("pool", "disk")])
+    }
+}
+
 // ------------------------------------------------------------- Expansion
 
 fn expand_req(id: &str, required: i64, limit: i64) -> csi::ControllerExpandVolumeRequest {
@@ -2001,25 +2012,13 @@ async fn a_limit_below_every_fitting_disk_is_resource_exhausted() {
     disks(&h, None);
     let e = h
         .ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 11 * MIB,
-                limit_bytes: 19 * MIB,
-            }),
-            ..create_req_p("a", 0, &[("pool", "disk")])
-        }))
+        .create_volume(Request::new(disk_req("a", 11 * MIB, 19 * MIB)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     let v = h
         .ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 11 * MIB,
-                limit_bytes: 25 * MIB,
-            }),
-            ..create_req_p("a", 0, &[("pool", "disk")])
-        }))
+        .create_volume(Request::new(disk_req("a", 11 * MIB, 25 * MIB)))
         .await
         .unwrap()
         .into_inner();
@@ -2155,13 +2154,7 @@ async fn a_pool_disk_holding_data_without_a_signature_is_not_offered() {
     assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
     let e = h
         .ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 5 * MIB,
-                limit_bytes: 20 * MIB,
-            }),
-            ..create_req_p("a", 0, &[("pool", "disk")])
-        }))
+        .create_volume(Request::new(disk_req("a", 5 * MIB, 20 * MIB)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
@@ -2281,13 +2274,7 @@ async fn a_missing_disk_back_under_another_name_is_not_offered_unwiped() {
     assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
     let e = h
         .ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 5 * MIB,
-                limit_bytes: 10 * MIB,
-            }),
-            ..create_req_p("b", 0, &[("pool", "disk")])
-        }))
+        .create_volume(Request::new(disk_req("b", 5 * MIB, 10 * MIB)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);

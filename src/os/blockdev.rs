@@ -100,7 +100,8 @@ pub trait BlockDevices: Send + Sync {
     fn reads_zero(&self, path: &Path, size_bytes: u64) -> Result<bool, OsError>;
     /// Whether another process holds the device exclusively (an O_EXCL
     /// open fails with EBUSY: a mounted filesystem, a running mkfs or
-    /// fsck, a device-mapper or md user), in any mount namespace.
+    /// fsck, a device-mapper or md user), in any mount namespace. A claim
+    /// that ends within 50 ms is no holder (`BUSY_PAUSES`).
     fn held(&self, path: &Path) -> Result<bool, OsError>;
     /// Zeroes the whole device at `path`, which must be `size_bytes` long.
     /// Opened exclusively (O_EXCL on a block device: EBUSY while anything
@@ -137,6 +138,35 @@ impl Default for RealBlockDevices {
             bounded: Bounded::new(),
         }
     }
+}
+
+/// Pauses before an exclusive open that failed with EBUSY is tried again,
+/// before the device counts as held (50 ms in all). Some claims last only
+/// milliseconds and are no holder: a descriptor just closed lives on in a
+/// child another thread forked until that child execs (seen here: up to
+/// 5 ms after the close, with mkfs and blkid run beside), and udev
+/// re-reads the partition table of a disk written and closed, which
+/// claims it exclusively while it does.
+const BUSY_PAUSES: [Duration; 3] = [
+    Duration::from_millis(5),
+    Duration::from_millis(15),
+    Duration::from_millis(30),
+];
+
+/// Whether `busy` still answers true after it is asked again after each of
+/// `pauses` (`sleep` takes them); an error ends it at once.
+fn busy_after_pauses<E>(
+    pauses: &[Duration],
+    mut sleep: impl FnMut(Duration),
+    mut busy: impl FnMut() -> Result<bool, E>,
+) -> Result<bool, E> {
+    for &p in pauses {
+        if !busy()? {
+            return Ok(false);
+        }
+        sleep(p);
+    }
+    busy()
 }
 
 /// Opens the block device at `path` for writing, exclusively (O_EXCL: EBUSY
@@ -290,15 +320,19 @@ impl BlockDevices for RealBlockDevices {
     }
 
     fn held(&self, path: &Path) -> Result<bool, OsError> {
-        match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
-            .open(path)
-        {
-            Ok(_) => Ok(false),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(true),
-            Err(e) => Err(OsError::sys("open exclusively", path, e)),
-        }
+        busy_after_pauses(
+            &BUSY_PAUSES,
+            std::thread::sleep,
+            || match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+                .open(path)
+            {
+                Ok(_) => Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(true),
+                Err(e) => Err(OsError::sys("open exclusively", path, e)),
+            },
+        )
     }
 
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
@@ -336,6 +370,49 @@ impl BlockDevices for RealBlockDevices {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_that_ends_within_the_pauses_is_no_holder() {
+        let pauses = [Duration::from_millis(1), Duration::from_millis(2)];
+        // Busy twice, then free: not held, after two pauses.
+        let (mut asked, mut slept) = (0, Vec::new());
+        let r = busy_after_pauses(
+            &pauses,
+            |d| slept.push(d),
+            || {
+                asked += 1;
+                Ok::<_, ()>(asked <= 2)
+            },
+        );
+        assert_eq!((r, asked), (Ok(false), 3));
+        assert_eq!(slept, pauses);
+        // Busy every time: held, asked once more than there are pauses.
+        let mut asked = 0;
+        let r = busy_after_pauses(
+            &pauses,
+            |_| {},
+            || {
+                asked += 1;
+                Ok::<_, ()>(true)
+            },
+        );
+        assert_eq!((r, asked), (Ok(true), 3));
+        // Free at once: no pause.
+        let mut slept = 0;
+        let r = busy_after_pauses(&pauses, |_| slept += 1, || Ok::<_, ()>(false));
+        assert_eq!((r, slept), (Ok(false), 0));
+        // An error ends it at once.
+        let mut asked = 0;
+        let r = busy_after_pauses(
+            &pauses,
+            |_| {},
+            || {
+                asked += 1;
+                Err::<bool, _>("EACCES")
+            },
+        );
+        assert_eq!((r, asked), (Err("EACCES"), 1));
+    }
 
     #[test]
     fn the_sample_covers_both_ends_and_spaced_blocks_within_bounds() {

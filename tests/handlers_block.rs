@@ -1584,6 +1584,150 @@ async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
     );
 }
 
+/// Cuts the backing file of volume `id` to `len` bytes, as an operator's
+/// `truncate` would.
+fn cut(h: &Harness, id: &str, len: i64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img(h, id))
+        .unwrap()
+        .set_len(len as u64)
+        .unwrap();
+}
+
+/// A backing file cut short by hand (here to half its size while staged
+/// and published, its data past the cut gone) is damage: NodeExpandVolume,
+/// CreateSnapshot and NodeStageVolume (again, or after an unstage) refuse
+/// it (FAILED_PRECONDITION) and say so; it is not grown back with zeros,
+/// as an interrupted expansion is, and `state check` reports it as an
+/// error. Before, the next stage or expansion grew it back, reported
+/// healthy.
+#[tokio::test]
+async fn a_backing_file_cut_short_is_damage_not_grown_back() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let id = create(&h, "a", 16 * MIB, &[]).await.volume_id;
+    assert_eq!(block_info(&h, &id).file_bytes, Some(16 << 20));
+    let (s, t) = (h.path("s"), h.path("t"));
+    stage_and_publish(&h, &id, &s, &t).await;
+    write_at(&img(&h, &id), b"the tenant's last page", (12 * MIB) as u64);
+    cut(&h, &id, 8 * MIB);
+    f.clear_calls();
+    let refused = |e: tonic::Status| {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("cut short")
+                && e.message().contains(&format!("has {} bytes", 8 * MIB))
+                && e.message()
+                    .contains(&format!("the {} Berth made it", 16 * MIB)),
+            "{}",
+            e.message()
+        );
+    };
+    refused(
+        h.node
+            .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 32 * MIB)))
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        h.ctl
+            .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+                name: "s".into(),
+                source_volume_id: id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &s)))
+            .await
+            .unwrap_err(),
+    );
+    unpublish_as_kubelet(&h, &id, &t).await.unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    refused(
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &s)))
+            .await
+            .unwrap_err(),
+    );
+    // Nothing was grown, attached, resized or formatted.
+    assert_eq!(
+        std::fs::metadata(img(&h, &id)).unwrap().len(),
+        8 * MIB as u64
+    );
+    assert_eq!(count(f, is_attach), 0);
+    assert!(f
+        .calls()
+        .iter()
+        .all(|c| !matches!(c, Call::LoopSetCapacity { .. })));
+    assert!(runs(f, "mkfs.ext4").is_empty() && runs(f, "resize2fs").is_empty());
+    let (ok, text) = state_check(&h);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&id) && text.contains("cut short"), "{text}");
+    // The whole file put back: staged as before.
+    cut(&h, &id, 16 * MIB);
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &s)))
+        .await
+        .unwrap();
+    assert!(state_check(&h).0);
+}
+
+/// An expansion recorded by ControllerExpandVolume whose file has not grown
+/// yet (the volume was not staged, or a crash came between) is not damage:
+/// the next stage grows the file and records its new length. A record of
+/// an older version, which does not know the length Berth made the file,
+/// is grown as before.
+#[tokio::test]
+async fn an_expansion_under_way_is_completed_at_stage_and_recorded() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let id = create(&h, "a", 8 * MIB, &[]).await.volume_id;
+    h.ctl
+        .controller_expand_volume(Request::new(expand_req(&id, 24 * MIB, 0)))
+        .await
+        .unwrap();
+    assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 24 * MIB);
+    assert_eq!(block_info(&h, &id).file_bytes, Some(8 << 20));
+    let (ok, text) = state_check(&h);
+    assert!(ok && text.contains("interrupted expansion"), "{text}");
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &s)))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(img(&h, &id)).unwrap().len(),
+        24 * MIB as u64
+    );
+    assert_eq!(block_info(&h, &id).file_bytes, Some(24 << 20));
+    h.node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap();
+    // A record without the length (older versions): a short file is grown
+    // back as before, and its length is recorded from then on.
+    let mut rec = h.driver.store.get(&id).unwrap();
+    rec.block.as_mut().unwrap().file_bytes = None;
+    h.driver.store.put(&rec).unwrap();
+    cut(&h, &id, 16 * MIB);
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &s)))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(img(&h, &id)).unwrap().len(),
+        24 * MIB as u64
+    );
+    assert_eq!(block_info(&h, &id).file_bytes, Some(24 << 20));
+}
+
 #[tokio::test]
 async fn xfs_grows_on_the_mount_point_and_unmounted_filesystems_wait() {
     let h = block(&[]);

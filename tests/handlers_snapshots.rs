@@ -741,14 +741,6 @@ async fn a_filesystem_frozen_by_an_interrupted_copy_is_thawed_at_start() {
     assert!(h.driver.store.snapshot_get(&id).is_none());
 }
 
-/// `berth state check` beside the running driver (it takes no lock): whether
-/// it found no error, and what it printed.
-fn state_check(h: &Harness) -> (bool, String) {
-    let mut out = Vec::new();
-    let ok = berth::state::tools::check(&h.driver.cfg, &h.driver.os, &mut out).unwrap();
-    (ok, String::from_utf8(out).unwrap())
-}
-
 fn snap_img(h: &Harness, id: &str) -> PathBuf {
     h.path("block/.snapshots").join(format!("{id}.img"))
 }

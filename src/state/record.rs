@@ -467,6 +467,14 @@ pub struct BlockInfo {
     /// UUID already mounted, so it is mounted with `nouuid`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared_uuid: bool,
+    /// The length Berth last made the backing file (file pool only; None
+    /// in records of older versions and of disk volumes). Berth never
+    /// shrinks a file: shorter than this, it was cut short outside Berth
+    /// and is damage, never grown back with zeros; between this and
+    /// `capacity_bytes`, an expansion is under way and the next stage or
+    /// NodeExpandVolume completes it. Only ever grows (`save_info`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_bytes: Option<u64>,
 }
 
 /// How a block volume is used.

@@ -194,7 +194,15 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                     let f = crate::kinds::block::volume_file(&block_root, &r.id);
                     match std::fs::symlink_metadata(&f) {
                         Ok(m) if m.file_type().is_file() => {
-                            if (m.len() as i64) < r.capacity_bytes {
+                            let made = r.block.as_ref().and_then(|b| b.file_bytes);
+                            if let Some(made) = made.filter(|&made| m.len() < made) {
+                                out.push(error(format!(
+                                    "volume {} ({}): {}",
+                                    r.id,
+                                    r.name,
+                                    crate::kinds::block::cut_short(&r.id, &f, m.len(), made)
+                                )));
+                            } else if (m.len() as i64) < r.capacity_bytes {
                                 out.push(warning(format!(
                                     "volume {} ({}): {} has {} bytes, less than the recorded {} (an interrupted expansion; the next stage grows it)",
                                     r.id, r.name, f.display(), m.len(), r.capacity_bytes

@@ -379,6 +379,14 @@ pub async fn mount_table_reads(
 }
 
 /// CreateSnapshot of `source` named `name`: the snapshot's id.
+/// `berth state check` beside the running driver (it takes no lock): whether
+/// it found no error, and what it printed.
+pub fn state_check(h: &Harness) -> (bool, String) {
+    let mut out = Vec::new();
+    let ok = berth::state::tools::check(&h.driver.cfg, &h.driver.os, &mut out).unwrap();
+    (ok, String::from_utf8(out).unwrap())
+}
+
 pub async fn snapshot_id(h: &Harness, name: &str, source: &str) -> String {
     use berth::csi::v1::controller_server::Controller;
     h.ctl

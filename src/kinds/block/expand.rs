@@ -129,7 +129,7 @@ impl BlockKind {
         let f = self.require_file(&rec.id)?;
         // no room: OUT_OF_RANGE, as ControllerExpandVolume and
         // NodeExpandVolume answer NoSpace (error.rs)
-        self.grow_file(&f, info.allocation, size)?;
+        self.grow_file_to(rec, &info, &f, size)?;
         match self.current_device(rec)? {
             Some(dev) => {
                 self.refresh_capacity(&dev.path, &f)?;

@@ -64,6 +64,16 @@ pub fn volume_file(root: &Path, id: &str) -> PathBuf {
     root.join(format!("{id}.img"))
 }
 
+/// What is wrong with a backing file `f` of `len` bytes that Berth made
+/// `made` bytes long (for NodeStageVolume, NodeExpandVolume and `berth
+/// state check`).
+pub fn cut_short(id: &str, f: &Path, len: u64, made: u64) -> String {
+    format!(
+        "backing file {} of volume {id} has {len} bytes, less than the {made} Berth made it: it was cut short outside Berth, and what it held past byte {len} is gone; Berth does not grow it back with zeros. Put the whole file back (from a backup) or delete the volume",
+        f.display()
+    )
+}
+
 /// Where backing files without a record are kept aside (in the block root).
 const ORPHANED: &str = ".orphaned";
 
@@ -144,9 +154,15 @@ impl BlockKind {
     }
 
     /// Writes the block section of a record (under the volume's guard).
+    /// `file_bytes` keeps the larger of the stored and the given value: a
+    /// caller's copy read before the file grew does not take it back.
     fn save_info(&self, rec: &VolumeRecord, info: &BlockInfo) -> Result<()> {
         let mut r = self.store.get(&rec.id).unwrap_or_else(|| rec.clone());
-        r.block = Some(Box::new(info.clone()));
+        let mut info = info.clone();
+        info.file_bytes = info
+            .file_bytes
+            .max(r.block.as_ref().and_then(|b| b.file_bytes));
+        r.block = Some(Box::new(info));
         self.store.put(&r)?;
         Ok(())
     }
@@ -234,7 +250,7 @@ impl BlockKind {
             });
         }
         let f = self.require_file(&rec.id)?;
-        self.grow_file(&f, info.allocation, rec.capacity_bytes)?;
+        self.grow_file_to(rec, &info, &f, rec.capacity_bytes)?;
         let l = attach::ensure_attached(&self.os, &f, read_only)?;
         self.refresh_capacity(&l.device, &f)?;
         Ok(Dev {
@@ -279,6 +295,40 @@ impl BlockKind {
             .files
             .sync_dir(&self.root)
             .map_err(|e| Error::os(format!("syncing {}", self.root.display()), e))
+    }
+
+    /// FAILED_PRECONDITION when the backing file `f` of the volume is
+    /// shorter than Berth made it (`BlockInfo::file_bytes`): damage.
+    fn require_whole(rec: &VolumeRecord, info: &BlockInfo, f: &Path) -> Result<()> {
+        let len = std::fs::metadata(f)
+            .map_err(|e| Error::io(format!("inspecting {}", f.display()), e))?
+            .len();
+        match info.file_bytes.filter(|&made| len < made) {
+            Some(made) => Err(Error::WrongState(cut_short(&rec.id, f, len, made))),
+            None => Ok(()),
+        }
+    }
+
+    /// Grows the backing file `f` of the volume to `size` bytes, which
+    /// completes an expansion under way, and records its new length; a
+    /// file shorter than Berth made it (`BlockInfo::file_bytes`) is damage:
+    /// FAILED_PRECONDITION, not grown back with zeros.
+    fn grow_file_to(
+        &self,
+        rec: &VolumeRecord,
+        info: &BlockInfo,
+        f: &Path,
+        size: i64,
+    ) -> Result<()> {
+        Self::require_whole(rec, info, f)?;
+        self.grow_file(f, info.allocation, size)?;
+        let size = u64::try_from(size).unwrap_or(0);
+        if info.file_bytes.is_none_or(|made| made < size) {
+            let mut grown = info.clone();
+            grown.file_bytes = Some(size);
+            self.save_info(rec, &grown)?;
+        }
+        Ok(())
     }
 
     /// Makes the file at least `size` bytes (thick: allocated), never
@@ -538,7 +588,11 @@ impl VolumeKind for BlockKind {
         match p.pool {
             Pool::File(allocation) => {
                 rec.block = Some(info);
-                self.create_file(rec, allocation)
+                self.create_file(rec, allocation)?;
+                if let Some(b) = rec.block.as_mut() {
+                    b.file_bytes = u64::try_from(rec.capacity_bytes).ok();
+                }
+                Ok(())
             }
             Pool::Disk => {
                 if info.disk.is_some() {

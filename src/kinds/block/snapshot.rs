@@ -126,6 +126,8 @@ impl BlockKind {
             access: info.access,
             grow_fs: info.grow_fs,
             shared_uuid: info.formatted || !info.formatting.is_empty(),
+            // Set by the restore once its file is made.
+            file_bytes: None,
         }
     }
 
@@ -155,7 +157,11 @@ impl BlockKind {
                 let dev = self.resolve_disk(d)?;
                 (dev.path, Some(dev.size_bytes))
             }
-            None => (self.require_file(&vol.id)?, None),
+            None => {
+                let f = self.require_file(&vol.id)?;
+                Self::require_whole(vol, &info, &f)?;
+                (f, None)
+            }
         };
         let dest = self.snapshot_file(&snap.id)?;
         let partial = self.partial_file(&snap.id);
@@ -481,6 +487,7 @@ impl BlockKind {
             .files
             .sync_dir(&self.root)
             .map_err(|e| Error::os(format!("syncing {}", self.root.display()), e))?;
+        info.file_bytes = u64::try_from(rec.capacity_bytes).ok();
         rec.block = Some(Box::new(info));
         Ok(())
     }

@@ -1174,3 +1174,63 @@ async fn read_only_publishes_match_the_two_step_way() {
     delete(&h, &raw_id).await;
     assert_clean(&h);
 }
+
+/// The block kind under shared propagation with peers of the kubelet
+/// directory (`shared_kubelet_dir`): the copies of the staging mount and of
+/// the raw device's bind are no publications; NodeUnstageVolume unmounts
+/// (the copies go with it) and detaches the loop device once the pods'
+/// mounts are gone, and refuses while they are there.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn block_copies_made_by_propagation_strand_no_volume() {
+    let (h, _g) = real_block(&[]);
+    let (kubelet, views) = shared_kubelet_dir(h.dir.path());
+    for (name, cap) in [("fs", rwo()), ("raw", raw())] {
+        let id = create(&h, name, 16 * MIB, &[], cap.clone()).await.volume_id;
+        let s = kubelet.join(format!("plugins/kubernetes.io/csi/{name}/globalmount"));
+        let t = kubelet.join(format!("pods/{name}/volumes/v/mount"));
+        std::fs::create_dir_all(&s).unwrap();
+        std::fs::create_dir_all(t.parent().unwrap()).unwrap();
+        stage(&h, &id, &s, cap.clone()).await;
+        publish(&h, &id, &s, &t, cap.clone(), false).await;
+        let e = h
+            .node
+            .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: s.display().to_string(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{name}: {e:?}");
+        assert!(
+            e.message().contains(&t.display().to_string()),
+            "{name}: {}",
+            e.message()
+        );
+        unpublish(&h, &id, &t).await;
+        unstage_as_kubelet(&h, &id, &s)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert!(
+            loops_under(h.dir.path()).is_empty(),
+            "{name}: still attached"
+        );
+        for p in places(&kubelet, &views, &s) {
+            assert!(
+                mounts_under(&p).is_empty() && mount_entries_at(&p).is_empty(),
+                "{name}: {} still mounted",
+                p.display()
+            );
+        }
+        delete(&h, &id).await;
+    }
+}
+
+fn mount_entries_at(path: &Path) -> Vec<berth::os::MountEntry> {
+    let text = std::fs::read("/proc/self/mountinfo").unwrap();
+    berth::os::mountinfo::parse(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point == path)
+        .collect()
+}

@@ -986,3 +986,90 @@ async fn a_read_only_publish_gives_the_mount_the_two_step_way_gave() {
     }
     assert_eq!(seen[0], seen[1]);
 }
+
+/// With shared propagation and peers of the kubelet directory in Berth's
+/// mount namespace (`shared_kubelet_dir`), the kernel copies the staging
+/// mount and each publication onto the peers. Those copies are no
+/// publications: a SINGLE_NODE_SINGLE_WRITER publish is not refused for
+/// them, and NodeUnstageVolume succeeds once the pod's mount is gone
+/// (before, it answered FAILED_PRECONDITION forever: the copy counted as a
+/// publication). The pod's mount itself still blocks the unstage. The
+/// copies go with the unmounts.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn copies_made_by_propagation_strand_no_volume() {
+    let (h, _g) = real(&[]);
+    let (kubelet, views) = shared_kubelet_dir(h.dir.path());
+    let cap = mount_cap(Mode::SingleNodeSingleWriter);
+    let id = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap.clone()],
+            ..create_req("v", 1 << 20)
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let s = kubelet.join("plugins/kubernetes.io/csi/x/globalmount");
+    let t = kubelet.join("pods/u/volumes/v/mount");
+    std::fs::create_dir_all(&s).unwrap();
+    std::fs::create_dir_all(t.parent().unwrap()).unwrap();
+    h.node
+        .node_stage_volume(Request::new(csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&id, &s)
+        }))
+        .await
+        .unwrap();
+    for p in places(&kubelet, &views, &s) {
+        assert_eq!(mount_entries(&p).len(), 1, "{} has its copy", p.display());
+    }
+    h.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..publish_req(&id, &s, &t, false)
+        }))
+        .await
+        .unwrap();
+    std::fs::write(t.join("data"), b"pod").unwrap();
+    let e = h
+        .node
+        .node_unstage_volume(Request::new(unstage_req(&id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(&t.display().to_string()) && !e.message().contains("globalmount"),
+        "{}",
+        e.message()
+    );
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: t.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &s)))
+        .await
+        .unwrap();
+    for p in places(&kubelet, &views, &s)
+        .into_iter()
+        .chain(places(&kubelet, &views, &t))
+    {
+        assert!(
+            mount_entries(&p).is_empty(),
+            "{} still mounted",
+            p.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read(h.path("local").join(&id).join("data")).unwrap(),
+        b"pod"
+    );
+    delete(&h, &id).await;
+}

@@ -327,6 +327,28 @@ pub fn publish_bind(
     mount_on_dir(os, target, bind)
 }
 
+/// The mounts of `obj` other than those at `paths` and the kernel's copies
+/// of those: where it is mounted by someone else. A copy is made when a
+/// path is under a mount with shared propagation that has a peer in this
+/// mount namespace (`/var/lib/kubelet` bound from `/data/kubelet`, or a
+/// container given both `/var/lib/kubelet` and a directory under it): it
+/// is no publication and goes with the mount it copies
+/// (`mountinfo::propagated_copy_of`).
+pub fn mounts_elsewhere<'a>(
+    os: &Os,
+    t: &'a [MountEntry],
+    obj: &Object,
+    paths: &[&Path],
+) -> Vec<&'a MountEntry> {
+    let here = ids_at(os, t, paths);
+    let ours: Vec<&MountEntry> = t.iter().filter(|m| here.contains(&m.id)).collect();
+    mountinfo::mounts_of(t, obj)
+        .into_iter()
+        .filter(|m| !here.contains(&m.id))
+        .filter(|m| !ours.iter().any(|o| mountinfo::propagated_copy_of(t, m, o)))
+        .collect()
+}
+
 /// FAILED_PRECONDITION when `obj` (a single-target volume) is mounted
 /// anywhere but at its staging point and at `target`.
 pub fn refuse_second_target(
@@ -336,10 +358,8 @@ pub fn refuse_second_target(
     staging: &Path,
     target: &Path,
 ) -> Result<()> {
-    let here = ids_at(os, t, &[staging, target]);
-    let others: Vec<_> = mountinfo::mounts_of(t, obj)
+    let others: Vec<_> = mounts_elsewhere(os, t, obj, &[staging, target])
         .into_iter()
-        .filter(|m| !here.contains(&m.id))
         .map(|m| m.mount_point.display().to_string())
         .collect();
     if others.is_empty() {
@@ -601,10 +621,9 @@ pub fn unstage_in(
             )));
         }
     }
-    let here = ids_at(os, t, &[staging]);
-    let others: Vec<_> = mountinfo::mounts_of(t, &top)
+    let others: Vec<_> = mounts_elsewhere(os, t, &top, &[staging])
         .into_iter()
-        .filter(|m| !here.contains(&m.id) && Some(m.mount_point.as_path()) != source)
+        .filter(|m| Some(m.mount_point.as_path()) != source)
         .map(|m| m.mount_point.display().to_string())
         .collect();
     if !others.is_empty() {

@@ -169,6 +169,8 @@ impl FakeOs {
             fs_type: "ext4".into(),
             source: "/dev/fake".into(),
             super_options: "rw".into(),
+            shared: 0,
+            master: 0,
         };
         FakeOs {
             calls: Mutex::new(Vec::new()),
@@ -455,6 +457,8 @@ impl FakeOs {
                     fs_type: if v4 { "nfs4" } else { "nfs" }.into(),
                     source: source.clone(),
                     super_options: opts,
+                    shared: 0,
+                    master: 0,
                 });
                 Some(ok)
             }
@@ -654,6 +658,8 @@ impl FakeOs {
             fs_type: "ext4".into(),
             source: format!("/dev/fake{major}:{minor}"),
             super_options: "rw".into(),
+            shared: 0,
+            master: 0,
         });
     }
 
@@ -801,6 +807,8 @@ impl Mounter for FakeOs {
             fs_type,
             source: src,
             super_options: "rw".into(),
+            shared: 0,
+            master: 0,
         });
         Ok(())
     }
@@ -834,6 +842,8 @@ impl Mounter for FakeOs {
             fs_type: fstype.into(),
             source: source.to_string_lossy().into_owned(),
             super_options: data.into(),
+            shared: 0,
+            master: 0,
         });
         Ok(())
     }

@@ -35,6 +35,12 @@ pub struct MountEntry {
     pub fs_type: String,
     pub source: String,
     pub super_options: String,
+    /// The peer group it is in (`shared:N`; 0: not shared). A mount made
+    /// under a shared mount is copied onto the parent's peers, and it and
+    /// its copies are peers.
+    pub shared: u32,
+    /// The peer group it receives mounts from (`master:N`; 0: none).
+    pub master: u32,
 }
 
 impl MountEntry {
@@ -127,10 +133,17 @@ fn parse_line(line: &[u8]) -> Result<MountEntry, OsError> {
     let mount_point = path(it.next().ok_or_else(bad)?);
     let options = text(it.next().ok_or_else(bad)?);
     // Optional fields end at a lone "-".
+    let (mut shared, mut master) = (0, 0);
     loop {
         match it.next() {
             Some(b"-") => break,
-            Some(_) => continue,
+            Some(f) => {
+                if let Some(n) = f.strip_prefix(b"shared:") {
+                    shared = number(n).ok_or_else(bad)?;
+                } else if let Some(n) = f.strip_prefix(b"master:") {
+                    master = number(n).ok_or_else(bad)?;
+                }
+            }
             None => return Err(bad()),
         }
     }
@@ -148,6 +161,8 @@ fn parse_line(line: &[u8]) -> Result<MountEntry, OsError> {
         fs_type,
         source,
         super_options,
+        shared,
+        master,
     })
 }
 
@@ -218,6 +233,39 @@ pub fn mounts_of<'a>(table: &'a [MountEntry], obj: &(u32, u32, PathBuf)) -> Vec<
         .collect()
 }
 
+/// Where in its filesystem the mount point of `m` is: its parent's root
+/// joined with its path below the parent's mount point (None: the parent
+/// is not in `table`).
+fn place_in_parent<'a>(
+    table: &'a [MountEntry],
+    m: &MountEntry,
+) -> Option<(&'a MountEntry, PathBuf)> {
+    let parent = table.iter().find(|p| p.id == m.parent && p.id != m.id)?;
+    let rel = m.mount_point.strip_prefix(&parent.mount_point).ok()?;
+    Some((parent, parent.root.join(rel)))
+}
+
+/// Whether `m` is a copy the kernel made of the mount `of` by propagation,
+/// not a mount of its own (a bind a user made): it shows the same object,
+/// and it sits on a mount that is a peer of the one `of` sits on (or
+/// receives its mounts), at the same place in that filesystem. Such a
+/// copy goes when `of` is unmounted. Example: `/var/lib/kubelet` bound
+/// from `/data/kubelet`, shared: a staging mount under one appears under
+/// the other too. A bind of `of` elsewhere (a publication) sits at another
+/// place, so it is never taken for a copy.
+pub fn propagated_copy_of(table: &[MountEntry], m: &MountEntry, of: &MountEntry) -> bool {
+    if m.id == of.id || !m.same_object(of) {
+        return false;
+    }
+    let (Some((pm, place_m)), Some((po, place_o))) =
+        (place_in_parent(table, m), place_in_parent(table, of))
+    else {
+        return false;
+    };
+    let receives = po.shared != 0 && (pm.shared == po.shared || pm.master == po.shared);
+    receives && pm.id != po.id && (pm.major, pm.minor) == (po.major, po.minor) && place_m == place_o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +276,52 @@ mod tests {
 41 22 8:1 /var/lib/berth/local/v1 /mnt/stage\\040dir rw,relatime shared:1 - ext4 /dev/sda1 rw
 42 22 8:1 /var/lib/berth/local/v1 /mnt/target ro,relatime shared:1 - ext4 /dev/sda1 rw
 ";
+
+    /// `/var/lib/kubelet` bound from `/data/kubelet`, shared; a peer of it
+    /// for a subdirectory (`/plugins`) and a slave (`/slave`); a private
+    /// bind (`/private`). Volume 7:0 staged (60) and published (62).
+    const PEERS: &str = "\
+22 1 8:1 / / rw shared:1 - ext4 /dev/sda1 rw
+50 22 8:1 /data/kubelet /var/lib/kubelet rw shared:7 - ext4 /dev/sda1 rw
+51 22 8:1 /data/kubelet /data/kubelet rw shared:7 - ext4 /dev/sda1 rw
+52 22 8:1 /data/kubelet/plugins /plugins rw shared:7 - ext4 /dev/sda1 rw
+53 22 8:1 /data/kubelet /slave rw master:7 - ext4 /dev/sda1 rw
+54 22 8:1 /data/kubelet /private rw - ext4 /dev/sda1 rw
+60 50 7:0 / /var/lib/kubelet/plugins/csi/x/globalmount rw shared:9 - ext4 /dev/loop0 rw
+61 51 7:0 / /data/kubelet/plugins/csi/x/globalmount rw shared:9 - ext4 /dev/loop0 rw
+62 50 7:0 / /var/lib/kubelet/pods/u/mount rw shared:9 - ext4 /dev/loop0 rw
+63 51 7:0 / /data/kubelet/pods/u/mount rw shared:9 - ext4 /dev/loop0 rw
+64 52 7:0 / /plugins/csi/x/globalmount rw shared:9 - ext4 /dev/loop0 rw
+65 53 7:0 / /slave/plugins/csi/x/globalmount rw master:9 - ext4 /dev/loop0 rw
+66 54 7:0 / /private/plugins/csi/x/globalmount rw shared:9 - ext4 /dev/loop0 rw
+67 51 7:0 /lost+found /data/kubelet/plugins/csi/x/globalmount rw shared:9 - ext4 /dev/loop0 rw
+";
+
+    #[test]
+    fn reads_peer_groups() {
+        let t = parse(PEERS.as_bytes()).unwrap();
+        let by = |id| t.iter().find(|m| m.id == id).unwrap();
+        assert_eq!((by(50).shared, by(50).master), (7, 0));
+        assert_eq!((by(53).shared, by(53).master), (0, 7));
+        assert_eq!((by(54).shared, by(54).master), (0, 0));
+        assert!(parse(b"1 2 8:1 / / rw shared:x - ext4 /dev/x rw\n").is_err());
+    }
+
+    #[test]
+    fn copies_made_by_propagation_are_told_from_binds() {
+        let t = parse(PEERS.as_bytes()).unwrap();
+        let by = |id| t.iter().find(|m| m.id == id).unwrap();
+        let copy = |m, of| propagated_copy_of(&t, by(m), by(of));
+        // The staging mount's copies: under the peer, under the peer of a
+        // subdirectory, under the slave.
+        assert!(copy(61, 60) && copy(64, 60) && copy(65, 60));
+        // Not copies: the mount itself, the publication and its copy, a
+        // mount under a private bind, another directory of the volume.
+        assert!(!copy(60, 60) && !copy(62, 60) && !copy(63, 60));
+        assert!(!copy(66, 60) && !copy(67, 60));
+        // The publication's copy is its copy; the staging mount is not.
+        assert!(copy(63, 62) && !copy(60, 62));
+    }
 
     #[test]
     fn parses_fields_and_escapes() {

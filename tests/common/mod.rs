@@ -315,6 +315,54 @@ fn unmount_under(dir: &Path) {
 /// A driver over the real OS; the returned guard unmounts everything under
 /// its temp dir when dropped (declare it after the harness so it drops
 /// first).
+/// A kubelet directory `<dir>/kubelet` with shared propagation and two
+/// peers of it in this mount namespace: `<dir>/host-view`, the whole
+/// directory bound again (as `/var/lib/kubelet` bound from
+/// `/data/kubelet`), and `<dir>/plugins-view`, its `plugins` subdirectory
+/// (as a container given both `/var/lib/kubelet` and a directory under
+/// it). The kernel copies every mount made under one of them onto the
+/// others. Returns the kubelet directory and the two views. Root only; the
+/// caller's `UnmountOnDrop` of `dir` takes the mounts off.
+pub fn shared_kubelet_dir(dir: &Path) -> (std::path::PathBuf, [std::path::PathBuf; 2]) {
+    use nix::mount::{mount, MsFlags};
+    let kubelet = dir.join("kubelet");
+    let views = [dir.join("host-view"), dir.join("plugins-view")];
+    for d in [&kubelet, &kubelet.join("plugins"), &views[0], &views[1]] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let bind = |from: &Path, to: &Path| {
+        mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap()
+    };
+    bind(&kubelet, &kubelet);
+    mount(
+        None::<&str>,
+        &kubelet,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .unwrap();
+    bind(&kubelet, &views[0]);
+    bind(&kubelet.join("plugins"), &views[1]);
+    (kubelet, views)
+}
+
+/// The mount points of `path` and of its copies: `path` under `kubelet`,
+/// and the same place under each view of `shared_kubelet_dir`.
+pub fn places(
+    kubelet: &Path,
+    views: &[std::path::PathBuf; 2],
+    path: &Path,
+) -> [std::path::PathBuf; 3] {
+    let rel = path.strip_prefix(kubelet).unwrap();
+    let in_plugins = rel.strip_prefix("plugins").unwrap_or(rel);
+    [
+        path.to_path_buf(),
+        views[0].join(rel),
+        views[1].join(in_plugins),
+    ]
+}
+
 pub fn real(extra: &[&str]) -> (Harness, UnmountOnDrop) {
     let dir = tempfile::tempdir().expect("tempdir");
     let guard = UnmountOnDrop(dir.path().to_path_buf());

@@ -375,6 +375,10 @@ pub struct Scan {
     /// The length of the log that replays (everything but a torn tail).
     pub log_good: u64,
     pub torn: Option<Torn>,
+    /// The log's last line is a whole change without its newline (its
+    /// checksum holds): replayed, and `s.log` ends with the newline it
+    /// lacked; start-up writes that newline.
+    pub unterminated: bool,
     /// Every record the readable lines give (damaged lines skipped).
     pub records: Records<VolumeRecord>,
     /// Every snapshot record, likewise.
@@ -463,6 +467,7 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
         log: Vec::new(),
         log_good: 0,
         torn: None,
+        unterminated: false,
         records: Records::default(),
         snapshots: Records::default(),
         damage: Vec::new(),
@@ -708,7 +713,31 @@ fn replay_log(s: &mut Scan, path: &Path) {
     let mut clean_bad: Option<(usize, u64)> = None;
     for (n, (at, line)) in lines(&bytes).enumerate() {
         let n = n as u64 + 1;
-        match decode(line) {
+        let mut decoded = decode(line);
+        if matches!(decoded, Line::Damaged) && !line.ends_with(b"\n") {
+            // The last line, without its newline: a whole change whose
+            // newline is missing or changed is not the torn tail of a
+            // write (whose cut-short line never checks).
+            match unterminated(line) {
+                Some((e, None)) => {
+                    s.unterminated = true;
+                    decoded = Line::Entry(e);
+                }
+                Some((e, Some(b))) => {
+                    s.damage.push(Damage {
+                        path: path.to_path_buf(),
+                        offset: (at + line.len() - 1) as u64,
+                        line: n,
+                        why: format!(
+                            "the last line ends in byte {b:#04x} where its newline belongs: a changed byte, not an interrupted write; the change it holds is whole (its checksum holds), and `berth state repair` keeps it"
+                        ),
+                    });
+                    decoded = Line::Entry(e);
+                }
+                None => {}
+            }
+        }
+        match decoded {
             Line::Entry(e) => {
                 if first_bad.is_some() {
                     late_valid.get_or_insert((at, n));
@@ -746,8 +775,13 @@ fn replay_log(s: &mut Scan, path: &Path) {
             }
             Line::Damaged => {
                 first_bad.get_or_insert((at, n));
+                // A torn write leaves its line cut short, or disk blocks
+                // that never got written (NULs from a sector boundary to
+                // a sector boundary or the end): anything else is changed
+                // bytes.
                 let complete = line.ends_with(b"\n");
-                if complete && !line.contains(&0) {
+                let unwritten_only = unwritten_blocks_only(line, at, bytes.len());
+                if !unwritten_only || (complete && !line.contains(&0)) {
                     clean_bad.get_or_insert((at, n));
                 }
                 s.dropped.push(Dropped {
@@ -774,7 +808,7 @@ fn replay_log(s: &mut Scan, path: &Path) {
                 path: path.to_path_buf(),
                 offset: cat as u64,
                 line: cn,
-                why: "a whole line whose checksum does not match (changed bytes, not an interrupted write)".into(),
+                why: "a line whose checksum does not match, with changed bytes (not an interrupted write, which leaves its line cut short or whole disk sectors of NULs)".into(),
             });
         } else if bytes.len() - at > MAX_TORN {
             s.damage.push(Damage {
@@ -798,7 +832,57 @@ fn replay_log(s: &mut Scan, path: &Path) {
             s.dropped.retain(|d| d.offset < at as u64);
         }
     }
+    let mut bytes = bytes;
+    if s.unterminated {
+        bytes.push(b'\n');
+        s.log_good = bytes.len() as u64;
+    }
     s.log = bytes;
+}
+
+/// The size of the disk sectors a torn write leaves unwritten (as NULs).
+const SECTOR: usize = 512;
+
+/// Whether every run of NUL bytes in `line` (at byte `at` of a log of
+/// `len` bytes) starts on a sector boundary or where the line starts (the
+/// end of the previous write, whose last sector held NULs after it) and
+/// ends on a sector boundary or at the end of the log: what sectors that
+/// never reached the disk look like. A line without NULs qualifies.
+fn unwritten_blocks_only(line: &[u8], at: usize, len: usize) -> bool {
+    let mut i = 0;
+    while let Some(start) = memchr::memchr(0, &line[i..]).map(|k| i + k) {
+        let end = line[start..]
+            .iter()
+            .position(|&b| b != 0)
+            .map_or(line.len(), |k| start + k);
+        let (from, to) = (at + start, at + end);
+        if (start != 0 && from % SECTOR != 0) || (to % SECTOR != 0 && to != len) {
+            return false;
+        }
+        i = end;
+    }
+    true
+}
+
+/// The change in `line`, the last of a log, when it is whole but for its
+/// newline: missing (None) or another byte in its place (Some(that
+/// byte)). None when it is not whole (cut short, or changed elsewhere).
+fn unterminated(line: &[u8]) -> Option<(Entry, Option<u8>)> {
+    let mut whole = line.to_vec();
+    whole.push(b'\n');
+    if let Line::Entry(e) = decode(&whole) {
+        return Some((e, None));
+    }
+    let (&last, body) = line.split_last()?;
+    if last == 0 {
+        return None;
+    }
+    let mut whole = body.to_vec();
+    whole.push(b'\n');
+    match decode(&whole) {
+        Line::Entry(e) => Some((e, Some(last))),
+        _ => None,
+    }
 }
 
 /// The file being appended to; only the caller that holds `writing` touches
@@ -1024,7 +1108,23 @@ impl Journal {
                 "cut an interrupted write off the end of the state journal (never acknowledged)"
             );
         }
-        let early = early.filter(|e| e.gen == s.gen && s.torn.is_none());
+        if s.unterminated {
+            // A whole change whose newline never reached the disk (or was
+            // lost since): kept, and its line ended, so the next write
+            // starts a line of its own.
+            let at = s.log_good - 1;
+            files
+                .set_len(&file, &log_path, at)
+                .and_then(|_| files.write_at(&file, &log_path, b"\n", at))
+                .and_then(|_| files.sync(&file, &log_path))
+                .map_err(StateError::Os)?;
+            tracing::warn!(
+                log = %log_path.display(),
+                offset = at,
+                "the last change in the state journal lacked its newline; it is whole (its checksum holds), so it is kept and its line ended"
+            );
+        }
+        let early = early.filter(|e| e.gen == s.gen && s.torn.is_none() && !s.unterminated);
         let file = make_durable(files.as_ref(), dir, &s, file, early)?;
         let mut writer = Writer {
             file,
@@ -1599,12 +1699,29 @@ pub(crate) mod tests {
                 len: 5
             })
         );
-        // Blocks that never reached the disk: NULs, newline included.
+        // Sectors that never reached the disk: NULs from a sector
+        // boundary to the end, newline included.
+        let long = line(&EntryRef::Del(&"b".repeat(1200)));
+        let start = 512 - ok.len() % 512;
+        let mut holey = long.clone();
+        holey[start..].fill(0);
+        let s = scan_log(&[&ok[..], &holey[..]].concat());
+        assert!(s.damage.is_empty(), "{:?}", s.damage);
+        assert_eq!(s.log_good, ok.len() as u64);
+        // ... or to the next boundary, with the newline written.
+        let mut holey = long.clone();
+        holey[start..start + 512].fill(0);
+        let s = scan_log(&[&ok[..], &holey[..]].concat());
+        assert!(s.damage.is_empty(), "{:?}", s.damage);
+        assert!(s.torn.is_some());
+        // NULs that no sector boundary explains: changed bytes.
+        let mut nul = long.clone();
+        nul[start + 3..start + 9].fill(0);
+        let s = scan_log(&[&ok[..], &nul[..]].concat());
+        assert_eq!(s.damage.len(), 1, "{:?}", s.damage);
+        assert!(s.torn.is_none());
         let mut holey = b.clone();
         holey[3..9].fill(0);
-        let s = scan_log(&[&ok[..], &holey[..]].concat());
-        assert!(s.damage.is_empty());
-        assert_eq!(s.log_good, ok.len() as u64);
         // A whole line with a flipped bit at the end: changed bytes.
         let mut flipped = b.clone();
         flipped[12] ^= 1;

@@ -95,6 +95,12 @@ fn journal_findings(scan: &Scan, legacy: usize, out: &mut Vec<Finding>) {
             t.offset
         )));
     }
+    if scan.unterminated {
+        out.push(warning(format!(
+            "journal {}: its last change lacks its newline; the change is whole (its checksum holds) and is kept: start-up ends its line",
+            scan.dir.join(journal::log_name(scan.gen)).display()
+        )));
+    }
     if legacy > 0 {
         out.push(warning(format!(
             "{legacy} records of the one-file-per-volume layout will be imported at start-up"

@@ -1217,20 +1217,11 @@ async fn block_copies_made_by_propagation_strand_no_volume() {
         );
         for p in places(&kubelet, &views, &s) {
             assert!(
-                mounts_under(&p).is_empty() && mount_entries_at(&p).is_empty(),
+                mounts_under(&p).is_empty() && mount_entries(&p).is_empty(),
                 "{name}: {} still mounted",
                 p.display()
             );
         }
         delete(&h, &id).await;
     }
-}
-
-fn mount_entries_at(path: &Path) -> Vec<berth::os::MountEntry> {
-    let text = std::fs::read("/proc/self/mountinfo").unwrap();
-    berth::os::mountinfo::parse(&text)
-        .unwrap()
-        .into_iter()
-        .filter(|m| m.mount_point == path)
-        .collect()
 }

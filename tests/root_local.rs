@@ -13,15 +13,6 @@ use berth::csi::v1::volume_capability::access_mode::Mode;
 use common::*;
 use tonic::{Code, Request};
 
-fn mount_entries(path: &Path) -> Vec<berth::os::MountEntry> {
-    let text = std::fs::read("/proc/self/mountinfo").unwrap();
-    berth::os::mountinfo::parse(&text)
-        .unwrap()
-        .into_iter()
-        .filter(|m| m.mount_point == path)
-        .collect()
-}
-
 async fn create_and_stage(h: &Harness, name: &str) -> (String, std::path::PathBuf) {
     assert!(is_root(), "root tests need root");
     let id = h

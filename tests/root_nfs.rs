@@ -210,15 +210,6 @@ async fn stats(h: &Harness, id: &str, path: &Path) -> csi::NodeGetVolumeStatsRes
         .into_inner()
 }
 
-fn entries(path: &Path) -> Vec<berth::os::MountEntry> {
-    let text = std::fs::read("/proc/self/mountinfo").unwrap();
-    berth::os::mountinfo::parse(&text)
-        .unwrap()
-        .into_iter()
-        .filter(|m| m.mount_point == path)
-        .collect()
-}
-
 /// Live processes (not zombies waiting to be reaped) named mount,
 /// mount.nfs*, umount or umount.nfs* (/proc/*/comm).
 fn mount_processes() -> Vec<String> {
@@ -263,10 +254,10 @@ async fn publish_unpublish_readonly_over_v3_and_v4() {
         let ro = h.path(&format!("{name}-ro"));
         publish(&h, &id, &rw, false, flags).await.unwrap();
         publish(&h, &id, &ro, true, flags).await.unwrap();
-        let m = &entries(&rw)[0];
+        let m = &mount_entries(&rw)[0];
         assert_eq!(m.fs_type, fs_type, "{m:?}");
         assert!(m.super_options.contains(vers), "{m:?}");
-        assert!(entries(&ro)[0].readonly());
+        assert!(mount_entries(&ro)[0].readonly());
         // Written through the pod's mount, seen on the server and read-only
         // mount.
         std::fs::write(rw.join("hello"), b"from berth").unwrap();
@@ -276,7 +267,7 @@ async fn publish_unpublish_readonly_over_v3_and_v4() {
         assert_eq!(err.raw_os_error(), Some(libc::EROFS));
         // Repeats add no mount; a conflicting one is ALREADY_EXISTS.
         publish(&h, &id, &rw, false, flags).await.unwrap();
-        assert_eq!(entries(&rw).len(), 1);
+        assert_eq!(mount_entries(&rw).len(), 1);
         let r = publish(&h, &id, &rw, true, flags).await;
         assert_eq!(r.unwrap_err().code(), Code::AlreadyExists);
         // Stats: the export's numbers.
@@ -286,7 +277,7 @@ async fn publish_unpublish_readonly_over_v3_and_v4() {
         for t in [&rw, &ro] {
             unpublish(&h, &id, t).await.unwrap();
             unpublish(&h, &id, t).await.unwrap();
-            assert!(entries(t).is_empty());
+            assert!(mount_entries(t).is_empty());
             assert!(!t.exists(), "target removed");
         }
         delete(&h, &id).await.unwrap();
@@ -454,7 +445,7 @@ async fn republish_after_a_server_restart_and_after_a_stale_handle() {
     e.server_ctl("start");
     // Same mount, same data; nothing stacked.
     publish(&h, &id, &t, false, &[]).await.unwrap();
-    assert_eq!(entries(&t).len(), 1);
+    assert_eq!(mount_entries(&t).len(), 1);
     assert_eq!(std::fs::read(t.join("f1")).unwrap(), b"one");
     std::fs::write(t.join("f2"), b"two").unwrap();
     assert_eq!(std::fs::read(dir.join("f2")).unwrap(), b"two");
@@ -476,7 +467,7 @@ async fn republish_after_a_server_restart_and_after_a_stale_handle() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     publish(&h, &id, &t, false, &[]).await.unwrap();
-    assert_eq!(entries(&t).len(), 1);
+    assert_eq!(mount_entries(&t).len(), 1);
     std::fs::write(t.join("f3"), b"three").unwrap();
     assert_eq!(std::fs::read(dir.join("f3")).unwrap(), b"three");
     assert!(!stats(&h, &id, &t).await.volume_condition.unwrap().abnormal);
@@ -525,7 +516,7 @@ async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
     assert!(took < limit, "{took:?}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(mount_processes(), Vec::<String>::new());
-    assert!(entries(&b).is_empty());
+    assert!(mount_entries(&b).is_empty());
     assert!(!b.exists());
 
     // Stats answer in time, abnormal.
@@ -561,7 +552,7 @@ async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
             t0.elapsed()
         );
         assert!(t0.elapsed() < limit * 3);
-        assert!(entries(t).is_empty(), "{:?}", entries(t));
+        assert!(mount_entries(t).is_empty(), "{:?}", mount_entries(t));
         assert!(!t.exists());
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -646,7 +637,7 @@ async fn hung_server_unmount_times_out_then_forces() {
         took
     };
     assert!(took < limit * 3, "{took:?}");
-    assert!(entries(&t).is_empty(), "{:?}", entries(&t));
+    assert!(mount_entries(&t).is_empty(), "{:?}", mount_entries(&t));
     assert!(!t.exists());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(mount_processes(), Vec::<String>::new());
@@ -1326,7 +1317,11 @@ async fn a_killed_berth_leaves_no_mount_helper_behind() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(entries(&target).is_empty(), "{:?}", entries(&target));
+    assert!(
+        mount_entries(&target).is_empty(),
+        "{:?}",
+        mount_entries(&target)
+    );
 
     drop(up);
     let b = spawn();

@@ -363,6 +363,17 @@ pub fn places(
     ]
 }
 
+/// The mount entries whose mount point is `path`, from this process's
+/// mountinfo.
+pub fn mount_entries(path: &Path) -> Vec<berth::os::MountEntry> {
+    let text = std::fs::read("/proc/self/mountinfo").unwrap();
+    berth::os::mountinfo::parse(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point == path)
+        .collect()
+}
+
 pub fn real(extra: &[&str]) -> (Harness, UnmountOnDrop) {
     let dir = tempfile::tempdir().expect("tempdir");
     let guard = UnmountOnDrop(dir.path().to_path_buf());

@@ -1,7 +1,11 @@
 //! ListVolumes: pages in creation order. The token is the creation sequence
-//! number of the last volume returned, so deleting that volume or creating
-//! new ones between pages loses nothing; a token that was never handed out
-//! is ABORTED.
+//! number of the last volume the page covered, so deleting that volume or
+//! creating new ones between pages loses nothing. A volume whose create
+//! began before a page was read and was still under way then (not listed:
+//! its sequence number is taken when the create begins) is not listed by
+//! the rest of that walk either; a new walk lists it (the spec lets a CO
+//! expect no consistent view across pages). A token that was never handed
+//! out is ABORTED.
 use std::sync::Arc;
 
 use super::volume;

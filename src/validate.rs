@@ -13,6 +13,20 @@ pub const MAX_MAP: usize = 4096;
 pub const MAX_PATH: usize = 4096;
 
 fn plain_string(field: &str, v: &str) -> Result<()> {
+    string_of(field, v, char::is_control)
+}
+
+/// The characters the CSI spec bans in a name (CreateVolume's,
+/// CreateSnapshot's): U+0000-U+0008, U+000B, U+000C, U+000E-U+001F and
+/// U+007F-U+009F, "control characters other than commonly used
+/// whitespace". Tab, LF and CR are allowed there.
+fn banned_in_name(c: char) -> bool {
+    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
+}
+
+/// A non-empty string of at most `MAX_STRING` bytes without a character
+/// `banned` refuses.
+fn string_of(field: &str, v: &str, banned: impl Fn(char) -> bool) -> Result<()> {
     if v.is_empty() {
         return Err(Error::Invalid(format!("{field} is required")));
     }
@@ -22,9 +36,10 @@ fn plain_string(field: &str, v: &str) -> Result<()> {
             v.len()
         )));
     }
-    if v.chars().any(|c| c.is_control()) {
+    if let Some(c) = v.chars().find(|&c| banned(c)) {
         return Err(Error::Invalid(format!(
-            "{field} contains a control character"
+            "{field} contains the control character U+{:04X}",
+            u32::from(c)
         )));
     }
     Ok(())
@@ -40,9 +55,10 @@ pub fn snapshot_id(v: &str) -> Result<&str> {
     plain_string("snapshot_id", v).map(|_| v)
 }
 
-/// A volume name (CreateVolume).
+/// A volume or snapshot name (CreateVolume, CreateSnapshot): tab, LF and
+/// CR are allowed, as the spec has it (`banned_in_name`).
 pub fn name(v: &str) -> Result<&str> {
-    plain_string("name", v).map(|_| v)
+    string_of("name", v, banned_in_name).map(|_| v)
 }
 
 /// A node id.
@@ -203,8 +219,32 @@ mod tests {
         assert!(volume_id(&"a".repeat(128)).is_ok());
         assert!(volume_id(&"a".repeat(129)).is_err());
         assert!(volume_id("").is_err());
-        assert!(name("a\nb").is_err());
         assert!(node_id("node-1").is_ok());
+        assert!(volume_id("a\nb").is_err());
+    }
+
+    /// Names follow the spec's own list of banned characters: every
+    /// control character but tab, LF and CR (the "commonly used
+    /// whitespace" it allows); the error names the character.
+    #[test]
+    fn names_allow_the_whitespace_the_spec_allows() {
+        for ok in ["a\tb", "a\nb", "a\rb", "pvc-1 copy", "ü"] {
+            assert!(name(ok).is_ok(), "{ok:?}");
+        }
+        for c in (0u32..=0x9f).filter_map(char::from_u32) {
+            let banned = matches!(u32::from(c), 0..=8 | 0x0b | 0x0c | 0x0e..=0x1f | 0x7f..=0x9f);
+            let v = format!("a{c}b");
+            let r = name(&v);
+            assert_eq!(r.is_err(), banned, "U+{:04X}", u32::from(c));
+            if let Err(e) = r {
+                assert!(
+                    e.to_string().contains(&format!("U+{:04X}", u32::from(c))),
+                    "{e}"
+                );
+            }
+        }
+        assert!(name(&"\t".repeat(128)).is_ok());
+        assert!(name(&"\t".repeat(129)).is_err());
     }
 
     #[test]

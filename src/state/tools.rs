@@ -7,7 +7,9 @@
 //!   what the record says, a snapshot's copy that is missing or damaged,
 //!   loop devices of Berth's files without a record, storage without a
 //!   record (orphans) and what was moved aside. It takes no lock, so it
-//!   can run next to a serving berth.
+//!   can run next to a serving berth; there it reads everything again a
+//!   few times and reports only what every reading found, as an operation
+//!   in flight shows in one reading as a finding that is not there.
 //! - `export` prints every readable record as one JSON document, for backup
 //!   and support; damage is listed in it and makes the exit code 1.
 //! - `repair` is the operator's decision to drop what is damaged in the
@@ -21,6 +23,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -345,16 +348,16 @@ fn is_volume_id(prefix: &str, s: &str) -> bool {
     crate::kinds::is_hex_id(prefix, s)
 }
 
-/// `berth state check`: prints findings; Ok(true) when nothing is wrong
-/// (warnings allowed).
-pub fn check(cfg: &Config, os: &Os, out: &mut dyn Write) -> Result<bool, StateError> {
-    let state_dir = cfg.state_dir();
-    let io = |e| StateError::io("write", "stdout", e);
-    writeln!(out, "state directory {}", state_dir.display()).map_err(io)?;
-    if let Some(h) = DirLock::holder_of(&state_dir) {
-        writeln!(out, "note: in use by {h}; reading a live journal").map_err(io)?;
-    }
-    let (scan, legacy) = read_records(&state_dir)?;
+/// One reading of the journal and of the storage it names.
+struct Pass {
+    gen: u64,
+    records: usize,
+    counts: BTreeMap<&'static str, usize>,
+    findings: Vec<Finding>,
+}
+
+fn pass(cfg: &Config, os: &Os, state_dir: &Path) -> Result<Pass, StateError> {
+    let (scan, legacy) = read_records(state_dir)?;
     let mut findings = Vec::new();
     journal_findings(&scan, legacy.len(), &mut findings);
     let mut records: Vec<VolumeRecord> = scan.records.values().cloned().chain(legacy).collect();
@@ -367,18 +370,71 @@ pub fn check(cfg: &Config, os: &Os, out: &mut dyn Write) -> Result<bool, StateEr
     for r in &records {
         *counts.entry(r.kind.as_str()).or_insert(0) += 1;
     }
+    Ok(Pass {
+        gen: scan.gen,
+        records: records.len(),
+        counts,
+        findings,
+    })
+}
+
+/// Beside a serving berth, the journal and the roots are read at different
+/// moments, and an operation in flight between them shows as a finding
+/// that is not there (a create moves its directory into the root after
+/// its Ready record; a delete moves it to `.trash` before it removes the
+/// record). `check` then reads everything again, up to `LIVE_PASSES` times
+/// in all, `LIVE_PAUSE` apart, within `LIVE_BUDGET` (but always twice),
+/// and reports only what every reading found: damage that stays is
+/// reported every time.
+const LIVE_PASSES: usize = 4;
+const LIVE_PAUSE: Duration = Duration::from_millis(200);
+const LIVE_BUDGET: Duration = Duration::from_secs(2);
+
+/// `berth state check`: prints findings; Ok(true) when nothing is wrong
+/// (warnings allowed).
+pub fn check(cfg: &Config, os: &Os, out: &mut dyn Write) -> Result<bool, StateError> {
+    let state_dir = cfg.state_dir();
+    let io = |e| StateError::io("write", "stdout", e);
+    writeln!(out, "state directory {}", state_dir.display()).map_err(io)?;
+    let live = DirLock::holder_of(&state_dir);
+    if let Some(h) = &live {
+        writeln!(out, "note: in use by {h}; reading a live journal").map_err(io)?;
+    }
+    let deadline = Instant::now() + LIVE_BUDGET;
+    let mut last = pass(cfg, os, &state_dir)?;
+    let mut passes = 1;
+    while live.is_some()
+        && !last.findings.is_empty()
+        && passes < LIVE_PASSES
+        && (passes < 2 || Instant::now() + LIVE_PAUSE < deadline)
+    {
+        std::thread::sleep(LIVE_PAUSE);
+        let mut next = pass(cfg, os, &state_dir)?;
+        next.findings.retain(|f| last.findings.contains(f));
+        last = next;
+        passes += 1;
+    }
+    if live.is_some() {
+        writeln!(
+            out,
+            "note: beside a serving berth: a finding is reported only when each of {passes} consecutive readings ({} ms apart) shows it; what an operation in flight shows in one reading is left out",
+            LIVE_PAUSE.as_millis()
+        )
+        .map_err(io)?;
+    }
     writeln!(
         out,
         "journal generation {}: {} records ({})",
-        scan.gen,
-        records.len(),
-        counts
+        last.gen,
+        last.records,
+        last.counts
             .iter()
             .map(|(k, n)| format!("{n} {k}"))
             .collect::<Vec<_>>()
             .join(", ")
     )
     .map_err(io)?;
+    let findings = last.findings;
     for f in &findings {
         writeln!(out, "{}: {}", f.severity, f.what).map_err(io)?;
     }

@@ -1760,7 +1760,8 @@ async fn state_check_beside_a_serving_berth_under_churn_reports_only_real_damage
             text.contains(&format!(
                 "error: volume {lost} (lost-by-hand): its directory"
             )) && text.contains("is missing")
-                && text.contains("1 errors,"),
+                && text.contains("1 errors,")
+                && text.contains("beside a serving berth: a finding is reported only when each of"),
             "{text}"
         );
     }

@@ -414,7 +414,13 @@ pub fn check(cfg: &Config, os: &Os, out: &mut dyn Write) -> Result<bool, StateEr
         last = next;
         passes += 1;
     }
-    if live.is_some() {
+    if live.is_some() && passes == 1 {
+        writeln!(
+            out,
+            "note: beside a serving berth: one reading of the journal and the disk, which found nothing"
+        )
+        .map_err(io)?;
+    } else if live.is_some() {
         writeln!(
             out,
             "note: beside a serving berth: a finding is reported only when each of {passes} consecutive readings ({} ms apart) shows it; what an operation in flight shows in one reading is left out",

@@ -685,6 +685,73 @@ async fn validate_volume_capabilities() {
     );
 }
 
+/// ValidateVolumeCapabilities confirms parameters only when they describe
+/// the volume: a `kind` naming another kind (or one not served) is not
+/// confirmed. A volume_context must be the volume's own (what CreateVolume
+/// returned): anything else is not confirmed.
+#[tokio::test]
+async fn validate_checks_kind_parameter_and_volume_context() {
+    let h = fake(&["--kinds", "local,block"]);
+    let mut req = create_req("l", 8 << 20);
+    req.parameters.insert("kind".into(), "local".into());
+    let local = created_id_and_context(h.ctl.create_volume(Request::new(req)).await);
+    let mut req = create_req("b", 8 << 20);
+    req.parameters.insert("kind".into(), "block".into());
+    let block = created_id_and_context(h.ctl.create_volume(Request::new(req)).await);
+    let validate = |id: &str, params: &[(&str, &str)], ctx: &HashMap<String, String>| {
+        csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.into(),
+            volume_capabilities: vec![rwo()],
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            volume_context: ctx.clone(),
+            ..Default::default()
+        }
+    };
+    let none = HashMap::new();
+    let garbage = HashMap::from([("foo".to_string(), "bar".to_string())]);
+    for ((id, ctx), own, other) in [(&local, "local", "block"), (&block, "block", "local")] {
+        for (params, ctx, ok) in [
+            (&[("kind", own)][..], &none, true),
+            (&[("kind", &own.to_uppercase()[..])][..], &none, true),
+            (&[][..], ctx, true),
+            (&[("kind", own)][..], ctx, true),
+            (&[("kind", other)][..], &none, false),
+            (&[("kind", "nfs")][..], &none, false),
+            (&[("kind", "tape")][..], &none, false),
+            (&[][..], &garbage, false),
+            (&[("kind", own)][..], &garbage, false),
+        ] {
+            let r = h
+                .ctl
+                .validate_volume_capabilities(Request::new(validate(id, params, ctx)))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                r.confirmed.is_some(),
+                ok,
+                "{own} volume, parameters {params:?}, context {ctx:?}: {}",
+                r.message
+            );
+            assert_eq!(r.message.is_empty(), ok, "{}", r.message);
+            if let Some(c) = r.confirmed {
+                assert_eq!(&c.volume_context, ctx);
+            }
+        }
+    }
+}
+
+/// The id and volume_context of the volume a CreateVolume answered with.
+fn created_id_and_context(
+    r: Result<tonic::Response<csi::CreateVolumeResponse>, tonic::Status>,
+) -> (String, HashMap<String, String>) {
+    let v = r.expect("create").into_inner().volume.expect("volume");
+    (v.volume_id, v.volume_context)
+}
+
 #[tokio::test]
 async fn list_volumes_pages_and_rejects_bad_tokens() {
     let h = fake(&[]);

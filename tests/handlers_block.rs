@@ -290,6 +290,58 @@ async fn xfs_volumes_get_at_least_what_mkfs_xfs_needs() {
     assert_eq!(r.volume.unwrap().capacity_bytes, MIB);
 }
 
+/// ValidateVolumeCapabilities does not confirm a filesystem the volume is
+/// too small for: an 8 MiB volume (made for ext4) cannot hold an xfs, which
+/// CreateVolume makes at least 300 MiB; ext4 and raw block are confirmed,
+/// and a volume as large as xfs needs is confirmed for xfs.
+#[tokio::test]
+async fn validate_refuses_a_filesystem_the_volume_is_too_small_for() {
+    let h = block(&[]);
+    let small = create(&h, "s", 8 * MIB, &[]).await.volume_id;
+    let big = create(&h, "b", 300 * MIB, &[]).await.volume_id;
+    let raw = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![raw_cap()],
+            ..create_req_p("r", MIB, &[])
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let fs = |t: &str| {
+        let mut c = rwo();
+        if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+            m.fs_type = t.into();
+        }
+        c
+    };
+    for (id, cap, ok) in [
+        (&small, fs("xfs"), false),
+        (&small, fs("ext4"), true),
+        (&small, fs(""), true),
+        (&big, fs("xfs"), true),
+        (&raw, raw_cap(), true),
+    ] {
+        let r = h
+            .ctl
+            .validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![cap.clone()],
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.confirmed.is_some(), ok, "{id} {cap:?}: {}", r.message);
+        if !ok {
+            assert!(r.message.contains("mkfs.xfs"), "{}", r.message);
+        }
+    }
+}
+
 #[tokio::test]
 async fn capacity_is_free_space_without_promises() {
     let h = block(&[]);

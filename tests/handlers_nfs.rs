@@ -1649,7 +1649,8 @@ async fn allowed_shares_confine_create_delete_and_publish() {
 #[tokio::test]
 async fn get_and_validate_need_the_volume_to_exist() {
     let h = nfs(&[]);
-    let id = create(&h, "v", &[("onDelete", "retain")]).await.volume_id;
+    let v = create(&h, "v", &[("onDelete", "retain")]).await;
+    let (id, ctx) = (v.volume_id, v.volume_context);
     let get = |id: &str| csi::ControllerGetVolumeRequest {
         volume_id: id.into(),
     };
@@ -1661,6 +1662,20 @@ async fn get_and_validate_need_the_volume_to_exist() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         ..Default::default()
+    };
+    // The volume_context, when given, must be the one CreateVolume returned.
+    let with_context = |id: &str, ctx: &HashMap<String, String>| {
+        let mut r = validate(id, &[]);
+        r.volume_context = ctx.clone();
+        r
+    };
+    let mut other_dir = ctx.clone();
+    other_dir.insert("subDir".into(), "elsewhere".into());
+    let mut extra = ctx.clone();
+    extra.insert("foo".into(), "bar".into());
+    let confirmed = |r: csi::ValidateVolumeCapabilitiesResponse| {
+        assert_eq!(r.message.is_empty(), r.confirmed.is_some(), "{}", r.message);
+        r.confirmed.is_some()
     };
     let nobody = "nfs#d#127.0.0.1#/export#nobody";
     assert_eq!(
@@ -1728,6 +1743,18 @@ async fn get_and_validate_need_the_volume_to_exist() {
         .unwrap()
         .into_inner();
     assert!(r.confirmed.is_none(), "onDelete differs from the id's");
+    // The volume_context (checked after the record is lost too: the one the
+    // id describes is the one CreateVolume returned).
+    assert_eq!(ctx.len(), 3, "{ctx:?}");
+    for (c, ok) in [(&ctx, true), (&other_dir, false), (&extra, false)] {
+        let r = h
+            .ctl
+            .validate_volume_capabilities(Request::new(with_context(&id, c)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(confirmed(r), ok, "{c:?}");
+    }
 }
 
 async fn ready(ident: &berth::identity::IdentityService) -> Option<bool> {

@@ -20,7 +20,7 @@ pub const DEFAULT_SIZE: i64 = 1 << 30;
 
 /// Parameters the external-provisioner adds (`--extra-create-metadata`) and
 /// the generic `kind` key; every other key belongs to the kind.
-const KIND_KEY: &str = "kind";
+pub const KIND_KEY: &str = "kind";
 const CO_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// The requested size range, checked.

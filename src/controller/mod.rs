@@ -27,7 +27,7 @@ use crate::csi::v1 as csi;
 use crate::driver::Driver;
 use crate::rpc::serve;
 
-pub use create_volume::{kind_parameters, Range};
+pub use create_volume::{kind_parameters, Range, KIND_KEY};
 pub use topology::placement;
 
 pub struct ControllerService {

@@ -1,16 +1,18 @@
 //! ValidateVolumeCapabilities: confirms the capabilities when the volume's
-//! kind supports all of them (and they fit how the volume was created), and
-//! the parameters, when given, when they describe the volume. NOT_FOUND for
+//! kind supports all of them (and they fit how the volume was created), the
+//! parameters, when given, when they describe the volume (a `kind` key must
+//! name its kind), and the volume_context, when given, when it is the
+//! volume's own. NOT_FOUND for
 //! a volume that does not exist (an NFS id without a record is looked up on
 //! the share, like ControllerGetVolume).
 use std::sync::Arc;
 
-use super::kind_parameters;
+use super::{kind_parameters, KIND_KEY};
 use crate::convert;
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
-use crate::state::AccessType;
+use crate::state::{AccessType, Kind};
 use crate::validate;
 
 pub async fn handle(
@@ -19,7 +21,7 @@ pub async fn handle(
 ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
     let id = validate::volume_id(&req.volume_id)?.to_string();
     let caps = convert::capabilities(&req.volume_capabilities)?;
-    validate::map("volume_context", &req.volume_context)?;
+    let context = validate::map("volume_context", &req.volume_context)?;
     let params = validate::map("parameters", &req.parameters)?;
     validate::map("mutable_parameters", &req.mutable_parameters)?;
     let has_mutable = !req.mutable_parameters.is_empty();
@@ -35,14 +37,35 @@ pub async fn handle(
             if let Err(e) = kind.check_capability(c) {
                 return Ok(e.to_string());
             }
+            if let Err(why) = kind.capability_fits(&rec, c) {
+                return Ok(why);
+            }
             if created_block != matches!(c.access_type, AccessType::Block) {
                 return Ok("the access type (block or mount) differs from the one the volume was created with".into());
+            }
+        }
+        // A `kind` parameter must name the volume's kind, as it would have
+        // to for CreateVolume to make this volume.
+        if let Some(k) = params.get(KIND_KEY) {
+            if Kind::parse(&k.to_ascii_lowercase()) != Some(rec.kind) {
+                return Ok(format!(
+                    "parameter kind {k:?} does not name the volume's kind ({})",
+                    rec.kind
+                ));
             }
         }
         if !params.is_empty() {
             if let Err(why) = kind.parameters_match(&rec, &kind_parameters(&params)) {
                 return Ok(why);
             }
+        }
+        // The spec: volume_context, when given, MUST match the volume's
+        // (the one CreateVolume returned).
+        if !context.is_empty() && context != *rec.context {
+            return Ok(
+                "the volume_context differs from the volume's (the one CreateVolume returned)"
+                    .into(),
+            );
         }
         if has_mutable {
             return Ok("mutable_parameters are not supported (no MODIFY_VOLUME capability)".into());

@@ -334,6 +334,18 @@ pub trait VolumeKind: Send + Sync {
         Ok(())
     }
 
+    /// ValidateVolumeCapabilities: whether the volume `rec`, as created,
+    /// can be used with `cap` (a capability the kind supports); the reason
+    /// when not. Default: it can.
+    fn capability_fits(
+        &self,
+        rec: &VolumeRecord,
+        cap: &Capability,
+    ) -> std::result::Result<(), String> {
+        let _ = (rec, cap);
+        Ok(())
+    }
+
     /// Whether reaching the storage needs a server that may not answer
     /// (NFS): start-up then finishes interrupted creates and deletes of the
     /// kind after the socket is up, with Probe answering not ready until

@@ -528,6 +528,27 @@ impl VolumeKind for BlockKind {
         Ok(())
     }
 
+    /// A filesystem needs room: a volume smaller than what mkfs needs for
+    /// the capability's filesystem (xfs: 300 MiB) cannot be formatted with
+    /// it (CreateVolume makes volumes at least that large for it).
+    fn capability_fits(
+        &self,
+        rec: &VolumeRecord,
+        cap: &Capability,
+    ) -> std::result::Result<(), String> {
+        let p = params::parse(&crate::controller::kind_parameters(&rec.parameters))
+            .map_err(|e| e.to_string())?;
+        match params::capability_fs(cap, p.default_fs).map_err(|e| e.to_string())? {
+            Some(fs) if rec.capacity_bytes < fs.min_bytes() => Err(format!(
+                "the volume has {} bytes, less than the {} bytes {} needs",
+                rec.capacity_bytes,
+                fs.min_bytes(),
+                fs.mkfs_program()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn pool_capacity(&self) -> Result<PoolCapacity> {
         self.file_pool_capacity()
     }

@@ -305,6 +305,72 @@ async fn create_checks_space() {
     create(&h, "d", 4 << 20).await;
 }
 
+/// A name that exists, asked for again with a topology the volume does not
+/// satisfy (its node is not among the requisite ones), is ALREADY_EXISTS,
+/// not RESOURCE_EXHAUSTED; the same topology, or none, is a repeat that
+/// returns the volume. A new name for another node is still
+/// RESOURCE_EXHAUSTED.
+#[tokio::test]
+async fn create_existing_name_with_other_topology_is_already_exists() {
+    let h = fake(&["--kinds", "local,block"]);
+    let with = |name: &str, kind: &str, requisite: &[&str], preferred: &[&str]| {
+        let mut req = create_req(name, 8 << 20);
+        req.parameters.insert("kind".into(), kind.into());
+        if !requisite.is_empty() || !preferred.is_empty() {
+            req.accessibility_requirements = Some(csi::TopologyRequirement {
+                requisite: requisite.iter().copied().map(topo).collect(),
+                preferred: preferred.iter().copied().map(topo).collect(),
+            });
+        }
+        req
+    };
+    for kind in ["local", "block"] {
+        let name = format!("v-{kind}");
+        let id = created_id(
+            h.ctl
+                .create_volume(Request::new(with(&name, kind, &[NODE], &[NODE])))
+                .await,
+        );
+        // Repeats: the same topology, none, or a requisite this node is in.
+        for (requisite, preferred) in [
+            (&[NODE][..], &[NODE][..]),
+            (&[][..], &[][..]),
+            (&["node-b", NODE][..], &[NODE, "node-b"][..]),
+        ] {
+            let r = h
+                .ctl
+                .create_volume(Request::new(with(&name, kind, requisite, preferred)))
+                .await;
+            assert_eq!(created_id(r), id, "{kind} {requisite:?} {preferred:?}");
+        }
+        // Another node: the volume exists, incompatible.
+        for (requisite, preferred) in [
+            (&["node-b"][..], &["node-b"][..]),
+            (&["node-b"][..], &[][..]),
+        ] {
+            let r = h
+                .ctl
+                .create_volume(Request::new(with(&name, kind, requisite, preferred)))
+                .await;
+            let e = r.expect_err("another node");
+            assert_eq!(e.code(), Code::AlreadyExists, "{kind}: {}", e.message());
+            assert!(e.message().contains("topolog"), "{}", e.message());
+        }
+        // A new name for another node: placed elsewhere, as before.
+        let r = h
+            .ctl
+            .create_volume(Request::new(with(
+                &format!("new-{kind}"),
+                kind,
+                &["node-b"],
+                &["node-b"],
+            )))
+            .await;
+        assert_eq!(code(r), Code::ResourceExhausted);
+    }
+    assert_eq!(h.driver.store.len(), 2);
+}
+
 #[tokio::test]
 async fn create_follows_topology() {
     let h = fake(&[]);

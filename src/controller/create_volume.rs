@@ -93,6 +93,11 @@ struct Request {
     params: BTreeMap<String, String>,
     range: Range,
     node: String,
+    /// The request's accessibility_requirements (node-local kinds).
+    topology: Option<csi::TopologyRequirement>,
+    /// Why this node may not make a new volume for the request (another
+    /// node's topology); a volume that exists may still answer it.
+    misplaced: Option<Error>,
     source: Option<ContentSource>,
 }
 
@@ -205,16 +210,26 @@ pub async fn handle(
         )));
     }
     let range = Range::from_proto(req.capacity_range.as_ref())?;
-    let node = match kind {
-        Kind::Nfs => String::new(),
-        Kind::Local | Kind::Block => {
+    // Node-local volumes are made on this node only. A request placed
+    // elsewhere is RESOURCE_EXHAUSTED (the CO places the volume on another
+    // node), unless the name exists: then it is a repeat, or ALREADY_EXISTS
+    // when the volume does not satisfy the request (`compatible`), decided
+    // under the name's guard in `create`.
+    let (node, misplaced) = match kind {
+        Kind::Nfs => (String::new(), None),
+        Kind::Local | Kind::Block => (
+            d.node_id.clone(),
             topology::placement(
                 &d.topology_key,
                 &d.node_id,
                 req.accessibility_requirements.as_ref(),
-            )?;
-            d.node_id.clone()
-        }
+            )
+            .err(),
+        ),
+    };
+    let misplaced = match misplaced {
+        Some(e) if d.store.get_by_name(&name).is_none() => return Err(e),
+        m => m,
     };
     // The id a new volume would get. Kinds with self-describing ids (NFS)
     // derive it from the name and parameters, so two names can ask for the
@@ -235,7 +250,12 @@ pub async fn handle(
         caps,
         params,
         range,
+        topology: match kind {
+            Kind::Nfs => None,
+            Kind::Local | Kind::Block => req.accessibility_requirements,
+        },
         node,
+        misplaced,
         source,
     };
     let rec = d.run(guard, move |d| create(d, r)).await?;
@@ -244,7 +264,22 @@ pub async fn handle(
     })
 }
 
-fn compatible(rec: &VolumeRecord, r: &Request) -> Result<()> {
+fn compatible(d: &Driver, rec: &VolumeRecord, r: &Request) -> Result<()> {
+    if !topology::satisfies(&d.topology_key, &rec.node, r.topology.as_ref()) {
+        return Err(Error::Conflict(format!(
+            "volume {} named {} exists on node {}, which is not among the requisite topologies ({}={})",
+            rec.id,
+            rec.name,
+            rec.node,
+            d.topology_key,
+            r.topology
+                .iter()
+                .flat_map(|t| &t.requisite)
+                .map(|t| t.segments.get(&d.topology_key).map_or("-", String::as_str))
+                .collect::<Vec<_>>()
+                .join(","),
+        )));
+    }
     let what = if rec.kind != r.kind {
         "kind"
     } else if !r.range.admits(rec.capacity_bytes) {
@@ -266,10 +301,10 @@ fn compatible(rec: &VolumeRecord, r: &Request) -> Result<()> {
     )))
 }
 
-fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
+fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     let imp = d.kind(r.kind)?.clone();
     if let Some(mut rec) = d.store.get_by_name(&r.name) {
-        compatible(&rec, &r)?;
+        compatible(d, &rec, &r)?;
         match rec.phase {
             // A repeat: also finishes a move into place that failed after
             // the record said Ready (`VolumeKind::ready`).
@@ -290,6 +325,11 @@ fn create(d: &Driver, r: Request) -> Result<VolumeRecord> {
                 return Ok(rec);
             }
         }
+    }
+    // The name was found before its guard was taken and is gone now: a
+    // new volume, which this node cannot make for this request.
+    if let Some(e) = r.misplaced.take() {
+        return Err(e);
     }
     let kparams = kind_parameters(&r.params);
     imp.can_create(&kparams)?;

@@ -35,6 +35,19 @@ pub fn placement(key: &str, node: &str, req: Option<&csi::TopologyRequirement>) 
     )))
 }
 
+/// Whether a volume on `node` satisfies the request's requisite
+/// topologies (is accessible from one of them); no requisite, or no
+/// requirements, is satisfied by any node. Preferred topologies are only
+/// preferences: a volume elsewhere still satisfies the request.
+pub fn satisfies(key: &str, node: &str, req: Option<&csi::TopologyRequirement>) -> bool {
+    req.is_none_or(|r| {
+        r.requisite.is_empty()
+            || r.requisite
+                .iter()
+                .any(|t| t.segments.get(key).map(String::as_str) == Some(node))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +87,21 @@ mod tests {
         };
         assert!(placement(K, "a", Some(&other)).is_err());
         assert!(placement(K, "a", Some(&req(&[], &[]))).is_ok());
+    }
+
+    #[test]
+    fn satisfied() {
+        assert!(satisfies(K, "a", None));
+        assert!(satisfies(K, "a", Some(&req(&[], &["b"]))));
+        assert!(satisfies(K, "a", Some(&req(&["b", "a"], &["b"]))));
+        assert!(!satisfies(K, "a", Some(&req(&["b"], &["b"]))));
+        assert!(!satisfies(
+            K,
+            "a",
+            Some(&csi::TopologyRequirement {
+                requisite: vec![node_topology("zone", "a")],
+                preferred: vec![],
+            })
+        ));
     }
 }

@@ -1031,3 +1031,56 @@ async fn a_local_snapshot_directory_replaced_by_a_symlink_is_never_followed() {
         "{text}"
     );
 }
+
+/// A snapshot's copy whose record is gone (cut off a journal, or removed
+/// by `state repair`): `state check` warns about it, naming the copy, and
+/// start-up then keeps it aside in `.orphaned` (never deletes it). Before,
+/// check said nothing ("0 errors, 0 warnings").
+#[tokio::test]
+async fn a_snapshot_copy_without_a_record_is_reported_and_kept_aside() {
+    let h = fake(&["--kinds", "local,block"]);
+    let f = h.fake();
+    script_blank(f);
+    let lv = create_p(&h, "lv", MIB, &[]).await;
+    let bv = create_p(&h, "bv", 8 * MIB, &[("kind", "block")]).await;
+    let ls = snapshot(&h, "ls", &lv.volume_id).await.snapshot_id;
+    let bs = snapshot(&h, "bs", &bv.volume_id).await.snapshot_id;
+    let copies = [
+        h.path("local/.snapshots").join(&ls),
+        h.path("block/.snapshots").join(format!("{bs}.img")),
+    ];
+    assert!(copies.iter().all(|c| c.exists()));
+    let (ok, text) = state_check(&h);
+    assert!(ok && !text.contains("without a record"), "{text}");
+    for id in [&ls, &bs] {
+        h.driver.store.snapshot_remove(id).unwrap();
+    }
+    let (ok, text) = state_check(&h);
+    assert!(ok, "warnings only: {text}");
+    for c in &copies {
+        assert!(
+            text.contains(&format!(
+                "{} is a snapshot's copy without a record",
+                c.display()
+            )),
+            "{text}"
+        );
+    }
+    let (os, f) = berth::os::Os::fake();
+    let h = build(h.stop(), os, Some(f), &["--kinds", "local,block"]);
+    for c in &copies {
+        assert!(!c.exists(), "{} still there", c.display());
+    }
+    for (root, name) in [("local", ls.clone()), ("block", format!("{bs}.img"))] {
+        let aside = h.path(root).join(".orphaned");
+        assert!(
+            std::fs::read_dir(&aside).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&name)),
+            "{name} kept in {}",
+            aside.display()
+        );
+    }
+}

@@ -326,6 +326,37 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
             )));
         }
     }
+    // Copies without a record (the record lost, or cut off a journal):
+    // start-up keeps them aside, as it does a volume's storage without one.
+    let known: std::collections::HashSet<&str> = snapshots.iter().map(|s| s.id.as_str()).collect();
+    let areas = [
+        (
+            Kind::Local,
+            local_root.join(".snapshots"),
+            "local-snap-",
+            "",
+        ),
+        (
+            Kind::Block,
+            block_root.join(".snapshots"),
+            "block-snap-",
+            ".img",
+        ),
+    ];
+    for (kind, area, prefix, suffix) in areas {
+        if !cfg.serves(kind) {
+            continue;
+        }
+        for name in dir_names(&area) {
+            let id = name.strip_suffix(suffix).unwrap_or(&name);
+            if is_volume_id(prefix, id) && !known.contains(id) {
+                out.push(warning(format!(
+                    "{} is a snapshot's copy without a record (its record was lost): start-up moves it aside to .orphaned, never deletes it; no VolumeSnapshot can use it",
+                    area.join(&name).display()
+                )));
+            }
+        }
+    }
     out
 }
 

@@ -892,14 +892,19 @@ mod tests {
         v
     }
 
+    /// A store in `dir` with records "a" and "b", closed again; the length
+    /// of its log.
+    fn two_records(dir: &Path) -> u64 {
+        let s = open(dir).unwrap();
+        s.insert_new(rec("a", "a", 1), ok).unwrap();
+        s.insert_new(rec("b", "b", 1), ok).unwrap();
+        s.journal.position().1
+    }
+
     #[test]
     fn a_torn_tail_is_cut_kept_aside_and_writing_goes_on() {
         let d = tempfile::tempdir().unwrap();
-        let s = open(d.path()).unwrap();
-        s.insert_new(rec("a", "a", 1), ok).unwrap();
-        s.insert_new(rec("b", "b", 1), ok).unwrap();
-        let (_, len) = s.journal.position();
-        drop(s);
+        let len = two_records(d.path());
         // A crash in the middle of the next write: a line with a block
         // that never reached the disk, and half a line.
         let mut f = OpenOptions::new()
@@ -936,11 +941,7 @@ mod tests {
     #[test]
     fn a_whole_last_change_without_its_newline_is_kept() {
         let d = tempfile::tempdir().unwrap();
-        let s = open(d.path()).unwrap();
-        s.insert_new(rec("a", "a", 1), ok).unwrap();
-        s.insert_new(rec("b", "b", 1), ok).unwrap();
-        let (_, len) = s.journal.position();
-        drop(s);
+        let len = two_records(d.path());
         let log = log_path(d.path(), 0);
         OpenOptions::new()
             .write(true)
@@ -966,11 +967,7 @@ mod tests {
     fn a_changed_byte_in_the_last_line_stops_start_up() {
         for (at_end, byte) in [(true, 0x0b_u8), (false, 0)] {
             let d = tempfile::tempdir().unwrap();
-            let s = open(d.path()).unwrap();
-            s.insert_new(rec("a", "a", 1), ok).unwrap();
-            s.insert_new(rec("b", "b", 1), ok).unwrap();
-            let (_, len) = s.journal.position();
-            drop(s);
+            let len = two_records(d.path());
             let log = log_path(d.path(), 0);
             let mut bytes = fs::read(&log).unwrap();
             let i = if at_end {

@@ -288,7 +288,7 @@ impl BlockKind {
             .files
             .open(&f, Open::CreateOrKeep)
             .map_err(|e| Error::os(format!("creating {}", f.display()), e))?;
-        self.grow_file(&f, allocation, rec.capacity_bytes)?;
+        self.grow_file(&f, allocation, rec.capacity_bytes, None)?;
         // The file and its directory entry are durable before the volume is
         // reported created.
         self.os
@@ -320,8 +320,8 @@ impl BlockKind {
         f: &Path,
         size: i64,
     ) -> Result<()> {
-        Self::require_whole(rec, info, f)?;
-        self.grow_file(f, info.allocation, size)?;
+        let made = info.file_bytes.map(|made| (rec.id.as_str(), made));
+        self.grow_file(f, info.allocation, size, made)?;
         let size = u64::try_from(size).unwrap_or(0);
         if info.file_bytes.is_none_or(|made| made < size) {
             let mut grown = info.clone();
@@ -333,8 +333,17 @@ impl BlockKind {
 
     /// Makes the file at least `size` bytes (thick: allocated), never
     /// smaller. The free-space check and the allocation are one step;
-    /// RESOURCE_EXHAUSTED when the pool has no room.
-    fn grow_file(&self, f: &Path, allocation: Allocation, size: i64) -> Result<()> {
+    /// RESOURCE_EXHAUSTED when the pool has no room. With `made` (the
+    /// volume's id and the length Berth made its file), a file found
+    /// shorter than that is damage: FAILED_PRECONDITION, nothing changed.
+    /// The check reads the metadata the growth needs anyway (one fstat).
+    fn grow_file(
+        &self,
+        f: &Path,
+        allocation: Allocation,
+        size: i64,
+        made: Option<(&str, u64)>,
+    ) -> Result<()> {
         let size = u64::try_from(size).unwrap_or(0);
         let _g = lock(&self.alloc);
         let fs = self.os.files.as_ref();
@@ -344,6 +353,9 @@ impl BlockKind {
         let meta = file
             .metadata()
             .map_err(|e| Error::io(format!("inspecting {}", f.display()), e))?;
+        if let Some((id, made)) = made.filter(|&(_, made)| meta.len() < made) {
+            return Err(Error::WrongState(cut_short(id, f, meta.len(), made)));
+        }
         let need = match allocation {
             Allocation::Thin => 0,
             Allocation::Thick => size.saturating_sub(allocated_bytes(&meta)),

@@ -482,7 +482,7 @@ impl BlockKind {
         let mut info = Self::inherited(&source);
         info.allocation = allocation;
         info.grow_fs = info.formatted && rec.capacity_bytes > source_size;
-        self.grow_file(file, allocation, rec.capacity_bytes)?;
+        self.grow_file(file, allocation, rec.capacity_bytes, None)?;
         self.os
             .files
             .sync_dir(&self.root)

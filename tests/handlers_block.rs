@@ -3067,3 +3067,59 @@ async fn ids_without_a_record_never_unmount_a_block_volumes_mounts() {
     unstage_as_kubelet(&h, &local, &ls).await.unwrap();
     assert!(!mounted(&t) && !mounted(&s) && !mounted(&lt) && !mounted(&ls));
 }
+
+/// A volume whose record says its create never answered (`Creating`) is
+/// rolled back at start-up. Its file is deleted only when nothing ever
+/// wrote to it; one that holds data was handed out after all (a record
+/// that lost its Ready) and is kept aside in `.orphaned/`, never deleted,
+/// and `state check` says so before start-up does it.
+#[tokio::test]
+async fn rollback_of_an_unanswered_create_keeps_a_file_that_holds_data() {
+    let h = block(&[]);
+    let used = create(&h, "used", 4 * MIB, &[]).await.volume_id;
+    let blank = create(&h, "blank", 4 * MIB, &[("allocation", "thick")])
+        .await
+        .volume_id;
+    write_at(&img(&h, &used), b"tenant a", MIB as u64);
+    for id in [&used, &blank] {
+        let mut r = h.driver.store.get(id).unwrap();
+        h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+    }
+    let dir = h.stop();
+    use clap::Parser;
+    // `state check` (no berth serving) names the file that holds data,
+    // and only that one, as an error.
+    let cfg = berth::config::Cli::try_parse_from(args(dir.path(), &["--kinds", "block"]))
+        .unwrap()
+        .config;
+    let (os, _) = berth::os::Os::fake();
+    let mut out = Vec::new();
+    let clean = berth::state::tools::check(&cfg, &os, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(!clean, "{out}");
+    let flagged: Vec<&str> = out.lines().filter(|l| l.contains("holds data")).collect();
+    assert_eq!(flagged.len(), 1, "{out}");
+    assert!(flagged[0].contains(&used), "{out}");
+
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &["--kinds", "block"]);
+    for id in [&used, &blank] {
+        assert!(h.driver.store.get(id).is_none(), "{id} was not rolled back");
+        assert!(!img(&h, id).exists());
+    }
+    let aside = h.path("block").join(".orphaned");
+    let kept = aside.join(format!("{used}.img"));
+    let mut buf = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&kept).unwrap(),
+        &mut buf,
+        MIB as u64,
+    )
+    .unwrap();
+    assert_eq!(&buf, b"tenant a");
+    let names: Vec<_> = std::fs::read_dir(&aside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [std::ffi::OsString::from(format!("{used}.img"))]);
+}

@@ -133,6 +133,14 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 "volume {} ({}) is {:?}: an operation was interrupted; start-up finishes it",
                 r.id, r.name, r.phase
             )));
+            if let Some(f) = unfinished_file_with_data(&block_root, r) {
+                out.push(error(format!(
+                    "volume {} ({}): its create never answered, yet {} holds data (was its Ready record lost?); start-up keeps the file aside in .orphaned, never deletes it",
+                    r.id,
+                    r.name,
+                    f.display()
+                )));
+            }
             continue;
         }
         match r.kind {
@@ -292,6 +300,22 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
         }
     }
     out
+}
+
+/// The backing file of a block volume whose plain create never answered
+/// (`Creating`, no content source), when something wrote to it or it
+/// cannot tell: such a file is kept aside at start-up, not deleted.
+fn unfinished_file_with_data(block_root: &Path, r: &VolumeRecord) -> Option<PathBuf> {
+    let file_backed = r.block.as_ref().is_none_or(|b| b.disk.is_none());
+    if r.kind != Kind::Block || r.phase != Phase::Creating || r.source.is_some() || !file_backed {
+        return None;
+    }
+    let f = crate::kinds::block::volume_file(block_root, &r.id);
+    let m = std::fs::symlink_metadata(&f).ok()?;
+    let data = std::fs::File::open(&f)
+        .ok()
+        .and_then(|file| crate::os::files::has_data(&file));
+    (m.is_file() && data != Some(false)).then_some(f)
 }
 
 /// Compares the snapshot records with their stored copies (local and block

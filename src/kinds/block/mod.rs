@@ -397,6 +397,17 @@ impl BlockKind {
             .map_err(|e| Error::os(format!("syncing {}", f.display()), e))
     }
 
+    /// Moves `path` (in the block root) into `.orphaned/` as `name` (or
+    /// `name.<n>`, never over an earlier one); returns where it went.
+    fn keep_aside(&self, path: &Path, name: &str) -> Result<PathBuf> {
+        let aside = self.root.join(ORPHANED);
+        let f = self.os.files.as_ref();
+        ensure_dir(f, &aside, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", aside.display()), e))?;
+        files::move_aside(f, path, &aside, name)
+            .map_err(|e| Error::os(format!("moving aside {}", path.display()), e))
+    }
+
     /// Makes a loop device take its backing file's size if it is smaller.
     fn refresh_capacity(&self, device: &Path, f: &Path) -> Result<()> {
         let want = std::fs::metadata(f)
@@ -711,13 +722,8 @@ impl VolumeKind for BlockKind {
             if !self.owns_id(id) || known(id) {
                 continue;
             }
-            let aside = self.root.join(ORPHANED);
-            let f = self.os.files.as_ref();
-            ensure_dir(f, &aside, 0o700)
-                .map_err(|e| Error::os(format!("creating {}", aside.display()), e))?;
             let path = e.path();
-            let to = files::move_aside(f, &path, &aside, &name)
-                .map_err(|e| Error::os(format!("moving aside {}", path.display()), e))?;
+            let to = self.keep_aside(&path, &name)?;
             tracing::warn!(file = %path.display(), to = %to.display(), "block volume file without a record moved aside");
         }
         Ok(())
@@ -858,6 +864,20 @@ impl VolumeKind for BlockKind {
         match std::fs::symlink_metadata(&f) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("inspecting {}", f.display()), e)),
+            // A create that never answered (rolled back) made a file
+            // nothing wrote to. One that holds data was handed out after
+            // all (a record that lost its Ready): kept aside, never
+            // deleted. Any doubt keeps it too.
+            Ok(m)
+                if m.is_file()
+                    && rec.phase == Phase::Creating
+                    && rec.source.is_none()
+                    && self.file_has_data(rec) != Some(false) =>
+            {
+                let to = self.keep_aside(&f, &format!("{}.img", rec.id))?;
+                tracing::error!(volume_id = %rec.id, file = %f.display(), to = %to.display(), "the file of a volume whose create never answered holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
+                Ok(())
+            }
             // A symlink or anything else in its place is removed itself,
             // never what it points to.
             Ok(_) => match self.os.files.remove_file(&f) {

@@ -118,7 +118,7 @@ impl BlockKind {
     }
 
     /// Whether a file volume's backing file holds data (None: cannot tell).
-    fn file_has_data(&self, rec: &VolumeRecord) -> Option<bool> {
+    pub(super) fn file_has_data(&self, rec: &VolumeRecord) -> Option<bool> {
         let f = self.file(&rec.id).ok()?;
         let file = std::fs::File::open(f).ok()?;
         files::has_data(&file)

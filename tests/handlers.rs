@@ -1604,6 +1604,55 @@ async fn interrupted_operations_are_reconciled_at_start() {
     assert!(h.path("local").join(&v.volume_id).is_dir());
 }
 
+/// A local volume whose record says its create never answered
+/// (`Creating`) but whose directory is in place (a create moves it there
+/// only once its record says Ready: the record lost its Ready) is kept
+/// aside in `.orphaned/` when it holds anything, never deleted; `state
+/// check` names it first. An empty one is rolled back as before.
+#[tokio::test]
+async fn rollback_of_an_unanswered_create_keeps_a_directory_that_holds_data() {
+    use berth::state::Phase;
+    use clap::Parser;
+    let h = fake(&[]);
+    let used = create(&h, "used", 1).await.volume_id;
+    let blank = create(&h, "blank", 1).await.volume_id;
+    std::fs::write(h.path("local").join(&used).join("data"), b"tenant a").unwrap();
+    for id in [&used, &blank] {
+        let mut r = h.driver.store.get(id).unwrap();
+        h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+    }
+    let dir = h.stop();
+    let cfg = berth::config::Cli::try_parse_from(args(dir.path(), &[]))
+        .unwrap()
+        .config;
+    let (os, _) = berth::os::Os::fake();
+    let mut out = Vec::new();
+    let clean = berth::state::tools::check(&cfg, &os, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(!clean, "{out}");
+    let flagged: Vec<&str> = out.lines().filter(|l| l.contains("holds data")).collect();
+    assert_eq!(flagged.len(), 1, "{out}");
+    assert!(flagged[0].contains(&used), "{out}");
+
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &[]);
+    let local = h.path("local");
+    for id in [&used, &blank] {
+        assert!(h.driver.store.get(id).is_none(), "{id} was not rolled back");
+        assert!(!local.join(id).exists());
+    }
+    let aside = local.join(".orphaned");
+    assert_eq!(
+        std::fs::read(aside.join(&used).join("data")).unwrap(),
+        b"tenant a"
+    );
+    let names: Vec<_> = std::fs::read_dir(&aside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [std::ffi::OsString::from(&used)]);
+}
+
 #[tokio::test]
 async fn orphans_and_trash_are_reconciled_at_start() {
     let h = fake(&[]);

@@ -133,9 +133,9 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 "volume {} ({}) is {:?}: an operation was interrupted; start-up finishes it",
                 r.id, r.name, r.phase
             )));
-            if let Some(f) = unfinished_file_with_data(&block_root, r) {
+            if let Some(f) = unanswered_create_with_data(&local_root, &block_root, r) {
                 out.push(error(format!(
-                    "volume {} ({}): its create never answered, yet {} holds data (was its Ready record lost?); start-up keeps the file aside in .orphaned, never deletes it",
+                    "volume {} ({}): its create never answered, yet {} holds data (was its Ready record lost?); start-up keeps it aside in .orphaned, never deletes it",
                     r.id,
                     r.name,
                     f.display()
@@ -302,20 +302,35 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     out
 }
 
-/// The backing file of a block volume whose plain create never answered
-/// (`Creating`, no content source), when something wrote to it or it
-/// cannot tell: such a file is kept aside at start-up, not deleted.
-fn unfinished_file_with_data(block_root: &Path, r: &VolumeRecord) -> Option<PathBuf> {
-    let file_backed = r.block.as_ref().is_none_or(|b| b.disk.is_none());
-    if r.kind != Kind::Block || r.phase != Phase::Creating || r.source.is_some() || !file_backed {
+/// The storage of a volume whose plain create never answered (`Creating`,
+/// no content source) when something wrote to it or it cannot tell: a
+/// block volume's backing file that holds data, a local volume's
+/// directory in place (a create moves it there only once Ready) that is
+/// not empty. Start-up keeps such storage aside instead of deleting it.
+fn unanswered_create_with_data(
+    local_root: &Path,
+    block_root: &Path,
+    r: &VolumeRecord,
+) -> Option<PathBuf> {
+    if r.phase != Phase::Creating || r.source.is_some() {
         return None;
     }
-    let f = crate::kinds::block::volume_file(block_root, &r.id);
-    let m = std::fs::symlink_metadata(&f).ok()?;
-    let data = std::fs::File::open(&f)
-        .ok()
-        .and_then(|file| crate::os::files::has_data(&file));
-    (m.is_file() && data != Some(false)).then_some(f)
+    match r.kind {
+        Kind::Block if r.block.as_ref().is_none_or(|b| b.disk.is_none()) => {
+            let f = crate::kinds::block::volume_file(block_root, &r.id);
+            let m = std::fs::symlink_metadata(&f).ok()?;
+            let data = std::fs::File::open(&f)
+                .ok()
+                .and_then(|file| crate::os::files::has_data(&file));
+            (m.is_file() && data != Some(false)).then_some(f)
+        }
+        Kind::Local => {
+            let dir = crate::kinds::local::volume_dir(local_root, &r.id);
+            let m = std::fs::symlink_metadata(&dir).ok()?;
+            (m.is_dir() && !crate::kinds::local::is_empty_dir(&dir)).then_some(dir)
+        }
+        _ => None,
+    }
 }
 
 /// Compares the snapshot records with their stored copies (local and block

@@ -22,7 +22,7 @@ use crate::node::mounts::{self, LazyTable};
 use crate::os::files::{self, ensure_dir};
 use crate::os::mountinfo;
 use crate::os::Os;
-use crate::state::{AccessType, Capability, Kind, SnapshotRecord, Store, VolumeRecord};
+use crate::state::{AccessType, Capability, Kind, Phase, SnapshotRecord, Store, VolumeRecord};
 
 use self::quota::{Enforcement, Projects};
 use super::{
@@ -85,6 +85,12 @@ pub fn copy_error(what: String, e: crate::os::OsError) -> Error {
 /// the caller: `LocalKind::dir`).
 pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
     root.join(id)
+}
+
+/// Whether `dir` is a directory with nothing in it (false when it cannot
+/// be read: a doubt).
+pub fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
 }
 
 /// A volume's directory as the node's unmount checks take it: a name in
@@ -704,6 +710,14 @@ impl VolumeKind for LocalKind {
                 "{} is mounted inside the volume; refusing to delete",
                 m.mount_point.display()
             )));
+        }
+        // A plain create moves its directory here only once its record
+        // says Ready: one here under a record still `Creating` was handed
+        // out (a record that lost its Ready). Unless it is empty, it is
+        // kept aside, never deleted; any doubt keeps it too.
+        if rec.phase == Phase::Creating && rec.source.is_none() && !is_empty_dir(&dir) {
+            tracing::error!(volume_id = %rec.id, dir = %dir.display(), "the directory of a volume whose create never answered is in place and holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
+            return self.set_aside(&dir, &rec.id);
         }
         // One atomic rename takes the volume away into the trash; its
         // contents are removed only once its record is gone (`purge`). If

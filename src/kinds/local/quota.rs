@@ -66,7 +66,7 @@ pub fn detect(quotas: &dyn Quotas, root: &Path) -> Enforcement {
         ),
         Err(e) => Enforcement::Unavailable(match e.errno() {
             Some(libc::ENOSYS) | Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) => {
-                format!("the kernel or the filesystem has no quota support ({e})")
+                format!("the kernel or the filesystem has no quota support, or project quotas are off on its filesystem (xfs mounted without prjquota) ({e})")
             }
             Some(libc::ESRCH) => {
                 format!("quotas are not on for its filesystem (mounted without prjquota) ({e})")

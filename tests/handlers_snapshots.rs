@@ -575,25 +575,14 @@ async fn a_staged_block_filesystem_is_frozen_for_its_snapshot() {
         mkfs,
         "a restored filesystem is never formatted"
     );
-    // grown before its first mount, offline (online ext4 resize needs
-    // CAP_SYS_RESOURCE): a forced check, then resize2fs of the device
-    assert_eq!(runs(f, "e2fsck"), 1);
+    // grown once mounted, online (the kernel journals each step of it, so
+    // a crash midway leaves a consistent filesystem): no offline check
+    assert_eq!(runs(f, "e2fsck"), 0);
     assert_eq!(runs(f, "resize2fs"), 1);
-    let order: Vec<&str> = f
-        .calls()
-        .iter()
-        .filter_map(|c| match c {
-            Call::Run { program, .. } if program == "e2fsck" => Some("e2fsck"),
-            Call::Run { program, .. } if program == "resize2fs" => Some("resize2fs"),
-            Call::MountFs { .. } => Some("mount"),
-            _ => None,
-        })
-        .collect();
-    let tail = &order[order.len().saturating_sub(3)..];
     assert_eq!(
-        tail,
-        ["e2fsck", "resize2fs", "mount"],
-        "checked and grown, then mounted: {order:?}"
+        grow_order(f, 2),
+        ["mount", "resize2fs"],
+        "mounted, then grown"
     );
     assert!(
         !h.driver
@@ -604,6 +593,83 @@ async fn a_staged_block_filesystem_is_frozen_for_its_snapshot() {
             .unwrap()
             .grow_fs
     );
+
+    // Where the kernel refuses the online resize (no CAP_SYS_RESOURCE):
+    // unmounted, checked and grown offline, mounted again.
+    let r2 = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: [("kind".to_string(), "block".to_string())].into(),
+            ..from_snapshot("r2", 16 * MIB, &s.snapshot_id)
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let online = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let first = online.clone();
+    f.respond("resize2fs", move |_| {
+        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            Ok(berth::os::CmdOutput {
+                code: Some(1),
+                stdout: String::new(),
+                stderr: "resize2fs: Permission denied to resize filesystem".into(),
+            })
+        } else {
+            out(0, "")
+        }
+    });
+    let staging_r2 = h.path("staging-r2");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&r2.volume_id, &staging_r2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        grow_order(f, 6),
+        [
+            "mount",
+            "resize2fs",
+            "unmount",
+            "e2fsck",
+            "resize2fs",
+            "mount"
+        ],
+        "online refused, then offline"
+    );
+    let staged: Vec<PathBuf> = f
+        .table()
+        .into_iter()
+        .filter(|m| m.mount_point == staging_r2)
+        .map(|m| m.mount_point)
+        .collect();
+    assert_eq!(staged.len(), 1, "mounted once at the end");
+    assert!(
+        !h.driver
+            .store
+            .get(&r2.volume_id)
+            .unwrap()
+            .block
+            .unwrap()
+            .grow_fs
+    );
+}
+
+/// The last `n` of the fake's mounts, unmounts, e2fsck and resize2fs runs,
+/// in order.
+fn grow_order(f: &berth::os::fake::FakeOs, n: usize) -> Vec<&'static str> {
+    let order: Vec<&str> = f
+        .calls()
+        .iter()
+        .filter_map(|c| match c {
+            Call::Run { program, .. } if program == "e2fsck" => Some("e2fsck"),
+            Call::Run { program, .. } if program == "resize2fs" => Some("resize2fs"),
+            Call::MountFs { .. } => Some("mount"),
+            Call::Unmount { .. } => Some("unmount"),
+            _ => None,
+        })
+        .collect();
+    order[order.len().saturating_sub(n)..].to_vec()
 }
 
 /// A raw volume in use cannot be frozen: without a filesystem that clones

@@ -135,6 +135,30 @@ pub fn grow(
     cmd.run(p, &args, GROW_TIMEOUT)?.check(p).map(|_| ())
 }
 
+/// Whether a failed online grow was refused by the kernel for want of
+/// privilege (EXT4_IOC_RESIZE_FS needs CAP_SYS_RESOURCE; resize2fs says
+/// "Permission denied to resize filesystem").
+pub fn resize_not_permitted(e: &OsError) -> bool {
+    matches!(e, OsError::Failed { program, stderr, .. }
+        if program == "resize2fs"
+            && (stderr.contains("Permission denied") || stderr.contains("Operation not permitted")))
+}
+
+/// Whether `grow_ext4_unmounted` failed because `e2fsck -p` found errors
+/// it does not fix on its own (exit status with bit 4 set: "UNEXPECTED
+/// INCONSISTENCY; RUN fsck MANUALLY").
+pub fn fsck_left_errors(e: &OsError) -> bool {
+    match e {
+        OsError::Failed {
+            program, status, ..
+        } if program == "e2fsck" => status
+            .strip_prefix("exit ")
+            .and_then(|c| c.parse::<u32>().ok())
+            .is_some_and(|c| c & 4 != 0),
+        _ => false,
+    }
+}
+
 /// Grows an unmounted ext4 filesystem to its device: `e2fsck -f -p` (which
 /// resize2fs demands of a filesystem last mounted after its last check;
 /// exit 1, errors corrected, is success), then `resize2fs`. Unlike the
@@ -285,6 +309,41 @@ fn xfs_option(flag: &str, v: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failed(program: &str, status: &str, stderr: &str) -> OsError {
+        OsError::Failed {
+            program: program.into(),
+            status: status.into(),
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn refusals_of_the_online_resize_and_errors_fsck_left_are_told_apart() {
+        assert!(resize_not_permitted(&failed(
+            "resize2fs",
+            "exit 1",
+            "resize2fs 1.47.0\nresize2fs: Permission denied to resize filesystem"
+        )));
+        assert!(!resize_not_permitted(&failed(
+            "resize2fs",
+            "exit 1",
+            "resize2fs: No space left on device"
+        )));
+        assert!(!resize_not_permitted(&failed(
+            "e2fsck",
+            "exit 8",
+            "Permission denied"
+        )));
+        // e2fsck's exit status is a bit mask: 4 is errors left uncorrected.
+        for status in ["exit 4", "exit 5", "exit 12"] {
+            assert!(fsck_left_errors(&failed("e2fsck", status, "")), "{status}");
+        }
+        for status in ["exit 1", "exit 8", "exit 14x", "killed by signal"] {
+            assert!(!fsck_left_errors(&failed("e2fsck", status, "")), "{status}");
+        }
+        assert!(!fsck_left_errors(&failed("resize2fs", "exit 4", "")));
+    }
 
     #[test]
     fn fast_mkfs_arguments() {

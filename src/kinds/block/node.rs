@@ -291,12 +291,10 @@ impl BlockKind {
         };
         match decision {
             format::Decision::Mount => {
-                if info.grow_fs && fs == Filesystem::Ext4 && !facts_in_use {
-                    // before the first mount: offline, with no need of
-                    // CAP_SYS_RESOURCE (online ext4 resize needs it)
-                    info = self.grow_restored_unmounted(rec, &info, &dev)?;
-                }
                 mount()?;
+                if info.grow_fs && fs == Filesystem::Ext4 && !facts_in_use {
+                    return self.grow_restored_ext4(rec, &info, &dev, staging, &mount);
+                }
                 self.grow_restored(rec, &info, &dev, staging, fs)
             }
             format::Decision::Refuse(why) => Err(Error::WrongState(format!(

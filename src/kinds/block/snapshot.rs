@@ -502,9 +502,14 @@ impl BlockKind {
         dev: &Dev,
     ) -> Result<BlockInfo> {
         crate::os::mkfs::grow_ext4_unmounted(self.os.cmd.as_ref(), &dev.path).map_err(|e| {
+            let hint = if crate::os::mkfs::fsck_left_errors(&e) {
+                " (e2fsck -p found errors it does not fix, which an offline resize interrupted by a crash leaves; Berth does not repair a filesystem: copy the volume's file or disk aside, run e2fsck -f on the device, then retry; run the node plugin with CAP_SYS_RESOURCE so that restores grow online)"
+            } else {
+                ""
+            };
             Error::os(
                 format!(
-                    "growing the restored ext4 filesystem on {}",
+                    "growing the restored ext4 filesystem on {}{hint}",
                     dev.path.display()
                 ),
                 e,
@@ -514,6 +519,52 @@ impl BlockKind {
         grown.grow_fs = false;
         self.save_info(rec, &grown)?;
         Ok(grown)
+    }
+
+    /// The ext4 filesystem of a restore or clone into a larger volume,
+    /// mounted at `staging` by its first stage, grown to its device:
+    /// online first (EXT4_IOC_RESIZE_FS: the kernel journals each step, so
+    /// a crash at any moment leaves a consistent filesystem, which the
+    /// retry grows the rest of). Without CAP_SYS_RESOURCE the kernel
+    /// refuses that, and it is grown offline instead: unmounted, checked,
+    /// resized and mounted again (`mount`). An offline resize2fs killed
+    /// midway leaves a filesystem that `e2fsck -p` will not fix; Berth
+    /// never repairs one, and says so.
+    pub(super) fn grow_restored_ext4(
+        &self,
+        rec: &VolumeRecord,
+        info: &BlockInfo,
+        dev: &Dev,
+        staging: &Path,
+        mount: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
+        let fs = crate::os::mkfs::Filesystem::Ext4;
+        match crate::os::mkfs::grow(self.os.cmd.as_ref(), fs, &dev.path, staging) {
+            Ok(()) => {
+                let mut grown = info.clone();
+                grown.grow_fs = false;
+                return self.save_info(rec, &grown);
+            }
+            Err(e) if !crate::os::mkfs::resize_not_permitted(&e) => {
+                return Err(Error::os(
+                    format!(
+                        "growing the restored ext4 filesystem at {}",
+                        staging.display()
+                    ),
+                    e,
+                ))
+            }
+            Err(_) => {}
+        }
+        tracing::info!(volume_id = %rec.id, device = %dev.path.display(), "online ext4 resize not permitted (no CAP_SYS_RESOURCE): growing the restored filesystem offline");
+        self.os.mounter.unmount(staging).map_err(|e| {
+            Error::os(
+                format!("unmounting {} to grow it offline", staging.display()),
+                e,
+            )
+        })?;
+        self.grow_restored_unmounted(rec, info, dev)?;
+        mount()
     }
 
     /// A filesystem restored or cloned into a larger volume is grown to its

@@ -628,6 +628,62 @@ async fn a_busy_loop_device_is_not_left_to_autoclear() {
     assert_clean(&h);
 }
 
+/// A raw volume's loop device detached by hand (`losetup -d`, which the
+/// kernel allows while the device node is only bind-mounted) leaves its
+/// staging and pod binds of the device node. The stage of another volume
+/// whose file gets the same loop number refuses (that node is mounted
+/// elsewhere) and must take its attachment back: left there, the first
+/// volume's pod reads and writes the second volume's file through its
+/// stale device node, and the second volume can never be unstaged or
+/// deleted while those binds exist.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_refused_stage_leaves_no_attachment() {
+    use berth::os::LoopDevices;
+    let (h, _g) = real_block(&[]);
+    let a = create(&h, "a", 8 * MIB, &[], raw()).await.volume_id;
+    let b = create(&h, "b", 8 * MIB, &[], raw()).await.volume_id;
+    let (sa, ta, sb) = (h.path("stage-a"), h.path("pod-a"), h.path("stage-b"));
+    std::fs::create_dir(&sa).unwrap();
+    std::fs::create_dir(&sb).unwrap();
+    stage(&h, &a, &sa, raw()).await;
+    publish(&h, &a, &sa, &ta, raw(), false).await;
+    let (dev, _) = loops_under(h.dir.path())[0].clone();
+    berth::os::RealLoopDevices::default().detach(&dev).unwrap();
+    assert!(loops_under(h.dir.path()).is_empty(), "still attached");
+    let r = h
+        .node
+        .node_stage_volume(Request::new(csi::NodeStageVolumeRequest {
+            volume_capability: Some(raw()),
+            ..stage_req(&b, &sb)
+        }))
+        .await;
+    // Another test may have taken the number in between: then the stage
+    // is fine and there is nothing to check.
+    let attached = loops_under(h.dir.path());
+    match r {
+        Err(e) => {
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert!(
+                attached.is_empty(),
+                "the refused stage left {attached:?} attached"
+            );
+        }
+        Ok(_) => {
+            assert!(attached.iter().all(|(d, _)| *d != dev), "{attached:?}");
+            unstage_as_kubelet(&h, &b, &sb).await.unwrap();
+        }
+    }
+    // A's binds go by path (its file is attached nowhere); B stages.
+    unpublish(&h, &a, &ta).await;
+    unstage_as_kubelet(&h, &a, &sa).await.unwrap();
+    stage(&h, &b, &sb, raw()).await;
+    unstage_as_kubelet(&h, &b, &sb).await.unwrap();
+    delete(&h, &a).await;
+    delete(&h, &b).await;
+    assert_clean(&h);
+}
+
 #[tokio::test]
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn a_backing_file_removed_under_a_staged_volume() {

@@ -45,10 +45,10 @@ pub fn attachments(os: &Os, file: &Path) -> Result<Vec<LoopInfo>> {
         .collect())
 }
 
-/// The loop device of `file`, attaching it if it has none. An attachment
-/// left by an earlier run is reused (its autoclear, which Berth never sets
-/// but a busy detach does, is cleared).
-pub fn ensure_attached(os: &Os, file: &Path, read_only: bool) -> Result<LoopInfo> {
+/// The loop device of `file`, attaching it if it has none; true when this
+/// call attached it. An attachment left by an earlier run is reused (its
+/// autoclear, which Berth never sets but a busy detach does, is cleared).
+pub fn ensure_attached(os: &Os, file: &Path, read_only: bool) -> Result<(LoopInfo, bool)> {
     let found = attachments(os, file)?;
     match found.as_slice() {
         [] => os
@@ -60,6 +60,7 @@ pub fn ensure_attached(os: &Os, file: &Path, read_only: bool) -> Result<LoopInfo
                     direct_io: true,
                 },
             )
+            .map(|l| (l, true))
             .map_err(|e| Error::os(format!("attaching {} to a loop device", file.display()), e)),
         [one] => {
             if one.read_only != read_only {
@@ -79,7 +80,7 @@ pub fn ensure_attached(os: &Os, file: &Path, read_only: bool) -> Result<LoopInfo
                     .clear_autoclear(&one.device)
                     .map_err(|e| Error::os("clearing autoclear", e))?;
             }
-            Ok(one.clone())
+            Ok((one.clone(), false))
         }
         many => Err(Error::WrongState(format!(
             "{} is attached to several loop devices ({}); detach all but one",

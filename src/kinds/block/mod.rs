@@ -239,25 +239,71 @@ impl BlockKind {
     /// The volume's device, attaching the backing file if needed (and
     /// growing it first to the recorded capacity, which repairs an
     /// expansion a crash interrupted).
-    fn ensure_device(&self, rec: &VolumeRecord, read_only: bool) -> Result<Dev> {
+    ///
+    /// With the device, the loop attachment this call made, if it made one:
+    /// a stage that then fails takes it back (`undo_attach`).
+    fn ensure_device(
+        &self,
+        rec: &VolumeRecord,
+        read_only: bool,
+    ) -> Result<(Dev, Option<crate::os::LoopInfo>)> {
         let info = Self::info(rec)?;
         if let Some(d) = &info.disk {
             let dev = self.resolve_disk(d)?;
-            return Ok(Dev {
-                path: dev.path,
-                major: dev.major,
-                minor: dev.minor,
-            });
+            return Ok((
+                Dev {
+                    path: dev.path,
+                    major: dev.major,
+                    minor: dev.minor,
+                },
+                None,
+            ));
         }
         let f = self.require_file(&rec.id)?;
         self.grow_file_to(rec, &info, &f, rec.capacity_bytes)?;
-        let l = attach::ensure_attached(&self.os, &f, read_only)?;
-        self.refresh_capacity(&l.device, &f)?;
-        Ok(Dev {
-            path: l.device,
-            major: l.major,
-            minor: l.minor,
-        })
+        let (l, fresh) = attach::ensure_attached(&self.os, &f, read_only)?;
+        let fresh = fresh.then(|| l.clone());
+        if let Err(e) = self.refresh_capacity(&l.device, &f) {
+            if let Some(l) = &fresh {
+                self.undo_attach(&rec.id, l);
+            }
+            return Err(e);
+        }
+        Ok((
+            Dev {
+                path: l.device,
+                major: l.major,
+                minor: l.minor,
+            },
+            fresh,
+        ))
+    }
+
+    /// Detaches the loop device `l` that a stage of volume `id` attached
+    /// before it was refused, so that a refused stage leaves no attachment
+    /// behind. A loop device nobody staged is reachable through any stale
+    /// bind of its device node: a raw volume whose loop device was detached
+    /// by hand (`losetup -d`, which the kernel allows while the device
+    /// node is only bind-mounted) still has its staging and pod binds of
+    /// that node, the kernel hands the number out again, and the other
+    /// volume's stage that got it refuses (the device node is mounted
+    /// elsewhere) while the pod of the first reads and writes the second's
+    /// file. A leftover attachment would also make the volume's own older
+    /// mounts (its backing file replaced under them) look foreign to
+    /// unpublish and unstage, which would refuse them forever. Kept when a
+    /// filesystem is mounted from it (a stage that mounted, then failed) or
+    /// the mount table cannot be read; a failed detach is logged (the next
+    /// stage reuses the attachment, unstage and DeleteVolume detach it).
+    pub(super) fn undo_attach(&self, id: &str, l: &crate::os::LoopInfo) {
+        let mounted = mounts::table(&self.os)
+            .map(|t| t.iter().any(|m| (m.major, m.minor) == (l.major, l.minor)))
+            .unwrap_or(true);
+        if mounted {
+            return;
+        }
+        if let Err(e) = attach::detach_verified(&self.os, l) {
+            tracing::warn!(volume_id = %id, device = %l.device.display(), error = %e.render(), "could not detach the loop device of a failed stage");
+        }
     }
 
     /// Mount points of the table `t` that show the volume's device:

@@ -59,6 +59,15 @@ fn access_name(a: BlockAccess) -> &'static str {
     }
 }
 
+/// Whether a failed stage was refused (the volume or path is not in a state
+/// to be staged: ALREADY_EXISTS, FAILED_PRECONDITION), rather than failed
+/// while working (mkfs, mount): a refused stage takes back the loop
+/// attachment it made (`BlockKind::undo_attach`); a failed one keeps it for
+/// the retry.
+fn refused(e: &Error) -> bool {
+    matches!(e, Error::Conflict(_) | Error::WrongState(_))
+}
+
 /// How the volume was first staged: recorded, or implied by a filesystem
 /// Berth made on it.
 fn known_access(info: &BlockInfo) -> Option<BlockAccess> {
@@ -151,7 +160,17 @@ impl BlockKind {
 
     fn stage_raw(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
         self.claim_access(rec, BlockAccess::Raw)?;
-        let dev = self.ensure_device(rec, cap.access_mode.read_only())?;
+        let (dev, fresh) = self.ensure_device(rec, cap.access_mode.read_only())?;
+        let r = self.stage_raw_on(rec, staging, &dev);
+        if let (Err(e), Some(l)) = (&r, &fresh) {
+            if refused(e) {
+                self.undo_attach(&rec.id, l);
+            }
+        }
+        r
+    }
+
+    fn stage_raw_on(&self, rec: &VolumeRecord, staging: &Path, dev: &Dev) -> Result<()> {
         let marker = Self::marker(rec, staging);
         let t = mounts::table(&self.os)?;
         let node = mountinfo::object_of(&t, &dev.path)
@@ -171,7 +190,7 @@ impl BlockKind {
                 staging.display()
             )));
         }
-        mounts::refuse_staged_elsewhere(staging, &Self::users(&t, &dev))?;
+        mounts::refuse_staged_elsewhere(staging, &Self::users(&t, dev))?;
         mounts::mount_on_dir(&self.os, staging, || {
             self.bind_on_file(&dev.path, &marker, MountFlags::default(), "staging")
         })
@@ -186,8 +205,26 @@ impl BlockKind {
     ) -> Result<()> {
         let mut flags = mounts::bind_flags(cap)?;
         flags.readonly |= cap.access_mode.read_only();
-        let mut info = self.claim_access(rec, BlockAccess::Filesystem)?;
-        let dev = self.ensure_device(rec, false)?;
+        let info = self.claim_access(rec, BlockAccess::Filesystem)?;
+        let (dev, fresh) = self.ensure_device(rec, false)?;
+        let r = self.stage_fs_on(rec, staging, fs, flags, info, &dev);
+        if let (Err(e), Some(l)) = (&r, &fresh) {
+            if refused(e) {
+                self.undo_attach(&rec.id, l);
+            }
+        }
+        r
+    }
+
+    fn stage_fs_on(
+        &self,
+        rec: &VolumeRecord,
+        staging: &Path,
+        fs: Filesystem,
+        flags: MountFlags,
+        mut info: BlockInfo,
+        dev: &Dev,
+    ) -> Result<()> {
         let t = mounts::table(&self.os)?;
         if let Some(top) = mounts::at(&self.os, &t, staging).last() {
             if (top.major, top.minor) == (dev.major, dev.minor) && top.root == Path::new("/") {
@@ -208,14 +245,14 @@ impl BlockKind {
                 // Staged already; a restore whose growth failed after the
                 // mount is grown now (a retry must not answer OK with the
                 // filesystem still at the source's size).
-                return self.grow_restored(rec, &info, &dev, staging, fs);
+                return self.grow_restored(rec, &info, dev, staging, fs);
             }
             return Err(Error::Conflict(format!(
                 "staging path {} already has another mount",
                 staging.display()
             )));
         }
-        let users = Self::users(&t, &dev);
+        let users = Self::users(&t, dev);
         mounts::refuse_staged_elsewhere(staging, &users)?;
         // Nothing is probed, decided or formatted while another process
         // holds the device: an mkfs a killed berth started may still be
@@ -293,9 +330,9 @@ impl BlockKind {
             format::Decision::Mount => {
                 mount()?;
                 if info.grow_fs && fs == Filesystem::Ext4 && !facts_in_use {
-                    return self.grow_restored_ext4(rec, &info, &dev, staging, &mount);
+                    return self.grow_restored_ext4(rec, &info, dev, staging, &mount);
                 }
-                self.grow_restored(rec, &info, &dev, staging, fs)
+                self.grow_restored(rec, &info, dev, staging, fs)
             }
             format::Decision::Refuse(why) => Err(Error::WrongState(format!(
                 "volume {} on {}: {why}",

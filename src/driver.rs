@@ -298,14 +298,22 @@ impl Driver {
     /// FAILED_PRECONDITION when `path` shows a directory in the state
     /// directory or a kind's root (a volume's storage), other than
     /// `<root>/<id>` itself (the volume of a kind no longer served, which
-    /// its own id still tears down).
+    /// its own id still tears down), or storage a served kind recorded for
+    /// another volume (a block volume's loop device or disk: its
+    /// filesystem, or its device node bound for a raw volume), whatever
+    /// the id looks like: an id no served kind owns must not take down a
+    /// block volume's mounts any more than an unknown block id does.
     pub fn refuse_volume_storage(&self, id: &str, path: &std::path::Path) -> Result<()> {
         let roots = [
             self.cfg.state_dir(),
             self.cfg.local_root(),
             self.cfg.block_root(),
         ];
-        crate::node::mounts::refuse_root_storage(&self.os, &roots, id, path)
+        crate::node::mounts::refuse_root_storage(&self.os, &roots, id, path)?;
+        for k in self.kinds.values() {
+            k.refuse_recorded(id, path)?;
+        }
+        Ok(())
     }
 
     /// The record a served kind rebuilds from a self-describing id alone.

@@ -1076,6 +1076,45 @@ async fn disk_wipe_signatures_zeroes_the_sample() {
 /// that volume's loop device (its filesystem, or its device node bound
 /// there), which the unknown id cannot name. The volume's own id then
 /// tears everything down.
+/// Nor does an id that no served kind owns (not `block-` and 32 hex
+/// digits, nor a local or NFS id): NodeUnpublishVolume and
+/// NodeUnstageVolume of such an id at a block volume's target or staging
+/// path take nothing down (they used to unmount whatever was there when it
+/// was not a directory in a root, and remove the pod's target).
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn ids_no_kind_owns_never_unmount_a_block_volumes_mounts() {
+    let (h, _g) = real_block(&["--kinds", "local,block"]);
+    for (cap, name) in [(rwo(), "f"), (raw(), "r")] {
+        let id = create(&h, name, 16 * MIB, &[], cap.clone()).await.volume_id;
+        let (s, t) = (
+            h.path(&format!("{name}-stage")),
+            h.path(&format!("{name}-t")),
+        );
+        std::fs::create_dir(&s).unwrap();
+        stage(&h, &id, &s, cap.clone()).await;
+        publish(&h, &id, &s, &t, cap, false).await;
+        let marker = s.join(&id);
+        for other in ["garbage", "block-../../etc", "local-zz", "block-0"] {
+            let before = mounts_under(h.dir.path());
+            let e = unpublish_as_kubelet(&h, other, &t).await.unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{other}: {e:?}");
+            assert_eq!(mounts_under(h.dir.path()), before, "{other}: unpublished");
+            assert!(t.exists(), "{other}: target removed");
+            // The staging path of the filesystem volume, the device file
+            // of the raw one.
+            let staged = if name == "r" { &marker } else { &s };
+            let e = unstage_as_kubelet(&h, other, staged).await.unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{other}: {e:?}");
+            assert_eq!(mounts_under(h.dir.path()), before, "{other}: unstaged");
+        }
+        unpublish(&h, &id, &t).await;
+        unstage_as_kubelet(&h, &id, &s).await.expect("unstage");
+        delete(&h, &id).await;
+    }
+    assert_clean(&h);
+}
+
 #[tokio::test]
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn ids_without_a_record_never_unmount_a_block_volumes_mounts() {

@@ -511,6 +511,14 @@ pub trait VolumeKind: Send + Sync {
     /// (FAILED_PRECONDITION) and unmounts nothing; when it cannot tell (no
     /// record, the volume's storage gone), it unmounts.
     fn unpublish(&self, id: &str, target: &Path) -> Result<()>;
+    /// For an id without a record here, of any kind or of none:
+    /// FAILED_PRECONDITION when the top mount at `path` shows storage that
+    /// this kind has recorded for another volume, which that id cannot name
+    /// (the directory-shaped storage in the roots is `Driver::
+    /// refuse_volume_storage`'s). Default: nothing to tell.
+    fn refuse_recorded(&self, _id: &str, _path: &Path) -> Result<()> {
+        Ok(())
+    }
 
     /// NOT_FOUND when the volume is not available at `path`.
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats>;

@@ -976,6 +976,10 @@ impl VolumeKind for BlockKind {
         mounts::unpublish(&self.os, target)
     }
 
+    fn refuse_recorded(&self, id: &str, path: &Path) -> Result<()> {
+        self.refuse_recorded_device(id, path)
+    }
+
     fn stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
         self.volume_stats(rec, path)
     }

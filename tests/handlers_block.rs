@@ -1545,6 +1545,19 @@ async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
         .calls()
         .iter()
         .all(|c| !matches!(c, Call::LoopSetCapacity { .. })));
+    // A block capability for a volume that holds a filesystem:
+    // INVALID_ARGUMENT, and nothing grows (before, the file grew, the
+    // filesystem did not, and the answer said it was expanded).
+    let mut raw = node_expand_req(&id, &t, &s, 16 * MIB);
+    raw.volume_capability = Some(raw_cap());
+    assert_eq!(
+        code(h.node.node_expand_volume(Request::new(raw)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        std::fs::metadata(img(&h, &id)).unwrap().len(),
+        8 * MIB as u64
+    );
     f.clear_calls();
     let r = h
         .node

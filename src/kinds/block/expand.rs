@@ -111,6 +111,7 @@ impl BlockKind {
 
     pub(super) fn expand_node(&self, rec: &VolumeRecord, a: &NodeExpandArgs<'_>) -> Result<i64> {
         let info = Self::info(rec)?;
+        Self::refuse_raw_of_filesystem(rec, &info, a)?;
         self.require_at_volume_path(rec, &info, a)?;
         if let Some(d) = &info.disk {
             let disk = self.resolve_disk(d)?;
@@ -180,6 +181,30 @@ impl BlockKind {
                 .map(|s| format!(" or at {}", s.display()))
                 .unwrap_or_default()
         )))
+    }
+
+    /// INVALID_ARGUMENT, before anything grows, when the request says the
+    /// volume is used raw (a block `volume_capability`) but it holds a
+    /// filesystem: its file would grow and its filesystem would not, the
+    /// next stage would not grow it either, and the answer would say it
+    /// was expanded.
+    fn refuse_raw_of_filesystem(
+        rec: &VolumeRecord,
+        info: &BlockInfo,
+        a: &NodeExpandArgs<'_>,
+    ) -> Result<()> {
+        if Self::used_raw(a) && (info.formatted || info.access == Some(BlockAccess::Filesystem)) {
+            return Err(Error::Invalid(format!(
+                "volume {} is used as a filesystem ({}); a block volume_capability does not describe it",
+                rec.id,
+                if info.fs_type.is_empty() {
+                    "not formatted yet"
+                } else {
+                    info.fs_type.as_str()
+                }
+            )));
+        }
+        Ok(())
     }
 
     fn used_raw(a: &NodeExpandArgs<'_>) -> bool {

@@ -50,6 +50,15 @@ pub enum Error {
     /// cannot be reached now; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// The storage refuses what the request names, for a reason a retry
+    /// of the same request cannot change: an NFS mount option the kernel
+    /// does not accept, an export the server does not have.
+    #[error("{context}")]
+    Refused {
+        context: String,
+        #[source]
+        source: OsError,
+    },
     #[error("{context}")]
     Os {
         context: String,
@@ -98,7 +107,12 @@ impl Error {
     ///   "unsupported capacity", OUT_OF_RANGE;
     /// - everywhere else no room, and "another node can", are
     ///   RESOURCE_EXHAUSTED (for CreateVolume that makes
-    ///   external-provisioner let the scheduler pick again).
+    ///   external-provisioner let the scheduler pick again);
+    /// - storage that refuses what a CreateVolume names (its share, its
+    ///   mount options) is INVALID_ARGUMENT there: the request names
+    ///   something that cannot work, and retrying it cannot help. For the
+    ///   other RPCs the storage worked once (the volume exists) and the
+    ///   refusal is INTERNAL.
     pub fn code_in(&self, rpc: &str) -> Code {
         let expand = matches!(rpc, "ControllerExpandVolume" | "NodeExpandVolume");
         match self {
@@ -117,6 +131,7 @@ impl Error {
             {
                 Code::ResourceExhausted
             }
+            Error::Refused { .. } if rpc == "CreateVolume" => Code::InvalidArgument,
             Error::Busy(_) => Code::Aborted,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
@@ -124,7 +139,9 @@ impl Error {
                 OsError::Timeout { .. } => Code::DeadlineExceeded,
                 _ => Code::Internal,
             },
-            Error::Io { .. } | Error::State(_) | Error::Internal(_) => Code::Internal,
+            Error::Refused { .. } | Error::Io { .. } | Error::State(_) | Error::Internal(_) => {
+                Code::Internal
+            }
         }
     }
 
@@ -235,6 +252,25 @@ mod tests {
             assert_eq!(e.code_in("NodePublishVolume"), Code::Internal);
             assert_eq!(e.code_in("DeleteVolume"), Code::Internal);
         }
+    }
+
+    /// Storage that refuses what a CreateVolume names is INVALID_ARGUMENT
+    /// there, INTERNAL elsewhere (the volume's storage worked once).
+    #[test]
+    fn a_refusal_is_invalid_for_create_volume_only() {
+        let e = Error::Refused {
+            context: "mounting h:/x".into(),
+            source: OsError::Failed {
+                program: "mount.nfs".into(),
+                status: "exit status: 32".into(),
+                stderr: "mount.nfs: an incorrect mount option was specified".into(),
+            },
+        };
+        assert_eq!(e.code_in("CreateVolume"), Code::InvalidArgument);
+        assert_eq!(e.code_in("DeleteVolume"), Code::Internal);
+        assert!(e
+            .render()
+            .ends_with("an incorrect mount option was specified"));
     }
 
     /// A message over `MAX_MESSAGE` bytes is cut on a character boundary

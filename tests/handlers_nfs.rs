@@ -405,6 +405,142 @@ async fn create_that_times_out_mounting_is_deadline_exceeded_and_leaves_no_recor
     create(&h, "a", &[]).await;
 }
 
+/// The mount.nfs runs the fake has seen.
+fn mount_runs(f: &FakeOs) -> usize {
+    runs(f).iter().filter(|(p, _)| p == "mount.nfs").count()
+}
+
+/// A create whose share cannot be mounted (an option the kernel refuses,
+/// though Berth's allowlist passes it) has made nothing and writes no
+/// record: nothing is rolled back, the failed mount is not tried again for
+/// a rollback, and the directory it named is free at once. (It was blocked
+/// by a record left Creating, whose rollback needed the very mount that
+/// had failed, retried every 60 s.)
+#[tokio::test]
+async fn a_create_whose_share_cannot_be_mounted_leaves_no_record_and_blocks_nothing() {
+    let h = nfs(&[]);
+    h.fake().respond_to_some("mount.nfs", |args| {
+        args.iter()
+            .any(|a| a.split(',').any(|o| o == "nconnect=999"))
+            .then(|| exit(32, "mount.nfs: an incorrect mount option was specified"))
+    });
+    let mut bad = req("n1", &[("subDir", "data")]);
+    bad.volume_capabilities = vec![mount_cap_flags(Mode::SingleNodeWriter, &["nconnect=999"])];
+    for _ in 0..2 {
+        let e = h
+            .ctl
+            .create_volume(Request::new(bad.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(
+            e.message()
+                .contains("an incorrect mount option was specified"),
+            "{}",
+            e.message()
+        );
+        assert!(h.driver.store.is_empty(), "no record is left");
+    }
+    // Each try mounts once per option set (4.1, 4.0, 3), none for a
+    // rollback.
+    assert_eq!(mount_runs(h.fake()), 6, "{:?}", runs(h.fake()));
+    // Another volume with the same subDir and good options: made at once.
+    let n2 = create(&h, "n2", &[("subDir", "data")]).await;
+    assert_eq!(n2.volume_id, "nfs#d#127.0.0.1#/export#data");
+    let root = share_root(&h);
+    assert_eq!(marker_of(&root.join("data")).unwrap()["name"], "n2");
+    // Nothing is left for a restart to finish.
+    let h = restart(h, &["--kinds", "nfs"]);
+    assert_eq!(h.driver.store.len(), 1);
+    assert!(!h.driver.reconciling());
+}
+
+/// A create to a server that does not answer, with no working mount:
+/// DEADLINE_EXCEEDED after one mount timeout. The rollback does not mount
+/// again (there is nothing to roll back: no record was written), which
+/// made the call wait out twice `--nfs-timeout`.
+#[tokio::test]
+async fn a_create_to_a_dead_server_waits_for_one_mount_only() {
+    let h = nfs(&[]);
+    h.fake().respond("mount.nfs", |_| {
+        std::thread::sleep(Duration::from_millis(300));
+        timeout("mount.nfs")
+    });
+    let t0 = Instant::now();
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("a", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert_eq!(mount_runs(h.fake()), 1, "{:?}", runs(h.fake()));
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(h.driver.store.is_empty());
+    // The server is back: the retry works.
+    h.fake().respond_to_some("mount.nfs", |_| None);
+    create(&h, "a", &[]).await;
+    // With a working mount a stopped server answers within the stat
+    // timeout, UNAVAILABLE, and nothing is mounted or recorded.
+    let root = share_root(&h);
+    h.fake().clear_calls();
+    h.fake()
+        .set_statvfs_delay(&root, Some(Duration::from_secs(4)));
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("b", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert_eq!(mount_runs(h.fake()), 0);
+    assert!(h.driver.store.get("nfs#d#127.0.0.1#/export#b").is_none());
+    h.fake().set_statvfs_delay(&root, None);
+}
+
+/// What the server or the kernel refuses for good is INVALID_ARGUMENT for
+/// CreateVolume (the request names something that cannot work): an
+/// export the server does not have, an option the kernel does not accept.
+/// A server that does not answer stays DEADLINE_EXCEEDED, and other mount
+/// failures INTERNAL. None leaves a record.
+#[tokio::test]
+async fn create_volume_codes_of_failed_mounts() {
+    let h = nfs(&[]);
+    let cases: Vec<(&str, Result<CmdOutput, OsError>, Code)> = vec![
+        (
+            "/nope",
+            exit(
+                32,
+                "mount.nfs: mounting 127.0.0.1:/nope failed, reason given by server: No such file or directory",
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "/opt",
+            exit(32, "mount.nfs: an incorrect mount option was specified"),
+            Code::InvalidArgument,
+        ),
+        ("/slow", timeout("mount.nfs"), Code::DeadlineExceeded),
+        (
+            "/odd",
+            exit(32, "mount.nfs: mount point /w/x does not exist"),
+            Code::Internal,
+        ),
+    ];
+    for (share, reply, want) in cases {
+        h.fake().clear_calls();
+        h.fake().reply("mount.nfs", reply);
+        let mut r = req("v", &[("share", share)]);
+        r.volume_capabilities = vec![mount_cap_flags(Mode::SingleNodeWriter, &["nfsvers=4.2"])];
+        let e = h.ctl.create_volume(Request::new(r)).await.unwrap_err();
+        assert_eq!(e.code(), want, "{share}: {}", e.message());
+        assert_eq!(mount_runs(h.fake()), 1, "{share}");
+        assert!(h.driver.store.is_empty(), "{share}");
+    }
+}
+
 #[tokio::test]
 async fn controller_remounts_a_stale_share_and_reports_a_hung_one() {
     let h = nfs(&[]);

@@ -381,7 +381,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     // nested storage cannot both pass.
     let self_describing = imp.record_from_id(&rec.id).is_some();
     let id = rec.id.clone();
-    let admit = |a: &Admission<'_>, free: i64| {
+    let conflicts = |a: &Admission<'_>| {
         if let Some(other) = a.get(&id) {
             return Err(Error::Conflict(format!(
                 "volume {} named {} already uses the storage this request names",
@@ -396,6 +396,10 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
                 )));
             }
         }
+        Ok(())
+    };
+    let admit = |a: &Admission<'_>, free: i64| {
+        conflicts(a)?;
         let promised = if promises { a.promised } else { 0 };
         let free = free.saturating_sub(promised);
         if size > free {
@@ -421,6 +425,15 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
             d.store.reserve(rec, |a| admit(a, free))
         }
     };
+    // Storage that must be reached first (an NFS share, mounted) is reached
+    // before the record is written, and the record is written before
+    // anything is made there: a create that cannot reach its storage (a
+    // mount that fails or times out) leaves no record and has nothing to
+    // roll back, so it costs one wait, not a second one for the rollback,
+    // and the storage it names is free at once for the next request. A
+    // request the records refuse is refused before that wait.
+    d.store.check_admission(rec.kind, conflicts)?;
+    imp.reach(&rec)?;
     let mut rec = match admit_with(rec.clone(), pool.free_bytes) {
         // The promises alone leave no room: a kind that holds its volumes
         // to their sizes adds back what they wrote (read before the free

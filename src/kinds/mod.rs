@@ -457,6 +457,18 @@ pub trait VolumeKind: Send + Sync {
         )))
     }
 
+    /// Reaches the storage a new volume `rec` will be made on, changing
+    /// nothing there, before its record is written (NFS: mounts the share).
+    /// A create that fails here has no record and has made nothing, so
+    /// nothing is rolled back: in particular no second wait for a server
+    /// that did not answer, and no record left behind for a share that
+    /// cannot be mounted (`create` then makes the storage). Default:
+    /// nothing to reach.
+    fn reach(&self, rec: &VolumeRecord) -> Result<()> {
+        let _ = rec;
+        Ok(())
+    }
+
     /// Creates the storage for a recorded volume. Idempotent: a retry after a
     /// crash finds what an earlier attempt made.
     fn create(&self, rec: &mut VolumeRecord) -> Result<()>;

@@ -93,7 +93,7 @@ struct FakeLoop {
 }
 
 type CmdReply = Result<CmdOutput, OsError>;
-type Responder = Box<dyn Fn(&[String]) -> CmdReply + Send>;
+type Responder = Box<dyn Fn(&[String]) -> Option<CmdReply> + Send>;
 
 pub struct FakeOs {
     calls: Mutex<Vec<Call>>,
@@ -484,6 +484,17 @@ impl FakeOs {
     /// Answers every run of `program` that has no queued reply with `f`
     /// of its arguments.
     pub fn respond(&self, program: &str, f: impl Fn(&[String]) -> CmdReply + Send + 'static) {
+        lock(&self.responders).insert(program.to_string(), Box::new(move |a| Some(f(a))));
+    }
+
+    /// Like `respond`, but a run that `f` answers None is left to the
+    /// emulation (`emulate_nfs_mounts`), as if nothing were scripted:
+    /// scripts the failures of some mounts only.
+    pub fn respond_to_some(
+        &self,
+        program: &str,
+        f: impl Fn(&[String]) -> Option<CmdReply> + Send + 'static,
+    ) {
         lock(&self.responders).insert(program.to_string(), Box::new(f));
     }
 
@@ -955,7 +966,7 @@ impl Runner for FakeOs {
             .get_mut(program)
             .and_then(|q| q.pop_front());
         if scripted.is_none() {
-            scripted = lock(&self.responders).get(program).map(|f| f(args));
+            scripted = lock(&self.responders).get(program).and_then(|f| f(args));
         }
         if scripted.is_none() {
             if let Some(out) = self.emulate_nfs_command(program, args) {

@@ -259,6 +259,53 @@ pub fn mount(
     runner.run(MOUNT, &args, timeout)?.check(MOUNT).map(|_| ())
 }
 
+/// Why `mount.nfs` refused a mount for good: the request itself cannot
+/// work, and running the same mount again cannot change that (unlike a
+/// server that does not answer, or refuses connections for now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The kernel or `mount.nfs` does not accept an option (EINVAL: "an
+    /// incorrect mount option was specified"), e.g. `nconnect=999`, which
+    /// passes Berth's allowlist but not the kernel's range.
+    Option,
+    /// The server has no such export ("mounting h:/x failed, reason given
+    /// by server: No such file or directory"; a missing local mount point
+    /// is reported otherwise: "mount point ... does not exist").
+    NoExport,
+}
+
+impl Refusal {
+    /// What it means, for the message of the error.
+    pub fn explain(self) -> &'static str {
+        match self {
+            Refusal::Option => "the kernel does not accept the mount options",
+            Refusal::NoExport => "the server has no such export",
+        }
+    }
+}
+
+/// The refusal a failed `mount.nfs` reported, read from its message (its
+/// exit status is 32 for every mount failure); None for anything else,
+/// timeouts included.
+pub fn refusal(e: &OsError) -> Option<Refusal> {
+    let OsError::Failed {
+        program, stderr, ..
+    } = e
+    else {
+        return None;
+    };
+    if program != MOUNT {
+        return None;
+    }
+    if stderr.contains("an incorrect mount option was specified") {
+        Some(Refusal::Option)
+    } else if stderr.contains("No such file or directory") {
+        Some(Refusal::NoExport)
+    } else {
+        None
+    }
+}
+
 /// How to unmount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmount {
@@ -392,6 +439,40 @@ mod tests {
         // An option smuggling a second one behind a comma never gets through.
         assert!(mount_args("h:/x", Path::new("/t"), &v(&["ro,helper=x"])).is_err());
         assert!(mount_args("h:/x", Path::new("/t"), &v(&["helper=x"])).is_err());
+    }
+
+    #[test]
+    fn refusals_are_read_from_the_message() {
+        let failed = |program: &str, stderr: &str| OsError::Failed {
+            program: program.into(),
+            status: "exit status: 32".into(),
+            stderr: stderr.into(),
+        };
+        assert_eq!(
+            refusal(&failed(
+                MOUNT,
+                "mount.nfs: an incorrect mount option was specified"
+            )),
+            Some(Refusal::Option)
+        );
+        assert_eq!(
+            refusal(&failed(
+                MOUNT,
+                "mount.nfs: mounting 10.0.0.1:/nope failed, reason given by server: No such file or directory"
+            )),
+            Some(Refusal::NoExport)
+        );
+        for other in [
+            failed(MOUNT, "mount.nfs: Connection refused"),
+            failed(MOUNT, "mount.nfs: mount point /w/x does not exist"),
+            failed(UMOUNT, "umount: No such file or directory"),
+            OsError::Timeout {
+                program: MOUNT.into(),
+                secs: 5,
+            },
+        ] {
+            assert_eq!(refusal(&other), None, "{other}");
+        }
     }
 
     #[test]

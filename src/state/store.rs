@@ -673,6 +673,22 @@ impl Store {
         self.insert_new_of(rec, Some(kind), admit)
     }
 
+    /// Runs `admit` as `insert_new` would for a new record of `kind`, and
+    /// inserts nothing: a check before slow work that must come before the
+    /// insert (the insert checks again).
+    pub fn check_admission<E>(
+        &self,
+        kind: Kind,
+        admit: impl FnOnce(&Admission<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let ix = self.read();
+        let idx = &ix.volumes;
+        admit(&Admission {
+            promised: idx.promised.get(&kind).copied().unwrap_or(0),
+            records: &idx.records,
+        })
+    }
+
     /// Like `insert_new`, but only in memory: the record is written by the
     /// `put` that follows once the storage exists. For kinds whose storage
     /// left behind by a crash is recognisable as an orphan (see

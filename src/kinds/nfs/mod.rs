@@ -528,6 +528,18 @@ impl VolumeKind for NfsKind {
         Ok(rec.capacity_bytes.max(args.growth.required))
     }
 
+    /// Mounts the share (or finds its working mount) before the record is
+    /// written: a share that cannot be mounted leaves no record, and a
+    /// record in Creating always means the share was reached and something
+    /// may have been made on it (its rollback mounts the share to look).
+    fn reach(&self, rec: &VolumeRecord) -> Result<()> {
+        let vid = VolumeId::parse(&rec.id)
+            .map_err(|e| Error::Internal(format!("volume id {}: {e}", rec.id)))?;
+        self.allowed_params(&rec.parameters)?;
+        self.share_mount(&vid, &controller_option_sets(rec)?)
+            .map(|_| ())
+    }
+
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
         self.make_dir(rec, None)
     }

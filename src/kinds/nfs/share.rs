@@ -747,8 +747,19 @@ impl NfsKind {
         for opts in sets {
             let mp = self.work_dir(vid, opts);
             match mounts::mount_on_dir(&self.os, &mp, || {
-                nfsmount::mount(self.os.cmd.as_ref(), &source, &mp, opts, self.timeout)
-                    .map_err(|e| Error::os(format!("mounting {source}"), e))
+                nfsmount::mount(self.os.cmd.as_ref(), &source, &mp, opts, self.timeout).map_err(
+                    |e| match nfsmount::refusal(&e) {
+                        Some(why) => Error::Refused {
+                            context: format!(
+                                "mounting {source} with options {}: {}",
+                                opts.join(","),
+                                why.explain()
+                            ),
+                            source: e,
+                        },
+                        None => Error::os(format!("mounting {source}"), e),
+                    },
+                )
             }) {
                 Ok(()) => {
                     tracing::info!(share = %source, at = %mp.display(), options = %opts.join(","), "mounted NFS share");

@@ -606,6 +606,63 @@ async fn delete_applies_on_delete_and_never_touches_the_share_root() {
     assert!(h.driver.store.is_empty());
 }
 
+/// onDelete=retain, then a CreateVolume with the same name: the deleted
+/// volume's data is not handed back (it was: the marker named the same id
+/// and name, so the create took it for a retry). DeleteVolume marks the
+/// directory's marker released, durably before the record is removed, and
+/// a delete cut short there (kill -9) is finished by its retry; the create
+/// is ALREADY_EXISTS naming the retained directory, which keeps its data.
+#[tokio::test]
+async fn a_retained_directory_is_never_handed_to_a_new_volume() {
+    let h = nfs(&[]);
+    let retain = [("onDelete", "retain")];
+    let id = create(&h, "reuse2", &retain).await.volume_id;
+    let root = share_root(&h);
+    std::fs::write(root.join("reuse2/old"), b"old data").unwrap();
+    // Cut short before the released marker is in place: the record stays,
+    // Deleting, and the marker is still the live one.
+    h.fake().fail_op_under("rename", &root, libc::EIO);
+    let e = delete(&h, &id).await.unwrap_err();
+    h.fake().clear_file_faults();
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    let rec = h.driver.store.get(&id).expect("record kept");
+    assert_eq!(rec.phase, berth::state::Phase::Deleting);
+    assert!(marker_of(&root.join("reuse2")).unwrap()["released_unix"].is_null());
+    delete(&h, &id).await.unwrap();
+    delete(&h, &id).await.unwrap();
+    assert!(h.driver.store.is_empty());
+    let m = marker_of(&root.join("reuse2")).unwrap();
+    assert!(m["released_unix"].is_u64(), "{m}");
+    assert_eq!(
+        (m["id"].as_str(), m["name"].as_str()),
+        (Some(id.as_str()), Some("reuse2"))
+    );
+    for _ in 0..2 {
+        let e = h
+            .ctl
+            .create_volume(Request::new(req("reuse2", &retain)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+        assert!(
+            e.message()
+                .contains("reuse2 on the share holds the data of deleted volume"),
+            "{}",
+            e.message()
+        );
+        assert!(h.driver.store.is_empty());
+    }
+    assert_eq!(std::fs::read(root.join("reuse2/old")).unwrap(), b"old data");
+    // The deleted volume no longer exists for calls without a record.
+    let r = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        }))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+}
+
 #[tokio::test]
 async fn delete_without_a_record_works_from_the_id() {
     let h = nfs(&[]);

@@ -376,6 +376,68 @@ async fn on_delete_modes_and_a_lost_record() {
     assert_eq!(e.canary(), canary, "canary at the share root");
 }
 
+/// What the probe of 2026-12-06 found, against the real server: a create
+/// whose share cannot be mounted (`nconnect=999` passes Berth's allowlist,
+/// the kernel refuses it; a share the server does not have) is
+/// INVALID_ARGUMENT and leaves no record, so the same subDir with good
+/// options is created at once; and onDelete=retain then a create with the
+/// same name is ALREADY_EXISTS, the old data kept, not handed back.
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn failed_mounts_leave_nothing_and_retained_data_is_not_reused() {
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    let mut bad = create_request(&e, "pr-n1", &[("subDir", "pr-data")]);
+    bad.volume_capabilities = vec![cap(&["nconnect=999"])];
+    let t0 = Instant::now();
+    let err = h.ctl.create_volume(Request::new(bad)).await.unwrap_err();
+    eprintln!(
+        "create with nconnect=999: {:?} after {:?}: {}",
+        err.code(),
+        t0.elapsed(),
+        err.message()
+    );
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(h.driver.store.is_empty(), "no record");
+    let n2 = try_create(&h, &e, "pr-n2", &[("subDir", "pr-data")])
+        .await
+        .unwrap();
+    assert!(e.export.join("pr-data").is_dir());
+    delete(&h, &n2).await.unwrap();
+    assert!(!e.export.join("pr-data").exists());
+
+    let missing = format!("{}/berth-no-such-export", e.share.trim_end_matches('/'));
+    let err = try_create(&h, &e, "pr-n3", &[("share", &missing)])
+        .await
+        .unwrap_err();
+    eprintln!(
+        "create on a share the server does not have: {:?}: {}",
+        err.code(),
+        err.message()
+    );
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(h.driver.store.is_empty(), "no record");
+
+    let retain = [("onDelete", "retain"), ("subDir", "pr-reuse")];
+    let id = try_create(&h, &e, "pr-reuse2", &retain).await.unwrap();
+    std::fs::write(e.export.join("pr-reuse/old"), b"old data").unwrap();
+    delete(&h, &id).await.unwrap();
+    let err = try_create(&h, &e, "pr-reuse2", &retain).await.unwrap_err();
+    eprintln!(
+        "create after a retained delete: {:?}: {}",
+        err.code(),
+        err.message()
+    );
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    assert_eq!(
+        std::fs::read(e.export.join("pr-reuse/old")).unwrap(),
+        b"old data"
+    );
+    std::fs::remove_dir_all(e.export.join("pr-reuse")).unwrap();
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}
+
 /// A file of the volume still open on the controller's NFS client when it
 /// is deleted: the client silly-renames it (`.nfs*`) instead of removing
 /// it, so the emptied directory will not go. DeleteVolume waits a little,
@@ -541,6 +603,25 @@ async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
         "{code:?}"
     );
     assert!(took < limit * 3, "{took:?}");
+    assert!(
+        h.driver.store.get_by_name("dead-new").is_none(),
+        "no record"
+    );
+    // Without a working mount (other options, another one): one mount
+    // timeout, no second one for a rollback, no record.
+    let mut r = create_request(&e, "dead-new42", &[]);
+    r.volume_capabilities = vec![cap(&["nfsvers=4.2"])];
+    let t0 = Instant::now();
+    let r = h.ctl.create_volume(Request::new(r)).await;
+    let took = t0.elapsed();
+    let code = r.unwrap_err().code();
+    eprintln!("create with a dead server, no working mount: {code:?} after {took:?}");
+    assert_eq!(code, Code::DeadlineExceeded);
+    assert!(took < limit, "{took:?}");
+    assert!(
+        h.driver.store.get_by_name("dead-new42").is_none(),
+        "no record"
+    );
 
     // Unpublish still succeeds, for v4.1 and v3.
     for (vid, t) in [(&id, &quiet), (&id, &a), (&id3, &a3)] {

@@ -239,6 +239,7 @@ impl NfsKind {
             id: rec.id.clone(),
             name: rec.name.clone(),
             created_unix: rec.created_unix,
+            released_unix: None,
         };
         let files = self.os.files.as_ref();
         // What the new directory is filled from, opened (and checked) first.
@@ -545,7 +546,8 @@ impl VolumeKind for NfsKind {
     }
 
     /// A record still being created is rolled back (its directory removed
-    /// only if empty); otherwise the id's onDelete applies. The share's
+    /// only if empty); otherwise the id's onDelete applies (retain marks
+    /// the directory's marker released, so no later create adopts it). The share's
     /// working mount is looked up under its own lock (`share_mount`, which
     /// may mount it), so the RPC's table is not used.
     fn delete_with(&self, rec: &VolumeRecord, _mount_table: &LazyTable) -> Result<()> {
@@ -557,10 +559,6 @@ impl VolumeKind for NfsKind {
         } else {
             Removal::Apply(vid.on_delete)
         };
-        if how == Removal::Apply(id::OnDelete::Retain) {
-            tracing::info!(volume_id = %rec.id, "onDelete retain: subdirectory kept");
-            return Ok(());
-        }
         let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
         share::remove_subdir(
             self.os.files.as_ref(),

@@ -11,7 +11,9 @@
 //! its marker names the same id and name (a retry), refuses any other
 //! (ALREADY_EXISTS), and refuses to make a volume inside a marked directory.
 //! DeleteVolume deletes or archives only a directory whose marker names the
-//! id, and refuses while another volume's marker lies inside it. Archives
+//! id, and refuses while another volume's marker lies inside it; with
+//! onDelete=retain it marks the marker released, and no create adopts a
+//! released directory (a deleted volume's data is never handed out again). Archives
 //! go to `.berth-archive/` at the share root; no subdirectory of a volume
 //! may start with `.berth`, so no volume name reaches them.
 use std::ffi::OsStr;
@@ -48,7 +50,17 @@ pub struct Marker {
     pub id: String,
     pub name: String,
     pub created_unix: u64,
+    /// When DeleteVolume with onDelete=retain released the directory: the
+    /// volume is deleted and its data kept, and no volume adopts it, the
+    /// same name and id included (a deleted volume's data is never handed
+    /// to a new volume). Absent in markers of live volumes, and in every
+    /// marker older versions wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_unix: Option<u64>,
 }
+
+/// The marker's temporary name while a released marker replaces it.
+const MARKER_NEW: &str = ".berth-volume.new";
 
 /// What DeleteVolume (or a rollback) does with a subdirectory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,6 +297,10 @@ pub fn create_subdir(
                 return match read_marker(&dir).map_err(|e| {
                     sys_err(format!("reading the marker of {subdir} on the share"), e)
                 })? {
+                    Some(m) if m.released_unix.is_some() => Err(Error::Conflict(format!(
+                        "{subdir} on the share holds the data of deleted volume {} (named {}), kept by onDelete=retain: Berth never hands a deleted volume's data to a new volume; move or remove the directory, or use another subDir",
+                        m.id, m.name
+                    ))),
                     Some(m) if m.id == marker.id && m.name == marker.name => chmod(&dir),
                     Some(m) => Err(Error::Conflict(format!(
                         "{subdir} on the share belongs to volume {} (named {}), not to {}",
@@ -383,7 +399,8 @@ fn nested_volume(dir: &OwnedFd, own_id: &str) -> Result<Option<(PathBuf, String)
 }
 
 /// Whether the directory of `id` (`subdir` below `root`) carries the
-/// marker of `id`.
+/// marker of `id`, not released (a volume deleted with onDelete=retain no
+/// longer exists).
 pub fn marked_as(files: &dyn Files, root: &Path, subdir: &str, id: &str) -> Result<bool> {
     let rootfd = open_root(root)?;
     let Some((fd, leaf)) = open_parent(files, &rootfd, subdir, false)? else {
@@ -396,11 +413,11 @@ pub fn marked_as(files: &dyn Files, root: &Path, subdir: &str, id: &str) -> Resu
     };
     Ok(read_marker(&dir)
         .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?
-        .is_some_and(|m| m.id == id))
+        .is_some_and(|m| m.id == id && m.released_unix.is_none()))
 }
 
-/// Removes, archives or keeps the directory of `id` (`subdir` below
-/// `root`), only if its marker names `id`; anything else there is not
+/// Removes, archives or keeps (marked released: `release`) the directory
+/// of `id` (`subdir` below `root`), only if its marker names `id`; anything else there is not
 /// Berth's and is left alone (success), except, when `resumed` (the
 /// volume's own record says Deleting: Berth made this directory), an empty
 /// directory without a marker: a delete cut short between the marker and
@@ -416,9 +433,6 @@ pub fn remove_subdir(
     resumed: bool,
     unix: u64,
 ) -> Result<()> {
-    if how == Removal::Apply(OnDelete::Retain) {
-        return Ok(());
-    }
     let rootfd = open_root(root)?;
     let Some((fd, leaf)) = open_parent(files, &rootfd, subdir, false)? else {
         return Ok(());
@@ -439,6 +453,13 @@ pub fn remove_subdir(
     let marker = read_marker(&dir)
         .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
     let ours = match &marker {
+        Some(m) if m.id == id && how == Removal::Apply(OnDelete::Retain) => {
+            return release(files, &dir, subdir, m, unix)
+        }
+        Some(m) if m.id == id && m.released_unix.is_some() => {
+            tracing::warn!(volume_id = %id, subdir, "the directory was released by a retained delete; left as it is");
+            return Ok(());
+        }
         Some(m) if m.id == id => m,
         Some(m) => {
             tracing::warn!(volume_id = %id, subdir, owner = %m.id, "the directory belongs to another volume; left as it is");
@@ -499,6 +520,31 @@ pub fn remove_subdir(
         }
         _ => remove_marked(files, &fd, leaf, &dir, subdir, MARKER, ours),
     }
+}
+
+/// Marks the directory `dir` (of the volume `subdir`, whose marker `m`
+/// names the volume being deleted) as released, durably: the new marker is
+/// written and synced under a temporary name, renamed over the old one and
+/// the directory synced, so a crash at any point leaves the old marker or
+/// the released one, and the retried delete (its record still says
+/// Deleting) finishes it. Already released: nothing to do.
+fn release(files: &dyn Files, dir: &OwnedFd, subdir: &str, m: &Marker, unix: u64) -> Result<()> {
+    if m.released_unix.is_some() {
+        return Ok(());
+    }
+    let released = Marker {
+        released_unix: Some(unix),
+        ..m.clone()
+    };
+    let what = || format!("releasing {subdir} on the share (onDelete=retain)");
+    remove_entry(files, dir, MARKER_NEW.as_ref())?;
+    write_json(files, dir, MARKER_NEW, &released).map_err(os_err(what()))?;
+    files
+        .rename(&fd_path(dir, MARKER_NEW), &fd_path(dir, MARKER))
+        .map_err(os_err(what()))?;
+    files.sync_dir(&fd_path(dir, "")).map_err(os_err(what()))?;
+    tracing::info!(volume_id = %m.id, subdir, "onDelete retain: subdirectory kept, its marker says released");
+    Ok(())
 }
 
 /// Removes the marked directory `leaf` (open as `dir`) in `parent`: its
@@ -809,6 +855,7 @@ mod tests {
             id: id(sub),
             name: format!("pv-{sub}"),
             created_unix: 1,
+            released_unix: None,
         }
     }
 
@@ -1054,6 +1101,57 @@ mod tests {
             remove(d.path(), "a/v", how).unwrap();
         }
         assert!(d.path().join("canary").exists());
+    }
+
+    /// DeleteVolume with onDelete=retain keeps the directory and marks its
+    /// marker released, durably and idempotently: no create adopts it
+    /// afterwards, the same id and name included (ALREADY_EXISTS naming
+    /// it), a rollback leaves it alone, and it no longer counts as the
+    /// volume. A delete cut short before the new marker was renamed into
+    /// place (kill -9) is finished by the retry.
+    #[test]
+    fn retain_releases_the_directory_for_good() {
+        let d = tempfile::tempdir().unwrap();
+        let retain = Removal::Apply(OnDelete::Retain);
+        create(d.path(), "r", None).unwrap();
+        std::fs::write(d.path().join("r/f"), b"data").unwrap();
+        // Cut short: the new marker written, not renamed into place.
+        let dir = open(&d.path().join("r"), dir_flags(), Mode::empty()).unwrap();
+        write_json(&RealFiles, &dir, MARKER_NEW, &mk("r")).unwrap();
+        remove(d.path(), "r", retain).unwrap();
+        remove(d.path(), "r", retain).unwrap();
+        let m = marker(&d.path().join("r")).unwrap();
+        assert_eq!(m.released_unix, Some(7));
+        assert_eq!((m.id.as_str(), m.name.as_str()), (id("r").as_str(), "pv-r"));
+        assert!(!d.path().join("r").join(MARKER_NEW).exists());
+        assert!(d.path().join("r/f").exists());
+        assert!(!marked_as(&RealFiles, d.path(), "r", &id("r")).unwrap());
+        let e = create(d.path(), "r", None).unwrap_err();
+        assert!(matches!(e, Error::Conflict(_)), "{e:?}");
+        assert!(e.to_string().contains("deleted volume"), "{e}");
+        // Even emptied, a rollback of the same id leaves it alone.
+        std::fs::remove_file(d.path().join("r/f")).unwrap();
+        remove(d.path(), "r", Removal::Rollback).unwrap();
+        assert!(d.path().join("r").join(MARKER).exists());
+        // A marker of an older version (no released_unix) is a live
+        // volume's: read as before.
+        std::fs::create_dir(d.path().join("old")).unwrap();
+        std::fs::write(
+            d.path().join("old").join(MARKER),
+            format!(
+                r#"{{"id":"{}","name":"pv-old","created_unix":1}}"#,
+                id("old")
+            ),
+        )
+        .unwrap();
+        assert_eq!(marker(&d.path().join("old")), Some(mk("old")));
+        create(d.path(), "old", None).unwrap();
+        // Released markers are written with the field, live ones without.
+        let text = std::fs::read_to_string(d.path().join("r").join(MARKER)).unwrap();
+        assert!(text.contains("\"released_unix\":7"), "{text}");
+        create(d.path(), "live", None).unwrap();
+        let text = std::fs::read_to_string(d.path().join("live").join(MARKER)).unwrap();
+        assert!(!text.contains("released"), "{text}");
     }
 
     #[test]

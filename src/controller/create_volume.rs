@@ -1,6 +1,9 @@
 //! CreateVolume: idempotent by name. The record is written (phase Creating)
 //! before the storage is made and marked Ready after, so a crash in between
 //! is rolled back at start-up and the CO's retry creates the volume again.
+//! Storage that must be reached first (an NFS share) is reached before the
+//! record is written (`VolumeKind::reach`): a create that cannot reach it
+//! made nothing and leaves no record.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -1549,7 +1549,9 @@ async fn stuck_in_mount(kill9: bool) {
     std::fs::write(
         bin.join("mount.nfs"),
         format!(
-            "#!/bin/sh\necho $$ > {}\nexec sleep 300\n",
+            // Written whole, then renamed: the test reads it as soon as it
+            // exists (a plain `>` let it read an empty file now and then).
+            "#!/bin/sh\necho $$ > {0}.tmp && mv {0}.tmp {0}\nexec sleep 300\n",
             pidfile.display()
         ),
     )

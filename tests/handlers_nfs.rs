@@ -2717,3 +2717,298 @@ async fn refused(h: &Harness, t: &Path, staging: &Path) {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(mounted(h, t) && mounted(h, staging));
 }
+
+// ------------------------------------------------------- mount identity
+
+fn stats_req(id: &str, path: &Path) -> csi::NodeGetVolumeStatsRequest {
+    csi::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    }
+}
+
+/// The NFS mounts in the fake's table: (mount point, source).
+fn nfs_mounts(h: &Harness) -> Vec<(PathBuf, String)> {
+    h.fake()
+        .table()
+        .into_iter()
+        .filter(|m| m.fs_type.starts_with("nfs"))
+        .map(|m| (m.mount_point, m.source))
+        .collect()
+}
+
+fn nfs_mount_runs(h: &Harness) -> usize {
+    runs(h.fake())
+        .iter()
+        .filter(|(p, _)| p == "mount.nfs")
+        .count()
+}
+
+/// Publish, a retry, stats, unpublish (twice) of `id` at `t`, which must
+/// show `shown` in mountinfo once published.
+async fn publish_cycle(h: &Harness, id: &str, t: &Path, shown: &str) {
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, t, false, &[])))
+        .await
+        .unwrap();
+    assert!(
+        nfs_mounts(h).contains(&(t.to_path_buf(), shown.to_string())),
+        "{:?}",
+        nfs_mounts(h)
+    );
+    h.fake().clear_calls();
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, t, false, &[])))
+        .await
+        .expect("a publish retry is OK");
+    assert_eq!(nfs_mount_runs(h), 0, "the retry mounts nothing");
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(stats_req(id, t)))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert!(!s.usage.is_empty());
+    for _ in 0..2 {
+        h.node
+            .node_unpublish_volume(Request::new(unpublish_req(id, t)))
+            .await
+            .expect("unpublish");
+    }
+    assert!(!t.exists());
+    assert!(!nfs_mounts(h).iter().any(|(p, _)| p == t));
+}
+
+/// The kernel shares one client among the mounts of one server address,
+/// and shows every later mount with the host spelling of the first
+/// (`localhost:/export/ha` shows as `127.0.0.1:/export/ha`): publish,
+/// stats, unpublish, create and delete all work with either spelling
+/// first, also after a restart.
+#[tokio::test]
+async fn mounts_shown_with_another_spelling_of_the_server_are_the_volume_s() {
+    for first in ["127.0.0.1", "localhost"] {
+        let second = if first == "localhost" {
+            "LOCALHOST"
+        } else {
+            "localhost"
+        };
+        let h = nfs(&[]);
+        h.fake()
+            .emulate_nfs_naming(&[("localhost", "127.0.0.1")], &[]);
+        let vb = create(&h, "vb", &[("server", first), ("subDir", "hb")])
+            .await
+            .volume_id;
+        let va = create(&h, "va", &[("server", second), ("subDir", "ha")])
+            .await
+            .volume_id;
+        assert!(va.contains(&format!("#{second}#")), "{va}");
+        let tb = h.path("pub/b");
+        std::fs::create_dir_all(tb.parent().unwrap()).unwrap();
+        h.node
+            .node_publish_volume(Request::new(nfs_publish(&vb, &tb, false, &[])))
+            .await
+            .unwrap();
+        // While vB is mounted, vA's mounts show vB's spelling.
+        publish_cycle(&h, &va, &h.path("pub/a"), &format!("{first}:/export/ha")).await;
+        // A third volume of either spelling, made and removed.
+        for (i, server) in [first, second].into_iter().enumerate() {
+            let name = format!("vc{i}");
+            let id = create(&h, &name, &[("server", server)]).await.volume_id;
+            delete(&h, &id).await.expect("delete");
+        }
+        delete(&h, &va).await.expect("delete vA");
+        // After a restart (the working mounts stay after a crash).
+        let h = restart_after_crash(h, &["--kinds", "nfs", "--nfs-timeout", "2"]);
+        let again = create(&h, "va2", &[("server", second), ("subDir", "ha2")])
+            .await
+            .volume_id;
+        publish_cycle(
+            &h,
+            &again,
+            &h.path("pub/a2"),
+            &format!("{first}:/export/ha2"),
+        )
+        .await;
+        delete(&h, &again).await.expect("delete");
+        h.node
+            .node_unpublish_volume(Request::new(unpublish_req(&vb, &tb)))
+            .await
+            .unwrap();
+        delete(&h, &vb).await.expect("delete vB");
+        assert!(h.driver.store.get(&vb).is_none() && h.driver.store.get(&va).is_none());
+    }
+}
+
+/// A mount of another export path (another volume of the same server,
+/// under any spelling) at a volume's target is never the volume's:
+/// publish is ALREADY_EXISTS, stats NOT_FOUND, unpublish
+/// FAILED_PRECONDITION and the mount stays. A working mount of the share
+/// replaced by another export is refused by create and delete.
+#[tokio::test]
+async fn a_mount_of_another_export_path_is_never_the_volume_s() {
+    let h = nfs(&[]);
+    h.fake()
+        .emulate_nfs_naming(&[("localhost", "127.0.0.1")], &[]);
+    let other = create(&h, "vo", &[("subDir", "other")]).await.volume_id;
+    let va = create(&h, "va", &[("server", "localhost"), ("subDir", "ha")])
+        .await
+        .volume_id;
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(&other, &t, false, &[])))
+        .await
+        .unwrap();
+    let r = h
+        .node
+        .node_publish_volume(Request::new(nfs_publish(&va, &t, false, &[])))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    let r = h
+        .node
+        .node_get_volume_stats(Request::new(stats_req(&va, &t)))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    h.fake().clear_calls();
+    let e = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req(&va, &t)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("refusing to unmount"),
+        "{}",
+        e.message()
+    );
+    assert!(runs(h.fake()).is_empty());
+    assert!(mounted(&h, &t));
+    // The share's working directory: another server's export there is
+    // never Berth's mount of the share (create and delete INTERNAL,
+    // nothing removed); another path of the same server is what the
+    // server resolved the share to (a symlink), refused for new volumes.
+    let root = share_root(&h);
+    use berth::os::Runner;
+    let remount = |source: &str| {
+        let r = h
+            .fake()
+            .run(
+                "umount",
+                &v(&[&root.display().to_string()]),
+                Duration::from_secs(1),
+            )
+            .unwrap();
+        assert_eq!(r.code, Some(0));
+        let r = h
+            .fake()
+            .run(
+                "mount.nfs",
+                &v(&[source, &root.display().to_string()]),
+                Duration::from_secs(1),
+            )
+            .unwrap();
+        assert_eq!(r.code, Some(0));
+    };
+    remount("10.9.9.9:/export");
+    let e = delete(&h, &other).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    assert!(e.message().contains("instead of"), "{}", e.message());
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("vn", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    assert!(root.join("other").is_dir(), "nothing removed");
+    assert!(!root.join("vn").exists());
+    remount("127.0.0.1:/");
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("vn", &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(!root.join("vn").exists());
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&other, &t)))
+        .await
+        .unwrap();
+}
+
+/// A share whose path runs through a symlink on the server shows as the
+/// resolved path: CreateVolume refuses it (INVALID_ARGUMENT naming that
+/// path) and leaves nothing; volumes made on it before still unpublish
+/// and delete.
+#[tokio::test]
+async fn a_share_through_a_symlink_is_refused_and_old_volumes_on_it_still_go() {
+    let h = nfs(&[]);
+    let lnk = [("share", "/export/lnk-in")];
+    // Made before Berth looked (the fake shows the path as mounted).
+    let old1 = create(&h, "old1", &[lnk[0], ("subDir", "o1")])
+        .await
+        .volume_id;
+    let old2 = create(&h, "old2", &[lnk[0], ("subDir", "o2")])
+        .await
+        .volume_id;
+    let h = restart(h, &["--kinds", "nfs", "--nfs-timeout", "2"]);
+    assert!(nfs_mounts(&h).is_empty());
+    h.fake()
+        .emulate_nfs_naming(&[], &[("/export/lnk-in", "/export/victim")]);
+    let work = h.path("state/nfs");
+    let before: Vec<_> = std::fs::read_dir(&work)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("new", &[lnk[0], ("subDir", "n")])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("/export/victim"), "{}", e.message());
+    assert!(nfs_mounts(&h).is_empty(), "{:?}", nfs_mounts(&h));
+    let after: Vec<_> = std::fs::read_dir(&work)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert_eq!(after, before, "no working directory left");
+    assert!(h
+        .driver
+        .store
+        .get("nfs#d#127.0.0.1#/export/lnk-in#n")
+        .is_none());
+    // The old volumes: published, unpublished, deleted.
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(&old1, &t, false, &[])))
+        .await
+        .unwrap();
+    assert!(nfs_mounts(&h).contains(&(t.clone(), "127.0.0.1:/export/victim/o1".into())));
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&old1, &t)))
+        .await
+        .expect("an old volume unpublishes");
+    assert!(!t.exists());
+    delete(&h, &old1).await.expect("delete old1");
+    // Its working mount stays and is used again; a new volume is still
+    // refused, and the mount (the old volumes' share) stays.
+    let root = nfs_mounts(&h)
+        .into_iter()
+        .find(|(_, s)| s == "127.0.0.1:/export/victim")
+        .expect("working mount")
+        .0;
+    assert!(!root.join("o1").exists() && root.join("o2").is_dir());
+    let e = h
+        .ctl
+        .create_volume(Request::new(req("new", &[lnk[0], ("subDir", "n")])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(mounted(&h, &root));
+    assert!(!root.join("n").exists());
+    delete(&h, &old2).await.expect("delete old2");
+    assert!(!root.join("o2").exists());
+    // The resolved path itself is fine.
+    let ok = create(&h, "ok", &[("share", "/export/victim")])
+        .await
+        .volume_id;
+    delete(&h, &ok).await.expect("delete");
+}

@@ -93,6 +93,13 @@ struct FakeLoop {
 }
 
 type CmdReply = Result<CmdOutput, OsError>;
+
+/// See `FakeOs::emulate_nfs_naming`.
+#[derive(Debug, Default, Clone)]
+struct NfsNaming {
+    hosts: HashMap<String, String>,
+    links: Vec<(String, String)>,
+}
 type Responder = Box<dyn Fn(&[String]) -> Option<CmdReply> + Send>;
 
 pub struct FakeOs {
@@ -113,6 +120,10 @@ pub struct FakeOs {
     /// `mount.nfs` and `umount` runs change the table (see
     /// `emulate_nfs_mounts`).
     nfs_mounts: Mutex<bool>,
+    /// How the fake kernel names NFS mounts (see `emulate_nfs_naming`):
+    /// host names and the address each resolves to (lower case), and
+    /// symlinks on the server (a path and what it resolves to).
+    nfs_names: Mutex<Option<NfsNaming>>,
     /// statvfs of these paths sleeps this long first (a hung NFS server).
     stat_delays: Mutex<HashMap<PathBuf, Duration>>,
     /// Reads of the whole mount table (`mounts`) and mount-root probes
@@ -194,6 +205,7 @@ impl FakeOs {
             unreadable: Mutex::new(HashSet::new()),
             held: Mutex::new(HashSet::new()),
             nfs_mounts: Mutex::new(false),
+            nfs_names: Mutex::new(None),
             stat_delays: Mutex::new(HashMap::new()),
             table_reads: Mutex::new(0),
             probes: Mutex::new(0),
@@ -415,6 +427,84 @@ impl FakeOs {
         *lock(&self.nfs_mounts) = true;
     }
 
+    /// From now on emulated NFS mounts are named as the kernel names them
+    /// (see `emulate_nfs_mounts`): the super options end with `addr=` (the
+    /// server's address: an IP literal itself, a host name what `hosts`
+    /// maps it to, without case); a mount of an address that already has a
+    /// mount in the table shares that mount's client and shows its host
+    /// spelling (`localhost` mounted after `127.0.0.1` shows `127.0.0.1`);
+    /// and a path at or below `from` of a `links` pair (a symlink on the
+    /// server) shows as `to` instead.
+    pub fn emulate_nfs_naming(&self, hosts: &[(&str, &str)], links: &[(&str, &str)]) {
+        *lock(&self.nfs_names) = Some(NfsNaming {
+            hosts: hosts
+                .iter()
+                .map(|(h, a)| (h.to_ascii_lowercase(), a.to_string()))
+                .collect(),
+            links: links
+                .iter()
+                .map(|(f, t)| (f.to_string(), t.to_string()))
+                .collect(),
+        });
+    }
+
+    /// The source and super options the fake kernel shows for a mount of
+    /// `source` with `opts` (see `emulate_nfs_naming`).
+    fn nfs_shown(&self, source: &str, opts: String) -> (String, String) {
+        let Some(n) = lock(&self.nfs_names).clone() else {
+            return (source.to_string(), opts);
+        };
+        let (host, path) = if source.starts_with('[') {
+            match source.find("]:") {
+                Some(i) => (&source[..=i], &source[i + 2..]),
+                None => return (source.to_string(), opts),
+            }
+        } else {
+            match source.split_once(':') {
+                Some(hp) => hp,
+                None => return (source.to_string(), opts),
+            }
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = if bare.parse::<std::net::IpAddr>().is_ok() {
+            Some(bare.to_string())
+        } else {
+            n.hosts.get(&host.to_ascii_lowercase()).cloned()
+        };
+        let mut path = path.to_string();
+        for (from, to) in &n.links {
+            if let Some(rest) = path.strip_prefix(from.as_str()) {
+                if rest.is_empty() || rest.starts_with('/') {
+                    path = format!("{to}{rest}");
+                    break;
+                }
+            }
+        }
+        let Some(addr) = addr else {
+            return (format!("{host}:{path}"), opts);
+        };
+        let tag = format!("addr={addr}");
+        let shared = lock(&self.table)
+            .iter()
+            .filter(|m| m.fs_type == "nfs" || m.fs_type == "nfs4")
+            .find(|m| m.super_options.split(',').any(|o| o == tag))
+            .and_then(|m| {
+                let s = &m.source;
+                if s.starts_with('[') {
+                    s.find("]:").map(|i| s[..=i].to_string())
+                } else {
+                    s.split_once(':').map(|(h, _)| h.to_string())
+                }
+            });
+        let shown_host = shared.unwrap_or_else(|| host.to_string());
+        let opts = if opts.is_empty() {
+            tag
+        } else {
+            format!("{opts},{tag}")
+        };
+        (format!("{shown_host}:{path}"), opts)
+    }
+
     /// statvfs of `path` sleeps `delay` before answering (None: no delay).
     pub fn set_statvfs_delay(&self, path: &Path, delay: Option<Duration>) {
         match delay {
@@ -445,6 +535,7 @@ impl FakeOs {
                     .unwrap_or_default();
                 let v4 = !opts.split(',').any(|o| o == "vers=3" || o == "nfsvers=3");
                 let ro = opts.split(',').any(|o| o == "ro");
+                let (source, opts) = self.nfs_shown(source, opts);
                 let id = self.alloc_id();
                 self.push_mount(MountEntry {
                     id,
@@ -455,7 +546,7 @@ impl FakeOs {
                     mount_point: PathBuf::from(target),
                     options: if ro { "ro,relatime" } else { "rw,relatime" }.into(),
                     fs_type: if v4 { "nfs4" } else { "nfs" }.into(),
-                    source: source.clone(),
+                    source,
                     super_options: opts,
                     shared: 0,
                     master: 0,

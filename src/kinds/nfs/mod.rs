@@ -75,18 +75,96 @@ pub(crate) fn is_nfs(m: &MountEntry) -> bool {
     m.fs_type == "nfs" || m.fs_type == "nfs4"
 }
 
-/// NFS sources as mountinfo shows them and as Berth builds them compare
-/// equal up to trailing slashes.
-pub(crate) fn same_source(have: &str, want: &str) -> bool {
-    let norm = |s: &str| {
-        let t = s.trim_end_matches('/');
-        if t.ends_with(':') {
-            format!("{t}/")
-        } else {
-            t.to_string()
-        }
+/// An NFS source as mountinfo shows it, split into the server (`host`,
+/// `1.2.3.4` or `[v6]`) and the export path without trailing slashes (`/`
+/// for the root; `host:` is `host:/`).
+pub(crate) fn split_source(source: &str) -> Option<(&str, &str)> {
+    let (host, path) = if source.starts_with('[') {
+        let i = source.find("]:")?;
+        (&source[..=i], &source[i + 2..])
+    } else {
+        source.split_once(':')?
     };
-    norm(have) == norm(want)
+    if host.is_empty() || !(path.is_empty() || path.starts_with('/')) {
+        return None;
+    }
+    let path = path.trim_end_matches('/');
+    Some((host, if path.is_empty() { "/" } else { path }))
+}
+
+/// A server written as an IP literal (`10.0.0.1`, `[fd00::1]`, or `fd00::1`
+/// as the kernel's `addr=` shows it).
+fn ip_literal(host: &str) -> Option<std::net::IpAddr> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.parse().ok()
+}
+
+/// The server address the kernel's NFS client talks to: the `addr=` super
+/// option of the mount.
+fn mount_addr(m: &MountEntry) -> Option<std::net::IpAddr> {
+    m.super_options
+        .split(',')
+        .find_map(|o| o.strip_prefix("addr="))
+        .and_then(ip_literal)
+}
+
+/// Whether `shown`, the server mountinfo shows for the NFS mount `m`, is
+/// `server` (from a volume id). The kernel shares one client (and the host
+/// spelling of whichever mount made it) among all mounts of one server
+/// address, so another spelling is accepted:
+/// - equal without ASCII case, or the same IP address;
+/// - `server` an IP literal: the mount's `addr=` is that address;
+/// - `server` a host name: any other spelling. Berth does not resolve the
+///   name again: the address it resolves to now need not be the one the
+///   mount used (changed or round-robin records), and a resolver that does
+///   not answer must not keep an unmount from working; the export path and
+///   the fs type still have to match exactly (`is_mount_of`), and on the
+///   controller the working mount's private, hashed directory and the
+///   markers on the share decide what is touched.
+pub(crate) fn same_server(m: &MountEntry, shown: &str, server: &str) -> bool {
+    if shown.eq_ignore_ascii_case(server) {
+        return true;
+    }
+    match ip_literal(server) {
+        Some(ip) => ip_literal(shown) == Some(ip) || mount_addr(m) == Some(ip),
+        None => true,
+    }
+}
+
+/// Whether mountinfo's `m` is an NFS mount of `path` (an absolute export
+/// path: a volume's `/share/subdir` or a share) on `server`, allowing
+/// another spelling of the server (`same_server`). The path must be the
+/// same up to trailing slashes: a mount of another path is never this one.
+pub(crate) fn is_mount_of(m: &MountEntry, server: &str, path: &str) -> bool {
+    let want = path.trim_end_matches('/');
+    let want = if want.is_empty() { "/" } else { want };
+    is_nfs(m)
+        && split_source(&m.source)
+            .is_some_and(|(host, p)| p == want && same_server(m, host, server))
+}
+
+/// Whether `m` is the NFS mount of volume `vid` made before Berth refused
+/// shares that the server resolves to another path (a symlink in the share:
+/// `/export/lnk` shows as `/export/target`): the server matches and the
+/// path shown ends with the volume's subdirectory, below another share.
+/// Berth makes every component of a subdirectory itself and never follows
+/// a symlink there, so only the share part can differ. Only unpublish
+/// accepts this (such a volume must still come off its pods); publish and
+/// stats do not.
+fn shows_resolved_share(m: &MountEntry, vid: &VolumeId) -> bool {
+    let Some((host, path)) = is_nfs(m).then(|| split_source(&m.source)).flatten() else {
+        return false;
+    };
+    let Some(share) = path.strip_suffix(vid.subdir.as_str()) else {
+        return false;
+    };
+    share.len() > 1
+        && share.ends_with('/')
+        && share.trim_end_matches('/') != vid.share
+        && same_server(m, host, &vid.server)
 }
 
 /// The `Bounded` key of a statvfs of `path`.
@@ -234,7 +312,7 @@ impl NfsKind {
         if let Some(from) = from {
             self.check_source(&rec.id, from)?;
         }
-        let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
+        let root = self.new_volume_share(&vid, &controller_option_sets(rec)?)?;
         let marker = Marker {
             id: rec.id.clone(),
             name: rec.name.clone(),
@@ -518,7 +596,7 @@ impl VolumeKind for NfsKind {
         let t = mounts::table(&self.os)?;
         let here = mounts::at(&self.os, &t, args.volume_path)
             .last()
-            .is_some_and(|m| is_nfs(m) && same_source(&m.source, &vid.source()));
+            .is_some_and(|m| is_mount_of(m, &vid.server, &vid.path()));
         if !here {
             return Err(Error::NotFound(format!(
                 "volume {} is not mounted at {}",
@@ -559,23 +637,32 @@ impl VolumeKind for NfsKind {
         } else {
             Removal::Apply(vid.on_delete)
         };
-        let root = self.share_mount(&vid, &controller_option_sets(rec)?)?;
-        share::remove_subdir(
-            self.os.files.as_ref(),
-            &root,
-            &rec.id,
-            &vid.subdir,
-            how,
-            rec.phase == Phase::Deleting,
-            crate::driver::now_unix(),
-        )
+        let sets = controller_option_sets(rec)?;
+        let remove = |root: &Path| {
+            share::remove_subdir(
+                self.os.files.as_ref(),
+                root,
+                &rec.id,
+                &vid.subdir,
+                how,
+                rec.phase == Phase::Deleting,
+                crate::driver::now_unix(),
+            )
+        };
+        if how == Removal::Rollback {
+            return self.rollback_in_share(&vid, &sets, &remove);
+        }
+        remove(&self.share_mount(&vid, &sets)?)
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {
         let Ok(vid) = self.vid(&rec.id) else {
             return Health::abnormal("not an NFS volume id");
         };
-        let Some(root) = self.existing_share_mount(&vid) else {
+        let Some(root) = controller_option_sets(rec)
+            .ok()
+            .and_then(|sets| self.existing_share_mount(&vid, &sets))
+        else {
             return Health::ok();
         };
         // The share first: while a probe of it is stuck, every volume on it
@@ -630,13 +717,14 @@ impl VolumeKind for NfsKind {
     }
 
     fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
-        // The top mount at the target must be this volume's share (or a
-        // mount whose directory is gone); an id that is not an NFS id (a
+        // The top mount at the target must be this volume's directory (or
+        // a mount whose directory is gone); an id that is not an NFS id (a
         // kind no longer served) cannot tell.
         if let Ok(vid) = self.parse_id(id) {
             let t = mounts::table(&self.os)?;
             if let Some(top) = mounts::at(&self.os, &t, target).last() {
-                let ours = is_nfs(top) && same_source(&top.source, &vid.source());
+                let ours =
+                    is_mount_of(top, &vid.server, &vid.path()) || shows_resolved_share(top, &vid);
                 if !ours && !mounts::deleted(top) {
                     return Err(mounts::foreign(target, id, top));
                 }
@@ -657,11 +745,11 @@ impl VolumeKind for NfsKind {
 
     fn in_use(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<Vec<PathBuf>> {
         let vid = self.parse_id(&rec.id)?;
-        let source = vid.source();
+        let path = vid.path();
         Ok(mount_table
             .get(&self.os)?
             .iter()
-            .filter(|m| is_nfs(m) && same_source(&m.source, &source))
+            .filter(|m| is_mount_of(m, &vid.server, &path))
             .map(|m| m.mount_point.clone())
             .collect())
     }
@@ -825,13 +913,104 @@ mod tests {
         }
     }
 
+    fn nfs_entry(source: &str, fs_type: &str, super_options: &str) -> MountEntry {
+        MountEntry {
+            id: 2,
+            parent: 1,
+            major: 0,
+            minor: 2,
+            root: PathBuf::from("/"),
+            mount_point: PathBuf::from("/t"),
+            options: "rw".into(),
+            fs_type: fs_type.into(),
+            source: source.into(),
+            super_options: super_options.into(),
+            shared: 0,
+            master: 0,
+        }
+    }
+
     #[test]
-    fn sources_compare_up_to_trailing_slashes() {
-        assert!(same_source("h:/e/a/", "h:/e/a"));
-        assert!(same_source("h:/", "h:/"));
-        assert!(same_source("h:", "h:/"));
-        assert!(!same_source("h:/e/a", "h:/e/ab"));
-        assert!(!same_source("g:/e/a", "h:/e/a"));
+    fn mounts_compare_by_path_up_to_trailing_slashes_and_server_spelling() {
+        let m = |s: &str| nfs_entry(s, "nfs4", "rw,vers=4.1,addr=10.0.0.1");
+        assert!(is_mount_of(&m("h:/e/a/"), "h", "/e/a"));
+        assert!(is_mount_of(&m("h:/"), "h", "/"));
+        assert!(is_mount_of(&m("h:"), "h", "/"));
+        assert!(is_mount_of(&m("H.Example:/e"), "h.example", "/e/"));
+        assert!(!is_mount_of(&m("h:/e/a"), "h", "/e/ab"));
+        assert!(!is_mount_of(&m("h:/e/ab"), "h", "/e/a"));
+        assert!(!is_mount_of(&m("h:/e/a/b"), "h", "/e/a"));
+        // Not NFS: never, whatever the source says.
+        assert!(!is_mount_of(
+            &nfs_entry("h:/e/a", "ext4", "rw"),
+            "h",
+            "/e/a"
+        ));
+        assert!(!is_mount_of(
+            &nfs_entry("h:/e/a", "tmpfs", "rw"),
+            "h",
+            "/e/a"
+        ));
+        // An IP literal: the same address, or the kernel's addr= for
+        // another spelling (the client was made by a mount of that name).
+        assert!(is_mount_of(&m("localhost:/e"), "10.0.0.1", "/e"));
+        assert!(!is_mount_of(&m("localhost:/e"), "10.0.0.2", "/e"));
+        assert!(!is_mount_of(
+            &nfs_entry("10.0.0.2:/e", "nfs4", "rw,addr=10.0.0.2"),
+            "10.0.0.1",
+            "/e"
+        ));
+        assert!(!is_mount_of(
+            &nfs_entry("localhost:/e", "nfs4", "rw"),
+            "10.0.0.1",
+            "/e"
+        ));
+        let v6 = nfs_entry("[fd00::1]:/e", "nfs4", "rw,addr=fd00::1");
+        assert!(is_mount_of(&v6, "[FD00:0::1]", "/e"));
+        assert!(is_mount_of(
+            &nfs_entry("nfs6:/e", "nfs4", "rw,addr=fd00::1"),
+            "[fd00::1]",
+            "/e"
+        ));
+        // A host name: another spelling of the server is accepted (no
+        // resolution), the path still has to match.
+        assert!(is_mount_of(&m("10.0.0.1:/e/a"), "localhost", "/e/a"));
+        assert!(is_mount_of(&m("g:/e/a"), "h", "/e/a"));
+        assert!(!is_mount_of(&m("10.0.0.1:/e/b"), "localhost", "/e/a"));
+        assert_eq!(split_source("[fd00::1]:/e/"), Some(("[fd00::1]", "/e")));
+        assert_eq!(split_source("h:e"), None);
+        assert_eq!(split_source(":/e"), None);
+    }
+
+    #[test]
+    fn a_resolved_share_is_accepted_only_with_the_subdirectory() {
+        let vid = VolumeId::parse("nfs#d#10.0.0.1#/export/lnk#ns/pvc").unwrap();
+        let m = |s: &str| nfs_entry(s, "nfs4", "rw,addr=10.0.0.1");
+        assert!(shows_resolved_share(
+            &m("10.0.0.1:/export/victim/ns/pvc"),
+            &vid
+        ));
+        assert!(shows_resolved_share(&m("localhost:/v/ns/pvc"), &vid));
+        assert!(!shows_resolved_share(
+            &m("10.0.0.1:/export/victim/ns/pvcx"),
+            &vid
+        ));
+        assert!(!shows_resolved_share(
+            &m("10.0.0.1:/export/victim/xns/pvc"),
+            &vid
+        ));
+        assert!(!shows_resolved_share(
+            &m("10.0.0.1:/export/victim/other"),
+            &vid
+        ));
+        assert!(!shows_resolved_share(
+            &nfs_entry("10.0.0.2:/export/victim/ns/pvc", "nfs4", "rw,addr=10.0.0.2"),
+            &vid
+        ));
+        assert!(!shows_resolved_share(
+            &nfs_entry("10.0.0.1:/export/victim/ns/pvc", "ext4", "rw"),
+            &vid
+        ));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::id::VolumeId;
-use super::{is_nfs, node_options, same_source, Health, NfsKind, Probe, VolumeStats};
+use super::{is_mount_of, is_nfs, node_options, Health, NfsKind, Probe, VolumeStats};
 use crate::error::{Error, Result};
 use crate::node::mounts;
 use crate::os::nfsmount::{self, Unmount};
@@ -27,7 +27,7 @@ impl NfsKind {
         let source = vid.source();
         let t = mounts::table(&self.os)?;
         if let Some(top) = mounts::at(&self.os, &t, target).last() {
-            if !(is_nfs(top) && same_source(&top.source, &source) && top.readonly() == ro) {
+            if !(is_mount_of(top, &vid.server, &vid.path()) && top.readonly() == ro) {
                 return Err(Error::Conflict(format!(
                     "target {} is already mounted with a different volume or read-only setting",
                     target.display()
@@ -48,7 +48,7 @@ impl NfsKind {
                 .collect();
             let others: Vec<_> = t
                 .iter()
-                .filter(|m| is_nfs(m) && same_source(&m.source, &source) && !here.contains(&m.id))
+                .filter(|m| is_mount_of(m, &vid.server, &vid.path()) && !here.contains(&m.id))
                 .map(|m| m.mount_point.display().to_string())
                 .collect();
             if !others.is_empty() {
@@ -143,10 +143,9 @@ impl NfsKind {
     /// abnormal condition and no numbers.
     pub(super) fn node_stats(&self, vid: &VolumeId, path: &Path) -> Result<(VolumeStats, Health)> {
         let t = mounts::table(&self.os)?;
-        let source = vid.source();
         let here = mounts::at(&self.os, &t, path)
             .last()
-            .is_some_and(|m| is_nfs(m) && same_source(&m.source, &source));
+            .is_some_and(|m| is_mount_of(m, &vid.server, &vid.path()));
         if !here {
             return Err(Error::NotFound(format!(
                 "volume {vid} is not mounted at {}",

@@ -29,10 +29,11 @@ use serde::{Deserialize, Serialize};
 
 use super::id::{OnDelete, VolumeId};
 use super::params::fnv64;
-use super::{is_nfs, same_source, NfsKind, Probe};
+use super::{is_mount_of, is_nfs, same_server, split_source, NfsKind, Probe};
 use crate::error::{Error, Result};
 use crate::node::mounts;
 use crate::os::files::{Files, Open};
+use crate::os::mountinfo::MountEntry;
 use crate::os::{nfsmount, OsError};
 
 /// The marker file in every volume directory Berth makes.
@@ -722,18 +723,52 @@ impl NfsKind {
     }
 
     /// A working mount of the volume's share already there (for health
-    /// checks, which never mount).
-    pub(super) fn existing_share_mount(&self, vid: &VolumeId) -> Option<PathBuf> {
+    /// checks, which never mount), at the directory of one of the option
+    /// sets `sets` (see `share_mount`).
+    pub(super) fn existing_share_mount(
+        &self,
+        vid: &VolumeId,
+        sets: &[Vec<String>],
+    ) -> Option<PathBuf> {
         let t = mounts::table(&self.os).ok()?;
-        let want = vid.share_source();
-        t.iter()
-            .rev()
-            .find(|m| {
-                m.mount_point.parent() == Some(self.work.as_path())
-                    && is_nfs(m)
-                    && same_source(&m.source, &want)
-            })
-            .map(|m| m.mount_point.clone())
+        sets.iter().map(|o| self.work_dir(vid, o)).find(|mp| {
+            mounts::at(&self.os, &t, mp)
+                .last()
+                .is_some_and(|top| self.working_mount(top, vid, mp).is_ok())
+        })
+    }
+
+    /// Checks that `top`, the top mount at the working directory `mp` of
+    /// the volume's share, is Berth's mount of that share: NFS, the server
+    /// by `same_server` (INTERNAL otherwise: something else is mounted in
+    /// Berth's private directory), and the share's path, or another path:
+    /// the kernel shows a share whose path runs through a symlink on the
+    /// server as the resolved path (`Shown::Resolved`). Such a share is
+    /// refused for new volumes, while volumes made before Berth refused it
+    /// still reach theirs through this mount: it is in Berth's private
+    /// directory named by a hash of server, share and options, where only
+    /// Berth mounts that source, and what is then touched is decided by
+    /// the markers on the share.
+    fn working_mount(&self, top: &MountEntry, vid: &VolumeId, mp: &Path) -> Result<Shown> {
+        if is_mount_of(top, &vid.server, &vid.share) {
+            return Ok(Shown::Share);
+        }
+        let holds = || {
+            Error::Internal(format!(
+                "{} holds {} ({}) instead of {}",
+                mp.display(),
+                top.source,
+                top.fs_type,
+                vid.share_source()
+            ))
+        };
+        let Some((host, path)) = is_nfs(top).then(|| split_source(&top.source)).flatten() else {
+            return Err(holds());
+        };
+        if !same_server(top, host, &vid.server) {
+            return Err(holds());
+        }
+        Ok(Shown::Resolved(path.to_string()))
     }
 
     /// Mounts the volume's share (once per server, share and options; an
@@ -744,6 +779,42 @@ impl NfsKind {
     /// that does not answer stops the search (every later set would wait
     /// out the same timeout).
     pub(super) fn share_mount(&self, vid: &VolumeId, sets: &[Vec<String>]) -> Result<PathBuf> {
+        self.share_mount_for(vid, sets, Purpose::Existing)?
+            .ok_or_else(|| Error::Internal(format!("no working mount of {}", vid.share_source())))
+    }
+
+    /// `share_mount` for a new volume (CreateVolume, a restore or clone):
+    /// a share the server resolves to another path (a symlink on the
+    /// server: mountinfo shows where it leads) is INVALID_ARGUMENT naming
+    /// that path, and a working mount made for it is unmounted again.
+    pub(super) fn new_volume_share(&self, vid: &VolumeId, sets: &[Vec<String>]) -> Result<PathBuf> {
+        self.share_mount_for(vid, sets, Purpose::NewVolume)?
+            .ok_or_else(|| Error::Internal(format!("no working mount of {}", vid.share_source())))
+    }
+
+    /// The rollback of a volume still being created: `undo` runs in the
+    /// share's working mount. On a share the server resolves to another
+    /// path no new volume is made, so a working mount made only for this
+    /// is unmounted again once `undo` ran there (a volume half made on
+    /// such a share before Berth refused them is still rolled back).
+    pub(super) fn rollback_in_share(
+        &self,
+        vid: &VolumeId,
+        sets: &[Vec<String>],
+        undo: &dyn Fn(&Path) -> Result<()>,
+    ) -> Result<()> {
+        match self.share_mount_for(vid, sets, Purpose::Rollback(undo))? {
+            Some(root) => undo(&root),
+            None => Ok(()),
+        }
+    }
+
+    fn share_mount_for(
+        &self,
+        vid: &VolumeId,
+        sets: &[Vec<String>],
+        purpose: Purpose<'_>,
+    ) -> Result<Option<PathBuf>> {
         let Some(first) = sets.first() else {
             return Err(Error::Internal("no NFS mount options to try".into()));
         };
@@ -755,15 +826,12 @@ impl NfsKind {
         for opts in sets {
             let mp = self.work_dir(vid, opts);
             if let Some(top) = mounts::at(&self.os, &t, &mp).last() {
-                if !is_nfs(top) || !same_source(&top.source, &source) {
-                    return Err(Error::Internal(format!(
-                        "{} holds {} instead of {source}",
-                        mp.display(),
-                        top.source
-                    )));
+                let shown = self.working_mount(top, vid, &mp)?;
+                if let (Shown::Resolved(path), Purpose::NewVolume) = (&shown, &purpose) {
+                    return Err(resolved_share(vid, path));
                 }
                 match self.probe(&mp) {
-                    Probe::Usage(_) => return Ok(mp),
+                    Probe::Usage(_) => return Ok(Some(mp)),
                     Probe::Stale => {
                         tracing::warn!(share = %source, "working mount of the share is stale; mounting again");
                         self.unmount_target(&mp)?;
@@ -809,7 +877,7 @@ impl NfsKind {
             }) {
                 Ok(()) => {
                     tracing::info!(share = %source, at = %mp.display(), options = %opts.join(","), "mounted NFS share");
-                    return Ok(mp);
+                    return self.check_new_mount(vid, &mp, purpose);
                 }
                 Err(e)
                     if matches!(
@@ -833,6 +901,73 @@ impl NfsKind {
             }
         }
         Err(first_error.unwrap_or_else(|| Error::Internal("no NFS mount options to try".into())))
+    }
+}
+
+/// The refusal of a new volume on a share the server resolves to another
+/// path.
+fn resolved_share(vid: &VolumeId, shown: &str) -> Error {
+    Error::Invalid(format!(
+        "share {} is {}:{shown} on the server (a symlink in the share's path): Berth identifies mounts by the path the kernel shows, so use share {shown}",
+        vid.share_source(),
+        vid.server
+    ))
+}
+
+/// What the working mount of a share shows (`NfsKind::working_mount`).
+enum Shown {
+    /// The share's own path.
+    Share,
+    /// Another path of the same server: the share resolved by the server.
+    Resolved(String),
+}
+
+/// What the working mount is wanted for (`NfsKind::share_mount_for`).
+enum Purpose<'a> {
+    /// An existing volume or snapshot.
+    Existing,
+    /// A new volume: a resolved share is refused.
+    NewVolume,
+    /// The rollback of a volume being created, run in the mount.
+    Rollback(&'a dyn Fn(&Path) -> Result<()>),
+}
+
+impl NfsKind {
+    /// After mounting the share at `mp` (under the share's lock, so no
+    /// other call uses the mount yet): what mountinfo shows there must be
+    /// Berth's mount of the share (`working_mount`), and for a new volume
+    /// the share's own path. Otherwise the mount just made is unmounted
+    /// and its directory removed, so nothing is left; a rollback runs its
+    /// work in it first (and then has nothing more to do: None).
+    fn check_new_mount(
+        &self,
+        vid: &VolumeId,
+        mp: &Path,
+        purpose: Purpose<'_>,
+    ) -> Result<Option<PathBuf>> {
+        let t = mounts::table(&self.os)?;
+        // Nothing shown there (mount.nfs said it mounted): nothing to tell
+        // the share by, as before this check.
+        let Some(top) = mounts::at(&self.os, &t, mp).last().cloned() else {
+            return Ok(Some(mp.to_path_buf()));
+        };
+        let verdict = self.working_mount(&top, vid, mp);
+        let outcome = match (verdict, purpose) {
+            (Ok(Shown::Share), _) | (Ok(Shown::Resolved(_)), Purpose::Existing) => {
+                return Ok(Some(mp.to_path_buf()))
+            }
+            (Ok(Shown::Resolved(path)), Purpose::NewVolume) => Err(resolved_share(vid, &path)),
+            (Ok(Shown::Resolved(_)), Purpose::Rollback(undo)) => undo(mp).map(|()| None),
+            (Err(e), _) => Err(e),
+        };
+        if let Err(e) = &outcome {
+            tracing::warn!(share = %vid.share_source(), at = %mp.display(), error = %e.render(), "the new working mount is refused; unmounting it");
+        }
+        self.unmount_target(mp)?;
+        if let Err(r) = self.os.files.remove_dir(mp) {
+            tracing::warn!(at = %mp.display(), error = %r, "could not remove the working directory");
+        }
+        outcome
     }
 }
 

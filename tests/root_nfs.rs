@@ -858,6 +858,86 @@ async fn aliased_shares_and_a_controller_that_lost_its_state() {
     assert_eq!(e.canary(), canary, "canary at the share root");
 }
 
+/// Two spellings of one server (the test server's address, `localhost`,
+/// `LOCALHOST`): the kernel shows every mount of the address with the
+/// spelling that mounted first, and each volume still republishes,
+/// reports stats, unpublishes and deletes. A share whose path runs through
+/// a symlink on the server is refused (INVALID_ARGUMENT naming the
+/// resolved path), leaving nothing mounted or made.
+#[tokio::test]
+#[ignore = "needs the test guest's NFS server: run tests/vm/nfs.sh"]
+async fn two_spellings_of_the_server_and_a_share_through_a_symlink() {
+    let e = env();
+    let canary = e.canary();
+    let (h, _g) = harness();
+    let vb = try_create(&h, &e, "sp-b", &[("subDir", "sp-hb")])
+        .await
+        .unwrap();
+    let va = try_create(
+        &h,
+        &e,
+        "sp-a",
+        &[("server", "localhost"), ("subDir", "sp-ha")],
+    )
+    .await
+    .unwrap();
+    let tb = h.path("pub/b");
+    let ta = h.path("pub/a");
+    std::fs::create_dir_all(h.path("pub")).unwrap();
+    publish(&h, &vb, &tb, false, &[]).await.unwrap();
+    publish(&h, &va, &ta, false, &[]).await.unwrap();
+    let shown: Vec<String> = mount_entries(&ta).into_iter().map(|m| m.source).collect();
+    eprintln!("mountinfo shows {shown:?} at the target of {va}");
+    assert!(
+        shown.len() == 1 && shown[0].ends_with(":/export/sp-ha"),
+        "{shown:?}"
+    );
+    publish(&h, &va, &ta, false, &[])
+        .await
+        .expect("a publish retry is OK");
+    assert_eq!(mount_entries(&ta).len(), 1, "nothing stacked");
+    assert!(!stats(&h, &va, &ta).await.usage.is_empty());
+    std::fs::write(ta.join("f"), b"a").unwrap();
+    for _ in 0..2 {
+        unpublish(&h, &va, &ta).await.expect("unpublish");
+    }
+    assert!(!ta.exists());
+    for (name, server) in [("sp-c", "LOCALHOST"), ("sp-d", e.server.as_str())] {
+        let id = try_create(&h, &e, name, &[("server", server)])
+            .await
+            .unwrap();
+        assert!(e.export.join(name).is_dir());
+        delete(&h, &id).await.expect("delete");
+        assert!(!e.export.join(name).exists());
+    }
+    delete(&h, &va).await.expect("delete vA");
+    assert!(!e.export.join("sp-ha").exists());
+    unpublish(&h, &vb, &tb).await.unwrap();
+    delete(&h, &vb).await.expect("delete vB");
+    assert!(!e.export.join("sp-hb").exists());
+
+    std::fs::create_dir(e.export.join("sp-victim")).unwrap();
+    std::os::unix::fs::symlink("sp-victim", e.export.join("sp-lnk")).unwrap();
+    let lnk = format!("{}/sp-lnk", e.share);
+    let before = mounts_under(h.dir.path());
+    let r = try_create(&h, &e, "sp-l", &[("share", &lnk), ("subDir", "x")]).await;
+    let s = r.unwrap_err();
+    eprintln!("a share through a symlink: {:?} {}", s.code(), s.message());
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+    assert!(s.message().contains("/sp-victim"), "{}", s.message());
+    assert_eq!(mounts_under(h.dir.path()), before, "nothing left mounted");
+    assert_eq!(
+        std::fs::read_dir(e.export.join("sp-victim"))
+            .unwrap()
+            .count(),
+        0,
+        "nothing made"
+    );
+    std::fs::remove_file(e.export.join("sp-lnk")).unwrap();
+    std::fs::remove_dir(e.export.join("sp-victim")).unwrap();
+    assert_eq!(e.canary(), canary, "canary at the share root");
+}
+
 // ------------------------------------------- snapshots, restores and clones
 
 async fn snapshot(h: &Harness, name: &str, source: &str) -> Result<csi::Snapshot, tonic::Status> {

@@ -951,7 +951,7 @@ impl NfsKind {
         let Some(top) = mounts::at(&self.os, &t, mp).last().cloned() else {
             return Ok(Some(mp.to_path_buf()));
         };
-        let verdict = self.working_mount(&top, vid, mp);
+        let verdict = self.working_mount(top, vid, mp);
         let outcome = match (verdict, purpose) {
             (Ok(Shown::Share), _) | (Ok(Shown::Resolved(_)), Purpose::Existing) => {
                 return Ok(Some(mp.to_path_buf()))

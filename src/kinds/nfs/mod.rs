@@ -615,7 +615,9 @@ impl VolumeKind for NfsKind {
         let vid = VolumeId::parse(&rec.id)
             .map_err(|e| Error::Internal(format!("volume id {}: {e}", rec.id)))?;
         self.allowed_params(&rec.parameters)?;
-        self.share_mount(&vid, &controller_option_sets(rec)?)
+        // As a new volume's: a share the server resolves to another path
+        // is refused here, and a working mount made for it unmounted.
+        self.new_volume_share(&vid, &controller_option_sets(rec)?)
             .map(|_| ())
     }
 

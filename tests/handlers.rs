@@ -1612,7 +1612,6 @@ async fn interrupted_operations_are_reconciled_at_start() {
 #[tokio::test]
 async fn rollback_of_an_unanswered_create_keeps_a_directory_that_holds_data() {
     use berth::state::Phase;
-    use clap::Parser;
     let h = fake(&[]);
     let used = create(&h, "used", 1).await.volume_id;
     let blank = create(&h, "blank", 1).await.volume_id;
@@ -1621,18 +1620,12 @@ async fn rollback_of_an_unanswered_create_keeps_a_directory_that_holds_data() {
         let mut r = h.driver.store.get(id).unwrap();
         h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
     }
-    let dir = h.stop();
-    let cfg = berth::config::Cli::try_parse_from(args(dir.path(), &[]))
-        .unwrap()
-        .config;
-    let (os, _) = berth::os::Os::fake();
-    let mut out = Vec::new();
-    let clean = berth::state::tools::check(&cfg, &os, &mut out).unwrap();
-    let out = String::from_utf8(out).unwrap();
+    let (clean, out) = state_check(&h);
     assert!(!clean, "{out}");
     let flagged: Vec<&str> = out.lines().filter(|l| l.contains("holds data")).collect();
     assert_eq!(flagged.len(), 1, "{out}");
     assert!(flagged[0].contains(&used), "{out}");
+    let dir = h.stop();
 
     let (os, f) = berth::os::Os::fake();
     let h = build(dir, os, Some(f), &[]);

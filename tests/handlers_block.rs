@@ -3098,21 +3098,14 @@ async fn rollback_of_an_unanswered_create_keeps_a_file_that_holds_data() {
         let mut r = h.driver.store.get(id).unwrap();
         h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
     }
-    let dir = h.stop();
-    use clap::Parser;
-    // `state check` (no berth serving) names the file that holds data,
-    // and only that one, as an error.
-    let cfg = berth::config::Cli::try_parse_from(args(dir.path(), &["--kinds", "block"]))
-        .unwrap()
-        .config;
-    let (os, _) = berth::os::Os::fake();
-    let mut out = Vec::new();
-    let clean = berth::state::tools::check(&cfg, &os, &mut out).unwrap();
-    let out = String::from_utf8(out).unwrap();
+    // `state check` names the file that holds data, and only that one, as
+    // an error.
+    let (clean, out) = state_check(&h);
     assert!(!clean, "{out}");
     let flagged: Vec<&str> = out.lines().filter(|l| l.contains("holds data")).collect();
     assert_eq!(flagged.len(), 1, "{out}");
     assert!(flagged[0].contains(&used), "{out}");
+    let dir = h.stop();
 
     let (os, f) = berth::os::Os::fake();
     let h = build(dir, os, Some(f), &["--kinds", "block"]);

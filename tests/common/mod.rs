@@ -437,7 +437,6 @@ pub async fn mount_table_reads(
     reads
 }
 
-/// CreateSnapshot of `source` named `name`: the snapshot's id.
 /// `berth state check` beside the running driver (it takes no lock): whether
 /// it found no error, and what it printed.
 pub fn state_check(h: &Harness) -> (bool, String) {
@@ -446,6 +445,7 @@ pub fn state_check(h: &Harness) -> (bool, String) {
     (ok, String::from_utf8(out).unwrap())
 }
 
+/// CreateSnapshot of `source` named `name`: the snapshot's id.
 pub async fn snapshot_id(h: &Harness, name: &str, source: &str) -> String {
     use berth::csi::v1::controller_server::Controller;
     h.ctl

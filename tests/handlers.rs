@@ -1611,20 +1611,11 @@ async fn interrupted_operations_are_reconciled_at_start() {
 /// check` names it first. An empty one is rolled back as before.
 #[tokio::test]
 async fn rollback_of_an_unanswered_create_keeps_a_directory_that_holds_data() {
-    use berth::state::Phase;
     let h = fake(&[]);
     let used = create(&h, "used", 1).await.volume_id;
     let blank = create(&h, "blank", 1).await.volume_id;
     std::fs::write(h.path("local").join(&used).join("data"), b"tenant a").unwrap();
-    for id in [&used, &blank] {
-        let mut r = h.driver.store.get(id).unwrap();
-        h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
-    }
-    let (clean, out) = state_check(&h);
-    assert!(!clean, "{out}");
-    let flagged: Vec<&str> = out.lines().filter(|l| l.contains("holds data")).collect();
-    assert_eq!(flagged.len(), 1, "{out}");
-    assert!(flagged[0].contains(&used), "{out}");
+    unanswered_and_checked(&h, &used, &blank);
     let dir = h.stop();
 
     let (os, f) = berth::os::Os::fake();

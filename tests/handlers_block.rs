@@ -3094,17 +3094,7 @@ async fn rollback_of_an_unanswered_create_keeps_a_file_that_holds_data() {
         .await
         .volume_id;
     write_at(&img(&h, &used), b"tenant a", MIB as u64);
-    for id in [&used, &blank] {
-        let mut r = h.driver.store.get(id).unwrap();
-        h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
-    }
-    // `state check` names the file that holds data, and only that one, as
-    // an error.
-    let (clean, out) = state_check(&h);
-    assert!(!clean, "{out}");
-    let flagged: Vec<&str> = out.lines().filter(|l| l.contains("holds data")).collect();
-    assert_eq!(flagged.len(), 1, "{out}");
-    assert!(flagged[0].contains(&used), "{out}");
+    unanswered_and_checked(&h, &used, &blank);
     let dir = h.stop();
 
     let (os, f) = berth::os::Os::fake();

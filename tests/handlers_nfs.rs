@@ -96,6 +96,14 @@ async fn create(h: &Harness, name: &str, extra: &[(&str, &str)]) -> csi::Volume 
         .expect("volume")
 }
 
+/// CreateVolume of `r`, which must fail: its status.
+async fn create_err(h: &Harness, r: csi::CreateVolumeRequest) -> tonic::Status {
+    h.ctl
+        .create_volume(Request::new(r))
+        .await
+        .expect_err("CreateVolume should fail")
+}
+
 async fn delete(h: &Harness, id: &str) -> Result<(), tonic::Status> {
     h.ctl
         .delete_volume(Request::new(csi::DeleteVolumeRequest {
@@ -318,7 +326,7 @@ async fn create_rejects_bad_parameters_before_touching_the_os() {
     ];
     for (r, want) in cases {
         let p = format!("{:?}", r.parameters);
-        let e = h.ctl.create_volume(Request::new(r)).await.unwrap_err();
+        let e = create_err(&h, r).await;
         assert_eq!(e.code(), Code::InvalidArgument, "{p}: {}", e.message());
         assert!(e.message().contains(want), "{p}: {}", e.message());
     }
@@ -357,25 +365,13 @@ async fn create_rejects_bad_parameters_before_touching_the_os() {
 async fn create_refuses_a_subdirectory_another_volume_uses() {
     let h = nfs(&[]);
     create(&h, "one", &[("subDir", "shared")]).await;
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("two", &[("subDir", "shared")])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("two", &[("subDir", "shared")])).await;
     assert_eq!(e.code(), Code::AlreadyExists);
     // Nested inside it, or holding it: deleting one would touch the other.
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("three", &[("subDir", "shared/inner")])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("three", &[("subDir", "shared/inner")])).await;
     assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
     create(&h, "four", &[("subDir", "top/leaf")]).await;
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("five", &[("subDir", "top")])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("five", &[("subDir", "top")])).await;
     assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
     create(&h, "six", &[("subDir", "top/leaf2")]).await;
     assert_eq!(h.driver.store.len(), 3);
@@ -394,11 +390,7 @@ async fn create_with_a_128_byte_name_fits_the_id() {
 async fn create_that_times_out_mounting_is_deadline_exceeded_and_leaves_no_record() {
     let h = nfs(&[]);
     h.fake().reply("mount.nfs", timeout("mount.nfs"));
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("a", &[])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("a", &[])).await;
     assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
     assert!(h.driver.store.is_empty());
     // The retry works.
@@ -427,11 +419,7 @@ async fn a_create_whose_share_cannot_be_mounted_leaves_no_record_and_blocks_noth
     let mut bad = req("n1", &[("subDir", "data")]);
     bad.volume_capabilities = vec![mount_cap_flags(Mode::SingleNodeWriter, &["nconnect=999"])];
     for _ in 0..2 {
-        let e = h
-            .ctl
-            .create_volume(Request::new(bad.clone()))
-            .await
-            .unwrap_err();
+        let e = create_err(&h, bad.clone()).await;
         assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
         assert!(
             e.message()
@@ -467,11 +455,7 @@ async fn a_create_to_a_dead_server_waits_for_one_mount_only() {
         timeout("mount.nfs")
     });
     let t0 = Instant::now();
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("a", &[])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("a", &[])).await;
     assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
     assert_eq!(mount_runs(h.fake()), 1, "{:?}", runs(h.fake()));
     assert!(
@@ -489,11 +473,7 @@ async fn a_create_to_a_dead_server_waits_for_one_mount_only() {
     h.fake().clear_calls();
     h.fake()
         .set_statvfs_delay(&root, Some(Duration::from_secs(4)));
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("b", &[])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("b", &[])).await;
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     assert_eq!(mount_runs(h.fake()), 0);
     assert!(h.driver.store.get("nfs#d#127.0.0.1#/export#b").is_none());
@@ -534,7 +514,7 @@ async fn create_volume_codes_of_failed_mounts() {
         h.fake().reply("mount.nfs", reply);
         let mut r = req("v", &[("share", share)]);
         r.volume_capabilities = vec![mount_cap_flags(Mode::SingleNodeWriter, &["nfsvers=4.2"])];
-        let e = h.ctl.create_volume(Request::new(r)).await.unwrap_err();
+        let e = create_err(&h, r).await;
         assert_eq!(e.code(), want, "{share}: {}", e.message());
         assert_eq!(mount_runs(h.fake()), 1, "{share}");
         assert!(h.driver.store.is_empty(), "{share}");
@@ -558,11 +538,7 @@ async fn controller_remounts_a_stale_share_and_reports_a_hung_one() {
     h.fake()
         .set_statvfs_delay(&root, Some(Duration::from_secs(4)));
     let t0 = Instant::now();
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("c", &[])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("c", &[])).await;
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
     h.fake().set_statvfs_delay(&root, None);
@@ -638,11 +614,7 @@ async fn a_retained_directory_is_never_handed_to_a_new_volume() {
         (Some(id.as_str()), Some("reuse2"))
     );
     for _ in 0..2 {
-        let e = h
-            .ctl
-            .create_volume(Request::new(req("reuse2", &retain)))
-            .await
-            .unwrap_err();
+        let e = create_err(&h, req("reuse2", &retain)).await;
         assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
         assert!(
             e.message()
@@ -1571,14 +1543,14 @@ async fn create_never_adopts_a_directory_berth_did_not_make() {
         std::fs::Permissions::from_mode(0o700),
     )
     .unwrap();
-    let e = h
-        .ctl
-        .create_volume(Request::new(req(
+    let e = create_err(
+        &h,
+        req(
             "pvc-x",
             &[("subDir", "existing"), ("mountPermissions", "0777")],
-        )))
-        .await
-        .unwrap_err();
+        ),
+    )
+    .await;
     assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
     assert!(e.message().contains("existing"), "{}", e.message());
     assert!(e.message().contains("marker"), "{}", e.message());
@@ -1598,11 +1570,7 @@ async fn create_never_adopts_a_directory_berth_did_not_make() {
     let h = restart(h, &["--kinds", "nfs"]);
     // team-b's PVC of the same name asks for the same directory.
     let b = templated("data", "team-b");
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("pvc-bbbb", &pairs(&b))))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("pvc-bbbb", &pairs(&b))).await;
     assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
     assert!(e.message().contains("pvc-aaaa"), "{}", e.message());
     assert!(h.driver.store.is_empty());
@@ -1666,22 +1634,14 @@ async fn aliased_shares_overlap_on_the_resolved_path() {
             (inner, outer)
         };
         create(&h, "one", &one).await;
-        let e = h
-            .ctl
-            .create_volume(Request::new(req("two", &two)))
-            .await
-            .unwrap_err();
+        let e = create_err(&h, req("two", &two)).await;
         assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
         // The same directory through another share is the same volume's.
         let same = [("share", "/export/a"), ("subDir", "x")];
         let other = [("share", "/export"), ("subDir", "a/x")];
         let h = nfs(&[]);
         create(&h, "s1", &same).await;
-        let e = h
-            .ctl
-            .create_volume(Request::new(req("s2", &other)))
-            .await
-            .unwrap_err();
+        let e = create_err(&h, req("s2", &other)).await;
         assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
     }
 }
@@ -1752,24 +1712,20 @@ async fn archives_are_out_of_reach_of_volume_names() {
         ".berth-volume",
         ".berthx",
     ] {
-        let e = h
-            .ctl
-            .create_volume(Request::new(req("sneaky", &[("subDir", sub)])))
-            .await
-            .unwrap_err();
+        let e = create_err(&h, req("sneaky", &[("subDir", sub)])).await;
         assert_eq!(e.code(), Code::InvalidArgument, "{sub}: {}", e.message());
     }
-    let e = h
-        .ctl
-        .create_volume(Request::new(req(
+    let e = create_err(
+        &h,
+        req(
             "sneaky",
             &[
                 ("subDir", "${pvc.metadata.name}"),
                 ("csi.storage.k8s.io/pvc/name", ".berth-archive"),
             ],
-        )))
-        .await
-        .unwrap_err();
+        ),
+    )
+    .await;
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
 }
 
@@ -1779,11 +1735,7 @@ async fn archives_are_out_of_reach_of_volume_names() {
 #[tokio::test]
 async fn allowed_shares_confine_create_delete_and_publish() {
     let h = nfs(&[]);
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("root", &[("share", "/")])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("root", &[("share", "/")])).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     assert!(
         e.message().contains("--nfs-allowed-shares"),
@@ -1800,14 +1752,7 @@ async fn allowed_shares_confine_create_delete_and_publish() {
         ("127.0.0.2", "/export"),
         ("127.0.0.1", "/"),
     ] {
-        let e = h
-            .ctl
-            .create_volume(Request::new(req(
-                "no",
-                &[("server", server), ("share", share)],
-            )))
-            .await
-            .unwrap_err();
+        let e = create_err(&h, req("no", &[("server", server), ("share", share)])).await;
         assert_eq!(
             e.code(),
             Code::InvalidArgument,
@@ -2022,11 +1967,7 @@ async fn a_create_that_fails_on_the_share_leaves_nothing() {
         ("rename", libc::EIO),
     ] {
         h.fake().fail_op_under(op, &root, errno);
-        let e = h
-            .ctl
-            .create_volume(Request::new(req("v", &[])))
-            .await
-            .unwrap_err();
+        let e = create_err(&h, req("v", &[])).await;
         h.fake().clear_file_faults();
         // A full share is no room (RESOURCE_EXHAUSTED); the rest INTERNAL.
         let want = if errno == libc::ENOSPC {
@@ -2913,20 +2854,12 @@ async fn a_mount_of_another_export_path_is_never_the_volume_s() {
     let e = delete(&h, &other).await.unwrap_err();
     assert_eq!(e.code(), Code::Internal, "{}", e.message());
     assert!(e.message().contains("instead of"), "{}", e.message());
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("vn", &[])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("vn", &[])).await;
     assert_eq!(e.code(), Code::Internal, "{}", e.message());
     assert!(root.join("other").is_dir(), "nothing removed");
     assert!(!root.join("vn").exists());
     remount("127.0.0.1:/");
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("vn", &[])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("vn", &[])).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     assert!(!root.join("vn").exists());
     h.node
@@ -2958,11 +2891,7 @@ async fn a_share_through_a_symlink_is_refused_and_old_volumes_on_it_still_go() {
     let before: Vec<_> = std::fs::read_dir(&work)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("new", &[lnk[0], ("subDir", "n")])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("new", &[lnk[0], ("subDir", "n")])).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     assert!(e.message().contains("/export/victim"), "{}", e.message());
     assert!(nfs_mounts(&h).is_empty(), "{:?}", nfs_mounts(&h));
@@ -2996,11 +2925,7 @@ async fn a_share_through_a_symlink_is_refused_and_old_volumes_on_it_still_go() {
         .expect("working mount")
         .0;
     assert!(!root.join("o1").exists() && root.join("o2").is_dir());
-    let e = h
-        .ctl
-        .create_volume(Request::new(req("new", &[lnk[0], ("subDir", "n")])))
-        .await
-        .unwrap_err();
+    let e = create_err(&h, req("new", &[lnk[0], ("subDir", "n")])).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     assert!(mounted(&h, &root));
     assert!(!root.join("n").exists());

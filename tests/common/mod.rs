@@ -445,6 +445,25 @@ pub fn state_check(h: &Harness) -> (bool, String) {
     (ok, String::from_utf8(out).unwrap())
 }
 
+/// Puts the records of `used` and `blank` back to `Creating`, as a crash
+/// during their creates (or a record that lost its Ready) leaves them, and
+/// asserts that `state check` reports an error naming `used`, whose
+/// storage holds data, and says nothing of the kind about `blank`.
+pub fn unanswered_and_checked(h: &Harness, used: &str, blank: &str) {
+    for id in [used, blank] {
+        let mut r = h.driver.store.get(id).unwrap();
+        h.driver
+            .store
+            .set_phase(&mut r, berth::state::Phase::Creating)
+            .unwrap();
+    }
+    let (clean, out) = state_check(h);
+    assert!(!clean, "{out}");
+    let flagged: Vec<&str> = out.lines().filter(|l| l.contains("holds data")).collect();
+    assert_eq!(flagged.len(), 1, "{out}");
+    assert!(flagged[0].contains(used), "{out}");
+}
+
 /// CreateSnapshot of `source` named `name`: the snapshot's id.
 pub async fn snapshot_id(h: &Harness, name: &str, source: &str) -> String {
     use berth::csi::v1::controller_server::Controller;

@@ -299,18 +299,14 @@ async fn validate_refuses_a_filesystem_the_volume_is_too_small_for() {
     let h = block(&[]);
     let small = create(&h, "s", 8 * MIB, &[]).await.volume_id;
     let big = create(&h, "b", 300 * MIB, &[]).await.volume_id;
-    let raw = h
-        .ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            volume_capabilities: vec![raw_cap()],
-            ..create_req_p("r", MIB, &[])
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let raw = created_id(
+        h.ctl
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                volume_capabilities: vec![raw_cap()],
+                ..create_req_p("r", MIB, &[])
+            }))
+            .await,
+    );
     let fs = |t: &str| {
         let mut c = rwo();
         if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {

@@ -302,32 +302,24 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     out
 }
 
-/// The storage of a volume whose plain create never answered (`Creating`,
-/// no content source) when something wrote to it or it cannot tell: a
-/// block volume's backing file that holds data, a local volume's
-/// directory in place (a create moves it there only once Ready) that is
-/// not empty. Start-up keeps such storage aside instead of deleting it.
+/// The storage of a volume whose plain create never answered that its
+/// rollback keeps aside instead of deleting (`block::kept_on_rollback`,
+/// `local::kept_on_rollback`: it may hold a tenant's data).
 fn unanswered_create_with_data(
     local_root: &Path,
     block_root: &Path,
     r: &VolumeRecord,
 ) -> Option<PathBuf> {
-    if r.phase != Phase::Creating || r.source.is_some() {
-        return None;
-    }
     match r.kind {
         Kind::Block if r.block.as_ref().is_none_or(|b| b.disk.is_none()) => {
             let f = crate::kinds::block::volume_file(block_root, &r.id);
             let m = std::fs::symlink_metadata(&f).ok()?;
-            let data = std::fs::File::open(&f)
-                .ok()
-                .and_then(|file| crate::os::files::has_data(&file));
-            (m.is_file() && data != Some(false)).then_some(f)
+            (m.is_file() && crate::kinds::block::kept_on_rollback(r, &f)).then_some(f)
         }
         Kind::Local => {
             let dir = crate::kinds::local::volume_dir(local_root, &r.id);
             let m = std::fs::symlink_metadata(&dir).ok()?;
-            (m.is_dir() && !crate::kinds::local::is_empty_dir(&dir)).then_some(dir)
+            (m.is_dir() && crate::kinds::local::kept_on_rollback(r, &dir)).then_some(dir)
         }
         _ => None,
     }

@@ -64,6 +64,21 @@ pub fn volume_file(root: &Path, id: &str) -> PathBuf {
     root.join(format!("{id}.img"))
 }
 
+/// Whether the rollback of `rec` keeps its backing file `f` (a regular
+/// file) aside in `.orphaned/` instead of deleting it: a plain create that
+/// never answered (`Creating`, no content source) made a file nothing wrote
+/// to, so one that holds data (SEEK_DATA), or that cannot be told about,
+/// was handed out after all (a record that lost its Ready). Start-up's
+/// rollback and `state check` ask the same question here.
+pub fn kept_on_rollback(rec: &VolumeRecord, f: &Path) -> bool {
+    rec.phase == Phase::Creating
+        && rec.source.is_none()
+        && std::fs::File::open(f)
+            .ok()
+            .and_then(|file| files::has_data(&file))
+            != Some(false)
+}
+
 /// What is wrong with a backing file `f` of `len` bytes that Berth made
 /// `made` bytes long (for NodeStageVolume, NodeExpandVolume and `berth
 /// state check`).
@@ -445,7 +460,7 @@ impl BlockKind {
 
     /// Moves `path` (in the block root) into `.orphaned/` as `name` (or
     /// `name.<n>`, never over an earlier one); returns where it went.
-    fn keep_aside(&self, path: &Path, name: &str) -> Result<PathBuf> {
+    pub(super) fn keep_aside(&self, path: &Path, name: &str) -> Result<PathBuf> {
         let aside = self.root.join(ORPHANED);
         let f = self.os.files.as_ref();
         ensure_dir(f, &aside, 0o700)
@@ -910,16 +925,7 @@ impl VolumeKind for BlockKind {
         match std::fs::symlink_metadata(&f) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("inspecting {}", f.display()), e)),
-            // A create that never answered (rolled back) made a file
-            // nothing wrote to. One that holds data was handed out after
-            // all (a record that lost its Ready): kept aside, never
-            // deleted. Any doubt keeps it too.
-            Ok(m)
-                if m.is_file()
-                    && rec.phase == Phase::Creating
-                    && rec.source.is_none()
-                    && self.file_has_data(rec) != Some(false) =>
-            {
+            Ok(m) if m.is_file() && kept_on_rollback(rec, &f) => {
                 let to = self.keep_aside(&f, &format!("{}.img", rec.id))?;
                 tracing::error!(volume_id = %rec.id, file = %f.display(), to = %to.display(), "the file of a volume whose create never answered holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
                 Ok(())

@@ -127,7 +127,7 @@ impl BlockKind {
     }
 
     /// Whether a file volume's backing file holds data (None: cannot tell).
-    pub(super) fn file_has_data(&self, rec: &VolumeRecord) -> Option<bool> {
+    fn file_has_data(&self, rec: &VolumeRecord) -> Option<bool> {
         let f = self.file(&rec.id).ok()?;
         let file = std::fs::File::open(f).ok()?;
         files::has_data(&file)

@@ -615,11 +615,7 @@ impl BlockKind {
                 continue;
             };
             if super::super::is_hex_id(SNAP_PREFIX, id) && !known(id) {
-                let aside = self.root.join(super::ORPHANED);
-                ensure_dir(f, &aside, 0o700)
-                    .map_err(|e| Error::os(format!("creating {}", aside.display()), e))?;
-                let to = crate::os::files::move_aside(f, &path, &aside, &name)
-                    .map_err(|e| Error::os(format!("moving aside {}", path.display()), e))?;
+                let to = self.keep_aside(&path, &name)?;
                 tracing::warn!(file = %path.display(), to = %to.display(), "snapshot without a record moved aside");
             }
         }

@@ -87,10 +87,17 @@ pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
     root.join(id)
 }
 
-/// Whether `dir` is a directory with nothing in it (false when it cannot
-/// be read: a doubt).
-pub fn is_empty_dir(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+/// Whether the rollback of `rec` keeps its directory `dir`, found in place
+/// in the root, aside in `.orphaned/` instead of deleting it: a plain
+/// create moves its directory there only once its record says Ready, so
+/// one there under a record still `Creating` (no content source) was
+/// handed out (a record that lost its Ready); unless it is empty, it is
+/// kept. One that cannot be read is kept too (a doubt). Start-up's rollback
+/// and `state check` ask the same question here.
+pub fn kept_on_rollback(rec: &VolumeRecord, dir: &Path) -> bool {
+    rec.phase == Phase::Creating
+        && rec.source.is_none()
+        && !std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
 }
 
 /// A volume's directory as the node's unmount checks take it: a name in
@@ -711,11 +718,7 @@ impl VolumeKind for LocalKind {
                 m.mount_point.display()
             )));
         }
-        // A plain create moves its directory here only once its record
-        // says Ready: one here under a record still `Creating` was handed
-        // out (a record that lost its Ready). Unless it is empty, it is
-        // kept aside, never deleted; any doubt keeps it too.
-        if rec.phase == Phase::Creating && rec.source.is_none() && !is_empty_dir(&dir) {
+        if kept_on_rollback(rec, &dir) {
             tracing::error!(volume_id = %rec.id, dir = %dir.display(), "the directory of a volume whose create never answered is in place and holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
             return self.set_aside(&dir, &rec.id);
         }

@@ -1645,6 +1645,76 @@ async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
     );
 }
 
+/// A formatted volume whose filesystem has no read-write mount (its mounts
+/// taken away by hand while the loop device stays attached, or not staged
+/// at all) cannot grow its filesystem: NodeExpandVolume is
+/// FAILED_PRECONDITION, and its file and device are left as they were.
+/// Before, the file grew first (a thick volume allocated) and then the
+/// request was refused.
+#[tokio::test]
+async fn a_refused_node_expansion_grows_nothing() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let id = create(&h, "a", 8 * MIB, &[("allocation", "thick")])
+        .await
+        .volume_id;
+    let (s, t) = (h.path("s"), h.path("t"));
+    stage_and_publish(&h, &id, &s, &t).await;
+    // The filesystem mounted again read-only by hand, at the staging path.
+    use berth::os::Mounter;
+    f.unmount(&t).unwrap();
+    f.unmount(&s).unwrap();
+    let ro = berth::os::MountFlags {
+        readonly: true,
+        ..Default::default()
+    };
+    f.mount_fs(Path::new("/dev/loop0"), &s, "ext4", ro, "")
+        .unwrap();
+    let refused = |e: tonic::Status| {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("not mounted read-write"),
+            "{}",
+            e.message()
+        );
+    };
+    let grew_nothing = |f: &FakeOs| {
+        assert_eq!(
+            std::fs::metadata(img(&h, &id)).unwrap().len(),
+            8 * MIB as u64
+        );
+        assert!(f
+            .calls()
+            .iter()
+            .all(|c| !matches!(c, Call::LoopSetCapacity { .. })));
+        assert!(runs(f, "resize2fs").is_empty());
+        assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 8 * MIB);
+    };
+    f.clear_calls();
+    refused(
+        h.node
+            .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 16 * MIB)))
+            .await
+            .unwrap_err(),
+    );
+    grew_nothing(f);
+    // Unstaged (the loop device detached): the same.
+    f.unmount(&s).unwrap();
+    assert_eq!(f.loops().len(), 1);
+    use berth::os::LoopDevices;
+    f.detach(&f.loops()[0].device).unwrap();
+    assert!(f.loops().is_empty());
+    f.clear_calls();
+    refused(
+        h.node
+            .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 16 * MIB)))
+            .await
+            .unwrap_err(),
+    );
+    grew_nothing(f);
+}
+
 /// Cuts the backing file of volume `id` to `len` bytes, as an operator's
 /// `truncate` would.
 fn cut(h: &Harness, id: &str, len: i64) {

@@ -122,26 +122,34 @@ impl BlockKind {
                 major: disk.major,
                 minor: disk.minor,
             };
-            self.grow_fs(rec, &info, &dev, a)?;
+            if let Some(at) = self.fs_to_grow(rec, &info, &dev, a)? {
+                self.grow_fs(rec, &dev, at)?;
+            }
             return Ok(size);
         }
         let size = params::grown_size(rec.capacity_bytes, a.growth.required, a.growth.limit)?;
         self.check_file_growth(rec, info.allocation, size)?;
         let f = self.require_file(&rec.id)?;
-        // no room: OUT_OF_RANGE, as ControllerExpandVolume and
-        // NodeExpandVolume answer NoSpace (error.rs)
-        self.grow_file_to(rec, &info, &f, size)?;
-        match self.current_device(rec)? {
-            Some(dev) => {
-                self.refresh_capacity(&dev.path, &f)?;
-                self.grow_fs(rec, &info, &dev, a)?;
-            }
+        // Whether a filesystem must be grown, and where, is settled before
+        // the file grows: a request that is refused grows nothing.
+        let dev = self.current_device(rec)?;
+        let at = match &dev {
+            Some(dev) => self.fs_to_grow(rec, &info, dev, a)?,
             // Not attached: the device takes the file's size when it is.
             // A filesystem must still be grown, once staged.
             None if info.formatted && !Self::used_raw(a) => {
                 return Err(Self::not_mounted(rec, &info));
             }
-            None => {}
+            None => None,
+        };
+        // no room: OUT_OF_RANGE, as ControllerExpandVolume and
+        // NodeExpandVolume answer NoSpace (error.rs)
+        self.grow_file_to(rec, &info, &f, size)?;
+        if let Some(dev) = dev {
+            self.refresh_capacity(&dev.path, &f)?;
+            if let Some(at) = at {
+                self.grow_fs(rec, &dev, at)?;
+            }
         }
         Ok(size)
     }
@@ -219,17 +227,21 @@ impl BlockKind {
         ))
     }
 
-    /// Grows the filesystem of a formatted volume to its device, online.
-    fn grow_fs(
+    /// The filesystem of a formatted volume and the read-write mount of
+    /// its device to grow it through (the staging path or `volume_path`
+    /// when the device is mounted there). None when there is none to grow:
+    /// raw, not formatted yet (mkfs will use the whole device), or used
+    /// raw right now. FAILED_PRECONDITION when a filesystem has no
+    /// read-write mount.
+    fn fs_to_grow(
         &self,
         rec: &VolumeRecord,
         info: &BlockInfo,
         dev: &Dev,
         a: &NodeExpandArgs<'_>,
-    ) -> Result<()> {
+    ) -> Result<Option<(Filesystem, PathBuf)>> {
         if !info.formatted {
-            // Raw, or not formatted yet: mkfs will use the whole device.
-            return Ok(());
+            return Ok(None);
         }
         let fs = Filesystem::parse(&info.fs_type).ok_or_else(|| {
             Error::Internal(format!(
@@ -250,7 +262,7 @@ impl BlockKind {
         if mounted.is_empty() {
             if Self::used_raw(a) {
                 // Used raw right now: the device is grown, nothing else to do.
-                return Ok(());
+                return Ok(None);
             }
             return Err(Self::not_mounted(rec, info));
         }
@@ -260,6 +272,17 @@ impl BlockKind {
             .find(|p| mounted.iter().any(|m| m == p))
             .map(Path::to_path_buf)
             .unwrap_or_else(|| mounted[0].clone());
+        Ok(Some((fs, mount_point)))
+    }
+
+    /// Grows the filesystem of a formatted volume to its device, online,
+    /// through the mount `fs_to_grow` chose.
+    fn grow_fs(
+        &self,
+        rec: &VolumeRecord,
+        dev: &Dev,
+        (fs, mount_point): (Filesystem, PathBuf),
+    ) -> Result<()> {
         mkfs::grow(self.os.cmd.as_ref(), fs, &dev.path, &mount_point).map_err(|e| {
             let hint = match &e {
                 // EXT4_IOC_RESIZE_FS needs CAP_SYS_RESOURCE.

@@ -778,6 +778,36 @@ async fn validate_checks_kind_parameter_and_volume_context() {
     };
     let none = HashMap::new();
     let garbage = HashMap::from([("foo".to_string(), "bar".to_string())]);
+    // Parameters without a kind describe a volume of the default kind
+    // (local, served first): a block volume's own parameters are not
+    // confirmed without `kind: block` (before, they were). What Kubernetes
+    // adds names no kind and describes either.
+    let co = ("csi.storage.k8s.io/pvc/name", "claim");
+    let mut req = create_req("b2", 8 << 20);
+    req.parameters.insert("kind".into(), "block".into());
+    req.parameters.insert("allocation".into(), "thick".into());
+    let thick = created_id_and_context(h.ctl.create_volume(Request::new(req)).await).0;
+    for (id, params, ok) in [
+        (&thick, &[("allocation", "thick")][..], false),
+        (
+            &thick,
+            &[("kind", "block"), ("allocation", "thick")][..],
+            true,
+        ),
+        (&block.0, &[co][..], true),
+        (&local.0, &[co][..], true),
+    ] {
+        let r = h
+            .ctl
+            .validate_volume_capabilities(Request::new(validate(id, params, &none)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.confirmed.is_some(), ok, "{id} {params:?}: {}", r.message);
+        if !ok {
+            assert!(r.message.contains("default kind (local)"), "{}", r.message);
+        }
+    }
     for ((id, ctx), own, other) in [(&local, "local", "block"), (&block, "block", "local")] {
         for (params, ctx, ok) in [
             (&[("kind", own)][..], &none, true),

@@ -1,7 +1,8 @@
 //! ValidateVolumeCapabilities: confirms the capabilities when the volume's
 //! kind supports all of them (and they fit how the volume was created), the
 //! parameters, when given, when they describe the volume (a `kind` key must
-//! name its kind), and the volume_context, when given, when it is the
+//! name its kind; without one, parameters describe the default kind's), and
+//! the volume_context, when given, when it is the
 //! volume's own. NOT_FOUND for
 //! a volume that does not exist (an NFS id without a record is looked up on
 //! the share, like ControllerGetVolume).
@@ -44,18 +45,34 @@ pub async fn handle(
                 return Ok("the access type (block or mount) differs from the one the volume was created with".into());
             }
         }
-        // A `kind` parameter must name the volume's kind, as it would have
-        // to for CreateVolume to make this volume.
-        if let Some(k) = params.get(KIND_KEY) {
-            if Kind::parse(&k.to_ascii_lowercase()) != Some(rec.kind) {
+        // The parameters must make CreateVolume make a volume of this kind:
+        // a `kind` parameter must name it, and parameters for a kind without
+        // one describe a volume of the default kind (the first served).
+        // Parameters Kubernetes adds (csi.storage.k8s.io/...) alone describe
+        // no kind.
+        let own = kind_parameters(&params);
+        match params.get(KIND_KEY) {
+            Some(k) if Kind::parse(&k.to_ascii_lowercase()) != Some(rec.kind) => {
                 return Ok(format!(
                     "parameter kind {k:?} does not name the volume's kind ({})",
                     rec.kind
                 ));
             }
+            None if !own.is_empty() && d2.cfg.kinds.first() != Some(&rec.kind) => {
+                return Ok(format!(
+                    "the parameters name no kind, so they describe a volume of the default kind ({}); this volume is {}",
+                    d2.cfg
+                        .kinds
+                        .first()
+                        .map(|k| k.to_string())
+                        .unwrap_or_default(),
+                    rec.kind
+                ));
+            }
+            _ => {}
         }
         if !params.is_empty() {
-            if let Err(why) = kind.parameters_match(&rec, &kind_parameters(&params)) {
+            if let Err(why) = kind.parameters_match(&rec, &own) {
                 return Ok(why);
             }
         }

@@ -1143,6 +1143,66 @@ async fn delete_detaches_a_leftover_attachment_and_removes_only_its_file() {
 
 // ------------------------------------------------------------ Raw block
 
+/// A raw volume's loop device detached by hand while published (the
+/// kernel allows it: a bind of the device node does not hold the device):
+/// NodeGetVolumeStats answers an abnormal condition that says so, with no
+/// numbers (before: NOT_FOUND, as if the pod's path held nothing). A path
+/// that holds nothing is still NOT_FOUND.
+#[tokio::test]
+async fn stats_of_a_raw_volume_whose_loop_device_was_detached() {
+    let h = block(&[]);
+    let f = h.fake();
+    let id = created_id(
+        h.ctl
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                volume_capabilities: vec![raw_cap()],
+                ..create_req_p("r", 4 * MIB, &[])
+            }))
+            .await,
+    );
+    let (s, t) = (h.path("s"), h.path("t"));
+    std::fs::create_dir(&s).unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_capability: Some(raw_cap()),
+            ..publish_req(&id, &s, &t, false)
+        }))
+        .await
+        .unwrap();
+    use berth::os::LoopDevices;
+    f.detach(Path::new("/dev/loop0")).unwrap();
+    assert!(f.loops().is_empty());
+    let stats = |path: &Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.clone(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    let st = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&t)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.usage.is_empty(), "{:?}", st.usage);
+    let c = st.volume_condition.unwrap();
+    assert!(
+        c.abnormal && c.message.contains("/dev/loop0") && c.message.contains("no longer attached"),
+        "{c:?}"
+    );
+    assert_eq!(
+        code(
+            h.node
+                .node_get_volume_stats(Request::new(stats(&h.path("nothing"))))
+                .await
+        ),
+        Code::NotFound
+    );
+}
+
 #[tokio::test]
 async fn raw_block_stages_and_publishes_the_device_node() {
     let h = block(&[]);

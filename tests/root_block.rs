@@ -651,6 +651,23 @@ async fn a_refused_stage_leaves_no_attachment() {
     let (dev, _) = loops_under(h.dir.path())[0].clone();
     berth::os::RealLoopDevices::default().detach(&dev).unwrap();
     assert!(loops_under(h.dir.path()).is_empty(), "still attached");
+    // The pod's path still shows the device node: an abnormal condition,
+    // not NOT_FOUND.
+    let st = h
+        .node
+        .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+            volume_id: a.clone(),
+            volume_path: ta.display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = st.volume_condition.unwrap();
+    assert!(
+        c.abnormal && c.message.contains(&format!("{} of volume", dev.display())),
+        "{c:?}"
+    );
     let r = h
         .node
         .node_stage_volume(Request::new(csi::NodeStageVolumeRequest {

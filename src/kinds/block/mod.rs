@@ -990,6 +990,20 @@ impl VolumeKind for BlockKind {
         self.volume_stats(rec, path)
     }
 
+    /// As the default, but a raw volume whose loop device was detached
+    /// under its publish is abnormal (no numbers), not NOT_FOUND: the path
+    /// still holds what was published there.
+    fn stats_and_health(&self, rec: &VolumeRecord, path: &Path) -> Result<(VolumeStats, Health)> {
+        match self.volume_stats(rec, path) {
+            Ok(s) => Ok((s, self.health(rec))),
+            Err(e @ Error::NotFound(_)) => match self.detached_under(rec, path)? {
+                Some(why) => Ok((VolumeStats::default(), Health::abnormal(why))),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
     fn in_use(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<Vec<PathBuf>> {
         match self.current_device(rec) {
             Ok(Some(dev)) => Ok(Self::users(mount_table.get(&self.os)?, &dev)),

@@ -602,6 +602,38 @@ impl BlockKind {
         Err(mounts::foreign(path, id, top))
     }
 
+    /// When `path` shows a loop device node (a raw volume's publish or
+    /// stage: a bind of `/dev/loopN`) while the volume's file is attached
+    /// to no loop device, its device was detached under it (`losetup -d`
+    /// while only bind-mounted, which the kernel allows): what the
+    /// condition says then. None in every other case. Asked only after
+    /// `volume_stats` found nothing.
+    pub(super) fn detached_under(&self, rec: &VolumeRecord, path: &Path) -> Result<Option<String>> {
+        if self.current_device(rec)?.is_some() {
+            return Ok(None);
+        }
+        let t = mounts::table(&self.os)?;
+        let Some(top) = mounts::at(&self.os, &t, path).last().copied() else {
+            return Ok(None);
+        };
+        let Some(name) = top.root.file_name().and_then(|n| n.to_str()) else {
+            return Ok(None);
+        };
+        let is_loop = name
+            .strip_prefix("loop")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let node = Path::new("/dev").join(name);
+        if !is_loop || mountinfo::object_of(&t, &node).as_ref() != Some(&mounts::object(top)) {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "{} shows the loop device {} of volume {}, which is no longer attached to the volume's file (detached by hand?): I/O through it fails, or reaches whatever is attached there now; delete the pod so the volume is unpublished and staged again",
+            path.display(),
+            node.display(),
+            rec.id
+        )))
+    }
+
     pub(super) fn volume_stats(&self, rec: &VolumeRecord, path: &Path) -> Result<VolumeStats> {
         let not_here = || {
             Error::NotFound(format!(

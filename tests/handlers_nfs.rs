@@ -482,7 +482,8 @@ async fn a_create_to_a_dead_server_waits_for_one_mount_only() {
 
 /// What the server or the kernel refuses for good is INVALID_ARGUMENT for
 /// CreateVolume (the request names something that cannot work): an
-/// export the server does not have, an option the kernel does not accept.
+/// export the server does not have, or does not let this node mount, an
+/// option the kernel does not accept.
 /// A server that does not answer stays DEADLINE_EXCEEDED, and other mount
 /// failures INTERNAL. None leaves a record.
 #[tokio::test]
@@ -500,6 +501,14 @@ async fn create_volume_codes_of_failed_mounts() {
         (
             "/opt",
             exit(32, "mount.nfs: an incorrect mount option was specified"),
+            Code::InvalidArgument,
+        ),
+        (
+            "/private",
+            exit(
+                32,
+                "mount.nfs: access denied by server while mounting 127.0.0.1:/private",
+            ),
             Code::InvalidArgument,
         ),
         ("/slow", timeout("mount.nfs"), Code::DeadlineExceeded),

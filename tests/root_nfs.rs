@@ -419,6 +419,35 @@ async fn failed_mounts_leave_nothing_and_retained_data_is_not_reused() {
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     assert!(h.driver.store.is_empty(), "no record");
 
+    // An export the server does not let this node mount (exported to
+    // another client only, for this test's length).
+    let private = "/srv/berth-private";
+    std::fs::create_dir_all(private).unwrap();
+    let exportfs = |args: &[&str]| {
+        let st = std::process::Command::new("exportfs")
+            .args(args)
+            .status()
+            .expect("run exportfs");
+        assert!(st.success(), "exportfs {args:?}: {st}");
+    };
+    let client_path = format!("192.0.2.1:{private}");
+    exportfs(&["-o", "rw,no_subtree_check,fsid=424242", &client_path]);
+    let r = try_create(&h, &e, "pr-n4", &[("share", private)]).await;
+    exportfs(&["-u", &client_path]);
+    let err = r.unwrap_err();
+    eprintln!(
+        "create on an export this node may not mount: {:?}: {}",
+        err.code(),
+        err.message()
+    );
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("denies this node access"),
+        "{}",
+        err.message()
+    );
+    assert!(h.driver.store.is_empty(), "no record");
+
     let retain = [("onDelete", "retain"), ("subDir", "pr-reuse")];
     let id = try_create(&h, &e, "pr-reuse2", &retain).await.unwrap();
     std::fs::write(e.export.join("pr-reuse/old"), b"old data").unwrap();

@@ -185,11 +185,41 @@ pub fn check_options(flags: &[String]) -> Result<Vec<String>, String> {
             out.push(opt.to_string());
         }
     }
-    if out.iter().any(|o| o == "ro") && out.iter().any(|o| o == "rw") {
-        return Err("NFS mount options ro and rw conflict".into());
+    for (a, b) in CONFLICTS {
+        if out.iter().any(|o| o == a) && out.iter().any(|o| o == b) {
+            return Err(format!("NFS mount options {a} and {b} conflict"));
+        }
     }
     Ok(out)
 }
+
+/// Options that say opposite things: given both, which one the kernel
+/// keeps depends on their order (the last wins), so neither is what the
+/// admin can be sure to get.
+const CONFLICTS: &[(&str, &str)] = &[
+    ("ro", "rw"),
+    ("sync", "async"),
+    ("hard", "soft"),
+    ("hard", "softerr"),
+    ("soft", "softerr"),
+    ("softreval", "nosoftreval"),
+    ("intr", "nointr"),
+    ("cto", "nocto"),
+    ("ac", "noac"),
+    ("lock", "nolock"),
+    ("acl", "noacl"),
+    ("rdirplus", "nordirplus"),
+    ("sharecache", "nosharecache"),
+    ("resvport", "noresvport"),
+    ("posix", "noposix"),
+    ("migration", "nomigration"),
+    ("tcp", "udp"),
+    ("tcp", "rdma"),
+    ("udp", "rdma"),
+    ("noatime", "relatime"),
+    ("noatime", "strictatime"),
+    ("relatime", "strictatime"),
+];
 
 /// True when the options choose the NFS version.
 pub fn has_version(opts: &[String]) -> bool {
@@ -272,6 +302,10 @@ pub enum Refusal {
     /// by server: No such file or directory"; a missing local mount point
     /// is reported otherwise: "mount point ... does not exist").
     NoExport,
+    /// The server does not let this node mount the export ("access denied
+    /// by server while mounting h:/x": its export list leaves this client
+    /// out, or the `sec=` flavour is not one it exports with).
+    Denied,
 }
 
 impl Refusal {
@@ -280,6 +314,7 @@ impl Refusal {
         match self {
             Refusal::Option => "the kernel does not accept the mount options",
             Refusal::NoExport => "the server has no such export",
+            Refusal::Denied => "the server denies this node access to the export (check the export's client list and sec= flavour)",
         }
     }
 }
@@ -301,6 +336,8 @@ pub fn refusal(e: &OsError) -> Option<Refusal> {
         Some(Refusal::Option)
     } else if stderr.contains("No such file or directory") {
         Some(Refusal::NoExport)
+    } else if stderr.contains("access denied by server") {
+        Some(Refusal::Denied)
     } else {
         None
     }
@@ -407,6 +444,24 @@ mod tests {
         assert!(check_options(&v(&["vers=3", "nfsvers=4.1"])).is_err());
         assert!(check_options(&v(&["timeo=1", "timeo=2"])).is_err());
         assert!(check_options(&v(&["ro", "rw"])).is_err());
+        // Opposites, in either order and spread over flags (before, only
+        // ro and rw were caught).
+        for (a, b) in [
+            ("lock", "nolock"),
+            ("hard", "soft"),
+            ("softerr", "hard"),
+            ("ac", "noac"),
+            ("sync", "async"),
+            ("tcp", "udp"),
+            ("strictatime", "noatime"),
+        ] {
+            for pair in [v(&[&format!("{a},{b}")]), v(&[b, a])] {
+                let e = check_options(&pair).unwrap_err();
+                assert!(e.contains("conflict"), "{pair:?}: {e}");
+            }
+        }
+        // Options that only look alike pass.
+        assert!(check_options(&v(&["hard", "nolock", "noac", "nocto", "tcp"])).is_ok());
     }
 
     #[test]
@@ -461,6 +516,13 @@ mod tests {
                 "mount.nfs: mounting 10.0.0.1:/nope failed, reason given by server: No such file or directory"
             )),
             Some(Refusal::NoExport)
+        );
+        assert_eq!(
+            refusal(&failed(
+                MOUNT,
+                "mount.nfs: access denied by server while mounting 127.0.0.1:/srv/private"
+            )),
+            Some(Refusal::Denied)
         );
         for other in [
             failed(MOUNT, "mount.nfs: Connection refused"),

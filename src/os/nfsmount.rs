@@ -313,7 +313,9 @@ impl Refusal {
     pub fn explain(self) -> &'static str {
         match self {
             Refusal::Option => "the kernel does not accept the mount options",
-            Refusal::NoExport => "the server has no such export",
+            Refusal::NoExport => {
+                "the server has no such export (over NFSv4, also one it does not export to this node)"
+            }
             Refusal::Denied => "the server denies this node access to the export (check the export's client list and sec= flavour)",
         }
     }

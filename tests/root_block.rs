@@ -852,6 +852,85 @@ async fn disk_pool_with_loop_devices_as_disks() {
     assert!(mounts_under(h.dir.path()).is_empty());
 }
 
+/// Snapshots of a whole disk whose filesystem stays mounted are each the
+/// disk as it was when taken. The copy reads the disk around its page
+/// cache: the filesystem writes file data around that cache, so before,
+/// the pages the first snapshot's read had cached (the disk stayed open by
+/// the mount) were what the second and later snapshots held: a restore of
+/// them read zeros or an earlier round's data.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn each_snapshot_of_a_mounted_disk_is_the_disk_at_its_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let disk = stand_in_disk(&disks, "disk", 64 * MIB, None);
+    let pool = disk.display().to_string();
+    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool]);
+    std::mem::forget(guard); // `_g` covers the same directory
+    let id = create(&h, "d", 64 * MIB, &[("pool", "disk")], rwo())
+        .await
+        .volume_id;
+    let (s, t) = (h.path("stage"), h.path("pod"));
+    stage(&h, &id, &s, rwo()).await;
+    publish(&h, &id, &s, &t, rwo(), false).await;
+    let (rs, rt) = (h.path("restored-stage"), h.path("restored-pod"));
+    for round in 0..3u64 {
+        let data = pattern(round + 1, MIB as usize);
+        {
+            use std::io::Write;
+            let mut f = File::create(t.join("data")).unwrap();
+            f.write_all(&data).unwrap();
+            f.sync_all().unwrap();
+        }
+        let snap = snapshot_id(&h, &format!("snap-{round}"), &id).await;
+        let restored = h
+            .ctl
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                parameters: params(&[]),
+                volume_capabilities: vec![rwo()],
+                volume_content_source: Some(csi::VolumeContentSource {
+                    r#type: Some(csi::volume_content_source::Type::Snapshot(
+                        csi::volume_content_source::SnapshotSource {
+                            snapshot_id: snap.clone(),
+                        },
+                    )),
+                }),
+                ..create_req(&format!("restored-{round}"), 64 * MIB)
+            }))
+            .await
+            .expect("restore")
+            .into_inner()
+            .volume
+            .expect("volume")
+            .volume_id;
+        stage(&h, &restored, &rs, rwo()).await;
+        publish(&h, &restored, &rs, &rt, rwo(), false).await;
+        let got = std::fs::read(rt.join("data")).unwrap();
+        assert!(
+            got == data,
+            "round {round}: the restored snapshot holds other data ({} of {} bytes differ)",
+            got.iter().zip(&data).filter(|(a, b)| a != b).count(),
+            data.len()
+        );
+        unpublish(&h, &restored, &rt).await;
+        unstage_as_kubelet(&h, &restored, &rs).await.unwrap();
+        delete(&h, &restored).await;
+        h.ctl
+            .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                snapshot_id: snap,
+                ..Default::default()
+            }))
+            .await
+            .expect("delete snapshot");
+    }
+    unpublish(&h, &id, &t).await;
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    delete(&h, &id).await;
+    assert!(mounts_under(h.dir.path()).is_empty());
+}
+
 /// Writes `data` at `offset` of the device `dev` and flushes it.
 fn write_dev(dev: &Path, offset: u64, data: &[u8]) {
     use std::os::unix::fs::FileExt;

@@ -130,14 +130,49 @@ pub fn copy_file_data(
 
 const CHUNK: usize = 1 << 20;
 
-/// Copies `len` bytes of the device `src` into the new file `dst` (mode
-/// 0600), leaving holes where the device reads as zeros, and syncs it.
-pub fn copy_device_to_file(src: &Path, dst: &Path, len: u64) -> Result<CopyStats, OsError> {
-    let s = OpenOptions::new()
+/// Alignment of the O_DIRECT reads' buffer (the largest logical block
+/// size of a disk).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Opens the device `src` for reading what is on the device itself
+/// (O_DIRECT), not what its page cache holds: a filesystem mounted from
+/// the device writes file data around that cache, so pages a read cached
+/// before (an earlier snapshot of the same disk, while it stayed open by
+/// the mount) are stale by the time of the next snapshot. Where O_DIRECT
+/// is not supported (EINVAL: a file on tmpfs standing in for a device in
+/// tests), a plain open whose cached pages are dropped first
+/// (POSIX_FADV_DONTNEED), the best the kernel offers there.
+fn open_uncached(src: &Path) -> Result<(File, bool), OsError> {
+    match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
         .open(src)
-        .map_err(sys("open", src))?;
+    {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(src)
+                .map_err(sys("open", src))?;
+            nix::fcntl::posix_fadvise(
+                &f,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .map_err(errno("posix_fadvise", src))?;
+            Ok((f, false))
+        }
+        Err(e) => Err(OsError::sys("open", src, e)),
+    }
+}
+
+/// Copies `len` bytes of the device `src` into the new file `dst` (mode
+/// 0600), leaving holes where the device reads as zeros, and syncs it. The
+/// device is read around its page cache (`open_uncached`).
+pub fn copy_device_to_file(src: &Path, dst: &Path, len: u64) -> Result<CopyStats, OsError> {
+    let (s, direct) = open_uncached(src)?;
     let d = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -145,12 +180,22 @@ pub fn copy_device_to_file(src: &Path, dst: &Path, len: u64) -> Result<CopyStats
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(dst)
         .map_err(sys("create", dst))?;
-    let mut buf = vec![0u8; CHUNK];
+    // An O_DIRECT read needs a buffer aligned to the logical block size
+    // (and a length that is a multiple of it: a device's size is).
+    let mut raw = vec![0u8; CHUNK + DIRECT_ALIGN];
+    let shift = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    let buf = &mut raw[shift..shift + CHUNK];
     let mut off = 0u64;
     let mut bytes = 0u64;
     while off < len {
-        let want = usize::try_from(len - off).unwrap_or(CHUNK).min(CHUNK);
+        let mut want = usize::try_from(len - off).unwrap_or(CHUNK).min(CHUNK);
+        if direct {
+            // A last piece shorter than a block: read the whole block (the
+            // device ends there; the file is cut to `len` below).
+            want = want.div_ceil(512) * 512;
+        }
         let n = s.read_at(&mut buf[..want], off).map_err(sys("read", src))?;
+        let n = n.min(usize::try_from(len - off).unwrap_or(usize::MAX));
         if n == 0 {
             break;
         }

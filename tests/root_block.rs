@@ -636,6 +636,11 @@ async fn a_busy_loop_device_is_not_left_to_autoclear() {
 /// volume's pod reads and writes the second volume's file through its
 /// stale device node, and the second volume can never be unstaged or
 /// deleted while those binds exist.
+///
+/// Runs alone (run-all.sh, vm-block.sh: `--exact`, and `--skip` in the
+/// run of the others): while A's binds outlive its detached device, any
+/// other test's stage that gets that device number is refused, as it must
+/// be.
 #[tokio::test]
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn a_refused_stage_leaves_no_attachment() {

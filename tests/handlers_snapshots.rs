@@ -653,6 +653,69 @@ async fn a_staged_block_filesystem_is_frozen_for_its_snapshot() {
             .unwrap()
             .grow_fs
     );
+
+    // A first stage that mounted and then failed to grow (or was killed
+    // there): the retry finds it staged already and grows it the same
+    // way, offline where online is refused (before, every retry tried
+    // online only and answered INTERNAL until someone unstaged it).
+    let r3 = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: [("kind".to_string(), "block".to_string())].into(),
+            ..from_snapshot("r3", 16 * MIB, &s.snapshot_id)
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls = n.clone();
+    f.respond("resize2fs", move |_| {
+        let stderr = match calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => "resize2fs: Input/output error while trying to resize",
+            1 => "resize2fs: Permission denied to resize filesystem",
+            _ => return out(0, ""),
+        };
+        Ok(berth::os::CmdOutput {
+            code: Some(1),
+            stdout: String::new(),
+            stderr: stderr.into(),
+        })
+    });
+    let staging_r3 = h.path("staging-r3");
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&r3.volume_id, &staging_r3)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    let mounted_at_r3 = |f: &berth::os::fake::FakeOs| {
+        f.table()
+            .into_iter()
+            .filter(|m| m.mount_point == staging_r3)
+            .count()
+    };
+    assert_eq!(mounted_at_r3(f), 1, "left mounted by the failed growth");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&r3.volume_id, &staging_r3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        grow_order(f, 5),
+        ["resize2fs", "unmount", "e2fsck", "resize2fs", "mount"],
+        "staged already: online refused, then offline"
+    );
+    assert_eq!(mounted_at_r3(f), 1, "mounted once at the end");
+    assert!(
+        !h.driver
+            .store
+            .get(&r3.volume_id)
+            .unwrap()
+            .block
+            .unwrap()
+            .grow_fs
+    );
 }
 
 /// The last `n` of the fake's mounts, unmounts, e2fsck and resize2fs runs,

@@ -216,6 +216,40 @@ impl BlockKind {
         r
     }
 
+    /// Mounts the filesystem `fs` of `dev` at `staging` with `flags` and
+    /// the filesystem's `data` (`mount_data`).
+    fn mount_staging(
+        &self,
+        dev: &Dev,
+        staging: &Path,
+        fs: Filesystem,
+        flags: MountFlags,
+        data: &str,
+    ) -> Result<()> {
+        mounts::mount_on_dir(&self.os, staging, || {
+            self.os
+                .mounter
+                .mount_fs(&dev.path, staging, fs.as_str(), flags, data)
+                .map_err(|e| {
+                    let what = format!(
+                        "mounting {} ({fs}) at {}",
+                        dev.path.display(),
+                        staging.display()
+                    );
+                    if e.errno() == Some(libc::EBUSY) {
+                        // Held open exclusively: an mkfs (or fsck) still
+                        // running, such as one a killed berth left.
+                        // Transient: nothing is decided on it.
+                        Error::Busy(format!(
+                            "{what}: the device is held by another process (an mkfs a killed berth started may still be running); retry"
+                        ))
+                    } else {
+                        Error::os(what, e)
+                    }
+                })
+        })
+    }
+
     fn stage_fs_on(
         &self,
         rec: &VolumeRecord,
@@ -243,8 +277,19 @@ impl BlockKind {
                     )));
                 }
                 // Staged already; a restore whose growth failed after the
-                // mount is grown now (a retry must not answer OK with the
-                // filesystem still at the source's size).
+                // mount (or was killed) is grown now (a retry must not
+                // answer OK with the filesystem still at the source's
+                // size). Where the kernel refuses online ext4 growth, the
+                // offline fallback as at the first stage, while nothing
+                // but the staging path mounts the device.
+                if info.grow_fs
+                    && fs == Filesystem::Ext4
+                    && Self::users(&t, dev).iter().all(|p| p == staging)
+                {
+                    let data = mount_data(&info, fs);
+                    let mount = || self.mount_staging(dev, staging, fs, flags, data);
+                    return self.grow_restored_ext4(rec, &info, dev, staging, &mount);
+                }
                 return self.grow_restored(rec, &info, dev, staging, fs);
             }
             return Err(Error::Conflict(format!(
@@ -295,30 +340,7 @@ impl BlockKind {
             || head().is_ok_and(|sb| format::xfs_in_progress(&sb)),
         );
         let data = mount_data(&info, fs);
-        let mount = || {
-            mounts::mount_on_dir(&self.os, staging, || {
-                self.os
-                    .mounter
-                    .mount_fs(&dev.path, staging, fs.as_str(), flags, data)
-                    .map_err(|e| {
-                        let what = format!(
-                            "mounting {} ({fs}) at {}",
-                            dev.path.display(),
-                            staging.display()
-                        );
-                        if e.errno() == Some(libc::EBUSY) {
-                            // Held open exclusively: an mkfs (or fsck) still
-                            // running, such as one a killed berth left.
-                            // Transient: nothing is decided on it.
-                            Error::Busy(format!(
-                                "{what}: the device is held by another process (an mkfs a killed berth started may still be running); retry"
-                            ))
-                        } else {
-                            Error::os(what, e)
-                        }
-                    })
-            })
-        };
+        let mount = || self.mount_staging(dev, staging, fs, flags, data);
         let formatted = |mut info: BlockInfo| {
             info.formatted = true;
             info.fs_type = fs.as_str().into();

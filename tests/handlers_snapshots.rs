@@ -1213,3 +1213,170 @@ async fn a_snapshot_copy_without_a_record_is_reported_and_kept_aside() {
         );
     }
 }
+
+/// Restores, clones and snapshots whose record lost its Ready (a journal
+/// cut right after their Creating line, one of the ways records get lost)
+/// keep their whole copy: `state check` reports each as an error, and
+/// start-up moves it to `.orphaned/`, never deletes it, with the tenant's
+/// writes in it. Before, their copies were deleted silently, and check
+/// said only that an operation was interrupted. A restore's copy that is
+/// not whole yet (a block restore copies under a temporary name) is still
+/// removed, and nothing of it is kept.
+#[tokio::test]
+async fn copies_whose_ready_was_lost_are_kept_aside() {
+    for kind in ["local", "block"] {
+        let h = fake(&["--kinds", kind]);
+        let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+        let snap = snapshot(&h, "s", &src).await.snapshot_id;
+        let restore = |name: &'static str| {
+            let (h, snap) = (&h, snap.clone());
+            async move {
+                h.ctl
+                    .create_volume(Request::new(from_snapshot(name, MIB, &snap)))
+                    .await
+                    .expect("restore")
+                    .into_inner()
+                    .volume
+                    .expect("volume")
+                    .volume_id
+            }
+        };
+        let restored = restore("restored").await;
+        let cloned = h
+            .ctl
+            .create_volume(Request::new(from_volume("cloned", MIB, &src)))
+            .await
+            .expect("clone")
+            .into_inner()
+            .volume
+            .expect("volume")
+            .volume_id;
+        let unfinished = restore("unfinished").await;
+        // A restore and a snapshot whose records say Ready but whose
+        // copies were not moved to their names yet (a crash in between):
+        // start-up moves them.
+        let late = restore("late").await;
+        let late_snap = snapshot(&h, "late", &src).await.snapshot_id;
+        let snap_copy = |h: &Harness, id: &str| match kind {
+            "local" => h.path("local/.snapshots").join(id),
+            _ => h.path("block/.snapshots").join(format!("{id}.img")),
+        };
+        let (late_tmp, late_snap_tmp) = match kind {
+            "local" => (
+                h.path("local/.creating").join(&late),
+                h.path("local/.snapshots")
+                    .join(format!(".partial-{late_snap}")),
+            ),
+            _ => (
+                h.path("block").join(format!(".restoring-{late}.img")),
+                h.path("block/.snapshots")
+                    .join(format!(".partial-{late_snap}.img")),
+            ),
+        };
+        std::fs::create_dir_all(late_tmp.parent().unwrap()).unwrap();
+        std::fs::rename(storage_of(&h, kind, &late), &late_tmp).unwrap();
+        std::fs::rename(snap_copy(&h, &late_snap), &late_snap_tmp).unwrap();
+        // The tenants write.
+        let storage = |h: &Harness, id: &str| storage_of(h, kind, id);
+        for id in [&restored, &cloned] {
+            match kind {
+                "local" => std::fs::write(storage(&h, id).join("tenant"), id.as_bytes()).unwrap(),
+                _ => {
+                    use std::os::unix::fs::FileExt;
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(storage(&h, id))
+                        .unwrap()
+                        .write_all_at(id.as_bytes(), 8192)
+                        .unwrap();
+                }
+            }
+        }
+        // A block restore whose copy had not been renamed into place yet.
+        let partial = h.path("block").join(format!(".restoring-{unfinished}.img"));
+        if kind == "block" {
+            std::fs::rename(img(&h, &unfinished), &partial).unwrap();
+        }
+        // The Ready records lost.
+        for id in [&restored, &cloned, &unfinished] {
+            let mut r = h.driver.store.get(id).unwrap();
+            h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+        }
+        let mut s = h.driver.store.snapshot_get(&snap).unwrap();
+        s.phase = Phase::Creating;
+        h.driver.store.snapshot_put(&s).unwrap();
+        let (clean, out) = state_check(&h);
+        assert!(!clean, "{kind}: {out}");
+        for id in [&restored, &cloned, &snap] {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with("error") && l.contains(id.as_str())),
+                "{kind}: {id} not reported as an error: {out}"
+            );
+        }
+        if kind == "block" {
+            assert!(
+                !out.lines()
+                    .any(|l| l.starts_with("error") && l.contains(&unfinished)),
+                "{kind}: {out}"
+            );
+        }
+        let dir = h.stop();
+        let (os, f) = berth::os::Os::fake();
+        let h = build(dir, os, Some(f), &["--kinds", kind]);
+        for id in [&restored, &cloned, &unfinished] {
+            assert!(
+                h.driver.store.get(id).is_none(),
+                "{kind}: {id} not rolled back"
+            );
+            assert!(!storage(&h, id).exists(), "{kind}: {id} left in place");
+        }
+        assert!(h.driver.store.snapshot_get(&snap).is_none());
+        let aside = h.path(kind).join(".orphaned");
+        let kept = |id: &str| match kind {
+            "local" => aside.join(id),
+            _ => aside.join(format!("{id}.img")),
+        };
+        for id in [&restored, &cloned] {
+            let got = match kind {
+                "local" => std::fs::read(kept(id).join("tenant")).unwrap(),
+                _ => {
+                    use std::os::unix::fs::FileExt;
+                    let mut b = vec![0u8; id.len()];
+                    std::fs::File::open(kept(id))
+                        .unwrap()
+                        .read_exact_at(&mut b, 8192)
+                        .unwrap();
+                    b
+                }
+            };
+            assert_eq!(got, id.as_bytes(), "{kind}: {id}'s writes not kept");
+        }
+        assert!(kept(&snap).exists(), "{kind}: the snapshot's copy not kept");
+        assert!(
+            !kept(&unfinished).exists(),
+            "{kind}: an unfinished copy kept"
+        );
+        assert!(!partial.exists(), "{kind}: an unfinished copy left");
+        // The source is untouched.
+        assert!(storage(&h, &src).exists());
+        // The late moves were finished.
+        assert!(storage(&h, &late).exists(), "{kind}: the restore not moved");
+        assert!(!late_tmp.exists());
+        assert!(
+            snap_copy(&h, &late_snap).exists(),
+            "{kind}: the snapshot not moved"
+        );
+        assert!(!late_snap_tmp.exists());
+        let (_, out) = state_check(&h);
+        assert!(!out.contains(&late) && !out.contains(&late_snap), "{out}");
+    }
+}
+
+/// Where volume `id` of `kind` keeps its storage.
+fn storage_of(h: &Harness, kind: &str, id: &str) -> PathBuf {
+    match kind {
+        "local" => vol_dir(h, id),
+        _ => img(h, id),
+    }
+}

@@ -71,7 +71,12 @@ fn create(
             )));
         }
         match s.phase {
-            Phase::Ready => return Ok(s),
+            Phase::Ready => {
+                // A retry of a create whose answer was an error after its
+                // record said Ready: the copy may still have to move.
+                d.kind(s.kind)?.snapshot_ready(&s)?;
+                return Ok(s);
+            }
             Phase::Deleting => {
                 return Err(Error::Busy(format!(
                     "snapshot {} named {name} is being deleted",
@@ -100,7 +105,7 @@ fn create(
     }
     let mut rec = match d.store.snapshot_by_name(&name) {
         Some(s) => {
-            kind.delete_snapshot(&s)?;
+            kind.rollback_snapshot(&s)?;
             s
         }
         None => {
@@ -127,12 +132,13 @@ fn create(
     };
     if let Err(e) = kind.create_snapshot(&vol, &mut rec) {
         // Roll back; if that fails too, start-up finishes it.
-        if kind.delete_snapshot(&rec).is_ok() {
+        if kind.rollback_snapshot(&rec).is_ok() {
             let _ = d.store.snapshot_remove(&rec.id);
         }
         return Err(e);
     }
     rec.phase = Phase::Ready;
     d.store.snapshot_put(&rec)?;
+    kind.snapshot_ready(&rec)?;
     Ok(rec)
 }

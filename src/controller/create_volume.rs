@@ -453,7 +453,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     };
     if let Err(e) = make_storage(d, imp.as_ref(), &mut rec) {
         // Roll back; if that fails too, start-up reconciliation finishes it.
-        if imp.delete(&rec).is_ok() {
+        if imp.rollback_create(&rec).is_ok() {
             let gone = if durable {
                 d.store.remove(&rec.id).is_ok()
             } else {

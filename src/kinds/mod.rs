@@ -502,6 +502,14 @@ pub trait VolumeKind: Send + Sync {
         self.delete_with(rec, &LazyTable::new())
     }
 
+    /// Removes the storage of a create this process ran and that failed
+    /// before it answered: nothing of it was handed out, so nothing is
+    /// kept aside (`delete_with`, from start-up, keeps what a create whose
+    /// Ready record was lost may have handed out). Default: `delete`.
+    fn rollback_create(&self, rec: &VolumeRecord) -> Result<()> {
+        self.delete(rec)
+    }
+
     /// Whether the backing storage is there and usable.
     fn health(&self, rec: &VolumeRecord) -> Health;
 
@@ -668,10 +676,29 @@ pub trait VolumeKind: Send + Sync {
         )))
     }
 
+    /// After a new snapshot's record says Ready (durably): moves its copy
+    /// to the snapshot's name, if the kind made it elsewhere first (local
+    /// and block copies are made under a temporary name, so that a copy
+    /// at the snapshot's name under a record still Creating is one that was
+    /// handed out: `delete_snapshot` keeps it). Start-up finishes a move a
+    /// crash interrupted. Default: nothing.
+    fn snapshot_ready(&self, snap: &SnapshotRecord) -> Result<()> {
+        let _ = snap;
+        Ok(())
+    }
+
     /// Removes a snapshot's storage. Idempotent.
     fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
         let _ = snap;
         Ok(())
+    }
+
+    /// Removes the storage of a CreateSnapshot this process ran and that
+    /// failed before it answered (or that its retry starts over): nothing
+    /// is kept aside, as `delete_snapshot` keeps the whole copy of a
+    /// snapshot whose Ready record was lost. Default: `delete_snapshot`.
+    fn rollback_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.delete_snapshot(snap)
     }
 
     /// Creates the storage of a recorded volume from `from` instead of

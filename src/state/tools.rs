@@ -335,6 +335,21 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
     let local_root = cfg.local_root();
     let block_root = cfg.block_root();
     for s in snapshots {
+        let kept = match s.kind {
+            Kind::Local => crate::kinds::local::snapshot_kept_on_rollback(&local_root, s),
+            Kind::Block => crate::kinds::block::snapshot_kept_on_rollback(&block_root, s),
+            Kind::Nfs => None,
+        };
+        if let Some(whole) = kept {
+            out.push(error(format!(
+                "snapshot {} ({}) of volume {}: its create never answered, yet its copy {} is whole (was its Ready record lost?); start-up keeps it aside in .orphaned, never deletes it",
+                s.id,
+                s.name,
+                s.source_volume_id,
+                whole.display()
+            )));
+            continue;
+        }
         if s.phase != Phase::Ready {
             out.push(warning(format!(
                 "snapshot {} ({}) is {:?}: an operation was interrupted; start-up removes it",

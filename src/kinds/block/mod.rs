@@ -25,7 +25,7 @@ mod node;
 pub mod params;
 mod snapshot;
 
-pub use snapshot::snapshot_copy_flaw;
+pub use snapshot::{snapshot_copy_flaw, snapshot_kept_on_rollback};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,15 +68,18 @@ pub fn volume_file(root: &Path, id: &str) -> PathBuf {
 /// file) aside in `.orphaned/` instead of deleting it: a plain create that
 /// never answered (`Creating`, no content source) made a file nothing wrote
 /// to, so one that holds data (SEEK_DATA), or that cannot be told about,
-/// was handed out after all (a record that lost its Ready). Start-up's
+/// was handed out after all (a record that lost its Ready). A restore or
+/// clone puts its file at the volume's name only once its record says
+/// Ready (`restore_onto_file`), so such a file was handed out too (the
+/// tenant's data cannot be told from the copy's): kept as well. Start-up's
 /// rollback and `state check` ask the same question here.
 pub fn kept_on_rollback(rec: &VolumeRecord, f: &Path) -> bool {
     rec.phase == Phase::Creating
-        && rec.source.is_none()
-        && std::fs::File::open(f)
-            .ok()
-            .and_then(|file| files::has_data(&file))
-            != Some(false)
+        && (rec.source.is_some()
+            || std::fs::File::open(f)
+                .ok()
+                .and_then(|file| files::has_data(&file))
+                != Some(false))
 }
 
 /// What is wrong with a backing file `f` of `len` bytes that Berth made
@@ -579,6 +582,126 @@ impl BlockKind {
     }
 }
 
+impl BlockKind {
+    /// Removes a volume's storage (`delete_with`; `rollback_create` without
+    /// `keep`): a disk is erased (or released), a file removed, unless
+    /// `keep` and it is one a create whose Ready was lost may have handed
+    /// out (`kept_on_rollback`): then it is kept aside.
+    fn remove_volume(&self, rec: &VolumeRecord, mount_table: &LazyTable, keep: bool) -> Result<()> {
+        if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
+            if rec.phase == Phase::Creating && rec.source.is_none() {
+                // Claimed by a create that never answered: the volume was
+                // never handed out and Berth wrote nothing to the disk (it
+                // was blank and read as zeros when claimed), so there is
+                // nothing to erase. (A
+                // restore wrote a snapshot onto it: that one is erased.)
+                tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
+                return Ok(());
+            }
+            let dev = match self.resolve_disk(&d) {
+                Ok(dev) => dev,
+                Err(Error::NotFound(m)) if is_wipe_record(&rec.id) => {
+                    return Err(Error::Unavailable(format!(
+                        "{m}; it is wiped once it is back"
+                    )));
+                }
+                Err(Error::NotFound(m)) => {
+                    // It may come back with the tenant's data: it stays
+                    // claimed, by a record of its own, until it is wiped.
+                    let pending = self.remember_wipe(rec, &d)?;
+                    tracing::warn!(volume_id = %rec.id, pending = %pending, "{m}; it stays out of the pool until it is back and wiped");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            let users = Self::users(
+                mount_table.get(&self.os)?,
+                &Dev {
+                    path: dev.path.clone(),
+                    major: dev.major,
+                    minor: dev.minor,
+                },
+            );
+            if !users.is_empty() {
+                return Err(Error::WrongState(format!(
+                    "disk {} of volume {} is still mounted at {}",
+                    dev.path.display(),
+                    rec.id,
+                    users
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            match self.disk_wipe {
+                DiskWipe::Zero => {
+                    // Can take long on a big disk without a write-zeroes
+                    // offload; the operation owns the volume's guard, so a
+                    // retried DeleteVolume answers ABORTED until it is done,
+                    // and a restart in the middle zeroes again (the record
+                    // stays until the disk is clean).
+                    tracing::info!(volume_id = %rec.id, disk = %dev.path.display(), bytes = dev.size_bytes, "zeroing disk");
+                    self.os
+                        .devices
+                        .zero_out(&dev.path, dev.size_bytes)
+                        .map_err(|e| {
+                            Error::os(format!("zeroing disk {}", dev.path.display()), e)
+                        })?;
+                }
+                DiskWipe::Signatures => {
+                    crate::os::mkfs::wipe(self.os.cmd.as_ref(), &dev.path)
+                        .map_err(|e| Error::os(format!("wiping disk {}", dev.path.display()), e))?;
+                    // The pool offers only disks whose sample reads as
+                    // zeros: zeroing it keeps a disk Berth erased itself
+                    // in the pool (the rest is left as it was).
+                    self.os
+                        .devices
+                        .zero_sample(&dev.path, dev.size_bytes)
+                        .map_err(|e| {
+                            Error::os(
+                                format!(
+                                    "zeroing the sampled blocks of disk {}",
+                                    dev.path.display()
+                                ),
+                                e,
+                            )
+                        })?;
+                }
+            }
+            tracing::info!(volume_id = %rec.id, disk = %d.path.display(), wipe = ?self.disk_wipe, "disk erased and returned to the pool");
+            return Ok(());
+        }
+        let f = self.file(&rec.id)?;
+        self.release_file(&rec.id, mount_table)?;
+        // An unfinished restore's copy (never the volume's file yet).
+        let partial = self.restoring_file(&rec.id);
+        if std::fs::symlink_metadata(&partial).is_ok() {
+            self.os
+                .files
+                .remove_file(&partial)
+                .map_err(|e| Error::os(format!("removing {}", partial.display()), e))?;
+        }
+        match std::fs::symlink_metadata(&f) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("inspecting {}", f.display()), e)),
+            Ok(m) if m.is_file() && keep && kept_on_rollback(rec, &f) => {
+                let to = self.keep_aside(&f, &format!("{}.img", rec.id))?;
+                tracing::error!(volume_id = %rec.id, file = %f.display(), to = %to.display(), "the file of a volume whose create never answered holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
+                Ok(())
+            }
+            // A symlink or anything else in its place is removed itself,
+            // never what it points to.
+            Ok(_) => match self.os.files.remove_file(&f) {
+                Err(e) if e.errno() != Some(libc::ENOENT) => {
+                    Err(Error::os(format!("removing {}", f.display()), e))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
 impl VolumeKind for BlockKind {
     fn kind(&self) -> Kind {
         Kind::Block
@@ -675,6 +798,10 @@ impl VolumeKind for BlockKind {
 
     fn node_expand(&self, rec: &VolumeRecord, args: &NodeExpandArgs<'_>) -> Result<i64> {
         self.expand_node(rec, args)
+    }
+
+    fn ready(&self, rec: &VolumeRecord) -> Result<()> {
+        self.place_restored(&rec.id)
     }
 
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
@@ -780,6 +907,23 @@ impl VolumeKind for BlockKind {
             let Some(id) = name.strip_suffix(".img") else {
                 continue;
             };
+            if let Some(id) = id.strip_prefix(snapshot::RESTORING) {
+                // A restore's copy: renamed into place when its record
+                // says Ready (a crash came between the two); otherwise
+                // never handed out, only Berth's own.
+                if self.owns_id(id)
+                    && known(id)
+                    && std::fs::symlink_metadata(self.file(id)?).is_err()
+                {
+                    self.place_restored(id)?;
+                    tracing::info!(volume_id = %id, "finished moving a restored volume's file into place");
+                } else {
+                    self.os.files.remove_file(&e.path()).map_err(|err| {
+                        Error::os(format!("removing {}", e.path().display()), err)
+                    })?;
+                }
+                continue;
+            }
             if !self.owns_id(id) || known(id) {
                 continue;
             }
@@ -812,8 +956,16 @@ impl VolumeKind for BlockKind {
         self.snapshot_volume(vol, snap)
     }
 
+    fn snapshot_ready(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.place_snapshot(&snap.id)
+    }
+
     fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
-        self.remove_snapshot(snap)
+        self.remove_snapshot(snap, true)
+    }
+
+    fn rollback_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.remove_snapshot(snap, false)
     }
 
     /// A snapshot whose file is missing or damaged is refused before the
@@ -836,109 +988,11 @@ impl VolumeKind for BlockKind {
     }
 
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
-        if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
-            if rec.phase == Phase::Creating && rec.source.is_none() {
-                // Claimed by a create that never answered: the volume was
-                // never handed out and Berth wrote nothing to the disk (it
-                // was blank and read as zeros when claimed), so there is
-                // nothing to erase. (A
-                // restore wrote a snapshot onto it: that one is erased.)
-                tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
-                return Ok(());
-            }
-            let dev = match self.resolve_disk(&d) {
-                Ok(dev) => dev,
-                Err(Error::NotFound(m)) if is_wipe_record(&rec.id) => {
-                    return Err(Error::Unavailable(format!(
-                        "{m}; it is wiped once it is back"
-                    )));
-                }
-                Err(Error::NotFound(m)) => {
-                    // It may come back with the tenant's data: it stays
-                    // claimed, by a record of its own, until it is wiped.
-                    let pending = self.remember_wipe(rec, &d)?;
-                    tracing::warn!(volume_id = %rec.id, pending = %pending, "{m}; it stays out of the pool until it is back and wiped");
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-            let users = Self::users(
-                mount_table.get(&self.os)?,
-                &Dev {
-                    path: dev.path.clone(),
-                    major: dev.major,
-                    minor: dev.minor,
-                },
-            );
-            if !users.is_empty() {
-                return Err(Error::WrongState(format!(
-                    "disk {} of volume {} is still mounted at {}",
-                    dev.path.display(),
-                    rec.id,
-                    users
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            match self.disk_wipe {
-                DiskWipe::Zero => {
-                    // Can take long on a big disk without a write-zeroes
-                    // offload; the operation owns the volume's guard, so a
-                    // retried DeleteVolume answers ABORTED until it is done,
-                    // and a restart in the middle zeroes again (the record
-                    // stays until the disk is clean).
-                    tracing::info!(volume_id = %rec.id, disk = %dev.path.display(), bytes = dev.size_bytes, "zeroing disk");
-                    self.os
-                        .devices
-                        .zero_out(&dev.path, dev.size_bytes)
-                        .map_err(|e| {
-                            Error::os(format!("zeroing disk {}", dev.path.display()), e)
-                        })?;
-                }
-                DiskWipe::Signatures => {
-                    crate::os::mkfs::wipe(self.os.cmd.as_ref(), &dev.path)
-                        .map_err(|e| Error::os(format!("wiping disk {}", dev.path.display()), e))?;
-                    // The pool offers only disks whose sample reads as
-                    // zeros: zeroing it keeps a disk Berth erased itself
-                    // in the pool (the rest is left as it was).
-                    self.os
-                        .devices
-                        .zero_sample(&dev.path, dev.size_bytes)
-                        .map_err(|e| {
-                            Error::os(
-                                format!(
-                                    "zeroing the sampled blocks of disk {}",
-                                    dev.path.display()
-                                ),
-                                e,
-                            )
-                        })?;
-                }
-            }
-            tracing::info!(volume_id = %rec.id, disk = %d.path.display(), wipe = ?self.disk_wipe, "disk erased and returned to the pool");
-            return Ok(());
-        }
-        let f = self.file(&rec.id)?;
-        self.release_file(&rec.id, mount_table)?;
-        match std::fs::symlink_metadata(&f) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("inspecting {}", f.display()), e)),
-            Ok(m) if m.is_file() && kept_on_rollback(rec, &f) => {
-                let to = self.keep_aside(&f, &format!("{}.img", rec.id))?;
-                tracing::error!(volume_id = %rec.id, file = %f.display(), to = %to.display(), "the file of a volume whose create never answered holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
-                Ok(())
-            }
-            // A symlink or anything else in its place is removed itself,
-            // never what it points to.
-            Ok(_) => match self.os.files.remove_file(&f) {
-                Err(e) if e.errno() != Some(libc::ENOENT) => {
-                    Err(Error::os(format!("removing {}", f.display()), e))
-                }
-                _ => Ok(()),
-            },
-        }
+        self.remove_volume(rec, mount_table, true)
+    }
+
+    fn rollback_create(&self, rec: &VolumeRecord) -> Result<()> {
+        self.remove_volume(rec, &LazyTable::new(), false)
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {

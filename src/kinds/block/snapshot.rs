@@ -50,6 +50,9 @@ const RAW_COPY_ATTEMPTS: u32 = 5;
 const RAW_COPY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 /// Where snapshots are kept (in the block root).
 pub const SNAPSHOTS: &str = ".snapshots";
+/// The prefix of the temporary name of a restore's file in the block root
+/// (`restore_onto_file`).
+pub(super) const RESTORING: &str = ".restoring-";
 
 /// Mount points of `dev` that are filesystem mounts of its root (a staged
 /// filesystem), as opposed to bind mounts of the device node (raw use).
@@ -62,6 +65,17 @@ fn filesystem_mounts<'a>(t: &'a [MountEntry], dev: &Dev) -> Vec<&'a MountEntry> 
 /// The file of block snapshot `id` in the block root `root`.
 fn snapshot_path(root: &Path, id: &str) -> PathBuf {
     root.join(SNAPSHOTS).join(format!("{id}.img"))
+}
+
+/// The whole copy of a snapshot whose create never answered (`Creating`)
+/// that its rollback keeps aside in `.orphaned/` instead of deleting: the
+/// copy is made under a temporary name and renamed to the snapshot's only
+/// once whole, so one there may be a snapshot that was acknowledged (a
+/// record that lost its Ready). Start-up's rollback and `state check` ask
+/// the same question here.
+pub fn snapshot_kept_on_rollback(root: &Path, s: &SnapshotRecord) -> Option<PathBuf> {
+    let p = snapshot_path(root, &s.id);
+    (s.phase == crate::state::Phase::Creating && std::fs::symlink_metadata(&p).is_ok()).then_some(p)
 }
 
 /// What is wrong with the file of the block snapshot `s` in the block root
@@ -136,20 +150,31 @@ impl BlockKind {
         vol: &VolumeRecord,
         snap: &mut SnapshotRecord,
     ) -> Result<()> {
-        self.copy_volume(vol, snap, true).map(|_| ())
+        self.copy_volume(vol, snap).map(|_| ())
+    }
+
+    /// Once a snapshot's record says Ready: its whole copy renamed to the
+    /// snapshot's name (`VolumeKind::snapshot_ready`; start-up finishes a
+    /// rename a crash interrupted).
+    pub(super) fn place_snapshot(&self, id: &str) -> Result<()> {
+        let partial = self.partial_file(id);
+        if std::fs::symlink_metadata(&partial).is_err() {
+            return Ok(());
+        }
+        let dest = self.snapshot_file(id)?;
+        let f = self.os.files.as_ref();
+        f.rename_noreplace(&partial, &dest)
+            .and_then(|_| f.sync_dir(&self.root.join(SNAPSHOTS)))
+            .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))
     }
 
     /// Copies the volume as a snapshot does (see the module comment) and
-    /// returns the copy's file: the snapshot's own (`publish`), or, for the
-    /// unlisted snapshot a clone is made from, the unfinished copy's, which
-    /// start-up removes if a crash leaves it behind (a finished snapshot
-    /// without a record would be kept aside as an orphan).
-    fn copy_volume(
-        &self,
-        vol: &VolumeRecord,
-        snap: &mut SnapshotRecord,
-        publish: bool,
-    ) -> Result<PathBuf> {
+    /// returns the copy's file, under its temporary name: a snapshot's is
+    /// renamed to the snapshot's name once its record says Ready
+    /// (`place_snapshot`); the unlisted snapshot a clone is made from is
+    /// moved to the new volume. Start-up removes a temporary copy without
+    /// a Ready record.
+    fn copy_volume(&self, vol: &VolumeRecord, snap: &mut SnapshotRecord) -> Result<PathBuf> {
         let info = Self::info(vol)?;
         // What is copied: the volume's file, or its whole disk.
         let (src, disk_len) = match &info.disk {
@@ -163,7 +188,8 @@ impl BlockKind {
                 (f, None)
             }
         };
-        let dest = self.snapshot_file(&snap.id)?;
+        // (A block snapshot id: checked.)
+        self.snapshot_file(&snap.id)?;
         let partial = self.partial_file(&snap.id);
         let f = self.os.files.as_ref();
         let area = self.root.join(SNAPSHOTS);
@@ -238,14 +264,10 @@ impl BlockKind {
             }
         };
         snap.block = Some(Self::inherited(&info));
-        if !publish {
-            return Ok(partial);
-        }
-        f.rename_noreplace(&partial, &dest)
-            .and_then(|_| f.sync_dir(&area))
-            .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))?;
-        tracing::info!(volume_id = %vol.id, snapshot_id = %snap.id, cloned = stats.cloned > 0, bytes = stats.bytes, frozen = !frozen.is_empty(), disk = disk_len.is_some(), "snapshot made");
-        Ok(dest)
+        f.sync_dir(&area)
+            .map_err(|e| Error::os(format!("syncing {}", area.display()), e))?;
+        tracing::info!(volume_id = %vol.id, snapshot_id = %snap.id, cloned = stats.cloned > 0, bytes = stats.bytes, frozen = !frozen.is_empty(), disk = disk_len.is_some(), "snapshot copied");
+        Ok(partial)
     }
 
     /// Copies the file of a volume in use as a raw device to `partial` as
@@ -328,8 +350,15 @@ impl BlockKind {
         }
     }
 
-    pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+    /// Removes a snapshot's copy; with `keep`, the whole copy of one whose
+    /// Ready may have been lost is kept aside (`snapshot_kept_on_rollback`).
+    pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord, keep: bool) -> Result<()> {
         let f = self.os.files.as_ref();
+        self.snapshot_file(&snap.id)?;
+        if let Some(whole) = snapshot_kept_on_rollback(&self.root, snap).filter(|_| keep) {
+            let to = self.keep_aside(&whole, &format!("{}.img", snap.id))?;
+            tracing::error!(snapshot_id = %snap.id, file = %whole.display(), to = %to.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
+        }
         for p in [self.partial_file(&snap.id), self.snapshot_file(&snap.id)?] {
             match f.remove_file(&p) {
                 Err(e) if e.errno() != Some(libc::ENOENT) => {
@@ -379,7 +408,7 @@ impl BlockKind {
                     block: None,
                     file_bytes: None,
                 };
-                let file = self.copy_volume(v, &mut tmp, false)?;
+                let file = self.copy_volume(v, &mut tmp)?;
                 let info = tmp.block.clone().unwrap_or_default();
                 (file.clone(), info, v.capacity_bytes, Some(file))
             }
@@ -399,8 +428,12 @@ impl BlockKind {
         r
     }
 
-    /// The volume's file: `src` moved into place (`take`: an unlisted
-    /// snapshot of a clone) or copied, then grown.
+    /// The volume's file: `src` moved (`take`: an unlisted snapshot of a
+    /// clone) or copied to a temporary name in the block root and grown;
+    /// it is renamed to the volume's name only once the record says Ready
+    /// (`place_restored`), so a file at that name under a record still
+    /// Creating was handed out (a record that lost its Ready), and a
+    /// rollback keeps it aside (`kept_on_rollback`) instead of deleting.
     fn restore_onto_file(
         &self,
         rec: &mut VolumeRecord,
@@ -411,23 +444,45 @@ impl BlockKind {
         source_size: i64,
     ) -> Result<()> {
         let f = self.os.files.as_ref();
-        let dest = self.file(&rec.id)?;
-        if dest.exists() {
-            // A retry: the earlier copy may be incomplete.
-            f.remove_file(&dest)
-                .map_err(|e| Error::os(format!("removing {}", dest.display()), e))?;
+        let partial = self.restoring_file(&rec.id);
+        if std::fs::symlink_metadata(&partial).is_ok() {
+            // A retry of this create: what an earlier try left.
+            f.remove_file(&partial)
+                .map_err(|e| Error::os(format!("removing {}", partial.display()), e))?;
         }
         if take {
-            f.rename_noreplace(src, &dest)
+            f.rename_noreplace(src, &partial)
                 .map_err(|e| Error::os(format!("moving {} into place", src.display()), e))?;
         } else {
-            let stats = f.copy_file(src, &dest).map_err(|e| {
-                let _ = f.remove_file(&dest);
+            let stats = f.copy_file(src, &partial).map_err(|e| {
+                let _ = f.remove_file(&partial);
                 copy_error(format!("copying {}", src.display()), e)
             })?;
             tracing::info!(volume_id = %rec.id, cloned = stats.cloned > 0, bytes = stats.bytes, "volume restored");
         }
-        self.finish_restore(rec, &dest, allocation, info, source_size)
+        self.finish_restore(rec, &partial, allocation, info, source_size)?;
+        f.sync_dir(&self.root)
+            .map_err(|e| Error::os(format!("syncing {}", self.root.display()), e))
+    }
+
+    /// Once a restore's record says Ready: its whole copy renamed to the
+    /// volume's name (`VolumeKind::ready`; start-up finishes a rename a
+    /// crash interrupted).
+    pub(super) fn place_restored(&self, id: &str) -> Result<()> {
+        let partial = self.restoring_file(id);
+        if std::fs::symlink_metadata(&partial).is_err() {
+            return Ok(());
+        }
+        let dest = self.file(id)?;
+        let f = self.os.files.as_ref();
+        f.rename_noreplace(&partial, &dest)
+            .and_then(|_| f.sync_dir(&self.root))
+            .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))
+    }
+
+    /// Where a restore onto a file copies before the file is whole.
+    pub(super) fn restoring_file(&self, id: &str) -> PathBuf {
+        self.root.join(format!("{RESTORING}{id}.img"))
     }
 
     /// Claims a free disk for `rec` (as a create does), erases it and
@@ -483,10 +538,6 @@ impl BlockKind {
         info.allocation = allocation;
         info.grow_fs = info.formatted && rec.capacity_bytes > source_size;
         self.grow_file(file, allocation, rec.capacity_bytes, None)?;
-        self.os
-            .files
-            .sync_dir(&self.root)
-            .map_err(|e| Error::os(format!("syncing {}", self.root.display()), e))?;
         info.file_bytes = u64::try_from(rec.capacity_bytes).ok();
         rec.block = Some(Box::new(info));
         Ok(())
@@ -606,7 +657,19 @@ impl BlockKind {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let path = e.path();
-            if name.starts_with(".partial-") {
+            if let Some(rest) = name.strip_prefix(".partial-") {
+                // A snapshot's whole copy whose record says Ready (a crash
+                // came before the rename) goes into place; anything else
+                // was never handed out.
+                let id = rest.strip_suffix(".img").unwrap_or(rest);
+                if super::super::is_hex_id(SNAP_PREFIX, id)
+                    && known(id)
+                    && std::fs::symlink_metadata(self.snapshot_file(id)?).is_err()
+                {
+                    self.place_snapshot(id)?;
+                    tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");
+                    continue;
+                }
                 f.remove_file(&path)
                     .map_err(|e| Error::os(format!("removing {}", path.display()), e))?;
                 continue;

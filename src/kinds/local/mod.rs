@@ -90,14 +90,14 @@ pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
 /// Whether the rollback of `rec` keeps its directory `dir`, found in place
 /// in the root, aside in `.orphaned/` instead of deleting it: a plain
 /// create moves its directory there only once its record says Ready, so
-/// one there under a record still `Creating` (no content source) was
-/// handed out (a record that lost its Ready); unless it is empty, it is
-/// kept. One that cannot be read is kept too (a doubt). Start-up's rollback
-/// and `state check` ask the same question here.
+/// one there under a record still `Creating` was handed out (a record that
+/// lost its Ready); unless it is empty, it is kept. A restore or clone
+/// makes its copy under `.creating/` and moves it there at Ready too, and
+/// the tenant's writes cannot be told from the copy: kept the same way.
+/// One that cannot be read is kept too (a doubt). Start-up's rollback and
+/// `state check` ask the same question here.
 pub fn kept_on_rollback(rec: &VolumeRecord, dir: &Path) -> bool {
-    rec.phase == Phase::Creating
-        && rec.source.is_none()
-        && !std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+    rec.phase == Phase::Creating && !std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
 }
 
 /// A volume's directory as the node's unmount checks take it: a name in
@@ -115,6 +115,17 @@ fn mount_check_dir(dir: &Path) -> mounts::VolumeDir<'_> {
 /// check` reports it.
 pub fn snapshot_copy_flaw(root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
     stored_copy(&root.join(SNAPSHOTS).join(&s.id), true).err()
+}
+
+/// The whole copy of the local snapshot `s` whose create never answered
+/// (`Creating`) that its rollback keeps aside in `.orphaned/` instead of
+/// deleting: the copy is moved to the snapshot's name only once whole
+/// (`copy_into_place`), so one there may be a snapshot that was
+/// acknowledged (a record that lost its Ready). Start-up's rollback and
+/// `state check` ask the same question here.
+pub fn snapshot_kept_on_rollback(root: &Path, s: &SnapshotRecord) -> Option<PathBuf> {
+    let p = root.join(SNAPSHOTS).join(&s.id);
+    (s.phase == Phase::Creating && std::fs::symlink_metadata(&p).is_ok()).then_some(p)
 }
 
 pub struct LocalKind {
@@ -506,6 +517,91 @@ impl LocalKind {
     }
 }
 
+impl LocalKind {
+    /// Removes a snapshot's copy; with `keep`, the whole copy of one whose
+    /// Ready may have been lost is kept aside (`snapshot_kept_on_rollback`).
+    fn remove_snapshot(&self, snap: &SnapshotRecord, keep: bool) -> Result<()> {
+        let dest = self.snapshot_dir(&snap.id)?;
+        if let Some(whole) = snapshot_kept_on_rollback(&self.root, snap).filter(|_| keep) {
+            tracing::error!(snapshot_id = %snap.id, dir = %whole.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
+            self.set_aside(&whole, &snap.id)?;
+        }
+        self.remove_tree(&self.partial_snapshot_dir(&snap.id))?;
+        self.remove_tree(&dest)
+    }
+
+    /// Where the copy of snapshot `id` is made before its record says Ready.
+    fn partial_snapshot_dir(&self, id: &str) -> PathBuf {
+        self.root.join(SNAPSHOTS).join(format!(".partial-{id}"))
+    }
+
+    /// Once a snapshot's record says Ready: its whole copy moved to the
+    /// snapshot's name (start-up finishes a move a crash interrupted).
+    fn place_snapshot(&self, id: &str) -> Result<()> {
+        let partial = self.partial_snapshot_dir(id);
+        if std::fs::symlink_metadata(&partial).is_err() {
+            return Ok(());
+        }
+        let dest = self.snapshot_dir(id)?;
+        let f = self.os.files.as_ref();
+        f.rename_noreplace(&partial, &dest)
+            .and_then(|_| f.sync_dir(&self.root.join(SNAPSHOTS)))
+            .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))
+    }
+
+    /// Removes a volume's storage (`delete_with`; `rollback_create` without
+    /// `keep`): the directory is moved to the trash, unless `keep` and it
+    /// is one a create whose Ready was lost may have handed out
+    /// (`kept_on_rollback`): then it is kept aside.
+    fn remove_volume(&self, rec: &VolumeRecord, mount_table: &LazyTable, keep: bool) -> Result<()> {
+        let dir = self.dir(&rec.id)?;
+        let m = match std::fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A create that failed before `ready`: its directory under
+                // `.creating/` is Berth's own and was never handed out.
+                let unfinished = self.root.join(CREATING).join(&rec.id);
+                if std::fs::symlink_metadata(&unfinished).is_ok() {
+                    self.remove_tree(&unfinished)?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(Error::io(format!("inspecting {}", dir.display()), e)),
+            Ok(m) => m,
+        };
+        if !m.is_dir() {
+            // Not something this driver made (a symlink or file in its
+            // place): remove the entry itself, never what it points to.
+            return self
+                .os
+                .files
+                .remove_file(&dir)
+                .map_err(|e| Error::os(format!("removing {}", dir.display()), e));
+        }
+        let t = mount_table.get(&self.os)?;
+        if let Some(m) = t.iter().find(|m| m.mount_point.starts_with(&dir)) {
+            return Err(Error::WrongState(format!(
+                "{} is mounted inside the volume; refusing to delete",
+                m.mount_point.display()
+            )));
+        }
+        if keep && kept_on_rollback(rec, &dir) {
+            tracing::error!(volume_id = %rec.id, dir = %dir.display(), "the directory of a volume whose create never answered is in place and holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
+            return self.set_aside(&dir, &rec.id);
+        }
+        // One atomic rename takes the volume away into the trash; its
+        // contents are removed only once its record is gone (`purge`). If
+        // removing the record fails, start-up puts the directory back.
+        let trash = self.root.join(TRASH);
+        ensure_dir(self.os.files.as_ref(), &trash, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", trash.display()), e))?;
+        let dest = trash.join(format!("{}-{}", rec.id, crate::driver::now_nanos()));
+        self.os
+            .files
+            .rename_noreplace(&dir, &dest)
+            .map_err(|e| Error::os(format!("moving {} to the trash", dir.display()), e))
+    }
+}
+
 impl VolumeKind for LocalKind {
     fn kind(&self) -> Kind {
         Kind::Local
@@ -677,7 +773,8 @@ impl VolumeKind for LocalKind {
     fn ready(&self, rec: &VolumeRecord) -> Result<()> {
         let from = self.root.join(CREATING).join(&rec.id);
         if std::fs::symlink_metadata(&from).is_err() {
-            // A restore or clone: copied into place before Ready.
+            // Moved already (a retry of a create that answered an error
+            // after this move).
             return Ok(());
         }
         let to = self.dir(&rec.id)?;
@@ -688,51 +785,11 @@ impl VolumeKind for LocalKind {
     }
 
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
-        let dir = self.dir(&rec.id)?;
-        let m = match std::fs::symlink_metadata(&dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // A create that failed before `ready`: its directory under
-                // `.creating/` is Berth's own and was never handed out.
-                let unfinished = self.root.join(CREATING).join(&rec.id);
-                if std::fs::symlink_metadata(&unfinished).is_ok() {
-                    self.remove_tree(&unfinished)?;
-                }
-                return Ok(());
-            }
-            Err(e) => return Err(Error::io(format!("inspecting {}", dir.display()), e)),
-            Ok(m) => m,
-        };
-        if !m.is_dir() {
-            // Not something this driver made (a symlink or file in its
-            // place): remove the entry itself, never what it points to.
-            return self
-                .os
-                .files
-                .remove_file(&dir)
-                .map_err(|e| Error::os(format!("removing {}", dir.display()), e));
-        }
-        let t = mount_table.get(&self.os)?;
-        if let Some(m) = t.iter().find(|m| m.mount_point.starts_with(&dir)) {
-            return Err(Error::WrongState(format!(
-                "{} is mounted inside the volume; refusing to delete",
-                m.mount_point.display()
-            )));
-        }
-        if kept_on_rollback(rec, &dir) {
-            tracing::error!(volume_id = %rec.id, dir = %dir.display(), "the directory of a volume whose create never answered is in place and holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
-            return self.set_aside(&dir, &rec.id);
-        }
-        // One atomic rename takes the volume away into the trash; its
-        // contents are removed only once its record is gone (`purge`). If
-        // removing the record fails, start-up puts the directory back.
-        let trash = self.root.join(TRASH);
-        ensure_dir(self.os.files.as_ref(), &trash, 0o700)
-            .map_err(|e| Error::os(format!("creating {}", trash.display()), e))?;
-        let dest = trash.join(format!("{}-{}", rec.id, crate::driver::now_nanos()));
-        self.os
-            .files
-            .rename_noreplace(&dir, &dest)
-            .map_err(|e| Error::os(format!("moving {} to the trash", dir.display()), e))
+        self.remove_volume(rec, mount_table, true)
+    }
+
+    fn rollback_create(&self, rec: &VolumeRecord) -> Result<()> {
+        self.remove_volume(rec, &LazyTable::new(), false)
     }
 
     fn purge(&self, rec: &VolumeRecord) {
@@ -860,8 +917,19 @@ impl VolumeKind for LocalKind {
         if let Some(entries) = self.own_dir(SNAPSHOTS) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".partial-") {
-                    self.remove_tree(&e.path())?;
+                if let Some(id) = name.strip_prefix(".partial-") {
+                    // A whole copy whose record says Ready (a crash came
+                    // before the move) goes into place; anything else was
+                    // never handed out.
+                    if self.owns_snapshot_id(id)
+                        && known(id)
+                        && std::fs::symlink_metadata(self.snapshot_dir(id)?).is_err()
+                    {
+                        self.place_snapshot(id)?;
+                        tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");
+                    } else {
+                        self.remove_tree(&e.path())?;
+                    }
                 } else if self.owns_snapshot_id(&name) && !known(&name) {
                     self.set_aside(&e.path(), &name)?;
                 }
@@ -920,18 +988,22 @@ impl VolumeKind for LocalKind {
     /// are when reached (each file is consistent with itself).
     fn create_snapshot(&self, vol: &VolumeRecord, snap: &mut SnapshotRecord) -> Result<()> {
         let src = self.require_dir(&vol.id)?;
-        let dest = self.snapshot_dir(&snap.id)?;
-        self.copy_into_place(&src, SNAPSHOTS, &dest)
+        self.snapshot_dir(&snap.id)?;
+        // Made whole under its temporary name; moved to the snapshot's
+        // once its record says Ready (`snapshot_ready`).
+        self.copy_into_place(&src, SNAPSHOTS, &self.partial_snapshot_dir(&snap.id))
+    }
+
+    fn snapshot_ready(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.place_snapshot(&snap.id)
     }
 
     fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
-        let dest = self.snapshot_dir(&snap.id)?;
-        let partial = self
-            .root
-            .join(SNAPSHOTS)
-            .join(format!(".partial-{}", snap.id));
-        self.remove_tree(&partial)?;
-        self.remove_tree(&dest)
+        self.remove_snapshot(snap, true)
+    }
+
+    fn rollback_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
+        self.remove_snapshot(snap, false)
     }
 
     /// A snapshot whose directory is missing or damaged is refused before
@@ -950,9 +1022,14 @@ impl VolumeKind for LocalKind {
             Source::Snapshot(s) => self.usable_snapshot_dir(s)?,
             Source::Volume(v) => self.require_dir(&v.id)?,
         };
-        let dest = self.dir(&rec.id)?;
+        // The copy is made whole under `.creating/` and moved into place by
+        // `ready` once the record says Ready, as a plain create's directory
+        // is: one in place under a record still Creating was handed out
+        // (`kept_on_rollback`), and a copy a failed create left is Berth's
+        // own.
+        let dest = self.root.join(CREATING).join(&rec.id);
         if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
-            // A retry after the copy was moved into place.
+            // A retry after the copy was made whole.
             return self.give_project(rec, &dest);
         }
         if self.projects.is_none() {
@@ -976,7 +1053,7 @@ impl VolumeKind for LocalKind {
             copy_error(format!("copying {} to {}", src.display(), tmp.display()), e)
         })?;
         f.rename_noreplace(&tmp, &dest)
-            .and_then(|_| f.sync_dir(&self.root))
+            .and_then(|_| f.sync_dir(&area))
             .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))?;
         self.remove_tree(&holder)?;
         tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, project = ?rec.project(), "copied");

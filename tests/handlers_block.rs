@@ -3245,3 +3245,111 @@ async fn rollback_of_an_unanswered_create_keeps_a_file_that_holds_data() {
         .collect();
     assert_eq!(names, [std::ffi::OsString::from(format!("{used}.img"))]);
 }
+
+/// A mount capability with this fs_type (empty: none named).
+fn fs_cap(fs: &str) -> csi::VolumeCapability {
+    let mut c = rwo();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+        m.fs_type = fs.into();
+    }
+    c
+}
+
+/// Whole disks restore and clone as files do: the copy inherits how the
+/// source disk was used, and capabilities that cannot use that are
+/// INVALID_ARGUMENT before any disk is claimed or erased; a disk source
+/// never staged takes either.
+#[tokio::test]
+async fn a_disk_restore_or_clone_needs_capabilities_its_source_content_fits() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    script_blank(f);
+    let raw = create(&h, "raw", 10 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    h.node
+        .node_stage_volume(Request::new(stage_with(&raw, &h.path("s1"), raw_cap())))
+        .await
+        .unwrap();
+    let fs = create(&h, "fs", 20 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    h.node
+        .node_stage_volume(Request::new(stage_req(&fs, &h.path("s2"))))
+        .await
+        .unwrap();
+    assert_eq!(block_info(&h, &fs).fs_type, "ext4");
+    // (A whole disk in use as a raw device is not snapshotted.)
+    h.node
+        .node_unstage_volume(Request::new(unstage(&raw, &h.path("s1"))))
+        .await
+        .unwrap();
+    let s_raw = snapshot_id(&h, "s-raw", &raw).await;
+    let s_fs = snapshot_id(&h, "s-fs", &fs).await;
+    let from = |name: &str, source: csi::volume_content_source::Type, pool: &[(&str, &str)], c| {
+        csi::CreateVolumeRequest {
+            volume_capabilities: vec![c],
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(source),
+            }),
+            ..create_req_p(name, 10 * MIB, pool)
+        }
+    };
+    let snap = |id: &str| {
+        csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+            snapshot_id: id.into(),
+        })
+    };
+    let vol = |id: &str| {
+        csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+            volume_id: id.into(),
+        })
+    };
+    let disk = [("pool", "disk")];
+    let zero_outs = |f: &FakeOs| count(f, |c| matches!(c, Call::ZeroOut { .. }));
+    let (zeroed, files) = (zero_outs(f), made_in(&h.path("block")));
+    for (n, (source, pool, c, says)) in [
+        (snap(&s_raw), &disk[..], rwo(), "raw block device"),
+        (snap(&s_raw), &[][..], rwo(), "raw block device"),
+        (vol(&raw), &disk[..], fs_cap("ext4"), "raw block device"),
+        (snap(&s_fs), &disk[..], raw_cap(), "an ext4 filesystem"),
+        (
+            snap(&s_fs),
+            &[][..],
+            fs_cap("xfs"),
+            "cannot be mounted as xfs",
+        ),
+        (vol(&fs), &disk[..], raw_cap(), "an ext4 filesystem"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("bad-{n}");
+        let e = h
+            .ctl
+            .create_volume(Request::new(from(&name, source, pool, c)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e:?}");
+        assert!(e.message().contains(says), "{name}: {e:?}");
+        assert!(h.driver.store.get_by_name(&name).is_none());
+    }
+    assert_eq!(zero_outs(f), zeroed, "a disk was erased");
+    assert_eq!(made_in(&h.path("block")), files, "a file was made");
+    // The raw disk's copy onto the free disk (d30) as a raw volume.
+    let r = created_id(
+        h.ctl
+            .create_volume(Request::new(from("r", snap(&s_raw), &disk, raw_cap())))
+            .await,
+    );
+    assert_eq!(
+        block_info(&h, &r).disk.unwrap().path,
+        dir.join("d30"),
+        "{r}"
+    );
+    h.node
+        .node_stage_volume(Request::new(stage_with(&r, &h.path("s3"), raw_cap())))
+        .await
+        .unwrap();
+}

@@ -787,10 +787,12 @@ async fn a_raw_volume_in_use_is_copied_only_while_no_write_begins() {
             "{e:?}"
         );
         assert_eq!(copies(f), 5);
-        let clone = h
-            .ctl
-            .create_volume(Request::new(from_volume("clone", 8 * MIB, &v.volume_id)))
-            .await;
+        // A clone of a raw volume is raw (a block capability).
+        let mut clone_req = from_volume("clone", 8 * MIB, &v.volume_id);
+        clone_req.volume_capabilities = vec![block_cap(
+            csi::volume_capability::access_mode::Mode::SingleNodeWriter,
+        )];
+        let clone = h.ctl.create_volume(Request::new(clone_req)).await;
         assert_eq!(clone.unwrap_err().code(), Code::FailedPrecondition);
         assert!(h.driver.store.get_by_name("clone").is_none());
         let left: Vec<_> = made_in(&h.path("block/.snapshots"))
@@ -1379,4 +1381,227 @@ fn storage_of(h: &Harness, kind: &str, id: &str) -> PathBuf {
         "local" => vol_dir(h, id),
         _ => img(h, id),
     }
+}
+/// A capability: `None` raw block, `Some(fs)` a mount with that fs_type
+/// (empty: none named).
+fn cap(fs: Option<&str>) -> csi::VolumeCapability {
+    use csi::volume_capability::access_mode::Mode;
+    match fs {
+        None => block_cap(Mode::SingleNodeWriter),
+        Some(t) => {
+            let mut c = mount_cap(Mode::SingleNodeWriter);
+            if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+                m.fs_type = t.into();
+            }
+            c
+        }
+    }
+}
+
+async fn confirmed(h: &Harness, id: &str, c: csi::VolumeCapability) -> (bool, String) {
+    let r = h
+        .ctl
+        .validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.into(),
+            volume_capabilities: vec![c],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    (r.confirmed.is_some(), r.message)
+}
+
+/// A restore or clone inherits how its source was used: raw, or a
+/// filesystem of one type. CreateVolume with capabilities that cannot use
+/// that is INVALID_ARGUMENT (the spec's "source incompatible") and makes
+/// nothing; a source never staged takes either. What is made is confirmed
+/// by ValidateVolumeCapabilities and stages. Before, all of these answered
+/// OK and ValidateVolumeCapabilities confirmed, then every NodeStageVolume
+/// failed FAILED_PRECONDITION ("was first staged as a raw block device",
+/// "formatted ext4 ... cannot be mounted as xfs"), forever.
+#[tokio::test]
+async fn a_restore_or_clone_needs_capabilities_its_source_content_fits() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    let raw = create_p(&h, "raw", 8 * MIB, &[]).await.volume_id;
+    let mut req = stage_req(&raw, &h.path("s-raw"));
+    req.volume_capability = Some(cap(None));
+    h.node.node_stage_volume(Request::new(req)).await.unwrap();
+    let ext4 = create_p(&h, "ext4", 8 * MIB, &[]).await.volume_id;
+    h.node
+        .node_stage_volume(Request::new(stage_req(&ext4, &h.path("s-ext4"))))
+        .await
+        .unwrap();
+    let blank = create_p(&h, "blank", 8 * MIB, &[]).await.volume_id;
+    let s_raw = snapshot(&h, "s-raw", &raw).await.snapshot_id;
+    let s_ext4 = snapshot(&h, "s-ext4", &ext4).await.snapshot_id;
+    let s_blank = snapshot(&h, "s-blank", &blank).await.snapshot_id;
+    let request = |name: &str, snap: Option<&str>, vol: &str, c: Option<&str>| {
+        let mut req = match snap {
+            Some(s) => from_snapshot(name, 8 * MIB, s),
+            None => from_volume(name, 8 * MIB, vol),
+        };
+        req.volume_capabilities = vec![cap(c)];
+        req
+    };
+
+    let before = (
+        made_in(&h.path("block")),
+        made_in(&h.path("block/.snapshots")),
+    );
+    let refused = [
+        (Some(&s_raw), &raw, Some(""), "raw block device"),
+        (Some(&s_raw), &raw, Some("ext4"), "raw block device"),
+        (None, &raw, Some(""), "raw block device"),
+        (Some(&s_ext4), &ext4, None, "an ext4 filesystem"),
+        (
+            Some(&s_ext4),
+            &ext4,
+            Some("xfs"),
+            "cannot be mounted as xfs",
+        ),
+        (None, &ext4, None, "an ext4 filesystem"),
+        (None, &ext4, Some("xfs"), "cannot be mounted as xfs"),
+    ];
+    for (n, (snap, vol, c, says)) in refused.into_iter().enumerate() {
+        let name = format!("bad-{n}");
+        let e = h
+            .ctl
+            .create_volume(Request::new(request(
+                &name,
+                snap.map(String::as_str),
+                vol,
+                c,
+            )))
+            .await
+            .unwrap_err();
+        let source = snap.unwrap_or(vol);
+        assert_eq!(
+            e.code(),
+            Code::InvalidArgument,
+            "{snap:?} {vol} {c:?}: {e:?}"
+        );
+        assert!(
+            e.message().contains(source.as_str()) && e.message().contains(says),
+            "{e:?}"
+        );
+        assert!(h.driver.store.get_by_name(&name).is_none());
+    }
+    assert_eq!(
+        (
+            made_in(&h.path("block")),
+            made_in(&h.path("block/.snapshots"))
+        ),
+        before,
+        "something was made"
+    );
+
+    // What fits is made, confirmed, and stages; the other way is not
+    // confirmed.
+    let fits = [
+        (Some(&s_raw), &raw, None, Some("")),
+        (None, &raw, None, Some("ext4")),
+        (Some(&s_ext4), &ext4, Some(""), None),
+        (Some(&s_ext4), &ext4, Some("ext4"), Some("xfs")),
+        (None, &ext4, Some(""), Some("xfs")),
+        (Some(&s_blank), &blank, None, None),
+        (Some(&s_blank), &blank, Some(""), None),
+        (None, &blank, Some("ext4"), None),
+    ];
+    for (n, (snap, vol, c, not)) in fits.into_iter().enumerate() {
+        let name = format!("good-{n}");
+        let id = created_id(
+            h.ctl
+                .create_volume(Request::new(request(
+                    &name,
+                    snap.map(String::as_str),
+                    vol,
+                    c,
+                )))
+                .await,
+        );
+        let (ok, why) = confirmed(&h, &id, cap(c)).await;
+        assert!(ok, "{name}: {why}");
+        if let Some(other) = not {
+            let (ok, _) = confirmed(&h, &id, cap(Some(other))).await;
+            assert!(!ok, "{name} confirmed as {other}");
+        }
+        let mut req = stage_req(&id, &h.path(&format!("s-{name}")));
+        req.volume_capability = Some(cap(c));
+        h.node
+            .node_stage_volume(Request::new(req))
+            .await
+            .unwrap_or_else(|e| panic!("staging {name}: {e:?}"));
+    }
+}
+
+/// ValidateVolumeCapabilities answers as NodeStageVolume would: a volume
+/// used raw is not confirmed for a mount, one formatted ext4 not for xfs
+/// nor raw block, whatever it was created with (before, both were
+/// confirmed, and the stage was refused).
+#[tokio::test]
+async fn validate_volume_capabilities_does_not_confirm_what_the_content_refuses() {
+    let h = fake(&["--kinds", "block"]);
+    script_blank(h.fake());
+    // Large enough for xfs: only the content refuses it.
+    let raw = create_p(&h, "raw", 300 * MIB, &[]).await.volume_id;
+    let ext4 = create_p(&h, "ext4", 300 * MIB, &[]).await.volume_id;
+    let blank = create_p(&h, "blank", 300 * MIB, &[]).await.volume_id;
+    let mut req = stage_req(&raw, &h.path("s-raw"));
+    req.volume_capability = Some(cap(None));
+    h.node.node_stage_volume(Request::new(req)).await.unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&ext4, &h.path("s-ext4"))))
+        .await
+        .unwrap();
+    for (id, c, ok, says) in [
+        (&raw, Some(""), false, "raw block device"),
+        (&ext4, Some("xfs"), false, "cannot be mounted as xfs"),
+        (&ext4, Some("ext4"), true, ""),
+        (&ext4, Some(""), true, ""),
+        (&blank, Some("xfs"), true, ""),
+        (&blank, Some(""), true, ""),
+    ] {
+        let (confirmed, why) = confirmed(&h, id, cap(c)).await;
+        assert_eq!(confirmed, ok, "{id} {c:?}: {why}");
+        assert!(why.contains(says), "{why}");
+    }
+}
+
+/// A mount capability without fs_type gets the filesystem the volume
+/// holds: a restore of an ext4 whose StorageClass said `fsType: xfs` (the
+/// capability named ext4) mounts as ext4. Before, it took the inherited
+/// default (xfs) and every stage was refused ("formatted ext4 ... cannot
+/// be mounted as xfs").
+#[tokio::test]
+async fn a_mount_without_fs_type_gets_the_filesystem_the_volume_holds() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    let mut req = create_req("src", 8 * MIB);
+    req.parameters.insert("fsType".into(), "xfs".into());
+    req.volume_capabilities = vec![cap(Some("ext4"))];
+    let src = created_id(h.ctl.create_volume(Request::new(req)).await);
+    let mut req = stage_req(&src, &h.path("s-src"));
+    req.volume_capability = Some(cap(Some("ext4")));
+    h.node.node_stage_volume(Request::new(req)).await.unwrap();
+    let s = snapshot(&h, "s", &src).await.snapshot_id;
+    let r = created_id(
+        h.ctl
+            .create_volume(Request::new(from_snapshot("r", 8 * MIB, &s)))
+            .await,
+    );
+    let (ok, why) = confirmed(&h, &r, cap(Some(""))).await;
+    assert!(ok, "{why}");
+    let staging = h.path("s-r");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&r, &staging)))
+        .await
+        .unwrap();
+    assert!(f.calls().iter().any(
+        |c| matches!(c, Call::MountFs { target, fstype, .. } if target == &staging && fstype == "ext4")
+    ));
+    assert_eq!(runs(f, "mkfs.xfs"), 0);
 }

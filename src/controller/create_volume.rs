@@ -336,11 +336,12 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     }
     let kparams = kind_parameters(&r.params);
     imp.can_create(&kparams)?;
-    // A restore or clone is at least as large as its source.
+    // A restore or clone is at least as large as its source, and its
+    // capabilities must be able to use the source's content.
     let wanted = match &r.source {
         Some(s) => {
             let src = resolve(d, imp.as_ref(), r.kind, s)?;
-            imp.check_source(&r.id, src.as_source())?;
+            imp.check_source(&r.id, &r.caps, src.as_source())?;
             if r.range.limit > 0 && r.range.limit < src.size() {
                 return Err(Error::BadSize(format!(
                     "limit_bytes {} is less than the source's {} bytes",

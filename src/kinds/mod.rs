@@ -641,13 +641,15 @@ pub trait VolumeKind: Send + Sync {
         Ok(None)
     }
 
-    /// INVALID_ARGUMENT when the volume `id` (of this kind) cannot be made
-    /// from `from` (NFS: a source on another share); FAILED_PRECONDITION
-    /// when the stored copy of a source snapshot is missing or damaged
-    /// (local, block: `CopyFlaw`). Called before the new volume is
-    /// recorded. Default: it can.
-    fn check_source(&self, id: &str, from: Source<'_>) -> Result<()> {
-        let _ = (id, from);
+    /// INVALID_ARGUMENT when the volume `id` (of this kind) with the
+    /// capabilities `caps` cannot be made from `from` (the spec's "source
+    /// incompatible": NFS, a source on another share; block, a source whose
+    /// content the capabilities cannot use, as a filesystem asked for as a
+    /// raw device); FAILED_PRECONDITION when the stored copy of a source
+    /// snapshot is missing or damaged (local, block: `CopyFlaw`). Called
+    /// before the new volume is recorded. Default: it can.
+    fn check_source(&self, id: &str, caps: &[Capability], from: Source<'_>) -> Result<()> {
+        let _ = (id, caps, from);
         Ok(())
     }
 

@@ -735,17 +735,21 @@ impl VolumeKind for BlockKind {
         Ok(())
     }
 
-    /// A filesystem needs room: a volume smaller than what mkfs needs for
-    /// the capability's filesystem (xfs: 300 MiB) cannot be formatted with
-    /// it (CreateVolume makes volumes at least that large for it).
+    /// The volume is used as its content allows (`node::content_fits`:
+    /// what was used raw stays raw, a filesystem stays one of its type);
+    /// and a filesystem needs room: a volume smaller than what mkfs needs
+    /// for the capability's filesystem (xfs: 300 MiB) cannot be formatted
+    /// with it (CreateVolume makes volumes at least that large for it).
+    /// Both as NodeStageVolume decides.
     fn capability_fits(
         &self,
         rec: &VolumeRecord,
         cap: &Capability,
     ) -> std::result::Result<(), String> {
-        let p = params::parse(&crate::controller::kind_parameters(&rec.parameters))
-            .map_err(|e| e.to_string())?;
-        match params::capability_fs(cap, p.default_fs).map_err(|e| e.to_string())? {
+        let info = Self::info(rec).map_err(|e| e.to_string())?;
+        node::content_fits(&info, cap).map_err(|why| format!("the volume {why}"))?;
+        let default_fs = Self::default_fs(rec).map_err(|e| e.to_string())?;
+        match params::capability_fs(cap, default_fs).map_err(|e| e.to_string())? {
             Some(fs) if rec.capacity_bytes < fs.min_bytes() => Err(format!(
                 "the volume has {} bytes, less than the {} bytes {} needs",
                 rec.capacity_bytes,
@@ -968,9 +972,26 @@ impl VolumeKind for BlockKind {
         self.remove_snapshot(snap, false)
     }
 
-    /// A snapshot whose file is missing or damaged is refused before the
-    /// new volume is recorded.
-    fn check_source(&self, _id: &str, from: Source<'_>) -> Result<()> {
+    /// A restore or clone inherits what its source's record knows of the
+    /// content (used raw or with a filesystem, which one): capabilities
+    /// that cannot use it (`node::content_fits`) are INVALID_ARGUMENT, the
+    /// spec's "source incompatible" (before, the volume was made and every
+    /// NodeStageVolume of it refused). A snapshot whose file is missing or
+    /// damaged is refused. Both before the new volume is recorded: nothing
+    /// is made.
+    fn check_source(&self, _id: &str, caps: &[Capability], from: Source<'_>) -> Result<()> {
+        let unknown = BlockInfo::default();
+        let (what, src, info) = match from {
+            Source::Snapshot(s) => ("snapshot", &s.id, s.block.as_ref()),
+            Source::Volume(v) => ("volume", &v.id, v.block.as_deref()),
+        };
+        for c in caps {
+            if let Err(why) = node::content_fits(info.unwrap_or(&unknown), c) {
+                return Err(Error::Invalid(format!(
+                    "source {what} {src} {why}; a volume made from it cannot be used with the capabilities asked for"
+                )));
+            }
+        }
         match from {
             Source::Snapshot(s) => self.usable_snapshot_file(s).map(|_| ()),
             Source::Volume(_) => Ok(()),

@@ -21,7 +21,7 @@ use crate::os::files::{self, Files, Open};
 use crate::os::mkfs::{self, Filesystem};
 use crate::os::mountinfo::{self, MountEntry};
 use crate::os::MountFlags;
-use crate::state::{BlockAccess, BlockInfo, Capability, VolumeRecord};
+use crate::state::{AccessType, BlockAccess, BlockInfo, Capability, VolumeRecord};
 
 /// Creates an empty regular file at `path` if nothing is there; true when it
 /// created one.
@@ -75,26 +75,74 @@ fn known_access(info: &BlockInfo) -> Option<BlockAccess> {
         .or(info.formatted.then_some(BlockAccess::Filesystem))
 }
 
+/// The filesystem Berth made on the volume (`formatted`), or began making
+/// (`formatting`: an mkfs a crash interrupted, which the next stage adopts
+/// or finishes as that filesystem): its content, when that is a filesystem.
+fn made_fs(info: &BlockInfo) -> Option<&str> {
+    if info.formatted {
+        Some(info.fs_type.as_str())
+    } else {
+        Some(info.formatting.as_str())
+    }
+    .filter(|fs| !fs.is_empty())
+}
+
+/// Whether a volume whose content is as `info` says can be used with `cap`
+/// (a capability `check_capability` accepts); when not, the reason, a
+/// phrase after "the volume" or "source snapshot <id>". As NodeStageVolume
+/// decides: content used raw stays raw, a filesystem stays a filesystem of
+/// its own type (a mount capability without fs_type means that one:
+/// `BlockKind::default_fs`); content never staged takes either. A restore
+/// or clone inherits its source's content, so CreateVolume asks this of the
+/// source before it makes anything.
+pub(super) fn content_fits(info: &BlockInfo, cap: &Capability) -> std::result::Result<(), String> {
+    let made = made_fs(info);
+    match (&cap.access_type, known_access(info)) {
+        (AccessType::Block, Some(BlockAccess::Filesystem)) => Err(format!(
+            "{}, and a filesystem is never handed out as a raw block device (it needs a mount capability, volumeMode: Filesystem)",
+            made.map_or("was first staged with a filesystem".to_string(), |fs| format!(
+                "holds an {fs} filesystem"
+            ))
+        )),
+        (AccessType::Mount { .. }, Some(BlockAccess::Raw)) => Err(
+            "was used as a raw block device, and a filesystem is never made over what was written to it (it needs a block capability, volumeMode: Block)"
+                .into(),
+        ),
+        (AccessType::Mount { fs_type, .. }, _) => match made {
+            Some(fs) if !fs_type.is_empty() && fs_type != fs => Err(format!(
+                "holds an {fs} filesystem, which cannot be mounted as {} (it needs fs_type {fs} or none)",
+                fs_type.chars().take(32).collect::<String>()
+            )),
+            _ => Ok(()),
+        },
+        (AccessType::Block, _) => Ok(()),
+    }
+}
+
 impl BlockKind {
     /// The file a raw block volume is staged on.
     fn marker(rec: &VolumeRecord, staging: &Path) -> PathBuf {
         staging.join(&rec.id)
     }
 
-    /// The filesystem a mount capability without fs_type gets: the
-    /// record's (StorageClass `fsType`; records of old versions without one
+    /// The filesystem a mount capability without fs_type gets: the one
+    /// Berth made on the volume or began making (`made_fs`; a filesystem is
+    /// only ever mounted as what it is, and a restore or clone has its
+    /// source's, whatever the source's `fsType` was); else the record's
+    /// default (StorageClass `fsType`; records of old versions without one
     /// mean the default, ext4). Any other name is a damaged record: an
     /// error, never a guess.
-    fn default_fs(rec: &VolumeRecord) -> Result<Filesystem> {
+    pub(super) fn default_fs(rec: &VolumeRecord) -> Result<Filesystem> {
         let info = Self::info(rec)?;
-        if info.default_fs.is_empty() {
+        let name = made_fs(&info).unwrap_or(&info.default_fs);
+        if name.is_empty() {
             return Ok(Filesystem::Ext4);
         }
-        Filesystem::parse(&info.default_fs).ok_or_else(|| {
+        Filesystem::parse(name).ok_or_else(|| {
             Error::WrongState(format!(
                 "the record of volume {} names an unknown filesystem {:?}; refusing to guess",
                 rec.id,
-                info.default_fs.chars().take(32).collect::<String>()
+                name.chars().take(32).collect::<String>()
             ))
         })
     }
@@ -694,5 +742,68 @@ impl BlockKind {
             });
         }
         Err(not_here())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::AccessMode;
+
+    fn cap(fs: Option<&str>) -> Capability {
+        Capability {
+            access_type: match fs {
+                None => AccessType::Block,
+                Some(t) => AccessType::Mount {
+                    fs_type: t.into(),
+                    mount_flags: vec![],
+                    volume_mount_group: String::new(),
+                },
+            },
+            access_mode: AccessMode::SingleNodeWriter,
+        }
+    }
+
+    /// What each content takes: raw stays raw; a filesystem made, being
+    /// made (an interrupted mkfs) or only claimed stays a filesystem, of
+    /// its own type; a record of an old version that says formatted and no
+    /// access is a filesystem; content never staged takes anything.
+    #[test]
+    fn content_fits_as_the_stage_decides() {
+        let info = |access, formatted: &str, formatting: &str| BlockInfo {
+            access,
+            formatted: !formatted.is_empty(),
+            fs_type: formatted.into(),
+            formatting: formatting.into(),
+            ..Default::default()
+        };
+        let fs = Some(BlockAccess::Filesystem);
+        let all = [None, Some(""), Some("ext4"), Some("xfs")];
+        for (content, takes) in [
+            (info(None, "", ""), &all[..]),
+            (info(Some(BlockAccess::Raw), "", ""), &[None][..]),
+            (info(fs, "ext4", ""), &[Some(""), Some("ext4")][..]),
+            (info(None, "ext4", ""), &[Some(""), Some("ext4")][..]),
+            (info(fs, "", "xfs"), &[Some(""), Some("xfs")][..]),
+            (info(fs, "", ""), &[Some(""), Some("ext4"), Some("xfs")][..]),
+        ] {
+            for c in all {
+                assert_eq!(
+                    content_fits(&content, &cap(c)).is_ok(),
+                    takes.contains(&c),
+                    "{content:?} {c:?}"
+                );
+            }
+        }
+        let why = content_fits(&info(fs, "", ""), &cap(None)).unwrap_err();
+        assert!(
+            why.starts_with("was first staged with a filesystem"),
+            "{why}"
+        );
+        let why = content_fits(&info(fs, "ext4", ""), &cap(Some("xfs"))).unwrap_err();
+        assert!(
+            why.contains("ext4 filesystem, which cannot be mounted as xfs"),
+            "{why}"
+        );
     }
 }

@@ -1008,7 +1008,10 @@ impl VolumeKind for LocalKind {
 
     /// A snapshot whose directory is missing or damaged is refused before
     /// the new volume is recorded.
-    fn check_source(&self, _id: &str, from: Source<'_>) -> Result<()> {
+    /// Every capability of a local volume is a mount of its directory
+    /// (`check_capability`: no raw block, fs_type only a hint): any source
+    /// fits them.
+    fn check_source(&self, _id: &str, _caps: &[Capability], from: Source<'_>) -> Result<()> {
         match from {
             Source::Snapshot(s) => self.usable_snapshot_dir(s).map(|_| ()),
             Source::Volume(_) => Ok(()),

@@ -310,7 +310,7 @@ impl NfsKind {
             .map_err(|e| Error::Internal(format!("volume id {}: {e}", rec.id)))?;
         let params = self.allowed_params(&rec.parameters)?;
         if let Some(from) = from {
-            self.check_source(&rec.id, from)?;
+            self.check_source(&rec.id, &rec.capabilities, from)?;
         }
         let root = self.new_volume_share(&vid, &controller_option_sets(rec)?)?;
         let marker = Marker {
@@ -829,7 +829,10 @@ impl VolumeKind for NfsKind {
     /// A restore or clone copies inside one working mount of one share:
     /// a source on another share is INVALID_ARGUMENT (the spec's "source
     /// incompatible": the CO must ask for a volume on the source's share).
-    fn check_source(&self, id: &str, from: Source<'_>) -> Result<()> {
+    /// Capabilities play no part: every NFS capability is a mount of the
+    /// share's directory (`check_capability`: no raw block, fs_type nfs or
+    /// none), which any NFS source fits.
+    fn check_source(&self, id: &str, _caps: &[Capability], from: Source<'_>) -> Result<()> {
         let vid = self
             .vid(id)
             .map_err(|e| Error::Invalid(format!("volume id {id}: {e}")))?;

@@ -3353,3 +3353,90 @@ async fn a_disk_restore_or_clone_needs_capabilities_its_source_content_fits() {
         .await
         .unwrap();
 }
+
+/// Block sizes are whole MiB. When rounding up would pass limit_bytes,
+/// the whole MiB below it is taken if it still holds required_bytes (and
+/// the source of a restore): 0 to 64 MiB + 1 is 64 MiB. Before, that was
+/// OUT_OF_RANGE ("takes 68157440 bytes (whole MiB)"). A range that holds
+/// no whole MiB is still OUT_OF_RANGE.
+#[tokio::test]
+async fn a_size_rounds_down_to_a_whole_mib_within_limit_bytes() {
+    let h = block(&[]);
+    script_blank(h.fake());
+    let ranged = |name: &str, required: i64, limit: i64| {
+        let mut r = create_req_p(name, 0, &[]);
+        r.capacity_range = Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        });
+        r
+    };
+    let mut ids = Vec::new();
+    for (n, (required, limit)) in [
+        (0, 64 * MIB + 1),
+        (0, 64 * MIB + MIB / 2),
+        (64 * MIB - 1, 64 * MIB + 1),
+        (64 * MIB, 64 * MIB + 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v = h
+            .ctl
+            .create_volume(Request::new(ranged(&format!("v{n}"), required, limit)))
+            .await
+            .unwrap_or_else(|e| panic!("{required} {limit}: {e:?}"))
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(v.capacity_bytes, 64 * MIB, "{required} {limit}");
+        assert_eq!(
+            std::fs::metadata(img(&h, &v.volume_id)).unwrap().len(),
+            (64 * MIB) as u64
+        );
+        ids.push(v.volume_id);
+    }
+    for (required, limit) in [(64 * MIB + 1, 64 * MIB + MIB / 2), (0, MIB / 2)] {
+        let e = h
+            .ctl
+            .create_volume(Request::new(ranged("none", required, limit)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{required} {limit}: {e:?}");
+        assert!(e.message().contains("whole MiB"), "{e:?}");
+    }
+    // A restore of the 64 MiB volume.
+    let s = snapshot_id(&h, "s", &ids[0]).await;
+    let restore = |name: &str, required: i64, limit: i64| {
+        let mut r = ranged(name, required, limit);
+        r.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: s.clone(),
+                },
+            )),
+        });
+        r
+    };
+    let r = h
+        .ctl
+        .create_volume(Request::new(restore("r", 0, 64 * MIB + 1)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(r.capacity_bytes, 64 * MIB);
+    let e = h
+        .ctl
+        .create_volume(Request::new(restore(
+            "r2",
+            64 * MIB + 1,
+            64 * MIB + MIB / 2,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert!(h.driver.store.get_by_name("none").is_none());
+    assert!(h.driver.store.get_by_name("r2").is_none());
+}

@@ -338,7 +338,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     imp.can_create(&kparams)?;
     // A restore or clone is at least as large as its source, and its
     // capabilities must be able to use the source's content.
-    let wanted = match &r.source {
+    let (wanted, required) = match &r.source {
         Some(s) => {
             let src = resolve(d, imp.as_ref(), r.kind, s)?;
             imp.check_source(&r.id, &r.caps, src.as_source())?;
@@ -349,11 +349,14 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
                     src.size()
                 )));
             }
-            r.range.size().max(src.size())
+            (
+                r.range.size().max(src.size()),
+                r.range.required.max(src.size()),
+            )
         }
-        None => r.range.size(),
+        None => (r.range.size(), r.range.required),
     };
-    let size = imp.size_for(&kparams, &r.caps, wanted, r.range.limit)?;
+    let size = imp.size_for(&kparams, &r.caps, wanted, required, r.range.limit)?;
     let mut pool = imp.capacity_for(&kparams)?;
     if size > pool.max_volume_bytes {
         return Err(Error::BadSize(format!(

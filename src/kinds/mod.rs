@@ -379,7 +379,8 @@ pub trait VolumeKind: Send + Sync {
         self.pool_capacity()
     }
 
-    /// The size a new volume gets when `wanted` bytes are asked for with at
+    /// The size a new volume gets when `wanted` bytes are asked for, at
+    /// least `required` (0: no minimum; never more than `wanted`) and at
     /// most `limit` (0: no limit): rounded to what the pool allocates, and
     /// OUT_OF_RANGE when no size fits. Default: `wanted` as is.
     fn size_for(
@@ -387,9 +388,10 @@ pub trait VolumeKind: Send + Sync {
         params: &BTreeMap<String, String>,
         caps: &[Capability],
         wanted: i64,
+        required: i64,
         limit: i64,
     ) -> Result<i64> {
-        let _ = (params, caps, limit);
+        let _ = (params, caps, required, limit);
         Ok(wanted)
     }
 

@@ -776,11 +776,12 @@ impl VolumeKind for BlockKind {
         p: &BTreeMap<String, String>,
         caps: &[Capability],
         wanted: i64,
+        required: i64,
         limit: i64,
     ) -> Result<i64> {
         let p = params::parse(p)?;
         match p.pool {
-            Pool::File(_) => params::file_size(&p, caps, wanted, limit),
+            Pool::File(_) => params::file_size(&p, caps, wanted, required, limit),
             Pool::Disk => self.disk_size_for(wanted, limit),
         }
     }

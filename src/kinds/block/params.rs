@@ -125,24 +125,44 @@ pub fn round_up(size: i64) -> Result<i64> {
         .ok_or_else(|| Error::BadSize(format!("{size} bytes is too large")))
 }
 
-/// The size of a new file-backed volume: `wanted` rounded up, at least what
-/// the filesystems it may be formatted with need, at most `limit`.
-pub fn file_size(p: &Params, caps: &[Capability], wanted: i64, limit: i64) -> Result<i64> {
+/// The size of a new file-backed volume: `wanted` rounded up to a whole
+/// MiB, or down when rounding up passes `limit` and the whole MiB below
+/// still holds `required` (a range such as 0 to 64 MiB + 1 is 64 MiB, not
+/// refused); at least what the filesystems it may be formatted with need;
+/// at most `limit`. OUT_OF_RANGE when no such size exists.
+pub fn file_size(
+    p: &Params,
+    caps: &[Capability],
+    wanted: i64,
+    required: i64,
+    limit: i64,
+) -> Result<i64> {
     let mut size = round_up(wanted)?;
+    if limit > 0 && size > limit {
+        let down = limit / GRANULE * GRANULE;
+        if down > 0 && down >= required {
+            size = down;
+        }
+    }
+    let mut mkfs_needs = None;
     for c in caps {
         if let Some(fs) = capability_fs(c, p.default_fs)? {
-            size = size.max(fs.min_bytes());
+            if fs.min_bytes() > size {
+                size = fs.min_bytes();
+                mkfs_needs = Some(fs);
+            }
         }
     }
     if limit > 0 && size > limit {
-        return Err(Error::BadSize(format!(
-            "a block volume of {wanted} bytes takes {size} bytes (whole MiB{}), more than limit_bytes {limit}",
-            if size > round_up(wanted)? {
-                ", and at least what mkfs needs"
-            } else {
-                ""
-            }
-        )));
+        return Err(Error::BadSize(match mkfs_needs {
+            Some(fs) => format!(
+                "a block volume that may be formatted {fs} takes at least {size} bytes ({} refuses less), more than limit_bytes {limit}",
+                fs.mkfs_program()
+            ),
+            None => format!(
+                "a block volume takes whole MiB, and none lies between required_bytes {required} and limit_bytes {limit} (asked for {wanted} bytes)"
+            ),
+        }));
     }
     Ok(size)
 }
@@ -218,18 +238,54 @@ mod tests {
     fn sizes() {
         let p = parse(&m(&[])).unwrap();
         let mib = GRANULE;
-        assert_eq!(file_size(&p, &[], 1, 0).unwrap(), mib);
-        assert_eq!(file_size(&p, &[], mib, mib).unwrap(), mib);
-        assert_eq!(file_size(&p, &[], mib + 1, 0).unwrap(), 2 * mib);
+        assert_eq!(file_size(&p, &[], 1, 1, 0).unwrap(), mib);
+        assert_eq!(file_size(&p, &[], mib, mib, mib).unwrap(), mib);
+        assert_eq!(file_size(&p, &[], mib + 1, mib + 1, 0).unwrap(), 2 * mib);
+        // No whole MiB between required and limit.
         assert!(matches!(
-            file_size(&p, &[], mib + 1, mib + 1),
+            file_size(&p, &[], mib + 1, mib + 1, mib + 1),
             Err(Error::BadSize(_))
         ));
-        // xfs needs 300 MiB; rounded up when the limit allows.
-        assert_eq!(file_size(&p, &[mount("xfs")], mib, 0).unwrap(), 300 * mib);
-        assert!(file_size(&p, &[mount("xfs")], mib, 10 * mib).is_err());
+        let e = file_size(&p, &[], 64 * mib + 1, 64 * mib + 1, 64 * mib + mib / 2).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("none lies between required_bytes 67108865"),
+            "{e}"
+        );
         assert!(matches!(
-            file_size(&p, &[mount("zfs")], mib, 0),
+            file_size(&p, &[], mib / 2, 0, mib / 2),
+            Err(Error::BadSize(_))
+        ));
+        // Rounding up would pass the limit: down, when that still holds
+        // what is required.
+        for (wanted, required, limit) in [
+            (64 * mib + 1, 0, 64 * mib + 1),
+            (64 * mib + mib / 2, 0, 64 * mib + mib / 2),
+            (64 * mib + 1, 10, 64 * mib + 1),
+            (64 * mib + 1, 64 * mib, 64 * mib + 1),
+        ] {
+            assert_eq!(
+                file_size(&p, &[], wanted, required, limit).unwrap(),
+                64 * mib,
+                "{wanted} {required} {limit}"
+            );
+        }
+        // xfs needs 300 MiB; rounded up when the limit allows.
+        assert_eq!(
+            file_size(&p, &[mount("xfs")], mib, mib, 0).unwrap(),
+            300 * mib
+        );
+        let e = file_size(&p, &[mount("xfs")], mib, mib, 10 * mib).unwrap_err();
+        assert!(
+            matches!(e, Error::BadSize(_)) && e.to_string().contains("mkfs.xfs"),
+            "{e}"
+        );
+        assert_eq!(
+            file_size(&p, &[mount("xfs")], 300 * mib + 1, 0, 300 * mib + 1).unwrap(),
+            300 * mib
+        );
+        assert!(matches!(
+            file_size(&p, &[mount("zfs")], mib, mib, 0),
             Err(Error::Invalid(_))
         ));
         assert!(round_up(i64::MAX).is_err());

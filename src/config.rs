@@ -259,6 +259,14 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("block"))
     }
 
+    /// Berth's directories besides the block root: the state dir and the
+    /// local root. No loop device of a file under them is ever a disk of
+    /// the pool. (Not the whole data dir: it only holds them by default,
+    /// and other files kept there, stand-in disks say, are not Berth's.)
+    pub fn own_dirs(&self) -> Vec<PathBuf> {
+        vec![self.state_dir(), self.local_root()]
+    }
+
     /// The socket path from --endpoint (unix:// only).
     pub fn socket_path(&self) -> Result<PathBuf, String> {
         let ep = match &self.endpoint {

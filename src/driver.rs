@@ -77,6 +77,7 @@ impl Driver {
                 )?),
                 Kind::Block => Arc::new(BlockKind::new(
                     cfg.block_root(),
+                    cfg.own_dirs(),
                     &node_id,
                     cfg.disk_pool.clone(),
                     cfg.disk_wipe,

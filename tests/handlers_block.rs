@@ -2619,6 +2619,247 @@ async fn a_missing_disk_back_under_another_name_is_not_offered_unwiped() {
         .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })));
 }
 
+/// A loop device over a sparse file of `size` bytes (outside Berth's
+/// directories), listed in the pool directory as `disks/<name>`, a link to
+/// its node: a loop device used as a disk.
+fn loop_disk(h: &Harness, name: &str, size: i64) -> (PathBuf, berth::os::LoopInfo) {
+    let file = h.path(&format!("{name}.img"));
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(size as u64)
+        .unwrap();
+    let l = h.fake().add_loop(&file);
+    let dir = h.path("disks");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(&l.device, dir.join(name)).unwrap();
+    (file, l)
+}
+
+/// The loop disk `l` is pulled (`losetup -d`): its node stays, with 0
+/// bytes.
+fn pull(f: &FakeOs, l: &berth::os::LoopInfo) {
+    berth::os::LoopDevices::detach(f, &l.device).unwrap();
+    f.add_device(&l.device, 7, l.minor, 0);
+}
+
+fn erasures(f: &FakeOs) -> usize {
+    count(f, |c| {
+        matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })
+    })
+}
+
+async fn get_volume(h: &Harness, id: &str) -> csi::VolumeCondition {
+    h.ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap()
+}
+
+async fn delete_disk_volume(h: &Harness, id: &str) -> Result<(), tonic::Status> {
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
+/// A loop device used as a pool disk is detached (the disk pulled), and
+/// the next loop attach, Berth's own for a file volume of the same size,
+/// gets its number. That volume's device was taken for the disk: once its
+/// unstage left it attached (something held it open), DeleteVolume of the
+/// disk volume zeroed the file volume's file, NodeStageVolume handed it to
+/// the disk volume's tenant, and the disk volume was "healthy". A loop
+/// device of Berth's own file is never a disk, whatever the record says
+/// (as made now, with the loop's backing file, or as made before, without).
+#[tokio::test]
+async fn a_detached_loop_disk_is_never_berths_own_volume_at_its_number() {
+    let h = disk_harness();
+    let f = h.fake();
+    script_blank(f);
+    let (_, l) = loop_disk(&h, "d0", 64 * MIB);
+    let v = create(&h, "v", 64 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(v.capacity_bytes, 64 * MIB);
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&v.volume_id, &s, raw_cap())))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    pull(f, &l);
+    let w = create(&h, "w", 64 * MIB, &[]).await;
+    let sw = h.path("sw");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&w.volume_id, &sw, raw_cap())))
+        .await
+        .unwrap();
+    let wl = f.loops();
+    assert_eq!(
+        (wl[0].device.clone(), wl[0].backing_file.clone()),
+        (l.device.clone(), img(&h, &w.volume_id))
+    );
+    write_at(&img(&h, &w.volume_id), b"W-DATA", 0);
+    // Its unstage unmounts, but the device stays attached (held open).
+    f.detach_leaves_bound(1);
+    let e = h
+        .node
+        .node_unstage_volume(Request::new(unstage(&w.volume_id, &sw)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(f.loops().len(), 1);
+    let rec = h.driver.store.get(&v.volume_id).unwrap();
+    for old_record in [false, true] {
+        if old_record {
+            let mut r = rec.clone();
+            r.block
+                .as_mut()
+                .unwrap()
+                .disk
+                .as_mut()
+                .unwrap()
+                .loop_backing = None;
+            h.driver.store.put(&r).unwrap();
+        }
+        let e = h
+            .node
+            .node_stage_volume(Request::new(stage_with(
+                &v.volume_id,
+                &h.path("s2"),
+                raw_cap(),
+            )))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("Berth's own file"), "{}", e.message());
+        let c = get_volume(&h, &v.volume_id).await;
+        assert!(
+            c.abnormal && c.message.contains("Berth's own file"),
+            "{c:?}"
+        );
+        let e = delete_disk_volume(&h, &v.volume_id).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("Berth's own file"), "{}", e.message());
+    }
+    assert_eq!(erasures(f), 0, "{:?}", f.calls());
+    assert_eq!(
+        &std::fs::read(img(&h, &w.volume_id)).unwrap()[..6],
+        b"W-DATA"
+    );
+}
+
+/// A loop disk detached (the disk pulled; its node shows 0 bytes) is
+/// missing: DeleteVolume remembers it for a wipe and answers OK (it
+/// answered FAILED_PRECONDITION forever). A file of the same size attached
+/// at its number later is not the disk (the record keeps the loop's
+/// backing file): never wiped, not offered. The disk's own file attached
+/// again is the disk: wiped, then offered.
+#[tokio::test]
+async fn a_detached_loop_disk_is_missing_and_another_file_at_its_number_is_not_it() {
+    let h = disk_harness();
+    let f = h.fake();
+    script_blank(f);
+    let (file, l) = loop_disk(&h, "d0", 64 * MIB);
+    let v = create(&h, "v", 64 * MIB, &[("pool", "disk")]).await;
+    assert!(block_info(&h, &v.volume_id)
+        .disk
+        .unwrap()
+        .loop_backing
+        .is_some());
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&v.volume_id, &s, raw_cap())))
+        .await
+        .unwrap();
+    write_at(&file, b"V-DATA", 0);
+    h.node
+        .node_unstage_volume(Request::new(unstage(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    pull(f, &l);
+    let c = get_volume(&h, &v.volume_id).await;
+    assert!(c.abnormal && c.message.contains("0 bytes"), "{c:?}");
+    delete_disk_volume(&h, &v.volume_id).await.unwrap();
+    assert_eq!(wipe_records(&h), 1);
+    // Someone's file of the same size, with data, at the disk's number.
+    let foreign = h.path("foreign.img");
+    std::fs::write(&foreign, vec![0x5au8; (64 * MIB) as usize]).unwrap();
+    let fl = f.add_loop(&foreign);
+    assert_eq!(fl.device, l.device);
+    retry_pending_and_wait(&h).await;
+    assert_eq!(erasures(f), 0, "{:?}", f.calls());
+    assert!(std::fs::read(&foreign).unwrap().iter().all(|&b| b == 0x5a));
+    assert_eq!(wipe_records(&h), 1);
+    assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+    // The disk back at its number: wiped, and offered again.
+    berth::os::LoopDevices::detach(f, &fl.device).unwrap();
+    assert_eq!(f.add_loop(&file).device, l.device);
+    retry_pending_and_wait(&h).await;
+    assert!(f.calls().contains(&Call::ZeroOut {
+        device: l.device.clone(),
+        size_bytes: (64 * MIB) as u64,
+    }));
+    assert!(std::fs::read(&file).unwrap().iter().all(|&b| b == 0));
+    assert_eq!(wipe_records(&h), 0);
+    assert_eq!(disk_capacity(&h).await, (64 * MIB, Some(64 * MIB)));
+}
+
+/// A loop device of Berth's own file under a path outside its directories
+/// (a hard link; another mount namespace shows other paths too) is told
+/// by its file's inode: not offered as a pool disk (it was: a blank file
+/// volume reads as zeros), and not taken for a recorded disk.
+#[tokio::test]
+async fn a_loop_of_berths_own_file_under_another_path_is_no_disk() {
+    let h = disk_harness();
+    let f = h.fake();
+    script_blank(f);
+    let (_, l1) = loop_disk(&h, "d1", 32 * MIB);
+    let v = create(&h, "v", 32 * MIB, &[("pool", "disk")]).await;
+    let w = create(&h, "w", 64 * MIB, &[]).await;
+    let link = h.path("d0.img");
+    std::fs::hard_link(img(&h, &w.volume_id), &link).unwrap();
+    let l0 = f.add_loop(&link);
+    std::os::unix::fs::symlink(&l0.device, h.path("disks").join("d0")).unwrap();
+    assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+    // A record (made before records kept the loop's file) naming it.
+    let mut r = h.driver.store.get(&v.volume_id).unwrap();
+    let d = r.block.as_mut().unwrap().disk.as_mut().unwrap();
+    assert_eq!(d.minor, l1.minor);
+    (d.path, d.device, d.minor, d.size_bytes, d.loop_backing) = (
+        h.path("disks").join("d0"),
+        l0.device.clone(),
+        l0.minor,
+        (64 * MIB) as u64,
+        None,
+    );
+    h.driver.store.put(&r).unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(
+            &v.volume_id,
+            &h.path("s"),
+            raw_cap(),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("Berth's own file"), "{}", e.message());
+    let e = delete_disk_volume(&h, &v.volume_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(erasures(f), 0);
+}
+
 #[tokio::test]
 async fn concurrent_disk_creates_never_share_a_disk() {
     let h = disk_harness();

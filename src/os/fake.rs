@@ -693,6 +693,14 @@ impl FakeOs {
         )
     }
 
+    /// The file writes to the device at `path` land in: a bound fake loop
+    /// device's backing file, or the path itself.
+    fn written_file(&self, path: &Path) -> PathBuf {
+        Self::loop_index(path)
+            .and_then(|n| lock(&self.loops).get(&n).map(|l| l.backing.clone()))
+            .unwrap_or_else(|| path.to_path_buf())
+    }
+
     /// Major and minor of a fake device node, if it is one.
     fn device_numbers(&self, path: &Path) -> Option<(u32, u32)> {
         if let Some(n) = Self::loop_index(path) {
@@ -1171,8 +1179,14 @@ impl LoopDevices for FakeOs {
 }
 
 impl BlockDevices for FakeOs {
+    /// A link to a fake loop device (an entry of a pool directory)
+    /// resolves to it, as the real one follows links.
     fn inspect(&self, path: &Path) -> Result<DeviceInfo, OsError> {
         self.injected("inspect", path)?;
+        let link = std::fs::read_link(path)
+            .ok()
+            .filter(|t| Self::loop_index(t).is_some());
+        let path = link.as_deref().unwrap_or(path);
         if let Some(n) = Self::loop_index(path) {
             if let Some(l) = lock(&self.loops).get(&n) {
                 return Ok(DeviceInfo {
@@ -1248,18 +1262,20 @@ impl BlockDevices for FakeOs {
         Ok(lock(&self.held).contains(path))
     }
 
-    /// Records the call; a stand-in disk that is a regular file is
-    /// overwritten with zeros, so tests can read what is left.
+    /// Records the call; a stand-in disk that is a regular file, or the
+    /// backing file of a fake loop device, is overwritten with zeros, so
+    /// tests can read what is left.
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
         lock(&self.calls).push(Call::ZeroOut {
             device: path.to_path_buf(),
             size_bytes,
         });
         self.injected("zero_out", path)?;
-        if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        let target = self.written_file(path);
+        if std::fs::metadata(&target).is_ok_and(|m| m.is_file()) {
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .open(path)
+                .open(&target)
                 .map_err(|e| OsError::sys("open", path, e))?;
             f.set_len(0)
                 .and_then(|_| f.set_len(size_bytes))
@@ -1276,11 +1292,12 @@ impl BlockDevices for FakeOs {
             size_bytes,
         });
         self.injected("zero_sample", path)?;
-        if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        let target = self.written_file(path);
+        if std::fs::metadata(&target).is_ok_and(|m| m.is_file()) {
             use std::os::unix::fs::FileExt;
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .open(path)
+                .open(&target)
                 .map_err(|e| OsError::sys("open", path, e))?;
             let have = f
                 .metadata()

@@ -422,6 +422,21 @@ pub struct DiskRef {
     pub major: u32,
     pub minor: u32,
     pub size_bytes: u64,
+    /// For a loop device used as a disk (which has no by-id link): the
+    /// device and inode number of its backing file when the volume was
+    /// created (`LOOP_GET_STATUS64`); a loop device backed by another file
+    /// later is not this disk. None for other disks and in records made
+    /// before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_backing: Option<FileId>,
+}
+
+/// A file as the kernel identifies it: its filesystem's device number
+/// (`st_dev`) and its inode number.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// What Berth remembers about a block volume beyond the generic record.
@@ -530,6 +545,26 @@ mod tests {
         format!(
             r#"{{"id":"{id}","name":"n-{id}","kind":"local","seq":1,"phase":"ready","capacity_bytes":1,"node":"x","parameters":{params},"capabilities":[{{"access_type":{{"mount":{{"fs_type":"{fs}","mount_flags":[]}}}},"access_mode":"SINGLE_NODE_WRITER"}}],"created_unix":0}}"#
         )
+    }
+
+    /// A disk recorded before the loop backing file was kept reads with
+    /// none; one with it keeps it; none is not written.
+    #[test]
+    fn disk_records_without_a_loop_backing_file_still_read() {
+        let old = r#"{"path":"/p/d0","device":"/dev/loop3","major":7,"minor":3,"size_bytes":64}"#;
+        let d: DiskRef = serde_json::from_str(old).unwrap();
+        assert_eq!(d.loop_backing, None);
+        assert_eq!(serde_json::to_string(&d).unwrap(), old);
+        let new = DiskRef {
+            loop_backing: Some(FileId { dev: 2049, ino: 12 }),
+            ..d
+        };
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(
+            text.ends_with(r#""loop_backing":{"dev":2049,"ino":12}}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<DiskRef>(&text).unwrap(), new);
     }
 
     #[test]

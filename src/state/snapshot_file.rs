@@ -531,6 +531,7 @@ mod tests {
                 major: 8,
                 minor: 16,
                 size_bytes: 1 << 30,
+                loop_backing: None,
             }),
             default_fs: "ext4".into(),
             formatted: true,

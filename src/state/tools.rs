@@ -118,6 +118,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     let by_id: BTreeMap<&str, &VolumeRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
     let local_root = cfg.local_root();
     let block_root = cfg.block_root();
+    let own_dirs = cfg.own_dirs();
     for r in records {
         if r.id.starts_with("wipe-") {
             let disk = r.block.as_ref().and_then(|b| b.disk.as_ref());
@@ -188,23 +189,10 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             }
             Kind::Block => match r.block.as_ref().and_then(|b| b.disk.as_ref()) {
                 Some(d) => {
-                    let path = d.by_id.as_deref().unwrap_or(&d.path);
-                    match os.devices.inspect(path) {
-                        Err(e) => out.push(error(format!(
-                            "volume {} ({}): its disk {} is missing ({e})",
-                            r.id,
-                            r.name,
-                            path.display()
-                        ))),
-                        Ok(dev) if dev.size_bytes != d.size_bytes
-                            || (d.by_id.is_none() && (dev.major, dev.minor) != (d.major, d.minor)) =>
-                        {
-                            out.push(error(format!(
-                                "volume {} ({}): {} is now {}:{} with {} bytes, not the recorded disk {}:{} with {} bytes",
-                                r.id, r.name, path.display(), dev.major, dev.minor, dev.size_bytes, d.major, d.minor, d.size_bytes
-                            )))
-                        }
-                        Ok(_) => {}
+                    // The rule the block kind uses (`identify_disk`).
+                    let own = crate::kinds::block::OwnFiles::new(&block_root, &own_dirs);
+                    if let Err(e) = crate::kinds::block::identify_disk(os, &own, d) {
+                        out.push(error(format!("volume {} ({}): {e}", r.id, r.name)));
                     }
                 }
                 None => {

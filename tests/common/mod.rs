@@ -193,6 +193,35 @@ pub async fn delete(h: &Harness, id: &str) {
         .expect("delete");
 }
 
+/// The retry of pending deletes that runs every minute, waited for.
+pub async fn retry_pending_and_wait(h: &Harness) {
+    let pending = h
+        .driver
+        .store
+        .filter(|r| r.phase != berth::state::Phase::Ready);
+    h.driver.retry_pending(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for r in pending {
+        while h
+            .driver
+            .locks
+            .try_lock(berth::driver::vol_key(&r.id))
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the retry never ended"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The records of pool disks to wipe once they are back (`wipe-<id>`).
+pub fn wipe_records(h: &Harness) -> usize {
+    h.driver.store.filter(|r| r.id.starts_with("wipe-")).len()
+}
+
 pub fn create_req(name: &str, size: i64) -> csi::CreateVolumeRequest {
     csi::CreateVolumeRequest {
         name: name.into(),

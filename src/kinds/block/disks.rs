@@ -7,15 +7,211 @@
 //! blocks: `os::blockdev::sample_ranges`) reads as zeros. A disk that
 //! reads as anything else holds someone's data, signature or not: it is
 //! never handed to a tenant (nor formatted) until it is erased.
-use std::collections::HashSet;
+//!
+//! A recorded disk is found again by `identify_disk`: its by-id link (or
+//! pool path), its size and device number, and for a loop device used as
+//! a disk (it has no by-id link) the file backing it. A loop device of one
+//! of Berth's own files (a block volume's or snapshot's, `OwnFiles`) is
+//! never a disk: not offered, not used, never erased.
+use std::cell::OnceCell;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{lock, BlockKind};
 use crate::error::{Error, Result};
 use crate::node::mounts;
 use crate::os::blkid::{self, Probe};
-use crate::os::DeviceInfo;
-use crate::state::DiskRef;
+use crate::os::{DeviceInfo, LoopInfo, Os};
+use crate::state::{DiskRef, FileId};
+
+/// The major number of loop devices (`LOOP_MAJOR`).
+const LOOP_MAJOR: u32 = 7;
+
+/// Berth's own files, which no disk of the pool may be a loop device of:
+/// files under the block root (volumes, `.snapshots/`, `.orphaned/`) or
+/// Berth's other directories (state dir, local root).
+pub struct OwnFiles<'a> {
+    root: &'a Path,
+    dirs: &'a [PathBuf],
+    /// Device and inode of the files of the block root, read when first
+    /// needed.
+    ids: OnceCell<HashSet<FileId>>,
+}
+
+impl<'a> OwnFiles<'a> {
+    pub fn new(root: &'a Path, dirs: &'a [PathBuf]) -> Self {
+        OwnFiles {
+            root,
+            dirs,
+            ids: OnceCell::new(),
+        }
+    }
+
+    /// Device and inode of every regular file in the block root, its
+    /// `.snapshots/` and its `.orphaned/`.
+    fn ids(&self) -> &HashSet<FileId> {
+        self.ids.get_or_init(|| {
+            let mut out = HashSet::new();
+            for dir in [
+                self.root.to_path_buf(),
+                self.root.join(super::snapshot::SNAPSHOTS),
+                self.root.join(super::ORPHANED),
+            ] {
+                let Ok(rd) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for e in rd.flatten() {
+                    // Not followed: a symlink is not one of Berth's files.
+                    if let Some(m) = e.metadata().ok().filter(|m| m.is_file()) {
+                        out.insert(FileId {
+                            dev: m.dev(),
+                            ino: m.ino(),
+                        });
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    /// Whether the loop device `l`, backed by the file `backing`, is a
+    /// loop device of one of Berth's own files: its backing file's path,
+    /// as sysfs shows it, lies under one of Berth's directories, or it is
+    /// the very file (device and inode) of one in the block root (another
+    /// mount namespace may show another path, a hard link another name).
+    pub fn holds(&self, l: &LoopInfo, backing: FileId) -> bool {
+        std::iter::once(self.root)
+            .chain(self.dirs.iter().map(PathBuf::as_path))
+            .any(|d| l.backing_file.starts_with(d))
+            || self.ids().contains(&backing)
+    }
+}
+
+/// What a device is as a loop device (`loop_of`).
+enum LoopOf {
+    /// Not a loop device.
+    NotLoop,
+    /// A loop device, bound to the file with this identity.
+    Bound(LoopInfo, FileId),
+    /// A loop device bound to no file (detached); why, in words.
+    Detached(String),
+    /// A loop device whose backing file cannot be told; why, in words.
+    Unknown(String),
+}
+
+/// What `dev` is as a loop device: the major number tells a loop device,
+/// sysfs its attachment and `LOOP_GET_STATUS64` its backing file.
+fn loop_of(os: &Os, dev: &DeviceInfo) -> LoopOf {
+    if dev.major != LOOP_MAJOR {
+        return LoopOf::NotLoop;
+    }
+    let detached = |device: &Path| {
+        LoopOf::Detached(format!(
+            "loop device {} is bound to no file (detached)",
+            device.display()
+        ))
+    };
+    let list = match os.loops.list() {
+        Ok(list) => list,
+        Err(e) => return LoopOf::Unknown(format!("listing loop devices: {e}")),
+    };
+    let Some(l) = list
+        .into_iter()
+        .find(|l| (l.major, l.minor) == (dev.major, dev.minor))
+    else {
+        return detached(&dev.path);
+    };
+    match os.loops.backing_id(&l.device) {
+        Ok((dev, ino)) => LoopOf::Bound(l, FileId { dev, ino }),
+        Err(e) if e.errno() == Some(libc::ENXIO) => detached(&l.device),
+        Err(e) => LoopOf::Unknown(format!(
+            "which file backs loop device {} cannot be told: {e}",
+            l.device.display()
+        )),
+    }
+}
+
+/// The device of a recorded disk, if it is still the same disk: found by
+/// its by-id link (or pool path) with the recorded size, and with the
+/// recorded device number unless a by-id link found it; a loop device of
+/// one of Berth's own files (`own`) never is, and a loop device must be
+/// backed by the file the record names (`DiskRef::loop_backing`).
+/// NOT_FOUND when it is gone (a device of 0 bytes, as a detached loop
+/// device's node shows, counts as gone), FAILED_PRECONDITION when another
+/// device is there now or it cannot be told.
+pub fn identify_disk(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceInfo> {
+    let path: &Path = d.by_id.as_deref().unwrap_or(&d.path);
+    let missing = |why: String| {
+        Error::NotFound(format!(
+            "disk {} of the volume is missing: {why}",
+            path.display()
+        ))
+    };
+    let dev = os
+        .devices
+        .inspect(path)
+        .map_err(|e| missing(e.to_string()))?;
+    if dev.size_bytes == 0 {
+        // A detached loop device (its node stays), a drive without its
+        // medium: nothing there to use or erase; the disk may come back.
+        return Err(missing(format!(
+            "{} has 0 bytes (a detached loop device, or a drive without its medium)",
+            dev.path.display()
+        )));
+    }
+    let not_it = |what: String| {
+        Error::WrongState(format!(
+            "{} is now {} ({}:{}, {} bytes{what}), not the disk the volume was created on ({}:{}, {} bytes); refusing to use or erase it",
+            path.display(),
+            dev.path.display(),
+            dev.major,
+            dev.minor,
+            dev.size_bytes,
+            d.major,
+            d.minor,
+            d.size_bytes
+        ))
+    };
+    let same_number = (dev.major, dev.minor) == (d.major, d.minor);
+    if dev.size_bytes != d.size_bytes || (d.by_id.is_none() && !same_number) {
+        return Err(not_it(String::new()));
+    }
+    let (l, backing) = match loop_of(os, &dev) {
+        LoopOf::Bound(l, backing) => (l, backing),
+        LoopOf::NotLoop if d.loop_backing.is_some() => {
+            return Err(not_it(", not a loop device".into()));
+        }
+        LoopOf::NotLoop => return Ok(dev),
+        LoopOf::Detached(why) => return Err(missing(why)),
+        LoopOf::Unknown(why) => return Err(not_it(format!("; {why}"))),
+    };
+    if own.holds(&l, backing) {
+        return Err(not_it(format!(
+            ", a loop device of Berth's own file {}: a block volume's or snapshot's, never a disk",
+            l.backing_file.display()
+        )));
+    }
+    match d.loop_backing {
+        Some(b) if b != backing => Err(not_it(format!(
+            ", a loop device of another file, {} (device {} inode {}; the disk's was device {} inode {})",
+            l.backing_file.display(),
+            backing.dev,
+            backing.ino,
+            b.dev,
+            b.ino
+        ))),
+        Some(_) => Ok(dev),
+        // A record made before the backing file was kept: the loop device
+        // found at the recorded path, number and size is taken for the disk
+        // when its file is not one of Berth's own. That it is the file it
+        // was at creation cannot be proven: another file of the same size
+        // attached at the same loop number after a detach passes (as any
+        // disk without a by-id link replaced by one of the same size at the
+        // same device number does).
+        None => Ok(dev),
+    }
+}
 
 /// A disk of the pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,23 +413,37 @@ impl BlockKind {
         }
         let t = mounts::table(&self.os)?;
         let mounted: HashSet<(u32, u32)> = t.iter().map(|m| (m.major, m.minor)).collect();
-        let own_loops: HashSet<PathBuf> = self
+        let loops: HashMap<(u32, u32), LoopInfo> = self
             .os
             .loops
             .list()
             .map_err(|e| Error::os("listing loop devices", e))?
             .into_iter()
-            .filter(|l| l.backing_file.starts_with(&self.root))
-            .map(|l| l.device)
+            .map(|l| ((l.major, l.minor), l))
             .collect();
+        let own = self.own_files();
         let mut free = Vec::new();
         for d in self.pool_disks() {
             let n = (d.dev.major, d.dev.minor);
             if claimed_numbers.contains(&n)
                 || claimed_paths.contains(&d.dev.path)
                 || mounted.contains(&n)
-                || own_loops.contains(&d.dev.path)
+                // A detached loop device, a drive without its medium.
+                || d.dev.size_bytes == 0
             {
+                continue;
+            }
+            if let Some(l) = loops.get(&n) {
+                match self.os.loops.backing_id(&l.device) {
+                    Ok((dev, ino)) if !own.holds(l, FileId { dev, ino }) => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::debug!(disk = %d.listed.display(), error = %e, "which file backs the pool's loop device cannot be told; not offered");
+                        continue;
+                    }
+                }
+            } else if d.dev.major == LOOP_MAJOR {
+                // A loop device bound to no file.
                 continue;
             }
             match self.os.devices.held(&d.dev.path) {
@@ -330,6 +540,18 @@ impl BlockKind {
             .devices
             .stable_link(&d.dev)
             .filter(|l| l != &d.listed);
+        // A loop device has no by-id link: the file backing it is what
+        // tells it from another file attached at its number later.
+        let loop_backing = match loop_of(&self.os, &d.dev) {
+            LoopOf::NotLoop => None,
+            LoopOf::Bound(_, backing) => Some(backing),
+            LoopOf::Detached(why) | LoopOf::Unknown(why) => {
+                return Err(Error::Busy(format!(
+                    "the free disk {} chosen for this volume changed: {why}; retry",
+                    d.listed.display()
+                )))
+            }
+        };
         Ok(DiskRef {
             path: d.listed,
             device: d.dev.path,
@@ -337,38 +559,20 @@ impl BlockKind {
             major: d.dev.major,
             minor: d.dev.minor,
             size_bytes: d.dev.size_bytes,
+            loop_backing,
         })
     }
 
-    /// The device of a recorded disk, if it is still the same disk: found
-    /// by its by-id link (or pool path) with the recorded size, and with
-    /// the recorded device number unless a by-id link found it.
-    /// NOT_FOUND when it is gone, FAILED_PRECONDITION when another device is
-    /// there now.
+    /// Berth's own files (`OwnFiles`).
+    pub(super) fn own_files(&self) -> OwnFiles<'_> {
+        OwnFiles::new(&self.root, &self.own_dirs)
+    }
+
+    /// The device of a recorded disk, if it is still the same disk
+    /// (`identify_disk`). NOT_FOUND when it is gone, FAILED_PRECONDITION
+    /// when another device is there now.
     pub(super) fn resolve_disk(&self, d: &DiskRef) -> Result<DeviceInfo> {
-        let path: &Path = d.by_id.as_deref().unwrap_or(&d.path);
-        let dev = self.os.devices.inspect(path).map_err(|e| {
-            Error::NotFound(format!(
-                "disk {} of the volume is missing: {}",
-                path.display(),
-                e
-            ))
-        })?;
-        let same_number = (dev.major, dev.minor) == (d.major, d.minor);
-        if dev.size_bytes != d.size_bytes || (d.by_id.is_none() && !same_number) {
-            return Err(Error::WrongState(format!(
-                "{} is now {} ({}:{}, {} bytes), not the disk the volume was created on ({}:{}, {} bytes); refusing to use it",
-                path.display(),
-                dev.path.display(),
-                dev.major,
-                dev.minor,
-                dev.size_bytes,
-                d.major,
-                d.minor,
-                d.size_bytes
-            )));
-        }
-        Ok(dev)
+        identify_disk(&self.os, &self.own_files(), d)
     }
 }
 

@@ -25,6 +25,7 @@ mod node;
 pub mod params;
 mod snapshot;
 
+pub use disks::{identify_disk, OwnFiles};
 pub use snapshot::{snapshot_copy_flaw, snapshot_kept_on_rollback};
 
 use std::collections::BTreeMap;
@@ -97,6 +98,9 @@ const ORPHANED: &str = ".orphaned";
 
 pub struct BlockKind {
     root: PathBuf,
+    /// Berth's other directories (state dir, local root): no loop device
+    /// of a file under them, or under `root`, is a pool disk.
+    own_dirs: Vec<PathBuf>,
     /// This node's id (new ids carry its tag).
     node: String,
     disk_pool: Vec<String>,
@@ -126,9 +130,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl BlockKind {
-    /// `root` must exist (`Driver::new` makes it and holds its lock).
+    /// `root` must exist (`Driver::new` makes it and holds its lock);
+    /// `own_dirs` are Berth's other directories (`BlockKind::own_dirs`).
     pub fn new(
         root: PathBuf,
+        own_dirs: Vec<PathBuf>,
         node: &str,
         disk_pool: Vec<String>,
         disk_wipe: DiskWipe,
@@ -137,6 +143,7 @@ impl BlockKind {
     ) -> Result<Self> {
         Ok(BlockKind {
             root,
+            own_dirs,
             node: node.to_string(),
             disk_pool,
             disk_wipe,

@@ -2662,14 +2662,20 @@ async fn get_volume(h: &Harness, id: &str) -> csi::VolumeCondition {
         .unwrap()
 }
 
-async fn delete_disk_volume(h: &Harness, id: &str) -> Result<(), tonic::Status> {
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        }))
+/// NodeStageVolume (raw, at `staging`) and DeleteVolume of the disk
+/// volume `id`, whose recorded disk is now a loop device of Berth's own
+/// file: both FAILED_PRECONDITION, saying so.
+async fn refused_as_berths_own(h: &Harness, id: &str, staging: &Path) {
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(id, staging, raw_cap())))
         .await
-        .map(|_| ())
+        .unwrap_err();
+    let e2 = try_delete(h, id).await.unwrap_err();
+    for e in [e, e2] {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("Berth's own file"), "{}", e.message());
+    }
 }
 
 /// A loop device used as a pool disk is detached (the disk pulled), and
@@ -2732,25 +2738,12 @@ async fn a_detached_loop_disk_is_never_berths_own_volume_at_its_number() {
                 .loop_backing = None;
             h.driver.store.put(&r).unwrap();
         }
-        let e = h
-            .node
-            .node_stage_volume(Request::new(stage_with(
-                &v.volume_id,
-                &h.path("s2"),
-                raw_cap(),
-            )))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-        assert!(e.message().contains("Berth's own file"), "{}", e.message());
+        refused_as_berths_own(&h, &v.volume_id, &h.path("s2")).await;
         let c = get_volume(&h, &v.volume_id).await;
         assert!(
             c.abnormal && c.message.contains("Berth's own file"),
             "{c:?}"
         );
-        let e = delete_disk_volume(&h, &v.volume_id).await.unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-        assert!(e.message().contains("Berth's own file"), "{}", e.message());
     }
     assert_eq!(erasures(f), 0, "{:?}", f.calls());
     assert_eq!(
@@ -2790,7 +2783,7 @@ async fn a_detached_loop_disk_is_missing_and_another_file_at_its_number_is_not_i
     pull(f, &l);
     let c = get_volume(&h, &v.volume_id).await;
     assert!(c.abnormal && c.message.contains("0 bytes"), "{c:?}");
-    delete_disk_volume(&h, &v.volume_id).await.unwrap();
+    try_delete(&h, &v.volume_id).await.unwrap();
     assert_eq!(wipe_records(&h), 1);
     // Someone's file of the same size, with data, at the disk's number.
     let foreign = h.path("foreign.img");
@@ -2844,19 +2837,7 @@ async fn a_loop_of_berths_own_file_under_another_path_is_no_disk() {
         None,
     );
     h.driver.store.put(&r).unwrap();
-    let e = h
-        .node
-        .node_stage_volume(Request::new(stage_with(
-            &v.volume_id,
-            &h.path("s"),
-            raw_cap(),
-        )))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("Berth's own file"), "{}", e.message());
-    let e = delete_disk_volume(&h, &v.volume_id).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    refused_as_berths_own(&h, &v.volume_id, &h.path("s")).await;
     assert_eq!(erasures(f), 0);
 }
 

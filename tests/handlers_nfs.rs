@@ -104,16 +104,6 @@ async fn create_err(h: &Harness, r: csi::CreateVolumeRequest) -> tonic::Status {
         .expect_err("CreateVolume should fail")
 }
 
-async fn delete(h: &Harness, id: &str) -> Result<(), tonic::Status> {
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        }))
-        .await
-        .map(|_| ())
-}
-
 fn runs(f: &FakeOs) -> Vec<(String, Vec<String>)> {
     f.calls()
         .into_iter()
@@ -570,8 +560,8 @@ async fn delete_applies_on_delete_and_never_touches_the_share_root() {
         std::fs::write(root.join(d).join("deep/file"), b"data").unwrap();
     }
     for id in [&del, &arc, &ret] {
-        delete(&h, id).await.unwrap();
-        delete(&h, id).await.unwrap();
+        try_delete(&h, id).await.unwrap();
+        try_delete(&h, id).await.unwrap();
     }
     assert!(!root.join("del").exists());
     assert!(!root.join("ns/arc").exists());
@@ -607,14 +597,14 @@ async fn a_retained_directory_is_never_handed_to_a_new_volume() {
     // Cut short before the released marker is in place: the record stays,
     // Deleting, and the marker is still the live one.
     h.fake().fail_op_under("rename", &root, libc::EIO);
-    let e = delete(&h, &id).await.unwrap_err();
+    let e = try_delete(&h, &id).await.unwrap_err();
     h.fake().clear_file_faults();
     assert_eq!(e.code(), Code::Internal, "{}", e.message());
     let rec = h.driver.store.get(&id).expect("record kept");
     assert_eq!(rec.phase, berth::state::Phase::Deleting);
     assert!(marker_of(&root.join("reuse2")).unwrap()["released_unix"].is_null());
-    delete(&h, &id).await.unwrap();
-    delete(&h, &id).await.unwrap();
+    try_delete(&h, &id).await.unwrap();
+    try_delete(&h, &id).await.unwrap();
     assert!(h.driver.store.is_empty());
     let m = marker_of(&root.join("reuse2")).unwrap();
     assert!(m["released_unix"].is_u64(), "{m}");
@@ -666,8 +656,8 @@ async fn delete_without_a_record_works_from_the_id() {
         )]
     );
     assert!(!h.fake().table().iter().any(|m| m.mount_point == root));
-    delete(&h, &del).await.unwrap();
-    delete(&h, &ret).await.unwrap();
+    try_delete(&h, &del).await.unwrap();
+    try_delete(&h, &ret).await.unwrap();
     assert!(!root.join("del").exists());
     assert!(root.join("ret/f").exists(), "retain survives a lost record");
 }
@@ -693,7 +683,7 @@ async fn delete_without_a_record_reaches_a_server_that_speaks_only_nfsv3() {
     h.fake().reply("mount.nfs", refuse());
     h.fake().reply("mount.nfs", refuse());
     h.fake().clear_calls();
-    delete(&h, &del).await.unwrap();
+    try_delete(&h, &del).await.unwrap();
     let tried: Vec<(String, String)> = runs(h.fake())
         .into_iter()
         .filter(|(p, _)| p == "mount.nfs")
@@ -799,7 +789,7 @@ async fn delete_of_hostile_ids_is_ok_and_touches_nothing() {
         "nfs#d#-o#/export#v",
         "nfs#x#127.0.0.1#/export#v",
     ] {
-        delete(&h, id).await.unwrap();
+        try_delete(&h, id).await.unwrap();
     }
     // NUL and over-long ids are invalid input.
     for id in [
@@ -1243,7 +1233,7 @@ async fn mixed_instance_stages_nfs_as_a_no_op_and_publishes_at_the_target() {
         code(h.node.node_publish_volume(Request::new(p)).await),
         Code::FailedPrecondition
     );
-    delete(&h, &id).await.unwrap();
+    try_delete(&h, &id).await.unwrap();
 }
 
 #[tokio::test]
@@ -1603,7 +1593,7 @@ async fn delete_touches_only_a_directory_whose_marker_names_the_id() {
         "nfs#a#127.0.0.1#/export#home",
         "nfs#d#127.0.0.1#/export#home/user1",
     ] {
-        delete(&h, id).await.unwrap();
+        try_delete(&h, id).await.unwrap();
     }
     assert_eq!(
         std::fs::read(root.join("home/user1/file")).unwrap(),
@@ -1617,15 +1607,17 @@ async fn delete_touches_only_a_directory_whose_marker_names_the_id() {
         br#"{"id":"nfs#d#127.0.0.1#/export#elsewhere","name":"x","created_unix":1}"#,
     )
     .unwrap();
-    delete(&h, "nfs#d#127.0.0.1#/export#other").await.unwrap();
+    try_delete(&h, "nfs#d#127.0.0.1#/export#other")
+        .await
+        .unwrap();
     assert!(root.join("other/.berth-volume").exists());
     // The share root is never a volume, and "/" is not an allowed share
     // unless listed: nothing is mounted for it.
     h.fake().clear_calls();
-    delete(&h, "nfs#d#127.0.0.1#/#home").await.unwrap();
+    try_delete(&h, "nfs#d#127.0.0.1#/#home").await.unwrap();
     assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
     // The volume Berth made is deleted, marker and all.
-    delete(&h, &mine).await.unwrap();
+    try_delete(&h, &mine).await.unwrap();
     assert!(!root.join("mine").exists());
 }
 
@@ -1681,7 +1673,7 @@ async fn delete_refuses_a_volume_with_another_volume_inside() {
         .unwrap();
     }
     for id in [&outer, &arch] {
-        let e = delete(&h, id).await.unwrap_err();
+        let e = try_delete(&h, id).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
         assert!(e.message().contains("inner"), "{}", e.message());
     }
@@ -1690,7 +1682,7 @@ async fn delete_refuses_a_volume_with_another_volume_inside() {
     assert_eq!(h.driver.store.len(), 2);
     // Once the inner one is gone, the delete goes through.
     std::fs::remove_dir_all(root.join("outer/deep/inner")).unwrap();
-    delete(&h, &outer).await.unwrap();
+    try_delete(&h, &outer).await.unwrap();
     assert!(!root.join("outer").exists());
 }
 
@@ -1705,7 +1697,7 @@ async fn archives_are_out_of_reach_of_volume_names() {
         .volume_id;
     let root = share_root(&h);
     std::fs::write(root.join("ns/arc/f"), b"data").unwrap();
-    delete(&h, &id).await.unwrap();
+    try_delete(&h, &id).await.unwrap();
     assert!(!root.join("ns/arc").exists());
     assert_eq!(std::fs::read_dir(root.join("ns")).unwrap().count(), 0);
     let archived: Vec<PathBuf> = std::fs::read_dir(root.join(".berth-archive"))
@@ -1770,7 +1762,7 @@ async fn allowed_shares_confine_create_delete_and_publish() {
         );
     }
     h.fake().clear_calls();
-    delete(&h, "nfs#d#127.0.0.1#/other#v").await.unwrap();
+    try_delete(&h, "nfs#d#127.0.0.1#/other#v").await.unwrap();
     assert!(runs(h.fake()).is_empty());
     let r = h
         .node
@@ -2350,7 +2342,7 @@ async fn a_deleted_volume_s_snapshots_stay_usable() {
         let root = share_root(&h);
         let xattrs = fill_tree(&root.join(&name), b"kept");
         let s = snapshot(&h, &format!("s-{mode}"), &src.volume_id).await;
-        delete(&h, &src.volume_id).await.unwrap();
+        try_delete(&h, &src.volume_id).await.unwrap();
         assert!(!root.join(&name).exists());
         let r = create_from(
             &h,
@@ -2765,9 +2757,9 @@ async fn mounts_shown_with_another_spelling_of_the_server_are_the_volume_s() {
         for (i, server) in [first, second].into_iter().enumerate() {
             let name = format!("vc{i}");
             let id = create(&h, &name, &[("server", server)]).await.volume_id;
-            delete(&h, &id).await.expect("delete");
+            try_delete(&h, &id).await.expect("delete");
         }
-        delete(&h, &va).await.expect("delete vA");
+        try_delete(&h, &va).await.expect("delete vA");
         // After a restart (the working mounts stay after a crash).
         let h = restart_after_crash(h, &["--kinds", "nfs", "--nfs-timeout", "2"]);
         let again = create(&h, "va2", &[("server", second), ("subDir", "ha2")])
@@ -2780,12 +2772,12 @@ async fn mounts_shown_with_another_spelling_of_the_server_are_the_volume_s() {
             &format!("{first}:/export/ha2"),
         )
         .await;
-        delete(&h, &again).await.expect("delete");
+        try_delete(&h, &again).await.expect("delete");
         h.node
             .node_unpublish_volume(Request::new(unpublish_req(&vb, &tb)))
             .await
             .unwrap();
-        delete(&h, &vb).await.expect("delete vB");
+        try_delete(&h, &vb).await.expect("delete vB");
         assert!(h.driver.store.get(&vb).is_none() && h.driver.store.get(&va).is_none());
     }
 }
@@ -2860,7 +2852,7 @@ async fn a_mount_of_another_export_path_is_never_the_volume_s() {
         assert_eq!(r.code, Some(0));
     };
     remount("10.9.9.9:/export");
-    let e = delete(&h, &other).await.unwrap_err();
+    let e = try_delete(&h, &other).await.unwrap_err();
     assert_eq!(e.code(), Code::Internal, "{}", e.message());
     assert!(e.message().contains("instead of"), "{}", e.message());
     let e = create_err(&h, req("vn", &[])).await;
@@ -2925,7 +2917,7 @@ async fn a_share_through_a_symlink_is_refused_and_old_volumes_on_it_still_go() {
         .await
         .expect("an old volume unpublishes");
     assert!(!t.exists());
-    delete(&h, &old1).await.expect("delete old1");
+    try_delete(&h, &old1).await.expect("delete old1");
     // Its working mount stays and is used again; a new volume is still
     // refused, and the mount (the old volumes' share) stays.
     let root = nfs_mounts(&h)
@@ -2938,11 +2930,11 @@ async fn a_share_through_a_symlink_is_refused_and_old_volumes_on_it_still_go() {
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     assert!(mounted(&h, &root));
     assert!(!root.join("n").exists());
-    delete(&h, &old2).await.expect("delete old2");
+    try_delete(&h, &old2).await.expect("delete old2");
     assert!(!root.join("o2").exists());
     // The resolved path itself is fine.
     let ok = create(&h, "ok", &[("share", "/export/victim")])
         .await
         .volume_id;
-    delete(&h, &ok).await.expect("delete");
+    try_delete(&h, &ok).await.expect("delete");
 }

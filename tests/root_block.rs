@@ -1070,6 +1070,24 @@ async fn a_disk_written_raw_is_not_formatted_after_a_record_restore() {
     delete(&h, &id).await;
 }
 
+/// A driver whose `--disk-pool` is a directory (`pool`) holding one link,
+/// `disk1`, to a stand-in disk of 64 MiB (`disk`, made from the file
+/// `disks/a`): (driver, its guard, disks, pool, disk).
+fn one_disk_pool() -> (Harness, BlockGuard, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    let pool = dir.path().join("pool");
+    std::fs::create_dir(&disks).unwrap();
+    std::fs::create_dir(&pool).unwrap();
+    let disk = stand_in_disk(&disks, "a", 64 * MIB, None);
+    std::os::unix::fs::symlink(&disk, pool.join("disk1")).unwrap();
+    let pool_arg = pool.display().to_string();
+    let (h, g) = real_block_in(dir, &["--disk-pool", &pool_arg]);
+    std::mem::forget(guard); // `g` covers the same directory
+    (h, g, disks, pool, disk)
+}
+
 /// A disk missing when its volume is deleted that comes back under another
 /// pool path and device number, without a by-id link (loop devices have
 /// none), is not recognised by its `wipe-` record, and blkid calls it
@@ -1078,17 +1096,7 @@ async fn a_disk_written_raw_is_not_formatted_after_a_record_restore() {
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn a_missing_disk_back_under_another_name_is_not_offered() {
     use berth::os::LoopDevices;
-    let dir = tempfile::tempdir().unwrap();
-    let guard = BlockGuard(dir.path().to_path_buf());
-    let disks = dir.path().join("disks");
-    let pool = dir.path().join("pool");
-    std::fs::create_dir(&disks).unwrap();
-    std::fs::create_dir(&pool).unwrap();
-    let first = stand_in_disk(&disks, "a", 64 * MIB, None);
-    std::os::unix::fs::symlink(&first, pool.join("disk1")).unwrap();
-    let pool_arg = pool.display().to_string();
-    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool_arg]);
-    std::mem::forget(guard);
+    let (h, _g, disks, pool, first) = one_disk_pool();
     let id = create(&h, "a", 64 * MIB, &[("pool", "disk")], raw())
         .await
         .volume_id;
@@ -1201,17 +1209,7 @@ fn bound_to(dev: &Path) -> Option<PathBuf> {
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn a_detached_loop_disk_is_missing_and_only_its_own_file_is_wiped() {
     use std::os::unix::fs::{FileExt, MetadataExt};
-    let dir = tempfile::tempdir().unwrap();
-    let guard = BlockGuard(dir.path().to_path_buf());
-    let disks = dir.path().join("disks");
-    let pool = dir.path().join("pool");
-    std::fs::create_dir(&disks).unwrap();
-    std::fs::create_dir(&pool).unwrap();
-    let disk = stand_in_disk(&disks, "a", 64 * MIB, None);
-    std::os::unix::fs::symlink(&disk, pool.join("disk1")).unwrap();
-    let pool_arg = pool.display().to_string();
-    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool_arg]);
-    std::mem::forget(guard); // `_g` covers the same directory
+    let (h, _g, disks, _, disk) = one_disk_pool();
     let v = create(&h, "v", 64 * MIB, &[("pool", "disk")], raw())
         .await
         .volume_id;

@@ -159,16 +159,6 @@ async fn create(
     )
 }
 
-async fn delete(h: &Harness, id: &str) -> Result<(), tonic::Status> {
-    h.ctl
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        }))
-        .await
-        .map(|_| ())
-}
-
 async fn publish(
     h: &Harness,
     id: &str,
@@ -280,7 +270,7 @@ async fn publish_unpublish_readonly_over_v3_and_v4() {
             assert!(mount_entries(t).is_empty());
             assert!(!t.exists(), "target removed");
         }
-        delete(&h, &id).await.unwrap();
+        try_delete(&h, &id).await.unwrap();
         assert!(!dir.exists(), "deleted on the server");
     }
     assert!(mount_processes().is_empty());
@@ -315,8 +305,8 @@ async fn on_delete_modes_and_a_lost_record() {
         std::fs::write(dir.join("deep/file"), b"data").unwrap();
     }
     for id in [&del, &ret, &arc] {
-        delete(&h, id).await.unwrap();
-        delete(&h, id).await.unwrap();
+        try_delete(&h, id).await.unwrap();
+        try_delete(&h, id).await.unwrap();
     }
     assert!(!e.export.join("od-delete").exists());
     assert!(e.export.join("od-retain/deep/file").exists());
@@ -366,7 +356,7 @@ async fn on_delete_modes_and_a_lost_record() {
     // Meanwhile the server was reconfigured to speak NFSv3 only: the
     // working mount falls back from the default version to NFSv3 (nolock).
     e.server_ctl("v3only");
-    let r = delete(&h, &lost).await;
+    let r = try_delete(&h, &lost).await;
     e.server_ctl("start");
     r.unwrap();
     assert!(!e.export.join("od-lost").exists());
@@ -404,7 +394,7 @@ async fn failed_mounts_leave_nothing_and_retained_data_is_not_reused() {
         .await
         .unwrap();
     assert!(e.export.join("pr-data").is_dir());
-    delete(&h, &n2).await.unwrap();
+    try_delete(&h, &n2).await.unwrap();
     assert!(!e.export.join("pr-data").exists());
 
     let missing = format!("{}/berth-no-such-export", e.share.trim_end_matches('/'));
@@ -461,7 +451,7 @@ async fn failed_mounts_leave_nothing_and_retained_data_is_not_reused() {
     let retain = [("onDelete", "retain"), ("subDir", "pr-reuse")];
     let id = try_create(&h, &e, "pr-reuse2", &retain).await.unwrap();
     std::fs::write(e.export.join("pr-reuse/old"), b"old data").unwrap();
-    delete(&h, &id).await.unwrap();
+    try_delete(&h, &id).await.unwrap();
     let err = try_create(&h, &e, "pr-reuse2", &retain).await.unwrap_err();
     eprintln!(
         "create after a retained delete: {:?}: {}",
@@ -498,7 +488,7 @@ async fn a_file_open_on_the_client_delays_the_delete_and_keeps_the_marker() {
     std::io::Write::write_all(&mut f, b"still open").unwrap();
     let dir = e.export.join(&sub);
     let t0 = Instant::now();
-    let err = delete(&h, &id).await.unwrap_err();
+    let err = try_delete(&h, &id).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains(".nfs"), "{}", err.message());
     assert!(
@@ -522,7 +512,7 @@ async fn a_file_open_on_the_client_delays_the_delete_and_keeps_the_marker() {
     // The volume is still there for the CO (a retry finds it).
     assert_eq!(h.driver.store.get(&id).map(|r| r.id), Some(id.clone()));
     drop(f);
-    delete(&h, &id).await.unwrap();
+    try_delete(&h, &id).await.unwrap();
     assert!(
         !dir.exists(),
         "{:?}",
@@ -575,7 +565,7 @@ async fn republish_after_a_server_restart_and_after_a_stale_handle() {
     unpublish(&h, &id, &t).await.unwrap();
     // The directory made by hand on the server carries no Berth marker:
     // DeleteVolume leaves it.
-    delete(&h, &id).await.unwrap();
+    try_delete(&h, &id).await.unwrap();
     assert_eq!(std::fs::read(dir.join("f3")).unwrap(), b"three");
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(e.canary(), canary, "canary at the share root");
@@ -682,7 +672,7 @@ async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
     e.server_ctl("start");
     let ok = Instant::now();
     loop {
-        match delete(&h, &id).await {
+        match try_delete(&h, &id).await {
             Ok(()) => break,
             Err(s) if ok.elapsed() < Duration::from_secs(60) => {
                 eprintln!("delete after restart: {s:?}; retrying");
@@ -691,7 +681,7 @@ async fn dead_server_publish_fails_in_time_and_unpublish_still_works() {
             Err(s) => panic!("delete after restart: {s:?}"),
         }
     }
-    delete(&h, &id3).await.unwrap();
+    try_delete(&h, &id3).await.unwrap();
     assert!(!e.export.join(subdir_of(&id)).exists());
     assert!(!e.export.join(subdir_of(&id3)).exists());
     assert_eq!(e.canary(), canary, "canary at the share root");
@@ -769,7 +759,7 @@ async fn hung_server_unmount_times_out_then_forces() {
     eprintln!("killed writer gone: {:?}", writer.try_wait());
     let ok = Instant::now();
     loop {
-        match delete(&h, &id).await {
+        match try_delete(&h, &id).await {
             Ok(()) => break,
             Err(s) if ok.elapsed() < Duration::from_secs(60) => {
                 eprintln!("delete after the network is back: {s:?}; retrying");
@@ -842,8 +832,8 @@ async fn aliased_shares_and_a_controller_that_lost_its_state() {
     // A handle naming a directory Berth did not make deletes nothing, nor
     // does one naming the share root's parent "/" (not an allowed share).
     let home = format!("nfs#d#{}#{}#home", e.server, e.share);
-    delete(&h, &home).await.unwrap();
-    delete(&h, &format!("nfs#d#{}#/#export", e.server))
+    try_delete(&h, &home).await.unwrap();
+    try_delete(&h, &format!("nfs#d#{}#/#export", e.server))
         .await
         .unwrap();
     assert_eq!(
@@ -865,7 +855,7 @@ async fn aliased_shares_and_a_controller_that_lost_its_state() {
     assert_eq!(r.unwrap_err().code(), Code::NotFound);
     // The deletes from the ids work.
     for id in [&outer, &data] {
-        delete(&h, id).await.unwrap();
+        try_delete(&h, id).await.unwrap();
     }
     assert!(!e.export.join("al-a").exists());
     assert!(!e.export.join("data").exists());
@@ -886,11 +876,11 @@ async fn aliased_shares_and_a_controller_that_lost_its_state() {
     assert_eq!(s.code(), Code::AlreadyExists, "{}", s.message());
     // Had it been one (an old handle), its delete would find the inner
     // volume's marker inside and refuse; as it is not, nothing is touched.
-    delete(&h, &format!("nfs#d#{}#{}#al-b", e.server, e.share))
+    try_delete(&h, &format!("nfs#d#{}#{}#al-b", e.server, e.share))
         .await
         .unwrap();
     assert_eq!(std::fs::read(e.export.join("al-b/b/f")).unwrap(), b"inner");
-    delete(&h, &inner).await.unwrap();
+    try_delete(&h, &inner).await.unwrap();
     assert!(!e.export.join("al-b/b").exists());
     std::fs::remove_dir(e.export.join("al-b")).unwrap();
     std::fs::remove_dir_all(e.export.join("home")).unwrap();
@@ -946,13 +936,13 @@ async fn two_spellings_of_the_server_and_a_share_through_a_symlink() {
             .await
             .unwrap();
         assert!(e.export.join(name).is_dir());
-        delete(&h, &id).await.expect("delete");
+        try_delete(&h, &id).await.expect("delete");
         assert!(!e.export.join(name).exists());
     }
-    delete(&h, &va).await.expect("delete vA");
+    try_delete(&h, &va).await.expect("delete vA");
     assert!(!e.export.join("sp-ha").exists());
     unpublish(&h, &vb, &tb).await.unwrap();
-    delete(&h, &vb).await.expect("delete vB");
+    try_delete(&h, &vb).await.expect("delete vB");
     assert!(!e.export.join("sp-hb").exists());
 
     std::fs::create_dir(e.export.join("sp-victim")).unwrap();
@@ -1258,7 +1248,7 @@ async fn snapshots_restores_and_clones_on_a_real_server() {
 
     // The source goes; its snapshot stays and restores.
     unpublish(&h, &src, &target).await.unwrap();
-    delete(&h, &src).await.unwrap();
+    try_delete(&h, &src).await.unwrap();
     assert!(!src_dir.exists());
     let again = create_from(&h, &e, "sn-after", from_snap(&s.snapshot_id), &v42)
         .await
@@ -1314,7 +1304,7 @@ async fn snapshots_restores_and_clones_on_a_real_server() {
     assert_eq!(r.unwrap_err().code(), Code::NotFound);
 
     for id in [&restored, &clone, &again, &other, &lost, &v41] {
-        delete(&h, id).await.unwrap();
+        try_delete(&h, id).await.unwrap();
     }
     let left: Vec<_> = std::fs::read_dir(&snaps).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");

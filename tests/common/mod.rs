@@ -183,6 +183,11 @@ pub fn rwo() -> csi::VolumeCapability {
 
 /// DeleteVolume of `id`, which must succeed.
 pub async fn delete(h: &Harness, id: &str) {
+    try_delete(h, id).await.expect("delete");
+}
+
+/// DeleteVolume of `id`: its answer.
+pub async fn try_delete(h: &Harness, id: &str) -> Result<(), tonic::Status> {
     use berth::csi::v1::controller_server::Controller;
     h.ctl
         .delete_volume(tonic::Request::new(csi::DeleteVolumeRequest {
@@ -190,7 +195,7 @@ pub async fn delete(h: &Harness, id: &str) {
             ..Default::default()
         }))
         .await
-        .expect("delete");
+        .map(|_| ())
 }
 
 /// The retry of pending deletes that runs every minute, waited for.

@@ -1575,6 +1575,16 @@ async fn controller_expansion_checks_and_records() {
     );
 }
 
+/// Volume `id`'s file is still `bytes` long and its loop device was not
+/// told to take a new size.
+fn not_grown(h: &Harness, f: &FakeOs, id: &str, bytes: i64) {
+    assert_eq!(std::fs::metadata(img(h, id)).unwrap().len(), bytes as u64);
+    assert!(f
+        .calls()
+        .iter()
+        .all(|c| !matches!(c, Call::LoopSetCapacity { .. })));
+}
+
 #[tokio::test]
 async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
     let h = block(&[]);
@@ -1593,14 +1603,7 @@ async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
         code(h.node.node_expand_volume(Request::new(elsewhere)).await),
         Code::NotFound
     );
-    assert_eq!(
-        std::fs::metadata(img(&h, &id)).unwrap().len(),
-        8 * MIB as u64
-    );
-    assert!(f
-        .calls()
-        .iter()
-        .all(|c| !matches!(c, Call::LoopSetCapacity { .. })));
+    not_grown(&h, f, &id, 8 * MIB);
     // A block capability for a volume that holds a filesystem:
     // INVALID_ARGUMENT, and nothing grows (before, the file grew, the
     // filesystem did not, and the answer said it was expanded).
@@ -1740,14 +1743,7 @@ async fn a_refused_node_expansion_grows_nothing() {
         );
     };
     let grew_nothing = |f: &FakeOs| {
-        assert_eq!(
-            std::fs::metadata(img(&h, &id)).unwrap().len(),
-            8 * MIB as u64
-        );
-        assert!(f
-            .calls()
-            .iter()
-            .all(|c| !matches!(c, Call::LoopSetCapacity { .. })));
+        not_grown(&h, f, &id, 8 * MIB);
         assert!(runs(f, "resize2fs").is_empty());
         assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 8 * MIB);
     };
@@ -2728,15 +2724,7 @@ async fn a_detached_loop_disk_is_never_berths_own_volume_at_its_number() {
     let rec = h.driver.store.get(&v.volume_id).unwrap();
     for old_record in [false, true] {
         if old_record {
-            let mut r = rec.clone();
-            r.block
-                .as_mut()
-                .unwrap()
-                .disk
-                .as_mut()
-                .unwrap()
-                .loop_backing = None;
-            h.driver.store.put(&r).unwrap();
+            h.driver.store.put(&without_loop_backing(&rec)).unwrap();
         }
         refused_as_berths_own(&h, &v.volume_id, &h.path("s2")).await;
         let c = get_volume(&h, &v.volume_id).await;

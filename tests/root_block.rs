@@ -1240,15 +1240,7 @@ async fn a_detached_loop_disk_is_missing_and_only_its_own_file_is_wiped() {
         .store
         .filter(|r| r.id.starts_with("wipe-"))
         .remove(0);
-    let mut old = wipe.clone();
-    old.block
-        .as_mut()
-        .unwrap()
-        .disk
-        .as_mut()
-        .unwrap()
-        .loop_backing = None;
-    h.driver.store.put(&old).unwrap();
+    h.driver.store.put(&without_loop_backing(&wipe)).unwrap();
     let w = create(&h, "w", 64 * MIB, &[], raw()).await.volume_id;
     let wfile = h.path("block").join(format!("{w}.img"));
     File::options()

@@ -65,17 +65,25 @@ impl Driver {
             (store, listed.and_then(|h| h.join().ok()))
         });
         let store = Arc::new(store?);
+        // The local kind first: the block kind keeps its promises in mind
+        // where the two roots share a filesystem.
+        let local = if cfg.kinds.contains(&Kind::Local) {
+            Some(Arc::new(LocalKind::new(
+                cfg.local_root(),
+                &node_id,
+                os.clone(),
+                store.clone(),
+                listed.take(),
+            )?))
+        } else {
+            None
+        };
         let mut kinds: BTreeMap<Kind, Arc<dyn VolumeKind>> = BTreeMap::new();
         for k in &cfg.kinds {
-            let imp: Arc<dyn VolumeKind> = match k {
-                Kind::Local => Arc::new(LocalKind::new(
-                    cfg.local_root(),
-                    &node_id,
-                    os.clone(),
-                    store.clone(),
-                    listed.take(),
-                )?),
-                Kind::Block => Arc::new(BlockKind::new(
+            let imp: Arc<dyn VolumeKind> = match (k, &local) {
+                (Kind::Local, Some(l)) => l.clone(),
+                (Kind::Local, None) => continue,
+                (Kind::Block, _) => Arc::new(BlockKind::new(
                     cfg.block_root(),
                     cfg.own_dirs(),
                     &node_id,
@@ -83,8 +91,9 @@ impl Driver {
                     cfg.disk_wipe,
                     os.clone(),
                     store.clone(),
+                    local.clone(),
                 )?),
-                Kind::Nfs => Arc::new(NfsKind::new(
+                (Kind::Nfs, _) => Arc::new(NfsKind::new(
                     state_dir.join("nfs"),
                     std::time::Duration::from_secs(cfg.nfs_timeout),
                     AllowedShares(cfg.nfs_allowed_shares.clone()),

@@ -3650,3 +3650,201 @@ async fn a_size_rounds_down_to_a_whole_mib_within_limit_bytes() {
     assert!(h.driver.store.get_by_name("none").is_none());
     assert!(h.driver.store.get_by_name("r2").is_none());
 }
+
+// The block root beside the local root. The default install puts both on
+// one filesystem (`/var/lib/berth/local`, `/var/lib/berth/block`): its free
+// space is there once, for both kinds.
+
+/// A driver serving local and block volumes over the fake (both roots on
+/// the fake's one filesystem unless a test says otherwise), with the
+/// filesystem `total` bytes large and `free` bytes free; with `quotas`, the
+/// local root enforces project quotas.
+fn local_and_block(quotas: bool, total: i64, free: i64) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (os, f) = berth::os::Os::fake();
+    if quotas {
+        f.enable_project_quotas();
+    }
+    let h = build(dir, os, Some(f), &["--kinds", "local,block"]);
+    set_free(&h, total, free);
+    h
+}
+
+/// What statvfs says of the shared filesystem: thick files the fake
+/// allocated, and writes, are taken off its free space by the test.
+fn set_free(h: &Harness, total: i64, free: i64) {
+    h.fake().set_usage(
+        None,
+        FsUsage {
+            total_bytes: total as u64,
+            available_bytes: free as u64,
+            used_bytes: (total - free) as u64,
+            ..Default::default()
+        },
+    );
+}
+
+fn kind_params(kind: &str, kv: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut m = params(kv);
+    m.insert("kind".into(), kind.into());
+    m
+}
+
+async fn capacity_of(h: &Harness, kind: &str, kv: &[(&str, &str)]) -> i64 {
+    h.ctl
+        .get_capacity(Request::new(csi::GetCapacityRequest {
+            parameters: kind_params(kind, kv),
+            ..Default::default()
+        }))
+        .await
+        .expect("get capacity")
+        .into_inner()
+        .available_capacity
+}
+
+async fn create_kind(
+    h: &Harness,
+    kind: &str,
+    name: &str,
+    size: i64,
+    kv: &[(&str, &str)],
+) -> Result<csi::Volume, tonic::Status> {
+    h.ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: kind_params(kind, kv),
+            ..create_req(name, size)
+        }))
+        .await
+        .map(|r| r.into_inner().volume.expect("volume"))
+}
+
+const THICK: &[(&str, &str)] = &[("allocation", "thick")];
+
+/// The cluster's reproduction, in MiB: 58 free, a local volume of 35 (a
+/// promise: its directory holds nothing yet), then thick block volumes of
+/// 25. Before, block's GetCapacity offered all 58 and both thick volumes
+/// were allocated, leaving the local volume 8 of its 35. Now the file pool
+/// keeps back what local volumes may still write: its GetCapacity (thick
+/// and thin alike), thick and thin creates, and thick expansion see 23;
+/// the local kind's own accounting is unchanged.
+#[tokio::test]
+async fn block_files_leave_what_local_volumes_were_promised_on_a_shared_filesystem() {
+    let h = local_and_block(false, 100 * MIB, 58 * MIB);
+    create_kind(&h, "local", "l1", 35 * MIB, &[]).await.unwrap();
+    assert_eq!(capacity_of(&h, "local", &[]).await, 23 * MIB);
+    let e = create_kind(&h, "local", "l2", 35 * MIB, &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // Block: the free space less the local promise, thick or thin.
+    assert_eq!(capacity_of(&h, "block", THICK).await, 23 * MIB);
+    assert_eq!(capacity_of(&h, "block", &[]).await, 23 * MIB);
+    let e = create_kind(&h, "block", "b1", 25 * MIB, THICK)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(h.driver.store.get_by_name("b1").is_none());
+    // Thin volumes promise nothing, but are not made in space promised to
+    // local volumes either.
+    let e = create_kind(&h, "block", "t1", 24 * MIB, &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // What is left is the block pool's.
+    let b = create_kind(&h, "block", "b2", 20 * MIB, THICK)
+        .await
+        .unwrap();
+    set_free(&h, 100 * MIB, 38 * MIB);
+    assert_eq!(capacity_of(&h, "block", THICK).await, 3 * MIB);
+    assert_eq!(capacity_of(&h, "local", &[]).await, 3 * MIB);
+    // A thick volume grows only into what is left.
+    let e = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&b.volume_id, 24 * MIB, 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert!(e.message().contains("local volumes"), "{}", e.message());
+    assert_eq!(
+        h.driver.store.get(&b.volume_id).unwrap().capacity_bytes,
+        20 * MIB
+    );
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&b.volume_id, 22 * MIB, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 22 * MIB);
+    // The local volume deleted: its promise is the block pool's again.
+    let l1 = h.driver.store.get_by_name("l1").unwrap().id;
+    delete(&h, &l1).await;
+    assert_eq!(capacity_of(&h, "block", THICK).await, 38 * MIB);
+}
+
+/// With project quotas the local kind keeps back what its volumes may
+/// still write (their sizes less what they wrote, which the free space
+/// lacks already); the file pool keeps back the same, not the whole sizes.
+#[tokio::test]
+async fn block_files_leave_what_local_volumes_may_still_write_under_quotas() {
+    let h = local_and_block(true, 100 * MIB, 58 * MIB);
+    let l = create_kind(&h, "local", "l1", 35 * MIB, &[]).await.unwrap();
+    let project = h
+        .driver
+        .store
+        .get(&l.volume_id)
+        .and_then(|r| r.project())
+        .expect("a project");
+    // 10 MiB written into the local volume: the filesystem has 10 less.
+    h.fake().set_project_written(project, 10 * MIB as u64);
+    set_free(&h, 100 * MIB, 48 * MIB);
+    assert_eq!(capacity_of(&h, "local", &[]).await, 23 * MIB);
+    assert_eq!(capacity_of(&h, "block", THICK).await, 23 * MIB);
+    let e = create_kind(&h, "block", "b1", 24 * MIB, THICK)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    create_kind(&h, "block", "b2", 23 * MIB, THICK)
+        .await
+        .unwrap();
+}
+
+/// Roots on different filesystems (another device): the block pool's
+/// free space is its own, whatever local volumes were promised.
+#[tokio::test]
+async fn block_capacity_ignores_local_promises_on_another_filesystem() {
+    let h = local_and_block(false, 100 * MIB, 58 * MIB);
+    h.fake()
+        .set_device(&h.driver.cfg.block_root(), libc::makedev(8, 17));
+    create_kind(&h, "local", "l1", 35 * MIB, &[]).await.unwrap();
+    assert_eq!(capacity_of(&h, "local", &[]).await, 23 * MIB);
+    assert_eq!(capacity_of(&h, "block", THICK).await, 58 * MIB);
+    create_kind(&h, "block", "b1", 25 * MIB, THICK)
+        .await
+        .unwrap();
+    create_kind(&h, "block", "b2", 25 * MIB, THICK)
+        .await
+        .unwrap();
+}
+
+/// The other way round: local admission reads the filesystem's free
+/// space, which lacks the thick block files already (allocated when they
+/// were made), so they are counted once: not added back, not subtracted
+/// twice.
+#[tokio::test]
+async fn local_volumes_see_thick_block_files_in_the_free_space() {
+    let h = local_and_block(false, 100 * MIB, 58 * MIB);
+    create_kind(&h, "block", "b1", 25 * MIB, THICK)
+        .await
+        .unwrap();
+    // fallocate took 25 MiB.
+    set_free(&h, 100 * MIB, 33 * MIB);
+    assert_eq!(capacity_of(&h, "local", &[]).await, 33 * MIB);
+    let e = create_kind(&h, "local", "l1", 35 * MIB, &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    create_kind(&h, "local", "l2", 30 * MIB, &[]).await.unwrap();
+    assert_eq!(capacity_of(&h, "local", &[]).await, 3 * MIB);
+    assert_eq!(capacity_of(&h, "block", THICK).await, 3 * MIB);
+}

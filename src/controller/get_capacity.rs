@@ -1,7 +1,8 @@
 //! GetCapacity: free space of the pool the parameters select, minus what
 //! existing volumes were promised (for kinds whose capacity is a promise)
 //! and may still write (local volumes with project quotas: the promises
-//! minus what they wrote);
+//! minus what they wrote); the block file pool's free space leaves out what
+//! local volumes on the same filesystem may still write (the block kind's);
 //! 0 for another node's topology segment or for capabilities the kind cannot
 //! serve.
 use std::sync::Arc;

@@ -108,6 +108,9 @@ pub struct FakeOs {
     next_id: Mutex<u32>,
     usage: Mutex<HashMap<PathBuf, FsUsage>>,
     default_usage: Mutex<FsUsage>,
+    /// The filesystem device of paths (`FsStats::device`), as a test set
+    /// it (`set_device`).
+    fs_devices: Mutex<HashMap<PathBuf, u64>>,
     failures: Mutex<HashMap<&'static str, VecDeque<i32>>>,
     replies: Mutex<HashMap<String, VecDeque<CmdReply>>>,
     responders: Mutex<HashMap<String, Responder>>,
@@ -196,6 +199,7 @@ impl FakeOs {
                 free_inodes: 900_000,
                 used_inodes: 100_000,
             }),
+            fs_devices: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             replies: Mutex::new(HashMap::new()),
             responders: Mutex::new(HashMap::new()),
@@ -783,8 +787,14 @@ impl FakeOs {
         }
     }
 
+    /// Sets the filesystem device `FsStats::device` answers for `path`
+    /// (see `FsStats::device` for the default).
+    pub fn set_device(&self, path: &Path, dev: u64) {
+        lock(&self.fs_devices).insert(path.to_path_buf(), dev);
+    }
+
     /// Makes the next call of `op` ("bind", "mount_fs", "unmount",
-    /// "statvfs", "mounts", "mount_root") fail with `errno` (a failed
+    /// "statvfs", "device", "mounts", "mount_root") fail with `errno` (a failed
     /// "mount_root" answers None).
     pub fn fail_next(&self, op: &'static str, errno: i32) {
         lock(&self.failures).entry(op).or_default().push_back(errno);
@@ -1047,6 +1057,24 @@ impl FsStats for FakeOs {
             return Ok(*u);
         }
         Ok(*lock(&self.default_usage))
+    }
+
+    /// As set with `set_device`; otherwise as statvfs answers: a path with
+    /// a usage of its own (`set_usage` with a path) is a filesystem of its
+    /// own, every other path shares the root filesystem (8:1) and its
+    /// usage.
+    fn device(&self, path: &Path) -> Result<u64, OsError> {
+        self.injected("device", path)?;
+        if let Some(d) = lock(&self.fs_devices).get(path) {
+            return Ok(*d);
+        }
+        if lock(&self.usage).contains_key(path) {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            path.hash(&mut h);
+            return Ok(h.finish() | 1 << 63);
+        }
+        Ok(libc::makedev(8, 1))
     }
 }
 

@@ -8,7 +8,7 @@
 //! | `mount.rs`    | mount(2) / umount2(2), open_tree(2), mount_setattr(2), move_mount(2): bind, remount, unmount |
 //! | `mountinfo.rs`| reading and parsing /proc/self/mountinfo        |
 //! | `mountpoint.rs`| statx(2) STATX_ATTR_MOUNT_ROOT: is something mounted at one path |
-//! | `statvfs.rs`  | statvfs(3): free space and inodes               |
+//! | `statvfs.rs`  | statvfs(3): free space and inodes; st_dev: which filesystem |
 //! | `command.rs`  | external commands under a timeout (process group killed) |
 //! | `loopdev.rs`  | loop devices: attach, detach, capacity, sysfs list |
 //! | `blockdev.rs` | block devices: size, identity, by-id links       |

@@ -1,4 +1,5 @@
-//! statvfs(3): filesystem size, free space and inodes.
+//! statvfs(3): filesystem size, free space and inodes; stat(2)'s st_dev:
+//! which filesystem a path is on.
 use std::path::Path;
 
 use super::OsError;
@@ -17,6 +18,11 @@ pub struct FsUsage {
 
 pub trait FsStats: Send + Sync {
     fn statvfs(&self, path: &Path) -> Result<FsUsage, OsError>;
+
+    /// The device of the filesystem that holds `path` (stat(2)'s
+    /// `st_dev`, the path followed): two paths with the same device share
+    /// one filesystem and its free space.
+    fn device(&self, path: &Path) -> Result<u64, OsError>;
 }
 
 pub struct RealFsStats;
@@ -38,5 +44,12 @@ impl FsStats for RealFsStats {
             free_inodes: ffree,
             used_inodes: files.saturating_sub(ffree),
         })
+    }
+
+    fn device(&self, path: &Path) -> Result<u64, OsError> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path)
+            .map(|m| m.dev())
+            .map_err(|e| OsError::sys("stat", path, e))
     }
 }

@@ -83,15 +83,11 @@ impl BlockKind {
         allocation: Allocation,
         size: i64,
     ) -> Result<()> {
-        let u = self
-            .os
-            .fs
-            .statvfs(&self.root)
-            .map_err(|e| Error::os("reading free space of the block root", e))?;
-        if size > to_i64(u.total_bytes) {
+        let r = self.file_room()?;
+        if size > to_i64(r.usage.total_bytes) {
             return Err(Error::BadSize(format!(
                 "{size} bytes is more than the block pool's filesystem holds ({} bytes)",
-                u.total_bytes
+                r.usage.total_bytes
             )));
         }
         if allocation == Allocation::Thick {
@@ -99,10 +95,10 @@ impl BlockKind {
                 .map(|m| crate::os::files::allocated_bytes(&m))
                 .unwrap_or(0);
             let need = u64::try_from(size).unwrap_or(0).saturating_sub(allocated);
-            if need > u.available_bytes {
+            if need > r.room {
                 return Err(Error::BadSize(format!(
-                    "growing the thick volume to {size} bytes needs {need} more bytes; the block pool has {} free",
-                    u.available_bytes
+                    "growing the thick volume to {size} bytes needs {need} more bytes; the block pool has {}",
+                    r.describe()
                 )));
             }
         }

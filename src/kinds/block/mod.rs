@@ -36,15 +36,15 @@ use crate::config::DiskWipe;
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
 use crate::os::files::{self, allocated_bytes, ensure_dir, Open};
-use crate::os::{MountEntry, Os};
+use crate::os::{FsUsage, MountEntry, Os};
 use crate::state::{
     AccessType, Allocation, BlockInfo, Capability, DiskRef, Kind, Phase, SnapshotRecord, Store,
     VolumeRecord,
 };
 
 use super::{
-    Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs, Source, VolumeKind,
-    VolumeStats,
+    Expansion, Growth, Health, LocalKind, NodeExpandArgs, PoolCapacity, PublishArgs, Source,
+    VolumeKind, VolumeStats,
 };
 use params::Pool;
 
@@ -107,6 +107,10 @@ pub struct BlockKind {
     disk_wipe: DiskWipe,
     os: Os,
     store: Arc<Store>,
+    /// The local kind, when it is served: where its root is on the block
+    /// root's filesystem, the space its volumes were promised and may
+    /// still write is not the file pool's (`file_room`).
+    local: Option<Arc<LocalKind>>,
     /// Serialises allocations from the file pool (thick creates, growth),
     /// so a free-space check and the allocation it admits are one step.
     alloc: Mutex<()>,
@@ -115,6 +119,30 @@ pub struct BlockKind {
     /// Pool disks found holding data, warned about once (forgotten when
     /// one reads as zeros again).
     data_warned: Mutex<std::collections::HashSet<PathBuf>>,
+}
+
+/// What the file pool may take of the block root's filesystem
+/// (`BlockKind::file_room`).
+struct FileRoom {
+    usage: FsUsage,
+    /// Free bytes that block files may take.
+    room: u64,
+    /// Free bytes kept back for local volumes on the same filesystem.
+    local: u64,
+}
+
+impl FileRoom {
+    /// "N bytes free", with what was kept back for local volumes.
+    fn describe(&self) -> String {
+        if self.local == 0 {
+            format!("{} bytes free", self.room)
+        } else {
+            format!(
+                "{} bytes free ({} free on its filesystem, less {} that local volumes on the same filesystem may still write into their sizes)",
+                self.room, self.usage.available_bytes, self.local
+            )
+        }
+    }
 }
 
 /// A volume's device: a loop device or a disk.
@@ -131,7 +159,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl BlockKind {
     /// `root` must exist (`Driver::new` makes it and holds its lock);
-    /// `own_dirs` are Berth's other directories (`BlockKind::own_dirs`).
+    /// `own_dirs` are Berth's other directories (`BlockKind::own_dirs`);
+    /// `local`: the local kind, when it is served (its root may share the
+    /// block root's filesystem).
     pub fn new(
         root: PathBuf,
         own_dirs: Vec<PathBuf>,
@@ -140,6 +170,7 @@ impl BlockKind {
         disk_wipe: DiskWipe,
         os: Os,
         store: Arc<Store>,
+        local: Option<Arc<LocalKind>>,
     ) -> Result<Self> {
         Ok(BlockKind {
             root,
@@ -149,6 +180,7 @@ impl BlockKind {
             disk_wipe,
             os,
             store,
+            local,
             alloc: Mutex::new(()),
             claim: Mutex::new(()),
             data_warned: Mutex::new(Default::default()),
@@ -436,15 +468,11 @@ impl BlockKind {
         }
         let no_room = || Error::NoSpace(format!("the block pool has no room for {size} bytes"));
         if need > 0 {
-            let free = self
-                .os
-                .fs
-                .statvfs(&self.root)
-                .map_err(|e| Error::os("reading free space of the block root", e))?
-                .available_bytes;
-            if need > free {
+            let r = self.file_room()?;
+            if need > r.room {
                 return Err(Error::NoSpace(format!(
-                    "the block pool has {free} bytes free; allocating {size} bytes needs {need} more"
+                    "the block pool has {}; allocating {size} bytes needs {need} more",
+                    r.describe()
                 )));
             }
             fs.allocate(&file, f, size).map_err(|e| {
@@ -567,15 +595,52 @@ impl BlockKind {
         Ok(())
     }
 
+    /// The local kind when its root is on the block root's filesystem
+    /// (the same device).
+    fn local_beside(&self) -> Result<Option<&LocalKind>> {
+        let Some(local) = &self.local else {
+            return Ok(None);
+        };
+        let device = |p: &Path, what: &str| {
+            self.os
+                .fs
+                .device(p)
+                .map_err(|e| Error::os(format!("reading the filesystem of the {what}"), e))
+        };
+        let shared = device(&self.root, "block root")? == device(local.root(), "local root")?;
+        Ok(shared.then_some(local.as_ref()))
+    }
+
+    /// The block root's filesystem and what of its free space block files
+    /// may take: all of it, unless the local root is on the same
+    /// filesystem: then less what local volumes may still write into
+    /// their sizes (what the local kind keeps back for them, read its way:
+    /// `LocalKind::with_unwritten_promises`). Thick files never take space
+    /// promised to local volumes, and GetCapacity never offers it.
+    fn file_room(&self) -> Result<FileRoom> {
+        let statvfs = || {
+            self.os
+                .fs
+                .statvfs(&self.root)
+                .map_err(|e| Error::os("reading free space of the block root", e))
+        };
+        let (usage, local) = match self.local_beside()? {
+            Some(l) => l.with_unwritten_promises(statvfs)?,
+            None => (statvfs()?, 0),
+        };
+        let local = u64::try_from(local).unwrap_or(0);
+        Ok(FileRoom {
+            usage,
+            room: usage.available_bytes.saturating_sub(local),
+            local,
+        })
+    }
+
     fn file_pool_capacity(&self) -> Result<PoolCapacity> {
-        let u = self
-            .os
-            .fs
-            .statvfs(&self.root)
-            .map_err(|e| Error::os("reading free space of the block root", e))?;
+        let r = self.file_room()?;
         Ok(PoolCapacity {
-            free_bytes: i64::try_from(u.available_bytes).unwrap_or(i64::MAX),
-            max_volume_bytes: i64::try_from(u.total_bytes).unwrap_or(i64::MAX),
+            free_bytes: i64::try_from(r.room).unwrap_or(i64::MAX),
+            max_volume_bytes: i64::try_from(r.usage.total_bytes).unwrap_or(i64::MAX),
         })
     }
 
@@ -795,7 +860,9 @@ impl VolumeKind for BlockKind {
 
     /// File volumes take their space when created (thick) or as they are
     /// written (thin: overcommitted, like any thin provisioning); disks are
-    /// claimed. Nothing is a promise on top of the pool's free space.
+    /// claimed. Nothing is a promise on top of the pool's free space (the
+    /// file pool's leaves out what local volumes on the same filesystem
+    /// may still write: `file_room`).
     fn capacity_is_promise(&self) -> bool {
         false
     }

@@ -223,6 +223,29 @@ impl LocalKind {
         })
     }
 
+    /// The local root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// What the local volumes may still write into their promises (their
+    /// sizes less what they wrote within them: the quantity GetCapacity and
+    /// CreateVolume keep back for them), with what `read_free` answers: the
+    /// free space of a filesystem the local root shares with another kind
+    /// (block files), which must not hand this out. What the volumes wrote
+    /// is read before `read_free`, the promises after it, as GetCapacity
+    /// reads them: writes and creates in between only make what is left
+    /// smaller.
+    pub fn with_unwritten_promises<T>(
+        &self,
+        read_free: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, i64)> {
+        let written = self.written_within_promises()?;
+        let free = read_free()?;
+        let promised = self.store.promised(Kind::Local);
+        Ok((free, promised.saturating_sub(written).max(0)))
+    }
+
     /// Gives the volume's directory `dir` its project and limits (when
     /// sizes are enforced): the one it has (a retry), else a new one.
     /// `rec.project` is set as soon as the id is held, so that a rollback

@@ -84,11 +84,8 @@ impl Driver {
                 (Kind::Local, Some(l)) => l.clone(),
                 (Kind::Local, None) => continue,
                 (Kind::Block, _) => Arc::new(BlockKind::new(
-                    cfg.block_root(),
-                    cfg.own_dirs(),
+                    &cfg,
                     &node_id,
-                    cfg.disk_pool.clone(),
-                    cfg.disk_wipe,
                     os.clone(),
                     store.clone(),
                     local.clone(),

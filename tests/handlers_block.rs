@@ -3807,6 +3807,18 @@ async fn block_files_leave_what_local_volumes_may_still_write_under_quotas() {
     create_kind(&h, "block", "b2", 23 * MIB, THICK)
         .await
         .unwrap();
+    // Probe (and the metrics) ask the block pool without reading each
+    // local volume's usage: no quota read, and the local promise whole.
+    h.fake().clear_quota_ops();
+    h.ident
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+    assert!(
+        h.fake().quota_ops().is_empty(),
+        "{:?}",
+        h.fake().quota_ops()
+    );
 }
 
 /// Roots on different filesystems (another device): the block pool's

@@ -83,7 +83,7 @@ impl BlockKind {
         allocation: Allocation,
         size: i64,
     ) -> Result<()> {
-        let r = self.file_room()?;
+        let r = self.file_room(true)?;
         if size > to_i64(r.usage.total_bytes) {
             return Err(Error::BadSize(format!(
                 "{size} bytes is more than the block pool's filesystem holds ({} bytes)",

@@ -158,26 +158,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl BlockKind {
-    /// `root` must exist (`Driver::new` makes it and holds its lock);
-    /// `own_dirs` are Berth's other directories (`BlockKind::own_dirs`);
-    /// `local`: the local kind, when it is served (its root may share the
-    /// block root's filesystem).
+    /// The block root, Berth's other directories (`BlockKind::own_dirs`),
+    /// the disk pool and how it is erased come from `cfg`; the block root
+    /// must exist (`Driver::new` makes it and holds its lock). `local`: the
+    /// local kind, when it is served (its root may share the block root's
+    /// filesystem).
     pub fn new(
-        root: PathBuf,
-        own_dirs: Vec<PathBuf>,
+        cfg: &crate::config::Config,
         node: &str,
-        disk_pool: Vec<String>,
-        disk_wipe: DiskWipe,
         os: Os,
         store: Arc<Store>,
         local: Option<Arc<LocalKind>>,
     ) -> Result<Self> {
         Ok(BlockKind {
-            root,
-            own_dirs,
+            root: cfg.block_root(),
+            own_dirs: cfg.own_dirs(),
             node: node.to_string(),
-            disk_pool,
-            disk_wipe,
+            disk_pool: cfg.disk_pool.clone(),
+            disk_wipe: cfg.disk_wipe,
             os,
             store,
             local,
@@ -468,7 +466,7 @@ impl BlockKind {
         }
         let no_room = || Error::NoSpace(format!("the block pool has no room for {size} bytes"));
         if need > 0 {
-            let r = self.file_room()?;
+            let r = self.file_room(true)?;
             if need > r.room {
                 return Err(Error::NoSpace(format!(
                     "the block pool has {}; allocating {size} bytes needs {need} more",
@@ -617,7 +615,12 @@ impl BlockKind {
     /// their sizes (what the local kind keeps back for them, read its way:
     /// `LocalKind::with_unwritten_promises`). Thick files never take space
     /// promised to local volumes, and GetCapacity never offers it.
-    fn file_room(&self) -> Result<FileRoom> {
+    ///
+    /// Not `exact` (Probe, metrics: asked often, and with many volumes):
+    /// the local promises whole, from the records alone, without reading
+    /// what each local volume wrote (one quota read per volume); never more
+    /// room than the exact answer.
+    fn file_room(&self, exact: bool) -> Result<FileRoom> {
         let statvfs = || {
             self.os
                 .fs
@@ -625,7 +628,8 @@ impl BlockKind {
                 .map_err(|e| Error::os("reading free space of the block root", e))
         };
         let (usage, local) = match self.local_beside()? {
-            Some(l) => l.with_unwritten_promises(statvfs)?,
+            Some(l) if exact => l.with_unwritten_promises(statvfs)?,
+            Some(_) => (statvfs()?, self.store.promised(Kind::Local)),
             None => (statvfs()?, 0),
         };
         let local = u64::try_from(local).unwrap_or(0);
@@ -636,8 +640,8 @@ impl BlockKind {
         })
     }
 
-    fn file_pool_capacity(&self) -> Result<PoolCapacity> {
-        let r = self.file_room()?;
+    fn file_pool_capacity(&self, exact: bool) -> Result<PoolCapacity> {
+        let r = self.file_room(exact)?;
         Ok(PoolCapacity {
             free_bytes: i64::try_from(r.room).unwrap_or(i64::MAX),
             max_volume_bytes: i64::try_from(r.usage.total_bytes).unwrap_or(i64::MAX),
@@ -832,13 +836,15 @@ impl VolumeKind for BlockKind {
         }
     }
 
+    /// Probe and metrics: the file pool, without reading each local
+    /// volume's usage (`file_room`).
     fn pool_capacity(&self) -> Result<PoolCapacity> {
-        self.file_pool_capacity()
+        self.file_pool_capacity(false)
     }
 
     fn capacity_for(&self, p: &BTreeMap<String, String>) -> Result<PoolCapacity> {
         match params::parse(p)?.pool {
-            Pool::File(_) => self.file_pool_capacity(),
+            Pool::File(_) => self.file_pool_capacity(true),
             Pool::Disk => self.disk_pool_capacity(),
         }
     }

@@ -220,6 +220,16 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                             r.name,
                             f.display()
                         ))),
+                        Err(_) if crate::kinds::block::restoring_path(&block_root, &r.id)
+                            .is_file() =>
+                        {
+                            out.push(warning(format!(
+                                "volume {} ({}): its file is still {} (a restore interrupted after its record said Ready); start-up moves it into place",
+                                r.id,
+                                r.name,
+                                crate::kinds::block::restoring_path(&block_root, &r.id).display()
+                            )))
+                        }
                         Err(e) => out.push(error(format!(
                             "volume {} ({}): its backing file {} is missing ({e})",
                             r.id,
@@ -345,12 +355,33 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
             )));
             continue;
         }
-        let flaw = match s.kind {
-            Kind::Local => crate::kinds::local::snapshot_copy_flaw(&local_root, s),
-            Kind::Block => crate::kinds::block::snapshot_copy_flaw(&block_root, s),
-            Kind::Nfs => None,
+        let (flaw, partial) = match s.kind {
+            Kind::Local => (
+                crate::kinds::local::snapshot_copy_flaw(&local_root, s),
+                Some(crate::kinds::local::snapshot_partial_dir(
+                    &local_root,
+                    &s.id,
+                )),
+            ),
+            Kind::Block => (
+                crate::kinds::block::snapshot_copy_flaw(&block_root, s),
+                Some(crate::kinds::block::snapshot_partial_path(
+                    &block_root,
+                    &s.id,
+                )),
+            ),
+            Kind::Nfs => (None, None),
         };
-        if let Some(flaw) = flaw {
+        if let (Some(crate::kinds::CopyFlaw::Missing { .. }), Some(p)) =
+            (&flaw, partial.filter(|p| p.exists()))
+        {
+            out.push(warning(format!(
+                "snapshot {} ({}): its copy is still {} (a snapshot interrupted after its record said Ready); start-up moves it into place",
+                s.id,
+                s.name,
+                p.display()
+            )));
+        } else if let Some(flaw) = flaw {
             out.push(error(format!(
                 "snapshot {} ({}) of volume {}: its copy is {}: {flaw}; a restore from it is refused",
                 s.id,

@@ -26,7 +26,9 @@ pub mod params;
 mod snapshot;
 
 pub use disks::{identify_disk, OwnFiles};
-pub use snapshot::{snapshot_copy_flaw, snapshot_kept_on_rollback};
+pub use snapshot::{
+    restoring_path, snapshot_copy_flaw, snapshot_kept_on_rollback, snapshot_partial_path,
+};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -67,6 +67,18 @@ fn snapshot_path(root: &Path, id: &str) -> PathBuf {
     root.join(SNAPSHOTS).join(format!("{id}.img"))
 }
 
+/// Where the copy of block snapshot `id` is made, until its record says
+/// Ready.
+pub fn snapshot_partial_path(root: &Path, id: &str) -> PathBuf {
+    root.join(SNAPSHOTS).join(format!(".partial-{id}.img"))
+}
+
+/// Where a restore or clone onto a file copies, until its record says
+/// Ready.
+pub fn restoring_path(root: &Path, id: &str) -> PathBuf {
+    root.join(format!("{RESTORING}{id}.img"))
+}
+
 /// The whole copy of a snapshot whose create never answered (`Creating`)
 /// that its rollback keeps aside in `.orphaned/` instead of deleting: the
 /// copy is made under a temporary name and renamed to the snapshot's only
@@ -118,7 +130,7 @@ impl BlockKind {
     }
 
     fn partial_file(&self, id: &str) -> PathBuf {
-        self.root.join(SNAPSHOTS).join(format!(".partial-{id}.img"))
+        snapshot_partial_path(&self.root, id)
     }
 
     /// What a volume made from `info` inherits of it. A format that a crash
@@ -482,7 +494,7 @@ impl BlockKind {
 
     /// Where a restore onto a file copies before the file is whole.
     pub(super) fn restoring_file(&self, id: &str) -> PathBuf {
-        self.root.join(format!("{RESTORING}{id}.img"))
+        restoring_path(&self.root, id)
     }
 
     /// Claims a free disk for `rec` (as a create does), erases it and

@@ -117,6 +117,12 @@ pub fn snapshot_copy_flaw(root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
     stored_copy(&root.join(SNAPSHOTS).join(&s.id), true).err()
 }
 
+/// Where the copy of local snapshot `id` is made in the local root `root`,
+/// until its record says Ready.
+pub fn snapshot_partial_dir(root: &Path, id: &str) -> PathBuf {
+    root.join(SNAPSHOTS).join(format!(".partial-{id}"))
+}
+
 /// The whole copy of the local snapshot `s` whose create never answered
 /// (`Creating`) that its rollback keeps aside in `.orphaned/` instead of
 /// deleting: the copy is moved to the snapshot's name only once whole
@@ -555,7 +561,7 @@ impl LocalKind {
 
     /// Where the copy of snapshot `id` is made before its record says Ready.
     fn partial_snapshot_dir(&self, id: &str) -> PathBuf {
-        self.root.join(SNAPSHOTS).join(format!(".partial-{id}"))
+        snapshot_partial_dir(&self.root, id)
     }
 
     /// Once a snapshot's record says Ready: its whole copy moved to the

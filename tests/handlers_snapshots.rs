@@ -1619,3 +1619,28 @@ async fn a_mount_without_fs_type_gets_the_filesystem_the_volume_holds() {
     ));
     assert_eq!(runs(f, "mkfs.xfs"), 0);
 }
+
+/// A block restore whose record says Ready but whose file was not moved to
+/// its name yet (a kill between the two), the node's only file volume:
+/// start-up counts the file as there and moves it. Before, the block root
+/// looked empty of its recorded volumes and berth refused to start
+/// (suggesting the storage was gone).
+#[tokio::test]
+async fn a_restore_not_moved_yet_is_there_at_start_up() {
+    let h = fake(&["--kinds", "block"]);
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    let snap = snapshot(&h, "s", &src).await.snapshot_id;
+    delete(&h, &src).await;
+    let r = created_id(
+        h.ctl
+            .create_volume(Request::new(from_snapshot("r", MIB, &snap)))
+            .await,
+    );
+    let tmp = h.path("block").join(format!(".restoring-{r}.img"));
+    std::fs::rename(img(&h, &r), &tmp).unwrap();
+    let dir = h.stop();
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &["--kinds", "block"]);
+    assert!(img(&h, &r).is_file() && !tmp.exists());
+    assert_eq!(h.driver.store.get(&r).unwrap().phase, Phase::Ready);
+}

@@ -956,6 +956,15 @@ impl VolumeKind for BlockKind {
         for e in entries.flatten() {
             let name = e.file_name();
             if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) {
+                // A restore's file whose record says Ready, not moved to
+                // its name yet (a crash in between): there, and
+                // `reconcile_orphans` moves it.
+                if let Some(id) = id.strip_prefix(snapshot::RESTORING) {
+                    if self.owns_id(id) && self.store.holds(id, ready) {
+                        ids.push(id.to_string());
+                    }
+                    continue;
+                }
                 if !self.owns_id(id) {
                     continue;
                 }
@@ -966,6 +975,8 @@ impl VolumeKind for BlockKind {
                 }
             }
         }
+        ids.sort_unstable();
+        ids.dedup();
         let present = ids.len();
         let missing = if present < expected {
             let here: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();

@@ -3670,20 +3670,6 @@ fn local_and_block(quotas: bool, total: i64, free: i64) -> Harness {
     h
 }
 
-/// What statvfs says of the shared filesystem: thick files the fake
-/// allocated, and writes, are taken off its free space by the test.
-fn set_free(h: &Harness, total: i64, free: i64) {
-    h.fake().set_usage(
-        None,
-        FsUsage {
-            total_bytes: total as u64,
-            available_bytes: free as u64,
-            used_bytes: (total - free) as u64,
-            ..Default::default()
-        },
-    );
-}
-
 fn kind_params(kind: &str, kv: &[(&str, &str)]) -> HashMap<String, String> {
     let mut m = params(kv);
     m.insert("kind".into(), kind.into());

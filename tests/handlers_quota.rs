@@ -14,7 +14,7 @@ use berth::csi::v1::node_server::Node;
 use berth::kinds::local::quota::{inode_limit, FIRST_PROJECT, MIN_INODES};
 use berth::os::fake::FakeOs;
 use berth::os::quota::{Project, Quotas};
-use berth::os::{FsUsage, Os};
+use berth::os::Os;
 use common::*;
 use tonic::{Code, Request};
 
@@ -75,18 +75,6 @@ async fn available(h: &Harness, params: &[(&str, &str)]) -> i64 {
         .expect("get capacity")
         .into_inner()
         .available_capacity
-}
-
-fn free(h: &Harness, total: i64, available: i64) {
-    h.fake().set_usage(
-        None,
-        FsUsage {
-            total_bytes: total as u64,
-            available_bytes: available as u64,
-            used_bytes: (total - available) as u64,
-            ..Default::default()
-        },
-    );
 }
 
 /// Stages and publishes a volume; returns the target path.
@@ -397,7 +385,7 @@ async fn expansion_raises_the_limits_online_and_never_shrinks() {
 #[tokio::test]
 async fn capacity_is_free_space_minus_what_limits_still_allow() {
     let h = with_quotas(&[]);
-    free(&h, 200 * MIB, 100 * MIB);
+    set_free(&h, 200 * MIB, 100 * MIB);
     let a = create(&h, "a", 60 * MIB).await;
     let b = create(&h, "b", 30 * MIB).await;
     assert_eq!(available(&h, &[]).await, 10 * MIB);
@@ -405,16 +393,16 @@ async fn capacity_is_free_space_minus_what_limits_still_allow() {
     // write 10.
     h.fake()
         .set_project_written(project(&h, &a), 50 * MIB as u64);
-    free(&h, 200 * MIB, 50 * MIB);
+    set_free(&h, 200 * MIB, 50 * MIB);
     assert_eq!(available(&h, &[]).await, 10 * MIB);
     // Written beyond the limit (root may, on ext4) counts as the limit:
     // a may write 10 more, b nothing, and 10 are free.
     h.fake()
         .set_project_written(project(&h, &b), 40 * MIB as u64);
-    free(&h, 200 * MIB, 10 * MIB);
+    set_free(&h, 200 * MIB, 10 * MIB);
     assert_eq!(available(&h, &[]).await, 0);
     h.fake().set_project_written(project(&h, &b), 0);
-    free(&h, 200 * MIB, 50 * MIB);
+    set_free(&h, 200 * MIB, 50 * MIB);
     // Creation never overcommits: 10 MiB fit, one byte more does not.
     let r = h
         .ctl

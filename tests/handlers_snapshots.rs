@@ -1644,3 +1644,28 @@ async fn a_restore_not_moved_yet_is_there_at_start_up() {
     assert!(img(&h, &r).is_file() && !tmp.exists());
     assert_eq!(h.driver.store.get(&r).unwrap().phase, Phase::Ready);
 }
+
+/// A local copy that fails after it was made (its move to its name
+/// refused) is removed with its temporary directory: a failed
+/// CreateSnapshot leaves nothing in `.snapshots/` (the temporary copy was
+/// left for start-up to remove), and its retry succeeds.
+#[tokio::test]
+async fn a_failed_local_copy_leaves_nothing() {
+    let h = fake(&[]);
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    std::fs::write(vol_dir(&h, &src).join("data"), b"x").unwrap();
+    let area = h.path("local/.snapshots");
+    h.fake().fail_op_under("rename", &area, libc::EIO);
+    let e = h
+        .ctl
+        .create_snapshot(Request::new(snap_req("s", &src)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    h.fake().clear_file_faults();
+    let left: Vec<_> = std::fs::read_dir(&area)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    snapshot(&h, "s", &src).await;
+}

@@ -552,6 +552,18 @@ pub fn read_own_dir(path: &Path) -> Option<std::fs::ReadDir> {
     }
 }
 
+/// Moves a whole copy made under a temporary name, `from`, to its own
+/// name `to` (never replacing anything there), and syncs `to`'s directory;
+/// nothing to do when `from` is not there (moved already). Once a record
+/// says Ready: a restore's file, a snapshot's copy.
+pub fn move_into_place(files: &dyn Files, from: &Path, to: &Path) -> Result<(), OsError> {
+    if std::fs::symlink_metadata(from).is_err() {
+        return Ok(());
+    }
+    files.rename_noreplace(from, to)?;
+    files.sync_dir(to.parent().unwrap_or(Path::new("/")))
+}
+
 /// Moves `from` into the directory `dir` under `name`, never replacing
 /// anything there: when `name` is taken, `name.<n>` for the first free n.
 /// Returns where it went.

@@ -197,6 +197,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 }
                 None => {
                     let f = crate::kinds::block::volume_file(&block_root, &r.id);
+                    let restoring = crate::kinds::block::restoring_path(&block_root, &r.id);
                     match std::fs::symlink_metadata(&f) {
                         Ok(m) if m.file_type().is_file() => {
                             let made = r.block.as_ref().and_then(|b| b.file_bytes);
@@ -220,16 +221,12 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                             r.name,
                             f.display()
                         ))),
-                        Err(_) if crate::kinds::block::restoring_path(&block_root, &r.id)
-                            .is_file() =>
-                        {
-                            out.push(warning(format!(
-                                "volume {} ({}): its file is still {} (a restore interrupted after its record said Ready); start-up moves it into place",
-                                r.id,
-                                r.name,
-                                crate::kinds::block::restoring_path(&block_root, &r.id).display()
-                            )))
-                        }
+                        Err(_) if restoring.is_file() => out.push(warning(format!(
+                            "volume {} ({}): its file is still {} (a restore interrupted after its record said Ready); start-up moves it into place",
+                            r.id,
+                            r.name,
+                            restoring.display()
+                        ))),
                         Err(e) => out.push(error(format!(
                             "volume {} ({}): its backing file {} is missing ({e})",
                             r.id,

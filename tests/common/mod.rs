@@ -680,3 +680,18 @@ pub fn without_loop_backing(rec: &berth::state::VolumeRecord) -> berth::state::V
     }
     r
 }
+
+/// What the fake's statvfs says of every filesystem without usage of its
+/// own: `total` bytes, `free` of them available.
+#[allow(dead_code)]
+pub fn set_free(h: &Harness, total: i64, free: i64) {
+    h.fake().set_usage(
+        None,
+        berth::os::FsUsage {
+            total_bytes: total as u64,
+            available_bytes: free as u64,
+            used_bytes: (total - free) as u64,
+            ..Default::default()
+        },
+    );
+}

@@ -170,14 +170,12 @@ impl BlockKind {
     /// rename a crash interrupted).
     pub(super) fn place_snapshot(&self, id: &str) -> Result<()> {
         let partial = self.partial_file(id);
-        if std::fs::symlink_metadata(&partial).is_err() {
-            return Ok(());
-        }
-        let dest = self.snapshot_file(id)?;
-        let f = self.os.files.as_ref();
-        f.rename_noreplace(&partial, &dest)
-            .and_then(|_| f.sync_dir(&self.root.join(SNAPSHOTS)))
-            .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))
+        crate::os::files::move_into_place(
+            self.os.files.as_ref(),
+            &partial,
+            &self.snapshot_file(id)?,
+        )
+        .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))
     }
 
     /// Copies the volume as a snapshot does (see the module comment) and
@@ -366,12 +364,12 @@ impl BlockKind {
     /// Ready may have been lost is kept aside (`snapshot_kept_on_rollback`).
     pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord, keep: bool) -> Result<()> {
         let f = self.os.files.as_ref();
-        self.snapshot_file(&snap.id)?;
+        let dest = self.snapshot_file(&snap.id)?;
         if let Some(whole) = snapshot_kept_on_rollback(&self.root, snap).filter(|_| keep) {
             let to = self.keep_aside(&whole, &format!("{}.img", snap.id))?;
             tracing::error!(snapshot_id = %snap.id, file = %whole.display(), to = %to.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
         }
-        for p in [self.partial_file(&snap.id), self.snapshot_file(&snap.id)?] {
+        for p in [self.partial_file(&snap.id), dest] {
             match f.remove_file(&p) {
                 Err(e) if e.errno() != Some(libc::ENOENT) => {
                     return Err(Error::os(format!("removing {}", p.display()), e))
@@ -482,13 +480,7 @@ impl BlockKind {
     /// crash interrupted).
     pub(super) fn place_restored(&self, id: &str) -> Result<()> {
         let partial = self.restoring_file(id);
-        if std::fs::symlink_metadata(&partial).is_err() {
-            return Ok(());
-        }
-        let dest = self.file(id)?;
-        let f = self.os.files.as_ref();
-        f.rename_noreplace(&partial, &dest)
-            .and_then(|_| f.sync_dir(&self.root))
+        crate::os::files::move_into_place(self.os.files.as_ref(), &partial, &self.file(id)?)
             .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))
     }
 

@@ -444,12 +444,22 @@ impl LocalKind {
             .unwrap_or_default();
         let tmp = area.join(format!(".partial-{name}"));
         self.remove_tree(&tmp)?;
-        let stats = f.copy_tree(src, &tmp).map_err(|e| {
-            copy_error(format!("copying {} to {}", src.display(), tmp.display()), e)
-        })?;
-        f.rename_noreplace(&tmp, dest)
-            .and_then(|_| f.sync_dir(dest.parent().unwrap_or(&self.root)))
-            .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))?;
+        // A copy that fails is removed with what it made, so a failed
+        // create leaves nothing behind (its rollback knows only `dest`).
+        let stats = f
+            .copy_tree(src, &tmp)
+            .map_err(|e| copy_error(format!("copying {} to {}", src.display(), tmp.display()), e))
+            .and_then(|stats| {
+                f.rename_noreplace(&tmp, dest)
+                    .and_then(|_| f.sync_dir(dest.parent().unwrap_or(&self.root)))
+                    .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))
+                    .map(|_| stats)
+            })
+            .inspect_err(|_| {
+                if std::fs::symlink_metadata(&tmp).is_ok() {
+                    let _ = self.remove_tree(&tmp);
+                }
+            })?;
         tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, "copied");
         Ok(())
     }
@@ -568,13 +578,7 @@ impl LocalKind {
     /// snapshot's name (start-up finishes a move a crash interrupted).
     fn place_snapshot(&self, id: &str) -> Result<()> {
         let partial = self.partial_snapshot_dir(id);
-        if std::fs::symlink_metadata(&partial).is_err() {
-            return Ok(());
-        }
-        let dest = self.snapshot_dir(id)?;
-        let f = self.os.files.as_ref();
-        f.rename_noreplace(&partial, &dest)
-            .and_then(|_| f.sync_dir(&self.root.join(SNAPSHOTS)))
+        crate::os::files::move_into_place(self.os.files.as_ref(), &partial, &self.snapshot_dir(id)?)
             .map_err(|e| Error::os(format!("moving {} into place", partial.display()), e))
     }
 

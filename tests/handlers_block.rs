@@ -3846,3 +3846,56 @@ async fn local_volumes_see_thick_block_files_in_the_free_space() {
     assert_eq!(capacity_of(&h, "local", &[]).await, 3 * MIB);
     assert_eq!(capacity_of(&h, "block", THICK).await, 3 * MIB);
 }
+
+/// A local create that read the free space (58 MiB) while a thick block
+/// file of 25 MiB is allocated on the same filesystem is not admitted
+/// against the figure from before the allocation: both kinds order their
+/// space checks (`Store::space_shared`, `space_exclusive`), so of a local
+/// volume of 35 MiB and a thick one of 25 MiB only one fits. Before, both
+/// were made (60 MiB on 58), the local volume's read coming first and its
+/// promise after the allocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_admission_and_a_thick_allocation_do_not_both_take_the_last_space() {
+    let h = local_and_block(false, 100 * MIB, 58 * MIB);
+    h.fake().set_allocation_takes_free(true);
+    let local_root = h.driver.cfg.local_root();
+    h.fake()
+        .set_statvfs_stale(&local_root, Some(std::time::Duration::from_millis(600)));
+    let local = create_kind(&h, "local", "l1", 35 * MIB, &[]);
+    let block = async {
+        // The local create is inside its free-space read by now.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        create_kind(&h, "block", "b1", 25 * MIB, THICK).await
+    };
+    let (l, b) = tokio::join!(local, block);
+    h.fake().set_statvfs_stale(&local_root, None);
+    assert!(l.is_ok(), "the local create came first: {l:?}");
+    let e = b.expect_err("the thick volume does not fit beside the local promise");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(h.driver.store.get_by_name("b1").is_none());
+    assert_eq!(capacity_of(&h, "local", &[]).await, 23 * MIB);
+}
+
+/// The same for a local volume's growth (a larger promise) racing a thick
+/// allocation: 10 MiB grown to 45 on 58 free, a thick 25 MiB at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_growth_and_a_thick_allocation_do_not_both_take_the_last_space() {
+    let h = local_and_block(false, 100 * MIB, 58 * MIB);
+    let l = create_kind(&h, "local", "l1", 10 * MIB, &[]).await.unwrap();
+    h.fake().set_allocation_takes_free(true);
+    let local_root = h.driver.cfg.local_root();
+    h.fake()
+        .set_statvfs_stale(&local_root, Some(std::time::Duration::from_millis(600)));
+    let grow = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&l.volume_id, 45 * MIB, 0)));
+    let block = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        create_kind(&h, "block", "b1", 25 * MIB, THICK).await
+    };
+    let (g, b) = tokio::join!(grow, block);
+    h.fake().set_statvfs_stale(&local_root, None);
+    assert!(g.is_ok(), "the growth came first: {g:?}");
+    let e = b.expect_err("the thick volume does not fit beside the grown promise");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}

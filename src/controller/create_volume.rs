@@ -357,6 +357,11 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
         None => (r.range.size(), r.range.required),
     };
     let size = imp.size_for(&kparams, &r.caps, wanted, required, r.range.limit)?;
+    // From reading the free space until the promise is recorded, no thick
+    // block file is allocated on it (`Store::space_shared`): the figure
+    // admitted against is the one there is.
+    let promises = imp.capacity_is_promise();
+    let space = promises.then(|| d.store.space_shared());
     let mut pool = imp.capacity_for(&kparams)?;
     if size > pool.max_volume_bytes {
         return Err(Error::BadSize(format!(
@@ -381,7 +386,6 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
         source: r.source.clone().map(Box::new),
         project: None,
     };
-    let promises = imp.capacity_is_promise();
     // Self-describing ids can name nested storage (an NFS subdirectory
     // inside another volume's): deleting one would touch the other. Checked
     // under the store's lock together with the insert, so two creates of
@@ -455,6 +459,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
         },
         r => r?,
     };
+    drop(space);
     if let Err(e) = make_storage(d, imp.as_ref(), &mut rec) {
         // Roll back; if that fails too, start-up reconciliation finishes it.
         if imp.rollback_create(&rec).is_ok() {

@@ -129,6 +129,12 @@ pub struct FakeOs {
     nfs_names: Mutex<Option<NfsNaming>>,
     /// statvfs of these paths sleeps this long first (a hung NFS server).
     stat_delays: Mutex<HashMap<PathBuf, Duration>>,
+    /// statvfs of these paths reads the usage, then sleeps this long before
+    /// answering it (a figure that is old by the time it is used).
+    stale_stats: Mutex<HashMap<PathBuf, Duration>>,
+    /// Whether `allocate` takes its bytes from the default usage's free
+    /// space, as a real fallocate does.
+    allocation_takes_free: Mutex<bool>,
     /// Reads of the whole mount table (`mounts`) and mount-root probes
     /// (`mount_root`) so far; counted apart from `calls`.
     table_reads: Mutex<usize>,
@@ -211,6 +217,8 @@ impl FakeOs {
             nfs_mounts: Mutex::new(false),
             nfs_names: Mutex::new(None),
             stat_delays: Mutex::new(HashMap::new()),
+            stale_stats: Mutex::new(HashMap::new()),
+            allocation_takes_free: Mutex::new(false),
             table_reads: Mutex::new(0),
             probes: Mutex::new(0),
             probe_unknown: Mutex::new(HashSet::new()),
@@ -519,6 +527,25 @@ impl FakeOs {
                 lock(&self.stat_delays).remove(path);
             }
         }
+    }
+
+    /// statvfs of `path` reads the usage, then sleeps `delay` before it
+    /// answers what it read (None: answers at once).
+    pub fn set_statvfs_stale(&self, path: &Path, delay: Option<Duration>) {
+        match delay {
+            Some(d) => {
+                lock(&self.stale_stats).insert(path.to_path_buf(), d);
+            }
+            None => {
+                lock(&self.stale_stats).remove(path);
+            }
+        }
+    }
+
+    /// `allocate` takes the bytes it allocates from the default usage's
+    /// free space (off by default: tests set the free space themselves).
+    pub fn set_allocation_takes_free(&self, on: bool) {
+        *lock(&self.allocation_takes_free) = on;
     }
 
     fn emulate_nfs_command(&self, program: &str, args: &[String]) -> Option<CmdOutput> {
@@ -1053,10 +1080,15 @@ impl FsStats for FakeOs {
             std::thread::sleep(d);
         }
         self.injected("statvfs", path)?;
-        if let Some(u) = lock(&self.usage).get(path) {
-            return Ok(*u);
+        let u = lock(&self.usage)
+            .get(path)
+            .copied()
+            .unwrap_or_else(|| *lock(&self.default_usage));
+        let stale = lock(&self.stale_stats).get(path).copied();
+        if let Some(d) = stale {
+            std::thread::sleep(d);
         }
-        Ok(*lock(&self.default_usage))
+        Ok(u)
     }
 
     /// As set with `set_device`; otherwise as statvfs answers: a path with
@@ -1415,7 +1447,18 @@ impl Files for FakeOs {
 
     fn allocate(&self, file: &std::fs::File, path: &Path, len: u64) -> Result<(), OsError> {
         self.file_op("fallocate", path)?;
-        RealFiles.allocate(file, path, len)
+        let before = file
+            .metadata()
+            .map(|m| super::files::allocated_bytes(&m))
+            .unwrap_or(0);
+        RealFiles.allocate(file, path, len)?;
+        if *lock(&self.allocation_takes_free) {
+            let taken = len.saturating_sub(before);
+            let mut u = lock(&self.default_usage);
+            u.available_bytes = u.available_bytes.saturating_sub(taken);
+            u.used_bytes = u.used_bytes.saturating_add(taken);
+        }
+        Ok(())
     }
 
     fn sync(&self, file: &std::fs::File, path: &Path) -> Result<(), OsError> {

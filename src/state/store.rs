@@ -353,6 +353,9 @@ impl<R: Record> Admission<'_, R> {
 pub struct Store {
     journal: Journal,
     index: RwLock<Indexes>,
+    /// Orders the space checks of kinds that share a filesystem (see
+    /// `space_shared`).
+    space: RwLock<()>,
 }
 
 /// What a change does to a record.
@@ -387,6 +390,7 @@ impl Store {
         let store = Store {
             journal,
             index: RwLock::new(index),
+            space: RwLock::new(()),
         };
         if import {
             store
@@ -399,6 +403,20 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// Held from reading a filesystem's free space until the space asked
+    /// for is recorded as promised (local admission, which many may do at
+    /// once: the promises order them). `space_exclusive` excludes it.
+    pub fn space_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.space.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held from reading the free space until it is taken (a thick block
+    /// file's allocation): no admission reads the free space in between
+    /// and admits against the figure from before the allocation.
+    pub fn space_exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.space.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Indexes> {

@@ -468,6 +468,9 @@ impl BlockKind {
         }
         let no_room = || Error::NoSpace(format!("the block pool has no room for {size} bytes"));
         if need > 0 {
+            // No local admission reads the free space until the file has
+            // taken it (see `Store::space_exclusive`).
+            let _space = self.store.space_exclusive();
             let r = self.file_room(true)?;
             if need > r.room {
                 return Err(Error::NoSpace(format!(

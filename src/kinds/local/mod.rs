@@ -288,6 +288,9 @@ impl LocalKind {
         }
         let extra = size - now.capacity_bytes;
         now.capacity_bytes = size;
+        // No thick block file is allocated between the free space read and
+        // the promise (see `Store::space_shared`).
+        let _space = self.store.space_shared();
         let pool = self.pool_capacity()?;
         if size > pool.max_volume_bytes {
             return Err(Error::BadSize(format!(

@@ -551,6 +551,118 @@ async fn a_restarted_driver_reuses_the_attachment() {
     assert_clean(&h);
 }
 
+/// A node reboot under staged and published volumes: every mount and loop
+/// device is gone, Berth starts again, and kubelet re-stages. Another
+/// volume staged first may get the loop device number the first had; the
+/// first's records still name it. Nothing may cross: the first's unstage
+/// of its old paths (as kubelet tears down the pod that was running)
+/// leaves the other's device attached and its bytes alone, and its
+/// re-stage gets its own file back, formatted once (its data intact).
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_reboot_under_staged_and_published_volumes_crosses_nothing() {
+    let (h, _g) = real_block(&[]);
+    let a = create(&h, "a", 64 * MIB, &[("fsType", "ext4")], rwo())
+        .await
+        .volume_id;
+    let b = create(&h, "b", 16 * MIB, &[], raw()).await.volume_id;
+    let (sa, ta) = (h.path("stage-a"), h.path("pod-a"));
+    let (sb, tb) = (h.path("stage-b"), h.path("pod-b"));
+    std::fs::create_dir(&sa).unwrap();
+    std::fs::create_dir(&sb).unwrap();
+    stage(&h, &a, &sa, rwo()).await;
+    publish(&h, &a, &sa, &ta, rwo(), false).await;
+    stage(&h, &b, &sb, raw()).await;
+    publish(&h, &b, &sb, &tb, raw(), false).await;
+    let data = pattern(7, 1 << 20);
+    {
+        let mut f = File::create(ta.join("data")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let raw_bytes = pattern(8, 1 << 20);
+    {
+        let mut f = OpenOptions::new().write(true).open(&tb).unwrap();
+        f.write_all(&raw_bytes).unwrap();
+        f.sync_all().unwrap();
+    }
+    let file_of = |id: &str| h.path("block").join(format!("{id}.img"));
+    let (file_a, file_b) = (file_of(&a), file_of(&b));
+    let dev_of = |dir: &Path, file: &Path| {
+        loops_under(dir)
+            .into_iter()
+            .find(|(_, f)| f == file)
+            .map(|(d, _)| d)
+    };
+    let old_a = dev_of(h.dir.path(), &file_a).expect("a attached");
+
+    // The reboot: Berth stops, the kernel forgets every mount and loop
+    // device; the directories stay.
+    let dir = h.stop();
+    unmount_under(dir.path());
+    {
+        use berth::os::LoopDevices;
+        let loops = berth::os::RealLoopDevices::default();
+        for (dev, _) in loops_under(dir.path()) {
+            loops.detach(&dev).unwrap();
+        }
+    }
+    for _ in 0..50 {
+        if loops_under(dir.path()).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(loops_under(dir.path()).is_empty(), "detached");
+    let h = build(
+        dir,
+        berth::os::Os::real(),
+        None,
+        &block_args(&[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+
+    // The raw volume's pod starts first.
+    stage(&h, &b, &sb, raw()).await;
+    publish(&h, &b, &sb, &tb, raw(), false).await;
+    let dev_b = dev_of(h.dir.path(), &file_b).expect("b attached");
+    let reused = dev_b == old_a;
+    // The first pod is torn down at its old paths, which hold nothing now.
+    unpublish(&h, &a, &ta).await;
+    unstage_as_kubelet(&h, &a, &sa).await.unwrap();
+    assert_eq!(
+        dev_of(h.dir.path(), &file_b),
+        Some(dev_b.clone()),
+        "b's device (a's old number: {reused}) stays attached"
+    );
+    {
+        let mut f = File::open(&tb).unwrap();
+        let mut got = vec![0u8; raw_bytes.len()];
+        f.read_exact(&mut got).unwrap();
+        assert!(got == raw_bytes, "b's bytes");
+    }
+    // And comes back: its own file, its data.
+    stage(&h, &a, &sa, rwo()).await;
+    publish(&h, &a, &sa, &ta, rwo(), false).await;
+    let dev_a = dev_of(h.dir.path(), &file_a).expect("a attached again");
+    assert_ne!(dev_a, dev_b);
+    assert_eq!(std::fs::read(ta.join("data")).unwrap(), data);
+    {
+        let mut f = File::open(&tb).unwrap();
+        let mut got = vec![0u8; raw_bytes.len()];
+        f.read_exact(&mut got).unwrap();
+        assert!(got == raw_bytes, "b's bytes after a's stage");
+    }
+    for (id, s, t) in [(&a, &sa, &ta), (&b, &sb, &tb)] {
+        unpublish(&h, id, t).await;
+        unstage_as_kubelet(&h, id, s).await.unwrap();
+        delete(&h, id).await;
+    }
+    assert_clean(&h);
+}
+
 fn fs_uuid(dev: &Path) -> String {
     let o = std::process::Command::new("blkid")
         .args(["-p", "-o", "value", "-s", "UUID"])

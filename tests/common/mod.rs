@@ -332,7 +332,7 @@ fn remove_unmounted(dir: &Path) {
     }
 }
 
-fn unmount_under(dir: &Path) {
+pub fn unmount_under(dir: &Path) {
     for _ in 0..8 {
         let left = mounts_under(dir);
         if left.is_empty() {

@@ -20,6 +20,12 @@ fn run_state_tool(cfg: &berth::config::Config, tool: StateTool) -> anyhow::Resul
             print!("{report}");
             true
         }),
+        StateTool::Release { id } => {
+            tools::release(&cfg.state_dir(), os.files.clone(), &id).map(|report| {
+                print!("{report}");
+                true
+            })
+        }
     };
     r.map_err(|e| anyhow::anyhow!(berth::error::Error::from(e).render()))
 }

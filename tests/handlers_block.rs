@@ -2974,8 +2974,10 @@ async fn a_failed_stage_leaves_nothing_behind() {
 }
 
 /// A whole-disk volume is snapshotted into a sparse file and restored onto
-/// another disk (erased first) or onto a file; a restore onto a disk that
-/// a crash interrupted erases that disk when it is rolled back.
+/// another disk (erased first) or onto a file; a restore onto a disk whose
+/// record still says Creating at start-up (a crash during the copy, or a
+/// Ready record lost: nothing tells them apart) is rolled back and its
+/// disk held, never erased (before, it was erased).
 #[tokio::test]
 async fn whole_disk_snapshots_restore_onto_disks_and_files() {
     let h = disk_harness();
@@ -3060,8 +3062,9 @@ async fn whole_disk_snapshots_restore_onto_disks_and_files() {
     )
     .unwrap();
     assert_eq!(&buf, b"tenant a");
-    // A restore onto a disk interrupted by a crash: its rollback erases the
-    // disk (a plain create's rollback releases a disk it never wrote).
+    // A restore onto a disk whose record says Creating at start-up: its
+    // rollback holds the disk (a plain create's rollback releases a disk
+    // it never wrote).
     let mut rb = h.driver.store.get(&b.volume_id).unwrap();
     h.driver.store.set_phase(&mut rb, Phase::Creating).unwrap();
     let pool = format!("{}/d*", dir.display());
@@ -3082,14 +3085,15 @@ async fn whole_disk_snapshots_restore_onto_disks_and_files() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert!(f
+    assert!(!f
         .calls()
         .iter()
-        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &dir.join("d20"))));
-    assert!(std::fs::read(dir.join("d20"))
-        .unwrap()
-        .iter()
-        .all(|&x| x == 0));
+        .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })));
+    let d20 = std::fs::read(dir.join("d20")).unwrap();
+    assert_eq!(&d20[MIB as usize..MIB as usize + 8], b"tenant a");
+    let held = berth::kinds::block::held_id(&b.volume_id);
+    let hold = h.driver.store.get(&held).expect("a hold");
+    assert_eq!(hold.block.unwrap().disk.unwrap().path, dir.join("d20"));
 }
 
 /// The pool disks of a staged and published filesystem volume and raw
@@ -3898,4 +3902,360 @@ async fn a_local_growth_and_a_thick_allocation_do_not_both_take_the_last_space()
     assert!(g.is_ok(), "the growth came first: {g:?}");
     let e = b.expect_err("the thick volume does not fit beside the grown promise");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}
+
+/// Cuts the state journal of a stopped berth at the start of the last line
+/// that names `id` (the lines after it are lost as well), as a damaged or
+/// truncated journal loses a record's last change; returns what was cut.
+fn cut_journal_before_last(state: &Path, id: &str) -> String {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(state.join("journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("log-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    logs.sort();
+    let log = logs.last().expect("a journal log");
+    let text = std::fs::read_to_string(log).unwrap();
+    let at = text
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .chain(std::iter::once(0))
+        .filter(|&start| text[start..].split('\n').next().unwrap().contains(id))
+        .max()
+        .expect("a line naming the volume");
+    let cut = text[at..].to_string();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)
+        .unwrap()
+        .set_len(at as u64)
+        .unwrap();
+    cut
+}
+
+/// The 4 KiB-aligned offsets of a disk of `size` bytes that the pool's
+/// blank test does not read (`sample_ranges`).
+fn unsampled_offsets(size: u64) -> Vec<u64> {
+    let ranges = berth::os::blockdev::sample_ranges(size);
+    (0..size)
+        .step_by(4096)
+        .filter(|&o| ranges.iter().all(|&(s, l)| o + 4096 <= s || o >= s + l))
+        .collect()
+}
+
+/// A restore onto a whole disk whose Ready record was lost (the journal
+/// cut after CreateVolume answered and the tenant wrote to the disk): a
+/// disk has no temporary name, so start-up cannot tell the copy from a
+/// volume that was handed out. The disk is held: never erased (before, it
+/// was zeroed and returned to the pool, the tenant's data lost), never
+/// offered to a new volume nor counted as free by GetCapacity, also after
+/// another restart (the restore and the tenant wrote only where the pool's
+/// blank test does not look, so nothing but the hold keeps it out); `state
+/// check` reports it as an error naming the disk and what to do, and
+/// `berth state release` has it erased and returned to the pool.
+#[tokio::test]
+async fn a_disk_restore_whose_ready_was_lost_is_held_not_erased() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let pool = format!("{}/d*", dir.display());
+    let extra = ["--disk-pool", pool.as_str()];
+    let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
+    let unsampled = unsampled_offsets(10 * MIB as u64);
+    let (from_snap, at) = (unsampled[0], unsampled[unsampled.len() / 2]);
+    assert!(from_snap < 8 * MIB as u64);
+    write_at(&img(&h, &src), b"snapshot data", from_snap);
+    let snap = snapshot_id(&h, "s", &src).await;
+    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snap.clone(),
+            },
+        )),
+    });
+    let vol = created_id(h.ctl.create_volume(Request::new(req)).await);
+    let d10 = dir.join("d10");
+    let disk = block_info(&h, &vol).disk.unwrap();
+    assert_eq!(disk.path, d10);
+    // The tenant writes (where the pool's blank test does not look).
+    write_at(&d10, b"tenant data", at);
+    let read = |at: u64| {
+        let mut buf = [0u8; 11];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(&d10).unwrap(),
+            &mut buf,
+            at,
+        )
+        .unwrap();
+        buf
+    };
+    let dir_path = h.stop();
+    let cut = cut_journal_before_last(&dir_path.path().join("state"), &vol);
+    assert_eq!(cut.lines().count(), 1, "{cut}");
+    assert!(cut.contains("Ready") || cut.contains("ready"), "{cut}");
+
+    let restart = |dir: tempfile::TempDir| {
+        let (os, f) = berth::os::Os::fake();
+        register_disks(&f, &dir.path().join("disks"), None);
+        script_blank(&f);
+        let mut args = vec!["--kinds", "block"];
+        args.extend_from_slice(&extra);
+        build(dir, os, Some(f), &args)
+    };
+    let h = restart(dir_path);
+    let held = berth::kinds::block::held_id(&vol);
+    let check_held = |h: &Harness| {
+        assert!(
+            !h.fake()
+                .calls()
+                .iter()
+                .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })),
+            "a disk was erased"
+        );
+        assert_eq!(&read(at), b"tenant data");
+        assert_eq!(&read(from_snap)[..8], b"snapshot");
+        assert!(h.driver.store.get(&vol).is_none(), "not rolled back");
+        assert!(h.driver.store.get(&held).is_some(), "no hold");
+        let (clean, out) = state_check(h);
+        assert!(!clean, "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.contains(&held))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(line.contains("error"), "{line}");
+        assert!(line.contains(&d10.display().to_string()), "{line}");
+        assert!(
+            line.contains(&vol) && line.contains("berth state release"),
+            "{line}"
+        );
+    };
+    check_held(&h);
+    // Not free, not offered: d20 and d30 only.
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    let other = create(&h, "other", 8 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    assert_eq!(block_info(&h, &other).disk.unwrap().path, dir.join("d20"));
+    assert_eq!(&read(at), b"tenant data");
+    // The id of the lost volume reaches nothing, nor does the hold's.
+    for id in [&vol, &held] {
+        h.ctl
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: id.to_string(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+    // Another restart keeps it held.
+    let h = restart(h.stop());
+    check_held(&h);
+    assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
+    // The operator's release (berth stopped): the next start-up erases the
+    // disk, then offers it.
+    let dir_path = h.stop();
+    let (os, _) = berth::os::Os::fake();
+    let state = dir_path.path().join("state");
+    let e = berth::state::tools::release(&state, os.files.clone(), &vol).unwrap_err();
+    assert!(e.to_string().contains("no held disk"), "{e}");
+    let report = berth::state::tools::release(&state, os.files.clone(), &held).unwrap();
+    assert!(report.contains(&d10.display().to_string()), "{report}");
+    let h = restart(dir_path);
+    assert!(h.driver.store.get(&held).is_none());
+    // Erased on a thread of its own (zeroing a disk takes long).
+    for _ in 0..500 {
+        if h.driver
+            .store
+            .filter(|r| r.kind == berth::state::Kind::Block && r.id != src && r.id != other)
+            .is_empty()
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(h
+        .fake()
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &d10)));
+    assert_eq!(read(at), [0u8; 11]);
+    assert_eq!(disk_capacity(&h).await, (40 * MIB, Some(30 * MIB)));
+    let (_, out) = state_check(&h);
+    assert!(!out.contains("is held"), "{out}");
+}
+
+/// `state check` before start-up: a restore onto a disk whose record says
+/// Creating is an error naming the disk (start-up holds it).
+#[tokio::test]
+async fn state_check_reports_an_unanswered_disk_restore() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
+    let snap = snapshot_id(&h, "s", &src).await;
+    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
+        )),
+    });
+    let vol = created_id(h.ctl.create_volume(Request::new(req)).await);
+    let mut r = h.driver.store.get(&vol).unwrap();
+    h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+    let (clean, out) = state_check(&h);
+    assert!(!clean, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("never answered"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains(&vol), "{line}");
+    assert!(
+        line.contains(&dir.join("d10").display().to_string()),
+        "{line}"
+    );
+    assert!(line.contains("holds the disk"), "{line}");
+}
+
+/// A restore onto a disk that fails after the disk was claimed and written
+/// is rolled back by the create that ran it: the disk is erased and free
+/// again, no hold is left.
+#[tokio::test]
+async fn a_failed_disk_restore_is_rolled_back_not_held() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
+    let snap = snapshot_id(&h, "s", &src).await;
+    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
+        )),
+    });
+    let d10 = dir.join("d10");
+    h.fake().fail_op_under("copy", &d10, libc::EIO);
+    let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
+    assert!(e.message().contains("writing"), "{e:?}");
+    assert!(h.driver.store.get_by_name("r").is_none());
+    assert!(h
+        .driver
+        .store
+        .filter(|r| r.id.starts_with(berth::kinds::block::HELD_PREFIX))
+        .is_empty());
+    assert!(h
+        .fake()
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &d10)));
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+}
+
+/// A restore onto a disk whose copy fails and whose rollback fails too
+/// (`--disk-wipe signatures`, wipefs refused): the create answered an
+/// error, so its record is left Deleting, not Creating, and the retry at
+/// the next start-up erases the disk and returns it to the pool instead
+/// of holding it as a restore whose Ready may have been lost.
+#[tokio::test]
+async fn a_failed_disk_restore_whose_rollback_failed_is_erased_by_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = format!("{}/disks/d*", dir.path().display());
+    let args = [
+        "--kinds",
+        "block",
+        "--disk-pool",
+        pool.as_str(),
+        "--disk-wipe",
+        "signatures",
+    ];
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &args);
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
+    let snap = snapshot_id(&h, "s", &src).await;
+    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
+        )),
+    });
+    let d10 = dir.join("d10");
+    h.fake().fail_op_under("copy", &d10, libc::EIO);
+    h.fake().respond("wipefs", |_| out(1, ""));
+    let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
+    assert!(e.message().contains("writing"), "{e:?}");
+    let left = h
+        .driver
+        .store
+        .get_by_name("r")
+        .expect("the rollback failed");
+    assert_eq!(left.phase, Phase::Deleting);
+    let id = left.id.clone();
+    let tmp = h.stop();
+    let (os, f) = berth::os::Os::fake();
+    register_disks(&f, &tmp.path().join("disks"), None);
+    script_blank(&f);
+    let h = build(tmp, os, Some(f.clone()), &args);
+    assert!(h.driver.store.get(&id).is_none());
+    assert!(h
+        .driver
+        .store
+        .get(&berth::kinds::block::held_id(&id))
+        .is_none());
+    assert_eq!(
+        runs(&f, "wipefs"),
+        [["-a".to_string(), "--".into(), d10.display().to_string()]]
+    );
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+}
+
+/// A restore onto a disk still staged on the node when start-up holds its
+/// disk (its record rolled back, a Ready lost): NodeUnstageVolume of the
+/// volume's id tears the stage down by its path (the hold is of that very
+/// volume's disk, not another volume's: before, unstage refused it as
+/// another volume's mount forever); the disk stays held.
+#[tokio::test]
+async fn a_stage_of_a_volume_whose_disk_is_held_can_be_torn_down() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
+    let snap = snapshot_id(&h, "s", &src).await;
+    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
+        )),
+    });
+    let vol = created_id(h.ctl.create_volume(Request::new(req)).await);
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&vol, &s)))
+        .await
+        .unwrap();
+    let mut r = h.driver.store.get(&vol).unwrap();
+    h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+    // The same OS (its mounts) after the restart.
+    h.fake().clear_calls();
+    let (os, f) = (h.driver.os.clone(), h.fake.clone());
+    let pool = format!("{}/d*", dir.display());
+    let h = build(h.stop(), os, f, &["--kinds", "block", "--disk-pool", &pool]);
+    let held = berth::kinds::block::held_id(&vol);
+    assert!(h.driver.store.get(&vol).is_none());
+    assert!(h.driver.store.get(&held).is_some());
+    let mounted = |h: &Harness| h.fake().table().iter().any(|m| m.mount_point == s);
+    assert!(mounted(&h));
+    unstage_as_kubelet(&h, &vol, &s).await.unwrap();
+    assert!(!mounted(&h));
+    assert!(h.driver.store.get(&held).is_some());
+    assert!(!h
+        .fake()
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })));
 }

@@ -1,5 +1,5 @@
-//! Operator tools: `berth state check`, `berth state export` and
-//! `berth state repair`.
+//! Operator tools: `berth state check`, `berth state export`, `berth state
+//! repair` and `berth state release`.
 //!
 //! - `check` changes nothing: it reads the journal (every flaw, with file,
 //!   line and byte), and compares the records with what is on disk: a
@@ -19,6 +19,9 @@
 //!   readable records as a new snapshot, takes every other journal file
 //!   out (the old generation, logs newer than it), and prints what was
 //!   dropped. Afterwards the journal has no flaw `check` reports.
+//! - `release` is the operator's decision to end the hold of a pool disk
+//!   (`held-<id>`, see `block::hold_disk`) once what it held is saved: the
+//!   next start-up erases the disk, then offers it again.
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,13 @@ pub enum StateTool {
     /// Drop the damaged lines of a damaged journal, keeping every readable
     /// record (berth must be stopped; the damaged files are kept).
     Repair,
+    /// Release a pool disk that start-up held (`check` names it and its
+    /// hold's id), once what it holds is saved: berth erases it (as
+    /// --disk-wipe says) and returns it to the pool (berth must be stopped).
+    Release {
+        /// The hold's id (`held-...`), as `check` prints it.
+        id: String,
+    },
 }
 
 /// One finding of `check`.
@@ -129,11 +139,23 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             )));
             continue;
         }
+        if r.id.starts_with(crate::kinds::block::HELD_PREFIX) {
+            out.push(error(crate::kinds::block::held_disk_finding(r)));
+            continue;
+        }
         if r.phase != Phase::Ready {
             out.push(warning(format!(
                 "volume {} ({}) is {:?}: an operation was interrupted; start-up finishes it",
                 r.id, r.name, r.phase
             )));
+            if let Some(d) = unanswered_disk_restore(r) {
+                out.push(error(format!(
+                    "volume {} ({}): its restore or clone onto disk {} never answered (was its Ready record lost?); start-up holds the disk, never erases it nor offers it to a new volume",
+                    r.id,
+                    r.name,
+                    d.by_id.as_deref().unwrap_or(&d.path).display()
+                )));
+            }
             if let Some(f) = unanswered_create_with_data(&local_root, &block_root, r) {
                 out.push(error(format!(
                     "volume {} ({}): its create never answered, yet {} holds data (was its Ready record lost?); start-up keeps it aside in .orphaned, never deletes it",
@@ -318,6 +340,14 @@ fn unanswered_create_with_data(
         }
         _ => None,
     }
+}
+
+/// The disk of a restore or clone whose create never answered, which
+/// start-up holds instead of erasing (`BlockKind::hold_disk`).
+fn unanswered_disk_restore(r: &VolumeRecord) -> Option<&crate::state::DiskRef> {
+    (r.kind == Kind::Block && r.phase == Phase::Creating && r.source.is_some())
+        .then(|| r.block.as_ref().and_then(|b| b.disk.as_ref()))
+        .flatten()
 }
 
 /// Compares the snapshot records with their stored copies (local and block
@@ -585,6 +615,40 @@ pub fn export(cfg: &Config, out: &mut dyn Write) -> Result<bool, StateError> {
 
 /// `berth state repair`: see the module comment. Returns what it did, for
 /// printing.
+/// `release`: the operator's decision to end the hold `id` of a pool disk
+/// (`BlockKind::hold_disk`), after saving what it held: the hold becomes
+/// a record that has the disk erased (`block::released`), which the next
+/// start-up does (as `--disk-wipe` says) before the disk is offered again;
+/// the hold is removed after it, so a crash in between leaves the disk
+/// held. Takes the state directory's lock (berth must be stopped).
+pub fn release(state_dir: &Path, files: Arc<dyn Files>, id: &str) -> Result<String, StateError> {
+    let _lock = DirLock::acquire(&files, state_dir, "state directory")?;
+    let store = super::Store::open(state_dir, files)?;
+    let found = store.get(id).and_then(|r| {
+        let wipe = crate::kinds::block::released(&r)?;
+        Some((r, wipe))
+    });
+    let Some((held, wipe)) = found else {
+        return Err(StateError::Unexpected {
+            path: journal_dir(state_dir),
+            why: format!(
+                "no held disk has the id {id} (`berth state check` names each hold, held-...)"
+            ),
+        });
+    };
+    store.put(&wipe)?;
+    store.remove(&held.id)?;
+    let disk = held
+        .block
+        .as_ref()
+        .and_then(|b| b.disk.as_ref())
+        .map(|d| d.path.display().to_string())
+        .unwrap_or_default();
+    Ok(format!(
+        "released disk {disk} ({id}): berth erases it when it starts, then offers it to new volumes\n"
+    ))
+}
+
 pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateError> {
     let _lock = DirLock::acquire(&files, state_dir, "state directory")?;
     let dir = journal_dir(state_dir);

@@ -61,6 +61,63 @@ fn is_wipe_record(id: &str) -> bool {
     id.starts_with(WIPE_PREFIX)
 }
 
+/// Prefix of the internal records of pool disks held for an operator: a
+/// restore or clone was written onto the disk and its volume's record
+/// still said Creating at start-up (`BlockKind::hold_disk`). Not a volume
+/// id of any kind: no RPC reaches them, and nothing erases or offers the
+/// disk until an operator releases it (`berth state release`).
+pub const HELD_PREFIX: &str = "held-";
+
+/// The id of the record that holds the disk of block volume `id`.
+pub fn held_id(id: &str) -> String {
+    format!("{HELD_PREFIX}{}", id.strip_prefix(PREFIX).unwrap_or(id))
+}
+
+/// The block volume whose disk the record `id` holds, if it is a hold.
+pub fn held_volume(id: &str) -> Option<String> {
+    id.strip_prefix(HELD_PREFIX)
+        .map(|rest| format!("{PREFIX}{rest}"))
+}
+
+/// What `berth state check` says of a held disk (the record `r`,
+/// `hold_disk`), and what an operator does about it.
+pub fn held_disk_finding(r: &VolumeRecord) -> String {
+    let disk = r
+        .block
+        .as_ref()
+        .and_then(|b| b.disk.as_ref())
+        .map(|d| d.by_id.as_deref().unwrap_or(&d.path).display().to_string())
+        .unwrap_or_default();
+    let volume = held_volume(&r.id).unwrap_or_default();
+    let name = r.context.get(HELD_NAME).map(String::as_str).unwrap_or("");
+    format!(
+        "disk {disk} is held: a restore or clone (volume {volume}, named {name}) was written onto it and its record still said Creating at start-up, so it may be a volume that was handed out and lost its Ready record (a damaged or cut journal), holding a tenant's data; berth never erases it nor offers it to a new volume. If a PersistentVolume names {volume}, its data is on this disk: copy it off (e.g. dd the disk to a file or another disk) before anything else. Then, with berth stopped, run `berth state release {}`: berth erases the disk and returns it to the pool",
+        r.id
+    )
+}
+
+/// Where a hold keeps the name of the volume whose disk it holds.
+const HELD_NAME: &str = "volume-name";
+
+/// What ends the hold `held` (`berth state release`, the operator's
+/// decision once what the disk held is saved): the record that has the
+/// disk erased (with `--disk-wipe`) and then returned to the pool, as a
+/// volume deleted while its disk was missing has (`remember_wipe`; a
+/// retry finds it and erases it). None when `held` is not a hold.
+pub fn released(held: &VolumeRecord) -> Option<VolumeRecord> {
+    let rest = held.id.strip_prefix(HELD_PREFIX)?;
+    held.block.as_ref().and_then(|b| b.disk.as_ref())?;
+    let id = format!("{WIPE_PREFIX}{rest}");
+    Some(VolumeRecord {
+        id: id.clone(),
+        name: id,
+        phase: Phase::Deleting,
+        context: Default::default(),
+        source: None,
+        ..held.clone()
+    })
+}
+
 /// The backing file of block volume `id` under `root` (ids are checked by
 /// the caller: `BlockKind::file`).
 pub fn volume_file(root: &Path, id: &str) -> PathBuf {
@@ -265,6 +322,43 @@ impl BlockKind {
             project: None,
         };
         self.store.put(&pending)?;
+        Ok(id)
+    }
+
+    /// Holds the disk `d` of `rec`, a restore or clone whose record still
+    /// says Creating at start-up: the copy was written onto the disk
+    /// itself (a disk has no temporary name), so nothing tells a copy a
+    /// crash interrupted from a volume that was handed out and lost its
+    /// Ready record (the tenant's data written since cannot be told from
+    /// the copy's). A record of its own (phase Ready, so no retry ever
+    /// erases it) claims the disk: it is never erased, never offered to a
+    /// new volume (`free_disks`) nor counted as free (GetCapacity), also
+    /// across restarts, until an operator releases it (`berth state
+    /// release`); `berth state check` reports it as an error. Idempotent.
+    fn hold_disk(&self, rec: &VolumeRecord, d: &DiskRef) -> Result<String> {
+        let id = held_id(&rec.id);
+        let mut info = rec.block.clone().unwrap_or_default();
+        info.disk = Some(d.clone());
+        let mut context = BTreeMap::new();
+        context.insert(HELD_NAME.to_string(), rec.name.clone());
+        let held = VolumeRecord {
+            id: id.clone(),
+            name: id.clone(),
+            kind: Kind::Block,
+            seq: 0,
+            phase: Phase::Ready,
+            capacity_bytes: 0,
+            node: rec.node.clone(),
+            parameters: rec.parameters.clone(),
+            capabilities: Vec::new().into(),
+            context: context.into(),
+            published: Default::default(),
+            created_unix: crate::driver::now_unix(),
+            block: Some(info),
+            source: rec.source.clone(),
+            project: None,
+        };
+        self.store.put(&held)?;
         Ok(id)
     }
 
@@ -674,9 +768,18 @@ impl BlockKind {
                 // Claimed by a create that never answered: the volume was
                 // never handed out and Berth wrote nothing to the disk (it
                 // was blank and read as zeros when claimed), so there is
-                // nothing to erase. (A
-                // restore wrote a snapshot onto it: that one is erased.)
+                // nothing to erase. (A restore wrote a snapshot onto it:
+                // that one is erased, or held below.)
                 tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
+                return Ok(());
+            }
+            if keep && rec.phase == Phase::Creating {
+                // A restore or clone whose create never answered, found
+                // after the fact (start-up, a retry): it may have been
+                // handed out (`hold_disk`). A create this process ran and
+                // that failed is rolled back without `keep`.
+                let held = self.hold_disk(rec, &d)?;
+                tracing::error!(volume_id = %rec.id, disk = %d.path.display(), held = %held, "a restore or clone onto a disk whose create never answered: the disk is held, never erased nor offered (was its Ready record lost?); see `berth state check`");
                 return Ok(());
             }
             let dev = match self.resolve_disk(&d) {
@@ -1099,9 +1202,11 @@ impl VolumeKind for BlockKind {
         self.restore_volume(rec, from)
     }
 
+    /// Zeroing a disk; an unanswered create's disk is released or held
+    /// (`remove_volume`), which is quick.
     fn slow_delete(&self, rec: &VolumeRecord) -> bool {
         self.disk_wipe == DiskWipe::Zero
-            && (rec.phase != Phase::Creating || rec.source.is_some())
+            && rec.phase != Phase::Creating
             && rec.block.as_ref().is_some_and(|b| b.disk.is_some())
     }
 
@@ -1109,7 +1214,17 @@ impl VolumeKind for BlockKind {
         self.remove_volume(rec, mount_table, true)
     }
 
+    /// A restore or clone onto a disk is marked Deleting before its disk
+    /// is erased: this process knows it never answered, and a rollback
+    /// that fails (or a crash during it) leaves a record that a retry
+    /// erases, not one that start-up must hold (`hold_disk`).
     fn rollback_create(&self, rec: &VolumeRecord) -> Result<()> {
+        let disk = rec.block.as_ref().is_some_and(|b| b.disk.is_some());
+        if disk && rec.source.is_some() && rec.phase == Phase::Creating {
+            let mut r = self.store.get(&rec.id).unwrap_or_else(|| rec.clone());
+            self.store.set_phase(&mut r, Phase::Deleting)?;
+            return self.remove_volume(&r, &LazyTable::new(), false);
+        }
         self.remove_volume(rec, &LazyTable::new(), false)
     }
 

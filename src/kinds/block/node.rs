@@ -634,9 +634,13 @@ impl BlockKind {
         let Some(top) = mounts::at(&self.os, &t, path).last().copied() else {
             return Ok(());
         };
-        let others = self
-            .store
-            .filter(|r| r.kind == crate::state::Kind::Block && r.id != id);
+        // The hold of this very volume's disk (`hold_disk`: its record
+        // was rolled back while it was staged) is not another volume's.
+        let others = self.store.filter(|r| {
+            r.kind == crate::state::Kind::Block
+                && r.id != id
+                && super::held_volume(&r.id).as_deref() != Some(id)
+        });
         for rec in others {
             if let Ok(Some(dev)) = self.current_device(&rec) {
                 if Self::shows(&t, top, &dev) {

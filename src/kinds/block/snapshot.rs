@@ -385,8 +385,10 @@ impl BlockKind {
     /// file, or onto a whole disk of the pool (`pool: disk`), which is
     /// zeroed first so nothing of an earlier tenant shows through the
     /// holes. The record is durable (phase Creating) before, so an
-    /// interrupted copy is rolled back with the volume (a disk it was
-    /// written to is erased).
+    /// interrupted copy is rolled back with the volume: a failed one by
+    /// its create (a disk it was written to is erased), one a crash
+    /// interrupted at start-up (a file under its temporary name is
+    /// removed; a disk is held, `BlockKind::hold_disk`).
     pub(super) fn restore_volume(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
         let p = super::params::parse(&super::params::own(&rec.parameters))?;
         // The file to copy from; a clone first takes an unlisted snapshot.

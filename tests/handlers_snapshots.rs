@@ -1669,3 +1669,103 @@ async fn a_failed_local_copy_leaves_nothing() {
     assert!(left.is_empty(), "{left:?}");
     snapshot(&h, "s", &src).await;
 }
+
+/// The stored copy of snapshot `id` of `kind`.
+fn snap_copy(h: &Harness, kind: &str, id: &str) -> PathBuf {
+    match kind {
+        "local" => h.path("local/.snapshots").join(id),
+        _ => h.path("block/.snapshots").join(format!("{id}.img")),
+    }
+}
+
+/// A snapshot whose stored copy is gone (deleted by hand) or damaged (a
+/// symlink in its place, a block file cut short) is not ready to use in
+/// ListSnapshots, GetSnapshot and a repeated CreateSnapshot, as
+/// CreateVolume from it is refused (the spec: ready_to_use is true once
+/// the snapshot can be used as a volume source). Before, each said
+/// ready_to_use: true. A whole copy stays ready; each listed snapshot's
+/// copy is looked at once (one lstat through the OS layer), nothing more.
+#[tokio::test]
+async fn a_snapshot_whose_copy_is_gone_is_not_ready_to_use() {
+    for kind in ["local", "block"] {
+        let h = fake(&["--kinds", kind]);
+        let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+        let gone = snapshot(&h, "gone", &src).await.snapshot_id;
+        let linked = snapshot(&h, "linked", &src).await.snapshot_id;
+        let whole = snapshot(&h, "whole", &src).await.snapshot_id;
+        let copy = |id: &str| snap_copy(&h, kind, id);
+        match kind {
+            "local" => {
+                std::fs::remove_dir_all(copy(&gone)).unwrap();
+                std::fs::remove_dir_all(copy(&linked)).unwrap();
+                std::os::unix::fs::symlink(vol_dir(&h, &src), copy(&linked)).unwrap();
+            }
+            _ => {
+                std::fs::remove_file(copy(&gone)).unwrap();
+                // Cut short.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(copy(&linked))
+                    .unwrap()
+                    .set_len(4096)
+                    .unwrap();
+            }
+        }
+        let ready = |s: &csi::Snapshot| (s.snapshot_id.clone(), s.ready_to_use);
+        let before = h.fake().lstats().len();
+        let listed: Vec<_> = list(&h, Default::default())
+            .await
+            .entries
+            .iter()
+            .map(|e| ready(e.snapshot.as_ref().unwrap()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (gone.clone(), false),
+                (linked.clone(), false),
+                (whole.clone(), true)
+            ],
+            "{kind}"
+        );
+        assert_eq!(h.fake().lstats().len() - before, 3, "{kind}");
+        for (id, want) in [(&gone, false), (&linked, false), (&whole, true)] {
+            let got = h
+                .ctl
+                .get_snapshot(Request::new(csi::GetSnapshotRequest {
+                    snapshot_id: id.clone(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshot
+                .unwrap();
+            assert_eq!(got.ready_to_use, want, "{kind} {id}");
+            let name = h.driver.store.snapshot_get(id).unwrap().name;
+            let again = snapshot(&h, &name, &src).await;
+            assert_eq!((again.snapshot_id, again.ready_to_use), (id.clone(), want));
+            let restored = h
+                .ctl
+                .create_volume(Request::new(from_snapshot(&format!("r-{name}"), MIB, id)))
+                .await;
+            let want_code = if want {
+                Code::Ok
+            } else {
+                Code::FailedPrecondition
+            };
+            assert_eq!(code(restored), want_code, "{kind} {id}");
+        }
+        // Filtered by id, a page: the same answer.
+        let one = list(
+            &h,
+            csi::ListSnapshotsRequest {
+                snapshot_id: gone.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(one.entries.len(), 1);
+        assert!(!one.entries[0].snapshot.as_ref().unwrap().ready_to_use);
+    }
+}

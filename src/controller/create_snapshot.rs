@@ -49,10 +49,12 @@ pub async fn handle(
         guard.also(snap_key(id))?;
     }
     let snap = d
-        .run(guard, move |d| create(d, name, source, derived, params))
+        .run(guard, move |d| {
+            create(d, name, source, derived, params).map(|s| snapshot::to_proto_checked(d, &s))
+        })
         .await?;
     Ok(csi::CreateSnapshotResponse {
-        snapshot: Some(snapshot::to_proto(&snap)),
+        snapshot: Some(snap),
     })
 }
 

@@ -31,6 +31,6 @@ pub async fn handle(
         }
     };
     Ok(csi::GetSnapshotResponse {
-        snapshot: Some(snapshot::to_proto(&s)),
+        snapshot: Some(snapshot::to_proto_checked(&d, &s)),
     })
 }

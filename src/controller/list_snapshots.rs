@@ -1,11 +1,12 @@
 //! ListSnapshots: pages in creation order, filtered by snapshot id and by
 //! source volume. The token is the creation sequence number of the last
 //! snapshot returned; a token that was never handed out is ABORTED. Only
-//! snapshots whose copy is complete are listed; an id that does not exist
-//! gives an empty list, as the spec asks. A self-describing snapshot id
-//! (NFS) asked for by id, without a record here, is listed from its storage
-//! (the marker of the complete copy): the external-snapshotter checks a
-//! pre-provisioned snapshot that way.
+//! snapshots whose copy is complete are listed (ready to use only while
+//! their stored copy is there as made: `snapshot::to_proto_checked`); an
+//! id that does not exist gives an empty list, as the spec asks. A
+//! self-describing snapshot id (NFS) asked for by id, without a record
+//! here, is listed from its storage (the marker of the complete copy): the
+//! external-snapshotter checks a pre-provisioned snapshot that way.
 use std::sync::Arc;
 
 use super::list_volumes::page_start;
@@ -60,17 +61,23 @@ pub async fn handle(
     if more {
         all.truncate(max);
     }
-    Ok(csi::ListSnapshotsResponse {
-        next_token: if more {
-            all.last().map(|s| s.seq.to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        },
-        entries: all
-            .iter()
+    let next_token = if more {
+        all.last().map(|s| s.seq.to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    // One look at each listed snapshot's copy (blocking).
+    let entries = tokio::task::spawn_blocking(move || {
+        all.iter()
             .map(|s| csi::list_snapshots_response::Entry {
-                snapshot: Some(snapshot::to_proto(s)),
+                snapshot: Some(snapshot::to_proto_checked(&d, s)),
             })
-            .collect(),
+            .collect()
+    })
+    .await
+    .map_err(|e| crate::error::Error::Internal(format!("ListSnapshots task failed: {e}")))?;
+    Ok(csi::ListSnapshotsResponse {
+        next_token,
+        entries,
     })
 }

@@ -31,6 +31,22 @@ pub fn to_proto(s: &SnapshotRecord) -> csi::Snapshot {
     }
 }
 
+/// `to_proto` of the snapshot as it is now: ready to use only when its
+/// record says Ready and its stored copy is there as it was made, the copy
+/// a restore from it takes (`VolumeKind::snapshot_flaw`: one look, nothing
+/// read). A copy deleted or damaged by hand makes it not ready, as
+/// CreateVolume from it is refused. Blocking (a look at the disk).
+pub fn to_proto_checked(d: &Driver, s: &SnapshotRecord) -> csi::Snapshot {
+    let mut p = to_proto(s);
+    if p.ready_to_use {
+        if let Some(flaw) = d.kind(s.kind).ok().and_then(|k| k.snapshot_flaw(s)) {
+            tracing::debug!(snapshot_id = %s.id, flaw = %flaw, "snapshot's copy is {}: not ready to use", flaw.state());
+            p.ready_to_use = false;
+        }
+    }
+    p
+}
+
 /// Guard key of a snapshot id.
 pub fn snap_key(id: &str) -> String {
     format!("snap/{id}")

@@ -256,7 +256,16 @@ impl std::fmt::Display for CopyFlaw {
 /// not followed), or what is wrong with it: missing, or not a directory
 /// (`want_dir`) or regular file (otherwise).
 pub(crate) fn stored_copy(path: &Path, want_dir: bool) -> Result<std::fs::Metadata, CopyFlaw> {
-    let m = match std::fs::symlink_metadata(path) {
+    judge_copy(path, std::fs::symlink_metadata(path), want_dir)
+}
+
+/// `stored_copy` of what a look at `path` (lstat) `found`.
+pub(crate) fn judge_copy(
+    path: &Path,
+    found: std::io::Result<std::fs::Metadata>,
+    want_dir: bool,
+) -> Result<std::fs::Metadata, CopyFlaw> {
+    let m = match found {
         Ok(m) => m,
         Err(error) => {
             return Err(CopyFlaw::Missing {
@@ -479,6 +488,17 @@ pub trait VolumeKind: Send + Sync {
     /// own root. Mount checks use `mounts`, which DeleteVolume shares with
     /// `in_use` so that one RPC reads the mount table at most once.
     fn delete_with(&self, rec: &VolumeRecord, mounts: &LazyTable) -> Result<()>;
+
+    /// What is wrong with the stored copy of the snapshot `snap` (missing
+    /// or damaged), as a restore from it finds it (and refuses it), told
+    /// from one look at it through the OS layer (lstat: nothing is read):
+    /// ListSnapshots, GetSnapshot and CreateSnapshot report such a
+    /// snapshot not ready to use. Default: nothing to tell (NFS copies
+    /// live on their share, which a look may wait on).
+    fn snapshot_flaw(&self, snap: &SnapshotRecord) -> Option<CopyFlaw> {
+        let _ = snap;
+        None
+    }
 
     /// After a new volume's record says Ready (durably): moves its storage
     /// to where the volume lives, if the kind made it elsewhere first (local

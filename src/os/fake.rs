@@ -152,6 +152,8 @@ pub struct FakeOs {
     /// File copies (`copy_file`) still to run while their source is being
     /// written: each moves the source's change stamp.
     busy_copies: Mutex<u32>,
+    /// Paths looked at with `Files::lstat`, in order.
+    lstats: Mutex<Vec<PathBuf>>,
     /// Writes pretended per file, added to its change stamp.
     pretended_writes: Mutex<HashMap<PathBuf, u32>>,
     /// Project quotas (see `enable_project_quotas`): what `state` answers
@@ -227,6 +229,7 @@ impl FakeOs {
             file_faults_under: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
             busy_copies: Mutex::new(0),
+            lstats: Mutex::new(Vec::new()),
             pretended_writes: Mutex::new(HashMap::new()),
             quota_state: Mutex::new(Err(libc::ENOSYS)),
             projects: Mutex::new(BTreeMap::new()),
@@ -349,6 +352,12 @@ impl FakeOs {
 
     pub fn forget_durable(&self) {
         lock(&self.durable).clear();
+    }
+
+    /// Every path looked at with `Files::lstat` so far (not a change: not
+    /// in `file_ops`, and no file fault hits it).
+    pub fn lstats(&self) -> Vec<PathBuf> {
+        lock(&self.lstats).clone()
     }
 
     /// Every filesystem change made through `Files` so far.
@@ -1488,6 +1497,13 @@ impl Files for FakeOs {
                 .or_default() += 1;
         }
         Ok(stats)
+    }
+
+    /// Recorded (`lstats`); fails as `fail_next("lstat", ..)` asks.
+    fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
+        lock(&self.lstats).push(path.to_path_buf());
+        self.injected("lstat", path)?;
+        RealFiles.lstat(path)
     }
 
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {

@@ -120,6 +120,11 @@ pub trait Files: Send + Sync {
     /// link count above zero) and `path` names the same inode. False once
     /// it was removed or replaced under its name.
     fn still_named(&self, file: &File, path: &Path) -> Result<bool, OsError>;
+    /// The metadata of `path` itself (lstat: a symlink is not followed).
+    /// One look, nothing read: for the checks of a stored copy.
+    fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
+        std::fs::symlink_metadata(path).map_err(sys("lstat", path))
+    }
 }
 
 /// The real filesystem.

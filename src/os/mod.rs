@@ -93,6 +93,14 @@ impl OsError {
             _ => None,
         }
     }
+
+    /// The I/O error underneath (a system call's), or this one as one.
+    pub fn into_io(self) -> std::io::Error {
+        match self {
+            OsError::Sys { source, .. } => source,
+            e => std::io::Error::other(e.to_string()),
+        }
+    }
 }
 
 /// The bundle of OS interfaces a driver uses.

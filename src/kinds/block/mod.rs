@@ -1164,6 +1164,10 @@ impl VolumeKind for BlockKind {
         self.place_snapshot(&snap.id)
     }
 
+    fn snapshot_flaw(&self, snap: &SnapshotRecord) -> Option<super::CopyFlaw> {
+        self.snapshot_file_flaw(snap)
+    }
+
     fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {
         self.remove_snapshot(snap, true)
     }

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use super::{BlockKind, Dev};
 use crate::error::{Error, Result};
 use crate::kinds::local::copy_error;
-use crate::kinds::{stored_copy, CopyFlaw, Source};
+use crate::kinds::{judge_copy, CopyFlaw, Source};
 use crate::node::mounts;
 use crate::os::files::ensure_dir;
 use crate::os::MountEntry;
@@ -97,8 +97,17 @@ pub fn snapshot_kept_on_rollback(root: &Path, s: &SnapshotRecord) -> Option<Path
 /// with). A restore refuses such a snapshot; `berth state check` reports
 /// it.
 pub fn snapshot_copy_flaw(root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
+    copy_flaw_as_found(root, s, &|p| std::fs::symlink_metadata(p))
+}
+
+/// `snapshot_copy_flaw`, looking at the file with `lstat`.
+fn copy_flaw_as_found(
+    root: &Path,
+    s: &SnapshotRecord,
+    lstat: &dyn Fn(&Path) -> std::io::Result<std::fs::Metadata>,
+) -> Option<CopyFlaw> {
     let path = snapshot_path(root, &s.id);
-    let have = match stored_copy(&path, false) {
+    let have = match judge_copy(&path, lstat(&path), false) {
         Ok(m) => m.len(),
         Err(flaw) => return Some(flaw),
     };
@@ -119,11 +128,19 @@ impl BlockKind {
         Ok(snapshot_path(&self.root, id))
     }
 
+    /// What is wrong with the file of snapshot `s` (`snapshot_copy_flaw`),
+    /// looked at through the OS layer (one lstat).
+    pub(super) fn snapshot_file_flaw(&self, s: &SnapshotRecord) -> Option<CopyFlaw> {
+        copy_flaw_as_found(&self.root, s, &|p| {
+            self.os.files.lstat(p).map_err(crate::os::OsError::into_io)
+        })
+    }
+
     /// The file of snapshot `s` to restore from: FAILED_PRECONDITION when
-    /// it is missing or damaged (`snapshot_copy_flaw`).
+    /// it is missing or damaged (`snapshot_file_flaw`).
     pub(super) fn usable_snapshot_file(&self, s: &SnapshotRecord) -> Result<PathBuf> {
         let file = self.snapshot_file(&s.id)?;
-        match snapshot_copy_flaw(&self.root, s) {
+        match self.snapshot_file_flaw(s) {
             Some(flaw) => Err(flaw.error(&s.id)),
             None => Ok(file),
         }

@@ -26,8 +26,8 @@ use crate::state::{AccessType, Capability, Kind, Phase, SnapshotRecord, Store, V
 
 use self::quota::{Enforcement, Projects};
 use super::{
-    stored_copy, CopyFlaw, Expansion, Growth, Health, NodeExpandArgs, PoolCapacity, PublishArgs,
-    Source, VolumeKind, VolumeStats,
+    judge_copy, stored_copy, CopyFlaw, Expansion, Growth, Health, NodeExpandArgs, PoolCapacity,
+    PublishArgs, Source, VolumeKind, VolumeStats,
 };
 
 const PREFIX: &str = "local-";
@@ -423,11 +423,23 @@ impl LocalKind {
         Ok(self.root.join(SNAPSHOTS).join(id))
     }
 
+    /// What is wrong with the directory of snapshot `s`
+    /// (`snapshot_copy_flaw`), looked at through the OS layer (one lstat).
+    fn snapshot_dir_flaw(&self, s: &SnapshotRecord) -> Option<CopyFlaw> {
+        let dir = self.root.join(SNAPSHOTS).join(&s.id);
+        let found = self
+            .os
+            .files
+            .lstat(&dir)
+            .map_err(crate::os::OsError::into_io);
+        judge_copy(&dir, found, true).err()
+    }
+
     /// The directory of snapshot `s` to restore from: FAILED_PRECONDITION
-    /// when it is missing or damaged (`snapshot_copy_flaw`).
+    /// when it is missing or damaged (`snapshot_dir_flaw`).
     fn usable_snapshot_dir(&self, s: &SnapshotRecord) -> Result<PathBuf> {
         let dir = self.snapshot_dir(&s.id)?;
-        match snapshot_copy_flaw(&self.root, s) {
+        match self.snapshot_dir_flaw(s) {
             Some(flaw) => Err(flaw.error(&s.id)),
             None => Ok(dir),
         }
@@ -1032,6 +1044,10 @@ impl VolumeKind for LocalKind {
 
     fn snapshot_ready(&self, snap: &SnapshotRecord) -> Result<()> {
         self.place_snapshot(&snap.id)
+    }
+
+    fn snapshot_flaw(&self, snap: &SnapshotRecord) -> Option<CopyFlaw> {
+        self.snapshot_dir_flaw(snap)
     }
 
     fn delete_snapshot(&self, snap: &SnapshotRecord) -> Result<()> {

@@ -1645,17 +1645,18 @@ async fn a_restore_not_moved_yet_is_there_at_start_up() {
     assert_eq!(h.driver.store.get(&r).unwrap().phase, Phase::Ready);
 }
 
-/// A local copy that fails after it was made (its move to its name
-/// refused) is removed with its temporary directory: a failed
-/// CreateSnapshot leaves nothing in `.snapshots/` (the temporary copy was
-/// left for start-up to remove), and its retry succeeds.
+/// A local copy that fails after it was made (the sync of its directory
+/// entry refused; before the snapshot's copy was made straight under its
+/// temporary name, its move to that name) is removed with what it made: a
+/// failed CreateSnapshot leaves nothing in `.snapshots/` (the temporary
+/// copy was left for start-up to remove), and its retry succeeds.
 #[tokio::test]
 async fn a_failed_local_copy_leaves_nothing() {
     let h = fake(&[]);
     let src = create_p(&h, "src", MIB, &[]).await.volume_id;
     std::fs::write(vol_dir(&h, &src).join("data"), b"x").unwrap();
     let area = h.path("local/.snapshots");
-    h.fake().fail_op_under("rename", &area, libc::EIO);
+    h.fake().fail_op_under("fsync", &area, libc::EIO);
     let e = h
         .ctl
         .create_snapshot(Request::new(snap_req("s", &src)))
@@ -1768,4 +1769,71 @@ async fn a_snapshot_whose_copy_is_gone_is_not_ready_to_use() {
         assert_eq!(one.entries.len(), 1);
         assert!(!one.entries[0].snapshot.as_ref().unwrap().ready_to_use);
     }
+}
+
+/// A local snapshot's copy is made straight under its temporary name,
+/// `.snapshots/.partial-<id>`, never under a temporary of that
+/// (`.partial-.partial-<id>`, as before); it moves to its name once its
+/// record says Ready. Start-up removes every leftover of an interrupted
+/// copy: the temporary of a snapshot still Creating, one without a
+/// record, and one of the old double name; and a whole copy whose record
+/// says Ready goes into place.
+#[tokio::test]
+async fn a_local_snapshot_is_copied_under_one_temporary_name() {
+    let h = fake(&[]);
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    std::fs::write(vol_dir(&h, &src).join("data"), b"v1").unwrap();
+    let area = h.path("local/.snapshots");
+    let ops_before = h.fake().file_ops().len();
+    let done = snapshot(&h, "done", &src).await.snapshot_id;
+    let partial = area.join(format!(".partial-{done}"));
+    let ops: Vec<_> = h.fake().file_ops()[ops_before..].to_vec();
+    let copies: Vec<_> = ops.iter().filter(|o| o.op == "copy").collect();
+    assert_eq!(copies.len(), 1, "{ops:?}");
+    assert_eq!(copies[0].path, partial, "{ops:?}");
+    assert!(
+        !ops.iter()
+            .any(|o| o.path.to_string_lossy().contains(".partial-.partial-")),
+        "{ops:?}"
+    );
+    assert_eq!(std::fs::read(area.join(&done).join("data")).unwrap(), b"v1");
+    assert!(!partial.exists());
+
+    // A snapshot whose record says Ready, its copy not moved yet (a crash
+    // between the record and the move).
+    let late = snapshot(&h, "late", &src).await.snapshot_id;
+    let late_tmp = area.join(format!(".partial-{late}"));
+    std::fs::rename(area.join(&late), &late_tmp).unwrap();
+    // A copy interrupted under its temporary name (its record Creating).
+    let cut = snapshot(&h, "cut", &src).await.snapshot_id;
+    let mut r = h.driver.store.snapshot_get(&cut).unwrap();
+    r.phase = Phase::Creating;
+    h.driver.store.snapshot_put(&r).unwrap();
+    let cut_tmp = area.join(format!(".partial-{cut}"));
+    std::fs::rename(area.join(&cut), &cut_tmp).unwrap();
+    // Leftovers of older versions: the temporary of a temporary, of that
+    // snapshot and of one without a record.
+    let old_cut = area.join(format!(".partial-.partial-{cut}"));
+    let stray_id = "local-snap-0123456789abcdef0123456789abcdef";
+    let old_stray = area.join(format!(".partial-.partial-{stray_id}"));
+    let stray = area.join(format!(".partial-{stray_id}"));
+    for d in [&old_cut, &old_stray, &stray] {
+        std::fs::create_dir_all(d.join("half")).unwrap();
+    }
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    for d in [&cut_tmp, &old_cut, &old_stray, &stray, &late_tmp] {
+        assert!(!d.exists(), "{} left", d.display());
+    }
+    assert!(h.driver.store.snapshot_get(&cut).is_none());
+    assert!(!area.join(&cut).exists());
+    assert_eq!(std::fs::read(area.join(&late).join("data")).unwrap(), b"v1");
+    let mut names: Vec<_> = std::fs::read_dir(&area)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut want = vec![done.clone(), late.clone()];
+    want.sort();
+    assert_eq!(names, want);
 }

@@ -37,6 +37,9 @@ const SNAP_PREFIX: &str = "local-snap-";
 const SNAPSHOTS: &str = ".snapshots";
 /// Where restores and clones are copied before they are moved into place.
 const CREATING: &str = ".creating";
+/// The prefix of a copy's temporary name (`.snapshots/.partial-<id>`,
+/// `.creating/.partial-<id>`).
+const PARTIAL: &str = ".partial-";
 /// Where deleted volumes are emptied (inside the local root).
 const TRASH: &str = ".trash";
 /// Where directories without a record are kept aside.
@@ -120,7 +123,7 @@ pub fn snapshot_copy_flaw(root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
 /// Where the copy of local snapshot `id` is made in the local root `root`,
 /// until its record says Ready.
 pub fn snapshot_partial_dir(root: &Path, id: &str) -> PathBuf {
-    root.join(SNAPSHOTS).join(format!(".partial-{id}"))
+    root.join(SNAPSHOTS).join(format!("{PARTIAL}{id}"))
 }
 
 /// The whole copy of the local snapshot `s` whose create never answered
@@ -447,7 +450,12 @@ impl LocalKind {
 
     /// Copies the tree `src` to `dest` through a temp directory in `tmp_in`
     /// (a leftover of an interrupted copy is removed first): `dest`
-    /// appears whole or not at all, synced with its entry.
+    /// appears whole or not at all, synced with its entry. A `dest` in
+    /// `tmp_in` that is itself a temporary name (`.partial-<id>`, a
+    /// snapshot's copy, moved to its name once its record says Ready) is
+    /// copied into directly: its record is not Ready before the copy is
+    /// whole, and start-up removes it otherwise (a temporary of a
+    /// temporary, `.partial-.partial-<id>`, as older versions made, too).
     fn copy_into_place(&self, src: &Path, tmp_in: &str, dest: &Path) -> Result<()> {
         let f = self.os.files.as_ref();
         let area = self.root.join(tmp_in);
@@ -457,7 +465,12 @@ impl LocalKind {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = area.join(format!(".partial-{name}"));
+        let direct = dest.parent() == Some(area.as_path()) && name.starts_with(PARTIAL);
+        let tmp = if direct {
+            dest.to_path_buf()
+        } else {
+            area.join(format!("{PARTIAL}{name}"))
+        };
         self.remove_tree(&tmp)?;
         // A copy that fails is removed with what it made, so a failed
         // create leaves nothing behind (its rollback knows only `dest`).
@@ -465,7 +478,12 @@ impl LocalKind {
             .copy_tree(src, &tmp)
             .map_err(|e| copy_error(format!("copying {} to {}", src.display(), tmp.display()), e))
             .and_then(|stats| {
-                f.rename_noreplace(&tmp, dest)
+                let placed = if direct {
+                    Ok(())
+                } else {
+                    f.rename_noreplace(&tmp, dest)
+                };
+                placed
                     .and_then(|_| f.sync_dir(dest.parent().unwrap_or(&self.root)))
                     .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))
                     .map(|_| stats)
@@ -965,10 +983,11 @@ impl VolumeKind for LocalKind {
         if let Some(entries) = self.own_dir(SNAPSHOTS) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(id) = name.strip_prefix(".partial-") {
+                if let Some(id) = name.strip_prefix(PARTIAL) {
                     // A whole copy whose record says Ready (a crash came
                     // before the move) goes into place; anything else was
-                    // never handed out.
+                    // never handed out (an interrupted copy, also one an
+                    // older version made as `.partial-.partial-<id>`).
                     if self.owns_snapshot_id(id)
                         && known(id)
                         && std::fs::symlink_metadata(self.snapshot_dir(id)?).is_err()
@@ -1098,7 +1117,7 @@ impl VolumeKind for LocalKind {
         let area = self.root.join(CREATING);
         ensure_dir(f, &area, 0o700)
             .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
-        let holder = area.join(format!(".partial-{}", rec.id));
+        let holder = area.join(format!("{PARTIAL}{}", rec.id));
         self.remove_tree(&holder)?;
         ensure_dir(f, &holder, 0o700)
             .map_err(|e| Error::os(format!("creating {}", holder.display()), e))?;

@@ -131,6 +131,9 @@ pub fn render(d: &Driver) -> Result<String, std::fmt::Error> {
             .get_or_create(&VolumeLabels {
                 kind: rec.kind.as_str(),
                 phase: match rec.phase {
+                    // A pool disk held for an operator (`block::hold_disk`)
+                    // is no ready volume.
+                    _ if rec.id.starts_with(crate::kinds::block::HELD_PREFIX) => "held",
                     Phase::Creating => "creating",
                     Phase::Ready => "ready",
                     Phase::Deleting => "deleting",

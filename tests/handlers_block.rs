@@ -4033,6 +4033,12 @@ async fn a_disk_restore_whose_ready_was_lost_is_held_not_erased() {
             line.contains(&vol) && line.contains("berth state release"),
             "{line}"
         );
+        // The metrics count it apart from the volumes.
+        let m = berth::metrics::render(&h.driver).unwrap();
+        assert!(
+            m.contains(r#"berth_volumes{kind="block",phase="held"} 1"#),
+            "{m}"
+        );
     };
     check_held(&h);
     // Not free, not offered: d20 and d30 only.

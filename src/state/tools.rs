@@ -613,8 +613,6 @@ pub fn export(cfg: &Config, out: &mut dyn Write) -> Result<bool, StateError> {
     Ok(scan.damage.is_empty())
 }
 
-/// `berth state repair`: see the module comment. Returns what it did, for
-/// printing.
 /// `release`: the operator's decision to end the hold `id` of a pool disk
 /// (`BlockKind::hold_disk`), after saving what it held: the hold becomes
 /// a record that has the disk erased (`block::released`), which the next
@@ -649,6 +647,8 @@ pub fn release(state_dir: &Path, files: Arc<dyn Files>, id: &str) -> Result<Stri
     ))
 }
 
+/// `berth state repair`: see the module comment. Returns what it did, for
+/// printing.
 pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateError> {
     let _lock = DirLock::acquire(&files, state_dir, "state directory")?;
     let dir = journal_dir(state_dir);

@@ -28,6 +28,8 @@ pub struct Driver {
     pub os: Os,
     /// Berth's own directories, which no node RPC may mount on or remove.
     pub protected: crate::node::paths::Protected,
+    /// Where each volume is staged (`node::staged`).
+    pub staged: crate::node::staged::StagedAt,
     kinds: BTreeMap<Kind, Arc<dyn VolumeKind>>,
     /// True while start-up work that runs after the socket is up (remote
     /// kinds' interrupted operations) is not done: Probe is not ready.
@@ -73,6 +75,7 @@ impl Driver {
                 &node_id,
                 os.clone(),
                 store.clone(),
+                crate::node::staged::StagedAt::new(&state_dir),
                 listed.take(),
             )?))
         } else {
@@ -110,6 +113,7 @@ impl Driver {
         );
         let d = Arc::new(Driver {
             protected,
+            staged: crate::node::staged::StagedAt::new(&state_dir),
             dir_locks: std::sync::Mutex::new(dir_locks),
             topology_key: cfg.topology_key(),
             node_id,

@@ -2430,3 +2430,78 @@ async fn a_second_staging_path_is_failed_precondition() {
         .unwrap();
     assert_eq!(mounted_at(&h, &s2), 1);
 }
+
+/// An operator's `umount` of the staging path while a pod still uses the
+/// volume (or `umount -l`, or the directory removed after it): kubelet
+/// stages again at the same path after its restart and retries forever.
+/// That stage re-makes the staging mount (the publications are this
+/// volume's own, from this staging path), and the pod's teardown then
+/// finishes; another staging path is still refused while the volume is
+/// mounted, before and after. Before, every re-stage was
+/// FAILED_PRECONDITION ("already mounted at <target>") until the pod went.
+#[tokio::test]
+async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    for remove_dir in [false, true] {
+        h.driver.os.mounter.unmount(&staging).unwrap();
+        if remove_dir {
+            std::fs::remove_dir(&staging).unwrap();
+            std::fs::create_dir(&staging).unwrap();
+        }
+        assert_eq!(mounted_at(&h, &staging), 0);
+        let other = h.path("stage-other");
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_req(&id, &other)))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "a second staging path");
+        assert_eq!(mounted_at(&h, &other), 0);
+        for _ in 0..2 {
+            h.node
+                .node_stage_volume(Request::new(stage_req(&id, &staging)))
+                .await
+                .unwrap();
+            h.node
+                .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+                .await
+                .unwrap();
+        }
+        assert_eq!((mounted_at(&h, &staging), mounted_at(&h, &target)), (1, 1));
+    }
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &target)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
+    assert_eq!((mounted_at(&h, &staging), mounted_at(&h, &target)), (0, 0));
+    // Unstaged: the path is forgotten. The volume mounted by someone else
+    // at that path's old publication no longer lets a stage there through.
+    let by_hand = h.path("by-hand");
+    std::fs::create_dir(&by_hand).unwrap();
+    h.driver
+        .os
+        .mounter
+        .bind(
+            &h.path("local").join(&id),
+            &by_hand,
+            berth::os::MountFlags::default(),
+        )
+        .unwrap();
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    h.driver.os.mounter.unmount(&by_hand).unwrap();
+    delete(&h, &id).await;
+    assert!(!h.path("state").join("staged").join(&id).exists());
+}

@@ -4265,3 +4265,87 @@ async fn a_stage_of_a_volume_whose_disk_is_held_can_be_torn_down() {
         .iter()
         .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })));
 }
+
+/// An operator's `umount` of a block volume's staging mount (the
+/// filesystem at the staging path, or a raw volume's device bound at
+/// `<staging>/<id>`) while a pod still uses it: kubelet's re-stage at the
+/// same path mounts it again (the pod's mounts are of this volume's own
+/// loop device) without formatting or attaching anything anew, and the
+/// pod's teardown finishes; another staging path is still refused. Before,
+/// every re-stage was FAILED_PRECONDITION until the pod went.
+#[tokio::test]
+async fn a_block_staging_mount_taken_off_by_hand_is_staged_again() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let fs = create(&h, "a", 8 * MIB, &[]).await.volume_id;
+    let raw = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![raw_cap()],
+            ..create_req_p("r", 4 * MIB, &[])
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    for (id, cap) in [(&fs, rwo()), (&raw, raw_cap())] {
+        let (s, t, other) = (
+            h.path(&format!("s-{id}")),
+            h.path(&format!("t-{id}")),
+            h.path("s2"),
+        );
+        std::fs::create_dir(&s).unwrap();
+        let publish = || csi::NodePublishVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..publish_req(id, &s, &t, false)
+        };
+        h.node
+            .node_stage_volume(Request::new(stage_with(id, &s, cap.clone())))
+            .await
+            .unwrap();
+        h.node
+            .node_publish_volume(Request::new(publish()))
+            .await
+            .unwrap();
+        let staged_mount = if *id == raw { s.join(id) } else { s.clone() };
+        let (mkfs, attaches) = (runs(f, "mkfs.ext4").len(), count(f, is_attach));
+        h.driver.os.mounter.unmount(&staged_mount).unwrap();
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_with(id, &other, cap.clone())))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "a second staging path");
+        for _ in 0..2 {
+            h.node
+                .node_stage_volume(Request::new(stage_with(id, &s, cap.clone())))
+                .await
+                .unwrap();
+            h.node
+                .node_publish_volume(Request::new(publish()))
+                .await
+                .unwrap();
+        }
+        let at = |p: &Path| f.table().iter().filter(|m| m.mount_point == p).count();
+        assert_eq!((at(&staged_mount), at(&t)), (1, 1));
+        assert_eq!(
+            (runs(f, "mkfs.ext4").len(), count(f, is_attach)),
+            (mkfs, attaches)
+        );
+        h.node
+            .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: t.display().to_string(),
+            }))
+            .await
+            .unwrap();
+        h.node
+            .node_unstage_volume(Request::new(unstage(id, &s)))
+            .await
+            .unwrap();
+        assert_eq!((at(&staged_mount), at(&t)), (0, 0));
+        delete(&h, id).await;
+    }
+}

@@ -1683,3 +1683,51 @@ async fn block_copies_made_by_propagation_strand_no_volume() {
         delete(&h, &id).await;
     }
 }
+
+/// `umount` by hand of a filesystem volume's staging mount and of a raw
+/// volume's staged device while each is published: kubelet's re-stage at
+/// the same path mounts it again (the same loop device, its data intact),
+/// another staging path is refused, and the teardown leaves nothing.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
+    let (h, _g) = real_block(&[]);
+    for (name, cap) in [("fs", rwo()), ("raw", raw())] {
+        let id = create(&h, name, 16 * MIB, &[], cap.clone()).await.volume_id;
+        let (s, t) = (h.path(&format!("s-{name}")), h.path(&format!("t-{name}")));
+        std::fs::create_dir(&s).unwrap();
+        stage(&h, &id, &s, cap.clone()).await;
+        publish(&h, &id, &s, &t, cap.clone(), false).await;
+        let staged = if name == "raw" {
+            s.join(&id)
+        } else {
+            s.clone()
+        };
+        let c = std::ffi::CString::new(staged.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; umount2 reads it only.
+        assert_eq!(unsafe { libc::umount2(c.as_ptr(), 0) }, 0);
+        let other = h.path("other");
+        let r = h
+            .node
+            .node_stage_volume(Request::new(csi::NodeStageVolumeRequest {
+                volume_capability: Some(cap.clone()),
+                ..stage_req(&id, &other)
+            }))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{name}: a second path");
+        for _ in 0..2 {
+            stage(&h, &id, &s, cap.clone()).await;
+            publish(&h, &id, &s, &t, cap.clone(), false).await;
+        }
+        assert_eq!(mount_entries(&staged).len(), 1, "{name}");
+        assert_eq!(
+            loops_under(h.dir.path()).len(),
+            1,
+            "{name}: one loop device"
+        );
+        unpublish(&h, &id, &t).await;
+        unstage_as_kubelet(&h, &id, &s).await.unwrap();
+        delete(&h, &id).await;
+    }
+    assert_clean(&h);
+}

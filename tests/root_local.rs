@@ -1064,3 +1064,48 @@ async fn copies_made_by_propagation_strand_no_volume() {
     );
     delete(&h, &id).await;
 }
+
+/// `umount` (then `umount -l` and rmdir) of the staging path by hand while
+/// the volume is published: kubelet's re-stage at the same path mounts it
+/// again and the pod keeps its data; another staging path is refused; the
+/// teardown leaves nothing mounted.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
+    let (h, _g) = real(&[]);
+    let (id, staging) = create_and_stage(&h, "byhand").await;
+    let target = h.path("pod");
+    let publish = || Request::new(publish_req(&id, &staging, &target, false));
+    h.node.node_publish_volume(publish()).await.unwrap();
+    std::fs::write(target.join("f"), b"data").unwrap();
+    for how in ["umount", "umount -l and rmdir"] {
+        let flags = if how == "umount" { 0 } else { libc::MNT_DETACH };
+        let c = std::ffi::CString::new(staging.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; umount2 reads it only.
+        assert_eq!(unsafe { libc::umount2(c.as_ptr(), flags) }, 0, "{how}");
+        if flags != 0 {
+            std::fs::remove_dir(&staging).unwrap();
+        }
+        assert!(mount_entries(&staging).is_empty());
+        let other = h.path(&format!("other-{flags}"));
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_req(&id, &other)))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{how}: a second path");
+        assert!(mount_entries(&other).is_empty());
+        for _ in 0..2 {
+            h.node
+                .node_stage_volume(Request::new(stage_req(&id, &staging)))
+                .await
+                .unwrap_or_else(|e| panic!("{how}: {e:?}"));
+            h.node.node_publish_volume(publish()).await.unwrap();
+        }
+        assert_eq!(mount_entries(&staging).len(), 1, "{how}");
+        assert_eq!(std::fs::read(staging.join("f")).unwrap(), b"data");
+    }
+    unpublish_as_kubelet(&h, &id, &target).await.unwrap();
+    unstage_as_kubelet(&h, &id, &staging).await.unwrap();
+    assert!(mount_entries(&staging).is_empty() && mount_entries(&target).is_empty());
+    delete(&h, &id).await;
+}

@@ -10,6 +10,7 @@ mod node_stage_volume;
 mod node_unpublish_volume;
 mod node_unstage_volume;
 pub mod paths;
+pub mod staged;
 
 use std::sync::Arc;
 

@@ -32,6 +32,7 @@ use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::node::staged::StagedAt;
 use crate::os::mountinfo::{self, MountEntry};
 use crate::os::{MountFlags, Os};
 use crate::state::{AccessType, Capability};
@@ -198,11 +199,27 @@ pub fn mount_on_dir(os: &Os, target: &Path, mount: impl FnOnce() -> Result<()>) 
 /// from there). One staging path per volume: a second one could never be
 /// unstaged (each would count the other as a publication), and Kubernetes
 /// stages a volume at one path per node.
-pub fn refuse_staged_elsewhere(staging: &Path, mounted_at: &[PathBuf]) -> Result<()> {
+///
+/// Unless `staging` is where the volume was staged and never unstaged
+/// (`staged_here`, asked only when it is mounted elsewhere: see
+/// `node::staged`): then its staging mount was taken off by hand (`umount`,
+/// `umount -l`, the directory removed after) while pods still use it, and
+/// the mounts elsewhere are their publications; kubelet stages it again
+/// there and retries until that succeeds.
+pub fn refuse_staged_elsewhere(
+    staging: &Path,
+    mounted_at: &[PathBuf],
+    staged_here: impl FnOnce() -> bool,
+) -> Result<()> {
     if mounted_at.is_empty() {
         return Ok(());
     }
     let list: Vec<String> = mounted_at.iter().map(|p| p.display().to_string()).collect();
+    if staged_here() {
+        tracing::warn!(staging = %staging.display(), mounted_at = %list.join(", "),
+            "the volume's staging mount is gone (unmounted by hand?) while it is still mounted elsewhere; staging it again at its own staging path");
+        return Ok(());
+    }
     Err(Error::WrongState(format!(
         "volume is already mounted at {}; it is staged at one path at a time: unstage it there before staging it at {}",
         list.join(", "),
@@ -213,8 +230,16 @@ pub fn refuse_staged_elsewhere(staging: &Path, mounted_at: &[PathBuf]) -> Result
 /// Stages by bind-mounting `source` (a directory) at `staging`. Idempotent:
 /// an existing bind of the same directory is success; any other mount there
 /// is ALREADY_EXISTS; the directory mounted anywhere else is
-/// FAILED_PRECONDITION (`refuse_staged_elsewhere`).
-pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
+/// FAILED_PRECONDITION (`refuse_staged_elsewhere`), unless `staging` is
+/// where volume `id` is staged (`staged`). The path is recorded there just
+/// before the bind.
+pub fn stage_bind(
+    os: &Os,
+    staged: &StagedAt,
+    id: &str,
+    source: &Path,
+    staging: &Path,
+) -> Result<()> {
     let t = table(os)?;
     let obj = mountinfo::object_of(&t, source)
         .ok_or_else(|| Error::Internal(format!("no mount holds {}", source.display())))?;
@@ -232,7 +257,8 @@ pub fn stage_bind(os: &Os, source: &Path, staging: &Path) -> Result<()> {
         .filter(|m| m.mount_point != source)
         .map(|m| m.mount_point.clone())
         .collect();
-    refuse_staged_elsewhere(staging, &elsewhere)?;
+    refuse_staged_elsewhere(staging, &elsewhere, || staged.is(id, staging))?;
+    staged.remember(os.files.as_ref(), id, staging);
     mount_on_dir(os, staging, || {
         os.mounter
             .bind(source, staging, MountFlags::default())
@@ -646,6 +672,7 @@ mod tests {
         root: PathBuf,
         os: Os,
         fake: Arc<FakeOs>,
+        staged: StagedAt,
     }
 
     fn env() -> Env {
@@ -656,6 +683,7 @@ mod tests {
             std::fs::create_dir(root.join(d)).unwrap();
         }
         Env {
+            staged: StagedAt::new(&root.join("state")),
             _dir: dir,
             root,
             os,
@@ -709,7 +737,7 @@ mod tests {
         let e = env();
         let (a, b) = (e.root.join("vol-a"), e.root.join("vol-b"));
         let (staging, t1, t2) = (e.root.join("stage"), e.root.join("t1"), e.root.join("t2"));
-        stage_bind(&e.os, &a, &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &a, &staging).unwrap();
         let exp = |dir: &Path| {
             let dir = dir.to_path_buf();
             move |t: &[MountEntry]| mountinfo::object_of(t, &dir)
@@ -746,7 +774,7 @@ mod tests {
     fn stage_reads_the_table_once_and_binds() {
         let e = env();
         let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
-        stage_bind(&e.os, &src, &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 1);
         assert_eq!(
             e.fake.calls(),
@@ -759,7 +787,7 @@ mod tests {
         assert!(staging.is_dir(), "the staging directory is created");
         // A repeat finds the mount (one read) and adds none.
         e.fake.clear_calls();
-        stage_bind(&e.os, &src, &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 1);
         assert_eq!(binds(&e.fake), 0);
         assert_eq!(at(&e.fake, &staging), 1);
@@ -769,11 +797,11 @@ mod tests {
     fn stage_where_another_volume_is_mounted_is_already_exists() {
         let e = env();
         let staging = e.root.join("stage");
-        stage_bind(&e.os, &e.root.join("vol-b"), &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &e.root.join("vol-b"), &staging).unwrap();
         for unknown in [false, true] {
             e.fake.set_probe_unknown(&staging, unknown);
             e.fake.clear_calls();
-            let r = stage_bind(&e.os, &e.root.join("vol-a"), &staging);
+            let r = stage_bind(&e.os, &e.staged, "vol", &e.root.join("vol-a"), &staging);
             assert!(matches!(r, Err(Error::Conflict(_))), "{r:?}");
             assert_eq!(e.fake.table_reads(), 1);
             assert_eq!(binds(&e.fake), 0);
@@ -786,10 +814,10 @@ mod tests {
         let e = env();
         let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
         e.fake.set_probe_unknown(&staging, true);
-        stage_bind(&e.os, &src, &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 1);
         assert_eq!(binds(&e.fake), 1);
-        stage_bind(&e.os, &src, &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 2);
         assert_eq!(binds(&e.fake), 1, "idempotent");
     }
@@ -806,15 +834,15 @@ mod tests {
             e.root.join("stage"),
             e.root.join("stage2"),
         );
-        stage_bind(&e.os, &src, &staging).unwrap();
-        let r = stage_bind(&e.os, &src, &other);
+        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
+        let r = stage_bind(&e.os, &e.staged, "vol", &src, &other);
         assert!(
             matches!(&r, Err(Error::WrongState(m)) if m.contains("stage")),
             "{r:?}"
         );
         assert_eq!(at(&e.fake, &other), 0);
         unstage(&e.os, &staging, Some(&vol(&src))).unwrap();
-        stage_bind(&e.os, &src, &other).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &src, &other).unwrap();
         assert_eq!(at(&e.fake, &other), 1);
         unstage(&e.os, &other, Some(&vol(&src))).unwrap();
         assert_eq!(at(&e.fake, &other), 0);
@@ -823,7 +851,7 @@ mod tests {
     /// A target with the publish bind and one more stacked on it.
     fn stacked(e: &Env) -> PathBuf {
         let (staging, target) = (e.root.join("stage"), e.root.join("target"));
-        stage_bind(&e.os, &e.root.join("vol-a"), &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &e.root.join("vol-a"), &staging).unwrap();
         std::fs::create_dir(&target).unwrap();
         for _ in 0..2 {
             e.os.mounter
@@ -893,7 +921,7 @@ mod tests {
     fn unstage_reads_once_and_not_at_all_when_nothing_is_staged() {
         let e = env();
         let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
-        stage_bind(&e.os, &src, &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
         let target = e.root.join("target");
         std::fs::create_dir(&target).unwrap();
         e.os.mounter

@@ -22,7 +22,7 @@ pub async fn handle(
     let guard = d.locks.try_lock(vol_key(&id))?;
     d.run(guard, move |d| {
         let staging = d.protected.resolve(staging)?;
-        match d.volume(&id) {
+        let r = match d.volume(&id) {
             Ok(rec) => d.kind(rec.kind)?.unstage(&rec, &staging),
             // No record: never another volume's storage (a directory in
             // the state directory or a root other than the id's own), then
@@ -35,7 +35,11 @@ pub async fn handle(
                 }
             }
             Err(e) => Err(e),
+        };
+        if r.is_ok() {
+            d.staged.forget(d.os.files.as_ref(), &id, &staging);
         }
+        r
     })
     .await?;
     Ok(csi::NodeUnstageVolumeResponse {})

@@ -1417,6 +1417,11 @@ impl Files for FakeOs {
         RealFiles.remove_file(path)
     }
 
+    fn symlink(&self, target: &Path, link: &Path) -> Result<(), OsError> {
+        self.file_op("symlink", link)?;
+        RealFiles.symlink(target, link)
+    }
+
     fn remove_dir(&self, path: &Path) -> Result<(), OsError> {
         self.file_op("rmdir", path)?;
         RealFiles.remove_dir(path)?;

@@ -48,6 +48,9 @@ pub trait Files: Send + Sync {
     fn remove_file(&self, path: &Path) -> Result<(), OsError>;
     /// rmdir(2) of an empty directory.
     fn remove_dir(&self, path: &Path) -> Result<(), OsError>;
+    /// symlink(2): a new symlink at `link` whose text is `target` (EEXIST
+    /// when anything is at `link`).
+    fn symlink(&self, target: &Path, link: &Path) -> Result<(), OsError>;
     /// Removes a directory tree without following symlinks. Missing is
     /// success.
     fn remove_tree(&self, path: &Path) -> Result<(), OsError>;
@@ -169,6 +172,10 @@ impl Files for RealFiles {
 
     fn remove_dir(&self, path: &Path) -> Result<(), OsError> {
         std::fs::remove_dir(path).map_err(sys("rmdir", path))
+    }
+
+    fn symlink(&self, target: &Path, link: &Path) -> Result<(), OsError> {
+        std::os::unix::fs::symlink(target, link).map_err(sys("symlink", link))
     }
 
     fn remove_tree(&self, path: &Path) -> Result<(), OsError> {

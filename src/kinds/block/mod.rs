@@ -178,6 +178,8 @@ pub struct BlockKind {
     /// Pool disks found holding data, warned about once (forgotten when
     /// one reads as zeros again).
     data_warned: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Where each volume is staged (`node::staged`).
+    staged: crate::node::staged::StagedAt,
 }
 
 /// What the file pool may take of the block root's filesystem
@@ -241,6 +243,7 @@ impl BlockKind {
             alloc: Mutex::new(()),
             claim: Mutex::new(()),
             data_warned: Mutex::new(Default::default()),
+            staged: crate::node::staged::StagedAt::new(&cfg.state_dir()),
         })
     }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
+use crate::node::staged::StagedAt;
 use crate::os::files::{self, ensure_dir};
 use crate::os::mountinfo;
 use crate::os::Os;
@@ -147,6 +148,8 @@ pub struct LocalKind {
     projects: Option<Projects>,
     /// Why sizes are not enforced (when `projects` is None).
     unenforced: String,
+    /// Where each volume is staged (`node::staged`).
+    staged: StagedAt,
     /// The root's entries as listed while start-up read the state
     /// (`list_root`), for the first `reconcile_orphans`.
     listed: std::sync::Mutex<Option<std::io::Result<RootListing>>>,
@@ -202,6 +205,7 @@ impl LocalKind {
         node: &str,
         os: Os,
         store: Arc<Store>,
+        staged: StagedAt,
         listed: Option<std::io::Result<RootListing>>,
     ) -> Result<Self> {
         let (projects, unenforced) = match quota::detect(os.quotas.as_ref(), &root) {
@@ -228,6 +232,7 @@ impl LocalKind {
             store,
             projects,
             unenforced,
+            staged,
             listed: std::sync::Mutex::new(listed),
         })
     }
@@ -1144,7 +1149,7 @@ impl VolumeKind for LocalKind {
     fn stage(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
         self.check_capability(cap)?;
         let dir = self.require_dir(&rec.id)?;
-        mounts::stage_bind(&self.os, &dir, staging)
+        mounts::stage_bind(&self.os, &self.staged, &rec.id, &dir, staging)
     }
 
     fn unstage(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {

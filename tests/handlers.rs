@@ -2505,3 +2505,89 @@ async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
     delete(&h, &id).await;
     assert!(!h.path("state").join("staged").join(&id).exists());
 }
+
+/// A published volume's directory removed (or moved away) by hand and made
+/// again (`rm -rf <root>/<id>; mkdir <root>/<id>`): the pod's teardown
+/// finishes, but the next NodeStage refuses the empty directory born after
+/// the volume with an error that says what happened and what to do, and
+/// `state check` reports it; before, the next pod got an empty volume
+/// without a word. The volume's own directory put back, or this one taken
+/// for it by the operator (the extended attribute), stages again; a late
+/// directory that holds data (restored from a backup) is handed out.
+#[tokio::test]
+async fn a_volume_directory_made_again_by_hand_is_not_handed_out() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    let dir = h.path("local").join(&id);
+    let saved = h.path("saved");
+    std::fs::rename(&dir, &saved).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    h.fake().set_born(&dir, later);
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &target)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let e = h
+            .node
+            .node_stage_volume(Request::new(stage_req(&id, &staging)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(
+            e.message().contains("not the one Berth made") && e.message().contains("setfattr"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(mounted_at(&h, &staging), 0);
+    }
+    let (ok, report) = state_check(&h);
+    assert!(
+        !ok && report.contains(&id) && report.contains("not the one Berth made"),
+        "{report}"
+    );
+    // Data in it (restored from a backup): handed out.
+    std::fs::write(dir.join("restored"), b"x").unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
+    std::fs::remove_file(dir.join("restored")).unwrap();
+    if is_root() {
+        // Taken for the volume by the operator.
+        xattr::set(&dir, "trusted.berth.volume", id.as_bytes()).unwrap();
+        assert!(state_check(&h).0);
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &staging)))
+            .await
+            .unwrap();
+        h.node
+            .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+            .await
+            .unwrap();
+        xattr::remove(&dir, "trusted.berth.volume").unwrap();
+    }
+    // The volume's own directory put back.
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::rename(&saved, &dir).unwrap();
+    h.fake().set_born(&dir, std::time::SystemTime::now());
+    assert!(state_check(&h).0);
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+}

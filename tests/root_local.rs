@@ -1109,3 +1109,58 @@ async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
     assert!(mount_entries(&staging).is_empty() && mount_entries(&target).is_empty());
     delete(&h, &id).await;
 }
+
+/// A published volume's directory moved away by hand, out of the root
+/// (`mv <root>/<id> /elsewhere`) or beside it with a new one made in its
+/// place (`mv <root>/<id> <root>/<id>.old; mkdir <root>/<id>`): mountinfo
+/// follows the move, so the mounts show the moved directory, and
+/// NodeUnpublish and NodeUnstage refused them as "not volume <id>" on
+/// every retry (the pod never went). Now they take them down (the moved
+/// directory, born when the volume was created, is the volume's own) and
+/// its data stays; a request naming another volume is still refused.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_volume_directory_moved_away_by_hand_strands_no_pod() {
+    let (h, _g) = real(&[]);
+    let (b, sb) = create_and_stage(&h, "other").await;
+    let root = h.path("local");
+    for how in ["out of the root", "beside, and made again"] {
+        let name = if how == "out of the root" {
+            "out"
+        } else {
+            "beside"
+        };
+        let (a, sa) = create_and_stage(&h, name).await;
+        let ta = h.path(&format!("t-{name}"));
+        h.node
+            .node_publish_volume(Request::new(publish_req(&a, &sa, &ta, false)))
+            .await
+            .unwrap();
+        std::fs::write(ta.join("f"), b"a's").unwrap();
+        let moved = if name == "out" {
+            h.path("moved")
+        } else {
+            root.join(format!("{a}.old"))
+        };
+        std::fs::rename(root.join(&a), &moved).unwrap();
+        if name == "beside" {
+            std::fs::create_dir(root.join(&a)).unwrap();
+        }
+        let r = h
+            .node
+            .node_unpublish_volume(Request::new(unpublish_req(&b, &ta)))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{how}");
+        assert_eq!(mount_entries(&ta).len(), 1);
+        unpublish_as_kubelet(&h, &a, &ta)
+            .await
+            .unwrap_or_else(|e| panic!("{how}: unpublish: {e:?}"));
+        assert!(mount_entries(&ta).is_empty());
+        unstage_as_kubelet(&h, &a, &sa)
+            .await
+            .unwrap_or_else(|e| panic!("{how}: unstage: {e:?}"));
+        assert!(mount_entries(&sa).is_empty());
+        assert_eq!(std::fs::read(moved.join("f")).unwrap(), b"a's");
+    }
+    unstage_as_kubelet(&h, &b, &sb).await.unwrap();
+}

@@ -541,7 +541,12 @@ pub fn refuse_foreign_dir(os: &Os, dir: &VolumeDir<'_>, id: &str, path: &Path) -
         return Ok(());
     };
     match mountinfo::object_of(&t, dir) {
-        Some(obj) if obj != object(top) && !deleted(top) && !vol.renamed(os, &obj, top) => {
+        Some(obj)
+            if obj != object(top)
+                && !deleted(top)
+                && !vol.renamed(os, &obj, top)
+                && !vol.moved(os, &obj, top, path) =>
+        {
             Err(foreign(path, id, top))
         }
         _ => Ok(()),
@@ -553,6 +558,12 @@ pub fn refuse_foreign_dir(os: &Os, dir: &VolumeDir<'_>, id: &str, path: &Path) -
 pub struct VolumeDir<'a> {
     pub path: &'a Path,
     pub is_volume_name: &'a dyn Fn(&str) -> bool,
+    /// When the volume was created (its record's `created_unix`; 0: not
+    /// known), asked only when a mount shows another directory.
+    pub created: &'a dyn Fn() -> u64,
+    /// Whether a directory born at the time given may be the one made
+    /// for a volume created at the unix second given.
+    pub born_with: fn(u64, std::time::SystemTime) -> bool,
 }
 
 impl VolumeDir<'_> {
@@ -575,6 +586,50 @@ impl VolumeDir<'_> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| !n.starts_with('.') && !(self.is_volume_name)(n))
             && os.probe.identity(self.path).is_none()
+    }
+
+    /// Whether `top`, the mount at `at`, shows this volume's own directory
+    /// moved away by hand, anywhere on its filesystem (`mv <root>/<id>
+    /// /elsewhere`, or `mv <root>/<id> <root>/<id>.old` then `mkdir
+    /// <root>/<id>`): the directory `top` shows was born when the volume
+    /// was created, and the volume's path holds none, or one born after
+    /// it; and `top` shows no other volume's directory (nor anything in
+    /// one) and none of the root's own dot-entries. mountinfo follows a
+    /// move, so the mount still shows the volume's directory; refusing it
+    /// as another's failed every unpublish and unstage of the volume
+    /// forever (`renamed` covers a rename beside it with the path left
+    /// empty only). Nothing is decided without both birth times.
+    pub fn moved(&self, os: &Os, obj: &Object, top: &MountEntry, at: &Path) -> bool {
+        let shown = object(top);
+        if (shown.0, shown.1) != (obj.0, obj.1) {
+            return false;
+        }
+        if let Some(root) = obj.2.parent() {
+            if let Ok(inside) = shown.2.strip_prefix(root) {
+                let first = inside.components().next().map(|c| c.as_os_str());
+                let ours = first
+                    .and_then(|n| n.to_str())
+                    .is_none_or(|n| n.starts_with('.') || (self.is_volume_name)(n));
+                if ours {
+                    return false;
+                }
+            }
+        }
+        let created = (self.created)();
+        if created == 0 {
+            return false;
+        }
+        let files = os.files.as_ref();
+        let Some(born) = std::fs::metadata(at).ok().and_then(|m| files.born(at, &m)) else {
+            return false;
+        };
+        if !(self.born_with)(created, born) {
+            return false;
+        }
+        match std::fs::symlink_metadata(self.path) {
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            Ok(m) => files.born(self.path, &m).is_some_and(|b| b > born),
+        }
     }
 }
 
@@ -638,7 +693,11 @@ pub fn unstage_in(
     let top = object(top_entry);
     let source = volume.map(|v| v.path);
     if let Some((v, src)) = volume.and_then(|v| Some((v, mountinfo::object_of(t, v.path)?))) {
-        if src != top && !deleted(top_entry) && !v.renamed(os, &src, top_entry) {
+        if src != top
+            && !deleted(top_entry)
+            && !v.renamed(os, &src, top_entry)
+            && !v.moved(os, &src, top_entry, staging)
+        {
             return Err(Error::WrongState(format!(
                 "staging path {} holds a mount that is not this volume ({} from {}); refusing to unmount it",
                 staging.display(),
@@ -696,6 +755,8 @@ mod tests {
         VolumeDir {
             path: p,
             is_volume_name: &|n: &str| n.starts_with("vol-"),
+            created: &|| 0,
+            born_with: |_, _| false,
         }
     }
 

@@ -145,6 +145,8 @@ pub struct FakeOs {
     /// them: the n-th change from now, and every change under a path.
     file_ops: Mutex<Vec<FileOp>>,
     file_fault_at: Mutex<Option<(usize, i32)>>,
+    /// Birth times a test set (`set_born`).
+    born: Mutex<HashMap<PathBuf, std::time::SystemTime>>,
     file_faults_under: Mutex<Vec<(Option<&'static str>, PathBuf, i32)>>,
     /// What `read_durable` answers for a path instead of the file's content
     /// (a disk that lost what the page cache still shows).
@@ -226,6 +228,7 @@ impl FakeOs {
             probe_unknown: Mutex::new(HashSet::new()),
             file_ops: Mutex::new(Vec::new()),
             file_fault_at: Mutex::new(None),
+            born: Mutex::new(HashMap::new()),
             file_faults_under: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
             busy_copies: Mutex::new(0),
@@ -369,6 +372,12 @@ impl FakeOs {
     /// (its change stamp moves during each).
     pub fn write_during_copies(&self, n: u32) {
         *lock(&self.busy_copies) = n;
+    }
+
+    /// `Files::born` of `path` answers `t` from now on (the real birth
+    /// time of the directory or file then at `path` otherwise).
+    pub fn set_born(&self, path: &Path, t: std::time::SystemTime) {
+        lock(&self.born).insert(path.to_path_buf(), t);
     }
 
     /// Forgets the recorded filesystem changes.
@@ -1420,6 +1429,13 @@ impl Files for FakeOs {
     fn symlink(&self, target: &Path, link: &Path) -> Result<(), OsError> {
         self.file_op("symlink", link)?;
         RealFiles.symlink(target, link)
+    }
+
+    fn born(&self, path: &Path, m: &std::fs::Metadata) -> Option<std::time::SystemTime> {
+        lock(&self.born)
+            .get(path)
+            .copied()
+            .or_else(|| RealFiles.born(path, m))
     }
 
     fn remove_dir(&self, path: &Path) -> Result<(), OsError> {

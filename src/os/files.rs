@@ -51,6 +51,10 @@ pub trait Files: Send + Sync {
     /// symlink(2): a new symlink at `link` whose text is `target` (EEXIST
     /// when anything is at `link`).
     fn symlink(&self, target: &Path, link: &Path) -> Result<(), OsError>;
+    /// The birth time of `path`, whose lstat or stat is `m` (std asks
+    /// statx for STATX_BTIME: no call of its own). None where the
+    /// filesystem keeps none.
+    fn born(&self, path: &Path, m: &std::fs::Metadata) -> Option<std::time::SystemTime>;
     /// Removes a directory tree without following symlinks. Missing is
     /// success.
     fn remove_tree(&self, path: &Path) -> Result<(), OsError>;
@@ -176,6 +180,10 @@ impl Files for RealFiles {
 
     fn symlink(&self, target: &Path, link: &Path) -> Result<(), OsError> {
         std::os::unix::fs::symlink(target, link).map_err(sys("symlink", link))
+    }
+
+    fn born(&self, _path: &Path, m: &std::fs::Metadata) -> Option<std::time::SystemTime> {
+        m.created().ok()
     }
 
     fn remove_tree(&self, path: &Path) -> Result<(), OsError> {

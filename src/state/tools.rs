@@ -170,7 +170,17 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             Kind::Local => {
                 let dir = crate::kinds::local::volume_dir(&local_root, &r.id);
                 match std::fs::symlink_metadata(&dir) {
-                    Ok(m) if m.is_dir() => {}
+                    Ok(m) if m.is_dir() => {
+                        if let Some(why) = crate::kinds::local::made_by_hand(
+                            os.files.as_ref(),
+                            &r.id,
+                            r.created_unix,
+                            &dir,
+                            &m,
+                        ) {
+                            out.push(error(format!("volume {} ({}): {why}", r.id, r.name)));
+                        }
+                    }
                     Ok(_) => out.push(error(format!(
                         "volume {} ({}): {} is not a directory",
                         r.id,

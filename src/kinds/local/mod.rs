@@ -105,12 +105,74 @@ pub fn kept_on_rollback(rec: &VolumeRecord, dir: &Path) -> bool {
 }
 
 /// A volume's directory as the node's unmount checks take it: a name in
-/// the root of the form of a volume id is a volume's.
-fn mount_check_dir(dir: &Path) -> mounts::VolumeDir<'_> {
+/// the root of the form of a volume id is a volume's; `created` tells when
+/// the volume was created (0: not known).
+fn mount_check_dir<'a>(dir: &'a Path, created: &'a dyn Fn() -> u64) -> mounts::VolumeDir<'a> {
     mounts::VolumeDir {
         path: dir,
         is_volume_name: &|n: &str| super::is_hex_id(PREFIX, n),
+        created,
+        born_with,
     }
+}
+
+/// A volume's directory is made by its CreateVolume right after its record
+/// is written (whose `created_unix` is taken first): born within this many
+/// seconds of it.
+const MADE_WITHIN_SECS: u64 = 600;
+
+/// The extended attribute by which an operator takes a directory made by
+/// hand at a volume's path for the volume's own (its value: the volume id).
+pub const TAKEN_AS_XATTR: &str = "trusted.berth.volume";
+
+fn unix_secs(t: std::time::SystemTime) -> Option<u64> {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
+/// Whether a directory born at `born` may be the one made for a volume
+/// created at `created` (unix seconds).
+pub fn born_with(created: u64, born: std::time::SystemTime) -> bool {
+    unix_secs(born)
+        .is_some_and(|b| b.saturating_add(1) >= created && b <= created + MADE_WITHIN_SECS)
+}
+
+/// What is wrong with the directory `dir` (lstat `m`) of local volume `id`
+/// created at `created` (unix seconds; 0: not known), when it provably is
+/// not the directory Berth made and holds nothing of the volume's: born
+/// more than `MADE_WITHIN_SECS` after the volume, empty, and not taken for
+/// the volume by an operator (`TAKEN_AS_XATTR`). That is a directory put in
+/// place by hand after the volume's own was removed or moved away (`rm -rf`
+/// or `mv`, then `mkdir`): NodeStage refuses it and `berth state check`
+/// reports it, rather than giving the next pod an empty volume without a
+/// word. Only a birth time later than that reads the directory.
+pub fn made_by_hand(
+    files: &dyn crate::os::Files,
+    id: &str,
+    created: u64,
+    dir: &Path,
+    m: &std::fs::Metadata,
+) -> Option<String> {
+    let born = unix_secs(files.born(dir, m)?)?;
+    if created == 0 || born <= created + MADE_WITHIN_SECS {
+        return None;
+    }
+    if !std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+        return None;
+    }
+    if xattr::get(dir, TAKEN_AS_XATTR)
+        .ok()
+        .flatten()
+        .is_some_and(|v| v == id.as_bytes())
+    {
+        return None;
+    }
+    Some(format!(
+        "the directory {d} of volume {id} is not the one Berth made for it: it is empty and was made {s} s after the volume (removed or moved away by hand, then made again?), so the volume's data is not in it. Put the volume's own directory back at {d}; or, to hand out this empty directory as the volume, run: setfattr -n {TAKEN_AS_XATTR} -v {id} {d}; or delete the volume",
+        d = dir.display(),
+        s = born - created,
+    ))
 }
 
 /// What is wrong with the directory of the local snapshot `s` in the local
@@ -362,7 +424,7 @@ impl LocalKind {
             .last()
             .map(|m| mounts::object(m))
             .ok_or_else(not_there)?;
-        if self.require_dir(&rec.id).is_ok() {
+        if self.require_own_dir(rec).is_ok() {
             let dir = self.dir(&rec.id)?;
             if mountinfo::object_of(&t, &dir).as_ref() != Some(&top) {
                 return Err(not_there());
@@ -583,9 +645,30 @@ impl LocalKind {
     }
 
     fn require_dir(&self, id: &str) -> Result<PathBuf> {
+        self.dir_with(id, |_, _| None)
+    }
+
+    /// `require_dir`, and FAILED_PRECONDITION for a directory put in place
+    /// by hand (`made_by_hand`): what NodeStage hands out and the volume's
+    /// condition tell. No call beyond `require_dir`'s lstat unless the
+    /// directory was born late.
+    fn require_own_dir(&self, rec: &VolumeRecord) -> Result<PathBuf> {
+        self.dir_with(&rec.id, |dir, m| {
+            made_by_hand(self.os.files.as_ref(), &rec.id, rec.created_unix, dir, m)
+        })
+    }
+
+    fn dir_with(
+        &self,
+        id: &str,
+        flaw: impl FnOnce(&Path, &std::fs::Metadata) -> Option<String>,
+    ) -> Result<PathBuf> {
         let dir = self.dir(id)?;
         match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.is_dir() => Ok(dir),
+            Ok(m) if m.is_dir() => match flaw(&dir, &m) {
+                None => Ok(dir),
+                Some(why) => Err(Error::WrongState(why)),
+            },
             _ => Err(Error::WrongState(format!(
                 "backing directory {} of volume {id} is missing",
                 dir.display()
@@ -1140,7 +1223,7 @@ impl VolumeKind for LocalKind {
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {
-        match self.require_dir(&rec.id) {
+        match self.require_own_dir(rec) {
             Ok(_) => Health::ok(),
             Err(e) => Health::abnormal(e.to_string()),
         }
@@ -1148,13 +1231,14 @@ impl VolumeKind for LocalKind {
 
     fn stage(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
         self.check_capability(cap)?;
-        let dir = self.require_dir(&rec.id)?;
+        let dir = self.require_own_dir(rec)?;
         mounts::stage_bind(&self.os, &self.staged, &rec.id, &dir, staging)
     }
 
     fn unstage(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {
         let dir = self.dir(&rec.id)?;
-        mounts::unstage(&self.os, staging, Some(&mount_check_dir(&dir)))
+        let created = || rec.created_unix;
+        mounts::unstage(&self.os, staging, Some(&mount_check_dir(&dir, &created)))
     }
 
     fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
@@ -1177,14 +1261,15 @@ impl VolumeKind for LocalKind {
     /// takes down another volume's staging mount.
     fn unstage_path(&self, id: &str, staging: &Path) -> Result<()> {
         if let Ok(dir) = self.dir(id) {
-            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir), id, staging)?;
+            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir, &|| 0), id, staging)?;
         }
         mounts::unstage(&self.os, staging, None)
     }
 
     fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         if let Ok(dir) = self.dir(id) {
-            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir), id, target)?;
+            let created = || self.store.get(id).map_or(0, |r| r.created_unix);
+            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir, &created), id, target)?;
         }
         mounts::unpublish(&self.os, target)
     }

@@ -1164,3 +1164,30 @@ async fn a_volume_directory_moved_away_by_hand_strands_no_pod() {
     }
     unstage_as_kubelet(&h, &b, &sb).await.unwrap();
 }
+
+/// DeleteVolume of a published volume whose directory was moved away by
+/// hand is refused while its staging path is still mounted: mountinfo
+/// follows the move, so no mount showed `<root>/<id>`, the delete removed
+/// the record, and without it every NodeUnpublish and NodeUnstage of the
+/// pod refused the mounts as not the volume's, forever. Once the pod's
+/// teardown is done, the delete succeeds.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn delete_of_a_moved_away_volume_waits_for_its_mounts() {
+    let (h, _g) = real(&[]);
+    let (a, sa) = create_and_stage(&h, "moved").await;
+    let ta = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&a, &sa, &ta, false)))
+        .await
+        .unwrap();
+    std::fs::rename(h.path("local").join(&a), h.path("elsewhere")).unwrap();
+    let e = try_delete(&h, &a).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(h.driver.store.contains(&a));
+    unpublish_as_kubelet(&h, &a, &ta).await.unwrap();
+    unstage_as_kubelet(&h, &a, &sa).await.unwrap();
+    assert!(mount_entries(&sa).is_empty() && mount_entries(&ta).is_empty());
+    delete(&h, &a).await;
+    assert!(!h.driver.store.contains(&a));
+}

@@ -49,7 +49,20 @@ pub async fn handle(
         // kind's own checks in delete (all under the volume's guard).
         let mount_table = LazyTable::new();
         if *rec.node == *d.node_id {
-            let used = kind.in_use(&rec, &mount_table)?;
+            let mut used = kind.in_use(&rec, &mount_table)?;
+            // Its staging path still mounted where the kind finds no
+            // mount of its storage: the storage was moved away by hand
+            // under the mounts (mountinfo follows the move). Deleting the
+            // record then left those mounts without a record to prove them
+            // the volume's, and every NodeUnpublish and NodeUnstage of the
+            // pod refused them forever.
+            if used.is_empty() {
+                if let Some(s) = d.staged.path(&id) {
+                    if d.os.probe.mount_root(&s) == Some(true) {
+                        used.push(s);
+                    }
+                }
+            }
             if !used.is_empty() {
                 return Err(Error::WrongState(format!(
                     "volume {id} is still mounted at {}",

@@ -47,6 +47,12 @@ impl StagedAt {
         std::fs::read_link(self.entry(id)).is_ok_and(|p| p == staging)
     }
 
+    /// Where volume `id` was last staged and not unstaged since, if
+    /// anywhere. One readlink.
+    pub fn path(&self, id: &str) -> Option<PathBuf> {
+        std::fs::read_link(self.entry(id)).ok()
+    }
+
     /// Records `staging` as where volume `id` is staged: one symlink(2)
     /// when there is no entry (the common case). A failure is logged.
     pub fn remember(&self, files: &dyn Files, id: &str, staging: &Path) {

@@ -1146,12 +1146,23 @@ async fn a_volume_directory_moved_away_by_hand_strands_no_pod() {
         if name == "beside" {
             std::fs::create_dir(root.join(&a)).unwrap();
         }
-        let r = h
-            .node
-            .node_unpublish_volume(Request::new(unpublish_req(&b, &ta)))
-            .await;
-        assert_eq!(code(r), Code::FailedPrecondition, "{how}");
-        assert_eq!(mount_entries(&ta).len(), 1);
+        // Other volumes, made before and after this one, never take its
+        // mounts for theirs.
+        let (c, sc) = create_and_stage(&h, &format!("later-{name}")).await;
+        for other in [&b, &c] {
+            let r = h
+                .node
+                .node_unpublish_volume(Request::new(unpublish_req(other, &ta)))
+                .await;
+            assert_eq!(code(r), Code::FailedPrecondition, "{how}");
+            let r = h
+                .node
+                .node_unstage_volume(Request::new(unstage_req(other, &sa)))
+                .await;
+            assert_eq!(code(r), Code::FailedPrecondition, "{how}");
+        }
+        assert_eq!((mount_entries(&ta).len(), mount_entries(&sa).len()), (1, 1));
+        unstage_as_kubelet(&h, &c, &sc).await.unwrap();
         unpublish_as_kubelet(&h, &a, &ta)
             .await
             .unwrap_or_else(|e| panic!("{how}: unpublish: {e:?}"));

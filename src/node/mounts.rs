@@ -545,7 +545,7 @@ pub fn refuse_foreign_dir(os: &Os, dir: &VolumeDir<'_>, id: &str, path: &Path) -
             if obj != object(top)
                 && !deleted(top)
                 && !vol.renamed(os, &obj, top)
-                && !vol.moved(os, &obj, top, path) =>
+                && !vol.moved(os, &t, &obj, top, path) =>
         {
             Err(foreign(path, id, top))
         }
@@ -558,12 +558,10 @@ pub fn refuse_foreign_dir(os: &Os, dir: &VolumeDir<'_>, id: &str, path: &Path) -
 pub struct VolumeDir<'a> {
     pub path: &'a Path,
     pub is_volume_name: &'a dyn Fn(&str) -> bool,
-    /// When the volume was created (its record's `created_unix`; 0: not
-    /// known), asked only when a mount shows another directory.
-    pub created: &'a dyn Fn() -> u64,
-    /// Whether a directory born at the time given may be the one made
-    /// for a volume created at the unix second given.
-    pub born_with: fn(u64, std::time::SystemTime) -> bool,
+    /// Where the volume is staged, as Berth recorded it when it made the
+    /// staging mount (`node::staged`; None: not known, or no record of the
+    /// volume), asked only when a mount shows another directory.
+    pub staged_at: &'a dyn Fn() -> Option<PathBuf>,
 }
 
 impl VolumeDir<'_> {
@@ -591,15 +589,23 @@ impl VolumeDir<'_> {
     /// Whether `top`, the mount at `at`, shows this volume's own directory
     /// moved away by hand, anywhere on its filesystem (`mv <root>/<id>
     /// /elsewhere`, or `mv <root>/<id> <root>/<id>.old` then `mkdir
-    /// <root>/<id>`): the directory `top` shows was born when the volume
-    /// was created, and the volume's path holds none, or one born after
-    /// it; and `top` shows no other volume's directory (nor anything in
-    /// one) and none of the root's own dot-entries. mountinfo follows a
-    /// move, so the mount still shows the volume's directory; refusing it
-    /// as another's failed every unpublish and unstage of the volume
-    /// forever (`renamed` covers a rename beside it with the path left
-    /// empty only). Nothing is decided without both birth times.
-    pub fn moved(&self, os: &Os, obj: &Object, top: &MountEntry, at: &Path) -> bool {
+    /// <root>/<id>`): `at` is the staging path Berth recorded when it made
+    /// the volume's staging mount (`staged_at`), or `top` shows what the
+    /// mount there shows (a publication of it); and `top` shows no other
+    /// volume's directory (nor anything in one) and none of the root's own
+    /// dot-entries. mountinfo follows a move, so the mounts still show the
+    /// volume's directory; refusing them as another's failed every
+    /// unpublish and unstage of the volume forever (`renamed` covers a
+    /// rename beside it with the path left empty only). Read only on the
+    /// refusal path: one readlink, and the table the caller read.
+    pub fn moved(
+        &self,
+        os: &Os,
+        t: &[MountEntry],
+        obj: &Object,
+        top: &MountEntry,
+        at: &Path,
+    ) -> bool {
         let shown = object(top);
         if (shown.0, shown.1) != (obj.0, obj.1) {
             return false;
@@ -615,21 +621,13 @@ impl VolumeDir<'_> {
                 }
             }
         }
-        let created = (self.created)();
-        if created == 0 {
-            return false;
-        }
-        let files = os.files.as_ref();
-        let Some(born) = std::fs::metadata(at).ok().and_then(|m| files.born(at, &m)) else {
+        let Some(staging) = (self.staged_at)() else {
             return false;
         };
-        if !(self.born_with)(created, born) {
-            return false;
-        }
-        match std::fs::symlink_metadata(self.path) {
-            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-            Ok(m) => files.born(self.path, &m).is_some_and(|b| b > born),
-        }
+        staging == at
+            || self::at(os, t, &staging)
+                .last()
+                .is_some_and(|m| object(m) == shown)
     }
 }
 
@@ -696,7 +694,7 @@ pub fn unstage_in(
         if src != top
             && !deleted(top_entry)
             && !v.renamed(os, &src, top_entry)
-            && !v.moved(os, &src, top_entry, staging)
+            && !v.moved(os, t, &src, top_entry, staging)
         {
             return Err(Error::WrongState(format!(
                 "staging path {} holds a mount that is not this volume ({} from {}); refusing to unmount it",
@@ -755,8 +753,7 @@ mod tests {
         VolumeDir {
             path: p,
             is_volume_name: &|n: &str| n.starts_with("vol-"),
-            created: &|| 0,
-            born_with: |_, _| false,
+            staged_at: &|| None,
         }
     }
 

@@ -105,14 +105,16 @@ pub fn kept_on_rollback(rec: &VolumeRecord, dir: &Path) -> bool {
 }
 
 /// A volume's directory as the node's unmount checks take it: a name in
-/// the root of the form of a volume id is a volume's; `created` tells when
-/// the volume was created (0: not known).
-fn mount_check_dir<'a>(dir: &'a Path, created: &'a dyn Fn() -> u64) -> mounts::VolumeDir<'a> {
+/// the root of the form of a volume id is a volume's; `staged_at` tells
+/// where it is staged (`node::staged`).
+fn mount_check_dir<'a>(
+    dir: &'a Path,
+    staged_at: &'a dyn Fn() -> Option<PathBuf>,
+) -> mounts::VolumeDir<'a> {
     mounts::VolumeDir {
         path: dir,
         is_volume_name: &|n: &str| super::is_hex_id(PREFIX, n),
-        created,
-        born_with,
+        staged_at,
     }
 }
 
@@ -129,13 +131,6 @@ fn unix_secs(t: std::time::SystemTime) -> Option<u64> {
     t.duration_since(std::time::UNIX_EPOCH)
         .ok()
         .map(|d| d.as_secs())
-}
-
-/// Whether a directory born at `born` may be the one made for a volume
-/// created at `created` (unix seconds).
-pub fn born_with(created: u64, born: std::time::SystemTime) -> bool {
-    unix_secs(born)
-        .is_some_and(|b| b.saturating_add(1) >= created && b <= created + MADE_WITHIN_SECS)
 }
 
 /// What is wrong with the directory `dir` (lstat `m`) of local volume `id`
@@ -1237,8 +1232,8 @@ impl VolumeKind for LocalKind {
 
     fn unstage(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {
         let dir = self.dir(&rec.id)?;
-        let created = || rec.created_unix;
-        mounts::unstage(&self.os, staging, Some(&mount_check_dir(&dir, &created)))
+        let staged_at = || self.staged.path(&rec.id);
+        mounts::unstage(&self.os, staging, Some(&mount_check_dir(&dir, &staged_at)))
     }
 
     fn publish(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {
@@ -1261,15 +1256,20 @@ impl VolumeKind for LocalKind {
     /// takes down another volume's staging mount.
     fn unstage_path(&self, id: &str, staging: &Path) -> Result<()> {
         if let Ok(dir) = self.dir(id) {
-            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir, &|| 0), id, staging)?;
+            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir, &|| None), id, staging)?;
         }
         mounts::unstage(&self.os, staging, None)
     }
 
     fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         if let Ok(dir) = self.dir(id) {
-            let created = || self.store.get(id).map_or(0, |r| r.created_unix);
-            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir, &created), id, target)?;
+            let staged_at = || {
+                self.store
+                    .contains(id)
+                    .then(|| self.staged.path(id))
+                    .flatten()
+            };
+            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir, &staged_at), id, target)?;
         }
         mounts::unpublish(&self.os, target)
     }

@@ -2591,3 +2591,86 @@ async fn a_volume_directory_made_again_by_hand_is_not_handed_out() {
         .await
         .unwrap();
 }
+
+/// A published volume's directory moved away by hand (out of the root, or
+/// beside it and made again): the mounts follow the move. NodeUnpublish and
+/// NodeUnstage of the volume take them down (its recorded staging path
+/// shows the moved directory), those of other volumes made before and
+/// after it are refused, a re-stage says what happened instead of
+/// ALREADY_EXISTS, and DeleteVolume waits for the mounts; before, the
+/// volume's own teardown was refused forever, and DeleteVolume of the
+/// volume moved out of the root removed the record under its mounts.
+#[tokio::test]
+async fn a_volume_directory_moved_away_by_hand_strands_no_pod() {
+    let h = fake(&[]);
+    let (before, s_before) = staged(&h, "before").await;
+    let root = h.path("local");
+    for beside in [false, true] {
+        let (a, sa) = staged(&h, &format!("a-{beside}")).await;
+        let ta = h.path(&format!("t-{beside}"));
+        h.node
+            .node_publish_volume(Request::new(publish_req(&a, &sa, &ta, false)))
+            .await
+            .unwrap();
+        let (after, s_after) = staged(&h, &format!("after-{beside}")).await;
+        let moved = if beside {
+            root.join(format!("{a}.old"))
+        } else {
+            h.path(&format!("elsewhere-{beside}"))
+        };
+        std::fs::rename(root.join(&a), &moved).unwrap();
+        h.fake().follow_rename(&root.join(&a), &moved);
+        if beside {
+            std::fs::create_dir(root.join(&a)).unwrap();
+        } else {
+            let e = try_delete(&h, &a).await.unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        }
+        for other in [&before, &after] {
+            let r = h
+                .node
+                .node_unpublish_volume(Request::new(unpublish_req(other, &ta)))
+                .await;
+            assert_eq!(code(r), Code::FailedPrecondition);
+            let r = h
+                .node
+                .node_unstage_volume(Request::new(unstage_req(other, &sa)))
+                .await;
+            assert_eq!(code(r), Code::FailedPrecondition);
+        }
+        assert_eq!((mounted_at(&h, &ta), mounted_at(&h, &sa)), (1, 1));
+        if beside {
+            let e = h
+                .node
+                .node_stage_volume(Request::new(stage_req(&a, &sa)))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition);
+            assert!(
+                e.message().contains("moved away by hand"),
+                "{}",
+                e.message()
+            );
+        }
+        for _ in 0..2 {
+            h.node
+                .node_unpublish_volume(Request::new(unpublish_req(&a, &ta)))
+                .await
+                .unwrap();
+            h.node
+                .node_unstage_volume(Request::new(unstage_req(&a, &sa)))
+                .await
+                .unwrap();
+        }
+        assert_eq!((mounted_at(&h, &ta), mounted_at(&h, &sa)), (0, 0));
+        delete(&h, &a).await;
+        h.node
+            .node_unstage_volume(Request::new(unstage_req(&after, &s_after)))
+            .await
+            .unwrap();
+    }
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&before, &s_before)))
+        .await
+        .unwrap();
+}

@@ -247,6 +247,15 @@ pub fn stage_bind(
         if object(top) == obj {
             return Ok(());
         }
+        if deleted(top) || staged.is(id, staging) {
+            return Err(Error::WrongState(format!(
+                "staging path {s} still holds volume {id}'s directory as it was before it was removed or moved away by hand (mountinfo shows {}), and {} is another directory: the pods using it keep it. Put the volume's own directory back at {} and let its pods go, or let them go first (their NodeUnpublishVolume and NodeUnstageVolume take the old mounts down)",
+                top.root.display(),
+                source.display(),
+                source.display(),
+                s = staging.display(),
+            )));
+        }
         return Err(Error::Conflict(format!(
             "staging path {} already has another mount",
             staging.display()

@@ -803,6 +803,15 @@ impl FakeOs {
         lock(&self.table).clone()
     }
 
+    /// Every mount showing the directory `from` shows `to` from now on, as
+    /// mountinfo follows a directory renamed under its mounts (`to`
+    /// `<from>//deleted` for one removed).
+    pub fn follow_rename(&self, from: &Path, to: &Path) {
+        for m in lock(&self.table).iter_mut().filter(|m| m.root == from) {
+            m.root = to.to_path_buf();
+        }
+    }
+
     /// Adds a mount of a new filesystem (its own device) at `mount_point`.
     pub fn add_filesystem(&self, mount_point: &Path, major: u32, minor: u32) {
         let id = self.alloc_id();

@@ -4349,3 +4349,51 @@ async fn a_block_staging_mount_taken_off_by_hand_is_staged_again() {
         delete(&h, id).await;
     }
 }
+
+/// A published block volume's backing file moved away by hand: DeleteVolume
+/// waits for the pod's mounts (its recorded staging path, or a raw
+/// volume's device bound at `<staging>/<id>`, is still mounted) instead of
+/// deleting a volume a pod still uses; the teardown then finishes and the
+/// delete succeeds. Before, a raw volume's delete answered OK at once.
+#[tokio::test]
+async fn delete_of_a_volume_whose_file_was_moved_away_waits_for_its_mounts() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let fs = create(&h, "a", 8 * MIB, &[]).await.volume_id;
+    let raw = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![raw_cap()],
+            ..create_req_p("r", 4 * MIB, &[])
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    for (id, cap) in [(&fs, rwo()), (&raw, raw_cap())] {
+        let (s, t) = (h.path(&format!("s-{id}")), h.path(&format!("t-{id}")));
+        std::fs::create_dir(&s).unwrap();
+        h.node
+            .node_stage_volume(Request::new(stage_with(id, &s, cap.clone())))
+            .await
+            .unwrap();
+        h.node
+            .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+                volume_capability: Some(cap.clone()),
+                ..publish_req(id, &s, &t, false)
+            }))
+            .await
+            .unwrap();
+        std::fs::rename(img(&h, id), h.path(&format!("moved-{id}"))).unwrap();
+        let e = try_delete(&h, id).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{id}: {e:?}");
+        assert!(h.driver.store.contains(id));
+        unpublish_as_kubelet(&h, id, &t).await.unwrap();
+        unstage_as_kubelet(&h, id, &s).await.unwrap();
+        delete(&h, id).await;
+        assert!(!h.driver.store.contains(id));
+    }
+}

@@ -50,17 +50,22 @@ pub async fn handle(
         let mount_table = LazyTable::new();
         if *rec.node == *d.node_id {
             let mut used = kind.in_use(&rec, &mount_table)?;
-            // Its staging path still mounted where the kind finds no
-            // mount of its storage: the storage was moved away by hand
-            // under the mounts (mountinfo follows the move). Deleting the
-            // record then left those mounts without a record to prove them
-            // the volume's, and every NodeUnpublish and NodeUnstage of the
-            // pod refused them forever.
+            // Its staging path (or a raw block volume's device bound at
+            // `<staging>/<id>`) still mounted where the kind finds no mount
+            // of its storage: the storage was moved away by hand under the
+            // mounts (mountinfo follows the move). Deleting the record then
+            // left those mounts without a record to prove them the
+            // volume's, and every NodeUnpublish and NodeUnstage of the pod
+            // refused them forever (a local volume), or deleted a volume a
+            // pod still used.
             if used.is_empty() {
                 if let Some(s) = d.staged.path(&id) {
-                    if d.os.probe.mount_root(&s) == Some(true) {
-                        used.push(s);
-                    }
+                    let marker = s.join(&id);
+                    used.extend(
+                        [s, marker]
+                            .into_iter()
+                            .filter(|p| d.os.probe.mount_root(p) == Some(true)),
+                    );
                 }
             }
             if !used.is_empty() {

@@ -2508,14 +2508,31 @@ async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
 
 /// A published volume's directory removed (or moved away) by hand and made
 /// again (`rm -rf <root>/<id>; mkdir <root>/<id>`): the pod's teardown
-/// finishes, but the next NodeStage refuses the empty directory born after
-/// the volume with an error that says what happened and what to do, and
-/// `state check` reports it; before, the next pod got an empty volume
-/// without a word. The volume's own directory put back, or this one taken
-/// for it by the operator (the extended attribute), stages again; a late
-/// directory that holds data (restored from a backup) is handed out.
+/// finishes; the empty directory born after the volume is handed out by
+/// the next NodeStage (an empty volume's directory copied to another
+/// filesystem looks the same, and must not strand its pods), but the
+/// volume's condition is abnormal saying what happened and what to do, and
+/// `state check` warns; before, nothing told. The volume's own directory
+/// put back, or this one taken for it by the operator (the extended
+/// attribute), is normal again; a late directory that holds data
+/// (restored from a backup) is not reported.
+/// The volume's condition as ControllerGetVolume reports it.
+async fn condition_of(h: &Harness, id: &str) -> csi::VolumeCondition {
+    h.ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap()
+}
+
 #[tokio::test]
-async fn a_volume_directory_made_again_by_hand_is_not_handed_out() {
+async fn a_volume_directory_made_again_by_hand_is_reported() {
     let h = fake(&[]);
     let (id, staging) = staged(&h, "a").await;
     let target = h.path("target");
@@ -2537,27 +2554,31 @@ async fn a_volume_directory_made_again_by_hand_is_not_handed_out() {
         .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
         .await
         .unwrap();
-    for _ in 0..2 {
-        let e = h
-            .node
-            .node_stage_volume(Request::new(stage_req(&id, &staging)))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition);
-        assert!(
-            e.message().contains("not the one Berth made") && e.message().contains("setfattr"),
-            "{}",
-            e.message()
-        );
-        assert_eq!(mounted_at(&h, &staging), 0);
-    }
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    assert_eq!(mounted_at(&h, &staging), 1);
+    let cond = condition_of(&h, &id).await;
+    assert!(
+        cond.abnormal
+            && cond.message.contains("may not be the one Berth made")
+            && cond.message.contains("setfattr"),
+        "{cond:?}"
+    );
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
     let (ok, report) = state_check(&h);
     assert!(
-        !ok && report.contains(&id) && report.contains("not the one Berth made"),
+        ok && report.contains(&id) && report.contains("may not be the one Berth made"),
         "{report}"
     );
-    // Data in it (restored from a backup): handed out.
+    let reported = |h: &Harness| state_check(h).1.contains("may not be the one Berth made");
+    // Data in it (restored from a backup): not reported.
     std::fs::write(dir.join("restored"), b"x").unwrap();
+    assert!(!condition_of(&h, &id).await.abnormal && !reported(&h));
     h.node
         .node_stage_volume(Request::new(stage_req(&id, &staging)))
         .await
@@ -2570,7 +2591,7 @@ async fn a_volume_directory_made_again_by_hand_is_not_handed_out() {
     if is_root() {
         // Taken for the volume by the operator.
         xattr::set(&dir, "trusted.berth.volume", id.as_bytes()).unwrap();
-        assert!(state_check(&h).0);
+        assert!(!condition_of(&h, &id).await.abnormal && !reported(&h));
         h.node
             .node_stage_volume(Request::new(stage_req(&id, &staging)))
             .await
@@ -2585,7 +2606,7 @@ async fn a_volume_directory_made_again_by_hand_is_not_handed_out() {
     std::fs::remove_dir(&dir).unwrap();
     std::fs::rename(&saved, &dir).unwrap();
     h.fake().set_born(&dir, std::time::SystemTime::now());
-    assert!(state_check(&h).0);
+    assert!(!condition_of(&h, &id).await.abnormal && !reported(&h));
     h.node
         .node_stage_volume(Request::new(stage_req(&id, &staging)))
         .await

@@ -1115,9 +1115,9 @@ async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
 /// place (`mv <root>/<id> <root>/<id>.old; mkdir <root>/<id>`): mountinfo
 /// follows the move, so the mounts show the moved directory, and
 /// NodeUnpublish and NodeUnstage refused them as "not volume <id>" on
-/// every retry (the pod never went). Now they take them down (the moved
-/// directory, born when the volume was created, is the volume's own) and
-/// its data stays; a request naming another volume is still refused.
+/// every retry (the pod never went). Now they take them down (the staging
+/// path Berth recorded for the volume shows the moved directory) and its
+/// data stays; a request naming another volume is still refused.
 #[tokio::test]
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn a_volume_directory_moved_away_by_hand_strands_no_pod() {

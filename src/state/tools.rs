@@ -178,7 +178,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                             &dir,
                             &m,
                         ) {
-                            out.push(error(format!("volume {} ({}): {why}", r.id, r.name)));
+                            out.push(warning(format!("volume {} ({}): {why}", r.id, r.name)));
                         }
                     }
                     Ok(_) => out.push(error(format!(

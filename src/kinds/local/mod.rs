@@ -139,9 +139,13 @@ fn unix_secs(t: std::time::SystemTime) -> Option<u64> {
 /// more than `MADE_WITHIN_SECS` after the volume, empty, and not taken for
 /// the volume by an operator (`TAKEN_AS_XATTR`). That is a directory put in
 /// place by hand after the volume's own was removed or moved away (`rm -rf`
-/// or `mv`, then `mkdir`): NodeStage refuses it and `berth state check`
-/// reports it, rather than giving the next pod an empty volume without a
-/// word. Only a birth time later than that reads the directory.
+/// or `mv`, then `mkdir`), or a volume's empty directory copied to another
+/// filesystem (birth times are not copied): so it is reported, never
+/// refused (a refusal would strand every empty volume's pods after such a
+/// copy): NodeStage logs a warning, the volume's condition is abnormal and
+/// `berth state check` warns, rather than the next pod getting an empty
+/// volume without a word. Only a birth time later than that reads the
+/// directory.
 pub fn made_by_hand(
     files: &dyn crate::os::Files,
     id: &str,
@@ -164,7 +168,7 @@ pub fn made_by_hand(
         return None;
     }
     Some(format!(
-        "the directory {d} of volume {id} is not the one Berth made for it: it is empty and was made {s} s after the volume (removed or moved away by hand, then made again?), so the volume's data is not in it. Put the volume's own directory back at {d}; or, to hand out this empty directory as the volume, run: setfattr -n {TAKEN_AS_XATTR} -v {id} {d}; or delete the volume",
+        "the directory {d} of volume {id} may not be the one Berth made for it: it is empty and was made {s} s after the volume (removed or moved away by hand, then made again?), so the volume's data may not be in it; it is handed out as it is. If the volume's own directory is elsewhere, let its pods go and put it back at {d}; if this one is the volume's (the root was copied to another filesystem), mark it so: setfattr -n {TAKEN_AS_XATTR} -v {id} {d}",
         d = dir.display(),
         s = born - created,
     ))
@@ -419,7 +423,7 @@ impl LocalKind {
             .last()
             .map(|m| mounts::object(m))
             .ok_or_else(not_there)?;
-        if self.require_own_dir(rec).is_ok() {
+        if self.require_dir(&rec.id).is_ok() {
             let dir = self.dir(&rec.id)?;
             if mountinfo::object_of(&t, &dir).as_ref() != Some(&top) {
                 return Err(not_there());
@@ -643,13 +647,26 @@ impl LocalKind {
         self.dir_with(id, |_, _| None)
     }
 
-    /// `require_dir`, and FAILED_PRECONDITION for a directory put in place
-    /// by hand (`made_by_hand`): what NodeStage hands out and the volume's
-    /// condition tell. No call beyond `require_dir`'s lstat unless the
-    /// directory was born late.
+    /// `require_dir`, and FAILED_PRECONDITION for a directory that may have
+    /// been put in place by hand (`made_by_hand`): the volume's condition.
+    /// No call beyond `require_dir`'s lstat unless the directory was born
+    /// late.
     fn require_own_dir(&self, rec: &VolumeRecord) -> Result<PathBuf> {
         self.dir_with(&rec.id, |dir, m| {
             made_by_hand(self.os.files.as_ref(), &rec.id, rec.created_unix, dir, m)
+        })
+    }
+
+    /// `require_dir` for NodeStage: a directory that may have been put in
+    /// place by hand (`made_by_hand`) is handed out with a warning.
+    fn stage_dir(&self, rec: &VolumeRecord) -> Result<PathBuf> {
+        self.dir_with(&rec.id, |dir, m| {
+            if let Some(why) =
+                made_by_hand(self.os.files.as_ref(), &rec.id, rec.created_unix, dir, m)
+            {
+                tracing::warn!(volume_id = %rec.id, "{why}");
+            }
+            None
         })
     }
 
@@ -1226,7 +1243,7 @@ impl VolumeKind for LocalKind {
 
     fn stage(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
         self.check_capability(cap)?;
-        let dir = self.require_own_dir(rec)?;
+        let dir = self.stage_dir(rec)?;
         mounts::stage_bind(&self.os, &self.staged, &rec.id, &dir, staging)
     }
 

@@ -4266,19 +4266,11 @@ async fn a_stage_of_a_volume_whose_disk_is_held_can_be_torn_down() {
         .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })));
 }
 
-/// An operator's `umount` of a block volume's staging mount (the
-/// filesystem at the staging path, or a raw volume's device bound at
-/// `<staging>/<id>`) while a pod still uses it: kubelet's re-stage at the
-/// same path mounts it again (the pod's mounts are of this volume's own
-/// loop device) without formatting or attaching anything anew, and the
-/// pod's teardown finishes; another staging path is still refused. Before,
-/// every re-stage was FAILED_PRECONDITION until the pod went.
-#[tokio::test]
-async fn a_block_staging_mount_taken_off_by_hand_is_staged_again() {
-    let h = block(&[]);
-    let f = h.fake();
-    script_blank(f);
-    let fs = create(&h, "a", 8 * MIB, &[]).await.volume_id;
+/// A filesystem volume ("a", 8 MiB) and a raw one ("r", 4 MiB) on blank
+/// files: their ids.
+async fn fs_and_raw(h: &Harness) -> (String, String) {
+    script_blank(h.fake());
+    let fs = create(h, "a", 8 * MIB, &[]).await.volume_id;
     let raw = h
         .ctl
         .create_volume(Request::new(csi::CreateVolumeRequest {
@@ -4291,6 +4283,21 @@ async fn a_block_staging_mount_taken_off_by_hand_is_staged_again() {
         .volume
         .unwrap()
         .volume_id;
+    (fs, raw)
+}
+
+/// An operator's `umount` of a block volume's staging mount (the
+/// filesystem at the staging path, or a raw volume's device bound at
+/// `<staging>/<id>`) while a pod still uses it: kubelet's re-stage at the
+/// same path mounts it again (the pod's mounts are of this volume's own
+/// loop device) without formatting or attaching anything anew, and the
+/// pod's teardown finishes; another staging path is still refused. Before,
+/// every re-stage was FAILED_PRECONDITION until the pod went.
+#[tokio::test]
+async fn a_block_staging_mount_taken_off_by_hand_is_staged_again() {
+    let h = block(&[]);
+    let f = h.fake();
+    let (fs, raw) = fs_and_raw(&h).await;
     for (id, cap) in [(&fs, rwo()), (&raw, raw_cap())] {
         let (s, t, other) = (
             h.path(&format!("s-{id}")),
@@ -4359,20 +4366,7 @@ async fn a_block_staging_mount_taken_off_by_hand_is_staged_again() {
 async fn delete_of_a_volume_whose_file_was_moved_away_waits_for_its_mounts() {
     let h = block(&[]);
     let f = h.fake();
-    script_blank(f);
-    let fs = create(&h, "a", 8 * MIB, &[]).await.volume_id;
-    let raw = h
-        .ctl
-        .create_volume(Request::new(csi::CreateVolumeRequest {
-            volume_capabilities: vec![raw_cap()],
-            ..create_req_p("r", 4 * MIB, &[])
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let (fs, raw) = fs_and_raw(&h).await;
     for (id, cap) in [(&fs, rwo()), (&raw, raw_cap())] {
         let (s, t) = (h.path(&format!("s-{id}")), h.path(&format!("t-{id}")));
         std::fs::create_dir(&s).unwrap();

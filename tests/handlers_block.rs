@@ -4365,7 +4365,6 @@ async fn a_block_staging_mount_taken_off_by_hand_is_staged_again() {
 #[tokio::test]
 async fn delete_of_a_volume_whose_file_was_moved_away_waits_for_its_mounts() {
     let h = block(&[]);
-    let f = h.fake();
     let (fs, raw) = fs_and_raw(&h).await;
     for (id, cap) in [(&fs, rwo()), (&raw, raw_cap())] {
         let (s, t) = (h.path(&format!("s-{id}")), h.path(&format!("t-{id}")));

@@ -148,13 +148,34 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 "volume {} ({}) is {:?}: an operation was interrupted; start-up finishes it",
                 r.id, r.name, r.phase
             )));
-            if let Some(d) = unanswered_disk_restore(r) {
-                out.push(error(format!(
-                    "volume {} ({}): its restore or clone onto disk {} never answered (was its Ready record lost?); start-up holds the disk, never erases it nor offers it to a new volume",
-                    r.id,
-                    r.name,
-                    d.by_id.as_deref().unwrap_or(&d.path).display()
-                )));
+            if let Some(d) = unanswered_disk(r) {
+                let disk = d.by_id.as_deref().unwrap_or(&d.path).display();
+                let what = if r.source.is_some() {
+                    "restore or clone"
+                } else {
+                    "create"
+                };
+                let marker = crate::kinds::block::disk_marker(&block_root, &r.id);
+                if crate::kinds::block::disk_marked(os.files.as_ref(), &block_root, &r.id) {
+                    out.push(error(format!(
+                        "volume {} ({}): its {what} onto disk {disk} never answered, yet it got as far as its Ready record ({} is there): was its Ready record lost? start-up holds the disk, never erases it nor offers it to a new volume",
+                        r.id,
+                        r.name,
+                        marker.display()
+                    )));
+                } else {
+                    let then = if r.source.is_some() {
+                        "erases the disk and returns it to the pool"
+                    } else {
+                        "returns the disk to the pool (nothing was written to it)"
+                    };
+                    out.push(warning(format!(
+                        "volume {} ({}): its {what} onto disk {disk} never reached its Ready record (no {}), so it was never handed out; start-up {then}",
+                        r.id,
+                        r.name,
+                        marker.display()
+                    )));
+                }
             }
             if let Some(f) = unanswered_create_with_data(&local_root, &block_root, r) {
                 out.push(error(format!(
@@ -295,6 +316,19 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 }
             }
         }
+        let markers = block_root.join(crate::kinds::block::DISK_MARKERS);
+        for id in dir_names(&markers) {
+            let held = crate::kinds::block::held_id(&id);
+            if is_volume_id("block-", &id)
+                && !by_id.contains_key(id.as_str())
+                && !by_id.contains_key(held.as_str())
+            {
+                out.push(warning(format!(
+                    "disk marker {} has no record of its volume (a delete, or a failed create, stopped after its record was removed); start-up removes it",
+                    markers.join(&id).display()
+                )));
+            }
+        }
         if let Ok(loops) = os.loops.list() {
             for l in loops
                 .iter()
@@ -352,10 +386,12 @@ fn unanswered_create_with_data(
     }
 }
 
-/// The disk of a restore or clone whose create never answered, which
-/// start-up holds instead of erasing (`BlockKind::hold_disk`).
-fn unanswered_disk_restore(r: &VolumeRecord) -> Option<&crate::state::DiskRef> {
-    (r.kind == Kind::Block && r.phase == Phase::Creating && r.source.is_some())
+/// The disk of a disk volume whose create (plain, restore or clone) never
+/// answered: start-up holds it if the volume's marker says it got as far
+/// as its Ready record (`BlockKind::hold_disk`), and erases or releases it
+/// otherwise.
+fn unanswered_disk(r: &VolumeRecord) -> Option<&crate::state::DiskRef> {
+    (r.kind == Kind::Block && r.phase == Phase::Creating)
         .then(|| r.block.as_ref().and_then(|b| b.disk.as_ref()))
         .flatten()
 }

@@ -61,9 +61,9 @@ fn is_wipe_record(id: &str) -> bool {
     id.starts_with(WIPE_PREFIX)
 }
 
-/// Prefix of the internal records of pool disks held for an operator: a
-/// restore or clone was written onto the disk and its volume's record
-/// still said Creating at start-up (`BlockKind::hold_disk`). Not a volume
+/// Prefix of the internal records of pool disks held for an operator: the
+/// disk's volume reached Ready (its marker says so, `disk_marker`) yet its
+/// record still said Creating at start-up (`BlockKind::hold_disk`). Not a volume
 /// id of any kind: no RPC reaches them, and nothing erases or offers the
 /// disk until an operator releases it (`berth state release`).
 pub const HELD_PREFIX: &str = "held-";
@@ -91,7 +91,7 @@ pub fn held_disk_finding(r: &VolumeRecord) -> String {
     let volume = held_volume(&r.id).unwrap_or_default();
     let name = r.context.get(HELD_NAME).map(String::as_str).unwrap_or("");
     format!(
-        "disk {disk} is held: a restore or clone (volume {volume}, named {name}) was written onto it and its record still said Creating at start-up, so it may be a volume that was handed out and lost its Ready record (a damaged or cut journal), holding a tenant's data; berth never erases it nor offers it to a new volume. If a PersistentVolume names {volume}, its data is on this disk: copy it off (e.g. dd the disk to a file or another disk) before anything else. Then, with berth stopped, run `berth state release {}`: berth erases the disk and returns it to the pool",
+        "disk {disk} is held: the record of its volume {volume} (named {name}) still said Creating at start-up, yet the volume got as far as its Ready record (its disk marker in {DISK_MARKERS}/ says so), so it may have been handed out and lost its Ready record (a damaged or cut journal), holding a tenant's data; berth never erases it nor offers it to a new volume. If a PersistentVolume names {volume}, its data is on this disk: copy it off (e.g. dd the disk to a file or another disk) before anything else. Then, with berth stopped, run `berth state release {}`: berth erases the disk and returns it to the pool",
         r.id
     )
 }
@@ -116,6 +116,43 @@ pub fn released(held: &VolumeRecord) -> Option<VolumeRecord> {
         source: None,
         ..held.clone()
     })
+}
+
+/// The directory in the block root of the markers of disk volumes
+/// (`disk_marker`).
+pub const DISK_MARKERS: &str = ".disks";
+
+/// The marker of disk volume `id` under the block root `root`: an empty
+/// file, made durable before the volume's record first says Ready and kept
+/// for the volume's whole life (`BlockKind::mark_disk`). It lives outside
+/// the state journal, so a journal that loses the volume's Ready line (cut
+/// or damaged) does not lose it: a disk volume whose record says Creating
+/// at start-up with its marker there may have been handed out, and its
+/// disk is held (`BlockKind::hold_disk`); without it, the create never
+/// reached Ready and nothing of it was handed out.
+pub fn disk_marker(root: &Path, id: &str) -> PathBuf {
+    root.join(DISK_MARKERS).join(id)
+}
+
+/// Whether the marker of disk volume `id` is there (`disk_marker`); one
+/// that cannot be looked at counts as there (the disk is then held, never
+/// erased).
+pub fn disk_marked(files: &dyn crate::os::files::Files, root: &Path, id: &str) -> bool {
+    match files.lstat(&disk_marker(root, id)) {
+        Ok(_) => true,
+        Err(e) => e.errno() != Some(libc::ENOENT),
+    }
+}
+
+/// The block volume a disk record `id` is about: the volume itself, or
+/// the one whose disk a hold or a wipe record claims.
+fn disk_volume_of(id: &str) -> Option<String> {
+    if id.starts_with(PREFIX) {
+        return Some(id.to_string());
+    }
+    id.strip_prefix(HELD_PREFIX)
+        .or_else(|| id.strip_prefix(WIPE_PREFIX))
+        .map(|rest| format!("{PREFIX}{rest}"))
 }
 
 /// The backing file of block volume `id` under `root` (ids are checked by
@@ -328,12 +365,13 @@ impl BlockKind {
         Ok(id)
     }
 
-    /// Holds the disk `d` of `rec`, a restore or clone whose record still
-    /// says Creating at start-up: the copy was written onto the disk
-    /// itself (a disk has no temporary name), so nothing tells a copy a
-    /// crash interrupted from a volume that was handed out and lost its
-    /// Ready record (the tenant's data written since cannot be told from
-    /// the copy's). A record of its own (phase Ready, so no retry ever
+    /// Holds the disk `d` of `rec`, a disk volume whose record still says
+    /// Creating at start-up though its marker (`disk_marker`, written just
+    /// before its Ready record) is there: it may have been handed out and
+    /// lost its Ready record (a cut or damaged journal), and a tenant's
+    /// data on a disk cannot be told from a restore's copy nor, where the
+    /// tenant wrote outside the pool's blank sample, from a blank disk. A
+    /// record of its own (phase Ready, so no retry ever
     /// erases it) claims the disk: it is never erased, never offered to a
     /// new volume (`free_disks`) nor counted as free (GetCapacity), also
     /// across restarts, until an operator releases it (`berth state
@@ -363,6 +401,95 @@ impl BlockKind {
         };
         self.store.put(&held)?;
         Ok(id)
+    }
+
+    /// Writes the marker of disk volume `id` (`disk_marker`), durably:
+    /// the file, its entry in `.disks/` and that directory's entry in the
+    /// block root. The last step of a disk volume's create, restore or
+    /// clone, before its record says Ready; start-up writes it for a Ready
+    /// disk volume without one (made before markers were). Idempotent.
+    fn mark_disk(&self, id: &str) -> Result<()> {
+        if !self.owns_id(id) {
+            return Err(Error::Internal(format!(
+                "{id} is not a block volume id; no disk marker made"
+            )));
+        }
+        let f = self.os.files.as_ref();
+        let dir = self.root.join(DISK_MARKERS);
+        ensure_dir(f, &dir, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", dir.display()), e))?;
+        let path = disk_marker(&self.root, id);
+        let file = f
+            .open(&path, Open::CreateOrKeep)
+            .map_err(|e| Error::os(format!("creating {}", path.display()), e))?;
+        f.sync(&file, &path)
+            .map_err(|e| Error::os(format!("syncing {}", path.display()), e))?;
+        for d in [&dir, &self.root] {
+            f.sync_dir(d)
+                .map_err(|e| Error::os(format!("syncing {}", d.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether disk volume `id` has its marker (`disk_marked`).
+    fn disk_marked(&self, id: &str) -> bool {
+        disk_marked(self.os.files.as_ref(), &self.root, id)
+    }
+
+    /// Removes the marker of disk volume `id`, if it is there.
+    fn unmark_disk(&self, id: &str) -> Result<()> {
+        let path = disk_marker(&self.root, id);
+        match self.os.files.remove_file(&path) {
+            Err(e) if e.errno() != Some(libc::ENOENT) => {
+                Err(Error::os(format!("removing {}", path.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the disk of volume `id` (a record still Creating) may have
+    /// been handed out: its marker is there, or its disk is held already
+    /// (a hold whose volume's record came back: a journal cut after it).
+    fn may_be_handed_out(&self, id: &str) -> bool {
+        self.disk_marked(id) || self.store.contains(&held_id(id))
+    }
+
+    /// Start-up: every Ready disk volume gets its marker (volumes made
+    /// before markers were), and a marker no record needs any more (no
+    /// record of its volume nor a hold of its disk: a delete whose purge
+    /// did not finish) is removed. Something else in `.disks/` is left
+    /// alone and reported.
+    fn reconcile_disk_markers(&self) -> Result<()> {
+        let ready = self.store.filter(|r| {
+            r.kind == Kind::Block
+                && r.phase == Phase::Ready
+                && self.owns_id(&r.id)
+                && r.block.as_ref().is_some_and(|b| b.disk.is_some())
+        });
+        for r in ready {
+            if !self.disk_marked(&r.id) {
+                self.mark_disk(&r.id)?;
+                tracing::info!(volume_id = %r.id, "disk volume marked (it was made before disk markers were)");
+            }
+        }
+        let dir = self.root.join(DISK_MARKERS);
+        let Some(entries) = files::read_own_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let regular = e.file_type().is_ok_and(|t| t.is_file());
+            if !self.owns_id(&name) || !regular {
+                tracing::warn!(path = %e.path().display(), "not a disk marker of berth's; left alone");
+                continue;
+            }
+            if self.store.contains(&name) || self.store.contains(&held_id(&name)) {
+                continue;
+            }
+            self.unmark_disk(&name)?;
+            tracing::info!(volume_id = %name, "disk marker of a volume without a record removed");
+        }
+        Ok(())
     }
 
     /// The volume's device as it is now, without attaching anything.
@@ -761,28 +888,77 @@ impl BlockKind {
 }
 
 impl BlockKind {
+    /// Makes a new volume's storage, without its disk marker
+    /// (`VolumeKind::create` adds it; a restore onto a disk adds it once
+    /// the copy is done): a file of its size, or a disk of the pool,
+    /// claimed and recorded. Idempotent.
+    fn make_volume(&self, rec: &mut VolumeRecord) -> Result<()> {
+        let p = params::parse(&params::own(&rec.parameters))?;
+        let mut info = rec.block.clone().unwrap_or_else(|| {
+            Box::new(BlockInfo {
+                allocation: match p.pool {
+                    Pool::File(a) => a,
+                    Pool::Disk => Allocation::Thin,
+                },
+                default_fs: p.default_fs.as_str().into(),
+                mkfs_options: p.mkfs_options.clone(),
+                ..Default::default()
+            })
+        });
+        match p.pool {
+            Pool::File(allocation) => {
+                rec.block = Some(info);
+                self.create_file(rec, allocation)?;
+                if let Some(b) = rec.block.as_mut() {
+                    b.file_bytes = u64::try_from(rec.capacity_bytes).ok();
+                }
+                Ok(())
+            }
+            Pool::Disk => {
+                if info.disk.is_some() {
+                    return Ok(());
+                }
+                // Choose and record the disk under one lock, so two creates
+                // never get the same disk.
+                let _g = lock(&self.claim);
+                let disk = self.claim_disk(rec.capacity_bytes)?;
+                tracing::info!(volume_id = %rec.id, disk = %disk.path.display(), "disk claimed");
+                info.disk = Some(disk);
+                rec.block = Some(info);
+                self.store.put(rec)?;
+                Ok(())
+            }
+        }
+    }
+
     /// Removes a volume's storage (`delete_with`; `rollback_create` without
     /// `keep`): a disk is erased (or released), a file removed, unless
     /// `keep` and it is one a create whose Ready was lost may have handed
-    /// out (`kept_on_rollback`): then it is kept aside.
+    /// out (`kept_on_rollback`; a disk with its marker, `disk_marker`):
+    /// then a file is kept aside, a disk held. A disk's marker is removed
+    /// after its record (`purge`).
     fn remove_volume(&self, rec: &VolumeRecord, mount_table: &LazyTable, keep: bool) -> Result<()> {
         if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
+            if keep && rec.phase == Phase::Creating && self.may_be_handed_out(&rec.id) {
+                // A create whose record still says Creating, found after
+                // the fact (start-up, a retry), with its marker there: it
+                // got as far as its Ready record, which was lost since (a
+                // cut or damaged journal), so the volume may have been
+                // handed out and hold a tenant's data (`hold_disk`). A
+                // create this process ran and that failed is rolled back
+                // without `keep`.
+                let held = self.hold_disk(rec, &d)?;
+                tracing::error!(volume_id = %rec.id, disk = %d.path.display(), held = %held, "a disk volume whose record says Creating yet whose marker says it reached Ready: the disk is held, never erased nor offered (was its Ready record lost?); see `berth state check`");
+                return Ok(());
+            }
             if rec.phase == Phase::Creating && rec.source.is_none() {
-                // Claimed by a create that never answered: the volume was
+                // Claimed by a create that never answered (no marker: it
+                // never got as far as its Ready record): the volume was
                 // never handed out and Berth wrote nothing to the disk (it
                 // was blank and read as zeros when claimed), so there is
                 // nothing to erase. (A restore wrote a snapshot onto it:
-                // that one is erased, or held below.)
+                // that one is erased below.)
                 tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
-                return Ok(());
-            }
-            if keep && rec.phase == Phase::Creating {
-                // A restore or clone whose create never answered, found
-                // after the fact (start-up, a retry): it may have been
-                // handed out (`hold_disk`). A create this process ran and
-                // that failed is rolled back without `keep`.
-                let held = self.hold_disk(rec, &d)?;
-                tracing::error!(volume_id = %rec.id, disk = %d.path.display(), held = %held, "a restore or clone onto a disk whose create never answered: the disk is held, never erased nor offered (was its Ready record lost?); see `berth state check`");
                 return Ok(());
             }
             let dev = match self.resolve_disk(&d) {
@@ -1000,43 +1176,14 @@ impl VolumeKind for BlockKind {
         self.place_restored(&rec.id)
     }
 
+    /// A disk volume is marked (`mark_disk`) as the create's last step,
+    /// before its record says Ready.
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
-        let p = params::parse(&params::own(&rec.parameters))?;
-        let mut info = rec.block.clone().unwrap_or_else(|| {
-            Box::new(BlockInfo {
-                allocation: match p.pool {
-                    Pool::File(a) => a,
-                    Pool::Disk => Allocation::Thin,
-                },
-                default_fs: p.default_fs.as_str().into(),
-                mkfs_options: p.mkfs_options.clone(),
-                ..Default::default()
-            })
-        });
-        match p.pool {
-            Pool::File(allocation) => {
-                rec.block = Some(info);
-                self.create_file(rec, allocation)?;
-                if let Some(b) = rec.block.as_mut() {
-                    b.file_bytes = u64::try_from(rec.capacity_bytes).ok();
-                }
-                Ok(())
-            }
-            Pool::Disk => {
-                if info.disk.is_some() {
-                    return Ok(());
-                }
-                // Choose and record the disk under one lock, so two creates
-                // never get the same disk.
-                let _g = lock(&self.claim);
-                let disk = self.claim_disk(rec.capacity_bytes)?;
-                tracing::info!(volume_id = %rec.id, disk = %disk.path.display(), "disk claimed");
-                info.disk = Some(disk);
-                rec.block = Some(info);
-                self.store.put(rec)?;
-                Ok(())
-            }
+        self.make_volume(rec)?;
+        if rec.block.as_ref().is_some_and(|b| b.disk.is_some()) {
+            self.mark_disk(&rec.id)?;
         }
+        Ok(())
     }
 
     /// A backing file without a record can only come from outside Berth
@@ -1107,6 +1254,7 @@ impl VolumeKind for BlockKind {
 
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
         self.reconcile_snapshots(known)?;
+        self.reconcile_disk_markers()?;
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
         for e in entries.flatten() {
@@ -1209,12 +1357,15 @@ impl VolumeKind for BlockKind {
         self.restore_volume(rec, from)
     }
 
-    /// Zeroing a disk; an unanswered create's disk is released or held
+    /// Zeroing a disk: a deleted volume's, or an unanswered restore's or
+    /// clone's that never reached Ready (no marker). An unanswered plain
+    /// create's disk is released, one that may have been handed out held
     /// (`remove_volume`), which is quick.
     fn slow_delete(&self, rec: &VolumeRecord) -> bool {
         self.disk_wipe == DiskWipe::Zero
-            && rec.phase != Phase::Creating
             && rec.block.as_ref().is_some_and(|b| b.disk.is_some())
+            && (rec.phase != Phase::Creating
+                || (rec.source.is_some() && !self.may_be_handed_out(&rec.id)))
     }
 
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
@@ -1225,14 +1376,44 @@ impl VolumeKind for BlockKind {
     /// is erased: this process knows it never answered, and a rollback
     /// that fails (or a crash during it) leaves a record that a retry
     /// erases, not one that start-up must hold (`hold_disk`).
+    /// A disk volume's marker, if the create got as far as making it, is
+    /// removed once its disk is erased or released (best effort: `purge`
+    /// and start-up remove a leftover one), before its record, so a record
+    /// left behind says it never reached Ready.
     fn rollback_create(&self, rec: &VolumeRecord) -> Result<()> {
         let disk = rec.block.as_ref().is_some_and(|b| b.disk.is_some());
         if disk && rec.source.is_some() && rec.phase == Phase::Creating {
             let mut r = self.store.get(&rec.id).unwrap_or_else(|| rec.clone());
             self.store.set_phase(&mut r, Phase::Deleting)?;
-            return self.remove_volume(&r, &LazyTable::new(), false);
+            self.remove_volume(&r, &LazyTable::new(), false)?;
+        } else {
+            self.remove_volume(rec, &LazyTable::new(), false)?;
         }
-        self.remove_volume(rec, &LazyTable::new(), false)
+        if disk {
+            if let Err(e) = self.unmark_disk(&rec.id) {
+                tracing::warn!(volume_id = %rec.id, error = %e.render(), "could not remove the disk marker of a failed create; start-up does");
+            }
+        }
+        Ok(())
+    }
+
+    /// A disk's marker goes once no record needs it: neither its volume's
+    /// (deleted) nor a hold of its disk (a wipe record's erase that
+    /// follows a release ends the hold). Best effort: start-up removes a
+    /// leftover one.
+    fn purge(&self, rec: &VolumeRecord) {
+        if rec.block.as_ref().is_none_or(|b| b.disk.is_none()) {
+            return;
+        }
+        let Some(id) = disk_volume_of(&rec.id).filter(|id| self.owns_id(id)) else {
+            return;
+        };
+        if self.store.contains(&id) || self.store.contains(&held_id(&id)) {
+            return;
+        }
+        if let Err(e) = self.unmark_disk(&id) {
+            tracing::warn!(volume_id = %id, error = %e.render(), "could not remove the disk marker of a deleted volume; start-up does");
+        }
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {

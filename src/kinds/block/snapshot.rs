@@ -405,7 +405,9 @@ impl BlockKind {
     /// interrupted copy is rolled back with the volume: a failed one by
     /// its create (a disk it was written to is erased), one a crash
     /// interrupted at start-up (a file under its temporary name is
-    /// removed; a disk is held, `BlockKind::hold_disk`).
+    /// removed; a disk is erased, as its marker is not there yet: it is
+    /// written once the copy is whole, `BlockKind::mark_disk`, and a disk
+    /// with its marker is held, `BlockKind::hold_disk`).
     pub(super) fn restore_volume(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
         let p = super::params::parse(&super::params::own(&rec.parameters))?;
         // The file to copy from; a clone first takes an unlisted snapshot.
@@ -509,7 +511,7 @@ impl BlockKind {
     }
 
     /// Claims a free disk for `rec` (as a create does), erases it and
-    /// writes the snapshot's data onto it.
+    /// writes the snapshot's data onto it, then marks it (`mark_disk`).
     fn restore_onto_disk(
         &self,
         rec: &mut VolumeRecord,
@@ -517,8 +519,7 @@ impl BlockKind {
         source: BlockInfo,
         source_size: i64,
     ) -> Result<()> {
-        use crate::kinds::VolumeKind;
-        self.create(rec)?;
+        self.make_volume(rec)?;
         let mut info = Self::info(rec)?;
         let d = info
             .disk
@@ -546,7 +547,8 @@ impl BlockKind {
         info.shared_uuid = inherited.shared_uuid;
         info.grow_fs = info.formatted && rec.capacity_bytes > source_size;
         rec.block = Some(Box::new(info));
-        Ok(())
+        // The copy is whole: from here on the volume may be handed out.
+        self.mark_disk(&rec.id)
     }
 
     fn finish_restore(

@@ -2047,6 +2047,11 @@ fn disk_harness() -> Harness {
     )
 }
 
+/// The marker of disk volume `id` (`block::disk_marker`).
+fn disk_marker(h: &Harness, id: &str) -> PathBuf {
+    h.path("block").join(".disks").join(id)
+}
+
 async fn disk_capacity(h: &Harness) -> (i64, Option<i64>) {
     let c = h
         .ctl
@@ -2177,10 +2182,11 @@ async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
     assert_eq!(disk_capacity(&h).await, (10 * MIB, Some(10 * MIB)));
 }
 
-/// A crash left one disk volume half deleted and another half created: at
-/// start-up the first is zeroed in the background (start-up does not wait
-/// for a whole-disk wipe) and the second released without a wipe (never
-/// handed out, nothing written).
+/// A crash left one disk volume half deleted and another half created
+/// (killed before its marker and Ready record: no marker): at start-up the
+/// first is zeroed in the background (start-up does not wait for a
+/// whole-disk wipe) and the second released without a wipe (never handed
+/// out, nothing written).
 #[tokio::test]
 async fn interrupted_disk_deletes_finish_in_the_background_and_creates_release() {
     let h = disk_harness();
@@ -2192,6 +2198,7 @@ async fn interrupted_disk_deletes_finish_in_the_background_and_creates_release()
     store.set_phase(&mut ra, Phase::Deleting).unwrap();
     let mut rb = store.get(&b.volume_id).unwrap();
     store.set_phase(&mut rb, Phase::Creating).unwrap();
+    std::fs::remove_file(disk_marker(&h, &b.volume_id)).unwrap();
     std::fs::write(dir.join("d10"), b"tenant a").unwrap();
     let pool = format!("{}/d*", dir.display());
     let tmp = h.stop();
@@ -4011,6 +4018,10 @@ async fn a_disk_restore_whose_ready_was_lost_is_held_not_erased() {
     let held = berth::kinds::block::held_id(&vol);
     let check_held = |h: &Harness| {
         assert!(
+            disk_marker(h, &vol).is_file(),
+            "the marker stays with the hold"
+        );
+        assert!(
             !h.fake()
                 .calls()
                 .iter()
@@ -4093,6 +4104,17 @@ async fn a_disk_restore_whose_ready_was_lost_is_held_not_erased() {
     assert_eq!(disk_capacity(&h).await, (40 * MIB, Some(30 * MIB)));
     let (_, out) = state_check(&h);
     assert!(!out.contains("is held"), "{out}");
+    // The erase that ends the hold takes the marker with it.
+    for _ in 0..500 {
+        if !disk_marker(&h, &vol).exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        !disk_marker(&h, &vol).exists(),
+        "the marker outlived the hold"
+    );
 }
 
 /// `state check` before start-up: a restore onto a disk whose record says
@@ -4389,4 +4411,312 @@ async fn delete_of_a_volume_whose_file_was_moved_away_waits_for_its_mounts() {
         delete(&h, id).await;
         assert!(!h.driver.store.contains(id));
     }
+}
+
+/// A restore of snapshot `snap` onto a pool disk, named `name`.
+fn disk_restore_req(name: &str, snap: &str) -> csi::CreateVolumeRequest {
+    let mut req = create_req_p(name, 8 * MIB, &[("pool", "disk")]);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snap.to_string(),
+            },
+        )),
+    });
+    req
+}
+
+/// A berth on a fake of its own over the disks and state of a stopped one
+/// (`dir`), serving block volumes from the pool of stand-in disks.
+fn restart_disks(dir: tempfile::TempDir) -> Harness {
+    let (os, f) = berth::os::Os::fake();
+    register_disks(&f, &dir.path().join("disks"), None);
+    script_blank(&f);
+    let pool = format!("{}/disks/d*", dir.path().display());
+    build(
+        dir,
+        os,
+        Some(f),
+        &["--kinds", "block", "--disk-pool", pool.as_str()],
+    )
+}
+
+/// Waits until no block record but those named in `keep` is left (a
+/// whole-disk erase runs on a thread of its own).
+fn wait_for_block_records(h: &Harness, keep: &[&str]) {
+    for _ in 0..1000 {
+        if h.driver
+            .store
+            .filter(|r| r.kind == berth::state::Kind::Block && !keep.contains(&r.id.as_str()))
+            .is_empty()
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!(
+        "records left: {:?}",
+        h.driver
+            .store
+            .filter(|r| !keep.contains(&r.id.as_str()))
+            .iter()
+            .map(|r| r.id.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A restore onto a disk killed during its copy: the disk is claimed and
+/// its record says Creating, but the volume has no marker yet (it is
+/// written only once the copy is whole, just before the Ready record: the
+/// restore's own file operations show that order). Start-up knows it was
+/// never handed out: the disk is erased (in the background) and offered
+/// again, not held for an operator (before, every kill during a disk
+/// restore's copy held its disk). `state check` says so as a warning.
+#[tokio::test]
+async fn a_disk_restore_killed_during_its_copy_is_erased_and_offered_again() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
+    write_at(&img(&h, &src), b"snapshot data", 4096);
+    let snap = snapshot_id(&h, "s", &src).await;
+    h.fake().clear_file_ops();
+    let vol = created_id(
+        h.ctl
+            .create_volume(Request::new(disk_restore_req("r", &snap)))
+            .await,
+    );
+    let d10 = dir.join("d10");
+    assert_eq!(block_info(&h, &vol).disk.unwrap().path, d10);
+    let marker = disk_marker(&h, &vol);
+    assert!(marker.is_file(), "no marker");
+    // The marker is made after the copy onto the disk.
+    let ops = h.fake().file_ops();
+    let copied = ops
+        .iter()
+        .position(|o| o.op == "copy" && o.path == d10)
+        .expect("a copy onto the disk");
+    let marked = ops
+        .iter()
+        .position(|o| o.path == marker)
+        .expect("the marker made");
+    assert!(copied < marked, "{ops:?}");
+    // What a kill during the copy leaves: the record says Creating, the
+    // copy is partly on the disk, no marker.
+    let mut r = h.driver.store.get(&vol).unwrap();
+    h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+    std::fs::remove_file(&marker).unwrap();
+    let (_, out) = state_check(&h);
+    let line = out
+        .lines()
+        .find(|l| l.contains(&vol) && l.contains("never reached its Ready record"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("warning"), "{line}");
+    assert!(line.contains("erases the disk"), "{line}");
+    assert!(!out.contains("holds the disk"), "{out}");
+    let h = restart_disks(h.stop());
+    wait_for_block_records(&h, &[src.as_str()]);
+    assert!(h.driver.store.get(&vol).is_none());
+    assert!(h
+        .driver
+        .store
+        .get(&berth::kinds::block::held_id(&vol))
+        .is_none());
+    assert!(h
+        .fake()
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &d10)));
+    assert!(std::fs::read(&d10).unwrap().iter().all(|&x| x == 0));
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+    let next = create(&h, "next", 8 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    assert_eq!(block_info(&h, &next).disk.unwrap().path, d10);
+}
+
+/// A plain raw create onto a disk whose Ready record was lost (the journal
+/// cut after CreateVolume answered), whose tenant wrote only where the
+/// pool's blank test does not look: its marker says it reached Ready, so
+/// start-up holds the disk (before, it released it to the pool without an
+/// erase, and the next create got the tenant's data). Not offered, not
+/// free, not erased; `state check` reports the hold as an error.
+#[tokio::test]
+async fn a_raw_disk_create_whose_ready_was_lost_is_held_not_offered() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let mut req = create_req_p("raw", 8 * MIB, &[("pool", "disk")]);
+    req.volume_capabilities = vec![raw_cap()];
+    let vol = created_id(h.ctl.create_volume(Request::new(req)).await);
+    let d10 = dir.join("d10");
+    assert_eq!(block_info(&h, &vol).disk.unwrap().path, d10);
+    let unsampled = unsampled_offsets(10 * MIB as u64);
+    let at = unsampled[unsampled.len() / 2];
+    write_at(&d10, b"tenant data", at);
+    let dir_path = h.stop();
+    let cut = cut_journal_before_last(&dir_path.path().join("state"), &vol);
+    assert_eq!(cut.lines().count(), 1, "{cut}");
+    assert!(cut.contains("Ready") || cut.contains("ready"), "{cut}");
+    let h = restart_disks(dir_path);
+    let held = berth::kinds::block::held_id(&vol);
+    assert!(h.driver.store.get(&vol).is_none(), "not rolled back");
+    assert!(h.driver.store.get(&held).is_some(), "no hold");
+    assert!(
+        !h.fake()
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })),
+        "a disk was erased"
+    );
+    assert!(
+        disk_marker(&h, &vol).is_file(),
+        "the marker stays with the hold"
+    );
+    let (clean, out) = state_check(&h);
+    assert!(!clean, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&held))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("error") && line.contains(&vol), "{line}");
+    // Not free, not offered: the next create gets d20.
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    let next = create(&h, "next", 8 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    assert_eq!(block_info(&h, &next).disk.unwrap().path, dir.join("d20"));
+    let mut buf = [0u8; 11];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&d10).unwrap(), &mut buf, at)
+        .unwrap();
+    assert_eq!(&buf, b"tenant data");
+}
+
+/// A disk volume made before disk markers were (a Ready record, no
+/// marker) gets its marker at start-up, so a Ready record it loses later
+/// holds its disk as well.
+#[tokio::test]
+async fn start_up_marks_ready_disk_volumes_made_before_markers() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let file = create(&h, "file", 8 * MIB, &[]).await.volume_id;
+    let vol = create(&h, "old", 8 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    std::fs::remove_file(disk_marker(&h, &vol)).unwrap();
+    let h = restart_disks(h.stop());
+    assert!(disk_marker(&h, &vol).is_file(), "not marked at start-up");
+    assert!(
+        !disk_marker(&h, &file).exists(),
+        "a file volume is not a disk"
+    );
+    // Its Ready record lost later: held, not released.
+    let dir_path = h.stop();
+    cut_journal_before_last(&dir_path.path().join("state"), &vol);
+    let h = restart_disks(dir_path);
+    assert!(h.driver.store.get(&vol).is_none());
+    let hold = h
+        .driver
+        .store
+        .get(&berth::kinds::block::held_id(&vol))
+        .expect("a hold");
+    assert_eq!(hold.block.unwrap().disk.unwrap().path, dir.join("d10"));
+}
+
+/// DeleteVolume of a disk volume removes its marker once the disk is
+/// erased and the record gone; a marker without any record (a delete
+/// stopped after its record was removed) is reported by `state check`
+/// and removed at start-up; the markers of live volumes stay.
+#[tokio::test]
+async fn disk_markers_go_with_their_volumes() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let a = create(&h, "a", 8 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let b = create(&h, "b", 8 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    assert!(disk_marker(&h, &a).is_file() && disk_marker(&h, &b).is_file());
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: a.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(h
+        .fake()
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &dir.join("d10"))));
+    assert!(h.driver.store.get(&a).is_none());
+    assert!(
+        !disk_marker(&h, &a).exists(),
+        "the marker outlived its volume"
+    );
+    assert!(disk_marker(&h, &b).is_file());
+    // A marker left behind by a delete that stopped after its record.
+    std::fs::write(disk_marker(&h, &a), b"").unwrap();
+    let (_, out) = state_check(&h);
+    let line = out
+        .lines()
+        .find(|l| l.contains(&disk_marker(&h, &a).display().to_string()))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("warning") && line.contains("no record"),
+        "{line}"
+    );
+    let h = restart_disks(h.stop());
+    assert!(!disk_marker(&h, &a).exists(), "a leftover marker stays");
+    assert!(
+        disk_marker(&h, &b).is_file(),
+        "a live volume lost its marker"
+    );
+    assert!(h.driver.store.get(&b).is_some());
+}
+
+/// A create onto a disk (plain, and a restore) that fails at its last
+/// step, the marker (its fsync refused): the create answers the error and
+/// rolls itself back, the restore's disk erased and the plain create's
+/// released, and the marker it had begun is removed, so nothing is held
+/// and the disks are free again.
+#[tokio::test]
+async fn a_disk_create_that_fails_at_its_marker_is_rolled_back_without_it() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
+    let snap = snapshot_id(&h, "s", &src).await;
+    let markers = h.path("block").join(".disks");
+    h.fake().fail_op_under("fsync", &markers, libc::EIO);
+    for (name, req) in [
+        ("plain", create_req_p("plain", 8 * MIB, &[("pool", "disk")])),
+        ("restore", disk_restore_req("restore", &snap)),
+    ] {
+        h.fake().clear_calls();
+        let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
+        assert!(e.message().contains(".disks"), "{name}: {e:?}");
+        assert!(h.driver.store.get_by_name(name).is_none(), "{name}");
+        let erased = h
+            .fake()
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &dir.join("d10")));
+        assert_eq!(erased, name == "restore", "{name}");
+    }
+    assert!(h
+        .driver
+        .store
+        .filter(|r| r.id.starts_with(berth::kinds::block::HELD_PREFIX))
+        .is_empty());
+    let left: Vec<_> = std::fs::read_dir(&markers)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    h.fake().clear_file_faults();
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
 }

@@ -63,9 +63,9 @@ fn is_wipe_record(id: &str) -> bool {
 
 /// Prefix of the internal records of pool disks held for an operator: the
 /// disk's volume reached Ready (its marker says so, `disk_marker`) yet its
-/// record still said Creating at start-up (`BlockKind::hold_disk`). Not a volume
-/// id of any kind: no RPC reaches them, and nothing erases or offers the
-/// disk until an operator releases it (`berth state release`).
+/// record still said Creating at start-up (`BlockKind::hold_disk`). Not a
+/// volume id of any kind: no RPC reaches them, and nothing erases or
+/// offers the disk until an operator releases it (`berth state release`).
 pub const HELD_PREFIX: &str = "held-";
 
 /// The id of the record that holds the disk of block volume `id`.
@@ -371,10 +371,10 @@ impl BlockKind {
     /// lost its Ready record (a cut or damaged journal), and a tenant's
     /// data on a disk cannot be told from a restore's copy nor, where the
     /// tenant wrote outside the pool's blank sample, from a blank disk. A
-    /// record of its own (phase Ready, so no retry ever
-    /// erases it) claims the disk: it is never erased, never offered to a
-    /// new volume (`free_disks`) nor counted as free (GetCapacity), also
-    /// across restarts, until an operator releases it (`berth state
+    /// record of its own (phase Ready, so no retry ever erases it) claims
+    /// the disk: it is never erased, never offered to a new volume
+    /// (`free_disks`) nor counted as free (GetCapacity), also across
+    /// restarts, until an operator releases it (`berth state
     /// release`); `berth state check` reports it as an error. Idempotent.
     fn hold_disk(&self, rec: &VolumeRecord, d: &DiskRef) -> Result<String> {
         let id = held_id(&rec.id);
@@ -455,7 +455,8 @@ impl BlockKind {
     }
 
     /// Start-up: every Ready disk volume gets its marker (volumes made
-    /// before markers were), and a marker no record needs any more (no
+    /// before markers were; one that cannot be written is logged, and the
+    /// others still get theirs), and a marker no record needs any more (no
     /// record of its volume nor a hold of its disk: a delete whose purge
     /// did not finish) is removed. Something else in `.disks/` is left
     /// alone and reported.
@@ -467,9 +468,18 @@ impl BlockKind {
                 && r.block.as_ref().is_some_and(|b| b.disk.is_some())
         });
         for r in ready {
-            if !self.disk_marked(&r.id) {
-                self.mark_disk(&r.id)?;
-                tracing::info!(volume_id = %r.id, "disk volume marked (it was made before disk markers were)");
+            if self.disk_marked(&r.id) {
+                continue;
+            }
+            match self.mark_disk(&r.id) {
+                Ok(()) => {
+                    tracing::info!(volume_id = %r.id, "disk volume marked (it was made before disk markers were)")
+                }
+                // Its disk would be released, not held, if its Ready
+                // record were lost before the next start-up marks it.
+                Err(e) => {
+                    tracing::error!(volume_id = %r.id, error = %e.render(), "could not write the marker of a disk volume; the next start-up tries again")
+                }
             }
         }
         let dir = self.root.join(DISK_MARKERS);
@@ -1254,7 +1264,9 @@ impl VolumeKind for BlockKind {
 
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
         self.reconcile_snapshots(known)?;
-        self.reconcile_disk_markers()?;
+        if let Err(e) = self.reconcile_disk_markers() {
+            tracing::error!(error = %e.render(), "could not reconcile the disk markers");
+        }
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
         for e in entries.flatten() {
@@ -1376,6 +1388,7 @@ impl VolumeKind for BlockKind {
     /// is erased: this process knows it never answered, and a rollback
     /// that fails (or a crash during it) leaves a record that a retry
     /// erases, not one that start-up must hold (`hold_disk`).
+    ///
     /// A disk volume's marker, if the create got as far as making it, is
     /// removed once its disk is erased or released (best effort: `purge`
     /// and start-up remove a leftover one), before its record, so a record

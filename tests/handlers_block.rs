@@ -4720,3 +4720,66 @@ async fn a_disk_create_that_fails_at_its_marker_is_rolled_back_without_it() {
     h.fake().clear_file_faults();
     assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
 }
+
+/// Disk volumes whose records were made before disk markers (no `marker`
+/// flag in their block section) and still say Creating at start-up: the
+/// marker's absence tells nothing for them (the journal may have lost the
+/// Ready line of a volume made, and handed out, before the upgrade), so
+/// their disks are held, a plain create's as well as a restore's, as
+/// `state check` says first; nothing is erased.
+#[tokio::test]
+async fn creating_disk_records_from_before_markers_are_held() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
+    let snap = snapshot_id(&h, "s", &src).await;
+    let plain = create(&h, "plain", 8 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let restored = created_id(
+        h.ctl
+            .create_volume(Request::new(disk_restore_req("r", &snap)))
+            .await,
+    );
+    for id in [&plain, &restored] {
+        let mut r = h.driver.store.get(id).unwrap();
+        let mut b = r.block.clone().unwrap();
+        assert!(b.marker, "{id}: a new record knows it has a marker");
+        b.marker = false;
+        r.block = Some(b);
+        h.driver.store.put(&r).unwrap();
+        h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+        std::fs::remove_file(disk_marker(&h, id)).unwrap();
+    }
+    let (clean, out) = state_check(&h);
+    assert!(!clean, "{out}");
+    for id in [&plain, &restored] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(id.as_str()) && l.contains("predates disk markers"))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(
+            line.contains("error") && line.contains("holds the disk"),
+            "{line}"
+        );
+    }
+    let h = restart_disks(h.stop());
+    assert!(
+        !h.fake()
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::ZeroOut { .. } | Call::ZeroSample { .. })),
+        "a disk was erased"
+    );
+    for (id, disk) in [(&plain, "d10"), (&restored, "d20")] {
+        assert!(h.driver.store.get(id).is_none(), "{id}");
+        let hold = h
+            .driver
+            .store
+            .get(&berth::kinds::block::held_id(id))
+            .unwrap_or_else(|| panic!("{id}: no hold"));
+        assert_eq!(hold.block.unwrap().disk.unwrap().path, dir.join(disk));
+    }
+    assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
+}

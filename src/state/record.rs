@@ -447,6 +447,14 @@ pub struct BlockInfo {
     /// Set for volumes of the whole-disk pool (no backing file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskRef>,
+    /// The disk volume's create writes a marker before its Ready record
+    /// (`kinds::block::disk_marker`): set with `disk`, in the same write,
+    /// so a record still Creating that names its disk and lacks its marker
+    /// never reached Ready. False in records of versions before markers,
+    /// whose marker's absence tells nothing: such a disk is held
+    /// (`BlockKind::hold_disk`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub marker: bool,
     /// Filesystem used when a mount capability names none (StorageClass
     /// parameter fsType, default ext4).
     #[serde(default)]

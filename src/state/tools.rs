@@ -156,12 +156,26 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                     "create"
                 };
                 let marker = crate::kinds::block::disk_marker(&block_root, &r.id);
-                if crate::kinds::block::disk_marked(os.files.as_ref(), &block_root, &r.id) {
+                let legacy = r.block.as_ref().is_none_or(|b| !b.marker);
+                let held = crate::kinds::block::held_id(&r.id);
+                if legacy
+                    || by_id.contains_key(held.as_str())
+                    || crate::kinds::block::disk_marked(os.files.as_ref(), &block_root, &r.id)
+                {
+                    let why = if legacy {
+                        "its record predates disk markers, so nothing tells whether it got as far as its Ready record".to_string()
+                    } else if by_id.contains_key(held.as_str()) {
+                        format!("its disk is held already ({held})")
+                    } else {
+                        format!(
+                            "yet it got as far as its Ready record ({} is there)",
+                            marker.display()
+                        )
+                    };
                     out.push(error(format!(
-                        "volume {} ({}): its {what} onto disk {disk} never answered, yet it got as far as its Ready record ({} is there): was its Ready record lost? start-up holds the disk, never erases it nor offers it to a new volume",
+                        "volume {} ({}): its {what} onto disk {disk} never answered, {why}: was its Ready record lost? start-up holds the disk, never erases it nor offers it to a new volume",
                         r.id,
                         r.name,
-                        marker.display()
                     )));
                 } else {
                     let then = if r.source.is_some() {

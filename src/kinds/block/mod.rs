@@ -447,11 +447,15 @@ impl BlockKind {
         }
     }
 
-    /// Whether the disk of volume `id` (a record still Creating) may have
-    /// been handed out: its marker is there, or its disk is held already
-    /// (a hold whose volume's record came back: a journal cut after it).
-    fn may_be_handed_out(&self, id: &str) -> bool {
-        self.disk_marked(id) || self.store.contains(&held_id(id))
+    /// Whether the disk of `rec` (a record still Creating) may have been
+    /// handed out: its marker is there, or its disk is held already (a
+    /// hold whose volume's record came back: a journal cut after it), or
+    /// its record was made before markers were (`BlockInfo::marker`: the
+    /// marker's absence tells nothing then).
+    fn may_be_handed_out(&self, rec: &VolumeRecord) -> bool {
+        rec.block.as_ref().is_none_or(|b| !b.marker)
+            || self.disk_marked(&rec.id)
+            || self.store.contains(&held_id(&rec.id))
     }
 
     /// Start-up: every Ready disk volume gets its marker (volumes made
@@ -934,6 +938,7 @@ impl BlockKind {
                 let disk = self.claim_disk(rec.capacity_bytes)?;
                 tracing::info!(volume_id = %rec.id, disk = %disk.path.display(), "disk claimed");
                 info.disk = Some(disk);
+                info.marker = true;
                 rec.block = Some(info);
                 self.store.put(rec)?;
                 Ok(())
@@ -949,12 +954,13 @@ impl BlockKind {
     /// after its record (`purge`).
     fn remove_volume(&self, rec: &VolumeRecord, mount_table: &LazyTable, keep: bool) -> Result<()> {
         if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
-            if keep && rec.phase == Phase::Creating && self.may_be_handed_out(&rec.id) {
+            if keep && rec.phase == Phase::Creating && self.may_be_handed_out(rec) {
                 // A create whose record still says Creating, found after
                 // the fact (start-up, a retry), with its marker there: it
                 // got as far as its Ready record, which was lost since (a
                 // cut or damaged journal), so the volume may have been
-                // handed out and hold a tenant's data (`hold_disk`). A
+                // handed out and hold a tenant's data (`hold_disk`); also
+                // one whose record predates markers, which cannot tell. A
                 // create this process ran and that failed is rolled back
                 // without `keep`.
                 let held = self.hold_disk(rec, &d)?;
@@ -1377,7 +1383,7 @@ impl VolumeKind for BlockKind {
         self.disk_wipe == DiskWipe::Zero
             && rec.block.as_ref().is_some_and(|b| b.disk.is_some())
             && (rec.phase != Phase::Creating
-                || (rec.source.is_some() && !self.may_be_handed_out(&rec.id)))
+                || (rec.source.is_some() && !self.may_be_handed_out(rec)))
     }
 
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {

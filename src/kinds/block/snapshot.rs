@@ -160,6 +160,8 @@ impl BlockKind {
         BlockInfo {
             allocation: info.allocation,
             disk: None,
+            // A disk's own, set with its claim.
+            marker: false,
             default_fs: info.default_fs.clone(),
             mkfs_options: info.mkfs_options.clone(),
             formatted: info.formatted,

@@ -3977,14 +3977,7 @@ async fn a_disk_restore_whose_ready_was_lost_is_held_not_erased() {
     assert!(from_snap < 8 * MIB as u64);
     write_at(&img(&h, &src), b"snapshot data", from_snap);
     let snap = snapshot_id(&h, "s", &src).await;
-    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource {
-                snapshot_id: snap.clone(),
-            },
-        )),
-    });
+    let req = disk_restore_req("r", &snap);
     let vol = created_id(h.ctl.create_volume(Request::new(req)).await);
     let d10 = dir.join("d10");
     let disk = block_info(&h, &vol).disk.unwrap();
@@ -4126,12 +4119,7 @@ async fn state_check_reports_an_unanswered_disk_restore() {
     script_blank(h.fake());
     let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
     let snap = snapshot_id(&h, "s", &src).await;
-    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
-        )),
-    });
+    let req = disk_restore_req("r", &snap);
     let vol = created_id(h.ctl.create_volume(Request::new(req)).await);
     let mut r = h.driver.store.get(&vol).unwrap();
     h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
@@ -4159,12 +4147,7 @@ async fn a_failed_disk_restore_is_rolled_back_not_held() {
     script_blank(h.fake());
     let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
     let snap = snapshot_id(&h, "s", &src).await;
-    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
-        )),
-    });
+    let req = disk_restore_req("r", &snap);
     let d10 = dir.join("d10");
     h.fake().fail_op_under("copy", &d10, libc::EIO);
     let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
@@ -4206,12 +4189,7 @@ async fn a_failed_disk_restore_whose_rollback_failed_is_erased_by_the_retry() {
     script_blank(h.fake());
     let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
     let snap = snapshot_id(&h, "s", &src).await;
-    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
-        )),
-    });
+    let req = disk_restore_req("r", &snap);
     let d10 = dir.join("d10");
     h.fake().fail_op_under("copy", &d10, libc::EIO);
     h.fake().respond("wipefs", |_| out(1, ""));
@@ -4254,12 +4232,7 @@ async fn a_stage_of_a_volume_whose_disk_is_held_can_be_torn_down() {
     script_blank(h.fake());
     let src = create(&h, "src", 8 * MIB, &[]).await.volume_id;
     let snap = snapshot_id(&h, "s", &src).await;
-    let mut req = create_req_p("r", 8 * MIB, &[("pool", "disk")]);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
-        )),
-    });
+    let req = disk_restore_req("r", &snap);
     let vol = created_id(h.ctl.create_volume(Request::new(req)).await);
     let s = h.path("s");
     h.node

@@ -29,7 +29,7 @@ pub struct Driver {
     /// Berth's own directories, which no node RPC may mount on or remove.
     pub protected: crate::node::paths::Protected,
     /// Where each volume is staged (`node::staged`).
-    pub staged: crate::node::staged::StagedAt,
+    pub staged: Arc<crate::node::staged::StagedAt>,
     kinds: BTreeMap<Kind, Arc<dyn VolumeKind>>,
     /// True while start-up work that runs after the socket is up (remote
     /// kinds' interrupted operations) is not done: Probe is not ready.
@@ -67,6 +67,12 @@ impl Driver {
             (store, listed.and_then(|h| h.join().ok()))
         });
         let store = Arc::new(store?);
+        // Read once the state directory is this process's (`Store::open`
+        // takes its lock).
+        let staged = Arc::new(crate::node::staged::StagedAt::open(
+            &state_dir,
+            os.files.clone(),
+        ));
         // The local kind first: the block kind keeps its promises in mind
         // where the two roots share a filesystem.
         let local = if cfg.kinds.contains(&Kind::Local) {
@@ -75,7 +81,7 @@ impl Driver {
                 &node_id,
                 os.clone(),
                 store.clone(),
-                crate::node::staged::StagedAt::new(&state_dir),
+                staged.clone(),
                 listed.take(),
             )?))
         } else {
@@ -92,6 +98,7 @@ impl Driver {
                     os.clone(),
                     store.clone(),
                     local.clone(),
+                    staged.clone(),
                 )?),
                 (Kind::Nfs, _) => Arc::new(NfsKind::new(
                     state_dir.join("nfs"),
@@ -113,7 +120,7 @@ impl Driver {
         );
         let d = Arc::new(Driver {
             protected,
-            staged: crate::node::staged::StagedAt::new(&state_dir),
+            staged,
             dir_locks: std::sync::Mutex::new(dir_locks),
             topology_key: cfg.topology_key(),
             node_id,

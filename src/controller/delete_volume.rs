@@ -84,7 +84,7 @@ pub async fn handle(
         kind.delete_with(&rec, &mount_table)?;
         d.store.remove(&id)?;
         kind.purge(&rec);
-        d.staged.discard(d.os.files.as_ref(), &id);
+        d.staged.discard(&id);
         Ok(())
     })
     .await?;

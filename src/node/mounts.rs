@@ -267,7 +267,7 @@ pub fn stage_bind(
         .map(|m| m.mount_point.clone())
         .collect();
     refuse_staged_elsewhere(staging, &elsewhere, || staged.is(id, staging))?;
-    staged.remember(os.files.as_ref(), id, staging);
+    staged.remember(id, staging);
     mount_on_dir(os, staging, || {
         os.mounter
             .bind(source, staging, MountFlags::default())
@@ -606,7 +606,7 @@ impl VolumeDir<'_> {
     /// volume's directory; refusing them as another's failed every
     /// unpublish and unstage of the volume forever (`renamed` covers a
     /// rename beside it with the path left empty only). Read only on the
-    /// refusal path: one readlink, and the table the caller read.
+    /// refusal path: one lookup in memory, and the table the caller read.
     pub fn moved(
         &self,
         os: &Os,
@@ -745,11 +745,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let (os, fake) = Os::fake();
-        for d in ["vol-a", "vol-b"] {
+        for d in ["vol-a", "vol-b", "state"] {
             std::fs::create_dir(root.join(d)).unwrap();
         }
         Env {
-            staged: StagedAt::new(&root.join("state")),
+            staged: StagedAt::open(&root.join("state"), os.files.clone()),
             _dir: dir,
             root,
             os,
@@ -864,7 +864,7 @@ mod tests {
     fn stage_where_another_volume_is_mounted_is_already_exists() {
         let e = env();
         let staging = e.root.join("stage");
-        stage_bind(&e.os, &e.staged, "vol", &e.root.join("vol-b"), &staging).unwrap();
+        stage_bind(&e.os, &e.staged, "other", &e.root.join("vol-b"), &staging).unwrap();
         for unknown in [false, true] {
             e.fake.set_probe_unknown(&staging, unknown);
             e.fake.clear_calls();

@@ -37,7 +37,7 @@ pub async fn handle(
             Err(e) => Err(e),
         };
         if r.is_ok() {
-            d.staged.forget(d.os.files.as_ref(), &id, &staging);
+            d.staged.forget(&id, &staging);
         }
         r
     })

@@ -1,7 +1,6 @@
-//! Where each volume is staged: `<state-dir>/staged/<id>`, a symlink whose
-//! text is the staging path of the volume's last NodeStageVolume that
-//! mounted (made just before its mount), removed by NodeUnstageVolume
-//! there and by DeleteVolume.
+//! Where each volume is staged: the staging path of the volume's last
+//! NodeStageVolume that mounted (recorded just before its mount), forgotten
+//! by NodeUnstageVolume there and by DeleteVolume.
 //!
 //! It tells the volume's own staging path from a second one when the
 //! staging mount is gone and the pods' mounts are not: an operator's
@@ -12,98 +11,320 @@
 //! mounted volume (two staging paths could never be unstaged, each
 //! counting the other as a publication). The kernel cannot tell the two
 //! apart (a bind shows the same directory or device either way); this
-//! entry can: a stage at the path it names is the same staging path again.
+//! record can: a stage at the path it names is the same staging path again.
+//! It also names the mounts of a volume whose storage was moved away by
+//! hand (`VolumeDir::moved`, DeleteVolume's wait).
+//!
+//! Kept in memory and in `<state-dir>/staged.log`, one JSON line per
+//! change appended with one write(2) (`{"id":..,"at":..}` records a path,
+//! `{"id":..}` forgets it), read back at start-up and rewritten whole (a
+//! new file renamed over it) when it has grown to several times what it
+//! records. An append makes no inode: the symlink per volume this replaced
+//! (`<state-dir>/staged/<id>`, read once at start-up and removed) cost
+//! NodeStage about 170 µs at p50, a write costs a few.
 //!
 //! Not synced: it outlives any process, and the power loss that could take
 //! it takes the mounts too. A failure to write it never fails a stage (the
-//! stage then only loses this recovery). The staging path is compared as
-//! the request resolves it (`Protected::resolve`), as it is stored.
+//! stage then only loses this recovery, logged), and a line that cannot be
+//! read back is skipped with a warning (a cut last line after a power
+//! loss). The staging path is compared as the request resolves it
+//! (`Protected::resolve`), as it is stored. Volume ids are checked (a safe
+//! path component) before they get here.
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::os::files::{ensure_dir, Files};
+use serde::{Deserialize, Serialize};
+
+use crate::os::files::{read_regular, Files, Open};
 use crate::os::OsError;
 
-#[derive(Debug, Clone)]
+/// The log's file name in the state directory.
+pub const LOG: &str = "staged.log";
+/// The directory of one symlink per volume that earlier versions kept.
+const LEGACY_DIR: &str = "staged";
+/// A log larger than this is not read (it is not one Berth wrote).
+const MAX_LOG: u64 = 64 << 20;
+/// Lines beyond twice the live records before the log is rewritten.
+const SLACK_LINES: usize = 1024;
+
+#[derive(Serialize, Deserialize)]
+struct Line<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    at: Option<Cow<'a, str>>,
+}
+
+struct Inner {
+    at: HashMap<String, PathBuf>,
+    /// The log open for writing and its length; None after a failed write
+    /// (the next change rewrites it whole).
+    log: Option<(File, u64)>,
+    /// Lines in the log.
+    lines: usize,
+}
+
 pub struct StagedAt {
-    dir: PathBuf,
+    state_dir: PathBuf,
+    files: Arc<dyn Files>,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for StagedAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedAt")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StagedAt {
-    /// Entries under `<state_dir>/staged`.
-    pub fn new(state_dir: &Path) -> Self {
-        StagedAt {
-            dir: state_dir.join("staged"),
+    /// Reads `<state_dir>/staged.log` (and the symlinks earlier versions
+    /// kept under `<state_dir>/staged`, which it then removes). Never
+    /// fails: what cannot be read is logged and not known.
+    pub fn open(state_dir: &Path, files: Arc<dyn Files>) -> Self {
+        let s = StagedAt {
+            state_dir: state_dir.to_path_buf(),
+            files,
+            inner: Mutex::new(Inner {
+                at: HashMap::new(),
+                log: None,
+                lines: 0,
+            }),
+        };
+        let mut inner = s.lock();
+        let (lines, clean) = s.read_log(&mut inner.at);
+        inner.lines = lines;
+        let legacy = s.read_legacy(&mut inner.at);
+        if !clean || legacy.as_ref().is_some_and(|l| !l.is_empty()) || s.oversized(&inner) {
+            s.rewrite(&mut inner);
+        } else {
+            s.reopen(&mut inner);
+        }
+        // Removed once the log holds them (kept to be read again otherwise).
+        if let (Some(seen), true) = (&legacy, inner.log.is_some()) {
+            s.remove_legacy(seen);
+        }
+        drop(inner);
+        s
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.state_dir.join(LOG)
+    }
+
+    /// Replays the log into `at`: (lines read, whether every line was
+    /// whole).
+    fn read_log(&self, at: &mut HashMap<String, PathBuf>) -> (usize, bool) {
+        let path = self.log_path();
+        let bytes = match read_regular(&path, Some(MAX_LOG + 1)) {
+            Ok(b) if b.len() as u64 <= MAX_LOG => b,
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "the staging-path log is larger than Berth writes one; not read (it is rewritten)");
+                return (0, false);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (0, true),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not read the staging-path log (it is rewritten)");
+                return (0, false);
+            }
+        };
+        let (mut lines, mut bad) = (0, 0);
+        let mut pieces = bytes.split(|b| *b == b'\n').peekable();
+        while let Some(raw) = pieces.next() {
+            if raw.is_empty() && pieces.peek().is_none() {
+                break;
+            }
+            lines += 1;
+            match serde_json::from_slice::<Line<'_>>(raw) {
+                Ok(Line { id, at: Some(p) }) => {
+                    at.insert(id.into_owned(), PathBuf::from(p.into_owned()));
+                }
+                Ok(Line { id, at: None }) => {
+                    at.remove(id.as_ref());
+                }
+                Err(_) => bad += 1,
+            }
+        }
+        let cut = !bytes.is_empty() && !bytes.ends_with(b"\n");
+        if bad > 0 {
+            tracing::warn!(path = %path.display(), lines = bad, "skipped staging-path log lines that cannot be read (a line cut by a power loss, or damage): those volumes' staging paths are not known (they are known again at their next stage)");
+        }
+        (lines, bad == 0 && !cut)
+    }
+
+    /// Opens the log as it is for appending.
+    fn reopen(&self, inner: &mut Inner) {
+        let path = self.log_path();
+        let opened = self.files.open(&path, Open::CreateOrKeep).and_then(|f| {
+            let len = f
+                .metadata()
+                .map_err(|e| OsError::sys("fstat", &path, e))?
+                .len();
+            Ok((f, len))
+        });
+        match opened {
+            Ok(log) => inner.log = Some(log),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not open the staging-path log (rewritten at the next change)");
+            }
         }
     }
 
-    /// Volume ids are checked (a safe path component) before they get here.
-    fn entry(&self, id: &str) -> PathBuf {
-        self.dir.join(id)
+    /// Takes in the symlinks earlier versions kept (`<state_dir>/staged/<id>`)
+    /// for volumes the log does not know; returns the entries seen (None:
+    /// no such directory).
+    fn read_legacy(&self, at: &mut HashMap<String, PathBuf>) -> Option<Vec<PathBuf>> {
+        let dir = self.state_dir.join(LEGACY_DIR);
+        let rd = std::fs::read_dir(&dir).ok()?;
+        let mut seen = Vec::new();
+        for e in rd.flatten() {
+            let p = e.path();
+            if let (Some(id), Ok(target)) = (e.file_name().to_str(), std::fs::read_link(&p)) {
+                if !id.starts_with('.') && !at.contains_key(id) {
+                    at.insert(id.to_string(), target);
+                }
+            }
+            seen.push(p);
+        }
+        Some(seen)
+    }
+
+    /// Removes the legacy entries (once the log holds them) and their
+    /// directory.
+    fn remove_legacy(&self, seen: &[PathBuf]) {
+        for p in seen {
+            if let Err(e) = self.files.remove_file(p) {
+                tracing::warn!(path = %p.display(), error = %e, "could not remove an old staging-path record");
+            }
+        }
+        match self.files.remove_dir(&self.state_dir.join(LEGACY_DIR)) {
+            Err(e) if e.errno() != Some(libc::ENOENT) => {
+                tracing::warn!(error = %e, "could not remove the old staging-path directory");
+            }
+            _ => {}
+        }
+    }
+
+    fn oversized(&self, inner: &Inner) -> bool {
+        inner.lines > 2 * inner.at.len() + SLACK_LINES
+    }
+
+    /// Writes what is known to a new log and renames it over the old one.
+    /// A failure is logged; the log is then not written until the next
+    /// change tries again.
+    fn rewrite(&self, inner: &mut Inner) {
+        inner.log = None;
+        if let Err(e) = self.try_rewrite(inner) {
+            tracing::warn!(error = %e, "could not write the staging-path log (a staging mount unmounted by hand while a pod uses the volume then cannot be made again after a restart until the pod goes)");
+        }
+    }
+
+    fn try_rewrite(&self, inner: &mut Inner) -> Result<(), OsError> {
+        let tmp = self.state_dir.join(format!(".{LOG}.tmp"));
+        let f = self.files.open(&tmp, Open::CreateOrTruncate)?;
+        let mut buf = Vec::new();
+        for (id, p) in &inner.at {
+            if let Some(line) = line(id, Some(p)) {
+                buf.extend_from_slice(&line);
+            }
+        }
+        self.files.write_at(&f, &tmp, &buf, 0)?;
+        let path = self.log_path();
+        self.files.rename(&tmp, &path)?;
+        inner.lines = inner.at.len();
+        inner.log = Some((f, buf.len() as u64));
+        Ok(())
+    }
+
+    /// Appends one change (or rewrites the log when it has grown, or when
+    /// the last write failed).
+    fn append(&self, inner: &mut Inner, id: &str, at: Option<&Path>) {
+        if inner.log.is_none() || self.oversized(inner) {
+            return self.rewrite(inner);
+        }
+        let Some(buf) = line(id, at) else {
+            return;
+        };
+        let path = self.log_path();
+        let Some((f, end)) = inner.log.as_mut() else {
+            return;
+        };
+        match self.files.write_at(f, &path, &buf, *end) {
+            Ok(()) => {
+                *end += buf.len() as u64;
+                inner.lines += 1;
+            }
+            Err(e) => {
+                tracing::warn!(volume_id = %id, error = %e, "could not write the staging-path log (rewritten at the next change)");
+                inner.log = None;
+            }
+        }
     }
 
     /// Whether `staging` is where volume `id` was last staged (and not
-    /// unstaged since). One readlink.
+    /// unstaged since).
     pub fn is(&self, id: &str, staging: &Path) -> bool {
-        std::fs::read_link(self.entry(id)).is_ok_and(|p| p == staging)
+        self.lock().at.get(id).is_some_and(|p| p == staging)
     }
 
     /// Where volume `id` was last staged and not unstaged since, if
-    /// anywhere. One readlink.
+    /// anywhere.
     pub fn path(&self, id: &str) -> Option<PathBuf> {
-        std::fs::read_link(self.entry(id)).ok()
+        self.lock().at.get(id).cloned()
     }
 
-    /// Records `staging` as where volume `id` is staged: one symlink(2)
-    /// when there is no entry (the common case). A failure is logged.
-    pub fn remember(&self, files: &dyn Files, id: &str, staging: &Path) {
-        if let Err(e) = self.try_remember(files, id, staging) {
-            tracing::warn!(volume_id = %id, staging = %staging.display(), error = %e,
-                "could not record the staging path (a staging mount unmounted by hand while a pod uses the volume then cannot be made again until the pod goes)");
+    /// Records `staging` as where volume `id` is staged: one write(2)
+    /// unless it is recorded already. A failure is logged.
+    pub fn remember(&self, id: &str, staging: &Path) {
+        let mut inner = self.lock();
+        if inner.at.get(id).is_some_and(|p| p == staging) && inner.log.is_some() {
+            return;
         }
-    }
-
-    fn try_remember(&self, files: &dyn Files, id: &str, staging: &Path) -> Result<(), OsError> {
-        let entry = self.entry(id);
-        match files.symlink(staging, &entry) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.errno() == Some(libc::ENOENT) => {
-                ensure_dir(files, &self.dir, 0o700)?;
-                return files.symlink(staging, &entry);
-            }
-            Err(e) if e.errno() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e),
-        }
-        if self.is(id, staging) {
-            return Ok(());
-        }
-        // An entry for another path (an unstage that could not remove it):
-        // replaced in one rename.
-        let tmp = self.dir.join(format!(".{id}.tmp"));
-        match files.remove_file(&tmp) {
-            Err(e) if e.errno() != Some(libc::ENOENT) => return Err(e),
-            _ => {}
-        }
-        files.symlink(staging, &tmp)?;
-        files.rename(&tmp, &entry)
+        inner.at.insert(id.to_string(), staging.to_path_buf());
+        self.append(&mut inner, id, Some(staging));
     }
 
     /// Forgets `staging` as where volume `id` is staged, once it is
-    /// unstaged there; an entry naming another path is kept.
-    pub fn forget(&self, files: &dyn Files, id: &str, staging: &Path) {
-        if self.is(id, staging) {
-            self.discard(files, id);
+    /// unstaged there; a record naming another path is kept.
+    pub fn forget(&self, id: &str, staging: &Path) {
+        let mut inner = self.lock();
+        if inner.at.get(id).is_some_and(|p| p == staging) {
+            inner.at.remove(id);
+            self.append(&mut inner, id, None);
         }
     }
 
-    /// Removes volume `id`'s entry, whatever it names (DeleteVolume).
-    pub fn discard(&self, files: &dyn Files, id: &str) {
-        match files.remove_file(&self.entry(id)) {
-            Err(e) if e.errno() != Some(libc::ENOENT) => {
-                tracing::warn!(volume_id = %id, error = %e, "could not remove the record of the staging path");
-            }
-            _ => {}
+    /// Forgets volume `id`'s record, whatever it names (DeleteVolume).
+    pub fn discard(&self, id: &str) {
+        let mut inner = self.lock();
+        if inner.at.remove(id).is_some() {
+            self.append(&mut inner, id, None);
         }
     }
+}
+
+/// One log line; None for a path that is not UTF-8 (a CSI request's path
+/// always is).
+fn line(id: &str, at: Option<&Path>) -> Option<Vec<u8>> {
+    let at = match at {
+        Some(p) => Some(p.to_str()?),
+        None => None,
+    };
+    let line = Line {
+        id: Cow::Borrowed(id),
+        at: at.map(Cow::Borrowed),
+    };
+    let mut buf = serde_json::to_vec(&line).ok()?;
+    buf.push(b'\n');
+    Some(buf)
 }
 
 #[cfg(test)]
@@ -111,31 +332,112 @@ mod tests {
     use super::*;
     use crate::os::files::RealFiles;
 
+    fn open(d: &Path) -> StagedAt {
+        StagedAt::open(d, Arc::new(RealFiles))
+    }
+
     #[test]
     fn remembers_replaces_and_forgets_one_path_per_volume() {
         let d = tempfile::tempdir().unwrap();
-        let s = StagedAt::new(d.path());
+        let s = open(d.path());
         let (a, b) = (Path::new("/k/a"), Path::new("/k/b"));
         assert!(!s.is("v", a));
-        s.remember(&RealFiles, "v", a);
+        s.remember("v", a);
         assert!(s.is("v", a) && !s.is("v", b) && !s.is("w", a));
-        s.remember(&RealFiles, "v", a);
+        s.remember("v", a);
         assert!(s.is("v", a));
-        // A stale entry for another path is replaced.
-        s.remember(&RealFiles, "v", b);
+        // A stale record for another path is replaced.
+        s.remember("v", b);
         assert!(s.is("v", b) && !s.is("v", a));
-        // Forgetting another path keeps the entry.
-        s.forget(&RealFiles, "v", a);
+        // Forgetting another path keeps the record.
+        s.forget("v", a);
         assert!(s.is("v", b));
-        s.forget(&RealFiles, "v", b);
+        s.forget("v", b);
         assert!(!s.is("v", b));
-        s.remember(&RealFiles, "v", a);
-        s.discard(&RealFiles, "v");
-        s.discard(&RealFiles, "v");
+        s.remember("v", a);
+        s.discard("v");
+        s.discard("v");
         assert!(!s.is("v", a));
-        assert_eq!(
-            std::fs::read_dir(d.path().join("staged")).unwrap().count(),
-            0
-        );
+        assert_eq!(s.path("v"), None);
+    }
+
+    #[test]
+    fn a_restart_knows_what_was_recorded_and_not_forgotten() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        s.remember("v", Path::new("/k/v"));
+        s.remember("w", Path::new("/k/w"));
+        s.remember("x", Path::new("/k/x with\nnewline"));
+        s.forget("w", Path::new("/k/w"));
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/v")));
+        assert_eq!(s.path("w"), None);
+        assert_eq!(s.path("x"), Some(PathBuf::from("/k/x with\nnewline")));
+        // One line per change, no rewrite while it is small.
+        let log = std::fs::read_to_string(d.path().join(LOG)).unwrap();
+        assert_eq!(log.lines().count(), 4, "{log}");
+    }
+
+    #[test]
+    fn a_cut_or_damaged_line_is_skipped_and_the_rest_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join(LOG);
+        std::fs::write(
+            &log,
+            "{\"id\":\"v\",\"at\":\"/k/v\"}\ngarbage\n{\"id\":\"w\",\"at\":\"/k/w\"}\n{\"id\":\"x\",\"a",
+        )
+        .unwrap();
+        let s = open(d.path());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/v")));
+        assert_eq!(s.path("w"), Some(PathBuf::from("/k/w")));
+        assert_eq!(s.path("x"), None);
+        // Rewritten whole: an append after it starts a line of its own.
+        s.remember("y", Path::new("/k/y"));
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(s.path("y"), Some(PathBuf::from("/k/y")));
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/v")));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains("garbage"), "{text}");
+    }
+
+    #[test]
+    fn the_log_is_rewritten_once_it_has_grown() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        s.remember("keep", Path::new("/k/keep"));
+        for i in 0..(SLACK_LINES + 10) {
+            let id = format!("v{i}");
+            s.remember(&id, Path::new("/k/a"));
+            s.forget(&id, Path::new("/k/a"));
+        }
+        let lines = std::fs::read_to_string(d.path().join(LOG))
+            .unwrap()
+            .lines()
+            .count();
+        assert!(lines < SLACK_LINES + 3, "{lines} lines");
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(s.path("keep"), Some(PathBuf::from("/k/keep")));
+        assert_eq!(s.path("v3"), None);
+    }
+
+    #[test]
+    fn the_symlinks_of_earlier_versions_are_taken_in_and_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let legacy = d.path().join(LEGACY_DIR);
+        std::fs::create_dir(&legacy).unwrap();
+        std::os::unix::fs::symlink("/k/old", legacy.join("v")).unwrap();
+        std::os::unix::fs::symlink("/k/other", legacy.join("w")).unwrap();
+        // The log is newer than any symlink: it wins.
+        std::fs::write(d.path().join(LOG), "{\"id\":\"w\",\"at\":\"/k/new\"}\n").unwrap();
+        let s = open(d.path());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/old")));
+        assert_eq!(s.path("w"), Some(PathBuf::from("/k/new")));
+        assert!(!legacy.exists());
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/old")));
     }
 }

@@ -216,7 +216,7 @@ pub struct BlockKind {
     /// one reads as zeros again).
     data_warned: Mutex<std::collections::HashSet<PathBuf>>,
     /// Where each volume is staged (`node::staged`).
-    staged: crate::node::staged::StagedAt,
+    staged: Arc<crate::node::staged::StagedAt>,
 }
 
 /// What the file pool may take of the block root's filesystem
@@ -260,13 +260,15 @@ impl BlockKind {
     /// the disk pool and how it is erased come from `cfg`; the block root
     /// must exist (`Driver::new` makes it and holds its lock). `local`: the
     /// local kind, when it is served (its root may share the block root's
-    /// filesystem).
+    /// filesystem). `staged`: where each volume is staged (`node::staged`,
+    /// shared with the driver).
     pub fn new(
         cfg: &crate::config::Config,
         node: &str,
         os: Os,
         store: Arc<Store>,
         local: Option<Arc<LocalKind>>,
+        staged: Arc<crate::node::staged::StagedAt>,
     ) -> Result<Self> {
         Ok(BlockKind {
             root: cfg.block_root(),
@@ -280,7 +282,7 @@ impl BlockKind {
             alloc: Mutex::new(()),
             claim: Mutex::new(()),
             data_warned: Mutex::new(Default::default()),
-            staged: crate::node::staged::StagedAt::new(&cfg.state_dir()),
+            staged,
         })
     }
 

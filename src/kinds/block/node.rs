@@ -241,8 +241,7 @@ impl BlockKind {
         mounts::refuse_staged_elsewhere(staging, &Self::users(&t, dev), || {
             self.staged.is(&rec.id, staging)
         })?;
-        self.staged
-            .remember(self.os.files.as_ref(), &rec.id, staging);
+        self.staged.remember(&rec.id, staging);
         mounts::mount_on_dir(&self.os, staging, || {
             self.bind_on_file(&dev.path, &marker, MountFlags::default(), "staging")
         })
@@ -351,8 +350,7 @@ impl BlockKind {
         }
         let users = Self::users(&t, dev);
         mounts::refuse_staged_elsewhere(staging, &users, || self.staged.is(&rec.id, staging))?;
-        self.staged
-            .remember(self.os.files.as_ref(), &rec.id, staging);
+        self.staged.remember(&rec.id, staging);
         // Nothing is probed, decided or formatted while another process
         // holds the device: an mkfs a killed berth started may still be
         // writing. (A volume already formatted is only mounted, and a busy

@@ -210,7 +210,7 @@ pub struct LocalKind {
     /// Why sizes are not enforced (when `projects` is None).
     unenforced: String,
     /// Where each volume is staged (`node::staged`).
-    staged: StagedAt,
+    staged: Arc<StagedAt>,
     /// The root's entries as listed while start-up read the state
     /// (`list_root`), for the first `reconcile_orphans`.
     listed: std::sync::Mutex<Option<std::io::Result<RootListing>>>,
@@ -266,7 +266,7 @@ impl LocalKind {
         node: &str,
         os: Os,
         store: Arc<Store>,
-        staged: StagedAt,
+        staged: Arc<StagedAt>,
         listed: Option<std::io::Result<RootListing>>,
     ) -> Result<Self> {
         let (projects, unenforced) = match quota::detect(os.quotas.as_ref(), &root) {

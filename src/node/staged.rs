@@ -179,13 +179,26 @@ impl StagedAt {
     }
 
     /// Takes in the symlinks earlier versions kept (`<state_dir>/staged/<id>`)
-    /// for volumes the log does not know; returns the entries seen (None:
-    /// no such directory).
+    /// for volumes the log does not know; returns the symlinks seen (None:
+    /// no such directory). Only a directory is read, never what a symlink
+    /// at `staged` names (its entries are not Berth's, and removing them
+    /// once the log holds them would unlink files wherever it points), and
+    /// only its symlinks are taken in and removed: anything else there is
+    /// not what earlier versions made.
     fn read_legacy(&self, at: &mut HashMap<String, PathBuf>) -> Option<Vec<PathBuf>> {
         let dir = self.state_dir.join(LEGACY_DIR);
+        let meta = std::fs::symlink_metadata(&dir).ok()?;
+        if !meta.file_type().is_dir() {
+            tracing::warn!(path = %dir.display(), "the old staging-path directory is not a directory (a symlink?); not read and left as it is");
+            return None;
+        }
         let rd = std::fs::read_dir(&dir).ok()?;
         let mut seen = Vec::new();
         for e in rd.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_symlink()) {
+                tracing::warn!(path = %e.path().display(), "not a symlink in the old staging-path directory; not read and left as it is");
+                continue;
+            }
             let p = e.path();
             if let (Some(id), Ok(target)) = (e.file_name().to_str(), std::fs::read_link(&p)) {
                 if !id.starts_with('.') && !at.contains_key(id) {
@@ -421,6 +434,41 @@ mod tests {
         let s = open(d.path());
         assert_eq!(s.path("keep"), Some(PathBuf::from("/k/keep")));
         assert_eq!(s.path("v3"), None);
+    }
+
+    #[test]
+    fn a_symlink_at_the_old_directory_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let (kept, link) = (
+            elsewhere.path().join("precious"),
+            elsewhere.path().join("v"),
+        );
+        std::fs::write(&kept, "data").unwrap();
+        std::os::unix::fs::symlink("/k/v", &link).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), d.path().join(LEGACY_DIR)).unwrap();
+        let s = open(d.path());
+        // Nothing there is taken in, and nothing there is removed.
+        assert_eq!(s.path("v"), None);
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), "data");
+        assert!(link.symlink_metadata().is_ok());
+        assert!(d.path().join(LEGACY_DIR).symlink_metadata().is_ok());
+    }
+
+    #[test]
+    fn only_symlinks_of_the_old_directory_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let legacy = d.path().join(LEGACY_DIR);
+        std::fs::create_dir(&legacy).unwrap();
+        std::os::unix::fs::symlink("/k/v", legacy.join("v")).unwrap();
+        std::fs::write(legacy.join("notes"), "an operator's").unwrap();
+        let s = open(d.path());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/v")));
+        assert!(legacy.join("v").symlink_metadata().is_err());
+        assert_eq!(
+            std::fs::read_to_string(legacy.join("notes")).unwrap(),
+            "an operator's"
+        );
     }
 
     #[test]

@@ -2509,6 +2509,56 @@ async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
     assert_eq!(h.driver.staged.path(&id), None);
 }
 
+/// A change to the staging-path record that could not be written (the
+/// state filesystem full: ENOSPC) must not leave the old record to be read
+/// back after a restart. Staged at P, the log fills up, unstaged at P and
+/// staged at Q and published from there (each OK, the record only in
+/// memory); after a restart, a stage at P took P for the volume's own
+/// staging path and mounted it while the volume was staged at Q: two
+/// staging paths, each unstage refused (each counted the other as a
+/// publication) and DeleteVolume refused, for good. Now the log that a
+/// change could not reach is removed: the stage at P is refused.
+#[tokio::test]
+async fn a_record_change_that_could_not_be_written_is_not_read_back() {
+    let h = fake(&[]);
+    let (id, p) = staged(&h, "a").await;
+    h.fake()
+        .fail_op_under("write", &h.path("state"), libc::ENOSPC);
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &p)))
+        .await
+        .unwrap();
+    let q = h.path("stage-q");
+    let target = h.path("target");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &q)))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &q, &target, false)))
+        .await
+        .unwrap();
+    h.fake().clear_file_faults();
+    let f = h.fake.clone().unwrap();
+    let h = h.restart(berth::os::Os::on_fake(&f), Some(f));
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &p)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition, "a second staging path");
+    assert_eq!(mounted_at(&h, &p), 0);
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &target)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &q)))
+        .await
+        .unwrap();
+    assert_eq!((mounted_at(&h, &q), mounted_at(&h, &target)), (0, 0));
+    delete(&h, &id).await;
+}
+
 /// A published volume's directory removed (or moved away) by hand and made
 /// again (`rm -rf <root>/<id>; mkdir <root>/<id>`): the pod's teardown
 /// finishes; the empty directory born after the volume is handed out by

@@ -25,7 +25,8 @@
 //!
 //! Not synced: it outlives any process, and the power loss that could take
 //! it takes the mounts too. A failure to write it never fails a stage (the
-//! stage then only loses this recovery, logged), and a line that cannot be
+//! stage then only loses this recovery, logged; the log is removed, so that
+//! a restart never reads back a path the volume has left), and a line that cannot be
 //! read back is skipped with a warning (a cut last line after a power
 //! loss). The staging path is compared as the request resolves it
 //! (`Protected::resolve`), as it is stored. Volume ids are checked (a safe
@@ -231,12 +232,30 @@ impl StagedAt {
     }
 
     /// Writes what is known to a new log and renames it over the old one.
-    /// A failure is logged; the log is then not written until the next
-    /// change tries again.
+    /// A failure is logged, and the old log removed (`drop_stale`); the log
+    /// is then not written until the next change tries again.
     fn rewrite(&self, inner: &mut Inner) {
         inner.log = None;
         if let Err(e) = self.try_rewrite(inner) {
             tracing::warn!(error = %e, "could not write the staging-path log (a staging mount unmounted by hand while a pod uses the volume then cannot be made again after a restart until the pod goes)");
+            self.drop_stale();
+        }
+    }
+
+    /// Removes the log once a change could not be written to it: it may
+    /// then name a path the volume is no longer staged at (a forget or a
+    /// move that did not reach it: ENOSPC, EIO), which a restart would read
+    /// back and take for the volume's own staging path, letting a second
+    /// one through while the volume is staged elsewhere (two staging paths,
+    /// neither of which can then be unstaged). A log that is missing only
+    /// loses the recovery; what is known stays in memory and is written
+    /// whole at the next change.
+    fn drop_stale(&self) {
+        match self.files.remove_file(&self.log_path()) {
+            Err(e) if !matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EISDIR)) => {
+                tracing::warn!(error = %e, "could not remove the staging-path log that a change could not be written to: after a restart it may name staging paths that are no longer the volumes'");
+            }
+            _ => {}
         }
     }
 
@@ -278,6 +297,7 @@ impl StagedAt {
             Err(e) => {
                 tracing::warn!(volume_id = %id, error = %e, "could not write the staging-path log (rewritten at the next change)");
                 inner.log = None;
+                self.drop_stale();
             }
         }
     }

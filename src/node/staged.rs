@@ -180,7 +180,10 @@ impl StagedAt {
     }
 
     /// Takes in the symlinks earlier versions kept (`<state_dir>/staged/<id>`)
-    /// for volumes the log does not know; returns the symlinks seen (None:
+    /// for volumes the log does not know, and those made after the log was
+    /// last written (an earlier version run after this one, a rollback, and
+    /// this one again: that version staged the volume there after this one
+    /// recorded another path, which is stale); returns the symlinks seen (None:
     /// no such directory). Only a directory is read, never what a symlink
     /// at `staged` names (its entries are not Berth's, and removing them
     /// once the log holds them would unlink files wherever it points), and
@@ -194,6 +197,9 @@ impl StagedAt {
             return None;
         }
         let rd = std::fs::read_dir(&dir).ok()?;
+        let log_written = std::fs::symlink_metadata(self.log_path())
+            .and_then(|m| m.modified())
+            .ok();
         let mut seen = Vec::new();
         for e in rd.flatten() {
             if !e.file_type().is_ok_and(|t| t.is_symlink()) {
@@ -202,7 +208,11 @@ impl StagedAt {
             }
             let p = e.path();
             if let (Some(id), Ok(target)) = (e.file_name().to_str(), std::fs::read_link(&p)) {
-                if !id.starts_with('.') && !at.contains_key(id) {
+                let newer = || {
+                    let made = e.metadata().and_then(|m| m.modified()).ok();
+                    matches!((made, log_written), (Some(m), Some(w)) if m > w)
+                };
+                if !id.starts_with('.') && (!at.contains_key(id) || newer()) {
                     at.insert(id.to_string(), target);
                 }
             }
@@ -454,6 +464,36 @@ mod tests {
         let s = open(d.path());
         assert_eq!(s.path("keep"), Some(PathBuf::from("/k/keep")));
         assert_eq!(s.path("v3"), None);
+    }
+
+    /// This version, then an earlier one (a rollback), then this one again:
+    /// the earlier one unstaged the volume at the path the log names
+    /// (leaving the log as it was) and staged it at another, with a
+    /// symlink. The symlink, newer than the log, wins: the log's path
+    /// taken for the volume's own let a stage there through while the
+    /// volume was staged at the other (two staging paths, neither of which
+    /// could then be unstaged).
+    #[test]
+    fn a_symlink_newer_than_the_log_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join(LOG);
+        std::fs::write(&log, "{\"id\":\"v\",\"at\":\"/k/p\"}\n").unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        let legacy = d.path().join(LEGACY_DIR);
+        std::fs::create_dir(&legacy).unwrap();
+        std::os::unix::fs::symlink("/k/q", legacy.join("v")).unwrap();
+        let s = open(d.path());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/q")));
+        assert!(!legacy.exists());
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/q")));
     }
 
     #[test]

@@ -208,10 +208,20 @@ impl NodePath {
 }
 
 /// `p` with the symlinks in its parent directories resolved (the last
-/// component as it is); an error when the parent does not resolve.
+/// component as it is); an error when the parent does not resolve. `p` is
+/// absolute and normal (`Protected::check`: no `.` or `..`), so a parent
+/// reached without a symlink is its own resolved form: one openat2
+/// (`os::resolve`) tells that, and only a parent with a symlink (or a
+/// kernel that cannot tell) takes the readlink per component of a
+/// realpath.
 fn resolved(p: &Path) -> std::io::Result<PathBuf> {
     match (p.parent(), p.file_name()) {
-        (Some(parent), Some(name)) => Ok(std::fs::canonicalize(parent)?.join(name)),
+        (Some(parent), Some(name)) => {
+            if crate::os::resolve::free_of_symlinks(parent) == Some(true) {
+                return Ok(p.to_path_buf());
+            }
+            Ok(std::fs::canonicalize(parent)?.join(name))
+        }
         _ => std::fs::canonicalize(p),
     }
 }

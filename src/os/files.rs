@@ -187,7 +187,15 @@ impl Files for RealFiles {
     }
 
     fn remove_tree(&self, path: &Path) -> Result<(), OsError> {
+        // An empty directory (a volume never written to, a target) goes
+        // with one rmdir(2), which never follows a symlink; anything else
+        // (ENOTEMPTY, ENOTDIR for a file or symlink) the whole way, where
         // remove_dir_all unlinks symlinks instead of descending into them.
+        match std::fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => {}
+        }
         match std::fs::remove_dir_all(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(OsError::sys("remove tree", path, e))
@@ -613,6 +621,27 @@ pub fn move_aside(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_tree_removes_the_entry_never_what_a_symlink_leads_to() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        std::fs::create_dir(p("empty")).unwrap();
+        std::fs::create_dir_all(p("full/sub")).unwrap();
+        std::fs::write(p("full/sub/f"), b"x").unwrap();
+        std::fs::create_dir(p("kept")).unwrap();
+        std::fs::write(p("kept/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(p("kept"), p("link")).unwrap();
+        std::fs::write(p("file"), b"x").unwrap();
+        for n in ["empty", "full", "link", "missing"] {
+            RealFiles.remove_tree(&p(n)).unwrap();
+            assert!(std::fs::symlink_metadata(p(n)).is_err(), "{n}");
+        }
+        assert!(p("kept/f").is_file());
+        // A file is no tree (as remove_dir_all has it): left, an error.
+        assert!(RealFiles.remove_tree(&p("file")).is_err());
+        assert!(p("file").is_file());
+    }
 
     #[test]
     fn move_aside_never_replaces() {

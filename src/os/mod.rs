@@ -35,6 +35,7 @@ pub mod mountinfo;
 pub mod mountpoint;
 pub mod nfsmount;
 pub mod quota;
+pub mod resolve;
 pub mod statvfs;
 
 use std::path::PathBuf;

@@ -13,9 +13,12 @@
 //! read it once per decision and pass it along (`node::mounts::LazyTable`).
 use std::borrow::Cow;
 use std::ffi::OsString;
-use std::io::Read;
+use std::fs::File;
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::OsError;
 
@@ -63,28 +66,69 @@ pub trait MountTable: Send + Sync {
     fn mounts(&self) -> Result<Vec<MountEntry>, OsError>;
 }
 
-/// Reads /proc/self/mountinfo (or another file, for tests) in one read.
+/// Reads /proc/self/mountinfo (or another file, for tests): opened once
+/// and kept open, each read a pread(2) from its start until one returns
+/// nothing (the kernel writes the table anew for a read at offset 0), into
+/// a buffer the size the last table took. Two syscalls a read for a table
+/// that fits, where opening it each time took six (open, fstat, lseek, two
+/// reads, close): the table is read on most node RPCs. A failed read
+/// drops the descriptor (the next read opens it again).
 #[derive(Debug, Clone)]
 pub struct ProcMountTable {
     pub path: PathBuf,
+    open: Arc<Mutex<Option<File>>>,
+    last_len: Arc<AtomicUsize>,
+}
+
+impl ProcMountTable {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        ProcMountTable {
+            path: path.into(),
+            open: Arc::default(),
+            last_len: Arc::new(AtomicUsize::new(16 * 1024)),
+        }
+    }
+
+    fn read(&self) -> Result<Vec<u8>, OsError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let f = match open.as_ref() {
+            Some(f) => f,
+            None => open
+                .insert(File::open(&self.path).map_err(|e| OsError::sys("open", &self.path, e))?),
+        };
+        // Room for the last table and some more: the second pread then
+        // only finds the end.
+        let mut buf = vec![0u8; self.last_len.load(Ordering::Relaxed) + 4096];
+        let mut len = 0;
+        loop {
+            if len == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            match f.read_at(&mut buf[len..], len as u64) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    *open = None;
+                    return Err(OsError::sys("read", &self.path, e));
+                }
+            }
+        }
+        buf.truncate(len);
+        self.last_len.store(len, Ordering::Relaxed);
+        Ok(buf)
+    }
 }
 
 impl Default for ProcMountTable {
     fn default() -> Self {
-        ProcMountTable {
-            path: PathBuf::from("/proc/self/mountinfo"),
-        }
+        ProcMountTable::new("/proc/self/mountinfo")
     }
 }
 
 impl MountTable for ProcMountTable {
     fn mounts(&self) -> Result<Vec<MountEntry>, OsError> {
-        let mut f =
-            std::fs::File::open(&self.path).map_err(|e| OsError::sys("open", &self.path, e))?;
-        let mut buf = Vec::with_capacity(16 * 1024);
-        f.read_to_end(&mut buf)
-            .map_err(|e| OsError::sys("read", &self.path, e))?;
-        parse(&buf)
+        parse(&self.read()?)
     }
 }
 
@@ -349,6 +393,27 @@ mod tests {
     }
 
     #[test]
+    fn each_read_is_the_table_as_it_is_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mountinfo");
+        std::fs::write(&file, SAMPLE).unwrap();
+        let table = ProcMountTable::new(&file);
+        assert_eq!(table.mounts().unwrap().len(), 4);
+        // Longer than the buffer the last read sized (grown while read),
+        // then shorter again: the open descriptor reads each from its start.
+        let line = "50 22 8:1 /x /mnt/many rw - ext4 /dev/sda1 rw\n";
+        let long = format!("{SAMPLE}{}", line.repeat(2000));
+        std::fs::write(&file, &long).unwrap();
+        assert!(long.len() > 64 * 1024);
+        assert_eq!(table.mounts().unwrap().len(), 2004);
+        std::fs::write(&file, SAMPLE).unwrap();
+        assert_eq!(table.mounts().unwrap().len(), 4);
+        // The kernel's own table: the same twice in a row.
+        let own = ProcMountTable::default();
+        assert_eq!(own.mounts().unwrap(), own.mounts().unwrap());
+    }
+
+    #[test]
     fn mount_points_that_are_not_utf8_are_read_as_bytes() {
         use std::os::unix::ffi::OsStrExt;
         let dir = tempfile::tempdir().unwrap();
@@ -358,7 +423,7 @@ mod tests {
             b"43 22 8:1 /x /mnt/odd-\xff\\040\xfe rw shared:1 - ext4 /dev/sda1 rw\n",
         );
         std::fs::write(&file, &text).unwrap();
-        let t = ProcMountTable { path: file }.mounts().unwrap();
+        let t = ProcMountTable::new(file).mounts().unwrap();
         assert_eq!(t.len(), 5);
         assert_eq!(
             t[4].mount_point.as_os_str().as_bytes(),

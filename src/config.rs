@@ -175,9 +175,10 @@ pub struct Config {
 
     /// Microseconds a thread may poll instead of sleeping while one request
     /// is served at a time: the operation thread for the next operation,
-    /// the RPC for its operation's result (0: never; see README,
-    /// "Performance").
-    #[arg(long, env = "BERTH_BUSY_POLL_US", default_value_t = 1000,
+    /// the RPC for its operation's result (0, the default: never; see
+    /// README, "Performance": on two CPUs the polls starved the client now
+    /// and then, and a cycle's p99 tripled).
+    #[arg(long, env = "BERTH_BUSY_POLL_US", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub busy_poll_us: u64,
 }
@@ -459,7 +460,7 @@ mod tests {
 
     #[test]
     fn busy_poll() {
-        assert_eq!(parse(&[]).unwrap().config.busy_poll_us, 1000);
+        assert_eq!(parse(&[]).unwrap().config.busy_poll_us, 0);
         for ok in ["0", "10000"] {
             assert_eq!(
                 parse(&["--busy-poll-us", ok]).unwrap().config.busy_poll_us,

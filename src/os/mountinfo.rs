@@ -71,8 +71,9 @@ pub trait MountTable: Send + Sync {
 /// nothing (the kernel writes the table anew for a read at offset 0), into
 /// a buffer the size the last table took. Two syscalls a read for a table
 /// that fits, where opening it each time took six (open, fstat, lseek, two
-/// reads, close): the table is read on most node RPCs. A failed read
-/// drops the descriptor (the next read opens it again).
+/// reads, close): the table is read on most node RPCs. A read beside
+/// another opens its own descriptor; a failed read drops the kept one (the
+/// next read opens it again).
 #[derive(Debug, Clone)]
 pub struct ProcMountTable {
     pub path: PathBuf,
@@ -90,12 +91,35 @@ impl ProcMountTable {
     }
 
     fn read(&self) -> Result<Vec<u8>, OsError> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let f = match open.as_ref() {
-            Some(f) => f,
-            None => open
-                .insert(File::open(&self.path).map_err(|e| OsError::sys("open", &self.path, e))?),
+        let opened = || File::open(&self.path).map_err(|e| OsError::sys("open", &self.path, e));
+        // The kept descriptor while no other read holds it; beside one (RPCs
+        // in flight together) a descriptor of its own, as before: reads are
+        // never queued behind each other (one of a large table takes long).
+        let mut kept = match self.open.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
         };
+        let own;
+        let f = match kept.as_deref_mut() {
+            Some(Some(f)) => &*f,
+            Some(slot) => &*slot.insert(opened()?),
+            None => {
+                own = opened()?;
+                &own
+            }
+        };
+        let r = self.read_all(f);
+        if r.is_err() {
+            if let Some(slot) = kept.as_deref_mut() {
+                *slot = None;
+            }
+        }
+        r
+    }
+
+    /// Reads `f` whole from its start.
+    fn read_all(&self, f: &File) -> Result<Vec<u8>, OsError> {
         // Room for the last table and some more: the second pread then
         // only finds the end.
         let mut buf = vec![0u8; self.last_len.load(Ordering::Relaxed) + 4096];
@@ -108,10 +132,7 @@ impl ProcMountTable {
                 Ok(0) => break,
                 Ok(n) => len += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    *open = None;
-                    return Err(OsError::sys("read", &self.path, e));
-                }
+                Err(e) => return Err(OsError::sys("read", &self.path, e)),
             }
         }
         buf.truncate(len);
@@ -411,6 +432,13 @@ mod tests {
         // The kernel's own table: the same twice in a row.
         let own = ProcMountTable::default();
         assert_eq!(own.mounts().unwrap(), own.mounts().unwrap());
+        // A read beside another (which holds the kept descriptor) is not
+        // queued behind it: it reads with a descriptor of its own.
+        let held = table.open.lock().unwrap();
+        std::fs::write(&file, &long).unwrap();
+        assert_eq!(table.mounts().unwrap().len(), 2004);
+        drop(held);
+        assert_eq!(table.mounts().unwrap().len(), 2004);
     }
 
     #[test]

@@ -278,9 +278,16 @@ impl StagedAt {
                 buf.extend_from_slice(&line);
             }
         }
-        self.files.write_at(&f, &tmp, &buf, 0)?;
         let path = self.log_path();
-        self.files.rename(&tmp, &path)?;
+        let moved = self
+            .files
+            .write_at(&f, &tmp, &buf, 0)
+            .and_then(|_| self.files.rename(&tmp, &path));
+        if let Err(e) = moved {
+            // Not left behind half written (a full disk keeps it so).
+            let _ = self.files.remove_file(&tmp);
+            return Err(e);
+        }
         inner.lines = inner.at.len();
         inner.log = Some((f, buf.len() as u64));
         Ok(())
@@ -473,6 +480,33 @@ mod tests {
     /// taken for the volume's own let a stage there through while the
     /// volume was staged at the other (two staging paths, neither of which
     /// could then be unstaged).
+    #[test]
+    fn a_rewrite_that_fails_leaves_no_file_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let s = StagedAt::open(d.path(), os.files.clone());
+        s.remember("v", Path::new("/k/v"));
+        fake.fail_op_under("write", d.path(), libc::ENOSPC);
+        // A failed append drops the log; the next change rewrites it, and
+        // that fails too.
+        s.remember("w", Path::new("/k/w"));
+        s.remember("x", Path::new("/k/x"));
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        // Memory still knows; the next change that can be written writes
+        // it whole.
+        fake.clear_file_faults();
+        s.remember("y", Path::new("/k/y"));
+        drop(s);
+        let s = StagedAt::open(d.path(), os.files.clone());
+        for id in ["v", "w", "x", "y"] {
+            assert!(s.path(id).is_some(), "{id}");
+        }
+    }
+
     #[test]
     fn a_symlink_newer_than_the_log_wins() {
         let d = tempfile::tempdir().unwrap();

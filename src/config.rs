@@ -181,6 +181,14 @@ pub struct Config {
     #[arg(long, env = "BERTH_BUSY_POLL_US", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub busy_poll_us: u64,
+
+    /// New local volumes' directories to keep made and flushed ahead, so
+    /// that a CreateVolume waits for its record's write only (0: none; each
+    /// create then makes and flushes its own). Start-up removes those left
+    /// unused.
+    #[arg(long, env = "BERTH_LOCAL_SPARE_DIRS", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(0..=1024))]
+    pub local_spare_dirs: u64,
 }
 
 fn parse_driver_name(s: &str) -> Result<String, String> {

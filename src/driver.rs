@@ -83,6 +83,7 @@ impl Driver {
                 store.clone(),
                 staged.clone(),
                 listed.take(),
+                usize::try_from(cfg.local_spare_dirs).unwrap_or(0),
             )?))
         } else {
             None
@@ -386,6 +387,22 @@ impl Driver {
         Ok(())
     }
 
+    /// At a clean exit, with nothing in flight: waits (at most `wait`) for
+    /// the background thread's work (a trash being emptied, spares being
+    /// made), then removes the spare directories no create took, so that a
+    /// stopped berth leaves in its roots only what its volumes hold. Work
+    /// still running after `wait` is left to the next start, and so are
+    /// the spares then.
+    pub fn before_exit(&self, wait: std::time::Duration) {
+        if !crate::background::wait_idle(wait) {
+            tracing::warn!("background work still running at exit; the next start finishes it");
+            return;
+        }
+        for kind in self.kinds.values() {
+            kind.drop_spares();
+        }
+    }
+
     /// Finishes what a crash interrupted (remote kinds later, in `start`): a
     /// volume half created is rolled back
     /// (its CreateVolume call failed, and a retry creates it again); a volume
@@ -394,6 +411,11 @@ impl Driver {
     pub fn reconcile(self: &Arc<Self>) -> Result<()> {
         self.recover_copy_sources();
         self.retry_pending(true);
+        // The trash the deletes finished just now is emptied on the
+        // background thread: done before the orphans are looked for there.
+        if !crate::background::wait_idle(std::time::Duration::from_secs(600)) {
+            tracing::warn!("background work still running after 10 minutes; reconciling beside it");
+        }
         for kind in self.kinds.values() {
             let known = |id: &str| self.store.contains(id) || self.store.snapshot_contains(id);
             if let Err(e) = kind.reconcile_orphans(&known) {

@@ -9,6 +9,7 @@
 //!   boundary (spans, logging); `validate.rs`: input hygiene;
 //! - `server.rs`: socket and gRPC server; `config.rs`: flags.
 
+pub mod background;
 pub mod bench;
 pub mod client;
 pub mod config;

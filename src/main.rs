@@ -73,6 +73,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
+            let exit_grace = Duration::from_secs(cfg.shutdown_timeout);
             let served = rt.block_on(async move {
                 let socket = cfg.socket_path().map_err(anyhow::Error::msg)?;
                 let metrics_addr = match &cfg.metrics_address {
@@ -84,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 let grace = Duration::from_secs(cfg.shutdown_timeout);
                 berth::handoff::configure(Duration::from_micros(cfg.busy_poll_us));
+                berth::background::configure(true);
                 cfg.check_mode_and_kinds().map_err(anyhow::Error::msg)?;
                 // Before the driver touches anything: a second berth on a
                 // live socket, or an endpoint that is a file, stops here.
@@ -105,7 +107,7 @@ fn main() -> anyhow::Result<()> {
                     tokio::spawn(berth::metrics::serve(driver.clone(), listener));
                 }
                 tokio::spawn(berth::memory::trim_when_idle(Duration::from_secs(5)));
-                let store = driver.store.clone();
+                let kept = driver.clone();
                 berth::server::serve(
                     driver,
                     socket,
@@ -115,7 +117,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
                 .context("serving")?;
-                Ok::<_, anyhow::Error>(store)
+                Ok::<_, anyhow::Error>(kept)
             });
             // serve waited --shutdown-timeout for the calls in flight. Any
             // still running (a hung NFS server, a long disk zeroing) are
@@ -131,7 +133,12 @@ fn main() -> anyhow::Result<()> {
                     "exiting with work in flight after --shutdown-timeout; the next start reconciles it"
                 );
                 rt.shutdown_background();
-            } else if let Ok(store) = &served {
+            } else if let Ok(driver) = &served {
+                // What the RPCs left to the background thread is finished
+                // (or left to the next start after the grace), and the
+                // spare directories are removed.
+                driver.before_exit(exit_grace);
+                let store = &driver.store;
                 // Nothing in flight: the log since the last snapshot is
                 // folded into a new one, so the next start reads records
                 // without replaying changes (a crash during it leaves the

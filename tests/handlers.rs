@@ -1767,7 +1767,9 @@ async fn start_up_never_empties_what_a_symlinked_trash_leads_to() {
     for name in [".trash", ".creating", ".snapshots"] {
         let p = local.join(name);
         if p.exists() {
-            std::fs::remove_dir(&p).unwrap();
+            // `.creating` holds the spare directories made after the
+            // create.
+            std::fs::remove_dir_all(&p).unwrap();
         }
         std::os::unix::fs::symlink(o, &p).unwrap();
     }
@@ -2747,4 +2749,109 @@ async fn a_volume_directory_moved_away_by_hand_strands_no_pod() {
         .node_unstage_volume(Request::new(unstage_req(&before, &s_before)))
         .await
         .unwrap();
+}
+
+/// The spare directories of `.creating` (every entry there, after creates
+/// that finished).
+fn spares_in(h: &Harness) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(h.path("local/.creating"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A local create takes a spare directory made ahead (empty, mode 0777,
+/// flushed with its entry under `.creating/`, named by the new volume's
+/// id): it writes its record and moves the directory into place, with no
+/// directory made or flushed of its own.
+#[tokio::test]
+async fn a_local_create_takes_a_spare_made_ahead_and_flushes_only_its_record() {
+    let h = fake(&[]);
+    // None were ready: this create makes its own directory, then the
+    // spares are made (in the caller here: the background thread is off
+    // in tests).
+    create(&h, "a", 1).await;
+    let spares = spares_in(&h);
+    assert_eq!(spares.len(), 16, "the default target: {spares:?}");
+    let f = h.fake();
+    f.clear_file_ops();
+    let id = create(&h, "b", 1).await.volume_id;
+    assert!(spares.contains(&id), "{id} is not one of the spares");
+    let ops: Vec<(&str, std::path::PathBuf)> =
+        f.file_ops().into_iter().map(|o| (o.op, o.path)).collect();
+    let local = h.path("local");
+    assert!(
+        !ops.iter()
+            .any(|(o, p)| matches!(*o, "mkdir" | "chmod" | "fsync") && p.starts_with(&local)),
+        "{ops:?}"
+    );
+    let at = |op: &str, p: &std::path::Path| {
+        ops.iter()
+            .position(|(o, q)| *o == op && q == p)
+            .unwrap_or_else(|| panic!("no {op} of {} in {ops:?}", p.display()))
+    };
+    assert!(
+        at("write", &h.path("state/journal/log-0.jsonl"))
+            < at("rename", &local.join(".creating").join(&id))
+    );
+    let dir = local.join(&id);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777,
+        0o777
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    assert_eq!(spares_in(&h).len(), 15);
+}
+
+/// A spare id whose create made nothing goes back to the spares: a repeat
+/// of an existing name takes none, and one refused for its size gives its
+/// back. Eight creates after those take eight of the sixteen spares, and
+/// leave eight (no refill: half are left).
+#[tokio::test]
+async fn a_spare_whose_create_made_nothing_goes_back() {
+    let h = fake(&[]);
+    create(&h, "a", 1).await;
+    let spares = spares_in(&h);
+    create(&h, "a", 1).await;
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("huge", i64::MAX / 2)))
+        .await;
+    assert_eq!(code(r), Code::OutOfRange);
+    assert!(h.driver.store.get_by_name("huge").is_none());
+    assert_eq!(spares_in(&h), spares);
+    for i in 0..8 {
+        let id = create(&h, &format!("v{i}"), 1).await.volume_id;
+        assert!(spares.contains(&id));
+    }
+    let left = spares_in(&h);
+    assert_eq!(left.len(), 8, "{left:?}");
+    assert!(left.iter().all(|s| spares.contains(s)));
+}
+
+/// A spare's volume whose move into place failed after its record said
+/// Ready is moved by start-up; the spares left unused are removed.
+#[tokio::test]
+async fn start_up_places_a_ready_spare_and_removes_the_unused_ones() {
+    let h = fake(&[]);
+    create(&h, "a", 1).await;
+    h.fake().fail_next("rename", libc::EIO);
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("b", 1 << 20)))
+        .await;
+    assert_eq!(code(r), Code::Internal);
+    let b = h
+        .driver
+        .store
+        .get_by_name("b")
+        .expect("b's record is Ready");
+    assert!(h.path("local/.creating").join(&b.id).is_dir());
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    assert!(h.path("local").join(&b.id).is_dir());
+    assert_eq!(spares_in(&h), Vec::<String>::new());
 }

@@ -486,10 +486,8 @@ async fn restores_and_clones_get_a_project_of_their_own() {
         .any(|k| k.starts_with(h.path("local").join(".snapshots"))));
     // Nothing left of the holders the copies were made in.
     assert_eq!(
-        std::fs::read_dir(h.path("local").join(".creating"))
-            .unwrap()
-            .count(),
-        0
+        common::unfinished_in_creating(&h.path("local")),
+        Vec::<std::ffi::OsString>::new()
     );
 }
 

@@ -188,6 +188,19 @@ fn resolve(d: &Driver, imp: &dyn VolumeKind, kind: Kind, s: &ContentSource) -> R
     }
 }
 
+/// A spare id taken for this request (`VolumeKind::take_spare_id`),
+/// given back when dropped unless the kind's `create` used it.
+struct SpareId {
+    kind: Arc<dyn VolumeKind>,
+    id: String,
+}
+
+impl Drop for SpareId {
+    fn drop(&mut self) {
+        self.kind.spare_unused(&self.id);
+    }
+}
+
 pub async fn handle(
     d: Arc<Driver>,
     req: csi::CreateVolumeRequest,
@@ -237,7 +250,20 @@ pub async fn handle(
     // The id a new volume would get. Kinds with self-describing ids (NFS)
     // derive it from the name and parameters, so two names can ask for the
     // same id: it is guarded too.
-    let id = imp.id_for(&name, &params)?;
+    // A new volume without a source may take an id whose storage is made
+    // already (the local kind's spare directories): given back when
+    // dropped unless its create used it.
+    let spare = (source.is_none() && d.store.get_by_name(&name).is_none())
+        .then(|| imp.take_spare_id())
+        .flatten()
+        .map(|id| SpareId {
+            kind: imp.clone(),
+            id,
+        });
+    let id = match &spare {
+        Some(s) => s.id.clone(),
+        None => imp.id_for(&name, &params)?,
+    };
     let mut guard = d.locks.try_lock(name_key(&name))?;
     guard.also(vol_key(&id))?;
     // The source may not go away (or change) while it is copied.
@@ -261,7 +287,13 @@ pub async fn handle(
         misplaced,
         source,
     };
-    let rec = d.run(guard, move |d| create(d, r)).await?;
+    let rec = d
+        .run(guard, move |d| {
+            // Given back (or not, once used) under the guard.
+            let _spare = spare;
+            create(d, r)
+        })
+        .await?;
     Ok(csi::CreateVolumeResponse {
         volume: Some(volume::to_proto(&d, &rec)),
     })

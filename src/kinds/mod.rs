@@ -308,6 +308,25 @@ pub trait VolumeKind: Send + Sync {
         Ok(self.new_id())
     }
 
+    /// The id of a new volume without a content source whose storage is
+    /// made already (the local kind's spare directories); None when there
+    /// is none, and then `id_for` gives the id. The caller gives it back
+    /// with `spare_unused` unless `create` used it.
+    fn take_spare_id(&self) -> Option<String> {
+        None
+    }
+
+    /// A spare id from `take_spare_id` that no `create` used (the name
+    /// existed, the request was refused first): it may go to another
+    /// create. Nothing for an id `create` used.
+    fn spare_unused(&self, id: &str) {
+        let _ = id;
+    }
+
+    /// At a clean exit: removes the spares no create took (start-up
+    /// removes them otherwise).
+    fn drop_spares(&self) {}
+
     /// For self-describing ids (NFS): the record a volume with this id has,
     /// rebuilt from the id alone, for instances that hold no record of it (a
     /// node plugin; a controller whose state was lost). None otherwise.

@@ -563,6 +563,33 @@ pub fn made_in(dir: &Path) -> Vec<std::ffi::OsString> {
     v
 }
 
+/// What `.creating` under the local root `local` holds besides the spare
+/// directories (`kinds::local::spares`: empty, mode 0777, named by a
+/// local volume id): what unfinished creates, restores and clones left.
+pub fn unfinished_in_creating(local: &Path) -> Vec<std::ffi::OsString> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = local.join(".creating");
+    if !dir.exists() {
+        return Vec::new();
+    }
+    made_in(&dir)
+        .into_iter()
+        .filter(|n| {
+            let p = dir.join(n);
+            let spare = n.to_str().is_some_and(|n| {
+                n.strip_prefix("local-").is_some_and(|h| {
+                    h.len() == 32
+                        && h.bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                })
+            }) && std::fs::symlink_metadata(&p)
+                .is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o7777 == 0o777)
+                && std::fs::read_dir(&p).is_ok_and(|mut d| d.next().is_none());
+            !spare
+        })
+        .collect()
+}
+
 /// Loop devices bound to files under `dir` (device, backing file).
 pub fn loops_under(dir: &Path) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
     use berth::os::LoopDevices;

@@ -12,6 +12,7 @@
 //! accounts for, not a limit; the StorageClass parameter
 //! `capacityEnforcement: required` refuses to create volumes there.
 pub mod quota;
+pub mod spares;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use crate::os::Os;
 use crate::state::{AccessType, Capability, Kind, Phase, SnapshotRecord, Store, VolumeRecord};
 
 use self::quota::{Enforcement, Projects};
+use self::spares::Spares;
 use super::{
     judge_copy, stored_copy, CopyFlaw, Expansion, Growth, Health, NodeExpandArgs, PoolCapacity,
     PublishArgs, Source, VolumeKind, VolumeStats,
@@ -206,7 +208,7 @@ pub struct LocalKind {
     os: Os,
     store: Arc<Store>,
     /// Project quotas on the local root: the ids, when sizes are enforced.
-    projects: Option<Projects>,
+    projects: Option<Arc<Projects>>,
     /// Why sizes are not enforced (when `projects` is None).
     unenforced: String,
     /// Where each volume is staged (`node::staged`).
@@ -214,6 +216,8 @@ pub struct LocalKind {
     /// The root's entries as listed while start-up read the state
     /// (`list_root`), for the first `reconcile_orphans`.
     listed: std::sync::Mutex<Option<std::io::Result<RootListing>>>,
+    /// New volumes' directories made ahead (`spares`).
+    spares: Arc<Spares>,
 }
 
 /// The names in a local root, each followed by a NUL, in one buffer: start-up
@@ -256,11 +260,62 @@ pub fn list_root(root: &Path) -> std::io::Result<RootListing> {
     Ok(RootListing(buf))
 }
 
+/// The entries of the trash of the local root `root` (`<id>-<time>`) with
+/// the volume id of each. An entry named by a volume id alone (a volume's
+/// directory moved there by hand) is that volume's, so that start-up puts
+/// it back while its record lasts instead of taking `local` for its id and
+/// emptying it.
+fn trash_entries(root: &Path) -> Vec<(String, PathBuf)> {
+    let Some(entries) = files::read_own_dir(&root.join(TRASH)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = if super::is_hex_id(PREFIX, &name) {
+                name
+            } else {
+                name.rsplit_once('-')
+                    .map_or(name.as_str(), |(id, _)| id)
+                    .to_string()
+            };
+            (id, e.path())
+        })
+        .collect()
+}
+
+/// Removes what the trash of the local root `root` holds of volume `id`,
+/// then releases its project when nothing is left (`LocalKind::purge`).
+fn empty_trash_of(
+    root: &Path,
+    files: &dyn crate::os::Files,
+    projects: Option<&Projects>,
+    id: &str,
+    project: Option<u32>,
+) {
+    let mut emptied = true;
+    for (of, path) in trash_entries(root) {
+        if of == id {
+            if let Err(e) = files.remove_tree(&path) {
+                emptied = false;
+                tracing::warn!(volume_id = %id, path = %path.display(), error = %e, "could not empty the trash; start-up does");
+            }
+        }
+    }
+    // Nothing is charged to the project any more: it can go.
+    if let (true, Some(p), Some(project)) = (emptied, projects, project) {
+        p.release(project);
+    }
+}
+
 impl LocalKind {
     /// `root` must exist (`Driver::new` makes it and holds its lock).
     /// Finds out once whether the root's filesystem enforces project quotas
     /// and says so in the log.
     /// `listed`: the root's entries, when start-up listed them already.
+    /// `spare_dirs`: how many new volumes' directories to keep made ahead
+    /// (`spares`; 0: none).
     pub fn new(
         root: PathBuf,
         node: &str,
@@ -268,6 +323,7 @@ impl LocalKind {
         store: Arc<Store>,
         staged: Arc<StagedAt>,
         listed: Option<std::io::Result<RootListing>>,
+        spare_dirs: usize,
     ) -> Result<Self> {
         let (projects, unenforced) = match quota::detect(os.quotas.as_ref(), &root) {
             Enforcement::Enforced => {
@@ -275,7 +331,7 @@ impl LocalKind {
                     .filter(|r| r.kind == Kind::Local && r.project.is_some())
                     .into_iter()
                     .filter_map(|r| r.project());
-                let p = Projects::new(root.clone(), os.quotas.clone(), held);
+                let p = Arc::new(Projects::new(root.clone(), os.quotas.clone(), held));
                 tracing::info!(root = %root.display(), volumes = p.held_count(),
                     "project quotas are enforced on the local root: every local volume is held to its size");
                 (Some(p), String::new())
@@ -286,7 +342,17 @@ impl LocalKind {
                 (None, why)
             }
         };
+        let spares = {
+            let node = node.to_string();
+            Spares::new(
+                root.join(CREATING),
+                os.files.clone(),
+                spare_dirs,
+                Box::new(move || super::new_node_id(PREFIX, &node)),
+            )
+        };
         Ok(LocalKind {
+            spares,
             root,
             node: node.to_string(),
             os,
@@ -575,28 +641,8 @@ impl LocalKind {
         Ok(())
     }
 
-    /// The trash's entries (`<id>-<time>`) with the volume id of each. An
-    /// entry named by a volume id alone (a volume's directory moved there
-    /// by hand) is that volume's, so that start-up puts it back while its
-    /// record lasts instead of taking `local` for its id and emptying it.
     fn trash(&self) -> Vec<(String, PathBuf)> {
-        let Some(entries) = self.own_dir(TRASH) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let id = if self.owns_id(&name) {
-                    name
-                } else {
-                    name.rsplit_once('-')
-                        .map_or(name.as_str(), |(id, _)| id)
-                        .to_string()
-                };
-                (id, e.path())
-            })
-            .collect()
+        trash_entries(&self.root)
     }
 
     /// The names under `.creating/` (new volumes' directories, by id, and
@@ -781,6 +827,18 @@ impl VolumeKind for LocalKind {
         super::is_hex_id(PREFIX, id)
     }
 
+    fn take_spare_id(&self) -> Option<String> {
+        self.spares.take()
+    }
+
+    fn spare_unused(&self, id: &str) {
+        self.spares.give_back(id);
+    }
+
+    fn drop_spares(&self) {
+        self.spares.drop_free();
+    }
+
     fn check_parameters(&self, params: &BTreeMap<String, String>) -> Result<()> {
         if let Some(k) = params.keys().find(|k| k.as_str() != ENFORCEMENT_KEY) {
             return Err(Error::Invalid(format!(
@@ -906,12 +964,12 @@ impl VolumeKind for LocalKind {
     /// Makes the directory under `.creating/` (moved into the root by
     /// `ready` once the record says Ready): a crash before that leaves it
     /// there, where start-up removes it, never in the root, where a
-    /// directory without a record is a volume whose record was lost.
+    /// directory without a record is a volume whose record was lost. A
+    /// spare made ahead under the volume's id (`spares`) is that directory
+    /// already, flushed.
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
         let area = self.root.join(CREATING);
         let f = self.os.files.as_ref();
-        ensure_dir(f, &area, 0o700)
-            .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
         self.dir(&rec.id)?;
         let dir = area.join(&rec.id);
         let fail = |what: &str| {
@@ -919,11 +977,19 @@ impl VolumeKind for LocalKind {
             let what = what.to_string();
             move |e| Error::os(format!("{what} {}", dir.display()), e)
         };
-        ensure_dir(f, &dir, 0o700).map_err(fail("creating"))?;
-        // World-writable like a fresh emptyDir, so pods running as any user
-        // can write; the local root itself is private.
-        f.set_mode(&dir, 0o777)
-            .map_err(fail("setting the mode of"))?;
+        let spare = self.spares.use_taken(&rec.id)
+            && std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
+        if spare {
+            if self.projects.is_some() {
+                // Its project and limits are as durable as the record.
+                self.give_project(rec, &dir)?;
+                f.sync_dir(&dir).map_err(fail("syncing"))?;
+            }
+            return Ok(());
+        }
+        ensure_dir(f, &area, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
+        spares::make_volume_dir(f, &dir).map_err(fail("creating"))?;
         // Project and limits before the record says Ready (and before the
         // directory is synced, which makes the project durable with it).
         self.give_project(rec, &dir)?;
@@ -958,20 +1024,18 @@ impl VolumeKind for LocalKind {
         self.remove_volume(rec, &LazyTable::new(), false)
     }
 
+    /// On the background thread (`crate::background`): the record is gone
+    /// and the directory is in the trash already, so nothing an RPC
+    /// answers waits for it (a volume of many files took its DeleteVolume
+    /// as long as their removal).
     fn purge(&self, rec: &VolumeRecord) {
-        let mut emptied = true;
-        for (id, path) in self.trash() {
-            if id == rec.id {
-                if let Err(e) = self.remove_tree(&path) {
-                    emptied = false;
-                    tracing::warn!(volume_id = %rec.id, error = %e.render(), "could not empty the trash; start-up does");
-                }
-            }
-        }
-        // Nothing is charged to the project any more: it can go.
-        if let (true, Some(p), Some(id)) = (emptied, &self.projects, rec.project()) {
-            p.release(id);
-        }
+        let root = self.root.clone();
+        let files = self.os.files.clone();
+        let projects = self.projects.clone();
+        let (id, project) = (rec.id.clone(), rec.project());
+        crate::background::submit(move || {
+            empty_trash_of(&root, files.as_ref(), projects.as_deref(), &id, project);
+        });
     }
 
     fn durable_intent(&self) -> bool {
@@ -1202,6 +1266,11 @@ impl VolumeKind for LocalKind {
         // (`kept_on_rollback`), and a copy a failed create left is Berth's
         // own.
         let dest = self.root.join(CREATING).join(&rec.id);
+        if self.spares.use_taken(&rec.id) {
+            // Spares are for creates without a source (`take_spare_id`):
+            // an empty one here is not a copy made whole.
+            self.remove_tree(&dest)?;
+        }
         if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
             // A retry after the copy was made whole.
             return self.give_project(rec, &dest);

@@ -2855,3 +2855,35 @@ async fn start_up_places_a_ready_spare_and_removes_the_unused_ones() {
     assert!(h.path("local").join(&b.id).is_dir());
     assert_eq!(spares_in(&h), Vec::<String>::new());
 }
+
+/// A spare that is not empty when its create comes (something was put
+/// into `.creating` by hand) is never handed out: the create fails and
+/// leaves no record; the next one takes another spare.
+#[tokio::test]
+async fn a_spare_that_is_not_empty_is_never_handed_out() {
+    let h = fake(&[]);
+    create(&h, "a", 1).await;
+    let spares = spares_in(&h);
+    for s in &spares {
+        std::fs::write(h.path("local/.creating").join(s).join("planted"), b"x").unwrap();
+    }
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("b", 1 << 20)))
+        .await;
+    assert_eq!(code(r), Code::Internal);
+    assert!(h.driver.store.get_by_name("b").is_none());
+    let left = spares_in(&h);
+    assert_eq!(left.len(), 15, "the create took one: {left:?}");
+    for s in &left {
+        std::fs::remove_file(h.path("local/.creating").join(s).join("planted")).unwrap();
+    }
+    let id = create(&h, "b", 1 << 20).await.volume_id;
+    assert!(left.contains(&id));
+    assert_eq!(
+        std::fs::read_dir(h.path("local").join(&id))
+            .unwrap()
+            .count(),
+        0
+    );
+}

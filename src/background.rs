@@ -121,6 +121,19 @@ fn submit_to(w: &Worker, job: Job) {
     w.changed.notify_all();
 }
 
+/// Whether jobs are queued or running on the background thread.
+pub fn busy() -> bool {
+    match if enabled() { worker() } else { None } {
+        Some(w) => busy_on(w),
+        None => false,
+    }
+}
+
+fn busy_on(w: &Worker) -> bool {
+    let q = w.lock();
+    !q.jobs.is_empty() || q.running
+}
+
 /// Waits until nothing is queued or running, for at most `timeout`; true
 /// when that happened (also when the thread is off or never started).
 pub fn wait_idle(timeout: Duration) -> bool {
@@ -166,6 +179,7 @@ mod tests {
         submit(move || r.lock().unwrap().push(std::thread::current().id()));
         assert_eq!(*ran_on.lock().unwrap(), vec![here]);
         assert!(wait_idle(Duration::ZERO));
+        assert!(!busy());
     }
 
     /// A job that waits for `gate` to open.
@@ -209,6 +223,7 @@ mod tests {
             !wait_idle_on(w, Duration::from_millis(50)),
             "the gate holds the first job"
         );
+        assert!(busy_on(w));
         assert!(order.lock().unwrap().is_empty());
         open(&gate);
         assert!(wait_idle_on(w, Duration::from_secs(10)));
@@ -218,6 +233,7 @@ mod tests {
             1,
             "a panic does not stop the thread"
         );
+        assert!(!busy_on(w));
 
         // A full queue runs the next job in the caller.
         let gate = Arc::new((Mutex::new(false), Condvar::new()));

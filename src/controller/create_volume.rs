@@ -13,7 +13,7 @@ use crate::convert;
 use crate::csi::v1 as csi;
 use crate::driver::{name_key, now_unix, vol_key, Driver};
 use crate::error::{Error, Result};
-use crate::kinds::{node_tag, Source, VolumeKind};
+use crate::kinds::{node_tag, PoolCapacity, Source, VolumeKind};
 use crate::state::store::Admission;
 use crate::state::{Capability, ContentSource, Kind, Phase, SnapshotRecord, VolumeRecord};
 use crate::validate;
@@ -187,6 +187,11 @@ fn resolve(d: &Driver, imp: &dyn VolumeKind, kind: Kind, s: &ContentSource) -> R
         },
     }
 }
+
+/// How long a create refused for space waits for deleted volumes' storage
+/// to be removed before it is refused (`crate::background`): well within
+/// the CO's call timeout (external-provisioner's default is 10 s).
+const SPACE_FREED_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A spare id taken for this request (`VolumeKind::take_spare_id`),
 /// given back when dropped unless the kind's `create` used it.
@@ -477,18 +482,38 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     // request the records refuse is refused before that wait.
     d.store.check_admission(rec.kind, conflicts)?;
     imp.reach(&rec)?;
-    let mut rec = match admit_with(rec.clone(), pool.free_bytes) {
-        // The promises alone leave no room: a kind that holds its volumes
-        // to their sizes adds back what they wrote (read before the free
-        // space again), so what is left is the free space minus what the
-        // volumes may still write. Never more than there is.
-        Err(Error::NoSpace(m)) => match imp.written_within_promises()? {
-            0 => return Err(Error::NoSpace(m)),
-            written => {
-                pool = imp.capacity_for(&kparams)?;
-                admit_with(rec, pool.free_bytes.saturating_add(written))?
+    let admitted = |rec: VolumeRecord, pool: &mut PoolCapacity| {
+        match admit_with(rec.clone(), pool.free_bytes) {
+            // The promises alone leave no room: a kind that holds its
+            // volumes to their sizes adds back what they wrote (read before
+            // the free space again), so what is left is the free space
+            // minus what the volumes may still write. Never more than
+            // there is.
+            Err(Error::NoSpace(m)) => match imp.written_within_promises()? {
+                0 => Err(Error::NoSpace(m)),
+                written => {
+                    *pool = imp.capacity_for(&kparams)?;
+                    admit_with(rec, pool.free_bytes.saturating_add(written))
+                }
+            },
+            r => r,
+        }
+    };
+    let mut rec = match admitted(rec.clone(), &mut pool) {
+        // Deleted volumes whose storage is still being removed on the
+        // background thread (a local volume's trash) hold space their
+        // records gave back already: waited for (a while), then asked
+        // again, so that a create right after a delete finds the space the
+        // delete freed, as it did when the delete removed it before
+        // answering.
+        Err(Error::NoSpace(m)) if crate::background::busy() => {
+            crate::background::wait_idle(SPACE_FREED_WAIT);
+            pool = imp.capacity_for(&kparams)?;
+            match admitted(rec, &mut pool) {
+                Err(Error::NoSpace(_)) => return Err(Error::NoSpace(m)),
+                r => r?,
             }
-        },
+        }
         r => r?,
     };
     drop(space);

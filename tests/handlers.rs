@@ -2887,3 +2887,44 @@ async fn a_spare_that_is_not_empty_is_never_handed_out() {
         0
     );
 }
+
+/// A spare that is not empty (something was put into `.creating` by hand)
+/// whose create's rollback could not remove it: the retry of that create
+/// finds the name's record still Creating and makes its storage again,
+/// and never hands out what was put there either.
+#[tokio::test]
+async fn a_planted_spare_whose_rollback_failed_is_not_handed_out_by_the_retry() {
+    let h = fake(&[]);
+    create(&h, "a", 1).await;
+    let creating = h.path("local/.creating");
+    for s in spares_in(&h) {
+        std::fs::write(creating.join(&s).join("planted"), b"x").unwrap();
+    }
+    h.fake().fail_op_under("remove tree", &creating, libc::EIO);
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("b", 1 << 20)))
+        .await;
+    assert_eq!(code(r), Code::Internal);
+    h.fake().clear_file_faults();
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("b", 1 << 20)))
+        .await;
+    if let Ok(v) = &r {
+        let id = &v.get_ref().volume.as_ref().unwrap().volume_id;
+        panic!(
+            "handed out {id} holding {:?}",
+            std::fs::read_dir(h.path("local").join(id))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(code(r), Code::Internal);
+    assert!(h
+        .driver
+        .store
+        .get_by_name("b")
+        .is_none_or(|b| b.phase != berth::state::Phase::Ready));
+}

@@ -977,21 +977,25 @@ impl VolumeKind for LocalKind {
             let what = what.to_string();
             move |e| Error::os(format!("{what} {}", dir.display()), e)
         };
-        let spare = self.spares.use_taken(&rec.id)
-            && std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
-        if spare {
-            // Made empty in this process, in Berth's own private directory:
-            // anything in it now was put there by hand, and is never handed
-            // to a tenant (the create fails; its rollback removes the
-            // directory, as it does any unfinished create's).
-            if !std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none()) {
-                tracing::error!(volume_id = %rec.id, dir = %dir.display(), "a spare directory is not empty (something was put into Berth's .creating by hand): not handed out");
-                return Err(Error::Internal(format!(
-                    "the spare directory {} made for volume {} is not empty; not handed out",
-                    dir.display(),
-                    rec.id
-                )));
-            }
+        let taken = self.spares.use_taken(&rec.id);
+        let found = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
+        // Made empty (a spare, or this create's earlier attempt, whose
+        // record is still Creating), in Berth's own private directory, and
+        // nothing writes into it before Ready: anything in it now was put
+        // there by hand, and is never handed to a tenant (the create fails;
+        // its rollback removes the directory, as it does any unfinished
+        // create's). Checked on a retry too: a rollback that could not
+        // remove a planted spare left its record Creating, and the retry
+        // makes the same directory again.
+        if found && !std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none()) {
+            tracing::error!(volume_id = %rec.id, dir = %dir.display(), "a new volume's directory is not empty (something was put into Berth's .creating by hand): not handed out");
+            return Err(Error::Internal(format!(
+                "the directory {} made for new volume {} is not empty; not handed out",
+                dir.display(),
+                rec.id
+            )));
+        }
+        if taken && found {
             if self.projects.is_some() {
                 // Its project and limits are as durable as the record.
                 self.give_project(rec, &dir)?;

@@ -2928,3 +2928,27 @@ async fn a_planted_spare_whose_rollback_failed_is_not_handed_out_by_the_retry() 
         .get_by_name("b")
         .is_none_or(|b| b.phase != berth::state::Phase::Ready));
 }
+
+/// `.creating` moved away by hand while berth runs and a symlink to it put
+/// in its place: a create refuses it, as it did before spares existed
+/// (`ensure_dir`), instead of handing out a spare through the symlink and
+/// moving it from outside Berth's directories into the root; its rollback
+/// removes nothing it leads to.
+#[tokio::test]
+async fn a_creating_area_replaced_by_a_symlink_is_refused_and_nothing_it_leads_to_is_touched() {
+    let h = fake(&[]);
+    create(&h, "a", 1).await;
+    let creating = h.path("local/.creating");
+    let elsewhere = h.path("elsewhere");
+    std::fs::rename(&creating, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &creating).unwrap();
+    let there = made_in(&elsewhere);
+    assert_eq!(there.len(), 16);
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("b", 1 << 20)))
+        .await;
+    assert_ne!(code(r), Code::Ok);
+    assert!(h.driver.store.get_by_name("b").is_none());
+    assert_eq!(made_in(&elsewhere), there, "nothing there moved or removed");
+}

@@ -771,8 +771,13 @@ impl LocalKind {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // A create that failed before `ready`: its directory under
                 // `.creating/` is Berth's own and was never handed out.
-                let unfinished = self.root.join(CREATING).join(&rec.id);
-                if std::fs::symlink_metadata(&unfinished).is_ok() {
+                // Never through a symlink put in place of `.creating`
+                // (`files::read_own_dir`): what it leads to is not Berth's.
+                let area = self.root.join(CREATING);
+                let unfinished = area.join(&rec.id);
+                if std::fs::symlink_metadata(&area).is_ok_and(|m| m.is_dir())
+                    && std::fs::symlink_metadata(&unfinished).is_ok()
+                {
                     self.remove_tree(&unfinished)?;
                 }
                 return Ok(());
@@ -995,7 +1000,13 @@ impl VolumeKind for LocalKind {
                 rec.id
             )));
         }
-        if taken && found {
+        // `.creating` itself must be Berth's own directory: one moved away
+        // by hand and a symlink to it put in its place leads outside
+        // Berth's directories, and the spare found through it would be
+        // moved from there into the root. Refused then by `ensure_dir`
+        // below, as before spares existed (one lstat, no write).
+        let own_area = || std::fs::symlink_metadata(&area).is_ok_and(|m| m.is_dir());
+        if taken && found && own_area() {
             if self.projects.is_some() {
                 // Its project and limits are as durable as the record.
                 self.give_project(rec, &dir)?;

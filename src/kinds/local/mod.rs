@@ -983,6 +983,11 @@ impl VolumeKind for LocalKind {
             move |e| Error::os(format!("{what} {}", dir.display()), e)
         };
         let taken = self.spares.use_taken(&rec.id);
+        // More spares asked for here, on the operation's thread, never in
+        // `take_spare_id` (the async handler): a refill that runs where it
+        // is asked for (a full background queue) must not hold up every
+        // RPC.
+        self.spares.top_up();
         let found = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
         // Made empty (a spare, or this create's earlier attempt, whose
         // record is still Creating), in Berth's own private directory, and

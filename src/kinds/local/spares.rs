@@ -16,7 +16,9 @@
 //! Only creates without a content source take spares: a restore or clone
 //! copies into a directory of its own. The spares are made on the
 //! background thread (`crate::background`) once fewer than half of the
-//! target are left; a create that finds none makes its directory itself,
+//! target are left, as a create's operation finds (`top_up`: never in
+//! `take`, which runs on the async thread); a create that finds none
+//! makes its directory itself,
 //! as before. A spare that is gone when its create comes (removed by
 //! hand) is made again by the create.
 use std::collections::HashSet;
@@ -78,29 +80,42 @@ impl Spares {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The id of a spare, now the caller's (None when none is ready); asks
-    /// for a refill when few are left.
-    pub fn take(self: &Arc<Self>) -> Option<String> {
+    /// The id of a spare, now the caller's (None when none is ready).
+    /// Touches no file: its caller is CreateVolume's async handler, on the
+    /// one async thread, which must never wait for a disk (`top_up` asks
+    /// for more, from the create's operation).
+    pub fn take(&self) -> Option<String> {
         if self.target == 0 {
             return None;
         }
-        let (id, refill) = {
+        let mut s = self.lock();
+        let id = s.free.pop();
+        if let Some(id) = &id {
+            s.taken.insert(id.clone());
+        }
+        id
+    }
+
+    /// Asks for a refill when fewer than half of the target are left and
+    /// none is asked for yet. Only from an operation's thread: the refill
+    /// runs where it is asked for when the background thread is off, could
+    /// not start or has a full queue (`background::submit`).
+    pub fn top_up(self: &Arc<Self>) {
+        if self.target == 0 {
+            return;
+        }
+        let refill = {
             let mut s = self.lock();
-            let id = s.free.pop();
-            if let Some(id) = &id {
-                s.taken.insert(id.clone());
-            }
             let refill = !s.refilling && s.free.len() * 2 < self.target;
             if refill {
                 s.refilling = true;
             }
-            (id, refill)
+            refill
         };
         if refill {
             let me = self.clone();
             crate::background::submit(move || me.refill());
         }
-        id
     }
 
     /// Whether `id` is a spare taken and not yet used or given back; it is
@@ -199,9 +214,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (os, fake) = Os::fake();
         let s = spares(tmp.path(), os.files.clone(), 4);
-        // None yet: the take asks for a refill, which runs in the caller
+        // None yet, and the take touches no file (it runs on the async
+        // thread); the top-up asks for a refill, which runs in the caller
         // here (the background thread is off in tests).
         assert_eq!(s.take(), None);
+        assert!(fake.file_ops().is_empty(), "{:?}", fake.file_ops());
+        s.top_up();
         assert_eq!(s.ready(), 4);
         let area = tmp.path().join(".creating");
         let mut ids = Vec::new();
@@ -227,12 +245,16 @@ mod tests {
 
         // Taken once each: two takes leave two (not below half: no refill).
         let a = s.take().unwrap();
+        s.top_up();
         let b = s.take().unwrap();
+        s.top_up();
         assert_ne!(a, b);
         assert!(ids.contains(&a) && ids.contains(&b));
         assert_eq!(s.ready(), 2);
         // A third take leaves one, below half: refilled to the target.
         let c = s.take().unwrap();
+        assert_eq!(s.ready(), 1);
+        s.top_up();
         assert_eq!(s.ready(), 4);
         assert_eq!(std::fs::read_dir(&area).unwrap().count(), 7);
         // Given back: free again; used: never given back.
@@ -269,6 +291,7 @@ mod tests {
         // The second directory's flush fails.
         fake.fail_op_under("fsync", &area.join(format!("local-{:032x}", 1)), libc::EIO);
         assert_eq!(s.take(), None);
+        s.top_up();
         assert_eq!(s.ready(), 0);
         assert_eq!(
             std::fs::read_dir(&area).unwrap().count(),
@@ -276,8 +299,9 @@ mod tests {
             "what the failed refill made is removed"
         );
         fake.clear_file_faults();
-        assert_eq!(s.take(), None, "none were ready; this take refills");
-        assert_eq!(s.ready(), 3);
+        assert_eq!(s.take(), None);
+        s.top_up();
+        assert_eq!(s.ready(), 3, "none were ready; this top-up refills");
     }
 
     #[test]
@@ -286,6 +310,7 @@ mod tests {
         let (os, fake) = Os::fake();
         let s = spares(tmp.path(), os.files.clone(), 0);
         assert_eq!(s.take(), None);
+        s.top_up();
         assert_eq!(s.ready(), 0);
         assert!(fake.file_ops().is_empty());
         assert!(!tmp.path().join(".creating").exists());

@@ -24,6 +24,12 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Jobs waiting beyond which the next runs in its caller.
 pub const MAX_QUEUED: usize = 1024;
 
+/// How long a create or an expansion refused for space waits for deleted
+/// volumes' storage to be removed (a local volume's trash) before it is
+/// refused: well within the CO's call timeout (external-provisioner's and
+/// external-resizer's default is 10 s).
+pub const SPACE_FREED_WAIT: Duration = Duration::from_secs(3);
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Turns the background thread on (true) or off (every job then runs where

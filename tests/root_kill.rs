@@ -921,3 +921,80 @@ async fn a_create_right_after_a_delete_finds_the_space_the_delete_freed() {
     );
     drop(b);
 }
+
+/// An expansion right after a delete finds the space the delete freed, as
+/// a create does (`a_create_right_after_a_delete_finds_the_space_the_delete_freed`):
+/// a local root on a 64 MiB tmpfs, a volume of 40 MiB holding 40 MiB in
+/// 10,000 files and one of 8 MiB; the first deleted, then the second grown
+/// to 40 MiB at once.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn an_expansion_right_after_a_delete_finds_the_space_the_delete_freed() {
+    let d = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(d.path().to_path_buf());
+    let root = d.path().join("local");
+    std::fs::create_dir(&root).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64m"),
+    )
+    .unwrap();
+    let f = local(&[]);
+    let b = start(d.path(), &f);
+    let mut c = connect(&format!("unix://{}", b.sock.display()))
+        .await
+        .unwrap();
+    let create = |name: &str, size: i64| {
+        Request::new(csi::CreateVolumeRequest {
+            parameters: f.parameters.clone(),
+            volume_capabilities: vec![f.cap.clone()],
+            ..create_req(name, size)
+        })
+    };
+    let mut made = Vec::new();
+    for (name, size) in [("a", 40 << 20), ("b", 8 << 20)] {
+        made.push(
+            c.controller
+                .create_volume(create(name, size))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id,
+        );
+    }
+    let dir = root.join(&made[0]);
+    let chunk = vec![7u8; 4096];
+    for i in 0..10_000 {
+        std::fs::write(dir.join(format!("f{i}")), &chunk).unwrap();
+    }
+    c.controller
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: made[0].clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let r = c
+        .controller
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: made[1].clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 40 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(f.cap.clone()),
+            ..Default::default()
+        }))
+        .await;
+    assert!(
+        r.is_ok(),
+        "{r:?}: {}",
+        std::fs::read_to_string(&b.log).unwrap_or_default()
+    );
+    drop(b);
+}

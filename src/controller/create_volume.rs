@@ -188,11 +188,6 @@ fn resolve(d: &Driver, imp: &dyn VolumeKind, kind: Kind, s: &ContentSource) -> R
     }
 }
 
-/// How long a create refused for space waits for deleted volumes' storage
-/// to be removed before it is refused (`crate::background`): well within
-/// the CO's call timeout (external-provisioner's default is 10 s).
-const SPACE_FREED_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// A spare id taken for this request (`VolumeKind::take_spare_id`),
 /// given back when dropped unless the kind's `create` used it.
 struct SpareId {
@@ -507,7 +502,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
         // delete freed, as it did when the delete removed it before
         // answering.
         Err(Error::NoSpace(m)) if crate::background::busy() => {
-            crate::background::wait_idle(SPACE_FREED_WAIT);
+            crate::background::wait_idle(crate::background::SPACE_FREED_WAIT);
             pool = imp.capacity_for(&kparams)?;
             match admitted(rec, &mut pool) {
                 Err(Error::NoSpace(_)) => return Err(Error::NoSpace(m)),

@@ -446,13 +446,29 @@ impl LocalKind {
                 }
             })
         };
-        match attempt(pool.free_bytes) {
+        let admitted = |free: i64| match attempt(free) {
             // The promises alone leave no room: count what the volumes
             // wrote (see `written_within_promises`).
             Err(Error::BadSize(_)) if self.projects.is_some() => {
                 let written = self.written_within_promises()?;
                 let free = self.pool_capacity()?.free_bytes;
                 attempt(free.saturating_add(written))
+            }
+            r => r,
+        };
+        match admitted(pool.free_bytes) {
+            // Deleted volumes whose directories are still being emptied on
+            // the background thread hold space their records gave back
+            // already: waited for (a while), then asked again, as a create
+            // refused for space does, so that an expansion right after a
+            // delete finds the space the delete freed, as it did when the
+            // delete emptied the trash before answering.
+            Err(Error::BadSize(m)) if crate::background::busy() => {
+                crate::background::wait_idle(crate::background::SPACE_FREED_WAIT);
+                match admitted(self.pool_capacity()?.free_bytes) {
+                    Err(Error::BadSize(_)) => Err(Error::BadSize(m)),
+                    r => r,
+                }
             }
             r => r,
         }

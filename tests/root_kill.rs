@@ -859,6 +859,75 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
     );
 }
 
+/// Berth serving local volumes whose local root is a 64 MiB tmpfs under
+/// `d` (the caller's `UnmountOnDrop` of `d` takes it off), a client, and
+/// a deleter: it fills volume `id`'s directory with 40 MiB in 10,000
+/// files, then deletes the volume, so that emptying the trash (on berth's
+/// background thread, after DeleteVolume answered) takes a while.
+struct SmallRoot {
+    b: Berth,
+    c: CsiClient,
+    root: PathBuf,
+    f: Flavor,
+}
+
+impl SmallRoot {
+    async fn start(d: &Path) -> SmallRoot {
+        let root = d.join("local");
+        std::fs::create_dir(&root).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &root,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64m"),
+        )
+        .unwrap();
+        let f = local(&[]);
+        let b = start(d, &f);
+        let c = connect(&format!("unix://{}", b.sock.display()))
+            .await
+            .unwrap();
+        SmallRoot { b, c, root, f }
+    }
+
+    async fn create(&mut self, name: &str, size: i64) -> String {
+        self.c
+            .controller
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                parameters: self.f.parameters.clone(),
+                volume_capabilities: vec![self.f.cap.clone()],
+                ..create_req(name, size)
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id
+    }
+
+    async fn fill_and_delete(&mut self, id: &str) {
+        let dir = self.root.join(id);
+        let chunk = vec![7u8; 4096];
+        for i in 0..10_000 {
+            std::fs::write(dir.join(format!("f{i}")), &chunk).unwrap();
+        }
+        self.c
+            .controller
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: id.to_string(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.b.log).unwrap_or_default()
+    }
+}
+
 /// A create right after a delete finds the space the delete freed, though
 /// the deleted local volume's directory is emptied on berth's background
 /// thread after DeleteVolume answered (CreateVolume waits for it a while
@@ -870,56 +939,18 @@ async fn kill_rounds(f: Flavor, rounds: &[usize]) {
 async fn a_create_right_after_a_delete_finds_the_space_the_delete_freed() {
     let d = tempfile::tempdir().unwrap();
     let _unmount = UnmountOnDrop(d.path().to_path_buf());
-    let root = d.path().join("local");
-    std::fs::create_dir(&root).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &root,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=64m"),
-    )
-    .unwrap();
-    let f = local(&[]);
-    let b = start(d.path(), &f);
-    let mut c = connect(&format!("unix://{}", b.sock.display()))
-        .await
-        .unwrap();
-    let create = |name: &str| {
-        Request::new(csi::CreateVolumeRequest {
-            parameters: f.parameters.clone(),
-            volume_capabilities: vec![f.cap.clone()],
-            ..create_req(name, 40 << 20)
-        })
-    };
-    let a = c
-        .controller
-        .create_volume(create("a"))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let dir = root.join(&a);
-    let chunk = vec![7u8; 4096];
-    for i in 0..10_000 {
-        std::fs::write(dir.join(format!("f{i}")), &chunk).unwrap();
-    }
-    c.controller
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: a.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    let r = c.controller.create_volume(create("b")).await;
-    assert!(
-        r.is_ok(),
-        "{r:?}: {}",
-        std::fs::read_to_string(&b.log).unwrap_or_default()
-    );
-    drop(b);
+    let mut s = SmallRoot::start(d.path()).await;
+    let a = s.create("a", 40 << 20).await;
+    s.fill_and_delete(&a).await;
+    let r =
+        s.c.controller
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                parameters: s.f.parameters.clone(),
+                volume_capabilities: vec![s.f.cap.clone()],
+                ..create_req("b", 40 << 20)
+            }))
+            .await;
+    assert!(r.is_ok(), "{r:?}: {}", s.log());
 }
 
 /// An expansion right after a delete finds the space the delete freed, as
@@ -932,69 +963,21 @@ async fn a_create_right_after_a_delete_finds_the_space_the_delete_freed() {
 async fn an_expansion_right_after_a_delete_finds_the_space_the_delete_freed() {
     let d = tempfile::tempdir().unwrap();
     let _unmount = UnmountOnDrop(d.path().to_path_buf());
-    let root = d.path().join("local");
-    std::fs::create_dir(&root).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &root,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=64m"),
-    )
-    .unwrap();
-    let f = local(&[]);
-    let b = start(d.path(), &f);
-    let mut c = connect(&format!("unix://{}", b.sock.display()))
-        .await
-        .unwrap();
-    let create = |name: &str, size: i64| {
-        Request::new(csi::CreateVolumeRequest {
-            parameters: f.parameters.clone(),
-            volume_capabilities: vec![f.cap.clone()],
-            ..create_req(name, size)
-        })
-    };
-    let mut made = Vec::new();
-    for (name, size) in [("a", 40 << 20), ("b", 8 << 20)] {
-        made.push(
-            c.controller
-                .create_volume(create(name, size))
-                .await
-                .unwrap()
-                .into_inner()
-                .volume
-                .unwrap()
-                .volume_id,
-        );
-    }
-    let dir = root.join(&made[0]);
-    let chunk = vec![7u8; 4096];
-    for i in 0..10_000 {
-        std::fs::write(dir.join(format!("f{i}")), &chunk).unwrap();
-    }
-    c.controller
-        .delete_volume(Request::new(csi::DeleteVolumeRequest {
-            volume_id: made[0].clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    let r = c
-        .controller
-        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
-            volume_id: made[1].clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 40 << 20,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(f.cap.clone()),
-            ..Default::default()
-        }))
-        .await;
-    assert!(
-        r.is_ok(),
-        "{r:?}: {}",
-        std::fs::read_to_string(&b.log).unwrap_or_default()
-    );
-    drop(b);
+    let mut s = SmallRoot::start(d.path()).await;
+    let a = s.create("a", 40 << 20).await;
+    let b = s.create("b", 8 << 20).await;
+    s.fill_and_delete(&a).await;
+    let r =
+        s.c.controller
+            .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+                volume_id: b,
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 40 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(s.f.cap.clone()),
+                ..Default::default()
+            }))
+            .await;
+    assert!(r.is_ok(), "{r:?}: {}", s.log());
 }

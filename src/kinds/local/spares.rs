@@ -156,11 +156,20 @@ impl Spares {
     /// and says so; the creates then make their own directories until the
     /// next refill.
     pub fn refill(&self) {
+        // The request is over however the refill ends, a panic included
+        // (the background thread catches it): a later `top_up` asks again
+        // instead of finding one asked for for ever.
+        struct Over<'a>(&'a Spares);
+        impl Drop for Over<'_> {
+            fn drop(&mut self) {
+                self.0.lock().refilling = false;
+            }
+        }
+        let _over = Over(self);
         let want = self.target.saturating_sub(self.ready());
         let mut made = Vec::with_capacity(want);
         let r = self.make(want, &mut made);
         let mut s = self.lock();
-        s.refilling = false;
         match r {
             Ok(()) => s.free.extend(made),
             Err(e) => {
@@ -302,6 +311,31 @@ mod tests {
         assert_eq!(s.take(), None);
         s.top_up();
         assert_eq!(s.ready(), 3, "none were ready; this top-up refills");
+    }
+
+    #[test]
+    fn a_refill_that_panics_does_not_stop_later_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (os, _fake) = Os::fake();
+        let n = Arc::new(AtomicUsize::new(0));
+        let calls = n.clone();
+        let s = Spares::new(
+            tmp.path().join(".creating"),
+            os.files.clone(),
+            2,
+            Box::new(move || {
+                let i = calls.fetch_add(1, Ordering::SeqCst);
+                assert_ne!(i, 0, "the first id panics");
+                format!("local-{i:032x}")
+            }),
+        );
+        // The refill runs in the caller here (the background thread is
+        // off in tests), so its panic comes up here.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.top_up()));
+        assert!(r.is_err());
+        assert_eq!(s.ready(), 0);
+        s.top_up();
+        assert_eq!(s.ready(), 2, "a later top-up refills");
     }
 
     #[test]

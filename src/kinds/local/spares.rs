@@ -137,6 +137,11 @@ impl Spares {
     /// flight and no refill runs).
     pub fn drop_free(&self) {
         let free = std::mem::take(&mut self.lock().free);
+        // Never through a symlink put in place of `.creating` by hand
+        // (`files::read_own_dir`): what it leads to is not Berth's.
+        if !std::fs::symlink_metadata(&self.area).is_ok_and(|m| m.is_dir()) {
+            return;
+        }
         for id in free {
             let dir = self.area.join(&id);
             if let Err(e) = self.files.remove_dir(&dir) {
@@ -336,6 +341,21 @@ mod tests {
         assert_eq!(s.ready(), 0);
         s.top_up();
         assert_eq!(s.ready(), 2, "a later top-up refills");
+    }
+
+    #[test]
+    fn drop_free_removes_nothing_through_a_symlink_in_place_of_the_area() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (os, _fake) = Os::fake();
+        let s = spares(tmp.path(), os.files.clone(), 2);
+        s.top_up();
+        assert_eq!(s.ready(), 2);
+        let area = tmp.path().join(".creating");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::rename(&area, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &area).unwrap();
+        s.drop_free();
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 2);
     }
 
     #[test]

@@ -26,9 +26,9 @@ pub const MAX_QUEUED: usize = 1024;
 
 /// How long a create or an expansion refused for space waits for deleted
 /// volumes' storage to be removed (a local volume's trash) before it is
-/// refused: well within the CO's call timeout (external-provisioner's and
-/// external-resizer's default is 10 s).
-pub const SPACE_FREED_WAIT: Duration = Duration::from_secs(3);
+/// refused (`after_space_freed`): well within the CO's call timeout
+/// (external-provisioner's and external-resizer's default is 10 s).
+const SPACE_FREED_WAIT: Duration = Duration::from_secs(3);
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -127,6 +127,31 @@ fn submit_to(w: &Worker, job: Job) {
     w.changed.notify_all();
 }
 
+/// `first`, the answer to a request for space, or, when it is a refusal
+/// (`refused`) while the background thread is at work, `again()` asked
+/// once that work is done (waited for at most `SPACE_FREED_WAIT`); still
+/// `first` if that is refused too. Deleted volumes whose storage the
+/// thread is still removing (a local volume's trash) hold space their
+/// records gave back already: so a create or an expansion right after a
+/// delete finds the space the delete freed, as it did when the delete
+/// removed the storage before answering.
+pub fn after_space_freed<T>(
+    first: crate::error::Result<T>,
+    refused: impl Fn(&crate::error::Error) -> bool,
+    again: impl FnOnce() -> crate::error::Result<T>,
+) -> crate::error::Result<T> {
+    match first {
+        Err(e) if refused(&e) && busy() => {
+            wait_idle(SPACE_FREED_WAIT);
+            match again() {
+                Err(later) if refused(&later) => Err(e),
+                r => r,
+            }
+        }
+        r => r,
+    }
+}
+
 /// Whether jobs are queued or running on the background thread.
 pub fn busy() -> bool {
     match if enabled() { worker() } else { None } {
@@ -186,6 +211,14 @@ mod tests {
         assert_eq!(*ran_on.lock().unwrap(), vec![here]);
         assert!(wait_idle(Duration::ZERO));
         assert!(!busy());
+        // Nothing at work: a refusal stands, asked again never.
+        let refused = || Err::<(), _>(crate::error::Error::NoSpace("full".into()));
+        let r = after_space_freed(
+            refused(),
+            |e| matches!(e, crate::error::Error::NoSpace(_)),
+            || panic!("asked again"),
+        );
+        assert!(matches!(r, Err(crate::error::Error::NoSpace(_))));
     }
 
     /// A job that waits for `gate` to open.

@@ -13,7 +13,7 @@ use crate::convert;
 use crate::csi::v1 as csi;
 use crate::driver::{name_key, now_unix, vol_key, Driver};
 use crate::error::{Error, Result};
-use crate::kinds::{node_tag, PoolCapacity, Source, VolumeKind};
+use crate::kinds::{node_tag, Source, VolumeKind};
 use crate::state::store::Admission;
 use crate::state::{Capability, ContentSource, Kind, Phase, SnapshotRecord, VolumeRecord};
 use crate::validate;
@@ -394,7 +394,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     // admitted against is the one there is.
     let promises = imp.capacity_is_promise();
     let space = promises.then(|| d.store.space_shared());
-    let mut pool = imp.capacity_for(&kparams)?;
+    let pool = imp.capacity_for(&kparams)?;
     if size > pool.max_volume_bytes {
         return Err(Error::BadSize(format!(
             "{size} bytes is more than the largest volume this pool can hold ({} bytes)",
@@ -477,40 +477,27 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     // request the records refuse is refused before that wait.
     d.store.check_admission(rec.kind, conflicts)?;
     imp.reach(&rec)?;
-    let admitted = |rec: VolumeRecord, pool: &mut PoolCapacity| {
-        match admit_with(rec.clone(), pool.free_bytes) {
-            // The promises alone leave no room: a kind that holds its
-            // volumes to their sizes adds back what they wrote (read before
-            // the free space again), so what is left is the free space
-            // minus what the volumes may still write. Never more than
-            // there is.
-            Err(Error::NoSpace(m)) => match imp.written_within_promises()? {
-                0 => Err(Error::NoSpace(m)),
-                written => {
-                    *pool = imp.capacity_for(&kparams)?;
-                    admit_with(rec, pool.free_bytes.saturating_add(written))
-                }
-            },
-            r => r,
-        }
+    // The promises alone leave no room: a kind that holds its volumes to
+    // their sizes adds back what they wrote (read before the free space
+    // again), so what is left is the free space minus what the volumes may
+    // still write. Never more than there is.
+    let admitted = |rec: VolumeRecord, free: i64| match admit_with(rec.clone(), free) {
+        Err(Error::NoSpace(m)) => match imp.written_within_promises()? {
+            0 => Err(Error::NoSpace(m)),
+            written => admit_with(
+                rec,
+                imp.capacity_for(&kparams)?
+                    .free_bytes
+                    .saturating_add(written),
+            ),
+        },
+        r => r,
     };
-    let mut rec = match admitted(rec.clone(), &mut pool) {
-        // Deleted volumes whose storage is still being removed on the
-        // background thread (a local volume's trash) hold space their
-        // records gave back already: waited for (a while), then asked
-        // again, so that a create right after a delete finds the space the
-        // delete freed, as it did when the delete removed it before
-        // answering.
-        Err(Error::NoSpace(m)) if crate::background::busy() => {
-            crate::background::wait_idle(crate::background::SPACE_FREED_WAIT);
-            pool = imp.capacity_for(&kparams)?;
-            match admitted(rec, &mut pool) {
-                Err(Error::NoSpace(_)) => return Err(Error::NoSpace(m)),
-                r => r?,
-            }
-        }
-        r => r?,
-    };
+    let mut rec = crate::background::after_space_freed(
+        admitted(rec.clone(), pool.free_bytes),
+        |e| matches!(e, Error::NoSpace(_)),
+        || admitted(rec, imp.capacity_for(&kparams)?.free_bytes),
+    )?;
     drop(space);
     if let Err(e) = make_storage(d, imp.as_ref(), &mut rec) {
         // Roll back; if that fails too, start-up reconciliation finishes it.

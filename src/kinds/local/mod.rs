@@ -456,22 +456,11 @@ impl LocalKind {
             }
             r => r,
         };
-        match admitted(pool.free_bytes) {
-            // Deleted volumes whose directories are still being emptied on
-            // the background thread hold space their records gave back
-            // already: waited for (a while), then asked again, as a create
-            // refused for space does, so that an expansion right after a
-            // delete finds the space the delete freed, as it did when the
-            // delete emptied the trash before answering.
-            Err(Error::BadSize(m)) if crate::background::busy() => {
-                crate::background::wait_idle(crate::background::SPACE_FREED_WAIT);
-                match admitted(self.pool_capacity()?.free_bytes) {
-                    Err(Error::BadSize(_)) => Err(Error::BadSize(m)),
-                    r => r,
-                }
-            }
-            r => r,
-        }
+        crate::background::after_space_freed(
+            admitted(pool.free_bytes),
+            |e| matches!(e, Error::BadSize(_)),
+            || admitted(self.pool_capacity()?.free_bytes),
+        )
     }
 
     /// Grows a volume as `g` asks (never shrinks): the promise, then the

@@ -28,8 +28,8 @@
 //! stage then only loses this recovery, logged; the log is removed, so
 //! that a restart never reads back a path the volume has left), and a line
 //! that cannot be read back is skipped with a warning (a cut last line
-//! after a power loss). The staging path is compared as the request resolves it
-//! (`Protected::resolve`), as it is stored. Volume ids are checked (a safe
+//! after a power loss). The staging path is compared as the request
+//! resolves it (`Protected::resolve`), as it is stored. Volume ids are checked (a safe
 //! path component) before they get here.
 use std::borrow::Cow;
 use std::collections::HashMap;

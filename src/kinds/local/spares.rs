@@ -18,9 +18,8 @@
 //! background thread (`crate::background`) once fewer than half of the
 //! target are left, as a create's operation finds (`top_up`: never in
 //! `take`, which runs on the async thread); a create that finds none
-//! makes its directory itself,
-//! as before. A spare that is gone when its create comes (removed by
-//! hand) is made again by the create.
+//! makes its directory itself, as before. A spare that is gone when its
+//! create comes (removed by hand) is made again by the create.
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -15,7 +15,7 @@ fn run_state_tool(cfg: &berth::config::Config, tool: StateTool) -> anyhow::Resul
     let mut out = std::io::stdout().lock();
     let r = match tool {
         StateTool::Check => tools::check(cfg, &os, &mut out),
-        StateTool::Export => tools::export(cfg, &mut out),
+        StateTool::Export => tools::export(cfg, os.files.as_ref(), &mut out),
         StateTool::Repair => tools::repair(&cfg.state_dir(), os.files.clone()).map(|report| {
             print!("{report}");
             true

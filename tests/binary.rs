@@ -1768,3 +1768,84 @@ async fn state_check_beside_a_serving_berth_under_churn_reports_only_real_damage
         );
     }
 }
+
+/// Every path under `dir`, for comparing a directory before and after.
+fn paths_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// An operator who names a state directory that holds no berth state (a
+/// typo in `--data-dir`, a missing one, or `--state-dir` set to the data
+/// directory itself) is told so by every state tool, never given a clean
+/// bill or an empty backup with exit code 0, and no tool writes a lock
+/// file or a journal into that directory (before, `check` said "0
+/// errors, 0 warnings", `export` printed no records with exit code 0,
+/// and `release` and `repair` left `.berth.lock` and `journal/log-0.jsonl`
+/// in it, after which check and export read it as an empty state).
+#[tokio::test]
+async fn state_tools_refuse_a_directory_that_holds_no_state() {
+    let d = tempfile::tempdir().unwrap();
+    // A berth that served and has a volume: the real state is there.
+    let data = d.path().join("berth");
+    std::fs::create_dir(&data).unwrap();
+    let sock = data.join("csi.sock");
+    let mut b = start(&data, &[]);
+    let ids = create_n(&sock, 1).await;
+    assert!(sigterm(&mut b).success());
+    drop(b);
+    let other = d.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("keep"), b"not berth's").unwrap();
+    let before = paths_under(d.path());
+    let typo = d.path().join("bert");
+    for (data_dir, state_dir) in [
+        (&typo, None),          // a typo in --data-dir: missing
+        (&other, Some(&other)), // a directory that is not berth's state
+        (&data, Some(&data)),   // the data directory, not its state/
+    ] {
+        for tool in [
+            &["check"][..],
+            &["export"],
+            &["repair"],
+            &["release", "held-x"],
+        ] {
+            let mut args = Vec::new();
+            if let Some(s) = state_dir {
+                args.extend(["--state-dir", s.to_str().unwrap()]);
+            }
+            args.push("state");
+            args.extend_from_slice(tool);
+            let out = run_to_exit(&berth_args(data_dir, &sock, &args));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{args:?} succeeded: {stdout}{stderr}"
+            );
+            assert!(
+                stderr.contains("holds no berth state"),
+                "{args:?}: {stdout}{stderr}"
+            );
+            assert_eq!(paths_under(d.path()), before, "{args:?}");
+        }
+    }
+    // The real state directory is still read as before.
+    let out = run_to_exit(&berth_args(&data, &sock, &["state", "export"]));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&ids[0]));
+}

@@ -46,6 +46,8 @@ pub enum StateError {
     Unexpected { path: PathBuf, why: String },
     #[error("{0}")]
     Os(#[from] crate::os::OsError),
+    #[error("the state directory {dir} holds no berth state (no journal/, no volumes/): it is not one a berth has served on; name the one berth uses (--state-dir, or --data-dir whose state/ is the default, as the driver was given them)")]
+    NoState { dir: PathBuf },
     #[error("the state journal {path} is damaged at byte {offset}, {why}; {recover}")]
     Damaged {
         path: PathBuf,

@@ -87,6 +87,23 @@ fn warning(what: String) -> Finding {
     }
 }
 
+/// Every tool first checks that `state_dir` holds berth's state (its
+/// journal, or records of the one-file-per-volume layout): a directory
+/// named by mistake (a typo in `--data-dir`, `--state-dir` set to the data
+/// directory) would otherwise read as an empty state, which `check` calls
+/// sound and `export` backs up, and `repair` and `release` would write a
+/// lock file and a journal into it.
+fn require_state(files: &dyn Files, state_dir: &Path) -> Result<(), StateError> {
+    let has = |p: PathBuf| files.lstat(&p).is_ok_and(|m| m.is_dir());
+    if has(journal_dir(state_dir)) || has(legacy::dir(state_dir)) {
+        Ok(())
+    } else {
+        Err(StateError::NoState {
+            dir: state_dir.to_path_buf(),
+        })
+    }
+}
+
 /// Reads the journal and the old layout without changing anything: the
 /// records start-up would load, and what is wrong.
 fn read_records(state_dir: &Path) -> Result<(Scan, Vec<VolumeRecord>), StateError> {
@@ -577,6 +594,7 @@ const LIVE_BUDGET: Duration = Duration::from_secs(2);
 /// (warnings allowed).
 pub fn check(cfg: &Config, os: &Os, out: &mut dyn Write) -> Result<bool, StateError> {
     let state_dir = cfg.state_dir();
+    require_state(os.files.as_ref(), &state_dir)?;
     let io = |e| StateError::io("write", "stdout", e);
     writeln!(out, "state directory {}", state_dir.display()).map_err(io)?;
     let live = DirLock::holder_of(&state_dir);
@@ -650,8 +668,9 @@ struct Export<'a> {
 
 /// `berth state export`: every readable record as one JSON document.
 /// Ok(false) when the journal is damaged (what could be read is printed).
-pub fn export(cfg: &Config, out: &mut dyn Write) -> Result<bool, StateError> {
+pub fn export(cfg: &Config, files: &dyn Files, out: &mut dyn Write) -> Result<bool, StateError> {
     let state_dir = cfg.state_dir();
+    require_state(files, &state_dir)?;
     let (scan, legacy) = read_records(&state_dir)?;
     let mut records: Vec<&VolumeRecord> = scan.records.values().chain(legacy.iter()).collect();
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
@@ -680,6 +699,7 @@ pub fn export(cfg: &Config, out: &mut dyn Write) -> Result<bool, StateError> {
 /// the hold is removed after it, so a crash in between leaves the disk
 /// held. Takes the state directory's lock (berth must be stopped).
 pub fn release(state_dir: &Path, files: Arc<dyn Files>, id: &str) -> Result<String, StateError> {
+    require_state(files.as_ref(), state_dir)?;
     let _lock = DirLock::acquire(&files, state_dir, "state directory")?;
     let store = super::Store::open(state_dir, files)?;
     let found = store.get(id).and_then(|r| {
@@ -710,6 +730,7 @@ pub fn release(state_dir: &Path, files: Arc<dyn Files>, id: &str) -> Result<Stri
 /// `berth state repair`: see the module comment. Returns what it did, for
 /// printing.
 pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateError> {
+    require_state(files.as_ref(), state_dir)?;
     let _lock = DirLock::acquire(&files, state_dir, "state directory")?;
     let dir = journal_dir(state_dir);
     let scan = journal::scan(&dir)?;

@@ -1731,3 +1731,54 @@ async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
     }
     assert_clean(&h);
 }
+
+/// Two loop devices bound to one file are one disk under two names: a
+/// pool that lists both (`--disk-pool /dev/loop0,/dev/loop1`, or a glob
+/// matching both) offers its space once, and never gives two volumes the
+/// same storage, whichever name comes first after a restart. Before,
+/// GetCapacity offered 80 MiB for the 40 MiB file, and a second
+/// CreateVolume got the other name: two tenants on the same blocks.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn one_file_behind_two_loop_devices_is_one_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let first = stand_in_disk(&disks, "one", 40 * MIB, None);
+    let second = berth::os::LoopDevices::attach(
+        &berth::os::RealLoopDevices::default(),
+        &disks.join("one"),
+        Default::default(),
+    )
+    .unwrap()
+    .device;
+    assert_ne!(first, second);
+    let pool = format!("{},{}", first.display(), second.display());
+    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool]);
+    std::mem::forget(guard); // `_g` covers the same directory
+    assert_eq!(disk_capacity(&h).await, (40 * MIB, Some(40 * MIB)));
+    let _a = create(&h, "a", 30 * MIB, &[("pool", "disk")], rwo()).await;
+    no_second_volume(&h).await;
+    // The other name first: its file is the volume's disk's.
+    let reversed = format!("{},{}", second.display(), first.display());
+    let h = restart(h, &["--disk-pool", &reversed]);
+    no_second_volume(&h).await;
+}
+
+async fn no_second_volume(h: &Harness) {
+    assert_eq!(disk_capacity(h).await.0, 0);
+    let r = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: params(&[("pool", "disk")]),
+            volume_capabilities: vec![rwo()],
+            ..create_req("b", 30 * MIB)
+        }))
+        .await;
+    assert_eq!(
+        r.as_ref().map_err(|e| e.code()).err(),
+        Some(Code::ResourceExhausted),
+        "a second volume on the same file: {r:?}"
+    );
+}

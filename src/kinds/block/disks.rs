@@ -422,6 +422,14 @@ impl BlockKind {
             .map(|l| ((l.major, l.minor), l))
             .collect();
         let own = self.own_files();
+        // A file behind two loop devices is one disk under two names (a
+        // pool listing both, or a glob matching both): only its first name
+        // is offered, and none while a volume has any of its names.
+        let mut files: HashSet<(u64, u64)> = claimed_numbers
+            .iter()
+            .filter_map(|n| loops.get(n))
+            .filter_map(|l| self.os.loops.backing_id(&l.device).ok())
+            .collect();
         let mut free = Vec::new();
         for d in self.pool_disks() {
             let n = (d.dev.major, d.dev.minor);
@@ -435,7 +443,12 @@ impl BlockKind {
             }
             if let Some(l) = loops.get(&n) {
                 match self.os.loops.backing_id(&l.device) {
-                    Ok((dev, ino)) if !own.holds(l, FileId { dev, ino }) => {}
+                    Ok((dev, ino)) if !own.holds(l, FileId { dev, ino }) => {
+                        if !files.insert((dev, ino)) {
+                            tracing::debug!(disk = %d.listed.display(), file = %l.backing_file.display(), "pool disk's file is another pool disk's, or a volume's disk's, too; not offered");
+                            continue;
+                        }
+                    }
                     Ok(_) => continue,
                     Err(e) => {
                         tracing::debug!(disk = %d.listed.display(), error = %e, "which file backs the pool's loop device cannot be told; not offered");

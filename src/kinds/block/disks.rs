@@ -430,12 +430,27 @@ impl BlockKind {
             .filter_map(|n| loops.get(n))
             .filter_map(|l| self.os.loops.backing_id(&l.device).ok())
             .collect();
+        // A loop device bound to a block device is that device under
+        // another name: both are the same disk's numbers, and the disk is
+        // offered under the first one found only, never while a volume or
+        // a mount has it under either.
+        let under = |n: &(u32, u32)| {
+            loops
+                .get(n)
+                .and_then(|l| self.os.devices.inspect(&l.backing_file).ok())
+                .map(|b| (b.major, b.minor))
+        };
+        let names = |n: (u32, u32)| [Some(n), under(&n)].into_iter().flatten();
+        let mut taken: HashSet<(u32, u32)> =
+            claimed_numbers.iter().flat_map(|n| names(*n)).collect();
         let mut free = Vec::new();
         for d in self.pool_disks() {
             let n = (d.dev.major, d.dev.minor);
-            if claimed_numbers.contains(&n)
+            let shared = names(n).any(|m| taken.contains(&m));
+            taken.extend(names(n));
+            if shared
                 || claimed_paths.contains(&d.dev.path)
-                || mounted.contains(&n)
+                || names(n).any(|m| mounted.contains(&m))
                 // A detached loop device, a drive without its medium.
                 || d.dev.size_bytes == 0
             {

@@ -67,11 +67,20 @@ impl Driver {
             (store, listed.and_then(|h| h.join().ok()))
         });
         let store = Arc::new(store?);
+        let protected = crate::node::paths::Protected::new(
+            &[state_dir.clone(), cfg.local_root(), cfg.block_root()],
+            &cfg.socket_path()
+                .ok()
+                .and_then(|p| std::path::absolute(p).ok())
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
         // Read once the state directory is this process's (`Store::open`
-        // takes its lock).
+        // takes its lock); a path no node RPC accepts is not taken in.
         let staged = Arc::new(crate::node::staged::StagedAt::open(
             &state_dir,
             os.files.clone(),
+            &protected,
         ));
         // The local kind first: the block kind keeps its promises in mind
         // where the two roots share a filesystem.
@@ -111,14 +120,6 @@ impl Driver {
             kinds.insert(*k, imp);
         }
         check_presence(&kinds, &store, &node_id, cfg.allow_missing_storage)?;
-        let protected = crate::node::paths::Protected::new(
-            &[state_dir.clone(), cfg.local_root(), cfg.block_root()],
-            &cfg.socket_path()
-                .ok()
-                .and_then(|p| std::path::absolute(p).ok())
-                .into_iter()
-                .collect::<Vec<_>>(),
-        );
         let d = Arc::new(Driver {
             protected,
             staged,

@@ -1202,3 +1202,46 @@ async fn delete_of_a_moved_away_volume_waits_for_its_mounts() {
     delete(&h, &a).await;
     assert!(!h.driver.store.contains(&a));
 }
+
+/// `<state-dir>/staged.log` damaged or edited by hand so that it names a
+/// volume's staging path as one no node RPC accepts (`/`, a system
+/// directory, Berth's own state directory, a relative path): DeleteVolume
+/// took `/` (mounted, as it always is) for the volume's staging path still
+/// mounted, and refused the volume forever ("still mounted at /"). Now
+/// start-up skips such a line as damage, and the delete succeeds; stage and
+/// unstage still work.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_staged_log_naming_paths_no_rpc_accepts_blocks_no_delete() {
+    let (h, g) = real(&[]);
+    let mut ids = Vec::new();
+    for name in ["root", "proc", "state", "relative"] {
+        let (id, staging) = create_and_stage(&h, name).await;
+        unstage_as_kubelet(&h, &id, &staging).await.unwrap();
+        ids.push(id);
+    }
+    let dir = h.stop();
+    let state = dir.path().join("state");
+    let mut text = std::fs::read_to_string(state.join("staged.log")).unwrap();
+    for (id, at) in ids.iter().zip([
+        "/".to_string(),
+        "/proc".to_string(),
+        state.display().to_string(),
+        "..".to_string(),
+    ]) {
+        text.push_str(&format!("{{\"id\":\"{id}\",\"at\":{at:?}}}\n"));
+    }
+    std::fs::write(state.join("staged.log"), text).unwrap();
+    let h = build(dir, berth::os::Os::real(), None, &[]);
+    // Stage and unstage still work beside the damage.
+    let (id, staging) = create_and_stage(&h, "after").await;
+    unstage_as_kubelet(&h, &id, &staging).await.unwrap();
+    ids.push(id);
+    for id in &ids {
+        try_delete(&h, id)
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        assert!(!h.driver.store.contains(id));
+    }
+    drop((h, g));
+}

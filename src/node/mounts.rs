@@ -749,7 +749,11 @@ mod tests {
             std::fs::create_dir(root.join(d)).unwrap();
         }
         Env {
-            staged: StagedAt::open(&root.join("state"), os.files.clone()),
+            staged: StagedAt::open(
+                &root.join("state"),
+                os.files.clone(),
+                &crate::node::paths::Protected::default(),
+            ),
             _dir: dir,
             root,
             os,

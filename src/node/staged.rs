@@ -30,7 +30,12 @@
 //! that cannot be read back is skipped with a warning (a cut last line
 //! after a power loss). The staging path is compared as the request
 //! resolves it (`Protected::resolve`), as it is stored. Volume ids are checked (a safe
-//! path component) before they get here.
+//! path component) before they get here. A line naming a path that no node
+//! RPC accepts as a staging path (`Protected::check`: `/`, a system or
+//! shared directory, Berth's own directories, a relative path) was not
+//! written by Berth, and is skipped as damage: DeleteVolume took `/`
+//! (always mounted) for the volume's staging path still mounted, and
+//! refused the volume forever.
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
@@ -39,6 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::node::paths::Protected;
 use crate::os::files::{read_regular, Files, Open};
 use crate::os::OsError;
 
@@ -85,8 +91,10 @@ impl std::fmt::Debug for StagedAt {
 impl StagedAt {
     /// Reads `<state_dir>/staged.log` (and the symlinks earlier versions
     /// kept under `<state_dir>/staged`, which it then removes). Never
-    /// fails: what cannot be read is logged and not known.
-    pub fn open(state_dir: &Path, files: Arc<dyn Files>) -> Self {
+    /// fails: what cannot be read is logged and not known, and so is a
+    /// path `protected` refuses as a staging path (Berth never recorded
+    /// one).
+    pub fn open(state_dir: &Path, files: Arc<dyn Files>, protected: &Protected) -> Self {
         let s = StagedAt {
             state_dir: state_dir.to_path_buf(),
             files,
@@ -97,9 +105,9 @@ impl StagedAt {
             }),
         };
         let mut inner = s.lock();
-        let (lines, clean) = s.read_log(&mut inner.at);
+        let (lines, clean) = s.read_log(&mut inner.at, protected);
         inner.lines = lines;
-        let legacy = s.read_legacy(&mut inner.at);
+        let legacy = s.read_legacy(&mut inner.at, protected);
         if !clean || legacy.as_ref().is_some_and(|l| !l.is_empty()) || s.oversized(&inner) {
             s.rewrite(&mut inner);
         } else {
@@ -122,8 +130,8 @@ impl StagedAt {
     }
 
     /// Replays the log into `at`: (lines read, whether every line was
-    /// whole).
-    fn read_log(&self, at: &mut HashMap<String, PathBuf>) -> (usize, bool) {
+    /// whole and named a staging path `protected` accepts).
+    fn read_log(&self, at: &mut HashMap<String, PathBuf>, protected: &Protected) -> (usize, bool) {
         let path = self.log_path();
         let bytes = match read_regular(&path, Some(MAX_LOG + 1)) {
             Ok(b) if b.len() as u64 <= MAX_LOG => b,
@@ -145,6 +153,7 @@ impl StagedAt {
             }
             lines += 1;
             match serde_json::from_slice::<Line<'_>>(raw) {
+                Ok(Line { at: Some(p), .. }) if !acceptable(protected, &p) => bad += 1,
                 Ok(Line { id, at: Some(p) }) => {
                     at.insert(id.into_owned(), PathBuf::from(p.into_owned()));
                 }
@@ -156,7 +165,7 @@ impl StagedAt {
         }
         let cut = !bytes.is_empty() && !bytes.ends_with(b"\n");
         if bad > 0 {
-            tracing::warn!(path = %path.display(), lines = bad, "skipped staging-path log lines that cannot be read (a line cut by a power loss, or damage): those volumes' staging paths are not known (they are known again at their next stage)");
+            tracing::warn!(path = %path.display(), lines = bad, "skipped staging-path log lines that cannot be read or name no staging path (a line cut by a power loss, or damage): those volumes' staging paths are not known (they are known again at their next stage)");
         }
         (lines, bad == 0 && !cut)
     }
@@ -189,7 +198,11 @@ impl StagedAt {
     /// once the log holds them would unlink files wherever it points), and
     /// only its symlinks are taken in and removed: anything else there is
     /// not what earlier versions made.
-    fn read_legacy(&self, at: &mut HashMap<String, PathBuf>) -> Option<Vec<PathBuf>> {
+    fn read_legacy(
+        &self,
+        at: &mut HashMap<String, PathBuf>,
+        protected: &Protected,
+    ) -> Option<Vec<PathBuf>> {
         let dir = self.state_dir.join(LEGACY_DIR);
         let meta = std::fs::symlink_metadata(&dir).ok()?;
         if !meta.file_type().is_dir() {
@@ -212,7 +225,8 @@ impl StagedAt {
                     let made = e.metadata().and_then(|m| m.modified()).ok();
                     matches!((made, log_written), (Some(m), Some(w)) if m > w)
                 };
-                if !id.starts_with('.') && (!at.contains_key(id) || newer()) {
+                let valid = target.to_str().is_some_and(|t| acceptable(protected, t));
+                if valid && !id.starts_with('.') && (!at.contains_key(id) || newer()) {
                     at.insert(id.to_string(), target);
                 }
             }
@@ -361,6 +375,12 @@ impl StagedAt {
     }
 }
 
+/// Whether `at`, read back from the log, is a staging path a node RPC
+/// accepts (by its text: start-up follows nothing it names).
+fn acceptable(protected: &Protected, at: &str) -> bool {
+    protected.check("staging_target_path", at).is_ok()
+}
+
 /// One log line; None for a path that is not UTF-8 (a CSI request's path
 /// always is).
 fn line(id: &str, at: Option<&Path>) -> Option<Vec<u8>> {
@@ -383,7 +403,7 @@ mod tests {
     use crate::os::files::RealFiles;
 
     fn open(d: &Path) -> StagedAt {
-        StagedAt::open(d, Arc::new(RealFiles))
+        StagedAt::open(d, Arc::new(RealFiles), &Protected::default())
     }
 
     #[test]
@@ -452,6 +472,28 @@ mod tests {
         assert!(!text.contains("garbage"), "{text}");
     }
 
+    /// A line naming a path no node RPC accepts as a staging path (`/`, a
+    /// system directory, a relative path) is damage: skipped, and gone
+    /// from the log once it is rewritten.
+    #[test]
+    fn a_line_naming_no_staging_path_is_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join(LOG);
+        std::fs::write(
+            &log,
+            "{\"id\":\"v\",\"at\":\"/k/v\"}\n{\"id\":\"r\",\"at\":\"/\"}\n{\"id\":\"p\",\"at\":\"/proc/1\"}\n{\"id\":\"d\",\"at\":\"../x\"}\n",
+        )
+        .unwrap();
+        let s = open(d.path());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/v")));
+        for id in ["r", "p", "d"] {
+            assert_eq!(s.path(id), None, "{id}");
+        }
+        drop(s);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+    }
+
     #[test]
     fn the_log_is_rewritten_once_it_has_grown() {
         let d = tempfile::tempdir().unwrap();
@@ -484,7 +526,7 @@ mod tests {
     fn a_rewrite_that_fails_leaves_no_file_behind() {
         let d = tempfile::tempdir().unwrap();
         let (os, fake) = crate::os::Os::fake();
-        let s = StagedAt::open(d.path(), os.files.clone());
+        let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
         s.remember("v", Path::new("/k/v"));
         fake.fail_op_under("write", d.path(), libc::ENOSPC);
         // A failed append drops the log; the next change rewrites it, and
@@ -501,7 +543,7 @@ mod tests {
         fake.clear_file_faults();
         s.remember("y", Path::new("/k/y"));
         drop(s);
-        let s = StagedAt::open(d.path(), os.files.clone());
+        let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
         for id in ["v", "w", "x", "y"] {
             assert!(s.path(id).is_some(), "{id}");
         }

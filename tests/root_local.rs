@@ -1245,3 +1245,42 @@ async fn a_staged_log_naming_paths_no_rpc_accepts_blocks_no_delete() {
     }
     drop((h, g));
 }
+
+/// A symlink put by hand at the staging-path log's temp name
+/// (`<state-dir>/.staged.log.tmp`): every rewrite of the log failed on it
+/// and removed the log, so after a restart Berth knew no staging path, and
+/// a staging mount taken off by hand while a pod used the volume could not
+/// be made again (`FAILED_PRECONDITION` on every NodeStageVolume until the
+/// pod went). Now the symlink is taken away (not where it leads) and the
+/// log kept.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_symlink_at_the_staged_logs_temp_name_loses_no_staging_path() {
+    let (h, g) = real(&[]);
+    let dir = h.stop();
+    let state = dir.path().join("state");
+    let outside = dir.path().join("outside");
+    std::fs::write(&outside, b"keep").unwrap();
+    std::os::unix::fs::symlink(&outside, state.join(".staged.log.tmp")).unwrap();
+    // A damaged line, so that start-up rewrites the log.
+    std::fs::write(state.join("staged.log"), "garbage\n").unwrap();
+    let h = build(dir, berth::os::Os::real(), None, &[]);
+    let (id, staging) = create_and_stage(&h, "tmp").await;
+    let target = h.path("pod");
+    let publish = || Request::new(publish_req(&id, &staging, &target, false));
+    h.node.node_publish_volume(publish()).await.unwrap();
+    let h = build(h.stop(), berth::os::Os::real(), None, &[]);
+    let c = std::ffi::CString::new(staging.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; umount2 reads it only.
+    assert_eq!(unsafe { libc::umount2(c.as_ptr(), 0) }, 0);
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    h.node.node_publish_volume(publish()).await.unwrap();
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+    unpublish_as_kubelet(&h, &id, &target).await.unwrap();
+    unstage_as_kubelet(&h, &id, &staging).await.unwrap();
+    delete(&h, &id).await;
+    drop((h, g));
+}

@@ -285,6 +285,15 @@ impl StagedAt {
 
     fn try_rewrite(&self, inner: &mut Inner) -> Result<(), OsError> {
         let tmp = self.state_dir.join(format!(".{LOG}.tmp"));
+        // Its name taken by what Berth never makes there (a symlink, a
+        // FIFO, an empty directory, put there by hand): taken away, never
+        // what a symlink leads to. Left, it failed every rewrite, and each
+        // failure removed the log (`drop_stale`).
+        match std::fs::symlink_metadata(&tmp) {
+            Ok(m) if m.is_dir() => self.files.remove_dir(&tmp)?,
+            Ok(m) if !m.is_file() => self.files.remove_file(&tmp)?,
+            _ => {}
+        }
         let f = self.files.open(&tmp, Open::CreateOrTruncate)?;
         let mut buf = Vec::new();
         for (id, p) in &inner.at {
@@ -513,6 +522,37 @@ mod tests {
         let s = open(d.path());
         assert_eq!(s.path("keep"), Some(PathBuf::from("/k/keep")));
         assert_eq!(s.path("v3"), None);
+    }
+
+    /// A temp file's name taken by a symlink, a FIFO or an empty
+    /// directory (put there by hand): every rewrite failed on it and
+    /// removed the log (`drop_stale`), so the log never existed again
+    /// while it stayed, and a restart knew no staging path. Now it is
+    /// taken away (never what a symlink leads to) and the log written.
+    #[test]
+    fn a_temp_name_taken_by_something_else_does_not_stop_the_rewrite() {
+        for what in ["symlink", "fifo", "dir"] {
+            let d = tempfile::tempdir().unwrap();
+            let outside = d.path().join("outside");
+            std::fs::write(&outside, b"keep").unwrap();
+            let tmp = d.path().join(format!(".{LOG}.tmp"));
+            match what {
+                "symlink" => std::os::unix::fs::symlink(&outside, &tmp).unwrap(),
+                "fifo" => {
+                    nix::unistd::mkfifo(&tmp, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                        .unwrap()
+                }
+                _ => std::fs::create_dir(&tmp).unwrap(),
+            }
+            // Damage, so that start-up rewrites the log.
+            std::fs::write(d.path().join(LOG), "garbage\n").unwrap();
+            let s = open(d.path());
+            s.remember("v", Path::new("/k/v"));
+            drop(s);
+            let s = open(d.path());
+            assert_eq!(s.path("v"), Some(PathBuf::from("/k/v")), "{what}");
+            assert_eq!(std::fs::read(&outside).unwrap(), b"keep", "{what}");
+        }
     }
 
     /// This version, then an earlier one (a rollback), then this one again:

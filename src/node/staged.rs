@@ -555,13 +555,10 @@ mod tests {
         }
     }
 
-    /// This version, then an earlier one (a rollback), then this one again:
-    /// the earlier one unstaged the volume at the path the log names
-    /// (leaving the log as it was) and staged it at another, with a
-    /// symlink. The symlink, newer than the log, wins: the log's path
-    /// taken for the volume's own let a stage there through while the
-    /// volume was staged at the other (two staging paths, neither of which
-    /// could then be unstaged).
+    /// Writes that fail (a full disk) leave no log and no temp file behind
+    /// (a log missing a change must not be read back); memory still knows
+    /// every path, and the next change that can be written writes the log
+    /// whole again.
     #[test]
     fn a_rewrite_that_fails_leaves_no_file_behind() {
         let d = tempfile::tempdir().unwrap();
@@ -589,6 +586,13 @@ mod tests {
         }
     }
 
+    /// This version, then an earlier one (a rollback), then this one again:
+    /// the earlier one unstaged the volume at the path the log names
+    /// (leaving the log as it was) and staged it at another, with a
+    /// symlink. The symlink, newer than the log, wins: the log's path
+    /// taken for the volume's own let a stage there through while the
+    /// volume was staged at the other (two staging paths, neither of which
+    /// could then be unstaged).
     #[test]
     fn a_symlink_newer_than_the_log_wins() {
         let d = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! The driver: configuration, state, guards, OS interfaces and the volume
 //! kinds, shared by the Identity, Controller and Node services.
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -367,7 +367,26 @@ impl Driver {
         T: Send + 'static,
         F: FnOnce(&Driver, VolumeRecord, &dyn VolumeKind) -> Result<T> + Send + 'static,
     {
-        let guard = self.locks.try_lock(vol_key(id))?;
+        self.with_volume_at(id, &[], f).await
+    }
+
+    /// `with_volume`, also holding the guards of the node paths it mounts
+    /// on (`path_key`): an operation of another volume on one of them is
+    /// ABORTED rather than mounting there beside this one.
+    pub async fn with_volume_at<T, F>(
+        self: &Arc<Self>,
+        id: &str,
+        paths: &[&Path],
+        f: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Driver, VolumeRecord, &dyn VolumeKind) -> Result<T> + Send + 'static,
+    {
+        let mut guard = self.locks.try_lock(vol_key(id))?;
+        for p in paths {
+            guard.also(path_key(p))?;
+        }
         let id = id.to_string();
         self.run(guard, move |d| {
             let rec = d.volume(&id)?;
@@ -609,6 +628,14 @@ fn prepare_dir(os: &Os, dir: &std::path::Path, what: &str) -> Result<DirLock> {
 /// Guard key of a volume id.
 pub fn vol_key(id: &str) -> String {
     format!("vol/{id}")
+}
+
+/// Guard key of a node path (a staging or target path as checked,
+/// `Protected::check`): the node RPCs that mount or unmount there hold it,
+/// so two volumes are never mounted at one path by calls that both looked
+/// before either mounted.
+pub fn path_key(p: &Path) -> String {
+    format!("path {}", p.display())
 }
 
 /// Guard key of a volume name.

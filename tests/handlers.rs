@@ -442,6 +442,77 @@ async fn concurrent_operation_on_same_name_or_volume_is_aborted() {
     drop(g);
 }
 
+/// Two volumes staged (or published) at one path by calls at the same
+/// moment: one of them mounts there, the other is ABORTED or
+/// ALREADY_EXISTS, as when they come one after the other. Before, each
+/// call held only its own volume's guard: both looked at the empty path
+/// before either mounted, both answered OK, and two volumes were mounted
+/// on top of each other there (about one round in two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_volumes_at_one_path_at_once_never_both_mount() {
+    let h = fake(&[]);
+    let node = || berth::node::NodeService {
+        driver: h.driver.clone(),
+    };
+    let mounts_at = |p: &std::path::Path| {
+        h.fake()
+            .table()
+            .iter()
+            .filter(|e| e.mount_point == p)
+            .count()
+    };
+    for round in 0..50 {
+        let a = create(&h, &format!("a{round}"), 1 << 20).await.volume_id;
+        let b = create(&h, &format!("b{round}"), 1 << 20).await.volume_id;
+        // NodeStageVolume of both at one staging path.
+        let s = h.path(&format!("s{round}"));
+        let (n1, n2) = (node(), node());
+        let (r1, r2) = tokio::join!(
+            tokio::spawn({
+                let req = stage_req(&a, &s);
+                async move { n1.node_stage_volume(Request::new(req)).await }
+            }),
+            tokio::spawn({
+                let req = stage_req(&b, &s);
+                async move { n2.node_stage_volume(Request::new(req)).await }
+            }),
+        );
+        let codes = [code(r1.unwrap()), code(r2.unwrap())];
+        assert!(
+            codes.contains(&Code::Ok)
+                && codes
+                    .iter()
+                    .any(|c| matches!(c, Code::Aborted | Code::AlreadyExists)),
+            "round {round}: stage answered {codes:?}"
+        );
+        assert_eq!(mounts_at(&s), 1, "round {round}");
+        // NodePublishVolume of two others (staged apart) at one target.
+        let (a, sa) = staged(&h, &format!("c{round}")).await;
+        let (b, sb) = staged(&h, &format!("d{round}")).await;
+        let t = h.path(&format!("t{round}"));
+        let (n1, n2) = (node(), node());
+        let (r1, r2) = tokio::join!(
+            tokio::spawn({
+                let req = publish_req(&a, &sa, &t, false);
+                async move { n1.node_publish_volume(Request::new(req)).await }
+            }),
+            tokio::spawn({
+                let req = publish_req(&b, &sb, &t, false);
+                async move { n2.node_publish_volume(Request::new(req)).await }
+            }),
+        );
+        let codes = [code(r1.unwrap()), code(r2.unwrap())];
+        assert!(
+            codes.contains(&Code::Ok)
+                && codes
+                    .iter()
+                    .any(|c| matches!(c, Code::Aborted | Code::AlreadyExists)),
+            "round {round}: publish answered {codes:?}"
+        );
+        assert_eq!(mounts_at(&t), 1, "round {round}");
+    }
+}
+
 // ------------------------------------------------------------ DeleteVolume
 
 #[tokio::test]

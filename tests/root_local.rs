@@ -1284,3 +1284,45 @@ async fn a_symlink_at_the_staged_logs_temp_name_loses_no_staging_path() {
     delete(&h, &id).await;
     drop((h, g));
 }
+
+/// Two volumes staged at one path by calls at the same moment, with real
+/// bind mounts: one is mounted there, the other call is ABORTED or
+/// ALREADY_EXISTS. Before, both calls looked at the empty path before
+/// either mounted and both answered OK: the kernel held two volumes
+/// stacked at the staging path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn two_volumes_staged_at_one_path_at_once_are_never_stacked() {
+    assert!(is_root(), "root tests need root");
+    let (h, _g) = real(&[]);
+    for round in 0..30 {
+        let mut ids = Vec::new();
+        for v in ["a", "b"] {
+            ids.push(created_id(
+                h.ctl
+                    .create_volume(Request::new(create_req(&format!("{v}{round}"), 1 << 20)))
+                    .await,
+            ));
+        }
+        let s = h.path(&format!("staging-{round}"));
+        let calls = ids.iter().map(|id| {
+            let node = berth::node::NodeService {
+                driver: h.driver.clone(),
+            };
+            let req = stage_req(id, &s);
+            tokio::spawn(async move { node.node_stage_volume(Request::new(req)).await })
+        });
+        let mut codes = Vec::new();
+        for c in calls.collect::<Vec<_>>() {
+            codes.push(code(c.await.unwrap()));
+        }
+        assert!(
+            codes.contains(&Code::Ok)
+                && codes
+                    .iter()
+                    .any(|c| matches!(c, Code::Aborted | Code::AlreadyExists)),
+            "round {round}: {codes:?}"
+        );
+        assert_eq!(mount_entries(&s).len(), 1, "round {round}");
+    }
+}

@@ -1,7 +1,7 @@
 //! NodePublishVolume: bind-mounts the staged volume into the pod's target
 //! path (created by the driver), read-only when asked. Kinds that do not
 //! stage (NFS) mount straight at the target and need no staging path.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::convert;
@@ -41,7 +41,12 @@ pub async fn handle(
     validate::map("publish_context", &req.publish_context)?;
     validate::map("volume_context", &req.volume_context)?;
     let readonly = req.readonly;
-    d.with_volume(id, move |d, rec, kind| {
+    // The target's guard (and the staging path's): another volume's call
+    // on either path waits for none and is ABORTED.
+    let mut paths = vec![target.path().to_path_buf()];
+    paths.extend(staging.as_ref().map(|s| s.path().to_path_buf()));
+    let path_refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    d.with_volume_at(id, &path_refs, move |d, rec, kind| {
         let target = d.protected.resolve(target)?;
         let staging = staging.map(|s| d.protected.resolve(s)).transpose()?;
         d.require_local_here(&rec)?;

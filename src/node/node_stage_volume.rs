@@ -19,7 +19,8 @@ pub async fn handle(
     let cap = convert::required_capability(req.volume_capability.as_ref())?;
     validate::map("publish_context", &req.publish_context)?;
     validate::map("volume_context", &req.volume_context)?;
-    d.with_volume(id, move |d, rec, kind| {
+    let path = staging.path().to_path_buf();
+    d.with_volume_at(id, &[&path], move |d, rec, kind| {
         let staging = d.protected.resolve(staging)?;
         d.require_local_here(&rec)?;
         kind.stage(&rec, &staging, &cap)

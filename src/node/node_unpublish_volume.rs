@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
-use crate::driver::{vol_key, Driver};
+use crate::driver::{path_key, vol_key, Driver};
 use crate::error::Result;
 use crate::validate;
 
@@ -18,7 +18,8 @@ pub async fn handle(
 ) -> Result<csi::NodeUnpublishVolumeResponse> {
     let id = validate::volume_id(&req.volume_id)?.to_string();
     let target = d.protected.check("target_path", &req.target_path)?;
-    let guard = d.locks.try_lock(vol_key(&id))?;
+    let mut guard = d.locks.try_lock(vol_key(&id))?;
+    guard.also(path_key(target.path()))?;
     d.run(guard, move |d| {
         let target = d.protected.resolve(target)?;
         d.unpublish(&id, &target)

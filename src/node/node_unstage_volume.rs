@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::csi::v1 as csi;
-use crate::driver::{vol_key, Driver};
+use crate::driver::{path_key, vol_key, Driver};
 use crate::error::{Error, Result};
 use crate::node::mounts;
 use crate::validate;
@@ -19,7 +19,8 @@ pub async fn handle(
     let staging = d
         .protected
         .check("staging_target_path", &req.staging_target_path)?;
-    let guard = d.locks.try_lock(vol_key(&id))?;
+    let mut guard = d.locks.try_lock(vol_key(&id))?;
+    guard.also(path_key(staging.path()))?;
     d.run(guard, move |d| {
         let staging = d.protected.resolve(staging)?;
         let r = match d.volume(&id) {

@@ -8,7 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let bytes = prost::Message::encode_to_vec(&fds);
     std::fs::write(out.join("csi_descriptor.bin"), bytes)?;
+    // (a request that does not decode is INVALID_ARGUMENT: src/codec.rs)
     tonic_prost_build::configure()
+        .codec_path("crate::codec::CsiCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -12,6 +12,7 @@
 pub mod background;
 pub mod bench;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod controller;
 pub mod convert;

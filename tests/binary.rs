@@ -1849,3 +1849,74 @@ async fn state_tools_refuse_a_directory_that_holds_no_state() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(&ids[0]));
 }
+
+/// A request that does not decode (a string field whose bytes are not
+/// UTF-8, a field of the wrong wire type) is INVALID_ARGUMENT, as the CSI
+/// spec answers a bad argument, and not INTERNAL (tonic-prost's answer to
+/// a parse failure, which says the plugin failed). The error names the
+/// field, never the bytes; berth goes on serving.
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_invalid_argument() {
+    /// Field 1 (every request's volume_id here) as raw bytes.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawString {
+        #[prost(bytes = "vec", tag = "1")]
+        field: Vec<u8>,
+    }
+    /// Field 1 as a varint: the wrong wire type for a string.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct WrongType {
+        #[prost(uint64, tag = "1")]
+        field: u64,
+    }
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let sock = b.sock.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let sock = sock.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(sock).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let not_utf8 = vec![b'v', 0xff, 0xfe, b'!'];
+    for method in [
+        "/csi.v1.Controller/DeleteVolume",
+        "/csi.v1.Controller/ControllerGetVolume",
+        "/csi.v1.Node/NodeGetVolumeStats",
+        "/csi.v1.Node/NodeUnpublishVolume",
+    ] {
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<RawString, ()>::default();
+        let e = grpc
+            .unary(
+                Request::new(RawString {
+                    field: not_utf8.clone(),
+                }),
+                path.clone(),
+                codec,
+            )
+            .await
+            .expect_err(method);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{method}: {e:?}");
+        assert!(e.message().contains("volume_id"), "{method}: {e:?}");
+        assert!(!e.message().contains('\u{fffd}'), "{method}: {e:?}");
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<WrongType, ()>::default();
+        let e = grpc
+            .unary(Request::new(WrongType { field: 7 }), path, codec)
+            .await
+            .expect_err(method);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{method}: {e:?}");
+    }
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,1350 @@
+//! Probe harness (not in tests/run-all.sh): the real `berth` binary
+//! (`--kinds local,block`, loop-backed files) killed with SIGKILL in the
+//! middle of one block RPC, restarted, and the CO's retries replayed; then
+//! the guarantees checked: an acknowledged volume and its data survive,
+//! the node RPCs succeed when retried, and after the deletes no mount,
+//! loop device or file is left, GetCapacity is back and `berth state
+//! check` is clean. Every test sweeps the kill point:
+//! - by default, a delay after the RPC is sent: 0 to PROBE_MAX_US
+//!   (default 30000) in steps of PROBE_STEP_US (default 1000);
+//! - PROBE_BERTH_SYS=<syscall>: strace attached to berth (all threads and
+//!   its children) kills at a thread's k-th such syscall, k swept as the
+//!   delay would be (PROBE_MAX_US=6 PROBE_STEP_US=1: k = 1..7);
+//! - PROBE_SYS=<syscall> (stage tests): mkfs.ext4/mkfs.xfs run killed at
+//!   their k-th such syscall (e.g. pwrite64), then berth with them.
+//!
+//! PROBE_OWN_FS=1 puts the block root on a 3 GiB ext4 of its own, so that
+//! capacity is compared exactly (on a shared disk others' writes are
+//! noise); PROBE_THIN=1 makes the expansion, snapshot and teardown tests
+//! use thin volumes, PROBE_THICK=1 the stage tests thick ones; PROBE_PHASE=publish (kill during NodePublishVolume)
+//! or abandon (kill during NodeStageVolume, then only NodeUnpublish,
+//! NodeUnstage and DeleteVolume, as when the pod is gone) for the stage
+//! tests. Run as root in a private mount namespace, e.g.
+//! `PROBE_OWN_FS=1 PROBE_BERTH_SYS=ioctl PROBE_MAX_US=6 PROBE_STEP_US=1
+//! unshare --mount --propagation private -- cargo test --test
+//! root_kill_probe probe_stage_ext4 -- --ignored --nocapture`.
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth::client::{connect, CsiClient};
+use berth::csi::v1 as csi;
+use berth::csi::v1::volume_capability::access_mode::Mode;
+use common::*;
+use tonic::Request;
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+struct Berth {
+    child: Child,
+    sock: PathBuf,
+}
+impl Drop for Berth {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path) -> Berth {
+    start_as(dir, None)
+}
+
+/// `inject`: run under strace, SIGKILL injected at `syscall:when=N`.
+fn start_as(dir: &Path, inject: Option<String>) -> Berth {
+    use std::os::unix::process::CommandExt;
+    let sock = dir.join("csi.sock");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("berth.log"))
+        .unwrap();
+    let mut cmd = Command::new(BIN);
+    if let Some(when) = &inject {
+        // mkfs.ext4 and mkfs.xfs found first in PATH: the real one, killed
+        // at its $PROBE_WHEN-th $PROBE_SYS, then berth (its parent) killed.
+        let wrap = dir.join("wrap");
+        std::fs::create_dir_all(&wrap).unwrap();
+        for fs in ["mkfs.ext4", "mkfs.xfs"] {
+            let real = Command::new("sh")
+                .args(["-c", &format!("command -v {fs}")])
+                .output()
+                .unwrap();
+            let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+            let script = format!(
+                "#!/bin/sh\nstrace -qq -o /dev/null -e trace=$PROBE_SYS -e inject=$PROBE_SYS:signal=SIGKILL:when=$PROBE_WHEN {real} \"$@\"\nrc=$?\nkill -9 $PPID\nexit $rc\n"
+            );
+            std::fs::write(wrap.join(fs), script).unwrap();
+            Command::new("chmod")
+                .arg("755")
+                .arg(wrap.join(fs))
+                .status()
+                .unwrap();
+        }
+        cmd.env("PROBE_WHEN", when).env(
+            "PATH",
+            format!(
+                "{}:{}",
+                wrap.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        );
+    }
+    let child = cmd
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--node-id", NODE, "--kinds", "local,block"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let b = Berth { child, sock };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(&b.sock).is_ok() {
+            return b;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!(
+        "berth did not start: {}",
+        std::fs::read_to_string(dir.join("berth.log")).unwrap_or_default()
+    );
+}
+
+async fn conn(b: &Berth, dir: &Path) -> CsiClient {
+    for _ in 0..100 {
+        if let Ok(c) = connect(&b.sock.display().to_string()).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "cannot connect: {}",
+        std::fs::read_to_string(dir.join("berth.log")).unwrap_or_default()
+    );
+}
+
+/// With PROBE_OWN_FS: the block root on an ext4 of its own (a loop mount
+/// under `dir`), so that its free space is berth's alone.
+fn own_fs(dir: &Path) {
+    if std::env::var("PROBE_OWN_FS").is_err() {
+        return;
+    }
+    let img = dir.join("fs.img");
+    let root = dir.join("block");
+    std::fs::create_dir_all(&root).unwrap();
+    assert!(Command::new("truncate")
+        .arg("-s")
+        .arg("3G")
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&root)
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// How much less free space after than before is noise: none on a block
+/// root of its own; on a shared disk, what others write meanwhile.
+fn slack() -> i64 {
+    if std::env::var("PROBE_OWN_FS").is_ok() {
+        1 << 20
+    } else {
+        64 << 20
+    }
+}
+
+/// With PROBE_BERTH_SYS=<syscall>: strace attached to the running berth
+/// (all threads) with SIGKILL injected at a thread's `k`-th such syscall.
+fn arm(b: &Berth, k: u64) -> Option<Child> {
+    let sys = std::env::var("PROBE_BERTH_SYS").ok()?;
+    let pid = b.child.id();
+    let st = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+        .arg(format!("trace={sys}"))
+        .arg("-e")
+        .arg(format!("inject={sys}:signal=SIGKILL:when={k}"))
+        .arg("-p")
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let traced = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|rd| {
+                rd.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("status"))
+                        .map(|s| {
+                            s.lines().any(|l| {
+                                l.starts_with("TracerPid:")
+                                    && l.split_whitespace().nth(1) != Some("0")
+                            })
+                        })
+                        .unwrap_or(true)
+                })
+            })
+            .unwrap_or(true)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !traced() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    Some(st)
+}
+
+/// Waits for the moment to kill: `us` later, or (armed) once the RPC has
+/// finished or been cut by the injected kill.
+async fn fire<T>(us: u64, armed: &Option<Child>, t: &tokio::task::JoinHandle<T>) {
+    if armed.is_some() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while !t.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+        })
+        .await;
+    } else {
+        tokio::time::sleep(Duration::from_micros(us)).await;
+    }
+}
+
+fn disarm(armed: Option<Child>) {
+    if let Some(mut st) = armed {
+        let _ = st.kill();
+        let _ = st.wait();
+    }
+}
+
+fn params(thick: bool) -> HashMap<String, String> {
+    let mut p = HashMap::from([("kind".to_string(), "block".to_string())]);
+    if thick {
+        p.insert("allocation".into(), "thick".into());
+    }
+    p
+}
+
+fn fs_cap(fs: &str) -> csi::VolumeCapability {
+    let mut cap = rwo();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.fs_type = fs.into();
+    }
+    cap
+}
+
+async fn capacity(c: &mut CsiClient, thick: bool) -> i64 {
+    c.controller
+        .get_capacity(Request::new(csi::GetCapacityRequest {
+            parameters: params(thick),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity
+}
+
+async fn create(
+    c: &mut CsiClient,
+    name: &str,
+    size: i64,
+    thick: bool,
+    cap: &csi::VolumeCapability,
+) -> Result<String, tonic::Status> {
+    c.controller
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: params(thick),
+            volume_capabilities: vec![cap.clone()],
+            ..create_req(name, size)
+        }))
+        .await
+        .map(|r| r.into_inner().volume.unwrap().volume_id)
+}
+
+/// Retries as a CO does: Aborted/Unavailable are retried, anything else is
+/// returned after 100 tries.
+async fn retry<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut last = None;
+    for _ in 0..100 {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    panic!(
+        "{what} never succeeded after the restart: {:?}",
+        last.unwrap()
+    );
+}
+
+/// With PROBE_RESTART_US=<n>: berth started and killed again `n` µs
+/// later (in its start-up, finishing what the first kill interrupted).
+fn kill_starting(dir: &Path) {
+    let Some(us) = std::env::var("PROBE_RESTART_US")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return;
+    };
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.join("csi.sock").display()))
+        .args(["--node-id", NODE, "--kinds", "local,block"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_micros(us));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-(child.id() as i32)),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.wait();
+}
+
+/// Kills berth's whole process group (berth, strace, mkfs...), as a
+/// container's end does.
+fn kill(b: Berth) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-(b.child.id() as i32)),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    drop(b);
+}
+
+fn state_check(dir: &Path) -> String {
+    let o = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--node-id",
+            NODE,
+            "--kinds",
+            "local,block",
+            "state",
+            "check",
+        ])
+        .output()
+        .unwrap();
+    if o.status.success() {
+        String::new()
+    } else {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for aside in ["", ".orphaned", ".snapshots", ".trash", ".creating"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join("block").join(aside)) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if (aside.is_empty() && n.starts_with('.')) || n == "lost+found" {
+                    continue;
+                }
+                v.push(format!("{aside}/{n}"));
+            }
+        }
+    }
+    v
+}
+
+fn sweep() -> Vec<u64> {
+    let max: u64 = std::env::var("PROBE_MAX_US")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30_000);
+    let step: u64 = std::env::var("PROBE_STEP_US")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000);
+    (0..=max).step_by(step as usize).collect()
+}
+
+/// CreateVolume (thick or thin) killed after a delay, then retried; the
+/// volume deleted; capacity comes back, nothing left.
+async fn create_kill(thick: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let size = 512 << 20;
+    let mut fails = Vec::new();
+    for (i, us) in sweep().into_iter().enumerate() {
+        let b = start(d.path());
+        let mut c = conn(&b, d.path()).await;
+        let before = capacity(&mut c, thick).await;
+        let name = format!("v{i}");
+        let mut c2 = c.clone();
+        let n2 = name.clone();
+        let armed = arm(&b, us + 1);
+        let t =
+            tokio::spawn(async move { create(&mut c2, &n2, size, thick, &fs_cap("ext4")).await });
+        fire(us, &armed, &t).await;
+        kill(b);
+        disarm(armed);
+        kill_starting(d.path());
+        let first = t.await.unwrap();
+        let b = start(d.path());
+        let mut c = conn(&b, d.path()).await;
+        let id = retry("CreateVolume", || {
+            let mut c = c.clone();
+            let n = name.clone();
+            async move { create(&mut c, &n, size, thick, &fs_cap("ext4")).await }
+        })
+        .await;
+        if let Ok(f) = &first {
+            if f != &id {
+                fails.push(format!("{us}us: acked {f}, retry gave {id}"));
+            }
+        }
+        retry("DeleteVolume", || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                c.controller
+                    .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                        volume_id: id,
+                        ..Default::default()
+                    }))
+                    .await
+            }
+        })
+        .await;
+        let after = capacity(&mut c, thick).await;
+        let left = leftovers(d.path());
+        // Another helper may write the disk meanwhile: allow 64 MiB noise.
+        if before - after > slack() || !left.is_empty() {
+            fails.push(format!(
+                "{us}us (first answer {:?}): capacity {before} -> {after}, left {left:?}",
+                first.as_ref().map_err(|e| e.code())
+            ));
+        }
+        drop(b);
+        let sc = state_check(d.path());
+        if !sc.is_empty() {
+            fails.push(format!("{us}us: state check: {sc}"));
+        }
+        eprintln!("{us}us: first {:?}", first.as_ref().map_err(|e| e.code()));
+    }
+    assert!(fails.is_empty(), "{fails:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_thick_create() {
+    create_kill(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_thin_create() {
+    create_kill(false).await;
+}
+
+/// NodeStage of a new fs volume (or raw) killed after a delay; kubelet
+/// retries stage until it succeeds; data written, unstaged, staged again,
+/// read; then all torn down and deleted.
+async fn stage_kill(fs: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let raw = fs == "raw";
+    let cap = if raw {
+        block_cap(Mode::SingleNodeWriter)
+    } else {
+        fs_cap(fs)
+    };
+    let size = if fs == "xfs" { 300 << 20 } else { 64 << 20 };
+    let mut fails = Vec::new();
+    for (i, us) in sweep().into_iter().enumerate() {
+        let inject = std::env::var("PROBE_SYS")
+            .ok()
+            .map(|_| (us + 1).to_string());
+        let b = start_as(d.path(), inject.clone());
+        let mut c = conn(&b, d.path()).await;
+        let id = create(
+            &mut c,
+            &format!("v{i}"),
+            size,
+            std::env::var("PROBE_THICK").is_ok(),
+            &cap,
+        )
+        .await
+        .unwrap();
+        let staging = d.path().join(format!("pods/{i}/staging"));
+        let target = d.path().join(format!("pods/{i}/target"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let sreq = csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&id, &staging)
+        };
+        let preq = csi::NodePublishVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..publish_req(&id, &staging, &target, false)
+        };
+        let phase = std::env::var("PROBE_PHASE").unwrap_or_default();
+        let mut c2 = c.clone();
+        let (s2, p2) = (sreq.clone(), preq.clone());
+        let publish_phase = phase == "publish";
+        if publish_phase {
+            c.node
+                .node_stage_volume(Request::new(sreq.clone()))
+                .await
+                .unwrap();
+        }
+        let armed = arm(&b, us + 1);
+        let t = tokio::spawn(async move {
+            if publish_phase {
+                c2.node
+                    .node_publish_volume(Request::new(p2))
+                    .await
+                    .map(|_| ())
+            } else {
+                c2.node
+                    .node_stage_volume(Request::new(s2))
+                    .await
+                    .map(|_| ())
+            }
+        });
+        if inject.is_some() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while !t.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+            })
+            .await;
+        } else {
+            fire(us, &armed, &t).await;
+        }
+        kill(b);
+        disarm(armed);
+        kill_starting(d.path());
+        let first = t.await.unwrap();
+        let b = start(d.path());
+        let c = conn(&b, d.path()).await;
+        if phase == "abandon" {
+            // The pod went away: kubelet unstages what may be staged
+            // (and unpublishes), then the volume is deleted.
+            retry("NodeUnpublish", || {
+                let mut c = c.clone();
+                let r = csi::NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: target.display().to_string(),
+                };
+                async move { c.node.node_unpublish_volume(Request::new(r)).await }
+            })
+            .await;
+            retry("NodeUnstage", || {
+                let mut c = c.clone();
+                let r = csi::NodeUnstageVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                };
+                async move { c.node.node_unstage_volume(Request::new(r)).await }
+            })
+            .await;
+            let before_delete: Vec<_> = loops_under(d.path())
+                .into_iter()
+                .filter(|l| l.1 != d.path().join("fs.img"))
+                .collect();
+            retry("DeleteVolume", || {
+                let mut c = c.clone();
+                let id = id.clone();
+                async move {
+                    c.controller
+                        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                            volume_id: id,
+                            ..Default::default()
+                        }))
+                        .await
+                }
+            })
+            .await;
+            let m: Vec<_> = mounts_under(d.path())
+                .into_iter()
+                .filter(|m| *m != d.path().join("block"))
+                .collect();
+            let l: Vec<_> = loops_under(d.path())
+                .into_iter()
+                .filter(|l| l.1 != d.path().join("fs.img"))
+                .collect();
+            let left = leftovers(d.path());
+            if !m.is_empty() || !l.is_empty() || !left.is_empty() || !before_delete.is_empty() {
+                fails.push(format!("{us}us (first {:?}): left mounts {m:?} loops {l:?} files {left:?}; loops after unstage {before_delete:?}", first.as_ref().map_err(|e| e.code())));
+                eprintln!("{}", fails.last().unwrap());
+            }
+            drop(b);
+            eprintln!("{us}us: first {:?}", first.as_ref().map_err(|e| e.code()));
+            continue;
+        }
+        let mut errs = Vec::new();
+        for _ in 0..60 {
+            let mut c = c.clone();
+            match c.node.node_stage_volume(Request::new(sreq.clone())).await {
+                Ok(_) => {
+                    errs.clear();
+                    break;
+                }
+                Err(e) => {
+                    errs.push(format!("{:?}: {}", e.code(), e.message()));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        if !errs.is_empty() {
+            fails.push(format!(
+                "{us}us (first {:?}): stage never succeeded: {}",
+                first.as_ref().map_err(|e| e.code()),
+                errs.last().unwrap()
+            ));
+            eprintln!("{}", fails.last().unwrap());
+            drop(b);
+            continue;
+        }
+        retry("NodePublish", || {
+            let mut c = c.clone();
+            let r = preq.clone();
+            async move { c.node.node_publish_volume(Request::new(r)).await }
+        })
+        .await;
+        let data = if raw {
+            target.clone()
+        } else {
+            target.join("data")
+        };
+        let tag = format!("hello {i}");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(!raw)
+            .open(&data)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, tag.as_bytes())?;
+                f.sync_all()
+            })
+            .unwrap();
+        retry("NodeUnpublish", || {
+            let mut c = c.clone();
+            let r = csi::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.display().to_string(),
+            };
+            async move { c.node.node_unpublish_volume(Request::new(r)).await }
+        })
+        .await;
+        retry("NodeUnstage", || {
+            let mut c = c.clone();
+            let r = csi::NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+            };
+            async move { c.node.node_unstage_volume(Request::new(r)).await }
+        })
+        .await;
+        retry("NodeStage again", || {
+            let mut c = c.clone();
+            let r = sreq.clone();
+            async move { c.node.node_stage_volume(Request::new(r)).await }
+        })
+        .await;
+        let read = if raw {
+            staging.join(&id)
+        } else {
+            staging.join("data")
+        };
+        let mut buf = vec![0u8; tag.len()];
+        match std::fs::File::open(&read)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        {
+            Ok(()) if buf == tag.as_bytes() => {}
+            r => fails.push(format!(
+                "{us}us: data lost: {r:?} {:?}",
+                String::from_utf8_lossy(&buf)
+            )),
+        }
+        retry("NodeUnstage", || {
+            let mut c = c.clone();
+            let r = csi::NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+            };
+            async move { c.node.node_unstage_volume(Request::new(r)).await }
+        })
+        .await;
+        retry("DeleteVolume", || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                c.controller
+                    .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                        volume_id: id,
+                        ..Default::default()
+                    }))
+                    .await
+            }
+        })
+        .await;
+        let m: Vec<_> = mounts_under(d.path())
+            .into_iter()
+            .filter(|m| *m != d.path().join("block"))
+            .collect();
+        let l: Vec<_> = loops_under(d.path())
+            .into_iter()
+            .filter(|l| l.1 != d.path().join("fs.img"))
+            .collect();
+        let left = leftovers(d.path());
+        if !m.is_empty() || !l.is_empty() || !left.is_empty() {
+            fails.push(format!(
+                "{us}us: left mounts {m:?} loops {l:?} files {left:?}"
+            ));
+        }
+        drop(b);
+        eprintln!("{us}us: first {:?}", first.as_ref().map_err(|e| e.code()));
+    }
+    let sc = state_check(d.path());
+    assert!(fails.is_empty() && sc.is_empty(), "{fails:#?}\n{sc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_stage_ext4() {
+    stage_kill("ext4").await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_stage_xfs() {
+    stage_kill("xfs").await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_stage_raw() {
+    stage_kill("raw").await;
+}
+
+async fn del_vol(c: &CsiClient, id: &str) {
+    retry("DeleteVolume", || {
+        let mut c = c.clone();
+        let id = id.to_string();
+        async move {
+            c.controller
+                .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                    volume_id: id,
+                    ..Default::default()
+                }))
+                .await
+        }
+    })
+    .await;
+}
+
+/// A raw thick volume with 64 MiB of data: CreateSnapshot killed after a
+/// delay, retried; then a restore from it killed after a delay, retried;
+/// the restore read; everything deleted; capacity back, nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_snapshot_restore() {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let thick = std::env::var("PROBE_THIN").is_err();
+    let size = 128 << 20;
+    let mut fails = Vec::new();
+    let b0 = start(d.path());
+    let mut c0 = conn(&b0, d.path()).await;
+    let baseline = capacity(&mut c0, thick).await;
+    drop(b0);
+    for (i, us) in sweep().into_iter().enumerate() {
+        let b = start(d.path());
+        let mut c = conn(&b, d.path()).await;
+        let id = create(&mut c, &format!("v{i}"), size, thick, &cap)
+            .await
+            .unwrap();
+        let staging = d.path().join(format!("pods/{i}/staging"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let sreq = csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&id, &staging)
+        };
+        c.node
+            .node_stage_volume(Request::new(sreq.clone()))
+            .await
+            .unwrap();
+        let dev = staging.join(&id);
+        let tag: Vec<u8> = (0..(64u32 << 20))
+            .map(|x| (x.wrapping_mul(2654435761) >> 24) as u8 ^ i as u8)
+            .collect();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&dev)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &tag)?;
+                f.sync_all()
+            })
+            .unwrap();
+        let snap_req = csi::CreateSnapshotRequest {
+            source_volume_id: id.clone(),
+            name: format!("s{i}"),
+            ..Default::default()
+        };
+        let mut c2 = c.clone();
+        let r2 = snap_req.clone();
+        let armed = arm(&b, us + 1);
+        let t = tokio::spawn(async move { c2.controller.create_snapshot(Request::new(r2)).await });
+        fire(us, &armed, &t).await;
+        kill(b);
+        disarm(armed);
+        kill_starting(d.path());
+        let first = t
+            .await
+            .unwrap()
+            .map(|r| r.into_inner().snapshot.unwrap().snapshot_id);
+        let b = start(d.path());
+        let c = conn(&b, d.path()).await;
+        let snap = retry("CreateSnapshot", || {
+            let mut c = c.clone();
+            let r = snap_req.clone();
+            async move {
+                c.controller
+                    .create_snapshot(Request::new(r))
+                    .await
+                    .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
+            }
+        })
+        .await;
+        if let Ok(f) = &first {
+            if f != &snap {
+                fails.push(format!("{us}us: snapshot {f} then {snap}"));
+            }
+        }
+        // The restore, killed too.
+        let rname = format!("r{i}");
+        let mk = |c: CsiClient| {
+            let rname = rname.clone();
+            let snap = snap.clone();
+            let cap = cap.clone();
+            async move {
+                let mut c = c;
+                c.controller
+                    .create_volume(Request::new(csi::CreateVolumeRequest {
+                        parameters: params(thick),
+                        volume_capabilities: vec![cap],
+                        volume_content_source: Some(csi::VolumeContentSource {
+                            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                                csi::volume_content_source::SnapshotSource { snapshot_id: snap },
+                            )),
+                        }),
+                        ..create_req(&rname, size)
+                    }))
+                    .await
+                    .map(|r| r.into_inner().volume.unwrap().volume_id)
+            }
+        };
+        let armed = arm(&b, us + 1);
+        let t = tokio::spawn(mk(c.clone()));
+        fire(us, &armed, &t).await;
+        kill(b);
+        disarm(armed);
+        kill_starting(d.path());
+        let rfirst = t.await.unwrap();
+        let b = start(d.path());
+        let c = conn(&b, d.path()).await;
+        let rid = retry("CreateVolume from snapshot", || mk(c.clone())).await;
+        if let Ok(f) = &rfirst {
+            if f != &rid {
+                fails.push(format!("{us}us: restore {f} then {rid}"));
+            }
+        }
+        let rstaging = d.path().join(format!("pods/{i}/rstaging"));
+        std::fs::create_dir_all(&rstaging).unwrap();
+        let rs = csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&rid, &rstaging)
+        };
+        retry("NodeStage restore", || {
+            let mut c = c.clone();
+            let r = rs.clone();
+            async move { c.node.node_stage_volume(Request::new(r)).await }
+        })
+        .await;
+        let mut got = vec![0u8; tag.len()];
+        std::fs::File::open(rstaging.join(&rid))
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut got))
+            .unwrap();
+        if got != tag {
+            fails.push(format!("{us}us: restore holds other data"));
+        }
+        for (v, s) in [(&rid, &rstaging), (&id, &staging)] {
+            retry("NodeUnstage", || {
+                let mut c = c.clone();
+                let r = csi::NodeUnstageVolumeRequest {
+                    volume_id: v.clone(),
+                    staging_target_path: s.display().to_string(),
+                };
+                async move { c.node.node_unstage_volume(Request::new(r)).await }
+            })
+            .await;
+        }
+        del_vol(&c, &rid).await;
+        retry("DeleteSnapshot", || {
+            let mut c = c.clone();
+            let s = snap.clone();
+            async move {
+                c.controller
+                    .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                        snapshot_id: s,
+                        ..Default::default()
+                    }))
+                    .await
+            }
+        })
+        .await;
+        del_vol(&c, &id).await;
+        let mut cc = c.clone();
+        let after = capacity(&mut cc, thick).await;
+        let m: Vec<_> = mounts_under(d.path())
+            .into_iter()
+            .filter(|m| *m != d.path().join("block"))
+            .collect();
+        let l: Vec<_> = loops_under(d.path())
+            .into_iter()
+            .filter(|l| l.1 != d.path().join("fs.img"))
+            .collect();
+        let left = leftovers(d.path());
+        if baseline - after > slack() || !m.is_empty() || !l.is_empty() || !left.is_empty() {
+            fails.push(format!("{us}us (snap {:?} restore {:?}): capacity {baseline} -> {after}, mounts {m:?} loops {l:?} left {left:?}", first.as_ref().map_err(|e| e.code()), rfirst.as_ref().map_err(|e| e.code())));
+            eprintln!("{}", fails.last().unwrap());
+        }
+        drop(b);
+        eprintln!(
+            "{us}us: snap {:?} restore {:?}",
+            first.as_ref().map_err(|e| e.code()),
+            rfirst.as_ref().map_err(|e| e.code())
+        );
+    }
+    let sc = state_check(d.path());
+    assert!(fails.is_empty() && sc.is_empty(), "{fails:#?}\n{sc}");
+}
+
+/// A thick volume in use (raw, or xfs) grown: ControllerExpandVolume then
+/// NodeExpandVolume, berth killed after a delay, both retried; the data
+/// is there, the device or filesystem has grown, and after the delete the
+/// capacity is back and nothing is left.
+async fn expand_kill(fs: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let raw = fs == "raw";
+    let cap = if raw {
+        block_cap(Mode::SingleNodeWriter)
+    } else {
+        fs_cap(fs)
+    };
+    let thick = std::env::var("PROBE_THIN").is_err();
+    let size: i64 = if fs == "xfs" { 300 << 20 } else { 64 << 20 };
+    let grown = size + (256 << 20);
+    let mut fails = Vec::new();
+    let b0 = start(d.path());
+    let mut c0 = conn(&b0, d.path()).await;
+    let baseline = capacity(&mut c0, thick).await;
+    drop(b0);
+    for (i, us) in sweep().into_iter().enumerate() {
+        let b = start(d.path());
+        let mut c = conn(&b, d.path()).await;
+        let id = create(&mut c, &format!("v{i}"), size, thick, &cap)
+            .await
+            .unwrap();
+        let staging = d.path().join(format!("pods/{i}/staging"));
+        let target = d.path().join(format!("pods/{i}/target"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let sreq = csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&id, &staging)
+        };
+        let preq = csi::NodePublishVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..publish_req(&id, &staging, &target, false)
+        };
+        c.node
+            .node_stage_volume(Request::new(sreq.clone()))
+            .await
+            .unwrap();
+        c.node
+            .node_publish_volume(Request::new(preq.clone()))
+            .await
+            .unwrap();
+        let data = if raw {
+            target.clone()
+        } else {
+            target.join("data")
+        };
+        let tag = format!("hello {i}");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(!raw)
+            .open(&data)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, tag.as_bytes())?;
+                f.sync_all()
+            })
+            .unwrap();
+        let range = Some(csi::CapacityRange {
+            required_bytes: grown,
+            limit_bytes: 0,
+        });
+        let creq = csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: range,
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        let nreq = csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: staging.display().to_string(),
+            capacity_range: range,
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        let expand = |c: CsiClient| {
+            let (creq, nreq) = (creq.clone(), nreq.clone());
+            async move {
+                let mut c = c;
+                let r = c
+                    .controller
+                    .controller_expand_volume(Request::new(creq))
+                    .await?
+                    .into_inner();
+                if r.node_expansion_required {
+                    c.node.node_expand_volume(Request::new(nreq)).await?;
+                }
+                Ok::<_, tonic::Status>(())
+            }
+        };
+        let armed = arm(&b, us + 1);
+        let t = tokio::spawn(expand(c.clone()));
+        fire(us, &armed, &t).await;
+        kill(b);
+        disarm(armed);
+        kill_starting(d.path());
+        let first = t.await.unwrap();
+        let b = start(d.path());
+        let c = conn(&b, d.path()).await;
+        let mut errs = Vec::new();
+        for _ in 0..60 {
+            match expand(c.clone()).await {
+                Ok(()) => {
+                    errs.clear();
+                    break;
+                }
+                Err(e) => {
+                    errs.push(format!("{:?}: {}", e.code(), e.message()));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        if !errs.is_empty() {
+            fails.push(format!(
+                "{us}us (first {:?}): expand never succeeded: {}",
+                first.as_ref().map_err(|e| e.code()),
+                errs.last().unwrap()
+            ));
+            eprintln!("{}", fails.last().unwrap());
+        }
+        // What the pod sees.
+        let seen = if raw {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .open(&target)
+                .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                .unwrap_or(0) as i64
+        } else {
+            let st = nix::sys::statvfs::statvfs(&target).unwrap();
+            st.blocks() as i64 * st.fragment_size() as i64
+        };
+        if errs.is_empty() && (seen <= size || seen > grown) {
+            fails.push(format!(
+                "{us}us: the pod sees {seen} bytes after growing to {grown}"
+            ));
+        }
+        let mut buf = vec![0u8; tag.len()];
+        match std::fs::File::open(&data)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        {
+            Ok(()) if buf == tag.as_bytes() => {}
+            r => fails.push(format!("{us}us: data lost: {r:?}")),
+        }
+        retry("NodeUnpublish", || {
+            let mut c = c.clone();
+            let r = csi::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.display().to_string(),
+            };
+            async move { c.node.node_unpublish_volume(Request::new(r)).await }
+        })
+        .await;
+        retry("NodeUnstage", || {
+            let mut c = c.clone();
+            let r = csi::NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+            };
+            async move { c.node.node_unstage_volume(Request::new(r)).await }
+        })
+        .await;
+        retry("NodeStage again", || {
+            let mut c = c.clone();
+            let r = sreq.clone();
+            async move { c.node.node_stage_volume(Request::new(r)).await }
+        })
+        .await;
+        retry("NodeUnstage", || {
+            let mut c = c.clone();
+            let r = csi::NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+            };
+            async move { c.node.node_unstage_volume(Request::new(r)).await }
+        })
+        .await;
+        del_vol(&c, &id).await;
+        let mut cc = c.clone();
+        let after = capacity(&mut cc, thick).await;
+        let m: Vec<_> = mounts_under(d.path())
+            .into_iter()
+            .filter(|m| *m != d.path().join("block"))
+            .collect();
+        let l: Vec<_> = loops_under(d.path())
+            .into_iter()
+            .filter(|l| l.1 != d.path().join("fs.img"))
+            .collect();
+        let left = leftovers(d.path());
+        if baseline - after > slack() || !m.is_empty() || !l.is_empty() || !left.is_empty() {
+            fails.push(format!("{us}us (first {:?}): capacity {baseline} -> {after}, mounts {m:?} loops {l:?} left {left:?}", first.as_ref().map_err(|e| e.code())));
+            eprintln!("{}", fails.last().unwrap());
+        }
+        drop(b);
+        eprintln!("{us}us: first {:?}", first.as_ref().map_err(|e| e.code()));
+    }
+    let sc = state_check(d.path());
+    assert!(fails.is_empty() && sc.is_empty(), "{fails:#?}\n{sc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_expand_raw() {
+    expand_kill("raw").await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_expand_xfs() {
+    expand_kill("xfs").await;
+}
+
+/// A thick volume in use torn down as kubelet and the provisioner do
+/// (NodeUnpublish, NodeUnstage, DeleteVolume), berth killed at a moment of
+/// it; after the restart each is retried in order: no mount, loop device
+/// or file is left and the capacity is back.
+async fn teardown_kill(fs: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let raw = fs == "raw";
+    let cap = if raw {
+        block_cap(Mode::SingleNodeWriter)
+    } else {
+        fs_cap(fs)
+    };
+    let thick = std::env::var("PROBE_THIN").is_err();
+    let size: i64 = if fs == "xfs" { 300 << 20 } else { 64 << 20 };
+    let mut fails = Vec::new();
+    let b0 = start(d.path());
+    let mut c0 = conn(&b0, d.path()).await;
+    let baseline = capacity(&mut c0, thick).await;
+    drop(b0);
+    for (i, us) in sweep().into_iter().enumerate() {
+        let b = start(d.path());
+        let mut c = conn(&b, d.path()).await;
+        let id = create(&mut c, &format!("v{i}"), size, thick, &cap)
+            .await
+            .unwrap();
+        let staging = d.path().join(format!("pods/{i}/staging"));
+        let target = d.path().join(format!("pods/{i}/target"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let sreq = csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&id, &staging)
+        };
+        let preq = csi::NodePublishVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..publish_req(&id, &staging, &target, false)
+        };
+        c.node
+            .node_stage_volume(Request::new(sreq.clone()))
+            .await
+            .unwrap();
+        c.node
+            .node_publish_volume(Request::new(preq.clone()))
+            .await
+            .unwrap();
+        let data = if raw {
+            target.clone()
+        } else {
+            target.join("data")
+        };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(!raw)
+            .open(&data)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, b"data")?;
+                f.sync_all()
+            })
+            .unwrap();
+        let ureq = csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        };
+        let usreq = csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        };
+        let dreq = csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        };
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut c2, u2, us2, d2, done2) = (
+            c.clone(),
+            ureq.clone(),
+            usreq.clone(),
+            dreq.clone(),
+            done.clone(),
+        );
+        let armed = arm(&b, us + 1);
+        let t = tokio::spawn(async move {
+            c2.node.node_unpublish_volume(Request::new(u2)).await?;
+            done2.store(1, std::sync::atomic::Ordering::SeqCst);
+            c2.node.node_unstage_volume(Request::new(us2)).await?;
+            done2.store(2, std::sync::atomic::Ordering::SeqCst);
+            c2.controller.delete_volume(Request::new(d2)).await?;
+            done2.store(3, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, tonic::Status>(())
+        });
+        fire(us, &armed, &t).await;
+        kill(b);
+        disarm(armed);
+        kill_starting(d.path());
+        let first = t.await.unwrap();
+        let at = done.load(std::sync::atomic::Ordering::SeqCst);
+        let b = start(d.path());
+        let c = conn(&b, d.path()).await;
+        let mut errs = Vec::new();
+        for step in at..3 {
+            errs.clear();
+            for _ in 0..60 {
+                let mut c = c.clone();
+                let r = match step {
+                    0 => c
+                        .node
+                        .node_unpublish_volume(Request::new(ureq.clone()))
+                        .await
+                        .map(|_| ()),
+                    1 => c
+                        .node
+                        .node_unstage_volume(Request::new(usreq.clone()))
+                        .await
+                        .map(|_| ()),
+                    _ => c
+                        .controller
+                        .delete_volume(Request::new(dreq.clone()))
+                        .await
+                        .map(|_| ()),
+                };
+                match r {
+                    Ok(()) => {
+                        errs.clear();
+                        break;
+                    }
+                    Err(e) => {
+                        errs.push(format!("step {step}: {:?}: {}", e.code(), e.message()));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            if !errs.is_empty() {
+                break;
+            }
+        }
+        if let Some(e) = errs.last() {
+            fails.push(format!(
+                "{us}us (cut at {at}, {:?}): never succeeded: {e}",
+                first.as_ref().map_err(|e| e.code())
+            ));
+        }
+        let mut cc = c.clone();
+        let after = capacity(&mut cc, thick).await;
+        let m: Vec<_> = mounts_under(d.path())
+            .into_iter()
+            .filter(|m| *m != d.path().join("block"))
+            .collect();
+        let l: Vec<_> = loops_under(d.path())
+            .into_iter()
+            .filter(|l| l.1 != d.path().join("fs.img"))
+            .collect();
+        let left = leftovers(d.path());
+        if baseline - after > slack() || !m.is_empty() || !l.is_empty() || !left.is_empty() {
+            fails.push(format!("{us}us (cut at {at}, {:?}): capacity {baseline} -> {after}, mounts {m:?} loops {l:?} left {left:?}", first.as_ref().map_err(|e| e.code())));
+            eprintln!("{}", fails.last().unwrap());
+        }
+        drop(b);
+        eprintln!(
+            "{us}us: cut at {at} first {:?}",
+            first.as_ref().map_err(|e| e.code())
+        );
+    }
+    let sc = state_check(d.path());
+    assert!(fails.is_empty() && sc.is_empty(), "{fails:#?}\n{sc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_teardown_raw() {
+    teardown_kill("raw").await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
+async fn probe_teardown_ext4() {
+    teardown_kill("ext4").await;
+}

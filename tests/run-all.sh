@@ -116,6 +116,11 @@ stage "root block test that detaches a loop device by hand (alone)" unshare --mo
   cargo test --locked --test root_block -- --ignored --exact a_refused_stage_leaves_no_attachment
 stage "root snapshot tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_snapshots -- --ignored --test-threads=2
+# block volumes: berth killed at swept moments of each RPC, restarted, the
+# CO's retries replayed (its block root on an ext4 of its own, so that
+# capacity is compared exactly)
+stage "root block kill tests" unshare --mount --propagation private -- \
+  env PROBE_OWN_FS=1 cargo test --locked --test root_kill_block -- --ignored --test-threads=1
 
 stage "manifest validation" bash tests/manifests/validate.sh
 stage "Berth in a real Kubernetes cluster (tests/cluster/run.sh)" tests/cluster/run.sh

@@ -1,4 +1,5 @@
-//! Probe harness (not in tests/run-all.sh): the real `berth` binary
+//! Block volumes killed at any moment (run by tests/run-all.sh, with
+//! PROBE_OWN_FS=1; written as a probe, 2026-12-06): the real `berth` binary
 //! (`--kinds local,block`, loop-backed files) killed with SIGKILL in the
 //! middle of one block RPC, restarted, and the CO's retries replayed; then
 //! the guarantees checked: an acknowledged volume and its data survive,
@@ -22,7 +23,7 @@
 //! tests. Run as root in a private mount namespace, e.g.
 //! `PROBE_OWN_FS=1 PROBE_BERTH_SYS=ioctl PROBE_MAX_US=6 PROBE_STEP_US=1
 //! unshare --mount --propagation private -- cargo test --test
-//! root_kill_probe probe_stage_ext4 -- --ignored --nocapture`.
+//! root_kill_block killed_during_stage_ext4 -- --ignored --nocapture`.
 mod common;
 
 use std::collections::HashMap;
@@ -462,14 +463,14 @@ async fn create_kill(thick: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_thick_create() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_thick_create() {
     create_kill(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_thin_create() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_thin_create() {
     create_kill(false).await;
 }
 
@@ -737,18 +738,18 @@ async fn stage_kill(fs: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_stage_ext4() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_stage_ext4() {
     stage_kill("ext4").await;
 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_stage_xfs() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_stage_xfs() {
     stage_kill("xfs").await;
 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_stage_raw() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_stage_raw() {
     stage_kill("raw").await;
 }
 
@@ -772,8 +773,8 @@ async fn del_vol(c: &CsiClient, id: &str) {
 /// delay, retried; then a restore from it killed after a delay, retried;
 /// the restore read; everything deleted; capacity back, nothing left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_snapshot_restore() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_snapshot_restore() {
     let d = tempfile::tempdir().unwrap();
     let _g = BlockGuard(d.path().to_path_buf());
     own_fs(d.path());
@@ -1162,13 +1163,13 @@ async fn expand_kill(fs: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_expand_raw() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_expand_raw() {
     expand_kill("raw").await;
 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_expand_xfs() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_expand_xfs() {
     expand_kill("xfs").await;
 }
 
@@ -1339,12 +1340,12 @@ async fn teardown_kill(fs: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_teardown_raw() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_teardown_raw() {
     teardown_kill("raw").await;
 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root and a private mount namespace: a probe, see the module comment"]
-async fn probe_teardown_ext4() {
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_teardown_ext4() {
     teardown_kill("ext4").await;
 }

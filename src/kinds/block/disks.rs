@@ -446,11 +446,13 @@ impl BlockKind {
         let mut free = Vec::new();
         for d in self.pool_disks() {
             let n = (d.dev.major, d.dev.minor);
-            let shared = names(n).any(|m| taken.contains(&m));
-            taken.extend(names(n));
+            // (looked up once: a loop device's backing device is a stat)
+            let these: Vec<(u32, u32)> = names(n).collect();
+            let shared = these.iter().any(|m| taken.contains(m));
+            taken.extend(these.iter().copied());
             if shared
                 || claimed_paths.contains(&d.dev.path)
-                || names(n).any(|m| mounted.contains(&m))
+                || these.iter().any(|m| mounted.contains(m))
                 // A detached loop device, a drive without its medium.
                 || d.dev.size_bytes == 0
             {

@@ -396,6 +396,15 @@ impl Driver {
         .await
     }
 
+    /// The guard of the place a node path reaches when a symlink in its
+    /// parents makes that another spelling than the one given (`real`, from
+    /// `Protected::resolve`; the given one is guarded before the RPC's
+    /// blocking work starts): one place named two ways is still one place,
+    /// and another volume's call there is ABORTED. Held while it lives.
+    pub fn guard_real_path(&self, real: Option<&Path>) -> Result<Option<OpGuard>> {
+        real.map(|r| self.locks.try_lock(path_key(r))).transpose()
+    }
+
     /// NOT_FOUND unless a node-local volume lives on this node.
     pub fn require_local_here(&self, rec: &VolumeRecord) -> Result<()> {
         if !rec.node.is_empty() && *rec.node != *self.node_id {

@@ -513,6 +513,111 @@ async fn two_volumes_at_one_path_at_once_never_both_mount() {
     }
 }
 
+/// The same as `two_volumes_at_one_path_at_once_never_both_mount`, with the
+/// second call naming the path through a symlinked parent: the path
+/// guards key on the place the kernel mounts at, not on the spelling.
+#[tokio::test]
+async fn two_volumes_at_one_path_spelled_two_ways_never_both_mount() {
+    let h = fake(&[]);
+    let node = || berth::node::NodeService {
+        driver: h.driver.clone(),
+    };
+    let real = h.path("real");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = h.path("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let real = real.canonicalize().unwrap();
+    let mounts_at = |p: &std::path::Path| {
+        h.fake()
+            .table()
+            .iter()
+            .filter(|e| e.mount_point == p)
+            .count()
+    };
+    for round in 0..50 {
+        let a = create(&h, &format!("a{round}"), 1 << 20).await.volume_id;
+        let b = create(&h, &format!("b{round}"), 1 << 20).await.volume_id;
+        let name = format!("s{round}");
+        let (n1, n2) = (node(), node());
+        let (r1, r2) = tokio::join!(
+            tokio::spawn({
+                let req = stage_req(&a, &real.join(&name));
+                async move { n1.node_stage_volume(Request::new(req)).await }
+            }),
+            tokio::spawn({
+                let req = stage_req(&b, &link.join(&name));
+                async move { n2.node_stage_volume(Request::new(req)).await }
+            }),
+        );
+        let codes = [code(r1.unwrap()), code(r2.unwrap())];
+        assert!(
+            codes.contains(&Code::Ok)
+                && codes
+                    .iter()
+                    .any(|c| matches!(c, Code::Aborted | Code::AlreadyExists)),
+            "round {round}: stage answered {codes:?}"
+        );
+        assert_eq!(mounts_at(&real.join(&name)), 1, "round {round}");
+        let (a, sa) = staged(&h, &format!("c{round}")).await;
+        let (b, sb) = staged(&h, &format!("d{round}")).await;
+        let name = format!("t{round}");
+        let (n1, n2) = (node(), node());
+        let (r1, r2) = tokio::join!(
+            tokio::spawn({
+                let req = publish_req(&a, &sa, &real.join(&name), false);
+                async move { n1.node_publish_volume(Request::new(req)).await }
+            }),
+            tokio::spawn({
+                let req = publish_req(&b, &sb, &link.join(&name), false);
+                async move { n2.node_publish_volume(Request::new(req)).await }
+            }),
+        );
+        let codes = [code(r1.unwrap()), code(r2.unwrap())];
+        assert!(
+            codes.contains(&Code::Ok)
+                && codes
+                    .iter()
+                    .any(|c| matches!(c, Code::Aborted | Code::AlreadyExists)),
+            "round {round}: publish answered {codes:?}"
+        );
+        assert_eq!(mounts_at(&real.join(&name)), 1, "round {round}");
+    }
+}
+
+/// A target that is the staging path (or inside it) through a symlinked
+/// parent is refused as the same spellings are: INVALID_ARGUMENT, never a
+/// mount of the volume into itself, and never an ABORTED the CO would retry
+/// forever.
+#[tokio::test]
+async fn a_target_that_is_the_staging_path_through_a_symlink_is_invalid() {
+    let h = fake(&[]);
+    let real = h.path("real");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = h.path("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let real = real.canonicalize().unwrap();
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let staging_real = real.join("s");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging_real)))
+        .await
+        .expect("stage");
+    for target in [link.join("s"), link.join("s").join("t")] {
+        let before = h.fake().table().len();
+        let r = h
+            .node
+            .node_publish_volume(Request::new(publish_req(
+                &id,
+                &staging_real,
+                &target,
+                false,
+            )))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{}", target.display());
+        assert_eq!(h.fake().table().len(), before, "{}", target.display());
+    }
+}
+
 // ------------------------------------------------------------ DeleteVolume
 
 #[tokio::test]

@@ -31,12 +31,7 @@ pub async fn handle(
     // inside itself); a staging path below the target would be hidden by
     // the publish.
     if let Some(s) = &staging {
-        if target.path().starts_with(s.path()) || s.path().starts_with(target.path()) {
-            return Err(Error::Invalid(
-                "target_path and staging_target_path must differ and neither may be inside the other"
-                    .into(),
-            ));
-        }
+        refuse_nested(target.path(), s.path())?;
     }
     validate::map("publish_context", &req.publish_context)?;
     validate::map("volume_context", &req.volume_context)?;
@@ -47,8 +42,20 @@ pub async fn handle(
     paths.extend(staging.as_ref().map(|s| s.path().to_path_buf()));
     let path_refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     d.with_volume_at(id, &path_refs, move |d, rec, kind| {
-        let target = d.protected.resolve(target)?;
+        let (target, target_real) = d.protected.resolve(target)?;
         let staging = staging.map(|s| d.protected.resolve(s)).transpose()?;
+        let staging_real = staging.as_ref().and_then(|(_, r)| r.clone());
+        // The same check on the places the kernel reaches (a symlink in a
+        // parent can make two spellings one place), before their guards.
+        if let Some((s, _)) = &staging {
+            refuse_nested(
+                target_real.as_deref().unwrap_or(&target),
+                staging_real.as_deref().unwrap_or(s),
+            )?;
+        }
+        let _target_real = d.guard_real_path(target_real.as_deref())?;
+        let _staging_real = d.guard_real_path(staging_real.as_deref())?;
+        let staging = staging.map(|(s, _)| s);
         d.require_local_here(&rec)?;
         let staging = match &staging {
             Some(s) => s.as_path(),
@@ -75,4 +82,16 @@ pub async fn handle(
     })
     .await?;
     Ok(csi::NodePublishVolumeResponse {})
+}
+
+/// INVALID_ARGUMENT when the target is the staging path, or either is
+/// inside the other.
+fn refuse_nested(target: &Path, staging: &Path) -> Result<()> {
+    if target.starts_with(staging) || staging.starts_with(target) {
+        return Err(Error::Invalid(
+            "target_path and staging_target_path must differ and neither may be inside the other"
+                .into(),
+        ));
+    }
+    Ok(())
 }

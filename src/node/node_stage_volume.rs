@@ -21,7 +21,8 @@ pub async fn handle(
     validate::map("volume_context", &req.volume_context)?;
     let path = staging.path().to_path_buf();
     d.with_volume_at(id, &[&path], move |d, rec, kind| {
-        let staging = d.protected.resolve(staging)?;
+        let (staging, real) = d.protected.resolve(staging)?;
+        let _real = d.guard_real_path(real.as_deref())?;
         d.require_local_here(&rec)?;
         kind.stage(&rec, &staging, &cap)
     })

@@ -109,13 +109,18 @@ impl Protected {
     /// get around `check`). This reads the filesystem (the parent's
     /// components, which a dead NFS mount may hang): call it where the
     /// RPC's blocking work runs (`Driver::run`), never on the async thread.
-    pub fn resolve(&self, p: NodePath) -> Result<PathBuf> {
+    ///
+    /// Returns the path as given and, when a symlink in its parents makes
+    /// the kernel reach it under another spelling, that spelling (whose
+    /// guard the caller takes too: `Driver::guard_real_path`).
+    pub fn resolve(&self, p: NodePath) -> Result<(PathBuf, Option<PathBuf>)> {
         if let Ok(r) = resolved(&p.path) {
             if r != p.path {
                 self.refuse(p.field, &p.path, &r)?;
+                return Ok((p.path, Some(r)));
             }
         }
-        Ok(p.path)
+        Ok((p.path, None))
     }
 
     /// INVALID_ARGUMENT when `form` (the path `given`, as written or
@@ -289,7 +294,8 @@ mod tests {
 
     /// Both checks, as a node RPC makes them.
     fn full(p: &Protected, v: &str) -> Result<PathBuf> {
-        p.check("target_path", v).and_then(|n| p.resolve(n))
+        p.check("target_path", v)
+            .and_then(|n| p.resolve(n).map(|(given, _)| given))
     }
 
     #[test]

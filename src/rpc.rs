@@ -1,7 +1,8 @@
 //! The server boundary shared by every handler: one tracing span per call
 //! (method, volume id), the duration and result logged on completion, domain
-//! errors turned into `tonic::Status` in one place. Requests are never
-//! logged whole, so secrets cannot reach a log line.
+//! errors turned into `tonic::Status` in one place (`Error::status_in`).
+//! Requests are never logged whole, so secrets cannot reach a log line.
+
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -111,7 +112,9 @@ where
                     }
                     _ => tracing::info!(micros, ?code, error = %msg, "rpc failed"),
                 }
-                Err(Status::new(code, msg))
+                // The message cut to `MAX_MESSAGE` bytes (the log line
+                // above keeps it whole).
+                Err(e.status_in(method))
             }
         }
     }

@@ -1583,6 +1583,43 @@ async fn publish_target_inside_the_staging_path_is_invalid() {
     assert_eq!(h.fake().table().len(), before);
 }
 
+/// Hostile input an error names (a 4,000-byte relative path of two-byte
+/// characters, at most what a path may have) gives a status message of at
+/// most `MAX_MESSAGE` bytes that says it was cut, with the spec's code: the
+/// message travels in a header, and a client refusing an oversized header
+/// list answers its own error in place of INVALID_ARGUMENT. Before, the cut
+/// was made only by `Error::status_in`, which no RPC called:
+/// NodeStageVolume and NodePublishVolume answered 4,046 bytes.
+#[tokio::test]
+async fn error_messages_naming_hostile_input_are_cut() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let cut = |s: &tonic::Status| {
+        assert!(
+            s.message().len() <= berth::error::MAX_MESSAGE,
+            "{:?}: {} bytes",
+            s.code(),
+            s.message().len()
+        );
+        assert!(s.message().ends_with("more bytes cut)"), "{}", s.message());
+    };
+    let hostile = std::path::PathBuf::from("é".repeat(2000));
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &hostile)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    cut(&e);
+    let e = h
+        .node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &hostile, false)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    cut(&e);
+}
+
 /// How often each RPC of a local-volume lifecycle reads the whole mount
 /// table: publish and unpublish decide from the mount-root and identity
 /// probes alone; stage (is the volume mounted anywhere else?), unstage and

@@ -20,6 +20,13 @@ pub enum Error {
     /// The volume, snapshot, node or path the request names does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The volume (or its kind) does not offer the capability asked for:
+    /// its access type, access mode or filesystem type. The spec's
+    /// "Exceeds capabilities" row, FAILED_PRECONDITION for NodeStageVolume
+    /// and NodePublishVolume; INVALID_ARGUMENT elsewhere. (A mount flag
+    /// Berth never passes is an invalid value for any volume: `Invalid`.)
+    #[error("{0}")]
+    Capability(String),
     /// The name or place is taken by something with other properties.
     #[error("{0}")]
     Conflict(String),
@@ -102,6 +109,9 @@ impl Error {
     /// The gRPC code that `rpc` (its CSI method name, as `rpc::serve`
     /// names it) answers this error with: the CSI spec's per-RPC table.
     /// The only rows that differ between RPCs:
+    /// - a capability the volume does not offer ("Exceeds capabilities")
+    ///   is FAILED_PRECONDITION for NodeStageVolume and NodePublishVolume,
+    ///   INVALID_ARGUMENT for the expand RPCs' row and everywhere else;
     /// - ControllerExpandVolume and NodeExpandVolume list no
     ///   RESOURCE_EXHAUSTED: a size there is no room for is an
     ///   "unsupported capacity", OUT_OF_RANGE;
@@ -116,7 +126,10 @@ impl Error {
     pub fn code_in(&self, rpc: &str) -> Code {
         let expand = matches!(rpc, "ControllerExpandVolume" | "NodeExpandVolume");
         match self {
-            Error::Invalid(_) => Code::InvalidArgument,
+            Error::Capability(_) if matches!(rpc, "NodeStageVolume" | "NodePublishVolume") => {
+                Code::FailedPrecondition
+            }
+            Error::Invalid(_) | Error::Capability(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::Conflict(_) => Code::AlreadyExists,
             Error::WrongState(_) => Code::FailedPrecondition,
@@ -251,6 +264,25 @@ mod tests {
             assert_eq!(e.code_in("CreateSnapshot"), Code::ResourceExhausted);
             assert_eq!(e.code_in("NodePublishVolume"), Code::Internal);
             assert_eq!(e.code_in("DeleteVolume"), Code::Internal);
+        }
+    }
+
+    /// A capability the volume does not offer is the spec's "Exceeds
+    /// capabilities": FAILED_PRECONDITION in the two node RPCs whose table
+    /// says so, INVALID_ARGUMENT in the expand RPCs' and everywhere else.
+    #[test]
+    fn a_capability_the_volume_does_not_offer_follows_each_rpcs_table() {
+        let e = Error::Capability("no raw block".into());
+        for rpc in ["NodeStageVolume", "NodePublishVolume"] {
+            assert_eq!(e.code_in(rpc), Code::FailedPrecondition, "{rpc}");
+        }
+        for rpc in [
+            "CreateVolume",
+            "ControllerPublishVolume",
+            "ControllerExpandVolume",
+            "NodeExpandVolume",
+        ] {
+            assert_eq!(e.code_in(rpc), Code::InvalidArgument, "{rpc}");
         }
     }
 

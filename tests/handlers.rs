@@ -1583,6 +1583,86 @@ async fn publish_target_inside_the_staging_path_is_invalid() {
     assert_eq!(h.fake().table().len(), before);
 }
 
+/// A capability a local volume does not offer (raw block, an access mode
+/// for several nodes) is the spec's "Exceeds capabilities" row of
+/// NodeStageVolume and NodePublishVolume: FAILED_PRECONDITION (it was
+/// INVALID_ARGUMENT), and nothing is mounted. A mount flag Berth never
+/// passes stays INVALID_ARGUMENT (an invalid value for any volume), and so
+/// does such a capability where the spec's table has no such row
+/// (CreateVolume, ControllerPublishVolume).
+#[tokio::test]
+async fn a_capability_the_volume_does_not_offer_is_failed_precondition_at_stage_and_publish() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let staging = h.path("stage-a");
+    let target = h.path("t");
+    let unfit = [
+        block_cap(Mode::SingleNodeWriter),
+        mount_cap(Mode::MultiNodeMultiWriter),
+        mount_cap(Mode::MultiNodeReaderOnly),
+    ];
+    let bogus = mount_cap_flags(Mode::SingleNodeWriter, &["bogus"]);
+    let stage_with = |cap: &csi::VolumeCapability| csi::NodeStageVolumeRequest {
+        volume_capability: Some(cap.clone()),
+        ..stage_req(&id, &staging)
+    };
+    for cap in &unfit {
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_with(cap)))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{cap:?}");
+    }
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&bogus)))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    assert_eq!(mounted_at(&h, &staging), 0);
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    let publish_with = |cap: &csi::VolumeCapability| csi::NodePublishVolumeRequest {
+        volume_capability: Some(cap.clone()),
+        ..publish_req(&id, &staging, &target, false)
+    };
+    for cap in &unfit {
+        let r = h
+            .node
+            .node_publish_volume(Request::new(publish_with(cap)))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{cap:?}");
+    }
+    let r = h
+        .node
+        .node_publish_volume(Request::new(publish_with(&bogus)))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    assert_eq!(mounted_at(&h, &target), 0);
+    assert!(!target.exists());
+    for cap in &unfit {
+        let r = h
+            .ctl
+            .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: NODE.into(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{cap:?}");
+        let r = h
+            .ctl
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                volume_capabilities: vec![cap.clone()],
+                ..create_req("b", 1 << 20)
+            }))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{cap:?}");
+    }
+}
+
 /// Hostile input an error names (a 4,000-byte relative path of two-byte
 /// characters, at most what a path may have) gives a status message of at
 /// most `MAX_MESSAGE` bytes that says it was cut, with the spec's code: the

@@ -3263,6 +3263,49 @@ async fn restage_with_another_capability_is_already_exists() {
     );
 }
 
+/// A capability a block volume does not offer (an access mode for several
+/// nodes, a filesystem type other than ext4 and xfs) is the spec's
+/// "Exceeds capabilities" row of NodeStageVolume and NodePublishVolume:
+/// FAILED_PRECONDITION (it was INVALID_ARGUMENT); nothing is attached or
+/// mounted for it.
+#[tokio::test]
+async fn a_capability_the_volume_does_not_offer_is_failed_precondition_at_stage_and_publish() {
+    let h = block(&[]);
+    script_blank(h.fake());
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let s = h.path("s");
+    let t = h.path("t");
+    let unfit = [
+        mount_cap(Mode::MultiNodeMultiWriter),
+        block_cap(Mode::MultiNodeReaderOnly),
+        fs_cap("btrfs"),
+    ];
+    for cap in &unfit {
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_with(&v.volume_id, &s, cap.clone())))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{cap:?}");
+    }
+    assert_eq!(count(h.fake(), is_attach), 0);
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v.volume_id, &s)))
+        .await
+        .unwrap();
+    for cap in &unfit {
+        let r = h
+            .node
+            .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+                volume_capability: Some(cap.clone()),
+                ..publish_req(&v.volume_id, &s, &t, false)
+            }))
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{cap:?}");
+    }
+    assert!(h.fake().table().iter().all(|m| m.mount_point != t));
+    assert!(!t.exists());
+}
+
 /// NodeUnstageVolume of a volume whose record is gone, whose backing file
 /// start-up moved aside into .orphaned/ while it was attached: the loop
 /// device of that file is detached too, not left behind.

@@ -1104,7 +1104,7 @@ impl VolumeKind for BlockKind {
 
     fn check_capability(&self, cap: &Capability) -> Result<()> {
         if !cap.access_mode.single_node() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Capability(format!(
                 "access mode {:?} needs a volume reachable from several nodes; block volumes live on one node",
                 cap.access_mode
             )));

@@ -107,7 +107,7 @@ pub fn capability_fs(cap: &Capability, default_fs: Filesystem) -> Result<Option<
         AccessType::Mount { fs_type, .. } if fs_type.is_empty() => Ok(Some(default_fs)),
         AccessType::Mount { fs_type, .. } => {
             Filesystem::parse(fs_type).map(Some).ok_or_else(|| {
-                Error::Invalid(format!(
+                Error::Capability(format!(
                     "fs_type {:?} is not supported for block volumes (ext4, xfs)",
                     fs_type.chars().take(32).collect::<String>()
                 ))
@@ -286,7 +286,7 @@ mod tests {
         );
         assert!(matches!(
             file_size(&p, &[mount("zfs")], mib, mib, 0),
-            Err(Error::Invalid(_))
+            Err(Error::Capability(_))
         ));
         assert!(round_up(i64::MAX).is_err());
         assert_eq!(grown_size(4 * mib, 3 * mib, 0).unwrap(), 4 * mib);

@@ -939,7 +939,7 @@ impl VolumeKind for LocalKind {
 
     fn check_capability(&self, cap: &Capability) -> Result<()> {
         match &cap.access_type {
-            AccessType::Block => Err(Error::Invalid(
+            AccessType::Block => Err(Error::Capability(
                 "local directory volumes support only the mount access type".into(),
             )),
             AccessType::Mount { fs_type, .. } => {
@@ -949,7 +949,7 @@ impl VolumeKind for LocalKind {
                     tracing::debug!(fs_type = %fs_type, "fs_type ignored for local volumes");
                 }
                 if !cap.access_mode.single_node() {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::Capability(format!(
                         "access mode {:?} needs a volume reachable from several nodes; local volumes live on one node",
                         cap.access_mode
                     )));

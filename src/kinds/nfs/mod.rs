@@ -537,7 +537,7 @@ impl VolumeKind for NfsKind {
 
     fn check_capability(&self, cap: &Capability) -> Result<()> {
         match &cap.access_type {
-            AccessType::Block => Err(Error::Invalid(
+            AccessType::Block => Err(Error::Capability(
                 "NFS volumes support only the mount access type".into(),
             )),
             AccessType::Mount {
@@ -546,7 +546,7 @@ impl VolumeKind for NfsKind {
                 ..
             } => {
                 if !matches!(fs_type.as_str(), "" | "nfs" | "nfs4") {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::Capability(format!(
                         "fs_type {fs_type:?} is not possible for NFS volumes (use nfs or leave it empty)"
                     )));
                 }

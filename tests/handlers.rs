@@ -1663,6 +1663,56 @@ async fn a_capability_the_volume_does_not_offer_is_failed_precondition_at_stage_
     }
 }
 
+/// A volume_capability a local volume does not offer (raw block, an
+/// access mode for several nodes) is the spec's "Exceeds capabilities" row
+/// of ControllerExpandVolume and NodeExpandVolume: INVALID_ARGUMENT, and
+/// the volume keeps its size. Before, both checked only the capability's
+/// form and grew the volume.
+#[tokio::test]
+async fn an_expansion_with_a_capability_the_volume_does_not_offer_is_invalid() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    for cap in [
+        block_cap(Mode::SingleNodeWriter),
+        mount_cap(Mode::MultiNodeMultiWriter),
+    ] {
+        let r = h
+            .ctl
+            .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+                volume_id: id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 2 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{cap:?}");
+        let r = h
+            .node
+            .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: target.display().to_string(),
+                staging_target_path: staging.display().to_string(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 2 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{cap:?}");
+        assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 1 << 20);
+    }
+}
+
 /// Hostile input an error names (a 4,000-byte relative path of two-byte
 /// characters, at most what a path may have) gives a status message of at
 /// most `MAX_MESSAGE` bytes that says it was cut, with the spec's code: the

@@ -1714,6 +1714,50 @@ async fn node_expansion_grows_file_device_and_filesystem_idempotently() {
 /// FAILED_PRECONDITION, and its file and device are left as they were.
 /// Before, the file grew first (a thick volume allocated) and then the
 /// request was refused.
+/// A volume_capability the volume does not offer (an access mode for
+/// several nodes, a filesystem type other than ext4 and xfs) is the
+/// spec's "Exceeds capabilities" row of ControllerExpandVolume and
+/// NodeExpandVolume: INVALID_ARGUMENT, and nothing grows or is recorded.
+/// Before, both expand RPCs checked only the capability's form and grew
+/// the volume.
+#[tokio::test]
+async fn an_expansion_with_a_capability_the_volume_does_not_offer_is_invalid() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let id = create(&h, "a", 8 * MIB, &[("allocation", "thick")])
+        .await
+        .volume_id;
+    let (s, t) = (h.path("s"), h.path("t"));
+    stage_and_publish(&h, &id, &s, &t).await;
+    f.clear_calls();
+    for cap in [
+        mount_cap(Mode::MultiNodeMultiWriter),
+        block_cap(Mode::MultiNodeReaderOnly),
+        fs_cap("btrfs"),
+    ] {
+        let r = h
+            .ctl
+            .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+                volume_capability: Some(cap.clone()),
+                ..expand_req(&id, 16 * MIB, 0)
+            }))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{cap:?}");
+        let r = h
+            .node
+            .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+                volume_capability: Some(cap.clone()),
+                ..node_expand_req(&id, &t, &s, 16 * MIB)
+            }))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{cap:?}");
+    }
+    not_grown(&h, f, &id, 8 * MIB);
+    assert!(runs(f, "resize2fs").is_empty());
+    assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 8 * MIB);
+}
+
 #[tokio::test]
 async fn a_refused_node_expansion_grows_nothing() {
     let h = block(&[]);

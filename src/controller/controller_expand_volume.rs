@@ -33,9 +33,11 @@ pub async fn handle(
             .as_ref()
             .ok_or_else(|| Error::Invalid("capacity_range is required".into()))?,
     ))?;
-    if let Some(c) = req.volume_capability.as_ref() {
-        convert::capability(c)?;
-    }
+    let cap = req
+        .volume_capability
+        .as_ref()
+        .map(convert::capability)
+        .transpose()?;
     let growth = Growth {
         required: range.required,
         limit: range.limit,
@@ -45,6 +47,11 @@ pub async fn handle(
         .find(|k| k.owns_id(&id))
         .cloned()
         .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+    // The spec's "Exceeds capabilities": a capability the volume's kind
+    // does not offer is INVALID_ARGUMENT before anything grows.
+    if let Some(c) = &cap {
+        kind.check_capability(c)?;
+    }
     let guard = d.locks.try_lock(vol_key(&id))?;
     let e = d
         .run(guard, move |d| match d.store.get(&id) {

@@ -43,6 +43,11 @@ pub async fn handle(
     let size = d
         .with_volume(&id, move |d, rec, kind| {
             d.require_local_here(&rec)?;
+            // The spec's "Exceeds capabilities": a capability the volume's
+            // kind does not offer is INVALID_ARGUMENT before anything grows.
+            if let Some(c) = &cap {
+                kind.check_capability(c)?;
+            }
             // A path that could never hold a volume holds none.
             let path = validate::abs_path("volume_path", &volume_path).map_err(|e| {
                 Error::NotFound(format!("volume {} is not available there: {e}", rec.id))

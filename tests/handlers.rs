@@ -1284,6 +1284,72 @@ async fn stage_is_idempotent_and_detects_conflicts() {
     );
 }
 
+/// A local volume's staging mount is a bind of its directory that takes
+/// no mount flags and no read-only setting (NodePublishVolume applies
+/// them at the target). So NodeStageVolume repeated at the same path with
+/// other mount flags or another single-node access mode is OK and mounts
+/// nothing: the staging mount there is the one that request would make,
+/// compatible with its capability (the spec's ALREADY_EXISTS is for a
+/// staged volume incompatible with it). A block volume's filesystem is
+/// mounted at the staging path with the flags, and there the same repeat
+/// is ALREADY_EXISTS (handlers_block
+/// `restage_with_another_capability_is_already_exists`).
+#[tokio::test]
+async fn a_local_restage_with_other_mount_flags_is_ok_as_its_staging_mount_takes_none() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let staging = h.path("stage-a");
+    let stage = |cap: csi::VolumeCapability| csi::NodeStageVolumeRequest {
+        volume_capability: Some(cap),
+        ..stage_req(&id, &staging)
+    };
+    let at_staging = |h: &Harness| -> Vec<berth::os::mountinfo::MountEntry> {
+        h.fake()
+            .table()
+            .into_iter()
+            .filter(|m| m.mount_point == staging)
+            .collect()
+    };
+    h.node
+        .node_stage_volume(Request::new(stage(mount_cap_flags(
+            Mode::SingleNodeWriter,
+            &["noexec", "nosuid"],
+        ))))
+        .await
+        .unwrap();
+    let first = at_staging(&h);
+    assert_eq!(first.len(), 1);
+    assert!(
+        !first[0].has_option("noexec") && !first[0].has_option("nosuid") && !first[0].readonly(),
+        "{first:?}"
+    );
+    for cap in [
+        rwo(),
+        mount_cap_flags(Mode::SingleNodeWriter, &["ro", "nodev"]),
+        mount_cap(Mode::SingleNodeReaderOnly),
+        mount_cap(Mode::SingleNodeMultiWriter),
+    ] {
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage(cap.clone())))
+            .await;
+        assert_eq!(code(r), Code::Ok, "{cap:?}");
+        assert_eq!(at_staging(&h), first, "{cap:?}");
+    }
+    // The flags are the publish's.
+    let target = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_capability: Some(mount_cap_flags(Mode::SingleNodeWriter, &["noexec"])),
+            ..publish_req(&id, &staging, &target, false)
+        }))
+        .await
+        .unwrap();
+    let t = h.fake().table();
+    let published = t.iter().find(|m| m.mount_point == target).unwrap();
+    assert!(published.has_option("noexec"), "{published:?}");
+}
+
 #[tokio::test]
 async fn publish_binds_readonly_once_and_detects_conflicts() {
     let h = fake(&[]);

@@ -3350,6 +3350,71 @@ async fn a_capability_the_volume_does_not_offer_is_failed_precondition_at_stage_
     assert!(!t.exists());
 }
 
+/// A raw volume staged read-write, staged again at the same path with a
+/// read-only access mode (or the other way round), is the spec's "staged
+/// at staging_target_path but incompatible with the volume_capability":
+/// ALREADY_EXISTS, as a filesystem volume's restage with another
+/// read-only setting is. It was FAILED_PRECONDITION ("attached read-write;
+/// unstage the volume first"), the code for a second staging path, which
+/// stays so. The attachment and the staging bind are kept as they were.
+#[tokio::test]
+async fn a_raw_restage_with_another_read_only_setting_is_already_exists() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    for (first, second) in [
+        (Mode::SingleNodeWriter, Mode::SingleNodeReaderOnly),
+        (Mode::SingleNodeReaderOnly, Mode::SingleNodeWriter),
+    ] {
+        let name = format!("r-{}", first as i32);
+        let v = create(&h, &name, 8 * MIB, &[]).await;
+        let s = h.path(&format!("s-{name}"));
+        h.node
+            .node_stage_volume(Request::new(stage_with(&v.volume_id, &s, block_cap(first))))
+            .await
+            .unwrap();
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_with(
+                &v.volume_id,
+                &s,
+                block_cap(second),
+            )))
+            .await;
+        assert_eq!(code(r), Code::AlreadyExists, "{first:?} then {second:?}");
+        let r = h
+            .node
+            .node_stage_volume(Request::new(stage_with(
+                &v.volume_id,
+                &h.path(&format!("other-{name}")),
+                block_cap(second),
+            )))
+            .await;
+        assert_eq!(
+            code(r),
+            Code::FailedPrecondition,
+            "{first:?} then {second:?}"
+        );
+        h.node
+            .node_stage_volume(Request::new(stage_with(&v.volume_id, &s, block_cap(first))))
+            .await
+            .unwrap();
+        let file = img(&h, &v.volume_id);
+        let loops: Vec<_> = f
+            .loops()
+            .into_iter()
+            .filter(|l| l.backing_file == file)
+            .collect();
+        assert_eq!(loops.len(), 1);
+        assert_eq!(loops[0].read_only, first == Mode::SingleNodeReaderOnly);
+        let marker = s.join(&v.volume_id);
+        assert_eq!(
+            f.table().iter().filter(|m| m.mount_point == marker).count(),
+            1
+        );
+    }
+}
+
 /// NodeUnstageVolume of a volume whose record is gone, whose backing file
 /// start-up moved aside into .orphaned/ while it was attached: the loop
 /// device of that file is detached too, not left behind.

@@ -208,7 +208,16 @@ impl BlockKind {
 
     fn stage_raw(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
         self.claim_access(rec, BlockAccess::Raw)?;
-        let (dev, fresh) = self.ensure_device(rec, cap.access_mode.read_only())?;
+        let read_only = cap.access_mode.read_only();
+        let (dev, fresh) = match self.ensure_device(rec, read_only) {
+            Ok(d) => d,
+            Err(e @ Error::WrongState(_)) => {
+                return Err(self
+                    .staged_here_otherwise(rec, staging, read_only)?
+                    .unwrap_or(e))
+            }
+            Err(e) => return Err(e),
+        };
         let r = self.stage_raw_on(rec, staging, &dev);
         if let (Err(e), Some(l)) = (&r, &fresh) {
             if refused(e) {
@@ -216,6 +225,45 @@ impl BlockKind {
             }
         }
         r
+    }
+
+    /// ALREADY_EXISTS when the raw volume is staged at `staging` (its
+    /// loop device bound at the marker) with the other read-only setting
+    /// than `read_only`: the spec's "staged there but incompatible with the
+    /// capability", not a second staging path (FAILED_PRECONDITION, what
+    /// `ensure_device` refused with). None when that is not so.
+    fn staged_here_otherwise(
+        &self,
+        rec: &VolumeRecord,
+        staging: &Path,
+        read_only: bool,
+    ) -> Result<Option<Error>> {
+        if Self::info(rec)?.disk.is_some() {
+            return Ok(None);
+        }
+        let [l] = &super::attach::attachments(&self.os, &self.file(&rec.id)?)?[..] else {
+            return Ok(None);
+        };
+        if l.read_only == read_only {
+            return Ok(None);
+        }
+        let marker = Self::marker(rec, staging);
+        let t = mounts::table(&self.os)?;
+        let here = mounts::at(&self.os, &t, &marker)
+            .last()
+            .map(|m| mounts::object(m));
+        if here.is_none() || here != mountinfo::object_of(&t, &l.device) {
+            return Ok(None);
+        }
+        let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
+        Ok(Some(Error::Conflict(format!(
+            "volume {} is staged at {} {} ({}), not {} as asked",
+            rec.id,
+            staging.display(),
+            mode(l.read_only),
+            l.device.display(),
+            mode(read_only)
+        ))))
     }
 
     fn stage_raw_on(&self, rec: &VolumeRecord, staging: &Path, dev: &Dev) -> Result<()> {

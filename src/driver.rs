@@ -44,6 +44,7 @@ impl Driver {
             .map_err(|e| Error::io("resolving the data directories", e))?;
         let node_id = cfg.resolved_node_id().map_err(Error::Invalid)?;
         check_dirs_apart(&cfg)?;
+        check_other_berths(&os, &cfg)?;
         let state_dir = cfg.state_dir();
         let mut dir_locks = vec![prepare_dir(&os, &state_dir, "state directory")?];
         // Files of Probe checks a kill interrupted (the lock is ours: no
@@ -676,17 +677,7 @@ use crate::node::paths::{host_dir, HostDir};
 /// Compared as the kernel resolves them (symlinks, `..`).
 /// INVALID_ARGUMENT before anything is touched.
 fn check_dirs_apart(cfg: &Config) -> Result<()> {
-    let mut dirs = vec![("--state-dir", cfg.state_dir())];
-    if cfg.kinds.contains(&Kind::Local) {
-        dirs.push(("--local-root", cfg.local_root()));
-    }
-    if cfg.kinds.contains(&Kind::Block) {
-        dirs.push(("--block-root", cfg.block_root()));
-    }
-    let dirs: Vec<(&str, PathBuf)> = dirs
-        .into_iter()
-        .map(|(f, d)| (f, crate::node::paths::resolved_fully(&d)))
-        .collect();
+    let dirs = own_dirs_resolved(cfg);
     for (flag, d) in &dirs {
         let why = match host_dir(d) {
             None => continue,
@@ -710,6 +701,78 @@ fn check_dirs_apart(cfg: &Config) -> Result<()> {
                     "{fa} {} and {fb} {} overlap: each needs a directory of its own, neither inside the other",
                     a.display(),
                     b.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The state directory and the roots of the kinds served, with the flag
+/// that names each, as the kernel resolves them (symlinks, `..`).
+fn own_dirs_resolved(cfg: &Config) -> Vec<(&'static str, PathBuf)> {
+    let mut dirs = vec![("--state-dir", cfg.state_dir())];
+    if cfg.kinds.contains(&Kind::Local) {
+        dirs.push(("--local-root", cfg.local_root()));
+    }
+    if cfg.kinds.contains(&Kind::Block) {
+        dirs.push(("--block-root", cfg.block_root()));
+    }
+    dirs.into_iter()
+        .map(|(f, d)| (f, crate::node::paths::resolved_fully(&d)))
+        .collect()
+}
+
+/// How deep below each of the local root's work directories start-up
+/// looks for a serving berth's directory (`<work dir>/x/state` is 2).
+const OTHER_BERTH_DEPTH: u32 = 4;
+/// How many directories it looks at in all, at most.
+const OTHER_BERTH_BUDGET: usize = 10_000;
+
+/// No directory of this berth lies inside a directory of another berth
+/// (its state directory or a root, known by their lock file, held now or
+/// left by a berth that used it), and the local root's work directories,
+/// whose contents start-up removes, hold no directory of a berth that
+/// serves now. Two berths each check their own directories only against
+/// each other: a second berth with `--data-dir <first's local
+/// root>/.trash/b` started, and the first one's next start removed the
+/// second one's state and volumes while it served. INVALID_ARGUMENT
+/// before anything is touched.
+fn check_other_berths(os: &Os, cfg: &Config) -> Result<()> {
+    use crate::state::lock::{DirLock, LOCK_FILE};
+    let dirs = own_dirs_resolved(cfg);
+    for (flag, d) in &dirs {
+        for a in d.ancestors().skip(1) {
+            let lock = a.join(LOCK_FILE);
+            if os.files.lstat(&lock).is_err() {
+                continue;
+            }
+            let who = match DirLock::holder_of(a) {
+                Some(h) => format!("held now by {h}"),
+                None => "not held now: a berth used it before".into(),
+            };
+            return Err(Error::Invalid(format!(
+                "{flag} {} lies inside {}, a directory of another berth (its state directory or a root: {} is there, {who}); that berth takes what lies in its directories for its own and may move or remove it. Give this berth directories of its own outside it (if no berth uses {} any more, remove {} first)",
+                d.display(),
+                a.display(),
+                lock.display(),
+                a.display(),
+                lock.display()
+            )));
+        }
+    }
+    if let Some((_, root)) = dirs.iter().find(|(f, _)| *f == "--local-root") {
+        let mut budget = OTHER_BERTH_BUDGET;
+        for sub in crate::kinds::local::WORK_DIRS {
+            let work = root.join(sub);
+            if let Some((dir, holder)) = DirLock::held_below(&work, OTHER_BERTH_DEPTH, &mut budget)
+            {
+                return Err(Error::Invalid(format!(
+                    "--local-root {} holds in {}, whose contents berth removes at start-up, {}, a directory of a berth serving now ({holder}): stop that berth and move its directories out of {} before this one starts",
+                    root.display(),
+                    work.display(),
+                    dir.display(),
+                    root.display()
                 )));
             }
         }

@@ -1920,3 +1920,64 @@ async fn a_request_that_does_not_decode_is_invalid_argument() {
         .await
         .unwrap();
 }
+
+/// A second berth whose directories lie inside another berth's (its local
+/// root, or one of its volumes: `--data-dir <first's local root>/.trash/b`)
+/// refuses to start and makes nothing; and a berth whose local root holds
+/// a serving berth's directories in its work directories (`.creating`,
+/// `.trash`, `.snapshots`, whose contents start-up removes) refuses too.
+/// Before, each berth compared its directories only with each other: the
+/// second one started, and the first one's next start removed the second
+/// one's state, volumes and socket while it served.
+#[tokio::test]
+async fn a_berth_inside_another_berths_directories_refuses_to_start() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a");
+    std::fs::create_dir(&a).unwrap();
+    let first = start(&a, &[]);
+    let ids = create_n(&first.sock, 1).await;
+    let vol = a.join("local").join(&ids[0]);
+    std::fs::write(vol.join("data"), "kept").unwrap();
+    for inner in [a.join("local/.trash/b"), vol.join("b"), a.join("state/b")] {
+        let sock = d.path().join("b.sock");
+        let out = run_to_exit(&berth_args(&inner, &sock, &[]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: {err}", inner.display());
+        assert!(
+            err.contains("lies inside") && err.contains(&format!("pid {}", first.child.id())),
+            "{}: {err}",
+            inner.display()
+        );
+        assert!(!inner.exists(), "{} was made", inner.display());
+    }
+    assert_eq!(std::fs::read_to_string(vol.join("data")).unwrap(), "kept");
+    assert_eq!(listed(&first.sock).await, ids);
+    drop(first);
+
+    // The other order: the inner berth serves first, where the outer one's
+    // local root will be; the outer one refuses, and removes nothing.
+    let c = d.path().join("c");
+    let inner_dir = c.join("local/.creating/d");
+    std::fs::create_dir_all(&inner_dir).unwrap();
+    let inner = start(&inner_dir, &[]);
+    let inner_ids = create_n(&inner.sock, 1).await;
+    let out = run_to_exit(&berth_args(&c, &d.path().join("c.sock"), &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(".creating") && err.contains(&format!("pid {}", inner.child.id())),
+        "{err}"
+    );
+    for kept in [
+        inner_dir.join("state/journal"),
+        inner_dir.join("local").join(&inner_ids[0]),
+        inner.sock.clone(),
+    ] {
+        assert!(kept.exists(), "{} was removed", kept.display());
+    }
+    assert!(
+        !c.join("state").exists(),
+        "the refused berth made its state"
+    );
+    assert_eq!(listed(&inner.sock).await, inner_ids);
+}

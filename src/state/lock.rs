@@ -129,6 +129,42 @@ impl DirLock {
             .is_ok_and(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err());
         (dir_held || file_held).then(|| holder(&path))
     }
+
+    /// The first directory at or below `dir`, at most `depth` levels down
+    /// and at most `budget` entries looked at, whose lock another process
+    /// holds now (a berth serving there), with its holder. Symlinks are not
+    /// followed; what cannot be read is passed over. For start-up, before
+    /// Berth removes what its own work directories hold.
+    pub fn held_below(dir: &Path, depth: u32, budget: &mut usize) -> Option<(PathBuf, String)> {
+        if *budget == 0 {
+            return None;
+        }
+        *budget -= 1;
+        let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
+        if !is_dir {
+            return None;
+        }
+        if std::fs::symlink_metadata(dir.join(LOCK_FILE)).is_ok() {
+            if let Some(h) = DirLock::holder_of(dir) {
+                return Some((dir.to_path_buf(), h));
+            }
+        }
+        if depth == 0 {
+            return None;
+        }
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if let Some(found) = DirLock::held_below(&e.path(), depth - 1, budget) {
+                return Some(found);
+            }
+            if *budget == 0 {
+                break;
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,9 @@ const PARTIAL: &str = ".partial-";
 const TRASH: &str = ".trash";
 /// Where directories without a record are kept aside.
 const ORPHANED: &str = ".orphaned";
+/// Berth's work directories in the local root, whose contents start-up
+/// removes (what no record says is in use).
+pub const WORK_DIRS: [&str; 3] = [CREATING, TRASH, SNAPSHOTS];
 /// The StorageClass parameter that says whether sizes must be enforced.
 pub const ENFORCEMENT_KEY: &str = "capacityEnforcement";
 const REQUIRED: &str = "required";

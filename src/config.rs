@@ -141,8 +141,10 @@ pub struct Config {
     #[arg(long, env = "BERTH_NFS_ALLOWED_SHARES", value_delimiter = ',', value_parser = parse_allowed_share)]
     pub nfs_allowed_shares: Vec<AllowedShare>,
 
-    /// Maximum volumes published on this node (0 = no limit).
-    #[arg(long, env = "BERTH_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
+    /// Maximum volumes published on this node (0 = no limit; never
+    /// negative, which kubelet cannot put on the node's CSINode).
+    #[arg(long, env = "BERTH_MAX_VOLUMES_PER_NODE", default_value_t = 0,
+          value_parser = clap::value_parser!(i64).range(0..=i64::from(i32::MAX)))]
     pub max_volumes_per_node: i64,
 
     /// Group that may use the socket (mode 0660); without it the socket is 0600.
@@ -477,6 +479,29 @@ mod tests {
         }
         for bad in ["10001", "-1", "x"] {
             assert!(parse(&["--busy-poll-us", bad]).is_err(), "{bad}");
+        }
+    }
+
+    /// A negative limit was taken (NodeGetInfo reported it to kubelet,
+    /// ControllerPublishVolume took it for no limit); so was one above
+    /// what a CSINode's count holds (int32).
+    #[test]
+    fn max_volumes_per_node() {
+        assert_eq!(parse(&[]).unwrap().config.max_volumes_per_node, 0);
+        for ok in ["0", "1", "2147483647"] {
+            assert_eq!(
+                parse(&[&format!("--max-volumes-per-node={ok}")])
+                    .unwrap()
+                    .config
+                    .max_volumes_per_node,
+                ok.parse::<i64>().unwrap()
+            );
+        }
+        for bad in ["-1", "-5", "2147483648", "x"] {
+            assert!(
+                parse(&[&format!("--max-volumes-per-node={bad}")]).is_err(),
+                "{bad}"
+            );
         }
     }
 

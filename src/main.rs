@@ -90,6 +90,9 @@ fn main() -> anyhow::Result<()> {
                 // Before the driver touches anything: a second berth on a
                 // live socket, or an endpoint that is a file, stops here.
                 berth::server::refuse_taken_socket(&socket)?;
+                if let Some(g) = &cfg.socket_group {
+                    berth::server::socket_gid(g)?;
+                }
                 // The state is read on a blocking thread; the heap is
                 // trimmed of what reading it left a second after start
                 // (`trim_when_idle`). Reflection is built on its first call.

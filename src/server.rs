@@ -59,6 +59,23 @@ pub fn refuse_taken_socket(path: &Path) -> Result<(), ServeError> {
     }
 }
 
+/// The group `--socket-group` names (a gid, or a group name looked up
+/// now). Resolved at start-up before the driver touches anything, so that a
+/// group that does not exist stops berth having made nothing.
+pub fn socket_gid(group: &str) -> Result<nix::unistd::Gid, ServeError> {
+    match group.parse::<u32>() {
+        Ok(n) => Ok(nix::unistd::Gid::from_raw(n)),
+        Err(_) => Ok(nix::unistd::Group::from_name(group)
+            .map_err(|e| {
+                ServeError::Config(format!("--socket-group: looking up group {group:?}: {e}"))
+            })?
+            .ok_or_else(|| {
+                ServeError::Config(format!("--socket-group: group {group:?} does not exist"))
+            })?
+            .gid),
+    }
+}
+
 /// Binds the socket with mode 0600 (0660 and the group's ownership when
 /// `group` is given). An existing path is removed only if it is a socket
 /// that nobody answers on.
@@ -79,19 +96,17 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Ser
     nix::sys::stat::umask(old);
     let std_listener = bound.map_err(io(format!("binding {}", path.display())))?;
     if let Some(g) = group {
-        let gid = match g.parse::<u32>() {
-            Ok(n) => nix::unistd::Gid::from_raw(n),
-            Err(_) => {
-                nix::unistd::Group::from_name(g)
-                    .map_err(|e| ServeError::Config(format!("looking up group {g}: {e}")))?
-                    .ok_or_else(|| ServeError::Config(format!("group {g} does not exist")))?
-                    .gid
-            }
-        };
-        nix::unistd::chown(path, None, Some(gid))
-            .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(io(format!("chmod {}", path.display())))?;
+        let shared = socket_gid(g).and_then(|gid| {
+            nix::unistd::chown(path, None, Some(gid))
+                .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                .map_err(io(format!("chmod {}", path.display())))
+        });
+        if let Err(e) = shared {
+            // Not left behind: the socket this call made and nobody serves.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
     }
     std_listener
         .set_nonblocking(true)

@@ -1981,3 +1981,26 @@ async fn a_berth_inside_another_berths_directories_refuses_to_start() {
     );
     assert_eq!(listed(&inner.sock).await, inner_ids);
 }
+
+/// A `--socket-group` that does not exist stops berth before the driver
+/// touches anything: no state directory, no root, no socket left behind
+/// (before, the group was looked up only when binding, after the state
+/// and the roots were made and locked, and the socket file stayed).
+#[test]
+fn a_socket_group_that_does_not_exist_stops_berth_having_made_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    let sock = d.path().join("csi.sock");
+    let out = run_to_exit(&berth_args(
+        &data,
+        &sock,
+        &["--socket-group", "no-such-group-berth"],
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--socket-group") && err.contains("no-such-group-berth"),
+        "{err}"
+    );
+    assert_eq!(paths_under(d.path()), Vec::<PathBuf>::new());
+}

@@ -207,9 +207,11 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 }
 
 impl Config {
-    /// Makes every directory absolute (mount decisions compare absolute
-    /// paths with mountinfo), and names each kind once (`--kinds
-    /// local,local` is `local`).
+    /// Makes every directory absolute and resolves it as the kernel does
+    /// (symlinks, `..`): mount decisions compare the roots with mountinfo,
+    /// which shows where a link leads (a `--local-root` or a data
+    /// directory named through a symlink made every published volume look
+    /// unmounted). Names each kind once (`--kinds local,local` is `local`).
     pub fn absolutize(&mut self) -> std::io::Result<()> {
         let mut seen = Vec::new();
         self.kinds.retain(|k| {
@@ -217,17 +219,15 @@ impl Config {
             seen.push(*k);
             new
         });
-        self.data_dir = std::path::absolute(&self.data_dir)?;
-        for p in [
-            &mut self.state_dir,
-            &mut self.local_root,
-            &mut self.block_root,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            *p = std::path::absolute(&*p)?;
-        }
+        let resolved = |p: &std::path::Path| {
+            std::path::absolute(p).map(|a| crate::node::paths::resolved_fully(&a))
+        };
+        self.data_dir = resolved(&self.data_dir)?;
+        // The defaults under the data directory are resolved too (a
+        // `<data-dir>/local` that is itself a link).
+        self.state_dir = Some(resolved(&self.state_dir())?);
+        self.local_root = Some(resolved(&self.local_root())?);
+        self.block_root = Some(resolved(&self.block_root())?);
         Ok(())
     }
 

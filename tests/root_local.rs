@@ -1326,3 +1326,66 @@ async fn two_volumes_staged_at_one_path_at_once_are_never_stacked() {
         assert_eq!(mount_entries(&s).len(), 1, "round {round}");
     }
 }
+
+/// A local root named through a symlink (`--local-root` a link, or a data
+/// directory under one: `/var/lib/berth` linked to `/data/berth`) serves
+/// like any other: mountinfo shows the directory the link leads to, and
+/// before 2026-12-06 berth compared it with the root as written, so
+/// NodeGetVolumeStats answered NOT_FOUND ("not mounted") for a published
+/// volume and unpublish and unstage could not tell the volume's mounts.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_local_root_named_through_a_symlink_serves_its_volumes() {
+    assert!(is_root(), "root tests need root");
+    let dir = tempfile::tempdir().unwrap();
+    let _g = UnmountOnDrop(dir.path().to_path_buf());
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path().join("real"), &link).unwrap();
+    let link_arg = link.display().to_string();
+    let h = build(
+        dir,
+        berth::os::Os::real(),
+        None,
+        &["--local-root", &link_arg],
+    );
+    let (id, staging) = create_and_stage(&h, "linked").await;
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+        .await
+        .unwrap();
+    std::fs::write(t.join("hello"), b"world").unwrap();
+    assert_eq!(
+        std::fs::read(h.path("real").join(&id).join("hello")).unwrap(),
+        b"world"
+    );
+    let s = h
+        .node
+        .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: t.display().to_string(),
+            staging_target_path: String::new(),
+        }))
+        .await
+        .expect("stats of a published volume")
+        .into_inner();
+    assert!(!s.volume_condition.unwrap().abnormal);
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &t)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .unwrap();
+    assert!(mount_entries(&t).is_empty() && mount_entries(&staging).is_empty());
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            secrets: Default::default(),
+        }))
+        .await
+        .unwrap();
+    assert!(!h.path("real").join(&id).exists());
+}

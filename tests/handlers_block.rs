@@ -4908,3 +4908,41 @@ async fn creating_disk_records_from_before_markers_are_held() {
     }
     assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
 }
+
+/// A loop device of another berth's block volume (`--disk-pool
+/// /dev/loop*` on a node that runs two berths; its file lies in the other
+/// berth's block root, known by its lock file) is never a disk of the
+/// pool: not counted, not handed out, never erased. Before, only files in
+/// this berth's own directories were kept out, and a blank raw volume of
+/// the other berth was offered, handed to a tenant and zeroed at delete.
+#[tokio::test]
+async fn another_berths_volume_file_on_a_loop_device_is_never_a_pool_disk() {
+    let h = disk_harness();
+    let f = h.fake();
+    script_blank(f);
+    let other = h.path("other-berth/block");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join(".berth.lock"), "berth 0.1.0 pid 1\n").unwrap();
+    let file = other.join("block-0123456789abcdef0123456789abcdef.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let l = f.add_loop(&file);
+    let disks = h.path("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    std::os::unix::fs::symlink(&l.device, disks.join("d0")).unwrap();
+    assert_eq!(disk_capacity(&h).await.0, 0);
+    let e = h
+        .ctl
+        .create_volume(Request::new(disk_req("v", 64 * MIB, 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // A loop disk over a file of no berth's is offered, as before.
+    loop_disk(&h, "d1", 32 * MIB);
+    assert_eq!(disk_capacity(&h).await.0, 32 * MIB);
+    let v = create(&h, "w", 32 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(v.capacity_bytes, 32 * MIB);
+    assert_eq!(erasures(f), 0, "{:?}", f.calls());
+}

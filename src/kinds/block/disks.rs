@@ -85,7 +85,19 @@ impl<'a> OwnFiles<'a> {
             .chain(self.dirs.iter().map(PathBuf::as_path))
             .any(|d| l.backing_file.starts_with(d))
             || self.ids().contains(&backing)
+            || in_a_berths_dir(&l.backing_file)
     }
+}
+
+/// Whether `file` lies in a directory of some berth (a state directory or
+/// a root, known by its lock file): the loop device of another berth's
+/// block volume (a `--disk-pool /dev/loop*` on a node that runs two) is
+/// that berth's volume, never a disk of this one's pool, which would hand
+/// it to a tenant and zero it at DeleteVolume.
+fn in_a_berths_dir(file: &Path) -> bool {
+    file.ancestors()
+        .skip(1)
+        .any(|d| std::fs::symlink_metadata(d.join(crate::state::lock::LOCK_FILE)).is_ok())
 }
 
 /// What a device is as a loop device (`loop_of`).

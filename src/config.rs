@@ -193,6 +193,35 @@ pub struct Config {
     pub local_spare_dirs: u64,
 }
 
+/// The environment variables among `names` that look like berth's
+/// (`BERTH_...`) but are none of its flags' (a misspelt
+/// `BERTH_LOCALROOT`, which would leave the default in force without a
+/// word). Kubernetes' service links (`BERTH_X_SERVICE_HOST`,
+/// `BERTH_X_PORT_80_TCP`, ... of a Service named `berth-x`) are not
+/// counted.
+pub fn unknown_env_vars(names: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<String> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let known: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .filter_map(|e| e.to_str().map(str::to_string))
+        .collect();
+    let service_link = |n: &str| {
+        n.contains("_SERVICE_HOST")
+            || n.contains("_SERVICE_PORT")
+            || n.ends_with("_PORT")
+            || n.contains("_PORT_")
+    };
+    let mut out: Vec<String> = names
+        .into_iter()
+        .filter_map(|n| n.into_string().ok())
+        .filter(|n| n.starts_with("BERTH_") && !known.contains(n) && !service_link(n))
+        .collect();
+    out.sort();
+    out
+}
+
 fn parse_driver_name(s: &str) -> Result<String, String> {
     crate::validate::driver_name(s).map(|_| s.to_string())
 }
@@ -503,6 +532,28 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// A misspelt variable is named; berth's own, Kubernetes' service
+    /// links and other programs' variables are not.
+    #[test]
+    fn unknown_env_vars_are_named() {
+        let names = [
+            "BERTH_LOCALROOT",
+            "BERTH_LOCAL_ROOT",
+            "BERTH_ALLOW_MISSING_STORAGE",
+            "BERTH_KIND",
+            "BERTH_METRICS_SERVICE_HOST",
+            "BERTH_METRICS_PORT",
+            "BERTH_METRICS_PORT_9810_TCP_ADDR",
+            "CSI_ENDPOINT",
+            "PATH",
+        ]
+        .map(std::ffi::OsString::from);
+        assert_eq!(
+            unknown_env_vars(names),
+            ["BERTH_KIND".to_string(), "BERTH_LOCALROOT".to_string()]
+        );
     }
 
     #[test]

@@ -60,6 +60,13 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(if ok { 0 } else { 1 });
         }
         Command::Serve => {
+            let unknown = berth::config::unknown_env_vars(std::env::vars_os().map(|(k, _)| k));
+            if !unknown.is_empty() {
+                tracing::warn!(
+                    variables = %unknown.join(", "),
+                    "environment variables named like berth's are none of its flags' and have no effect (misspelt?); README, Flags, lists them"
+                );
+            }
             // One async thread, as for the bench client: the gRPC framing
             // of a call is microseconds, and every blocking step (syscalls,
             // commands, fsyncs) runs on a blocking thread anyway, so more

@@ -45,6 +45,10 @@ impl Driver {
         let node_id = cfg.resolved_node_id().map_err(Error::Invalid)?;
         check_dirs_apart(&cfg)?;
         check_other_berths(&os, &cfg)?;
+        for (flag, d) in own_dirs_resolved(&cfg) {
+            crate::os::files::check_dir_usable(&d)
+                .map_err(|why| Error::Invalid(format!("{flag}: {why}")))?;
+        }
         let state_dir = cfg.state_dir();
         let mut dir_locks = vec![prepare_dir(&os, &state_dir, "state directory")?];
         // Files of Probe checks a kill interrupted (the lock is ours: no

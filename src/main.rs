@@ -100,6 +100,10 @@ fn main() -> anyhow::Result<()> {
                 if let Some(g) = &cfg.socket_group {
                     berth::server::socket_gid(g)?;
                 }
+                if let Some(dir) = std::path::absolute(&socket)?.parent() {
+                    berth::os::files::check_dir_usable(dir)
+                        .map_err(|why| anyhow::anyhow!("the socket's directory: {why}"))?;
+                }
                 // The state is read on a blocking thread; the heap is
                 // trimmed of what reading it left a second after start
                 // (`trim_when_idle`). Reflection is built on its first call.

@@ -2004,3 +2004,42 @@ fn a_socket_group_that_does_not_exist_stops_berth_having_made_nothing() {
     );
     assert_eq!(paths_under(d.path()), Vec::<PathBuf>::new());
 }
+
+/// A state directory or root that cannot be used (a regular file, or
+/// under one; a read-only filesystem likewise, shown by hand in a private
+/// mount namespace) stops berth before anything is made. Before, the
+/// state directory was made and locked first, and the roots one by one:
+/// a bad `--local-root` or `--block-root` left `<data-dir>/state` (and
+/// the local root) behind, and a socket that could not be bound left the
+/// state's journal and the roots.
+#[test]
+fn a_directory_berth_cannot_use_stops_it_having_made_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let data = d.path().join("data");
+    let sock = d.path().join("csi.sock");
+    let under = file.join("b");
+    for (flag, extra) in [
+        ("--local-root", vec!["--local-root", file.to_str().unwrap()]),
+        ("--state-dir", vec!["--state-dir", file.to_str().unwrap()]),
+        (
+            "--block-root",
+            vec![
+                "--kinds",
+                "local,block",
+                "--block-root",
+                under.to_str().unwrap(),
+            ],
+        ),
+    ] {
+        let out = run_to_exit(&berth_args(&data, &sock, &extra));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("is not a directory"),
+            "{extra:?}: {err}"
+        );
+        assert_eq!(paths_under(d.path()), vec![file.clone()], "{extra:?}");
+    }
+}

@@ -478,6 +478,51 @@ fn open_checked(
     Ok(f)
 }
 
+/// Whether a directory can be used at `path`, or made there, looked at
+/// without changing anything: `path` itself when it is there (a
+/// directory this process may write in), else the nearest ancestor that
+/// is there (likewise: a regular file, or a read-only filesystem, in the
+/// way fails). For start-up, before anything is made. Err says why.
+pub fn check_dir_usable(path: &Path) -> Result<(), String> {
+    use nix::unistd::{access, AccessFlags};
+    let mut at = path;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => {
+                return access(at, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
+                    if at == path {
+                        format!("{} cannot be written in: {e}", path.display())
+                    } else {
+                        format!(
+                            "{} cannot be made: {} cannot be written in: {e}",
+                            path.display(),
+                            at.display()
+                        )
+                    }
+                });
+            }
+            Ok(_) if at == path => return Err(format!("{} is not a directory", path.display())),
+            Ok(_) => {
+                return Err(format!(
+                    "{} cannot be made: {} is not a directory",
+                    path.display(),
+                    at.display()
+                ))
+            }
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::NotFound)
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                match at.parent() {
+                    Some(p) => at = p,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+    }
+}
+
 /// The whole of the regular file `path` (see `open_regular`); at most
 /// `max` bytes when given.
 pub fn read_regular(path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {

@@ -104,6 +104,17 @@ fn main() -> anyhow::Result<()> {
                     berth::os::files::check_dir_usable(dir)
                         .map_err(|why| anyhow::anyhow!("the socket's directory: {why}"))?;
                 }
+                // Bound before the driver touches anything: an address in
+                // use stops berth having made nothing. Served once the
+                // driver is up (a scrape meanwhile waits).
+                let metrics_listener = match metrics_addr {
+                    Some(addr) => Some(
+                        berth::metrics::bind(addr)
+                            .await
+                            .with_context(|| format!("binding --metrics-address {addr}"))?,
+                    ),
+                    None => None,
+                };
                 // The state is read on a blocking thread; the heap is
                 // trimmed of what reading it left a second after start
                 // (`trim_when_idle`). Reflection is built on its first call.
@@ -114,10 +125,7 @@ fn main() -> anyhow::Result<()> {
                     .context("starting the driver")?
                     .map_err(|e| anyhow::anyhow!(e.render()))
                     .context("starting the driver")?;
-                if let Some(addr) = metrics_addr {
-                    let listener = berth::metrics::bind(addr)
-                        .await
-                        .with_context(|| format!("binding --metrics-address {addr}"))?;
+                if let Some(listener) = metrics_listener {
                     tokio::spawn(berth::metrics::serve(driver.clone(), listener));
                 }
                 tokio::spawn(berth::memory::trim_when_idle(Duration::from_secs(5)));

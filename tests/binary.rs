@@ -2043,3 +2043,26 @@ fn a_directory_berth_cannot_use_stops_it_having_made_nothing() {
         assert_eq!(paths_under(d.path()), vec![file.clone()], "{extra:?}");
     }
 }
+
+/// A `--metrics-address` in use stops berth before the driver touches
+/// anything (before, it was bound once the state directory and the roots
+/// were made, and they stayed behind).
+#[test]
+fn a_metrics_address_in_use_stops_berth_having_made_nothing() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    let out = run_to_exit(&berth_args(
+        &data,
+        &d.path().join("csi.sock"),
+        &["--metrics-address", &addr],
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--metrics-address") && err.contains("in use"),
+        "{err}"
+    );
+    assert_eq!(paths_under(d.path()), Vec::<PathBuf>::new());
+}

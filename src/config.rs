@@ -111,7 +111,7 @@ pub struct Config {
     pub block_root: Option<PathBuf>,
 
     /// Whole disks offered as volumes (device paths or globs, comma separated).
-    #[arg(long, env = "BERTH_DISK_POOL", value_delimiter = ',')]
+    #[arg(long, env = "BERTH_DISK_POOL", value_delimiter = ',', value_parser = parse_disk_pool_entry)]
     pub disk_pool: Vec<String>,
 
     /// How DeleteVolume erases a disk of the disk pool before it is free
@@ -220,6 +220,20 @@ pub fn unknown_env_vars(names: impl IntoIterator<Item = std::ffi::OsString>) -> 
         .collect();
     out.sort();
     out
+}
+
+/// A `--disk-pool` entry: an absolute path, glob or directory (an empty
+/// one, as `a,,b` or a trailing comma gives, stands for nothing). A
+/// relative entry was taken, then ignored with a warning each time the
+/// pool was looked at: the pool stayed empty and its claims Pending.
+fn parse_disk_pool_entry(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if !t.is_empty() && !t.starts_with('/') {
+        return Err(format!(
+            "{t:?} is not an absolute path: --disk-pool takes device paths, globs or directories such as /dev/disk/by-id/nvme-*"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_driver_name(s: &str) -> Result<String, String> {
@@ -554,6 +568,18 @@ mod tests {
             unknown_env_vars(names),
             ["BERTH_KIND".to_string(), "BERTH_LOCALROOT".to_string()]
         );
+    }
+
+    #[test]
+    fn disk_pool_entries_are_absolute() {
+        let c = parse(&["--disk-pool", "/dev/sdb,/dev/disk/by-id/nvme-*,"])
+            .unwrap()
+            .config;
+        assert_eq!(c.disk_pool.len(), 3);
+        for bad in ["dev/sdb", "/dev/sdb,sdc", "./disks", "*"] {
+            let e = parse(&["--disk-pool", bad]).unwrap_err().to_string();
+            assert!(e.contains("absolute"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
+    check_directives(level).map_err(|why| format!("--log-level {level:?}: {why}"))?;
     let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -22,6 +23,29 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
     r.map_err(|e| format!("log set-up: {e}"))
 }
 
+/// A filter that would silence berth by mistake: an empty one, or a bare
+/// word that is no level (`infoo`, `debgu`), which the filter syntax takes
+/// for a target of that name, so that nothing berth logs passes (it
+/// served without a line of log, errors included). A level, or
+/// `target=level` directives, pass.
+fn check_directives(level: &str) -> Result<(), String> {
+    use tracing_subscriber::filter::LevelFilter;
+    if level.trim().is_empty() {
+        return Err(
+            "empty: give a level (error, warn, info, debug, trace) or a filter such as berth=debug"
+                .into(),
+        );
+    }
+    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !d.contains('=') && d.parse::<LevelFilter>().is_err() {
+            return Err(format!(
+                "{d:?} is no level (off, error, warn, info, debug, trace) and no target=level directive: as a filter it would pass only the logs of a target named {d:?}, and berth would log nothing (for every level of a target, write {d}=trace)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Terminal colour codes only on a terminal: written to a pipe or a file
 /// (a container runtime's log, `kubectl logs`) they are noise.
 fn colours(stderr_is_terminal: bool) -> bool {
@@ -30,7 +54,26 @@ fn colours(stderr_is_terminal: bool) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::colours;
+    use super::{check_directives, colours};
+
+    #[test]
+    fn a_filter_that_would_silence_berth_is_refused() {
+        for ok in [
+            "info",
+            "INFO",
+            "debug",
+            "off",
+            "3",
+            "berth=trace",
+            "warn,berth=debug",
+            "warn, berth::node=debug",
+        ] {
+            assert!(check_directives(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", " ", "infoo", "debgu", "warn,berth", "verbose"] {
+            assert!(check_directives(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn colours_only_on_a_terminal() {

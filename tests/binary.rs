@@ -2066,3 +2066,24 @@ fn a_metrics_address_in_use_stops_berth_having_made_nothing() {
     );
     assert_eq!(paths_under(d.path()), Vec::<PathBuf>::new());
 }
+
+/// A `--log-level` typo (`infoo`) or an empty one stops berth with a
+/// message naming it, having made nothing: the filter syntax took a bare
+/// word for a target's name, and berth served without a line of log,
+/// errors included.
+#[test]
+fn a_log_level_that_would_silence_berth_stops_it() {
+    for level in ["infoo", ""] {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        let out = run_to_exit(&berth_args(
+            &data,
+            &d.path().join("csi.sock"),
+            &["--log-level", level],
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{level:?}: {err}");
+        assert!(err.contains("--log-level"), "{level:?}: {err}");
+        assert_eq!(paths_under(d.path()), Vec::<PathBuf>::new(), "{level:?}");
+    }
+}

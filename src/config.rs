@@ -570,6 +570,30 @@ mod tests {
         );
     }
 
+    /// Every flag of the driver can come from the environment, and the
+    /// README's flag table names each flag with its variable.
+    #[test]
+    fn every_flag_has_an_environment_variable_in_the_readme() {
+        use clap::CommandFactory;
+        let readme = include_str!("../README.md");
+        let cmd = Cli::command();
+        let mut seen = 0;
+        for a in cmd.get_arguments() {
+            let Some(long) = a.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let env = a
+                .get_env()
+                .and_then(|e| e.to_str())
+                .unwrap_or_else(|| panic!("--{long} has no environment variable"));
+            let row = format!("| `--{long}` | `{env}`");
+            assert!(readme.contains(&row), "README has no row {row:?}");
+            seen += 1;
+        }
+        assert!(seen >= 20, "{seen}");
+    }
+
     #[test]
     fn disk_pool_entries_are_absolute() {
         let c = parse(&["--disk-pool", "/dev/sdb,/dev/disk/by-id/nvme-*,"])

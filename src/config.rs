@@ -278,7 +278,9 @@ impl Config {
     /// record lives in the process that created it (`--mode all` on its
     /// node, in the node DaemonSet), so a node-only process would answer
     /// NOT_FOUND to every node call for one. Refused at start-up instead,
-    /// naming what to run (the default `--kinds local` included).
+    /// naming what to run (the default `--kinds local` included). So does
+    /// `--mode controller`: it would make such volumes where no node's
+    /// berth has their records.
     pub fn check_mode_and_kinds(&self) -> Result<(), String> {
         let local: Vec<&str> = self
             .kinds
@@ -289,6 +291,12 @@ impl Config {
         if self.mode == Mode::Node && !local.is_empty() {
             return Err(format!(
                 "--mode node serves NFS volumes only (--kinds nfs), not {}: local and block volumes keep their records in the process that creates them, so each node serves them with --mode all (the shipped node DaemonSet does)",
+                local.join(", ")
+            ));
+        }
+        if self.mode == Mode::Controller && !local.is_empty() {
+            return Err(format!(
+                "--mode controller serves NFS volumes only (--kinds nfs), not {}: a local or block volume is made on the node that stages it, by that node's own berth (--mode all, the shipped node DaemonSet), whose records no other process shares; a controller-only berth would make volumes in its own directories that no node can stage",
                 local.join(", ")
             ));
         }
@@ -458,7 +466,20 @@ mod tests {
         }
         assert!(check(&["--mode", "node", "--kinds", "nfs"]).is_ok());
         assert!(check(&["--mode", "all"]).is_ok());
-        assert!(check(&["--mode", "controller", "--kinds", "local,nfs"]).is_ok());
+        // A controller-only berth with a node-local kind (the default
+        // one included) makes volumes no node's berth can stage: refused.
+        for args in [
+            &["--mode", "controller"][..],
+            &["--mode", "controller", "--kinds", "local,nfs"],
+            &["--mode", "controller", "--kinds", "block"],
+        ] {
+            let e = check(args).unwrap_err();
+            assert!(
+                e.contains("--mode all") && e.contains("--kinds nfs"),
+                "{args:?}: {e}"
+            );
+        }
+        assert!(check(&["--mode", "controller", "--kinds", "nfs"]).is_ok());
         assert!(parse(&["--mode", "both"]).is_err());
         let mut c = parse(&["--kinds", "local,block,local"]).unwrap().config;
         c.absolutize().unwrap();

@@ -225,6 +225,33 @@ async fn node_mode_serves_nfs_only() {
     assert!(sigterm(&mut b).success());
 }
 
+/// `--mode controller` with a node-local kind (the default `--kinds
+/// local` included: a controller StatefulSet whose `--kinds nfs` was
+/// left out) is refused before anything is made. It started, and made
+/// local volumes in its own directories that no node's berth could stage
+/// (each node's `--mode all` berth has its own records).
+#[test]
+fn controller_mode_with_a_node_local_kind_is_refused() {
+    for args in [
+        &["--mode", "controller"][..],
+        &["--mode", "controller", "--kinds", "nfs,local"],
+        &["--mode", "controller", "--kinds", "block"],
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        let mut all = vec!["--data-dir".to_string(), data.display().to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let out = run_to_exit(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(
+            err.contains("--mode controller serves NFS volumes only"),
+            "{args:?}: {err}"
+        );
+        assert!(!data.exists(), "{args:?} made the data directory");
+    }
+}
+
 #[tokio::test]
 async fn socket_is_private_and_shutdown_is_graceful() {
     let d = tempfile::tempdir().unwrap();
@@ -350,7 +377,7 @@ reflection_test!(reflection_v1alpha_lists_the_csi_services, v1alpha);
 #[tokio::test]
 async fn controller_mode_serves_no_node_service() {
     let d = tempfile::tempdir().unwrap();
-    let b = start(d.path(), &["--mode", "controller"]);
+    let b = start(d.path(), &["--mode", "controller", "--kinds", "nfs"]);
     let mut c = connect(&b.sock.display().to_string()).await.unwrap();
     let e = c
         .node

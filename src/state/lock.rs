@@ -131,10 +131,12 @@ impl DirLock {
     }
 
     /// The first directory at or below `dir`, at most `depth` levels down
-    /// and at most `budget` entries looked at, whose lock another process
-    /// holds now (a berth serving there), with its holder. Symlinks are not
-    /// followed; what cannot be read is passed over. For start-up, before
-    /// Berth removes what its own work directories hold.
+    /// and at most `budget` entries looked at (every entry read counts, a
+    /// file as a directory: a trash holding a huge tree costs start-up no
+    /// more than this), whose lock another process holds now (a berth
+    /// serving there), with its holder. Symlinks are not followed; what
+    /// cannot be read is passed over. For start-up, before Berth removes
+    /// what its own work directories hold.
     pub fn held_below(dir: &Path, depth: u32, budget: &mut usize) -> Option<(PathBuf, String)> {
         if *budget == 0 {
             return None;
@@ -153,7 +155,11 @@ impl DirLock {
             return None;
         }
         for e in std::fs::read_dir(dir).ok()?.flatten() {
+            if *budget == 0 {
+                break;
+            }
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                *budget -= 1;
                 continue;
             }
             if let Some(found) = DirLock::held_below(&e.path(), depth - 1, budget) {
@@ -171,6 +177,32 @@ impl DirLock {
 mod tests {
     use super::*;
     use crate::os::files::RealFiles;
+
+    /// Every entry read counts against the budget, files as directories:
+    /// a work directory holding a huge tree costs start-up no more than
+    /// the budget; a held lock within it is found.
+    #[test]
+    fn held_below_counts_every_entry_against_its_budget() {
+        let d = tempfile::tempdir().unwrap();
+        let files: Arc<dyn Files> = Arc::new(RealFiles);
+        let w = d.path().join("work");
+        std::fs::create_dir(&w).unwrap();
+        for i in 0..300 {
+            std::fs::write(w.join(format!("f{i}")), b"").unwrap();
+        }
+        let mut budget = 1000;
+        assert_eq!(DirLock::held_below(&w, 4, &mut budget), None);
+        assert_eq!(budget, 1000 - 301);
+        let mut budget = 50;
+        assert_eq!(DirLock::held_below(&w, 4, &mut budget), None);
+        assert_eq!(budget, 0);
+        let state = w.join("b/state");
+        std::fs::create_dir_all(&state).unwrap();
+        let _held = DirLock::acquire(&files, &state, "state directory").unwrap();
+        let mut budget = 1000;
+        let found = DirLock::held_below(&w, 4, &mut budget).map(|(p, _)| p);
+        assert_eq!(found, Some(state));
+    }
 
     #[test]
     fn a_second_holder_is_refused_and_told_who_holds_it() {

@@ -4946,3 +4946,155 @@ async fn another_berths_volume_file_on_a_loop_device_is_never_a_pool_disk() {
     assert_eq!(v.capacity_bytes, 32 * MIB);
     assert_eq!(erasures(f), 0, "{:?}", f.calls());
 }
+
+/// Whether the fake kernel holds the device `dev` read-only.
+fn kernel_ro(f: &FakeOs, dev: &Path) -> bool {
+    berth::os::BlockDevices::read_only(f, dev).unwrap()
+}
+
+/// A raw disk volume staged with a read-only access mode is held
+/// read-only by the kernel (BLKROSET), as a file volume's loop device is
+/// attached read-only: a read-only bind of the device node does not stop
+/// writes through it. A repeat is OK, a read-write stage at the same path
+/// ALREADY_EXISTS (as for files); the unstage clears the flag, once the
+/// publish is gone; a read-write stage never sets it. Before, the disk
+/// stayed writable and only the publish bind was read-only.
+#[tokio::test]
+async fn a_raw_disk_staged_read_only_is_read_only_in_the_kernel() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let d10 = dir.join("d10");
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let id = a.volume_id;
+    let (s, t) = (h.path("s"), h.path("t"));
+    let ro = block_cap(Mode::SingleNodeReaderOnly);
+    for _ in 0..2 {
+        h.node
+            .node_stage_volume(Request::new(stage_with(&id, &s, ro.clone())))
+            .await
+            .unwrap();
+    }
+    assert!(kernel_ro(f, &d10));
+    let sets = |f: &FakeOs| {
+        f.calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::SetReadOnly { .. }))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        sets(f),
+        [Call::SetReadOnly {
+            device: d10.clone(),
+            read_only: true
+        }]
+    );
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("read-only"), "{}", e.message());
+    assert!(kernel_ro(f, &d10));
+    h.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_capability: Some(ro.clone()),
+            ..publish_req(&id, &s, &t, true)
+        }))
+        .await
+        .unwrap();
+    let e = h
+        .node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(kernel_ro(f, &d10), "cleared under a publish");
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: t.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap();
+    assert!(!kernel_ro(f, &d10), "left read-only after unstage");
+    f.clear_calls();
+    h.node
+        .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+        .await
+        .unwrap();
+    assert!(sets(f).is_empty(), "{:?}", sets(f));
+    assert!(!kernel_ro(f, &d10));
+    h.node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap();
+}
+
+/// A read-only flag left on a disk (a raw read-only stage killed before
+/// its bind, never unstaged; or set by someone else) is cleared before
+/// the disk is used read-write: a read-write raw stage, a filesystem
+/// stage (mkfs and a read-write mount would fail) and the erase at
+/// delete (BLKZEROOUT fails with EPERM on a read-only disk: the delete
+/// failed forever). A disk that stays read-only (write-protected) is
+/// FAILED_PRECONDITION.
+#[tokio::test]
+async fn a_read_only_flag_left_on_a_disk_is_cleared_before_writing() {
+    use berth::os::BlockDevices;
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let (d10, d20) = (dir.join("d10"), dir.join("d20"));
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let b = create(&h, "b", 15 * MIB, &[("pool", "disk")]).await;
+    let s = h.path("s");
+    f.set_read_only(&d10, true).unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_with(&a.volume_id, &s, raw_cap())))
+        .await
+        .unwrap();
+    assert!(!kernel_ro(f, &d10));
+    h.node
+        .node_unstage_volume(Request::new(unstage(&a.volume_id, &s)))
+        .await
+        .unwrap();
+    f.set_read_only(&d10, true).unwrap();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(!kernel_ro(f, &d10));
+    assert!(f.calls().contains(&Call::ZeroOut {
+        device: d10.clone(),
+        size_bytes: (10 * MIB) as u64,
+    }));
+    f.set_read_only(&d20, true).unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&b.volume_id, &s)))
+        .await
+        .unwrap();
+    assert!(!kernel_ro(f, &d20));
+    assert_eq!(runs(f, "mkfs.ext4").len(), 1);
+    h.node
+        .node_unstage_volume(Request::new(unstage(&b.volume_id, &s)))
+        .await
+        .unwrap();
+    // Write-protected: the flag does not go.
+    let c = create(&h, "c", 5 * MIB, &[("pool", "disk")]).await;
+    f.set_write_protected(&d10);
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&c.volume_id, &s, raw_cap())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("stays read-only"), "{}", e.message());
+}

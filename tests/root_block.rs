@@ -1835,3 +1835,106 @@ async fn a_loop_device_over_a_pool_disk_is_the_same_disk() {
     drop(detach);
     drop(guard);
 }
+
+/// Makes the block device it names writable again when dropped
+/// (`blockdev --setrw`): a stand-in disk left read-only would stay so for
+/// whoever attaches a file at its loop number next.
+struct SetRw(PathBuf);
+
+impl Drop for SetRw {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("blockdev")
+            .arg("--setrw")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Whether the kernel holds the block device `dev` read-only (sysfs `ro`).
+fn kernel_read_only(dev: &Path) -> bool {
+    let name = dev.file_name().unwrap().to_str().unwrap();
+    std::fs::read_to_string(format!("/sys/class/block/{name}/ro"))
+        .unwrap()
+        .trim()
+        == "1"
+}
+
+/// A write of 4 KiB at the start of `dev`, flushed: its error, if any.
+fn try_write_dev(dev: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new().write(true).open(dev)?;
+    f.write_all_at(&[0x5A; 4096], 0)?;
+    f.sync_all()
+}
+
+/// A raw disk volume staged with a read-only access mode is read-only in
+/// the kernel, as a file volume's read-only loop device is: the pod's
+/// writes through its device file fail with EPERM, and so do writes
+/// through the staging bind (a read-only bind mount does not stop writes
+/// to a device node). Unstaged, the disk is writable again, and a
+/// read-write stage writes. Before, the disk was staged read-write and
+/// only the publish bind was read-only: the pod's write landed on the
+/// disk.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_raw_disk_staged_read_only_refuses_writes() {
+    let (h, _g, _, _, disk) = one_disk_pool();
+    // Declared after the guard: dropped (made writable) before it detaches.
+    let _rw = SetRw(disk.clone());
+    let ro = block_cap(Mode::SingleNodeReaderOnly);
+    let id = create(&h, "r", 64 * MIB, &[("pool", "disk")], ro.clone())
+        .await
+        .volume_id;
+    let (s, t) = (h.path("stage"), h.path("pod"));
+    stage(&h, &id, &s, ro.clone()).await;
+    publish(&h, &id, &s, &t, ro.clone(), true).await;
+    for p in [&t, &s.join(&id)] {
+        let e = try_write_dev(p).expect_err("a write through a read-only stage");
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{}: {e}", p.display());
+    }
+    assert!(zeros_at(&disk, 0, 4096), "the write reached the disk");
+    assert!(kernel_read_only(&disk));
+    unpublish(&h, &id, &t).await;
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    assert!(!kernel_read_only(&disk), "left read-only after unstage");
+    // A read-write stage writes.
+    stage(&h, &id, &s, raw()).await;
+    assert!(!kernel_read_only(&disk));
+    try_write_dev(&s.join(&id)).unwrap();
+    assert!(!zeros_at(&disk, 0, 4096));
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    delete(&h, &id).await;
+    assert!(zeros_at(&disk, 0, 4096), "not erased");
+    assert!(mounts_under(h.dir.path()).is_empty());
+}
+
+/// A filesystem disk volume staged with a read-only access mode is
+/// mounted read-only: nothing is written through the staging path or the
+/// pod's bind.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_filesystem_disk_staged_read_only_is_mounted_read_only() {
+    let (h, _g, _, _, disk) = one_disk_pool();
+    let _rw = SetRw(disk.clone());
+    let id = create(&h, "f", 64 * MIB, &[("pool", "disk")], rwo())
+        .await
+        .volume_id;
+    let (s, t) = (h.path("stage"), h.path("pod"));
+    stage(&h, &id, &s, rwo()).await;
+    std::fs::write(s.join("kept"), b"x").unwrap();
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    let ro = mount_cap(Mode::SingleNodeReaderOnly);
+    stage(&h, &id, &s, ro.clone()).await;
+    publish(&h, &id, &s, &t, ro.clone(), true).await;
+    for p in [&s, &t] {
+        assert!(mounts_at(p).last().unwrap().readonly(), "{}", p.display());
+        let e = std::fs::write(p.join("new"), b"y").expect_err("a write");
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{}: {e}", p.display());
+    }
+    assert_eq!(std::fs::read(t.join("kept")).unwrap(), b"x");
+    unpublish(&h, &id, &t).await;
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    assert!(!kernel_read_only(&disk));
+    delete(&h, &id).await;
+    assert!(mounts_under(h.dir.path()).is_empty());
+}

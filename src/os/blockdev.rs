@@ -1,7 +1,8 @@
 //! Block devices: what a path is (`stat` following links, `BLKGETSIZE64`),
 //! whether it can be read, its stable `/dev/disk/by-id` name, whether a
-//! sample of it reads as zeros, and zeroing a whole device or its sample
-//! (`BLKZEROOUT`).
+//! sample of it reads as zeros, zeroing a whole device or its sample
+//! (`BLKZEROOUT`), and the kernel's read-only flag (`BLKROGET`,
+//! `BLKROSET`).
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -112,11 +113,24 @@ pub trait BlockDevices: Send + Sync {
     /// (`--disk-wipe signatures`) reads as zeros where the pool looks.
     /// Opened exclusively like `zero_out`, flushed, under a deadline.
     fn zero_sample(&self, path: &Path, size_bytes: u64) -> Result<(), OsError>;
+    /// Whether the kernel holds the device read-only (`BLKROGET`): set
+    /// with `set_read_only`, or by the device itself (write-protected).
+    fn read_only(&self, path: &Path) -> Result<bool, OsError>;
+    /// Sets or clears the kernel's read-only flag of the device
+    /// (`BLKROSET`). While it is set every write fails with EPERM, whoever
+    /// opened the device, through any node or bind of it, and
+    /// `BLKZEROOUT` too. It stays set until cleared (closing the device
+    /// does not clear it).
+    fn set_read_only(&self, path: &Path, read_only: bool) -> Result<(), OsError>;
 }
 
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 // BLKZEROOUT is _IO(0x12, 127) but takes a pointer to {start, length}.
 nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+// BLKROSET is _IO(0x12, 93) and BLKROGET _IO(0x12, 94); both take a
+// pointer to an int.
+nix::ioctl_write_ptr_bad!(blkroset, nix::request_code_none!(0x12, 93), libc::c_int);
+nix::ioctl_read_bad!(blkroget, nix::request_code_none!(0x12, 94), libc::c_int);
 
 /// Bytes zeroed per BLKZEROOUT call: small enough that progress is logged
 /// and a kill is noticed between calls on a slow disk.
@@ -365,6 +379,44 @@ impl BlockDevices for RealBlockDevices {
             f.sync_all().map_err(|e| OsError::sys("fsync", p, e))
         })
     }
+
+    fn read_only(&self, path: &Path) -> Result<bool, OsError> {
+        let f = open_for_ioctl(path)?;
+        let mut ro: libc::c_int = 0;
+        // SAFETY: BLKROGET writes one int through the pointer.
+        unsafe { blkroget(std::os::fd::AsRawFd::as_raw_fd(&f), &mut ro) }
+            .map_err(|e| OsError::sys("BLKROGET", path, e))?;
+        Ok(ro != 0)
+    }
+
+    fn set_read_only(&self, path: &Path, read_only: bool) -> Result<(), OsError> {
+        let f = open_for_ioctl(path)?;
+        let ro = libc::c_int::from(read_only);
+        // SAFETY: BLKROSET reads one int through the pointer, which lives
+        // for the call.
+        unsafe { blkroset(std::os::fd::AsRawFd::as_raw_fd(&f), &ro) }
+            .map_err(|e| OsError::sys("BLKROSET", path, e))?;
+        Ok(())
+    }
+}
+
+/// The block device at `path` opened read-only for an ioctl (a read-only
+/// open is allowed on a read-only device, and takes no claim).
+fn open_for_ioctl(path: &Path) -> Result<File, OsError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| OsError::sys("open", path, e))?;
+    let m = f.metadata().map_err(|e| OsError::sys("stat", path, e))?;
+    if !m.file_type().is_block_device() {
+        return Err(OsError::sys(
+            "not a block device",
+            path,
+            std::io::Error::from_raw_os_error(libc::ENOTBLK),
+        ));
+    }
+    Ok(f)
 }
 
 #[cfg(test)]

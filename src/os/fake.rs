@@ -63,6 +63,10 @@ pub enum Call {
         device: PathBuf,
         size_bytes: u64,
     },
+    SetReadOnly {
+        device: PathBuf,
+        read_only: bool,
+    },
     SetProject {
         dir: PathBuf,
         project: Project,
@@ -120,6 +124,10 @@ pub struct FakeOs {
     unreadable: Mutex<HashSet<PathBuf>>,
     /// Devices another process holds exclusively (`BlockDevices::held`).
     held: Mutex<HashSet<PathBuf>>,
+    /// Devices the kernel holds read-only (`BlockDevices::set_read_only`),
+    /// and those that are so whatever is set (`set_write_protected`).
+    read_only: Mutex<HashSet<PathBuf>>,
+    write_protected: Mutex<HashSet<PathBuf>>,
     /// `mount.nfs` and `umount` runs change the table (see
     /// `emulate_nfs_mounts`).
     nfs_mounts: Mutex<bool>,
@@ -218,6 +226,8 @@ impl FakeOs {
             busy_detaches: Mutex::new(0),
             unreadable: Mutex::new(HashSet::new()),
             held: Mutex::new(HashSet::new()),
+            read_only: Mutex::new(HashSet::new()),
+            write_protected: Mutex::new(HashSet::new()),
             nfs_mounts: Mutex::new(false),
             nfs_names: Mutex::new(None),
             stat_delays: Mutex::new(HashMap::new()),
@@ -665,6 +675,12 @@ impl FakeOs {
         } else {
             h.remove(path);
         }
+    }
+
+    /// Makes the device at `path` write-protected: read-only whatever
+    /// `set_read_only` sets, as a disk that is so itself.
+    pub fn set_write_protected(&self, path: &Path) {
+        lock(&self.write_protected).insert(path.to_path_buf());
     }
 
     /// Makes reads of a device fail (`read_head`, `reads_zero`).
@@ -1265,6 +1281,25 @@ impl LoopDevices for FakeOs {
     }
 }
 
+impl FakeOs {
+    /// EPERM, as the kernel answers, for a write to a device it holds
+    /// read-only.
+    fn is_read_only(&self, path: &Path) -> bool {
+        lock(&self.read_only).contains(path) || lock(&self.write_protected).contains(path)
+    }
+
+    fn refuse_read_only(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
+        if self.is_read_only(path) {
+            return Err(OsError::sys(
+                op,
+                path,
+                std::io::Error::from_raw_os_error(libc::EPERM),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl BlockDevices for FakeOs {
     /// A link to a fake loop device (an entry of a pool directory)
     /// resolves to it, as the real one follows links.
@@ -1358,6 +1393,7 @@ impl BlockDevices for FakeOs {
             size_bytes,
         });
         self.injected("zero_out", path)?;
+        self.refuse_read_only("BLKZEROOUT", path)?;
         let target = self.written_file(path);
         if std::fs::metadata(&target).is_ok_and(|m| m.is_file()) {
             let f = std::fs::OpenOptions::new()
@@ -1379,6 +1415,7 @@ impl BlockDevices for FakeOs {
             size_bytes,
         });
         self.injected("zero_sample", path)?;
+        self.refuse_read_only("BLKZEROOUT", path)?;
         let target = self.written_file(path);
         if std::fs::metadata(&target).is_ok_and(|m| m.is_file()) {
             use std::os::unix::fs::FileExt;
@@ -1396,6 +1433,28 @@ impl BlockDevices for FakeOs {
                 f.write_all_at(&zeros, start)
                     .map_err(|e| OsError::sys("zero", path, e))?;
             }
+        }
+        Ok(())
+    }
+
+    fn read_only(&self, path: &Path) -> Result<bool, OsError> {
+        self.injected("read_only", path)?;
+        Ok(self.is_read_only(path))
+    }
+
+    /// Records the call; the device's flag is what `read_only` answers,
+    /// and `zero_out` and `zero_sample` fail with EPERM while it is set.
+    fn set_read_only(&self, path: &Path, read_only: bool) -> Result<(), OsError> {
+        lock(&self.calls).push(Call::SetReadOnly {
+            device: path.to_path_buf(),
+            read_only,
+        });
+        self.injected("set_read_only", path)?;
+        let mut ro = lock(&self.read_only);
+        if read_only {
+            ro.insert(path.to_path_buf());
+        } else {
+            ro.remove(path);
         }
         Ok(())
     }

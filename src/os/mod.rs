@@ -11,7 +11,7 @@
 //! | `statvfs.rs`  | statvfs(3): free space and inodes; st_dev: which filesystem |
 //! | `command.rs`  | external commands under a timeout (process group killed) |
 //! | `loopdev.rs`  | loop devices: attach, detach, capacity, sysfs list |
-//! | `blockdev.rs` | block devices: size, identity, by-id links       |
+//! | `blockdev.rs` | block devices: size, identity, by-id links, zeroing, the read-only flag |
 //! | `blkid.rs`    | `blkid -p`: what is on a device                  |
 //! | `mkfs.rs`     | mkfs.ext4/xfs, resize2fs, xfs_growfs, wipefs     |
 //! | `copy.rs`     | snapshot copies: FICLONE or data ranges, whole trees with their metadata |

@@ -603,6 +603,60 @@ impl BlockKind {
         }
     }
 
+    /// Sets the kernel's read-only flag of the disk `dev` to `read_only`
+    /// (`BLKROSET`) unless it is so already. A raw disk volume staged with
+    /// a read-only access mode is held read-only by the kernel (as a file
+    /// volume's loop device is attached read-only): a read-only bind of a
+    /// device node does not stop writes through it. Every other use of a
+    /// disk clears the flag first: a read-write stage, and the erase at
+    /// delete; an unstage clears it once nothing shows the disk. A disk
+    /// that stays read-only when asked to be writable (write-protected)
+    /// is FAILED_PRECONDITION.
+    fn set_disk_read_only(&self, id: &str, dev: &Path, read_only: bool) -> Result<()> {
+        let get = || {
+            self.os.devices.read_only(dev).map_err(|e| {
+                Error::os(format!("reading whether {} is read-only", dev.display()), e)
+            })
+        };
+        if get()? == read_only {
+            return Ok(());
+        }
+        self.os.devices.set_read_only(dev, read_only).map_err(|e| {
+            Error::os(
+                format!(
+                    "making disk {} {}",
+                    dev.display(),
+                    if read_only { "read-only" } else { "writable" }
+                ),
+                e,
+            )
+        })?;
+        tracing::info!(volume_id = %id, disk = %dev.display(), read_only, "set the disk's read-only flag");
+        if !read_only && get()? {
+            return Err(Error::WrongState(format!(
+                "disk {} of volume {id} stays read-only (write-protected?); it cannot be used read-write",
+                dev.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Clears the read-only flag of the disk `dev` of volume `id` after an
+    /// unstage, unless something still shows the disk (a stage elsewhere,
+    /// not one Berth makes, keeps it).
+    fn release_disk_read_only(&self, id: &str, dev: &Dev) -> Result<()> {
+        let ro = self.os.devices.read_only(&dev.path).map_err(|e| {
+            Error::os(
+                format!("reading whether {} is read-only", dev.path.display()),
+                e,
+            )
+        })?;
+        if !ro || !Self::users(&mounts::table(&self.os)?, dev).is_empty() {
+            return Ok(());
+        }
+        self.set_disk_read_only(id, &dev.path, false)
+    }
+
     /// Mount points of the table `t` that show the volume's device:
     /// filesystem mounts of it and bind mounts of its device node.
     fn users(t: &[MountEntry], dev: &Dev) -> Vec<PathBuf> {
@@ -1015,6 +1069,9 @@ impl BlockKind {
                         .join(", ")
                 )));
             }
+            // A raw stage left read-only (a crash, an unstage by path)
+            // would make the erase fail with EPERM.
+            self.set_disk_read_only(&rec.id, &dev.path, false)?;
             match self.disk_wipe {
                 DiskWipe::Zero => {
                     // Can take long on a big disk without a write-zeroes

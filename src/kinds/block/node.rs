@@ -9,7 +9,9 @@
 //! mountinfo like any other stage; NodePublish bind-mounts that file onto a
 //! file it creates at the target. A read-only publish is a read-only bind
 //! mount (what Kubernetes drivers do); a read-only access mode attaches the
-//! loop device read-only, which the kernel enforces for every user.
+//! loop device read-only, or sets the kernel's read-only flag of a disk
+//! (`BlockKind::set_disk_read_only`), which the kernel enforces for every
+//! user.
 use std::path::{Path, PathBuf};
 
 use super::{format, params, BlockKind, Dev};
@@ -207,7 +209,7 @@ impl BlockKind {
     }
 
     fn stage_raw(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
-        self.claim_access(rec, BlockAccess::Raw)?;
+        let info = self.claim_access(rec, BlockAccess::Raw)?;
         let read_only = cap.access_mode.read_only();
         let (dev, fresh) = match self.ensure_device(rec, read_only) {
             Ok(d) => d,
@@ -218,7 +220,8 @@ impl BlockKind {
             }
             Err(e) => return Err(e),
         };
-        let r = self.stage_raw_on(rec, staging, &dev);
+        let disk_ro = info.disk.is_some().then_some(read_only);
+        let r = self.stage_raw_on(rec, staging, &dev, disk_ro);
         if let (Err(e), Some(l)) = (&r, &fresh) {
             if refused(e) {
                 self.undo_attach(&rec.id, l);
@@ -266,13 +269,42 @@ impl BlockKind {
         ))))
     }
 
-    fn stage_raw_on(&self, rec: &VolumeRecord, staging: &Path, dev: &Dev) -> Result<()> {
+    /// Binds the device `dev` at the marker under `staging`. `disk_ro`:
+    /// for a disk volume, whether the stage is read-only, which the
+    /// kernel's read-only flag of the disk enforces (`set_disk_read_only`)
+    /// and tells for a stage already there.
+    fn stage_raw_on(
+        &self,
+        rec: &VolumeRecord,
+        staging: &Path,
+        dev: &Dev,
+        disk_ro: Option<bool>,
+    ) -> Result<()> {
         let marker = Self::marker(rec, staging);
         let t = mounts::table(&self.os)?;
         let node = mountinfo::object_of(&t, &dev.path)
             .ok_or_else(|| Error::Internal(format!("no mount holds {}", dev.path.display())))?;
         if let Some(top) = mounts::at(&self.os, &t, &marker).last() {
             if mounts::object(top) == node {
+                if let Some(want) = disk_ro {
+                    let is = self.os.devices.read_only(&dev.path).map_err(|e| {
+                        Error::os(
+                            format!("reading whether {} is read-only", dev.path.display()),
+                            e,
+                        )
+                    })?;
+                    if is != want {
+                        let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
+                        return Err(Error::Conflict(format!(
+                            "volume {} is staged at {} {} ({}), not {} as asked",
+                            rec.id,
+                            staging.display(),
+                            mode(is),
+                            dev.path.display(),
+                            mode(want)
+                        )));
+                    }
+                }
                 return Ok(());
             }
             return Err(Error::Conflict(format!(
@@ -290,6 +322,9 @@ impl BlockKind {
             self.staged.is(&rec.id, staging)
         })?;
         self.staged.remember(&rec.id, staging);
+        if let Some(ro) = disk_ro {
+            self.set_disk_read_only(&rec.id, &dev.path, ro)?;
+        }
         mounts::mount_on_dir(&self.os, staging, || {
             self.bind_on_file(&dev.path, &marker, MountFlags::default(), "staging")
         })
@@ -306,6 +341,11 @@ impl BlockKind {
         flags.readonly |= cap.access_mode.read_only();
         let info = self.claim_access(rec, BlockAccess::Filesystem)?;
         let (dev, fresh) = self.ensure_device(rec, false)?;
+        if info.disk.is_some() {
+            // Berth sets the flag only for raw stages; one left by anyone
+            // else would fail mkfs and a read-write mount.
+            self.set_disk_read_only(&rec.id, &dev.path, false)?;
+        }
         let r = self.stage_fs_on(rec, staging, fs, flags, info, &dev);
         if let (Err(e), Some(l)) = (&r, &fresh) {
             if refused(e) {
@@ -519,7 +559,13 @@ impl BlockKind {
                 None
             }
         };
-        self.unstage_at(&rec.id, staging, dev.as_ref())
+        self.unstage_at(&rec.id, staging, dev.as_ref())?;
+        match dev {
+            Some(dev) if Self::info(rec)?.disk.is_some() => {
+                self.release_disk_read_only(&rec.id, &dev)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Unstages volume `id` (an id of this kind) at `staging`: the raw

@@ -5004,6 +5004,21 @@ async fn a_raw_disk_staged_read_only_is_read_only_in_the_kernel() {
         }))
         .await
         .unwrap();
+    // The staging bind taken off by hand under the publish: a stage
+    // read-write there would make the pod's device writable: refused; the
+    // same stage again is made.
+    berth::os::Mounter::unmount(f, &s.join(&id)).unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(kernel_ro(f, &d10));
+    h.node
+        .node_stage_volume(Request::new(stage_with(&id, &s, ro.clone())))
+        .await
+        .unwrap();
     let e = h
         .node
         .node_unstage_volume(Request::new(unstage(&id, &s)))

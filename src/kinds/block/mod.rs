@@ -603,6 +603,14 @@ impl BlockKind {
         }
     }
 
+    /// Whether the kernel holds the disk `dev` read-only.
+    fn disk_read_only(&self, dev: &Path) -> Result<bool> {
+        self.os
+            .devices
+            .read_only(dev)
+            .map_err(|e| Error::os(format!("reading whether {} is read-only", dev.display()), e))
+    }
+
     /// Sets the kernel's read-only flag of the disk `dev` to `read_only`
     /// (`BLKROSET`) unless it is so already. A raw disk volume staged with
     /// a read-only access mode is held read-only by the kernel (as a file
@@ -613,12 +621,7 @@ impl BlockKind {
     /// that stays read-only when asked to be writable (write-protected)
     /// is FAILED_PRECONDITION.
     fn set_disk_read_only(&self, id: &str, dev: &Path, read_only: bool) -> Result<()> {
-        let get = || {
-            self.os.devices.read_only(dev).map_err(|e| {
-                Error::os(format!("reading whether {} is read-only", dev.display()), e)
-            })
-        };
-        if get()? == read_only {
+        if self.disk_read_only(dev)? == read_only {
             return Ok(());
         }
         self.os.devices.set_read_only(dev, read_only).map_err(|e| {
@@ -632,7 +635,7 @@ impl BlockKind {
             )
         })?;
         tracing::info!(volume_id = %id, disk = %dev.display(), read_only, "set the disk's read-only flag");
-        if !read_only && get()? {
+        if !read_only && self.disk_read_only(dev)? {
             return Err(Error::WrongState(format!(
                 "disk {} of volume {id} stays read-only (write-protected?); it cannot be used read-write",
                 dev.display()
@@ -645,13 +648,9 @@ impl BlockKind {
     /// unstage, unless something still shows the disk (a stage elsewhere,
     /// not one Berth makes, keeps it).
     fn release_disk_read_only(&self, id: &str, dev: &Dev) -> Result<()> {
-        let ro = self.os.devices.read_only(&dev.path).map_err(|e| {
-            Error::os(
-                format!("reading whether {} is read-only", dev.path.display()),
-                e,
-            )
-        })?;
-        if !ro || !Self::users(&mounts::table(&self.os)?, dev).is_empty() {
+        if !self.disk_read_only(&dev.path)?
+            || !Self::users(&mounts::table(&self.os)?, dev).is_empty()
+        {
             return Ok(());
         }
         self.set_disk_read_only(id, &dev.path, false)

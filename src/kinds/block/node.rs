@@ -287,12 +287,7 @@ impl BlockKind {
         if let Some(top) = mounts::at(&self.os, &t, &marker).last() {
             if mounts::object(top) == node {
                 if let Some(want) = disk_ro {
-                    let is = self.os.devices.read_only(&dev.path).map_err(|e| {
-                        Error::os(
-                            format!("reading whether {} is read-only", dev.path.display()),
-                            e,
-                        )
-                    })?;
+                    let is = self.disk_read_only(&dev.path)?;
                     if is != want {
                         let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
                         return Err(Error::Conflict(format!(
@@ -318,9 +313,26 @@ impl BlockKind {
                 staging.display()
             )));
         }
-        mounts::refuse_staged_elsewhere(staging, &Self::users(&t, dev), || {
-            self.staged.is(&rec.id, staging)
-        })?;
+        let users = Self::users(&t, dev);
+        mounts::refuse_staged_elsewhere(staging, &users, || self.staged.is(&rec.id, staging))?;
+        if let Some(ro) = disk_ro {
+            // Staged here before and still published (its staging bind
+            // taken off by hand): the publishes keep the setting they
+            // were made with, as a file's loop device does.
+            if !users.is_empty() && self.disk_read_only(&dev.path)? != ro {
+                return Err(Error::WrongState(format!(
+                    "disk {} of volume {} is {} and still mounted at {}; unpublish and unstage it first",
+                    dev.path.display(),
+                    rec.id,
+                    if ro { "read-write" } else { "read-only" },
+                    users
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
         self.staged.remember(&rec.id, staging);
         if let Some(ro) = disk_ro {
             self.set_disk_read_only(&rec.id, &dev.path, ro)?;

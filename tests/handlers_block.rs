@@ -5113,3 +5113,35 @@ async fn a_read_only_flag_left_on_a_disk_is_cleared_before_writing() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("stays read-only"), "{}", e.message());
 }
+
+/// A filesystem stage of a raw disk volume staged read-only elsewhere
+/// (its record restored from a backup taken before its first stage, so
+/// the record does not say it is raw) is refused before the disk's
+/// read-only flag is touched: the raw stage stays read-only.
+#[tokio::test]
+async fn a_refused_filesystem_stage_leaves_a_read_only_disk_read_only() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let d10 = dir.join("d10");
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let backup = h.driver.store.get(&a.volume_id).unwrap();
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(
+            &a.volume_id,
+            &s,
+            block_cap(Mode::SingleNodeReaderOnly),
+        )))
+        .await
+        .unwrap();
+    h.driver.store.put(&backup).unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&a.volume_id, &h.path("s2"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(kernel_ro(f, &d10), "cleared by a refused stage");
+    assert!(runs(f, "mkfs.ext4").is_empty());
+}

@@ -353,11 +353,6 @@ impl BlockKind {
         flags.readonly |= cap.access_mode.read_only();
         let info = self.claim_access(rec, BlockAccess::Filesystem)?;
         let (dev, fresh) = self.ensure_device(rec, false)?;
-        if info.disk.is_some() {
-            // Berth sets the flag only for raw stages; one left by anyone
-            // else would fail mkfs and a read-write mount.
-            self.set_disk_read_only(&rec.id, &dev.path, false)?;
-        }
         let r = self.stage_fs_on(rec, staging, fs, flags, info, &dev);
         if let (Err(e), Some(l)) = (&r, &fresh) {
             if refused(e) {
@@ -450,6 +445,12 @@ impl BlockKind {
         }
         let users = Self::users(&t, dev);
         mounts::refuse_staged_elsewhere(staging, &users, || self.staged.is(&rec.id, staging))?;
+        if info.disk.is_some() {
+            // Berth sets the flag only for raw stages; one left set (by
+            // anyone else: a raw volume's disk is never staged with a
+            // filesystem) would fail mkfs and a read-write mount.
+            self.set_disk_read_only(&rec.id, &dev.path, false)?;
+        }
         self.staged.remember(&rec.id, staging);
         // Nothing is probed, decided or formatted while another process
         // holds the device: an mkfs a killed berth started may still be

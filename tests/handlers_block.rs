@@ -5145,3 +5145,57 @@ async fn a_refused_filesystem_stage_leaves_a_read_only_disk_read_only() {
     assert!(kernel_ro(f, &d10), "cleared by a refused stage");
     assert!(runs(f, "mkfs.ext4").is_empty());
 }
+
+/// A raw disk volume staged read-only by a version of Berth before the
+/// disk's read-only flag (the flag is clear, its publishes are read-only
+/// binds) is made read-only in the kernel when the stage is repeated (as
+/// kubelet does after its restart), not refused with ALREADY_EXISTS,
+/// which would fail the pods' volume setup. A read-write publish says the
+/// stage is read-write: a read-only repeat is ALREADY_EXISTS, nothing set.
+#[tokio::test]
+async fn a_read_only_disk_stage_made_before_the_flag_is_enforced_at_its_repeat() {
+    use berth::os::BlockDevices;
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let d10 = dir.join("d10");
+    let id = create(&h, "a", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let (s, t) = (h.path("s"), h.path("t"));
+    let ro = block_cap(Mode::SingleNodeReaderOnly);
+    let stage = |cap: csi::VolumeCapability| {
+        h.node
+            .node_stage_volume(Request::new(stage_with(&id, &s, cap)))
+    };
+    let publish = |cap: csi::VolumeCapability, readonly: bool| {
+        h.node
+            .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+                volume_capability: Some(cap),
+                ..publish_req(&id, &s, &t, readonly)
+            }))
+    };
+    stage(ro.clone()).await.unwrap();
+    publish(ro.clone(), true).await.unwrap();
+    // As an older version left it.
+    f.set_read_only(&d10, false).unwrap();
+    stage(ro.clone()).await.unwrap();
+    assert!(kernel_ro(f, &d10));
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: t.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap();
+    // Staged and published read-write: a read-only repeat is refused.
+    stage(raw_cap()).await.unwrap();
+    publish(raw_cap(), false).await.unwrap();
+    let e = stage(ro.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(!kernel_ro(f, &d10));
+}

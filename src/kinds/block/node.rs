@@ -288,6 +288,15 @@ impl BlockKind {
             if mounts::object(top) == node {
                 if let Some(want) = disk_ro {
                     let is = self.disk_read_only(&dev.path)?;
+                    // A read-only stage made before Berth set the flag
+                    // (its publishes are read-only binds): enforced now.
+                    let made_before = want
+                        && t.iter()
+                            .filter(|m| m.mount_point != marker && mounts::object(m) == node)
+                            .all(|m| m.readonly());
+                    if is != want && made_before {
+                        return self.set_disk_read_only(&rec.id, &dev.path, true);
+                    }
                     if is != want {
                         let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
                         return Err(Error::Conflict(format!(

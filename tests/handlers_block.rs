@@ -5199,3 +5199,63 @@ async fn a_read_only_disk_stage_made_before_the_flag_is_enforced_at_its_repeat()
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     assert!(!kernel_ro(f, &d10));
 }
+
+/// A first stage that fails before Berth wrote anything records nothing.
+/// A filesystem stage refused because the volume holds data (a raw
+/// volume whose record was restored from a backup taken before its first
+/// stage): the tenant stages it raw again. Before, the refused stage
+/// recorded the volume as a filesystem first, and every raw stage after
+/// it was refused ("first staged with a filesystem").
+#[tokio::test]
+async fn a_refused_filesystem_stage_does_not_claim_a_raw_volume() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let backup = h.driver.store.get(&a.volume_id).unwrap();
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&a.volume_id, &s, raw_cap())))
+        .await
+        .unwrap();
+    write_at(&dir.join("d10"), b"TENANT-DATABASE-PAGE", 0);
+    h.node
+        .node_unstage_volume(Request::new(unstage(&a.volume_id, &s)))
+        .await
+        .unwrap();
+    h.driver.store.put(&backup).unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&a.volume_id, &s)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&a.volume_id, &s, raw_cap())))
+        .await
+        .unwrap();
+    // The other way: a raw stage refused while the volume is mounted as
+    // a filesystem elsewhere leaves its stage's repeat (kubelet's, after
+    // a restart) working.
+    let b = create(&h, "b", 15 * MIB, &[("pool", "disk")]).await;
+    let backup = h.driver.store.get(&b.volume_id).unwrap();
+    let s3 = h.path("s3");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&b.volume_id, &s3)))
+        .await
+        .unwrap();
+    h.driver.store.put(&backup).unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(
+            &b.volume_id,
+            &h.path("s4"),
+            raw_cap(),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&b.volume_id, &s3)))
+        .await
+        .unwrap();
+}

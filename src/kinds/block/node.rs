@@ -202,9 +202,37 @@ impl BlockKind {
         staging: &Path,
         cap: &Capability,
     ) -> Result<()> {
-        match params::capability_fs(cap, Self::default_fs(rec)?)? {
+        let first = known_access(&Self::info(rec)?).is_none();
+        let r = match params::capability_fs(cap, Self::default_fs(rec)?)? {
             None => self.stage_raw(rec, staging, cap),
             Some(fs) => self.stage_fs(rec, staging, cap, fs),
+        };
+        if r.is_err() && first {
+            self.unclaim_access(rec);
+        }
+        r
+    }
+
+    /// Takes back the access a first stage that failed recorded
+    /// (`claim_access`) while Berth wrote nothing to the volume (not
+    /// formatted, no mkfs begun; a raw stage writes nothing): a stage
+    /// refused because the volume holds data or is mounted elsewhere does
+    /// not decide how the volume is used. (Kept, a filesystem stage
+    /// refused over a raw volume's data made every raw stage after it
+    /// FAILED_PRECONDITION.)
+    fn unclaim_access(&self, rec: &VolumeRecord) {
+        let Some(now) = self.store.get(&rec.id) else {
+            return;
+        };
+        let Ok(mut info) = Self::info(&now) else {
+            return;
+        };
+        if info.access.is_none() || info.formatted || !info.formatting.is_empty() {
+            return;
+        }
+        info.access = None;
+        if let Err(e) = self.save_info(&now, &info) {
+            tracing::warn!(volume_id = %rec.id, error = %e.render(), "could not take back the access type a failed first stage recorded");
         }
     }
 

@@ -5149,7 +5149,7 @@ async fn a_refused_filesystem_stage_leaves_a_read_only_disk_read_only() {
 /// A raw disk volume staged read-only by a version of Berth before the
 /// disk's read-only flag (the flag is clear, its publishes are read-only
 /// binds) is made read-only in the kernel when the stage is repeated (as
-/// kubelet does after its restart), not refused with ALREADY_EXISTS,
+/// a CO does after its restart), not refused with ALREADY_EXISTS,
 /// which would fail the pods' volume setup. A read-write publish says the
 /// stage is read-write: a read-only repeat is ALREADY_EXISTS, nothing set.
 #[tokio::test]

@@ -1142,6 +1142,117 @@ async fn a_damaged_journal_stops_start_up_until_the_operator_decides() {
     );
 }
 
+/// A record forged into the journal by hand, with a valid checksum and a
+/// hostile id (`local-../../victim`, deleting): berth starts, says so once
+/// in its log and never acts on it (no delete tried, nothing touched, no
+/// retry), keeps it in the journal, and serves the rest; `state check`
+/// reports it as an error (exit code 1), `state export` lists it as
+/// damage (exit code 1), and `state repair` drops it (its line kept in
+/// the copy), after which check is clean. Before, start-up retried its
+/// "interrupted delete" with an error at each start and every minute, and
+/// check reported only a warning (exit code 0).
+#[tokio::test]
+async fn a_forged_record_with_a_hostile_id_is_damage_never_acted_on() {
+    let d = tempfile::tempdir().unwrap();
+    let ids = volumes_with_data_then_exit(d.path(), 3).await;
+    let log = d.path().join("state/journal/log-0.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text.lines().next().unwrap();
+    let put: serde_json::Value = serde_json::from_str(&line[9..]).unwrap();
+    let mut rec: berth::state::VolumeRecord =
+        serde_json::from_str(&put["put"].to_string()).unwrap();
+    let hostile = "local-../../victim";
+    rec.id = hostile.into();
+    rec.name = "forged".into();
+    rec.seq = 1000;
+    rec.phase = berth::state::Phase::Deleting;
+    let mut forged = Vec::new();
+    berth::state::journal::encode(&berth::state::journal::EntryRef::Put(&rec), &mut forged)
+        .unwrap();
+    let mut bytes = text.into_bytes();
+    bytes.extend_from_slice(&forged);
+    std::fs::write(&log, &bytes).unwrap();
+    std::fs::create_dir(d.path().join("victim")).unwrap();
+    std::fs::write(d.path().join("victim/file"), "precious").unwrap();
+
+    let sock = d.path().join("csi.sock");
+    let tool = |t: &str| run_to_exit(&berth_args(d.path(), &sock, &["state", t]));
+    let check = tool("check");
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("error:") && l.contains(&format!("{hostile:?}"))),
+        "{out}"
+    );
+    let export = tool("export");
+    assert_eq!(export.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&export.stdout).unwrap();
+    assert_eq!(doc["records"].as_array().unwrap().len(), 4, "{doc}");
+    let damage = doc["damage"].as_array().unwrap();
+    assert!(
+        damage.len() == 1 && damage[0].as_str().unwrap().contains(hostile),
+        "{damage:?}"
+    );
+
+    let mut want = ids.clone();
+    for round in 0..2 {
+        let mut b = start(d.path(), &[]);
+        want.sort();
+        assert_eq!(listed(&b.sock).await, want);
+        let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+        let new = c
+            .controller
+            .create_volume(Request::new(create_req(&format!("new-{round}"), 1 << 20)))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        assert!(d.path().join("local").join(&new).is_dir());
+        want.push(new);
+        assert!(sigterm(&mut b).success());
+        let log = std::fs::read_to_string(&b.log).unwrap();
+        let about: Vec<&str> = log.lines().filter(|l| l.contains(hostile)).collect();
+        assert_eq!(about.len(), 1, "{log}");
+        assert!(about[0].contains("ERROR"), "{log}");
+        assert!(!log.contains("will retry"), "{log}");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("victim/file")).unwrap(),
+            "precious"
+        );
+        // kept in the journal
+        let export = tool("export");
+        let doc: serde_json::Value = serde_json::from_slice(&export.stdout).unwrap();
+        assert!(
+            doc["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["id"] == hostile),
+            "{doc}"
+        );
+    }
+
+    let repair = tool("repair");
+    let text = String::from_utf8_lossy(&repair.stdout);
+    assert!(repair.status.success(), "{text}");
+    assert!(text.contains(hostile), "{text}");
+    let check = tool("check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let b = start(d.path(), &[]);
+    assert_eq!(listed(&b.sock).await.len(), 5);
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("victim/file")).unwrap(),
+        "precious"
+    );
+}
+
 /// A journal cut short, at a line boundary (a valid shorter journal: no
 /// checksum can tell) or inside a line (taken for an interrupted last
 /// write): the volumes whose records were cut off still have their

@@ -2043,6 +2043,139 @@ async fn interrupted_operations_are_reconciled_at_start() {
     assert!(h.path("local").join(&v.volume_id).is_dir());
 }
 
+/// Appends `put` lines of `vols` and `snap` lines of `snaps` to the log of
+/// the stopped state in `dir`, with valid checksums (records forged by
+/// hand, or damaged in a way no checksum catches).
+fn forge_records(
+    dir: &std::path::Path,
+    vols: &[berth::state::VolumeRecord],
+    snaps: &[berth::state::SnapshotRecord],
+) {
+    use berth::state::journal::{self, EntryRef};
+    use std::io::Write;
+    let j = dir.join("state/journal");
+    let gen = journal::scan(&j).unwrap().gen;
+    let mut lines = Vec::new();
+    for r in vols {
+        journal::encode(&EntryRef::Put(r), &mut lines).unwrap();
+    }
+    for s in snaps {
+        journal::encode(&EntryRef::Snap(s), &mut lines).unwrap();
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(j.join(journal::log_name(gen)))
+        .unwrap()
+        .write_all(&lines)
+        .unwrap();
+}
+
+/// Records whose ids are not ids of their kind (forged into the journal
+/// with valid checksums: a path in the id, another kind's id, a control
+/// character) are damage: berth starts and serves the rest, but never
+/// acts on them (no delete retried at start-up or every minute, nothing
+/// looked at or touched under their ids, not listed, not found), keeps
+/// them in the journal (through a compaction too), and `state check`
+/// reports each as an error. Before, start-up and every minute retried
+/// the "interrupted delete" of `local-../../victim` with an error each
+/// time, ListVolumes listed them, and check reported only a warning.
+#[tokio::test]
+async fn records_whose_ids_are_not_of_their_kind_are_damage_never_acted_on() {
+    use berth::state::Phase;
+    let h = fake(&[]);
+    let real = create(&h, "real", 1 << 20).await.volume_id;
+    let snap = snapshot_id(&h, "snap", &real).await;
+    let template = h.driver.store.get(&real).unwrap();
+    let snap_template = h.driver.store.snapshot_get(&snap).unwrap();
+    let dir = h.stop();
+    std::fs::create_dir(dir.path().join("victim")).unwrap();
+    std::fs::write(dir.path().join("victim/file"), b"precious").unwrap();
+    let forged = |id: &str, phase: Phase, seq: u64| berth::state::VolumeRecord {
+        id: id.into(),
+        name: format!("forged-{seq}"),
+        phase,
+        seq,
+        ..template.clone()
+    };
+    let other_kind = format!("block-{}", &real["local-".len()..]);
+    let vols = [
+        forged("local-../../victim", Phase::Deleting, 100),
+        forged("local-../victim", Phase::Creating, 101),
+        forged(&other_kind, Phase::Deleting, 102),
+        forged("local-0123\u{7}", Phase::Ready, 103),
+    ];
+    let snaps = [berth::state::SnapshotRecord {
+        id: "local-snap-../../victim".into(),
+        name: "forged-snap".into(),
+        phase: Phase::Deleting,
+        seq: 100,
+        ..snap_template
+    }];
+    forge_records(dir.path(), &vols, &snaps);
+
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &[]);
+    for r in &vols {
+        assert!(h.driver.store.get(&r.id).is_none(), "{:?} is served", r.id);
+    }
+    assert!(h.driver.store.snapshot_get(&snaps[0].id).is_none());
+    let listed: Vec<String> = h
+        .ctl
+        .list_volumes(Request::new(Default::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    assert_eq!(listed, std::slice::from_ref(&real));
+    for _ in 0..3 {
+        retry_pending_and_wait(&h).await;
+    }
+    let touched: Vec<String> = h
+        .fake()
+        .lstats()
+        .into_iter()
+        .chain(h.fake().file_ops().into_iter().map(|o| o.path))
+        .map(|p| p.display().to_string())
+        .filter(|p| p.contains("victim") || p.contains(&other_kind))
+        .collect();
+    assert!(touched.is_empty(), "{touched:?}");
+    assert_eq!(
+        std::fs::read(h.path("victim/file")).unwrap(),
+        b"precious".to_vec()
+    );
+    // `state check`: an error for each, naming it.
+    let (clean, out) = state_check(&h);
+    assert!(!clean, "{out}");
+    for id in vols.iter().map(|r| &r.id).chain([&snaps[0].id]) {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("error:") && l.contains(&format!("{id:?}"))),
+            "{id:?} not reported as an error:\n{out}"
+        );
+    }
+    // The rest of the state works.
+    let new = create(&h, "new", 1 << 20).await.volume_id;
+    delete(&h, &new).await;
+    assert!(h.driver.store.get(&real).is_some());
+    // Kept, through a compaction too.
+    assert!(h.driver.store.checkpoint(0).unwrap());
+    let dir = h.stop();
+    let scan = berth::state::journal::scan(&dir.path().join("state/journal")).unwrap();
+    assert!(scan.damage.is_empty(), "{:?}", scan.damage);
+    for r in &vols {
+        assert!(scan.records.contains_key(&r.id), "{:?} was dropped", r.id);
+    }
+    assert!(scan.snapshots.contains_key(&snaps[0].id));
+    // And still never acted on after that restart.
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &[]);
+    assert!(h.driver.store.get(&vols[0].id).is_none());
+    assert!(h.driver.store.get(&real).is_some());
+}
+
 /// A local volume whose record says its create never answered
 /// (`Creating`) but whose directory is in place (a create moves it there
 /// only once its record says Ready: the record lost its Ready) is kept

@@ -58,6 +58,41 @@ pub fn is_hex_id(prefix: &str, id: &str) -> bool {
         .is_some_and(|h| h.len() == 32 && h.bytes().fold(true, |ok, b| ok & LOWER_HEX[b as usize]))
 }
 
+/// Why `id`, read back from the journal as the id of a volume record of
+/// kind `kind`, is not an id such a record can have (None when it is one):
+/// checked as an id from an RPC is (`validate::volume_id`, then the kind's
+/// structure: `local-` or `block-` and 32 hex digits, the block kind's
+/// `wipe-` and `held-` records, an NFS id that parses). A record with any
+/// other id was not written by berth (forged by hand, or damaged in a way
+/// its checksum does not catch): berth never acts on it, as its id may
+/// name a path outside its directories (`Store::open`).
+pub fn volume_id_flaw(kind: Kind, id: &str) -> Option<String> {
+    if let Err(e) = crate::validate::volume_id(id) {
+        return Some(e.to_string());
+    }
+    let fits = match kind {
+        Kind::Local => local::is_volume_id(id),
+        Kind::Block => block::is_record_id(id),
+        Kind::Nfs => nfs::id::VolumeId::parse(id).is_ok(),
+    };
+    (!fits).then(|| format!("not the id of a {kind} volume"))
+}
+
+/// `volume_id_flaw` for the id of a snapshot record of kind `kind`
+/// (`local-snap-` or `block-snap-` and 32 hex digits, an NFS snapshot id
+/// that parses).
+pub fn snapshot_id_flaw(kind: Kind, id: &str) -> Option<String> {
+    if let Err(e) = crate::validate::snapshot_id(id) {
+        return Some(e.to_string());
+    }
+    let fits = match kind {
+        Kind::Local => local::is_snapshot_id(id),
+        Kind::Block => block::is_snapshot_id(id),
+        Kind::Nfs => nfs::id::SnapshotId::parse(id).is_ok(),
+    };
+    (!fits).then(|| format!("not the id of a {kind} snapshot"))
+}
+
 /// Which bytes are lower-case hex digits.
 static LOWER_HEX: [bool; 256] = {
     let mut t = [false; 256];

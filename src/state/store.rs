@@ -350,9 +350,72 @@ impl<R: Record> Admission<'_, R> {
     }
 }
 
+/// How ids read back from the journal are checked (`Store::open_with`).
+#[derive(Clone, Copy)]
+pub struct IdRules {
+    /// Why a volume record's id is not one of its kind (None when it is).
+    pub volume: fn(Kind, &str) -> Option<String>,
+    /// The same for a snapshot record's id.
+    pub snapshot: fn(Kind, &str) -> Option<String>,
+}
+
+impl IdRules {
+    /// The kinds' own rules, as for ids from RPCs
+    /// (`kinds::volume_id_flaw`, `kinds::snapshot_id_flaw`).
+    pub const KINDS: IdRules = IdRules {
+        volume: crate::kinds::volume_id_flaw,
+        snapshot: crate::kinds::snapshot_id_flaw,
+    };
+}
+
+/// Records in the journal whose ids are not ids of their kind (forged by
+/// hand, or damaged in a way no checksum catches; `IdRules`): damage.
+/// They are kept (written into every snapshot, so the journal keeps them
+/// until an operator runs `berth state repair`), but outside the index:
+/// nothing reads, lists, finishes or deletes them, and their ids are never
+/// made into paths.
+#[derive(Default)]
+pub struct SetAside {
+    pub volumes: Vec<(VolumeRecord, String)>,
+    pub snapshots: Vec<(SnapshotRecord, String)>,
+}
+
+impl SetAside {
+    /// Takes the records `check` finds a flaw in out of `records`.
+    fn take<R: Record>(
+        records: &mut Vec<Box<R>>,
+        check: impl Fn(&R) -> Option<String>,
+        into: &mut Vec<(R, String)>,
+    ) {
+        records.retain(|r| match check(r) {
+            None => true,
+            Some(why) => {
+                into.push(((**r).clone(), why));
+                false
+            }
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.volumes.is_empty() && self.snapshots.is_empty()
+    }
+
+    /// Logs each (once, at start-up: nothing retries them).
+    fn log(&self) {
+        for (r, why) in &self.volumes {
+            tracing::error!(volume_id = ?r.id, kind = %r.kind, phase = ?r.phase, why = %why, "the state journal holds a volume record whose id is not one of its kind (forged by hand or damaged): berth never acts on it and keeps it as is; `berth state check` reports it, `berth state repair` drops it");
+        }
+        for (r, why) in &self.snapshots {
+            tracing::error!(snapshot_id = ?r.id, kind = %r.kind, phase = ?r.phase, why = %why, "the state journal holds a snapshot record whose id is not one of its kind (forged by hand or damaged): berth never acts on it and keeps it as is; `berth state check` reports it, `berth state repair` drops it");
+        }
+    }
+}
+
 pub struct Store {
     journal: Journal,
     index: RwLock<Indexes>,
+    /// Records whose ids are not of their kind (see `SetAside`).
+    set_aside: SetAside,
     /// Orders the space checks of kinds that share a filesystem (see
     /// `space_shared`).
     space: RwLock<()>,
@@ -369,12 +432,32 @@ impl Store {
     /// journal; the caller holds the directory's lock (`DirLock`). Records
     /// of the older one-file-per-volume layout are imported first (see
     /// `legacy`).
+    ///
+    /// A record whose id is not an id of its kind is set aside (see
+    /// `SetAside`) and logged once.
     pub fn open(state_dir: &Path, files: Arc<dyn Files>) -> Result<Store, StateError> {
+        Self::open_with(state_dir, files, IdRules::KINDS)
+    }
+
+    /// `open`, with ids checked by `rules`.
+    pub fn open_with(
+        state_dir: &Path,
+        files: Arc<dyn Files>,
+        rules: IdRules,
+    ) -> Result<Store, StateError> {
         let Replay {
             journal,
-            records,
-            snapshots,
+            mut records,
+            mut snapshots,
         } = Journal::open(&journal_dir(state_dir), files.clone())?;
+        let mut set_aside = SetAside::default();
+        let volume_flaw = |r: &VolumeRecord| (rules.volume)(r.kind, &r.id);
+        SetAside::take(&mut records, volume_flaw, &mut set_aside.volumes);
+        SetAside::take(
+            &mut snapshots,
+            |r: &SnapshotRecord| (rules.snapshot)(r.kind, &r.id),
+            &mut set_aside.snapshots,
+        );
         let mut index = Indexes::default();
         index.volumes.load(records);
         index.snapshots.load(snapshots);
@@ -382,14 +465,28 @@ impl Store {
         let import = !old.is_empty();
         // After an import interrupted before the old files were removed,
         // both hold the same records; the journal is newer.
-        let old: Vec<_> = old
+        let mut old: Vec<_> = old
             .into_iter()
-            .filter(|r| !index.volumes.records.contains(&r.id))
+            .filter(|r| {
+                !index.volumes.records.contains(&r.id)
+                    && !set_aside.volumes.iter().any(|(s, _)| s.id == r.id)
+            })
+            .map(Box::new)
             .collect();
-        index.volumes.load(old.into_iter().map(Box::new).collect());
+        SetAside::take(&mut old, volume_flaw, &mut set_aside.volumes);
+        index.volumes.load(old);
+        // New records never take the seq of one set aside.
+        for (r, _) in &set_aside.volumes {
+            index.volumes.last_seq = index.volumes.last_seq.max(r.seq);
+        }
+        for (r, _) in &set_aside.snapshots {
+            index.snapshots.last_seq = index.snapshots.last_seq.max(r.seq);
+        }
+        set_aside.log();
         let store = Store {
             journal,
             index: RwLock::new(index),
+            set_aside,
             space: RwLock::new(()),
         };
         if import {
@@ -437,9 +534,22 @@ impl Store {
     /// A snapshot file of every committed record (see `Index::committed`).
     fn snapshot(&self, c: &Committed) -> Result<Vec<u8>, StateError> {
         let ix = self.read();
-        let mut out = SnapshotWriter::new(ix.volumes.records.len() + ix.snapshots.records.len());
+        let aside = &self.set_aside;
+        let mut out = SnapshotWriter::new(
+            ix.volumes.records.len()
+                + ix.snapshots.records.len()
+                + aside.volumes.len()
+                + aside.snapshots.len(),
+        );
         ix.volumes.snapshot(c, &mut out)?;
         ix.snapshots.snapshot(c, &mut out)?;
+        // kept as they are (see `SetAside`)
+        for (r, _) in &aside.volumes {
+            out.volume(r)?;
+        }
+        for (r, _) in &aside.snapshots {
+            out.snapshot(r)?;
+        }
         out.finish()
     }
 
@@ -569,6 +679,12 @@ impl Store {
     fn remove_of<R: Record>(&self, id: &str) -> Result<(), StateError> {
         self.apply::<R, StateError>(Change::Del(id), |_, _| Ok(()))?;
         Ok(())
+    }
+
+    /// The records set aside at start-up because their ids are not of
+    /// their kind (see `SetAside`).
+    pub fn set_aside(&self) -> &SetAside {
+        &self.set_aside
     }
 
     /// Set when the journal stopped accepting changes (see `journal`).
@@ -868,8 +984,89 @@ mod tests {
         Ok(())
     }
 
+    /// Any id is one (these tests' ids are short names).
+    const ANY: IdRules = IdRules {
+        volume: |_, _| None,
+        snapshot: |_, _| None,
+    };
+
     fn open(p: &Path) -> Result<Store, StateError> {
-        Store::open(p, Arc::new(crate::os::files::RealFiles))
+        Store::open_with(p, Arc::new(crate::os::files::RealFiles), ANY)
+    }
+
+    /// Records whose ids are not of their kind (forged into the journal
+    /// with valid checksums) are set aside: not served, their seqs never
+    /// given again, kept as they are through a compaction and a restart.
+    #[test]
+    fn records_whose_ids_are_not_of_their_kind_are_set_aside_and_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let good = format!("local-{}", "a".repeat(32));
+        let bad = [
+            "local-../../victim",
+            "block-0",
+            &format!("local-{}", "A".repeat(32)),
+        ];
+        let mut log = Vec::new();
+        let mut put = |id: &str, kind: Kind, seq: u64| {
+            let mut r = rec(id, id, 1);
+            r.kind = kind;
+            r.seq = seq;
+            r.phase = Phase::Deleting;
+            encode(&EntryRef::Put(&r), &mut log).unwrap();
+        };
+        put(&good, Kind::Local, 1);
+        put(bad[0], Kind::Local, 7);
+        put(bad[1], Kind::Block, 2);
+        put(bad[2], Kind::Local, 3);
+        // a block id in a local record
+        put(&format!("block-{}", "b".repeat(32)), Kind::Local, 4);
+        let snap = crate::state::SnapshotRecord {
+            id: "local-snap-../x".into(),
+            name: "s".into(),
+            kind: Kind::Local,
+            seq: 9,
+            phase: Phase::Deleting,
+            source_volume_id: good.clone(),
+            size_bytes: 1,
+            node: "n1".into(),
+            parameters: Default::default(),
+            created_secs: 0,
+            created_nanos: 0,
+            block: None,
+            file_bytes: None,
+        };
+        encode(&EntryRef::Snap(&snap), &mut log).unwrap();
+        let j = journal_dir(d.path());
+        fs::create_dir_all(&j).unwrap();
+        fs::write(j.join(super::super::journal::log_name(0)), &log).unwrap();
+        let files = Arc::new(crate::os::files::RealFiles);
+        for round in 0..2 {
+            let s = Store::open(d.path(), files.clone()).unwrap();
+            assert_eq!(s.len(), 1 + round, "round {round}");
+            assert!(s.get(&good).is_some());
+            assert!(s.filter(|r| r.phase != Phase::Ready).len() == 1);
+            assert!(s.snapshot_filter(|_| true).is_empty());
+            let aside = s.set_aside();
+            assert_eq!(aside.volumes.len(), 4, "round {round}");
+            assert_eq!(aside.snapshots.len(), 1);
+            assert!(aside.volumes.iter().all(|(_, why)| !why.is_empty()));
+            // a new record's seq follows every seq in the journal
+            let r = s
+                .insert_new(
+                    rec(&format!("local-{}", round.to_string().repeat(32)), "new", 1),
+                    ok,
+                )
+                .unwrap();
+            assert!(r.seq > 7, "seq {}", r.seq);
+            assert!(s.checkpoint(0).unwrap());
+            drop(s);
+            let scan = super::super::journal::scan(&j).unwrap();
+            assert!(scan.damage.is_empty());
+            for id in bad {
+                assert!(scan.records.contains_key(id), "round {round}: {id} dropped");
+            }
+            assert!(scan.snapshots.contains_key("local-snap-../x"));
+        }
     }
 
     #[test]
@@ -1337,7 +1534,7 @@ mod tests {
     }
 
     fn open_on(p: &Path, f: &Arc<crate::os::fake::FakeOs>) -> Result<Store, StateError> {
-        Store::open(p, f.clone())
+        Store::open_with(p, f.clone(), ANY)
     }
 
     /// Records rebuilt from an NFS id carry seq 0: each gets its own seq
@@ -1595,9 +1792,14 @@ mod tests {
     fn a_missing_log_beside_its_snapshot_is_damage() {
         let d = tempfile::tempdir().unwrap();
         let s = open(d.path()).unwrap();
-        s.insert_new(rec("a", "a", 1), ok).unwrap();
+        // ids of their kind: `repair` drops any other
+        let (a, b) = (
+            format!("local-{}", "a".repeat(32)),
+            format!("local-{}", "b".repeat(32)),
+        );
+        s.insert_new(rec(&a, "a", 1), ok).unwrap();
         assert!(s.checkpoint(1).unwrap());
-        s.insert_new(rec("b", "b", 1), ok).unwrap();
+        s.insert_new(rec(&b, "b", 1), ok).unwrap();
         drop(s);
         let j = journal_dir(d.path());
         let log = fs::read_dir(&j)
@@ -1615,7 +1817,7 @@ mod tests {
             other => panic!("a snapshot without its log opened: {:?}", other.err()),
         }
         crate::state::tools::repair(d.path(), Arc::new(crate::os::files::RealFiles)).unwrap();
-        assert_eq!(ids(&open(d.path()).unwrap()), ["a"]);
+        assert_eq!(ids(&open(d.path()).unwrap()), [a]);
     }
 
     /// A full disk says so: the errno reaches the change's error.

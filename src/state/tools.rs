@@ -34,7 +34,7 @@ use serde::Serialize;
 use super::journal::{self, Scan};
 use super::lock::DirLock;
 use super::snapshot_file::Writer as SnapshotWriter;
-use super::store::journal_dir;
+use super::store::{journal_dir, IdRules};
 use super::{legacy, Kind, Phase, SnapshotRecord, StateError, VolumeRecord};
 use crate::config::Config;
 use crate::os::files::{Files, Open};
@@ -529,6 +529,25 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
     out
 }
 
+/// What `check`, `export` and `repair` say of a volume record whose id
+/// is not one of its kind (`store::SetAside`), None for one whose id is.
+fn volume_id_flaw(r: &VolumeRecord) -> Option<String> {
+    let why = (IdRules::KINDS.volume)(r.kind, &r.id)?;
+    Some(format!(
+        "volume record {:?} ({}, {:?}) in the journal: its id is {why}: not written by berth (forged by hand, or damaged where no checksum tells); berth never acts on it and keeps it as is; `berth state repair` (berth stopped) drops it",
+        r.id, r.kind, r.phase
+    ))
+}
+
+/// `volume_id_flaw` of a snapshot record.
+fn snapshot_id_flaw(r: &SnapshotRecord) -> Option<String> {
+    let why = (IdRules::KINDS.snapshot)(r.kind, &r.id)?;
+    Some(format!(
+        "snapshot record {:?} ({}, {:?}) in the journal: its id is {why}: not written by berth (forged by hand, or damaged where no checksum tells); berth never acts on it and keeps it as is; `berth state repair` (berth stopped) drops it",
+        r.id, r.kind, r.phase
+    ))
+}
+
 /// What `check` says of a volume's storage found without a record.
 const LOST_RECORD: &str = "has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)";
 
@@ -562,17 +581,35 @@ fn pass(cfg: &Config, os: &Os, state_dir: &Path) -> Result<Pass, StateError> {
     journal_findings(&scan, legacy.len(), &mut findings);
     let mut records: Vec<VolumeRecord> = scan.records.values().cloned().chain(legacy).collect();
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
-    findings.extend(storage_findings(cfg, os, &records));
-    let mut snapshots: Vec<&SnapshotRecord> = scan.snapshots.values().collect();
-    snapshots.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
-    findings.extend(snapshot_findings(cfg, &snapshots));
     let mut counts = BTreeMap::new();
     for r in &records {
         *counts.entry(r.kind.as_str()).or_insert(0) += 1;
     }
+    let n = records.len();
+    // Records whose ids are not of their kind are damage, and nothing is
+    // looked for under their ids (start-up never acts on them either).
+    records.retain(|r| match volume_id_flaw(r) {
+        None => true,
+        Some(f) => {
+            findings.push(error(f));
+            false
+        }
+    });
+    findings.extend(storage_findings(cfg, os, &records));
+    let mut snapshots: Vec<&SnapshotRecord> = scan.snapshots.values().collect();
+    snapshots.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    snapshots.retain(|s| match snapshot_id_flaw(s) {
+        None => true,
+        Some(f) => {
+            findings.push(error(f));
+            false
+        }
+    });
+    findings.extend(snapshot_findings(cfg, &snapshots));
+    let records = n;
     Ok(Pass {
         gen: scan.gen,
-        records: records.len(),
+        records,
         counts,
         findings,
     })
@@ -676,12 +713,20 @@ pub fn export(cfg: &Config, files: &dyn Files, out: &mut dyn Write) -> Result<bo
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
     let mut snapshots: Vec<_> = scan.snapshots.values().collect();
     snapshots.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    let damage: Vec<String> = scan
+        .damage
+        .iter()
+        .map(|d| d.to_string())
+        .chain(records.iter().filter_map(|r| volume_id_flaw(r)))
+        .chain(snapshots.iter().filter_map(|r| snapshot_id_flaw(r)))
+        .collect();
+    let clean = damage.is_empty();
     let doc = Export {
         state_dir,
         generation: scan.gen,
         records,
         snapshots,
-        damage: scan.damage.iter().map(|d| d.to_string()).collect(),
+        damage,
         torn_tail_bytes: scan.torn.as_ref().map_or(0, |t| t.len),
     };
     serde_json::to_writer_pretty(&mut *out, &doc).map_err(|source| StateError::Encode {
@@ -689,7 +734,7 @@ pub fn export(cfg: &Config, files: &dyn Files, out: &mut dyn Write) -> Result<bo
         source,
     })?;
     writeln!(out).map_err(|e| StateError::io("write", "stdout", e))?;
-    Ok(scan.damage.is_empty())
+    Ok(clean)
 }
 
 /// `release`: the operator's decision to end the hold `id` of a pool disk
@@ -734,7 +779,15 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     let _lock = DirLock::acquire(&files, state_dir, "state directory")?;
     let dir = journal_dir(state_dir);
     let scan = journal::scan(&dir)?;
-    if scan.damage.is_empty() {
+    // Records whose ids are not of their kind: dropped too (their lines
+    // are in the copy).
+    let bad_ids: Vec<String> = scan
+        .records
+        .values()
+        .filter_map(volume_id_flaw)
+        .chain(scan.snapshots.values().filter_map(snapshot_id_flaw))
+        .collect();
+    if scan.damage.is_empty() && bad_ids.is_empty() {
         return Ok(format!(
             "the journal in {} has no damage; nothing to repair",
             dir.display()
@@ -750,6 +803,9 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     ));
     for d in &scan.damage {
         report.push_str(&format!("damage: {d}\n"));
+    }
+    for f in &bad_ids {
+        report.push_str(&format!("dropped the {f}\n"));
     }
     for d in &scan.dropped {
         report.push_str(&format!(
@@ -810,13 +866,22 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
             path: dir.join(journal::snapshot_name(scan.gen)),
             why: "no generation can follow this one".into(),
         })?;
-    let mut records: Vec<&VolumeRecord> = scan.records.values().collect();
+    let mut records: Vec<&VolumeRecord> = scan
+        .records
+        .values()
+        .filter(|r| volume_id_flaw(r).is_none())
+        .collect();
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
-    let mut w = SnapshotWriter::new(records.len() + scan.snapshots.values().count());
+    let snapshots: Vec<&SnapshotRecord> = scan
+        .snapshots
+        .values()
+        .filter(|r| snapshot_id_flaw(r).is_none())
+        .collect();
+    let mut w = SnapshotWriter::new(records.len() + snapshots.len());
     for r in &records {
         w.volume(r)?;
     }
-    for r in scan.snapshots.values() {
+    for r in snapshots {
         w.snapshot(r)?;
     }
     let bytes = w.finish()?;

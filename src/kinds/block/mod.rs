@@ -155,6 +155,20 @@ fn disk_volume_of(id: &str) -> Option<String> {
         .map(|rest| format!("{PREFIX}{rest}"))
 }
 
+/// Whether `id` is the id of a block record: a volume's
+/// (`BlockKind::owns_id`), or the record of a pool disk to wipe
+/// (`wipe-`) or held (`held-`), each the volume's 32 hex digits.
+pub fn is_record_id(id: &str) -> bool {
+    [PREFIX, WIPE_PREFIX, HELD_PREFIX]
+        .iter()
+        .any(|p| super::is_hex_id(p, id))
+}
+
+/// Whether `id` is a block snapshot's id (`BlockKind::owns_snapshot_id`).
+pub fn is_snapshot_id(id: &str) -> bool {
+    super::is_hex_id(snapshot::SNAP_PREFIX, id)
+}
+
 /// The backing file of block volume `id` under `root` (ids are checked by
 /// the caller: `BlockKind::file`).
 pub fn volume_file(root: &Path, id: &str) -> PathBuf {

@@ -90,6 +90,16 @@ pub fn copy_error(what: String, e: crate::os::OsError) -> Error {
     }
 }
 
+/// Whether `id` is a local volume's id (`LocalKind::owns_id`).
+pub fn is_volume_id(id: &str) -> bool {
+    super::is_hex_id(PREFIX, id)
+}
+
+/// Whether `id` is a local snapshot's id (`LocalKind::owns_snapshot_id`).
+pub fn is_snapshot_id(id: &str) -> bool {
+    super::is_hex_id(SNAP_PREFIX, id)
+}
+
 /// The directory of local volume `id` under `root` (ids are checked by
 /// the caller: `LocalKind::dir`).
 pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
@@ -837,7 +847,7 @@ impl VolumeKind for LocalKind {
     }
 
     fn owns_id(&self, id: &str) -> bool {
-        super::is_hex_id(PREFIX, id)
+        is_volume_id(id)
     }
 
     fn take_spare_id(&self) -> Option<String> {
@@ -1244,7 +1254,7 @@ impl VolumeKind for LocalKind {
     }
 
     fn owns_snapshot_id(&self, id: &str) -> bool {
-        super::is_hex_id(SNAP_PREFIX, id)
+        is_snapshot_id(id)
     }
 
     fn node_tag_of(&self, id: &str) -> Option<String> {

@@ -2043,33 +2043,6 @@ async fn interrupted_operations_are_reconciled_at_start() {
     assert!(h.path("local").join(&v.volume_id).is_dir());
 }
 
-/// Appends `put` lines of `vols` and `snap` lines of `snaps` to the log of
-/// the stopped state in `dir`, with valid checksums (records forged by
-/// hand, or damaged in a way no checksum catches).
-fn forge_records(
-    dir: &std::path::Path,
-    vols: &[berth::state::VolumeRecord],
-    snaps: &[berth::state::SnapshotRecord],
-) {
-    use berth::state::journal::{self, EntryRef};
-    use std::io::Write;
-    let j = dir.join("state/journal");
-    let gen = journal::scan(&j).unwrap().gen;
-    let mut lines = Vec::new();
-    for r in vols {
-        journal::encode(&EntryRef::Put(r), &mut lines).unwrap();
-    }
-    for s in snaps {
-        journal::encode(&EntryRef::Snap(s), &mut lines).unwrap();
-    }
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(j.join(journal::log_name(gen)))
-        .unwrap()
-        .write_all(&lines)
-        .unwrap();
-}
-
 /// Records whose ids are not ids of their kind (forged into the journal
 /// with valid checksums: a path in the id, another kind's id, a control
 /// character) are damage: berth starts and serves the rest, but never

@@ -2109,6 +2109,83 @@ async fn disk_capacity(h: &Harness) -> (i64, Option<i64>) {
     (c.available_capacity, c.maximum_volume_size)
 }
 
+/// A disk record naming a device the pool does not name (forged into the
+/// journal with a valid checksum and an id of its kind, or the device
+/// taken out of `--disk-pool` since): berth never erases it. Before, the
+/// "interrupted delete" of such a record zeroed that device at start-up
+/// (whatever it held: the host's own disk, if its numbers and size were
+/// given), since a disk's record was trusted as proof that the disk was
+/// Berth's. `state check` reports it as an error.
+#[tokio::test]
+async fn a_disk_record_naming_a_device_outside_the_pool_never_erases_it() {
+    use berth::state::{DiskRef, Phase};
+    let h = disk_harness();
+    disks(&h, None);
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let template = h.driver.store.get(&a.volume_id).unwrap();
+    let dir = h.stop();
+    let host = dir.path().join("host-sda");
+    std::fs::write(&host, b"the host's own data").unwrap();
+    let mut forged = template.clone();
+    forged.id = format!("block-{}", "f".repeat(32));
+    forged.name = "forged".into();
+    forged.seq = 100;
+    forged.phase = Phase::Deleting;
+    let mut info = forged.block.clone().unwrap();
+    info.disk = Some(DiskRef {
+        path: host.clone(),
+        device: host.clone(),
+        by_id: None,
+        major: 8,
+        minor: 0,
+        size_bytes: (64 * MIB) as u64,
+        loop_backing: None,
+    });
+    forged.block = Some(info);
+    forge_records(dir.path(), &[forged.clone()], &[]);
+
+    let (os, f) = berth::os::Os::fake();
+    let f = f.clone();
+    register_disks(&f, &dir.path().join("disks"), None);
+    f.add_device(&host, 8, 0, (64 * MIB) as u64);
+    let pool = format!("{}/disks/d*", dir.path().display());
+    let h = build(
+        dir,
+        os,
+        Some(f.clone()),
+        &["--kinds", "block", "--disk-pool", &pool],
+    );
+    retry_pending_and_wait(&h).await;
+    let erased: Vec<_> = f
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            matches!(c, Call::ZeroOut { device, .. } | Call::ZeroSample { device, .. } if device == &host)
+        })
+        .collect();
+    assert!(erased.is_empty(), "{erased:?}");
+    assert!(runs(&f, "wipefs").is_empty());
+    assert_eq!(std::fs::read(&host).unwrap(), b"the host's own data");
+    assert!(
+        h.driver.store.get(&forged.id).is_some(),
+        "the record was dropped"
+    );
+    let (clean, out) = state_check(&h);
+    assert!(!clean, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("error:")
+            && l.contains(&forged.id)
+            && l.contains("--disk-pool")),
+        "{out}"
+    );
+    // The pool's own volume is deleted as before: its disk erased.
+    delete(&h, &a.volume_id).await;
+    assert!(f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &h.path("disks/d10"))));
+}
+
 #[tokio::test]
 async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
     let h = disk_harness();

@@ -146,7 +146,20 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     let local_root = cfg.local_root();
     let block_root = cfg.block_root();
     let own_dirs = cfg.own_dirs();
+    let serves_block = cfg.serves(Kind::Block);
     for r in records {
+        // A disk no record makes Berth's: never erased (`outside_pool`).
+        if let Some(d) = r.block.as_ref().and_then(|b| b.disk.as_ref()) {
+            let own = crate::kinds::block::OwnFiles::new(&block_root, &own_dirs);
+            let found = crate::kinds::block::identify_disk(os, &own, d);
+            if let Some(why) = found
+                .ok()
+                .filter(|_| serves_block)
+                .and_then(|dev| crate::kinds::block::outside_pool(os, &cfg.disk_pool, &dev))
+            {
+                out.push(error(format!("volume {} ({}): {why}", r.id, r.name)));
+            }
+        }
         if r.id.starts_with("wipe-") {
             let disk = r.block.as_ref().and_then(|b| b.disk.as_ref());
             out.push(warning(format!(

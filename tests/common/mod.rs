@@ -722,3 +722,30 @@ pub fn set_free(h: &Harness, total: i64, free: i64) {
         },
     );
 }
+
+/// Appends `put` lines of `vols` and `snap` lines of `snaps` to the log of
+/// the stopped state in `dir`, with valid checksums (records forged by
+/// hand, or damaged in a way no checksum catches).
+pub fn forge_records(
+    dir: &std::path::Path,
+    vols: &[berth::state::VolumeRecord],
+    snaps: &[berth::state::SnapshotRecord],
+) {
+    use berth::state::journal::{self, EntryRef};
+    use std::io::Write;
+    let j = dir.join("state/journal");
+    let gen = journal::scan(&j).unwrap().gen;
+    let mut lines = Vec::new();
+    for r in vols {
+        journal::encode(&EntryRef::Put(r), &mut lines).unwrap();
+    }
+    for s in snaps {
+        journal::encode(&EntryRef::Snap(s), &mut lines).unwrap();
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(j.join(journal::log_name(gen)))
+        .unwrap()
+        .write_all(&lines)
+        .unwrap();
+}

@@ -383,25 +383,67 @@ fn holds_data(listed: &Path) -> String {
     )
 }
 
-impl BlockKind {
-    /// Every block device the pool names (duplicates by device number
-    /// dropped); entries that are not block devices are skipped.
-    pub(super) fn pool_disks(&self) -> Vec<Disk> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for listed in expand(&self.disk_pool) {
-            match self.os.devices.inspect(&listed) {
-                Ok(dev) => {
-                    if seen.insert((dev.major, dev.minor)) {
-                        out.push(Disk { listed, dev });
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(path = %listed.display(), error = %e, "not a disk; skipped")
+/// Every block device the `--disk-pool` entries `pool` name (duplicates
+/// by device number dropped); entries that are not block devices are
+/// skipped.
+pub fn pool_disks(os: &Os, pool: &[String]) -> Vec<Disk> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for listed in expand(pool) {
+        match os.devices.inspect(&listed) {
+            Ok(dev) => {
+                if seen.insert((dev.major, dev.minor)) {
+                    out.push(Disk { listed, dev });
                 }
             }
+            Err(e) => {
+                tracing::debug!(path = %listed.display(), error = %e, "not a disk; skipped")
+            }
         }
-        out
+    }
+    out
+}
+
+/// Why berth does not erase the disk `dev` (which a record names, and
+/// `identify_disk` found): None when the pool `pool` names it now. Berth
+/// erases only disks of its pool: a record is no proof that a device is
+/// Berth's (one forged into the journal, or damaged, can name any device
+/// with its numbers and size, the host's own disk included).
+pub fn outside_pool(os: &Os, pool: &[String], dev: &DeviceInfo) -> Option<String> {
+    let numbers = (dev.major, dev.minor);
+    if pool_disks(os, pool)
+        .iter()
+        .any(|d| (d.dev.major, d.dev.minor) == numbers)
+    {
+        return None;
+    }
+    Some(format!(
+        "disk {} ({}:{}) is not a disk of --disk-pool ({}): berth erases only the disks its pool names, so it never erases this one (the record stays; if the disk is Berth's, put it back in --disk-pool)",
+        dev.path.display(),
+        dev.major,
+        dev.minor,
+        if pool.is_empty() {
+            "empty".to_string()
+        } else {
+            pool.join(",")
+        }
+    ))
+}
+
+impl BlockKind {
+    /// `resolve_disk` of a disk about to be erased: WrongState unless the
+    /// pool names it (`outside_pool`).
+    pub(super) fn resolve_disk_to_erase(&self, d: &DiskRef) -> Result<DeviceInfo> {
+        let dev = self.resolve_disk(d)?;
+        match outside_pool(&self.os, &self.disk_pool, &dev) {
+            None => Ok(dev),
+            Some(why) => Err(Error::WrongState(why)),
+        }
+    }
+
+    /// Every block device the pool names (`pool_disks`).
+    pub(super) fn pool_disks(&self) -> Vec<Disk> {
+        pool_disks(&self.os, &self.disk_pool)
     }
 
     /// The disks of the pool nobody uses, smallest first.

@@ -25,7 +25,7 @@ mod node;
 pub mod params;
 mod snapshot;
 
-pub use disks::{identify_disk, OwnFiles};
+pub use disks::{identify_disk, outside_pool, OwnFiles};
 pub use snapshot::{
     restoring_path, snapshot_copy_flaw, snapshot_kept_on_rollback, snapshot_partial_path,
 };
@@ -1046,7 +1046,7 @@ impl BlockKind {
                 tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
                 return Ok(());
             }
-            let dev = match self.resolve_disk(&d) {
+            let dev = match self.resolve_disk_to_erase(&d) {
                 Ok(dev) => dev,
                 Err(Error::NotFound(m)) if is_wipe_record(&rec.id) => {
                     return Err(Error::Unavailable(format!(

@@ -527,7 +527,7 @@ impl BlockKind {
             .disk
             .clone()
             .ok_or_else(|| Error::Internal(format!("volume {} claimed no disk", rec.id)))?;
-        let dev = self.resolve_disk(&d)?;
+        let dev = self.resolve_disk_to_erase(&d)?;
         self.os
             .devices
             .zero_out(&dev.path, dev.size_bytes)

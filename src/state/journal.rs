@@ -455,9 +455,68 @@ impl Scan {
     }
 }
 
+/// How many times `scan` reads a journal that changed while it was read.
+const SCAN_TRIES: usize = 8;
+
 /// Reads the journal in `dir` without changing anything. A missing
 /// directory is an empty journal.
+///
+/// The tools read the journal of a serving berth (`state check`,
+/// `state export`), which may compact it meanwhile: a new generation's
+/// files appear and the old one's go. A reading that met that (the names
+/// of the journal's files differ after it from before it) is thrown away
+/// and the journal read again: before 2026-12-06 the old log vanished
+/// under the reader and read as an empty journal, and `state export`
+/// printed no records with exit code 0 (or a later generation's files,
+/// gone, stopped it with an error). Appends need no such care: a log read
+/// while a line is appended reads whole lines and at most a torn tail.
 pub fn scan(dir: &Path) -> Result<Scan, StateError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let before = journal_names(dir)?;
+        let s = scan_once(dir);
+        if journal_names(dir)? == before {
+            return s;
+        }
+        if tries == SCAN_TRIES {
+            return Err(StateError::Unexpected {
+                path: dir.to_path_buf(),
+                why: format!(
+                    "the journal changed each of the {SCAN_TRIES} times it was read (compacted by a serving berth every time?)"
+                ),
+            });
+        }
+    }
+}
+
+/// The names of the journal's files in `dir` (snapshots, logs, temp
+/// files), sorted; none for a missing directory.
+fn journal_names(dir: &Path) -> Result<Vec<std::ffi::OsString>, StateError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StateError::io("read", dir, e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let name = entry
+            .map_err(|e| StateError::io("read", dir, e))?
+            .file_name();
+        let n = name.to_string_lossy();
+        if snapshot_generation(&n).is_some()
+            || generation(&n, "log-", ".jsonl").is_some()
+            || n.ends_with(".tmp")
+        {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// One reading of the journal in `dir` (`scan`).
+fn scan_once(dir: &Path) -> Result<Scan, StateError> {
     let mut out = Scan {
         dir: dir.to_path_buf(),
         gen: 0,
@@ -516,6 +575,8 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
             logs.push(g);
         }
     }
+    #[cfg(test)]
+    tests::after_listing(dir);
     let gen = snapshots.iter().map(|&(g, _)| g).max().unwrap_or(0);
     out.gen = gen;
     for g in logs.iter().copied().filter(|&g| g > gen) {
@@ -1640,6 +1701,85 @@ impl DurableCopies {
 pub(crate) mod tests {
     use super::*;
     use crate::os::files::RealFiles;
+
+    type Hook = Box<dyn FnMut(&Path)>;
+
+    thread_local! {
+        /// Runs in `scan_once` between listing the journal and reading it
+        /// (what a serving berth may do to it meanwhile).
+        static AFTER_LISTING: std::cell::RefCell<Option<Hook>> = const { std::cell::RefCell::new(None) };
+    }
+
+    pub(crate) fn after_listing(dir: &Path) {
+        AFTER_LISTING.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f(dir)
+            }
+        })
+    }
+
+    /// A volume record of id `id`.
+    fn volume(id: &str, seq: u64) -> VolumeRecord {
+        serde_json::from_str(&format!(
+            r#"{{"id":"{id}","name":"n-{id}","kind":"local","seq":{seq},"phase":"ready","capacity_bytes":1,"node":"x","parameters":{{}},"capabilities":[],"created_unix":0}}"#
+        ))
+        .unwrap()
+    }
+
+    /// A serving berth that compacts its journal while `state export` or
+    /// `state check` reads it: the reader's listing names the old log,
+    /// which is gone when it is read. The journal is read again, and every
+    /// record is there. Before, the vanished log read as an empty journal
+    /// (0 records, no damage: `state export` printed an empty backup with
+    /// exit code 0), or a vanished snapshot stopped the reader.
+    #[test]
+    fn a_journal_compacted_while_it_is_read_is_read_again_whole() {
+        let recs: Vec<VolumeRecord> = (1..=3)
+            .map(|i| volume(&format!("local-{}", i.to_string().repeat(32)), i))
+            .collect();
+        for from_gen in [0u64, 4] {
+            let d = tempfile::tempdir().unwrap();
+            let mut log = Vec::new();
+            for r in &recs {
+                encode(&EntryRef::Put(r), &mut log).unwrap();
+            }
+            if from_gen > 0 {
+                // generation 4: the records in its snapshot, its log empty
+                let mut w = snapshot_file::Writer::new(recs.len());
+                for r in &recs {
+                    w.volume(r).unwrap();
+                }
+                fs::write(d.path().join(snapshot_name(from_gen)), w.finish().unwrap()).unwrap();
+                log.clear();
+            }
+            fs::write(d.path().join(log_name(from_gen)), &log).unwrap();
+            // The compaction, once, between the first listing and reading.
+            let recs2 = recs.clone();
+            let mut done = false;
+            AFTER_LISTING.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move |dir: &Path| {
+                    if std::mem::replace(&mut done, true) {
+                        return;
+                    }
+                    let next = from_gen + 1;
+                    let mut w = snapshot_file::Writer::new(recs2.len());
+                    for r in &recs2 {
+                        w.volume(r).unwrap();
+                    }
+                    fs::write(dir.join(log_name(next)), b"").unwrap();
+                    fs::write(dir.join(snapshot_name(next)), w.finish().unwrap()).unwrap();
+                    fs::remove_file(dir.join(log_name(from_gen))).unwrap();
+                    let _ = fs::remove_file(dir.join(snapshot_name(from_gen)));
+                }))
+            });
+            let s = scan(d.path());
+            AFTER_LISTING.with(|h| *h.borrow_mut() = None);
+            let s = s.unwrap_or_else(|e| panic!("from generation {from_gen}: {e}"));
+            assert!(s.damage.is_empty(), "{:?}", s.damage);
+            assert_eq!(s.gen, from_gen + 1);
+            assert_eq!(s.records.values().count(), 3, "from generation {from_gen}");
+        }
+    }
 
     fn line(e: &EntryRef<'_>) -> Vec<u8> {
         let mut v = Vec::new();

@@ -416,7 +416,7 @@ fn id_hint(line: &[u8]) -> Option<String> {
     None
 }
 
-const RECOVER: &str = "berth does not start on a damaged journal, so no acknowledged record is dropped without an operator's decision: run `berth state check` to see every flaw, then restore the state directory from a backup (`berth state export`), or run `berth state repair` to keep every readable record and drop the damaged lines (their bytes are kept beside the journal)";
+const RECOVER: &str = "berth does not start on a damaged journal, so no acknowledged record is dropped without an operator's decision: run `berth state check` to see every flaw, then restore the state directory from a copy of it taken with berth stopped (`berth state export` keeps the readable records as JSON for reference: no tool loads them back), or run `berth state repair` to keep every readable record and drop the damaged lines (their bytes are kept beside the journal)";
 
 impl Scan {
     /// Records that `path`, named as a journal file, is not a regular file
@@ -1724,6 +1724,22 @@ pub(crate) mod tests {
             r#"{{"id":"{id}","name":"n-{id}","kind":"local","seq":{seq},"phase":"ready","capacity_bytes":1,"node":"x","parameters":{{}},"capabilities":[],"created_unix":0}}"#
         ))
         .unwrap()
+    }
+
+    /// The advice of a damaged journal's error names only ways out that
+    /// exist: no tool loads `state export`'s output back, so it is not the
+    /// backup to restore from (before, the error called it one).
+    #[test]
+    fn the_advice_for_a_damaged_journal_names_no_restore_from_an_export() {
+        let mut log = line(&EntryRef::Del("a"));
+        log[12] ^= 1;
+        log.extend(line(&EntryRef::Del("b")));
+        let e = scan_log(&log).error().expect("damage").to_string();
+        assert!(
+            e.contains("berth state repair") && e.contains("no tool loads them back"),
+            "{e}"
+        );
+        assert!(!e.contains("backup (`berth state export`)"), "{e}");
     }
 
     /// A serving berth that compacts its journal while `state export` or

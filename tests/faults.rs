@@ -1,6 +1,7 @@
 //! Fault injection at every step: each filesystem change that CreateVolume
 //! (empty, restored from a snapshot, cloned from a volume),
-//! NodeStageVolume, expansion and DeleteVolume make (to volume data and to
+//! NodeStageVolume, expansion, DeleteVolume, CreateSnapshot and
+//! DeleteSnapshot make (to volume data, snapshot copies and to
 //! the state journal) fails in turn with ENOSPC, EIO and EROFS, through the
 //! recording fake of `os::Files`. After each fault: the volumes acknowledged
 //! before are untouched; an operation that answered OK did its work; one
@@ -56,7 +57,13 @@ fn script(f: &FakeOs) {
 
 /// The storage a record names exists.
 fn storage(h: &Harness, id: &str) -> bool {
-    if id.starts_with("local-") {
+    if id.starts_with("local-snap-") {
+        h.path("local/.snapshots").join(id).is_dir()
+    } else if id.starts_with("block-snap-") {
+        h.path("block/.snapshots")
+            .join(format!("{id}.img"))
+            .is_file()
+    } else if id.starts_with("local-") {
         h.path("local").join(id).is_dir()
     } else {
         h.path("block").join(format!("{id}.img")).is_file()
@@ -80,6 +87,33 @@ fn consistent(h: &Harness) {
     for r in h.driver.store.filter(|_| true) {
         if r.phase == Phase::Ready {
             assert!(storage(h, &r.id), "record {} without storage", r.id);
+        }
+    }
+    for r in h.driver.store.snapshot_filter(|_| true) {
+        if r.phase == Phase::Ready {
+            assert!(
+                storage(h, &r.id),
+                "snapshot record {} without its copy",
+                r.id
+            );
+        }
+    }
+    for (dir, suffix) in [("local/.snapshots", ""), ("block/.snapshots", ".img")] {
+        for e in std::fs::read_dir(h.path(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(suffix) else {
+                continue;
+            };
+            if id.starts_with("local-snap-") || id.starts_with("block-snap-") {
+                assert!(
+                    h.driver.store.snapshot_get(id).is_some(),
+                    "snapshot copy {name} without a record"
+                );
+            }
         }
     }
     for (dir, suffix) in [("local", ""), ("block", ".img")] {
@@ -187,9 +221,38 @@ async fn expand_op(h: &Harness, s: &Subject) -> Result<(), Status> {
         .map(|_| ())
 }
 
+/// CreateSnapshot "snap" of the volume `s.id`.
+async fn snapshot_op(h: &Harness, s: &Subject) -> Result<(), Status> {
+    h.ctl
+        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: "snap".into(),
+            source_volume_id: s.id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
+/// DeleteSnapshot of the snapshot `s.id`.
+async fn delete_snapshot_op(h: &Harness, s: &Subject) -> Result<(), Status> {
+    h.ctl
+        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+            snapshot_id: s.id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
 /// Whether the operation's work is done.
 fn done(h: &Harness, s: &Subject, op: &str) -> bool {
     match op {
+        "snapshot" => h
+            .driver
+            .store
+            .snapshot_by_name("snap")
+            .is_some_and(|r| r.phase == Phase::Ready && storage(h, &r.id)),
+        "delete-snapshot" => h.driver.store.snapshot_get(&s.id).is_none() && !storage(h, &s.id),
         "create" | "restore" | "clone" => h
             .driver
             .store
@@ -238,7 +301,7 @@ async fn subject(h: &Harness, kind: &'static str, op: &str) -> Subject {
         .volume_id;
     // Data in the source, so a copy of it is never an empty directory
     // (which start-up could remove as an unused orphan).
-    if matches!(op, "restore" | "clone") {
+    if matches!(op, "restore" | "clone" | "snapshot" | "delete-snapshot") {
         let data = match kind {
             "local" => h.path("local").join(&id).join("data"),
             _ => h.path("block").join(format!("{id}.img")),
@@ -253,6 +316,9 @@ async fn subject(h: &Harness, kind: &'static str, op: &str) -> Subject {
     }
     if op == "restore" {
         id = snapshot_id(h, "snap", &id).await;
+    }
+    if op == "delete-snapshot" {
+        id = snapshot_id(h, "doomed", &id).await;
     }
     let s = Subject { kind, id, staging };
     if op == "expand" {
@@ -396,4 +462,30 @@ async fn block_stage() {
 #[tokio::test]
 async fn block_expand() {
     sweep("block", "expand", |h, s| Box::pin(expand_op(h, s))).await;
+}
+
+#[tokio::test]
+async fn local_snapshot() {
+    sweep("local", "snapshot", |h, s| Box::pin(snapshot_op(h, s))).await;
+}
+
+#[tokio::test]
+async fn local_delete_snapshot() {
+    sweep("local", "delete-snapshot", |h, s| {
+        Box::pin(delete_snapshot_op(h, s))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn block_snapshot() {
+    sweep("block", "snapshot", |h, s| Box::pin(snapshot_op(h, s))).await;
+}
+
+#[tokio::test]
+async fn block_delete_snapshot() {
+    sweep("block", "delete-snapshot", |h, s| {
+        Box::pin(delete_snapshot_op(h, s))
+    })
+    .await;
 }

@@ -994,6 +994,35 @@ mod tests {
         Store::open_with(p, Arc::new(crate::os::files::RealFiles), ANY)
     }
 
+    /// Records of the one-file-per-volume layout whose ids are not of
+    /// their kind are set aside as the journal's are, and kept in the
+    /// journal the import writes; the others are imported.
+    #[test]
+    fn imported_records_whose_ids_are_not_of_their_kind_are_set_aside_and_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let old = legacy::dir(d.path());
+        fs::create_dir_all(&old).unwrap();
+        let good = format!("local-{}", "c".repeat(32));
+        let bad = "local-../../victim";
+        for (file, id) in [("a.json", good.as_str()), ("b.json", bad)] {
+            let mut r = rec(id, id, 1);
+            r.phase = Phase::Deleting;
+            fs::write(old.join(file), serde_json::to_vec(&r).unwrap()).unwrap();
+        }
+        let files = Arc::new(crate::os::files::RealFiles);
+        for round in 0..2 {
+            let s = Store::open(d.path(), files.clone()).unwrap();
+            assert!(s.get(&good).is_some(), "round {round}");
+            assert!(s.get(bad).is_none(), "round {round}");
+            assert_eq!(s.set_aside().volumes.len(), 1, "round {round}");
+            assert_eq!(s.set_aside().volumes[0].0.id, bad);
+            drop(s);
+            assert!(!old.exists(), "the old layout was imported");
+            let scan = super::super::journal::scan(&journal_dir(d.path())).unwrap();
+            assert!(scan.records.contains_key(bad), "round {round}: dropped");
+        }
+    }
+
     /// Records whose ids are not of their kind (forged into the journal
     /// with valid checksums) are set aside: not served, their seqs never
     /// given again, kept as they are through a compaction and a restart.

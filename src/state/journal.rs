@@ -769,9 +769,12 @@ fn read_json_snapshot(s: &mut Scan, path: &Path, bytes: &[u8]) {
 /// into a torn tail or damage (see the module comment).
 fn replay_log(s: &mut Scan, path: &Path) {
     let bytes = std::mem::take(&mut s.log);
+    let flaws_before = s.damage.len();
     let mut first_bad: Option<(usize, u64)> = None;
     let mut late_valid: Option<(usize, u64)> = None;
     let mut clean_bad: Option<(usize, u64)> = None;
+    // every line that fails its checksum, for the report
+    let mut bad: Vec<(usize, u64)> = Vec::new();
     for (n, (at, line)) in lines(&bytes).enumerate() {
         let n = n as u64 + 1;
         let mut decoded = decode(line);
@@ -836,6 +839,7 @@ fn replay_log(s: &mut Scan, path: &Path) {
             }
             Line::Damaged => {
                 first_bad.get_or_insert((at, n));
+                bad.push((at, n));
                 // A torn write leaves its line cut short, or disk blocks
                 // that never got written (NULs from a sector boundary to
                 // a sector boundary or the end): anything else is changed
@@ -864,6 +868,9 @@ fn replay_log(s: &mut Scan, path: &Path) {
                     "checksum mismatch, and valid changes follow it (the first at line {vn}, byte {vat}): not the torn tail of an interrupted write"
                 ),
             });
+            // Every other damaged line too: `repair` drops each, and the
+            // operator decides knowing which.
+            others(s, path, &bad, &[(at, n)]);
         } else if let Some((cat, cn)) = clean_bad {
             s.damage.push(Damage {
                 path: path.to_path_buf(),
@@ -871,6 +878,7 @@ fn replay_log(s: &mut Scan, path: &Path) {
                 line: cn,
                 why: "a line whose checksum does not match, with changed bytes (not an interrupted write, which leaves its line cut short or whole disk sectors of NULs)".into(),
             });
+            others(s, path, &bad, &[(cat, cn)]);
         } else if bytes.len() - at > MAX_TORN {
             s.damage.push(Damage {
                 path: path.to_path_buf(),
@@ -893,12 +901,28 @@ fn replay_log(s: &mut Scan, path: &Path) {
             s.dropped.retain(|d| d.offset < at as u64);
         }
     }
+    // in the order of the log (lines that are not changes were noted as
+    // they were read)
+    s.damage[flaws_before..].sort_by_key(|d| d.offset);
     let mut bytes = bytes;
     if s.unterminated {
         bytes.push(b'\n');
         s.log_good = bytes.len() as u64;
     }
     s.log = bytes;
+}
+
+/// Adds a flaw for each damaged line of `bad` (offset, line) but `except`
+/// (reported already).
+fn others(s: &mut Scan, path: &Path, bad: &[(usize, u64)], except: &[(usize, u64)]) {
+    for &(at, n) in bad.iter().filter(|b| !except.contains(b)) {
+        s.damage.push(Damage {
+            path: path.to_path_buf(),
+            offset: at as u64,
+            line: n,
+            why: "checksum mismatch or cut short".into(),
+        });
+    }
 }
 
 /// The size of the disk sectors a torn write leaves unwritten (as NULs).
@@ -1767,6 +1791,38 @@ pub(crate) mod tests {
             }
         }
         assert!(silent.is_empty(), "flips taken for a sound log: {silent:?}");
+    }
+
+    /// Several damaged lines in a log are each reported (file, line,
+    /// byte), as `state check` promises ("every flaw"): the operator
+    /// decides on `state repair` knowing every line it drops. Before, only
+    /// the first was named (with "valid changes follow it"): a later
+    /// damaged line, a `del` among them, went unnamed until repair dropped
+    /// it.
+    #[test]
+    fn every_damaged_line_of_a_log_is_reported() {
+        let ids = ["a", "b", "c", "d", "e", "f"];
+        let mut lines: Vec<Vec<u8>> = ids.iter().map(|i| line(&EntryRef::Del(i))).collect();
+        for k in [1, 3, 5] {
+            lines[k][11] ^= 1;
+        }
+        let at = |k: usize| lines[..k].iter().map(Vec::len).sum::<usize>() as u64;
+        let s = scan_log(&lines.concat());
+        let named: Vec<(u64, u64)> = s.damage.iter().map(|d| (d.line, d.offset)).collect();
+        assert_eq!(
+            named,
+            [(2, at(1)), (4, at(3)), (6, at(5))],
+            "{:?}",
+            s.damage
+        );
+        assert_eq!(s.dropped.len(), 3);
+        assert!(s.torn.is_none());
+        // and the error start-up stops with counts them
+        let e = s.error().unwrap().to_string();
+        assert!(
+            e.contains("line 2") && e.contains("and 2 more flaws"),
+            "{e}"
+        );
     }
 
     /// The advice of a damaged journal's error names only ways out that

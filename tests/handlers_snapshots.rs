@@ -1841,3 +1841,109 @@ async fn a_local_snapshot_is_copied_under_one_temporary_name() {
     want.sort();
     assert_eq!(names, want);
 }
+
+/// Whether the restored (or cloned) block volume `id` has its filesystem
+/// grown at its next stage.
+fn grow_pending(h: &Harness, id: &str) -> bool {
+    h.driver
+        .store
+        .get(id)
+        .expect("record")
+        .block
+        .expect("block info")
+        .grow_fs
+}
+
+/// A block volume resized while no pod used it has its new size recorded
+/// (ControllerExpandVolume) long before its file and filesystem grow (the
+/// next stage's NodeExpandVolume). A snapshot taken meanwhile holds the
+/// filesystem at the old size and says the new one (`size_bytes`, the
+/// restoreSize Kubernetes asks a restore for). A restore or clone of that
+/// size must grow the filesystem at its first stage, as a larger restore
+/// does; so must a restore of a snapshot (or a clone) of a restored volume
+/// whose growth has not happened yet. Before, the restore compared its size
+/// with the source's recorded size only: no growth was ever due, no
+/// NodeExpandVolume comes for a new claim, and the pod got a filesystem
+/// of the old size in a volume of the new one for good.
+#[tokio::test]
+async fn a_restore_of_a_filesystem_smaller_than_its_snapshot_says_is_grown() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    let v = create_p(&h, "src", 8 * MIB, &[]).await.volume_id;
+    let staging = h.path("staging");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v, &staging)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: v.clone(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    let grown = h
+        .ctl
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: v.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 16 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grown.node_expansion_required);
+    assert_eq!(
+        std::fs::metadata(img(&h, &v)).unwrap().len(),
+        8 * MIB as u64,
+        "the file grows at the node's expansion"
+    );
+    let s = snapshot(&h, "s", &v).await;
+    assert_eq!(s.size_bytes, 16 * MIB);
+    let block = |name: &str, mut req: csi::CreateVolumeRequest| {
+        req.name = name.into();
+        req.parameters.insert("kind".into(), "block".into());
+        req
+    };
+    let make = |req: csi::CreateVolumeRequest| async {
+        h.ctl
+            .create_volume(Request::new(req))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id
+    };
+    // Restored and cloned at the size the snapshot and the source say.
+    let r = make(block("r", from_snapshot("", 16 * MIB, &s.snapshot_id))).await;
+    assert!(grow_pending(&h, &r), "restore of the expansion window");
+    let c = make(block("c", from_volume("", 16 * MIB, &v))).await;
+    assert!(grow_pending(&h, &c), "clone of the expansion window");
+    // From the restore, before its first stage grew it.
+    let s2 = snapshot(&h, "s2", &r).await;
+    let r2 = make(block("r2", from_snapshot("", 16 * MIB, &s2.snapshot_id))).await;
+    assert!(grow_pending(&h, &r2), "restore of a restore not grown yet");
+    let c2 = make(block("c2", from_volume("", 16 * MIB, &r))).await;
+    assert!(grow_pending(&h, &c2), "clone of a restore not grown yet");
+    // The first stage grows it, once.
+    let before = runs(f, "resize2fs");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&r2, &h.path("staging-r2"))))
+        .await
+        .unwrap();
+    assert_eq!(runs(f, "resize2fs"), before + 1);
+    assert!(!grow_pending(&h, &r2));
+    // A restore of a whole, grown filesystem at its size is not grown.
+    let grown_r2 = snapshot(&h, "s3", &r2).await;
+    let r3 = make(block(
+        "r3",
+        from_snapshot("", 16 * MIB, &grown_r2.snapshot_id),
+    ))
+    .await;
+    assert!(!grow_pending(&h, &r3));
+}

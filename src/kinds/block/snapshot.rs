@@ -413,7 +413,10 @@ impl BlockKind {
     pub(super) fn restore_volume(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {
         let p = super::params::parse(&super::params::own(&rec.parameters))?;
         // The file to copy from; a clone first takes an unlisted snapshot.
-        let (src, info, source_size, tmp) = match from {
+        // `copied`: how long that file is, which is how large the
+        // filesystem in it can be (less than the source's recorded size
+        // when an expansion had reached the record but not the file yet).
+        let (src, info, copied, tmp) = match from {
             Source::Snapshot(s) => {
                 // Checked before anything is made (also when the CO
                 // retries a restore that `check_source` let through).
@@ -421,7 +424,8 @@ impl BlockKind {
                 (
                     file,
                     s.block.clone().unwrap_or_default(),
-                    s.size_bytes,
+                    s.file_bytes
+                        .unwrap_or_else(|| u64::try_from(s.size_bytes).unwrap_or(0)),
                     None,
                 )
             }
@@ -443,14 +447,17 @@ impl BlockKind {
                 };
                 let file = self.copy_volume(v, &mut tmp)?;
                 let info = tmp.block.clone().unwrap_or_default();
-                (file.clone(), info, v.capacity_bytes, Some(file))
+                let copied = tmp
+                    .file_bytes
+                    .unwrap_or_else(|| u64::try_from(v.capacity_bytes).unwrap_or(0));
+                (file.clone(), info, copied, Some(file))
             }
         };
         let r = match p.pool {
             super::params::Pool::File(allocation) => {
-                self.restore_onto_file(rec, &src, tmp.is_some(), allocation, info, source_size)
+                self.restore_onto_file(rec, &src, tmp.is_some(), allocation, info, copied)
             }
-            super::params::Pool::Disk => self.restore_onto_disk(rec, &src, info, source_size),
+            super::params::Pool::Disk => self.restore_onto_disk(rec, &src, info, copied),
         };
         if let Some(t) = &tmp {
             // Moved into place already, unless the restore failed.
@@ -474,7 +481,7 @@ impl BlockKind {
         take: bool,
         allocation: crate::state::Allocation,
         info: BlockInfo,
-        source_size: i64,
+        copied: u64,
     ) -> Result<()> {
         let f = self.os.files.as_ref();
         let partial = self.restoring_file(&rec.id);
@@ -493,7 +500,7 @@ impl BlockKind {
             })?;
             tracing::info!(volume_id = %rec.id, cloned = stats.cloned > 0, bytes = stats.bytes, "volume restored");
         }
-        self.finish_restore(rec, &partial, allocation, info, source_size)?;
+        self.finish_restore(rec, &partial, allocation, info, copied)?;
         f.sync_dir(&self.root)
             .map_err(|e| Error::os(format!("syncing {}", self.root.display()), e))
     }
@@ -519,7 +526,7 @@ impl BlockKind {
         rec: &mut VolumeRecord,
         src: &Path,
         source: BlockInfo,
-        source_size: i64,
+        copied: u64,
     ) -> Result<()> {
         self.make_volume(rec)?;
         let mut info = Self::info(rec)?;
@@ -547,10 +554,22 @@ impl BlockKind {
         info.access = inherited.access;
         info.default_fs = inherited.default_fs;
         info.shared_uuid = inherited.shared_uuid;
-        info.grow_fs = info.formatted && rec.capacity_bytes > source_size;
+        info.grow_fs = Self::grow_due(&source, rec.capacity_bytes, copied);
         rec.block = Some(Box::new(info));
         // The copy is whole: from here on the volume may be handed out.
         self.mark_disk(&rec.id)
+    }
+
+    /// Whether the filesystem of a volume of `capacity` bytes made from a
+    /// copy of `copied` bytes whose content was `source` must be grown at
+    /// its first stage: it holds a filesystem, and either the copy is
+    /// shorter than the volume (the filesystem is at most the copy's
+    /// length, which can be less than the source's recorded size: a
+    /// snapshot or clone of a volume whose expansion had reached its
+    /// record, not its file) or the source's own growth was still due (a
+    /// restore not staged since).
+    fn grow_due(source: &BlockInfo, capacity: i64, copied: u64) -> bool {
+        source.formatted && (source.grow_fs || u64::try_from(capacity).unwrap_or(0) > copied)
     }
 
     fn finish_restore(
@@ -559,11 +578,12 @@ impl BlockKind {
         file: &Path,
         allocation: crate::state::Allocation,
         source: BlockInfo,
-        source_size: i64,
+        copied: u64,
     ) -> Result<()> {
+        let grow_fs = Self::grow_due(&source, rec.capacity_bytes, copied);
         let mut info = Self::inherited(&source);
         info.allocation = allocation;
-        info.grow_fs = info.formatted && rec.capacity_bytes > source_size;
+        info.grow_fs = grow_fs;
         self.grow_file(file, allocation, rec.capacity_bytes, None)?;
         info.file_bytes = u64::try_from(rec.capacity_bytes).ok();
         rec.block = Some(Box::new(info));

@@ -568,3 +568,56 @@ async fn without_quotas_sizes_are_promises_and_required_is_refused() {
         "{m}"
     );
 }
+
+/// A restore or clone whose copy fails (the snapshot holds more than the
+/// new volume's limits allow, EDQUOT; a full disk, ENOSPC) is rolled back
+/// with everything it made: no record, and nothing under `.creating/`.
+/// Before, the holder directory the copy was made in (the new volume's
+/// project, its limits, what was copied so far) stayed there until berth
+/// restarted, taking space, although the claim was given up; and a
+/// retry succeeds.
+#[tokio::test]
+async fn a_failed_restore_or_clone_leaves_no_partial_copy() {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let h = with_quotas(&[]);
+    let a = create(&h, "a", 10 * MIB).await;
+    std::fs::write(dir(&h, &a).join("f"), b"hello").unwrap();
+    let snap = snapshot_id(&h, "s", &a).await;
+    let from = |name: &str, src: Type| {
+        let mut r = req(name, 10 * MIB, &[]);
+        r.volume_content_source = Some(csi::VolumeContentSource { r#type: Some(src) });
+        r
+    };
+    let sources = [
+        (
+            "b",
+            Type::Snapshot(SnapshotSource {
+                snapshot_id: snap.clone(),
+            }),
+        ),
+        (
+            "c",
+            Type::Volume(VolumeSource {
+                volume_id: a.clone(),
+            }),
+        ),
+    ];
+    for (name, src) in sources {
+        for errno in [libc::EDQUOT, libc::ENOSPC] {
+            h.fake().fail_next("copy", errno);
+            let r = h
+                .ctl
+                .create_volume(Request::new(from(name, src.clone())))
+                .await;
+            assert!(r.is_err(), "{name}: {r:?}");
+            assert!(h.driver.store.get_by_name(name).is_none(), "{name}");
+            assert_eq!(
+                common::unfinished_in_creating(&h.path("local")),
+                Vec::<std::ffi::OsString>::new(),
+                "{name}, errno {errno}: left under .creating/"
+            );
+        }
+        let id = created_id(h.ctl.create_volume(Request::new(from(name, src))).await);
+        assert_eq!(std::fs::read(dir(&h, &id).join("f")).unwrap(), b"hello");
+    }
+}

@@ -835,6 +835,33 @@ impl LocalKind {
             .rename_noreplace(&dir, &dest)
             .map_err(|e| Error::os(format!("moving {} to the trash", dir.display()), e))
     }
+
+    /// `create_from`'s copy of `src` when sizes are enforced: made in
+    /// `holder` (the new volume's project and limits, inherited by every
+    /// file copied), then moved to `dest`; `holder` is removed.
+    fn copy_in_holder(
+        &self,
+        rec: &mut VolumeRecord,
+        src: &Path,
+        holder: &Path,
+        dest: &Path,
+    ) -> Result<()> {
+        let f = self.os.files.as_ref();
+        let area = self.root.join(CREATING);
+        ensure_dir(f, holder, 0o700)
+            .map_err(|e| Error::os(format!("creating {}", holder.display()), e))?;
+        self.give_project(rec, holder)?;
+        let tmp = holder.join("volume");
+        let stats = f.copy_tree(src, &tmp).map_err(|e| {
+            copy_error(format!("copying {} to {}", src.display(), tmp.display()), e)
+        })?;
+        f.rename_noreplace(&tmp, dest)
+            .and_then(|_| f.sync_dir(&area))
+            .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))?;
+        self.remove_tree(holder)?;
+        tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, project = ?rec.project(), "copied");
+        Ok(())
+    }
 }
 
 impl VolumeKind for LocalKind {
@@ -1338,19 +1365,15 @@ impl VolumeKind for LocalKind {
             .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
         let holder = area.join(format!("{PARTIAL}{}", rec.id));
         self.remove_tree(&holder)?;
-        ensure_dir(f, &holder, 0o700)
-            .map_err(|e| Error::os(format!("creating {}", holder.display()), e))?;
-        self.give_project(rec, &holder)?;
-        let tmp = holder.join("volume");
-        let stats = f.copy_tree(&src, &tmp).map_err(|e| {
-            copy_error(format!("copying {} to {}", src.display(), tmp.display()), e)
-        })?;
-        f.rename_noreplace(&tmp, &dest)
-            .and_then(|_| f.sync_dir(&area))
-            .map_err(|e| Error::os(format!("moving {} into place", tmp.display()), e))?;
-        self.remove_tree(&holder)?;
-        tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, project = ?rec.project(), "copied");
-        Ok(())
+        let copied = self.copy_in_holder(rec, &src, &holder, &dest);
+        if copied.is_err() && std::fs::symlink_metadata(&holder).is_ok() {
+            // A copy that fails (EDQUOT: the source holds more than the
+            // volume's limits; ENOSPC) is removed with what it made, as
+            // `copy_into_place` does: its rollback knows only `dest`, and
+            // what was copied would take space until the next start.
+            let _ = self.remove_tree(&holder);
+        }
+        copied
     }
 
     fn health(&self, rec: &VolumeRecord) -> Health {

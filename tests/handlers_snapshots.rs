@@ -1947,3 +1947,45 @@ async fn a_restore_of_a_filesystem_smaller_than_its_snapshot_says_is_grown() {
     .await;
     assert!(!grow_pending(&h, &r3));
 }
+
+/// GetSnapshot looks at the snapshot's stored copy (whether it is ready to
+/// use) on an operation's thread, never on the thread that reads and
+/// answers every call: a local or block root whose disk stopped answering
+/// holds up that GetSnapshot only. Before, the look ran in the handler
+/// itself, and while it waited no other call (Probe, GetPluginInfo, any
+/// node call) was answered.
+#[tokio::test(flavor = "current_thread")]
+async fn get_snapshot_never_waits_on_the_disk_in_the_thread_answering_calls() {
+    use berth::csi::v1::identity_server::Identity;
+    const HUNG: std::time::Duration = std::time::Duration::from_millis(1500);
+    for kind in ["local", "block"] {
+        let h = fake(&["--kinds", kind]);
+        let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+        let s = snapshot(&h, "s", &src).await.snapshot_id;
+        h.fake()
+            .set_lstat_delay(&snap_copy(&h, kind, &s), Some(HUNG));
+        let start = std::time::Instant::now();
+        let get = h.ctl.get_snapshot(Request::new(csi::GetSnapshotRequest {
+            snapshot_id: s.clone(),
+            ..Default::default()
+        }));
+        let other = async {
+            h.ident
+                .get_plugin_info(Request::new(csi::GetPluginInfoRequest {}))
+                .await
+                .expect("plugin info");
+            start.elapsed()
+        };
+        let (got, answered_after) = tokio::join!(get, other);
+        let got = got.expect("get snapshot").into_inner().snapshot.unwrap();
+        assert!(got.ready_to_use, "{kind}");
+        assert!(
+            start.elapsed() >= HUNG,
+            "{kind}: the copy was looked at (through the OS layer)"
+        );
+        assert!(
+            answered_after < HUNG / 2,
+            "{kind}: another call waited {answered_after:?} for GetSnapshot's look at the disk"
+        );
+    }
+}

@@ -30,7 +30,12 @@ pub async fn handle(
                 .ok_or_else(missing)?
         }
     };
+    // Blocking: one look at the stored copy, on an operation's thread,
+    // never on the one that answers every call.
+    let snap = tokio::task::spawn_blocking(move || snapshot::to_proto_checked(&d, &s))
+        .await
+        .map_err(|e| Error::Internal(format!("GetSnapshot task failed: {e}")))?;
     Ok(csi::GetSnapshotResponse {
-        snapshot: Some(snapshot::to_proto_checked(&d, &s)),
+        snapshot: Some(snap),
     })
 }

@@ -164,6 +164,9 @@ pub struct FakeOs {
     busy_copies: Mutex<u32>,
     /// Paths looked at with `Files::lstat`, in order.
     lstats: Mutex<Vec<PathBuf>>,
+    /// `Files::lstat` of these paths sleeps this long first (a disk that
+    /// stopped answering).
+    lstat_delays: Mutex<HashMap<PathBuf, Duration>>,
     /// Writes pretended per file, added to its change stamp.
     pretended_writes: Mutex<HashMap<PathBuf, u32>>,
     /// Project quotas (see `enable_project_quotas`): what `state` answers
@@ -243,6 +246,7 @@ impl FakeOs {
             durable: Mutex::new(HashMap::new()),
             busy_copies: Mutex::new(0),
             lstats: Mutex::new(Vec::new()),
+            lstat_delays: Mutex::new(HashMap::new()),
             pretended_writes: Mutex::new(HashMap::new()),
             quota_state: Mutex::new(Err(libc::ENOSYS)),
             projects: Mutex::new(BTreeMap::new()),
@@ -543,6 +547,19 @@ impl FakeOs {
             format!("{opts},{tag}")
         };
         (format!("{shown_host}:{path}"), opts)
+    }
+
+    /// `Files::lstat` of `path` sleeps `delay` before answering (None: no
+    /// delay).
+    pub fn set_lstat_delay(&self, path: &Path, delay: Option<Duration>) {
+        match delay {
+            Some(d) => {
+                lock(&self.lstat_delays).insert(path.to_path_buf(), d);
+            }
+            None => {
+                lock(&self.lstat_delays).remove(path);
+            }
+        }
     }
 
     /// statvfs of `path` sleeps `delay` before answering (None: no delay).
@@ -1591,6 +1608,10 @@ impl Files for FakeOs {
     /// Recorded (`lstats`); fails as `fail_next("lstat", ..)` asks.
     fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         lock(&self.lstats).push(path.to_path_buf());
+        let delay = lock(&self.lstat_delays).get(path).copied();
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         self.injected("lstat", path)?;
         RealFiles.lstat(path)
     }

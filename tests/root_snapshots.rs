@@ -650,3 +650,71 @@ async fn on_a_reflink_block_root_volumes_keep_their_sector_size() {
     let _ = nix::mount::umount(&root);
     drop(guard);
 }
+
+/// A filesystem restored into a larger volume and first staged read-only
+/// (a `ro` mount flag, a reader-only access mode): the kernel grows no
+/// filesystem mounted read-only (xfs_growfs: "Read-only file system";
+/// ext4 likewise where berth may resize online), so the stage mounts it as
+/// it is and leaves the growth to the first read-write stage. Before, the
+/// read-only stage tried to grow it, failed, and so did every retry: the
+/// restored xfs volume could not be used read-only at all.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_larger_restore_staged_read_only_mounts_and_grows_later() {
+    for fs in ["xfs", "ext4"] {
+        let dir = tempfile::tempdir().unwrap();
+        let guard = BlockGuard(dir.path().to_path_buf());
+        let h = build(dir, berth::os::Os::real(), None, &["--kinds", "block"]);
+        let params = [("kind", "block"), ("fsType", fs)];
+        let id = create(&h, "src", 320 * MIB, &params, rwo()).await;
+        let s = h.path("stage-src");
+        stage(&h, &id, &s, rwo()).await;
+        std::fs::write(s.join("kept"), b"before the snapshot").unwrap();
+        let snap = snapshot_id(&h, "s", &id).await;
+        unstage(&h, &id, &s).await;
+        let r = restore(&h, "r", 400 * MIB, &snap, &params, rwo()).await;
+        let size_at = |p: &Path| {
+            let st = nix::sys::statvfs::statvfs(p).unwrap();
+            st.blocks() as u64 * st.fragment_size() as u64
+        };
+        let rs = h.path("stage-r");
+        let ro = mount_cap_flags(Mode::SingleNodeWriter, &["ro"]);
+        for attempt in ["first", "repeated"] {
+            let staged = h
+                .node
+                .node_stage_volume(Request::new(csi::NodeStageVolumeRequest {
+                    volume_capability: Some(ro.clone()),
+                    ..stage_req(&r, &rs)
+                }))
+                .await;
+            assert!(
+                staged.is_ok(),
+                "{fs}, {attempt} read-only stage: {staged:?}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(rs.join("kept")).unwrap(),
+            b"before the snapshot",
+            "{fs}"
+        );
+        assert!(
+            std::fs::write(rs.join("new"), b"x").is_err(),
+            "{fs}: staged read-only"
+        );
+        unstage(&h, &r, &rs).await;
+        // The first read-write stage grows it.
+        stage(&h, &r, &rs, rwo()).await;
+        let size = size_at(&rs);
+        assert!(
+            size > 330 * MIB as u64,
+            "{fs}: {size} bytes after the read-write stage of a 400 MiB restore"
+        );
+        assert_eq!(
+            std::fs::read(rs.join("kept")).unwrap(),
+            b"before the snapshot"
+        );
+        unstage(&h, &r, &rs).await;
+        drop(h);
+        drop(guard);
+    }
+}

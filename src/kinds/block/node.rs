@@ -433,6 +433,16 @@ impl BlockKind {
         })
     }
 
+    /// A filesystem mounted read-only is not grown (the kernel refuses:
+    /// xfs_growfs and online resize2fs fail "Read-only file system"): a
+    /// restore into a larger volume staged read-only keeps its growth for
+    /// its first read-write stage.
+    fn growth_deferred(rec: &VolumeRecord, info: &BlockInfo) {
+        if info.grow_fs {
+            tracing::info!(volume_id = %rec.id, "staged read-only: the restored filesystem is grown to its volume at its first read-write stage");
+        }
+    }
+
     fn stage_fs_on(
         &self,
         rec: &VolumeRecord,
@@ -465,6 +475,10 @@ impl BlockKind {
                 // size). Where the kernel refuses online ext4 growth, the
                 // offline fallback as at the first stage, while nothing
                 // but the staging path mounts the device.
+                if flags.readonly {
+                    Self::growth_deferred(rec, &info);
+                    return Ok(());
+                }
                 if info.grow_fs
                     && fs == Filesystem::Ext4
                     && Self::users(&t, dev).iter().all(|p| p == staging)
@@ -541,6 +555,10 @@ impl BlockKind {
         match decision {
             format::Decision::Mount => {
                 mount()?;
+                if flags.readonly {
+                    Self::growth_deferred(rec, &info);
+                    return Ok(());
+                }
                 if info.grow_fs && fs == Filesystem::Ext4 && !facts_in_use {
                     return self.grow_restored_ext4(rec, &info, dev, staging, &mount);
                 }

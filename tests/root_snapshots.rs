@@ -718,3 +718,73 @@ async fn a_larger_restore_staged_read_only_mounts_and_grows_later() {
         drop(guard);
     }
 }
+
+/// Takes every free block of the filesystem at `root` into one file
+/// (`root/filler`), as another tenant filling it would.
+fn fill(root: &Path) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let path = root.join("filler");
+    let f = std::fs::File::create(&path).unwrap();
+    let (mut at, mut chunk): (i64, i64) = (0, 64 * MIB);
+    while chunk >= 4096 {
+        // SAFETY: a plain fallocate(2) on a descriptor this function owns.
+        if unsafe { libc::fallocate(f.as_raw_fd(), 0, at, chunk) } == 0 {
+            at += chunk;
+        } else {
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::ENOSPC)
+            );
+            chunk /= 2;
+        }
+    }
+    path
+}
+
+/// Writes `byte` over the first `len` bytes of `file` and flushes it.
+fn overwrite(file: &Path, byte: u8, len: usize) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(file)?;
+    f.write_all_at(&vec![byte; len], 0)?;
+    f.sync_all()
+}
+
+/// A thick volume takes its space when it is made, so writing into it
+/// never fails for want of space. On a block root that clones files (xfs
+/// with reflink) a snapshot or a restore clones the file: its blocks are
+/// then shared, and a write to one needs a new block (copy on write). A
+/// snapshot of a thick volume, and a thick restore or clone, therefore
+/// take blocks of their own (unshared), so that every thick volume keeps
+/// its own. Before, once the filesystem was full, writing into a thick
+/// volume that had a snapshot, or into a thick restore, failed with ENOSPC.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn thick_volumes_keep_their_blocks_on_a_reflink_block_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let block_root = xfs_reflink_root(dir.path());
+    let root = dir.path().join("xfs-root");
+    let h = serve_block_root(dir, &block_root);
+    let raw = block_cap(Mode::SingleNodeWriter);
+    let thick = [("kind", "block"), ("allocation", "thick")];
+    let len = 96 * MIB as usize;
+    let id = create(&h, "thick", 96 * MIB, &thick, raw.clone()).await;
+    let file = block_root.join(format!("{id}.img"));
+    overwrite(&file, 7, len).unwrap();
+    let snap = snapshot_id(&h, "s", &id).await;
+    let restored = restore(&h, "r", 96 * MIB, &snap, &thick, raw.clone()).await;
+    let filler = fill(&root);
+    for (what, f) in [
+        ("the snapshotted volume", file),
+        (
+            "the thick restore",
+            block_root.join(format!("{restored}.img")),
+        ),
+    ] {
+        let r = overwrite(&f, 9, len);
+        assert!(r.is_ok(), "writing into {what} on a full filesystem: {r:?}");
+    }
+    std::fs::remove_file(filler).unwrap();
+    drop(h);
+    let _ = nix::mount::umount(&root);
+    drop(guard);
+}

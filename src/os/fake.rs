@@ -1560,6 +1560,11 @@ impl Files for FakeOs {
         RealFiles.set_len(file, path, len)
     }
 
+    fn unshare(&self, file: &std::fs::File, path: &Path, len: u64) -> Result<(), OsError> {
+        self.file_op("unshare", path)?;
+        RealFiles.unshare(file, path, len)
+    }
+
     fn allocate(&self, file: &std::fs::File, path: &Path, len: u64) -> Result<(), OsError> {
         self.file_op("fallocate", path)?;
         let before = file

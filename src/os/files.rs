@@ -69,6 +69,11 @@ pub trait Files: Send + Sync {
     fn set_len(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
     /// fallocate(2) of the first `len` bytes (mode 0: allocate, extend).
     fn allocate(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
+    /// fallocate(2) with FALLOC_FL_UNSHARE_RANGE of the first `len` bytes:
+    /// blocks the file shares with another (a clone on xfs with reflink,
+    /// btrfs) become its own, so writing to them needs no new block. A
+    /// filesystem that shares no blocks (EOPNOTSUPP) has nothing to do.
+    fn unshare(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
     /// fsync(2) of an open file.
     fn sync(&self, file: &File, path: &Path) -> Result<(), OsError>;
     /// fdatasync(2) of an open file.
@@ -238,6 +243,28 @@ impl Files for RealFiles {
         }
         nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len)
             .map_err(|e| OsError::sys("fallocate", path, e))
+    }
+
+    fn unshare(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError> {
+        let len = i64::try_from(len).map_err(|_| {
+            OsError::sys(
+                "fallocate",
+                path,
+                std::io::Error::from_raw_os_error(libc::EFBIG),
+            )
+        })?;
+        if len == 0 {
+            return Ok(());
+        }
+        match nix::fcntl::fallocate(
+            file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_UNSHARE_RANGE,
+            0,
+            len,
+        ) {
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            r => r.map_err(|e| OsError::sys("fallocate", path, e)),
+        }
     }
 
     fn sync(&self, file: &File, path: &Path) -> Result<(), OsError> {

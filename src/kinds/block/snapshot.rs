@@ -38,7 +38,7 @@ use crate::kinds::{judge_copy, CopyFlaw, Source};
 use crate::node::mounts;
 use crate::os::files::ensure_dir;
 use crate::os::MountEntry;
-use crate::state::{BlockInfo, SnapshotRecord, VolumeRecord};
+use crate::state::{Allocation, BlockInfo, SnapshotRecord, VolumeRecord};
 
 /// Snapshot ids.
 pub const SNAP_PREFIX: &str = "block-snap-";
@@ -144,6 +144,23 @@ impl BlockKind {
             Some(flaw) => Err(flaw.error(&s.id)),
             None => Ok(file),
         }
+    }
+
+    /// Makes every block of the file `f` its own (`Files::unshare`): a
+    /// thick volume's, or the copy of one, made by a clone (xfs with
+    /// reflink, btrfs) whose blocks another file shares. No room is
+    /// RESOURCE_EXHAUSTED, as for a copy.
+    fn unshare_file(&self, f: &Path) -> Result<()> {
+        let fs = self.os.files.as_ref();
+        let file = fs
+            .open(f, crate::os::files::Open::Existing)
+            .map_err(|e| Error::os(format!("opening {}", f.display()), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("inspecting {}", f.display()), e))?
+            .len();
+        fs.unshare(&file, f, len)
+            .map_err(|e| copy_error(format!("unsharing the blocks of {}", f.display()), e))
     }
 
     fn partial_file(&self, id: &str) -> PathBuf {
@@ -282,6 +299,16 @@ impl BlockKind {
                 return Err(e);
             }
         };
+        // A clone shares every block with the volume: a thick volume's
+        // next write to one would need a new block, which a full
+        // filesystem no longer has. The copy takes blocks of its own
+        // (after the thaw: the volume's writes need not wait for it).
+        if info.allocation == Allocation::Thick && stats.cloned > 0 {
+            if let Err(e) = self.unshare_file(&partial) {
+                let _ = f.remove_file(&partial);
+                return Err(e);
+            }
+        }
         // The length a restore and `state check` require of the file (less
         // than `size_bytes` when the volume's expansion has not reached its
         // file yet).
@@ -584,6 +611,11 @@ impl BlockKind {
         let mut info = Self::inherited(&source);
         info.allocation = allocation;
         info.grow_fs = grow_fs;
+        if allocation == Allocation::Thick {
+            // A clone of the snapshot's (or the source's) file shares its
+            // blocks: a thick volume takes blocks of its own.
+            self.unshare_file(file)?;
+        }
         self.grow_file(file, allocation, rec.capacity_bytes, None)?;
         info.file_bytes = u64::try_from(rec.capacity_bytes).ok();
         rec.block = Some(Box::new(info));

@@ -1989,3 +1989,66 @@ async fn get_snapshot_never_waits_on_the_disk_in_the_thread_answering_calls() {
         );
     }
 }
+
+/// A local volume in use is not frozen for its snapshot or clone: its files
+/// are copied as they are when the copy reaches them, and one the pod
+/// removed before then (a temporary file, a rotated log) is not in the
+/// copy, as if it had been removed before the copy began. Before, the
+/// first such file failed the whole copy (`stat ...: No such file or
+/// directory`), so a volume whose pod kept making and removing files was
+/// refused snapshot after snapshot.
+#[tokio::test]
+async fn a_file_removed_while_a_local_volume_is_copied_is_left_out() {
+    const FILES: usize = 3000;
+    let h = fake(&[]);
+    let src = create_p(&h, "src", 64 * MIB, &[]).await.volume_id;
+    let dir = vol_dir(&h, &src);
+    std::fs::create_dir(dir.join("kept")).unwrap();
+    std::fs::write(dir.join("kept/data"), b"stays").unwrap();
+    for (i, area) in [".snapshots", ".creating"].into_iter().enumerate() {
+        let tmp = dir.join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        for n in 0..FILES {
+            std::fs::write(tmp.join(format!("{n:05}")), n.to_string()).unwrap();
+        }
+        // The pod removes its temporary files from the last one on, once
+        // the copy has begun; then the directory itself.
+        let (watch, pod_tmp) = (h.path("local").join(area), tmp.clone());
+        let pod = std::thread::spawn(move || {
+            let copying = |d: std::fs::ReadDir| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+            };
+            while !std::fs::read_dir(&watch).is_ok_and(copying) {
+                std::thread::yield_now();
+            }
+            for n in (0..FILES).rev() {
+                let _ = std::fs::remove_file(pod_tmp.join(format!("{n:05}")));
+            }
+            let _ = std::fs::remove_dir(&pod_tmp);
+        });
+        let copy = if i == 0 {
+            let s = h
+                .ctl
+                .create_snapshot(Request::new(snap_req("s", &src)))
+                .await
+                .map(|r| r.into_inner().snapshot.unwrap().snapshot_id);
+            s.map(|id| h.path("local/.snapshots").join(id))
+        } else {
+            h.ctl
+                .create_volume(Request::new(from_volume("clone", 64 * MIB, &src)))
+                .await
+                .map(|r| vol_dir(&h, &r.into_inner().volume.unwrap().volume_id))
+        };
+        pod.join().unwrap();
+        let copy = copy.unwrap_or_else(|e| panic!("{area}: {e:?}"));
+        assert_eq!(std::fs::read(copy.join("kept/data")).unwrap(), b"stays");
+        // What was copied of the rest is whole.
+        if let Ok(d) = std::fs::read_dir(copy.join("tmp")) {
+            for e in d.flatten() {
+                let n: usize = e.file_name().to_str().unwrap().parse().unwrap();
+                assert_eq!(std::fs::read(e.path()).unwrap(), n.to_string().as_bytes());
+            }
+        }
+    }
+}

@@ -420,75 +420,114 @@ fn copy_entries(
     for e in entries {
         let from = base.join(e.file_name());
         let to = dst.join(e.file_name());
-        let em = std::fs::symlink_metadata(&from).map_err(sys("stat", &from))?;
-        let ft = em.file_type();
-        if ft.is_dir() {
-            copy_dir(&from, &to, &[], links, st)?;
-            continue;
-        }
-        if ft.is_socket() {
-            tracing::debug!(path = %from.display(), "socket not copied");
-            continue;
-        }
-        if !ft.is_dir() && em.nlink() > 1 {
-            if let Some(first) = links.get(&(em.dev(), em.ino())) {
-                std::fs::hard_link(first, &to).map_err(sys("link", &to))?;
-                st.links += 1;
-                continue;
+        match copy_entry(&from, &to, links, st) {
+            Ok(()) => {}
+            // Removed since the directory was read (a volume in use: a
+            // temporary file, a rotated log): left out, as if removed
+            // before the copy began; what was made of it goes.
+            Err(err)
+                if err.errno() == Some(libc::ENOENT)
+                    && std::fs::symlink_metadata(&from).is_err() =>
+            {
+                tracing::debug!(path = %from.display(), "removed while it was copied: left out");
+                remove_partial(&to)?;
             }
-            links.insert((em.dev(), em.ino()), to.clone());
+            Err(err) => return Err(err),
         }
-        if ft.is_file() {
-            // Never through a symlink that replaced the file meanwhile (a
-            // volume in use changes while it is copied); never blocking on
-            // a FIFO that did.
-            let s = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-                .open(&from)
-                .map_err(sys("open", &from))?;
-            let d = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&to)
-                .map_err(sys("create", &to))?;
-            st.add(copy_file_data(&s, &from, &d, &to)?);
-            copy_xattrs(&from, &to)?;
-            copy_meta(&em, &to, false)?;
-        } else if ft.is_symlink() {
-            let target = std::fs::read_link(&from).map_err(sys("readlink", &from))?;
-            std::os::unix::fs::symlink(&target, &to).map_err(sys("symlink", &to))?;
-            copy_xattrs(&from, &to).or_else(|e| {
-                // User attributes are not allowed on symlinks.
-                if e.errno() == Some(libc::EPERM) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })?;
-            copy_meta(&em, &to, true)?;
-            st.other += 1;
-        } else {
-            let kind = if ft.is_fifo() {
-                SFlag::S_IFIFO
-            } else if ft.is_char_device() {
-                SFlag::S_IFCHR
+    }
+    Ok(())
+}
+
+/// Removes what a copy made at `dst` of an entry that was removed from
+/// its source meanwhile (a file, or a directory tree); nothing there is
+/// nothing to do.
+fn remove_partial(dst: &Path) -> Result<(), OsError> {
+    match std::fs::symlink_metadata(dst) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(OsError::sys("lstat", dst, e)),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(dst).map_err(sys("rmdir", dst)),
+        Ok(_) => std::fs::remove_file(dst).map_err(sys("unlink", dst)),
+    }
+}
+
+/// Copies the entry `from` (reached through its directory's descriptor)
+/// to `to`.
+fn copy_entry(
+    from: &Path,
+    to: &Path,
+    links: &mut HashMap<(u64, u64), std::path::PathBuf>,
+    st: &mut CopyStats,
+) -> Result<(), OsError> {
+    let em = std::fs::symlink_metadata(from).map_err(sys("stat", from))?;
+    let ft = em.file_type();
+    if ft.is_dir() {
+        return copy_dir(from, to, &[], links, st);
+    }
+    if ft.is_socket() {
+        tracing::debug!(path = %from.display(), "socket not copied");
+        return Ok(());
+    }
+    // One inode stays one inode: the first of its names copied is linked.
+    let link_key = (em.nlink() > 1).then(|| (em.dev(), em.ino()));
+    if let Some(first) = link_key.and_then(|k| links.get(&k)) {
+        std::fs::hard_link(first, to).map_err(sys("link", to))?;
+        st.links += 1;
+        return Ok(());
+    }
+    if ft.is_file() {
+        // Never through a symlink that replaced the file meanwhile (a
+        // volume in use changes while it is copied); never blocking on
+        // a FIFO that did.
+        let s = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(from)
+            .map_err(sys("open", from))?;
+        let d = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(to)
+            .map_err(sys("create", to))?;
+        st.add(copy_file_data(&s, from, &d, to)?);
+        copy_xattrs(from, to)?;
+        copy_meta(&em, to, false)?;
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(from).map_err(sys("readlink", from))?;
+        std::os::unix::fs::symlink(&target, to).map_err(sys("symlink", to))?;
+        copy_xattrs(from, to).or_else(|e| {
+            // User attributes are not allowed on symlinks.
+            if e.errno() == Some(libc::EPERM) {
+                Ok(())
             } else {
-                SFlag::S_IFBLK
-            };
-            nix::sys::stat::mknod(
-                &to,
-                kind,
-                Mode::from_bits_truncate(0o600),
-                em.rdev() as nix::sys::stat::dev_t,
-            )
-            .map_err(errno("mknod", &to))?;
-            copy_xattrs(&from, &to)?;
-            copy_meta(&em, &to, false)?;
-            st.other += 1;
-        }
+                Err(e)
+            }
+        })?;
+        copy_meta(&em, to, true)?;
+        st.other += 1;
+    } else {
+        let kind = if ft.is_fifo() {
+            SFlag::S_IFIFO
+        } else if ft.is_char_device() {
+            SFlag::S_IFCHR
+        } else {
+            SFlag::S_IFBLK
+        };
+        nix::sys::stat::mknod(
+            to,
+            kind,
+            Mode::from_bits_truncate(0o600),
+            em.rdev() as nix::sys::stat::dev_t,
+        )
+        .map_err(errno("mknod", to))?;
+        copy_xattrs(from, to)?;
+        copy_meta(&em, to, false)?;
+        st.other += 1;
+    }
+    // Linked to by the inode's next names only once it is copied whole.
+    if let Some(k) = link_key {
+        links.insert(k, to.to_path_buf());
     }
     Ok(())
 }

@@ -2225,3 +2225,95 @@ fn a_log_level_that_would_silence_berth_stops_it() {
         assert_eq!(paths_under(d.path()), Vec::<PathBuf>::new(), "{level:?}");
     }
 }
+
+/// Removes `dir` with `rm -rf` (fts: no recursion), whatever it holds, when
+/// dropped: a test's data directory whose tree std's `remove_dir_all`
+/// (tempfile's drop) could not remove without overflowing the stack.
+struct RmRf(PathBuf);
+
+impl Drop for RmRf {
+    fn drop(&mut self) {
+        let _ = Command::new("rm").arg("-rf").arg(&self.0).status();
+    }
+}
+
+/// Makes a chain of `depth` directories named `d` inside `dir`, one level
+/// relative to the one above (as a tenant can, without any path length
+/// limit).
+fn deep_tree(dir: &Path, depth: usize) {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut fd = open(dir, flags, Mode::empty()).unwrap();
+    for _ in 0..depth {
+        mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
+        fd = openat(&fd, "d", flags, Mode::empty()).unwrap();
+    }
+    std::fs::write(
+        format!("/proc/self/fd/{}/bottom", {
+            use std::os::fd::AsRawFd;
+            fd.as_raw_fd()
+        }),
+        b"x",
+    )
+    .unwrap();
+}
+
+/// A tenant can make a directory tree as deep as they like in a local
+/// volume. Removing it (DeleteVolume empties the trash on the background
+/// thread; start-up empties what is left; a snapshot's copy, a failed
+/// restore's) must not take a stack frame per level: std's
+/// `remove_dir_all` did, and at some ten thousand levels it overflowed the
+/// thread's stack, which aborted berth, and every start after it aborted
+/// the same way while emptying the trash: one tenant took the node's
+/// plugin down for good. Now the tree goes, berth stays up, and a restart
+/// finds nothing left.
+#[tokio::test]
+async fn a_local_volume_holding_a_very_deep_tree_is_deleted_and_berth_stays_up() {
+    let d = tempfile::tempdir().unwrap();
+    let _rm = RmRf(d.path().to_path_buf());
+    let b = start(d.path(), &[]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let id = c
+        .controller
+        .create_volume(Request::new(create_req("deep", 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    // std's remove_dir_all overflowed a 2 MiB stack between 8,000 and
+    // 14,000 levels.
+    deep_tree(&d.path().join("local").join(&id), 16_000);
+    c.controller
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let trash = d.path().join("local/.trash");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let alive = c.identity.probe(Request::new(csi::ProbeRequest {})).await;
+        assert!(
+            alive.is_ok(),
+            "berth went down while it removed the tree: {alive:?}\n{}",
+            std::fs::read_to_string(&b.log).unwrap_or_default()
+        );
+        if std::fs::read_dir(&trash).map_or(true, |mut e| e.next().is_none()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the trash was not emptied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(b);
+    let b = start(d.path(), &[]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .probe(Request::new(csi::ProbeRequest {}))
+        .await
+        .unwrap();
+    assert!(!d.path().join("local").join(&id).exists());
+}

@@ -201,12 +201,7 @@ impl Files for RealFiles {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(_) => {}
         }
-        match std::fs::remove_dir_all(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(OsError::sys("remove tree", path, e))
-            }
-            _ => Ok(()),
-        }
+        remove_tree_iteratively(path)
     }
 
     fn open(&self, path: &Path, how: Open) -> Result<File, OsError> {
@@ -652,6 +647,131 @@ pub fn read_own_dir(path: &Path) -> Option<std::fs::ReadDir> {
     }
 }
 
+/// Removes the tree at `path` (a directory; a symlink there is removed
+/// itself, a file is an error, ENOTDIR, as `remove_dir_all` has it)
+/// without following a symlink, one level at a time with no recursion and
+/// no descriptor held per level: a tree as deep as a tenant likes (one
+/// relative mkdir after another) cannot overflow the thread's stack, which
+/// `std::fs::remove_dir_all` did at some ten thousand levels (it recurses,
+/// and aborted berth). Going back up, the parent reached through `..` must
+/// be the directory it came down from (device and inode), or it stops:
+/// nothing outside the tree is ever touched.
+fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{fstat, Mode};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    use std::ffi::OsString;
+    use std::os::fd::OwnedFd;
+    let err = |op: &'static str| move |e: nix::errno::Errno| OsError::sys(op, path, e);
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(OsError::sys("lstat", path, e)),
+        Ok(m) if m.file_type().is_symlink() => {
+            return std::fs::remove_file(path).map_err(sys("unlink", path))
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(OsError::sys(
+                "remove tree",
+                path,
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            ))
+        }
+        Ok(_) => {}
+    }
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    // Removes every entry of the directory `dir` but its subdirectories,
+    // whose names it returns.
+    let clear = |dir: &OwnedFd| -> Result<Vec<OsString>, OsError> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut d =
+            nix::dir::Dir::openat(dir, ".", dir_flags, Mode::empty()).map_err(err("opendir"))?;
+        let mut subdirs = Vec::new();
+        for e in d.iter() {
+            let e = e.map_err(err("readdir"))?;
+            let name = e.file_name();
+            if matches!(name.to_bytes(), b"." | b"..") {
+                continue;
+            }
+            let is_dir = match e.file_type() {
+                Some(t) => t == nix::dir::Type::Directory,
+                None => {
+                    nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                        .map_err(err("stat"))?
+                }
+            };
+            if is_dir {
+                subdirs.push(OsString::from(std::ffi::OsStr::from_bytes(name.to_bytes())));
+                continue;
+            }
+            match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => return Err(err("unlink")(e)),
+            }
+        }
+        Ok(subdirs)
+    };
+    // The directories above the current one: each one's name in its
+    // parent, its parent's (device, inode), and its parent's subdirectories
+    // still to remove.
+    struct Level {
+        name: OsString,
+        parent: (libc::dev_t, libc::ino_t),
+        pending: Vec<OsString>,
+    }
+    let mut up: Vec<Level> = Vec::new();
+    let mut dir = nix::fcntl::open(path, dir_flags, Mode::empty()).map_err(err("open"))?;
+    let mut pending = clear(&dir)?;
+    loop {
+        if let Some(name) = pending.pop() {
+            match unlinkat(&dir, name.as_os_str(), UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => continue,
+                Err(nix::errno::Errno::ENOTEMPTY) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(err("rmdir")(e)),
+            }
+            let st = fstat(&dir).map_err(err("stat"))?;
+            let child = match openat(&dir, name.as_os_str(), dir_flags, Mode::empty()) {
+                Ok(c) => c,
+                Err(nix::errno::Errno::ENOENT) => continue,
+                Err(e) => return Err(err("open")(e)),
+            };
+            up.push(Level {
+                name,
+                parent: (st.st_dev, st.st_ino),
+                pending: std::mem::take(&mut pending),
+            });
+            dir = child;
+            pending = clear(&dir)?;
+            continue;
+        }
+        // `dir` is empty: it goes, from its parent.
+        let Some(level) = up.pop() else {
+            drop(dir);
+            return match std::fs::remove_dir(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(OsError::sys("rmdir", path, e))
+                }
+                _ => Ok(()),
+            };
+        };
+        let parent = openat(&dir, "..", dir_flags, Mode::empty()).map_err(err("open"))?;
+        let st = fstat(&parent).map_err(err("stat"))?;
+        if (st.st_dev, st.st_ino) != level.parent {
+            return Err(OsError::sys(
+                "remove tree",
+                path,
+                std::io::Error::other("a directory in the tree was moved while it was removed"),
+            ));
+        }
+        dir = parent;
+        match unlinkat(&dir, level.name.as_os_str(), UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(err("rmdir")(e)),
+        }
+        pending = level.pending;
+    }
+}
+
 /// Moves a whole copy made under a temporary name, `from`, to its own
 /// name `to` (never replacing anything there), and syncs `to`'s directory;
 /// nothing to do when `from` is not there (moved already). Once a record
@@ -713,6 +833,44 @@ mod tests {
         // A file is no tree (as remove_dir_all has it): left, an error.
         assert!(RealFiles.remove_tree(&p("file")).is_err());
         assert!(p("file").is_file());
+    }
+
+    /// A tree deeper than any path (one relative mkdir after another), with
+    /// symlinks and side directories along it, goes whole, level by level
+    /// without recursion (std's `remove_dir_all` overflowed a 2 MiB stack
+    /// at some ten thousand levels: binary test
+    /// `a_local_volume_holding_a_very_deep_tree_is_deleted_and_berth_stays_up`);
+    /// what a symlink in it leads to stays.
+    #[test]
+    fn remove_tree_takes_a_tree_deeper_than_any_path() {
+        use nix::fcntl::{open, openat, OFlag};
+        use nix::sys::stat::{mkdirat, Mode};
+        let t = tempfile::tempdir().unwrap();
+        let kept = t.path().join("kept");
+        std::fs::create_dir(&kept).unwrap();
+        std::fs::write(kept.join("f"), b"x").unwrap();
+        let top = t.path().join("deep");
+        std::fs::create_dir(&top).unwrap();
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut fd = open(&top, flags, Mode::empty()).unwrap();
+        for i in 0..3_000 {
+            if i % 100 == 0 {
+                nix::unistd::symlinkat(&kept, &fd, "link").unwrap();
+                mkdirat(&fd, "side", Mode::from_bits_truncate(0o755)).unwrap();
+            }
+            mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
+            fd = openat(&fd, "d", flags, Mode::empty()).unwrap();
+        }
+        drop(fd);
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || RealFiles.remove_tree(&top).map(|_| top))
+            .unwrap()
+            .join()
+            .unwrap()
+            .map(|top| assert!(std::fs::symlink_metadata(top).is_err()))
+            .unwrap();
+        assert!(kept.join("f").is_file());
     }
 
     #[test]

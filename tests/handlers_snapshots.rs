@@ -2052,3 +2052,37 @@ async fn a_file_removed_while_a_local_volume_is_copied_is_left_out() {
         }
     }
 }
+
+/// A local volume whose tenant made a directory tree deeper than any path
+/// (one relative mkdir after another) cannot be copied whole (the copy's
+/// paths would pass PATH_MAX): its snapshot fails with what happened,
+/// leaves nothing, and berth goes on (the copy takes no stack frame per
+/// level it could overflow).
+#[tokio::test]
+async fn a_local_volume_deeper_than_any_path_fails_its_snapshot_cleanly() {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let h = fake(&[]);
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut fd = open(&vol_dir(&h, &src), flags, Mode::empty()).unwrap();
+    for _ in 0..6_000 {
+        mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
+        fd = openat(&fd, "d", flags, Mode::empty()).unwrap();
+    }
+    drop(fd);
+    let e = h
+        .ctl
+        .create_snapshot(Request::new(snap_req("s", &src)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(e.message().contains("File name too long"), "{e:?}");
+    let left: Vec<_> = std::fs::read_dir(h.path("local/.snapshots"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(h.driver.store.snapshot_by_name("s").is_none());
+    // The volume goes too (its tree removed level by level).
+    delete(&h, &src).await;
+}

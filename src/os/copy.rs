@@ -336,11 +336,38 @@ fn copy_meta(m: &std::fs::Metadata, dst: &Path, symlink: bool) -> Result<(), OsE
 /// every file and directory it wrote (one flush instead of one fsync per
 /// file, which made copying many small files many times slower than tar).
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
-    let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
-    let mut st = CopyStats::default();
-    copy_dir(src, dst, &[], &mut links, &mut st)?;
-    sync_fs_of(dst)?;
-    Ok(st)
+    on_copy_stack(|| {
+        let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
+        let mut st = CopyStats::default();
+        copy_dir(src, dst, &[], &mut links, &mut st)?;
+        sync_fs_of(dst)?;
+        Ok(st)
+    })
+}
+
+/// The stack a tree copy runs on. It takes a few frames per level of the
+/// tree, and a level deeper than the destination's paths allow (PATH_MAX,
+/// 4,096 bytes: at most some 2,000 levels) fails its mkdir: a few MiB at
+/// most, more than the 2 MiB a thread gets by default (a tenant's tree
+/// some two thousand levels deep, one relative mkdir after another,
+/// overflowed it and aborted berth, in a release build too). Only the part
+/// used is ever touched.
+const TREE_COPY_STACK: usize = 64 << 20;
+
+/// Runs the tree copy `f` on a thread of its own with `TREE_COPY_STACK`,
+/// and waits for it.
+fn on_copy_stack<T: Send>(f: impl FnOnce() -> Result<T, OsError> + Send) -> Result<T, OsError> {
+    std::thread::scope(|s| {
+        let copy = std::thread::Builder::new()
+            .name("berth-copy".into())
+            .stack_size(TREE_COPY_STACK)
+            .spawn_scoped(s, f)
+            .map_err(|e| OsError::sys("spawn", "a tree copy's thread", e))?;
+        match copy.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 /// Copies what the directory `src` holds into the existing directory
@@ -350,8 +377,6 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
 /// name of an entry copied (EEXIST). Durable before it returns, like
 /// `copy_tree`.
 pub fn copy_into(src: &Path, dst: &Path, skip: &[&str]) -> Result<CopyStats, OsError> {
-    let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
-    let mut st = CopyStats::default();
     let m = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
     if !m.is_dir() {
         return Err(OsError::sys(
@@ -360,12 +385,16 @@ pub fn copy_into(src: &Path, dst: &Path, skip: &[&str]) -> Result<CopyStats, OsE
             std::io::Error::from_raw_os_error(libc::ENOTDIR),
         ));
     }
-    copy_entries(src, dst, skip, &mut links, &mut st)?;
-    copy_xattrs(src, dst)?;
-    copy_meta(&m, dst, false)?;
-    st.other += 1;
-    sync_fs_of(dst)?;
-    Ok(st)
+    on_copy_stack(|| {
+        let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
+        let mut st = CopyStats::default();
+        copy_entries(src, dst, skip, &mut links, &mut st)?;
+        copy_xattrs(src, dst)?;
+        copy_meta(&m, dst, false)?;
+        st.other += 1;
+        sync_fs_of(dst)?;
+        Ok(st)
+    })
 }
 
 /// One syncfs(2) of the filesystem that holds `path`.
@@ -445,7 +474,7 @@ fn remove_partial(dst: &Path) -> Result<(), OsError> {
     match std::fs::symlink_metadata(dst) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(OsError::sys("lstat", dst, e)),
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(dst).map_err(sys("rmdir", dst)),
+        Ok(m) if m.is_dir() => super::files::remove_tree_iteratively(dst),
         Ok(_) => std::fs::remove_file(dst).map_err(sys("unlink", dst)),
     }
 }

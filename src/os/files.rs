@@ -656,7 +656,7 @@ pub fn read_own_dir(path: &Path) -> Option<std::fs::ReadDir> {
 /// and aborted berth). Going back up, the parent reached through `..` must
 /// be the directory it came down from (device and inode), or it stops:
 /// nothing outside the tree is ever touched.
-fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
+pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
     use nix::fcntl::{openat, OFlag};
     use nix::sys::stat::{fstat, Mode};
     use nix::unistd::{unlinkat, UnlinkatFlags};

@@ -176,20 +176,32 @@ impl Error {
 /// The most bytes of an error message an RPC answers with.
 pub const MAX_MESSAGE: usize = 2048;
 
-/// `m` cut to at most `MAX_MESSAGE` bytes, on a character boundary, saying
-/// how much was cut.
-fn bounded(mut m: String) -> String {
+/// How many bytes of its end a message cut to `MAX_MESSAGE` keeps: what
+/// happened (the errno of an OS error) comes last, after the paths.
+const KEPT_TAIL: usize = 512;
+
+/// `m` cut to at most `MAX_MESSAGE` bytes, on character boundaries: its
+/// beginning and its last `KEPT_TAIL` bytes (an OS error's cause comes
+/// after a path that may be long), with how much was cut between them.
+fn bounded(m: String) -> String {
     if m.len() <= MAX_MESSAGE {
         return m;
     }
     let total = m.len();
-    let mut end = MAX_MESSAGE - 64;
-    while !m.is_char_boundary(end) {
-        end -= 1;
+    let mut head = MAX_MESSAGE - KEPT_TAIL - 64;
+    while !m.is_char_boundary(head) {
+        head -= 1;
     }
-    m.truncate(end);
-    m.push_str(&format!(" ... ({} more bytes cut)", total - end));
-    m
+    let mut tail = total - KEPT_TAIL;
+    while !m.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{} ... ({} bytes cut) ... {}",
+        &m[..head],
+        tail - head,
+        &m[tail..]
+    )
 }
 
 /// Any error's message with every source in its chain: "a: b: c" (the
@@ -313,7 +325,19 @@ mod tests {
         let m = long.status_in("NodePublishVolume").message().to_string();
         assert!(m.len() <= MAX_MESSAGE, "{}", m.len());
         assert!(m.starts_with("paths: é/"));
-        assert!(m.ends_with("more bytes cut)"), "{m}");
+        assert!(m.contains(" bytes cut) ... "), "{m}");
+        // The end, where an OS error's cause is, is kept.
+        let os = Error::os(
+            format!("mkdir /{}", "d/".repeat(3000)),
+            crate::os::OsError::sys(
+                "mkdir",
+                std::path::Path::new("/d"),
+                std::io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+            ),
+        );
+        let m = os.status_in("CreateSnapshot").message().to_string();
+        assert!(m.len() <= MAX_MESSAGE, "{}", m.len());
+        assert!(m.ends_with("File name too long (os error 36)"), "{m}");
         let short = Error::Invalid("short".into());
         assert_eq!(short.status_in("CreateVolume").message(), "short");
     }

@@ -1797,7 +1797,7 @@ async fn error_messages_naming_hostile_input_are_cut() {
             s.code(),
             s.message().len()
         );
-        assert!(s.message().ends_with("more bytes cut)"), "{}", s.message());
+        assert!(s.message().contains(" bytes cut) ... "), "{}", s.message());
     };
     let hostile = std::path::PathBuf::from("é".repeat(2000));
     let e = h

@@ -246,12 +246,36 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serves /metrics and /healthz until the process ends.
+/// Connections served at once; more wait in the kernel's backlog (they
+/// hold no file descriptor of berth's until accepted). The endpoint is
+/// usually on the node's network (`0.0.0.0`), so anyone who can reach it
+/// could otherwise open connections until berth runs out of file
+/// descriptors, and then the CSI socket accepts nobody (Probe times out).
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long a connection may take to send a request's headers, and how
+/// long it may stay idle between requests, before it is closed. A scrape
+/// sends its headers at once.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one connection is served at most (a client that sends a body
+/// forever, or reads the answer a byte at a time); a scraper reconnects.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves /metrics and /healthz until the process ends: at most
+/// `MAX_CONNECTIONS` connections at once, each closed when its headers
+/// are late (`HEADER_TIMEOUT`) or its lifetime is over
+/// (`CONNECTION_LIFETIME`).
 pub async fn serve(d: Arc<Driver>, listener: tokio::net::TcpListener) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving metrics and healthz");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot first: past the bound, connections stay in the backlog.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -262,16 +286,20 @@ pub async fn serve(d: Arc<Driver>, listener: tokio::net::TcpListener) {
         };
         let d = d.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
                 let d = d.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(d, req).await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection ended");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(io, svc);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
+                Ok(Ok(())) => {}
+                Err(_) => tracing::debug!("metrics connection closed at the end of its lifetime"),
             }
         });
     }

@@ -822,6 +822,75 @@ async fn metrics_and_healthz() {
     assert!(h.contains(" 503 "), "{h}");
 }
 
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Connections to the metrics endpoint (on the node's network) that send
+/// nothing cannot take berth's file descriptors: at most
+/// `metrics::MAX_CONNECTIONS` are accepted at once, each closed when its
+/// headers are late. Every one was accepted and held for ever, so enough
+/// of them took every descriptor and the CSI socket accepted nobody
+/// (Probe timed out).
+#[tokio::test]
+async fn idle_metrics_connections_are_bounded_and_closed() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &["--metrics-address", &addr]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+    let pid = b.child.id();
+    let before = open_fds(pid);
+    let idle: Vec<std::net::TcpStream> = (0..150)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // The most berth holds while they wait (it accepted all of them at
+    // once before).
+    let mut most = 0;
+    for _ in 0..40 {
+        most = most.max(open_fds(pid));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        most <= before + berth::metrics::MAX_CONNECTIONS + 4,
+        "{most} descriptors open with 150 idle metrics connections, {before} before"
+    );
+    let probe = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.identity.probe(Request::new(Default::default())),
+    )
+    .await;
+    assert!(
+        matches!(probe, Ok(Ok(_))),
+        "Probe beside idle metrics connections: {probe:?}"
+    );
+    // The first connection (accepted first) is closed by berth, not held.
+    let mut first = idle[0].try_clone().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut first, &mut buf);
+    assert!(
+        matches!(n, Ok(0)),
+        "an idle metrics connection was not closed: {n:?}"
+    );
+    drop(first);
+    drop(idle);
+    let m = http_get(&addr, "/metrics");
+    assert!(m.contains(" 200 "), "{m}");
+}
+
 /// Probes and /healthz checks at the same moment (the livenessprobe
 /// sidecar's Probe and kubelet's /healthz overlap in a cluster) all pass:
 /// each check writes a file of its own (they shared one, and one check

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use thiserror::Error as ThisError;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::controller::ControllerService;
 use crate::csi::v1 as csi;
@@ -174,12 +173,7 @@ pub async fn serve(
     // A waiting RPC polls for its result only while no client has sent
     // anything on these sockets (`handoff`).
     crate::handoff::watch(&listener);
-    let incoming = tokio_stream::StreamExt::map(UnixListenerStream::new(listener), |c| {
-        if let Ok(c) = &c {
-            crate::handoff::watch(c);
-        }
-        c
-    });
+    let incoming = Incoming::new(listener);
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         shutdown.await;
         let _ = stop_tx.send(());
@@ -211,6 +205,70 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     result
+}
+
+/// How long accepting pauses after it failed (`EMFILE`: every file
+/// descriptor in use).
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The connections accepted on the CSI socket, each watched by `handoff`.
+/// A failed accept is logged and the next is tried after
+/// `ACCEPT_BACKOFF`, never at once: tonic retries a failed accept at once,
+/// and one that fails for want of file descriptors fails again at once
+/// while the connection waits in the backlog, so the one async thread spun
+/// (60% of a core and more, measured) for as long as they were short.
+struct Incoming {
+    listener: UnixListener,
+    paused: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Failed accepts in a row (logged at the first, then every 100th).
+    failures: u64,
+}
+
+impl Incoming {
+    fn new(listener: UnixListener) -> Incoming {
+        Incoming {
+            listener,
+            paused: None,
+            failures: 0,
+        }
+    }
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = std::io::Result<tokio::net::UnixStream>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if let Some(p) = self.paused.as_mut() {
+                if std::future::Future::poll(p.as_mut(), cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.paused = None;
+            }
+            match self.listener.poll_accept(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok((c, _))) => {
+                    if self.failures > 0 {
+                        tracing::info!(failures = self.failures, "accepting connections again");
+                        self.failures = 0;
+                    }
+                    crate::handoff::watch(&c);
+                    return Poll::Ready(Some(Ok(c)));
+                }
+                Poll::Ready(Err(e)) => {
+                    if self.failures % 100 == 0 {
+                        tracing::warn!(error = %e, failures = self.failures + 1, "accepting a connection failed; retrying in 100 ms");
+                    }
+                    self.failures += 1;
+                    self.paused = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                }
+            }
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

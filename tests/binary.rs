@@ -891,6 +891,88 @@ async fn idle_metrics_connections_are_bounded_and_closed() {
     assert!(m.contains(" 200 "), "{m}");
 }
 
+/// CPU time (user + system, in clock ticks) process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15, 12 and 13 after the name.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// While every file descriptor of berth is taken (connections to the CSI
+/// socket that send nothing), accepting waits between attempts instead of
+/// spinning the one async thread: tonic retried a failed accept at once,
+/// and with a connection waiting in the backlog every attempt failed at
+/// once again (60% of a core and more, measured). Once descriptors are
+/// free again, berth answers.
+#[tokio::test]
+async fn accepting_without_file_descriptors_does_not_spin() {
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("csi.sock");
+    let mut cmd = Command::new(BIN);
+    cmd.args(berth_args(d.path(), &sock, &["--kinds", "local"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn berth");
+    let mut b = Berth {
+        child,
+        sock: sock.clone(),
+        log: d.path().join("unused.log"),
+    };
+    wait_accepting(&mut b);
+    let pid = b.child.id();
+    // More connections than descriptors: berth takes what it can, the
+    // rest wait in the backlog.
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open_fds(pid) < 64 {
+        assert!(
+            Instant::now() < deadline,
+            "berth never used its 64 descriptors"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as u64;
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used * 5 < 2 * ticks_per_s,
+        "berth used {used} ticks of CPU ({ticks_per_s}/s) in 2 s with no descriptor left"
+    );
+    drop(idle);
+    let mut c = connect(&sock.display().to_string()).await.unwrap();
+    let probe = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.identity.probe(Request::new(Default::default())),
+    )
+    .await;
+    assert!(
+        matches!(probe, Ok(Ok(_))),
+        "Probe once descriptors are free: {probe:?}"
+    );
+}
+
 /// Probes and /healthz checks at the same moment (the livenessprobe
 /// sidecar's Probe and kubelet's /healthz overlap in a cluster) all pass:
 /// each check writes a file of its own (they shared one, and one check

@@ -60,6 +60,24 @@ pub struct NfsKind {
     allowed: AllowedShares,
 }
 
+/// One call's use of a share's lock (`NfsKind::share_lock`).
+pub(crate) struct ShareLock<'a> {
+    table: &'a Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    key: PathBuf,
+    pub(crate) lock: Arc<Mutex<()>>,
+}
+
+impl Drop for ShareLock<'_> {
+    fn drop(&mut self) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        // The table's reference and this one: no other call uses it, and
+        // none can take it while the table is locked.
+        if Arc::strong_count(&self.lock) == 2 {
+            table.remove(&self.key);
+        }
+    }
+}
+
 /// What a bounded statvfs of an NFS mount found.
 #[derive(Debug)]
 pub(crate) enum Probe {
@@ -275,13 +293,24 @@ impl NfsKind {
         Ok(p)
     }
 
-    fn share_lock(&self, mp: &Path) -> Arc<Mutex<()>> {
-        self.share_locks
+    /// The lock of the working mount `mp`, shared by the calls that use it
+    /// now; its entry is removed when the last of them is done, so the
+    /// table holds only shares in use (ids, which name the share, are the
+    /// client's to choose: one entry per share ever named grew without
+    /// bound).
+    fn share_lock(&self, mp: &Path) -> ShareLock<'_> {
+        let lock = self
+            .share_locks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(mp.to_path_buf())
             .or_default()
-            .clone()
+            .clone();
+        ShareLock {
+            table: &self.share_locks,
+            key: mp.to_path_buf(),
+            lock,
+        }
     }
 
     /// statvfs of `path` on a helper thread, at most `stat_timeout`.

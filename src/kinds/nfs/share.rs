@@ -819,8 +819,8 @@ impl NfsKind {
             return Err(Error::Internal("no NFS mount options to try".into()));
         };
         // One lock for the whole search: its first set names it.
-        let lock = self.share_lock(&self.work_dir(vid, first));
-        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let share = self.share_lock(&self.work_dir(vid, first));
+        let _held = share.lock.lock().unwrap_or_else(|e| e.into_inner());
         let source = vid.share_source();
         let t = mounts::table(&self.os)?;
         for opts in sets {
@@ -1013,6 +1013,37 @@ mod tests {
 
     fn marker(p: &Path) -> Option<Marker> {
         read_marker(open(p, dir_flags(), Mode::empty()).unwrap()).unwrap()
+    }
+
+    /// Each share a call names (a volume id is the client's to choose) had
+    /// its lock entry kept for ever: 200 ids on 200 servers that do not
+    /// exist left 200 entries. An entry lives while a call uses it.
+    #[test]
+    fn a_share_lock_lives_only_while_a_call_uses_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        fake.respond("mount.nfs", |_| {
+            Ok(crate::os::command::CmdOutput {
+                code: Some(32),
+                stdout: String::new(),
+                stderr: "mount.nfs: Failed to resolve server".into(),
+            })
+        });
+        let k = NfsKind::new(
+            d.path().join("nfs"),
+            std::time::Duration::from_secs(5),
+            crate::kinds::nfs::allow::AllowedShares::default(),
+            os,
+        );
+        for i in 0..200 {
+            let vid = VolumeId::parse(&format!("nfs#d#host-{i}#/e#v")).unwrap();
+            assert!(k.share_mount(&vid, &[vec![]]).is_err());
+        }
+        assert_eq!(
+            k.share_locks.lock().unwrap().len(),
+            0,
+            "share lock entries left after every call ended"
+        );
     }
 
     #[test]

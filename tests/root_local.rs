@@ -1389,3 +1389,64 @@ async fn a_local_root_named_through_a_symlink_serves_its_volumes() {
         .unwrap();
     assert!(!h.path("real").join(&id).exists());
 }
+
+/// Thaws a frozen filesystem when dropped (before it is unmounted).
+struct Thaw(std::path::PathBuf);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A command that SIGKILL cannot end at its deadline (uninterruptible
+/// sleep: here a write to a frozen filesystem; in life I/O to a disk that
+/// stopped answering) does not hold its call: the call returns Timeout
+/// soon after the deadline and the process is waited for elsewhere. The
+/// runner waited for it without a bound after killing it, so the
+/// operation, and the volume's guard, were held for as long as the process
+/// slept: for ever on a dead disk, every retry ABORTED.
+#[test]
+#[ignore = "needs root, a loop device and a private mount namespace: run tests/run-all.sh"]
+fn a_command_that_outlives_sigkill_does_not_hold_its_call() {
+    use berth::os::{OsError, RealRunner, Runner};
+    use std::process::Command;
+    use std::time::Duration;
+    assert!(is_root(), "root tests need root");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _unmount = UnmountOnDrop(mnt.clone());
+    let run = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
+    run(Command::new("truncate").arg("-s").arg("64M").arg(&img));
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    // A loop mount: detached again when unmounted.
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    run(Command::new("fsfreeze").arg("--freeze").arg(&mnt));
+    let thaw = Thaw(mnt.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let file = mnt.join("f");
+    std::thread::spawn(move || {
+        let r = RealRunner.run(
+            "sh",
+            &["-c".into(), format!("echo x > '{}'", file.display())],
+            Duration::from_secs(1),
+        );
+        let _ = tx.send(r);
+    });
+    // Generous: the call returns within a few seconds of its deadline; it
+    // returned only once the filesystem was thawed below.
+    let r = rx.recv_timeout(Duration::from_secs(30));
+    drop(thaw);
+    assert!(
+        matches!(r, Ok(Err(OsError::Timeout { .. }))),
+        "the call waited for a process SIGKILL could not end: {r:?}"
+    );
+}

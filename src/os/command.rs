@@ -216,7 +216,7 @@ impl Runner for RealRunner {
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| OsError::sys("spawn", program, e))?;
         let pgid = child.id() as i32;
-        let _tracked = Tracked::new(pgid);
+        let tracked = Tracked::new(pgid);
         let mut out = Pipe::new(child.stdout.take().map(OwnedFd::from));
         let mut err = Pipe::new(child.stderr.take().map(OwnedFd::from));
         let mut status = None;
@@ -234,7 +234,7 @@ impl Runner for RealRunner {
                     Ok(None) => {}
                     Err(e) => {
                         kill_group(pgid);
-                        let _ = child.wait();
+                        reap(child, tracked, program);
                         return Err(OsError::sys("wait", program, e));
                     }
                 }
@@ -257,7 +257,7 @@ impl Runner for RealRunner {
         }
         let Some(status) = status else {
             kill_group(pgid);
-            let _ = child.wait();
+            reap(child, tracked, program);
             return Err(OsError::Timeout {
                 program: program.to_string(),
                 secs: timeout.as_secs(),
@@ -271,6 +271,39 @@ impl Runner for RealRunner {
             stderr: err.text(),
         })
     }
+}
+
+/// How long a killed command is waited for before it is left to a thread
+/// of its own.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits for a command just killed, at most `KILL_GRACE`. A process in
+/// uninterruptible sleep (I/O to a disk that stopped answering, a write to
+/// a frozen filesystem) dies of SIGKILL only when that sleep ends, which
+/// may be never: its call must not wait for it (it held the volume's guard
+/// for as long, and every retry was ABORTED). Such a process is waited for
+/// on a thread of its own (no zombie is left once it dies), its process
+/// group still known to `kill_running` meanwhile.
+fn reap(mut child: std::process::Child, tracked: Tracked, program: &str) {
+    let until = Instant::now() + KILL_GRACE;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() >= until => break,
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    tracing::warn!(
+        program,
+        pid = child.id(),
+        "a command killed at its deadline has not exited (uninterruptible sleep: a device that does not answer, a frozen filesystem?); its call returns without it"
+    );
+    let _ = std::thread::Builder::new()
+        .name("berth-reap".into())
+        .spawn(move || {
+            let _tracked = tracked;
+            let _ = child.wait();
+        });
 }
 
 fn kill_group(pgid: i32) {

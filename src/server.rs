@@ -235,7 +235,7 @@ impl Incoming {
 }
 
 impl tokio_stream::Stream for Incoming {
-    type Item = std::io::Result<tokio::net::UnixStream>;
+    type Item = std::io::Result<Conn>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -257,7 +257,7 @@ impl tokio_stream::Stream for Incoming {
                         self.failures = 0;
                     }
                     crate::handoff::watch(&c);
-                    return Poll::Ready(Some(Ok(c)));
+                    return Poll::Ready(Some(Ok(Conn::new(c))));
                 }
                 Poll::Ready(Err(e)) => {
                     if self.failures % 100 == 0 {
@@ -268,6 +268,106 @@ impl tokio_stream::Stream for Incoming {
                 }
             }
         }
+    }
+}
+
+/// How long a new connection to the CSI socket may take to send the
+/// HTTP/2 preface (the 24 bytes every gRPC client sends first, at once).
+pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bytes of the HTTP/2 client preface.
+const PREFACE_LEN: usize = 24;
+
+/// An accepted connection that is closed (a read error) when it has not
+/// sent the HTTP/2 preface within `PREFACE_TIMEOUT`: hyper waits for it
+/// without a bound, so a connection that sent nothing, or part of it,
+/// held its file descriptor and about 17 KiB for ever (enough of them took
+/// every descriptor, and then nobody could connect).
+pub struct Conn {
+    io: tokio::net::UnixStream,
+    /// Until the preface is in: its deadline and the bytes read so far.
+    preface: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
+}
+
+impl Conn {
+    fn new(io: tokio::net::UnixStream) -> Conn {
+        Conn {
+            io,
+            preface: Some((Box::pin(tokio::time::sleep(PREFACE_TIMEOUT)), 0)),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = <tokio::net::UnixStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some((deadline, got)) = this.preface.as_mut() {
+            if let Poll::Ready(Ok(())) = &r {
+                *got += buf.filled().len() - before;
+                if *got >= PREFACE_LEN {
+                    this.preface = None;
+                    return r;
+                }
+            }
+            if r.is_pending() && std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface within the preface timeout",
+                )));
+            }
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -973,6 +973,60 @@ async fn accepting_without_file_descriptors_does_not_spin() {
     );
 }
 
+/// Connections to the CSI socket that never send the HTTP/2 preface (not
+/// a byte, or only part of it) are closed after `server::PREFACE_TIMEOUT`;
+/// hyper waited for the preface without a bound, so each held a file
+/// descriptor for ever, and enough of them left none for real clients.
+#[tokio::test]
+async fn connections_that_never_send_the_preface_are_closed() {
+    use std::io::{Read, Write};
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+    let pid = b.child.id();
+    let before = open_fds(pid);
+    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..80)
+        .map(|_| std::os::unix::net::UnixStream::connect(&b.sock).unwrap())
+        .collect();
+    // Half of them send part of the preface.
+    for s in silent.iter_mut().step_by(2) {
+        s.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    }
+    for (i, s) in silent.iter_mut().enumerate() {
+        // Generous: closed after the preface timeout (10 s).
+        s.set_read_timeout(Some(berth::server::PREFACE_TIMEOUT * 3))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue, // the server's SETTINGS
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("connection {i} that sent no preface was not closed: {e}"),
+            }
+        }
+    }
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open_fds(pid) > before {
+        assert!(
+            Instant::now() < deadline,
+            "{} descriptors open, {before} before",
+            open_fds(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The client that spoke at once, idle meanwhile, is still served.
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+}
+
 /// Probes and /healthz checks at the same moment (the livenessprobe
 /// sidecar's Probe and kubelet's /healthz overlap in a cluster) all pass:
 /// each check writes a file of its own (they shared one, and one check

@@ -2938,3 +2938,41 @@ async fn a_share_through_a_symlink_is_refused_and_old_volumes_on_it_still_go() {
         .volume_id;
     try_delete(&h, &ok).await.expect("delete");
 }
+
+/// Creates on one share waiting for each other while its server does not
+/// answer: the first mount times out, and the calls that waited for it
+/// answer DEADLINE_EXCEEDED at once instead of each mounting in turn and
+/// waiting out a timeout of its own (6 creates on a dead share answered
+/// after 1, 2, ... 6 timeouts: 3 minutes for the last with the default
+/// --nfs-timeout, its volume's retries ABORTED meanwhile). A create that
+/// comes later mounts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creates_queued_on_a_dead_share_answer_with_the_first_timeout() {
+    let h = nfs(&[]);
+    h.fake().respond("mount.nfs", |_| {
+        // Long enough for every create below to be waiting.
+        std::thread::sleep(Duration::from_secs(2));
+        timeout("mount.nfs")
+    });
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let ctl = berth::controller::ControllerService {
+            driver: h.driver.clone(),
+        };
+        set.spawn(async move {
+            ctl.create_volume(Request::new(req(&format!("v{i}"), &[])))
+                .await
+                .map(|_| ())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let e = r.unwrap().expect_err("a create on a dead share");
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    }
+    assert_eq!(mount_runs(h.fake()), 1, "{:?}", runs(h.fake()));
+    assert!(h.driver.store.is_empty());
+    // The server is back: the next create mounts and works.
+    h.fake().respond_to_some("mount.nfs", |_| None);
+    create(&h, "v0", &[]).await;
+    assert_eq!(mount_runs(h.fake()), 2);
+}

@@ -55,16 +55,26 @@ pub struct NfsKind {
     /// Limit of a statvfs of an NFS mount.
     stat_timeout: Duration,
     bounded: Bounded,
-    share_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    share_locks: Mutex<HashMap<PathBuf, Arc<Mutex<ShareState>>>>,
     /// `--nfs-allowed-shares`.
     allowed: AllowedShares,
 }
 
+/// What the calls that mount a share one at a time tell each other.
+#[derive(Default)]
+pub(crate) struct ShareState {
+    /// When a mount of the share last timed out (the server did not
+    /// answer): a call that was waiting meanwhile answers that at once
+    /// instead of waiting out a timeout of its own, so calls queued on a
+    /// dead server do not answer one timeout after another.
+    pub(crate) timed_out: Option<std::time::Instant>,
+}
+
 /// One call's use of a share's lock (`NfsKind::share_lock`).
 pub(crate) struct ShareLock<'a> {
-    table: &'a Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    table: &'a Mutex<HashMap<PathBuf, Arc<Mutex<ShareState>>>>,
     key: PathBuf,
-    pub(crate) lock: Arc<Mutex<()>>,
+    pub(crate) lock: Arc<Mutex<ShareState>>,
 }
 
 impl Drop for ShareLock<'_> {

@@ -820,7 +820,8 @@ impl NfsKind {
         };
         // One lock for the whole search: its first set names it.
         let share = self.share_lock(&self.work_dir(vid, first));
-        let _held = share.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let waiting_since = std::time::Instant::now();
+        let mut held = share.lock.lock().unwrap_or_else(|e| e.into_inner());
         let source = vid.share_source();
         let t = mounts::table(&self.os)?;
         for opts in sets {
@@ -857,6 +858,17 @@ impl NfsKind {
                 .and_then(|_| self.os.files.set_mode(&self.work, 0o700))
                 .map_err(os_err(format!("creating {}", self.work.display())))?;
         }
+        // A mount another call made while this one waited timed out: the
+        // server did not answer; so is this call answered, at once.
+        if held.timed_out.is_some_and(|t| t >= waiting_since) {
+            return Err(Error::os(
+                format!("mounting {source} (a mount of it by another call timed out while this one waited)"),
+                OsError::Timeout {
+                    program: nfsmount::MOUNT.to_string(),
+                    secs: self.timeout.as_secs(),
+                },
+            ));
+        }
         let mut first_error = None;
         for opts in sets {
             let mp = self.work_dir(vid, opts);
@@ -888,7 +900,8 @@ impl NfsKind {
                         }
                     ) =>
                 {
-                    return Err(e)
+                    held.timed_out = Some(std::time::Instant::now());
+                    return Err(e);
                 }
                 Err(e) => {
                     if sets.len() > 1 {

@@ -1450,3 +1450,96 @@ fn a_command_that_outlives_sigkill_does_not_hold_its_call() {
         "the call waited for a process SIGKILL could not end: {r:?}"
     );
 }
+
+/// A tree removed by Berth (a deleted volume's directory, the trash) never
+/// reaches into a filesystem mounted inside it, nor empties one mounted on
+/// the tree itself: the removal stops with an error naming the mount point,
+/// and what is mounted there keeps every file.
+#[test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+fn remove_tree_never_enters_a_mount_in_the_tree() {
+    use berth::os::files::{Files, RealFiles};
+    let d = tempfile::tempdir().unwrap();
+    let _g = UnmountOnDrop(d.path().to_path_buf());
+    let other = d.path().join("other");
+    std::fs::create_dir_all(other.join("deep")).unwrap();
+    std::fs::write(other.join("deep/keep"), b"theirs").unwrap();
+    // A mount on the tree itself.
+    let on = d.path().join("on");
+    std::fs::create_dir(&on).unwrap();
+    bind(&other, &on);
+    let e = berth::error::chain(&RealFiles.remove_tree(&on).unwrap_err());
+    assert!(e.contains("mount point"), "{e}");
+    assert_eq!(std::fs::read(other.join("deep/keep")).unwrap(), b"theirs");
+    // A mount in the tree, below a level of plain directories and files.
+    let tree = d.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    std::fs::write(tree.join("a/f"), b"x").unwrap();
+    bind(&other, &tree.join("a/b"));
+    let e = berth::error::chain(&RealFiles.remove_tree(&tree).unwrap_err());
+    assert!(e.contains("mount point"), "{e}");
+    assert_eq!(std::fs::read(other.join("deep/keep")).unwrap(), b"theirs");
+    assert_eq!(mount_entries(&tree.join("a/b")).len(), 1);
+    // Unmounted, the tree goes whole.
+    nix::mount::umount(&tree.join("a/b")).unwrap();
+    RealFiles.remove_tree(&tree).unwrap();
+    assert!(std::fs::symlink_metadata(&tree).is_err());
+    assert_eq!(std::fs::read(other.join("deep/keep")).unwrap(), b"theirs");
+}
+
+/// DeleteVolume of a local volume with a filesystem mounted inside its
+/// directory (a privileged pod's mount propagated back, a mount made by
+/// hand) never removes what is mounted there; once it is unmounted, the
+/// delete's retry removes the volume.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn delete_of_a_volume_with_a_mount_inside_keeps_what_is_mounted_there() {
+    let (h, _g) = real(&[]);
+    let id = h
+        .ctl
+        .create_volume(Request::new(create_req("a", 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let other = h.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("keep"), b"theirs").unwrap();
+    let inside = h.path("local").join(&id).join("sub");
+    std::fs::create_dir(&inside).unwrap();
+    bind(&other, &inside);
+    let del = || csi::DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    };
+    // Whatever the delete answers, and however often the background
+    // tries to finish it (the trash is emptied on its own thread), what is
+    // mounted inside stays.
+    let _ = h.ctl.delete_volume(Request::new(del())).await;
+    let trash = h.path("local/.trash");
+    let trash_empty = || std::fs::read_dir(&trash).map_or(true, |d| d.count() == 0);
+    for _ in 0..20 {
+        h.driver.retry_pending(true);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read(other.join("keep")).unwrap(), b"theirs");
+    let inner: Vec<_> = mounts_under(&h.path(""))
+        .into_iter()
+        .filter(|m| m.ends_with("sub"))
+        .collect();
+    assert_eq!(inner.len(), 1, "{inner:?}");
+    nix::mount::umount(&inner[0]).unwrap();
+    let _ = h.ctl.delete_volume(Request::new(del())).await;
+    for _ in 0..100 {
+        h.driver.retry_pending(true);
+        if h.driver.store.get(&id).is_none() && trash_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read(other.join("keep")).unwrap(), b"theirs");
+    assert!(h.driver.store.get(&id).is_none());
+    assert!(trash_empty());
+}

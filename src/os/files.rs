@@ -655,7 +655,12 @@ pub fn read_own_dir(path: &Path) -> Option<std::fs::ReadDir> {
 /// `std::fs::remove_dir_all` did at some ten thousand levels (it recurses,
 /// and aborted berth). Going back up, the parent reached through `..` must
 /// be the directory it came down from (device and inode), or it stops:
-/// nothing outside the tree is ever touched.
+/// nothing outside the tree is ever touched. Nor is anything mounted in
+/// it: a directory of the tree (or the tree itself) that is the root of
+/// a mount stops the removal with an error before anything below it is
+/// touched (statx's mount-root attribute of the open directory, or a
+/// device other than its parent's where the kernel cannot tell); a
+/// mount's contents are never the tree's.
 pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
     use nix::fcntl::{openat, OFlag};
     use nix::sys::stat::{fstat, Mode};
@@ -719,14 +724,40 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
         parent: (libc::dev_t, libc::ino_t),
         pending: Vec<OsString>,
     }
+    // A mount at `d` (named `name` in the tree, its parent on device
+    // `parent_dev`): stop, leaving it and what it holds.
+    let refuse_mount = |d: &OwnedFd, name: &std::ffi::OsStr, parent_dev: Option<libc::dev_t>| {
+        let mounted = match super::mountpoint::fd_is_mount_root(d) {
+            Some(m) => m,
+            None => match parent_dev {
+                Some(p) => fstat(d).map_err(err("stat"))?.st_dev != p,
+                None => false,
+            },
+        };
+        if mounted {
+            return Err(OsError::sys(
+                "remove tree",
+                path,
+                std::io::Error::other(format!(
+                    "{name:?} in the tree is a mount point; nothing mounted there, or below it, is removed (unmount it first)"
+                )),
+            ));
+        }
+        Ok(())
+    };
     let mut up: Vec<Level> = Vec::new();
     let mut dir = nix::fcntl::open(path, dir_flags, Mode::empty()).map_err(err("open"))?;
+    refuse_mount(&dir, path.as_os_str(), None)?;
     let mut pending = clear(&dir)?;
     loop {
         if let Some(name) = pending.pop() {
             match unlinkat(&dir, name.as_os_str(), UnlinkatFlags::RemoveDir) {
                 Ok(()) | Err(nix::errno::Errno::ENOENT) => continue,
-                Err(nix::errno::Errno::ENOTEMPTY) | Err(nix::errno::Errno::EEXIST) => {}
+                // Not empty, or (EBUSY) a mount point: looked into, where a
+                // mount stops the removal with a message saying so.
+                Err(nix::errno::Errno::ENOTEMPTY)
+                | Err(nix::errno::Errno::EEXIST)
+                | Err(nix::errno::Errno::EBUSY) => {}
                 Err(e) => return Err(err("rmdir")(e)),
             }
             let st = fstat(&dir).map_err(err("stat"))?;
@@ -735,6 +766,7 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
                 Err(nix::errno::Errno::ENOENT) => continue,
                 Err(e) => return Err(err("open")(e)),
             };
+            refuse_mount(&child, name.as_os_str(), Some(st.st_dev))?;
             up.push(Level {
                 name,
                 parent: (st.st_dev, st.st_ino),

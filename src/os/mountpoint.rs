@@ -66,6 +66,30 @@ fn statx(path: &Path, mask: u32) -> std::io::Result<libc::statx> {
     Ok(unsafe { stx.assume_init() })
 }
 
+/// Whether the directory open at `fd` is the root of a mount (None: the
+/// kernel cannot tell), from statx(2) of the descriptor itself
+/// (AT_EMPTY_PATH): nothing is resolved by name.
+pub fn fd_is_mount_root(fd: &impl std::os::fd::AsFd) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: the path is a NUL-terminated empty string, `stx` a buffer of
+    // the size the kernel writes; both live for the duration of the call.
+    let r = unsafe {
+        libc::statx(
+            fd.as_fd().as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_BASIC_STATS,
+            stx.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statx succeeded and filled the (zeroed) buffer.
+    is_mount_root(&unsafe { stx.assume_init() })
+}
+
 /// Whether `stx` says `path` is a mount root (None: cannot tell).
 fn is_mount_root(stx: &libc::statx) -> Option<bool> {
     let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;

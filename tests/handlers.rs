@@ -1105,6 +1105,59 @@ async fn list_volumes_pages_and_rejects_bad_tokens() {
     assert!(all.next_token.is_empty());
 }
 
+/// ListVolumes looks at each listed volume's storage (its condition: an
+/// lstat of the local directory or the block file) on an operation's
+/// thread, through the OS layer, never on the thread that reads and
+/// answers every call: a root whose disk stopped answering holds up that
+/// ListVolumes only. Before, the look ran in the handler itself (a
+/// `std::fs::symlink_metadata` the fake could not see), and while it waited
+/// no other call (Probe, GetPluginInfo, any node call) was answered. No
+/// clock is read: the biased select polls ListVolumes first, and only a
+/// handler that did the look inline is done on that first poll (the
+/// delayed lstat cannot have answered on another thread by then).
+#[tokio::test(flavor = "current_thread")]
+async fn list_volumes_never_waits_on_the_disk_in_the_thread_answering_calls() {
+    const HUNG: std::time::Duration = std::time::Duration::from_secs(2);
+    for kind in ["local", "block"] {
+        let h = fake(&["--kinds", kind]);
+        let id = create(&h, "v", 1 << 20).await.volume_id;
+        let storage = match kind {
+            "local" => h.path("local").join(&id),
+            _ => h.path("block").join(format!("{id}.img")),
+        };
+        h.fake().set_lstat_delay(&storage, Some(HUNG));
+        let list = h
+            .ctl
+            .list_volumes(Request::new(csi::ListVolumesRequest::default()));
+        tokio::pin!(list);
+        tokio::select! {
+            biased;
+            _ = &mut list => panic!(
+                "{kind}: ListVolumes looked at the disk on the thread answering calls"
+            ),
+            info = h.ident.get_plugin_info(Request::new(csi::GetPluginInfoRequest {})) => {
+                assert!(!info.expect("plugin info").into_inner().name.is_empty());
+            }
+        }
+        let listed = list.await.expect("list").into_inner();
+        assert_eq!(listed.entries.len(), 1, "{kind}");
+        let e = &listed.entries[0];
+        assert_eq!(e.volume.as_ref().unwrap().volume_id, id, "{kind}");
+        let c = e
+            .status
+            .as_ref()
+            .unwrap()
+            .volume_condition
+            .as_ref()
+            .unwrap();
+        assert!(!c.abnormal, "{kind}: {c:?}");
+        assert!(
+            h.fake().lstats().contains(&storage),
+            "{kind}: the volume's storage was looked at through the OS layer"
+        );
+    }
+}
+
 #[tokio::test]
 async fn get_volume_reports_condition() {
     let h = fake(&[]);

@@ -43,18 +43,24 @@ pub async fn handle(
 ) -> Result<csi::ListVolumesResponse> {
     let after = page_start(req.max_entries, &req.starting_token, d.store.last_seq())?;
     let (recs, next) = d.store.page(after, req.max_entries as usize);
-    let entries = recs
-        .iter()
-        // Internal records (a disk waiting to be wiped) are not volumes.
-        .filter(|r| r.phase != Phase::Creating && d.id_is_plausible(&r.id))
-        .map(|r| csi::list_volumes_response::Entry {
-            volume: Some(volume::to_proto(&d, r)),
-            status: Some(csi::list_volumes_response::VolumeStatus {
-                published_node_ids: volume::published_nodes(r),
-                volume_condition: Some(volume::condition(&d, r)),
-            }),
-        })
-        .collect();
+    // Blocking: each volume's condition looks at its storage (an lstat of
+    // a directory or file, a bounded probe of an NFS share), on an
+    // operation's thread, never on the one that answers every call.
+    let entries = tokio::task::spawn_blocking(move || {
+        recs.iter()
+            // Internal records (a disk waiting to be wiped) are not volumes.
+            .filter(|r| r.phase != Phase::Creating && d.id_is_plausible(&r.id))
+            .map(|r| csi::list_volumes_response::Entry {
+                volume: Some(volume::to_proto(&d, r)),
+                status: Some(csi::list_volumes_response::VolumeStatus {
+                    published_node_ids: volume::published_nodes(r),
+                    volume_condition: Some(volume::condition(&d, r)),
+                }),
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("ListVolumes task failed: {e}")))?;
     Ok(csi::ListVolumesResponse {
         entries,
         next_token: next.map(|n| n.to_string()).unwrap_or_default(),

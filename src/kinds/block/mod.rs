@@ -340,7 +340,7 @@ impl BlockKind {
     /// The backing file, which must be a regular file.
     fn require_file(&self, id: &str) -> Result<PathBuf> {
         let f = self.file(id)?;
-        match std::fs::symlink_metadata(&f) {
+        match self.os.files.lstat(&f) {
             Ok(m) if m.file_type().is_file() => Ok(f),
             _ => Err(Error::WrongState(format!(
                 "backing file {} of volume {id} is missing",

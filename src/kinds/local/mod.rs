@@ -740,7 +740,7 @@ impl LocalKind {
         flaw: impl FnOnce(&Path, &std::fs::Metadata) -> Option<String>,
     ) -> Result<PathBuf> {
         let dir = self.dir(id)?;
-        match std::fs::symlink_metadata(&dir) {
+        match self.os.files.lstat(&dir) {
             Ok(m) if m.is_dir() => match flaw(&dir, &m) {
                 None => Ok(dir),
                 Some(why) => Err(Error::WrongState(why)),

@@ -621,3 +621,93 @@ async fn a_failed_restore_or_clone_leaves_no_partial_copy() {
         assert_eq!(std::fs::read(dir(&h, &id).join("f")).unwrap(), b"hello");
     }
 }
+
+/// GetCapacity never answers more than the free space when a volume that
+/// wrote data is deleted while it reads: what the volumes wrote is read
+/// first, the free space next, the promises last, and a volume deleted in
+/// between had its writes added back but no promise left to take them
+/// off again (its data is still on the disk, in the trash, until the
+/// background thread empties it). Ordered without a clock: the delete
+/// runs once the quota usage has been read, while the statvfs that
+/// follows it is held. Before, 100 MiB were answered with 40 MiB free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_read_while_a_written_volume_is_deleted_is_never_more_than_free() {
+    let h = with_quotas(&[]);
+    set_free(&h, 200 * MIB, 100 * MIB);
+    let a = create(&h, "a", 60 * MIB).await;
+    // a wrote all 60 MiB: 40 MiB are free, and a may write nothing more.
+    h.fake()
+        .set_project_written(project(&h, &a), 60 * MIB as u64);
+    set_free(&h, 200 * MIB, 40 * MIB);
+    assert_eq!(available(&h, &[]).await, 40 * MIB);
+    h.fake().clear_quota_ops();
+    h.fake()
+        .set_statvfs_delay(&h.path("local"), Some(std::time::Duration::from_secs(3)));
+    let get = tokio::spawn({
+        let ctl = berth::controller::ControllerService {
+            driver: h.driver.clone(),
+        };
+        async move {
+            ctl.get_capacity(Request::new(csi::GetCapacityRequest::default()))
+                .await
+                .expect("get capacity")
+                .into_inner()
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !h.fake().quota_ops().contains(&"quota_get") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "GetCapacity never read the usage"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    delete(&h, &a).await;
+    h.fake().set_statvfs_delay(&h.path("local"), None);
+    let got = get.await.expect("task");
+    assert!(
+        got.available_capacity <= 40 * MIB,
+        "{} bytes available, {} free",
+        got.available_capacity,
+        40 * MIB
+    );
+}
+
+/// CreateVolume admits against the free space plus what the volumes wrote
+/// within their promises only for the volumes whose promises it counts: a
+/// volume that wrote data and is deleted while a create reads the usage
+/// and the free space (the promises alone left no room) had its writes
+/// added back with no promise left to take them off, and the create was
+/// admitted beyond the free space (41 MiB with 40 MiB free). Ordered as in
+/// `capacity_read_while_a_written_volume_is_deleted_is_never_more_than_free`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_while_a_written_volume_is_deleted_never_promises_more_than_free() {
+    let h = with_quotas(&[]);
+    set_free(&h, 200 * MIB, 100 * MIB);
+    let a = create(&h, "a", 60 * MIB).await;
+    h.fake()
+        .set_project_written(project(&h, &a), 60 * MIB as u64);
+    set_free(&h, 200 * MIB, 40 * MIB);
+    h.fake().clear_quota_ops();
+    let driver = h.driver.clone();
+    let root = h.path("local");
+    h.fake()
+        .set_statvfs_delay(&root, Some(std::time::Duration::from_secs(3)));
+    let make = tokio::spawn(async move {
+        berth::controller::ControllerService { driver }
+            .create_volume(Request::new(req("b", 41 * MIB, &[])))
+            .await
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !h.fake().quota_ops().contains(&"quota_get") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CreateVolume never read the usage"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    delete(&h, &a).await;
+    h.fake().set_statvfs_delay(&root, None);
+    let r = make.await.expect("task");
+    assert_eq!(code(r), Code::ResourceExhausted);
+}

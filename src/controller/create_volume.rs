@@ -13,7 +13,7 @@ use crate::convert;
 use crate::csi::v1 as csi;
 use crate::driver::{name_key, now_unix, vol_key, Driver};
 use crate::error::{Error, Result};
-use crate::kinds::{node_tag, Source, VolumeKind};
+use crate::kinds::{node_tag, Source, VolumeKind, Written};
 use crate::state::store::Admission;
 use crate::state::{Capability, ContentSource, Kind, Phase, SnapshotRecord, VolumeRecord};
 use crate::validate;
@@ -441,10 +441,14 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
         }
         Ok(())
     };
-    let admit = |a: &Admission<'_>, free: i64| {
+    // `written`: what the volumes still recorded wrote within their
+    // promises, added to the free space (`VolumeKind::written_within_promises`).
+    let admit = |a: &Admission<'_>, free: i64, written: &Written| {
         conflicts(a)?;
         let promised = if promises { a.promised } else { 0 };
-        let free = free.saturating_sub(promised);
+        let free = free
+            .saturating_add(written.of(|id| a.get(id).is_some()))
+            .saturating_sub(promised);
         if size > free {
             Err(Error::NoSpace(format!(
                 "not enough space: {size} bytes asked, {} bytes free",
@@ -461,11 +465,11 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     // kept aside at start-up (it could be a volume whose record was lost),
     // never removed; a Creating record says it was never handed out.
     let durable = imp.durable_intent() || rec.source.is_some();
-    let admit_with = |rec: VolumeRecord, free: i64| {
+    let admit_with = |rec: VolumeRecord, free: i64, written: &Written| {
         if durable {
-            d.store.insert_new(rec, |a| admit(a, free))
+            d.store.insert_new(rec, |a| admit(a, free, written))
         } else {
-            d.store.reserve(rec, |a| admit(a, free))
+            d.store.reserve(rec, |a| admit(a, free, written))
         }
     };
     // Storage that must be reached first (an NFS share, mounted) is reached
@@ -481,18 +485,14 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     // their sizes adds back what they wrote (read before the free space
     // again), so what is left is the free space minus what the volumes may
     // still write. Never more than there is.
-    let admitted = |rec: VolumeRecord, free: i64| match admit_with(rec.clone(), free) {
-        Err(Error::NoSpace(m)) => match imp.written_within_promises()? {
-            0 => Err(Error::NoSpace(m)),
-            written => admit_with(
-                rec,
-                imp.capacity_for(&kparams)?
-                    .free_bytes
-                    .saturating_add(written),
-            ),
-        },
-        r => r,
-    };
+    let admitted =
+        |rec: VolumeRecord, free: i64| match admit_with(rec.clone(), free, &Written::default()) {
+            Err(Error::NoSpace(m)) => match imp.written_within_promises()? {
+                w if w.total() == 0 => Err(Error::NoSpace(m)),
+                written => admit_with(rec, imp.capacity_for(&kparams)?.free_bytes, &written),
+            },
+            r => r,
+        };
     let mut rec = crate::background::after_space_freed(
         admitted(rec.clone(), pool.free_bytes),
         |e| matches!(e, Error::NoSpace(_)),

@@ -51,8 +51,10 @@ pub async fn handle(
     })
     .await
     .map_err(|e| Error::Internal(format!("capacity task failed: {e}")))??;
-    // Promises read last: a volume created meanwhile is counted whole.
-    let promised = if promises { d.store.promised(kind) } else { 0 };
+    // Promises read last: a volume created meanwhile is counted whole; one
+    // deleted meanwhile no longer has its writes added back.
+    let (promised, written) = d.store.promised_and(kind, |present| written.of(present));
+    let promised = if promises { promised } else { 0 };
     let available = pool
         .free_bytes
         .saturating_add(written)

@@ -156,6 +156,29 @@ pub struct PoolCapacity {
     pub max_volume_bytes: i64,
 }
 
+/// What volumes wrote within their promises, per volume
+/// (`VolumeKind::written_within_promises`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written(pub Vec<(String, i64)>);
+
+impl Written {
+    /// What every volume read wrote.
+    pub fn total(&self) -> i64 {
+        self.0.iter().fold(0i64, |t, (_, b)| t.saturating_add(*b))
+    }
+
+    /// What the volumes that `present` still holds wrote: a volume deleted
+    /// since the usage was read has no promise left to take its writes
+    /// off again (and its data may still take space, in the trash), so
+    /// they are not added back.
+    pub fn of(&self, present: impl Fn(&str) -> bool) -> i64 {
+        self.0
+            .iter()
+            .filter(|(id, _)| present(id))
+            .fold(0i64, |t, (_, b)| t.saturating_add(*b))
+    }
+}
+
 /// Health of a volume's backing storage.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Health {
@@ -472,10 +495,11 @@ pub trait VolumeKind: Send + Sync {
     /// still count them, so GetCapacity (and CreateVolume, when the
     /// promises alone leave no room) add them back: what is left is the
     /// free space minus what the volumes may still write. Read before the
-    /// free space, so that writes in between only make the answer smaller.
-    /// Default: 0.
-    fn written_within_promises(&self) -> Result<i64> {
-        Ok(0)
+    /// free space, so that writes in between only make the answer smaller;
+    /// per volume, so that only the volumes whose promises are read after
+    /// the free space count (`Written::of`). Default: none.
+    fn written_within_promises(&self) -> Result<Written> {
+        Ok(Written::default())
     }
 
     /// Whether this node can create a volume with the StorageClass

@@ -726,6 +726,19 @@ impl Store {
             .unwrap_or(0)
     }
 
+    /// `promised`, and what `f` answers given whether a volume record with
+    /// an id exists, under one lock: the promises and the volumes they
+    /// belong to as one moment saw them.
+    pub fn promised_and<T>(
+        &self,
+        kind: Kind,
+        f: impl FnOnce(&dyn Fn(&str) -> bool) -> T,
+    ) -> (i64, T) {
+        let ix = self.read();
+        let promised = ix.volumes.promised.get(&kind).copied().unwrap_or(0);
+        (promised, f(&|id: &str| ix.volumes.records.contains(id)))
+    }
+
     /// Highest volume sequence number handed out so far.
     pub fn last_seq(&self) -> u64 {
         self.read().volumes.last_seq

@@ -30,7 +30,7 @@ use self::quota::{Enforcement, Projects};
 use self::spares::Spares;
 use super::{
     judge_copy, stored_copy, CopyFlaw, Expansion, Growth, Health, NodeExpandArgs, PoolCapacity,
-    PublishArgs, Source, VolumeKind, VolumeStats,
+    PublishArgs, Source, VolumeKind, VolumeStats, Written,
 };
 
 const PREFIX: &str = "local-";
@@ -396,7 +396,9 @@ impl LocalKind {
     ) -> Result<(T, i64)> {
         let written = self.written_within_promises()?;
         let free = read_free()?;
-        let promised = self.store.promised(Kind::Local);
+        let (promised, written) = self
+            .store
+            .promised_and(Kind::Local, |present| written.of(present));
         Ok((free, promised.saturating_sub(written).max(0)))
     }
 
@@ -446,8 +448,11 @@ impl LocalKind {
                 pool.max_volume_bytes
             )));
         }
-        let attempt = |free: i64| {
+        // `written`: what the volumes still recorded wrote (see
+        // `written_within_promises`), added to the free space.
+        let attempt = |free: i64, written: &Written| {
             self.store.put_admitted(&now, |a| {
+                let free = free.saturating_add(written.of(|id| a.get(id).is_some()));
                 let room = free.saturating_sub(a.promised);
                 if extra > room {
                     Err(Error::BadSize(format!(
@@ -459,13 +464,13 @@ impl LocalKind {
                 }
             })
         };
-        let admitted = |free: i64| match attempt(free) {
+        let admitted = |free: i64| match attempt(free, &Written::default()) {
             // The promises alone leave no room: count what the volumes
             // wrote (see `written_within_promises`).
             Err(Error::BadSize(_)) if self.projects.is_some() => {
                 let written = self.written_within_promises()?;
                 let free = self.pool_capacity()?.free_bytes;
-                attempt(free.saturating_add(written))
+                attempt(free, &written)
             }
             r => r,
         };
@@ -918,20 +923,20 @@ impl VolumeKind for LocalKind {
         self.pool_capacity()
     }
 
-    fn written_within_promises(&self) -> Result<i64> {
+    fn written_within_promises(&self) -> Result<Written> {
         let Some(p) = &self.projects else {
-            return Ok(0);
+            return Ok(Written::default());
         };
-        let mut written: i64 = 0;
+        let mut written = Vec::new();
         for r in self
             .store
             .filter(|r| r.kind == Kind::Local && r.project.is_some())
         {
             let Some(id) = r.project() else { continue };
             let used = i64::try_from(p.usage(id)?.used_bytes).unwrap_or(i64::MAX);
-            written = written.saturating_add(used.min(r.capacity_bytes).max(0));
+            written.push((r.id, used.min(r.capacity_bytes).max(0)));
         }
-        Ok(written)
+        Ok(Written(written))
     }
 
     fn sizes_enforced(&self) -> Option<bool> {

@@ -304,6 +304,23 @@ impl<R: Record> Index<R> {
         (out, next)
     }
 
+    /// Records matching `f` in seq order after `after_seq`, at most `max`
+    /// (0 = all), and whether more match: a walk of the seq index that
+    /// copies only what it returns and stops at the first match past the
+    /// page.
+    fn page_matching(&self, after_seq: u64, max: usize, f: impl Fn(&R) -> bool) -> (Vec<R>, bool) {
+        let mut out = Vec::new();
+        let mut it = self.records.after_seq(after_seq).filter(|r| f(r));
+        for rec in it.by_ref() {
+            out.push(rec.clone());
+            if max > 0 && out.len() == max {
+                break;
+            }
+        }
+        let more = max > 0 && out.len() == max && it.next().is_some();
+        (out, more)
+    }
+
     /// Loads replayed records into an empty index, giving each a unique
     /// seq: in seq order, a record whose seq is 0 or already taken (records
     /// of old versions rebuilt from an NFS id carried 0) gets the next free
@@ -931,6 +948,17 @@ impl Store {
     /// all), and the sequence number to continue after if more remain.
     pub fn snapshot_page(&self, after_seq: u64, max: usize) -> (Vec<SnapshotRecord>, Option<u64>) {
         self.read().snapshots.page(after_seq, max)
+    }
+
+    /// Snapshots matching `f` in creation order after `after_seq`, at most
+    /// `max` (0 = all), and whether more match.
+    pub fn snapshot_page_matching(
+        &self,
+        after_seq: u64,
+        max: usize,
+        f: impl Fn(&SnapshotRecord) -> bool,
+    ) -> (Vec<SnapshotRecord>, bool) {
+        self.read().snapshots.page_matching(after_seq, max, f)
     }
 
     /// Highest snapshot sequence number handed out so far.
@@ -1924,5 +1952,41 @@ mod tests {
         assert_eq!(next, None);
         assert_eq!(s.snapshot_get("s1").unwrap().created_nanos, 2);
         assert!(s.snapshot_get("v").is_none() && s.get("s1").is_none());
+    }
+
+    /// A page of the snapshots matching a filter: in creation order after
+    /// the given seq, at most `max`, and "more" only when a further one
+    /// matches (a page that ends exactly at the last match says none).
+    #[test]
+    fn snapshot_pages_match_in_order_and_say_when_more_match() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path()).unwrap();
+        for (id, src) in [("a", "v"), ("b", "w"), ("c", "v"), ("d", "w"), ("e", "v")] {
+            s.snapshot_insert_new(snap(id, id, src), |_| Ok::<(), StateError>(()))
+                .unwrap();
+        }
+        let ids = |(p, more): (Vec<SnapshotRecord>, bool)| {
+            (p.into_iter().map(|r| r.id).collect::<Vec<_>>(), more)
+        };
+        let of_v = |r: &SnapshotRecord| r.source_volume_id == "v";
+        let sv = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.snapshot_page_matching(0, 0, of_v)),
+            (sv(&["a", "c", "e"]), false)
+        );
+        assert_eq!(
+            ids(s.snapshot_page_matching(0, 2, of_v)),
+            (sv(&["a", "c"]), true)
+        );
+        // after c (seq 3): only e is left, and it ends the list
+        assert_eq!(
+            ids(s.snapshot_page_matching(3, 1, of_v)),
+            (sv(&["e"]), false)
+        );
+        assert_eq!(ids(s.snapshot_page_matching(5, 1, of_v)), (sv(&[]), false));
+        assert_eq!(
+            ids(s.snapshot_page_matching(1, 2, |_| true)),
+            (sv(&["b", "c"]), true)
+        );
     }
 }

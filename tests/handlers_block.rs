@@ -377,6 +377,45 @@ async fn capacity_is_free_space_without_promises() {
     assert_eq!(e.code(), Code::OutOfRange);
 }
 
+/// GetCapacity of the file pool answers whole MiB (what a file volume
+/// takes): a volume of `maximum_volume_size` bytes, or of the whole
+/// `available_capacity`, can be made. Before, 40 MiB + 4 KiB free were
+/// answered as such, and a CreateVolume of that size (rounded up to
+/// 41 MiB) was RESOURCE_EXHAUSTED on the node the scheduler had picked
+/// for it.
+#[tokio::test]
+async fn capacity_of_the_file_pool_is_what_a_volume_can_take() {
+    let h = block(&[]);
+    h.fake().set_usage(
+        None,
+        FsUsage {
+            total_bytes: 100 * MIB as u64 + 512,
+            available_bytes: 40 * MIB as u64 + 4096,
+            ..Default::default()
+        },
+    );
+    let c = h
+        .ctl
+        .get_capacity(Request::new(csi::GetCapacityRequest {
+            parameters: params(&[]),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.available_capacity, 40 * MIB);
+    assert_eq!(c.maximum_volume_size, Some(40 * MIB));
+    let v = create(&h, "max", c.available_capacity, &[]).await;
+    assert_eq!(v.capacity_bytes, 40 * MIB);
+    // A byte more than the whole MiB left is refused, as before.
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p("more", 40 * MIB + 1, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+}
+
 // ------------------------------------------------------- Stage and format
 
 #[tokio::test]

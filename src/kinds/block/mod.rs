@@ -1217,9 +1217,19 @@ impl VolumeKind for BlockKind {
         self.file_pool_capacity(false)
     }
 
+    /// The file pool in whole MiB, what a file volume takes (its sizes are
+    /// rounded up to them): a volume of the size GetCapacity answers can
+    /// be made, and a create's checks against it are unchanged.
     fn capacity_for(&self, p: &BTreeMap<String, String>) -> Result<PoolCapacity> {
         match params::parse(p)?.pool {
-            Pool::File(_) => self.file_pool_capacity(true),
+            Pool::File(_) => {
+                let c = self.file_pool_capacity(true)?;
+                let whole = |b: i64| b / params::GRANULE * params::GRANULE;
+                Ok(PoolCapacity {
+                    free_bytes: whole(c.free_bytes),
+                    max_volume_bytes: whole(c.max_volume_bytes),
+                })
+            }
             Pool::Disk => self.disk_pool_capacity(),
         }
     }

@@ -5375,3 +5375,47 @@ async fn a_refused_filesystem_stage_does_not_claim_a_raw_volume() {
         .await
         .unwrap();
 }
+
+/// NodeUnstageVolume of a raw disk volume staged read-only finishes when
+/// the disk's read-only flag cannot be cleared after the unmount: a
+/// write-protected disk (the flag stays), or one whose BLKROGET fails (a
+/// disk that stopped answering). The flag is cleared before any
+/// read-write use anyway (a filesystem stage, the erase at delete);
+/// failing the unstage after its unmount failed every retry too, so the
+/// volume could never be unstaged.
+#[tokio::test]
+async fn an_unstage_finishes_when_the_disks_read_only_flag_cannot_be_cleared() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let d10 = dir.join("d10");
+    let s = h.path("s");
+    let ro = block_cap(Mode::SingleNodeReaderOnly);
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    f.set_write_protected(&d10);
+    h.node
+        .node_stage_volume(Request::new(stage_with(&a, &s, ro.clone())))
+        .await
+        .unwrap();
+    assert!(kernel_ro(f, &d10));
+    h.node
+        .node_unstage_volume(Request::new(unstage(&a, &s)))
+        .await
+        .unwrap();
+    assert!(!s.join(&a).exists(), "the staging bind's file stays");
+    let b = create(&h, "b", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    h.node
+        .node_stage_volume(Request::new(stage_with(&b, &s, ro.clone())))
+        .await
+        .unwrap();
+    f.fail_next("read_only", libc::EIO);
+    h.node
+        .node_unstage_volume(Request::new(unstage(&b, &s)))
+        .await
+        .unwrap();
+    assert!(!s.join(&b).exists(), "the staging bind's file stays");
+}

@@ -628,12 +628,16 @@ impl BlockKind {
             }
         };
         self.unstage_at(&rec.id, staging, dev.as_ref())?;
-        match dev {
-            Some(dev) if Self::info(rec)?.disk.is_some() => {
-                self.release_disk_read_only(&rec.id, &dev)
+        // The unstage is done: a flag that cannot be cleared now (a
+        // write-protected disk, one that stopped answering) fails no
+        // unstage, whose every retry would fail the same way. Every
+        // read-write use clears it first (`set_disk_read_only`).
+        if let Some(dev) = dev.filter(|_| Self::info(rec).is_ok_and(|i| i.disk.is_some())) {
+            if let Err(e) = self.release_disk_read_only(&rec.id, &dev) {
+                tracing::warn!(volume_id = %rec.id, disk = %dev.path.display(), error = %e.render(), "unstaged; the disk's read-only flag stays set (cleared before its next read-write use)");
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 
     /// Unstages volume `id` (an id of this kind) at `staging`: the raw

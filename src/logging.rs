@@ -27,7 +27,8 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
 /// word that is no level (`infoo`, `debgu`), which the filter syntax takes
 /// for a target of that name, so that nothing berth logs passes (it
 /// served without a line of log, errors included). A level, or
-/// `target=level` directives, pass.
+/// `target=level` directives, pass; so does a bare target that is berth's
+/// own (`berth`, `berth::node`): every level of berth's lines.
 fn check_directives(level: &str) -> Result<(), String> {
     use tracing_subscriber::filter::LevelFilter;
     if level.trim().is_empty() {
@@ -37,7 +38,15 @@ fn check_directives(level: &str) -> Result<(), String> {
         );
     }
     for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        if !d.contains('=') && d.parse::<LevelFilter>().is_err() {
+        let berths = |t: &str| {
+            t == "berth"
+                || t.strip_prefix("berth::").is_some_and(|m| {
+                    m.split("::").all(|p| {
+                        !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    })
+                })
+        };
+        if !d.contains('=') && d.parse::<LevelFilter>().is_err() && !berths(d) {
             return Err(format!(
                 "{d:?} is no level (off, error, warn, info, debug, trace) and no target=level directive: as a filter it would pass only the logs of a target named {d:?}, and berth would log nothing (for every level of a target, write {d}=trace)"
             ));
@@ -70,8 +79,52 @@ mod tests {
         ] {
             assert!(check_directives(ok).is_ok(), "{ok}");
         }
-        for bad in ["", " ", "infoo", "debgu", "warn,berth", "verbose"] {
+        for bad in ["", " ", "infoo", "debgu", "warn,bert", "verbose"] {
             assert!(check_directives(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A bare target is every level of that target: berth's own (`berth`,
+    /// a module of it) passes every line berth logs, so it silences
+    /// nothing and is taken (it was refused as a word that is no level).
+    #[test]
+    fn berths_own_target_as_a_bare_word_is_taken() {
+        for ok in [
+            "berth",
+            "warn,berth",
+            "berth::kinds",
+            "info,berth::kinds::block",
+        ] {
+            assert!(check_directives(ok).is_ok(), "{ok}");
+            // and berth's lines pass it
+            let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+            let w = out.clone();
+            let sub = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_new(ok).unwrap())
+                .with_writer(move || Sink(w.clone()))
+                .finish();
+            tracing::subscriber::with_default(
+                sub,
+                || tracing::info!(target: "berth::kinds::block::node", "a line of berth's"),
+            );
+            let got = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+            assert!(got.contains("a line of berth's"), "{ok}: {got:?}");
+        }
+        for bad in ["berthx", "berth:node", "berth::", "warn,berths"] {
+            assert!(check_directives(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
         }
     }
 

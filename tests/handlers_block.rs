@@ -5419,3 +5419,42 @@ async fn an_unstage_finishes_when_the_disks_read_only_flag_cannot_be_cleared() {
         .unwrap();
     assert!(!s.join(&b).exists(), "the staging bind's file stays");
 }
+
+/// A raw disk volume staged read-write (its disk's flag clear, nothing
+/// published yet) and then staged again at the same path with a
+/// read-only access mode is ALREADY_EXISTS, as a file volume's is: the
+/// repeat of a stage made before the flag existed cannot be told from it
+/// by the mounts alone, but Berth knows how it staged the disk itself.
+/// Before, the repeat answered OK and set the disk read-only under the
+/// read-write stage: the pod's read-write device then failed every write
+/// with EPERM.
+#[tokio::test]
+async fn a_read_only_repeat_of_a_read_write_raw_disk_stage_is_already_exists() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    let d10 = dir.join("d10");
+    let id = create(&h, "a", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+        .await
+        .unwrap();
+    assert!(!kernel_ro(f, &d10));
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(
+            &id,
+            &s,
+            block_cap(Mode::SingleNodeReaderOnly),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        !kernel_ro(f, &d10),
+        "made read-only under a read-write stage"
+    );
+}

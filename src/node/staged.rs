@@ -17,6 +17,7 @@
 //!
 //! Kept in memory and in `<state-dir>/staged.log`, one JSON line per
 //! change appended with one write(2) (`{"id":..,"at":..}` records a path,
+//! with `"ro":true|false` for a raw disk stage, read-only or not;
 //! `{"id":..}` forgets it), read back at start-up and rewritten whole (a
 //! new file renamed over it) when it has grown to several times what it
 //! records. An append makes no inode: the symlink per volume this replaced
@@ -63,10 +64,17 @@ struct Line<'a> {
     id: Cow<'a, str>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     at: Option<Cow<'a, str>>,
+    /// With `at`: whether a raw disk stage there is read-only (see
+    /// `StagedAt::read_only`); absent for every other stage, and in lines
+    /// of versions before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ro: Option<bool>,
 }
 
 struct Inner {
     at: HashMap<String, PathBuf>,
+    /// Whether the raw disk stage at `at` is read-only, where recorded.
+    ro: HashMap<String, bool>,
     /// The log open for writing and its length; None after a failed write
     /// (the next change rewrites it whole).
     log: Option<(File, u64)>,
@@ -100,12 +108,14 @@ impl StagedAt {
             files,
             inner: Mutex::new(Inner {
                 at: HashMap::new(),
+                ro: HashMap::new(),
                 log: None,
                 lines: 0,
             }),
         };
         let mut inner = s.lock();
-        let (lines, clean) = s.read_log(&mut inner.at, protected);
+        let Inner { at, ro, .. } = &mut *inner;
+        let (lines, clean) = s.read_log(at, ro, protected);
         inner.lines = lines;
         let legacy = s.read_legacy(&mut inner.at, protected);
         if !clean || legacy.as_ref().is_some_and(|l| !l.is_empty()) || s.oversized(&inner) {
@@ -131,7 +141,12 @@ impl StagedAt {
 
     /// Replays the log into `at`: (lines read, whether every line was
     /// whole and named a staging path `protected` accepts).
-    fn read_log(&self, at: &mut HashMap<String, PathBuf>, protected: &Protected) -> (usize, bool) {
+    fn read_log(
+        &self,
+        at: &mut HashMap<String, PathBuf>,
+        ro: &mut HashMap<String, bool>,
+        protected: &Protected,
+    ) -> (usize, bool) {
         let path = self.log_path();
         let bytes = match read_regular(&path, Some(MAX_LOG + 1)) {
             Ok(b) if b.len() as u64 <= MAX_LOG => b,
@@ -154,11 +169,20 @@ impl StagedAt {
             lines += 1;
             match serde_json::from_slice::<Line<'_>>(raw) {
                 Ok(Line { at: Some(p), .. }) if !acceptable(protected, &p) => bad += 1,
-                Ok(Line { id, at: Some(p) }) => {
+                Ok(Line {
+                    id,
+                    at: Some(p),
+                    ro: r,
+                }) => {
+                    match r {
+                        Some(r) => ro.insert(id.to_string(), r),
+                        None => ro.remove(id.as_ref()),
+                    };
                     at.insert(id.into_owned(), PathBuf::from(p.into_owned()));
                 }
-                Ok(Line { id, at: None }) => {
+                Ok(Line { id, at: None, .. }) => {
                     at.remove(id.as_ref());
+                    ro.remove(id.as_ref());
                 }
                 Err(_) => bad += 1,
             }
@@ -297,7 +321,7 @@ impl StagedAt {
         let f = self.files.open(&tmp, Open::CreateOrTruncate)?;
         let mut buf = Vec::new();
         for (id, p) in &inner.at {
-            if let Some(line) = line(id, Some(p)) {
+            if let Some(line) = line(id, Some(p), inner.ro.get(id).copied()) {
                 buf.extend_from_slice(&line);
             }
         }
@@ -319,10 +343,11 @@ impl StagedAt {
     /// Appends one change (or rewrites the log when it has grown, or when
     /// the last write failed).
     fn append(&self, inner: &mut Inner, id: &str, at: Option<&Path>) {
+        let ro = at.and(inner.ro.get(id).copied());
         if inner.log.is_none() || self.oversized(inner) {
             return self.rewrite(inner);
         }
-        let Some(buf) = line(id, at) else {
+        let Some(buf) = line(id, at, ro) else {
             return;
         };
         let path = self.log_path();
@@ -357,12 +382,37 @@ impl StagedAt {
     /// Records `staging` as where volume `id` is staged: one write(2)
     /// unless it is recorded already. A failure is logged.
     pub fn remember(&self, id: &str, staging: &Path) {
+        self.remember_as(id, staging, None)
+    }
+
+    /// `remember`, saying too whether the stage is read-only (a raw disk
+    /// stage: the kernel's flag of the disk cannot tell a read-write stage
+    /// from a read-only one made before Berth set the flag).
+    pub fn remember_as(&self, id: &str, staging: &Path, read_only: Option<bool>) {
         let mut inner = self.lock();
-        if inner.at.get(id).is_some_and(|p| p == staging) && inner.log.is_some() {
+        if inner.at.get(id).is_some_and(|p| p == staging)
+            && inner.ro.get(id).copied() == read_only
+            && inner.log.is_some()
+        {
             return;
         }
         inner.at.insert(id.to_string(), staging.to_path_buf());
+        match read_only {
+            Some(r) => inner.ro.insert(id.to_string(), r),
+            None => inner.ro.remove(id),
+        };
         self.append(&mut inner, id, Some(staging));
+    }
+
+    /// Whether the stage of volume `id` at `staging` was recorded
+    /// read-only (`remember_as`); None when not recorded so.
+    pub fn read_only(&self, id: &str, staging: &Path) -> Option<bool> {
+        let inner = self.lock();
+        if inner.at.get(id).is_some_and(|p| p == staging) {
+            inner.ro.get(id).copied()
+        } else {
+            None
+        }
     }
 
     /// Forgets `staging` as where volume `id` is staged, once it is
@@ -371,6 +421,7 @@ impl StagedAt {
         let mut inner = self.lock();
         if inner.at.get(id).is_some_and(|p| p == staging) {
             inner.at.remove(id);
+            inner.ro.remove(id);
             self.append(&mut inner, id, None);
         }
     }
@@ -378,6 +429,7 @@ impl StagedAt {
     /// Forgets volume `id`'s record, whatever it names (DeleteVolume).
     pub fn discard(&self, id: &str) {
         let mut inner = self.lock();
+        inner.ro.remove(id);
         if inner.at.remove(id).is_some() {
             self.append(&mut inner, id, None);
         }
@@ -392,7 +444,7 @@ fn acceptable(protected: &Protected, at: &str) -> bool {
 
 /// One log line; None for a path that is not UTF-8 (a CSI request's path
 /// always is).
-fn line(id: &str, at: Option<&Path>) -> Option<Vec<u8>> {
+fn line(id: &str, at: Option<&Path>, ro: Option<bool>) -> Option<Vec<u8>> {
     let at = match at {
         Some(p) => Some(p.to_str()?),
         None => None,
@@ -400,6 +452,7 @@ fn line(id: &str, at: Option<&Path>) -> Option<Vec<u8>> {
     let line = Line {
         id: Cow::Borrowed(id),
         at: at.map(Cow::Borrowed),
+        ro: ro.filter(|_| at.is_some()),
     };
     let mut buf = serde_json::to_vec(&line).ok()?;
     buf.push(b'\n');
@@ -413,6 +466,34 @@ mod tests {
 
     fn open(d: &Path) -> StagedAt {
         StagedAt::open(d, Arc::new(RealFiles), &Protected::default())
+    }
+
+    /// A raw disk stage's read-only setting is kept with its path, read
+    /// back at start-up, and goes with the path.
+    #[test]
+    fn a_read_only_setting_lives_with_its_path() {
+        let d = tempfile::tempdir().unwrap();
+        let (s1, s2) = (Path::new("/stage/1"), Path::new("/stage/2"));
+        let s = open(d.path());
+        s.remember_as("a", s1, Some(false));
+        s.remember_as("b", s1, Some(true));
+        s.remember("c", s1);
+        assert_eq!(s.read_only("a", s1), Some(false));
+        assert_eq!(s.read_only("a", s2), None);
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(s.read_only("a", s1), Some(false));
+        assert_eq!(s.read_only("b", s1), Some(true));
+        assert_eq!(s.read_only("c", s1), None);
+        s.remember("a", s1);
+        s.forget("b", s1);
+        assert_eq!(s.read_only("a", s1), None);
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(s.read_only("a", s1), None);
+        assert!(s.is("a", s1));
+        assert_eq!(s.read_only("b", s1), None);
+        assert!(!s.is("b", s1));
     }
 
     #[test]

@@ -318,7 +318,10 @@ impl BlockKind {
                     let is = self.disk_read_only(&dev.path)?;
                     // A read-only stage made before Berth set the flag
                     // (its publishes are read-only binds): enforced now.
+                    // Not one Berth recorded read-write, which looks the
+                    // same while nothing is published.
                     let made_before = want
+                        && self.staged.read_only(&rec.id, staging) != Some(false)
                         && t.iter()
                             .filter(|m| m.mount_point != marker && mounts::object(m) == node)
                             .all(|m| m.readonly());
@@ -370,7 +373,7 @@ impl BlockKind {
                 )));
             }
         }
-        self.staged.remember(&rec.id, staging);
+        self.staged.remember_as(&rec.id, staging, disk_ro);
         if let Some(ro) = disk_ro {
             self.set_disk_read_only(&rec.id, &dev.path, ro)?;
         }

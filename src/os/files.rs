@@ -226,39 +226,18 @@ impl Files for RealFiles {
     }
 
     fn allocate(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError> {
-        let len = i64::try_from(len).map_err(|_| {
-            OsError::sys(
-                "fallocate",
-                path,
-                std::io::Error::from_raw_os_error(libc::EFBIG),
-            )
-        })?;
-        if len == 0 {
-            return Ok(());
-        }
-        nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len)
-            .map_err(|e| OsError::sys("fallocate", path, e))
+        fallocate_head(file, path, len, nix::fcntl::FallocateFlags::empty())
     }
 
     fn unshare(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError> {
-        let len = i64::try_from(len).map_err(|_| {
-            OsError::sys(
-                "fallocate",
-                path,
-                std::io::Error::from_raw_os_error(libc::EFBIG),
-            )
-        })?;
-        if len == 0 {
-            return Ok(());
-        }
-        match nix::fcntl::fallocate(
+        match fallocate_head(
             file,
-            nix::fcntl::FallocateFlags::FALLOC_FL_UNSHARE_RANGE,
-            0,
+            path,
             len,
+            nix::fcntl::FallocateFlags::FALLOC_FL_UNSHARE_RANGE,
         ) {
-            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
-            r => r.map_err(|e| OsError::sys("fallocate", path, e)),
+            Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Ok(()),
+            r => r,
         }
     }
 
@@ -645,6 +624,27 @@ pub fn read_own_dir(path: &Path) -> Option<std::fs::ReadDir> {
         }
         Err(_) => None,
     }
+}
+
+/// fallocate(2) with `flags` of the first `len` bytes of `file` (nothing
+/// to do for none; EFBIG for a length past what the call takes).
+fn fallocate_head(
+    file: &File,
+    path: &Path,
+    len: u64,
+    flags: nix::fcntl::FallocateFlags,
+) -> Result<(), OsError> {
+    let len = i64::try_from(len).map_err(|_| {
+        OsError::sys(
+            "fallocate",
+            path,
+            std::io::Error::from_raw_os_error(libc::EFBIG),
+        )
+    })?;
+    if len == 0 {
+        return Ok(());
+    }
+    nix::fcntl::fallocate(file, flags, 0, len).map_err(|e| OsError::sys("fallocate", path, e))
 }
 
 /// Removes the tree at `path` (a directory; a symlink there is removed

@@ -1371,7 +1371,7 @@ impl VolumeKind for LocalKind {
         let holder = area.join(format!("{PARTIAL}{}", rec.id));
         self.remove_tree(&holder)?;
         let copied = self.copy_in_holder(rec, &src, &holder, &dest);
-        if copied.is_err() && std::fs::symlink_metadata(&holder).is_ok() {
+        if copied.is_err() && f.lstat(&holder).is_ok() {
             // A copy that fails (EDQUOT: the source holds more than the
             // volume's limits; ENOSPC) is removed with what it made, as
             // `copy_into_place` does: its rollback knows only `dest`, and

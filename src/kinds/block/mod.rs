@@ -118,6 +118,28 @@ pub fn released(held: &VolumeRecord) -> Option<VolumeRecord> {
     })
 }
 
+/// Paths for a message: "a, b, c".
+fn shown(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// ALREADY_EXISTS: volume `id` is staged at `staging` through `device`
+/// read-only or read-write (`is`), not as the request asks (`want`).
+fn staged_otherwise(id: &str, staging: &Path, device: &Path, is: bool, want: bool) -> Error {
+    let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
+    Error::Conflict(format!(
+        "volume {id} is staged at {} {} ({}), not {} as asked",
+        staging.display(),
+        mode(is),
+        device.display(),
+        mode(want)
+    ))
+}
+
 /// The directory in the block root of the markers of disk volumes
 /// (`disk_marker`).
 pub const DISK_MARKERS: &str = ".disks";
@@ -866,11 +888,7 @@ impl BlockKind {
             return Err(Error::WrongState(format!(
                 "{} of volume {id} is still mounted at {}",
                 l.device.display(),
-                users
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                shown(&users)
             )));
         }
         attach::detach_verified(&self.os, l)
@@ -1075,11 +1093,7 @@ impl BlockKind {
                     "disk {} of volume {} is still mounted at {}",
                     dev.path.display(),
                     rec.id,
-                    users
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    shown(&users)
                 )));
             }
             // A raw stage left read-only (a crash, an unstage by path)

@@ -14,7 +14,7 @@
 //! user.
 use std::path::{Path, PathBuf};
 
-use super::{format, params, BlockKind, Dev};
+use super::{format, params, shown, staged_otherwise, BlockKind, Dev};
 use crate::error::{Error, Result};
 use crate::kinds::{PublishArgs, VolumeStats};
 use crate::node::mounts;
@@ -286,15 +286,13 @@ impl BlockKind {
         if here.is_none() || here != mountinfo::object_of(&t, &l.device) {
             return Ok(None);
         }
-        let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
-        Ok(Some(Error::Conflict(format!(
-            "volume {} is staged at {} {} ({}), not {} as asked",
-            rec.id,
-            staging.display(),
-            mode(l.read_only),
-            l.device.display(),
-            mode(read_only)
-        ))))
+        Ok(Some(staged_otherwise(
+            &rec.id,
+            staging,
+            &l.device,
+            l.read_only,
+            read_only,
+        )))
     }
 
     /// Binds the device `dev` at the marker under `staging`. `disk_ro`:
@@ -329,15 +327,7 @@ impl BlockKind {
                         return self.set_disk_read_only(&rec.id, &dev.path, true);
                     }
                     if is != want {
-                        let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
-                        return Err(Error::Conflict(format!(
-                            "volume {} is staged at {} {} ({}), not {} as asked",
-                            rec.id,
-                            staging.display(),
-                            mode(is),
-                            dev.path.display(),
-                            mode(want)
-                        )));
+                        return Err(staged_otherwise(&rec.id, staging, &dev.path, is, want));
                     }
                 }
                 return Ok(());
@@ -365,11 +355,7 @@ impl BlockKind {
                     dev.path.display(),
                     rec.id,
                     if ro { "read-write" } else { "read-only" },
-                    users
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    shown(&users)
                 )));
             }
         }

@@ -14,9 +14,10 @@ Every YAML document is checked
   2. by Berth-specific rules: berth flags, CSI sockets shared between berth
      and its sidecars, kubelet registration paths, mount propagation, ports,
      probes, RBAC that grants what each sidecar needs, CSIDriver fields,
-     StorageClass and VolumeSnapshotClass parameters, a csi-snapshotter for
-     every driver that has snapshot classes (and none for a driver whose
-     kinds have no snapshots: it would exit), sidecar image tags pinned to
+     StorageClass and VolumeSnapshotClass parameters, a csi-resizer for
+     the driver of every StorageClass that allows expansion, a
+     csi-snapshotter for every driver that has snapshot classes (and none
+     for a driver whose kinds have no snapshots: it would exit), sidecar image tags pinned to
      the versions the test cluster builds (--pin), and, in examples,
      PVC/Pod wiring.
 A document passes when all of that holds. Cross-document checks (Helm and
@@ -778,12 +779,37 @@ def check_csidriver(render, d, errs):
         errs.append("no external-provisioner serves %s" % name)
 
 
+def serving_sidecars(render, driver, sidecar):
+    """Containers of type sidecar (SIDECARS values) whose --csi-address is
+    the socket of a berth container of driver, in the render's pods."""
+    out = []
+    for obj in render.docs:
+        pod = extract_berth_args.pod_spec(obj)
+        if not pod:
+            continue
+        socks = berth_sockets(pod)
+        for c in pod.get("containers") or []:
+            if sidecar_type(c) != sidecar:
+                continue
+            key = socket_key(pod, c, flag_map(c.get("args") or []).get("csi-address") or "")
+            if key in socks and socks[key][1].get("driver-name", "berth.csi.io") == driver:
+                out.append(c)
+    return out
+
+
 def check_storageclass(render, sc, errs):
     prov = sc.get("provisioner")
     params = sc.get("parameters") or {}
     drivers = render.driver_kinds
     if render.kind == "deploy" and prov not in render.csidrivers():
         errs.append("provisioner %s has no CSIDriver in this render" % prov)
+    # A class that allows expansion needs an external-resizer of its
+    # driver: without one, a grown PVC is accepted and then never expanded
+    # (nothing answers it), where allowVolumeExpansion: false refuses the
+    # edit with a message.
+    if render.kind == "deploy" and sc.get("allowVolumeExpansion") and not serving_sidecars(render, prov, "resizer"):
+        errs.append("allowVolumeExpansion is true but no csi-resizer serves driver %s: "
+                    "a grown PVC would wait forever" % prov)
     if prov not in drivers:
         errs.append("provisioner %s is not a Berth driver %s" % (prov, sorted(drivers)))
         return

@@ -228,6 +228,24 @@ if [[ $have_helm == 0 ]]; then
   else
     fail "helm template refuses kinds.nfs without server/share" "$(tr '\n' ' ' < "$OUT/helm-nfs-missing.err")"
   fi
+  # A mode written in a values file without quotes is a YAML number
+  # (0777 is 511, 0775 is 509): the class must get the mode meant or the
+  # chart must refuse it, never the decimal digits as a mode ("511" is
+  # mode 0511; "509" fails every CreateVolume).
+  printf 'storageClasses:\n  nfs:\n    mountPermissions: 0777\n' > "$OUT/helm-mode-values.yaml"
+  if "$HELM" template berth deploy/helm/berth --kube-version "${K8S_VERSIONS[0]}" "${NFS_SET[@]}" \
+      -f "$OUT/helm-mode-values.yaml" > "$OUT/helm-mode.yaml" 2> "$OUT/helm-mode.err"; then
+    if grep -qx '  mountPermissions: "0777"' "$OUT/helm-mode.yaml"; then
+      pass "helm template takes mountPermissions 0777 unquoted in a values file as 0777 or refuses it"
+    else
+      fail "helm template takes mountPermissions 0777 unquoted in a values file as 0777 or refuses it" \
+        "it renders $(grep -m1 'mountPermissions:' "$OUT/helm-mode.yaml" | tr -s ' ')"
+    fi
+  elif grep -q "storageClasses.nfs.mountPermissions" "$OUT/helm-mode.err"; then
+    pass "helm template takes mountPermissions 0777 unquoted in a values file as 0777 or refuses it"
+  else
+    fail "helm template takes mountPermissions 0777 unquoted in a values file as 0777 or refuses it" "$(tr '\n' ' ' < "$OUT/helm-mode.err")"
+  fi
 fi
 
 # ---- validate ------------------------------------------------------------------

@@ -246,6 +246,29 @@ if [[ $have_helm == 0 ]]; then
   else
     fail "helm template takes mountPermissions 0777 unquoted in a values file as 0777 or refuses it" "$(tr '\n' ' ' < "$OUT/helm-mode.err")"
   fi
+  # image.tag given as a number: `--set image.tag=42` (a number to helm)
+  # must give berth:42, and a values file's unquoted 1.10 (the number 1.1)
+  # must be refused or give berth:1.10; never an image reference such as
+  # berth:%!s(int64=42) that no node can pull.
+  printf 'image:\n  tag: 1.10\n' > "$OUT/helm-tag-values.yaml"
+  what="helm template renders a numeric image.tag as that tag or refuses it"
+  if ! "$HELM" template berth deploy/helm/berth --kube-version "${K8S_VERSIONS[0]}" --set image.tag=42 \
+      > "$OUT/helm-tag.yaml" 2> "$OUT/helm-tag.err"; then
+    fail "$what" "--set image.tag=42: $(tr '\n' ' ' < "$OUT/helm-tag.err")"
+  elif grep 'image: ' "$OUT/helm-tag.yaml" | grep -v 'registry.k8s.io/' | grep -vqx ' *image: berth:42'; then
+    fail "$what" "--set image.tag=42 renders $(grep -m1 'image: berth' "$OUT/helm-tag.yaml" | tr -s ' ')"
+  elif "$HELM" template berth deploy/helm/berth --kube-version "${K8S_VERSIONS[0]}" -f "$OUT/helm-tag-values.yaml" \
+      > "$OUT/helm-tag.yaml" 2> "$OUT/helm-tag.err"; then
+    if grep 'image: ' "$OUT/helm-tag.yaml" | grep -v 'registry.k8s.io/' | grep -vqx ' *image: berth:1.10'; then
+      fail "$what" "tag 1.10 in a values file renders $(grep -m1 'image: berth' "$OUT/helm-tag.yaml" | tr -s ' ')"
+    else
+      pass "$what"
+    fi
+  elif grep -q "image.tag" "$OUT/helm-tag.err"; then
+    pass "$what"
+  else
+    fail "$what" "$(tr '\n' ' ' < "$OUT/helm-tag.err")"
+  fi
 fi
 
 # ---- validate ------------------------------------------------------------------

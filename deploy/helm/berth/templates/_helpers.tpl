@@ -13,9 +13,17 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
-{{/* The berth image reference. */}}
+{{/* The berth image reference. A tag helm took for a number: from --set
+(image.tag=42, an int64) it is exactly those digits; from a values file
+(a float64) it may not be (1.10 reads as 1.1, 010 as 8), so that is
+refused. */}}
 {{- define "berth.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if kindIs "int64" $tag }}{{ $tag = printf "%d" $tag }}{{ end -}}
+{{- if not (kindIs "string" $tag) -}}
+{{- fail (printf "image.tag must be a quoted string such as \"0.1.0\": %v is a number in YAML, which may not be the tag meant (1.10 reads as 1.1)" $tag) -}}
+{{- end -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
 {{- end -}}
 
 {{/* True (non-empty) when the node-local driver is deployed. */}}

@@ -269,6 +269,23 @@ if [[ $have_helm == 0 ]]; then
   else
     fail "$what" "$(tr '\n' ' ' < "$OUT/helm-tag.err")"
   fi
+  # Numbers from a values file reach templates as floats, which print in
+  # e-notation from a million up: --max-volumes-per-node=1e+06 is refused
+  # by berth's parser, and berth then does not start on any node.
+  printf 'maxVolumesPerNode: 1000000\n' > "$OUT/helm-maxvol-values.yaml"
+  what="helm template passes maxVolumesPerNode 1000000 from a values file as digits"
+  if "$HELM" template berth deploy/helm/berth --kube-version "${K8S_VERSIONS[0]}" "${NFS_SET[@]}" \
+      -f "$OUT/helm-maxvol-values.yaml" > "$OUT/helm-maxvol.yaml" 2> "$OUT/helm-maxvol.err"; then
+    got=$(grep -c -- '- --max-volumes-per-node=' "$OUT/helm-maxvol.yaml")
+    good=$(grep -cx -- ' *- --max-volumes-per-node=1000000' "$OUT/helm-maxvol.yaml")
+    if [[ $got == 2 && $good == 2 ]]; then
+      pass "$what"
+    else
+      fail "$what" "$got flags, $good as 1000000: $(grep -m1 -- '--max-volumes-per-node=' "$OUT/helm-maxvol.yaml" | tr -s ' ')"
+    fi
+  else
+    fail "$what" "$(tr '\n' ' ' < "$OUT/helm-maxvol.err")"
+  fi
 fi
 
 # ---- validate ------------------------------------------------------------------

@@ -219,11 +219,6 @@ async fn handle(d: Arc<Driver>, req: Request<hyper::body::Incoming>) -> Response
         "/healthz" => {
             let c = d.clone();
             match tokio::task::spawn_blocking(move || crate::identity::probe_check(&c)).await {
-                Ok(Ok(())) if d.reconciling() => reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "finishing interrupted operations of NFS volumes\n".into(),
-                ),
                 Ok(Ok(())) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
                 Ok(Err(e)) => reply(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -1,9 +1,16 @@
 //! Probe: ready only when the state directory is writable, the state journal
 //! accepts changes and every served kind's pool is present;
 //! FAILED_PRECONDITION otherwise (the livenessprobe sidecar then has the
-//! container restarted, which replays the journal). While start-up work
-//! that runs after the socket is up is not done (interrupted NFS creates
-//! and deletes, `Driver::start`), the answer is `ready: false`.
+//! container restarted, which replays the journal). Start-up work that
+//! runs after the socket is up (interrupted NFS creates and deletes and
+//! snapshots, `Driver::start`) does not make the answer `ready: false`:
+//! it holds the guards of its own volumes (calls on those answer
+//! `ABORTED` meanwhile) and every other call is served. The livenessprobe
+//! sidecar fails its check on `ready: false`, and kubelet would restart
+//! the container after a minute of that; a reconcile that waits on a dead
+//! NFS server (each operation up to `--nfs-timeout`) would then start
+//! again at every restart, and the container would crash-loop, with no
+//! NFS volume provisioned or deleted on any share meanwhile.
 //!
 //! The writability check writes and removes a file of its own
 //! (`.probe-<n>.tmp`, n counting the checks of this process): checks that
@@ -20,13 +27,10 @@ use crate::driver::Driver;
 use crate::error::{Error, Result};
 
 pub async fn handle(d: Arc<Driver>) -> Result<csi::ProbeResponse> {
-    let c = d.clone();
-    tokio::task::spawn_blocking(move || check(&c))
+    tokio::task::spawn_blocking(move || check(&d))
         .await
         .map_err(|e| Error::Internal(format!("probe task failed: {e}")))??;
-    Ok(csi::ProbeResponse {
-        ready: Some(!d.reconciling()),
-    })
+    Ok(csi::ProbeResponse { ready: Some(true) })
 }
 
 /// Counts the writability checks of this process: each writes its own file.

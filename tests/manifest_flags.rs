@@ -92,3 +92,30 @@ fn node_containers_keep_to_directories_of_their_own() {
         }
     }
 }
+
+/// The flags tests/manifests/validate.py knows berth to accept
+/// (`BERTH_FLAGS`) are exactly berth's own: a flag missing there made the
+/// validator report a correct manifest as wrong (`--nfs-allowed-shares`,
+/// `--local-spare-dirs`, `--busy-poll-us` and `--allow-missing-storage`
+/// were missing), and one berth no longer has would let a manifest pass
+/// that berth refuses.
+#[test]
+fn the_validators_flag_list_is_berths() {
+    use clap::CommandFactory;
+    let text = include_str!("manifests/validate.py");
+    let start = text
+        .find("BERTH_FLAGS = {")
+        .expect("BERTH_FLAGS in validate.py");
+    let body = &text[start..];
+    let body = &body[..body.find('}').expect("end of BERTH_FLAGS")];
+    let mut listed: Vec<&str> = body.split('"').skip(1).step_by(2).collect();
+    listed.sort_unstable();
+    let cmd = Cli::command();
+    let mut ours: Vec<&str> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| !matches!(*l, "help" | "version"))
+        .collect();
+    ours.sort_unstable();
+    assert_eq!(listed, ours);
+}

@@ -47,12 +47,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import extract_berth_args  # noqa: E402
 
 # ---------------------------------------------------------------------------
-# What berth accepts (src/config.rs). Keep in sync with the CLI.
+# What berth accepts (src/config.rs); tests/manifest_flags.rs
+# the_validators_flag_list_is_berths fails when this differs from the CLI.
 BERTH_FLAGS = {
     "endpoint", "node-id", "driver-name", "mode", "kinds", "data-dir",
     "state-dir", "local-root", "block-root", "disk-pool", "disk-wipe",
     "max-volumes-per-node", "socket-group", "log-format", "log-level",
     "metrics-address", "shutdown-timeout", "nfs-timeout",
+    "nfs-allowed-shares", "allow-missing-storage", "busy-poll-us",
+    "local-spare-dirs",
 }
 BERTH_MODES = {"controller", "node", "all"}
 BERTH_KINDS = {"local", "block", "nfs"}

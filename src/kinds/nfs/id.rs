@@ -22,7 +22,8 @@ pub enum OnDelete {
     Delete,
     /// Leave it as it is.
     Retain,
-    /// Rename it to `archived-<subdir>-<unix time>` in the same parent.
+    /// Move it to `.berth-archive/` at the share root (`share::ARCHIVE`),
+    /// named `<subdir with / as ->-<unix time>-<hash of the id>`.
     Archive,
 }
 

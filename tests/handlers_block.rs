@@ -5458,3 +5458,29 @@ async fn a_read_only_repeat_of_a_read_write_raw_disk_stage_is_already_exists() {
         "made read-only under a read-write stage"
     );
 }
+
+/// A pool disk the kernel holds read-only (write-protected by the device,
+/// or `blockdev --setro`) is not offered: no read-write use of it can
+/// work (a read-write stage fails with 'stays read-only') and it could
+/// never be erased at its delete (BLKZEROOUT fails with EPERM). Before,
+/// it was free like any blank disk, and CreateVolume handed it out.
+#[tokio::test]
+async fn a_read_only_pool_disk_is_not_offered() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake();
+    // A flag that cannot be read (d10's, asked first): not offered.
+    f.fail_next("read_only", libc::EIO);
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+    f.set_write_protected(&dir.join("d10"));
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(
+        a.capacity_bytes,
+        20 * MIB,
+        "the read-only disk was handed out"
+    );
+    assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
+    assert_eq!(erasures(f), 0);
+}

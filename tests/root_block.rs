@@ -1136,6 +1136,64 @@ async fn pool_disks_held_or_holding_data_are_not_offered() {
     assert!(mounts_under(h.dir.path()).is_empty());
 }
 
+/// Sets (`--setro`) or clears (`--setrw`) the kernel's read-only flag of
+/// the device `dev` with blockdev(8).
+fn blockdev_ro(dev: &Path, flag: &str) {
+    let st = std::process::Command::new("blockdev")
+        .arg(flag)
+        .arg(dev)
+        .status()
+        .unwrap();
+    assert!(st.success(), "blockdev {flag} {}", dev.display());
+}
+
+/// Clears the kernel's read-only flag of a device when dropped, however
+/// the test ends: the flag outlives the loop device's detach, and the next
+/// user of its number would find it read-only.
+struct ClearReadOnly(PathBuf);
+
+impl Drop for ClearReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("blockdev")
+            .arg("--setrw")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A blank pool disk the kernel holds read-only (BLKROSET, as
+/// `blockdev --setro` or a write-protected device sets it) is not
+/// offered; writable again, it is. Before, it was handed to a read-write
+/// volume whose stage could never make it writable and whose delete could
+/// never erase it.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_read_only_pool_disk_is_not_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let ro = stand_in_disk(&disks, "ro", 40 * MIB, None);
+    let rw = stand_in_disk(&disks, "rw", 48 * MIB, None);
+    let _clear = ClearReadOnly(ro.clone());
+    blockdev_ro(&ro, "--setro");
+    let pool = format!("{},{}", ro.display(), rw.display());
+    let (h, _g) = real_block_in(dir, &["--disk-pool", &pool]);
+    std::mem::forget(guard); // `_g` covers the same directory
+    assert_eq!(disk_capacity(&h).await, (48 * MIB, Some(48 * MIB)));
+    let v = create(&h, "v", 30 * MIB, &[("pool", "disk")], rwo()).await;
+    assert_eq!(
+        v.capacity_bytes,
+        48 * MIB,
+        "the read-only disk was handed out"
+    );
+    assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+    blockdev_ro(&ro, "--setrw");
+    assert_eq!(disk_capacity(&h).await, (40 * MIB, Some(40 * MIB)));
+    delete(&h, &v.volume_id).await;
+    assert_eq!(disk_capacity(&h).await, (88 * MIB, Some(48 * MIB)));
+}
+
 /// A disk volume its tenant wrote raw, whose record is then restored from
 /// a backup taken before its first stage (never staged, never formatted),
 /// is refused at a filesystem NodeStageVolume, not formatted over: blkid

@@ -2,7 +2,8 @@
 //! by path, glob or directory of device links. A disk is free when no
 //! record claims it, nothing mounts it, it is not one of Berth's own loop
 //! devices, no other process holds it (it opens exclusively, O_EXCL, at
-//! the time it is chosen), it can be read, `blkid -p` finds no signature
+//! the time it is chosen), the kernel does not hold it read-only
+//! (BLKROGET), it can be read, `blkid -p` finds no signature
 //! at all on it, and its sample (first and last MiB, 64 spaced 4 KiB
 //! blocks: `os::blockdev::sample_ranges`) reads as zeros. A disk that
 //! reads as anything else holds someone's data, signature or not: it is
@@ -541,6 +542,20 @@ impl BlockKind {
                     continue;
                 }
             }
+            // A disk the kernel holds read-only (write-protected, or set
+            // so by `blockdev --setro`) can neither be used read-write nor
+            // erased at its delete (BLKZEROOUT fails with EPERM).
+            match self.os.devices.read_only(&d.dev.path) {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::debug!(disk = %d.listed.display(), "pool disk is read-only (BLKROGET); not offered");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %d.listed.display(), error = %crate::error::chain(&e), "whether the pool disk is read-only cannot be told; not offered");
+                    continue;
+                }
+            }
             if self.os.devices.read_head(&d.dev.path).is_err() {
                 tracing::warn!(disk = %d.listed.display(), "pool disk cannot be read; not offered");
                 continue;
@@ -601,7 +616,7 @@ impl BlockKind {
         Err(Error::NoSpace(if self.disk_pool.is_empty() {
             "this node offers no disks (no --disk-pool)".to_string()
         } else if self.pool_disks().iter().any(|d| fits(d.dev.size_bytes)) {
-            format!("no free disk {range} on this node: every fitting disk is in use, held by another process, or not blank (a signature, or data where a blank disk reads as zeros)")
+            format!("no free disk {range} on this node: every fitting disk is in use, held by another process, read-only, or not blank (a signature, or data where a blank disk reads as zeros)")
         } else {
             format!("this node's disk pool has no disk {range}")
         }))

@@ -5484,3 +5484,55 @@ async fn a_read_only_pool_disk_is_not_offered() {
     assert_eq!(disk_capacity(&h).await, (30 * MIB, Some(30 * MIB)));
     assert_eq!(erasures(f), 0);
 }
+
+/// A pool disk whose device node is bind-mounted (a raw block volume's
+/// stage or publish: of another berth given the same `--disk-pool`, or of
+/// anything else) is in use and not offered: a bind of the node shows
+/// the filesystem holding the node in mountinfo, not the disk's numbers,
+/// and a raw user need not open the disk exclusively. Before, only mounts
+/// by the disk's numbers counted: a second berth handed the disk that a
+/// pod of the first used raw to a new volume (and formatted it at its
+/// stage, or zeroed it at a delete while the pod did not hold it).
+#[tokio::test]
+async fn a_pool_disk_whose_device_node_is_bound_is_not_offered() {
+    let h1 = disk_harness();
+    let dir = disks(&h1, None);
+    let f = h1.fake.clone().unwrap();
+    let pool = format!("{}/d*", dir.display());
+    let h2 = build(
+        tempfile::tempdir().unwrap(),
+        berth::os::Os::on_fake(&f),
+        Some(f.clone()),
+        &["--kinds", "block", "--disk-pool", &pool],
+    );
+    let a = create(&h1, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let id = a.volume_id;
+    assert_eq!(block_info(&h1, &id).disk.unwrap().path, dir.join("d10"));
+    let (s, t) = (h1.path("s"), h1.path("t"));
+    h1.node
+        .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+        .await
+        .unwrap();
+    h1.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_capability: Some(raw_cap()),
+            ..publish_req(&id, &s, &t, false)
+        }))
+        .await
+        .unwrap();
+    assert_eq!(disk_capacity(&h2).await, (50 * MIB, Some(30 * MIB)));
+    let b = create(&h2, "b", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(
+        block_info(&h2, &b.volume_id).disk.unwrap().path,
+        dir.join("d20"),
+        "the second berth handed out the disk the first one's pod uses raw"
+    );
+    // Its stage taken off by hand, the publish alone keeps it in use.
+    berth::os::Mounter::unmount(f.as_ref(), &s.join(&id)).unwrap();
+    assert_eq!(disk_capacity(&h2).await, (30 * MIB, Some(30 * MIB)));
+    // Unused, it is blank where the second berth looks, and the first
+    // berth's record is not the second one's: offered (not proof of use).
+    berth::os::Mounter::unmount(f.as_ref(), &t).unwrap();
+    assert_eq!(disk_capacity(&h2).await, (40 * MIB, Some(30 * MIB)));
+    assert_eq!(erasures(&f), 0);
+}

@@ -1194,6 +1194,57 @@ async fn a_read_only_pool_disk_is_not_offered() {
     assert_eq!(disk_capacity(&h).await, (88 * MIB, Some(48 * MIB)));
 }
 
+/// Two berths (two data directories) given the same pool: a disk the
+/// first one's pod uses raw (staged and published: binds of its device
+/// node, not mounts of the disk, and the pod does not open it
+/// exclusively), written between the blocks the pool samples, is not
+/// offered by the second. Before, the second offered it and handed it to
+/// a new volume.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_disk_another_berths_pod_uses_raw_is_not_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let disk = stand_in_disk(&disks, "d", 40 * MIB, None);
+    let pool = disk.display().to_string();
+    let (h1, _g1) = real_block_in(dir, &["--disk-pool", &pool]);
+    std::mem::forget(guard); // `_g1` covers the same directory
+    let (h2, _g2) = real_block(&["--disk-pool", &pool]);
+    let a = create(&h1, "a", 40 * MIB, &[("pool", "disk")], raw())
+        .await
+        .volume_id;
+    let (s, t) = (h1.path("stage"), h1.path("dev"));
+    std::fs::create_dir(&s).unwrap();
+    stage(&h1, &a, &s, raw()).await;
+    publish(&h1, &a, &s, &t, raw(), false).await;
+    let pod = OpenOptions::new().read(true).write(true).open(&t).unwrap();
+    // Past the first MiB and before the first spaced block of the sample.
+    let at = (MIB + 8192) as u64;
+    std::os::unix::fs::FileExt::write_all_at(&pod, b"TENANT-A", at).unwrap();
+    pod.sync_all().unwrap();
+    assert_eq!(disk_capacity(&h2).await, (0, Some(0)));
+    let e = h2
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: params(&[("pool", "disk")]),
+            volume_capabilities: vec![raw()],
+            ..create_req("b", 40 * MIB)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let mut buf = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(&pod, &mut buf, at).unwrap();
+    assert_eq!(&buf, b"TENANT-A");
+    drop(pod);
+    unpublish(&h1, &a, &t).await;
+    unstage_as_kubelet(&h1, &a, &s).await.unwrap();
+    delete(&h1, &a).await;
+    assert!(mounts_under(h1.dir.path()).is_empty());
+}
+
 /// A disk volume its tenant wrote raw, whose record is then restored from
 /// a backup taken before its first stage (never staged, never formatted),
 /// is refused at a filesystem NodeStageVolume, not formatted over: blkid

@@ -505,9 +505,22 @@ impl BlockKind {
             let these: Vec<(u32, u32)> = names(n).collect();
             let shared = these.iter().any(|m| taken.contains(m));
             taken.extend(these.iter().copied());
+            // A bind of its device node (a raw block volume's stage or
+            // publish, of another berth or of anything else) shows the
+            // filesystem holding the node, not the disk's numbers; a raw
+            // user need not open it exclusively.
+            let bound = || {
+                let dev = super::Dev {
+                    path: d.dev.path.clone(),
+                    major: d.dev.major,
+                    minor: d.dev.minor,
+                };
+                !Self::users(&t, &dev).is_empty()
+            };
             if shared
                 || claimed_paths.contains(&d.dev.path)
                 || these.iter().any(|m| mounted.contains(m))
+                || bound()
                 // A detached loop device, a drive without its medium.
                 || d.dev.size_bytes == 0
             {

@@ -141,16 +141,21 @@ const ZERO_CHUNK: u64 = 1 << 30;
 pub struct RealBlockDevices {
     pub by_id: PathBuf,
     /// Sample reads and writes, each under a deadline (one at a time per
-    /// device: a device stuck in the kernel is not asked again meanwhile).
+    /// device: a device stuck in the kernel is not asked again meanwhile),
+    /// and every other open of a device (`inspect`, `held`, `read_head`,
+    /// `read_only`, `set_read_only`) under the same deadline: an open or
+    /// read of a disk that stopped answering can block in the kernel for
+    /// good, and the pool opens every disk it names (GetCapacity,
+    /// CreateVolume, and each DeleteVolume of a disk). `zero_out` is not
+    /// bounded: zeroing a large disk takes as long as writing it.
     bounded: Bounded,
+    /// The deadline of each bounded call (`SAMPLE_TIMEOUT`).
+    timeout: Duration,
 }
 
 impl Default for RealBlockDevices {
     fn default() -> Self {
-        RealBlockDevices {
-            by_id: PathBuf::from("/dev/disk/by-id"),
-            bounded: Bounded::new(),
-        }
+        Self::with_timeout(SAMPLE_TIMEOUT)
     }
 }
 
@@ -246,7 +251,32 @@ fn sample_reads_zero(path: &Path, size_bytes: u64) -> Result<bool, OsError> {
 }
 
 impl RealBlockDevices {
-    /// Runs `f` on the device at `path` under the sample deadline.
+    /// The real devices, each bounded call under `timeout`.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        RealBlockDevices {
+            by_id: PathBuf::from("/dev/disk/by-id"),
+            bounded: Bounded::new(),
+            timeout,
+        }
+    }
+
+    /// The error of a call on `path` that did not answer in time.
+    fn timed_out(&self, op: &'static str, path: &Path) -> OsError {
+        OsError::sys(
+            op,
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {} s (or an earlier one still pending)",
+                    self.timeout.as_secs_f64()
+                ),
+            ),
+        )
+    }
+
+    /// Runs `f` on the device at `path` under the deadline, one call at a
+    /// time per operation and device (the sample's reads and writes).
     fn bounded<T: Send + 'static>(
         &self,
         op: &'static str,
@@ -257,53 +287,115 @@ impl RealBlockDevices {
         self.bounded
             .run(
                 &format!("{op}:{}", path.display()),
-                SAMPLE_TIMEOUT,
+                self.timeout,
                 move || f(&owned),
             )
-            .unwrap_or_else(|| {
-                Err(OsError::sys(
-                    op,
-                    path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no answer within {} s (or an earlier one still pending)",
-                            SAMPLE_TIMEOUT.as_secs()
-                        ),
-                    ),
-                ))
-            })
+            .unwrap_or_else(|| Err(self.timed_out(op, path)))
     }
+
+    /// Runs `f` on the device at `path` under the deadline; calls may run
+    /// side by side, except on a device with a call still stuck
+    /// (`Bounded::run_unless_stuck`): an open or an ioctl.
+    fn bounded_open<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        path: &Path,
+        f: impl FnOnce(&Path) -> Result<T, OsError> + Send + 'static,
+    ) -> Result<T, OsError> {
+        let owned = path.to_path_buf();
+        self.bounded
+            .run_unless_stuck(
+                &format!("{op}:{}", path.display()),
+                self.timeout,
+                move || f(&owned),
+            )
+            .unwrap_or_else(|| Err(self.timed_out(op, path)))
+    }
+}
+
+/// `BlockDevices::inspect`, unbounded.
+fn inspect_now(path: &Path) -> Result<DeviceInfo, OsError> {
+    let canonical = std::fs::canonicalize(path).map_err(|e| OsError::sys("resolve", path, e))?;
+    let m = std::fs::metadata(&canonical).map_err(|e| OsError::sys("stat", path, e))?;
+    if !m.file_type().is_block_device() {
+        return Err(OsError::sys(
+            "not a block device",
+            path,
+            std::io::Error::from_raw_os_error(libc::ENOTBLK),
+        ));
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&canonical)
+        .map_err(|e| OsError::sys("open", &canonical, e))?;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    unsafe { blkgetsize64(std::os::fd::AsRawFd::as_raw_fd(&f), &mut size) }
+        .map_err(|e| OsError::sys("BLKGETSIZE64", &canonical, e))?;
+    let rdev = m.rdev();
+    Ok(DeviceInfo {
+        path: canonical,
+        major: nix::sys::stat::major(rdev) as u32,
+        minor: nix::sys::stat::minor(rdev) as u32,
+        size_bytes: size,
+    })
+}
+
+/// `BlockDevices::read_head`, unbounded.
+fn read_head_now(path: &Path) -> Result<Vec<u8>, OsError> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| OsError::sys("open", path, e))?;
+    let mut buf = vec![0u8; 4096];
+    f.read_exact(&mut buf)
+        .map_err(|e| OsError::sys("read", path, e))?;
+    Ok(buf)
+}
+
+/// `BlockDevices::held`, unbounded.
+fn held_now(path: &Path) -> Result<bool, OsError> {
+    busy_after_pauses(
+        &BUSY_PAUSES,
+        std::thread::sleep,
+        || match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+            .open(path)
+        {
+            Ok(_) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(true),
+            Err(e) => Err(OsError::sys("open exclusively", path, e)),
+        },
+    )
+}
+
+/// `BlockDevices::read_only`, unbounded.
+fn read_only_now(path: &Path) -> Result<bool, OsError> {
+    let f = open_for_ioctl(path)?;
+    let mut ro: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one int through the pointer.
+    unsafe { blkroget(std::os::fd::AsRawFd::as_raw_fd(&f), &mut ro) }
+        .map_err(|e| OsError::sys("BLKROGET", path, e))?;
+    Ok(ro != 0)
+}
+
+/// `BlockDevices::set_read_only`, unbounded.
+fn set_read_only_now(path: &Path, read_only: bool) -> Result<(), OsError> {
+    let f = open_for_ioctl(path)?;
+    let ro = libc::c_int::from(read_only);
+    // SAFETY: BLKROSET reads one int through the pointer, which lives
+    // for the call.
+    unsafe { blkroset(std::os::fd::AsRawFd::as_raw_fd(&f), &ro) }
+        .map_err(|e| OsError::sys("BLKROSET", path, e))?;
+    Ok(())
 }
 
 impl BlockDevices for RealBlockDevices {
     fn inspect(&self, path: &Path) -> Result<DeviceInfo, OsError> {
-        let canonical =
-            std::fs::canonicalize(path).map_err(|e| OsError::sys("resolve", path, e))?;
-        let m = std::fs::metadata(&canonical).map_err(|e| OsError::sys("stat", path, e))?;
-        if !m.file_type().is_block_device() {
-            return Err(OsError::sys(
-                "not a block device",
-                path,
-                std::io::Error::from_raw_os_error(libc::ENOTBLK),
-            ));
-        }
-        let f = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&canonical)
-            .map_err(|e| OsError::sys("open", &canonical, e))?;
-        let mut size: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
-        unsafe { blkgetsize64(std::os::fd::AsRawFd::as_raw_fd(&f), &mut size) }
-            .map_err(|e| OsError::sys("BLKGETSIZE64", &canonical, e))?;
-        let rdev = m.rdev();
-        Ok(DeviceInfo {
-            path: canonical,
-            major: nix::sys::stat::major(rdev) as u32,
-            minor: nix::sys::stat::minor(rdev) as u32,
-            size_bytes: size,
-        })
+        self.bounded_open("inspect", path, inspect_now)
     }
 
     fn stable_link(&self, dev: &DeviceInfo) -> Option<PathBuf> {
@@ -322,31 +414,11 @@ impl BlockDevices for RealBlockDevices {
     }
 
     fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError> {
-        let mut f = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| OsError::sys("open", path, e))?;
-        let mut buf = vec![0u8; 4096];
-        f.read_exact(&mut buf)
-            .map_err(|e| OsError::sys("read", path, e))?;
-        Ok(buf)
+        self.bounded_open("read", path, read_head_now)
     }
 
     fn held(&self, path: &Path) -> Result<bool, OsError> {
-        busy_after_pauses(
-            &BUSY_PAUSES,
-            std::thread::sleep,
-            || match OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
-                .open(path)
-            {
-                Ok(_) => Ok(false),
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(true),
-                Err(e) => Err(OsError::sys("open exclusively", path, e)),
-            },
-        )
+        self.bounded_open("open exclusively", path, held_now)
     }
 
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
@@ -381,22 +453,11 @@ impl BlockDevices for RealBlockDevices {
     }
 
     fn read_only(&self, path: &Path) -> Result<bool, OsError> {
-        let f = open_for_ioctl(path)?;
-        let mut ro: libc::c_int = 0;
-        // SAFETY: BLKROGET writes one int through the pointer.
-        unsafe { blkroget(std::os::fd::AsRawFd::as_raw_fd(&f), &mut ro) }
-            .map_err(|e| OsError::sys("BLKROGET", path, e))?;
-        Ok(ro != 0)
+        self.bounded_open("BLKROGET", path, read_only_now)
     }
 
     fn set_read_only(&self, path: &Path, read_only: bool) -> Result<(), OsError> {
-        let f = open_for_ioctl(path)?;
-        let ro = libc::c_int::from(read_only);
-        // SAFETY: BLKROSET reads one int through the pointer, which lives
-        // for the call.
-        unsafe { blkroset(std::os::fd::AsRawFd::as_raw_fd(&f), &ro) }
-            .map_err(|e| OsError::sys("BLKROSET", path, e))?;
-        Ok(())
+        self.bounded_open("BLKROSET", path, move |p| set_read_only_now(p, read_only))
     }
 }
 
@@ -422,6 +483,49 @@ fn open_for_ioctl(path: &Path) -> Result<File, OsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Opens of a device that do not answer (a FIFO without a writer
+    /// blocks its open as a disk stuck in the kernel does) end with an
+    /// error at the deadline; before, `held`, `read_head`, `read_only` and
+    /// `set_read_only` waited for good (the pool asks every disk it names
+    /// at GetCapacity, CreateVolume and each disk's DeleteVolume). A second
+    /// call on the stuck device answers at once.
+    #[test]
+    fn opens_that_do_not_answer_end_at_the_deadline() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = t.path().join("stuck");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let d = std::sync::Arc::new(RealBlockDevices::with_timeout(Duration::from_millis(200)));
+        type Call = fn(&RealBlockDevices, &Path) -> Result<(), OsError>;
+        let calls: [(&str, Call); 4] = [
+            ("held", |d, p| d.held(p).map(drop)),
+            ("read_head", |d, p| d.read_head(p).map(drop)),
+            ("read_only", |d, p| d.read_only(p).map(drop)),
+            ("set_read_only", |d, p| d.set_read_only(p, false)),
+        ];
+        for (name, call) in calls {
+            for round in 0..2 {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (d, p) = (d.clone(), fifo.clone());
+                std::thread::spawn(move || {
+                    let _ = tx.send(call(&d, &p));
+                });
+                let r = rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .unwrap_or_else(|_| panic!("{name} (call {round}): no answer within 5 s"));
+                let e = r.expect_err(name);
+                let e = crate::error::chain(&e);
+                assert!(e.contains("no answer within"), "{name}: {e}");
+            }
+        }
+        // Let the stuck opens go: a writer opens the FIFO and closes it.
+        drop(
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo),
+        );
+    }
 
     #[test]
     fn a_claim_that_ends_within_the_pauses_is_no_holder() {

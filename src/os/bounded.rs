@@ -5,7 +5,7 @@
 //! behind and the caller gets `None`. At most one call per key is in flight:
 //! while an earlier call on the same key is still stuck, a new one returns
 //! `None` at once instead of stacking up another stuck thread.
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,6 +13,9 @@ use std::time::Duration;
 #[derive(Debug, Default, Clone)]
 pub struct Bounded {
     inflight: Arc<Mutex<HashSet<String>>>,
+    /// Calls of `run_unless_stuck` that did not finish in time and still
+    /// run, by key.
+    stuck: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Bounded {
@@ -57,6 +60,59 @@ impl Bounded {
         rx.recv_timeout(timeout).ok()
     }
 
+    /// Runs `f` on its own thread and waits at most `timeout` for it, as
+    /// `run`, but calls on one key may run side by side (a device looked
+    /// at by two RPCs at once): only while an earlier call on `key` that
+    /// did not finish in time is still running does a new one return
+    /// `None` at once, so a device stuck in the kernel strands one thread,
+    /// not one per call.
+    pub fn run_unless_stuck<T, F>(&self, key: &str, timeout: Duration, f: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        if self
+            .stuck
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
+        {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel();
+        // Whether the caller gave up on this call; read and written under
+        // the `stuck` lock only.
+        let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stuck, k, gave_up) = (self.stuck.clone(), key.to_string(), abandoned.clone());
+        std::thread::Builder::new()
+            .name("berth-bounded".into())
+            .spawn(move || {
+                let v = f();
+                let mut m = stuck.lock().unwrap_or_else(|e| e.into_inner());
+                if gave_up.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some(n) = m.get_mut(&k) {
+                        *n -= 1;
+                        if *n == 0 {
+                            m.remove(&k);
+                        }
+                    }
+                }
+                let _ = tx.send(v);
+            })
+            .ok()?;
+        if let Ok(v) = rx.recv_timeout(timeout) {
+            return Some(v);
+        }
+        let mut m = self.stuck.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished between the timeout and the lock: its answer counts.
+        if let Ok(v) = rx.try_recv() {
+            return Some(v);
+        }
+        abandoned.store(true, std::sync::atomic::Ordering::Relaxed);
+        *m.entry(key.to_string()).or_insert(0) += 1;
+        None
+    }
+
     /// True while a call on `key` is still running.
     pub fn busy(&self, key: &str) -> bool {
         self.inflight
@@ -70,6 +126,49 @@ impl Bounded {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn calls_unless_stuck_run_side_by_side_until_one_is_stuck() {
+        let b = Bounded::new();
+        // Two slow calls on one key at once: both answer.
+        let b2 = b.clone();
+        let other = std::thread::spawn(move || {
+            b2.run_unless_stuck("k", Duration::from_secs(5), || {
+                std::thread::sleep(Duration::from_millis(200));
+                1
+            })
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            b.run_unless_stuck("k", Duration::from_secs(5), || {
+                std::thread::sleep(Duration::from_millis(200));
+                2
+            }),
+            Some(2)
+        );
+        assert_eq!(other.join().unwrap(), Some(1));
+        // One that does not finish in time: the key is stuck, and a new
+        // call returns at once, until the stuck one ends.
+        let t0 = Instant::now();
+        let r = b.run_unless_stuck("k", Duration::from_millis(50), || {
+            std::thread::sleep(Duration::from_millis(400));
+            3
+        });
+        assert_eq!(r, None);
+        assert!(t0.elapsed() < Duration::from_millis(300));
+        let t1 = Instant::now();
+        assert_eq!(b.run_unless_stuck("k", Duration::from_secs(5), || 4), None);
+        assert!(t1.elapsed() < Duration::from_millis(100));
+        assert_eq!(
+            b.run_unless_stuck("other", Duration::from_secs(5), || 5),
+            Some(5)
+        );
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            b.run_unless_stuck("k", Duration::from_secs(5), || 6),
+            Some(6)
+        );
+    }
 
     #[test]
     fn returns_the_value_in_time() {

@@ -17,6 +17,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -76,6 +77,30 @@ fn about_me() -> String {
     )
 }
 
+/// How long a lock found taken is tried again before it is taken for a
+/// holder's: `holder_of` (`berth state check`, and a starting berth looking
+/// at the directories around its own) tests a lock by taking it shared
+/// for a moment, and a berth starting at that moment refused to start,
+/// naming whoever last wrote the lock file (a process long gone). A real
+/// holder keeps it for its whole life.
+const TAKEN_FOR: Duration = Duration::from_millis(500);
+const TAKEN_PAUSE: Duration = Duration::from_millis(5);
+
+/// An exclusive lock on `f`, tried again for `TAKEN_FOR` while it is taken.
+fn lock_exclusive(f: File) -> Result<Flock<File>, (File, nix::errno::Errno)> {
+    let until = Instant::now() + TAKEN_FOR;
+    let mut f = f;
+    loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < until => {
+                f = back;
+                std::thread::sleep(TAKEN_PAUSE);
+            }
+            r => return r,
+        }
+    }
+}
+
 impl DirLock {
     /// Takes the lock of `dir` (which must exist), or fails naming the
     /// directory and the holder. `what` says what the directory is.
@@ -87,7 +112,7 @@ impl DirLock {
             holder,
         };
         let d = open_dir(dir).map_err(|e| StateError::io("open", dir, e))?;
-        let dir_lock = match Flock::lock(d, FlockArg::LockExclusiveNonblock) {
+        let dir_lock = match lock_exclusive(d) {
             Ok(l) => Some(l),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(locked(holder(&path))),
             Err((_, e)) => {
@@ -98,7 +123,7 @@ impl DirLock {
         let file = files
             .open(&path, Open::CreateOrKeep)
             .map_err(StateError::Os)?;
-        let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        let locked = match lock_exclusive(file) {
             Ok(l) => l,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(locked(holder(&path))),
             Err((_, e)) => return Err(StateError::io("flock", &path, e.into())),
@@ -249,6 +274,47 @@ mod tests {
         assert_eq!(held, None);
         let e = taken.unwrap_err();
         assert!(e.contains("FIFO") && e.contains(LOCK_FILE), "{e}");
+    }
+
+    /// `holder_of` (what `berth state check` asks before it reads a live
+    /// journal, and a starting berth of the directories around its own)
+    /// tests the lock by taking it shared for a moment: a berth starting
+    /// at that moment must still get its lock, not refuse to start naming
+    /// the holder written by a process long gone.
+    #[test]
+    fn a_lock_looked_at_by_a_reader_is_still_taken() {
+        let d = tempfile::tempdir().unwrap();
+        let files: Arc<dyn Files> = Arc::new(RealFiles);
+        // The lock file as a killed berth leaves it: its note, no holder.
+        std::fs::write(d.path().join(LOCK_FILE), "berth 0.0.1 pid 1 on host gone\n").unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looker = {
+            let (dir, stop) = (d.path().to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                let mut looks = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = DirLock::holder_of(&dir);
+                    looks += 1;
+                }
+                looks
+            })
+        };
+        let mut refused = Vec::new();
+        for _ in 0..300 {
+            match DirLock::acquire(&files, d.path(), "state directory") {
+                Ok(l) => drop(l),
+                Err(e) => refused.push(e.to_string()),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let looks = looker.join().unwrap();
+        assert!(looks > 0);
+        assert!(
+            refused.is_empty(),
+            "{} of 300 takings refused while a reader looked ({looks} looks), e.g. {}",
+            refused.len(),
+            refused[0]
+        );
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Ser
 }
 
 /// Serves until `shutdown` completes, then waits at most `grace` for calls
-/// in flight, and removes the socket.
+/// in flight and their answers (`ANSWER_GRACE`), and removes the socket.
 pub async fn serve(
     driver: Arc<Driver>,
     socket: PathBuf,
@@ -183,19 +183,37 @@ pub async fn serve(
         r = &mut server => r.map_err(ServeError::from),
         drained = async {
             let _ = stop_rx.await;
-            // Clients (sidecars) keep idle connections open, so waiting for
-            // the server to finish would always take the whole grace period:
-            // wait for the work in flight instead.
+            // The work in flight first: a connection closes only once its
+            // client has read its answers and the GOAWAY (an idle sidecar
+            // does at once, but one that does not read would hold the
+            // whole grace period).
             let deadline = tokio::time::Instant::now() + grace;
             while crate::rpc::in_flight() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            crate::rpc::in_flight() == 0
+            (crate::rpc::in_flight() == 0, deadline)
         } => {
-            if !drained {
+            let (drained, deadline) = drained;
+            if drained {
+                // The calls are done, but their answers may still be on
+                // their way out: each connection's task writes them, and
+                // only while this thread serves (a large answer waits for
+                // the client to open its flow-control window). Each
+                // connection closes once its answers are out and its
+                // client has seen the GOAWAY (the server finishes then),
+                // for at most ANSWER_GRACE (within the grace).
+                let until = deadline.min(tokio::time::Instant::now() + ANSWER_GRACE);
+                match tokio::time::timeout_at(until, &mut server).await {
+                    Ok(r) => r.map_err(ServeError::from),
+                    Err(_) => {
+                        tracing::info!(wait_ms = ANSWER_GRACE.as_millis() as u64, "client connections still open after the calls were answered; exiting");
+                        Ok(())
+                    }
+                }
+            } else {
                 tracing::warn!(grace_secs = grace.as_secs(), in_flight = crate::rpc::in_flight(), "work still in flight after the shutdown grace period; exiting");
+                Ok(())
             }
-            Ok(())
         }
     };
     retry.abort();
@@ -206,6 +224,11 @@ pub async fn serve(
     tracing::info!("stopped");
     result
 }
+
+/// How long SIGTERM waits, once no work is in flight, for the answers to
+/// go out and the clients' connections to close (within the grace):
+/// clients that read close theirs in milliseconds.
+pub const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 /// How long accepting pauses after it failed (`EMFILE`: every file
 /// descriptor in use).

@@ -252,7 +252,9 @@ fn controller_mode_with_a_node_local_kind_is_refused() {
     }
 }
 
-#[tokio::test]
+/// The idle client answers the server's GOAWAY on a thread of its own (as
+/// a sidecar does): its connection holds up no shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_is_private_and_shutdown_is_graceful() {
     let d = tempfile::tempdir().unwrap();
     let mut b = start(d.path(), &[]);
@@ -269,11 +271,11 @@ async fn socket_is_private_and_shutdown_is_graceful() {
     let t0 = Instant::now();
     let st = sigterm(&mut b);
     assert!(st.success(), "{st:?}");
-    eprintln!(
-        "shutdown with an idle client connection took {:?}",
-        t0.elapsed()
-    );
+    let took = t0.elapsed();
+    eprintln!("shutdown with an idle client connection took {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
     assert!(!b.sock.exists(), "socket removed on shutdown");
+    drop(c);
 }
 
 /// SIGTERM as soon as the socket accepts (before any RPC) is a graceful
@@ -2523,4 +2525,90 @@ async fn a_local_volume_holding_a_very_deep_tree_is_deleted_and_berth_stays_up()
         .await
         .unwrap();
     assert!(!d.path().join("local").join(&id).exists());
+}
+
+/// SIGTERM waits for the answers of the calls it waited for, not only for
+/// their work: a call whose handler is done but whose answer is still on
+/// its way out (a client reading slowly: HTTP/2 flow control holds the
+/// rest of a large answer until the client opens its window) gets the
+/// whole answer. Before 2026-12-07 berth exited as soon as no work was in
+/// flight, and the client got a broken connection instead of the answer
+/// of a call berth had carried out.
+#[tokio::test]
+async fn sigterm_delivers_the_answer_of_a_finished_call() {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    let d = tempfile::tempdir().unwrap();
+    let mut b = start(d.path(), &[]);
+    let mut ids = create_n(&b.sock, 20).await;
+    ids.sort();
+    // A client whose stream window (1 KiB) holds a fraction of the answer:
+    // the rest is sent only as it reads.
+    let io = hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(&b.sock).await.unwrap());
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(1024)
+            .handshake(io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("http://localhost/csi.v1.Controller/ListVolumes")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+            0, 0, 0, 0, 0,
+        ])))
+        .unwrap();
+    // Its headers come when the handler is done: nothing is in flight.
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let st = sigterm_nowait(&mut b);
+    // Berth exits within its grace; the client reads only now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body = resp.into_body().collect().await;
+    let st = st.finish(&mut b);
+    assert!(st.success(), "{st:?}");
+    let body = body.expect("the answer was cut: berth exited before sending it");
+    let status = body
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(status.as_deref(), Some("0"));
+    let bytes = body.to_bytes();
+    assert!(bytes.len() > 1024, "{} bytes", bytes.len());
+    let msg = csi::ListVolumesResponse::decode(&bytes[5..]).unwrap();
+    let mut got: Vec<String> = msg
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    got.sort();
+    assert_eq!(got, ids);
+}
+
+/// SIGTERM sent; `finish` waits for the exit as `sigterm` does.
+struct Terminating(Instant);
+
+fn sigterm_nowait(b: &mut Berth) -> Terminating {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    Terminating(Instant::now())
+}
+
+impl Terminating {
+    fn finish(self, b: &mut Berth) -> std::process::ExitStatus {
+        loop {
+            if let Some(st) = b.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                self.0.elapsed() < Duration::from_secs(15),
+                "berth did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

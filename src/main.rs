@@ -149,9 +149,14 @@ fn main() -> anyhow::Result<()> {
             let left = berth::rpc::in_flight();
             if left > 0 {
                 let killed = berth::os::command::kill_running();
+                // A copy abandoned now would leave its source's filesystem
+                // frozen (every write of its pod waiting) until the next
+                // start thaws it.
+                let thawed = berth::os::files::thaw_frozen();
                 tracing::warn!(
                     in_flight = left,
                     commands_killed = killed,
+                    filesystems_thawed = thawed,
                     "exiting with work in flight after --shutdown-timeout; the next start reconciles it"
                 );
                 rt.shutdown_background();

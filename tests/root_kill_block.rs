@@ -1349,3 +1349,161 @@ async fn killed_during_teardown_raw() {
 async fn killed_during_teardown_ext4() {
     teardown_kill("ext4").await;
 }
+
+nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
+nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+
+/// Whether the filesystem mounted at `mp` is frozen (FIFREEZE answers
+/// EBUSY); thawed in either case.
+fn was_frozen(mp: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(mp).unwrap();
+    // SAFETY: FIFREEZE/FITHAW on a descriptor of the mount point.
+    let r = unsafe { fifreeze(f.as_raw_fd(), &mut 0) };
+    let _ = unsafe { fithaw(f.as_raw_fd(), &mut 0) };
+    match r {
+        Ok(_) => false,
+        Err(nix::errno::Errno::EBUSY) => true,
+        Err(e) => panic!("FIFREEZE {}: {e}", mp.display()),
+    }
+}
+
+/// SIGTERM while a staged ext4 volume is frozen for its snapshot's copy,
+/// and the copy outlasts `--shutdown-timeout` (strace holds each
+/// copy_file_range of berth 5 s): berth abandons the copy and exits, and
+/// thaws the filesystem first. Before 2026-12-07 the filesystem stayed
+/// frozen after berth had exited, and every write of the pod using it
+/// waited until berth started again (for ever, were berth uninstalled or
+/// its new image never to start). The next start takes the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn sigterm_during_a_frozen_copy_leaves_no_filesystem_frozen() {
+    use std::os::unix::process::CommandExt;
+    assert!(is_root(), "root tests need root");
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    let sock = d.path().join("csi.sock");
+    let spawn = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.path().join("berth.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(d.path())
+            .arg("--endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--node-id", NODE, "--kinds", "local,block"])
+            .args(["--shutdown-timeout", "1"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        Berth {
+            child,
+            sock: sock.clone(),
+        }
+    };
+    let mut b = spawn();
+    let mut c = conn(&b, d.path()).await;
+    let cap = fs_cap("ext4");
+    let id = create(&mut c, "v", 64 << 20, false, &cap).await.unwrap();
+    let staging = d.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let stage = csi::NodeStageVolumeRequest {
+        volume_capability: Some(cap.clone()),
+        ..stage_req(&id, &staging)
+    };
+    c.node
+        .node_stage_volume(Request::new(stage.clone()))
+        .await
+        .unwrap();
+    std::fs::write(staging.join("data"), vec![7u8; 4 << 20]).unwrap();
+    assert!(Command::new("sync").status().unwrap().success());
+    let mut strace = Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=copy_file_range",
+        ])
+        .args(["-e", "inject=copy_file_range:delay_enter=5000000", "-p"])
+        .arg(b.child.id().to_string())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let snap_req = csi::CreateSnapshotRequest {
+        source_volume_id: id.clone(),
+        name: "s".into(),
+        ..Default::default()
+    };
+    let mut c2 = c.clone();
+    let r2 = snap_req.clone();
+    let t = tokio::spawn(async move { c2.controller.create_snapshot(Request::new(r2)).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!t.is_finished(), "the copy was not held: {:?}", t.await);
+    let t0 = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = b.child.wait().unwrap();
+    let took = t0.elapsed();
+    let _ = strace.kill();
+    let _ = strace.wait();
+    let first = t.await.unwrap();
+    assert!(first.is_err(), "the snapshot was made: {first:?}");
+    let frozen = was_frozen(&staging);
+    let log = std::fs::read_to_string(d.path().join("berth.log")).unwrap_or_default();
+    assert!(
+        !frozen,
+        "berth exited ({st:?} after {took:?}) leaving {} frozen: {log}",
+        staging.display()
+    );
+    assert!(log.contains("filesystems_thawed=1"), "{log}");
+    // The next start serves; the snapshot is taken; everything goes.
+    b = spawn();
+    let c = conn(&b, d.path()).await;
+    let snap = retry("CreateSnapshot", || {
+        let mut c = c.clone();
+        let r = snap_req.clone();
+        async move {
+            c.controller
+                .create_snapshot(Request::new(r))
+                .await
+                .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
+        }
+    })
+    .await;
+    retry("NodeUnstage", || {
+        let mut c = c.clone();
+        let r = csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        };
+        async move { c.node.node_unstage_volume(Request::new(r)).await }
+    })
+    .await;
+    retry("DeleteSnapshot", || {
+        let mut c = c.clone();
+        let s = snap.clone();
+        async move {
+            c.controller
+                .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                    snapshot_id: s,
+                    ..Default::default()
+                }))
+                .await
+        }
+    })
+    .await;
+    del_vol(&c, &id).await;
+    assert_eq!(leftovers(d.path()), Vec::<String>::new());
+    drop(b);
+}

@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::OsError;
 
@@ -277,14 +277,27 @@ impl Files for RealFiles {
             // SAFETY: FIFREEZE on a descriptor of the mount point; the
             // argument is unused by the kernel.
             unsafe { fifreeze(fd, &mut 0) }.map(|_| ())
-        })
+        })?;
+        frozen().push(mount_point.to_path_buf());
+        if EXITING.load(std::sync::atomic::Ordering::SeqCst) {
+            // `thaw_frozen` ran, or runs now: never left frozen.
+            let _ = self.thaw(mount_point);
+            return Err(OsError::sys(
+                "FIFREEZE",
+                mount_point,
+                nix::errno::Errno::ECANCELED,
+            ));
+        }
+        Ok(())
     }
 
     fn thaw(&self, mount_point: &Path) -> Result<(), OsError> {
-        fs_ioctl(mount_point, "FITHAW", |fd| {
-            // SAFETY: as for FIFREEZE.
-            unsafe { fithaw(fd, &mut 0) }.map(|_| ())
-        })
+        thaw_at(mount_point)?;
+        let mut set = frozen();
+        if let Some(i) = set.iter().position(|p| p == mount_point) {
+            set.swap_remove(i);
+        }
+        Ok(())
     }
 
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
@@ -535,6 +548,48 @@ pub fn read_regular(path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
         None => (&f).read_to_end(&mut out)?,
     };
     Ok(out)
+}
+
+/// The mount points this process froze (`RealFiles::freeze`) and has not
+/// thawed yet: a copy in flight holds its source's filesystem frozen.
+static FROZEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Set by `thaw_frozen`: a freeze made after it is undone at once.
+static EXITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn frozen() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    FROZEN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn thaw_at(mount_point: &Path) -> Result<(), OsError> {
+    fs_ioctl(mount_point, "FITHAW", |fd| {
+        // SAFETY: FITHAW on a descriptor of the mount point; the argument
+        // is unused by the kernel.
+        unsafe { fithaw(fd, &mut 0) }.map(|_| ())
+    })
+}
+
+/// Thaws every filesystem this process froze and has not thawed, and
+/// undoes any freeze made after; returns how many it thawed. For a
+/// process about to exit without waiting for its calls in flight: a copy
+/// it abandons would leave its source frozen, and every write of the pod
+/// using it waiting, until berth starts again.
+pub fn thaw_frozen() -> usize {
+    EXITING.store(true, std::sync::atomic::Ordering::SeqCst);
+    let left: Vec<PathBuf> = frozen().drain(..).collect();
+    let mut thawed = 0;
+    for mp in left {
+        match thaw_at(&mp) {
+            Ok(()) => {
+                tracing::warn!(mount_point = %mp.display(), "thawed a filesystem frozen for a copy abandoned at exit");
+                thawed += 1;
+            }
+            Err(e) => {
+                tracing::error!(mount_point = %mp.display(), error = %e, "could not thaw a filesystem frozen for a copy abandoned at exit; run `fsfreeze -u` on it")
+            }
+        }
+    }
+    thawed
 }
 
 nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);

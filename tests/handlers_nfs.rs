@@ -351,6 +351,55 @@ async fn create_rejects_bad_parameters_before_touching_the_os() {
     assert!(h.driver.store.is_empty());
 }
 
+/// A mount option's value never reaches an error message (the PVC's
+/// events, which every user of the namespace reads, and berth's log): a
+/// CIFS class's `password=` copied into an NFS class was answered with
+/// `NFS mount option "password=hunter2" is not supported`, by CreateVolume
+/// and NodePublishVolume alike, and a bad value of a known option
+/// (`sec=`) was shown too. The option is named, its value is not.
+#[tokio::test]
+async fn mount_option_values_never_reach_an_error_message() {
+    let h = nfs(&[]);
+    let t = h.path("target");
+    for (flags, named) in [
+        (&["password=hunter2"][..], "password"),
+        (&["nfsvers=4.1,password=hunter2"], "password"),
+        (&["hard", "secret=hunter2,nolock"], "secret"),
+        (&["sec=hunter2"], "sec"),
+        (&["timeo=hunter2"], "timeo"),
+        (&["hard=hunter2"], "hard"),
+    ] {
+        let mut r = req("a", &[]);
+        r.volume_capabilities = vec![mount_cap_flags(Mode::MultiNodeMultiWriter, flags)];
+        let create = create_err(&h, r).await;
+        let publish = h
+            .node
+            .node_publish_volume(Request::new(nfs_publish(
+                "nfs#d#127.0.0.1#/export#a",
+                &t,
+                false,
+                flags,
+            )))
+            .await
+            .expect_err("NodePublishVolume should fail");
+        for (rpc, e) in [("CreateVolume", create), ("NodePublishVolume", publish)] {
+            assert_eq!(e.code(), Code::InvalidArgument, "{rpc} {flags:?}");
+            assert!(
+                !e.message().contains("hunter2"),
+                "{rpc} {flags:?} shows the option's value: {}",
+                e.message()
+            );
+            assert!(
+                e.message().contains(named),
+                "{rpc} {flags:?}: {}",
+                e.message()
+            );
+        }
+    }
+    assert!(runs(h.fake()).is_empty());
+    assert!(h.driver.store.is_empty());
+}
+
 #[tokio::test]
 async fn create_refuses_a_subdirectory_another_volume_uses() {
     let h = nfs(&[]);

@@ -130,6 +130,18 @@ fn shorten(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
+/// How an option is named in an error message: its name only, never its
+/// value. A mount option's value may be a secret (`password=` of a CIFS
+/// class copied into an NFS one, a key in a misspelt option), and an
+/// error message travels to the CO (an event on the PVC, which every user
+/// of the namespace reads) and into berth's log.
+fn shown(opt: &str) -> String {
+    match opt.split_once('=') {
+        Some((name, _)) => format!("{:?} (value not shown)", shorten(name)),
+        None => format!("{:?}", shorten(opt)),
+    }
+}
+
 /// Checks one option (no commas inside).
 fn check_option(opt: &str) -> Result<(), String> {
     let (name, value) = match opt.split_once('=') {
@@ -137,10 +149,7 @@ fn check_option(opt: &str) -> Result<(), String> {
         None => (opt, None),
     };
     let Some((_, kind)) = ALLOWED.iter().find(|(n, _)| *n == name) else {
-        return Err(format!(
-            "NFS mount option {:?} is not supported",
-            shorten(opt)
-        ));
+        return Err(format!("NFS mount option {} is not supported", shown(opt)));
     };
     let ok = match (kind, value) {
         (Value::Flag, None) => true,
@@ -151,13 +160,16 @@ fn check_option(opt: &str) -> Result<(), String> {
         _ => false,
     };
     if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "NFS mount option {:?} has an invalid value",
-            shorten(opt)
-        ))
+        return Ok(());
     }
+    let want = match kind {
+        Value::Flag => "takes no value".to_string(),
+        Value::Number => "takes a decimal number of at most 9 digits".to_string(),
+        Value::Word(words) => format!("takes one of {}", words.join(", ")),
+    };
+    Err(format!(
+        "NFS mount option {name} has an invalid value (not shown): it {want}"
+    ))
 }
 
 /// Splits mount flags (each may hold several comma-separated options) into
@@ -257,7 +269,7 @@ pub fn mount_args(source: &str, target: &Path, opts: &[String]) -> Result<Vec<St
     }
     for o in opts {
         if o.contains(',') {
-            return Err(format!("NFS mount option {:?} holds a comma", shorten(o)));
+            return Err(format!("NFS mount option {} holds a comma", shown(o)));
         }
         check_option(o)?;
     }
@@ -464,6 +476,30 @@ mod tests {
         }
         // Options that only look alike pass.
         assert!(check_options(&v(&["hard", "nolock", "noac", "nocto", "tcp"])).is_ok());
+    }
+
+    /// An error names the option, never its value (which may be a
+    /// secret); a known option's error says what its value must be.
+    #[test]
+    fn errors_never_show_an_options_value() {
+        for (opt, named) in [
+            ("password=hunter2", "\"password\" (value not shown)"),
+            ("sec=hunter2", "sec has an invalid value"),
+            ("timeo=hunter2", "decimal number"),
+            ("hard=hunter2", "takes no value"),
+        ] {
+            let e = check_options(&v(&[opt])).unwrap_err();
+            assert!(!e.contains("hunter2"), "{opt}: {e}");
+            assert!(e.contains(named), "{opt}: {e}");
+        }
+        let e = check_options(&v(&["sec=hunter2"])).unwrap_err();
+        assert!(e.contains("krb5p"), "{e}");
+        let e =
+            mount_args("h:/x", Path::new("/t"), &v(&["sec=krb5,password=hunter2"])).unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        // A bare word has no value to hide: it is named.
+        let e = check_options(&v(&["bogus"])).unwrap_err();
+        assert!(e.contains("\"bogus\""), "{e}");
     }
 
     #[test]

@@ -1121,6 +1121,87 @@ async fn busy_unmount_is_an_error_never_forced() {
         .unwrap();
 }
 
+/// A statvfs of the target that kubelet's NodeGetVolumeStats has in
+/// flight (no guard: stats run beside every other call) is not a server
+/// that does not answer. Before, the unpublish's own statvfs of the busy
+/// mount found that key in flight, took that for "not responding" at once,
+/// and forced and lazily unmounted a busy mount of a live server. Now it
+/// waits for a call that is not overdue and asks itself.
+#[tokio::test]
+async fn a_busy_unmount_beside_a_stats_call_on_a_live_server_is_never_forced() {
+    let h = nfs(&["--mode", "node"]);
+    let id = "nfs#d#h#/e#v";
+    let t = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &[])))
+        .await
+        .unwrap();
+    // A live server that takes a moment to answer (well within the 2 s
+    // stat timeout).
+    h.fake()
+        .set_statvfs_delay(&t, Some(Duration::from_millis(400)));
+    h.fake().clear_calls();
+    h.fake()
+        .reply("umount", exit(32, "umount: target is busy."));
+    let node = berth::node::NodeService {
+        driver: h.driver.clone(),
+    };
+    let stats = tokio::spawn(async move {
+        node.node_get_volume_stats(Request::new(stats_req(id, &t)))
+            .await
+            .map(|r| r.into_inner())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = h.path("target");
+    let e = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .expect_err("a busy mount of a live server is not unmounted");
+    assert_eq!(e.code(), Code::Internal);
+    assert!(e.message().contains("busy"), "{}", e.message());
+    assert_eq!(
+        runs(h.fake()).len(),
+        1,
+        "no force, no lazy: {:?}",
+        runs(h.fake())
+    );
+    assert!(h.fake().table().iter().any(|m| m.mount_point == t));
+    let s = stats.await.unwrap().unwrap();
+    assert!(!s.volume_condition.unwrap().abnormal);
+    h.fake().set_statvfs_delay(&t, None);
+}
+
+/// The controller's side of the same: a ControllerGetVolume's health
+/// check has a statvfs of the share's working mount in flight (it takes no
+/// share lock); a CreateVolume beside it was UNAVAILABLE ("NFS server ...
+/// is not responding") from a server that answers.
+#[tokio::test]
+async fn a_create_beside_a_health_check_on_a_live_server_is_made() {
+    let h = nfs(&[]);
+    let id = create(&h, "v", &[]).await.volume_id;
+    let root = share_root(&h);
+    h.fake()
+        .set_statvfs_delay(&root, Some(Duration::from_millis(400)));
+    let ctl = berth::controller::ControllerService {
+        driver: h.driver.clone(),
+    };
+    let get = tokio::spawn(async move {
+        ctl.controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: id,
+        }))
+        .await
+        .map(|r| r.into_inner())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = h.ctl.create_volume(Request::new(req("w", &[]))).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    let g = get.await.unwrap().unwrap();
+    let c = g.status.unwrap().volume_condition.unwrap();
+    assert!(!c.abnormal, "{c:?}");
+    h.fake().set_statvfs_delay(&root, None);
+}
+
 #[tokio::test]
 async fn force_and_lazy_unmounts_are_only_for_nfs() {
     // A local volume in an instance that serves both kinds: unpublish uses

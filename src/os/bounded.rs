@@ -3,16 +3,24 @@
 //!
 //! A thread stuck in the kernel cannot be killed; on timeout it is left
 //! behind and the caller gets `None`. At most one call per key is in flight:
-//! while an earlier call on the same key is still stuck, a new one returns
-//! `None` at once instead of stacking up another stuck thread.
-use std::collections::{HashMap, HashSet};
+//! while an earlier call on the same key is stuck (it ran past its own
+//! deadline), a new one returns `None` at once instead of stacking up
+//! another stuck thread; an earlier call still within its deadline (one
+//! made beside this one: kubelet's stats of a path an unpublish probes) is
+//! waited for, and then the new call is made: a call in flight is not an
+//! answer that never comes.
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How often a call waiting for an earlier one on its key looks again.
+const WAIT_STEP: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Default, Clone)]
 pub struct Bounded {
-    inflight: Arc<Mutex<HashSet<String>>>,
+    /// The keys of the calls in flight, with each one's deadline.
+    inflight: Arc<Mutex<HashMap<String, Instant>>>,
     /// Calls of `run_unless_stuck` that did not finish in time and still
     /// run, by key.
     stuck: Arc<Mutex<HashMap<String, usize>>>,
@@ -24,18 +32,31 @@ impl Bounded {
     }
 
     /// Runs `f` on its own thread and waits at most `timeout` for it. `None`
-    /// when it did not finish in time (or an earlier call on `key` is still
-    /// running).
+    /// when it did not finish in time, or an earlier call on `key` is still
+    /// running past its own deadline (stuck). An earlier call on `key` that
+    /// is still within its deadline is waited for first (at most until that
+    /// deadline, and at most `timeout`): the whole call takes at most twice
+    /// `timeout`.
     pub fn run<T, F>(&self, key: &str, timeout: Duration, f: F) -> Option<T>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        {
-            let mut set = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if !set.insert(key.to_string()) {
-                return None;
+        let wait_until = Instant::now() + timeout;
+        loop {
+            {
+                let mut set = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                match set.get(key) {
+                    None => {
+                        set.insert(key.to_string(), now + timeout);
+                        break;
+                    }
+                    Some(due) if now >= *due || now >= wait_until => return None,
+                    Some(_) => {}
+                }
             }
+            std::thread::sleep(WAIT_STEP);
         }
         let (tx, rx) = mpsc::channel();
         let inflight = self.inflight.clone();
@@ -118,7 +139,7 @@ impl Bounded {
         self.inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
+            .contains_key(key)
     }
 }
 
@@ -175,6 +196,52 @@ mod tests {
         let b = Bounded::new();
         assert_eq!(b.run("k", Duration::from_secs(5), || 7), Some(7));
         assert!(!b.busy("k"));
+    }
+
+    /// A second call on a key whose first call is still within its
+    /// deadline waits for it and is then made: before, it answered `None`
+    /// at once, as if the first were stuck (an NFS server that answers
+    /// taken for one that does not).
+    #[test]
+    fn a_second_call_beside_one_within_its_deadline_is_made() {
+        let b = Bounded::new();
+        let first = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                b.run("k", Duration::from_secs(5), || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    1
+                })
+            })
+        };
+        while !b.busy("k") {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t0 = Instant::now();
+        assert_eq!(b.run("k", Duration::from_secs(5), || 2), Some(2));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(first.join().unwrap(), Some(1));
+        // Waited for at most its own timeout.
+        let b = Bounded::new();
+        let slow = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                b.run("k", Duration::from_secs(5), || {
+                    std::thread::sleep(Duration::from_millis(600));
+                })
+            })
+        };
+        while !b.busy("k") {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t0 = Instant::now();
+        assert_eq!(b.run("k", Duration::from_millis(100), || 3), None);
+        assert!(
+            t0.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t0.elapsed()
+        );
+        slow.join().unwrap();
     }
 
     #[test]

@@ -1452,6 +1452,54 @@ async fn unpublish_forces_when_its_own_stuck_statvfs_keeps_the_mount_busy() {
     h.fake().set_statvfs_delay(&t, None);
 }
 
+/// A `soft` mount's statvfs does not hang when the server is gone: its
+/// RPCs give up, ETIMEDOUT (`softerr`) or EIO (plain `soft`), which is the
+/// same "server not responding". Before, only a statvfs that hung counted,
+/// so a busy soft mount of a dead server (a process with its working
+/// directory there) failed NodeUnpublishVolume with "busy" for as long as
+/// the server stayed away, the pod Terminating. Any other error of the
+/// statvfs is still no reason to force.
+#[tokio::test]
+async fn a_busy_soft_mount_whose_statvfs_times_out_is_forced() {
+    let h = nfs(&["--mode", "node"]);
+    let id = "nfs#d#h#/e#v";
+    let t = h.path("target");
+    let soft = ["soft", "timeo=10", "retrans=1"];
+    for errno in [libc::ETIMEDOUT, libc::EIO] {
+        h.node
+            .node_publish_volume(Request::new(nfs_publish(id, &t, false, &soft)))
+            .await
+            .unwrap();
+        h.fake().clear_calls();
+        h.fake()
+            .reply("umount", exit(32, "umount: target is busy."));
+        h.fake().fail_next("statvfs", errno);
+        h.node
+            .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+            .await
+            .unwrap_or_else(|e| panic!("errno {errno}: {e:?}"));
+        let r = runs(h.fake());
+        assert_eq!(r.len(), 2, "errno {errno}: {r:?}");
+        assert_eq!(r[1].1[..2], v(&["-f", "-i"]));
+        assert!(!t.exists());
+    }
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(id, &t, false, &soft)))
+        .await
+        .unwrap();
+    h.fake().clear_calls();
+    h.fake()
+        .reply("umount", exit(32, "umount: target is busy."));
+    h.fake().fail_next("statvfs", libc::EACCES);
+    let e = h
+        .node
+        .node_unpublish_volume(Request::new(unpublish_req(id, &t)))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("busy"), "{}", e.message());
+    assert_eq!(runs(h.fake()).len(), 1, "no force, no lazy");
+}
+
 #[tokio::test]
 async fn expansion_records_the_size_and_needs_nothing_on_the_node() {
     let h = nfs(&[]);

@@ -94,7 +94,8 @@ pub(crate) enum Probe {
     Usage(FsUsage),
     /// ESTALE: the directory was removed or re-exported on the server.
     Stale,
-    /// No answer in time: the server is not responding.
+    /// No answer in time, or the mount's RPCs gave up (a `soft` mount):
+    /// the server is not responding.
     Hung,
     Failed(OsError),
 }
@@ -323,7 +324,10 @@ impl NfsKind {
         }
     }
 
-    /// statvfs of `path` on a helper thread, at most `stat_timeout`.
+    /// statvfs of `path` on a helper thread, at most `stat_timeout`. A
+    /// statvfs that gives up because the server did not answer (a `soft`
+    /// mount's RPCs: ETIMEDOUT with `softerr`, EIO without) is `Hung` like
+    /// one that does not return: the server is not responding either way.
     pub(crate) fn probe(&self, path: &Path) -> Probe {
         let fs = self.os.fs.clone();
         let p = path.to_path_buf();
@@ -335,6 +339,10 @@ impl NfsKind {
             None => Probe::Hung,
             Some(Ok(u)) => Probe::Usage(u),
             Some(Err(e)) if e.errno() == Some(libc::ESTALE) => Probe::Stale,
+            Some(Err(e)) if matches!(e.errno(), Some(libc::ETIMEDOUT | libc::EIO)) => {
+                tracing::warn!(path = %path.display(), error = %e, "statvfs of an NFS mount gave up: server not responding");
+                Probe::Hung
+            }
             Some(Err(e)) => Probe::Failed(e),
         }
     }

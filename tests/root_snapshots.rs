@@ -788,3 +788,115 @@ async fn thick_volumes_keep_their_blocks_on_a_reflink_block_root() {
     let _ = nix::mount::umount(&root);
     drop(guard);
 }
+
+/// Every regular file under `dir` (symlinks and mounts never followed)
+/// whose content is `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.is_dir() && !mounts_under(&p).contains(&p) {
+            out.extend(files_holding(&p, needle));
+        } else if m.is_file() && std::fs::read(&p).is_ok_and(|c| c == needle) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+async fn clone_of(h: &Harness, name: &str, source: &str) -> Result<String, tonic::Status> {
+    h.ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(csi::volume_content_source::Type::Volume(
+                    csi::volume_content_source::VolumeSource {
+                        volume_id: source.into(),
+                    },
+                )),
+            }),
+            ..volume_req(name, 64 * MIB, &[], rwo())
+        }))
+        .await
+        .map(|r| r.into_inner().volume.expect("volume").volume_id)
+}
+
+async fn try_snapshot(h: &Harness, name: &str, source: &str) -> Result<String, tonic::Status> {
+    h.ctl
+        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: name.into(),
+            source_volume_id: source.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|r| r.into_inner().snapshot.expect("snapshot").snapshot_id)
+}
+
+/// A pod with Bidirectional propagation can mount inside its volume (a
+/// host directory, another tenant's volume, a host file over one of its
+/// own); DeleteVolume refuses to enter such a mount, and so must a
+/// snapshot's or a clone's copy: it is FAILED_PRECONDITION naming the
+/// mount, and nothing mounted there lands in a snapshot or a new volume.
+/// Before, both copied the mounted tree and file into the tenant's
+/// snapshot and clone (a host secret the tenant could then restore).
+#[tokio::test]
+#[ignore = "needs root"]
+async fn what_a_pod_mounts_inside_its_local_volume_is_never_copied() {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let (h, _g) = real(&[]);
+    let id = create(&h, "src", 64 * MIB, &[], rwo()).await;
+    let dir = h.path("local").join(&id);
+    std::fs::write(dir.join("own"), b"the tenant's own").unwrap();
+    // Outside every volume: what the host keeps.
+    let outside = h.path("host");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"host secret").unwrap();
+    std::fs::write(outside.join("file"), b"host file").unwrap();
+    let bind = |from: &Path, to: &Path| {
+        mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap()
+    };
+    // A directory deeper down (a host directory bound there), and a file
+    // (a host file bound over one of the volume's).
+    std::fs::create_dir_all(dir.join("d/sub")).unwrap();
+    std::fs::write(dir.join("f"), b"tenant's file").unwrap();
+    let local = h.path("local");
+    let leaked = || {
+        let mut v = files_holding(&local, b"host secret");
+        v.extend(files_holding(&local, b"host file"));
+        v.retain(|p| !p.starts_with(&dir));
+        v
+    };
+    let rounds = [
+        (dir.join("d/sub"), outside.clone()),
+        (dir.join("f"), outside.join("file")),
+    ];
+    for (n, (at, from)) in rounds.iter().enumerate() {
+        bind(from, at);
+        let snap = try_snapshot(&h, &format!("s-{n}"), &id).await;
+        let clone = clone_of(&h, &format!("c-{n}"), &id).await;
+        assert_eq!(leaked(), Vec::<PathBuf>::new(), "{at:?}");
+        for r in [snap, clone] {
+            let e = r.expect_err("a copy of a volume with a mount inside");
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{at:?}: {e:?}");
+            let named = format!("{} is a mount point", at.display());
+            assert!(e.message().contains(&named), "{at:?}: {e:?}");
+        }
+        umount2(at, MntFlags::empty()).unwrap();
+    }
+    // Once the pod's mounts are gone: copied as usual.
+    let snap = snapshot_id(&h, "s", &id).await;
+    let c = clone_of(&h, "c", &id).await.expect("clone");
+    for copy in [local.join(".snapshots").join(&snap), local.join(&c)] {
+        assert_eq!(
+            std::fs::read(copy.join("own")).unwrap(),
+            b"the tenant's own"
+        );
+        assert_eq!(std::fs::read(copy.join("f")).unwrap(), b"tenant's file");
+    }
+    assert_eq!(leaked(), Vec::<PathBuf>::new());
+}

@@ -12,7 +12,12 @@
 //!   inode stays one inode), extended attributes, FIFOs and device nodes.
 //!   Never with hard links to the source: a write through the volume must
 //!   not change its snapshot. Sockets are skipped (they cannot be copied;
-//!   tar does the same).
+//!   tar does the same). Never across a mount: an entry below the source
+//!   that is the root of a mount (a pod with Bidirectional propagation
+//!   mounted a host directory, another tenant's volume or a file over one
+//!   of its own inside its volume) fails the copy (`OsError::MountInside`),
+//!   decided on the descriptor that would be read, so a mount made while
+//!   the copy runs is seen too; nothing mounted there is read.
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -339,7 +344,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
     on_copy_stack(|| {
         let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
         let mut st = CopyStats::default();
-        copy_dir(src, dst, &[], &mut links, &mut st)?;
+        copy_dir(src, dst, &[], true, &mut links, &mut st)?;
         sync_fs_of(dst)?;
         Ok(st)
     })
@@ -388,7 +393,7 @@ pub fn copy_into(src: &Path, dst: &Path, skip: &[&str]) -> Result<CopyStats, OsE
     on_copy_stack(|| {
         let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
         let mut st = CopyStats::default();
-        copy_entries(src, dst, skip, &mut links, &mut st)?;
+        copy_entries(src, dst, skip, true, &mut links, &mut st)?;
         copy_xattrs(src, dst)?;
         copy_meta(&m, dst, false)?;
         st.other += 1;
@@ -407,12 +412,13 @@ fn copy_dir(
     src: &Path,
     dst: &Path,
     skip: &[&str],
+    top: bool,
     links: &mut HashMap<(u64, u64), std::path::PathBuf>,
     st: &mut CopyStats,
 ) -> Result<(), OsError> {
     let m = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
     std::fs::create_dir(dst).map_err(sys("mkdir", dst))?;
-    copy_entries(src, dst, skip, links, st)?;
+    copy_entries(src, dst, skip, top, links, st)?;
     copy_xattrs(src, dst)?;
     copy_meta(&m, dst, false)?;
     st.other += 1;
@@ -424,11 +430,13 @@ fn copy_dir(
 /// symlink, and its entries are reached through that descriptor: a volume
 /// in use whose directory is swapped for a symlink while it is copied
 /// makes the copy fail (ENOTDIR) instead of copying what the link points
-/// to.
+/// to. Below the `top` of the copy, a directory that is the root of a mount
+/// fails it (`refuse_mount`).
 fn copy_entries(
     src: &Path,
     dst: &Path,
     skip: &[&str],
+    top: bool,
     links: &mut HashMap<(u64, u64), std::path::PathBuf>,
     st: &mut CopyStats,
 ) -> Result<(), OsError> {
@@ -439,6 +447,9 @@ fn copy_entries(
         Mode::empty(),
     )
     .map_err(errno("open", src))?;
+    if !top {
+        refuse_mount(&dir, src)?;
+    }
     let base = std::path::PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
     let mut entries: Vec<_> = std::fs::read_dir(&base)
         .map_err(sys("readdir", src))?
@@ -467,6 +478,20 @@ fn copy_entries(
     Ok(())
 }
 
+/// `OsError::MountInside` when the entry open at `fd` (reached at `path`)
+/// is the root of a mount, asked of the descriptor itself: what it shows
+/// is what would be read. The error names the entry's path as the kernel
+/// gives it for the descriptor (not the /proc/self/fd path it was reached
+/// by). A kernel that cannot tell (before 5.8) copies as before.
+fn refuse_mount(fd: &impl std::os::fd::AsFd, path: &Path) -> Result<(), OsError> {
+    if super::mountpoint::fd_is_mount_root(fd) != Some(true) {
+        return Ok(());
+    }
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
+        .unwrap_or_else(|_| path.to_path_buf());
+    Err(OsError::MountInside(real))
+}
+
 /// Removes what a copy made at `dst` of an entry that was removed from
 /// its source meanwhile (a file, or a directory tree); nothing there is
 /// nothing to do.
@@ -490,7 +515,7 @@ fn copy_entry(
     let em = std::fs::symlink_metadata(from).map_err(sys("stat", from))?;
     let ft = em.file_type();
     if ft.is_dir() {
-        return copy_dir(from, to, &[], links, st);
+        return copy_dir(from, to, &[], false, links, st);
     }
     if ft.is_socket() {
         tracing::debug!(path = %from.display(), "socket not copied");
@@ -512,6 +537,9 @@ fn copy_entry(
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(from)
             .map_err(sys("open", from))?;
+        // A file mounted over one of the volume's (a host file bound
+        // there) is not the volume's.
+        refuse_mount(&s, from)?;
         let d = OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -72,6 +72,11 @@ pub enum OsError {
     },
     #[error("mountinfo: {0}")]
     MountInfo(String),
+    /// A tree copy reached the root of a mount below its source (a pod
+    /// with Bidirectional propagation mounted something inside its
+    /// volume): nothing mounted there is read (`copy`).
+    #[error("{0} is a mount point inside the tree being copied; nothing mounted inside a volume is copied (unmount it first)")]
+    MountInside(PathBuf),
 }
 
 impl OsError {

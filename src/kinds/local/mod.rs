@@ -81,9 +81,12 @@ pub fn grown_size(current: i64, required: i64, limit: i64) -> Result<i64> {
     Ok(size)
 }
 
-/// A failed copy: no room is RESOURCE_EXHAUSTED, anything else internal.
+/// A failed copy: no room is RESOURCE_EXHAUSTED, a mount inside the
+/// source FAILED_PRECONDITION, anything else internal.
 pub fn copy_error(what: String, e: crate::os::OsError) -> Error {
-    if matches!(e.errno(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+    if matches!(e, crate::os::OsError::MountInside(_)) {
+        Error::WrongState(format!("{what}: {e}"))
+    } else if matches!(e.errno(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
         Error::NoSpace(format!("{what}: no space left"))
     } else {
         Error::os(what, e)

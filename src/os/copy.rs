@@ -255,25 +255,43 @@ pub fn copy_file_to_device(src: &Path, dst: &Path) -> Result<CopyStats, OsError>
 }
 
 /// Opens the regular file `path` for reading, never through a symlink
-/// (ELOOP) and never blocking on a FIFO: what is copied is the file Berth
-/// made at that name, not what a symlink put in its place names (another
-/// volume's backing file, a host file). Anything else than a regular file
-/// (a FIFO, a device, a directory) is refused.
+/// (ELOOP) and never blocking (a FIFO; a file under a lease, EWOULDBLOCK):
+/// what is copied is the file Berth made at that name, not what a symlink
+/// put in its place names (another volume's backing file, a host file).
+/// Anything else than a regular file (a FIFO, a device, a directory) is
+/// refused without being opened: the name is first resolved to an
+/// `O_PATH` descriptor (which opens nothing: no driver's open, no FIFO
+/// wait), its type read from that descriptor, and only a regular file is
+/// then opened for reading, through the descriptor, so the inode read is
+/// the one looked at. Before 2026-12-07 the name was opened first and its
+/// type looked at after, so a device node a tenant swapped in for a file
+/// of its volume while the volume was copied was opened by Berth (as root,
+/// outside the pod's device cgroup).
 fn open_regular(path: &Path) -> Result<File, OsError> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(sys("open", path))?;
-    let m = f.metadata().map_err(sys("stat", path))?;
-    if !m.file_type().is_file() {
-        return Err(OsError::sys(
-            "open",
-            path,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
-        ));
+    use nix::fcntl::OFlag;
+    let at = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("open", path))?;
+    let kind = nix::sys::stat::fstat(&at)
+        .map_err(errno("stat", path))?
+        .st_mode
+        & libc::S_IFMT;
+    if kind != libc::S_IFREG {
+        let why = if kind == libc::S_IFLNK {
+            std::io::Error::from_raw_os_error(libc::ELOOP)
+        } else {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+        };
+        return Err(OsError::sys("open", path, why));
     }
-    Ok(f)
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", at.as_raw_fd()))
+        .map_err(sys("open", path))
 }
 
 /// Copies the regular file `src` to the new file `dst` (created mode 0600,
@@ -530,13 +548,9 @@ fn copy_entry(
     }
     if ft.is_file() {
         // Never through a symlink that replaced the file meanwhile (a
-        // volume in use changes while it is copied); never blocking on
-        // a FIFO that did.
-        let s = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(from)
-            .map_err(sys("open", from))?;
+        // volume in use changes while it is copied); never opening a
+        // FIFO or a device that did (`open_regular`).
+        let s = open_regular(from)?;
         // A file mounted over one of the volume's (a host file bound
         // there) is not the volume's.
         refuse_mount(&s, from)?;
@@ -697,6 +711,87 @@ mod tests {
         assert_eq!(std::fs::read(d.join("d/f")).unwrap(), b"data");
         // Never into something that exists.
         assert!(copy_tree(&s, &d).is_err());
+    }
+
+    /// A pod can swap a file of its volume for a device node (CAP_MKNOD is
+    /// in the runtimes' default set; the device cgroup keeps the pod from
+    /// opening it, not from making it) between the copy's look at the
+    /// entry and its open: the copy must never open anything but a regular
+    /// file (opening a device has effects of its own: a watchdog's open
+    /// arms it). A FIFO stands in where this process cannot make a device.
+    /// Watched with inotify, which reports every open of the node's inode
+    /// (the copy of a node makes a new node, never opens the source).
+    #[test]
+    fn an_entry_swapped_for_a_device_while_it_is_copied_is_never_opened() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let t = tempfile::tempdir().unwrap();
+        let s = t.path().join("src");
+        std::fs::create_dir(&s).unwrap();
+        std::fs::write(s.join("f"), b"data").unwrap();
+        let node = s.join("x");
+        let device = nix::sys::stat::mknod(
+            &node,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(1, 3),
+        );
+        if device.is_err() {
+            nix::unistd::mkfifo(&node, Mode::from_bits_truncate(0o600)).unwrap();
+        }
+        // SAFETY: plain system calls on a descriptor this test owns and a
+        // NUL-terminated path.
+        let ino = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(ino >= 0);
+        let c = std::ffi::CString::new(node.as_os_str().as_bytes()).unwrap();
+        assert!(unsafe { libc::inotify_add_watch(ino, c.as_ptr(), libc::IN_OPEN) } >= 0);
+        let opened = || {
+            let mut buf = [0u8; 4096];
+            // SAFETY: `buf` is writable for its length.
+            unsafe { libc::read(ino, buf.as_mut_ptr().cast(), buf.len()) > 0 }
+        };
+        let stop = AtomicBool::new(false);
+        let (a, b) = (
+            std::ffi::CString::new(s.join("f").as_os_str().as_bytes()).unwrap(),
+            c.clone(),
+        );
+        let mut seen = false;
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: two NUL-terminated paths.
+                    unsafe {
+                        libc::renameat2(
+                            libc::AT_FDCWD,
+                            a.as_ptr(),
+                            libc::AT_FDCWD,
+                            b.as_ptr(),
+                            libc::RENAME_EXCHANGE,
+                        )
+                    };
+                }
+            });
+            for n in 0..2000 {
+                let d = t.path().join(format!("dst-{n}"));
+                std::fs::create_dir(&d).unwrap();
+                let mut links = HashMap::new();
+                let mut st = CopyStats::default();
+                let _ = copy_entries(&s, &d, &[], true, &mut links, &mut st);
+                let _ = std::fs::remove_dir_all(&d);
+                if opened() {
+                    seen = true;
+                    break;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        // SAFETY: the descriptor is this test's.
+        unsafe { libc::close(ino) };
+        assert!(
+            !seen,
+            "the copy opened the {} swapped in for a file",
+            if device.is_ok() { "device" } else { "FIFO" }
+        );
     }
 
     #[test]

@@ -1185,6 +1185,21 @@ impl VolumeKind for LocalKind {
     }
 
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
+        // What cannot be removed (a tenant's immutable or append-only file,
+        // `chattr +i`/`+a`, in a deleted volume) stays, is logged, and the
+        // first such failure is the answer; it stops none of the rest.
+        // Before, the first one ended this cleanup on every start.
+        let mut failed: Option<Error> = None;
+        let mut remove = |path: &Path| -> bool {
+            match self.remove_tree(path) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e.render(), "could not remove storage that no record holds (an immutable or append-only file in it? lsattr -R); kept, the rest of start-up's cleanup goes on");
+                    failed.get_or_insert(e);
+                    false
+                }
+            }
+        };
         // The trash: a volume whose record is still there was being
         // deleted when removing its record failed: it goes back. The rest
         // is emptied.
@@ -1199,8 +1214,9 @@ impl VolumeKind for LocalKind {
                 continue;
             }
             let project = self.project_on(&path);
-            self.remove_tree(&path)?;
-            self.release_unheld(project);
+            if remove(&path) {
+                self.release_unheld(project);
+            }
         }
         // Creates whose record says Ready but whose directory was not moved
         // into the root yet (a crash in between): moved now. Everything
@@ -1223,8 +1239,9 @@ impl VolumeKind for LocalKind {
                     continue;
                 }
                 let project = self.project_on(&e.path());
-                self.remove_tree(&e.path())?;
-                self.release_unheld(project);
+                if remove(&e.path()) {
+                    self.release_unheld(project);
+                }
             }
         }
         // Snapshots: an unfinished copy is removed; a copy without a record
@@ -1244,7 +1261,7 @@ impl VolumeKind for LocalKind {
                         self.place_snapshot(id)?;
                         tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");
                     } else {
-                        self.remove_tree(&e.path())?;
+                        remove(&e.path());
                     }
                 } else if self.owns_snapshot_id(&name) && !known(&name) {
                     self.set_aside(&e.path(), &name)?;
@@ -1277,7 +1294,7 @@ impl VolumeKind for LocalKind {
             self.set_aside(&path, name)?;
         }
         self.repair_limits();
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     fn snapshots(&self) -> bool {

@@ -1678,6 +1678,46 @@ async fn expansion_works_from_the_id_when_the_record_is_lost() {
     assert_eq!(e.code(), Code::NotFound);
 }
 
+/// ControllerExpandVolume of an NFS id without a record answers from the
+/// share, as ControllerGetVolume does: NOT_FOUND unless the directory the
+/// id names carries the id's marker (a deleted volume, an id naming a
+/// directory Berth never made), and nothing is recorded. Before, it
+/// answered OK with the requested size for any well-formed id.
+#[tokio::test]
+async fn expansion_of_an_nfs_volume_that_does_not_exist_is_not_found() {
+    let h = nfs(&[]);
+    let expand = |id: &str| csi::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 20 << 20,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let id = create(&h, "gone", &[]).await.volume_id;
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(!share_root(&h).join("gone").exists());
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand(&id)))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    // A directory on the share without the id's marker is no volume.
+    std::fs::create_dir_all(share_root(&h).join("nobody")).unwrap();
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand("nfs#d#127.0.0.1#/export#nobody")))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    assert!(h.driver.store.is_empty());
+}
+
 // ------------------------------------------------------------ ownership
 
 /// What a directory's Berth marker says (None: no marker).

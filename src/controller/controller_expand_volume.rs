@@ -7,6 +7,8 @@
 //! node tag is not ours; ids made before the tags count as another's), the
 //! answer is the requested size with `node_expansion_required`, and the
 //! node does the checks and the work. One this node made is NOT_FOUND.
+//! An NFS id without a record is expanded only when its directory on the
+//! share carries the id's marker (NOT_FOUND otherwise).
 use std::sync::Arc;
 
 use super::create_volume::Range;
@@ -76,8 +78,10 @@ pub async fn handle(
             }
             None if kind.node_local() => kind.controller_expand(None, growth),
             // A self-describing id (NFS) whose record this controller lost
-            // (its state is not persistent in deploy/): expand from the id.
-            None => match kind.record_from_id(&id) {
+            // (its state is not persistent in deploy/): expand from the id
+            // once the storage proves the volume exists (its marker), as
+            // ControllerGetVolume does; a deleted volume is NOT_FOUND.
+            None => match kind.confirm_from_id(&id)? {
                 Some(rec) => kind.controller_expand(Some(&rec), growth),
                 None => Err(Error::NotFound(format!("volume {id} does not exist"))),
             },

@@ -1998,6 +1998,73 @@ async fn an_expansion_under_way_is_completed_at_stage_and_recorded() {
     assert_eq!(block_info(&h, &id).file_bytes, Some(24 << 20));
 }
 
+/// Two thick volumes of 8 MiB with 84 MiB free beside them, each
+/// expanded to 80 MiB by ControllerExpandVolume (72 MiB more each, 144 in
+/// all). Before, both were answered OK: each checked the free space and
+/// took none of it, so the second's NodeExpandVolume failed OUT_OF_RANGE
+/// at every retry (its PV said 80 MiB the pool never had), and GetCapacity
+/// still offered the space meanwhile. Now ControllerExpandVolume allocates
+/// a thick volume's growth before it answers: the second is OUT_OF_RANGE
+/// and records nothing, GetCapacity shows the space taken, and the first
+/// one's NodeExpandVolume finds its file grown.
+#[tokio::test]
+async fn thick_expansions_never_promise_more_than_is_free() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    f.set_usage(
+        None,
+        FsUsage {
+            total_bytes: 1000 * MIB as u64,
+            available_bytes: 100 * MIB as u64,
+            ..Default::default()
+        },
+    );
+    f.set_allocation_takes_free(true);
+    let a = create(&h, "a", 8 * MIB, THICK).await.volume_id;
+    let b = create(&h, "b", 8 * MIB, THICK).await.volume_id;
+    let free = capacity_of(&h, "block", THICK).await;
+    assert!((83 * MIB..=84 * MIB).contains(&free), "{free}");
+    let r = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&a, 80 * MIB, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.capacity_bytes, r.node_expansion_required),
+        (80 * MIB, true)
+    );
+    let left = capacity_of(&h, "block", THICK).await;
+    assert!(left <= free - 72 * MIB, "{left} of {free} still offered");
+    let e = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&b, 80 * MIB, 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_eq!(h.driver.store.get(&b).unwrap().capacity_bytes, 8 * MIB);
+    assert_eq!(
+        std::fs::metadata(img(&h, &b)).unwrap().len(),
+        8 * MIB as u64
+    );
+    // The first one's node finishes: the device and the filesystem grow.
+    let (s, t) = (h.path("s"), h.path("t"));
+    stage_and_publish(&h, &a, &s, &t).await;
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand_req(&a, &t, &s, 80 * MIB)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 80 * MIB);
+    assert_eq!(
+        std::fs::metadata(img(&h, &a)).unwrap().len(),
+        80 * MIB as u64
+    );
+    assert_eq!(block_info(&h, &a).file_bytes, Some(80 << 20));
+}
+
 #[tokio::test]
 async fn xfs_grows_on_the_mount_point_and_unmounted_filesystems_wait() {
     let h = block(&[]);

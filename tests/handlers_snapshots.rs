@@ -1948,6 +1948,96 @@ async fn a_restore_of_a_filesystem_smaller_than_its_snapshot_says_is_grown() {
     assert!(!grow_pending(&h, &r3));
 }
 
+/// The same for a thick volume, whose file ControllerExpandVolume grows
+/// (allocates) at once while its filesystem waits for the node: a snapshot
+/// taken in that window has a file as long as its size, and its restore
+/// must still grow the filesystem at its first stage. The volume itself,
+/// staged before any NodeExpandVolume, has its filesystem grown by that
+/// stage; a NodeExpandVolume that grows it leaves nothing pending.
+#[tokio::test]
+async fn a_thick_expansion_window_restore_is_grown() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    let thick = [("allocation", "thick")];
+    let v = create_p(&h, "src", 8 * MIB, &thick).await.volume_id;
+    let staging = h.path("staging");
+    let unstage = |id: &str, at: &std::path::Path| csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: at.display().to_string(),
+    };
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v, &staging)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage(&v, &staging)))
+        .await
+        .unwrap();
+    let expand = |id: &str, bytes: i64| csi::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    h.ctl
+        .controller_expand_volume(Request::new(expand(&v, 16 * MIB)))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(img(&h, &v)).unwrap().len(),
+        16 * MIB as u64,
+        "a thick volume's growth is allocated by the controller"
+    );
+    assert!(grow_pending(&h, &v));
+    let s = snapshot(&h, "s", &v).await;
+    let mut req = from_snapshot("r", 16 * MIB, &s.snapshot_id);
+    req.parameters.insert("kind".into(), "block".into());
+    req.parameters.insert("allocation".into(), "thick".into());
+    let r = h
+        .ctl
+        .create_volume(Request::new(req))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    assert!(grow_pending(&h, &r), "restore of the expansion window");
+    // The volume's own next stage grows its filesystem, once.
+    let before = runs(f, "resize2fs");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v, &staging)))
+        .await
+        .unwrap();
+    assert_eq!(runs(f, "resize2fs"), before + 1);
+    assert!(!grow_pending(&h, &v));
+    // Expanded again while staged: NodeExpandVolume grows it and nothing
+    // is left for the next stage.
+    h.ctl
+        .controller_expand_volume(Request::new(expand(&v, 24 * MIB)))
+        .await
+        .unwrap();
+    assert!(grow_pending(&h, &v));
+    h.node
+        .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+            volume_id: v.clone(),
+            volume_path: staging.display().to_string(),
+            staging_target_path: staging.display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 24 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(runs(f, "resize2fs"), before + 2);
+    assert!(!grow_pending(&h, &v));
+}
+
 /// GetSnapshot looks at the snapshot's stored copy (whether it is ready to
 /// use) on an operation's thread, never on the thread that reads and
 /// answers every call: a local or block root whose disk stopped answering

@@ -253,10 +253,20 @@ async fn writing_past_the_size_fails_with_enospc() {
 }
 
 async fn expand_while_writing(fs: &str, size: i64, grown: i64) {
+    expand_while_writing_as(fs, "thin", size, grown).await
+}
+
+async fn expand_while_writing_as(fs: &str, allocation: &str, size: i64, grown: i64) {
     let (h, _g) = real_block(&[]);
-    let id = create(&h, "v", size, &[("fsType", fs)], rwo())
-        .await
-        .volume_id;
+    let id = create(
+        &h,
+        "v",
+        size,
+        &[("fsType", fs), ("allocation", allocation)],
+        rwo(),
+    )
+    .await
+    .volume_id;
     let (s, t) = (h.path("stage"), h.path("pod"));
     stage(&h, &id, &s, rwo()).await;
     publish(&h, &id, &s, &t, rwo(), false).await;
@@ -289,6 +299,16 @@ async fn expand_while_writing(fs: &str, size: i64, grown: i64) {
         .unwrap()
         .into_inner();
     assert_eq!((c.capacity_bytes, c.node_expansion_required), (grown, true));
+    if allocation == "thick" {
+        // The controller allocated the growth; the attached device keeps
+        // its size until the node's NodeExpandVolume.
+        let m = std::fs::metadata(h.path("block").join(format!("{id}.img"))).unwrap();
+        assert_eq!(m.len(), grown as u64);
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&m) * 512 >= grown as u64,
+            "thick growth allocated"
+        );
+    }
     let n = h
         .node
         .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
@@ -383,6 +403,15 @@ async fn ext4_grows_online_while_a_file_is_written() {
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn xfs_grows_online_while_a_file_is_written() {
     expand_while_writing("xfs", 320 * MIB, 640 * MIB).await;
+}
+
+/// A thick volume: ControllerExpandVolume allocates the growth in the
+/// attached, mounted volume's backing file; NodeExpandVolume then grows
+/// the device and the filesystem, the data intact.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_thick_xfs_grows_online_while_a_file_is_written() {
+    expand_while_writing_as("xfs", "thick", 320 * MIB, 640 * MIB).await;
 }
 
 fn read_all(p: &Path) -> Vec<u8> {

@@ -482,7 +482,8 @@ pub struct BlockInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<BlockAccess>,
     /// The filesystem is smaller than the volume (restored or cloned into a
-    /// larger one): the next stage grows it.
+    /// larger one, or a thick volume whose growth ControllerExpandVolume
+    /// allocated): the next stage, or NodeExpandVolume, grows it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grow_fs: bool,
     /// The filesystem is a copy of another volume's (a restore or clone)

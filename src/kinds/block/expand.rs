@@ -1,5 +1,7 @@
 //! Expansion. ControllerExpandVolume checks the request against the pool
-//! and answers the new size (the handler records it); NodeExpandVolume does
+//! (a thick volume's growth is allocated there and then, so that what it
+//! answers is held) and answers the new size (the handler records it);
+//! NodeExpandVolume does
 //! the work on the volume's node, each step idempotent so a retry repairs
 //! whatever a crash interrupted:
 //! 1. grow the backing file (thick: allocate the new part), never shrink;
@@ -55,6 +57,22 @@ impl BlockKind {
         }
         let size = params::grown_size(rec.capacity_bytes, g.required, g.limit)?;
         self.check_file_growth(rec, info.allocation, size)?;
+        if info.allocation == Allocation::Thick {
+            // The growth is allocated before the answer, under the pool's
+            // allocation lock: a check alone took nothing, so two
+            // expansions (or a thick create) were both admitted to the
+            // same free space and the node's growth failed for good. The
+            // device and the filesystem still grow on the node.
+            // Its filesystem stays at the old size until the node grows
+            // it: flagged as a restore's is (`grow_fs`), so a snapshot or
+            // clone taken meanwhile, whose file is no longer shorter than
+            // its size, still has the filesystem grown at its first stage
+            // (as the volume itself is, if staged before NodeExpandVolume).
+            let f = self.require_file(&rec.id)?;
+            let mut grown = info.clone();
+            grown.grow_fs |= info.formatted;
+            self.grow_file_to(rec, &grown, &f, size)?;
+        }
         Ok(Expansion {
             capacity_bytes: size,
             node_expansion_required: true,
@@ -120,6 +138,7 @@ impl BlockKind {
             };
             if let Some(at) = self.fs_to_grow(rec, &info, &dev, a)? {
                 self.grow_fs(rec, &dev, at)?;
+                self.fs_grown(rec)?;
             }
             return Ok(size);
         }
@@ -145,9 +164,23 @@ impl BlockKind {
             self.refresh_capacity(&dev.path, &f)?;
             if let Some(at) = at {
                 self.grow_fs(rec, &dev, at)?;
+                self.fs_grown(rec)?;
             }
         }
         Ok(size)
+    }
+
+    /// The filesystem fills its device now: a growth still flagged for
+    /// the next stage (`grow_fs`: a restore's, or a thick expansion's) is
+    /// done.
+    fn fs_grown(&self, rec: &VolumeRecord) -> Result<()> {
+        let now = self.store.get(&rec.id).unwrap_or_else(|| rec.clone());
+        let mut info = Self::info(&now)?;
+        if info.grow_fs && info.formatted {
+            info.grow_fs = false;
+            self.save_info(&now, &info)?;
+        }
+        Ok(())
     }
 
     /// NOT_FOUND, before anything grows, when a formatted volume whose

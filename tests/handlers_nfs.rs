@@ -1718,6 +1718,55 @@ async fn expansion_of_an_nfs_volume_that_does_not_exist_is_not_found() {
     assert!(h.driver.store.is_empty());
 }
 
+/// NodeExpandVolume of an NFS volume whose size (10 MiB) is more than the
+/// request's limit_bytes: OUT_OF_RANGE, as for the other kinds (the size
+/// never shrinks) and as ControllerExpandVolume answers it. Before, it
+/// answered OK with 10 MiB, more than the limit it was given.
+#[tokio::test]
+async fn nfs_node_expansion_never_answers_more_than_the_limit() {
+    let h = nfs(&[]);
+    let id = create(&h, "v", &[]).await.volume_id;
+    h.ctl
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 10 << 20,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(nfs_publish(&id, &t, false, &[])))
+        .await
+        .unwrap();
+    let node_expand = |required: i64, limit: i64| csi::NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: t.display().to_string(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..Default::default()
+    };
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand(0, 5 << 20)))
+        .await;
+    assert_eq!(code(r), Code::OutOfRange);
+    // Within the limit: the size it has.
+    let r = h
+        .node
+        .node_expand_volume(Request::new(node_expand(1 << 20, 10 << 20)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 10 << 20);
+    assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 10 << 20);
+}
+
 // ------------------------------------------------------------ ownership
 
 /// What a directory's Berth marker says (None: no marker).

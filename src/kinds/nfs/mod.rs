@@ -637,7 +637,8 @@ impl VolumeKind for NfsKind {
     }
 
     /// Nothing to grow on the node; NOT_FOUND unless the volume is mounted
-    /// at the path.
+    /// at the path; OUT_OF_RANGE when its size is more than `limit_bytes`
+    /// (it never shrinks).
     fn node_expand(&self, rec: &VolumeRecord, args: &NodeExpandArgs<'_>) -> Result<i64> {
         let vid = self.parse_id(&rec.id)?;
         let t = mounts::table(&self.os)?;
@@ -651,7 +652,14 @@ impl VolumeKind for NfsKind {
                 args.volume_path.display()
             )));
         }
-        Ok(rec.capacity_bytes.max(args.growth.required))
+        let size = rec.capacity_bytes.max(args.growth.required);
+        if args.growth.limit > 0 && size > args.growth.limit {
+            return Err(Error::BadSize(format!(
+                "the volume has {} bytes, more than limit_bytes {}",
+                rec.capacity_bytes, args.growth.limit
+            )));
+        }
+        Ok(size)
     }
 
     /// Mounts the share (or finds its working mount) before the record is

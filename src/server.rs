@@ -42,12 +42,13 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
 /// replaced when binding.
 pub fn refuse_taken_socket(path: &Path) -> Result<(), ServeError> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => Err(ServeError::Config(format!(
+        Ok(m) if m.file_type().is_socket() => match answers(path) {
+            Ok(true) => Err(ServeError::Config(format!(
                 "another process is serving on {}; refusing to start (two drivers on one socket)",
                 path.display()
             ))),
-            Err(_) => Ok(()),
+            Ok(false) => Ok(()),
+            Err(e) => Err(io(format!("connecting to {}", path.display()))(e)),
         },
         Ok(_) => Err(ServeError::Config(format!(
             "{} exists and is not a socket; refusing to replace it",
@@ -55,6 +56,28 @@ pub fn refuse_taken_socket(path: &Path) -> Result<(), ServeError> {
         ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(format!("inspecting {}", path.display()))(e)),
+    }
+}
+
+/// Whether a process listens on the unix socket `path`, asked with a
+/// connect that never waits: a listener whose backlog is full (a process
+/// that stopped accepting, such as a hung berth) makes a blocking connect
+/// wait until it accepts, which may be never, and start-up waited with it.
+/// A full backlog (EAGAIN) is a listener; a refused connection (or no
+/// such file) is a leftover nobody serves on. Other errors are reported.
+fn answers(path: &Path) -> std::io::Result<bool> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS) => Ok(true),
+        Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -413,5 +436,53 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
                 std::future::pending::<()>().await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket whose listener stopped accepting and whose backlog is full
+    /// (a hung berth) is taken, and telling so does not wait: a blocking
+    /// connect waited until the listener accepted, so a new berth's
+    /// start-up hung for as long as the old one did.
+    #[test]
+    fn a_listener_with_a_full_backlog_is_taken_without_waiting() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("csi.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Fill the backlog: connects that never wait, until one would.
+        let mut held = Vec::new();
+        loop {
+            let fd = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            let addr = nix::sys::socket::UnixAddr::new(&path).unwrap();
+            match nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+                Ok(()) => held.push(fd),
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("filling the backlog: {e}"),
+            }
+            assert!(held.len() < 100_000, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(refuse_taken_socket(&p).map_err(|e| e.to_string()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the check still waits on a listener that does not accept");
+        let e = r.expect_err("a socket with a listener is taken");
+        assert!(e.contains("another process is serving"), "{e}");
+        // Nobody listening any more: a leftover, replaced.
+        drop(listener);
+        drop(held);
+        assert!(refuse_taken_socket(&path).is_ok());
     }
 }

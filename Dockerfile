@@ -43,4 +43,7 @@ COPY --from=builder /out/berth /usr/local/bin/berth
 #    the NFS share to create, chmod and remove a volume's subdirectory;
 #    mounting needs root (CAP_SYS_ADMIN), and creating directories owned
 #    by root on a share with no_root_squash needs uid 0 as well.
+# berth is the container's PID 1 (no init before it): it waits for the
+# processes its commands leave behind itself (README, "State and
+# concurrency").
 ENTRYPOINT ["/usr/local/bin/berth"]

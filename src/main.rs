@@ -82,6 +82,11 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             let exit_grace = Duration::from_secs(cfg.shutdown_timeout);
             let served = rt.block_on(async move {
+                // PID 1 of its container: what its commands leave behind
+                // is berth's to wait for (README, State and concurrency).
+                if berth::os::command::is_init() {
+                    tokio::spawn(berth::os::command::reap_orphans_while_serving());
+                }
                 let socket = cfg.socket_path().map_err(anyhow::Error::msg)?;
                 let metrics_addr = match &cfg.metrics_address {
                     Some(a) => Some(

@@ -106,7 +106,7 @@ echo "=== host track started in the background (release build, walkthrough, csi-
 
 stage "unit, handler and binary tests" cargo test --locked
 stage "root integration tests" unshare --mount --propagation private -- \
-  cargo test --locked --test root_local --test root_multinode --test root_kill -- --ignored --test-threads=4
+  cargo test --locked --test root_local --test root_multinode --test root_kill --test root_pid1 -- --ignored --test-threads=4
 # a_refused_stage_leaves_no_attachment detaches a loop device by hand
 # under its binds: while they last, any other test's stage that gets that
 # device number is (rightly) refused, so it runs alone.

@@ -11,6 +11,13 @@
 //! The process groups of commands still running are known
 //! (`kill_running`), so a process that must exit before they end (the
 //! shutdown bound) kills them first.
+//!
+//! In its container berth is PID 1, so every process a command leaves
+//! behind (a helper `mount.nfs` started, anything killed with its group)
+//! becomes berth's child when its parent exits, and a zombie for ever
+//! once it dies unless berth waits for it. `reap_orphans` does, and
+//! never for a command of berth's own: their pids are in `RUNNING` from
+//! the fork (taken under its lock) until their call has waited for them.
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::Read;
@@ -67,20 +74,30 @@ pub trait Runner: Send + Sync {
     fn run(&self, program: &str, args: &[String], timeout: Duration) -> Result<CmdOutput, OsError>;
 }
 
-/// Process groups of the commands running now.
+/// Process groups of the commands running now; a group's id is the pid of
+/// the command, which berth waits for itself. A pid is added under the
+/// lock that was held across its fork, and removed once its call has
+/// waited for it, so `reap_orphans` (under the same lock) never takes the
+/// exit status of a command for an orphan's.
 static RUNNING: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
 
 fn running() -> std::sync::MutexGuard<'static, Option<HashSet<i32>>> {
     RUNNING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Keeps a process group in `RUNNING` while alive.
+/// Keeps a process group in `RUNNING` until the command has been waited
+/// for (dropped after its wait).
 struct Tracked(i32);
 
 impl Tracked {
-    fn new(pgid: i32) -> Tracked {
-        running().get_or_insert_with(HashSet::new).insert(pgid);
-        Tracked(pgid)
+    /// Spawns `cmd` and records its pid, both under the lock of
+    /// `RUNNING`: a command that exits at once is never an unknown child.
+    fn spawn(cmd: &mut Command) -> std::io::Result<(std::process::Child, Tracked)> {
+        let mut running = running();
+        let child = cmd.spawn()?;
+        let pgid = child.id() as i32;
+        running.get_or_insert_with(HashSet::new).insert(pgid);
+        Ok((child, Tracked(pgid)))
     }
 }
 
@@ -214,9 +231,9 @@ impl Runner for RealRunner {
             .env("LC_ALL", "C")
             .process_group(0);
         die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().map_err(|e| OsError::sys("spawn", program, e))?;
-        let pgid = child.id() as i32;
-        let tracked = Tracked::new(pgid);
+        let (mut child, tracked) =
+            Tracked::spawn(&mut cmd).map_err(|e| OsError::sys("spawn", program, e))?;
+        let pgid = tracked.0;
         let mut out = Pipe::new(child.stdout.take().map(OwnedFd::from));
         let mut err = Pipe::new(child.stderr.take().map(OwnedFd::from));
         let mut status = None;
@@ -311,6 +328,119 @@ fn kill_group(pgid: i32) {
         nix::unistd::Pid::from_raw(pgid),
         nix::sys::signal::Signal::SIGKILL,
     );
+}
+
+/// Whether berth is PID 1 of its PID namespace (the entrypoint of its
+/// container): the processes its commands leave behind are then its
+/// children, which nobody else waits for. Outside a container they go to
+/// the host's init (berth sets no `PR_SET_CHILD_SUBREAPER`).
+pub fn is_init() -> bool {
+    std::process::id() == 1
+}
+
+/// What one `reap_orphans` round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    /// Exited children that were no command of berth's own, waited for.
+    pub orphans: usize,
+    /// The round stopped at an exited command of berth's own, which its
+    /// call waits for within milliseconds; exited orphans may be left for
+    /// the next round.
+    pub stopped_at_own: bool,
+}
+
+/// Waits for every exited child of this process that is not a command
+/// berth runs (`RUNNING`), without blocking: looks at the next exited
+/// child without waiting for it (`waitid` with `WNOWAIT`), and waits for
+/// exactly that pid if it is not berth's own, all under the lock of
+/// `RUNNING`, so the exit status of a command is left to its call.
+pub fn reap_orphans() -> Reaped {
+    use nix::errno::Errno;
+    use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag};
+    let mut done = Reaped::default();
+    loop {
+        let running = running();
+        let peek = waitid(
+            Id::All,
+            WaitPidFlag::WEXITED
+                | WaitPidFlag::WNOHANG
+                | WaitPidFlag::WNOWAIT
+                | WaitPidFlag::__WALL,
+        );
+        let pid = match peek {
+            Ok(status) => match status.pid() {
+                Some(pid) => pid,
+                // Children, none of them exited.
+                None => return done,
+            },
+            Err(Errno::EINTR) => continue,
+            // ECHILD: no child at all.
+            Err(_) => return done,
+        };
+        if running
+            .as_ref()
+            .is_some_and(|set| set.contains(&pid.as_raw()))
+        {
+            done.stopped_at_own = true;
+            return done;
+        }
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+            Ok(_) => done.orphans += 1,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return done,
+        }
+    }
+}
+
+/// How often orphans are looked for without a SIGCHLD.
+const REAP_EVERY: Duration = Duration::from_secs(5);
+
+/// How soon a round that stopped at a command of berth's own is done
+/// again (its call waits for it within 20 ms).
+const REAP_AGAIN: Duration = Duration::from_millis(50);
+
+/// Reaps orphans (`reap_orphans`) for as long as the async runtime runs:
+/// at every SIGCHLD, and every few seconds. For berth as PID 1
+/// (`is_init`). The rounds run on a blocking thread: the lock they take
+/// is held across a fork.
+pub async fn reap_orphans_while_serving() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigchld = match signal(SignalKind::child()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGCHLD handler; orphaned processes are reaped every few seconds");
+            None
+        }
+    };
+    loop {
+        let round = tokio::task::spawn_blocking(reap_orphans)
+            .await
+            .unwrap_or_default();
+        if round.orphans > 0 {
+            tracing::debug!(
+                orphans = round.orphans,
+                "reaped processes that commands left behind"
+            );
+        }
+        let wait = if round.stopped_at_own {
+            REAP_AGAIN
+        } else {
+            REAP_EVERY
+        };
+        let ended = match sigchld.as_mut() {
+            Some(s) => tokio::select! {
+                got = s.recv() => got.is_none(),
+                _ = tokio::time::sleep(wait) => false,
+            },
+            None => {
+                tokio::time::sleep(wait).await;
+                false
+            }
+        };
+        if ended {
+            sigchld = None;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -436,6 +566,126 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Exited children of this process that nobody has waited for.
+    fn zombie_children() -> Vec<String> {
+        let me = std::process::id().to_string();
+        let mut zombies = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let mut fields = rest.split(' ');
+            if fields.next() == Some("Z") && fields.next() == Some(me.as_str()) {
+                zombies.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        zombies
+    }
+
+    /// Berth as PID 1, played by a subreaper: the test binary runs itself
+    /// with `PR_SET_CHILD_SUBREAPER`, so what its commands leave behind
+    /// becomes its child, as it becomes berth's in a container. Commands
+    /// run from 8 threads, half of them leaving a process behind (killed
+    /// with their group), while `reap_orphans` runs in a loop: every
+    /// command still reports its own exit status (none taken by the
+    /// reaper: a wait error), and every orphan is reaped, no zombie left.
+    #[test]
+    fn orphans_are_reaped_and_commands_keep_their_exit_status() {
+        const ROLE: &str = "BERTH_TEST_REAPER";
+        const NAME: &str =
+            "os::command::tests::orphans_are_reaped_and_commands_keep_their_exit_status";
+        if std::env::var_os(ROLE).is_some() {
+            reap_beside_commands();
+            return;
+        }
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(ROLE, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    fn reap_beside_commands() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        // SAFETY: a plain prctl on this process (run for this test alone).
+        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        let stop = Arc::new(AtomicBool::new(false));
+        let reaper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut reaped = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    reaped += reap_orphans().orphans;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                reaped
+            })
+        };
+        const THREADS: usize = 8;
+        const RUNS: usize = 24;
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    for i in 0..RUNS {
+                        // One exits at once; the other leaves a sleep
+                        // behind, killed with its group once it exited.
+                        let script = if i % 2 == 0 {
+                            "exit 7"
+                        } else {
+                            "sleep 0.01 & exit 7"
+                        };
+                        let r = RealRunner.run(
+                            "sh",
+                            &["-c".into(), script.into()],
+                            Duration::from_secs(30),
+                        );
+                        assert!(matches!(&r, Ok(o) if o.code == Some(7)), "{script}: {r:?}");
+                    }
+                })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        for w in workers {
+            if let Err(e) = w.join() {
+                failed.push(e);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut reaped = reaper.join().unwrap();
+        if let Some(e) = failed.pop() {
+            std::panic::resume_unwind(e);
+        }
+        // One orphan per command that left one; the last may die after
+        // the loop's last round.
+        let want = THREADS * RUNS / 2;
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            reaped += reap_orphans().orphans;
+            let zombies = zombie_children();
+            if reaped >= want && zombies.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "{reaped} of {want} orphans reaped; zombies left: {zombies:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(reaped, want, "orphans reaped");
     }
 
     #[test]

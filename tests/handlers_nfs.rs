@@ -778,6 +778,57 @@ async fn delete_without_a_record_reaches_a_server_that_speaks_only_nfsv3() {
     );
 }
 
+/// Two calls on one share whose mount options differ but share an option
+/// set (one without a version tries nfsvers=4.1, then 4.0; the other asks
+/// for nfsvers=4.0) mount at the same working directory. Each took the
+/// lock named by its first option set, so both could find that directory
+/// unmounted and both mount there: two NFS mounts stacked on one
+/// directory (with the real kernel, the second mount fails 'busy or
+/// already mounted' and its call fails). One lock per share: the second
+/// call waits, then reuses the first one's mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_with_other_options_on_one_share_never_stack_working_mounts() {
+    let h = Arc::new(nfs(&[]));
+    h.fake().respond_to_some("mount.nfs", |args| {
+        if args
+            .iter()
+            .any(|a| a.split(',').any(|o| o == "nfsvers=4.1"))
+        {
+            return Some(exit(
+                32,
+                "mount.nfs: requested NFS version or transport protocol is not supported",
+            ));
+        }
+        // A slow mount: the other call arrives while it runs.
+        std::thread::sleep(Duration::from_millis(400));
+        None
+    });
+    let h2 = h.clone();
+    let any = tokio::spawn(async move {
+        h2.ctl
+            .create_volume(Request::new(req("any", &[])))
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut r = req("v40", &[]);
+    r.volume_capabilities = vec![mount_cap_flags(Mode::SingleNodeWriter, &["nfsvers=4.0"])];
+    let v40 = h.ctl.create_volume(Request::new(r)).await.map(|_| ());
+    assert!(v40.is_ok(), "{:?}", v40.err());
+    let a = any.await.unwrap();
+    assert!(a.is_ok(), "{:?}", a.err());
+    let mounts = nfs_mounts(&h);
+    assert_eq!(mounts.len(), 1, "stacked working mounts: {mounts:?}");
+    let v40_runs = runs(h.fake())
+        .iter()
+        .filter(|(p, a)| p == "mount.nfs" && a.iter().any(|x| x == "nfsvers=4.0"))
+        .count();
+    assert_eq!(v40_runs, 1, "{:?}", runs(h.fake()));
+    // Both directories are on the one mount.
+    let root = share_root(&h);
+    assert!(root.join("any").is_dir() && root.join("v40").is_dir());
+}
+
 /// Creates under different names whose subdirectories nest (or coincide)
 /// race each other: exactly one wins, the others are ALREADY_EXISTS, so no
 /// volume's delete can ever take another volume's data with it.

@@ -304,22 +304,23 @@ impl NfsKind {
         Ok(p)
     }
 
-    /// The lock of the working mount `mp`, shared by the calls that use it
-    /// now; its entry is removed when the last of them is done, so the
+    /// The lock of a share's working mounts (`key`: `share_key`, one per
+    /// server and share whatever the options), shared by the calls that
+    /// use it now; its entry is removed when the last of them is done, so the
     /// table holds only shares in use (ids, which name the share, are the
     /// client's to choose: one entry per share ever named grew without
     /// bound).
-    fn share_lock(&self, mp: &Path) -> ShareLock<'_> {
+    fn share_lock(&self, key: &Path) -> ShareLock<'_> {
         let lock = self
             .share_locks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(mp.to_path_buf())
+            .entry(key.to_path_buf())
             .or_default()
             .clone();
         ShareLock {
             table: &self.share_locks,
-            key: mp.to_path_buf(),
+            key: key.to_path_buf(),
             lock,
         }
     }

@@ -722,6 +722,16 @@ impl NfsKind {
         self.work.join(format!("{:016x}", fnv64(key.as_bytes())))
     }
 
+    /// The key of the share's lock (`share_lock`): server and share only,
+    /// so every call that may mount at any working directory of the share
+    /// takes the same lock. A name no working directory has (those hash
+    /// an option set too).
+    fn share_key(&self, vid: &VolumeId) -> PathBuf {
+        let key = format!("{}\0{}", vid.server, vid.share);
+        self.work
+            .join(format!("share-{:016x}", fnv64(key.as_bytes())))
+    }
+
     /// A working mount of the volume's share already there (for health
     /// checks, which never mount), at the directory of one of the option
     /// sets `sets` (see `share_mount`).
@@ -815,11 +825,15 @@ impl NfsKind {
         sets: &[Vec<String>],
         purpose: Purpose<'_>,
     ) -> Result<Option<PathBuf>> {
-        let Some(first) = sets.first() else {
+        if sets.is_empty() {
             return Err(Error::Internal("no NFS mount options to try".into()));
-        };
-        // One lock for the whole search: its first set names it.
-        let share = self.share_lock(&self.work_dir(vid, first));
+        }
+        // One lock per server and share, whatever the options: the sets
+        // of two calls overlap (a record without a version tries
+        // nfsvers=4.1, 4.0, 3; one with nfsvers=4.0 only that), and two
+        // calls under different locks could both find the same working
+        // directory unmounted and both mount there, stacked.
+        let share = self.share_lock(&self.share_key(vid));
         let waiting_since = std::time::Instant::now();
         let mut held = share.lock.lock().unwrap_or_else(|e| e.into_inner());
         let source = vid.share_source();

@@ -2981,6 +2981,83 @@ async fn local_published() -> (Harness, String, PathBuf, PathBuf) {
     (h, id, staging, t)
 }
 
+/// The mount flags of a local volume (a bind mount) are checked by
+/// `bind_flags`, whose error showed the whole refused flag, value
+/// included: `mount flag "password=hunter2" is not supported`, answered by
+/// CreateVolume, NodeStageVolume and NodePublishVolume (the PVC's events,
+/// berth's log) and ValidateVolumeCapabilities' message. The flag is
+/// named, its value is not, as for NFS mount options.
+#[tokio::test]
+async fn bind_mount_flag_values_never_reach_an_error_message() {
+    let (h, id, staging, t) = local_published().await;
+    let staging2 = h.path("staging2");
+    let t2 = h.path("t2");
+    for (flags, named) in [
+        (&["password=hunter2"][..], "\"password\" (value not shown)"),
+        (&["ro,secret=hunter2"], "\"secret\" (value not shown)"),
+        (
+            &["noatime", "key=hunter2,nodev"],
+            "\"key\" (value not shown)",
+        ),
+        (&["bogus"], "\"bogus\""),
+    ] {
+        let cap = mount_cap_flags(Mode::SingleNodeWriter, flags);
+        let mut c = create_req("other", 1 << 20);
+        c.volume_capabilities = vec![cap.clone()];
+        let create = h
+            .ctl
+            .create_volume(Request::new(c))
+            .await
+            .expect_err("CreateVolume should fail");
+        let mut s = stage_req(&id, &staging2);
+        s.volume_capability = Some(cap.clone());
+        let stage = h
+            .node
+            .node_stage_volume(Request::new(s))
+            .await
+            .expect_err("NodeStageVolume should fail");
+        let mut p = publish_req(&id, &staging, &t2, false);
+        p.volume_capability = Some(cap.clone());
+        let publish = h
+            .node
+            .node_publish_volume(Request::new(p))
+            .await
+            .expect_err("NodePublishVolume should fail");
+        for (rpc, e) in [
+            ("CreateVolume", create),
+            ("NodeStageVolume", stage),
+            ("NodePublishVolume", publish),
+        ] {
+            assert_eq!(e.code(), Code::InvalidArgument, "{rpc} {flags:?}");
+            assert!(
+                !e.message().contains("hunter2"),
+                "{rpc} {flags:?} shows the flag's value: {}",
+                e.message()
+            );
+            assert!(
+                e.message().contains(named),
+                "{rpc} {flags:?}: {}",
+                e.message()
+            );
+        }
+        let v = h
+            .ctl
+            .validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![cap],
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.confirmed.is_none(), "{flags:?}");
+        assert!(!v.message.contains("hunter2"), "{}", v.message);
+        assert!(v.message.contains(named), "{}", v.message);
+    }
+    assert!(mounted(&h, &t));
+    assert!(!mounted(&h, &t2) && !mounted(&h, &staging2));
+}
+
 fn mounted(h: &Harness, p: &Path) -> bool {
     h.fake().table().iter().any(|m| m.mount_point == p)
 }

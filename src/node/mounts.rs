@@ -119,6 +119,8 @@ const MAX_UNMOUNTS: usize = 64;
 
 /// Mount flags a bind mount accepts from `mount_flags` (an allowlist); any
 /// other flag is INVALID_ARGUMENT, so nothing reaches the kernel unchecked.
+/// The error names a refused flag, never its value (`os::option_shown`:
+/// a value may be a secret).
 pub fn bind_flags(cap: &Capability) -> Result<MountFlags> {
     let mut f = MountFlags::default();
     if let AccessType::Mount { mount_flags, .. } = &cap.access_type {
@@ -135,8 +137,8 @@ pub fn bind_flags(cap: &Capability) -> Result<MountFlags> {
                     "relatime" => f.relatime = true,
                     other => {
                         return Err(Error::Invalid(format!(
-                            "mount flag {:?} is not supported (allowed: ro, rw, nosuid, nodev, noexec, noatime, nodiratime, relatime)",
-                            other.chars().take(64).collect::<String>()
+                            "mount flag {} is not supported (allowed: ro, rw, nosuid, nodev, noexec, noatime, nodiratime, relatime)",
+                            crate::os::option_shown(other)
                         )))
                     }
                 }

@@ -109,6 +109,20 @@ impl OsError {
     }
 }
 
+/// How a mount option (or mount flag) is named in an error message: its
+/// name only, never its value (at most 64 characters). A mount option's
+/// value may be a secret (`password=` of a CIFS class copied into another
+/// driver's, a key in a misspelt option), and an error message travels to
+/// the CO (an event on the PVC, which every user of the namespace reads)
+/// and into berth's log.
+pub fn option_shown(opt: &str) -> String {
+    let short = |s: &str| s.chars().take(64).collect::<String>();
+    match opt.split_once('=') {
+        Some((name, _)) => format!("{:?} (value not shown)", short(name)),
+        None => format!("{:?}", short(opt)),
+    }
+}
+
 /// The bundle of OS interfaces a driver uses.
 #[derive(Clone)]
 pub struct Os {

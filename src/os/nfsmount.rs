@@ -130,16 +130,10 @@ fn shorten(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// How an option is named in an error message: its name only, never its
-/// value. A mount option's value may be a secret (`password=` of a CIFS
-/// class copied into an NFS one, a key in a misspelt option), and an
-/// error message travels to the CO (an event on the PVC, which every user
-/// of the namespace reads) and into berth's log.
+/// How an option is named in an error message: `super::option_shown`
+/// (its name, never its value).
 fn shown(opt: &str) -> String {
-    match opt.split_once('=') {
-        Some((name, _)) => format!("{:?} (value not shown)", shorten(name)),
-        None => format!("{:?}", shorten(opt)),
-    }
+    super::option_shown(opt)
 }
 
 /// Checks one option (no commas inside).

@@ -1465,6 +1465,66 @@ async fn list_get_and_validate_nfs_volumes() {
     assert!(r.confirmed.is_none());
 }
 
+/// ControllerGetVolume's condition of a volume looks at its directory on
+/// the share through the OS layer, below the working mount, never
+/// following a symlink: a parent on the share replaced by a symlink (by
+/// anyone who writes to the share) led the look (a plain
+/// `symlink_metadata`, which follows symlinks in every component but the
+/// last) out of the share, here to a directory of the controller's host,
+/// and the volume was reported healthy while its directory is not
+/// reached. And the look is bounded like the rest: a server that stops
+/// answering it is 'not responding' within the stat timeout.
+#[tokio::test]
+async fn the_health_check_never_follows_a_symlink_on_the_share() {
+    let h = nfs(&[]);
+    let id = create(&h, "v", &[("subDir", "a/b")]).await.volume_id;
+    let root = share_root(&h);
+    let condition = || async {
+        h.ctl
+            .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+            .volume_condition
+            .unwrap()
+    };
+    let c = condition().await;
+    assert!(!c.abnormal, "{c:?}");
+    assert!(h.fake().lstats().contains(&root.join("a/b")));
+    // A directory outside the share holding `b`, and `a` a symlink to it.
+    let outside = h.path("outside");
+    std::fs::create_dir_all(outside.join("b")).unwrap();
+    std::fs::rename(root.join("a"), root.join("a-moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("a")).unwrap();
+    let c = condition().await;
+    assert!(c.abnormal, "followed the symlink out of the share: {c:?}");
+    assert!(c.message.contains("not a plain directory"), "{c:?}");
+    // Put back: healthy again; the volume's directory itself a symlink
+    // (to a directory) is not its directory.
+    std::fs::remove_file(root.join("a")).unwrap();
+    std::fs::rename(root.join("a-moved"), root.join("a")).unwrap();
+    assert!(!condition().await.abnormal);
+    std::fs::rename(root.join("a/b"), root.join("b-moved")).unwrap();
+    std::os::unix::fs::symlink(root.join("b-moved"), root.join("a/b")).unwrap();
+    let c = condition().await;
+    assert!(c.abnormal && c.message.contains("not a directory"), "{c:?}");
+    std::fs::remove_file(root.join("a/b")).unwrap();
+    std::fs::rename(root.join("b-moved"), root.join("a/b")).unwrap();
+    // A look that does not answer: not responding, within the stat
+    // timeout (--nfs-timeout 2 here).
+    h.fake()
+        .set_lstat_delay(&root.join("a/b"), Some(Duration::from_secs(4)));
+    let t0 = Instant::now();
+    let c = condition().await;
+    assert!(c.abnormal && c.message.contains("not responding"), "{c:?}");
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    h.fake().set_lstat_delay(&root.join("a/b"), None);
+}
+
 #[tokio::test]
 async fn unpublish_forces_when_its_own_stuck_statvfs_keeps_the_mount_busy() {
     // kubelet asked for stats of a volume whose server is gone: that

@@ -1610,6 +1610,19 @@ impl Files for FakeOs {
         Ok(stats)
     }
 
+    /// Recorded in `lstats` as `root/rel`, delayed and failed as `lstat`
+    /// of that path is (`set_lstat_delay`, `fail_next("lstat", ..)`).
+    fn lstat_beneath(&self, root: &Path, rel: &str) -> Result<std::fs::Metadata, OsError> {
+        let path = root.join(rel);
+        lock(&self.lstats).push(path.clone());
+        let delay = lock(&self.lstat_delays).get(&path).copied();
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+        self.injected("lstat", &path)?;
+        RealFiles.lstat_beneath(root, rel)
+    }
+
     /// Recorded (`lstats`); fails as `fail_next("lstat", ..)` asks.
     fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         lock(&self.lstats).push(path.to_path_buf());

@@ -137,6 +137,46 @@ pub trait Files: Send + Sync {
     fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         std::fs::symlink_metadata(path).map_err(sys("lstat", path))
     }
+    /// The metadata of `rel` (relative, `/`-separated, no `.` or `..`)
+    /// below the directory `root`, never following a symlink: every parent
+    /// is opened with O_NOFOLLOW from the one before (a symlink or a file
+    /// on the way is ENOTDIR or ELOOP), and `rel` itself is not followed
+    /// (a symlink there is reported as one). One look, nothing read or
+    /// changed: what is below `root` (a share others write to) cannot lead
+    /// the look outside it.
+    fn lstat_beneath(&self, root: &Path, rel: &str) -> Result<std::fs::Metadata, OsError> {
+        lstat_beneath(root, rel)
+    }
+}
+
+/// `Files::lstat_beneath`.
+pub fn lstat_beneath(root: &Path, rel: &str) -> Result<std::fs::Metadata, OsError> {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::Mode;
+    let full = root.join(rel);
+    let err = |e: nix::errno::Errno| {
+        OsError::sys("lstat", &full, std::io::Error::from_raw_os_error(e as i32))
+    };
+    let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    if comps.iter().any(|c| *c == "." || *c == "..") {
+        return Err(err(nix::errno::Errno::EINVAL));
+    }
+    let dir = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut fd = open(root, dir, Mode::empty()).map_err(err)?;
+    let Some((leaf, parents)) = comps.split_last() else {
+        return File::from(fd).metadata().map_err(sys("lstat", root));
+    };
+    for c in parents {
+        fd = openat(&fd, *c, dir, Mode::empty()).map_err(err)?;
+    }
+    let leaf_fd = openat(
+        &fd,
+        *leaf,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(err)?;
+    File::from(leaf_fd).metadata().map_err(sys("lstat", &full))
 }
 
 /// The real filesystem.
@@ -900,6 +940,36 @@ pub fn move_aside(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lstat_beneath_never_follows_a_symlink_on_the_way() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        std::fs::create_dir_all(outside.path().join("b")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("l")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("a/b"), d.path().join("a/lb")).unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let errno = |rel: &str| lstat_beneath(d.path(), rel).unwrap_err().errno();
+        assert!(lstat_beneath(d.path(), "a/b").unwrap().is_dir());
+        assert!(lstat_beneath(d.path(), "a").unwrap().is_dir());
+        // The last component itself is not followed: a symlink is one.
+        assert!(lstat_beneath(d.path(), "a/lb")
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(lstat_beneath(d.path(), "l")
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Through a symlink or a file: refused, never followed.
+        assert!(matches!(errno("l/b"), Some(libc::ENOTDIR | libc::ELOOP)));
+        assert!(matches!(errno("a/lb/x"), Some(libc::ENOTDIR | libc::ELOOP)));
+        assert_eq!(errno("f/x"), Some(libc::ENOTDIR));
+        assert_eq!(errno("a/missing"), Some(libc::ENOENT));
+        assert_eq!(errno("a/../a/b"), Some(libc::EINVAL));
+        assert_eq!(errno("./a"), Some(libc::EINVAL));
+    }
 
     #[test]
     fn remove_tree_removes_the_entry_never_what_a_symlink_leads_to() {

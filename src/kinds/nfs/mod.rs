@@ -735,20 +735,30 @@ impl VolumeKind for NfsKind {
             }
             Probe::Failed(e) => return Health::abnormal(format!("share {}: {e}", vid.share)),
         }
-        let p = root.join(&vid.subdir);
-        let key = format!("stat {}", p.display());
+        // Below the share's root without following a symlink anywhere on
+        // the way: a symlinked parent on the share must not lead the look
+        // out of it (to the controller's own filesystem).
+        let key = format!("stat {}", root.join(&vid.subdir).display());
+        let files = self.os.files.clone();
+        let subdir = vid.subdir.clone();
         match self.bounded.run(&key, self.stat_timeout, move || {
-            std::fs::symlink_metadata(&p)
+            files.lstat_beneath(&root, &subdir)
         }) {
             None => Health::abnormal(format!("NFS server {} is not responding", vid.server)),
             Some(Ok(m)) if m.is_dir() => Health::ok(),
             Some(Ok(_)) => {
                 Health::abnormal(format!("{} on the share is not a directory", vid.subdir))
             }
-            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Health::abnormal(format!(
+            Some(Err(e)) if e.errno() == Some(libc::ENOENT) => Health::abnormal(format!(
                 "subdirectory {} is missing on the share",
                 vid.subdir
             )),
+            Some(Err(e)) if matches!(e.errno(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                Health::abnormal(format!(
+                    "a parent of {} on the share is not a plain directory (a symlink or a file): the volume's directory is not reached",
+                    vid.subdir
+                ))
+            }
             Some(Err(e)) => Health::abnormal(format!("{} on the share: {e}", vid.subdir)),
         }
     }

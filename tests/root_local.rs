@@ -1618,3 +1618,174 @@ async fn an_undeletable_trash_entry_stops_no_other_cleanup_at_start_up() {
     assert_eq!(in_trash(), 0);
     drop(h);
 }
+
+/// Bytes free on the filesystem of `p` (what a write can take).
+fn free_bytes(p: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(p).unwrap();
+    s.blocks_available() as u64 * s.fragment_size() as u64
+}
+
+/// Writes into `dir` until the filesystem refuses for space, as a tenant
+/// without a size limit does: big chunks, then smaller ones, again after
+/// each flush (ext4 gives back what it held for blocks not yet allocated)
+/// until a round writes nothing.
+fn fill(dir: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
+    loop {
+        let mut wrote = 0;
+        for chunk in [64 << 10, 4096, 512, 1] {
+            let buf = vec![7u8; chunk];
+            loop {
+                match f.write(&buf) {
+                    Ok(0) => break,
+                    Ok(n) => wrote += n,
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = f.sync_all();
+        if wrote == 0 {
+            break;
+        }
+    }
+}
+
+/// The data directory `dir` on a filesystem of its own: a tmpfs of 8 MiB,
+/// or `mkfs` of a 16 MiB file (`img`, attached to a loop device that the
+/// unmount detaches).
+fn small_filesystem(dir: &Path, fs: &str, img: &Path) {
+    if fs == "tmpfs" {
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=8m,mode=0700"),
+        )
+        .unwrap();
+        return;
+    }
+    let run = |c: &mut std::process::Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{c:?}: {o:?}");
+    };
+    std::fs::File::create(img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    // ext4 without blocks kept back for root (a tenant running as root
+    // takes them anyway)
+    run(std::process::Command::new(format!("mkfs.{fs}"))
+        .args(["-q", "-m", "0"])
+        .arg(img));
+    run(std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(img)
+        .arg(dir));
+}
+
+/// A tenant fills the filesystem that holds both the state journal and
+/// the local root (the default: everything under `--data-dir`; here a
+/// small filesystem of its own, which keeps nothing back for root). Every
+/// DeleteVolume on the full filesystem still works (each appends its
+/// Deleting and its removal to the journal: without space kept for the
+/// journal, the first append that needed a new block failed with ENOSPC,
+/// and every delete after it, so the space never came back), also after
+/// a restart on the full filesystem; deleting the tenant's volume gives
+/// its space back; the journal is never damaged (`state check` clean on
+/// the full filesystem and after), and once space is back berth creates
+/// again without an operator.
+async fn deletes_on_a_full_filesystem(fs: &str) {
+    assert!(is_root(), "root tests need root");
+    let images = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(dir.path().to_path_buf());
+    small_filesystem(dir.path(), fs, &images.path().join("fs.img"));
+    let total = free_bytes(dir.path());
+    let h = build(
+        dir,
+        berth::os::Os::real(),
+        None,
+        &["--local-spare-dirs", "0"],
+    );
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let r = h
+            .ctl
+            .create_volume(Request::new(create_req(&format!("v{i}"), 64 << 10)))
+            .await;
+        ids.push(created_id(r));
+    }
+    let tenant = ids.remove(0);
+    fill(&h.path("local").join(&tenant));
+    assert!(free_bytes(h.dir.path()) < 4096, "the filesystem is full");
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+
+    // Half of the deletes on the full filesystem, a restart on it, the
+    // other half.
+    let later = ids.split_off(ids.len() / 2);
+    for id in &ids {
+        let r = try_delete(&h, id).await;
+        assert!(r.is_ok(), "delete of {id} on a full filesystem: {r:?}");
+    }
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    let h = h.restart(berth::os::Os::real(), None);
+    for id in &later {
+        let r = try_delete(&h, id).await;
+        assert!(
+            r.is_ok(),
+            "delete of {id} on a full filesystem after a restart: {r:?}"
+        );
+    }
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+
+    // The tenant's volume goes, and its space comes back.
+    let r = try_delete(&h, &tenant).await;
+    assert!(r.is_ok(), "delete of the full volume: {r:?}");
+    let back = total - (2 << 20);
+    for _ in 0..100 {
+        if free_bytes(h.dir.path()) > back {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        free_bytes(h.dir.path()) > back,
+        "the deleted volume's space came back: {} of {total} bytes free",
+        free_bytes(h.dir.path())
+    );
+    assert!(h.driver.store.is_empty());
+    assert_eq!(h.driver.store.poisoned(), None);
+
+    // With space back berth works as before, no operator involved, and a
+    // restart finds a clean journal.
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("after", 1 << 20)))
+        .await;
+    created_id(r);
+    let h = h.restart(berth::os::Os::real(), None);
+    assert_eq!(h.driver.store.len(), 1);
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    let torn: Vec<_> = std::fs::read_dir(h.path("state/journal"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains("torn"))
+        .collect();
+    assert!(torn.is_empty(), "{torn:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn deletes_on_a_full_tmpfs_work_and_free_its_space() {
+    deletes_on_a_full_filesystem("tmpfs").await;
+}

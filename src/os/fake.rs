@@ -1565,6 +1565,17 @@ impl Files for FakeOs {
         RealFiles.unshare(file, path, len)
     }
 
+    fn reserve(
+        &self,
+        file: &std::fs::File,
+        path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), OsError> {
+        self.file_op("reserve", path)?;
+        RealFiles.reserve(file, path, offset, len)
+    }
+
     fn allocate(&self, file: &std::fs::File, path: &Path, len: u64) -> Result<(), OsError> {
         self.file_op("fallocate", path)?;
         let before = file

@@ -69,6 +69,12 @@ pub trait Files: Send + Sync {
     fn set_len(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
     /// fallocate(2) of the first `len` bytes (mode 0: allocate, extend).
     fn allocate(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
+    /// fallocate(2) with FALLOC_FL_KEEP_SIZE of `len` bytes from `offset`:
+    /// blocks allocated past the end of the file, its size unchanged (a
+    /// reader sees no more bytes than before), so that later appends
+    /// within them need no new block and cannot fail for space. Truncating
+    /// the file frees them again.
+    fn reserve(&self, file: &File, path: &Path, offset: u64, len: u64) -> Result<(), OsError>;
     /// fallocate(2) with FALLOC_FL_UNSHARE_RANGE of the first `len` bytes:
     /// blocks the file shares with another (a clone on xfs with reflink,
     /// btrfs) become its own, so writing to them needs no new block. A
@@ -267,6 +273,30 @@ impl Files for RealFiles {
 
     fn allocate(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError> {
         fallocate_head(file, path, len, nix::fcntl::FallocateFlags::empty())
+    }
+
+    fn reserve(&self, file: &File, path: &Path, offset: u64, len: u64) -> Result<(), OsError> {
+        let range = i64::try_from(offset)
+            .ok()
+            .zip(i64::try_from(len).ok())
+            .filter(|(o, l)| o.checked_add(*l).is_some());
+        let Some((offset, len)) = range else {
+            return Err(OsError::sys(
+                "fallocate",
+                path,
+                std::io::Error::from_raw_os_error(libc::EFBIG),
+            ));
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        nix::fcntl::fallocate(
+            file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map_err(|e| OsError::sys("fallocate", path, e))
     }
 
     fn unshare(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError> {

@@ -46,6 +46,21 @@
 //! their waiters has seen its own, and a waiter's undo of its change runs
 //! before its round is forgotten (see `wait`).
 //!
+//! **Space kept for the log.** The state directory usually shares its
+//! filesystem with the volumes (everything under `--data-dir`), which a
+//! tenant can fill. So the log keeps `RESERVE` bytes allocated past its
+//! end (fallocate with FALLOC_FL_KEEP_SIZE: the file's size stays the end
+//! of its last line, so a reader sees exactly what was written, never
+//! zeros past it): an append within them needs no new block and cannot
+//! fail for space, and the changes that free space (DeleteVolume's
+//! Deleting and removal) still go through on a full filesystem. The
+//! reserve is topped up once less than half of it is left, when the
+//! filesystem has room (else tried again at the next write); a failed
+//! write's cut frees it, so it is taken again then. A compaction makes the
+//! new log's reserve before it switches to it, and otherwise keeps the old
+//! generation (with its reserve) current: it cannot leave the log without
+//! one on a full filesystem.
+//!
 //! **Snapshots hold only committed changes.** The store applies a change to
 //! its index before the change is durable; compaction asks it for a
 //! snapshot as of the log written so far, telling it which tickets are
@@ -983,6 +998,11 @@ pub struct Writer {
     compact_at: u64,
     /// The smallest log worth compacting.
     min_compact: u64,
+    /// The file offset up to which blocks are known to be allocated (the
+    /// log and its reserve past `len`).
+    reserved: u64,
+    /// The last top-up of the reserve failed (logged once until one works).
+    short: bool,
 }
 
 /// Most bytes one write round appends (unless a single change is bigger:
@@ -1002,9 +1022,38 @@ const MAX_TORN: usize = 4 * MAX_ROUND;
 /// milliseconds.
 const MIN_COMPACT: u64 = 4 << 20;
 
+/// Bytes kept allocated past the end of the log (see "Space kept for the
+/// log" above): a DeleteVolume appends about 1 KiB, so some thousand
+/// changes go through on a full filesystem.
+pub const RESERVE: u64 = 1 << 20;
+
 impl Writer {
     fn set_threshold(&mut self) {
         self.compact_at = self.min_compact.max(2 * self.snapshot_len);
+    }
+
+    /// Takes `RESERVE` bytes past the end of the log again once less than
+    /// half of it is left. Best effort: on a full filesystem the log goes
+    /// on with what it has left, and this is tried at the next write.
+    fn top_up(&mut self, files: &dyn Files, path: &Path) {
+        if self.reserved >= self.len.saturating_add(RESERVE / 2) {
+            return;
+        }
+        match files.reserve(&self.file, path, self.len, RESERVE) {
+            Ok(()) => {
+                self.reserved = self.len + RESERVE;
+                if self.short {
+                    self.short = false;
+                    tracing::info!(log = %path.display(), "space past the end of the state journal's log is kept again");
+                }
+            }
+            Err(e) => {
+                if !self.short {
+                    self.short = true;
+                    tracing::warn!(log = %path.display(), left = self.reserved.saturating_sub(self.len), error = %e, "cannot keep space past the end of the state journal's log; changes go on in what is left of it, and it is taken again once there is room");
+                }
+            }
+        }
     }
 }
 
@@ -1211,6 +1260,12 @@ impl Journal {
         }
         let early = early.filter(|e| e.gen == s.gen && s.torn.is_none() && !s.unterminated);
         let file = make_durable(files.as_ref(), dir, &s, file, early)?;
+        // What a berth before this one kept past the end is still there
+        // (allocated blocks, the size unchanged): counted, not taken again,
+        // so a start on a full filesystem needs no new block.
+        let allocated = file
+            .metadata()
+            .map_or(0, |m| crate::os::files::allocated_bytes(&m));
         let mut writer = Writer {
             file,
             gen: s.gen,
@@ -1218,8 +1273,11 @@ impl Journal {
             snapshot_len: s.snapshot_len,
             compact_at: 0,
             min_compact: MIN_COMPACT,
+            reserved: allocated.max(s.log_good),
+            short: false,
         };
         writer.set_threshold();
+        writer.top_up(files.as_ref(), &log_path);
         Ok(Replay {
             journal: Journal {
                 dir: dir.to_path_buf(),
@@ -1377,9 +1435,14 @@ impl Journal {
         let path = self.dir.join(log_name(w.gen));
         let f = self.files.as_ref();
         if let Err(e) = f.write_at(&w.file, &path, batch, w.len) {
+            // (the cut frees the reserve past it too: taken again)
             let undo = f
                 .set_len(&w.file, &path, w.len)
                 .and_then(|_| f.sync_data(&w.file, &path));
+            w.reserved = w.len;
+            if undo.is_ok() {
+                w.top_up(f, &path);
+            }
             return Err((StateError::Os(e), undo.is_err()));
         }
         if let Err(e) = f.sync_data(&w.file, &path) {
@@ -1388,6 +1451,7 @@ impl Journal {
             // journal is poisoned all the same: what the disk holds of the
             // file is uncertain until start-up has checked it.
             let _ = f.set_len(&w.file, &path, w.len);
+            w.reserved = w.len;
             return Err((StateError::Os(e), true));
         }
         // Durable, but in the file this berth has open: if that is no longer
@@ -1412,6 +1476,8 @@ impl Journal {
             }
         }
         w.len += batch.len() as u64;
+        w.reserved = w.reserved.max(w.len);
+        w.top_up(f, &path);
         Ok(())
     }
 
@@ -1427,11 +1493,16 @@ impl Journal {
     }
 
     /// Starts the next generation: a snapshot of every committed record and
-    /// an empty log; the old files are removed after. Until the snapshot is
-    /// renamed into place nothing has changed (a failure cleans up and the
-    /// old log stays current); once it is, only the new log may be written,
-    /// so a failure to make that durable poisons the journal (no write can
-    /// then land in a log that start-up would not read).
+    /// an empty log with its reserve (`RESERVE`); the old files are removed
+    /// after. Until the snapshot is renamed into place nothing has changed
+    /// (a failure, a full filesystem included, cleans up and the old log
+    /// stays current, with its own reserve); once it is, only the new log
+    /// may be written, so a failure to make that durable poisons the
+    /// journal (no write can then land in a log that start-up would not
+    /// read). A log found gone is replaced without a reserve when none can
+    /// be had (nothing could be written otherwise), and so is any log whose
+    /// reserve fails for another reason than space (a filesystem without
+    /// fallocate would otherwise never compact).
     fn compact(
         &self,
         w: &mut Writer,
@@ -1453,6 +1524,8 @@ impl Journal {
         let tmp = self.dir.join(format!("{}.tmp", snapshot_name(gen)));
         let log_path = self.dir.join(log_name(gen));
         let f = self.files.as_ref();
+        let gone = self.log_gone.load(std::sync::atomic::Ordering::Relaxed);
+        let mut reserved = RESERVE;
         let prepared = f
             .open(&tmp, Open::CreateOrTruncate)
             .and_then(|t| {
@@ -1460,6 +1533,17 @@ impl Journal {
                     .and_then(|_| f.sync(&t, &tmp))
             })
             .and_then(|_| f.open(&log_path, Open::CreateOrTruncate))
+            .and_then(|file| match f.reserve(&file, &log_path, 0, RESERVE) {
+                // Short of space: the old log keeps its reserve instead.
+                // Anything else (a filesystem without fallocate) would
+                // stop every compaction for good.
+                Err(e) if gone || !matches!(e.errno(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                    tracing::warn!(log = %log_path.display(), error = %e, "cannot keep space past the end of the state journal's new log");
+                    reserved = 0;
+                    Ok(file)
+                }
+                r => r.map(|_| file),
+            })
             .and_then(|file| f.rename(&tmp, &path).map(|_| file));
         let file = match prepared {
             Ok(file) => file,
@@ -1485,6 +1569,8 @@ impl Journal {
             snapshot_len: bytes.len() as u64,
             compact_at: 0,
             min_compact: w.min_compact,
+            reserved,
+            short: reserved == 0,
         };
         w.set_threshold();
         for name in [snapshot_name(old), json_snapshot_name(old), log_name(old)] {

@@ -1901,6 +1901,87 @@ mod tests {
         assert!(e.to_string().contains("No space left on device"), "{e}");
     }
 
+    /// Bytes allocated to the file at `p` (its blocks, past its end too).
+    fn allocated(p: &Path) -> u64 {
+        crate::os::files::allocated_bytes(&fs::metadata(p).unwrap())
+    }
+
+    /// The log keeps `RESERVE` bytes allocated past its end (so appends
+    /// need no new block on a full filesystem), which no reader sees: its
+    /// size is the end of its last line, start-up finds no torn tail or
+    /// damage in it and keeps what it found, a failed write's cut (which
+    /// frees it) takes it again, and so does each compaction's new log.
+    #[test]
+    fn the_log_keeps_space_past_its_end_that_no_reader_sees() {
+        use crate::state::journal::RESERVE;
+        let d = tempfile::tempdir().unwrap();
+        let (_, f) = crate::os::Os::fake();
+        let s = open_on(d.path(), &f).unwrap();
+        let log = log_path(d.path(), 0);
+        assert!(allocated(&log) >= RESERVE, "{}", allocated(&log));
+        for id in ["a", "b", "c"] {
+            s.insert_new(rec(id, id, 1), ok).unwrap();
+        }
+        let len = s.journal.position().1;
+        assert_eq!(fs::metadata(&log).unwrap().len(), len);
+        assert!(allocated(&log) >= RESERVE, "{}", allocated(&log));
+        f.fail_next("write", libc::ENOSPC);
+        assert!(s.insert_new(rec("d", "d", 1), ok).is_err());
+        assert_eq!(fs::metadata(&log).unwrap().len(), len);
+        assert!(allocated(&log) >= RESERVE, "taken again after the cut");
+        drop(s);
+        let reserve_calls =
+            |f: &crate::os::fake::FakeOs| f.file_ops().iter().filter(|o| o.op == "reserve").count();
+        let (_, f) = crate::os::Os::fake();
+        let s = open_on(d.path(), &f).unwrap();
+        assert_eq!(
+            reserve_calls(&f),
+            0,
+            "what was kept is kept, not taken again"
+        );
+        assert_eq!(ids(&s), ["a", "b", "c"]);
+        let scan = crate::state::journal::scan(&journal_dir(d.path())).unwrap();
+        assert!(scan.error().is_none() && scan.torn.is_none());
+        assert!(s.checkpoint(0).unwrap());
+        assert!(allocated(&log_path(d.path(), 1)) >= RESERVE);
+        assert_eq!(fs::metadata(log_path(d.path(), 1)).unwrap().len(), 0);
+        s.insert_new(rec("e", "e", 1), ok).unwrap();
+        // A filesystem that keeps no space ahead (no fallocate) still
+        // compacts, without a reserve.
+        f.fail_next("reserve", libc::EOPNOTSUPP);
+        assert!(s.checkpoint(0).unwrap());
+        assert_eq!(s.journal.position(), (2, 0));
+        drop(s);
+        assert_eq!(ids(&open(d.path()).unwrap()), ["a", "b", "c", "e"]);
+    }
+
+    /// A compaction that cannot keep space for its new log (a full
+    /// filesystem) switches to nothing: the old generation, with its own
+    /// reserve, stays current and whole, no file of the new one is left,
+    /// and changes go on in the old log.
+    #[test]
+    fn a_compaction_without_room_for_its_new_log_keeps_the_old_one() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, f) = crate::os::Os::fake();
+        let s = open_on(d.path(), &f).unwrap();
+        s.insert_new(rec("a", "a", 1), ok).unwrap();
+        let before = s.journal.position();
+        f.fail_next("reserve", libc::ENOSPC);
+        let e = crate::error::chain(&s.checkpoint(0).unwrap_err());
+        assert!(e.contains("No space left on device"), "{e}");
+        assert_eq!(s.journal.position(), before);
+        assert_eq!(s.poisoned(), None);
+        s.insert_new(rec("b", "b", 1), ok).unwrap();
+        let mut names: Vec<_> = fs::read_dir(journal_dir(d.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["log-0.jsonl"]);
+        drop(s);
+        assert_eq!(ids(&open(d.path()).unwrap()), ["a", "b"]);
+    }
+
     fn snap(id: &str, name: &str, source: &str) -> SnapshotRecord {
         SnapshotRecord {
             id: id.into(),

@@ -1098,7 +1098,19 @@ impl VolumeKind for LocalKind {
         self.os
             .files
             .rename_noreplace(&from, &to)
-            .map_err(|e| Error::os(format!("moving {} into place", from.display()), e))
+            .map_err(|e| Error::os(format!("moving {} into place", from.display()), e))?;
+        // The trash its delete moves it into is made now, while there is
+        // room: a directory made takes a block (ext4), and a delete on a
+        // full filesystem that had to make it failed with ENOSPC, the
+        // volume's space never given back. Best effort: the delete makes
+        // it otherwise.
+        let trash = self.root.join(TRASH);
+        if std::fs::symlink_metadata(&trash).is_err() {
+            if let Err(e) = ensure_dir(self.os.files.as_ref(), &trash, 0o700) {
+                tracing::warn!(dir = %trash.display(), error = %e, "could not make the local root's trash ahead of a delete");
+            }
+        }
+        Ok(())
     }
 
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {

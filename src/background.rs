@@ -1,9 +1,9 @@
 //! Work that an RPC causes but need not wait for, done in order on one
 //! thread of its own: emptying a deleted local volume's directory out of
-//! the trash (its record is gone already, and start-up empties whatever is
-//! left), and making the local kind's spare directories ahead of creates
-//! (`kinds::local::spares`). Nothing here may be needed for an RPC's
-//! answer to be right.
+//! the trash (its record is gone already) and whatever start-up finds
+//! left there (once the socket is up: `Driver::start`), and making the
+//! local kind's spare directories ahead of creates (`kinds::local::spares`).
+//! Nothing here may be needed for an RPC's answer to be right.
 //!
 //! Off until `configure(true)` (the serving binary): then every job runs
 //! where it is submitted, inside the RPC, as it did before this thread

@@ -152,12 +152,18 @@ impl Driver {
             .clear();
     }
 
-    /// Starts what runs once the socket is up: the interrupted creates and
+    /// Starts what runs once the socket is up: emptying the local trash
+    /// start-up found (on the background thread: a deleted volume of
+    /// millions of files holds up no RPC), and the interrupted creates and
     /// deletes of remote kinds (NFS), on their own thread holding their
     /// volumes' guards, so a server that does not answer delays only them;
     /// Probe answers not ready until they are done. Call once, after
     /// binding the socket.
     pub fn start(self: &Arc<Self>) {
+        // What start-up left to the background thread: the local trash.
+        for k in self.kinds.values() {
+            k.start_background();
+        }
         let remote = |k: &Kind| self.kinds.get(k).is_some_and(|k| k.remote());
         let pending = self
             .store
@@ -444,12 +450,12 @@ impl Driver {
     /// record (`reconcile_orphans`).
     pub fn reconcile(self: &Arc<Self>) -> Result<()> {
         self.recover_copy_sources();
-        self.retry_pending(true);
         // The trash the deletes finished just now is emptied on the
-        // background thread: done before the orphans are looked for there.
-        if !crate::background::wait_idle(std::time::Duration::from_secs(600)) {
-            tracing::warn!("background work still running after 10 minutes; reconciling beside it");
-        }
+        // background thread, as is the trash start-up finds
+        // (`start_background`, once the socket is up): nothing here waits
+        // for it. The orphans are looked for beside it: a trash entry of a
+        // volume whose record is gone is only ever removed there, in turn.
+        self.retry_pending(true);
         for kind in self.kinds.values() {
             let known = |id: &str| self.store.contains(id) || self.store.snapshot_contains(id);
             if let Err(e) = kind.reconcile_orphans(&known) {

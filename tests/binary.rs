@@ -36,6 +36,11 @@ fn start(dir: &Path, extra: &[&str]) -> Berth {
 
 /// `start` with `--node-id node`.
 fn start_as(dir: &Path, node: &str, extra: &[&str]) -> Berth {
+    start_within(dir, node, extra, Duration::from_secs(10))
+}
+
+/// `start_as`, waiting at most `wait` for the socket to accept.
+fn start_within(dir: &Path, node: &str, extra: &[&str], wait: Duration) -> Berth {
     let sock = dir.join("csi.sock");
     let log = dir.join(format!(
         "berth-{}.log",
@@ -56,7 +61,7 @@ fn start_as(dir: &Path, node: &str, extra: &[&str]) -> Berth {
         .spawn()
         .expect("spawn berth");
     let b = Berth { child, sock, log };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
         // A stale socket file from a killed run exists before the new
         // process binds: wait until a connection is accepted.
@@ -2611,4 +2616,96 @@ impl Terminating {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Fills `dir` with `n` names of empty files, in subdirectories of 10,000
+/// each: one file in each, the rest hard links to it (quicker to make than
+/// files; as many entries to remove).
+fn many_files(dir: &Path, n: usize) {
+    let mut first = PathBuf::new();
+    for i in 0..n {
+        let sub = dir.join(format!("d{}", i / 10_000));
+        let name = sub.join(format!("f{i}"));
+        if i % 10_000 == 0 {
+            std::fs::create_dir_all(&sub).unwrap();
+            std::fs::File::create(&name).unwrap();
+            first = name;
+        } else {
+            std::fs::hard_link(&first, &name).unwrap();
+        }
+    }
+}
+
+/// Whether the local root's trash holds anything.
+fn trash_holds_anything(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("local/.trash")).is_ok_and(|mut e| e.next().is_some())
+}
+
+/// A deleted volume's directory left in the trash (a crash while it was
+/// being emptied, or a removal that failed) is emptied on the background
+/// thread once the socket is up: berth answers Probe, NodeGetInfo and
+/// CreateVolume while the trash still holds it (a tenant's millions of
+/// files took minutes to remove, and every node RPC of every tenant, and
+/// kubelet's registration of the plugin, waited for them). A kill while
+/// it is being emptied leaves the rest in the trash, and the next start
+/// empties it the same way. Before, start-up removed it before binding the
+/// socket: the first Probe was answered with the trash empty.
+#[tokio::test]
+async fn start_up_serves_before_the_trash_it_found_is_emptied() {
+    let d = tempfile::tempdir().unwrap();
+    let mut b = start(d.path(), &[]);
+    assert!(sigterm(&mut b).success());
+    // A directory of a volume whose record is gone, left in the trash.
+    let entry = d
+        .path()
+        .join("local/.trash")
+        .join(format!("local-{:032x}-1", 7));
+    many_files(&entry, 100_000);
+    let b = start_within(d.path(), NODE, &[], Duration::from_secs(600));
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let p = c
+        .identity
+        .probe(Request::new(csi::ProbeRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.ready, Some(true));
+    let info = c
+        .node
+        .node_get_info(Request::new(csi::NodeGetInfoRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, NODE);
+    c.controller
+        .create_volume(Request::new(create_req("new", 1 << 20)))
+        .await
+        .unwrap();
+    assert!(
+        entry.exists(),
+        "berth answered only once the trash was empty: start-up removed it before serving"
+    );
+    // Killed while the trash is being emptied: the rest is left there.
+    drop(c);
+    drop(b);
+    assert!(
+        entry.exists(),
+        "the kill came after the whole entry was removed"
+    );
+    let b = start_within(d.path(), NODE, &[], Duration::from_secs(600));
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .probe(Request::new(csi::ProbeRequest {}))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while trash_holds_anything(d.path()) {
+        assert!(
+            Instant::now() < deadline,
+            "the trash was not emptied\n{}",
+            std::fs::read_to_string(&b.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed(&b.sock).await.len(), 1);
 }

@@ -693,6 +693,10 @@ pub trait VolumeKind: Send + Sync {
         None
     }
 
+    /// Once the socket is up (`Driver::start`): starts what start-up left
+    /// to the background thread (the local trash). Default: nothing.
+    fn start_background(&self) {}
+
     /// At start-up: cleans up storage left by an interrupted create or
     /// delete that has no record (`known` says which ids have one: volume
     /// and snapshot ids alike).

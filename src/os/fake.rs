@@ -156,6 +156,8 @@ pub struct FakeOs {
     /// Birth times a test set (`set_born`).
     born: Mutex<HashMap<PathBuf, std::time::SystemTime>>,
     file_faults_under: Mutex<Vec<(Option<&'static str>, PathBuf, i32)>>,
+    /// Filesystem changes held until a test lets them go (`hold_op_under`).
+    holds: Mutex<Vec<(&'static str, PathBuf, std::sync::Arc<OpHold>)>>,
     /// What `read_durable` answers for a path instead of the file's content
     /// (a disk that lost what the page cache still shows).
     durable: Mutex<HashMap<PathBuf, Option<Vec<u8>>>>,
@@ -181,6 +183,47 @@ pub struct FakeOs {
     /// Quota calls so far (`Quotas`), and the n-th from now that fails.
     quota_ops: Mutex<Vec<&'static str>>,
     quota_fault_at: Mutex<Option<(usize, i32)>>,
+}
+
+/// A filesystem change held by `FakeOs::hold_op_under`: how many reached
+/// it, and whether it is let go.
+#[derive(Default)]
+pub struct OpHold {
+    state: Mutex<(usize, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl OpHold {
+    fn wait_here(&self) {
+        let mut s = lock(&self.state);
+        s.0 += 1;
+        self.changed.notify_all();
+        while !s.1 {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// How many changes reached the hold so far.
+    pub fn reached(&self) -> usize {
+        lock(&self.state).0
+    }
+
+    /// Waits until a change reached the hold, for at most `timeout`; true
+    /// when one did.
+    pub fn wait_reached(&self, timeout: Duration) -> bool {
+        let s = lock(&self.state);
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| s.0 == 0)
+            .unwrap_or_else(|e| e.into_inner());
+        s.0 > 0
+    }
+
+    /// Lets every held change (and every later one) go on.
+    pub fn release(&self) {
+        lock(&self.state).1 = true;
+        self.changed.notify_all();
+    }
 }
 
 impl Default for FakeOs {
@@ -243,6 +286,7 @@ impl FakeOs {
             file_fault_at: Mutex::new(None),
             born: Mutex::new(HashMap::new()),
             file_faults_under: Mutex::new(Vec::new()),
+            holds: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
             busy_copies: Mutex::new(0),
             lstats: Mutex::new(Vec::new()),
@@ -422,6 +466,15 @@ impl FakeOs {
         lock(&self.file_faults_under).push((Some(op), path.to_path_buf(), errno));
     }
 
+    /// Every `op` under `path` waits, before it changes anything, until
+    /// the hold answered is let go (`OpHold::release`): a removal that
+    /// takes as long as the test likes.
+    pub fn hold_op_under(&self, op: &'static str, path: &Path) -> std::sync::Arc<OpHold> {
+        let h = std::sync::Arc::new(OpHold::default());
+        lock(&self.holds).push((op, path.to_path_buf(), h.clone()));
+        h
+    }
+
     pub fn clear_file_faults(&self) {
         lock(&self.file_faults_under).clear();
         *lock(&self.file_fault_at) = None;
@@ -435,6 +488,13 @@ impl FakeOs {
             op,
             path: path.to_path_buf(),
         });
+        let hold = lock(&self.holds)
+            .iter()
+            .find(|(o, p, _)| *o == op && path.starts_with(p))
+            .map(|(_, _, h)| h.clone());
+        if let Some(h) = hold {
+            h.wait_here();
+        }
         self.injected(op, path)?;
         let fail = |errno| {
             Err(OsError::sys(

@@ -234,6 +234,10 @@ pub struct LocalKind {
     listed: std::sync::Mutex<Option<std::io::Result<RootListing>>>,
     /// New volumes' directories made ahead (`spares`).
     spares: Arc<Spares>,
+    /// The trash entries start-up found to remove, each with the project
+    /// id it holds for the entry until it is gone (`start_background`
+    /// empties them).
+    startup_trash: std::sync::Mutex<Vec<(PathBuf, Option<u32>)>>,
 }
 
 /// The names in a local root, each followed by a NUL, in one buffer: start-up
@@ -325,6 +329,41 @@ fn empty_trash_of(
     }
 }
 
+/// Removes the trash entries start-up found (`entries`: each path, with
+/// the project id held for it), one after the other, on the background
+/// thread; each id is released once its entry is gone. An entry that cannot
+/// be removed (a mount inside it, an I/O error) keeps its id held and is
+/// left to the next start, and so is the rest when berth exits or is
+/// killed meanwhile: they are still in the trash. A `.trash` that is no
+/// longer Berth's own directory (replaced by a symlink since start-up
+/// listed it) stops the emptying: nothing it leads to is removed.
+fn empty_startup_trash(
+    trash: &Path,
+    files: &dyn crate::os::Files,
+    projects: Option<&Projects>,
+    entries: Vec<(PathBuf, Option<u32>)>,
+) {
+    let (n, mut left) = (entries.len(), 0usize);
+    for (path, held) in entries {
+        if !files.lstat(trash).is_ok_and(|m| m.is_dir()) {
+            tracing::error!(path = %trash.display(), "the trash is no longer a directory of Berth's own (replaced by hand?): nothing it leads to is removed; the next start empties what is left");
+            return;
+        }
+        match files.remove_tree(&path) {
+            Ok(()) => {
+                if let (Some(p), Some(id)) = (projects, held) {
+                    p.release(id);
+                }
+            }
+            Err(e) => {
+                left += 1;
+                tracing::warn!(path = %path.display(), error = %e, "could not empty a deleted volume's directory out of the trash; the next start tries again");
+            }
+        }
+    }
+    tracing::info!(entries = n, left, "the trash start-up found is emptied");
+}
+
 impl LocalKind {
     /// `root` must exist (`Driver::new` makes it and holds its lock).
     /// Finds out once whether the root's filesystem enforces project quotas
@@ -377,6 +416,7 @@ impl LocalKind {
             unenforced,
             staged,
             listed: std::sync::Mutex::new(listed),
+            startup_trash: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -1139,6 +1179,27 @@ impl VolumeKind for LocalKind {
         false
     }
 
+    /// The trash start-up found (`reconcile_orphans`), emptied on the
+    /// background thread: start-up answers no RPC later for a deleted
+    /// volume of millions of files.
+    fn start_background(&self) {
+        let entries =
+            std::mem::take(&mut *self.startup_trash.lock().unwrap_or_else(|e| e.into_inner()));
+        if entries.is_empty() {
+            return;
+        }
+        tracing::info!(
+            entries = entries.len(),
+            "emptying the trash start-up found, in the background"
+        );
+        let trash = self.root.join(TRASH);
+        let files = self.os.files.clone();
+        let projects = self.projects.clone();
+        crate::background::submit(move || {
+            empty_startup_trash(&trash, files.as_ref(), projects.as_deref(), entries);
+        });
+    }
+
     fn presence(&self) -> Option<super::Presence> {
         let ready =
             |r: &VolumeRecord| r.kind == Kind::Local && r.phase == crate::state::Phase::Ready;
@@ -1225,10 +1286,25 @@ impl VolumeKind for LocalKind {
                 tracing::warn!(volume_id = %id, "a delete whose record could not be removed was undone: the volume is back");
                 continue;
             }
-            let project = self.project_on(&path);
-            if remove(&path) {
-                self.release_unheld(project);
-            }
+            // Emptied on the background thread once the socket is up
+            // (`start_background`): a tree of millions of files takes
+            // minutes to remove, and no RPC needs it gone. Its project id
+            // stays held until it is (no create is given an id something
+            // is still charged to; its limits are cleared only then), and
+            // what it still takes on the disk is not free space: GetCapacity
+            // and CreateVolume count the free space the filesystem reports.
+            let project = self.project_on(&path).filter(|id| *id != 0);
+            let ours = match (&self.projects, project) {
+                (Some(p), Some(id)) if !p.is_held(id) => {
+                    p.hold(id);
+                    Some(id)
+                }
+                _ => None,
+            };
+            self.startup_trash
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((path, ours));
         }
         // Creates whose record says Ready but whose directory was not moved
         // into the root yet (a crash in between): moved now. Everything

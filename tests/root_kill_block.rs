@@ -567,15 +567,7 @@ async fn stage_kill(fs: &str) {
                 async move { c.node.node_unpublish_volume(Request::new(r)).await }
             })
             .await;
-            retry("NodeUnstage", || {
-                let mut c = c.clone();
-                let r = csi::NodeUnstageVolumeRequest {
-                    volume_id: id.clone(),
-                    staging_target_path: staging.display().to_string(),
-                };
-                async move { c.node.node_unstage_volume(Request::new(r)).await }
-            })
-            .await;
+            unstage(&c, &id, &staging).await;
             let before_delete: Vec<_> = loops_under(d.path())
                 .into_iter()
                 .filter(|l| l.1 != d.path().join("fs.img"))
@@ -664,15 +656,7 @@ async fn stage_kill(fs: &str) {
             async move { c.node.node_unpublish_volume(Request::new(r)).await }
         })
         .await;
-        retry("NodeUnstage", || {
-            let mut c = c.clone();
-            let r = csi::NodeUnstageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.display().to_string(),
-            };
-            async move { c.node.node_unstage_volume(Request::new(r)).await }
-        })
-        .await;
+        unstage(&c, &id, &staging).await;
         retry("NodeStage again", || {
             let mut c = c.clone();
             let r = sreq.clone();
@@ -694,15 +678,7 @@ async fn stage_kill(fs: &str) {
                 String::from_utf8_lossy(&buf)
             )),
         }
-        retry("NodeUnstage", || {
-            let mut c = c.clone();
-            let r = csi::NodeUnstageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.display().to_string(),
-            };
-            async move { c.node.node_unstage_volume(Request::new(r)).await }
-        })
-        .await;
+        unstage(&c, &id, &staging).await;
         retry("DeleteVolume", || {
             let mut c = c.clone();
             let id = id.clone();
@@ -751,6 +727,50 @@ async fn killed_during_stage_xfs() {
 #[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
 async fn killed_during_stage_raw() {
     stage_kill("raw").await;
+}
+/// NodeUnstageVolume of `id` at `staging`, retried until it answers OK.
+async fn unstage(c: &CsiClient, id: &str, staging: &Path) {
+    retry("NodeUnstage", || {
+        let mut c = c.clone();
+        let r = csi::NodeUnstageVolumeRequest {
+            volume_id: id.to_string(),
+            staging_target_path: staging.display().to_string(),
+        };
+        async move { c.node.node_unstage_volume(Request::new(r)).await }
+    })
+    .await;
+}
+
+/// CreateSnapshot `req`, retried until it answers OK: the snapshot's id.
+async fn snapshot(c: &CsiClient, req: &csi::CreateSnapshotRequest) -> String {
+    retry("CreateSnapshot", || {
+        let mut c = c.clone();
+        let r = req.clone();
+        async move {
+            c.controller
+                .create_snapshot(Request::new(r))
+                .await
+                .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
+        }
+    })
+    .await
+}
+
+/// DeleteSnapshot of `snap`, retried until it answers OK.
+async fn del_snap(c: &CsiClient, snap: &str) {
+    retry("DeleteSnapshot", || {
+        let mut c = c.clone();
+        let s = snap.to_string();
+        async move {
+            c.controller
+                .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                    snapshot_id: s,
+                    ..Default::default()
+                }))
+                .await
+        }
+    })
+    .await;
 }
 
 async fn del_vol(c: &CsiClient, id: &str) {
@@ -833,17 +853,7 @@ async fn killed_during_snapshot_restore() {
             .map(|r| r.into_inner().snapshot.unwrap().snapshot_id);
         let b = start(d.path());
         let c = conn(&b, d.path()).await;
-        let snap = retry("CreateSnapshot", || {
-            let mut c = c.clone();
-            let r = snap_req.clone();
-            async move {
-                c.controller
-                    .create_snapshot(Request::new(r))
-                    .await
-                    .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
-            }
-        })
-        .await;
+        let snap = snapshot(&c, &snap_req).await;
         if let Ok(f) = &first {
             if f != &snap {
                 fails.push(format!("{us}us: snapshot {f} then {snap}"));
@@ -907,30 +917,10 @@ async fn killed_during_snapshot_restore() {
             fails.push(format!("{us}us: restore holds other data"));
         }
         for (v, s) in [(&rid, &rstaging), (&id, &staging)] {
-            retry("NodeUnstage", || {
-                let mut c = c.clone();
-                let r = csi::NodeUnstageVolumeRequest {
-                    volume_id: v.clone(),
-                    staging_target_path: s.display().to_string(),
-                };
-                async move { c.node.node_unstage_volume(Request::new(r)).await }
-            })
-            .await;
+            unstage(&c, v, s).await;
         }
         del_vol(&c, &rid).await;
-        retry("DeleteSnapshot", || {
-            let mut c = c.clone();
-            let s = snap.clone();
-            async move {
-                c.controller
-                    .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-                        snapshot_id: s,
-                        ..Default::default()
-                    }))
-                    .await
-            }
-        })
-        .await;
+        del_snap(&c, &snap).await;
         del_vol(&c, &id).await;
         let mut cc = c.clone();
         let after = capacity(&mut cc, thick).await;
@@ -1115,30 +1105,14 @@ async fn expand_kill(fs: &str) {
             async move { c.node.node_unpublish_volume(Request::new(r)).await }
         })
         .await;
-        retry("NodeUnstage", || {
-            let mut c = c.clone();
-            let r = csi::NodeUnstageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.display().to_string(),
-            };
-            async move { c.node.node_unstage_volume(Request::new(r)).await }
-        })
-        .await;
+        unstage(&c, &id, &staging).await;
         retry("NodeStage again", || {
             let mut c = c.clone();
             let r = sreq.clone();
             async move { c.node.node_stage_volume(Request::new(r)).await }
         })
         .await;
-        retry("NodeUnstage", || {
-            let mut c = c.clone();
-            let r = csi::NodeUnstageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.display().to_string(),
-            };
-            async move { c.node.node_unstage_volume(Request::new(r)).await }
-        })
-        .await;
+        unstage(&c, &id, &staging).await;
         del_vol(&c, &id).await;
         let mut cc = c.clone();
         let after = capacity(&mut cc, thick).await;
@@ -1470,39 +1444,9 @@ async fn sigterm_during_a_frozen_copy_leaves_no_filesystem_frozen() {
     // The next start serves; the snapshot is taken; everything goes.
     b = spawn();
     let c = conn(&b, d.path()).await;
-    let snap = retry("CreateSnapshot", || {
-        let mut c = c.clone();
-        let r = snap_req.clone();
-        async move {
-            c.controller
-                .create_snapshot(Request::new(r))
-                .await
-                .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
-        }
-    })
-    .await;
-    retry("NodeUnstage", || {
-        let mut c = c.clone();
-        let r = csi::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        };
-        async move { c.node.node_unstage_volume(Request::new(r)).await }
-    })
-    .await;
-    retry("DeleteSnapshot", || {
-        let mut c = c.clone();
-        let s = snap.clone();
-        async move {
-            c.controller
-                .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-                    snapshot_id: s,
-                    ..Default::default()
-                }))
-                .await
-        }
-    })
-    .await;
+    let snap = snapshot(&c, &snap_req).await;
+    unstage(&c, &id, &staging).await;
+    del_snap(&c, &snap).await;
     del_vol(&c, &id).await;
     assert_eq!(leftovers(d.path()), Vec::<String>::new());
     drop(b);

@@ -275,42 +275,35 @@ impl RealBlockDevices {
         )
     }
 
-    /// Runs `f` on the device at `path` under the deadline, one call at a
-    /// time per operation and device (the sample's reads and writes).
+    /// Runs `f` on the device at `path` under the deadline: one call at a
+    /// time per operation and device (`Calls::OneAtATime`: the sample's
+    /// reads and writes), or side by side except on a device with a call
+    /// still stuck (`Calls::SideBySide`, `Bounded::run_unless_stuck`: an
+    /// open or an ioctl).
     fn bounded<T: Send + 'static>(
         &self,
+        calls: Calls,
         op: &'static str,
         path: &Path,
         f: impl FnOnce(&Path) -> Result<T, OsError> + Send + 'static,
     ) -> Result<T, OsError> {
         let owned = path.to_path_buf();
-        self.bounded
-            .run(
-                &format!("{op}:{}", path.display()),
-                self.timeout,
-                move || f(&owned),
-            )
-            .unwrap_or_else(|| Err(self.timed_out(op, path)))
+        let key = format!("{op}:{}", path.display());
+        let call = move || f(&owned);
+        match calls {
+            Calls::OneAtATime => self.bounded.run(&key, self.timeout, call),
+            Calls::SideBySide => self.bounded.run_unless_stuck(&key, self.timeout, call),
+        }
+        .unwrap_or_else(|| Err(self.timed_out(op, path)))
     }
+}
 
-    /// Runs `f` on the device at `path` under the deadline; calls may run
-    /// side by side, except on a device with a call still stuck
-    /// (`Bounded::run_unless_stuck`): an open or an ioctl.
-    fn bounded_open<T: Send + 'static>(
-        &self,
-        op: &'static str,
-        path: &Path,
-        f: impl FnOnce(&Path) -> Result<T, OsError> + Send + 'static,
-    ) -> Result<T, OsError> {
-        let owned = path.to_path_buf();
-        self.bounded
-            .run_unless_stuck(
-                &format!("{op}:{}", path.display()),
-                self.timeout,
-                move || f(&owned),
-            )
-            .unwrap_or_else(|| Err(self.timed_out(op, path)))
-    }
+/// How the bounded calls of one operation on one device may overlap
+/// (`RealBlockDevices::bounded`).
+#[derive(Clone, Copy)]
+enum Calls {
+    OneAtATime,
+    SideBySide,
 }
 
 /// `BlockDevices::inspect`, unbounded.
@@ -395,7 +388,7 @@ fn set_read_only_now(path: &Path, read_only: bool) -> Result<(), OsError> {
 
 impl BlockDevices for RealBlockDevices {
     fn inspect(&self, path: &Path) -> Result<DeviceInfo, OsError> {
-        self.bounded_open("inspect", path, inspect_now)
+        self.bounded(Calls::SideBySide, "inspect", path, inspect_now)
     }
 
     fn stable_link(&self, dev: &DeviceInfo) -> Option<PathBuf> {
@@ -414,11 +407,11 @@ impl BlockDevices for RealBlockDevices {
     }
 
     fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError> {
-        self.bounded_open("read", path, read_head_now)
+        self.bounded(Calls::SideBySide, "read", path, read_head_now)
     }
 
     fn held(&self, path: &Path) -> Result<bool, OsError> {
-        self.bounded_open("open exclusively", path, held_now)
+        self.bounded(Calls::SideBySide, "open exclusively", path, held_now)
     }
 
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
@@ -437,13 +430,13 @@ impl BlockDevices for RealBlockDevices {
     }
 
     fn reads_zero(&self, path: &Path, size_bytes: u64) -> Result<bool, OsError> {
-        self.bounded("read sample", path, move |p| {
+        self.bounded(Calls::OneAtATime, "read sample", path, move |p| {
             sample_reads_zero(p, size_bytes)
         })
     }
 
     fn zero_sample(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {
-        self.bounded("zero sample", path, move |p| {
+        self.bounded(Calls::OneAtATime, "zero sample", path, move |p| {
             let f = open_exclusive_sized(p, size_bytes)?;
             for (start, len) in sample_ranges(size_bytes) {
                 zero_range(&f, p, start, len)?;
@@ -453,11 +446,13 @@ impl BlockDevices for RealBlockDevices {
     }
 
     fn read_only(&self, path: &Path) -> Result<bool, OsError> {
-        self.bounded_open("BLKROGET", path, read_only_now)
+        self.bounded(Calls::SideBySide, "BLKROGET", path, read_only_now)
     }
 
     fn set_read_only(&self, path: &Path, read_only: bool) -> Result<(), OsError> {
-        self.bounded_open("BLKROSET", path, move |p| set_read_only_now(p, read_only))
+        self.bounded(Calls::SideBySide, "BLKROSET", path, move |p| {
+            set_read_only_now(p, read_only)
+        })
     }
 }
 

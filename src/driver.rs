@@ -156,8 +156,8 @@ impl Driver {
     /// start-up found (on the background thread: a deleted volume of
     /// millions of files holds up no RPC), and the interrupted creates and
     /// deletes of remote kinds (NFS), on their own thread holding their
-    /// volumes' guards, so a server that does not answer delays only them;
-    /// Probe answers not ready until they are done. Call once, after
+    /// volumes' guards, so a server that does not answer delays only them
+    /// (Probe answers ready meanwhile: `identity::probe`). Call once, after
     /// binding the socket.
     pub fn start(self: &Arc<Self>) {
         // What start-up left to the background thread: the local trash.

@@ -416,6 +416,98 @@ async fn capacity_of_the_file_pool_is_what_a_volume_can_take() {
     assert_eq!(e.code(), Code::ResourceExhausted);
 }
 
+/// GetCapacity for a capability whose filesystem needs more than the pool
+/// holds (xfs: 300 MiB) says no volume fits, and names the smallest
+/// volume it makes for those capabilities (minimum_volume_size). Before,
+/// 200 MiB free answered 200 MiB as both available and the largest
+/// volume: the scheduler placed a 100 MiB xfs PVC on the node, and
+/// CreateVolume, which makes such a volume 300 MiB, refused it there
+/// (RESOURCE_EXHAUSTED) on every retry.
+#[tokio::test]
+async fn capacity_for_a_filesystem_larger_than_the_free_space_is_none() {
+    let h = block(&[]);
+    h.fake().set_usage(
+        None,
+        FsUsage {
+            total_bytes: 1000 * MIB as u64,
+            available_bytes: 200 * MIB as u64,
+            ..Default::default()
+        },
+    );
+    let xfs = params(&[("fsType", "xfs")]);
+    let ask = |parameters: &HashMap<String, String>, caps: Vec<csi::VolumeCapability>| {
+        csi::GetCapacityRequest {
+            parameters: parameters.clone(),
+            volume_capabilities: caps,
+            ..Default::default()
+        }
+    };
+    let mount = mount_cap(Mode::SingleNodeWriter);
+    let c = h
+        .ctl
+        .get_capacity(Request::new(ask(&xfs, vec![mount.clone()])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            c.available_capacity,
+            c.maximum_volume_size,
+            c.minimum_volume_size
+        ),
+        (0, Some(0), Some(300 * MIB)),
+        "{c:?}"
+    );
+    // What CreateVolume does with such a claim on this node.
+    let mut req = create_req_p("x", 100 * MIB, &[("fsType", "xfs")]);
+    req.volume_capabilities = vec![mount.clone()];
+    let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // A raw block volume of the same class fits, as does ext4.
+    for (p, cap) in [(&xfs, raw_cap()), (&params(&[]), mount.clone())] {
+        let c = h
+            .ctl
+            .get_capacity(Request::new(ask(p, vec![cap])))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                c.available_capacity,
+                c.maximum_volume_size,
+                c.minimum_volume_size
+            ),
+            (200 * MIB, Some(200 * MIB), Some(MIB)),
+            "{c:?}"
+        );
+    }
+    // With room for it, the xfs class answers the free space and its
+    // minimum.
+    h.fake().set_usage(
+        None,
+        FsUsage {
+            total_bytes: 1000 * MIB as u64,
+            available_bytes: 400 * MIB as u64,
+            ..Default::default()
+        },
+    );
+    let c = h
+        .ctl
+        .get_capacity(Request::new(ask(&xfs, vec![mount.clone()])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            c.available_capacity,
+            c.maximum_volume_size,
+            c.minimum_volume_size
+        ),
+        (400 * MIB, Some(400 * MIB), Some(300 * MIB)),
+        "{c:?}"
+    );
+}
+
 // ------------------------------------------------------- Stage and format
 
 #[tokio::test]

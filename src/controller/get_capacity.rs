@@ -4,7 +4,9 @@
 //! minus what they wrote); the block file pool's free space leaves out what
 //! local volumes on the same filesystem may still write (the block kind's);
 //! 0 for another node's topology segment or for capabilities the kind cannot
-//! serve.
+//! serve, and when the largest volume that fits is smaller than the
+//! smallest one the kind makes for the capabilities (a block file volume
+//! formatted xfs: 300 MiB), which `minimum_volume_size` names.
 use std::sync::Arc;
 
 use super::create_volume::{kind_of, kind_parameters};
@@ -28,11 +30,13 @@ pub async fn handle(
         maximum_volume_size: Some(0),
         minimum_volume_size: None,
     };
+    let mut caps = Vec::with_capacity(req.volume_capabilities.len());
     for c in &req.volume_capabilities {
         let cap = convert::capability(c)?;
         if imp.check_capability(&cap).is_err() {
             return Ok(zero);
         }
+        caps.push(cap);
     }
     if matches!(kind, Kind::Local | Kind::Block) {
         if let Some(t) = &req.accessible_topology {
@@ -42,6 +46,10 @@ pub async fn handle(
         }
     }
     let kparams = kind_parameters(&params);
+    // The smallest volume these capabilities get (xfs: 300 MiB): when the
+    // largest that fits is smaller, none fits (a CreateVolume here would
+    // be refused, so the scheduler must not pick this node for it).
+    let min = imp.min_size_for(&kparams, &caps)?;
     let promises = imp.capacity_is_promise();
     // What volumes wrote within their promises is read before the free
     // space (see `VolumeKind::written_within_promises`).
@@ -60,9 +68,16 @@ pub async fn handle(
         .saturating_add(written)
         .saturating_sub(promised)
         .max(0);
+    let largest = available.min(pool.max_volume_bytes);
+    if min.is_some_and(|m| largest < m) {
+        return Ok(csi::GetCapacityResponse {
+            minimum_volume_size: min,
+            ..zero
+        });
+    }
     Ok(csi::GetCapacityResponse {
         available_capacity: available,
-        maximum_volume_size: Some(available.min(pool.max_volume_bytes)),
-        minimum_volume_size: None,
+        maximum_volume_size: Some(largest),
+        minimum_volume_size: min,
     })
 }

@@ -481,6 +481,20 @@ pub trait VolumeKind: Send + Sync {
         Ok(wanted)
     }
 
+    /// The smallest volume `size_for` makes for `caps` from the pool that
+    /// `params` select, when the pool has one (a file pool: a whole MiB,
+    /// or what mkfs needs for the capabilities' filesystem). GetCapacity
+    /// answers it as `minimum_volume_size`, and no room when the largest
+    /// volume the pool holds is smaller. Default: none.
+    fn min_size_for(
+        &self,
+        params: &BTreeMap<String, String>,
+        caps: &[Capability],
+    ) -> Result<Option<i64>> {
+        let _ = (params, caps);
+        Ok(None)
+    }
+
     /// True when a volume's capacity is a promise that the pool's free space
     /// does not show (directories): GetCapacity and CreateVolume subtract
     /// every promise. A kind that takes the space when it creates or grows

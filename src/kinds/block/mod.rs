@@ -1263,6 +1263,20 @@ impl VolumeKind for BlockKind {
         }
     }
 
+    /// A file volume: at least a whole MiB, and what mkfs needs for the
+    /// capabilities' filesystem (xfs: 300 MiB). A disk is taken whole.
+    fn min_size_for(
+        &self,
+        p: &BTreeMap<String, String>,
+        caps: &[Capability],
+    ) -> Result<Option<i64>> {
+        let p = params::parse(p)?;
+        match p.pool {
+            Pool::File(_) => params::file_size(&p, caps, 0, 0, 0).map(Some),
+            Pool::Disk => Ok(None),
+        }
+    }
+
     /// File volumes take their space when created (thick) or as they are
     /// written (thin: overcommitted, like any thin provisioning); disks are
     /// claimed. Nothing is a promise on top of the pool's free space (the

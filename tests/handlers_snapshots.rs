@@ -2176,3 +2176,151 @@ async fn a_local_volume_deeper_than_any_path_fails_its_snapshot_cleanly() {
     // The volume goes too (its tree removed level by level).
     delete(&h, &src).await;
 }
+
+/// Paging across a restart: a starting_token of the old process still
+/// means the same place for the snapshots and volumes that existed before
+/// and after (nothing skipped, nothing repeated), or, once it lies past
+/// everything left (the last entries deleted, so their sequence numbers
+/// are free again after the restart), is ABORTED. A token that was never
+/// handed out (huge, negative, not digits, 129 bytes and more) is ABORTED
+/// and changes nothing.
+#[tokio::test]
+async fn paging_tokens_keep_their_place_across_a_restart() {
+    let h = fake(&[]);
+    let a = create_p(&h, "a", MIB, &[]).await.volume_id;
+    let mut snaps = Vec::new();
+    let mut vols = vec![a.clone()];
+    for i in 0..6 {
+        snaps.push(snapshot(&h, &format!("s{i}"), &a).await.snapshot_id);
+        vols.push(create_p(&h, &format!("v{i}"), MIB, &[]).await.volume_id);
+    }
+    let snap_page = |token: &str, max: i32| csi::ListSnapshotsRequest {
+        max_entries: max,
+        starting_token: token.into(),
+        ..Default::default()
+    };
+    let vol_page = |token: &str, max: i32| csi::ListVolumesRequest {
+        max_entries: max,
+        starting_token: token.into(),
+    };
+    let vol_ids = |r: &csi::ListVolumesResponse| -> Vec<String> {
+        r.entries
+            .iter()
+            .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+            .collect()
+    };
+    let s1 = list(&h, snap_page("", 2)).await;
+    assert_eq!(ids(&s1), snaps[..2]);
+    let s_far = list(&h, snap_page("", 5)).await;
+    assert_eq!(ids(&s_far), snaps[..5]);
+    let v1 = h
+        .ctl
+        .list_volumes(Request::new(vol_page("", 2)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vol_ids(&v1), vols[..2]);
+    let v_far = h
+        .ctl
+        .list_volumes(Request::new(vol_page("", 6)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vol_ids(&v_far), vols[..6]);
+    // The last entry of each first page goes (its token stays a place),
+    // and the last two of each: the far tokens lie past what is left.
+    for s in snaps[4..].iter().chain([&snaps[1]]) {
+        h.ctl
+            .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                snapshot_id: s.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+    for v in vols[5..].iter().chain([&vols[1]]) {
+        h.ctl
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: v.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    // The rest of each walk, from the old process's token.
+    let s2 = list(&h, snap_page(&s1.next_token, 0)).await;
+    assert_eq!(ids(&s2), snaps[2..4]);
+    let v2 = h
+        .ctl
+        .list_volumes(Request::new(vol_page(&v1.next_token, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vol_ids(&v2), vols[2..5]);
+    async fn s_code(h: &Harness, t: String) -> Code {
+        let req = csi::ListSnapshotsRequest {
+            starting_token: t,
+            ..Default::default()
+        };
+        code(h.ctl.list_snapshots(Request::new(req)).await)
+    }
+    async fn v_code(h: &Harness, t: String) -> Code {
+        let req = csi::ListVolumesRequest {
+            starting_token: t,
+            ..Default::default()
+        };
+        code(h.ctl.list_volumes(Request::new(req)).await)
+    }
+    assert_eq!(s_code(&h, s_far.next_token.clone()).await, Code::Aborted);
+    assert_eq!(v_code(&h, v_far.next_token.clone()).await, Code::Aborted);
+    // Tokens never handed out.
+    let hostile = [
+        u64::MAX.to_string(),
+        "18446744073709551616".to_string(),
+        "99999999999999999999999999".to_string(),
+        "-1".to_string(),
+        "-0".to_string(),
+        "0".to_string(),
+        "abc".to_string(),
+        "1e3".to_string(),
+        "1 ".to_string(),
+        "\u{0661}".to_string(),
+        "1".repeat(129),
+        "9".repeat(4096),
+        "0".repeat(128) + "1",
+    ];
+    let before = (
+        ids(&list(&h, snap_page("", 0)).await),
+        vol_ids(
+            &h.ctl
+                .list_volumes(Request::new(vol_page("", 0)))
+                .await
+                .unwrap()
+                .into_inner(),
+        ),
+    );
+    for t in &hostile {
+        assert_eq!(s_code(&h, t.clone()).await, Code::Aborted, "{t:?}");
+        assert_eq!(v_code(&h, t.clone()).await, Code::Aborted, "{t:?}");
+    }
+    let after = (
+        ids(&list(&h, snap_page("", 0)).await),
+        vol_ids(
+            &h.ctl
+                .list_volumes(Request::new(vol_page("", 0)))
+                .await
+                .unwrap()
+                .into_inner(),
+        ),
+    );
+    assert_eq!(before, after);
+    let left = |all: &[String], gone: usize, end: usize| -> Vec<String> {
+        (0..end)
+            .filter(|&i| i != gone)
+            .map(|i| all[i].clone())
+            .collect()
+    };
+    assert_eq!(after, (left(&snaps, 1, 4), left(&vols, 1, 5)));
+}

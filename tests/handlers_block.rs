@@ -2384,6 +2384,74 @@ async fn a_disk_record_naming_a_device_outside_the_pool_never_erases_it() {
         .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &h.path("disks/d10"))));
 }
 
+/// A disk volume that may be formatted xfs gets a disk mkfs.xfs accepts
+/// (300 MiB at least), and GetCapacity for that capability says none fits
+/// when no free disk is that large. Before, a 5 MiB xfs claim got the
+/// 10 MiB disk, which NodeStageVolume then refused to format on every
+/// try (the pod never started), and GetCapacity answered 30 MiB.
+#[tokio::test]
+async fn a_disk_too_small_for_the_filesystem_is_not_handed_out() {
+    let h = disk_harness();
+    disks(&h, None);
+    let xfs = [("pool", "disk"), ("fsType", "xfs")];
+    let mount = mount_cap(Mode::SingleNodeWriter);
+    let c = h
+        .ctl
+        .get_capacity(Request::new(csi::GetCapacityRequest {
+            parameters: params(&xfs),
+            volume_capabilities: vec![mount.clone()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            c.available_capacity,
+            c.maximum_volume_size,
+            c.minimum_volume_size
+        ),
+        (0, Some(0), Some(300 * MIB)),
+        "{c:?}"
+    );
+    let mut req = create_req_p("x", 5 * MIB, &xfs);
+    req.volume_capabilities = vec![mount.clone()];
+    let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let mut req = create_req_p("y", 5 * MIB, &xfs);
+    req.volume_capabilities = vec![mount.clone()];
+    req.capacity_range.as_mut().unwrap().limit_bytes = 100 * MIB;
+    let e = h.ctl.create_volume(Request::new(req)).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert!(e.message().contains("mkfs.xfs"), "{e:?}");
+    // A raw block volume of the class, or an ext4 one, still gets d10.
+    for (name, cap, kv) in [
+        ("raw", raw_cap(), &xfs[..]),
+        ("ext4", mount.clone(), &xfs[..1]),
+    ] {
+        let mut req = create_req_p(name, 5 * MIB, kv);
+        req.volume_capabilities = vec![cap];
+        let v = h
+            .ctl
+            .create_volume(Request::new(req))
+            .await
+            .expect(name)
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(v.capacity_bytes, 10 * MIB, "{name}");
+        h.ctl
+            .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                volume_id: v.volume_id,
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        wait_for_block_records(&h, &[]);
+    }
+    assert!(h.driver.store.filter(|_| true).is_empty());
+}
+
 #[tokio::test]
 async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
     let h = disk_harness();

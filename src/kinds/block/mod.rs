@@ -1259,12 +1259,26 @@ impl VolumeKind for BlockKind {
         let p = params::parse(p)?;
         match p.pool {
             Pool::File(_) => params::file_size(&p, caps, wanted, required, limit),
-            Pool::Disk => self.disk_size_for(wanted, limit),
+            Pool::Disk => {
+                // A disk too small for mkfs of the capabilities'
+                // filesystem would be refused at NodeStageVolume.
+                let need = params::fs_min_bytes(&p, caps)?;
+                if let Some((fs, m)) = need {
+                    if limit > 0 && m > limit {
+                        return Err(Error::BadSize(format!(
+                            "a block volume that may be formatted {fs} takes at least {m} bytes ({} refuses less), more than limit_bytes {limit}",
+                            fs.mkfs_program()
+                        )));
+                    }
+                }
+                self.disk_size_for(wanted.max(need.map_or(0, |(_, m)| m)), limit)
+            }
         }
     }
 
     /// A file volume: at least a whole MiB, and what mkfs needs for the
-    /// capabilities' filesystem (xfs: 300 MiB). A disk is taken whole.
+    /// capabilities' filesystem (xfs: 300 MiB). A disk is taken whole: at
+    /// least what that mkfs needs.
     fn min_size_for(
         &self,
         p: &BTreeMap<String, String>,
@@ -1273,7 +1287,7 @@ impl VolumeKind for BlockKind {
         let p = params::parse(p)?;
         match p.pool {
             Pool::File(_) => params::file_size(&p, caps, 0, 0, 0).map(Some),
-            Pool::Disk => Ok(None),
+            Pool::Disk => Ok(params::fs_min_bytes(&p, caps)?.map(|(_, m)| m)),
         }
     }
 

@@ -125,6 +125,21 @@ pub fn round_up(size: i64) -> Result<i64> {
         .ok_or_else(|| Error::BadSize(format!("{size} bytes is too large")))
 }
 
+/// The largest of what mkfs needs for the filesystems `caps` may be
+/// formatted with (xfs: 300 MiB), and that filesystem; none for raw block
+/// capabilities only.
+pub fn fs_min_bytes(p: &Params, caps: &[Capability]) -> Result<Option<(Filesystem, i64)>> {
+    let mut most: Option<(Filesystem, i64)> = None;
+    for c in caps {
+        if let Some(fs) = capability_fs(c, p.default_fs)? {
+            if most.is_none_or(|(_, m)| fs.min_bytes() > m) {
+                most = Some((fs, fs.min_bytes()));
+            }
+        }
+    }
+    Ok(most)
+}
+
 /// The size of a new file-backed volume: `wanted` rounded up to a whole
 /// MiB, or down when rounding up passes `limit` and the whole MiB below
 /// still holds `required` (a range such as 0 to 64 MiB + 1 is 64 MiB, not

@@ -711,3 +711,74 @@ async fn a_create_while_a_written_volume_is_deleted_never_promises_more_than_fre
     let r = make.await.expect("task");
     assert_eq!(code(r), Code::ResourceExhausted);
 }
+
+/// A local root whose directory has a project with the inherit flag (an
+/// administrator's own project over berth's directory, `xfs_quota -x -c
+/// 'project -s -p <root> 42'`, which sets it on every directory in the
+/// tree): every directory made in it gets that project. Before, a new
+/// volume's directory came out with the administrator's id, which berth
+/// took for one a retry had set and adopted: every volume shared project
+/// 42, each create set 42's limits to that volume's size (the
+/// administrator's limit gone), and each delete cleared them. (On a real
+/// kernel a directory of another project cannot be moved into the root
+/// at all, EXDEV.) Now such a root does not enforce sizes: start-up says
+/// why, no volume takes a project, the administrator's is untouched, and
+/// `capacityEnforcement: required` is refused naming the flag.
+#[tokio::test]
+async fn a_root_under_an_inherited_project_never_shares_it_with_volumes() {
+    let h = with_quotas(&[]);
+    let root = h.path("local");
+    let admin = Project {
+        id: 42,
+        inherit: true,
+    };
+    let mut dirs = vec![root.clone()];
+    while let Some(d) = dirs.pop() {
+        h.fake().set_project(&d, admin).unwrap();
+        dirs.extend(
+            std::fs::read_dir(&d)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir()),
+        );
+    }
+    let limit = (10u64 << 30, 1_000_000);
+    h.fake().set_limits(&root, 42, limit.0, limit.1).unwrap();
+    let h = restart(h);
+    let a = create(&h, "a", MIB).await;
+    let b = create(&h, "b", 2 * MIB).await;
+    let (ra, rb) = (
+        h.driver.store.get(&a).unwrap().project(),
+        h.driver.store.get(&b).unwrap().project(),
+    );
+    assert!(ra != Some(42) && rb != Some(42), "{ra:?} {rb:?}");
+    assert!(ra.is_none() || ra != rb, "{ra:?} {rb:?}");
+    assert_eq!(h.fake().project_limits().get(&42), Some(&limit));
+    delete(&h, &a).await;
+    assert_eq!(h.fake().project_limits().get(&42), Some(&limit));
+    let r = h
+        .ctl
+        .create_volume(Request::new(req(
+            "c",
+            MIB,
+            &[("capacityEnforcement", "required")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(r.code(), Code::ResourceExhausted);
+    assert!(
+        r.message().contains("project 42") && r.message().contains("inherit"),
+        "{}",
+        r.message()
+    );
+    assert_eq!(
+        available(&h, &[("capacityEnforcement", "required")]).await,
+        0
+    );
+    let m = berth::metrics::render(&h.driver).unwrap();
+    assert!(
+        m.contains("berth_volume_sizes_enforced{kind=\"local\"} 0"),
+        "{m}"
+    );
+}

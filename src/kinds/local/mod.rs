@@ -380,7 +380,7 @@ impl LocalKind {
         listed: Option<std::io::Result<RootListing>>,
         spare_dirs: usize,
     ) -> Result<Self> {
-        let (projects, unenforced) = match quota::detect(os.quotas.as_ref(), &root) {
+        let (projects, unenforced) = match quota::detect(os.quotas.as_ref(), &root, &WORK_DIRS) {
             Enforcement::Enforced => {
                 let held = store
                     .filter(|r| r.kind == Kind::Local && r.project.is_some())

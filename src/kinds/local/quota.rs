@@ -53,10 +53,43 @@ pub enum Enforcement {
     Unavailable(String),
 }
 
-/// What `Quotas::state` of the local root says, as an `Enforcement`.
-pub fn detect(quotas: &dyn Quotas, root: &Path) -> Enforcement {
+/// What `Quotas::state` of the local root says, as an `Enforcement`; and
+/// not enforced either where the root or one of Berth's directories in it
+/// (`dirs`, those that exist) has the project inherit flag (an
+/// administrator's project over the root, `xfs_quota project -s`): every
+/// directory made there gets that project, so a new volume's directory
+/// would come out with it (and share it with every other volume), and the
+/// kernel refuses to move a directory of another project into it (EXDEV).
+pub fn detect(quotas: &dyn Quotas, root: &Path, dirs: &[&str]) -> Enforcement {
     match quotas.state(root) {
-        Ok(s) if s.enforced && s.accounting => Enforcement::Enforced,
+        Ok(s) if s.enforced && s.accounting => {
+            let own = dirs
+                .iter()
+                .map(|d| root.join(d))
+                .filter(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()));
+            for dir in std::iter::once(root.to_path_buf()).chain(own) {
+                match quotas.project(&dir) {
+                    Ok(p) if p.inherit => {
+                        return Enforcement::Unavailable(format!(
+                            "{} has project {} with the inherit flag (an administrator's project over the local root?): every directory made in it gets that project, so volumes cannot have projects of their own; clear the flag (chattr -P {}, or xfs_quota -x -c 'project -C -p {} {}')",
+                            dir.display(),
+                            p.id,
+                            dir.display(),
+                            dir.display(),
+                            p.id
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Enforcement::Unavailable(format!(
+                            "the project of {} cannot be read ({e})",
+                            dir.display()
+                        ))
+                    }
+                }
+            }
+            Enforcement::Enforced
+        }
         Ok(s) if s.accounting => Enforcement::Unavailable(
             "project quotas are accounted but not enforced on its filesystem (mounted with pqnoenforce)"
                 .into(),
@@ -235,7 +268,7 @@ mod tests {
     fn detect_says_why_not() {
         let f = FakeOs::new();
         let root = Path::new("/");
-        match detect(&f, root) {
+        match detect(&f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("no quota support"), "{m}"),
             e => panic!("{e:?}"),
         }
@@ -243,27 +276,80 @@ mod tests {
             accounting: true,
             enforced: false,
         }));
-        match detect(&f, root) {
+        match detect(&f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("not enforced"), "{m}"),
             e => panic!("{e:?}"),
         }
         f.set_quota_state(Ok(QuotaState::default()));
-        match detect(&f, root) {
+        match detect(&f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("prjquota"), "{m}"),
             e => panic!("{e:?}"),
         }
         f.set_quota_state(Err(libc::ESRCH));
-        match detect(&f, root) {
+        match detect(&f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("prjquota"), "{m}"),
             e => panic!("{e:?}"),
         }
         f.set_quota_state(Err(libc::EPERM));
-        match detect(&f, root) {
+        match detect(&f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("CAP_SYS_ADMIN"), "{m}"),
             e => panic!("{e:?}"),
         }
         f.enable_project_quotas();
-        assert_eq!(detect(&f, root), Enforcement::Enforced);
+        assert_eq!(detect(&f, root, &[]), Enforcement::Enforced);
+        // A project inherited by every directory made in the root or in
+        // one of Berth's directories there: not enforced.
+        let t = tempfile::tempdir().unwrap();
+        let work = t.path().join(".trash");
+        std::fs::create_dir(&work).unwrap();
+        assert_eq!(
+            detect(&f, t.path(), &[".trash", ".missing"]),
+            Enforcement::Enforced
+        );
+        f.set_project(
+            &work,
+            Project {
+                id: 7,
+                inherit: true,
+            },
+        )
+        .unwrap();
+        match detect(&f, t.path(), &[".trash"]) {
+            Enforcement::Unavailable(m) => {
+                assert!(m.contains("project 7 with the inherit flag"), "{m}")
+            }
+            e => panic!("{e:?}"),
+        }
+        // Without the flag the project is no one's concern here.
+        f.set_project(
+            &work,
+            Project {
+                id: 7,
+                inherit: false,
+            },
+        )
+        .unwrap();
+        f.set_project(
+            t.path(),
+            Project {
+                id: 0,
+                inherit: true,
+            },
+        )
+        .unwrap();
+        match detect(&f, t.path(), &[".trash"]) {
+            Enforcement::Unavailable(m) => {
+                assert!(m.contains("project 0 with the inherit flag"), "{m}")
+            }
+            e => panic!("{e:?}"),
+        }
+        f.set_project(t.path(), Project::default()).unwrap();
+        assert_eq!(detect(&f, t.path(), &[".trash"]), Enforcement::Enforced);
+        f.fail_next("project_get", libc::EIO);
+        match detect(&f, t.path(), &[".trash"]) {
+            Enforcement::Unavailable(m) => assert!(m.contains("cannot be read"), "{m}"),
+            e => panic!("{e:?}"),
+        }
     }
 
     #[test]

@@ -782,3 +782,58 @@ async fn a_root_under_an_inherited_project_never_shares_it_with_volumes() {
         "{m}"
     );
 }
+
+/// A new volume's directory that comes out with a project berth did not
+/// give it (the inherit flag put on the local root and `.creating` while
+/// berth runs, after start-up looked) gets an id of its own. Before, any
+/// project found on it was taken for one an earlier attempt of the same
+/// create had set and adopted: both volumes shared the administrator's
+/// project 42 and set its limits. Now only an id berth hands out
+/// (`FIRST_PROJECT` and up) that no other record holds is adopted.
+#[tokio::test]
+async fn a_project_a_new_directory_inherits_is_never_adopted() {
+    // Each create makes its directory (no spare made before the flag).
+    let h = with_quotas(&["--local-spare-dirs", "0"]);
+    let root = h.path("local");
+    let a = create(&h, "a", MIB).await;
+    let pa = project(&h, &a);
+    let creating = root.join(".creating");
+    std::fs::create_dir_all(&creating).unwrap();
+    for (d, id) in [(&root, 42), (&creating, 42)] {
+        h.fake()
+            .set_project(d, Project { id, inherit: true })
+            .unwrap();
+    }
+    h.fake().set_limits(&root, 42, 10 << 30, 1_000_000).unwrap();
+    let b = create(&h, "b", MIB).await;
+    let c = create(&h, "c", 2 * MIB).await;
+    let (pb, pc) = (project(&h, &b), project(&h, &c));
+    assert!(pb >= FIRST_PROJECT && pc >= FIRST_PROJECT, "{pb} {pc}");
+    let mut all = vec![pa, pb, pc];
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 3, "{pa} {pb} {pc}");
+    assert_eq!(
+        h.fake().project_limits().get(&42),
+        Some(&(10 << 30, 1_000_000))
+    );
+    // And a directory showing another volume's id (inherited from a
+    // parent given that id) is not adopted either.
+    for d in [&root, &creating] {
+        h.fake()
+            .set_project(
+                d,
+                Project {
+                    id: pa,
+                    inherit: true,
+                },
+            )
+            .unwrap();
+    }
+    let e = create(&h, "e", MIB).await;
+    assert_ne!(project(&h, &e), pa);
+    assert_eq!(
+        h.fake().project_limits().get(&pa),
+        Some(&(MIB as u64, inode_limit(MIB as u64)))
+    );
+}

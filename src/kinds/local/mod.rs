@@ -448,7 +448,11 @@ impl LocalKind {
     /// Gives the volume's directory `dir` its project and limits (when
     /// sizes are enforced): the one it has (a retry), else a new one.
     /// `rec.project` is set as soon as the id is held, so that a rollback
-    /// releases it.
+    /// releases it. A project the directory has is adopted only if Berth
+    /// could have given it (an id it hands out that no other record
+    /// holds): one inherited from its parent (the inherit flag put on the
+    /// root or `.creating` while Berth runs) is never taken for the
+    /// volume's own.
     fn give_project(&self, rec: &mut VolumeRecord, dir: &Path) -> Result<()> {
         let Some(p) = &self.projects else {
             return Ok(());
@@ -457,9 +461,18 @@ impl LocalKind {
             Some(id) => id,
             None => match p.project_of(dir)? {
                 0 => p.allocate()?,
-                id => {
+                id if id >= quota::FIRST_PROJECT
+                    && self.store.count(|r| {
+                        r.kind == Kind::Local && r.project() == Some(id) && r.id != rec.id
+                    }) == 0 =>
+                {
                     p.hold(id);
                     id
+                }
+                found => {
+                    tracing::warn!(volume_id = %rec.id, dir = %dir.display(), project = found,
+                        "a new volume's directory has a project berth did not give it (inherited from its parent?): it gets one of its own");
+                    p.allocate()?
                 }
             },
         };

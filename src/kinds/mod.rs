@@ -434,8 +434,8 @@ pub trait VolumeKind: Send + Sync {
 
     /// Whether reaching the storage needs a server that may not answer
     /// (NFS): start-up then finishes interrupted creates and deletes of the
-    /// kind after the socket is up, with Probe answering not ready until
-    /// they are done, instead of before serving.
+    /// kind after the socket is up (Probe answering ready meanwhile),
+    /// instead of before serving.
     fn remote(&self) -> bool {
         false
     }

@@ -111,29 +111,59 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Ser
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
     }
+    // Bound and listening under a temporary name in the same directory,
+    // then renamed into place: the socket's name appears only once it
+    // accepts. Bound at its name, it existed between bind(2) and listen(2),
+    // and a client that saw it there (kubelet's plugin watcher, the
+    // node-driver-registrar, a script waiting for the file) was refused
+    // (ECONNREFUSED). A path too long for a temporary name beside it is
+    // bound in place.
+    let tmp = temporary_name(path);
+    let at = tmp.as_deref().unwrap_or(path);
     // The socket file is created with the umask's mode; make it private from
     // the first moment, so nobody can connect before the chmod below.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = std::os::unix::net::UnixListener::bind(path);
+    let bound = std::os::unix::net::UnixListener::bind(at);
     nix::sys::stat::umask(old);
-    let std_listener = bound.map_err(io(format!("binding {}", path.display())))?;
-    if let Some(g) = group {
-        let shared = socket_gid(g).and_then(|gid| {
-            nix::unistd::chown(path, None, Some(gid))
-                .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-                .map_err(io(format!("chmod {}", path.display())))
-        });
-        if let Err(e) = shared {
-            // Not left behind: the socket this call made and nobody serves.
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
+    let std_listener = bound.map_err(io(format!("binding {}", at.display())))?;
+    let shared = match group {
+        Some(g) => socket_gid(g).and_then(|gid| {
+            nix::unistd::chown(at, None, Some(gid))
+                .map_err(|e| io(format!("chown {}", at.display()))(e.into()))?;
+            std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o660))
+                .map_err(io(format!("chmod {}", at.display())))
+        }),
+        None => Ok(()),
+    };
+    let placed = shared.and_then(|()| match &tmp {
+        // rename(2) replaces nothing here: the path was checked free above.
+        Some(t) => std::fs::rename(t, path).map_err(io(format!(
+            "moving the socket {} to {}",
+            t.display(),
+            path.display()
+        ))),
+        None => Ok(()),
+    });
+    if let Err(e) = placed {
+        // Not left behind: the socket this call made and nobody serves.
+        let _ = std::fs::remove_file(at);
+        return Err(e);
     }
     std_listener
         .set_nonblocking(true)
         .map_err(io("socket non-blocking".into()))?;
     UnixListener::from_std(std_listener).map_err(io("registering socket".into()))
+}
+
+/// A name for the socket `path` to be bound at before it is renamed into
+/// place: beside it, unique to this process and call; None when it would
+/// be longer than a unix socket's address allows (108 bytes with its NUL).
+fn temporary_name(path: &Path) -> Option<PathBuf> {
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!(".berth-{}-{n}.sock", std::process::id());
+    let tmp = path.with_file_name(name);
+    (tmp.as_os_str().len() < 108).then_some(tmp)
 }
 
 /// Serves until `shutdown` completes, then waits at most `grace` for calls
@@ -442,6 +472,55 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The socket's name appears only once it accepts: a client that
+    /// connects as soon as it sees the file (kubelet's plugin watcher, a
+    /// script) is never refused. Bound at its name, the file existed
+    /// between bind(2) and listen(2).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_socket_appears_only_once_it_accepts() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let mut refused = 0;
+        for i in 0..300 {
+            let path = d.path().join(format!("s{i}.sock"));
+            let stop = Arc::new(AtomicBool::new(false));
+            let watcher = {
+                let (path, stop) = (path.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if std::fs::symlink_metadata(&path).is_ok() {
+                            return std::os::unix::net::UnixStream::connect(&path).err();
+                        }
+                        std::hint::spin_loop();
+                    }
+                    None
+                })
+            };
+            let listener = bind_socket(&path, None).unwrap();
+            // Let the watcher see it whatever happened.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            stop.store(true, Ordering::Relaxed);
+            if let Some(e) = watcher.join().unwrap() {
+                assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
+                refused += 1;
+            }
+            drop(listener);
+        }
+        assert_eq!(
+            refused, 0,
+            "connections refused by a socket not yet listening"
+        );
+        // Nothing left under a temporary name.
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".berth-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     /// A socket whose listener stopped accepting and whose backlog is full
     /// (a hung berth) is taken, and telling so does not wait: a blocking

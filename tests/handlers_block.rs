@@ -1523,6 +1523,112 @@ fn disk_req(name: &str, required: i64, limit: i64) -> csi::CreateVolumeRequest {
     }
 }
 
+/// A node reboot under a staged and published raw volume and a staged and
+/// published filesystem volume: every mount and loop device is gone (a new
+/// fake), an unrelated file has taken the loop number the raw volume had,
+/// and the directories and files stay. kubelet then tears the raw
+/// volume's pod down at its old paths (nothing mounted there) and stages
+/// and publishes the other again at the same paths. Nothing is stranded,
+/// the unrelated device stays attached, the filesystem is not made again,
+/// and what Berth made at the old paths is gone (kubelet's own clean-up
+/// of the publish directory, `os.Remove`, fails on a file left in it).
+#[tokio::test]
+async fn a_reboot_strands_nothing_and_leaves_nothing_behind() {
+    let h = block(&[]);
+    script_blank(h.fake());
+    let r = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![raw_cap()],
+            ..create_req_p("r", 4 * MIB, &[])
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let fsv = create(&h, "f", 8 * MIB, &[]).await.volume_id;
+    let (sr, pr) = (h.path("stage-r"), h.path("publish-r"));
+    let (sf, pods) = (h.path("stage-f"), h.path("pods"));
+    for d in [&sr, &pr, &sf, &pods] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let (tr, tf) = (pr.join("pod1"), pods.join("pod2"));
+    let raw_publish = |t: &Path| csi::NodePublishVolumeRequest {
+        volume_capability: Some(raw_cap()),
+        ..publish_req(&r, &sr, t, false)
+    };
+    h.node
+        .node_stage_volume(Request::new(stage_with(&r, &sr, raw_cap())))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(raw_publish(&tr)))
+        .await
+        .unwrap();
+    stage_and_publish(&h, &fsv, &sf, &tf).await;
+    assert_eq!(runs(h.fake(), "mkfs.ext4").len(), 1);
+    let old_r = h
+        .fake()
+        .loops()
+        .into_iter()
+        .find(|l| l.backing_file == img(&h, &r))
+        .unwrap()
+        .device;
+
+    // The reboot.
+    let (h, f) = restart(h, &[]);
+    script_blank(&f);
+    let other = h.path("unrelated.img");
+    std::fs::write(&other, vec![0u8; 4096]).unwrap();
+    assert_eq!(f.add_loop(&other).device, old_r, "the number is reused");
+
+    // (a) The raw volume's pod was deleted meanwhile.
+    unpublish_as_kubelet(&h, &r, &tr).await.unwrap();
+    unstage_as_kubelet(&h, &r, &sr).await.unwrap();
+    assert!(!tr.exists(), "the publish file Berth made is left");
+    assert!(!sr.join(&r).exists(), "the staging marker is left");
+    assert_eq!(f.loops().len(), 1);
+    assert_eq!(f.loops()[0].backing_file, other);
+    // (b) The other's pod is still scheduled: same paths again.
+    stage_and_publish(&h, &fsv, &sf, &tf).await;
+    assert!(runs(&f, "mkfs.ext4").is_empty(), "formatted again");
+    // (c) Stats.
+    let stats = |id: &str, p: &Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: p.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    let st = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&fsv, &tf)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!st.volume_condition.unwrap().abnormal);
+    assert_eq!(
+        code(
+            h.node
+                .node_get_volume_stats(Request::new(stats(&r, &tr)))
+                .await
+        ),
+        Code::NotFound
+    );
+    // Reconstruction: a target of the volume never published again.
+    let never = pods.join("pod0");
+    std::fs::create_dir(&never).unwrap();
+    unpublish_as_kubelet(&h, &fsv, &never).await.unwrap();
+    assert!(!never.exists());
+    unpublish_as_kubelet(&h, &fsv, &tf).await.unwrap();
+    unstage_as_kubelet(&h, &fsv, &sf).await.unwrap();
+    assert_eq!(f.loops().len(), 1);
+    assert!(f
+        .table()
+        .iter()
+        .all(|m| !m.mount_point.starts_with(h.dir.path())));
+}
+
 // ------------------------------------------------------------- Expansion
 
 fn expand_req(id: &str, required: i64, limit: i64) -> csi::ControllerExpandVolumeRequest {

@@ -692,6 +692,79 @@ async fn a_reboot_under_staged_and_published_volumes_crosses_nothing() {
     assert_clean(&h);
 }
 
+/// A node reboot under a raw volume's stage and publish, whose pod goes
+/// meanwhile; after the reboot an unrelated file is attached at the loop
+/// number the volume had. kubelet's unpublish and unstage at the old
+/// paths (nothing mounted there, the files Berth made still there)
+/// answer OK and remove what Berth made (the publish file was left
+/// before), and the unrelated device stays attached with its bytes.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_reboot_under_a_raw_publish_leaves_nothing_behind() {
+    use berth::os::LoopDevices;
+    let (h, _g) = real_block(&[]);
+    let id = create(&h, "r", 8 * MIB, &[], raw()).await.volume_id;
+    let (s, dir) = (h.path("stage"), h.path("publish"));
+    std::fs::create_dir(&s).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let t = dir.join("pod");
+    stage(&h, &id, &s, raw()).await;
+    publish(&h, &id, &s, &t, raw(), false).await;
+    let file = h.path("block").join(format!("{id}.img"));
+    let (old, _) = loops_under(h.dir.path())
+        .into_iter()
+        .find(|(_, f)| f == &file)
+        .expect("attached");
+
+    // The reboot: every mount and this test's loop device gone.
+    let data = h.stop();
+    unmount_under(data.path());
+    berth::os::RealLoopDevices::default().detach(&old).unwrap();
+    for _ in 0..50 {
+        if loops_under(data.path()).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(loops_under(data.path()).is_empty(), "detached");
+    let other = data.path().join("unrelated.img");
+    let bytes = pattern(9, 1 << 20);
+    std::fs::write(&other, &bytes).unwrap();
+    let st = std::process::Command::new("losetup")
+        .arg(&old)
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "losetup {} {}",
+        old.display(),
+        other.display()
+    );
+    let h = build(data, berth::os::Os::real(), None, &["--kinds", "block"]);
+
+    unpublish(&h, &id, &t).await;
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    assert!(!t.exists(), "the publish file is left");
+    assert!(!s.join(&id).exists(), "the staging file is left");
+    assert_eq!(
+        loops_under(h.dir.path()),
+        vec![(old.clone(), other.clone())]
+    );
+    let mut got = vec![0u8; bytes.len()];
+    File::open(&old).unwrap().read_exact(&mut got).unwrap();
+    assert!(got == bytes, "the unrelated device's bytes");
+    berth::os::RealLoopDevices::default().detach(&old).unwrap();
+    delete(&h, &id).await;
+    for _ in 0..50 {
+        if loops_under(h.dir.path()).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_clean(&h);
+}
+
 fn fs_uuid(dev: &Path) -> String {
     let o = std::process::Command::new("blkid")
         .args(["-p", "-o", "value", "-s", "UUID"])

@@ -1597,7 +1597,12 @@ impl VolumeKind for BlockKind {
 
     fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         self.refuse_foreign(id, target)?;
-        mounts::unpublish(&self.os, target)
+        let unmounted = mounts::unmount_all(&self.os, target)?;
+        mounts::remove_target(
+            &self.os,
+            target,
+            unmounted > 0 || node::raw_target_left(target),
+        )
     }
 
     fn refuse_recorded(&self, id: &str, path: &Path) -> Result<()> {

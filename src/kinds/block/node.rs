@@ -44,6 +44,18 @@ fn ensure_file(files: &dyn Files, path: &Path) -> Result<bool> {
     }
 }
 
+/// Whether `target`, a block volume's publish target with nothing mounted
+/// on it, is the empty file a raw publish made (`bind_on_file`) and whose
+/// bind is gone: a node reboot took it down (or a berth killed between
+/// the file and its bind). NodeUnpublishVolume removes it, as the spec
+/// asks of what NodePublishVolume made: left, it stayed in kubelet's
+/// publish directory for good (kubelet's clean-up, a plain `os.Remove` of
+/// that directory, fails on it). A file with any byte in it is not one
+/// Berth made, and is left.
+pub(super) fn raw_target_left(target: &Path) -> bool {
+    std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_file() && m.len() == 0)
+}
+
 /// Filesystem mount options Berth adds itself: `nouuid` for an xfs that
 /// is a copy of another volume's (same UUID, maybe mounted too).
 fn mount_data(info: &BlockInfo, fs: Filesystem) -> &'static str {

@@ -1629,6 +1629,76 @@ async fn a_reboot_strands_nothing_and_leaves_nothing_behind() {
         .all(|m| !m.mount_point.starts_with(h.dir.path())));
 }
 
+/// NodeUnstageVolume at a path where the volume is not staged (nothing
+/// mounted there) while it is staged, and published, at its own staging
+/// path: OK, as the spec asks, and nothing of the volume is touched (its
+/// device stays attached, its mounts stay). It failed with
+/// FAILED_PRECONDITION ("/dev/loopN ... is still mounted at <staging>")
+/// on every retry, a filesystem volume and a raw one alike.
+#[tokio::test]
+async fn unstage_where_the_volume_is_not_staged_is_ok_and_touches_nothing() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let fsv = create(&h, "f", 8 * MIB, &[]).await.volume_id;
+    let raw = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![raw_cap()],
+            ..create_req_p("r", 4 * MIB, &[])
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    for (id, cap) in [(&fsv, rwo()), (&raw, raw_cap())] {
+        let (s, t, other) = (
+            h.path(&format!("s-{id}")),
+            h.path(&format!("t-{id}")),
+            h.path(&format!("other-{id}")),
+        );
+        std::fs::create_dir(&s).unwrap();
+        std::fs::create_dir(&other).unwrap();
+        h.node
+            .node_stage_volume(Request::new(stage_with(id, &s, cap.clone())))
+            .await
+            .unwrap();
+        h.node
+            .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+                volume_capability: Some(cap.clone()),
+                ..publish_req(id, &s, &t, false)
+            }))
+            .await
+            .unwrap();
+        let (loops, table) = (f.loops().len(), f.table().len());
+        for _ in 0..2 {
+            h.node
+                .node_unstage_volume(Request::new(unstage(id, &other)))
+                .await
+                .unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        }
+        assert_eq!((f.loops().len(), f.table().len()), (loops, table), "{id}");
+        // Its own staging path: still refused while published, then done.
+        assert_eq!(
+            code(
+                h.node
+                    .node_unstage_volume(Request::new(unstage(id, &s)))
+                    .await
+            ),
+            Code::FailedPrecondition
+        );
+        unpublish_as_kubelet(&h, id, &t).await.unwrap();
+        unstage_as_kubelet(&h, id, &s).await.unwrap();
+    }
+    assert!(f.loops().is_empty());
+    assert!(f
+        .table()
+        .iter()
+        .all(|m| !m.mount_point.starts_with(h.dir.path())));
+}
+
 // ------------------------------------------------------------- Expansion
 
 fn expand_req(id: &str, required: i64, limit: i64) -> csi::ControllerExpandVolumeRequest {

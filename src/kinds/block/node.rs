@@ -658,6 +658,12 @@ impl BlockKind {
         if std::fs::symlink_metadata(&marker).is_ok() {
             mounts::remove_target(&self.os, &marker, true)?;
         }
+        if !marker_mounted && mounts::at(&self.os, &t, staging).is_empty() {
+            if let Some(at) = dev.and_then(|d| self.staged_elsewhere(id, staging, &t, d)) {
+                tracing::info!(volume_id = %id, staging = %staging.display(), staged_at = %at.display(), "the volume is not staged at this path but at another, which keeps its device: nothing to unstage here");
+                return Ok(());
+            }
+        }
         if let Some(top) = mounts::at(&self.os, &t, staging).last() {
             let ours = dev.is_none_or(|d| (top.major, top.minor) == (d.major, d.minor));
             if !ours {
@@ -684,6 +690,29 @@ impl BlockKind {
             self.release_orphaned(id)?;
         }
         Ok(())
+    }
+
+    /// The path other than `staging` where volume `id` is staged: the one
+    /// Berth recorded (`node::staged`), while the table `t` shows the
+    /// device `dev` there (its filesystem, or a raw volume's bind at
+    /// `<path>/<id>`). NodeUnstageVolume at a path where the volume is
+    /// not staged is OK, as the spec asks; the volume's device stays
+    /// attached for its own staging path. (It failed with
+    /// FAILED_PRECONDITION "still mounted at <path>" on every retry.)
+    fn staged_elsewhere(
+        &self,
+        id: &str,
+        staging: &Path,
+        t: &[MountEntry],
+        dev: &Dev,
+    ) -> Option<PathBuf> {
+        let at = self.staged.path(id).filter(|p| p != staging)?;
+        let shows = |p: &Path| {
+            mounts::at(&self.os, t, p)
+                .last()
+                .is_some_and(|m| Self::shows(t, m, dev))
+        };
+        (shows(&at) || shows(&at.join(id))).then_some(at)
     }
 
     pub(super) fn publish_volume(&self, rec: &VolumeRecord, a: &PublishArgs<'_>) -> Result<()> {

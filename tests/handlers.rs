@@ -2073,6 +2073,78 @@ async fn state_survives_restart() {
     assert!(rec.published.contains_key(NODE));
 }
 
+/// A node reboot under staged and published local volumes: every mount is
+/// gone (a new fake), the directories stay (or kubelet removed some).
+/// kubelet tears down the pod of one volume, whose paths hold nothing now
+/// or are gone with their parents, and stages and publishes the other
+/// again at its paths; reconstruction unpublishes a target never
+/// published again. Nothing is stranded, the stats are the volume's only
+/// where it is mounted, and the torn-down volume can be deleted.
+#[tokio::test]
+async fn a_reboot_under_local_volumes_strands_nothing() {
+    let h = fake(&[]);
+    let a = create(&h, "a", 1 << 20).await.volume_id;
+    let b = create(&h, "b", 1 << 20).await.volume_id;
+    let kubelet = h.path("kubelet");
+    let (sa, ta) = (kubelet.join("stage-a"), kubelet.join("pod-a/mount"));
+    let (sb, tb) = (kubelet.join("stage-b"), kubelet.join("pod-b/mount"));
+    let tb2 = kubelet.join("pod-b2/mount");
+    for d in [&sa, &sb] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for t in [&ta, &tb, &tb2] {
+        std::fs::create_dir_all(t.parent().unwrap()).unwrap();
+    }
+    stage_and_publish(&h, &a, &sa, &ta).await;
+    stage_and_publish(&h, &b, &sb, &tb).await;
+    h.node
+        .node_publish_volume(Request::new(publish_req(&b, &sb, &tb2, true)))
+        .await
+        .unwrap();
+
+    // The reboot; kubelet removed pod a's directory meanwhile.
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    std::fs::remove_dir_all(kubelet.join("pod-a")).unwrap();
+    std::fs::remove_dir(&sa).unwrap();
+    unpublish_as_kubelet(&h, &a, &ta).await.unwrap();
+    unstage_as_kubelet(&h, &a, &sa).await.unwrap();
+    delete(&h, &a).await;
+    // b: stage and publish again at the same paths.
+    stage_and_publish(&h, &b, &sb, &tb).await;
+    let stats = |p: &std::path::Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: b.clone(),
+        volume_path: p.display().to_string(),
+        staging_target_path: sb.display().to_string(),
+    };
+    let st = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&tb)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!st.volume_condition.unwrap().abnormal);
+    assert_eq!(
+        code(
+            h.node
+                .node_get_volume_stats(Request::new(stats(&tb2)))
+                .await
+        ),
+        Code::NotFound
+    );
+    // The read-only target of before, never published again.
+    unpublish_as_kubelet(&h, &b, &tb2).await.unwrap();
+    assert!(!tb2.exists());
+    unpublish_as_kubelet(&h, &b, &tb).await.unwrap();
+    unstage_as_kubelet(&h, &b, &sb).await.unwrap();
+    delete(&h, &b).await;
+    assert!(h
+        .fake()
+        .table()
+        .iter()
+        .all(|m| !m.mount_point.starts_with(h.dir.path())));
+}
+
 #[tokio::test]
 async fn interrupted_operations_are_reconciled_at_start() {
     use berth::state::Phase;

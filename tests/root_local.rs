@@ -1110,6 +1110,80 @@ async fn a_staging_mount_taken_off_by_hand_is_staged_again() {
     delete(&h, &id).await;
 }
 
+/// A node reboot under staged and published local volumes, with the real
+/// kernel: every mount is taken off (berth stopped), the directories stay,
+/// and kubelet removed one pod's directory and staging path meanwhile.
+/// kubelet's teardown of that pod at its old paths, the other's stage and
+/// publish again at the same paths (its data there), and the
+/// reconstructed unpublish of a target never published again all answer
+/// OK; stats answer for the volume only where it is mounted.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_reboot_under_local_volumes_strands_nothing() {
+    let (h, _g) = real(&[]);
+    let (a, sa) = create_and_stage(&h, "a").await;
+    let (b, sb) = create_and_stage(&h, "b").await;
+    let (ta, tb, tb2) = (h.path("pod-a"), h.path("pod-b"), h.path("pod-b2"));
+    for (id, s, t, ro) in [
+        (&a, &sa, &ta, false),
+        (&b, &sb, &tb, false),
+        (&b, &sb, &tb2, true),
+    ] {
+        h.node
+            .node_publish_volume(Request::new(publish_req(id, s, t, ro)))
+            .await
+            .unwrap();
+    }
+    std::fs::write(tb.join("f"), b"data").unwrap();
+
+    // The reboot.
+    let dir = h.stop();
+    unmount_under(dir.path());
+    assert!(mounts_under(dir.path()).is_empty());
+    std::fs::remove_dir(dir.path().join("pod-a")).unwrap();
+    std::fs::remove_dir(&sa).unwrap();
+    let h = build(dir, berth::os::Os::real(), None, &[]);
+
+    unpublish_as_kubelet(&h, &a, &ta).await.unwrap();
+    unstage_as_kubelet(&h, &a, &sa).await.unwrap();
+    delete(&h, &a).await;
+    h.node
+        .node_stage_volume(Request::new(stage_req(&b, &sb)))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&b, &sb, &tb, false)))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(tb.join("f")).unwrap(), b"data");
+    let stats = |p: &Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: b.clone(),
+        volume_path: p.display().to_string(),
+        staging_target_path: sb.display().to_string(),
+    };
+    let st = h
+        .node
+        .node_get_volume_stats(Request::new(stats(&tb)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!st.volume_condition.unwrap().abnormal);
+    assert_eq!(
+        code(
+            h.node
+                .node_get_volume_stats(Request::new(stats(&tb2)))
+                .await
+        ),
+        Code::NotFound
+    );
+    unpublish_as_kubelet(&h, &b, &tb2).await.unwrap();
+    assert!(!tb2.exists());
+    unpublish_as_kubelet(&h, &b, &tb).await.unwrap();
+    unstage_as_kubelet(&h, &b, &sb).await.unwrap();
+    delete(&h, &b).await;
+    assert!(mounts_under(h.dir.path()).is_empty());
+}
+
 /// A published volume's directory moved away by hand, out of the root
 /// (`mv <root>/<id> /elsewhere`) or beside it with a new one made in its
 /// place (`mv <root>/<id> <root>/<id>.old; mkdir <root>/<id>`): mountinfo

@@ -5466,6 +5466,78 @@ async fn another_berths_volume_file_on_a_loop_device_is_never_a_pool_disk() {
     assert_eq!(erasures(f), 0, "{:?}", f.calls());
 }
 
+/// A node reboot under disk volumes: a raw one staged and published
+/// read-only (the kernel's read-only flag of its disk set), and one with
+/// a filesystem. After it the flags are gone and the disks come back; one
+/// under its own name, the other where the pool now finds a disk of
+/// another size (its name taken by another disk). kubelet stages and
+/// publishes the raw one again at its paths (read-only again in the
+/// kernel) and tears the other down at its old paths: OK, though its disk
+/// is not where the record says, and nothing is erased or formatted.
+#[tokio::test]
+async fn a_reboot_under_disk_volumes_strands_nothing() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let ro = block_cap(Mode::SingleNodeReaderOnly);
+    let r = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![ro.clone()],
+            ..disk_req("r", 5 * MIB, 0)
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let fsv = create(&h, "f", 15 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let (sr, tr) = (h.path("sr"), h.path("tr"));
+    let (sf, tf) = (h.path("sf"), h.path("tf"));
+    std::fs::create_dir(&sr).unwrap();
+    h.node
+        .node_stage_volume(Request::new(stage_with(&r, &sr, ro.clone())))
+        .await
+        .unwrap();
+    let publish_ro = csi::NodePublishVolumeRequest {
+        volume_capability: Some(ro.clone()),
+        ..publish_req(&r, &sr, &tr, true)
+    };
+    h.node
+        .node_publish_volume(Request::new(publish_ro.clone()))
+        .await
+        .unwrap();
+    stage_and_publish(&h, &fsv, &sf, &tf).await;
+    assert!(kernel_ro(h.fake(), &dir.join("d10")));
+
+    // The reboot: d20's name now shows a disk of another size.
+    let (h, f) = restart(h, &["--disk-pool", &format!("{}/d*", dir.display())]);
+    register_disks(&f, &dir, None);
+    f.add_device(&dir.join("d20"), 8, 96, (25 * MIB) as u64);
+    assert!(!kernel_ro(&f, &dir.join("d10")));
+    f.clear_calls();
+
+    h.node
+        .node_stage_volume(Request::new(stage_with(&r, &sr, ro.clone())))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(Request::new(publish_ro))
+        .await
+        .unwrap();
+    assert!(kernel_ro(&f, &dir.join("d10")), "read-only again");
+    unpublish_as_kubelet(&h, &fsv, &tf).await.unwrap();
+    unstage_as_kubelet(&h, &fsv, &sf).await.unwrap();
+    assert_eq!(erasures(&f), 0, "{:?}", f.calls());
+    assert!(runs(&f, "mkfs.ext4").is_empty() && runs(&f, "wipefs").is_empty());
+    unpublish_as_kubelet(&h, &r, &tr).await.unwrap();
+    unstage_as_kubelet(&h, &r, &sr).await.unwrap();
+    assert!(!kernel_ro(&f, &dir.join("d10")));
+    assert!(!tr.exists() && !sr.join(&r).exists());
+}
+
 /// Whether the fake kernel holds the device `dev` read-only.
 fn kernel_ro(f: &FakeOs, dev: &Path) -> bool {
     berth::os::BlockDevices::read_only(f, dev).unwrap()

@@ -5968,6 +5968,115 @@ async fn a_read_only_pool_disk_is_not_offered() {
 /// by the disk's numbers counted: a second berth handed the disk that a
 /// pod of the first used raw to a new volume (and formatted it at its
 /// stage, or zeroed it at a delete while the pod did not hold it).
+/// Two berths given the same pool (two data directories on a node): the
+/// disk of a volume one of them created and has not staged reads as blank
+/// and nothing mounts it, yet the other neither counts nor hands it out,
+/// as the first holds it exclusively (an O_EXCL claim) whenever nothing of
+/// its own mounts it: from its create, again after its unstage and after
+/// a restart, until its delete. Before, the second berth handed the disk
+/// to a second volume.
+#[tokio::test]
+async fn a_disk_of_a_volume_not_staged_is_not_offered_to_a_second_berth() {
+    let h1 = disk_harness();
+    let dir = disks(&h1, None);
+    let f = h1.fake.clone().unwrap();
+    let pool = format!("{}/d*", dir.display());
+    let args = ["--kinds", "block", "--disk-pool", &pool];
+    let h2 = build(
+        tempfile::tempdir().unwrap(),
+        berth::os::Os::on_fake(&f),
+        Some(f.clone()),
+        &args,
+    );
+    let d10 = dir.join("d10");
+    let a = create(&h1, "a", 5 * MIB, &[("pool", "disk")]).await;
+    let id = a.volume_id;
+    assert_eq!(block_info(&h1, &id).disk.unwrap().path, d10);
+    assert!(f.claimed(&d10), "the created volume's disk is not claimed");
+    assert_eq!(disk_capacity(&h2).await, (50 * MIB, Some(30 * MIB)));
+    let b = create(&h2, "b", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(
+        block_info(&h2, &b.volume_id).disk.unwrap().path,
+        dir.join("d20"),
+        "the second berth handed out the disk of the first one's volume"
+    );
+    // Staged, the claim is let go for the mount (which holds the disk
+    // itself): the mount succeeds.
+    let s = h1.path("s");
+    h1.node
+        .node_stage_volume(Request::new(stage_req(&id, &s)))
+        .await
+        .unwrap();
+    assert!(!f.claimed(&d10));
+    assert_eq!(
+        count(
+            &f,
+            |c| matches!(c, Call::MountFs { source, .. } if source == &d10)
+        ),
+        1
+    );
+    assert_eq!(disk_capacity(&h2).await, (30 * MIB, Some(30 * MIB)));
+    // Unstaged, it is claimed again.
+    h1.node
+        .node_unstage_volume(Request::new(unstage(&id, &s)))
+        .await
+        .unwrap();
+    assert!(f.claimed(&d10), "the unstaged volume's disk is not claimed");
+    assert_eq!(disk_capacity(&h2).await, (30 * MIB, Some(30 * MIB)));
+    // A restart of the first berth lets it go (its exit) and claims it
+    // again at start-up.
+    let h1 = build(
+        h1.stop(),
+        berth::os::Os::on_fake(&f),
+        Some(f.clone()),
+        &args,
+    );
+    assert!(f.claimed(&d10), "the disk is not claimed again at start-up");
+    assert_eq!(disk_capacity(&h2).await, (30 * MIB, Some(30 * MIB)));
+    // Deleted, it is let go for the erase, then free for either.
+    h1.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(erasures(&f), 1);
+    assert!(!f.claimed(&d10));
+    assert_eq!(disk_capacity(&h2).await, (40 * MIB, Some(30 * MIB)));
+}
+
+/// A disk chosen by CreateVolume that something else claims between the
+/// free check and berth's claim (another berth choosing it at the same
+/// time) is not handed out: berth claims it as it chooses it, under the
+/// same lock, and without its claim it is no free disk (ABORTED: a retry
+/// chooses again).
+#[tokio::test]
+async fn a_disk_claimed_elsewhere_as_it_is_chosen_is_not_handed_out() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let f = h.fake.clone().unwrap();
+    f.fail_next("claim", libc::EBUSY);
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p(
+            "a",
+            5 * MIB,
+            &[("pool", "disk")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(!f.claimed(&dir.join("d10")));
+    // Free again (the other claim gone), the retry takes it.
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(
+        block_info(&h, &a.volume_id).disk.unwrap().path,
+        dir.join("d10")
+    );
+    assert!(f.claimed(&dir.join("d10")));
+}
+
 #[tokio::test]
 async fn a_pool_disk_whose_device_node_is_bound_is_not_offered() {
     let h1 = disk_harness();

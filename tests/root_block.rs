@@ -1347,6 +1347,87 @@ async fn a_disk_another_berths_pod_uses_raw_is_not_offered() {
     assert!(mounts_under(h1.dir.path()).is_empty());
 }
 
+/// CreateVolume of a 40 MiB disk volume on `h`: RESOURCE_EXHAUSTED.
+async fn no_disk_for(h: &Harness) {
+    let e = h
+        .ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: params(&[("pool", "disk")]),
+            volume_capabilities: vec![raw()],
+            ..create_req("b", 40 * MIB)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}
+
+/// Two berths given the same pool (two data directories on a node): the
+/// disk of a volume the first created and has not staged (blank, mounted
+/// by nothing) is not offered by the second, which finds it held (the
+/// first keeps it open with O_EXCL whenever nothing of its own mounts
+/// it): after the create, after a restart of the first, after an
+/// unstage. The first's own uses are not refused: mkfs and the mount at
+/// its stage, the erase at its delete, and a raw user's own exclusive open
+/// while it is staged raw. Before, the second berth offered the disk and
+/// handed it to a new volume.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_disk_of_a_volume_not_staged_is_not_offered_by_another_berth() {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = BlockGuard(dir.path().to_path_buf());
+    let disks = dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let disk = stand_in_disk(&disks, "d", 40 * MIB, None);
+    let pool = disk.display().to_string();
+    let (h1, _g1) = real_block_in(dir, &["--disk-pool", &pool]);
+    std::mem::forget(guard); // `_g1` covers the same directory
+    let (h2, _g2) = real_block(&["--disk-pool", &pool]);
+    assert_eq!(disk_capacity(&h2).await, (40 * MIB, Some(40 * MIB)));
+    let a = create(&h1, "a", 40 * MIB, &[("pool", "disk")], rwo())
+        .await
+        .volume_id;
+    assert_eq!(
+        disk_capacity(&h2).await,
+        (0, Some(0)),
+        "the second berth offers the disk of the first one's volume"
+    );
+    no_disk_for(&h2).await;
+    // Claimed again at start-up.
+    let h1 = restart(h1, &["--disk-pool", &pool]);
+    assert_eq!(disk_capacity(&h2).await, (0, Some(0)));
+    // Staged: mkfs and the mount are not refused by the claim.
+    let s = h1.path("stage");
+    stage(&h1, &a, &s, rwo()).await;
+    std::fs::write(s.join("hello"), b"disk").unwrap();
+    unstage_as_kubelet(&h1, &a, &s).await.unwrap();
+    assert_eq!(disk_capacity(&h2).await, (0, Some(0)));
+    // Deleted: the erase is not refused, and the disk is free.
+    delete(&h1, &a).await;
+    assert_eq!(disk_capacity(&h2).await, (40 * MIB, Some(40 * MIB)));
+    // Raw: staged, the disk is the raw user's to open exclusively.
+    let b = create(&h1, "b", 40 * MIB, &[("pool", "disk")], raw())
+        .await
+        .volume_id;
+    assert_eq!(disk_capacity(&h2).await, (0, Some(0)));
+    let (s, t) = (h1.path("rawstage"), h1.path("dev"));
+    std::fs::create_dir(&s).unwrap();
+    stage(&h1, &b, &s, raw()).await;
+    publish(&h1, &b, &s, &t, raw(), false).await;
+    let pod = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&t)
+        .expect("the raw user's exclusive open of its staged disk");
+    let_go(pod, &disk);
+    unpublish(&h1, &b, &t).await;
+    unstage_as_kubelet(&h1, &b, &s).await.unwrap();
+    assert_eq!(disk_capacity(&h2).await, (0, Some(0)));
+    delete(&h1, &b).await;
+    assert_eq!(disk_capacity(&h2).await, (40 * MIB, Some(40 * MIB)));
+    assert!(mounts_under(h1.dir.path()).is_empty());
+}
+
 /// A disk volume its tenant wrote raw, whose record is then restored from
 /// a backup taken before its first stage (never staged, never formatted),
 /// is refused at a filesystem NodeStageVolume, not formatted over: blkid
@@ -1532,7 +1613,7 @@ fn bound_to(dev: &Path) -> Option<PathBuf> {
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn a_detached_loop_disk_is_missing_and_only_its_own_file_is_wiped() {
     use std::os::unix::fs::{FileExt, MetadataExt};
-    let (h, _g, disks, _, disk) = one_disk_pool();
+    let (h, _g, disks, pool, disk) = one_disk_pool();
     let v = create(&h, "v", 64 * MIB, &[("pool", "disk")], raw())
         .await
         .volume_id;
@@ -1549,8 +1630,15 @@ async fn a_detached_loop_disk_is_missing_and_only_its_own_file_is_wiped() {
     stage(&h, &v, &s, raw()).await;
     write_dev(&s.join(&v), 0, &b"TENANT-V ".repeat(1000));
     unstage_as_kubelet(&h, &v, &s).await.unwrap();
-    // The disk is pulled.
+    // The disk is pulled, while berth is stopped: running, it holds the
+    // disk of its unstaged volume open (its claim), and a loop device
+    // held open is detached only once it is closed (autoclear).
+    let dir = h.stop();
     detach_own(&disk);
+    let pool_arg = pool.display().to_string();
+    let args = block_args(&["--disk-pool", &pool_arg]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = build(dir, berth::os::Os::real(), None, &args);
     let node = berth::os::BlockDevices::inspect(&berth::os::RealBlockDevices::default(), &disk);
     assert_eq!(node.unwrap().size_bytes, 0);
     delete(&h, &v).await;

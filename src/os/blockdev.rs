@@ -84,6 +84,29 @@ pub struct DeviceInfo {
     pub size_bytes: u64,
 }
 
+/// An exclusive claim of a block device (an open with O_EXCL), held until
+/// dropped: while it is held every other exclusive open of the device
+/// fails with EBUSY, in any process and mount namespace (another berth's
+/// free check, mkfs, wipefs, a mount of it, and Berth's own). Opens that
+/// are not exclusive (reads, `blkid -p`, `BLKROSET`) are not refused.
+pub struct DeviceClaim {
+    _held: Box<dyn Send + Sync>,
+}
+
+impl DeviceClaim {
+    /// A claim that lasts as long as `held` does (the open device, or a
+    /// fake's guard).
+    pub fn new(held: Box<dyn Send + Sync>) -> Self {
+        DeviceClaim { _held: held }
+    }
+}
+
+impl std::fmt::Debug for DeviceClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceClaim")
+    }
+}
+
 /// Block device queries. Real: `RealBlockDevices`; fake: `fake::FakeOs`.
 pub trait BlockDevices: Send + Sync {
     /// Follows symlinks; ENOTBLK when `path` is not a block device.
@@ -104,6 +127,13 @@ pub trait BlockDevices: Send + Sync {
     /// fsck, a device-mapper or md user), in any mount namespace. A claim
     /// that ends within 50 ms is no holder (`BUSY_PAUSES`).
     fn held(&self, path: &Path) -> Result<bool, OsError>;
+    /// Claims the device at `path`, which must be `size_bytes` long,
+    /// exclusively (`DeviceClaim`: O_EXCL, kept open) until the claim is
+    /// dropped, under a deadline. EBUSY when something else holds it (a
+    /// claim of 50 ms or less is waited out, as `held` does); berth's own
+    /// exclusive uses of the device (mkfs, mount, the erase) fail while the
+    /// claim is held.
+    fn claim(&self, path: &Path, size_bytes: u64) -> Result<DeviceClaim, OsError>;
     /// Zeroes the whole device at `path`, which must be `size_bytes` long.
     /// Opened exclusively (O_EXCL on a block device: EBUSY while anything
     /// mounts or holds it), then flushed.
@@ -142,7 +172,7 @@ pub struct RealBlockDevices {
     pub by_id: PathBuf,
     /// Sample reads and writes, each under a deadline (one at a time per
     /// device: a device stuck in the kernel is not asked again meanwhile),
-    /// and every other open of a device (`inspect`, `held`, `read_head`,
+    /// and every other open of a device (`inspect`, `held`, `claim`, `read_head`,
     /// `read_only`, `set_read_only`) under the same deadline: an open or
     /// read of a disk that stopped answering can block in the kernel for
     /// good, and the pool opens every disk it names (GetCapacity,
@@ -365,6 +395,30 @@ fn held_now(path: &Path) -> Result<bool, OsError> {
     )
 }
 
+/// `BlockDevices::claim`, unbounded: an exclusive open (read-only: no
+/// write is made through it), tried again after each of `BUSY_PAUSES`
+/// while it fails with EBUSY.
+fn claim_now(path: &Path, size_bytes: u64) -> Result<File, OsError> {
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+            .open(path)
+    };
+    let mut pauses = BUSY_PAUSES.iter();
+    let f = loop {
+        match open() {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => match pauses.next() {
+                Some(p) => std::thread::sleep(*p),
+                None => return Err(OsError::sys("claim exclusively", path, e)),
+            },
+            r => break r.map_err(|e| OsError::sys("claim exclusively", path, e))?,
+        }
+    };
+    check_size(&f, path, size_bytes)?;
+    Ok(f)
+}
+
 /// `BlockDevices::read_only`, unbounded.
 fn read_only_now(path: &Path) -> Result<bool, OsError> {
     let f = open_for_ioctl(path)?;
@@ -412,6 +466,13 @@ impl BlockDevices for RealBlockDevices {
 
     fn held(&self, path: &Path) -> Result<bool, OsError> {
         self.bounded(Calls::SideBySide, "open exclusively", path, held_now)
+    }
+
+    fn claim(&self, path: &Path, size_bytes: u64) -> Result<DeviceClaim, OsError> {
+        let f = self.bounded(Calls::SideBySide, "claim exclusively", path, move |p| {
+            claim_now(p, size_bytes)
+        })?;
+        Ok(DeviceClaim::new(Box::new(f)))
     }
 
     fn zero_out(&self, path: &Path, size_bytes: u64) -> Result<(), OsError> {

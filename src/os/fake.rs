@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::blockdev::{BlockDevices, DeviceInfo};
+use super::blockdev::{BlockDevices, DeviceClaim, DeviceInfo};
 use super::command::{CmdOutput, Runner};
 use super::files::{Files, Open, RealFiles};
 use super::loopdev::{AttachOptions, LoopDevices, LoopInfo};
@@ -56,6 +56,10 @@ pub enum Call {
         device: PathBuf,
     },
     ZeroOut {
+        device: PathBuf,
+        size_bytes: u64,
+    },
+    Claim {
         device: PathBuf,
         size_bytes: u64,
     },
@@ -124,6 +128,9 @@ pub struct FakeOs {
     unreadable: Mutex<HashSet<PathBuf>>,
     /// Devices another process holds exclusively (`BlockDevices::held`).
     held: Mutex<HashSet<PathBuf>>,
+    /// Devices claimed exclusively through `BlockDevices::claim` (by any
+    /// berth over this fake), each until its claim is dropped.
+    claims: std::sync::Arc<Mutex<HashSet<PathBuf>>>,
     /// Devices the kernel holds read-only (`BlockDevices::set_read_only`),
     /// and those that are so whatever is set (`set_write_protected`).
     read_only: Mutex<HashSet<PathBuf>>,
@@ -272,6 +279,7 @@ impl FakeOs {
             busy_detaches: Mutex::new(0),
             unreadable: Mutex::new(HashSet::new()),
             held: Mutex::new(HashSet::new()),
+            claims: Default::default(),
             read_only: Mutex::new(HashSet::new()),
             write_protected: Mutex::new(HashSet::new()),
             nfs_mounts: Mutex::new(false),
@@ -754,6 +762,24 @@ impl FakeOs {
         }
     }
 
+    /// Whether a claim (`BlockDevices::claim`) holds the device at `path`.
+    pub fn claimed(&self, path: &Path) -> bool {
+        lock(&self.claims).contains(path)
+    }
+
+    /// EBUSY while a claim holds the device at `path`: every exclusive
+    /// open of it fails so (mkfs, mount, wipefs, the erase).
+    fn refuse_claimed(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
+        if self.claimed(path) {
+            return Err(OsError::sys(
+                op,
+                path,
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
+        Ok(())
+    }
+
     /// Makes the device at `path` write-protected: read-only whatever
     /// `set_read_only` sets, as a disk that is so itself.
     pub fn set_write_protected(&self, path: &Path) {
@@ -1096,6 +1122,7 @@ impl Mounter for FakeOs {
             data: data.into(),
         });
         self.injected("mount_fs", target)?;
+        self.refuse_claimed("mount", source)?;
         let id = self.alloc_id();
         let (major, minor) = self.device_numbers(source).unwrap_or((7, id));
         self.push_mount(MountEntry {
@@ -1458,7 +1485,35 @@ impl BlockDevices for FakeOs {
 
     fn held(&self, path: &Path) -> Result<bool, OsError> {
         self.injected("held", path)?;
-        Ok(lock(&self.held).contains(path))
+        Ok(lock(&self.held).contains(path) || self.claimed(path))
+    }
+
+    /// Records the call; EBUSY while another process (`set_held`) or
+    /// another claim holds the device, which is claimed until the claim
+    /// is dropped.
+    fn claim(&self, path: &Path, size_bytes: u64) -> Result<DeviceClaim, OsError> {
+        lock(&self.calls).push(Call::Claim {
+            device: path.to_path_buf(),
+            size_bytes,
+        });
+        self.injected("claim", path)?;
+        if lock(&self.held).contains(path) || !lock(&self.claims).insert(path.to_path_buf()) {
+            return Err(OsError::sys(
+                "claim exclusively",
+                path,
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
+        struct Guard(std::sync::Arc<Mutex<HashSet<PathBuf>>>, PathBuf);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                lock(&self.0).remove(&self.1);
+            }
+        }
+        Ok(DeviceClaim::new(Box::new(Guard(
+            self.claims.clone(),
+            path.to_path_buf(),
+        ))))
     }
 
     /// Records the call; a stand-in disk that is a regular file, or the
@@ -1470,6 +1525,7 @@ impl BlockDevices for FakeOs {
             size_bytes,
         });
         self.injected("zero_out", path)?;
+        self.refuse_claimed("open exclusively", path)?;
         self.refuse_read_only("BLKZEROOUT", path)?;
         let target = self.written_file(path);
         if std::fs::metadata(&target).is_ok_and(|m| m.is_file()) {
@@ -1492,6 +1548,7 @@ impl BlockDevices for FakeOs {
             size_bytes,
         });
         self.injected("zero_sample", path)?;
+        self.refuse_claimed("open exclusively", path)?;
         self.refuse_read_only("BLKZEROOUT", path)?;
         let target = self.written_file(path);
         if std::fs::metadata(&target).is_ok_and(|m| m.is_file()) {

@@ -41,7 +41,7 @@ pub mod statvfs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use blockdev::{BlockDevices, DeviceInfo, RealBlockDevices};
+pub use blockdev::{BlockDevices, DeviceClaim, DeviceInfo, RealBlockDevices};
 pub use command::{CmdOutput, RealRunner, Runner};
 pub use files::{Files, Open, RealFiles};
 pub use loopdev::{AttachOptions, LoopDevices, LoopInfo, RealLoopDevices};

@@ -14,6 +14,12 @@
 //! a disk (it has no by-id link) the file backing it. A loop device of one
 //! of Berth's own files (a block volume's or snapshot's, `OwnFiles`) is
 //! never a disk: not offered, not used, never erased.
+//!
+//! A disk a record of berth's has is claimed exclusively (O_EXCL, kept
+//! open: `BlockKind::keep_claim`) whenever nothing of berth's own mounts
+//! or binds it, so another berth given the same pool (whose journal does
+//! not name it) finds it held, never free; the claim is let go before
+//! berth's own exclusive uses (`BlockKind::release_claim`).
 use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -635,44 +641,127 @@ impl BlockKind {
         }))
     }
 
-    /// Claims a free disk of exactly `size` bytes.
-    pub(super) fn claim_disk(&self, size: i64) -> Result<DiskRef> {
-        let d = self
+    /// Claims a free disk of exactly `size` bytes: the first of that size
+    /// that berth can claim exclusively (`BlockDevices::claim`), with the
+    /// claim, which the caller keeps while nothing of its own mounts the
+    /// disk. Chosen and claimed in one step: a second berth given the same
+    /// pool that chose the same disk finds it held (EBUSY), at its own
+    /// choosing or its own free check, and neither hands it out twice.
+    pub(super) fn claim_disk(&self, size: i64) -> Result<(DiskRef, crate::os::DeviceClaim)> {
+        let fitting = self
             .free_disks()?
             .into_iter()
-            .find(|d| i64::try_from(d.dev.size_bytes).ok() == Some(size))
-            .ok_or_else(|| {
-                // A concurrent create took it; a retry chooses again.
-                Error::Busy(format!(
-                    "the free disk of {size} bytes chosen for this volume was taken by a concurrent create; retry"
-                ))
-            })?;
-        let by_id = self
-            .os
-            .devices
-            .stable_link(&d.dev)
-            .filter(|l| l != &d.listed);
-        // A loop device has no by-id link: the file backing it is what
-        // tells it from another file attached at its number later.
-        let loop_backing = match loop_of(&self.os, &d.dev) {
-            LoopOf::NotLoop => None,
-            LoopOf::Bound(_, backing) => Some(backing),
-            LoopOf::Detached(why) | LoopOf::Unknown(why) => {
-                return Err(Error::Busy(format!(
-                    "the free disk {} chosen for this volume changed: {why}; retry",
-                    d.listed.display()
-                )))
+            .filter(|d| i64::try_from(d.dev.size_bytes).ok() == Some(size));
+        for d in fitting {
+            let held = match self.os.devices.claim(&d.dev.path, d.dev.size_bytes) {
+                Ok(held) => held,
+                Err(e) => {
+                    // Held since the free check (another berth chose it),
+                    // or it stopped answering: not free either way.
+                    tracing::warn!(disk = %d.listed.display(), error = %crate::error::chain(&e), "the free disk chosen could not be claimed exclusively; not handed out");
+                    continue;
+                }
+            };
+            let by_id = self
+                .os
+                .devices
+                .stable_link(&d.dev)
+                .filter(|l| l != &d.listed);
+            // A loop device has no by-id link: the file backing it is what
+            // tells it from another file attached at its number later.
+            let loop_backing = match loop_of(&self.os, &d.dev) {
+                LoopOf::NotLoop => None,
+                LoopOf::Bound(_, backing) => Some(backing),
+                LoopOf::Detached(why) | LoopOf::Unknown(why) => {
+                    return Err(Error::Busy(format!(
+                        "the free disk {} chosen for this volume changed: {why}; retry",
+                        d.listed.display()
+                    )))
+                }
+            };
+            let disk = DiskRef {
+                path: d.listed,
+                device: d.dev.path,
+                by_id,
+                major: d.dev.major,
+                minor: d.dev.minor,
+                size_bytes: d.dev.size_bytes,
+                loop_backing,
+            };
+            return Ok((disk, held));
+        }
+        // A concurrent create took it; a retry chooses again.
+        Err(Error::Busy(format!(
+            "the free disk of {size} bytes chosen for this volume was taken by a concurrent create; retry"
+        )))
+    }
+
+    /// Drops berth's claim of the disk of record `id` (`keep_claim`), if
+    /// it holds one: before anything of its own opens the disk
+    /// exclusively (mkfs, fsck, a mount, the erase, a restore's copy).
+    pub(super) fn release_claim(&self, id: &str) {
+        if lock(&self.disk_claims).remove(id).is_some() {
+            tracing::debug!(volume_id = %id, "claim of the disk released");
+        }
+    }
+
+    /// Claims the disk `d` of record `id` exclusively (O_EXCL, kept open
+    /// until `release_claim`), unless it is claimed already or something
+    /// mounts or binds it (a stage of its own: a filesystem mount holds it
+    /// exclusively itself, and a raw user may open it so). Another berth
+    /// given the same pool then finds the disk held, never free, while no
+    /// mount shows it (a volume created and not staged, or unstaged). A
+    /// claim that cannot be taken (the disk is missing, or something else
+    /// holds it) fails nothing: it is logged.
+    pub(super) fn keep_claim(&self, id: &str, d: &DiskRef) {
+        if lock(&self.disk_claims).contains_key(id) {
+            return;
+        }
+        let dev = match self.resolve_disk(d) {
+            Ok(dev) => dev,
+            Err(e) => {
+                tracing::warn!(volume_id = %id, disk = %d.path.display(), error = %e.render(), "the disk cannot be claimed: it is not found as recorded; another berth given the same pool may take it for blank");
+                return;
             }
         };
-        Ok(DiskRef {
-            path: d.listed,
-            device: d.dev.path,
-            by_id,
-            major: d.dev.major,
-            minor: d.dev.minor,
-            size_bytes: d.dev.size_bytes,
-            loop_backing,
-        })
+        let shown = super::Dev {
+            path: dev.path.clone(),
+            major: dev.major,
+            minor: dev.minor,
+        };
+        match mounts::table(&self.os) {
+            Ok(t) if !Self::users(&t, &shown).is_empty() => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(volume_id = %id, disk = %d.path.display(), error = %e.render(), "the disk is not claimed: the mount table cannot be read");
+                return;
+            }
+        }
+        match self.os.devices.claim(&dev.path, dev.size_bytes) {
+            Ok(held) => {
+                lock(&self.disk_claims).insert(id.to_string(), held);
+                tracing::debug!(volume_id = %id, disk = %dev.path.display(), "disk claimed exclusively");
+            }
+            Err(e) => {
+                tracing::warn!(volume_id = %id, disk = %dev.path.display(), error = %crate::error::chain(&e), "the disk cannot be claimed exclusively (another process holds it?); another berth given the same pool may take it for blank once nothing holds it");
+            }
+        }
+    }
+
+    /// Start-up: the disk of every Ready record of berth's (a volume's, a
+    /// hold's) is claimed (`keep_claim`) unless something mounts or binds
+    /// it. Not a record still Creating or Deleting: start-up rolls back or
+    /// deletes it, in the background, and a claim taken beside that would
+    /// make its erase fail (EBUSY).
+    pub(super) fn claim_recorded_disks(&self) {
+        for rec in self.store.filter(|r| {
+            r.phase == crate::state::Phase::Ready
+                && r.block.as_ref().is_some_and(|b| b.disk.is_some())
+        }) {
+            if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.as_ref()) {
+                self.keep_claim(&rec.id, d);
+            }
+        }
     }
 
     /// Berth's own files (`OwnFiles`).

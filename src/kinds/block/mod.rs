@@ -30,7 +30,7 @@ pub use snapshot::{
     restoring_path, snapshot_copy_flaw, snapshot_kept_on_rollback, snapshot_partial_path,
 };
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -248,6 +248,11 @@ pub struct BlockKind {
     alloc: Mutex<()>,
     /// Serialises choosing and recording a disk of the disk pool.
     claim: Mutex<()>,
+    /// Berth's exclusive claim (`BlockDevices::claim`: O_EXCL, kept open)
+    /// of each disk a record of its has (by record id) while nothing of
+    /// its own mounts or binds it: another berth given the same pool sees
+    /// it held, never free (`disks::BlockKind::keep_claim`).
+    disk_claims: Mutex<HashMap<String, crate::os::DeviceClaim>>,
     /// Pool disks found holding data, warned about once (forgotten when
     /// one reads as zeros again).
     data_warned: Mutex<std::collections::HashSet<PathBuf>>,
@@ -317,6 +322,7 @@ impl BlockKind {
             local,
             alloc: Mutex::new(()),
             claim: Mutex::new(()),
+            disk_claims: Mutex::new(HashMap::new()),
             data_warned: Mutex::new(Default::default()),
             staged,
         })
@@ -1016,18 +1022,21 @@ impl BlockKind {
                 Ok(())
             }
             Pool::Disk => {
-                if info.disk.is_some() {
+                if let Some(d) = &info.disk {
+                    self.keep_claim(&rec.id, d);
                     return Ok(());
                 }
-                // Choose and record the disk under one lock, so two creates
-                // never get the same disk.
+                // Choose, claim exclusively and record the disk under one
+                // lock, so two creates never get the same disk, and a
+                // second berth given the same pool finds it held.
                 let _g = lock(&self.claim);
-                let disk = self.claim_disk(rec.capacity_bytes)?;
+                let (disk, held) = self.claim_disk(rec.capacity_bytes)?;
                 tracing::info!(volume_id = %rec.id, disk = %disk.path.display(), "disk claimed");
                 info.disk = Some(disk);
                 info.marker = true;
                 rec.block = Some(info);
                 self.store.put(rec)?;
+                lock(&self.disk_claims).insert(rec.id.clone(), held);
                 Ok(())
             }
         }
@@ -1041,101 +1050,14 @@ impl BlockKind {
     /// after its record (`purge`).
     fn remove_volume(&self, rec: &VolumeRecord, mount_table: &LazyTable, keep: bool) -> Result<()> {
         if let Some(d) = rec.block.as_ref().and_then(|b| b.disk.clone()) {
-            if keep && rec.phase == Phase::Creating && self.may_be_handed_out(rec) {
-                // A create whose record still says Creating, found after
-                // the fact (start-up, a retry), with its marker there: it
-                // got as far as its Ready record, which was lost since (a
-                // cut or damaged journal), so the volume may have been
-                // handed out and hold a tenant's data (`hold_disk`); also
-                // one whose record predates markers, which cannot tell. A
-                // create this process ran and that failed is rolled back
-                // without `keep`.
-                let held = self.hold_disk(rec, &d)?;
-                tracing::error!(volume_id = %rec.id, disk = %d.path.display(), held = %held, "a disk volume whose record says Creating yet whose marker says it reached Ready: the disk is held, never erased nor offered (was its Ready record lost?); see `berth state check`");
-                return Ok(());
+            // Berth's own claim would make the erase fail (EBUSY); taken
+            // again if the disk stays the record's (`keep_claim`).
+            self.release_claim(&rec.id);
+            let r = self.remove_disk(rec, &d, mount_table, keep);
+            if r.is_err() {
+                self.keep_claim(&rec.id, &d);
             }
-            if rec.phase == Phase::Creating && rec.source.is_none() {
-                // Claimed by a create that never answered (no marker: it
-                // never got as far as its Ready record): the volume was
-                // never handed out and Berth wrote nothing to the disk (it
-                // was blank and read as zeros when claimed), so there is
-                // nothing to erase. (A restore wrote a snapshot onto it:
-                // that one is erased below.)
-                tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
-                return Ok(());
-            }
-            let dev = match self.resolve_disk_to_erase(&d) {
-                Ok(dev) => dev,
-                Err(Error::NotFound(m)) if is_wipe_record(&rec.id) => {
-                    return Err(Error::Unavailable(format!(
-                        "{m}; it is wiped once it is back"
-                    )));
-                }
-                Err(Error::NotFound(m)) => {
-                    // It may come back with the tenant's data: it stays
-                    // claimed, by a record of its own, until it is wiped.
-                    let pending = self.remember_wipe(rec, &d)?;
-                    tracing::warn!(volume_id = %rec.id, pending = %pending, "{m}; it stays out of the pool until it is back and wiped");
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-            let users = Self::users(
-                mount_table.get(&self.os)?,
-                &Dev {
-                    path: dev.path.clone(),
-                    major: dev.major,
-                    minor: dev.minor,
-                },
-            );
-            if !users.is_empty() {
-                return Err(Error::WrongState(format!(
-                    "disk {} of volume {} is still mounted at {}",
-                    dev.path.display(),
-                    rec.id,
-                    shown(&users)
-                )));
-            }
-            // A raw stage left read-only (a crash, an unstage by path)
-            // would make the erase fail with EPERM.
-            self.set_disk_read_only(&rec.id, &dev.path, false)?;
-            match self.disk_wipe {
-                DiskWipe::Zero => {
-                    // Can take long on a big disk without a write-zeroes
-                    // offload; the operation owns the volume's guard, so a
-                    // retried DeleteVolume answers ABORTED until it is done,
-                    // and a restart in the middle zeroes again (the record
-                    // stays until the disk is clean).
-                    tracing::info!(volume_id = %rec.id, disk = %dev.path.display(), bytes = dev.size_bytes, "zeroing disk");
-                    self.os
-                        .devices
-                        .zero_out(&dev.path, dev.size_bytes)
-                        .map_err(|e| {
-                            Error::os(format!("zeroing disk {}", dev.path.display()), e)
-                        })?;
-                }
-                DiskWipe::Signatures => {
-                    crate::os::mkfs::wipe(self.os.cmd.as_ref(), &dev.path)
-                        .map_err(|e| Error::os(format!("wiping disk {}", dev.path.display()), e))?;
-                    // The pool offers only disks whose sample reads as
-                    // zeros: zeroing it keeps a disk Berth erased itself
-                    // in the pool (the rest is left as it was).
-                    self.os
-                        .devices
-                        .zero_sample(&dev.path, dev.size_bytes)
-                        .map_err(|e| {
-                            Error::os(
-                                format!(
-                                    "zeroing the sampled blocks of disk {}",
-                                    dev.path.display()
-                                ),
-                                e,
-                            )
-                        })?;
-                }
-            }
-            tracing::info!(volume_id = %rec.id, disk = %d.path.display(), wipe = ?self.disk_wipe, "disk erased and returned to the pool");
-            return Ok(());
+            return r;
         }
         let f = self.file(&rec.id)?;
         self.release_file(&rec.id, mount_table)?;
@@ -1164,6 +1086,109 @@ impl BlockKind {
                 _ => Ok(()),
             },
         }
+    }
+
+    /// `remove_volume` of a disk volume (its disk `d`), Berth's claim of
+    /// the disk released.
+    fn remove_disk(
+        &self,
+        rec: &VolumeRecord,
+        d: &DiskRef,
+        mount_table: &LazyTable,
+        keep: bool,
+    ) -> Result<()> {
+        let d = d.clone();
+        if keep && rec.phase == Phase::Creating && self.may_be_handed_out(rec) {
+            // A create whose record still says Creating, found after
+            // the fact (start-up, a retry), with its marker there: it
+            // got as far as its Ready record, which was lost since (a
+            // cut or damaged journal), so the volume may have been
+            // handed out and hold a tenant's data (`hold_disk`); also
+            // one whose record predates markers, which cannot tell. A
+            // create this process ran and that failed is rolled back
+            // without `keep`.
+            let held = self.hold_disk(rec, &d)?;
+            tracing::error!(volume_id = %rec.id, disk = %d.path.display(), held = %held, "a disk volume whose record says Creating yet whose marker says it reached Ready: the disk is held, never erased nor offered (was its Ready record lost?); see `berth state check`");
+            self.keep_claim(&held, &d);
+            return Ok(());
+        }
+        if rec.phase == Phase::Creating && rec.source.is_none() {
+            // Claimed by a create that never answered (no marker: it
+            // never got as far as its Ready record): the volume was
+            // never handed out and Berth wrote nothing to the disk (it
+            // was blank and read as zeros when claimed), so there is
+            // nothing to erase. (A restore wrote a snapshot onto it:
+            // that one is erased below.)
+            tracing::info!(volume_id = %rec.id, disk = %d.path.display(), "disk of an unfinished create released");
+            return Ok(());
+        }
+        let dev = match self.resolve_disk_to_erase(&d) {
+            Ok(dev) => dev,
+            Err(Error::NotFound(m)) if is_wipe_record(&rec.id) => {
+                return Err(Error::Unavailable(format!(
+                    "{m}; it is wiped once it is back"
+                )));
+            }
+            Err(Error::NotFound(m)) => {
+                // It may come back with the tenant's data: it stays
+                // claimed, by a record of its own, until it is wiped.
+                let pending = self.remember_wipe(rec, &d)?;
+                tracing::warn!(volume_id = %rec.id, pending = %pending, "{m}; it stays out of the pool until it is back and wiped");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let users = Self::users(
+            mount_table.get(&self.os)?,
+            &Dev {
+                path: dev.path.clone(),
+                major: dev.major,
+                minor: dev.minor,
+            },
+        );
+        if !users.is_empty() {
+            return Err(Error::WrongState(format!(
+                "disk {} of volume {} is still mounted at {}",
+                dev.path.display(),
+                rec.id,
+                shown(&users)
+            )));
+        }
+        // A raw stage left read-only (a crash, an unstage by path)
+        // would make the erase fail with EPERM.
+        self.set_disk_read_only(&rec.id, &dev.path, false)?;
+        match self.disk_wipe {
+            DiskWipe::Zero => {
+                // Can take long on a big disk without a write-zeroes
+                // offload; the operation owns the volume's guard, so a
+                // retried DeleteVolume answers ABORTED until it is done,
+                // and a restart in the middle zeroes again (the record
+                // stays until the disk is clean).
+                tracing::info!(volume_id = %rec.id, disk = %dev.path.display(), bytes = dev.size_bytes, "zeroing disk");
+                self.os
+                    .devices
+                    .zero_out(&dev.path, dev.size_bytes)
+                    .map_err(|e| Error::os(format!("zeroing disk {}", dev.path.display()), e))?;
+            }
+            DiskWipe::Signatures => {
+                crate::os::mkfs::wipe(self.os.cmd.as_ref(), &dev.path)
+                    .map_err(|e| Error::os(format!("wiping disk {}", dev.path.display()), e))?;
+                // The pool offers only disks whose sample reads as
+                // zeros: zeroing it keeps a disk Berth erased itself
+                // in the pool (the rest is left as it was).
+                self.os
+                    .devices
+                    .zero_sample(&dev.path, dev.size_bytes)
+                    .map_err(|e| {
+                        Error::os(
+                            format!("zeroing the sampled blocks of disk {}", dev.path.display()),
+                            e,
+                        )
+                    })?;
+            }
+        }
+        tracing::info!(volume_id = %rec.id, disk = %d.path.display(), wipe = ?self.disk_wipe, "disk erased and returned to the pool");
+        Ok(())
     }
 }
 
@@ -1397,6 +1422,7 @@ impl VolumeKind for BlockKind {
         if let Err(e) = self.reconcile_disk_markers() {
             tracing::error!(error = %e.render(), "could not reconcile the disk markers");
         }
+        self.claim_recorded_disks();
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
         for e in entries.flatten() {
@@ -1548,6 +1574,7 @@ impl VolumeKind for BlockKind {
         if rec.block.as_ref().is_none_or(|b| b.disk.is_none()) {
             return;
         }
+        self.release_claim(&rec.id);
         let Some(id) = disk_volume_of(&rec.id).filter(|id| self.owns_id(id)) else {
             return;
         };

@@ -215,12 +215,25 @@ impl BlockKind {
         cap: &Capability,
     ) -> Result<()> {
         let first = known_access(&Self::info(rec)?).is_none();
-        let r = match params::capability_fs(cap, Self::default_fs(rec)?)? {
+        let fs = params::capability_fs(cap, Self::default_fs(rec)?)?;
+        // Berth's own claim of a disk (`keep_claim`) would make mkfs,
+        // fsck and the mount fail (EBUSY), and a raw user's own exclusive
+        // open: released while the disk is staged, taken again when
+        // nothing of the stage is left (a stage that failed before it
+        // mounted or bound anything).
+        let disk = Self::info(rec)?.disk;
+        if disk.is_some() {
+            self.release_claim(&rec.id);
+        }
+        let r = match fs {
             None => self.stage_raw(rec, staging, cap),
             Some(fs) => self.stage_fs(rec, staging, cap, fs),
         };
         if r.is_err() && first {
             self.unclaim_access(rec);
+        }
+        if let Some(d) = &disk {
+            self.keep_claim(&rec.id, d);
         }
         r
     }
@@ -637,6 +650,10 @@ impl BlockKind {
             if let Err(e) = self.release_disk_read_only(&rec.id, &dev) {
                 tracing::warn!(volume_id = %rec.id, disk = %dev.path.display(), error = %e.render(), "unstaged; the disk's read-only flag stays set (cleared before its next read-write use)");
             }
+        }
+        // Unstaged, the disk is claimed again (`keep_claim`).
+        if let Some(d) = Self::info(rec).ok().and_then(|i| i.disk) {
+            self.keep_claim(&rec.id, &d);
         }
         Ok(())
     }

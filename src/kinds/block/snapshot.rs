@@ -561,17 +561,24 @@ impl BlockKind {
             .disk
             .clone()
             .ok_or_else(|| Error::Internal(format!("volume {} claimed no disk", rec.id)))?;
-        let dev = self.resolve_disk_to_erase(&d)?;
-        self.os
-            .devices
-            .zero_out(&dev.path, dev.size_bytes)
-            .map_err(|e| Error::os(format!("zeroing disk {}", dev.path.display()), e))?;
-        let stats = self.os.files.copy_to_device(src, &dev.path).map_err(|e| {
-            Error::os(
-                format!("writing {} onto disk {}", src.display(), dev.path.display()),
-                e,
-            )
-        })?;
+        // Berth's own claim of the disk would make the erase fail
+        // (EBUSY): released for the copy, taken again after it.
+        self.release_claim(&rec.id);
+        let written = self.resolve_disk_to_erase(&d).and_then(|dev| {
+            self.os
+                .devices
+                .zero_out(&dev.path, dev.size_bytes)
+                .map_err(|e| Error::os(format!("zeroing disk {}", dev.path.display()), e))?;
+            let stats = self.os.files.copy_to_device(src, &dev.path).map_err(|e| {
+                Error::os(
+                    format!("writing {} onto disk {}", src.display(), dev.path.display()),
+                    e,
+                )
+            })?;
+            Ok((dev, stats))
+        });
+        self.keep_claim(&rec.id, &d);
+        let (dev, stats) = written?;
         tracing::info!(volume_id = %rec.id, disk = %dev.path.display(), bytes = stats.bytes, "volume restored onto a disk");
         let inherited = Self::inherited(&source);
         info.formatted = inherited.formatted;

@@ -740,6 +740,49 @@ async fn delete_refuses_a_volume_in_use() {
     assert!(h.path("local").join(&id).is_dir());
 }
 
+/// A volume recorded by a berth with another node id (`--node-id`
+/// changed over existing state) still lives in this node's root, and its
+/// pods' mounts outlive the restart: its DeleteVolume refuses while it is
+/// staged or published here, as any volume's does, and goes through once
+/// they are torn down by its id. Before, the in-use check ran only for
+/// volumes of this node id: the directory a pod was using went to the
+/// trash and was emptied.
+#[tokio::test]
+async fn a_volume_of_a_former_node_id_in_use_is_never_deleted() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .expect("publish");
+    let data = h.path("local").join(&id).join("data");
+    std::fs::write(&data, b"tenant").unwrap();
+    // The same node, its mounts, a new node id.
+    let (os, f) = (h.driver.os.clone(), h.fake.clone());
+    let h = build(h.stop(), os, f, &["--node-id", "node-b"]);
+    let e = try_delete(&h, &id).await.expect_err("deleted while in use");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("mounted"), "{e:?}");
+    assert_eq!(std::fs::read(&data).unwrap(), b"tenant");
+    assert!(h.driver.store.get(&id).is_some());
+    // Torn down by its id, it is deleted.
+    h.node
+        .node_unpublish_volume(Request::new(unpublish_req(&id, &target)))
+        .await
+        .expect("unpublish");
+    let e = try_delete(&h, &id).await.expect_err("deleted while staged");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(data.exists());
+    h.node
+        .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+        .await
+        .expect("unstage");
+    delete(&h, &id).await;
+    assert!(h.driver.store.get(&id).is_none());
+    assert!(!h.path("local").join(&id).exists());
+}
+
 // ------------------------------------------- Controller publish / unpublish
 
 #[tokio::test]

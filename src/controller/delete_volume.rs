@@ -48,7 +48,12 @@ pub async fn handle(
         // One read of the mount table serves both the check here and the
         // kind's own checks in delete (all under the volume's guard).
         let mount_table = LazyTable::new();
-        if *rec.node == *d.node_id {
+        // A node-local volume's storage and mounts are on this node
+        // whatever node id its record names: one recorded under a former
+        // `--node-id` is in this root, and its pods' mounts outlived the
+        // restart. (Checked only for this node id's volumes before: such a
+        // volume's directory went to the trash while a pod used it.)
+        if kind.node_local() {
             let mut used = kind.in_use(&rec, &mount_table)?;
             // Its staging path (or a raw block volume's device bound at
             // `<staging>/<id>`) still mounted where the kind finds no mount

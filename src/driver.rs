@@ -248,13 +248,50 @@ impl Driver {
         self.kinds.values().any(|k| k.owns_id(id))
     }
 
+    /// Why a volume recorded here is out of reach of this instance's
+    /// configuration: its kind was taken out of `--kinds`, or (NFS) its
+    /// share out of `--nfs-allowed-shares`, while it existed. None for an
+    /// id a served kind owns, or one without a record. Such an id is not
+    /// plausible, and was answered as an unknown one: DeleteVolume OK with
+    /// the record and the storage left behind for good, node calls "does
+    /// not exist".
+    pub fn unserved(&self, id: &str) -> Option<String> {
+        if self.id_is_plausible(id) {
+            return None;
+        }
+        let rec = self.store.get(id)?;
+        if !crate::kinds::is_volume_id_of(rec.kind, id) {
+            return None;
+        }
+        let kind = rec.kind;
+        if self.kinds.contains_key(&kind) {
+            return (kind == Kind::Nfs).then(|| format!(
+                "volume {id} was made by this berth on a share that --nfs-allowed-shares does not list any more: list the share again to use or delete the volume (its record and its directory on the share are kept)"
+            ));
+        }
+        let served: Vec<&str> = self.cfg.kinds.iter().map(|k| k.as_str()).collect();
+        Some(format!(
+            "volume {id} is a {kind} volume recorded by this berth, which does not serve {kind} volumes any more (--kinds {}): serve {kind} again (--kinds) to use or delete the volume (its record and its storage are kept)",
+            served.join(",")
+        ))
+    }
+
+    /// NOT_FOUND for `id`, saying why when it is recorded here but out of
+    /// reach of the configuration (`unserved`).
+    fn not_found(&self, id: &str) -> Error {
+        Error::NotFound(
+            self.unserved(id)
+                .unwrap_or_else(|| format!("volume {id} does not exist")),
+        )
+    }
+
     /// The record of an existing volume (NOT_FOUND otherwise). Records still
     /// being created do not exist yet for other RPCs. A volume with a
     /// self-describing id (NFS) that has no record here (a node plugin, or a
     /// controller that lost its state) gets the record its id describes.
     pub fn volume(&self, id: &str) -> Result<VolumeRecord> {
         if !self.id_is_plausible(id) {
-            return Err(Error::NotFound(format!("volume {id} does not exist")));
+            return Err(self.not_found(id));
         }
         match self.store.get(id) {
             Some(r) if r.phase != Phase::Creating => Ok(r),
@@ -271,7 +308,7 @@ impl Driver {
     pub fn controller_volume(&self, id: &str) -> Result<VolumeRecord> {
         let missing = || Error::NotFound(format!("volume {id} does not exist"));
         if !self.id_is_plausible(id) {
-            return Err(missing());
+            return Err(self.not_found(id));
         }
         match self.store.get(id) {
             Some(r) if r.phase != Phase::Creating => Ok(r),
@@ -861,6 +898,17 @@ fn check_presence(
             node = %node_id,
             volumes = elsewhere,
             "{elsewhere} node-local volumes in this state were made by a berth with another node id (was --node-id changed?): they cannot be staged on this node until berth runs with the node id they were made on"
+        );
+    }
+    // Records this configuration does not serve (`Driver::unserved`).
+    let unserved = store.count(|r| match kinds.get(&r.kind) {
+        None => true,
+        Some(k) => r.kind == Kind::Nfs && !k.owns_id(&r.id),
+    });
+    if unserved > 0 {
+        tracing::warn!(
+            volumes = unserved,
+            "{unserved} records in this state are of a volume kind not in --kinds, or of NFS volumes on a share not in --nfs-allowed-shares (was either changed?): they and their storage are kept as they are, and every call naming such a volume (DeleteVolume included) fails saying so until berth serves it again"
         );
     }
     Ok(())

@@ -783,6 +783,56 @@ async fn a_volume_of_a_former_node_id_in_use_is_never_deleted() {
     assert!(!h.path("local").join(&id).exists());
 }
 
+/// A kind taken out of `--kinds` while volumes of it exist (here
+/// `--kinds block` over local volumes): their records and storage stay,
+/// and every RPC of them says why instead of answering as for an unknown
+/// id. DeleteVolume is FAILED_PRECONDITION naming `--kinds` (the record
+/// and the directory stay), NodeStageVolume's NOT_FOUND names it too;
+/// with the kind served again the volume is staged and deleted as
+/// before. Before, DeleteVolume answered OK and left the record and the
+/// tenant's directory behind for good (the PV gone, nothing said), and
+/// NodeStageVolume answered "volume ... does not exist".
+#[tokio::test]
+async fn volumes_of_a_kind_no_longer_served_are_never_taken_for_unknown() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let data = h.path("local").join(&id).join("data");
+    std::fs::write(&data, b"tenant").unwrap();
+    let h = build(
+        h.stop(),
+        berth::os::Os::fake().0,
+        None,
+        &["--kinds", "block"],
+    );
+    let e = try_delete(&h, &id)
+        .await
+        .expect_err("deleted while not served");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("--kinds") && e.message().contains("local"),
+        "{e:?}"
+    );
+    assert!(h.driver.store.get(&id).is_some());
+    assert_eq!(std::fs::read(&data).unwrap(), b"tenant");
+    let staging = h.path("stage");
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .expect_err("staged while not served");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("--kinds"), "{e:?}");
+    // An id without a record is still unknown: OK.
+    try_delete(&h, "local-0123456789abcdef0123456789abcdef")
+        .await
+        .expect("unknown id");
+    // Served again.
+    let h = build(h.stop(), berth::os::Os::fake().0, None, &[]);
+    delete(&h, &id).await;
+    assert!(h.driver.store.get(&id).is_none());
+    assert!(!h.path("local").join(&id).exists());
+}
+
 // ------------------------------------------- Controller publish / unpublish
 
 #[tokio::test]

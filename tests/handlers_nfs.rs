@@ -2160,6 +2160,33 @@ async fn allowed_shares_confine_create_delete_and_publish() {
     }
 }
 
+/// A share taken out of `--nfs-allowed-shares` while volumes recorded
+/// on it exist: DeleteVolume of such a volume is FAILED_PRECONDITION
+/// naming the flag, and nothing is mounted or removed; with the share
+/// allowed again it is deleted. Before, it answered OK as for an id that
+/// is not Berth's: the record stayed in the state and the tenant's
+/// directory on the share for good, and the PV went without a word.
+#[tokio::test]
+async fn a_recorded_volume_on_a_share_no_longer_allowed_is_not_forgotten() {
+    let h = nfs(&[]);
+    let id = create(&h, "v", &[]).await.volume_id;
+    let h = restart(
+        h,
+        &["--kinds", "nfs", "--nfs-allowed-shares", "127.0.0.1:/other"],
+    );
+    h.fake().clear_calls();
+    let e = try_delete(&h, &id)
+        .await
+        .expect_err("deleted off the allowed shares");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("--nfs-allowed-shares"), "{e:?}");
+    assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
+    assert!(h.driver.store.get(&id).is_some());
+    let h = restart(h, &["--kinds", "nfs"]);
+    try_delete(&h, &id).await.expect("delete");
+    assert!(h.driver.store.get(&id).is_none());
+}
+
 /// ControllerGetVolume and ValidateVolumeCapabilities of an NFS id without
 /// a record answer from the share: NOT_FOUND unless the directory's marker
 /// names the id. ValidateVolumeCapabilities checks the parameters too.

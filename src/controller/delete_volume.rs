@@ -18,6 +18,12 @@ pub async fn handle(
 ) -> Result<csi::DeleteVolumeResponse> {
     let id = validate::volume_id(&req.volume_id)?.to_string();
     if !d.id_is_plausible(&id) {
+        // A volume recorded here whose kind (or NFS share) this
+        // configuration no longer serves exists: answering OK would have
+        // the CO forget it while its record and storage stay for good.
+        if let Some(why) = d.unserved(&id) {
+            return Err(Error::WrongState(why));
+        }
         return Ok(csi::DeleteVolumeResponse {});
     }
     let mut guard = d.locks.try_lock(vol_key(&id))?;

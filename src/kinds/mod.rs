@@ -78,6 +78,17 @@ pub fn volume_id_flaw(kind: Kind, id: &str) -> Option<String> {
     (!fits).then(|| format!("not the id of a {kind} volume"))
 }
 
+/// Whether `id` is the id of a volume of kind `kind` that an RPC may name
+/// (not an internal record's, such as the block kind's `wipe-` and
+/// `held-`), whatever this instance's configuration serves.
+pub fn is_volume_id_of(kind: Kind, id: &str) -> bool {
+    match kind {
+        Kind::Local => local::is_volume_id(id),
+        Kind::Block => block::is_volume_id(id),
+        Kind::Nfs => nfs::id::VolumeId::parse(id).is_ok(),
+    }
+}
+
 /// `volume_id_flaw` for the id of a snapshot record of kind `kind`
 /// (`local-snap-` or `block-snap-` and 32 hex digits, an NFS snapshot id
 /// that parses).

@@ -180,6 +180,12 @@ fn disk_volume_of(id: &str) -> Option<String> {
 /// Whether `id` is the id of a block record: a volume's
 /// (`BlockKind::owns_id`), or the record of a pool disk to wipe
 /// (`wipe-`) or held (`held-`), each the volume's 32 hex digits.
+/// Whether `id` is a block volume's id (`BlockKind::owns_id`), not one of
+/// the kind's internal records (`wipe-`, `held-`).
+pub fn is_volume_id(id: &str) -> bool {
+    super::is_hex_id(PREFIX, id)
+}
+
 pub fn is_record_id(id: &str) -> bool {
     [PREFIX, WIPE_PREFIX, HELD_PREFIX]
         .iter()
@@ -1202,7 +1208,7 @@ impl VolumeKind for BlockKind {
     }
 
     fn owns_id(&self, id: &str) -> bool {
-        super::is_hex_id(PREFIX, id)
+        is_volume_id(id)
     }
 
     fn check_parameters(&self, p: &BTreeMap<String, String>) -> Result<()> {

@@ -95,19 +95,19 @@ pub struct Config {
     pub kinds: Vec<Kind>,
 
     /// Base directory for the defaults of --state-dir, --local-root, --block-root and the endpoint.
-    #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth")]
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth", value_parser = parse_dir)]
     pub data_dir: PathBuf,
 
     /// Where volume records are kept. Default: <data-dir>/state.
-    #[arg(long, env = "BERTH_STATE_DIR")]
+    #[arg(long, env = "BERTH_STATE_DIR", value_parser = parse_dir)]
     pub state_dir: Option<PathBuf>,
 
     /// Where local directory volumes live. Default: <data-dir>/local.
-    #[arg(long, env = "BERTH_LOCAL_ROOT")]
+    #[arg(long, env = "BERTH_LOCAL_ROOT", value_parser = parse_dir)]
     pub local_root: Option<PathBuf>,
 
     /// Where loop-backed block volume files live. Default: <data-dir>/block.
-    #[arg(long, env = "BERTH_BLOCK_ROOT")]
+    #[arg(long, env = "BERTH_BLOCK_ROOT", value_parser = parse_dir)]
     pub block_root: Option<PathBuf>,
 
     /// Whole disks offered as volumes (device paths or globs, comma separated).
@@ -220,6 +220,26 @@ pub fn unknown_env_vars(names: impl IntoIterator<Item = std::ffi::OsString>) -> 
         .collect();
     out.sort();
     out
+}
+
+/// A directory flag's value: not empty, and neither beginning nor ending
+/// with white space. Such a value is a quoting slip (`BERTH_LOCAL_ROOT:
+/// " "`, `"/var/lib/berth "` in a manifest), and was taken as a directory
+/// of that name: a local root `<working directory>/ `, or a second, empty
+/// state beside the real one whose volumes then did not exist.
+fn parse_dir(s: &str) -> Result<PathBuf, String> {
+    if s.trim().is_empty() {
+        return Err(format!(
+            "{s:?} is empty or only white space: give a directory"
+        ));
+    }
+    if s.trim() != s {
+        return Err(format!(
+            "{s:?} begins or ends with white space (a quoting slip?): berth would use a directory named so, not {:?}",
+            s.trim()
+        ));
+    }
+    Ok(PathBuf::from(s))
 }
 
 /// A `--disk-pool` entry: an absolute path, glob or directory (an empty
@@ -335,6 +355,11 @@ impl Config {
             Some(e) => e.clone(),
             None => format!("unix://{}", self.data_dir.join("csi.sock").display()),
         };
+        if ep.trim() != ep {
+            return Err(format!(
+                "endpoint {ep:?} begins or ends with white space (a quoting slip?): the socket would be named so, where no client looks"
+            ));
+        }
         let path = ep
             .strip_prefix("unix://")
             .ok_or_else(|| format!("endpoint {ep:?} must start with unix://"))?;

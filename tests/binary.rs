@@ -1682,6 +1682,79 @@ async fn repair_takes_a_stray_newer_log_out_and_berth_starts() {
     }
 }
 
+/// A directory or endpoint that is empty, only white space, or begins or
+/// ends with it (a quoting slip in a manifest: `BERTH_LOCAL_ROOT: " "`,
+/// `"/var/lib/berth "`) stops start-up naming the flag, from the command
+/// line or the environment, and nothing is made. Before, such a value was
+/// a directory of that name: `BERTH_LOCAL_ROOT=" "` made and served the
+/// local root `<working directory>/ `, and a data directory with a
+/// trailing space a second, empty state beside the real one, whose
+/// volumes every node call then said do not exist.
+#[test]
+fn directories_padded_with_white_space_stop_start_up() {
+    // (arguments, environment, the flag the error names)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 8] = [
+        (&[], &[("BERTH_LOCAL_ROOT", " ")], "--local-root"),
+        (&["--local-root", "\t"], &[], "--local-root"),
+        (&[], &[("BERTH_STATE_DIR", "state ")], "--state-dir"),
+        (
+            &["--kinds", "block"],
+            &[("BERTH_BLOCK_ROOT", " block")],
+            "--block-root",
+        ),
+        (&["--block-root", "block\n"], &[], "--block-root"),
+        (&[], &[("BERTH_DATA_DIR", "data ")], "--data-dir"),
+        (&["--data-dir", " "], &[], "--data-dir"),
+        (
+            &[],
+            &[("CSI_ENDPOINT", "unix:///tmp/berth-x.sock ")],
+            "endpoint",
+        ),
+    ];
+    for (args, env, flag) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        if !env.iter().any(|(k, _)| *k == "BERTH_DATA_DIR") && !args.contains(&"--data-dir") {
+            cmd.arg("--data-dir").arg(d.path().join("data"));
+        }
+        if !env.iter().any(|(k, _)| *k == "CSI_ENDPOINT") {
+            cmd.arg("--endpoint")
+                .arg(format!("unix://{}", d.path().join("csi.sock").display()));
+        }
+        let mut child = cmd
+            .args(["--node-id", NODE])
+            .args(args)
+            .envs(env.iter().copied())
+            .current_dir(d.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?} {env:?}: berth started");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} {env:?}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("white space"),
+            "{args:?} {env:?}: {err}"
+        );
+        let made: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(made.is_empty(), "{args:?} {env:?}: made {made:?}");
+    }
+}
+
 /// A node id that cannot be this node's topology value (the CSI spec: at
 /// most 63 characters, alphanumeric at both ends, only '-', '_', '.' and
 /// alphanumerics between; kubelet puts it on the node as a label) is

@@ -822,6 +822,12 @@ async fn volumes_of_a_kind_no_longer_served_are_never_taken_for_unknown() {
         .expect_err("staged while not served");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().contains("--kinds"), "{e:?}");
+    // `state check` names it.
+    let (_, report) = state_check(&h);
+    assert!(
+        report.contains(&id) && report.contains("--kinds does not include local"),
+        "{report}"
+    );
     // An id without a record is still unknown: OK.
     try_delete(&h, "local-0123456789abcdef0123456789abcdef")
         .await

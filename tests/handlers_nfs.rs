@@ -2182,6 +2182,11 @@ async fn a_recorded_volume_on_a_share_no_longer_allowed_is_not_forgotten() {
     assert!(e.message().contains("--nfs-allowed-shares"), "{e:?}");
     assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
     assert!(h.driver.store.get(&id).is_some());
+    let (_, report) = state_check(&h);
+    assert!(
+        report.contains(&id) && report.contains("--nfs-allowed-shares does not allow"),
+        "{report}"
+    );
     let h = restart(h, &["--kinds", "nfs"]);
     try_delete(&h, &id).await.expect("delete");
     assert!(h.driver.store.get(&id).is_none());

@@ -138,6 +138,32 @@ fn journal_findings(scan: &Scan, legacy: usize, out: &mut Vec<Finding>) {
     }
 }
 
+/// Why the configuration checked does not serve the volume `r` (as
+/// `Driver::unserved` answers its calls): its kind is not in `--kinds`, or
+/// its NFS share not in `--nfs-allowed-shares`.
+fn unserved(cfg: &Config, r: &VolumeRecord) -> Option<String> {
+    if !crate::kinds::is_volume_id_of(r.kind, &r.id) {
+        return None;
+    }
+    if !cfg.serves(r.kind) {
+        return Some(format!(
+            "a {} volume, and --kinds does not include {}",
+            r.kind, r.kind
+        ));
+    }
+    if r.kind == Kind::Nfs {
+        let v = crate::kinds::nfs::id::VolumeId::parse(&r.id).ok()?;
+        let allowed = crate::kinds::nfs::allow::AllowedShares(cfg.nfs_allowed_shares.clone());
+        if !allowed.permits(&v.server, &v.share) {
+            return Some(format!(
+                "on share {}:{}, which --nfs-allowed-shares does not allow",
+                v.server, v.share
+            ));
+        }
+    }
+    None
+}
+
 /// Compares the records with the storage they name, and looks for storage
 /// without a record.
 pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<Finding> {
@@ -172,6 +198,12 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
         if r.id.starts_with(crate::kinds::block::HELD_PREFIX) {
             out.push(error(crate::kinds::block::held_disk_finding(r)));
             continue;
+        }
+        if let Some(why) = unserved(cfg, r) {
+            out.push(warning(format!(
+                "volume {} ({}): {why}; berth keeps it and its storage, and every call naming it fails saying so until it is served again",
+                r.id, r.name
+            )));
         }
         if r.phase != Phase::Ready {
             out.push(warning(format!(

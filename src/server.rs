@@ -184,6 +184,8 @@ pub async fn serve(
     driver.start();
     let mode = driver.cfg.mode;
     let mut router = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .layer(tower::util::MapRequestLayer::new(budget_request_body))
         .add_routes(reflection)
         .add_service(csi::identity_server::IdentityServer::new(IdentityService {
             driver: driver.clone(),
@@ -444,6 +446,120 @@ impl tokio::io::AsyncWrite for Conn {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The calls one connection to the CSI socket may have open at once
+/// (HTTP/2's `SETTINGS_MAX_CONCURRENT_STREAMS`; a gRPC client queues the
+/// rest, and a stream past it is refused). tonic passes hyper no limit
+/// unless given one, which lifts hyper's own (200): one connection opened
+/// any number of calls, about 8 KiB each (10 connections of 2,000 calls
+/// whose request never came: 160 MB).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
+/// The request bytes berth holds at once, over every connection, for calls
+/// whose message has not arrived whole (`budget_request_body`).
+pub const REQUEST_BYTES_IN_TRANSIT: usize = 64 << 20;
+
+/// The first bytes of each call's request that `REQUEST_BYTES_IN_TRANSIT`
+/// does not count: the requests kubelet and the sidecars send are this
+/// small (Probe's and NodeGetInfo's are 5 bytes), and a client holding the
+/// whole budget never makes them wait.
+pub const REQUEST_BYTES_FREE: usize = 4 << 10;
+
+/// Request bytes counted against `REQUEST_BYTES_IN_TRANSIT` now.
+static IN_TRANSIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Every call's request body, counted while it arrives: tonic reads a
+/// call's message into memory as it comes, up to gRPC's 4 MiB, and holds
+/// it until the last byte is in, for as long as that takes. Before, a
+/// client that began many calls and never finished their messages made
+/// berth hold all of it (one connection, 64 calls of 3.9 MB each: 265 MB
+/// resident). A call whose bytes beyond the first `REQUEST_BYTES_FREE`
+/// would take the bytes in transit past `REQUEST_BYTES_IN_TRANSIT` is
+/// `RESOURCE_EXHAUSTED`; its bytes are given back when its body is dropped
+/// (once decoded, or with the call). Only the CSI services' calls, which
+/// are unary (one message, then the body ends): a reflection stream's
+/// requests would add up for as long as it stays open.
+fn budget_request_body(
+    req: tonic::codegen::http::Request<tonic::body::Body>,
+) -> tonic::codegen::http::Request<tonic::body::Body> {
+    if !req.uri().path().starts_with("/csi.v1.") {
+        return req;
+    }
+    req.map(|b| {
+        tonic::body::Body::new(Budgeted {
+            inner: b,
+            seen: 0,
+            held: 0,
+        })
+    })
+}
+
+struct Budgeted {
+    inner: tonic::body::Body,
+    /// Bytes of this body received so far.
+    seen: usize,
+    /// Of them, those counted in `IN_TRANSIT`.
+    held: usize,
+}
+
+impl Budgeted {
+    /// Counts `n` more bytes; false when the budget has no room for them.
+    fn take(&mut self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let seen = self.seen.saturating_add(n);
+        let counted = seen.saturating_sub(REQUEST_BYTES_FREE) - self.held;
+        if counted > 0 {
+            let room = IN_TRANSIT.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                now.checked_add(counted)
+                    .filter(|&t| t <= REQUEST_BYTES_IN_TRANSIT)
+            });
+            if room.is_err() {
+                return false;
+            }
+            self.held += counted;
+        }
+        self.seen = seen;
+        true
+    }
+}
+
+impl Drop for Budgeted {
+    fn drop(&mut self) {
+        IN_TRANSIT.fetch_sub(self.held, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl tonic::codegen::Body for Budgeted {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, tonic::Status>>> {
+        use std::task::Poll;
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                if !self.take(d.len()) {
+                    return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(format!(
+                        "berth is receiving {} MiB of requests that have not arrived whole; try again",
+                        REQUEST_BYTES_IN_TRANSIT >> 20
+                    )))));
+                }
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

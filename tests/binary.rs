@@ -1036,6 +1036,278 @@ async fn connections_that_never_send_the_preface_are_closed() {
         .unwrap();
 }
 
+/// HTTP/2 by hand, for clients no gRPC library would be: frames written
+/// as they are on the wire, header blocks as HPACK literals.
+mod raw_h2 {
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
+        // Literal without indexing, new name; every string here is < 127.
+        out.push(0);
+        out.push(name.len() as u8);
+        out.extend(name.as_bytes());
+        out.push(value.len() as u8);
+        out.extend(value.as_bytes());
+    }
+
+    /// A call's HEADERS frame (END_HEADERS, the body to follow).
+    pub fn call(stream: u32, path: &str) -> Vec<u8> {
+        let mut block = Vec::new();
+        for (n, v) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            literal(&mut block, n, v);
+        }
+        frame(1, 0x4, stream, &block)
+    }
+
+    /// A frame read: type, flags, stream, payload.
+    pub type Frame = (u8, u8, u32, Vec<u8>);
+
+    /// Frames read within `wait`.
+    pub fn read(
+        s: &mut std::os::unix::net::UnixStream,
+        buf: &mut Vec<u8>,
+        wait: std::time::Duration,
+    ) -> Option<Vec<Frame>> {
+        use std::io::Read;
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut chunk = vec![0u8; 1 << 16];
+        match s.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return None,
+        }
+        let mut frames = Vec::new();
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            frames.push((buf[3], buf[4], stream, buf[9..9 + len].to_vec()));
+            buf.drain(..9 + len);
+        }
+        Some(frames)
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// One connection that opens thousands of calls and never sends their
+/// requests holds at most `server::MAX_STREAMS_PER_CONNECTION` of them:
+/// the rest are refused (RST_STREAM REFUSED_STREAM). tonic gave hyper no
+/// limit, which lifted hyper's own: every call was taken, about 8 KiB
+/// each, for as long as the connection lasted.
+#[tokio::test]
+async fn one_connection_cannot_open_calls_without_bound() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let pid = b.child.id();
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+    let before = rss_kib(pid);
+    let mut s = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    let mut out = raw_h2::PREFACE.to_vec();
+    out.extend(raw_h2::frame(4, 0, 0, &[]));
+    let calls = 4000u32;
+    for i in 0..calls {
+        out.extend(raw_h2::call(1 + 2 * i, "/csi.v1.Controller/CreateVolume"));
+    }
+    s.write_all(&out).unwrap();
+    let (mut buf, mut refused, mut limit) = (Vec::new(), 0u32, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refused + berth::server::MAX_STREAMS_PER_CONNECTION < calls && Instant::now() < deadline {
+        let Some(frames) = raw_h2::read(&mut s, &mut buf, Duration::from_millis(200)) else {
+            break;
+        };
+        for (kind, flags, _, p) in frames {
+            match kind {
+                // SETTINGS (not an ack): MAX_CONCURRENT_STREAMS is 3.
+                4 if flags & 1 == 0 => {
+                    for e in p.chunks(6) {
+                        if e[..2] == [0, 3] {
+                            limit = Some(u32::from_be_bytes([e[2], e[3], e[4], e[5]]));
+                        }
+                    }
+                    s.write_all(&raw_h2::frame(4, 1, 0, &[])).unwrap();
+                }
+                // RST_STREAM REFUSED_STREAM (7).
+                3 if p == [0, 0, 0, 7] => refused += 1,
+                _ => {}
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 8 << 10,
+        "{grown} KiB more resident with {calls} calls opened"
+    );
+    assert!(
+        refused + berth::server::MAX_STREAMS_PER_CONNECTION >= calls,
+        "{refused} of {calls} calls refused"
+    );
+    assert_eq!(limit, Some(berth::server::MAX_STREAMS_PER_CONNECTION));
+    let probe = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.identity.probe(Request::new(Default::default())),
+    )
+    .await;
+    assert!(matches!(probe, Ok(Ok(_))), "Probe: {probe:?}");
+    drop(s);
+}
+
+/// Calls whose requests never arrive whole (each begins a message of
+/// almost gRPC's 4 MiB and stops short of its end) make berth hold at
+/// most `server::REQUEST_BYTES_IN_TRANSIT` of them; a call that needs
+/// more meanwhile is RESOURCE_EXHAUSTED, and once they are gone the same
+/// call goes through. Before, berth held every byte (64 calls on one
+/// connection: 265 MB resident), and Probe and small calls still answer.
+#[tokio::test]
+async fn requests_that_never_arrive_whole_hold_bounded_memory() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let pid = b.child.id();
+    let sock = b.sock.display().to_string();
+    let mut c = connect(&sock).await.unwrap();
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+    let before = rss_kib(pid);
+    let (calls, declared, sent_each) = (64u32, 4_000_000u32, 3_900_000usize);
+    let mut s = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    let mut out = raw_h2::PREFACE.to_vec();
+    out.extend(raw_h2::frame(4, 0, 0, &[]));
+    let mut sent = HashMap::new();
+    let mut conn_window: i64 = 65_535 - 5 * calls as i64;
+    for i in 0..calls {
+        let id = 1 + 2 * i;
+        out.extend(raw_h2::call(id, "/csi.v1.Controller/CreateVolume"));
+        let mut head = vec![0u8];
+        head.extend(declared.to_be_bytes());
+        out.extend(raw_h2::frame(0, 0, id, &head));
+        sent.insert(id, 5usize);
+    }
+    s.write_all(&out).unwrap();
+    // Sent as HTTP/2 flow control allows, as fast as berth takes them.
+    let (mut buf, mut initial, mut windows) = (Vec::new(), 65_535i64, HashMap::<u32, i64>::new());
+    let mut ended = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let open: Vec<u32> = sent
+            .iter()
+            .filter(|(id, n)| **n < sent_each && !ended.contains(*id))
+            .map(|(id, _)| *id)
+            .collect();
+        if open.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        let frames = raw_h2::read(&mut s, &mut buf, Duration::from_millis(20))
+            .expect("berth closed the connection");
+        for (kind, flags, id, p) in frames {
+            match kind {
+                4 if flags & 1 == 0 => {
+                    for e in p.chunks(6) {
+                        if e[..2] == [0, 4] {
+                            initial = u32::from_be_bytes([e[2], e[3], e[4], e[5]]) as i64;
+                        }
+                    }
+                    s.write_all(&raw_h2::frame(4, 1, 0, &[])).unwrap();
+                }
+                8 => {
+                    let inc = (u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff) as i64;
+                    if id == 0 {
+                        conn_window += inc;
+                    } else {
+                        *windows.entry(id).or_default() += inc;
+                    }
+                }
+                // An answer or a reset: that call is over.
+                1 | 3 => {
+                    ended.insert(id);
+                }
+                _ => {}
+            }
+        }
+        for id in open {
+            let n = sent[&id];
+            let room = (initial + windows.get(&id).copied().unwrap_or(0) - n as i64)
+                .min(conn_window)
+                .min((sent_each - n) as i64)
+                .min(16_384);
+            if room > 0 {
+                s.write_all(&raw_h2::frame(0, 0, id, &vec![0u8; room as usize]))
+                    .unwrap();
+                *sent.get_mut(&id).unwrap() += room as usize;
+                conn_window -= room;
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < ((berth::server::REQUEST_BYTES_IN_TRANSIT >> 10) as u64) * 3 / 2,
+        "{grown} KiB more resident while {calls} requests of {declared} bytes never arrive whole"
+    );
+    let probe = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.identity.probe(Request::new(Default::default())),
+    )
+    .await;
+    assert!(matches!(probe, Ok(Ok(_))), "Probe: {probe:?}");
+    // A large request meanwhile finds no room.
+    let mut big = csi::CreateVolumeRequest {
+        name: "pvc-big".into(),
+        ..Default::default()
+    };
+    big.parameters
+        .insert("unknownKey".into(), "x".repeat(2 << 20));
+    let e = c
+        .controller
+        .create_volume(Request::new(big.clone()))
+        .await
+        .expect_err("a 2 MiB request beside 64 MiB in transit");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    // The slow client gone, its bytes are given back.
+    drop(s);
+    std::thread::sleep(Duration::from_millis(500));
+    let e = c
+        .controller
+        .create_volume(Request::new(big))
+        .await
+        .expect_err("a request with an unknown parameter");
+    assert_ne!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+}
+
 /// Probes and /healthz checks at the same moment (the livenessprobe
 /// sidecar's Probe and kubelet's /healthz overlap in a cluster) all pass:
 /// each check writes a file of its own (they shared one, and one check

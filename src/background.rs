@@ -1,7 +1,8 @@
 //! Work that an RPC causes but need not wait for, done in order on one
 //! thread of its own: emptying a deleted local volume's directory out of
 //! the trash (its record is gone already) and whatever start-up finds
-//! left there (once the socket is up: `Driver::start`), and making the
+//! left there or moves there (unfinished creates and copies; once the
+//! socket is up: `Driver::start`), and making the
 //! local kind's spare directories ahead of creates (`kinds::local::spares`).
 //! Nothing here may be needed for an RPC's answer to be right.
 //!

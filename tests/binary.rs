@@ -3054,3 +3054,73 @@ async fn start_up_serves_before_the_trash_it_found_is_emptied() {
     }
     assert_eq!(listed(&b.sock).await.len(), 1);
 }
+
+/// What a crash leaves of creates and copies that never became Ready (an
+/// unfinished create's or restore's directory under `.creating/`, a
+/// snapshot's copy `.snapshots/.partial-<id>`, and one an older version
+/// named `.partial-.partial-<id>`) is moved into the trash at start-up
+/// and removed on the background thread once the socket is up: berth
+/// answers Probe, NodeGetInfo and CreateVolume while 100,000 entries of
+/// each are still on the disk, then removes them all. Before, start-up
+/// removed them in place before it bound the socket: the first Probe was
+/// answered with them gone.
+#[tokio::test]
+async fn start_up_serves_before_the_unfinished_copies_it_found_are_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let mut b = start(d.path(), &[]);
+    assert!(sigterm(&mut b).success());
+    let local = d.path().join("local");
+    let left = [
+        local.join(".creating").join(format!("local-{:032x}", 7)),
+        local
+            .join(".creating")
+            .join(format!(".partial-local-{:032x}", 8)),
+        local
+            .join(".snapshots")
+            .join(format!(".partial-local-snap-{:032x}", 9)),
+        local
+            .join(".snapshots")
+            .join(format!(".partial-.partial-local-snap-{:032x}", 10)),
+    ];
+    for l in &left {
+        many_files(l, 100_000);
+    }
+    let b = start_within(d.path(), NODE, &[], Duration::from_secs(600));
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let p = c
+        .identity
+        .probe(Request::new(csi::ProbeRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.ready, Some(true));
+    let info = c
+        .node
+        .node_get_info(Request::new(csi::NodeGetInfoRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, NODE);
+    c.controller
+        .create_volume(Request::new(create_req("new", 1 << 20)))
+        .await
+        .unwrap();
+    assert!(
+        trash_holds_anything(d.path()),
+        "berth answered only once what start-up found was removed: it removed them before serving"
+    );
+    assert!(
+        left.iter().all(|l| !l.exists()),
+        "left in place: moved into the trash at start-up"
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while trash_holds_anything(d.path()) {
+        assert!(
+            Instant::now() < deadline,
+            "the trash was not emptied\n{}",
+            std::fs::read_to_string(&b.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed(&b.sock).await.len(), 1);
+}

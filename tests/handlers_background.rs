@@ -18,6 +18,10 @@ use tonic::Request;
 
 const MIB: i64 = 1 << 20;
 
+/// `background::configure` is process-wide: the tests that turn the
+/// thread on run one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn project(h: &Harness, id: &str) -> u32 {
     h.driver
         .store
@@ -49,6 +53,8 @@ async fn available(h: &Harness) -> i64 {
 /// before the driver was up: every RPC of every tenant waited for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_answers_while_the_trash_it_found_is_still_being_emptied() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    berth::background::configure(false);
     let dir = tempfile::tempdir().unwrap();
     let (os, fake) = Os::fake();
     fake.enable_project_quotas();
@@ -163,4 +169,236 @@ async fn start_up_answers_while_the_trash_it_found_is_still_being_emptied() {
             .await,
     );
     assert_eq!(project(&h, &c), pa);
+}
+
+fn snap_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+fn from_snapshot(name: &str, size: i64, snap: &str) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.into(),
+                },
+            )),
+        }),
+        ..create_req(name, size)
+    }
+}
+
+/// The files named `marker-*` anywhere under `dir`.
+fn markers(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            } else if name.starts_with("marker-") {
+                found.push(name);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// What a crash leaves of copies and creates that never became Ready
+/// (a restore whose copy was whole but not yet Ready, under
+/// `.creating/<id>` with a record still Creating; a restore interrupted
+/// mid-copy, its copy in its holder `.creating/.partial-<id>`; a
+/// snapshot's copy `.snapshots/.partial-<id>` under a record still
+/// Creating; a plain create's directory and a snapshot's copy without
+/// records) is moved into the trash at start-up and removed on the
+/// background thread once the socket is up, never before berth answers:
+/// with every removal held (a tree of millions of files takes minutes),
+/// start-up finishes, the records are rolled back, and Probe,
+/// NodeGetInfo and CreateVolume answer while all of it is still on the
+/// disk; the restores' project ids stay held until their copies are gone
+/// (a new volume gets another one), then are let go. Before, start-up
+/// removed each of them in place before it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_answers_while_unfinished_copies_it_found_are_still_being_removed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    berth::background::configure(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (os, fake) = Os::fake();
+    fake.enable_project_quotas();
+    let h = build(dir, os, Some(fake.clone()), &["--local-spare-dirs", "0"]);
+    set_free(&h, 500 * MIB, 400 * MIB);
+    let src = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("src", 10 * MIB)))
+            .await,
+    );
+    std::fs::write(h.path("local").join(&src).join("data"), b"src").unwrap();
+    let snap = h
+        .ctl
+        .create_snapshot(Request::new(snap_req("s", &src)))
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let whole = created_id(
+        h.ctl
+            .create_volume(Request::new(from_snapshot("whole", 10 * MIB, &snap)))
+            .await,
+    );
+    let midway = created_id(
+        h.ctl
+            .create_volume(Request::new(from_snapshot("midway", 10 * MIB, &snap)))
+            .await,
+    );
+    let (pw, pm) = (project(&h, &whole), project(&h, &midway));
+    let later = h
+        .ctl
+        .create_snapshot(Request::new(snap_req("later", &src)))
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    // The crash: both restores and the second snapshot never said Ready.
+    let files = h.driver.os.files.clone();
+    let local = h.path("local");
+    let creating = local.join(".creating");
+    for id in [&whole, &midway] {
+        let mut r = h.driver.store.get(id).unwrap();
+        h.driver
+            .store
+            .set_phase(&mut r, berth::state::Phase::Creating)
+            .unwrap();
+    }
+    files
+        .rename_noreplace(&local.join(&whole), &creating.join(&whole))
+        .unwrap();
+    files
+        .rename_noreplace(
+            &local.join(&midway),
+            &creating.join(format!(".partial-{midway}")),
+        )
+        .unwrap();
+    let mut s = h.driver.store.snapshot_get(&later).unwrap();
+    s.phase = berth::state::Phase::Creating;
+    h.driver.store.snapshot_put(&s).unwrap();
+    let snaps = local.join(".snapshots");
+    files
+        .rename_noreplace(
+            &snaps.join(&later),
+            &snaps.join(format!(".partial-{later}")),
+        )
+        .unwrap();
+    // And leftovers without records: a plain create's directory, a
+    // snapshot's copy.
+    let lost_create = creating.join(format!("local-{:032x}", 7));
+    let lost_copy = snaps.join(format!(".partial-local-snap-{:032x}", 8));
+    for d in [&lost_create, &lost_copy] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let planted = [
+        (creating.join(&whole), "marker-whole"),
+        (creating.join(format!(".partial-{midway}")), "marker-midway"),
+        (snaps.join(format!(".partial-{later}")), "marker-later"),
+        (lost_create.clone(), "marker-lost-create"),
+        (lost_copy.clone(), "marker-lost-copy"),
+    ];
+    for (d, m) in &planted {
+        std::fs::write(d.join(m), b"x").unwrap();
+    }
+    let mut all: Vec<String> = planted.iter().map(|(_, m)| m.to_string()).collect();
+    all.sort();
+    let dir = h.stop();
+
+    berth::background::configure(true);
+    // Every removal under the local root waits until the test lets it go.
+    let held = fake.hold_op_under("remove tree", &local);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f: Arc<FakeOs> = fake.clone();
+    std::thread::spawn(move || {
+        let h = build(
+            dir,
+            Os::on_fake(&f),
+            Some(f.clone()),
+            &["--local-spare-dirs", "0"],
+        );
+        let _ = tx.send(h);
+    });
+    // Not a timing criterion: the old start-up never returned while the
+    // removals were held; this only keeps the test from hanging then.
+    let h = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(h) => h,
+        Err(_) => {
+            held.release();
+            berth::background::configure(false);
+            panic!("start-up did not finish while the removal of what it found was held: it removes unfinished copies before serving");
+        }
+    };
+    let p = h
+        .ident
+        .probe(Request::new(csi::ProbeRequest {}))
+        .await
+        .expect("probe")
+        .into_inner();
+    assert_eq!(p.ready, Some(true));
+    let info = h
+        .node
+        .node_get_info(Request::new(csi::NodeGetInfoRequest {}))
+        .await
+        .expect("node get info")
+        .into_inner();
+    assert_eq!(info.node_id, NODE);
+    // Rolled back: the records are gone.
+    assert!(h.driver.store.get(&whole).is_none());
+    assert!(h.driver.store.get(&midway).is_none());
+    assert!(h.driver.store.snapshot_get(&later).is_none());
+    assert_eq!(
+        markers(&local.join(".trash")),
+        all,
+        "answered while the trash still holds everything start-up found"
+    );
+    assert_eq!(markers(&creating), Vec::<String>::new());
+    assert_eq!(markers(&snaps), Vec::<String>::new());
+    let n = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("new", MIB)))
+            .await,
+    );
+    let pn = project(&h, &n);
+    assert!(
+        pn != pw && pn != pm,
+        "a project id of a copy still on the disk was handed out"
+    );
+    assert!(fake.project_limits().contains_key(&pw));
+    assert!(fake.project_limits().contains_key(&pm));
+    // The volumes that are Ready are untouched.
+    assert_eq!(
+        std::fs::read(local.join(&src).join("data")).unwrap(),
+        b"src"
+    );
+    assert!(snaps.join(&snap).join("data").exists());
+
+    held.release();
+    assert!(berth::background::wait_idle(Duration::from_secs(60)));
+    berth::background::configure(false);
+    assert_eq!(markers(&local), Vec::<String>::new());
+    assert_eq!(std::fs::read_dir(local.join(".trash")).unwrap().count(), 0);
+    assert!(
+        !fake.project_limits().contains_key(&pw),
+        "the id is let go once its copy is removed"
+    );
+    assert!(!fake.project_limits().contains_key(&pm));
+    assert_eq!(
+        std::fs::read(local.join(&src).join("data")).unwrap(),
+        b"src"
+    );
 }

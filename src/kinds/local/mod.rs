@@ -238,6 +238,11 @@ pub struct LocalKind {
     /// id it holds for the entry until it is gone (`start_background`
     /// empties them).
     startup_trash: std::sync::Mutex<Vec<(PathBuf, Option<u32>)>>,
+    /// True from start-up until the socket is up (`start_background`):
+    /// what start-up would remove (unfinished creates, restores and
+    /// clones, snapshot copies) is moved into the trash instead, one
+    /// rename each, and emptied with it on the background thread.
+    starting: std::sync::atomic::AtomicBool,
 }
 
 /// The names in a local root, each followed by a NUL, in one buffer: start-up
@@ -417,6 +422,7 @@ impl LocalKind {
             staged,
             listed: std::sync::Mutex::new(listed),
             startup_trash: std::sync::Mutex::new(Vec::new()),
+            starting: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -724,6 +730,45 @@ impl LocalKind {
         trash_entries(&self.root)
     }
 
+    /// Moves `path` (an entry of one of Berth's own directories in the
+    /// root) into the trash as `<name>-<time><tag>`: one rename, however
+    /// many files it holds. A name that is a volume's id makes the entry
+    /// that volume's (`trash_entries`): its `purge` empties it before it
+    /// lets the volume's project go.
+    fn move_to_trash(&self, path: &Path, name: &str, tag: &str) -> Result<()> {
+        let trash = self.root.join(TRASH);
+        let f = self.os.files.as_ref();
+        ensure_dir(f, &trash, 0o700)
+            .and_then(|_| {
+                let dest = trash.join(format!("{name}-{}{tag}", crate::driver::now_nanos()));
+                f.rename_noreplace(path, &dest)
+            })
+            .map_err(|e| Error::os(format!("moving {} to the trash", path.display()), e))
+    }
+
+    /// Removes `path`, what start-up found of a copy or create that never
+    /// became Ready: while starting, moved into the trash (one rename),
+    /// which is emptied on the background thread once the socket is up
+    /// (`reconcile_orphans` lists it after this); otherwise, or when the
+    /// move fails (no room for the trash's entry), removed in place.
+    /// `name`: its name in the trash (a volume's id for what that volume's
+    /// `purge` empties).
+    /// True when it was moved.
+    fn discard(&self, path: &Path, name: &str) -> Result<bool> {
+        if self.os.files.lstat(path).is_err() {
+            return Ok(false);
+        }
+        if self.starting.load(std::sync::atomic::Ordering::SeqCst) {
+            match self.move_to_trash(path, name, "") {
+                Ok(()) => return Ok(true),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e.render(), "could not move an unfinished copy into the trash; removing it in place")
+                }
+            }
+        }
+        self.remove_tree(path).map(|_| false)
+    }
+
     /// The names under `.creating/` (new volumes' directories, by id, and
     /// restores' and clones' unfinished copies).
     fn creating(&self) -> Vec<String> {
@@ -823,8 +868,9 @@ impl LocalKind {
             tracing::error!(snapshot_id = %snap.id, dir = %whole.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
             self.set_aside(&whole, &snap.id)?;
         }
-        self.remove_tree(&self.partial_snapshot_dir(&snap.id))?;
-        self.remove_tree(&dest)
+        let partial = self.partial_snapshot_dir(&snap.id);
+        self.discard(&partial, &format!("{PARTIAL}{}", snap.id))?;
+        self.discard(&dest, &snap.id).map(|_| ())
     }
 
     /// Where the copy of snapshot `id` is made before its record says Ready.
@@ -852,12 +898,28 @@ impl LocalKind {
                 // `.creating/` is Berth's own and was never handed out.
                 // Never through a symlink put in place of `.creating`
                 // (`files::read_own_dir`): what it leads to is not Berth's.
+                // Moved into the trash under the volume's id, as a
+                // delete moves a volume's directory (and so is the copy
+                // of a restore or clone still in its holder,
+                // `.partial-<id>`): its `purge` empties them on the
+                // background thread, then lets its project go. A tree of
+                // millions of files (a restore interrupted by a crash)
+                // holds up neither start-up nor the RPC. Removed in place
+                // if the move fails.
                 let area = self.root.join(CREATING);
-                let unfinished = area.join(&rec.id);
-                if std::fs::symlink_metadata(&area).is_ok_and(|m| m.is_dir())
-                    && std::fs::symlink_metadata(&unfinished).is_ok()
-                {
-                    self.remove_tree(&unfinished)?;
+                if std::fs::symlink_metadata(&area).is_ok_and(|m| m.is_dir()) {
+                    for (unfinished, tag) in [
+                        (area.join(&rec.id), ""),
+                        (area.join(format!("{PARTIAL}{}", rec.id)), ".partial"),
+                    ] {
+                        if std::fs::symlink_metadata(&unfinished).is_err() {
+                            continue;
+                        }
+                        if let Err(e) = self.move_to_trash(&unfinished, &rec.id, tag) {
+                            tracing::warn!(volume_id = %rec.id, error = %e.render(), "could not move an unfinished create into the trash; removing it in place");
+                            self.remove_tree(&unfinished)?;
+                        }
+                    }
                 }
                 return Ok(());
             }
@@ -1196,6 +1258,9 @@ impl VolumeKind for LocalKind {
     /// background thread: start-up answers no RPC later for a deleted
     /// volume of millions of files.
     fn start_background(&self) {
+        // From now on removals are made where they are asked for again.
+        self.starting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let entries =
             std::mem::take(&mut *self.startup_trash.lock().unwrap_or_else(|e| e.into_inner()));
         if entries.is_empty() {
@@ -1276,22 +1341,89 @@ impl VolumeKind for LocalKind {
         // first such failure is the answer; it stops none of the rest.
         // Before, the first one ended this cleanup on every start.
         let mut failed: Option<Error> = None;
-        let mut remove = |path: &Path| -> bool {
-            match self.remove_tree(path) {
-                Ok(()) => true,
+        // Some(true): moved into the trash; Some(false): removed in place.
+        let mut discard = |path: &Path, name: &str| -> Option<bool> {
+            match self.discard(path, name) {
+                Ok(moved) => Some(moved),
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e.render(), "could not remove storage that no record holds (an immutable or append-only file in it? lsattr -R); kept, the rest of start-up's cleanup goes on");
                     failed.get_or_insert(e);
-                    false
+                    None
                 }
             }
         };
+        // Unfinished creates and snapshot copies first: while starting they
+        // are moved into the trash (`discard`), which is listed after them
+        // and emptied on the background thread once the socket is up.
+        // Creates whose record says Ready but whose directory was not moved
+        // into the root yet (a crash in between): moved now. Everything
+        // else under `.creating/` (creates that never became Ready, copies
+        // of restores and clones that never finished) was never handed out
+        // and is only Berth's own.
+        if let Some(entries) = self.own_dir(CREATING) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let home = self.root.join(&name);
+                if self.owns_id(&name) && known(&name) && std::fs::symlink_metadata(&home).is_err()
+                {
+                    self.os
+                        .files
+                        .rename_noreplace(&e.path(), &home)
+                        .map_err(|err| {
+                            Error::os(format!("moving {} into place", e.path().display()), err)
+                        })?;
+                    tracing::info!(volume_id = %name, "finished moving a new volume's directory into place");
+                    continue;
+                }
+                let project = self.project_on(&e.path());
+                // Moved: the trash holds its project until it is emptied.
+                if matches!(discard(&e.path(), &name), Some(false)) {
+                    self.release_unheld(project);
+                }
+            }
+        }
+        // Snapshots: an unfinished copy is removed; a copy without a record
+        // (a lost state directory) is kept aside like any orphan.
+        if let Some(entries) = self.own_dir(SNAPSHOTS) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_prefix(PARTIAL) {
+                    // A whole copy whose record says Ready (a crash came
+                    // before the move) goes into place; anything else was
+                    // never handed out (an interrupted copy, also one an
+                    // older version made as `.partial-.partial-<id>`).
+                    if self.owns_snapshot_id(id)
+                        && known(id)
+                        && std::fs::symlink_metadata(self.snapshot_dir(id)?).is_err()
+                    {
+                        self.place_snapshot(id)?;
+                        tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");
+                    } else {
+                        discard(&e.path(), &name);
+                    }
+                } else if self.owns_snapshot_id(&name) && !known(&name) {
+                    self.set_aside(&e.path(), &name)?;
+                }
+            }
+        }
         // The trash: a volume whose record is still there was being
         // deleted when removing its record failed: it goes back. The rest
-        // is emptied.
+        // is emptied. What a create that never became Ready left (moved
+        // here by its rollback, under its id) never goes into the root: a
+        // directory there under a record still Creating is taken for one
+        // that was handed out.
         for (id, path) in self.trash() {
             let home = volume_dir(&self.root, &id);
-            if self.owns_id(&id) && known(&id) && std::fs::symlink_metadata(&home).is_err() {
+            let creating = || {
+                self.store
+                    .get(&id)
+                    .is_some_and(|r| r.phase == Phase::Creating)
+            };
+            if self.owns_id(&id)
+                && known(&id)
+                && !creating()
+                && std::fs::symlink_metadata(&home).is_err()
+            {
                 self.os
                     .files
                     .rename_noreplace(&path, &home)
@@ -1318,56 +1450,6 @@ impl VolumeKind for LocalKind {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((path, ours));
-        }
-        // Creates whose record says Ready but whose directory was not moved
-        // into the root yet (a crash in between): moved now. Everything
-        // else under `.creating/` (creates that never became Ready, copies
-        // of restores and clones that never finished) was never handed out
-        // and is only Berth's own.
-        if let Some(entries) = self.own_dir(CREATING) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let home = self.root.join(&name);
-                if self.owns_id(&name) && known(&name) && std::fs::symlink_metadata(&home).is_err()
-                {
-                    self.os
-                        .files
-                        .rename_noreplace(&e.path(), &home)
-                        .map_err(|err| {
-                            Error::os(format!("moving {} into place", e.path().display()), err)
-                        })?;
-                    tracing::info!(volume_id = %name, "finished moving a new volume's directory into place");
-                    continue;
-                }
-                let project = self.project_on(&e.path());
-                if remove(&e.path()) {
-                    self.release_unheld(project);
-                }
-            }
-        }
-        // Snapshots: an unfinished copy is removed; a copy without a record
-        // (a lost state directory) is kept aside like any orphan.
-        if let Some(entries) = self.own_dir(SNAPSHOTS) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(id) = name.strip_prefix(PARTIAL) {
-                    // A whole copy whose record says Ready (a crash came
-                    // before the move) goes into place; anything else was
-                    // never handed out (an interrupted copy, also one an
-                    // older version made as `.partial-.partial-<id>`).
-                    if self.owns_snapshot_id(id)
-                        && known(id)
-                        && std::fs::symlink_metadata(self.snapshot_dir(id)?).is_err()
-                    {
-                        self.place_snapshot(id)?;
-                        tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");
-                    } else {
-                        remove(&e.path());
-                    }
-                } else if self.owns_snapshot_id(&name) && !known(&name) {
-                    self.set_aside(&e.path(), &name)?;
-                }
-            }
         }
         let listed = self.listed.lock().unwrap_or_else(|e| e.into_inner()).take();
         let listing = listed

@@ -1884,3 +1884,113 @@ async fn deletes_on_a_full_ext4_work_and_free_its_space() {
 async fn deletes_on_a_full_xfs_work_and_free_its_space() {
     deletes_on_a_full_filesystem("xfs").await;
 }
+
+/// A crash tore the journal's last write, and a tenant has filled the
+/// filesystem (state and volumes share it) by the next start: the torn
+/// tail is still kept beside the log (in the space the log kept past its
+/// end, let go for it) and cut off, and berth starts with every
+/// acknowledged volume; nothing is dropped without its copy. Before,
+/// start-up failed writing the copy (ENOSPC) and berth did not start
+/// until an operator freed space (no NodeUnpublish for the node's pods
+/// meanwhile), leaving an empty `.torn` copy at every attempt.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_torn_tail_on_a_full_tmpfs_is_kept_and_berth_starts() {
+    a_torn_tail_on_a_full_filesystem("tmpfs").await;
+}
+
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_torn_tail_on_a_full_ext4_is_kept_and_berth_starts() {
+    a_torn_tail_on_a_full_filesystem("ext4").await;
+}
+
+async fn a_torn_tail_on_a_full_filesystem(fs: &str) {
+    assert!(is_root(), "root tests need root");
+    let images = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(dir.path().to_path_buf());
+    small_filesystem(dir.path(), fs, &images.path().join("fs.img"));
+    let h = build(
+        dir,
+        berth::os::Os::real(),
+        None,
+        &["--local-spare-dirs", "0"],
+    );
+    let a = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("a", 64 << 10)))
+            .await,
+    );
+    std::fs::write(h.path("local").join(&a).join("data"), b"acknowledged").unwrap();
+    let tenant = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("tenant", 64 << 10)))
+            .await,
+    );
+    fill(&h.path("local").join(&tenant));
+    let journal = h.path("state/journal");
+    let dir = h.stop();
+    let logs = |suffix: &str| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(&journal)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains(suffix))
+            .collect();
+        v.sort();
+        v
+    };
+    let log = logs(".jsonl")
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap();
+    let whole = std::fs::read(&log).unwrap();
+    // The crash: a write cut short, within the space kept past the log.
+    let torn: &[u8] = b"{\"v\":1,\"op\":\"put\",\"a write a crash cut sh";
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(torn).unwrap();
+        f.sync_all().unwrap();
+    }
+    let left = free_bytes(dir.path());
+    assert!(left < 64 << 10, "the filesystem is full: {left} bytes free");
+    let h = match try_build(
+        dir,
+        berth::os::Os::real(),
+        None,
+        &["--local-spare-dirs", "0"],
+    ) {
+        Ok(h) => h,
+        Err((_d, e)) => panic!(
+            "berth did not start on the full filesystem: {e}; journal: {:?}",
+            logs("log-")
+        ),
+    };
+    let kept = logs(".torn");
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        std::fs::read(&kept[0]).unwrap(),
+        torn,
+        "the torn tail is kept whole"
+    );
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        whole,
+        "cut off the log, nothing else"
+    );
+    assert!(h.driver.store.get(&a).is_some());
+    assert!(h.driver.store.get(&tenant).is_some());
+    assert_eq!(
+        std::fs::read(h.path("local").join(&a).join("data")).unwrap(),
+        b"acknowledged"
+    );
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    // Deletes still work, and the tenant's gives its space back.
+    let r = try_delete(&h, &tenant).await;
+    assert!(r.is_ok(), "delete of the full volume: {r:?}");
+    assert!(h.driver.store.get(&tenant).is_none());
+    drop(h);
+}

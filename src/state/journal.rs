@@ -1182,6 +1182,18 @@ pub struct Journal {
 }
 
 /// What `open` found.
+/// Writes `torn` (the torn tail of the log) to the new file `keep`,
+/// flushed; removed again when it cannot be written whole.
+fn keep_torn(files: &dyn Files, keep: &Path, torn: &[u8]) -> Result<(), crate::os::OsError> {
+    let k = files.open(keep, Open::CreateNew)?;
+    files
+        .write_at(&k, keep, torn, 0)
+        .and_then(|_| files.sync(&k, keep))
+        .inspect_err(|_| {
+            let _ = files.remove_file(keep);
+        })
+}
+
 pub struct Replay {
     pub journal: Journal,
     /// Every live record, in no particular order.
@@ -1228,11 +1240,29 @@ impl Journal {
                 log_name(s.gen),
                 crate::driver::now_nanos()
             ));
-            let k = files.open(&keep, Open::CreateNew).map_err(StateError::Os)?;
+            let torn = &s.log[t.offset as usize..];
+            let kept = keep_torn(files.as_ref(), &keep, torn).or_else(|e| {
+                if !matches!(e.errno(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                    return Err(e);
+                }
+                // A full filesystem (a tenant filled it, then the crash):
+                // the space the log keeps past its end (`RESERVE`, taken
+                // again below when there is room) is let go, the log's
+                // bytes untouched, and the copy made in it.
+                tracing::warn!(log = %log_path.display(), bytes = torn.len(), "no room to keep the torn tail of the state journal beside it: letting go of the space kept past the log's end for it");
+                files
+                    .set_len(&file, &log_path, s.log.len() as u64)
+                    .and_then(|_| keep_torn(files.as_ref(), &keep, torn))
+            });
+            if let Err(e) = kept {
+                // Nothing is cut without its copy: start-up stops (the
+                // next start tries again), and leaves no copy that is not
+                // whole.
+                let _ = files.remove_file(&keep);
+                return Err(StateError::Os(e));
+            }
             files
-                .write_at(&k, &keep, &s.log[t.offset as usize..], 0)
-                .and_then(|_| files.sync(&k, &keep))
-                .and_then(|_| files.set_len(&file, &log_path, t.offset))
+                .set_len(&file, &log_path, t.offset)
                 .map_err(StateError::Os)?;
             tracing::warn!(
                 log = %log_path.display(),

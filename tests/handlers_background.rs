@@ -402,3 +402,62 @@ async fn start_up_answers_while_unfinished_copies_it_found_are_still_being_remov
         b"src"
     );
 }
+
+/// Bytes allocated to the journal's current log (its reserve past its
+/// end included).
+fn log_allocated(h: &Harness) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let dir = h.path("state/journal");
+    let log = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .max()
+        .expect("a log");
+    let m = std::fs::metadata(&log).unwrap();
+    (m.len(), m.blocks() * 512)
+}
+
+/// On a filesystem a tenant keeps full, the journal's reserve (the space
+/// kept past the end of its log, which lets deletes be recorded there) is
+/// refilled as soon as a delete's storage is removed, not at the next
+/// change: by then the tenant may have taken the freed space again, and
+/// the deletes after it ran on what was left of the reserve. Here the
+/// filesystem is full (no reserve can be taken) while berth starts, while
+/// a volume is made and while its delete is recorded; the delete's
+/// removal frees space, and the reserve is whole again before any other
+/// change. Before, it stayed empty until the next change was written.
+#[tokio::test]
+async fn a_delete_that_frees_space_refills_the_journals_reserve_at_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    berth::background::configure(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (os, fake) = Os::fake();
+    // Full: nothing can be kept past the end of the log.
+    fake.fail_op_under("reserve", dir.path(), libc::ENOSPC);
+    let h = build(dir, os, Some(fake.clone()), &["--local-spare-dirs", "0"]);
+    let v = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("tenant", MIB)))
+            .await,
+    );
+    std::fs::write(h.path("local").join(&v).join("data"), vec![7u8; 1 << 16]).unwrap();
+    let (len, allocated) = log_allocated(&h);
+    assert!(
+        allocated < len + berth::state::journal::RESERVE / 2,
+        "no reserve on the full filesystem: {allocated} bytes for a log of {len}"
+    );
+    // The delete's own record is written while the filesystem is still
+    // full; removing the volume frees its space.
+    fake.clear_file_faults();
+    fake.fail_next("reserve", libc::ENOSPC);
+    delete(&h, &v).await;
+    assert!(h.driver.store.get(&v).is_none());
+    assert!(!h.path("local").join(&v).exists());
+    let (len, allocated) = log_allocated(&h);
+    assert!(
+        allocated >= len + berth::state::journal::RESERVE,
+        "the reserve is taken again once the delete freed space: {allocated} bytes allocated for a log of {len}"
+    );
+}

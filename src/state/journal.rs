@@ -1656,6 +1656,17 @@ impl Journal {
         })
     }
 
+    /// Takes the space kept past the end of the log again if less than
+    /// half of it is left (`Writer::top_up`), without waiting for the next
+    /// change: called once storage was removed, so that the space a delete
+    /// freed refills the reserve before a tenant can take it again. A
+    /// no-op while the reserve is whole; best effort.
+    pub fn keep_reserve(&self) {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.dir.join(log_name(w.gen));
+        w.top_up(self.files.as_ref(), &path);
+    }
+
     /// Current generation and log length (for tests and metrics).
     pub fn position(&self) -> (u64, u64) {
         let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());

@@ -704,6 +704,12 @@ impl Store {
         &self.set_aside
     }
 
+    /// Refills the journal's reserve once space was freed
+    /// (`Journal::keep_reserve`).
+    pub fn keep_reserve(&self) {
+        self.journal.keep_reserve();
+    }
+
     /// Set when the journal stopped accepting changes (see `journal`).
     pub fn poisoned(&self) -> Option<String> {
         self.journal.poisoned()

@@ -1245,8 +1245,13 @@ impl VolumeKind for LocalKind {
         let files = self.os.files.clone();
         let projects = self.projects.clone();
         let (id, project) = (rec.id.clone(), rec.project());
+        let store = self.store.clone();
         crate::background::submit(move || {
             empty_trash_of(&root, files.as_ref(), projects.as_deref(), &id, project);
+            // On a filesystem a tenant keeps full, the space the delete
+            // freed refills the journal's reserve now, not at the next
+            // change (by which time the tenant may have taken it).
+            store.keep_reserve();
         });
     }
 
@@ -1273,8 +1278,10 @@ impl VolumeKind for LocalKind {
         let trash = self.root.join(TRASH);
         let files = self.os.files.clone();
         let projects = self.projects.clone();
+        let store = self.store.clone();
         crate::background::submit(move || {
             empty_startup_trash(&trash, files.as_ref(), projects.as_deref(), entries);
+            store.keep_reserve();
         });
     }
 

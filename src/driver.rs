@@ -225,6 +225,24 @@ impl Driver {
         });
     }
 
+    /// RESOURCE_EXHAUSTED for a request that would write a new record
+    /// (CreateVolume, CreateSnapshot) while the filesystem of the state
+    /// directory is full and the journal's reserve is short
+    /// (`Store::reserve_short`): what is left of the reserve is kept for
+    /// the changes that give space back (deletes). Otherwise a retried
+    /// create on the full filesystem (a CreateSnapshot that fails copying,
+    /// retried by the snapshot controller: two lines each) used it up, and
+    /// the deletes that would have freed space failed with ENOSPC.
+    pub fn check_journal_room(&self) -> Result<()> {
+        if self.store.reserve_short() {
+            return Err(Error::NoSpace(format!(
+                "the filesystem of the state directory {} is full: the journal keeps what space it has left for deletes; free space there (delete volumes or snapshots)",
+                self.cfg.state_dir().display()
+            )));
+        }
+        Ok(())
+    }
+
     /// True until the work `start` began is done.
     pub fn reconciling(&self) -> bool {
         self.reconciling.load(Ordering::SeqCst)

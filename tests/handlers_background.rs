@@ -434,8 +434,6 @@ async fn a_delete_that_frees_space_refills_the_journals_reserve_at_once() {
     berth::background::configure(false);
     let dir = tempfile::tempdir().unwrap();
     let (os, fake) = Os::fake();
-    // Full: nothing can be kept past the end of the log.
-    fake.fail_op_under("reserve", dir.path(), libc::ENOSPC);
     let h = build(dir, os, Some(fake.clone()), &["--local-spare-dirs", "0"]);
     let v = created_id(
         h.ctl
@@ -443,6 +441,8 @@ async fn a_delete_that_frees_space_refills_the_journals_reserve_at_once() {
             .await,
     );
     std::fs::write(h.path("local").join(&v).join("data"), vec![7u8; 1 << 16]).unwrap();
+    // Full: nothing can be kept past the end of the log.
+    let h = restart_without_reserve(h, &fake);
     let (len, allocated) = log_allocated(&h);
     assert!(
         allocated < len + berth::state::journal::RESERVE / 2,
@@ -459,5 +459,96 @@ async fn a_delete_that_frees_space_refills_the_journals_reserve_at_once() {
     assert!(
         allocated >= len + berth::state::journal::RESERVE,
         "the reserve is taken again once the delete freed space: {allocated} bytes allocated for a log of {len}"
+    );
+}
+
+/// Stops `h` and starts it again on a filesystem that filled up meanwhile
+/// (the space kept past the journal's log let go, and none to take again:
+/// every reserve refused until `clear_file_faults`).
+fn restart_without_reserve(h: Harness, fake: &Arc<FakeOs>) -> Harness {
+    let journal = h.path("state/journal");
+    let dir = h.stop();
+    for e in std::fs::read_dir(&journal).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "jsonl") {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .unwrap();
+            let len = f.metadata().unwrap().len();
+            // (a truncation to its own size lets go of what is kept past it)
+            f.set_len(len).unwrap();
+        }
+    }
+    fake.fail_op_under("reserve", dir.path(), libc::ENOSPC);
+    build(
+        dir,
+        Os::on_fake(fake),
+        Some(fake.clone()),
+        &["--local-spare-dirs", "0"],
+    )
+}
+
+/// On a full filesystem the journal's reserve is kept for the changes that
+/// give space back: once less than half of it is left and it cannot be
+/// taken again, CreateVolume and CreateSnapshot are RESOURCE_EXHAUSTED
+/// before they write anything, while DeleteVolume still works; once there
+/// is room again they work without a restart. Before, a CreateSnapshot
+/// that failed copying on the full filesystem wrote its record and its
+/// removal (356 bytes; the snapshot controller retries it), and about
+/// 2,900 such retries used the whole reserve up (root test run on an
+/// 8 MiB tmpfs), after which the deletes that would free space failed
+/// with ENOSPC.
+#[tokio::test]
+async fn a_full_filesystem_keeps_the_journals_reserve_for_deletes() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    berth::background::configure(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (os, fake) = Os::fake();
+    let h = build(dir, os, Some(fake.clone()), &["--local-spare-dirs", "0"]);
+    let v = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("v", MIB)))
+            .await,
+    );
+    std::fs::write(h.path("local").join(&v).join("data"), b"v").unwrap();
+    let w = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("w", MIB)))
+            .await,
+    );
+    // The filesystem filled up and the reserve was used: nothing is kept
+    // past the log, and no room to keep any.
+    let h = restart_without_reserve(h, &fake);
+    let (len, _) = log_allocated(&h);
+    let snap = h.ctl.create_snapshot(Request::new(snap_req("s", &v))).await;
+    assert_eq!(
+        snap.as_ref().map(|_| ()).map_err(|e| e.code()),
+        Err(tonic::Code::ResourceExhausted),
+        "{snap:?}"
+    );
+    let r = h
+        .ctl
+        .create_volume(Request::new(create_req("x", MIB)))
+        .await;
+    assert_eq!(
+        r.as_ref().map(|_| ()).map_err(|e| e.code()),
+        Err(tonic::Code::ResourceExhausted),
+        "{r:?}"
+    );
+    assert_eq!(log_allocated(&h).0, len, "nothing written for them");
+    assert!(h.driver.store.snapshot_by_name("s").is_none());
+    // A delete still goes through.
+    delete(&h, &w).await;
+    assert!(h.driver.store.get(&w).is_none());
+    // Room again (a tenant freed space): they work, no restart needed.
+    fake.clear_file_faults();
+    h.ctl
+        .create_snapshot(Request::new(snap_req("s", &v)))
+        .await
+        .expect("snapshot once there is room");
+    created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("x", MIB)))
+            .await,
     );
 }

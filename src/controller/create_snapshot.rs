@@ -105,6 +105,7 @@ fn create(
             vol.kind
         )));
     }
+    d.check_journal_room()?;
     let mut rec = match d.store.snapshot_by_name(&name) {
         Some(s) => {
             kind.rollback_snapshot(&s)?;

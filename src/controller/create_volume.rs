@@ -480,6 +480,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     // and the storage it names is free at once for the next request. A
     // request the records refuse is refused before that wait.
     d.store.check_admission(rec.kind, conflicts)?;
+    d.check_journal_room()?;
     imp.reach(&rec)?;
     // The promises alone leave no room: a kind that holds its volumes to
     // their sizes adds back what they wrote (read before the free space

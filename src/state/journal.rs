@@ -1003,6 +1003,9 @@ pub struct Writer {
     reserved: u64,
     /// The last top-up of the reserve failed (logged once until one works).
     short: bool,
+    /// That failure was for want of space (ENOSPC, EDQUOT), not a
+    /// filesystem that keeps no space ahead (`Journal::reserve_short`).
+    full: bool,
 }
 
 /// Most bytes one write round appends (unless a single change is bigger:
@@ -1042,12 +1045,14 @@ impl Writer {
         match files.reserve(&self.file, path, self.len, RESERVE) {
             Ok(()) => {
                 self.reserved = self.len + RESERVE;
+                self.full = false;
                 if self.short {
                     self.short = false;
                     tracing::info!(log = %path.display(), "space past the end of the state journal's log is kept again");
                 }
             }
             Err(e) => {
+                self.full = matches!(e.errno(), Some(libc::ENOSPC | libc::EDQUOT));
                 if !self.short {
                     self.short = true;
                     tracing::warn!(log = %path.display(), left = self.reserved.saturating_sub(self.len), error = %e, "cannot keep space past the end of the state journal's log; changes go on in what is left of it, and it is taken again once there is room");
@@ -1305,6 +1310,7 @@ impl Journal {
             min_compact: MIN_COMPACT,
             reserved: allocated.max(s.log_good),
             short: false,
+            full: false,
         };
         writer.set_threshold();
         writer.top_up(files.as_ref(), &log_path);
@@ -1601,6 +1607,7 @@ impl Journal {
             min_compact: w.min_compact,
             reserved,
             short: reserved == 0,
+            full: false,
         };
         w.set_threshold();
         for name in [snapshot_name(old), json_snapshot_name(old), log_name(old)] {
@@ -1665,6 +1672,21 @@ impl Journal {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.dir.join(log_name(w.gen));
         w.top_up(self.files.as_ref(), &path);
+    }
+
+    /// Less than half of the space kept past the end of the log is left
+    /// and the filesystem has no room to take it again (ENOSPC, EDQUOT;
+    /// tried again now, when the last top-up failed: space may have come
+    /// back without a change written since): what is left is for the
+    /// changes that give space back. Never for a filesystem that keeps no
+    /// space ahead at all (no fallocate).
+    pub fn reserve_short(&self) -> bool {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if w.short && w.full {
+            let path = self.dir.join(log_name(w.gen));
+            w.top_up(self.files.as_ref(), &path);
+        }
+        w.short && w.full
     }
 
     /// Current generation and log length (for tests and metrics).

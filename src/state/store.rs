@@ -710,6 +710,12 @@ impl Store {
         self.journal.keep_reserve();
     }
 
+    /// The journal's reserve is short and cannot be taken again for want
+    /// of space (`Journal::reserve_short`).
+    pub fn reserve_short(&self) -> bool {
+        self.journal.reserve_short()
+    }
+
     /// Set when the journal stopped accepting changes (see `journal`).
     pub fn poisoned(&self) -> Option<String> {
         self.journal.poisoned()
@@ -1959,6 +1965,29 @@ mod tests {
         assert_eq!(s.journal.position(), (2, 0));
         drop(s);
         assert_eq!(ids(&open(d.path()).unwrap()), ["a", "b", "c", "e"]);
+    }
+
+    /// The reserve counts as short (creates refused, `check_journal_room`)
+    /// only when the filesystem has no room for it, never when it keeps
+    /// no space ahead at all; and no longer once there is room again,
+    /// without a change written meanwhile.
+    #[test]
+    fn the_reserve_is_short_only_for_want_of_space() {
+        for (errno, short) in [
+            (libc::ENOSPC, true),
+            (libc::EDQUOT, true),
+            (libc::EOPNOTSUPP, false),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let (_, f) = crate::os::Os::fake();
+            f.fail_op_under("reserve", d.path(), errno);
+            let s = open_on(d.path(), &f).unwrap();
+            assert_eq!(s.reserve_short(), short, "errno {errno}");
+            s.insert_new(rec("a", "a", 1), ok).unwrap();
+            assert_eq!(s.reserve_short(), short, "errno {errno}");
+            f.clear_file_faults();
+            assert!(!s.reserve_short(), "errno {errno}: room again");
+        }
     }
 
     /// A compaction that cannot keep space for its new log (a full

@@ -1026,8 +1026,11 @@ const MAX_TORN: usize = 4 * MAX_ROUND;
 const MIN_COMPACT: u64 = 4 << 20;
 
 /// Bytes kept allocated past the end of the log (see "Space kept for the
-/// log" above): a DeleteVolume appends about 1 KiB, so some thousand
-/// changes go through on a full filesystem.
+/// log" above): a local DeleteVolume appends 58 bytes (its record's
+/// removal; measured), so thousands of deletes go through on a full
+/// filesystem; while less than half is left and there is no room to take
+/// it again, creates are refused so that the rest is the deletes'
+/// (`Journal::reserve_short`).
 pub const RESERVE: u64 = 1 << 20;
 
 impl Writer {

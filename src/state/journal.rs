@@ -1189,7 +1189,6 @@ pub struct Journal {
     writer: Mutex<Writer>,
 }
 
-/// What `open` found.
 /// Writes `torn` (the torn tail of the log) to the new file `keep`,
 /// flushed; removed again when it cannot be written whole.
 fn keep_torn(files: &dyn Files, keep: &Path, torn: &[u8]) -> Result<(), crate::os::OsError> {
@@ -1202,6 +1201,7 @@ fn keep_torn(files: &dyn Files, keep: &Path, torn: &[u8]) -> Result<(), crate::o
         })
 }
 
+/// What `open` found.
 pub struct Replay {
     pub journal: Journal,
     /// Every live record, in no particular order.

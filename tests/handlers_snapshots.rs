@@ -2324,3 +2324,87 @@ async fn paging_tokens_keep_their_place_across_a_restart() {
     };
     assert_eq!(after, (left(&snaps, 1, 4), left(&vols, 1, 5)));
 }
+
+/// DeleteSnapshot of a snapshot whose stored copy an operator replaced by
+/// hand (a symlink, a regular file or a FIFO where a local snapshot's
+/// directory belongs; a directory, with something in it, or a FIFO where a
+/// block snapshot's file belongs) or removed succeeds, twice, and leaves
+/// nothing at the copy's name: the entry itself is unlinked (never what a
+/// symlink points to), and a directory in place of a block snapshot's
+/// file, which Berth never makes and whose contents are not Berth's, is
+/// kept aside in `.orphaned/`, never deleted. Before, the local ones but
+/// the symlink failed (`remove tree ...: Not a directory`), and the block
+/// directory failed (`unlink ...: Is a directory`), on every retry: the
+/// VolumeSnapshotContent could never be deleted.
+#[tokio::test]
+async fn a_damaged_snapshot_copy_is_deleted_without_following_it() {
+    for kind in ["local", "block"] {
+        let h = fake(&["--kinds", kind]);
+        if kind == "block" {
+            script_blank(h.fake());
+        }
+        let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+        // What a symlink leads to, outside Berth's directories.
+        let outside = h.path("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"not berth's").unwrap();
+        let hows: &[&str] = match kind {
+            "local" => &["symlink", "file", "fifo", "gone"],
+            _ => &["symlink", "dir", "fifo", "gone"],
+        };
+        let mut damaged = Vec::new();
+        for how in hows {
+            let id = snapshot(&h, how, &src).await.snapshot_id;
+            let p = snap_copy(&h, kind, &id);
+            match kind {
+                "local" => std::fs::remove_dir_all(&p).unwrap(),
+                _ => std::fs::remove_file(&p).unwrap(),
+            }
+            match *how {
+                "symlink" => std::os::unix::fs::symlink(&outside, &p).unwrap(),
+                "file" => std::fs::write(&p, b"by hand").unwrap(),
+                "dir" => {
+                    std::fs::create_dir(&p).unwrap();
+                    std::fs::write(p.join("inside"), b"by hand").unwrap();
+                }
+                "fifo" => nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+                _ => {}
+            }
+            damaged.push((how, id, p));
+        }
+        for (how, id, p) in &damaged {
+            for attempt in 0..2 {
+                let r = h
+                    .ctl
+                    .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                        snapshot_id: id.clone(),
+                        ..Default::default()
+                    }))
+                    .await;
+                assert!(r.is_ok(), "{kind} {how} attempt {attempt}: {r:?}");
+            }
+            assert!(h.driver.store.snapshot_get(id).is_none(), "{kind} {how}");
+            assert!(
+                std::fs::symlink_metadata(p).is_err(),
+                "{kind} {how}: something left at {}",
+                p.display()
+            );
+        }
+        assert_eq!(
+            std::fs::read(outside.join("keep")).unwrap(),
+            b"not berth's",
+            "{kind}"
+        );
+        if kind == "block" {
+            let aside = h.path("block/.orphaned");
+            let kept: Vec<_> = std::fs::read_dir(&aside)
+                .unwrap()
+                .map(|e| e.unwrap().path().join("inside"))
+                .collect();
+            assert_eq!(kept.len(), 1, "{kept:?}");
+            assert_eq!(std::fs::read(&kept[0]).unwrap(), b"by hand");
+        }
+        let (ok, text) = state_check(&h);
+        assert!(ok, "{kind}: {text}");
+    }
+}

@@ -416,6 +416,19 @@ impl BlockKind {
             tracing::error!(snapshot_id = %snap.id, file = %whole.display(), to = %to.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
         }
         for p in [self.partial_file(&snap.id), dest] {
+            // A directory put in the file's place by hand (Berth never
+            // makes one there) is not Berth's to delete: kept aside, so
+            // the snapshot can still be deleted. Anything else (the file,
+            // a symlink, a FIFO) is unlinked itself, never followed.
+            if f.lstat(&p).is_ok_and(|m| m.is_dir()) {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let to = self.keep_aside(&p, &name)?;
+                tracing::warn!(snapshot_id = %snap.id, path = %p.display(), to = %to.display(), "a directory in place of a snapshot's file (put there by hand?): kept aside in .orphaned, never deleted");
+                continue;
+            }
             match f.remove_file(&p) {
                 Err(e) if e.errno() != Some(libc::ENOENT) => {
                     return Err(Error::os(format!("removing {}", p.display()), e))

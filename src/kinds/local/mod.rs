@@ -755,10 +755,12 @@ impl LocalKind {
     /// `purge` empties).
     /// True when it was moved.
     fn discard(&self, path: &Path, name: &str) -> Result<bool> {
-        if self.os.files.lstat(path).is_err() {
+        let Ok(m) = self.os.files.lstat(path) else {
             return Ok(false);
-        }
-        if self.starting.load(std::sync::atomic::Ordering::SeqCst) {
+        };
+        // Only a directory goes to the trash, which removes trees: anything
+        // else in its place (put there by hand) is unlinked here at once.
+        if m.is_dir() && self.starting.load(std::sync::atomic::Ordering::SeqCst) {
             match self.move_to_trash(path, name, "") {
                 Ok(()) => return Ok(true),
                 Err(e) => {
@@ -766,7 +768,7 @@ impl LocalKind {
                 }
             }
         }
-        self.remove_tree(path).map(|_| false)
+        self.remove_copy(path).map(|_| false)
     }
 
     /// The names under `.creating/` (new volumes' directories, by id, and
@@ -871,6 +873,27 @@ impl LocalKind {
         let partial = self.partial_snapshot_dir(&snap.id);
         self.discard(&partial, &format!("{PARTIAL}{}", snap.id))?;
         self.discard(&dest, &snap.id).map(|_| ())
+    }
+
+    /// Removes a copy (a snapshot's, an unfinished one) at `path`: a directory (what Berth makes
+    /// there) with its tree; anything else put in its place by hand (a
+    /// symlink, a file, a FIFO) is unlinked itself, never followed or
+    /// opened, so that the snapshot can still be deleted. Missing is
+    /// success.
+    fn remove_copy(&self, path: &Path) -> Result<()> {
+        match self.os.files.lstat(path) {
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
+            Ok(m) if !m.is_dir() => {
+                tracing::warn!(path = %path.display(), found = crate::os::files::type_name(m.file_type()), "a copy's directory replaced by hand: the entry itself is removed");
+                match self.os.files.remove_file(path) {
+                    Err(e) if e.errno() != Some(libc::ENOENT) => {
+                        Err(Error::os(format!("removing {}", path.display()), e))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            _ => self.remove_tree(path),
+        }
     }
 
     /// Where the copy of snapshot `id` is made before its record says Ready.

@@ -2408,3 +2408,60 @@ async fn a_damaged_snapshot_copy_is_deleted_without_following_it() {
         assert!(ok, "{kind}: {text}");
     }
 }
+
+/// A root's `.snapshots` replaced by a symlink (the copies moved
+/// elsewhere by hand) is not Berth's directory, as start-up and
+/// CreateSnapshot already treat it: a restore from a snapshot there is
+/// FAILED_PRECONDITION, nothing created, and DeleteSnapshot is
+/// FAILED_PRECONDITION naming it, with nothing it leads to removed; once
+/// the directory is back, DeleteSnapshot removes the copy. Before, the
+/// restore copied what the symlink led to and DeleteSnapshot removed it,
+/// outside Berth's directories.
+#[tokio::test]
+async fn a_snapshots_directory_replaced_by_a_symlink_is_never_followed() {
+    for kind in ["local", "block"] {
+        let h = fake(&["--kinds", kind]);
+        if kind == "block" {
+            script_blank(h.fake());
+        }
+        let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+        let s = snapshot(&h, "s", &src).await.snapshot_id;
+        let area = h.path(kind).join(".snapshots");
+        let elsewhere = h.path("elsewhere");
+        std::fs::rename(&area, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &area).unwrap();
+        let copy = snap_copy(&h, kind, &s);
+        let moved = elsewhere.join(copy.file_name().unwrap());
+        assert!(std::fs::symlink_metadata(&moved).is_ok());
+        let before = made_in(&h.path(kind));
+        let e = h
+            .ctl
+            .create_volume(Request::new(from_snapshot("r", MIB, &s)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{kind}: {e:?}");
+        assert!(e.message().contains(".snapshots"), "{kind}: {e:?}");
+        assert!(h.driver.store.get_by_name("r").is_none(), "{kind}");
+        assert_eq!(made_in(&h.path(kind)), before, "{kind}");
+        let del = || {
+            h.ctl
+                .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                    snapshot_id: s.clone(),
+                    ..Default::default()
+                }))
+        };
+        let e = del().await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{kind}: {e:?}");
+        assert!(e.message().contains(".snapshots"), "{kind}: {e:?}");
+        assert!(
+            std::fs::symlink_metadata(&moved).is_ok(),
+            "{kind}: removed outside Berth's directories"
+        );
+        // Put back by hand: deleted as usual.
+        std::fs::remove_file(&area).unwrap();
+        std::fs::rename(&elsewhere, &area).unwrap();
+        del().await.unwrap();
+        assert!(h.driver.store.snapshot_get(&s).is_none(), "{kind}");
+        assert!(std::fs::symlink_metadata(&copy).is_err(), "{kind}");
+    }
+}

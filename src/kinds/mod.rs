@@ -359,6 +359,26 @@ pub(crate) fn judge_copy(
     })
 }
 
+/// Whether a root's `.snapshots` directory (`area`) is there, looked at
+/// without following a symlink: Ok(false) when it is missing (no copy can
+/// be there). Anything else in its place (a symlink to where copies were
+/// moved by hand, a file) is not Berth's directory, as start-up and
+/// CreateSnapshot already treat it (`files::read_own_dir`, `ensure_dir`):
+/// FAILED_PRECONDITION, so that no restore reads, and no DeleteSnapshot
+/// removes, what it leads to, outside Berth's directories.
+pub(crate) fn snapshots_area(files: &dyn crate::os::files::Files, area: &Path) -> Result<bool> {
+    match files.lstat(area) {
+        Ok(m) if m.is_dir() => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Ok(m) => Err(Error::WrongState(format!(
+            "{} is {}, not a directory of Berth's own (put there by hand?): no snapshot copy is read or removed through it; put the directory back in its place",
+            area.display(),
+            crate::os::files::type_name(m.file_type())
+        ))),
+        Err(e) => Err(Error::os(format!("inspecting {}", area.display()), e)),
+    }
+}
+
 pub trait VolumeKind: Send + Sync {
     fn kind(&self) -> Kind;
 

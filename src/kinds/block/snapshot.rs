@@ -140,6 +140,7 @@ impl BlockKind {
     /// it is missing or damaged (`snapshot_file_flaw`).
     pub(super) fn usable_snapshot_file(&self, s: &SnapshotRecord) -> Result<PathBuf> {
         let file = self.snapshot_file(&s.id)?;
+        crate::kinds::snapshots_area(self.os.files.as_ref(), &self.root.join(SNAPSHOTS))?;
         match self.snapshot_file_flaw(s) {
             Some(flaw) => Err(flaw.error(&s.id)),
             None => Ok(file),
@@ -411,6 +412,9 @@ impl BlockKind {
     pub(super) fn remove_snapshot(&self, snap: &SnapshotRecord, keep: bool) -> Result<()> {
         let f = self.os.files.as_ref();
         let dest = self.snapshot_file(&snap.id)?;
+        if !crate::kinds::snapshots_area(f, &self.root.join(SNAPSHOTS))? {
+            return Ok(());
+        }
         if let Some(whole) = snapshot_kept_on_rollback(&self.root, snap).filter(|_| keep) {
             let to = self.keep_aside(&whole, &format!("{}.img", snap.id))?;
             tracing::error!(snapshot_id = %snap.id, file = %whole.display(), to = %to.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");

@@ -659,6 +659,7 @@ impl LocalKind {
     /// when it is missing or damaged (`snapshot_dir_flaw`).
     fn usable_snapshot_dir(&self, s: &SnapshotRecord) -> Result<PathBuf> {
         let dir = self.snapshot_dir(&s.id)?;
+        super::snapshots_area(self.os.files.as_ref(), &self.root.join(SNAPSHOTS))?;
         match self.snapshot_dir_flaw(s) {
             Some(flaw) => Err(flaw.error(&s.id)),
             None => Ok(dir),
@@ -866,6 +867,9 @@ impl LocalKind {
     /// Ready may have been lost is kept aside (`snapshot_kept_on_rollback`).
     fn remove_snapshot(&self, snap: &SnapshotRecord, keep: bool) -> Result<()> {
         let dest = self.snapshot_dir(&snap.id)?;
+        if !super::snapshots_area(self.os.files.as_ref(), &self.root.join(SNAPSHOTS))? {
+            return Ok(());
+        }
         if let Some(whole) = snapshot_kept_on_rollback(&self.root, snap).filter(|_| keep) {
             tracing::error!(snapshot_id = %snap.id, dir = %whole.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
             self.set_aside(&whole, &snap.id)?;

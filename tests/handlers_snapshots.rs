@@ -2465,3 +2465,132 @@ async fn a_snapshots_directory_replaced_by_a_symlink_is_never_followed() {
         assert!(std::fs::symlink_metadata(&copy).is_err(), "{kind}");
     }
 }
+
+/// Calls on other ids that touch the data a copy reads wait for it
+/// (ABORTED; the CO retries), made deterministic by holding the copy: while
+/// CreateSnapshot copies a volume, DeleteVolume, ControllerExpandVolume
+/// and a clone of it; while a restore copies a snapshot, DeleteSnapshot
+/// and a second restore of it. Nothing is lost or left behind: the
+/// snapshot and the restore hold the data as it was, and once the copies
+/// are done every one of those calls succeeds.
+#[tokio::test]
+async fn calls_on_the_data_a_copy_reads_wait_for_it() {
+    let h = fake(&[]);
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    std::fs::write(vol_dir(&h, &src).join("data"), b"v1").unwrap();
+    let reached = |held: &std::sync::Arc<berth::os::fake::OpHold>| {
+        let held = held.clone();
+        async move {
+            for _ in 0..6000 {
+                if held.reached() > 0 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            panic!("the copy never started");
+        }
+    };
+    // A call that waits on the held copy instead of answering ABORTED
+    // lets it go (no hang) and counts as DEADLINE_EXCEEDED.
+    async fn soon<T: std::fmt::Debug>(
+        held: &berth::os::fake::OpHold,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Code {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), call).await {
+            Ok(r) => code(r),
+            Err(_) => {
+                held.release();
+                Code::DeadlineExceeded
+            }
+        }
+    }
+    let del_vol = |id: &str| {
+        h.ctl.delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        }))
+    };
+    let del_snap = |id: &str| {
+        h.ctl
+            .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                snapshot_id: id.into(),
+                ..Default::default()
+            }))
+    };
+    let held = h.fake().hold_op_under("copy", &h.path("local/.snapshots"));
+    let others = async {
+        reached(&held).await;
+        let expand =
+            h.ctl
+                .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+                    volume_id: src.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: 2 * MIB,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                }));
+        let clone = h
+            .ctl
+            .create_volume(Request::new(from_volume("c", MIB, &src)));
+        let codes = [
+            soon(&held, del_vol(&src)).await,
+            soon(&held, expand).await,
+            soon(&held, clone).await,
+        ];
+        held.release();
+        codes
+    };
+    let (snap, codes) = tokio::join!(
+        h.ctl.create_snapshot(Request::new(snap_req("s", &src))),
+        others
+    );
+    assert_eq!(codes, [Code::Aborted; 3]);
+    let s = snap.unwrap().into_inner().snapshot.unwrap();
+    assert!(s.ready_to_use);
+    let held = h.fake().hold_op_under("copy", &h.path("local/.creating"));
+    let others = async {
+        reached(&held).await;
+        let second = h
+            .ctl
+            .create_volume(Request::new(from_snapshot("r2", MIB, &s.snapshot_id)));
+        let codes = [
+            soon(&held, del_snap(&s.snapshot_id)).await,
+            soon(&held, second).await,
+        ];
+        held.release();
+        codes
+    };
+    let (r1, codes) = tokio::join!(
+        h.ctl
+            .create_volume(Request::new(from_snapshot("r1", MIB, &s.snapshot_id))),
+        others
+    );
+    assert_eq!(codes, [Code::Aborted; 2]);
+    let r1 = r1.unwrap().into_inner().volume.unwrap().volume_id;
+    // Once the copies are done: every call succeeds, nothing lost.
+    let r2 = h
+        .ctl
+        .create_volume(Request::new(from_snapshot("r2", MIB, &s.snapshot_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    del_snap(&s.snapshot_id).await.unwrap();
+    del_vol(&src).await.unwrap();
+    for r in [&r1, &r2] {
+        assert_eq!(std::fs::read(vol_dir(&h, r).join("data")).unwrap(), b"v1");
+    }
+    assert!(h.driver.store.snapshot_get(&s.snapshot_id).is_none());
+    assert_eq!(
+        std::fs::read_dir(h.path("local/.snapshots"))
+            .unwrap()
+            .count(),
+        0,
+        "a copy left behind"
+    );
+    let (ok, text) = state_check(&h);
+    assert!(ok, "{text}");
+}

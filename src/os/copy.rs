@@ -19,10 +19,13 @@
 //!   decided on the descriptor that would be read, so a mount made while
 //!   the copy runs is seen too; nothing mounted there is read.
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use nix::sys::stat::{utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
@@ -353,6 +356,50 @@ fn copy_meta(m: &std::fs::Metadata, dst: &Path, symlink: bool) -> Result<(), OsE
     .map_err(errno("utimensat", dst))
 }
 
+/// Where an entry of a copy is: its name in its directory's place, up to
+/// the copy's root (whose name is its whole path). The hard-link table
+/// keeps a first copy's place, so each directory's name is held once,
+/// shared by everything below it: the table grows with the names it
+/// holds, never with the length of their paths (before 2026-12-07 it kept
+/// each first copy's whole path: a tenant's inodes with two names each,
+/// some 3,000 bytes deep, held that much memory apiece until the copy
+/// ended; `tests/copy_memory.rs`).
+struct Place {
+    parent: Option<Rc<Place>>,
+    name: OsString,
+}
+
+impl Place {
+    fn root(path: &Path) -> Rc<Place> {
+        Rc::new(Place {
+            parent: None,
+            name: path.as_os_str().to_owned(),
+        })
+    }
+
+    fn child(self: &Rc<Place>, name: &OsStr) -> Rc<Place> {
+        Rc::new(Place {
+            parent: Some(Rc::clone(self)),
+            name: name.to_owned(),
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        let mut names = vec![self.name.as_os_str()];
+        let mut up = self.parent.as_deref();
+        while let Some(p) = up {
+            names.push(p.name.as_os_str());
+            up = p.parent.as_deref();
+        }
+        names.into_iter().rev().collect()
+    }
+}
+
+/// The inodes with more than one name met so far: where the first copy of
+/// each is, and how many of its names are still to be met (it is dropped
+/// once they all are).
+type Links = HashMap<(u64, u64), (Rc<Place>, u64)>;
+
 /// Copies the tree at `src` (a directory) to `dst`, which must not exist.
 /// See the module comment for what is kept. The copy is durable before
 /// this returns: one syncfs(2) of the destination's filesystem flushes
@@ -360,9 +407,9 @@ fn copy_meta(m: &std::fs::Metadata, dst: &Path, symlink: bool) -> Result<(), OsE
 /// file, which made copying many small files many times slower than tar).
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
     on_copy_stack(|| {
-        let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
+        let mut links = Links::new();
         let mut st = CopyStats::default();
-        copy_dir(src, dst, &[], true, &mut links, &mut st)?;
+        copy_dir(src, dst, &Place::root(dst), &[], true, &mut links, &mut st)?;
         sync_fs_of(dst)?;
         Ok(st)
     })
@@ -409,9 +456,9 @@ pub fn copy_into(src: &Path, dst: &Path, skip: &[&str]) -> Result<CopyStats, OsE
         ));
     }
     on_copy_stack(|| {
-        let mut links: HashMap<(u64, u64), std::path::PathBuf> = HashMap::new();
+        let mut links = Links::new();
         let mut st = CopyStats::default();
-        copy_entries(src, dst, skip, true, &mut links, &mut st)?;
+        copy_entries(src, dst, &Place::root(dst), skip, true, &mut links, &mut st)?;
         copy_xattrs(src, dst)?;
         copy_meta(&m, dst, false)?;
         st.other += 1;
@@ -426,17 +473,19 @@ fn sync_fs_of(path: &Path) -> Result<(), OsError> {
     nix::unistd::syncfs(&d).map_err(errno("syncfs", path))
 }
 
+/// Copies the directory `src` to `dst` (at `place`).
 fn copy_dir(
     src: &Path,
     dst: &Path,
+    place: &Rc<Place>,
     skip: &[&str],
     top: bool,
-    links: &mut HashMap<(u64, u64), std::path::PathBuf>,
+    links: &mut Links,
     st: &mut CopyStats,
 ) -> Result<(), OsError> {
     let m = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
     std::fs::create_dir(dst).map_err(sys("mkdir", dst))?;
-    copy_entries(src, dst, skip, top, links, st)?;
+    copy_entries(src, dst, place, skip, top, links, st)?;
     copy_xattrs(src, dst)?;
     copy_meta(&m, dst, false)?;
     st.other += 1;
@@ -444,18 +493,25 @@ fn copy_dir(
 }
 
 /// Copies the entries of the directory `src` (except the names in `skip`)
-/// into the directory `dst`. `src` is opened once, never through a
-/// symlink, and its entries are reached through that descriptor: a volume
-/// in use whose directory is swapped for a symlink while it is copied
-/// makes the copy fail (ENOTDIR) instead of copying what the link points
-/// to. Below the `top` of the copy, a directory that is the root of a mount
-/// fails it (`refuse_mount`).
+/// into the directory `dst` (at `place`). `src` is opened once, never
+/// through a symlink, and its entries are reached through that
+/// descriptor: a volume in use whose directory is swapped for a symlink
+/// while it is copied makes the copy fail (ENOTDIR) instead of copying
+/// what the link points to. Below the `top` of the copy, a directory that
+/// is the root of a mount fails it (`refuse_mount`). The entries are
+/// copied as they are read, one at a time, never collected: a tenant's
+/// directory of millions of entries costs the copy what one does (before
+/// 2026-12-07 each directory's whole listing was read and sorted first,
+/// some 300 bytes an entry of 200-byte names; `tests/copy_memory.rs`).
+/// What each directory open on the way down holds is its descriptor and
+/// the C library's buffer for reading it (32 KiB).
 fn copy_entries(
     src: &Path,
     dst: &Path,
+    place: &Rc<Place>,
     skip: &[&str],
     top: bool,
-    links: &mut HashMap<(u64, u64), std::path::PathBuf>,
+    links: &mut Links,
     st: &mut CopyStats,
 ) -> Result<(), OsError> {
     use nix::fcntl::OFlag;
@@ -468,17 +524,17 @@ fn copy_entries(
     if !top {
         refuse_mount(&dir, src)?;
     }
-    let base = std::path::PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
-    let mut entries: Vec<_> = std::fs::read_dir(&base)
-        .map_err(sys("readdir", src))?
-        .collect::<Result<_, _>>()
-        .map_err(sys("readdir", src))?;
-    entries.retain(|e| !skip.iter().any(|s| e.file_name() == *s));
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let from = base.join(e.file_name());
-        let to = dst.join(e.file_name());
-        match copy_entry(&from, &to, links, st) {
+    let mut dir = nix::dir::Dir::from_fd(dir).map_err(errno("opendir", src))?;
+    let base = PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
+    for e in dir.iter() {
+        let e = e.map_err(errno("readdir", src))?;
+        let name = OsStr::from_bytes(e.file_name().to_bytes());
+        if name == "." || name == ".." || skip.iter().any(|s| name == *s) {
+            continue;
+        }
+        let from = base.join(name);
+        let to = dst.join(name);
+        match copy_entry(&from, &to, place, name, links, st) {
             Ok(()) => {}
             // Removed since the directory was read (a volume in use: a
             // temporary file, a rotated log): left out, as if removed
@@ -523,17 +579,19 @@ fn remove_partial(dst: &Path) -> Result<(), OsError> {
 }
 
 /// Copies the entry `from` (reached through its directory's descriptor)
-/// to `to`.
+/// to `to`, named `name` in the directory at `dir`.
 fn copy_entry(
     from: &Path,
     to: &Path,
-    links: &mut HashMap<(u64, u64), std::path::PathBuf>,
+    dir: &Rc<Place>,
+    name: &OsStr,
+    links: &mut Links,
     st: &mut CopyStats,
 ) -> Result<(), OsError> {
     let em = std::fs::symlink_metadata(from).map_err(sys("stat", from))?;
     let ft = em.file_type();
     if ft.is_dir() {
-        return copy_dir(from, to, &[], false, links, st);
+        return copy_dir(from, to, &dir.child(name), &[], false, links, st);
     }
     if ft.is_socket() {
         tracing::debug!(path = %from.display(), "socket not copied");
@@ -541,10 +599,16 @@ fn copy_entry(
     }
     // One inode stays one inode: the first of its names copied is linked.
     let link_key = (em.nlink() > 1).then(|| (em.dev(), em.ino()));
-    if let Some(first) = link_key.and_then(|k| links.get(&k)) {
-        std::fs::hard_link(first, to).map_err(sys("link", to))?;
-        st.links += 1;
-        return Ok(());
+    if let Some(k) = link_key {
+        if let Some((first, left)) = links.get_mut(&k) {
+            std::fs::hard_link(first.path(), to).map_err(sys("link", to))?;
+            st.links += 1;
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                links.remove(&k);
+            }
+            return Ok(());
+        }
     }
     if ft.is_file() {
         // Never through a symlink that replaced the file meanwhile (a
@@ -598,7 +662,7 @@ fn copy_entry(
     }
     // Linked to by the inode's next names only once it is copied whole.
     if let Some(k) = link_key {
-        links.insert(k, to.to_path_buf());
+        links.insert(k, (dir.child(name), em.nlink() - 1));
     }
     Ok(())
 }
@@ -774,9 +838,9 @@ mod tests {
             for n in 0..2000 {
                 let d = t.path().join(format!("dst-{n}"));
                 std::fs::create_dir(&d).unwrap();
-                let mut links = HashMap::new();
+                let mut links = Links::new();
                 let mut st = CopyStats::default();
-                let _ = copy_entries(&s, &d, &[], true, &mut links, &mut st);
+                let _ = copy_entries(&s, &d, &Place::root(&d), &[], true, &mut links, &mut st);
                 let _ = std::fs::remove_dir_all(&d);
                 if opened() {
                     seen = true;

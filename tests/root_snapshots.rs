@@ -900,3 +900,54 @@ async fn what_a_pod_mounts_inside_its_local_volume_is_never_copied() {
     }
     assert_eq!(leaked(), Vec::<PathBuf>::new());
 }
+
+/// A file's capabilities (`security.capability`, what `setcap` writes:
+/// here cap_net_raw, permitted and effective) are kept by a local
+/// snapshot, its restore and a clone, as `cp -a` keeps them. The kernel
+/// removes them from a file whose owner is set (chown, even to the owner
+/// it has), so they are set after it. Before 2026-12-07 the copy set every
+/// extended attribute first and the owner after: each copy lost them (a
+/// volume holding programs restored with `ping` unable to open its raw
+/// socket).
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_local_copy_keeps_file_capabilities() {
+    const CAP: &str = "security.capability";
+    // VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE, then permitted and
+    // inheritable of the low and high words: CAP_NET_RAW (13) permitted.
+    let caps: [u8; 20] = [
+        0x01, 0, 0, 0x02, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let (h, _g) = real(&[]);
+    let id = create(&h, "src", 64 * MIB, &[], rwo()).await;
+    let local = h.path("local");
+    let f = local.join(&id).join("ping");
+    std::fs::write(&f, b"a program").unwrap();
+    nix::unistd::chown(
+        &f,
+        Some(nix::unistd::Uid::from_raw(1000)),
+        Some(nix::unistd::Gid::from_raw(1000)),
+    )
+    .unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    xattr::set(&f, CAP, &caps).unwrap();
+    assert_eq!(xattr::get(&f, CAP).unwrap().as_deref(), Some(&caps[..]));
+    let snap = snapshot_id(&h, "s", &id).await;
+    let r = restore(&h, "r", 64 * MIB, &snap, &[], rwo()).await;
+    let c = clone_of(&h, "c", &id).await.expect("clone");
+    for copy in [
+        local.join(".snapshots").join(&snap),
+        local.join(&r),
+        local.join(&c),
+    ] {
+        let p = copy.join("ping");
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1000, 0o755));
+        assert_eq!(
+            xattr::get(&p, CAP).unwrap().as_deref(),
+            Some(&caps[..]),
+            "{}: its capabilities",
+            p.display()
+        );
+    }
+}

@@ -329,8 +329,12 @@ fn copy_xattrs(src: &Path, dst: &Path) -> Result<(), OsError> {
     Ok(())
 }
 
-/// Owner, timestamps and (except for symlinks) mode of `dst` from `m`.
-fn copy_meta(m: &std::fs::Metadata, dst: &Path, symlink: bool) -> Result<(), OsError> {
+/// Owner, (except for symlinks) mode, extended attributes and timestamps
+/// of `dst` from `src`, whose metadata is `m`. The extended attributes
+/// after the owner: the kernel removes a file's capabilities
+/// (`security.capability`) when its owner is set, even to the one it has
+/// (before 2026-12-07 they were set first, and every copy lost them).
+fn copy_meta(m: &std::fs::Metadata, src: &Path, dst: &Path, symlink: bool) -> Result<(), OsError> {
     fchownat(
         nix::fcntl::AT_FDCWD,
         dst,
@@ -344,6 +348,14 @@ fn copy_meta(m: &std::fs::Metadata, dst: &Path, symlink: bool) -> Result<(), OsE
         std::fs::set_permissions(dst, std::fs::Permissions::from_mode(m.mode() & 0o7777))
             .map_err(sys("chmod", dst))?;
     }
+    copy_xattrs(src, dst).or_else(|e| {
+        // User attributes are not allowed on symlinks.
+        if symlink && e.errno() == Some(libc::EPERM) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
     let at = TimeSpec::new(m.atime(), m.atime_nsec());
     let mt = TimeSpec::new(m.mtime(), m.mtime_nsec());
     utimensat(
@@ -459,8 +471,7 @@ pub fn copy_into(src: &Path, dst: &Path, skip: &[&str]) -> Result<CopyStats, OsE
         let mut links = Links::new();
         let mut st = CopyStats::default();
         copy_entries(src, dst, &Place::root(dst), skip, true, &mut links, &mut st)?;
-        copy_xattrs(src, dst)?;
-        copy_meta(&m, dst, false)?;
+        copy_meta(&m, src, dst, false)?;
         st.other += 1;
         sync_fs_of(dst)?;
         Ok(st)
@@ -486,8 +497,7 @@ fn copy_dir(
     let m = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
     std::fs::create_dir(dst).map_err(sys("mkdir", dst))?;
     copy_entries(src, dst, place, skip, top, links, st)?;
-    copy_xattrs(src, dst)?;
-    copy_meta(&m, dst, false)?;
+    copy_meta(&m, src, dst, false)?;
     st.other += 1;
     Ok(())
 }
@@ -626,20 +636,11 @@ fn copy_entry(
             .open(to)
             .map_err(sys("create", to))?;
         st.add(copy_file_data(&s, from, &d, to)?);
-        copy_xattrs(from, to)?;
-        copy_meta(&em, to, false)?;
+        copy_meta(&em, from, to, false)?;
     } else if ft.is_symlink() {
         let target = std::fs::read_link(from).map_err(sys("readlink", from))?;
         std::os::unix::fs::symlink(&target, to).map_err(sys("symlink", to))?;
-        copy_xattrs(from, to).or_else(|e| {
-            // User attributes are not allowed on symlinks.
-            if e.errno() == Some(libc::EPERM) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
-        copy_meta(&em, to, true)?;
+        copy_meta(&em, from, to, true)?;
         st.other += 1;
     } else {
         let kind = if ft.is_fifo() {
@@ -656,8 +657,7 @@ fn copy_entry(
             em.rdev() as nix::sys::stat::dev_t,
         )
         .map_err(errno("mknod", to))?;
-        copy_xattrs(from, to)?;
-        copy_meta(&em, to, false)?;
+        copy_meta(&em, from, to, false)?;
         st.other += 1;
     }
     // Linked to by the inode's next names only once it is copied whole.

@@ -1994,3 +1994,80 @@ async fn a_torn_tail_on_a_full_filesystem(fs: &str) {
     assert!(h.driver.store.get(&tenant).is_none());
     drop(h);
 }
+
+/// Pages of the file `f` in the page cache (mincore of a mapping of it):
+/// on ramfs, the pages a write (or a read) gave the file.
+fn resident_pages(f: &std::fs::File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a read-only shared mapping of `len` bytes of an open file,
+    // only given to mincore (never read through) and unmapped after;
+    // `vec` has one byte per page.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
+        libc::munmap(p, len);
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+/// A filesystem that cannot tell holes answers SEEK_DATA / SEEK_HOLE with
+/// the whole file as one range of data (the kernel's generic answer: NFS
+/// before 4.2, which a share mounted `nfsvers=3` is, ramfs). A file that
+/// takes fewer blocks than its length has holes all the same, and is
+/// copied as `cp --sparse=auto` copies it: its zero blocks are left holes.
+/// Before 2026-12-07 the copy wrote them (copy_file_range of the whole
+/// range: zeros read from the holes, written as data), so a tenant's 1 TiB
+/// sparse file, which costs it nothing, became 1 TiB written on the share
+/// by a snapshot. Shown on ramfs (the pages of the copy, counted with
+/// mincore before anything reads it).
+#[test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+fn a_sparse_file_stays_sparse_where_the_filesystem_cannot_tell_holes() {
+    use std::os::unix::fs::FileExt;
+    assert!(is_root(), "root tests need root");
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(dir.path().to_path_buf());
+    nix::mount::mount(
+        Some("ramfs"),
+        dir.path(),
+        Some("ramfs"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .unwrap();
+    let len: u64 = 64 << 20;
+    let src = dir.path().join("sparse");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(len).unwrap();
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"middle", 40 << 20).unwrap();
+    drop(f);
+    let dst = dir.path().join("copy");
+    let st = berth::os::copy::copy_file(&src, &dst).unwrap();
+    let d = std::fs::File::open(&dst).unwrap();
+    let pages = resident_pages(&d, len as usize);
+    assert_eq!(d.metadata().unwrap().len(), len);
+    let at = |off: u64, n: usize| {
+        let mut b = vec![0u8; n];
+        d.read_exact_at(&mut b, off).unwrap();
+        b
+    };
+    assert_eq!(at(0, 4), b"head");
+    assert_eq!(at(40 << 20, 6), b"middle");
+    assert_eq!(at(20 << 20, 4), [0; 4]);
+    assert!(
+        pages <= 4,
+        "the copy of a {len}-byte file holding 10 bytes took {pages} pages ({st:?})"
+    );
+}

@@ -122,10 +122,22 @@ pub fn copy_file_data(
             ..Default::default()
         });
     }
-    let len = src.metadata().map_err(sys("stat", src_path))?.len();
+    let m = src.metadata().map_err(sys("stat", src_path))?;
+    let len = m.len();
+    // Fewer blocks than its length: the file has holes. A filesystem that
+    // cannot tell them (NFS before 4.2, ramfs: the kernel's generic
+    // SEEK_DATA) answers the whole file as one range of data; that range
+    // is read and its zero blocks left holes, as `cp --sparse=auto` does,
+    // instead of written (before 2026-12-07 a tenant's 1 TiB sparse file,
+    // which cost it nothing, was copied as 1 TiB of zeros).
+    let holes_unseen = m.blocks().saturating_mul(512) < len;
     let mut bytes = 0u64;
     for range in data_ranges(src, src_path, len) {
         let (start, end) = range?;
+        if holes_unseen && (start, end) == (0, len) {
+            bytes += copy_skipping_zeros(src, src_path, dst, dst_path, len)?;
+            continue;
+        }
         let mut off_in = start as i64;
         let mut off_out = start as i64;
         while (off_in as u64) < end {
@@ -150,6 +162,58 @@ pub fn copy_file_data(
 }
 
 const CHUNK: usize = 1 << 20;
+
+/// What is a hole in a copy that skips zeros: a block of this many zero
+/// bytes (at this alignment) is not written.
+const ZERO_BLOCK: usize = 4096;
+
+/// Copies the first `len` bytes of `src` onto the empty file `dst` at the
+/// same offsets, reading them, writing only the runs of blocks
+/// (`ZERO_BLOCK`) that are not all zeros; returns the bytes written.
+fn copy_skipping_zeros(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    len: u64,
+) -> Result<u64, OsError> {
+    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    let mut bytes = 0u64;
+    while off < len {
+        let want = usize::try_from(len - off).unwrap_or(CHUNK).min(CHUNK);
+        let n = src
+            .read_at(&mut buf[..want], off)
+            .map_err(sys("read", src_path))?;
+        if n == 0 {
+            break;
+        }
+        let data = &buf[..n];
+        let mut i = 0;
+        while i < n {
+            let next = (i + ZERO_BLOCK).min(n);
+            if zero(&data[i..next]) {
+                i = next;
+                continue;
+            }
+            let mut j = next;
+            while j < n {
+                let e = (j + ZERO_BLOCK).min(n);
+                if zero(&data[j..e]) {
+                    break;
+                }
+                j = e;
+            }
+            dst.write_all_at(&data[i..j], off + i as u64)
+                .map_err(sys("write", dst_path))?;
+            bytes += (j - i) as u64;
+            i = j;
+        }
+        off += n as u64;
+    }
+    Ok(bytes)
+}
 
 /// Alignment of the O_DIRECT reads' buffer (the largest logical block
 /// size of a disk).

@@ -414,6 +414,71 @@ async fn create_follows_topology() {
     assert_eq!(h.driver.store.len(), 1);
 }
 
+/// A preferred list that puts this node first while the requisite ones
+/// leave it out (the spec: preferred topologies must also be requisite;
+/// a CO's mistake) creates nothing here: a volume on this node would be
+/// accessible from none of the requisite topologies and would strand its
+/// pod. RESOURCE_EXHAUSTED, as for any request placed elsewhere, for both
+/// node-local kinds; with this node among the requisite ones as well, the
+/// volume is made here.
+#[tokio::test]
+async fn a_preferred_node_left_out_of_the_requisite_ones_gets_no_volume() {
+    let h = fake(&["--kinds", "local,block"]);
+    let with = |name: &str, kind: &str, requisite: &[&str], preferred: &[&str]| {
+        let mut req = create_req(name, 8 << 20);
+        req.parameters.insert("kind".into(), kind.into());
+        req.accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: requisite.iter().copied().map(topo).collect(),
+            preferred: preferred.iter().copied().map(topo).collect(),
+        });
+        req
+    };
+    for kind in ["local", "block"] {
+        for (requisite, preferred) in [
+            (&["node-b"][..], &[NODE][..]),
+            (&["node-b", "node-c"][..], &[NODE, "node-b"][..]),
+        ] {
+            let r = h
+                .ctl
+                .create_volume(Request::new(with(
+                    &format!("out-{kind}"),
+                    kind,
+                    requisite,
+                    preferred,
+                )))
+                .await;
+            assert_eq!(code(r), Code::ResourceExhausted, "{kind} {requisite:?}");
+        }
+        // A requisite segment of another key only, or an empty one, does
+        // not name this node either.
+        let mut req = with(&format!("other-key-{kind}"), kind, &[], &[NODE]);
+        let reqs = req.accessibility_requirements.as_mut().unwrap();
+        reqs.requisite = vec![
+            csi::Topology {
+                segments: [("zone".to_string(), NODE.to_string())].into(),
+            },
+            csi::Topology::default(),
+        ];
+        let r = h.ctl.create_volume(Request::new(req)).await;
+        assert_eq!(code(r), Code::ResourceExhausted, "{kind} other key");
+        assert_eq!(h.driver.store.len(), 0, "{kind}");
+    }
+    let r = h
+        .ctl
+        .create_volume(Request::new(with(
+            "in",
+            "local",
+            &["node-b", NODE],
+            &[NODE],
+        )))
+        .await;
+    assert_eq!(
+        r.unwrap().into_inner().volume.unwrap().accessible_topology,
+        vec![topo(NODE)]
+    );
+    assert_eq!(h.driver.store.len(), 1);
+}
+
 #[tokio::test]
 async fn concurrent_operation_on_same_name_or_volume_is_aborted() {
     let h = fake(&[]);

@@ -1,38 +1,31 @@
 //! Where a node-local volume may be created. This controller creates volumes
 //! only on its own node (external-provisioner's distributed mode runs one per
 //! node), so it answers with the node or RESOURCE_EXHAUSTED:
-//! 1. if `preferred[0]` names a node (the one the scheduler picked under
+//! 1. if `requisite` is given, this node must be in it (the spec: the volume
+//!    must be accessible from at least one requisite topology), whatever
+//!    `preferred` says (a preferred topology outside the requisite ones is
+//!    the CO's mistake; a volume here would strand its pod);
+//! 2. if `preferred[0]` names a node (the one the scheduler picked under
 //!    WaitForFirstConsumer), that node wins: it must be this node;
-//! 2. otherwise, if `requisite` is given, this node must be in it;
 //! 3. otherwise (no requirements, e.g. Immediate binding) this node.
 use crate::csi::v1 as csi;
 use crate::error::{Error, Result};
 
 pub fn placement(key: &str, node: &str, req: Option<&csi::TopologyRequirement>) -> Result<()> {
     let Some(req) = req else { return Ok(()) };
-    if let Some(first) = req.preferred.first() {
-        if let Some(n) = first.segments.get(key) {
-            if n == node {
-                return Ok(());
-            }
+    if !satisfies(key, node, Some(req)) {
+        return Err(Error::WrongNode(format!(
+            "node {node} is not among the requisite topologies"
+        )));
+    }
+    if let Some(n) = req.preferred.first().and_then(|t| t.segments.get(key)) {
+        if n != node {
             return Err(Error::WrongNode(format!(
                 "the preferred node is {n}; this controller creates volumes only on node {node}"
             )));
         }
     }
-    if req.requisite.is_empty() {
-        return Ok(());
-    }
-    if req
-        .requisite
-        .iter()
-        .any(|t| t.segments.get(key).map(String::as_str) == Some(node))
-    {
-        return Ok(());
-    }
-    Err(Error::WrongNode(format!(
-        "node {node} is not among the requisite topologies"
-    )))
+    Ok(())
 }
 
 /// Whether a volume on `node` satisfies the request's requisite
@@ -87,6 +80,12 @@ mod tests {
         };
         assert!(placement(K, "a", Some(&other)).is_err());
         assert!(placement(K, "a", Some(&req(&[], &[]))).is_ok());
+        // preferred alone: the selected node.
+        assert!(placement(K, "a", Some(&req(&[], &["a"]))).is_ok());
+        assert!(placement(K, "a", Some(&req(&[], &["b", "a"]))).is_err());
+        // a preferred node left out of requisite gets no volume there.
+        assert!(placement(K, "a", Some(&req(&["b"], &["a"]))).is_err());
+        assert!(placement(K, "a", Some(&req(&["b", "c"], &["a", "b"]))).is_err());
     }
 
     #[test]

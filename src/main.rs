@@ -60,6 +60,19 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(if ok { 0 } else { 1 });
         }
         Command::Serve => {
+            match berth::os::limits::raise_open_files() {
+                Ok((before, now)) if before != now => {
+                    tracing::debug!(
+                        before,
+                        now,
+                        "soft limit of open files raised to the hard one"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not raise the soft limit of open files to the hard one")
+                }
+            }
             let unknown = berth::config::unknown_env_vars(std::env::vars_os().map(|(k, _)| k));
             if !unknown.is_empty() {
                 tracing::warn!(

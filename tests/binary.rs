@@ -3124,3 +3124,47 @@ async fn start_up_serves_before_the_unfinished_copies_it_found_are_removed() {
     }
     assert_eq!(listed(&b.sock).await.len(), 1);
 }
+
+/// Berth raises its soft limit of open files to the hard one at start
+/// (as Go programs do): started with 256 of 4,096 (a shell's or an older
+/// container runtime's soft limit is often 1,024), it had 256, and 300
+/// idle connections to its socket left a new client's Probe unanswered.
+/// The commands it runs get the limit it was given (unit test
+/// `os::limits::tests`).
+#[test]
+fn the_soft_limit_of_open_files_is_raised_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("csi.sock");
+    let mut cmd = Command::new(BIN);
+    cmd.args(berth_args(d.path(), &sock, &["--kinds", "local"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn berth");
+    let mut b = Berth {
+        child,
+        sock,
+        log: d.path().join("unused.log"),
+    };
+    wait_accepting(&mut b);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", b.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&fields[3..5], ["4096", "4096"], "{line}");
+}

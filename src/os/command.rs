@@ -192,11 +192,13 @@ fn wait_readable(pipes: &[&Pipe], wait: Duration) {
 /// mkfs must not go on writing to a device after the process that decided
 /// to format it is gone (a restarted berth would find it busy, or half
 /// made). The signal follows the spawning thread, which waits for the
-/// command in `run` until it ends.
+/// command in `run` until it ends. The command also gets the limit of
+/// open files berth was started with (`limits::restore_in_child`).
 fn die_with_parent(cmd: &mut Command) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: runs in the child between fork and exec, and makes only
-    // async-signal-safe system calls (prctl, getppid); nothing allocates.
+    // async-signal-safe system calls (prctl, getppid, setrlimit); nothing
+    // allocates.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(
@@ -213,7 +215,7 @@ fn die_with_parent(cmd: &mut Command) {
             if libc::getppid() != parent {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
-            Ok(())
+            super::limits::restore_in_child()
         });
     }
 }

@@ -28,6 +28,7 @@ pub mod command;
 pub mod copy;
 pub mod fake;
 pub mod files;
+pub mod limits;
 pub mod loopdev;
 pub mod mkfs;
 pub mod mount;

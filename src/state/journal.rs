@@ -652,7 +652,22 @@ fn scan_once(dir: &Path) -> Result<Scan, StateError> {
             ),
         });
     }
-    if snapshots.iter().any(|&(g, _)| g == gen) {
+    // The guard alone: the binary snapshot it stands beside is gone (read
+    // as a snapshot, the guard said only "not a record", and that the
+    // state has a binary snapshot: nothing named the file that is missing).
+    let lost_binary = !binary && snapshots.contains(&(gen, false)) && guarded();
+    if lost_binary {
+        out.damage.push(Damage {
+            path: dir.join(snapshot_name(gen)),
+            offset: 0,
+            line: 0,
+            why: format!(
+                "the snapshot of generation {gen} is missing, though the guard berth writes beside it ({}) is there: every record it held is lost (removed by hand?); restore it from a copy of the state directory",
+                json_snapshot_name(gen)
+            ),
+        });
+    }
+    if snapshots.iter().any(|&(g, _)| g == gen) && !lost_binary {
         let path = dir.join(if binary {
             snapshot_name(gen)
         } else {

@@ -1902,6 +1902,47 @@ mod tests {
         assert_eq!(ids(&open(d.path()).unwrap()), [a]);
     }
 
+    /// The binary snapshot of the current generation removed (by hand, or
+    /// lost with a restore that missed it) while the guard beside it
+    /// stays: start-up, `check` and `repair` name the snapshot as missing
+    /// and say its records are lost. Before, the guard was read as the
+    /// snapshot: the flaw named `snapshot-<G>.jsonl` "not a record" and
+    /// nothing said `snapshot-<G>.bin`, which held every record, was gone.
+    #[test]
+    fn a_missing_binary_snapshot_beside_its_guard_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path()).unwrap();
+        let (a, b) = (
+            format!("local-{}", "a".repeat(32)),
+            format!("local-{}", "b".repeat(32)),
+        );
+        s.insert_new(rec(&a, "a", 1), ok).unwrap();
+        assert!(s.checkpoint(1).unwrap());
+        s.insert_new(rec(&b, "b", 1), ok).unwrap();
+        let gen = s.journal.position().0;
+        drop(s);
+        let j = journal_dir(d.path());
+        let bin = j.join(crate::state::journal::snapshot_name(gen));
+        assert!(j
+            .join(crate::state::journal::json_snapshot_name(gen))
+            .exists());
+        fs::remove_file(&bin).unwrap();
+        match open(d.path()) {
+            Err(e @ StateError::Damaged { .. }) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains(&bin.display().to_string()) && e.contains("missing"),
+                    "{e}"
+                );
+            }
+            other => panic!("opened without its snapshot: {:?}", other.err()),
+        }
+        let report =
+            crate::state::tools::repair(d.path(), Arc::new(crate::os::files::RealFiles)).unwrap();
+        assert!(report.contains("is missing"), "{report}");
+        assert_eq!(ids(&open(d.path()).unwrap()), [b]);
+    }
+
     /// A full disk says so: the errno reaches the change's error.
     #[test]
     fn a_full_disk_is_named_in_the_error() {

@@ -204,6 +204,12 @@ pub fn decode(line: &[u8]) -> Line {
     let Some(body) = line.strip_suffix(b"\n") else {
         return Line::Damaged;
     };
+    decode_body(body)
+}
+
+/// `decode` of a line without its newline (`body`), never copied: a last
+/// line without a newline may be a log's whole size (padded by hand).
+fn decode_body(body: &[u8]) -> Line {
     if body.len() < 10 || body[8] != b' ' {
         return Line::Damaged;
     }
@@ -983,18 +989,14 @@ fn unwritten_blocks_only(line: &[u8], at: usize, len: usize) -> bool {
 /// newline: missing (None) or another byte in its place (Some(that
 /// byte)). None when it is not whole (cut short, or changed elsewhere).
 fn unterminated(line: &[u8]) -> Option<(Entry, Option<u8>)> {
-    let mut whole = line.to_vec();
-    whole.push(b'\n');
-    if let Line::Entry(e) = decode(&whole) {
+    if let Line::Entry(e) = decode_body(line) {
         return Some((e, None));
     }
     let (&last, body) = line.split_last()?;
     if last == 0 {
         return None;
     }
-    let mut whole = body.to_vec();
-    whole.push(b'\n');
-    match decode(&whole) {
+    match decode_body(body) {
         Line::Entry(e) => Some((e, Some(last))),
         _ => None,
     }

@@ -918,33 +918,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// free again, berth answers.
 #[tokio::test]
 async fn accepting_without_file_descriptors_does_not_spin() {
-    use std::os::unix::process::CommandExt;
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("csi.sock");
-    let mut cmd = Command::new(BIN);
-    cmd.args(berth_args(d.path(), &sock, &["--kinds", "local"]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: setrlimit is async-signal-safe and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("spawn berth");
-    let mut b = Berth {
-        child,
-        sock: sock.clone(),
-        log: d.path().join("unused.log"),
-    };
-    wait_accepting(&mut b);
+    let b = start_with_open_files(d.path(), 64, 64);
     let pid = b.child.id();
     // More connections than descriptors: berth takes what it can, the
     // rest wait in the backlog.
@@ -3133,33 +3109,8 @@ async fn start_up_serves_before_the_unfinished_copies_it_found_are_removed() {
 /// `os::limits::tests`).
 #[test]
 fn the_soft_limit_of_open_files_is_raised_to_the_hard_one() {
-    use std::os::unix::process::CommandExt;
     let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("csi.sock");
-    let mut cmd = Command::new(BIN);
-    cmd.args(berth_args(d.path(), &sock, &["--kinds", "local"]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: setrlimit is async-signal-safe and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 256,
-                rlim_max: 4096,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("spawn berth");
-    let mut b = Berth {
-        child,
-        sock,
-        log: d.path().join("unused.log"),
-    };
-    wait_accepting(&mut b);
+    let b = start_with_open_files(d.path(), 256, 4096);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", b.child.id())).unwrap();
     let line = limits
         .lines()
@@ -3211,4 +3162,37 @@ fn a_padded_log_is_read_with_one_copy_in_memory() {
         peak >> 20,
         LEN >> 20
     );
+}
+
+/// A berth serving local volumes from `dir` (socket `csi.sock`), started
+/// with a soft and hard limit of open files of `soft` and `hard`, once it
+/// accepts.
+fn start_with_open_files(dir: &Path, soft: u64, hard: u64) -> Berth {
+    use std::os::unix::process::CommandExt;
+    let sock = dir.join("csi.sock");
+    let mut cmd = Command::new(BIN);
+    cmd.args(berth_args(dir, &sock, &["--kinds", "local"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn berth");
+    let mut b = Berth {
+        child,
+        sock,
+        log: dir.join("unused.log"),
+    };
+    wait_accepting(&mut b);
+    b
 }

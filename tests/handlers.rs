@@ -3756,3 +3756,125 @@ async fn a_creating_area_replaced_by_a_symlink_is_refused_and_nothing_it_leads_t
     assert!(h.driver.store.get_by_name("b").is_none());
     assert_eq!(made_in(&elsewhere), there, "nothing there moved or removed");
 }
+
+/// A create a crash interrupted (its record still Creating, its directory
+/// under `.creating/<id>`, holding data) whose rollback at start-up fails
+/// (neither moved into the trash nor removed): its directory stays under
+/// `.creating/` (it was never handed out), and the next retry, once the
+/// filesystem works again, removes it with its record. Before, start-up's
+/// orphan pass moved the directory of any id with a record into the root,
+/// also one still Creating: the retry then took it for a directory a
+/// create whose Ready record was lost may have handed out and kept it in
+/// `.orphaned/`, never deleted.
+#[tokio::test]
+async fn a_failed_rollback_at_start_up_leaves_the_unfinished_create_out_of_the_root() {
+    use berth::os::Os;
+    let h = fake(&["--local-spare-dirs", "0"]);
+    let fake = h.fake.clone().expect("fake os");
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let local = h.path("local");
+    let unfinished = local.join(".creating").join(&id);
+    // The crash: the record never said Ready, the directory was never
+    // moved into the root.
+    let mut r = h.driver.store.get(&id).unwrap();
+    h.driver
+        .store
+        .set_phase(&mut r, berth::state::Phase::Creating)
+        .unwrap();
+    h.driver
+        .os
+        .files
+        .rename_noreplace(&local.join(&id), &unfinished)
+        .unwrap();
+    std::fs::write(unfinished.join("data"), b"x").unwrap();
+    let dir = h.stop();
+    // The rollback cannot move it into the trash nor remove it.
+    fake.fail_op_under("mkdir", &local.join(".trash"), libc::EIO);
+    fake.fail_op_under("remove tree", &local.join(".creating"), libc::EIO);
+    let h = build(
+        dir,
+        Os::on_fake(&fake),
+        Some(fake.clone()),
+        &["--local-spare-dirs", "0"],
+    );
+    assert_eq!(
+        h.driver.store.get(&id).map(|r| r.phase),
+        Some(berth::state::Phase::Creating),
+        "the rollback failed: the record stays"
+    );
+    assert!(
+        !local.join(&id).exists(),
+        "the directory of a create still Creating was moved into the root"
+    );
+    assert!(unfinished.join("data").exists());
+    fake.clear_file_faults();
+    retry_pending_and_wait(&h).await;
+    assert!(h.driver.store.get(&id).is_none(), "the retry rolls it back");
+    assert!(!local.join(&id).exists());
+    assert!(!unfinished.exists());
+    assert!(
+        !local.join(".orphaned").join(&id).exists(),
+        "a directory never handed out was kept aside as an orphan"
+    );
+}
+
+/// The same for a snapshot: a copy a crash interrupted (its record still
+/// Creating, its copy whole under `.snapshots/.partial-<id>`) whose
+/// rollback at start-up fails stays where it is, never under the
+/// snapshot's name, and the next retry removes it with its record.
+/// Before, start-up moved the copy of any snapshot with a record into
+/// place, also one still Creating: the retry then kept it in
+/// `.orphaned/`, never deleted.
+#[tokio::test]
+async fn a_failed_snapshot_rollback_at_start_up_leaves_its_copy_unplaced() {
+    use berth::os::Os;
+    let h = fake(&["--local-spare-dirs", "0"]);
+    let fake = h.fake.clone().expect("fake os");
+    let src = create(&h, "src", 1 << 20).await.volume_id;
+    std::fs::write(h.path("local").join(&src).join("data"), b"x").unwrap();
+    let sid = snapshot_id(&h, "s", &src).await;
+    let snaps = h.path("local/.snapshots");
+    let partial = snaps.join(format!(".partial-{sid}"));
+    // The crash: the record never said Ready, the copy was never moved.
+    let mut s = h.driver.store.snapshot_get(&sid).unwrap();
+    s.phase = berth::state::Phase::Creating;
+    h.driver.store.snapshot_put(&s).unwrap();
+    h.driver
+        .os
+        .files
+        .rename_noreplace(&snaps.join(&sid), &partial)
+        .unwrap();
+    let local = h.path("local");
+    let dir = h.stop();
+    // The rollback cannot move it into the trash nor remove it.
+    fake.fail_op_under("mkdir", &local.join(".trash"), libc::EIO);
+    fake.fail_op_under("remove tree", &snaps, libc::EIO);
+    let h = build(
+        dir,
+        Os::on_fake(&fake),
+        Some(fake.clone()),
+        &["--local-spare-dirs", "0"],
+    );
+    assert_eq!(
+        h.driver.store.snapshot_get(&sid).map(|s| s.phase),
+        Some(berth::state::Phase::Creating),
+        "the rollback failed: the record stays"
+    );
+    assert!(
+        !snaps.join(&sid).exists(),
+        "the copy of a snapshot still Creating was moved into place"
+    );
+    assert!(partial.exists());
+    fake.clear_file_faults();
+    retry_pending_and_wait(&h).await;
+    assert!(
+        h.driver.store.snapshot_get(&sid).is_none(),
+        "the retry rolls it back"
+    );
+    assert!(!snaps.join(&sid).exists());
+    assert!(!partial.exists());
+    assert!(
+        !local.join(".orphaned").join(&sid).exists(),
+        "a copy never handed out was kept aside as an orphan"
+    );
+}

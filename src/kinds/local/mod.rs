@@ -772,6 +772,14 @@ impl LocalKind {
         self.remove_copy(path).map(|_| false)
     }
 
+    /// Whether the record of volume `id` still says Creating: its storage
+    /// was never handed out and never goes into the root.
+    fn still_creating(&self, id: &str) -> bool {
+        self.store
+            .get(id)
+            .is_some_and(|r| r.phase == Phase::Creating)
+    }
+
     /// The names under `.creating/` (new volumes' directories, by id, and
     /// restores' and clones' unfinished copies).
     fn creating(&self) -> Vec<String> {
@@ -1391,14 +1399,20 @@ impl VolumeKind for LocalKind {
         // and emptied on the background thread once the socket is up.
         // Creates whose record says Ready but whose directory was not moved
         // into the root yet (a crash in between): moved now. Everything
-        // else under `.creating/` (creates that never became Ready, copies
-        // of restores and clones that never finished) was never handed out
-        // and is only Berth's own.
+        // else under `.creating/` (creates that never became Ready, also
+        // one whose rollback just failed and whose record still says
+        // Creating; copies of restores and clones that never finished) was
+        // never handed out and is only Berth's own. Before, the directory
+        // of any id with a record was moved into the root, where the retry
+        // of a rollback took it for one handed out and kept it aside.
         if let Some(entries) = self.own_dir(CREATING) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let home = self.root.join(&name);
-                if self.owns_id(&name) && known(&name) && std::fs::symlink_metadata(&home).is_err()
+                if self.owns_id(&name)
+                    && known(&name)
+                    && !self.still_creating(&name)
+                    && std::fs::symlink_metadata(&home).is_err()
                 {
                     self.os
                         .files
@@ -1424,10 +1438,16 @@ impl VolumeKind for LocalKind {
                 if let Some(id) = name.strip_prefix(PARTIAL) {
                     // A whole copy whose record says Ready (a crash came
                     // before the move) goes into place; anything else was
-                    // never handed out (an interrupted copy, also one an
-                    // older version made as `.partial-.partial-<id>`).
+                    // never handed out (an interrupted copy, also one whose
+                    // record still says Creating because its rollback just
+                    // failed, or one an older version made as
+                    // `.partial-.partial-<id>`).
                     if self.owns_snapshot_id(id)
                         && known(id)
+                        && !self
+                            .store
+                            .snapshot_get(id)
+                            .is_some_and(|s| s.phase == Phase::Creating)
                         && std::fs::symlink_metadata(self.snapshot_dir(id)?).is_err()
                     {
                         self.place_snapshot(id)?;
@@ -1448,14 +1468,9 @@ impl VolumeKind for LocalKind {
         // that was handed out.
         for (id, path) in self.trash() {
             let home = volume_dir(&self.root, &id);
-            let creating = || {
-                self.store
-                    .get(&id)
-                    .is_some_and(|r| r.phase == Phase::Creating)
-            };
             if self.owns_id(&id)
                 && known(&id)
-                && !creating()
+                && !self.still_creating(&id)
                 && std::fs::symlink_metadata(&home).is_err()
             {
                 self.os

@@ -294,6 +294,24 @@ impl Driver {
         ))
     }
 
+    /// `unserved` for a snapshot recorded here: why its kind is out of
+    /// reach of this instance's configuration (taken out of `--kinds`),
+    /// None when its kind is served. Such a snapshot is not an unknown
+    /// one: DeleteSnapshot answering OK would have the CO forget it while
+    /// its record and its copy stay for good.
+    pub fn unserved_snapshot(&self, rec: &crate::state::SnapshotRecord) -> Option<String> {
+        let kind = rec.kind;
+        if self.kinds.contains_key(&kind) {
+            return None;
+        }
+        let served: Vec<&str> = self.cfg.kinds.iter().map(|k| k.as_str()).collect();
+        Some(format!(
+            "snapshot {} is a {kind} snapshot recorded by this berth, which does not serve {kind} volumes any more (--kinds {}): serve {kind} again (--kinds) to use or delete the snapshot (its record and its copy are kept)",
+            rec.id,
+            served.join(",")
+        ))
+    }
+
     /// NOT_FOUND for `id`, saying why when it is recorded here but out of
     /// reach of the configuration (`unserved`).
     fn not_found(&self, id: &str) -> Error {

@@ -2180,8 +2180,35 @@ async fn a_recorded_volume_on_a_share_no_longer_allowed_is_not_forgotten() {
         .expect_err("deleted off the allowed shares");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("--nfs-allowed-shares"), "{e:?}");
+    // Nor is it snapshotted or expanded (before: INTERNAL, NOT_FOUND).
+    let e = h
+        .ctl
+        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: "s".into(),
+            source_volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("snapshotted off the allowed shares");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("--nfs-allowed-shares"), "{e:?}");
+    let e = h
+        .ctl
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 2 << 30,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("expanded off the allowed shares");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("--nfs-allowed-shares"), "{e:?}");
     assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
     assert!(h.driver.store.get(&id).is_some());
+    assert!(h.driver.store.snapshot_by_name("s").is_none());
     let (_, report) = state_check(&h);
     assert!(
         report.contains(&id) && report.contains("--nfs-allowed-shares does not allow"),

@@ -227,6 +227,86 @@ async fn a_local_snapshot_is_a_point_in_time_copy_and_restores() {
     );
 }
 
+/// A volume and a snapshot recorded here whose kind was taken out of
+/// `--kinds` exist: DeleteSnapshot, CreateSnapshot of the volume and
+/// ControllerExpandVolume are FAILED_PRECONDITION naming the flag (as
+/// DeleteVolume is) and touch nothing. Before, DeleteSnapshot and
+/// CreateSnapshot were INVALID_ARGUMENT and ControllerExpandVolume
+/// NOT_FOUND ("does not exist").
+#[tokio::test]
+async fn a_kind_no_longer_served_keeps_its_snapshots_and_is_failed_precondition() {
+    let h = fake(&[]);
+    let id = create_p(&h, "a", MIB, &[]).await.volume_id;
+    let s = snapshot(&h, "s", &id).await.snapshot_id;
+    let copy = h.path("local/.snapshots").join(&s);
+    assert!(copy.exists());
+    let h = build(
+        h.stop(),
+        berth::os::Os::fake().0,
+        None,
+        &["--kinds", "block"],
+    );
+    let unserved = |r: Result<(), tonic::Status>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e:?}");
+        assert!(
+            e.message().contains("--kinds") && e.message().contains("local"),
+            "{what}: {e:?}"
+        );
+    };
+    unserved(
+        h.ctl
+            .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+                snapshot_id: s.clone(),
+                ..Default::default()
+            }))
+            .await
+            .map(drop),
+        "DeleteSnapshot",
+    );
+    unserved(
+        h.ctl
+            .create_snapshot(Request::new(snap_req("s2", &id)))
+            .await
+            .map(drop),
+        "CreateSnapshot",
+    );
+    unserved(
+        h.ctl
+            .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+                volume_id: id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 2 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }))
+            .await
+            .map(drop),
+        "ControllerExpandVolume",
+    );
+    let rec = h
+        .driver
+        .store
+        .snapshot_get(&s)
+        .expect("snapshot record kept");
+    assert_eq!(rec.phase, Phase::Ready);
+    assert!(h.driver.store.snapshot_by_name("s2").is_none());
+    assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, MIB);
+    assert!(copy.exists());
+    // Served again: the snapshot is deleted.
+    let h = build(h.stop(), berth::os::Os::fake().0, None, &[]);
+    h.ctl
+        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+            snapshot_id: s.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(h.driver.store.snapshot_get(&s).is_none());
+    assert!(!h.path("local/.snapshots").join(&s).exists());
+}
+
 #[tokio::test]
 async fn snapshot_requests_are_checked() {
     let h = fake(&[]);

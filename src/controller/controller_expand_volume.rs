@@ -8,7 +8,9 @@
 //! answer is the requested size with `node_expansion_required`, and the
 //! node does the checks and the work. One this node made is NOT_FOUND.
 //! An NFS id without a record is expanded only when its directory on the
-//! share carries the id's marker (NOT_FOUND otherwise).
+//! share carries the id's marker (NOT_FOUND otherwise). A volume recorded
+//! here whose kind (or NFS share) is no longer served is
+//! FAILED_PRECONDITION (`Driver::unserved`).
 use std::sync::Arc;
 
 use super::create_volume::Range;
@@ -44,6 +46,11 @@ pub async fn handle(
         required: range.required,
         limit: range.limit,
     };
+    // A volume recorded here whose kind (or NFS share) this configuration
+    // no longer serves exists: not NOT_FOUND, and nothing grows.
+    if let Some(why) = d.unserved(&id) {
+        return Err(Error::WrongState(why));
+    }
     let kind = d
         .kinds()
         .find(|k| k.owns_id(&id))

@@ -6,7 +6,9 @@
 //! whole copy (it cannot be deleted or expanded meanwhile). Kinds whose
 //! snapshot ids say where the snapshot lives (NFS) derive the id from the
 //! name and the source (its guard is held too), and a source volume with
-//! such an id and no record here is found from its storage.
+//! such an id and no record here is found from its storage. A source
+//! recorded here whose kind (or NFS share) is no longer served is
+//! FAILED_PRECONDITION (`Driver::unserved`).
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,6 +40,12 @@ pub async fn handle(
             "unknown snapshot parameter {:?} (VolumeSnapshotClass parameters of Berth: none)",
             k.chars().take(64).collect::<String>()
         )));
+    }
+    // A source recorded here whose kind (or NFS share) this configuration
+    // no longer serves exists: not NOT_FOUND nor INVALID_ARGUMENT, and
+    // nothing is copied.
+    if let Some(why) = d.unserved(&source) {
+        return Err(Error::WrongState(why));
     }
     let derived = match d.kind_of_id(&source) {
         Some(k) => k.snapshot_id_for(&name, &source)?,

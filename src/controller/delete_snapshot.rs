@@ -3,7 +3,9 @@
 //! at start-up. Volumes restored from a snapshot are copies of their own:
 //! deleting it touches none of them. A self-describing id (NFS) without a
 //! record here (the controller lost its records) is deleted from the id:
-//! the kind removes only storage whose marker names it.
+//! the kind removes only storage whose marker names it. A snapshot recorded
+//! here whose kind was taken out of `--kinds` is FAILED_PRECONDITION, and
+//! nothing is touched.
 use std::sync::Arc;
 
 use super::snapshot::{self, snap_key, snap_name_key};
@@ -38,6 +40,12 @@ pub async fn handle(
         .await?;
         return Ok(csi::DeleteSnapshotResponse {});
     };
+    // A snapshot recorded here whose kind this configuration no longer
+    // serves exists: answering OK would have the CO forget it while its
+    // record and its copy stay for good.
+    if let Some(why) = d.unserved_snapshot(&rec) {
+        return Err(crate::error::Error::WrongState(why));
+    }
     let mut guard = d.locks.try_lock(snap_key(&id))?;
     guard.also(snap_name_key(&rec.name))?;
     d.run(guard, move |d| {

@@ -3507,3 +3507,29 @@ async fn creates_queued_on_a_dead_share_answer_with_the_first_timeout() {
     create(&h, "v0", &[]).await;
     assert_eq!(mount_runs(h.fake()), 2);
 }
+
+/// Without records, a CreateVolume that finds its directory taken by
+/// another volume (a same-named PVC of another namespace, `subDir` from
+/// the PVC's name) is ALREADY_EXISTS, and its rollback leaves that
+/// volume's directory alone, also while it is still empty (a PVC just
+/// bound, its pod not started yet): only a directory this create made is
+/// removed.
+#[tokio::test]
+async fn a_refused_create_never_removes_the_empty_directory_of_another_volume() {
+    let h = nfs(&[]);
+    let ta = templated("data", "team-a");
+    let ida = create(&h, "pvc-aaaa", &pairs(&ta)).await.volume_id;
+    let root = share_root(&h);
+    assert!(marker_of(&root.join("data")).is_some());
+    std::fs::remove_dir_all(h.path("state/journal")).unwrap();
+    let h = restart(h, &["--kinds", "nfs"]);
+    let tb = templated("data", "team-b");
+    let e = create_err(&h, req("pvc-bbbb", &pairs(&tb))).await;
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(h.driver.store.is_empty());
+    let m = marker_of(&root.join("data")).expect("team-a's directory is still there");
+    assert_eq!(m["id"], ida.as_str());
+    assert_eq!(m["name"], "pvc-aaaa");
+    // Its own retry still finds it.
+    assert_eq!(create(&h, "pvc-aaaa", &pairs(&ta)).await.volume_id, ida);
+}

@@ -349,6 +349,16 @@ impl NfsKind {
     }
 }
 
+/// The marker the create of `rec` writes on its directory.
+fn marker_of(rec: &VolumeRecord) -> Marker {
+    Marker {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        created_unix: rec.created_unix,
+        released_unix: None,
+    }
+}
+
 impl NfsKind {
     /// Makes the directory of the recorded volume `rec`: empty, or filled
     /// from `from` (a restore or a clone, copied inside the share's working
@@ -361,12 +371,7 @@ impl NfsKind {
             self.check_source(&rec.id, &rec.capabilities, from)?;
         }
         let root = self.new_volume_share(&vid, &controller_option_sets(rec)?)?;
-        let marker = Marker {
-            id: rec.id.clone(),
-            name: rec.name.clone(),
-            created_unix: rec.created_unix,
-            released_unix: None,
-        };
+        let marker = marker_of(rec);
         let files = self.os.files.as_ref();
         // What the new directory is filled from, opened (and checked) first.
         let src = match from {
@@ -682,7 +687,7 @@ impl VolumeKind for NfsKind {
     }
 
     /// A record still being created is rolled back (its directory removed
-    /// only if empty); otherwise the id's onDelete applies (retain marks
+    /// only if empty and made by that create); otherwise the id's onDelete applies (retain marks
     /// the directory's marker released, so no later create adopts it). The share's
     /// working mount is looked up under its own lock (`share_mount`, which
     /// may mount it), so the RPC's table is not used.
@@ -690,8 +695,12 @@ impl VolumeKind for NfsKind {
         let Ok(vid) = self.vid(&rec.id) else {
             return Ok(());
         };
+        // A rollback removes only the directory its create made: one the
+        // create found in place (another volume's of the same id, without
+        // records to tell) is not its own.
+        let made = marker_of(rec);
         let how = if rec.phase == Phase::Creating {
-            Removal::Rollback
+            Removal::Rollback(Some(&made))
         } else {
             Removal::Apply(vid.on_delete)
         };
@@ -707,7 +716,7 @@ impl VolumeKind for NfsKind {
                 crate::driver::now_unix(),
             )
         };
-        if how == Removal::Rollback {
+        if matches!(how, Removal::Rollback(_)) {
             return self.rollback_in_share(&vid, &sets, &remove);
         }
         remove(&self.share_mount(&vid, &sets)?)

@@ -60,15 +60,28 @@ pub struct Marker {
     pub released_unix: Option<u64>,
 }
 
+impl Marker {
+    /// Whether `found` (on a directory) was written by the create this
+    /// marker describes: the same id, name and creation time. A directory
+    /// a create found in place (another volume's of the same id, or one
+    /// an earlier create of the same name made, which may have been handed
+    /// out) is not that create's to roll back.
+    pub fn made_by_same_create(&self, found: &Marker) -> bool {
+        found.id == self.id && found.name == self.name && found.created_unix == self.created_unix
+    }
+}
+
 /// The marker's temporary name while a released marker replaces it.
 const MARKER_NEW: &str = ".berth-volume.new";
 
 /// What DeleteVolume (or a rollback) does with a subdirectory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Removal {
+pub enum Removal<'a> {
     /// Undo a CreateVolume that did not finish: remove the directory only if
-    /// it holds nothing but its marker.
-    Rollback,
+    /// it holds nothing but its marker and, given the marker that create
+    /// writes, only if it is that create's (`Marker::made_by_same_create`),
+    /// never one it found in place.
+    Rollback(Option<&'a Marker>),
     /// Apply the volume's onDelete.
     Apply(OnDelete),
 }
@@ -430,7 +443,7 @@ pub fn remove_subdir(
     root: &Path,
     id: &str,
     subdir: &str,
-    how: Removal,
+    how: Removal<'_>,
     resumed: bool,
     unix: u64,
 ) -> Result<()> {
@@ -438,7 +451,7 @@ pub fn remove_subdir(
     let Some((fd, leaf)) = open_parent(files, &rootfd, subdir, false)? else {
         return Ok(());
     };
-    if how == Removal::Rollback {
+    if matches!(how, Removal::Rollback(_)) {
         // A create interrupted before its directory got its name.
         remove_entry(files, &fd, new_name(id).as_ref())?;
     }
@@ -474,7 +487,11 @@ pub fn remove_subdir(
             return Ok(());
         }
     };
-    if how == Removal::Rollback {
+    if let Removal::Rollback(made) = how {
+        if made.is_some_and(|made| !made.made_by_same_create(ours)) {
+            tracing::warn!(volume_id = %id, subdir, owner = %ours.name, "the directory was not made by the create being rolled back (another volume's, or made before); left as it is");
+            return Ok(());
+        }
         // Never handed out: it holds data only if someone wrote there.
         let empty = std::fs::read_dir(fd_path(&dir, ""))
             .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?
@@ -1275,18 +1292,18 @@ mod tests {
         assert!(d.path().join("c/v/deep/f").exists());
         // A rollback never removes data; a directory with only its marker
         // goes, and so does one still being made.
-        remove(d.path(), "r", Removal::Rollback).unwrap();
+        remove(d.path(), "r", Removal::Rollback(None)).unwrap();
         assert!(d.path().join("r/deep/f").exists());
         create(d.path(), "e", None).unwrap();
-        remove(d.path(), "e", Removal::Rollback).unwrap();
+        remove(d.path(), "e", Removal::Rollback(None)).unwrap();
         assert!(!d.path().join("e").exists());
         let tmp = d.path().join(new_name(&id("t")));
         std::fs::create_dir(&tmp).unwrap();
-        remove(d.path(), "t", Removal::Rollback).unwrap();
+        remove(d.path(), "t", Removal::Rollback(None)).unwrap();
         assert!(!tmp.exists());
         // Missing is success, for every mode.
         for how in [
-            Removal::Rollback,
+            Removal::Rollback(None),
             Removal::Apply(OnDelete::Delete),
             Removal::Apply(OnDelete::Archive),
         ] {
@@ -1324,7 +1341,7 @@ mod tests {
         assert!(e.to_string().contains("deleted volume"), "{e}");
         // Even emptied, a rollback of the same id leaves it alone.
         std::fs::remove_file(d.path().join("r/f")).unwrap();
-        remove(d.path(), "r", Removal::Rollback).unwrap();
+        remove(d.path(), "r", Removal::Rollback(None)).unwrap();
         assert!(d.path().join("r").join(MARKER).exists());
         // A marker of an older version (no released_unix) is a live
         // volume's: read as before.

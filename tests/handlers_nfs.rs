@@ -3533,3 +3533,74 @@ async fn a_refused_create_never_removes_the_empty_directory_of_another_volume() 
     // Its own retry still finds it.
     assert_eq!(create(&h, "pvc-aaaa", &pairs(&ta)).await.volume_id, ida);
 }
+
+/// The controller lost its records (an emptyDir): a CreateVolume whose
+/// name finds a volume directory marked with the same id and name is a
+/// retry only when it asks for the same content source, as with records
+/// (`ALREADY_EXISTS` otherwise): the marker says what the directory was
+/// filled from. A plain volume is never answered as a restore (its empty
+/// or own data passed off as the snapshot's), a restore never as another
+/// source's or as a plain volume.
+#[tokio::test]
+async fn without_records_the_same_name_with_another_content_source_is_already_exists() {
+    let h = nfs(&[]);
+    let src = create(&h, "src", &[]).await;
+    let root = share_root(&h);
+    std::fs::write(root.join("src/f"), b"snapped").unwrap();
+    let s1 = snapshot(&h, "s1", &src.volume_id).await.snapshot_id;
+    let s2 = snapshot(&h, "s2", &src.volume_id).await.snapshot_id;
+    create(&h, "plain", &[]).await;
+    std::fs::write(root.join("plain/own"), b"plain data").unwrap();
+    // A volume not written yet: its directory holds only its marker.
+    create(&h, "empty", &[]).await;
+    let restored = create_from(&h, "restored", 5 << 20, 0, source_snapshot(&s1), &[])
+        .await
+        .unwrap();
+    let lose = |h: Harness| {
+        std::fs::remove_dir_all(h.path("state/journal")).unwrap();
+        let h = restart(h, &["--kinds", "nfs"]);
+        assert!(h.driver.store.is_empty());
+        h
+    };
+    let h = lose(h);
+    for (name, source) in [
+        ("plain", source_snapshot(&s1)),
+        ("plain", source_volume(&src.volume_id)),
+        ("empty", source_snapshot(&s1)),
+        ("restored", None),
+        ("restored", source_snapshot(&s2)),
+        ("restored", source_volume(&src.volume_id)),
+    ] {
+        let e = create_from(&h, name, 5 << 20, 0, source.clone(), &[])
+            .await
+            .expect_err(&format!("{name} from {source:?} answered OK"));
+        assert_eq!(e.code(), Code::AlreadyExists, "{name}: {}", e.message());
+        // Nothing was made or removed.
+        assert_eq!(h.driver.store.len(), 0, "{name}");
+    }
+    assert_eq!(
+        std::fs::read(root.join("plain/own")).unwrap(),
+        b"plain data"
+    );
+    assert!(!root.join("plain/f").exists());
+    assert!(
+        marker_of(&root.join("empty")).is_some(),
+        "never rolled back"
+    );
+    assert!(!root.join("empty/f").exists());
+    assert_eq!(std::fs::read(root.join("restored/f")).unwrap(), b"snapped");
+    // The CO's retry of the same request is answered with the volume.
+    let h = lose(h);
+    let again = create_from(&h, "restored", 5 << 20, 0, source_snapshot(&s1), &[])
+        .await
+        .unwrap();
+    assert_eq!(again.volume_id, restored.volume_id);
+    assert!(matches!(
+        again.content_source.and_then(|c| c.r#type),
+        Some(csi::volume_content_source::Type::Snapshot(x)) if x.snapshot_id == s1
+    ));
+    let h = lose(h);
+    create_from(&h, "plain", 5 << 20, 0, None, &[])
+        .await
+        .unwrap();
+}

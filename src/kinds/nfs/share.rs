@@ -5,10 +5,11 @@
 //!
 //! Ownership lives on the share, so it holds when the controller lost its
 //! records: every volume directory holds a marker file, `.berth-volume`
-//! (JSON: volume id, volume name, creation time), written before the
-//! directory gets its name (it is made as `.berth-new-<hash>`, marked, then
-//! renamed into place). CreateVolume adopts an existing directory only if
-//! its marker names the same id and name (a retry), refuses any other
+//! (JSON: volume id, volume name, creation time, what it was filled from),
+//! written before the directory gets its name (it is made as
+//! `.berth-new-<hash>`, marked, then renamed into place). CreateVolume
+//! adopts an existing directory only if its marker names the same id and
+//! name and the same content source (a retry), refuses any other
 //! (ALREADY_EXISTS), and refuses to make a volume inside a marked directory.
 //! DeleteVolume deletes or archives only a directory whose marker names the
 //! id, and refuses while another volume's marker lies inside it; with
@@ -35,6 +36,7 @@ use crate::node::mounts;
 use crate::os::files::{Files, Open};
 use crate::os::mountinfo::MountEntry;
 use crate::os::{nfsmount, OsError};
+use crate::state::ContentSource;
 
 /// The marker file in every volume directory Berth makes.
 pub const MARKER: &str = ".berth-volume";
@@ -58,6 +60,50 @@ pub struct Marker {
     /// marker older versions wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released_unix: Option<u64>,
+    /// What the create filled the directory from (its content source): a
+    /// create of the same id and name adopts the directory only if it asks
+    /// for the same (a retry). Absent in markers older versions wrote:
+    /// unknown, any request of that id and name adopts it, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filled: Option<Filled>,
+}
+
+/// What a volume directory was filled from when it was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filled {
+    /// Nothing: a CreateVolume without a content source.
+    Empty,
+    /// A restore of the snapshot.
+    Snapshot(String),
+    /// A clone of the volume.
+    Volume(String),
+}
+
+impl Filled {
+    pub fn of(source: Option<&ContentSource>) -> Filled {
+        match source {
+            None => Filled::Empty,
+            Some(ContentSource::Snapshot(id)) => Filled::Snapshot(id.clone()),
+            Some(ContentSource::Volume(id)) => Filled::Volume(id.clone()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Filled::Empty => "made empty".into(),
+            Filled::Snapshot(id) => format!("restored from snapshot {id}"),
+            Filled::Volume(id) => format!("cloned from volume {id}"),
+        }
+    }
+}
+
+/// Whether two markers' `filled` can be the same (absent: unknown).
+fn same_filling(a: &Option<Filled>, b: &Option<Filled>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
 }
 
 impl Marker {
@@ -67,7 +113,10 @@ impl Marker {
     /// an earlier create of the same name made, which may have been handed
     /// out) is not that create's to roll back.
     pub fn made_by_same_create(&self, found: &Marker) -> bool {
-        found.id == self.id && found.name == self.name && found.created_unix == self.created_unix
+        found.id == self.id
+            && found.name == self.name
+            && found.created_unix == self.created_unix
+            && same_filling(&found.filled, &self.filled)
     }
 }
 
@@ -315,6 +364,19 @@ pub fn create_subdir(
                         "{subdir} on the share holds the data of deleted volume {} (named {}), kept by onDelete=retain: Berth never hands a deleted volume's data to a new volume; move or remove the directory, or use another subDir",
                         m.id, m.name
                     ))),
+                    Some(m)
+                        if m.id == marker.id
+                            && m.name == marker.name
+                            && !same_filling(&m.filled, &marker.filled) =>
+                    {
+                        Err(Error::Conflict(format!(
+                            "{subdir} on the share is volume {} (named {}), {}, not {} as this request asks",
+                            m.id,
+                            m.name,
+                            m.filled.as_ref().map_or(String::new(), Filled::describe),
+                            marker.filled.as_ref().map_or(String::new(), Filled::describe),
+                        )))
+                    }
                     Some(m) if m.id == marker.id && m.name == marker.name => chmod(&dir),
                     Some(m) => Err(Error::Conflict(format!(
                         "{subdir} on the share belongs to volume {} (named {}), not to {}",
@@ -1035,6 +1097,7 @@ mod tests {
             name: format!("pv-{sub}"),
             created_unix: 1,
             released_unix: None,
+            filled: None,
         }
     }
 

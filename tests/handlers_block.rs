@@ -1056,6 +1056,70 @@ async fn fs_type_mount_flags_and_mkfs_options_reach_the_os_checked() {
     assert_eq!(e.code(), Code::InvalidArgument);
 }
 
+/// mkfsOptions that mkfs.xfs or mkfs.ext4 refuses (a suboption given
+/// twice, "option respecified"; a value out of its range or of the wrong
+/// form) are INVALID_ARGUMENT at CreateVolume, naming the option, and
+/// nothing is made; the forms mkfs takes still pass. Before, they passed
+/// the allowlist (any alphanumeric value, any number): the volume was made,
+/// and every NodeStageVolume failed in mkfs, for good.
+#[tokio::test]
+async fn mkfs_options_that_mkfs_refuses_are_invalid_at_create() {
+    let h = block(&[]);
+    h.fake().clear_calls();
+    let bad = [
+        ("xfs", "-m crc=1,crc=0"),
+        ("xfs", "-m crc=0 -m crc=1"),
+        ("xfs", "-b size=4k -b size=4k"),
+        ("xfs", "-m crc=2"),
+        ("xfs", "-m bigtime=yes"),
+        ("xfs", "-i maxpct=101"),
+        ("xfs", "-i attr=3"),
+        ("xfs", "-l version=3"),
+        ("xfs", "-i size=4k"),
+        ("xfs", "-b size=4x"),
+        ("xfs", "-b size=04096"),
+        ("ext4", "-i 0"),
+        ("ext4", "-i 999999999999"),
+        ("ext4", "-N 999999999999"),
+    ];
+    for (fs, opts) in bad {
+        let r = h
+            .ctl
+            .create_volume(Request::new(create_req_p(
+                "a",
+                300 * MIB,
+                &[("fsType", fs), ("mkfsOptions", opts)],
+            )))
+            .await;
+        let e = r.expect_err(opts);
+        assert_eq!(e.code(), Code::InvalidArgument, "{opts}: {e:?}");
+        assert!(e.message().contains("mkfsOptions"), "{opts}: {e:?}");
+    }
+    assert!(h.driver.store.is_empty());
+    assert_eq!(made_in(&h.path("block")), Vec::<std::ffi::OsString>::new());
+    assert_eq!(h.fake().calls(), vec![], "nothing reaches the OS");
+    let good = [
+        ("xfs", "-m crc=1 -m finobt=1"),
+        ("xfs", "-b size=4K -s size=512 -n size=8k -l size=64m"),
+        ("xfs", "-i size=512,maxpct=25 -m bigtime=0,inobtcount=0"),
+        ("xfs", "-b size=4096"),
+        ("ext4", "-i 16384 -N 100000 -b 4096 -I 256"),
+        ("ext4", "-i 1024"),
+        ("ext4", "-i 67108864 -N 4294967295"),
+    ];
+    for (i, (fs, opts)) in good.iter().enumerate() {
+        let r = h
+            .ctl
+            .create_volume(Request::new(create_req_p(
+                &format!("g{i}"),
+                300 * MIB,
+                &[("fsType", fs), ("mkfsOptions", opts)],
+            )))
+            .await;
+        assert!(r.is_ok(), "{opts}: {r:?}");
+    }
+}
+
 // ------------------------------------------------------ Loop attachments
 
 #[tokio::test]

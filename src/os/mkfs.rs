@@ -198,6 +198,9 @@ pub fn check_options(fs: Filesystem, text: &str) -> Result<Vec<String>, String> 
         return Err("mkfsOptions has more than 16 words".into());
     }
     let mut out = Vec::new();
+    // xfs suboptions seen so far, as (option, key): mkfs.xfs refuses one
+    // given twice ("option respecified"), also in two groups of one option.
+    let mut seen: Vec<(&str, &str)> = Vec::new();
     let mut it = tokens.into_iter();
     while let Some(flag) = it.next() {
         let Some(value) = it.next() else {
@@ -205,7 +208,7 @@ pub fn check_options(fs: Filesystem, text: &str) -> Result<Vec<String>, String> 
         };
         let ok = match fs {
             Filesystem::Ext4 => ext4_option(flag, value),
-            Filesystem::Xfs => xfs_option(flag, value),
+            Filesystem::Xfs => xfs_option(flag, value, &mut seen),
         };
         ok.map_err(|why| format!("mkfsOptions for {fs}: {flag} {value}: {why}"))?;
         out.push(flag.to_string());
@@ -219,6 +222,16 @@ fn number(v: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err("expected a number".into())
+    }
+}
+
+/// A decimal number from `min` to `max`, as mke2fs and mkfs.xfs read one:
+/// digits only.
+fn number_in(v: &str, min: u64, max: u64) -> Result<(), String> {
+    number(v)?;
+    match v.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(()),
+        _ => Err(format!("expected a number from {min} to {max}")),
     }
 }
 
@@ -256,7 +269,10 @@ fn ext4_option(flag: &str, v: &str) -> Result<(), String> {
             "128" | "256" | "512" | "1024" => Ok(()),
             _ => Err("inode size must be 128, 256, 512 or 1024".into()),
         },
-        "-i" | "-N" => number(v),
+        // mke2fs: "invalid inode ratio" outside these; "too many inodes"
+        // from 2^32.
+        "-i" => number_in(v, 1024, 67_108_864),
+        "-N" => number_in(v, 0, u64::from(u32::MAX)),
         "-O" => {
             for f in v.split(',') {
                 let name = f.strip_prefix('^').unwrap_or(f);
@@ -273,35 +289,98 @@ fn ext4_option(flag: &str, v: &str) -> Result<(), String> {
     }
 }
 
-fn xfs_option(flag: &str, v: &str) -> Result<(), String> {
-    let keys: &[&str] = match flag {
-        "-b" | "-s" => &["size"],
-        "-i" => &["size", "maxpct", "sparse", "nrext64", "attr", "projid32bit"],
-        "-m" => &[
-            "crc",
-            "finobt",
-            "rmapbt",
-            "reflink",
-            "inobtcount",
-            "bigtime",
+/// The form of an xfs suboption's value, as mkfs.xfs reads it.
+#[derive(Clone, Copy)]
+enum XfsValue {
+    /// `0` or `1`.
+    Bool,
+    /// A number from the first bound to the second.
+    Within(u64, u64),
+    /// A number of bytes, optionally with a unit (`4096`, `4k`, `64M`).
+    Size,
+    /// A number of bytes without a unit (`-i size`: "Unit suffixes are
+    /// not allowed").
+    Bytes,
+}
+
+fn xfs_value(kind: XfsValue, v: &str) -> Result<(), String> {
+    match kind {
+        XfsValue::Bool => match v {
+            "0" | "1" => Ok(()),
+            _ => Err("expected 0 or 1".into()),
+        },
+        XfsValue::Within(min, max) => number_in(v, min, max),
+        XfsValue::Size | XfsValue::Bytes => {
+            let digits = match kind {
+                XfsValue::Size => v
+                    .strip_suffix(|c: char| "kmgtpeKMGTPE".contains(c))
+                    .unwrap_or(v),
+                _ => v,
+            };
+            // mkfs.xfs refuses a leading zero ("Not a valid value").
+            if number(digits).is_ok() && !digits.starts_with('0') {
+                Ok(())
+            } else if matches!(kind, XfsValue::Size) {
+                Err("expected a size: a number without leading zeros, optionally followed by k, m, g, t, p or e".into())
+            } else {
+                Err("expected a number of bytes without leading zeros and without a unit".into())
+            }
+        }
+    }
+}
+
+fn xfs_option<'a>(
+    flag: &'a str,
+    v: &'a str,
+    seen: &mut Vec<(&'a str, &'a str)>,
+) -> Result<(), String> {
+    use XfsValue::{Bool, Bytes, Size, Within};
+    let keys: &[(&str, XfsValue)] = match flag {
+        "-b" | "-s" => &[("size", Size)],
+        "-i" => &[
+            ("size", Bytes),
+            ("maxpct", Within(0, 100)),
+            ("sparse", Bool),
+            ("nrext64", Bool),
+            ("attr", Within(0, 2)),
+            ("projid32bit", Bool),
         ],
-        "-n" => &["size", "ftype"],
-        "-l" => &["size", "version", "lazy-count"],
+        "-m" => &[
+            ("crc", Bool),
+            ("finobt", Bool),
+            ("rmapbt", Bool),
+            ("reflink", Bool),
+            ("inobtcount", Bool),
+            ("bigtime", Bool),
+        ],
+        "-n" => &[("size", Size), ("ftype", Bool)],
+        "-l" => &[
+            ("size", Size),
+            ("version", Within(1, 2)),
+            ("lazy-count", Bool),
+        ],
         _ => return Err("option not allowed (allowed: -b, -s, -i, -m, -n, -l)".into()),
     };
     for kv in v.split(',') {
         let (k, val) = kv
             .split_once('=')
             .ok_or_else(|| format!("expected key=value, got {kv:?}"))?;
-        if !keys.contains(&k) {
+        let Some((_, kind)) = keys.iter().find(|(name, _)| *name == k) else {
             return Err(format!(
                 "key {k:?} is not allowed (allowed: {})",
-                keys.join(", ")
+                keys.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
             ));
-        }
+        };
         if val.is_empty() || val.len() > 12 || !val.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(format!("value {val:?} must be a number or a size like 4k"));
         }
+        xfs_value(*kind, val).map_err(|why| format!("{k}={val}: {why}"))?;
+        if seen.contains(&(flag, k)) {
+            return Err(format!(
+                "{flag} {k} is given twice (mkfs.xfs takes each once)"
+            ));
+        }
+        seen.push((flag, k));
     }
     Ok(())
 }

@@ -58,6 +58,14 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
                 if f.is_empty() || f.len() > crate::validate::MAX_STRING || f.contains('\0') {
                     return Err(Error::Invalid("invalid mount flag".into()));
                 }
+                // Named by the character only: a flag's value may be a
+                // secret (`os::option_shown`).
+                if let Some(c) = f.chars().find(|c| c.is_control()) {
+                    return Err(Error::Invalid(format!(
+                        "a mount flag contains the control character U+{:04X}",
+                        u32::from(c)
+                    )));
+                }
                 if !mount_flags.contains(f) {
                     mount_flags.push(f.clone());
                 }
@@ -66,6 +74,17 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
                 return Err(Error::Invalid(
                     "fs_type or volume_mount_group too long".into(),
                 ));
+            }
+            for (field, v) in [
+                ("fs_type", &m.fs_type),
+                ("volume_mount_group", &m.volume_mount_group),
+            ] {
+                if let Some(c) = v.chars().find(|c| c.is_control()) {
+                    return Err(Error::Invalid(format!(
+                        "{field} contains the control character U+{:04X}",
+                        u32::from(c)
+                    )));
+                }
             }
             AccessType::Mount {
                 fs_type: m.fs_type.clone(),

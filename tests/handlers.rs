@@ -253,6 +253,69 @@ async fn create_validates_input_and_changes_nothing() {
     assert_eq!(made_in(&h.path("local")), Vec::<std::ffi::OsString>::new());
 }
 
+/// A capability whose fs_type, volume_mount_group or a mount flag holds a
+/// control character is INVALID_ARGUMENT in CreateVolume, NodeStageVolume
+/// and NodePublishVolume, naming the character (never a flag's value), and
+/// nothing is recorded or reaches the OS. Before, only NUL in a mount flag
+/// was refused: a local volume took fs_type "ext4\n..." (written raw into
+/// the debug log, a line of its own), a flag "ro\n" (a read-only publish)
+/// and any volume_mount_group, and kept them in its record.
+#[tokio::test]
+async fn control_characters_in_a_capability_are_invalid_and_change_nothing() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let bad = |fs: &str, flags: &[&str], group: &str| {
+        let mut c = mount_cap_flags(Mode::SingleNodeWriter, flags);
+        if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+            m.fs_type = fs.into();
+            m.volume_mount_group = group.into();
+        }
+        c
+    };
+    let caps = [
+        bad("ext4\nFORGED", &[], ""),
+        bad("ext4\t", &[], ""),
+        bad("", &["ro\n"], ""),
+        bad("", &["noatime", "nodev\r"], ""),
+        bad("", &["secret=x\u{1b}"], ""),
+        bad("", &[], "1000\n"),
+        bad("", &[], "g\u{85}"),
+    ];
+    h.fake().clear_calls();
+    for (i, cap) in caps.iter().enumerate() {
+        let e = h
+            .ctl
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                volume_capabilities: vec![cap.clone()],
+                ..create_req(&format!("c{i}"), 1 << 20)
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{cap:?}: {e:?}");
+        assert!(e.message().contains("control character U+"), "{e:?}");
+        assert!(!e.message().contains("secret"), "{e:?}");
+        let mut req = stage_req(&id, &staging);
+        req.volume_capability = Some(cap.clone());
+        let e = h
+            .node
+            .node_stage_volume(Request::new(req))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{cap:?}: {e:?}");
+        let mut req = publish_req(&id, &staging, &h.path("target"), false);
+        req.volume_capability = Some(cap.clone());
+        let e = h
+            .node
+            .node_publish_volume(Request::new(req))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{cap:?}: {e:?}");
+    }
+    assert_eq!(h.driver.store.len(), 1);
+    assert_eq!(h.fake().calls(), vec![], "nothing reaches the OS");
+    assert!(!h.path("target").exists());
+}
+
 #[tokio::test]
 async fn create_names_an_unknown_parameter() {
     let h = fake(&[]);

@@ -65,6 +65,23 @@ pub fn in_flight() -> i64 {
     IN_FLIGHT.load(Ordering::SeqCst)
 }
 
+/// `s` with its control characters escaped (`\n`, `\r`, `\t`, `\u{1b}`):
+/// for a log line that shows text from a request.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Runs one RPC handler body inside its span and maps its result.
 pub async fn serve<T, F>(
     method: &'static str,
@@ -105,7 +122,11 @@ where
             }
             Err(e) => {
                 let code = e.code_in(method);
-                let msg = e.render();
+                // Control characters escaped: the message may hold a
+                // request's text (a name may have LF, CR and tab), which
+                // would otherwise start a line of the text log of its own.
+                let rendered = e.render();
+                let msg = escape_controls(&rendered);
                 match code {
                     tonic::Code::Internal | tonic::Code::DeadlineExceeded => {
                         tracing::error!(micros, ?code, error = %msg, "rpc failed")

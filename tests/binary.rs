@@ -774,6 +774,51 @@ async fn an_oversized_volume_id_is_refused_and_not_logged() {
     );
 }
 
+/// A request's text never starts a line of berth's text log: a volume
+/// name (the spec allows LF, CR and tab in one) named by an error, and a
+/// capability's fs_type (refused now, `convert::capability`), show their
+/// control characters escaped. Before, the "rpc failed" line carried the
+/// message as it was, at the default level: a CreateVolume name
+/// "x\n<time>  INFO ..." wrote a line of its own that read as berth's, and
+/// at debug level so did a local volume's fs_type ("fs_type ignored").
+#[tokio::test]
+async fn a_request_never_forges_a_log_line() {
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &["--log-level", "debug", "--log-format", "text"]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let name = "pvc-x\nFORGED-NAME  INFO berth: all volumes deleted\r";
+    c.controller
+        .create_volume(Request::new(create_req(name, 1 << 20)))
+        .await
+        .unwrap();
+    let e = c
+        .controller
+        .create_volume(Request::new(create_req(name, 2 << 20)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{}", e.message());
+    let mut cap = rwo();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.fs_type = "ext4\nFORGED-FS".into();
+    }
+    let _ = c
+        .controller
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap],
+            ..create_req("pvc-y", 1 << 20)
+        }))
+        .await;
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    assert!(log.contains("rpc failed"), "{log}");
+    for line in log.lines() {
+        assert!(
+            !line.contains("FORGED") || line.contains("rpc failed"),
+            "a line the request wrote: {line:?}"
+        );
+        assert!(!line.contains('\x1b') && !line.contains('\r'), "{line:?}");
+    }
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();

@@ -27,7 +27,7 @@ FROM debian:bookworm-slim
 # Tools berth runs on the node:
 #   util-linux  blkid, lsblk, wipefs, blockdev, findmnt, fallocate
 #   mount       mount, umount, losetup (Debian ships these in "mount")
-#   e2fsprogs   mkfs.ext4, resize2fs, e2fsck
+#   e2fsprogs   mkfs.ext4, resize2fs, e2fsck, e2undo
 #   xfsprogs    mkfs.xfs, xfs_growfs
 #   nfs-common  mount.nfs / mount.nfs4
 RUN apt-get update \

@@ -2674,3 +2674,148 @@ async fn calls_on_the_data_a_copy_reads_wait_for_it() {
     let (ok, text) = state_check(&h);
     assert!(ok, "{text}");
 }
+
+/// A thick volume expanded while unstaged has its ext4 grown at its next
+/// stage, offline where the kernel refuses the online resize (no
+/// CAP_SYS_RESOURCE). An offline resize2fs stopped midway (killed at its
+/// 30-minute deadline, or with berth, whose commands die with it) leaves
+/// errors `e2fsck -p` does not fix, and the volume could not be staged
+/// again without a repair by hand. So resize2fs saves what it changes in an
+/// undo file (`-z`), and the retry puts that back (`e2undo`) before the
+/// filesystem is mounted, then grows it again; the undo file goes once the
+/// resize has finished. Before, resize2fs saved nothing and the retry
+/// mounted the half-grown filesystem.
+#[tokio::test]
+async fn an_offline_growth_stopped_midway_is_undone_before_the_retry_mounts() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    f.respond("e2undo", |_| out(0, ""));
+    let v = create_p(&h, "src", 8 * MIB, &[("allocation", "thick")])
+        .await
+        .volume_id;
+    let staging = h.path("staging");
+    let unstage = csi::NodeUnstageVolumeRequest {
+        volume_id: v.clone(),
+        staging_target_path: staging.display().to_string(),
+    };
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v, &staging)))
+        .await
+        .unwrap();
+    h.node
+        .node_unstage_volume(Request::new(unstage.clone()))
+        .await
+        .unwrap();
+    h.ctl
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: v.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 16 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(grow_pending(&h, &v));
+    let undo = h.path("block").join(format!("{v}.e2undo"));
+    // Online refused; offline killed midway, having written its undo file.
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls = n.clone();
+    let left = undo.clone();
+    f.respond("resize2fs", move |args| {
+        match calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 | 2 => Ok(berth::os::CmdOutput {
+                code: Some(1),
+                stdout: String::new(),
+                stderr: "resize2fs: Permission denied to resize filesystem".into(),
+            }),
+            1 => {
+                if args.iter().any(|a| a == "-z") {
+                    std::fs::write(&left, b"undo").unwrap();
+                }
+                Ok(berth::os::CmdOutput {
+                    code: None,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                })
+            }
+            _ => out(0, ""),
+        }
+    });
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&v, &staging)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    let offline: Vec<Vec<String>> = f
+        .calls()
+        .iter()
+        .filter_map(|c| match c {
+            Call::Run { program, args } if program == "resize2fs" && args.len() > 2 => {
+                Some(args.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        offline.last().map(|a| a[..2].to_vec()),
+        Some(vec!["-z".to_string(), undo.display().to_string()]),
+        "the offline resize saves what it changes: {offline:?}"
+    );
+    assert!(undo.exists(), "left by the resize that was stopped");
+    assert!(grow_pending(&h, &v));
+    f.clear_calls();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v, &staging)))
+        .await
+        .unwrap();
+    let order: Vec<String> = f
+        .calls()
+        .iter()
+        .filter_map(|c| match c {
+            Call::Run { program, args } if program == "e2undo" => {
+                assert_eq!(
+                    args.iter().rev().nth(1).map(String::as_str),
+                    Some(undo.to_str().unwrap()),
+                    "{args:?}"
+                );
+                Some("e2undo".to_string())
+            }
+            Call::Run { program, .. } if program == "e2fsck" || program == "resize2fs" => {
+                Some(program.clone())
+            }
+            Call::MountFs { .. } => Some("mount".into()),
+            Call::Unmount { .. } => Some("unmount".into()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "e2undo",
+            "mount",
+            "resize2fs",
+            "unmount",
+            "e2fsck",
+            "resize2fs",
+            "mount"
+        ],
+        "put back before anything mounts it, then grown again"
+    );
+    assert!(!undo.exists(), "removed once the resize finished");
+    assert!(!grow_pending(&h, &v));
+    // A resize that finished leaves nothing to put back.
+    h.node
+        .node_unstage_volume(Request::new(unstage))
+        .await
+        .unwrap();
+    f.clear_calls();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&v, &staging)))
+        .await
+        .unwrap();
+    assert_eq!(runs(f, "e2undo"), 0);
+}

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::command::Runner;
+use super::files::Files;
 use super::OsError;
 
 const MKFS_TIMEOUT: Duration = Duration::from_secs(600);
@@ -163,7 +164,24 @@ pub fn fsck_left_errors(e: &OsError) -> bool {
 /// resize2fs demands of a filesystem last mounted after its last check;
 /// exit 1, errors corrected, is success), then `resize2fs`. Unlike the
 /// online resize (EXT4_IOC_RESIZE_FS) it needs no CAP_SYS_RESOURCE.
-pub fn grow_ext4_unmounted(cmd: &dyn Runner, device: &Path) -> Result<(), OsError> {
+///
+/// An offline resize2fs stopped midway (killed at its deadline, or with
+/// berth, whose commands die with it) leaves errors `e2fsck -p` does not
+/// fix. So resize2fs first saves what it overwrites in `undo` (`-z`), and
+/// an undo file found here is such an interrupted resize: its blocks are
+/// put back first (`undo_interrupted_ext4_growth`), which leaves the
+/// filesystem as it was before that resize, and the growth is done again.
+/// The undo file is removed once the check passes (a consistent
+/// filesystem needs none), and again once the resize has finished; one
+/// that could not be applied stays while the check fails, for whoever
+/// repairs the filesystem by hand.
+pub fn grow_ext4_unmounted(
+    cmd: &dyn Runner,
+    files: &dyn Files,
+    device: &Path,
+    undo: &Path,
+) -> Result<(), OsError> {
+    undo_interrupted_ext4_growth(cmd, files, device, undo)?;
     let dev = device.display().to_string();
     let out = cmd.run(
         "e2fsck",
@@ -173,9 +191,73 @@ pub fn grow_ext4_unmounted(cmd: &dyn Runner, device: &Path) -> Result<(), OsErro
     if out.code != Some(1) {
         out.check("e2fsck")?;
     }
-    cmd.run("resize2fs", &["--".into(), dev], GROW_TIMEOUT)?
-        .check("resize2fs")
-        .map(|_| ())
+    remove_undo(files, undo)?;
+    let args = vec![
+        "-z".to_string(),
+        undo.display().to_string(),
+        "--".into(),
+        dev,
+    ];
+    cmd.run("resize2fs", &args, GROW_TIMEOUT)?
+        .check("resize2fs")?;
+    remove_undo(files, undo)
+}
+
+/// When `undo` (the undo file of `grow_ext4_unmounted`) is there, an
+/// offline resize of the ext4 filesystem on `device` did not finish: its
+/// blocks are put back (`e2undo`) and the undo file is removed; true then.
+/// Call it before anything mounts the filesystem: e2undo refuses a
+/// filesystem whose superblock changed since the undo file was written (a
+/// mount changes it), so an undo file is never applied to a filesystem
+/// used after it. A refusal (as when the resize was stopped before it
+/// changed anything), or e2undo failing to run, is logged and the undo
+/// file kept: the check that `grow_ext4_unmounted` runs next decides.
+pub fn undo_interrupted_ext4_growth(
+    cmd: &dyn Runner,
+    files: &dyn Files,
+    device: &Path,
+    undo: &Path,
+) -> Result<bool, OsError> {
+    match files.lstat(undo) {
+        Ok(_) => {}
+        Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let args = vec![
+        "--".to_string(),
+        undo.display().to_string(),
+        device.display().to_string(),
+    ];
+    // Not run (no e2undo), stopped or refused alike: the check decides.
+    match cmd
+        .run("e2undo", &args, GROW_TIMEOUT)
+        .and_then(|o| o.check("e2undo"))
+    {
+        Ok(_) => {
+            tracing::warn!(device = %device.display(), undo = %undo.display(),
+                "an offline ext4 resize did not finish: the blocks it changed were put back, and it is done again");
+            remove_undo(files, undo)?;
+            Ok(true)
+        }
+        Err(e) => {
+            tracing::warn!(device = %device.display(), undo = %undo.display(), error = %e,
+                "an offline ext4 resize did not finish, and its undo file does not apply (nothing changed, or the filesystem was used since); the filesystem check decides");
+            Ok(false)
+        }
+    }
+}
+
+/// Removes the undo file `undo` of `grow_ext4_unmounted`, if it is there.
+pub fn remove_undo(files: &dyn Files, undo: &Path) -> Result<(), OsError> {
+    match files.lstat(undo) {
+        Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    match files.remove_file(undo) {
+        Err(e) if e.errno() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Erases every signature blkid can find (`wipefs -a`); refuses a device

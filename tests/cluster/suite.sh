@@ -217,7 +217,7 @@ t_logs_without_colour_codes() {
 t_image_has_every_tool() {
   local script out
   script='set -eu
-for p in mount umount losetup blkid wipefs mkfs.ext4 mkfs.xfs e2fsck resize2fs xfs_growfs mount.nfs mount.nfs4; do
+for p in mount umount losetup blkid wipefs mkfs.ext4 mkfs.xfs e2fsck e2undo resize2fs xfs_growfs mount.nfs mount.nfs4; do
   command -v $p > /dev/null || { echo "missing: $p"; exit 1; }
 done
 berth --version

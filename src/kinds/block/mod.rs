@@ -348,6 +348,43 @@ impl BlockKind {
         Ok(volume_file(&self.root, id))
     }
 
+    /// Where an offline ext4 resize of volume `id` saves what it changes
+    /// (`mkfs::grow_ext4_unmounted`): beside its file, on the block root
+    /// (also for a disk volume), so that it outlives a crash.
+    pub(super) fn growth_undo_file(&self, id: &str) -> Result<PathBuf> {
+        if !self.owns_id(id) {
+            return Err(Error::NotFound(format!(
+                "volume {id} is not a block volume"
+            )));
+        }
+        Ok(self.root.join(format!("{id}.e2undo")))
+    }
+
+    /// Puts back what an offline ext4 resize of the volume that did not
+    /// finish changed (`mkfs::undo_interrupted_ext4_growth`), before the
+    /// filesystem is mounted: a mount would leave it half grown, with
+    /// errors `e2fsck -p` does not fix.
+    fn undo_interrupted_growth(&self, rec: &VolumeRecord, dev: &Dev) -> Result<()> {
+        let undo = self.growth_undo_file(&rec.id)?;
+        crate::os::mkfs::undo_interrupted_ext4_growth(
+            self.os.cmd.as_ref(),
+            self.os.files.as_ref(),
+            &dev.path,
+            &undo,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            Error::os(
+                format!(
+                    "putting back what an interrupted resize of volume {} changed ({})",
+                    rec.id,
+                    undo.display()
+                ),
+                e,
+            )
+        })
+    }
+
     fn info(rec: &VolumeRecord) -> Result<BlockInfo> {
         rec.block.as_deref().cloned().ok_or_else(|| {
             Error::Internal(format!(
@@ -1577,6 +1614,12 @@ impl VolumeKind for BlockKind {
     /// follows a release ends the hold). Best effort: start-up removes a
     /// leftover one.
     fn purge(&self, rec: &VolumeRecord) {
+        // The undo file of an offline resize that never finished, if any.
+        if let Ok(undo) = self.growth_undo_file(&rec.id) {
+            if let Err(e) = crate::os::mkfs::remove_undo(self.os.files.as_ref(), &undo) {
+                tracing::warn!(volume_id = %rec.id, file = %undo.display(), error = %e, "could not remove the undo file of a deleted volume's resize");
+            }
+        }
         if rec.block.as_ref().is_none_or(|b| b.disk.is_none()) {
             return;
         }

@@ -568,6 +568,14 @@ impl BlockKind {
         };
         match decision {
             format::Decision::Mount => {
+                // An offline resize of it that did not finish (killed at
+                // its deadline, or with berth): what it changed is put
+                // back before the mount, which would leave it half grown
+                // (and make the undo file no longer apply). Only while
+                // nothing else mounts the device.
+                if info.grow_fs && fs == Filesystem::Ext4 && !facts_in_use {
+                    self.undo_interrupted_growth(rec, dev)?;
+                }
                 mount()?;
                 if flags.readonly {
                     Self::growth_deferred(rec, &info);

@@ -655,11 +655,21 @@ impl BlockKind {
         info: &BlockInfo,
         dev: &Dev,
     ) -> Result<BlockInfo> {
-        crate::os::mkfs::grow_ext4_unmounted(self.os.cmd.as_ref(), &dev.path).map_err(|e| {
+        let undo = self.growth_undo_file(&rec.id)?;
+        crate::os::mkfs::grow_ext4_unmounted(
+            self.os.cmd.as_ref(),
+            self.os.files.as_ref(),
+            &dev.path,
+            &undo,
+        )
+        .map_err(|e| {
             let hint = if crate::os::mkfs::fsck_left_errors(&e) {
-                " (e2fsck -p found errors it does not fix, which an offline resize interrupted by a crash leaves; Berth does not repair a filesystem: copy the volume's file or disk aside, run e2fsck -f on the device, then retry; run the node plugin with CAP_SYS_RESOURCE so that restores grow online)"
+                format!(
+                    " (e2fsck -p found errors it does not fix, which an offline resize interrupted before it saved what it changed (in {}, `e2undo` puts that back) leaves; Berth does not repair a filesystem: copy the volume's file or disk aside, run e2fsck -f on the device, then retry; run the node plugin with CAP_SYS_RESOURCE so that restores grow online)",
+                    undo.display()
+                )
             } else {
-                ""
+                String::new()
             };
             Error::os(
                 format!(

@@ -951,3 +951,300 @@ async fn a_local_copy_keeps_file_capabilities() {
         );
     }
 }
+
+/// Bytes free on the filesystem of `p` (what a write can take).
+fn free_bytes(p: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(p).unwrap();
+    s.blocks_available() as u64 * s.fragment_size() as u64
+}
+
+/// Writes `len` bytes that no copy can leave as holes into `file`.
+fn write_data(file: &Path, len: usize) {
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(file)
+        .unwrap();
+    f.write_all_at(&data, 0).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A data directory on a tmpfs of `mib` MiB of its own (state, local and
+/// block roots all on it, as under one `--data-dir`), unmounted when the
+/// guard drops, also when the test fails.
+fn tmpfs_data_dir(mib: u64) -> (tempfile::TempDir, UnmountOnDrop) {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = UnmountOnDrop(dir.path().to_path_buf());
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir.path(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(format!("size={mib}m,mode=0700").as_str()),
+    )
+    .unwrap();
+    (dir, guard)
+}
+
+/// A data directory on an ext4 of `mib` MiB of its own (no blocks kept
+/// back for root), made in a file of `images` and mounted with `mount -o
+/// loop`, whose loop device the unmount of the guard detaches.
+fn ext4_data_dir(mib: u64, images: &Path) -> (tempfile::TempDir, UnmountOnDrop) {
+    let dir = tempfile::tempdir().unwrap();
+    let guard = UnmountOnDrop(dir.path().to_path_buf());
+    let img = images.join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let run = |c: &mut std::process::Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{c:?}: {o:?}");
+    };
+    run(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-m", "0"])
+        .arg(&img));
+    run(std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(dir.path()));
+    (dir, guard)
+}
+
+/// Entries a failed copy could leave: the snapshots' area and the
+/// unfinished creates of the local root, the restores' temporary files of
+/// the block root, and (once the background thread emptied it) the trash;
+/// the copies of the snapshots recorded Ready are not leftovers.
+fn copy_leftovers(h: &Harness) -> Vec<PathBuf> {
+    let ready: Vec<String> = h
+        .driver
+        .store
+        .snapshot_filter(|s| s.phase == berth::state::Phase::Ready)
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    let made = |p: &PathBuf| {
+        let n = p.file_name().unwrap_or_default().to_string_lossy();
+        ready
+            .iter()
+            .any(|id| *n == **id || *n == format!("{id}.img"))
+    };
+    let mut out = Vec::new();
+    for area in [
+        "local/.snapshots",
+        "block/.snapshots",
+        "local/.trash",
+        "local/.orphaned",
+        "block/.orphaned",
+    ] {
+        if let Ok(d) = std::fs::read_dir(h.path(area)) {
+            out.extend(d.flatten().map(|e| e.path()));
+        }
+    }
+    out.extend(
+        unfinished_in_creating(&h.path("local"))
+            .into_iter()
+            .map(|n| h.path("local/.creating").join(n)),
+    );
+    if let Ok(d) = std::fs::read_dir(h.path("block")) {
+        out.extend(
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(".restoring-")),
+        );
+    }
+    out.retain(|p| !made(p));
+    out
+}
+
+/// Waits (up to 5 s) until nothing a failed copy could leave is there and
+/// the filesystem has at least `free` bytes free again; fails naming what
+/// is left.
+async fn nothing_left(h: &Harness, free: u64, what: &str) {
+    for _ in 0..50 {
+        if copy_leftovers(h).is_empty() && free_bytes(h.dir.path()) >= free {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{what}: left {:?}, {} bytes free, {free} before",
+        copy_leftovers(h),
+        free_bytes(h.dir.path())
+    );
+}
+
+/// Every snapshot record and every volume record not Ready (what a failed
+/// create could leave stuck, blocking its name).
+fn unfinished_records(h: &Harness) -> Vec<String> {
+    let mut v: Vec<String> = h
+        .driver
+        .store
+        .filter(|r| r.phase != berth::state::Phase::Ready)
+        .into_iter()
+        .map(|r| format!("volume {} {:?}", r.id, r.phase))
+        .collect();
+    v.extend(
+        h.driver
+            .store
+            .snapshot_filter(|s| s.phase != berth::state::Phase::Ready)
+            .into_iter()
+            .map(|s| format!("snapshot {} {:?}", s.id, s.phase)),
+    );
+    v
+}
+
+/// CreateVolume named `name` of `size` bytes from `source` (a snapshot id
+/// or, with `clone`, a volume id).
+async fn try_create_from(
+    h: &Harness,
+    name: &str,
+    size: i64,
+    source: &str,
+    clone: bool,
+    params: &[(&str, &str)],
+) -> Result<String, tonic::Status> {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let t = if clone {
+        Type::Volume(VolumeSource {
+            volume_id: source.into(),
+        })
+    } else {
+        Type::Snapshot(SnapshotSource {
+            snapshot_id: source.into(),
+        })
+    };
+    h.ctl
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            volume_content_source: Some(csi::VolumeContentSource { r#type: Some(t) }),
+            ..volume_req(name, size, params, rwo())
+        }))
+        .await
+        .map(|r| r.into_inner().volume.expect("volume").volume_id)
+}
+
+/// A snapshot, a restore and a clone that do not fit on the filesystem
+/// they copy to (one tmpfs holds the state, the local and the block root,
+/// as under one `--data-dir`) fail RESOURCE_EXHAUSTED (CreateSnapshot's
+/// "not enough space", CreateVolume's "unable to provision" row, which
+/// lets the scheduler pick again), leave no partial copy and no record
+/// (the space they took is free again, the journal is clean, no record
+/// stuck Creating holds the name), leave the source as it was, and the
+/// same requests succeed, with the source's data, once there is room.
+async fn copies_that_do_not_fit(kind: &str, fs: &str) {
+    assert!(is_root(), "root tests need root");
+    let images = tempfile::tempdir().unwrap();
+    let (dir, _unmount) = match fs {
+        "ext4" => ext4_data_dir(64, images.path()),
+        _ => tmpfs_data_dir(64),
+    };
+    let h = build(
+        dir,
+        berth::os::Os::real(),
+        None,
+        &["--kinds", kind, "--local-spare-dirs", "0"],
+    );
+    let params: &[(&str, &str)] = if kind == "block" {
+        &[("kind", "block")]
+    } else {
+        &[]
+    };
+    // A volume holding 6 MiB of data: a block volume of 8 MiB, a local
+    // one of 1 MiB (its size is a promise only, without project quotas),
+    // so that its restore and clone are admitted and fail copying.
+    let data = 6 << 20;
+    let size = if kind == "block" { 8 * MIB } else { MIB };
+    let src = create(&h, "src", size, params, rwo()).await;
+    let file = if kind == "block" {
+        h.path("block").join(format!("{src}.img"))
+    } else {
+        h.path("local").join(&src).join("data")
+    };
+    write_data(&file, data);
+    let content = std::fs::read(&file).unwrap();
+    let snap = snapshot_id(&h, "first", &src).await;
+
+    // Another tenant leaves 3 MiB free.
+    let filler = h.path("filler");
+    let leave = 3 << 20;
+    write_data(&filler, (free_bytes(h.dir.path()) - leave) as usize);
+    let free = free_bytes(h.dir.path());
+    assert!(free <= leave && free > leave / 2, "{free} bytes free");
+    // What is left of a failed copy: the few journal lines of its record.
+    let slack = 256 << 10;
+
+    let snapshot = try_snapshot(&h, "second", &src).await;
+    let restore = try_create_from(&h, "restored", size, &snap, false, params).await;
+    let clone = try_create_from(&h, "cloned", size, &src, true, params).await;
+    for (what, r) in [
+        ("snapshot", snapshot.map(|_| ())),
+        ("restore", restore.map(|_| ())),
+        ("clone", clone.map(|_| ())),
+    ] {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{what}: {e:?}");
+        nothing_left(&h, free - slack, what).await;
+        assert_eq!(unfinished_records(&h), Vec::<String>::new(), "{what}");
+        assert_eq!(std::fs::read(&file).unwrap(), content, "{what}: the source");
+        let (clean, out) = state_check(&h);
+        assert!(clean, "{what}: {out}");
+        assert_eq!(h.driver.store.poisoned(), None);
+    }
+    assert!(h.driver.store.snapshot_by_name("second").is_none());
+    assert!(h.driver.store.get_by_name("restored").is_none());
+    assert!(h.driver.store.get_by_name("cloned").is_none());
+
+    // Once there is room, the same requests succeed and hold the source's
+    // data.
+    std::fs::remove_file(&filler).unwrap();
+    let second = try_snapshot(&h, "second", &src).await.expect("snapshot");
+    let restored = try_create_from(&h, "restored", size, &snap, false, params)
+        .await
+        .expect("restore");
+    let cloned = try_create_from(&h, "cloned", size, &src, true, params)
+        .await
+        .expect("clone");
+    let restored_second = try_create_from(&h, "restored-2", size, &second, false, params)
+        .await
+        .expect("restore of the second snapshot");
+    for id in [&restored, &cloned, &restored_second] {
+        let got = if kind == "block" {
+            let mut b = std::fs::read(h.path("block").join(format!("{id}.img"))).unwrap();
+            b.truncate(content.len());
+            b
+        } else {
+            std::fs::read(h.path("local").join(id).join("data")).unwrap()
+        };
+        assert!(got == content, "{id} holds the source's data");
+    }
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    drop(h);
+}
+
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn local_copies_that_do_not_fit_leave_nothing_and_succeed_later() {
+    copies_that_do_not_fit("local", "tmpfs").await;
+}
+
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn block_copies_that_do_not_fit_leave_nothing_and_succeed_later() {
+    copies_that_do_not_fit("block", "tmpfs").await;
+}
+
+/// The same on ext4 (delayed allocation; a directory takes a block).
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn local_copies_that_do_not_fit_on_ext4_leave_nothing_and_succeed_later() {
+    copies_that_do_not_fit("local", "ext4").await;
+}
+
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn block_copies_that_do_not_fit_on_ext4_leave_nothing_and_succeed_later() {
+    copies_that_do_not_fit("block", "ext4").await;
+}

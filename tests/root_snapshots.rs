@@ -1248,3 +1248,97 @@ async fn local_copies_that_do_not_fit_on_ext4_leave_nothing_and_succeed_later() 
 async fn block_copies_that_do_not_fit_on_ext4_leave_nothing_and_succeed_later() {
     copies_that_do_not_fit("block", "ext4").await;
 }
+
+/// What statvfs says of the filesystem of `p`, for the fake to answer.
+fn usage_of(p: &Path) -> berth::os::FsUsage {
+    let s = nix::sys::statvfs::statvfs(p).unwrap();
+    let frag = s.fragment_size() as u64;
+    berth::os::FsUsage {
+        total_bytes: s.blocks() as u64 * frag,
+        available_bytes: s.blocks_available() as u64 * frag,
+        used_bytes: (s.blocks() as u64 - s.blocks_free() as u64) * frag,
+        total_inodes: s.files() as u64,
+        free_inodes: s.files_free() as u64,
+        used_inodes: s.files() as u64 - s.files_free() as u64,
+    }
+}
+
+/// A snapshot of a block volume holding more data than its filesystem
+/// has free (the state, the local and the block root share it, as under
+/// one `--data-dir`) is RESOURCE_EXHAUSTED before anything is copied.
+/// Before, the copy ran until the filesystem was full, and only then was
+/// it removed: meanwhile every other tenant's write on the node failed
+/// with ENOSPC (a thin block volume in use, whose loop device then gives
+/// its filesystem an I/O error; a local volume), and the
+/// external-snapshotter's retries did it again and again. Real files on a
+/// real tmpfs, through the recording fake, whose hold on the removal of
+/// the failed copy keeps that moment long enough to write in it; the fake
+/// answers statvfs with what the tmpfs says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_block_snapshot_that_cannot_fit_never_fills_the_filesystem() {
+    assert!(is_root(), "root tests need root");
+    let (dir, _unmount) = tmpfs_data_dir(32);
+    let (os, fake) = berth::os::Os::fake();
+    let h = build(dir, os, Some(fake.clone()), &["--kinds", "block"]);
+    let block = [("kind", "block")];
+    let src = create(&h, "src", 8 * MIB, &block, rwo()).await;
+    let file = h.path("block").join(format!("{src}.img"));
+    write_data(&file, 6 << 20);
+    let content = std::fs::read(&file).unwrap();
+    let filler = h.path("filler");
+    write_data(&filler, (free_bytes(h.dir.path()) - (3 << 20)) as usize);
+    fake.set_usage(None, usage_of(h.dir.path()));
+    let free = free_bytes(h.dir.path());
+
+    let held = fake.hold_op_under("unlink", &h.path("block/.snapshots"));
+    let ctl = berth::controller::ControllerService {
+        driver: h.driver.clone(),
+    };
+    let call = tokio::spawn(async move {
+        ctl.create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: "s".into(),
+            source_volume_id: src,
+            ..Default::default()
+        }))
+        .await
+    });
+    let waiting = held.clone();
+    let filled = tokio::task::spawn_blocking(move || {
+        waiting.wait_reached(std::time::Duration::from_secs(3))
+    })
+    .await
+    .unwrap();
+    // Another tenant writes 64 KiB while the snapshot's removals (of its
+    // failed copy, or its rollback's) wait.
+    let other = h.path("other-tenant");
+    let wrote = std::fs::write(&other, vec![1u8; 64 << 10]);
+    held.release();
+    let r = call.await.unwrap();
+    assert!(filled, "the snapshot's removals are held");
+    assert!(
+        wrote.is_ok(),
+        "a snapshot that could not fit filled the filesystem: another tenant's write meanwhile: {wrote:?}"
+    );
+    let e = r.expect_err("the snapshot cannot fit");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        !fake
+            .file_ops()
+            .iter()
+            .any(|o| o.op == "copy" && o.path.starts_with(h.path("block/.snapshots"))),
+        "nothing copied"
+    );
+    std::fs::remove_file(&other).unwrap();
+    nothing_left(&h, free - (256 << 10), "snapshot").await;
+    assert_eq!(std::fs::read(&file).unwrap(), content);
+    assert_eq!(unfinished_records(&h), Vec::<String>::new());
+
+    // With room it is made.
+    std::fs::remove_file(&filler).unwrap();
+    fake.set_usage(None, usage_of(h.dir.path()));
+    try_snapshot(&h, "s", &h.driver.store.get_by_name("src").unwrap().id)
+        .await
+        .expect("snapshot");
+    drop(h);
+}

@@ -392,6 +392,37 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyStats, OsError> {
     Ok(st)
 }
 
+/// The fewest bytes of data `copy_file` of the regular file `src` writes,
+/// where that is known without copying: the sum of its data ranges
+/// (`data_ranges`, which the copy writes one by one) on a filesystem that
+/// never clones a file (ext2/3/4, tmpfs), where SEEK_DATA sees its holes.
+/// None elsewhere: a filesystem that may clone (xfs, btrfs, any other:
+/// the copy may then take no space at all), or one that does not show a
+/// file's holes (ramfs, NFS before 4.2: the copy leaves zero blocks holes,
+/// which only reading the file tells). Reads no data, never follows a
+/// symlink (`open_regular`). A free-space check before a copy refuses
+/// only a copy that cannot fit.
+pub fn file_copy_need(src: &Path) -> Result<Option<u64>, OsError> {
+    use nix::sys::statfs::{fstatfs, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
+    let s = open_regular(src)?;
+    let fs = fstatfs(&s).map_err(errno("statfs", src))?.filesystem_type();
+    if fs != EXT4_SUPER_MAGIC && fs != TMPFS_MAGIC {
+        return Ok(None);
+    }
+    let m = s.metadata().map_err(sys("stat", src))?;
+    let len = m.len();
+    let holes_unseen = m.blocks().saturating_mul(512) < len;
+    let mut need = 0u64;
+    for range in data_ranges(&s, src, len) {
+        let (start, end) = range?;
+        if holes_unseen && (start, end) == (0, len) {
+            return Ok(None);
+        }
+        need += end - start;
+    }
+    Ok(Some(need))
+}
+
 fn copy_xattrs(src: &Path, dst: &Path) -> Result<(), OsError> {
     let names = match xattr::list(src) {
         Ok(n) => n,
@@ -772,6 +803,51 @@ mod tests {
         assert!(st.cloned == 1 || st.bytes < 1 << 20, "{st:?}");
         // Never over an existing file.
         assert!(copy_file(&a, &b).is_err());
+    }
+
+    /// What `file_copy_need` answers is never more than the copy writes
+    /// (a free-space check on it never refuses a copy that fits): on a
+    /// filesystem that shows holes and never clones, exactly the bytes of
+    /// data the copy writes; None elsewhere. Preallocated blocks never
+    /// written are no data.
+    #[test]
+    fn a_copys_need_is_the_data_it_writes() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("a");
+        let f = File::create(&a).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&[7u8; 8192], 4 << 20).unwrap();
+        f.write_all_at(&[9u8; 4096], 12 << 20).unwrap();
+        // SAFETY: fallocate(2) on a descriptor this test owns.
+        let _ = unsafe { libc::fallocate(f.as_raw_fd(), 0, 8 << 20, 1 << 20) };
+        f.sync_all().unwrap();
+        drop(f);
+        let need = file_copy_need(&a).unwrap();
+        let st = copy_file(&a, &t.path().join("b")).unwrap();
+        let fs = nix::sys::statfs::statfs(t.path())
+            .unwrap()
+            .filesystem_type();
+        let shows_holes = [
+            nix::sys::statfs::EXT4_SUPER_MAGIC,
+            nix::sys::statfs::TMPFS_MAGIC,
+        ]
+        .contains(&fs);
+        match need {
+            Some(n) => {
+                assert!(shows_holes, "{fs:?}");
+                assert_eq!(st.cloned, 0);
+                assert_eq!(n, st.bytes, "{st:?}");
+                assert!(n < 2 << 20, "{n}");
+            }
+            None => assert!(!shows_holes, "{fs:?}"),
+        }
+        let empty = t.path().join("empty");
+        File::create(&empty).unwrap().set_len(1 << 30).unwrap();
+        assert!(matches!(file_copy_need(&empty).unwrap(), None | Some(0)));
+        // Never through a symlink.
+        std::os::unix::fs::symlink(&a, t.path().join("link")).unwrap();
+        assert!(file_copy_need(&t.path().join("link")).is_err());
     }
 
     #[test]

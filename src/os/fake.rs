@@ -1738,6 +1738,13 @@ impl Files for FakeOs {
         Ok(stats)
     }
 
+    /// What the real copy would need of the real file (not a change:
+    /// not recorded); fails as `fail_next("copy_need", ..)` asks.
+    fn copy_need(&self, src: &Path) -> Result<Option<u64>, OsError> {
+        self.injected("copy_need", src)?;
+        RealFiles.copy_need(src)
+    }
+
     /// Recorded in `lstats` as `root/rel`, delayed and failed as `lstat`
     /// of that path is (`set_lstat_delay`, `fail_next("lstat", ..)`).
     fn lstat_beneath(&self, root: &Path, rel: &str) -> Result<std::fs::Metadata, OsError> {

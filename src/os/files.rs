@@ -90,6 +90,11 @@ pub trait Files: Send + Sync {
     /// `src` is opened with O_NOFOLLOW, and anything else than a regular
     /// file there is refused.
     fn copy_file(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
+    /// The fewest bytes of data `copy_file` of the regular file `src`
+    /// writes, where that is known without copying (`copy::file_copy_need`):
+    /// None where the copy may take none (a filesystem that may clone) or
+    /// may leave holes that the filesystem does not show.
+    fn copy_need(&self, src: &Path) -> Result<Option<u64>, OsError>;
     /// Copies the directory tree `src` to `dst`, which must not exist (see
     /// `copy`).
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
@@ -327,6 +332,10 @@ impl Files for RealFiles {
 
     fn copy_file(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
         super::copy::copy_file(src, dst)
+    }
+
+    fn copy_need(&self, src: &Path) -> Result<Option<u64>, OsError> {
+        super::copy::file_copy_need(src)
     }
 
     fn copy_from_device(

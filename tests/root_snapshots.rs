@@ -1342,3 +1342,85 @@ async fn a_block_snapshot_that_cannot_fit_never_fills_the_filesystem() {
         .expect("snapshot");
     drop(h);
 }
+
+/// While a local snapshot's copy that does not fit has filled the
+/// filesystem (the state and the local root share it; the fake holds the
+/// failed copy's removal, real files on a real tmpfs), other volumes'
+/// changes to the journal still go through: a DeleteVolume of another
+/// volume works (the journal's reserve), a CreateVolume is
+/// RESOURCE_EXHAUSTED, never INTERNAL, and leaves no record; once the
+/// copy is removed the snapshot is RESOURCE_EXHAUSTED, the reserve is
+/// whole again, nothing is left and `state check` is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_local_copy_that_fills_the_filesystem_stops_no_other_volumes_changes() {
+    assert!(is_root(), "root tests need root");
+    let (dir, _unmount) = tmpfs_data_dir(32);
+    let (os, fake) = berth::os::Os::fake();
+    let h = build(
+        dir,
+        os,
+        Some(fake.clone()),
+        &["--kinds", "local", "--local-spare-dirs", "0"],
+    );
+    let src = create(&h, "src", MIB, &[], rwo()).await;
+    let other = create(&h, "other", MIB, &[], rwo()).await;
+    write_data(&h.path("local").join(&src).join("data"), 6 << 20);
+    let filler = h.path("filler");
+    write_data(&filler, (free_bytes(h.dir.path()) - (3 << 20)) as usize);
+    let free = free_bytes(h.dir.path());
+
+    // The copy first removes what an earlier attempt may have left, then
+    // (failed) what it copied: that second removal is held.
+    let held = fake.hold_op_under_after("remove tree", &h.path("local/.snapshots"), 1);
+    let ctl = berth::controller::ControllerService {
+        driver: h.driver.clone(),
+    };
+    let source = src.clone();
+    let call = tokio::spawn(async move {
+        ctl.create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: "s".into(),
+            source_volume_id: source,
+            ..Default::default()
+        }))
+        .await
+    });
+    let waiting = held.clone();
+    let reached = tokio::task::spawn_blocking(move || {
+        waiting.wait_reached(std::time::Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert!(reached, "the failed copy's removal is held");
+    let left = free_bytes(h.dir.path());
+    let deleted = try_delete(&h, &other).await;
+    // (statvfs through the fake answers what the tmpfs says now.)
+    fake.set_usage(None, usage_of(h.dir.path()));
+    let created = h
+        .ctl
+        .create_volume(Request::new(volume_req("new", MIB, &[], rwo())))
+        .await
+        .map(|_| ());
+    held.release();
+    let r = call.await.unwrap();
+    assert!(
+        left < 64 << 10,
+        "the copy filled the filesystem: {left} bytes free"
+    );
+    assert!(
+        deleted.is_ok(),
+        "delete on the full filesystem: {deleted:?}"
+    );
+    let e = created.expect_err("no room for a new volume");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(h.driver.store.get_by_name("new").is_none());
+    let e = r.expect_err("the snapshot cannot fit");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    nothing_left(&h, free - (256 << 10), "snapshot").await;
+    assert_eq!(unfinished_records(&h), Vec::<String>::new());
+    assert!(!h.driver.store.reserve_short());
+    assert_eq!(h.driver.store.poisoned(), None);
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    drop(h);
+}

@@ -198,10 +198,19 @@ pub struct FakeOs {
 pub struct OpHold {
     state: Mutex<(usize, bool)>,
     changed: std::sync::Condvar,
+    /// Changes let through before the hold begins.
+    skip: Mutex<usize>,
 }
 
 impl OpHold {
     fn wait_here(&self) {
+        {
+            let mut skip = lock(&self.skip);
+            if *skip > 0 {
+                *skip -= 1;
+                return;
+            }
+        }
         let mut s = lock(&self.state);
         s.0 += 1;
         self.changed.notify_all();
@@ -478,7 +487,21 @@ impl FakeOs {
     /// the hold answered is let go (`OpHold::release`): a removal that
     /// takes as long as the test likes.
     pub fn hold_op_under(&self, op: &'static str, path: &Path) -> std::sync::Arc<OpHold> {
-        let h = std::sync::Arc::new(OpHold::default());
+        self.hold_op_under_after(op, path, 0)
+    }
+
+    /// `hold_op_under`, letting the first `skip` such changes go on
+    /// unheld (not counted as reached).
+    pub fn hold_op_under_after(
+        &self,
+        op: &'static str,
+        path: &Path,
+        skip: usize,
+    ) -> std::sync::Arc<OpHold> {
+        let h = std::sync::Arc::new(OpHold {
+            skip: Mutex::new(skip),
+            ..Default::default()
+        });
         lock(&self.holds).push((op, path.to_path_buf(), h.clone()));
         h
     }

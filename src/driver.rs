@@ -294,15 +294,25 @@ impl Driver {
         ))
     }
 
-    /// `unserved` for a snapshot recorded here: why its kind is out of
-    /// reach of this instance's configuration (taken out of `--kinds`),
-    /// None when its kind is served. Such a snapshot is not an unknown
-    /// one: DeleteSnapshot answering OK would have the CO forget it while
-    /// its record and its copy stay for good.
+    /// `unserved` for a snapshot recorded here: why it is out of reach of
+    /// this instance's configuration (its kind taken out of `--kinds`, or,
+    /// NFS, its share out of `--nfs-allowed-shares`), None when it is
+    /// served. Such a snapshot is not an unknown one: DeleteSnapshot
+    /// answering OK would have the CO forget it while its record and its
+    /// copy stay for good.
     pub fn unserved_snapshot(&self, rec: &crate::state::SnapshotRecord) -> Option<String> {
         let kind = rec.kind;
-        if self.kinds.contains_key(&kind) {
-            return None;
+        if let Some(k) = self.kinds.get(&kind) {
+            // An NFS snapshot on a share --nfs-allowed-shares no longer
+            // lists: the kind takes its id for one that is not Berth's,
+            // and its delete did nothing while the record went.
+            let off_share = kind == Kind::Nfs
+                && crate::kinds::nfs::id::SnapshotId::parse(&rec.id).is_ok()
+                && !k.owns_snapshot_id(&rec.id);
+            return off_share.then(|| format!(
+                "snapshot {} was made by this berth on a share that --nfs-allowed-shares does not list any more: list the share again to use or delete the snapshot (its record and its copy on the share are kept)",
+                rec.id
+            ));
         }
         let served: Vec<&str> = self.cfg.kinds.iter().map(|k| k.as_str()).collect();
         Some(format!(

@@ -3604,3 +3604,37 @@ async fn without_records_the_same_name_with_another_content_source_is_already_ex
         .await
         .unwrap();
 }
+
+/// DeleteSnapshot of an NFS snapshot recorded here whose share was taken
+/// out of --nfs-allowed-shares is FAILED_PRECONDITION naming the flag, and
+/// nothing is mounted or removed (as DeleteVolume of a volume there);
+/// with the share allowed again it is deleted. Before, the kind's delete
+/// took the id for one that is not Berth's and did nothing, the record
+/// was removed and the call answered OK: the CO forgot the snapshot while
+/// its copy stayed on the share for good.
+#[tokio::test]
+async fn a_recorded_snapshot_on_a_share_no_longer_allowed_is_not_forgotten() {
+    let h = nfs(&[]);
+    let src = create(&h, "src", &[]).await;
+    std::fs::write(share_root(&h).join("src/f"), b"tenant").unwrap();
+    let s = snapshot(&h, "s", &src.volume_id).await;
+    let dir = snap_dir(&h, &s.snapshot_id);
+    assert!(dir.join("data/f").exists());
+    let h = restart(
+        h,
+        &["--kinds", "nfs", "--nfs-allowed-shares", "127.0.0.1:/other"],
+    );
+    h.fake().clear_calls();
+    let e = delete_snapshot(&h, &s.snapshot_id)
+        .await
+        .expect_err("deleted off the allowed shares");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("--nfs-allowed-shares"), "{e:?}");
+    assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
+    assert!(h.driver.store.snapshot_get(&s.snapshot_id).is_some());
+    assert!(dir.join("data/f").exists());
+    let h = restart(h, &["--kinds", "nfs"]);
+    delete_snapshot(&h, &s.snapshot_id).await.expect("delete");
+    assert!(h.driver.store.snapshot_get(&s.snapshot_id).is_none());
+    assert!(!dir.exists());
+}

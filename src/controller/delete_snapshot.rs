@@ -4,8 +4,8 @@
 //! deleting it touches none of them. A self-describing id (NFS) without a
 //! record here (the controller lost its records) is deleted from the id:
 //! the kind removes only storage whose marker names it. A snapshot recorded
-//! here whose kind was taken out of `--kinds` is FAILED_PRECONDITION, and
-//! nothing is touched.
+//! here whose kind was taken out of `--kinds` (or, NFS, whose share out of
+//! `--nfs-allowed-shares`) is FAILED_PRECONDITION, and nothing is touched.
 use std::sync::Arc;
 
 use super::snapshot::{self, snap_key, snap_name_key};
@@ -40,9 +40,9 @@ pub async fn handle(
         .await?;
         return Ok(csi::DeleteSnapshotResponse {});
     };
-    // A snapshot recorded here whose kind this configuration no longer
-    // serves exists: answering OK would have the CO forget it while its
-    // record and its copy stay for good.
+    // A snapshot recorded here whose kind (or NFS share) this
+    // configuration no longer serves exists: answering OK would have the
+    // CO forget it while its record and its copy stay for good.
     if let Some(why) = d.unserved_snapshot(&rec) {
         return Err(crate::error::Error::WrongState(why));
     }

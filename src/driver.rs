@@ -322,6 +322,16 @@ impl Driver {
         ))
     }
 
+    /// The record of a volume that exists (not still Creating) but is out
+    /// of reach of this configuration (`unserved`): the controller's
+    /// queries report it, with an abnormal condition saying why
+    /// (`controller::volume::condition`), rather than NOT_FOUND, which
+    /// has a CO take it for gone. None for any other id.
+    pub fn unserved_record(&self, id: &str) -> Option<VolumeRecord> {
+        self.unserved(id)?;
+        self.store.get(id).filter(|r| r.phase != Phase::Creating)
+    }
+
     /// NOT_FOUND for `id`, saying why when it is recorded here but out of
     /// reach of the configuration (`unserved`).
     fn not_found(&self, id: &str) -> Error {

@@ -967,6 +967,100 @@ async fn volumes_of_a_kind_no_longer_served_are_never_taken_for_unknown() {
     assert!(!h.path("local").join(&id).exists());
 }
 
+/// A volume recorded here whose kind was taken out of --kinds exists, and
+/// the controller's queries say so: ControllerGetVolume answers it (its
+/// nodes) with an abnormal condition naming the flag, ListVolumes lists it
+/// so, ValidateVolumeCapabilities and ControllerPublishVolume are
+/// FAILED_PRECONDITION naming the flag (its kind's checks are not here),
+/// and ControllerUnpublishVolume forgets the attachment (only the record's:
+/// nothing is touched), so that once the kind is served again the volume
+/// is deleted. Before, ControllerGetVolume, ValidateVolumeCapabilities
+/// and ControllerPublishVolume answered NOT_FOUND (the volume "does not
+/// exist"), ListVolumes left it out (external-attacher then takes its
+/// attachment for gone), and ControllerUnpublishVolume answered OK while
+/// the record kept the node: DeleteVolume refused it ("still published")
+/// for good once the kind was served again.
+#[tokio::test]
+async fn a_volume_of_a_kind_no_longer_served_is_reported_not_gone() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let publish = |node: &str| csi::ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    };
+    h.ctl
+        .controller_publish_volume(Request::new(publish(NODE)))
+        .await
+        .expect("publish");
+    let h = build(
+        h.stop(),
+        berth::os::Os::fake().0,
+        None,
+        &["--kinds", "block"],
+    );
+    let v = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        }))
+        .await
+        .expect("get while not served")
+        .into_inner();
+    assert_eq!(v.volume.unwrap().volume_id, id);
+    let status = v.status.unwrap();
+    assert_eq!(status.published_node_ids, vec![NODE.to_string()]);
+    let c = status.volume_condition.unwrap();
+    assert!(c.abnormal && c.message.contains("--kinds"), "{c:?}");
+    let listed = h
+        .ctl
+        .list_volumes(Request::new(csi::ListVolumesRequest::default()))
+        .await
+        .expect("list")
+        .into_inner()
+        .entries;
+    let e = listed
+        .iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == id)
+        .expect("listed");
+    let status = e.status.clone().unwrap();
+    assert_eq!(status.published_node_ids, vec![NODE.to_string()]);
+    let c = status.volume_condition.unwrap();
+    assert!(c.abnormal && c.message.contains("--kinds"), "{c:?}");
+    let e = h
+        .ctl
+        .validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.clone(),
+            volume_capabilities: vec![rwo()],
+            ..Default::default()
+        }))
+        .await
+        .expect_err("validated while not served");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("--kinds"), "{e:?}");
+    let e = h
+        .ctl
+        .controller_publish_volume(Request::new(publish("node-b")))
+        .await
+        .expect_err("published while not served");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("--kinds"), "{e:?}");
+    h.ctl
+        .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("unpublish while not served");
+    assert!(h.driver.store.get(&id).unwrap().published.is_empty());
+    // Served again: nothing holds it.
+    let h = build(h.stop(), berth::os::Os::fake().0, None, &[]);
+    delete(&h, &id).await;
+    assert!(h.driver.store.get(&id).is_none());
+}
+
 // ------------------------------------------- Controller publish / unpublish
 
 #[tokio::test]

@@ -2206,6 +2206,21 @@ async fn a_recorded_volume_on_a_share_no_longer_allowed_is_not_forgotten() {
         .expect_err("expanded off the allowed shares");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("--nfs-allowed-shares"), "{e:?}");
+    // It exists: ControllerGetVolume answers it abnormal, without a look
+    // at the share (before: NOT_FOUND).
+    let got = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        }))
+        .await
+        .expect("get off the allowed shares")
+        .into_inner();
+    let c = got.status.unwrap().volume_condition.unwrap();
+    assert!(
+        c.abnormal && c.message.contains("--nfs-allowed-shares"),
+        "{c:?}"
+    );
     assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
     assert!(h.driver.store.get(&id).is_some());
     assert!(h.driver.store.snapshot_by_name("s").is_none());

@@ -1,7 +1,10 @@
 //! ControllerGetVolume: the volume, the nodes it is published to, and its
 //! condition. A volume with a self-describing id (NFS) and no record here
 //! exists only when its storage says so (the directory's marker): NOT_FOUND
-//! otherwise.
+//! otherwise. A volume recorded here whose kind (or NFS share) this
+//! configuration no longer serves exists: it is answered, with an abnormal
+//! condition saying why (`Driver::unserved_record`), not NOT_FOUND, which
+//! has a CO take it for gone.
 use std::sync::Arc;
 
 use super::volume;
@@ -17,7 +20,10 @@ pub async fn handle(
     let id = validate::volume_id(&req.volume_id)?.to_string();
     // Blocking: it may mount an NFS share and stat the volume (bounded).
     tokio::task::spawn_blocking(move || {
-        let rec = d.controller_volume(&id)?;
+        let rec = match d.unserved_record(&id) {
+            Some(rec) => rec,
+            None => d.controller_volume(&id)?,
+        };
         Ok(csi::ControllerGetVolumeResponse {
             volume: Some(volume::to_proto(&d, &rec)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {

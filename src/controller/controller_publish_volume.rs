@@ -1,6 +1,8 @@
 //! ControllerPublishVolume (the attach phase): records that the volume may be
 //! used on a node. A node-local volume can be published only to its own node
-//! (another node id is unknown here: NOT_FOUND).
+//! (another node id is unknown here: NOT_FOUND). A volume recorded here
+//! whose kind (or NFS share) this configuration no longer serves is
+//! FAILED_PRECONDITION saying why (`Driver::unserved`), not NOT_FOUND.
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -20,6 +22,9 @@ pub async fn handle(
     let cap = convert::required_capability(req.volume_capability.as_ref())?;
     validate::map("volume_context", &req.volume_context)?;
     let readonly = req.readonly;
+    if let Some(why) = d.unserved(&id) {
+        return Err(Error::WrongState(why));
+    }
     let vid = id.clone();
     d.with_volume(&vid, move |d, mut rec, kind| {
         if !rec.node.is_empty() && *rec.node != *node {

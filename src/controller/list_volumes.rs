@@ -48,8 +48,13 @@ pub async fn handle(
     // operation's thread, never on the one that answers every call.
     let entries = tokio::task::spawn_blocking(move || {
         recs.iter()
-            // Internal records (a disk waiting to be wiped) are not volumes.
-            .filter(|r| r.phase != Phase::Creating && d.id_is_plausible(&r.id))
+            // Internal records (a disk waiting to be wiped) are not volumes;
+            // one of a kind (or NFS share) no longer served is, listed with
+            // an abnormal condition saying why (`volume::condition`).
+            .filter(|r| {
+                r.phase != Phase::Creating
+                    && (d.id_is_plausible(&r.id) || d.unserved(&r.id).is_some())
+            })
             .map(|r| csi::list_volumes_response::Entry {
                 volume: Some(volume::to_proto(&d, r)),
                 status: Some(csi::list_volumes_response::VolumeStatus {

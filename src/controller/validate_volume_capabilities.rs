@@ -5,7 +5,10 @@
 //! the volume_context, when given, when it is the
 //! volume's own. NOT_FOUND for
 //! a volume that does not exist (an NFS id without a record is looked up on
-//! the share, like ControllerGetVolume).
+//! the share, like ControllerGetVolume). A volume recorded here whose kind
+//! (or NFS share) this configuration no longer serves exists, and its
+//! kind's checks are out of reach: FAILED_PRECONDITION saying why
+//! (`Driver::unserved`), not NOT_FOUND.
 use std::sync::Arc;
 
 use super::{kind_parameters, KIND_KEY};
@@ -26,6 +29,9 @@ pub async fn handle(
     let params = validate::map("parameters", &req.parameters)?;
     validate::map("mutable_parameters", &req.mutable_parameters)?;
     let has_mutable = !req.mutable_parameters.is_empty();
+    if let Some(why) = d.unserved(&id) {
+        return Err(Error::WrongState(why));
+    }
     let d2 = d.clone();
     let message = tokio::task::spawn_blocking(move || -> Result<String> {
         let rec = d2.controller_volume(&id)?;

@@ -36,7 +36,18 @@ fn content_source(s: &ContentSource) -> csi::VolumeContentSource {
     }
 }
 
+/// The volume's condition: its kind's look at its storage, or, for a
+/// volume this configuration does not serve (`Driver::unserved`: its kind
+/// out of `--kinds`, its NFS share out of `--nfs-allowed-shares`),
+/// abnormal saying why, its storage not looked at (a share no longer
+/// allowed is not mounted).
 pub fn condition(d: &Driver, rec: &VolumeRecord) -> csi::VolumeCondition {
+    if let Some(why) = d.unserved(&rec.id) {
+        return csi::VolumeCondition {
+            abnormal: true,
+            message: why,
+        };
+    }
     let h = match d.kind(rec.kind) {
         Ok(k) => k.health(rec),
         Err(e) => crate::kinds::Health::abnormal(e.to_string()),

@@ -509,6 +509,21 @@ impl Driver {
         real.map(|r| self.locks.try_lock(path_key(r))).transpose()
     }
 
+    /// NOT_FOUND for a volume whose delete began (its record Deleting: a
+    /// DeleteVolume that failed half way, which the CO retries and
+    /// `retry_pending` retries every minute without DeleteVolume's check
+    /// of attachments): the CO asked for it gone, so it is not published
+    /// or staged again. Calls that take a volume down still find it.
+    pub fn require_not_deleting(&self, rec: &VolumeRecord) -> Result<()> {
+        if rec.phase == Phase::Deleting {
+            return Err(Error::NotFound(format!(
+                "volume {} is being deleted (a DeleteVolume of it did not finish; its retry does)",
+                rec.id
+            )));
+        }
+        Ok(())
+    }
+
     /// NOT_FOUND unless a node-local volume lives on this node.
     pub fn require_local_here(&self, rec: &VolumeRecord) -> Result<()> {
         if !rec.node.is_empty() && *rec.node != *self.node_id {

@@ -6184,3 +6184,61 @@ async fn a_pool_disk_whose_device_node_is_bound_is_not_offered() {
     assert_eq!(disk_capacity(&h2).await, (40 * MIB, Some(30 * MIB)));
     assert_eq!(erasures(&f), 0);
 }
+
+/// A volume whose DeleteVolume failed half way (its record Deleting: the
+/// file could not be removed) was deleted at the CO's request and is
+/// finished by a retry: ControllerPublishVolume, NodeStageVolume and
+/// NodePublishVolume of it are NOT_FOUND, and nothing is attached or
+/// mounted; the retry of the delete then removes it. Before, the record
+/// was taken for a volume's like any other: ControllerPublishVolume
+/// answered OK and recorded the node (DeleteVolume's retry then refused
+/// it as still published), and NodeStageVolume attached and mounted the
+/// file, handing a pod a volume being deleted, whose delete the retry
+/// every minute then failed to finish (its loop device mounted).
+#[tokio::test]
+async fn a_volume_whose_delete_failed_half_way_is_not_published_or_staged() {
+    let h = block(&[]);
+    script_blank(h.fake());
+    let id = create(&h, "a", 8 * MIB, &[]).await.volume_id;
+    let file = img(&h, &id);
+    h.fake().fail_op_under("unlink", &file, libc::EIO);
+    try_delete(&h, &id).await.expect_err("the file stays");
+    assert_eq!(h.driver.store.get(&id).unwrap().phase, Phase::Deleting);
+    h.fake().clear_file_faults();
+    h.fake().clear_calls();
+    let e = h
+        .ctl
+        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("published while being deleted");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(h.driver.store.get(&id).unwrap().published.is_empty());
+    let staging = h.path("stage");
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .expect_err("staged while being deleted");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let target = h.path("target");
+    let e = h
+        .node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .expect_err("published on the node while being deleted");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(h.fake().loops().is_empty());
+    assert!(h
+        .fake()
+        .table()
+        .iter()
+        .all(|m| !m.mount_point.starts_with(h.dir.path())));
+    retry_pending_and_wait(&h).await;
+    assert!(h.driver.store.get(&id).is_none());
+    assert!(!file.exists());
+}

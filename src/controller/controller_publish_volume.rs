@@ -2,7 +2,9 @@
 //! used on a node. A node-local volume can be published only to its own node
 //! (another node id is unknown here: NOT_FOUND). A volume recorded here
 //! whose kind (or NFS share) this configuration no longer serves is
-//! FAILED_PRECONDITION saying why (`Driver::unserved`), not NOT_FOUND.
+//! FAILED_PRECONDITION saying why (`Driver::unserved`), not NOT_FOUND. One
+//! whose delete began (a DeleteVolume that failed half way) is NOT_FOUND
+//! (`Driver::require_not_deleting`).
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -27,6 +29,7 @@ pub async fn handle(
     }
     let vid = id.clone();
     d.with_volume(&vid, move |d, mut rec, kind| {
+        d.require_not_deleting(&rec)?;
         if !rec.node.is_empty() && *rec.node != *node {
             return Err(Error::NotFound(format!(
                 "node {node} not found: volume {id} is local to node {}",

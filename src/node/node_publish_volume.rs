@@ -56,6 +56,7 @@ pub async fn handle(
         let _target_real = d.guard_real_path(target_real.as_deref())?;
         let _staging_real = d.guard_real_path(staging_real.as_deref())?;
         let staging = staging.map(|(s, _)| s);
+        d.require_not_deleting(&rec)?;
         d.require_local_here(&rec)?;
         let staging = match &staging {
             Some(s) => s.as_path(),

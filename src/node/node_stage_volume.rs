@@ -23,6 +23,7 @@ pub async fn handle(
     d.with_volume_at(id, &[&path], move |d, rec, kind| {
         let (staging, real) = d.protected.resolve(staging)?;
         let _real = d.guard_real_path(real.as_deref())?;
+        d.require_not_deleting(&rec)?;
         d.require_local_here(&rec)?;
         kind.stage(&rec, &staging, &cap)
     })

@@ -3622,8 +3622,9 @@ async fn without_records_the_same_name_with_another_content_source_is_already_ex
 
 /// DeleteSnapshot of an NFS snapshot recorded here whose share was taken
 /// out of --nfs-allowed-shares is FAILED_PRECONDITION naming the flag, and
-/// nothing is mounted or removed (as DeleteVolume of a volume there);
-/// with the share allowed again it is deleted. Before, the kind's delete
+/// nothing is mounted or removed (as DeleteVolume of a volume there); it
+/// is answered not ready to use; with the share allowed again it is
+/// deleted. Before, the kind's delete
 /// took the id for one that is not Berth's and did nothing, the record
 /// was removed and the call answered OK: the CO forgot the snapshot while
 /// its copy stayed on the share for good.
@@ -3645,6 +3646,19 @@ async fn a_recorded_snapshot_on_a_share_no_longer_allowed_is_not_forgotten() {
         .expect_err("deleted off the allowed shares");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("--nfs-allowed-shares"), "{e:?}");
+    // Still there, not ready to use (a restore from it is refused).
+    let got = h
+        .ctl
+        .get_snapshot(Request::new(csi::GetSnapshotRequest {
+            snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("get")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(!got.ready_to_use, "{got:?}");
     assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
     assert!(h.driver.store.snapshot_get(&s.snapshot_id).is_some());
     assert!(dir.join("data/f").exists());

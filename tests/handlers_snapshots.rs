@@ -2819,3 +2819,53 @@ async fn an_offline_growth_stopped_midway_is_undone_before_the_retry_mounts() {
         .unwrap();
     assert_eq!(runs(f, "e2undo"), 0);
 }
+
+/// Whether ListSnapshots (by id: listed once) and GetSnapshot answer the
+/// snapshot `s` ready to use.
+async fn ready(h: &Harness, s: &str) -> (bool, bool) {
+    let listed = h
+        .ctl
+        .list_snapshots(Request::new(csi::ListSnapshotsRequest {
+            snapshot_id: s.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let got = h
+        .ctl
+        .get_snapshot(Request::new(csi::GetSnapshotRequest {
+            snapshot_id: s.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("get")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let l = listed[0].snapshot.clone().unwrap();
+    (l.ready_to_use, got.ready_to_use)
+}
+
+/// A snapshot recorded here whose kind was taken out of `--kinds` is still
+/// listed (ListSnapshots, GetSnapshot) but not ready to use: CreateVolume
+/// from it is refused until its kind is served again, when it is ready
+/// again. Before, both answered it ready to use, as for a served one.
+#[tokio::test]
+async fn a_snapshot_of_a_kind_no_longer_served_is_listed_not_ready() {
+    let h = fake(&[]);
+    let id = create_p(&h, "a", MIB, &[]).await.volume_id;
+    let s = snapshot(&h, "s", &id).await.snapshot_id;
+    assert_eq!(ready(&h, &s).await, (true, true));
+    let h = build(
+        h.stop(),
+        berth::os::Os::fake().0,
+        None,
+        &["--kinds", "block"],
+    );
+    assert_eq!(ready(&h, &s).await, (false, false));
+    let h = build(h.stop(), berth::os::Os::fake().0, None, &[]);
+    assert_eq!(ready(&h, &s).await, (true, true));
+}

@@ -2,7 +2,8 @@
 //! source volume. The token is the creation sequence number of the last
 //! snapshot returned; a token that was never handed out is ABORTED. Only
 //! snapshots whose copy is complete are listed (ready to use only while
-//! their stored copy is there as made: `snapshot::to_proto_checked`); an
+//! their stored copy is there as made and their kind, or NFS share, is
+//! served: `snapshot::to_proto_checked`); an
 //! id that does not exist gives an empty list, as the spec asks. A
 //! self-describing snapshot id (NFS) asked for by id, without a record
 //! here, is listed from its storage (the marker of the complete copy): the

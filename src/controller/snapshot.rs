@@ -35,10 +35,18 @@ pub fn to_proto(s: &SnapshotRecord) -> csi::Snapshot {
 /// record says Ready and its stored copy is there as it was made, the copy
 /// a restore from it takes (`VolumeKind::snapshot_flaw`: one look, nothing
 /// read). A copy deleted or damaged by hand makes it not ready, as
-/// CreateVolume from it is refused. Blocking (a look at the disk).
+/// CreateVolume from it is refused. So does a kind taken out of `--kinds`,
+/// or, NFS, a share taken out of `--nfs-allowed-shares`
+/// (`Driver::unserved_snapshot`), its copy not looked at. Blocking (a look
+/// at the disk).
 pub fn to_proto_checked(d: &Driver, s: &SnapshotRecord) -> csi::Snapshot {
     let mut p = to_proto(s);
     if p.ready_to_use {
+        if let Some(why) = d.unserved_snapshot(s) {
+            tracing::debug!(snapshot_id = %s.id, why = %why, "snapshot not served: not ready to use");
+            p.ready_to_use = false;
+            return p;
+        }
         if let Some(flaw) = d.kind(s.kind).ok().and_then(|k| k.snapshot_flaw(s)) {
             tracing::debug!(snapshot_id = %s.id, flaw = %flaw, "snapshot's copy is {}: not ready to use", flaw.state());
             p.ready_to_use = false;

@@ -2869,3 +2869,117 @@ async fn a_snapshot_of_a_kind_no_longer_served_is_listed_not_ready() {
     let h = build(h.stop(), berth::os::Os::fake().0, None, &[]);
     assert_eq!(ready(&h, &s).await, (true, true));
 }
+
+/// A block restore a crash interrupted (its record still Creating, its
+/// whole copy under `.restoring-<id>.img`) whose rollback at start-up
+/// fails (the copy cannot be removed): its copy is never moved to the
+/// volume's name (it was never handed out), and the next retry, once the
+/// filesystem works again, removes it with its record. Before, start-up's
+/// orphan pass renamed `.restoring-<id>.img` to `<id>.img` for any id with
+/// a record, also one still Creating: the retry then took the file for one
+/// a restore whose Ready record was lost had handed out and kept it in
+/// `.orphaned/`, never deleted.
+#[tokio::test]
+async fn a_failed_block_restore_rollback_at_start_up_leaves_its_copy_unplaced() {
+    use berth::os::Os;
+    let h = fake(&["--kinds", "block"]);
+    let fake = h.fake.clone().expect("fake os");
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    let snap = snapshot(&h, "s", &src).await.snapshot_id;
+    let r = created_id(
+        h.ctl
+            .create_volume(Request::new(from_snapshot("r", MIB, &snap)))
+            .await,
+    );
+    let partial = h.path("block").join(format!(".restoring-{r}.img"));
+    // The crash: the record never said Ready, the copy was never moved.
+    let mut rec = h.driver.store.get(&r).unwrap();
+    h.driver.store.set_phase(&mut rec, Phase::Creating).unwrap();
+    std::fs::rename(img(&h, &r), &partial).unwrap();
+    let aside = h.path("block").join(".orphaned");
+    let dir = h.stop();
+    // The rollback cannot remove the copy.
+    fake.fail_op_under("unlink", &partial, libc::EIO);
+    let h = build(
+        dir,
+        Os::on_fake(&fake),
+        Some(fake.clone()),
+        &["--kinds", "block"],
+    );
+    assert_eq!(
+        h.driver.store.get(&r).map(|r| r.phase),
+        Some(Phase::Creating),
+        "the rollback failed: the record stays"
+    );
+    assert!(
+        !img(&h, &r).exists(),
+        "the copy of a restore still Creating was moved to the volume's name"
+    );
+    assert!(partial.exists());
+    fake.clear_file_faults();
+    retry_pending_and_wait(&h).await;
+    assert!(h.driver.store.get(&r).is_none(), "the retry rolls it back");
+    assert!(!img(&h, &r).exists());
+    assert!(!partial.exists());
+    assert!(
+        !aside.join(format!("{r}.img")).exists(),
+        "a copy never handed out was kept aside as an orphan"
+    );
+    assert!(img(&h, &src).exists(), "the source is untouched");
+}
+
+/// The same for a block snapshot: a copy a crash interrupted (its record
+/// still Creating, its copy whole under `.snapshots/.partial-<id>.img`)
+/// whose rollback at start-up fails stays where it is, never under the
+/// snapshot's name, and the next retry removes it with its record.
+/// Before, start-up moved the copy of any snapshot with a record into
+/// place, also one still Creating: the retry then kept it in
+/// `.orphaned/`, never deleted.
+#[tokio::test]
+async fn a_failed_block_snapshot_rollback_at_start_up_leaves_its_copy_unplaced() {
+    use berth::os::Os;
+    let h = fake(&["--kinds", "block"]);
+    let fake = h.fake.clone().expect("fake os");
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    let sid = snapshot(&h, "s", &src).await.snapshot_id;
+    let snaps = h.path("block/.snapshots");
+    let whole = snaps.join(format!("{sid}.img"));
+    let partial = snaps.join(format!(".partial-{sid}.img"));
+    // The crash: the record never said Ready, the copy was never moved.
+    let mut s = h.driver.store.snapshot_get(&sid).unwrap();
+    s.phase = Phase::Creating;
+    h.driver.store.snapshot_put(&s).unwrap();
+    std::fs::rename(&whole, &partial).unwrap();
+    let aside = h.path("block").join(".orphaned");
+    let dir = h.stop();
+    // The rollback cannot remove the copy.
+    fake.fail_op_under("unlink", &partial, libc::EIO);
+    let h = build(
+        dir,
+        Os::on_fake(&fake),
+        Some(fake.clone()),
+        &["--kinds", "block"],
+    );
+    assert_eq!(
+        h.driver.store.snapshot_get(&sid).map(|s| s.phase),
+        Some(Phase::Creating),
+        "the rollback failed: the record stays"
+    );
+    assert!(
+        !whole.exists(),
+        "the copy of a snapshot still Creating was moved into place"
+    );
+    assert!(partial.exists());
+    fake.clear_file_faults();
+    retry_pending_and_wait(&h).await;
+    assert!(
+        h.driver.store.snapshot_get(&sid).is_none(),
+        "the retry rolls it back"
+    );
+    assert!(!whole.exists());
+    assert!(!partial.exists());
+    assert!(
+        !aside.join(format!("{sid}.img")).exists(),
+        "a copy never handed out was kept aside as an orphan"
+    );
+}

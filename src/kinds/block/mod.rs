@@ -518,6 +518,14 @@ impl BlockKind {
         Ok(())
     }
 
+    /// Whether the record of volume `id` still says Creating: a copy made
+    /// for it was never handed out and never goes to the volume's name.
+    fn still_creating(&self, id: &str) -> bool {
+        self.store
+            .get(id)
+            .is_some_and(|r| r.phase == Phase::Creating)
+    }
+
     /// Whether disk volume `id` has its marker (`disk_marked`).
     fn disk_marked(&self, id: &str) -> bool {
         disk_marked(self.os.files.as_ref(), &self.root, id)
@@ -1474,11 +1482,17 @@ impl VolumeKind for BlockKind {
                 continue;
             };
             if let Some(id) = id.strip_prefix(snapshot::RESTORING) {
-                // A restore's copy: renamed into place when its record
-                // says Ready (a crash came between the two); otherwise
-                // never handed out, only Berth's own.
+                // A restore's copy: renamed into place when its record is
+                // no longer Creating (it said Ready; a crash came between
+                // the two); otherwise never handed out, only Berth's own:
+                // also one whose record still says Creating because its
+                // rollback just failed. Before, the copy of any id with a
+                // record was renamed to the volume's name, where the retry
+                // of the rollback took it for a file handed out and kept
+                // it in `.orphaned/`.
                 if self.owns_id(id)
                     && known(id)
+                    && !self.still_creating(id)
                     && std::fs::symlink_metadata(self.file(id)?).is_err()
                 {
                     self.place_restored(id)?;

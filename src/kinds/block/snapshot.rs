@@ -814,10 +814,17 @@ impl BlockKind {
             if let Some(rest) = name.strip_prefix(".partial-") {
                 // A snapshot's whole copy whose record says Ready (a crash
                 // came before the rename) goes into place; anything else
-                // was never handed out.
+                // was never handed out: also the copy of one whose record
+                // still says Creating because its rollback just failed
+                // (before, it was placed, and the retry of the rollback
+                // kept it in `.orphaned/`).
                 let id = rest.strip_suffix(".img").unwrap_or(rest);
                 if super::super::is_hex_id(SNAP_PREFIX, id)
                     && known(id)
+                    && !self
+                        .store
+                        .snapshot_get(id)
+                        .is_some_and(|s| s.phase == crate::state::Phase::Creating)
                     && std::fs::symlink_metadata(self.snapshot_file(id)?).is_err()
                 {
                     self.place_snapshot(id)?;

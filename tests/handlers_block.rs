@@ -6242,3 +6242,65 @@ async fn a_volume_whose_delete_failed_half_way_is_not_published_or_staged() {
     assert!(h.driver.store.get(&id).is_none());
     assert!(!file.exists());
 }
+
+/// Block start-up finishes each of its leftovers on its own: one it
+/// cannot remove (here an unfinished snapshot copy whose unlink fails) is
+/// logged and left for the next start-up, and the rest of the work is
+/// still done: the disk of a Ready disk volume is claimed again, and a
+/// Ready restore whose copy a crash left under its temporary name is moved
+/// to its name. Before, the first leftover that could not be removed
+/// ended the whole pass (`?`): the Ready restore's file stayed under
+/// `.restoring-<id>.img` (every NodeStageVolume of it FAILED_PRECONDITION,
+/// its file missing) and no disk was claimed (a second berth given the
+/// same pool took the Ready volume's disk for blank).
+#[tokio::test]
+async fn one_leftover_start_up_cannot_remove_does_not_stop_the_others() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let f = h.fake.clone().unwrap();
+    let d10 = dir.join("d10");
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    assert_eq!(block_info(&h, &a).disk.unwrap().path, d10);
+    let src = create(&h, "src", MIB, &[]).await.volume_id;
+    let snap = snapshot_id(&h, "s", &src).await;
+    let mut req = create_req_p("r", MIB, &[]);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snap.clone(),
+            },
+        )),
+    });
+    let r = created_id(h.ctl.create_volume(Request::new(req)).await);
+    // The crash: the restore's record said Ready, its copy was not moved
+    // to its name yet.
+    let restoring = h.path("block").join(format!(".restoring-{r}.img"));
+    std::fs::rename(img(&h, &r), &restoring).unwrap();
+    // An unfinished snapshot copy that start-up cannot remove.
+    let stuck = h
+        .path("block/.snapshots")
+        .join(".partial-block-snap-00000000000000000000000000000000.img");
+    std::fs::write(&stuck, b"").unwrap();
+    let pool = format!("{}/d*", dir.display());
+    let args = ["--kinds", "block", "--disk-pool", &pool];
+    let state = h.stop();
+    f.fail_op_under("unlink", &stuck, libc::EIO);
+    let h = build(state, berth::os::Os::on_fake(&f), Some(f.clone()), &args);
+    assert!(stuck.exists(), "the fault let the removal through");
+    assert!(
+        img(&h, &r).is_file() && !restoring.exists(),
+        "the Ready restore's file was not moved to its name"
+    );
+    assert!(
+        f.claimed(&d10),
+        "the Ready disk volume's disk was not claimed at start-up"
+    );
+    // The next start-up removes the leftover once it can.
+    f.clear_file_faults();
+    let h = build(h.stop(), berth::os::Os::on_fake(&f), Some(f.clone()), &args);
+    assert!(!stuck.exists());
+    assert!(img(&h, &r).is_file());
+}

@@ -518,6 +518,46 @@ impl BlockKind {
         Ok(())
     }
 
+    /// Start-up, one entry `e` of the block root (`reconcile_orphans`):
+    /// a restore's copy is moved to its name or removed, a volume file
+    /// without a record moved aside.
+    fn reconcile_file(&self, e: &std::fs::DirEntry, known: &dyn Fn(&str) -> bool) -> Result<()> {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".img") else {
+            return Ok(());
+        };
+        if let Some(id) = id.strip_prefix(snapshot::RESTORING) {
+            // A restore's copy: renamed into place when its record is no
+            // longer Creating (it said Ready; a crash came between the
+            // two); otherwise never handed out, only Berth's own: also one
+            // whose record still says Creating because its rollback just
+            // failed. Before, the copy of any id with a record was renamed
+            // to the volume's name, where the retry of the rollback took
+            // it for a file handed out and kept it in `.orphaned/`.
+            if self.owns_id(id)
+                && known(id)
+                && !self.still_creating(id)
+                && std::fs::symlink_metadata(self.file(id)?).is_err()
+            {
+                self.place_restored(id)?;
+                tracing::info!(volume_id = %id, "finished moving a restored volume's file into place");
+            } else {
+                self.os
+                    .files
+                    .remove_file(&e.path())
+                    .map_err(|err| Error::os(format!("removing {}", e.path().display()), err))?;
+            }
+            return Ok(());
+        }
+        if !self.owns_id(id) || known(id) {
+            return Ok(());
+        }
+        let path = e.path();
+        let to = self.keep_aside(&path, &name)?;
+        tracing::warn!(file = %path.display(), to = %to.display(), "block volume file without a record moved aside");
+        Ok(())
+    }
+
     /// Whether the record of volume `id` still says Creating: a copy made
     /// for it was never handed out and never goes to the volume's name.
     fn still_creating(&self, id: &str) -> bool {
@@ -1468,50 +1508,29 @@ impl VolumeKind for BlockKind {
         })
     }
 
+    /// Each leftover is finished on its own: one that cannot be (a
+    /// removal or move refused) is logged and left for the next start-up,
+    /// and the others, the disk markers and the disks' claims are still
+    /// done; the first such error is returned once all were tried. Before,
+    /// the first one ended the pass: a Ready restore's copy was not moved
+    /// to its name and no disk was claimed.
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
-        self.reconcile_snapshots(known)?;
+        let snapshots = self.reconcile_snapshots(known);
         if let Err(e) = self.reconcile_disk_markers() {
             tracing::error!(error = %e.render(), "could not reconcile the disk markers");
         }
         self.claim_recorded_disks();
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
+        let mut failed = None;
         for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".img") else {
-                continue;
-            };
-            if let Some(id) = id.strip_prefix(snapshot::RESTORING) {
-                // A restore's copy: renamed into place when its record is
-                // no longer Creating (it said Ready; a crash came between
-                // the two); otherwise never handed out, only Berth's own:
-                // also one whose record still says Creating because its
-                // rollback just failed. Before, the copy of any id with a
-                // record was renamed to the volume's name, where the retry
-                // of the rollback took it for a file handed out and kept
-                // it in `.orphaned/`.
-                if self.owns_id(id)
-                    && known(id)
-                    && !self.still_creating(id)
-                    && std::fs::symlink_metadata(self.file(id)?).is_err()
-                {
-                    self.place_restored(id)?;
-                    tracing::info!(volume_id = %id, "finished moving a restored volume's file into place");
-                } else {
-                    self.os.files.remove_file(&e.path()).map_err(|err| {
-                        Error::os(format!("removing {}", e.path().display()), err)
-                    })?;
-                }
-                continue;
+            if let Err(err) = self.reconcile_file(&e, known) {
+                tracing::error!(path = %e.path().display(), error = %err.render(), "could not reconcile a leftover in the block root; the next start-up tries again");
+                failed.get_or_insert(err);
             }
-            if !self.owns_id(id) || known(id) {
-                continue;
-            }
-            let path = e.path();
-            let to = self.keep_aside(&path, &name)?;
-            tracing::warn!(file = %path.display(), to = %to.display(), "block volume file without a record moved aside");
         }
-        Ok(())
+        snapshots?;
+        failed.map_or(Ok(()), Err)
     }
 
     fn snapshots(&self) -> bool {

@@ -802,46 +802,62 @@ impl BlockKind {
 
     /// At start-up: an unfinished snapshot copy is removed; a snapshot file
     /// without a record (a lost state directory) is moved aside, never
-    /// deleted.
+    /// deleted. Each on its own: one that cannot be is logged and left for
+    /// the next start-up, and the first such error returned once all were
+    /// tried.
     pub(super) fn reconcile_snapshots(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
         let Some(entries) = crate::os::files::read_own_dir(&self.root.join(SNAPSHOTS)) else {
             return Ok(());
         };
-        let f = self.os.files.as_ref();
+        let mut failed = None;
         for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let path = e.path();
-            if let Some(rest) = name.strip_prefix(".partial-") {
-                // A snapshot's whole copy whose record says Ready (a crash
-                // came before the rename) goes into place; anything else
-                // was never handed out: also the copy of one whose record
-                // still says Creating because its rollback just failed
-                // (before, it was placed, and the retry of the rollback
-                // kept it in `.orphaned/`).
-                let id = rest.strip_suffix(".img").unwrap_or(rest);
-                if super::super::is_hex_id(SNAP_PREFIX, id)
-                    && known(id)
-                    && !self
-                        .store
-                        .snapshot_get(id)
-                        .is_some_and(|s| s.phase == crate::state::Phase::Creating)
-                    && std::fs::symlink_metadata(self.snapshot_file(id)?).is_err()
-                {
-                    self.place_snapshot(id)?;
-                    tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");
-                    continue;
-                }
-                f.remove_file(&path)
-                    .map_err(|e| Error::os(format!("removing {}", path.display()), e))?;
-                continue;
+            if let Err(err) = self.reconcile_snapshot_file(&e, known) {
+                tracing::error!(path = %e.path().display(), error = %err.render(), "could not reconcile a leftover snapshot copy; the next start-up tries again");
+                failed.get_or_insert(err);
             }
-            let Some(id) = name.strip_suffix(".img") else {
-                continue;
-            };
-            if super::super::is_hex_id(SNAP_PREFIX, id) && !known(id) {
-                let to = self.keep_aside(&path, &name)?;
-                tracing::warn!(file = %path.display(), to = %to.display(), "snapshot without a record moved aside");
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// One entry `e` of the snapshots' directory (`reconcile_snapshots`).
+    fn reconcile_snapshot_file(
+        &self,
+        e: &std::fs::DirEntry,
+        known: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
+        let f = self.os.files.as_ref();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if let Some(rest) = name.strip_prefix(".partial-") {
+            // A snapshot's whole copy whose record says Ready (a crash
+            // came before the rename) goes into place; anything else was
+            // never handed out: also the copy of one whose record still
+            // says Creating because its rollback just failed (before, it
+            // was placed, and the retry of the rollback kept it in
+            // `.orphaned/`).
+            let id = rest.strip_suffix(".img").unwrap_or(rest);
+            if super::super::is_hex_id(SNAP_PREFIX, id)
+                && known(id)
+                && !self
+                    .store
+                    .snapshot_get(id)
+                    .is_some_and(|s| s.phase == crate::state::Phase::Creating)
+                && std::fs::symlink_metadata(self.snapshot_file(id)?).is_err()
+            {
+                self.place_snapshot(id)?;
+                tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");
+                return Ok(());
             }
+            return f
+                .remove_file(&path)
+                .map_err(|e| Error::os(format!("removing {}", path.display()), e));
+        }
+        let Some(id) = name.strip_suffix(".img") else {
+            return Ok(());
+        };
+        if super::super::is_hex_id(SNAP_PREFIX, id) && !known(id) {
+            let to = self.keep_aside(&path, &name)?;
+            tracing::warn!(file = %path.display(), to = %to.display(), "snapshot without a record moved aside");
         }
         Ok(())
     }

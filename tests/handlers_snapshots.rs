@@ -2870,8 +2870,8 @@ async fn a_snapshot_of_a_kind_no_longer_served_is_listed_not_ready() {
     assert_eq!(ready(&h, &s).await, (true, true));
 }
 
-/// A block restore a crash interrupted (its record still Creating, its
-/// whole copy under `.restoring-<id>.img`) whose rollback at start-up
+/// A block restore or clone a crash interrupted (its record still
+/// Creating, its whole copy under `.restoring-<id>.img`) whose rollback at start-up
 /// fails (the copy cannot be removed): its copy is never moved to the
 /// volume's name (it was never handed out), and the next retry, once the
 /// filesystem works again, removes it with its record. Before, start-up's
@@ -2886,45 +2886,59 @@ async fn a_failed_block_restore_rollback_at_start_up_leaves_its_copy_unplaced() 
     let fake = h.fake.clone().expect("fake os");
     let src = create_p(&h, "src", MIB, &[]).await.volume_id;
     let snap = snapshot(&h, "s", &src).await.snapshot_id;
-    let r = created_id(
+    let restored = created_id(
         h.ctl
             .create_volume(Request::new(from_snapshot("r", MIB, &snap)))
             .await,
     );
-    let partial = h.path("block").join(format!(".restoring-{r}.img"));
-    // The crash: the record never said Ready, the copy was never moved.
-    let mut rec = h.driver.store.get(&r).unwrap();
-    h.driver.store.set_phase(&mut rec, Phase::Creating).unwrap();
-    std::fs::rename(img(&h, &r), &partial).unwrap();
+    let cloned = created_id(
+        h.ctl
+            .create_volume(Request::new(from_volume("c", MIB, &src)))
+            .await,
+    );
+    let partial = |id: &str| h.path("block").join(format!(".restoring-{id}.img"));
+    let ids = [restored, cloned];
+    for id in &ids {
+        // The crash: the record never said Ready, the copy was never
+        // moved.
+        let mut rec = h.driver.store.get(id).unwrap();
+        h.driver.store.set_phase(&mut rec, Phase::Creating).unwrap();
+        std::fs::rename(img(&h, id), partial(id)).unwrap();
+        // The rollback cannot remove the copy.
+        fake.fail_op_under("unlink", &partial(id), libc::EIO);
+    }
+    let partials: Vec<PathBuf> = ids.iter().map(|id| partial(id)).collect();
     let aside = h.path("block").join(".orphaned");
     let dir = h.stop();
-    // The rollback cannot remove the copy.
-    fake.fail_op_under("unlink", &partial, libc::EIO);
     let h = build(
         dir,
         Os::on_fake(&fake),
         Some(fake.clone()),
         &["--kinds", "block"],
     );
-    assert_eq!(
-        h.driver.store.get(&r).map(|r| r.phase),
-        Some(Phase::Creating),
-        "the rollback failed: the record stays"
-    );
-    assert!(
-        !img(&h, &r).exists(),
-        "the copy of a restore still Creating was moved to the volume's name"
-    );
-    assert!(partial.exists());
+    for (id, partial) in ids.iter().zip(&partials) {
+        assert_eq!(
+            h.driver.store.get(id).map(|r| r.phase),
+            Some(Phase::Creating),
+            "the rollback failed: the record stays"
+        );
+        assert!(
+            !img(&h, id).exists(),
+            "the copy of a restore or clone still Creating was moved to the volume's name"
+        );
+        assert!(partial.exists());
+    }
     fake.clear_file_faults();
     retry_pending_and_wait(&h).await;
-    assert!(h.driver.store.get(&r).is_none(), "the retry rolls it back");
-    assert!(!img(&h, &r).exists());
-    assert!(!partial.exists());
-    assert!(
-        !aside.join(format!("{r}.img")).exists(),
-        "a copy never handed out was kept aside as an orphan"
-    );
+    for (id, partial) in ids.iter().zip(&partials) {
+        assert!(h.driver.store.get(id).is_none(), "the retry rolls it back");
+        assert!(!img(&h, id).exists());
+        assert!(!partial.exists());
+        assert!(
+            !aside.join(format!("{id}.img")).exists(),
+            "a copy never handed out was kept aside as an orphan"
+        );
+    }
     assert!(img(&h, &src).exists(), "the source is untouched");
 }
 

@@ -6304,3 +6304,27 @@ async fn one_leftover_start_up_cannot_remove_does_not_stop_the_others() {
     assert!(!stuck.exists());
     assert!(img(&h, &r).is_file());
 }
+
+/// ControllerExpandVolume's capacity_range is REQUIRED, and a CapacityRange
+/// must specify at least one of its fields (0 is "unspecified"): one with
+/// neither is INVALID_ARGUMENT, for a thin and a thick volume and one of
+/// another node, and nothing changes. It answered OK with the old size,
+/// a no-op an external-resizer would have taken for a finished expansion.
+#[tokio::test]
+async fn controller_expansion_with_an_empty_capacity_range_is_invalid() {
+    let h = block(&[]);
+    let thin = create(&h, "a", 8 * MIB, &[]).await;
+    let thick = create(&h, "t", 8 * MIB, &[("allocation", "thick")]).await;
+    let other = "block-0123456789abcdef0123456789abcdef";
+    for id in [thin.volume_id.as_str(), thick.volume_id.as_str(), other] {
+        let before = h.driver.store.get(id);
+        let e = h
+            .ctl
+            .controller_expand_volume(Request::new(expand_req(id, 0, 0)))
+            .await
+            .expect_err("an empty capacity_range should be refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{id}: {}", e.message());
+        assert!(e.message().contains("capacity_range"), "{}", e.message());
+        assert_eq!(h.driver.store.get(id), before, "{id}");
+    }
+}

@@ -32,11 +32,17 @@ pub async fn handle(
         ));
     }
     let id = validate::volume_id(&req.volume_id)?.to_string();
-    let range = Range::from_proto(Some(
-        req.capacity_range
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("capacity_range is required".into()))?,
-    ))?;
+    // REQUIRED, and a CapacityRange specifies at least one of its fields
+    // (0 is unspecified): one with neither asks for no size at all.
+    let range = match req.capacity_range.as_ref() {
+        Some(r) if r.required_bytes != 0 || r.limit_bytes != 0 => Range::from_proto(Some(r))?,
+        Some(_) => {
+            return Err(Error::Invalid(
+                "capacity_range must specify required_bytes or limit_bytes".into(),
+            ))
+        }
+        None => return Err(Error::Invalid("capacity_range is required".into())),
+    };
     let cap = req
         .volume_capability
         .as_ref()

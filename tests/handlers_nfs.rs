@@ -442,7 +442,7 @@ fn mount_runs(f: &FakeOs) -> usize {
 }
 
 /// A create whose share cannot be mounted (an option the kernel refuses,
-/// though Berth's allowlist passes it) has made nothing and writes no
+/// though Berth's allowlist passes it: `xprtsec=tls` on a kernel before 6.5) has made nothing and writes no
 /// record: nothing is rolled back, the failed mount is not tried again for
 /// a rollback, and the directory it named is free at once. (It was blocked
 /// by a record left Creating, whose rollback needed the very mount that
@@ -452,11 +452,11 @@ async fn a_create_whose_share_cannot_be_mounted_leaves_no_record_and_blocks_noth
     let h = nfs(&[]);
     h.fake().respond_to_some("mount.nfs", |args| {
         args.iter()
-            .any(|a| a.split(',').any(|o| o == "nconnect=999"))
+            .any(|a| a.split(',').any(|o| o == "xprtsec=tls"))
             .then(|| exit(32, "mount.nfs: an incorrect mount option was specified"))
     });
     let mut bad = req("n1", &[("subDir", "data")]);
-    bad.volume_capabilities = vec![mount_cap_flags(Mode::SingleNodeWriter, &["nconnect=999"])];
+    bad.volume_capabilities = vec![mount_cap_flags(Mode::SingleNodeWriter, &["xprtsec=tls"])];
     for _ in 0..2 {
         let e = create_err(&h, bad.clone()).await;
         assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
@@ -3666,4 +3666,57 @@ async fn a_recorded_snapshot_on_a_share_no_longer_allowed_is_not_forgotten() {
     delete_snapshot(&h, &s.snapshot_id).await.expect("delete");
     assert!(h.driver.store.snapshot_get(&s.snapshot_id).is_none());
     assert!(!dir.exists());
+}
+
+/// Numeric NFS mount options beyond the kernel's range (fs/nfs/fs_context.c:
+/// nconnect and max_connect 1 to 16, port and mountport at most 65535,
+/// timeo at least 1, mountvers 1 to 3, minorversion at most 2) are refused
+/// by CreateVolume, naming the option, before anything is mounted or
+/// recorded (and by NodePublishVolume before mount.nfs runs). They passed
+/// as "at most 9 digits" and then failed every NodePublishVolume. The
+/// limits themselves pass.
+#[tokio::test]
+async fn numeric_mount_options_beyond_the_kernels_range_are_refused_at_create() {
+    let h = nfs(&[]);
+    let t = h.path("target");
+    for (opt, named) in [
+        ("nconnect=17", "nconnect"),
+        ("nconnect=0", "nconnect"),
+        ("max_connect=17", "max_connect"),
+        ("max_connect=0", "max_connect"),
+        ("port=65536", "port"),
+        ("mountport=99999", "mountport"),
+        ("timeo=0", "timeo"),
+        ("mountvers=4", "mountvers"),
+        ("mountvers=0", "mountvers"),
+        ("minorversion=3", "minorversion"),
+    ] {
+        let mut r = req("a", &[]);
+        r.volume_capabilities = vec![mount_cap_flags(Mode::MultiNodeMultiWriter, &[opt])];
+        let e = create_err(&h, r).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{opt}: {}", e.message());
+        assert!(e.message().contains(named), "{opt}: {}", e.message());
+        let e = h
+            .node
+            .node_publish_volume(Request::new(nfs_publish(
+                "nfs#d#127.0.0.1#/export#a",
+                &t,
+                false,
+                &[opt],
+            )))
+            .await
+            .expect_err("NodePublishVolume should fail");
+        assert_eq!(e.code(), Code::InvalidArgument, "{opt}: {}", e.message());
+    }
+    assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
+    assert!(h.driver.store.is_empty());
+    let mut r = req("b", &[]);
+    r.volume_capabilities = vec![mount_cap_flags(
+        Mode::MultiNodeMultiWriter,
+        &["nconnect=16,max_connect=16,port=65535,timeo=1,mountport=0"],
+    )];
+    h.ctl
+        .create_volume(Request::new(r))
+        .await
+        .expect("options at the kernel's limits are accepted");
 }

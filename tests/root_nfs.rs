@@ -367,8 +367,9 @@ async fn on_delete_modes_and_a_lost_record() {
 }
 
 /// What the probe of 2026-12-06 found, against the real server: a create
-/// whose share cannot be mounted (`nconnect=999` passes Berth's allowlist,
-/// the kernel refuses it; a share the server does not have) is
+/// whose share cannot be mounted (`nconnect=999`, which the kernel
+/// refuses; since 2026-12-07 Berth refuses it before any mount, with the
+/// same answer; a share the server does not have) is
 /// INVALID_ARGUMENT and leaves no record, so the same subDir with good
 /// options is created at once; and onDelete=retain then a create with the
 /// same name is ALREADY_EXISTS, the old data kept, not handed back.

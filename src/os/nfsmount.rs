@@ -35,6 +35,11 @@ enum Value {
     Flag,
     /// Decimal number, at most 9 digits.
     Number,
+    /// Decimal number, at most 9 digits, from `.0` to `.1`: the range the
+    /// kernel accepts (fs/nfs/fs_context.c `nfs_fs_context_parse_param`,
+    /// "Value for '...' out of range"). Beyond it the mount fails with
+    /// EINVAL at every NodePublishVolume.
+    Range(u32, u32),
     /// One of the listed words.
     Word(&'static [&'static str]),
 }
@@ -88,8 +93,11 @@ const ALLOWED: &[(&str, Value)] = &[
     ("noposix", Value::Flag),
     ("migration", Value::Flag),
     ("nomigration", Value::Flag),
-    // NFS numbers.
-    ("timeo", Value::Number),
+    // NFS numbers. Ranges: nconnect 1 to NFS_MAX_CONNECTIONS (16),
+    // max_connect 1 to NFS_MAX_TRANSPORTS (16), ports at most USHRT_MAX,
+    // timeo at least 1, mountvers NFS_MNT_VERSION to NFS_MNT3_VERSION,
+    // minorversion at most NFS4_MAX_MINOR_VERSION (2).
+    ("timeo", Value::Range(1, u32::MAX)),
     ("retrans", Value::Number),
     ("retry", Value::Number),
     ("rsize", Value::Number),
@@ -99,12 +107,12 @@ const ALLOWED: &[(&str, Value)] = &[
     ("acdirmin", Value::Number),
     ("acdirmax", Value::Number),
     ("actimeo", Value::Number),
-    ("port", Value::Number),
-    ("mountport", Value::Number),
-    ("mountvers", Value::Number),
-    ("nconnect", Value::Number),
-    ("max_connect", Value::Number),
-    ("minorversion", Value::Number),
+    ("port", Value::Range(0, 65535)),
+    ("mountport", Value::Range(0, 65535)),
+    ("mountvers", Value::Range(1, 3)),
+    ("nconnect", Value::Range(1, 16)),
+    ("max_connect", Value::Range(1, 16)),
+    ("minorversion", Value::Range(0, 2)),
     // NFS words.
     ("vers", Value::Word(VERSIONS)),
     ("nfsvers", Value::Word(VERSIONS)),
@@ -136,6 +144,11 @@ fn shown(opt: &str) -> String {
     super::option_shown(opt)
 }
 
+/// A decimal number of 1 to 9 digits.
+fn is_number(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 9 && v.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Checks one option (no commas inside).
 fn check_option(opt: &str) -> Result<(), String> {
     let (name, value) = match opt.split_once('=') {
@@ -147,8 +160,9 @@ fn check_option(opt: &str) -> Result<(), String> {
     };
     let ok = match (kind, value) {
         (Value::Flag, None) => true,
-        (Value::Number, Some(v)) => {
-            !v.is_empty() && v.len() <= 9 && v.bytes().all(|b| b.is_ascii_digit())
+        (Value::Number, Some(v)) => is_number(v),
+        (Value::Range(lo, hi), Some(v)) => {
+            is_number(v) && v.parse::<u32>().is_ok_and(|n| (*lo..=*hi).contains(&n))
         }
         (Value::Word(words), Some(v)) => words.contains(&v),
         _ => false,
@@ -159,6 +173,8 @@ fn check_option(opt: &str) -> Result<(), String> {
     let want = match kind {
         Value::Flag => "takes no value".to_string(),
         Value::Number => "takes a decimal number of at most 9 digits".to_string(),
+        Value::Range(lo, u32::MAX) => format!("takes a decimal number of at least {lo}"),
+        Value::Range(lo, hi) => format!("takes a decimal number from {lo} to {hi}"),
         Value::Word(words) => format!("takes one of {}", words.join(", ")),
     };
     Err(format!(
@@ -301,8 +317,9 @@ pub fn mount(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// The kernel or `mount.nfs` does not accept an option (EINVAL: "an
-    /// incorrect mount option was specified"), e.g. `nconnect=999`, which
-    /// passes Berth's allowlist but not the kernel's range.
+    /// incorrect mount option was specified"), e.g. `xprtsec=tls` on a
+    /// kernel before 6.5, which passes Berth's allowlist but not the
+    /// kernel's.
     Option,
     /// The server has no such export ("mounting h:/x failed, reason given
     /// by server: No such file or directory"; a missing local mount point

@@ -2139,16 +2139,6 @@ async fn a_refused_node_expansion_grows_nothing() {
         .volume_id;
     let (s, t) = (h.path("s"), h.path("t"));
     stage_and_publish(&h, &id, &s, &t).await;
-    // The filesystem mounted again read-only by hand, at the staging path.
-    use berth::os::Mounter;
-    f.unmount(&t).unwrap();
-    f.unmount(&s).unwrap();
-    let ro = berth::os::MountFlags {
-        readonly: true,
-        ..Default::default()
-    };
-    f.mount_fs(Path::new("/dev/loop0"), &s, "ext4", ro, "")
-        .unwrap();
     let refused = |e: tonic::Status| {
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
         assert!(
@@ -2162,15 +2152,12 @@ async fn a_refused_node_expansion_grows_nothing() {
         assert!(runs(f, "resize2fs").is_empty());
         assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 8 * MIB);
     };
-    f.clear_calls();
-    refused(
-        h.node
-            .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 16 * MIB)))
-            .await
-            .unwrap_err(),
-    );
-    grew_nothing(f);
-    // Unstaged (the loop device detached): the same.
+    // Unstaged by hand (unmounted, the loop device detached): the
+    // filesystem is grown once staged. (One mounted read-only only is
+    // grown at its next read-write stage:
+    // a_node_expansion_of_a_filesystem_staged_read_only_is_finished_at_the_next_read_write_stage.)
+    use berth::os::Mounter;
+    f.unmount(&t).unwrap();
     f.unmount(&s).unwrap();
     assert_eq!(f.loops().len(), 1);
     use berth::os::LoopDevices;
@@ -6326,5 +6313,89 @@ async fn controller_expansion_with_an_empty_capacity_range_is_invalid() {
         assert_eq!(e.code(), Code::InvalidArgument, "{id}: {}", e.message());
         assert!(e.message().contains("capacity_range"), "{}", e.message());
         assert_eq!(h.driver.store.get(id), before, "{id}");
+    }
+}
+
+/// A filesystem volume staged read-only (a read-only access mode), thin
+/// and thick: NodeExpandVolume grows its file and its loop device and
+/// answers OK with the new size; the filesystem, which the kernel does not
+/// grow while it is mounted read-only, is flagged (`grow_fs`) before the
+/// file grows and grown at the next read-write stage, which clears the
+/// flag. A retry is OK and changes nothing more. Before, it was
+/// FAILED_PRECONDITION ("not mounted read-write; it is grown online once
+/// the volume is staged", though it was staged), nothing grew, and the
+/// kubelet retried for as long as the volume stayed staged read-only.
+#[tokio::test]
+async fn a_node_expansion_of_a_filesystem_staged_read_only_is_finished_at_the_next_read_write_stage(
+) {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    for (name, kv) in [("thin", &[][..]), ("thick", &[("allocation", "thick")][..])] {
+        let id = create(&h, name, 8 * MIB, kv).await.volume_id;
+        if name == "thick" {
+            h.ctl
+                .controller_expand_volume(Request::new(expand_req(&id, 16 * MIB, 0)))
+                .await
+                .unwrap();
+        }
+        let s = h.path(&format!("s-{name}"));
+        // Formatted by a read-write stage, then staged read-only.
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &s)))
+            .await
+            .unwrap();
+        h.node
+            .node_unstage_volume(Request::new(unstage(&id, &s)))
+            .await
+            .unwrap();
+        let ro = mount_cap(Mode::SingleNodeReaderOnly);
+        h.node
+            .node_stage_volume(Request::new(stage_with(&id, &s, ro.clone())))
+            .await
+            .unwrap();
+        f.clear_calls();
+        for _ in 0..2 {
+            let mut r = node_expand_req(&id, &s, &s, 16 * MIB);
+            r.volume_capability = Some(ro.clone());
+            let r = h
+                .node
+                .node_expand_volume(Request::new(r))
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"))
+                .into_inner();
+            assert_eq!(r.capacity_bytes, 16 * MIB, "{name}");
+            assert_eq!(
+                std::fs::metadata(img(&h, &id)).unwrap().len(),
+                16 * MIB as u64,
+                "{name}"
+            );
+            assert!(block_info(&h, &id).grow_fs, "{name}: flagged");
+            assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, 16 * MIB);
+        }
+        // The device takes the file's size once (a thick file was grown
+        // by ControllerExpandVolume, before its device was attached).
+        assert_eq!(
+            count(f, |c| matches!(c, Call::LoopSetCapacity { .. })),
+            usize::from(name == "thin"),
+            "{name}"
+        );
+        assert!(runs(f, "resize2fs").is_empty(), "{name}");
+        // The next read-write stage grows the filesystem.
+        h.node
+            .node_unstage_volume(Request::new(unstage(&id, &s)))
+            .await
+            .unwrap();
+        f.clear_calls();
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &s)))
+            .await
+            .unwrap();
+        assert!(!runs(f, "resize2fs").is_empty(), "{name}: {:?}", f.calls());
+        assert!(!block_info(&h, &id).grow_fs, "{name}: done");
+        h.node
+            .node_unstage_volume(Request::new(unstage(&id, &s)))
+            .await
+            .unwrap();
     }
 }

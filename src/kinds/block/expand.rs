@@ -8,7 +8,10 @@
 //! 2. `LOOP_SET_CAPACITY` if the attached loop device is smaller than it;
 //! 3. grow the mounted filesystem online (resize2fs on the device,
 //!    xfs_growfs on a mount point); a filesystem that already fills its
-//!    device is left as it is.
+//!    device is left as it is. One mounted read-only only (a read-only
+//!    access mode or flag), which the kernel does not grow, is flagged
+//!    (`grow_fs`) before the file grows and grown at its next read-write
+//!    stage, as a restore's is.
 //!
 //! A whole disk cannot grow: a request within its size succeeds (the
 //! filesystem is grown to the disk if it is smaller), beyond it is
@@ -22,6 +25,18 @@ use crate::node::mounts;
 
 use crate::os::mkfs::{self, Filesystem};
 use crate::state::{Allocation, BlockAccess, BlockInfo, VolumeRecord};
+
+/// What NodeExpandVolume does with a volume's filesystem.
+enum FsGrowth {
+    /// Nothing: raw, not formatted yet (mkfs will use the whole device),
+    /// or used raw right now.
+    None,
+    /// Grown online through this read-write mount.
+    Online(Filesystem, PathBuf),
+    /// Mounted read-only only: flagged (`grow_fs`) for its next
+    /// read-write stage.
+    Deferred,
+}
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -136,9 +151,15 @@ impl BlockKind {
                 major: disk.major,
                 minor: disk.minor,
             };
-            if let Some(at) = self.fs_to_grow(rec, &info, &dev, a)? {
-                self.grow_fs(rec, &dev, at)?;
-                self.fs_grown(rec)?;
+            match self.fs_to_grow(rec, &info, &dev, a)? {
+                FsGrowth::Online(fs, at) => {
+                    self.grow_fs(rec, &dev, (fs, at))?;
+                    self.fs_grown(rec)?;
+                }
+                FsGrowth::Deferred => {
+                    self.defer_fs_growth(rec, &info)?;
+                }
+                FsGrowth::None => {}
             }
             return Ok(size);
         }
@@ -148,26 +169,51 @@ impl BlockKind {
         // Whether a filesystem must be grown, and where, is settled before
         // the file grows: a request that is refused grows nothing.
         let dev = self.current_device(rec)?;
-        let at = match &dev {
+        let growth = match &dev {
             Some(dev) => self.fs_to_grow(rec, &info, dev, a)?,
             // Not attached: the device takes the file's size when it is.
             // A filesystem must still be grown, once staged.
             None if info.formatted && !Self::used_raw(a) => {
                 return Err(Self::not_mounted(rec, &info));
             }
-            None => None,
+            None => FsGrowth::None,
+        };
+        // The flag is durable before the file grows: a crash between
+        // leaves a file larger than its filesystem that the next
+        // read-write stage grows into.
+        let info = match growth {
+            FsGrowth::Deferred => self.defer_fs_growth(rec, &info)?,
+            _ => info,
         };
         // no room: OUT_OF_RANGE, as ControllerExpandVolume and
         // NodeExpandVolume answer NoSpace (error.rs)
         self.grow_file_to(rec, &info, &f, size)?;
         if let Some(dev) = dev {
             self.refresh_capacity(&dev.path, &f)?;
-            if let Some(at) = at {
-                self.grow_fs(rec, &dev, at)?;
+            if let FsGrowth::Online(fs, at) = growth {
+                self.grow_fs(rec, &dev, (fs, at))?;
                 self.fs_grown(rec)?;
             }
         }
         Ok(size)
+    }
+
+    /// The filesystem is mounted read-only only, which the kernel does not
+    /// grow (online resize2fs and xfs_growfs fail "Read-only file
+    /// system"), and no offline resize can run while it is mounted: it is
+    /// flagged (`grow_fs`) and grown at its next read-write stage, as a
+    /// restore staged read-only is. Its readers cannot write to it
+    /// meanwhile, so its size holds nobody back; and the expansion is
+    /// answered, not refused at every retry of the kubelet for as long as
+    /// the volume stays staged read-only.
+    fn defer_fs_growth(&self, rec: &VolumeRecord, info: &BlockInfo) -> Result<BlockInfo> {
+        let mut info = info.clone();
+        if !info.grow_fs {
+            info.grow_fs = true;
+            self.save_info(rec, &info)?;
+        }
+        tracing::info!(volume_id = %rec.id, fs = %info.fs_type, "mounted read-only: the filesystem is grown to its device at its next read-write stage");
+        Ok(info)
     }
 
     /// The filesystem fills its device now: a growth still flagged for
@@ -260,17 +306,17 @@ impl BlockKind {
     /// its device to grow it through (the staging path or `volume_path`
     /// when the device is mounted there). None when there is none to grow:
     /// raw, not formatted yet (mkfs will use the whole device), or used
-    /// raw right now. FAILED_PRECONDITION when a filesystem has no
-    /// read-write mount.
+    /// raw right now. Deferred when the device is mounted read-only only.
+    /// FAILED_PRECONDITION when a filesystem is not mounted at all.
     fn fs_to_grow(
         &self,
         rec: &VolumeRecord,
         info: &BlockInfo,
         dev: &Dev,
         a: &NodeExpandArgs<'_>,
-    ) -> Result<Option<(Filesystem, PathBuf)>> {
+    ) -> Result<FsGrowth> {
         if !info.formatted {
-            return Ok(None);
+            return Ok(FsGrowth::None);
         }
         let fs = Filesystem::parse(&info.fs_type).ok_or_else(|| {
             Error::Internal(format!(
@@ -279,19 +325,20 @@ impl BlockKind {
             ))
         })?;
         let t = mounts::table(&self.os)?;
+        let of_dev = |m: &crate::os::MountEntry| (m.major, m.minor) == (dev.major, dev.minor);
         let mounted: Vec<PathBuf> = t
             .iter()
-            .filter(|m| {
-                (m.major, m.minor) == (dev.major, dev.minor)
-                    && m.root == Path::new("/")
-                    && !m.readonly()
-            })
+            .filter(|m| of_dev(m) && m.root == Path::new("/") && !m.readonly())
             .map(|m| m.mount_point.clone())
             .collect();
         if mounted.is_empty() {
             if Self::used_raw(a) {
                 // Used raw right now: the device is grown, nothing else to do.
-                return Ok(None);
+                return Ok(FsGrowth::None);
+            }
+            // Mounted, read-only only: grown at the next read-write stage.
+            if t.iter().any(of_dev) {
+                return Ok(FsGrowth::Deferred);
             }
             return Err(Self::not_mounted(rec, info));
         }
@@ -301,7 +348,7 @@ impl BlockKind {
             .find(|p| mounted.iter().any(|m| m == p))
             .map(Path::to_path_buf)
             .unwrap_or_else(|| mounted[0].clone());
-        Ok(Some((fs, mount_point)))
+        Ok(FsGrowth::Online(fs, mount_point))
     }
 
     /// Grows the filesystem of a formatted volume to its device, online,

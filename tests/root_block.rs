@@ -2331,3 +2331,74 @@ fn an_offline_ext4_growth_stopped_at_any_moment_is_finished_by_the_retry() {
         "no resize was stopped (each took under {took:?})"
     );
 }
+
+/// A filesystem volume staged read-only, expanded: NodeExpandVolume is OK
+/// with the new size and the loop device takes it (the filesystem, which
+/// the kernel does not grow while mounted read-only, keeps its size and
+/// data); the next read-write stage grows the filesystem, the data
+/// intact. Before, the expansion was FAILED_PRECONDITION at every retry.
+async fn read_only_expansion(fs: &str, size: i64, grown: i64) {
+    let (h, _g) = real_block(&[]);
+    let id = create(&h, "v", size, &[("fsType", fs)], rwo())
+        .await
+        .volume_id;
+    let s = h.path("stage");
+    stage(&h, &id, &s, rwo()).await;
+    let data = pattern(7, 1 << 20);
+    {
+        let mut f = File::create(s.join("data")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    let ro = mount_cap(Mode::SingleNodeReaderOnly);
+    stage(&h, &id, &s, ro.clone()).await;
+    let before = statvfs_total(&s);
+    for _ in 0..2 {
+        let n = h
+            .node
+            .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: s.display().to_string(),
+                staging_target_path: s.display().to_string(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: grown,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(ro.clone()),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_or_else(|e| panic!("{fs}: {e:?}"))
+            .into_inner();
+        assert_eq!(n.capacity_bytes, grown, "{fs}");
+    }
+    let (dev, _) = loops_under(h.dir.path())[0].clone();
+    let name = dev.file_name().unwrap().to_string_lossy().into_owned();
+    let sectors: i64 = std::fs::read_to_string(format!("/sys/block/{name}/size"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(sectors * 512, grown, "{fs}: the device took the new size");
+    assert_eq!(statvfs_total(&s), before, "{fs}: read-only, not grown");
+    assert_eq!(std::fs::read(s.join("data")).unwrap(), data);
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    stage(&h, &id, &s, rwo()).await;
+    let total = statvfs_total(&s);
+    assert!(
+        total > before && total >= min_usable(fs, grown),
+        "{fs}: {total} after the read-write stage (was {before})"
+    );
+    assert_eq!(std::fs::read(s.join("data")).unwrap(), data);
+    unstage_as_kubelet(&h, &id, &s).await.unwrap();
+    delete(&h, &id).await;
+    assert_clean(&h);
+}
+
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_filesystem_staged_read_only_is_grown_at_its_next_read_write_stage() {
+    read_only_expansion("ext4", 64 * MIB, 128 * MIB).await;
+    read_only_expansion("xfs", 320 * MIB, 512 * MIB).await;
+}

@@ -422,7 +422,9 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
     // inside another volume's): deleting one would touch the other. Checked
     // under the store's lock together with the insert, so two creates of
     // nested storage cannot both pass.
-    let self_describing = imp.record_from_id(&rec.id).is_some();
+    // Looked up in the store's index of storage, so the check costs the
+    // same with any number of volumes.
+    let storage = crate::kinds::storage_key(rec.kind, &rec.id);
     let id = rec.id.clone();
     let conflicts = |a: &Admission<'_>| {
         if let Some(other) = a.get(&id) {
@@ -431,8 +433,8 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
                 other.id, other.name
             )));
         }
-        if self_describing {
-            if let Some(other) = a.find(|o| imp.overlaps(&o.id, &id)) {
+        if let Some(key) = &storage {
+            if let Some(other) = a.overlapping(key) {
                 return Err(Error::Conflict(format!(
                     "volume {} named {} overlaps the storage this request names ({id})",
                     other.id, other.name

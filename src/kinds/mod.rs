@@ -78,6 +78,18 @@ pub fn volume_id_flaw(kind: Kind, id: &str) -> Option<String> {
     (!fits).then(|| format!("not the id of a {kind} volume"))
 }
 
+/// The key of the storage a volume of `kind` with id `id` names, for the
+/// store's index of storage (see `Store`'s `Admission::overlapping`): for
+/// ids that describe their storage (NFS: server, share and subdirectory),
+/// which two volumes may name nested; None for ids that are unique storage
+/// by themselves (CreateVolume's id check is enough).
+pub fn storage_key(kind: Kind, id: &str) -> Option<String> {
+    match kind {
+        Kind::Nfs => nfs::id::VolumeId::parse(id).ok().map(|v| v.storage_key()),
+        Kind::Local | Kind::Block => None,
+    }
+}
+
 /// Whether `id` is the id of a volume of kind `kind` that an RPC may name
 /// (not an internal record's, such as the block kind's `wipe-` and
 /// `held-`), whatever this instance's configuration serves.
@@ -468,14 +480,6 @@ pub trait VolumeKind: Send + Sync {
     /// kind after the socket is up (Probe answering ready meanwhile),
     /// instead of before serving.
     fn remote(&self) -> bool {
-        false
-    }
-
-    /// True when the storage of volumes `a` and `b` (ids of this kind)
-    /// overlaps, so deleting one would touch the other: CreateVolume refuses
-    /// the second. Default: never (ids are unique).
-    fn overlaps(&self, a: &str, b: &str) -> bool {
-        let _ = (a, b);
         false
     }
 

@@ -14,7 +14,7 @@
 //!
 //! Whoever opens a store holds the state directory's lock (see `lock`):
 //! one writer per state directory.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -31,6 +31,11 @@ pub trait Record: Clone + Send + Sync + 'static {
     fn name(&self) -> &str;
     fn seq(&self) -> u64;
     fn set_seq(&mut self, seq: u64);
+    /// The key of the storage this record names, for the index of
+    /// storage (`Admission::overlapping`; see `kinds::storage_key`).
+    fn storage(&self) -> Option<String> {
+        None
+    }
     /// Bytes this record promises to its kind (see `Store::promised`).
     fn promise(&self) -> Option<(Kind, i64)> {
         None
@@ -59,6 +64,9 @@ impl Record for VolumeRecord {
     }
     fn set_seq(&mut self, seq: u64) {
         self.seq = seq;
+    }
+    fn storage(&self) -> Option<String> {
+        crate::kinds::storage_key(self.kind, &self.id)
     }
     fn promise(&self) -> Option<(Kind, i64)> {
         Some((self.kind, self.capacity_bytes))
@@ -128,6 +136,11 @@ pub struct Index<R> {
     shared: Shared,
     last_seq: u64,
     promised: HashMap<Kind, i64>,
+    /// The storage keys of the records that have one (`Record::storage`),
+    /// each with its record's id: CreateVolume's check for nested storage
+    /// looks a key's parents and children up here instead of walking every
+    /// record (`Admission::overlapping`).
+    storage: BTreeSet<(String, String)>,
     /// Records held in memory only until their first `put` (see `reserve`);
     /// snapshots leave them out.
     reserved: HashSet<String>,
@@ -143,6 +156,7 @@ impl<R: Record> Default for Index<R> {
             shared: Shared::default(),
             last_seq: 0,
             promised: HashMap::new(),
+            storage: BTreeSet::new(),
             reserved: HashSet::new(),
             inflight: HashMap::new(),
         }
@@ -169,16 +183,25 @@ impl<R: Record> Index<R> {
         if let Some((k, b)) = rec.promise() {
             *self.promised.entry(k).or_default() += b;
         }
+        let key = rec.storage().map(|k| (k, rec.id().to_string()));
         let old = self.records.insert(rec);
         if let Some(old) = &old {
             self.unpromise(old);
         }
+        if let Some(key) = key {
+            self.storage.insert(key);
+        }
         old
     }
 
+    /// Takes what `old`, replaced or removed, added to the promises and
+    /// the index of storage back out.
     fn unpromise(&mut self, old: &R) {
         if let Some((k, b)) = old.promise() {
             *self.promised.entry(k).or_default() -= b;
+        }
+        if let Some(k) = old.storage() {
+            self.storage.remove(&(k, old.id().to_string()));
         }
     }
 
@@ -353,6 +376,7 @@ impl<R: Record> Index<R> {
 pub struct Admission<'a, R = VolumeRecord> {
     pub promised: i64,
     records: &'a Table<R>,
+    storage: &'a BTreeSet<(String, String)>,
 }
 
 impl<R: Record> Admission<'_, R> {
@@ -361,9 +385,33 @@ impl<R: Record> Admission<'_, R> {
         self.records.get(id)
     }
 
-    /// A record matching `f`, if any (a scan of every record).
-    pub fn find(&self, f: impl Fn(&R) -> bool) -> Option<&R> {
-        self.records.values().find(|r| f(r))
+    /// A record whose storage key (`Record::storage`, see
+    /// `kinds::storage_key`) is `key`, holds it or lies within it: the key
+    /// itself or one of its parents up to a `/`, or the key followed by
+    /// `/` and more. A few lookups in the index of storage, whatever the
+    /// number of records.
+    pub fn overlapping(&self, key: &str) -> Option<&R> {
+        let first_with = |k: &str| {
+            self.storage
+                .range((k.to_string(), String::new())..)
+                .next()
+                .filter(|(found, _)| found.as_str() == k)
+        };
+        let parents = key
+            .match_indices('/')
+            .map(|(i, _)| &key[..i])
+            .chain([key])
+            .find_map(first_with);
+        let inside = || {
+            let below = format!("{key}/");
+            self.storage
+                .range((below.clone(), String::new())..)
+                .next()
+                .filter(|(found, _)| found.starts_with(&below))
+        };
+        parents
+            .or_else(inside)
+            .and_then(|(_, id)| self.records.get(id))
     }
 }
 
@@ -672,6 +720,7 @@ impl Store {
                     .and_then(|k| idx.promised.get(&k).copied())
                     .unwrap_or(0),
                 records: &idx.records,
+                storage: &idx.storage,
             })?;
             if let Some(r) = r {
                 idx.last_seq += 1;
@@ -737,6 +786,13 @@ impl Store {
     }
 
     /// Volume records.
+    /// Volume records handed out by walks of every volume record so far
+    /// (listings by a filter, counts, snapshots of the journal): a test
+    /// reads it to see that a call looks records up instead.
+    pub fn records_walked(&self) -> u64 {
+        self.read().volumes.records.walked()
+    }
+
     pub fn len(&self) -> usize {
         self.read().volumes.records.len()
     }
@@ -862,6 +918,7 @@ impl Store {
         admit(&Admission {
             promised: idx.promised.get(&kind).copied().unwrap_or(0),
             records: &idx.records,
+            storage: &idx.storage,
         })
     }
 
@@ -879,6 +936,7 @@ impl Store {
         admit(&Admission {
             promised: idx.promised.get(&rec.kind).copied().unwrap_or(0),
             records: &idx.records,
+            storage: &idx.storage,
         })?;
         idx.last_seq += 1;
         rec.seq = idx.last_seq;
@@ -920,6 +978,7 @@ impl Store {
             admit(&Admission {
                 promised: idx.promised.get(&kind).copied().unwrap_or(0),
                 records: &idx.records,
+                storage: &idx.storage,
             })?;
             if let Some(r) = r {
                 let seq = idx.seq_for(r.id());

@@ -7,6 +7,7 @@
 //! a whole record-sized bucket for every empty one.
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
@@ -21,6 +22,10 @@ pub struct Table<R> {
     by_name: HashTable<u32>,
     by_seq: BTreeMap<u64, u32>,
     hasher: DefaultHashBuilder,
+    /// Records handed out by walks of every record (`values`) so far: what
+    /// a test reads to see that a call looks records up rather than walks
+    /// them (`Store::records_walked`).
+    walked: AtomicU64,
 }
 
 impl<R> Default for Table<R> {
@@ -32,7 +37,31 @@ impl<R> Default for Table<R> {
             by_name: HashTable::new(),
             by_seq: BTreeMap::new(),
             hasher: DefaultHashBuilder::default(),
+            walked: AtomicU64::new(0),
         }
+    }
+}
+
+/// A walk of every record (`Table::values`), counted once it ends.
+struct Walk<'a, I> {
+    it: I,
+    n: u64,
+    walked: &'a AtomicU64,
+}
+
+impl<'a, R: 'a, I: Iterator<Item = &'a R>> Iterator for Walk<'a, I> {
+    type Item = &'a R;
+
+    fn next(&mut self) -> Option<&'a R> {
+        let r = self.it.next();
+        self.n += u64::from(r.is_some());
+        r
+    }
+}
+
+impl<I> Drop for Walk<'_, I> {
+    fn drop(&mut self) {
+        self.walked.fetch_add(self.n, Ordering::Relaxed);
     }
 }
 
@@ -97,7 +126,16 @@ impl<R: Record> Table<R> {
 
     /// Every record, in no particular order.
     pub fn values(&self) -> impl Iterator<Item = &R> {
-        self.slots.iter().filter_map(|b| b.as_deref())
+        Walk {
+            it: self.slots.iter().filter_map(|b| b.as_deref()),
+            n: 0,
+            walked: &self.walked,
+        }
+    }
+
+    /// Records handed out by `values` so far.
+    pub fn walked(&self) -> u64 {
+        self.walked.load(Ordering::Relaxed)
     }
 
     /// Records with a seq above `after`, in seq order.

@@ -309,6 +309,16 @@ impl VolumeId {
         let (a, b) = (self.path(), other.path());
         path_within(&a, &b) || path_within(&b, &a)
     }
+
+    /// The key of the volume's directory in the store's index of storage
+    /// (`Store`'s `overlapping`): the server without case, a NUL, and the
+    /// resolved export path (`path`, never `/` itself: a subdirectory has
+    /// a component). Two volumes `overlaps` exactly when one key is the
+    /// other or the other followed by `/` and more, so the check for
+    /// nested storage is a few lookups, not a walk of every record.
+    pub fn storage_key(&self) -> String {
+        format!("{}\0{}", self.server.to_ascii_lowercase(), self.path())
+    }
 }
 
 impl fmt::Display for VolumeId {
@@ -541,6 +551,35 @@ mod tests {
         assert!(!p("nfs#d#h#/e#a").overlaps(&p("nfs#d#h#/e#ab")));
         assert!(!p("nfs#d#h#/e#a").overlaps(&p("nfs#d#h#/ea#b")));
         assert!(!p("nfs#d#h#/e#a").overlaps(&p("nfs#d#g#/e#a")));
+        // The index's keys nest exactly when the ids overlap.
+        let ids = [
+            "nfs#d#h#/e#a/b",
+            "nfs#r#H#/e/a#b",
+            "nfs#d#h#/e#a",
+            "nfs#d#h#/e/a#b",
+            "nfs#d#h#/e/a/b#c",
+            "nfs#d#h#/#e",
+            "nfs#d#h#/e#x",
+            "nfs#d#h#/e#ab",
+            "nfs#d#h#/ea#b",
+            "nfs#d#g#/e#a",
+            "nfs#d#hx#/e#a",
+            "nfs#d#h.x#/e#a",
+            "nfs#d#[fd00::1]#/e#a",
+            "nfs#d#[FD00::1]#/e#a/b",
+        ];
+        let nest =
+            |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|r| r.starts_with('/'));
+        for a in ids {
+            for b in ids {
+                let (ka, kb) = (p(a).storage_key(), p(b).storage_key());
+                assert_eq!(
+                    nest(&ka, &kb) || nest(&kb, &ka),
+                    p(a).overlaps(&p(b)),
+                    "{a} {b}"
+                );
+            }
+        }
         assert!(path_within("/a/b", "/"));
         assert!(!path_within("/ab", "/a"));
     }

@@ -535,14 +535,6 @@ impl VolumeKind for NfsKind {
         })
     }
 
-    /// On the resolved export path: see `VolumeId::overlaps`.
-    fn overlaps(&self, a: &str, b: &str) -> bool {
-        match (VolumeId::parse(a), VolumeId::parse(b)) {
-            (Ok(a), Ok(b)) => a.overlaps(&b),
-            _ => false,
-        }
-    }
-
     /// Without a record: the volume exists when the directory the id names
     /// carries the id's marker (the share is mounted to look).
     fn confirm_from_id(&self, id: &str) -> Result<Option<VolumeRecord>> {
@@ -1126,23 +1118,6 @@ mod tests {
         assert_eq!(controller_options(&rec).unwrap(), ["nfsvers=4.1"]);
         rec.capabilities = vec![cap(&["ro", "vers=4.2"], AccessMode::MultiNodeReaderOnly)].into();
         assert_eq!(controller_options(&rec).unwrap(), ["vers=4.2"]);
-    }
-
-    #[test]
-    fn ids_overlap_when_nested_on_one_share() {
-        let k = NfsKind::new(
-            PathBuf::from("/w"),
-            Duration::from_secs(30),
-            AllowedShares::default(),
-            Os::fake().0,
-        );
-        assert!(k.overlaps("nfs#d#h#/e#a", "nfs#r#h#/e#a"));
-        assert!(k.overlaps("nfs#d#h#/e#a", "nfs#d#h#/e#a/b"));
-        assert!(k.overlaps("nfs#d#h#/e#a/b/c", "nfs#d#h#/e#a"));
-        assert!(!k.overlaps("nfs#d#h#/e#a", "nfs#d#h#/e#ab"));
-        assert!(!k.overlaps("nfs#d#h#/e#a", "nfs#d#g#/e#a"));
-        assert!(!k.overlaps("nfs#d#h#/e#a", "nfs#d#h#/f#a"));
-        assert!(!k.overlaps("nfs#d#h#/e#a", "local-x"));
     }
 
     #[test]

@@ -336,8 +336,16 @@ impl std::fmt::Display for CopyFlaw {
 /// The metadata of a snapshot's stored copy at `path` (a symlink there is
 /// not followed), or what is wrong with it: missing, or not a directory
 /// (`want_dir`) or regular file (otherwise).
-pub(crate) fn stored_copy(path: &Path, want_dir: bool) -> Result<std::fs::Metadata, CopyFlaw> {
-    judge_copy(path, std::fs::symlink_metadata(path), want_dir)
+pub(crate) fn stored_copy(
+    files: &dyn crate::os::Files,
+    path: &Path,
+    want_dir: bool,
+) -> Result<std::fs::Metadata, CopyFlaw> {
+    judge_copy(
+        path,
+        files.lstat(path).map_err(crate::os::OsError::into_io),
+        want_dir,
+    )
 }
 
 /// `stored_copy` of what a look at `path` (lstat) `found`.

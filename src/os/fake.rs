@@ -1792,6 +1792,18 @@ impl Files for FakeOs {
         RealFiles.lstat(path)
     }
 
+    /// Fails as `fail_next("stat", ..)` asks.
+    fn stat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
+        self.injected("stat", path)?;
+        RealFiles.stat(path)
+    }
+
+    /// Fails as `fail_next("read_dir", ..)` asks.
+    fn read_dir(&self, path: &Path) -> Result<std::fs::ReadDir, OsError> {
+        self.injected("read_dir", path)?;
+        RealFiles.read_dir(path)
+    }
+
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
         self.file_op("copy", dst)?;
         let stats = RealFiles.copy_tree(src, dst)?;

@@ -148,6 +148,30 @@ pub trait Files: Send + Sync {
     fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         std::fs::symlink_metadata(path).map_err(sys("lstat", path))
     }
+    /// The metadata of what `path` names, a symlink followed (stat).
+    fn stat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
+        std::fs::metadata(path).map_err(sys("stat", path))
+    }
+    /// Whether something is at `path` itself (lstat succeeds). Any error
+    /// (not only ENOENT) reads as nothing there: for the places where a
+    /// failed look means "leave it be".
+    fn exists(&self, path: &Path) -> bool {
+        self.lstat(path).is_ok()
+    }
+    /// Whether `path` itself is a directory (a symlink to one is not).
+    fn is_dir(&self, path: &Path) -> bool {
+        self.lstat(path).is_ok_and(|m| m.is_dir())
+    }
+    /// The entries of the directory `path` (a symlink there is followed:
+    /// `read_own_dir` does not follow one).
+    fn read_dir(&self, path: &Path) -> Result<std::fs::ReadDir, OsError> {
+        std::fs::read_dir(path).map_err(sys("read_dir", path))
+    }
+    /// Whether the directory `path` can be read and holds no entry. False
+    /// when it cannot be read: a doubt is not "empty".
+    fn is_empty_dir(&self, path: &Path) -> bool {
+        self.read_dir(path).is_ok_and(|mut d| d.next().is_none())
+    }
     /// The metadata of `rel` (relative, `/`-separated, no `.` or `..`)
     /// below the directory `root`, never following a symlink: every parent
     /// is opened with O_NOFOLLOW from the one before (a symlink or a file

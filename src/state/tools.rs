@@ -37,7 +37,7 @@ use super::snapshot_file::Writer as SnapshotWriter;
 use super::store::{journal_dir, IdRules};
 use super::{legacy, Kind, Phase, SnapshotRecord, StateError, VolumeRecord};
 use crate::config::Config;
-use crate::os::files::{Files, Open};
+use crate::os::files::{Files, Open, RealFiles};
 use crate::os::Os;
 
 #[derive(Debug, Clone, Args)]
@@ -456,7 +456,8 @@ fn unanswered_create_with_data(
         Kind::Local => {
             let dir = crate::kinds::local::volume_dir(local_root, &r.id);
             let m = std::fs::symlink_metadata(&dir).ok()?;
-            (m.is_dir() && crate::kinds::local::kept_on_rollback(r, &dir)).then_some(dir)
+            (m.is_dir() && crate::kinds::local::kept_on_rollback(&RealFiles, r, &dir))
+                .then_some(dir)
         }
         _ => None,
     }
@@ -483,7 +484,9 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
     let block_root = cfg.block_root();
     for s in snapshots {
         let kept = match s.kind {
-            Kind::Local => crate::kinds::local::snapshot_kept_on_rollback(&local_root, s),
+            Kind::Local => {
+                crate::kinds::local::snapshot_kept_on_rollback(&RealFiles, &local_root, s)
+            }
             Kind::Block => crate::kinds::block::snapshot_kept_on_rollback(&block_root, s),
             Kind::Nfs => None,
         };
@@ -506,7 +509,7 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
         }
         let (flaw, partial) = match s.kind {
             Kind::Local => (
-                crate::kinds::local::snapshot_copy_flaw(&local_root, s),
+                crate::kinds::local::snapshot_copy_flaw(&RealFiles, &local_root, s),
                 Some(crate::kinds::local::snapshot_partial_dir(
                     &local_root,
                     &s.id,

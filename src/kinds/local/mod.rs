@@ -23,7 +23,7 @@ use crate::node::mounts::{self, LazyTable};
 use crate::node::staged::StagedAt;
 use crate::os::files::{self, ensure_dir};
 use crate::os::mountinfo;
-use crate::os::Os;
+use crate::os::{Files, Os};
 use crate::state::{AccessType, Capability, Kind, Phase, SnapshotRecord, Store, VolumeRecord};
 
 use self::quota::{Enforcement, Projects};
@@ -118,8 +118,8 @@ pub fn volume_dir(root: &Path, id: &str) -> PathBuf {
 /// the tenant's writes cannot be told from the copy: kept the same way.
 /// One that cannot be read is kept too (a doubt). Start-up's rollback and
 /// `state check` ask the same question here.
-pub fn kept_on_rollback(rec: &VolumeRecord, dir: &Path) -> bool {
-    rec.phase == Phase::Creating && !std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+pub fn kept_on_rollback(files: &dyn Files, rec: &VolumeRecord, dir: &Path) -> bool {
+    rec.phase == Phase::Creating && !files.is_empty_dir(dir)
 }
 
 /// A volume's directory as the node's unmount checks take it: a name in
@@ -175,7 +175,7 @@ pub fn made_by_hand(
     if created == 0 || born <= created + MADE_WITHIN_SECS {
         return None;
     }
-    if !std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+    if !files.is_empty_dir(dir) {
         return None;
     }
     if xattr::get(dir, TAKEN_AS_XATTR)
@@ -196,8 +196,8 @@ pub fn made_by_hand(
 /// root `root`, if anything: missing, or not a directory (a symlink there
 /// is never followed). A restore refuses such a snapshot; `berth state
 /// check` reports it.
-pub fn snapshot_copy_flaw(root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
-    stored_copy(&root.join(SNAPSHOTS).join(&s.id), true).err()
+pub fn snapshot_copy_flaw(files: &dyn Files, root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
+    stored_copy(files, &root.join(SNAPSHOTS).join(&s.id), true).err()
 }
 
 /// Where the copy of local snapshot `id` is made in the local root `root`,
@@ -212,9 +212,13 @@ pub fn snapshot_partial_dir(root: &Path, id: &str) -> PathBuf {
 /// (`copy_into_place`), so one there may be a snapshot that was
 /// acknowledged (a record that lost its Ready). Start-up's rollback and
 /// `state check` ask the same question here.
-pub fn snapshot_kept_on_rollback(root: &Path, s: &SnapshotRecord) -> Option<PathBuf> {
+pub fn snapshot_kept_on_rollback(
+    files: &dyn Files,
+    root: &Path,
+    s: &SnapshotRecord,
+) -> Option<PathBuf> {
     let p = root.join(SNAPSHOTS).join(&s.id);
-    (s.phase == Phase::Creating && std::fs::symlink_metadata(&p).is_ok()).then_some(p)
+    (s.phase == Phase::Creating && files.exists(&p)).then_some(p)
 }
 
 pub struct LocalKind {
@@ -385,7 +389,12 @@ impl LocalKind {
         listed: Option<std::io::Result<RootListing>>,
         spare_dirs: usize,
     ) -> Result<Self> {
-        let (projects, unenforced) = match quota::detect(os.quotas.as_ref(), &root, &WORK_DIRS) {
+        let (projects, unenforced) = match quota::detect(
+            os.quotas.as_ref(),
+            os.files.as_ref(),
+            &root,
+            &WORK_DIRS,
+        ) {
             Enforcement::Enforced => {
                 let held = store
                     .filter(|r| r.kind == Kind::Local && r.project.is_some())
@@ -707,7 +716,7 @@ impl LocalKind {
                     .map(|_| stats)
             })
             .inspect_err(|_| {
-                if std::fs::symlink_metadata(&tmp).is_ok() {
+                if f.exists(&tmp) {
                     let _ = self.remove_tree(&tmp);
                 }
             })?;
@@ -878,7 +887,9 @@ impl LocalKind {
         if !super::snapshots_area(self.os.files.as_ref(), &self.root.join(SNAPSHOTS))? {
             return Ok(());
         }
-        if let Some(whole) = snapshot_kept_on_rollback(&self.root, snap).filter(|_| keep) {
+        if let Some(whole) =
+            snapshot_kept_on_rollback(self.os.files.as_ref(), &self.root, snap).filter(|_| keep)
+        {
             tracing::error!(snapshot_id = %snap.id, dir = %whole.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
             self.set_aside(&whole, &snap.id)?;
         }
@@ -927,7 +938,12 @@ impl LocalKind {
     /// (`kept_on_rollback`): then it is kept aside.
     fn remove_volume(&self, rec: &VolumeRecord, mount_table: &LazyTable, keep: bool) -> Result<()> {
         let dir = self.dir(&rec.id)?;
-        let m = match std::fs::symlink_metadata(&dir) {
+        let m = match self
+            .os
+            .files
+            .lstat(&dir)
+            .map_err(crate::os::OsError::into_io)
+        {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // A create that failed before `ready`: its directory under
                 // `.creating/` is Berth's own and was never handed out.
@@ -942,12 +958,12 @@ impl LocalKind {
                 // holds up neither start-up nor the RPC. Removed in place
                 // if the move fails.
                 let area = self.root.join(CREATING);
-                if std::fs::symlink_metadata(&area).is_ok_and(|m| m.is_dir()) {
+                if self.os.files.is_dir(&area) {
                     for (unfinished, tag) in [
                         (area.join(&rec.id), ""),
                         (area.join(format!("{PARTIAL}{}", rec.id)), ".partial"),
                     ] {
-                        if std::fs::symlink_metadata(&unfinished).is_err() {
+                        if !self.os.files.exists(&unfinished) {
                             continue;
                         }
                         if let Err(e) = self.move_to_trash(&unfinished, &rec.id, tag) {
@@ -977,7 +993,7 @@ impl LocalKind {
                 m.mount_point.display()
             )));
         }
-        if keep && kept_on_rollback(rec, &dir) {
+        if keep && kept_on_rollback(self.os.files.as_ref(), rec, &dir) {
             tracing::error!(volume_id = %rec.id, dir = %dir.display(), "the directory of a volume whose create never answered is in place and holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
             return self.set_aside(&dir, &rec.id);
         }
@@ -1191,7 +1207,7 @@ impl VolumeKind for LocalKind {
         // is asked for (a full background queue) must not hold up every
         // RPC.
         self.spares.top_up();
-        let found = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
+        let found = self.os.files.is_dir(&dir);
         // Made empty (a spare, or this create's earlier attempt, whose
         // record is still Creating), in Berth's own private directory, and
         // nothing writes into it before Ready: anything in it now was put
@@ -1200,7 +1216,7 @@ impl VolumeKind for LocalKind {
         // create's). Checked on a retry too: a rollback that could not
         // remove a planted spare left its record Creating, and the retry
         // makes the same directory again.
-        if found && !std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none()) {
+        if found && !self.os.files.is_empty_dir(&dir) {
             tracing::error!(volume_id = %rec.id, dir = %dir.display(), "a new volume's directory is not empty (something was put into Berth's .creating by hand): not handed out");
             return Err(Error::Internal(format!(
                 "the directory {} made for new volume {} is not empty; not handed out",
@@ -1213,7 +1229,7 @@ impl VolumeKind for LocalKind {
         // Berth's directories, and the spare found through it would be
         // moved from there into the root. Refused then by `ensure_dir`
         // below, as before spares existed (one lstat, no write).
-        let own_area = || std::fs::symlink_metadata(&area).is_ok_and(|m| m.is_dir());
+        let own_area = || self.os.files.is_dir(&area);
         if taken && found && own_area() {
             if self.projects.is_some() {
                 // Its project and limits are as durable as the record.
@@ -1239,7 +1255,7 @@ impl VolumeKind for LocalKind {
 
     fn ready(&self, rec: &VolumeRecord) -> Result<()> {
         let from = self.root.join(CREATING).join(&rec.id);
-        if std::fs::symlink_metadata(&from).is_err() {
+        if !self.os.files.exists(&from) {
             // Moved already (a retry of a create that answered an error
             // after this move).
             return Ok(());
@@ -1255,7 +1271,7 @@ impl VolumeKind for LocalKind {
         // volume's space never given back. Best effort: the delete makes
         // it otherwise.
         let trash = self.root.join(TRASH);
-        if std::fs::symlink_metadata(&trash).is_err() {
+        if !self.os.files.exists(&trash) {
             if let Err(e) = ensure_dir(self.os.files.as_ref(), &trash, 0o700) {
                 tracing::warn!(dir = %trash.display(), error = %e, "could not make the local root's trash ahead of a delete");
             }
@@ -1412,7 +1428,7 @@ impl VolumeKind for LocalKind {
                 if self.owns_id(&name)
                     && known(&name)
                     && !self.still_creating(&name)
-                    && std::fs::symlink_metadata(&home).is_err()
+                    && !self.os.files.exists(&home)
                 {
                     self.os
                         .files
@@ -1448,7 +1464,7 @@ impl VolumeKind for LocalKind {
                             .store
                             .snapshot_get(id)
                             .is_some_and(|s| s.phase == Phase::Creating)
-                        && std::fs::symlink_metadata(self.snapshot_dir(id)?).is_err()
+                        && !self.os.files.exists(&self.snapshot_dir(id)?)
                     {
                         self.place_snapshot(id)?;
                         tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");
@@ -1471,7 +1487,7 @@ impl VolumeKind for LocalKind {
             if self.owns_id(&id)
                 && known(&id)
                 && !self.still_creating(&id)
-                && std::fs::symlink_metadata(&home).is_err()
+                && !self.os.files.exists(&home)
             {
                 self.os
                     .files
@@ -1519,7 +1535,7 @@ impl VolumeKind for LocalKind {
             let path = self.root.join(name);
             // Listed at start-up before the interrupted operations were
             // finished: one of them may have removed it since.
-            if std::fs::symlink_metadata(&path).is_err() {
+            if !self.os.files.exists(&path) {
                 continue;
             }
             tracing::error!(dir = %path.display(), "a volume directory without a record (its record was lost): kept aside in .orphaned, never deleted");
@@ -1605,7 +1621,7 @@ impl VolumeKind for LocalKind {
             // an empty one here is not a copy made whole.
             self.remove_tree(&dest)?;
         }
-        if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
+        if self.os.files.is_dir(&dest) {
             // A retry after the copy was made whole.
             return self.give_project(rec, &dest);
         }

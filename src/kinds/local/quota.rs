@@ -60,13 +60,18 @@ pub enum Enforcement {
 /// directory made there gets that project, so a new volume's directory
 /// would come out with it (and share it with every other volume), and the
 /// kernel refuses to move a directory of another project into it (EXDEV).
-pub fn detect(quotas: &dyn Quotas, root: &Path, dirs: &[&str]) -> Enforcement {
+pub fn detect(
+    quotas: &dyn Quotas,
+    files: &dyn crate::os::Files,
+    root: &Path,
+    dirs: &[&str],
+) -> Enforcement {
     match quotas.state(root) {
         Ok(s) if s.enforced && s.accounting => {
             let own = dirs
                 .iter()
                 .map(|d| root.join(d))
-                .filter(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()));
+                .filter(|d| files.is_dir(d));
             for dir in std::iter::once(root.to_path_buf()).chain(own) {
                 match quotas.project(&dir) {
                     Ok(p) if p.inherit => {
@@ -268,7 +273,7 @@ mod tests {
     fn detect_says_why_not() {
         let f = FakeOs::new();
         let root = Path::new("/");
-        match detect(&f, root, &[]) {
+        match detect(&f, &f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("no quota support"), "{m}"),
             e => panic!("{e:?}"),
         }
@@ -276,34 +281,34 @@ mod tests {
             accounting: true,
             enforced: false,
         }));
-        match detect(&f, root, &[]) {
+        match detect(&f, &f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("not enforced"), "{m}"),
             e => panic!("{e:?}"),
         }
         f.set_quota_state(Ok(QuotaState::default()));
-        match detect(&f, root, &[]) {
+        match detect(&f, &f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("prjquota"), "{m}"),
             e => panic!("{e:?}"),
         }
         f.set_quota_state(Err(libc::ESRCH));
-        match detect(&f, root, &[]) {
+        match detect(&f, &f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("prjquota"), "{m}"),
             e => panic!("{e:?}"),
         }
         f.set_quota_state(Err(libc::EPERM));
-        match detect(&f, root, &[]) {
+        match detect(&f, &f, root, &[]) {
             Enforcement::Unavailable(m) => assert!(m.contains("CAP_SYS_ADMIN"), "{m}"),
             e => panic!("{e:?}"),
         }
         f.enable_project_quotas();
-        assert_eq!(detect(&f, root, &[]), Enforcement::Enforced);
+        assert_eq!(detect(&f, &f, root, &[]), Enforcement::Enforced);
         // A project inherited by every directory made in the root or in
         // one of Berth's directories there: not enforced.
         let t = tempfile::tempdir().unwrap();
         let work = t.path().join(".trash");
         std::fs::create_dir(&work).unwrap();
         assert_eq!(
-            detect(&f, t.path(), &[".trash", ".missing"]),
+            detect(&f, &f, t.path(), &[".trash", ".missing"]),
             Enforcement::Enforced
         );
         f.set_project(
@@ -314,7 +319,7 @@ mod tests {
             },
         )
         .unwrap();
-        match detect(&f, t.path(), &[".trash"]) {
+        match detect(&f, &f, t.path(), &[".trash"]) {
             Enforcement::Unavailable(m) => {
                 assert!(m.contains("project 7 with the inherit flag"), "{m}")
             }
@@ -337,16 +342,16 @@ mod tests {
             },
         )
         .unwrap();
-        match detect(&f, t.path(), &[".trash"]) {
+        match detect(&f, &f, t.path(), &[".trash"]) {
             Enforcement::Unavailable(m) => {
                 assert!(m.contains("project 0 with the inherit flag"), "{m}")
             }
             e => panic!("{e:?}"),
         }
         f.set_project(t.path(), Project::default()).unwrap();
-        assert_eq!(detect(&f, t.path(), &[".trash"]), Enforcement::Enforced);
+        assert_eq!(detect(&f, &f, t.path(), &[".trash"]), Enforcement::Enforced);
         f.fail_next("project_get", libc::EIO);
-        match detect(&f, t.path(), &[".trash"]) {
+        match detect(&f, &f, t.path(), &[".trash"]) {
             Enforcement::Unavailable(m) => assert!(m.contains("cannot be read"), "{m}"),
             e => panic!("{e:?}"),
         }

@@ -138,7 +138,7 @@ impl Spares {
         let free = std::mem::take(&mut self.lock().free);
         // Never through a symlink put in place of `.creating` by hand
         // (`files::read_own_dir`): what it leads to is not Berth's.
-        if !std::fs::symlink_metadata(&self.area).is_ok_and(|m| m.is_dir()) {
+        if !self.files.is_dir(&self.area) {
             return;
         }
         for id in free {

@@ -167,6 +167,13 @@ pub trait Files: Send + Sync {
     fn read_dir(&self, path: &Path) -> Result<std::fs::ReadDir, OsError> {
         std::fs::read_dir(path).map_err(sys("read_dir", path))
     }
+    /// Whether the regular file at `path` holds data (`has_data`: a
+    /// block written, not only a size or preallocation); None when that
+    /// cannot be told (it cannot be opened for reading, or SEEK_DATA is
+    /// not answered). Nothing read but the file's extent map.
+    fn holds_data(&self, path: &Path) -> Option<bool> {
+        File::open(path).ok().and_then(|file| has_data(&file))
+    }
     /// Whether the directory `path` can be read and holds no entry. False
     /// when it cannot be read: a doubt is not "empty".
     fn is_empty_dir(&self, path: &Path) -> bool {

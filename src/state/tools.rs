@@ -451,7 +451,7 @@ fn unanswered_create_with_data(
         Kind::Block if r.block.as_ref().is_none_or(|b| b.disk.is_none()) => {
             let f = crate::kinds::block::volume_file(block_root, &r.id);
             let m = std::fs::symlink_metadata(&f).ok()?;
-            (m.is_file() && crate::kinds::block::kept_on_rollback(r, &f)).then_some(f)
+            (m.is_file() && crate::kinds::block::kept_on_rollback(&RealFiles, r, &f)).then_some(f)
         }
         Kind::Local => {
             let dir = crate::kinds::local::volume_dir(local_root, &r.id);
@@ -487,7 +487,9 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
             Kind::Local => {
                 crate::kinds::local::snapshot_kept_on_rollback(&RealFiles, &local_root, s)
             }
-            Kind::Block => crate::kinds::block::snapshot_kept_on_rollback(&block_root, s),
+            Kind::Block => {
+                crate::kinds::block::snapshot_kept_on_rollback(&RealFiles, &block_root, s)
+            }
             Kind::Nfs => None,
         };
         if let Some(whole) = kept {
@@ -516,7 +518,7 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
                 )),
             ),
             Kind::Block => (
-                crate::kinds::block::snapshot_copy_flaw(&block_root, s),
+                crate::kinds::block::snapshot_copy_flaw(&RealFiles, &block_root, s),
                 Some(crate::kinds::block::snapshot_partial_path(
                     &block_root,
                     &s.id,

@@ -17,7 +17,9 @@ const SETTLE_STEP: Duration = Duration::from_millis(20);
 
 /// The loop devices `file` is attached to.
 pub fn attachments(os: &Os, file: &Path) -> Result<Vec<LoopInfo>> {
-    let id = std::fs::symlink_metadata(file)
+    let id = os
+        .files
+        .lstat(file)
         .ok()
         .filter(|m| m.file_type().is_file())
         .map(|m| (m.dev(), m.ino()));

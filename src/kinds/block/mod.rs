@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::DiskWipe;
 use crate::error::{Error, Result};
 use crate::node::mounts::{self, LazyTable};
-use crate::os::files::{self, allocated_bytes, ensure_dir, Open};
+use crate::os::files::{self, allocated_bytes, ensure_dir, Files, Open};
 use crate::os::{FsUsage, MountEntry, Os};
 use crate::state::{
     AccessType, Allocation, BlockInfo, Capability, DiskRef, Kind, Phase, SnapshotRecord, Store,
@@ -212,13 +212,8 @@ pub fn volume_file(root: &Path, id: &str) -> PathBuf {
 /// Ready (`restore_onto_file`), so such a file was handed out too (the
 /// tenant's data cannot be told from the copy's): kept as well. Start-up's
 /// rollback and `state check` ask the same question here.
-pub fn kept_on_rollback(rec: &VolumeRecord, f: &Path) -> bool {
-    rec.phase == Phase::Creating
-        && (rec.source.is_some()
-            || std::fs::File::open(f)
-                .ok()
-                .and_then(|file| files::has_data(&file))
-                != Some(false))
+pub fn kept_on_rollback(files: &dyn Files, rec: &VolumeRecord, f: &Path) -> bool {
+    rec.phase == Phase::Creating && (rec.source.is_some() || files.holds_data(f) != Some(false))
 }
 
 /// What is wrong with a backing file `f` of `len` bytes that Berth made
@@ -537,7 +532,7 @@ impl BlockKind {
             if self.owns_id(id)
                 && known(id)
                 && !self.still_creating(id)
-                && std::fs::symlink_metadata(self.file(id)?).is_err()
+                && !self.os.files.exists(&self.file(id)?)
             {
                 self.place_restored(id)?;
                 tracing::info!(volume_id = %id, "finished moving a restored volume's file into place");
@@ -805,7 +800,7 @@ impl BlockKind {
     /// Creates (or, on a retry, completes) the backing file of a volume.
     fn create_file(&self, rec: &VolumeRecord, allocation: Allocation) -> Result<()> {
         let f = self.file(&rec.id)?;
-        if let Ok(m) = std::fs::symlink_metadata(&f) {
+        if let Ok(m) = self.os.files.lstat(&f) {
             if !m.file_type().is_file() {
                 return Err(Error::Internal(format!(
                     "{} exists and is not a regular file",
@@ -828,9 +823,12 @@ impl BlockKind {
 
     /// FAILED_PRECONDITION when the backing file `f` of the volume is
     /// shorter than Berth made it (`BlockInfo::file_bytes`): damage.
-    fn require_whole(rec: &VolumeRecord, info: &BlockInfo, f: &Path) -> Result<()> {
-        let len = std::fs::metadata(f)
-            .map_err(|e| Error::io(format!("inspecting {}", f.display()), e))?
+    fn require_whole(&self, rec: &VolumeRecord, info: &BlockInfo, f: &Path) -> Result<()> {
+        let len = self
+            .os
+            .files
+            .stat(f)
+            .map_err(|e| Error::os(format!("inspecting {}", f.display()), e))?
             .len();
         match info.file_bytes.filter(|&made| len < made) {
             Some(made) => Err(Error::WrongState(cut_short(&rec.id, f, len, made))),
@@ -938,8 +936,11 @@ impl BlockKind {
 
     /// Makes a loop device take its backing file's size if it is smaller.
     fn refresh_capacity(&self, device: &Path, f: &Path) -> Result<()> {
-        let want = std::fs::metadata(f)
-            .map_err(|e| Error::io(format!("inspecting {}", f.display()), e))?
+        let want = self
+            .os
+            .files
+            .stat(f)
+            .map_err(|e| Error::os(format!("inspecting {}", f.display()), e))?
             .len();
         let have = self
             .os
@@ -1154,16 +1155,16 @@ impl BlockKind {
         self.release_file(&rec.id, mount_table)?;
         // An unfinished restore's copy (never the volume's file yet).
         let partial = self.restoring_file(&rec.id);
-        if std::fs::symlink_metadata(&partial).is_ok() {
+        if self.os.files.exists(&partial) {
             self.os
                 .files
                 .remove_file(&partial)
                 .map_err(|e| Error::os(format!("removing {}", partial.display()), e))?;
         }
-        match std::fs::symlink_metadata(&f) {
+        match self.os.files.lstat(&f).map_err(crate::os::OsError::into_io) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("inspecting {}", f.display()), e)),
-            Ok(m) if m.is_file() && keep && kept_on_rollback(rec, &f) => {
+            Ok(m) if m.is_file() && keep && kept_on_rollback(self.os.files.as_ref(), rec, &f) => {
                 let to = self.keep_aside(&f, &format!("{}.img", rec.id))?;
                 tracing::error!(volume_id = %rec.id, file = %f.display(), to = %to.display(), "the file of a volume whose create never answered holds data: kept aside in .orphaned, never deleted; look at it before you remove it");
                 Ok(())
@@ -1464,7 +1465,7 @@ impl VolumeKind for BlockKind {
         // record, so only lost records leave one.
         let mut unrecorded = Vec::new();
         // An unreadable root is reported by `reconcile_orphans`.
-        let entries = std::fs::read_dir(&self.root).ok()?;
+        let entries = self.os.files.read_dir(&self.root).ok()?;
         for e in entries.flatten() {
             let name = e.file_name();
             if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) {
@@ -1520,8 +1521,11 @@ impl VolumeKind for BlockKind {
             tracing::error!(error = %e.render(), "could not reconcile the disk markers");
         }
         self.claim_recorded_disks();
-        let entries = std::fs::read_dir(&self.root)
-            .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
+        let entries = self
+            .os
+            .files
+            .read_dir(&self.root)
+            .map_err(|e| Error::os(format!("reading {}", self.root.display()), e))?;
         let mut failed = None;
         for e in entries.flatten() {
             if let Err(err) = self.reconcile_file(&e, known) {
@@ -1710,7 +1714,7 @@ impl VolumeKind for BlockKind {
         mounts::remove_target(
             &self.os,
             target,
-            unmounted > 0 || node::raw_target_left(target),
+            unmounted > 0 || node::raw_target_left(self.os.files.as_ref(), target),
         )
     }
 

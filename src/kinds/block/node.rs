@@ -30,16 +30,18 @@ use crate::state::{AccessType, BlockAccess, BlockInfo, Capability, VolumeRecord}
 fn ensure_file(files: &dyn Files, path: &Path) -> Result<bool> {
     match files.open(path, Open::CreateNew) {
         Ok(_) => Ok(true),
-        Err(e) if e.errno() == Some(libc::EEXIST) => match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_file() => Ok(false),
-            Ok(_) => Err(Error::WrongState(format!(
-                "{} exists and is not a regular file",
-                path.display()
-            ))),
-            // A broken bind mount answers stat with an error; mountinfo
-            // decides what is mounted there.
-            Err(_) => Ok(false),
-        },
+        Err(e) if e.errno() == Some(libc::EEXIST) => {
+            match files.lstat(path).map_err(crate::os::OsError::into_io) {
+                Ok(m) if m.file_type().is_file() => Ok(false),
+                Ok(_) => Err(Error::WrongState(format!(
+                    "{} exists and is not a regular file",
+                    path.display()
+                ))),
+                // A broken bind mount answers stat with an error; mountinfo
+                // decides what is mounted there.
+                Err(_) => Ok(false),
+            }
+        }
         Err(e) => Err(Error::os(format!("creating {}", path.display()), e)),
     }
 }
@@ -52,8 +54,10 @@ fn ensure_file(files: &dyn Files, path: &Path) -> Result<bool> {
 /// publish directory for good (kubelet's clean-up, a plain `os.Remove` of
 /// that directory, fails on it). A file with any byte in it is not one
 /// Berth made, and is left.
-pub(super) fn raw_target_left(target: &Path) -> bool {
-    std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_file() && m.len() == 0)
+pub(super) fn raw_target_left(files: &dyn Files, target: &Path) -> bool {
+    files
+        .lstat(target)
+        .is_ok_and(|m| m.file_type().is_file() && m.len() == 0)
 }
 
 /// Filesystem mount options Berth adds itself: `nouuid` for an xfs that
@@ -680,7 +684,7 @@ impl BlockKind {
         if marker_mounted {
             mounts::unstage_in(&self.os, &t, &marker, None)?;
         }
-        if std::fs::symlink_metadata(&marker).is_ok() {
+        if self.os.files.exists(&marker) {
             mounts::remove_target(&self.os, &marker, true)?;
         }
         if !marker_mounted && mounts::at(&self.os, &t, staging).is_empty() {

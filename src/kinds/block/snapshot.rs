@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::kinds::local::copy_error;
 use crate::kinds::{judge_copy, CopyFlaw, Source};
 use crate::node::mounts;
-use crate::os::files::ensure_dir;
+use crate::os::files::{ensure_dir, Files};
 use crate::os::MountEntry;
 use crate::state::{Allocation, BlockInfo, SnapshotRecord, VolumeRecord};
 
@@ -85,9 +85,13 @@ pub fn restoring_path(root: &Path, id: &str) -> PathBuf {
 /// once whole, so one there may be a snapshot that was acknowledged (a
 /// record that lost its Ready). Start-up's rollback and `state check` ask
 /// the same question here.
-pub fn snapshot_kept_on_rollback(root: &Path, s: &SnapshotRecord) -> Option<PathBuf> {
+pub fn snapshot_kept_on_rollback(
+    files: &dyn Files,
+    root: &Path,
+    s: &SnapshotRecord,
+) -> Option<PathBuf> {
     let p = snapshot_path(root, &s.id);
-    (s.phase == crate::state::Phase::Creating && std::fs::symlink_metadata(&p).is_ok()).then_some(p)
+    (s.phase == crate::state::Phase::Creating && files.exists(&p)).then_some(p)
 }
 
 /// What is wrong with the file of the block snapshot `s` in the block root
@@ -96,8 +100,10 @@ pub fn snapshot_kept_on_rollback(root: &Path, s: &SnapshotRecord) -> Option<Path
 /// from before that was recorded: `size_bytes`, which its file was made
 /// with). A restore refuses such a snapshot; `berth state check` reports
 /// it.
-pub fn snapshot_copy_flaw(root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
-    copy_flaw_as_found(root, s, &|p| std::fs::symlink_metadata(p))
+pub fn snapshot_copy_flaw(files: &dyn Files, root: &Path, s: &SnapshotRecord) -> Option<CopyFlaw> {
+    copy_flaw_as_found(root, s, &|p| {
+        files.lstat(p).map_err(crate::os::OsError::into_io)
+    })
 }
 
 /// `snapshot_copy_flaw`, looking at the file with `lstat`.
@@ -231,7 +237,7 @@ impl BlockKind {
             }
             None => {
                 let f = self.require_file(&vol.id)?;
-                Self::require_whole(vol, &info, &f)?;
+                self.require_whole(vol, &info, &f)?;
                 (f, None)
             }
         };
@@ -316,7 +322,7 @@ impl BlockKind {
         // The length a restore and `state check` require of the file (less
         // than `size_bytes` when the volume's expansion has not reached its
         // file yet).
-        snap.file_bytes = match std::fs::symlink_metadata(&partial) {
+        snap.file_bytes = match f.lstat(&partial).map_err(crate::os::OsError::into_io) {
             Ok(m) => Some(m.len()),
             Err(e) => {
                 let _ = f.remove_file(&partial);
@@ -456,7 +462,9 @@ impl BlockKind {
         if !crate::kinds::snapshots_area(f, &self.root.join(SNAPSHOTS))? {
             return Ok(());
         }
-        if let Some(whole) = snapshot_kept_on_rollback(&self.root, snap).filter(|_| keep) {
+        if let Some(whole) =
+            snapshot_kept_on_rollback(self.os.files.as_ref(), &self.root, snap).filter(|_| keep)
+        {
             let to = self.keep_aside(&whole, &format!("{}.img", snap.id))?;
             tracing::error!(snapshot_id = %snap.id, file = %whole.display(), to = %to.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
         }
@@ -570,7 +578,7 @@ impl BlockKind {
     ) -> Result<()> {
         let f = self.os.files.as_ref();
         let partial = self.restoring_file(&rec.id);
-        if std::fs::symlink_metadata(&partial).is_ok() {
+        if f.exists(&partial) {
             // A retry of this create: what an earlier try left.
             f.remove_file(&partial)
                 .map_err(|e| Error::os(format!("removing {}", partial.display()), e))?;
@@ -842,7 +850,7 @@ impl BlockKind {
                     .store
                     .snapshot_get(id)
                     .is_some_and(|s| s.phase == crate::state::Phase::Creating)
-                && std::fs::symlink_metadata(self.snapshot_file(id)?).is_err()
+                && !self.os.files.exists(&self.snapshot_file(id)?)
             {
                 self.place_snapshot(id)?;
                 tracing::info!(snapshot_id = %id, "finished moving a snapshot's copy into place");

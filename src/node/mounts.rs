@@ -490,7 +490,7 @@ fn still_mounted(path: &Path) -> Error {
 /// else it is left as it is. Missing is fine.
 pub fn remove_target(os: &Os, path: &Path, file_is_ours: bool) -> Result<()> {
     let gone = |e: &crate::os::OsError| e.errno() == Some(libc::ENOENT);
-    match std::fs::symlink_metadata(path) {
+    match os.files.lstat(path).map_err(crate::os::OsError::into_io) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
         Ok(m) if m.is_dir() => match os.files.remove_dir(path) {

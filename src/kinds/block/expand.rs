@@ -124,7 +124,10 @@ impl BlockKind {
             )));
         }
         if allocation == Allocation::Thick {
-            let allocated = std::fs::metadata(self.file(&rec.id)?)
+            let allocated = self
+                .os
+                .files
+                .stat(&self.file(&rec.id)?)
                 .map(|m| crate::os::files::allocated_bytes(&m))
                 .unwrap_or(0);
             let need = u64::try_from(size).unwrap_or(0).saturating_sub(allocated);

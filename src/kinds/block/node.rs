@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::kinds::{PublishArgs, VolumeStats};
 use crate::node::mounts;
 use crate::os::blkid;
-use crate::os::files::{self, Files, Open};
+use crate::os::files::{Files, Open};
 use crate::os::mkfs::{self, Filesystem};
 use crate::os::mountinfo::{self, MountEntry};
 use crate::os::MountFlags;
@@ -194,9 +194,7 @@ impl BlockKind {
 
     /// Whether a file volume's backing file holds data (None: cannot tell).
     fn file_has_data(&self, rec: &VolumeRecord) -> Option<bool> {
-        let f = self.file(&rec.id).ok()?;
-        let file = std::fs::File::open(f).ok()?;
-        files::has_data(&file)
+        self.os.files.holds_data(&self.file(&rec.id).ok()?)
     }
 
     /// Whether a disk volume's disk holds data: its sample (first and

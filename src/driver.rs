@@ -724,11 +724,24 @@ pub const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(6
 
 impl Driver {
     /// Deletes the storage of an interrupted create or delete, then its
-    /// record.
+    /// record. A delete (record Deleting) is refused, as DeleteVolume
+    /// refuses it, while the volume is still published to a node or
+    /// mounted here (`refuse_in_use`): what was in place before its delete
+    /// began, or what its check did not see, is not erased, trashed or
+    /// archived under its user. Retried every minute until the CO has
+    /// taken it down (ControllerUnpublishVolume, NodeUnpublishVolume and
+    /// NodeUnstageVolume still find the record). An unfinished create
+    /// (Creating) is left to the kind, which keeps or holds what may have
+    /// been handed out (`delete_with`) rather than refusing.
     fn finish_delete(&self, kind: &dyn VolumeKind, rec: &VolumeRecord) -> Result<()> {
-        kind.delete(rec)?;
+        let mount_table = crate::node::mounts::LazyTable::new();
+        if rec.phase == Phase::Deleting {
+            crate::controller::delete_volume::refuse_in_use(self, rec, kind, &mount_table)?;
+        }
+        kind.delete_with(rec, &mount_table)?;
         self.store.remove(&rec.id)?;
         kind.purge(rec);
+        self.staged.discard(&rec.id);
         Ok(())
     }
 }

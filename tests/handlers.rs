@@ -4035,3 +4035,87 @@ async fn a_failed_snapshot_rollback_at_start_up_leaves_its_copy_unplaced() {
         "a copy never handed out was kept aside as an orphan"
     );
 }
+
+/// Marks the record of `id` Deleting, as a DeleteVolume that failed half
+/// way leaves it (or a journal of a version whose DeleteVolume began
+/// before what it did not see was taken down).
+fn mark_deleting(h: &Harness, id: &str) {
+    let mut rec = h.driver.store.get(id).expect("record");
+    h.driver
+        .store
+        .set_phase(&mut rec, berth::state::Phase::Deleting)
+        .expect("set phase");
+}
+
+/// The retry of an unfinished delete (start-up and every minute) does
+/// DeleteVolume's check of mounts: a local volume whose record says
+/// Deleting and that is still staged and published to a pod here is left
+/// in place (its directory and data, its record), and finished once the
+/// pod's mounts are gone. Before, the retry went straight to the kind's
+/// removal, which looks only for mounts inside the directory: the
+/// directory a pod had mounted was moved into the trash and emptied.
+#[tokio::test]
+async fn the_retry_of_a_delete_leaves_a_volume_mounted_here_in_place() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let (staging, target) = (h.path("stage"), h.path("target"));
+    stage_and_publish(&h, &id, &staging, &target).await;
+    let data = h.path("local").join(&id).join("data");
+    std::fs::write(&data, b"x").unwrap();
+    mark_deleting(&h, &id);
+    retry_pending_and_wait(&h).await;
+    assert_eq!(
+        h.driver.store.get(&id).map(|r| r.phase),
+        Some(berth::state::Phase::Deleting)
+    );
+    assert!(data.exists(), "a pod's volume was deleted under it");
+    // Not stranded: once the pod is gone, the retry finishes it.
+    unpublish_as_kubelet(&h, &id, &target)
+        .await
+        .expect("unpublish");
+    unstage_as_kubelet(&h, &id, &staging)
+        .await
+        .expect("unstage");
+    retry_pending_and_wait(&h).await;
+    assert!(h.driver.store.get(&id).is_none());
+    assert!(!h.path("local").join(&id).exists());
+}
+
+/// The retry of an unfinished delete does DeleteVolume's check of the
+/// record's attachments: a volume whose record says Deleting and still
+/// names a node it is published to (ControllerPublishVolume recorded it)
+/// is left in place until ControllerUnpublishVolume takes the node away,
+/// then finished. Before, the retry deleted it with the node still
+/// recorded, as DeleteVolume never would.
+#[tokio::test]
+async fn the_retry_of_a_delete_leaves_a_volume_still_published_in_place() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    h.ctl
+        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        }))
+        .await
+        .expect("publish");
+    let data = h.path("local").join(&id).join("data");
+    std::fs::write(&data, b"x").unwrap();
+    mark_deleting(&h, &id);
+    retry_pending_and_wait(&h).await;
+    let rec = h.driver.store.get(&id).expect("record kept");
+    assert!(rec.published.contains_key(NODE));
+    assert!(data.exists(), "a published volume was deleted");
+    h.ctl
+        .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("unpublish");
+    retry_pending_and_wait(&h).await;
+    assert!(h.driver.store.get(&id).is_none());
+    assert!(!h.path("local").join(&id).exists());
+}

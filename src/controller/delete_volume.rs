@@ -8,8 +8,9 @@ use std::sync::Arc;
 use crate::csi::v1 as csi;
 use crate::driver::{name_key, vol_key, Driver};
 use crate::error::{Error, Result};
+use crate::kinds::VolumeKind;
 use crate::node::mounts::LazyTable;
-use crate::state::Phase;
+use crate::state::{Phase, VolumeRecord};
 use crate::validate;
 
 pub async fn handle(
@@ -45,50 +46,10 @@ pub async fn handle(
             return Ok(());
         };
         let kind = d.kind(rec.kind)?.clone();
-        if !rec.published.is_empty() {
-            return Err(Error::WrongState(format!(
-                "volume {id} is still published to node(s) {}",
-                rec.published.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
-        }
         // One read of the mount table serves both the check here and the
         // kind's own checks in delete (all under the volume's guard).
         let mount_table = LazyTable::new();
-        // A node-local volume's storage and mounts are on this node
-        // whatever node id its record names: one recorded under a former
-        // `--node-id` is in this root, and its pods' mounts outlived the
-        // restart. (Checked only for this node id's volumes before: such a
-        // volume's directory went to the trash while a pod used it.)
-        if kind.node_local() {
-            let mut used = kind.in_use(&rec, &mount_table)?;
-            // Its staging path (or a raw block volume's device bound at
-            // `<staging>/<id>`) still mounted where the kind finds no mount
-            // of its storage: the storage was moved away by hand under the
-            // mounts (mountinfo follows the move). Deleting the record then
-            // left those mounts without a record to prove them the
-            // volume's, and every NodeUnpublish and NodeUnstage of the pod
-            // refused them forever (a local volume), or deleted a volume a
-            // pod still used.
-            if used.is_empty() {
-                if let Some(s) = d.staged.path(&id) {
-                    let marker = s.join(&id);
-                    used.extend(
-                        [s, marker]
-                            .into_iter()
-                            .filter(|p| d.os.probe.mount_root(p) == Some(true)),
-                    );
-                }
-            }
-            if !used.is_empty() {
-                return Err(Error::WrongState(format!(
-                    "volume {id} is still mounted at {}",
-                    used.iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-        }
+        refuse_in_use(d, &rec, kind.as_ref(), &mount_table)?;
         if kind.durable_intent() && rec.phase != Phase::Deleting {
             d.store.set_phase(&mut rec, Phase::Deleting)?;
         }
@@ -100,4 +61,61 @@ pub async fn handle(
     })
     .await?;
     Ok(csi::DeleteVolumeResponse {})
+}
+
+/// FAILED_PRECONDITION while the volume `rec` is still in use: published
+/// to a node (its record's attachments), or, for a node-local kind,
+/// staged or published on this node (`mounts`, shared with the kind's
+/// `delete_with` of the same call). DeleteVolume's check, and that of
+/// the retry of a delete that did not finish (`Driver::retry_pending`),
+/// which must no more erase, trash or archive a volume a pod still uses.
+pub(crate) fn refuse_in_use(
+    d: &Driver,
+    rec: &VolumeRecord,
+    kind: &dyn VolumeKind,
+    mount_table: &LazyTable,
+) -> Result<()> {
+    let id = &rec.id;
+    if !rec.published.is_empty() {
+        return Err(Error::WrongState(format!(
+            "volume {id} is still published to node(s) {}",
+            rec.published.keys().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    // A node-local volume's storage and mounts are on this node
+    // whatever node id its record names: one recorded under a former
+    // `--node-id` is in this root, and its pods' mounts outlived the
+    // restart. (Checked only for this node id's volumes before: such a
+    // volume's directory went to the trash while a pod used it.)
+    if kind.node_local() {
+        let mut used = kind.in_use(rec, mount_table)?;
+        // Its staging path (or a raw block volume's device bound at
+        // `<staging>/<id>`) still mounted where the kind finds no mount
+        // of its storage: the storage was moved away by hand under the
+        // mounts (mountinfo follows the move). Deleting the record then
+        // left those mounts without a record to prove them the
+        // volume's, and every NodeUnpublish and NodeUnstage of the pod
+        // refused them forever (a local volume), or deleted a volume a
+        // pod still used.
+        if used.is_empty() {
+            if let Some(s) = d.staged.path(id) {
+                let marker = s.join(id);
+                used.extend(
+                    [s, marker]
+                        .into_iter()
+                        .filter(|p| d.os.probe.mount_root(p) == Some(true)),
+                );
+            }
+        }
+        if !used.is_empty() {
+            return Err(Error::WrongState(format!(
+                "volume {id} is still mounted at {}",
+                used.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    Ok(())
 }

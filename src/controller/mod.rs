@@ -8,7 +8,7 @@ mod controller_unpublish_volume;
 mod create_snapshot;
 mod create_volume;
 mod delete_snapshot;
-mod delete_volume;
+pub(crate) mod delete_volume;
 mod get_capacity;
 mod get_snapshot;
 mod list_snapshots;

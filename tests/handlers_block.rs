@@ -6399,3 +6399,60 @@ async fn a_node_expansion_of_a_filesystem_staged_read_only_is_finished_at_the_ne
             .unwrap();
     }
 }
+
+/// The retry of an unfinished delete (start-up and every minute) never
+/// erases a whole disk a pod still uses: two disk volumes whose records
+/// say Deleting, one staged with a filesystem, the other staged raw and
+/// published, are left in place (no erase, records kept), then erased
+/// once they are unpublished and unstaged. The retry does DeleteVolume's
+/// own check (`refuse_in_use`) before the kind's.
+#[tokio::test]
+async fn the_retry_of_a_delete_never_erases_a_disk_in_use() {
+    let h = disk_harness();
+    disks(&h, None);
+    let f = h.fake();
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let b = create(&h, "b", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let (sa, sb, tb) = (h.path("sa"), h.path("sb"), h.path("tb"));
+    h.node
+        .node_stage_volume(Request::new(stage_req(&a, &sa)))
+        .await
+        .expect("stage a");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&b, &sb, raw_cap())))
+        .await
+        .expect("stage b raw");
+    h.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_capability: Some(raw_cap()),
+            ..publish_req(&b, &sb, &tb, false)
+        }))
+        .await
+        .expect("publish b raw");
+    for id in [&a, &b] {
+        let mut rec = h.driver.store.get(id).unwrap();
+        h.driver.store.set_phase(&mut rec, Phase::Deleting).unwrap();
+    }
+    f.clear_calls();
+    retry_pending_and_wait(&h).await;
+    assert_eq!(erasures(f), 0, "a disk in use was erased");
+    for id in [&a, &b] {
+        assert_eq!(
+            h.driver.store.get(id).map(|r| r.phase),
+            Some(Phase::Deleting)
+        );
+    }
+    unpublish_as_kubelet(&h, &b, &tb)
+        .await
+        .expect("unpublish b");
+    unstage_as_kubelet(&h, &b, &sb).await.expect("unstage b");
+    unstage_as_kubelet(&h, &a, &sa).await.expect("unstage a");
+    retry_pending_and_wait(&h).await;
+    assert!(h.driver.store.get(&a).is_none());
+    assert!(h.driver.store.get(&b).is_none());
+    assert_eq!(erasures(f), 2);
+}

@@ -2402,3 +2402,67 @@ async fn a_filesystem_staged_read_only_is_grown_at_its_next_read_write_stage() {
     read_only_expansion("ext4", 64 * MIB, 128 * MIB).await;
     read_only_expansion("xfs", 320 * MIB, 512 * MIB).await;
 }
+
+/// A claim of a disk that berth lets go (before its own mount, mkfs or
+/// erase of the disk), and the probe whether another process holds a disk,
+/// leave the disk free at once, also while other threads spawn commands:
+/// a child between its fork and its exec holds a copy of every descriptor
+/// (O_CLOEXEC ones too), and the kernel lets an exclusive open go only at
+/// its last close, so a close beside such a child left the disk held for
+/// that while, and the stage's mount right after failed with EBUSY
+/// (ABORTED; CI's run on 1ae8706 failed there, in
+/// a_filesystem_disk_staged_read_only_is_mounted_read_only). Berth closes
+/// exclusive opens while no command is being spawned (`Exclusive`).
+/// Before, about 1 in 100 (168 of 17,325 here) left the disk held.
+#[test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+fn a_claim_let_go_beside_spawning_commands_leaves_the_disk_free_at_once() {
+    use berth::os::{BlockDevices, Runner};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(dir.path().to_path_buf());
+    let disk = stand_in_disk(dir.path(), "d", 16 * MIB, None);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let spawners: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    berth::os::RealRunner
+                        .run("true", &[], Duration::from_secs(10))
+                        .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let devices = berth::os::RealBlockDevices::default();
+    let held_after = |what: &str| match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(&disk)
+    {
+        Ok(_) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => true,
+        Err(e) => panic!("{what}: {e}"),
+    };
+    let (mut tries, mut held) = (0, 0);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        drop(devices.claim(&disk, 16 * MIB as u64).unwrap());
+        held += usize::from(held_after("after a claim"));
+        assert!(!devices.held(&disk).unwrap());
+        held += usize::from(held_after("after a probe"));
+        tries += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let spawned: usize = spawners.into_iter().map(|s| s.join().unwrap()).sum();
+    assert!(spawned > 100, "too few commands spawned beside: {spawned}");
+    assert_eq!(
+        held, 0,
+        "held right after being let go, of {tries} claims and probes"
+    );
+}

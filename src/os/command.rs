@@ -109,6 +109,18 @@ impl Drop for Tracked {
     }
 }
 
+/// Runs `f` while no command is being spawned: the lock that is held
+/// across each spawn until its child has exec'd (`Tracked::spawn`; std's
+/// spawn returns only then). A child between its fork and its exec holds
+/// a copy of every descriptor of berth, O_CLOEXEC ones too (they close at
+/// the exec), so what `f` closes is closed for good when it returns: for
+/// the close of an exclusive open of a block device, which the kernel lets
+/// go only at the last close (`blockdev::Exclusive`).
+pub fn while_not_spawning<T>(f: impl FnOnce() -> T) -> T {
+    let _no_spawn = running();
+    f()
+}
+
 /// Kills the process group of every command still running (SIGKILL);
 /// returns how many there were. For a process about to exit without
 /// waiting for its calls in flight.

@@ -7,8 +7,10 @@
 //! a volume that does not exist (an NFS id without a record is looked up on
 //! the share, like ControllerGetVolume). A volume recorded here whose kind
 //! (or NFS share) this configuration no longer serves exists, and its
-//! kind's checks are out of reach: FAILED_PRECONDITION saying why
-//! (`Driver::unserved`), not NOT_FOUND.
+//! kind's checks are out of reach: nothing is confirmed, and the message
+//! says why (`Driver::unserved`): an answer the spec gives this RPC for
+//! capabilities it does not confirm, not NOT_FOUND (the volume exists) nor
+//! a code its error table does not list.
 use std::sync::Arc;
 
 use super::{kind_parameters, KIND_KEY};
@@ -30,7 +32,10 @@ pub async fn handle(
     validate::map("mutable_parameters", &req.mutable_parameters)?;
     let has_mutable = !req.mutable_parameters.is_empty();
     if let Some(why) = d.unserved(&id) {
-        return Err(Error::WrongState(why));
+        return Ok(csi::ValidateVolumeCapabilitiesResponse {
+            confirmed: None,
+            message: why,
+        });
     }
     let d2 = d.clone();
     let message = tokio::task::spawn_blocking(move || -> Result<String> {

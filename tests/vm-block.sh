@@ -50,6 +50,10 @@ set +e
 RC=$?
 set -e
 grep -hE '^test |^test result|not verified|restored at the same size|ENOSPC|panicked' "$SHARE/tests.log" "$SHARE/snapshots.log" 2>/dev/null || tail -40 "$SHARE/host.log"
+# Why a test failed: its panic message (the lines after "panicked at"; the
+# tests run with --nocapture, so there is no "failures:" section to show).
+awk '/panicked at/ { show = 1 } /^stack backtrace:|^note: |^test / { show = 0 } show { print "  | " $0 }' \
+  "$SHARE/tests.log" "$SHARE/snapshots.log" 2>/dev/null || true
 P=0; F=0
 for log in tests.log snapshots.log; do
   SUMMARY=$(grep -E '^test result' "$SHARE/$log" 2>/dev/null)

@@ -2413,7 +2413,9 @@ async fn a_filesystem_staged_read_only_is_grown_at_its_next_read_write_stage() {
 /// (ABORTED; CI's run on 1ae8706 failed there, in
 /// a_filesystem_disk_staged_read_only_is_mounted_read_only). Berth closes
 /// exclusive opens while no command is being spawned (`Exclusive`).
-/// Before, about 1 in 100 (168 of 17,325 here) left the disk held.
+/// Before, about 1 in 100 (168 of 17,325 here) left the disk held. Runs
+/// alone (tests/run-all.sh): children other tests spawn with std's
+/// Command, not berth's runner, hold copies too.
 #[test]
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 fn a_claim_let_go_beside_spawning_commands_leaves_the_disk_free_at_once() {

@@ -112,13 +112,20 @@ stage "root integration tests" unshare --mount --propagation private -- \
 # device number is (rightly) refused; a_reboot_under_a_raw_publish_leaves_
 # nothing_behind detaches its volume's device and attaches a file of its
 # own at the freed number, which another test's attach may take first
-# (CI once: "losetup /dev/loop0 .../unrelated.img" failed). Both run alone.
+# (CI once: "losetup /dev/loop0 .../unrelated.img" failed);
+# a_claim_let_go_beside_spawning_commands_leaves_the_disk_free_at_once
+# counts a disk held right after berth let it go, which the children that
+# other tests spawn themselves (std's Command, not berth's runner, whose
+# spawns berth's closes wait for) can hold for a moment (CI once: 4 of
+# 1,587). They run alone.
 stage "root block tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_block -- --ignored --test-threads=4 \
-  --skip a_refused_stage_leaves_no_attachment --skip a_reboot_under_a_raw_publish_leaves_nothing_behind
+  --skip a_refused_stage_leaves_no_attachment --skip a_reboot_under_a_raw_publish_leaves_nothing_behind \
+  --skip a_claim_let_go_beside_spawning_commands_leaves_the_disk_free_at_once
 stage "root block tests that detach a loop device by hand (alone)" unshare --mount --propagation private -- \
   cargo test --locked --test root_block -- --ignored --test-threads=1 \
-  --exact a_refused_stage_leaves_no_attachment a_reboot_under_a_raw_publish_leaves_nothing_behind
+  --exact a_refused_stage_leaves_no_attachment a_reboot_under_a_raw_publish_leaves_nothing_behind \
+  a_claim_let_go_beside_spawning_commands_leaves_the_disk_free_at_once
 stage "root snapshot tests" unshare --mount --propagation private -- \
   cargo test --locked --test root_snapshots -- --ignored --test-threads=2
 # block volumes: berth killed at swept moments of each RPC, restarted, the

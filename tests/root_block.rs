@@ -2469,3 +2469,98 @@ fn a_claim_let_go_beside_spawning_commands_leaves_the_disk_free_at_once() {
         "held right after being let go, of {tries} claims and probes"
     );
 }
+
+/// The erase of a disk (`zero_out`, `zero_sample`, `wipefs`) waits out an exclusive
+/// hold of a few milliseconds, as a claim does, and refuses a longer one
+/// without writing anything. Before, it tried its exclusive open once: a
+/// hold that short (a child of another thread between its fork and exec,
+/// udev re-reading a disk) failed the DeleteVolume of a disk.
+#[test]
+#[ignore = "needs root (loop devices)"]
+fn the_erase_waits_out_a_hold_of_milliseconds_and_refuses_a_longer_one() {
+    use berth::os::BlockDevices;
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(dir.path().to_path_buf());
+    let disk = stand_in_disk(dir.path(), "d", 16 * MIB, None);
+    let size = 16 * MIB as u64;
+    let devices = berth::os::RealBlockDevices::default();
+    let fill = || {
+        let mut f = OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all(&[0xab; 4096]).unwrap();
+        f.seek(std::io::SeekFrom::Start(size - 4096)).unwrap();
+        f.write_all(&[0xab; 4096]).unwrap();
+        f.sync_all().unwrap();
+    };
+    let head_and_tail = || {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&disk)
+            .unwrap();
+        // O_DIRECT needs an aligned buffer: read into a page-aligned one.
+        let mut buf = vec![0u8; 8192];
+        let off = buf.as_ptr().align_offset(4096);
+        let (head, tail) = {
+            let b = &mut buf[off..off + 4096];
+            f.read_exact(b).unwrap();
+            let head = b.to_vec();
+            f.seek(std::io::SeekFrom::Start(size - 4096)).unwrap();
+            f.read_exact(b).unwrap();
+            (head, b.to_vec())
+        };
+        (head, tail)
+    };
+    // Holds the disk exclusively for `hold`, from before `erase` starts.
+    let held_for = |hold: Duration, erase: &dyn Fn() -> Result<(), berth::os::OsError>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = disk.clone();
+        let holder = std::thread::spawn(move || {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+                .open(&d)
+                .unwrap();
+            tx.send(()).unwrap();
+            std::thread::sleep(hold);
+            drop(f);
+        });
+        rx.recv().unwrap();
+        let r = erase();
+        holder.join().unwrap();
+        r
+    };
+    type Erase = fn(&berth::os::RealBlockDevices, &Path, u64) -> Result<(), berth::os::OsError>;
+    let erases: [(&str, Erase); 2] = [
+        ("zero_out", |d, p, s| d.zero_out(p, s)),
+        ("zero_sample", |d, p, s| d.zero_sample(p, s)),
+    ];
+    // wipefs opens the disk exclusively too (`--disk-wipe signatures`).
+    let wipe = || berth::os::mkfs::wipe(&berth::os::RealRunner, &disk);
+    held_for(Duration::from_millis(10), &wipe)
+        .unwrap_or_else(|e| panic!("wipefs beside a 10 ms hold: {e}"));
+    let e = berth::error::chain(&held_for(Duration::from_millis(500), &wipe).expect_err("wipefs"));
+    assert!(e.contains("busy"), "wipefs beside a 500 ms hold: {e}");
+    for (name, erase) in erases {
+        fill();
+        held_for(Duration::from_millis(10), &|| erase(&devices, &disk, size))
+            .unwrap_or_else(|e| panic!("{name} beside a 10 ms hold: {e}"));
+        let (head, tail) = head_and_tail();
+        assert!(
+            head.iter().chain(&tail).all(|&b| b == 0),
+            "{name}: not zeroed"
+        );
+
+        fill();
+        let e =
+            held_for(Duration::from_millis(500), &|| erase(&devices, &disk, size)).expect_err(name);
+        let e = berth::error::chain(&e);
+        assert!(e.contains("busy"), "{name} beside a 500 ms hold: {e}");
+        let (head, tail) = head_and_tail();
+        assert!(
+            head.iter().chain(&tail).all(|&b| b == 0xab),
+            "{name} wrote beside a 500 ms hold"
+        );
+    }
+}

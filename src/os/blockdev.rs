@@ -196,7 +196,7 @@ impl Default for RealBlockDevices {
 /// 5 ms after the close, with mkfs and blkid run beside), and udev
 /// re-reads the partition table of a disk written and closed, which
 /// claims it exclusively while it does.
-const BUSY_PAUSES: [Duration; 3] = [
+pub(crate) const BUSY_PAUSES: [Duration; 3] = [
     Duration::from_millis(5),
     Duration::from_millis(15),
     Duration::from_millis(30),
@@ -252,16 +252,46 @@ impl Drop for Exclusive {
 
 /// Opens the block device at `path` for writing, exclusively (O_EXCL: EBUSY
 /// while anything mounts or holds it), and checks that it is `size_bytes`
-/// long.
+/// long. A claim that ends within 50 ms is waited out (`open_exclusive`).
 fn open_exclusive_sized(path: &Path, size_bytes: u64) -> Result<Exclusive, OsError> {
-    let f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
-        .open(path)
-        .map_err(|e| OsError::sys("open exclusively", path, e))?;
-    let f = Exclusive::new(f);
+    let f = open_exclusive(path, Access::Write, "open exclusively")?;
     check_size(&f, path, size_bytes)?;
     Ok(f)
+}
+
+/// What an exclusive open may do with the device.
+#[derive(Clone, Copy)]
+enum Access {
+    /// A claim: no write is made through it.
+    Read,
+    /// The erase.
+    Write,
+}
+
+/// Opens the block device at `path` exclusively (O_EXCL), tried again after
+/// each of `BUSY_PAUSES` while it fails with EBUSY:
+/// a hold of milliseconds (a child of another process's thread between its
+/// fork and exec, udev re-reading a disk just written) is no holder. Before,
+/// the erase tried once, and a DeleteVolume right after an unstage could
+/// fail on such a hold.
+fn open_exclusive(path: &Path, access: Access, op: &'static str) -> Result<Exclusive, OsError> {
+    let open = || {
+        OpenOptions::new()
+            .read(matches!(access, Access::Read))
+            .write(matches!(access, Access::Write))
+            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+            .open(path)
+    };
+    let mut pauses = BUSY_PAUSES.iter();
+    loop {
+        match open() {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => match pauses.next() {
+                Some(p) => std::thread::sleep(*p),
+                None => return Err(OsError::sys(op, path, e)),
+            },
+            r => return Ok(Exclusive::new(r.map_err(|e| OsError::sys(op, path, e))?)),
+        }
+    }
 }
 
 /// Fails unless the block device open as `f` is `size_bytes` long.
@@ -435,22 +465,7 @@ fn held_now(path: &Path) -> Result<bool, OsError> {
 /// write is made through it), tried again after each of `BUSY_PAUSES`
 /// while it fails with EBUSY.
 fn claim_now(path: &Path, size_bytes: u64) -> Result<Exclusive, OsError> {
-    let open = || {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
-            .open(path)
-    };
-    let mut pauses = BUSY_PAUSES.iter();
-    let f = loop {
-        match open() {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => match pauses.next() {
-                Some(p) => std::thread::sleep(*p),
-                None => return Err(OsError::sys("claim exclusively", path, e)),
-            },
-            r => break Exclusive::new(r.map_err(|e| OsError::sys("claim exclusively", path, e))?),
-        }
-    };
+    let f = open_exclusive(path, Access::Read, "claim exclusively")?;
     check_size(&f, path, size_bytes)?;
     Ok(f)
 }

@@ -261,12 +261,21 @@ pub fn remove_undo(files: &dyn Files, undo: &Path) -> Result<(), OsError> {
 }
 
 /// Erases every signature blkid can find (`wipefs -a`); refuses a device
-/// that is in use.
+/// that is in use. wipefs opens the device exclusively, once: it is run
+/// again after each of `BUSY_PAUSES` while it fails so, as a hold of
+/// milliseconds is no user (see `blockdev::BUSY_PAUSES`).
 pub fn wipe(cmd: &dyn Runner, device: &Path) -> Result<(), OsError> {
     let args = vec!["-a".to_string(), "--".into(), device.display().to_string()];
-    cmd.run("wipefs", &args, WIPE_TIMEOUT)?
-        .check("wipefs")
-        .map(|_| ())
+    let mut pauses = super::blockdev::BUSY_PAUSES.iter();
+    loop {
+        let r = cmd.run("wipefs", &args, WIPE_TIMEOUT)?.check("wipefs");
+        let busy = matches!(&r, Err(OsError::Failed { stderr, .. })
+            if stderr.contains("Device or resource busy"));
+        match pauses.next() {
+            Some(p) if busy => std::thread::sleep(*p),
+            _ => return r.map(|_| ()),
+        }
+    }
 }
 
 /// Checks the `mkfsOptions` StorageClass parameter for `fs` against an

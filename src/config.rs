@@ -72,6 +72,15 @@ pub enum Command {
     State(crate::state::tools::StateArgs),
 }
 
+/// The most bytes of entries one ListVolumes or ListSnapshots page holds,
+/// whatever `max_entries` asks: a gRPC client refuses an answer over 4 MiB
+/// by default (grpc-go's and tonic's), and at about 11,000 NFS volumes a
+/// ListVolumes without
+/// `max_entries` was larger, so the CO's listing (external-attacher,
+/// external-health-monitor) failed for good. The rest follows in the next
+/// page (`next_token`), as the spec allows: `max_entries` only caps a page.
+pub const LIST_PAGE_BYTES: usize = 3 << 20;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// CSI endpoint, unix:// only. Default: unix://<data-dir>/csi.sock.
@@ -191,6 +200,12 @@ pub struct Config {
     #[arg(long, env = "BERTH_LOCAL_SPARE_DIRS", default_value_t = 16,
           value_parser = clap::value_parser!(u64).range(0..=1024))]
     pub local_spare_dirs: u64,
+
+    /// The most bytes of entries a ListVolumes or ListSnapshots page holds
+    /// (`LIST_PAGE_BYTES`). Not a flag: tests lower it
+    /// to page a few volumes as many would be.
+    #[arg(skip = LIST_PAGE_BYTES)]
+    pub list_page_bytes: usize,
 }
 
 /// The environment variables among `names` that look like berth's

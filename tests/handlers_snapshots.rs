@@ -2997,3 +2997,58 @@ async fn a_failed_block_snapshot_rollback_at_start_up_leaves_its_copy_unplaced()
         "a copy never handed out was kept aside as an orphan"
     );
 }
+
+/// A ListSnapshots answer holds at most the page's bytes, as ListVolumes
+/// does (`a_list_of_many_volumes_pages_under_the_limit_in_bytes`), with or
+/// without `max_entries`, and a walk by token lists every snapshot once.
+#[tokio::test]
+async fn a_list_of_many_snapshots_pages_under_the_limit_in_bytes() {
+    use prost::Message;
+    let limit = 1024;
+    let (os, f) = berth::os::Os::fake();
+    let h = try_build_with(tempfile::tempdir().unwrap(), os, Some(f), &[], |c| {
+        c.list_page_bytes = limit
+    })
+    .unwrap_or_else(|(_, e)| panic!("{e}"));
+    let source = created_id(
+        h.ctl
+            .create_volume(Request::new(create_req("src", 1 << 20)))
+            .await,
+    );
+    let n = 30;
+    for i in 0..n {
+        snapshot_id(&h, &format!("s{i}"), &source).await;
+    }
+    for max in [0, 1000] {
+        let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let p = h
+                .ctl
+                .list_snapshots(Request::new(csi::ListSnapshotsRequest {
+                    max_entries: max,
+                    starting_token: token,
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            let bytes: usize = p.entries.iter().map(|e| e.encoded_len() + 2).sum();
+            assert!(bytes <= limit, "max {max}: page of {bytes} bytes");
+            seen.extend(
+                p.entries
+                    .iter()
+                    .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone()),
+            );
+            pages += 1;
+            token = p.next_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!((seen.len(), unique.len()), (n, n), "max {max}");
+        assert!(pages >= 3, "max {max}: {pages} pages");
+    }
+}

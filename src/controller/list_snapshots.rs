@@ -10,7 +10,7 @@
 //! external-snapshotter checks a pre-provisioned snapshot that way.
 use std::sync::Arc;
 
-use super::list_volumes::page_start;
+use super::list_volumes::{fit_page, page_start};
 use super::snapshot;
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
@@ -59,23 +59,24 @@ pub async fn handle(
             req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
         }));
     }
-    let next_token = if more {
-        all.last().map(|s| s.seq.to_string()).unwrap_or_default()
-    } else {
-        String::new()
-    };
+    let next = all.last().filter(|_| more).map(|s| s.seq);
+    let limit = d.cfg.list_page_bytes;
     // One look at each listed snapshot's copy (blocking).
     let entries = tokio::task::spawn_blocking(move || {
         all.iter()
-            .map(|s| csi::list_snapshots_response::Entry {
-                snapshot: Some(snapshot::to_proto_checked(&d, s)),
+            .map(|s| {
+                let e = csi::list_snapshots_response::Entry {
+                    snapshot: Some(snapshot::to_proto_checked(&d, s)),
+                };
+                (s.seq, e)
             })
             .collect()
     })
     .await
     .map_err(|e| crate::error::Error::Internal(format!("ListSnapshots task failed: {e}")))?;
+    let (entries, next) = fit_page(entries, next, limit);
     Ok(csi::ListSnapshotsResponse {
-        next_token,
+        next_token: next.map(|n| n.to_string()).unwrap_or_default(),
         entries,
     })
 }

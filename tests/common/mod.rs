@@ -71,7 +71,20 @@ pub fn try_build(
     fake: Option<Arc<FakeOs>>,
     extra: &[&str],
 ) -> Result<Harness, (tempfile::TempDir, String)> {
-    let cli = Cli::try_parse_from(args(dir.path(), extra)).expect("args");
+    try_build_with(dir, os, fake, extra, |_| {})
+}
+
+/// `try_build`, with `tweak` applied to the configuration the flags made
+/// (settings that are not flags).
+pub fn try_build_with(
+    dir: tempfile::TempDir,
+    os: Os,
+    fake: Option<Arc<FakeOs>>,
+    extra: &[&str],
+    tweak: impl FnOnce(&mut berth::config::Config),
+) -> Result<Harness, (tempfile::TempDir, String)> {
+    let mut cli = Cli::try_parse_from(args(dir.path(), extra)).expect("args");
+    tweak(&mut cli.config);
     let driver = match Driver::new(cli.config, os) {
         Ok(d) => d,
         Err(e) => return Err((dir, e.to_string())),

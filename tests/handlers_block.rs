@@ -6230,6 +6230,50 @@ async fn a_volume_whose_delete_failed_half_way_is_not_published_or_staged() {
     assert!(!file.exists());
 }
 
+/// A volume whose record says Deleting (a DeleteVolume that did not
+/// finish, left staged and published: what the delete's check did not
+/// see, or a journal from before 4bc682a) is NOT_FOUND for
+/// ControllerExpandVolume and NodeExpandVolume, as for ControllerPublish,
+/// NodeStage and NodePublish, and nothing grows; the node can still take
+/// it down, and the retry then finishes the delete. Before,
+/// ControllerExpandVolume answered ABORTED (an operation in progress, which
+/// the resizer retries for good) and NodeExpandVolume grew the file, the
+/// loop device and the filesystem of the volume being deleted.
+#[tokio::test]
+async fn a_volume_whose_delete_did_not_finish_is_not_expanded() {
+    let h = block(&[]);
+    let f = h.fake();
+    script_blank(f);
+    let id = create(&h, "a", 8 * MIB, &[]).await.volume_id;
+    let (s, t) = (h.path("s"), h.path("t"));
+    stage_and_publish(&h, &id, &s, &t).await;
+    let mut rec = h.driver.store.get(&id).unwrap();
+    h.driver.store.set_phase(&mut rec, Phase::Deleting).unwrap();
+    f.clear_calls();
+    let e = h
+        .ctl
+        .controller_expand_volume(Request::new(expand_req(&id, 16 * MIB, 0)))
+        .await
+        .expect_err("expanded while being deleted");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("being deleted"), "{e:?}");
+    let e = h
+        .node
+        .node_expand_volume(Request::new(node_expand_req(&id, &t, &s, 16 * MIB)))
+        .await
+        .expect_err("grown on the node while being deleted");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    not_grown(&h, f, &id, 8 * MIB);
+    assert!(runs(f, "resize2fs").is_empty());
+    let rec = h.driver.store.get(&id).unwrap();
+    assert_eq!((rec.phase, rec.capacity_bytes), (Phase::Deleting, 8 * MIB));
+    unpublish_as_kubelet(&h, &id, &t).await.expect("unpublish");
+    unstage_as_kubelet(&h, &id, &s).await.expect("unstage");
+    retry_pending_and_wait(&h).await;
+    assert!(h.driver.store.get(&id).is_none());
+    assert!(!img(&h, &id).exists());
+}
+
 /// Block start-up finishes each of its leftovers on its own: one it
 /// cannot remove (here an unfinished snapshot copy whose unlink fails) is
 /// logged and left for the next start-up, and the rest of the work is

@@ -82,9 +82,14 @@ pub async fn handle(
                 }
                 Ok(e)
             }
-            Some(_) => Err(Error::Busy(format!(
-                "volume {id} is being created or deleted"
-            ))),
+            // A delete that did not finish (its retry does): the CO asked
+            // for it gone (`Driver::require_not_deleting`). An unfinished
+            // create was never handed out (`Driver::volume`). Neither is
+            // an operation in progress (that holds the guard: ABORTED).
+            Some(rec) => {
+                d.require_not_deleting(&rec)?;
+                Err(Error::NotFound(format!("volume {id} does not exist")))
+            }
             // An id this node made (its tag is ours) lives here or nowhere.
             None if kind.node_local() && kind.node_tag_of(&id) == Some(node_tag(&d.node_id)) => {
                 Err(Error::NotFound(format!("volume {id} does not exist")))

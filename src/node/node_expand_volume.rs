@@ -43,6 +43,8 @@ pub async fn handle(
     let size = d
         .with_volume(&id, move |d, rec, kind| {
             d.require_local_here(&rec)?;
+            // Nothing of a volume the CO asked deleted is grown.
+            d.require_not_deleting(&rec)?;
             // The spec's "Exceeds capabilities": a capability the volume's
             // kind does not offer is INVALID_ARGUMENT before anything grows.
             if let Some(c) = &cap {

@@ -101,7 +101,11 @@ pub fn topology_value(v: &str) -> std::result::Result<(), String> {
 }
 
 /// An absolute, normalised path from the CO (target or staging path): no
-/// `..` or `.` components, no NUL, not `/` itself.
+/// `..` or `.` components, no control character (NUL, LF, CR, tab, ESC,
+/// U+0080-U+009F, ...), not `/` itself. A kubelet never sends a control
+/// character in a path (its paths are made of pod UIDs and volume names);
+/// one in a path would be a mount point the kernel shows escaped in
+/// mountinfo (`\012`) and that log lines and error messages carry.
 pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
     if v.is_empty() {
         return Err(Error::Invalid(format!("{field} is required")));
@@ -113,8 +117,11 @@ pub fn abs_path(field: &str, v: &str) -> Result<PathBuf> {
             MAX_PATH - 1
         )));
     }
-    if v.contains('\0') {
-        return Err(Error::Invalid(format!("{field} contains NUL")));
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Err(Error::Invalid(format!(
+            "{field} contains the control character U+{:04X}",
+            u32::from(c)
+        )));
     }
     let p = Path::new(v);
     if !p.is_absolute() {
@@ -275,6 +282,28 @@ mod tests {
             "", "a/b", "/a/../b", "/a/./b", "/", "/a\0b", "//..", "/a/..",
         ] {
             assert!(abs_path("p", bad).is_err(), "{bad:?}");
+        }
+        // Control characters are refused, naming the character; spaces,
+        // backslashes and text that looks like mountinfo's escapes are not.
+        for (bad, c) in [
+            ("/a\nb", "U+000A"),
+            ("/a\rb", "U+000D"),
+            ("/a\tb", "U+0009"),
+            ("/a/\u{1b}[31m", "U+001B"),
+            ("/a\u{7f}", "U+007F"),
+            ("/a\u{85}", "U+0085"),
+            ("/a\0b", "U+0000"),
+        ] {
+            let e = abs_path("target_path", bad).unwrap_err();
+            assert!(matches!(e, Error::Invalid(_)), "{bad:?}: {e:?}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("target_path contains the control character {c}")),
+                "{bad:?}: {e}"
+            );
+        }
+        for ok in ["/pods/a b/mount", "/pods/a\\b", "/pods/a\\040b", "/pods/ü"] {
+            assert_eq!(abs_path("p", ok).unwrap(), PathBuf::from(ok), "{ok:?}");
         }
         // PATH_MAX (4096) counts the terminating NUL: 4095 bytes at most.
         let at_most = format!("/{}", "a/".repeat(2047));

@@ -316,6 +316,131 @@ async fn control_characters_in_a_capability_are_invalid_and_change_nothing() {
     assert!(!h.path("target").exists());
 }
 
+/// A target or staging path holding a control character (LF, CR, tab,
+/// ESC, DEL, U+0085) is INVALID_ARGUMENT for every node RPC that takes
+/// one, naming the character, and nothing reaches the OS: a kubelet never
+/// sends one, and the kernel shows such a mount point escaped in
+/// mountinfo. NodeGetVolumeStats' and NodeExpandVolume's volume_path is
+/// NOT_FOUND, as for any path that cannot hold the volume. Before, only
+/// NUL was refused: NodeStageVolume and NodePublishVolume mounted at
+/// "<dir>\n..." and answered OK.
+#[tokio::test]
+async fn control_characters_in_a_node_path_are_invalid_and_touch_nothing() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .expect("publish");
+    let other = create(&h, "b", 1 << 20).await.volume_id;
+    let mounts = h.fake().table();
+    h.fake().clear_calls();
+    for c in ['\n', '\r', '\t', '\u{1b}', '\u{7f}', '\u{85}'] {
+        let bad = |p: &std::path::Path| format!("{}{c}x", p.display());
+        let named = format!("control character U+{:04X}", u32::from(c));
+        let invalid = |what: &str, r: Result<(), tonic::Status>| {
+            let e = r.expect_err(what);
+            assert_eq!(e.code(), Code::InvalidArgument, "{what} {c:?}: {e:?}");
+            assert!(e.message().contains(&named), "{what}: {e:?}");
+        };
+        let mut r = stage_req(&other, &h.path("s2"));
+        r.staging_target_path = bad(&h.path("s2"));
+        invalid(
+            "stage",
+            h.node.node_stage_volume(Request::new(r)).await.map(|_| ()),
+        );
+        let mut r = publish_req(&id, &staging, &target, false);
+        r.target_path = bad(&h.path("t2"));
+        invalid(
+            "publish target",
+            h.node
+                .node_publish_volume(Request::new(r))
+                .await
+                .map(|_| ()),
+        );
+        let mut r = publish_req(&id, &staging, &h.path("t2"), false);
+        r.staging_target_path = bad(&staging);
+        invalid(
+            "publish staging",
+            h.node
+                .node_publish_volume(Request::new(r))
+                .await
+                .map(|_| ()),
+        );
+        invalid(
+            "unpublish",
+            h.node
+                .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: bad(&target),
+                }))
+                .await
+                .map(|_| ()),
+        );
+        invalid(
+            "unstage",
+            h.node
+                .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: bad(&staging),
+                }))
+                .await
+                .map(|_| ()),
+        );
+        invalid(
+            "stats staging",
+            h.node
+                .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+                    volume_id: id.clone(),
+                    volume_path: target.display().to_string(),
+                    staging_target_path: bad(&staging),
+                }))
+                .await
+                .map(|_| ()),
+        );
+        let e = h
+            .node
+            .node_get_volume_stats(Request::new(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: bad(&target),
+                staging_target_path: String::new(),
+            }))
+            .await
+            .expect_err("stats volume_path");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        invalid(
+            "expand staging",
+            h.node
+                .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    volume_path: target.display().to_string(),
+                    staging_target_path: bad(&staging),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: 2 << 20,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                }))
+                .await
+                .map(|_| ()),
+        );
+    }
+    assert_eq!(h.fake().calls(), vec![], "nothing reaches the OS");
+    assert_eq!(h.fake().table(), mounts, "no mount made or taken down");
+    assert!(h.path("s2").parent().unwrap().read_dir().unwrap().all(|e| {
+        let n = e.unwrap().file_name();
+        !n.to_string_lossy().chars().any(char::is_control)
+    }));
+    // The volume is still staged and published at its own paths.
+    unpublish_as_kubelet(&h, &id, &target)
+        .await
+        .expect("unpublish");
+    unstage_as_kubelet(&h, &id, &staging)
+        .await
+        .expect("unstage");
+}
+
 #[tokio::test]
 async fn create_names_an_unknown_parameter() {
     let h = fake(&[]);

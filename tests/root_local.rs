@@ -411,6 +411,81 @@ async fn a_mount_point_named_in_no_utf8_breaks_nothing() {
     assert_eq!(odd_entries.len(), 1, "the odd mount is read back exactly");
 }
 
+/// Staging and target paths with a space, a backslash and text
+/// that looks like mountinfo's own escapes (`\040`, `\012`, `\134`) in
+/// their names: the kernel shows them escaped in mountinfo, and Berth reads
+/// them back exactly. A repeated stage and publish add no mount, a
+/// DeleteVolume sees the volume mounted there (FAILED_PRECONDITION), and
+/// unpublish and unstage take the mounts down, found by the mount table.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn paths_with_spaces_and_escape_like_names_round_trip_through_mountinfo() {
+    let (h, _g) = real(&[]);
+    let id = h
+        .ctl
+        .create_volume(Request::new(create_req("odd", 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = h.path(r"stage dir\040x\134y");
+    std::fs::create_dir(&staging).unwrap();
+    let pod = h.path(r"pods/a b\012c\d");
+    std::fs::create_dir_all(&pod).unwrap();
+    let target = pod.join("mount point");
+    for _ in 0..2 {
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &staging)))
+            .await
+            .unwrap();
+        h.node
+            .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(mount_entries(&staging).len(), 1);
+    assert_eq!(mount_entries(&target).len(), 1);
+    // The kernel's own text of the mount points: escaped.
+    let raw = String::from_utf8_lossy(&std::fs::read("/proc/self/mountinfo").unwrap()).into_owned();
+    assert!(raw.contains(r"stage\040dir\134040x\134134y "), "{raw}");
+    assert!(
+        raw.contains(r"a\040b\134012c\134d/mount\040point "),
+        "{raw}"
+    );
+    std::fs::write(target.join("f"), b"x").unwrap();
+    assert_eq!(
+        std::fs::read(h.path("local").join(&id).join("f")).unwrap(),
+        b"x"
+    );
+    let del = csi::DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(h.ctl.delete_volume(Request::new(del.clone())).await),
+        Code::FailedPrecondition
+    );
+    for _ in 0..2 {
+        h.node
+            .node_unpublish_volume(Request::new(unpublish_req(&id, &target)))
+            .await
+            .unwrap();
+    }
+    assert!(mount_entries(&target).is_empty());
+    assert!(!target.exists(), "target removed");
+    for _ in 0..2 {
+        h.node
+            .node_unstage_volume(Request::new(unstage_req(&id, &staging)))
+            .await
+            .unwrap();
+    }
+    assert!(mount_entries(&staging).is_empty());
+    h.ctl.delete_volume(Request::new(del)).await.unwrap();
+    assert!(mounts_under(h.dir.path()).is_empty());
+}
+
 /// Staging and target paths under a symlinked parent: mountinfo shows the
 /// resolved path, so mounts are matched by mount id (statx STATX_MNT_ID),
 /// not by path text: a repeated stage adds no mount, unpublish and unstage

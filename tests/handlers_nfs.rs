@@ -3690,7 +3690,8 @@ async fn without_records_the_same_name_with_another_content_source_is_already_ex
 /// deleted. Before, the kind's delete
 /// took the id for one that is not Berth's and did nothing, the record
 /// was removed and the call answered OK: the CO forgot the snapshot while
-/// its copy stayed on the share for good.
+/// its copy stayed on the share for good. `state check` warns about it, as
+/// about such a volume (before, it said nothing).
 #[tokio::test]
 async fn a_recorded_snapshot_on_a_share_no_longer_allowed_is_not_forgotten() {
     let h = nfs(&[]);
@@ -3725,7 +3726,19 @@ async fn a_recorded_snapshot_on_a_share_no_longer_allowed_is_not_forgotten() {
     assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
     assert!(h.driver.store.snapshot_get(&s.snapshot_id).is_some());
     assert!(dir.join("data/f").exists());
+    // `state check` names it, as it does such a volume (before: nothing).
+    let (_, report) = state_check(&h);
+    let line = report
+        .lines()
+        .find(|l| l.contains(&s.snapshot_id))
+        .unwrap_or_else(|| panic!("the snapshot is not named: {report}"));
+    assert!(
+        line.starts_with("warning:") && line.contains("--nfs-allowed-shares does not allow"),
+        "{report}"
+    );
     let h = restart(h, &["--kinds", "nfs"]);
+    let (_, report) = state_check(&h);
+    assert!(!report.contains(&s.snapshot_id), "{report}");
     delete_snapshot(&h, &s.snapshot_id).await.expect("delete");
     assert!(h.driver.store.snapshot_get(&s.snapshot_id).is_none());
     assert!(!dir.exists());

@@ -232,7 +232,8 @@ async fn a_local_snapshot_is_a_point_in_time_copy_and_restores() {
 /// ControllerExpandVolume are FAILED_PRECONDITION naming the flag (as
 /// DeleteVolume is) and touch nothing. Before, DeleteSnapshot and
 /// CreateSnapshot were INVALID_ARGUMENT and ControllerExpandVolume
-/// NOT_FOUND ("does not exist").
+/// NOT_FOUND ("does not exist"). `state check` warns about the snapshot
+/// (before, it named the volume only).
 #[tokio::test]
 async fn a_kind_no_longer_served_keeps_its_snapshots_and_is_failed_precondition() {
     let h = fake(&[]);
@@ -294,6 +295,14 @@ async fn a_kind_no_longer_served_keeps_its_snapshots_and_is_failed_precondition(
     assert!(h.driver.store.snapshot_by_name("s2").is_none());
     assert_eq!(h.driver.store.get(&id).unwrap().capacity_bytes, MIB);
     assert!(copy.exists());
+    // `state check` names the snapshot, as it does the volume.
+    let (_, report) = state_check(&h);
+    assert!(
+        report.lines().any(|l| l.starts_with("warning:")
+            && l.contains(&s)
+            && l.contains("--kinds does not include local")),
+        "{report}"
+    );
     // Served again: the snapshot is deleted.
     let h = build(h.stop(), berth::os::Os::fake().0, None, &[]);
     h.ctl

@@ -164,6 +164,29 @@ fn unserved(cfg: &Config, r: &VolumeRecord) -> Option<String> {
     None
 }
 
+/// `unserved` for a snapshot record (as `Driver::unserved_snapshot`
+/// answers its calls): its kind is not in `--kinds`, or, NFS, its share
+/// not in `--nfs-allowed-shares`.
+fn unserved_snapshot(cfg: &Config, s: &SnapshotRecord) -> Option<String> {
+    if !cfg.serves(s.kind) {
+        return Some(format!(
+            "a {} snapshot, and --kinds does not include {}",
+            s.kind, s.kind
+        ));
+    }
+    if s.kind == Kind::Nfs {
+        let id = crate::kinds::nfs::id::SnapshotId::parse(&s.id).ok()?;
+        let allowed = crate::kinds::nfs::allow::AllowedShares(cfg.nfs_allowed_shares.clone());
+        if !allowed.permits(&id.server, &id.share) {
+            return Some(format!(
+                "on share {}:{}, which --nfs-allowed-shares does not allow",
+                id.server, id.share
+            ));
+        }
+    }
+    None
+}
+
 /// Compares the records with the storage they name, and looks for storage
 /// without a record.
 pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<Finding> {
@@ -483,6 +506,12 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
     let local_root = cfg.local_root();
     let block_root = cfg.block_root();
     for s in snapshots {
+        if let Some(why) = unserved_snapshot(cfg, s) {
+            out.push(warning(format!(
+                "snapshot {} ({}): {why}; berth keeps it and its copy, and every call naming it fails saying so (a restore from it is refused) until it is served again",
+                s.id, s.name
+            )));
+        }
         let kept = match s.kind {
             Kind::Local => {
                 crate::kinds::local::snapshot_kept_on_rollback(&RealFiles, &local_root, s)

@@ -2088,6 +2088,65 @@ async fn aliased_shares_overlap_on_the_resolved_path() {
     }
 }
 
+/// Overlap is decided on the server as an address, not as it is spelled:
+/// `[FD00:0::1]` is `[fd00::1]` to the kernel, so a volume on one spelling
+/// inside another's directory on the other is ALREADY_EXISTS. Before, only
+/// the case was ignored: the second was made inside the first volume's
+/// directory, whose tenant could read and change it, and whose delete
+/// would take it along. Forms of an IPv4 address other than a.b.c.d, which
+/// the resolver and the kernel read as that address (a numeric host name,
+/// `0x7f.1`, `0x7f000001`; an IPv4-mapped IPv6 address,
+/// `[::ffff:127.0.0.1]`), are INVALID_ARGUMENT naming the plain form;
+/// before, they were taken for other servers and nested unseen too.
+#[tokio::test]
+async fn another_spelling_of_the_server_address_overlaps_too() {
+    for (first, second) in [("[FD00::1]", "[fd00:0::1]"), ("[fd00::1]", "[FD00:0:0::1]")] {
+        let h = nfs(&[]);
+        let one = create(
+            &h,
+            "one",
+            &[("server", first), ("share", "/export"), ("subDir", "a")],
+        )
+        .await;
+        let e = create_err(
+            &h,
+            req(
+                "two",
+                &[("server", second), ("share", "/export/a"), ("subDir", "b")],
+            ),
+        )
+        .await;
+        assert_eq!(
+            e.code(),
+            Code::AlreadyExists,
+            "{first} {second}: {}",
+            e.message()
+        );
+        assert!(e.message().contains(&one.volume_id), "{}", e.message());
+        assert_eq!(h.driver.store.len(), 1);
+    }
+    let h = nfs(&[]);
+    create(&h, "one", &[("subDir", "a")]).await;
+    h.fake().clear_calls();
+    for odd in ["0x7f.1", "0x7f000001", "0X7F.0.0.1", "[::ffff:127.0.0.1]"] {
+        let e = create_err(
+            &h,
+            req(
+                "odd",
+                &[("server", odd), ("share", "/export/a"), ("subDir", "b")],
+            ),
+        )
+        .await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{odd}: {}", e.message());
+        assert!(
+            e.message().contains("write it as 127.0.0.1"),
+            "{}",
+            e.message()
+        );
+    }
+    assert!(runs(h.fake()).is_empty(), "{:?}", runs(h.fake()));
+}
+
 /// A volume with another volume's marked directory inside it is neither
 /// deleted nor archived (that would take the other's data with it).
 #[tokio::test]

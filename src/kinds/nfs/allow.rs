@@ -2,10 +2,10 @@
 //!
 //! Each entry is `server:/path` (that server only) or `/path` (any server).
 //! A volume's share is allowed when it is a listed path or lies below one,
-//! on a listed server. An empty list allows any share except `/` (an NFSv4
+//! on a listed server (in any spelling of it: `id::canonical_server`). An empty list allows any share except `/` (an NFSv4
 //! pseudo-root reaches every export of the server): `/` must be listed
 //! explicitly, as `server:/` or `/`.
-use super::id::{check_server, check_share, normalize_share, path_within};
+use super::id::{check_server, check_share, normalize_share, path_within, same_host};
 
 /// One entry of `--nfs-allowed-shares`, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,9 +47,7 @@ impl AllowedShare {
     }
 
     fn permits(&self, server: &str, share: &str) -> bool {
-        self.server
-            .as_deref()
-            .is_none_or(|h| h.eq_ignore_ascii_case(server))
+        self.server.as_deref().is_none_or(|h| same_host(h, server))
             && path_within(share, &self.path)
     }
 }
@@ -127,5 +125,15 @@ mod tests {
         assert!(l.permits("g", "/any/x"));
         assert!(l.permits("[fd00::1]", "/"));
         assert!(l.permits("[fd00::1]", "/x"));
+        // Another spelling of a listed address is that address.
+        let l = AllowedShares(vec![
+            AllowedShare::parse("127.0.0.1:/e").unwrap(),
+            AllowedShare::parse("[FD00::1]:/f").unwrap(),
+        ]);
+        assert!(l.permits("0x7f.1", "/e"));
+        assert!(l.permits("[::ffff:127.0.0.1]", "/e/x"));
+        assert!(l.permits("[fd00:0::1]", "/f"));
+        assert!(!l.permits("127.0.0.2", "/e"));
+        assert!(!l.permits("localhost", "/e"));
     }
 }

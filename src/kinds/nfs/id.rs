@@ -10,6 +10,7 @@
 //! not belong, or anything outside `[A-Za-z0-9._+@=~-]`, so no id can name
 //! the share root or anything outside the share.
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The CSI limit for a volume id.
 pub const MAX_ID: usize = 128;
@@ -144,6 +145,102 @@ pub fn check_server(s: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The IPv4 address a numeric host name stands for as the C library's
+/// resolver reads it (`inet_aton`, which `mount.nfs` reaches through
+/// `getaddrinfo`): one to four parts, each decimal, octal with a leading
+/// `0` or hexadecimal with `0x`, the last filling the bytes left, so
+/// `127.1`, `0x7f.1`, `0x7f000001` and `2130706433` are all 127.0.0.1.
+/// None for anything else (a host name).
+pub fn inet_aton(s: &str) -> Option<Ipv4Addr> {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let number = |p: &str| -> Option<u64> {
+        let (digits, radix) = if let Some(h) = p.strip_prefix("0x").or(p.strip_prefix("0X")) {
+            // `0x` alone is 0 to the C library.
+            if h.is_empty() {
+                return Some(0);
+            }
+            (h, 16)
+        } else if p.len() > 1 && p.starts_with('0') {
+            (&p[1..], 8)
+        } else {
+            (p, 10)
+        };
+        if digits.is_empty() || digits.len() > 12 || !digits.chars().all(|c| c.is_digit(radix)) {
+            return None;
+        }
+        u64::from_str_radix(digits, radix).ok()
+    };
+    let values = parts
+        .iter()
+        .map(|p| number(p))
+        .collect::<Option<Vec<u64>>>()?;
+    let (last, first) = values.split_last()?;
+    if first.iter().any(|v| *v > 0xff) || *last >= 1u64 << (8 * (4 - first.len())) {
+        return None;
+    }
+    let addr = first
+        .iter()
+        .enumerate()
+        .fold(*last, |a, (i, v)| a | v << (24 - 8 * i));
+    Some(Ipv4Addr::from(addr as u32))
+}
+
+/// The address a server (as `check_server` accepts it, or a numeric host
+/// name the resolver reads as an address: `inet_aton`) names, IPv4-mapped
+/// IPv6 addresses as IPv4; None for a host name.
+pub fn server_ip(s: &str) -> Option<IpAddr> {
+    if let Some(inner) = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
+        return inner
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(|a| IpAddr::V6(a).to_canonical());
+    }
+    inet_aton(s).map(IpAddr::V4)
+}
+
+/// One spelling for each server, for comparing servers: an address in
+/// its canonical form (`127.0.0.1` for `0x7f.1` or `[::ffff:127.0.0.1]`,
+/// `[fd00::1]` for `[FD00:0::1]`), a host name in lower case. Host names
+/// are never resolved: two names, or a name and an address, stay apart.
+pub fn canonical_server(s: &str) -> String {
+    match server_ip(s) {
+        Some(IpAddr::V4(a)) => a.to_string(),
+        Some(IpAddr::V6(a)) => format!("[{a}]"),
+        None => s.to_ascii_lowercase(),
+    }
+}
+
+/// Whether two spellings name the same server (`canonical_server`).
+pub fn same_host(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b) || canonical_server(a) == canonical_server(b)
+}
+
+/// Why a server `check_server` accepts is still refused for a new volume:
+/// an address written in another form than its plain one (a numeric host
+/// name such as `0x7f.1`, or an IPv4-mapped IPv6 address), which would
+/// make ids of one server differ in spelling only.
+pub fn unusual_server(s: &str) -> Option<String> {
+    let plain = |a: Ipv4Addr| {
+        format!(
+            "server {:?} is the IPv4 address {a} in another form: write it as {a}",
+            s.chars().take(64).collect::<String>()
+        )
+    };
+    if s.starts_with('[') {
+        return match server_ip(s) {
+            Some(IpAddr::V4(a)) => Some(plain(a)),
+            _ => None,
+        };
+    }
+    match inet_aton(s) {
+        Some(a) if s.parse::<Ipv4Addr>().is_err() => Some(plain(a)),
+        _ => None,
+    }
 }
 
 /// Berth's areas at a share root (archives, snapshots): no share may lie
@@ -301,9 +398,11 @@ impl VolumeId {
     /// True when the two volumes' directories are the same or one holds the
     /// other on the server: decided on the resolved export path (share and
     /// subdirectory together), so `share=/e, subDir=a/b` and `share=/e/a,
-    /// subDir=b` are the same directory. Host names compare without case.
+    /// subDir=b` are the same directory. Servers compare by
+    /// `canonical_server`: host names without case, addresses in any
+    /// spelling (`127.0.0.1`, `0x7f.1`, `[::ffff:127.0.0.1]`).
     pub fn overlaps(&self, other: &VolumeId) -> bool {
-        if !self.server.eq_ignore_ascii_case(&other.server) {
+        if !same_host(&self.server, &other.server) {
             return false;
         }
         let (a, b) = (self.path(), other.path());
@@ -311,13 +410,13 @@ impl VolumeId {
     }
 
     /// The key of the volume's directory in the store's index of storage
-    /// (`Store`'s `overlapping`): the server without case, a NUL, and the
+    /// (`Store`'s `overlapping`): the server (`canonical_server`), a NUL, and the
     /// resolved export path (`path`, never `/` itself: a subdirectory has
     /// a component). Two volumes `overlaps` exactly when one key is the
     /// other or the other followed by `/` and more, so the check for
     /// nested storage is a few lookups, not a walk of every record.
     pub fn storage_key(&self) -> String {
-        format!("{}\0{}", self.server.to_ascii_lowercase(), self.path())
+        format!("{}\0{}", canonical_server(&self.server), self.path())
     }
 }
 
@@ -414,10 +513,10 @@ impl SnapshotId {
         })
     }
 
-    /// Whether the volume `v` is on this snapshot's share (host names
-    /// compare without case).
+    /// Whether the volume `v` is on this snapshot's share (servers compare
+    /// by `canonical_server`).
     pub fn same_share(&self, v: &VolumeId) -> bool {
-        self.server.eq_ignore_ascii_case(&v.server) && self.share == v.share
+        same_host(&self.server, &v.server) && self.share == v.share
     }
 
     /// The share as an NFS source: `server:/share`.
@@ -567,6 +666,10 @@ mod tests {
             "nfs#d#h.x#/e#a",
             "nfs#d#[fd00::1]#/e#a",
             "nfs#d#[FD00::1]#/e#a/b",
+            "nfs#d#[fd00:0::1]#/e/a#c",
+            "nfs#d#0x7f.1#/e/a#b",
+            "nfs#d#127.0.0.1#/e#a",
+            "nfs#d#[::ffff:127.0.0.1]#/e#a/b/c",
         ];
         let nest =
             |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|r| r.starts_with('/'));
@@ -636,6 +739,98 @@ mod tests {
             "nfs#d#h#/.berth-snapshots/a#b",
         ] {
             assert!(VolumeId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// Every spelling the resolver reads as one address is that address
+    /// (`mount.nfs` would reach the same server with it), for the overlap
+    /// check and the index of storage as much as for anything else.
+    #[test]
+    fn aliases_of_one_address_are_one_server() {
+        let lo = Some(Ipv4Addr::new(127, 0, 0, 1));
+        for s in [
+            "127.0.0.1",
+            "127.1",
+            "127.0.1",
+            "0x7f.1",
+            "0X7F.0.0.1",
+            "0x7f000001",
+            "2130706433",
+            "0177.0.0.1",
+            "017700000001",
+        ] {
+            assert_eq!(inet_aton(s), lo, "{s}");
+        }
+        assert_eq!(inet_aton("0x"), Some(Ipv4Addr::UNSPECIFIED));
+        for s in [
+            "",
+            "h",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "1.2.65536",
+            "1.16777216",
+            "4294967296",
+            "08.1.1.1",
+            "0x1g",
+            "1..2",
+            "+1.2.3.4",
+            "0x7f.example",
+            "nas-1",
+        ] {
+            assert_eq!(inet_aton(s), None, "{s:?}");
+        }
+        for (a, b) in [
+            ("127.0.0.1", "0x7f.1"),
+            ("127.0.0.1", "[::ffff:127.0.0.1]"),
+            ("127.0.0.1", "[::FFFF:7f00:1]"),
+            ("[fd00::1]", "[FD00:0:0::1]"),
+            ("nas.example", "NAS.Example"),
+        ] {
+            assert!(same_host(a, b), "{a} {b}");
+            assert_eq!(canonical_server(a), canonical_server(b), "{a} {b}");
+        }
+        for (a, b) in [
+            ("127.0.0.1", "127.0.0.2"),
+            ("127.0.0.1", "localhost"),
+            ("[fd00::1]", "[fd00::2]"),
+            ("[::1]", "127.0.0.1"),
+            ("nas", "nas.example"),
+        ] {
+            assert!(!same_host(a, b), "{a} {b}");
+        }
+        assert_eq!(canonical_server("[FD00:0::1]"), "[fd00::1]");
+        let p = |s: &str| VolumeId::parse(s).unwrap();
+        let outer = p("nfs#d#127.0.0.1#/e#a");
+        for inner in [
+            "nfs#d#0x7f.1#/e/a#b",
+            "nfs#d#0x7f000001#/e#a/b",
+            "nfs#d#[::ffff:127.0.0.1]#/e/a#b",
+        ] {
+            assert!(outer.overlaps(&p(inner)), "{inner}");
+            assert!(p(inner)
+                .storage_key()
+                .starts_with(&format!("{}/", outer.storage_key())));
+        }
+        assert!(p("nfs#d#[fd00::1]#/e#a").overlaps(&p("nfs#d#[FD00:0::1]#/e/a#b")));
+        // A plain address needs no other form; the others are refused for
+        // new volumes (`Params`), with the plain form named.
+        for plain in [
+            "127.0.0.1",
+            "[fd00::1]",
+            "[FD00:0::1]",
+            "nas-1",
+            "0x7f.example",
+        ] {
+            assert_eq!(unusual_server(plain), None, "{plain}");
+        }
+        for (odd, named) in [
+            ("0x7f.1", "127.0.0.1"),
+            ("0x7f000001", "127.0.0.1"),
+            ("[::ffff:10.0.0.1]", "10.0.0.1"),
+        ] {
+            let why = unusual_server(odd).expect(odd);
+            assert!(why.contains(&format!("write it as {named}")), "{why}");
         }
     }
 

@@ -128,7 +128,9 @@ fn ip_literal(host: &str) -> Option<std::net::IpAddr> {
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    bare.parse().ok()
+    bare.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|a| a.to_canonical())
 }
 
 /// The server address the kernel's NFS client talks to: the `addr=` super
@@ -560,7 +562,7 @@ impl VolumeKind for NfsKind {
     ) -> std::result::Result<(), String> {
         let p = Params::parse(params).map_err(|e| e.to_string())?;
         let v = VolumeId::parse(&rec.id)?;
-        if !p.server.eq_ignore_ascii_case(&v.server) || p.share != v.share {
+        if !id::same_host(&p.server, &v.server) || p.share != v.share {
             return Err(format!(
                 "the parameters name share {}:{}, the volume is on {}:{}",
                 p.server, p.share, v.server, v.share
@@ -918,7 +920,7 @@ impl VolumeKind for NfsKind {
                 ("volume", &v.id, svid.server, svid.share)
             }
         };
-        if !server.eq_ignore_ascii_case(&vid.server) || share != vid.share {
+        if !id::same_host(&server, &vid.server) || share != vid.share {
             return Err(Error::Invalid(format!(
                 "source {what} {src_id} is on share {server}:{share}, the new volume on {}: NFS volumes are restored and cloned only on the source's share (use a StorageClass with the same server and share)",
                 vid.share_source()

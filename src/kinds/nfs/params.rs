@@ -75,6 +75,9 @@ impl Params {
         let server =
             server.ok_or_else(|| invalid("parameter server is required for NFS volumes".into()))?;
         id::check_server(&server).map_err(|e| invalid(format!("parameter {e}")))?;
+        if let Some(why) = id::unusual_server(&server) {
+            return Err(invalid(format!("parameter {why}")));
+        }
         let share =
             share.ok_or_else(|| invalid("parameter share is required for NFS volumes".into()))?;
         let share = id::normalize_share(&share);

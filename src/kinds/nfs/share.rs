@@ -435,12 +435,32 @@ pub fn archive_name(id: &str, subdir: &str, unix: u64) -> String {
 }
 
 /// Another volume's marker inside the directory `dir` (any depth, no
-/// symlink followed): its path relative to `dir` and its id.
+/// symlink followed): its path relative to `dir` and its id. Each
+/// directory is opened from `dir` one component at a time with
+/// O_NOFOLLOW (`open_below`) and read through its descriptor: the tenant
+/// changes the tree while it is walked, and a directory it swaps for a
+/// symlink after it was listed is not followed (nothing behind it is the
+/// volume's). Before 2026-12-07 each was read by its path, and a symlink
+/// swapped in for a listed directory led the walk out of the volume, to
+/// wherever it pointed on the controller's host (its root, other shares'
+/// working mounts), the delete refused naming whatever marker was found
+/// there.
 fn nested_volume(dir: &OwnedFd, own_id: &str) -> Result<Option<(PathBuf, String)>> {
-    let base = fd_path(dir, "");
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let entries = match std::fs::read_dir(base.join(&rel)) {
+        let sub = match open_below(dir, &rel) {
+            Ok(fd) => fd,
+            // Removed, or replaced by a symlink or a file, since its parent
+            // was listed: nothing of a volume's is reached through it.
+            Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => continue,
+            Err(e) => {
+                return Err(sys_err(
+                    format!("opening {} on the share", rel.display()),
+                    e,
+                ))
+            }
+        };
+        let entries = match std::fs::read_dir(fd_path(&sub, "")) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
@@ -459,8 +479,6 @@ fn nested_volume(dir: &OwnedFd, own_id: &str) -> Result<Option<(PathBuf, String)
             if ft.is_dir() {
                 stack.push(rel.join(e.file_name()));
             } else if !rel.as_os_str().is_empty() && e.file_name() == MARKER && ft.is_file() {
-                let sub = open(&base.join(&rel), dir_flags(), Mode::empty())
-                    .map_err(|e| sys_err(format!("opening {}", rel.display()), e))?;
                 if let Some(m) = read_marker(&sub)
                     .map_err(|e| sys_err(format!("reading {}", rel.display()), e))?
                 {
@@ -472,6 +490,17 @@ fn nested_volume(dir: &OwnedFd, own_id: &str) -> Result<Option<(PathBuf, String)
         }
     }
     Ok(None)
+}
+
+/// The directory `rel` below the open directory `dir`, opened one
+/// component at a time, never through a symlink (ELOOP or ENOTDIR where a
+/// component is not a plain directory).
+fn open_below(dir: &OwnedFd, rel: &Path) -> nix::Result<OwnedFd> {
+    let mut fd = openat(dir, ".", dir_flags(), Mode::empty())?;
+    for c in rel.components() {
+        fd = openat(&fd, c.as_os_str(), dir_flags(), Mode::empty())?;
+    }
+    Ok(fd)
 }
 
 /// Whether the directory of `id` (`subdir` below `root`) carries the
@@ -1451,6 +1480,75 @@ mod tests {
         mark(&inner, &mk("outer"));
         remove(d.path(), "outer", Removal::Apply(OnDelete::Delete)).unwrap();
         assert!(!d.path().join("outer").exists());
+    }
+
+    /// A tenant swaps a directory of its volume for a symlink (and back)
+    /// while a delete looks for other volumes' markers inside it: the look
+    /// never follows the symlink. Before, each directory was read by its
+    /// path after its parent listed it as a directory, and the symlink
+    /// swapped in meanwhile led the look out of the volume (to where it
+    /// points on the controller's host): here to another volume's marker,
+    /// which refused the delete naming that volume.
+    #[test]
+    fn the_look_for_nested_volumes_never_follows_a_symlink_swapped_in() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("sub")).unwrap();
+        mark(&outside.path().join("sub"), &mk("other"));
+        create(d.path(), "v", None).unwrap();
+        let v = d.path().join("v");
+        std::fs::create_dir_all(v.join("x/sub")).unwrap();
+        symlink(outside.path(), v.join("y")).unwrap();
+        let dir = open(&v, dir_flags(), Mode::empty()).unwrap();
+        let stop = AtomicBool::new(false);
+        let (walks, swaps) = std::thread::scope(|s| {
+            let swapper = s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    nix::fcntl::renameat2(
+                        nix::fcntl::AT_FDCWD,
+                        &v.join("x"),
+                        nix::fcntl::AT_FDCWD,
+                        &v.join("y"),
+                        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                    )
+                    .unwrap();
+                    n += 1;
+                }
+                n
+            });
+            let t0 = std::time::Instant::now();
+            let mut walks = 0;
+            let mut found = Ok(None);
+            while t0.elapsed() < std::time::Duration::from_secs(3) {
+                found = nested_volume(&dir, &id("v"));
+                walks += 1;
+                if !matches!(found, Ok(None)) {
+                    break;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            let swaps = swapper.join().unwrap();
+            assert!(
+                matches!(found, Ok(None)),
+                "walk {walks}: {:?}",
+                found.map_err(|e| e.to_string())
+            );
+            (walks, swaps)
+        });
+        assert!(walks > 100 && swaps > 100, "{walks} walks, {swaps} swaps");
+        // A volume really inside is still found, through plain directories.
+        let real = if std::fs::symlink_metadata(v.join("x")).unwrap().is_dir() {
+            v.join("x")
+        } else {
+            v.join("y")
+        };
+        std::fs::create_dir_all(real.join("sub/deeper")).unwrap();
+        mark(&real.join("sub/deeper"), &mk("nested"));
+        let (rel, other) = nested_volume(&dir, &id("v")).unwrap().unwrap();
+        assert!(rel.ends_with("sub/deeper"), "{rel:?}");
+        assert_eq!(other, id("nested"));
     }
 
     #[test]

@@ -3063,6 +3063,135 @@ async fn a_replaced_disk_is_neither_used_nor_wiped() {
     assert_eq!(c.capacity_bytes, 10 * MIB, "offered again once wiped");
 }
 
+/// Two disks of the pool listed by their `/dev/disk/by-id` links (as
+/// `--disk-pool=/dev/disk/by-id/nvme-*`, the README's example, does), named
+/// by the kernel the other way round after a reboot (NVMe drives probed in
+/// another order: the link of the first now leads to the second's node and
+/// device number). Each volume is its disk, found by the link its record
+/// names: staged and erased there, never at the other's node. Before, a
+/// record whose pool path was itself the disk's by-id link (no other link
+/// recorded) asked for the device number too: after the reboot both
+/// volumes' stages and deletes answered FAILED_PRECONDITION for good.
+#[tokio::test]
+async fn disks_listed_by_id_renumbered_at_a_reboot_are_still_their_volumes() {
+    renumbered_at_a_reboot(true).await;
+}
+
+/// Two disks of the pool listed by their kernel names, with by-id links
+/// (recorded), named the other way round after a reboot: each volume is
+/// found by its link, and the disk freed by a delete is offered again.
+/// Before, the other volume's record still claimed its old kernel name
+/// and device number, now the freed disk's: it was never offered again
+/// while that volume lived.
+#[tokio::test]
+async fn a_disk_freed_after_the_drives_were_renumbered_is_offered_again() {
+    renumbered_at_a_reboot(false).await;
+}
+
+/// Two 10 MiB disks with by-id links nvme-A and nvme-B, the pool listing
+/// the links (`listed_by_id`) or the kernel names; a volume on each, then
+/// a reboot swaps the kernel names; each volume is staged, deleted.
+async fn renumbered_at_a_reboot(listed_by_id: bool) {
+    let h = disk_harness();
+    let nodes = h.path("nodes");
+    std::fs::create_dir_all(&nodes).unwrap();
+    let nodes = std::fs::canonicalize(nodes).unwrap();
+    let by_id = h.path("by-id");
+    std::fs::create_dir_all(&by_id).unwrap();
+    let (n0, n1) = (nodes.join("nvme0n1"), nodes.join("nvme1n1"));
+    let (la, lb) = (by_id.join("nvme-A"), by_id.join("nvme-B"));
+    let boot = |f: &FakeOs, a: &Path, b: &Path| {
+        for (n, minor) in [(&n0, 0), (&n1, 1)] {
+            if !n.exists() {
+                std::fs::write(n, b"").unwrap();
+            }
+            f.add_device(n, 259, minor, (10 * MIB) as u64);
+        }
+        for (l, t) in [(&la, a), (&lb, b)] {
+            let _ = std::fs::remove_file(l);
+            std::os::unix::fs::symlink(t, l).unwrap();
+        }
+        f.set_by_id_dir(&by_id);
+        script_blank(f);
+    };
+    let pool = if listed_by_id {
+        format!("{}/nvme-*", by_id.display())
+    } else {
+        format!("{}/nvme*n1", nodes.display())
+    };
+    let (h, f) = restart(h, &["--disk-pool", &pool]);
+    boot(&f, &n0, &n1);
+    let a = create(&h, "a", 10 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let b = create(&h, "b", 10 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let disk = |h: &Harness, id: &str| block_info(h, id).disk.unwrap();
+    if listed_by_id {
+        assert_eq!(disk(&h, &a).path, la);
+        assert_eq!(disk(&h, &a).by_id, None, "the pool path is the link");
+        assert_eq!(disk(&h, &b).path, lb);
+    } else {
+        assert_eq!(disk(&h, &a).path, n0);
+        assert_eq!(disk(&h, &a).by_id, Some(la.clone()));
+        assert_eq!(disk(&h, &b).by_id, Some(lb.clone()));
+    }
+    assert_eq!((disk(&h, &a).major, disk(&h, &a).minor), (259, 0));
+
+    // The reboot: nvme-A is now nvme1n1 (259:1), nvme-B nvme0n1 (259:0).
+    let (h, f) = restart(h, &["--disk-pool", &pool]);
+    boot(&f, &n1, &n0);
+    let cap = block_cap(Mode::SingleNodeWriter);
+    for (id, s) in [(&a, h.path("sa")), (&b, h.path("sb"))] {
+        std::fs::create_dir_all(&s).unwrap();
+        h.node
+            .node_stage_volume(Request::new(stage_with(id, &s, cap.clone())))
+            .await
+            .unwrap_or_else(|e| panic!("stage of {id}: {e:?}"));
+        h.node
+            .node_unstage_volume(Request::new(unstage(id, &s)))
+            .await
+            .unwrap();
+    }
+    f.clear_calls();
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: a.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let zeroed: Vec<PathBuf> = f
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::ZeroOut { device, .. } => Some(device),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        zeroed,
+        vec![n1.clone()],
+        "a's disk is nvme-A's, now nvme1n1"
+    );
+    // b's disk is still b's: the one free disk is a's.
+    let (total, _) = disk_capacity(&h).await;
+    assert_eq!(total, 10 * MIB);
+    h.ctl
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: b.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(f
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &n0)));
+    assert_eq!(disk_capacity(&h).await.0, 20 * MIB);
+}
+
 /// A pool disk that another process holds exclusively (a device-mapper,
 /// md or bcache device stacked on it, or a raw user that claimed it), with
 /// no signature, is not free: it was offered and handed to a tenant, who

@@ -111,8 +111,13 @@ impl std::fmt::Debug for DeviceClaim {
 pub trait BlockDevices: Send + Sync {
     /// Follows symlinks; ENOTBLK when `path` is not a block device.
     fn inspect(&self, path: &Path) -> Result<DeviceInfo, OsError>;
+    /// Every `/dev/disk/by-id` link to the device udev made, the one
+    /// `stable_link` prefers first.
+    fn stable_links(&self, dev: &DeviceInfo) -> Vec<PathBuf>;
     /// A `/dev/disk/by-id` link to the device, if udev made one.
-    fn stable_link(&self, dev: &DeviceInfo) -> Option<PathBuf>;
+    fn stable_link(&self, dev: &DeviceInfo) -> Option<PathBuf> {
+        self.stable_links(dev).into_iter().next()
+    }
     /// Reads the first 4 KiB: proves the device answers before anything is
     /// decided from a probe of it (blkid reports "nothing found" for a device
     /// it cannot read), and returns them (a superblock lives there).
@@ -496,9 +501,11 @@ impl BlockDevices for RealBlockDevices {
         self.bounded(Calls::SideBySide, "inspect", path, inspect_now)
     }
 
-    fn stable_link(&self, dev: &DeviceInfo) -> Option<PathBuf> {
-        let mut links: Vec<PathBuf> = std::fs::read_dir(&self.by_id)
-            .ok()?
+    fn stable_links(&self, dev: &DeviceInfo) -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(&self.by_id) else {
+            return Vec::new();
+        };
+        let mut links: Vec<PathBuf> = rd
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| std::fs::canonicalize(p).ok().as_deref() == Some(dev.path.as_path()))
@@ -508,7 +515,7 @@ impl BlockDevices for RealBlockDevices {
             let n = p.file_name().map(|n| n.to_string_lossy().into_owned());
             (n.as_deref().is_some_and(|n| n.starts_with("wwn-")), n)
         });
-        links.into_iter().next()
+        links
     }
 
     fn read_head(&self, path: &Path) -> Result<Vec<u8>, OsError> {

@@ -124,6 +124,9 @@ pub struct FakeOs {
     responders: Mutex<HashMap<String, Responder>>,
     loops: Mutex<BTreeMap<u32, FakeLoop>>,
     devices: Mutex<BTreeMap<PathBuf, DeviceInfo>>,
+    /// The directory of the fake's `/dev/disk/by-id` links
+    /// (`set_by_id_dir`); none by default.
+    by_id: Mutex<Option<PathBuf>>,
     busy_detaches: Mutex<u32>,
     unreadable: Mutex<HashSet<PathBuf>>,
     /// Devices another process holds exclusively (`BlockDevices::held`).
@@ -285,6 +288,7 @@ impl FakeOs {
             responders: Mutex::new(HashMap::new()),
             loops: Mutex::new(BTreeMap::new()),
             devices: Mutex::new(BTreeMap::new()),
+            by_id: Mutex::new(None),
             busy_detaches: Mutex::new(0),
             unreadable: Mutex::new(HashSet::new()),
             held: Mutex::new(HashSet::new()),
@@ -767,6 +771,12 @@ impl FakeOs {
                 size_bytes,
             },
         );
+    }
+
+    /// Makes `dir` the fake's `/dev/disk/by-id`: its symlinks to
+    /// registered devices are their stable links (`stable_links`).
+    pub fn set_by_id_dir(&self, dir: &Path) {
+        *lock(&self.by_id) = Some(dir.to_path_buf());
     }
 
     /// Removes a registered device (a disk pulled out).
@@ -1428,13 +1438,21 @@ impl FakeOs {
 }
 
 impl BlockDevices for FakeOs {
-    /// A link to a fake loop device (an entry of a pool directory)
-    /// resolves to it, as the real one follows links.
+    /// A link to a fake loop device (an entry of a pool directory), or
+    /// to a registered device (a by-id link, `set_by_id_dir`), resolves
+    /// to it, as the real one follows links.
     fn inspect(&self, path: &Path) -> Result<DeviceInfo, OsError> {
         self.injected("inspect", path)?;
         let link = std::fs::read_link(path)
             .ok()
-            .filter(|t| Self::loop_index(t).is_some());
+            .filter(|t| Self::loop_index(t).is_some())
+            .or_else(|| {
+                std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| m.is_symlink())
+                    .then(|| std::fs::canonicalize(path).ok())
+                    .flatten()
+                    .filter(|t| lock(&self.devices).contains_key(t))
+            });
         let path = link.as_deref().unwrap_or(path);
         if let Some(n) = Self::loop_index(path) {
             if let Some(l) = lock(&self.loops).get(&n) {
@@ -1455,8 +1473,23 @@ impl BlockDevices for FakeOs {
         })
     }
 
-    fn stable_link(&self, _dev: &DeviceInfo) -> Option<PathBuf> {
-        None
+    /// The links in the fake's by-id directory (`set_by_id_dir`) that
+    /// resolve to the device, sorted by name.
+    fn stable_links(&self, dev: &DeviceInfo) -> Vec<PathBuf> {
+        let Some(dir) = lock(&self.by_id).clone() else {
+            return Vec::new();
+        };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let target = std::fs::canonicalize(&dev.path).ok();
+        let mut links: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| target.is_some() && std::fs::canonicalize(p).ok() == target)
+            .collect();
+        links.sort();
+        links
     }
 
     /// The first 4 KiB of the device: of a loop device's backing file or a

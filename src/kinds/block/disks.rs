@@ -153,7 +153,8 @@ fn loop_of(os: &Os, dev: &DeviceInfo) -> LoopOf {
 
 /// The device of a recorded disk, if it is still the same disk: found by
 /// its by-id link (or pool path) with the recorded size, and with the
-/// recorded device number unless a by-id link found it; a loop device of
+/// recorded device number unless a by-id link found it (the recorded one,
+/// or the pool path when that is a by-id link of the device); a loop device of
 /// one of Berth's own files (`own`) never is, and a loop device must be
 /// backed by the file the record names (`DiskRef::loop_backing`).
 /// NOT_FOUND when it is gone (a device of 0 bytes, as a detached loop
@@ -193,7 +194,13 @@ pub fn identify_disk(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceI
         ))
     };
     let same_number = (dev.major, dev.minor) == (d.major, d.minor);
-    if dev.size_bytes != d.size_bytes || (d.by_id.is_none() && !same_number) {
+    // Found by a name the disk keeps wherever the kernel puts it: its
+    // by-id link, or the pool path when that is itself one of its by-id
+    // links (a pool listed as `/dev/disk/by-id/...`, whose link is then
+    // recorded as the path). Its device number may change at a reboot
+    // (NVMe drives probed in another order).
+    let by_link = d.by_id.is_some() || os.devices.stable_links(&dev).contains(&d.path);
+    if dev.size_bytes != d.size_bytes || (!by_link && !same_number) {
         return Err(not_it(String::new()));
     }
     let (l, backing) = match loop_of(os, &dev) {
@@ -462,6 +469,25 @@ impl BlockKind {
             .filter(|r| r.block.as_ref().is_some_and(|b| b.disk.is_some()))
         {
             if let Some(d) = rec.block.and_then(|b| b.disk) {
+                // Where a by-id link of the disk (`identify_disk`) shows
+                // it now, that is the disk, and only that: after a reboot
+                // that numbered the drives otherwise, its recorded node and
+                // number, and its pool path when that is a kernel name,
+                // are another disk's, which would never be offered again.
+                let linked = match &d.by_id {
+                    Some(l) => self.os.devices.inspect(l).ok(),
+                    None => self
+                        .os
+                        .devices
+                        .inspect(&d.path)
+                        .ok()
+                        .filter(|now| self.os.devices.stable_links(now).contains(&d.path)),
+                };
+                if let Some(now) = linked {
+                    claimed_numbers.insert((now.major, now.minor));
+                    claimed_paths.insert(now.path);
+                    continue;
+                }
                 claimed_numbers.insert((d.major, d.minor));
                 claimed_paths.insert(d.device.clone());
                 for p in [Some(&d.path), d.by_id.as_ref()].into_iter().flatten() {

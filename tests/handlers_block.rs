@@ -2469,8 +2469,9 @@ async fn raw_volumes_grow_the_device_only() {
 // ------------------------------------------------------------ Disk pool
 
 /// Three stand-in disks (regular files the pool lists; the fake answers
-/// for them as block devices): 10, 20 and 30 MiB. blkid finds a signature
-/// on `busy` only.
+/// for them as block devices): 10, 20 and 30 MiB, each with a by-id link
+/// (`by-id/ata-DISK_<name>` beside the pool's directory). blkid finds a
+/// signature on `busy` only.
 fn disks(h: &Harness, busy: Option<&str>) -> PathBuf {
     let dir = h.path("disks");
     register_disks(h.fake(), &dir, busy);
@@ -2480,6 +2481,8 @@ fn disks(h: &Harness, busy: Option<&str>) -> PathBuf {
 /// `disks` on a fake of its own (one made before a restart).
 fn register_disks(f: &FakeOs, dir: &Path, busy: Option<&str>) {
     std::fs::create_dir_all(dir).unwrap();
+    let by_id = dir.with_file_name("by-id");
+    std::fs::create_dir_all(&by_id).unwrap();
     for (i, (name, size)) in [("d10", 10), ("d20", 20), ("d30", 30)]
         .into_iter()
         .enumerate()
@@ -2489,7 +2492,13 @@ fn register_disks(f: &FakeOs, dir: &Path, busy: Option<&str>) {
             std::fs::write(&p, b"").unwrap();
         }
         f.add_device(&p, 8, 16 * (i as u32 + 1), (size * MIB) as u64);
+        // Its by-id link (a serial's), as udev makes.
+        let link = by_id.join(format!("ata-DISK_{name}"));
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(&p, &link).unwrap();
+        }
     }
+    f.set_by_id_dir(&by_id);
     let busy = busy.map(|b| dir.join(b).display().to_string());
     f.respond("blkid", move |args| {
         if args.last() == busy.as_ref() {
@@ -3190,6 +3199,37 @@ async fn renumbered_at_a_reboot(listed_by_id: bool) {
         .iter()
         .any(|c| matches!(c, Call::ZeroOut { device, .. } if device == &n0)));
     assert_eq!(disk_capacity(&h).await.0, 20 * MIB);
+}
+
+/// A pool disk (not a loop device) without a `/dev/disk/by-id` link (a
+/// VM's disk without a serial, or by-id not visible to berth) is not
+/// offered: its volume's record could find it again only by its kernel
+/// name, number and size, which another disk of its size that gets its
+/// name (a swap, drives probed in another order at a reboot) has too; that
+/// disk, another tenant's, would be handed to the volume and erased at its
+/// delete. Before, it was offered like any other. Once it has a link, it is
+/// offered.
+#[tokio::test]
+async fn a_pool_disk_without_a_by_id_link_is_not_offered() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let link = dir.with_file_name("by-id").join("ata-DISK_d10");
+    std::fs::remove_file(&link).unwrap();
+    assert_eq!(disk_capacity(&h).await, (50 * MIB, Some(30 * MIB)));
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(a.capacity_bytes, 20 * MIB, "not d10");
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p(
+            "b",
+            10 * MIB,
+            &[("pool", "disk")],
+        )))
+        .await
+        .unwrap();
+    assert_eq!(e.into_inner().volume.unwrap().capacity_bytes, 30 * MIB);
+    std::os::unix::fs::symlink(dir.join("d10"), &link).unwrap();
+    assert_eq!(disk_capacity(&h).await, (10 * MIB, Some(10 * MIB)));
 }
 
 /// A pool disk that another process holds exclusively (a device-mapper,
@@ -4883,7 +4923,8 @@ async fn a_disk_restore_whose_ready_was_lost_is_held_not_erased() {
             .find(|l| l.contains(&held))
             .unwrap_or_else(|| panic!("{out}"));
         assert!(line.contains("error"), "{line}");
-        assert!(line.contains(&d10.display().to_string()), "{line}");
+        // Named by its by-id link.
+        assert!(line.contains("/by-id/ata-DISK_d10"), "{line}");
         assert!(
             line.contains(&vol) && line.contains("berth state release"),
             "{line}"
@@ -4981,8 +5022,14 @@ async fn state_check_reports_an_unanswered_disk_restore() {
         .find(|l| l.contains("never answered"))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(line.contains(&vol), "{line}");
+    // Named by its by-id link.
     assert!(
-        line.contains(&dir.join("d10").display().to_string()),
+        line.contains(
+            &dir.with_file_name("by-id")
+                .join("ata-DISK_d10")
+                .display()
+                .to_string()
+        ),
         "{line}"
     );
     assert!(line.contains("holds the disk"), "{line}");

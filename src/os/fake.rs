@@ -1451,7 +1451,12 @@ impl BlockDevices for FakeOs {
                     .is_ok_and(|m| m.is_symlink())
                     .then(|| std::fs::canonicalize(path).ok())
                     .flatten()
-                    .filter(|t| lock(&self.devices).contains_key(t))
+                    .and_then(|t| {
+                        lock(&self.devices)
+                            .keys()
+                            .find(|k| std::fs::canonicalize(k).ok().as_ref() == Some(&t))
+                            .cloned()
+                    })
             });
         let path = link.as_deref().unwrap_or(path);
         if let Some(n) = Self::loop_index(path) {

@@ -397,6 +397,14 @@ fn holds_data(listed: &Path) -> String {
     )
 }
 
+/// The warning for a pool disk that has no stable name.
+fn no_stable_name(listed: &Path) -> String {
+    format!(
+        "pool disk {} has no /dev/disk/by-id link (udev made none: no serial, or /dev/disk/by-id not visible to berth): a volume's record could not tell it from another disk of its size that gets its kernel name (a swap, drives probed in another order at a reboot), so it is not offered; give it a serial (a VM's disk) or make /dev/disk/by-id visible",
+        listed.display()
+    )
+}
+
 /// Every block device the `--disk-pool` entries `pool` name (duplicates
 /// by device number dropped); entries that are not block devices are
 /// skipped.
@@ -575,6 +583,18 @@ impl BlockKind {
             } else if d.dev.major == LOOP_MAJOR {
                 // A loop device bound to no file.
                 continue;
+            } else if self.os.devices.stable_link(&d.dev).is_none() {
+                // Its kernel name, number and size are all its record could
+                // find it by again (`identify_disk`): another disk of its
+                // size that gets its name (a swap, drives probed in another
+                // order at a reboot) would pass for it, be handed to its
+                // tenant and erased at its delete.
+                if lock(&self.unnamed_warned).insert(d.listed.clone()) {
+                    tracing::warn!(disk = %d.listed.display(), device = %d.dev.path.display(), "{}", no_stable_name(&d.listed));
+                } else {
+                    tracing::debug!(disk = %d.listed.display(), "pool disk has no /dev/disk/by-id link; not offered");
+                }
+                continue;
             }
             match self.os.devices.held(&d.dev.path) {
                 Ok(false) => {}
@@ -661,7 +681,7 @@ impl BlockKind {
         Err(Error::NoSpace(if self.disk_pool.is_empty() {
             "this node offers no disks (no --disk-pool)".to_string()
         } else if self.pool_disks().iter().any(|d| fits(d.dev.size_bytes)) {
-            format!("no free disk {range} on this node: every fitting disk is in use, held by another process, read-only, or not blank (a signature, or data where a blank disk reads as zeros)")
+            format!("no free disk {range} on this node: every fitting disk is in use, held by another process, read-only, without a /dev/disk/by-id link, or not blank (a signature, or data where a blank disk reads as zeros)")
         } else {
             format!("this node's disk pool has no disk {range}")
         }))

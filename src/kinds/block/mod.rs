@@ -257,6 +257,8 @@ pub struct BlockKind {
     /// Pool disks found holding data, warned about once (forgotten when
     /// one reads as zeros again).
     data_warned: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Pool disks without a by-id link (never offered), warned about once.
+    unnamed_warned: Mutex<std::collections::HashSet<PathBuf>>,
     /// Where each volume is staged (`node::staged`).
     staged: Arc<crate::node::staged::StagedAt>,
 }
@@ -325,6 +327,7 @@ impl BlockKind {
             claim: Mutex::new(()),
             disk_claims: Mutex::new(HashMap::new()),
             data_warned: Mutex::new(Default::default()),
+            unnamed_warned: Mutex::new(Default::default()),
             staged,
         })
     }

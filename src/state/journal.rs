@@ -1218,6 +1218,67 @@ fn keep_torn(files: &dyn Files, keep: &Path, torn: &[u8]) -> Result<(), crate::o
         })
 }
 
+/// How many copies of torn tails (`log-<G>.jsonl.torn-<time>`) start-up
+/// keeps beside the log: the newest ones. Each crash that tore a write
+/// leaves one (up to `MAX_TORN` bytes), and a berth killed again and again
+/// while it writes (an OOM kill, a node that loses power) would otherwise
+/// fill the state directory's filesystem with them, which the volumes
+/// share.
+pub const KEEP_TORN: usize = 8;
+
+/// The time in the name of a copy of a torn tail, `log-<G>.jsonl.torn-<time>`
+/// (None for any other name).
+fn torn_copy_time(name: &str) -> Option<u128> {
+    let (log, time) = name.split_once(".torn-")?;
+    generation(log, "log-", ".jsonl")?;
+    if time.is_empty() || !time.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    time.parse().ok()
+}
+
+/// Removes the copies of torn tails in `dir` but the newest `KEEP_TORN`
+/// (by the time in their names), each named in a warning. A torn tail is
+/// never an acknowledged change (see the module comment): its copy is kept
+/// for inspection only. Nothing else is removed, and a copy that cannot be
+/// removed is left (a warning), never stopping start-up.
+fn prune_torn(files: &dyn Files, dir: &Path) {
+    let entries = match files.read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not list the copies of torn tails of the state journal");
+            return;
+        }
+    };
+    let mut copies: Vec<(u128, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| {
+            let t = torn_copy_time(&e.file_name().to_string_lossy())?;
+            Some((t, e.path()))
+        })
+        .collect();
+    if copies.len() <= KEEP_TORN {
+        return;
+    }
+    copies.sort();
+    let old = copies.len() - KEEP_TORN;
+    for (_, p) in copies.drain(..old) {
+        match files.remove_file(&p) {
+            Ok(()) => tracing::warn!(
+                removed = %p.display(),
+                kept = KEEP_TORN,
+                "removed an old copy of a torn tail of the state journal (an interrupted write, never acknowledged): only the newest are kept"
+            ),
+            Err(e) => tracing::warn!(
+                copy = %p.display(),
+                error = %e,
+                "could not remove an old copy of a torn tail of the state journal"
+            ),
+        }
+    }
+}
+
 /// What `open` found.
 pub struct Replay {
     pub journal: Journal,
@@ -1297,6 +1358,7 @@ impl Journal {
                 "cut an interrupted write off the end of the state journal (never acknowledged)"
             );
         }
+        prune_torn(files.as_ref(), dir);
         if s.unterminated {
             // A whole change whose newline never reached the disk (or was
             // lost since): kept, and its line ended, so the next write

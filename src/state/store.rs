@@ -1305,6 +1305,51 @@ mod tests {
         assert_eq!(ids(&open(d.path()).unwrap()), ["b"]);
     }
 
+    /// A berth killed again and again while it writes leaves a torn tail
+    /// at each crash: start-up keeps a copy of each, and only the newest
+    /// `KEEP_TORN` stay (a file named otherwise is never touched). Before,
+    /// every copy stayed for good, each up to 64 MiB, on the filesystem
+    /// the volumes share.
+    #[test]
+    fn only_the_newest_copies_of_torn_tails_are_kept() {
+        use crate::state::journal::KEEP_TORN;
+        let d = tempfile::tempdir().unwrap();
+        let len = two_records(d.path());
+        let jd = journal_dir(d.path());
+        fs::write(jd.join("log-0.jsonl.torn-mine"), b"hand-made").unwrap();
+        let mut tails = Vec::new();
+        for i in 0..KEEP_TORN + 4 {
+            let torn = format!("0badc0de {{\"del\":\"crash-{i:02}").into_bytes();
+            OpenOptions::new()
+                .append(true)
+                .open(log_path(d.path(), 0))
+                .unwrap()
+                .write_all(&torn)
+                .unwrap();
+            let s = open(d.path()).unwrap();
+            assert_eq!(ids(&s), ["a", "b"]);
+            assert_eq!(s.journal.position(), (0, len));
+            drop(s);
+            tails.push(torn);
+        }
+        let mut names: Vec<String> = fs::read_dir(&jd)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".torn-") && !n.ends_with("mine"))
+            .collect();
+        names.sort();
+        let kept: Vec<Vec<u8>> = names
+            .iter()
+            .map(|n| fs::read(jd.join(n)).unwrap())
+            .collect();
+        assert_eq!(kept, tails[tails.len() - KEEP_TORN..]);
+        assert_eq!(
+            fs::read(jd.join("log-0.jsonl.torn-mine")).unwrap(),
+            b"hand-made"
+        );
+        assert_eq!(ids(&open(d.path()).unwrap()), ["a", "b"]);
+    }
+
     /// The last change without its newline (one byte lost at the end of
     /// the log, or a crash between the line and its newline): it is whole,
     /// so it is kept, and its line is ended so the log goes on. Before, it

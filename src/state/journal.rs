@@ -454,6 +454,26 @@ impl Scan {
         self.foreign.push(path);
     }
 
+    /// A second record of the same id in a snapshot, at byte `offset` of
+    /// `path` (line or frame `unit`): berth writes each record once there,
+    /// so which of the two holds is unknown. Damage; the first is kept
+    /// (for `repair`), this one dropped.
+    fn twice(&mut self, path: &Path, offset: u64, unit: u64, what: &str, id: &str) {
+        self.damage.push(Damage {
+            path: path.to_path_buf(),
+            offset,
+            line: unit,
+            why: format!(
+                "a second record of {what} {id} in the snapshot (berth writes each record once in a snapshot, so which one holds is unknown; repair keeps the first)"
+            ),
+        });
+        self.dropped.push(Dropped {
+            offset,
+            line: unit,
+            id_hint: Some(id.to_string()),
+        });
+    }
+
     /// The error start-up reports for the damage found (None when none).
     pub fn error(&self) -> Option<StateError> {
         let first = self.damage.first()?;
@@ -745,8 +765,20 @@ fn read_journal_file(path: &Path) -> Result<Result<Vec<u8>, String>, StateError>
 /// `s`, and its flaws.
 fn read_binary_snapshot(s: &mut Scan, path: &Path, bytes: &[u8]) {
     snapshot_file::read(bytes, |item| match item {
-        snapshot_file::Item::Volume(r) => s.records.insert(r),
-        snapshot_file::Item::Snapshot(r) => s.snapshots.insert(r),
+        snapshot_file::Item::Volume(r, at) => {
+            if s.records.contains_key(&r.id) {
+                s.twice(path, at.offset, at.frame, "volume", &r.id);
+            } else {
+                s.records.insert(r);
+            }
+        }
+        snapshot_file::Item::Snapshot(r, at) => {
+            if s.snapshots.contains_key(&r.id) {
+                s.twice(path, at.offset, at.frame, "snapshot", &r.id);
+            } else {
+                s.snapshots.insert(r);
+            }
+        }
         snapshot_file::Item::Damage {
             offset,
             frame,
@@ -774,11 +806,19 @@ fn read_json_snapshot(s: &mut Scan, path: &Path, bytes: &[u8]) {
     for (n, (at, line)) in lines(bytes).enumerate() {
         let why = match decode(line) {
             Line::Entry(Entry::Put(r)) => {
-                s.records.insert(r);
+                if s.records.contains_key(&r.id) {
+                    s.twice(path, at as u64, n as u64 + 1, "volume", &r.id);
+                } else {
+                    s.records.insert(r);
+                }
                 continue;
             }
             Line::Entry(Entry::Snap(r)) => {
-                s.snapshots.insert(r);
+                if s.snapshots.contains_key(&r.id) {
+                    s.twice(path, at as u64, n as u64 + 1, "snapshot", &r.id);
+                } else {
+                    s.snapshots.insert(r);
+                }
                 continue;
             }
             Line::Entry(Entry::Del(_) | Entry::DelSnap(_)) => {
@@ -2022,6 +2062,63 @@ pub(crate) mod tests {
             }
         }
         assert!(silent.is_empty(), "flips taken for a sound log: {silent:?}");
+    }
+
+    /// A snapshot holding two records of one id (berth writes each record
+    /// once there: a snapshot written by hand, or joined from two) is
+    /// damage naming the second, binary or JSON lines, volume or snapshot
+    /// record alike: which of the two holds is unknown. Before, the second
+    /// silently replaced the first (the first record's volume, here its
+    /// name and size, was gone without a word).
+    #[test]
+    fn a_snapshot_holding_an_id_twice_is_damage() {
+        let a = volume("local-11111111111111111111111111111111", 1);
+        let mut a2 = volume("local-11111111111111111111111111111111", 2);
+        a2.name = "other".into();
+        a2.capacity_bytes = 7;
+        let snap: SnapshotRecord = serde_json::from_str(
+            r#"{"id":"snap-1","name":"s","kind":"local","seq":1,"phase":"ready","source_volume_id":"v","size_bytes":1,"node":"x","created_secs":0,"created_nanos":0}"#,
+        )
+        .unwrap();
+        let mut w = snapshot_file::Writer::new(2);
+        w.volume(&a).unwrap();
+        w.volume(&a2).unwrap();
+        w.snapshot(&snap).unwrap();
+        w.snapshot(&snap).unwrap();
+        let bin = w.finish().unwrap();
+        let mut json = Vec::new();
+        for e in [
+            EntryRef::Put(&a),
+            EntryRef::Put(&a2),
+            EntryRef::Snap(&snap),
+            EntryRef::Snap(&snap),
+        ] {
+            encode(&e, &mut json).unwrap();
+        }
+        for (name, bytes) in [(snapshot_name(1), bin), (json_snapshot_name(1), json)] {
+            let d = tempfile::tempdir().unwrap();
+            fs::write(d.path().join(&name), &bytes).unwrap();
+            fs::write(d.path().join(log_name(1)), b"").unwrap();
+            let s = scan(d.path()).unwrap();
+            let why: Vec<&str> = s.damage.iter().map(|d| d.why.as_str()).collect();
+            assert_eq!(s.damage.len(), 2, "{name}: {why:?}");
+            assert!(
+                why[0].contains(&format!("second record of volume {}", a.id)),
+                "{why:?}"
+            );
+            assert!(
+                why[1].contains("second record of snapshot snap-1"),
+                "{why:?}"
+            );
+            // (the binary file's frames 1-3 are the values they share)
+            let unit = if name.ends_with(".bin") { 5 } else { 2 };
+            assert_eq!(s.damage[0].line, unit, "{name}");
+            assert!(s.error().is_some());
+            // repair keeps the first, and says which id it drops
+            let kept: Vec<&VolumeRecord> = s.records.values().collect();
+            assert_eq!(kept, [&a]);
+            assert_eq!(s.dropped[0].id_hint.as_deref(), Some(a.id.as_str()));
+        }
     }
 
     /// Several damaged lines in a log are each reported (file, line,

@@ -231,8 +231,8 @@ impl<'r> Writer<'r> {
 /// One thing a snapshot file holds, as read.
 #[derive(Debug)]
 pub enum Item {
-    Volume(Box<VolumeRecord>),
-    Snapshot(Box<SnapshotRecord>),
+    Volume(Box<VolumeRecord>, At),
+    Snapshot(Box<SnapshotRecord>, At),
     /// A flaw at byte `offset` in frame `frame` (1-based), with the id of
     /// the record it cost when that is known.
     Damage {
@@ -241,6 +241,13 @@ pub enum Item {
         why: String,
         id: Option<String>,
     },
+}
+
+/// Where a record was read: its frame's byte offset and number (1-based).
+#[derive(Debug, Clone, Copy)]
+pub struct At {
+    pub offset: u64,
+    pub frame: u64,
 }
 
 /// A shared value as read: its text, and what it was read as (once per
@@ -395,6 +402,10 @@ pub fn read(bytes: &[u8], mut each: impl FnMut(Item)) {
             each(damage(frame_at, n, "checksum mismatch".into(), None));
             continue;
         }
+        let place = At {
+            offset: frame_at as u64,
+            frame: n,
+        };
         match postcard::from_bytes::<Frame<'_>>(payload) {
             Ok(Frame::Value(text)) => match u32::try_from(n - 1) {
                 Ok(f) => values.0.push((
@@ -414,13 +425,13 @@ pub fn read(bytes: &[u8], mut each: impl FnMut(Item)) {
             Ok(Frame::Volume(v)) => {
                 let id = v.id.to_string();
                 match to_record(v, &mut values) {
-                    Ok(r) => each(Item::Volume(Box::new(r))),
+                    Ok(r) => each(Item::Volume(Box::new(r), place)),
                     Err(why) => each(damage(frame_at, n, format!("volume {id}: {why}"), Some(id))),
                 }
             }
             Ok(Frame::Json(j)) => match serde_json::from_str::<Entry>(j) {
-                Ok(Entry::Put(r)) => each(Item::Volume(r)),
-                Ok(Entry::Snap(r)) => each(Item::Snapshot(r)),
+                Ok(Entry::Put(r)) => each(Item::Volume(r, place)),
+                Ok(Entry::Snap(r)) => each(Item::Snapshot(r, place)),
                 Ok(Entry::Del(_) | Entry::DelSnap(_)) => {
                     each(damage(frame_at, n, "a deletion in a snapshot".into(), None))
                 }
@@ -590,8 +601,8 @@ mod tests {
     fn read_all(bytes: &[u8]) -> (Vec<VolumeRecord>, Vec<SnapshotRecord>, Vec<String>) {
         let (mut v, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
         read(bytes, |i| match i {
-            Item::Volume(r) => v.push(*r),
-            Item::Snapshot(r) => s.push(*r),
+            Item::Volume(r, _) => v.push(*r),
+            Item::Snapshot(r, _) => s.push(*r),
             Item::Damage { why, .. } => d.push(why),
         });
         (v, s, d)
@@ -639,11 +650,11 @@ mod tests {
     fn volumes_read_are_among(bytes: &[u8], vols: &[VolumeRecord]) -> usize {
         let mut damage = 0;
         read(bytes, |i| match i {
-            Item::Volume(r) => assert!(
+            Item::Volume(r, _) => assert!(
                 vols.contains(&r),
                 "a record read that was never written: {r:?}"
             ),
-            Item::Snapshot(r) => assert_eq!(*r, snapshot_record()),
+            Item::Snapshot(r, _) => assert_eq!(*r, snapshot_record()),
             Item::Damage { .. } => damage += 1,
         });
         damage

@@ -72,6 +72,18 @@ impl Driver {
             (store, listed.and_then(|h| h.join().ok()))
         });
         let store = Arc::new(store?);
+        // Before anything is acted on: records made under another driver
+        // name are stranded under this one (`state::driver_name`).
+        crate::state::driver_name::check(
+            os.files.as_ref(),
+            &state_dir,
+            &cfg.driver_name,
+            store.len() + store.snapshot_len(),
+        )
+        .map_err(|e| match e {
+            crate::state::StateError::DriverName { .. } => Error::WrongState(e.to_string()),
+            e => Error::State(e),
+        })?;
         let protected = crate::node::paths::Protected::new(
             &[state_dir.clone(), cfg.local_root(), cfg.block_root()],
             &cfg.socket_path()

@@ -1036,6 +1036,68 @@ async fn a_volume_of_a_former_node_id_in_use_is_never_deleted() {
     assert!(!h.path("local").join(&id).exists());
 }
 
+/// The state records the CSI driver name it is served under: a berth
+/// started on it under another `--driver-name` (a Helm value changed at an
+/// upgrade) refuses to start while it holds volumes, naming both names,
+/// and changes nothing; the old name starts and serves the volume. A state
+/// without records takes a new name. `state check` run with the other name
+/// warns of it (the state is sound; the operator may have left the flag
+/// out). Before, the volumes were served under the new
+/// name, which their PVs do not name: kubelet and the sidecars found no
+/// driver for them.
+#[tokio::test]
+async fn a_changed_driver_name_is_refused_while_the_state_holds_volumes() {
+    let h = fake(&["--driver-name", "first.berth.csi.io"]);
+    // No volume yet: another name is taken.
+    let (os, f) = (h.driver.os.clone(), h.fake.clone());
+    let h = build(h.stop(), os, f, &["--driver-name", "local.berth.csi.io"]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let data = h.path("local").join(&id).join("data");
+    std::fs::write(&data, b"tenant").unwrap();
+    let (os, f) = (h.driver.os.clone(), h.fake.clone());
+    let (dir, err) = match try_build(
+        h.stop(),
+        os.clone(),
+        f.clone(),
+        &["--driver-name", "other.berth.csi.io"],
+    ) {
+        Ok(_) => panic!("berth started under another driver name over its volumes"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("served as CSI driver local.berth.csi.io")
+            && err.contains("--driver-name other.berth.csi.io")
+            && err.contains("run it with --driver-name local.berth.csi.io"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("state/driver-name")).unwrap(),
+        "local.berth.csi.io\n"
+    );
+    // `state check` with the other name says so.
+    let cli = <berth::config::Cli as clap::Parser>::try_parse_from(args(
+        dir.path(),
+        &["--driver-name", "other.berth.csi.io"],
+    ))
+    .unwrap();
+    let mut out = Vec::new();
+    let clean = berth::state::tools::check(&cli.config, &os, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        clean
+            && out.contains("warning: the state's 1 volume and snapshot records are served as CSI driver local.berth.csi.io")
+            && out.contains("given --driver-name other.berth.csi.io"),
+        "{out}"
+    );
+    // Under its own name it serves the volume, as before.
+    let h = build(dir, os, f, &["--driver-name", "local.berth.csi.io"]);
+    assert!(h.driver.store.get(&id).is_some());
+    assert_eq!(std::fs::read(&data).unwrap(), b"tenant");
+    let (clean, out) = state_check(&h);
+    assert!(clean && !out.contains("driver"), "{out}");
+    delete(&h, &id).await;
+}
+
 /// A kind taken out of `--kinds` while volumes of it exist (here
 /// `--kinds block` over local volumes): their records and storage stay,
 /// and every RPC of them says why instead of answering as for an unknown

@@ -10,6 +10,7 @@
 //! before the storage is touched; `Driver::reconcile` finishes or rolls back
 //! such records on start-up.
 
+pub mod driver_name;
 pub mod journal;
 pub mod legacy;
 pub mod lock;
@@ -60,6 +61,13 @@ pub enum StateError {
         dir: PathBuf,
         what: String,
         holder: String,
+    },
+    #[error("the state directory {dir} holds {records} volume and snapshot records served as CSI driver {recorded}, and this berth runs as --driver-name {name}: their PersistentVolumes and VolumeSnapshotContents name {recorded}, which Kubernetes never changes, so kubelet and the sidecars would find no driver for them (no unmount, no delete) while new volumes were made under {name}. Berth does not start: run it with --driver-name {recorded} (BERTH_DRIVER_NAME; the Helm values driverNames). Only if every one of them is now known to Kubernetes under {name} (their PVs made again naming it), write {name} into {dir}/driver-name, berth stopped")]
+    DriverName {
+        dir: PathBuf,
+        recorded: String,
+        name: String,
+        records: usize,
     },
     #[error("the state journal stopped accepting changes after a failed flush ({0}); restart berth to replay it")]
     Poisoned(String),

@@ -1033,6 +1033,11 @@ impl Store {
     }
 
     /// Highest snapshot sequence number handed out so far.
+    /// How many snapshot records there are.
+    pub fn snapshot_len(&self) -> usize {
+        self.read().snapshots.records.len()
+    }
+
     pub fn snapshot_last_seq(&self) -> u64 {
         self.read().snapshots.last_seq
     }

@@ -685,6 +685,13 @@ fn pass(cfg: &Config, os: &Os, state_dir: &Path) -> Result<Pass, StateError> {
         }
     });
     findings.extend(snapshot_findings(cfg, &snapshots));
+    if let Some(f) = super::driver_name::finding(
+        state_dir,
+        &cfg.driver_name,
+        n + scan.snapshots.values().count(),
+    ) {
+        findings.push(if f.0 { error(f.1) } else { warning(f.1) });
+    }
     let records = n;
     Ok(Pass {
         gen: scan.gen,

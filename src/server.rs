@@ -100,13 +100,20 @@ pub fn socket_gid(group: &str) -> Result<nix::unistd::Gid, ServeError> {
 
 /// Binds the socket with mode 0600 (0660 and the group's ownership when
 /// `group` is given). An existing path is removed only if it is a socket
-/// that nobody answers on.
+/// that nobody answers on, and a socket placed at the path meanwhile (a
+/// second berth starting at the same moment) is never replaced: berth
+/// refuses to start.
 pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, ServeError> {
     refuse_taken_socket(path)?;
     if std::fs::symlink_metadata(path).is_ok() {
-        // A socket nobody answers on (anything else was refused above).
-        std::fs::remove_file(path)
-            .map_err(io(format!("removing old socket {}", path.display())))?;
+        // A socket nobody answers on (anything else was refused above);
+        // gone already when another berth starting now removed it first.
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(format!("removing old socket {}", path.display()))(e))
+            }
+            _ => {}
+        }
     }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
@@ -136,12 +143,28 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Ser
         None => Ok(()),
     };
     let placed = shared.and_then(|()| match &tmp {
-        // rename(2) replaces nothing here: the path was checked free above.
-        Some(t) => std::fs::rename(t, path).map_err(io(format!(
-            "moving the socket {} to {}",
-            t.display(),
-            path.display()
-        ))),
+        // Never over what is there now: the path was checked free above,
+        // but another berth may have placed its socket since (rename(2)
+        // replaced it, and both served, the first where nobody reached
+        // it). A bind in place (no temporary name) fails there already.
+        Some(t) => nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            t.as_path(),
+            nix::fcntl::AT_FDCWD,
+            path,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| match e {
+            nix::errno::Errno::EEXIST => ServeError::Config(format!(
+                "another process placed a socket at {} while berth was binding it; refusing to start (two drivers on one socket)",
+                path.display()
+            )),
+            e => io(format!(
+                "moving the socket {} to {}",
+                t.display(),
+                path.display()
+            ))(e.into()),
+        }),
         None => Ok(()),
     });
     if let Err(e) = placed {
@@ -636,6 +659,48 @@ mod tests {
             .filter(|n| n.starts_with(".berth-"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// Two berths binding one socket path at the same moment (one
+    /// process's threads here, as two processes would): never both. The
+    /// path was checked free, then the socket renamed into place, which
+    /// replaced whatever had appeared there meanwhile: both succeeded, and
+    /// the first served on a socket nobody could reach any more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_binds_of_one_path_at_once_never_both_succeed() {
+        let d = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Handle::current();
+        let mut both = 0;
+        for i in 0..300 {
+            let path = d.path().join(format!("s{i}.sock"));
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let binds: Vec<_> = (0..2)
+                .map(|_| {
+                    let (path, barrier, rt) = (path.clone(), barrier.clone(), rt.clone());
+                    std::thread::spawn(move || {
+                        let _rt = rt.enter();
+                        barrier.wait();
+                        bind_socket(&path, None)
+                            .map(|l| l.into_std().unwrap())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            let results: Vec<_> = binds.into_iter().map(|t| t.join().unwrap()).collect();
+            let bound: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            if bound.len() == 2 {
+                both += 1;
+            }
+            assert!(!bound.is_empty(), "{results:?}");
+            for r in &results {
+                if let Err(e) = r {
+                    assert!(e.contains("two drivers on one socket"), "{e}");
+                }
+            }
+            // The one that succeeded serves at the path.
+            assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        }
+        assert_eq!(both, 0, "rounds of 300 where both binds succeeded");
     }
 
     /// A socket whose listener stopped accepting and whose backlog is full

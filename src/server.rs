@@ -490,6 +490,13 @@ pub const REQUEST_BYTES_IN_TRANSIT: usize = 64 << 20;
 /// whole budget never makes them wait.
 pub const REQUEST_BYTES_FREE: usize = 4 << 10;
 
+/// How long a call's request may take to arrive whole (its message and
+/// the end of its stream), from its headers: a client sends a request of
+/// at most gRPC's 4 MiB over the local socket in milliseconds. A call
+/// still waiting for its bytes then is `DEADLINE_EXCEEDED`, and what it
+/// held of `REQUEST_BYTES_IN_TRANSIT` is given back.
+pub const REQUEST_ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Request bytes counted against `REQUEST_BYTES_IN_TRANSIT` now.
 static IN_TRANSIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -503,7 +510,13 @@ static IN_TRANSIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 /// `RESOURCE_EXHAUSTED`; its bytes are given back when its body is dropped
 /// (once decoded, or with the call). Only the CSI services' calls, which
 /// are unary (one message, then the body ends): a reflection stream's
-/// requests would add up for as long as it stays open.
+/// requests would add up for as long as it stays open. A body that has
+/// not ended `REQUEST_ARRIVAL_TIMEOUT` after the call began is
+/// `DEADLINE_EXCEEDED`: before, a client that stopped sending part way (or
+/// sent its whole message and never ended its stream, which tonic waits
+/// for before the handler runs) held its bytes of the budget for as long
+/// as its connection stayed open, and with 64 MiB so held every request
+/// over 4 KiB was `RESOURCE_EXHAUSTED` for as long.
 fn budget_request_body(
     req: tonic::codegen::http::Request<tonic::body::Body>,
 ) -> tonic::codegen::http::Request<tonic::body::Body> {
@@ -515,6 +528,9 @@ fn budget_request_body(
             inner: b,
             seen: 0,
             held: 0,
+            began: tokio::time::Instant::now(),
+            late: None,
+            timed_out: false,
         })
     })
 }
@@ -525,6 +541,13 @@ struct Budgeted {
     seen: usize,
     /// Of them, those counted in `IN_TRANSIT`.
     held: usize,
+    /// When the call began (`REQUEST_ARRIVAL_TIMEOUT` counts from here).
+    began: tokio::time::Instant,
+    /// The timer of that deadline, made only once the body has had to
+    /// wait for its bytes (a small request is usually in whole at once).
+    late: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The deadline passed, and the call was told so.
+    timed_out: bool,
 }
 
 impl Budgeted {
@@ -563,7 +586,29 @@ impl tonic::codegen::Body for Budgeted {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, tonic::Status>>> {
         use std::task::Poll;
+        if self.timed_out {
+            return Poll::Ready(None);
+        }
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if r.is_pending() {
+            let until = self.began + REQUEST_ARRIVAL_TIMEOUT;
+            let late = self
+                .late
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if std::future::Future::poll(late.as_mut(), cx).is_ready() {
+                self.timed_out = true;
+                // Its bytes go back now, not when the call is dropped.
+                IN_TRANSIT.fetch_sub(
+                    std::mem::take(&mut self.held),
+                    std::sync::atomic::Ordering::AcqRel,
+                );
+                return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
+                    "the request did not arrive whole within {} s of the call's start",
+                    REQUEST_ARRIVAL_TIMEOUT.as_secs()
+                )))));
+            }
+            return Poll::Pending;
+        }
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
                 if !self.take(d.len()) {
@@ -578,7 +623,7 @@ impl tonic::codegen::Body for Budgeted {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.timed_out || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

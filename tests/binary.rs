@@ -1213,7 +1213,6 @@ async fn one_connection_cannot_open_calls_without_bound() {
 /// connection: 265 MB resident), and Probe and small calls still answer.
 #[tokio::test]
 async fn requests_that_never_arrive_whole_hold_bounded_memory() {
-    use std::io::Write;
     let d = tempfile::tempdir().unwrap();
     let b = start(d.path(), &[]);
     let pid = b.child.id();
@@ -1225,28 +1224,74 @@ async fn requests_that_never_arrive_whole_hold_bounded_memory() {
         .unwrap();
     let before = rss_kib(pid);
     let (calls, declared, sent_each) = (64u32, 4_000_000u32, 3_900_000usize);
-    let mut s = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    let s = requests_never_whole(&b.sock, &vec![(declared, sent_each); calls as usize]);
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < ((berth::server::REQUEST_BYTES_IN_TRANSIT >> 10) as u64) * 3 / 2,
+        "{grown} KiB more resident while {calls} requests of {declared} bytes never arrive whole"
+    );
+    let probe = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.identity.probe(Request::new(Default::default())),
+    )
+    .await;
+    assert!(matches!(probe, Ok(Ok(_))), "Probe: {probe:?}");
+    // A large request meanwhile finds no room.
+    let mut big = csi::CreateVolumeRequest {
+        name: "pvc-big".into(),
+        ..Default::default()
+    };
+    big.parameters
+        .insert("unknownKey".into(), "x".repeat(2 << 20));
+    let e = c
+        .controller
+        .create_volume(Request::new(big.clone()))
+        .await
+        .expect_err("a 2 MiB request beside 64 MiB in transit");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    // The slow client gone, its bytes are given back.
+    drop(s);
+    std::thread::sleep(Duration::from_millis(500));
+    let e = c
+        .controller
+        .create_volume(Request::new(big))
+        .await
+        .expect_err("a request with an unknown parameter");
+    assert_ne!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+}
+
+/// A connection to `sock` that begins a call of CreateVolume for each
+/// `(declared, sent)` of `calls`: a message declared `declared` bytes long
+/// of which it sends `sent` (with the 5 bytes of its gRPC header), as
+/// HTTP/2 flow control allows, as fast as berth takes them, and then sends
+/// nothing more. Returned once every call has its bytes or has been
+/// answered.
+fn requests_never_whole(sock: &Path, calls: &[(u32, usize)]) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
     let mut out = raw_h2::PREFACE.to_vec();
     out.extend(raw_h2::frame(4, 0, 0, &[]));
     let mut sent = HashMap::new();
-    let mut conn_window: i64 = 65_535 - 5 * calls as i64;
-    for i in 0..calls {
-        let id = 1 + 2 * i;
+    let mut wanted = HashMap::new();
+    let mut conn_window: i64 = 65_535 - 5 * calls.len() as i64;
+    for (i, &(declared, sent_each)) in calls.iter().enumerate() {
+        let id = 1 + 2 * i as u32;
         out.extend(raw_h2::call(id, "/csi.v1.Controller/CreateVolume"));
         let mut head = vec![0u8];
         head.extend(declared.to_be_bytes());
         out.extend(raw_h2::frame(0, 0, id, &head));
         sent.insert(id, 5usize);
+        wanted.insert(id, sent_each);
     }
     s.write_all(&out).unwrap();
-    // Sent as HTTP/2 flow control allows, as fast as berth takes them.
     let (mut buf, mut initial, mut windows) = (Vec::new(), 65_535i64, HashMap::<u32, i64>::new());
     let mut ended = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let open: Vec<u32> = sent
             .iter()
-            .filter(|(id, n)| **n < sent_each && !ended.contains(*id))
+            .filter(|(id, n)| **n < wanted[*id] && !ended.contains(*id))
             .map(|(id, _)| *id)
             .collect();
         if open.is_empty() || Instant::now() > deadline {
@@ -1283,7 +1328,7 @@ async fn requests_that_never_arrive_whole_hold_bounded_memory() {
             let n = sent[&id];
             let room = (initial + windows.get(&id).copied().unwrap_or(0) - n as i64)
                 .min(conn_window)
-                .min((sent_each - n) as i64)
+                .min((wanted[&id] - n) as i64)
                 .min(16_384);
             if room > 0 {
                 s.write_all(&raw_h2::frame(0, 0, id, &vec![0u8; room as usize]))
@@ -1293,40 +1338,106 @@ async fn requests_that_never_arrive_whole_hold_bounded_memory() {
             }
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let grown = rss_kib(pid).saturating_sub(before);
-    assert!(
-        grown < ((berth::server::REQUEST_BYTES_IN_TRANSIT >> 10) as u64) * 3 / 2,
-        "{grown} KiB more resident while {calls} requests of {declared} bytes never arrive whole"
-    );
-    let probe = tokio::time::timeout(
-        Duration::from_secs(10),
-        c.identity.probe(Request::new(Default::default())),
-    )
-    .await;
-    assert!(matches!(probe, Ok(Ok(_))), "Probe: {probe:?}");
-    // A large request meanwhile finds no room.
-    let mut big = csi::CreateVolumeRequest {
-        name: "pvc-big".into(),
-        ..Default::default()
-    };
-    big.parameters
-        .insert("unknownKey".into(), "x".repeat(2 << 20));
+    s
+}
+
+/// Calls whose request stops arriving part way (the client stalls, or
+/// sends a whole message and never ends its stream) are ended
+/// `server::REQUEST_ARRIVAL_TIMEOUT` after they began, and the bytes they
+/// held go back to `server::REQUEST_BYTES_IN_TRANSIT`. Before, berth
+/// waited for their bytes without a bound: a client that stalled 64 MiB
+/// of requests made every request over 4 KiB (here a CreateVolume with an
+/// 8 KiB secret, a certificate bundle) RESOURCE_EXHAUSTED for as long as
+/// its connection stayed open, and a call whose stream never ended was
+/// held for ever, answered never.
+#[tokio::test]
+async fn a_request_that_stops_arriving_is_ended_and_gives_its_bytes_back() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    // Calls that hold the whole budget, to the byte: 16 of gRPC's largest
+    // message (4 MiB, all but its last 5 bytes sent), and one for what is
+    // left (each call's first 4 KiB is not counted).
+    let free = berth::server::REQUEST_BYTES_FREE;
+    let largest = 4usize << 20;
+    let mut calls = vec![(largest as u32, largest); 16];
+    let left = berth::server::REQUEST_BYTES_IN_TRANSIT - 16 * (largest - free);
+    calls.push((1 << 20, free + left));
+    let began = Instant::now();
+    let mut stalled = requests_never_whole(&b.sock, &calls);
+    // A whole message (an empty CreateVolumeRequest), its stream never
+    // ended.
+    let mut unended = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    let mut out = raw_h2::PREFACE.to_vec();
+    out.extend(raw_h2::frame(4, 0, 0, &[]));
+    out.extend(raw_h2::call(1, "/csi.v1.Controller/CreateVolume"));
+    out.extend(raw_h2::frame(0, 0, 1, &[0, 0, 0, 0, 0]));
+    unended.write_all(&out).unwrap();
+    let mut create = create_req("pvc-with-secret", 1 << 20);
+    create.secrets.insert("ca.crt".into(), "c".repeat(8 << 10));
     let e = c
         .controller
-        .create_volume(Request::new(big.clone()))
+        .create_volume(Request::new(create.clone()))
         .await
-        .expect_err("a 2 MiB request beside 64 MiB in transit");
+        .expect_err("an 8 KiB request beside 64 MiB stalled");
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
-    // The slow client gone, its bytes are given back.
-    drop(s);
-    std::thread::sleep(Duration::from_millis(500));
-    let e = c
-        .controller
-        .create_volume(Request::new(big))
+    // Once the stalled calls are ended, the same request goes through;
+    // nothing about the stalled client changed meanwhile.
+    let limit = berth::server::REQUEST_ARRIVAL_TIMEOUT * 3;
+    loop {
+        match c
+            .controller
+            .create_volume(Request::new(create.clone()))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    began.elapsed() < limit,
+                    "still RESOURCE_EXHAUSTED {:?} after the stalled requests began",
+                    began.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(
+        began.elapsed() >= berth::server::REQUEST_ARRIVAL_TIMEOUT,
+        "stalled calls ended before their time"
+    );
+    // Each stalled call was answered (trailers) or reset, and so was the
+    // one whose stream never ended.
+    let ended = |s: &mut std::os::unix::net::UnixStream, id: u32| {
+        let mut buf = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let Some(frames) = raw_h2::read(s, &mut buf, Duration::from_millis(100)) else {
+                return true; // the connection closed
+            };
+            if frames.iter().any(|(kind, flags, sid, _)| {
+                *sid == id && (*kind == 3 || (*kind == 1 && flags & 1 == 1))
+            }) {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(
+        ended(&mut stalled, 1),
+        "the first stalled call is still open"
+    );
+    assert!(
+        ended(&mut unended, 1),
+        "the call whose stream never ended is still open"
+    );
+    drop(stalled);
+    drop(unended);
+    c.identity
+        .probe(Request::new(Default::default()))
         .await
-        .expect_err("a request with an unknown parameter");
-    assert_ne!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        .unwrap();
 }
 
 /// Probes and /healthz checks at the same moment (the livenessprobe

@@ -251,7 +251,8 @@ pub async fn serve(
     // A waiting RPC polls for its result only while no client has sent
     // anything on these sockets (`handoff`).
     crate::handoff::watch(&listener);
-    let incoming = Incoming::new(listener);
+    let cap = connection_limit(crate::os::limits::open_files().unwrap_or(1024));
+    let incoming = Incoming::new(listener, cap);
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         shutdown.await;
         let _ = stop_tx.send(());
@@ -312,25 +313,122 @@ pub const ANSWER_GRACE: Duration = Duration::from_secs(2);
 /// descriptor in use).
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The most connections to the CSI socket berth holds at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// The connections berth holds at once with a soft limit of `open_files`
+/// descriptors: half of them, at most `MAX_CONNECTIONS` (a node's kubelet
+/// and sidecars use a handful). The other half is left to the work: the
+/// journal, the commands' pipes, the disks claimed, the mounts' files.
+pub fn connection_limit(open_files: u64) -> usize {
+    ((open_files / 2) as usize).clamp(1, MAX_CONNECTIONS)
+}
+
 /// The connections accepted on the CSI socket, each watched by `handoff`.
 /// A failed accept is logged and the next is tried after
 /// `ACCEPT_BACKOFF`, never at once: tonic retries a failed accept at once,
 /// and one that fails for want of file descriptors fails again at once
 /// while the connection waits in the backlog, so the one async thread spun
 /// (60% of a core and more, measured) for as long as they were short.
+///
+/// At most `cap` connections are held (`connection_limit`): with `cap`
+/// open, the one whose client has been silent longest is closed before
+/// the next is accepted.
+/// Before, every connection that had sent the HTTP/2 preface was held for
+/// as long as its client kept it open: enough of them (a client that
+/// opens connections and never closes them) took every descriptor, and
+/// then no new client could connect (Probe timed out) and calls on the
+/// connections already open failed for want of descriptors (a
+/// CreateVolume: INTERNAL).
 struct Incoming {
     listener: UnixListener,
     paused: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Failed accepts in a row (logged at the first, then every 100th).
     failures: u64,
+    /// The connections accepted (those dropped since are dead entries,
+    /// pruned when the limit is reached).
+    open: Vec<std::sync::Weak<Heard>>,
+    cap: usize,
+    /// Connections closed to make room (logged at the first, then every
+    /// 100th).
+    closed: u64,
 }
 
 impl Incoming {
-    fn new(listener: UnixListener) -> Incoming {
+    fn new(listener: UnixListener, cap: usize) -> Incoming {
         Incoming {
             listener,
             paused: None,
             failures: 0,
+            open: Vec::new(),
+            cap,
+            closed: 0,
+        }
+    }
+
+    /// Whether there is room for one more connection (fewer than `cap`
+    /// open). When there is none, the one whose client has been silent
+    /// longest is told to close (unless one is closing already): its task
+    /// drops it in a moment.
+    fn room(&mut self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.open.len() < self.cap {
+            return true;
+        }
+        self.open.retain(|w| w.strong_count() > 0);
+        if self.open.len() < self.cap {
+            return true;
+        }
+        let live: Vec<std::sync::Arc<Heard>> = self
+            .open
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        if live.iter().any(|h| h.closing.load(Ordering::Relaxed)) {
+            return false;
+        }
+        if let Some(oldest) = live.iter().min_by_key(|h| h.last.load(Ordering::Relaxed)) {
+            if self.closed % 100 == 0 {
+                tracing::warn!(
+                    limit = self.cap,
+                    closed = self.closed + 1,
+                    "connections to the CSI socket at their limit; closing the one whose client has been silent longest"
+                );
+            }
+            self.closed += 1;
+            oldest.close();
+        }
+        false
+    }
+}
+
+/// How long accepting waits for a connection told to close to be gone.
+const ROOM_WAIT: Duration = Duration::from_millis(1);
+
+/// Milliseconds since the first call (the clock of `Heard::last`).
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// What `Incoming` knows of a connection it accepted: when its client
+/// last sent anything, and whether it was told to close.
+struct Heard {
+    last: std::sync::atomic::AtomicU64,
+    closing: std::sync::atomic::AtomicBool,
+    /// The connection's task, woken to close it.
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Heard {
+    fn close(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(w) = self.waker.lock().ok().and_then(|mut w| w.take()) {
+            w.wake();
         }
     }
 }
@@ -350,6 +448,10 @@ impl tokio_stream::Stream for Incoming {
                 }
                 self.paused = None;
             }
+            if !self.room() {
+                self.paused = Some(Box::pin(tokio::time::sleep(ROOM_WAIT)));
+                continue;
+            }
             match self.listener.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok((c, _))) => {
@@ -358,7 +460,9 @@ impl tokio_stream::Stream for Incoming {
                         self.failures = 0;
                     }
                     crate::handoff::watch(&c);
-                    return Poll::Ready(Some(Ok(Conn::new(c))));
+                    let conn = Conn::new(c);
+                    self.open.push(std::sync::Arc::downgrade(&conn.heard));
+                    return Poll::Ready(Some(Ok(conn)));
                 }
                 Poll::Ready(Err(e)) => {
                     if self.failures % 100 == 0 {
@@ -384,10 +488,14 @@ const PREFACE_LEN: usize = 24;
 /// without a bound, so a connection that sent nothing, or part of it,
 /// held its file descriptor and about 17 KiB for ever (enough of them took
 /// every descriptor, and then nobody could connect).
+///
+/// A connection `Incoming` closes to make room fails its next read or
+/// write, and hyper drops it.
 pub struct Conn {
     io: tokio::net::UnixStream,
     /// Until the preface is in: its deadline and the bytes read so far.
     preface: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
+    heard: std::sync::Arc<Heard>,
 }
 
 impl Conn {
@@ -395,7 +503,33 @@ impl Conn {
         Conn {
             io,
             preface: Some((Box::pin(tokio::time::sleep(PREFACE_TIMEOUT)), 0)),
+            heard: std::sync::Arc::new(Heard {
+                last: std::sync::atomic::AtomicU64::new(now_ms()),
+                closing: std::sync::atomic::AtomicBool::new(false),
+                waker: std::sync::Mutex::new(None),
+            }),
         }
+    }
+
+    /// An error when `Incoming` closed this connection; otherwise the
+    /// task's waker is kept for it to do so.
+    fn closed(&self, cx: &std::task::Context<'_>) -> Option<std::io::Error> {
+        use std::sync::atomic::Ordering;
+        if !self.heard.closing.load(Ordering::Relaxed) {
+            if let Ok(mut w) = self.heard.waker.lock() {
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+            }
+            // Told meanwhile: its wake-up may have missed the waker.
+            if !self.heard.closing.load(Ordering::Relaxed) {
+                return None;
+            }
+        }
+        Some(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "closed to make room for a new connection",
+        ))
     }
 }
 
@@ -414,9 +548,19 @@ impl tokio::io::AsyncRead for Conn {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
+        if let Some(e) = self.closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let this = &mut *self;
         let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            if buf.filled().len() > before {
+                this.heard
+                    .last
+                    .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         if let Some((deadline, got)) = this.preface.as_mut() {
             if let Poll::Ready(Ok(())) = &r {
                 *got += buf.filled().len() - before;
@@ -442,6 +586,9 @@ impl tokio::io::AsyncWrite for Conn {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(e) = self.closed(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -450,6 +597,9 @@ impl tokio::io::AsyncWrite for Conn {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(e) = self.closed(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -461,6 +611,9 @@ impl tokio::io::AsyncWrite for Conn {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(e) = self.closed(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 

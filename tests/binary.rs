@@ -955,52 +955,130 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// While every file descriptor of berth is taken (connections to the CSI
-/// socket that send nothing), accepting waits between attempts instead of
-/// spinning the one async thread: tonic retried a failed accept at once,
+/// More connections to the CSI socket than berth holds (100 that send
+/// nothing, at a limit of 64 descriptors): accepting neither spins the
+/// one async thread nor takes every descriptor, and Probe answers while
+/// they are all open. When they took every descriptor (before
+/// `server::connection_limit`), tonic retried a failed accept at once,
 /// and with a connection waiting in the backlog every attempt failed at
-/// once again (60% of a core and more, measured). Once descriptors are
-/// free again, berth answers.
+/// once again (60% of a core and more, measured); accepting now pauses
+/// `server::ACCEPT_BACKOFF` after a failure.
 #[tokio::test]
-async fn accepting_without_file_descriptors_does_not_spin() {
+async fn accepting_beyond_the_connection_limit_does_not_spin() {
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("csi.sock");
     let b = start_with_open_files(d.path(), 64, 64);
     let pid = b.child.id();
-    // More connections than descriptors: berth takes what it can, the
-    // rest wait in the backlog.
+    let before = open_fds(pid);
     let idle: Vec<std::os::unix::net::UnixStream> = (0..100)
         .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while open_fds(pid) < 64 {
-        assert!(
-            Instant::now() < deadline,
-            "berth never used its 64 descriptors"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    let cap = berth::server::connection_limit(64);
+    let mut most = 0;
+    for _ in 0..20 {
+        most = most.max(open_fds(pid));
+        std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(
+        most <= before + cap + 4,
+        "{most} descriptors open with 100 connections, {before} before"
+    );
     let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .unwrap()
         .unwrap() as u64;
-    let before = cpu_ticks(pid);
+    let cpu = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_ticks(pid) - before;
+    let used = cpu_ticks(pid) - cpu;
     assert!(
         used * 5 < 2 * ticks_per_s,
-        "berth used {used} ticks of CPU ({ticks_per_s}/s) in 2 s with no descriptor left"
+        "berth used {used} ticks of CPU ({ticks_per_s}/s) in 2 s with 100 connections"
     );
-    drop(idle);
-    let mut c = connect(&sock.display().to_string()).await.unwrap();
-    let probe = tokio::time::timeout(
-        Duration::from_secs(20),
-        c.identity.probe(Request::new(Default::default())),
-    )
+    let probe = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut c = connect(&sock.display().to_string()).await?;
+        c.identity.probe(Request::new(Default::default())).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
     .await;
     assert!(
         matches!(probe, Ok(Ok(_))),
-        "Probe once descriptors are free: {probe:?}"
+        "Probe beside 100 connections: {probe:?}"
     );
+    drop(idle);
+}
+
+/// A client that opens connections to the CSI socket and never closes
+/// them (each sent the HTTP/2 preface: a client's, kept while idle) holds
+/// at most `server::connection_limit` of berth's descriptors: a
+/// connection beyond it closes the one whose client has been silent
+/// longest. Before, every one was held: 200 of them at a limit of 128
+/// descriptors took every one, a new client's Probe timed out, and a
+/// CreateVolume on a connection already open was INTERNAL (its new
+/// volume's directory could not be read).
+#[tokio::test]
+async fn connections_held_open_never_take_every_descriptor() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("csi.sock");
+    let endpoint = sock.display().to_string();
+    let b = start_with_open_files(d.path(), 128, 128);
+    let pid = b.child.id();
+    let mut c = connect(&endpoint).await.unwrap();
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+    let before = open_fds(pid);
+    // At most 200: beyond what berth accepts, connect(2) waits for room in
+    // the listen backlog (128).
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let mut out = raw_h2::PREFACE.to_vec();
+        out.extend(raw_h2::frame(4, 0, 0, &[]));
+        s.write_all(&out).unwrap();
+        held.push(s);
+    }
+    let cap = berth::server::connection_limit(128);
+    let mut most = 0;
+    for _ in 0..40 {
+        most = most.max(open_fds(pid));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        most <= before + cap + 4,
+        "{most} descriptors open with 200 connections held, {before} before"
+    );
+    // A new client is served, and a call that needs descriptors works.
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut c = connect(&endpoint).await?;
+        c.identity.probe(Request::new(Default::default())).await?;
+        c.controller
+            .create_volume(Request::new(create_req("pvc-beside-held", 1 << 20)))
+            .await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+    .await;
+    assert!(
+        matches!(served, Ok(Ok(()))),
+        "a new client beside 200 connections held: {served:?}"
+    );
+    // The first client, silent longest, was closed to make room; it
+    // connects again and is served.
+    let again = tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..2 {
+            if c.identity
+                .probe(Request::new(Default::default()))
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(again, Ok(true)), "{again:?}");
+    drop(held);
 }
 
 /// Connections to the CSI socket that never send the HTTP/2 preface (not

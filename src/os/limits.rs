@@ -10,7 +10,8 @@ static GIVEN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 /// the hard one, as Go programs do at start (kubelet, the CSI sidecars):
 /// the soft limit a container or a shell gives is often 1,024, while
 /// berth holds a descriptor per connection to its socket (kubelet's, the
-/// sidecars', and an idle one's: about 16 KiB each) and per pool disk
+/// sidecars', and an idle one's: about 16 KiB each; at most half the soft
+/// limit, `server::connection_limit`) and per pool disk
 /// claimed for an unstaged volume, and each external command it runs
 /// takes a few. The commands berth runs get the limit berth was given
 /// (`restore_in_child`), as Go does for its children: some programs walk
@@ -36,6 +37,19 @@ pub fn raise_open_files() -> std::io::Result<(u64, u64)> {
         GIVEN[1].store(l.rlim_max, Ordering::SeqCst);
     }
     Ok((before, l.rlim_cur))
+}
+
+/// The soft limit of open files now (after `raise_open_files`).
+pub fn open_files() -> std::io::Result<u64> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes `l`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(l.rlim_cur)
 }
 
 /// In a command's child, between fork and exec: the soft limit of open

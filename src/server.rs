@@ -41,20 +41,26 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
 /// socket nobody answers on is a leftover of a process that died; it is
 /// replaced when binding.
 pub fn refuse_taken_socket(path: &Path) -> Result<(), ServeError> {
+    leftover_socket(path).map(|_| ())
+}
+
+/// `refuse_taken_socket`'s look at `path`: the device and inode of the
+/// socket nobody answers on there, if there is one.
+fn leftover_socket(path: &Path) -> Result<Option<(u64, u64)>, ServeError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match answers(path) {
             Ok(true) => Err(ServeError::Config(format!(
                 "another process is serving on {}; refusing to start (two drivers on one socket)",
                 path.display()
             ))),
-            Ok(false) => Ok(()),
+            Ok(false) => Ok(Some((m.dev(), m.ino()))),
             Err(e) => Err(io(format!("connecting to {}", path.display()))(e)),
         },
         Ok(_) => Err(ServeError::Config(format!(
             "{} exists and is not a socket; refusing to replace it",
             path.display()
         ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io(format!("inspecting {}", path.display()))(e)),
     }
 }
@@ -104,10 +110,14 @@ pub fn socket_gid(group: &str) -> Result<nix::unistd::Gid, ServeError> {
 /// second berth starting at the same moment) is never replaced: berth
 /// refuses to start.
 pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, ServeError> {
-    refuse_taken_socket(path)?;
-    if std::fs::symlink_metadata(path).is_ok() {
-        // A socket nobody answers on (anything else was refused above);
-        // gone already when another berth starting now removed it first.
+    // Only the leftover found here, never what is at the path by the time
+    // it is removed: a berth starting at the same moment may have placed
+    // its socket there since (before, a second look at the path took that
+    // live socket for the leftover, and removed it).
+    let leftover = leftover_socket(path)?;
+    let same = |m: std::fs::Metadata| Some((m.dev(), m.ino())) == leftover;
+    if leftover.is_some() && std::fs::symlink_metadata(path).is_ok_and(same) {
+        // Gone already when another berth starting now removed it first.
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(io(format!("removing old socket {}", path.display()))(e))

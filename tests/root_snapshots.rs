@@ -1371,7 +1371,10 @@ async fn a_local_copy_that_fills_the_filesystem_stops_no_other_volumes_changes()
     let free = free_bytes(h.dir.path());
 
     // The copy first removes what an earlier attempt may have left, then
-    // (failed) what it copied: that second removal is held.
+    // (failed) what it copied: that second removal is held. Its need
+    // cannot be told (as on a filesystem that may clone), so the check
+    // before the copy lets it go (`a_local_copy_that_cannot_fit`).
+    fake.fail_next("tree_copy_need", libc::EIO);
     let held = fake.hold_op_under_after("remove tree", &h.path("local/.snapshots"), 1);
     let ctl = berth::controller::ControllerService {
         driver: h.driver.clone(),
@@ -1423,4 +1426,201 @@ async fn a_local_copy_that_fills_the_filesystem_stops_no_other_volumes_changes()
     let (clean, out) = state_check(&h);
     assert!(clean, "{out}");
     drop(h);
+}
+
+/// The content source of a restore of snapshot `id`, or a clone of volume
+/// `id`.
+fn content_source(clone: bool, id: &str) -> csi::VolumeContentSource {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    csi::VolumeContentSource {
+        r#type: Some(if clone {
+            Type::Volume(VolumeSource {
+                volume_id: id.into(),
+            })
+        } else {
+            Type::Snapshot(SnapshotSource {
+                snapshot_id: id.into(),
+            })
+        }),
+    }
+}
+
+/// A local `what` (snapshot, restore, clone) of a tree holding more data
+/// than the filesystem has free (the state and the local root share it,
+/// as under one `--data-dir`) is RESOURCE_EXHAUSTED before anything is
+/// copied. Before, the copy ran until the filesystem was full, and only
+/// then was it removed: meanwhile every other tenant's write on the node
+/// failed with ENOSPC, and the CO's retries did it again and again. Real
+/// files on a real filesystem through the recording fake, whose hold on
+/// the removal of a failed copy keeps that moment long enough to write in
+/// it; the fake answers statvfs with what the filesystem says. The tree
+/// holds 6 MiB of data under three names (one inode), a sparse file of
+/// 1 GiB with 4 bytes of data, and a symlink to the filler (some 45 MiB):
+/// with 10 MiB free its first snapshot is made (the check counts each inode
+/// once, a file's data, never what a symlink points to).
+async fn a_local_copy_that_cannot_fit(fs: &str, what: &str) {
+    assert!(is_root(), "root tests need root");
+    let images = tempfile::tempdir().unwrap();
+    let (dir, _unmount) = match fs {
+        "ext4" => ext4_data_dir(64, images.path()),
+        _ => tmpfs_data_dir(64),
+    };
+    let (os, fake) = berth::os::Os::fake();
+    let h = build(
+        dir,
+        os,
+        Some(fake.clone()),
+        &["--kinds", "local", "--local-spare-dirs", "0"],
+    );
+    let src = create(&h, "src", MIB, &[], rwo()).await;
+    let vol = h.path("local").join(&src);
+    std::fs::create_dir_all(vol.join("a/b")).unwrap();
+    let data = vol.join("a/b/data");
+    write_data(&data, 6 << 20);
+    std::fs::hard_link(&data, vol.join("again")).unwrap();
+    std::fs::hard_link(&data, vol.join("a/and-again")).unwrap();
+    let sparse = std::fs::File::create(vol.join("sparse")).unwrap();
+    sparse.set_len(1 << 30).unwrap();
+    sparse.write_all_at(b"data", 512 << 20).unwrap();
+    sparse.sync_all().unwrap();
+    drop(sparse);
+    let filler = h.path("filler");
+    std::os::unix::fs::symlink(&filler, vol.join("a/filler")).unwrap();
+    let content = std::fs::read(&data).unwrap();
+
+    write_data(&filler, (free_bytes(h.dir.path()) - (10 << 20)) as usize);
+    fake.set_usage(None, usage_of(h.dir.path()));
+    let first = try_snapshot(&h, "first", &src)
+        .await
+        .expect("a snapshot that fits");
+    let free = free_bytes(h.dir.path());
+    assert!(free < 5 << 20 && free > 2 << 20, "{free} bytes free");
+    fake.set_usage(None, usage_of(h.dir.path()));
+
+    // The copy first removes what an earlier attempt may have left, then
+    // (failed) what it copied: that second removal is held.
+    let area = h.path(match what {
+        "snapshot" => "local/.snapshots",
+        _ => "local/.creating",
+    });
+    let held = fake.hold_op_under_after("remove tree", &area, 1);
+    let ops = fake.file_ops().len();
+    let ctl = berth::controller::ControllerService {
+        driver: h.driver.clone(),
+    };
+    let (w, s, f) = (what.to_string(), src.clone(), first.clone());
+    let call = tokio::spawn(async move {
+        match w.as_str() {
+            "snapshot" => ctl
+                .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+                    name: "second".into(),
+                    source_volume_id: s,
+                    ..Default::default()
+                }))
+                .await
+                .map(|_| ()),
+            _ => ctl
+                .create_volume(Request::new(csi::CreateVolumeRequest {
+                    volume_content_source: Some(if w == "clone" {
+                        content_source(true, &s)
+                    } else {
+                        content_source(false, &f)
+                    }),
+                    ..volume_req(&w, MIB, &[], rwo())
+                }))
+                .await
+                .map(|_| ()),
+        }
+    });
+    let waiting = held.clone();
+    let reached = tokio::task::spawn_blocking(move || {
+        waiting.wait_reached(std::time::Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    // Another tenant writes 64 KiB meanwhile.
+    let other = h.path("other-tenant");
+    let wrote = std::fs::write(&other, vec![1u8; 64 << 10]);
+    held.release();
+    let r = call.await.unwrap();
+    let _ = std::fs::remove_file(&other);
+    assert!(
+        wrote.is_ok(),
+        "a {what} that could not fit filled the filesystem (its removal {}held): another tenant's write meanwhile: {wrote:?}",
+        if reached { "" } else { "never " }
+    );
+    let e = r.expect_err(what);
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{what}: {e:?}");
+    assert!(
+        e.message().contains("bytes free"),
+        "{what}: refused ahead: {e:?}"
+    );
+    let copies: Vec<_> = fake.file_ops()[ops..]
+        .iter()
+        .filter(|o| o.op == "copy")
+        .map(|o| o.path.clone())
+        .collect();
+    assert_eq!(copies, Vec::<PathBuf>::new(), "{what}: nothing copied");
+    nothing_left(&h, free - (256 << 10), what).await;
+    assert_eq!(unfinished_records(&h), Vec::<String>::new(), "{what}");
+    assert_eq!(std::fs::read(&data).unwrap(), content, "{what}: the source");
+
+    // With room it is made.
+    std::fs::remove_file(&filler).unwrap();
+    fake.set_usage(None, usage_of(h.dir.path()));
+    let made = match what {
+        "snapshot" => {
+            try_snapshot(&h, "second", &src).await.expect(what);
+            h.path("local/.snapshots")
+                .join(&h.driver.store.snapshot_by_name("second").unwrap().id)
+        }
+        _ => {
+            let from = if what == "clone" { &src } else { &first };
+            let id = try_create_from(&h, what, MIB, from, what == "clone", &[])
+                .await
+                .expect(what);
+            h.path("local").join(id)
+        }
+    };
+    assert_eq!(std::fs::read(made.join("a/b/data")).unwrap(), content);
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{what}: {out}");
+    drop(h);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_local_snapshot_that_cannot_fit_never_fills_the_filesystem() {
+    a_local_copy_that_cannot_fit("tmpfs", "snapshot").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_local_restore_that_cannot_fit_never_fills_the_filesystem() {
+    a_local_copy_that_cannot_fit("tmpfs", "restore").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_local_clone_that_cannot_fit_never_fills_the_filesystem() {
+    a_local_copy_that_cannot_fit("tmpfs", "clone").await;
+}
+
+/// The same on ext4 (a directory takes a block; delayed allocation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_local_snapshot_that_cannot_fit_on_ext4_never_fills_the_filesystem() {
+    a_local_copy_that_cannot_fit("ext4", "snapshot").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_local_clone_that_cannot_fit_on_ext4_never_fills_the_filesystem() {
+    a_local_copy_that_cannot_fit("ext4", "clone").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_local_restore_that_cannot_fit_on_ext4_never_fills_the_filesystem() {
+    a_local_copy_that_cannot_fit("ext4", "restore").await;
 }

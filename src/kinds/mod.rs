@@ -399,6 +399,48 @@ pub(crate) fn snapshots_area(files: &dyn crate::os::files::Files, area: &Path) -
     }
 }
 
+/// RESOURCE_EXHAUSTED, before anything is copied (or frozen), when a copy
+/// (`what`, for the message) cannot fit in `area`: its `need` (what
+/// `Files::copy_need` or `Files::tree_copy_need` answered: a lower bound,
+/// known only where the copy cannot clone and the filesystem shows holes,
+/// so a copy that would fit is never refused) is more than the free bytes
+/// of `area`'s filesystem (for root, which berth is: ext4's reserved
+/// blocks count). Such a copy would run until the filesystem, which the
+/// state, the block and the local root usually share, were full, and only
+/// then be removed: meanwhile every other volume's write there fails with
+/// ENOSPC (a thin block volume's filesystem sees an I/O error), at every
+/// retry of the snapshot, restore or clone. When the need or the free
+/// space cannot be read, the copy goes on (and fails as it would have).
+pub(crate) fn check_room_for_copy(
+    os: &crate::os::Os,
+    what: &str,
+    need: std::result::Result<Option<u64>, crate::os::OsError>,
+    area: &Path,
+) -> Result<()> {
+    let need = match need {
+        Ok(Some(n)) => n,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            tracing::warn!(copy = %what, error = %e, "could not tell how much data a copy takes; copying");
+            return Ok(());
+        }
+    };
+    let free = match os.fs.statvfs(area) {
+        Ok(u) => u.total_bytes.saturating_sub(u.used_bytes),
+        Err(e) => {
+            tracing::warn!(copy = %what, error = %e, "could not read the free space for a copy; copying");
+            return Ok(());
+        }
+    };
+    if need > free {
+        return Err(Error::NoSpace(format!(
+            "{what} takes {need} bytes of data, and the filesystem of {} has {free} bytes free",
+            area.display()
+        )));
+    }
+    Ok(())
+}
+
 pub trait VolumeKind: Send + Sync {
     fn kind(&self) -> Kind;
 

@@ -423,6 +423,164 @@ pub fn file_copy_need(src: &Path) -> Result<Option<u64>, OsError> {
     Ok(Some(need))
 }
 
+/// The fewest bytes of the filesystem `copy_tree` of the directory `src`
+/// takes, where that is known without copying (the free-space check
+/// before a local snapshot, restore or clone): on a filesystem that never
+/// clones a file and shows holes (ext2/3/4, tmpfs; `file_copy_need`), the
+/// data of each regular file (its `SEEK_DATA` ranges, each rounded up to
+/// the filesystem's block, and no more than the blocks the file has:
+/// preallocated blocks are no data, a file held in its inode takes
+/// none), each inode once however many names it has (the copy keeps a
+/// hard-link group one inode), and for a directory or a symlink the one
+/// block it takes where the source's takes one. Never follows a symlink,
+/// never opens anything else than a directory or a regular file, reads
+/// no data, skips sockets (the copy does not copy them) and what is
+/// removed meanwhile. None elsewhere: a filesystem that may clone, a file
+/// whose holes are not shown (`file_copy_need`), or a mount below `src`
+/// (the copy refuses it). The sum is a lower bound of what the copy takes
+/// (it leaves out extent and xattr blocks), so a check on it refuses only
+/// a copy that cannot fit; it walks the tree as the copy does, on the
+/// copy's stack.
+pub fn tree_copy_need(src: &Path) -> Result<Option<u64>, OsError> {
+    use nix::fcntl::OFlag;
+    use nix::sys::statfs::{fstatfs, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
+    let dir = nix::fcntl::open(
+        src,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("open", src))?;
+    let fs = fstatfs(&dir).map_err(errno("statfs", src))?;
+    if fs.filesystem_type() != EXT4_SUPER_MAGIC && fs.filesystem_type() != TMPFS_MAGIC {
+        return Ok(None);
+    }
+    let block = u64::try_from(fs.block_size()).unwrap_or(4096).max(512);
+    on_copy_stack(move || {
+        let mut need = Need {
+            block,
+            bytes: 0,
+            links: HashMap::new(),
+        };
+        let top = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
+        need.bytes += need.metadata(&top);
+        Ok(need.dir(dir, src)?.then_some(need.bytes))
+    })
+}
+
+/// What `tree_copy_need` counted so far.
+struct Need {
+    /// The filesystem's block size.
+    block: u64,
+    bytes: u64,
+    /// The inodes with more than one name met so far, and how many of
+    /// their names are still to be met.
+    links: HashMap<(u64, u64), u64>,
+}
+
+impl Need {
+    /// A directory's or a symlink's block, where the source's takes one.
+    fn metadata(&self, m: &std::fs::Metadata) -> u64 {
+        m.blocks().saturating_mul(512).min(self.block)
+    }
+
+    /// Adds what the entries below the directory open at `dir` (reached
+    /// at `path`) take; false when that cannot be known.
+    fn dir(&mut self, dir: std::os::fd::OwnedFd, path: &Path) -> Result<bool, OsError> {
+        use nix::fcntl::OFlag;
+        let mut dir = nix::dir::Dir::from_fd(dir).map_err(errno("opendir", path))?;
+        let base = PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
+        for e in dir.iter() {
+            let e = e.map_err(errno("readdir", path))?;
+            let name = OsStr::from_bytes(e.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let from = base.join(name);
+            let m = match std::fs::symlink_metadata(&from) {
+                Ok(m) => m,
+                // Removed since the directory was read: the copy leaves
+                // it out.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(OsError::sys("stat", &from, e)),
+            };
+            let ft = m.file_type();
+            if ft.is_dir() {
+                let sub = match nix::fcntl::open(
+                    &from,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    Ok(d) => d,
+                    Err(nix::errno::Errno::ENOENT) => continue,
+                    Err(e) => return Err(OsError::sys("open", &from, e)),
+                };
+                if super::mountpoint::fd_is_mount_root(&sub) == Some(true) {
+                    return Ok(false);
+                }
+                self.bytes += self.metadata(&m);
+                if !self.dir(sub, &from)? {
+                    return Ok(false);
+                }
+                continue;
+            }
+            if ft.is_socket() {
+                continue;
+            }
+            if m.nlink() > 1 {
+                let k = (m.dev(), m.ino());
+                if let Some(left) = self.links.get_mut(&k) {
+                    *left = left.saturating_sub(1);
+                    if *left == 0 {
+                        self.links.remove(&k);
+                    }
+                    continue;
+                }
+                self.links.insert(k, m.nlink() - 1);
+            }
+            if ft.is_symlink() {
+                self.bytes += self.metadata(&m);
+            } else if ft.is_file() {
+                let f = match open_regular(&from) {
+                    Ok(f) => f,
+                    Err(e) if e.errno() == Some(libc::ENOENT) => continue,
+                    Err(e) => return Err(e),
+                };
+                if super::mountpoint::fd_is_mount_root(&f) == Some(true) {
+                    return Ok(false);
+                }
+                match self.file(&f, &from)? {
+                    Some(n) => self.bytes += n,
+                    None => return Ok(false),
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// What the copy of the regular file `f` takes at least: its data
+    /// ranges, each rounded up to a block, at most its blocks; None when
+    /// its holes are not shown.
+    fn file(&self, f: &File, path: &Path) -> Result<Option<u64>, OsError> {
+        let m = f.metadata().map_err(sys("stat", path))?;
+        let len = m.len();
+        let allocated = m.blocks().saturating_mul(512);
+        if allocated == 0 {
+            // All holes, or (ext4's inline_data) held in its inode.
+            return Ok(Some(0));
+        }
+        let holes_unseen = allocated < len;
+        let mut data = 0u64;
+        for range in data_ranges(f, path, len) {
+            let (start, end) = range?;
+            if holes_unseen && (start, end) == (0, len) {
+                return Ok(None);
+            }
+            data += (end - start).div_ceil(self.block) * self.block;
+        }
+        Ok(Some(data.min(allocated)))
+    }
+}
+
 fn copy_xattrs(src: &Path, dst: &Path) -> Result<(), OsError> {
     let names = match xattr::list(src) {
         Ok(n) => n,
@@ -848,6 +1006,85 @@ mod tests {
         // Never through a symlink.
         std::os::unix::fs::symlink(&a, t.path().join("link")).unwrap();
         assert!(file_copy_need(&t.path().join("link")).is_err());
+    }
+
+    /// The blocks a copied tree takes: each inode's once (`du`).
+    fn allocated(root: &Path) -> u64 {
+        fn walk(p: &Path, seen: &mut std::collections::HashSet<u64>, sum: &mut u64) {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            if seen.insert(m.ino()) {
+                *sum += m.blocks() * 512;
+            }
+            if m.is_dir() {
+                for e in std::fs::read_dir(p).unwrap() {
+                    walk(&e.unwrap().path(), seen, sum);
+                }
+            }
+        }
+        let mut sum = 0;
+        walk(root, &mut std::collections::HashSet::new(), &mut sum);
+        sum
+    }
+
+    /// What `tree_copy_need` answers is never more than the copy of the
+    /// tree takes (a free-space check on it never refuses a copy that
+    /// fits), and at least the data the copy writes: a hard-link group
+    /// counts once, a sparse file its data, a symlink (to a large file
+    /// outside the tree) never what it points to; None where the
+    /// filesystem may clone or hides holes.
+    #[test]
+    fn a_trees_copy_need_is_what_its_copy_takes_at_least() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        File::create(&outside)
+            .unwrap()
+            .write_all_at(&[3u8; 4 << 20], 0)
+            .unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join("a/b/c")).unwrap();
+        let data = src.join("a/b/data");
+        File::create(&data)
+            .unwrap()
+            .write_all_at(&[5u8; 1 << 20], 0)
+            .unwrap();
+        std::fs::hard_link(&data, src.join("again")).unwrap();
+        std::fs::hard_link(&data, src.join("a/b/c/and-again")).unwrap();
+        let sparse = File::create(src.join("sparse")).unwrap();
+        sparse.set_len(1 << 30).unwrap();
+        sparse.write_all_at(&[1u8; 100], 512 << 20).unwrap();
+        drop(sparse);
+        std::fs::write(src.join("a/small"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, src.join("a/link")).unwrap();
+        let long = "l".repeat(300);
+        std::os::unix::fs::symlink(&long, src.join("a/long-link")).unwrap();
+        nix::unistd::mkfifo(&src.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        let need = tree_copy_need(&src).unwrap();
+        let dst = t.path().join("dst");
+        let st = copy_tree(&src, &dst).unwrap();
+        let took = allocated(&dst);
+        let fs = nix::sys::statfs::statfs(t.path())
+            .unwrap()
+            .filesystem_type();
+        let shows_holes = [
+            nix::sys::statfs::EXT4_SUPER_MAGIC,
+            nix::sys::statfs::TMPFS_MAGIC,
+        ]
+        .contains(&fs);
+        match need {
+            Some(n) => {
+                assert!(shows_holes, "{fs:?}");
+                assert_eq!(st.cloned, 0);
+                assert!(n >= st.bytes, "{n} < {st:?}");
+                assert!(n <= took, "{n} > the {took} bytes the copy took");
+                assert!(n < 2 << 20, "{n}: counted more than once, or followed");
+            }
+            None => assert!(!shows_holes, "{fs:?}"),
+        }
+        // Never through a symlink, never a file.
+        std::os::unix::fs::symlink(&src, t.path().join("src-link")).unwrap();
+        assert!(tree_copy_need(&t.path().join("src-link")).is_err());
+        assert!(tree_copy_need(&outside).is_err());
     }
 
     #[test]

@@ -1849,6 +1849,13 @@ impl Files for FakeOs {
         Ok(stats)
     }
 
+    /// What the real copy would take of the real tree (not a change: not
+    /// recorded); fails as `fail_next("tree_copy_need", ..)` asks.
+    fn tree_copy_need(&self, src: &Path) -> Result<Option<u64>, OsError> {
+        self.injected("tree_copy_need", src)?;
+        RealFiles.tree_copy_need(src)
+    }
+
     fn copy_into(
         &self,
         src: &Path,

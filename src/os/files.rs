@@ -98,6 +98,11 @@ pub trait Files: Send + Sync {
     /// Copies the directory tree `src` to `dst`, which must not exist (see
     /// `copy`).
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError>;
+    /// The fewest bytes `copy_tree` of the directory `src` takes, where
+    /// that is known without copying (`copy::tree_copy_need`): None where
+    /// it is not (a filesystem that may clone or does not show holes, a
+    /// mount below `src`).
+    fn tree_copy_need(&self, src: &Path) -> Result<Option<u64>, OsError>;
     /// Copies what the directory `src` holds (except its entries named in
     /// `skip`) into the existing directory `dst`, and `src`'s own metadata
     /// onto `dst` (see `copy::copy_into`).
@@ -412,6 +417,10 @@ impl Files for RealFiles {
 
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<super::copy::CopyStats, OsError> {
         super::copy::copy_tree(src, dst)
+    }
+
+    fn tree_copy_need(&self, src: &Path) -> Result<Option<u64>, OsError> {
+        super::copy::tree_copy_need(src)
     }
 
     fn copy_into(

@@ -253,7 +253,12 @@ impl BlockKind {
                 .map_err(|e| Error::os(format!("removing {}", partial.display()), e))?;
         }
         if disk_len.is_none() {
-            self.check_room_for_copy(&vol.id, &src, &area)?;
+            crate::kinds::check_room_for_copy(
+                &self.os,
+                &format!("copying volume {} ({})", vol.id, src.display()),
+                self.os.files.copy_need(&src),
+                &area,
+            )?;
         }
         let dev = self.current_device(vol)?;
         let t = match &dev {
@@ -334,44 +339,6 @@ impl BlockKind {
             .map_err(|e| Error::os(format!("syncing {}", area.display()), e))?;
         tracing::info!(volume_id = %vol.id, snapshot_id = %snap.id, cloned = stats.cloned > 0, bytes = stats.bytes, frozen = !frozen.is_empty(), disk = disk_len.is_some(), "snapshot copied");
         Ok(partial)
-    }
-
-    /// RESOURCE_EXHAUSTED, before anything is copied or frozen, when the
-    /// copy of the volume's file `src` into `area` cannot fit: its data
-    /// (`Files::copy_need`: known only where the copy cannot clone and
-    /// the filesystem shows holes, so a copy that would fit is never
-    /// refused) is more than the free bytes there (for root, which berth
-    /// is: ext4's reserved blocks count). Such a copy would run until the
-    /// filesystem, which the state, the block and the local root usually
-    /// share, were full, and only then be removed: meanwhile every other
-    /// volume's write there fails with ENOSPC (a thin block volume's
-    /// filesystem sees an I/O error), at every retry of the snapshot.
-    /// When the need or the free space cannot be read, the copy goes on
-    /// (and fails as it would have).
-    fn check_room_for_copy(&self, id: &str, src: &Path, area: &Path) -> Result<()> {
-        let need = match self.os.files.copy_need(src) {
-            Ok(Some(n)) => n,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(volume_id = %id, error = %e, "could not tell how much data a copy takes; copying");
-                return Ok(());
-            }
-        };
-        let free = match self.os.fs.statvfs(area) {
-            Ok(u) => u.total_bytes.saturating_sub(u.used_bytes),
-            Err(e) => {
-                tracing::warn!(volume_id = %id, error = %e, "could not read the free space for a copy; copying");
-                return Ok(());
-            }
-        };
-        if need > free {
-            return Err(Error::NoSpace(format!(
-                "copying volume {id} takes {need} bytes of data ({}), and the filesystem of {} has {free} bytes free",
-                src.display(),
-                area.display()
-            )));
-        }
-        Ok(())
     }
 
     /// Copies the file of a volume in use as a raw device to `partial` as

@@ -699,6 +699,7 @@ impl LocalKind {
             area.join(format!("{PARTIAL}{name}"))
         };
         self.remove_tree(&tmp)?;
+        self.check_room_for_copy(src, &area)?;
         // A copy that fails is removed with what it made, so a failed
         // create leaves nothing behind (its rollback knows only `dest`).
         let stats = f
@@ -722,6 +723,19 @@ impl LocalKind {
             })?;
         tracing::info!(from = %src.display(), to = %dest.display(), cloned = stats.cloned, copied = stats.copied, bytes = stats.bytes, "copied");
         Ok(())
+    }
+
+    /// RESOURCE_EXHAUSTED, before anything is copied, when the copy of the
+    /// tree `src` into `area` cannot fit (`kinds::check_room_for_copy` of
+    /// `Files::tree_copy_need`): it would fill the filesystem that the
+    /// state and every volume of the root usually share until it failed.
+    fn check_room_for_copy(&self, src: &Path, area: &Path) -> Result<()> {
+        super::check_room_for_copy(
+            &self.os,
+            &format!("copying {}", src.display()),
+            self.os.files.tree_copy_need(src),
+            area,
+        )
     }
 
     /// Moves storage without a record into `.orphaned/` (never over an
@@ -1638,6 +1652,7 @@ impl VolumeKind for LocalKind {
             .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
         let holder = area.join(format!("{PARTIAL}{}", rec.id));
         self.remove_tree(&holder)?;
+        self.check_room_for_copy(&src, &area)?;
         let copied = self.copy_in_holder(rec, &src, &holder, &dest);
         if copied.is_err() && f.lstat(&holder).is_ok() {
             // A copy that fails (EDQUOT: the source holds more than the

@@ -2558,9 +2558,12 @@ async fn a_snapshots_directory_replaced_by_a_symlink_is_never_followed() {
 /// Calls on other ids that touch the data a copy reads wait for it
 /// (ABORTED; the CO retries), made deterministic by holding the copy: while
 /// CreateSnapshot copies a volume, DeleteVolume, ControllerExpandVolume
-/// and a clone of it; while a restore copies a snapshot, DeleteSnapshot
-/// and a second restore of it. Nothing is lost or left behind: the
-/// snapshot and the restore hold the data as it was, and once the copies
+/// and a clone of it; while a restore copies a snapshot, DeleteSnapshot.
+/// A second restore of that snapshot copies beside the first (restores
+/// only read it; before, it was ABORTED until the first was done, and a
+/// CO restoring many volumes from one snapshot made them one at a time,
+/// each after its retries' back-off). Nothing is lost or left behind: the
+/// snapshot and the restores hold the data as it was, and once the copies
 /// are done every one of those calls succeeds.
 #[tokio::test]
 async fn calls_on_the_data_a_copy_reads_wait_for_it() {
@@ -2643,19 +2646,33 @@ async fn calls_on_the_data_a_copy_reads_wait_for_it() {
         let second = h
             .ctl
             .create_volume(Request::new(from_snapshot("r2", MIB, &s.snapshot_id)));
-        let codes = [
-            soon(&held, del_snap(&s.snapshot_id)).await,
-            soon(&held, second).await,
-        ];
-        held.release();
-        codes
+        let meanwhile = async {
+            // The second restore's copy is held beside the first's.
+            for _ in 0..500 {
+                if held.reached() > 1 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            let both = held.reached() > 1;
+            let deleted = soon(&held, del_snap(&s.snapshot_id)).await;
+            held.release();
+            (both, deleted)
+        };
+        let (second, (both, deleted)) = tokio::join!(second, meanwhile);
+        (second.map(|_| ()), both, deleted)
     };
-    let (r1, codes) = tokio::join!(
+    let (r1, (second, both, deleted)) = tokio::join!(
         h.ctl
             .create_volume(Request::new(from_snapshot("r1", MIB, &s.snapshot_id))),
         others
     );
-    assert_eq!(codes, [Code::Aborted; 2]);
+    assert_eq!(deleted, Code::Aborted);
+    assert!(
+        both,
+        "a second restore of the snapshot copies beside the first: {second:?}"
+    );
+    second.expect("the second restore");
     let r1 = r1.unwrap().into_inner().volume.unwrap().volume_id;
     // Once the copies are done: every call succeeds, nothing lost.
     let r2 = h

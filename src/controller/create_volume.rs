@@ -266,9 +266,11 @@ pub async fn handle(
     };
     let mut guard = d.locks.try_lock(name_key(&name))?;
     guard.also(vol_key(&id))?;
-    // The source may not go away (or change) while it is copied.
+    // The source may not go away (or change) while it is copied. Restores
+    // only read a snapshot: those of one snapshot share its key and copy
+    // side by side; its DeleteSnapshot, which holds it alone, waits.
     match &source {
-        Some(ContentSource::Snapshot(s)) => guard.also(snap_key(s))?,
+        Some(ContentSource::Snapshot(s)) => guard.also_shared(snap_key(s))?,
         Some(ContentSource::Volume(v)) => guard.also(vol_key(v))?,
         None => {}
     }

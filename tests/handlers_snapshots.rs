@@ -1713,6 +1713,48 @@ async fn a_mount_without_fs_type_gets_the_filesystem_the_volume_holds() {
     assert_eq!(runs(f, "mkfs.xfs"), 0);
 }
 
+/// A restore or clone of a block volume never staged (no filesystem was
+/// made on it, so its copy holds no data) is formatted, at its first stage
+/// with a mount capability that names no filesystem, as its own
+/// StorageClass says (`fsType`, and `mkfsOptions`), as a new volume is:
+/// the source's class only said what a filesystem would be, and none was
+/// made. Before, it took the source's: a restore asked for with `fsType:
+/// xfs` was formatted ext4 (and sized for xfs).
+#[tokio::test]
+async fn a_restore_of_a_source_never_staged_takes_its_own_filesystem() {
+    let h = fake(&["--kinds", "block"]);
+    let f = h.fake();
+    script_blank(f);
+    let src = create_p(&h, "src", 320 * MIB, &[("fsType", "ext4")])
+        .await
+        .volume_id;
+    let s = snapshot(&h, "s", &src).await.snapshot_id;
+    for (name, mut req) in [
+        ("r", from_snapshot("r", 320 * MIB, &s)),
+        ("c", from_volume("c", 320 * MIB, &src)),
+    ] {
+        req.parameters.insert("fsType".into(), "xfs".into());
+        let id = created_id(h.ctl.create_volume(Request::new(req)).await);
+        let staging = h.path(&format!("s-{name}"));
+        let before = (runs(f, "mkfs.xfs"), runs(f, "mkfs.ext4"));
+        h.node
+            .node_stage_volume(Request::new(stage_req(&id, &staging)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (runs(f, "mkfs.xfs"), runs(f, "mkfs.ext4")),
+            (before.0 + 1, before.1),
+            "{name}: formatted as its own class says"
+        );
+        assert!(
+            f.calls().iter().any(|c| matches!(c, Call::MountFs { target, fstype, .. } if target == &staging && fstype == "xfs")),
+            "{name}"
+        );
+    }
+    // A source that holds a filesystem keeps it whatever the class says
+    // (`a_mount_without_fs_type_gets_the_filesystem_the_volume_holds`).
+}
+
 /// A block restore whose record says Ready but whose file was not moved to
 /// its name yet (a kill between the two), the node's only file volume:
 /// start-up counts the file as there and moves it. Before, the block root

@@ -476,7 +476,7 @@ impl BlockKind {
         // `copied`: how long that file is, which is how large the
         // filesystem in it can be (less than the source's recorded size
         // when an expansion had reached the record but not the file yet).
-        let (src, info, copied, tmp) = match from {
+        let (src, mut info, copied, tmp) = match from {
             Source::Snapshot(s) => {
                 // Checked before anything is made (also when the CO
                 // retries a restore that `check_source` let through).
@@ -513,6 +513,15 @@ impl BlockKind {
                 (file.clone(), info, copied, Some(file))
             }
         };
+        if !info.formatted && info.formatting.is_empty() {
+            // No filesystem was made on the source (never staged, or used
+            // raw): its class only said what one would be. A mount
+            // capability without fs_type gets the new volume's own
+            // (`fsType`, `mkfsOptions`), as a new volume does; a source
+            // that holds a filesystem keeps it, whatever the class says.
+            info.default_fs = p.default_fs.as_str().into();
+            info.mkfs_options = p.mkfs_options.clone();
+        }
         let r = match p.pool {
             super::params::Pool::File(allocation) => {
                 self.restore_onto_file(rec, &src, tmp.is_some(), allocation, info, copied)

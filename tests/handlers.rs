@@ -4361,3 +4361,38 @@ async fn a_list_of_many_volumes_pages_under_the_limit_in_bytes() {
         assert!(pages >= 3, "max {max}: {pages} pages");
     }
 }
+
+/// A new local volume's directory that cannot be read (no descriptor
+/// left) fails the create saying so, not as a directory someone put files
+/// into by hand; the retry then makes the volume. Before, the failed read
+/// counted as "not empty": CreateVolume answered that the directory "is
+/// not empty" and the log blamed a hand in `.creating`.
+#[tokio::test]
+async fn a_new_directory_that_cannot_be_read_is_no_planted_one() {
+    let h = fake(&[]);
+    let f = h.fake.as_ref().unwrap();
+    // A create takes a spare directory made ahead, once there is one.
+    create(&h, "first", 1 << 20).await;
+    let area = h.path("local/.creating");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_dir(&area).unwrap().count() == 0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "no spare made"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    f.fail_op_under("read_dir", &area, libc::EMFILE);
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req("v", 1 << 20)))
+        .await
+        .expect_err("created without reading its directory");
+    assert!(
+        e.message().contains("reading new volume") && !e.message().contains("not empty"),
+        "{e:?}"
+    );
+    f.clear_file_faults();
+    let v = create(&h, "v", 1 << 20).await;
+    assert!(h.path("local").join(&v.volume_id).is_dir());
+}

@@ -1836,9 +1836,21 @@ impl Files for FakeOs {
         RealFiles.stat(path)
     }
 
-    /// Fails as `fail_next("read_dir", ..)` asks.
+    /// Fails as `fail_next("read_dir", ..)` asks, and under a path given
+    /// to `fail_op_under("read_dir", ..)` (a read is no change: a fault
+    /// for every op under a path leaves it alone).
     fn read_dir(&self, path: &Path) -> Result<std::fs::ReadDir, OsError> {
         self.injected("read_dir", path)?;
+        if let Some((_, _, errno)) = lock(&self.file_faults_under)
+            .iter()
+            .find(|(o, p, _)| *o == Some("read_dir") && path.starts_with(p))
+        {
+            return Err(OsError::sys(
+                "read_dir",
+                path,
+                std::io::Error::from_raw_os_error(*errno),
+            ));
+        }
         RealFiles.read_dir(path)
     }
 

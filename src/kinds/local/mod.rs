@@ -1230,7 +1230,20 @@ impl VolumeKind for LocalKind {
         // create's). Checked on a retry too: a rollback that could not
         // remove a planted spare left its record Creating, and the retry
         // makes the same directory again.
-        if found && !self.os.files.is_empty_dir(&dir) {
+        // A directory that cannot be read (no descriptor left, EIO) is
+        // not handed out either, and the error says so: it is no sign of
+        // a hand in `.creating`.
+        let planted = match found.then(|| self.os.files.read_dir(&dir)) {
+            Some(Ok(mut entries)) => entries.next().is_some(),
+            Some(Err(e)) => {
+                return Err(Error::os(
+                    format!("reading new volume {}'s directory", rec.id),
+                    e,
+                ))
+            }
+            None => false,
+        };
+        if planted {
             tracing::error!(volume_id = %rec.id, dir = %dir.display(), "a new volume's directory is not empty (something was put into Berth's .creating by hand): not handed out");
             return Err(Error::Internal(format!(
                 "the directory {} made for new volume {} is not empty; not handed out",

@@ -2412,6 +2412,27 @@ async fn local_lifecycle_reads_the_mount_table_three_times() {
         .all(|m| m.mount_point == std::path::Path::new("/")));
 }
 
+/// NodeUnstage of a local volume asks the kernel what is mounted at the
+/// staging path (the mount-id probe, one statx on a node) once, for its
+/// checks and its unmount alike: it asked three times before, a statx
+/// each, on every lifecycle.
+#[tokio::test]
+async fn local_unstage_probes_the_staging_path_once() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let f = h.fake();
+    f.clear_calls();
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!((f.table_reads(), f.mount_id_probes()), (1, 1));
+    assert!(!f.table().iter().any(|m| m.mount_point == staging));
+}
+
 /// DeleteVolume's "in use?" check and the kind's own check share one read,
 /// also when they refuse.
 #[tokio::test]

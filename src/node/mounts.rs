@@ -377,7 +377,12 @@ pub fn mounts_elsewhere<'a>(
     obj: &Object,
     paths: &[&Path],
 ) -> Vec<&'a MountEntry> {
-    let here = ids_at(os, t, paths);
+    elsewhere_than(t, obj, &ids_at(os, t, paths))
+}
+
+/// `mounts_elsewhere` with the ids of the mounts at the paths known (`at`
+/// probed them already).
+fn elsewhere_than<'a>(t: &'a [MountEntry], obj: &Object, here: &[u32]) -> Vec<&'a MountEntry> {
     let ours: Vec<&MountEntry> = t.iter().filter(|m| here.contains(&m.id)).collect();
     mountinfo::mounts_of(t, obj)
         .into_iter()
@@ -452,7 +457,12 @@ pub fn unmount_all_in(os: &Os, t: &[MountEntry], path: &Path) -> Result<()> {
 /// `unmount_all_in` with at most `budget` unmount calls; how many it made
 /// that succeeded.
 fn unmount_listed(os: &Os, t: &[MountEntry], path: &Path, budget: usize) -> Result<usize> {
-    let mut n = at(os, t, path).len();
+    unmount_counted(os, path, at(os, t, path).len(), budget)
+}
+
+/// `unmount_listed` with the number of mounts at `path` known (`at`
+/// probed it already, within the same call).
+fn unmount_counted(os: &Os, path: &Path, mut n: usize, budget: usize) -> Result<usize> {
     let mut removed = 0;
     for _ in 0..budget {
         if n == 0 {
@@ -696,7 +706,11 @@ pub fn unstage_in(
     staging: &Path,
     volume: Option<&VolumeDir<'_>>,
 ) -> Result<()> {
-    let Some(top_entry) = at(os, t, staging).last().copied() else {
+    // What is mounted at `staging`, probed once (statx) for the checks
+    // and the unmounts below: this call holds the path's guard, and the
+    // table `t` does not change meanwhile either.
+    let here = at(os, t, staging);
+    let Some(top_entry) = here.last().copied() else {
         return Ok(());
     };
     let top = object(top_entry);
@@ -715,7 +729,8 @@ pub fn unstage_in(
             )));
         }
     }
-    let others: Vec<_> = mounts_elsewhere(os, t, &top, &[staging])
+    let here_ids: Vec<u32> = here.iter().map(|m| m.id).collect();
+    let others: Vec<_> = elsewhere_than(t, &top, &here_ids)
         .into_iter()
         .filter(|m| Some(m.mount_point.as_path()) != source)
         .map(|m| m.mount_point.display().to_string())
@@ -726,7 +741,7 @@ pub fn unstage_in(
             others.join(", ")
         )));
     }
-    unmount_all_in(os, t, staging)
+    unmount_counted(os, staging, here.len(), MAX_UNMOUNTS).map(|_| ())
 }
 
 #[cfg(test)]

@@ -157,6 +157,8 @@ pub struct FakeOs {
     /// (`mount_root`) so far; counted apart from `calls`.
     table_reads: Mutex<usize>,
     probes: Mutex<usize>,
+    /// Mount-id probes (`root_mount_id`) so far, apart from `probes`.
+    mount_id_probes: Mutex<usize>,
     /// The mount-root probe answers "don't know" for these paths.
     probe_unknown: Mutex<HashSet<PathBuf>>,
     /// Filesystem changes so far (`Files`), and the faults to inject into
@@ -302,6 +304,7 @@ impl FakeOs {
             allocation_takes_free: Mutex::new(false),
             table_reads: Mutex::new(0),
             probes: Mutex::new(0),
+            mount_id_probes: Mutex::new(0),
             probe_unknown: Mutex::new(HashSet::new()),
             file_ops: Mutex::new(Vec::new()),
             file_fault_at: Mutex::new(None),
@@ -923,6 +926,7 @@ impl FakeOs {
         lock(&self.calls).clear();
         *lock(&self.table_reads) = 0;
         *lock(&self.probes) = 0;
+        *lock(&self.mount_id_probes) = 0;
     }
 
     /// How many times the whole mount table was read (`mounts`, successful
@@ -935,6 +939,12 @@ impl FakeOs {
     /// or the last `clear_calls`.
     pub fn probes(&self) -> usize {
         *lock(&self.probes)
+    }
+
+    /// How many mount-id probes (`root_mount_id`, one statx each on a real
+    /// node) were made since the start or the last `clear_calls`.
+    pub fn mount_id_probes(&self) -> usize {
+        *lock(&self.mount_id_probes)
     }
 
     /// From now on the mount-root probe of `path` answers None ("don't
@@ -1239,6 +1249,7 @@ impl MountProbe for FakeOs {
     /// The id of the top entry at `path` (its parent resolved); None for
     /// paths set with `set_probe_unknown`.
     fn root_mount_id(&self, path: &Path) -> Option<Option<u64>> {
+        *lock(&self.mount_id_probes) += 1;
         if lock(&self.probe_unknown).contains(path) {
             return None;
         }

@@ -2433,6 +2433,34 @@ async fn local_unstage_probes_the_staging_path_once() {
     assert!(!f.table().iter().any(|m| m.mount_point == staging));
 }
 
+/// NodeUnpublish of a local volume asks whether anything is mounted at the
+/// target (the mount-root probe, one statx on a node) once before its
+/// unmount, for its refusal of another volume's mount and its unmounts
+/// alike, and once after (nothing stacked beneath): it asked twice before
+/// the unmount before, on every lifecycle.
+#[tokio::test]
+async fn local_unpublish_probes_the_target_once_before_its_unmount() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    let f = h.fake();
+    f.clear_calls();
+    h.node
+        .node_unpublish_volume(Request::new(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!((f.table_reads(), f.probes()), (0, 2));
+    assert!(!f.table().iter().any(|m| m.mount_point == target));
+    assert!(!target.exists());
+}
+
 /// DeleteVolume's "in use?" check and the kind's own check share one read,
 /// also when they refuse.
 #[tokio::test]

@@ -422,8 +422,17 @@ pub fn refuse_second_target(
 /// as an error to retry, never turned into a lazy unmount. Returns how many
 /// mounts it removed.
 pub fn unmount_all(os: &Os, path: &Path) -> Result<usize> {
+    unmount_all_from(os, path, os.probe.mount_root(path))
+}
+
+/// `unmount_all` with the first mount-root probe of `path` made already by
+/// the caller (`first`), in the same call and under the path's guard, with
+/// nothing mounted or unmounted since: each later turn probes again.
+pub fn unmount_all_from(os: &Os, path: &Path, first: Option<bool>) -> Result<usize> {
+    let mut probed = Some(first);
     for done in 0..MAX_UNMOUNTS {
-        match os.probe.mount_root(path) {
+        let root = probed.take().unwrap_or_else(|| os.probe.mount_root(path));
+        match root {
             Some(false) => return Ok(done),
             Some(true) => {}
             None => {
@@ -548,8 +557,20 @@ pub fn foreign(path: &Path, id: &str, top: &MountEntry) -> Error {
 /// directory (the identity probe, without mountinfo): Ok. When `dir` is
 /// gone, or the mount's directory was removed, nothing can be told: Ok.
 pub fn refuse_foreign_dir(os: &Os, dir: &VolumeDir<'_>, id: &str, path: &Path) -> Result<()> {
+    refuse_foreign_dir_probed(os, dir, id, path, os.probe.mount_root(path))
+}
+
+/// `refuse_foreign_dir` with the mount-root probe of `path` made already by
+/// the caller (`root`), in the same call and under the path's guard.
+pub fn refuse_foreign_dir_probed(
+    os: &Os,
+    dir: &VolumeDir<'_>,
+    id: &str,
+    path: &Path,
+    root: Option<bool>,
+) -> Result<()> {
     let (vol, dir) = (dir, dir.path);
-    if os.probe.mount_root(path) == Some(false) {
+    if root == Some(false) {
         return Ok(());
     }
     if let (Some(a), Some(b)) = (os.probe.identity(path), os.probe.identity(dir)) {
@@ -684,7 +705,13 @@ pub fn refuse_root_storage(os: &Os, roots: &[PathBuf], id: &str, path: &Path) ->
 /// Unpublishes: unmount everything at `target`, then remove it (a file
 /// only if a mount was just taken off it).
 pub fn unpublish(os: &Os, target: &Path) -> Result<()> {
-    let unmounted = unmount_all(os, target)?;
+    unpublish_from(os, target, os.probe.mount_root(target))
+}
+
+/// `unpublish` with the first mount-root probe of `target` made already by
+/// the caller (see `unmount_all_from`).
+pub fn unpublish_from(os: &Os, target: &Path, root: Option<bool>) -> Result<()> {
+    let unmounted = unmount_all_from(os, target, root)?;
     remove_target(os, target, unmounted > 0)
 }
 

@@ -1722,6 +1722,10 @@ impl VolumeKind for LocalKind {
     }
 
     fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
+        // One mount-root probe (a statx) of the target for the refusal and
+        // the first turn of the unmounts: nothing is mounted or unmounted
+        // between them (the target's guard is held).
+        let root = self.os.probe.mount_root(target);
         if let Ok(dir) = self.dir(id) {
             let staged_at = || {
                 self.store
@@ -1729,9 +1733,15 @@ impl VolumeKind for LocalKind {
                     .then(|| self.staged.path(id))
                     .flatten()
             };
-            mounts::refuse_foreign_dir(&self.os, &mount_check_dir(&dir, &staged_at), id, target)?;
+            mounts::refuse_foreign_dir_probed(
+                &self.os,
+                &mount_check_dir(&dir, &staged_at),
+                id,
+                target,
+                root,
+            )?;
         }
-        mounts::unpublish(&self.os, target)
+        mounts::unpublish_from(&self.os, target, root)
     }
 
     /// With a project: the volume's own usage and limits from its quota.

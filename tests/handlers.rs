@@ -2433,6 +2433,30 @@ async fn local_unstage_probes_the_staging_path_once() {
     assert!(!f.table().iter().any(|m| m.mount_point == staging));
 }
 
+/// NodePublish of a local volume looks at the staging path once (one
+/// statx on a node) for both what it needs to know there: that a mount is
+/// there, and that it shows the volume's directory. It looked twice before
+/// (the mount-root probe, then the identity probe), on every lifecycle.
+#[tokio::test]
+async fn local_publish_looks_at_the_staging_path_once() {
+    let h = fake(&[]);
+    let (id, staging) = staged(&h, "a").await;
+    let target = h.path("target");
+    let f = h.fake();
+    f.clear_calls();
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    // The target's mount-root probe and the staging path's one look; the
+    // identity of the volume's directory.
+    assert_eq!(
+        (f.table_reads(), f.probes(), f.identity_probes()),
+        (0, 2, 1)
+    );
+    assert!(f.table().iter().any(|m| m.mount_point == target));
+}
+
 /// NodeUnpublish of a local volume asks whether anything is mounted at the
 /// target (the mount-root probe, one statx on a node) once before its
 /// unmount, for its refusal of another volume's mount and its unmounts

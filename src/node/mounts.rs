@@ -334,13 +334,11 @@ pub fn publish_bind(
             .map_err(|e| Error::os(format!("publishing at {}", target.display()), e))
     };
     if let Some(src) = source {
+        // The staging path's two answers from one look (one statx).
+        let staged = || os.probe.root_and_identity(staging);
         if !cap.access_mode.single_target()
             && os.probe.mount_root(target) == Some(false)
-            && os.probe.mount_root(staging) == Some(true)
-            && os
-                .probe
-                .identity(staging)
-                .is_some_and(|id| os.probe.identity(src) == Some(id))
+            && matches!(staged(), (Some(true), Some(id)) if os.probe.identity(src) == Some(id))
         {
             return mount_on_dir(os, target, bind);
         }

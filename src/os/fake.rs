@@ -159,6 +159,9 @@ pub struct FakeOs {
     probes: Mutex<usize>,
     /// Mount-id probes (`root_mount_id`) so far, apart from `probes`.
     mount_id_probes: Mutex<usize>,
+    /// Identity probes (`identity`) so far; `root_and_identity` counts as
+    /// one mount-root probe only (one statx on a node).
+    identity_probes: Mutex<usize>,
     /// The mount-root probe answers "don't know" for these paths.
     probe_unknown: Mutex<HashSet<PathBuf>>,
     /// Filesystem changes so far (`Files`), and the faults to inject into
@@ -305,6 +308,7 @@ impl FakeOs {
             table_reads: Mutex::new(0),
             probes: Mutex::new(0),
             mount_id_probes: Mutex::new(0),
+            identity_probes: Mutex::new(0),
             probe_unknown: Mutex::new(HashSet::new()),
             file_ops: Mutex::new(Vec::new()),
             file_fault_at: Mutex::new(None),
@@ -927,6 +931,7 @@ impl FakeOs {
         *lock(&self.table_reads) = 0;
         *lock(&self.probes) = 0;
         *lock(&self.mount_id_probes) = 0;
+        *lock(&self.identity_probes) = 0;
     }
 
     /// How many times the whole mount table was read (`mounts`, successful
@@ -945,6 +950,12 @@ impl FakeOs {
     /// node) were made since the start or the last `clear_calls`.
     pub fn mount_id_probes(&self) -> usize {
         *lock(&self.mount_id_probes)
+    }
+
+    /// How many identity probes (`identity`, one statx each on a real node)
+    /// were made since the start or the last `clear_calls`.
+    pub fn identity_probes(&self) -> usize {
+        *lock(&self.identity_probes)
     }
 
     /// From now on the mount-root probe of `path` answers None ("don't
@@ -1231,19 +1242,14 @@ impl MountProbe for FakeOs {
     /// shows (a bind's root is a real path in the fake), else of `path`
     /// itself; None for paths set with `set_probe_unknown`.
     fn identity(&self, path: &Path) -> Option<(u64, u64)> {
-        if self.injected("identity", path).is_err() || lock(&self.probe_unknown).contains(path) {
-            return None;
-        }
-        let path = resolved(path);
-        let shown = lock(&self.table)
-            .iter()
-            .rev()
-            .find(|m| m.mount_point == path)
-            .map(|m| m.root.clone())
-            .unwrap_or_else(|| path.to_path_buf());
-        std::fs::symlink_metadata(shown)
-            .ok()
-            .map(|m| (m.dev(), m.ino()))
+        *lock(&self.identity_probes) += 1;
+        self.identity_uncounted(path)
+    }
+
+    /// Both answers as `mount_root` and `identity` give them, counted as
+    /// one mount-root probe (one statx on a node).
+    fn root_and_identity(&self, path: &Path) -> (Option<bool>, Option<(u64, u64)>) {
+        (self.mount_root(path), self.identity_uncounted(path))
     }
 
     /// The id of the top entry at `path` (its parent resolved); None for
@@ -1261,6 +1267,25 @@ impl MountProbe for FakeOs {
                 .find(|m| m.mount_point == path)
                 .map(|m| u64::from(m.id)),
         )
+    }
+}
+
+impl FakeOs {
+    /// `identity` without counting it.
+    fn identity_uncounted(&self, path: &Path) -> Option<(u64, u64)> {
+        if self.injected("identity", path).is_err() || lock(&self.probe_unknown).contains(path) {
+            return None;
+        }
+        let path = resolved(path);
+        let shown = lock(&self.table)
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == path)
+            .map(|m| m.root.clone())
+            .unwrap_or_else(|| path.to_path_buf());
+        std::fs::symlink_metadata(shown)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
     }
 }
 

@@ -32,6 +32,11 @@ pub trait MountProbe: Send + Sync {
     /// components are followed (as mount and umount follow them), so a
     /// path whose text differs from mountinfo's is still matched.
     fn root_mount_id(&self, path: &Path) -> Option<Option<u64>>;
+    /// `mount_root` and `identity` of `path` from one look (one statx on a
+    /// node, where the two calls make two of the same): the same answers.
+    fn root_and_identity(&self, path: &Path) -> (Option<bool>, Option<(u64, u64)>) {
+        (self.mount_root(path), self.identity(path))
+    }
 }
 
 /// The real probe: statx(2).
@@ -126,13 +131,25 @@ impl MountProbe for StatxMountProbe {
     }
 
     fn identity(&self, path: &Path) -> Option<(u64, u64)> {
-        let stx = statx(path, libc::STATX_BASIC_STATS).ok()?;
-        if stx.stx_mask & libc::STATX_INO == 0 {
-            return None;
-        }
-        let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
-        Some((dev, stx.stx_ino))
+        identity_of(&statx(path, libc::STATX_BASIC_STATS).ok()?)
     }
+
+    fn root_and_identity(&self, path: &Path) -> (Option<bool>, Option<(u64, u64)>) {
+        match statx(path, libc::STATX_BASIC_STATS) {
+            Ok(stx) => (is_mount_root(&stx), identity_of(&stx)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => (Some(false), None),
+            Err(_) => (None, None),
+        }
+    }
+}
+
+/// The device and inode numbers `stx` holds (None: the kernel did not say).
+fn identity_of(stx: &libc::statx) -> Option<(u64, u64)> {
+    if stx.stx_mask & libc::STATX_INO == 0 {
+        return None;
+    }
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    Some((dev, stx.stx_ino))
 }
 
 #[cfg(test)]
@@ -170,5 +187,32 @@ mod tests {
             let e = t.iter().find(|m| u64::from(m.id) == id).unwrap();
             assert_eq!(e.mount_point, Path::new("/"));
         }
+    }
+
+    #[test]
+    fn one_look_answers_as_the_two_probes_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        for path in [
+            Path::new("/").to_path_buf(),
+            dir.path().to_path_buf(),
+            file.clone(),
+            link.clone(),
+            dir.path().join("missing"),
+            file.join("below-a-file"),
+        ] {
+            let probe = StatxMountProbe;
+            assert_eq!(
+                probe.root_and_identity(&path),
+                (probe.mount_root(&path), probe.identity(&path)),
+                "{}",
+                path.display()
+            );
+        }
+        // Something is there to tell: not everything answered None.
+        assert!(StatxMountProbe.root_and_identity(dir.path()).1.is_some());
     }
 }

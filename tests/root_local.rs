@@ -750,6 +750,21 @@ fn the_mount(p: &Path) -> berth::os::MountEntry {
 
 /// Whether a file can be created at `dir` (false: EROFS; any other error
 /// fails the test). The file is removed again.
+/// Unmounts `p`, waiting out (at most 2 s) an EBUSY from a descriptor
+/// of a file in it that a child another test's thread forked still holds
+/// until it execs (`writable` opens one; its close does not end the copy).
+fn unmount_settled(p: &Path) {
+    let t0 = std::time::Instant::now();
+    loop {
+        match nix::mount::umount2(p, nix::mount::MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) if t0.elapsed() < std::time::Duration::from_secs(2) => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            r => return r.unwrap_or_else(|e| panic!("unmounting {}: {e}", p.display())),
+        }
+    }
+}
+
 fn writable(dir: &Path) -> bool {
     let f = dir.join("probe-write");
     match std::fs::write(&f, b"x") {
@@ -899,14 +914,14 @@ fn atomic_and_two_step_binds_give_the_same_flags() {
                 has_flags(&e2, f, Some(&src_entry))
             );
             for t in [&t1, &t2] {
-                nix::mount::umount2(t, nix::mount::MntFlags::empty()).unwrap();
+                unmount_settled(t);
                 std::fs::remove_dir(t).unwrap();
             }
             compared += 1;
         }
-        nix::mount::umount2(&src, nix::mount::MntFlags::empty()).unwrap();
+        unmount_settled(&src);
         if sb_readonly {
-            nix::mount::umount2(&vol, nix::mount::MntFlags::empty()).unwrap();
+            unmount_settled(&vol);
         }
     }
     assert_eq!(compared, sources.len() * 128);
@@ -968,7 +983,7 @@ fn a_read_only_bind_propagates_read_only() {
         let copy = the_mount(&there);
         assert_eq!(copy.readonly(), !peer_writable, "{way:?}: {}", copy.options);
         assert_eq!(writable(&there), peer_writable, "{way:?}");
-        nix::mount::umount2(&t, nix::mount::MntFlags::empty()).unwrap();
+        unmount_settled(&t);
         assert!(mount_entries(&there).is_empty(), "the unmount propagates");
         std::fs::remove_dir(&t).unwrap();
     }

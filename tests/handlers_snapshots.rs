@@ -3088,35 +3088,28 @@ async fn a_list_of_many_snapshots_pages_under_the_limit_in_bytes() {
         snapshot_id(&h, &format!("s{i}"), &source).await;
     }
     for max in [0, 1000] {
-        let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
-        loop {
-            let p = h
-                .ctl
-                .list_snapshots(Request::new(csi::ListSnapshotsRequest {
-                    max_entries: max,
-                    starting_token: token,
-                    ..Default::default()
-                }))
-                .await
-                .unwrap()
-                .into_inner();
-            let bytes: usize = p.entries.iter().map(|e| e.encoded_len() + 2).sum();
-            assert!(bytes <= limit, "max {max}: page of {bytes} bytes");
-            seen.extend(
-                p.entries
-                    .iter()
-                    .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone()),
-            );
-            pages += 1;
-            token = p.next_token;
-            if token.is_empty() {
-                break;
+        let (seen, pages) = walk_pages(|token| {
+            let h = &h;
+            async move {
+                let p = h
+                    .ctl
+                    .list_snapshots(Request::new(csi::ListSnapshotsRequest {
+                        max_entries: max,
+                        starting_token: token,
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let bytes: usize = p.entries.iter().map(|e| e.encoded_len() + 2).sum();
+                assert!(bytes <= limit, "max {max}: page of {bytes} bytes");
+                let ids = p.entries.iter();
+                let ids = ids.map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone());
+                (ids.collect(), p.next_token)
             }
-        }
-        let mut unique = seen.clone();
-        unique.sort();
-        unique.dedup();
-        assert_eq!((seen.len(), unique.len()), (n, n), "max {max}");
+        })
+        .await;
+        assert!(seen.len() == n && each_once(&seen), "max {max}: {seen:?}");
         assert!(pages >= 3, "max {max}: {pages} pages");
     }
 }

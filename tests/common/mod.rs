@@ -762,3 +762,31 @@ pub fn forge_records(
         .write_all(&lines)
         .unwrap();
 }
+
+/// Walks a paged list (ListVolumes, ListSnapshots) from its start:
+/// `page(token)` answers one page's ids and its next token. Returns every
+/// id listed, in order, and how many pages it took.
+pub async fn walk_pages<F, Fut>(mut page: F) -> (Vec<String>, usize)
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = (Vec<String>, String)>,
+{
+    let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let (ids, next) = page(token).await;
+        seen.extend(ids);
+        pages += 1;
+        if next.is_empty() {
+            return (seen, pages);
+        }
+        token = next;
+    }
+}
+
+/// Whether `ids` holds each of its ids once.
+pub fn each_once(ids: &[String]) -> bool {
+    let mut unique = ids.to_vec();
+    unique.sort();
+    unique.dedup();
+    unique.len() == ids.len()
+}

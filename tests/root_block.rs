@@ -2517,11 +2517,24 @@ fn the_erase_waits_out_a_hold_of_milliseconds_and_refuses_a_longer_one() {
         let (tx, rx) = std::sync::mpsc::channel();
         let d = disk.clone();
         let holder = std::thread::spawn(move || {
-            let f = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-                .open(&d)
-                .unwrap();
+            // The step before let the disk go, but a child another test's
+            // thread forked may hold a copy of that open until it execs.
+            let t0 = std::time::Instant::now();
+            let f = loop {
+                match OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+                    .open(&d)
+                {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY)
+                            && t0.elapsed() < Duration::from_secs(5) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    r => break r.unwrap(),
+                }
+            };
             tx.send(()).unwrap();
             std::thread::sleep(hold);
             drop(f);

@@ -524,6 +524,15 @@ impl FakeOs {
 
     /// Records a filesystem change and fails it if a fault says so
     /// (`fail_next(op, ..)`, `fail_file_op_at`, `fail_files_under`).
+    /// The errno a fault set with `fail_op_under` (or, with `any_op`,
+    /// `fail_files_under`) gives `op` at `path`.
+    fn fault_under(&self, op: &str, path: &Path, any_op: bool) -> Option<i32> {
+        lock(&self.file_faults_under)
+            .iter()
+            .find(|(o, p, _)| o.map_or(any_op, |o| o == op) && path.starts_with(p))
+            .map(|(_, _, errno)| *errno)
+    }
+
     fn file_op(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
         let path = &through_fd(path);
         lock(&self.file_ops).push(FileOp {
@@ -555,11 +564,8 @@ impl FakeOs {
                 *at = Some((n - 1, errno));
             }
         }
-        if let Some((_, _, errno)) = lock(&self.file_faults_under)
-            .iter()
-            .find(|(o, p, _)| o.is_none_or(|o| o == op) && path.starts_with(p))
-        {
-            return fail(*errno);
+        if let Some(errno) = self.fault_under(op, path, true) {
+            return fail(errno);
         }
         Ok(())
     }
@@ -1877,14 +1883,11 @@ impl Files for FakeOs {
     /// for every op under a path leaves it alone).
     fn read_dir(&self, path: &Path) -> Result<std::fs::ReadDir, OsError> {
         self.injected("read_dir", path)?;
-        if let Some((_, _, errno)) = lock(&self.file_faults_under)
-            .iter()
-            .find(|(o, p, _)| *o == Some("read_dir") && path.starts_with(p))
-        {
+        if let Some(errno) = self.fault_under("read_dir", path, false) {
             return Err(OsError::sys(
                 "read_dir",
                 path,
-                std::io::Error::from_raw_os_error(*errno),
+                std::io::Error::from_raw_os_error(errno),
             ));
         }
         RealFiles.read_dir(path)

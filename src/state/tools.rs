@@ -145,42 +145,43 @@ fn unserved(cfg: &Config, r: &VolumeRecord) -> Option<String> {
     if !crate::kinds::is_volume_id_of(r.kind, &r.id) {
         return None;
     }
-    if !cfg.serves(r.kind) {
-        return Some(format!(
-            "a {} volume, and --kinds does not include {}",
-            r.kind, r.kind
-        ));
-    }
-    if r.kind == Kind::Nfs {
-        let v = crate::kinds::nfs::id::VolumeId::parse(&r.id).ok()?;
-        let allowed = crate::kinds::nfs::allow::AllowedShares(cfg.nfs_allowed_shares.clone());
-        if !allowed.permits(&v.server, &v.share) {
-            return Some(format!(
-                "on share {}:{}, which --nfs-allowed-shares does not allow",
-                v.server, v.share
-            ));
-        }
-    }
-    None
+    unserved_by(cfg, r.kind, "volume", || {
+        crate::kinds::nfs::id::VolumeId::parse(&r.id)
+            .ok()
+            .map(|v| (v.server, v.share))
+    })
 }
 
 /// `unserved` for a snapshot record (as `Driver::unserved_snapshot`
-/// answers its calls): its kind is not in `--kinds`, or, NFS, its share
-/// not in `--nfs-allowed-shares`.
+/// answers its calls).
 fn unserved_snapshot(cfg: &Config, s: &SnapshotRecord) -> Option<String> {
-    if !cfg.serves(s.kind) {
+    unserved_by(cfg, s.kind, "snapshot", || {
+        crate::kinds::nfs::id::SnapshotId::parse(&s.id)
+            .ok()
+            .map(|id| (id.server, id.share))
+    })
+}
+
+/// Why the configuration does not serve a `what` of `kind`: the kind is
+/// not in `--kinds`, or, NFS, its share (`share`: server and path, from its
+/// id) is not in `--nfs-allowed-shares`.
+fn unserved_by(
+    cfg: &Config,
+    kind: Kind,
+    what: &str,
+    share: impl FnOnce() -> Option<(String, String)>,
+) -> Option<String> {
+    if !cfg.serves(kind) {
         return Some(format!(
-            "a {} snapshot, and --kinds does not include {}",
-            s.kind, s.kind
+            "a {kind} {what}, and --kinds does not include {kind}"
         ));
     }
-    if s.kind == Kind::Nfs {
-        let id = crate::kinds::nfs::id::SnapshotId::parse(&s.id).ok()?;
+    if kind == Kind::Nfs {
+        let (server, share) = share()?;
         let allowed = crate::kinds::nfs::allow::AllowedShares(cfg.nfs_allowed_shares.clone());
-        if !allowed.permits(&id.server, &id.share) {
+        if !allowed.permits(&server, &share) {
             return Some(format!(
-                "on share {}:{}, which --nfs-allowed-shares does not allow",
-                id.server, id.share
+                "on share {server}:{share}, which --nfs-allowed-shares does not allow"
             ));
         }
     }

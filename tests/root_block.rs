@@ -2512,9 +2512,13 @@ fn the_erase_waits_out_a_hold_of_milliseconds_and_refuses_a_longer_one() {
         };
         (head, tail)
     };
-    // Holds the disk exclusively for `hold`, from before `erase` starts.
-    let held_for = |hold: Duration, erase: &dyn Fn() -> Result<(), berth::os::OsError>| {
+    // Holds the disk exclusively from before `erase` starts: for `hold`, or
+    // (None) until `erase` has returned, so that the refusal never depends
+    // on how long the erase's own retries take (each wipefs is a process
+    // spawned: slow in an emulated guest, where four spawns passed 500 ms).
+    let held_for = |hold: Option<Duration>, erase: &dyn Fn() -> Result<(), berth::os::OsError>| {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let d = disk.clone();
         let holder = std::thread::spawn(move || {
             // The step before let the disk go, but a child another test's
@@ -2536,14 +2540,21 @@ fn the_erase_waits_out_a_hold_of_milliseconds_and_refuses_a_longer_one() {
                 }
             };
             tx.send(()).unwrap();
-            std::thread::sleep(hold);
+            match hold {
+                Some(hold) => std::thread::sleep(hold),
+                None => {
+                    let _ = done_rx.recv();
+                }
+            }
             drop(f);
         });
         rx.recv().unwrap();
         let r = erase();
+        let _ = done_tx.send(());
         holder.join().unwrap();
         r
     };
+    let short = Some(Duration::from_millis(10));
     type Erase = fn(&berth::os::RealBlockDevices, &Path, u64) -> Result<(), berth::os::OsError>;
     let erases: [(&str, Erase); 2] = [
         ("zero_out", |d, p, s| d.zero_out(p, s)),
@@ -2551,13 +2562,15 @@ fn the_erase_waits_out_a_hold_of_milliseconds_and_refuses_a_longer_one() {
     ];
     // wipefs opens the disk exclusively too (`--disk-wipe signatures`).
     let wipe = || berth::os::mkfs::wipe(&berth::os::RealRunner, &disk);
-    held_for(Duration::from_millis(10), &wipe)
-        .unwrap_or_else(|e| panic!("wipefs beside a 10 ms hold: {e}"));
-    let e = berth::error::chain(&held_for(Duration::from_millis(500), &wipe).expect_err("wipefs"));
-    assert!(e.contains("busy"), "wipefs beside a 500 ms hold: {e}");
+    held_for(short, &wipe).unwrap_or_else(|e| panic!("wipefs beside a 10 ms hold: {e}"));
+    let e = berth::error::chain(&held_for(None, &wipe).expect_err("wipefs"));
+    assert!(
+        e.contains("busy"),
+        "wipefs beside a hold lasting the whole erase: {e}"
+    );
     for (name, erase) in erases {
         fill();
-        held_for(Duration::from_millis(10), &|| erase(&devices, &disk, size))
+        held_for(short, &|| erase(&devices, &disk, size))
             .unwrap_or_else(|e| panic!("{name} beside a 10 ms hold: {e}"));
         let (head, tail) = head_and_tail();
         assert!(
@@ -2566,14 +2579,16 @@ fn the_erase_waits_out_a_hold_of_milliseconds_and_refuses_a_longer_one() {
         );
 
         fill();
-        let e =
-            held_for(Duration::from_millis(500), &|| erase(&devices, &disk, size)).expect_err(name);
+        let e = held_for(None, &|| erase(&devices, &disk, size)).expect_err(name);
         let e = berth::error::chain(&e);
-        assert!(e.contains("busy"), "{name} beside a 500 ms hold: {e}");
+        assert!(
+            e.contains("busy"),
+            "{name} beside a hold lasting the whole erase: {e}"
+        );
         let (head, tail) = head_and_tail();
         assert!(
             head.iter().chain(&tail).all(|&b| b == 0xab),
-            "{name} wrote beside a 500 ms hold"
+            "{name} wrote beside a hold lasting the whole erase"
         );
     }
 }

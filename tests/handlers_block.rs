@@ -3619,6 +3619,149 @@ async fn a_loop_of_berths_own_file_under_another_path_is_no_disk() {
     assert_eq!(erasures(f), 0);
 }
 
+/// A reboot of a node whose pool has the loop disk `d0` (64 MiB) under
+/// disk volume `v`: the fake is new, someone's file of the same size is
+/// attached first (so at the disk's old number, /dev/loop0), then the
+/// disk's own file, which gets /dev/loop1. Returns the harness, its fake,
+/// the volume's id, the disk's file, and the foreign loop.
+async fn loop_disk_renumbered(
+    write: bool,
+) -> (Harness, Arc<FakeOs>, String, PathBuf, berth::os::LoopInfo) {
+    let h = disk_harness();
+    script_blank(h.fake());
+    let (file, l) = loop_disk(&h, "d0", 64 * MIB);
+    assert_eq!(l.device, PathBuf::from("/dev/loop0"));
+    let v = create(&h, "v", 64 * MIB, &[("pool", "disk")]).await;
+    assert_eq!(v.capacity_bytes, 64 * MIB);
+    if write {
+        write_at(&file, b"V-DATA", 0);
+    }
+    let pool = format!("{}/d*", h.path("disks").display());
+    let (h, f) = restart(h, &["--disk-pool", &pool]);
+    script_blank(&f);
+    let foreign = h.path("foreign.img");
+    std::fs::write(&foreign, vec![0x5au8; (64 * MIB) as usize]).unwrap();
+    let fl = f.add_loop(&foreign);
+    assert_eq!(fl.device, l.device);
+    assert_eq!(f.add_loop(&file).device, PathBuf::from("/dev/loop1"));
+    (h, f, v.volume_id, file, fl)
+}
+
+/// A loop disk attached again after a reboot at another number (its old
+/// one taken by someone's file of its size), the pool's link to it moved
+/// there, is still its volume: found by its backing file (device and
+/// inode) and size, staged there, checked clean, and erased there at its
+/// delete; the foreign file at its old number is never touched. Before,
+/// the device number was asked for too: every stage and delete answered
+/// FAILED_PRECONDITION until an operator stepped in (pods stranded). A
+/// file attached twice, or a copy of the disk's file, is never taken for
+/// it.
+#[tokio::test]
+async fn a_loop_disk_attached_again_at_another_number_is_still_its_volume() {
+    let (h, f, v, file, fl) = loop_disk_renumbered(true).await;
+    let link = h.path("disks").join("d0");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("/dev/loop1", &link).unwrap();
+    let s = h.path("s");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&v, &s, raw_cap())))
+        .await
+        .unwrap_or_else(|e| panic!("stage: {e:?}"));
+    assert!(
+        f.calls()
+            .iter()
+            .any(|c| matches!(c, Call::Bind { source, .. } if source == Path::new("/dev/loop1"))),
+        "{:?}",
+        f.calls()
+    );
+    h.node
+        .node_unstage_volume(Request::new(unstage(&v, &s)))
+        .await
+        .unwrap();
+    // Attached twice: which one is the disk cannot be told.
+    let twice = f.add_loop(&file);
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&v, &s, raw_cap())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("2 loop devices"), "{}", e.message());
+    let e = try_delete(&h, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(erasures(&f), 0, "{:?}", f.calls());
+    berth::os::LoopDevices::detach(f.as_ref(), &twice.device).unwrap();
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+    try_delete(&h, &v).await.unwrap();
+    let zeroed: Vec<PathBuf> = f
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::ZeroOut { device, .. } => Some(device),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(zeroed, vec![PathBuf::from("/dev/loop1")]);
+    assert!(std::fs::read(h.path("foreign.img"))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0x5a));
+    assert_eq!(fl.device, PathBuf::from("/dev/loop0"));
+}
+
+/// A copy of a loop disk's file (same size and content, another inode)
+/// attached after a reboot is not the disk: refused, nothing erased.
+#[tokio::test]
+async fn a_copy_of_a_loop_disks_file_is_not_its_disk() {
+    let (h, f, v, file, _) = loop_disk_renumbered(true).await;
+    berth::os::LoopDevices::detach(f.as_ref(), Path::new("/dev/loop1")).unwrap();
+    let copy = h.path("copy.img");
+    std::fs::copy(&file, &copy).unwrap();
+    assert_eq!(f.add_loop(&copy).device, PathBuf::from("/dev/loop1"));
+    let link = h.path("disks").join("d0");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("/dev/loop1", &link).unwrap();
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(&v, &h.path("s"), raw_cap())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = try_delete(&h, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(erasures(&f), 0, "{:?}", f.calls());
+}
+
+/// A loop disk of a volume, never written (it reads as zeros), attached
+/// again after a reboot at another number that the pool lists under
+/// another name (`d1`; `d0` still leads to its old number, now someone
+/// else's file): it is the volume's disk, never offered to another
+/// volume. Before, only the recorded number and pool path were claimed:
+/// it was offered (64 MiB) and the next create got the volume's disk,
+/// two tenants on the same blocks.
+#[tokio::test]
+async fn a_loop_disk_attached_again_at_another_number_is_not_offered() {
+    let (h, _f, v, _, _) = loop_disk_renumbered(false).await;
+    std::os::unix::fs::symlink("/dev/loop1", h.path("disks").join("d1")).unwrap();
+    assert_eq!(disk_capacity(&h).await, (0, Some(0)));
+    let e = h
+        .ctl
+        .create_volume(Request::new(create_req_p(
+            "w",
+            64 * MIB,
+            &[("pool", "disk")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    h.node
+        .node_stage_volume(Request::new(stage_with(&v, &h.path("s"), raw_cap())))
+        .await
+        .unwrap_or_else(|e| panic!("stage: {e:?}"));
+}
+
 #[tokio::test]
 async fn concurrent_disk_creates_never_share_a_disk() {
     let h = disk_harness();

@@ -11,7 +11,8 @@
 //!
 //! A recorded disk is found again by `identify_disk`: its by-id link (or
 //! pool path), its size and device number, and for a loop device used as
-//! a disk (it has no by-id link) the file backing it. A loop device of one
+//! a disk (it has no by-id link) the file backing it, by which it is found
+//! at another loop number too (attached again after a reboot). A loop device of one
 //! of Berth's own files (a block volume's or snapshot's, `OwnFiles`) is
 //! never a disk: not offered, not used, never erased.
 //!
@@ -157,10 +158,114 @@ fn loop_of(os: &Os, dev: &DeviceInfo) -> LoopOf {
 /// or the pool path when that is a by-id link of the device); a loop device of
 /// one of Berth's own files (`own`) never is, and a loop device must be
 /// backed by the file the record names (`DiskRef::loop_backing`).
+/// A loop disk whose record names its backing file and that is not found
+/// so (re-attached at another number after a reboot) is the one loop
+/// device backed by that very file (device and inode), of the recorded
+/// size (`attached_elsewhere`).
 /// NOT_FOUND when it is gone (a device of 0 bytes, as a detached loop
 /// device's node shows, counts as gone), FAILED_PRECONDITION when another
 /// device is there now or it cannot be told.
 pub fn identify_disk(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceInfo> {
+    match (identify_at_path(os, own, d), d.loop_backing) {
+        (Err(e), Some(backing)) => match attached_elsewhere(os, own, d, backing) {
+            Ok(Some(dev)) => Ok(dev),
+            Ok(None) => Err(e),
+            Err(doubt) => Err(doubt),
+        },
+        (found, _) => found,
+    }
+}
+
+/// The loop device the backing file of a loop disk (`backing`, as its
+/// record names it) is attached to now, found by that file's device and
+/// inode whatever its number: a loop disk attached again after a reboot
+/// gets the first free number, not necessarily its old one. None when no
+/// loop device is backed by it; FAILED_PRECONDITION when which device is
+/// the disk cannot be told for sure: the file is behind more than one
+/// loop device, one of them has another size than the disk's, it is one
+/// of Berth's own files, or a loop device's backing file cannot be told.
+fn attached_elsewhere(
+    os: &Os,
+    own: &OwnFiles<'_>,
+    d: &DiskRef,
+    backing: FileId,
+) -> Result<Option<DeviceInfo>> {
+    let doubt = |why: String| {
+        Error::WrongState(format!(
+            "the loop disk of the volume (file device {} inode {}, {} bytes, was {}) is not at {}, and {why}; refusing to use or erase it",
+            backing.dev,
+            backing.ino,
+            d.size_bytes,
+            d.device.display(),
+            d.path.display()
+        ))
+    };
+    let list = os.loops.list().map_err(|e| {
+        doubt(format!(
+            "whether its file is attached elsewhere cannot be told (listing loop devices: {e})"
+        ))
+    })?;
+    let mut found = Vec::new();
+    for l in list {
+        match os.loops.backing_id(&l.device) {
+            Ok((dev, ino)) if (FileId { dev, ino }) == backing => found.push(l),
+            Ok(_) => {}
+            // Detached since it was listed.
+            Err(e) if e.errno() == Some(libc::ENXIO) => {}
+            Err(e) => {
+                return Err(doubt(format!(
+                    "which file backs loop device {} cannot be told: {e}",
+                    l.device.display()
+                )))
+            }
+        }
+    }
+    let l = match found.as_slice() {
+        [] => return Ok(None),
+        [l] => l,
+        several => {
+            return Err(doubt(format!(
+                "its file is attached to {} loop devices ({}): which one is the disk cannot be told; detach all but one",
+                several.len(),
+                several
+                    .iter()
+                    .map(|l| l.device.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    };
+    if own.holds(l, backing) {
+        return Err(doubt(format!(
+            "{} is a loop device of Berth's own file {}: a block volume's or snapshot's, never a disk",
+            l.device.display(),
+            l.backing_file.display()
+        )));
+    }
+    let dev = os.devices.inspect(&l.device).map_err(|e| {
+        doubt(format!(
+            "loop device {} of its file cannot be inspected: {e}",
+            l.device.display()
+        ))
+    })?;
+    if (dev.major, dev.minor) != (l.major, l.minor) || dev.size_bytes != d.size_bytes {
+        return Err(doubt(format!(
+            "loop device {} of its file is {}:{} with {} bytes, not {}:{} with the disk's {} bytes",
+            l.device.display(),
+            dev.major,
+            dev.minor,
+            dev.size_bytes,
+            l.major,
+            l.minor,
+            d.size_bytes
+        )));
+    }
+    tracing::debug!(disk = %d.path.display(), device = %dev.path.display(), "loop disk found by its backing file at another loop device");
+    Ok(Some(dev))
+}
+
+/// `identify_disk` at the recorded by-id link or pool path only.
+fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceInfo> {
     let path: &Path = d.by_id.as_deref().unwrap_or(&d.path);
     let missing = |why: String| {
         Error::NotFound(format!(
@@ -472,11 +577,15 @@ impl BlockKind {
     pub(super) fn free_disks(&self) -> Result<Vec<Disk>> {
         let mut claimed_numbers = HashSet::new();
         let mut claimed_paths = HashSet::new();
+        let mut recorded_files = Vec::new();
         for rec in self
             .store
             .filter(|r| r.block.as_ref().is_some_and(|b| b.disk.is_some()))
         {
             if let Some(d) = rec.block.and_then(|b| b.disk) {
+                if let Some(b) = d.loop_backing {
+                    recorded_files.push((b.dev, b.ino));
+                }
                 // Where a by-id link of the disk (`identify_disk`) shows
                 // it now, that is the disk, and only that: after a reboot
                 // that numbered the drives otherwise, its recorded node and
@@ -520,10 +629,14 @@ impl BlockKind {
         // A file behind two loop devices is one disk under two names (a
         // pool listing both, or a glob matching both): only its first name
         // is offered, and none while a volume has any of its names.
+        // A record's loop disk is its backing file wherever it is
+        // attached (`identify_disk`): attached again after a reboot at
+        // another number, that number is still the volume's disk.
         let mut files: HashSet<(u64, u64)> = claimed_numbers
             .iter()
             .filter_map(|n| loops.get(n))
             .filter_map(|l| self.os.loops.backing_id(&l.device).ok())
+            .chain(recorded_files.iter().copied())
             .collect();
         // A loop device bound to a block device is that device under
         // another name: both are the same disk's numbers, and the disk is

@@ -3232,6 +3232,65 @@ async fn a_pool_disk_without_a_by_id_link_is_not_offered() {
     assert_eq!(disk_capacity(&h).await, (10 * MIB, Some(10 * MIB)));
 }
 
+/// Records made before pool disks without a by-id link were refused (no
+/// by-id link recorded, the pool path a kernel name), or before a loop
+/// disk's backing file was kept, find their disk by its name, number and
+/// size only: `state check` warns of each, naming the volume and saying
+/// what the operator should do. Before, it said nothing: such a volume
+/// checked clean. Records that name a by-id link, whose pool path is one,
+/// or that keep a loop disk's file are not flagged.
+#[tokio::test]
+async fn state_check_warns_of_disk_records_without_a_stable_name() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let a = create(&h, "a", 5 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let b = create(&h, "b", 15 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    loop_disk(&h, "d40", 40 * MIB);
+    let c = create(&h, "c", 40 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    assert!(block_info(&h, &c).disk.unwrap().loop_backing.is_some());
+    // No finding for records as made now.
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    assert!(!out.contains("only ("), "{out}");
+    // a: as made on a disk without a by-id link before 2026-12-07.
+    let mut r = h.driver.store.get(&a).unwrap();
+    let disk = r.block.as_mut().unwrap().disk.as_mut().unwrap();
+    assert_eq!(disk.path, dir.join("d10"));
+    disk.by_id = None;
+    h.driver.store.put(&r).unwrap();
+    std::fs::remove_file(dir.with_file_name("by-id").join("ata-DISK_d10")).unwrap();
+    // b: its pool path is its by-id link (a pool of by-id links).
+    let mut r = h.driver.store.get(&b).unwrap();
+    let disk = r.block.as_mut().unwrap().disk.as_mut().unwrap();
+    disk.path = disk.by_id.take().unwrap();
+    h.driver.store.put(&r).unwrap();
+    // c: a loop disk recorded before its file was kept.
+    let r = h.driver.store.get(&c).unwrap();
+    h.driver.store.put(&without_loop_backing(&r)).unwrap();
+    let (clean, out) = state_check(&h);
+    assert!(clean, "warnings only: {out}");
+    let flagged: Vec<&str> = out.lines().filter(|l| l.contains("only (")).collect();
+    assert_eq!(flagged.len(), 2, "{out}");
+    assert!(
+        flagged[0].starts_with(&format!("warning: volume {a} (a): "))
+            && flagged[0].contains(&format!("{} by its kernel name", dir.join("d10").display()))
+            && flagged[0].contains("Move the data to a new volume"),
+        "{out}"
+    );
+    assert!(
+        flagged[1].starts_with(&format!("warning: volume {c} (c): "))
+            && flagged[1].contains("attach the disk's file at /dev/loop"),
+        "{out}"
+    );
+    assert!(!out.contains(&b), "{out}");
+}
+
 /// A pool disk that another process holds exclusively (a device-mapper,
 /// md or bcache device stacked on it, or a raw user that claimed it), with
 /// no signature, is not free: it was offered and handed to a tenant, who

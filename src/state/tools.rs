@@ -209,6 +209,9 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             {
                 out.push(error(format!("volume {} ({}): {why}", r.id, r.name)));
             }
+            if let Some(why) = crate::kinds::block::weak_identity(os, d) {
+                out.push(warning(format!("volume {} ({}): {why}", r.id, r.name)));
+            }
         }
         if r.id.starts_with("wipe-") {
             let disk = r.block.as_ref().and_then(|b| b.disk.as_ref());

@@ -344,6 +344,45 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
     }
 }
 
+/// Why the record of a disk `d` cannot tell its disk from another one
+/// (`berth state check` warns): None when it names a by-id link, its pool
+/// path is one (the device found there has it, or it lies in
+/// `/dev/disk/by-id`), or, a loop disk, its backing file. Records made
+/// before pool disks without a by-id link were refused (2026-12-07), or
+/// before a loop disk's backing file was kept, find the disk by its
+/// kernel name (pool path), device number and size only: another disk of
+/// that size that gets that name passes for it (`identify_disk`), is
+/// handed to the volume's pods and erased at its delete.
+pub fn weak_identity(os: &Os, d: &DiskRef) -> Option<String> {
+    if d.by_id.is_some() || d.loop_backing.is_some() || d.path.starts_with(BY_ID_DIR) {
+        return None;
+    }
+    if os
+        .devices
+        .inspect(&d.path)
+        .is_ok_and(|dev| os.devices.stable_links(&dev).contains(&d.path))
+    {
+        return None;
+    }
+    let (path, size) = (d.path.display(), d.size_bytes);
+    Some(if d.major == LOOP_MAJOR {
+        format!(
+            "its record finds loop disk {path} by its name, device number ({}:{}) and size ({size} bytes) only (it was made before the backing file of a loop disk was kept): another file of that size attached at that number would pass for it, be handed to the volume's pods and erased at its delete. Move the data to a new volume and delete this one; until then, after each reboot attach the disk's file at {} again before the volume is staged or deleted, and attach no other file of {size} bytes there",
+            d.major,
+            d.minor,
+            d.device.display()
+        )
+    } else {
+        format!(
+            "its record finds disk {path} by its kernel name, device number ({}:{}) and size ({size} bytes) only (it was made before 2026-12-07, when pool disks without a /dev/disk/by-id link were still offered): another disk of that size that gets that name (a swap, drives probed in another order at a reboot) would pass for it, be handed to the volume's pods and erased at its delete. Move the data to a new volume on a disk with a by-id link (give a VM's disk a serial, or make /dev/disk/by-id visible to berth) and delete this one; until then add or swap no disk of {size} bytes on this node, and after each reboot check that {path} is still the volume's disk before it is staged or deleted",
+            d.major, d.minor
+        )
+    })
+}
+
+/// Where udev makes the stable links of disks.
+const BY_ID_DIR: &str = "/dev/disk/by-id/";
+
 /// A disk of the pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {

@@ -25,7 +25,7 @@ mod node;
 pub mod params;
 mod snapshot;
 
-pub use disks::{identify_disk, outside_pool, OwnFiles};
+pub use disks::{identify_disk, outside_pool, weak_identity, OwnFiles};
 pub use snapshot::{
     restoring_path, snapshot_copy_flaw, snapshot_kept_on_rollback, snapshot_partial_path,
 };

@@ -2688,6 +2688,66 @@ async fn a_disk_too_small_for_the_filesystem_is_not_handed_out() {
     assert!(h.driver.store.filter(|_| true).is_empty());
 }
 
+/// A disk create without `required_bytes` (the CSI spec leaves the size
+/// to the plugin then) takes the smallest free disk of the range: at
+/// least 1 byte, or its source's size for a restore, and at most
+/// `limit_bytes`. Before, the file pool's default size was asked for:
+/// at least 1 GiB (or exactly `limit_bytes` below it), so a pool of
+/// smaller disks answered RESOURCE_EXHAUSTED with every disk free.
+#[tokio::test]
+async fn a_disk_create_without_required_bytes_takes_the_smallest_free_disk() {
+    let h = disk_harness();
+    disks(&h, None);
+    let no_range = |name: &str| csi::CreateVolumeRequest {
+        capacity_range: None,
+        ..create_req_p(name, 0, &[("pool", "disk")])
+    };
+    let size = |r: csi::CreateVolumeResponse| r.volume.unwrap().capacity_bytes;
+    let a = h
+        .ctl
+        .create_volume(Request::new(no_range("a")))
+        .await
+        .unwrap_or_else(|e| panic!("no range: {e:?}"))
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(a.capacity_bytes, 10 * MIB);
+    // Its repeat is the same volume.
+    let again = h
+        .ctl
+        .create_volume(Request::new(no_range("a")))
+        .await
+        .unwrap();
+    assert_eq!(again.into_inner().volume.unwrap().volume_id, a.volume_id);
+    // A restore: at least its source's 10 MiB (d20, not nothing).
+    let snap = snapshot_id(&h, "s", &a.volume_id).await;
+    let mut req = no_range("r");
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: snap },
+        )),
+    });
+    let r = h.ctl.create_volume(Request::new(req)).await;
+    assert_eq!(size(r.unwrap().into_inner()), 20 * MIB);
+    // limit_bytes only: the smallest free disk of at most it.
+    let e = h
+        .ctl
+        .create_volume(Request::new(disk_req("b", 0, 25 * MIB)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains(" to 26214400 bytes"),
+        "{}",
+        e.message()
+    );
+    let b = h
+        .ctl
+        .create_volume(Request::new(disk_req("b", 0, 40 * MIB)))
+        .await;
+    assert_eq!(size(b.unwrap().into_inner()), 30 * MIB);
+}
+
 #[tokio::test]
 async fn disk_pool_hands_out_the_smallest_fitting_blank_disk() {
     let h = disk_harness();

@@ -810,7 +810,7 @@ impl BlockKind {
     }
 
     /// The size of the disk a new volume of at least `wanted` and at most
-    /// `limit` bytes gets: the smallest free disk that fits. When none fits
+    /// `limit` bytes (0: no limit) gets: the smallest free disk that fits. When none fits
     /// the answer is RESOURCE_EXHAUSTED (another node may have one: the
     /// external-provisioner then lets the scheduler pick again).
     pub(super) fn disk_size_for(&self, wanted: i64, limit: i64) -> Result<i64> {
@@ -825,10 +825,11 @@ impl BlockKind {
         {
             return Ok(i64::try_from(d.dev.size_bytes).unwrap_or(i64::MAX));
         }
-        let range = if limit > 0 {
-            format!("of {wanted} to {limit} bytes")
-        } else {
-            format!("of {wanted} bytes or more")
+        let range = match (wanted > 1, limit > 0) {
+            (true, true) => format!("of {wanted} to {limit} bytes"),
+            (false, true) => format!("of at most {limit} bytes"),
+            (true, false) => format!("of {wanted} bytes or more"),
+            (false, false) => "of any size".to_string(),
         };
         Err(Error::NoSpace(if self.disk_pool.is_empty() {
             "this node offers no disks (no --disk-pool)".to_string()

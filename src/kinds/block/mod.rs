@@ -1391,7 +1391,13 @@ impl VolumeKind for BlockKind {
                         )));
                     }
                 }
-                self.disk_size_for(wanted.max(need.map_or(0, |(_, m)| m)), limit)
+                // A disk is taken whole: the smallest free one that is at
+                // least what is required (a restore's or clone's source
+                // included), not `wanted`, whose default without a
+                // `required_bytes` (1 GiB, or `limit_bytes` capped at it)
+                // is the size a file volume allocates. Without one, any
+                // disk of the range will do (at least 1 byte).
+                self.disk_size_for(required.max(need.map_or(0, |(_, m)| m)).max(1), limit)
             }
         }
     }

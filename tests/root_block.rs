@@ -1494,8 +1494,12 @@ fn one_disk_pool() -> (Harness, BlockGuard, PathBuf, PathBuf, PathBuf) {
 
 /// A disk missing when its volume is deleted that comes back under another
 /// pool path and device number, without a by-id link (loop devices have
-/// none), is not recognised by its `wipe-` record, and blkid calls it
-/// blank; its data is seen: it is not offered to the next tenant.
+/// none), and blkid calls it blank; its data is seen: it is not offered to
+/// the next tenant. Its `wipe-` record knows it by its backing file (device
+/// and inode, as LOOP_GET_STATUS64 gives them): the wipe's retry finds it
+/// at its new number, erases it, and it is offered again. Before
+/// 2026-12-07 the record asked for the old number too: the disk stayed
+/// out of the pool, unwiped, until an operator stepped in.
 #[tokio::test]
 #[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
 async fn a_missing_disk_back_under_another_name_is_not_offered() {
@@ -1546,6 +1550,10 @@ async fn a_missing_disk_back_under_another_name_is_not_offered() {
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(!zeros_at(&disks.join("a"), 0, 16), "wiped after all?");
+    retry_pending_and_wait(&h).await;
+    assert_eq!(wipe_records(&h), 0, "the disk back was not recognised");
+    assert!(read_all(&disks.join("a")).iter().all(|&b| b == 0));
+    assert_eq!(disk_capacity(&h).await, (64 * MIB, Some(64 * MIB)));
 }
 
 /// Attaches `file` at the loop device `dev` (which this test made and

@@ -83,7 +83,7 @@ pub fn check(d: &Driver) -> Result<()> {
 /// failure is logged: the next check reports a state directory that
 /// cannot be written to.
 pub fn remove_leftovers(files: &dyn crate::os::Files, dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let Ok(entries) = files.read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
@@ -127,5 +127,47 @@ mod tests {
         ] {
             assert!(!is_probe_file(no), "{no}");
         }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Leftover check files go through the OS layer: a directory that
+    /// cannot be read removes nothing and fails nothing; a leftover that
+    /// cannot be removed leaves the others to be removed; anything but a
+    /// regular file of such a name, and every other name, stays.
+    #[test]
+    fn leftovers_are_removed_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [".probe-1.tmp", ".probe-2.tmp", ".probe.tmp", "keep"] {
+            std::fs::write(d.path().join(f), b"ok").unwrap();
+        }
+        std::fs::create_dir(d.path().join(".probe-3.tmp")).unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        fake.fail_next("read_dir", libc::EIO);
+        remove_leftovers(os.files.as_ref(), d.path());
+        assert_eq!(
+            names(d.path()),
+            [
+                ".probe-1.tmp",
+                ".probe-2.tmp",
+                ".probe-3.tmp",
+                ".probe.tmp",
+                "keep"
+            ]
+        );
+        assert!(fake.file_ops().is_empty(), "{:?}", fake.file_ops());
+        fake.fail_op_under("unlink", &d.path().join(".probe-1.tmp"), libc::EROFS);
+        remove_leftovers(os.files.as_ref(), d.path());
+        assert_eq!(names(d.path()), [".probe-1.tmp", ".probe-3.tmp", "keep"]);
+        fake.clear_file_faults();
+        remove_leftovers(os.files.as_ref(), d.path());
+        assert_eq!(names(d.path()), [".probe-3.tmp", "keep"]);
     }
 }

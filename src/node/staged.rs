@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::node::paths::Protected;
-use crate::os::files::{read_regular, Files, Open};
+use crate::os::files::{Files, Open};
 use crate::os::OsError;
 
 /// The log's file name in the state directory.
@@ -148,7 +148,7 @@ impl StagedAt {
         protected: &Protected,
     ) -> (usize, bool) {
         let path = self.log_path();
-        let bytes = match read_regular(&path, Some(MAX_LOG + 1)) {
+        let bytes = match self.files.read_regular(&path, Some(MAX_LOG + 1)) {
             Ok(b) if b.len() as u64 <= MAX_LOG => b,
             Ok(_) => {
                 tracing::warn!(path = %path.display(), "the staging-path log is larger than Berth writes one; not read (it is rewritten)");
@@ -228,15 +228,17 @@ impl StagedAt {
         protected: &Protected,
     ) -> Option<Vec<PathBuf>> {
         let dir = self.state_dir.join(LEGACY_DIR);
-        let meta = std::fs::symlink_metadata(&dir).ok()?;
+        let meta = self.files.lstat(&dir).ok()?;
         if !meta.file_type().is_dir() {
             tracing::warn!(path = %dir.display(), "the old staging-path directory is not a directory (a symlink?); not read and left as it is");
             return None;
         }
-        let rd = std::fs::read_dir(&dir).ok()?;
-        let log_written = std::fs::symlink_metadata(self.log_path())
-            .and_then(|m| m.modified())
-            .ok();
+        let rd = self.files.read_dir(&dir).ok()?;
+        let log_written = self
+            .files
+            .lstat(&self.log_path())
+            .ok()
+            .and_then(|m| m.modified().ok());
         let mut seen = Vec::new();
         for e in rd.flatten() {
             if !e.file_type().is_ok_and(|t| t.is_symlink()) {
@@ -244,7 +246,7 @@ impl StagedAt {
                 continue;
             }
             let p = e.path();
-            if let (Some(id), Ok(target)) = (e.file_name().to_str(), std::fs::read_link(&p)) {
+            if let (Some(id), Ok(target)) = (e.file_name().to_str(), self.files.read_link(&p)) {
                 let newer = || {
                     let made = e.metadata().and_then(|m| m.modified()).ok();
                     matches!((made, log_written), (Some(m), Some(w)) if m > w)
@@ -313,7 +315,7 @@ impl StagedAt {
         // FIFO, an empty directory, put there by hand): taken away, never
         // what a symlink leads to. Left, it failed every rewrite, and each
         // failure removed the log (`drop_stale`).
-        match std::fs::symlink_metadata(&tmp) {
+        match self.files.lstat(&tmp) {
             Ok(m) if m.is_dir() => self.files.remove_dir(&tmp)?,
             Ok(m) if !m.is_file() => self.files.remove_file(&tmp)?,
             _ => {}
@@ -735,6 +737,53 @@ mod tests {
             std::fs::read_to_string(legacy.join("notes")).unwrap(),
             "an operator's"
         );
+    }
+
+    /// The log read through the OS layer: a log that cannot be read
+    /// (EIO) is not read, nothing it names is known, and it is rewritten
+    /// from what is known (nothing), as a damaged one is.
+    #[test]
+    fn a_log_that_cannot_be_read_is_not_read_and_is_rewritten() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(LOG), "{\"id\":\"v\",\"at\":\"/k/v\"}\n").unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        fake.fail_next("read", libc::EIO);
+        let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
+        assert_eq!(s.path("v"), None);
+        assert_eq!(std::fs::read(d.path().join(LOG)).unwrap(), b"");
+        s.remember("w", Path::new("/k/w"));
+        drop(s);
+        let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
+        assert_eq!(s.path("v"), None);
+        assert_eq!(s.path("w"), Some(PathBuf::from("/k/w")));
+    }
+
+    /// The old directory read through the OS layer: one that cannot be
+    /// listed (or looked at) is not taken in and left as it is, to be
+    /// read at a later start; a symlink whose text cannot be read is not
+    /// taken in.
+    #[test]
+    fn an_old_directory_that_cannot_be_read_is_left_as_it_is() {
+        let d = tempfile::tempdir().unwrap();
+        let legacy = d.path().join(LEGACY_DIR);
+        std::fs::create_dir(&legacy).unwrap();
+        std::os::unix::fs::symlink("/k/v", legacy.join("v")).unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        for op in ["lstat", "read_dir"] {
+            fake.fail_next(op, libc::EIO);
+            let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
+            assert_eq!(s.path("v"), None, "{op}");
+            assert!(legacy.join("v").symlink_metadata().is_ok(), "{op}");
+        }
+        fake.fail_next("readlink", libc::EIO);
+        let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
+        assert_eq!(s.path("v"), None);
+        drop(s);
+        std::fs::create_dir_all(&legacy).unwrap();
+        std::os::unix::fs::symlink("/k/w", legacy.join("w")).unwrap();
+        let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
+        assert_eq!(s.path("w"), Some(PathBuf::from("/k/w")));
+        assert!(!legacy.exists());
     }
 
     #[test]

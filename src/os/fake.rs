@@ -1872,6 +1872,19 @@ impl Files for FakeOs {
         RealFiles.lstat(path)
     }
 
+    /// Fails as `fail_next("readlink", ..)` asks.
+    fn read_link(&self, path: &Path) -> Result<PathBuf, OsError> {
+        self.injected("readlink", path)?;
+        RealFiles.read_link(path)
+    }
+
+    /// Fails as `fail_next("read", ..)` asks (a read is no change: not
+    /// recorded in `file_ops`).
+    fn read_regular(&self, path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
+        self.injected("read", path).map_err(OsError::into_io)?;
+        RealFiles.read_regular(path, max)
+    }
+
     /// Fails as `fail_next("stat", ..)` asks.
     fn stat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         self.injected("stat", path)?;

@@ -194,6 +194,17 @@ pub trait Files: Send + Sync {
     fn lstat_beneath(&self, root: &Path, rel: &str) -> Result<std::fs::Metadata, OsError> {
         lstat_beneath(root, rel)
     }
+    /// readlink(2): the text of the symlink `path`.
+    fn read_link(&self, path: &Path) -> Result<PathBuf, OsError> {
+        std::fs::read_link(path).map_err(sys("readlink", path))
+    }
+    /// The content of the regular file `path`, at most `max` bytes
+    /// (`read_regular`: never a FIFO, a device or through a symlink). The
+    /// error is the I/O error itself (its kind, `NotRegular`), as callers
+    /// tell a missing file from one that cannot be read.
+    fn read_regular(&self, path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
+        read_regular(path, max)
+    }
 }
 
 /// `Files::lstat_beneath`.

@@ -890,7 +890,7 @@ fn check_other_berths(os: &Os, cfg: &Config) -> Result<()> {
             if os.files.lstat(&lock).is_err() {
                 continue;
             }
-            let who = match DirLock::holder_of(a) {
+            let who = match DirLock::holder_of(os.files.as_ref(), a) {
                 Some(h) => format!("held now by {h}"),
                 None => "not held now: a berth used it before".into(),
             };
@@ -908,7 +908,8 @@ fn check_other_berths(os: &Os, cfg: &Config) -> Result<()> {
         let mut budget = OTHER_BERTH_BUDGET;
         for sub in crate::kinds::local::WORK_DIRS {
             let work = root.join(sub);
-            if let Some((dir, holder)) = DirLock::held_below(&work, OTHER_BERTH_DEPTH, &mut budget)
+            if let Some((dir, holder)) =
+                DirLock::held_below(os.files.as_ref(), &work, OTHER_BERTH_DEPTH, &mut budget)
             {
                 return Err(Error::Invalid(format!(
                     "--local-root {} holds in {}, whose contents berth removes at start-up, {}, a directory of a berth serving now ({holder}): stop that berth and move its directories out of {} before this one starts",

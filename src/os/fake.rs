@@ -1885,6 +1885,34 @@ impl Files for FakeOs {
         RealFiles.read_regular(path, max)
     }
 
+    /// Fails as `fail_next("open_regular", ..)` asks.
+    fn open_regular(&self, path: &Path) -> std::io::Result<std::fs::File> {
+        self.injected("open_regular", path)
+            .map_err(OsError::into_io)?;
+        RealFiles.open_regular(path)
+    }
+
+    /// Fails as `fail_next("open_dir", ..)` asks.
+    fn open_dir(&self, path: &Path) -> std::io::Result<std::fs::File> {
+        self.injected("open_dir", path).map_err(OsError::into_io)?;
+        RealFiles.open_dir(path)
+    }
+
+    /// Fails as `fail_next("flock", ..)` asks (EWOULDBLOCK: held by
+    /// another).
+    fn flock(
+        &self,
+        file: std::fs::File,
+        path: &Path,
+        how: nix::fcntl::FlockArg,
+    ) -> Result<nix::fcntl::Flock<std::fs::File>, (std::fs::File, nix::errno::Errno)> {
+        if let Err(e) = self.injected("flock", path) {
+            let errno = e.errno().unwrap_or(libc::EIO);
+            return Err((file, nix::errno::Errno::from_raw(errno)));
+        }
+        RealFiles.flock(file, path, how)
+    }
+
     /// Fails as `fail_next("stat", ..)` asks.
     fn stat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         self.injected("stat", path)?;

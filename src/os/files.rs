@@ -205,6 +205,29 @@ pub trait Files: Send + Sync {
     fn read_regular(&self, path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
         read_regular(path, max)
     }
+    /// The regular file `path` opened for reading (`open_regular`).
+    fn open_regular(&self, path: &Path) -> std::io::Result<File> {
+        open_regular(path, 0)
+    }
+    /// The directory `path` opened for reading, to be locked (`flock`):
+    /// O_DIRECTORY (anything else there fails at once: a FIFO in its place
+    /// would block a plain open), O_NONBLOCK, close-on-exec.
+    fn open_dir(&self, path: &Path) -> std::io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+    }
+    /// flock(2) of the open `file` (named `path`), as `how` asks; the file
+    /// comes back with the error when it is not locked.
+    fn flock(
+        &self,
+        file: File,
+        _path: &Path,
+        how: nix::fcntl::FlockArg,
+    ) -> Result<nix::fcntl::Flock<File>, (File, nix::errno::Errno)> {
+        nix::fcntl::Flock::lock(file, how)
+    }
 }
 
 /// `Files::lstat_beneath`.

@@ -43,24 +43,14 @@ impl std::fmt::Debug for DirLock {
 
 /// Who holds a lock, as its holder wrote it (never blocking on what is
 /// there: a FIFO in the lock file's place is no holder's note).
-fn holder(path: &Path) -> String {
-    let text = crate::os::files::read_regular(path, Some(4096))
+fn holder(files: &dyn Files, path: &Path) -> String {
+    let text = files
+        .read_regular(path, Some(4096))
         .map(|b| String::from_utf8_lossy(&b).into_owned());
     match text {
         Ok(s) if !s.trim().is_empty() => s.trim().chars().take(300).collect(),
         _ => "a process that has not said who it is".into(),
     }
-}
-
-/// A descriptor of the directory `dir` to lock: O_DIRECTORY (anything else
-/// there fails at once: a FIFO in its place would block a plain open),
-/// close-on-exec.
-fn open_dir(dir: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(dir)
 }
 
 /// What a holder writes about itself.
@@ -86,12 +76,17 @@ fn about_me() -> String {
 const TAKEN_FOR: Duration = Duration::from_millis(500);
 const TAKEN_PAUSE: Duration = Duration::from_millis(5);
 
-/// An exclusive lock on `f`, tried again for `TAKEN_FOR` while it is taken.
-fn lock_exclusive(f: File) -> Result<Flock<File>, (File, nix::errno::Errno)> {
+/// An exclusive lock on `f` (named `path`), tried again for `TAKEN_FOR`
+/// while it is taken.
+fn lock_exclusive(
+    files: &dyn Files,
+    f: File,
+    path: &Path,
+) -> Result<Flock<File>, (File, nix::errno::Errno)> {
     let until = Instant::now() + TAKEN_FOR;
     let mut f = f;
     loop {
-        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        match files.flock(f, path, FlockArg::LockExclusiveNonblock) {
             Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < until => {
                 f = back;
                 std::thread::sleep(TAKEN_PAUSE);
@@ -111,10 +106,14 @@ impl DirLock {
             what: what.to_string(),
             holder,
         };
-        let d = open_dir(dir).map_err(|e| StateError::io("open", dir, e))?;
-        let dir_lock = match lock_exclusive(d) {
+        let d = files
+            .open_dir(dir)
+            .map_err(|e| StateError::io("open", dir, e))?;
+        let dir_lock = match lock_exclusive(files.as_ref(), d, dir) {
             Ok(l) => Some(l),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(locked(holder(&path))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(locked(holder(files.as_ref(), &path)))
+            }
             Err((_, e)) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot lock the directory itself; its lock file alone keeps a second berth out (do not remove it while berth runs)");
                 None
@@ -123,9 +122,11 @@ impl DirLock {
         let file = files
             .open(&path, Open::CreateOrKeep)
             .map_err(StateError::Os)?;
-        let locked = match lock_exclusive(file) {
+        let locked = match lock_exclusive(files.as_ref(), file, &path) {
             Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(locked(holder(&path))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(locked(holder(files.as_ref(), &path)))
+            }
             Err((_, e)) => return Err(StateError::io("flock", &path, e.into())),
         };
         let me = about_me();
@@ -142,17 +143,18 @@ impl DirLock {
 
     /// Who holds the lock of `dir` now, if anyone (for read-only tools,
     /// which take no lock). Never creates the lock file.
-    pub fn holder_of(dir: &Path) -> Option<String> {
+    pub fn holder_of(files: &dyn Files, dir: &Path) -> Option<String> {
         let path = dir.join(LOCK_FILE);
-        let dir_held = open_dir(dir).is_ok_and(|d| {
+        let dir_held = files.open_dir(dir).is_ok_and(|d| {
             matches!(
-                Flock::lock(d, FlockArg::LockSharedNonblock),
+                files.flock(d, dir, FlockArg::LockSharedNonblock),
                 Err((_, nix::errno::Errno::EWOULDBLOCK))
             )
         });
-        let file_held = crate::os::files::open_regular(&path, 0)
-            .is_ok_and(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err());
-        (dir_held || file_held).then(|| holder(&path))
+        let file_held = files
+            .open_regular(&path)
+            .is_ok_and(|f| files.flock(f, &path, FlockArg::LockSharedNonblock).is_err());
+        (dir_held || file_held).then(|| holder(files, &path))
     }
 
     /// The first directory at or below `dir`, at most `depth` levels down
@@ -162,24 +164,29 @@ impl DirLock {
     /// serving there), with its holder. Symlinks are not followed; what
     /// cannot be read is passed over. For start-up, before Berth removes
     /// what its own work directories hold.
-    pub fn held_below(dir: &Path, depth: u32, budget: &mut usize) -> Option<(PathBuf, String)> {
+    pub fn held_below(
+        files: &dyn Files,
+        dir: &Path,
+        depth: u32,
+        budget: &mut usize,
+    ) -> Option<(PathBuf, String)> {
         if *budget == 0 {
             return None;
         }
         *budget -= 1;
-        let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
+        let is_dir = files.lstat(dir).is_ok_and(|m| m.is_dir());
         if !is_dir {
             return None;
         }
-        if std::fs::symlink_metadata(dir.join(LOCK_FILE)).is_ok() {
-            if let Some(h) = DirLock::holder_of(dir) {
+        if files.lstat(&dir.join(LOCK_FILE)).is_ok() {
+            if let Some(h) = DirLock::holder_of(files, dir) {
                 return Some((dir.to_path_buf(), h));
             }
         }
         if depth == 0 {
             return None;
         }
-        for e in std::fs::read_dir(dir).ok()?.flatten() {
+        for e in files.read_dir(dir).ok()?.flatten() {
             if *budget == 0 {
                 break;
             }
@@ -187,7 +194,7 @@ impl DirLock {
                 *budget -= 1;
                 continue;
             }
-            if let Some(found) = DirLock::held_below(&e.path(), depth - 1, budget) {
+            if let Some(found) = DirLock::held_below(files, &e.path(), depth - 1, budget) {
                 return Some(found);
             }
             if *budget == 0 {
@@ -216,16 +223,22 @@ mod tests {
             std::fs::write(w.join(format!("f{i}")), b"").unwrap();
         }
         let mut budget = 1000;
-        assert_eq!(DirLock::held_below(&w, 4, &mut budget), None);
+        assert_eq!(
+            DirLock::held_below(files.as_ref(), &w, 4, &mut budget),
+            None
+        );
         assert_eq!(budget, 1000 - 301);
         let mut budget = 50;
-        assert_eq!(DirLock::held_below(&w, 4, &mut budget), None);
+        assert_eq!(
+            DirLock::held_below(files.as_ref(), &w, 4, &mut budget),
+            None
+        );
         assert_eq!(budget, 0);
         let state = w.join("b/state");
         std::fs::create_dir_all(&state).unwrap();
         let _held = DirLock::acquire(&files, &state, "state directory").unwrap();
         let mut budget = 1000;
-        let found = DirLock::held_below(&w, 4, &mut budget).map(|(p, _)| p);
+        let found = DirLock::held_below(files.as_ref(), &w, 4, &mut budget).map(|(p, _)| p);
         assert_eq!(found, Some(state));
     }
 
@@ -235,7 +248,7 @@ mod tests {
         let files: Arc<dyn Files> = Arc::new(RealFiles);
         let first = DirLock::acquire(&files, d.path(), "state directory").unwrap();
         assert_eq!(
-            DirLock::holder_of(d.path())
+            DirLock::holder_of(files.as_ref(), d.path())
                 .as_deref()
                 .map(|h| h.contains(&format!("pid {}", std::process::id()))),
             Some(true)
@@ -248,7 +261,7 @@ mod tests {
             "{msg}"
         );
         drop(first);
-        assert_eq!(DirLock::holder_of(d.path()), None);
+        assert_eq!(DirLock::holder_of(files.as_ref(), d.path()), None);
         let again = DirLock::acquire(&files, d.path(), "state directory");
         assert!(again.is_ok());
     }
@@ -264,7 +277,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let files: Arc<dyn Files> = Arc::new(RealFiles);
-            let held = DirLock::holder_of(&dir);
+            let held = DirLock::holder_of(files.as_ref(), &dir);
             let taken = DirLock::acquire(&files, &dir, "state directory").map(|_| ());
             let _ = tx.send((held, taken.map_err(|e| crate::error::chain(&e))));
         });
@@ -293,7 +306,7 @@ mod tests {
             std::thread::spawn(move || {
                 let mut looks = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = DirLock::holder_of(&dir);
+                    let _ = DirLock::holder_of(&RealFiles, &dir);
                     looks += 1;
                 }
                 looks
@@ -317,17 +330,96 @@ mod tests {
         );
     }
 
+    /// The lock file's note read through the OS layer: one that cannot be
+    /// read (EIO) names no holder, and the second taking is refused all
+    /// the same.
+    #[test]
+    fn a_lock_file_that_cannot_be_read_names_no_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let first = DirLock::acquire(&os.files, d.path(), "state directory").unwrap();
+        fake.fail_next("read", libc::EIO);
+        let e = DirLock::acquire(&os.files, d.path(), "state directory").unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, StateError::Locked { .. }), "{msg}");
+        assert!(
+            msg.contains("a process that has not said who it is"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        fake.fail_next("read", libc::EIO);
+        assert_eq!(
+            DirLock::holder_of(os.files.as_ref(), d.path()).as_deref(),
+            Some("a process that has not said who it is")
+        );
+        drop(first);
+    }
+
+    /// The directory's descriptor and both locks taken through the OS
+    /// layer: a directory that cannot be opened fails the taking, naming
+    /// it; a directory that cannot be locked (not EWOULDBLOCK) leaves the
+    /// file's lock alone to keep a second berth out; a lock file that
+    /// cannot be locked fails the taking.
+    #[test]
+    fn the_locks_are_taken_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        fake.fail_next("open_dir", libc::EACCES);
+        let e = DirLock::acquire(&os.files, d.path(), "state directory").unwrap_err();
+        let msg = crate::error::chain(&e);
+        assert!(msg.contains(&d.path().display().to_string()), "{msg}");
+        fake.fail_next("flock", libc::ENOLCK);
+        let file_only = DirLock::acquire(&os.files, d.path(), "state directory").unwrap();
+        assert!(file_only._dir.is_none());
+        let e = DirLock::acquire(&os.files, d.path(), "state directory").unwrap_err();
+        assert!(matches!(e, StateError::Locked { .. }), "{e}");
+        drop(file_only);
+        fake.fail_next("flock", libc::ENOLCK);
+        fake.fail_next("flock", libc::ENOLCK);
+        let e = DirLock::acquire(&os.files, d.path(), "state directory").unwrap_err();
+        let msg = crate::error::chain(&e);
+        assert!(msg.contains("flock") && msg.contains(LOCK_FILE), "{msg}");
+        // Held by another: taken again until it is let go (here at once).
+        fake.fail_next("flock", libc::EWOULDBLOCK);
+        assert!(DirLock::acquire(&os.files, d.path(), "state directory").is_ok());
+    }
+
+    /// `held_below` looks through the OS layer: a held lock below a
+    /// directory that cannot be listed, or looked at, is not found (what
+    /// cannot be read is passed over).
+    #[test]
+    fn held_below_passes_over_what_cannot_be_read() {
+        let d = tempfile::tempdir().unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let state = d.path().join("b/state");
+        std::fs::create_dir_all(&state).unwrap();
+        let _held = DirLock::acquire(&os.files, &state, "state directory").unwrap();
+        let found = |budget: &mut usize| {
+            DirLock::held_below(os.files.as_ref(), d.path(), 4, budget).map(|(p, _)| p)
+        };
+        assert_eq!(found(&mut 100), Some(state.clone()));
+        fake.fail_op_under("read_dir", &d.path().join("b"), libc::EIO);
+        assert_eq!(found(&mut 100), None);
+        fake.clear_file_faults();
+        fake.fail_next("lstat", libc::EIO);
+        assert_eq!(found(&mut 100), None);
+        assert_eq!(found(&mut 100), Some(state));
+    }
+
     #[test]
     fn a_lock_file_removed_by_hand_lets_no_second_holder_in() {
         let d = tempfile::tempdir().unwrap();
         let files: Arc<dyn Files> = Arc::new(RealFiles);
         let first = DirLock::acquire(&files, d.path(), "state directory").unwrap();
         std::fs::remove_file(d.path().join(LOCK_FILE)).unwrap();
-        assert!(DirLock::holder_of(d.path()).is_some());
+        assert!(DirLock::holder_of(files.as_ref(), d.path()).is_some());
         let e = DirLock::acquire(&files, d.path(), "state directory").unwrap_err();
         assert!(matches!(e, StateError::Locked { .. }), "{e}");
         drop(first);
-        assert_eq!(DirLock::holder_of(d.path()), None);
+        assert_eq!(DirLock::holder_of(files.as_ref(), d.path()), None);
         assert!(DirLock::acquire(&files, d.path(), "state directory").is_ok());
     }
 }

@@ -724,7 +724,7 @@ pub fn check(cfg: &Config, os: &Os, out: &mut dyn Write) -> Result<bool, StateEr
     require_state(os.files.as_ref(), &state_dir)?;
     let io = |e| StateError::io("write", "stdout", e);
     writeln!(out, "state directory {}", state_dir.display()).map_err(io)?;
-    let live = DirLock::holder_of(&state_dir);
+    let live = DirLock::holder_of(os.files.as_ref(), &state_dir);
     if let Some(h) = &live {
         writeln!(out, "note: in use by {h}; reading a live journal").map_err(io)?;
     }

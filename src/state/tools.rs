@@ -37,8 +37,8 @@ use super::snapshot_file::Writer as SnapshotWriter;
 use super::store::{journal_dir, IdRules};
 use super::{legacy, Kind, Phase, SnapshotRecord, StateError, VolumeRecord};
 use crate::config::Config;
-use crate::os::files::{Files, Open, RealFiles};
-use crate::os::Os;
+use crate::os::files::{Files, Open};
+use crate::os::{Os, OsError};
 
 #[derive(Debug, Clone, Args)]
 pub struct StateArgs {
@@ -197,6 +197,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     let block_root = cfg.block_root();
     let own_dirs = cfg.own_dirs();
     let serves_block = cfg.serves(Kind::Block);
+    let files = os.files.as_ref();
     for r in records {
         // A disk no record makes Berth's: never erased (`outside_pool`).
         if let Some(d) = r.block.as_ref().and_then(|b| b.disk.as_ref()) {
@@ -280,7 +281,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                     )));
                 }
             }
-            if let Some(f) = unanswered_create_with_data(&local_root, &block_root, r) {
+            if let Some(f) = unanswered_create_with_data(files, &local_root, &block_root, r) {
                 out.push(error(format!(
                     "volume {} ({}): its create never answered, yet {} holds data (was its Ready record lost?); start-up keeps it aside in .orphaned, never deletes it",
                     r.id,
@@ -293,7 +294,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
         match r.kind {
             Kind::Local => {
                 let dir = crate::kinds::local::volume_dir(&local_root, &r.id);
-                match std::fs::symlink_metadata(&dir) {
+                match files.lstat(&dir).map_err(OsError::into_io) {
                     Ok(m) if m.is_dir() => {
                         if let Some(why) = crate::kinds::local::made_by_hand(
                             os.files.as_ref(),
@@ -315,10 +316,10 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                         // Where an interrupted create or delete left it.
                         let creating = local_root.join(".creating").join(&*r.id);
                         let trash_prefix = format!("{}-", r.id);
-                        let trashed = dir_names(&local_root.join(".trash"))
+                        let trashed = dir_names(files, &local_root.join(".trash"))
                             .into_iter()
                             .find(|n| n.starts_with(&trash_prefix));
-                        if creating.is_dir() {
+                        if files.stat(&creating).is_ok_and(|m| m.is_dir()) {
                             out.push(warning(format!(
                                 "volume {} ({}): its directory is still in {} (a create interrupted after its record said Ready); start-up moves it into place",
                                 r.id,
@@ -354,7 +355,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 None => {
                     let f = crate::kinds::block::volume_file(&block_root, &r.id);
                     let restoring = crate::kinds::block::restoring_path(&block_root, &r.id);
-                    match std::fs::symlink_metadata(&f) {
+                    match files.lstat(&f).map_err(OsError::into_io) {
                         Ok(m) if m.file_type().is_file() => {
                             let made = r.block.as_ref().and_then(|b| b.file_bytes);
                             if let Some(made) = made.filter(|&made| m.len() < made) {
@@ -377,7 +378,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                             r.name,
                             f.display()
                         ))),
-                        Err(_) if restoring.is_file() => out.push(warning(format!(
+                        Err(_) if files.stat(&restoring).is_ok_and(|m| m.is_file()) => out.push(warning(format!(
                             "volume {} ({}): its file is still {} (a restore interrupted after its record said Ready); start-up moves it into place",
                             r.id,
                             r.name,
@@ -397,7 +398,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     }
     // Storage without a record.
     if cfg.serves(Kind::Local) {
-        for name in dir_names(&local_root) {
+        for name in dir_names(files, &local_root) {
             if is_volume_id("local-", &name) && !by_id.contains_key(name.as_str()) {
                 // Creates make their directories under .creating/: one in
                 // the root without a record lost its record.
@@ -409,7 +410,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
         }
     }
     if cfg.serves(Kind::Block) {
-        for name in dir_names(&block_root) {
+        for name in dir_names(files, &block_root) {
             if let Some(id) = name.strip_suffix(".img") {
                 if is_volume_id("block-", id) && !by_id.contains_key(id) {
                     out.push(error(format!(
@@ -420,7 +421,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             }
         }
         let markers = block_root.join(crate::kinds::block::DISK_MARKERS);
-        for id in dir_names(&markers) {
+        for id in dir_names(files, &markers) {
             let held = crate::kinds::block::held_id(&id);
             if is_volume_id("block-", &id)
                 && !by_id.contains_key(id.as_str())
@@ -455,7 +456,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     }
     for root in [&local_root, &block_root] {
         let aside = root.join(".orphaned");
-        let n = dir_names(&aside).len();
+        let n = dir_names(files, &aside).len();
         if n > 0 {
             out.push(warning(format!(
                 "{} holds {n} entries moved aside (storage found without a record; never deleted by berth)",
@@ -470,6 +471,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
 /// rollback keeps aside instead of deleting (`block::kept_on_rollback`,
 /// `local::kept_on_rollback`: it may hold a tenant's data).
 fn unanswered_create_with_data(
+    files: &dyn Files,
     local_root: &Path,
     block_root: &Path,
     r: &VolumeRecord,
@@ -477,14 +479,13 @@ fn unanswered_create_with_data(
     match r.kind {
         Kind::Block if r.block.as_ref().is_none_or(|b| b.disk.is_none()) => {
             let f = crate::kinds::block::volume_file(block_root, &r.id);
-            let m = std::fs::symlink_metadata(&f).ok()?;
-            (m.is_file() && crate::kinds::block::kept_on_rollback(&RealFiles, r, &f)).then_some(f)
+            let m = files.lstat(&f).ok()?;
+            (m.is_file() && crate::kinds::block::kept_on_rollback(files, r, &f)).then_some(f)
         }
         Kind::Local => {
             let dir = crate::kinds::local::volume_dir(local_root, &r.id);
-            let m = std::fs::symlink_metadata(&dir).ok()?;
-            (m.is_dir() && crate::kinds::local::kept_on_rollback(&RealFiles, r, &dir))
-                .then_some(dir)
+            let m = files.lstat(&dir).ok()?;
+            (m.is_dir() && crate::kinds::local::kept_on_rollback(files, r, &dir)).then_some(dir)
         }
         _ => None,
     }
@@ -505,7 +506,11 @@ fn unanswered_disk(r: &VolumeRecord) -> Option<&crate::state::DiskRef> {
 /// not what Berth made there (a symlink: a restore never follows it), or
 /// a block snapshot's file not as long as it was made is an error, as a
 /// restore from it is refused.
-pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Finding> {
+pub fn snapshot_findings(
+    cfg: &Config,
+    files: &dyn Files,
+    snapshots: &[&SnapshotRecord],
+) -> Vec<Finding> {
     let mut out = Vec::new();
     let local_root = cfg.local_root();
     let block_root = cfg.block_root();
@@ -517,12 +522,8 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
             )));
         }
         let kept = match s.kind {
-            Kind::Local => {
-                crate::kinds::local::snapshot_kept_on_rollback(&RealFiles, &local_root, s)
-            }
-            Kind::Block => {
-                crate::kinds::block::snapshot_kept_on_rollback(&RealFiles, &block_root, s)
-            }
+            Kind::Local => crate::kinds::local::snapshot_kept_on_rollback(files, &local_root, s),
+            Kind::Block => crate::kinds::block::snapshot_kept_on_rollback(files, &block_root, s),
             Kind::Nfs => None,
         };
         if let Some(whole) = kept {
@@ -544,14 +545,14 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
         }
         let (flaw, partial) = match s.kind {
             Kind::Local => (
-                crate::kinds::local::snapshot_copy_flaw(&RealFiles, &local_root, s),
+                crate::kinds::local::snapshot_copy_flaw(files, &local_root, s),
                 Some(crate::kinds::local::snapshot_partial_dir(
                     &local_root,
                     &s.id,
                 )),
             ),
             Kind::Block => (
-                crate::kinds::block::snapshot_copy_flaw(&RealFiles, &block_root, s),
+                crate::kinds::block::snapshot_copy_flaw(files, &block_root, s),
                 Some(crate::kinds::block::snapshot_partial_path(
                     &block_root,
                     &s.id,
@@ -560,7 +561,7 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
             Kind::Nfs => (None, None),
         };
         if let (Some(crate::kinds::CopyFlaw::Missing { .. }), Some(p)) =
-            (&flaw, partial.filter(|p| p.exists()))
+            (&flaw, partial.filter(|p| files.stat(p).is_ok()))
         {
             out.push(warning(format!(
                 "snapshot {} ({}): its copy is still {} (a snapshot interrupted after its record said Ready); start-up moves it into place",
@@ -599,7 +600,7 @@ pub fn snapshot_findings(cfg: &Config, snapshots: &[&SnapshotRecord]) -> Vec<Fin
         if !cfg.serves(kind) {
             continue;
         }
-        for name in dir_names(&area) {
+        for name in dir_names(files, &area) {
             let id = name.strip_suffix(suffix).unwrap_or(&name);
             if is_volume_id(prefix, id) && !known.contains(id) {
                 out.push(warning(format!(
@@ -634,8 +635,9 @@ fn snapshot_id_flaw(r: &SnapshotRecord) -> Option<String> {
 /// What `check` says of a volume's storage found without a record.
 const LOST_RECORD: &str = "has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)";
 
-fn dir_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
+fn dir_names(files: &dyn Files, dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = files
+        .read_dir(dir)
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -688,7 +690,7 @@ fn pass(cfg: &Config, os: &Os, state_dir: &Path) -> Result<Pass, StateError> {
             false
         }
     });
-    findings.extend(snapshot_findings(cfg, &snapshots));
+    findings.extend(snapshot_findings(cfg, os.files.as_ref(), &snapshots));
     if let Some(f) = super::driver_name::finding(
         state_dir,
         &cfg.driver_name,
@@ -911,14 +913,16 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     // 1. Copies of every journal file (the damaged bytes stay available);
     //    what is named as a journal file but is not a regular file (a FIFO,
     //    a directory, a symlink: never opened) is moved there itself.
-    for name in std::fs::read_dir(&dir)
-        .map_err(|e| StateError::io("read", &dir, e))?
+    for name in f
+        .read_dir(&dir)
+        .map_err(|e| StateError::io("read", &dir, e.into_io()))?
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.file_name())
     {
         let from = dir.join(&name);
-        let bytes = crate::os::files::read_regular(&from, None)
+        let bytes = f
+            .read_regular(&from, None)
             .map_err(|e| StateError::io("read", &from, e))?;
         write_durable(f, &keep.join(&name), &bytes)?;
     }
@@ -1006,7 +1010,7 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     ]
     .map(|n| dir.join(n));
     for p in old.iter().chain(&scan.stale).chain(&scan.newer) {
-        if !new_files.contains(p) && std::fs::symlink_metadata(p).is_ok() {
+        if !new_files.contains(p) && f.exists(p) {
             f.remove_file(p).map_err(StateError::Os)?;
         }
     }
@@ -1061,6 +1065,105 @@ mod tests {
         .unwrap();
         damage(&j);
         d
+    }
+
+    fn local_config(dir: &Path) -> Config {
+        let args = [
+            "berth",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--node-id",
+            "n1",
+        ];
+        <crate::config::Cli as clap::Parser>::try_parse_from(args)
+            .unwrap()
+            .config
+    }
+
+    fn ready_local(id: &str) -> VolumeRecord {
+        VolumeRecord {
+            id: id.into(),
+            name: "pvc".into(),
+            kind: Kind::Local,
+            seq: 0,
+            phase: Phase::Ready,
+            capacity_bytes: 1 << 20,
+            node: "n1".into(),
+            parameters: Default::default(),
+            capabilities: vec![].into(),
+            context: Default::default(),
+            published: Default::default(),
+            created_unix: 0,
+            block: None,
+            source: None,
+            project: None,
+        }
+    }
+
+    /// `state check` looks at the storage through the OS layer: a root
+    /// that cannot be listed shows no storage without a record (nothing
+    /// read is nothing found), and a volume's directory that cannot be
+    /// looked at is reported missing, with the error.
+    #[test]
+    fn check_looks_at_storage_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = local_config(d.path());
+        let root = cfg.local_root();
+        let (kept, lost) = (
+            format!("local-{}", "a".repeat(32)),
+            format!("local-{}", "b".repeat(32)),
+        );
+        for id in [&kept, &lost] {
+            fs::create_dir_all(root.join(id)).unwrap();
+        }
+        let (os, fake) = crate::os::Os::fake();
+        let records = [ready_local(&kept)];
+        let whats = || -> Vec<String> {
+            storage_findings(&cfg, &os, &records)
+                .into_iter()
+                .map(|f| f.what)
+                .collect()
+        };
+        let found = whats();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains(&lost) && found[0].contains(LOST_RECORD));
+        fake.fail_op_under("read_dir", &root, libc::EIO);
+        assert_eq!(whats(), Vec::<String>::new());
+        fake.clear_file_faults();
+        fake.fail_next("lstat", libc::EIO);
+        let found = whats();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].contains(&kept) && found[0].contains("is missing (Input/output error"),
+            "{found:?}"
+        );
+    }
+
+    /// `repair` reads the journal directory and the files it keeps copies
+    /// of through the OS layer: one that cannot be read fails the repair,
+    /// naming it, and leaves the journal for a repair that can.
+    #[test]
+    fn repair_reads_the_journal_through_the_os_layer() {
+        let d = damaged(|j: &Path| {
+            let p = j.join(journal::log_name(0));
+            let mut b = fs::read(&p).unwrap();
+            b[12] ^= 1;
+            fs::write(&p, b).unwrap();
+        });
+        let j = journal_dir(d.path());
+        let (os, fake) = crate::os::Os::fake();
+        fake.fail_next("read_dir", libc::EIO);
+        let e = repair(d.path(), os.files.clone()).unwrap_err();
+        let msg = crate::error::chain(&e);
+        assert!(msg.contains(&j.display().to_string()), "{msg}");
+        fake.fail_next("read", libc::EIO);
+        let e = repair(d.path(), os.files.clone()).unwrap_err();
+        let msg = crate::error::chain(&e);
+        assert!(msg.contains(journal::log_name(0).as_str()), "{msg}");
+        assert!(!journal::scan(&j).unwrap().damage.is_empty());
+        let report = repair(d.path(), os.files.clone()).unwrap();
+        assert!(report.contains("damaged-"), "{report}");
+        assert!(journal::scan(&j).unwrap().damage.is_empty());
     }
 
     /// Whatever `scan` reports as damage, `repair` resolves: afterwards

@@ -65,9 +65,10 @@ impl Driver {
         // `reconcile_orphans`) while the state is read.
         let local_root = cfg.kinds.contains(&Kind::Local).then(|| cfg.local_root());
         let (store, mut listed) = std::thread::scope(|sc| {
+            let files = os.files.as_ref();
             let listed = local_root
                 .as_deref()
-                .map(|root| sc.spawn(move || crate::kinds::local::list_root(root)));
+                .map(|root| sc.spawn(move || crate::kinds::local::list_root(files, root)));
             let store = Store::open(&state_dir, os.files.clone());
             (store, listed.and_then(|h| h.join().ok()))
         });

@@ -1885,6 +1885,17 @@ impl Files for FakeOs {
         RealFiles.read_regular(path, max)
     }
 
+    /// Fails as `fail_next("list_names", ..)` asks, and under a path
+    /// given to `fail_op_under("list_names", ..)`.
+    fn list_names(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        self.injected("list_names", path)
+            .map_err(OsError::into_io)?;
+        if let Some(errno) = self.fault_under("list_names", path, false) {
+            return Err(std::io::Error::from_raw_os_error(errno));
+        }
+        RealFiles.list_names(path)
+    }
+
     /// Fails as `fail_next("open_regular", ..)` asks.
     fn open_regular(&self, path: &Path) -> std::io::Result<std::fs::File> {
         self.injected("open_regular", path)

@@ -218,6 +218,11 @@ pub trait Files: Send + Sync {
             .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
     }
+    /// The names in the directory `path` (not `.` and `..`), each followed
+    /// by a NUL, in one buffer (`list_names`): no allocation per entry.
+    fn list_names(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        list_names(path)
+    }
     /// flock(2) of the open `file` (named `path`), as `how` asks; the file
     /// comes back with the error when it is not locked.
     fn flock(
@@ -228,6 +233,30 @@ pub trait Files: Send + Sync {
     ) -> Result<nix::fcntl::Flock<File>, (File, nix::errno::Errno)> {
         nix::fcntl::Flock::lock(file, how)
     }
+}
+
+/// `Files::list_names`: the directory read with getdents(2) into one
+/// buffer sized from the directory's own size (about what its names take
+/// on ext4), without an allocation per entry (`std::fs::read_dir` makes
+/// two: its entry's name and the caller's copy).
+pub fn list_names(path: &Path) -> std::io::Result<Vec<u8>> {
+    use nix::fcntl::OFlag;
+    let hint = std::fs::metadata(path).map_or(0, |m| m.len()).min(64 << 20);
+    let mut buf = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
+    let mut dir = nix::dir::Dir::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    for e in dir.iter() {
+        let e = e?;
+        let name = e.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            buf.extend_from_slice(name);
+            buf.push(0);
+        }
+    }
+    Ok(buf)
 }
 
 /// `Files::lstat_beneath`.

@@ -265,28 +265,11 @@ impl RootListing {
     }
 }
 
-/// Lists `root` without an allocation per entry (`std::fs::read_dir`
-/// makes two: its entry's name and the caller's copy), as it runs beside
-/// the state's reading, whose allocations share the one malloc arena.
-pub fn list_root(root: &Path) -> std::io::Result<RootListing> {
-    use nix::fcntl::OFlag;
-    // A directory's size is about what its names take (ext4: its blocks).
-    let hint = std::fs::metadata(root).map_or(0, |m| m.len()).min(64 << 20);
-    let mut buf = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
-    let mut dir = nix::dir::Dir::open(
-        root,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    for e in dir.iter() {
-        let e = e?;
-        let name = e.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            buf.extend_from_slice(name);
-            buf.push(0);
-        }
-    }
-    Ok(RootListing(buf))
+/// Lists `root` without an allocation per entry (`Files::list_names`), as
+/// it runs beside the state's reading, whose allocations share the one
+/// malloc arena.
+pub fn list_root(files: &dyn Files, root: &Path) -> std::io::Result<RootListing> {
+    files.list_names(root).map(RootListing)
 }
 
 /// The entries of the trash of the local root `root` (`<id>-<time>`) with
@@ -1370,7 +1353,7 @@ impl VolumeKind for LocalKind {
         let recorded = self.store.count(|r| r.kind == Kind::Local);
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
         if listed.is_none() {
-            *listed = Some(list_root(&self.root));
+            *listed = Some(list_root(self.os.files.as_ref(), &self.root));
         }
         // An unreadable root is reported by `reconcile_orphans`.
         let mut names: Vec<&str> = match listed.as_ref() {
@@ -1545,7 +1528,7 @@ impl VolumeKind for LocalKind {
         }
         let listed = self.listed.lock().unwrap_or_else(|e| e.into_inner()).take();
         let listing = listed
-            .unwrap_or_else(|| list_root(&self.root))
+            .unwrap_or_else(|| list_root(self.os.files.as_ref(), &self.root))
             .map_err(|e| Error::io(format!("reading {}", self.root.display()), e))?;
         for name in listing.names() {
             let Some(name) = name.to_str() else {
@@ -1773,5 +1756,62 @@ impl VolumeKind for LocalKind {
             .into_iter()
             .map(|m| m.mount_point.clone())
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The root is listed through the OS layer: its names (not `.` and
+    /// `..`), or the error a listing that fails gives.
+    #[test]
+    fn the_root_is_listed_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        for n in ["b", "a"] {
+            std::fs::create_dir(d.path().join(n)).unwrap();
+        }
+        let (os, fake) = Os::fake();
+        let listed = list_root(os.files.as_ref(), d.path()).unwrap();
+        let mut names: Vec<_> = listed.names().collect();
+        names.sort();
+        assert_eq!(names, ["a", "b"]);
+        fake.fail_next("list_names", libc::EIO);
+        let e = list_root(os.files.as_ref(), d.path()).err();
+        assert_eq!(e.and_then(|e| e.raw_os_error()), Some(libc::EIO));
+    }
+
+    /// Start-up over a root that cannot be listed: berth starts, and a
+    /// volume's directory without a record stays where it is (nothing is
+    /// moved on a listing it does not have); once the root can be listed,
+    /// it is kept aside in .orphaned, with its data.
+    #[test]
+    fn storage_without_a_record_stays_while_the_root_cannot_be_listed() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("local");
+        let name = format!("local-{}", "c".repeat(32));
+        let lost = root.join(&name);
+        std::fs::create_dir_all(&lost).unwrap();
+        std::fs::write(lost.join("data"), b"kept").unwrap();
+        let open = |os: Os| {
+            let args = [
+                "berth",
+                "--data-dir",
+                d.path().to_str().unwrap(),
+                "--node-id",
+                "n1",
+                "--allow-missing-storage",
+            ];
+            let cli = <crate::config::Cli as clap::Parser>::try_parse_from(args).unwrap();
+            crate::driver::Driver::new(cli.config, os)
+        };
+        let (os, fake) = Os::fake();
+        fake.fail_op_under("list_names", &root, libc::EIO);
+        drop(open(os).expect("started"));
+        assert_eq!(std::fs::read(lost.join("data")).unwrap(), b"kept");
+        drop(open(Os::fake().0).expect("started"));
+        assert!(!lost.exists());
+        let aside = root.join(ORPHANED).join(&name).join("data");
+        assert_eq!(std::fs::read(aside).unwrap(), b"kept");
     }
 }

@@ -4,10 +4,13 @@
 //! disk gives (ENOSPC, EIO, EROFS) and check that nothing acknowledged is
 //! lost and nothing that failed is acknowledged (`fake::FakeOs` injects).
 //!
-//! Reads (stat, read_dir, reading a file) are not behind it: they change
-//! nothing, and tests make the state they read for real. Berth's own files
-//! are read with `read_regular` / `open_regular`, which never block on a
-//! FIFO, never open a device and never follow a symlink.
+//! Berth's looks at and reads of its own files and directories (lstat,
+//! stat, read_dir, `list_names`, readlink, `read_regular`) and its
+//! directory locks (`open_dir`, `flock`) are behind it too, so a test can
+//! make them fail (the fake's `fail_next`); the fake does them for real,
+//! and tests make the state they read for real. Berth's own files are read
+//! with `read_regular` / `open_regular`, which never block on a FIFO,
+//! never open a device and never follow a symlink.
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};

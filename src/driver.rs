@@ -290,7 +290,16 @@ impl Driver {
         if self.id_is_plausible(id) {
             return None;
         }
-        let rec = self.store.get(id)?;
+        self.unserved_of(&self.store.get(id)?)
+    }
+
+    /// `unserved` of a record already read (no look at the store: it can
+    /// be asked under the store's own lock, as a page is walked).
+    pub fn unserved_of(&self, rec: &VolumeRecord) -> Option<String> {
+        let id = rec.id.as_str();
+        if self.id_is_plausible(id) {
+            return None;
+        }
         if !crate::kinds::is_volume_id_of(rec.kind, id) {
             return None;
         }

@@ -4462,3 +4462,85 @@ async fn a_new_directory_that_cannot_be_read_is_no_planted_one() {
     let v = create(&h, "v", 1 << 20).await;
     assert!(h.path("local").join(&v.volume_id).is_dir());
 }
+
+/// A volume whose record says Deleting (a DeleteVolume that did not
+/// finish, which the CO's retry and the retry every minute finish) is a
+/// volume the CO asked gone: ValidateVolumeCapabilities and
+/// ControllerGetVolume answer NOT_FOUND for it, as ControllerPublish,
+/// the node calls and ControllerExpandVolume do, and ListVolumes leaves it
+/// out; a page of `max_entries` is still full while volumes follow, and
+/// its token still leads to the rest, each once. Before, it was confirmed,
+/// described and listed as a live volume.
+#[tokio::test]
+async fn a_volume_whose_delete_did_not_finish_is_not_described_or_listed() {
+    use berth::state::Phase;
+    let h = fake(&[]);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(create(&h, &format!("v{i}"), 1).await.volume_id);
+    }
+    for id in [&ids[1], &ids[2]] {
+        let mut r = h.driver.store.get(id).unwrap();
+        h.driver.store.set_phase(&mut r, Phase::Deleting).unwrap();
+    }
+    let e = h
+        .ctl
+        .validate_volume_capabilities(Request::new(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: ids[1].clone(),
+            volume_capabilities: vec![rwo()],
+            ..Default::default()
+        }))
+        .await
+        .expect_err("capabilities of a volume being deleted answered");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("being deleted"), "{e:?}");
+    let e = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: ids[1].clone(),
+        }))
+        .await
+        .expect_err("a volume being deleted described");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // A live volume is still answered.
+    h.ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: ids[0].clone(),
+        }))
+        .await
+        .expect("a live volume");
+    let live = vec![ids[0].clone(), ids[3].clone(), ids[4].clone()];
+    for max in [0, 1, 2] {
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let p = h
+                .ctl
+                .list_volumes(Request::new(csi::ListVolumesRequest {
+                    max_entries: max,
+                    starting_token: token.clone(),
+                }))
+                .await
+                .expect("list")
+                .into_inner();
+            let page: Vec<String> = p
+                .entries
+                .iter()
+                .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+                .collect();
+            if !p.next_token.is_empty() {
+                // A page is short only at the end.
+                assert_eq!(page.len(), max as usize, "max {max}: {page:?}");
+            }
+            seen.extend(page);
+            if p.next_token.is_empty() {
+                break;
+            }
+            token = p.next_token;
+        }
+        assert_eq!(seen, live, "max {max}");
+    }
+    // Its delete still finishes.
+    delete(&h, &ids[1]).await;
+    assert!(h.driver.store.get(&ids[1]).is_none());
+}

@@ -3060,6 +3060,14 @@ async fn a_replaced_disk_is_neither_used_nor_wiped() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    let get = || {
+        h.ctl
+            .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+                volume_id: a.volume_id.clone(),
+            }))
+    };
+    let c = get().await.unwrap().into_inner();
+    assert!(c.status.unwrap().volume_condition.unwrap().abnormal);
     let e = h
         .ctl
         .delete_volume(Request::new(csi::DeleteVolumeRequest {
@@ -3070,18 +3078,13 @@ async fn a_replaced_disk_is_neither_used_nor_wiped() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(runs(f, "wipefs").is_empty() && runs(f, "mkfs.ext4").is_empty());
-    // A disk that is gone: abnormal, and deleting the volume wipes nothing
-    // (there is nothing to wipe)...
+    // Its delete began (the record says Deleting): NOT_FOUND for
+    // ControllerGetVolume, as for every call that describes or uses it.
+    let e = get().await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // A disk that is gone: deleting the volume wipes nothing (there is
+    // nothing to wipe)...
     f.remove_device(&dir.join("d10"));
-    let c = h
-        .ctl
-        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
-            volume_id: a.volume_id.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(c.status.unwrap().volume_condition.unwrap().abnormal);
     h.ctl
         .delete_volume(Request::new(csi::DeleteVolumeRequest {
             volume_id: a.volume_id.clone(),
@@ -3635,12 +3638,14 @@ async fn a_detached_loop_disk_is_never_berths_own_volume_at_its_number() {
         if old_record {
             h.driver.store.put(&without_loop_backing(&rec)).unwrap();
         }
-        refused_as_berths_own(&h, &v.volume_id, &h.path("s2")).await;
+        // Abnormal, saying why, until its delete begins (the record says
+        // Deleting: NOT_FOUND then, as for every call that describes it).
         let c = get_volume(&h, &v.volume_id).await;
         assert!(
             c.abnormal && c.message.contains("Berth's own file"),
             "{c:?}"
         );
+        refused_as_berths_own(&h, &v.volume_id, &h.path("s2")).await;
     }
     assert_eq!(erasures(f), 0, "{:?}", f.calls());
     assert_eq!(

@@ -3113,3 +3113,78 @@ async fn a_list_of_many_snapshots_pages_under_the_limit_in_bytes() {
         assert!(pages >= 3, "max {max}: {pages} pages");
     }
 }
+
+/// A snapshot whose record says Deleting (a DeleteSnapshot that did not
+/// finish) is gone for the CO: not listed, NOT_FOUND for GetSnapshot and as
+/// a restore's source; a volume whose record says Deleting is NOT_FOUND as
+/// a snapshot's or a clone's source, and nothing is made from either. Their
+/// deletes still finish. A regression guard beside the volume calls'
+/// (handlers `a_volume_whose_delete_did_not_finish_is_not_described_or_listed`).
+#[tokio::test]
+async fn a_snapshot_or_source_whose_delete_did_not_finish_is_not_used() {
+    let h = fake(&[]);
+    let vol = create_p(&h, "src", MIB, &[]).await.volume_id;
+    let snap = snapshot(&h, "s", &vol).await.snapshot_id;
+    let mut s = h.driver.store.snapshot_get(&snap).unwrap();
+    s.phase = Phase::Deleting;
+    h.driver.store.snapshot_put(&s).unwrap();
+    let listed = h
+        .ctl
+        .list_snapshots(Request::new(csi::ListSnapshotsRequest::default()))
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
+    let by_id = h
+        .ctl
+        .list_snapshots(Request::new(csi::ListSnapshotsRequest {
+            snapshot_id: snap.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("list by id")
+        .into_inner();
+    assert!(by_id.entries.is_empty(), "{by_id:?}");
+    let e = h
+        .ctl
+        .get_snapshot(Request::new(csi::GetSnapshotRequest {
+            snapshot_id: snap.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("a snapshot being deleted answered");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = h
+        .ctl
+        .create_volume(Request::new(from_snapshot("restored", MIB, &snap)))
+        .await
+        .expect_err("restored from a snapshot being deleted");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(h.driver.store.get_by_name("restored").is_none());
+    let mut v = h.driver.store.get(&vol).unwrap();
+    h.driver.store.set_phase(&mut v, Phase::Deleting).unwrap();
+    let e = h
+        .ctl
+        .create_snapshot(Request::new(snap_req("s2", &vol)))
+        .await
+        .expect_err("a snapshot of a volume being deleted");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(h.driver.store.snapshot_by_name("s2").is_none());
+    let e = h
+        .ctl
+        .create_volume(Request::new(from_volume("clone", MIB, &vol)))
+        .await
+        .expect_err("a clone of a volume being deleted");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(h.driver.store.get_by_name("clone").is_none());
+    h.ctl
+        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("delete snapshot");
+    assert!(h.driver.store.snapshot_get(&snap).is_none());
+    delete(&h, &vol).await;
+    assert!(h.driver.store.get(&vol).is_none());
+}

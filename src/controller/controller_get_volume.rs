@@ -4,7 +4,9 @@
 //! otherwise. A volume recorded here whose kind (or NFS share) this
 //! configuration no longer serves exists: it is answered, with an abnormal
 //! condition saying why (`Driver::unserved_record`), not NOT_FOUND, which
-//! has a CO take it for gone.
+//! has a CO take it for gone. A volume whose record says Deleting (a
+//! DeleteVolume that did not finish) is NOT_FOUND: the CO asked for it
+//! gone (`Driver::require_not_deleting`).
 use std::sync::Arc;
 
 use super::volume;
@@ -24,6 +26,7 @@ pub async fn handle(
             Some(rec) => rec,
             None => d.controller_volume(&id)?,
         };
+        d.require_not_deleting(&rec)?;
         Ok(csi::ControllerGetVolumeResponse {
             volume: Some(volume::to_proto(&d, &rec)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {

@@ -13,7 +13,7 @@ use super::volume;
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
-use crate::state::Phase;
+use crate::state::{Phase, VolumeRecord};
 
 /// The checks every paged List RPC makes: `max_entries` is not negative,
 /// and the token is a sequence number that was handed out (ABORTED
@@ -65,25 +65,35 @@ pub fn fit_page<T: prost::Message>(
     (out, next)
 }
 
+/// Whether ListVolumes lists a record: a volume created and not being
+/// deleted (a record Creating was never handed out; one Deleting is a
+/// volume the CO asked gone, NOT_FOUND for the calls that describe a
+/// volume: `Driver::require_not_deleting`). Internal records (a disk
+/// waiting to be wiped) are not volumes; one of a kind (or NFS share) no
+/// longer served is, listed with an abnormal condition saying why
+/// (`volume::condition`). Asked under the store's lock: no look at the
+/// store.
+fn listed(d: &Driver, r: &VolumeRecord) -> bool {
+    r.phase == Phase::Ready && (d.id_is_plausible(&r.id) || d.unserved_of(r).is_some())
+}
+
 pub async fn handle(
     d: Arc<Driver>,
     req: csi::ListVolumesRequest,
 ) -> Result<csi::ListVolumesResponse> {
     let after = page_start(req.max_entries, &req.starting_token, d.store.last_seq())?;
-    let (recs, next) = d.store.page(after, req.max_entries as usize);
+    // Only the volumes listed count towards `max_entries` (a page is
+    // short only when no more follow), and the token is the last listed
+    // one's sequence number.
+    let max = usize::try_from(req.max_entries).unwrap_or(0);
+    let (recs, more) = d.store.page_matching(after, max, |r| listed(&d, r));
+    let next = recs.last().filter(|_| more).map(|r| r.seq);
     let limit = d.cfg.list_page_bytes;
     // Blocking: each volume's condition looks at its storage (an lstat of
     // a directory or file, a bounded probe of an NFS share), on an
     // operation's thread, never on the one that answers every call.
     let entries = tokio::task::spawn_blocking(move || {
         recs.iter()
-            // Internal records (a disk waiting to be wiped) are not volumes;
-            // one of a kind (or NFS share) no longer served is, listed with
-            // an abnormal condition saying why (`volume::condition`).
-            .filter(|r| {
-                r.phase != Phase::Creating
-                    && (d.id_is_plausible(&r.id) || d.unserved(&r.id).is_some())
-            })
             .map(|r| {
                 let e = csi::list_volumes_response::Entry {
                     volume: Some(volume::to_proto(&d, r)),

@@ -10,7 +10,9 @@
 //! kind's checks are out of reach: nothing is confirmed, and the message
 //! says why (`Driver::unserved`): an answer the spec gives this RPC for
 //! capabilities it does not confirm, not NOT_FOUND (the volume exists) nor
-//! a code its error table does not list.
+//! a code its error table does not list. A volume whose record says
+//! Deleting (a DeleteVolume that did not finish) is NOT_FOUND, its
+//! capabilities not confirmed (`Driver::require_not_deleting`).
 use std::sync::Arc;
 
 use super::{kind_parameters, KIND_KEY};
@@ -32,6 +34,9 @@ pub async fn handle(
     validate::map("mutable_parameters", &req.mutable_parameters)?;
     let has_mutable = !req.mutable_parameters.is_empty();
     if let Some(why) = d.unserved(&id) {
+        if let Some(rec) = d.store.get(&id) {
+            d.require_not_deleting(&rec)?;
+        }
         return Ok(csi::ValidateVolumeCapabilitiesResponse {
             confirmed: None,
             message: why,
@@ -40,6 +45,7 @@ pub async fn handle(
     let d2 = d.clone();
     let message = tokio::task::spawn_blocking(move || -> Result<String> {
         let rec = d2.controller_volume(&id)?;
+        d2.require_not_deleting(&rec)?;
         let kind = d2.kind(rec.kind)?;
         let created_block = rec
             .capabilities

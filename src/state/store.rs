@@ -835,6 +835,18 @@ impl Store {
         self.read().volumes.page(after_seq, max)
     }
 
+    /// Volume records matching `f` in creation order after `after_seq`, at
+    /// most `max` (0 = all), and whether more match. `f` runs under the
+    /// store's lock: it must not look at the store.
+    pub fn page_matching(
+        &self,
+        after_seq: u64,
+        max: usize,
+        f: impl Fn(&VolumeRecord) -> bool,
+    ) -> (Vec<VolumeRecord>, bool) {
+        self.read().volumes.page_matching(after_seq, max, f)
+    }
+
     /// All volume records matching `f`.
     pub fn filter(&self, f: impl Fn(&VolumeRecord) -> bool) -> Vec<VolumeRecord> {
         self.filter_of(f)

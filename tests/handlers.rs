@@ -4544,3 +4544,77 @@ async fn a_volume_whose_delete_did_not_finish_is_not_described_or_listed() {
     delete(&h, &ids[1]).await;
     assert!(h.driver.store.get(&ids[1]).is_none());
 }
+
+/// A field a newer berth wrote into a volume's record, which this version
+/// does not know, is kept when this version rewrites the record (a
+/// ControllerPublishVolume, then a ControllerUnpublishVolume), through a
+/// restart (the journal replayed) and through a compaction (the snapshot
+/// file) and the restart after it. Before, serde dropped it on read, and
+/// the first rewrite wrote the record without it: a downgrade and an
+/// upgrade back lost what the newer berth had recorded.
+#[tokio::test]
+async fn a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one() {
+    use berth::state::journal::{self, EntryRef};
+    use std::io::Write;
+    const FIELD: &str = r#""newer_field":{"x":[1,"a\"b"],"y":null}"#;
+    let h = fake(&[]);
+    let id = create(&h, "v", 1 << 20).await.volume_id;
+    let rec = h.driver.store.get(&id).unwrap();
+    let dir = h.stop();
+    // The record as a newer berth writes it: one field more, appended to
+    // the log with its checksum.
+    let json = serde_json::to_string(&EntryRef::Put(&rec)).unwrap();
+    let json = json.strip_suffix("}}").expect("a put line");
+    let json = format!("{json},{FIELD}}}}}");
+    let j = dir.path().join("state/journal");
+    let gen = journal::scan(&j).unwrap().gen;
+    let line = format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes()));
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(j.join(journal::log_name(gen)))
+        .unwrap()
+        .write_all(line.as_bytes())
+        .unwrap();
+    let kept = |h: &Harness, when: &str| {
+        let r = h.driver.store.get(&id).expect("the record");
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains(FIELD), "{when}: {text}");
+        r
+    };
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &[]);
+    kept(&h, "read");
+    h.ctl
+        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        }))
+        .await
+        .expect("publish");
+    let r = kept(&h, "after publish");
+    assert!(r.published.contains_key(NODE));
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    let r = kept(&h, "after publish and a restart");
+    assert!(r.published.contains_key(NODE));
+    h.ctl
+        .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("unpublish");
+    assert!(h.driver.store.checkpoint(0).unwrap());
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    let r = kept(&h, "after unpublish, a compaction and a restart");
+    assert!(r.published.is_empty());
+    // The field is the newer berth's: this one writes it back as it was,
+    // and the record still reads as before otherwise.
+    assert_eq!(r.capacity_bytes, rec.capacity_bytes);
+    delete(&h, &id).await;
+    assert!(h.driver.store.get(&id).is_none());
+}

@@ -499,6 +499,7 @@ async fn an_interrupted_snapshot_is_removed_at_start() {
                 created_nanos: 0,
                 block: None,
                 file_bytes: None,
+                extra: None,
             },
             |_| Ok::<(), berth::state::StateError>(()),
         )
@@ -946,6 +947,7 @@ async fn a_filesystem_frozen_by_an_interrupted_copy_is_thawed_at_start() {
                 created_nanos: 0,
                 block: None,
                 file_bytes: None,
+                extra: None,
             },
             |_| Ok::<(), berth::state::StateError>(()),
         )

@@ -137,6 +137,7 @@ fn create(
                 created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
                 block: None,
                 file_bytes: None,
+                extra: None,
             };
             d.store.snapshot_insert_new(rec, |_| Ok::<(), Error>(()))?
         }

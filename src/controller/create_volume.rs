@@ -419,6 +419,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
         block: None,
         source: r.source.clone().map(Box::new),
         project: None,
+        extra: None,
     };
     // Self-describing ids can name nested storage (an NFS subdirectory
     // inside another volume's): deleting one would touch the other. Checked

@@ -11,6 +11,7 @@
 //! such records on start-up.
 
 pub mod driver_name;
+pub mod extra;
 pub mod journal;
 pub mod legacy;
 pub mod lock;

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::extra::Extra;
+
 /// The volume kinds, each implemented by a `kinds::VolumeKind`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -111,7 +113,9 @@ pub struct Attachment {
     pub capability: Capability,
 }
 
+/// Read and written with its unknown fields kept (`super::extra`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(remote = "Self")]
 pub struct VolumeRecord {
     pub id: String,
     pub name: String,
@@ -153,6 +157,33 @@ pub struct VolumeRecord {
     /// `kinds::local::quota`). Never held by two records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<std::num::NonZeroU32>,
+    /// Fields a newer berth wrote that this one does not know, written
+    /// back as read when the record is rewritten (None: there were none).
+    #[serde(skip)]
+    pub extra: Option<Box<Extra>>,
+}
+
+/// The fields `VolumeRecord` knows, as serde's derived code writes them.
+struct KnownVolume<'a>(&'a VolumeRecord);
+
+impl Serialize for KnownVolume<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        VolumeRecord::serialize(self.0, s)
+    }
+}
+
+impl Serialize for VolumeRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        super::extra::write(s, &KnownVolume(self), self.extra.as_deref())
+    }
+}
+
+impl<'de> Deserialize<'de> for VolumeRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (mut r, extra) = super::extra::read(d, |c| VolumeRecord::deserialize(c))?;
+        r.extra = extra;
+        Ok(r)
+    }
 }
 
 impl VolumeRecord {
@@ -509,8 +540,10 @@ pub enum BlockAccess {
     Filesystem,
 }
 
-/// A point-in-time copy of a volume (CreateSnapshot).
+/// A point-in-time copy of a volume (CreateSnapshot). Read and written
+/// with its unknown fields kept (`super::extra`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(remote = "Self")]
 pub struct SnapshotRecord {
     pub id: String,
     pub name: String,
@@ -544,6 +577,33 @@ pub struct SnapshotRecord {
     /// recorded (2026-12-05): their files were made `size_bytes` long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_bytes: Option<u64>,
+    /// Fields a newer berth wrote that this one does not know (see
+    /// `VolumeRecord::extra`).
+    #[serde(skip)]
+    pub extra: Option<Box<Extra>>,
+}
+
+/// The fields `SnapshotRecord` knows, as serde's derived code writes them.
+struct KnownSnapshot<'a>(&'a SnapshotRecord);
+
+impl Serialize for KnownSnapshot<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        SnapshotRecord::serialize(self.0, s)
+    }
+}
+
+impl Serialize for SnapshotRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        super::extra::write(s, &KnownSnapshot(self), self.extra.as_deref())
+    }
+}
+
+impl<'de> Deserialize<'de> for SnapshotRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (mut r, extra) = super::extra::read(d, |c| SnapshotRecord::deserialize(c))?;
+        r.extra = extra;
+        Ok(r)
+    }
 }
 
 #[cfg(test)]
@@ -574,6 +634,40 @@ mod tests {
             "{text}"
         );
         assert_eq!(serde_json::from_str::<DiskRef>(&text).unwrap(), new);
+    }
+
+    /// Fields this version does not know (a newer berth's) are kept as
+    /// read, escapes and all, and written back; a record without any keeps
+    /// none (no allocation) and is written as before.
+    #[test]
+    fn unknown_fields_are_kept_and_written_back() {
+        let v = json("a", "ext4", "{}");
+        let with = format!(
+            r#"{},"z_new":[1,{{"k":"\u00e9"}}],"a\u0062c":2}}"#,
+            v.strip_suffix('}').unwrap()
+        );
+        let r: VolumeRecord = serde_json::from_str(&with).unwrap();
+        let extra = r.extra.as_deref().expect("kept");
+        assert_eq!(extra.names().collect::<Vec<_>>(), ["z_new", "abc"]);
+        assert_eq!(extra.get("z_new"), Some(r#"[1,{"k":"\u00e9"}]"#));
+        assert_eq!(r.name, "n-a");
+        let text = serde_json::to_string(&r).unwrap();
+        let again: VolumeRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(again, r, "{text}");
+        let plain: VolumeRecord = serde_json::from_str(&v).unwrap();
+        assert!(plain.extra.is_none());
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains("z_new") && !text.contains("extra"), "{text}");
+        // A snapshot record too.
+        let snap = r#"{"id":"s","name":"n","kind":"local","seq":1,"phase":"ready","source_volume_id":"a","size_bytes":1,"node":"x","created_secs":0,"created_nanos":0,"later":{"q":true}}"#;
+        let s: SnapshotRecord = serde_json::from_str(snap).unwrap();
+        assert_eq!(
+            s.extra.as_deref().and_then(|e| e.get("later")),
+            Some(r#"{"q":true}"#)
+        );
+        let back: SnapshotRecord =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! `Value` frame; records name them by that frame's number (counted from 0
 //! after the format mark, always before the record), so a damaged frame
 //! never shifts what a later record names. A volume record then reads as a
-//! few strings and numbers. Other records (snapshot records) are written as
-//! their journal JSON (`Frame::Json`).
+//! few strings and numbers. Other records (snapshot records, and volume
+//! records holding fields a newer berth wrote: `VolumeRecord::extra`) are
+//! written as their journal JSON (`Frame::Json`).
 //!
 //! Any flaw is damage (start-up stops; `berth state repair` keeps every
 //! readable record): the file is written whole (temp file, fsync, rename)
@@ -172,6 +173,12 @@ impl<'r> Writer<'r> {
     /// Adds a volume record.
     pub fn volume(&mut self, r: &'r VolumeRecord) -> Result<(), StateError> {
         let id = r.id.as_str();
+        if r.extra.is_some() {
+            // Fields a newer berth wrote, which `Volume` has no place for:
+            // the record as its journal JSON, which keeps them.
+            let json = serde_json::to_string(&EntryRef::Put(r)).map_err(|e| encode_error(id, e))?;
+            return self.frame(id, &Frame::Json(&json));
+        }
         let node = self.value(id, 0, &r.node)?;
         let parameters = self.value(id, 1, &r.parameters)?;
         let capabilities = self.value(id, 2, &r.capabilities)?;
@@ -336,6 +343,7 @@ fn to_record(v: Volume<'_>, values: &mut Values<'_>) -> Result<VolumeRecord, Str
         block,
         source,
         project,
+        extra: None,
     })
 }
 
@@ -497,6 +505,7 @@ mod tests {
             block: None,
             source: None,
             project: None,
+            extra: None,
         }
     }
 
@@ -572,6 +581,7 @@ mod tests {
             created_nanos: 4,
             block: None,
             file_bytes: None,
+            extra: None,
         }
     }
 

@@ -1106,6 +1106,7 @@ mod tests {
             block: None,
             source: None,
             project: None,
+            extra: None,
         }
     }
 
@@ -1192,6 +1193,7 @@ mod tests {
             created_nanos: 0,
             block: None,
             file_bytes: None,
+            extra: None,
         };
         encode(&EntryRef::Snap(&snap), &mut log).unwrap();
         let j = journal_dir(d.path());
@@ -2194,6 +2196,7 @@ mod tests {
             created_nanos: 2,
             block: None,
             file_bytes: None,
+            extra: None,
         }
     }
 

@@ -251,6 +251,7 @@ mod tests {
             created_nanos: 0,
             block: None,
             file_bytes: None,
+            extra: None,
         })
     }
 
@@ -338,9 +339,11 @@ mod sizes {
     /// Every volume's record is one box of this size in memory (see the
     /// README's "Performance"): a field that grows it should be boxed or
     /// shared instead, as `block`, `parameters` and `capabilities` are.
+    /// 160 since the fields of a newer berth are kept (`extra`: one
+    /// pointer, null when there are none), 152 before.
     #[test]
     fn a_volume_record_stays_compact() {
         let n = std::mem::size_of::<crate::state::record::VolumeRecord>();
-        assert!(n <= 152, "VolumeRecord is {n} bytes, more than 152");
+        assert!(n <= 160, "VolumeRecord is {n} bytes, more than 160");
     }
 }

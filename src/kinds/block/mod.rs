@@ -445,6 +445,7 @@ impl BlockKind {
             block: Some(info),
             source: None,
             project: None,
+            extra: None,
         };
         self.store.put(&pending)?;
         Ok(id)
@@ -483,6 +484,7 @@ impl BlockKind {
             block: Some(info),
             source: rec.source.clone(),
             project: None,
+            extra: None,
         };
         self.store.put(&held)?;
         Ok(id)

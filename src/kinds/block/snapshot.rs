@@ -504,6 +504,7 @@ impl BlockKind {
                     created_nanos: 0,
                     block: None,
                     file_bytes: None,
+                    extra: None,
                 };
                 let file = self.copy_volume(v, &mut tmp)?;
                 let info = tmp.block.clone().unwrap_or_default();

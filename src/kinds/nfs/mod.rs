@@ -534,6 +534,7 @@ impl VolumeKind for NfsKind {
             block: None,
             source: None,
             project: None,
+            extra: None,
         })
     }
 
@@ -872,6 +873,7 @@ impl VolumeKind for NfsKind {
             created_nanos: 0,
             block: None,
             file_bytes: None,
+            extra: None,
         })
     }
 

@@ -51,6 +51,16 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
                     m.mount_flags.len()
                 )));
             }
+            // The spec: "The total size of this repeated field SHALL NOT
+            // exceed 4 KiB" (each flag a string of at most 128 bytes). Not
+            // the flags themselves: one may carry a secret.
+            let total: usize = m.mount_flags.iter().map(String::len).sum();
+            if total > crate::validate::MAX_MAP {
+                return Err(Error::Invalid(format!(
+                    "mount_flags are {total} bytes in total, more than the {} bytes (4 KiB) the CSI spec allows",
+                    crate::validate::MAX_MAP
+                )));
+            }
             // Kept once each, in the order given: a repeated flag changes
             // nothing on the mount, and the record stays bounded.
             let mut mount_flags: Vec<String> = Vec::with_capacity(m.mount_flags.len());

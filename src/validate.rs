@@ -192,6 +192,30 @@ pub fn map(
     Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
+/// A request's `secrets` (the spec's Secrets Requirements and Size
+/// Limits): each key made of ASCII letters and digits, '-', '_' and '.'
+/// (as a Kubernetes Secret's keys are), the map at most `MAX_MAP` bytes,
+/// keys and values together (a map's limit; the spec sets none for one
+/// value). Berth uses no secret; it only refuses a map the spec does not
+/// allow. INVALID_ARGUMENT names the field only: never a value, nor a key
+/// that breaks the rule (it may be a value put in the wrong place), nor
+/// the map's size.
+pub fn secrets(m: &std::collections::HashMap<String, String>) -> Result<()> {
+    let total: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_MAP {
+        return Err(Error::Invalid(format!(
+            "secrets are more than the {MAX_MAP} bytes (keys and values together) the CSI spec allows a map"
+        )));
+    }
+    let key_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if m.keys().any(|k| k.is_empty() || !k.chars().all(key_char)) {
+        return Err(Error::Invalid(
+            "secrets have a key that is empty or has a character other than ASCII letters and digits, '-', '_' and '.' (the CSI spec's rule for a secret's key)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The CSI rule for plugin names, plus what csi-sanity and Kubernetes expect:
 /// at most 63 characters, domain-name characters, starts and ends with a
 /// letter.

@@ -19,6 +19,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::ControllerPublishVolumeRequest,
 ) -> Result<csi::ControllerPublishVolumeResponse> {
+    validate::secrets(&req.secrets)?;
     let id = validate::volume_id(&req.volume_id)?.to_string();
     let node = validate::node_id(&req.node_id)?.to_string();
     let cap = convert::required_capability(req.volume_capability.as_ref())?;

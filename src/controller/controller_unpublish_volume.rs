@@ -18,6 +18,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::ControllerUnpublishVolumeRequest,
 ) -> Result<csi::ControllerUnpublishVolumeResponse> {
+    validate::secrets(&req.secrets)?;
     let id = validate::volume_id(&req.volume_id)?.to_string();
     let node = if req.node_id.is_empty() {
         None

@@ -28,6 +28,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::CreateSnapshotRequest,
 ) -> Result<csi::CreateSnapshotResponse> {
+    validate::secrets(&req.secrets)?;
     snapshot::require(&d)?;
     let name = validate::name(&req.name)?.to_string();
     if req.source_volume_id.is_empty() {

@@ -205,6 +205,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::CreateVolumeRequest,
 ) -> Result<csi::CreateVolumeResponse> {
+    validate::secrets(&req.secrets)?;
     let name = validate::name(&req.name)?.to_string();
     let caps = convert::capabilities(&req.volume_capabilities)?;
     let params = validate::map("parameters", &req.parameters)?;

@@ -19,6 +19,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::DeleteSnapshotRequest,
 ) -> Result<csi::DeleteSnapshotResponse> {
+    validate::secrets(&req.secrets)?;
     snapshot::require(&d)?;
     let id = validate::snapshot_id(&req.snapshot_id)?.to_string();
     let Some(rec) = d.store.snapshot_get(&id) else {

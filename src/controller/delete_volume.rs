@@ -17,6 +17,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::DeleteVolumeRequest,
 ) -> Result<csi::DeleteVolumeResponse> {
+    validate::secrets(&req.secrets)?;
     let id = validate::volume_id(&req.volume_id)?.to_string();
     if !d.id_is_plausible(&id) {
         // A volume recorded here whose kind (or NFS share) this

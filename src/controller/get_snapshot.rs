@@ -15,6 +15,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::GetSnapshotRequest,
 ) -> Result<csi::GetSnapshotResponse> {
+    validate::secrets(&req.secrets)?;
     snapshot::require(&d)?;
     let id = validate::snapshot_id(&req.snapshot_id)?.to_string();
     let missing = || Error::NotFound(format!("snapshot {id} does not exist"));

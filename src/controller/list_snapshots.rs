@@ -22,6 +22,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::ListSnapshotsRequest,
 ) -> Result<csi::ListSnapshotsResponse> {
+    validate::secrets(&req.secrets)?;
     snapshot::require(&d)?;
     if !req.snapshot_id.is_empty() {
         validate::snapshot_id(&req.snapshot_id)?;

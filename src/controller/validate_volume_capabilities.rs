@@ -27,6 +27,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::ValidateVolumeCapabilitiesRequest,
 ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
+    validate::secrets(&req.secrets)?;
     let id = validate::volume_id(&req.volume_id)?.to_string();
     let caps = convert::capabilities(&req.volume_capabilities)?;
     let context = validate::map("volume_context", &req.volume_context)?;

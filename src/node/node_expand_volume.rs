@@ -16,6 +16,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::NodeExpandVolumeRequest,
 ) -> Result<csi::NodeExpandVolumeResponse> {
+    validate::secrets(&req.secrets)?;
     if !d.kinds().any(|k| k.expandable()) {
         return Err(Error::Unsupported(
             "volume expansion is not supported by the volume kinds served here".into(),

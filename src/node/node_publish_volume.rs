@@ -15,6 +15,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::NodePublishVolumeRequest,
 ) -> Result<csi::NodePublishVolumeResponse> {
+    validate::secrets(&req.secrets)?;
     let id = validate::volume_id(&req.volume_id)?;
     let target = d.protected.check("target_path", &req.target_path)?;
     let cap = convert::required_capability(req.volume_capability.as_ref())?;

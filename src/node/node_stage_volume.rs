@@ -12,6 +12,7 @@ pub async fn handle(
     d: Arc<Driver>,
     req: csi::NodeStageVolumeRequest,
 ) -> Result<csi::NodeStageVolumeResponse> {
+    validate::secrets(&req.secrets)?;
     let id = validate::volume_id(&req.volume_id)?;
     let staging = d
         .protected

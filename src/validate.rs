@@ -27,12 +27,17 @@ fn banned_in_name(c: char) -> bool {
 /// A non-empty string of at most `MAX_STRING` bytes without a character
 /// `banned` refuses.
 fn string_of(field: &str, v: &str, banned: impl Fn(char) -> bool) -> Result<()> {
+    string_up_to(field, v, MAX_STRING, banned)
+}
+
+/// `string_of` for a field whose limit is `max` bytes.
+fn string_up_to(field: &str, v: &str, max: usize, banned: impl Fn(char) -> bool) -> Result<()> {
     if v.is_empty() {
         return Err(Error::Invalid(format!("{field} is required")));
     }
-    if v.len() > MAX_STRING {
+    if v.len() > max {
         return Err(Error::Invalid(format!(
-            "{field} is {} bytes long, more than the {MAX_STRING} bytes allowed",
+            "{field} is {} bytes long, more than the {max} bytes allowed",
             v.len()
         )));
     }
@@ -61,9 +66,25 @@ pub fn name(v: &str) -> Result<&str> {
     string_of("name", v, banned_in_name).map(|_| v)
 }
 
-/// A node id.
+/// A node id (this node's own: at most `MAX_STRING` bytes, the limit the
+/// spec recommends).
 pub fn node_id(v: &str) -> Result<&str> {
     plain_string("node_id", v).map(|_| v)
+}
+
+/// The CSI spec's limit for a node id: NodeGetInfoResponse's `node_id`
+/// "overrides the general CSI size limit" and "SHALL NOT exceed 256
+/// bytes"; a CO passes it back to ControllerPublishVolume and
+/// ControllerUnpublishVolume.
+pub const MAX_NODE_ID: usize = 256;
+
+/// A node id in a request (ControllerPublishVolume,
+/// ControllerUnpublishVolume): at most `MAX_NODE_ID` bytes, as the spec
+/// allows. One longer than berth's own (`node_id`) names no node of
+/// berth's, which is the RPC's answer for an unknown node, not
+/// INVALID_ARGUMENT.
+pub fn request_node_id(v: &str) -> Result<&str> {
+    string_up_to("node_id", v, MAX_NODE_ID, char::is_control).map(|_| v)
 }
 
 /// The CSI spec's limit for a topology value (Kubernetes' for a label

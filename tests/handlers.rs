@@ -4874,3 +4874,55 @@ async fn mount_flags_of_more_than_4_kib_in_total_are_invalid() {
         .into_inner();
     assert!(!r.message.contains("mount_flags are"), "{r:?}");
 }
+
+/// A node id may be up to 256 bytes (NodeGetInfoResponse's node_id
+/// "overrides the general CSI size limit"), and a CO passes it back to
+/// ControllerPublishVolume and ControllerUnpublishVolume. One longer than
+/// any of berth's (at most 128 bytes) names no node of berth's: NOT_FOUND
+/// for publishing a volume local to this node there, OK for an unpublish
+/// (nothing published there), the answers for an unknown node; 257 bytes
+/// is INVALID_ARGUMENT. Before, anything over 128 bytes was
+/// INVALID_ARGUMENT.
+#[tokio::test]
+async fn node_ids_up_to_256_bytes_are_answered_as_unknown_nodes() {
+    let h = fake(&[]);
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let long = "n".repeat(256);
+    let publish = |node: &str| csi::ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    };
+    let unpublish = |node: &str| csi::ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: node.into(),
+        ..Default::default()
+    };
+    let e = h
+        .ctl
+        .controller_publish_volume(Request::new(publish(&long)))
+        .await
+        .expect_err("published to a node that is not the volume's");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    h.ctl
+        .controller_unpublish_volume(Request::new(unpublish(&long)))
+        .await
+        .expect("unpublish from an unknown node of 256 bytes");
+    let over = "n".repeat(257);
+    for r in [
+        code(
+            h.ctl
+                .controller_publish_volume(Request::new(publish(&over)))
+                .await,
+        ),
+        code(
+            h.ctl
+                .controller_unpublish_volume(Request::new(unpublish(&over)))
+                .await,
+        ),
+    ] {
+        assert_eq!(r, Code::InvalidArgument);
+    }
+    assert!(h.driver.store.get(&id).unwrap().published.is_empty());
+}

@@ -21,7 +21,7 @@ pub async fn handle(
 ) -> Result<csi::ControllerPublishVolumeResponse> {
     validate::secrets(&req.secrets)?;
     let id = validate::volume_id(&req.volume_id)?.to_string();
-    let node = validate::node_id(&req.node_id)?.to_string();
+    let node = validate::request_node_id(&req.node_id)?.to_string();
     let cap = convert::required_capability(req.volume_capability.as_ref())?;
     validate::map("volume_context", &req.volume_context)?;
     let readonly = req.readonly;

@@ -23,7 +23,7 @@ pub async fn handle(
     let node = if req.node_id.is_empty() {
         None
     } else {
-        Some(validate::node_id(&req.node_id)?.to_string())
+        Some(validate::request_node_id(&req.node_id)?.to_string())
     };
     let forget = move |d: &Driver, mut rec: VolumeRecord| -> Result<()> {
         let before = rec.published.len();

@@ -5730,6 +5730,112 @@ async fn a_raw_disk_create_whose_ready_was_lost_is_held_not_offered() {
     assert_eq!(&buf, b"tenant data");
 }
 
+/// A plain create onto a disk killed between its marker and its Ready
+/// record (its record says Creating, its marker is there, as root_kill_block
+/// `killed_during_disk_create` leaves it): start-up holds the disk, as for
+/// a lost Ready record. The CO's retry of that CreateVolume (the same name
+/// and request) gets that volume back, its id and its disk as they are.
+/// Before, the retry got a new volume on another disk (RESOURCE_EXHAUSTED
+/// on a node without another), and the held disk stayed out of the pool
+/// until an operator released it. A create of another name never gets the
+/// held disk, nor does a request of the name that differs.
+#[tokio::test]
+async fn a_disk_create_killed_before_its_ready_record_is_given_to_its_retry() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let req = create_req_p("v", 8 * MIB, &[("pool", "disk")]);
+    let vol = created_id(h.ctl.create_volume(Request::new(req.clone())).await);
+    let d10 = dir.join("d10");
+    assert_eq!(block_info(&h, &vol).disk.unwrap().path, d10);
+    // What the kill leaves: the marker made, no Ready record.
+    let mut r = h.driver.store.get(&vol).unwrap();
+    h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+    assert!(disk_marker(&h, &vol).is_file());
+    let h = restart_disks(h.stop());
+    let held = berth::kinds::block::held_id(&vol);
+    assert!(h.driver.store.get(&held).is_some(), "no hold");
+    assert!(h.driver.store.get(&vol).is_none(), "not rolled back");
+    // Another name, or the name with another size, never gets it.
+    let other = create(&h, "other", 8 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    assert_eq!(block_info(&h, &other).disk.unwrap().path, dir.join("d20"));
+    let mut bigger = req.clone();
+    bigger.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 25 * MIB,
+        limit_bytes: 0,
+    });
+    let big = created_id(h.ctl.create_volume(Request::new(bigger)).await);
+    assert_ne!(big, vol);
+    assert_eq!(block_info(&h, &big).disk.unwrap().path, dir.join("d30"));
+    delete(&h, &big).await;
+    // The retry.
+    let again = created_id(h.ctl.create_volume(Request::new(req.clone())).await);
+    assert_eq!(again, vol, "the retry made another volume");
+    assert_eq!(block_info(&h, &vol).disk.unwrap().path, d10);
+    assert_eq!(h.driver.store.get(&vol).unwrap().phase, Phase::Ready);
+    assert!(h.driver.store.get(&held).is_none(), "the hold stays");
+    assert!(disk_marker(&h, &vol).is_file(), "no marker");
+    assert_eq!(
+        created_id(h.ctl.create_volume(Request::new(req)).await),
+        vol
+    );
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    // Deleted: erased and free again, as every disk.
+    delete(&h, &vol).await;
+    delete(&h, &other).await;
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+    assert!(!disk_marker(&h, &vol).exists());
+}
+
+/// A restore of an ext4 volume onto a disk killed between its marker and
+/// its Ready record (the journal's last line, the Ready one, never
+/// written): start-up holds the disk; the CO's retry of the restore gets
+/// the volume back, and what the record knows of the copy (its ext4, the
+/// access type) came with it: its first stage mounts the restored
+/// filesystem, never mkfs. Before, the record the hold was made of had
+/// been written before the copy, so it knew nothing of the filesystem.
+#[tokio::test]
+async fn a_disk_restore_killed_before_its_ready_record_is_given_to_its_retry() {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    let staging = h.path("src-staging");
+    let src = staged_blank(&h, &staging).await.volume_id;
+    assert!(block_info(&h, &src).formatted);
+    let snap = snapshot_id(&h, "s", &src).await;
+    let req = disk_restore_req("r", &snap);
+    let vol = created_id(h.ctl.create_volume(Request::new(req.clone())).await);
+    assert_eq!(block_info(&h, &vol).disk.unwrap().path, dir.join("d10"));
+    let dir_path = h.stop();
+    let cut = cut_journal_before_last(&dir_path.path().join("state"), &vol);
+    assert_eq!(cut.lines().count(), 1, "{cut}");
+    assert!(cut.contains("Ready") || cut.contains("ready"), "{cut}");
+    let h = restart_disks(dir_path);
+    let held = berth::kinds::block::held_id(&vol);
+    assert!(h.driver.store.get(&held).is_some(), "no hold");
+    let again = created_id(h.ctl.create_volume(Request::new(req)).await);
+    assert_eq!(again, vol, "the retry made another volume");
+    assert!(h.driver.store.get(&held).is_none(), "the hold stays");
+    let info = block_info(&h, &vol);
+    assert!(info.formatted && info.fs_type == "ext4", "{info:?}");
+    h.fake().clear_calls();
+    let rs = h.path("r-staging");
+    h.node
+        .node_stage_volume(Request::new(stage_req(&vol, &rs)))
+        .await
+        .unwrap();
+    assert!(
+        !h.fake()
+            .calls()
+            .iter()
+            .any(|c| format!("{c:?}").contains("mkfs")),
+        "the restored disk was formatted: {:?}",
+        h.fake().calls()
+    );
+}
+
 /// A disk volume made before disk markers were (a Ready record, no
 /// marker) gets its marker at start-up, so a Ready record it loses later
 /// holds its disk as well.

@@ -56,6 +56,11 @@ fn start(dir: &Path) -> Berth {
 
 /// `inject`: run under strace, SIGKILL injected at `syscall:when=N`.
 fn start_as(dir: &Path, inject: Option<String>) -> Berth {
+    start_with(dir, inject, &[])
+}
+
+/// `start_as`, with `extra` arguments (a `--disk-pool`).
+fn start_with(dir: &Path, inject: Option<String>, extra: &[String]) -> Berth {
     use std::os::unix::process::CommandExt;
     let sock = dir.join("csi.sock");
     let log = std::fs::OpenOptions::new()
@@ -100,6 +105,7 @@ fn start_as(dir: &Path, inject: Option<String>) -> Berth {
         .arg("--endpoint")
         .arg(format!("unix://{}", sock.display()))
         .args(["--node-id", NODE, "--kinds", "local,block"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .process_group(0)
@@ -177,6 +183,12 @@ fn slack() -> i64 {
 /// (all threads) with SIGKILL injected at a thread's `k`-th such syscall.
 fn arm(b: &Berth, k: u64) -> Option<Child> {
     let sys = std::env::var("PROBE_BERTH_SYS").ok()?;
+    Some(arm_sys(b, &sys, k))
+}
+
+/// strace attached to the running berth (all threads and its children)
+/// with SIGKILL injected at a thread's `k`-th `sys` syscall.
+fn arm_sys(b: &Berth, sys: &str, k: u64) -> Child {
     let pid = b.child.id();
     let st = Command::new("strace")
         .args(["-f", "-qq", "-o", "/dev/null", "-e"])
@@ -209,7 +221,7 @@ fn arm(b: &Berth, k: u64) -> Option<Child> {
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50));
-    Some(st)
+    st
 }
 
 /// Waits for the moment to kill: `us` later, or (armed) once the RPC has
@@ -305,6 +317,11 @@ where
 /// With PROBE_RESTART_US=<n>: berth started and killed again `n` µs
 /// later (in its start-up, finishing what the first kill interrupted).
 fn kill_starting(dir: &Path) {
+    kill_starting_with(dir, &[])
+}
+
+/// `kill_starting`, berth given `extra` arguments (a `--disk-pool`).
+fn kill_starting_with(dir: &Path, extra: &[String]) {
     let Some(us) = std::env::var("PROBE_RESTART_US")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
@@ -318,6 +335,7 @@ fn kill_starting(dir: &Path) {
         .arg("--endpoint")
         .arg(format!("unix://{}", dir.join("csi.sock").display()))
         .args(["--node-id", NODE, "--kinds", "local,block"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
@@ -342,17 +360,17 @@ fn kill(b: Berth) {
 }
 
 fn state_check(dir: &Path) -> String {
+    state_check_with(dir, &[])
+}
+
+/// `state_check`, berth given `extra` arguments (a `--disk-pool`).
+fn state_check_with(dir: &Path, extra: &[String]) -> String {
     let o = Command::new(BIN)
         .arg("--data-dir")
         .arg(dir)
-        .args([
-            "--node-id",
-            NODE,
-            "--kinds",
-            "local,block",
-            "state",
-            "check",
-        ])
+        .args(["--node-id", NODE, "--kinds", "local,block"])
+        .args(extra)
+        .args(["state", "check"])
         .output()
         .unwrap();
     if o.status.success() {
@@ -383,14 +401,20 @@ fn leftovers(dir: &Path) -> Vec<String> {
 }
 
 fn sweep() -> Vec<u64> {
+    sweep_or(30_000, 1_000)
+}
+
+/// The kill points: PROBE_MAX_US and PROBE_STEP_US, or `max` and `step`
+/// when they are not set.
+fn sweep_or(max: u64, step: u64) -> Vec<u64> {
     let max: u64 = std::env::var("PROBE_MAX_US")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30_000);
+        .unwrap_or(max);
     let step: u64 = std::env::var("PROBE_STEP_US")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000);
+        .unwrap_or(step);
     (0..=max).step_by(step as usize).collect()
 }
 
@@ -1450,4 +1474,425 @@ async fn sigterm_during_a_frozen_copy_leaves_no_filesystem_frozen() {
     del_vol(&c, &id).await;
     assert_eq!(leftovers(d.path()), Vec::<String>::new());
     drop(b);
+}
+
+// ---- The disk pool (`pool: disk`): whole disks, one a volume ----
+
+/// A kill point of the disk-pool tests.
+#[derive(Clone, Debug)]
+enum KillAt {
+    /// This many µs after the RPC is sent.
+    After(u64),
+    /// At a berth thread's k-th call of this syscall (strace).
+    Sys(String, u64),
+}
+
+impl std::fmt::Display for KillAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KillAt::After(us) => write!(f, "{us}us"),
+            KillAt::Sys(sys, k) => write!(f, "{sys} #{k}"),
+        }
+    }
+}
+
+impl KillAt {
+    /// strace armed for a `Sys` kill point.
+    fn arm(&self, b: &Berth) -> Option<Child> {
+        match self {
+            KillAt::After(_) => None,
+            KillAt::Sys(sys, k) => Some(arm_sys(b, sys, *k)),
+        }
+    }
+
+    fn delay(&self) -> u64 {
+        match self {
+            KillAt::After(us) => *us,
+            KillAt::Sys(..) => 0,
+        }
+    }
+}
+
+/// The kill points of the disk-pool tests. By default a thread's 1st to
+/// 6th fsync (a disk volume's marker is synced just before its Ready
+/// record: a kill between the two is found only so), then 0 to 400 ms
+/// after the RPC is sent in steps of 10 ms (a disk's RPCs take longer
+/// than a file's: its blank check, its erase). PROBE_BERTH_SYS=<syscall>
+/// with PROBE_MAX_US and PROBE_STEP_US: that syscall's k-th call, k swept
+/// as for the other tests; PROBE_MAX_US and PROBE_STEP_US alone: delays
+/// only.
+fn disk_kills() -> Vec<KillAt> {
+    if let Ok(sys) = std::env::var("PROBE_BERTH_SYS") {
+        return sweep_or(6, 1)
+            .into_iter()
+            .map(|k| KillAt::Sys(sys.clone(), k + 1))
+            .collect();
+    }
+    let delays = sweep_or(400_000, 10_000).into_iter().map(KillAt::After);
+    if std::env::var("PROBE_MAX_US").is_ok() {
+        return delays.collect();
+    }
+    (1..=6)
+        .map(|k| KillAt::Sys("fsync".into(), k))
+        .chain(delays)
+        .collect()
+}
+
+/// Size of each stand-in disk of the disk-pool tests.
+const DISK: u64 = 64 << 20;
+
+/// `n` stand-in disks: files of `size` bytes under `<dir>/disks`, each
+/// attached as a loop device (the test's `BlockGuard` detaches them, also
+/// when it fails): their files, and berth's arguments naming them as its
+/// `--disk-pool`.
+fn stand_in_disks(dir: &Path, n: usize, size: u64) -> (Vec<PathBuf>, Vec<String>) {
+    use berth::os::LoopDevices;
+    let disks = dir.join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let loops = berth::os::RealLoopDevices::default();
+    let mut files = Vec::new();
+    let mut devs = Vec::new();
+    for k in 0..n {
+        let f = disks.join(format!("disk{k}"));
+        std::fs::File::create(&f).unwrap().set_len(size).unwrap();
+        devs.push(
+            loops
+                .attach(&f, Default::default())
+                .unwrap()
+                .device
+                .display()
+                .to_string(),
+        );
+        files.push(f);
+    }
+    (files, vec!["--disk-pool".into(), devs.join(",")])
+}
+
+fn disk_params() -> HashMap<String, String> {
+    HashMap::from([
+        ("kind".to_string(), "block".to_string()),
+        ("pool".to_string(), "disk".to_string()),
+    ])
+}
+
+/// What GetCapacity offers of the disk pool: the bytes of its free disks.
+async fn disk_free(c: &CsiClient) -> i64 {
+    let mut c = c.clone();
+    c.controller
+        .get_capacity(Request::new(csi::GetCapacityRequest {
+            parameters: disk_params(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity
+}
+
+/// CreateVolume of a whole disk named `name` (`source`: a restore or
+/// clone): the volume's id.
+async fn create_disk(
+    c: &CsiClient,
+    name: &str,
+    cap: &csi::VolumeCapability,
+    source: Option<csi::VolumeContentSource>,
+) -> Result<String, tonic::Status> {
+    let mut c = c.clone();
+    c.controller
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            parameters: disk_params(),
+            volume_capabilities: vec![cap.clone()],
+            volume_content_source: source,
+            ..create_req(name, DISK as i64)
+        }))
+        .await
+        .map(|r| r.into_inner().volume.unwrap().volume_id)
+}
+
+/// A record's id and the device number of the disk it names.
+type RecordedDisk = (String, (u32, u32));
+
+/// The disks the journal's records name (record id, device number), read
+/// with berth stopped; and the records that name a disk another record
+/// names too.
+fn recorded_disks(dir: &Path) -> (Vec<RecordedDisk>, Vec<String>) {
+    let scan = berth::state::journal::scan(&dir.join("state/journal")).unwrap();
+    let mut v: Vec<RecordedDisk> = scan
+        .records
+        .values()
+        .filter_map(|r| {
+            let d = r.block.as_ref()?.disk.as_ref()?;
+            Some((r.id.clone(), (d.major, d.minor)))
+        })
+        .collect();
+    v.sort();
+    let mut shared = Vec::new();
+    for (i, (id, n)) in v.iter().enumerate() {
+        if v.iter().enumerate().any(|(j, (_, m))| i != j && m == n) {
+            shared.push(format!("{id} ({}:{})", n.0, n.1));
+        }
+    }
+    (v, shared)
+}
+
+/// Whether the stand-in disk's file reads as zeros, whole.
+fn all_zero(f: &Path) -> bool {
+    std::fs::read(f).unwrap().iter().all(|&b| b == 0)
+}
+
+/// What a mount or loop device the test did not make itself is left under
+/// `dir` (the block root's own filesystem and the stand-in disks are the
+/// test's).
+fn left_under(dir: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, PathBuf)>) {
+    let m: Vec<_> = mounts_under(dir)
+        .into_iter()
+        .filter(|m| *m != dir.join("block"))
+        .collect();
+    let l: Vec<_> = loops_under(dir)
+        .into_iter()
+        .filter(|l| l.1 != dir.join("fs.img") && !l.1.starts_with(dir.join("disks")))
+        .collect();
+    (m, l)
+}
+
+/// A tenant's bytes, written through the raw device `dev` at its start,
+/// middle and end, and synced.
+fn write_tenant(dev: &Path, tag: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    for at in [0, DISK / 2, DISK - 4096] {
+        f.write_all_at(tag, at).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// CreateVolume of a whole disk killed at a moment of it (choosing and
+/// claiming the disk, recording it, its marker, its Ready record), then
+/// retried under the same name after a restart, as the
+/// external-provisioner does: an answered create and its retry give the
+/// same volume, no disk is ever recorded for two volumes, and once the
+/// volume is deleted every disk of the pool is free again (none held or
+/// lost), with a clean `berth state check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_disk_create() {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let (_, pool) = stand_in_disks(d.path(), 2, DISK);
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut fails = Vec::new();
+    for (i, at) in disk_kills().into_iter().enumerate() {
+        let b = start_with(d.path(), None, &pool);
+        let c = conn(&b, d.path()).await;
+        let before = disk_free(&c).await;
+        let name = format!("v{i}");
+        let (c2, n2, cap2) = (c.clone(), name.clone(), cap.clone());
+        let armed = at.arm(&b);
+        let t = tokio::spawn(async move { create_disk(&c2, &n2, &cap2, None).await });
+        fire(at.delay(), &armed, &t).await;
+        kill(b);
+        disarm(armed);
+        kill_starting_with(d.path(), &pool);
+        let first = t.await.unwrap();
+        let b = start_with(d.path(), None, &pool);
+        let c = conn(&b, d.path()).await;
+        let id = retry("CreateVolume", || create_disk(&c, &name, &cap, None)).await;
+        if let Ok(f) = &first {
+            if f != &id {
+                fails.push(format!("{at}: acked {f}, the retry gave {id}"));
+            }
+        }
+        drop(b);
+        let (recorded, shared) = recorded_disks(d.path());
+        if !shared.is_empty() {
+            fails.push(format!("{at}: disks recorded twice: {shared:?}"));
+        }
+        if !recorded.iter().any(|(r, _)| r == &id) || recorded.len() != 1 {
+            fails.push(format!(
+                "{at} (first {:?}): records of disks {recorded:?}, only {id}'s expected",
+                first.as_ref().map_err(|e| e.code())
+            ));
+        }
+        let b = start_with(d.path(), None, &pool);
+        let c = conn(&b, d.path()).await;
+        del_vol(&c, &id).await;
+        let after = disk_free(&c).await;
+        drop(b);
+        if after != before {
+            fails.push(format!(
+                "{at} (first {:?}): disks free {before} -> {after} bytes",
+                first.as_ref().map_err(|e| e.code())
+            ));
+        }
+        eprintln!("{at}: first {:?}", first.as_ref().map_err(|e| e.code()));
+        if !fails.is_empty() {
+            eprintln!("{}", fails.last().unwrap());
+        }
+    }
+    let sc = state_check_with(d.path(), &pool);
+    let (m, l) = left_under(d.path());
+    assert!(
+        fails.is_empty()
+            && sc.is_empty()
+            && m.is_empty()
+            && l.is_empty()
+            && leftovers(d.path()).is_empty(),
+        "{fails:#?}\n{sc}\nmounts {m:?} loops {l:?} left {:?}",
+        leftovers(d.path())
+    );
+}
+
+/// A restore (`clone`: a clone) onto a whole disk killed at a moment of
+/// it (claiming the disk, the copy, the marker, the Ready record), then
+/// retried under the same name after a restart: an answered restore and
+/// its retry give the same volume, which holds the source's data; the
+/// disk of a copy that never answered is erased before it is offered
+/// again; after the deletes every disk is free and reads as zeros.
+async fn disk_copy_kill(clone: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let (files, pool) = stand_in_disks(d.path(), 2, DISK);
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut fails = Vec::new();
+    let b = start_with(d.path(), None, &pool);
+    let c = conn(&b, d.path()).await;
+    let all = disk_free(&c).await;
+    let src = create_disk(&c, "src", &cap, None).await.unwrap();
+    let staging = d.path().join("pods/src");
+    std::fs::create_dir_all(&staging).unwrap();
+    let sreq = csi::NodeStageVolumeRequest {
+        volume_capability: Some(cap.clone()),
+        ..stage_req(&src, &staging)
+    };
+    c.node
+        .clone()
+        .node_stage_volume(Request::new(sreq))
+        .await
+        .unwrap();
+    let tag = b"SOURCE-DATA ".repeat(100);
+    write_tenant(&staging.join(&src), &tag);
+    unstage(&c, &src, &staging).await;
+    // The disk the copies get: the one the source did not.
+    let copy_disk = files.iter().find(|f| all_zero(f)).unwrap().clone();
+    let source = if clone {
+        csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+            volume_id: src.clone(),
+        })
+    } else {
+        let snap = snapshot(
+            &c,
+            &csi::CreateSnapshotRequest {
+                source_volume_id: src.clone(),
+                name: "snap".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+            snapshot_id: snap,
+        })
+    };
+    let source = Some(csi::VolumeContentSource {
+        r#type: Some(source),
+    });
+    let before = disk_free(&c).await;
+    drop(b);
+    for (i, at) in disk_kills().into_iter().enumerate() {
+        let b = start_with(d.path(), None, &pool);
+        let c = conn(&b, d.path()).await;
+        let name = format!("r{i}");
+        let (c2, n2, cap2, s2) = (c.clone(), name.clone(), cap.clone(), source.clone());
+        let armed = at.arm(&b);
+        let t = tokio::spawn(async move { create_disk(&c2, &n2, &cap2, s2).await });
+        fire(at.delay(), &armed, &t).await;
+        kill(b);
+        disarm(armed);
+        kill_starting_with(d.path(), &pool);
+        let first = t.await.unwrap();
+        let b = start_with(d.path(), None, &pool);
+        let c = conn(&b, d.path()).await;
+        // The disk of an unanswered copy is not offered until erased.
+        let offered = disk_free(&c).await;
+        if offered > 0 && !all_zero(&copy_disk) {
+            fails.push(format!(
+                "{at} (first {:?}): the restore's disk is offered ({offered} bytes free) holding a copy",
+                first.as_ref().map_err(|e| e.code())
+            ));
+        }
+        let rid = retry("CreateVolume from a source", || {
+            create_disk(&c, &name, &cap, source.clone())
+        })
+        .await;
+        if let Ok(f) = &first {
+            if f != &rid {
+                fails.push(format!("{at}: acked {f}, the retry gave {rid}"));
+            }
+        }
+        let rstaging = d.path().join(format!("pods/{i}/rstaging"));
+        std::fs::create_dir_all(&rstaging).unwrap();
+        let rs = csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&rid, &rstaging)
+        };
+        retry("NodeStage of the copy", || {
+            let mut c = c.clone();
+            let r = rs.clone();
+            async move { c.node.node_stage_volume(Request::new(r)).await }
+        })
+        .await;
+        let mut got = vec![0u8; tag.len()];
+        std::fs::File::open(rstaging.join(&rid))
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut got))
+            .unwrap();
+        if got != tag {
+            fails.push(format!("{at}: the copy holds other data"));
+        }
+        unstage(&c, &rid, &rstaging).await;
+        del_vol(&c, &rid).await;
+        let after = disk_free(&c).await;
+        drop(b);
+        let (_, shared) = recorded_disks(d.path());
+        if after != before || !all_zero(&copy_disk) || !shared.is_empty() {
+            fails.push(format!(
+                "{at} (first {:?}): disks free {before} -> {after} bytes, the copy's disk zeroed {}, disks recorded twice {shared:?}",
+                first.as_ref().map_err(|e| e.code()),
+                all_zero(&copy_disk)
+            ));
+        }
+        eprintln!("{at}: first {:?}", first.as_ref().map_err(|e| e.code()));
+        if !fails.is_empty() {
+            eprintln!("{}", fails.last().unwrap());
+        }
+    }
+    let b = start_with(d.path(), None, &pool);
+    let c = conn(&b, d.path()).await;
+    if let Some(csi::volume_content_source::Type::Snapshot(s)) =
+        source.as_ref().and_then(|s| s.r#type.as_ref())
+    {
+        del_snap(&c, &s.snapshot_id).await;
+    }
+    del_vol(&c, &src).await;
+    let end = disk_free(&c).await;
+    drop(b);
+    let sc = state_check_with(d.path(), &pool);
+    let (m, l) = left_under(d.path());
+    assert!(
+        fails.is_empty()
+            && end == all
+            && files.iter().all(|f| all_zero(f))
+            && sc.is_empty()
+            && m.is_empty()
+            && l.is_empty()
+            && leftovers(d.path()).is_empty(),
+        "{fails:#?}\ndisks free at the end {end} of {all}\n{sc}\nmounts {m:?} loops {l:?} left {:?}",
+        leftovers(d.path())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_disk_restore() {
+    disk_copy_kill(false).await;
 }

@@ -370,6 +370,19 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
         return Err(e);
     }
     let kparams = kind_parameters(&r.params);
+    // A create of this name that a kill cut short between making its
+    // storage durable as handed out and its Ready record, which start-up
+    // held (a whole disk): this request is its retry, and gets that volume
+    // back as it is. A request that differs makes a new volume.
+    if let Some(mut rec) = imp.held_by_name(&r.name, &kparams) {
+        rec.capabilities = r.caps.clone().into();
+        if compatible(d, &rec, &r).is_ok() {
+            imp.adopt_held(&rec)?;
+            d.store.set_phase(&mut rec, Phase::Ready)?;
+            imp.ready(&rec)?;
+            return Ok(rec);
+        }
+    }
     imp.can_create(&kparams)?;
     // A restore or clone is at least as large as its source, and its
     // capabilities must be able to use the source's content.

@@ -661,6 +661,26 @@ pub trait VolumeKind: Send + Sync {
     /// crash finds what an earlier attempt made.
     fn create(&self, rec: &mut VolumeRecord) -> Result<()>;
 
+    /// The volume named `name` (of the StorageClass parameters `params`)
+    /// whose create a crash cut short after it may have been handed out,
+    /// which start-up held instead of rolling back (a whole disk's hold):
+    /// its record rebuilt, phase Creating, for CreateVolume to compare with
+    /// the request (a retry of that create gets it back, `adopt_held`).
+    /// Looks only where such holds can be. Default: none.
+    fn held_by_name(&self, name: &str, params: &BTreeMap<String, String>) -> Option<VolumeRecord> {
+        let _ = (name, params);
+        None
+    }
+
+    /// Takes back the volume `rec` (from `held_by_name`) from its hold, its
+    /// storage as it is: its record written again (phase Creating), then
+    /// the hold removed. The caller marks it Ready. A crash in between
+    /// leaves it held again. Default: nothing held.
+    fn adopt_held(&self, rec: &VolumeRecord) -> Result<()> {
+        let _ = rec;
+        Err(Error::Internal("this kind holds nothing".into()))
+    }
+
     /// Removes the storage. Idempotent; touches nothing outside the kind's
     /// own root. Mount checks use `mounts`, which DeleteVolume shares with
     /// `in_use` so that one RPC reads the mount table at most once.

@@ -1454,6 +1454,70 @@ impl VolumeKind for BlockKind {
         Ok(())
     }
 
+    /// The hold (`hold_disk`) of the disk of a volume named `name`, for
+    /// `pool: disk` only: a kill between the volume's marker and its Ready
+    /// record leaves one, and so does a Ready record lost later. Either
+    /// way the disk is that name's: the external-provisioner calls
+    /// CreateVolume again only for a claim without its volume, and a name
+    /// is one claim's (`pvc-<uid>`). Not while the disk is not found as
+    /// held (`resolve_disk`).
+    fn held_by_name(&self, name: &str, params: &BTreeMap<String, String>) -> Option<VolumeRecord> {
+        if params::parse(params).ok()?.pool != Pool::Disk {
+            return None;
+        }
+        let hold = self
+            .store
+            .filter(|r| {
+                held_volume(&r.id).is_some() && r.context.get(HELD_NAME).is_some_and(|n| n == name)
+            })
+            .into_iter()
+            .next()?;
+        let id = held_volume(&hold.id).filter(|id| self.owns_id(id))?;
+        if self.store.contains(&id) {
+            return None;
+        }
+        let info = hold.block.clone()?;
+        let d = info.disk.as_ref()?;
+        self.resolve_disk(d).ok()?;
+        Some(VolumeRecord {
+            id,
+            name: name.to_string(),
+            kind: Kind::Block,
+            seq: 0,
+            phase: Phase::Creating,
+            capacity_bytes: i64::try_from(d.size_bytes).ok()?,
+            node: hold.node.clone(),
+            parameters: hold.parameters.clone(),
+            capabilities: Vec::new().into(),
+            context: Default::default(),
+            published: Default::default(),
+            created_unix: hold.created_unix,
+            block: Some(info),
+            source: hold.source.clone(),
+            project: None,
+        })
+    }
+
+    /// The volume's record again (phase Creating, its marker kept), then
+    /// the hold removed, then the disk claimed for the volume: a crash in
+    /// between leaves a Creating record with its marker, which start-up
+    /// holds again. The disk is handed back as it is, never erased.
+    fn adopt_held(&self, rec: &VolumeRecord) -> Result<()> {
+        let d = rec
+            .block
+            .as_ref()
+            .and_then(|b| b.disk.clone())
+            .ok_or_else(|| Error::Internal(format!("the hold of {} names no disk", rec.id)))?;
+        let hold = held_id(&rec.id);
+        self.store.put(rec)?;
+        self.mark_disk(&rec.id)?;
+        self.release_claim(&hold);
+        self.store.remove(&hold)?;
+        self.keep_claim(&rec.id, &d);
+        tracing::warn!(volume_id = %rec.id, name = %rec.name, disk = %d.path.display(), hold = %hold, "CreateVolume of the name of a held disk's volume (its create was cut short before its Ready record): the volume is handed back, its disk as it is");
+        Ok(())
+    }
+
     /// A backing file without a record can only come from outside Berth
     /// (block volumes record their intent before the file is made), or from
     /// a lost state directory: it may hold a tenant's data, so it is moved

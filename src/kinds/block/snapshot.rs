@@ -633,6 +633,10 @@ impl BlockKind {
         info.shared_uuid = inherited.shared_uuid;
         info.grow_fs = Self::grow_due(&source, rec.capacity_bytes, copied);
         rec.block = Some(Box::new(info));
+        // What the copy holds is recorded before the marker: a hold made
+        // of the record (`hold_disk`), and the volume a retry takes back
+        // from it (`adopt_held`), know its filesystem.
+        self.store.put(rec)?;
         // The copy is whole: from here on the volume may be handed out.
         self.mark_disk(&rec.id)
     }

@@ -1743,6 +1743,245 @@ async fn killed_during_disk_create() {
     );
 }
 
+/// DeleteVolume of a whole disk a tenant wrote raw, killed at a moment of
+/// it (the erase, the record's removal, the marker's), then retried after
+/// a restart: the disk is never offered while it holds the tenant's data,
+/// the retried delete answers OK, and then the disk reads as zeros
+/// throughout and is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_disk_delete() {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let (files, pool) = stand_in_disks(d.path(), 1, DISK);
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let mut fails = Vec::new();
+    for (i, at) in disk_kills().into_iter().enumerate() {
+        let b = start_with(d.path(), None, &pool);
+        let c = conn(&b, d.path()).await;
+        let before = disk_free(&c).await;
+        let id = create_disk(&c, &format!("v{i}"), &cap, None).await.unwrap();
+        let staging = d.path().join(format!("pods/{i}/staging"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let sreq = csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&id, &staging)
+        };
+        c.node
+            .clone()
+            .node_stage_volume(Request::new(sreq))
+            .await
+            .unwrap();
+        write_tenant(&staging.join(&id), format!("TENANT-{i}").as_bytes());
+        unstage(&c, &id, &staging).await;
+        let (c2, id2) = (c.clone(), id.clone());
+        let armed = at.arm(&b);
+        let t = tokio::spawn(async move {
+            c2.controller
+                .clone()
+                .delete_volume(Request::new(csi::DeleteVolumeRequest {
+                    volume_id: id2,
+                    ..Default::default()
+                }))
+                .await
+        });
+        fire(at.delay(), &armed, &t).await;
+        kill(b);
+        disarm(armed);
+        kill_starting_with(d.path(), &pool);
+        let first = t.await.unwrap().map(|_| ());
+        let b = start_with(d.path(), None, &pool);
+        let c = conn(&b, d.path()).await;
+        // Offered only once it is erased: the capacity is read first, the
+        // disk after (an erase that finishes in between reads as zeros).
+        let offered = disk_free(&c).await;
+        if offered > 0 && !all_zero(&files[0]) {
+            fails.push(format!(
+                "{at} (first {:?}): the disk is offered ({offered} bytes free) holding the tenant's data",
+                first.as_ref().map_err(|e| e.code())
+            ));
+        }
+        del_vol(&c, &id).await;
+        // The erase of a delete left to start-up runs in the background:
+        // the retry answers OK once the record is gone.
+        let after = disk_free(&c).await;
+        drop(b);
+        if !all_zero(&files[0]) {
+            fails.push(format!(
+                "{at} (first {:?}): the deleted volume's disk still holds the tenant's data",
+                first.as_ref().map_err(|e| e.code())
+            ));
+        }
+        if after != before {
+            fails.push(format!(
+                "{at} (first {:?}): disks free {before} -> {after} bytes",
+                first.as_ref().map_err(|e| e.code())
+            ));
+        }
+        let (recorded, _) = recorded_disks(d.path());
+        if !recorded.is_empty() {
+            fails.push(format!("{at}: records of disks left: {recorded:?}"));
+        }
+        eprintln!("{at}: first {:?}", first.as_ref().map_err(|e| e.code()));
+        if !fails.is_empty() {
+            eprintln!("{}", fails.last().unwrap());
+        }
+    }
+    let sc = state_check_with(d.path(), &pool);
+    let (m, l) = left_under(d.path());
+    assert!(
+        fails.is_empty()
+            && sc.is_empty()
+            && m.is_empty()
+            && l.is_empty()
+            && leftovers(d.path()).is_empty(),
+        "{fails:#?}\n{sc}\nmounts {m:?} loops {l:?} left {:?}",
+        leftovers(d.path())
+    );
+}
+
+/// NodeStageVolume of a new whole-disk volume (formatted `fs` at its first
+/// stage) killed at a moment of it (PROBE_SYS: mkfs killed at its k-th
+/// such syscall, then berth), then retried as kubelet does: the stage
+/// succeeds, data written is there after an unstage and a second stage
+/// (the disk is formatted once, never over the tenant's files), and after
+/// the delete the disk reads as zeros and is free again.
+async fn disk_stage_kill(fs: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    own_fs(d.path());
+    let size = if fs == "xfs" { 320 << 20 } else { DISK };
+    let (files, pool) = stand_in_disks(d.path(), 1, size);
+    let cap = fs_cap(fs);
+    let mut fails = Vec::new();
+    for (i, at) in disk_kills().into_iter().enumerate() {
+        let inject = std::env::var("PROBE_SYS")
+            .ok()
+            .map(|_| (at.delay() + 1).to_string());
+        let b = start_with(d.path(), inject.clone(), &pool);
+        let c = conn(&b, d.path()).await;
+        let before = disk_free(&c).await;
+        let id = c
+            .controller
+            .clone()
+            .create_volume(Request::new(csi::CreateVolumeRequest {
+                parameters: disk_params(),
+                volume_capabilities: vec![cap.clone()],
+                ..create_req(&format!("v{i}"), size as i64)
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let staging = d.path().join(format!("pods/{i}/staging"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let sreq = csi::NodeStageVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..stage_req(&id, &staging)
+        };
+        let (c2, s2) = (c.clone(), sreq.clone());
+        let armed = at.arm(&b);
+        let t = tokio::spawn(async move {
+            c2.node
+                .clone()
+                .node_stage_volume(Request::new(s2))
+                .await
+                .map(|_| ())
+        });
+        if inject.is_some() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while !t.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+            })
+            .await;
+        } else {
+            fire(at.delay(), &armed, &t).await;
+        }
+        kill(b);
+        disarm(armed);
+        kill_starting_with(d.path(), &pool);
+        let first = t.await.unwrap();
+        let b = start_with(d.path(), None, &pool);
+        let c = conn(&b, d.path()).await;
+        let mut errs = Vec::new();
+        for _ in 0..60 {
+            match c
+                .node
+                .clone()
+                .node_stage_volume(Request::new(sreq.clone()))
+                .await
+            {
+                Ok(_) => {
+                    errs.clear();
+                    break;
+                }
+                Err(e) => {
+                    errs.push(format!("{:?}: {}", e.code(), e.message()));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        if let Some(e) = errs.last() {
+            fails.push(format!(
+                "{at} (first {:?}): stage never succeeded: {e}",
+                first.as_ref().map_err(|e| e.code())
+            ));
+            eprintln!("{}", fails.last().unwrap());
+        } else {
+            let tag = format!("hello {i}");
+            std::fs::write(staging.join("data"), &tag).unwrap();
+            nix::unistd::sync();
+            unstage(&c, &id, &staging).await;
+            retry("NodeStage again", || {
+                let mut c = c.clone();
+                let r = sreq.clone();
+                async move { c.node.node_stage_volume(Request::new(r)).await }
+            })
+            .await;
+            match std::fs::read(staging.join("data")) {
+                Ok(b) if b == tag.as_bytes() => {}
+                r => fails.push(format!("{at}: data lost: {r:?}")),
+            }
+        }
+        unstage(&c, &id, &staging).await;
+        del_vol(&c, &id).await;
+        let after = disk_free(&c).await;
+        drop(b);
+        let (m, l) = left_under(d.path());
+        if after != before || !all_zero(&files[0]) || !m.is_empty() || !l.is_empty() {
+            fails.push(format!(
+                "{at} (first {:?}): disks free {before} -> {after} bytes, zeroed {}, mounts {m:?} loops {l:?}",
+                first.as_ref().map_err(|e| e.code()),
+                all_zero(&files[0])
+            ));
+            eprintln!("{}", fails.last().unwrap());
+        }
+        eprintln!("{at}: first {:?}", first.as_ref().map_err(|e| e.code()));
+    }
+    let sc = state_check_with(d.path(), &pool);
+    assert!(
+        fails.is_empty() && sc.is_empty() && leftovers(d.path()).is_empty(),
+        "{fails:#?}\n{sc}\nleft {:?}",
+        leftovers(d.path())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_disk_stage_ext4() {
+    disk_stage_kill("ext4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_disk_stage_xfs() {
+    disk_stage_kill("xfs").await;
+}
+
 /// A restore (`clone`: a clone) onto a whole disk killed at a moment of
 /// it (claiming the disk, the copy, the marker, the Ready record), then
 /// retried under the same name after a restart: an answered restore and
@@ -1895,4 +2134,10 @@ async fn disk_copy_kill(clone: bool) {
 #[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
 async fn killed_during_disk_restore() {
     disk_copy_kill(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_disk_clone() {
+    disk_copy_kill(true).await;
 }

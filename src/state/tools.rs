@@ -1097,6 +1097,7 @@ mod tests {
             block: None,
             source: None,
             project: None,
+            extra: None,
         }
     }
 

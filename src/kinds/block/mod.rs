@@ -1495,6 +1495,7 @@ impl VolumeKind for BlockKind {
             block: Some(info),
             source: hold.source.clone(),
             project: None,
+            extra: None,
         })
     }
 

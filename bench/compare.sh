@@ -69,8 +69,14 @@ for r in $(seq "$ROUNDS"); do
     # lifecycle the floor counts; host-path does not advertise attach.
     bench "$d/life" lifecycle -n "$N" -c 16 --attach never --work-dir "$d/work16" --pid "$P" --json > "$J/l16.json"
     record l16 "$drv" "$(jget "$J/l16.json" 'round(d["cycles_per_second"])')"
-    bench "$d/life" lifecycle -n "$((N / 2))" -c 1 --attach never --work-dir "$d/work1" --pid "$P" --json > "$J/l1-$drv-$r.json"
+    # One at a time, in blocks interleaved with as many cycles of the
+    # floor (`lifecycle --floor`): each block's ratio sees the machine as
+    # its floor block does (a floor measured minutes apart swung 2.5x).
+    bench "$d/life" lifecycle -n "$((N / 2))" -c 1 --attach never --work-dir "$d/work1" --pid "$P" --floor --floor-block "$((N / 20))" --json > "$J/l1-$drv-$r.json"
     record l1 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round(d["cycles_per_second"])')"
+    for k in ratio_median ratio_min ratio_max p99_ratio p99_ratio_median bind_pair_p99_us; do
+      record "l1$k" "$drv" "$(jget "$J/l1-$drv-$r.json" "round(d[\"floor\"][\"$k\"], 3)")"
+    done
     record pub99 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round([o for o in d["operations"] if o["op"] == "NodePublishVolume"][0]["p99_ms"] * 1000, 1)')"
     record probe50 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round([o for o in d["operations"] if o["op"].startswith("Probe")][0]["p50_ms"] * 1000, 1)')"
     record probe99 "$drv" "$(jget "$J/l1-$drv-$r.json" 'round([o for o in d["operations"] if o["op"].startswith("Probe")][0]["p99_ms"] * 1000, 1)')"
@@ -132,9 +138,11 @@ for label, name, _ in rows:
 l1 = med("l1", "berth")
 p99 = med("pub99", "berth")
 print()
-print("Berth, 1 in flight: %.0f cycles/s = %.2f of the floor (%.0f cycles/s)" % (l1, l1 / floor, floor))
+print("Berth, 1 in flight: %.0f cycles/s = %.2f of the floor measured before the rounds (%.0f cycles/s)" % (l1, l1 / floor, floor))
+print("Berth, 1 in flight, against the floor measured in blocks between its own (median of rounds): per-block ratio median %.2f (lowest %.2f, highest %.2f); host-path %.2f" % (med("l1ratio_median", "berth"), med("l1ratio_min", "berth"), med("l1ratio_max", "berth"), med("l1ratio_median", "hostpath")))
+print("Berth NodePublish p99 = %.2f x the bind + unmount pair's p99 measured in blocks between its cycles (pair p99 %.0f us; per-block median %.2f)" % (med("l1p99_ratio", "berth"), med("l1bind_pair_p99_us", "berth"), med("l1p99_ratio_median", "berth")))
 print("Berth, 1 in flight with ControllerPublish/Unpublish (attachRequired: true): %.0f cycles/s" % med("l1attach", "berth"))
-print("Berth NodePublish p99 %.0f us = %.2f x a bare bind + unmount pair's p99 (%.0f us)" % (p99, p99 / bind99, bind99))
+print("Berth NodePublish p99 %.0f us = %.2f x a bare bind + unmount pair's p99 measured before the rounds (%.0f us)" % (p99, p99 / bind99, bind99))
 if busy99 != "-":
     print("  the same pair beside a busy CPU: p99 %s us (NodePublish p99 = %.2f x that)" % (busy99, p99 / float(busy99)))
 bi50, hi50 = med("info50", "berth"), med("info50", "hostpath")

@@ -18,8 +18,11 @@ echo "## directory-volume lifecycle, $N cycles, 16 in flight"
 start "$W/life"
 "$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$N" -c 16 --work-dir "$W/work" --pid "$P" | tee "$W/l16.txt"
 echo
-echo "## one at a time, as Kubernetes drives it with attachRequired: false (no ControllerPublish)"
-"$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$((N / 4))" -c 1 --attach never --work-dir "$W/work1" --pid "$P" | tee "$W/l1.txt"
+echo "## one at a time, as Kubernetes drives it with attachRequired: false (no ControllerPublish),"
+echo "## in blocks interleaved with as many cycles of the floor (the ratio per block, and its median)"
+"$B" bench --endpoint "unix://$W/life/csi.sock" lifecycle -n "$((N / 4))" -c 1 --attach never --work-dir "$W/work1" --pid "$P" \
+  --floor --floor-block "$((N / 40))" | tee "$W/l1.txt"
+grep -q '^ratio to the floor, per block: median ' "$W/l1.txt" || { echo "run.sh: --floor printed no ratio to the floor"; exit 1; }
 # Which RPCs ran is not a timing: berth advertises attach, so the default
 # cycle publishes on the controller side and --attach never does not.
 grep -q '^ControllerPublishVolume ' "$W/l16.txt" || { echo "run.sh: the default cycle did not call ControllerPublishVolume"; exit 1; }

@@ -694,6 +694,85 @@ fn bench_floor_measures_the_unmount_beside_a_busy_cpu_apart_from_the_floor() {
     );
 }
 
+/// `berth bench lifecycle --floor`: the cycles run in blocks, each beside
+/// as many cycles of the floor, and each block has its ratio; the floor's
+/// directory and every mount are gone afterwards.
+#[test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+fn bench_lifecycle_measures_the_floor_in_blocks_between_its_cycles() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("csi.sock");
+    let work = d.path().join("work");
+    let mut berth = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("--data-dir")
+        .arg(d.path().join("data"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--node-id", "bench-node", "--log-level", "warn"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("bench")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["lifecycle", "-n", "6", "-c", "1", "--attach", "never"])
+        .args(["--floor", "--floor-block", "2", "--json", "--work-dir"])
+        .arg(&work)
+        .output()
+        .unwrap();
+    let _ = berth.kill();
+    let _ = berth.wait();
+    assert!(out.status.success(), "{out:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["cycles_ok"], 6, "{r}");
+    let f = &r["floor"];
+    let blocks = f["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 3, "{f}");
+    for b in blocks {
+        assert_eq!(b["cycles_ok"], 2, "{b}");
+        assert!(b["ratio"].as_f64().unwrap() > 0.0, "{b}");
+        assert!(b["p99_ratio"].as_f64().unwrap() > 0.0, "{b}");
+    }
+    // Two binds, two appends, two mkdirs and one directory flush per floor
+    // cycle, as many floor cycles as cycles.
+    let count = |op: &str| {
+        f["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["op"] == op)
+            .map(|o| o["count"].as_u64().unwrap())
+    };
+    assert_eq!(count("bind + unmount"), Some(12));
+    assert_eq!(count("append + fdatasync"), Some(12));
+    assert_eq!(count("mkdir + rmdir"), Some(12));
+    assert_eq!(count("fsync new dir + parent"), Some(6));
+    let (lo, med, hi) = (
+        f["ratio_min"].as_f64().unwrap(),
+        f["ratio_median"].as_f64().unwrap(),
+        f["ratio_max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < lo && lo <= med && med <= hi, "{f}");
+    assert!(
+        !work.exists(),
+        "the work dir (and the floor's in it) is removed"
+    );
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(d.path().to_str().unwrap()),
+        "no mount left"
+    );
+}
+
 /// An operator renames a published volume's directory by hand (`mv
 /// <root>/<id> <root>/<id>.old`). Its mounts still show that directory
 /// (mountinfo follows a rename), so NodeUnpublish and NodeUnstage take them

@@ -67,8 +67,7 @@ pub fn run(a: FloorArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(a.work_dir.is_absolute(), "--work-dir must be absolute");
     std::fs::create_dir_all(&a.work_dir)?;
     let r = measure(&a);
-    let _ = nix::mount::umount2(&a.work_dir.join("target"), nix::mount::MntFlags::MNT_DETACH);
-    let _ = std::fs::remove_dir_all(&a.work_dir);
+    Rig::remove(&a.work_dir);
     let report = r?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -84,7 +83,7 @@ pub fn run(a: FloorArgs) -> anyhow::Result<i32> {
 
 /// Mean microseconds of one local lifecycle's floor (the module comment):
 /// from the idle measures only, never the pair beside a busy CPU.
-fn floor_us(s: &Samples) -> f64 {
+pub fn floor_us(s: &Samples) -> f64 {
     let m = |op: &str| mean(s.by_op.get(op).map(Vec::as_slice).unwrap_or(&[]));
     2.0 * m("bind + unmount")
         + 2.0 * m("append + fdatasync")
@@ -95,36 +94,127 @@ fn floor_us(s: &Samples) -> f64 {
 /// The name of the pair measured beside a busy CPU (not in the floor).
 pub const BUSY: &str = "bind + unmount, CPU busy";
 
-fn bind_pairs(
-    source: &Path,
-    target: &Path,
-    count: usize,
-    s: &mut Samples,
-    name: &'static str,
-) -> anyhow::Result<()> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    for _ in 0..count {
+/// What the floor's operations work on, under one directory: a source and
+/// a target for the binds, a log for the appends, a directory for the
+/// mkdirs. Kept for a run, so a lifecycle can measure the floor in blocks
+/// between its own (`lifecycle --floor`); the caller removes the directory
+/// (and any bind left on `target` by an error) with `remove`.
+pub struct Rig {
+    source: PathBuf,
+    target: PathBuf,
+    log: std::fs::File,
+    off: u64,
+    dirs: PathBuf,
+    /// Names of the directories made so far (each new, as a volume's is).
+    made: usize,
+}
+
+impl Rig {
+    /// Makes the rig under `work_dir` (absolute; created).
+    pub fn new(work_dir: &Path) -> anyhow::Result<Rig> {
+        anyhow::ensure!(
+            work_dir.is_absolute(),
+            "the floor's directory must be absolute"
+        );
+        let source = work_dir.join("source");
+        let target = work_dir.join("target");
+        let dirs = work_dir.join("dirs");
+        for d in [&source, &target, &dirs] {
+            std::fs::create_dir_all(d)?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(work_dir.join("log"))?;
+        Ok(Rig {
+            source,
+            target,
+            log,
+            off: 0,
+            dirs,
+            made: 0,
+        })
+    }
+
+    /// Takes down what the rig made under `work_dir` (a bind an error
+    /// left on its target too).
+    pub fn remove(work_dir: &Path) {
+        let _ = nix::mount::umount2(&work_dir.join("target"), nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(work_dir);
+    }
+
+    /// A bind mount of the source on the target and its unmount.
+    pub fn bind_pair(&mut self) -> anyhow::Result<Duration> {
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
         let t = Instant::now();
         mount(
-            Some(source),
-            target,
+            Some(&self.source),
+            &self.target,
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
         )?;
-        umount2(target, MntFlags::empty())?;
-        s.add(name, t.elapsed());
+        umount2(&self.target, MntFlags::empty())?;
+        Ok(t.elapsed())
     }
-    Ok(())
+
+    /// One journal-sized line appended and flushed with fdatasync.
+    pub fn append(&mut self) -> anyhow::Result<Duration> {
+        const LINE: [u8; 512] = {
+            let mut l = [b'x'; 512];
+            l[511] = b'\n';
+            l
+        };
+        let t = Instant::now();
+        self.log.write_all_at(&LINE, self.off)?;
+        self.log.sync_data()?;
+        self.off += LINE.len() as u64;
+        Ok(t.elapsed())
+    }
+
+    /// A new directory made and removed.
+    pub fn mkdir_rmdir(&mut self) -> anyhow::Result<Duration> {
+        let d = self.dirs.join(format!("d{}", self.made));
+        self.made += 1;
+        let t = Instant::now();
+        std::fs::create_dir(&d)?;
+        std::fs::remove_dir(&d)?;
+        Ok(t.elapsed())
+    }
+
+    /// A new directory (made untimed, kept) flushed with its parent.
+    pub fn dir_flush(&mut self) -> anyhow::Result<Duration> {
+        let d = self.dirs.join(format!("s{}", self.made));
+        self.made += 1;
+        std::fs::create_dir(&d)?;
+        let t = Instant::now();
+        std::fs::File::open(&d)?.sync_all()?;
+        std::fs::File::open(&self.dirs)?.sync_all()?;
+        Ok(t.elapsed())
+    }
+
+    /// The operations of one local lifecycle's floor (the module comment),
+    /// in a lifecycle's order, each added to `s` under the names
+    /// `floor_us` sums.
+    pub fn cycle(&mut self, s: &mut Samples) -> anyhow::Result<()> {
+        s.add("fsync new dir + parent", self.dir_flush()?);
+        s.add("append + fdatasync", self.append()?);
+        s.add("mkdir + rmdir", self.mkdir_rmdir()?);
+        s.add("bind + unmount", self.bind_pair()?);
+        s.add("mkdir + rmdir", self.mkdir_rmdir()?);
+        s.add("bind + unmount", self.bind_pair()?);
+        s.add("append + fdatasync", self.append()?);
+        Ok(())
+    }
 }
 
 fn measure(a: &FloorArgs) -> anyhow::Result<FloorReport> {
     let mut s = Samples::default();
-    let source = a.work_dir.join("source");
-    let target = a.work_dir.join("target");
-    std::fs::create_dir_all(&source)?;
-    std::fs::create_dir_all(&target)?;
-    bind_pairs(&source, &target, a.count, &mut s, "bind + unmount")?;
+    let mut rig = Rig::new(&a.work_dir)?;
+    for _ in 0..a.count {
+        s.add("bind + unmount", rig.bind_pair()?);
+    }
     if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
         let stop = Arc::new(AtomicBool::new(false));
         let spinner = {
@@ -135,45 +225,28 @@ fn measure(a: &FloorArgs) -> anyhow::Result<FloorReport> {
                 }
             })
         };
-        let r = bind_pairs(&source, &target, a.count, &mut s, BUSY);
+        let mut r = Ok(());
+        for _ in 0..a.count {
+            match rig.bind_pair() {
+                Ok(d) => s.add(BUSY, d),
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
         stop.store(true, Ordering::Relaxed);
         let _ = spinner.join();
         r?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(a.work_dir.join("log"))?;
-    let line = {
-        let mut l = vec![b'x'; 511];
-        l.push(b'\n');
-        l
-    };
-    let mut off = 0u64;
     for _ in 0..a.count {
-        let t = Instant::now();
-        log.write_all_at(&line, off)?;
-        log.sync_data()?;
-        off += line.len() as u64;
-        s.add("append + fdatasync", t.elapsed());
+        s.add("append + fdatasync", rig.append()?);
     }
-    let dirs = a.work_dir.join("dirs");
-    std::fs::create_dir_all(&dirs)?;
-    for i in 0..a.count {
-        let d = dirs.join(format!("d{i}"));
-        let t = Instant::now();
-        std::fs::create_dir(&d)?;
-        std::fs::remove_dir(&d)?;
-        s.add("mkdir + rmdir", t.elapsed());
+    for _ in 0..a.count {
+        s.add("mkdir + rmdir", rig.mkdir_rmdir()?);
     }
-    for i in 0..a.count {
-        let d = dirs.join(format!("s{i}"));
-        std::fs::create_dir(&d)?;
-        let t = Instant::now();
-        std::fs::File::open(&d)?.sync_all()?;
-        std::fs::File::open(&dirs)?.sync_all()?;
-        s.add("fsync new dir + parent", t.elapsed());
+    for _ in 0..a.count {
+        s.add("fsync new dir + parent", rig.dir_flush()?);
     }
     let floor = floor_us(&s);
     Ok(FloorReport {

@@ -15,6 +15,17 @@
 //! which every driver answers from memory: the bare round trip of this
 //! client and the driver's gRPC server, `GetPluginInfo (round trip)`, the
 //! part of every operation's latency that is not the driver's work.
+//!
+//! With `--floor` (one at a time, root), the cycles run in blocks of
+//! `--floor-block`, each beside a block of as many cycles of this machine's
+//! floor (`berth bench floor`'s lifecycle floor: 2 bind/unmount pairs, 2
+//! durable appends, 2 mkdir/rmdir pairs, 1 directory flush, measured here
+//! with no driver work in between), the floor block first in even blocks
+//! and last in odd ones. Each block's ratio (cycles/s against the floor's)
+//! and NodePublish's p99 against the bind + unmount pair's p99 are
+//! reported, with their median and spread: a floor measured minutes apart
+//! from the cycles swung by a factor of 2.5 on the development machine,
+//! while both halves of a block see the same moment.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,7 +34,8 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 
-use super::report::{print_table, OpSummary, Samples};
+use super::floor::{floor_us, Rig};
+use super::report::{percentile, print_table, OpSummary, Samples};
 use super::rss::Sampler;
 use super::VolumeArgs;
 use crate::client::{connect, CsiClient};
@@ -59,6 +71,40 @@ pub struct LifecycleArgs {
     /// ship it, and as the floor's lifecycle counts it).
     #[arg(long, value_enum, default_value_t = Attach::Auto)]
     pub attach: Attach,
+    #[command(flatten)]
+    pub floor: FloorArgs,
+}
+
+/// The floor measured interleaved with the cycles (module comment).
+#[derive(Debug, Clone, Args)]
+pub struct FloorArgs {
+    /// Measure this machine's floor in blocks between the cycles' blocks
+    /// and report each block's ratio to it (needs root and -c 1).
+    #[arg(id = "floor", long = "floor")]
+    pub on: bool,
+    /// Cycles in each block with --floor (and floor cycles beside it).
+    #[arg(
+        id = "floor_block",
+        long = "floor-block",
+        value_name = "N",
+        default_value_t = 50
+    )]
+    pub block: usize,
+    /// Directory for the floor's operations with --floor (absolute;
+    /// created, removed after; default: under --work-dir). It should be on
+    /// the filesystem of the driver's state and volumes.
+    #[arg(id = "floor_dir", long = "floor-dir", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for FloorArgs {
+    fn default() -> FloorArgs {
+        FloorArgs {
+            on: false,
+            block: 50,
+            dir: None,
+        }
+    }
 }
 
 /// See `LifecycleArgs::attach`.
@@ -73,12 +119,137 @@ pub struct LifecycleReport {
     pub cycles_ok: usize,
     pub cycles_failed: usize,
     pub concurrency: usize,
+    /// The cycles' time (with --floor, their blocks' only).
     pub wall_seconds: f64,
     pub cycles_per_second: f64,
     pub operations: Vec<OpSummary>,
     pub rss_peak_kib: Option<u64>,
     pub rss_final_kib: Option<u64>,
     pub first_error: Option<String>,
+    /// With --floor: the floor measured in blocks between the cycles'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<Interleaved>,
+}
+
+/// One block of cycles and the floor's block beside it.
+#[derive(Debug, Serialize)]
+pub struct FloorBlock {
+    pub cycles_ok: usize,
+    pub cycles_per_second: f64,
+    pub floor_cycles_per_second: f64,
+    /// cycles_per_second / floor_cycles_per_second
+    pub ratio: f64,
+    pub node_publish_p99_us: f64,
+    pub bind_pair_p99_us: f64,
+    /// node_publish_p99_us / bind_pair_p99_us
+    pub p99_ratio: f64,
+}
+
+/// The floor interleaved with the cycles (`--floor`).
+#[derive(Debug, Serialize)]
+pub struct Interleaved {
+    pub block_cycles: usize,
+    pub blocks: Vec<FloorBlock>,
+    /// The blocks' ratios: median, lowest, highest.
+    pub ratio_median: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    /// The blocks' NodePublish p99 / bind pair p99: median, lowest, highest.
+    pub p99_ratio_median: f64,
+    pub p99_ratio_min: f64,
+    pub p99_ratio_max: f64,
+    /// Over every block: the floor's cycles/s, the cycles' ratio to it,
+    /// NodePublish's p99, the bind + unmount pair's p99 and their ratio.
+    pub floor_cycles_per_second: f64,
+    pub ratio: f64,
+    pub node_publish_p99_us: f64,
+    pub bind_pair_p99_us: f64,
+    pub p99_ratio: f64,
+    /// The floor's operations over every block.
+    pub operations: Vec<OpSummary>,
+}
+
+fn div(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+fn p99_us(s: &Samples, op: &str) -> f64 {
+    let mut v = s.by_op.get(op).cloned().unwrap_or_default();
+    v.sort();
+    percentile(&v, 99.0).as_secs_f64() * 1e6
+}
+
+/// Median, lowest and highest (zeros for none).
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+impl FloorBlock {
+    fn of(ok: usize, wall: std::time::Duration, cycles: &Samples, floor: &Samples) -> FloorBlock {
+        let cps = div(ok as f64, wall.as_secs_f64());
+        let floor_cps = div(1e6, floor_us(floor));
+        let (np, bp) = (
+            p99_us(cycles, "NodePublishVolume"),
+            p99_us(floor, "bind + unmount"),
+        );
+        FloorBlock {
+            cycles_ok: ok,
+            cycles_per_second: cps,
+            floor_cycles_per_second: floor_cps,
+            ratio: div(cps, floor_cps),
+            node_publish_p99_us: np,
+            bind_pair_p99_us: bp,
+            p99_ratio: div(np, bp),
+        }
+    }
+}
+
+impl Interleaved {
+    /// From the blocks and all their samples (`cycles`: the cycles',
+    /// `floor`: the floor's; `ok` cycles in `wall`).
+    fn of(
+        block_cycles: usize,
+        blocks: Vec<FloorBlock>,
+        ok: usize,
+        wall: std::time::Duration,
+        cycles: &Samples,
+        floor: &Samples,
+    ) -> Interleaved {
+        let all = FloorBlock::of(ok, wall, cycles, floor);
+        let (ratio_median, ratio_min, ratio_max) = spread(blocks.iter().map(|b| b.ratio).collect());
+        let (p99_ratio_median, p99_ratio_min, p99_ratio_max) =
+            spread(blocks.iter().map(|b| b.p99_ratio).collect());
+        Interleaved {
+            block_cycles,
+            blocks,
+            ratio_median,
+            ratio_min,
+            ratio_max,
+            p99_ratio_median,
+            p99_ratio_min,
+            p99_ratio_max,
+            floor_cycles_per_second: all.floor_cycles_per_second,
+            ratio: all.ratio,
+            node_publish_p99_us: all.node_publish_p99_us,
+            bind_pair_p99_us: all.bind_pair_p99_us,
+            p99_ratio: all.p99_ratio,
+            operations: floor.summary(),
+        }
+    }
 }
 
 pub(super) struct Plan {
@@ -146,6 +317,126 @@ fn worker_dir(p: &Plan, worker: usize, slot: usize) -> Result<PathBuf, String> {
 fn remove_worker_dir(dir: &std::path::Path) {
     let _ = std::fs::remove_dir(dir.join("staging"));
     let _ = std::fs::remove_dir(dir);
+}
+
+/// One worker's cycles: its directory, and a new one after a failed
+/// cycle.
+struct Worker {
+    w: usize,
+    slot: usize,
+    dir: PathBuf,
+}
+
+impl Worker {
+    /// Cycle `i`, its time as "cycle" when it succeeds, its error kept:
+    /// whether it succeeded, None when the worker cannot go on (no new
+    /// directory could be made).
+    async fn cycle(
+        &mut self,
+        c: &mut CsiClient,
+        p: &Plan,
+        i: usize,
+        samples: &mut Samples,
+        errors: &mut Vec<String>,
+    ) -> Option<bool> {
+        let t = Instant::now();
+        match cycle(c, p, i, &self.dir, samples).await {
+            Ok(()) => {
+                samples.add("cycle", t.elapsed());
+                Some(true)
+            }
+            Err(e) => {
+                errors.push(e);
+                remove_worker_dir(&self.dir);
+                self.slot += 1;
+                match worker_dir(p, self.w, self.slot) {
+                    Ok(d) => {
+                        self.dir = d;
+                        Some(false)
+                    }
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The cycles one at a time in blocks, each beside a block of the floor
+/// (module comment). Returns the blocks, the cycles that succeeded, the
+/// cycles' time and the floor's samples; stops at the first failure of a
+/// floor operation (kept in `errors`).
+async fn interleaved(
+    c: &mut CsiClient,
+    p: &Plan,
+    rig: &mut Rig,
+    worker: &mut Worker,
+    stop: &AtomicBool,
+    samples: &mut Samples,
+    errors: &mut Vec<String>,
+) -> (Vec<FloorBlock>, usize, std::time::Duration, Samples) {
+    let block = p.args.floor.block;
+    let (mut blocks, mut ok, mut wall, mut floor) =
+        (Vec::new(), 0, std::time::Duration::ZERO, Samples::default());
+    let mut i = 0;
+    while i < p.args.count && !stop.load(Ordering::SeqCst) {
+        let n = block.min(p.args.count - i);
+        let floor_first = blocks.len() % 2 == 0;
+        let mut fs = Samples::default();
+        let mut run_floor = |fs: &mut Samples| {
+            (0..n)
+                .try_for_each(|_| rig.cycle(fs))
+                .map_err(|e| format!("floor: {e:#}"))
+        };
+        if floor_first {
+            if let Err(e) = run_floor(&mut fs) {
+                errors.push(e);
+                break;
+            }
+        }
+        let mut cs = Samples::default();
+        let (mut ok_b, mut ran, t) = (0, 0, Instant::now());
+        let mut lost = false;
+        for _ in 0..n {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            ran += 1;
+            match worker.cycle(c, p, i, &mut cs, errors).await {
+                Some(true) => ok_b += 1,
+                Some(false) => {}
+                None => lost = true,
+            }
+            i += 1;
+            if lost {
+                break;
+            }
+        }
+        let wall_b = t.elapsed();
+        if !floor_first && !lost {
+            if let Err(e) = run_floor(&mut fs) {
+                errors.push(e);
+                lost = true;
+            }
+        }
+        if fs.by_op.is_empty() || ran == 0 {
+            // No floor beside these cycles (or no cycle beside this floor,
+            // after Ctrl-C): the cycles count, the block does not.
+            samples.merge(cs);
+        } else {
+            blocks.push(FloorBlock::of(ok_b, wall_b, &cs, &fs));
+            samples.merge(cs);
+            floor.merge(fs);
+        }
+        ok += ok_b;
+        wall += wall_b;
+        if lost {
+            break;
+        }
+    }
+    (blocks, ok, wall, floor)
 }
 
 pub(super) async fn forward(
@@ -349,6 +640,17 @@ pub(super) async fn plan(c: &mut CsiClient, args: LifecycleArgs) -> anyhow::Resu
 pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(args.work_dir.is_absolute(), "--work-dir must be absolute");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    if args.floor.on {
+        anyhow::ensure!(
+            args.concurrency == 1,
+            "--floor measures the floor one at a time: it needs -c 1"
+        );
+        anyhow::ensure!(args.floor.block > 0, "--floor-block must be at least 1");
+        anyhow::ensure!(
+            args.floor.dir.as_ref().is_none_or(|d| d.is_absolute()),
+            "--floor-dir must be absolute"
+        );
+    }
     std::fs::create_dir_all(&args.work_dir)?;
     let mut client = connect(endpoint).await?;
     if let Some(ne) = &args.node_endpoint {
@@ -402,59 +704,93 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
     let sampler = args.pid.map(Sampler::start);
     let next = Arc::new(AtomicUsize::new(0));
     let ok = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for (w, mut dir) in dirs.into_iter().enumerate() {
-        let (mut c, plan, next, stop, ok) = (
-            client.clone(),
-            plan.clone(),
-            next.clone(),
-            stop.clone(),
-            ok.clone(),
-        );
-        workers.push(tokio::spawn(async move {
-            let mut samples = Samples::default();
-            let mut errors = Vec::new();
-            let mut slot = 0;
-            loop {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= plan.args.count {
-                    break;
-                }
-                let t = Instant::now();
-                match cycle(&mut c, &plan, i, &dir, &mut samples).await {
-                    Ok(()) => {
-                        samples.add("cycle", t.elapsed());
-                        ok.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        errors.push(e);
-                        remove_worker_dir(&dir);
-                        slot += 1;
-                        match worker_dir(&plan, w, slot) {
-                            Ok(d) => dir = d,
-                            Err(e) => {
-                                errors.push(e);
-                                return (samples, errors);
-                            }
-                        }
-                    }
-                }
-            }
-            remove_worker_dir(&dir);
-            (samples, errors)
-        }));
-    }
     let mut errors: Vec<String> = Vec::new();
-    for w in workers {
-        let (s, e) = w.await?;
-        samples.merge(s);
-        errors.extend(e);
-    }
-    let wall = start.elapsed();
+    let mut floor = None;
+    let start = Instant::now();
+    let wall = if args.floor.on {
+        let dir = args
+            .floor
+            .dir
+            .clone()
+            .unwrap_or_else(|| args.work_dir.join(format!("{}-floor", plan.run)));
+        let mut worker = Worker {
+            w: 0,
+            slot: 0,
+            dir: dirs.pop().ok_or_else(|| anyhow::anyhow!("no worker"))?,
+        };
+        let r = match Rig::new(&dir) {
+            Ok(mut rig) => {
+                let r = interleaved(
+                    &mut client,
+                    &plan,
+                    &mut rig,
+                    &mut worker,
+                    &stop,
+                    &mut samples,
+                    &mut errors,
+                )
+                .await;
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        };
+        Rig::remove(&dir);
+        remove_worker_dir(&worker.dir);
+        let (blocks, n, wall, floor_samples) = r?;
+        ok.store(n, Ordering::SeqCst);
+        floor = Some(Interleaved::of(
+            args.floor.block,
+            blocks,
+            n,
+            wall,
+            &samples,
+            &floor_samples,
+        ));
+        wall
+    } else {
+        let mut workers = Vec::new();
+        for (w, dir) in dirs.into_iter().enumerate() {
+            let (mut c, plan, next, stop, ok) = (
+                client.clone(),
+                plan.clone(),
+                next.clone(),
+                stop.clone(),
+                ok.clone(),
+            );
+            workers.push(tokio::spawn(async move {
+                let mut samples = Samples::default();
+                let mut errors = Vec::new();
+                let mut worker = Worker { w, slot: 0, dir };
+                loop {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= plan.args.count {
+                        break;
+                    }
+                    match worker
+                        .cycle(&mut c, &plan, i, &mut samples, &mut errors)
+                        .await
+                    {
+                        Some(true) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Some(false) => {}
+                        None => return (samples, errors),
+                    }
+                }
+                remove_worker_dir(&worker.dir);
+                (samples, errors)
+            }));
+        }
+        for w in workers {
+            let (s, e) = w.await?;
+            samples.merge(s);
+            errors.extend(e);
+        }
+        start.elapsed()
+    };
     let rss = sampler.map(|s| s.finish());
     let _ = std::fs::remove_dir(&args.work_dir);
     let cycles_ok = ok.load(Ordering::SeqCst);
@@ -468,6 +804,7 @@ pub async fn run(endpoint: &str, args: LifecycleArgs) -> anyhow::Result<i32> {
         rss_peak_kib: rss.map(|r| r.0),
         rss_final_kib: rss.map(|r| r.1),
         first_error: errors.first().cloned(),
+        floor,
     };
     print(&report, args.json)?;
     Ok(if errors.is_empty() && !stop.load(Ordering::SeqCst) {
@@ -494,8 +831,127 @@ fn print(r: &LifecycleReport, json: bool) -> anyhow::Result<()> {
             f as f64 / 1024.0
         );
     }
+    if let Some(f) = &r.floor {
+        print_floor(f);
+    }
     if let Some(e) = &r.first_error {
         println!("first error: {e}");
     }
     Ok(())
+}
+
+fn print_floor(f: &Interleaved) {
+    println!(
+        "this machine's floor, interleaved: {} blocks of up to {} cycles, each beside as many floor cycles (2 bind/unmount, 2 durable appends, 2 mkdir/rmdir, 1 directory flush)",
+        f.blocks.len(),
+        f.block_cycles
+    );
+    print_table(&f.operations);
+    println!(
+        "{:>5} {:>10} {:>14} {:>7} {:>16} {:>16} {:>9}",
+        "block",
+        "cycles/s",
+        "floor cycles/s",
+        "ratio",
+        "NodePublish p99",
+        "bind pair p99",
+        "p99 ratio"
+    );
+    for (i, b) in f.blocks.iter().enumerate() {
+        println!(
+            "{:>5} {:>10.1} {:>14.1} {:>7.3} {:>13.1} us {:>13.1} us {:>9.2}",
+            i,
+            b.cycles_per_second,
+            b.floor_cycles_per_second,
+            b.ratio,
+            b.node_publish_p99_us,
+            b.bind_pair_p99_us,
+            b.p99_ratio
+        );
+    }
+    println!(
+        "ratio to the floor, per block: median {:.3} (lowest {:.3}, highest {:.3}); all blocks: {:.3} (floor {:.1} cycles/s)",
+        f.ratio_median, f.ratio_min, f.ratio_max, f.ratio, f.floor_cycles_per_second
+    );
+    println!(
+        "NodePublish p99 / bind + unmount pair p99, per block: median {:.2} (lowest {:.2}, highest {:.2}); all blocks: {:.1} us / {:.1} us = {:.2}",
+        f.p99_ratio_median, f.p99_ratio_min, f.p99_ratio_max, f.node_publish_p99_us, f.bind_pair_p99_us, f.p99_ratio
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_spread_is_the_median_and_both_ends() {
+        assert_eq!(spread(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(spread(vec![4.0, 1.0, 3.0, 2.0]), (2.5, 1.0, 4.0));
+        assert_eq!(spread(vec![]), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn a_block_is_its_cycles_against_the_floor_measured_beside_them() {
+        let us = Duration::from_micros;
+        let mut floor = Samples::default();
+        // One floor cycle: 2 x 15 + 2 x 200 + 2 x 85 + 400 = 1,000 us, so
+        // 1,000 cycles/s; the pair's p99 is its slower sample, 20 us.
+        for (op, v) in [
+            ("bind + unmount", 10),
+            ("bind + unmount", 20),
+            ("append + fdatasync", 200),
+            ("append + fdatasync", 200),
+            ("mkdir + rmdir", 85),
+            ("mkdir + rmdir", 85),
+            ("fsync new dir + parent", 400),
+        ] {
+            floor.add(op, us(v));
+        }
+        let mut cycles = Samples::default();
+        cycles.add("NodePublishVolume", us(100));
+        cycles.add("NodePublishVolume", us(300));
+        // 2 cycles in 4 ms: 500 cycles/s, half the floor's.
+        let b = FloorBlock::of(2, Duration::from_millis(4), &cycles, &floor);
+        assert!((b.floor_cycles_per_second - 1000.0).abs() < 1e-6, "{b:?}");
+        assert!((b.cycles_per_second - 500.0).abs() < 1e-6, "{b:?}");
+        assert!((b.ratio - 0.5).abs() < 1e-9, "{b:?}");
+        assert!((b.node_publish_p99_us - 300.0).abs() < 1e-6, "{b:?}");
+        assert!((b.bind_pair_p99_us - 20.0).abs() < 1e-6, "{b:?}");
+        assert!((b.p99_ratio - 15.0).abs() < 1e-9, "{b:?}");
+        // No floor measured: ratios of 0, never a division by zero.
+        let none = FloorBlock::of(2, Duration::from_millis(4), &cycles, &Samples::default());
+        assert_eq!((none.ratio, none.p99_ratio), (0.0, 0.0));
+    }
+
+    #[test]
+    fn the_floor_is_refused_beside_other_cycles_in_flight() {
+        let args = LifecycleArgs {
+            count: 1,
+            concurrency: 2,
+            volume: super::super::VolumeArgs {
+                params: vec![],
+                size: 1,
+                block: false,
+                fs_type: String::new(),
+            },
+            work_dir: "/tmp/berth-bench-unused".into(),
+            pid: None,
+            json: false,
+            node_endpoint: None,
+            attach: Attach::Never,
+            floor: FloorArgs {
+                on: true,
+                ..Default::default()
+            },
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let e = rt
+            .block_on(run("unix:///nonexistent/berth.sock", args))
+            .expect_err("refused");
+        assert!(e.to_string().contains("-c 1"), "{e}");
+    }
 }

@@ -126,6 +126,7 @@ pub async fn run(endpoint: &str, args: SnapshotArgs) -> anyhow::Result<i32> {
             json: false,
             node_endpoint: None,
             attach: lifecycle::Attach::Auto,
+            floor: Default::default(),
         },
     )
     .await?;

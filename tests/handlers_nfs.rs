@@ -746,6 +746,134 @@ async fn a_retained_directory_is_never_handed_to_a_new_volume() {
     assert_eq!(code(r), Code::NotFound);
 }
 
+/// The share's filesystem fails to mount on the server, which then
+/// exports the empty directory beneath it (a stand-in): the working mount
+/// is still an NFS mount of the share, but nothing of Berth's is there.
+/// Before, DeleteVolume found the volume's directory absent, answered OK
+/// and dropped the record while the data still existed (on the server's
+/// real filesystem), and DeleteSnapshot likewise; CreateVolume made a new
+/// volume inside the stand-in. Now the share's root carries Berth's
+/// marker (`.berth-share`, written by its first CreateVolume), and a
+/// volume or snapshot absent from a share without it is UNAVAILABLE with
+/// the record kept, a create there too; once the real filesystem is back,
+/// the retries work.
+#[tokio::test]
+async fn an_empty_stand_in_for_the_share_never_deletes_a_record_or_gets_a_volume() {
+    let h = nfs(&[]);
+    let a = create(&h, "a", &[]).await.volume_id;
+    let s = snapshot(&h, "s", &a).await.snapshot_id;
+    let root = share_root(&h);
+    std::fs::write(root.join("a/data"), b"tenant data").unwrap();
+    // The server's filesystem is not mounted: the export is an empty
+    // directory (the real one is kept aside).
+    let real = h.path("real-share");
+    std::fs::rename(&root, &real).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    for _ in 0..2 {
+        let e = try_delete(&h, &a).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+        assert!(e.message().contains(".berth-share"), "{}", e.message());
+        assert!(h.driver.store.get(&a).is_some(), "the record is kept");
+        let e = delete_snapshot(&h, &s).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+        assert!(
+            h.driver.store.snapshot_get(&s).is_some(),
+            "the record is kept"
+        );
+        let e = create_err(&h, req("b", &[])).await;
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+        assert!(h.driver.store.get("nfs#d#127.0.0.1#/export#b").is_none());
+    }
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "nothing made in the stand-in"
+    );
+    // The server mounts its filesystem again: everything works.
+    std::fs::remove_dir(&root).unwrap();
+    std::fs::rename(&real, &root).unwrap();
+    delete_snapshot(&h, &s).await.unwrap();
+    try_delete(&h, &a).await.unwrap();
+    assert!(!root.join("a").exists());
+    assert!(h.driver.store.is_empty());
+    create(&h, "b", &[]).await;
+    assert!(root.join("b").is_dir());
+    assert!(root.join(".berth-share").is_file());
+}
+
+/// The working mount is gone (here: `mount.nfs` answered success and
+/// mounted nothing, so the working directory is an empty local
+/// directory). Before, DeleteVolume looked there, found nothing and
+/// answered OK, dropping the record of a volume whose data was on the
+/// share. Now a volume is taken for gone only from the share's NFS mount:
+/// UNAVAILABLE, the record kept, and the retry with the share mounted
+/// deletes the volume.
+#[tokio::test]
+async fn a_vanished_working_mount_never_deletes_a_record() {
+    use berth::os::Mounter;
+    let h = nfs(&[]);
+    let a = create(&h, "a", &[]).await.volume_id;
+    let root = share_root(&h);
+    std::fs::write(root.join("a/data"), b"tenant data").unwrap();
+    // The mount is gone: an empty local directory is left at its place
+    // (the share's content kept aside, as the server keeps it).
+    h.fake().unmount(&root).unwrap();
+    let real = h.path("real-share");
+    std::fs::rename(&root, &real).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    h.fake().reply("mount.nfs", exit(0, ""));
+    let e = try_delete(&h, &a).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("working mount"), "{}", e.message());
+    assert!(h.driver.store.get(&a).is_some(), "the record is kept");
+    // The share mounted again.
+    std::fs::remove_dir(&root).unwrap();
+    std::fs::rename(&real, &root).unwrap();
+    try_delete(&h, &a).await.unwrap();
+    assert!(!root.join("a").exists());
+    assert!(h.driver.store.is_empty());
+}
+
+/// A share Berth used before it wrote share markers: its first DeleteVolume
+/// of a volume already gone finds Berth's layout (a volume's marker, its
+/// areas) and marks the share, and succeeds; a share with nothing of
+/// Berth's refuses until the operator marks it.
+#[tokio::test]
+async fn a_share_from_before_share_markers_is_adopted_by_its_layout() {
+    let h = nfs(&[]);
+    let a = create(&h, "a", &[("subDir", "ns/a")]).await.volume_id;
+    let b = create(&h, "b", &[("subDir", "ns/b")]).await.volume_id;
+    let c = create(&h, "c", &[]).await.volume_id;
+    let root = share_root(&h);
+    std::fs::remove_dir_all(root.join("c")).unwrap();
+    std::fs::remove_file(root.join(".berth-share")).unwrap();
+    // Nor does this controller remember it marked.
+    for e in std::fs::read_dir(h.path("state/nfs")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with("marked-") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    // b's directory is already gone; a's marker (two levels down) shows
+    // the share is Berth's.
+    std::fs::remove_dir_all(root.join("ns/b")).unwrap();
+    try_delete(&h, &b).await.unwrap();
+    assert!(root.join(".berth-share").is_file(), "adopted");
+    // Nothing of Berth's at all: refused, until marked by hand.
+    try_delete(&h, &a).await.unwrap();
+    std::fs::remove_file(root.join(".berth-share")).unwrap();
+    std::fs::remove_dir_all(root.join("ns")).unwrap();
+    let e = try_delete(&h, &c).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    std::fs::write(
+        root.join(".berth-share"),
+        b"{\"share\":\"x\",\"marked_unix\":1}",
+    )
+    .unwrap();
+    try_delete(&h, &c).await.unwrap();
+    assert!(h.driver.store.is_empty());
+}
+
 #[tokio::test]
 async fn delete_without_a_record_works_from_the_id() {
     let h = nfs(&[]);
@@ -782,8 +910,23 @@ async fn delete_without_a_record_works_from_the_id() {
 async fn delete_without_a_record_reaches_a_server_that_speaks_only_nfsv3() {
     let h = nfs(&[]);
     let del = create(&h, "del", &[]).await.volume_id;
+    let share = share_root(&h);
     std::fs::remove_dir_all(h.path("state/journal")).unwrap();
     let h = restart(h, &["--kinds", "nfs"]);
+    // Each working directory of the fake is a directory of its own: a
+    // mount at another one shows the share's content, as a real one does.
+    h.fake().respond_to_some("mount.nfs", move |a| {
+        if Path::new(&a[1]) != share {
+            let st = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(share.join("."))
+                .arg(&a[1])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        None
+    });
     let refuse = || {
         Ok(CmdOutput {
             code: Some(32),
@@ -820,6 +963,8 @@ async fn delete_without_a_record_reaches_a_server_that_speaks_only_nfsv3() {
         .table()
         .iter()
         .any(|m| m.mount_point == Path::new(&tried[2].1)));
+    assert!(Path::new(&tried[2].1).join(".berth-share").exists());
+    assert!(!Path::new(&tried[2].1).join("del").exists(), "deleted");
     // With a version in the mount options, only that version is tried.
     let h = nfs(&[]);
     let mut r = req("v4only", &[]);
@@ -2568,11 +2713,7 @@ async fn a_create_that_fails_on_the_share_leaves_nothing() {
             Code::Internal
         };
         assert_eq!(e.code(), want, "{op}: {}", e.message());
-        let names: Vec<String> = std::fs::read_dir(&root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, ["first"], "{op}");
+        assert_eq!(names_in(&root), [".berth-share", "first"], "{op}");
         assert!(h.driver.store.get("nfs#d#127.0.0.1#/export#v").is_none());
     }
     create(&h, "v", &[]).await;
@@ -3135,7 +3276,7 @@ async fn failed_nfs_copies_leave_nothing() {
         assert_eq!(e.code(), code, "{}", e.message());
         h.fake().clear_file_faults();
         assert!(names_in(&root.join(".berth-snapshots")).is_empty());
-        assert_eq!(names_in(&root), [".berth-snapshots", "src"]);
+        assert_eq!(names_in(&root), [".berth-share", ".berth-snapshots", "src"]);
         assert!(h.driver.store.snapshot_by_name("s").is_none());
         assert!(h.driver.store.get_by_name("c").is_none());
     }

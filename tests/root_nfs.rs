@@ -883,6 +883,8 @@ async fn aliased_shares_and_a_controller_that_lost_its_state() {
     assert_eq!(std::fs::read(e.export.join("al-b/b/f")).unwrap(), b"inner");
     try_delete(&h, &inner).await.unwrap();
     assert!(!e.export.join("al-b/b").exists());
+    // The inner share's marker, written by its first create.
+    std::fs::remove_file(e.export.join("al-b/.berth-share")).unwrap();
     std::fs::remove_dir(e.export.join("al-b")).unwrap();
     std::fs::remove_dir_all(e.export.join("home")).unwrap();
     assert_eq!(e.canary(), canary, "canary at the share root");

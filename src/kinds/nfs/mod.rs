@@ -674,8 +674,9 @@ impl VolumeKind for NfsKind {
         self.allowed_params(&rec.parameters)?;
         // As a new volume's: a share the server resolves to another path
         // is refused here, and a working mount made for it unmounted.
-        self.new_volume_share(&vid, &controller_option_sets(rec)?)
-            .map(|_| ())
+        let root = self.new_volume_share(&vid, &controller_option_sets(rec)?)?;
+        // Never a volume in an empty stand-in for the share.
+        self.check_share_for_create(&vid, &root)
     }
 
     fn create(&self, rec: &mut VolumeRecord) -> Result<()> {
@@ -701,16 +702,20 @@ impl VolumeKind for NfsKind {
             Removal::Apply(vid.on_delete)
         };
         let sets = controller_option_sets(rec)?;
-        let remove = |root: &Path| {
-            share::remove_subdir(
-                self.os.files.as_ref(),
-                root,
-                &rec.id,
-                &vid.subdir,
-                how,
-                rec.phase == Phase::Deleting,
-                crate::driver::now_unix(),
-            )
+        let remove = |root: &Path| match share::remove_subdir(
+            self.os.files.as_ref(),
+            root,
+            &rec.id,
+            &vid.subdir,
+            how,
+            rec.phase == Phase::Deleting,
+            crate::driver::now_unix(),
+        )? {
+            share::Seen::There => Ok(()),
+            // Gone only from a share that looks like the share.
+            share::Seen::Absent => {
+                self.confirm_absent(&vid, root, &format!("directory {}", vid.subdir))
+            }
         };
         if matches!(how, Removal::Rollback(_)) {
             return self.rollback_in_share(&vid, &sets, &remove);
@@ -967,7 +972,18 @@ impl VolumeKind for NfsKind {
             return Ok(());
         };
         let root = self.snapshot_share(&sid)?;
-        snapshot::remove(self.os.files.as_ref(), &root, &sid.key, &snap.id)
+        match snapshot::remove(self.os.files.as_ref(), &root, &sid.key, &snap.id)? {
+            share::Seen::There => Ok(()),
+            share::Seen::Absent => {
+                let vid = VolumeId {
+                    on_delete: id::OnDelete::Retain,
+                    server: sid.server.clone(),
+                    share: sid.share.clone(),
+                    subdir: "x".into(),
+                };
+                self.confirm_absent(&vid, &root, &format!("snapshot {}", snap.id))
+            }
+        }
     }
 
     fn create_from(&self, rec: &mut VolumeRecord, from: Source<'_>) -> Result<()> {

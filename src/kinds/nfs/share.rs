@@ -46,6 +46,110 @@ pub const ARCHIVE: &str = ".berth-archive";
 pub(super) const NEW: &str = ".berth-new-";
 /// A marker larger than this is not Berth's.
 const MAX_MARKER: u64 = 4096;
+/// The share's own marker, at its root: written by the first CreateVolume
+/// on the share (or when Berth finds its layout there), so that an empty
+/// directory the server exports in place of the share (its filesystem not
+/// mounted on the server) is never taken for the share.
+pub const SHARE_MARKER: &str = ".berth-share";
+
+/// What the share's marker says (informational; its presence is what
+/// counts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareMarker {
+    pub share: String,
+    pub marked_unix: u64,
+}
+
+/// Whether the share's root looks like the share Berth uses
+/// (`share_looks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShareLooks {
+    /// It holds the share's marker.
+    Marked,
+    /// No marker (a share Berth used before it wrote one), but Berth's
+    /// layout: an area of Berth's (`.berth-*`) at the root, or a volume
+    /// marker in a directory at most three levels down.
+    Layout,
+    /// Nothing of Berth's: a share never used, or a stand-in (an empty
+    /// directory exported where the share's filesystem failed to mount).
+    Unknown,
+}
+
+/// How many directories `share_looks` opens at most looking for a volume
+/// marker.
+const LAYOUT_LOOK: usize = 256;
+
+/// How the share at `root` looks (`ShareLooks`). Never follows a symlink.
+pub fn share_looks(root: &Path) -> Result<ShareLooks> {
+    let rootfd = open_root(root)?;
+    let what = || "reading the share's root".to_string();
+    if read_json::<ShareMarker>(&rootfd, SHARE_MARKER)
+        .map_err(|e| sys_err(what(), e))?
+        .is_some()
+    {
+        return Ok(ShareLooks::Marked);
+    }
+    let mut queue = std::collections::VecDeque::from([(
+        open_dir(&rootfd, ".").map_err(|e| sys_err(what(), e))?,
+        0,
+    )]);
+    let mut opened = 0;
+    while let Some((dir, depth)) = queue.pop_front() {
+        let entries = std::fs::read_dir(fd_path(&dir, "")).map_err(|e| Error::io(what(), e))?;
+        for e in entries {
+            let e = e.map_err(|e| Error::io(what(), e))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if depth == 0 && name.starts_with(".berth-") && name != SHARE_MARKER {
+                return Ok(ShareLooks::Layout);
+            }
+            if depth > 0 && name == MARKER {
+                if read_marker(&dir).ok().flatten().is_some() {
+                    return Ok(ShareLooks::Layout);
+                }
+                continue;
+            }
+            if depth < 3 && opened < LAYOUT_LOOK && e.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Ok(sub) = open_dir(&dir, name) {
+                    opened += 1;
+                    queue.push_back((sub, depth + 1));
+                }
+            }
+        }
+    }
+    Ok(ShareLooks::Unknown)
+}
+
+/// Writes the share's marker at `root` (nothing if it is there already).
+/// A share whose root is a volume's directory (a StorageClass naming
+/// another volume's directory as its share) is never marked: it is that
+/// volume's, and no volume is made inside it (`create_subdir`).
+pub fn mark_share(files: &dyn Files, root: &Path, marker: &ShareMarker) -> Result<()> {
+    let rootfd = open_root(root)?;
+    if read_marker(&rootfd)
+        .map_err(|e| sys_err("reading the marker of the share root".into(), e))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    match write_json(files, &rootfd, SHARE_MARKER, marker) {
+        Err(e) if e.errno() != Some(libc::EEXIST) => {
+            Err(Error::os("writing the share's marker", e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What a removal found (`remove_subdir`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// The directory (or something at its place) was there, and was dealt
+    /// with.
+    There,
+    /// Nothing at the directory's place (or a parent missing): the volume
+    /// is gone, if the share is really the share (the caller checks).
+    Absent,
+}
 
 /// What a marker says: the volume that owns the directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -537,10 +641,10 @@ pub fn remove_subdir(
     how: Removal<'_>,
     resumed: bool,
     unix: u64,
-) -> Result<()> {
+) -> Result<Seen> {
     let rootfd = open_root(root)?;
     let Some((fd, leaf)) = open_parent(files, &rootfd, subdir, false)? else {
-        return Ok(());
+        return Ok(Seen::Absent);
     };
     if matches!(how, Removal::Rollback(_)) {
         // A create interrupted before its directory got its name.
@@ -548,10 +652,10 @@ pub fn remove_subdir(
     }
     let dir = match open_dir(&fd, leaf) {
         Ok(d) => d,
-        Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::ENOENT) => return Ok(Seen::Absent),
         Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
             tracing::warn!(volume_id = %id, subdir, "not a directory Berth made; left as it is");
-            return Ok(());
+            return Ok(Seen::There);
         }
         Err(e) => return Err(sys_err(format!("opening {subdir} on the share"), e)),
     };
@@ -559,29 +663,29 @@ pub fn remove_subdir(
         .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
     let ours = match &marker {
         Some(m) if m.id == id && how == Removal::Apply(OnDelete::Retain) => {
-            return release(files, &dir, subdir, m, unix)
+            return release(files, &dir, subdir, m, unix).map(|()| Seen::There)
         }
         Some(m) if m.id == id && m.released_unix.is_some() => {
             tracing::warn!(volume_id = %id, subdir, "the directory was released by a retained delete; left as it is");
-            return Ok(());
+            return Ok(Seen::There);
         }
         Some(m) if m.id == id => m,
         Some(m) => {
             tracing::warn!(volume_id = %id, subdir, owner = %m.id, "the directory belongs to another volume; left as it is");
-            return Ok(());
+            return Ok(Seen::There);
         }
         None if resumed && how == Removal::Apply(OnDelete::Delete) => {
-            return finish_unmarked(files, &fd, leaf, &dir, id, subdir)
+            return finish_unmarked(files, &fd, leaf, &dir, id, subdir).map(|()| Seen::There)
         }
         None => {
             tracing::warn!(volume_id = %id, subdir, "the directory has no Berth marker (Berth did not make it); left as it is");
-            return Ok(());
+            return Ok(Seen::There);
         }
     };
     if let Removal::Rollback(made) = how {
         if made.is_some_and(|made| !made.made_by_same_create(ours)) {
             tracing::warn!(volume_id = %id, subdir, owner = %ours.name, "the directory was not made by the create being rolled back (another volume's, or made before); left as it is");
-            return Ok(());
+            return Ok(Seen::There);
         }
         // Never handed out: it holds data only if someone wrote there.
         let empty = std::fs::read_dir(fd_path(&dir, ""))
@@ -592,9 +696,9 @@ pub fn remove_subdir(
                 subdir,
                 "not removing a subdirectory that holds data while rolling back"
             );
-            return Ok(());
+            return Ok(Seen::There);
         }
-        return remove_marked(files, &fd, leaf, &dir, subdir, MARKER, ours);
+        return remove_marked(files, &fd, leaf, &dir, subdir, MARKER, ours).map(|()| Seen::There);
     }
     if let Some((rel, other)) = nested_volume(&dir, id)? {
         return Err(Error::WrongState(format!(
@@ -625,9 +729,9 @@ pub fn remove_subdir(
                 format!("archiving {subdir} as {ARCHIVE}/{name} on the share"),
             ))?;
             tracing::info!(volume_id = %id, subdir, archived = %format!("{ARCHIVE}/{name}"), "volume archived");
-            Ok(())
+            Ok(Seen::There)
         }
-        _ => remove_marked(files, &fd, leaf, &dir, subdir, MARKER, ours),
+        _ => remove_marked(files, &fd, leaf, &dir, subdir, MARKER, ours).map(|()| Seen::There),
     }
 }
 
@@ -1068,6 +1172,100 @@ enum Purpose<'a> {
 }
 
 impl NfsKind {
+    /// Where this controller notes that it saw the share of `vid` marked
+    /// (`SHARE_MARKER`): a marker gone since means the export is not the
+    /// share any more. Kept with the working mounts, in the state dir.
+    fn seen_marked(&self, vid: &VolumeId) -> PathBuf {
+        let key = format!("{}\0{}", vid.server, vid.share);
+        self.work
+            .join(format!("marked-{:016x}", fnv64(key.as_bytes())))
+    }
+
+    fn note_marked(&self, vid: &VolumeId) {
+        let path = self.seen_marked(vid);
+        match self.os.files.open(&path, Open::CreateNew) {
+            Err(e) if e.errno() != Some(libc::EEXIST) => {
+                tracing::warn!(share = %vid.share_source(), error = %e, "could not note that the share is marked")
+            }
+            _ => {}
+        }
+    }
+
+    /// The working mount at `mp` is still Berth's NFS mount of the share
+    /// (mountinfo): a mount gone since it was checked leaves an empty
+    /// local directory at `mp`, and nothing may be decided from that.
+    fn still_mounted(&self, vid: &VolumeId, mp: &Path) -> Result<()> {
+        let t = mounts::table(&self.os)?;
+        match mounts::at(&self.os, &t, mp).last() {
+            Some(top) if self.working_mount(top, vid, mp).is_ok() => Ok(()),
+            top => Err(Error::Unavailable(format!(
+                "the working mount of share {} at {} is gone or is not its NFS mount any more ({}); nothing is decided from it, retry",
+                vid.share_source(),
+                mp.display(),
+                top.map_or("nothing mounted".to_string(), |m| format!(
+                    "{} ({})",
+                    m.source, m.fs_type
+                ))
+            ))),
+        }
+    }
+
+    fn mark(&self, vid: &VolumeId, root: &Path) -> Result<()> {
+        let m = ShareMarker {
+            share: vid.share_source(),
+            marked_unix: crate::driver::now_unix(),
+        };
+        mark_share(self.os.files.as_ref(), root, &m)?;
+        tracing::info!(share = %vid.share_source(), "marked the share as Berth's ({SHARE_MARKER})");
+        self.note_marked(vid);
+        Ok(())
+    }
+
+    /// A volume's (or snapshot's) directory is absent from the share's
+    /// working mount at `root`: it is gone only if the share looks like
+    /// itself. The mount must still be the share's NFS mount, and the
+    /// share's root must hold its marker or Berth's layout (which then
+    /// gets the marker). Otherwise (an empty directory the server exports
+    /// where the share's filesystem failed to mount, or a working mount
+    /// that vanished) the volume's data may well still exist: UNAVAILABLE,
+    /// and the caller keeps its record for the retry.
+    pub(super) fn confirm_absent(&self, vid: &VolumeId, root: &Path, what: &str) -> Result<()> {
+        self.still_mounted(vid, root)?;
+        match share_looks(root)? {
+            ShareLooks::Marked => Ok(()),
+            ShareLooks::Layout => self.mark(vid, root),
+            ShareLooks::Unknown => Err(Error::Unavailable(format!(
+                "{what} is not on share {} and the share shows nothing of Berth's (no {SHARE_MARKER} at its root, no volume marker): the server may export an empty directory in place of the share (its filesystem not mounted on the server), so nothing is taken as deleted; fix the export and retry (a share that is really empty and was used only by a Berth that wrote no {SHARE_MARKER}: create an empty file {SHARE_MARKER} at its root)",
+                vid.share_source()
+            ))),
+        }
+    }
+
+    /// Before a new volume is made on the share at `root`: the mount is
+    /// still the share's NFS mount, and the share is marked (a share
+    /// without a marker is marked now, as the first volume's), unless this
+    /// controller saw it marked before: then the marker is gone because
+    /// the export is not the share (an empty stand-in), and no volume is
+    /// made there (UNAVAILABLE).
+    pub(super) fn check_share_for_create(&self, vid: &VolumeId, root: &Path) -> Result<()> {
+        self.still_mounted(vid, root)?;
+        match share_looks(root)? {
+            ShareLooks::Marked => {
+                if !self.seen_marked(vid).exists() {
+                    self.note_marked(vid);
+                }
+                Ok(())
+            }
+            ShareLooks::Unknown if self.seen_marked(vid).exists() => {
+                Err(Error::Unavailable(format!(
+                    "share {} was marked as Berth's ({SHARE_MARKER}) when this controller used it before, and its root now shows nothing of Berth's: the server may export an empty directory in place of the share (its filesystem not mounted on the server); no volume is made there, retry once the export is fixed",
+                    vid.share_source()
+                )))
+            }
+            _ => self.mark(vid, root),
+        }
+    }
+
     /// After mounting the share at `mp` (under the share's lock, so no
     /// other call uses the mount yet): what mountinfo shows there must be
     /// Berth's mount of the share (`working_mount`), and for a new volume
@@ -1134,7 +1332,7 @@ mod tests {
         create_subdir(&RealFiles, root, sub, mode, &mk(sub), None)
     }
 
-    fn remove(root: &Path, sub: &str, how: Removal) -> Result<()> {
+    fn remove(root: &Path, sub: &str, how: Removal) -> Result<Seen> {
         remove_subdir(&RealFiles, root, &id(sub), sub, how, false, 7)
     }
 
@@ -1549,6 +1747,56 @@ mod tests {
         let (rel, other) = nested_volume(&dir, &id("v")).unwrap().unwrap();
         assert!(rel.ends_with("sub/deeper"), "{rel:?}");
         assert_eq!(other, id("nested"));
+    }
+
+    /// How a share's root looks: its marker; Berth's layout without one
+    /// (its areas, a volume marker up to three levels down, never through
+    /// a symlink); anything else is not known as Berth's (an empty
+    /// stand-in, foreign files).
+    #[test]
+    fn a_share_looks_like_berths_by_its_marker_or_layout() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        assert_eq!(share_looks(r).unwrap(), ShareLooks::Unknown);
+        std::fs::create_dir_all(r.join("x/y/z")).unwrap();
+        std::fs::write(r.join("x/f"), b"foreign").unwrap();
+        assert_eq!(share_looks(r).unwrap(), ShareLooks::Unknown);
+        // A marker behind a symlink is not looked at.
+        let other = tempfile::tempdir().unwrap();
+        mark(other.path(), &mk("o"));
+        symlink(other.path(), r.join("x/link")).unwrap();
+        assert_eq!(share_looks(r).unwrap(), ShareLooks::Unknown);
+        mark(&r.join("x/y/z"), &mk("x/y/z"));
+        assert_eq!(share_looks(r).unwrap(), ShareLooks::Layout);
+        std::fs::remove_file(r.join("x/y/z").join(MARKER)).unwrap();
+        std::fs::create_dir(r.join(ARCHIVE)).unwrap();
+        assert_eq!(share_looks(r).unwrap(), ShareLooks::Layout);
+        std::fs::remove_dir(r.join(ARCHIVE)).unwrap();
+        let m = ShareMarker {
+            share: "h:/e".into(),
+            marked_unix: 7,
+        };
+        // A share that is a volume's directory is never marked.
+        create(r, "vol", None).unwrap();
+        mark_share(&RealFiles, &r.join("vol"), &m).unwrap();
+        assert!(!r.join("vol").join(SHARE_MARKER).exists());
+        mark_share(&RealFiles, r, &m).unwrap();
+        mark_share(&RealFiles, r, &m).unwrap();
+        assert_eq!(share_looks(r).unwrap(), ShareLooks::Marked);
+        // Removals tell an absent directory from one dealt with.
+        assert_eq!(
+            remove(r, "gone/v", Removal::Apply(OnDelete::Delete)).unwrap(),
+            Seen::Absent
+        );
+        create(r, "v", None).unwrap();
+        assert_eq!(
+            remove(r, "v", Removal::Apply(OnDelete::Delete)).unwrap(),
+            Seen::There
+        );
+        assert_eq!(
+            remove(r, "v", Removal::Apply(OnDelete::Delete)).unwrap(),
+            Seen::Absent
+        );
     }
 
     #[test]

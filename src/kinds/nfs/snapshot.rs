@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::id::{SnapshotId, VolumeId};
 use super::share::{
     fd_path, not_a_dir, open_dir, open_parent, open_root, read_json, remove_marked, rename_new,
-    sys_err, write_json, MARKER, NEW,
+    sys_err, write_json, Seen, MARKER, NEW,
 };
 use crate::error::{Error, Result};
 use crate::kinds::local::copy_error;
@@ -237,15 +237,16 @@ pub fn make(
 /// interrupted making of it left: only directories whose marker names
 /// `id`, and an empty unmarked directory at its name (a delete cut short
 /// between marker and directory). Anything else is left as it is
-/// (success, warned). Missing is success.
-pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<()> {
+/// (success, warned). Missing is success (`Seen::Absent`: the caller
+/// checks that the share is really the share).
+pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<Seen> {
     let rootfd = open_root(root)?;
     let Some(area) = open_area(files, &rootfd, false)? else {
-        return Ok(());
+        return Ok(Seen::Absent);
     };
     remove_unfinished(files, &area, key, id)?;
     match look(&area, key, id)? {
-        Found::Missing => Ok(()),
+        Found::Missing => Ok(Seen::Absent),
         Found::Ours(m, dir) => {
             remove_marked(
                 files,
@@ -257,7 +258,7 @@ pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<()>
                 &m,
             )?;
             tracing::info!(snapshot_id = %id, "snapshot removed from the share");
-            Ok(())
+            Ok(Seen::There)
         }
         Found::Foreign(why) => {
             remove_if_empty(
@@ -267,7 +268,7 @@ pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<()>
                 id,
                 &format!("{why}; not Berth's copy of this snapshot"),
             );
-            Ok(())
+            Ok(Seen::There)
         }
     }
 }

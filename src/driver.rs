@@ -486,6 +486,33 @@ impl Driver {
         .map_err(|e| Error::Internal(format!("operation task failed: {e}")))?
     }
 
+    /// `run`, answering DEADLINE_EXCEEDED once `deadline` (a kind's
+    /// `op_deadline`) passed: the operation goes on on its thread and
+    /// keeps `guard` until it ends (its result is then dropped), so a
+    /// retry meanwhile is ABORTED rather than a second operation on the
+    /// same storage, and the retry after it finds what it did.
+    pub async fn run_within<T, F>(
+        self: &Arc<Self>,
+        guard: OpGuard,
+        deadline: Option<std::time::Duration>,
+        f: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Driver) -> Result<T> + Send + 'static,
+    {
+        let Some(limit) = deadline else {
+            return self.run(guard, f).await;
+        };
+        match tokio::time::timeout(limit, self.run(guard, f)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Deadline(format!(
+                "the operation did not end within {} s (the storage does not answer); it goes on, and a retry is ABORTED until it ends",
+                limit.as_secs()
+            ))),
+        }
+    }
+
     /// Takes the volume's guard, then runs `f` with its record and kind on a
     /// blocking thread (see `run`). NOT_FOUND for an unknown volume.
     pub async fn with_volume<T, F>(self: &Arc<Self>, id: &str, f: F) -> Result<T>

@@ -57,6 +57,11 @@ pub enum Error {
     /// cannot be reached now; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// The call's operation did not end within the kind's deadline
+    /// (`VolumeKind::op_deadline`): it goes on, holding its guards, and a
+    /// retry meanwhile is ABORTED.
+    #[error("{0}")]
+    Deadline(String),
     /// The storage refuses what the request names, for a reason a retry
     /// of the same request cannot change: an NFS mount option the kernel
     /// does not accept, an export the server does not have.
@@ -148,6 +153,7 @@ impl Error {
             Error::Busy(_) => Code::Aborted,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::Deadline(_) => Code::DeadlineExceeded,
             Error::Os { source, .. } => match source {
                 OsError::Timeout { .. } => Code::DeadlineExceeded,
                 _ => Code::Internal,

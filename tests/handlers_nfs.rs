@@ -874,6 +874,80 @@ async fn a_share_from_before_share_markers_is_adopted_by_its_layout() {
     assert!(h.driver.store.is_empty());
 }
 
+/// The server stops answering while the directory work runs (the working
+/// mount is `hard`: a file call waits until the server answers). Before,
+/// CreateVolume and DeleteVolume waited with it, without end. Now each
+/// answers DEADLINE_EXCEEDED once twice `--nfs-timeout` and the stat
+/// timeout passed (2 s each here: 6 s); the work goes on and keeps the
+/// volume's guard, so a retry meanwhile is ABORTED, never a second
+/// operation on the same directory; once the server answers, the work
+/// ends and the retry succeeds.
+#[tokio::test]
+async fn a_server_that_stops_answering_mid_operation_bounds_the_call() {
+    let h = nfs(&[]);
+    let a = create(&h, "a", &[]).await.volume_id;
+    let root = share_root(&h);
+    std::fs::write(root.join("a/data"), b"x").unwrap();
+    // Every directory made on the share hangs.
+    let hold = h.fake().hold_op_under("mkdir", &root);
+    let t0 = Instant::now();
+    let e = create_err(&h, req("b", &[])).await;
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(9),
+        "{took:?}"
+    );
+    assert_eq!(hold.reached(), 1);
+    let e = create_err(&h, req("b", &[])).await;
+    assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+    hold.release();
+    let mut made = None;
+    for _ in 0..100 {
+        match h.ctl.create_volume(Request::new(req("b", &[]))).await {
+            Ok(r) => {
+                made = r.into_inner().volume;
+                break;
+            }
+            Err(e) if e.code() == Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(
+        made.expect("created").volume_id,
+        "nfs#d#127.0.0.1#/export#b"
+    );
+    assert!(root.join("b").is_dir());
+    // The same for a delete: removing the volume's contents hangs.
+    let hold = h.fake().hold_op_under("unlink", &root.join("a"));
+    let t0 = Instant::now();
+    let e = try_delete(&h, &a).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert!(t0.elapsed() < Duration::from_secs(9), "{:?}", t0.elapsed());
+    let e = try_delete(&h, &a).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+    assert!(h.driver.store.get(&a).is_some());
+    hold.release();
+    let mut deleted = false;
+    for _ in 0..100 {
+        match try_delete(&h, &a).await {
+            Ok(()) => {
+                deleted = true;
+                break;
+            }
+            Err(e) if e.code() == Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(deleted);
+    assert!(!root.join("a").exists());
+    assert!(h.driver.store.get(&a).is_none());
+}
+
 #[tokio::test]
 async fn delete_without_a_record_works_from_the_id() {
     let h = nfs(&[]);

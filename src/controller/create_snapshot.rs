@@ -57,8 +57,9 @@ pub async fn handle(
     if let Some(id) = &derived {
         guard.also(snap_key(id))?;
     }
+    let deadline = d.kind_of_id(&source).and_then(|k| k.op_deadline());
     let snap = d
-        .run(guard, move |d| {
+        .run_within(guard, deadline, move |d| {
             create(d, name, source, derived, params).map(|s| snapshot::to_proto_checked(d, &s))
         })
         .await?;

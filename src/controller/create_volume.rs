@@ -291,7 +291,7 @@ pub async fn handle(
         source,
     };
     let rec = d
-        .run(guard, move |d| {
+        .run_within(guard, imp.op_deadline(), move |d| {
             // Given back (or not, once used) under the guard.
             let _spare = spare;
             create(d, r)

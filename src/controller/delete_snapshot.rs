@@ -30,13 +30,16 @@ pub async fn handle(
             return Ok(csi::DeleteSnapshotResponse {});
         };
         let guard = d.locks.try_lock(snap_key(&id))?;
-        d.run(guard, move |d| match d.store.snapshot_get(&rec.id) {
-            // Made meanwhile: a DeleteSnapshot of it deletes it.
-            Some(_) => Err(crate::error::Error::Busy(format!(
-                "snapshot {} was just created; retry",
-                rec.id
-            ))),
-            None => kind.delete_snapshot(&rec),
+        let deadline = kind.op_deadline();
+        d.run_within(guard, deadline, move |d| {
+            match d.store.snapshot_get(&rec.id) {
+                // Made meanwhile: a DeleteSnapshot of it deletes it.
+                Some(_) => Err(crate::error::Error::Busy(format!(
+                    "snapshot {} was just created; retry",
+                    rec.id
+                ))),
+                None => kind.delete_snapshot(&rec),
+            }
         })
         .await?;
         return Ok(csi::DeleteSnapshotResponse {});
@@ -49,7 +52,8 @@ pub async fn handle(
     }
     let mut guard = d.locks.try_lock(snap_key(&id))?;
     guard.also(snap_name_key(&rec.name))?;
-    d.run(guard, move |d| {
+    let deadline = d.kind(rec.kind).ok().and_then(|k| k.op_deadline());
+    d.run_within(guard, deadline, move |d| {
         let Some(mut rec) = d.store.snapshot_get(&id) else {
             return Ok(());
         };

@@ -30,9 +30,10 @@ pub async fn handle(
     }
     let mut guard = d.locks.try_lock(vol_key(&id))?;
     let Some(rec) = d.store.get(&id) else {
-        if d.record_from_id(&id).is_some() {
+        if let Some(rec) = d.record_from_id(&id) {
+            let deadline = d.kind(rec.kind).ok().and_then(|k| k.op_deadline());
             // CreateVolume guards the id too: no record can appear meanwhile.
-            d.run(guard, move |d| match d.record_from_id(&id) {
+            d.run_within(guard, deadline, move |d| match d.record_from_id(&id) {
                 Some(rec) => d.kind(rec.kind)?.clone().delete(&rec),
                 None => Ok(()),
             })
@@ -41,7 +42,8 @@ pub async fn handle(
         return Ok(csi::DeleteVolumeResponse {});
     };
     guard.also(name_key(&rec.name))?;
-    d.run(guard, move |d| {
+    let deadline = d.kind(rec.kind).ok().and_then(|k| k.op_deadline());
+    d.run_within(guard, deadline, move |d| {
         // Read again under the guard.
         let Some(mut rec) = d.store.get(&id) else {
             return Ok(());

@@ -533,6 +533,15 @@ pub trait VolumeKind: Send + Sync {
         false
     }
 
+    /// How long a controller call (CreateVolume, DeleteVolume and the
+    /// snapshot calls) of this kind waits for its operation before it
+    /// answers DEADLINE_EXCEEDED (`Driver::run_within`); the operation goes
+    /// on and keeps its guards until it ends, so a retry meanwhile is
+    /// ABORTED, never a second operation beside it. None: no deadline.
+    fn op_deadline(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// StorageClass parameters this kind understands beyond the generic ones;
     /// any other key is rejected naming the key.
     fn check_parameters(&self, params: &BTreeMap<String, String>) -> Result<()>;

@@ -584,6 +584,15 @@ impl VolumeKind for NfsKind {
         true
     }
 
+    /// The working mount is `hard`: a server that stops answering holds
+    /// any file call on it until it answers again. The call answers after
+    /// a mount's timeout and a statvfs's (the share reached) and one more
+    /// mount's timeout for the directory work; the work goes on (see
+    /// `VolumeKind::op_deadline`).
+    fn op_deadline(&self) -> Option<Duration> {
+        Some(self.timeout * 2 + self.stat_timeout)
+    }
+
     fn check_capability(&self, cap: &Capability) -> Result<()> {
         match &cap.access_type {
             AccessType::Block => Err(Error::Capability(

@@ -218,6 +218,8 @@ pub async fn serve(
     let mode = driver.cfg.mode;
     let mut router = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(tower::util::MapRequestLayer::new(budget_request_body))
         .add_routes(reflection)
         .add_service(csi::identity_server::IdentityServer::new(IdentityService {
@@ -493,6 +495,27 @@ pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The bytes of the HTTP/2 client preface.
 const PREFACE_LEN: usize = 24;
 
+/// How long a connection to the CSI socket may go without sending
+/// anything before berth sends it an HTTP/2 PING (which every HTTP/2
+/// client's stack answers, whatever its calls are doing: a kubelet
+/// waiting 2 minutes for a NodeStageVolume answers it too).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long berth waits for the answer to that PING; a connection that
+/// has not answered by then is closed (hyper's keep-alive), and what it
+/// held (its calls' answers not yet taken, its descriptor) is given back.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a write to a connection may wait for its client to take any
+/// bytes (the socket's buffer full all along) before the connection is
+/// closed: a client's HTTP/2 stack reads its socket whenever bytes come,
+/// whatever its calls do with them (flow control keeps the answers it has
+/// not asked for yet on berth's side), so one that took nothing for this
+/// long is stopped or gone. Without it, a connection whose client stopped
+/// reading was never closed: its keep-alive timed out, but hyper then
+/// waits to write its GOAWAY, for ever.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// An accepted connection that is closed (a read error) when it has not
 /// sent the HTTP/2 preface within `PREFACE_TIMEOUT`: hyper waits for it
 /// without a bound, so a connection that sent nothing, or part of it,
@@ -506,6 +529,10 @@ pub struct Conn {
     /// Until the preface is in: its deadline and the bytes read so far.
     preface: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
     heard: std::sync::Arc<Heard>,
+    /// Since a write has been waiting for the client to take bytes: its
+    /// `WRITE_STALL_TIMEOUT` deadline (made only once a write has had to
+    /// wait).
+    stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {
@@ -518,7 +545,32 @@ impl Conn {
                 closing: std::sync::atomic::AtomicBool::new(false),
                 waker: std::sync::Mutex::new(None),
             }),
+            stall: None,
         }
+    }
+
+    /// `r`, the result of a write (or flush) to the socket; an error once
+    /// writes have waited `WRITE_STALL_TIMEOUT` for the client to take
+    /// anything.
+    fn stalled<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.stall = None;
+            return r;
+        }
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+        if std::future::Future::poll(stall.as_mut(), cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took nothing written to it within the write stall timeout",
+            )));
+        }
+        r
     }
 
     /// An error when `Incoming` closed this connection; otherwise the
@@ -599,7 +651,8 @@ impl tokio::io::AsyncWrite for Conn {
         if let Some(e) = self.closed(cx) {
             return std::task::Poll::Ready(Err(e));
         }
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.stalled(cx, r)
     }
 
     fn poll_write_vectored(
@@ -610,7 +663,8 @@ impl tokio::io::AsyncWrite for Conn {
         if let Some(e) = self.closed(cx) {
             return std::task::Poll::Ready(Err(e));
         }
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.stalled(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -624,7 +678,8 @@ impl tokio::io::AsyncWrite for Conn {
         if let Some(e) = self.closed(cx) {
             return std::task::Poll::Ready(Err(e));
         }
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.stalled(cx, r)
     }
 
     fn poll_shutdown(

@@ -1135,6 +1135,195 @@ async fn connections_that_never_send_the_preface_are_closed() {
         .unwrap();
 }
 
+/// Connections whose client stopped reading are closed within
+/// `server::KEEPALIVE_INTERVAL` and `server::KEEPALIVE_TIMEOUT` (a PING
+/// berth sent unanswered), or `server::WRITE_STALL_TIMEOUT` (answers that
+/// the client never takes), and their descriptors and what they held are
+/// given back; a client that reads (its HTTP/2 stack answers the PINGs)
+/// keeps its idle connection. Before, both were held until the connection
+/// cap closed them: one that sent the preface and then nothing (a client
+/// stopped, a peer frozen) and one that opened 128 calls with the largest
+/// flow-control windows and never read an answer (held in berth's
+/// memory, about 5 KiB each here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_whose_client_stopped_reading_are_closed() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    create_n(&b.sock, 50).await;
+    let pid = b.child.id();
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+    // create_n's connection gone.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = open_fds(pid);
+    // A client that reads, idle all along: its hyper stack answers PINGs.
+    let io = hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(&b.sock).await.unwrap());
+    let (mut reader, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Stopped after its preface and SETTINGS.
+    let mut stopped = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    let mut out = raw_h2::PREFACE.to_vec();
+    out.extend(raw_h2::frame(4, 0, 0, &[]));
+    stopped.write_all(&out).unwrap();
+    // Windows as large as HTTP/2 allows, 128 ListVolumes, never a read.
+    let mut unread = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    let mut out = raw_h2::PREFACE.to_vec();
+    out.extend(raw_h2::frame(4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    out.extend(raw_h2::frame(8, 0, 0, &0x7fff_0000u32.to_be_bytes()));
+    for i in 0..berth::server::MAX_STREAMS_PER_CONNECTION {
+        out.extend(raw_h2::call(1 + 2 * i, "/csi.v1.Controller/ListVolumes"));
+        out.extend(raw_h2::frame(0, 1, 1 + 2 * i, &[0; 5]));
+    }
+    unread.write_all(&out).unwrap();
+    let began = Instant::now();
+    // Whether berth closed its end of `s` (seen without reading it).
+    let hung_up = |s: &std::os::unix::net::UnixStream| {
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(s),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+    };
+    let bound = berth::server::WRITE_STALL_TIMEOUT
+        .max(berth::server::KEEPALIVE_INTERVAL + berth::server::KEEPALIVE_TIMEOUT)
+        + Duration::from_secs(10);
+    while !(hung_up(&stopped) && hung_up(&unread)) {
+        assert!(
+            began.elapsed() < bound,
+            "still open {:?} after the clients stopped reading: the one that stopped {}, the one that never read {}",
+            began.elapsed(),
+            !hung_up(&stopped),
+            !hung_up(&unread)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Not before a PING could have gone unanswered.
+    assert!(
+        began.elapsed() >= berth::server::KEEPALIVE_INTERVAL,
+        "closed after {:?}",
+        began.elapsed()
+    );
+    // Their descriptors are given back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds(pid) > before + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} descriptors open, {before} before (and one client that reads)",
+            open_fds(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The client that reads is still connected, and its call is answered.
+    let req = hyper::Request::post("http://localhost/csi.v1.Controller/ListVolumes")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+            0, 0, 0, 0, 0,
+        ])))
+        .unwrap();
+    let resp = reader
+        .send_request(req)
+        .await
+        .expect("the idle client that reads lost its connection");
+    assert_eq!(resp.status(), 200);
+    drop((stopped, unread));
+    c.identity
+        .probe(Request::new(Default::default()))
+        .await
+        .unwrap();
+}
+
+/// A call that takes longer than the keep-alive's bound (a CreateVolume
+/// whose NFS mount takes 25 s) is answered: its client's HTTP/2 stack
+/// answers berth's PINGs while it waits, and its connection is kept.
+#[tokio::test]
+async fn a_call_longer_than_the_keepalive_bound_is_answered() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let took = berth::server::KEEPALIVE_INTERVAL
+        + berth::server::KEEPALIVE_TIMEOUT
+        + Duration::from_secs(5);
+    std::fs::write(
+        bin.join("mount.nfs"),
+        format!(
+            "#!/bin/sh\nsleep {}\necho 'mount.nfs: access denied by server' >&2\nexit 32\n",
+            took.as_secs()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("mount.nfs"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let sock = dir.path().join("csi.sock");
+    let log = dir.path().join("berth.log");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = Command::new(BIN)
+        .args(berth_args(
+            dir.path(),
+            &sock,
+            &["--kinds", "nfs", "--nfs-timeout", "120"],
+        ))
+        .env("PATH", &path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut b = Berth {
+        child,
+        sock: sock.clone(),
+        log,
+    };
+    wait_accepting(&mut b);
+    let mut c = connect(&format!("unix://{}", sock.display()))
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let r = c
+        .controller
+        .create_volume(Request::new(csi::CreateVolumeRequest {
+            name: "slow".into(),
+            parameters: HashMap::from([
+                ("kind".to_string(), "nfs".to_string()),
+                ("server".to_string(), "127.0.0.1".to_string()),
+                ("share".to_string(), "/export".to_string()),
+            ]),
+            volume_capabilities: vec![mount_cap(
+                berth::csi::v1::volume_capability::access_mode::Mode::MultiNodeMultiWriter,
+            )],
+            ..Default::default()
+        }))
+        .await;
+    assert!(t0.elapsed() >= took, "answered after {:?}", t0.elapsed());
+    // berth's answer to the failed mount, not a connection cut.
+    let e = r.expect_err("a mount that failed");
+    assert!(
+        !matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        ) && e.message().contains("denies this node access"),
+        "{e:?}"
+    );
+}
+
 /// HTTP/2 by hand, for clients no gRPC library would be: frames written
 /// as they are on the wire, header blocks as HPACK literals.
 mod raw_h2 {

@@ -748,7 +748,8 @@ fn budget_request_body(
             held: 0,
             began: tokio::time::Instant::now(),
             late: None,
-            timed_out: false,
+            over: false,
+            framing: Framing::default(),
         })
     })
 }
@@ -764,8 +765,79 @@ struct Budgeted {
     /// The timer of that deadline, made only once the body has had to
     /// wait for its bytes (a small request is usually in whole at once).
     late: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// The deadline passed, and the call was told so.
-    timed_out: bool,
+    /// The body was ended early, and the call was told why: its deadline
+    /// passed, or it ended cut short (`Framing`).
+    over: bool,
+    /// Where the body's gRPC messages begin and end.
+    framing: Framing,
+}
+
+/// A request body's gRPC framing (each message: a flag byte, its length in
+/// 4 bytes, then its bytes), followed as the body arrives: whether it
+/// ended with no message, or part way through one. tonic answers both
+/// INTERNAL before berth's code sees the call ("Missing request message.",
+/// "Unexpected EOF decoding stream."), which says berth failed; a request
+/// the client cut short is a bad argument of the caller's, INVALID_ARGUMENT,
+/// as berth's codec answers a message that does not decode.
+#[derive(Default)]
+struct Framing {
+    /// Of the current message's 5-byte prefix, the bytes seen.
+    prefix: [u8; 5],
+    prefix_seen: usize,
+    /// The current message's bytes still to come after its prefix.
+    left: u64,
+    /// Messages begun.
+    messages: u64,
+}
+
+impl Framing {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = (self.left.min(data.len() as u64)) as usize;
+                self.left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            if self.prefix_seen == 0 {
+                self.messages += 1;
+            }
+            let n = (5 - self.prefix_seen).min(data.len());
+            self.prefix[self.prefix_seen..self.prefix_seen + n].copy_from_slice(&data[..n]);
+            self.prefix_seen += n;
+            data = &data[n..];
+            if self.prefix_seen == 5 {
+                let p = self.prefix;
+                self.left = u32::from_be_bytes([p[1], p[2], p[3], p[4]]).into();
+                self.prefix_seen = 0;
+            }
+        }
+    }
+
+    /// Whether a body that ended here was cut short (`at_end`'s question,
+    /// without its message).
+    fn cut_short(&self) -> bool {
+        self.prefix_seen > 0 || self.left > 0 || self.messages == 0
+    }
+
+    /// What is wrong with a body that ended here, if anything.
+    fn at_end(&self) -> Option<String> {
+        if self.prefix_seen > 0 {
+            Some(format!(
+                "the request ended within a message's 5-byte gRPC prefix ({} of its bytes)",
+                self.prefix_seen
+            ))
+        } else if self.left > 0 {
+            Some(format!(
+                "the request ended {} bytes short of the end of its message",
+                self.left
+            ))
+        } else if self.messages == 0 {
+            Some("the request ended with no message (a call of the CSI services takes one)".into())
+        } else {
+            None
+        }
+    }
 }
 
 impl Budgeted {
@@ -804,7 +876,7 @@ impl tonic::codegen::Body for Budgeted {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, tonic::Status>>> {
         use std::task::Poll;
-        if self.timed_out {
+        if self.over {
             return Poll::Ready(None);
         }
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
@@ -814,7 +886,7 @@ impl tonic::codegen::Body for Budgeted {
                 .late
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
             if std::future::Future::poll(late.as_mut(), cx).is_ready() {
-                self.timed_out = true;
+                self.over = true;
                 // Its bytes go back now, not when the call is dropped.
                 IN_TRANSIT.fetch_sub(
                     std::mem::take(&mut self.held),
@@ -827,21 +899,35 @@ impl tonic::codegen::Body for Budgeted {
             }
             return Poll::Pending;
         }
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                if !self.take(d.len()) {
-                    return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(format!(
-                        "berth is receiving {} MiB of requests that have not arrived whole; try again",
-                        REQUEST_BYTES_IN_TRANSIT >> 20
-                    )))));
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    if !self.take(d.len()) {
+                        return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(format!(
+                            "berth is receiving {} MiB of requests that have not arrived whole; try again",
+                            REQUEST_BYTES_IN_TRANSIT >> 20
+                        )))));
+                    }
+                    self.framing.feed(d);
                 }
             }
+            Poll::Ready(None) => {
+                if let Some(why) = self.framing.at_end() {
+                    // Once: the body has ended for whoever polls again.
+                    self.over = true;
+                    return Poll::Ready(Some(Err(tonic::Status::invalid_argument(why))));
+                }
+            }
+            _ => {}
         }
         r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.timed_out || self.inner.is_end_stream()
+        // Not while its end is still to be told to be cut short (an
+        // empty body taken for ended is never polled: tonic answered
+        // "Missing request message.").
+        self.over || (self.inner.is_end_stream() && !self.framing.cut_short())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

@@ -3023,6 +3023,80 @@ async fn a_request_that_does_not_decode_is_invalid_argument() {
         .unwrap();
 }
 
+/// A request body cut short (its gRPC message ends before the length its
+/// prefix gives, or within the prefix), or one that ended with no message
+/// at all, is INVALID_ARGUMENT, as a message that does not decode is: the
+/// caller sent no whole request. Before, tonic answered both INTERNAL
+/// ("Unexpected EOF decoding stream.", "Missing request message.") before
+/// berth's code saw the call, which says the plugin failed. A whole
+/// request still goes through on the same connection.
+#[tokio::test]
+async fn a_request_cut_short_or_missing_is_invalid_argument() {
+    use http_body_util::BodyExt;
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &[]);
+    let io = hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(&b.sock).await.unwrap());
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // DeleteVolumeRequest { volume_id: "vol-1" }: field 1, 5 bytes.
+    let whole: &[u8] = &[0, 0, 0, 0, 7, 0x0a, 5, b'v', b'o', b'l', b'-', b'1'];
+    type Send = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+    /// The call's grpc-status and grpc-message.
+    async fn call(send: &mut Send, method: &str, body: &[u8]) -> (String, String) {
+        let req = hyper::Request::post(format!("http://localhost{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+                body,
+            )))
+            .unwrap();
+        send.ready().await.unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap();
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        let field = |name: &str| {
+            trailers
+                .get(name)
+                .or_else(|| headers.get(name))
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        (field("grpc-status"), field("grpc-message"))
+    }
+    let invalid = (tonic::Code::InvalidArgument as i32).to_string();
+    for method in [
+        "/csi.v1.Controller/DeleteVolume",
+        "/csi.v1.Node/NodeGetInfo",
+        "/csi.v1.Identity/Probe",
+    ] {
+        for (what, body) in [
+            ("its message cut short", &whole[..9]),
+            ("its prefix cut short", &whole[..3]),
+            ("no message", &whole[..0]),
+        ] {
+            let (code, msg) = call(&mut send, method, body).await;
+            assert_eq!(code, invalid, "{method}, {what}: {code} {msg}");
+        }
+    }
+    // A whole message whose protobuf is cut short inside (a string field
+    // of 5 bytes with 2 sent): berth's codec, INVALID_ARGUMENT already.
+    let (code, msg) = call(
+        &mut send,
+        "/csi.v1.Controller/DeleteVolume",
+        &[0, 0, 0, 0, 4, 0x0a, 5, b'v', b'o'],
+    )
+    .await;
+    assert_eq!(code, invalid, "{code} {msg}");
+    // A whole request on the same connection is answered.
+    let (code, msg) = call(&mut send, "/csi.v1.Identity/Probe", &[0; 5]).await;
+    assert_eq!(code, "0", "{msg}");
+}
+
 /// A second berth whose directories lie inside another berth's (its local
 /// root, or one of its volumes: `--data-dir <first's local root>/.trash/b`)
 /// refuses to start and makes nothing; and a berth whose local root holds

@@ -127,11 +127,13 @@ where
                 // would otherwise start a line of the text log of its own.
                 let rendered = e.render();
                 let msg = escape_controls(&rendered);
-                match code {
-                    tonic::Code::Internal | tonic::Code::DeadlineExceeded => {
-                        tracing::error!(micros, ?code, error = %msg, "rpc failed")
+                if flood::may_log(method, code) {
+                    match code {
+                        tonic::Code::Internal | tonic::Code::DeadlineExceeded => {
+                            tracing::error!(micros, ?code, error = %msg, "rpc failed")
+                        }
+                        _ => tracing::info!(micros, ?code, error = %msg, "rpc failed"),
                     }
-                    _ => tracing::info!(micros, ?code, error = %msg, "rpc failed"),
                 }
                 // The message cut to `MAX_MESSAGE` bytes (the log line
                 // above keeps it whole).
@@ -141,6 +143,116 @@ where
     }
     .instrument(span)
     .await
+}
+
+/// The most "rpc failed" lines logged in a second for one RPC and code.
+pub const FAILED_LINES_PER_SECOND: u32 = 10;
+
+/// A bound on the "rpc failed" lines: a client calling again and again
+/// with a request berth refuses (a loop without back-off, a hostile one)
+/// made berth log one line per call, as fast as it called, and the log
+/// (a node's disk, a log shipper) took all of it. At most
+/// `FAILED_LINES_PER_SECOND` lines a second are logged for one RPC and
+/// code; the calls past them are counted, and once that second is over
+/// one line says how many were not logged. The first failure of another
+/// RPC or code is logged whatever floods beside it; so is the first of
+/// every second.
+mod flood {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    type Key = (&'static str, tonic::Code);
+
+    /// One RPC and code's lines in the second that began at `began`.
+    struct Window {
+        began: Instant,
+        logged: u32,
+        suppressed: u64,
+    }
+
+    static WINDOWS: Mutex<Option<HashMap<Key, Window>>> = Mutex::new(None);
+
+    /// Whether the failure of a call of `method` with `code` is logged
+    /// now; if not, it is counted. Only failed calls come here.
+    pub fn may_log(method: &'static str, code: tonic::Code) -> bool {
+        let now = Instant::now();
+        let Ok(mut windows) = WINDOWS.lock() else {
+            return true;
+        };
+        let w = windows
+            .get_or_insert_with(HashMap::new)
+            .entry((method, code))
+            .or_insert(Window {
+                began: now,
+                logged: 0,
+                suppressed: 0,
+            });
+        let mut report = 0;
+        if now.duration_since(w.began) >= WINDOW {
+            report = std::mem::take(&mut w.suppressed);
+            w.began = now;
+            w.logged = 0;
+        }
+        let log = w.logged < super::FAILED_LINES_PER_SECOND;
+        if log {
+            w.logged += 1;
+        } else {
+            w.suppressed += 1;
+            if w.suppressed == 1 {
+                // Told once the second is over, even when no call of
+                // this kind comes after it.
+                let at = w.began + WINDOW;
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        tokio::time::sleep_until(at.into()).await;
+                        flush(method, code);
+                    });
+                }
+            }
+        }
+        drop(windows);
+        if report > 0 {
+            suppressed(method, code, report);
+        }
+        log
+    }
+
+    /// Reports and forgets the failures of `method` with `code` not
+    /// logged, once their second is over.
+    fn flush(method: &'static str, code: tonic::Code) {
+        let report = {
+            let Ok(mut windows) = WINDOWS.lock() else {
+                return;
+            };
+            let Some(map) = windows.as_mut() else {
+                return;
+            };
+            match map.get(&(method, code)) {
+                Some(w) if w.began.elapsed() >= WINDOW => {
+                    map.remove(&(method, code)).map_or(0, |w| w.suppressed)
+                }
+                _ => 0,
+            }
+        };
+        if report > 0 {
+            suppressed(method, code, report);
+        }
+    }
+
+    fn suppressed(method: &'static str, code: tonic::Code, calls: u64) {
+        // Not within the span of the call that happened to come next.
+        tracing::warn!(
+            parent: None,
+            method,
+            ?code,
+            calls,
+            per_second = super::FAILED_LINES_PER_SECOND,
+            "failed calls not logged: more than the lines logged in a second for one RPC and code"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -819,6 +819,76 @@ async fn a_request_never_forges_a_log_line() {
     }
 }
 
+/// A client that calls again and again with a request berth refuses (300
+/// DeleteVolume without a volume id, as fast as it can) gets at most
+/// `rpc::FAILED_LINES_PER_SECOND` "rpc failed" lines a second for that RPC
+/// and code, then one line with the count of those not logged; a failure
+/// of another kind in the middle of the flood is logged. Before, every
+/// refused call wrote its line: 300 of them.
+#[tokio::test]
+async fn a_flood_of_refused_calls_is_logged_at_a_bounded_rate() {
+    let d = tempfile::tempdir().unwrap();
+    let b = start(d.path(), &["--log-format", "text"]);
+    let mut c = connect(&b.sock.display().to_string()).await.unwrap();
+    let calls = 300u64;
+    let began = Instant::now();
+    for i in 0..calls {
+        let e = c
+            .controller
+            .delete_volume(Request::new(Default::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        if i == calls / 2 {
+            let e = c
+                .controller
+                .create_volume(Request::new(create_req("", 1 << 20)))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        }
+    }
+    let took = began.elapsed();
+    // Lines of "rpc failed" for `method`, and the calls of DeleteVolume
+    // the log says were not logged.
+    let counts = |log: &str, method: &str| {
+        let failed = log
+            .lines()
+            .filter(|l| l.contains("rpc failed") && l.contains(&format!("method=\"{method}\"")))
+            .count() as u64;
+        let not_logged: u64 = log
+            .lines()
+            .filter(|l| l.contains("failed calls not logged") && l.contains("DeleteVolume"))
+            .map(|l| {
+                let n = l.split("calls=").nth(1).expect(l);
+                n.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse::<u64>()
+                    .expect(l)
+            })
+            .sum();
+        (failed, not_logged)
+    };
+    // The count of those not logged comes once their second is over.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (log, logged, not_logged) = loop {
+        let log = std::fs::read_to_string(&b.log).unwrap();
+        let (logged, not_logged) = counts(&log, "DeleteVolume");
+        if logged + not_logged >= calls || Instant::now() > deadline {
+            break (log, logged, not_logged);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let most = berth::rpc::FAILED_LINES_PER_SECOND as u64 * (took.as_secs() + 2);
+    assert!(
+        (1..=most).contains(&logged),
+        "{logged} lines for {calls} refused calls in {took:?}"
+    );
+    assert_eq!(counts(&log, "CreateVolume").0, 1, "{log}");
+    assert_eq!(logged + not_logged, calls, "{log}");
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();

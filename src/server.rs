@@ -533,6 +533,8 @@ pub struct Conn {
     /// `WRITE_STALL_TIMEOUT` deadline (made only once a write has had to
     /// wait).
     stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The waker last handed to `heard` (`closed`).
+    given: Option<std::task::Waker>,
 }
 
 impl Conn {
@@ -546,6 +548,7 @@ impl Conn {
                 waker: std::sync::Mutex::new(None),
             }),
             stall: None,
+            given: None,
         }
     }
 
@@ -574,14 +577,19 @@ impl Conn {
     }
 
     /// An error when `Incoming` closed this connection; otherwise the
-    /// task's waker is kept for it to do so.
-    fn closed(&self, cx: &std::task::Context<'_>) -> Option<std::io::Error> {
+    /// task's waker is kept for it to do so. The waker is handed over (a
+    /// lock) only when it is not the one handed over last: once for a
+    /// connection, whose reads and writes all come from its one task.
+    /// Before, every read and write took the lock.
+    fn closed(&mut self, cx: &std::task::Context<'_>) -> Option<std::io::Error> {
         use std::sync::atomic::Ordering;
         if !self.heard.closing.load(Ordering::Relaxed) {
+            if self.given.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                return None;
+            }
             if let Ok(mut w) = self.heard.waker.lock() {
-                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *w = Some(cx.waker().clone());
-                }
+                *w = Some(cx.waker().clone());
+                self.given = Some(cx.waker().clone());
             }
             // Told meanwhile: its wake-up may have missed the waker.
             if !self.heard.closing.load(Ordering::Relaxed) {
@@ -1050,6 +1058,54 @@ mod tests {
             assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         }
         assert_eq!(both, 0, "rounds of 300 where both binds succeeded");
+    }
+
+    /// A connection's reads take no lock once its task's waker has been
+    /// handed over (the lock is held here, and a read still returns), and
+    /// `Incoming` closing it wakes that task and fails its next read.
+    /// Before, every read and write took the lock (here: waited for it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connections_reads_take_no_lock_once_its_waker_is_handed_over() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let woken = std::sync::Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(woken.clone());
+        let (a, _peer) = tokio::net::UnixStream::pair().unwrap();
+        let mut conn = Conn::new(a);
+        let heard = conn.heard.clone();
+        let read = |conn: &mut Conn, waker: &Waker| {
+            let mut buf = [0u8; 16];
+            let mut buf = tokio::io::ReadBuf::new(&mut buf);
+            let mut cx = Context::from_waker(waker);
+            match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(conn), &mut cx, &mut buf) {
+                Poll::Pending => None,
+                Poll::Ready(r) => Some(r.map_err(|e| e.kind())),
+            }
+        };
+        assert_eq!(read(&mut conn, &waker), None);
+        let held = heard.waker.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = waker.clone();
+        std::thread::spawn(move || {
+            let r = read(&mut conn, &w);
+            let _ = tx.send((r, conn));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5));
+        drop(held);
+        let (r, mut conn) = got.expect("a read waited for the lock of the connection's waker");
+        assert_eq!(r, None);
+        heard.close();
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            read(&mut conn, &waker),
+            Some(Err(std::io::ErrorKind::ConnectionAborted))
+        );
     }
 
     /// A socket whose listener stopped accepting and whose backlog is full

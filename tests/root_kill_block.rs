@@ -1516,7 +1516,7 @@ impl KillAt {
 /// The kill points of the disk-pool tests. By default a thread's 1st to
 /// 6th fsync (a disk volume's marker is synced just before its Ready
 /// record: a kill between the two is found only so), then 0 to 400 ms
-/// after the RPC is sent in steps of 20 ms (a disk's RPCs take longer
+/// after the RPC is sent in steps of 50 ms (a disk's RPCs take longer
 /// than a file's: its blank check, its erase; the steps are coarse because
 /// each point restarts berth and CI runs this suite on its critical path,
 /// while the fsyncs find the narrow windows). PROBE_BERTH_SYS=<syscall>
@@ -1530,7 +1530,7 @@ fn disk_kills() -> Vec<KillAt> {
             .map(|k| KillAt::Sys(sys.clone(), k + 1))
             .collect();
     }
-    let delays = sweep_or(400_000, 20_000).into_iter().map(KillAt::After);
+    let delays = sweep_or(400_000, 50_000).into_iter().map(KillAt::After);
     if std::env::var("PROBE_MAX_US").is_ok() {
         return delays.collect();
     }

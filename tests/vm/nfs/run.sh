@@ -91,9 +91,11 @@ berth_check "berth bench snapshot in NFS mode (4 MiB in 32 files; numbers not as
 berth_check "no NFS mount left after the snapshot bench" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
 
 berth_check "canary at the share root intact" eval '[ "$(sha256sum < /export/canary)" = "$CANARY" ]'
-# An empty snapshot area may stay (Berth keeps it); nothing in it may.
+# An empty snapshot area may stay (Berth keeps it); nothing in it may. The
+# share's marker (.berth-share, written by the first CreateVolume) stays too,
+# as a small regular file of its own, checked below.
 leftovers() {
-  ls -A /export | grep -vxE 'canary|lost\+found|\.berth-snapshots'
+  ls -A /export | grep -vxE 'canary|lost\+found|\.berth-snapshots|\.berth-share'
   ls -A /export/.berth-snapshots 2>/dev/null | sed 's|^|.berth-snapshots/|'
 }
 # What a leftover holds (a silly-renamed .nfs* file, data), to tell why.
@@ -103,6 +105,7 @@ leftover_contents() {
     find "/export/$n" -maxdepth 2 -printf '%p %y %s bytes\n' 2>&1 | head -20
   done
 }
+berth_check "the share's marker is a small regular file at the share root" eval '[ -f /export/.berth-share ] && [ ! -L /export/.berth-share ] && [ "$(stat -c %s /export/.berth-share)" -lt 4096 ]'
 berth_check "nothing left on the share" eval '[ -z "$(leftovers)" ]' || leftover_contents
 berth_check "no NFS mount left" eval '[ -z "$(nfs_mounts)" ]' || nfs_mounts
 berth_check "no mount process left" eval '[ -z "$(mount_procs)" ]' || mount_procs

@@ -765,6 +765,35 @@ async fn unstage(c: &CsiClient, id: &str, staging: &Path) {
     .await;
 }
 
+/// NodeStageVolume of `id` with `cap` at `staging` (made first), retried
+/// until it answers OK (`what` names it in the retry's messages); then the
+/// first `len` bytes of the device file staged there.
+async fn stage_and_read(
+    c: &CsiClient,
+    what: &str,
+    id: &str,
+    cap: &csi::VolumeCapability,
+    staging: &Path,
+    len: usize,
+) -> Vec<u8> {
+    std::fs::create_dir_all(staging).unwrap();
+    let req = csi::NodeStageVolumeRequest {
+        volume_capability: Some(cap.clone()),
+        ..stage_req(id, staging)
+    };
+    retry(what, || {
+        let mut c = c.clone();
+        let r = req.clone();
+        async move { c.node.node_stage_volume(Request::new(r)).await }
+    })
+    .await;
+    let mut got = vec![0u8; len];
+    std::fs::File::open(staging.join(id))
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut got))
+        .unwrap();
+    got
+}
+
 /// CreateSnapshot `req`, retried until it answers OK: the snapshot's id.
 async fn snapshot(c: &CsiClient, req: &csi::CreateSnapshotRequest) -> String {
     retry("CreateSnapshot", || {
@@ -922,21 +951,7 @@ async fn killed_during_snapshot_restore() {
             }
         }
         let rstaging = d.path().join(format!("pods/{i}/rstaging"));
-        std::fs::create_dir_all(&rstaging).unwrap();
-        let rs = csi::NodeStageVolumeRequest {
-            volume_capability: Some(cap.clone()),
-            ..stage_req(&rid, &rstaging)
-        };
-        retry("NodeStage restore", || {
-            let mut c = c.clone();
-            let r = rs.clone();
-            async move { c.node.node_stage_volume(Request::new(r)).await }
-        })
-        .await;
-        let mut got = vec![0u8; tag.len()];
-        std::fs::File::open(rstaging.join(&rid))
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut got))
-            .unwrap();
+        let got = stage_and_read(&c, "NodeStage restore", &rid, &cap, &rstaging, tag.len()).await;
         if got != tag {
             fails.push(format!("{us}us: restore holds other data"));
         }
@@ -2072,21 +2087,15 @@ async fn disk_copy_kill(clone: bool) {
             }
         }
         let rstaging = d.path().join(format!("pods/{i}/rstaging"));
-        std::fs::create_dir_all(&rstaging).unwrap();
-        let rs = csi::NodeStageVolumeRequest {
-            volume_capability: Some(cap.clone()),
-            ..stage_req(&rid, &rstaging)
-        };
-        retry("NodeStage of the copy", || {
-            let mut c = c.clone();
-            let r = rs.clone();
-            async move { c.node.node_stage_volume(Request::new(r)).await }
-        })
+        let got = stage_and_read(
+            &c,
+            "NodeStage of the copy",
+            &rid,
+            &cap,
+            &rstaging,
+            tag.len(),
+        )
         .await;
-        let mut got = vec![0u8; tag.len()];
-        std::fs::File::open(rstaging.join(&rid))
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut got))
-            .unwrap();
         if got != tag {
             fails.push(format!("{at}: the copy holds other data"));
         }

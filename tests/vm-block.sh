@@ -32,7 +32,7 @@ use_local_bin
 grep CapEff /proc/self/status
 mkdir -p /var/tmp/rb
 # The tests that detach a loop device by hand run alone (run-all.sh).
-DETACH="a_refused_stage_leaves_no_attachment a_reboot_under_a_raw_publish_leaves_nothing_behind a_claim_let_go_beside_spawning_commands_leaves_the_disk_free_at_once"
+DETACH="a_refused_stage_leaves_no_attachment a_reboot_under_a_raw_publish_leaves_nothing_behind a_claim_let_go_beside_spawning_commands_leaves_the_disk_free_at_once a_detached_loop_disk_is_missing_and_only_its_own_file_is_wiped"
 SKIP=(); for t in $DETACH; do SKIP+=(--skip "$t"); done
 TMPDIR=/var/tmp/rb RUST_BACKTRACE=1 root_block --ignored --test-threads=2 --nocapture "${SKIP[@]}" 2>&1 | tee /share/tests.log
 rc=${PIPESTATUS[0]}

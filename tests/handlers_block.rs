@@ -2574,6 +2574,7 @@ async fn a_disk_record_naming_a_device_outside_the_pool_never_erases_it() {
         minor: 0,
         size_bytes: (64 * MIB) as u64,
         loop_backing: None,
+        loop_range: None,
     });
     forged.block = Some(info);
     forge_records(dir.path(), &[forged.clone()], &[]);
@@ -3531,12 +3532,24 @@ async fn a_missing_disk_back_under_another_name_is_not_offered_unwiped() {
 /// directories), listed in the pool directory as `disks/<name>`, a link to
 /// its node: a loop device used as a disk.
 fn loop_disk(h: &Harness, name: &str, size: i64) -> (PathBuf, berth::os::LoopInfo) {
+    loop_disk_at(h, name, size, 0, 0)
+}
+
+/// `loop_disk` over a file of `len` bytes, the loop device showing the
+/// part of it from `offset`, of at most `sizelimit` bytes (0: to its end).
+fn loop_disk_at(
+    h: &Harness,
+    name: &str,
+    len: i64,
+    offset: i64,
+    sizelimit: i64,
+) -> (PathBuf, berth::os::LoopInfo) {
     let file = h.path(&format!("{name}.img"));
     std::fs::File::create(&file)
         .unwrap()
-        .set_len(size as u64)
+        .set_len(len as u64)
         .unwrap();
-    let l = h.fake().add_loop(&file);
+    let l = h.fake().add_loop_at(&file, offset as u64, sizelimit as u64);
     let dir = h.path("disks");
     std::fs::create_dir_all(&dir).unwrap();
     std::os::unix::fs::symlink(&l.device, dir.join(name)).unwrap();
@@ -3804,13 +3817,7 @@ async fn a_loop_disk_attached_again_at_another_number_is_still_its_volume() {
         .unwrap();
     // Attached twice: which one is the disk cannot be told.
     let twice = f.add_loop(&file);
-    let e = h
-        .node
-        .node_stage_volume(Request::new(stage_with(&v, &s, raw_cap())))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("2 loop devices"), "{}", e.message());
+    raw_stage_refused(&h, &v, &s, "2 loop devices").await;
     let e = try_delete(&h, &v).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert_eq!(erasures(&f), 0, "{:?}", f.calls());
@@ -3884,6 +3891,183 @@ async fn a_loop_disk_attached_again_at_another_number_is_not_offered() {
         .node_stage_volume(Request::new(stage_with(&v, &h.path("s"), raw_cap())))
         .await
         .unwrap_or_else(|e| panic!("stage: {e:?}"));
+}
+
+/// NodeStageVolume of `id`, raw at `staging`: FAILED_PRECONDITION, saying
+/// `says`.
+async fn raw_stage_refused(h: &Harness, id: &str, staging: &Path, says: &str) {
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_with(id, staging, raw_cap())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(says), "{}", e.message());
+}
+
+/// NodeStageVolume of `id`, raw at `staging`, then its NodeUnstageVolume:
+/// both must succeed (`what` says which case failed).
+async fn stage_and_unstage_raw(h: &Harness, id: &str, staging: &Path, what: &str) {
+    h.node
+        .node_stage_volume(Request::new(stage_with(id, staging, raw_cap())))
+        .await
+        .unwrap_or_else(|e| panic!("stage of {what}: {e:?}"));
+    h.node
+        .node_unstage_volume(Request::new(unstage(id, staging)))
+        .await
+        .unwrap_or_else(|e| panic!("unstage of {what}: {e:?}"));
+}
+
+/// A loop disk over the first 64 MiB of a 65 MiB file: its volume's
+/// record keeps the part of the file the device shows (offset 0, size
+/// limit 64 MiB). The file attached again at the disk's number showing
+/// another part of it, of the same size (1 MiB further in; or from 1 MiB
+/// to its end, without a size limit), is not the disk: NodeStageVolume
+/// and DeleteVolume answer FAILED_PRECONDITION naming what differs,
+/// ControllerGetVolume says abnormal, and nothing is erased. Before, only
+/// the file and the size were compared, so that device passed for the
+/// disk: handed to the volume's pods and zeroed at its delete. A record
+/// made before the part was kept takes it, as before; the disk's own part
+/// attached again is the disk.
+#[tokio::test]
+async fn a_loop_disks_file_attached_at_another_offset_is_not_its_disk() {
+    use berth::os::LoopDevices;
+    let h = disk_harness();
+    let f = h.fake();
+    script_blank(f);
+    let (file, l) = loop_disk_at(&h, "d0", 65 * MIB, 0, 64 * MIB);
+    let v = create(&h, "v", 64 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let rec = h.driver.store.get(&v).unwrap();
+    assert_eq!(
+        rec.block
+            .as_ref()
+            .unwrap()
+            .disk
+            .as_ref()
+            .unwrap()
+            .loop_range,
+        Some(berth::state::LoopRange {
+            offset: 0,
+            sizelimit: (64 * MIB) as u64,
+        })
+    );
+    let s = h.path("s");
+    for (offset, sizelimit, says) in [
+        (MIB, 64 * MIB, "offset is 1048576, the disk's was 0"),
+        (MIB, 0, "sizelimit is 0, the disk's was 67108864"),
+    ] {
+        LoopDevices::detach(f, &l.device).unwrap();
+        let moved = f.add_loop_at(&file, offset as u64, sizelimit as u64);
+        assert_eq!(
+            (moved.device.clone(), moved.minor),
+            (l.device.clone(), l.minor)
+        );
+        raw_stage_refused(&h, &v, &s, says).await;
+        let c = get_volume(&h, &v).await;
+        assert!(c.abnormal && c.message.contains(says), "{c:?}");
+    }
+    // A record made before the part was kept: taken, as before.
+    let mut old = rec.clone();
+    old.block
+        .as_mut()
+        .unwrap()
+        .disk
+        .as_mut()
+        .unwrap()
+        .loop_range = None;
+    h.driver.store.put(&old).unwrap();
+    stage_and_unstage_raw(&h, &v, &s, "a record without the part").await;
+    let mut now = h.driver.store.get(&v).unwrap();
+    now.block.as_mut().unwrap().disk = rec.block.as_ref().unwrap().disk.clone();
+    h.driver.store.put(&now).unwrap();
+    // The disk's own part again: the disk.
+    LoopDevices::detach(f, &l.device).unwrap();
+    f.add_loop_at(&file, 0, (64 * MIB) as u64);
+    stage_and_unstage_raw(&h, &v, &s, "the disk's own part").await;
+    // Moved again: its delete erases nothing.
+    LoopDevices::detach(f, &l.device).unwrap();
+    f.add_loop_at(&file, MIB as u64, (64 * MIB) as u64);
+    let e = try_delete(&h, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("offset"), "{}", e.message());
+    assert_eq!(erasures(f), 0, "{:?}", f.calls());
+}
+
+/// A plain disk create cut short after its disk was claimed and before
+/// its marker (its record says Creating, no marker), the disk a loop
+/// device; its number now shows another file of the same size, with
+/// someone's data. The CO's retry of that CreateVolume answers ABORTED
+/// and makes nothing Ready (no marker, no mkfs, no erase); the rollback
+/// that runs every minute (as at start-up) releases the record without
+/// touching the device; a later retry finds no free disk
+/// (RESOURCE_EXHAUSTED: the other file holds data). Before, the retry
+/// answered with the volume, Ready and marked, on a disk that every
+/// stage then refused. With its marker there (a create cut short between
+/// marker and Ready record), the rollback holds the disk, never erases
+/// the device at its path, and the retry does not take the volume back
+/// while its disk is not found (guard).
+#[tokio::test]
+async fn a_creating_disk_record_whose_device_path_shows_another_device_never_uses_it() {
+    use berth::os::LoopDevices;
+    for marked in [false, true] {
+        let h = disk_harness();
+        let f = h.fake();
+        script_blank(f);
+        let (_, l) = loop_disk(&h, "d0", 64 * MIB);
+        let req = create_req_p("v", 64 * MIB, &[("pool", "disk")]);
+        let v = created_id(h.ctl.create_volume(Request::new(req.clone())).await);
+        let mut r = h.driver.store.get(&v).unwrap();
+        h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+        if !marked {
+            std::fs::remove_file(disk_marker(&h, &v)).unwrap();
+        }
+        LoopDevices::detach(f, &l.device).unwrap();
+        let other = h.path("other.img");
+        std::fs::write(&other, vec![0x5au8; (64 * MIB) as usize]).unwrap();
+        assert_eq!(f.add_loop(&other).device, l.device);
+        f.clear_calls();
+        if !marked {
+            let e = h
+                .ctl
+                .create_volume(Request::new(req.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Aborted, "{e:?}");
+            assert!(
+                e.message().contains("not found as recorded"),
+                "{}",
+                e.message()
+            );
+            assert_eq!(h.driver.store.get(&v).unwrap().phase, Phase::Creating);
+            assert!(!disk_marker(&h, &v).exists(), "marked");
+        }
+        retry_pending_and_wait(&h).await;
+        assert!(
+            h.driver.store.get(&v).is_none(),
+            "marked {marked}: not rolled back"
+        );
+        let held = berth::kinds::block::held_id(&v);
+        assert_eq!(
+            h.driver.store.get(&held).is_some(),
+            marked,
+            "marked {marked}"
+        );
+        let e = h
+            .ctl
+            .create_volume(Request::new(req.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "marked {marked}: {e:?}");
+        assert_eq!(erasures(f), 0, "marked {marked}: {:?}", f.calls());
+        assert!(
+            !f.calls().iter().any(|c| format!("{c:?}").contains("mkfs")),
+            "{:?}",
+            f.calls()
+        );
+        assert!(std::fs::read(&other).unwrap().iter().all(|&b| b == 0x5a));
+    }
 }
 
 #[tokio::test]
@@ -5730,6 +5914,28 @@ async fn a_raw_disk_create_whose_ready_was_lost_is_held_not_offered() {
     assert_eq!(&buf, b"tenant data");
 }
 
+/// A plain disk create ("v", 8 MiB, given d10) killed between its marker
+/// and its Ready record (the record says Creating, the marker is there),
+/// and the start-up after it, which holds the disk. Returns the harness,
+/// the create's request, the volume's id and its hold's.
+async fn disk_create_held_at_start_up() -> (Harness, csi::CreateVolumeRequest, String, String) {
+    let h = disk_harness();
+    let dir = disks(&h, None);
+    script_blank(h.fake());
+    let req = create_req_p("v", 8 * MIB, &[("pool", "disk")]);
+    let vol = created_id(h.ctl.create_volume(Request::new(req.clone())).await);
+    assert_eq!(block_info(&h, &vol).disk.unwrap().path, dir.join("d10"));
+    // What the kill leaves: the marker made, no Ready record.
+    let mut r = h.driver.store.get(&vol).unwrap();
+    h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+    assert!(disk_marker(&h, &vol).is_file());
+    let h = restart_disks(h.stop());
+    let held = berth::kinds::block::held_id(&vol);
+    assert!(h.driver.store.get(&held).is_some(), "no hold");
+    assert!(h.driver.store.get(&vol).is_none(), "not rolled back");
+    (h, req, vol, held)
+}
+
 /// A plain create onto a disk killed between its marker and its Ready
 /// record (its record says Creating, its marker is there, as root_kill_block
 /// `killed_during_disk_create` leaves it): start-up holds the disk, as for
@@ -5741,21 +5947,9 @@ async fn a_raw_disk_create_whose_ready_was_lost_is_held_not_offered() {
 /// held disk, nor does a request of the name that differs.
 #[tokio::test]
 async fn a_disk_create_killed_before_its_ready_record_is_given_to_its_retry() {
-    let h = disk_harness();
-    let dir = disks(&h, None);
-    script_blank(h.fake());
-    let req = create_req_p("v", 8 * MIB, &[("pool", "disk")]);
-    let vol = created_id(h.ctl.create_volume(Request::new(req.clone())).await);
+    let (h, req, vol, held) = disk_create_held_at_start_up().await;
+    let dir = h.path("disks");
     let d10 = dir.join("d10");
-    assert_eq!(block_info(&h, &vol).disk.unwrap().path, d10);
-    // What the kill leaves: the marker made, no Ready record.
-    let mut r = h.driver.store.get(&vol).unwrap();
-    h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
-    assert!(disk_marker(&h, &vol).is_file());
-    let h = restart_disks(h.stop());
-    let held = berth::kinds::block::held_id(&vol);
-    assert!(h.driver.store.get(&held).is_some(), "no hold");
-    assert!(h.driver.store.get(&vol).is_none(), "not rolled back");
     // Another name, or the name with another size, never gets it.
     let other = create(&h, "other", 8 * MIB, &[("pool", "disk")])
         .await
@@ -5834,6 +6028,164 @@ async fn a_disk_restore_killed_before_its_ready_record_is_given_to_its_retry() {
         "the restored disk was formatted: {:?}",
         h.fake().calls()
     );
+}
+
+/// Runs `op` with the journal write that comes `skip` writes from now
+/// failing (ENOSPC, as on a full state filesystem); the writes before it,
+/// and those after the fault is cleared, go through. With the answer,
+/// whether that write was reached at all (within 10 s).
+async fn with_journal_write_failing<T>(
+    h: &Harness,
+    skip: usize,
+    op: impl std::future::Future<Output = T>,
+) -> (T, bool) {
+    let f = h.fake.clone().unwrap();
+    let state = h.path("state");
+    let held = f.hold_op_under_after("write", &state, skip);
+    let f2 = f.clone();
+    let injector = tokio::task::spawn_blocking(move || {
+        let reached = held.wait_reached(std::time::Duration::from_secs(10));
+        if reached {
+            f2.fail_op_under("write", &state, libc::ENOSPC);
+        }
+        held.release();
+        reached
+    });
+    let out = op.await;
+    let reached = injector.await.unwrap();
+    f.clear_file_faults();
+    f.clear_holds();
+    (out, reached)
+}
+
+/// A plain disk create killed between its marker and its Ready record,
+/// held at start-up, whose CO retry takes the volume back from its hold
+/// while the journal write that removes the hold (the take-back's last)
+/// fails: the retry fails, the volume's record says Creating beside its
+/// hold. Returns the harness, the request, the volume's id and its hold's.
+async fn taken_back_while_the_holds_removal_fails(
+) -> (Harness, csi::CreateVolumeRequest, String, String) {
+    let (h, req, vol, held) = disk_create_held_at_start_up().await;
+    // The take-back writes the volume's record, then removes the hold.
+    let (r, reached) =
+        with_journal_write_failing(&h, 1, h.ctl.create_volume(Request::new(req.clone()))).await;
+    assert!(reached, "the hold's removal was never written");
+    assert!(r.is_err(), "{r:?}");
+    assert!(h.driver.store.get(&held).is_some());
+    assert_eq!(h.driver.store.get(&vol).unwrap().phase, Phase::Creating);
+    (h, req, vol, held)
+}
+
+/// The CO's retry of a disk create whose hold's removal failed (the last
+/// journal write of taking the volume back from its hold, `adopt_held`)
+/// makes the volume Ready and removes the hold. Before, the hold stayed
+/// beside the finished volume for good: `berth state check` reported its
+/// disk as held, and once the volume was deleted the disk was never
+/// offered again (the hold still claimed it).
+#[tokio::test]
+async fn a_hold_whose_removal_failed_is_removed_by_the_retry_of_its_create() {
+    let (h, req, vol, held) = taken_back_while_the_holds_removal_fails().await;
+    let again = created_id(h.ctl.create_volume(Request::new(req)).await);
+    assert_eq!(again, vol);
+    assert_eq!(h.driver.store.get(&vol).unwrap().phase, Phase::Ready);
+    assert!(
+        h.driver.store.get(&held).is_none(),
+        "the hold stays beside the finished volume"
+    );
+    let (clean, out) = state_check(&h);
+    assert!(clean && !out.contains(&held), "{out}");
+    delete(&h, &vol).await;
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+    assert!(!disk_marker(&h, &vol).exists());
+}
+
+/// The retry of that create makes the volume Ready, and the hold's
+/// removal fails again (or berth stops before it): the hold is left
+/// beside the Ready record of the volume taken back from it, with the
+/// same disk. `berth state check` says so (a warning, not a held disk),
+/// and the next start-up removes it. Before, nothing ever did.
+#[tokio::test]
+async fn a_hold_left_beside_its_ready_volume_is_removed_at_start_up() {
+    let (h, req, vol, held) = taken_back_while_the_holds_removal_fails().await;
+    // The record says Ready (write 0), the hold's removal fails (write 1).
+    let (r, reached) =
+        with_journal_write_failing(&h, 1, h.ctl.create_volume(Request::new(req))).await;
+    assert!(reached, "the retry never removed the hold");
+    assert_eq!(created_id(r), vol, "the volume is whole: answered");
+    assert_eq!(h.driver.store.get(&vol).unwrap().phase, Phase::Ready);
+    assert!(h.driver.store.get(&held).is_some());
+    let (_, out) = state_check(&h);
+    let line = out
+        .lines()
+        .find(|l| l.contains(&held))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("start-up removes it"), "{line}");
+    let h = restart_disks(h.stop());
+    assert!(h.driver.store.get(&held).is_none(), "the hold stays");
+    assert_eq!(h.driver.store.get(&vol).unwrap().phase, Phase::Ready);
+    assert!(disk_marker(&h, &vol).is_file());
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    delete(&h, &vol).await;
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+}
+
+/// A hold beside the Ready record of its volume that does not name the
+/// same disk, or the same volume name, is no leftover of a take-back:
+/// start-up leaves it, and `berth state check` reports the disk as held.
+/// Guard.
+#[tokio::test]
+async fn a_hold_unlike_its_ready_volume_is_never_removed() {
+    for differs in ["disk", "name"] {
+        let (h, req, vol, held) = taken_back_while_the_holds_removal_fails().await;
+        let (r, reached) =
+            with_journal_write_failing(&h, 1, h.ctl.create_volume(Request::new(req))).await;
+        assert!(reached);
+        assert_eq!(created_id(r), vol);
+        let mut hold = h.driver.store.get(&held).unwrap();
+        if differs == "disk" {
+            let dir = h.path("disks");
+            let d = hold.block.as_mut().unwrap().disk.as_mut().unwrap();
+            d.path = dir.join("d20");
+            d.device = dir.join("d20");
+            d.by_id = Some(dir.with_file_name("by-id").join("ata-DISK_d20"));
+            (d.major, d.minor, d.size_bytes) = (8, 32, (20 * MIB) as u64);
+        } else {
+            let mut context = (*hold.context).clone();
+            context.insert("volume-name".into(), "another".into());
+            hold.context = context.into();
+        }
+        h.driver.store.put(&hold).unwrap();
+        let h = restart_disks(h.stop());
+        assert!(h.driver.store.get(&held).is_some(), "{differs}: removed");
+        let (clean, out) = state_check(&h);
+        let line = out
+            .lines()
+            .find(|l| l.contains(&held))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(!clean && line.contains("is held"), "{differs}: {line}");
+    }
+}
+
+/// `berth state release` of a hold writes the record that has its disk
+/// erased (`wipe-`), then removes the hold; should that removal fail, both
+/// are left. A CreateVolume of the held volume's name must not then take
+/// the volume back from the hold: the operator released the disk and its
+/// erase is due (berth's next retry of pending deletes does it). Before,
+/// it was taken back, and the claim got its volume on a disk being, or
+/// about to be, zeroed. The hold stays (it matches no Ready record).
+#[tokio::test]
+async fn a_released_hold_is_never_taken_back() {
+    let (h, req, vol, held) = disk_create_held_at_start_up().await;
+    let dir = h.path("disks");
+    let hold = h.driver.store.get(&held).unwrap();
+    let wipe = berth::kinds::block::released(&hold).unwrap();
+    h.driver.store.put(&wipe).unwrap();
+    let again = created_id(h.ctl.create_volume(Request::new(req)).await);
+    assert_ne!(again, vol, "taken back from a released hold");
+    assert_eq!(block_info(&h, &again).disk.unwrap().path, dir.join("d20"));
+    assert!(h.driver.store.get(&held).is_some());
+    assert!(h.driver.store.get(&vol).is_none());
 }
 
 /// A disk volume made before disk markers were (a Ready record, no

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::blockdev::{BlockDevices, DeviceClaim, DeviceInfo};
 use super::command::{CmdOutput, Runner};
 use super::files::{Files, Open, RealFiles};
-use super::loopdev::{AttachOptions, LoopDevices, LoopInfo};
+use super::loopdev::{AttachOptions, LoopDevices, LoopInfo, LoopStatus};
 use super::mount::{BindCalls, MountAttr};
 use super::mountinfo::{self, MountEntry, MountTable};
 use super::mountpoint::MountProbe;
@@ -94,6 +94,11 @@ pub struct FileOp {
 struct FakeLoop {
     backing: PathBuf,
     id: (u64, u64),
+    /// Where the device starts in its file, and at most how many bytes
+    /// it shows (0: to the file's end), as `LOOP_GET_STATUS64` tells
+    /// (`add_loop_at`). Reads and writes of the fake device ignore them.
+    offset: u64,
+    sizelimit: u64,
     read_only: bool,
     direct_io: bool,
     autoclear: bool,
@@ -517,6 +522,14 @@ impl FakeOs {
         h
     }
 
+    /// Forgets every hold (`hold_op_under`), letting go of any change
+    /// waiting at one: a hold set later is the first a change meets again.
+    pub fn clear_holds(&self) {
+        for (_, _, h) in lock(&self.holds).drain(..) {
+            h.release();
+        }
+    }
+
     pub fn clear_file_faults(&self) {
         lock(&self.file_faults_under).clear();
         *lock(&self.file_fault_at) = None;
@@ -843,6 +856,27 @@ impl FakeOs {
         self.bind_loop(file, AttachOptions::default())
     }
 
+    /// `add_loop` of the part of `file` from `offset`, of at most
+    /// `sizelimit` bytes (0: to its end), as `losetup --offset
+    /// --sizelimit` attaches: the device's size is what the kernel gives
+    /// it (the file's length less the offset, capped at the size limit).
+    /// Reads and writes of the fake device still reach the file from its
+    /// start.
+    pub fn add_loop_at(&self, file: &Path, offset: u64, sizelimit: u64) -> LoopInfo {
+        let info = self.bind_loop(file, AttachOptions::default());
+        if let Some(l) = lock(&self.loops).get_mut(&info.minor) {
+            l.offset = offset;
+            l.sizelimit = sizelimit;
+            let rest = l.size.saturating_sub(offset);
+            l.size = if sizelimit > 0 {
+                rest.min(sizelimit)
+            } else {
+                rest
+            };
+        }
+        info
+    }
+
     /// The bound fake loop devices.
     pub fn loops(&self) -> Vec<LoopInfo> {
         lock(&self.loops)
@@ -883,6 +917,8 @@ impl FakeOs {
         let l = FakeLoop {
             backing: file.to_path_buf(),
             id,
+            offset: 0,
+            sizelimit: 0,
             read_only: opts.read_only,
             direct_io: opts.direct_io,
             autoclear: false,
@@ -1370,9 +1406,16 @@ impl LoopDevices for FakeOs {
         Ok(self.loops())
     }
 
-    fn backing_id(&self, device: &Path) -> Result<(u64, u64), OsError> {
+    fn status(&self, device: &Path) -> Result<LoopStatus, OsError> {
         Self::loop_index(device)
-            .and_then(|n| lock(&self.loops).get(&n).map(|l| l.id))
+            .and_then(|n| {
+                lock(&self.loops).get(&n).map(|l| LoopStatus {
+                    dev: l.id.0,
+                    ino: l.id.1,
+                    offset: l.offset,
+                    sizelimit: l.sizelimit,
+                })
+            })
             .ok_or_else(|| {
                 OsError::sys(
                     "LOOP_GET_STATUS64",

@@ -32,6 +32,18 @@ pub struct LoopInfo {
     pub direct_io: bool,
 }
 
+/// What `LOOP_GET_STATUS64` tells of a bound loop device: the file behind
+/// it (its filesystem's device number and its inode number) and the part
+/// of that file it shows (from `offset`, at most `sizelimit` bytes; 0: to
+/// the file's end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopStatus {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+    pub sizelimit: u64,
+}
+
 /// How to attach a file.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AttachOptions {
@@ -45,10 +57,14 @@ pub struct AttachOptions {
 pub trait LoopDevices: Send + Sync {
     /// Every bound loop device.
     fn list(&self) -> Result<Vec<LoopInfo>, OsError>;
-    /// Device and inode number of the file backing `device`
-    /// (`LOOP_GET_STATUS64`), to match an attachment to a file whatever path
-    /// sysfs shows for it.
-    fn backing_id(&self, device: &Path) -> Result<(u64, u64), OsError>;
+    /// The file backing `device` and the part of it the device shows
+    /// (`LOOP_GET_STATUS64`).
+    fn status(&self, device: &Path) -> Result<LoopStatus, OsError>;
+    /// Device and inode number of the file backing `device` (`status`),
+    /// to match an attachment to a file whatever path sysfs shows for it.
+    fn backing_id(&self, device: &Path) -> Result<(u64, u64), OsError> {
+        self.status(device).map(|s| (s.dev, s.ino))
+    }
     /// Attaches `file` to a free loop device (never with autoclear).
     fn attach(&self, file: &Path, opts: AttachOptions) -> Result<LoopInfo, OsError>;
     /// `LOOP_CLR_FD`. Ok also when the kernel only set autoclear on a busy
@@ -326,10 +342,15 @@ impl LoopDevices for RealLoopDevices {
         Ok(out)
     }
 
-    fn backing_id(&self, device: &Path) -> Result<(u64, u64), OsError> {
+    fn status(&self, device: &Path) -> Result<LoopStatus, OsError> {
         let dev = self.open_dev(device, false)?;
         let info = get_status(&dev).map_err(|e| OsError::sys("LOOP_GET_STATUS64", device, e))?;
-        Ok((info.lo_device, info.lo_inode))
+        Ok(LoopStatus {
+            dev: info.lo_device,
+            ino: info.lo_inode,
+            offset: info.lo_offset,
+            sizelimit: info.lo_sizelimit,
+        })
     }
 
     fn attach(&self, file: &Path, opts: AttachOptions) -> Result<LoopInfo, OsError> {

@@ -45,7 +45,7 @@ use std::sync::Arc;
 pub use blockdev::{BlockDevices, DeviceClaim, DeviceInfo, RealBlockDevices};
 pub use command::{CmdOutput, RealRunner, Runner};
 pub use files::{Files, Open, RealFiles};
-pub use loopdev::{AttachOptions, LoopDevices, LoopInfo, RealLoopDevices};
+pub use loopdev::{AttachOptions, LoopDevices, LoopInfo, LoopStatus, RealLoopDevices};
 pub use mount::{BindWay, MountFlags, Mounter, RealMounter};
 pub use mountinfo::{MountEntry, MountTable, ProcMountTable};
 pub use mountpoint::{MountProbe, StatxMountProbe};

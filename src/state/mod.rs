@@ -23,7 +23,7 @@ pub mod tools;
 
 pub use record::{
     AccessMode, AccessType, Allocation, Attachment, BlockAccess, BlockInfo, Capability,
-    ContentSource, DiskRef, FileId, Kind, Phase, SnapshotRecord, VolumeRecord,
+    ContentSource, DiskRef, FileId, Kind, LoopRange, Phase, SnapshotRecord, VolumeRecord,
 };
 pub use store::Store;
 

@@ -460,6 +460,21 @@ pub struct DiskRef {
     /// before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loop_backing: Option<FileId>,
+    /// For a loop device used as a disk: the part of its backing file it
+    /// showed when the volume was created (`LOOP_GET_STATUS64`); the same
+    /// file attached at another offset or size limit later is not this
+    /// disk. None for other disks and in records made before it was kept
+    /// (2026-12-07), which accept the file at any offset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_range: Option<LoopRange>,
+}
+
+/// Where a loop device starts in its backing file, and at most how many
+/// bytes of it it shows (0: to the file's end).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopRange {
+    pub offset: u64,
+    pub sizelimit: u64,
 }
 
 /// A file as the kernel identifies it: its filesystem's device number
@@ -634,6 +649,19 @@ mod tests {
             "{text}"
         );
         assert_eq!(serde_json::from_str::<DiskRef>(&text).unwrap(), new);
+        let ranged = DiskRef {
+            loop_range: Some(LoopRange {
+                offset: 4096,
+                sizelimit: 0,
+            }),
+            ..new.clone()
+        };
+        let text = serde_json::to_string(&ranged).unwrap();
+        assert!(
+            text.ends_with(r#""loop_range":{"offset":4096,"sizelimit":0}}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<DiskRef>(&text).unwrap(), ranged);
     }
 
     /// Fields this version does not know (a newer berth's) are kept as

@@ -552,6 +552,7 @@ mod tests {
                 minor: 16,
                 size_bytes: 1 << 30,
                 loop_backing: None,
+                loop_range: None,
             }),
             default_fs: "ext4".into(),
             formatted: true,

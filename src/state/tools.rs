@@ -224,7 +224,17 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             continue;
         }
         if r.id.starts_with(crate::kinds::block::HELD_PREFIX) {
-            out.push(error(crate::kinds::block::held_disk_finding(r)));
+            let vol = crate::kinds::block::held_volume(&r.id)
+                .and_then(|id| by_id.get(id.as_str()).copied());
+            if vol.is_some_and(|v| crate::kinds::block::hold_taken_back(r, v)) {
+                out.push(warning(format!(
+                    "{} is left beside the Ready record of its volume {}, which was taken back from it with the same disk (the journal write that ends the hold failed): start-up removes it",
+                    r.id,
+                    vol.map(|v| v.id.as_str()).unwrap_or_default()
+                )));
+            } else {
+                out.push(error(crate::kinds::block::held_disk_finding(r)));
+            }
             continue;
         }
         if let Some(why) = unserved(cfg, r) {

@@ -711,12 +711,14 @@ pub async fn unpublish_as_kubelet(h: &Harness, id: &str, t: &Path) -> Result<(),
 }
 
 /// The disk volume record `rec` as versions before the loop disk's backing
-/// file was recorded made it (`DiskRef::loop_backing` unset).
+/// file was recorded made it (`DiskRef::loop_backing` unset, and the
+/// part of it the loop device showed, `DiskRef::loop_range`, kept later).
 #[allow(dead_code)]
 pub fn without_loop_backing(rec: &berth::state::VolumeRecord) -> berth::state::VolumeRecord {
     let mut r = rec.clone();
     if let Some(d) = r.block.as_mut().and_then(|b| b.disk.as_mut()) {
         d.loop_backing = None;
+        d.loop_range = None;
     }
     r
 }

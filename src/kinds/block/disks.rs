@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::node::mounts;
 use crate::os::blkid::{self, Probe};
 use crate::os::{DeviceInfo, LoopInfo, Os};
-use crate::state::{DiskRef, FileId};
+use crate::state::{DiskRef, FileId, LoopRange};
 
 /// The major number of loop devices (`LOOP_MAJOR`).
 const LOOP_MAJOR: u32 = 7;
@@ -112,8 +112,9 @@ fn in_a_berths_dir(file: &Path) -> bool {
 enum LoopOf {
     /// Not a loop device.
     NotLoop,
-    /// A loop device, bound to the file with this identity.
-    Bound(LoopInfo, FileId),
+    /// A loop device, bound to the file with this identity, showing this
+    /// part of it.
+    Bound(LoopInfo, FileId, LoopRange),
     /// A loop device bound to no file (detached); why, in words.
     Detached(String),
     /// A loop device whose backing file cannot be told; why, in words.
@@ -142,8 +143,15 @@ fn loop_of(os: &Os, dev: &DeviceInfo) -> LoopOf {
     else {
         return detached(&dev.path);
     };
-    match os.loops.backing_id(&l.device) {
-        Ok((dev, ino)) => LoopOf::Bound(l, FileId { dev, ino }),
+    match os.loops.status(&l.device) {
+        Ok(s) => LoopOf::Bound(
+            l,
+            FileId {
+                dev: s.dev,
+                ino: s.ino,
+            },
+            range_of(&s),
+        ),
         Err(e) if e.errno() == Some(libc::ENXIO) => detached(&l.device),
         Err(e) => LoopOf::Unknown(format!(
             "which file backs loop device {} cannot be told: {e}",
@@ -152,12 +160,44 @@ fn loop_of(os: &Os, dev: &DeviceInfo) -> LoopOf {
     }
 }
 
+/// The part of its file a loop device shows, as its status tells.
+fn range_of(s: &crate::os::LoopStatus) -> LoopRange {
+    LoopRange {
+        offset: s.offset,
+        sizelimit: s.sizelimit,
+    }
+}
+
+/// How the part of its file a loop device shows now (`now`) differs from
+/// the one its disk's record names (`was`), in words; None when it does
+/// not, or the record names none (made before it was kept: any part is
+/// taken, as before).
+fn range_differs(was: Option<LoopRange>, now: LoopRange) -> Option<String> {
+    let was = was?;
+    let mut what = Vec::new();
+    if was.offset != now.offset {
+        what.push(format!(
+            "its loop offset is {}, the disk's was {}",
+            now.offset, was.offset
+        ));
+    }
+    if was.sizelimit != now.sizelimit {
+        what.push(format!(
+            "its loop sizelimit is {}, the disk's was {}",
+            now.sizelimit, was.sizelimit
+        ));
+    }
+    (!what.is_empty()).then(|| what.join(" and "))
+}
+
 /// The device of a recorded disk, if it is still the same disk: found by
 /// its by-id link (or pool path) with the recorded size, and with the
 /// recorded device number unless a by-id link found it (the recorded one,
 /// or the pool path when that is a by-id link of the device); a loop device of
 /// one of Berth's own files (`own`) never is, and a loop device must be
-/// backed by the file the record names (`DiskRef::loop_backing`).
+/// backed by the file the record names (`DiskRef::loop_backing`), showing
+/// the part of it the record names (`DiskRef::loop_range`: the same
+/// offset and size limit; another part of the same file is another disk).
 /// A loop disk whose record names its backing file and that is not found
 /// so (re-attached at another number after a reboot) is the one loop
 /// device backed by that very file (device and inode), of the recorded
@@ -207,8 +247,15 @@ fn attached_elsewhere(
     })?;
     let mut found = Vec::new();
     for l in list {
-        match os.loops.backing_id(&l.device) {
-            Ok((dev, ino)) if (FileId { dev, ino }) == backing => found.push(l),
+        match os.loops.status(&l.device) {
+            Ok(s)
+                if (FileId {
+                    dev: s.dev,
+                    ino: s.ino,
+                }) == backing =>
+            {
+                found.push((l, range_of(&s)))
+            }
             Ok(_) => {}
             // Detached since it was listed.
             Err(e) if e.errno() == Some(libc::ENXIO) => {}
@@ -220,16 +267,16 @@ fn attached_elsewhere(
             }
         }
     }
-    let l = match found.as_slice() {
+    let (l, range) = match found.as_slice() {
         [] => return Ok(None),
-        [l] => l,
+        [(l, range)] => (l, *range),
         several => {
             return Err(doubt(format!(
                 "its file is attached to {} loop devices ({}): which one is the disk cannot be told; detach all but one",
                 several.len(),
                 several
                     .iter()
-                    .map(|l| l.device.display().to_string())
+                    .map(|(l, _)| l.device.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             )))
@@ -240,6 +287,12 @@ fn attached_elsewhere(
             "{} is a loop device of Berth's own file {}: a block volume's or snapshot's, never a disk",
             l.device.display(),
             l.backing_file.display()
+        )));
+    }
+    if let Some(what) = range_differs(d.loop_range, range) {
+        return Err(doubt(format!(
+            "loop device {} shows another part of its file ({what}): not the disk",
+            l.device.display()
         )));
     }
     let dev = os.devices.inspect(&l.device).map_err(|e| {
@@ -308,8 +361,8 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
     if dev.size_bytes != d.size_bytes || (!by_link && !same_number) {
         return Err(not_it(String::new()));
     }
-    let (l, backing) = match loop_of(os, &dev) {
-        LoopOf::Bound(l, backing) => (l, backing),
+    let (l, backing, range) = match loop_of(os, &dev) {
+        LoopOf::Bound(l, backing, range) => (l, backing, range),
         LoopOf::NotLoop if d.loop_backing.is_some() => {
             return Err(not_it(", not a loop device".into()));
         }
@@ -332,7 +385,13 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
             b.dev,
             b.ino
         ))),
-        Some(_) => Ok(dev),
+        Some(_) => match range_differs(d.loop_range, range) {
+            Some(what) => Err(not_it(format!(
+                ", a loop device of the disk's file {} showing another part of it: {what}",
+                l.backing_file.display()
+            ))),
+            None => Ok(dev),
+        },
         // A record made before the backing file was kept: the loop device
         // found at the recorded path, number and size is taken for the disk
         // when its file is not one of Berth's own. That it is the file it
@@ -868,9 +927,9 @@ impl BlockKind {
                 .filter(|l| l != &d.listed);
             // A loop device has no by-id link: the file backing it is what
             // tells it from another file attached at its number later.
-            let loop_backing = match loop_of(&self.os, &d.dev) {
-                LoopOf::NotLoop => None,
-                LoopOf::Bound(_, backing) => Some(backing),
+            let (loop_backing, loop_range) = match loop_of(&self.os, &d.dev) {
+                LoopOf::NotLoop => (None, None),
+                LoopOf::Bound(_, backing, range) => (Some(backing), Some(range)),
                 LoopOf::Detached(why) | LoopOf::Unknown(why) => {
                     return Err(Error::Busy(format!(
                         "the free disk {} chosen for this volume changed: {why}; retry",
@@ -886,6 +945,7 @@ impl BlockKind {
                 minor: d.dev.minor,
                 size_bytes: d.dev.size_bytes,
                 loop_backing,
+                loop_range,
             };
             return Ok((disk, held));
         }

@@ -61,6 +61,12 @@ fn is_wipe_record(id: &str) -> bool {
     id.starts_with(WIPE_PREFIX)
 }
 
+/// The id of the record that has the disk of block volume `id` erased
+/// (`remember_wipe`, `released`).
+fn wipe_id(id: &str) -> String {
+    format!("{WIPE_PREFIX}{}", id.strip_prefix(PREFIX).unwrap_or(id))
+}
+
 /// Prefix of the internal records of pool disks held for an operator: the
 /// disk's volume reached Ready (its marker says so, `disk_marker`) yet its
 /// record still said Creating at start-up (`BlockKind::hold_disk`). Not a
@@ -99,15 +105,35 @@ pub fn held_disk_finding(r: &VolumeRecord) -> String {
 /// Where a hold keeps the name of the volume whose disk it holds.
 const HELD_NAME: &str = "volume-name";
 
+/// Whether the hold `hold` is one a CreateVolume of its volume's name
+/// took the volume back from (`adopt_held`) and whose removal, the last
+/// journal write of that, failed: `vol` is the Ready record of the very
+/// volume it holds the disk of (the same id, the same name), and names the
+/// very same disk. The hold's end is then only a write to finish
+/// (`BlockKind::finish_taken_back_hold`); a hold that differs from its
+/// volume's record in anything of that stays, for an operator.
+pub fn hold_taken_back(hold: &VolumeRecord, vol: &VolumeRecord) -> bool {
+    fn disk(r: &VolumeRecord) -> Option<&DiskRef> {
+        r.block.as_ref().and_then(|b| b.disk.as_ref())
+    }
+    held_volume(&hold.id).as_deref() == Some(vol.id.as_str())
+        && vol.kind == Kind::Block
+        && hold.kind == Kind::Block
+        && vol.phase == Phase::Ready
+        && hold.context.get(HELD_NAME) == Some(&vol.name)
+        && disk(hold).is_some()
+        && disk(hold) == disk(vol)
+}
+
 /// What ends the hold `held` (`berth state release`, the operator's
 /// decision once what the disk held is saved): the record that has the
 /// disk erased (with `--disk-wipe`) and then returned to the pool, as a
 /// volume deleted while its disk was missing has (`remember_wipe`; a
 /// retry finds it and erases it). None when `held` is not a hold.
 pub fn released(held: &VolumeRecord) -> Option<VolumeRecord> {
-    let rest = held.id.strip_prefix(HELD_PREFIX)?;
+    let vol = held_volume(&held.id)?;
     held.block.as_ref().and_then(|b| b.disk.as_ref())?;
-    let id = format!("{WIPE_PREFIX}{rest}");
+    let id = wipe_id(&vol);
     Some(VolumeRecord {
         id: id.clone(),
         name: id,
@@ -423,10 +449,7 @@ impl BlockKind {
     /// phase Deleting, claims the disk (so it is never free) until a retry
     /// finds it back and wipes it (`Driver::retry_pending`). Idempotent.
     fn remember_wipe(&self, rec: &VolumeRecord, d: &DiskRef) -> Result<String> {
-        let id = format!(
-            "{WIPE_PREFIX}{}",
-            rec.id.strip_prefix(PREFIX).unwrap_or(&rec.id)
-        );
+        let id = wipe_id(&rec.id);
         let mut info = rec.block.clone().unwrap_or_default();
         info.disk = Some(d.clone());
         let pending = VolumeRecord {
@@ -564,6 +587,45 @@ impl BlockKind {
         self.store
             .get(id)
             .is_some_and(|r| r.phase == Phase::Creating)
+    }
+
+    /// Ends the hold of the disk of `vol` when it is a leftover of the
+    /// volume's own take-back (`hold_taken_back`: a CreateVolume of its
+    /// name got the volume back, and the journal write removing the hold
+    /// failed, or berth stopped before it): the hold is removed, the
+    /// disk's claim kept under the volume's id, and that is logged. True
+    /// when it removed one. Any other hold stays.
+    fn finish_taken_back_hold(&self, vol: &VolumeRecord) -> Result<bool> {
+        let hold = held_id(&vol.id);
+        let Some(h) = self.store.get(&hold) else {
+            return Ok(false);
+        };
+        if !hold_taken_back(&h, vol) {
+            return Ok(false);
+        }
+        self.store.remove(&hold)?;
+        self.release_claim(&hold);
+        if let Some(d) = vol.block.as_ref().and_then(|b| b.disk.as_ref()) {
+            self.keep_claim(&vol.id, d);
+        }
+        tracing::warn!(volume_id = %vol.id, name = %vol.name, hold = %hold, "removed the hold of a disk whose volume was taken back from it and is Ready (the journal write that ends the hold had failed, or berth stopped before it)");
+        Ok(true)
+    }
+
+    /// Start-up: every hold left beside the Ready record of the volume
+    /// taken back from it (`finish_taken_back_hold`) is removed; one that
+    /// cannot be is logged, for the next start-up or CreateVolume of the
+    /// volume's name.
+    fn finish_taken_back_holds(&self) {
+        let holds = self.store.filter(|r| held_volume(&r.id).is_some());
+        for h in holds {
+            let Some(vol) = held_volume(&h.id).and_then(|id| self.store.get(&id)) else {
+                continue;
+            };
+            if let Err(e) = self.finish_taken_back_hold(&vol) {
+                tracing::error!(volume_id = %vol.id, hold = %h.id, error = %e.render(), "could not remove the hold left beside a volume taken back from it; the next start-up tries again");
+            }
+        }
     }
 
     /// Whether disk volume `id` has its marker (`disk_marked`).
@@ -1120,6 +1182,18 @@ impl BlockKind {
             }
             Pool::Disk => {
                 if let Some(d) = &info.disk {
+                    // A retry of a create whose record names its disk
+                    // already: only that very disk is the volume's. One
+                    // not found as recorded (gone, or another device at
+                    // its path now) is not handed out; the unfinished
+                    // create is rolled back in the background (its disk
+                    // released or held, never erased: `remove_disk`).
+                    if let Err(e) = self.resolve_disk(d) {
+                        return Err(Error::Busy(format!(
+                            "the disk this volume's unfinished create claimed is not found as recorded ({}); no other device is used for it: the unfinished create is rolled back in the background (its disk released, or held, never another device erased); retry",
+                            e.render()
+                        )));
+                    }
                     self.keep_claim(&rec.id, d);
                     return Ok(());
                 }
@@ -1440,7 +1514,17 @@ impl VolumeKind for BlockKind {
         self.expand_node(rec, args)
     }
 
+    /// Also ends a hold left beside the volume once it was taken back
+    /// from it (`finish_taken_back_hold`): the CO's retry of a
+    /// CreateVolume whose removal of the hold failed finishes it. A
+    /// removal that fails again is logged, not answered: the volume is
+    /// whole, and the next start-up removes the hold.
     fn ready(&self, rec: &VolumeRecord) -> Result<()> {
+        if rec.block.as_ref().is_some_and(|b| b.disk.is_some()) {
+            if let Err(e) = self.finish_taken_back_hold(rec) {
+                tracing::error!(volume_id = %rec.id, error = %e.render(), "could not remove the hold left beside a volume taken back from it; the next start-up does");
+            }
+        }
         self.place_restored(&rec.id)
     }
 
@@ -1473,7 +1557,10 @@ impl VolumeKind for BlockKind {
             .into_iter()
             .next()?;
         let id = held_volume(&hold.id).filter(|id| self.owns_id(id))?;
-        if self.store.contains(&id) {
+        // Not while its volume has a record, nor once an operator released
+        // the disk (`berth state release`, whose removal of the hold
+        // failed): its erase is due, and it is no one's volume any more.
+        if self.store.contains(&id) || self.store.contains(&wipe_id(&id)) {
             return None;
         }
         let info = hold.block.clone()?;
@@ -1513,8 +1600,10 @@ impl VolumeKind for BlockKind {
         self.store.put(rec)?;
         self.mark_disk(&rec.id)?;
         self.release_claim(&hold);
-        self.store.remove(&hold)?;
         self.keep_claim(&rec.id, &d);
+        // Should this write fail, the retry that makes the record Ready
+        // removes the hold (`ready`), or the next start-up does.
+        self.store.remove(&hold)?;
         tracing::warn!(volume_id = %rec.id, name = %rec.name, disk = %d.path.display(), hold = %hold, "CreateVolume of the name of a held disk's volume (its create was cut short before its Ready record): the volume is handed back, its disk as it is");
         Ok(())
     }
@@ -1593,6 +1682,7 @@ impl VolumeKind for BlockKind {
     /// to its name and no disk was claimed.
     fn reconcile_orphans(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
         let snapshots = self.reconcile_snapshots(known);
+        self.finish_taken_back_holds();
         if let Err(e) = self.reconcile_disk_markers() {
             tracing::error!(error = %e.render(), "could not reconcile the disk markers");
         }

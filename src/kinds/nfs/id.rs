@@ -328,6 +328,37 @@ pub fn normalize_share(s: &str) -> String {
     }
 }
 
+/// The `#`-separated parts of a `what` id (`volume`, `snapshot`) after
+/// its `prefix`: exactly `N` of them (`form` shows which), the id at most
+/// `MAX_ID` bytes. Each part is still to be checked.
+fn id_parts<'a, const N: usize>(
+    id: &'a str,
+    what: &str,
+    prefix: &str,
+    form: &str,
+) -> Result<[&'a str; N], String> {
+    if id.len() > MAX_ID {
+        return Err(format!("{what} id is longer than {MAX_ID} bytes"));
+    }
+    let rest = id
+        .strip_prefix(prefix)
+        .ok_or_else(|| format!("{what} id does not start with {prefix:?}"))?;
+    <[&str; N]>::try_from(rest.split('#').collect::<Vec<_>>())
+        .map_err(|_| format!("{what} id must be {form}"))
+}
+
+/// The server and share parts of an id (a volume's or a snapshot's): a
+/// server `check_server` accepts, and a share `check_share` accepts,
+/// without a trailing slash.
+fn check_location(server: &str, share: &str) -> Result<(), String> {
+    check_server(server)?;
+    check_share(share)?;
+    if share != "/" && share.ends_with('/') {
+        return Err("share has a trailing slash".into());
+    }
+    Ok(())
+}
+
 impl VolumeId {
     /// Checks every part and the length; the encoded id on success.
     pub fn encode(&self) -> Result<String, String> {
@@ -346,23 +377,11 @@ impl VolumeId {
 
     /// Parses and checks an id; the error says why it is not an NFS id.
     pub fn parse(id: &str) -> Result<VolumeId, String> {
-        if id.len() > MAX_ID {
-            return Err(format!("volume id is longer than {MAX_ID} bytes"));
-        }
-        let rest = id
-            .strip_prefix(PREFIX)
-            .ok_or_else(|| format!("volume id does not start with {PREFIX:?}"))?;
-        let parts: Vec<&str> = rest.split('#').collect();
-        let [code, server, share, subdir] = parts[..] else {
-            return Err("volume id must be nfs#<mode>#<server>#<share>#<subdir>".into());
-        };
+        let [code, server, share, subdir] =
+            id_parts(id, "volume", PREFIX, "nfs#<mode>#<server>#<share>#<subdir>")?;
         let on_delete =
             OnDelete::from_code(code).ok_or_else(|| format!("unknown delete mode {code:?}"))?;
-        check_server(server)?;
-        check_share(share)?;
-        if share != "/" && share.ends_with('/') {
-            return Err("share has a trailing slash".into());
-        }
+        check_location(server, share)?;
         check_subdir(subdir)?;
         Ok(VolumeId {
             on_delete,
@@ -482,21 +501,13 @@ impl SnapshotId {
     /// Parses and checks an id; the error says why it is not an NFS
     /// snapshot id.
     pub fn parse(id: &str) -> Result<SnapshotId, String> {
-        if id.len() > MAX_ID {
-            return Err(format!("snapshot id is longer than {MAX_ID} bytes"));
-        }
-        let rest = id
-            .strip_prefix(SNAP_PREFIX)
-            .ok_or_else(|| format!("snapshot id does not start with {SNAP_PREFIX:?}"))?;
-        let parts: Vec<&str> = rest.split('#').collect();
-        let [server, share, key] = parts[..] else {
-            return Err("snapshot id must be nfssnap#<server>#<share>#<key>".into());
-        };
-        check_server(server)?;
-        check_share(share)?;
-        if share != "/" && share.ends_with('/') {
-            return Err("share has a trailing slash".into());
-        }
+        let [server, share, key] = id_parts(
+            id,
+            "snapshot",
+            SNAP_PREFIX,
+            "nfssnap#<server>#<share>#<key>",
+        )?;
+        check_location(server, share)?;
         let hex = key.len() == KEY_LEN
             && key
                 .bytes()
@@ -851,6 +862,97 @@ mod tests {
                     proptest::prop_assert!(c != "." && c != ".." && !c.is_empty());
                 }
                 proptest::prop_assert_eq!(v.to_string(), s);
+            }
+        }
+    }
+
+    use proptest::prelude::*;
+
+    /// A server as `check_server` takes it: a host name (its first label
+    /// starts with a letter, so it is never all digits and dots), an IPv4
+    /// address, or a bracketed IPv6 address (mapped ones included).
+    fn server() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z]([A-Za-z0-9-]{0,8}[A-Za-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?){0,3}",
+            any::<[u8; 4]>().prop_map(|b| Ipv4Addr::from(b).to_string()),
+            any::<[u16; 8]>().prop_map(|w| format!("[{}]", Ipv6Addr::from(w))),
+        ]
+    }
+
+    /// A plain path component (`check_component`).
+    fn component() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9._+@=~-]{1,14}".prop_filter("not . or ..", |c| c != "." && c != "..")
+    }
+
+    fn share() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            component().prop_filter("not an area", |c| !AREAS.contains(&c.as_str())),
+            0..4,
+        )
+        .prop_map(|cs| format!("/{}", cs.join("/")))
+    }
+
+    fn subdir() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            component().prop_filter("not reserved", |c| !c.starts_with(RESERVED)),
+            1..4,
+        )
+        .prop_map(|cs| cs.join("/"))
+    }
+
+    fn on_delete() -> impl Strategy<Value = OnDelete> {
+        prop_oneof![
+            Just(OnDelete::Delete),
+            Just(OnDelete::Retain),
+            Just(OnDelete::Archive)
+        ]
+    }
+
+    proptest::proptest! {
+        /// Every id Berth encodes parses back to the same parts, volume and
+        /// snapshot ids alike; encoding fails only for the length.
+        #[test]
+        fn encoded_ids_parse_back_to_themselves(
+            on_delete in on_delete(),
+            server in server(),
+            share in share(),
+            subdir in subdir(),
+            name in "\\PC{0,40}",
+        ) {
+            let v = VolumeId { on_delete, server, share, subdir };
+            match v.encode() {
+                Ok(id) => {
+                    prop_assert!(id.len() <= MAX_ID);
+                    prop_assert_eq!(VolumeId::parse(&id), Ok(v.clone()));
+                }
+                Err(e) => prop_assert!(v.to_string().len() > MAX_ID, "{}", e),
+            }
+            let s = SnapshotId::derive(&v, &name);
+            match s.encode() {
+                Ok(id) => prop_assert_eq!(SnapshotId::parse(&id), Ok(s)),
+                Err(e) => prop_assert!(s.to_string().len() > MAX_ID, "{}", e),
+            }
+        }
+
+        /// Anything at all (and anything behind the right prefix) is parsed
+        /// without a panic, and what parses is exactly what it encodes to.
+        #[test]
+        fn any_text_parses_without_panic_and_only_as_itself(
+            text in "\\PC{0,140}",
+            tail in "[a-z0-9A-Z#/.:\\[\\]_~+@=-]{0,130}",
+        ) {
+            for s in [
+                text.clone(),
+                format!("{PREFIX}{tail}"),
+                format!("{PREFIX}d#{tail}"),
+                format!("{SNAP_PREFIX}{tail}"),
+            ] {
+                if let Ok(v) = VolumeId::parse(&s) {
+                    prop_assert_eq!(v.encode(), Ok(s.clone()));
+                }
+                if let Ok(sn) = SnapshotId::parse(&s) {
+                    prop_assert_eq!(sn.encode(), Ok(s.clone()));
+                }
             }
         }
     }

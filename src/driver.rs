@@ -402,6 +402,15 @@ impl Driver {
         }
     }
 
+    /// The `op_deadline` of the kind that owns the snapshot id `id`, if
+    /// any (`query_within`).
+    pub fn snapshot_deadline(&self, id: &str) -> Option<std::time::Duration> {
+        self.kinds
+            .values()
+            .find(|k| k.owns_snapshot_id(id))
+            .and_then(|k| k.op_deadline())
+    }
+
     /// A snapshot with a self-describing id (NFS) and no record here, once
     /// its storage proves that it is complete (blocking: it may mount a
     /// share). None for any other id.
@@ -511,6 +520,38 @@ impl Driver {
                 limit.as_secs()
             ))),
         }
+    }
+
+    /// The blocking work of a controller query (ControllerGetVolume,
+    /// ValidateVolumeCapabilities, GetSnapshot, ListSnapshots by id) that
+    /// may look at the storage of the volume or snapshot whose guard is
+    /// `key`. With a kind's `deadline` (`op_deadline`: NFS, whose server
+    /// may stop answering) it runs as `run_within` under that guard: the
+    /// call answers DEADLINE_EXCEEDED once the deadline passed, and the
+    /// look goes on holding the guard, so a query or operation of the same
+    /// id meanwhile is ABORTED rather than another look piling up behind a
+    /// server that does not answer. Before 2026-12-07 such a query waited
+    /// for the server without end. Without a deadline, on a blocking
+    /// thread without a guard (`what` names the task in an error).
+    pub async fn query_within<T, F>(
+        self: &Arc<Self>,
+        key: String,
+        deadline: Option<std::time::Duration>,
+        what: &str,
+        f: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Driver) -> Result<T> + Send + 'static,
+    {
+        if deadline.is_none() {
+            let d = self.clone();
+            return tokio::task::spawn_blocking(move || f(&d))
+                .await
+                .map_err(|e| Error::Internal(format!("{what} task failed: {e}")))?;
+        }
+        let guard = self.locks.try_lock(key)?;
+        self.run_within(guard, deadline, f).await
     }
 
     /// Takes the volume's guard, then runs `f` with its record and kind on a

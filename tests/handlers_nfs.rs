@@ -948,6 +948,204 @@ async fn a_server_that_stops_answering_mid_operation_bounds_the_call() {
     assert!(h.driver.store.get(&a).is_none());
 }
 
+/// Lets a fake's hold go when dropped: a test that fails while calls are
+/// held leaves no thread waiting on it (the runtime waits for them).
+struct LetGo(Arc<berth::os::fake::OpHold>);
+
+impl Drop for LetGo {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// The server stops answering while a controller query looks at the
+/// share (the working mount is `hard`: a read waits until the server
+/// answers). Without records, ControllerExpandVolume,
+/// ControllerGetVolume and ValidateVolumeCapabilities read the volume's
+/// marker there, and GetSnapshot and ListSnapshots (asked for one id) the
+/// snapshot's. Before, each waited with the server, without end (here:
+/// the 20 s bound of the test). Now each answers DEADLINE_EXCEEDED after
+/// the deadline of the other NFS controller calls (6 s here); the look
+/// goes on and keeps the volume's (snapshot's) guard, so a call on the
+/// same id meanwhile is ABORTED, and once the server answers the retry
+/// gets the answer.
+#[tokio::test]
+async fn controller_queries_to_a_server_that_stops_answering_are_bounded() {
+    let h = nfs(&[]);
+    let x = create(&h, "x", &[]).await.volume_id;
+    let g = create(&h, "g", &[]).await.volume_id;
+    let val = create(&h, "val", &[]).await.volume_id;
+    let s1 = snapshot(&h, "s1", &x).await.snapshot_id;
+    let s2 = snapshot(&h, "s2", &x).await.snapshot_id;
+    // The records are lost (an emptyDir): only the markers tell.
+    for id in [&x, &g, &val] {
+        h.driver.store.remove(id).unwrap();
+    }
+    for id in [&s1, &s2] {
+        h.driver.store.snapshot_remove(id).unwrap();
+    }
+    let root = share_root(&h);
+    let expand = |id: &str| csi::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 10 << 20,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let get = |id: &str| csi::ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    };
+    let validate = |id: &str| csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+        ..Default::default()
+    };
+    let get_snap = |id: &str| csi::GetSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    let list_snap = |id: &str| csi::ListSnapshotsRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    // Every read on the share hangs.
+    let hold = LetGo(h.fake().hold_op_under("read", &root));
+    let ctl = &h.ctl;
+    let t0 = Instant::now();
+    let all = async {
+        tokio::join!(
+            ctl.controller_expand_volume(Request::new(expand(&x))),
+            ctl.controller_get_volume(Request::new(get(&g))),
+            ctl.validate_volume_capabilities(Request::new(validate(&val))),
+            ctl.get_snapshot(Request::new(get_snap(&s1))),
+            ctl.list_snapshots(Request::new(list_snap(&s2))),
+        )
+    };
+    let (e, gv, vv, gs, ls) = tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .expect("the calls waited for the server without end");
+    let took = t0.elapsed();
+    for (what, c) in [
+        ("ControllerExpandVolume", code(e)),
+        ("ControllerGetVolume", code(gv)),
+        ("ValidateVolumeCapabilities", code(vv)),
+        ("GetSnapshot", code(gs)),
+        ("ListSnapshots", code(ls)),
+    ] {
+        assert_eq!(c, Code::DeadlineExceeded, "{what}");
+    }
+    assert!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(9),
+        "{took:?}"
+    );
+    assert_eq!(hold.0.reached(), 5, "each look reached the share");
+    // The looks go on and keep their guards: a retry, or another call on
+    // the same id, is ABORTED at once, and adds no look.
+    let retries = [
+        code(ctl.controller_expand_volume(Request::new(expand(&x))).await),
+        code(ctl.controller_get_volume(Request::new(get(&x))).await),
+        code(ctl.controller_get_volume(Request::new(get(&g))).await),
+        code(
+            ctl.validate_volume_capabilities(Request::new(validate(&val)))
+                .await,
+        ),
+        code(ctl.get_snapshot(Request::new(get_snap(&s1))).await),
+        code(ctl.list_snapshots(Request::new(list_snap(&s1))).await),
+        code(ctl.get_snapshot(Request::new(get_snap(&s2))).await),
+    ];
+    assert_eq!(retries, [Code::Aborted; 7]);
+    assert_eq!(hold.0.reached(), 5);
+    assert!(t0.elapsed() < Duration::from_secs(9), "{:?}", t0.elapsed());
+    // The server answers again: the looks end, and the retries answer.
+    drop(hold);
+    let t1 = Instant::now();
+    loop {
+        match ctl.controller_expand_volume(Request::new(expand(&x))).await {
+            Err(e) if e.code() == Code::Aborted && t1.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            r => {
+                assert_eq!(r.unwrap().into_inner().capacity_bytes, 10 << 20);
+                break;
+            }
+        }
+    }
+    let v = ctl
+        .controller_get_volume(Request::new(get(&g)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.volume.unwrap().volume_id, g);
+    let r = ctl
+        .validate_volume_capabilities(Request::new(validate(&val)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_some(), "{}", r.message);
+    let s = ctl
+        .get_snapshot(Request::new(get_snap(&s1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.snapshot.unwrap().snapshot_id, s1);
+    let l = ctl
+        .list_snapshots(Request::new(list_snap(&s2)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(l.entries.len(), 1);
+}
+
+/// A share used only by a Berth that wrote no share marker, with nothing
+/// of Berth's left on it: DeleteVolume of a volume already gone is
+/// UNAVAILABLE (the share cannot be told from an empty stand-in), and the
+/// message says what the operator does: the marker file by its NFS path,
+/// and the commands that make it from any host. Done literally (an empty
+/// file), the retry succeeds. Before, the message asked for an empty file
+/// but only one holding Berth's JSON counted: the delete stayed refused.
+#[tokio::test]
+async fn a_share_marked_by_hand_as_the_message_says_lets_the_delete_through() {
+    let h = nfs(&[]);
+    let c = create(&h, "c", &[]).await.volume_id;
+    let root = share_root(&h);
+    std::fs::remove_dir_all(root.join("c")).unwrap();
+    std::fs::remove_file(root.join(".berth-share")).unwrap();
+    for e in std::fs::read_dir(h.path("state/nfs")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with("marked-") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let e = try_delete(&h, &c).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    for says in [
+        "127.0.0.1:/export/.berth-share",
+        "`mount -t nfs 127.0.0.1:/export /mnt && touch /mnt/.berth-share && umount /mnt`",
+    ] {
+        assert!(e.message().contains(says), "{says}: {}", e.message());
+    }
+    assert!(h.driver.store.get(&c).is_some(), "the record is kept");
+    // A symlink by that name, or a directory, does not mark the share.
+    std::os::unix::fs::symlink("/etc/hostname", root.join(".berth-share")).unwrap();
+    assert_eq!(
+        try_delete(&h, &c).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    std::fs::remove_file(root.join(".berth-share")).unwrap();
+    std::fs::create_dir(root.join(".berth-share")).unwrap();
+    assert_eq!(
+        try_delete(&h, &c).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    std::fs::remove_dir(root.join(".berth-share")).unwrap();
+    // `touch`: an empty file.
+    std::fs::File::create(root.join(".berth-share")).unwrap();
+    try_delete(&h, &c).await.unwrap();
+    assert!(h.driver.store.is_empty());
+    assert_eq!(std::fs::read(root.join(".berth-share")).unwrap(), b"");
+}
+
 #[tokio::test]
 async fn delete_without_a_record_works_from_the_id() {
     let h = nfs(&[]);

@@ -10,7 +10,8 @@
 //! An NFS id without a record is expanded only when its directory on the
 //! share carries the id's marker (NOT_FOUND otherwise). A volume recorded
 //! here whose kind (or NFS share) is no longer served is
-//! FAILED_PRECONDITION (`Driver::unserved`).
+//! FAILED_PRECONDITION (`Driver::unserved`). A kind's `op_deadline`
+//! bounds the call (`Driver::run_within`).
 use std::sync::Arc;
 
 use super::create_volume::Range;
@@ -69,8 +70,13 @@ pub async fn handle(
         kind.check_capability(c)?;
     }
     let guard = d.locks.try_lock(vol_key(&id))?;
+    // A kind whose storage may stop answering (NFS: the look at the share
+    // for an id without a record) answers DEADLINE_EXCEEDED after its
+    // deadline; the work keeps the guard until it ends (a retry meanwhile
+    // is ABORTED). Before 2026-12-07 the call waited with it, without end.
+    let deadline = kind.op_deadline();
     let e = d
-        .run(guard, move |d| match d.store.get(&id) {
+        .run_within(guard, deadline, move |d| match d.store.get(&id) {
             Some(rec) if rec.phase == Phase::Ready => {
                 let e = d.kind(rec.kind)?.controller_expand(Some(&rec), growth)?;
                 // Kinds that check the room when they grow (local) have

@@ -7,11 +7,12 @@
 //! id that does not exist gives an empty list, as the spec asks. A
 //! self-describing snapshot id (NFS) asked for by id, without a record
 //! here, is listed from its storage (the marker of the complete copy): the
-//! external-snapshotter checks a pre-provisioned snapshot that way.
+//! external-snapshotter checks a pre-provisioned snapshot that way, within
+//! the kind's `op_deadline` (`Driver::query_within`).
 use std::sync::Arc;
 
 use super::list_volumes::{fit_page, page_start};
-use super::snapshot;
+use super::snapshot::{self, snap_key};
 use crate::csi::v1 as csi;
 use crate::driver::Driver;
 use crate::error::Result;
@@ -49,13 +50,18 @@ pub async fn handle(
         && req.starting_token.is_empty()
         && d.store.snapshot_get(&req.snapshot_id).is_none()
     {
-        // Blocking: it may mount an NFS share (bounded).
-        let (d2, id) = (d.clone(), req.snapshot_id.clone());
-        let found = tokio::task::spawn_blocking(move || d2.snapshot_from_storage(&id))
-            .await
-            .map_err(|e| {
-                crate::error::Error::Internal(format!("ListSnapshots task failed: {e}"))
-            })??;
+        // Blocking: it may mount an NFS share and read the marker, under
+        // the snapshot's guard within the kind's deadline
+        // (`Driver::query_within`).
+        let id = req.snapshot_id.clone();
+        let found = d
+            .query_within(
+                snap_key(&id),
+                d.snapshot_deadline(&id),
+                "ListSnapshots",
+                move |d| d.snapshot_from_storage(&id),
+            )
+            .await?;
         all.extend(found.filter(|s| {
             req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
         }));

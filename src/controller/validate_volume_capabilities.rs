@@ -12,14 +12,15 @@
 //! capabilities it does not confirm, not NOT_FOUND (the volume exists) nor
 //! a code its error table does not list. A volume whose record says
 //! Deleting (a DeleteVolume that did not finish) is NOT_FOUND, its
-//! capabilities not confirmed (`Driver::require_not_deleting`).
+//! capabilities not confirmed (`Driver::require_not_deleting`). A kind's
+//! `op_deadline` bounds the call (`Driver::query_within`).
 use std::sync::Arc;
 
 use super::{kind_parameters, KIND_KEY};
 use crate::convert;
 use crate::csi::v1 as csi;
-use crate::driver::Driver;
-use crate::error::{Error, Result};
+use crate::driver::{vol_key, Driver};
+use crate::error::Result;
 use crate::state::{AccessType, Kind};
 use crate::validate;
 
@@ -43,8 +44,13 @@ pub async fn handle(
             message: why,
         });
     }
-    let d2 = d.clone();
-    let message = tokio::task::spawn_blocking(move || -> Result<String> {
+    // Blocking: it may mount an NFS share and look at the volume's
+    // marker, under the volume's guard within the kind's deadline
+    // (`Driver::query_within`).
+    let deadline = d.kind_of_id(&id).and_then(|k| k.op_deadline());
+    let key = vol_key(&id);
+    let message = d
+        .query_within(key, deadline, "ValidateVolumeCapabilities", move |d2| {
         let rec = d2.controller_volume(&id)?;
         d2.require_not_deleting(&rec)?;
         let kind = d2.kind(rec.kind)?;
@@ -107,8 +113,7 @@ pub async fn handle(
         }
         Ok(String::new())
     })
-    .await
-    .map_err(|e| Error::Internal(format!("ValidateVolumeCapabilities task failed: {e}")))??;
+    .await?;
     if !message.is_empty() {
         return Ok(csi::ValidateVolumeCapabilitiesResponse {
             confirmed: None,

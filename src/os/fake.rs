@@ -501,7 +501,9 @@ impl FakeOs {
 
     /// Every `op` under `path` waits, before it changes anything, until
     /// the hold answered is let go (`OpHold::release`): a removal that
-    /// takes as long as the test likes.
+    /// takes as long as the test likes. `op` "read" holds the reads of
+    /// `read_regular` (an NFS share's markers: a server that stopped
+    /// answering).
     pub fn hold_op_under(&self, op: &'static str, path: &Path) -> std::sync::Arc<OpHold> {
         self.hold_op_under_after(op, path, 0)
     }
@@ -552,13 +554,7 @@ impl FakeOs {
             op,
             path: path.to_path_buf(),
         });
-        let hold = lock(&self.holds)
-            .iter()
-            .find(|(o, p, _)| *o == op && path.starts_with(p))
-            .map(|(_, _, h)| h.clone());
-        if let Some(h) = hold {
-            h.wait_here();
-        }
+        self.wait_if_held(op, path);
         self.injected(op, path)?;
         let fail = |errno| {
             Err(OsError::sys(
@@ -581,6 +577,19 @@ impl FakeOs {
             return fail(errno);
         }
         Ok(())
+    }
+
+    /// Waits while a hold set with `hold_op_under(op, ..)` on a directory
+    /// holding `path` (a path through `/proc/self/fd` taken as the one it
+    /// reaches) is not released.
+    fn wait_if_held(&self, op: &str, path: &Path) {
+        let hold = lock(&self.holds)
+            .iter()
+            .find(|(o, p, _)| *o == op && path.starts_with(p))
+            .map(|(_, _, h)| h.clone());
+        if let Some(h) = hold {
+            h.wait_here();
+        }
     }
 
     /// From now on, runs of `mount.nfs SOURCE TARGET ...` and `umount
@@ -1922,8 +1931,10 @@ impl Files for FakeOs {
     }
 
     /// Fails as `fail_next("read", ..)` asks (a read is no change: not
-    /// recorded in `file_ops`).
+    /// recorded in `file_ops`); waits under a `hold_op_under("read", ..)`
+    /// (a read on a share whose server stopped answering).
     fn read_regular(&self, path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
+        self.wait_if_held("read", &through_fd(path));
         self.injected("read", path).map_err(OsError::into_io)?;
         RealFiles.read_regular(path, max)
     }

@@ -383,6 +383,7 @@ impl NfsKind {
                 let sid = SnapshotId::parse(&s.id)
                     .map_err(|e| Error::Internal(format!("snapshot id {}: {e}", s.id)))?;
                 Some(snapshot::open_data(
+                    files,
                     &share::open_root(&root)?,
                     &sid.key,
                     &s.id,
@@ -899,7 +900,7 @@ impl VolumeKind for NfsKind {
             return Ok(None);
         };
         let root = self.snapshot_share(&sid)?;
-        let Some(m) = snapshot::find(&root, &sid.key, id)? else {
+        let Some(m) = snapshot::find(self.os.files.as_ref(), &root, &sid.key, id)? else {
             return Ok(None);
         };
         Ok(self.snapshot_from_id(id).map(|r| SnapshotRecord {

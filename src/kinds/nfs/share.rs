@@ -18,14 +18,12 @@
 //! go to `.berth-archive/` at the share root; no subdirectory of a volume
 //! may start with `.berth`, so no volume name reaches them.
 use std::ffi::OsStr;
-use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{open, openat, AtFlags, OFlag};
-use nix::sys::stat::{fstat, fstatat, Mode};
+use nix::sys::stat::{fstatat, Mode};
 use serde::{Deserialize, Serialize};
 
 use super::id::{OnDelete, VolumeId};
@@ -33,7 +31,7 @@ use super::params::fnv64;
 use super::{is_mount_of, is_nfs, same_server, split_source, NfsKind, Probe};
 use crate::error::{Error, Result};
 use crate::node::mounts;
-use crate::os::files::{Files, Open};
+use crate::os::files::{not_regular, Files, Open};
 use crate::os::mountinfo::MountEntry;
 use crate::os::{nfsmount, OsError};
 use crate::state::ContentSource;
@@ -80,13 +78,10 @@ pub enum ShareLooks {
 const LAYOUT_LOOK: usize = 256;
 
 /// How the share at `root` looks (`ShareLooks`). Never follows a symlink.
-pub fn share_looks(root: &Path) -> Result<ShareLooks> {
+pub fn share_looks(files: &dyn Files, root: &Path) -> Result<ShareLooks> {
     let rootfd = open_root(root)?;
     let what = || "reading the share's root".to_string();
-    if read_json::<ShareMarker>(&rootfd, SHARE_MARKER)
-        .map_err(|e| sys_err(what(), e))?
-        .is_some()
-    {
+    if share_marked(&rootfd).map_err(|e| sys_err(what(), e))? {
         return Ok(ShareLooks::Marked);
     }
     let mut queue = std::collections::VecDeque::from([(
@@ -104,7 +99,7 @@ pub fn share_looks(root: &Path) -> Result<ShareLooks> {
                 return Ok(ShareLooks::Layout);
             }
             if depth > 0 && name == MARKER {
-                if read_marker(&dir).ok().flatten().is_some() {
+                if read_marker(files, &dir).ok().flatten().is_some() {
                     return Ok(ShareLooks::Layout);
                 }
                 continue;
@@ -120,13 +115,30 @@ pub fn share_looks(root: &Path) -> Result<ShareLooks> {
     Ok(ShareLooks::Unknown)
 }
 
+/// Whether the share's root (open as `root`) holds the share's marker: a
+/// regular file named `SHARE_MARKER` of at most `MAX_MARKER` bytes, not
+/// through a symlink. What it holds is not read: its presence is what
+/// counts (`ShareMarker`), so the empty file an operator makes by hand to
+/// mark a share an older Berth used (see `NfsKind::confirm_absent`)
+/// marks it as well as the one Berth writes. Before 2026-12-07 only a
+/// file holding Berth's JSON counted, and the empty file the message and
+/// the README asked for left every such delete refused.
+fn share_marked(root: &OwnedFd) -> nix::Result<bool> {
+    match fstatat(root, SHARE_MARKER, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && u64::try_from(st.st_size).is_ok_and(|n| n <= MAX_MARKER)),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes the share's marker at `root` (nothing if it is there already).
 /// A share whose root is a volume's directory (a StorageClass naming
 /// another volume's directory as its share) is never marked: it is that
 /// volume's, and no volume is made inside it (`create_subdir`).
 pub fn mark_share(files: &dyn Files, root: &Path, marker: &ShareMarker) -> Result<()> {
     let rootfd = open_root(root)?;
-    if read_marker(&rootfd)
+    if read_marker(files, &rootfd)
         .map_err(|e| sys_err("reading the marker of the share root".into(), e))?
         .is_some()
     {
@@ -287,32 +299,32 @@ pub(super) fn not_a_dir(rel: &str) -> Error {
 
 /// The marker in the directory `dir`: None when there is none, or what is
 /// there is not a regular file of Berth's format.
-fn read_marker(dir: impl AsFd) -> nix::Result<Option<Marker>> {
-    read_json(dir, MARKER)
+fn read_marker(files: &dyn Files, dir: impl AsFd) -> nix::Result<Option<Marker>> {
+    read_json(files, dir, MARKER)
 }
 
 /// The JSON file `name` in the directory `dir` (Berth's markers): None when
 /// there is none, or what is there is not a regular file of at most 4 KiB
-/// holding a `T`. Never follows a symlink, never blocks on a FIFO.
+/// holding a `T`. Never follows a symlink, never blocks on a FIFO
+/// (`Files::read_regular`). Read through `files`, the OS layer: on a
+/// working mount of a share this is the read a server that stopped
+/// answering holds, which a test can hold the same way (the fake's
+/// `hold_op_under("read", ..)`).
 pub(super) fn read_json<T: serde::de::DeserializeOwned>(
+    files: &dyn Files,
     dir: impl AsFd,
     name: &str,
 ) -> nix::Result<Option<T>> {
-    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let fd = match openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENXIO) => return Ok(None),
-        Err(e) => return Err(e),
+    let path = fd_path(&dir.as_fd(), name);
+    let text = match files.read_regular(&path, Some(MAX_MARKER + 1)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if not_regular(&e).is_some() => return Ok(None),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENXIO) => return Ok(None),
+            n => return Err(Errno::from_raw(n.unwrap_or(libc::EIO))),
+        },
     };
-    let st = fstat(&fd)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Ok(None);
-    }
-    let mut text = Vec::new();
-    File::from(fd)
-        .take(MAX_MARKER + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     if text.len() as u64 > MAX_MARKER {
         return Ok(None);
     }
@@ -406,7 +418,7 @@ pub(super) fn open_parent<'a>(
             Err(e) => return Err(sys_err(format!("opening {rel} on the share"), e)),
         };
         if create {
-            if let Some(m) = read_marker(&fd)
+            if let Some(m) = read_marker(files, &fd)
                 .map_err(|e| sys_err(format!("reading the marker of {rel} on the share"), e))?
             {
                 return Err(Error::Conflict(format!(
@@ -439,7 +451,7 @@ pub fn create_subdir(
     fill: Option<Fill<'_>>,
 ) -> Result<()> {
     let rootfd = open_root(root)?;
-    if let Some(m) = read_marker(&rootfd)
+    if let Some(m) = read_marker(files, &rootfd)
         .map_err(|e| sys_err("reading the marker of the share root".into(), e))?
     {
         return Err(Error::Conflict(format!(
@@ -461,7 +473,7 @@ pub fn create_subdir(
     for _ in 0..4 {
         match open_dir(&fd, leaf) {
             Ok(dir) => {
-                return match read_marker(&dir).map_err(|e| {
+                return match read_marker(files, &dir).map_err(|e| {
                     sys_err(format!("reading the marker of {subdir} on the share"), e)
                 })? {
                     Some(m) if m.released_unix.is_some() => Err(Error::Conflict(format!(
@@ -549,7 +561,11 @@ pub fn archive_name(id: &str, subdir: &str, unix: u64) -> String {
 /// wherever it pointed on the controller's host (its root, other shares'
 /// working mounts), the delete refused naming whatever marker was found
 /// there.
-fn nested_volume(dir: &OwnedFd, own_id: &str) -> Result<Option<(PathBuf, String)>> {
+fn nested_volume(
+    files: &dyn Files,
+    dir: &OwnedFd,
+    own_id: &str,
+) -> Result<Option<(PathBuf, String)>> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let sub = match open_below(dir, &rel) {
@@ -583,7 +599,7 @@ fn nested_volume(dir: &OwnedFd, own_id: &str) -> Result<Option<(PathBuf, String)
             if ft.is_dir() {
                 stack.push(rel.join(e.file_name()));
             } else if !rel.as_os_str().is_empty() && e.file_name() == MARKER && ft.is_file() {
-                if let Some(m) = read_marker(&sub)
+                if let Some(m) = read_marker(files, &sub)
                     .map_err(|e| sys_err(format!("reading {}", rel.display()), e))?
                 {
                     if m.id != own_id {
@@ -620,7 +636,7 @@ pub fn marked_as(files: &dyn Files, root: &Path, subdir: &str, id: &str) -> Resu
         Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => return Ok(false),
         Err(e) => return Err(sys_err(format!("opening {subdir} on the share"), e)),
     };
-    Ok(read_marker(&dir)
+    Ok(read_marker(files, &dir)
         .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?
         .is_some_and(|m| m.id == id && m.released_unix.is_none()))
 }
@@ -659,7 +675,7 @@ pub fn remove_subdir(
         }
         Err(e) => return Err(sys_err(format!("opening {subdir} on the share"), e)),
     };
-    let marker = read_marker(&dir)
+    let marker = read_marker(files, &dir)
         .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
     let ours = match &marker {
         Some(m) if m.id == id && how == Removal::Apply(OnDelete::Retain) => {
@@ -700,7 +716,7 @@ pub fn remove_subdir(
         }
         return remove_marked(files, &fd, leaf, &dir, subdir, MARKER, ours).map(|()| Seen::There);
     }
-    if let Some((rel, other)) = nested_volume(&dir, id)? {
+    if let Some((rel, other)) = nested_volume(files, &dir, id)? {
         return Err(Error::WrongState(format!(
             "{subdir}/{} on the share is volume {other}: delete that volume first",
             rel.display()
@@ -1171,6 +1187,13 @@ enum Purpose<'a> {
     Rollback(&'a dyn Fn(&Path) -> Result<()>),
 }
 
+/// The share's marker as an NFS path, `server:/share/.berth-share`: the
+/// file an operator makes by hand (`NfsKind::confirm_absent`).
+fn share_marker_path(vid: &VolumeId) -> String {
+    let share = vid.share.trim_end_matches('/');
+    format!("{}:{share}/{SHARE_MARKER}", vid.server)
+}
+
 impl NfsKind {
     /// Where this controller notes that it saw the share of `vid` marked
     /// (`SHARE_MARKER`): a marker gone since means the export is not the
@@ -1231,12 +1254,13 @@ impl NfsKind {
     /// and the caller keeps its record for the retry.
     pub(super) fn confirm_absent(&self, vid: &VolumeId, root: &Path, what: &str) -> Result<()> {
         self.still_mounted(vid, root)?;
-        match share_looks(root)? {
+        match share_looks(self.os.files.as_ref(), root)? {
             ShareLooks::Marked => Ok(()),
             ShareLooks::Layout => self.mark(vid, root),
             ShareLooks::Unknown => Err(Error::Unavailable(format!(
-                "{what} is not on share {} and the share shows nothing of Berth's (no {SHARE_MARKER} at its root, no volume marker): the server may export an empty directory in place of the share (its filesystem not mounted on the server), so nothing is taken as deleted; fix the export and retry (a share that is really empty and was used only by a Berth that wrote no {SHARE_MARKER}: create an empty file {SHARE_MARKER} at its root)",
-                vid.share_source()
+                "{what} is not on share {source} and the share shows nothing of Berth's (no {SHARE_MARKER} at its root, no volume marker): the server may export an empty directory in place of the share (its filesystem not mounted on the server), so nothing is taken as deleted; fix the export and retry. If the share is really empty and was used only by a Berth that wrote no {SHARE_MARKER}, mark it by hand with an empty file {marker} (at the share's root), then retry: from any host that can mount it, `mount -t nfs {source} /mnt && touch /mnt/{SHARE_MARKER} && umount /mnt`",
+                source = vid.share_source(),
+                marker = share_marker_path(vid),
             ))),
         }
     }
@@ -1249,7 +1273,7 @@ impl NfsKind {
     /// made there (UNAVAILABLE).
     pub(super) fn check_share_for_create(&self, vid: &VolumeId, root: &Path) -> Result<()> {
         self.still_mounted(vid, root)?;
-        match share_looks(root)? {
+        match share_looks(self.os.files.as_ref(), root)? {
             ShareLooks::Marked => {
                 if !self.seen_marked(vid).exists() {
                     self.note_marked(vid);
@@ -1346,7 +1370,7 @@ mod tests {
     }
 
     fn marker(p: &Path) -> Option<Marker> {
-        read_marker(open(p, dir_flags(), Mode::empty()).unwrap()).unwrap()
+        read_marker(&RealFiles, open(p, dir_flags(), Mode::empty()).unwrap()).unwrap()
     }
 
     /// Each share a call names (a volume id is the client's to choose) had
@@ -1720,7 +1744,7 @@ mod tests {
             let mut walks = 0;
             let mut found = Ok(None);
             while t0.elapsed() < std::time::Duration::from_secs(3) {
-                found = nested_volume(&dir, &id("v"));
+                found = nested_volume(&RealFiles, &dir, &id("v"));
                 walks += 1;
                 if !matches!(found, Ok(None)) {
                     break;
@@ -1744,7 +1768,7 @@ mod tests {
         };
         std::fs::create_dir_all(real.join("sub/deeper")).unwrap();
         mark(&real.join("sub/deeper"), &mk("nested"));
-        let (rel, other) = nested_volume(&dir, &id("v")).unwrap().unwrap();
+        let (rel, other) = nested_volume(&RealFiles, &dir, &id("v")).unwrap().unwrap();
         assert!(rel.ends_with("sub/deeper"), "{rel:?}");
         assert_eq!(other, id("nested"));
     }
@@ -1757,20 +1781,20 @@ mod tests {
     fn a_share_looks_like_berths_by_its_marker_or_layout() {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
-        assert_eq!(share_looks(r).unwrap(), ShareLooks::Unknown);
+        assert_eq!(share_looks(&RealFiles, r).unwrap(), ShareLooks::Unknown);
         std::fs::create_dir_all(r.join("x/y/z")).unwrap();
         std::fs::write(r.join("x/f"), b"foreign").unwrap();
-        assert_eq!(share_looks(r).unwrap(), ShareLooks::Unknown);
+        assert_eq!(share_looks(&RealFiles, r).unwrap(), ShareLooks::Unknown);
         // A marker behind a symlink is not looked at.
         let other = tempfile::tempdir().unwrap();
         mark(other.path(), &mk("o"));
         symlink(other.path(), r.join("x/link")).unwrap();
-        assert_eq!(share_looks(r).unwrap(), ShareLooks::Unknown);
+        assert_eq!(share_looks(&RealFiles, r).unwrap(), ShareLooks::Unknown);
         mark(&r.join("x/y/z"), &mk("x/y/z"));
-        assert_eq!(share_looks(r).unwrap(), ShareLooks::Layout);
+        assert_eq!(share_looks(&RealFiles, r).unwrap(), ShareLooks::Layout);
         std::fs::remove_file(r.join("x/y/z").join(MARKER)).unwrap();
         std::fs::create_dir(r.join(ARCHIVE)).unwrap();
-        assert_eq!(share_looks(r).unwrap(), ShareLooks::Layout);
+        assert_eq!(share_looks(&RealFiles, r).unwrap(), ShareLooks::Layout);
         std::fs::remove_dir(r.join(ARCHIVE)).unwrap();
         let m = ShareMarker {
             share: "h:/e".into(),
@@ -1782,7 +1806,7 @@ mod tests {
         assert!(!r.join("vol").join(SHARE_MARKER).exists());
         mark_share(&RealFiles, r, &m).unwrap();
         mark_share(&RealFiles, r, &m).unwrap();
-        assert_eq!(share_looks(r).unwrap(), ShareLooks::Marked);
+        assert_eq!(share_looks(&RealFiles, r).unwrap(), ShareLooks::Marked);
         // Removals tell an absent directory from one dealt with.
         assert_eq!(
             remove(r, "gone/v", Removal::Apply(OnDelete::Delete)).unwrap(),
@@ -1797,6 +1821,34 @@ mod tests {
             remove(r, "v", Removal::Apply(OnDelete::Delete)).unwrap(),
             Seen::Absent
         );
+    }
+
+    /// The share's marker counts by its presence: Berth's JSON or the
+    /// empty file an operator makes by hand, never a symlink, a FIFO, a
+    /// directory or a large file by that name.
+    #[test]
+    fn a_share_is_marked_by_a_small_regular_file_of_that_name() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let m = r.join(SHARE_MARKER);
+        let looks = || share_looks(&RealFiles, r).unwrap();
+        std::fs::write(&m, b"").unwrap();
+        assert_eq!(looks(), ShareLooks::Marked);
+        std::fs::write(&m, b"marked by hand\n").unwrap();
+        assert_eq!(looks(), ShareLooks::Marked);
+        std::fs::write(&m, vec![b' '; 5000]).unwrap();
+        assert_eq!(looks(), ShareLooks::Unknown);
+        std::fs::remove_file(&m).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join(SHARE_MARKER), b"").unwrap();
+        symlink(other.path().join(SHARE_MARKER), &m).unwrap();
+        assert_eq!(looks(), ShareLooks::Unknown);
+        std::fs::remove_file(&m).unwrap();
+        nix::unistd::mkfifo(&m, Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(looks(), ShareLooks::Unknown);
+        std::fs::remove_file(&m).unwrap();
+        std::fs::create_dir(&m).unwrap();
+        assert_eq!(looks(), ShareLooks::Unknown);
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub fn open_volume(files: &dyn Files, root: &OwnedFd, subdir: &str, id: &str) ->
         Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => return Err(not_a_dir(subdir)),
         Err(e) => return Err(sys_err(format!("opening {subdir} on the share"), e)),
     };
-    let marker: Option<super::share::Marker> = read_json(&dir, MARKER)
+    let marker: Option<super::share::Marker> = read_json(files, &dir, MARKER)
         .map_err(|e| sys_err(format!("reading the marker of {subdir} on the share"), e))?;
     match marker {
         Some(m) if m.id == id => Ok(dir),
@@ -116,7 +116,7 @@ enum Found {
     Foreign(String),
 }
 
-fn look(area: &OwnedFd, name: &str, id: &str) -> Result<Found> {
+fn look(files: &dyn Files, area: &OwnedFd, name: &str, id: &str) -> Result<Found> {
     let dir = match open_dir(area, name) {
         Ok(d) => d,
         Err(Errno::ENOENT) => return Ok(Found::Missing),
@@ -127,7 +127,7 @@ fn look(area: &OwnedFd, name: &str, id: &str) -> Result<Found> {
         }
         Err(e) => return Err(sys_err(format!("opening {SNAPSHOTS}/{name}"), e)),
     };
-    let m: Option<SnapMarker> = read_json(&dir, SNAP_MARKER)
+    let m: Option<SnapMarker> = read_json(files, &dir, SNAP_MARKER)
         .map_err(|e| sys_err(format!("reading the marker of {SNAPSHOTS}/{name}"), e))?;
     Ok(match m {
         Some(m) if m.id == id => Found::Ours(m, dir),
@@ -146,7 +146,7 @@ fn look(area: &OwnedFd, name: &str, id: &str) -> Result<Found> {
 /// marker was written). Anything else is left as it is (warned).
 fn remove_unfinished(files: &dyn Files, area: &OwnedFd, key: &str, id: &str) -> Result<()> {
     let tmp = new_name(key);
-    match look(area, &tmp, id)? {
+    match look(files, area, &tmp, id)? {
         Found::Missing => Ok(()),
         Found::Ours(m, dir) => remove_marked(files, area, &tmp, &dir, &tmp, SNAP_MARKER, &m),
         Found::Foreign(why) => {
@@ -188,7 +188,7 @@ pub fn make(
     let Some(area) = open_area(files, &rootfd, true)? else {
         return Err(Error::Internal(format!("no {SNAPSHOTS} on the share")));
     };
-    match look(&area, &sid.key, &marker.id)? {
+    match look(files, &area, &sid.key, &marker.id)? {
         Found::Ours(m, _)
             if m.name == marker.name && m.source_volume_id == marker.source_volume_id =>
         {
@@ -245,7 +245,7 @@ pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<See
         return Ok(Seen::Absent);
     };
     remove_unfinished(files, &area, key, id)?;
-    match look(&area, key, id)? {
+    match look(files, &area, key, id)? {
         Found::Missing => Ok(Seen::Absent),
         Found::Ours(m, dir) => {
             remove_marked(
@@ -275,14 +275,14 @@ pub fn remove(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<See
 
 /// The marker of the complete snapshot `id` (`key` below `root`), if it is
 /// there.
-pub fn find(root: &Path, key: &str, id: &str) -> Result<Option<SnapMarker>> {
+pub fn find(files: &dyn Files, root: &Path, key: &str, id: &str) -> Result<Option<SnapMarker>> {
     let rootfd = open_root(root)?;
     let area = match open_dir(&rootfd, SNAPSHOTS) {
         Ok(a) => a,
         Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => return Ok(None),
         Err(e) => return Err(sys_err(format!("opening {SNAPSHOTS} on the share"), e)),
     };
-    Ok(match look(&area, key, id)? {
+    Ok(match look(files, &area, key, id)? {
         Found::Ours(m, _) => Some(m),
         _ => None,
     })
@@ -290,7 +290,7 @@ pub fn find(root: &Path, key: &str, id: &str) -> Result<Option<SnapMarker>> {
 
 /// Opens the copy (`data/`) of the complete snapshot `id` below the open
 /// share root: FAILED_PRECONDITION when it is missing or not Berth's.
-pub fn open_data(root: &OwnedFd, key: &str, id: &str) -> Result<OwnedFd> {
+pub fn open_data(files: &dyn Files, root: &OwnedFd, key: &str, id: &str) -> Result<OwnedFd> {
     let gone = |why: String| {
         Error::WrongState(format!(
             "the copy of snapshot {id} is not usable on the share: {why}"
@@ -302,7 +302,7 @@ pub fn open_data(root: &OwnedFd, key: &str, id: &str) -> Result<OwnedFd> {
         Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => return Err(not_a_dir(SNAPSHOTS)),
         Err(e) => return Err(sys_err(format!("opening {SNAPSHOTS} on the share"), e)),
     };
-    match look(&area, key, id)? {
+    match look(files, &area, key, id)? {
         Found::Ours(_, dir) => match open_dir(&dir, DATA) {
             Ok(d) => Ok(d),
             Err(e) => Err(gone(format!("{SNAPSHOTS}/{key}/{DATA}: {e}"))),

@@ -221,7 +221,10 @@ impl StagedAt {
     /// at `staged` names (its entries are not Berth's, and removing them
     /// once the log holds them would unlink files wherever it points), and
     /// only its symlinks are taken in and removed: anything else there is
-    /// not what earlier versions made.
+    /// not what earlier versions made. A symlink whose text cannot be read
+    /// (EIO) is not understood: not taken in, not removed (with the
+    /// directory that holds it), warned about and read again at the next
+    /// start.
     fn read_legacy(
         &self,
         at: &mut HashMap<String, PathBuf>,
@@ -246,7 +249,14 @@ impl StagedAt {
                 continue;
             }
             let p = e.path();
-            if let (Some(id), Ok(target)) = (e.file_name().to_str(), self.files.read_link(&p)) {
+            let target = match self.files.read_link(&p) {
+                Ok(t) => t,
+                Err(err) => {
+                    tracing::warn!(path = %p.display(), error = %err, "could not read a symlink in the old staging-path directory; not taken in and left as it is (read again at the next start)");
+                    continue;
+                }
+            };
+            if let Some(id) = e.file_name().to_str() {
                 let newer = || {
                     let made = e.metadata().and_then(|m| m.modified()).ok();
                     matches!((made, log_written), (Some(m), Some(w)) if m > w)
@@ -760,8 +770,7 @@ mod tests {
 
     /// The old directory read through the OS layer: one that cannot be
     /// listed (or looked at) is not taken in and left as it is, to be
-    /// read at a later start; a symlink whose text cannot be read is not
-    /// taken in.
+    /// read at a later start.
     #[test]
     fn an_old_directory_that_cannot_be_read_is_left_as_it_is() {
         let d = tempfile::tempdir().unwrap();
@@ -775,14 +784,46 @@ mod tests {
             assert_eq!(s.path("v"), None, "{op}");
             assert!(legacy.join("v").symlink_metadata().is_ok(), "{op}");
         }
+        let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
+        assert_eq!(s.path("v"), Some(PathBuf::from("/k/v")));
+        assert!(!legacy.exists());
+    }
+
+    /// A symlink whose text cannot be read (EIO) was not understood: it was
+    /// removed with the others all the same, and its volume's staging path
+    /// lost for good. Now it is not taken in and left as it is, with its
+    /// directory, while the symlinks beside it that can be read are taken
+    /// in and removed; the next start reads it.
+    #[test]
+    fn an_old_symlink_that_cannot_be_read_is_left_as_it_is() {
+        let d = tempfile::tempdir().unwrap();
+        let legacy = d.path().join(LEGACY_DIR);
+        std::fs::create_dir(&legacy).unwrap();
+        std::os::unix::fs::symlink("/k/v", legacy.join("v")).unwrap();
+        std::os::unix::fs::symlink("/k/w", legacy.join("w")).unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        // The first symlink read fails, whichever of the two it is.
+        let first = std::fs::read_dir(&legacy)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        let (unread, read) = if first == "v" { ("v", "w") } else { ("w", "v") };
         fake.fail_next("readlink", libc::EIO);
         let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
-        assert_eq!(s.path("v"), None);
+        assert_eq!(s.path(unread), None);
+        assert_eq!(s.path(read), Some(PathBuf::from(format!("/k/{read}"))));
+        assert_eq!(
+            std::fs::read_link(legacy.join(unread)).unwrap(),
+            PathBuf::from(format!("/k/{unread}"))
+        );
+        assert!(legacy.join(read).symlink_metadata().is_err());
         drop(s);
-        std::fs::create_dir_all(&legacy).unwrap();
-        std::os::unix::fs::symlink("/k/w", legacy.join("w")).unwrap();
+        // Read at the next start, then removed.
         let s = StagedAt::open(d.path(), os.files.clone(), &Protected::default());
-        assert_eq!(s.path("w"), Some(PathBuf::from("/k/w")));
+        assert_eq!(s.path(unread), Some(PathBuf::from(format!("/k/{unread}"))));
+        assert_eq!(s.path(read), Some(PathBuf::from(format!("/k/{read}"))));
         assert!(!legacy.exists());
     }
 

@@ -678,10 +678,10 @@ impl Driver {
             self.store
                 .filter(|r| {
                     r.phase == Phase::Creating
-                        && matches!(r.source.as_deref(), Some(ContentSource::Volume(_)))
+                        && matches!(r.content_source(), Some(ContentSource::Volume(_)))
                 })
                 .into_iter()
-                .filter_map(|r| match r.source.as_deref() {
+                .filter_map(|r| match r.content_source() {
                     Some(ContentSource::Volume(v)) => Some(v.clone()),
                     _ => None,
                 }),

@@ -2575,6 +2575,7 @@ async fn a_disk_record_naming_a_device_outside_the_pool_never_erases_it() {
         size_bytes: (64 * MIB) as u64,
         loop_backing: None,
         loop_range: None,
+        extra: None,
     });
     forged.block = Some(info);
     forge_records(dir.path(), &[forged.clone()], &[]);
@@ -7400,4 +7401,107 @@ async fn the_retry_of_a_delete_never_erases_a_disk_in_use() {
     assert!(h.driver.store.get(&a).is_none());
     assert!(h.driver.store.get(&b).is_none());
     assert_eq!(erasures(f), 2);
+}
+
+/// Fields a newer berth wrote inside a block volume's record, in its
+/// block section and in its content source, are kept when this version
+/// rewrites the record (a ControllerPublishVolume, then a
+/// ControllerUnpublishVolume), through a restart (the journal replayed),
+/// and through a compaction (the snapshot file) and the restart after it,
+/// as a top-level field is (handlers
+/// `a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one`).
+/// Before, the block section's were dropped on read, and the first
+/// rewrite wrote the record without them; a content source holding one
+/// did not read at all (start-up refused the journal).
+#[tokio::test]
+async fn fields_a_newer_berth_recorded_in_a_block_record_survive_a_rewrite() {
+    use std::io::Write;
+    let h = block(&[]);
+    let v = create(&h, "a", 8 * MIB, &[]).await;
+    let mut req = create_req_p("c", 8 * MIB, &[]);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: v.volume_id.clone(),
+            },
+        )),
+    });
+    let id = created_id(h.ctl.create_volume(Request::new(req)).await);
+    let rec = h.driver.store.get(&id).unwrap();
+    let dir = h.stop();
+    // The record as a newer berth writes it: one field more in each
+    // section, appended to the log with its checksum.
+    let json = serde_json::to_string(&berth::state::journal::EntryRef::Put(&rec)).unwrap();
+    let source = format!(r#""source":{{"volume":"{}"}}"#, v.volume_id);
+    assert_eq!(json.matches(&source).count(), 1, "{json}");
+    assert_eq!(json.matches(r#""block":{"#).count(), 1, "{json}");
+    let json = json
+        .replace(
+            &source,
+            &format!(
+                r#""source":{{"volume":"{}","newer_source":7}}"#,
+                v.volume_id
+            ),
+        )
+        .replace(
+            r#""block":{"#,
+            r#""block":{"newer_block":{"x":[1,"a\"b"],"y":null},"#,
+        );
+    let j = dir.path().join("state/journal");
+    let gen = berth::state::journal::scan(&j).unwrap().gen;
+    let line = format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes()));
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(j.join(berth::state::journal::log_name(gen)))
+        .unwrap()
+        .write_all(line.as_bytes())
+        .unwrap();
+    let kept = |h: &Harness, when: &str| {
+        let r = h.driver.store.get(&id).expect("the record");
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v["block"]["newer_block"],
+            serde_json::json!({"x": [1, "a\"b"], "y": null}),
+            "{when}: {v}"
+        );
+        assert_eq!(v["source"]["newer_source"], 7, "{when}: {v}");
+        r
+    };
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &["--kinds", "block"]);
+    kept(&h, "read");
+    h.ctl
+        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        }))
+        .await
+        .expect("publish");
+    let r = kept(&h, "after publish");
+    assert!(r.published.contains_key(NODE));
+    let (h, _) = restart(h, &[]);
+    let r = kept(&h, "after publish and a restart");
+    assert!(r.published.contains_key(NODE));
+    h.ctl
+        .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: NODE.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("unpublish");
+    assert!(h.driver.store.checkpoint(0).unwrap());
+    let (h, _) = restart(h, &[]);
+    let r = kept(&h, "after unpublish, a compaction and a restart");
+    assert!(r.published.is_empty());
+    // The rest of the record reads as before.
+    assert_eq!(r.capacity_bytes, rec.capacity_bytes);
+    assert_eq!(
+        r.block.as_deref().map(|b| (&b.default_fs, b.allocation)),
+        rec.block.as_deref().map(|b| (&b.default_fs, b.allocation))
+    );
+    delete(&h, &id).await;
+    assert!(h.driver.store.get(&id).is_none());
 }

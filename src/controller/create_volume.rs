@@ -328,7 +328,7 @@ fn compatible(d: &Driver, rec: &VolumeRecord, r: &Request) -> Result<()> {
         "parameters"
     } else if *rec.node != *r.node {
         "topology"
-    } else if rec.source.as_deref() != r.source.as_ref() {
+    } else if rec.content_source() != r.source.as_ref() {
         "content source"
     } else {
         return Ok(());
@@ -431,7 +431,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
         published: Default::default(),
         created_unix: now_unix(),
         block: None,
-        source: r.source.clone().map(Box::new),
+        source: r.source.clone().map(|s| Box::new(s.into())),
         project: None,
         extra: None,
     };
@@ -541,7 +541,7 @@ fn create(d: &Driver, mut r: Request) -> Result<VolumeRecord> {
 
 /// Makes a recorded volume's storage: empty, or from its content source.
 fn make_storage(d: &Driver, imp: &dyn VolumeKind, rec: &mut VolumeRecord) -> Result<()> {
-    match rec.source.clone() {
+    match rec.content_source().cloned() {
         None => imp.create(rec),
         Some(s) => {
             let src = resolve(d, imp, rec.kind, &s)?;

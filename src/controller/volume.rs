@@ -13,7 +13,7 @@ pub fn to_proto(d: &Driver, rec: &VolumeRecord) -> csi::Volume {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        content_source: rec.source.as_deref().map(content_source),
+        content_source: rec.content_source().map(content_source),
         accessible_topology: if rec.node.is_empty() {
             vec![]
         } else {

@@ -1,9 +1,12 @@
 //! Fields of a record that this version of Berth does not know (written by
 //! a newer one), kept as read and written back when the record is
 //! rewritten: an update by an older berth (an expand, a publish, a phase)
-//! must not drop what a newer one recorded. Top-level fields only; the
-//! sections a record holds (a block volume's, a content source) are read
-//! as this version knows them.
+//! must not drop what a newer one recorded. Kept at the top level of a
+//! volume's and a snapshot's record and in the sections a record holds: a
+//! block volume's (`BlockInfo`, and its disk's `DiskRef`) and a content
+//! source (`Source`). Not in the values many records share (parameters,
+//! capabilities, a publication's capability): a map keeps every key
+//! anyway, and an unknown field of a capability is dropped.
 //!
 //! A record without unknown fields costs one empty `Option<Box<Extra>>`
 //! (a null pointer) and is read and written by serde's derived code as
@@ -42,6 +45,37 @@ impl PartialEq for Extra {
 }
 
 impl Eq for Extra {}
+
+/// Implements `Serialize` and `Deserialize` for a struct that derives both
+/// with `#[serde(remote = "Self")]` and holds the fields it does not know
+/// in `extra: Option<Box<Extra>>` (marked `#[serde(skip)]`): its known
+/// fields as the derived code reads and writes them, the others kept
+/// (`read`) and written back after them (`write`).
+macro_rules! keeps_unknown_fields {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                /// The fields the type knows, as the derived code writes them.
+                struct Known<'a>(&'a $t);
+                impl serde::Serialize for Known<'_> {
+                    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                        <$t>::serialize(self.0, s)
+                    }
+                }
+                $crate::state::extra::write(s, &Known(self), self.extra.as_deref())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let (mut r, extra) = $crate::state::extra::read(d, |c| <$t>::deserialize(c))?;
+                r.extra = extra;
+                Ok(r)
+            }
+        }
+    };
+}
+pub(crate) use keeps_unknown_fields;
 
 /// Reads a record with `known` (serde's derived code for its known fields,
 /// `#[serde(remote = "Self")]`), keeping the fields it does not name.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::extra::Extra;
+use super::extra::{keeps_unknown_fields, Extra};
 
 /// The volume kinds, each implemented by a `kinds::VolumeKind`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -149,9 +149,9 @@ pub struct VolumeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<Box<BlockInfo>>,
     /// What the volume was created from (a snapshot or another volume;
-    /// boxed, as few volumes have one).
+    /// boxed, as few volumes have one). `content_source` reads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<Box<ContentSource>>,
+    pub source: Option<Box<Source>>,
     /// Local volumes on a root with project quotas: the project id of the
     /// volume's directory, whose limits hold it to its size (see
     /// `kinds::local::quota`). Never held by two records.
@@ -163,33 +163,17 @@ pub struct VolumeRecord {
     pub extra: Option<Box<Extra>>,
 }
 
-/// The fields `VolumeRecord` knows, as serde's derived code writes them.
-struct KnownVolume<'a>(&'a VolumeRecord);
-
-impl Serialize for KnownVolume<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        VolumeRecord::serialize(self.0, s)
-    }
-}
-
-impl Serialize for VolumeRecord {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        super::extra::write(s, &KnownVolume(self), self.extra.as_deref())
-    }
-}
-
-impl<'de> Deserialize<'de> for VolumeRecord {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (mut r, extra) = super::extra::read(d, |c| VolumeRecord::deserialize(c))?;
-        r.extra = extra;
-        Ok(r)
-    }
-}
+keeps_unknown_fields!(VolumeRecord);
 
 impl VolumeRecord {
     /// The project id of a local volume's directory (see `project`).
     pub fn project(&self) -> Option<u32> {
         self.project.map(std::num::NonZeroU32::get)
+    }
+
+    /// What the volume was created from, if anything.
+    pub fn content_source(&self) -> Option<&ContentSource> {
+        self.source.as_deref().map(|s| &s.of)
     }
 }
 
@@ -422,11 +406,85 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for NodeMap<V> {
 }
 
 /// The content source of a volume: a snapshot restored, a volume cloned.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ContentSource {
     Snapshot(String),
     Volume(String),
+}
+
+/// A volume's content source as its record holds it: written
+/// `{"snapshot":"<id>"}` or `{"volume":"<id>"}`, with the fields a newer
+/// berth wrote beside it kept (`super::extra`). One that names neither a
+/// snapshot nor a volume (a kind of source this version does not know), or
+/// both, does not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub of: ContentSource,
+    /// Fields a newer berth wrote that this one does not know.
+    pub extra: Option<Box<Extra>>,
+}
+
+impl From<ContentSource> for Source {
+    fn from(of: ContentSource) -> Self {
+        Source { of, extra: None }
+    }
+}
+
+/// The fields of `Source` as written.
+#[derive(Serialize)]
+struct SourceOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volume: Option<&'a str>,
+}
+
+/// The fields of `Source` as read.
+#[derive(Deserialize)]
+struct SourceIn {
+    #[serde(default)]
+    snapshot: Option<String>,
+    #[serde(default)]
+    volume: Option<String>,
+}
+
+impl Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let known = match &self.of {
+            ContentSource::Snapshot(id) => SourceOut {
+                snapshot: Some(id.as_str()),
+                volume: None,
+            },
+            ContentSource::Volume(id) => SourceOut {
+                snapshot: None,
+                volume: Some(id.as_str()),
+            },
+        };
+        super::extra::write(s, &known, self.extra.as_deref())
+    }
+}
+
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let (known, extra) = super::extra::read(d, |c| SourceIn::deserialize(c))?;
+        let of = match known {
+            SourceIn {
+                snapshot: Some(id),
+                volume: None,
+            } => ContentSource::Snapshot(id),
+            SourceIn {
+                snapshot: None,
+                volume: Some(id),
+            } => ContentSource::Volume(id),
+            _ => {
+                return Err(D::Error::custom(
+                    "a content source names one snapshot or one volume",
+                ))
+            }
+        };
+        Ok(Source { of, extra })
+    }
 }
 
 /// How the file of a loop-backed block volume is allocated.
@@ -440,8 +498,10 @@ pub enum Allocation {
     Thick,
 }
 
-/// A whole disk handed out as a volume, and what identifies it.
+/// A whole disk handed out as a volume, and what identifies it. Read and
+/// written with its unknown fields kept (`super::extra`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(remote = "Self")]
 pub struct DiskRef {
     /// The path the disk pool listed it under.
     pub path: PathBuf,
@@ -467,6 +527,10 @@ pub struct DiskRef {
     /// (2026-12-07), which accept the file at any offset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loop_range: Option<LoopRange>,
+    /// Fields a newer berth wrote that this one does not know (see
+    /// `VolumeRecord::extra`).
+    #[serde(skip)]
+    pub extra: Option<Box<Extra>>,
 }
 
 /// Where a loop device starts in its backing file, and at most how many
@@ -477,6 +541,8 @@ pub struct LoopRange {
     pub sizelimit: u64,
 }
 
+keeps_unknown_fields!(DiskRef);
+
 /// A file as the kernel identifies it: its filesystem's device number
 /// (`st_dev`) and its inode number.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -486,7 +552,9 @@ pub struct FileId {
 }
 
 /// What Berth remembers about a block volume beyond the generic record.
+/// Read and written with its unknown fields kept (`super::extra`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(remote = "Self")]
 pub struct BlockInfo {
     #[serde(default)]
     pub allocation: Allocation,
@@ -545,7 +613,14 @@ pub struct BlockInfo {
     /// NodeExpandVolume completes it. Only ever grows (`save_info`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_bytes: Option<u64>,
+    /// Fields a newer berth wrote that this one does not know (see
+    /// `VolumeRecord::extra`); in the volume's record (boxed there, so
+    /// they cost the other kinds' records nothing) and in a snapshot's.
+    #[serde(skip)]
+    pub extra: Option<Box<Extra>>,
 }
+
+keeps_unknown_fields!(BlockInfo);
 
 /// How a block volume is used.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -598,28 +673,7 @@ pub struct SnapshotRecord {
     pub extra: Option<Box<Extra>>,
 }
 
-/// The fields `SnapshotRecord` knows, as serde's derived code writes them.
-struct KnownSnapshot<'a>(&'a SnapshotRecord);
-
-impl Serialize for KnownSnapshot<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        SnapshotRecord::serialize(self.0, s)
-    }
-}
-
-impl Serialize for SnapshotRecord {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        super::extra::write(s, &KnownSnapshot(self), self.extra.as_deref())
-    }
-}
-
-impl<'de> Deserialize<'de> for SnapshotRecord {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (mut r, extra) = super::extra::read(d, |c| SnapshotRecord::deserialize(c))?;
-        r.extra = extra;
-        Ok(r)
-    }
-}
+keeps_unknown_fields!(SnapshotRecord);
 
 #[cfg(test)]
 mod tests {
@@ -696,6 +750,109 @@ mod tests {
         let back: SnapshotRecord =
             serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    /// Fields a newer berth wrote inside a record's sections (a block
+    /// volume's, its disk's, the content source; a snapshot's block
+    /// section) are kept as read and written back, as the top-level ones
+    /// are: before, serde dropped them on read (and a content source with
+    /// one did not read at all). Sections without any are written as
+    /// before.
+    #[test]
+    fn unknown_fields_of_a_records_sections_are_kept() {
+        let v = json("b", "ext4", "{}");
+        let with = format!(
+            r#"{},"block":{{"allocation":"thin","disk":{{"path":"/p/d0","device":"/dev/sdb","major":8,"minor":16,"size_bytes":64,"disk_new":[1]}},"default_fs":"ext4","formatted":false,"block_new":{{"k":"\u00e9"}}}},"source":{{"snapshot":"s1","source_new":true}}}}"#,
+            v.strip_suffix('}').unwrap()
+        );
+        let r: VolumeRecord = serde_json::from_str(&with).unwrap();
+        assert!(r.extra.is_none());
+        let got = |e: Option<&Extra>, name: &str| e.and_then(|e| e.get(name)).map(String::from);
+        let b = r.block.as_deref().expect("block");
+        assert_eq!(
+            got(b.extra.as_deref(), "block_new").as_deref(),
+            Some(r#"{"k":"\u00e9"}"#)
+        );
+        let d = b.disk.as_ref().expect("disk");
+        assert_eq!(got(d.extra.as_deref(), "disk_new").as_deref(), Some("[1]"));
+        assert_eq!((d.major, d.size_bytes), (8, 64));
+        assert_eq!(
+            r.content_source(),
+            Some(&ContentSource::Snapshot("s1".into()))
+        );
+        let s = r.source.as_deref().expect("source");
+        assert_eq!(
+            got(s.extra.as_deref(), "source_new").as_deref(),
+            Some("true")
+        );
+        // A change of a known field, written and read back: all kept.
+        let mut changed = r.clone();
+        changed.capacity_bytes = 2;
+        let text = serde_json::to_string(&changed).unwrap();
+        let again: VolumeRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(again, changed, "{text}");
+        assert!(
+            text.contains(r#""source":{"snapshot":"s1","source_new":true}"#),
+            "{text}"
+        );
+        // Without unknown fields: written as before.
+        let plain = |of: ContentSource| serde_json::to_string(&Source::from(of)).unwrap();
+        assert_eq!(
+            plain(ContentSource::Volume("v".into())),
+            r#"{"volume":"v"}"#
+        );
+        assert_eq!(
+            plain(ContentSource::Snapshot("s".into())),
+            r#"{"snapshot":"s"}"#
+        );
+        let info = BlockInfo::default();
+        let text = serde_json::to_string(&info).unwrap();
+        assert_eq!(
+            text,
+            r#"{"allocation":"thin","default_fs":"","formatted":false}"#
+        );
+        assert_eq!(serde_json::from_str::<BlockInfo>(&text).unwrap(), info);
+        // A source of no known kind (or of two) still does not read.
+        for bad in ["{}", r#"{"group":"g"}"#, r#"{"snapshot":"a","volume":"b"}"#] {
+            assert!(serde_json::from_str::<Source>(bad).is_err(), "{bad}");
+        }
+        // A snapshot record's block section.
+        let snap = r#"{"id":"s","name":"n","kind":"block","seq":1,"phase":"ready","source_volume_id":"a","size_bytes":1,"node":"x","created_secs":0,"created_nanos":0,"block":{"allocation":"thin","default_fs":"ext4","formatted":true,"later":{"q":1}}}"#;
+        let s: SnapshotRecord = serde_json::from_str(snap).unwrap();
+        let b = s.block.as_ref().expect("block");
+        assert_eq!(
+            got(b.extra.as_deref(), "later").as_deref(),
+            Some(r#"{"q":1}"#)
+        );
+        let back: SnapshotRecord =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    /// A record whose block section, disk and content source hold fields
+    /// a newer berth wrote reads, and is written back with each of them
+    /// where it was (its JSON text only). Before, the block section's and
+    /// the disk's were dropped, and the record did not read at all with
+    /// one in its content source.
+    #[test]
+    fn a_records_sections_keep_unknown_fields_through_a_rewrite() {
+        let v = json("b", "ext4", "{}");
+        let with = format!(
+            r#"{},"block":{{"allocation":"thin","disk":{{"path":"/p/d0","device":"/dev/sdb","major":8,"minor":16,"size_bytes":64,"disk_new":[1]}},"default_fs":"ext4","formatted":false,"block_new":{{"k":2}}}},"source":{{"volume":"v1","source_new":true}}}}"#,
+            v.strip_suffix('}').unwrap()
+        );
+        let mut r: VolumeRecord = serde_json::from_str(&with).expect("the record reads");
+        r.capacity_bytes = 2;
+        let text = serde_json::to_string(&r).unwrap();
+        for kept in [
+            r#""size_bytes":64,"disk_new":[1]}"#,
+            r#""formatted":false,"block_new":{"k":2}}"#,
+            r#""source":{"volume":"v1","source_new":true}"#,
+        ] {
+            assert!(text.contains(kept), "{kept} in {text}");
+        }
+        let again: VolumeRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&again).unwrap(), text);
     }
 
     #[test]

@@ -33,8 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::journal::{Entry, EntryRef};
 use super::record::{
-    Attachment, BlockInfo, Capability, ContentSource, Kind, NodeMap, Phase, SnapshotRecord,
-    VolumeRecord,
+    Attachment, BlockInfo, Capability, Kind, NodeMap, Phase, SnapshotRecord, Source, VolumeRecord,
 };
 use super::StateError;
 
@@ -75,7 +74,7 @@ struct Volume<'a> {
     /// `BlockInfo` as JSON (its fields are left out when empty, which a
     /// format without field names cannot do).
     block: Option<&'a str>,
-    /// `ContentSource` as JSON.
+    /// `Source` as JSON.
     source: Option<&'a str>,
     project: Option<u32>,
 }
@@ -319,7 +318,7 @@ fn to_record(v: Volume<'_>, values: &mut Values<'_>) -> Result<VolumeRecord, Str
         .map(Box::new);
     let source = v
         .source
-        .map(serde_json::from_str::<ContentSource>)
+        .map(serde_json::from_str::<Source>)
         .transpose()
         .map_err(|e| format!("its content source does not read: {e}"))?
         .map(Box::new);
@@ -475,7 +474,9 @@ pub fn read(bytes: &[u8], mut each: impl FnMut(Item)) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::record::{AccessMode, AccessType, Allocation, BlockAccess, DiskRef};
+    use crate::state::record::{
+        AccessMode, AccessType, Allocation, BlockAccess, ContentSource, DiskRef,
+    };
 
     fn cap(fs: &str) -> Capability {
         Capability {
@@ -532,7 +533,7 @@ mod tests {
         );
         v[2].phase = Phase::Deleting;
         v[2].project = NonZeroU32::new(7);
-        v[2].source = Some(Box::new(ContentSource::Snapshot("s1".into())));
+        v[2].source = Some(Box::new(ContentSource::Snapshot("s1".into()).into()));
         v[2].name = "a \"name\"\n with\u{0} odd bytes é".into();
         v[3].kind = Kind::Block;
         v[3].capabilities = vec![AccessType::Block]
@@ -553,6 +554,7 @@ mod tests {
                 size_bytes: 1 << 30,
                 loop_backing: None,
                 loop_range: None,
+                extra: None,
             }),
             default_fs: "ext4".into(),
             formatted: true,

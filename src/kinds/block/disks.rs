@@ -946,6 +946,7 @@ impl BlockKind {
                 size_bytes: d.dev.size_bytes,
                 loop_backing,
                 loop_range,
+                extra: None,
             };
             return Ok((disk, held));
         }

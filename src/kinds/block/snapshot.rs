@@ -197,6 +197,9 @@ impl BlockKind {
             shared_uuid: info.formatted || !info.formatting.is_empty(),
             // Set by the restore once its file is made.
             file_bytes: None,
+            // What a newer berth recorded of the source is the source's:
+            // the copy is this version's, made as it knows.
+            extra: None,
         }
     }
 

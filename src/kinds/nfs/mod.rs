@@ -358,7 +358,7 @@ fn marker_of(rec: &VolumeRecord) -> Marker {
         name: rec.name.clone(),
         created_unix: rec.created_unix,
         released_unix: None,
-        filled: Some(share::Filled::of(rec.source.as_deref())),
+        filled: Some(share::Filled::of(rec.content_source())),
     }
 }
 

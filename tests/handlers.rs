@@ -4545,6 +4545,77 @@ async fn a_volume_whose_delete_did_not_finish_is_not_described_or_listed() {
     assert!(h.driver.store.get(&ids[1]).is_none());
 }
 
+/// DeleteVolume whose record's removal the journal cannot write for want
+/// of space (ENOSPC at the append: the state's filesystem full, the log's
+/// reserve used up). A volume holding data is emptied first, and the
+/// removal written in the room that made: the delete works. One with
+/// nothing to free, or whose removal still cannot be written, is
+/// RESOURCE_EXHAUSTED naming the full filesystem, and is as it was
+/// (record, directory in place; emptied if its data was removed); a retry
+/// once there is room works. Before, all three were INTERNAL, the
+/// directory left in the trash under the record, its space never given
+/// back (root test on a real full tmpfs:
+/// `a_delete_without_room_for_its_record_frees_the_volumes_own_space`).
+#[tokio::test]
+async fn a_delete_without_room_for_its_record_frees_the_volumes_own_space() {
+    let h = fake(&[]);
+    std::fs::write(h.path("outside"), b"not the volume's").unwrap();
+    let dir = |id: &str| h.path("local").join(id);
+    let in_trash = |id: &str| {
+        std::fs::read_dir(h.path("local/.trash")).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(id))
+                .count()
+        })
+    };
+    let with_data = |id: &str| {
+        std::fs::write(dir(id).join("data"), b"the tenant's").unwrap();
+        std::fs::create_dir(dir(id).join("sub")).unwrap();
+        std::fs::write(dir(id).join("sub/more"), b"x").unwrap();
+        std::os::unix::fs::symlink(h.path("outside"), dir(id).join("link")).unwrap();
+    };
+    // Data to free: the removal is written at the second attempt.
+    let full = create(&h, "full", 1 << 20).await.volume_id;
+    with_data(&full);
+    h.fake().fail_next("write", libc::ENOSPC);
+    delete(&h, &full).await;
+    assert!(h.driver.store.get(&full).is_none());
+    assert!(!dir(&full).exists());
+    // Nothing to free: refused, as it was.
+    let empty = create(&h, "empty", 1 << 20).await.volume_id;
+    h.fake().fail_next("write", libc::ENOSPC);
+    let e = try_delete(&h, &empty).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("is full") && !e.message().contains("data is removed"),
+        "{e:?}"
+    );
+    assert!(h.driver.store.get(&empty).is_some());
+    assert!(dir(&empty).is_dir());
+    assert_eq!(in_trash(&empty), 0);
+    delete(&h, &empty).await;
+    assert!(h.driver.store.get(&empty).is_none());
+    // Data freed, and still no room: refused, emptied, in place.
+    let stuck = create(&h, "stuck", 1 << 20).await.volume_id;
+    with_data(&stuck);
+    h.fake()
+        .fail_op_under("write", &h.path("state"), libc::ENOSPC);
+    let e = try_delete(&h, &stuck).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("its data is removed"), "{e:?}");
+    assert!(h.driver.store.get(&stuck).is_some());
+    assert_eq!(std::fs::read_dir(dir(&stuck)).unwrap().count(), 0);
+    assert_eq!(in_trash(&stuck), 0);
+    assert_eq!(
+        std::fs::read(h.path("outside")).unwrap(),
+        b"not the volume's"
+    );
+    h.fake().clear_file_faults();
+    delete(&h, &stuck).await;
+    assert!(h.driver.store.get(&stuck).is_none());
+    assert!(!dir(&stuck).exists());
+}
+
 /// A field a newer berth wrote into a volume's record, which this version
 /// does not know, is kept when this version rewrites the record (a
 /// ControllerPublishVolume, then a ControllerUnpublishVolume), through a

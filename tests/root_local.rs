@@ -2164,6 +2164,109 @@ async fn a_torn_tail_on_a_full_filesystem(fs: &str) {
     drop(h);
 }
 
+/// A local DeleteVolume on a full filesystem whose journal keeps no space
+/// past its end (a log an older berth wrote, or a reserve used up): the
+/// rename into the trash needs no room, but the append of the record's
+/// removal needs a new page once the log's last one is full, and the full
+/// filesystem refuses it (ENOSPC). That delete was INTERNAL, the volume's
+/// directory kept in the trash under its record, and so was every retry
+/// for as long as the filesystem stayed full: the volume's own space, the
+/// one that could make room, was never given back. Now a volume that holds
+/// data is emptied first and its record's removal written in the room that
+/// made; an empty one (nothing to free) is RESOURCE_EXHAUSTED naming the
+/// full filesystem, and is left as it was (record, directory in place).
+/// The state directory shares the tmpfs with the local root (`--data-dir`).
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_delete_without_room_for_its_record_frees_the_volumes_own_space() {
+    assert!(is_root(), "root tests need root");
+    let images = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(dir.path().to_path_buf());
+    small_filesystem(dir.path(), "tmpfs", &images.path().join("fs.img"));
+    let args = ["--local-spare-dirs", "0"];
+    let h = build(dir, berth::os::Os::real(), None, &args);
+    let mut ids = Vec::new();
+    for i in 0..120 {
+        let r = h
+            .ctl
+            .create_volume(Request::new(create_req(&format!("v{i}"), 16 << 10)))
+            .await;
+        ids.push(created_id(r));
+    }
+    let tenant = ids.remove(0);
+    let data = ids.remove(0);
+    std::fs::write(h.path("local").join(&data).join("data"), vec![7u8; 2 << 20]).unwrap();
+    let dir = h.stop();
+    // The space the log keeps past its end let go (ftruncate to its own
+    // size), then the filesystem filled while berth is down.
+    let mut logs = 0;
+    for e in std::fs::read_dir(dir.path().join("state/journal")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with("log-") {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .unwrap();
+            f.set_len(f.metadata().unwrap().len()).unwrap();
+            logs += 1;
+        }
+    }
+    assert_eq!(logs, 1);
+    fill(&dir.path().join("local").join(&tenant));
+    let h = build(dir, berth::os::Os::real(), None, &args);
+    let left = free_bytes(h.dir.path());
+    assert!(left < 4096, "the filesystem is full: {left} bytes free");
+    // The empty volumes' removals go into the log's last page until one
+    // needs a new page.
+    let mut refused = None;
+    for id in &ids {
+        if let Err(e) = try_delete(&h, id).await {
+            refused = Some((id.clone(), e));
+            break;
+        }
+    }
+    let (id, e) = refused.expect("no delete needed a new page of the log");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("is full") && e.message().contains("No space left"),
+        "{e:?}"
+    );
+    // As it was: the record, the directory in place, nothing in the trash.
+    assert!(h.driver.store.get(&id).is_some());
+    assert!(h.path("local").join(&id).is_dir());
+    let trash = h.path("local/.trash");
+    assert_eq!(std::fs::read_dir(&trash).unwrap().count(), 0);
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    // The volume that holds data makes the room for its own removal.
+    let r = try_delete(&h, &data).await;
+    assert!(r.is_ok(), "delete of the volume holding data: {r:?}");
+    assert!(h.driver.store.get(&data).is_none());
+    assert!(!h.path("local").join(&data).exists());
+    for _ in 0..100 {
+        if std::fs::read_dir(&trash).unwrap().count() == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(std::fs::read_dir(&trash).unwrap().count(), 0);
+    // In the room it gave back, the refused delete and the rest go through.
+    let rest: Vec<&String> = ids.iter().skip_while(|i| **i != id).collect();
+    for i in rest {
+        let r = try_delete(&h, i).await;
+        assert!(r.is_ok(), "delete of {i} once there is room: {r:?}");
+    }
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    let r = try_delete(&h, &tenant).await;
+    assert!(r.is_ok(), "delete of the full volume: {r:?}");
+    assert!(h.driver.store.is_empty());
+    let h = h.restart(berth::os::Os::real(), None);
+    assert!(h.driver.store.is_empty());
+    drop(h);
+}
+
 /// Pages of the file `f` in the page cache (mincore of a mapping of it):
 /// on ramfs, the pages a write (or a read) gave the file.
 fn resident_pages(f: &std::fs::File, len: usize) -> usize {

@@ -57,13 +57,63 @@ pub async fn handle(
             d.store.set_phase(&mut rec, Phase::Deleting)?;
         }
         kind.delete_with(&rec, &mount_table)?;
-        d.store.remove(&id)?;
+        remove_record(d, kind.as_ref(), &rec)?;
         kind.purge(&rec);
         d.staged.discard(&id);
         Ok(())
     })
     .await?;
     Ok(csi::DeleteVolumeResponse {})
+}
+
+/// Removes the record of the volume `rec` once `delete_with` set its
+/// storage aside. When the journal has no room for the removal (ENOSPC,
+/// EDQUOT: a tenant filled the filesystem the state shares, and the log's
+/// reserve is used up or was never taken), the volume's own space is what
+/// can make room: the kind removes the data it set aside
+/// (`VolumeKind::free_set_aside`, removals only) and the removal is written
+/// again. If it still cannot be, what was set aside goes back
+/// (`undo_delete`: record and storage agree) and the answer is
+/// RESOURCE_EXHAUSTED (`Error::NoSpace`) naming the full filesystem: the
+/// CSI spec's table for DeleteVolume has no row for it, and gRPC's
+/// RESOURCE_EXHAUSTED is a resource used up, "perhaps the entire file
+/// system" (the CO retries a DeleteVolume whatever its code). Before, the
+/// delete was INTERNAL for as long as the filesystem stayed full, the
+/// volume's data kept in the trash under its record: the one space that
+/// could make room was never given back.
+fn remove_record(d: &Driver, kind: &dyn VolumeKind, rec: &VolumeRecord) -> Result<()> {
+    let first = match d.store.remove(&rec.id) {
+        Err(e) if e.is_no_space() => e,
+        r => return Ok(r?),
+    };
+    let (freed, e) = match kind.free_set_aside(rec) {
+        Ok(true) => match d.store.remove(&rec.id) {
+            Ok(()) => return Ok(()),
+            Err(e) => (true, e),
+        },
+        Ok(false) => (false, first),
+        Err(f) => {
+            tracing::warn!(volume_id = %rec.id, error = %f.render(), "could not remove the data of a deleted volume to make room for its record's removal");
+            (false, first)
+        }
+    };
+    if let Err(u) = kind.undo_delete(rec) {
+        tracing::warn!(volume_id = %rec.id, error = %u.render(), "could not put back the storage of a volume whose record could not be removed (start-up does)");
+    }
+    if !e.is_no_space() {
+        return Err(e.into());
+    }
+    Err(Error::NoSpace(format!(
+        "the filesystem of the state directory {} is full: the removal of volume {}'s record cannot be written ({}); {}retry once there is room there",
+        d.cfg.state_dir().display(),
+        rec.id,
+        crate::error::chain(&e),
+        if freed {
+            "its data is removed (the volume is empty); "
+        } else {
+            ""
+        }
+    )))
 }
 
 /// FAILED_PRECONDITION while the volume `rec` is still in use: published

@@ -719,10 +719,33 @@ pub trait VolumeKind: Send + Sync {
     /// After the record of a deleted volume is gone: finishes removing what
     /// `delete_with` only set aside (best effort; a failure is logged, and
     /// start-up finishes it). Set aside first, removed after the record: a
-    /// delete whose record could not be removed loses nothing (start-up
-    /// puts what was set aside back). Default: nothing to do.
+    /// delete whose record could not be removed loses nothing (it is put
+    /// back: `undo_delete`, or start-up), unless the journal had no room
+    /// for the removal and the data made room (`free_set_aside`). Default:
+    /// nothing to do.
     fn purge(&self, rec: &VolumeRecord) {
         let _ = rec;
+    }
+
+    /// DeleteVolume could not remove the record of `rec` for want of
+    /// space (the state's filesystem is full, the journal's reserve used
+    /// up) after `delete_with` set its storage aside: removes the data of
+    /// what was set aside, keeping what holds it (removals only, nothing
+    /// written), so that the space the volume took makes room for its
+    /// record's removal. True when there was something to remove. Default:
+    /// nothing set aside that could be freed.
+    fn free_set_aside(&self, rec: &VolumeRecord) -> Result<bool> {
+        let _ = rec;
+        Ok(false)
+    }
+
+    /// Undoes `delete_with` when the record of `rec` could not be removed:
+    /// puts what it set aside back in place (what start-up does with it
+    /// otherwise), so that the record and the storage agree. Default:
+    /// nothing set aside.
+    fn undo_delete(&self, rec: &VolumeRecord) -> Result<()> {
+        let _ = rec;
+        Ok(())
     }
 
     /// `delete_with` reading the mount table itself (when it needs it).

@@ -1160,6 +1160,8 @@ struct Failed {
     end: Ticket,
     why: String,
     unseen: u64,
+    /// The write failed for want of space (ENOSPC, EDQUOT).
+    no_space: bool,
 }
 
 #[derive(Default)]
@@ -1205,7 +1207,7 @@ impl Queue {
         (batch, start, start + n as Ticket)
     }
 
-    fn fail(&mut self, start: Ticket, end: Ticket, why: String) {
+    fn fail(&mut self, start: Ticket, end: Ticket, why: String, no_space: bool) {
         if end > start {
             self.failed.insert(
                 start,
@@ -1213,6 +1215,7 @@ impl Queue {
                     end,
                     why,
                     unseen: end - start,
+                    no_space,
                 },
             );
         }
@@ -1488,7 +1491,7 @@ impl Journal {
                 let Some((start, f)) = q.failure_of(t) else {
                     return Ok(());
                 };
-                let why = f.why.clone();
+                let (why, no_space) = (f.why.clone(), f.no_space);
                 drop(q);
                 undo();
                 let mut q = self.queue();
@@ -1498,7 +1501,11 @@ impl Journal {
                         q.failed.remove(&start);
                     }
                 }
-                return Err(StateError::Journal(why));
+                return Err(if no_space {
+                    StateError::JournalFull(why)
+                } else {
+                    StateError::Journal(why)
+                });
             }
             if q.writing {
                 q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -1512,7 +1519,7 @@ impl Journal {
                 q.pending_ends.clear();
                 let (start, end) = (q.done_below, q.next_ticket);
                 q.done_below = end;
-                q.fail(start, end, why);
+                q.fail(start, end, why, false);
                 self.cv.notify_all();
                 continue;
             }
@@ -1543,7 +1550,7 @@ impl Journal {
                 q.poisoned = Some(msg.clone());
                 self.mark_sync_failed();
             }
-            q.fail(start, end, msg);
+            q.fail(start, end, msg, e.is_no_space());
         }
         if compact {
             // The waiters of this round may go; later ones queue until the
@@ -2545,12 +2552,12 @@ pub(crate) mod tests {
             q.pending.clear();
             q.pending_ends.clear();
             q.done_below = 1;
-            q.fail(0, 1, "write: ENOSPC".into());
+            q.fail(0, 1, "write: ENOSPC".into(), false);
             for _ in 0..2000 {
                 let t = q.next_ticket;
                 q.next_ticket += 1;
                 q.done_below = t + 1;
-                q.fail(t, t + 1, "write: ENOSPC".into());
+                q.fail(t, t + 1, "write: ENOSPC".into(), false);
             }
         }
         let mut undone = false;

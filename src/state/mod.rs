@@ -75,6 +75,9 @@ pub enum StateError {
     Poisoned(String),
     #[error("writing the state journal: {0}")]
     Journal(String),
+    /// `Journal` for a write the filesystem refused for want of space.
+    #[error("writing the state journal: {0}")]
+    JournalFull(String),
     #[error("encoding record {id}")]
     Encode {
         id: String,
@@ -84,6 +87,18 @@ pub enum StateError {
 }
 
 impl StateError {
+    /// Whether the filesystem refused the change for want of space
+    /// (ENOSPC, EDQUOT).
+    pub fn is_no_space(&self) -> bool {
+        let errno = match self {
+            StateError::JournalFull(_) => return true,
+            StateError::Os(e) => e.errno(),
+            StateError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        };
+        matches!(errno, Some(libc::ENOSPC | libc::EDQUOT))
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         StateError::Io {
             op,

@@ -737,6 +737,25 @@ impl LocalKind {
         trash_entries(&self.root)
     }
 
+    /// Puts the trash entry `path` of volume `id`, whose record is still
+    /// there, back in place: a delete whose record could not be removed is
+    /// undone. Not when the record still says Creating (what a create
+    /// that never became Ready left never goes into the root: a directory
+    /// there under a record still Creating is taken for one that was
+    /// handed out), nor over what is in place. True when it was moved.
+    fn put_back(&self, id: &str, path: &Path) -> Result<bool> {
+        let home = volume_dir(&self.root, id);
+        if !self.owns_id(id) || self.still_creating(id) || self.os.files.exists(&home) {
+            return Ok(false);
+        }
+        self.os
+            .files
+            .rename_noreplace(path, &home)
+            .map_err(|e| Error::os(format!("moving {} back", path.display()), e))?;
+        tracing::warn!(volume_id = %id, "a delete whose record could not be removed was undone: the volume is back");
+        Ok(true)
+    }
+
     /// Moves `path` (an entry of one of Berth's own directories in the
     /// root) into the trash as `<name>-<time><tag>`: one rename, however
     /// many files it holds. A name that is a volume's id makes the entry
@@ -995,8 +1014,10 @@ impl LocalKind {
             return self.set_aside(&dir, &rec.id);
         }
         // One atomic rename takes the volume away into the trash; its
-        // contents are removed only once its record is gone (`purge`). If
-        // removing the record fails, start-up puts the directory back.
+        // contents are removed only once its record is gone (`purge`), or
+        // to make room for that removal (`free_set_aside`). If removing
+        // the record fails, DeleteVolume (`undo_delete`) or start-up puts
+        // the directory back.
         let trash = self.root.join(TRASH);
         ensure_dir(self.os.files.as_ref(), &trash, 0o700)
             .map_err(|e| Error::os(format!("creating {}", trash.display()), e))?;
@@ -1316,6 +1337,50 @@ impl VolumeKind for LocalKind {
         });
     }
 
+    /// Removes what the volume's trash entries hold, keeping each entry
+    /// (an empty directory, the volume's own: put back by `undo_delete`,
+    /// removed by `purge`). Its project stays held: the record still names
+    /// it.
+    fn free_set_aside(&self, rec: &VolumeRecord) -> Result<bool> {
+        let f = self.os.files.as_ref();
+        let mut freed = false;
+        for (id, entry) in self.trash() {
+            if id != rec.id || !f.lstat(&entry).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            let inside = f
+                .read_dir(&entry)
+                .map_err(|e| Error::os(format!("reading {}", entry.display()), e))?;
+            for e in inside {
+                let p = e
+                    .map_err(|e| Error::io(format!("reading {}", entry.display()), e))?
+                    .path();
+                // A directory is removed as a tree, anything else (a file,
+                // a symlink: never what it leads to) unlinked.
+                if f.lstat(&p).is_ok_and(|m| m.is_dir()) {
+                    self.remove_tree(&p)?;
+                } else {
+                    f.remove_file(&p)
+                        .map_err(|e| Error::os(format!("removing {}", p.display()), e))?;
+                }
+                freed = true;
+            }
+        }
+        if freed {
+            tracing::warn!(volume_id = %rec.id, "the state's filesystem has no room to record this volume's delete: its data is removed first, to make room");
+        }
+        Ok(freed)
+    }
+
+    fn undo_delete(&self, rec: &VolumeRecord) -> Result<()> {
+        for (id, entry) in self.trash() {
+            if id == rec.id && self.put_back(&id, &entry)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn durable_intent(&self) -> bool {
         false
     }
@@ -1493,17 +1558,7 @@ impl VolumeKind for LocalKind {
         // directory there under a record still Creating is taken for one
         // that was handed out.
         for (id, path) in self.trash() {
-            let home = volume_dir(&self.root, &id);
-            if self.owns_id(&id)
-                && known(&id)
-                && !self.still_creating(&id)
-                && !self.os.files.exists(&home)
-            {
-                self.os
-                    .files
-                    .rename_noreplace(&path, &home)
-                    .map_err(|e| Error::os(format!("moving {} back", path.display()), e))?;
-                tracing::warn!(volume_id = %id, "a delete whose record could not be removed was undone: the volume is back");
+            if known(&id) && self.put_back(&id, &path)? {
                 continue;
             }
             // Emptied on the background thread once the socket is up

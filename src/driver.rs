@@ -837,11 +837,14 @@ impl Driver {
 }
 
 /// Creates `dir` (mode 0700, parents as needed) if it is missing and takes
-/// its lock.
+/// its lock. What is there is looked at through the OS layer (stat, a
+/// symlink followed, as `Path::exists` looks); a look that fails takes the
+/// directory for missing, and `ensure_dir` then finds it there.
 fn prepare_dir(os: &Os, dir: &std::path::Path, what: &str) -> Result<DirLock> {
-    if !dir.exists() {
+    let exists = |p: &std::path::Path| os.files.stat(p).is_ok();
+    if !exists(dir) {
         let mut missing: Vec<&std::path::Path> =
-            dir.ancestors().take_while(|p| !p.exists()).collect();
+            dir.ancestors().take_while(|p| !exists(p)).collect();
         missing.reverse();
         for p in missing {
             crate::os::files::ensure_dir(os.files.as_ref(), p, 0o700)
@@ -1087,4 +1090,56 @@ fn check_presence(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The (mkdir, path) and (fsync, path) changes the fake recorded.
+    fn changes(fake: &crate::os::fake::FakeOs) -> Vec<(&'static str, PathBuf)> {
+        fake.file_ops()
+            .into_iter()
+            .filter(|o| matches!(o.op, "mkdir" | "fsync"))
+            .map(|o| (o.op, o.path))
+            .collect()
+    }
+
+    /// `prepare_dir` looks at the directory and its parents through the OS
+    /// layer: a directory that is there is left as it is; a missing one is
+    /// made with its missing parents and its parent flushed; one whose look
+    /// fails is taken for missing, and making it finds it there (no error,
+    /// nothing changed in it, its lock taken).
+    #[test]
+    fn prepare_dir_looks_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let (os, fake) = Os::fake();
+        let there = d.path().join("there");
+        std::fs::create_dir(&there).unwrap();
+        drop(prepare_dir(&os, &there, "state directory").unwrap());
+        assert!(changes(&fake).is_empty());
+
+        let made = d.path().join("a/b");
+        drop(prepare_dir(&os, &made, "state directory").unwrap());
+        assert!(made.is_dir());
+        assert_eq!(
+            changes(&fake),
+            [
+                ("mkdir", d.path().join("a")),
+                ("mkdir", made.clone()),
+                ("fsync", d.path().join("a")),
+            ]
+        );
+
+        fake.clear_file_ops();
+        std::fs::write(there.join("data"), b"kept").unwrap();
+        fake.fail_next("stat", libc::ENOENT);
+        fake.fail_next("stat", libc::ENOENT);
+        drop(prepare_dir(&os, &there, "state directory").unwrap());
+        assert_eq!(
+            changes(&fake),
+            [("mkdir", there.clone()), ("fsync", d.path().to_path_buf())]
+        );
+        assert_eq!(std::fs::read(there.join("data")).unwrap(), b"kept");
+    }
 }

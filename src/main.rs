@@ -114,7 +114,7 @@ fn main() -> anyhow::Result<()> {
                 cfg.check_mode_and_kinds().map_err(anyhow::Error::msg)?;
                 // Before the driver touches anything: a second berth on a
                 // live socket, or an endpoint that is a file, stops here.
-                berth::server::refuse_taken_socket(&socket)?;
+                berth::server::refuse_taken_socket(&berth::os::RealFiles, &socket)?;
                 if let Some(g) = &cfg.socket_group {
                     berth::server::socket_gid(g)?;
                 }

@@ -1,7 +1,7 @@
 //! The gRPC server on a unix socket: private socket creation, the services
 //! for the chosen mode, reflection, and graceful shutdown on SIGTERM/SIGINT
 //! within a bound.
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use crate::csi::v1 as csi;
 use crate::driver::Driver;
 use crate::identity::IdentityService;
 use crate::node::NodeService;
+use crate::os::{Files, OsError};
 
 #[derive(Debug, ThisError)]
 pub enum ServeError {
@@ -40,14 +41,14 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
 /// symlink the endpoint was pointed at by mistake: never replaced). A
 /// socket nobody answers on is a leftover of a process that died; it is
 /// replaced when binding.
-pub fn refuse_taken_socket(path: &Path) -> Result<(), ServeError> {
-    leftover_socket(path).map(|_| ())
+pub fn refuse_taken_socket(files: &dyn Files, path: &Path) -> Result<(), ServeError> {
+    leftover_socket(files, path).map(|_| ())
 }
 
 /// `refuse_taken_socket`'s look at `path`: the device and inode of the
 /// socket nobody answers on there, if there is one.
-fn leftover_socket(path: &Path) -> Result<Option<(u64, u64)>, ServeError> {
-    match std::fs::symlink_metadata(path) {
+fn leftover_socket(files: &dyn Files, path: &Path) -> Result<Option<(u64, u64)>, ServeError> {
+    match files.lstat(path).map_err(OsError::into_io) {
         Ok(m) if m.file_type().is_socket() => match answers(path) {
             Ok(true) => Err(ServeError::Config(format!(
                 "another process is serving on {}; refusing to start (two drivers on one socket)",
@@ -108,25 +109,33 @@ pub fn socket_gid(group: &str) -> Result<nix::unistd::Gid, ServeError> {
 /// `group` is given). An existing path is removed only if it is a socket
 /// that nobody answers on, and a socket placed at the path meanwhile (a
 /// second berth starting at the same moment) is never replaced: berth
-/// refuses to start.
-pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, ServeError> {
+/// refuses to start. Every look and change at the path goes through
+/// `files`.
+pub fn bind_socket(
+    files: &dyn Files,
+    path: &Path,
+    group: Option<&str>,
+) -> Result<UnixListener, ServeError> {
     // Only the leftover found here, never what is at the path by the time
     // it is removed: a berth starting at the same moment may have placed
     // its socket there since (before, a second look at the path took that
     // live socket for the leftover, and removed it).
-    let leftover = leftover_socket(path)?;
+    let leftover = leftover_socket(files, path)?;
     let same = |m: std::fs::Metadata| Some((m.dev(), m.ino())) == leftover;
-    if leftover.is_some() && std::fs::symlink_metadata(path).is_ok_and(same) {
+    if leftover.is_some() && files.lstat(path).is_ok_and(same) {
         // Gone already when another berth starting now removed it first.
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io(format!("removing old socket {}", path.display()))(e))
+        match files.remove_file(path) {
+            Err(e) if e.errno() != Some(libc::ENOENT) => {
+                return Err(io(format!("removing old socket {}", path.display()))(
+                    e.into_io(),
+                ))
             }
             _ => {}
         }
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+        crate::os::files::create_dir_all(files, parent)
+            .map_err(|e| io(format!("creating {}", parent.display()))(e.into_io()))?;
     }
     // Bound and listening under a temporary name in the same directory,
     // then renamed into place: the socket's name appears only once it
@@ -137,18 +146,20 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Ser
     // bound in place.
     let tmp = temporary_name(path);
     let at = tmp.as_deref().unwrap_or(path);
-    // The socket file is created with the umask's mode; make it private from
-    // the first moment, so nobody can connect before the chmod below.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = std::os::unix::net::UnixListener::bind(at);
-    nix::sys::stat::umask(old);
-    let std_listener = bound.map_err(io(format!("binding {}", at.display())))?;
+    // The socket file is created with the umask's mode; `Files::bind_socket`
+    // makes it private from the first moment (umask 0177), so nobody can
+    // connect before the chmod below.
+    let std_listener = files
+        .bind_socket(at)
+        .map_err(|e| io(format!("binding {}", at.display()))(e.into_io()))?;
     let shared = match group {
         Some(g) => socket_gid(g).and_then(|gid| {
-            nix::unistd::chown(at, None, Some(gid))
-                .map_err(|e| io(format!("chown {}", at.display()))(e.into()))?;
-            std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o660))
-                .map_err(io(format!("chmod {}", at.display())))
+            files
+                .set_group(at, gid.as_raw())
+                .map_err(|e| io(format!("chown {}", at.display()))(e.into_io()))?;
+            files
+                .set_mode(at, 0o660)
+                .map_err(|e| io(format!("chmod {}", at.display()))(e.into_io()))
         }),
         None => Ok(()),
     };
@@ -157,29 +168,22 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Ser
         // but another berth may have placed its socket since (rename(2)
         // replaced it, and both served, the first where nobody reached
         // it). A bind in place (no temporary name) fails there already.
-        Some(t) => nix::fcntl::renameat2(
-            nix::fcntl::AT_FDCWD,
-            t.as_path(),
-            nix::fcntl::AT_FDCWD,
-            path,
-            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-        )
-        .map_err(|e| match e {
-            nix::errno::Errno::EEXIST => ServeError::Config(format!(
+        Some(t) => files.rename_noreplace(t, path).map_err(|e| match e.errno() {
+            Some(libc::EEXIST) => ServeError::Config(format!(
                 "another process placed a socket at {} while berth was binding it; refusing to start (two drivers on one socket)",
                 path.display()
             )),
-            e => io(format!(
+            _ => io(format!(
                 "moving the socket {} to {}",
                 t.display(),
                 path.display()
-            ))(e.into()),
+            ))(e.into_io()),
         }),
         None => Ok(()),
     });
     if let Err(e) = placed {
         // Not left behind: the socket this call made and nobody serves.
-        let _ = std::fs::remove_file(at);
+        let _ = files.remove_file(at);
         return Err(e);
     }
     std_listener
@@ -208,10 +212,12 @@ pub async fn serve(
     grace: Duration,
     reflection: tonic::service::Routes,
 ) -> Result<(), ServeError> {
-    let listener = bind_socket(&socket, driver.cfg.socket_group.as_deref())?;
-    let bound = std::fs::symlink_metadata(&socket)
+    let files = driver.os.files.clone();
+    let listener = bind_socket(files.as_ref(), &socket, driver.cfg.socket_group.as_deref())?;
+    let bound = files
+        .lstat(&socket)
         .map(|m| (m.dev(), m.ino()))
-        .map_err(io(format!("inspecting {}", socket.display())))?;
+        .map_err(|e| io(format!("inspecting {}", socket.display()))(e.into_io()))?;
 
     // Work that may wait for an NFS server runs once the socket is up.
     driver.start();
@@ -309,8 +315,11 @@ pub async fn serve(
     };
     retry.abort();
     // Only our own socket: a path replaced meanwhile belongs to someone else.
-    if std::fs::symlink_metadata(&socket).is_ok_and(|m| (m.dev(), m.ino()) == bound) {
-        let _ = std::fs::remove_file(&socket);
+    if files
+        .lstat(&socket)
+        .is_ok_and(|m| (m.dev(), m.ino()) == bound)
+    {
+        let _ = files.remove_file(&socket);
     }
     tracing::info!("stopped");
     result
@@ -968,6 +977,7 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::os::RealFiles;
 
     /// The socket's name appears only once it accepts: a client that
     /// connects as soon as it sees the file (kubelet's plugin watcher, a
@@ -994,7 +1004,7 @@ mod tests {
                     None
                 })
             };
-            let listener = bind_socket(&path, None).unwrap();
+            let listener = bind_socket(&RealFiles, &path, None).unwrap();
             // Let the watcher see it whatever happened.
             std::thread::sleep(std::time::Duration::from_millis(1));
             stop.store(true, Ordering::Relaxed);
@@ -1037,7 +1047,7 @@ mod tests {
                     std::thread::spawn(move || {
                         let _rt = rt.enter();
                         barrier.wait();
-                        bind_socket(&path, None)
+                        bind_socket(&RealFiles, &path, None)
                             .map(|l| l.into_std().unwrap())
                             .map_err(|e| e.to_string())
                     })
@@ -1108,6 +1118,50 @@ mod tests {
         );
     }
 
+    /// The socket's path is looked at, made, replaced and removed through
+    /// the OS layer (`Files`): a look that fails, a rename into place that
+    /// fails and a leftover that cannot be removed each stop the bind and
+    /// leave no socket of its own behind.
+    #[tokio::test]
+    async fn the_socket_is_bound_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("sub");
+        let path = sub.join("csi.sock");
+        let (os, fake) = crate::os::Os::fake();
+        let files = os.files.as_ref();
+        let err = |r: Result<UnixListener, ServeError>| match r {
+            Ok(_) => panic!("bound"),
+            Err(e) => crate::error::chain(&e),
+        };
+        fake.fail_next("lstat", libc::EIO);
+        let e = err(bind_socket(files, &path, None));
+        assert!(e.contains("inspecting"), "{e}");
+        assert!(!sub.exists());
+        fake.fail_op_under("rename", d.path(), libc::EIO);
+        let e = err(bind_socket(files, &path, None));
+        assert!(e.contains("moving the socket"), "{e}");
+        assert_eq!(std::fs::read_dir(&sub).unwrap().count(), 0);
+        fake.clear_file_faults();
+        let ops = |fake: &crate::os::fake::FakeOs| -> Vec<&'static str> {
+            fake.file_ops().into_iter().map(|o| o.op).collect()
+        };
+        assert_eq!(ops(&fake), ["mkdir", "bind", "rename", "unlink"]);
+        fake.clear_file_ops();
+        drop(bind_socket(files, &path, None).unwrap());
+        assert_eq!(ops(&fake), ["mkdir", "bind", "rename"]);
+        // A leftover nobody answers on: removed through the OS layer.
+        fake.clear_file_ops();
+        fake.fail_op_under("unlink", &path, libc::EACCES);
+        let e = err(bind_socket(files, &path, None));
+        assert!(e.contains("removing old socket"), "{e}");
+        fake.clear_file_faults();
+        drop(bind_socket(files, &path, None).unwrap());
+        assert_eq!(ops(&fake), ["unlink", "unlink", "mkdir", "bind", "rename"]);
+        assert!(refuse_taken_socket(files, &path).is_ok());
+        fake.fail_next("lstat", libc::EIO);
+        assert!(refuse_taken_socket(files, &path).is_err());
+    }
+
     /// A socket whose listener stopped accepting and whose backlog is full
     /// (a hung berth) is taken, and telling so does not wait: a blocking
     /// connect waited until the listener accepted, so a new berth's
@@ -1138,7 +1192,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let p = path.clone();
         std::thread::spawn(move || {
-            let _ = tx.send(refuse_taken_socket(&p).map_err(|e| e.to_string()));
+            let _ = tx.send(refuse_taken_socket(&RealFiles, &p).map_err(|e| e.to_string()));
         });
         let r = rx
             .recv_timeout(std::time::Duration::from_secs(20))
@@ -1148,6 +1202,6 @@ mod tests {
         // Nobody listening any more: a leftover, replaced.
         drop(listener);
         drop(held);
-        assert!(refuse_taken_socket(&path).is_ok());
+        assert!(refuse_taken_socket(&RealFiles, &path).is_ok());
     }
 }

@@ -2844,7 +2844,9 @@ async fn records_whose_ids_are_not_of_their_kind_are_damage_never_acted_on() {
     // Kept, through a compaction too.
     assert!(h.driver.store.checkpoint(0).unwrap());
     let dir = h.stop();
-    let scan = berth::state::journal::scan(&dir.path().join("state/journal")).unwrap();
+    let scan =
+        berth::state::journal::scan(&berth::os::RealFiles, &dir.path().join("state/journal"))
+            .unwrap();
     assert!(scan.damage.is_empty(), "{:?}", scan.damage);
     for r in &vols {
         assert!(scan.records.contains_key(&r.id), "{:?} was dropped", r.id);
@@ -4638,7 +4640,7 @@ async fn a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one() {
     let json = json.strip_suffix("}}").expect("a put line");
     let json = format!("{json},{FIELD}}}}}");
     let j = dir.path().join("state/journal");
-    let gen = journal::scan(&j).unwrap().gen;
+    let gen = journal::scan(&berth::os::RealFiles, &j).unwrap().gen;
     let line = format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes()));
     std::fs::OpenOptions::new()
         .append(true)

@@ -1633,7 +1633,8 @@ type RecordedDisk = (String, (u32, u32));
 /// with berth stopped; and the records that name a disk another record
 /// names too.
 fn recorded_disks(dir: &Path) -> (Vec<RecordedDisk>, Vec<String>) {
-    let scan = berth::state::journal::scan(&dir.join("state/journal")).unwrap();
+    let scan =
+        berth::state::journal::scan(&berth::os::RealFiles, &dir.join("state/journal")).unwrap();
     let mut v: Vec<RecordedDisk> = scan
         .records
         .values()

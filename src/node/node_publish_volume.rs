@@ -43,8 +43,8 @@ pub async fn handle(
     paths.extend(staging.as_ref().map(|s| s.path().to_path_buf()));
     let path_refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     d.with_volume_at(id, &path_refs, move |d, rec, kind| {
-        let (target, target_real) = d.protected.resolve(target)?;
-        let staging = staging.map(|s| d.protected.resolve(s)).transpose()?;
+        let (target, target_real) = d.protected.resolve(d.os.files.as_ref(), target)?;
+        let staging = staging.map(|s| d.protected.resolve(d.os.files.as_ref(), s)).transpose()?;
         let staging_real = staging.as_ref().and_then(|(_, r)| r.clone());
         // The same check on the places the kernel reaches (a symlink in a
         // parent can make two spellings one place), before their guards.

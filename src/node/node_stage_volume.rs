@@ -22,7 +22,7 @@ pub async fn handle(
     validate::map("volume_context", &req.volume_context)?;
     let path = staging.path().to_path_buf();
     d.with_volume_at(id, &[&path], move |d, rec, kind| {
-        let (staging, real) = d.protected.resolve(staging)?;
+        let (staging, real) = d.protected.resolve(d.os.files.as_ref(), staging)?;
         let _real = d.guard_real_path(real.as_deref())?;
         d.require_not_deleting(&rec)?;
         d.require_local_here(&rec)?;

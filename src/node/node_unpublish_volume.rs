@@ -21,7 +21,7 @@ pub async fn handle(
     let mut guard = d.locks.try_lock(vol_key(&id))?;
     guard.also(path_key(target.path()))?;
     d.run(guard, move |d| {
-        let (target, real) = d.protected.resolve(target)?;
+        let (target, real) = d.protected.resolve(d.os.files.as_ref(), target)?;
         let _real = d.guard_real_path(real.as_deref())?;
         d.unpublish(&id, &target)
     })

@@ -22,7 +22,7 @@ pub async fn handle(
     let mut guard = d.locks.try_lock(vol_key(&id))?;
     guard.also(path_key(staging.path()))?;
     d.run(guard, move |d| {
-        let (staging, real) = d.protected.resolve(staging)?;
+        let (staging, real) = d.protected.resolve(d.os.files.as_ref(), staging)?;
         let _real = d.guard_real_path(real.as_deref())?;
         let r = match d.volume(&id) {
             Ok(rec) => d.kind(rec.kind)?.unstage(&rec, &staging),

@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::os::{Files, OsError};
 use crate::validate;
 
 /// The longest file name (one path component) Linux filesystems take.
@@ -112,9 +113,10 @@ impl Protected {
     ///
     /// Returns the path as given and, when a symlink in its parents makes
     /// the kernel reach it under another spelling, that spelling (whose
-    /// guard the caller takes too: `Driver::guard_real_path`).
-    pub fn resolve(&self, p: NodePath) -> Result<(PathBuf, Option<PathBuf>)> {
-        if let Ok(r) = resolved(&p.path) {
+    /// guard the caller takes too: `Driver::guard_real_path`). The
+    /// filesystem is read through `files`.
+    pub fn resolve(&self, files: &dyn Files, p: NodePath) -> Result<(PathBuf, Option<PathBuf>)> {
+        if let Ok(r) = resolved(files, &p.path) {
             if r != p.path {
                 self.refuse(p.field, &p.path, &r)?;
                 return Ok((p.path, Some(r)));
@@ -218,16 +220,19 @@ impl NodePath {
 /// reached without a symlink is its own resolved form: one openat2
 /// (`os::resolve`) tells that, and only a parent with a symlink (or a
 /// kernel that cannot tell) takes the readlink per component of a
-/// realpath.
-fn resolved(p: &Path) -> std::io::Result<PathBuf> {
+/// realpath. Both through `files`.
+fn resolved(files: &dyn Files, p: &Path) -> std::io::Result<PathBuf> {
     match (p.parent(), p.file_name()) {
         (Some(parent), Some(name)) => {
-            if crate::os::resolve::free_of_symlinks(parent) == Some(true) {
+            if files.free_of_symlinks(parent) == Some(true) {
                 return Ok(p.to_path_buf());
             }
-            Ok(std::fs::canonicalize(parent)?.join(name))
+            Ok(files
+                .canonicalize(parent)
+                .map_err(OsError::into_io)?
+                .join(name))
         }
-        _ => std::fs::canonicalize(p),
+        _ => files.canonicalize(p).map_err(OsError::into_io),
     }
 }
 
@@ -278,6 +283,7 @@ fn resolved_within(p: &Path, links: u32) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::os::RealFiles;
 
     fn setup() -> (tempfile::TempDir, Protected) {
         let d = tempfile::tempdir().unwrap();
@@ -295,7 +301,7 @@ mod tests {
     /// Both checks, as a node RPC makes them.
     fn full(p: &Protected, v: &str) -> Result<PathBuf> {
         p.check("target_path", v)
-            .and_then(|n| p.resolve(n).map(|(given, _)| given))
+            .and_then(|n| p.resolve(&RealFiles, n).map(|(given, _)| given))
     }
 
     #[test]
@@ -383,8 +389,36 @@ mod tests {
         // The text alone is fine: only `resolve`, which reads the
         // filesystem (on a blocking thread), sees where it leads.
         let n = p.check("target_path", &v).unwrap();
-        let r = p.resolve(n);
+        let r = p.resolve(&RealFiles, n);
         assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+    }
+
+    /// `resolve` reads the filesystem through the OS layer: where the
+    /// kernel cannot tell that a parent holds no symlink (openat2), or a
+    /// parent cannot be resolved (realpath), the path has no other
+    /// spelling; a symlinked parent otherwise gives where it leads.
+    #[test]
+    fn paths_are_resolved_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(d.path()).unwrap();
+        std::fs::create_dir(base.join("real")).unwrap();
+        std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
+        let p = Protected::new(&[], &[]);
+        let (os, fake) = crate::os::Os::fake();
+        let files = os.files.as_ref();
+        let node = |v: &Path| p.check("target_path", &v.display().to_string()).unwrap();
+        let (free, linked) = (base.join("real/t"), base.join("link/t"));
+        let resolve = |v: &Path| p.resolve(files, node(v)).unwrap();
+        assert_eq!(resolve(&linked), (linked.clone(), Some(free.clone())));
+        assert_eq!(resolve(&free), (free.clone(), None));
+        // A parent free of symlinks is told by openat2 alone: realpath is
+        // asked only when openat2 cannot tell.
+        fake.fail_next("openat2", libc::ENOSYS);
+        fake.fail_next("realpath", libc::EIO);
+        assert_eq!(resolve(&free), (free.clone(), None));
+        assert_eq!(resolve(&linked), (linked.clone(), Some(free.clone())));
+        fake.fail_next("realpath", libc::EIO);
+        assert_eq!(resolve(&linked), (linked, None));
     }
 
     /// A root configured as a symlink protects the directory it points to.

@@ -175,6 +175,8 @@ pub struct FakeOs {
     file_fault_at: Mutex<Option<(usize, i32)>>,
     /// Birth times a test set (`set_born`).
     born: Mutex<HashMap<PathBuf, std::time::SystemTime>>,
+    /// Extended attributes a test set (`set_xattr`): path and name.
+    xattrs: Mutex<HashMap<(PathBuf, String), Vec<u8>>>,
     file_faults_under: Mutex<Vec<(Option<&'static str>, PathBuf, i32)>>,
     /// Filesystem changes held until a test lets them go (`hold_op_under`).
     holds: Mutex<Vec<(&'static str, PathBuf, std::sync::Arc<OpHold>)>>,
@@ -318,6 +320,7 @@ impl FakeOs {
             file_ops: Mutex::new(Vec::new()),
             file_fault_at: Mutex::new(None),
             born: Mutex::new(HashMap::new()),
+            xattrs: Mutex::new(HashMap::new()),
             file_faults_under: Mutex::new(Vec::new()),
             holds: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
@@ -469,6 +472,13 @@ impl FakeOs {
     /// time of the directory or file then at `path` otherwise).
     pub fn set_born(&self, path: &Path, t: std::time::SystemTime) {
         lock(&self.born).insert(path.to_path_buf(), t);
+    }
+
+    /// `Files::get_xattr` of `name` on `path` answers `value` from now on
+    /// (what the directory or file then at `path` holds otherwise): an
+    /// attribute an unprivileged test cannot set (`trusted.*`).
+    pub fn set_xattr(&self, path: &Path, name: &str, value: &[u8]) {
+        lock(&self.xattrs).insert((path.to_path_buf(), name.to_string()), value.to_vec());
     }
 
     /// Forgets the recorded filesystem changes.
@@ -1764,6 +1774,16 @@ impl Files for FakeOs {
         RealFiles.set_mode(path, mode)
     }
 
+    fn set_group(&self, path: &Path, gid: u32) -> Result<(), OsError> {
+        self.file_op("chown", path)?;
+        RealFiles.set_group(path, gid)
+    }
+
+    fn bind_socket(&self, path: &Path) -> Result<std::os::unix::net::UnixListener, OsError> {
+        self.file_op("bind", path)?;
+        RealFiles.bind_socket(path)
+    }
+
     fn rename(&self, from: &Path, to: &Path) -> Result<(), OsError> {
         self.file_op("rename", from)?;
         RealFiles.rename(from, to)?;
@@ -1924,6 +1944,31 @@ impl Files for FakeOs {
         RealFiles.lstat(path)
     }
 
+    /// What `set_xattr` set, else the real attribute; fails as
+    /// `fail_next("getxattr", ..)` asks.
+    fn get_xattr(&self, path: &Path, name: &str) -> Result<Option<Vec<u8>>, OsError> {
+        self.injected("getxattr", path)?;
+        let set = lock(&self.xattrs)
+            .get(&(path.to_path_buf(), name.to_string()))
+            .cloned();
+        match set {
+            Some(v) => Ok(Some(v)),
+            None => RealFiles.get_xattr(path, name),
+        }
+    }
+
+    /// None (the kernel cannot tell) as `fail_next("openat2", ..)` asks.
+    fn free_of_symlinks(&self, dir: &Path) -> Option<bool> {
+        self.injected("openat2", dir).ok()?;
+        RealFiles.free_of_symlinks(dir)
+    }
+
+    /// Fails as `fail_next("realpath", ..)` asks.
+    fn canonicalize(&self, path: &Path) -> Result<PathBuf, OsError> {
+        self.injected("realpath", path)?;
+        RealFiles.canonicalize(path)
+    }
+
     /// Fails as `fail_next("readlink", ..)` asks.
     fn read_link(&self, path: &Path) -> Result<PathBuf, OsError> {
         self.injected("readlink", path)?;
@@ -1986,10 +2031,11 @@ impl Files for FakeOs {
 
     /// Fails as `fail_next("read_dir", ..)` asks, and under a path given
     /// to `fail_op_under("read_dir", ..)` (a read is no change: a fault
-    /// for every op under a path leaves it alone).
+    /// for every op under a path leaves it alone); a directory read through
+    /// its descriptor (`/proc/self/fd/N`) is under its real path.
     fn read_dir(&self, path: &Path) -> Result<std::fs::ReadDir, OsError> {
         self.injected("read_dir", path)?;
-        if let Some(errno) = self.fault_under("read_dir", path, false) {
+        if let Some(errno) = self.fault_under("read_dir", &through_fd(path), false) {
             return Err(OsError::sys(
                 "read_dir",
                 path,

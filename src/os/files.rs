@@ -5,8 +5,11 @@
 //! lost and nothing that failed is acknowledged (`fake::FakeOs` injects).
 //!
 //! Berth's looks at and reads of its own files and directories (lstat,
-//! stat, read_dir, `list_names`, readlink, `read_regular`) and its
-//! directory locks (`open_dir`, `flock`) are behind it too, so a test can
+//! stat, read_dir, `list_names`, readlink, `read_regular`, getxattr: the
+//! state journal, the NFS share's directories, the CSI socket's path), the
+//! resolution of a node RPC's paths (`free_of_symlinks`, `canonicalize`),
+//! the CSI socket's bind, chmod and chown, and its directory locks
+//! (`open_dir`, `flock`) are behind it too, so a test can
 //! make them fail (the fake's `fail_next`); the fake does them for real,
 //! and tests make the state they read for real. Berth's own files are read
 //! with `read_regular` / `open_regular`, which never block on a FIFO,
@@ -42,6 +45,12 @@ pub trait Files: Send + Sync {
     fn create_dir(&self, path: &Path, mode: u32) -> Result<(), OsError>;
     /// chmod(2).
     fn set_mode(&self, path: &Path, mode: u32) -> Result<(), OsError>;
+    /// chown(2) of the group only (the owner unchanged).
+    fn set_group(&self, path: &Path, gid: u32) -> Result<(), OsError>;
+    /// A unix socket bound at `path` and listening (bind(2), listen(2)),
+    /// its file made with mode 0600 whatever the umask (the process's
+    /// umask is 0177 around the bind): private from its first moment.
+    fn bind_socket(&self, path: &Path) -> Result<std::os::unix::net::UnixListener, OsError>;
     /// rename(2): replaces what is at `to` (a file, or an empty directory).
     fn rename(&self, from: &Path, to: &Path) -> Result<(), OsError>;
     /// renameat2(2) with RENAME_NOREPLACE: EEXIST when `to` exists.
@@ -201,6 +210,21 @@ pub trait Files: Send + Sync {
     fn read_link(&self, path: &Path) -> Result<PathBuf, OsError> {
         std::fs::read_link(path).map_err(sys("readlink", path))
     }
+    /// Whether the directory `dir` (absolute) is reached with no symlink
+    /// on the way (`resolve::free_of_symlinks`: one openat2(2)); None
+    /// when the kernel cannot tell.
+    fn free_of_symlinks(&self, dir: &Path) -> Option<bool> {
+        super::resolve::free_of_symlinks(dir)
+    }
+    /// realpath(3) of `path` (`std::fs::canonicalize`).
+    fn canonicalize(&self, path: &Path) -> Result<PathBuf, OsError> {
+        std::fs::canonicalize(path).map_err(sys("realpath", path))
+    }
+    /// getxattr(2): the value of the extended attribute `name` of what
+    /// `path` names (a symlink followed); None when it has none.
+    fn get_xattr(&self, path: &Path, name: &str) -> Result<Option<Vec<u8>>, OsError> {
+        xattr::get(path, name).map_err(sys("getxattr", path))
+    }
     /// The content of the regular file `path`, at most `max` bytes
     /// (`read_regular`: never a FIFO, a device or through a symlink). The
     /// error is the I/O error itself (its kind, `NotRegular`), as callers
@@ -311,6 +335,18 @@ impl Files for RealFiles {
     fn set_mode(&self, path: &Path, mode: u32) -> Result<(), OsError> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(sys("chmod", path))
+    }
+
+    fn set_group(&self, path: &Path, gid: u32) -> Result<(), OsError> {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| OsError::sys("chown", path, e))
+    }
+
+    fn bind_socket(&self, path: &Path) -> Result<std::os::unix::net::UnixListener, OsError> {
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        bound.map_err(sys("bind", path))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), OsError> {
@@ -844,16 +880,50 @@ pub fn ensure_dir(files: &dyn Files, path: &Path, mode: u32) -> Result<bool, OsE
     }
 }
 
+/// Creates the directory `path` and its missing parents with `files`, as
+/// `std::fs::create_dir_all` does (the same calls: mkdir(2) of `path`
+/// first, its parents only when that finds one missing; mode 0777 before
+/// the umask; a directory already there, a symlink to one included, is
+/// success).
+pub fn create_dir_all(files: &dyn Files, path: &Path) -> Result<(), OsError> {
+    if path.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let is_dir = |p: &Path| files.stat(p).is_ok_and(|m| m.is_dir());
+    match files.create_dir(path, 0o777) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.errno() == Some(libc::ENOENT) => {}
+        Err(_) if is_dir(path) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match path.parent() {
+        Some(p) => create_dir_all(files, p)?,
+        None => {
+            return Err(OsError::sys(
+                "mkdir",
+                path,
+                std::io::Error::other("failed to create whole tree"),
+            ))
+        }
+    }
+    match files.create_dir(path, 0o777) {
+        Ok(()) => Ok(()),
+        Err(_) if is_dir(path) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The entries of one of Berth's own directories (a root's `.trash`,
 /// `.creating`, `.snapshots`), whose contents start-up removes: never
 /// through a symlink (or anything else that is not a directory) put in its
 /// place, which would have start-up remove what it points to, outside
 /// Berth's directories. Such an entry is reported and left alone (the RPCs
 /// that need the directory fail on it: `ensure_dir`); a missing or
-/// unreadable directory has no entries.
-pub fn read_own_dir(path: &Path) -> Option<std::fs::ReadDir> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::read_dir(path).ok(),
+/// unreadable directory has no entries. Looked at and read through
+/// `files` (its lstat, then its read_dir).
+pub fn read_own_dir(files: &dyn Files, path: &Path) -> Option<std::fs::ReadDir> {
+    match files.lstat(path) {
+        Ok(m) if m.is_dir() => files.read_dir(path).ok(),
         Ok(m) => {
             tracing::error!(
                 path = %path.display(),

@@ -75,7 +75,7 @@
 //! what was replayed, it writes the log again (temp file, fsync, rename)
 //! before serving.
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs::File;
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -511,13 +511,13 @@ const SCAN_TRIES: usize = 8;
 /// printed no records with exit code 0 (or a later generation's files,
 /// gone, stopped it with an error). Appends need no such care: a log read
 /// while a line is appended reads whole lines and at most a torn tail.
-pub fn scan(dir: &Path) -> Result<Scan, StateError> {
+pub fn scan(files: &dyn Files, dir: &Path) -> Result<Scan, StateError> {
     let mut tries = 0;
     loop {
         tries += 1;
-        let before = journal_names(dir)?;
-        let s = scan_once(dir);
-        if journal_names(dir)? == before {
+        let before = journal_names(files, dir)?;
+        let s = scan_once(files, dir);
+        if journal_names(files, dir)? == before {
             return s;
         }
         if tries == SCAN_TRIES {
@@ -533,8 +533,8 @@ pub fn scan(dir: &Path) -> Result<Scan, StateError> {
 
 /// The names of the journal's files in `dir` (snapshots, logs, temp
 /// files), sorted; none for a missing directory.
-fn journal_names(dir: &Path) -> Result<Vec<std::ffi::OsString>, StateError> {
-    let entries = match fs::read_dir(dir) {
+fn journal_names(files: &dyn Files, dir: &Path) -> Result<Vec<std::ffi::OsString>, StateError> {
+    let entries = match files.read_dir(dir).map_err(crate::os::OsError::into_io) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(StateError::io("read", dir, e)),
@@ -557,7 +557,7 @@ fn journal_names(dir: &Path) -> Result<Vec<std::ffi::OsString>, StateError> {
 }
 
 /// One reading of the journal in `dir` (`scan`).
-fn scan_once(dir: &Path) -> Result<Scan, StateError> {
+fn scan_once(files: &dyn Files, dir: &Path) -> Result<Scan, StateError> {
     let mut out = Scan {
         dir: dir.to_path_buf(),
         gen: 0,
@@ -576,7 +576,7 @@ fn scan_once(dir: &Path) -> Result<Scan, StateError> {
         newer: Vec::new(),
         foreign: Vec::new(),
     };
-    let entries = match fs::read_dir(dir) {
+    let entries = match files.read_dir(dir).map_err(crate::os::OsError::into_io) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(StateError::io("read", dir, e)),
@@ -622,8 +622,9 @@ fn scan_once(dir: &Path) -> Result<Scan, StateError> {
     out.gen = gen;
     for g in logs.iter().copied().filter(|&g| g > gen) {
         let p = dir.join(log_name(g));
-        let len = fs::symlink_metadata(&p)
-            .map_err(|e| StateError::io("stat", &p, e))?
+        let len = files
+            .lstat(&p)
+            .map_err(|e| StateError::io("stat", &p, e.into_io()))?
             .len();
         if len > 0 {
             out.damage.push(Damage {
@@ -660,11 +661,12 @@ fn scan_once(dir: &Path) -> Result<Scan, StateError> {
     let binary = snapshots.contains(&(gen, true));
     let guarded = || {
         let guard = downgrade_guard(gen);
-        crate::os::files::read_regular(
-            &dir.join(json_snapshot_name(gen)),
-            Some(guard.len() as u64 + 1),
-        )
-        .is_ok_and(|b| b == guard)
+        files
+            .read_regular(
+                &dir.join(json_snapshot_name(gen)),
+                Some(guard.len() as u64 + 1),
+            )
+            .is_ok_and(|b| b == guard)
     };
     if binary && snapshots.contains(&(gen, false)) && !guarded() {
         out.damage.push(Damage {
@@ -699,7 +701,7 @@ fn scan_once(dir: &Path) -> Result<Scan, StateError> {
         } else {
             json_snapshot_name(gen)
         });
-        match read_journal_file(&path)? {
+        match read_journal_file(files, &path)? {
             Ok(bytes) => {
                 out.snapshot_len = bytes.len() as u64;
                 if binary {
@@ -718,7 +720,7 @@ fn scan_once(dir: &Path) -> Result<Scan, StateError> {
         // reported above
         Ok(Ok(Vec::new()))
     } else {
-        read_journal_file(&log_path)
+        read_journal_file(files, &log_path)
     };
     out.log = match read {
         Ok(Ok(b)) => b,
@@ -751,8 +753,11 @@ fn scan_once(dir: &Path) -> Result<Scan, StateError> {
 
 /// The bytes of the journal file `path`, or (the inner error) why it is
 /// not a regular file (it was replaced after the directory was listed).
-fn read_journal_file(path: &Path) -> Result<Result<Vec<u8>, String>, StateError> {
-    match crate::os::files::read_regular(path, None) {
+fn read_journal_file(
+    files: &dyn Files,
+    path: &Path,
+) -> Result<Result<Vec<u8>, String>, StateError> {
+    match files.read_regular(path, None) {
         Ok(b) => Ok(Ok(b)),
         Err(e) => match crate::os::files::not_regular(&e) {
             Some(n) => Ok(Err(n.to_string())),
@@ -1335,7 +1340,7 @@ impl Journal {
     /// a torn tail (kept beside the log), removes stale files, and makes
     /// what it replayed durable; any other damage is an error.
     pub fn open(dir: &Path, files: Arc<dyn Files>) -> Result<Replay, StateError> {
-        if !dir.exists() {
+        if files.stat(dir).is_err() {
             files.create_dir(dir, 0o700).map_err(StateError::Os)?;
             if let Some(parent) = dir.parent() {
                 files.sync_dir(parent).map_err(StateError::Os)?;
@@ -1347,7 +1352,7 @@ impl Journal {
         // the CPU.
         let (s, early) = std::thread::scope(|sc| {
             let early = sc.spawn(|| DurableCopies::read(files.as_ref(), dir));
-            let s = scan(dir);
+            let s = scan(files.as_ref(), dir);
             (s, early.join().ok().flatten())
         });
         let s = s?;
@@ -1741,7 +1746,7 @@ impl Journal {
         w.set_threshold();
         for name in [snapshot_name(old), json_snapshot_name(old), log_name(old)] {
             let p = self.dir.join(name);
-            if p.exists() {
+            if f.stat(&p).is_ok() {
                 let _ = f.remove_file(&p);
             }
         }
@@ -1908,7 +1913,7 @@ fn make_durable(
         }
     }
     let mark = dir.join(SYNC_FAILED);
-    if durable_differs(files, &log_path, good, early_log)? || mark.exists() {
+    if durable_differs(files, &log_path, good, early_log)? || files.stat(&mark).is_ok() {
         tracing::warn!(log = %log_path.display(), "the state journal on disk differs from what was replayed (a flush failed before the restart); writing it again");
         let tmp = dir.join(format!("{}.tmp", log_name(gen)));
         let t = files
@@ -1921,7 +1926,7 @@ fn make_durable(
             .and_then(|_| files.sync_dir(dir))
             .map_err(StateError::Os)?;
         drop(file);
-        if mark.exists() {
+        if files.stat(&mark).is_ok() {
             files.remove_file(&mark).map_err(StateError::Os)?;
         }
         return files
@@ -1974,7 +1979,7 @@ impl DurableCopies {
         // the newest generation, its binary snapshot before a JSON one
         // (as `scan` chooses)
         let mut newest = None;
-        for e in fs::read_dir(dir).ok()? {
+        for e in files.read_dir(dir).ok()? {
             let e = e.ok()?;
             // (what is not a regular file is damage: `scan` reports it)
             if !e.file_type().is_ok_and(|t| t.is_file()) {
@@ -1992,7 +1997,8 @@ impl DurableCopies {
         };
         let snapshot = files.read_durable(&dir.join(name));
         let log_path = dir.join(log_name(gen));
-        let log = fs::symlink_metadata(&log_path)
+        let log = files
+            .lstat(&log_path)
             .map_or(true, |m| m.len() <= EARLY_LOG_MAX)
             .then(|| files.read_durable(&log_path));
         Some(DurableCopies { gen, snapshot, log })
@@ -2003,6 +2009,7 @@ impl DurableCopies {
 pub(crate) mod tests {
     use super::*;
     use crate::os::files::RealFiles;
+    use std::fs;
 
     type Hook = Box<dyn FnMut(&Path)>;
 
@@ -2058,7 +2065,7 @@ pub(crate) mod tests {
                 let mut bytes = log.clone();
                 bytes[at] ^= 1 << bit;
                 fs::write(&path, &bytes).unwrap();
-                let s = scan(d.path()).unwrap();
+                let s = scan(&RealFiles, d.path()).unwrap();
                 if s.damage.is_empty() && s.torn.is_none() && !want(&s) {
                     silent.push((at, bit));
                 }
@@ -2106,7 +2113,7 @@ pub(crate) mod tests {
             let d = tempfile::tempdir().unwrap();
             fs::write(d.path().join(&name), &bytes).unwrap();
             fs::write(d.path().join(log_name(1)), b"").unwrap();
-            let s = scan(d.path()).unwrap();
+            let s = scan(&RealFiles, d.path()).unwrap();
             let why: Vec<&str> = s.damage.iter().map(|d| d.why.as_str()).collect();
             assert_eq!(s.damage.len(), 2, "{name}: {why:?}");
             assert!(
@@ -2162,7 +2169,7 @@ pub(crate) mod tests {
         let path = d.path().join(log_name(0));
         for cut in 0..=log.len() {
             fs::write(&path, &log[..cut]).unwrap();
-            let s = scan(d.path()).unwrap();
+            let s = scan(&RealFiles, d.path()).unwrap();
             assert!(s.damage.is_empty(), "cut at {cut}: {:?}", s.damage);
             let whole = ends.iter().filter(|&&e| e <= cut + 1).count();
             let mut got: Vec<&VolumeRecord> = s.records.values().collect();
@@ -2325,7 +2332,7 @@ pub(crate) mod tests {
                     let _ = fs::remove_file(dir.join(snapshot_name(from_gen)));
                 }))
             });
-            let s = scan(d.path());
+            let s = scan(&RealFiles, d.path());
             AFTER_LISTING.with(|h| *h.borrow_mut() = None);
             let s = s.unwrap_or_else(|e| panic!("from generation {from_gen}: {e}"));
             assert!(s.damage.is_empty(), "{:?}", s.damage);
@@ -2369,10 +2376,37 @@ pub(crate) mod tests {
         }
     }
 
+    /// The journal is listed, looked at and read through the OS layer
+    /// (`scan`, and `Journal::open`'s look for its directory): a listing,
+    /// a look at a newer log or a read that fails is an error, never an
+    /// empty journal.
+    #[test]
+    fn the_journal_is_read_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(log_name(0)), b"").unwrap();
+        fs::write(d.path().join(log_name(1)), b"").unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let files = os.files.as_ref();
+        let s = scan(files, d.path()).unwrap();
+        assert_eq!(s.stale, [d.path().join(log_name(1))]);
+        for op in ["read_dir", "lstat", "read"] {
+            fake.fail_next(op, libc::EIO);
+            let e = scan(files, d.path()).err();
+            assert!(
+                matches!(&e, Some(StateError::Io { source, .. }) if source.raw_os_error() == Some(libc::EIO)),
+                "{op}: {e:?}"
+            );
+        }
+        assert!(scan(files, d.path()).is_ok());
+        fake.fail_next("stat", libc::EIO);
+        assert!(Journal::open(d.path(), os.files.clone()).is_err());
+        assert!(Journal::open(d.path(), os.files.clone()).is_ok());
+    }
+
     fn scan_log(bytes: &[u8]) -> Scan {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join(log_name(0)), bytes).unwrap();
-        scan(d.path()).unwrap()
+        scan(&RealFiles, d.path()).unwrap()
     }
 
     /// Which damaged regions count as the torn tail of a crash and which
@@ -2634,7 +2668,7 @@ pub(crate) mod tests {
                 make_not_regular(kind, &p);
                 let what = format!("scan with a {kind} as {name}");
                 let at = dir.clone();
-                let s = at_once(&what, move || scan(&at).unwrap());
+                let s = at_once(&what, move || scan(&RealFiles, &at).unwrap());
                 assert_eq!(s.damage.len(), 1, "{what}: {:?}", s.damage);
                 assert_eq!(s.damage[0].path, p, "{what}");
                 assert!(

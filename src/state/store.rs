@@ -526,7 +526,7 @@ impl Store {
         let mut index = Indexes::default();
         index.volumes.load(records);
         index.snapshots.load(snapshots);
-        let old = legacy::load(state_dir)?;
+        let old = legacy::load(files.as_ref(), state_dir)?;
         let import = !old.is_empty();
         // After an import interrupted before the old files were removed,
         // both hold the same records; the journal is newer.
@@ -1148,7 +1148,9 @@ mod tests {
             assert_eq!(s.set_aside().volumes[0].0.id, bad);
             drop(s);
             assert!(!old.exists(), "the old layout was imported");
-            let scan = super::super::journal::scan(&journal_dir(d.path())).unwrap();
+            let scan =
+                super::super::journal::scan(&crate::os::files::RealFiles, &journal_dir(d.path()))
+                    .unwrap();
             assert!(scan.records.contains_key(bad), "round {round}: dropped");
         }
     }
@@ -1220,7 +1222,7 @@ mod tests {
             assert!(r.seq > 7, "seq {}", r.seq);
             assert!(s.checkpoint(0).unwrap());
             drop(s);
-            let scan = super::super::journal::scan(&j).unwrap();
+            let scan = super::super::journal::scan(&crate::os::files::RealFiles, &j).unwrap();
             assert!(scan.damage.is_empty());
             for id in bad {
                 assert!(scan.records.contains_key(id), "round {round}: {id} dropped");
@@ -1419,7 +1421,9 @@ mod tests {
                 e.to_string().contains("log-0.jsonl") && e.to_string().contains("changed"),
                 "{e}"
             );
-            let scan = super::super::journal::scan(&journal_dir(d.path())).unwrap();
+            let scan =
+                super::super::journal::scan(&crate::os::files::RealFiles, &journal_dir(d.path()))
+                    .unwrap();
             assert!(scan.torn.is_none());
             assert_eq!(scan.records.contains_key("b"), at_end, "{at_end}");
         }
@@ -2116,7 +2120,9 @@ mod tests {
             "what was kept is kept, not taken again"
         );
         assert_eq!(ids(&s), ["a", "b", "c"]);
-        let scan = crate::state::journal::scan(&journal_dir(d.path())).unwrap();
+        let scan =
+            crate::state::journal::scan(&crate::os::files::RealFiles, &journal_dir(d.path()))
+                .unwrap();
         assert!(scan.error().is_none() && scan.torn.is_none());
         assert!(s.checkpoint(0).unwrap());
         assert!(allocated(&log_path(d.path(), 1)) >= RESERVE);

@@ -106,9 +106,12 @@ fn require_state(files: &dyn Files, state_dir: &Path) -> Result<(), StateError> 
 
 /// Reads the journal and the old layout without changing anything: the
 /// records start-up would load, and what is wrong.
-fn read_records(state_dir: &Path) -> Result<(Scan, Vec<VolumeRecord>), StateError> {
-    let scan = journal::scan(&journal_dir(state_dir))?;
-    let mut legacy = legacy::load(state_dir)?;
+fn read_records(
+    files: &dyn Files,
+    state_dir: &Path,
+) -> Result<(Scan, Vec<VolumeRecord>), StateError> {
+    let scan = journal::scan(files, &journal_dir(state_dir))?;
+    let mut legacy = legacy::load(files, state_dir)?;
     legacy.retain(|r| !scan.records.contains_key(&r.id));
     Ok((scan, legacy))
 }
@@ -671,7 +674,7 @@ struct Pass {
 }
 
 fn pass(cfg: &Config, os: &Os, state_dir: &Path) -> Result<Pass, StateError> {
-    let (scan, legacy) = read_records(state_dir)?;
+    let (scan, legacy) = read_records(os.files.as_ref(), state_dir)?;
     let mut findings = Vec::new();
     journal_findings(&scan, legacy.len(), &mut findings);
     let mut records: Vec<VolumeRecord> = scan.records.values().cloned().chain(legacy).collect();
@@ -810,7 +813,7 @@ struct Export<'a> {
 pub fn export(cfg: &Config, files: &dyn Files, out: &mut dyn Write) -> Result<bool, StateError> {
     let state_dir = cfg.state_dir();
     require_state(files, &state_dir)?;
-    let (scan, legacy) = read_records(&state_dir)?;
+    let (scan, legacy) = read_records(files, &state_dir)?;
     let mut records: Vec<&VolumeRecord> = scan.records.values().chain(legacy.iter()).collect();
     records.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
     let mut snapshots: Vec<_> = scan.snapshots.values().collect();
@@ -880,7 +883,7 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     require_state(files.as_ref(), state_dir)?;
     let _lock = DirLock::acquire(&files, state_dir, "state directory")?;
     let dir = journal_dir(state_dir);
-    let scan = journal::scan(&dir)?;
+    let scan = journal::scan(files.as_ref(), &dir)?;
     // Records whose ids are not of their kind: dropped too (their lines
     // are in the copy).
     let bad_ids: Vec<String> = scan
@@ -1171,10 +1174,10 @@ mod tests {
         let e = repair(d.path(), os.files.clone()).unwrap_err();
         let msg = crate::error::chain(&e);
         assert!(msg.contains(journal::log_name(0).as_str()), "{msg}");
-        assert!(!journal::scan(&j).unwrap().damage.is_empty());
+        assert!(!journal::scan(&RealFiles, &j).unwrap().damage.is_empty());
         let report = repair(d.path(), os.files.clone()).unwrap();
         assert!(report.contains("damaged-"), "{report}");
-        assert!(journal::scan(&j).unwrap().damage.is_empty());
+        assert!(journal::scan(&RealFiles, &j).unwrap().damage.is_empty());
     }
 
     /// Whatever `scan` reports as damage, `repair` resolves: afterwards
@@ -1255,7 +1258,7 @@ mod tests {
         for (what, damage) in cases {
             let d = damaged(damage);
             let j = journal_dir(d.path());
-            let before = journal::scan(&j).unwrap();
+            let before = journal::scan(&RealFiles, &j).unwrap();
             assert!(!before.damage.is_empty(), "{what}: no damage made");
             let damaged_files: Vec<String> = before
                 .damage
@@ -1266,7 +1269,7 @@ mod tests {
             let state = d.path().to_path_buf();
             let report = at_once(what, move || repair(&state, Arc::new(RealFiles)))
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let after = journal::scan(&j).unwrap();
+            let after = journal::scan(&RealFiles, &j).unwrap();
             assert!(
                 after.damage.is_empty(),
                 "{what}: still damaged after repair: {:?}\n{report}",

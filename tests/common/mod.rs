@@ -749,7 +749,7 @@ pub fn forge_records(
     use berth::state::journal::{self, EntryRef};
     use std::io::Write;
     let j = dir.join("state/journal");
-    let gen = journal::scan(&j).unwrap().gen;
+    let gen = journal::scan(&berth::os::RealFiles, &j).unwrap().gen;
     let mut lines = Vec::new();
     for r in vols {
         journal::encode(&EntryRef::Put(r), &mut lines).unwrap();

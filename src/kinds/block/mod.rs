@@ -684,7 +684,7 @@ impl BlockKind {
             }
         }
         let dir = self.root.join(DISK_MARKERS);
-        let Some(entries) = files::read_own_dir(&dir) else {
+        let Some(entries) = files::read_own_dir(self.os.files.as_ref(), &dir) else {
             return Ok(());
         };
         for e in entries.flatten() {

@@ -798,7 +798,9 @@ impl BlockKind {
     /// the next start-up, and the first such error returned once all were
     /// tried.
     pub(super) fn reconcile_snapshots(&self, known: &dyn Fn(&str) -> bool) -> Result<()> {
-        let Some(entries) = crate::os::files::read_own_dir(&self.root.join(SNAPSHOTS)) else {
+        let Some(entries) =
+            crate::os::files::read_own_dir(self.os.files.as_ref(), &self.root.join(SNAPSHOTS))
+        else {
             return Ok(());
         };
         let mut failed = None;

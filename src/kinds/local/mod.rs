@@ -178,7 +178,8 @@ pub fn made_by_hand(
     if !files.is_empty_dir(dir) {
         return None;
     }
-    if xattr::get(dir, TAKEN_AS_XATTR)
+    if files
+        .get_xattr(dir, TAKEN_AS_XATTR)
         .ok()
         .flatten()
         .is_some_and(|v| v == id.as_bytes())
@@ -277,8 +278,8 @@ pub fn list_root(files: &dyn Files, root: &Path) -> std::io::Result<RootListing>
 /// directory moved there by hand) is that volume's, so that start-up puts
 /// it back while its record lasts instead of taking `local` for its id and
 /// emptying it.
-fn trash_entries(root: &Path) -> Vec<(String, PathBuf)> {
-    let Some(entries) = files::read_own_dir(&root.join(TRASH)) else {
+fn trash_entries(files: &dyn Files, root: &Path) -> Vec<(String, PathBuf)> {
+    let Some(entries) = files::read_own_dir(files, &root.join(TRASH)) else {
         return Vec::new();
     };
     entries
@@ -307,7 +308,7 @@ fn empty_trash_of(
     project: Option<u32>,
 ) {
     let mut emptied = true;
-    for (of, path) in trash_entries(root) {
+    for (of, path) in trash_entries(files, root) {
         if of == id {
             if let Err(e) = files.remove_tree(&path) {
                 emptied = false;
@@ -734,7 +735,7 @@ impl LocalKind {
     }
 
     fn trash(&self) -> Vec<(String, PathBuf)> {
-        trash_entries(&self.root)
+        trash_entries(self.os.files.as_ref(), &self.root)
     }
 
     /// Puts the trash entry `path` of volume `id`, whose record is still
@@ -822,7 +823,7 @@ impl LocalKind {
     /// (`.trash`, `.creating`, `.snapshots`), whose contents start-up
     /// removes (`files::read_own_dir`).
     fn own_dir(&self, name: &str) -> Option<std::fs::ReadDir> {
-        files::read_own_dir(&self.root.join(name))
+        files::read_own_dir(self.os.files.as_ref(), &self.root.join(name))
     }
 
     fn remove_tree(&self, path: &Path) -> Result<()> {
@@ -1868,5 +1869,60 @@ mod tests {
         assert!(!lost.exists());
         let aside = root.join(ORPHANED).join(&name).join("data");
         assert_eq!(std::fs::read(aside).unwrap(), b"kept");
+    }
+
+    /// An empty directory born long after its volume is taken for the
+    /// volume's only when its mark (`TAKEN_AS_XATTR`), read through the OS
+    /// layer, names that volume; a mark that cannot be read is a doubt,
+    /// and the directory is reported.
+    #[test]
+    fn the_mark_of_a_late_directory_is_read_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("v");
+        std::fs::create_dir(&dir).unwrap();
+        let (os, fake) = Os::fake();
+        let files = os.files.as_ref();
+        let m = files.lstat(&dir).unwrap();
+        let id = format!("local-{}", "a".repeat(32));
+        let created = 1_800_000_000;
+        let late = created + MADE_WITHIN_SECS + 60;
+        fake.set_born(
+            &dir,
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(late),
+        );
+        assert!(made_by_hand(files, &id, created, &dir, &m).is_some());
+        fake.set_xattr(&dir, TAKEN_AS_XATTR, id.as_bytes());
+        assert_eq!(made_by_hand(files, &id, created, &dir, &m), None);
+        fake.fail_next("getxattr", libc::EIO);
+        assert!(made_by_hand(files, &id, created, &dir, &m).is_some());
+        fake.set_xattr(&dir, TAKEN_AS_XATTR, b"local-another");
+        assert!(made_by_hand(files, &id, created, &dir, &m).is_some());
+    }
+
+    /// The trash is looked at and listed through the OS layer
+    /// (`files::read_own_dir`): one that cannot be looked at or listed has
+    /// no entries (nothing in it is removed), and a symlink in its place
+    /// is never listed.
+    #[test]
+    fn the_trash_is_read_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let trash = d.path().join(TRASH);
+        std::fs::create_dir(&trash).unwrap();
+        let id = format!("local-{}", "b".repeat(32));
+        std::fs::create_dir(trash.join(format!("{id}-17"))).unwrap();
+        let (os, fake) = Os::fake();
+        let files = os.files.as_ref();
+        let listed = trash_entries(files, d.path());
+        assert_eq!(listed, [(id.clone(), trash.join(format!("{id}-17")))]);
+        fake.fail_next("lstat", libc::EIO);
+        assert!(trash_entries(files, d.path()).is_empty());
+        fake.fail_op_under("read_dir", &trash, libc::EIO);
+        assert!(trash_entries(files, d.path()).is_empty());
+        fake.clear_file_faults();
+        assert_eq!(trash_entries(files, d.path()).len(), 1);
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::rename(&trash, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &trash).unwrap();
+        assert!(trash_entries(files, d.path()).is_empty());
     }
 }

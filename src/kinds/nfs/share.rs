@@ -78,6 +78,7 @@ pub enum ShareLooks {
 const LAYOUT_LOOK: usize = 256;
 
 /// How the share at `root` looks (`ShareLooks`). Never follows a symlink.
+/// Its directories are listed through `files`.
 pub fn share_looks(files: &dyn Files, root: &Path) -> Result<ShareLooks> {
     let rootfd = open_root(root)?;
     let what = || "reading the share's root".to_string();
@@ -90,7 +91,9 @@ pub fn share_looks(files: &dyn Files, root: &Path) -> Result<ShareLooks> {
     )]);
     let mut opened = 0;
     while let Some((dir, depth)) = queue.pop_front() {
-        let entries = std::fs::read_dir(fd_path(&dir, "")).map_err(|e| Error::io(what(), e))?;
+        let entries = files
+            .read_dir(&fd_path(&dir, ""))
+            .map_err(|e| Error::io(what(), e.into_io()))?;
         for e in entries {
             let e = e.map_err(|e| Error::io(what(), e))?;
             let name = e.file_name();
@@ -580,7 +583,7 @@ fn nested_volume(
                 ))
             }
         };
-        let entries = match std::fs::read_dir(fd_path(&sub, "")) {
+        let entries = match files.read_dir(&fd_path(&sub, "")).map_err(OsError::into_io) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
@@ -704,8 +707,9 @@ pub fn remove_subdir(
             return Ok(Seen::There);
         }
         // Never handed out: it holds data only if someone wrote there.
-        let empty = std::fs::read_dir(fd_path(&dir, ""))
-            .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?
+        let empty = files
+            .read_dir(&fd_path(&dir, ""))
+            .map_err(|e| Error::io(format!("reading {subdir} on the share"), e.into_io()))?
             .all(|e| e.is_ok_and(|e| e.file_name() == MARKER));
         if !empty {
             tracing::warn!(
@@ -790,8 +794,9 @@ pub(super) fn remove_marked<T: Serialize>(
     marker: &str,
     content: &T,
 ) -> Result<()> {
-    let entries = std::fs::read_dir(fd_path(dir, ""))
-        .map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?;
+    let entries = files
+        .read_dir(&fd_path(dir, ""))
+        .map_err(|e| Error::io(format!("reading {subdir} on the share"), e.into_io()))?;
     for e in entries {
         let e = e.map_err(|e| Error::io(format!("reading {subdir} on the share"), e))?;
         if e.file_name() != marker {
@@ -903,7 +908,7 @@ fn remove_emptied(
             Err(e) if matches!(e.errno(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => e,
             Err(e) => return Err(Left::Os(e)),
         };
-        let names: Vec<String> = match std::fs::read_dir(fd_path(dir, "")) {
+        let names: Vec<String> = match files.read_dir(&fd_path(dir, "")) {
             Ok(entries) => entries
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -932,7 +937,7 @@ pub(super) fn rename_new(
         Err(e) if e.errno() == Some(libc::EINVAL) => {}
         r => return r,
     }
-    match std::fs::symlink_metadata(to) {
+    match files.lstat(to).map_err(OsError::into_io) {
         Ok(_) => Err(OsError::sys(
             "rename",
             to,
@@ -1091,7 +1096,7 @@ impl NfsKind {
                 }
             }
         }
-        if !self.work.is_dir() {
+        if !self.os.files.stat(&self.work).is_ok_and(|m| m.is_dir()) {
             let parent = self.work.parent().unwrap_or(Path::new("/"));
             crate::os::files::ensure_dir(self.os.files.as_ref(), parent, 0o700)
                 .and_then(|_| {
@@ -1273,14 +1278,16 @@ impl NfsKind {
     /// made there (UNAVAILABLE).
     pub(super) fn check_share_for_create(&self, vid: &VolumeId, root: &Path) -> Result<()> {
         self.still_mounted(vid, root)?;
-        match share_looks(self.os.files.as_ref(), root)? {
+        let files = self.os.files.as_ref();
+        let seen_marked = || files.stat(&self.seen_marked(vid)).is_ok();
+        match share_looks(files, root)? {
             ShareLooks::Marked => {
-                if !self.seen_marked(vid).exists() {
+                if !seen_marked() {
                     self.note_marked(vid);
                 }
                 Ok(())
             }
-            ShareLooks::Unknown if self.seen_marked(vid).exists() => {
+            ShareLooks::Unknown if seen_marked() => {
                 Err(Error::Unavailable(format!(
                     "share {} was marked as Berth's ({SHARE_MARKER}) when this controller used it before, and its root now shows nothing of Berth's: the server may export an empty directory in place of the share (its filesystem not mounted on the server); no volume is made there, retry once the export is fixed",
                     vid.share_source()
@@ -1702,6 +1709,110 @@ mod tests {
         mark(&inner, &mk("outer"));
         remove(d.path(), "outer", Removal::Apply(OnDelete::Delete)).unwrap();
         assert!(!d.path().join("outer").exists());
+    }
+
+    /// The share's directories are listed through the OS layer: a listing
+    /// that fails stops the look at the share's root and a delete (the
+    /// volume's directory and marker stay), and the rename of a new name
+    /// on NFS (no RENAME_NOREPLACE) looks at its target through it.
+    #[test]
+    fn the_share_is_listed_and_looked_at_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let (os, fake) = crate::os::Os::fake();
+        let files = os.files.as_ref();
+        assert_eq!(share_looks(files, r).unwrap(), ShareLooks::Unknown);
+        fake.fail_next("read_dir", libc::EIO);
+        assert!(share_looks(files, r).is_err());
+        create(r, "v", None).unwrap();
+        std::fs::create_dir(r.join("v/data")).unwrap();
+        let delete = || {
+            remove_subdir(
+                files,
+                r,
+                &id("v"),
+                "v",
+                Removal::Apply(OnDelete::Delete),
+                false,
+                7,
+            )
+        };
+        fake.fail_op_under("read_dir", &r.join("v"), libc::EIO);
+        let e = delete().unwrap_err();
+        assert!(e.render().contains("Input/output error"), "{e:?}");
+        assert!(r.join("v/data").is_dir());
+        assert_eq!(marker(&r.join("v")), Some(mk("v")));
+        fake.clear_file_faults();
+        assert_eq!(delete().unwrap(), Seen::There);
+        assert!(!r.join("v").exists());
+        // rename_new where RENAME_NOREPLACE is not answered (NFS).
+        std::fs::create_dir(r.join("from")).unwrap();
+        fake.fail_next("rename", libc::EINVAL);
+        fake.fail_next("lstat", libc::EIO);
+        let e = rename_new(files, &r.join("from"), &r.join("to")).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EIO), "{e}");
+        assert!(r.join("from").is_dir());
+        fake.fail_next("rename", libc::EINVAL);
+        rename_new(files, &r.join("from"), &r.join("to")).unwrap();
+        assert!(r.join("to").is_dir());
+    }
+
+    /// The working directory, and the note that this controller saw the
+    /// share marked, are looked at through the OS layer: a working
+    /// directory whose look fails is made again (it is found there), and a
+    /// note whose look fails is not taken as seen (the share is marked
+    /// again rather than refused).
+    #[test]
+    fn the_working_directory_and_the_marked_note_are_looked_at_through_the_os_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let work = d.path().join("nfs");
+        let vid = VolumeId::parse("nfs#d#h#/e#v").unwrap();
+        let kind = |os| {
+            NfsKind::new(
+                work.clone(),
+                std::time::Duration::from_secs(5),
+                crate::kinds::nfs::allow::AllowedShares::default(),
+                os,
+            )
+        };
+        // A server that cannot be mounted: each call looks at the working
+        // directory before it mounts.
+        let (os, fake) = crate::os::Os::fake();
+        fake.respond("mount.nfs", |_| {
+            Ok(crate::os::command::CmdOutput {
+                code: Some(32),
+                stdout: String::new(),
+                stderr: "mount.nfs: Failed to resolve server".into(),
+            })
+        });
+        let k = kind(os);
+        let chmods = || {
+            fake.file_ops()
+                .iter()
+                .filter(|o| o.op == "chmod" && o.path == work)
+                .count()
+        };
+        assert!(k.share_mount(&vid, &[vec![]]).is_err());
+        assert_eq!(chmods(), 1);
+        assert!(k.share_mount(&vid, &[vec![]]).is_err());
+        assert_eq!(chmods(), 1);
+        fake.fail_next("stat", libc::EIO);
+        assert!(k.share_mount(&vid, &[vec![]]).is_err());
+        assert_eq!(chmods(), 2);
+        assert!(work.is_dir());
+        // The note that the share was seen marked.
+        let (os, fake) = crate::os::Os::fake();
+        fake.emulate_nfs_mounts();
+        let k = kind(os);
+        let root = k.new_volume_share(&vid, &[vec![]]).unwrap();
+        k.check_share_for_create(&vid, &root).unwrap();
+        assert!(root.join(SHARE_MARKER).is_file());
+        std::fs::remove_file(root.join(SHARE_MARKER)).unwrap();
+        let e = k.check_share_for_create(&vid, &root).unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+        fake.fail_next("stat", libc::EIO);
+        k.check_share_for_create(&vid, &root).unwrap();
+        assert!(root.join(SHARE_MARKER).is_file());
     }
 
     /// A tenant swaps a directory of its volume for a symlink (and back)

@@ -7448,7 +7448,9 @@ async fn fields_a_newer_berth_recorded_in_a_block_record_survive_a_rewrite() {
             r#""block":{"newer_block":{"x":[1,"a\"b"],"y":null},"#,
         );
     let j = dir.path().join("state/journal");
-    let gen = berth::state::journal::scan(&j).unwrap().gen;
+    let gen = berth::state::journal::scan(&berth::os::RealFiles, &j)
+        .unwrap()
+        .gen;
     let line = format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes()));
     std::fs::OpenOptions::new()
         .append(true)

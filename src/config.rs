@@ -184,6 +184,42 @@ pub struct Config {
     #[arg(long, env = "BERTH_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
 
+    /// Seconds a new connection to the CSI socket may take to send the
+    /// HTTP/2 preface (the 24 bytes every gRPC client sends first) before
+    /// it is closed.
+    #[arg(long, env = "BERTH_PREFACE_TIMEOUT",
+          default_value_t = crate::server::PREFACE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub preface_timeout: u64,
+
+    /// Seconds a connection to the CSI socket may send nothing before
+    /// berth sends it an HTTP/2 PING.
+    #[arg(long, env = "BERTH_KEEPALIVE_INTERVAL",
+          default_value_t = crate::server::KEEPALIVE_INTERVAL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive_interval: u64,
+
+    /// Seconds berth waits for the answer to that PING before it closes
+    /// the connection.
+    #[arg(long, env = "BERTH_KEEPALIVE_TIMEOUT",
+          default_value_t = crate::server::KEEPALIVE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive_timeout: u64,
+
+    /// Seconds a write to a connection to the CSI socket may wait for its
+    /// client to take any bytes before the connection is closed.
+    #[arg(long, env = "BERTH_WRITE_STALL_TIMEOUT",
+          default_value_t = crate::server::WRITE_STALL_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub write_stall_timeout: u64,
+
+    /// Seconds a call's request may take to arrive whole, from its
+    /// headers, before the call is DEADLINE_EXCEEDED.
+    #[arg(long, env = "BERTH_REQUEST_ARRIVAL_TIMEOUT",
+          default_value_t = crate::server::REQUEST_ARRIVAL_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_arrival_timeout: u64,
+
     /// Microseconds a thread may poll instead of sleeping while one request
     /// is served at a time: the operation thread for the next operation,
     /// the RPC for its operation's result (0, the default: never; see
@@ -583,6 +619,62 @@ mod tests {
         }
         for bad in ["10001", "-1", "x"] {
             assert!(parse(&["--busy-poll-us", bad]).is_err(), "{bad}");
+        }
+    }
+
+    /// The CSI socket's connection bounds: the defaults are the server's
+    /// constants, each flag sets its own bound, and
+    /// zero (no bound: hyper would wait for ever), a negative value or one
+    /// over an hour is refused.
+    #[test]
+    fn connection_bounds() {
+        use crate::server::Bounds;
+        use std::time::Duration;
+        assert_eq!(Bounds::of(&parse(&[]).unwrap().config), Bounds::default());
+        assert_eq!(
+            Bounds::default(),
+            Bounds {
+                preface: Duration::from_secs(10),
+                keepalive_interval: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(10),
+                write_stall: Duration::from_secs(20),
+                request_arrival: Duration::from_secs(10),
+            }
+        );
+        let b = Bounds::of(
+            &parse(&[
+                "--preface-timeout=1",
+                "--keepalive-interval=2",
+                "--keepalive-timeout=3",
+                "--write-stall-timeout=4",
+                "--request-arrival-timeout=3600",
+            ])
+            .unwrap()
+            .config,
+        );
+        assert_eq!(
+            b,
+            Bounds {
+                preface: Duration::from_secs(1),
+                keepalive_interval: Duration::from_secs(2),
+                keepalive_timeout: Duration::from_secs(3),
+                write_stall: Duration::from_secs(4),
+                request_arrival: Duration::from_secs(3600),
+            }
+        );
+        for flag in [
+            "preface-timeout",
+            "keepalive-interval",
+            "keepalive-timeout",
+            "write-stall-timeout",
+            "request-arrival-timeout",
+        ] {
+            for bad in ["0", "-1", "3601", "1.5", "x"] {
+                assert!(
+                    parse(&[&format!("--{flag}={bad}")]).is_err(),
+                    "--{flag}={bad}"
+                );
+            }
         }
     }
 

@@ -222,11 +222,17 @@ pub async fn serve(
     // Work that may wait for an NFS server runs once the socket is up.
     driver.start();
     let mode = driver.cfg.mode;
+    let bounds = Bounds::of(&driver.cfg);
+    let arrival = bounds.request_arrival;
     let mut router = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .layer(tower::util::MapRequestLayer::new(budget_request_body))
+        .http2_keepalive_interval(Some(bounds.keepalive_interval))
+        .http2_keepalive_timeout(Some(bounds.keepalive_timeout))
+        .layer(tower::util::MapRequestLayer::new(
+            move |req: tonic::codegen::http::Request<tonic::body::Body>| {
+                budget_request_body(req, arrival)
+            },
+        ))
         .add_routes(reflection)
         .add_service(csi::identity_server::IdentityServer::new(IdentityService {
             driver: driver.clone(),
@@ -270,7 +276,7 @@ pub async fn serve(
     // anything on these sockets (`handoff`).
     crate::handoff::watch(&listener);
     let cap = connection_limit(crate::os::limits::open_files().unwrap_or(1024));
-    let incoming = Incoming::new(listener, cap);
+    let incoming = Incoming::new(listener, cap, bounds);
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         shutdown.await;
         let _ = stop_tx.send(());
@@ -373,10 +379,12 @@ struct Incoming {
     /// Connections closed to make room (logged at the first, then every
     /// 100th).
     closed: u64,
+    /// The preface and write stall bounds of each connection.
+    bounds: Bounds,
 }
 
 impl Incoming {
-    fn new(listener: UnixListener, cap: usize) -> Incoming {
+    fn new(listener: UnixListener, cap: usize, bounds: Bounds) -> Incoming {
         Incoming {
             listener,
             paused: None,
@@ -384,6 +392,7 @@ impl Incoming {
             open: Vec::new(),
             cap,
             closed: 0,
+            bounds,
         }
     }
 
@@ -481,7 +490,7 @@ impl tokio_stream::Stream for Incoming {
                         self.failures = 0;
                     }
                     crate::handoff::watch(&c);
-                    let conn = Conn::new(c);
+                    let conn = Conn::new(c, &self.bounds);
                     self.open.push(std::sync::Arc::downgrade(&conn.heard));
                     return Poll::Ready(Some(Ok(conn)));
                 }
@@ -497,8 +506,51 @@ impl tokio_stream::Stream for Incoming {
     }
 }
 
+/// The time bounds of the connections to the CSI socket and of their
+/// calls' requests: `--preface-timeout`, `--keepalive-interval`,
+/// `--keepalive-timeout`, `--write-stall-timeout` and
+/// `--request-arrival-timeout` (seconds each), whose defaults are
+/// `PREFACE_TIMEOUT`, `KEEPALIVE_INTERVAL`, `KEEPALIVE_TIMEOUT`,
+/// `WRITE_STALL_TIMEOUT` and `REQUEST_ARRIVAL_TIMEOUT`. Before
+/// 2026-12-07 they were fixed, and the tests of each waited for the
+/// whole default (45 s of CI's critical path for the keep-alive's alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub preface: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub write_stall: Duration,
+    pub request_arrival: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Bounds {
+        Bounds {
+            preface: PREFACE_TIMEOUT,
+            keepalive_interval: KEEPALIVE_INTERVAL,
+            keepalive_timeout: KEEPALIVE_TIMEOUT,
+            write_stall: WRITE_STALL_TIMEOUT,
+            request_arrival: REQUEST_ARRIVAL_TIMEOUT,
+        }
+    }
+}
+
+impl Bounds {
+    /// The bounds `cfg`'s flags give.
+    pub fn of(cfg: &crate::config::Config) -> Bounds {
+        Bounds {
+            preface: Duration::from_secs(cfg.preface_timeout),
+            keepalive_interval: Duration::from_secs(cfg.keepalive_interval),
+            keepalive_timeout: Duration::from_secs(cfg.keepalive_timeout),
+            write_stall: Duration::from_secs(cfg.write_stall_timeout),
+            request_arrival: Duration::from_secs(cfg.request_arrival_timeout),
+        }
+    }
+}
+
 /// How long a new connection to the CSI socket may take to send the
-/// HTTP/2 preface (the 24 bytes every gRPC client sends first, at once).
+/// HTTP/2 preface (the 24 bytes every gRPC client sends first, at once),
+/// by default (`--preface-timeout`).
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The bytes of the HTTP/2 client preface.
@@ -507,12 +559,14 @@ const PREFACE_LEN: usize = 24;
 /// How long a connection to the CSI socket may go without sending
 /// anything before berth sends it an HTTP/2 PING (which every HTTP/2
 /// client's stack answers, whatever its calls are doing: a kubelet
-/// waiting 2 minutes for a NodeStageVolume answers it too).
+/// waiting 2 minutes for a NodeStageVolume answers it too), by default
+/// (`--keepalive-interval`).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long berth waits for the answer to that PING; a connection that
 /// has not answered by then is closed (hyper's keep-alive), and what it
-/// held (its calls' answers not yet taken, its descriptor) is given back.
+/// held (its calls' answers not yet taken, its descriptor) is given back;
+/// by default (`--keepalive-timeout`).
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a write to a connection may wait for its client to take any
@@ -522,11 +576,12 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// not asked for yet on berth's side), so one that took nothing for this
 /// long is stopped or gone. Without it, a connection whose client stopped
 /// reading was never closed: its keep-alive timed out, but hyper then
-/// waits to write its GOAWAY, for ever.
+/// waits to write its GOAWAY, for ever. By default
+/// (`--write-stall-timeout`).
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// An accepted connection that is closed (a read error) when it has not
-/// sent the HTTP/2 preface within `PREFACE_TIMEOUT`: hyper waits for it
+/// sent the HTTP/2 preface within `Bounds::preface`: hyper waits for it
 /// without a bound, so a connection that sent nothing, or part of it,
 /// held its file descriptor and about 17 KiB for ever (enough of them took
 /// every descriptor, and then nobody could connect).
@@ -539,31 +594,33 @@ pub struct Conn {
     preface: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
     heard: std::sync::Arc<Heard>,
     /// Since a write has been waiting for the client to take bytes: its
-    /// `WRITE_STALL_TIMEOUT` deadline (made only once a write has had to
-    /// wait).
+    /// `write_stall` deadline (made only once a write has had to wait).
     stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// How long writes may wait for the client to take any bytes
+    /// (`Bounds::write_stall`).
+    write_stall: Duration,
     /// The waker last handed to `heard` (`closed`).
     given: Option<std::task::Waker>,
 }
 
 impl Conn {
-    fn new(io: tokio::net::UnixStream) -> Conn {
+    fn new(io: tokio::net::UnixStream, bounds: &Bounds) -> Conn {
         Conn {
             io,
-            preface: Some((Box::pin(tokio::time::sleep(PREFACE_TIMEOUT)), 0)),
+            preface: Some((Box::pin(tokio::time::sleep(bounds.preface)), 0)),
             heard: std::sync::Arc::new(Heard {
                 last: std::sync::atomic::AtomicU64::new(now_ms()),
                 closing: std::sync::atomic::AtomicBool::new(false),
                 waker: std::sync::Mutex::new(None),
             }),
             stall: None,
+            write_stall: bounds.write_stall,
             given: None,
         }
     }
 
     /// `r`, the result of a write (or flush) to the socket; an error once
-    /// writes have waited `WRITE_STALL_TIMEOUT` for the client to take
-    /// anything.
+    /// writes have waited `write_stall` for the client to take anything.
     fn stalled<T>(
         &mut self,
         cx: &mut std::task::Context<'_>,
@@ -573,9 +630,10 @@ impl Conn {
             self.stall = None;
             return r;
         }
+        let wait = self.write_stall;
         let stall = self
             .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
         if std::future::Future::poll(stall.as_mut(), cx).is_ready() {
             return std::task::Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -729,7 +787,8 @@ pub const REQUEST_BYTES_FREE: usize = 4 << 10;
 /// the end of its stream), from its headers: a client sends a request of
 /// at most gRPC's 4 MiB over the local socket in milliseconds. A call
 /// still waiting for its bytes then is `DEADLINE_EXCEEDED`, and what it
-/// held of `REQUEST_BYTES_IN_TRANSIT` is given back.
+/// held of `REQUEST_BYTES_IN_TRANSIT` is given back. By default
+/// (`--request-arrival-timeout`).
 pub const REQUEST_ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Request bytes counted against `REQUEST_BYTES_IN_TRANSIT` now.
@@ -746,7 +805,7 @@ static IN_TRANSIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 /// (once decoded, or with the call). Only the CSI services' calls, which
 /// are unary (one message, then the body ends): a reflection stream's
 /// requests would add up for as long as it stays open. A body that has
-/// not ended `REQUEST_ARRIVAL_TIMEOUT` after the call began is
+/// not ended `arrival` (`Bounds::request_arrival`) after the call began is
 /// `DEADLINE_EXCEEDED`: before, a client that stopped sending part way (or
 /// sent its whole message and never ended its stream, which tonic waits
 /// for before the handler runs) held its bytes of the budget for as long
@@ -754,6 +813,7 @@ static IN_TRANSIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 /// over 4 KiB was `RESOURCE_EXHAUSTED` for as long.
 fn budget_request_body(
     req: tonic::codegen::http::Request<tonic::body::Body>,
+    arrival: Duration,
 ) -> tonic::codegen::http::Request<tonic::body::Body> {
     if !req.uri().path().starts_with("/csi.v1.") {
         return req;
@@ -764,6 +824,7 @@ fn budget_request_body(
             seen: 0,
             held: 0,
             began: tokio::time::Instant::now(),
+            arrival,
             late: None,
             over: false,
             framing: Framing::default(),
@@ -777,8 +838,11 @@ struct Budgeted {
     seen: usize,
     /// Of them, those counted in `IN_TRANSIT`.
     held: usize,
-    /// When the call began (`REQUEST_ARRIVAL_TIMEOUT` counts from here).
+    /// When the call began (`arrival` counts from here).
     began: tokio::time::Instant,
+    /// How long its request may take to arrive whole
+    /// (`Bounds::request_arrival`).
+    arrival: Duration,
     /// The timer of that deadline, made only once the body has had to
     /// wait for its bytes (a small request is usually in whole at once).
     late: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -898,7 +962,7 @@ impl tonic::codegen::Body for Budgeted {
         }
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if r.is_pending() {
-            let until = self.began + REQUEST_ARRIVAL_TIMEOUT;
+            let until = self.began + self.arrival;
             let late = self
                 .late
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
@@ -911,7 +975,7 @@ impl tonic::codegen::Body for Budgeted {
                 );
                 return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
                     "the request did not arrive whole within {} s of the call's start",
-                    REQUEST_ARRIVAL_TIMEOUT.as_secs()
+                    self.arrival.as_secs()
                 )))));
             }
             return Poll::Pending;
@@ -1087,7 +1151,7 @@ mod tests {
         let woken = std::sync::Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(woken.clone());
         let (a, _peer) = tokio::net::UnixStream::pair().unwrap();
-        let mut conn = Conn::new(a);
+        let mut conn = Conn::new(a, &Bounds::default());
         let heard = conn.heard.clone();
         let read = |conn: &mut Conn, waker: &Waker| {
             let mut buf = [0u8; 16];

@@ -1151,15 +1151,32 @@ async fn connections_held_open_never_take_every_descriptor() {
     drop(held);
 }
 
+/// The connection bounds the tests of each start berth with, in seconds
+/// (`--preface-timeout`, `--keepalive-interval`, `--keepalive-timeout`,
+/// `--write-stall-timeout`, `--request-arrival-timeout`), short so that
+/// they wait seconds, not the defaults (45 s for the keep-alive's two
+/// tests alone), and long enough for a client on a loaded machine to
+/// answer a PING or send its preface in time.
+const PREFACE_S: u64 = 2;
+const KEEPALIVE_INTERVAL_S: u64 = 1;
+const KEEPALIVE_TIMEOUT_S: u64 = 2;
+const WRITE_STALL_S: u64 = 3;
+const REQUEST_ARRIVAL_S: u64 = 5;
+
+/// `--flag=seconds` for berth's command line.
+fn bound(flag: &str, secs: u64) -> String {
+    format!("--{flag}={secs}")
+}
+
 /// Connections to the CSI socket that never send the HTTP/2 preface (not
-/// a byte, or only part of it) are closed after `server::PREFACE_TIMEOUT`;
+/// a byte, or only part of it) are closed after `--preface-timeout`;
 /// hyper waited for the preface without a bound, so each held a file
 /// descriptor for ever, and enough of them left none for real clients.
 #[tokio::test]
 async fn connections_that_never_send_the_preface_are_closed() {
     use std::io::{Read, Write};
     let d = tempfile::tempdir().unwrap();
-    let b = start(d.path(), &[]);
+    let b = start(d.path(), &[&bound("preface-timeout", PREFACE_S)]);
     let mut c = connect(&b.sock.display().to_string()).await.unwrap();
     c.identity
         .probe(Request::new(Default::default()))
@@ -1174,9 +1191,10 @@ async fn connections_that_never_send_the_preface_are_closed() {
     for s in silent.iter_mut().step_by(2) {
         s.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
     }
+    let began = Instant::now();
     for (i, s) in silent.iter_mut().enumerate() {
-        // Generous: closed after the preface timeout (10 s).
-        s.set_read_timeout(Some(berth::server::PREFACE_TIMEOUT * 3))
+        // Generous: closed after the preface timeout.
+        s.set_read_timeout(Some(Duration::from_secs(PREFACE_S * 5)))
             .unwrap();
         let mut buf = [0u8; 4096];
         loop {
@@ -1188,6 +1206,13 @@ async fn connections_that_never_send_the_preface_are_closed() {
             }
         }
     }
+    // Not before the preface timeout (the clock began after they
+    // connected).
+    assert!(
+        began.elapsed() >= Duration::from_secs(PREFACE_S) / 2,
+        "closed after {:?}",
+        began.elapsed()
+    );
     drop(silent);
     let deadline = Instant::now() + Duration::from_secs(20);
     while open_fds(pid) > before {
@@ -1206,9 +1231,9 @@ async fn connections_that_never_send_the_preface_are_closed() {
 }
 
 /// Connections whose client stopped reading are closed within
-/// `server::KEEPALIVE_INTERVAL` and `server::KEEPALIVE_TIMEOUT` (a PING
-/// berth sent unanswered), or `server::WRITE_STALL_TIMEOUT` (answers that
-/// the client never takes), and their descriptors and what they held are
+/// `--keepalive-interval` and `--keepalive-timeout` (a PING berth sent
+/// unanswered), or `--write-stall-timeout` (answers that the client never
+/// takes), and their descriptors and what they held are
 /// given back; a client that reads (its HTTP/2 stack answers the PINGs)
 /// keeps its idle connection. Before, both were held until the connection
 /// cap closed them: one that sent the preface and then nothing (a client
@@ -1219,7 +1244,14 @@ async fn connections_that_never_send_the_preface_are_closed() {
 async fn connections_whose_client_stopped_reading_are_closed() {
     use std::io::Write;
     let d = tempfile::tempdir().unwrap();
-    let b = start(d.path(), &[]);
+    let b = start(
+        d.path(),
+        &[
+            &bound("keepalive-interval", KEEPALIVE_INTERVAL_S),
+            &bound("keepalive-timeout", KEEPALIVE_TIMEOUT_S),
+            &bound("write-stall-timeout", WRITE_STALL_S),
+        ],
+    );
     create_n(&b.sock, 50).await;
     let pid = b.child.id();
     let mut c = connect(&b.sock.display().to_string()).await.unwrap();
@@ -1265,12 +1297,11 @@ async fn connections_whose_client_stopped_reading_are_closed() {
         let n = unsafe { libc::poll(&mut p, 1, 0) };
         n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
     };
-    let bound = berth::server::WRITE_STALL_TIMEOUT
-        .max(berth::server::KEEPALIVE_INTERVAL + berth::server::KEEPALIVE_TIMEOUT)
-        + Duration::from_secs(10);
+    let limit =
+        Duration::from_secs(WRITE_STALL_S.max(KEEPALIVE_INTERVAL_S + KEEPALIVE_TIMEOUT_S) + 10);
     while !(hung_up(&stopped) && hung_up(&unread)) {
         assert!(
-            began.elapsed() < bound,
+            began.elapsed() < limit,
             "still open {:?} after the clients stopped reading: the one that stopped {}, the one that never read {}",
             began.elapsed(),
             !hung_up(&stopped),
@@ -1280,7 +1311,7 @@ async fn connections_whose_client_stopped_reading_are_closed() {
     }
     // Not before a PING could have gone unanswered.
     assert!(
-        began.elapsed() >= berth::server::KEEPALIVE_INTERVAL,
+        began.elapsed() >= Duration::from_secs(KEEPALIVE_INTERVAL_S),
         "closed after {:?}",
         began.elapsed()
     );
@@ -1315,17 +1346,19 @@ async fn connections_whose_client_stopped_reading_are_closed() {
 }
 
 /// A call that takes longer than the keep-alive's bound (a CreateVolume
-/// whose NFS mount takes 25 s) is answered: its client's HTTP/2 stack
-/// answers berth's PINGs while it waits, and its connection is kept.
+/// whose NFS mount takes longer than `--keepalive-interval` and
+/// `--keepalive-timeout` together) is answered: its client's HTTP/2 stack
+/// answers berth's PINGs while it waits, and its connection is kept. The
+/// capability names the NFS version, so that berth mounts once (without
+/// one it tries three versions in turn: the call took 3 mounts' time, over
+/// 75 s with the fixed 10 s + 10 s bounds).
 #[tokio::test]
 async fn a_call_longer_than_the_keepalive_bound_is_answered() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
-    let took = berth::server::KEEPALIVE_INTERVAL
-        + berth::server::KEEPALIVE_TIMEOUT
-        + Duration::from_secs(5);
+    let took = Duration::from_secs(KEEPALIVE_INTERVAL_S + KEEPALIVE_TIMEOUT_S + 2);
     std::fs::write(
         bin.join("mount.nfs"),
         format!(
@@ -1350,7 +1383,14 @@ async fn a_call_longer_than_the_keepalive_bound_is_answered() {
         .args(berth_args(
             dir.path(),
             &sock,
-            &["--kinds", "nfs", "--nfs-timeout", "120"],
+            &[
+                "--kinds",
+                "nfs",
+                "--nfs-timeout",
+                "120",
+                &bound("keepalive-interval", KEEPALIVE_INTERVAL_S),
+                &bound("keepalive-timeout", KEEPALIVE_TIMEOUT_S),
+            ],
         ))
         .env("PATH", &path)
         .stdout(Stdio::null())
@@ -1376,8 +1416,9 @@ async fn a_call_longer_than_the_keepalive_bound_is_answered() {
                 ("server".to_string(), "127.0.0.1".to_string()),
                 ("share".to_string(), "/export".to_string()),
             ]),
-            volume_capabilities: vec![mount_cap(
+            volume_capabilities: vec![mount_cap_flags(
                 berth::csi::v1::volume_capability::access_mode::Mode::MultiNodeMultiWriter,
+                &["nfsvers=4.1"],
             )],
             ..Default::default()
         }))
@@ -1680,7 +1721,7 @@ fn requests_never_whole(sock: &Path, calls: &[(u32, usize)]) -> std::os::unix::n
 
 /// Calls whose request stops arriving part way (the client stalls, or
 /// sends a whole message and never ends its stream) are ended
-/// `server::REQUEST_ARRIVAL_TIMEOUT` after they began, and the bytes they
+/// `--request-arrival-timeout` after they began, and the bytes they
 /// held go back to `server::REQUEST_BYTES_IN_TRANSIT`. Before, berth
 /// waited for their bytes without a bound: a client that stalled 64 MiB
 /// of requests made every request over 4 KiB (here a CreateVolume with an
@@ -1691,7 +1732,11 @@ fn requests_never_whole(sock: &Path, calls: &[(u32, usize)]) -> std::os::unix::n
 async fn a_request_that_stops_arriving_is_ended_and_gives_its_bytes_back() {
     use std::io::Write;
     let d = tempfile::tempdir().unwrap();
-    let b = start(d.path(), &[]);
+    let b = start(
+        d.path(),
+        &[&bound("request-arrival-timeout", REQUEST_ARRIVAL_S)],
+    );
+    let arrival = Duration::from_secs(REQUEST_ARRIVAL_S);
     let mut c = connect(&b.sock.display().to_string()).await.unwrap();
     // Calls that hold the whole budget, to the byte: 16 of gRPC's largest
     // message (4 MiB, all but its last 5 bytes sent), and one for what is
@@ -1703,6 +1748,13 @@ async fn a_request_that_stops_arriving_is_ended_and_gives_its_bytes_back() {
     calls.push((1 << 20, free + left));
     let began = Instant::now();
     let mut stalled = requests_never_whole(&b.sock, &calls);
+    // Sent well within the timeout berth is given here, or the calls it
+    // ends meanwhile leave room in the budget below.
+    assert!(
+        began.elapsed() < arrival / 2,
+        "sending the stalled requests took {:?}: lengthen REQUEST_ARRIVAL_S",
+        began.elapsed()
+    );
     // A whole message (an empty CreateVolumeRequest), its stream never
     // ended.
     let mut unended = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
@@ -1723,7 +1775,7 @@ async fn a_request_that_stops_arriving_is_ended_and_gives_its_bytes_back() {
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     // Once the stalled calls are ended, the same request is answered (its
     // secrets refused); nothing about the stalled client changed meanwhile.
-    let limit = berth::server::REQUEST_ARRIVAL_TIMEOUT * 3;
+    let limit = arrival * 3;
     loop {
         match c
             .controller
@@ -1747,7 +1799,7 @@ async fn a_request_that_stops_arriving_is_ended_and_gives_its_bytes_back() {
         }
     }
     assert!(
-        began.elapsed() >= berth::server::REQUEST_ARRIVAL_TIMEOUT,
+        began.elapsed() >= arrival,
         "stalled calls ended before their time"
     );
     // Each stalled call was answered (trailers) or reset, and so was the

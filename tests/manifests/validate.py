@@ -55,7 +55,8 @@ BERTH_FLAGS = {
     "max-volumes-per-node", "socket-group", "log-format", "log-level",
     "metrics-address", "shutdown-timeout", "nfs-timeout",
     "nfs-allowed-shares", "allow-missing-storage", "busy-poll-us",
-    "local-spare-dirs",
+    "local-spare-dirs", "preface-timeout", "keepalive-interval",
+    "keepalive-timeout", "write-stall-timeout", "request-arrival-timeout",
 }
 BERTH_MODES = {"controller", "node", "all"}
 BERTH_KINDS = {"local", "block", "nfs"}

@@ -92,10 +92,18 @@ fn warning(what: String) -> Finding {
 /// named by mistake (a typo in `--data-dir`, `--state-dir` set to the data
 /// directory) would otherwise read as an empty state, which `check` calls
 /// sound and `export` backs up, and `repair` and `release` would write a
-/// lock file and a journal into it.
+/// lock file and a journal into it. Only what is not there is absent: a
+/// directory that cannot be looked at (`EACCES`: a tool run by a user who
+/// is not root on berth's 0700 state directory; `EIO`) is an error naming
+/// it and the cause, never "holds no berth state", which sent the
+/// operator looking for another directory.
 fn require_state(files: &dyn Files, state_dir: &Path) -> Result<(), StateError> {
-    let has = |p: PathBuf| files.lstat(&p).is_ok_and(|m| m.is_dir());
-    if has(journal_dir(state_dir)) || has(legacy::dir(state_dir)) {
+    let has = |p: PathBuf| match files.lstat(&p) {
+        Ok(m) => Ok(m.is_dir()),
+        Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(false),
+        Err(e) => Err(StateError::Os(e)),
+    };
+    if has(journal_dir(state_dir))? || has(legacy::dir(state_dir))? {
         Ok(())
     } else {
         Err(StateError::NoState {
@@ -1112,6 +1120,50 @@ mod tests {
             project: None,
             extra: None,
         }
+    }
+
+    /// A state directory that cannot be looked at (its `journal/`'s lstat
+    /// fails with EACCES, as for `berth state check` run by a user who is
+    /// not root on berth's 0700 state directory, or with EIO) stops every
+    /// tool with that error, naming the directory; before, each said the
+    /// directory "holds no berth state", and sent the operator looking for
+    /// another one.
+    #[test]
+    fn a_state_directory_that_cannot_be_looked_at_is_not_called_stateless() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = local_config(d.path());
+        let state = cfg.state_dir();
+        let j = journal_dir(&state);
+        fs::create_dir_all(&j).unwrap();
+        fs::write(j.join(journal::log_name(0)), line("a")).unwrap();
+        for errno in [libc::EACCES, libc::EIO] {
+            let cause = std::io::Error::from_raw_os_error(errno).to_string();
+            for tool in ["check", "export", "repair", "release"] {
+                let (os, fake) = crate::os::Os::fake();
+                fake.fail_next("lstat", errno);
+                let mut out = Vec::new();
+                let e = match tool {
+                    "check" => check(&cfg, &os, &mut out).map(|_| ()),
+                    "export" => export(&cfg, os.files.as_ref(), &mut out).map(|_| ()),
+                    "repair" => repair(&state, os.files.clone()).map(|_| ()),
+                    _ => release(&state, os.files.clone(), "held-x").map(|_| ()),
+                }
+                .unwrap_err();
+                let msg = crate::error::chain(&e);
+                assert!(
+                    !matches!(e, StateError::NoState { .. })
+                        && msg.contains(&j.display().to_string())
+                        && msg.contains(&cause),
+                    "{tool}, {cause}: {msg}"
+                );
+                assert!(out.is_empty(), "{tool}: {}", String::from_utf8_lossy(&out));
+            }
+        }
+        // Nothing written by the refused tools; the state still reads.
+        let (os, _) = crate::os::Os::fake();
+        let mut out = Vec::new();
+        assert!(export(&cfg, os.files.as_ref(), &mut out).unwrap());
+        assert!(!state.join(".berth.lock").exists());
     }
 
     /// `state check` looks at the storage through the OS layer: a root

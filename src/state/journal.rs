@@ -863,7 +863,7 @@ fn replay_log(s: &mut Scan, path: &Path) {
             // The last line, without its newline: a whole change whose
             // newline is missing or changed is not the torn tail of a
             // write (whose cut-short line never checks).
-            match unterminated(line) {
+            match unterminated(line, at + line.len()) {
                 Some((e, None)) => {
                     s.unterminated = true;
                     decoded = Line::Entry(e);
@@ -987,7 +987,11 @@ fn replay_log(s: &mut Scan, path: &Path) {
     s.damage[flaws_before..].sort_by_key(|d| d.offset);
     let mut bytes = bytes;
     if s.unterminated {
-        bytes.push(b'\n');
+        // in the place of the NUL of a sector never written, or added
+        match bytes.last_mut() {
+            Some(b) if *b == 0 => *b = b'\n',
+            _ => bytes.push(b'\n'),
+        }
         s.log_good = bytes.len() as u64;
     }
     s.log = bytes;
@@ -1030,18 +1034,20 @@ fn unwritten_blocks_only(line: &[u8], at: usize, len: usize) -> bool {
     true
 }
 
-/// The change in `line`, the last of a log, when it is whole but for its
-/// newline: missing (None) or another byte in its place (Some(that
-/// byte)). None when it is not whole (cut short, or changed elsewhere).
-fn unterminated(line: &[u8]) -> Option<(Entry, Option<u8>)> {
+/// The change in `line`, the last of a log (ending at byte `end` of it),
+/// when it is whole but for its newline: missing (None) or another byte in
+/// its place (Some(that byte)). A NUL in its place where a disk sector
+/// begins is the newline missing too: the one byte of the write in a
+/// sector that never reached the disk (before, the whole change went with
+/// it as a torn tail). None when it is not whole (cut short, or changed
+/// elsewhere).
+fn unterminated(line: &[u8], end: usize) -> Option<(Entry, Option<u8>)> {
     if let Line::Entry(e) = decode_body(line) {
         return Some((e, None));
     }
     let (&last, body) = line.split_last()?;
-    if last == 0 {
-        return None;
-    }
     match decode_body(body) {
+        Line::Entry(e) if last == 0 && (end - 1) % SECTOR == 0 => Some((e, None)),
         Line::Entry(e) => Some((e, Some(last))),
         _ => None,
     }

@@ -1396,14 +1396,57 @@ mod tests {
         assert_eq!(ids(&open(d.path()).unwrap()), ["a", "b", "c"]);
     }
 
-    /// The newline of the last line changed into another byte, or one
-    /// byte of the last line turned NUL where no disk sector begins:
-    /// changed bytes, not a torn write. Start-up stops (nothing is dropped
-    /// without an operator); the whole change is still read (so `state
-    /// repair` keeps it).
+    /// The last change whole, and its newline alone in a disk sector that
+    /// never got written (a NUL in its place, where the sector begins): the
+    /// newline never reached the disk, as when it is missing, so the
+    /// change is kept and its line ended in place. Before, the NUL read as
+    /// an unwritten sector, the torn tail of a crash, and the whole change
+    /// was cut off with it.
+    #[test]
+    fn a_whole_last_change_whose_newline_sector_never_got_written_is_kept() {
+        let probe = tempfile::tempdir().unwrap();
+        let short = two_records(probe.path());
+        // b's name padded so that its newline starts a sector
+        let pad = ((512 - (short - 1) % 512) % 512) as usize;
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path()).unwrap();
+        s.insert_new(rec("a", "a", 1), ok).unwrap();
+        s.insert_new(rec("b", &format!("b{}", "x".repeat(pad)), 1), ok)
+            .unwrap();
+        let len = s.journal.position().1;
+        drop(s);
+        assert_eq!((len - 1) % 512, 0, "{len}");
+        let log = log_path(d.path(), 0);
+        let mut bytes = fs::read(&log).unwrap();
+        assert_eq!(bytes.len() as u64, len);
+        bytes[len as usize - 1] = 0;
+        fs::write(&log, &bytes).unwrap();
+        let s = open(d.path()).unwrap();
+        assert_eq!(ids(&s), ["a", "b"]);
+        assert_eq!(s.journal.position(), (0, len));
+        let now = fs::read(&log).unwrap();
+        assert_eq!(now.len() as u64, len);
+        assert_eq!(now.last(), Some(&b'\n'));
+        let torn: Vec<_> = fs::read_dir(journal_dir(d.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("torn"))
+            .collect();
+        assert!(torn.is_empty(), "{torn:?}");
+        s.insert_new(rec("c", "c", 1), ok).unwrap();
+        drop(s);
+        assert_eq!(ids(&open(d.path()).unwrap()), ["a", "b", "c"]);
+    }
+
+    /// The newline of the last line changed into another byte (a NUL
+    /// where no disk sector begins too), or one byte of the last line
+    /// turned NUL where no disk sector begins: changed bytes, not a torn
+    /// write. Start-up stops (nothing is dropped without an operator); a
+    /// change whose newline alone changed is still read (so `state
+    /// repair` keeps it; before, one whose newline turned NUL was not).
     #[test]
     fn a_changed_byte_in_the_last_line_stops_start_up() {
-        for (at_end, byte) in [(true, 0x0b_u8), (false, 0)] {
+        for (at_end, byte) in [(true, 0x0b_u8), (true, 0), (false, 0)] {
             let d = tempfile::tempdir().unwrap();
             let len = two_records(d.path());
             let log = log_path(d.path(), 0);

@@ -9,10 +9,12 @@
 //!   never read through it);
 //! - a tree is copied entry by entry without following a symlink: modes,
 //!   owners, timestamps (nanoseconds), symlinks, hard-link groups (one
-//!   inode stays one inode), extended attributes, FIFOs and device nodes.
-//!   Never with hard links to the source: a write through the volume must
-//!   not change its snapshot. Sockets are skipped (they cannot be copied;
-//!   tar does the same). Never across a mount: an entry below the source
+//!   inode stays one inode), extended attributes, FIFOs, device nodes and
+//!   sockets (a socket's node, made with mknod as `cp -a` makes it: what
+//!   was listening there is a process, never copied; before 2026-12-07
+//!   sockets were left out, and a snapshot missing them was reported
+//!   whole). Never with hard links to the source: a write through the
+//!   volume must not change its snapshot. Never across a mount: an entry below the source
 //!   that is the root of a mount (a pod with Bidirectional propagation
 //!   mounted a host directory, another tenant's volume or a file over one
 //!   of its own inside its volume) fails the copy (`OsError::MountInside`),
@@ -44,7 +46,8 @@ pub struct CopyStats {
     pub bytes: u64,
     /// Hard links recreated.
     pub links: u64,
-    /// Entries of other types (directories, symlinks, FIFOs, devices).
+    /// Entries of other types (directories, symlinks, FIFOs, devices,
+    /// sockets).
     pub other: u64,
 }
 
@@ -434,13 +437,15 @@ pub fn file_copy_need(src: &Path) -> Result<Option<u64>, OsError> {
 /// hard-link group one inode), and for a directory or a symlink the one
 /// block it takes where the source's takes one. Never follows a symlink,
 /// never opens anything else than a directory or a regular file, reads
-/// no data, skips sockets (the copy does not copy them) and what is
-/// removed meanwhile. None elsewhere: a filesystem that may clone, a file
+/// no data, skips what is removed meanwhile. None elsewhere: a filesystem that may clone, a file
 /// whose holes are not shown (`file_copy_need`), or a mount below `src`
 /// (the copy refuses it). The sum is a lower bound of what the copy takes
 /// (it leaves out extent and xattr blocks), so a check on it refuses only
 /// a copy that cannot fit; it walks the tree as the copy does, on the
-/// copy's stack.
+/// copy's stack, and no deeper than the copy can go: a tree with a path
+/// longer than PATH_MAX below `src` (a tenant's relative `mkdir` after
+/// another), which the copy fails (`File name too long`), is None once
+/// the walk reaches that depth (`NEED_PATH_MAX`).
 pub fn tree_copy_need(src: &Path) -> Result<Option<u64>, OsError> {
     use nix::fcntl::OFlag;
     use nix::sys::statfs::{fstatfs, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
@@ -463,9 +468,24 @@ pub fn tree_copy_need(src: &Path) -> Result<Option<u64>, OsError> {
         };
         let top = std::fs::symlink_metadata(src).map_err(sys("stat", src))?;
         need.bytes += need.metadata(&top);
-        Ok(need.dir(dir, src)?.then_some(need.bytes))
+        Ok(need.dir(dir, src, 0)?.then_some(need.bytes))
     })
 }
+
+/// How long the path below the source of a copy can be that
+/// `tree_copy_need` walks down to (PATH_MAX, 4,096 bytes, with its NUL):
+/// the copy makes each entry at its destination's path, which is longer
+/// still, so it never copies an entry deeper than that. The walk holds a
+/// descriptor, the C library's 32 KiB buffer and a stack frame for each
+/// directory on the way down, and a path of this length has at most some
+/// 2,000. Before 2026-12-07 it walked to the bottom of any tree, reaching
+/// each level through its parent's descriptor (no path length limit): a
+/// tenant's tree 50,000 levels deep took 50,000 descriptors at once
+/// (`EMFILE` for every other call of berth meanwhile, and the walk failed
+/// where the limit was lower) and, deeper, overflowed the copy's stack,
+/// which aborted berth (`os::copy` unit test
+/// `the_copy_need_of_a_tree_deeper_than_any_path_stops_at_the_longest_path`).
+const NEED_PATH_MAX: usize = 4096;
 
 /// What `tree_copy_need` counted so far.
 struct Need {
@@ -484,8 +504,15 @@ impl Need {
     }
 
     /// Adds what the entries below the directory open at `dir` (reached
-    /// at `path`) take; false when that cannot be known.
-    fn dir(&mut self, dir: std::os::fd::OwnedFd, path: &Path) -> Result<bool, OsError> {
+    /// at `path`, `below` bytes of path below the copy's source) take;
+    /// false when that cannot be known, or the copy fails it (a path
+    /// below the source longer than `NEED_PATH_MAX`).
+    fn dir(
+        &mut self,
+        dir: std::os::fd::OwnedFd,
+        path: &Path,
+        below: usize,
+    ) -> Result<bool, OsError> {
         use nix::fcntl::OFlag;
         let mut dir = nix::dir::Dir::from_fd(dir).map_err(errno("opendir", path))?;
         let base = PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
@@ -505,6 +532,10 @@ impl Need {
             };
             let ft = m.file_type();
             if ft.is_dir() {
+                let sub_below = below + 1 + name.len();
+                if sub_below >= NEED_PATH_MAX {
+                    return Ok(false);
+                }
                 let sub = match nix::fcntl::open(
                     &from,
                     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -518,12 +549,9 @@ impl Need {
                     return Ok(false);
                 }
                 self.bytes += self.metadata(&m);
-                if !self.dir(sub, &from)? {
+                if !self.dir(sub, &from, sub_below)? {
                     return Ok(false);
                 }
-                continue;
-            }
-            if ft.is_socket() {
                 continue;
             }
             if m.nlink() > 1 {
@@ -870,10 +898,6 @@ fn copy_entry(
     if ft.is_dir() {
         return copy_dir(from, to, &dir.child(name), &[], false, links, st);
     }
-    if ft.is_socket() {
-        tracing::debug!(path = %from.display(), "socket not copied");
-        return Ok(());
-    }
     // One inode stays one inode: the first of its names copied is linked.
     let link_key = (em.nlink() > 1).then(|| (em.dev(), em.ino()));
     if let Some(k) = link_key {
@@ -914,6 +938,8 @@ fn copy_entry(
             SFlag::S_IFIFO
         } else if ft.is_char_device() {
             SFlag::S_IFCHR
+        } else if ft.is_socket() {
+            SFlag::S_IFSOCK
         } else {
             SFlag::S_IFBLK
         };
@@ -1087,6 +1113,74 @@ mod tests {
         assert!(tree_copy_need(&outside).is_err());
     }
 
+    /// Makes a chain of `depth` directories named `d` in `dir`, each made
+    /// relative to the one above (as a tenant can, with no path length
+    /// limit); the deepest holds a file of 1 MiB of data.
+    fn deep_tree(dir: &Path, depth: usize) {
+        use nix::fcntl::{open, openat, OFlag};
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut fd = open(dir, flags, Mode::empty()).unwrap();
+        for _ in 0..depth {
+            nix::sys::stat::mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
+            fd = openat(&fd, "d", flags, Mode::empty()).unwrap();
+        }
+        std::fs::write(
+            format!("/proc/self/fd/{}/bottom", fd.as_raw_fd()),
+            vec![1u8; 1 << 20],
+        )
+        .unwrap();
+    }
+
+    /// Removes deep trees level by level, also when a test fails
+    /// (`TempDir`'s removal recurses, and overflows on such a tree).
+    struct Gone(Vec<PathBuf>);
+
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = crate::os::files::remove_tree_iteratively(d);
+            }
+        }
+    }
+
+    /// A tenant's tree 50,000 levels deep: the walk of `tree_copy_need`
+    /// goes no deeper than the copy can (a path of PATH_MAX below the
+    /// source) and answers None (the copy then fails `File name too
+    /// long`), holding no more than some 2,000 descriptors on the way.
+    /// Before 2026-12-07 it went to the bottom: 50,000 descriptors open at
+    /// once (here, with 20,000 allowed, `EMFILE`; where more are allowed,
+    /// deeper still, the copy's stack overflowed and berth aborted). A
+    /// tree as deep as a path can be is still counted.
+    #[test]
+    fn the_copy_need_of_a_tree_deeper_than_any_path_stops_at_the_longest_path() {
+        let t = tempfile::tempdir().unwrap();
+        let fs = nix::sys::statfs::statfs(t.path())
+            .unwrap()
+            .filesystem_type();
+        let counted = [
+            nix::sys::statfs::EXT4_SUPER_MAGIC,
+            nix::sys::statfs::TMPFS_MAGIC,
+        ]
+        .contains(&fs);
+        let (deep, shallow) = (t.path().join("deep"), t.path().join("shallow"));
+        std::fs::create_dir(&deep).unwrap();
+        std::fs::create_dir(&shallow).unwrap();
+        let _gone = Gone(vec![deep.clone(), shallow.clone()]);
+        deep_tree(&deep, 50_000);
+        // "d/" 2,000 times: 4,000 bytes below the source.
+        deep_tree(&shallow, 2_000);
+        let need = tree_copy_need(&deep);
+        let shallow_need = tree_copy_need(&shallow);
+        assert!(matches!(need, Ok(None)), "{need:?}");
+        match shallow_need.unwrap() {
+            Some(n) => {
+                assert!(counted, "{fs:?}");
+                assert!(n >= 1 << 20, "{n}: the bottom file was not counted");
+            }
+            None => assert!(!counted, "{fs:?}"),
+        }
+    }
+
     #[test]
     fn a_file_is_never_copied_through_a_symlink_or_from_a_non_file() {
         let t = tempfile::tempdir().unwrap();
@@ -1166,6 +1260,44 @@ mod tests {
         assert_eq!(std::fs::read(d.join("d/f")).unwrap(), b"data");
         // Never into something that exists.
         assert!(copy_tree(&s, &d).is_err());
+    }
+
+    /// A socket a pod's program listens on in its volume (and a second
+    /// name of it) is in the copy, a socket node with its mode, owner and
+    /// times, one inode for both names, as `cp -a` copies it; nothing
+    /// listens there (a process is never copied). Before 2026-12-07 it
+    /// was left out, and the copy answered as whole.
+    #[test]
+    fn a_socket_is_copied_as_a_socket_node_never_left_out() {
+        let t = tempfile::tempdir().unwrap();
+        let s = t.path().join("src");
+        std::fs::create_dir(&s).unwrap();
+        let _listening = std::os::unix::net::UnixListener::bind(s.join("sock")).unwrap();
+        std::fs::set_permissions(s.join("sock"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::fs::hard_link(s.join("sock"), s.join("again")).unwrap();
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            &s.join("sock"),
+            &TimeSpec::new(1_000_000, 3),
+            &TimeSpec::new(2_000_000, 4),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        assert!(tree_copy_need(&s).is_ok());
+        let d = t.path().join("dst");
+        let st = copy_tree(&s, &d).unwrap();
+        let m = std::fs::symlink_metadata(d.join("sock")).expect("the socket was left out");
+        assert!(m.file_type().is_socket(), "{:?}", m.file_type());
+        assert_eq!(m.mode() & 0o7777, 0o640);
+        assert_eq!((m.mtime(), m.mtime_nsec()), (2_000_000, 4));
+        assert_eq!(
+            std::fs::symlink_metadata(d.join("again")).unwrap().ino(),
+            m.ino(),
+            "one inode stays one inode"
+        );
+        assert_eq!((st.other, st.links), (2, 1), "{st:?}");
+        let e = std::os::unix::net::UnixStream::connect(d.join("sock")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
     }
 
     /// A pod can swap a file of its volume for a device node (CAP_MKNOD is

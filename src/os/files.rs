@@ -979,6 +979,31 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
     use std::ffi::OsString;
     use std::os::fd::OwnedFd;
     let err = |op: &'static str| move |e: nix::errno::Errno| OsError::sys(op, path, e);
+    // An entry that cannot be removed (`name` in the directory open at
+    // `dir`) is named by its own path (the kernel's name of the
+    // directory), not the tree's top: the operator finds it. EPERM, which
+    // root gets only for an immutable or append-only entry or directory
+    // (chattr +i, +a: a privileged pod can set them in its volume), says
+    // so; those flags are never cleared here. Before 2026-12-07 the error
+    // named the tree's top only.
+    let entry_err = |op: &'static str, dir: &OwnedFd, name: &std::ffi::OsStr| {
+        use std::os::fd::AsRawFd;
+        let at = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+            .unwrap_or_else(|_| path.to_path_buf())
+            .join(name);
+        move |e: nix::errno::Errno| {
+            let op = match (op, e) {
+                ("unlink", nix::errno::Errno::EPERM) => {
+                    "unlink (immutable or append-only, or in such a directory? lsattr -d shows it; berth never clears those flags)"
+                }
+                (_, nix::errno::Errno::EPERM) => {
+                    "rmdir (immutable or append-only, or in such a directory? lsattr -d shows it; berth never clears those flags)"
+                }
+                _ => op,
+            };
+            OsError::sys(op, at, e)
+        }
+    };
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(OsError::sys("lstat", path, e)),
@@ -1028,7 +1053,10 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
             }
             match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
-                Err(e) => return Err(err("unlink")(e)),
+                Err(e) => {
+                    let name = std::ffi::OsStr::from_bytes(name.to_bytes());
+                    return Err(entry_err("unlink", dir, name)(e));
+                }
             }
         }
         Ok((subdirs, more))
@@ -1076,7 +1104,7 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
                 Err(nix::errno::Errno::ENOTEMPTY)
                 | Err(nix::errno::Errno::EEXIST)
                 | Err(nix::errno::Errno::EBUSY) => {}
-                Err(e) => return Err(err("rmdir")(e)),
+                Err(e) => return Err(entry_err("rmdir", &dir, &name)(e)),
             }
             let st = fstat(&dir).map_err(err("stat"))?;
             let child = match openat(&dir, name.as_os_str(), dir_flags, Mode::empty()) {
@@ -1122,7 +1150,7 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
         dir = parent;
         match unlinkat(&dir, level.name.as_os_str(), UnlinkatFlags::RemoveDir) {
             Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(err("rmdir")(e)),
+            Err(e) => return Err(entry_err("rmdir", &dir, &level.name)(e)),
         }
         pending = level.pending;
         more = level.more;
@@ -1265,6 +1293,63 @@ mod tests {
             .map(|top| assert!(std::fs::symlink_metadata(top).is_err()))
             .unwrap();
         assert!(kept.join("f").is_file());
+    }
+
+    /// Lets an entry made immutable by a test go again (also when the test
+    /// fails), so that its temporary directory can be removed.
+    struct Unlock(PathBuf);
+
+    impl Drop for Unlock {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// An entry that even root cannot remove (an immutable file, chattr
+    /// +i, which a privileged pod can set in its volume) stops the
+    /// removal of its tree with an error naming the entry and why (never
+    /// the tree's top only, as before 2026-12-07); the flag is never
+    /// cleared, nothing outside the tree is touched, and once the flag
+    /// is gone the tree goes. Needs root and a filesystem with the flag:
+    /// elsewhere it says so and checks nothing.
+    #[test]
+    fn an_immutable_entry_stops_a_removal_with_its_own_name() {
+        let t = tempfile::tempdir().unwrap();
+        let top = t.path().join("vol");
+        std::fs::create_dir_all(top.join("a/b")).unwrap();
+        std::fs::write(top.join("a/other"), b"x").unwrap();
+        let locked = top.join("a/b/locked");
+        std::fs::write(&locked, b"the tenant's").unwrap();
+        let outside = t.path().join("outside");
+        std::fs::write(&outside, b"kept").unwrap();
+        std::os::unix::fs::symlink(&outside, top.join("a/b/link")).unwrap();
+        let unlock = Unlock(locked.clone());
+        let made = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&locked)
+            .output();
+        if !made.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("chattr +i is not possible here ({made:?}): nothing checked");
+            return;
+        }
+        let e = RealFiles.remove_tree(&top).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EPERM), "{e}");
+        let named = std::fs::canonicalize(&locked).unwrap();
+        assert!(
+            e.to_string().contains(&named.display().to_string()),
+            "the error does not name {}: {e}",
+            named.display()
+        );
+        assert!(e.to_string().contains("immutable"), "{e}");
+        assert_eq!(std::fs::read(&locked).unwrap(), b"the tenant's");
+        assert_eq!(std::fs::read(&outside).unwrap(), b"kept");
+        drop(unlock);
+        RealFiles.remove_tree(&top).unwrap();
+        assert!(std::fs::symlink_metadata(&top).is_err());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"kept");
     }
 
     #[test]

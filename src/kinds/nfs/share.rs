@@ -563,7 +563,15 @@ pub fn archive_name(id: &str, subdir: &str, unix: u64) -> String {
 /// swapped in for a listed directory led the walk out of the volume, to
 /// wherever it pointed on the controller's host (its root, other shares'
 /// working mounts), the delete refused naming whatever marker was found
-/// there.
+/// there. It goes no deeper than another volume's subdirectory can lie
+/// below this one's: a volume id has at most `MAX_ID` bytes, its
+/// subdirectory fewer, so a directory whose path below `dir` is longer
+/// holds no volume (a marker there is a tenant's copy) and is not looked
+/// into. Before 2026-12-07 the look went to the bottom of any tree, and
+/// as each directory is opened from `dir` again, a tenant's tree 50,000
+/// levels deep took some 1.25 billion openat calls (on NFS each a round
+/// trip to the server): a DeleteVolume that never ended (unit test
+/// `the_look_for_nested_volumes_stops_where_no_volume_can_be`).
 fn nested_volume(
     files: &dyn Files,
     dir: &OwnedFd,
@@ -600,7 +608,10 @@ fn nested_volume(
                 .file_type()
                 .map_err(|e| Error::io(format!("inspecting {} on the share", rel.display()), e))?;
             if ft.is_dir() {
-                stack.push(rel.join(e.file_name()));
+                let below = rel.join(e.file_name());
+                if below.as_os_str().len() < super::id::MAX_ID {
+                    stack.push(below);
+                }
             } else if !rel.as_os_str().is_empty() && e.file_name() == MARKER && ft.is_file() {
                 if let Some(m) = read_marker(files, &sub)
                     .map_err(|e| sys_err(format!("reading {}", rel.display()), e))?
@@ -1882,6 +1893,64 @@ mod tests {
         let (rel, other) = nested_volume(&RealFiles, &dir, &id("v")).unwrap().unwrap();
         assert!(rel.ends_with("sub/deeper"), "{rel:?}");
         assert_eq!(other, id("nested"));
+    }
+
+    /// A tenant's tree 50,000 levels deep in its volume, another volume's
+    /// marker (a copy) at its bottom: the look for nested volumes goes no
+    /// deeper than a volume's subdirectory can be (ids have at most 128
+    /// bytes) and ends at once, finding none. Before 2026-12-07 it went
+    /// to the bottom, opening each directory from the volume's own one
+    /// component at a time: some 1.25 billion openat calls, a delete that
+    /// did not end. A volume as deep as one can be is still found.
+    #[test]
+    fn the_look_for_nested_volumes_stops_where_no_volume_can_be() {
+        use std::os::fd::AsRawFd;
+        /// Removes the deep tree level by level, also when the test fails
+        /// (`TempDir`'s removal recurses, and overflows on such a tree).
+        struct Gone(PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = crate::os::files::remove_tree_iteratively(&self.0);
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        create(d.path(), "v", None).unwrap();
+        let v = d.path().join("v");
+        let _gone = Gone(v.clone());
+        let mut fd = open(&v, dir_flags(), Mode::empty()).unwrap();
+        for _ in 0..50_000 {
+            nix::sys::stat::mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
+            fd = openat(&fd, "d", dir_flags(), Mode::empty()).unwrap();
+        }
+        mark(
+            Path::new(&format!("/proc/self/fd/{}/.", fd.as_raw_fd())),
+            &mk("v/deep"),
+        );
+        drop(fd);
+        let look = || {
+            let dir = open(&v, dir_flags(), Mode::empty()).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(nested_volume(&dir, &id("v")).map_err(|e| e.to_string()));
+            });
+            rx.recv_timeout(std::time::Duration::from_secs(20))
+        };
+        let deep = look();
+        // "d/" 60 times, then "x": 121 bytes below the volume.
+        let shallow = v.join("d/".repeat(60)).join("x");
+        std::fs::create_dir(&shallow).unwrap();
+        mark(&shallow, &mk("v/shallow"));
+        let found = look();
+        assert_eq!(
+            deep.expect("the look for nested volumes did not end in 20 s"),
+            Ok(None)
+        );
+        let (rel, other) = found
+            .expect("the look for nested volumes did not end in 20 s")
+            .unwrap()
+            .expect("the volume 121 bytes down was not found");
+        assert_eq!(rel, Path::new(&"d/".repeat(60)).join("x"));
+        assert_eq!(other, id("v/shallow"));
     }
 
     /// How a share's root looks: its marker; Berth's layout without one

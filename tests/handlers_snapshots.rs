@@ -2276,11 +2276,199 @@ async fn a_file_removed_while_a_local_volume_is_copied_is_left_out() {
     }
 }
 
+/// The symlinks `populate_hostile` makes (target, name): out of the
+/// volume to /etc, to the volume `neighbour` and the snapshot area beside
+/// it, up past the root, and loops.
+fn hostile_links(neighbour: &str) -> [(String, &'static str); 8] {
+    [
+        ("/etc".into(), "etc"),
+        ("/etc/passwd".into(), "passwd"),
+        (format!("../{neighbour}"), "neighbour"),
+        ("../.snapshots".into(), "snapshots"),
+        ("../../../../../../../../..".into(), "up"),
+        ("loop2".into(), "loop1"),
+        ("loop1".into(), "loop2"),
+        ("self".into(), "self"),
+    ]
+}
+
+/// What a tenant can put in its local volume to reach outside it or to
+/// stop berth: symlinks out of it (absolute, to /etc, `../` to another
+/// volume, to the snapshot area, up past the root), symlink loops, hard
+/// links, a FIFO (opening it for reading would block for ever), a socket
+/// being listened on, a device node (where this process may make one), a
+/// file and a directory of mode 000, extended attributes. Whether it
+/// could make the device node, and set the extended attribute.
+fn populate_hostile(dir: &Path, neighbour: &str) -> (bool, bool) {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    for (target, name) in hostile_links(neighbour) {
+        symlink(target, dir.join(name)).unwrap();
+    }
+    std::fs::write(dir.join("f"), b"linked").unwrap();
+    std::fs::hard_link(dir.join("f"), dir.join("f2")).unwrap();
+    nix::unistd::mkfifo(&dir.join("fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+    std::fs::write(dir.join("unreadable"), b"no one may read").unwrap();
+    std::fs::set_permissions(dir.join("unreadable"), PermissionsExt::from_mode(0o000)).unwrap();
+    std::fs::create_dir(dir.join("closed")).unwrap();
+    std::fs::write(dir.join("closed/inside"), b"behind mode 000").unwrap();
+    std::fs::set_permissions(dir.join("closed"), PermissionsExt::from_mode(0o000)).unwrap();
+    let xattrs = xattr::set(dir.join("f"), "user.tenant", b"kept").is_ok();
+    let device = mknod(
+        &dir.join("null"),
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 3),
+    )
+    .is_ok();
+    (device, xattrs)
+}
+
+/// `copy` holds what `populate_hostile` made (with its device node and
+/// extended attribute where it could make them), every symlink a symlink
+/// with its target, nothing followed.
+fn check_hostile_copy(copy: &Path, neighbour: &str, (device, xattrs): (bool, bool)) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = |n: &str| {
+        std::fs::symlink_metadata(copy.join(n))
+            .unwrap_or_else(|e| panic!("{}: {e}", copy.join(n).display()))
+    };
+    for (target, name) in hostile_links(neighbour) {
+        assert!(m(name).file_type().is_symlink(), "{name}: followed");
+        assert_eq!(
+            std::fs::read_link(copy.join(name)).unwrap(),
+            Path::new(&target),
+            "{name}"
+        );
+    }
+    assert_eq!(m("f").ino(), m("f2").ino(), "one inode stays one inode");
+    assert_eq!(std::fs::read(copy.join("f2")).unwrap(), b"linked");
+    assert!(m("fifo").file_type().is_fifo());
+    assert_eq!(m("unreadable").mode() & 0o7777, 0);
+    assert_eq!(
+        std::fs::read(copy.join("unreadable")).unwrap(),
+        b"no one may read"
+    );
+    assert_eq!(m("closed").mode() & 0o7777, 0);
+    assert_eq!(
+        std::fs::read(copy.join("closed/inside")).unwrap(),
+        b"behind mode 000"
+    );
+    if xattrs {
+        assert_eq!(
+            xattr::get(copy.join("f"), "user.tenant")
+                .unwrap()
+                .as_deref(),
+            Some(&b"kept"[..])
+        );
+    }
+    if device {
+        assert!(m("null").file_type().is_char_device());
+        assert_eq!(m("null").rdev(), nix::sys::stat::makedev(1, 3));
+    }
+}
+
+/// A tenant's hostile local volume (`populate_hostile`) is snapshotted,
+/// restored and cloned as it is (guard: nothing of it is followed,
+/// opened, or left out, and no FIFO holds a copy up: each call is bounded
+/// in time), and deleting it, its snapshot and copies removes only them:
+/// another volume, its snapshot, and what the symlinks point to stay.
+#[tokio::test]
+async fn a_hostile_local_volume_is_copied_as_it_is_and_deleted_without_reaching_out() {
+    fn answer<T>(
+        what: &str,
+        r: Result<Result<tonic::Response<T>, tonic::Status>, tokio::time::error::Elapsed>,
+    ) -> T {
+        r.unwrap_or_else(|_| panic!("{what} did not answer in 60 s: blocked?"))
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+            .into_inner()
+    }
+    let secs = std::time::Duration::from_secs(60);
+    let h = fake(&[]);
+    let other = create_p(&h, "other", MIB, &[]).await.volume_id;
+    std::fs::write(vol_dir(&h, &other).join("secret"), b"the neighbour's").unwrap();
+    let other_snap = snapshot(&h, "other-s", &other).await.snapshot_id;
+    let other_copy = h.path("local/.snapshots").join(&other_snap);
+    let a = create_p(&h, "hostile", 64 * MIB, &[]).await.volume_id;
+    let dir = vol_dir(&h, &a);
+    let made = populate_hostile(&dir, &other);
+    let listening = std::os::unix::net::UnixListener::bind(dir.join("sock")).unwrap();
+    let s = answer(
+        "CreateSnapshot",
+        tokio::time::timeout(secs, h.ctl.create_snapshot(Request::new(snap_req("s", &a)))).await,
+    );
+    let s = s.snapshot.unwrap().snapshot_id;
+    let r = answer(
+        "CreateVolume from the snapshot",
+        tokio::time::timeout(
+            secs,
+            h.ctl
+                .create_volume(Request::new(from_snapshot("r", 64 * MIB, &s))),
+        )
+        .await,
+    );
+    let c = answer(
+        "CreateVolume from the volume",
+        tokio::time::timeout(
+            secs,
+            h.ctl
+                .create_volume(Request::new(from_volume("c", 64 * MIB, &a))),
+        )
+        .await,
+    );
+    let (r, c) = (r.volume.unwrap().volume_id, c.volume.unwrap().volume_id);
+    for copy in [
+        h.path("local/.snapshots").join(&s),
+        vol_dir(&h, &r),
+        vol_dir(&h, &c),
+    ] {
+        check_hostile_copy(&copy, &other, made);
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(copy.join("sock"))
+            .unwrap()
+            .file_type()
+            .is_socket());
+    }
+    drop(listening);
+    for v in [&a, &r, &c] {
+        delete(&h, v).await;
+        assert!(std::fs::symlink_metadata(vol_dir(&h, v)).is_err(), "{v}");
+    }
+    h.ctl
+        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+            snapshot_id: s.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    // Whatever is left in the trash goes on the background thread.
+    let trash = h.path("local/.trash");
+    let deadline = std::time::Instant::now() + secs;
+    while std::fs::read_dir(&trash).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trash was not emptied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!h.path("local/.snapshots").join(&s).exists());
+    assert_eq!(
+        std::fs::read(vol_dir(&h, &other).join("secret")).unwrap(),
+        b"the neighbour's"
+    );
+    assert_eq!(
+        std::fs::read(other_copy.join("secret")).unwrap(),
+        b"the neighbour's"
+    );
+    assert!(Path::new("/etc/passwd").is_file());
+}
+
 /// A local volume whose tenant made a directory tree deeper than any path
 /// (one relative mkdir after another) cannot be copied whole (the copy's
 /// paths would pass PATH_MAX): its snapshot fails with what happened,
 /// leaves nothing, and berth goes on (the copy takes no stack frame per
-/// level it could overflow).
+/// level it could overflow, nor does the free-space walk before it: both
+/// stop at the longest path). 50,000 levels, as a tenant can make.
 #[tokio::test]
 async fn a_local_volume_deeper_than_any_path_fails_its_snapshot_cleanly() {
     use nix::fcntl::{open, openat, OFlag};
@@ -2289,7 +2477,7 @@ async fn a_local_volume_deeper_than_any_path_fails_its_snapshot_cleanly() {
     let src = create_p(&h, "src", MIB, &[]).await.volume_id;
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
     let mut fd = open(&vol_dir(&h, &src), flags, Mode::empty()).unwrap();
-    for _ in 0..6_000 {
+    for _ in 0..50_000 {
         mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
         fd = openat(&fd, "d", flags, Mode::empty()).unwrap();
     }

@@ -2398,25 +2398,24 @@ async fn a_hostile_local_volume_is_copied_as_it_is_and_deleted_without_reaching_
         tokio::time::timeout(secs, h.ctl.create_snapshot(Request::new(snap_req("s", &a)))).await,
     );
     let s = s.snapshot.unwrap().snapshot_id;
-    let r = answer(
-        "CreateVolume from the snapshot",
-        tokio::time::timeout(
-            secs,
-            h.ctl
-                .create_volume(Request::new(from_snapshot("r", 64 * MIB, &s))),
-        )
-        .await,
-    );
-    let c = answer(
-        "CreateVolume from the volume",
-        tokio::time::timeout(
-            secs,
-            h.ctl
-                .create_volume(Request::new(from_volume("c", 64 * MIB, &a))),
-        )
-        .await,
-    );
-    let (r, c) = (r.volume.unwrap().volume_id, c.volume.unwrap().volume_id);
+    let mut new_ids = Vec::new();
+    for (what, req) in [
+        (
+            "CreateVolume from the snapshot",
+            from_snapshot("r", 64 * MIB, &s),
+        ),
+        (
+            "CreateVolume from the volume",
+            from_volume("c", 64 * MIB, &a),
+        ),
+    ] {
+        let v = answer(
+            what,
+            tokio::time::timeout(secs, h.ctl.create_volume(Request::new(req))).await,
+        );
+        new_ids.push(v.volume.unwrap().volume_id);
+    }
+    let (r, c) = (new_ids[0].clone(), new_ids[1].clone());
     for copy in [
         h.path("local/.snapshots").join(&s),
         vol_dir(&h, &r),

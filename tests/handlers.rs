@@ -957,6 +957,95 @@ async fn delete_never_follows_a_symlink_out_of_the_root() {
     assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep");
 }
 
+/// A volume's directory replaced by a symlink while berth runs (an
+/// operator, or someone with host access on the node) is never followed:
+/// NodeStageVolume, CreateSnapshot and a clone of it refuse
+/// (FAILED_PRECONDITION, "missing"), a staged one publishes its staging
+/// mount only, and DeleteVolume removes the symlink itself (guard, with
+/// `delete_never_follows_a_symlink_out_of_the_root`). Nothing of what the
+/// symlink leads to is bound, copied or removed.
+#[tokio::test]
+async fn a_volume_replaced_by_a_symlink_is_never_staged_copied_or_published_through_it() {
+    let h = fake(&[]);
+    let outside = h.path("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("precious"), b"keep").unwrap();
+    let (staged_id, staging) = staged(&h, "staged").await;
+    let id = create(&h, "a", 1).await.volume_id;
+    let before = h.fake().calls().len();
+    for v in [&id, &staged_id] {
+        let dir = h.path("local").join(v);
+        std::fs::remove_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&outside, &dir).unwrap();
+    }
+    let e = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &h.path("stage-a"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = h
+        .ctl
+        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            name: "s".into(),
+            source_volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let clone = csi::CreateVolumeRequest {
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Volume(
+                csi::volume_content_source::VolumeSource {
+                    volume_id: id.clone(),
+                },
+            )),
+        }),
+        ..create_req("c", 1 << 20)
+    };
+    let e = h.ctl.create_volume(Request::new(clone)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // The staged one: its pods get what is mounted at its staging path.
+    let target = h.path("pod");
+    let published = h
+        .node
+        .node_publish_volume(Request::new(publish_req(
+            &staged_id, &staging, &target, false,
+        )))
+        .await;
+    published.expect("publish of the staged volume");
+    assert!(
+        h.fake().calls()[before..].iter().any(
+            |c| matches!(c, Call::Bind { source, target: t, .. } if *source == staging && *t == target)
+        ),
+        "the staging mount was not what got published"
+    );
+    for c in &h.fake().calls()[before..] {
+        if let Call::Bind { source, .. } = c {
+            assert!(
+                !source.starts_with(&outside)
+                    && !source.starts_with(h.path("local").join(&id))
+                    && !source.starts_with(h.path("local").join(&staged_id)),
+                "bound {} after the volumes were replaced by symlinks",
+                source.display()
+            );
+        }
+    }
+    let copies = |area: &str| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(h.path("local").join(area))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(copies(".snapshots"), Vec::<std::path::PathBuf>::new());
+    assert!(copies(".creating")
+        .iter()
+        .all(|p| !p.join("precious").exists()));
+    delete(&h, &id).await;
+    assert!(std::fs::symlink_metadata(h.path("local").join(&id)).is_err());
+    assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep");
+}
+
 #[tokio::test]
 async fn delete_refuses_a_volume_in_use() {
     let h = fake(&[]);

@@ -199,3 +199,45 @@ fn a_directory_of_many_subdirectories_is_removed_without_holding_their_names() {
         "removing one directory of {subdirs} subdirectories held {peak} bytes at once"
     );
 }
+
+/// A tenant's 100,000 empty files (a million is too slow to make here):
+/// the free-space walk before a copy (`tree_copy_need`), the copy and the
+/// removal of the tree each hold what one entry at a time needs, never a
+/// list of every path (guard: none of them collects the tree).
+#[test]
+fn a_hundred_thousand_files_are_walked_copied_and_removed_in_bounded_memory() {
+    use berth::os::Files;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let files = 100_000;
+    for d in 0..10 {
+        let dir = src.join(name(d, 20));
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in 0..files / 10 {
+            std::fs::File::create(dir.join(name(n, 40))).unwrap();
+        }
+    }
+    let mut need = None;
+    let walk = peak_during(|| need = Some(berth::os::copy::tree_copy_need(&src)));
+    need.unwrap().unwrap();
+    let dst = t.path().join("dst");
+    let mut copied = None;
+    let copy = peak_during(|| copied = Some(berth::os::copy::copy_tree(&src, &dst)));
+    let st = copied.unwrap().unwrap();
+    assert_eq!(st.copied + st.cloned, files as u64);
+    let mut removed = None;
+    let removal = peak_during(|| removed = Some(berth::os::RealFiles.remove_tree(&dst)));
+    removed.unwrap().unwrap();
+    assert!(!dst.exists());
+    for (what, peak) in [
+        ("the walk", walk),
+        ("the copy", copy),
+        ("the removal", removal),
+    ] {
+        assert!(
+            peak < 1 << 20,
+            "{what} of {files} files held {peak} bytes at once"
+        );
+    }
+}

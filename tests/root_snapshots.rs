@@ -1,7 +1,7 @@
 //! Root tests of snapshots, restores and clones on real filesystems: a
 //! restored volume holds the tree as it was when the snapshot was taken
 //! (content, modes, owners, nanosecond times, symlinks, hard-link groups,
-//! xattrs, FIFOs, device nodes, sparseness), for local directories, ext4
+//! xattrs, FIFOs, device nodes, sockets, sparseness), for local directories, ext4
 //! and xfs on block volumes, and raw block volumes; a staged filesystem is
 //! frozen for its snapshot, and on a block root that clones files (xfs with
 //! reflink) a raw volume in use is snapshotted by one atomic clone.
@@ -77,6 +77,8 @@ fn walk(
             "fifo"
         } else if ft.is_char_device() {
             "char"
+        } else if ft.is_socket() {
+            "socket"
         } else {
             "other"
         };
@@ -153,6 +155,8 @@ fn populate(dir: &Path) {
         nix::sys::stat::makedev(1, 3),
     )
     .unwrap();
+    // A socket a program listened on (its node stays when it stops).
+    drop(std::os::unix::net::UnixListener::bind(dir.join("sock")).unwrap());
     let sparse = std::fs::File::create(dir.join("sparse")).unwrap();
     sparse.set_len(64 << 20).unwrap();
     sparse.write_all_at(b"start", 0).unwrap();

@@ -2504,7 +2504,9 @@ async fn local_lifecycle_reads_the_mount_table_three_times() {
 /// NodeUnstage of a local volume asks the kernel what is mounted at the
 /// staging path (the mount-id probe, one statx on a node) once, for its
 /// checks and its unmount alike: it asked three times before, a statx
-/// each, on every lifecycle.
+/// each, on every lifecycle; and until 2026-12-07 a mount-root probe (a
+/// statx of its own) came before it, to return early when nothing is
+/// mounted there, which the mount-id probe tells as well.
 #[tokio::test]
 async fn local_unstage_probes_the_staging_path_once() {
     let h = fake(&[]);
@@ -2518,8 +2520,24 @@ async fn local_unstage_probes_the_staging_path_once() {
         }))
         .await
         .unwrap();
-    assert_eq!((f.table_reads(), f.mount_id_probes()), (1, 1));
+    assert_eq!(
+        (f.table_reads(), f.mount_id_probes(), f.probes()),
+        (1, 1, 0)
+    );
     assert!(!f.table().iter().any(|m| m.mount_point == staging));
+    // Nothing mounted there any more: the one probe answers, no table read.
+    f.clear_calls();
+    h.node
+        .node_unstage_volume(Request::new(csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        (f.table_reads(), f.mount_id_probes(), f.probes()),
+        (0, 1, 0)
+    );
 }
 
 /// NodePublish of a local volume looks at the staging path once (one
@@ -2550,7 +2568,10 @@ async fn local_publish_looks_at_the_staging_path_once() {
 /// target (the mount-root probe, one statx on a node) once before its
 /// unmount, for its refusal of another volume's mount and its unmounts
 /// alike, and once after (nothing stacked beneath): it asked twice before
-/// the unmount before, on every lifecycle.
+/// the unmount before, on every lifecycle. The same look tells what the
+/// target shows (its identity, for the refusal: until 2026-12-07 a statx
+/// of its own), and the target goes with one rmdir, without an lstat
+/// first.
 #[tokio::test]
 async fn local_unpublish_probes_the_target_once_before_its_unmount() {
     let h = fake(&[]);
@@ -2569,9 +2590,104 @@ async fn local_unpublish_probes_the_target_once_before_its_unmount() {
         }))
         .await
         .unwrap();
-    assert_eq!((f.table_reads(), f.probes()), (0, 2));
+    // The identity probe left is the volume directory's.
+    assert_eq!(
+        (f.table_reads(), f.probes(), f.identity_probes()),
+        (0, 2, 1)
+    );
     assert!(!f.table().iter().any(|m| m.mount_point == target));
     assert!(!target.exists());
+    assert!(!f.lstats().contains(&target), "{:?}", f.lstats());
+}
+
+/// NodeStage of a local volume at a staging path that is there (kubelet
+/// makes it before NodeStageVolume) looks at it (one lstat) and makes no
+/// mkdir: until 2026-12-07 a mkdir that failed with EEXIST came first,
+/// then the same look. A staging path that is missing is still made, and
+/// one that is not a directory is still refused.
+#[tokio::test]
+async fn local_stage_at_a_staging_path_that_is_there_makes_no_mkdir() {
+    let h = fake(&[]);
+    let f = h.fake();
+    let mkdirs = |p: &std::path::Path| {
+        f.file_ops()
+            .iter()
+            .filter(|o| o.op == "mkdir" && o.path == p)
+            .count()
+    };
+    let id = create(&h, "a", 1 << 20).await.volume_id;
+    let staging = h.path("stage-a");
+    std::fs::create_dir(&staging).unwrap();
+    f.clear_file_ops();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    assert_eq!(mkdirs(&staging), 0, "{:?}", f.file_ops());
+    assert!(f.lstats().contains(&staging));
+    assert!(f.table().iter().any(|m| m.mount_point == staging));
+    // Missing: made, once.
+    let id = create(&h, "b", 1 << 20).await.volume_id;
+    let staging = h.path("stage-b");
+    f.clear_file_ops();
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .unwrap();
+    assert_eq!(mkdirs(&staging), 1);
+    assert!(f.table().iter().any(|m| m.mount_point == staging));
+    // A file there: refused, left as it is.
+    let id = create(&h, "c", 1 << 20).await.volume_id;
+    let staging = h.path("stage-c");
+    std::fs::write(&staging, b"x").unwrap();
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert!(staging.is_file());
+    assert!(!f.table().iter().any(|m| m.mount_point == staging));
+}
+
+/// DeleteVolume of a local volume looks at the trash (one lstat) before it
+/// moves the directory there, and makes no mkdir of it when it is there
+/// (until 2026-12-07 a mkdir that failed with EEXIST came first, then the
+/// same look). A trash that is missing is made again.
+#[tokio::test]
+async fn local_delete_makes_no_mkdir_of_a_trash_that_is_there() {
+    let h = fake(&[]);
+    let f = h.fake();
+    let trash = h.path("local/.trash");
+    let delete = |id: String| {
+        h.ctl.delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        }))
+    };
+    let mkdirs = || {
+        f.file_ops()
+            .iter()
+            .filter(|o| o.op == "mkdir" && o.path == trash)
+            .count()
+    };
+    for (name, trash_there) in [("a", true), ("b", false)] {
+        let id = create(&h, name, 1 << 20).await.volume_id;
+        if trash_there {
+            std::fs::create_dir_all(&trash).unwrap();
+        } else if trash.exists() {
+            std::fs::remove_dir_all(&trash).unwrap();
+        }
+        f.clear_file_ops();
+        assert_eq!(code(delete(id.clone()).await), Code::Ok);
+        assert_eq!(
+            mkdirs(),
+            usize::from(!trash_there),
+            "{name}: {:?}",
+            f.file_ops()
+        );
+        assert!(f.lstats().contains(&trash));
+        assert!(!h.path("local").join(&id).exists());
+    }
 }
 
 /// DeleteVolume's "in use?" check and the kind's own check share one read,

@@ -9,7 +9,8 @@
 //! - the mount-root probe (`os.probe`, statx STATX_ATTR_MOUNT_ROOT) for
 //!   "is anything mounted exactly at this path": `unmount_all` (unpublish)
 //!   unmounts the top mount while it answers "yes" and stops at "no";
-//!   `unstage` returns at once when it answers "no". When the probe cannot
+//!   `unstage` returns at once when it answers "no" (asked with the mount
+//!   id, STATX_MNT_ID, in the same statx). When the probe cannot
 //!   tell (`None`: an error other than ENOENT, or a kernel before 5.8), they
 //!   decide from mountinfo instead, as below.
 //! - /proc/self/mountinfo (`os.mounts`, one read of the whole table) for
@@ -80,7 +81,17 @@ impl LazyTable {
 /// mount point. When the kernel cannot tell, or the table does not know
 /// the id (it was read before the mount), the path text decides.
 pub fn at<'a>(os: &Os, t: &'a [MountEntry], path: &Path) -> Vec<&'a MountEntry> {
-    match os.probe.root_mount_id(path) {
+    at_probed(t, path, os.probe.root_mount_id(path))
+}
+
+/// `at` with the mount-id probe of `path` made already (`probed`), under
+/// the path's guard.
+fn at_probed<'a>(
+    t: &'a [MountEntry],
+    path: &Path,
+    probed: Option<Option<u64>>,
+) -> Vec<&'a MountEntry> {
+    match probed {
         Some(None) => Vec::new(),
         Some(Some(id)) => stack(t, id).unwrap_or_else(|| mountinfo::at(t, path)),
         None => mountinfo::at(t, path),
@@ -170,7 +181,17 @@ pub fn has_flags(m: &MountEntry, want: MountFlags, inherited: Option<&MountEntry
 /// Creates a directory if it is missing (not its parents); true when it
 /// created it.
 pub fn ensure_dir(os: &Os, path: &Path) -> Result<bool> {
-    crate::os::files::ensure_dir(os.files.as_ref(), path, 0o777).map_err(|e| {
+    ensure_dir_by(os, path, crate::os::files::ensure_dir)
+}
+
+/// `ensure_dir` by `how` (`files::ensure_dir`, or `ensure_dir_present` for
+/// a directory that is usually there).
+fn ensure_dir_by(
+    os: &Os,
+    path: &Path,
+    how: fn(&dyn crate::os::Files, &Path, u32) -> std::result::Result<bool, crate::os::OsError>,
+) -> Result<bool> {
+    how(os.files.as_ref(), path, 0o777).map_err(|e| {
         if e.errno() == Some(libc::ENOTDIR) {
             Error::WrongState(format!("{} exists and is not a directory", path.display()))
         } else if e.errno() == Some(libc::ENOENT) {
@@ -188,7 +209,30 @@ pub fn ensure_dir(os: &Os, path: &Path) -> Result<bool> {
 /// if it is missing; when the mount fails, a directory created here is
 /// removed again, so a failed publish leaves nothing behind.
 pub fn mount_on_dir(os: &Os, target: &Path, mount: impl FnOnce() -> Result<()>) -> Result<()> {
-    let created = ensure_dir(os, target)?;
+    mount_on(os, target, ensure_dir(os, target)?, mount)
+}
+
+/// `mount_on_dir` for a staging path, which kubelet makes before
+/// NodeStageVolume: looked at first (one lstat) and made only when it is
+/// missing, where `mount_on_dir` (for a target, which the driver makes)
+/// tries the mkdir first.
+pub fn mount_on_staging_dir(
+    os: &Os,
+    staging: &Path,
+    mount: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let created = ensure_dir_by(os, staging, crate::os::files::ensure_dir_present)?;
+    mount_on(os, staging, created, mount)
+}
+
+/// Runs `mount` onto `target`, removing the directory again when the
+/// mount fails and `created` says it was made for it.
+fn mount_on(
+    os: &Os,
+    target: &Path,
+    created: bool,
+    mount: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let r = mount();
     if r.is_err() && created {
         let _ = os.files.remove_dir(target);
@@ -270,7 +314,7 @@ pub fn stage_bind(
         .collect();
     refuse_staged_elsewhere(staging, &elsewhere, || staged.is(id, staging))?;
     staged.remember(id, staging);
-    mount_on_dir(os, staging, || {
+    mount_on_staging_dir(os, staging, || {
         os.mounter
             .bind(source, staging, MountFlags::default())
             .map_err(|e| Error::os(format!("staging at {}", staging.display()), e))
@@ -505,20 +549,40 @@ fn still_mounted(path: &Path) -> Error {
 /// never recursively; anything else (the file a raw block volume is bound
 /// on) only when `file_is_ours` (it was just unmounted, or Berth named it),
 /// else it is left as it is. Missing is fine.
+///
+/// The rmdir comes first: a directory (the common case) goes with that one
+/// call, and rmdir never follows a symlink at `path` (ENOTDIR, as for a
+/// file). Only ENOTDIR has `path` looked at (lstat) to decide.
 pub fn remove_target(os: &Os, path: &Path, file_is_ours: bool) -> Result<()> {
+    match os.files.remove_dir(path) {
+        Err(e) if e.errno() == Some(libc::ENOTDIR) => remove_target_looked(os, path, file_is_ours),
+        r => removed_dir(path, r),
+    }
+}
+
+/// What an rmdir of the target `path` answered, as `remove_target` takes
+/// it: gone (or never there) is fine, and so is a directory left because
+/// something is in it (a warning).
+fn removed_dir(path: &Path, r: std::result::Result<(), crate::os::OsError>) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
+        Err(e) if e.errno() == Some(libc::ENOTEMPTY) => {
+            tracing::warn!(path = %path.display(), "target directory is not empty after unmount; leaving it");
+            Ok(())
+        }
+        Err(e) => Err(Error::os(format!("removing {}", path.display()), e)),
+    }
+}
+
+/// `remove_target` of a `path` that is not a directory (or was not when
+/// rmdir looked): decided by what lstat shows.
+fn remove_target_looked(os: &Os, path: &Path, file_is_ours: bool) -> Result<()> {
     let gone = |e: &crate::os::OsError| e.errno() == Some(libc::ENOENT);
     match os.files.lstat(path).map_err(crate::os::OsError::into_io) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
-        Ok(m) if m.is_dir() => match os.files.remove_dir(path) {
-            Ok(()) => Ok(()),
-            Err(e) if gone(&e) => Ok(()),
-            Err(e) if e.errno() == Some(libc::ENOTEMPTY) => {
-                tracing::warn!(path = %path.display(), "target directory is not empty after unmount; leaving it");
-                Ok(())
-            }
-            Err(e) => Err(Error::os(format!("removing {}", path.display()), e)),
-        },
+        Ok(m) if m.is_dir() => removed_dir(path, os.files.remove_dir(path)),
         Ok(_) if !file_is_ours => {
             tracing::warn!(path = %path.display(), "target is not a directory and nothing was mounted on it; leaving it");
             Ok(())
@@ -555,23 +619,25 @@ pub fn foreign(path: &Path, id: &str, top: &MountEntry) -> Error {
 /// directory (the identity probe, without mountinfo): Ok. When `dir` is
 /// gone, or the mount's directory was removed, nothing can be told: Ok.
 pub fn refuse_foreign_dir(os: &Os, dir: &VolumeDir<'_>, id: &str, path: &Path) -> Result<()> {
-    refuse_foreign_dir_probed(os, dir, id, path, os.probe.mount_root(path))
+    refuse_foreign_dir_probed(os, dir, id, path, os.probe.root_and_identity(path))
 }
 
-/// `refuse_foreign_dir` with the mount-root probe of `path` made already by
-/// the caller (`root`), in the same call and under the path's guard.
+/// `refuse_foreign_dir` with the one look at `path` (`root_and_identity`:
+/// whether it is a mount root, and what it shows) made already by the
+/// caller, in the same call and under the path's guard. Before, the
+/// identity of `path` was a statx of its own after the mount-root probe's.
 pub fn refuse_foreign_dir_probed(
     os: &Os,
     dir: &VolumeDir<'_>,
     id: &str,
     path: &Path,
-    root: Option<bool>,
+    (root, shown): (Option<bool>, Option<(u64, u64)>),
 ) -> Result<()> {
     let (vol, dir) = (dir, dir.path);
     if root == Some(false) {
         return Ok(());
     }
-    if let (Some(a), Some(b)) = (os.probe.identity(path), os.probe.identity(dir)) {
+    if let (Some(a), Some(b)) = (shown, os.probe.identity(dir)) {
         if a == b {
             return Ok(());
         }
@@ -714,13 +780,18 @@ pub fn unpublish_from(os: &Os, target: &Path, root: Option<bool>) -> Result<()> 
 }
 
 /// Unstages: refuses while the staged volume is still mounted elsewhere
-/// (other than its own source), then unmounts the staging path. One read of
-/// mountinfo; none when the probe says nothing is mounted at `staging`.
+/// (other than its own source), then unmounts the staging path. One look
+/// at `staging` (the mount-id probe, one statx), then one read of
+/// mountinfo; none when the probe says nothing is mounted there. Before,
+/// a mount-root probe came first, and the mount-id probe was a second
+/// statx of the same path.
 pub fn unstage(os: &Os, staging: &Path, source: Option<&VolumeDir<'_>>) -> Result<()> {
-    if os.probe.mount_root(staging) == Some(false) {
+    let probed = os.probe.root_mount_id(staging);
+    if probed == Some(None) {
         return Ok(());
     }
-    unstage_in(os, &table(os)?, staging, source)
+    let t = table(os)?;
+    unstage_here(os, &t, staging, at_probed(&t, staging, probed), source)
 }
 
 /// `unstage` with a mount table the caller already read (and that still
@@ -731,10 +802,20 @@ pub fn unstage_in(
     staging: &Path,
     volume: Option<&VolumeDir<'_>>,
 ) -> Result<()> {
-    // What is mounted at `staging`, probed once (statx) for the checks
-    // and the unmounts below: this call holds the path's guard, and the
-    // table `t` does not change meanwhile either.
-    let here = at(os, t, staging);
+    unstage_here(os, t, staging, at(os, t, staging), volume)
+}
+
+/// `unstage_in` with what is mounted at `staging` (`here`, from `at`)
+/// probed once (statx) for the checks and the unmounts below: the caller
+/// holds the path's guard, and the table `t` does not change meanwhile
+/// either.
+fn unstage_here(
+    os: &Os,
+    t: &[MountEntry],
+    staging: &Path,
+    here: Vec<&MountEntry>,
+    volume: Option<&VolumeDir<'_>>,
+) -> Result<()> {
     let Some(top_entry) = here.last().copied() else {
         return Ok(());
     };

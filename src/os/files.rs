@@ -913,6 +913,25 @@ pub fn create_dir_all(files: &dyn Files, path: &Path) -> Result<(), OsError> {
     }
 }
 
+/// `ensure_dir` for a directory that is almost always there already (a
+/// staging path, which kubelet makes before NodeStageVolume; a root's
+/// `.trash`): one lstat when it is, where `ensure_dir` makes a mkdir that
+/// fails with EEXIST and then the same lstat. The same answers: a
+/// directory is `false`, anything else there (a symlink too) ENOTDIR, and
+/// when the lstat cannot tell (missing, or an error such as a broken
+/// mount's) `ensure_dir` decides.
+pub fn ensure_dir_present(files: &dyn Files, path: &Path, mode: u32) -> Result<bool, OsError> {
+    match files.lstat(path) {
+        Ok(m) if m.is_dir() => Ok(false),
+        Ok(_) => Err(OsError::sys(
+            "mkdir",
+            path,
+            std::io::Error::from_raw_os_error(libc::ENOTDIR),
+        )),
+        Err(_) => ensure_dir(files, path, mode),
+    }
+}
+
 /// The entries of one of Berth's own directories (a root's `.trash`,
 /// `.creating`, `.snapshots`), whose contents start-up removes: never
 /// through a symlink (or anything else that is not a directory) put in its
@@ -1205,6 +1224,44 @@ pub fn move_aside(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ensure_dir_present` answers as `ensure_dir` does, whatever is at
+    /// the path (a guard: the cut is in the calls it makes, which the
+    /// handler tests count).
+    #[test]
+    fn ensure_dir_present_answers_as_ensure_dir() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("dir")).unwrap();
+        std::fs::write(d.path().join("file"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.path().join("dir"), d.path().join("link")).unwrap();
+        let answer = |r: Result<bool, OsError>| r.map_err(|e| e.errno());
+        for name in ["dir", "file", "link", "missing", "file/below", "none/below"] {
+            let (a, b) = (d.path().join(name), d.path().join(format!("{name}-2")));
+            if name == "missing" {
+                assert_eq!(answer(ensure_dir_present(&RealFiles, &a, 0o700)), Ok(true));
+                assert!(a.is_dir());
+                assert_eq!(answer(ensure_dir(&RealFiles, &b, 0o700)), Ok(true));
+                continue;
+            }
+            assert_eq!(
+                answer(ensure_dir_present(&RealFiles, &a, 0o700)),
+                answer(ensure_dir(&RealFiles, &a, 0o700)),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            answer(ensure_dir_present(&RealFiles, &d.path().join("dir"), 0o700)),
+            Ok(false)
+        );
+        assert_eq!(
+            answer(ensure_dir_present(
+                &RealFiles,
+                &d.path().join("link"),
+                0o700
+            )),
+            Err(Some(libc::ENOTDIR))
+        );
+    }
 
     #[test]
     fn lstat_beneath_never_follows_a_symlink_on_the_way() {

@@ -1019,8 +1019,9 @@ impl LocalKind {
         // to make room for that removal (`free_set_aside`). If removing
         // the record fails, DeleteVolume (`undo_delete`) or start-up puts
         // the directory back.
+        // The trash is almost always there: one lstat (`ensure_dir_present`).
         let trash = self.root.join(TRASH);
-        ensure_dir(self.os.files.as_ref(), &trash, 0o700)
+        files::ensure_dir_present(self.os.files.as_ref(), &trash, 0o700)
             .map_err(|e| Error::os(format!("creating {}", trash.display()), e))?;
         let dest = trash.join(format!("{}-{}", rec.id, crate::driver::now_nanos()));
         self.os
@@ -1761,10 +1762,12 @@ impl VolumeKind for LocalKind {
     }
 
     fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
-        // One mount-root probe (a statx) of the target for the refusal and
-        // the first turn of the unmounts: nothing is mounted or unmounted
-        // between them (the target's guard is held).
-        let root = self.os.probe.mount_root(target);
+        // One look (a statx) at the target for the refusal (is a mount
+        // there, and what does it show) and the first turn of the
+        // unmounts: nothing is mounted or unmounted between them (the
+        // target's guard is held).
+        let probed = self.os.probe.root_and_identity(target);
+        let root = probed.0;
         if let Ok(dir) = self.dir(id) {
             let staged_at = || {
                 self.store
@@ -1777,7 +1780,7 @@ impl VolumeKind for LocalKind {
                 &mount_check_dir(&dir, &staged_at),
                 id,
                 target,
-                root,
+                probed,
             )?;
         }
         mounts::unpublish_from(&self.os, target, root)

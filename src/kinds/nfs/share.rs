@@ -1931,7 +1931,8 @@ mod tests {
             let dir = open(&v, dir_flags(), Mode::empty()).unwrap();
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                let _ = tx.send(nested_volume(&RealFiles, &dir, &id("v")).map_err(|e| e.to_string()));
+                let _ =
+                    tx.send(nested_volume(&RealFiles, &dir, &id("v")).map_err(|e| e.to_string()));
             });
             rx.recv_timeout(std::time::Duration::from_secs(20))
         };

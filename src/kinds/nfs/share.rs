@@ -1391,12 +1391,8 @@ mod tests {
         read_marker(&RealFiles, open(p, dir_flags(), Mode::empty()).unwrap()).unwrap()
     }
 
-    /// Each share a call names (a volume id is the client's to choose) had
-    /// its lock entry kept for ever: 200 ids on 200 servers that do not
-    /// exist left 200 entries. An entry lives while a call uses it.
-    #[test]
-    fn a_share_lock_lives_only_while_a_call_uses_it() {
-        let d = tempfile::tempdir().unwrap();
+    /// A fake whose `mount.nfs` cannot resolve any server.
+    fn unresolvable_server() -> (crate::os::Os, std::sync::Arc<crate::os::fake::FakeOs>) {
         let (os, fake) = crate::os::Os::fake();
         fake.respond("mount.nfs", |_| {
             Ok(crate::os::command::CmdOutput {
@@ -1405,6 +1401,16 @@ mod tests {
                 stderr: "mount.nfs: Failed to resolve server".into(),
             })
         });
+        (os, fake)
+    }
+
+    /// Each share a call names (a volume id is the client's to choose) had
+    /// its lock entry kept for ever: 200 ids on 200 servers that do not
+    /// exist left 200 entries. An entry lives while a call uses it.
+    #[test]
+    fn a_share_lock_lives_only_while_a_call_uses_it() {
+        let d = tempfile::tempdir().unwrap();
+        let os = unresolvable_server().0;
         let k = NfsKind::new(
             d.path().join("nfs"),
             std::time::Duration::from_secs(5),
@@ -1788,14 +1794,7 @@ mod tests {
         };
         // A server that cannot be mounted: each call looks at the working
         // directory before it mounts.
-        let (os, fake) = crate::os::Os::fake();
-        fake.respond("mount.nfs", |_| {
-            Ok(crate::os::command::CmdOutput {
-                code: Some(32),
-                stdout: String::new(),
-                stderr: "mount.nfs: Failed to resolve server".into(),
-            })
-        });
+        let (os, fake) = unresolvable_server();
         let k = kind(os);
         let chmods = || {
             fake.file_ops()

@@ -4832,8 +4832,7 @@ async fn a_delete_without_room_for_its_record_frees_the_volumes_own_space() {
 /// upgrade back lost what the newer berth had recorded.
 #[tokio::test]
 async fn a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one() {
-    use berth::state::journal::{self, EntryRef};
-    use std::io::Write;
+    use berth::state::journal::EntryRef;
     const FIELD: &str = r#""newer_field":{"x":[1,"a\"b"],"y":null}"#;
     let h = fake(&[]);
     let id = create(&h, "v", 1 << 20).await.volume_id;
@@ -4844,15 +4843,7 @@ async fn a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one() {
     let json = serde_json::to_string(&EntryRef::Put(&rec)).unwrap();
     let json = json.strip_suffix("}}").expect("a put line");
     let json = format!("{json},{FIELD}}}}}");
-    let j = dir.path().join("state/journal");
-    let gen = journal::scan(&berth::os::RealFiles, &j).unwrap().gen;
-    let line = format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes()));
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(j.join(journal::log_name(gen)))
-        .unwrap()
-        .write_all(line.as_bytes())
-        .unwrap();
+    append_change(dir.path(), &json);
     let kept = |h: &Harness, when: &str| {
         let r = h.driver.store.get(&id).expect("the record");
         let text = serde_json::to_string(&r).unwrap();

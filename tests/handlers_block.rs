@@ -7415,7 +7415,6 @@ async fn the_retry_of_a_delete_never_erases_a_disk_in_use() {
 /// did not read at all (start-up refused the journal).
 #[tokio::test]
 async fn fields_a_newer_berth_recorded_in_a_block_record_survive_a_rewrite() {
-    use std::io::Write;
     let h = block(&[]);
     let v = create(&h, "a", 8 * MIB, &[]).await;
     let mut req = create_req_p("c", 8 * MIB, &[]);
@@ -7447,17 +7446,7 @@ async fn fields_a_newer_berth_recorded_in_a_block_record_survive_a_rewrite() {
             r#""block":{"#,
             r#""block":{"newer_block":{"x":[1,"a\"b"],"y":null},"#,
         );
-    let j = dir.path().join("state/journal");
-    let gen = berth::state::journal::scan(&berth::os::RealFiles, &j)
-        .unwrap()
-        .gen;
-    let line = format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes()));
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(j.join(berth::state::journal::log_name(gen)))
-        .unwrap()
-        .write_all(line.as_bytes())
-        .unwrap();
+    append_change(dir.path(), &json);
     let kept = |h: &Harness, when: &str| {
         let r = h.driver.store.get(&id).expect("the record");
         let v = serde_json::to_value(&r).unwrap();

@@ -747,9 +747,6 @@ pub fn forge_records(
     snaps: &[berth::state::SnapshotRecord],
 ) {
     use berth::state::journal::{self, EntryRef};
-    use std::io::Write;
-    let j = dir.join("state/journal");
-    let gen = journal::scan(&berth::os::RealFiles, &j).unwrap().gen;
     let mut lines = Vec::new();
     for r in vols {
         journal::encode(&EntryRef::Put(r), &mut lines).unwrap();
@@ -757,12 +754,29 @@ pub fn forge_records(
     for s in snaps {
         journal::encode(&EntryRef::Snap(s), &mut lines).unwrap();
     }
+    append_to_log(dir, &lines);
+}
+
+/// Appends `bytes` (whole journal lines) to the log of the stopped state
+/// in `dir`, as they are.
+pub fn append_to_log(dir: &std::path::Path, bytes: &[u8]) {
+    use berth::state::journal;
+    use std::io::Write;
+    let j = dir.join("state/journal");
+    let gen = journal::scan(&berth::os::RealFiles, &j).unwrap().gen;
     std::fs::OpenOptions::new()
         .append(true)
         .open(j.join(journal::log_name(gen)))
         .unwrap()
-        .write_all(&lines)
+        .write_all(bytes)
         .unwrap();
+}
+
+/// Appends the change `json` (a journal entry's JSON) to the log of the
+/// stopped state in `dir` as one line with its checksum.
+pub fn append_change(dir: &std::path::Path, json: &str) {
+    let line = format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes()));
+    append_to_log(dir, line.as_bytes());
 }
 
 /// Walks a paged list (ListVolumes, ListSnapshots) from its start:

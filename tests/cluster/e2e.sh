@@ -59,13 +59,14 @@ mkdir -p "$out"
 # removed at the end.
 E2E_TMP=$(mktemp -d /tmp/berth-e2e.XXXXXX)
 trap 'rm -rf "$E2E_TMP"' EXIT
-P=0 F=0 S=0
-for def in local block; do
-  t=$SECONDS
-  log=$out/$what-$def.log
+# one definition: its ginkgo run, then its summary lines and its counts
+# ("COUNTS passed failed skipped" last) into $out/summary-$what-$def
+run_def() {
+  local def=$1 t=$SECONDS log=$out/$what-$1.log rc summary p f s tmp=$E2E_TMP/$1
   rm -rf "$out/report-$what-$def"
+  mkdir -p "$tmp"
   # three parallel processes: the specs mostly wait for pods and volumes
-  TMPDIR=$E2E_TMP "$K8S_BIN/ginkgo" --procs="${E2E_PROCS:-3}" --focus="$FOCUS" --skip="$SKIP" --no-color --timeout="${E2E_TIMEOUT:-2h}" \
+  TMPDIR=$tmp "$K8S_BIN/ginkgo" --procs="${E2E_PROCS:-3}" --focus="$FOCUS" --skip="$SKIP" --no-color --timeout="${E2E_TIMEOUT:-2h}" \
     --output-dir="$out/report-$what-$def" --junit-report=junit.xml \
     "$K8S_BIN/e2e.test" -- -kubeconfig="$KUBECONFIG_FILE" -storage.testdriver="$CLUSTER_DIR/e2e/$def.yaml" \
     -disable-log-dump -node-schedulable-timeout=2m > "$log" 2>&1
@@ -100,14 +101,36 @@ for n in fails:
 PY
 )
   read -r _ p f s <<< "$(echo "$summary" | head -1)"
-  echo "e2e $what $def: $(grep -oE 'Ran [0-9]+ of [0-9]+ Specs in [0-9.]+ seconds' "$log" | tail -1) ($((SECONDS - t)) s)"
-  echo "$summary" | tail -n +2
-  if [ "$p" = none ] || [ -z "$p" ]; then
-    echo "FAIL e2e $def: no report (exit $rc), see $log"; tail -20 "$log"; F=$((F + 1)); continue
+  {
+    echo "e2e $what $def: $(grep -oE 'Ran [0-9]+ of [0-9]+ Specs in [0-9.]+ seconds' "$log" | tail -1) ($((SECONDS - t)) s)"
+    echo "$summary" | tail -n +2
+    if [ "$p" = none ] || [ -z "$p" ]; then
+      echo "FAIL e2e $def: no report (exit $rc), see $log"; tail -20 "$log"
+      echo "COUNTS 0 1 0"
+      return
+    fi
+    echo "e2e $def: $p passed, $f failed, $s skipped"
+    [ "$rc" = 0 ] || [ "$f" -gt 0 ] || { echo "FAIL e2e $def: exit $rc with no failed spec, see $log"; f=$((f + 1)); }
+    echo "COUNTS $p $f $s"
+  } > "$out/summary-$what-$def"
+}
+# The two definitions at once (their specs mostly wait for pods and volumes,
+# each in namespaces of its own), their summaries printed in order.
+P=0 F=0 S=0
+pids=()
+for def in local block; do
+  rm -f "$out/summary-$what-$def"
+  run_def "$def" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || true; done
+for def in local block; do
+  if [ ! -s "$out/summary-$what-$def" ]; then
+    echo "FAIL e2e $def: no summary"; F=$((F + 1)); continue
   fi
-  echo "e2e $def: $p passed, $f failed, $s skipped"
+  grep -v '^COUNTS ' "$out/summary-$what-$def"
+  read -r _ p f s <<< "$(grep '^COUNTS ' "$out/summary-$what-$def" | tail -1)"
   P=$((P + p)) F=$((F + f)) S=$((S + s))
-  [ "$rc" = 0 ] || [ "$f" -gt 0 ] || { echo "FAIL e2e $def: exit $rc with no failed spec, see $log"; F=$((F + 1)); }
 done
 echo "skipped by name for this host's limits: ${HOST_LIMITS[*]}"
 echo "skipped by name for Berth's design: ${BERTH_LIMITS[*]}"

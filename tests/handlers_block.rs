@@ -6419,6 +6419,113 @@ async fn another_berths_volume_file_on_a_loop_device_is_never_a_pool_disk() {
     assert_eq!(erasures(f), 0, "{:?}", f.calls());
 }
 
+/// Whether a pool loop disk's file is one of Berth's own under another
+/// path (a hard link of a block volume's file; another mount namespace
+/// shows other paths too) is told by the device and inode of every file
+/// of the block root, its `.snapshots/` and its `.orphaned/`. When one of
+/// them cannot be listed (EIO), or a file in one cannot be looked at,
+/// that cannot be told, and the doubt is Berth's: no loop disk outside
+/// Berth's directories is offered, Berth's or not. Before, a failed
+/// listing or look read as "no file of Berth's there": a hard link of a
+/// blank file volume was offered, handed to a tenant and zeroed at its
+/// delete. (Here the faults come from the fake, which main's own reads
+/// went around: `d0`, the hard link, was refused there all the same, and
+/// what failed was `d1`, a file of no one's, offered while Berth's files
+/// could not be read.) Once they can be read again, `d1` is offered and
+/// `d0` is not.
+#[tokio::test]
+async fn a_pool_loop_disk_is_not_offered_while_berths_own_files_cannot_be_read() {
+    let h = disk_harness();
+    let f = h.fake();
+    script_blank(f);
+    let root = h.path("block");
+    let w = create(&h, "w", 64 * MIB, &[]).await.volume_id;
+    let link = h.path("d0.img");
+    std::fs::hard_link(img(&h, &w), &link).unwrap();
+    let (_, l1) = loop_disk(&h, "d1", 32 * MIB);
+    let l0 = f.add_loop(&link);
+    std::os::unix::fs::symlink(&l0.device, h.path("disks").join("d0")).unwrap();
+    for (op, path) in [
+        ("read_dir", root.clone()),
+        ("read_dir", root.join(".snapshots")),
+        ("read_dir", root.join(".orphaned")),
+        ("lstat", img(&h, &w)),
+    ] {
+        f.fail_op_under(op, &path, libc::EIO);
+        assert_eq!(
+            disk_capacity(&h).await,
+            (0, Some(0)),
+            "{op} {} failing",
+            path.display()
+        );
+        let e = h
+            .ctl
+            .create_volume(Request::new(disk_req("v", 32 * MIB, 0)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{op}: {e:?}");
+        f.clear_file_faults();
+    }
+    assert_eq!(disk_capacity(&h).await, (32 * MIB, Some(32 * MIB)));
+    let v = create(&h, "v", 32 * MIB, &[("pool", "disk")]).await;
+    let d = block_info(&h, &v.volume_id).disk.unwrap();
+    assert_eq!(d.minor, l1.minor);
+    assert_eq!(erasures(f), 0, "{:?}", f.calls());
+}
+
+/// Whether a pool loop disk's file lies in a directory of a berth (this
+/// one's or another's) is told by a lock file (`.berth.lock`) in a
+/// directory above it. A lock file that cannot be looked at (EACCES,
+/// EIO) is a doubt, and the doubt is a berth's: the disk is not offered,
+/// and a volume already on it is refused (NodeStageVolume and
+/// DeleteVolume FAILED_PRECONDITION saying what could not be told;
+/// ControllerGetVolume abnormal), never erased. Before, any failed look
+/// read as "no lock there": the disk was offered, handed to a tenant and
+/// zeroed at delete. ENOENT and ENOTDIR are "no lock there": offered
+/// (guard); while the lock file can be looked at the volume is staged,
+/// and deleted (its disk erased), as before.
+#[tokio::test]
+async fn a_lock_file_that_cannot_be_looked_at_makes_its_directory_a_berths() {
+    let h = disk_harness();
+    let f = h.fake();
+    script_blank(f);
+    let (file, _) = loop_disk(&h, "d0", 64 * MIB);
+    let lock = file.parent().unwrap().join(".berth.lock");
+    for (errno, offered) in [
+        (libc::ENOENT, 64 * MIB),
+        (libc::ENOTDIR, 64 * MIB),
+        (libc::EACCES, 0),
+        (libc::EIO, 0),
+    ] {
+        f.fail_op_under("lstat", &lock, errno);
+        assert_eq!(
+            disk_capacity(&h).await,
+            (offered, Some(offered)),
+            "lstat of the lock file: errno {errno}"
+        );
+        f.clear_file_faults();
+    }
+    let v = create(&h, "v", 64 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let s = h.path("s");
+    f.fail_op_under("lstat", &lock, libc::EACCES);
+    let c = get_volume(&h, &v).await;
+    assert!(c.abnormal && c.message.contains("cannot be told"), "{c:?}");
+    raw_stage_refused(&h, &v, &s, "cannot be told").await;
+    f.clear_file_faults();
+    stage_and_unstage_raw(&h, &v, &s, "the lock file looked at again").await;
+    f.fail_op_under("lstat", &lock, libc::EACCES);
+    let e = try_delete(&h, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("cannot be told"), "{}", e.message());
+    assert_eq!(erasures(f), 0, "{:?}", f.calls());
+    f.clear_file_faults();
+    delete(&h, &v).await;
+    assert_eq!(erasures(f), 1, "{:?}", f.calls());
+    assert_eq!(disk_capacity(&h).await, (64 * MIB, Some(64 * MIB)));
+}
+
 /// A node reboot under disk volumes: a raw one staged and published
 /// read-only (the kernel's read-only flag of its disk set), and one with
 /// a filesystem. After it the flags are gone and the disks come back; one

@@ -1933,7 +1933,9 @@ impl Files for FakeOs {
         RealFiles.lstat_beneath(root, rel)
     }
 
-    /// Recorded (`lstats`); fails as `fail_next("lstat", ..)` asks.
+    /// Recorded (`lstats`); fails as `fail_next("lstat", ..)` asks, and
+    /// under a path given to `fail_op_under("lstat", ..)` (a look is no
+    /// change: a fault for every op under a path leaves it alone).
     fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         lock(&self.lstats).push(path.to_path_buf());
         let delay = lock(&self.lstat_delays).get(path).copied();
@@ -1941,6 +1943,13 @@ impl Files for FakeOs {
             std::thread::sleep(d);
         }
         self.injected("lstat", path)?;
+        if let Some(errno) = self.fault_under("lstat", path, false) {
+            return Err(OsError::sys(
+                "lstat",
+                path,
+                std::io::Error::from_raw_os_error(errno),
+            ));
+        }
         RealFiles.lstat(path)
     }
 

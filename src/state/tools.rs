@@ -212,7 +212,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     for r in records {
         // A disk no record makes Berth's: never erased (`outside_pool`).
         if let Some(d) = r.block.as_ref().and_then(|b| b.disk.as_ref()) {
-            let own = crate::kinds::block::OwnFiles::new(&block_root, &own_dirs);
+            let own = crate::kinds::block::OwnFiles::new(files, &block_root, &own_dirs);
             let found = crate::kinds::block::identify_disk(os, &own, d);
             if let Some(why) = found
                 .ok()
@@ -368,7 +368,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             Kind::Block => match r.block.as_ref().and_then(|b| b.disk.as_ref()) {
                 Some(d) => {
                     // The rule the block kind uses (`identify_disk`).
-                    let own = crate::kinds::block::OwnFiles::new(&block_root, &own_dirs);
+                    let own = crate::kinds::block::OwnFiles::new(files, &block_root, &own_dirs);
                     if let Err(e) = crate::kinds::block::identify_disk(os, &own, d) {
                         out.push(error(format!("volume {} ({}): {e}", r.id, r.name)));
                     }

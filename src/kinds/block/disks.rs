@@ -14,7 +14,9 @@
 //! a disk (it has no by-id link) the file backing it, by which it is found
 //! at another loop number too (attached again after a reboot). A loop device of one
 //! of Berth's own files (a block volume's or snapshot's, `OwnFiles`) is
-//! never a disk: not offered, not used, never erased.
+//! never a disk: not offered, not used, never erased; nor is one of which
+//! that cannot be told (a listing or lock file that cannot be read: the
+//! doubt is Berth's).
 //!
 //! A disk a record of berth's has is claimed exclusively (O_EXCL, kept
 //! open: `BlockKind::keep_claim`) whenever nothing of berth's own mounts
@@ -27,9 +29,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{lock, BlockKind};
-use crate::error::{Error, Result};
+use crate::error::{chain, Error, Result};
 use crate::node::mounts;
 use crate::os::blkid::{self, Probe};
+use crate::os::files::Files;
 use crate::os::{DeviceInfo, LoopInfo, Os};
 use crate::state::{DiskRef, FileId, LoopRange};
 
@@ -38,18 +41,22 @@ const LOOP_MAJOR: u32 = 7;
 
 /// Berth's own files, which no disk of the pool may be a loop device of:
 /// files under the block root (volumes, `.snapshots/`, `.orphaned/`) or
-/// Berth's other directories (state dir, local root).
+/// Berth's other directories (state dir, local root). Looked at through
+/// the OS layer (`files`). What cannot be read is a doubt, and a doubt is
+/// "Berth's" (`holds` answers Err): never offered, used or erased.
 pub struct OwnFiles<'a> {
+    files: &'a dyn Files,
     root: &'a Path,
     dirs: &'a [PathBuf],
     /// Device and inode of the files of the block root, read when first
-    /// needed.
-    ids: OnceCell<HashSet<FileId>>,
+    /// needed, with what could not be read (if anything).
+    ids: OnceCell<(HashSet<FileId>, Option<String>)>,
 }
 
 impl<'a> OwnFiles<'a> {
-    pub fn new(root: &'a Path, dirs: &'a [PathBuf]) -> Self {
+    pub fn new(files: &'a dyn Files, root: &'a Path, dirs: &'a [PathBuf]) -> Self {
         OwnFiles {
+            files,
             root,
             dirs,
             ids: OnceCell::new(),
@@ -57,29 +64,64 @@ impl<'a> OwnFiles<'a> {
     }
 
     /// Device and inode of every regular file in the block root, its
-    /// `.snapshots/` and its `.orphaned/`.
-    fn ids(&self) -> &HashSet<FileId> {
+    /// `.snapshots/` and its `.orphaned/` (each entry lstat'ed: a symlink
+    /// is not one of Berth's files), and what of them could not be read,
+    /// in words: a directory that cannot be listed (any error but
+    /// ENOENT: missing, it holds nothing), an entry that cannot be looked
+    /// at (any error but ENOENT: removed since it was listed). The set is
+    /// then incomplete, and a file outside it may be Berth's.
+    fn ids(&self) -> &(HashSet<FileId>, Option<String>) {
         self.ids.get_or_init(|| {
             let mut out = HashSet::new();
+            let mut unread = Vec::new();
             for dir in [
                 self.root.to_path_buf(),
                 self.root.join(super::snapshot::SNAPSHOTS),
                 self.root.join(super::ORPHANED),
             ] {
-                let Ok(rd) = std::fs::read_dir(&dir) else {
-                    continue;
+                let rd = match self.files.read_dir(&dir) {
+                    Ok(rd) => rd,
+                    Err(e) if e.errno() == Some(libc::ENOENT) => continue,
+                    Err(e) => {
+                        unread.push(format!(
+                            "{} cannot be listed ({})",
+                            dir.display(),
+                            chain(&e)
+                        ));
+                        continue;
+                    }
                 };
-                for e in rd.flatten() {
-                    // Not followed: a symlink is not one of Berth's files.
-                    if let Some(m) = e.metadata().ok().filter(|m| m.is_file()) {
-                        out.insert(FileId {
-                            dev: m.dev(),
-                            ino: m.ino(),
-                        });
+                for e in rd {
+                    let e = match e {
+                        Ok(e) => e,
+                        Err(e) => {
+                            unread.push(format!(
+                                "{} cannot be listed to its end ({e})",
+                                dir.display()
+                            ));
+                            break;
+                        }
+                    };
+                    let path = e.path();
+                    match self.files.lstat(&path) {
+                        Ok(m) if m.is_file() => {
+                            out.insert(FileId {
+                                dev: m.dev(),
+                                ino: m.ino(),
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.errno() == Some(libc::ENOENT) => {}
+                        Err(e) => unread.push(format!(
+                            "{} cannot be looked at ({})",
+                            path.display(),
+                            chain(&e)
+                        )),
                     }
                 }
             }
-            out
+            let unread = (!unread.is_empty()).then(|| unread.join("; "));
+            (out, unread)
         })
     }
 
@@ -87,13 +129,34 @@ impl<'a> OwnFiles<'a> {
     /// loop device of one of Berth's own files: its backing file's path,
     /// as sysfs shows it, lies under one of Berth's directories, or it is
     /// the very file (device and inode) of one in the block root (another
-    /// mount namespace may show another path, a hard link another name).
-    pub fn holds(&self, l: &LoopInfo, backing: FileId) -> bool {
-        std::iter::once(self.root)
+    /// mount namespace may show another path, a hard link another name),
+    /// or it lies in another berth's directory (`in_a_berths_dir`).
+    /// Err, in words, when that cannot be told (the block root's files or
+    /// a lock file could not be read): a doubt, which the caller takes as
+    /// Berth's (not offered; refused, never erased).
+    pub fn holds(&self, l: &LoopInfo, backing: FileId) -> std::result::Result<bool, String> {
+        if std::iter::once(self.root)
             .chain(self.dirs.iter().map(PathBuf::as_path))
             .any(|d| l.backing_file.starts_with(d))
-            || self.ids().contains(&backing)
-            || in_a_berths_dir(&l.backing_file)
+        {
+            return Ok(true);
+        }
+        let (ids, unread) = self.ids();
+        if ids.contains(&backing) {
+            return Ok(true);
+        }
+        match (in_a_berths_dir(self.files, &l.backing_file), unread) {
+            (Ok(true), _) => Ok(true),
+            (Ok(false), None) => Ok(false),
+            (Ok(false), Some(why)) => Err(format!(
+                "whether its file {} is one of Berth's own files cannot be told: {why}",
+                l.backing_file.display()
+            )),
+            (Err(why), _) => Err(format!(
+                "whether its file {} lies in a directory of a berth cannot be told: {why}",
+                l.backing_file.display()
+            )),
+        }
     }
 }
 
@@ -101,11 +164,29 @@ impl<'a> OwnFiles<'a> {
 /// a root, known by its lock file): the loop device of another berth's
 /// block volume (a `--disk-pool /dev/loop*` on a node that runs two) is
 /// that berth's volume, never a disk of this one's pool, which would hand
-/// it to a tenant and zero it at DeleteVolume.
-fn in_a_berths_dir(file: &Path) -> bool {
-    file.ancestors()
+/// it to a tenant and zero it at DeleteVolume. Each directory above it is
+/// asked for its lock file (lstat, through `files`); ENOENT and ENOTDIR
+/// are "no lock there", any other failure (EIO, EACCES, ...) a doubt:
+/// Err, in words, unless another directory above has one.
+fn in_a_berths_dir(files: &dyn Files, file: &Path) -> std::result::Result<bool, String> {
+    let mut doubt = None;
+    for d in file
+        .ancestors()
         .skip(1)
-        .any(|d| std::fs::symlink_metadata(d.join(crate::state::lock::LOCK_FILE)).is_ok())
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        let lock = d.join(crate::state::lock::LOCK_FILE);
+        match files.lstat(&lock) {
+            Ok(_) => return Ok(true),
+            Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::ENOTDIR)) => {}
+            Err(e) => {
+                doubt.get_or_insert_with(|| {
+                    format!("{} cannot be looked at ({})", lock.display(), chain(&e))
+                });
+            }
+        }
+    }
+    doubt.map_or(Ok(false), Err)
 }
 
 /// What a device is as a loop device (`loop_of`).
@@ -282,12 +363,21 @@ fn attached_elsewhere(
             )))
         }
     };
-    if own.holds(l, backing) {
-        return Err(doubt(format!(
+    let own_file = match own.holds(l, backing) {
+        Ok(false) => None,
+        Ok(true) => Some(format!(
             "{} is a loop device of Berth's own file {}: a block volume's or snapshot's, never a disk",
             l.device.display(),
             l.backing_file.display()
-        )));
+        )),
+        // A doubt is Berth's: never used, never erased.
+        Err(why) => Some(format!(
+            "{} may be a loop device of Berth's own file: {why}",
+            l.device.display()
+        )),
+    };
+    if let Some(why) = own_file {
+        return Err(doubt(why));
     }
     if let Some(what) = range_differs(d.loop_range, range) {
         return Err(doubt(format!(
@@ -370,11 +460,17 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
         LoopOf::Detached(why) => return Err(missing(why)),
         LoopOf::Unknown(why) => return Err(not_it(format!("; {why}"))),
     };
-    if own.holds(&l, backing) {
-        return Err(not_it(format!(
+    let own_file = match own.holds(&l, backing) {
+        Ok(false) => None,
+        Ok(true) => Some(format!(
             ", a loop device of Berth's own file {}: a block volume's or snapshot's, never a disk",
             l.backing_file.display()
-        )));
+        )),
+        // A doubt is Berth's: never used, never erased.
+        Err(why) => Some(format!(", maybe a loop device of Berth's own file: {why}")),
+    };
+    if let Some(what) = own_file {
+        return Err(not_it(what));
     }
     match d.loop_backing {
         Some(b) if b != backing => Err(not_it(format!(
@@ -779,13 +875,20 @@ impl BlockKind {
             }
             if let Some(l) = loops.get(&n) {
                 match self.os.loops.backing_id(&l.device) {
-                    Ok((dev, ino)) if !own.holds(l, FileId { dev, ino }) => {
-                        if !files.insert((dev, ino)) {
-                            tracing::debug!(disk = %d.listed.display(), file = %l.backing_file.display(), "pool disk's file is another pool disk's, or a volume's disk's, too; not offered");
+                    Ok((dev, ino)) => match own.holds(l, FileId { dev, ino }) {
+                        Ok(false) => {
+                            if !files.insert((dev, ino)) {
+                                tracing::debug!(disk = %d.listed.display(), file = %l.backing_file.display(), "pool disk's file is another pool disk's, or a volume's disk's, too; not offered");
+                                continue;
+                            }
+                        }
+                        Ok(true) => continue,
+                        Err(why) => {
+                            // A doubt is Berth's: never handed to a tenant.
+                            tracing::warn!(disk = %d.listed.display(), "pool disk may be a loop device of Berth's own file ({why}); not offered");
                             continue;
                         }
-                    }
-                    Ok(_) => continue,
+                    },
                     Err(e) => {
                         tracing::debug!(disk = %d.listed.display(), error = %e, "which file backs the pool's loop device cannot be told; not offered");
                         continue;
@@ -1026,7 +1129,7 @@ impl BlockKind {
 
     /// Berth's own files (`OwnFiles`).
     pub(super) fn own_files(&self) -> OwnFiles<'_> {
-        OwnFiles::new(&self.root, &self.own_dirs)
+        OwnFiles::new(self.os.files.as_ref(), &self.root, &self.own_dirs)
     }
 
     /// The device of a recorded disk, if it is still the same disk

@@ -6168,6 +6168,57 @@ async fn a_hold_unlike_its_ready_volume_is_never_removed() {
     }
 }
 
+/// A DeleteVolume of a disk volume beside the hold left from taking it
+/// back (the hold's removal failed at the take-back and again at the
+/// retry that made the volume Ready; berth not restarted since) removes
+/// that hold: the disk is erased and offered again, its marker goes, and
+/// `berth state check` is clean. Before, the hold stayed for good: the
+/// disk was reported held and never offered again. A hold that names
+/// another disk or another volume name stays (guard).
+#[tokio::test]
+async fn a_hold_left_beside_its_ready_volume_goes_with_its_delete() {
+    for differs in [None, Some("disk"), Some("name")] {
+        let (h, req, vol, held) = taken_back_while_the_holds_removal_fails().await;
+        let (r, reached) =
+            with_journal_write_failing(&h, 1, h.ctl.create_volume(Request::new(req))).await;
+        assert!(reached, "the retry never removed the hold");
+        assert_eq!(created_id(r), vol);
+        assert_eq!(h.driver.store.get(&vol).unwrap().phase, Phase::Ready);
+        let mut hold = h.driver.store.get(&held).expect("no hold left");
+        match differs {
+            Some("disk") => {
+                let dir = h.path("disks");
+                let d = hold.block.as_mut().unwrap().disk.as_mut().unwrap();
+                d.path = dir.join("d20");
+                d.device = dir.join("d20");
+                d.by_id = Some(dir.with_file_name("by-id").join("ata-DISK_d20"));
+                (d.major, d.minor, d.size_bytes) = (8, 32, (20 * MIB) as u64);
+            }
+            Some(_) => {
+                let mut context = (*hold.context).clone();
+                context.insert("volume-name".into(), "another".into());
+                hold.context = context.into();
+            }
+            None => {}
+        }
+        h.driver.store.put(&hold).unwrap();
+        delete(&h, &vol).await;
+        assert!(h.driver.store.get(&vol).is_none());
+        if let Some(differs) = differs {
+            assert!(h.driver.store.get(&held).is_some(), "{differs}: removed");
+            continue;
+        }
+        assert!(
+            h.driver.store.get(&held).is_none(),
+            "the hold stays after its volume's delete"
+        );
+        assert!(!disk_marker(&h, &vol).exists());
+        assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+        let (clean, out) = state_check(&h);
+        assert!(clean, "{out}");
+    }
+}
+
 /// `berth state release` of a hold writes the record that has its disk
 /// erased (`wipe-`), then removes the hold; should that removal fail, both
 /// are left. A CreateVolume of the held volume's name must not then take

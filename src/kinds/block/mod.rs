@@ -113,13 +113,18 @@ const HELD_NAME: &str = "volume-name";
 /// (`BlockKind::finish_taken_back_hold`); a hold that differs from its
 /// volume's record in anything of that stays, for an operator.
 pub fn hold_taken_back(hold: &VolumeRecord, vol: &VolumeRecord) -> bool {
+    vol.phase == Phase::Ready && hold_names(hold, vol)
+}
+
+/// Whether the hold `hold` holds the disk of the very volume `vol`,
+/// whatever its phase: the same id, the same name, the very same disk.
+fn hold_names(hold: &VolumeRecord, vol: &VolumeRecord) -> bool {
     fn disk(r: &VolumeRecord) -> Option<&DiskRef> {
         r.block.as_ref().and_then(|b| b.disk.as_ref())
     }
     held_volume(&hold.id).as_deref() == Some(vol.id.as_str())
         && vol.kind == Kind::Block
         && hold.kind == Kind::Block
-        && vol.phase == Phase::Ready
         && hold.context.get(HELD_NAME) == Some(&vol.name)
         && disk(hold).is_some()
         && disk(hold) == disk(vol)
@@ -610,6 +615,34 @@ impl BlockKind {
         }
         tracing::warn!(volume_id = %vol.id, name = %vol.name, hold = %hold, "removed the hold of a disk whose volume was taken back from it and is Ready (the journal write that ends the hold had failed, or berth stopped before it)");
         Ok(true)
+    }
+
+    /// DeleteVolume (or its retry) of the disk volume `vol` beside a hold
+    /// left from its take-back (`hold_names`: the same id, name and disk;
+    /// its removal failed at the take-back and again when the volume was
+    /// made Ready, and berth did not restart since): the hold is removed
+    /// before the disk is erased, and its claim let go (it would make the
+    /// erase fail, EBUSY). The volume's own record, which the delete keeps
+    /// until the disk is erased, claims the disk meanwhile; what the hold
+    /// kept for an operator is that volume's, which the CO deletes. A
+    /// removal that fails fails the delete, before anything is erased.
+    /// Any other hold stays; nothing is done for a record still Creating
+    /// (an unfinished create's rollback holds its disk itself).
+    fn end_hold_at_delete(&self, vol: &VolumeRecord) -> Result<()> {
+        if vol.phase == Phase::Creating {
+            return Ok(());
+        }
+        let hold = held_id(&vol.id);
+        let Some(h) = self.store.get(&hold) else {
+            return Ok(());
+        };
+        if !hold_names(&h, vol) {
+            return Ok(());
+        }
+        self.store.remove(&hold)?;
+        self.release_claim(&hold);
+        tracing::warn!(volume_id = %vol.id, name = %vol.name, hold = %hold, "removed the hold left beside a volume taken back from it, at the volume's delete (the journal writes that end the hold had failed)");
+        Ok(())
     }
 
     /// Start-up: every hold left beside the Ready record of the volume
@@ -1782,7 +1815,10 @@ impl VolumeKind for BlockKind {
                 || (rec.source.is_some() && !self.may_be_handed_out(rec)))
     }
 
+    /// A hold left beside the volume from its take-back goes first
+    /// (`end_hold_at_delete`).
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
+        self.end_hold_at_delete(rec)?;
         self.remove_volume(rec, mount_table, true)
     }
 

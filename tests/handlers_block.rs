@@ -7654,3 +7654,74 @@ async fn fields_a_newer_berth_recorded_in_a_block_record_survive_a_rewrite() {
     delete(&h, &id).await;
     assert!(h.driver.store.get(&id).is_none());
 }
+
+/// A file volume's DeleteVolume on a full state filesystem (the block root
+/// on it too): the journal cannot take its Deleting phase (ENOSPC). Before,
+/// that delete failed (INTERNAL) on every retry while the filesystem stayed
+/// full, and the volume's file, which could make the room, stayed. Now the
+/// file is emptied in place (its blocks punched out, its size kept, its
+/// loop device detached) and the phase written again: with room, the delete
+/// goes through; without, RESOURCE_EXHAUSTED, the volume Ready with its
+/// own file at its name (zeros), and a retry with room finishes it. A file
+/// with no blocks to give back frees nothing: RESOURCE_EXHAUSTED, as it
+/// was. Only the volume's own file is punched.
+#[tokio::test]
+async fn a_delete_without_room_for_its_intent_frees_the_volumes_own_file() {
+    let h = block(&[]);
+    let punched = |h: &Harness| -> Vec<PathBuf> {
+        h.fake()
+            .file_ops()
+            .into_iter()
+            .filter(|o| o.op == "punch")
+            .map(|o| o.path)
+            .collect()
+    };
+    let with_data = |id: &str| write_at(&img(&h, id), &[7u8; 64 << 10], MIB as u64);
+    // Data to free: the phase is written at the second attempt.
+    let full = create(&h, "full", 4 * MIB, &[]).await.volume_id;
+    let other = create(&h, "other", 4 * MIB, &[]).await.volume_id;
+    with_data(&full);
+    with_data(&other);
+    h.fake().fail_next("write", libc::ENOSPC);
+    let r = try_delete(&h, &full).await;
+    assert!(r.is_ok(), "{r:?}");
+    assert!(h.driver.store.get(&full).is_none());
+    assert!(!img(&h, &full).exists());
+    assert_eq!(punched(&h), vec![img(&h, &full)]);
+    // Nothing to free (a thin file never written): refused, as it was.
+    let empty = create(&h, "empty", 4 * MIB, &[]).await.volume_id;
+    h.fake().fail_next("write", libc::ENOSPC);
+    let e = try_delete(&h, &empty).await.unwrap_err();
+    assert_refused_for_room(&e, false);
+    assert_eq!(h.driver.store.get(&empty).unwrap().phase, Phase::Ready);
+    assert_eq!(std::fs::metadata(img(&h, &empty)).unwrap().len(), 4 << 20);
+    assert_eq!(punched(&h).len(), 1);
+    delete(&h, &empty).await;
+    assert!(h.driver.store.get(&empty).is_none());
+    // Data freed, and still no room: refused, emptied, in place, Ready.
+    let stuck = create(&h, "stuck", 4 * MIB, &[]).await.volume_id;
+    with_data(&stuck);
+    h.fake()
+        .fail_op_under("write", &h.path("state"), libc::ENOSPC);
+    let e = try_delete(&h, &stuck).await.unwrap_err();
+    h.fake().clear_file_faults();
+    assert_refused_for_room(&e, true);
+    assert_eq!(h.driver.store.get(&stuck).unwrap().phase, Phase::Ready);
+    let left = std::fs::read(img(&h, &stuck)).unwrap();
+    assert_eq!(left.len(), 4 << 20);
+    assert!(left.iter().all(|b| *b == 0));
+    assert_eq!(punched(&h), vec![img(&h, &full), img(&h, &stuck)]);
+    // The other volume is untouched, and nothing was moved aside.
+    let kept = std::fs::read(img(&h, &other)).unwrap();
+    assert_eq!(&kept[MIB as usize..][..64 << 10], &[7u8; 64 << 10][..]);
+    assert!(!h.path("block/.orphaned").exists());
+    // A restart (or a crash) here finds the volume as its record says.
+    let (h, _f) = restart(h, &[]);
+    assert_eq!(h.driver.store.get(&stuck).unwrap().phase, Phase::Ready);
+    assert_eq!(std::fs::metadata(img(&h, &stuck)).unwrap().len(), 4 << 20);
+    assert!(!h.path("block/.orphaned").exists());
+    delete(&h, &stuck).await;
+    assert!(h.driver.store.get(&stuck).is_none());
+    assert!(!img(&h, &stuck).exists());
+    assert_eq!(h.driver.store.get(&other).unwrap().phase, Phase::Ready);
+}

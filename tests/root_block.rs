@@ -2600,3 +2600,84 @@ fn the_erase_waits_out_a_hold_of_milliseconds_and_refuses_a_longer_one() {
         );
     }
 }
+
+/// A block file volume's DeleteVolume on a full filesystem that holds the
+/// state journal and the block root (both under `--data-dir`, here an
+/// 8 MiB tmpfs; the log's reserve let go, as a log an older berth wrote
+/// has none): its Deleting phase needs a new page of the log, which the
+/// filesystem refuses (ENOSPC). Before, that delete failed on every retry
+/// while the filesystem stayed full, and the volume's file, the one thing
+/// that could make the room, stayed. Now a volume whose file holds data
+/// gives its blocks back (emptied in place) and its delete goes through
+/// in the room that made; one with nothing to give back is
+/// RESOURCE_EXHAUSTED naming the full filesystem, its record and file as
+/// they were. The journal stays clean (`state check`) and the rest goes
+/// through once there is room. On ext4 (16 MiB on a loop device) too,
+/// where blocks freed are taken again only once the filesystem's journal
+/// commits them (the emptied file is synced).
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_delete_without_room_for_its_intent_frees_the_volumes_own_file() {
+    delete_without_room_for_its_intent("tmpfs").await;
+}
+
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_delete_without_room_for_its_intent_frees_the_volumes_own_file_on_ext4() {
+    delete_without_room_for_its_intent("ext4").await;
+}
+
+async fn delete_without_room_for_its_intent(fs: &str) {
+    assert!(is_root(), "root tests need root");
+    let images = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(dir.path().to_path_buf());
+    small_filesystem(dir.path(), fs, &images.path().join("fs.img"));
+    let (h, _guard) = real_block_in(dir, &[]);
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let v = create(&h, &format!("v{i:02}"), MIB, &[], raw()).await;
+        ids.push(v.volume_id);
+    }
+    let data = ids.remove(0);
+    let file = |h: &Harness, id: &str| h.path("block").join(format!("{id}.img"));
+    std::fs::write(file(&h, &data), vec![7u8; MIB as usize]).unwrap();
+    let dir = h.stop();
+    assert_eq!(let_go_of_log_reserve(dir.path()), 1);
+    // A tenant of the filesystem fills it while berth is down.
+    fill(dir.path());
+    let args = block_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = build(dir, berth::os::Os::real(), None, &args);
+    let left = free_bytes(h.dir.path());
+    assert!(left < 4096, "the filesystem is full: {left} bytes free");
+    // The empty volumes' changes go into the log's last page until one
+    // needs a new page.
+    let (id, e) = first_refused_delete(&h, &ids).await;
+    assert_refused_for_room(&e, false);
+    // As it was, or (its intent written, its removal not) Deleting.
+    let rec = h
+        .driver
+        .store
+        .get(&id)
+        .expect("the refused volume's record");
+    if rec.phase == berth::state::Phase::Ready {
+        assert_eq!(std::fs::metadata(file(&h, &id)).unwrap().len(), MIB as u64);
+    }
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    // The volume whose file holds data makes the room for its own delete.
+    let r = try_delete(&h, &data).await;
+    assert!(r.is_ok(), "delete of the volume holding data: {r:?}");
+    assert!(h.driver.store.get(&data).is_none());
+    assert!(!file(&h, &data).exists());
+    // In the room it gave back, the refused delete and the rest go through.
+    delete_from(&h, &ids, &id).await;
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    assert!(h.driver.store.is_empty());
+    std::fs::remove_file(h.path("filler")).unwrap();
+    let h = restart(h, &[]);
+    assert!(h.driver.store.is_empty());
+    drop(h);
+}

@@ -1862,76 +1862,6 @@ async fn an_undeletable_trash_entry_stops_no_other_cleanup_at_start_up() {
     drop(h);
 }
 
-/// Bytes free on the filesystem of `p` (what a write can take).
-fn free_bytes(p: &Path) -> u64 {
-    let s = nix::sys::statvfs::statvfs(p).unwrap();
-    s.blocks_available() as u64 * s.fragment_size() as u64
-}
-
-/// Writes into `dir` until the filesystem refuses for space, as a tenant
-/// without a size limit does: big chunks, then smaller ones, again after
-/// each flush (ext4 gives back what it held for blocks not yet allocated)
-/// until a round writes nothing.
-fn fill(dir: &Path) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
-    loop {
-        let mut wrote = 0;
-        for chunk in [64 << 10, 4096, 512, 1] {
-            let buf = vec![7u8; chunk];
-            loop {
-                match f.write(&buf) {
-                    Ok(0) => break,
-                    Ok(n) => wrote += n,
-                    Err(e) => {
-                        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = f.sync_all();
-        if wrote == 0 {
-            break;
-        }
-    }
-}
-
-/// The data directory `dir` on a filesystem of its own: a tmpfs of 8 MiB,
-/// or `mkfs` of a 16 MiB file (320 MiB for xfs) (`img`, attached to a loop device that the
-/// unmount detaches).
-fn small_filesystem(dir: &Path, fs: &str, img: &Path) {
-    if fs == "tmpfs" {
-        nix::mount::mount(
-            Some("tmpfs"),
-            dir,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some("size=8m,mode=0700"),
-        )
-        .unwrap();
-        return;
-    }
-    let run = |c: &mut std::process::Command| {
-        let o = c.output().unwrap();
-        assert!(o.status.success(), "{c:?}: {o:?}");
-    };
-    // mkfs.xfs makes nothing below 300 MiB; ext4 without blocks kept
-    // back for root (a tenant running as root takes them anyway)
-    let (size, args): (u64, &[&str]) = match fs {
-        "xfs" => (320 << 20, &["-q"]),
-        _ => (16 << 20, &["-q", "-m", "0"]),
-    };
-    std::fs::File::create(img).unwrap().set_len(size).unwrap();
-    run(std::process::Command::new(format!("mkfs.{fs}"))
-        .args(args)
-        .arg(img));
-    run(std::process::Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(img)
-        .arg(dir));
-}
-
 /// A tenant fills the filesystem that holds both the state journal and
 /// the local root (the default: everything under `--data-dir`; here a
 /// small filesystem of its own, which keeps nothing back for root). Every
@@ -2200,38 +2130,15 @@ async fn a_delete_without_room_for_its_record_frees_the_volumes_own_space() {
     let dir = h.stop();
     // The space the log keeps past its end let go (ftruncate to its own
     // size), then the filesystem filled while berth is down.
-    let mut logs = 0;
-    for e in std::fs::read_dir(dir.path().join("state/journal")).unwrap() {
-        let e = e.unwrap();
-        if e.file_name().to_string_lossy().starts_with("log-") {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(e.path())
-                .unwrap();
-            f.set_len(f.metadata().unwrap().len()).unwrap();
-            logs += 1;
-        }
-    }
-    assert_eq!(logs, 1);
+    assert_eq!(let_go_of_log_reserve(dir.path()), 1);
     fill(&dir.path().join("local").join(&tenant));
     let h = build(dir, berth::os::Os::real(), None, &args);
     let left = free_bytes(h.dir.path());
     assert!(left < 4096, "the filesystem is full: {left} bytes free");
     // The empty volumes' removals go into the log's last page until one
     // needs a new page.
-    let mut refused = None;
-    for id in &ids {
-        if let Err(e) = try_delete(&h, id).await {
-            refused = Some((id.clone(), e));
-            break;
-        }
-    }
-    let (id, e) = refused.expect("no delete needed a new page of the log");
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(
-        e.message().contains("is full") && e.message().contains("No space left"),
-        "{e:?}"
-    );
+    let (id, e) = first_refused_delete(&h, &ids).await;
+    assert_refused_for_room(&e, false);
     // As it was: the record, the directory in place, nothing in the trash.
     assert!(h.driver.store.get(&id).is_some());
     assert!(h.path("local").join(&id).is_dir());
@@ -2252,11 +2159,7 @@ async fn a_delete_without_room_for_its_record_frees_the_volumes_own_space() {
     }
     assert_eq!(std::fs::read_dir(&trash).unwrap().count(), 0);
     // In the room it gave back, the refused delete and the rest go through.
-    let rest: Vec<&String> = ids.iter().skip_while(|i| **i != id).collect();
-    for i in rest {
-        let r = try_delete(&h, i).await;
-        assert!(r.is_ok(), "delete of {i} once there is room: {r:?}");
-    }
+    delete_from(&h, &ids, &id).await;
     let (clean, out) = state_check(&h);
     assert!(clean, "{out}");
     let r = try_delete(&h, &tenant).await;

@@ -10,7 +10,7 @@ use crate::driver::{name_key, vol_key, Driver};
 use crate::error::{Error, Result};
 use crate::kinds::VolumeKind;
 use crate::node::mounts::LazyTable;
-use crate::state::{Phase, VolumeRecord};
+use crate::state::{Phase, StateError, VolumeRecord};
 use crate::validate;
 
 pub async fn handle(
@@ -54,7 +54,7 @@ pub async fn handle(
         let mount_table = LazyTable::new();
         refuse_in_use(d, &rec, kind.as_ref(), &mount_table)?;
         if kind.durable_intent() && rec.phase != Phase::Deleting {
-            d.store.set_phase(&mut rec, Phase::Deleting)?;
+            write_intent(d, kind.as_ref(), &mut rec, &mount_table)?;
         }
         kind.delete_with(&rec, &mount_table)?;
         remove_record(d, kind.as_ref(), &rec)?;
@@ -64,6 +64,84 @@ pub async fn handle(
     })
     .await?;
     Ok(csi::DeleteVolumeResponse {})
+}
+
+/// Writes the Deleting phase of `rec` (its intent: a crash after its
+/// storage is gone leaves a record that start-up or a retry finishes, not
+/// a Ready one without its storage). When the journal has no room for it
+/// (ENOSPC, EDQUOT), the volume's own space is what can make room: the
+/// kind frees it, the volume kept in place with its record
+/// (`VolumeKind::free_for_intent`: a block file emptied, its blocks given
+/// back) and the phase is written again. If it still cannot be, the answer
+/// is RESOURCE_EXHAUSTED as in `remove_record`, the volume in place,
+/// Ready. Before, a block file volume's delete failed here on every retry
+/// while the filesystem stayed full, and its file, the one thing that
+/// could make room, stayed.
+fn write_intent(
+    d: &Driver,
+    kind: &dyn VolumeKind,
+    rec: &mut VolumeRecord,
+    mount_table: &LazyTable,
+) -> Result<()> {
+    let now = &*rec;
+    let r = with_room(
+        &rec.id,
+        "its delete's record",
+        || d.store.set_phase(&mut now.clone(), Phase::Deleting),
+        || kind.free_for_intent(now, mount_table),
+    );
+    match r {
+        Ok(()) => {
+            rec.phase = Phase::Deleting;
+            Ok(())
+        }
+        Err((freed, e)) if e.is_no_space() => {
+            Err(no_space(d, &rec.id, "Deleting phase", &e, freed))
+        }
+        Err((_, e)) => Err(e.into()),
+    }
+}
+
+/// Makes the journal change `write` of volume `id`; when the journal has
+/// no room for it (ENOSPC, EDQUOT), `free` makes room with the volume's
+/// own space and `write` is tried again. Else the error of the last try,
+/// with whether `free` freed anything (a `free` that fails is logged,
+/// `for_what` naming what the room was for, and frees nothing); the error
+/// of a first try that was not for want of space comes back at once,
+/// nothing freed.
+fn with_room(
+    id: &str,
+    for_what: &str,
+    write: impl Fn() -> std::result::Result<(), StateError>,
+    free: impl FnOnce() -> Result<bool>,
+) -> std::result::Result<(), (bool, StateError)> {
+    let first = match write() {
+        Err(e) if e.is_no_space() => e,
+        r => return r.map_err(|e| (false, e)),
+    };
+    match free() {
+        Ok(true) => write().map_err(|e| (true, e)),
+        Ok(false) => Err((false, first)),
+        Err(f) => {
+            tracing::warn!(volume_id = %id, error = %f.render(), "could not free the space of a volume to make room for {for_what}");
+            Err((false, first))
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED: the journal has no room for `what` of volume
+/// `id`'s record (`e`); `freed` says that its data is removed meanwhile.
+fn no_space(d: &Driver, id: &str, what: &str, e: &StateError, freed: bool) -> Error {
+    Error::NoSpace(format!(
+        "the filesystem of the state directory {} is full: the {what} of volume {id}'s record cannot be written ({}); {}retry once there is room there",
+        d.cfg.state_dir().display(),
+        crate::error::chain(e),
+        if freed {
+            "its data is removed (the volume is empty); "
+        } else {
+            ""
+        }
+    ))
 }
 
 /// Removes the record of the volume `rec` once `delete_with` set its
@@ -82,20 +160,16 @@ pub async fn handle(
 /// volume's data kept in the trash under its record: the one space that
 /// could make room was never given back.
 fn remove_record(d: &Driver, kind: &dyn VolumeKind, rec: &VolumeRecord) -> Result<()> {
-    let first = match d.store.remove(&rec.id) {
-        Err(e) if e.is_no_space() => e,
-        r => return Ok(r?),
-    };
-    let (freed, e) = match kind.free_set_aside(rec) {
-        Ok(true) => match d.store.remove(&rec.id) {
-            Ok(()) => return Ok(()),
-            Err(e) => (true, e),
-        },
-        Ok(false) => (false, first),
-        Err(f) => {
-            tracing::warn!(volume_id = %rec.id, error = %f.render(), "could not remove the data of a deleted volume to make room for its record's removal");
-            (false, first)
-        }
+    let (freed, e) = match with_room(
+        &rec.id,
+        "its record's removal",
+        || d.store.remove(&rec.id),
+        || kind.free_set_aside(rec),
+    ) {
+        Ok(()) => return Ok(()),
+        // Not for want of space, at the first try: nothing was freed.
+        Err((false, e)) if !e.is_no_space() => return Err(e.into()),
+        Err(x) => x,
     };
     if let Err(u) = kind.undo_delete(rec) {
         tracing::warn!(volume_id = %rec.id, error = %u.render(), "could not put back the storage of a volume whose record could not be removed (start-up does)");
@@ -103,17 +177,7 @@ fn remove_record(d: &Driver, kind: &dyn VolumeKind, rec: &VolumeRecord) -> Resul
     if !e.is_no_space() {
         return Err(e.into());
     }
-    Err(Error::NoSpace(format!(
-        "the filesystem of the state directory {} is full: the removal of volume {}'s record cannot be written ({}); {}retry once there is room there",
-        d.cfg.state_dir().display(),
-        rec.id,
-        crate::error::chain(&e),
-        if freed {
-            "its data is removed (the volume is empty); "
-        } else {
-            ""
-        }
-    )))
+    Err(no_space(d, &rec.id, "removal", &e, freed))
 }
 
 /// FAILED_PRECONDITION while the volume `rec` is still in use: published

@@ -739,6 +739,20 @@ pub trait VolumeKind: Send + Sync {
         Ok(false)
     }
 
+    /// DeleteVolume could not write the Deleting phase of `rec` (still as
+    /// it was in the store) for want of space (the state's filesystem is
+    /// full, the journal's reserve used up), after its checks of use
+    /// passed: frees the space the volume's own data takes, keeping the
+    /// volume itself in place (what holds the data stays, emptied:
+    /// removals only, nothing written), so that the write can be made. A
+    /// crash at any moment leaves the volume as its record says, at most
+    /// emptied: the CO asked for it gone. True when something was freed.
+    /// Default: nothing that could be freed before the intent.
+    fn free_for_intent(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<bool> {
+        let _ = (rec, mount_table);
+        Ok(false)
+    }
+
     /// Undoes `delete_with` when the record of `rec` could not be removed:
     /// puts what it set aside back in place (what start-up does with it
     /// otherwise), so that the record and the storage agree. Default:

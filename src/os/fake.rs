@@ -1857,6 +1857,11 @@ impl Files for FakeOs {
         RealFiles.unshare(file, path, len)
     }
 
+    fn punch(&self, file: &std::fs::File, path: &Path, len: u64) -> Result<(), OsError> {
+        self.file_op("punch", path)?;
+        RealFiles.punch(file, path, len)
+    }
+
     fn reserve(
         &self,
         file: &std::fs::File,

@@ -92,6 +92,11 @@ pub trait Files: Send + Sync {
     /// btrfs) become its own, so writing to them needs no new block. A
     /// filesystem that shares no blocks (EOPNOTSUPP) has nothing to do.
     fn unshare(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
+    /// fallocate(2) with FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE of the
+    /// first `len` bytes: their blocks are given back to the filesystem
+    /// (they read as zeros after), the file's size unchanged. Needs no new
+    /// block, so it works on a full filesystem.
+    fn punch(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError>;
     /// fsync(2) of an open file.
     fn sync(&self, file: &File, path: &Path) -> Result<(), OsError>;
     /// fdatasync(2) of an open file.
@@ -452,6 +457,16 @@ impl Files for RealFiles {
             Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Ok(()),
             r => r,
         }
+    }
+
+    fn punch(&self, file: &File, path: &Path, len: u64) -> Result<(), OsError> {
+        use nix::fcntl::FallocateFlags as F;
+        fallocate_head(
+            file,
+            path,
+            len,
+            F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE,
+        )
     }
 
     fn sync(&self, file: &File, path: &Path) -> Result<(), OsError> {

@@ -806,3 +806,125 @@ pub fn each_once(ids: &[String]) -> bool {
     unique.dedup();
     unique.len() == ids.len()
 }
+
+/// Bytes free on the filesystem of `p` (what a write can take).
+pub fn free_bytes(p: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(p).unwrap();
+    s.blocks_available() as u64 * s.fragment_size() as u64
+}
+
+/// Writes into `dir` until the filesystem refuses for space, as a tenant
+/// without a size limit does: big chunks, then smaller ones, again after
+/// each flush (ext4 gives back what it held for blocks not yet allocated)
+/// until a round writes nothing.
+pub fn fill(dir: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
+    loop {
+        let mut wrote = 0;
+        for chunk in [64 << 10, 4096, 512, 1] {
+            let buf = vec![7u8; chunk];
+            loop {
+                match f.write(&buf) {
+                    Ok(0) => break,
+                    Ok(n) => wrote += n,
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = f.sync_all();
+        if wrote == 0 {
+            break;
+        }
+    }
+}
+
+/// The data directory `dir` on a filesystem of its own: a tmpfs of 8 MiB,
+/// or `mkfs` of a 16 MiB file (320 MiB for xfs) (`img`, attached to a loop device that the
+/// unmount detaches).
+pub fn small_filesystem(dir: &Path, fs: &str, img: &Path) {
+    if fs == "tmpfs" {
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=8m,mode=0700"),
+        )
+        .unwrap();
+        return;
+    }
+    let run = |c: &mut std::process::Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{c:?}: {o:?}");
+    };
+    // mkfs.xfs makes nothing below 300 MiB; ext4 without blocks kept
+    // back for root (a tenant running as root takes them anyway)
+    let (size, args): (u64, &[&str]) = match fs {
+        "xfs" => (320 << 20, &["-q"]),
+        _ => (16 << 20, &["-q", "-m", "0"]),
+    };
+    std::fs::File::create(img).unwrap().set_len(size).unwrap();
+    run(std::process::Command::new(format!("mkfs.{fs}"))
+        .args(args)
+        .arg(img));
+    run(std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(img)
+        .arg(dir));
+}
+
+/// Lets go of the space the state journal's logs under the data
+/// directory `data` keep past their end (ftruncate of each to its own
+/// size), as a log an older berth wrote has none; berth must be stopped.
+/// The number of logs.
+pub fn let_go_of_log_reserve(data: &Path) -> usize {
+    let mut logs = 0;
+    for e in std::fs::read_dir(data.join("state/journal")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with("log-") {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .unwrap();
+            f.set_len(f.metadata().unwrap().len()).unwrap();
+            logs += 1;
+        }
+    }
+    logs
+}
+
+/// Asserts that `e` is a DeleteVolume refused for want of room in the
+/// state's journal (RESOURCE_EXHAUSTED naming the full filesystem and the
+/// ENOSPC), saying that the volume's data is removed exactly when `freed`.
+pub fn assert_refused_for_room(e: &tonic::Status, freed: bool) {
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("is full") && e.message().contains("No space left"),
+        "{e:?}"
+    );
+    assert_eq!(e.message().contains("its data is removed"), freed, "{e:?}");
+}
+
+/// On a full filesystem: deletes `ids` one after another until one is
+/// refused (its change needed a new page of the log); that one's id and
+/// answer.
+pub async fn first_refused_delete(h: &Harness, ids: &[String]) -> (String, tonic::Status) {
+    for id in ids {
+        if let Err(e) = try_delete(h, id).await {
+            return (id.clone(), e);
+        }
+    }
+    panic!("no delete needed a new page of the log");
+}
+
+/// Deletes the volumes of `ids` from `from` on; each must succeed.
+pub async fn delete_from(h: &Harness, ids: &[String], from: &str) {
+    for i in ids.iter().skip_while(|i| **i != from) {
+        let r = try_delete(h, i).await;
+        assert!(r.is_ok(), "delete of {i} once there is room: {r:?}");
+    }
+}

@@ -265,6 +265,9 @@ pub struct BlockKind {
     /// Berth's other directories (state dir, local root): no loop device
     /// of a file under them, or under `root`, is a pool disk.
     own_dirs: Vec<PathBuf>,
+    /// The state directory: a file volume's space makes room for the
+    /// journal only on its filesystem (`free_for_intent`).
+    state_dir: PathBuf,
     /// This node's id (new ids carry its tag).
     node: String,
     disk_pool: Vec<String>,
@@ -348,6 +351,7 @@ impl BlockKind {
         Ok(BlockKind {
             root: cfg.block_root(),
             own_dirs: cfg.own_dirs(),
+            state_dir: cfg.state_dir(),
             node: node.to_string(),
             disk_pool: cfg.disk_pool.clone(),
             disk_wipe: cfg.disk_wipe,
@@ -1292,6 +1296,36 @@ impl BlockKind {
         }
     }
 
+    /// Gives back the blocks of volume `id`'s backing file (a regular file,
+    /// never what a symlink there points to) when it is on the state
+    /// directory's filesystem, its name and size kept: it reads as zeros.
+    /// True when it held blocks there.
+    fn empty_file(&self, id: &str) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let f = self.file(id)?;
+        let fs = self.os.files.as_ref();
+        let m = match fs.lstat(&f) {
+            Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(false),
+            Err(e) => return Err(Error::os(format!("inspecting {}", f.display()), e)),
+            Ok(m) => m,
+        };
+        let state = fs.stat(&self.state_dir).map(|s| s.dev()).ok();
+        if !m.is_file() || allocated_bytes(&m) == 0 || state != Some(m.dev()) {
+            return Ok(false);
+        }
+        let file = fs
+            .open(&f, Open::Existing)
+            .map_err(|e| Error::os(format!("opening {}", f.display()), e))?;
+        fs.punch(&file, &f, m.len())
+            .map_err(|e| Error::os(format!("emptying {}", f.display()), e))?;
+        // Blocks freed in a filesystem's running transaction may be taken
+        // again only once it commits (ext4).
+        fs.sync(&file, &f)
+            .map_err(|e| Error::os(format!("syncing {}", f.display()), e))?;
+        tracing::warn!(volume_id = %id, file = %f.display(), bytes = allocated_bytes(&m), "the state's filesystem has no room to record this volume's delete: its file is emptied first, to make room");
+        Ok(true)
+    }
+
     /// `remove_volume` of a disk volume (its disk `d`), Berth's claim of
     /// the disk released.
     fn remove_disk(
@@ -1820,6 +1854,22 @@ impl VolumeKind for BlockKind {
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
         self.end_hold_at_delete(rec)?;
         self.remove_volume(rec, mount_table, true)
+    }
+
+    /// A file volume's file is emptied in place (`empty_file`), its loop
+    /// devices detached first (refused while mounted): no rename, so a
+    /// crash at any moment leaves the record (Ready) and its own file at
+    /// its name, at most emptied, and never a record without its file,
+    /// which is what the Deleting phase keeps from happening. Only a Ready
+    /// one: what a create left (Creating) may be kept aside on delete
+    /// (`kept_on_rollback`). A disk volume frees nothing on the state's
+    /// filesystem: left as it is.
+    fn free_for_intent(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<bool> {
+        if rec.phase != Phase::Ready || rec.block.as_ref().is_some_and(|b| b.disk.is_some()) {
+            return Ok(false);
+        }
+        self.release_file(&rec.id, mount_table)?;
+        self.empty_file(&rec.id)
     }
 
     /// A restore or clone onto a disk is marked Deleting before its disk

@@ -61,9 +61,25 @@ fn colours(stderr_is_terminal: bool) -> bool {
     stderr_is_terminal
 }
 
+/// Tests' log lines, caught: a writer into shared bytes.
+#[cfg(test)]
+pub(crate) struct Sink(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{check_directives, colours};
+    use super::{check_directives, colours, Sink};
 
     #[test]
     fn a_filter_that_would_silence_berth_is_refused() {
@@ -112,19 +128,6 @@ mod tests {
         }
         for bad in ["berthx", "berth:node", "berth::", "warn,berths"] {
             assert!(check_directives(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
         }
     }
 

@@ -101,8 +101,30 @@ pub fn check(
             );
             write(files, state_dir, name)
         }
+        None if records > 0 => {
+            // A berth from before names were recorded (an upgrade), or a
+            // file removed since: taken, as an upgrade needs, but said,
+            // as the name is then the one this start was given.
+            tracing::warn!(
+                file = %path(state_dir).display(),
+                name = %name,
+                records,
+                "{}",
+                unrecorded(state_dir, name, records)
+            );
+            write(files, state_dir, name)
+        }
         None => write(files, state_dir, name),
     }
+}
+
+/// What start-up logs, and `berth state check` reports, of a state that
+/// holds records and no recorded name.
+fn unrecorded(state_dir: &Path, name: &str, records: usize) -> String {
+    format!(
+        "{} is missing while the state holds {records} volume and snapshot records (a berth from before names were recorded, or the file was removed): the name they are served under is taken from --driver-name {name}; if their PVs name another driver, stop berth and run it with that --driver-name",
+        path(state_dir).display()
+    )
 }
 
 /// What `berth state check` says of the recorded name, given the one it
@@ -110,8 +132,11 @@ pub fn check(
 /// file is not one berth wrote (start-up stops on it), a warning when the
 /// name differs (start-up under the name check was given is refused; an
 /// operator who ran check without the driver's `--driver-name` learns the
-/// state's name, and the state itself is sound); None otherwise (a state
-/// without a recorded name takes the name at its next start).
+/// state's name, and the state itself is sound), and a warning when the
+/// state holds records and no name (the next start takes the name it is
+/// given, unchecked: an upgrade from a berth that kept none, or a file
+/// removed since); None otherwise (a state without records takes the name
+/// at its next start).
 pub fn finding(state_dir: &Path, name: &str, records: usize) -> Option<(bool, String)> {
     match read(state_dir) {
         Err(e) => Some((
@@ -129,6 +154,7 @@ pub fn finding(state_dir: &Path, name: &str, records: usize) -> Option<(bool, St
                 path(state_dir).display()
             ),
         )),
+        Ok(None) if records > 0 => Some((false, unrecorded(state_dir, name, records))),
         Ok(_) => None,
     }
 }
@@ -136,6 +162,7 @@ pub fn finding(state_dir: &Path, name: &str, records: usize) -> Option<(bool, St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logging::Sink;
     use crate::os::files::RealFiles;
 
     /// The first start records the name; the same name starts; another
@@ -175,5 +202,47 @@ mod tests {
         nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let e = check(&RealFiles, d.path(), "b.example.org", 0).unwrap_err();
         assert!(matches!(e, StateError::Unexpected { .. }), "{e}");
+    }
+
+    /// A state that holds records and no `driver-name` (removed, or kept
+    /// by a berth from before names were recorded) still takes the name a
+    /// start is given (upgrades need it), but start-up logs a warning
+    /// naming the file and the name taken, and `berth state check`
+    /// reports it; before, both said nothing. Without records, nothing is
+    /// said (a new state).
+    #[test]
+    fn a_missing_name_beside_records_is_taken_and_said() {
+        let d = tempfile::tempdir().unwrap();
+        let p = path(d.path());
+        let file = p.display().to_string();
+        let said = |f: &dyn Fn()| {
+            let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+            let w = out.clone();
+            let sub = tracing_subscriber::fmt()
+                .with_writer(move || Sink(w.clone()))
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::with_default(sub, f);
+            let got = out.lock().unwrap().clone();
+            String::from_utf8(got).unwrap()
+        };
+        let f = finding(d.path(), "a.example.org", 2).expect("reported");
+        assert!(
+            !f.0 && f.1.contains(&file) && f.1.contains("a.example.org"),
+            "{f:?}"
+        );
+        let log = said(&|| check(&RealFiles, d.path(), "a.example.org", 2).unwrap());
+        assert!(
+            log.contains("WARN") && log.contains(&file) && log.contains("a.example.org"),
+            "{log}"
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"a.example.org\n");
+        assert!(finding(d.path(), "a.example.org", 2).is_none());
+        // a new state: taken without a word
+        std::fs::remove_file(&p).unwrap();
+        assert!(finding(d.path(), "a.example.org", 0).is_none());
+        let log = said(&|| check(&RealFiles, d.path(), "a.example.org", 0).unwrap());
+        assert!(log.is_empty(), "{log}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"a.example.org\n");
     }
 }

@@ -419,7 +419,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     }
     // Storage without a record.
     if cfg.serves(Kind::Local) {
-        for name in dir_names(files, &local_root) {
+        for name in root_names(files, &local_root, &mut out) {
             if is_volume_id("local-", &name) && !by_id.contains_key(name.as_str()) {
                 // Creates make their directories under .creating/: one in
                 // the root without a record lost its record.
@@ -431,7 +431,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
         }
     }
     if cfg.serves(Kind::Block) {
-        for name in dir_names(files, &block_root) {
+        for name in root_names(files, &block_root, &mut out) {
             if let Some(id) = name.strip_suffix(".img") {
                 if is_volume_id("block-", id) && !by_id.contains_key(id) {
                     out.push(error(format!(
@@ -665,6 +665,40 @@ fn dir_names(files: &dyn Files, dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The names in a volume root, where storage without a record is looked
+/// for: a root that cannot be listed (EIO, EACCES), or whose listing
+/// breaks off, is an error finding, never "nothing there" (nothing read is
+/// not nothing found). A root that is not there holds nothing (a kind
+/// whose first volume is still to come).
+fn root_names(files: &dyn Files, dir: &Path, out: &mut Vec<Finding>) -> Vec<String> {
+    let unlisted = |e: &dyn std::fmt::Display| {
+        error(format!(
+            "{} cannot be listed ({e}): storage in it without a record is not looked for, and start-up cannot look either",
+            dir.display()
+        ))
+    };
+    let rd = match files.read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.errno() == Some(libc::ENOENT) => return Vec::new(),
+        Err(e) => {
+            out.push(unlisted(&e.into_io()));
+            return Vec::new();
+        }
+    };
+    let mut v = Vec::new();
+    for e in rd {
+        match e {
+            Ok(e) => v.push(e.file_name().to_string_lossy().into_owned()),
+            Err(e) => {
+                out.push(unlisted(&e));
+                break;
+            }
+        }
+    }
     v.sort();
     v
 }
@@ -1167,9 +1201,11 @@ mod tests {
     }
 
     /// `state check` looks at the storage through the OS layer: a root
-    /// that cannot be listed shows no storage without a record (nothing
-    /// read is nothing found), and a volume's directory that cannot be
-    /// looked at is reported missing, with the error.
+    /// that cannot be listed (EIO, EACCES) is an error naming it and the
+    /// cause, never "no storage without a record" (before, check said
+    /// nothing and exited 0: nothing read was taken for nothing found), a
+    /// root that is not there holds nothing, and a volume's directory that
+    /// cannot be looked at is reported missing, with the error.
     #[test]
     fn check_looks_at_storage_through_the_os_layer() {
         let d = tempfile::tempdir().unwrap();
@@ -1184,6 +1220,11 @@ mod tests {
         }
         let (os, fake) = crate::os::Os::fake();
         let records = [ready_local(&kept)];
+        let j = journal_dir(&cfg.state_dir());
+        fs::create_dir_all(&j).unwrap();
+        let mut put = Vec::new();
+        journal::encode(&EntryRef::Put(&records[0]), &mut put).unwrap();
+        fs::write(j.join(journal::log_name(0)), put).unwrap();
         let whats = || -> Vec<String> {
             storage_findings(&cfg, &os, &records)
                 .into_iter()
@@ -1193,8 +1234,32 @@ mod tests {
         let found = whats();
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].contains(&lost) && found[0].contains(LOST_RECORD));
-        fake.fail_op_under("read_dir", &root, libc::EIO);
-        assert_eq!(whats(), Vec::<String>::new());
+        for errno in [libc::EIO, libc::EACCES] {
+            fake.fail_op_under("read_dir", &root, errno);
+            let cause = std::io::Error::from_raw_os_error(errno).to_string();
+            let found = storage_findings(&cfg, &os, &records);
+            assert!(
+                found.len() == 1
+                    && found[0].severity == "error"
+                    && found[0].what.contains(&root.display().to_string())
+                    && found[0].what.contains("cannot be listed")
+                    && found[0].what.contains(&cause),
+                "{errno}: {:?}",
+                found.iter().map(|f| &f.what).collect::<Vec<_>>()
+            );
+            // and the whole check fails (exit 1), saying so
+            let mut out = Vec::new();
+            assert!(!check(&cfg, &os, &mut out).unwrap());
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.contains("cannot be listed"), "{text}");
+            fake.clear_file_faults();
+        }
+        fake.fail_op_under("read_dir", &root, libc::ENOENT);
+        assert_eq!(
+            whats(),
+            Vec::<String>::new(),
+            "a root not there holds nothing"
+        );
         fake.clear_file_faults();
         fake.fail_next("lstat", libc::EIO);
         let found = whats();

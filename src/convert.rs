@@ -116,6 +116,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
     Ok(Capability {
         access_type,
         access_mode: access_mode(mode.mode)?,
+        extra: None,
     })
 }
 

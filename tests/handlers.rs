@@ -1324,12 +1324,7 @@ async fn a_volume_of_a_kind_no_longer_served_is_reported_not_gone() {
         .expect_err("published while not served");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("--kinds"), "{e:?}");
-    h.ctl
-        .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            ..Default::default()
-        }))
+    controller_unpublish(&h, &id, NODE)
         .await
         .expect("unpublish while not served");
     assert!(h.driver.store.get(&id).unwrap().published.is_empty());
@@ -4576,12 +4571,7 @@ async fn the_retry_of_a_delete_leaves_a_volume_still_published_in_place() {
     let rec = h.driver.store.get(&id).expect("record kept");
     assert!(rec.published.contains_key(NODE));
     assert!(data.exists(), "a published volume was deleted");
-    h.ctl
-        .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            ..Default::default()
-        }))
+    controller_unpublish(&h, &id, NODE)
         .await
         .expect("unpublish");
     retry_pending_and_wait(&h).await;
@@ -4863,12 +4853,7 @@ async fn a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one() {
     let h = h.restart(os, Some(f));
     let r = kept(&h, "after publish and a restart");
     assert!(r.published.contains_key(NODE));
-    h.ctl
-        .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            ..Default::default()
-        }))
+    controller_unpublish(&h, &id, NODE)
         .await
         .expect("unpublish");
     assert!(h.driver.store.checkpoint(0).unwrap());
@@ -4879,6 +4864,104 @@ async fn a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one() {
     // The field is the newer berth's: this one writes it back as it was,
     // and the record still reads as before otherwise.
     assert_eq!(r.capacity_bytes, rec.capacity_bytes);
+    delete(&h, &id).await;
+    assert!(h.driver.store.get(&id).is_none());
+}
+
+/// Fields a newer berth wrote inside the values of a volume's record (a
+/// capability of its list, its publication, the capability of that
+/// publication) are kept when this version rewrites the record (an
+/// expand, an unpublish), through a restart and a compaction (the
+/// snapshot file) and the restart after it; and a retry of the publish
+/// and of the create, which carry none of them, are the same requests
+/// still. Before, serde dropped them on read and the first rewrite lost
+/// them.
+#[tokio::test]
+async fn fields_a_newer_berth_recorded_inside_capabilities_and_publications_survive() {
+    use berth::state::journal::EntryRef;
+    let h = fake(&[]);
+    let id = create(&h, "v", 1 << 20).await.volume_id;
+    let publish = || csi::ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: NODE.into(),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    };
+    h.ctl
+        .controller_publish_volume(Request::new(publish()))
+        .await
+        .expect("publish");
+    let rec = h.driver.store.get(&id).unwrap();
+    let dir = h.stop();
+    let json = serde_json::to_string(&EntryRef::Put(&rec)).unwrap();
+    let forged = json
+        .replace(
+            r#""access_mode":"SINGLE_NODE_WRITER"}"#,
+            r#""access_mode":"SINGLE_NODE_WRITER","cap_new":[1,"a\"b"]}"#,
+        )
+        .replace(
+            r#""readonly":false,"#,
+            r#""readonly":false,"grant_new":{"g":null},"#,
+        );
+    assert_eq!(forged.matches("cap_new").count(), 2, "{json}");
+    assert!(forged.contains("grant_new"), "{json}");
+    append_change(dir.path(), &forged);
+    // Where each field is, in the record as this version writes it.
+    let kept = |h: &Harness, when: &str, published: bool| {
+        let r = h.driver.store.get(&id).expect("the record");
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        let cap_new = serde_json::json!([1, "a\"b"]);
+        assert_eq!(v["capabilities"][0]["cap_new"], cap_new, "{when}: {v}");
+        let grant = &v["published"][NODE];
+        if published {
+            assert_eq!(
+                grant["grant_new"],
+                serde_json::json!({"g": null}),
+                "{when}: {v}"
+            );
+            assert_eq!(grant["capability"]["cap_new"], cap_new, "{when}: {v}");
+        } else {
+            assert!(grant.is_null(), "{when}: {v}");
+        }
+        r
+    };
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &[]);
+    kept(&h, "read", true);
+    // Retries: the same requests, whatever was recorded beside them.
+    h.ctl
+        .controller_publish_volume(Request::new(publish()))
+        .await
+        .expect("the publish retried");
+    let again = create(&h, "v", 1 << 20).await;
+    assert_eq!(again.volume_id, id);
+    kept(&h, "after the retries", true);
+    h.ctl
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 2 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        }))
+        .await
+        .expect("expand");
+    let r = kept(&h, "after an expand", true);
+    assert_eq!(r.capacity_bytes, 2 << 20);
+    assert!(h.driver.store.checkpoint(0).unwrap());
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    kept(&h, "after a compaction and a restart", true);
+    controller_unpublish(&h, &id, NODE)
+        .await
+        .expect("unpublish");
+    kept(&h, "after unpublish", false);
+    assert!(h.driver.store.checkpoint(0).unwrap());
+    let (os, f) = berth::os::Os::fake();
+    let h = h.restart(os, Some(f));
+    kept(&h, "after unpublish, a compaction and a restart", false);
     delete(&h, &id).await;
     assert!(h.driver.store.get(&id).is_none());
 }

@@ -3919,6 +3919,59 @@ async fn stage_and_unstage_raw(h: &Harness, id: &str, staging: &Path, what: &str
         .unwrap_or_else(|e| panic!("unstage of {what}: {e:?}"));
 }
 
+/// Fields a newer berth wrote beside a loop disk's backing file (its
+/// device and inode) and the part of it the disk shows, in the disk's
+/// record, are kept when this version rewrites the record (the stage
+/// records the access), and the disk is still told by its file: the
+/// values compared are the kernel's, the fields are only carried. Before,
+/// serde dropped them on read and the first rewrite lost them.
+#[tokio::test]
+async fn fields_a_newer_berth_recorded_beside_a_loop_disks_file_survive_a_rewrite() {
+    let h = disk_harness();
+    script_blank(h.fake());
+    loop_disk(&h, "d0", 64 * MIB);
+    let id = create(&h, "v", 64 * MIB, &[("pool", "disk")])
+        .await
+        .volume_id;
+    let json = serde_json::to_string(&h.driver.store.get(&id).unwrap()).unwrap();
+    assert_eq!(json.matches(r#""loop_backing":{"#).count(), 1, "{json}");
+    assert_eq!(json.matches(r#""loop_range":{"#).count(), 1, "{json}");
+    let forged = json
+        .replace(
+            r#""loop_backing":{"#,
+            r#""loop_backing":{"newer_id":{"gen":7},"#,
+        )
+        .replace(r#""loop_range":{"#, r#""loop_range":{"newer_range":[1],"#);
+    // As read from a journal a newer berth wrote.
+    h.driver
+        .store
+        .put(&serde_json::from_str(&forged).expect("the record reads"))
+        .unwrap();
+    let kept = |when: &str| {
+        let r = h.driver.store.get(&id).expect("the record");
+        let j = serde_json::to_value(&r).unwrap();
+        let d = &j["block"]["disk"];
+        assert_eq!(
+            d["loop_backing"]["newer_id"],
+            serde_json::json!({"gen": 7}),
+            "{when}: {j}"
+        );
+        assert_eq!(
+            d["loop_range"]["newer_range"],
+            serde_json::json!([1]),
+            "{when}: {j}"
+        );
+        r
+    };
+    kept("read");
+    stage_and_unstage_raw(&h, &id, &h.path("s"), "a disk with a newer berth's fields").await;
+    let r = kept("after a stage");
+    assert_eq!(
+        r.block.as_ref().and_then(|b| b.access),
+        Some(berth::state::BlockAccess::Raw)
+    );
+}
+
 /// A loop disk over the first 64 MiB of a 65 MiB file: its volume's
 /// record keeps the part of the file the device shows (offset 0, size
 /// limit 64 MiB). The file attached again at the disk's number showing
@@ -3942,13 +3995,7 @@ async fn a_loop_disks_file_attached_at_another_offset_is_not_its_disk() {
         .volume_id;
     let rec = h.driver.store.get(&v).unwrap();
     assert_eq!(
-        rec.block
-            .as_ref()
-            .unwrap()
-            .disk
-            .as_ref()
-            .unwrap()
-            .loop_range,
+        rec.block.as_ref().unwrap().disk.as_ref().unwrap().range(),
         Some(berth::state::LoopRange {
             offset: 0,
             sizelimit: (64 * MIB) as u64,
@@ -7633,12 +7680,7 @@ async fn fields_a_newer_berth_recorded_in_a_block_record_survive_a_rewrite() {
     let (h, _) = restart(h, &[]);
     let r = kept(&h, "after publish and a restart");
     assert!(r.published.contains_key(NODE));
-    h.ctl
-        .controller_unpublish_volume(Request::new(csi::ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            ..Default::default()
-        }))
+    controller_unpublish(&h, &id, NODE)
         .await
         .expect("unpublish");
     assert!(h.driver.store.checkpoint(0).unwrap());

@@ -1628,7 +1628,7 @@ async fn a_detached_loop_disk_is_missing_and_only_its_own_file_is_wiped() {
     let m = std::fs::metadata(disks.join("a")).unwrap();
     let rec = h.driver.store.get(&v).unwrap();
     assert_eq!(
-        rec.block.unwrap().disk.unwrap().loop_backing,
+        rec.block.unwrap().disk.unwrap().backing(),
         Some(berth::state::FileId {
             dev: m.dev(),
             ino: m.ino()

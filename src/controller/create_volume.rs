@@ -322,7 +322,7 @@ fn compatible(d: &Driver, rec: &VolumeRecord, r: &Request) -> Result<()> {
         "kind"
     } else if !r.range.admits(rec.capacity_bytes) {
         "capacity"
-    } else if rec.capabilities[..] != r.caps[..] {
+    } else if !Capability::same_list(&rec.capabilities, &r.caps) {
         "volume capabilities"
     } else if *rec.parameters != r.params {
         "parameters"

@@ -919,6 +919,7 @@ mod tests {
                 volume_mount_group: String::new(),
             },
             access_mode: mode,
+            extra: None,
         }
     }
 

@@ -4,9 +4,13 @@
 //! must not drop what a newer one recorded. Kept at the top level of a
 //! volume's and a snapshot's record and in the sections a record holds: a
 //! block volume's (`BlockInfo`, and its disk's `DiskRef`) and a content
-//! source (`Source`). Not in the values many records share (parameters,
-//! capabilities, a publication's capability): a map keeps every key
-//! anyway, and an unknown field of a capability is dropped.
+//! source (`Source`), and in the values it holds: a capability (the
+//! volume's list and a publication's), a publication (`Attachment`), a
+//! loop disk's backing file and range (`Kept<FileId>`, `Kept<LoopRange>`).
+//! Parameters and contexts are maps, which keep every key anyway. Calls
+//! that compare what a request asks with what a record holds compare the
+//! known fields only (`Capability::same_as`, `Attachment::same_as`): a
+//! retry carries none of a newer berth's.
 //!
 //! A record without unknown fields costs one empty `Option<Box<Extra>>`
 //! (a null pointer) and is read and written by serde's derived code as
@@ -45,6 +49,35 @@ impl PartialEq for Extra {
 }
 
 impl Eq for Extra {}
+
+/// Hashed and ordered as compared (names and JSON text, in the order
+/// read): a value held in a set or kept sorted (a capability) with fields
+/// a newer berth wrote is another value than one without.
+impl std::hash::Hash for Extra {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.len().hash(h);
+        for (k, v) in &self.0 {
+            k.hash(h);
+            v.get().hash(h);
+        }
+    }
+}
+
+impl Ord for Extra {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let theirs = other.0.iter().map(|(k, v)| (k.as_str(), v.get()));
+        self.0
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.get()))
+            .cmp(theirs)
+    }
+}
+
+impl PartialOrd for Extra {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 /// Implements `Serialize` and `Deserialize` for a struct that derives both
 /// with `#[serde(remote = "Self")]` and holds the fields it does not know

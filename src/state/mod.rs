@@ -23,7 +23,8 @@ pub mod tools;
 
 pub use record::{
     AccessMode, AccessType, Allocation, Attachment, BlockAccess, BlockInfo, Capability,
-    ContentSource, DiskRef, FileId, Kind, LoopRange, Phase, SnapshotRecord, Source, VolumeRecord,
+    ContentSource, DiskRef, FileId, Kept, Kind, LoopRange, Phase, SnapshotRecord, Source,
+    VolumeRecord,
 };
 pub use store::Store;
 

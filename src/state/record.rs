@@ -99,18 +99,104 @@ pub enum AccessType {
     Block,
 }
 
-/// One requested volume capability.
+/// One requested volume capability. Read and written with its unknown
+/// fields kept (`super::extra`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(remote = "Self")]
 pub struct Capability {
     pub access_type: AccessType,
     pub access_mode: AccessMode,
+    /// Fields a newer berth wrote that this one does not know (see
+    /// `VolumeRecord::extra`). Part of the value (a list holding them is
+    /// another list than one without: never shared with it), but not of
+    /// what a request is compared with (`same_as`).
+    #[serde(skip)]
+    pub extra: Option<Box<Extra>>,
 }
 
-/// A ControllerPublishVolume that was granted.
+keeps_unknown_fields!(Capability);
+
+impl Capability {
+    /// The same capability as `other` asks, whatever fields a newer berth
+    /// recorded beside either (a request, a retry, carries none).
+    pub fn same_as(&self, other: &Capability) -> bool {
+        self.access_type == other.access_type && self.access_mode == other.access_mode
+    }
+
+    /// `same_as` for each of two lists, in order.
+    pub fn same_list(a: &[Capability], b: &[Capability]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_as(y))
+    }
+}
+
+/// A ControllerPublishVolume that was granted. Read and written with its
+/// unknown fields kept (`super::extra`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(remote = "Self")]
 pub struct Attachment {
     pub readonly: bool,
     pub capability: Capability,
+    /// Fields a newer berth wrote that this one does not know (see
+    /// `VolumeRecord::extra`); not compared with a request (`same_as`).
+    #[serde(skip)]
+    pub extra: Option<Box<Extra>>,
+}
+
+keeps_unknown_fields!(Attachment);
+
+impl Attachment {
+    /// A grant of this version (nothing a newer berth wrote).
+    pub fn new(readonly: bool, capability: Capability) -> Self {
+        Attachment {
+            readonly,
+            capability,
+            extra: None,
+        }
+    }
+
+    /// The grant `other` asks for, whatever fields a newer berth recorded
+    /// beside either.
+    pub fn same_as(&self, other: &Attachment) -> bool {
+        self.readonly == other.readonly && self.capability.same_as(&other.capability)
+    }
+}
+
+/// A value a record holds with the fields a newer berth wrote beside it
+/// kept (`super::extra`), for a type that is also used outside records
+/// (`FileId`, `LoopRange`: compared and hashed as the kernel's values,
+/// copied): written as the value alone when there are none. Reads as the
+/// value (`Deref`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kept<T> {
+    pub of: T,
+    /// Fields a newer berth wrote that this one does not know.
+    pub extra: Option<Box<Extra>>,
+}
+
+impl<T> From<T> for Kept<T> {
+    fn from(of: T) -> Self {
+        Kept { of, extra: None }
+    }
+}
+
+impl<T> std::ops::Deref for Kept<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.of
+    }
+}
+
+impl<T: Serialize> Serialize for Kept<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        super::extra::write(s, &self.of, self.extra.as_deref())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Kept<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (of, extra) = super::extra::read(d, |c| T::deserialize(c))?;
+        Ok(Kept { of, extra })
+    }
 }
 
 /// Read and written with its unknown fields kept (`super::extra`).
@@ -519,14 +605,14 @@ pub struct DiskRef {
     /// later is not this disk. None for other disks and in records made
     /// before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loop_backing: Option<FileId>,
+    pub loop_backing: Option<Kept<FileId>>,
     /// For a loop device used as a disk: the part of its backing file it
     /// showed when the volume was created (`LOOP_GET_STATUS64`); the same
     /// file attached at another offset or size limit later is not this
     /// disk. None for other disks and in records made before it was kept
     /// (2026-12-07), which accept the file at any offset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loop_range: Option<LoopRange>,
+    pub loop_range: Option<Kept<LoopRange>>,
     /// Fields a newer berth wrote that this one does not know (see
     /// `VolumeRecord::extra`).
     #[serde(skip)]
@@ -542,6 +628,18 @@ pub struct LoopRange {
 }
 
 keeps_unknown_fields!(DiskRef);
+
+impl DiskRef {
+    /// The identity of a loop disk's backing file (`loop_backing`).
+    pub fn backing(&self) -> Option<FileId> {
+        self.loop_backing.as_deref().copied()
+    }
+
+    /// The part of its backing file a loop disk showed (`loop_range`).
+    pub fn range(&self) -> Option<LoopRange> {
+        self.loop_range.as_deref().copied()
+    }
+}
 
 /// A file as the kernel identifies it: its filesystem's device number
 /// (`st_dev`) and its inode number.
@@ -694,7 +792,7 @@ mod tests {
         assert_eq!(d.loop_backing, None);
         assert_eq!(serde_json::to_string(&d).unwrap(), old);
         let new = DiskRef {
-            loop_backing: Some(FileId { dev: 2049, ino: 12 }),
+            loop_backing: Some(FileId { dev: 2049, ino: 12 }.into()),
             ..d
         };
         let text = serde_json::to_string(&new).unwrap();
@@ -704,10 +802,13 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<DiskRef>(&text).unwrap(), new);
         let ranged = DiskRef {
-            loop_range: Some(LoopRange {
-                offset: 4096,
-                sizelimit: 0,
-            }),
+            loop_range: Some(
+                LoopRange {
+                    offset: 4096,
+                    sizelimit: 0,
+                }
+                .into(),
+            ),
             ..new.clone()
         };
         let text = serde_json::to_string(&ranged).unwrap();
@@ -853,6 +954,110 @@ mod tests {
         }
         let again: VolumeRecord = serde_json::from_str(&text).unwrap();
         assert_eq!(serde_json::to_string(&again).unwrap(), text);
+    }
+
+    /// A record as this version writes it, every section and value
+    /// there (capabilities, a publication, a loop disk's backing file and
+    /// range, a content source), without fields of a newer berth.
+    const PLAIN: &str = r#"{"id":"b","name":"n-b","kind":"block","seq":1,"phase":"ready","capacity_bytes":1,"node":"x","parameters":{},"capabilities":[{"access_type":{"mount":{"fs_type":"ext4","mount_flags":["noatime"]}},"access_mode":"SINGLE_NODE_WRITER"},{"access_type":"block","access_mode":"MULTI_NODE_READER_ONLY"}],"context":{},"published":{"n1":{"readonly":true,"capability":{"access_type":"block","access_mode":"MULTI_NODE_READER_ONLY"}}},"created_unix":0,"block":{"allocation":"thin","disk":{"path":"/p/d0","device":"/dev/loop3","major":7,"minor":3,"size_bytes":64,"loop_backing":{"dev":2049,"ino":12},"loop_range":{"offset":0,"sizelimit":64}},"default_fs":"ext4","formatted":false},"source":{"volume":"v1"}}"#;
+
+    /// Fields a newer berth wrote inside the values a record holds (a
+    /// capability of its list, a publication, the capability of that
+    /// publication, a loop disk's backing file and range) are kept when
+    /// this version rewrites the record (its JSON text only, so it also
+    /// runs on code from before). Before, serde dropped them on read, and
+    /// the first rewrite lost them.
+    #[test]
+    fn fields_inside_capabilities_publications_and_file_ids_survive_a_rewrite() {
+        let with = PLAIN
+            .replace(
+                r#""access_mode":"SINGLE_NODE_WRITER"}"#,
+                r#""access_mode":"SINGLE_NODE_WRITER","cap_new":[1]}"#,
+            )
+            .replace(
+                r#"{"readonly":true,"capability":{"access_type":"block","access_mode":"MULTI_NODE_READER_ONLY"}}"#,
+                r#"{"readonly":true,"capability":{"access_type":"block","access_mode":"MULTI_NODE_READER_ONLY","pcap_new":2},"grant_new":"g"}"#,
+            )
+            .replace(r#""ino":12}"#, r#""ino":12,"id_new":{"gen":7}}"#)
+            .replace(r#""sizelimit":64}"#, r#""sizelimit":64,"range_new":null}"#);
+        assert_ne!(with, PLAIN);
+        let mut r: VolumeRecord = serde_json::from_str(&with).expect("the record reads");
+        r.capacity_bytes = 2;
+        let text = serde_json::to_string(&r).unwrap();
+        for kept in [
+            r#""access_mode":"SINGLE_NODE_WRITER","cap_new":[1]}"#,
+            r#""access_mode":"MULTI_NODE_READER_ONLY","pcap_new":2},"grant_new":"g"}"#,
+            r#""ino":12,"id_new":{"gen":7}}"#,
+            r#""sizelimit":64,"range_new":null}"#,
+        ] {
+            assert!(text.contains(kept), "{kept} in {text}");
+        }
+        // the list's other capability, without one, is written as before
+        assert!(
+            text.contains(r#"{"access_type":"block","access_mode":"MULTI_NODE_READER_ONLY"}],"#),
+            "{text}"
+        );
+        let again: VolumeRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&again).unwrap(), text);
+    }
+
+    /// A record without fields of a newer berth is written byte for byte
+    /// as before the values it holds kept them (a guard: the journal's
+    /// format does not change for them).
+    #[test]
+    fn a_record_without_unknown_fields_is_written_as_before() {
+        let r: VolumeRecord = serde_json::from_str(PLAIN).unwrap();
+        assert_eq!(serde_json::to_string(&r).unwrap(), PLAIN);
+        let caps: Vec<Capability> =
+            serde_json::from_str(r#"[{"access_type":"block","access_mode":"SINGLE_NODE_WRITER"}]"#)
+                .unwrap();
+        assert_eq!(
+            serde_json::to_string(&caps).unwrap(),
+            r#"[{"access_type":"block","access_mode":"SINGLE_NODE_WRITER"}]"#
+        );
+    }
+
+    /// What a request is compared with (a CreateVolume retry's
+    /// capabilities, a ControllerPublishVolume retry's grant) is the known
+    /// fields: a newer berth's fields beside them do not make the retry
+    /// another request. Yet a list with them is another value than one
+    /// without (never shared with it: `Shared` would hand one record the
+    /// other's fields).
+    #[test]
+    fn kept_fields_are_not_compared_with_a_request() {
+        let with: VolumeRecord = serde_json::from_str(
+            &PLAIN
+                .replace(
+                    r#""MULTI_NODE_READER_ONLY"}"#,
+                    r#""MULTI_NODE_READER_ONLY","n":1}"#,
+                )
+                .replace(r#""readonly":true,"#, r#""readonly":true,"m":2,"#),
+        )
+        .unwrap();
+        let plain: VolumeRecord = serde_json::from_str(PLAIN).unwrap();
+        assert!(Capability::same_list(
+            &with.capabilities,
+            &plain.capabilities
+        ));
+        assert_ne!(with.capabilities, plain.capabilities);
+        let (a, b) = (with.published.get("n1"), plain.published.get("n1"));
+        let (a, b) = (a.expect("published"), b.expect("published"));
+        assert!(a.same_as(b) && a != b);
+        assert!(a.capability.extra.is_some() && a.extra.is_some());
+        let mut other = b.clone();
+        other.readonly = false;
+        assert!(!a.same_as(&other));
+        assert!(!Capability::same_list(
+            &with.capabilities,
+            &plain.capabilities[..1]
+        ));
+        let mut shared = Shared::default();
+        let (mut x, mut y) = (with.clone(), plain.clone());
+        shared.share(&mut x);
+        shared.share(&mut y);
+        let text = |r: &VolumeRecord| serde_json::to_string(&r.capabilities).unwrap();
+        assert_eq!(text(&x), text(&with));
+        assert_eq!(text(&y), text(&plain));
     }
 
     #[test]

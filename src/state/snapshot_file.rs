@@ -172,9 +172,10 @@ impl<'r> Writer<'r> {
     /// Adds a volume record.
     pub fn volume(&mut self, r: &'r VolumeRecord) -> Result<(), StateError> {
         let id = r.id.as_str();
-        if r.extra.is_some() {
-            // Fields a newer berth wrote, which `Volume` has no place for:
-            // the record as its journal JSON, which keeps them.
+        if r.extra.is_some() || r.published.iter().any(|(_, a)| a.extra.is_some()) {
+            // Fields a newer berth wrote, which `Volume` has no place for
+            // (at its top, or in a publication: a capability's are in its
+            // JSON): the record as its journal JSON, which keeps them.
             let json = serde_json::to_string(&EntryRef::Put(r)).map_err(|e| encode_error(id, e))?;
             return self.frame(id, &Frame::Json(&json));
         }
@@ -302,10 +303,7 @@ fn to_record(v: Volume<'_>, values: &mut Values<'_>) -> Result<VolumeRecord, Str
     let mut published = NodeMap::new();
     for p in v.published {
         let capability = values.get(p.capability, "publication's capability", |s| &mut s.cap)?;
-        let a = Attachment {
-            readonly: p.readonly,
-            capability,
-        };
+        let a = Attachment::new(p.readonly, capability);
         if published.insert(p.node.to_string(), a).is_some() {
             return Err(format!("it is published to node {:?} twice", p.node));
         }
@@ -486,6 +484,7 @@ mod tests {
                 volume_mount_group: String::new(),
             },
             access_mode: AccessMode::SingleNodeWriter,
+            extra: None,
         }
     }
 
@@ -517,20 +516,10 @@ mod tests {
         let params = Arc::new(BTreeMap::from([("kind".to_string(), "local".to_string())]));
         let mut v: Vec<VolumeRecord> = (0..4).map(|i| local(&format!("v{i}"), &params)).collect();
         v[1].phase = Phase::Creating;
-        v[1].published.insert(
-            "node-2".into(),
-            Attachment {
-                readonly: true,
-                capability: cap("xfs"),
-            },
-        );
-        v[1].published.insert(
-            "node-1".into(),
-            Attachment {
-                readonly: false,
-                capability: cap("ext4"),
-            },
-        );
+        v[1].published
+            .insert("node-2".into(), Attachment::new(true, cap("xfs")));
+        v[1].published
+            .insert("node-1".into(), Attachment::new(false, cap("ext4")));
         v[2].phase = Phase::Deleting;
         v[2].project = NonZeroU32::new(7);
         v[2].source = Some(Box::new(ContentSource::Snapshot("s1".into()).into()));
@@ -541,6 +530,7 @@ mod tests {
             .map(|access_type| Capability {
                 access_type,
                 access_mode: AccessMode::MultiNodeMultiWriter,
+                extra: None,
             })
             .collect();
         v[3].block = Some(Box::new(BlockInfo {

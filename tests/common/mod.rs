@@ -194,6 +194,19 @@ pub fn rwo() -> csi::VolumeCapability {
     mount_cap(Mode::SingleNodeWriter)
 }
 
+/// ControllerUnpublishVolume of `id` from `node`: its answer.
+pub async fn controller_unpublish(h: &Harness, id: &str, node: &str) -> Result<(), tonic::Status> {
+    use berth::csi::v1::controller_server::Controller;
+    h.ctl
+        .controller_unpublish_volume(tonic::Request::new(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: node.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
 /// DeleteVolume of `id`, which must succeed.
 pub async fn delete(h: &Harness, id: &str) {
     try_delete(h, id).await.expect("delete");

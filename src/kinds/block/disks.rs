@@ -34,7 +34,7 @@ use crate::node::mounts;
 use crate::os::blkid::{self, Probe};
 use crate::os::files::Files;
 use crate::os::{DeviceInfo, LoopInfo, Os};
-use crate::state::{DiskRef, FileId, LoopRange};
+use crate::state::{DiskRef, FileId, Kept, LoopRange};
 
 /// The major number of loop devices (`LOOP_MAJOR`).
 const LOOP_MAJOR: u32 = 7;
@@ -287,7 +287,7 @@ fn range_differs(was: Option<LoopRange>, now: LoopRange) -> Option<String> {
 /// device's node shows, counts as gone), FAILED_PRECONDITION when another
 /// device is there now or it cannot be told.
 pub fn identify_disk(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceInfo> {
-    match (identify_at_path(os, own, d), d.loop_backing) {
+    match (identify_at_path(os, own, d), d.backing()) {
         (Err(e), Some(backing)) => match attached_elsewhere(os, own, d, backing) {
             Ok(Some(dev)) => Ok(dev),
             Ok(None) => Err(e),
@@ -379,7 +379,7 @@ fn attached_elsewhere(
     if let Some(why) = own_file {
         return Err(doubt(why));
     }
-    if let Some(what) = range_differs(d.loop_range, range) {
+    if let Some(what) = range_differs(d.range(), range) {
         return Err(doubt(format!(
             "loop device {} shows another part of its file ({what}): not the disk",
             l.device.display()
@@ -472,7 +472,7 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
     if let Some(what) = own_file {
         return Err(not_it(what));
     }
-    match d.loop_backing {
+    match d.backing() {
         Some(b) if b != backing => Err(not_it(format!(
             ", a loop device of another file, {} (device {} inode {}; the disk's was device {} inode {})",
             l.backing_file.display(),
@@ -481,7 +481,7 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
             b.dev,
             b.ino
         ))),
-        Some(_) => match range_differs(d.loop_range, range) {
+        Some(_) => match range_differs(d.range(), range) {
             Some(what) => Err(not_it(format!(
                 ", a loop device of the disk's file {} showing another part of it: {what}",
                 l.backing_file.display()
@@ -777,7 +777,7 @@ impl BlockKind {
             .filter(|r| r.block.as_ref().is_some_and(|b| b.disk.is_some()))
         {
             if let Some(d) = rec.block.and_then(|b| b.disk) {
-                if let Some(b) = d.loop_backing {
+                if let Some(b) = d.backing() {
                     recorded_files.push((b.dev, b.ino));
                 }
                 // Where a by-id link of the disk (`identify_disk`) shows
@@ -1047,8 +1047,8 @@ impl BlockKind {
                 major: d.dev.major,
                 minor: d.dev.minor,
                 size_bytes: d.dev.size_bytes,
-                loop_backing,
-                loop_range,
+                loop_backing: loop_backing.map(Kept::from),
+                loop_range: loop_range.map(Kept::from),
                 extra: None,
             };
             return Ok((disk, held));

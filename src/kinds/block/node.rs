@@ -992,6 +992,7 @@ mod tests {
                 },
             },
             access_mode: AccessMode::SingleNodeWriter,
+            extra: None,
         }
     }
 

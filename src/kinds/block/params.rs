@@ -214,6 +214,7 @@ mod tests {
                 volume_mount_group: String::new(),
             },
             access_mode: AccessMode::SingleNodeWriter,
+            extra: None,
         }
     }
 

@@ -528,6 +528,7 @@ impl VolumeKind for NfsKind {
                     volume_mount_group: String::new(),
                 },
                 access_mode: AccessMode::MultiNodeMultiWriter,
+                extra: None,
             }]),
             context: info.into(),
             published: Default::default(),
@@ -1013,6 +1014,7 @@ mod tests {
                 volume_mount_group: String::new(),
             },
             access_mode: mode,
+            extra: None,
         }
     }
 

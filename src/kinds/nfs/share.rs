@@ -554,87 +554,118 @@ pub fn archive_name(id: &str, subdir: &str, unix: u64) -> String {
 }
 
 /// Another volume's marker inside the directory `dir` (any depth, no
-/// symlink followed): its path relative to `dir` and its id. Each
-/// directory is opened from `dir` one component at a time with
-/// O_NOFOLLOW (`open_below`) and read through its descriptor: the tenant
-/// changes the tree while it is walked, and a directory it swaps for a
-/// symlink after it was listed is not followed (nothing behind it is the
-/// volume's). Before 2026-12-07 each was read by its path, and a symlink
-/// swapped in for a listed directory led the walk out of the volume, to
-/// wherever it pointed on the controller's host (its root, other shares'
-/// working mounts), the delete refused naming whatever marker was found
-/// there. It goes no deeper than another volume's subdirectory can lie
-/// below this one's: a volume id has at most `MAX_ID` bytes, its
-/// subdirectory fewer, so a directory whose path below `dir` is longer
-/// holds no volume (a marker there is a tenant's copy) and is not looked
-/// into. Before 2026-12-07 the look went to the bottom of any tree, and
-/// as each directory is opened from `dir` again, a tenant's tree 50,000
-/// levels deep took some 1.25 billion openat calls (on NFS each a round
-/// trip to the server): a DeleteVolume that never ended (unit test
-/// `the_look_for_nested_volumes_stops_where_no_volume_can_be`).
+/// symlink followed): its path relative to `dir` and its id. The walk
+/// goes depth first and holds, for each directory on the path it is on,
+/// that directory's descriptor and its listing as it is read (one entry
+/// at a time): what it holds at once is bounded by the depth it goes to,
+/// never by how many entries a directory has. Before 2026-12-07 each
+/// directory's listing was read whole and the paths of all its
+/// subdirectories kept until each was looked into: a tenant's volume with
+/// a million subdirectories side by side held a million paths in berth's
+/// memory at once (unit test
+/// `the_look_for_nested_volumes_holds_no_list_of_siblings`).
+/// Each directory is opened from its parent's descriptor with O_NOFOLLOW
+/// and read through its own descriptor: the tenant changes the tree while
+/// it is walked, and a directory it swaps for a symlink after it was
+/// listed is not followed (nothing behind it is the volume's). Before
+/// 2026-12-07 each was read by its path, and a symlink swapped in for a
+/// listed directory led the walk out of the volume, to wherever it
+/// pointed on the controller's host (its root, other shares' working
+/// mounts), the delete refused naming whatever marker was found there.
+/// It goes no deeper than another volume's subdirectory can lie below
+/// this one's: a volume id has at most `MAX_ID` bytes, its subdirectory
+/// fewer, so a directory whose path below `dir` is longer holds no volume
+/// (a marker there is a tenant's copy) and is not looked into (which also
+/// bounds the walk's depth, so what it holds: at most one descriptor pair
+/// and one listing buffer per level, a level per two bytes of that
+/// length). Before 2026-12-07 the look went to the bottom of any tree: a
+/// tenant's tree 50,000 levels deep was a DeleteVolume that never ended
+/// (unit test `the_look_for_nested_volumes_stops_where_no_volume_can_be`).
 fn nested_volume(
     files: &dyn Files,
     dir: &OwnedFd,
     own_id: &str,
 ) -> Result<Option<(PathBuf, String)>> {
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let sub = match open_below(dir, &rel) {
-            Ok(fd) => fd,
-            // Removed, or replaced by a symlink or a file, since its parent
-            // was listed: nothing of a volume's is reached through it.
-            Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => continue,
-            Err(e) => {
-                return Err(sys_err(
-                    format!("opening {} on the share", rel.display()),
-                    e,
-                ))
-            }
+    /// A directory on the walk's path: where it is below `dir`, its
+    /// descriptor, and its listing, read as the walk goes.
+    struct Level {
+        rel: PathBuf,
+        fd: OwnedFd,
+        entries: std::fs::ReadDir,
+    }
+    // The listing of the directory open as `fd` (`rel` below `dir`); None
+    // when it went since it was opened.
+    let list = |rel: &Path, fd: &OwnedFd| -> Result<Option<std::fs::ReadDir>> {
+        match files.read_dir(&fd_path(fd, "")).map_err(OsError::into_io) {
+            Ok(e) => Ok(Some(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(
+                format!("reading {} on the share", rel.display()),
+                e,
+            )),
+        }
+    };
+    let top = openat(dir, ".", dir_flags(), Mode::empty())
+        .map_err(|e| sys_err("opening the volume's directory on the share".into(), e))?;
+    let Some(entries) = list(Path::new(""), &top)? else {
+        return Ok(None);
+    };
+    let mut levels = vec![Level {
+        rel: PathBuf::new(),
+        fd: top,
+        entries,
+    }];
+    while let Some(level) = levels.last_mut() {
+        let Some(e) = level.entries.next() else {
+            levels.pop();
+            continue;
         };
-        let entries = match files.read_dir(&fd_path(&sub, "")).map_err(OsError::into_io) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("reading {} on the share", rel.display()),
-                    e,
-                ))
+        let rel = &level.rel;
+        let e = e.map_err(|e| Error::io(format!("reading {} on the share", rel.display()), e))?;
+        let ft = e
+            .file_type()
+            .map_err(|e| Error::io(format!("inspecting {} on the share", rel.display()), e))?;
+        if ft.is_dir() {
+            let below = rel.join(e.file_name());
+            if below.as_os_str().len() >= super::id::MAX_ID {
+                continue;
             }
-        };
-        for e in entries {
-            let e =
-                e.map_err(|e| Error::io(format!("reading {} on the share", rel.display()), e))?;
-            let ft = e
-                .file_type()
-                .map_err(|e| Error::io(format!("inspecting {} on the share", rel.display()), e))?;
-            if ft.is_dir() {
-                let below = rel.join(e.file_name());
-                if below.as_os_str().len() < super::id::MAX_ID {
-                    stack.push(below);
+            let sub = match openat(
+                &level.fd,
+                e.file_name().as_os_str(),
+                dir_flags(),
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                // Removed, or replaced by a symlink or a file, since its
+                // parent was listed: nothing of a volume's is reached
+                // through it.
+                Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => continue,
+                Err(e) => {
+                    return Err(sys_err(
+                        format!("opening {} on the share", below.display()),
+                        e,
+                    ))
                 }
-            } else if !rel.as_os_str().is_empty() && e.file_name() == MARKER && ft.is_file() {
-                if let Some(m) = read_marker(files, &sub)
-                    .map_err(|e| sys_err(format!("reading {}", rel.display()), e))?
-                {
-                    if m.id != own_id {
-                        return Ok(Some((rel, m.id)));
-                    }
+            };
+            if let Some(entries) = list(&below, &sub)? {
+                levels.push(Level {
+                    rel: below,
+                    fd: sub,
+                    entries,
+                });
+            }
+        } else if !rel.as_os_str().is_empty() && e.file_name() == MARKER && ft.is_file() {
+            if let Some(m) = read_marker(files, &level.fd)
+                .map_err(|e| sys_err(format!("reading {}", rel.display()), e))?
+            {
+                if m.id != own_id {
+                    return Ok(Some((level.rel.clone(), m.id)));
                 }
             }
         }
     }
     Ok(None)
-}
-
-/// The directory `rel` below the open directory `dir`, opened one
-/// component at a time, never through a symlink (ELOOP or ENOTDIR where a
-/// component is not a plain directory).
-fn open_below(dir: &OwnedFd, rel: &Path) -> nix::Result<OwnedFd> {
-    let mut fd = openat(dir, ".", dir_flags(), Mode::empty())?;
-    for c in rel.components() {
-        fd = openat(&fd, c.as_os_str(), dir_flags(), Mode::empty())?;
-    }
-    Ok(fd)
 }
 
 /// Whether the directory of `id` (`subdir` below `root`) carries the
@@ -1951,6 +1982,76 @@ mod tests {
             .expect("the volume 121 bytes down was not found");
         assert_eq!(rel, Path::new(&"d/".repeat(60)).join("x"));
         assert_eq!(other, id("v/shallow"));
+    }
+
+    /// A tenant's volume with 20,000 subdirectories side by side (names of
+    /// 120 bytes, as deep as the look goes): the look for nested volumes
+    /// holds one listing per level of the path it walks, never the paths
+    /// of all the siblings. Measured as the growth of the peak memory
+    /// (VmHWM, less the pages of files: the code) of a process that makes
+    /// only this look (the test binary run again for this test alone):
+    /// under 1 MiB. Before 2026-12-07 the look kept every sibling's path
+    /// until it had looked into it: 2.8 MiB here, some 150 MiB for a
+    /// million. A nested volume among them is still found.
+    #[test]
+    fn the_look_for_nested_volumes_holds_no_list_of_siblings() {
+        const ROLE: &str = "BERTH_TEST_NESTED_LOOK_AT";
+        const NAME: &str =
+            "kinds::nfs::share::tests::the_look_for_nested_volumes_holds_no_list_of_siblings";
+        // The peak of the process's memory less its pages of files (the
+        // binary's code, which the first run of any code brings in): the
+        // growth of this between two moments is at most that of its
+        // private memory's peak, and at least its growth minus the pages
+        // of files that came in meanwhile.
+        let peak_private_kib = || -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let kib = |key: &str| -> u64 {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .unwrap()
+            };
+            kib("VmHWM:") - kib("RssFile:")
+        };
+        if let Ok(v) = std::env::var(ROLE) {
+            let dir = open(Path::new(&v), dir_flags(), Mode::empty()).unwrap();
+            let before = peak_private_kib();
+            let found = nested_volume(&RealFiles, &dir, &id("v")).map_err(|e| e.to_string());
+            let grown = peak_private_kib().saturating_sub(before);
+            println!("look: grown {grown} found {found:?}");
+            return;
+        }
+        const SIBLINGS: usize = 20_000;
+        let d = tempfile::tempdir().unwrap();
+        create(d.path(), "v", None).unwrap();
+        let v = d.path().join("v");
+        for i in 0..SIBLINGS {
+            std::fs::create_dir(v.join(format!("{i:0>120}"))).unwrap();
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(ROLE, &v)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find_map(|l| l.split_once("look: grown ").map(|(_, a)| a))
+            .unwrap_or_else(|| panic!("no answer from the look: {stdout}"));
+        let (grown, found) = line.split_once(" found ").unwrap();
+        assert_eq!(found, "Ok(None)");
+        let grown: u64 = grown.parse().unwrap();
+        assert!(
+            grown < 1 << 10,
+            "the look over {SIBLINGS} sibling directories grew the peak memory by {grown} KiB"
+        );
+        let nested = v.join(format!("{:0>120}", SIBLINGS / 2));
+        mark(&nested, &mk("v/nested"));
+        let dir = open(&v, dir_flags(), Mode::empty()).unwrap();
+        let (rel, other) = nested_volume(&RealFiles, &dir, &id("v")).unwrap().unwrap();
+        assert_eq!(rel, Path::new(nested.file_name().unwrap()));
+        assert_eq!(other, id("v/nested"));
     }
 
     /// How a share's root looks: its marker; Berth's layout without one

@@ -2246,3 +2246,217 @@ fn a_sparse_file_stays_sparse_where_the_filesystem_cannot_tell_holes() {
         "the copy of a {len}-byte file holding 10 bytes took {pages} pages ({st:?})"
     );
 }
+
+/// A driver whose data directory is an ext4 of its own, loop-backed, made
+/// by the test and removed with it (it keeps the immutable and append-only
+/// flags, which tmpfs does not). Bind the three in this order: the driver
+/// goes first, then the filesystem is unmounted (the loop device with it),
+/// then its image is removed, also when the test fails.
+fn on_ext4() -> (tempfile::TempDir, UnmountOnDrop, Harness) {
+    assert!(is_root(), "root tests need root");
+    let images = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let unmount = UnmountOnDrop(dir.path().to_path_buf());
+    small_filesystem(dir.path(), "ext4", &images.path().join("fs.img"));
+    let h = build(dir, berth::os::Os::real(), None, &[]);
+    (images, unmount, h)
+}
+
+/// The two flags a tenant can set that stop even root: how chattr sets
+/// each, how berth names it, how chattr clears it.
+const FLAGS: [(&str, &str, &str); 2] = [
+    ("+i", "immutable (chattr +i)", "-i"),
+    ("+a", "append-only (chattr +a)", "-a"),
+];
+
+/// `chattr <flag> <path>`, which must work (the test's own ext4).
+fn chattr(flag: &str, path: &Path) {
+    let o = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "chattr {flag} {}: {o:?}",
+        path.display()
+    );
+}
+
+/// A tenant (a pod with CAP_LINUX_IMMUTABLE) makes its volume's own
+/// directory immutable, then another's append-only: neither can be moved
+/// to the trash, and DeleteVolume answers FAILED_PRECONDITION (the spec's
+/// "volume in use" for DeleteVolume: the CO retries with back-off) naming
+/// the directory, its flag, and the lsattr and chattr commands an
+/// operator runs; the record and the data stay, and berth never clears
+/// the flag. Once it is cleared, the retry deletes the volume. Before
+/// 2026-12-07 the answer was INTERNAL, "moving <dir> to the trash:
+/// rename_noreplace ...: Operation not permitted", nothing about a flag.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_delete_of_a_volume_whose_directory_is_immutable_says_which_flag_and_how_to_clear_it() {
+    let (_images, _unmount, h) = on_ext4();
+    let _flags = Unchattr(h.path("local"));
+    for (set, named, clear) in FLAGS {
+        let id = created_id(
+            h.ctl
+                .create_volume(Request::new(create_req(&format!("v{clear}"), 1 << 20)))
+                .await,
+        );
+        let dir = h.path("local").join(&id);
+        std::fs::write(dir.join("data"), b"the tenant's").unwrap();
+        chattr(set, &dir);
+        let e = try_delete(&h, &id).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let d = dir.display();
+        for want in [
+            format!("{d} cannot be moved to the trash, so the volume is not deleted"),
+            format!("{d} is {named}"),
+            format!("`lsattr -d {d}`"),
+            format!("`chattr {clear} {d}`"),
+            "berth never clears that flag".to_string(),
+        ] {
+            assert!(
+                e.message().contains(&want),
+                "{want:?} not in: {}",
+                e.message()
+            );
+        }
+        assert!(h.driver.store.get(&id).is_some());
+        assert_eq!(std::fs::read(dir.join("data")).unwrap(), b"the tenant's");
+        // Berth never cleared it.
+        let shown = std::process::Command::new("lsattr")
+            .arg("-d")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        let flags = shown.split_whitespace().next().unwrap_or_default();
+        assert!(flags.contains(&set[1..]), "{shown}");
+        chattr(clear, &dir);
+        delete(&h, &id).await;
+        assert!(h.driver.store.get(&id).is_none());
+    }
+}
+
+/// Deleted volumes whose trash entries a tenant's flag keeps: an immutable
+/// file in one, an append-only directory (with a file in it) in another.
+/// DeleteVolume answers OK (the directory is moved into the trash; the
+/// flag is inside it) and the trash cannot be emptied. `berth state
+/// check` lists each entry with the path that carries the flag, which
+/// flag, and the lsattr and chattr commands. Before 2026-12-07 only
+/// berth's log said so (at each start). Once an operator cleared the
+/// flags, a start empties the trash and the check lists nothing.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn state_check_lists_the_trash_entries_a_flag_keeps() {
+    let (_images, _unmount, h) = on_ext4();
+    let _flags = Unchattr(h.path("local"));
+    let mut made = Vec::new();
+    for (name, inside, set) in [("a", "stuck", "+i"), ("b", "logs", "+a")] {
+        let id = created_id(
+            h.ctl
+                .create_volume(Request::new(create_req(name, 1 << 20)))
+                .await,
+        );
+        let at = h.path("local").join(&id).join(inside);
+        if set == "+a" {
+            std::fs::create_dir(&at).unwrap();
+            std::fs::write(at.join("log"), b"the tenant's").unwrap();
+        } else {
+            std::fs::write(&at, b"the tenant's").unwrap();
+        }
+        chattr(set, &at);
+        delete(&h, &id).await;
+        made.push((id, inside, set));
+    }
+    for _ in 0..20 {
+        h.driver.retry_pending(true);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let trash = h.path("local/.trash");
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+    for (id, inside, set) in &made {
+        let entry = std::fs::read_dir(&trash)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&**id))
+            .unwrap_or_else(|| panic!("{id} is not in the trash"));
+        let at = entry.join(inside).display().to_string();
+        let (_, named, clear) = FLAGS.into_iter().find(|f| f.0 == *set).unwrap();
+        for want in [
+            format!(
+                "warning: {} (the directory of the deleted volume {id}) stays in the trash: {at} is {named}",
+                entry.display()
+            ),
+            format!("`lsattr -d {at}`"),
+            format!("`chattr {clear} {at}`"),
+        ] {
+            assert!(out.contains(&want), "{want:?} not in:\n{out}");
+        }
+    }
+    assert!(std::process::Command::new("chattr")
+        .args(["-R", "-i", "-a"])
+        .arg(&trash)
+        .status()
+        .unwrap()
+        .success());
+    let h = h.restart(berth::os::Os::real(), None);
+    assert_eq!(std::fs::read_dir(&trash).unwrap().count(), 0);
+    let (clean, out) = state_check(&h);
+    assert!(clean && !out.contains("stays in the trash"), "{out}");
+}
+
+/// The removal of a tree that an immutable file, or an append-only
+/// directory, keeps: the error (which the log of each attempt to empty the
+/// trash carries) names the entry that carries the flag, which flag, and
+/// the lsattr and chattr commands, and says berth never clears it; EPERM
+/// stays its errno. Before 2026-12-07 it said "unlink (immutable or
+/// append-only, or in such a directory? lsattr -d shows it ...)" of the
+/// entry, without telling which or what clears it.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_removal_a_flag_stops_names_the_entry_that_carries_it_and_the_flag() {
+    use berth::os::{Files, RealFiles};
+    let (_images, _unmount, h) = on_ext4();
+    let _flags = Unchattr(h.path("trees"));
+    for (set, named, clear) in FLAGS {
+        let top = h.path("trees").join(clear);
+        let locked = top.join("a/b");
+        std::fs::create_dir_all(&locked).unwrap();
+        std::fs::write(locked.join("f"), b"the tenant's").unwrap();
+        // The immutable one is the file itself, the append-only one the
+        // directory that holds it.
+        let carrier = if set == "+i" {
+            locked.join("f")
+        } else {
+            locked.clone()
+        };
+        chattr(set, &carrier);
+        let e = RealFiles.remove_tree(&top).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EPERM), "{e}");
+        let c = carrier.display();
+        let msg = e.to_string();
+        // The immutable file cannot be unlinked; the append-only
+        // directory cannot even be removed (it stops before its file).
+        let refused = if set == "+i" {
+            format!("unlink {}", locked.join("f").display())
+        } else {
+            format!("rmdir {}", locked.display())
+        };
+        for want in [
+            refused,
+            format!("{c} is {named}"),
+            format!("`lsattr -d {c}`"),
+            format!("`chattr {clear} {c}`"),
+            "berth never clears that flag".to_string(),
+        ] {
+            assert!(msg.contains(&want), "{want:?} not in: {msg}");
+        }
+        assert_eq!(std::fs::read(locked.join("f")).unwrap(), b"the tenant's");
+        chattr(clear, &carrier);
+        RealFiles.remove_tree(&top).unwrap();
+        assert!(std::fs::symlink_metadata(&top).is_err());
+    }
+}

@@ -180,6 +180,14 @@ pub trait Files: Send + Sync {
     fn exists(&self, path: &Path) -> bool {
         self.lstat(path).is_ok()
     }
+    /// The flags of `path` itself (a symlink is not followed) that stop
+    /// even root from changing or removing it: immutable and append-only
+    /// (`chattr +i`, `+a`; a pod with CAP_LINUX_IMMUTABLE can set them in
+    /// its volume). Read with statx (its attributes), nothing opened; a
+    /// filesystem that does not report them reads as neither.
+    fn locks(&self, path: &Path) -> Result<Locks, OsError> {
+        locks_of(path)
+    }
     /// Whether `path` itself is a directory (a symlink to one is not).
     fn is_dir(&self, path: &Path) -> bool {
         self.lstat(path).is_ok_and(|m| m.is_dir())
@@ -970,6 +978,95 @@ pub fn read_own_dir(files: &dyn Files, path: &Path) -> Option<std::fs::ReadDir> 
     }
 }
 
+/// The flags of an inode that even root cannot get past: while one is
+/// set, the inode cannot be removed, renamed or (immutable) changed, nor
+/// (either, on a directory) an entry in it removed or renamed. Berth never
+/// clears them: they are the statement of whoever set them (the tenant, a
+/// privileged pod, an operator), and only an operator takes them back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Locks {
+    /// `chattr +i`.
+    pub immutable: bool,
+    /// `chattr +a`.
+    pub append_only: bool,
+}
+
+impl Locks {
+    pub fn any(&self) -> bool {
+        self.immutable || self.append_only
+    }
+
+    /// "immutable (chattr +i)", "append-only (chattr +a)" or both; None
+    /// when neither is set.
+    pub fn named(&self) -> Option<&'static str> {
+        match (self.immutable, self.append_only) {
+            (true, true) => Some("immutable and append-only (chattr +i +a)"),
+            (true, false) => Some("immutable (chattr +i)"),
+            (false, true) => Some("append-only (chattr +a)"),
+            (false, false) => None,
+        }
+    }
+
+    /// The chattr arguments that clear what is set ("-i", "-a", "-i -a").
+    pub fn clearing(&self) -> &'static str {
+        match (self.immutable, self.append_only) {
+            (true, true) => "-i -a",
+            (true, false) => "-i",
+            _ => "-a",
+        }
+    }
+
+    /// What an operator reads of `path`, which berth cannot remove or move
+    /// because of these flags: which flag, how to see it, how to clear
+    /// it, and that berth never does.
+    pub fn note(&self, path: &Path) -> String {
+        format!(
+            "{} is {}: berth never clears that flag (the tenant's or an operator's statement); `lsattr -d {}` shows it, `chattr {} {}` clears it",
+            path.display(),
+            self.named().unwrap_or("neither immutable nor append-only"),
+            path.display(),
+            self.clearing(),
+            path.display()
+        )
+    }
+}
+
+/// `Files::locks` for real: statx's immutable and append attributes of
+/// `path` itself, where the filesystem reports them.
+pub fn locks_of(path: &Path) -> Result<Locks, OsError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        OsError::sys(
+            "statx",
+            path,
+            std::io::Error::from_raw_os_error(libc::EINVAL),
+        )
+    })?;
+    // SAFETY: statx writes one `struct statx` into `buf`, a valid and
+    // exclusively borrowed one, and reads the NUL-terminated `c`.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_TYPE,
+            &mut buf,
+        )
+    };
+    if r != 0 {
+        return Err(OsError::sys("statx", path, std::io::Error::last_os_error()));
+    }
+    let set = |flag: libc::c_int| {
+        let flag = flag as u64;
+        buf.stx_attributes_mask & flag != 0 && buf.stx_attributes & flag != 0
+    };
+    Ok(Locks {
+        immutable: set(libc::STATX_ATTR_IMMUTABLE),
+        append_only: set(libc::STATX_ATTR_APPEND),
+    })
+}
+
 /// fallocate(2) with `flags` of the first `len` bytes of `file` (nothing
 /// to do for none; EFBIG for a length past what the call takes).
 fn fallocate_head(
@@ -1016,27 +1113,19 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
     // An entry that cannot be removed (`name` in the directory open at
     // `dir`) is named by its own path (the kernel's name of the
     // directory), not the tree's top: the operator finds it. EPERM, which
-    // root gets only for an immutable or append-only entry or directory
-    // (chattr +i, +a: a privileged pod can set them in its volume), says
-    // so; those flags are never cleared here. Before 2026-12-07 the error
-    // named the tree's top only.
+    // root gets for an immutable or append-only entry or directory (chattr
+    // +i, +a: a privileged pod can set them in its volume), names the one
+    // that carries the flag, which flag, and the lsattr and chattr
+    // commands (`OsError::Locked`); those flags are never cleared here.
+    // Before 2026-12-07 the error named the tree's top only, and then
+    // (until this) guessed at "immutable or append-only, or in such a
+    // directory" without saying which.
     let entry_err = |op: &'static str, dir: &OwnedFd, name: &std::ffi::OsStr| {
         use std::os::fd::AsRawFd;
-        let at = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))
-            .unwrap_or_else(|_| path.to_path_buf())
-            .join(name);
-        move |e: nix::errno::Errno| {
-            let op = match (op, e) {
-                ("unlink", nix::errno::Errno::EPERM) => {
-                    "unlink (immutable or append-only, or in such a directory? lsattr -d shows it; berth never clears those flags)"
-                }
-                (_, nix::errno::Errno::EPERM) => {
-                    "rmdir (immutable or append-only, or in such a directory? lsattr -d shows it; berth never clears those flags)"
-                }
-                _ => op,
-            };
-            OsError::sys(op, at, e)
-        }
+        let parent = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+            .unwrap_or_else(|_| path.to_path_buf());
+        let at = parent.join(name);
+        move |e: nix::errno::Errno| refused(op, at, &parent, e.into())
     };
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -1166,9 +1255,12 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
         let Some(level) = up.pop() else {
             drop(dir);
             return match std::fs::remove_dir(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(OsError::sys("rmdir", path, e))
-                }
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(refused(
+                    "rmdir",
+                    path.to_path_buf(),
+                    path.parent().unwrap_or(Path::new("/")),
+                    e,
+                )),
                 _ => Ok(()),
             };
         };
@@ -1189,6 +1281,70 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
         pending = level.pending;
         more = level.more;
     }
+}
+
+/// The first entry of the tree at `top` (`top` itself included, no
+/// symlink followed) that is immutable or append-only, with its flags:
+/// what keeps such a tree from being removed (`OsError::Locked`). Looked
+/// at through `files` (lstat, read_dir, `locks`), depth first, holding one
+/// listing per level; it gives up (None) after `budget` entries or
+/// `MAX_LOCK_DEPTH` levels down, never reading a whole tenant's tree of
+/// millions of files.
+pub fn find_locked(files: &dyn Files, top: &Path, budget: usize) -> Option<(PathBuf, Locks)> {
+    let locked = |p: &Path| files.locks(p).ok().filter(|l| l.any());
+    if let Some(l) = locked(top) {
+        return Some((top.to_path_buf(), l));
+    }
+    if !files.lstat(top).is_ok_and(|m| m.is_dir()) {
+        return None;
+    }
+    let mut levels = vec![files.read_dir(top).ok()?];
+    let mut seen = 0usize;
+    while let Some(level) = levels.last_mut() {
+        let Some(e) = level.next() else {
+            levels.pop();
+            continue;
+        };
+        seen += 1;
+        if seen > budget {
+            return None;
+        }
+        let Ok(e) = e else { continue };
+        let p = e.path();
+        if let Some(l) = locked(&p) {
+            return Some((p, l));
+        }
+        if levels.len() < MAX_LOCK_DEPTH && e.file_type().is_ok_and(|t| t.is_dir()) {
+            if let Ok(below) = files.read_dir(&p) {
+                levels.push(below);
+            }
+        }
+    }
+    None
+}
+
+/// How many levels down `find_locked` looks.
+const MAX_LOCK_DEPTH: usize = 128;
+
+/// The error of `op` (unlink, rmdir) of `at` in the directory `parent`:
+/// for EPERM, where `at` or `parent` is immutable or append-only, which
+/// one and which flag (`OsError::Locked`); otherwise as the call said.
+fn refused(op: &'static str, at: PathBuf, parent: &Path, e: std::io::Error) -> OsError {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        for held in [at.as_path(), parent] {
+            if let Ok(locks) = locks_of(held) {
+                if locks.any() {
+                    return OsError::Locked {
+                        op,
+                        at: held.to_path_buf(),
+                        path: at.clone(),
+                        locks,
+                    };
+                }
+            }
+        }
+    }
+    OsError::sys(op, at, e)
 }
 
 /// The most subdirectories' names `remove_tree_iteratively` holds for one

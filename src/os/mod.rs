@@ -78,6 +78,16 @@ pub enum OsError {
     /// volume): nothing mounted there is read (`copy`).
     #[error("{0} is a mount point inside the tree being copied; nothing mounted inside a volume is copied (unmount it first)")]
     MountInside(PathBuf),
+    /// An entry that cannot be removed or moved (`op`) because `at` (the
+    /// entry, or the directory that holds it) is immutable or append-only:
+    /// EPERM, said exactly (`Locks::note`).
+    #[error("{op} {path}: {}", locks.note(at))]
+    Locked {
+        op: &'static str,
+        path: PathBuf,
+        at: PathBuf,
+        locks: files::Locks,
+    },
 }
 
 impl OsError {
@@ -97,6 +107,7 @@ impl OsError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             OsError::Sys { source, .. } => source.raw_os_error(),
+            OsError::Locked { .. } => Some(libc::EPERM),
             _ => None,
         }
     }

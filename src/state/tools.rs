@@ -429,6 +429,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 )));
             }
         }
+        out.extend(locked_trash(files, &local_root, &by_id));
     }
     if cfg.serves(Kind::Block) {
         for name in root_names(files, &block_root, &mut out) {
@@ -487,6 +488,44 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     }
     out
 }
+
+/// The trash entries of deleted local volumes (no record) that an
+/// immutable or append-only entry keeps from being removed (a tenant's
+/// `chattr +i`/`+a` in its volume): each with the entry, its flag and the
+/// commands an operator runs (`Locks::note`). Berth never clears the flag,
+/// so such an entry stays (its space, and its quota project, held) until
+/// an operator does; before 2026-12-07 only berth's log said so, at each
+/// start. Looks at the first `LOCKED_BUDGET` entries of each.
+fn locked_trash(
+    files: &dyn Files,
+    local_root: &Path,
+    by_id: &BTreeMap<&str, &VolumeRecord>,
+) -> Vec<Finding> {
+    let trash = local_root.join(".trash");
+    let mut out = Vec::new();
+    for name in dir_names(files, &trash) {
+        let id = if is_volume_id("local-", &name) {
+            name.as_str()
+        } else {
+            name.rsplit_once('-').map_or(name.as_str(), |(id, _)| id)
+        };
+        if by_id.contains_key(id) {
+            continue;
+        }
+        let entry = trash.join(&name);
+        if let Some((at, locks)) = crate::os::files::find_locked(files, &entry, LOCKED_BUDGET) {
+            out.push(warning(format!(
+                "{} (the directory of the deleted volume {id}) stays in the trash: {}; once it is cleared, berth's next start removes the entry (until then its space and its quota project stay held)",
+                entry.display(),
+                locks.note(&at)
+            )));
+        }
+    }
+    out
+}
+
+/// How many entries of one trash entry `locked_trash` looks at.
+const LOCKED_BUDGET: usize = 100_000;
 
 /// The storage of a volume whose plain create never answered that its
 /// rollback keeps aside instead of deleting (`block::kept_on_rollback`,

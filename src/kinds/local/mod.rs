@@ -1024,10 +1024,35 @@ impl LocalKind {
         files::ensure_dir_present(self.os.files.as_ref(), &trash, 0o700)
             .map_err(|e| Error::os(format!("creating {}", trash.display()), e))?;
         let dest = trash.join(format!("{}-{}", rec.id, crate::driver::now_nanos()));
-        self.os
-            .files
-            .rename_noreplace(&dir, &dest)
-            .map_err(|e| Error::os(format!("moving {} to the trash", dir.display()), e))
+        self.os.files.rename_noreplace(&dir, &dest).map_err(|e| {
+            match self.locked_move(&dir, &trash, &e) {
+                Some(refusal) => refusal,
+                None => Error::os(format!("moving {} to the trash", dir.display()), e),
+            }
+        })
+    }
+
+    /// Why the volume's directory `dir` cannot be moved into `trash`
+    /// (`e`), where that is an immutable or append-only flag (chattr +i,
+    /// +a) on it or on either directory: which one, which flag, the
+    /// lsattr and chattr commands. FAILED_PRECONDITION ("volume in use"
+    /// in the spec's table for DeleteVolume: the CO retries with back-off,
+    /// and the retry deletes once an operator cleared the flag; berth
+    /// never does). Before 2026-12-07 this answered INTERNAL with the
+    /// rename's "Operation not permitted" and nothing about the flag.
+    fn locked_move(&self, dir: &Path, trash: &Path, e: &crate::os::OsError) -> Option<Error> {
+        if e.errno() != Some(libc::EPERM) {
+            return None;
+        }
+        let f = self.os.files.as_ref();
+        [dir, self.root.as_path(), trash].into_iter().find_map(|at| {
+            let locks = f.locks(at).ok().filter(|l| l.any())?;
+            Some(Error::WrongState(format!(
+                "{} cannot be moved to the trash, so the volume is not deleted: {}; the delete is retried and goes through once the flag is cleared",
+                dir.display(),
+                locks.note(at)
+            )))
+        })
     }
 
     /// `create_from`'s copy of `src` when sizes are enforced: made in
@@ -1481,7 +1506,7 @@ impl VolumeKind for LocalKind {
             match self.discard(path, name) {
                 Ok(moved) => Some(moved),
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e.render(), "could not remove storage that no record holds (an immutable or append-only file in it? lsattr -R); kept, the rest of start-up's cleanup goes on");
+                    tracing::error!(path = %path.display(), error = %e.render(), "could not remove storage that no record holds (the error says why: an immutable or append-only entry is named with its flag); kept, the rest of start-up's cleanup goes on");
                     failed.get_or_insert(e);
                     None
                 }

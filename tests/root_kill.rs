@@ -238,7 +238,7 @@ fn start(dir: &Path, f: &Flavor) -> Berth {
         .spawn()
         .expect("spawn berth");
     let b = Berth { child, sock, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + START_DEADLINE;
     while Instant::now() < deadline {
         if std::os::unix::net::UnixStream::connect(&b.sock).is_ok() {
             return b;
@@ -246,7 +246,8 @@ fn start(dir: &Path, f: &Flavor) -> Berth {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!(
-        "berth did not start after a kill: {}",
+        "berth did not start after a kill in {START_DEADLINE:?} ({}): {}",
+        where_it_waits(b.child.id()),
         std::fs::read_to_string(&b.log).unwrap_or_default()
     );
 }

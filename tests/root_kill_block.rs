@@ -112,7 +112,7 @@ fn start_with(dir: &Path, inject: Option<String>, extra: &[String]) -> Berth {
         .spawn()
         .unwrap();
     let b = Berth { child, sock };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + START_DEADLINE;
     while Instant::now() < deadline {
         if std::os::unix::net::UnixStream::connect(&b.sock).is_ok() {
             return b;
@@ -120,7 +120,8 @@ fn start_with(dir: &Path, inject: Option<String>, extra: &[String]) -> Berth {
         std::thread::sleep(Duration::from_millis(5));
     }
     panic!(
-        "berth did not start: {}",
+        "berth did not start in {START_DEADLINE:?} ({}): {}",
+        where_it_waits(b.child.id()),
         std::fs::read_to_string(dir.join("berth.log")).unwrap_or_default()
     );
 }

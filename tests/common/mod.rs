@@ -941,3 +941,35 @@ pub async fn delete_from(h: &Harness, ids: &[String], from: &str) {
         assert!(r.is_ok(), "delete of {i} once there is room: {r:?}");
     }
 }
+
+/// How long a test waits for a berth it (re)started to serve: start-up
+/// replays and fsyncs its state on the host's filesystem, which a loaded
+/// machine can stall for many seconds (CI once: a restart after a kill
+/// beside release and test builds passed 20 s with nothing logged yet).
+/// A start that never comes still fails, with `where_it_waits`.
+pub const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Where each thread of process `pid` waits in the kernel (its wchan and
+/// state), for the message of a start that never came.
+pub fn where_it_waits(pid: u32) -> String {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("process {pid} is gone");
+    };
+    let mut out = Vec::new();
+    for t in rd.flatten() {
+        let dir = t.path();
+        let wchan = std::fs::read_to_string(dir.join("wchan")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // the state letter follows the command's closing parenthesis
+        let state = stat.rsplit_once(") ").map(|(_, r)| &r[..1]).unwrap_or("?");
+        out.push(format!(
+            "{} {state} {}",
+            t.file_name().to_string_lossy(),
+            wchan.trim()
+        ));
+    }
+    format!(
+        "process {pid} threads (tid state wchan): {}",
+        out.join("; ")
+    )
+}

@@ -2539,24 +2539,53 @@ async fn local_unstage_probes_the_staging_path_once() {
 /// statx on a node) for both what it needs to know there: that a mount is
 /// there, and that it shows the volume's directory. It looked twice before
 /// (the mount-root probe, then the identity probe), on every lifecycle.
+/// A target it makes itself (kubelet leaves it to the driver) is not
+/// probed: nothing is mounted on a directory just made (until 2026-12-07
+/// its mount-root probe came before the mkdir, a statx answering ENOENT).
+/// A target that is there is still probed, and a publish again at a
+/// mounted target still answers from the mount table.
 #[tokio::test]
 async fn local_publish_looks_at_the_staging_path_once() {
     let h = fake(&[]);
     let (id, staging) = staged(&h, "a").await;
     let target = h.path("target");
     let f = h.fake();
-    f.clear_calls();
-    h.node
-        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
-        .await
-        .unwrap();
-    // The target's mount-root probe and the staging path's one look; the
-    // identity of the volume's directory.
+    let mkdirs = |p: &std::path::Path| {
+        f.file_ops()
+            .iter()
+            .filter(|o| o.op == "mkdir" && o.path == p)
+            .count()
+    };
+    // Each publish with the counts cleared before it.
+    let publish = |t: std::path::PathBuf| {
+        f.clear_calls();
+        h.node
+            .node_publish_volume(Request::new(publish_req(&id, &staging, &t, false)))
+    };
+    f.clear_file_ops();
+    publish(target.clone()).await.unwrap();
+    // The staging path's one look and the identity of the volume's
+    // directory; no probe of the target it made.
     assert_eq!(
         (f.table_reads(), f.probes(), f.identity_probes()),
-        (0, 2, 1)
+        (0, 1, 1)
     );
+    assert_eq!(mkdirs(&target), 1);
     assert!(f.table().iter().any(|m| m.mount_point == target));
+    // Again at the same target: it is there and mounted, so it is probed
+    // and the mount table decides (the same publication: OK).
+    publish(target.clone()).await.unwrap();
+    assert_eq!((f.table_reads(), f.probes()), (1, 2));
+    assert_eq!(
+        f.table().iter().filter(|m| m.mount_point == target).count(),
+        1
+    );
+    // At a target that is there and empty: probed, then mounted.
+    let there = h.path("target-there");
+    std::fs::create_dir(&there).unwrap();
+    publish(there.clone()).await.unwrap();
+    assert_eq!((f.table_reads(), f.probes()), (0, 2));
+    assert!(f.table().iter().any(|m| m.mount_point == there));
 }
 
 /// NodeUnpublish of a local volume asks whether anything is mounted at the

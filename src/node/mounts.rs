@@ -379,12 +379,22 @@ pub fn publish_bind(
     };
     if let Some(src) = source {
         // The staging path's two answers from one look (one statx).
-        let staged = || os.probe.root_and_identity(staging);
         if !cap.access_mode.single_target()
-            && os.probe.mount_root(target) == Some(false)
-            && matches!(staged(), (Some(true), Some(id)) if os.probe.identity(src) == Some(id))
+            && matches!(os.probe.root_and_identity(staging),
+                (Some(true), Some(id)) if os.probe.identity(src) == Some(id))
         {
-            return mount_on_dir(os, target, bind);
+            // The target's directory first: one made here has nothing
+            // mounted on it, which the mount-root probe would ask; one that
+            // was there is probed. Anything else (a mount there, a probe
+            // that cannot tell, a target that cannot be made) goes through
+            // the mount table below, as before.
+            match ensure_dir(os, target) {
+                Ok(true) => return mount_on(os, target, true, bind),
+                Ok(false) if os.probe.mount_root(target) == Some(false) => {
+                    return mount_on(os, target, false, bind)
+                }
+                _ => {}
+            }
         }
     }
     let t = table(os)?;

@@ -1540,11 +1540,8 @@ impl KillAt {
 /// as for the other tests; PROBE_MAX_US and PROBE_STEP_US alone: delays
 /// only.
 fn disk_kills() -> Vec<KillAt> {
-    if let Ok(sys) = std::env::var("PROBE_BERTH_SYS") {
-        return sweep_or(6, 1)
-            .into_iter()
-            .map(|k| KillAt::Sys(sys.clone(), k + 1))
-            .collect();
+    if let Some(kills) = probe_sys_kills() {
+        return kills;
     }
     let delays = sweep_or(400_000, 50_000).into_iter().map(KillAt::After);
     if std::env::var("PROBE_MAX_US").is_ok() {
@@ -1554,6 +1551,18 @@ fn disk_kills() -> Vec<KillAt> {
         .map(|k| KillAt::Sys("fsync".into(), k))
         .chain(delays)
         .collect()
+}
+
+/// With PROBE_BERTH_SYS=<syscall>: a thread's k-th call of it, k swept
+/// as the delay would be (PROBE_MAX_US, PROBE_STEP_US; 1 to 7 by default).
+fn probe_sys_kills() -> Option<Vec<KillAt>> {
+    let sys = std::env::var("PROBE_BERTH_SYS").ok()?;
+    Some(
+        sweep_or(6, 1)
+            .into_iter()
+            .map(|k| KillAt::Sys(sys.clone(), k + 1))
+            .collect(),
+    )
 }
 
 /// Size of each stand-in disk of the disk-pool tests.
@@ -2153,4 +2162,265 @@ async fn killed_during_disk_restore() {
 #[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
 async fn killed_during_disk_clone() {
     disk_copy_kill(true).await;
+}
+
+// ---- A full state filesystem: a block file volume's delete ----
+
+/// Bytes of the volume whose file holds data, and of the one beside it
+/// (`full_delete_kill`).
+const FULL_DATA: usize = 2 << 20;
+const FULL_BESIDE: usize = 1 << 20;
+
+/// DeleteVolume of `id`: its answer.
+async fn delete_once(c: &CsiClient, id: &str) -> Result<(), tonic::Status> {
+    c.clone()
+        .controller
+        .delete_volume(Request::new(csi::DeleteVolumeRequest {
+            volume_id: id.to_string(),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
+/// The kill points of `killed_during_a_delete_on_a_full_filesystem`. By
+/// default a thread's k-th call (counted from strace's attach) of the
+/// syscalls of the delete's steps, berth killed before it is made: the
+/// refused Deleting phase cut off and flushed (fdatasync #1); the volume's
+/// file punched (fallocate #2, after the refused write's reserve top-up);
+/// the punched file synced (fsync #1); the phase written again and flushed
+/// (fdatasync #2); the file's removal (unlink #1); the record's removal
+/// flushed (fdatasync #3). Then 0 and 2 ms after the RPC is sent, and
+/// 300 ms (the delete has answered: the kill finds it done). Few points: each makes,
+/// fills and restarts a filesystem of its own. PROBE_BERTH_SYS with
+/// PROBE_MAX_US and PROBE_STEP_US: that syscall's k-th call, k swept as
+/// for the other tests; PROBE_MAX_US and PROBE_STEP_US alone: delays only.
+fn full_kills() -> Vec<KillAt> {
+    if let Some(kills) = probe_sys_kills() {
+        return kills;
+    }
+    if std::env::var("PROBE_MAX_US").is_ok() {
+        return sweep().into_iter().map(KillAt::After).collect();
+    }
+    [
+        ("fdatasync", 1),
+        ("fallocate", 2),
+        ("fsync", 1),
+        ("fdatasync", 2),
+        ("unlink", 1),
+        ("fdatasync", 3),
+    ]
+    .into_iter()
+    .map(|(sys, k)| KillAt::Sys(sys.into(), k))
+    .chain([0, 2_000, 300_000].into_iter().map(KillAt::After))
+    .collect()
+}
+
+/// Writes `bytes` over the file `f` and syncs it.
+fn write_synced(f: &Path, bytes: &[u8]) {
+    let mut file = std::fs::OpenOptions::new().write(true).open(f).unwrap();
+    std::io::Write::write_all(&mut file, bytes).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// What the file of the volume with data holds: "its data", "emptied"
+/// (zeros: punched), "partly emptied" (each 4 KiB block one or the
+/// other), or None for anything else (other bytes, another size).
+fn data_or_zeros(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.len() != FULL_DATA {
+        return None;
+    }
+    if bytes.iter().all(|&b| b == 0xa5) {
+        return Some("its data");
+    }
+    if bytes.iter().all(|&b| b == 0) {
+        return Some("emptied");
+    }
+    bytes
+        .chunks(4096)
+        .all(|c| c.iter().all(|&b| b == 0xa5) || c.iter().all(|&b| b == 0))
+        .then_some("partly emptied")
+}
+
+/// A block file volume's DeleteVolume on a full state filesystem (the
+/// state and the block root on a 16 MiB ext4 of their own under
+/// `--data-dir`, the log's reserve let go, as a log an older berth wrote
+/// has none; filled by a tenant), its Deleting phase refused for room so
+/// that the volume's own file makes it (015dfe0: loop devices detached,
+/// the file punched in place and synced, the phase written again), killed
+/// at a moment of it (`full_kills`), then retried after a restart as the
+/// CO does. At each point: the journal, read with berth stopped, has the
+/// volume Ready with its own file at its name, holding its data or
+/// emptied (never other bytes, never missing), or Deleting, or no record
+/// and no file; the volume beside it is Ready with its data, also after
+/// the retry; the retry goes through while the filesystem is still full;
+/// once the tenant's file is removed every other delete goes through, and
+/// nothing is left mounted, attached or on disk, with a clean `berth state
+/// check`. The empty volumes are deleted first until one is refused: the
+/// log's last page is then full, and the volume with data has the longest
+/// name, so its Deleting phase, a whole record line, cannot fit (the
+/// delete left alone, at 300 ms, must log that it emptied the file). The
+/// test makes the whole data directory's filesystem itself: PROBE_OWN_FS
+/// changes nothing here (the file must be on the state's filesystem).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a private mount namespace (tests/run-all.sh runs it)"]
+async fn killed_during_a_delete_on_a_full_filesystem() {
+    let mut fails = Vec::new();
+    for at in full_kills() {
+        full_delete_kill(&at, &mut fails).await;
+    }
+    assert!(fails.is_empty(), "{fails:#?}");
+}
+
+async fn full_delete_kill(at: &KillAt, fails: &mut Vec<String>) {
+    use berth::state::Phase;
+    let images = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let _g = BlockGuard(d.path().to_path_buf());
+    small_filesystem(d.path(), "ext4", &images.path().join("fs.img"));
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let file = |id: &str| d.path().join("block").join(format!("{id}.img"));
+    // berth's log off the filesystem it fills (its lines are read below).
+    let log = images.path().join("berth.log");
+    std::os::unix::fs::symlink(&log, d.path().join("berth.log")).unwrap();
+    let b = start(d.path());
+    let mut c = conn(&b, d.path()).await;
+    let data = create(
+        &mut c,
+        "the-volume-holding-data",
+        FULL_DATA as i64,
+        false,
+        &cap,
+    )
+    .await
+    .unwrap();
+    let beside = create(&mut c, "beside", FULL_BESIDE as i64, false, &cap)
+        .await
+        .unwrap();
+    let mut empties = Vec::new();
+    for k in 0..16 {
+        empties.push(
+            create(&mut c, &format!("e{k:02}"), 1 << 20, false, &cap)
+                .await
+                .unwrap(),
+        );
+    }
+    write_synced(&file(&data), &vec![0xa5; FULL_DATA]);
+    write_synced(&file(&beside), &vec![0x5b; FULL_BESIDE]);
+    drop(b);
+    assert_eq!(let_go_of_log_reserve(d.path()), 1);
+    // A tenant of the filesystem fills it while berth is down.
+    fill(d.path());
+    let b = start(d.path());
+    let c = conn(&b, d.path()).await;
+    let free = free_bytes(d.path());
+    assert!(free < 4096, "the filesystem is full: {free} bytes free");
+    // The empty volumes' changes go into the log's last page until one
+    // needs a new page.
+    let mut refused = None;
+    for id in &empties {
+        if let Err(e) = delete_once(&c, id).await {
+            assert_refused_for_room(&e, false);
+            refused = Some(id.clone());
+            break;
+        }
+    }
+    let refused = refused.expect("no delete of an empty volume needed a new page of the log");
+    let armed = at.arm(&b);
+    let (c2, id2) = (c.clone(), data.clone());
+    let t = tokio::spawn(async move { delete_once(&c2, &id2).await });
+    fire(at.delay(), &armed, &t).await;
+    kill(b);
+    disarm(armed);
+    kill_starting(d.path());
+    let first = t.await.unwrap();
+    let answered = first.is_ok();
+    let first = format!("first {:?}", first.as_ref().map_err(|e| e.code()));
+    // Whether the killed berth emptied the file to make room.
+    let emptied = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("its file is emptied first, to make room");
+    if matches!(at, KillAt::After(us) if *us >= 300_000) && !(answered && emptied) {
+        fails.push(format!(
+            "{at} ({first}): the delete left alone did not answer OK having emptied its file (emptied: {emptied}): the Deleting phase found room, or the delete failed"
+        ));
+    }
+    // As the journal says, read with berth stopped.
+    let scan = berth::state::journal::scan(&berth::os::RealFiles, &d.path().join("state/journal"))
+        .unwrap();
+    let phase = |id: &str| scan.records.values().find(|r| r.id == id).map(|r| r.phase);
+    let seen = match (phase(&data), std::fs::read(file(&data))) {
+        (Some(Phase::Ready), Ok(bytes)) if data_or_zeros(&bytes).is_some() => {
+            format!("Ready, {}", data_or_zeros(&bytes).unwrap_or_default())
+        }
+        (Some(Phase::Deleting), f) => {
+            format!(
+                "Deleting, file {}",
+                if f.is_ok() { "there" } else { "gone" }
+            )
+        }
+        (None, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => "gone".to_string(),
+        (p, f) => {
+            let f = f.map(|b| format!("{} bytes", b.len()));
+            fails.push(format!(
+                "{at} ({first}): volume {data} recorded {p:?}, its file {f:?}"
+            ));
+            "neither there nor gone".to_string()
+        }
+    };
+    let beside_kept = || std::fs::read(file(&beside)).is_ok_and(|b| b == vec![0x5b; FULL_BESIDE]);
+    if phase(&beside) != Some(Phase::Ready) || !beside_kept() {
+        fails.push(format!(
+            "{at} ({first}, {seen}): the volume beside is {:?}, its data kept: {}",
+            phase(&beside),
+            beside_kept()
+        ));
+    }
+    // The CO's retry, the filesystem still full.
+    let b = start(d.path());
+    let c = conn(&b, d.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match delete_once(&c, &data).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() > deadline => {
+                fails.push(format!(
+                    "{at} ({first}, {seen}): the retried delete never went through while the filesystem stayed full: {:?}: {}",
+                    e.code(),
+                    e.message()
+                ));
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    if !beside_kept() {
+        fails.push(format!(
+            "{at} ({first}, {seen}): the volume beside lost its data in the retry"
+        ));
+    }
+    // Room made: the tenant's file removed; every delete goes through.
+    std::fs::remove_file(d.path().join("filler")).unwrap();
+    del_vol(&c, &data).await;
+    for id in empties.iter().skip_while(|i| **i != refused) {
+        del_vol(&c, id).await;
+    }
+    del_vol(&c, &beside).await;
+    drop(b);
+    let m: Vec<_> = mounts_under(d.path())
+        .into_iter()
+        .filter(|m| m.as_path() != d.path())
+        .collect();
+    let l = loops_under(d.path());
+    let left = leftovers(d.path());
+    let sc = state_check(d.path());
+    if !m.is_empty() || !l.is_empty() || !left.is_empty() || !sc.is_empty() {
+        fails.push(format!(
+            "{at} ({first}, {seen}): left mounts {m:?} loops {l:?} files {left:?}; state check: {sc}"
+        ));
+    }
+    eprintln!("{at}: {first}, file emptied by then: {emptied}, then {seen}");
+    if !fails.is_empty() {
+        eprintln!("{}", fails.last().unwrap());
+    }
 }

@@ -209,6 +209,10 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     let own_dirs = cfg.own_dirs();
     let serves_block = cfg.serves(Kind::Block);
     let files = os.files.as_ref();
+    // `.trash` is listed once, when first needed: where an interrupted
+    // delete left a volume's directory, and what a flag keeps there.
+    let trash = local_root.join(".trash");
+    let mut trash_names: Option<Vec<String>> = None;
     for r in records {
         // A disk no record makes Berth's: never erased (`outside_pool`).
         if let Some(d) = r.block.as_ref().and_then(|b| b.disk.as_ref()) {
@@ -337,9 +341,11 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                         // Where an interrupted create or delete left it.
                         let creating = local_root.join(".creating").join(&*r.id);
                         let trash_prefix = format!("{}-", r.id);
-                        let trashed = dir_names(files, &local_root.join(".trash"))
-                            .into_iter()
-                            .find(|n| n.starts_with(&trash_prefix));
+                        let trashed = trash_names
+                            .get_or_insert_with(|| names_in(files, &trash, TRASH_UNSEEN, &mut out))
+                            .iter()
+                            .find(|n| n.starts_with(&trash_prefix))
+                            .cloned();
                         if files.stat(&creating).is_ok_and(|m| m.is_dir()) {
                             out.push(warning(format!(
                                 "volume {} ({}): its directory is still in {} (a create interrupted after its record said Ready); start-up moves it into place",
@@ -352,7 +358,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                                 "volume {} ({}): its directory is in {} (a delete interrupted before its record was removed); start-up puts it back",
                                 r.id,
                                 r.name,
-                                local_root.join(".trash").join(t).display()
+                                trash.join(t).display()
                             )));
                         } else {
                             out.push(error(format!(
@@ -419,7 +425,7 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
     }
     // Storage without a record.
     if cfg.serves(Kind::Local) {
-        for name in root_names(files, &local_root, &mut out) {
+        for name in names_in(files, &local_root, ROOT_UNSEEN, &mut out) {
             if is_volume_id("local-", &name) && !by_id.contains_key(name.as_str()) {
                 // Creates make their directories under .creating/: one in
                 // the root without a record lost its record.
@@ -429,10 +435,14 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 )));
             }
         }
-        out.extend(locked_trash(files, &local_root, &by_id));
+        let names = match trash_names.take() {
+            Some(names) => names,
+            None => names_in(files, &trash, TRASH_UNSEEN, &mut out),
+        };
+        out.extend(locked_trash(files, &trash, names, &by_id));
     }
     if cfg.serves(Kind::Block) {
-        for name in root_names(files, &block_root, &mut out) {
+        for name in names_in(files, &block_root, ROOT_UNSEEN, &mut out) {
             if let Some(id) = name.strip_suffix(".img") {
                 if is_volume_id("block-", id) && !by_id.contains_key(id) {
                     out.push(error(format!(
@@ -443,7 +453,8 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
             }
         }
         let markers = block_root.join(crate::kinds::block::DISK_MARKERS);
-        for id in dir_names(files, &markers) {
+        let unseen = "disk markers without a record of their volume are not looked for";
+        for id in names_in(files, &markers, unseen, &mut out) {
             let held = crate::kinds::block::held_id(&id);
             if is_volume_id("block-", &id)
                 && !by_id.contains_key(id.as_str())
@@ -455,8 +466,13 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                 )));
             }
         }
-        if let Ok(loops) = os.loops.list() {
-            for l in loops
+        match os.loops.list() {
+            // Not "no loop device": nothing read is not nothing found.
+            Err(e) => out.push(error(format!(
+                "the loop devices cannot be listed ({}): loop devices attached to berth's files without a record are not looked for",
+                crate::error::chain(&e)
+            ))),
+            Ok(loops) => for l in loops
                 .iter()
                 .filter(|l| l.backing_file.starts_with(&block_root))
             {
@@ -473,12 +489,13 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                         if l.backing_deleted { " (deleted)" } else { "" }
                     )));
                 }
-            }
+            },
         }
     }
     for root in [&local_root, &block_root] {
         let aside = root.join(".orphaned");
-        let n = dir_names(files, &aside).len();
+        let unseen = "what was moved aside into it is not counted";
+        let n = names_in(files, &aside, unseen, &mut out).len();
         if n > 0 {
             out.push(warning(format!(
                 "{} holds {n} entries moved aside (storage found without a record; never deleted by berth)",
@@ -496,14 +513,15 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
 /// so such an entry stays (its space, and its quota project, held) until
 /// an operator does; before 2026-12-07 only berth's log said so, at each
 /// start. Looks at the first `LOCKED_BUDGET` entries of each.
+/// `names`: what `trash` holds (`names_in`).
 fn locked_trash(
     files: &dyn Files,
-    local_root: &Path,
+    trash: &Path,
+    names: Vec<String>,
     by_id: &BTreeMap<&str, &VolumeRecord>,
 ) -> Vec<Finding> {
-    let trash = local_root.join(".trash");
     let mut out = Vec::new();
-    for name in dir_names(files, &trash) {
+    for name in names {
         let id = if is_volume_id("local-", &name) {
             name.as_str()
         } else {
@@ -660,7 +678,8 @@ pub fn snapshot_findings(
         if !cfg.serves(kind) {
             continue;
         }
-        for name in dir_names(files, &area) {
+        let unseen = "snapshot copies in it without a record are not looked for";
+        for name in names_in(files, &area, unseen, &mut out) {
             let id = name.strip_suffix(suffix).unwrap_or(&name);
             if is_volume_id(prefix, id) && !known.contains(id) {
                 out.push(warning(format!(
@@ -695,28 +714,26 @@ fn snapshot_id_flaw(r: &SnapshotRecord) -> Option<String> {
 /// What `check` says of a volume's storage found without a record.
 const LOST_RECORD: &str = "has no record: its record was lost (berth does not start while it is there; with --allow-missing-storage start-up keeps it aside in .orphaned, never deletes it)";
 
-fn dir_names(files: &dyn Files, dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = files
-        .read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
+/// What `check` did not look for when a volume root cannot be listed.
+const ROOT_UNSEEN: &str =
+    "storage in it without a record is not looked for, and start-up cannot look either";
 
-/// The names in a volume root, where storage without a record is looked
-/// for: a root that cannot be listed (EIO, EACCES), or whose listing
-/// breaks off, is an error finding, never "nothing there" (nothing read is
-/// not nothing found). A root that is not there holds nothing (a kind
-/// whose first volume is still to come).
-fn root_names(files: &dyn Files, dir: &Path, out: &mut Vec<Finding>) -> Vec<String> {
+/// What `check` did not look at when `.trash` cannot be listed.
+const TRASH_UNSEEN: &str = "the directories of deleted volumes in it are not looked at (where an interrupted delete left a volume's directory, entries an immutable or append-only flag keeps)";
+
+/// The names in `dir`, sorted, for a finding that looks through them (a
+/// volume root, `.trash`, `.orphaned`, the disk markers, a snapshot
+/// area): a directory that cannot be listed (EIO, EACCES, not a
+/// directory), or whose listing breaks off, is an error finding naming
+/// it, the cause and what is therefore not looked at (`unseen`), never
+/// "nothing there" (nothing read is not nothing found; before 2026-12-07
+/// all but the roots read as empty). A directory that is not there holds
+/// nothing (a kind whose first volume is still to come, nothing deleted
+/// or moved aside yet).
+fn names_in(files: &dyn Files, dir: &Path, unseen: &str, out: &mut Vec<Finding>) -> Vec<String> {
     let unlisted = |e: &dyn std::fmt::Display| {
         error(format!(
-            "{} cannot be listed ({e}): storage in it without a record is not looked for, and start-up cannot look either",
+            "{} cannot be listed ({e}): {unseen}",
             dir.display()
         ))
     };
@@ -1274,15 +1291,20 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].contains(&lost) && found[0].contains(LOST_RECORD));
         for errno in [libc::EIO, libc::EACCES] {
+            // (the fault reaches what is under the root too: `.trash`
+            // and `.orphaned` are each reported as well)
             fake.fail_op_under("read_dir", &root, errno);
             let cause = std::io::Error::from_raw_os_error(errno).to_string();
             let found = storage_findings(&cfg, &os, &records);
+            let unlisted = [root.clone(), root.join(".trash"), root.join(".orphaned")];
             assert!(
-                found.len() == 1
-                    && found[0].severity == "error"
-                    && found[0].what.contains(&root.display().to_string())
-                    && found[0].what.contains("cannot be listed")
-                    && found[0].what.contains(&cause),
+                found.len() == unlisted.len()
+                    && found.iter().zip(&unlisted).all(|(f, dir)| {
+                        f.severity == "error"
+                            && f.what
+                                .starts_with(&format!("{} cannot be listed", dir.display()))
+                            && f.what.contains(&cause)
+                    }),
                 "{errno}: {:?}",
                 found.iter().map(|f| &f.what).collect::<Vec<_>>()
             );
@@ -1307,6 +1329,126 @@ mod tests {
             found[0].contains(&kept) && found[0].contains("is missing (Input/output error"),
             "{found:?}"
         );
+    }
+
+    /// Every directory `state check` lists to look for something besides
+    /// the roots (`.trash`, `.orphaned`, the disk markers, the snapshot
+    /// areas, local and block), and the loop devices: one that cannot be
+    /// listed (EIO, EACCES) is one error naming it and the cause, and the
+    /// whole check fails saying so. Before, each such listing read as
+    /// empty: check found nothing there and exited 0.
+    #[test]
+    fn check_reports_each_directory_it_cannot_list() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = local_config(d.path());
+        cfg.kinds = vec![Kind::Local, Kind::Block];
+        let (local, block) = (cfg.local_root(), cfg.block_root());
+        let dirs = [
+            local.join(".trash"),
+            local.join(".orphaned"),
+            local.join(".snapshots"),
+            block.join(".orphaned"),
+            block.join(crate::kinds::block::DISK_MARKERS),
+            block.join(".snapshots"),
+        ];
+        for dir in &dirs {
+            fs::create_dir_all(dir).unwrap();
+        }
+        let j = journal_dir(&cfg.state_dir());
+        fs::create_dir_all(&j).unwrap();
+        fs::write(j.join(journal::log_name(0)), b"").unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let found = || {
+            let mut v = storage_findings(&cfg, &os, &[]);
+            v.extend(snapshot_findings(&cfg, os.files.as_ref(), &[]));
+            v
+        };
+        assert_eq!(found(), Vec::new());
+        let one_error = |found: &[Finding], named: &str, cause: &str| {
+            assert!(
+                found.len() == 1
+                    && found[0].severity == "error"
+                    && found[0].what.contains(named)
+                    && found[0].what.contains("cannot be listed")
+                    && found[0].what.contains(cause),
+                "{named}, {cause}: {found:?}"
+            );
+        };
+        for errno in [libc::EIO, libc::EACCES] {
+            let cause = std::io::Error::from_raw_os_error(errno).to_string();
+            for dir in &dirs {
+                fake.fail_op_under("read_dir", dir, errno);
+                one_error(&found(), &dir.display().to_string(), &cause);
+                let mut out = Vec::new();
+                assert!(!check(&cfg, &os, &mut out).unwrap(), "{}", dir.display());
+                let text = String::from_utf8_lossy(&out);
+                assert!(text.contains("cannot be listed"), "{text}");
+                fake.clear_file_faults();
+            }
+            fake.fail_next("loop_list", errno);
+            one_error(&found(), "loop devices", &cause);
+        }
+        assert_eq!(found(), Vec::new());
+    }
+
+    /// `.trash`, which a missing volume's directory is looked for in and
+    /// the flags that keep entries are looked for in, is listed once: one
+    /// that cannot be listed is one error, beside the missing directory.
+    #[test]
+    fn an_unlisted_trash_is_reported_once() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = local_config(d.path());
+        let trash = cfg.local_root().join(".trash");
+        fs::create_dir_all(&trash).unwrap();
+        let gone = format!("local-{}", "c".repeat(32));
+        let (os, fake) = crate::os::Os::fake();
+        fake.fail_op_under("read_dir", &trash, libc::EIO);
+        let found = storage_findings(&cfg, &os, &[ready_local(&gone)]);
+        let unlisted: Vec<_> = found
+            .iter()
+            .filter(|f| f.what.contains("cannot be listed"))
+            .collect();
+        assert!(
+            found.len() == 2
+                && unlisted.len() == 1
+                && unlisted[0].what.contains(&trash.display().to_string())
+                && found
+                    .iter()
+                    .any(|f| f.what.contains(&gone) && f.what.contains("is missing")),
+            "{found:?}"
+        );
+    }
+
+    /// Guard: a directory that is not there (ENOENT, made or injected)
+    /// holds nothing: no finding, and check stays clean.
+    #[test]
+    fn a_directory_not_there_holds_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = local_config(d.path());
+        cfg.kinds = vec![Kind::Local, Kind::Block];
+        let j = journal_dir(&cfg.state_dir());
+        fs::create_dir_all(&j).unwrap();
+        fs::write(j.join(journal::log_name(0)), b"").unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let clean = || {
+            let mut v = storage_findings(&cfg, &os, &[]);
+            v.extend(snapshot_findings(&cfg, os.files.as_ref(), &[]));
+            assert_eq!(v, Vec::new());
+            let mut out = Vec::new();
+            assert!(
+                check(&cfg, &os, &mut out).unwrap(),
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+        };
+        // nothing made: no root, no .trash, .orphaned, .disks, .snapshots
+        clean();
+        let (local, block) = (cfg.local_root(), cfg.block_root());
+        for dir in [&local, &block] {
+            fs::create_dir_all(dir.join(".trash")).unwrap();
+            fake.fail_op_under("read_dir", dir, libc::ENOENT);
+        }
+        clean();
     }
 
     /// `repair` reads the journal directory and the files it keeps copies

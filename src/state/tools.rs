@@ -1331,6 +1331,24 @@ mod tests {
         );
     }
 
+    /// A configuration serving local and block volumes, whose state (an
+    /// empty journal) `check` reads.
+    fn local_and_block_state(dir: &Path) -> Config {
+        let mut cfg = local_config(dir);
+        cfg.kinds = vec![Kind::Local, Kind::Block];
+        let j = journal_dir(&cfg.state_dir());
+        fs::create_dir_all(&j).unwrap();
+        fs::write(j.join(journal::log_name(0)), b"").unwrap();
+        cfg
+    }
+
+    /// What `check` finds on the storage of a state without records.
+    fn all_findings(cfg: &Config, os: &Os) -> Vec<Finding> {
+        let mut v = storage_findings(cfg, os, &[]);
+        v.extend(snapshot_findings(cfg, os.files.as_ref(), &[]));
+        v
+    }
+
     /// Every directory `state check` lists to look for something besides
     /// the roots (`.trash`, `.orphaned`, the disk markers, the snapshot
     /// areas, local and block), and the loop devices: one that cannot be
@@ -1340,8 +1358,7 @@ mod tests {
     #[test]
     fn check_reports_each_directory_it_cannot_list() {
         let d = tempfile::tempdir().unwrap();
-        let mut cfg = local_config(d.path());
-        cfg.kinds = vec![Kind::Local, Kind::Block];
+        let cfg = local_and_block_state(d.path());
         let (local, block) = (cfg.local_root(), cfg.block_root());
         let dirs = [
             local.join(".trash"),
@@ -1354,15 +1371,8 @@ mod tests {
         for dir in &dirs {
             fs::create_dir_all(dir).unwrap();
         }
-        let j = journal_dir(&cfg.state_dir());
-        fs::create_dir_all(&j).unwrap();
-        fs::write(j.join(journal::log_name(0)), b"").unwrap();
         let (os, fake) = crate::os::Os::fake();
-        let found = || {
-            let mut v = storage_findings(&cfg, &os, &[]);
-            v.extend(snapshot_findings(&cfg, os.files.as_ref(), &[]));
-            v
-        };
+        let found = || all_findings(&cfg, &os);
         assert_eq!(found(), Vec::new());
         let one_error = |found: &[Finding], named: &str, cause: &str| {
             assert!(
@@ -1424,16 +1434,10 @@ mod tests {
     #[test]
     fn a_directory_not_there_holds_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let mut cfg = local_config(d.path());
-        cfg.kinds = vec![Kind::Local, Kind::Block];
-        let j = journal_dir(&cfg.state_dir());
-        fs::create_dir_all(&j).unwrap();
-        fs::write(j.join(journal::log_name(0)), b"").unwrap();
+        let cfg = local_and_block_state(d.path());
         let (os, fake) = crate::os::Os::fake();
         let clean = || {
-            let mut v = storage_findings(&cfg, &os, &[]);
-            v.extend(snapshot_findings(&cfg, os.files.as_ref(), &[]));
-            assert_eq!(v, Vec::new());
+            assert_eq!(all_findings(&cfg, &os), Vec::new());
             let mut out = Vec::new();
             assert!(
                 check(&cfg, &os, &mut out).unwrap(),

@@ -1024,13 +1024,21 @@ pub fn repair(state_dir: &Path, files: Arc<dyn Files>) -> Result<String, StateEr
     // 1. Copies of every journal file (the damaged bytes stay available);
     //    what is named as a journal file but is not a regular file (a FIFO,
     //    a directory, a symlink: never opened) is moved there itself.
-    for name in f
+    //    A listing that breaks off, or an entry whose type cannot be
+    //    told, stops the repair here, before anything is removed (step 3
+    //    removes the old generation's files, whose copies must be kept).
+    for entry in f
         .read_dir(&dir)
         .map_err(|e| StateError::io("read", &dir, e.into_io()))?
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.file_name())
     {
+        let e = entry.map_err(|e| StateError::io("read", &dir, e))?;
+        let name = e.file_name();
+        let kind = e
+            .file_type()
+            .map_err(|err| StateError::io("stat", dir.join(&name), err))?;
+        if !kind.is_file() {
+            continue;
+        }
         let from = dir.join(&name);
         let bytes = f
             .read_regular(&from, None)

@@ -2868,15 +2868,7 @@ async fn volume_stats() {
 async fn state_survives_restart() {
     let h = fake(&[]);
     let id = create(&h, "a", 3 << 20).await.volume_id;
-    h.ctl
-        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    controller_publish(&h, &id, NODE).await.unwrap();
     let (os, f) = berth::os::Os::fake();
     let h = h.restart(os, Some(f));
     let again = create(&h, "a", 3 << 20).await;
@@ -4584,15 +4576,7 @@ async fn the_retry_of_a_delete_leaves_a_volume_mounted_here_in_place() {
 async fn the_retry_of_a_delete_leaves_a_volume_still_published_in_place() {
     let h = fake(&[]);
     let id = create(&h, "a", 1 << 20).await.volume_id;
-    h.ctl
-        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        }))
-        .await
-        .expect("publish");
+    controller_publish(&h, &id, NODE).await.expect("publish");
     let data = h.path("local").join(&id).join("data");
     std::fs::write(&data, b"x").unwrap();
     mark_deleting(&h, &id);
@@ -4867,15 +4851,7 @@ async fn a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one() {
     let (os, f) = berth::os::Os::fake();
     let h = build(dir, os, Some(f), &[]);
     kept(&h, "read");
-    h.ctl
-        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        }))
-        .await
-        .expect("publish");
+    controller_publish(&h, &id, NODE).await.expect("publish");
     let r = kept(&h, "after publish");
     assert!(r.published.contains_key(NODE));
     let (os, f) = berth::os::Os::fake();

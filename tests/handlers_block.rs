@@ -7300,14 +7300,7 @@ async fn a_volume_whose_delete_failed_half_way_is_not_published_or_staged() {
     assert_eq!(h.driver.store.get(&id).unwrap().phase, Phase::Deleting);
     h.fake().clear_file_faults();
     h.fake().clear_calls();
-    let e = h
-        .ctl
-        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        }))
+    let e = controller_publish(&h, &id, NODE)
         .await
         .expect_err("published while being deleted");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
@@ -7666,15 +7659,7 @@ async fn fields_a_newer_berth_recorded_in_a_block_record_survive_a_rewrite() {
     let (os, f) = berth::os::Os::fake();
     let h = build(dir, os, Some(f), &["--kinds", "block"]);
     kept(&h, "read");
-    h.ctl
-        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: NODE.into(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        }))
-        .await
-        .expect("publish");
+    controller_publish(&h, &id, NODE).await.expect("publish");
     let r = kept(&h, "after publish");
     assert!(r.published.contains_key(NODE));
     let (h, _) = restart(h, &[]);

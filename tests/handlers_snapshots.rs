@@ -78,6 +78,17 @@ fn vol_dir(h: &Harness, id: &str) -> PathBuf {
     h.path("local").join(id)
 }
 
+/// DeleteSnapshot of `id`.
+async fn delete_snapshot(h: &Harness, id: &str) -> Result<(), tonic::Status> {
+    h.ctl
+        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(drop)
+}
+
 async fn list(h: &Harness, req: csi::ListSnapshotsRequest) -> csi::ListSnapshotsResponse {
     h.ctl
         .list_snapshots(Request::new(req))
@@ -208,13 +219,7 @@ async fn a_local_snapshot_is_a_point_in_time_copy_and_restores() {
     );
     // DeleteSnapshot removes the copy; a repeat and an unknown id are OK.
     for _ in 0..2 {
-        h.ctl
-            .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-                snapshot_id: s.snapshot_id.clone(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
+        delete_snapshot(&h, &s.snapshot_id).await.unwrap();
     }
     assert!(!h.path("local/.snapshots").join(&s.snapshot_id).exists());
     assert_eq!(
@@ -305,13 +310,7 @@ async fn a_kind_no_longer_served_keeps_its_snapshots_and_is_failed_precondition(
     );
     // Served again: the snapshot is deleted.
     let h = build(h.stop(), berth::os::Os::fake().0, None, &[]);
-    h.ctl
-        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-            snapshot_id: s.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    delete_snapshot(&h, &s).await.unwrap();
     assert!(h.driver.store.snapshot_get(&s).is_none());
     assert!(!h.path("local/.snapshots").join(&s).exists());
 }
@@ -2433,13 +2432,7 @@ async fn a_hostile_local_volume_is_copied_as_it_is_and_deleted_without_reaching_
         delete(&h, v).await;
         assert!(std::fs::symlink_metadata(vol_dir(&h, v)).is_err(), "{v}");
     }
-    h.ctl
-        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-            snapshot_id: s.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    delete_snapshot(&h, &s).await.unwrap();
     // Whatever is left in the trash goes on the background thread.
     let trash = h.path("local/.trash");
     let deadline = std::time::Instant::now() + secs;
@@ -2550,13 +2543,7 @@ async fn paging_tokens_keep_their_place_across_a_restart() {
     // The last entry of each first page goes (its token stays a place),
     // and the last two of each: the far tokens lie past what is left.
     for s in snaps[4..].iter().chain([&snaps[1]]) {
-        h.ctl
-            .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-                snapshot_id: s.clone(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
+        delete_snapshot(&h, s).await.unwrap();
     }
     for v in vols[5..].iter().chain([&vols[1]]) {
         h.ctl
@@ -3366,13 +3353,7 @@ async fn a_snapshot_or_source_whose_delete_did_not_finish_is_not_used() {
         .expect_err("a clone of a volume being deleted");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(h.driver.store.get_by_name("clone").is_none());
-    h.ctl
-        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-            snapshot_id: snap.clone(),
-            ..Default::default()
-        }))
-        .await
-        .expect("delete snapshot");
+    delete_snapshot(&h, &snap).await.expect("delete snapshot");
     assert!(h.driver.store.snapshot_get(&snap).is_none());
     delete(&h, &vol).await;
     assert!(h.driver.store.get(&vol).is_none());

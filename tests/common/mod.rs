@@ -194,6 +194,20 @@ pub fn rwo() -> csi::VolumeCapability {
     mount_cap(Mode::SingleNodeWriter)
 }
 
+/// ControllerPublishVolume of `id` to `node`, single-node writer.
+pub async fn controller_publish(h: &Harness, id: &str, node: &str) -> Result<(), tonic::Status> {
+    use berth::csi::v1::controller_server::Controller;
+    h.ctl
+        .controller_publish_volume(tonic::Request::new(csi::ControllerPublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: node.into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+}
+
 /// ControllerUnpublishVolume of `id` from `node`: its answer.
 pub async fn controller_unpublish(h: &Harness, id: &str, node: &str) -> Result<(), tonic::Status> {
     use berth::csi::v1::controller_server::Controller;

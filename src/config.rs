@@ -326,7 +326,10 @@ impl Config {
     /// which shows where a link leads (a `--local-root` or a data
     /// directory named through a symlink made every published volume look
     /// unmounted). Names each kind once (`--kinds local,local` is `local`).
-    pub fn absolutize(&mut self) -> std::io::Result<()> {
+    /// Resolved through `files` (`resolved_fully`): a directory that
+    /// cannot be resolved (an error other than "not there yet") is an
+    /// error.
+    pub fn absolutize(&mut self, files: &dyn crate::os::Files) -> Result<(), crate::os::OsError> {
         let mut seen = Vec::new();
         self.kinds.retain(|k| {
             let new = !seen.contains(k);
@@ -334,7 +337,9 @@ impl Config {
             new
         });
         let resolved = |p: &std::path::Path| {
-            std::path::absolute(p).map(|a| crate::node::paths::resolved_fully(&a))
+            let a =
+                std::path::absolute(p).map_err(|e| crate::os::OsError::sys("absolute", p, e))?;
+            crate::node::paths::resolved_fully(files, &a)
         };
         self.data_dir = resolved(&self.data_dir)?;
         // The defaults under the data directory are resolved too (a
@@ -558,7 +563,7 @@ mod tests {
         assert!(check(&["--mode", "controller", "--kinds", "nfs"]).is_ok());
         assert!(parse(&["--mode", "both"]).is_err());
         let mut c = parse(&["--kinds", "local,block,local"]).unwrap().config;
-        c.absolutize().unwrap();
+        c.absolutize(&crate::os::RealFiles).unwrap();
         assert_eq!(c.kinds, vec![Kind::Local, Kind::Block]);
     }
 

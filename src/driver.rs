@@ -40,12 +40,12 @@ impl Driver {
     /// Opens the state, prepares each enabled kind and reconciles records left
     /// half done by a crash.
     pub fn new(mut cfg: Config, os: Os) -> Result<Arc<Driver>> {
-        cfg.absolutize()
-            .map_err(|e| Error::io("resolving the data directories", e))?;
+        cfg.absolutize(os.files.as_ref())
+            .map_err(|e| Error::os("resolving the data directories", e))?;
         let node_id = cfg.resolved_node_id().map_err(Error::Invalid)?;
-        check_dirs_apart(&cfg)?;
+        check_dirs_apart(&os, &cfg)?;
         check_other_berths(&os, &cfg)?;
-        for (flag, d) in own_dirs_resolved(&cfg) {
+        for (flag, d) in own_dirs_resolved(&os, &cfg)? {
             crate::os::files::check_dir_usable(&d)
                 .map_err(|why| Error::Invalid(format!("{flag}: {why}")))?;
         }
@@ -86,13 +86,15 @@ impl Driver {
             e => Error::State(e),
         })?;
         let protected = crate::node::paths::Protected::new(
+            os.files.as_ref(),
             &[state_dir.clone(), cfg.local_root(), cfg.block_root()],
             &cfg.socket_path()
                 .ok()
                 .and_then(|p| std::path::absolute(p).ok())
                 .into_iter()
                 .collect::<Vec<_>>(),
-        );
+        )
+        .map_err(|e| Error::os("resolving Berth's own directories and socket", e))?;
         // Read once the state directory is this process's (`Store::open`
         // takes its lock); a path no node RPC accepts is not taken in.
         let staged = Arc::new(crate::node::staged::StagedAt::open(
@@ -900,8 +902,8 @@ use crate::node::paths::{host_dir, HostDir};
 /// a directory every program shares (`/var`, `/tmp`, `/home`, ...).
 /// Compared as the kernel resolves them (symlinks, `..`).
 /// INVALID_ARGUMENT before anything is touched.
-fn check_dirs_apart(cfg: &Config) -> Result<()> {
-    let dirs = own_dirs_resolved(cfg);
+fn check_dirs_apart(os: &Os, cfg: &Config) -> Result<()> {
+    let dirs = own_dirs_resolved(os, cfg)?;
     for (flag, d) in &dirs {
         let why = match host_dir(d) {
             None => continue,
@@ -933,8 +935,9 @@ fn check_dirs_apart(cfg: &Config) -> Result<()> {
 }
 
 /// The state directory and the roots of the kinds served, with the flag
-/// that names each, as the kernel resolves them (symlinks, `..`).
-fn own_dirs_resolved(cfg: &Config) -> Vec<(&'static str, PathBuf)> {
+/// that names each, as the kernel resolves them (symlinks, `..`), read
+/// through `os.files`; one that cannot be resolved is an error.
+fn own_dirs_resolved(os: &Os, cfg: &Config) -> Result<Vec<(&'static str, PathBuf)>> {
     let mut dirs = vec![("--state-dir", cfg.state_dir())];
     if cfg.kinds.contains(&Kind::Local) {
         dirs.push(("--local-root", cfg.local_root()));
@@ -943,7 +946,11 @@ fn own_dirs_resolved(cfg: &Config) -> Vec<(&'static str, PathBuf)> {
         dirs.push(("--block-root", cfg.block_root()));
     }
     dirs.into_iter()
-        .map(|(f, d)| (f, crate::node::paths::resolved_fully(&d)))
+        .map(|(f, d)| {
+            crate::node::paths::resolved_fully(os.files.as_ref(), &d)
+                .map(|r| (f, r))
+                .map_err(|e| Error::os(format!("resolving {f} {}", d.display()), e))
+        })
         .collect()
 }
 
@@ -964,7 +971,7 @@ const OTHER_BERTH_BUDGET: usize = 10_000;
 /// before anything is touched.
 fn check_other_berths(os: &Os, cfg: &Config) -> Result<()> {
     use crate::state::lock::{DirLock, LOCK_FILE};
-    let dirs = own_dirs_resolved(cfg);
+    let dirs = own_dirs_resolved(os, cfg)?;
     for (flag, d) in &dirs {
         for a in d.ancestors().skip(1) {
             let lock = a.join(LOCK_FILE);

@@ -55,7 +55,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::State(args) => {
             let mut cfg = cfg;
-            cfg.absolutize().context("resolving the data directories")?;
+            cfg.absolutize(&berth::os::RealFiles)
+                .context("resolving the data directories")?;
             let ok = run_state_tool(&cfg, args.tool)?;
             std::process::exit(if ok { 0 } else { 1 });
         }
@@ -116,7 +117,7 @@ fn main() -> anyhow::Result<()> {
                 // live socket, or an endpoint that is a file, stops here.
                 berth::server::refuse_taken_socket(&berth::os::RealFiles, &socket)?;
                 if let Some(g) = &cfg.socket_group {
-                    berth::server::socket_gid(g)?;
+                    berth::server::socket_gid(&berth::os::RealFiles, g)?;
                 }
                 if let Some(dir) = std::path::absolute(&socket)?.parent() {
                     berth::os::files::check_dir_usable(dir)

@@ -49,7 +49,7 @@ pub fn refuse_taken_socket(files: &dyn Files, path: &Path) -> Result<(), ServeEr
 /// socket nobody answers on there, if there is one.
 fn leftover_socket(files: &dyn Files, path: &Path) -> Result<Option<(u64, u64)>, ServeError> {
     match files.lstat(path).map_err(OsError::into_io) {
-        Ok(m) if m.file_type().is_socket() => match answers(path) {
+        Ok(m) if m.file_type().is_socket() => match files.socket_answers(path) {
             Ok(true) => Err(ServeError::Config(format!(
                 "another process is serving on {}; refusing to start (two drivers on one socket)",
                 path.display()
@@ -66,42 +66,25 @@ fn leftover_socket(files: &dyn Files, path: &Path) -> Result<Option<(u64, u64)>,
     }
 }
 
-/// Whether a process listens on the unix socket `path`, asked with a
-/// connect that never waits: a listener whose backlog is full (a process
-/// that stopped accepting, such as a hung berth) makes a blocking connect
-/// wait until it accepts, which may be never, and start-up waited with it.
-/// A full backlog (EAGAIN) is a listener; a refused connection (or no
-/// such file) is a leftover nobody serves on. Other errors are reported.
-fn answers(path: &Path) -> std::io::Result<bool> {
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let addr = UnixAddr::new(path)?;
-    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
-        Ok(()) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS) => Ok(true),
-        Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// The group `--socket-group` names (a gid, or a group name looked up
-/// now). Resolved at start-up before the driver touches anything, so that a
-/// group that does not exist stops berth having made nothing.
-pub fn socket_gid(group: &str) -> Result<nix::unistd::Gid, ServeError> {
+/// now, through `files`). Resolved at start-up before the driver touches
+/// anything, so that a group that does not exist, or cannot be looked up,
+/// stops berth having made nothing.
+pub fn socket_gid(files: &dyn Files, group: &str) -> Result<nix::unistd::Gid, ServeError> {
     match group.parse::<u32>() {
         Ok(n) => Ok(nix::unistd::Gid::from_raw(n)),
-        Err(_) => Ok(nix::unistd::Group::from_name(group)
+        Err(_) => files
+            .group_id(group)
             .map_err(|e| {
-                ServeError::Config(format!("--socket-group: looking up group {group:?}: {e}"))
+                ServeError::Config(format!(
+                    "--socket-group: looking up group {group:?}: {}",
+                    crate::error::chain(&e)
+                ))
             })?
+            .map(nix::unistd::Gid::from_raw)
             .ok_or_else(|| {
                 ServeError::Config(format!("--socket-group: group {group:?} does not exist"))
-            })?
-            .gid),
+            }),
     }
 }
 
@@ -121,8 +104,19 @@ pub fn bind_socket(
     // its socket there since (before, a second look at the path took that
     // live socket for the leftover, and removed it).
     let leftover = leftover_socket(files, path)?;
-    let same = |m: std::fs::Metadata| Some((m.dev(), m.ino())) == leftover;
-    if leftover.is_some() && files.lstat(path).is_ok_and(same) {
+    // The leftover looked at again just before its removal: a look that
+    // fails otherwise than ENOENT is a doubt, which stops the bind (it
+    // read as "not the leftover": nothing was removed, and the bind then
+    // failed, blaming another process).
+    let still = match leftover {
+        None => false,
+        Some(id) => match files.lstat(path) {
+            Ok(m) => (m.dev(), m.ino()) == id,
+            Err(e) if e.errno() == Some(libc::ENOENT) => false,
+            Err(e) => return Err(io(format!("inspecting {}", path.display()))(e.into_io())),
+        },
+    };
+    if still {
         // Gone already when another berth starting now removed it first.
         match files.remove_file(path) {
             Err(e) if e.errno() != Some(libc::ENOENT) => {
@@ -153,7 +147,7 @@ pub fn bind_socket(
         .bind_socket(at)
         .map_err(|e| io(format!("binding {}", at.display()))(e.into_io()))?;
     let shared = match group {
-        Some(g) => socket_gid(g).and_then(|gid| {
+        Some(g) => socket_gid(files, g).and_then(|gid| {
             files
                 .set_group(at, gid.as_raw())
                 .map_err(|e| io(format!("chown {}", at.display()))(e.into_io()))?;
@@ -1224,6 +1218,53 @@ mod tests {
         assert!(refuse_taken_socket(files, &path).is_ok());
         fake.fail_next("lstat", libc::EIO);
         assert!(refuse_taken_socket(files, &path).is_err());
+    }
+
+    /// Start-up's looks at the socket's path go through the OS layer, and
+    /// one that fails stops the bind, removing nothing: the connect that
+    /// asks whether a process serves on a socket there, the second look at
+    /// a leftover just before its removal (a failure read as "not the
+    /// leftover": nothing was removed, and the bind then failed blaming
+    /// another process), and the lookup of `--socket-group`'s name.
+    #[tokio::test]
+    async fn a_look_at_the_socket_that_fails_stops_the_bind() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("csi.sock");
+        let (os, fake) = crate::os::Os::fake();
+        let files = os.files.as_ref();
+        let err = |r: Result<UnixListener, ServeError>| match r {
+            Ok(_) => panic!("bound"),
+            Err(e) => crate::error::chain(&e),
+        };
+        let names = || -> Vec<String> {
+            std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        // A leftover nobody answers on.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        fake.fail_next("connect", libc::EIO);
+        let e = err(bind_socket(files, &path, None));
+        assert!(e.contains("connecting to"), "{e}");
+        fake.fail_next("connect", libc::EIO);
+        assert!(refuse_taken_socket(files, &path).is_err());
+        fake.fail_op_under_after("lstat", &path, 1, libc::EIO);
+        let e = err(bind_socket(files, &path, None));
+        fake.clear_file_faults();
+        assert!(e.contains("inspecting"), "{e}");
+        assert_eq!(names(), ["csi.sock"]);
+        assert!(fake.file_ops().is_empty(), "{:?}", fake.file_ops());
+        fake.fail_next("getgrnam", libc::EIO);
+        let e = socket_gid(files, "root").unwrap_err().to_string();
+        assert!(e.contains("looking up group \"root\""), "{e}");
+        assert_eq!(socket_gid(files, "root").unwrap().as_raw(), 0);
+        fake.fail_next("getgrnam", libc::EIO);
+        let e = err(bind_socket(files, &path, Some("root")));
+        assert!(e.contains("looking up group"), "{e}");
+        assert_eq!(names(), Vec::<String>::new());
+        drop(bind_socket(files, &path, Some("root")).unwrap());
+        assert_eq!(names(), ["csi.sock"]);
     }
 
     /// A socket whose listener stopped accepting and whose backlog is full

@@ -1807,6 +1807,93 @@ async fn a_failed_local_copy_leaves_nothing() {
     snapshot(&h, "s", &src).await;
 }
 
+/// The names of the temporary copies (`.partial-*`) in the directory `dir`.
+fn partials_in(dir: &Path) -> Vec<std::ffi::OsString> {
+    made_in(dir)
+        .into_iter()
+        .filter(|n| n.to_string_lossy().starts_with(".partial-"))
+        .collect()
+}
+
+/// A block snapshot first looks for what an earlier try left under its
+/// temporary name, through the OS layer (lstat: a symlink there is one);
+/// a look that fails otherwise than ENOENT stops it with an error naming
+/// the path, copying nothing (before, `Path::exists` read such a failure
+/// as "nothing there" and the copy went on). The retry makes it.
+#[tokio::test]
+async fn a_failed_look_at_a_block_snapshots_temporary_copy_stops_it() {
+    let h = fake(&["--kinds", "block"]);
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    let area = h.path("block/.snapshots");
+    h.fake().fail_op_under("lstat", &area, libc::EIO);
+    let e = h
+        .ctl
+        .create_snapshot(Request::new(snap_req("s", &src)))
+        .await
+        .unwrap_err();
+    h.fake().clear_file_faults();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(
+        e.message().contains("looking at") && e.message().contains(".partial-"),
+        "{e:?}"
+    );
+    assert!(
+        !h.fake().file_ops().iter().any(|o| o.op == "copy"),
+        "{:?}",
+        h.fake().file_ops()
+    );
+    assert!(partials_in(&area).is_empty());
+    assert!(snapshot(&h, "s", &src).await.ready_to_use);
+}
+
+/// A clone whose restore fails removes the unlisted snapshot it copied
+/// its source to, once it sees it there (lstat through the OS layer). A
+/// look that fails otherwise than ENOENT is a doubt: the copy is left and
+/// said so, and start-up removes it (a temporary copy without a record);
+/// before, `Path::exists` read that failure as "nothing there", silently.
+/// Guard of the first half; the second fails where the look bypassed the
+/// OS layer (the copy was removed whatever the fake said).
+#[tokio::test]
+async fn a_failed_clones_copy_is_removed_or_left_for_start_up() {
+    let h = fake(&["--kinds", "block"]);
+    let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+    let area = h.path("block/.snapshots");
+    // Its move into place refused: the clone fails, its copy goes.
+    h.fake().fail_op_under("rename", &area, libc::EIO);
+    let clone = || {
+        h.ctl
+            .create_volume(Request::new(from_volume("c", MIB, &src)))
+    };
+    assert_eq!(code(clone().await), Code::Internal);
+    h.fake().clear_file_faults();
+    assert!(partials_in(&area).is_empty(), "{:?}", partials_in(&area));
+    // Again, and the look at the copy after the failed move fails too.
+    let held = h.fake().hold_op_under("rename", &area);
+    let fault = async {
+        for _ in 0..6000 {
+            if held.reached() > 0 {
+                h.fake().fail_op_under("rename", &area, libc::EIO);
+                h.fake().fail_op_under("lstat", &area, libc::EIO);
+                held.release();
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        held.release();
+        panic!("the clone never reached its move");
+    };
+    let (r, ()) = tokio::join!(clone(), fault);
+    h.fake().clear_file_faults();
+    h.fake().clear_holds();
+    assert_eq!(code(r), Code::Internal);
+    assert_eq!(partials_in(&area).len(), 1, "{:?}", made_in(&area));
+    let dir = h.stop();
+    let (os, f) = berth::os::Os::fake();
+    let h = build(dir, os, Some(f), &["--kinds", "block"]);
+    assert!(partials_in(&area).is_empty(), "{:?}", made_in(&area));
+    assert!(h.driver.store.get_by_name("c").is_none());
+}
+
 /// The stored copy of snapshot `id` of `kind`.
 fn snap_copy(h: &Harness, kind: &str, id: &str) -> PathBuf {
     match kind {

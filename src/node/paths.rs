@@ -71,23 +71,29 @@ impl Protected {
     /// `roots`: the state directory and the kinds' roots; `above`: paths
     /// only their ancestors of which are off limits (the socket). Each is
     /// kept as given and as the kernel resolves it (a root that is itself a
-    /// symlink protects where it points).
-    pub fn new(roots: &[PathBuf], above: &[PathBuf]) -> Self {
-        let both = |ps: &[PathBuf]| {
+    /// symlink protects where it points), resolved through `files`
+    /// (`resolved_fully`); one that cannot be resolved is an error, never
+    /// protected as written only.
+    pub fn new(
+        files: &dyn Files,
+        roots: &[PathBuf],
+        above: &[PathBuf],
+    ) -> std::result::Result<Self, OsError> {
+        let both = |ps: &[PathBuf]| -> std::result::Result<Vec<PathBuf>, OsError> {
             let mut v = Vec::new();
             for p in ps {
                 v.push(p.clone());
-                let c = resolved_fully(p);
+                let c = resolved_fully(files, p)?;
                 if &c != p {
                     v.push(c);
                 }
             }
-            v
+            Ok(v)
         };
-        Self {
-            roots: both(roots),
-            above: both(above),
-        }
+        Ok(Self {
+            roots: both(roots)?,
+            above: both(above)?,
+        })
     }
 
     /// Validates a node RPC's path field by its text and refuses Berth's
@@ -240,19 +246,43 @@ fn resolved(files: &dyn Files, p: &Path) -> std::io::Result<PathBuf> {
 /// symlinks and `..` resolved (a symlink to what does not exist yet
 /// followed too, at most 40 deep, as the kernel does), then the rest (which
 /// does not exist yet, so holds no symlink) with `.` and `..` applied.
-pub fn resolved_fully(p: &Path) -> PathBuf {
-    resolved_within(p, 40)
+/// Read through `files` (realpath, readlink). Only what is not there
+/// (ENOENT; ENOTDIR: a file on the way) is taken as not existing yet; any
+/// other error is returned, never read as "not there": a symlinked root
+/// that could not be resolved was taken as its own spelling, and where it
+/// leads went unprotected.
+pub fn resolved_fully(files: &dyn Files, p: &Path) -> std::result::Result<PathBuf, OsError> {
+    resolved_within(files, p, 40)
 }
 
-fn resolved_within(p: &Path, links: u32) -> PathBuf {
+/// Whether the failed look `e` says that nothing is there.
+fn absent(e: &OsError) -> bool {
+    matches!(e.errno(), Some(libc::ENOENT | libc::ENOTDIR))
+}
+
+fn resolved_within(
+    files: &dyn Files,
+    p: &Path,
+    links: u32,
+) -> std::result::Result<PathBuf, OsError> {
     let mut rest = Vec::new();
     let mut at = p;
     let base = loop {
-        if let Ok(c) = std::fs::canonicalize(at) {
-            break c;
+        match files.canonicalize(at) {
+            Ok(c) => break c,
+            Err(e) if absent(&e) => {}
+            Err(e) => return Err(e),
         }
-        if let (Ok(target), Some(parent), true) = (std::fs::read_link(at), at.parent(), links > 0) {
-            break resolved_within(&parent.join(target), links - 1);
+        // Not there as a whole: a symlink to what does not exist yet?
+        // (EINVAL: there, and no symlink.)
+        match files.read_link(at) {
+            Ok(target) => {
+                if let (Some(parent), true) = (at.parent(), links > 0) {
+                    break resolved_within(files, &parent.join(target), links - 1)?;
+                }
+            }
+            Err(e) if absent(&e) || e.errno() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
         }
         match (at.parent(), at.file_name()) {
             (Some(parent), Some(name)) => {
@@ -277,7 +307,7 @@ fn resolved_within(p: &Path, links: u32) -> PathBuf {
             c => norm.push(c),
         }
     }
-    norm
+    Ok(norm)
 }
 
 #[cfg(test)]
@@ -292,9 +322,11 @@ mod tests {
             std::fs::create_dir_all(data.join(s)).unwrap();
         }
         let p = Protected::new(
+            &RealFiles,
             &[data.join("state"), data.join("local"), data.join("block")],
             &[data.join("csi.sock")],
-        );
+        )
+        .unwrap();
         (d, p)
     }
 
@@ -403,7 +435,7 @@ mod tests {
         let base = std::fs::canonicalize(d.path()).unwrap();
         std::fs::create_dir(base.join("real")).unwrap();
         std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
-        let p = Protected::new(&[], &[]);
+        let p = Protected::new(&RealFiles, &[], &[]).unwrap();
         let (os, fake) = crate::os::Os::fake();
         let files = os.files.as_ref();
         let node = |v: &Path| p.check("target_path", &v.display().to_string()).unwrap();
@@ -429,11 +461,60 @@ mod tests {
         std::fs::create_dir_all(&real).unwrap();
         let link = d.path().join("local");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        let p = Protected::new(std::slice::from_ref(&link), &[]);
+        let p = Protected::new(&RealFiles, std::slice::from_ref(&link), &[]).unwrap();
         let r = full(&p, &real.join("vol").display().to_string());
         assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
         let ok = d.path().join("disk/pods/t");
         assert!(full(&p, &ok.display().to_string()).is_ok());
+    }
+
+    /// A root that cannot be resolved (realpath or readlink failing
+    /// otherwise than "not there": EIO, EACCES) is an error, never
+    /// protected as written only: before, the failure read as "not there
+    /// yet", the symlinked root was kept as its own spelling, and a target
+    /// where it leads passed. What is not there yet (ENOENT) is resolved
+    /// as before, also through a dangling symlink.
+    #[test]
+    fn a_root_that_cannot_be_resolved_is_an_error_never_unprotected() {
+        let d = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(d.path()).unwrap();
+        let real = base.join("disk/local");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = base.join("local");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let files = os.files.as_ref();
+        assert_eq!(resolved_fully(files, &link).unwrap(), real);
+        // Every look below `base` fails (a disk that stopped answering).
+        for errno in [libc::EIO, libc::EACCES] {
+            fake.fail_op_under("realpath", &base, errno);
+            fake.fail_op_under("readlink", &base, errno);
+            let e = Protected::new(files, std::slice::from_ref(&link), &[]).unwrap_err();
+            assert_eq!(e.errno(), Some(errno), "{e}");
+            fake.clear_file_faults();
+        }
+        // One failed realpath is enough.
+        fake.fail_next("realpath", libc::EIO);
+        let e = resolved_fully(files, &link).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EIO), "{e}");
+        // Not there yet: its parent resolved (realpath ENOENT, readlink
+        // ENOENT), and a dangling symlink followed (readlink answers).
+        let later = link.join("new/vol");
+        assert_eq!(resolved_fully(files, &later).unwrap(), real.join("new/vol"));
+        let dangling = base.join("dangling");
+        std::os::unix::fs::symlink(base.join("disk/to-be"), &dangling).unwrap();
+        assert_eq!(
+            resolved_fully(files, &dangling.join("x")).unwrap(),
+            base.join("disk/to-be/x")
+        );
+        // A readlink that fails otherwise than "not there" or "no
+        // symlink" (EINVAL) is an error too.
+        fake.fail_next("readlink", libc::EIO);
+        let e = resolved_fully(files, &dangling).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EIO), "{e}");
+        let p = Protected::new(files, std::slice::from_ref(&link), &[]).unwrap();
+        let r = full(&p, &real.join("vol").display().to_string());
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
     }
 
     #[test]

@@ -178,6 +178,9 @@ pub struct FakeOs {
     /// Extended attributes a test set (`set_xattr`): path and name.
     xattrs: Mutex<HashMap<(PathBuf, String), Vec<u8>>>,
     file_faults_under: Mutex<Vec<(Option<&'static str>, PathBuf, i32)>>,
+    /// Faults of one op under a path that let the first calls go
+    /// (`fail_op_under_after`): op, path, calls still let go, errno.
+    file_faults_after: Mutex<Vec<(&'static str, PathBuf, usize, i32)>>,
     /// Filesystem changes held until a test lets them go (`hold_op_under`).
     holds: Mutex<Vec<(&'static str, PathBuf, std::sync::Arc<OpHold>)>>,
     /// What `read_durable` answers for a path instead of the file's content
@@ -322,6 +325,7 @@ impl FakeOs {
             born: Mutex::new(HashMap::new()),
             xattrs: Mutex::new(HashMap::new()),
             file_faults_under: Mutex::new(Vec::new()),
+            file_faults_after: Mutex::new(Vec::new()),
             holds: Mutex::new(Vec::new()),
             durable: Mutex::new(HashMap::new()),
             busy_copies: Mutex::new(0),
@@ -542,8 +546,16 @@ impl FakeOs {
         }
     }
 
+    /// `fail_op_under`, letting the first `skip` such calls under `path`
+    /// go on unfailed (a second look at a path that fails where the first
+    /// answered).
+    pub fn fail_op_under_after(&self, op: &'static str, path: &Path, skip: usize, errno: i32) {
+        lock(&self.file_faults_after).push((op, path.to_path_buf(), skip, errno));
+    }
+
     pub fn clear_file_faults(&self) {
         lock(&self.file_faults_under).clear();
+        lock(&self.file_faults_after).clear();
         *lock(&self.file_fault_at) = None;
     }
 
@@ -556,6 +568,19 @@ impl FakeOs {
             .iter()
             .find(|(o, p, _)| o.map_or(any_op, |o| o == op) && path.starts_with(p))
             .map(|(_, _, errno)| *errno)
+            .or_else(|| {
+                let mut after = lock(&self.file_faults_after);
+                let (_, _, skip, errno) = after
+                    .iter_mut()
+                    .find(|(o, p, _, _)| *o == op && path.starts_with(p))?;
+                match skip.checked_sub(1) {
+                    Some(left) => {
+                        *skip = left;
+                        None
+                    }
+                    None => Some(*errno),
+                }
+            })
     }
 
     fn file_op(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
@@ -587,6 +612,20 @@ impl FakeOs {
             return fail(errno);
         }
         Ok(())
+    }
+
+    /// The error a fault set with `fail_op_under(op, ..)` gives the look
+    /// or read `op` at `path` (a read is no change: a fault for every op
+    /// under a path, `fail_files_under`, leaves it alone).
+    fn read_fault(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
+        match self.fault_under(op, path, false) {
+            Some(errno) => Err(OsError::sys(
+                op,
+                path,
+                std::io::Error::from_raw_os_error(errno),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Waits while a hold set with `hold_op_under(op, ..)` on a directory
@@ -1977,15 +2016,19 @@ impl Files for FakeOs {
         RealFiles.free_of_symlinks(dir)
     }
 
-    /// Fails as `fail_next("realpath", ..)` asks.
+    /// Fails as `fail_next("realpath", ..)` asks, and under a path given
+    /// to `fail_op_under("realpath", ..)`.
     fn canonicalize(&self, path: &Path) -> Result<PathBuf, OsError> {
         self.injected("realpath", path)?;
+        self.read_fault("realpath", path)?;
         RealFiles.canonicalize(path)
     }
 
-    /// Fails as `fail_next("readlink", ..)` asks.
+    /// Fails as `fail_next("readlink", ..)` asks, and under a path given
+    /// to `fail_op_under("readlink", ..)`.
     fn read_link(&self, path: &Path) -> Result<PathBuf, OsError> {
         self.injected("readlink", path)?;
+        self.read_fault("readlink", path)?;
         RealFiles.read_link(path)
     }
 
@@ -2037,9 +2080,25 @@ impl Files for FakeOs {
         RealFiles.flock(file, path, how)
     }
 
-    /// Fails as `fail_next("stat", ..)` asks.
+    /// Fails as `fail_next("connect", ..)` asks (the error the connect
+    /// gave), and under a path given to `fail_op_under("connect", ..)`.
+    fn socket_answers(&self, path: &Path) -> std::io::Result<bool> {
+        self.injected("connect", path).map_err(OsError::into_io)?;
+        self.read_fault("connect", path).map_err(OsError::into_io)?;
+        RealFiles.socket_answers(path)
+    }
+
+    /// Fails as `fail_next("getgrnam", ..)` asks.
+    fn group_id(&self, name: &str) -> Result<Option<u32>, OsError> {
+        self.injected("getgrnam", Path::new("/etc/group"))?;
+        RealFiles.group_id(name)
+    }
+
+    /// Fails as `fail_next("stat", ..)` asks, and under a path given to
+    /// `fail_op_under("stat", ..)`.
     fn stat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         self.injected("stat", path)?;
+        self.read_fault("stat", path)?;
         RealFiles.stat(path)
     }
 

@@ -8,8 +8,9 @@
 //! stat, read_dir, `list_names`, readlink, `read_regular`, getxattr: the
 //! state journal, the NFS share's directories, the CSI socket's path), the
 //! resolution of a node RPC's paths (`free_of_symlinks`, `canonicalize`),
-//! the CSI socket's bind, chmod and chown, and its directory locks
-//! (`open_dir`, `flock`) are behind it too, so a test can
+//! the CSI socket's bind, chmod and chown, its connect probe
+//! (`socket_answers`) and `--socket-group`'s lookup (`group_id`), and its
+//! directory locks (`open_dir`, `flock`) are behind it too, so a test can
 //! make them fail (the fake's `fail_next`); the fake does them for real,
 //! and tests make the state they read for real. Berth's own files are read
 //! with `read_regular` / `open_regular`, which never block on a FIFO,
@@ -272,6 +273,41 @@ pub trait Files: Send + Sync {
         how: nix::fcntl::FlockArg,
     ) -> Result<nix::fcntl::Flock<File>, (File, nix::errno::Errno)> {
         nix::fcntl::Flock::lock(file, how)
+    }
+    /// Whether a process listens on the unix socket `path` (`answers`:
+    /// one connect that never waits). Errors other than "refused" and "no
+    /// such file" are returned.
+    fn socket_answers(&self, path: &Path) -> std::io::Result<bool> {
+        socket_answers(path)
+    }
+    /// The id of the group named `name` (getgrnam_r: /etc/group or what
+    /// NSS asks); None when there is no such group.
+    fn group_id(&self, name: &str) -> Result<Option<u32>, OsError> {
+        nix::unistd::Group::from_name(name)
+            .map(|g| g.map(|g| g.gid.as_raw()))
+            .map_err(|e| OsError::sys("getgrnam", "/etc/group", e))
+    }
+}
+
+/// `Files::socket_answers`: whether a process listens on the unix socket
+/// `path`, asked with a connect that never waits: a listener whose backlog
+/// is full (a process that stopped accepting, such as a hung berth) makes
+/// a blocking connect wait until it accepts, which may be never. A full
+/// backlog (EAGAIN) is a listener; a refused connection (or no such file)
+/// is a leftover nobody serves on. Other errors are returned.
+pub fn socket_answers(path: &Path) -> std::io::Result<bool> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS) => Ok(true),
+        Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -952,6 +988,17 @@ pub fn ensure_dir_present(files: &dyn Files, path: &Path, mode: u32) -> Result<b
             std::io::Error::from_raw_os_error(libc::ENOTDIR),
         )),
         Err(_) => ensure_dir(files, path, mode),
+    }
+}
+
+/// The lstat of `path` through `files`, None when nothing is there
+/// (ENOENT); any other error is returned: a look that fails is a doubt,
+/// never "nothing there" (`Files::exists` reads every error as that).
+pub fn lstat_present(files: &dyn Files, path: &Path) -> Result<Option<std::fs::Metadata>, OsError> {
+    match files.lstat(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

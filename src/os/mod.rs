@@ -15,7 +15,7 @@
 //! | `blkid.rs`    | `blkid -p`: what is on a device                  |
 //! | `mkfs.rs`     | mkfs.ext4/xfs, resize2fs, xfs_growfs, wipefs     |
 //! | `copy.rs`     | snapshot copies: FICLONE or data ranges, whole trees with their metadata |
-//! | `files.rs`    | every filesystem change: mkdir, rename, remove, open, write, truncate, fallocate, fsync, chmod, chown, the CSI socket's bind; Berth's reads of its own files and directories (lstat, stat, read_dir, readlink, read_regular, getxattr), the node paths' resolution (openat2, realpath) and its directory locks (flock) |
+//! | `files.rs`    | every filesystem change: mkdir, rename, remove, open, write, truncate, fallocate, fsync, chmod, chown, the CSI socket's bind; Berth's reads of its own files and directories (lstat, stat, read_dir, readlink, read_regular, getxattr), the node paths' and its own directories' resolution (openat2, realpath, readlink), its directory locks (flock), the CSI socket's connect probe and `--socket-group`'s lookup (getgrnam) |
 //! | `nfsmount.rs` | `mount.nfs` / `umount` with checked options      |
 //! | `quota.rs`    | project quotas: quotactl_fd(2) and FS_IOC_FSGETXATTR/FSSETXATTR |
 //! | `bounded.rs`  | calls that may hang (statvfs of NFS) with a deadline |

@@ -546,8 +546,14 @@ pub struct Disk {
     pub dev: DeviceInfo,
 }
 
-/// Paths the `--disk-pool` entries name, in a stable order.
-pub fn expand(entries: &[String]) -> Vec<PathBuf> {
+/// Paths the `--disk-pool` entries name, in a stable order. Entries,
+/// directories and patterns are looked at and read through `files`. A
+/// directory or pattern that cannot be read (a listing or look that fails
+/// otherwise than ENOENT) names none of what it holds, and is said so (a
+/// warning): a disk the pool cannot be read for is not offered, nor erased
+/// (`outside_pool`). An entry that cannot be looked at is taken as a
+/// device's path (`inspect` decides), as before.
+pub fn expand(files: &dyn Files, entries: &[String]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
         if !e.starts_with('/') {
@@ -555,26 +561,61 @@ pub fn expand(entries: &[String]) -> Vec<PathBuf> {
             continue;
         }
         if e.contains(['*', '?', '[']) {
-            out.extend(glob(e));
+            out.extend(glob(files, e));
             continue;
         }
         let p = PathBuf::from(e);
-        if p.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(&p)
-                .map(|rd| rd.filter_map(|x| x.ok()).map(|x| x.path()).collect())
-                .unwrap_or_default();
-            v.sort();
-            out.extend(v);
-        } else {
-            out.push(p);
+        // Followed, as a directory of device links is named (a symlink to
+        // a directory is one).
+        match files.stat(&p) {
+            Ok(m) if m.is_dir() => {
+                let mut v = names_in(files, &p, e);
+                v.sort();
+                out.extend(v.into_iter().map(|n| p.join(n)));
+            }
+            Ok(_) => out.push(p),
+            Err(err) if matches!(err.errno(), Some(libc::ENOENT | libc::ENOTDIR)) => out.push(p),
+            Err(err) => {
+                // Whether it is a directory of devices cannot be told: it
+                // is taken as the path of one, which `inspect` looks at.
+                tracing::warn!(entry = %e, error = %chain(&err), "--disk-pool entry cannot be looked at; taken as a device's path (were it a directory, the disks in it are not listed)");
+                out.push(p);
+            }
         }
     }
     out
 }
 
-/// Expands `*`, `?` and `[...]` in the components of an absolute pattern.
-/// Names starting with a dot match only a pattern starting with one.
-pub fn glob(pattern: &str) -> Vec<PathBuf> {
+/// The names in the directory `dir` of the `--disk-pool` entry `entry`,
+/// read through `files`, as far as they can be read (a listing that breaks
+/// off is said so; a directory gone meanwhile holds nothing).
+fn names_in(files: &dyn Files, dir: &Path, entry: &str) -> Vec<std::ffi::OsString> {
+    let rd = match files.read_dir(dir) {
+        Ok(rd) => rd,
+        Err(err) if err.errno() == Some(libc::ENOENT) => return Vec::new(),
+        Err(err) => {
+            tracing::warn!(entry = %entry, dir = %dir.display(), error = %chain(&err), "a directory of --disk-pool cannot be listed; the disks in it are not listed");
+            return Vec::new();
+        }
+    };
+    let mut names = Vec::new();
+    for x in rd {
+        match x {
+            Ok(x) => names.push(x.file_name()),
+            Err(err) => {
+                tracing::warn!(entry = %entry, dir = %dir.display(), error = %err, "a directory of --disk-pool cannot be listed to its end; the disks after the break are not listed");
+                break;
+            }
+        }
+    }
+    names
+}
+
+/// Expands `*`, `?` and `[...]` in the components of an absolute pattern,
+/// reading directories through `files` (`expand`: what cannot be read
+/// names nothing, and is said so). Names starting with a dot match only a
+/// pattern starting with one.
+pub fn glob(files: &dyn Files, pattern: &str) -> Vec<PathBuf> {
     let mut current = vec![PathBuf::from("/")];
     for comp in pattern.split('/').filter(|c| !c.is_empty()) {
         let wild = comp.contains(['*', '?', '[']);
@@ -584,12 +625,8 @@ pub fn glob(pattern: &str) -> Vec<PathBuf> {
                 next.push(base.join(comp));
                 continue;
             }
-            let Ok(rd) = std::fs::read_dir(base) else {
-                continue;
-            };
-            let mut names: Vec<_> = rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name())
+            let mut names: Vec<_> = names_in(files, base, pattern)
+                .into_iter()
                 .filter(|n| {
                     let n = n.as_encoded_bytes();
                     (comp.starts_with('.') || !n.starts_with(b".")) && wildmatch(comp.as_bytes(), n)
@@ -602,7 +639,14 @@ pub fn glob(pattern: &str) -> Vec<PathBuf> {
     }
     current
         .into_iter()
-        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .filter(|p| match files.lstat(p) {
+            Ok(_) => true,
+            Err(err) if matches!(err.errno(), Some(libc::ENOENT | libc::ENOTDIR)) => false,
+            Err(err) => {
+                tracing::warn!(entry = %pattern, path = %p.display(), error = %chain(&err), "a path --disk-pool names cannot be looked at; it names no disk until it can");
+                false
+            }
+        })
         .collect()
 }
 
@@ -710,7 +754,7 @@ fn no_stable_name(listed: &Path) -> String {
 pub fn pool_disks(os: &Os, pool: &[String]) -> Vec<Disk> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for listed in expand(pool) {
+    for listed in expand(os.files.as_ref(), pool) {
         match os.devices.inspect(&listed) {
             Ok(dev) => {
                 if seen.insert((dev.major, dev.minor)) {
@@ -1172,11 +1216,11 @@ mod tests {
         }
         let base = d.display().to_string();
         assert_eq!(
-            expand(&[format!("{base}/d*")]),
+            expand(&crate::os::RealFiles, &[format!("{base}/d*")]),
             vec![d.join("d1"), d.join("d2")]
         );
         assert_eq!(
-            expand(std::slice::from_ref(&base)),
+            expand(&crate::os::RealFiles, std::slice::from_ref(&base)),
             vec![
                 d.join(".hidden"),
                 d.join("d1"),
@@ -1185,10 +1229,62 @@ mod tests {
             ]
         );
         assert_eq!(
-            expand(&[format!("{base}/other"), " ".into(), "relative/x".into()]),
+            expand(
+                &crate::os::RealFiles,
+                &[format!("{base}/other"), " ".into(), "relative/x".into()]
+            ),
             vec![d.join("other")]
         );
-        assert!(expand(&[format!("{base}/nothing*")]).is_empty());
+        assert!(expand(&crate::os::RealFiles, &[format!("{base}/nothing*")]).is_empty());
+    }
+
+    /// `--disk-pool` is read through the OS layer, and what cannot be read
+    /// names nothing of what it holds: a directory that cannot be listed
+    /// (its disks not listed, the others still), a pattern's directory
+    /// that cannot be listed, a match that cannot be looked at. An entry
+    /// that cannot be looked at is taken as a device's path, as a missing
+    /// one is (`inspect` then decides). Guard: the same answers as the
+    /// std calls gave on such errors before, now each with a warning.
+    #[test]
+    fn a_pool_that_cannot_be_read_names_nothing_of_what_it_holds() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, other) = (t.path().join("disks"), t.path().join("more"));
+        for (d, names) in [(&dir, ["d1", "d2"]), (&other, ["m1", "m2"])] {
+            std::fs::create_dir(d).unwrap();
+            for n in names {
+                std::fs::write(d.join(n), b"").unwrap();
+            }
+        }
+        let (os, fake) = crate::os::Os::fake();
+        let files = os.files.as_ref();
+        let both = [dir.display().to_string(), format!("{}/m*", other.display())];
+        let all = vec![
+            dir.join("d1"),
+            dir.join("d2"),
+            other.join("m1"),
+            other.join("m2"),
+        ];
+        assert_eq!(expand(files, &both), all);
+        // A directory that cannot be listed: its disks are not listed.
+        fake.fail_op_under("read_dir", &dir, libc::EIO);
+        assert_eq!(expand(files, &both), all[2..]);
+        fake.clear_file_faults();
+        // A pattern's directory that cannot be listed: nothing matches.
+        fake.fail_op_under("read_dir", &other, libc::EACCES);
+        assert_eq!(expand(files, &both), all[..2]);
+        fake.clear_file_faults();
+        // A match that cannot be looked at: not listed.
+        fake.fail_op_under("lstat", &other.join("m1"), libc::EIO);
+        assert_eq!(expand(files, &both), [&all[..2], &all[3..]].concat());
+        fake.clear_file_faults();
+        // An entry that cannot be looked at: a device's path, not listed
+        // as a directory.
+        fake.fail_next("stat", libc::EIO);
+        assert_eq!(
+            expand(files, &both),
+            [&[dir.clone()][..], &all[2..]].concat()
+        );
+        assert_eq!(expand(files, &both), all);
     }
 
     proptest::proptest! {

@@ -251,7 +251,13 @@ impl BlockKind {
         let area = self.root.join(SNAPSHOTS);
         ensure_dir(f, &area, 0o700)
             .map_err(|e| Error::os(format!("creating {}", area.display()), e))?;
-        if partial.exists() {
+        // What an earlier try left (its lstat: a symlink there is one, and
+        // goes, never what it leads to). A look that fails otherwise than
+        // ENOENT is a doubt, which stops the copy: never "nothing there".
+        if crate::os::files::lstat_present(f, &partial)
+            .map_err(|e| Error::os(format!("looking at {}", partial.display()), e))?
+            .is_some()
+        {
             f.remove_file(&partial)
                 .map_err(|e| Error::os(format!("removing {}", partial.display()), e))?;
         }
@@ -533,9 +539,18 @@ impl BlockKind {
             super::params::Pool::Disk => self.restore_onto_disk(rec, &src, info, copied),
         };
         if let Some(t) = &tmp {
-            // Moved into place already, unless the restore failed.
-            if t.exists() {
-                let _ = self.os.files.remove_file(t);
+            // Moved into place already, unless the restore failed. A look
+            // that fails otherwise than ENOENT is a doubt: the copy is left
+            // (start-up removes a temporary copy without a Ready record),
+            // and said so, never taken for gone.
+            match crate::os::files::lstat_present(self.os.files.as_ref(), t) {
+                Ok(Some(_)) => {
+                    let _ = self.os.files.remove_file(t);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(path = %t.display(), error = %crate::error::chain(&e), "whether a clone's temporary copy is left cannot be told; left for start-up to remove");
+                }
             }
         }
         r

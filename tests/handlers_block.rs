@@ -7752,3 +7752,67 @@ async fn a_delete_without_room_for_its_intent_frees_the_volumes_own_file() {
     assert!(!img(&h, &stuck).exists());
     assert_eq!(h.driver.store.get(&other).unwrap().phase, Phase::Ready);
 }
+
+/// A new file-backed volume of 4 MiB named `name`, for raw block: its id.
+async fn create_raw(h: &Harness, name: &str) -> String {
+    let req = csi::CreateVolumeRequest {
+        volume_capabilities: vec![raw_cap()],
+        ..create_req_p(name, 4 * MIB, &[])
+    };
+    let v = h
+        .ctl
+        .create_volume(Request::new(req))
+        .await
+        .expect("create");
+    v.into_inner().volume.expect("volume").volume_id
+}
+
+/// The mount a fake table shows at `p` (the top one).
+fn top_at(f: &FakeOs, p: &Path) -> berth::os::MountEntry {
+    f.table()
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == p)
+        .unwrap_or_else(|| panic!("nothing mounted at {}", p.display()))
+}
+
+/// A raw volume's staging bind (`<staging>/<id>`) swapped for another
+/// volume's device node after NodePublishVolume's checks and just before
+/// its bind: the pod's target gets the device that was checked, never
+/// the other (a bind by path gave it the other volume's device).
+#[tokio::test]
+async fn a_raw_publish_binds_the_staged_device_though_its_marker_is_swapped() {
+    use berth::os::Mounter;
+    let h = block(&[]);
+    let f = h.fake.clone().unwrap();
+    let mut staged = Vec::new();
+    for name in ["r1", "r2"] {
+        let id = create_raw(&h, name).await;
+        let s = h.path(&format!("s-{name}"));
+        std::fs::create_dir(&s).unwrap();
+        h.node
+            .node_stage_volume(Request::new(stage_with(&id, &s, raw_cap())))
+            .await
+            .unwrap();
+        staged.push((id.clone(), s.join(&id)));
+    }
+    let (id, marker) = staged[0].clone();
+    let (own, other) = (top_at(&f, &marker).root, top_at(&f, &staged[1].1).root);
+    assert_ne!(own, other);
+    let (f2, m2, dev2) = (f.clone(), marker.clone(), other.clone());
+    f.before_next("bind", move || {
+        f2.unmount(&m2).unwrap();
+        f2.bind(&dev2, &m2, berth::os::MountFlags::default())
+            .unwrap();
+    });
+    let t = h.path("t");
+    h.node
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest {
+            volume_capability: Some(raw_cap()),
+            ..publish_req(&id, marker.parent().unwrap(), &t, false)
+        }))
+        .await
+        .unwrap();
+    assert_eq!(top_at(&f, &marker).root, other, "the swap was made");
+    assert_eq!(top_at(&f, &t).root, own);
+}

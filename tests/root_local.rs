@@ -13,17 +13,21 @@ use berth::csi::v1::volume_capability::access_mode::Mode;
 use common::*;
 use tonic::{Code, Request};
 
-async fn create_and_stage(h: &Harness, name: &str) -> (String, std::path::PathBuf) {
-    assert!(is_root(), "root tests need root");
-    let id = h
-        .ctl
+/// A new local volume of 1 MiB named `name`: its id.
+async fn create_local(h: &Harness, name: &str) -> String {
+    h.ctl
         .create_volume(Request::new(create_req(name, 1 << 20)))
         .await
         .unwrap()
         .into_inner()
         .volume
         .unwrap()
-        .volume_id;
+        .volume_id
+}
+
+async fn create_and_stage(h: &Harness, name: &str) -> (String, std::path::PathBuf) {
+    assert!(is_root(), "root tests need root");
+    let id = create_local(h, name).await;
     let staging = h.path(&format!("staging-{name}"));
     std::fs::create_dir(&staging).unwrap();
     h.node
@@ -2459,4 +2463,244 @@ async fn a_removal_a_flag_stops_names_the_entry_that_carries_it_and_the_flag() {
         RealFiles.remove_tree(&top).unwrap();
         assert!(std::fs::symlink_metadata(&top).is_err());
     }
+}
+
+/// What a mount of the directory `dir` shows (device and root), from the
+/// real mount table.
+fn object_now(dir: &Path) -> (u32, u32, std::path::PathBuf) {
+    let t = berth::os::mountinfo::parse(&std::fs::read("/proc/self/mountinfo").unwrap()).unwrap();
+    berth::os::mountinfo::object_of(&t, dir).expect("a mount holds it")
+}
+
+/// NodeStageVolume binds the volume's directory through a descriptor of
+/// it (`/proc/self/fd/N`, opened without following a symlink): with the
+/// real kernel the staging mount shows the volume's directory itself
+/// (mountinfo's root, the same as before), a repeat is OK and adds no
+/// mount, and publish binds it on. A volume directory replaced by a
+/// symlink to a host directory is FAILED_PRECONDITION and nothing is
+/// mounted (a guard: the stage's lstat refused it before too).
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_stage_binds_the_volume_directory_itself_and_never_a_symlink_in_its_place() {
+    let (h, _g) = real(&[]);
+    let (id, staging) = create_and_stage(&h, "pinned").await;
+    let root = h.path("local");
+    std::fs::write(root.join(&id).join("f"), b"vol").unwrap();
+    let m = the_mount(&staging);
+    assert_eq!(
+        (m.major, m.minor, m.root.clone()),
+        object_now(&root.join(&id))
+    );
+    h.node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await
+        .expect("a repeat");
+    assert_eq!(the_mount(&staging).id, m.id, "no second mount");
+    assert_eq!(std::fs::read(staging.join("f")).unwrap(), b"vol");
+    let target = h.path("pod");
+    h.node
+        .node_publish_volume(Request::new(publish_req(&id, &staging, &target, false)))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(target.join("f")).unwrap(), b"vol");
+    unpublish_as_kubelet(&h, &id, &target).await.unwrap();
+    unstage_as_kubelet(&h, &id, &staging).await.unwrap();
+
+    let b = create_local(&h, "swapped").await;
+    let host = host_dir(&h);
+    let (dir, aside) = (root.join(&b), root.join(format!("{b}.aside")));
+    symlink_in_place(&dir, &aside, &host);
+    let sb = h.path("staging-swapped");
+    std::fs::create_dir(&sb).unwrap();
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&b, &sb)))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert!(mount_entries(&sb).is_empty());
+    assert!(mounts_of_dir(&host).is_empty());
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&aside, &dir).unwrap();
+    delete(&h, &b).await;
+    delete(&h, &id).await;
+}
+
+/// A host directory (`host` in the harness) with a file in it.
+fn host_dir(h: &Harness) -> std::path::PathBuf {
+    let host = h.path("host");
+    std::fs::create_dir(&host).unwrap();
+    std::fs::write(host.join("secret"), b"host").unwrap();
+    host
+}
+
+/// Moves the directory `dir` to `aside` and puts a symlink to `host` at
+/// its path.
+fn symlink_in_place(dir: &Path, aside: &Path, host: &Path) {
+    std::fs::rename(dir, aside).unwrap();
+    std::os::unix::fs::symlink(host, dir).unwrap();
+}
+
+/// Every mount showing the directory `dir`.
+fn mounts_of_dir(dir: &Path) -> Vec<berth::os::MountEntry> {
+    let obj = object_now(dir);
+    let t = berth::os::mountinfo::parse(&std::fs::read("/proc/self/mountinfo").unwrap()).unwrap();
+    berth::os::mountinfo::mounts_of(&t, &obj)
+        .into_iter()
+        .filter(|m| m.mount_point != dir)
+        .cloned()
+        .collect()
+}
+
+/// The real mounter, with a change made once just before its next bind:
+/// a path swapped by someone else after Berth's checks looked at it.
+struct SwapBeforeBind {
+    real: berth::os::RealMounter,
+    swap: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl berth::os::Mounter for SwapBeforeBind {
+    fn bind(
+        &self,
+        source: &Path,
+        target: &Path,
+        flags: berth::os::MountFlags,
+    ) -> Result<(), berth::os::OsError> {
+        let swap = self.swap.lock().unwrap().take();
+        if let Some(f) = swap {
+            f();
+        }
+        self.real.bind(source, target, flags)
+    }
+
+    fn mount_fs(
+        &self,
+        source: &Path,
+        target: &Path,
+        fstype: &str,
+        flags: berth::os::MountFlags,
+        data: &str,
+    ) -> Result<(), berth::os::OsError> {
+        self.real.mount_fs(source, target, fstype, flags, data)
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), berth::os::OsError> {
+        self.real.unmount(target)
+    }
+}
+
+/// A harness on the real kernel whose mounter makes a change just before
+/// its next bind (`SwapBeforeBind`), and its guard.
+fn swapping() -> (Harness, std::sync::Arc<SwapBeforeBind>, UnmountOnDrop) {
+    assert!(is_root(), "root tests need root");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_path_buf();
+    let swap = std::sync::Arc::new(SwapBeforeBind {
+        real: berth::os::RealMounter::new(),
+        swap: std::sync::Mutex::new(None),
+    });
+    let mut os = berth::os::Os::real();
+    os.mounter = swap.clone() as std::sync::Arc<dyn berth::os::Mounter>;
+    (build(dir, os, None, &[]), swap, UnmountOnDrop(base))
+}
+
+/// Volume b's directory mounted over volume a's staging mount just
+/// before NodePublishVolume's bind of a, with the real kernel, for a
+/// plain publish (mount(2)) and a read-only one (open_tree(2) and
+/// move_mount(2)): the target shows a's directory (both follow the
+/// staging path's descriptor to the mount opened), never b's (which a
+/// bind by path gave a's pod). a's staging mount taken away instead
+/// (`umount -l`, the descriptor keeps a plain umount off): the bind
+/// fails and nothing is mounted.
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_staging_mount_swapped_just_before_the_publish_bind_is_not_what_is_bound() {
+    let (h, swap, _g) = swapping();
+    let (a, sa) = create_and_stage(&h, "a").await;
+    let (b, sb) = create_and_stage(&h, "b").await;
+    let root = h.path("local");
+    for (ro, lazy) in [(false, false), (true, false), (false, true)] {
+        let target = h.path(&format!("pod-{ro}-{lazy}"));
+        let (sa2, bdir) = (sa.clone(), root.join(&b));
+        *swap.swap.lock().unwrap() = Some(Box::new(move || {
+            if lazy {
+                nix::mount::umount2(&sa2, nix::mount::MntFlags::MNT_DETACH).unwrap();
+            }
+            bind(&bdir, &sa2);
+        }));
+        let r = h
+            .node
+            .node_publish_volume(Request::new(publish_req(&a, &sa, &target, ro)))
+            .await;
+        assert!(swap.swap.lock().unwrap().is_none(), "the swap was made");
+        let shown = mount_entries(&target);
+        // a's staging mount back as it was before anything can fail.
+        unmount_settled(&sa);
+        if lazy {
+            bind(&root.join(&a), &sa);
+        }
+        assert_eq!(the_mount(&sa).root, object_now(&root.join(&a)).2);
+        if lazy {
+            assert!(r.is_err(), "{r:?}");
+            assert!(shown.is_empty(), "{shown:?}");
+            assert!(!target.exists());
+            continue;
+        }
+        r.expect("publish");
+        assert_eq!(shown.len(), 1, "{shown:?}");
+        let m = &shown[0];
+        assert_eq!(
+            (m.major, m.minor, m.root.clone()),
+            object_now(&root.join(&a)),
+            "ro {ro}"
+        );
+        assert_eq!(m.readonly(), ro);
+        unpublish_as_kubelet(&h, &a, &target).await.unwrap();
+    }
+    for (id, s) in [(&a, &sa), (&b, &sb)] {
+        unstage_as_kubelet(&h, id, s).await.unwrap();
+        delete(&h, id).await;
+    }
+}
+
+/// The volume's directory moved away and a symlink to a host directory
+/// put at its path after NodeStageVolume's checks and just before its
+/// bind, with the real kernel: the staging mount shows the volume's own
+/// directory (mount(2) follows the descriptor's magic link to the object
+/// opened), never the host directory (which a bind by path mounted into
+/// the pod before).
+#[tokio::test]
+#[ignore = "needs root and a private mount namespace: run tests/run-all.sh"]
+async fn a_volume_directory_swapped_just_before_the_stage_bind_is_still_what_is_bound() {
+    let (h, swap, _g) = swapping();
+    let id = create_local(&h, "swap").await;
+    let root = h.path("local");
+    let (vol, moved, host) = (
+        root.join(&id),
+        root.join(format!("{id}.moved")),
+        h.path("host"),
+    );
+    std::fs::write(vol.join("f"), b"vol").unwrap();
+    let (v, m, ho) = (vol.clone(), moved.clone(), host_dir(&h));
+    *swap.swap.lock().unwrap() = Some(Box::new(move || symlink_in_place(&v, &m, &ho)));
+    let staging = h.path("staging-swap");
+    std::fs::create_dir(&staging).unwrap();
+    let r = h
+        .node
+        .node_stage_volume(Request::new(stage_req(&id, &staging)))
+        .await;
+    assert!(swap.swap.lock().unwrap().is_none(), "the swap was made");
+    let shown = mount_entries(&staging);
+    // Taken down before any assertion can fail (the guard would too).
+    for _ in &shown {
+        unmount_settled(&staging);
+    }
+    r.expect("stage");
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    let m0 = &shown[0];
+    assert_eq!((m0.major, m0.minor, m0.root.clone()), object_now(&moved));
+    assert_ne!((m0.major, m0.minor, m0.root.clone()), object_now(&host));
+    std::fs::remove_file(&vol).unwrap();
+    std::fs::rename(&moved, &vol).unwrap();
+    unstage_as_kubelet(&h, &id, &staging).await.unwrap();
+    delete(&h, &id).await;
 }

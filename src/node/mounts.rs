@@ -279,11 +279,17 @@ pub fn refuse_staged_elsewhere(
 /// FAILED_PRECONDITION (`refuse_staged_elsewhere`), unless `staging` is
 /// where volume `id` is staged (`staged`). The path is recorded there just
 /// before the bind.
+///
+/// `seen` is the caller's lstat of `source`, which its checks judged: the
+/// bind is of that directory, never of what the path names by then. The
+/// directory is opened once (`pin_checked`) and bound through its
+/// descriptor; a symlink, or another directory, put at `source` since
+/// the look is FAILED_PRECONDITION and nothing is mounted.
 pub fn stage_bind(
     os: &Os,
     staged: &StagedAt,
     id: &str,
-    source: &Path,
+    (source, seen): (&Path, &std::fs::Metadata),
     staging: &Path,
 ) -> Result<()> {
     let t = table(os)?;
@@ -313,40 +319,96 @@ pub fn stage_bind(
         .map(|m| m.mount_point.clone())
         .collect();
     refuse_staged_elsewhere(staging, &elsewhere, || staged.is(id, staging))?;
+    let pinned = pin_checked(os, source, Checked::Seen(seen), true)?;
     staged.remember(id, staging);
     mount_on_staging_dir(os, staging, || {
         os.mounter
-            .bind(source, staging, MountFlags::default())
+            .bind(&pinned.path(), staging, MountFlags::default())
             .map_err(|e| Error::os(format!("staging at {}", staging.display()), e))
     })
 }
 
-/// The object staged at `staging`, if the top mount there is `expected` (or
-/// any object when `expected` is None).
-pub fn staged_object(
+/// What a caller's checks saw at a path it is about to bind from.
+#[derive(Debug, Clone, Copy)]
+pub enum Checked<'a> {
+    /// The object an lstat of the path showed (type, device, inode).
+    Seen(&'a std::fs::Metadata),
+    /// A mount root showing this device and inode (the mount-root and
+    /// identity probes: a bind of a volume's directory).
+    Shows((u64, u64)),
+    /// The top mount at the path, by its id (mountinfo's first field).
+    Mount(u32),
+}
+
+impl Checked<'_> {
+    /// Whether the opened object `p` is what was checked. A mount whose
+    /// id the kernel cannot tell (before 5.8) is taken for the one
+    /// checked unless it is no mount root at all: as before, the checks
+    /// decide alone there.
+    fn holds(self, p: &crate::os::pin::Pinned) -> bool {
+        match self {
+            Checked::Seen(m) => p.is(m),
+            Checked::Shows(id) => p.mount_root() == Some(true) && p.identity() == id,
+            Checked::Mount(id) => match p.mount_id() {
+                Some(_) => p.is_root_of(u64::from(id)),
+                None => p.mount_root() != Some(false),
+            },
+        }
+    }
+}
+
+/// `path` opened once (`Files::pin`, never through a symlink at it) for
+/// a bind through its descriptor, when it is still what the caller's
+/// checks judged (`checked`). A symlink, another object or another mount
+/// put at `path` since (by hand, or by anyone who can write its parent)
+/// is FAILED_PRECONDITION and nothing is mounted: a bind by path would
+/// have bound whatever is there by then. `dir`: the object must be a
+/// directory.
+pub fn pin_checked(
     os: &Os,
-    t: &[MountEntry],
+    path: &Path,
+    checked: Checked<'_>,
+    dir: bool,
+) -> Result<crate::os::pin::Pinned> {
+    let changed = || {
+        Error::WrongState(format!(
+            "{} was replaced while it was being mounted (a symlink, another object or another mount is there now, not the one checked); nothing was mounted, retry",
+            path.display()
+        ))
+    };
+    let p = os.files.pin(path, dir).map_err(|e| match e.errno() {
+        Some(libc::ELOOP | libc::ENOTDIR | libc::ENOENT) => changed(),
+        _ => Error::os(format!("opening {}", path.display()), e),
+    })?;
+    if !checked.holds(&p) {
+        return Err(changed());
+    }
+    Ok(p)
+}
+
+/// The top mount at `staging`, if it shows `expected` (or any object when
+/// `expected` is None).
+pub fn staged_entry<'a>(
+    os: &Os,
+    t: &'a [MountEntry],
     staging: &Path,
     expected: Option<&Object>,
-) -> Result<Object> {
-    let top = at(os, t, staging)
-        .last()
-        .map(|e| object(e))
-        .ok_or_else(|| {
-            Error::WrongState(format!(
-                "volume is not staged at {} (call NodeStageVolume first)",
-                staging.display()
-            ))
-        })?;
+) -> Result<&'a MountEntry> {
+    let entry = at(os, t, staging).last().copied().ok_or_else(|| {
+        Error::WrongState(format!(
+            "volume is not staged at {} (call NodeStageVolume first)",
+            staging.display()
+        ))
+    })?;
     if let Some(exp) = expected {
-        if &top != exp {
+        if &object(entry) != exp {
             return Err(Error::WrongState(format!(
                 "{} holds a different volume",
                 staging.display()
             )));
         }
     }
-    Ok(top)
+    Ok(entry)
 }
 
 /// Publishes by bind-mounting the staged volume into `target`, read-only
@@ -361,6 +423,13 @@ pub fn staged_object(
 /// showing the source directory itself (same device and inode: a bind of
 /// that directory), and the access mode allows several targets. Anything
 /// else, or any probe that cannot tell, is decided from mountinfo.
+///
+/// The bind is of what those checks saw at the staging path, never of
+/// what the path shows by then: the staging path is opened once after
+/// them (`pin_checked`: the mount root showing the source's identity, or
+/// the top mount mountinfo showed there, by its id) and bound through its
+/// descriptor; another mount or object there meanwhile is
+/// FAILED_PRECONDITION and nothing is mounted.
 pub fn publish_bind(
     os: &Os,
     expected: impl FnOnce(&[MountEntry]) -> Option<Object>,
@@ -372,37 +441,37 @@ pub fn publish_bind(
 ) -> Result<()> {
     let mut flags = bind_flags(cap)?;
     flags.readonly |= readonly || cap.access_mode.read_only();
-    let bind = || {
+    let bind = |checked: Checked<'_>| {
+        let p = pin_checked(os, staging, checked, true)?;
         os.mounter
-            .bind(staging, target, flags)
+            .bind(&p.path(), target, flags)
             .map_err(|e| Error::os(format!("publishing at {}", target.display()), e))
     };
-    if let Some(src) = source {
-        // The staging path's two answers from one look (one statx).
-        if !cap.access_mode.single_target()
-            && matches!(os.probe.root_and_identity(staging),
-                (Some(true), Some(id)) if os.probe.identity(src) == Some(id))
-        {
-            // The target's directory first: one made here has nothing
-            // mounted on it, which the mount-root probe would ask; one that
-            // was there is probed. Anything else (a mount there, a probe
-            // that cannot tell, a target that cannot be made) goes through
-            // the mount table below, as before.
-            match ensure_dir(os, target) {
-                Ok(true) => return mount_on(os, target, true, bind),
-                Ok(false) if os.probe.mount_root(target) == Some(false) => {
-                    return mount_on(os, target, false, bind)
-                }
-                _ => {}
+    // The staging path's two answers from one look (one statx).
+    let shown = source
+        .filter(|_| !cap.access_mode.single_target())
+        .and_then(|src| shows_dir(os, staging, src));
+    if let Some(id) = shown {
+        // The target's directory first: one made here has nothing
+        // mounted on it, which the mount-root probe would ask; one that
+        // was there is probed. Anything else (a mount there, a probe
+        // that cannot tell, a target that cannot be made) goes through
+        // the mount table below, as before.
+        let checked = Checked::Shows(id);
+        match ensure_dir(os, target) {
+            Ok(true) => return mount_on(os, target, true, || bind(checked)),
+            Ok(false) if os.probe.mount_root(target) == Some(false) => {
+                return mount_on(os, target, false, || bind(checked))
             }
+            _ => {}
         }
     }
     let t = table(os)?;
     let exp = expected(&t);
-    let obj = staged_object(os, &t, staging, exp.as_ref())?;
+    let staged = staged_entry(os, &t, staging, exp.as_ref())?;
+    let obj = object(staged);
     if let Some(top) = at(os, &t, target).last() {
-        let staged = at(os, &t, staging).last().copied();
-        if object(top) == obj && has_flags(top, flags, staged) {
+        if object(top) == obj && has_flags(top, flags, Some(staged)) {
             return Ok(());
         }
         return Err(Error::Conflict(format!(
@@ -413,7 +482,17 @@ pub fn publish_bind(
     if cap.access_mode.single_target() {
         refuse_second_target(os, &t, &obj, staging, target)?;
     }
-    mount_on_dir(os, target, bind)
+    mount_on_dir(os, target, || bind(Checked::Mount(staged.id)))
+}
+
+/// The identity the staging path shows when it is a mount root showing
+/// the directory `src` itself (a bind of it); None otherwise, or when a
+/// probe cannot tell.
+fn shows_dir(os: &Os, staging: &Path, src: &Path) -> Option<(u64, u64)> {
+    match os.probe.root_and_identity(staging) {
+        (Some(true), Some(id)) if os.probe.identity(src) == Some(id) => Some(id),
+        _ => None,
+    }
 }
 
 /// The mounts of `obj` other than those at `paths` and the kernel's copies
@@ -894,6 +973,12 @@ mod tests {
         }
     }
 
+    /// `stage_bind` of the directory `src` as an lstat of it shows it now.
+    fn stage(e: &Env, id: &str, src: &Path, staging: &Path) -> Result<()> {
+        let seen = std::fs::symlink_metadata(src).unwrap();
+        stage_bind(&e.os, &e.staged, id, (src, &seen), staging)
+    }
+
     /// `p` as a volume directory of a root where `vol-*` names volumes.
     fn vol(p: &Path) -> VolumeDir<'_> {
         VolumeDir {
@@ -942,7 +1027,7 @@ mod tests {
         let e = env();
         let (a, b) = (e.root.join("vol-a"), e.root.join("vol-b"));
         let (staging, t1, t2) = (e.root.join("stage"), e.root.join("t1"), e.root.join("t2"));
-        stage_bind(&e.os, &e.staged, "vol", &a, &staging).unwrap();
+        stage(&e, "vol", &a, &staging).unwrap();
         let exp = |dir: &Path| {
             let dir = dir.to_path_buf();
             move |t: &[MountEntry]| mountinfo::object_of(t, &dir)
@@ -979,8 +1064,10 @@ mod tests {
     fn stage_reads_the_table_once_and_binds() {
         let e = env();
         let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
-        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
+        stage(&e, "vol", &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 1);
+        // The directory opened once, and bound through that descriptor.
+        assert_eq!(e.fake.pins(), std::slice::from_ref(&src));
         assert_eq!(
             e.fake.calls(),
             vec![Call::Bind {
@@ -989,24 +1076,167 @@ mod tests {
                 flags: MountFlags::default(),
             }]
         );
+        assert_eq!(shown_at(&e.fake, &staging), src);
         assert!(staging.is_dir(), "the staging directory is created");
         // A repeat finds the mount (one read) and adds none.
         e.fake.clear_calls();
-        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
+        stage(&e, "vol", &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 1);
         assert_eq!(binds(&e.fake), 0);
         assert_eq!(at(&e.fake, &staging), 1);
+    }
+
+    /// The directory the one mount at `p` shows (its mountinfo root).
+    fn shown_at(f: &FakeOs, p: &Path) -> PathBuf {
+        let t = f.table();
+        let v: Vec<_> = t.iter().filter(|m| m.mount_point == p).collect();
+        assert_eq!(v.len(), 1, "{v:?}");
+        v[0].root.clone()
+    }
+
+    /// Moves the directory `dir` to `moved` and puts `with` at its path:
+    /// a symlink to `host` when `with` is "symlink", else a new directory.
+    fn swap(dir: &Path, moved: &Path, with: &'static str, host: &Path) {
+        std::fs::rename(dir, moved).unwrap();
+        match with {
+            "symlink" => std::os::unix::fs::symlink(host, dir).unwrap(),
+            _ => std::fs::create_dir(dir).unwrap(),
+        }
+    }
+
+    /// Stages `vol-a` at `stage` with `vol-a` swapped at the next call of
+    /// `op`, after the caller's look (moved to `vol-a.moved`, and a
+    /// symlink to `vol-b` or a new directory put at its path, as `with`
+    /// says): the env and the stage's answer.
+    fn stage_swapped_at(op: &'static str, with: &'static str) -> (Env, Result<()>) {
+        let e = env();
+        let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
+        let (moved, host) = (e.root.join("vol-a.moved"), e.root.join("vol-b"));
+        let seen = std::fs::symlink_metadata(&src).unwrap();
+        e.fake
+            .before_next(op, move || swap(&src, &moved, with, &host));
+        let r = stage_bind(
+            &e.os,
+            &e.staged,
+            "vol",
+            (&e.root.join("vol-a"), &seen),
+            &staging,
+        );
+        assert!(
+            e.root.join("vol-a.moved").is_dir(),
+            "{with}: the swap was made"
+        );
+        (e, r)
+    }
+
+    /// The volume's directory swapped (moved away, a symlink to a host
+    /// directory or another directory put at its path) after the stage's
+    /// checks looked at it and before its bind: the mount shows the
+    /// directory that was checked, wherever it is now, never what the
+    /// path names by then. (A bind by path bound the host directory.)
+    #[test]
+    fn a_stage_binds_the_directory_it_checked_though_its_path_is_swapped() {
+        for with in ["symlink", "directory"] {
+            let (e, r) = stage_swapped_at("bind", with);
+            r.unwrap();
+            let shown = shown_at(&e.fake, &e.root.join("stage"));
+            assert_eq!(shown, e.root.join("vol-a.moved"), "{with}");
+        }
+    }
+
+    /// The volume's directory swapped between the checks' look (the
+    /// caller's lstat) and the stage's open of it (here, while the mount
+    /// table is read): a symlink there, or another directory, is
+    /// FAILED_PRECONDITION; nothing is mounted and the staging path is not
+    /// recorded as the volume's. (A bind by path bound what was there.)
+    #[test]
+    fn a_stage_refuses_a_directory_swapped_before_it_was_opened() {
+        for with in ["symlink", "directory"] {
+            let (e, r) = stage_swapped_at("mounts", with);
+            assert!(
+                matches!(&r, Err(Error::WrongState(m)) if m.contains("replaced")),
+                "{with}: {r:?}"
+            );
+            let staging = e.root.join("stage");
+            assert_eq!((binds(&e.fake), at(&e.fake, &staging)), (0, 0), "{with}");
+            assert!(!e.staged.is("vol", &staging), "{with}");
+            assert!(!staging.exists(), "{with}");
+        }
+    }
+
+    /// Takes the mount at `staging` off and binds `dir` there instead:
+    /// the staging mount swapped by someone else.
+    fn remount_staging(os: &Os, staging: &Path, dir: &Path) {
+        os.mounter.unmount(staging).unwrap();
+        os.mounter
+            .bind(dir, staging, MountFlags::default())
+            .unwrap();
+    }
+
+    /// Publishes `vol-a`, staged at `stage`, at `t` with `mode`, its
+    /// staging mount swapped for `vol-b`'s at the next call of `op`: the
+    /// env and the publish's answer.
+    fn publish_swapped_at(op: &'static str, mode: crate::state::AccessMode) -> (Env, Result<()>) {
+        let e = env();
+        let (a, b) = (e.root.join("vol-a"), e.root.join("vol-b"));
+        let (staging, target) = (e.root.join("stage"), e.root.join("t"));
+        stage(&e, "vol", &a, &staging).unwrap();
+        let (os, st, bb) = (e.os.clone(), staging.clone(), b.clone());
+        e.fake
+            .before_next(op, move || remount_staging(&os, &st, &bb));
+        let exp = |t: &[MountEntry]| mountinfo::object_of(t, &a);
+        let r = publish_bind(&e.os, exp, Some(&a), &staging, &target, &cap(mode), false);
+        assert_eq!(
+            shown_at(&e.fake, &staging),
+            b,
+            "{mode:?}: the swap was made"
+        );
+        (e, r)
+    }
+
+    /// The staging mount swapped for another volume's directory after a
+    /// publish's checks and just before its bind (probes, or mountinfo for
+    /// a single-target volume): the target shows the volume that was
+    /// checked, never the other. (A bind by path bound the other.)
+    #[test]
+    fn a_publish_binds_the_staging_mount_it_checked_though_it_is_swapped() {
+        use crate::state::AccessMode::{SingleNodeSingleWriter, SingleNodeWriter};
+        for mode in [SingleNodeWriter, SingleNodeSingleWriter] {
+            let (e, r) = publish_swapped_at("bind", mode);
+            r.unwrap();
+            let shown = shown_at(&e.fake, &e.root.join("t"));
+            assert_eq!(shown, e.root.join("vol-a"), "{mode:?}");
+        }
+    }
+
+    /// The staging mount swapped between a publish's checks and its open
+    /// of the staging path (here, while the target's directory is made):
+    /// FAILED_PRECONDITION, nothing mounted, the target made for it gone.
+    /// (A bind by path bound the other volume.)
+    #[test]
+    fn a_publish_refuses_a_staging_mount_swapped_before_it_was_opened() {
+        use crate::state::AccessMode::{SingleNodeSingleWriter, SingleNodeWriter};
+        for mode in [SingleNodeWriter, SingleNodeSingleWriter] {
+            let (e, r) = publish_swapped_at("mkdir", mode);
+            assert!(
+                matches!(&r, Err(Error::WrongState(m)) if m.contains("replaced")),
+                "{mode:?}: {r:?}"
+            );
+            let target = e.root.join("t");
+            assert_eq!(at(&e.fake, &target), 0, "{mode:?}");
+            assert!(!target.exists(), "{mode:?}");
+        }
     }
 
     #[test]
     fn stage_where_another_volume_is_mounted_is_already_exists() {
         let e = env();
         let staging = e.root.join("stage");
-        stage_bind(&e.os, &e.staged, "other", &e.root.join("vol-b"), &staging).unwrap();
+        stage(&e, "other", &e.root.join("vol-b"), &staging).unwrap();
         for unknown in [false, true] {
             e.fake.set_probe_unknown(&staging, unknown);
             e.fake.clear_calls();
-            let r = stage_bind(&e.os, &e.staged, "vol", &e.root.join("vol-a"), &staging);
+            let r = stage(&e, "vol", &e.root.join("vol-a"), &staging);
             assert!(matches!(r, Err(Error::Conflict(_))), "{r:?}");
             assert_eq!(e.fake.table_reads(), 1);
             assert_eq!(binds(&e.fake), 0);
@@ -1019,10 +1249,10 @@ mod tests {
         let e = env();
         let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
         e.fake.set_probe_unknown(&staging, true);
-        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
+        stage(&e, "vol", &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 1);
         assert_eq!(binds(&e.fake), 1);
-        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
+        stage(&e, "vol", &src, &staging).unwrap();
         assert_eq!(e.fake.table_reads(), 2);
         assert_eq!(binds(&e.fake), 1, "idempotent");
     }
@@ -1039,15 +1269,15 @@ mod tests {
             e.root.join("stage"),
             e.root.join("stage2"),
         );
-        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
-        let r = stage_bind(&e.os, &e.staged, "vol", &src, &other);
+        stage(&e, "vol", &src, &staging).unwrap();
+        let r = stage(&e, "vol", &src, &other);
         assert!(
             matches!(&r, Err(Error::WrongState(m)) if m.contains("stage")),
             "{r:?}"
         );
         assert_eq!(at(&e.fake, &other), 0);
         unstage(&e.os, &staging, Some(&vol(&src))).unwrap();
-        stage_bind(&e.os, &e.staged, "vol", &src, &other).unwrap();
+        stage(&e, "vol", &src, &other).unwrap();
         assert_eq!(at(&e.fake, &other), 1);
         unstage(&e.os, &other, Some(&vol(&src))).unwrap();
         assert_eq!(at(&e.fake, &other), 0);
@@ -1056,7 +1286,7 @@ mod tests {
     /// A target with the publish bind and one more stacked on it.
     fn stacked(e: &Env) -> PathBuf {
         let (staging, target) = (e.root.join("stage"), e.root.join("target"));
-        stage_bind(&e.os, &e.staged, "vol", &e.root.join("vol-a"), &staging).unwrap();
+        stage(e, "vol", &e.root.join("vol-a"), &staging).unwrap();
         std::fs::create_dir(&target).unwrap();
         for _ in 0..2 {
             e.os.mounter
@@ -1126,7 +1356,7 @@ mod tests {
     fn unstage_reads_once_and_not_at_all_when_nothing_is_staged() {
         let e = env();
         let (src, staging) = (e.root.join("vol-a"), e.root.join("stage"));
-        stage_bind(&e.os, &e.staged, "vol", &src, &staging).unwrap();
+        stage(&e, "vol", &src, &staging).unwrap();
         let target = e.root.join("target");
         std::fs::create_dir(&target).unwrap();
         e.os.mounter

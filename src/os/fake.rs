@@ -23,6 +23,9 @@ use super::{FsStats, FsUsage, MountFlags, Mounter, OsError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     Bind {
+        /// What the bind reached, as mount(2) follows it (a symlink at
+        /// the source followed; a descriptor's `/proc/self/fd/N`, a
+        /// `Files::pin`, as the path of the object it holds).
         source: PathBuf,
         target: PathBuf,
         flags: MountFlags,
@@ -114,6 +117,7 @@ struct NfsNaming {
     links: Vec<(String, String)>,
 }
 type Responder = Box<dyn Fn(&[String]) -> Option<CmdReply> + Send>;
+type Hook = Box<dyn FnOnce() + Send>;
 
 pub struct FakeOs {
     calls: Mutex<Vec<Call>>,
@@ -191,6 +195,15 @@ pub struct FakeOs {
     busy_copies: Mutex<u32>,
     /// Paths looked at with `Files::lstat`, in order.
     lstats: Mutex<Vec<PathBuf>>,
+    /// Paths opened with `Files::pin`, in order.
+    pins: Mutex<Vec<PathBuf>>,
+    /// The mount each pin of a path with a mount on it opened, by the
+    /// pin's `/proc/self/fd/N`: what a bind through it binds, whatever is
+    /// mounted at that path by then.
+    pinned_mounts: Mutex<HashMap<PathBuf, MountEntry>>,
+    /// What runs at the next call of an op, before it does anything
+    /// (`before_next`): a change made between Berth's look and its act.
+    hooks: Mutex<Vec<(&'static str, Hook)>>,
     /// `Files::lstat` of these paths sleeps this long first (a disk that
     /// stopped answering).
     lstat_delays: Mutex<HashMap<PathBuf, Duration>>,
@@ -330,6 +343,9 @@ impl FakeOs {
             durable: Mutex::new(HashMap::new()),
             busy_copies: Mutex::new(0),
             lstats: Mutex::new(Vec::new()),
+            pins: Mutex::new(Vec::new()),
+            pinned_mounts: Mutex::new(HashMap::new()),
+            hooks: Mutex::new(Vec::new()),
             lstat_delays: Mutex::new(HashMap::new()),
             pretended_writes: Mutex::new(HashMap::new()),
             quota_state: Mutex::new(Err(libc::ENOSYS)),
@@ -459,6 +475,18 @@ impl FakeOs {
     /// in `file_ops`, and no file fault hits it).
     pub fn lstats(&self) -> Vec<PathBuf> {
         lock(&self.lstats).clone()
+    }
+
+    /// Every path opened with `Files::pin` so far (a look, not a change).
+    pub fn pins(&self) -> Vec<PathBuf> {
+        lock(&self.pins).clone()
+    }
+
+    /// Runs `f` at the next call of `op` (any op `fail_next` names, and
+    /// "lstat" and "pin"), before that call does anything: a path swapped
+    /// by someone else between Berth's look at it and its use.
+    pub fn before_next(&self, op: &'static str, f: impl FnOnce() + Send + 'static) {
+        lock(&self.hooks).push((op, Box::new(f)));
     }
 
     /// Every filesystem change made through `Files` so far.
@@ -1158,6 +1186,23 @@ impl FakeOs {
     }
 
     fn injected(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
+        self.run_hook(op);
+        self.failed(op, path)
+    }
+
+    /// Runs the hook `before_next(op, ..)` set, if any.
+    fn run_hook(&self, op: &'static str) {
+        let hook = {
+            let mut h = lock(&self.hooks);
+            h.iter().position(|(o, _)| *o == op).map(|i| h.remove(i).1)
+        };
+        if let Some(f) = hook {
+            f();
+        }
+    }
+
+    /// The failure `fail_next(op, ..)` queued, if any.
+    fn failed(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
         if let Some(errno) = lock(&self.failures).get_mut(op).and_then(|q| q.pop_front()) {
             return Err(OsError::sys(
                 op,
@@ -1196,6 +1241,17 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
+/// What a bind mount's `source` reaches, as mount(2) looks it up: a
+/// symlink at it followed, and a descriptor's magic link
+/// (`/proc/self/fd/N`, `Files::pin`) to the object opened, wherever that
+/// is now; as `resolved` when it does not exist.
+fn followed(source: &Path) -> PathBuf {
+    if source.starts_with("/proc/self/fd") {
+        return through_fd(source);
+    }
+    std::fs::canonicalize(source).unwrap_or_else(|_| resolved(source))
+}
+
 /// A path through a directory descriptor (`/proc/self/fd/N/rest`, as the
 /// NFS controller builds them) as the real path it names, so recorded
 /// operations and `fail_files_under` see real paths.
@@ -1212,6 +1268,7 @@ fn through_fd(path: &Path) -> PathBuf {
         return path.to_path_buf();
     };
     match std::fs::read_link(fd_dir.join(n)) {
+        Ok(dir) if c.as_path().as_os_str().is_empty() => dir,
         Ok(dir) => dir.join(c.as_path()),
         Err(_) => path.to_path_buf(),
     }
@@ -1222,26 +1279,37 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Mounter for FakeOs {
+    /// Recorded with the source as the kernel reaches it (`followed`: a
+    /// symlink followed, a descriptor's `/proc/self/fd/N` as the object
+    /// it holds), after a hook `before_next("bind", ..)` ran.
     fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> Result<(), OsError> {
+        self.run_hook("bind");
+        let pinned = lock(&self.pinned_mounts).get(source).cloned();
+        let source = &followed(source);
         lock(&self.calls).push(Call::Bind {
-            source: source.into(),
+            source: source.clone(),
             target: target.into(),
             flags,
         });
-        self.injected("bind", target)?;
+        self.failed("bind", target)?;
         let id = self.alloc_id();
-        let source = &resolved(source);
         let t = lock(&self.table);
-        let (major, minor, root) = mountinfo::object_of(&t, source).ok_or_else(|| {
-            OsError::sys(
-                "bind mount",
-                source,
-                std::io::Error::from_raw_os_error(libc::ENOENT),
-            )
-        })?;
-        let (fs_type, src) = mountinfo::containing(&t, source)
-            .map(|m| (m.fs_type.clone(), m.source.clone()))
-            .unwrap_or_default();
+        let (major, minor, root, fs_type, src) = match pinned {
+            Some(m) => (m.major, m.minor, m.root, m.fs_type, m.source),
+            None => {
+                let (major, minor, root) = mountinfo::object_of(&t, source).ok_or_else(|| {
+                    OsError::sys(
+                        "bind mount",
+                        source,
+                        std::io::Error::from_raw_os_error(libc::ENOENT),
+                    )
+                })?;
+                let (fs_type, src) = mountinfo::containing(&t, source)
+                    .map(|m| (m.fs_type.clone(), m.source.clone()))
+                    .unwrap_or_default();
+                (major, minor, root, fs_type, src)
+            }
+        };
         drop(t);
         self.push_mount(MountEntry {
             id,
@@ -1995,6 +2063,36 @@ impl Files for FakeOs {
             ));
         }
         RealFiles.lstat(path)
+    }
+
+    /// Recorded (`pins`); runs a hook set with `before_next("pin", ..)`
+    /// first, and fails as `fail_next("pin", ..)` asks. The path itself is
+    /// opened for real; the fake's mounts are then taken as the kernel
+    /// takes mounts: a path with one on it opens as that mount's root
+    /// (its identity what the mount shows, as `identity` has it), and
+    /// a bind through the pin binds that mount (`pinned_mounts`).
+    fn pin(&self, path: &Path, dir: bool) -> Result<super::pin::Pinned, OsError> {
+        lock(&self.pins).push(path.to_path_buf());
+        self.injected("pin", path)?;
+        let mut p = RealFiles.pin(path, dir)?;
+        let real = resolved(path);
+        let t = lock(&self.table);
+        match t.iter().rev().find(|m| m.mount_point == real) {
+            Some(m) => {
+                p.mount_root = Some(true);
+                p.mount_id = Some(u64::from(m.id));
+                if let Ok(shown) = std::fs::symlink_metadata(&m.root) {
+                    p.id = (shown.dev(), shown.ino());
+                }
+                lock(&self.pinned_mounts).insert(p.path(), m.clone());
+            }
+            None => {
+                p.mount_root = Some(false);
+                p.mount_id = mountinfo::containing(&t, &real).map(|m| u64::from(m.id));
+                lock(&self.pinned_mounts).remove(&p.path());
+            }
+        }
+        Ok(p)
     }
 
     /// What `set_xattr` set, else the real attribute; fails as

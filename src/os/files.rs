@@ -171,6 +171,13 @@ pub trait Files: Send + Sync {
     fn lstat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         std::fs::symlink_metadata(path).map_err(sys("lstat", path))
     }
+    /// `path` itself held open by an `O_PATH` descriptor, never through
+    /// a symlink at it (`O_NOFOLLOW`; `O_DIRECTORY` when `dir`), with its
+    /// fstat (`pin::pin`): what a bind mount then binds through
+    /// `Pinned::path`, whatever is put at `path` meanwhile.
+    fn pin(&self, path: &Path, dir: bool) -> Result<super::pin::Pinned, OsError> {
+        super::pin::pin(path, dir)
+    }
     /// The metadata of what `path` names, a symlink followed (stat).
     fn stat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         std::fs::metadata(path).map_err(sys("stat", path))

@@ -17,6 +17,7 @@
 //! | `copy.rs`     | snapshot copies: FICLONE or data ranges, whole trees with their metadata |
 //! | `files.rs`    | every filesystem change: mkdir, rename, remove, open, write, truncate, fallocate, fsync, chmod, chown, the CSI socket's bind; Berth's reads of its own files and directories (lstat, stat, read_dir, readlink, read_regular, getxattr), the node paths' and its own directories' resolution (openat2, realpath, readlink), its directory locks (flock), the CSI socket's connect probe and `--socket-group`'s lookup (getgrnam) |
 //! | `nfsmount.rs` | `mount.nfs` / `umount` with checked options      |
+//! | `pin.rs`      | one object held by an O_PATH descriptor (open O_NOFOLLOW, fstat), bound through `/proc/self/fd/<n>` |
 //! | `quota.rs`    | project quotas: quotactl_fd(2) and FS_IOC_FSGETXATTR/FSSETXATTR |
 //! | `bounded.rs`  | calls that may hang (statvfs of NFS) with a deadline |
 //! | `fake.rs`     | the recording fake of all of the above          |
@@ -35,6 +36,7 @@ pub mod mount;
 pub mod mountinfo;
 pub mod mountpoint;
 pub mod nfsmount;
+pub mod pin;
 pub mod quota;
 pub mod resolve;
 pub mod statvfs;

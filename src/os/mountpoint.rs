@@ -75,6 +75,12 @@ fn statx(path: &Path, mask: u32) -> std::io::Result<libc::statx> {
 /// kernel cannot tell), from statx(2) of the descriptor itself
 /// (AT_EMPTY_PATH): nothing is resolved by name.
 pub fn fd_is_mount_root(fd: &impl std::os::fd::AsFd) -> Option<bool> {
+    is_mount_root(&fd_statx(fd, libc::STATX_BASIC_STATS).ok()?)
+}
+
+/// statx(2) of the descriptor `fd` itself (AT_EMPTY_PATH): nothing is
+/// resolved by name.
+pub fn fd_statx(fd: &impl std::os::fd::AsFd, mask: u32) -> std::io::Result<libc::statx> {
     use std::os::fd::AsRawFd;
     let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
     // SAFETY: the path is a NUL-terminated empty string, `stx` a buffer of
@@ -84,19 +90,19 @@ pub fn fd_is_mount_root(fd: &impl std::os::fd::AsFd) -> Option<bool> {
             fd.as_fd().as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_BASIC_STATS,
+            mask,
             stx.as_mut_ptr(),
         )
     };
     if r != 0 {
-        return None;
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: statx succeeded and filled the (zeroed) buffer.
-    is_mount_root(&unsafe { stx.assume_init() })
+    Ok(unsafe { stx.assume_init() })
 }
 
 /// Whether `stx` says `path` is a mount root (None: cannot tell).
-fn is_mount_root(stx: &libc::statx) -> Option<bool> {
+pub(super) fn is_mount_root(stx: &libc::statx) -> Option<bool> {
     let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
     if stx.stx_attributes_mask & bit == 0 {
         return None;
@@ -144,7 +150,7 @@ impl MountProbe for StatxMountProbe {
 }
 
 /// The device and inode numbers `stx` holds (None: the kernel did not say).
-fn identity_of(stx: &libc::statx) -> Option<(u64, u64)> {
+pub(super) fn identity_of(stx: &libc::statx) -> Option<(u64, u64)> {
     if stx.stx_mask & libc::STATX_INO == 0 {
         return None;
     }

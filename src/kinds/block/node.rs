@@ -795,13 +795,11 @@ impl BlockKind {
         let marker = Self::marker(rec, a.staging);
         let t = mounts::table(&self.os)?;
         let node = mountinfo::object_of(&t, &dev.path).ok_or_else(&not_staged)?;
-        if mounts::at(&self.os, &t, &marker)
+        let staged = mounts::at(&self.os, &t, &marker)
             .last()
-            .map(|m| mounts::object(m))
-            != Some(node.clone())
-        {
-            return Err(not_staged());
-        }
+            .copied()
+            .filter(|m| mounts::object(m) == node)
+            .ok_or_else(&not_staged)?;
         let readonly = a.readonly || a.capability.access_mode.read_only();
         if let Some(top) = mounts::at(&self.os, &t, a.target).last() {
             if mounts::object(top) == node && top.readonly() == readonly {
@@ -819,7 +817,10 @@ impl BlockKind {
             readonly,
             ..Default::default()
         };
-        self.bind_on_file(&marker, a.target, flags, "publishing")
+        // The marker's mount that was checked, opened once and bound
+        // through its descriptor: never what the path shows by then.
+        let p = mounts::pin_checked(&self.os, &marker, mounts::Checked::Mount(staged.id), false)?;
+        self.bind_on_file(&p.path(), a.target, flags, "publishing")
     }
 
     /// Bind-mounts the device node `source` onto the file `file`, creating

@@ -851,7 +851,7 @@ impl LocalKind {
     }
 
     fn require_dir(&self, id: &str) -> Result<PathBuf> {
-        self.dir_with(id, |_, _| None)
+        self.dir_with(id, |_, _| None).map(|(dir, _)| dir)
     }
 
     /// `require_dir`, and FAILED_PRECONDITION for a directory that may have
@@ -862,11 +862,14 @@ impl LocalKind {
         self.dir_with(&rec.id, |dir, m| {
             made_by_hand(self.os.files.as_ref(), &rec.id, rec.created_unix, dir, m)
         })
+        .map(|(dir, _)| dir)
     }
 
     /// `require_dir` for NodeStage: a directory that may have been put in
-    /// place by hand (`made_by_hand`) is handed out with a warning.
-    fn stage_dir(&self, rec: &VolumeRecord) -> Result<PathBuf> {
+    /// place by hand (`made_by_hand`) is handed out with a warning. With
+    /// the lstat these checks judged, which the bind holds to
+    /// (`mounts::stage_bind`).
+    fn stage_dir(&self, rec: &VolumeRecord) -> Result<(PathBuf, std::fs::Metadata)> {
         self.dir_with(&rec.id, |dir, m| {
             if let Some(why) =
                 made_by_hand(self.os.files.as_ref(), &rec.id, rec.created_unix, dir, m)
@@ -881,11 +884,11 @@ impl LocalKind {
         &self,
         id: &str,
         flaw: impl FnOnce(&Path, &std::fs::Metadata) -> Option<String>,
-    ) -> Result<PathBuf> {
+    ) -> Result<(PathBuf, std::fs::Metadata)> {
         let dir = self.dir(id)?;
         match self.os.files.lstat(&dir) {
             Ok(m) if m.is_dir() => match flaw(&dir, &m) {
-                None => Ok(dir),
+                None => Ok((dir, m)),
                 Some(why) => Err(Error::WrongState(why)),
             },
             _ => Err(Error::WrongState(format!(
@@ -1751,8 +1754,8 @@ impl VolumeKind for LocalKind {
 
     fn stage(&self, rec: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
         self.check_capability(cap)?;
-        let dir = self.stage_dir(rec)?;
-        mounts::stage_bind(&self.os, &self.staged, &rec.id, &dir, staging)
+        let (dir, seen) = self.stage_dir(rec)?;
+        mounts::stage_bind(&self.os, &self.staged, &rec.id, (&dir, &seen), staging)
     }
 
     fn unstage(&self, rec: &VolumeRecord, staging: &Path) -> Result<()> {

@@ -100,6 +100,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
                 fs_type: m.fs_type.clone(),
                 mount_flags,
                 volume_mount_group: m.volume_mount_group.clone(),
+                extra: None,
             }
         }
         Some(csi::volume_capability::AccessType::Block(_)) => AccessType::Block,
@@ -148,6 +149,7 @@ pub fn capability_to_proto(c: &Capability) -> csi::VolumeCapability {
             fs_type,
             mount_flags,
             volume_mount_group,
+            ..
         } => csi::volume_capability::AccessType::Mount(csi::volume_capability::MountVolume {
             fs_type: fs_type.clone(),
             mount_flags: mount_flags.clone(),

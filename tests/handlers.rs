@@ -4875,15 +4875,20 @@ async fn a_field_a_newer_berth_recorded_survives_a_rewrite_by_this_one() {
 
 /// Fields a newer berth wrote inside the values of a volume's record (a
 /// capability of its list, its publication, the capability of that
-/// publication) are kept when this version rewrites the record (an
-/// expand, an unpublish), through a restart and a compaction (the
-/// snapshot file) and the restart after it; and a retry of the publish
-/// and of the create, which carry none of them, are the same requests
-/// still. Before, serde dropped them on read and the first rewrite lost
-/// them.
+/// publication, and the `mount` section of each capability's access
+/// type) are kept when this version rewrites the record (an expand, an
+/// unpublish), through a restart and a compaction (the snapshot file) and
+/// the restart after it, the `mount` section's byte for byte; and a retry
+/// of the publish and of the create, which carry none of them, are the
+/// same requests still. Before, serde dropped them on read and the first
+/// rewrite lost them (the `mount` section's until 2026-12-07, after the
+/// others were kept).
 #[tokio::test]
 async fn fields_a_newer_berth_recorded_inside_capabilities_and_publications_survive() {
     use berth::state::journal::EntryRef;
+    // (spaced, a number as written and an escape: kept as text, not
+    // parsed and written anew)
+    const MOUNT_NEW: &str = r#""mount_new":{"m": [2.50,"\u00e9"]}"#;
     let h = fake(&[]);
     let id = create(&h, "v", 1 << 20).await.volume_id;
     let publish = || csi::ControllerPublishVolumeRequest {
@@ -4907,13 +4912,23 @@ async fn fields_a_newer_berth_recorded_inside_capabilities_and_publications_surv
         .replace(
             r#""readonly":false,"#,
             r#""readonly":false,"grant_new":{"g":null},"#,
+        )
+        .replace(
+            r#""mount_flags":[]"#,
+            &format!(r#""mount_flags":[],{MOUNT_NEW}"#),
         );
     assert_eq!(forged.matches("cap_new").count(), 2, "{json}");
+    assert_eq!(forged.matches(MOUNT_NEW).count(), 2, "{json}");
     assert!(forged.contains("grant_new"), "{json}");
     append_change(dir.path(), &forged);
     // Where each field is, in the record as this version writes it.
     let kept = |h: &Harness, when: &str, published: bool| {
         let r = h.driver.store.get(&id).expect("the record");
+        // the mount section's, as written: byte for byte, in the list's
+        // capability and the publication's
+        let text = serde_json::to_string(&r).unwrap();
+        let mounts = if published { 2 } else { 1 };
+        assert_eq!(text.matches(MOUNT_NEW).count(), mounts, "{when}: {text}");
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         let cap_new = serde_json::json!([1, "a\"b"]);
         assert_eq!(v["capabilities"][0]["cap_new"], cap_new, "{when}: {v}");

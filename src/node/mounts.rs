@@ -1012,6 +1012,7 @@ mod tests {
                 fs_type: String::new(),
                 mount_flags: vec![],
                 volume_mount_group: String::new(),
+                extra: None,
             },
             access_mode: mode,
             extra: None,

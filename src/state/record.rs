@@ -87,16 +87,141 @@ impl AccessMode {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
+/// A capability's access type. Read and written as serde's derived code
+/// did (`{"mount":{...}}` or `"block"`), with the fields a newer berth
+/// wrote inside its `mount` section kept (`super::extra`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AccessType {
     Mount {
         fs_type: String,
         mount_flags: Vec<String>,
-        #[serde(default, skip_serializing_if = "String::is_empty")]
         volume_mount_group: String,
+        /// Fields a newer berth wrote in the `mount` section that this one
+        /// does not know (see `VolumeRecord::extra`): part of the value,
+        /// not of what a request is compared with (`same_as`). Before
+        /// 2026-12-07 they were dropped at the first rewrite.
+        extra: Option<Box<Extra>>,
     },
     Block,
+}
+
+impl AccessType {
+    /// The same access type as `other` asks, whatever fields a newer
+    /// berth recorded in either's `mount` section.
+    pub fn same_as(&self, other: &AccessType) -> bool {
+        match (self, other) {
+            (
+                AccessType::Mount {
+                    fs_type: a,
+                    mount_flags: b,
+                    volume_mount_group: c,
+                    ..
+                },
+                AccessType::Mount {
+                    fs_type: x,
+                    mount_flags: y,
+                    volume_mount_group: z,
+                    ..
+                },
+            ) => a == x && b == y && c == z,
+            (AccessType::Block, AccessType::Block) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The `mount` section of an access type as read: its known fields, the
+/// others kept.
+#[derive(Deserialize)]
+#[serde(remote = "Self")]
+struct MountIn {
+    fs_type: String,
+    mount_flags: Vec<String>,
+    #[serde(default)]
+    volume_mount_group: String,
+    #[serde(skip)]
+    extra: Option<Box<Extra>>,
+}
+
+impl<'de> Deserialize<'de> for MountIn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (mut m, extra) = super::extra::read(d, |c| MountIn::deserialize(c))?;
+        m.extra = extra;
+        Ok(m)
+    }
+}
+
+/// `AccessType` as serde's derived code read it (externally tagged).
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum AccessTypeIn {
+    Mount(MountIn),
+    Block,
+}
+
+/// The `mount` section as written: the known fields as the derived code
+/// wrote them, then the kept ones.
+struct MountOut<'a> {
+    fs_type: &'a str,
+    mount_flags: &'a [String],
+    volume_mount_group: &'a str,
+    extra: Option<&'a Extra>,
+}
+
+impl Serialize for MountOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Known<'a> {
+            fs_type: &'a str,
+            mount_flags: &'a [String],
+            #[serde(skip_serializing_if = "str::is_empty")]
+            volume_mount_group: &'a str,
+        }
+        let known = Known {
+            fs_type: self.fs_type,
+            mount_flags: self.mount_flags,
+            volume_mount_group: self.volume_mount_group,
+        };
+        super::extra::write(s, &known, self.extra)
+    }
+}
+
+impl Serialize for AccessType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AccessType::Mount {
+                fs_type,
+                mount_flags,
+                volume_mount_group,
+                extra,
+            } => s.serialize_newtype_variant(
+                "AccessType",
+                0,
+                "mount",
+                &MountOut {
+                    fs_type,
+                    mount_flags,
+                    volume_mount_group,
+                    extra: extra.as_deref(),
+                },
+            ),
+            AccessType::Block => s.serialize_unit_variant("AccessType", 1, "block"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match AccessTypeIn::deserialize(d)? {
+            AccessTypeIn::Mount(m) => AccessType::Mount {
+                fs_type: m.fs_type,
+                mount_flags: m.mount_flags,
+                volume_mount_group: m.volume_mount_group,
+                extra: m.extra,
+            },
+            AccessTypeIn::Block => AccessType::Block,
+        })
+    }
 }
 
 /// One requested volume capability. Read and written with its unknown
@@ -120,7 +245,7 @@ impl Capability {
     /// The same capability as `other` asks, whatever fields a newer berth
     /// recorded beside either (a request, a retry, carries none).
     pub fn same_as(&self, other: &Capability) -> bool {
-        self.access_type == other.access_type && self.access_mode == other.access_mode
+        self.access_type.same_as(&other.access_type) && self.access_mode == other.access_mode
     }
 
     /// `same_as` for each of two lists, in order.
@@ -962,8 +1087,9 @@ mod tests {
     const PLAIN: &str = r#"{"id":"b","name":"n-b","kind":"block","seq":1,"phase":"ready","capacity_bytes":1,"node":"x","parameters":{},"capabilities":[{"access_type":{"mount":{"fs_type":"ext4","mount_flags":["noatime"]}},"access_mode":"SINGLE_NODE_WRITER"},{"access_type":"block","access_mode":"MULTI_NODE_READER_ONLY"}],"context":{},"published":{"n1":{"readonly":true,"capability":{"access_type":"block","access_mode":"MULTI_NODE_READER_ONLY"}}},"created_unix":0,"block":{"allocation":"thin","disk":{"path":"/p/d0","device":"/dev/loop3","major":7,"minor":3,"size_bytes":64,"loop_backing":{"dev":2049,"ino":12},"loop_range":{"offset":0,"sizelimit":64}},"default_fs":"ext4","formatted":false},"source":{"volume":"v1"}}"#;
 
     /// Fields a newer berth wrote inside the values a record holds (a
-    /// capability of its list, a publication, the capability of that
-    /// publication, a loop disk's backing file and range) are kept when
+    /// capability of its list and its access type's `mount` section, a
+    /// publication, the capability of that publication, a loop disk's
+    /// backing file and range) are kept when
     /// this version rewrites the record (its JSON text only, so it also
     /// runs on code from before). Before, serde dropped them on read, and
     /// the first rewrite lost them.
@@ -979,7 +1105,11 @@ mod tests {
                 r#"{"readonly":true,"capability":{"access_type":"block","access_mode":"MULTI_NODE_READER_ONLY","pcap_new":2},"grant_new":"g"}"#,
             )
             .replace(r#""ino":12}"#, r#""ino":12,"id_new":{"gen":7}}"#)
-            .replace(r#""sizelimit":64}"#, r#""sizelimit":64,"range_new":null}"#);
+            .replace(r#""sizelimit":64}"#, r#""sizelimit":64,"range_new":null}"#)
+            .replace(
+                r#""mount_flags":["noatime"]}"#,
+                r#""mount_flags":["noatime"],"mount_new":{"x": 1.0}}"#,
+            );
         assert_ne!(with, PLAIN);
         let mut r: VolumeRecord = serde_json::from_str(&with).expect("the record reads");
         r.capacity_bytes = 2;
@@ -989,6 +1119,7 @@ mod tests {
             r#""access_mode":"MULTI_NODE_READER_ONLY","pcap_new":2},"grant_new":"g"}"#,
             r#""ino":12,"id_new":{"gen":7}}"#,
             r#""sizelimit":64,"range_new":null}"#,
+            r#""mount_flags":["noatime"],"mount_new":{"x": 1.0}}"#,
         ] {
             assert!(text.contains(kept), "{kept} in {text}");
         }
@@ -1031,7 +1162,11 @@ mod tests {
                     r#""MULTI_NODE_READER_ONLY"}"#,
                     r#""MULTI_NODE_READER_ONLY","n":1}"#,
                 )
-                .replace(r#""readonly":true,"#, r#""readonly":true,"m":2,"#),
+                .replace(r#""readonly":true,"#, r#""readonly":true,"m":2,"#)
+                .replace(
+                    r#""mount_flags":["noatime"]"#,
+                    r#""mount_flags":["noatime"],"o":3"#,
+                ),
         )
         .unwrap();
         let plain: VolumeRecord = serde_json::from_str(PLAIN).unwrap();
@@ -1044,6 +1179,14 @@ mod tests {
         let (a, b) = (a.expect("published"), b.expect("published"));
         assert!(a.same_as(b) && a != b);
         assert!(a.capability.extra.is_some() && a.extra.is_some());
+        // the mount section's: not compared either, yet part of the value
+        let (m, n) = (&with.capabilities[0], &plain.capabilities[0]);
+        assert!(m.same_as(n) && m.extra.is_none() && m != n, "{m:?}");
+        let mut other = n.clone();
+        if let AccessType::Mount { fs_type, .. } = &mut other.access_type {
+            fs_type.push('x');
+        }
+        assert!(!m.same_as(&other));
         let mut other = b.clone();
         other.readonly = false;
         assert!(!a.same_as(&other));

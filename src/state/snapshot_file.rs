@@ -482,6 +482,7 @@ mod tests {
                 fs_type: fs.into(),
                 mount_flags: vec!["noatime".into()],
                 volume_mount_group: String::new(),
+                extra: None,
             },
             access_mode: AccessMode::SingleNodeWriter,
             extra: None,

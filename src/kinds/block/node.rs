@@ -990,6 +990,7 @@ mod tests {
                     fs_type: t.into(),
                     mount_flags: vec![],
                     volume_mount_group: String::new(),
+                    extra: None,
                 },
             },
             access_mode: AccessMode::SingleNodeWriter,

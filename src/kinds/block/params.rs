@@ -212,6 +212,7 @@ mod tests {
                 fs_type: fs.into(),
                 mount_flags: vec![],
                 volume_mount_group: String::new(),
+                extra: None,
             },
             access_mode: AccessMode::SingleNodeWriter,
             extra: None,

@@ -611,6 +611,7 @@ impl FakeOs {
             })
     }
 
+
     fn file_op(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
         let path = &through_fd(path);
         lock(&self.file_ops).push(FileOp {
@@ -2193,11 +2194,21 @@ impl Files for FakeOs {
     }
 
     /// Fails as `fail_next("stat", ..)` asks, and under a path given to
-    /// `fail_op_under("stat", ..)`.
+    /// `fail_op_under("stat", ..)` (a look is no change: a fault for
+    /// every op under a path leaves it alone).
     fn stat(&self, path: &Path) -> Result<std::fs::Metadata, OsError> {
         self.injected("stat", path)?;
         self.read_fault("stat", path)?;
         RealFiles.stat(path)
+    }
+
+    /// The flags of `path`, as the kernel tells; fails as
+    /// `fail_next("statx", ..)` asks, and under a path given to
+    /// `fail_op_under("statx", ..)`.
+    fn locks(&self, path: &Path) -> Result<super::files::Locks, OsError> {
+        self.injected("statx", path)?;
+        self.read_fault("statx", path)?;
+        RealFiles.locks(path)
     }
 
     /// Fails as `fail_next("read_dir", ..)` asks, and under a path given

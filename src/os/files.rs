@@ -1337,44 +1337,105 @@ pub(crate) fn remove_tree_iteratively(path: &Path) -> Result<(), OsError> {
     }
 }
 
-/// The first entry of the tree at `top` (`top` itself included, no
-/// symlink followed) that is immutable or append-only, with its flags:
-/// what keeps such a tree from being removed (`OsError::Locked`). Looked
-/// at through `files` (lstat, read_dir, `locks`), depth first, holding one
-/// listing per level; it gives up (None) after `budget` entries or
-/// `MAX_LOCK_DEPTH` levels down, never reading a whole tenant's tree of
-/// millions of files.
-pub fn find_locked(files: &dyn Files, top: &Path, budget: usize) -> Option<(PathBuf, Locks)> {
-    let locked = |p: &Path| files.locks(p).ok().filter(|l| l.any());
-    if let Some(l) = locked(top) {
-        return Some((top.to_path_buf(), l));
-    }
-    if !files.lstat(top).is_ok_and(|m| m.is_dir()) {
-        return None;
-    }
-    let mut levels = vec![files.read_dir(top).ok()?];
-    let mut seen = 0usize;
-    while let Some(level) = levels.last_mut() {
-        let Some(e) = level.next() else {
-            levels.pop();
-            continue;
-        };
-        seen += 1;
-        if seen > budget {
-            return None;
+/// What `find_locked` found in a tree.
+#[derive(Debug, Default)]
+pub struct LockSearch {
+    /// The first entry that is immutable or append-only, with its flags.
+    pub locked: Option<(PathBuf, Locks)>,
+    /// The first entry that could not be looked at (its flags, its type,
+    /// its listing), with the cause: it could be kept by a flag, which
+    /// cannot be told. An entry not there (ENOENT: removed while it was
+    /// looked through) is not one.
+    pub unread: Option<(PathBuf, std::io::Error)>,
+}
+
+impl LockSearch {
+    /// Notes that `path` could not be looked at (the first such entry is
+    /// kept; ENOENT is nothing there).
+    fn unread(&mut self, path: &Path, e: std::io::Error) {
+        if self.unread.is_none() && e.raw_os_error() != Some(libc::ENOENT) {
+            self.unread = Some((path.to_path_buf(), e));
         }
-        let Ok(e) = e else { continue };
-        let p = e.path();
-        if let Some(l) = locked(&p) {
-            return Some((p, l));
-        }
-        if levels.len() < MAX_LOCK_DEPTH && e.file_type().is_ok_and(|t| t.is_dir()) {
-            if let Ok(below) = files.read_dir(&p) {
-                levels.push(below);
+    }
+
+    /// The flags of `path` through `files` when it carries one; one that
+    /// cannot be read is noted (`unread`), never taken for none.
+    fn flags(&mut self, files: &dyn Files, path: &Path) -> Option<Locks> {
+        match files.locks(path) {
+            Ok(l) => l.any().then_some(l),
+            Err(e) => {
+                self.unread(path, e.into_io());
+                None
             }
         }
     }
-    None
+}
+
+/// The first entry of the tree at `top` (`top` itself included, no
+/// symlink followed) that is immutable or append-only, with its flags:
+/// what keeps such a tree from being removed (`OsError::Locked`); and the
+/// first entry it could not look at (its flags, its type or its listing:
+/// before 2026-12-07 such an entry was skipped, and a tree that might be
+/// kept by a flag read as free of them). Looked at through `files`
+/// (lstat, read_dir, `locks`), depth first, holding one listing per
+/// level; it gives up (no flag found) after `budget` entries or
+/// `MAX_LOCK_DEPTH` levels down, never reading a whole tenant's tree of
+/// millions of files.
+pub fn find_locked(files: &dyn Files, top: &Path, budget: usize) -> LockSearch {
+    let mut found = LockSearch::default();
+    if let Some(l) = found.flags(files, top) {
+        found.locked = Some((top.to_path_buf(), l));
+        return found;
+    }
+    let listed = match files.lstat(top) {
+        Ok(m) if m.is_dir() => files.read_dir(top),
+        Ok(_) => return found,
+        Err(e) => Err(e),
+    };
+    let first = match listed {
+        Ok(rd) => rd,
+        Err(e) => {
+            found.unread(top, e.into_io());
+            return found;
+        }
+    };
+    let mut levels = vec![(top.to_path_buf(), first)];
+    let mut seen = 0usize;
+    while let Some((dir, level)) = levels.last_mut() {
+        let e = match level.next() {
+            None => {
+                levels.pop();
+                continue;
+            }
+            Some(Err(e)) => {
+                // a listing that broke off: what is left of it is unseen
+                found.unread(dir, e);
+                levels.pop();
+                continue;
+            }
+            Some(Ok(e)) => e,
+        };
+        seen += 1;
+        if seen > budget {
+            return found;
+        }
+        let p = e.path();
+        if let Some(l) = found.flags(files, &p) {
+            found.locked = Some((p, l));
+            return found;
+        }
+        if levels.len() < MAX_LOCK_DEPTH {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => match files.read_dir(&p) {
+                    Ok(below) => levels.push((p, below)),
+                    Err(err) => found.unread(&p, err.into_io()),
+                },
+                Ok(_) => {}
+                Err(err) => found.unread(&p, err),
+            }
+        }
+    }
+    found
 }
 
 /// How many levels down `find_locked` looks.

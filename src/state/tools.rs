@@ -306,7 +306,9 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                     )));
                 }
             }
-            if let Some(f) = unanswered_create_with_data(files, &local_root, &block_root, r) {
+            if let Some(f) =
+                unanswered_create_with_data(files, &local_root, &block_root, r, &mut out)
+            {
                 out.push(error(format!(
                     "volume {} ({}): its create never answered, yet {} holds data (was its Ready record lost?); start-up keeps it aside in .orphaned, never deletes it",
                     r.id,
@@ -346,7 +348,10 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                             .iter()
                             .find(|n| n.starts_with(&trash_prefix))
                             .cloned();
-                        if files.stat(&creating).is_ok_and(|m| m.is_dir()) {
+                        let unknown = "whether an interrupted create left the volume's directory there is not known";
+                        if looked_at(files.stat(&creating), &creating, unknown, &mut out)
+                            .is_some_and(|m| m.is_dir())
+                        {
                             out.push(warning(format!(
                                 "volume {} ({}): its directory is still in {} (a create interrupted after its record said Ready); start-up moves it into place",
                                 r.id,
@@ -405,12 +410,22 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                             r.name,
                             f.display()
                         ))),
-                        Err(_) if files.stat(&restoring).is_ok_and(|m| m.is_file()) => out.push(warning(format!(
-                            "volume {} ({}): its file is still {} (a restore interrupted after its record said Ready); start-up moves it into place",
-                            r.id,
-                            r.name,
-                            restoring.display()
-                        ))),
+                        Err(_)
+                            if looked_at(
+                                files.stat(&restoring),
+                                &restoring,
+                                "whether an interrupted restore left the volume's file there is not known",
+                                &mut out,
+                            )
+                            .is_some_and(|m| m.is_file()) =>
+                        {
+                            out.push(warning(format!(
+                                "volume {} ({}): its file is still {} (a restore interrupted after its record said Ready); start-up moves it into place",
+                                r.id,
+                                r.name,
+                                restoring.display()
+                            )))
+                        }
                         Err(e) => out.push(error(format!(
                             "volume {} ({}): its backing file {} is missing ({e})",
                             r.id,
@@ -531,11 +546,18 @@ fn locked_trash(
             continue;
         }
         let entry = trash.join(&name);
-        if let Some((at, locks)) = crate::os::files::find_locked(files, &entry, LOCKED_BUDGET) {
+        let found = crate::os::files::find_locked(files, &entry, LOCKED_BUDGET);
+        if let Some((at, locks)) = found.locked {
             out.push(warning(format!(
                 "{} (the directory of the deleted volume {id}) stays in the trash: {}; once it is cleared, berth's next start removes the entry (until then its space and its quota project stay held)",
                 entry.display(),
                 locks.note(&at)
+            )));
+        } else if let Some((at, e)) = found.unread {
+            // Not "no flag there": nothing read is not nothing found.
+            out.push(unlooked(&at, &e, &format!(
+                "whether an immutable or append-only flag there keeps {} (the directory of the deleted volume {id}) in the trash is not known",
+                entry.display()
             )));
         }
     }
@@ -547,22 +569,26 @@ const LOCKED_BUDGET: usize = 100_000;
 
 /// The storage of a volume whose plain create never answered that its
 /// rollback keeps aside instead of deleting (`block::kept_on_rollback`,
-/// `local::kept_on_rollback`: it may hold a tenant's data).
+/// `local::kept_on_rollback`: it may hold a tenant's data). Storage that
+/// cannot be looked at is an error finding in `out` (`looked_at`).
 fn unanswered_create_with_data(
     files: &dyn Files,
     local_root: &Path,
     block_root: &Path,
     r: &VolumeRecord,
+    out: &mut Vec<Finding>,
 ) -> Option<PathBuf> {
+    let unknown =
+        "whether the unanswered create left data there (which start-up keeps aside) is not known";
     match r.kind {
         Kind::Block if r.block.as_ref().is_none_or(|b| b.disk.is_none()) => {
             let f = crate::kinds::block::volume_file(block_root, &r.id);
-            let m = files.lstat(&f).ok()?;
+            let m = looked_at(files.lstat(&f), &f, unknown, out)?;
             (m.is_file() && crate::kinds::block::kept_on_rollback(files, r, &f)).then_some(f)
         }
         Kind::Local => {
             let dir = crate::kinds::local::volume_dir(local_root, &r.id);
-            let m = files.lstat(&dir).ok()?;
+            let m = looked_at(files.lstat(&dir), &dir, unknown, out)?;
             (m.is_dir() && crate::kinds::local::kept_on_rollback(files, r, &dir)).then_some(dir)
         }
         _ => None,
@@ -638,9 +664,15 @@ pub fn snapshot_findings(
             ),
             Kind::Nfs => (None, None),
         };
-        if let (Some(crate::kinds::CopyFlaw::Missing { .. }), Some(p)) =
-            (&flaw, partial.filter(|p| files.stat(p).is_ok()))
-        {
+        // A missing copy may still be under its partial name.
+        let unknown = "whether an interrupted snapshot left the copy there is not known";
+        let still_partial = match (&flaw, partial) {
+            (Some(crate::kinds::CopyFlaw::Missing { .. }), Some(p)) => {
+                looked_at(files.stat(&p), &p, unknown, &mut out).map(|_| p)
+            }
+            _ => None,
+        };
+        if let Some(p) = still_partial {
             out.push(warning(format!(
                 "snapshot {} ({}): its copy is still {} (a snapshot interrupted after its record said Ready); start-up moves it into place",
                 s.id,
@@ -708,6 +740,38 @@ fn snapshot_id_flaw(r: &SnapshotRecord) -> Option<String> {
     Some(format!(
         "snapshot record {:?} ({}, {:?}) in the journal: its id is {why}: not written by berth (forged by hand, or damaged where no checksum tells); berth never acts on it and keeps it as is; `berth state repair` (berth stopped) drops it",
         r.id, r.kind, r.phase
+    ))
+}
+
+/// What `check` sees at `path` (`looked`: its stat or lstat): its
+/// metadata, or None when it is not there (ENOENT). One that cannot be
+/// looked at (EIO, EACCES) is None too, and an error finding naming it,
+/// the cause and what is therefore `unknown`, never "not there" (before
+/// 2026-12-07 such an error read as nothing there: `.creating/<id>`, a
+/// restore's file, a snapshot's partial copy, the storage of a create
+/// that never answered).
+fn looked_at(
+    looked: Result<std::fs::Metadata, OsError>,
+    path: &Path,
+    unknown: &str,
+    out: &mut Vec<Finding>,
+) -> Option<std::fs::Metadata> {
+    match looked {
+        Ok(m) => Some(m),
+        Err(e) if e.errno() == Some(libc::ENOENT) => None,
+        Err(e) => {
+            out.push(unlooked(path, &e.into_io(), unknown));
+            None
+        }
+    }
+}
+
+/// The error finding of `path`, which `check` could not look at
+/// (`cause`), saying what is therefore `unknown`.
+fn unlooked(path: &Path, cause: &dyn std::fmt::Display, unknown: &str) -> Finding {
+    error(format!(
+        "{} cannot be looked at ({cause}): {unknown}",
+        path.display()
     ))
 }
 
@@ -1461,6 +1525,151 @@ mod tests {
             fake.fail_op_under("read_dir", dir, libc::ENOENT);
         }
         clean();
+    }
+
+    /// Where an interrupted operation leaves what `check` looks for when
+    /// a volume's or a snapshot's storage is missing (`.creating/<id>`, a
+    /// restore's file, a snapshot's partial copy), and the storage of a
+    /// create that never answered (looked at for data start-up keeps
+    /// aside): one that cannot be looked at (EIO, EACCES on its stat or
+    /// lstat) is one error naming it and the cause, beside the other
+    /// findings; before 2026-12-07 it read as not there and nothing said
+    /// check could not tell. One not there (ENOENT) adds nothing.
+    #[test]
+    fn what_check_cannot_look_at_is_an_error_never_not_there() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = local_and_block_state(d.path());
+        let (local, block) = (cfg.local_root(), cfg.block_root());
+        let local_id = format!("local-{}", "c".repeat(32));
+        let block_id = format!("block-{}", "d".repeat(32));
+        let snap_id = format!("local-snap-{}", "e".repeat(32));
+        let mut block_rec = ready_local(&block_id);
+        block_rec.kind = Kind::Block;
+        // and two creates that never answered, whose storage check looks
+        // at for data (made: the fault is on the look)
+        let creating = |id: &str, kind: Kind| {
+            let mut r = ready_local(id);
+            (r.kind, r.phase) = (kind, Phase::Creating);
+            r
+        };
+        let (local_new, block_new) = (
+            format!("local-{}", "7".repeat(32)),
+            format!("block-{}", "8".repeat(32)),
+        );
+        let local_dir = crate::kinds::local::volume_dir(&local, &local_new);
+        let block_file = crate::kinds::block::volume_file(&block, &block_new);
+        fs::create_dir_all(&local_dir).unwrap();
+        fs::create_dir_all(&block).unwrap();
+        fs::write(&block_file, b"").unwrap();
+        let records = [
+            ready_local(&local_id),
+            block_rec,
+            creating(&local_new, Kind::Local),
+            creating(&block_new, Kind::Block),
+        ];
+        // a ready local snapshot (its copy, where check looks, not made)
+        let snapshot: SnapshotRecord = serde_json::from_str(&format!(
+            r#"{{"id":"{snap_id}","name":"s","kind":"local","seq":0,"phase":"ready","source_volume_id":"{local_id}","size_bytes":1,"node":"n1","created_secs":0,"created_nanos":0}}"#
+        ))
+        .unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let found = || {
+            let mut v = storage_findings(&cfg, &os, &records);
+            v.extend(snapshot_findings(&cfg, os.files.as_ref(), &[&snapshot]));
+            v
+        };
+        // the storage itself missing: one error each; the creates: a
+        // warning each
+        let missing = found();
+        assert_eq!(missing.len(), 5, "{missing:?}");
+        let looked_for = [
+            ("stat", local.join(".creating").join(&local_id)),
+            (
+                "stat",
+                crate::kinds::block::restoring_path(&block, &block_id),
+            ),
+            (
+                "stat",
+                crate::kinds::local::snapshot_partial_dir(&local, &snap_id),
+            ),
+            ("lstat", local_dir),
+            ("lstat", block_file),
+        ];
+        for (op, path) in &looked_for {
+            for errno in [libc::EIO, libc::EACCES] {
+                fake.fail_op_under(op, path, errno);
+                let cause = std::io::Error::from_raw_os_error(errno).to_string();
+                let now = found();
+                let unlooked: Vec<_> = now.iter().filter(|f| !missing.contains(f)).collect();
+                assert!(
+                    now.len() == missing.len() + 1
+                        && unlooked.len() == 1
+                        && unlooked[0].severity == "error"
+                        && unlooked[0].what.starts_with(&format!(
+                            "{} cannot be looked at ({cause})",
+                            path.display()
+                        )),
+                    "{}: {now:?}",
+                    path.display()
+                );
+                fake.clear_file_faults();
+            }
+            fake.fail_op_under(op, path, libc::ENOENT);
+            assert_eq!(found(), missing, "{} not there", path.display());
+            fake.clear_file_faults();
+        }
+    }
+
+    /// A deleted volume's trash entry that `check` cannot look through for
+    /// an immutable or append-only flag (its listing, a listing below it,
+    /// an entry's flags: EIO, EACCES) is one error naming what could not
+    /// be read and the cause, as such a flag may keep it; before
+    /// 2026-12-07 it was skipped, as if no flag were there. An entry gone
+    /// meanwhile (ENOENT: start-up empties the trash beside check) is
+    /// nothing.
+    #[test]
+    fn a_trash_entry_check_cannot_look_through_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = local_and_block_state(d.path());
+        let gone = format!("local-{}", "f".repeat(32));
+        let entry = cfg.local_root().join(".trash").join(format!("{gone}-1"));
+        let below = entry.join("data");
+        fs::create_dir_all(&below).unwrap();
+        fs::write(below.join("file"), b"x").unwrap();
+        let (os, fake) = crate::os::Os::fake();
+        let found = || all_findings(&cfg, &os);
+        assert_eq!(found(), Vec::new());
+        let faults = [
+            ("read_dir", &entry, &entry),
+            ("read_dir", &below, &below),
+            ("statx", &below.join("file"), &below.join("file")),
+            ("statx", &entry, &entry),
+        ];
+        for (op, at, named) in faults {
+            for errno in [libc::EIO, libc::EACCES] {
+                fake.fail_op_under(op, at, errno);
+                let cause = std::io::Error::from_raw_os_error(errno).to_string();
+                let now = found();
+                assert!(
+                    now.len() == 1
+                        && now[0].severity == "error"
+                        && now[0].what.starts_with(&format!(
+                            "{} cannot be looked at ({cause})",
+                            named.display()
+                        ))
+                        && now[0].what.contains(&entry.display().to_string())
+                        && now[0].what.contains(&gone),
+                    "{op} {}: {now:?}",
+                    at.display()
+                );
+                let mut out = Vec::new();
+                assert!(!check(&cfg, &os, &mut out).unwrap(), "{op}");
+                fake.clear_file_faults();
+            }
+            fake.fail_op_under(op, at, libc::ENOENT);
+            assert_eq!(found(), Vec::new(), "{op} {}: not there", at.display());
+            fake.clear_file_faults();
+        }
     }
 
     /// `repair` reads the journal directory and the files it keeps copies

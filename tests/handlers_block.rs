@@ -6190,20 +6190,7 @@ async fn a_hold_unlike_its_ready_volume_is_never_removed() {
             with_journal_write_failing(&h, 1, h.ctl.create_volume(Request::new(req))).await;
         assert!(reached);
         assert_eq!(created_id(r), vol);
-        let mut hold = h.driver.store.get(&held).unwrap();
-        if differs == "disk" {
-            let dir = h.path("disks");
-            let d = hold.block.as_mut().unwrap().disk.as_mut().unwrap();
-            d.path = dir.join("d20");
-            d.device = dir.join("d20");
-            d.by_id = Some(dir.with_file_name("by-id").join("ata-DISK_d20"));
-            (d.major, d.minor, d.size_bytes) = (8, 32, (20 * MIB) as u64);
-        } else {
-            let mut context = (*hold.context).clone();
-            context.insert("volume-name".into(), "another".into());
-            hold.context = context.into();
-        }
-        h.driver.store.put(&hold).unwrap();
+        hold_unlike_its_volume(&h, &held, differs);
         let h = restart_disks(h.stop());
         assert!(h.driver.store.get(&held).is_some(), "{differs}: removed");
         let (clean, out) = state_check(&h);
@@ -6220,49 +6207,113 @@ async fn a_hold_unlike_its_ready_volume_is_never_removed() {
 /// retry that made the volume Ready; berth not restarted since) removes
 /// that hold: the disk is erased and offered again, its marker goes, and
 /// `berth state check` is clean. Before, the hold stayed for good: the
-/// disk was reported held and never offered again. A hold that names
-/// another disk or another volume name stays (guard).
+/// disk was reported held and never offered again. (A hold that names
+/// another disk or another volume name refuses the delete:
+/// `a_hold_unlike_its_volume_refuses_its_delete`.)
 #[tokio::test]
 async fn a_hold_left_beside_its_ready_volume_goes_with_its_delete() {
-    for differs in [None, Some("disk"), Some("name")] {
-        let (h, req, vol, held) = taken_back_while_the_holds_removal_fails().await;
-        let (r, reached) =
-            with_journal_write_failing(&h, 1, h.ctl.create_volume(Request::new(req))).await;
-        assert!(reached, "the retry never removed the hold");
-        assert_eq!(created_id(r), vol);
-        assert_eq!(h.driver.store.get(&vol).unwrap().phase, Phase::Ready);
-        let mut hold = h.driver.store.get(&held).expect("no hold left");
-        match differs {
-            Some("disk") => {
-                let dir = h.path("disks");
-                let d = hold.block.as_mut().unwrap().disk.as_mut().unwrap();
-                d.path = dir.join("d20");
-                d.device = dir.join("d20");
-                d.by_id = Some(dir.with_file_name("by-id").join("ata-DISK_d20"));
-                (d.major, d.minor, d.size_bytes) = (8, 32, (20 * MIB) as u64);
-            }
-            Some(_) => {
-                let mut context = (*hold.context).clone();
-                context.insert("volume-name".into(), "another".into());
-                hold.context = context.into();
-            }
-            None => {}
-        }
-        h.driver.store.put(&hold).unwrap();
-        delete(&h, &vol).await;
-        assert!(h.driver.store.get(&vol).is_none());
-        if let Some(differs) = differs {
-            assert!(h.driver.store.get(&held).is_some(), "{differs}: removed");
-            continue;
-        }
-        assert!(
-            h.driver.store.get(&held).is_none(),
-            "the hold stays after its volume's delete"
+    let (h, vol, held) = ready_beside_its_hold().await;
+    delete(&h, &vol).await;
+    assert!(h.driver.store.get(&vol).is_none());
+    assert!(
+        h.driver.store.get(&held).is_none(),
+        "the hold stays after its volume's delete"
+    );
+    assert!(!disk_marker(&h, &vol).exists());
+    assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+    let (clean, out) = state_check(&h);
+    assert!(clean, "{out}");
+}
+
+/// A disk volume made Ready by the retry of its create, beside the hold
+/// it was taken back from (whose removal failed at the take-back and
+/// again at that retry; berth not restarted since). Returns the harness,
+/// the volume's id and its hold's.
+async fn ready_beside_its_hold() -> (Harness, String, String) {
+    let (h, req, vol, held) = taken_back_while_the_holds_removal_fails().await;
+    let (r, reached) =
+        with_journal_write_failing(&h, 1, h.ctl.create_volume(Request::new(req))).await;
+    assert!(reached, "the retry never removed the hold");
+    assert_eq!(created_id(r), vol);
+    assert_eq!(h.driver.store.get(&vol).unwrap().phase, Phase::Ready);
+    assert!(h.driver.store.get(&held).is_some(), "no hold left");
+    (h, vol, held)
+}
+
+/// Makes the hold `held` unlike its volume in `differs`: "disk" (it holds
+/// d20, not the volume's disk) or "name" (it names the volume "another").
+/// Returns what a message naming that difference says.
+fn hold_unlike_its_volume(h: &Harness, held: &str, differs: &str) -> &'static str {
+    let mut hold = h.driver.store.get(held).unwrap();
+    let what = if differs == "disk" {
+        let dir = h.path("disks");
+        let d = hold.block.as_mut().unwrap().disk.as_mut().unwrap();
+        d.path = dir.join("d20");
+        d.device = dir.join("d20");
+        d.by_id = Some(dir.with_file_name("by-id").join("ata-DISK_d20"));
+        (d.major, d.minor, d.size_bytes) = (8, 32, (20 * MIB) as u64);
+        "ata-DISK_d20"
+    } else {
+        let mut context = (*hold.context).clone();
+        context.insert("volume-name".into(), "another".into());
+        hold.context = context.into();
+        "\"another\""
+    };
+    h.driver.store.put(&hold).unwrap();
+    what
+}
+
+/// A hold that bears a disk volume's id (`held-<id>`) but names another
+/// volume name, or another disk, says another claimant may own the disk:
+/// the volume's DeleteVolume is refused (FAILED_PRECONDITION naming the
+/// hold and what differs), nothing erased and nothing changed (its record
+/// still Ready as it was, the hold as it was, its marker there), and
+/// `berth state check` reports the hold (held, and that it refuses the
+/// volume's delete). Once the hold is gone the delete goes through.
+/// Before, such a hold was left alone and the volume's disk erased.
+#[tokio::test]
+async fn a_hold_unlike_its_volume_refuses_its_delete() {
+    for differs in ["disk", "name"] {
+        let (h, vol, held) = ready_beside_its_hold().await;
+        let what = hold_unlike_its_volume(&h, &held, differs);
+        let (rec, hold) = (
+            h.driver.store.get(&vol).unwrap(),
+            h.driver.store.get(&held).unwrap(),
         );
-        assert!(!disk_marker(&h, &vol).exists());
-        assert_eq!(disk_capacity(&h).await, (60 * MIB, Some(30 * MIB)));
+        let f = h.fake();
+        f.clear_calls();
+        let e = try_delete(&h, &vol).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{differs}: {e:?}");
+        let m = e.message();
+        assert!(
+            m.contains(&held) && m.contains(what) && m.contains("nothing was erased"),
+            "{differs}: {m}"
+        );
+        assert_eq!(erasures(f), 0, "{differs}: {:?}", f.calls());
+        assert_eq!(
+            h.driver.store.get(&vol),
+            Some(rec),
+            "{differs}: record changed"
+        );
+        assert_eq!(
+            h.driver.store.get(&held),
+            Some(hold),
+            "{differs}: hold changed"
+        );
+        assert!(disk_marker(&h, &vol).is_file(), "{differs}");
         let (clean, out) = state_check(&h);
-        assert!(clean, "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.contains(&held))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(
+            !clean && line.contains("is held") && line.contains("DeleteVolume is refused"),
+            "{differs}: {line}"
+        );
+        // The operator settles the hold: the delete goes through.
+        h.driver.store.remove(&held).unwrap();
+        delete(&h, &vol).await;
+        assert_eq!(erasures(f), 1, "{differs}: {:?}", f.calls());
     }
 }
 
@@ -6622,6 +6673,66 @@ async fn a_lock_file_that_cannot_be_looked_at_makes_its_directory_a_berths() {
     delete(&h, &v).await;
     assert_eq!(erasures(f), 1, "{:?}", f.calls());
     assert_eq!(disk_capacity(&h).await, (64 * MIB, Some(64 * MIB)));
+}
+
+/// A recorded loop disk whose ownership cannot be told (a lock file above
+/// its backing file cannot be looked at) is refused, at its recorded path
+/// and when found again at another loop number, with a message that says
+/// what happened: its backing file's ownership cannot be told, what could
+/// not be read, that nothing was erased, and what to check. Before, it
+/// began "... is not at <path>" (the disk was there) or "... is now ...,
+/// not the disk the volume was created on" (it was).
+#[tokio::test]
+async fn a_loop_disk_whose_ownership_cannot_be_told_is_refused_saying_so() {
+    for renumbered in [false, true] {
+        let (h, f, v, file) = if renumbered {
+            let (h, f, v, file, _) = loop_disk_renumbered(false).await;
+            (h, f, v, file)
+        } else {
+            let h = disk_harness();
+            script_blank(h.fake());
+            let (file, _) = loop_disk(&h, "d0", 64 * MIB);
+            let v = create(&h, "v", 64 * MIB, &[("pool", "disk")])
+                .await
+                .volume_id;
+            let f = h.fake.clone().unwrap();
+            (h, f, v, file)
+        };
+        let at = if renumbered {
+            "/dev/loop1"
+        } else {
+            "/dev/loop0"
+        };
+        let lock = file.parent().unwrap().join(".berth.lock");
+        f.fail_op_under("lstat", &lock, libc::EACCES);
+        let s = h.path("s");
+        raw_stage_refused(&h, &v, &s, "ownership of the backing file").await;
+        let e = try_delete(&h, &v).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let m = e.message();
+        let (device, lock_file) = (
+            format!("loop device {at}, file {}", file.display()),
+            lock.display().to_string(),
+        );
+        for says in [
+            "ownership of the backing file",
+            device.as_str(),
+            "cannot be told",
+            lock_file.as_str(),
+            "Nothing was erased",
+            "Check that",
+        ] {
+            assert!(
+                m.contains(says),
+                "renumbered {renumbered}: {says:?} not in: {m}"
+            );
+        }
+        for not in ["is not at", "is now", "not the disk"] {
+            assert!(!m.contains(not), "renumbered {renumbered}: {not:?} in: {m}");
+        }
+        assert_eq!(erasures(&f), 0, "{:?}", f.calls());
+        f.clear_file_faults();
+    }
 }
 
 /// A node reboot under disk volumes: a raw one staged and published

@@ -186,6 +186,7 @@ fn remove_record(d: &Driver, kind: &dyn VolumeKind, rec: &VolumeRecord) -> Resul
 /// `delete_with` of the same call). DeleteVolume's check, and that of
 /// the retry of a delete that did not finish (`Driver::retry_pending`),
 /// which must no more erase, trash or archive a volume a pod still uses.
+/// Also what the kind itself refuses (`VolumeKind::refuse_delete`), first.
 pub(crate) fn refuse_in_use(
     d: &Driver,
     rec: &VolumeRecord,
@@ -193,6 +194,7 @@ pub(crate) fn refuse_in_use(
     mount_table: &LazyTable,
 ) -> Result<()> {
     let id = &rec.id;
+    kind.refuse_delete(rec)?;
     if !rec.published.is_empty() {
         return Err(Error::WrongState(format!(
             "volume {id} is still published to node(s) {}",

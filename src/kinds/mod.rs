@@ -690,6 +690,17 @@ pub trait VolumeKind: Send + Sync {
         Err(Error::Internal("this kind holds nothing".into()))
     }
 
+    /// DeleteVolume's check before anything is written (the Deleting
+    /// phase) or removed, beside `in_use`, and that of the retry of a
+    /// delete that did not finish: FAILED_PRECONDITION when the kind knows
+    /// the volume's storage must not be removed now (a block disk that a
+    /// hold bearing the volume's id says another claimant may own).
+    /// Default: nothing to refuse.
+    fn refuse_delete(&self, rec: &VolumeRecord) -> Result<()> {
+        let _ = rec;
+        Ok(())
+    }
+
     /// Removes the storage. Idempotent; touches nothing outside the kind's
     /// own root. Mount checks use `mounts`, which DeleteVolume shares with
     /// `in_use` so that one RPC reads the mount table at most once.

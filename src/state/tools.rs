@@ -248,7 +248,19 @@ pub fn storage_findings(cfg: &Config, os: &Os, records: &[VolumeRecord]) -> Vec<
                     vol.map(|v| v.id.as_str()).unwrap_or_default()
                 )));
             } else {
-                out.push(error(crate::kinds::block::held_disk_finding(r)));
+                let mut finding = crate::kinds::block::held_disk_finding(r);
+                // A hold bearing the id of a volume that has a record of
+                // its own, unlike it: that volume's DeleteVolume is
+                // refused while the hold is there.
+                if let Some((v, what)) =
+                    vol.and_then(|v| crate::kinds::block::hold_differs(r, v).map(|what| (v, what)))
+                {
+                    finding.push_str(&format!(
+                        ". Volume {} ({}) has a record of its own, yet this hold bears its id and {what}: another claimant may own its disk, so its DeleteVolume is refused (nothing erased) while this hold is there",
+                        v.id, v.name
+                    ));
+                }
+                out.push(error(finding));
             }
             continue;
         }

@@ -286,15 +286,47 @@ fn range_differs(was: Option<LoopRange>, now: LoopRange) -> Option<String> {
 /// NOT_FOUND when it is gone (a device of 0 bytes, as a detached loop
 /// device's node shows, counts as gone), FAILED_PRECONDITION when another
 /// device is there now or it cannot be told.
+/// A loop disk found at its recorded path (backed by its recorded file)
+/// whose ownership cannot be told (`OwnFiles::holds`) is refused as it is:
+/// it is not looked for elsewhere.
 pub fn identify_disk(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceInfo> {
     match (identify_at_path(os, own, d), d.backing()) {
-        (Err(e), Some(backing)) => match attached_elsewhere(os, own, d, backing) {
+        (AtPath::Doubt(e), _) => Err(e),
+        (AtPath::Not(e), Some(backing)) => match attached_elsewhere(os, own, d, backing) {
             Ok(Some(dev)) => Ok(dev),
             Ok(None) => Err(e),
             Err(doubt) => Err(doubt),
         },
-        (found, _) => found,
+        (AtPath::Found(dev), _) => Ok(dev),
+        (AtPath::Not(e), None) => Err(e),
     }
+}
+
+/// What `identify_at_path` found at a recorded disk's path.
+enum AtPath {
+    /// The disk.
+    Found(DeviceInfo),
+    /// Not the disk, or nothing: a loop disk may be attached elsewhere.
+    Not(Error),
+    /// The loop device of the disk's file, refused: whether that file is
+    /// one of Berth's own cannot be told (`ownership_unknown`).
+    Doubt(Error),
+}
+
+/// FAILED_PRECONDITION for the loop disk `what` (where it was found),
+/// backed by the file of the loop device `l`, of which `OwnFiles::holds`
+/// cannot tell whether it is one of Berth's own (`why`): a doubt is
+/// Berth's, so the disk is neither used nor erased. Says what happened
+/// and what an operator checks. Before, the message began "... is now
+/// ..., not the disk the volume was created on" or "... is not at
+/// <path>", though the disk was there and only its file's ownership was
+/// in doubt.
+fn ownership_unknown(what: &str, l: &LoopInfo, why: &str) -> Error {
+    Error::WrongState(format!(
+        "ownership of the backing file of {what} (loop device {}, file {}) cannot be told: {why}. Nothing was erased and the disk is not used: berth never uses nor erases a loop device that may be one of its own files (a block volume's or a snapshot's, its own or another berth's). Check that what could not be read can be read (permissions, I/O errors on that filesystem), then retry",
+        l.device.display(),
+        l.backing_file.display()
+    ))
 }
 
 /// The loop device the backing file of a loop disk (`backing`, as its
@@ -371,10 +403,17 @@ fn attached_elsewhere(
             l.backing_file.display()
         )),
         // A doubt is Berth's: never used, never erased.
-        Err(why) => Some(format!(
-            "{} may be a loop device of Berth's own file: {why}",
-            l.device.display()
-        )),
+        Err(why) => {
+            return Err(ownership_unknown(
+                &format!(
+                    "the volume's loop disk (recorded at {}, its file attached at {} now)",
+                    d.path.display(),
+                    l.device.display()
+                ),
+                l,
+                &why,
+            ))
+        }
     };
     if let Some(why) = own_file {
         return Err(doubt(why));
@@ -407,29 +446,33 @@ fn attached_elsewhere(
     Ok(Some(dev))
 }
 
-/// `identify_disk` at the recorded by-id link or pool path only.
-fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceInfo> {
+/// `identify_disk` at the recorded by-id link or pool path only. A loop
+/// device there backed by another file than the disk's is not the disk
+/// (it may be attached elsewhere); one backed by the disk's file (or by
+/// any file, for a record that names none) whose ownership cannot be told
+/// is refused as it is (`AtPath::Doubt`).
+fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> AtPath {
     let path: &Path = d.by_id.as_deref().unwrap_or(&d.path);
     let missing = |why: String| {
-        Error::NotFound(format!(
+        AtPath::Not(Error::NotFound(format!(
             "disk {} of the volume is missing: {why}",
             path.display()
-        ))
+        )))
     };
-    let dev = os
-        .devices
-        .inspect(path)
-        .map_err(|e| missing(e.to_string()))?;
+    let dev = match os.devices.inspect(path) {
+        Ok(dev) => dev,
+        Err(e) => return missing(e.to_string()),
+    };
     if dev.size_bytes == 0 {
         // A detached loop device (its node stays), a drive without its
         // medium: nothing there to use or erase; the disk may come back.
-        return Err(missing(format!(
+        return missing(format!(
             "{} has 0 bytes (a detached loop device, or a drive without its medium)",
             dev.path.display()
-        )));
+        ));
     }
     let not_it = |what: String| {
-        Error::WrongState(format!(
+        AtPath::Not(Error::WrongState(format!(
             "{} is now {} ({}:{}, {} bytes{what}), not the disk the volume was created on ({}:{}, {} bytes); refusing to use or erase it",
             path.display(),
             dev.path.display(),
@@ -439,7 +482,7 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
             d.major,
             d.minor,
             d.size_bytes
-        ))
+        )))
     };
     let same_number = (dev.major, dev.minor) == (d.major, d.minor);
     // Found by a name the disk keeps wherever the kernel puts it: its
@@ -449,45 +492,50 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
     // (NVMe drives probed in another order).
     let by_link = d.by_id.is_some() || os.devices.stable_links(&dev).contains(&d.path);
     if dev.size_bytes != d.size_bytes || (!by_link && !same_number) {
-        return Err(not_it(String::new()));
+        return not_it(String::new());
     }
     let (l, backing, range) = match loop_of(os, &dev) {
         LoopOf::Bound(l, backing, range) => (l, backing, range),
         LoopOf::NotLoop if d.loop_backing.is_some() => {
-            return Err(not_it(", not a loop device".into()));
+            return not_it(", not a loop device".into());
         }
-        LoopOf::NotLoop => return Ok(dev),
-        LoopOf::Detached(why) => return Err(missing(why)),
-        LoopOf::Unknown(why) => return Err(not_it(format!("; {why}"))),
+        LoopOf::NotLoop => return AtPath::Found(dev),
+        LoopOf::Detached(why) => return missing(why),
+        LoopOf::Unknown(why) => return not_it(format!("; {why}")),
     };
-    let own_file = match own.holds(&l, backing) {
-        Ok(false) => None,
-        Ok(true) => Some(format!(
-            ", a loop device of Berth's own file {}: a block volume's or snapshot's, never a disk",
-            l.backing_file.display()
-        )),
+    // Another file than the disk's (its record names it) is not the disk,
+    // whether or not that file's ownership can be told.
+    let other_file = d.backing().filter(|b| *b != backing);
+    match own.holds(&l, backing) {
+        Ok(false) => {}
+        Ok(true) => {
+            let what = format!(
+                ", a loop device of Berth's own file {}: a block volume's or snapshot's, never a disk",
+                l.backing_file.display()
+            );
+            return not_it(what);
+        }
+        Err(_) if other_file.is_some() => {}
         // A doubt is Berth's: never used, never erased.
-        Err(why) => Some(format!(", maybe a loop device of Berth's own file: {why}")),
-    };
-    if let Some(what) = own_file {
-        return Err(not_it(what));
+        Err(why) => {
+            return AtPath::Doubt(ownership_unknown(
+                &format!("the volume's loop disk {}", path.display()),
+                &l,
+                &why,
+            ))
+        }
     }
-    match d.backing() {
-        Some(b) if b != backing => Err(not_it(format!(
+    if let Some(b) = other_file {
+        return not_it(format!(
             ", a loop device of another file, {} (device {} inode {}; the disk's was device {} inode {})",
             l.backing_file.display(),
             backing.dev,
             backing.ino,
             b.dev,
             b.ino
-        ))),
-        Some(_) => match range_differs(d.range(), range) {
-            Some(what) => Err(not_it(format!(
-                ", a loop device of the disk's file {} showing another part of it: {what}",
-                l.backing_file.display()
-            ))),
-            None => Ok(dev),
-        },
+        ));
+    }
+    if d.backing().is_none() {
         // A record made before the backing file was kept: the loop device
         // found at the recorded path, number and size is taken for the disk
         // when its file is not one of Berth's own. That it is the file it
@@ -495,7 +543,14 @@ fn identify_at_path(os: &Os, own: &OwnFiles<'_>, d: &DiskRef) -> Result<DeviceIn
         // attached at the same loop number after a detach passes (as any
         // disk without a by-id link replaced by one of the same size at the
         // same device number does).
-        None => Ok(dev),
+        return AtPath::Found(dev);
+    }
+    match range_differs(d.range(), range) {
+        Some(what) => not_it(format!(
+            ", a loop device of the disk's file {} showing another part of it: {what}",
+            l.backing_file.display()
+        )),
+        None => AtPath::Found(dev),
     }
 }
 

@@ -130,6 +130,47 @@ fn hold_names(hold: &VolumeRecord, vol: &VolumeRecord) -> bool {
         && disk(hold) == disk(vol)
 }
 
+/// How the hold `hold`, which bears the id of the volume `vol`'s hold
+/// (`held_id`), differs from that volume, in words: another volume name,
+/// another disk (or none), another kind. None when it holds the disk of
+/// the very volume (`hold_names`), or is not that volume's hold. Such a
+/// hold says another claimant may own the disk: `vol`'s DeleteVolume is
+/// refused while it is there (`BlockKind::refuse_foreign_hold`), and
+/// `berth state check` says so beside the held disk.
+pub fn hold_differs(hold: &VolumeRecord, vol: &VolumeRecord) -> Option<String> {
+    fn disk(r: &VolumeRecord) -> Option<&DiskRef> {
+        r.block.as_ref().and_then(|b| b.disk.as_ref())
+    }
+    fn named(d: Option<&DiskRef>) -> String {
+        d.map_or("none".into(), |d| {
+            d.by_id.as_deref().unwrap_or(&d.path).display().to_string()
+        })
+    }
+    if held_volume(&hold.id).as_deref() != Some(vol.id.as_str()) || hold_names(hold, vol) {
+        return None;
+    }
+    let mut what = Vec::new();
+    if hold.kind != Kind::Block || vol.kind != Kind::Block {
+        what.push("it is not a block record".to_string());
+    }
+    let name = hold.context.get(HELD_NAME).map(String::as_str);
+    if name != Some(vol.name.as_str()) {
+        what.push(format!(
+            "it names the volume {:?}, not {:?}",
+            name.unwrap_or(""),
+            vol.name
+        ));
+    }
+    if disk(hold).is_none() || disk(hold) != disk(vol) {
+        what.push(format!(
+            "it holds the disk {}, not the volume's disk {}",
+            named(disk(hold)),
+            named(disk(vol))
+        ));
+    }
+    Some(what.join(" and "))
+}
+
 /// What ends the hold `held` (`berth state release`, the operator's
 /// decision once what the disk held is saved): the record that has the
 /// disk erased (with `--disk-wipe`) and then returned to the pool, as a
@@ -641,12 +682,37 @@ impl BlockKind {
             return Ok(());
         };
         if !hold_names(&h, vol) {
-            return Ok(());
+            return self.refuse_foreign_hold(vol);
         }
         self.store.remove(&hold)?;
         self.release_claim(&hold);
         tracing::warn!(volume_id = %vol.id, name = %vol.name, hold = %hold, "removed the hold left beside a volume taken back from it, at the volume's delete (the journal writes that end the hold had failed)");
         Ok(())
+    }
+
+    /// FAILED_PRECONDITION when a hold bears the id of the disk volume
+    /// `vol`'s hold (`held-<id>`) yet differs from it (`hold_differs`:
+    /// another volume name, another disk): it says another claimant may
+    /// own the disk, and a doubt means "do not erase". DeleteVolume checks
+    /// it before anything is written (`VolumeKind::refuse_delete`), and the
+    /// delete itself again (`end_hold_at_delete`): nothing is erased,
+    /// nothing changed, until an operator has settled the hold. Before,
+    /// such a hold was left alone and the volume's disk erased.
+    fn refuse_foreign_hold(&self, vol: &VolumeRecord) -> Result<()> {
+        if vol.block.as_ref().is_none_or(|b| b.disk.is_none()) {
+            return Ok(());
+        }
+        let hold = held_id(&vol.id);
+        let Some(h) = self.store.get(&hold) else {
+            return Ok(());
+        };
+        let Some(what) = hold_differs(&h, vol) else {
+            return Ok(());
+        };
+        Err(Error::WrongState(format!(
+            "volume {} ({}) is not deleted and its disk not erased: the hold {hold} bears this volume's id, but {what}; another claimant may own the disk, so nothing was erased or changed. See what `berth state check` says of {hold} and settle it (whose data the disks hold); the delete goes through once that hold is gone",
+            vol.id, vol.name
+        )))
     }
 
     /// Start-up: every hold left beside the Ready record of the volume
@@ -1849,8 +1915,14 @@ impl VolumeKind for BlockKind {
                 || (rec.source.is_some() && !self.may_be_handed_out(rec)))
     }
 
+    /// A hold bearing the volume's id that is not its own leftover
+    /// (`refuse_foreign_hold`).
+    fn refuse_delete(&self, rec: &VolumeRecord) -> Result<()> {
+        self.refuse_foreign_hold(rec)
+    }
+
     /// A hold left beside the volume from its take-back goes first
-    /// (`end_hold_at_delete`).
+    /// (`end_hold_at_delete`); any other hold bearing its id refuses it.
     fn delete_with(&self, rec: &VolumeRecord, mount_table: &LazyTable) -> Result<()> {
         self.end_hold_at_delete(rec)?;
         self.remove_volume(rec, mount_table, true)

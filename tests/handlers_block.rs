@@ -17,7 +17,7 @@ use berth::csi::v1::volume_capability::access_mode::Mode;
 use berth::os::fake::{Call, FakeOs};
 use berth::os::{CmdOutput, FsUsage, OsError};
 use berth::state::Allocation;
-use berth::state::Phase;
+use berth::state::{Phase, VolumeRecord};
 use common::*;
 use tonic::{Code, Request};
 
@@ -6263,6 +6263,14 @@ fn hold_unlike_its_volume(h: &Harness, held: &str, differs: &str) -> &'static st
     what
 }
 
+/// Asserts that each record `(id, as it was)` is in the store as it was
+/// (`what` says which case failed).
+fn unchanged<const N: usize>(h: &Harness, before: [(&String, VolumeRecord); N], what: &str) {
+    for (id, was) in before {
+        assert_eq!(h.driver.store.get(id), Some(was), "{what}: {id} changed");
+    }
+}
+
 /// A hold that bears a disk volume's id (`held-<id>`) but names another
 /// volume name, or another disk, says another claimant may own the disk:
 /// the volume's DeleteVolume is refused (FAILED_PRECONDITION naming the
@@ -6290,16 +6298,7 @@ async fn a_hold_unlike_its_volume_refuses_its_delete() {
             "{differs}: {m}"
         );
         assert_eq!(erasures(f), 0, "{differs}: {:?}", f.calls());
-        assert_eq!(
-            h.driver.store.get(&vol),
-            Some(rec),
-            "{differs}: record changed"
-        );
-        assert_eq!(
-            h.driver.store.get(&held),
-            Some(hold),
-            "{differs}: hold changed"
-        );
+        unchanged(&h, [(&vol, rec), (&held, hold)], differs);
         assert!(disk_marker(&h, &vol).is_file(), "{differs}");
         let (clean, out) = state_check(&h);
         let line = out
@@ -6314,6 +6313,61 @@ async fn a_hold_unlike_its_volume_refuses_its_delete() {
         h.driver.store.remove(&held).unwrap();
         delete(&h, &vol).await;
         assert_eq!(erasures(f), 1, "{differs}: {:?}", f.calls());
+    }
+}
+
+/// A disk create whose record still says Creating at start-up, its
+/// marker there (its Ready record lost), beside a hold that bears its id
+/// but holds another disk, or names another volume: start-up never
+/// writes its own hold over that one (which would end that hold's claim
+/// of its disk, or its name). Both records stay as they were, nothing is
+/// erased, neither disk is offered, and `berth state check` reports the
+/// hold. Before, start-up wrote the volume's hold over it.
+#[tokio::test]
+async fn a_hold_unlike_an_unanswered_create_is_never_written_over() {
+    for differs in ["disk", "name"] {
+        let h = disk_harness();
+        let dir = disks(&h, None);
+        script_blank(h.fake());
+        let vol = create(&h, "v", 8 * MIB, &[("pool", "disk")])
+            .await
+            .volume_id;
+        assert_eq!(block_info(&h, &vol).disk.unwrap().path, dir.join("d10"));
+        let mut r = h.driver.store.get(&vol).unwrap();
+        h.driver.store.set_phase(&mut r, Phase::Creating).unwrap();
+        assert!(disk_marker(&h, &vol).is_file());
+        let held = berth::kinds::block::held_id(&vol);
+        let mut context = std::collections::BTreeMap::new();
+        context.insert("volume-name".to_string(), "v".to_string());
+        let hold = VolumeRecord {
+            id: held.clone(),
+            name: held.clone(),
+            phase: Phase::Ready,
+            context: context.into(),
+            ..r.clone()
+        };
+        h.driver.store.put(&hold).unwrap();
+        hold_unlike_its_volume(&h, &held, differs);
+        let (r, hold) = (
+            h.driver.store.get(&vol).unwrap(),
+            h.driver.store.get(&held).unwrap(),
+        );
+        let h = restart_disks(h.stop());
+        unchanged(&h, [(&vol, r), (&held, hold)], differs);
+        assert_eq!(erasures(h.fake()), 0, "{differs}: {:?}", h.fake().calls());
+        // d10 is the record's; d20 the hold's when it holds it.
+        let free = if differs == "disk" { 30 } else { 50 };
+        assert_eq!(
+            disk_capacity(&h).await,
+            (free * MIB, Some(30 * MIB)),
+            "{differs}"
+        );
+        let (clean, out) = state_check(&h);
+        let line = out
+            .lines()
+            .find(|l| l.contains(&held))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(!clean && line.contains("is held"), "{differs}: {line}");
     }
 }
 

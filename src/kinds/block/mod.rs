@@ -715,6 +715,27 @@ impl BlockKind {
         )))
     }
 
+    /// FAILED_PRECONDITION before the disk of `rec` (a create whose record
+    /// still says Creating and that may have been handed out) is held,
+    /// when a hold bearing its id is there already and differs from it
+    /// (`hold_differs`: another volume name, another disk): writing the
+    /// new hold over it would end its claim of its disk, which may hold
+    /// another claimant's data (offered to a new volume where its data
+    /// lies outside the pool's blank sample, and erased at that volume's
+    /// delete). Both records stay as they are, and the disks claimed;
+    /// start-up logs it and the retry every minute tries again. Before,
+    /// the hold was written over.
+    fn refuse_overwriting_hold(&self, rec: &VolumeRecord) -> Result<()> {
+        let hold = held_id(&rec.id);
+        let Some(what) = self.store.get(&hold).and_then(|h| hold_differs(&h, rec)) else {
+            return Ok(());
+        };
+        Err(Error::WrongState(format!(
+            "the disk of volume {} ({}), whose create never answered, is neither held nor erased: the hold {hold} bears this volume's id already, but {what}; another claimant may own a disk, so nothing was changed. See what `berth state check` says of {hold} and settle it",
+            rec.id, rec.name
+        )))
+    }
+
     /// Start-up: every hold left beside the Ready record of the volume
     /// taken back from it (`finish_taken_back_hold`) is removed; one that
     /// cannot be is logged, for the next start-up or CreateVolume of the
@@ -1410,7 +1431,10 @@ impl BlockKind {
             // handed out and hold a tenant's data (`hold_disk`); also
             // one whose record predates markers, which cannot tell. A
             // create this process ran and that failed is rolled back
-            // without `keep`.
+            // without `keep`. A hold already there that bears the
+            // volume's id but differs from it is never written over
+            // (`refuse_overwriting_hold`).
+            self.refuse_overwriting_hold(rec)?;
             let held = self.hold_disk(rec, &d)?;
             tracing::error!(volume_id = %rec.id, disk = %d.path.display(), held = %held, "a disk volume whose record says Creating yet whose marker says it reached Ready: the disk is held, never erased nor offered (was its Ready record lost?); see `berth state check`");
             self.keep_claim(&held, &d);

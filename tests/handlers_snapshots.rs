@@ -3445,3 +3445,60 @@ async fn a_snapshot_or_source_whose_delete_did_not_finish_is_not_used() {
     delete(&h, &vol).await;
     assert!(h.driver.store.get(&vol).is_none());
 }
+
+/// A snapshot whose create never answered, whose copy cannot be looked at
+/// (EIO on its lstat): whether the copy is whole cannot be told, so the
+/// rollback removes nothing and keeps the record for the next start, and
+/// `state check` says it cannot tell. Before, the failed look read as "no
+/// copy": the block rollback then unlinked the copy (its type unknown, it
+/// was taken for a file), and the local one dropped the record and left
+/// the copy without one; check said the operation was merely interrupted.
+/// Once it can look, start-up keeps the copy aside as before.
+#[tokio::test]
+async fn a_snapshot_copy_that_cannot_be_looked_at_is_not_rolled_back() {
+    for kind in ["local", "block"] {
+        let h = fake(&["--kinds", kind]);
+        let src = create_p(&h, "src", MIB, &[]).await.volume_id;
+        let snap = snapshot(&h, "s", &src).await.snapshot_id;
+        let copy = match kind {
+            "local" => h.path("local/.snapshots").join(&snap),
+            _ => h.path("block/.snapshots").join(format!("{snap}.img")),
+        };
+        let mut s = h.driver.store.snapshot_get(&snap).unwrap();
+        s.phase = Phase::Creating;
+        h.driver.store.snapshot_put(&s).unwrap();
+        h.fake().fail_op_under("lstat", &copy, libc::EIO);
+        let (clean, out) = state_check(&h);
+        assert!(!clean, "{kind}: {out}");
+        assert!(
+            out.lines().any(|l| l.starts_with("error")
+                && l.contains(&snap)
+                && l.contains("cannot be told")),
+            "{kind}: {out}"
+        );
+        let dir = h.stop();
+        let (os, f) = berth::os::Os::fake();
+        f.fail_op_under("lstat", &copy, libc::EIO);
+        let h = build(dir, os, Some(f), &["--kinds", kind]);
+        assert!(copy.exists(), "{kind}: the copy was removed");
+        assert_eq!(
+            h.driver.store.snapshot_get(&snap).map(|s| s.phase),
+            Some(Phase::Creating),
+            "{kind}: the record was not kept for the next start"
+        );
+        let dir = h.stop();
+        let (os, f) = berth::os::Os::fake();
+        let h = build(dir, os, Some(f), &["--kinds", kind]);
+        assert!(h.driver.store.snapshot_get(&snap).is_none(), "{kind}");
+        let aside = h.path(kind).join(".orphaned");
+        assert!(
+            std::fs::read_dir(&aside).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&snap)),
+            "{kind}: the copy not kept aside in {}",
+            aside.display()
+        );
+    }
+}

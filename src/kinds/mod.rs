@@ -399,6 +399,26 @@ pub(crate) fn snapshots_area(files: &dyn crate::os::files::Files, area: &Path) -
     }
 }
 
+/// The whole copy at `copy` of snapshot `s` when its create never
+/// answered (`Creating`): its rollback keeps it aside instead of removing
+/// it (`snapshot_kept_on_rollback` of each kind). ENOENT is "none"; any
+/// other failed look is the error, never "none": the copy may be there,
+/// and the rollback must then remove nothing.
+pub fn kept_on_rollback(
+    files: &dyn crate::os::files::Files,
+    copy: PathBuf,
+    s: &SnapshotRecord,
+) -> std::result::Result<Option<PathBuf>, crate::os::OsError> {
+    if s.phase != crate::state::Phase::Creating {
+        return Ok(None);
+    }
+    match files.lstat(&copy) {
+        Ok(_) => Ok(Some(copy)),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// RESOURCE_EXHAUSTED, before anything is copied (or frozen), when a copy
 /// (`what`, for the message) cannot fit in `area`: its `need` (what
 /// `Files::copy_need` or `Files::tree_copy_need` answered: a lower bound,

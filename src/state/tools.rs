@@ -640,7 +640,20 @@ pub fn snapshot_findings(
         let kept = match s.kind {
             Kind::Local => crate::kinds::local::snapshot_kept_on_rollback(files, &local_root, s),
             Kind::Block => crate::kinds::block::snapshot_kept_on_rollback(files, &block_root, s),
-            Kind::Nfs => None,
+            Kind::Nfs => Ok(None),
+        };
+        let kept = match kept {
+            Ok(kept) => kept,
+            Err(e) => {
+                out.push(error(format!(
+                    "snapshot {} ({}) of volume {}: its create never answered, and whether its copy is whole cannot be told: {}; start-up's rollback stops for it (nothing removed) until it can look",
+                    s.id,
+                    s.name,
+                    s.source_volume_id,
+                    crate::error::chain(&e)
+                )));
+                continue;
+            }
         };
         if let Some(whole) = kept {
             out.push(error(format!(

@@ -84,14 +84,14 @@ pub fn restoring_path(root: &Path, id: &str) -> PathBuf {
 /// copy is made under a temporary name and renamed to the snapshot's only
 /// once whole, so one there may be a snapshot that was acknowledged (a
 /// record that lost its Ready). Start-up's rollback and `state check` ask
-/// the same question here.
+/// the same question here. A look that fails (anything but ENOENT) is an
+/// error: the copy may be there, so nothing may be removed on it.
 pub fn snapshot_kept_on_rollback(
     files: &dyn Files,
     root: &Path,
     s: &SnapshotRecord,
-) -> Option<PathBuf> {
-    let p = snapshot_path(root, &s.id);
-    (s.phase == crate::state::Phase::Creating && files.exists(&p)).then_some(p)
+) -> std::result::Result<Option<PathBuf>, crate::os::OsError> {
+    crate::kinds::kept_on_rollback(files, snapshot_path(root, &s.id), s)
 }
 
 /// What is wrong with the file of the block snapshot `s` in the block root
@@ -438,9 +438,12 @@ impl BlockKind {
         if !crate::kinds::snapshots_area(f, &self.root.join(SNAPSHOTS))? {
             return Ok(());
         }
-        if let Some(whole) =
-            snapshot_kept_on_rollback(self.os.files.as_ref(), &self.root, snap).filter(|_| keep)
-        {
+        let kept = match keep {
+            true => snapshot_kept_on_rollback(f, &self.root, snap)
+                .map_err(|e| Error::os("looking for a snapshot's whole copy", e))?,
+            false => None,
+        };
+        if let Some(whole) = kept {
             let to = self.keep_aside(&whole, &format!("{}.img", snap.id))?;
             tracing::error!(snapshot_id = %snap.id, file = %whole.display(), to = %to.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
         }
@@ -449,7 +452,12 @@ impl BlockKind {
             // makes one there) is not Berth's to delete: kept aside, so
             // the snapshot can still be deleted. Anything else (the file,
             // a symlink, a FIFO) is unlinked itself, never followed.
-            if f.lstat(&p).is_ok_and(|m| m.is_dir()) {
+            let found = match f.lstat(&p) {
+                Err(e) if e.errno() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(Error::os(format!("looking at {}", p.display()), e)),
+                Ok(m) => m,
+            };
+            if found.is_dir() {
                 let name = p
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())

@@ -212,14 +212,14 @@ pub fn snapshot_partial_dir(root: &Path, id: &str) -> PathBuf {
 /// deleting: the copy is moved to the snapshot's name only once whole
 /// (`copy_into_place`), so one there may be a snapshot that was
 /// acknowledged (a record that lost its Ready). Start-up's rollback and
-/// `state check` ask the same question here.
+/// `state check` ask the same question here. A look that fails (anything
+/// but ENOENT) is an error: the copy may be there.
 pub fn snapshot_kept_on_rollback(
     files: &dyn Files,
     root: &Path,
     s: &SnapshotRecord,
-) -> Option<PathBuf> {
-    let p = root.join(SNAPSHOTS).join(&s.id);
-    (s.phase == Phase::Creating && files.exists(&p)).then_some(p)
+) -> std::result::Result<Option<PathBuf>, crate::os::OsError> {
+    super::kept_on_rollback(files, root.join(SNAPSHOTS).join(&s.id), s)
 }
 
 pub struct LocalKind {
@@ -907,9 +907,12 @@ impl LocalKind {
         if !super::snapshots_area(self.os.files.as_ref(), &self.root.join(SNAPSHOTS))? {
             return Ok(());
         }
-        if let Some(whole) =
-            snapshot_kept_on_rollback(self.os.files.as_ref(), &self.root, snap).filter(|_| keep)
-        {
+        let kept = match keep {
+            true => snapshot_kept_on_rollback(self.os.files.as_ref(), &self.root, snap)
+                .map_err(|e| Error::os("looking for a snapshot's whole copy", e))?,
+            false => None,
+        };
+        if let Some(whole) = kept {
             tracing::error!(snapshot_id = %snap.id, dir = %whole.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");
             self.set_aside(&whole, &snap.id)?;
         }

@@ -412,11 +412,7 @@ pub fn kept_on_rollback(
     if s.phase != crate::state::Phase::Creating {
         return Ok(None);
     }
-    match files.lstat(&copy) {
-        Ok(_) => Ok(Some(copy)),
-        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(crate::os::files::lstat_present(files, &copy)?.map(|_| copy))
 }
 
 /// RESOURCE_EXHAUSTED, before anything is copied (or frozen), when a copy

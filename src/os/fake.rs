@@ -611,7 +611,6 @@ impl FakeOs {
             })
     }
 
-
     fn file_op(&self, op: &'static str, path: &Path) -> Result<(), OsError> {
         let path = &through_fd(path);
         lock(&self.file_ops).push(FileOp {

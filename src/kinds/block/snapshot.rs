@@ -452,10 +452,10 @@ impl BlockKind {
             // makes one there) is not Berth's to delete: kept aside, so
             // the snapshot can still be deleted. Anything else (the file,
             // a symlink, a FIFO) is unlinked itself, never followed.
-            let found = match f.lstat(&p) {
-                Err(e) if e.errno() == Some(libc::ENOENT) => continue,
-                Err(e) => return Err(Error::os(format!("looking at {}", p.display()), e)),
-                Ok(m) => m,
+            let Some(found) = crate::os::files::lstat_present(f, &p)
+                .map_err(|e| Error::os(format!("looking at {}", p.display()), e))?
+            else {
+                continue;
             };
             if found.is_dir() {
                 let name = p

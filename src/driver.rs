@@ -566,6 +566,28 @@ impl Driver {
         self.with_volume_at(id, &[], f).await
     }
 
+    /// `with_volume` for a controller call that changes the volume's
+    /// record (ControllerPublishVolume): the volume as
+    /// `controller_volume` finds it, so a self-describing id (NFS) without
+    /// a record here is a volume only when its storage says so (its
+    /// marker), never one made up from the id alone; within the kind's
+    /// `op_deadline` (that look may mount a share), as `run_within`.
+    pub async fn with_controller_volume<T, F>(self: &Arc<Self>, id: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Driver, VolumeRecord, &dyn VolumeKind) -> Result<T> + Send + 'static,
+    {
+        let guard = self.locks.try_lock(vol_key(id))?;
+        let deadline = self.kind_of_id(id).and_then(|k| k.op_deadline());
+        let id = id.to_string();
+        self.run_within(guard, deadline, move |d| {
+            let rec = d.controller_volume(&id)?;
+            let kind = d.kind(rec.kind)?.clone();
+            f(d, rec, kind.as_ref())
+        })
+        .await
+    }
+
     /// `with_volume`, also holding the guards of the node paths it mounts
     /// on (`path_key`): an operation of another volume on one of them is
     /// ABORTED rather than mounting there beside this one.

@@ -958,6 +958,47 @@ impl Drop for LetGo {
     }
 }
 
+/// ControllerPublishVolume of a well-formed NFS id that names no volume
+/// (no record here, no directory marked with it on the share) is
+/// NOT_FOUND, the spec's "Volume does not exist", and records nothing.
+/// Before, the id alone made a record (the node side's
+/// `Driver::volume`): the call answered OK and put a Ready record of the
+/// made-up id in the journal, and from then on ControllerGetVolume,
+/// ValidateVolumeCapabilities and ListVolumes showed a volume never
+/// created (found by handlers_hostile's sweep). A volume whose record
+/// this controller lost is still published: its marker names it.
+#[tokio::test]
+async fn controller_publish_of_an_nfs_id_that_names_no_volume_is_not_found() {
+    let h = nfs(&[]);
+    let real = create(&h, "real", &[]).await.volume_id;
+    let made_up = real.replace("#real", "#made-up");
+    assert_ne!(made_up, real);
+    let e = controller_publish(&h, &made_up, NODE)
+        .await
+        .expect_err("a publish of a volume never created");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(h.driver.store.get(&made_up).is_none());
+    let got = h
+        .ctl
+        .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest {
+            volume_id: made_up.clone(),
+        }))
+        .await;
+    assert_eq!(code(got), Code::NotFound);
+    // The record is lost (an emptyDir): the marker on the share tells.
+    h.driver.store.remove(&real).unwrap();
+    controller_publish(&h, &real, NODE)
+        .await
+        .expect("a publish of a volume whose record was lost");
+    assert!(h
+        .driver
+        .store
+        .get(&real)
+        .unwrap()
+        .published
+        .contains_key(NODE));
+}
+
 /// The server stops answering while a controller query looks at the
 /// share (the working mount is `hard`: a read waits until the server
 /// answers). Without records, ControllerExpandVolume,

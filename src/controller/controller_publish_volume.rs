@@ -4,7 +4,10 @@
 //! whose kind (or NFS share) this configuration no longer serves is
 //! FAILED_PRECONDITION saying why (`Driver::unserved`), not NOT_FOUND. One
 //! whose delete began (a DeleteVolume that failed half way) is NOT_FOUND
-//! (`Driver::require_not_deleting`).
+//! (`Driver::require_not_deleting`). A self-describing id (NFS) without a
+//! record here is a volume only when its storage says so
+//! (`Driver::with_controller_volume`): else NOT_FOUND, and nothing is
+//! recorded.
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -29,7 +32,10 @@ pub async fn handle(
         return Err(Error::WrongState(why));
     }
     let vid = id.clone();
-    d.with_volume(&vid, move |d, mut rec, kind| {
+    // The volume as the controller finds it: an NFS id without a record
+    // here names a volume only when the share's marker says so (a record
+    // made from the id alone published a volume never created).
+    d.with_controller_volume(&vid, move |d, mut rec, kind| {
         d.require_not_deleting(&rec)?;
         if !rec.node.is_empty() && *rec.node != *node {
             return Err(Error::NotFound(format!(

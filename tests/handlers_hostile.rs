@@ -79,28 +79,23 @@ fn fixed_values() -> Vec<String> {
     let mut v: Vec<String> = [
         "",
         "/",
-        "//",
         "..",
         ".",
         "../../../etc",
         "a/../b",
-        "a/./b",
         "\0",
         "a\0b",
         "\n",
         "a\nb",
-        "\r\n",
         "\t",
         "a\tb",
         "\u{1b}[31mred",
         "\u{7}",
         "\u{7f}",
         "\u{85}",
-        "\u{9f}",
         " ",
         " a",
         "a ",
-        " a ",
         "\u{a0}a",
         "а",
         "ｌｏｃａｌ",
@@ -111,7 +106,6 @@ fn fixed_values() -> Vec<String> {
         "..\\..\\x",
         "-o",
         "--",
-        "-",
         "a,b",
         "a=b",
         "ro,remount",
@@ -122,7 +116,6 @@ fn fixed_values() -> Vec<String> {
         "1",
         "0",
         "-1",
-        "+1",
         "01",
         "18446744073709551616",
     ]
@@ -143,7 +136,6 @@ fn fixed_values() -> Vec<String> {
     v.push(format!("ab{}", "€".repeat(42)));
     v.push(format!("ab{}", "€".repeat(42)) + "c");
     v.push("x".repeat(64 << 10));
-    v.push("é".repeat(32 << 10));
     v
 }
 
@@ -289,7 +281,7 @@ static SEEN_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 struct Seen {
     volumes: Vec<berth::state::VolumeRecord>,
     snapshots: Vec<berth::state::SnapshotRecord>,
-    table: Vec<String>,
+    table: Vec<berth::os::MountEntry>,
     tree: BTreeMap<PathBuf, (u64, u32, i64, i64)>,
 }
 
@@ -331,13 +323,7 @@ impl World {
         Seen {
             volumes,
             snapshots,
-            table: self
-                .h
-                .fake()
-                .table()
-                .iter()
-                .map(|m| format!("{m:?}"))
-                .collect(),
+            table: self.h.fake().table(),
             tree: t,
         }
     }
@@ -1321,6 +1307,7 @@ fn sweep(kind: KindUnderTest, cases: u32) {
         SEEN_NANOS.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
         w.seen().tree.len()
     );
+
     // One line per RPC, field and kind of problem.
     let mut seen = std::collections::HashSet::new();
     let distinct: Vec<&String> = wrong
@@ -1356,15 +1343,15 @@ fn sweep(kind: KindUnderTest, cases: u32) {
 
 #[test]
 fn hostile_values_in_every_field_of_local_volumes() {
-    sweep(KindUnderTest::Local, 8);
+    sweep(KindUnderTest::Local, 6);
 }
 
 #[test]
 fn hostile_values_in_every_field_of_block_volumes() {
-    sweep(KindUnderTest::Block, 8);
+    sweep(KindUnderTest::Block, 6);
 }
 
 #[test]
 fn hostile_values_in_every_field_of_nfs_volumes() {
-    sweep(KindUnderTest::Nfs, 8);
+    sweep(KindUnderTest::Nfs, 6);
 }

@@ -1335,6 +1335,10 @@ fn sweep(kind: KindUnderTest, cases: u32) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // The log lines were captured (else the secret's absence from them
+    // would say nothing).
+    let logged = String::from_utf8_lossy(&log_buffer().lock().unwrap()).to_string();
+    assert!(logged.contains("rpc failed"), "no log line was captured");
     // Every RPC answered hostile values.
     for rpc in RPCS {
         assert!(answers.iter().any(|a| a.rpc == rpc), "{rpc:?} never sent");

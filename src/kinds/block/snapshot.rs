@@ -452,12 +452,10 @@ impl BlockKind {
             // makes one there) is not Berth's to delete: kept aside, so
             // the snapshot can still be deleted. Anything else (the file,
             // a symlink, a FIFO) is unlinked itself, never followed.
-            let Some(found) = crate::os::files::lstat_present(f, &p)
-                .map_err(|e| Error::os(format!("looking at {}", p.display()), e))?
-            else {
-                continue;
-            };
-            if found.is_dir() {
+            // A look that fails is a doubt: nothing is removed on it.
+            let found = crate::os::files::lstat_present(f, &p)
+                .map_err(|e| Error::os(format!("looking at {}", p.display()), e))?;
+            if found.is_some_and(|m| m.is_dir()) {
                 let name = p
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())

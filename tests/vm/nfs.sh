@@ -8,9 +8,9 @@
 # with nfs/run.sh: csi-sanity in NFS mode, the integration tests, the
 # canary. Prints the guest's summary; exits non-zero on any failure.
 # Env: CARGO_TARGET_DIR, CSI_SANITY (default target/tools/bin/csi-sanity),
-# NFS_VM_TIMEOUT (default 900 s), KEEP_SHARE=1 keeps the share directory
+# NFS_VM_TIMEOUT (default 1500 s, as tests/vm-block.sh), KEEP_SHARE=1 keeps the share directory
 # (kept anyway on failure).
 . "$(dirname "$0")/host-lib.sh" nfs root_nfs
 install -m 0755 "$HERE/nfs/nfs-ctl.sh" "$SHARE/bin/berth-nfs-ctl"
 install -m 0755 "$HERE/nfs/run.sh" "$SHARE/run.sh"
-guest_run "${NFS_VM_TIMEOUT:-900}" NFS
+guest_run "${NFS_VM_TIMEOUT:-1500}" NFS

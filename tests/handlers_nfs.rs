@@ -1098,41 +1098,40 @@ async fn controller_queries_to_a_server_that_stops_answering_are_bounded() {
     assert_eq!(retries, [Code::Aborted; 7]);
     assert_eq!(hold.0.reached(), 5);
     assert!(t0.elapsed() < Duration::from_secs(9), "{:?}", t0.elapsed());
-    // The server answers again: the looks end, and the retries answer.
+    // The server answers again: the looks end, and the retries answer
+    // (each retried while its look, ended in the background, still holds
+    // its guard: ABORTED).
     drop(hold);
     let t1 = Instant::now();
-    loop {
-        match ctl.controller_expand_volume(Request::new(expand(&x))).await {
-            Err(e) if e.code() == Code::Aborted && t1.elapsed() < Duration::from_secs(5) => {
-                tokio::time::sleep(Duration::from_millis(50)).await
+    macro_rules! once_ended {
+        ($call:expr) => {
+            loop {
+                match $call.await {
+                    Err(e)
+                        if e.code() == Code::Aborted && t1.elapsed() < Duration::from_secs(5) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    r => break r,
+                }
             }
-            r => {
-                assert_eq!(r.unwrap().into_inner().capacity_bytes, 10 << 20);
-                break;
-            }
-        }
+        };
     }
-    let v = ctl
-        .controller_get_volume(Request::new(get(&g)))
-        .await
+    let r = once_ended!(ctl.controller_expand_volume(Request::new(expand(&x))));
+    assert_eq!(r.unwrap().into_inner().capacity_bytes, 10 << 20);
+    let v = once_ended!(ctl.controller_get_volume(Request::new(get(&g))))
         .unwrap()
         .into_inner();
     assert_eq!(v.volume.unwrap().volume_id, g);
-    let r = ctl
-        .validate_volume_capabilities(Request::new(validate(&val)))
-        .await
+    let r = once_ended!(ctl.validate_volume_capabilities(Request::new(validate(&val))))
         .unwrap()
         .into_inner();
     assert!(r.confirmed.is_some(), "{}", r.message);
-    let s = ctl
-        .get_snapshot(Request::new(get_snap(&s1)))
-        .await
+    let s = once_ended!(ctl.get_snapshot(Request::new(get_snap(&s1))))
         .unwrap()
         .into_inner();
     assert_eq!(s.snapshot.unwrap().snapshot_id, s1);
-    let l = ctl
-        .list_snapshots(Request::new(list_snap(&s2)))
-        .await
+    let l = once_ended!(ctl.list_snapshots(Request::new(list_snap(&s2))))
         .unwrap()
         .into_inner();
     assert_eq!(l.entries.len(), 1);
@@ -3051,16 +3050,6 @@ async fn snapshot(h: &Harness, name: &str, source: &str) -> csi::Snapshot {
         .into_inner()
         .snapshot
         .expect("snapshot")
-}
-
-async fn delete_snapshot(h: &Harness, id: &str) -> Result<(), tonic::Status> {
-    h.ctl
-        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-            snapshot_id: id.into(),
-            ..Default::default()
-        }))
-        .await
-        .map(|_| ())
 }
 
 fn source_snapshot(id: &str) -> Option<csi::VolumeContentSource> {

@@ -110,11 +110,9 @@ pub fn bind_socket(
     // failed, blaming another process).
     let still = match leftover {
         None => false,
-        Some(id) => match files.lstat(path) {
-            Ok(m) => (m.dev(), m.ino()) == id,
-            Err(e) if e.errno() == Some(libc::ENOENT) => false,
-            Err(e) => return Err(io(format!("inspecting {}", path.display()))(e.into_io())),
-        },
+        Some(id) => crate::os::files::lstat_present(files, path)
+            .map_err(|e| io(format!("inspecting {}", path.display()))(e.into_io()))?
+            .is_some_and(|m| (m.dev(), m.ino()) == id),
     };
     if still {
         // Gone already when another berth starting now removed it first.

@@ -78,17 +78,6 @@ fn vol_dir(h: &Harness, id: &str) -> PathBuf {
     h.path("local").join(id)
 }
 
-/// DeleteSnapshot of `id`.
-async fn delete_snapshot(h: &Harness, id: &str) -> Result<(), tonic::Status> {
-    h.ctl
-        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-            snapshot_id: id.into(),
-            ..Default::default()
-        }))
-        .await
-        .map(drop)
-}
-
 async fn list(h: &Harness, req: csi::ListSnapshotsRequest) -> csi::ListSnapshotsResponse {
     h.ctl
         .list_snapshots(Request::new(req))

@@ -983,16 +983,6 @@ async fn snapshot(h: &Harness, name: &str, source: &str) -> Result<csi::Snapshot
         .map(|r| r.into_inner().snapshot.expect("snapshot"))
 }
 
-async fn delete_snapshot(h: &Harness, id: &str) -> Result<(), tonic::Status> {
-    h.ctl
-        .delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
-            snapshot_id: id.into(),
-            ..Default::default()
-        }))
-        .await
-        .map(|_| ())
-}
-
 /// CreateVolume of `name` from a snapshot (`snap`) or a volume, with the
 /// mount flags `flags`.
 async fn create_from(

@@ -539,6 +539,18 @@ pub fn unanswered_and_checked(h: &Harness, used: &str, blank: &str) {
 }
 
 /// CreateSnapshot of `source` named `name`: the snapshot's id.
+/// DeleteSnapshot of `id`.
+pub async fn delete_snapshot(h: &Harness, id: &str) -> Result<(), tonic::Status> {
+    use berth::csi::v1::controller_server::Controller;
+    h.ctl
+        .delete_snapshot(tonic::Request::new(csi::DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(drop)
+}
+
 pub async fn snapshot_id(h: &Harness, name: &str, source: &str) -> String {
     use berth::csi::v1::controller_server::Controller;
     h.ctl

@@ -690,6 +690,14 @@ impl BlockKind {
         Ok(())
     }
 
+    /// The hold bearing the id of `rec`'s hold (`held-<id>`) when it
+    /// differs from `rec` (`hold_differs`), with how, in words.
+    fn differing_hold(&self, rec: &VolumeRecord) -> Option<(String, String)> {
+        let hold = held_id(&rec.id);
+        let what = self.store.get(&hold).and_then(|h| hold_differs(&h, rec))?;
+        Some((hold, what))
+    }
+
     /// FAILED_PRECONDITION when a hold bears the id of the disk volume
     /// `vol`'s hold (`held-<id>`) yet differs from it (`hold_differs`:
     /// another volume name, another disk): it says another claimant may
@@ -702,11 +710,7 @@ impl BlockKind {
         if vol.block.as_ref().is_none_or(|b| b.disk.is_none()) {
             return Ok(());
         }
-        let hold = held_id(&vol.id);
-        let Some(h) = self.store.get(&hold) else {
-            return Ok(());
-        };
-        let Some(what) = hold_differs(&h, vol) else {
+        let Some((hold, what)) = self.differing_hold(vol) else {
             return Ok(());
         };
         Err(Error::WrongState(format!(
@@ -726,8 +730,7 @@ impl BlockKind {
     /// start-up logs it and the retry every minute tries again. Before,
     /// the hold was written over.
     fn refuse_overwriting_hold(&self, rec: &VolumeRecord) -> Result<()> {
-        let hold = held_id(&rec.id);
-        let Some(what) = self.store.get(&hold).and_then(|h| hold_differs(&h, rec)) else {
+        let Some((hold, what)) = self.differing_hold(rec) else {
             return Ok(());
         };
         Err(Error::WrongState(format!(

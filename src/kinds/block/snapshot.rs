@@ -438,10 +438,11 @@ impl BlockKind {
         if !crate::kinds::snapshots_area(f, &self.root.join(SNAPSHOTS))? {
             return Ok(());
         }
-        let kept = match keep {
-            true => snapshot_kept_on_rollback(f, &self.root, snap)
-                .map_err(|e| Error::os("looking for a snapshot's whole copy", e))?,
-            false => None,
+        let kept = if keep {
+            snapshot_kept_on_rollback(f, &self.root, snap)
+                .map_err(|e| Error::os("looking for a snapshot's whole copy", e))?
+        } else {
+            None
         };
         if let Some(whole) = kept {
             let to = self.keep_aside(&whole, &format!("{}.img", snap.id))?;

@@ -907,10 +907,11 @@ impl LocalKind {
         if !super::snapshots_area(self.os.files.as_ref(), &self.root.join(SNAPSHOTS))? {
             return Ok(());
         }
-        let kept = match keep {
-            true => snapshot_kept_on_rollback(self.os.files.as_ref(), &self.root, snap)
-                .map_err(|e| Error::os("looking for a snapshot's whole copy", e))?,
-            false => None,
+        let kept = if keep {
+            snapshot_kept_on_rollback(self.os.files.as_ref(), &self.root, snap)
+                .map_err(|e| Error::os("looking for a snapshot's whole copy", e))?
+        } else {
+            None
         };
         if let Some(whole) = kept {
             tracing::error!(snapshot_id = %snap.id, dir = %whole.display(), "the whole copy of a snapshot whose create never answered: kept aside in .orphaned, never deleted (was its Ready record lost?); look at it before you remove it");

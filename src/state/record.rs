@@ -89,8 +89,9 @@ impl AccessMode {
 
 /// A capability's access type. Read and written as serde's derived code
 /// did (`{"mount":{...}}` or `"block"`), with the fields a newer berth
-/// wrote inside its `mount` section kept (`super::extra`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// wrote inside its `mount` section kept (`AccessTypeRepr`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(from = "AccessTypeRepr", into = "AccessTypeRepr")]
 pub enum AccessType {
     Mount {
         fs_type: String,
@@ -130,97 +131,57 @@ impl AccessType {
     }
 }
 
-/// The `mount` section of an access type as read: its known fields, the
-/// others kept.
-#[derive(Deserialize)]
-#[serde(remote = "Self")]
-struct MountIn {
-    fs_type: String,
-    mount_flags: Vec<String>,
-    #[serde(default)]
-    volume_mount_group: String,
-    #[serde(skip)]
-    extra: Option<Box<Extra>>,
-}
-
-impl<'de> Deserialize<'de> for MountIn {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (mut m, extra) = super::extra::read(d, |c| MountIn::deserialize(c))?;
-        m.extra = extra;
-        Ok(m)
-    }
-}
-
-/// `AccessType` as serde's derived code read it (externally tagged).
-#[derive(Deserialize)]
+/// `AccessType` as records hold it: serde's externally tagged form
+/// (`{"mount":{...}}` or `"block"`), the `mount` section with the fields
+/// a newer berth wrote kept (`Kept`).
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum AccessTypeIn {
-    Mount(MountIn),
+enum AccessTypeRepr {
+    Mount(Kept<MountFields>),
     Block,
 }
 
-/// The `mount` section as written: the known fields as the derived code
-/// wrote them, then the kept ones.
-struct MountOut<'a> {
-    fs_type: &'a str,
-    mount_flags: &'a [String],
-    volume_mount_group: &'a str,
-    extra: Option<&'a Extra>,
+/// The known fields of a `mount` section.
+#[derive(Serialize, Deserialize)]
+struct MountFields {
+    fs_type: String,
+    mount_flags: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    volume_mount_group: String,
 }
 
-impl Serialize for MountOut<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Known<'a> {
-            fs_type: &'a str,
-            mount_flags: &'a [String],
-            #[serde(skip_serializing_if = "str::is_empty")]
-            volume_mount_group: &'a str,
+impl From<AccessTypeRepr> for AccessType {
+    fn from(r: AccessTypeRepr) -> Self {
+        match r {
+            AccessTypeRepr::Mount(Kept { of, extra }) => AccessType::Mount {
+                fs_type: of.fs_type,
+                mount_flags: of.mount_flags,
+                volume_mount_group: of.volume_mount_group,
+                extra,
+            },
+            AccessTypeRepr::Block => AccessType::Block,
         }
-        let known = Known {
-            fs_type: self.fs_type,
-            mount_flags: self.mount_flags,
-            volume_mount_group: self.volume_mount_group,
-        };
-        super::extra::write(s, &known, self.extra)
     }
 }
 
-impl Serialize for AccessType {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
+impl From<AccessType> for AccessTypeRepr {
+    fn from(t: AccessType) -> Self {
+        match t {
             AccessType::Mount {
                 fs_type,
                 mount_flags,
                 volume_mount_group,
                 extra,
-            } => s.serialize_newtype_variant(
-                "AccessType",
-                0,
-                "mount",
-                &MountOut {
+            } => AccessTypeRepr::Mount(Kept {
+                of: MountFields {
                     fs_type,
                     mount_flags,
                     volume_mount_group,
-                    extra: extra.as_deref(),
                 },
-            ),
-            AccessType::Block => s.serialize_unit_variant("AccessType", 1, "block"),
+                extra,
+            }),
+            AccessType::Block => AccessTypeRepr::Block,
         }
-    }
-}
-
-impl<'de> Deserialize<'de> for AccessType {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match AccessTypeIn::deserialize(d)? {
-            AccessTypeIn::Mount(m) => AccessType::Mount {
-                fs_type: m.fs_type,
-                mount_flags: m.mount_flags,
-                volume_mount_group: m.volume_mount_group,
-                extra: m.extra,
-            },
-            AccessTypeIn::Block => AccessType::Block,
-        })
     }
 }
 
